@@ -1,0 +1,121 @@
+"""`pacsnode` command line: parse arguments into a NodeConfig and hand it to node/."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pacsnode.node.config import ConfigError, Destination, NodeConfig, load_toml
+
+DEFAULTS = NodeConfig(node_id="node-1")
+
+# The `start` options: (flag, field, help). Defaults come from NodeConfig.
+START_OPTIONS: list[tuple[str, str, str]] = [
+    ("--data-dir", "data_dir", "data directory (store, identity)"),
+    ("--node-id", "node_id", "node id, unique in the cluster"),
+    ("--ae-title", "ae_title", "DICOM AE title of this node"),
+    ("--host", "host", "interface to listen on"),
+    ("--dicom-port", "dicom_port", "DICOM port"),
+    ("--site", "site", "site (failure domain) of this node"),
+    ("--max-pdu-bytes", "max_pdu_bytes", "largest PDU accepted (0 = unlimited)"),
+    ("--max-associations", "max_associations", "concurrent DICOM associations"),
+    ("--instance-size-bytes-max", "instance_size_bytes_max", "largest instance accepted (bytes)"),
+    ("--disk-free-bytes-min", "disk_free_bytes_min", "refuse stores (0xA700) below this free disk"),
+    ("--find-result-max", "find_result_max", "cap on C-FIND matches (0 = none)"),
+    ("--log-level", "log_level", "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "start",
+        help="start a node (DICOM SCP on an embedded store)",
+        description="Start a pacsnode node. Every option can also be set in a TOML file (--config) "
+        "under the same name with '_' for '-'; command-line flags win.",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    for flag, name, text in START_OPTIONS:
+        default = getattr(DEFAULTS, name) if name != "node_id" else "host name"
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+    parser.add_argument(
+        "--destination",
+        dest="destinations",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="AET=HOST:PORT",
+        help="C-MOVE destination, repeatable (default: none)",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacsnode",
+        description="pacsnode: a peer-to-peer replicated DICOM archive (PACS). "
+        "`pacsnode start` runs a complete mini-PACS on an embedded store.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _start_parser(subparsers)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        values.update(load_toml(args.config))
+    for _flag, name, _text in START_OPTIONS:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    if hasattr(args, "destinations"):
+        toml_destinations = values.get("destinations") or []
+        parsed = [Destination.parse(d) for d in args.destinations]
+        merged = {d.ae_title: d for d in (Destination.parse(str(x)) if not isinstance(x, Destination) else x
+                                           for x in _as_list(toml_destinations))}
+        merged.update({d.ae_title: d for d in parsed})
+        values["destinations"] = list(merged.values())
+    return NodeConfig.from_mapping(values)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [f"{k}={v}" for k, v in value.items()]
+    return list(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "start":
+        try:
+            config = config_from_args(args)
+        except ConfigError as error:
+            print(f"pacsnode: configuration error: {error}", file=sys.stderr)
+            return 2
+        from pacsnode.node.server import Node, configure_logging
+        from pacsnode.replication.model import StoreError
+
+        configure_logging(config.log_level)
+        try:
+            node = Node(config)
+        except (ConfigError, StoreError) as error:
+            print(f"pacsnode: cannot start: {error}", file=sys.stderr)
+            return 1
+        try:
+            node.run_forever()
+        except OSError as error:
+            print(f"pacsnode: cannot listen on {config.host}:{config.dicom_port}: {error}", file=sys.stderr)
+            node.stop()
+            return 1
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

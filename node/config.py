@@ -1,0 +1,198 @@
+"""NodeConfig: every setting of a node, with its default, in one place.
+
+The CLI flags, the TOML file and `pacsnode status` all use these field names (with `-`
+for `_` on the command line). A bad value is an operating error: ConfigError, never an
+assert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range."""
+
+
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-MOVE destination: an AE title and where it listens."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """Parse `AET=HOST:PORT` (the --destination flag and the TOML list form)."""
+        ae_title, sep, address = text.partition("=")
+        host, sep2, port_text = address.rpartition(":")
+        if not sep or not sep2 or not ae_title.strip() or not host:
+            raise ConfigError(f"destination must look like AET=HOST:PORT, got {text!r}")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"destination port is not a number in {text!r}") from None
+        return cls(ae_title=ae_title.strip(), host=host.strip("[]"), port=port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}={self.host}:{self.port}"
+
+
+def _default_node_id() -> str:
+    return socket.gethostname().split(".")[0] or "node-1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """A node's settings. Field comments are the documentation the README repeats."""
+
+    # --- identity and storage
+    node_id: str = field(default_factory=_default_node_id)  # Unique in the cluster; default: host name.
+    data_dir: Path = Path("pacsnode-data")  # RocksDB store, identity and logs live here.
+    site: str = "default"  # Failure domain (building, campus); replicas spread over sites.
+    cluster_id: str = "pacsnode"  # Peers with another cluster id are refused.
+
+    # --- DICOM front end
+    ae_title: str = "PACSNODE"  # Our Application Entity title (Called AE of associations).
+    host: str = "0.0.0.0"  # Interface the DICOM and peer listeners bind to.
+    dicom_port: int = 11112  # DICOM SCP listener (C-ECHO/C-STORE/C-FIND/C-MOVE/C-GET).
+    destinations: tuple[Destination, ...] = ()  # C-MOVE destinations (AET=HOST:PORT).
+    require_called_ae_title: bool = False  # Reject associations not addressed to ae_title.
+    max_pdu_bytes: int = 262_144  # Largest PDU we accept; bigger PDUs mean fewer syscalls.
+    max_associations: int = 32  # Concurrent DICOM associations; more are rejected (busy).
+    dimse_timeout_s: float = 60.0  # Wait for a DIMSE message before aborting.
+    acse_timeout_s: float = 30.0  # Wait for association negotiation messages.
+    network_timeout_s: float = 60.0  # Idle association before it is closed.
+    move_connect_timeout_s: float = 10.0  # Open the association to a C-MOVE destination.
+    move_store_attempt_max: int = 3  # C-STORE sub-operation attempts on a C-MOVE/C-GET.
+    find_result_max: int = 0  # Cap on C-FIND matches (0 = no cap).
+
+    # --- limits and durability
+    instance_size_bytes_max: int = 4 * 1024**3  # A larger dataset is refused with 0xA700.
+    disk_free_bytes_min: int = 256 * 1024**2  # Below this much free disk, stores get 0xA700.
+    store_timeout_ms: int = 30_000  # Upper bound for one C-STORE inside the node.
+    duplicate_policy: str = "first-wins"  # Same SOP Instance UID, other bytes: keep the first.
+
+    # --- cluster (used by the cluster issues; a single node is a ring of one)
+    peer_port: int = 7001  # gRPC peer port (status, replication, gossip).
+    replication_factor: int = 3  # N: copies of each study (capped by the node count).
+    write_quorum: int = 2  # W: durable copies before C-STORE answers Success.
+    vnodes: int = 64  # V: virtual nodes (ring tokens) per node; weight.
+
+    # --- operations
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR.
+
+    def __post_init__(self) -> None:
+        if not self.node_id or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", self.node_id):
+            raise ConfigError(f"node_id must be 1-64 of [A-Za-z0-9_.-], got {self.node_id!r}")
+        if not _AE_TITLE.match(self.ae_title) or not self.ae_title.strip():
+            raise ConfigError(f"ae_title must be 1-16 printable ASCII characters, got {self.ae_title!r}")
+        for name in ("dicom_port", "peer_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be 0-65535, got {port}")
+        if not 1 <= self.write_quorum <= self.replication_factor:
+            raise ConfigError(
+                "need 1 <= write_quorum <= replication_factor, got "
+                f"write_quorum={self.write_quorum} replication_factor={self.replication_factor}"
+            )
+        if self.vnodes < 1:
+            raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
+        if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:
+            raise ConfigError(f"max_pdu_bytes must be 0 (unlimited) or >= 4096, got {self.max_pdu_bytes}")
+        if self.duplicate_policy not in ("first-wins",):
+            raise ConfigError(f"duplicate_policy must be 'first-wins', got {self.duplicate_policy!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        titles = [d.ae_title for d in self.destinations]
+        if len(titles) != len(set(titles)):
+            raise ConfigError(f"duplicate C-MOVE destination AE titles: {titles}")
+
+    def destination(self, ae_title: str) -> Destination | None:
+        """The configured C-MOVE destination with this AE title, if any."""
+        for destination in self.destinations:
+            if destination.ae_title == ae_title.strip():
+                return destination
+        return None
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
+        """Build from TOML/CLI values (names as the fields); unknown names are an error."""
+        known = set(cls.field_names())
+        unknown = sorted(set(values) - known - {"destination"})
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name in ("destinations", "destination"):
+                kwargs["destinations"] = _parse_destinations(value)
+                continue
+            kwargs[name] = _coerce(name, str(types[name]), value)
+        return cls(**kwargs)
+
+
+def _parse_destinations(value: Any) -> tuple[Destination, ...]:
+    """TOML accepts a list of "AET=HOST:PORT" strings or a table {AET = "HOST:PORT"}."""
+    if isinstance(value, Mapping):
+        return tuple(Destination.parse(f"{k}={v}") for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(d if isinstance(d, Destination) else Destination.parse(str(d)) for d in value)
+    raise ConfigError(f"destinations must be a list of AET=HOST:PORT or a table, got {value!r}")
+
+
+def _coerce(name: str, type_name: str, value: Any) -> Any:
+    try:
+        if "Path" in type_name:
+            return Path(value)
+        if type_name == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot use {value!r} as {type_name}") from None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; names are NodeConfig fields (a [node] table is also accepted)."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    if "node" in data and isinstance(data["node"], dict):
+        merged = dict(data["node"])
+        merged.update({k: v for k, v in data.items() if k != "node"})
+        data = merged
+    return {key.replace("-", "_"): value for key, value in data.items()}

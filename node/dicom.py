@@ -1,0 +1,475 @@
+"""The DICOM front end: pynetdicom handlers that turn DIMSE requests into Archive calls.
+
+Only this module knows DICOM status codes. Every handler catches what the archive
+raises for bad input or operating errors and answers a clear status; an unexpected
+exception propagates and pynetdicom answers a failure (0xC211/0xC311...), never Success.
+Handlers run on pynetdicom's association threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from pydicom.charset import convert_encodings, encode_string
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from pacsnode.node import raw_send
+from pacsnode.node.config import NodeConfig
+from pacsnode.node.ingest import InvalidInstance, instance_from_part10
+from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
+from pacsnode.replication.matching import Condition, Query, QueryError
+from pacsnode.replication.model import Attributes
+from pacsnode.replication.query import level_of
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_STORE_FAILED = 0xA701  # Project sub-code: fewer than W replicas / store error.
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+STATUS_UNABLE_TO_PROCESS = 0xC000
+STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
+STATUS_RETRIEVE_OUT_OF_RESOURCES = 0xA702  # C-GET/C-MOVE: unable to perform sub-operations.
+
+# Acceptor preference (pynetdicom picks the first of ours the requestor proposed): every
+# encapsulated syntax pydicom knows first (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG,
+# HEVC...), so that a compressed instance is taken as it is; then the native ones,
+# Explicit VR Little Endian before Implicit (it keeps the VRs), Deflated, Big Endian.
+_NATIVE_SYNTAXES = [
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+]
+TRANSFER_SYNTAXES: list[str] = [
+    str(ts) for ts in AllTransferSyntaxes if str(ts) not in _NATIVE_SYNTAXES
+] + _NATIVE_SYNTAXES
+
+FIND_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelFind): "STUDY",
+}
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
+}
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
+}
+_BINARY_NUMBER_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:64]
+    return status
+
+
+@dataclass(frozen=True)
+class FrontEndStats:
+    associations: int
+    requests: dict[str, int]
+
+
+class DicomFrontEnd:
+    """Owns the pynetdicom AE and its listening server."""
+
+    def __init__(self, config: NodeConfig, archive: Archive) -> None:
+        self._config = config
+        self._archive = archive
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self._server: Any = None
+        raw_send.install()
+        self.ae = self._build_ae()
+
+    # ----------------------------------------------------------------- setup
+    def _build_ae(self) -> AE:
+        config = self._config
+        ae = AE(ae_title=config.ae_title)
+        ae.maximum_pdu_size = config.max_pdu_bytes
+        ae.maximum_associations = config.max_associations
+        ae.dimse_timeout = config.dimse_timeout_s
+        ae.acse_timeout = config.acse_timeout_s
+        ae.network_timeout = config.network_timeout_s
+        ae.connection_timeout = config.move_connect_timeout_s
+        ae.require_called_aet = config.require_called_ae_title
+        ae.add_supported_context(Verification)
+        for sop_class in (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS):
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"])
+        # Every storage SOP class, every transfer syntax; SCU+SCP roles so that a C-GET
+        # requestor's role selection (it acts as Storage SCP) is accepted.
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, raw_send.set_nodelay),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+
+    def start(self) -> None:
+        self._server = self.ae.start_server(
+            (self._config.host, self._config.dicom_port), block=False, evt_handlers=self.handlers()
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else self._config.dicom_port
+
+    def stop(self, *, grace_s: float = 10.0) -> None:
+        """Stop accepting; let open associations finish for `grace_s`, then abort them."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        socketserver.BaseServer.shutdown(server)  # Leave the accept loop: no new associations.
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in list(server.active_associations):
+            log.warning("dicom.association.aborted_on_shutdown calling_ae_title=%s", assoc.requestor.ae_title)
+            assoc.abort()
+        server.server_close()
+        if server in self.ae._servers:
+            self.ae._servers.remove(server)
+
+    def statistics(self) -> FrontEndStats:
+        with self._counts_lock:
+            return FrontEndStats(associations=self._counts["associations"], requests=dict(self._counts))
+
+    def _count(self, name: str) -> None:
+        with self._counts_lock:
+            self._counts[name] += 1
+
+    # ----------------------------------------------------------------- association events
+    def _on_established(self, event: Any) -> None:
+        self._count("associations")
+        log.info(
+            "dicom.association.established calling_ae_title=%s address=%s",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def _on_aborted(self, event: Any) -> None:
+        log.info("dicom.association.aborted address=%s", event.assoc.requestor.address)
+
+    def _on_echo(self, event: Any) -> int:
+        self._count("c_echo")
+        return STATUS_SUCCESS
+
+    # ----------------------------------------------------------------- C-STORE
+    def _on_store(self, event: Any) -> Dataset | int:
+        self._count("c_store")
+        request = event.request
+        try:
+            dataset_bytes = request.DataSet.getvalue()
+        except AttributeError:
+            log.warning("dicom.store.rejected reason=no-dataset")
+            return _status(STATUS_UNABLE_TO_PROCESS, "no dataset")
+        if len(dataset_bytes) > self._config.instance_size_bytes_max:
+            log.warning("dicom.store.rejected reason=too-large size_bytes=%d", len(dataset_bytes))
+            return _status(STATUS_OUT_OF_RESOURCES, "instance is over the size limit")
+        transfer_syntax = str(event.context.transfer_syntax[0])
+        try:
+            part10 = event.encoded_dataset(include_meta=True)
+            instance = instance_from_part10(
+                part10,
+                len(part10) - len(dataset_bytes),
+                transfer_syntax,
+                affected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
+                affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
+            )
+        except InvalidInstance as error:
+            log.warning(
+                "dicom.store.rejected reason=%s status=0x%04X calling_ae_title=%s",
+                error.reason,
+                error.status,
+                event.assoc.requestor.ae_title,
+            )
+            return _status(error.status, error.reason)
+        result = self._archive.store(instance)
+        if result.status == WriteStatus.SUCCESS:
+            log.debug(
+                "dicom.store.stored sop_instance_uid=%s outcome=%s latency_ms=%d",
+                instance.sop_instance_uid,
+                result.outcome,
+                result.latency_ms,
+            )
+            return STATUS_SUCCESS
+        if result.status == WriteStatus.OUT_OF_RESOURCES:
+            return _status(STATUS_OUT_OF_RESOURCES, result.message or "out of resources")
+        return _status(STATUS_STORE_FAILED, result.message or "store failed")
+
+    # ----------------------------------------------------------------- C-FIND
+    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        self._count("c_find")
+        model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
+        try:
+            identifier = event.identifier
+            query = query_from_identifier(identifier, model)
+        except QueryError as error:
+            log.warning("dicom.find.rejected reason=%s", error)
+            yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
+            return
+        except Exception as error:  # Undecodable identifier.
+            log.warning("dicom.find.rejected reason=undecodable-identifier error=%s", type(error).__name__)
+            yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
+            return
+        requested = [element.keyword for element in identifier if element.keyword]
+        matches = 0
+        for row in self._archive.find(query, lambda: bool(event.is_cancelled)):
+            if event.is_cancelled:
+                break
+            yield STATUS_PENDING, self._response(query, requested, row)
+            matches += 1
+            if self._config.find_result_max and matches >= self._config.find_result_max:
+                log.warning("dicom.find.capped matches=%d", matches)
+                break
+        if event.is_cancelled:
+            log.info("dicom.find.cancelled level=%s matches=%d", query.level, matches)
+            yield STATUS_CANCEL, None
+            return
+        log.info("dicom.find.done level=%s matches=%d", query.level, matches)
+
+    def _response(self, query: Query, requested: list[str], row: Attributes) -> Dataset:
+        response = Dataset()
+        non_ascii = False
+        for keyword in requested:
+            if keyword == "QueryRetrieveLevel":
+                continue
+            if keyword == "SpecificCharacterSet":
+                continue
+            if keyword == "RetrieveAETitle":
+                response.RetrieveAETitle = self._config.ae_title
+                continue
+            if keyword == "InstanceAvailability":
+                response.InstanceAvailability = "ONLINE"
+                continue
+            value = row.get(keyword)
+            set_element(response, keyword, value)
+            if value is not None and not _is_ascii(value):
+                non_ascii = True
+        response.QueryRetrieveLevel = query.level
+        if non_ascii:
+            response.SpecificCharacterSet = _response_charset(row)
+        return response
+
+    # ----------------------------------------------------------------- C-GET / C-MOVE
+    def _retrieve_query(self, event: Any, models: dict[str, str]) -> Query:
+        model = models.get(str(event.request.AffectedSOPClassUID), "STUDY")
+        query = query_from_identifier(event.identifier, model)
+        if query.level == "PATIENT" and model != "PATIENT":
+            raise QueryError("PATIENT level is only valid in the Patient Root model")
+        if not any(c.keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID") for c in query.conditions):
+            raise QueryError("a retrieve needs a unique key (PatientID, StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID)")
+        return query
+
+    def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
+        def load() -> tuple[bytes, int]:
+            try:
+                return self._archive.read(location)
+            except ReadError as error:
+                log.error("dicom.retrieve.unreadable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
+                raise
+
+        return raw_send.StoredDataset(
+            sop_class_uid=location.sop_class_uid,
+            sop_instance_uid=location.sop_instance_uid,
+            transfer_syntax_uid=location.transfer_syntax_uid,
+            load=load,
+        )
+
+    def _on_get(self, event: Any) -> Iterator[Any]:
+        self._count("c_get")
+        try:
+            query = self._retrieve_query(event, GET_MODELS)
+            locations = self._archive.locate(query)
+        except QueryError as error:
+            log.warning("dicom.get.rejected reason=%s", error)
+            yield 1
+            yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
+            return
+        except Exception as error:
+            log.warning("dicom.get.rejected reason=undecodable-identifier error=%s", type(error).__name__)
+            yield 1
+            yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
+            return
+        log.info("dicom.get.start level=%s instances=%d", query.level, len(locations))
+        yield len(locations)
+        for location in locations:
+            if event.is_cancelled:
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, self._stored(location)
+
+    def _on_move(self, event: Any) -> Iterator[Any]:
+        self._count("c_move")
+        destination = self._config.destination(str(event.move_destination or ""))
+        if destination is None:
+            log.warning("dicom.move.rejected reason=unknown-destination move_destination=%s", event.move_destination)
+            yield None, None
+            return
+        try:
+            query = self._retrieve_query(event, MOVE_MODELS)
+            locations = self._archive.locate(query)
+        except QueryError as error:
+            log.warning("dicom.move.rejected reason=%s", error)
+            yield destination.host, destination.port
+            yield 1
+            yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
+            return
+        except Exception as error:
+            log.warning("dicom.move.rejected reason=undecodable-identifier error=%s", type(error).__name__)
+            yield destination.host, destination.port
+            yield 1
+            yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
+            return
+        contexts = _contexts_for(locations)
+        log.info(
+            "dicom.move.start level=%s instances=%d move_destination=%s",
+            query.level,
+            len(locations),
+            destination.ae_title,
+        )
+        yield destination.host, destination.port, {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
+            "max_pdu": self._config.max_pdu_bytes,
+        }
+        yield len(locations)
+        for location in locations:
+            if event.is_cancelled:
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, self._stored(location)
+
+
+def _contexts_for(locations: list[InstanceLocation]) -> list[Any]:
+    """Presentation contexts for a C-MOVE sub-association: each (SOP class, stored syntax),
+    with the uncompressed syntaxes offered beside an uncompressed stored one."""
+    pairs = list(dict.fromkeys((loc.sop_class_uid, loc.transfer_syntax_uid) for loc in locations))
+    contexts = []
+    for sop_class, syntax in pairs[:128]:
+        if syntax in raw_send.UNCOMPRESSED:
+            syntaxes = [syntax] + [s for s in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2") if s != syntax]
+        else:
+            syntaxes = [syntax]
+        contexts.append(build_context(sop_class, syntaxes))
+    if len(pairs) > 128:
+        log.warning("dicom.move.contexts_truncated pairs=%d", len(pairs))
+    return contexts
+
+
+def query_from_identifier(identifier: Dataset, model: str) -> Query:
+    """Build a Query from a C-FIND/C-GET/C-MOVE identifier. Raises QueryError."""
+    if identifier is None:
+        raise QueryError("no identifier")
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if not level:
+        raise QueryError("missing QueryRetrieveLevel")
+    if level not in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
+        raise QueryError(f"unknown QueryRetrieveLevel {level[:16]!r}")
+    if level == "PATIENT" and model == "STUDY":
+        raise QueryError("PATIENT level is not part of the Study Root model")
+    conditions: list[Condition] = []
+    return_keys: list[str] = []
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        return_keys.append(keyword)
+        if element.VR == "SQ" or element.value is None or element.value == "":
+            continue
+        value = element.value
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            text = "\\".join(str(v) for v in value)
+        elif isinstance(value, bytes):
+            continue  # Binary values cannot be matched; returned empty.
+        else:
+            text = str(value)
+        if text.strip() == "" or text == "*":
+            continue  # Universal matching.
+        conditions.append(Condition(keyword, str(element.VR), text))
+    return Query(level=level, conditions=tuple(conditions), return_keys=tuple(return_keys), model=model)
+
+
+def set_element(dataset: Dataset, keyword: str, value: Any) -> None:
+    """Set `keyword` from a row value (str or list of str), or empty when unknown."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return
+    vr = dictionary_VR(tag)
+    if vr == "SQ":
+        setattr(dataset, keyword, [])
+        return
+    if value is None or value == "" or value == []:
+        dataset.add_new(tag, vr, None)
+        return
+    values = value if isinstance(value, list) else [value]
+    converter = _BINARY_NUMBER_VRS.get(vr)
+    try:
+        if converter is not None:
+            converted = [converter(v) for v in values]
+            dataset.add_new(tag, vr, converted if len(converted) > 1 else converted[0])
+        else:
+            dataset.add_new(tag, vr, values if len(values) > 1 else values[0])
+    except (TypeError, ValueError):
+        dataset.add_new(tag, vr, None)
+
+
+def _is_ascii(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_is_ascii(v) for v in value)
+    return str(value).isascii()
+
+
+def _response_charset(row: Attributes) -> str:
+    """The stored Specific Character Set if it can carry every value, else UTF-8."""
+    stored = row.get("SpecificCharacterSet")
+    candidate = stored if isinstance(stored, str) else ("\\".join(stored) if isinstance(stored, list) else "")
+    if candidate:
+        encodings = convert_encodings(candidate.split("\\"))
+        try:
+            for value in row.values():
+                for item in value if isinstance(value, list) else [value]:
+                    if not str(item).isascii():
+                        encode_string(str(item), encodings)
+            return candidate
+        except (UnicodeError, LookupError, ValueError):
+            pass
+    return "ISO_IR 192"
+
+
+def is_known_level(keyword: str) -> bool:
+    return level_of(keyword) is not None

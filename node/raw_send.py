@@ -1,0 +1,162 @@
+"""Send stored instances over DICOM byte-for-byte, without decoding them.
+
+pynetdicom's C-GET and C-MOVE service classes send what a handler yields with
+`Association.send_c_store(dataset)`, which re-encodes a decoded pydicom Dataset. An
+archive must return exactly the bytes it received, in the transfer syntax it received
+them in. `StoredDataset` carries those bytes; `install()` wraps `send_c_store` once, so
+that a `StoredDataset` is sent as its raw bytes on a presentation context of its own
+transfer syntax, and anything else goes through pynetdicom unchanged.
+
+If the peer did not accept the stored transfer syntax but accepted another uncompressed
+one, and the stored one is uncompressed too, the instance is transcoded losslessly
+(decoded and re-encoded by pydicom). A compressed instance is never transcoded: the
+sub-operation fails and the instance is listed in Failed SOP Instance UID List.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from io import BytesIO
+from typing import Any, Callable
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+)
+
+
+class StoredDataset(Dataset):
+    """A Dataset stand-in that holds an instance's stored bytes instead of decoded elements."""
+
+    def __init__(
+        self,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        load: Callable[[], tuple[bytes, int]],
+    ) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        # Set with object.__setattr__: Dataset would treat these as DICOM elements.
+        object.__setattr__(self, "_pacsnode_transfer_syntax", transfer_syntax_uid)
+        object.__setattr__(self, "_pacsnode_load", load)
+
+    @property
+    def stored_transfer_syntax(self) -> str:
+        return str(object.__getattribute__(self, "_pacsnode_transfer_syntax"))
+
+    def load(self) -> tuple[bytes, int]:
+        """(Part-10 bytes, dataset offset); raises if the instance cannot be read."""
+        loader = object.__getattribute__(self, "_pacsnode_load")
+        result: tuple[bytes, int] = loader()
+        return result
+
+
+_original_send_c_store: Any = None
+
+
+def install() -> None:
+    """Wrap Association.send_c_store once per process (idempotent)."""
+    global _original_send_c_store
+    if _original_send_c_store is not None:
+        return
+    _original_send_c_store = Association.send_c_store
+
+    def send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        if isinstance(dataset, StoredDataset):
+            return _send_stored(self, dataset, **kwargs)
+        return _original_send_c_store(self, dataset, *args, **kwargs)
+
+    Association.send_c_store = send_c_store  # type: ignore[method-assign]
+
+
+def _accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
+    return [
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class_uid and cx.as_scu
+    ]
+
+
+def _send_stored(
+    assoc: Association,
+    stored: StoredDataset,
+    msg_id: int = 1,
+    priority: int = 2,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> Dataset:
+    if not assoc.is_established:
+        raise RuntimeError("association is not established")
+    sop_class = str(stored.SOPClassUID)
+    sop_instance = str(stored.SOPInstanceUID)
+    stored_syntax = stored.stored_transfer_syntax
+    accepted = _accepted_syntaxes(assoc, sop_class)
+    part10, offset = stored.load()  # Raises on a missing or corrupt blob: sub-op fails.
+    if stored_syntax in accepted:
+        syntax = stored_syntax
+        payload = part10[offset:]
+    else:
+        fallback = [s for s in accepted if s in UNCOMPRESSED]
+        if stored_syntax not in UNCOMPRESSED or not fallback:
+            raise ValueError(
+                f"peer accepted no presentation context for {sop_class} in {stored_syntax} "
+                f"(accepted: {accepted or 'none'}); compressed instances are never transcoded"
+            )
+        syntax = fallback[0]
+        payload = _transcode(part10, syntax)
+    context = assoc._get_valid_context(sop_class, UID(syntax), "scu", allow_conversion=False)
+    request = C_STORE()
+    request.MessageID = msg_id
+    request.Priority = priority
+    request.MoveOriginatorApplicationEntityTitle = originator_aet
+    request.MoveOriginatorMessageID = originator_id
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
+    request.DataSet = BytesIO(payload)
+    # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        _cx_id, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if response is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(response)
+
+
+def _transcode(part10: bytes, syntax: str) -> bytes:
+    """Re-encode an uncompressed instance in another uncompressed transfer syntax."""
+    dataset = dcmread(BytesIO(part10))
+    target = UID(syntax)
+    encoded = encode(dataset, target.is_implicit_VR, target.is_little_endian, False)
+    if encoded is None:
+        raise ValueError(f"could not re-encode instance in {syntax}")
+    return encoded
+
+
+def set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off on every DICOM socket (a response otherwise
+    waits ~40 ms for the peer's delayed ACK)."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as error:
+        log.debug("dicom.nodelay.failed error=%s", error)

@@ -1,0 +1,1 @@
+"""pacsnode.proto"""

@@ -1,0 +1,173 @@
+"""The archive's vocabulary: an instance as received, and the records the index keeps.
+
+Pure data, no I/O. The front end builds an `Instance` from a C-STORE; the store persists
+it with its `InstanceRecord`; queries match against `StudyRecord`, `SeriesRecord` and
+`InstanceRecord` attribute maps. Attribute values are the decoded DICOM strings (Specific
+Character Set applied): a `str`, or a `list[str]` for multi-valued elements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Union
+
+AttributeValue = Union[str, list[str]]
+Attributes = dict[str, AttributeValue]
+
+# What each query level indexes. Matching on any other key falls back to reading the
+# stored instance header (slower, still correct). The lists follow PS3.4 C.6.1.1/C.6.2.1
+# required and unique keys plus the optional keys viewers commonly ask for.
+PATIENT_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientIDs",
+    "EthnicGroup",
+    "PatientComments",
+)
+STUDY_KEYWORDS: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+SERIES_KEYWORDS: tuple[str, ...] = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Laterality",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "Manufacturer",
+    "InstitutionName",
+    "StationName",
+)
+INSTANCE_KEYWORDS: tuple[str, ...] = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "ContentDate",
+    "ContentTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ImageType",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+)
+ALL_INDEXED_KEYWORDS: tuple[str, ...] = (
+    PATIENT_KEYWORDS + STUDY_KEYWORDS + SERIES_KEYWORDS + INSTANCE_KEYWORDS + ("SpecificCharacterSet",)
+)
+
+
+def content_hash(transfer_syntax_uid: str, dataset_bytes: bytes) -> str:
+    """Identity of an instance's content: the received dataset bytes and their encoding."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(transfer_syntax_uid.encode("ascii"))
+    digest.update(b"\x00")
+    digest.update(dataset_bytes)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One SOP instance exactly as received: the Part-10 bytes and what the index needs.
+
+    `part10` is preamble + file meta + the dataset bytes as they came off the wire;
+    `dataset_offset` is where the dataset starts, so retrieval sends `part10[offset:]`
+    unchanged in `transfer_syntax_uid`.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    part10: bytes
+    dataset_offset: int
+    attributes: Attributes
+    content_hash: str
+
+    @property
+    def dataset_bytes(self) -> bytes:
+        return self.part10[self.dataset_offset :]
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.part10) - self.dataset_offset
+
+
+@dataclass
+class InstanceRecord:
+    """What the index keeps per instance (the blob is stored beside it)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    content_hash: str
+    size_bytes: int
+    dataset_offset: int
+    stored_at_ms: int
+    attributes: Attributes = field(default_factory=dict)
+
+
+@dataclass
+class SeriesRecord:
+    study_instance_uid: str
+    series_instance_uid: str
+    attributes: Attributes = field(default_factory=dict)
+    instance_count: int = 0
+    first_sop_instance_uid: str = ""
+
+
+@dataclass
+class StudyRecord:
+    """Patient + study attributes, and the counters the computed keys need."""
+
+    study_instance_uid: str
+    attributes: Attributes = field(default_factory=dict)
+    series_count: int = 0
+    instance_count: int = 0
+    size_bytes: int = 0
+    modalities: list[str] = field(default_factory=list)
+    sop_classes: list[str] = field(default_factory=list)
+    first_sop_instance_uid: str = ""
+    updated_at_ms: int = 0
+
+
+class StoreOutcome:
+    """How a local durable write ended (the front end maps it to a DICOM status)."""
+
+    STORED = "stored"  # New instance, synced.
+    DUPLICATE = "duplicate"  # Same UID, same bytes: nothing written, Success.
+    CONFLICT = "conflict"  # Same UID, other bytes: first writer kept, the new one kept aside.
+
+
+class StoreError(Exception):
+    """A store could not do what was asked (an operating error, not a bug)."""
+
+
+class StoreFull(StoreError):
+    """Not enough free disk (or the instance is over the size limit): refused, nothing written."""
+
+
+class CorruptBlob(StoreError):
+    """A stored blob failed its checksum: it must never be sent out as if good."""

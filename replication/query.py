@@ -1,0 +1,282 @@
+"""Run a C-FIND `Query` against one replica's index; build result rows.
+
+Pure logic over an `IndexReader` (the local store implements it). A row is the flat
+attribute map of one match at the query's level, including the attributes of every level
+above it and the computed keys (PS3.4 C.6.1.1.x / C.6.2.1.x). PATIENT-level queries
+return study rows that pass the patient conditions; `aggregate_patients` folds them into
+patient rows, which lets the cluster coordinator aggregate across replicas the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Protocol
+
+from pacsnode.replication.matching import Condition, Query, match_all
+from pacsnode.replication.model import (
+    INSTANCE_KEYWORDS,
+    PATIENT_KEYWORDS,
+    SERIES_KEYWORDS,
+    STUDY_KEYWORDS,
+    Attributes,
+    InstanceRecord,
+    SeriesRecord,
+    StudyRecord,
+)
+
+PATIENT_COMPUTED = (
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+)
+STUDY_COMPUTED = (
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "ModalitiesInStudy",
+    "SOPClassesInStudy",
+)
+SERIES_COMPUTED = ("NumberOfSeriesRelatedInstances",)
+
+_LEVEL_OF: dict[str, str] = {}
+for _keyword in PATIENT_KEYWORDS + PATIENT_COMPUTED:
+    _LEVEL_OF[_keyword] = "PATIENT"
+for _keyword in STUDY_KEYWORDS + STUDY_COMPUTED:
+    _LEVEL_OF[_keyword] = "STUDY"
+for _keyword in SERIES_KEYWORDS + SERIES_COMPUTED:
+    _LEVEL_OF[_keyword] = "SERIES"
+for _keyword in INSTANCE_KEYWORDS:
+    _LEVEL_OF[_keyword] = "IMAGE"
+
+# Study-level keys the store indexes, in the order we prefer them to select candidates.
+_INDEX_PRIORITY = ("AccessionNumber", "PatientID", "StudyDate", "PatientName", "PatientBirthDate")
+
+
+def level_of(keyword: str) -> str | None:
+    """The query level an attribute belongs to; None for keys the index does not keep."""
+    return _LEVEL_OF.get(keyword)
+
+
+# A callable that reads attributes the index does not keep from a stored instance's
+# header: (study uid, sop uid, keywords) -> attributes.
+HeaderReader = Callable[[str, str, tuple[str, ...]], Attributes]
+
+
+class IndexReader(Protocol):
+    def study(self, study_instance_uid: str) -> StudyRecord | None: ...
+    def studies(self) -> Iterator[StudyRecord]: ...
+    def studies_by_index(self, keyword: str, low: str, high: str | None) -> Iterator[str]: ...
+    def series(self, study_instance_uid: str) -> Iterator[SeriesRecord]: ...
+    def instances(self, study_instance_uid: str) -> Iterator[InstanceRecord]: ...
+
+
+def study_row(study: StudyRecord) -> Attributes:
+    row: Attributes = dict(study.attributes)
+    row["StudyInstanceUID"] = study.study_instance_uid
+    row["NumberOfStudyRelatedSeries"] = str(study.series_count)
+    row["NumberOfStudyRelatedInstances"] = str(study.instance_count)
+    row["ModalitiesInStudy"] = list(study.modalities)
+    row["SOPClassesInStudy"] = list(study.sop_classes)
+    return row
+
+
+def series_row(study_attributes: Attributes, series: SeriesRecord) -> Attributes:
+    row: Attributes = dict(study_attributes)
+    row.update(series.attributes)
+    row["SeriesInstanceUID"] = series.series_instance_uid
+    row["NumberOfSeriesRelatedInstances"] = str(series.instance_count)
+    return row
+
+
+def instance_row(series_attributes: Attributes, instance: InstanceRecord) -> Attributes:
+    row: Attributes = dict(series_attributes)
+    row.update(instance.attributes)
+    row["SOPInstanceUID"] = instance.sop_instance_uid
+    row["SOPClassUID"] = instance.sop_class_uid
+    return row
+
+
+class LocalQuery:
+    """Executes one query against one index; iterate `rows()`."""
+
+    def __init__(self, reader: IndexReader, query: Query, header_reader: HeaderReader | None = None) -> None:
+        self._reader = reader
+        self._query = query
+        self._header_reader = header_reader
+        self._by_level: dict[str, list[Condition]] = {"PATIENT": [], "STUDY": [], "SERIES": [], "IMAGE": []}
+        self._unindexed: list[Condition] = []
+        for condition in query.conditions:
+            level = level_of(condition.keyword)
+            if level is None:
+                self._unindexed.append(condition)
+            else:
+                self._by_level[level].append(condition)
+        # Keys the index does not keep, to read from the instance header for the rows.
+        self._extra_keys = tuple(
+            k for k in query.return_keys if level_of(k) is None and k not in _NOT_FROM_HEADER
+        )
+
+    def rows(self) -> Iterator[Attributes]:
+        level = self._query.level
+        for study in self._candidate_studies():
+            study_attributes = study_row(study)
+            if not match_all(self._by_level["PATIENT"], study_attributes):
+                continue
+            if level == "PATIENT":
+                yield self._with_header(study_attributes, study.study_instance_uid, study.first_sop_instance_uid)
+                continue
+            if not match_all(self._by_level["STUDY"], study_attributes):
+                continue
+            if level == "STUDY":
+                row = self._with_header(study_attributes, study.study_instance_uid, study.first_sop_instance_uid)
+                if row is not None:
+                    yield row
+                continue
+            yield from self._series_rows(study, study_attributes)
+
+    def _series_rows(self, study: StudyRecord, study_attributes: Attributes) -> Iterator[Attributes]:
+        level = self._query.level
+        series_records = list(self._reader.series(study.study_instance_uid))
+        wanted_series = {s.series_instance_uid: s for s in series_records}
+        if level == "SERIES":
+            for series in series_records:
+                row = series_row(study_attributes, series)
+                if match_all(self._by_level["SERIES"], row):
+                    full = self._with_header(row, study.study_instance_uid, series.first_sop_instance_uid)
+                    if full is not None:
+                        yield full
+            return
+        series_rows: dict[str, Attributes] = {}
+        for uid, series in wanted_series.items():
+            row = series_row(study_attributes, series)
+            if match_all(self._by_level["SERIES"], row):
+                series_rows[uid] = row
+        if not series_rows:
+            return
+        for instance in self._reader.instances(study.study_instance_uid):
+            parent = series_rows.get(instance.series_instance_uid)
+            if parent is None:
+                continue
+            row = instance_row(parent, instance)
+            if match_all(self._by_level["IMAGE"], row):
+                full = self._with_header(row, study.study_instance_uid, instance.sop_instance_uid)
+                if full is not None:
+                    yield full
+
+    def _with_header(self, row: Attributes, study_uid: str, sop_uid: str) -> Attributes | None:
+        """Add (and match) keys the index does not keep, from the instance header."""
+        if not self._unindexed and not self._extra_keys:
+            return row
+        if self._header_reader is None or not sop_uid:
+            return row if not self._unindexed else None
+        keywords = tuple(dict.fromkeys([c.keyword for c in self._unindexed] + list(self._extra_keys)))
+        extra = self._header_reader(study_uid, sop_uid, keywords)
+        if not match_all(self._unindexed, extra):
+            return None
+        merged = dict(row)
+        for keyword, value in extra.items():
+            merged.setdefault(keyword, value)
+        return merged
+
+    def _candidate_studies(self) -> Iterator[StudyRecord]:
+        """Studies that may match: an index lookup when a condition allows, else all."""
+        uids = self._indexed_candidates()
+        if uids is None:
+            yield from self._reader.studies()
+            return
+        for uid in uids:
+            study = self._reader.study(uid)
+            if study is not None:
+                yield study
+
+    def _indexed_candidates(self) -> list[str] | None:
+        conditions = {c.keyword: c for c in self._query.conditions}
+        uid_condition = conditions.get("StudyInstanceUID")
+        if uid_condition is not None:
+            return list(dict.fromkeys(v.strip() for v in uid_condition.value.split("\\") if v.strip()))
+        for keyword in _INDEX_PRIORITY:
+            condition = conditions.get(keyword)
+            if condition is None:
+                continue
+            found = self._lookup(condition)
+            if found is not None:
+                return list(dict.fromkeys(found))
+        return None
+
+    def _lookup(self, condition: Condition) -> list[str] | None:
+        kind = condition.kind
+        keyword = condition.keyword
+        if "\\" in condition.value and kind != "range":
+            return None  # Value lists: match by scan (rare for these keys).
+        if kind == "single":
+            value = condition.value.strip()
+            if condition.vr == "DA":
+                value = value.replace(".", "")
+            return list(self._reader.studies_by_index(keyword, value, value))
+        if kind == "wildcard":
+            literal = _literal_prefix(condition.value)
+            if not literal:
+                return None
+            return list(self._reader.studies_by_index(keyword, literal, None))
+        if kind == "range" and condition.vr == "DA":
+            low, _, high = condition.value.partition("-")
+            low = low.strip().replace(".", "") or "0"
+            high = high.strip().replace(".", "") or "99999999"
+            return list(self._reader.studies_by_index(keyword, low, high))
+        return None
+
+
+# Keys the front end fills itself; never looked up in a header.
+_NOT_FROM_HEADER = frozenset(
+    {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
+)
+
+
+def _literal_prefix(pattern: str) -> str:
+    for index, char in enumerate(pattern):
+        if char in "*?":
+            return pattern[:index]
+    return pattern
+
+
+def patient_key(row: Attributes) -> tuple[str, str]:
+    return (str(row.get("PatientID", "")), str(row.get("IssuerOfPatientID", "")))
+
+
+def aggregate_patients(study_rows: Iterable[Attributes]) -> Iterator[Attributes]:
+    """Fold study rows (deduplicated by StudyInstanceUID) into one row per patient."""
+    patients: dict[tuple[str, str], Attributes] = {}
+    seen: dict[tuple[str, str], set[str]] = {}
+    for row in study_rows:
+        key = patient_key(row)
+        study_uid = str(row.get("StudyInstanceUID", ""))
+        studies = seen.setdefault(key, set())
+        if study_uid in studies:
+            continue
+        studies.add(study_uid)
+        patient = patients.get(key)
+        if patient is None:
+            patient = {k: v for k, v in row.items() if level_of(k) in (None, "PATIENT")}
+            patient.pop("StudyInstanceUID", None)
+            patient["NumberOfPatientRelatedStudies"] = "0"
+            patient["NumberOfPatientRelatedSeries"] = "0"
+            patient["NumberOfPatientRelatedInstances"] = "0"
+            patients[key] = patient
+        patient["NumberOfPatientRelatedStudies"] = str(int(str(patient["NumberOfPatientRelatedStudies"])) + 1)
+        patient["NumberOfPatientRelatedSeries"] = str(
+            int(str(patient["NumberOfPatientRelatedSeries"])) + int(str(row.get("NumberOfStudyRelatedSeries", "0")))
+        )
+        patient["NumberOfPatientRelatedInstances"] = str(
+            int(str(patient["NumberOfPatientRelatedInstances"]))
+            + int(str(row.get("NumberOfStudyRelatedInstances", "0")))
+        )
+    yield from patients.values()
+
+
+def unique_key(level: str, row: Attributes) -> tuple[str, ...]:
+    """The key that identifies a row at its level, for de-duplication across replicas."""
+    if level == "PATIENT":
+        return patient_key(row)
+    if level == "STUDY":
+        return (str(row.get("StudyInstanceUID", "")),)
+    if level == "SERIES":
+        return (str(row.get("StudyInstanceUID", "")), str(row.get("SeriesInstanceUID", "")))
+    return (str(row.get("StudyInstanceUID", "")), str(row.get("SOPInstanceUID", "")))
