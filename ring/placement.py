@@ -1,0 +1,422 @@
+"""Placement: which nodes own a token, as a pure function of the membership.
+
+Every node builds the same `Ring` from the same members (whatever order they arrive in),
+so every node agrees, without talking, on where a study lives. A key's owner set comes
+from walking the ring clockwise from the key's token and ranking the distinct nodes met:
+
+1. the first node met in each site (so copies land in as many sites as possible),
+2. then the first node met on each host not yet used (machines are a failure domain
+   below the site),
+3. then everyone else,
+
+each tier in walk order, and taking the first N. This is the rule of Cassandra's
+NetworkTopologyStrategy and Ceph's CRUSH failure domains, folded into one walk; it picks
+the same nodes as greedy passes (distinct sites, then distinct hosts, then any), but the
+(tier, position) form shows why Dynamo's movement property survives it: a joining node
+only pushes later nodes down the ranking, so a join changes a key's owner set only by
+swapping one old owner for the new node, and a loss only by swapping the lost node for one
+survivor (tests/property/test_placement.py checks both).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Set
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pacsnode.ring.tokens import TOKEN_SPACE, study_token, token_of, vnode_token
+
+DEFAULT_SITE = "default"
+DEFAULT_VNODES = 64  # Random tokens: fullest node ~1.2x the mean up to ~48 nodes (DESIGN).
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Member:
+    """One node as placement sees it: its identity, failure domains and weight.
+
+    `host` is the machine the node runs on. Left empty, the node counts as a machine of
+    its own, which is right for the usual one-node-per-machine deployment. Hosts are
+    compared within a site, so two sites may both have a host called "rack1-a".
+    `vnodes` is the weight: a node with twice the disk gets twice the vnodes.
+    """
+
+    node_id: str
+    site: str = DEFAULT_SITE
+    host: str = ""
+    vnodes: int = DEFAULT_VNODES
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("a member needs a non-empty node_id")
+        if not self.site:
+            raise ValueError(f"member {self.node_id!r} needs a non-empty site")
+        if "\x00" in self.node_id + self.site + self.host:
+            # NUL separates fields in vnode tokens and marks unknown hosts in `machine`.
+            raise ValueError(f"member {self.node_id!r} has a NUL character in a field")
+        if self.vnodes < 1:
+            raise ValueError(f"member {self.node_id!r} needs vnodes >= 1, got {self.vnodes}")
+
+    @property
+    def machine(self) -> tuple[str, str]:
+        """The host failure domain: (site, host), or (site, node id) when host is unknown."""
+        return (self.site, self.host or "\x00" + self.node_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRange:
+    """An arc of the ring, start exclusive and end inclusive as in Cassandra.
+
+    A range whose start is greater than its end wraps through zero. A range whose start
+    equals its end is the whole ring (a ring with a single token has one such range).
+    Store keys begin with the study token, so one range is one contiguous key scan.
+    """
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start < TOKEN_SPACE and 0 <= self.end < TOKEN_SPACE):
+            raise ValueError(f"range bounds must be in [0, 2**64): {self}")
+
+    @property
+    def size(self) -> int:
+        """How many tokens the range holds (2**64 for the whole ring)."""
+        return (self.end - self.start) % TOKEN_SPACE or TOKEN_SPACE
+
+    @property
+    def fraction(self) -> float:
+        """The share of the key space the range holds, in [0, 1]."""
+        return self.size / TOKEN_SPACE
+
+    @property
+    def wraps(self) -> bool:
+        """Whether the range crosses zero: its keys are two scans, (start, max] and [0, end]."""
+        return self.start >= self.end
+
+    def contains(self, token: int) -> bool:
+        """Whether `token` falls in (start, end], wrapping through zero."""
+        if self.start < self.end:
+            return self.start < token <= self.end
+        return token > self.start or token <= self.end
+
+
+class OwnedRange(NamedTuple):
+    """A token range and its owner set, in preference order."""
+
+    token_range: TokenRange
+    owners: tuple[str, ...]
+
+
+class StandIn(NamedTuple):
+    """A node that holds hints for an owner that cannot take a write (sloppy quorum)."""
+
+    node_id: str
+    owner: str
+
+
+class Ring:
+    """The token ring of one membership: immutable, and equal on every process.
+
+    Each member contributes `vnodes` tokens, `vnode_token(cluster_id, node_id, i)`; the
+    vnode at token t owns the range (previous token, t]. Two rings are equal when they
+    have the same cluster id and the same members, and then `version` is equal too.
+
+    Preference lists are computed once per (vnode, n) and cached, because every stored
+    instance asks for one: a cached lookup is one bisect and one list index. The cache is
+    private and derived, so the ring stays immutable to its callers.
+    """
+
+    __slots__ = (
+        "_cluster_id",
+        "_members",
+        "_by_id",
+        "_tokens",
+        "_vnode_member",
+        "_member_machine",
+        "_site_positions",
+        "_machine_count",
+        "_version",
+        "_cache",
+    )
+
+    def __init__(self, cluster_id: str, members: Iterable[Member]) -> None:
+        ordered = tuple(sorted(members))
+        by_id: dict[str, Member] = {}
+        for member in ordered:
+            if member.node_id in by_id:
+                raise ValueError(f"node id {member.node_id!r} appears twice in the membership")
+            by_id[member.node_id] = member
+        self._cluster_id = cluster_id
+        self._members = ordered
+        self._by_id = by_id
+
+        # Ties between equal tokens (2**-64 per pair) break by node id, so the order, and
+        # which vnode owns the shared token, is the same everywhere.
+        vnodes = sorted(
+            (vnode_token(cluster_id, member.node_id, index), member_index)
+            for member_index, member in enumerate(ordered)
+            for index in range(member.vnodes)
+        )
+        self._tokens = [token for token, _ in vnodes]
+        self._vnode_member = [member_index for _, member_index in vnodes]
+
+        site_ids: dict[str, int] = {}
+        machine_ids: dict[tuple[str, str], int] = {}
+        member_site = [site_ids.setdefault(m.site, len(site_ids)) for m in ordered]
+        self._member_machine = [
+            machine_ids.setdefault(m.machine, len(machine_ids)) for m in ordered
+        ]
+        self._machine_count = len(machine_ids)
+        # Each site's vnode indices, in ring order: where its first node after a key is.
+        self._site_positions: list[list[int]] = [[] for _ in site_ids]
+        for position, member_index in enumerate(self._vnode_member):
+            self._site_positions[member_site[member_index]].append(position)
+        self._version = _membership_version(cluster_id, ordered)
+        self._cache: dict[int, list[tuple[str, ...] | None]] = {}
+
+    # -- identity -------------------------------------------------------------------
+
+    @property
+    def cluster_id(self) -> str:
+        return self._cluster_id
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """The members, sorted by node id (the canonical order)."""
+        return self._members
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(member.node_id for member in self._members)
+
+    @property
+    def version(self) -> int:
+        """A 64-bit hash of cluster id and members: peers compare it to spot another view."""
+        return self._version
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """All vnode tokens in ring order; each is the inclusive end of one range."""
+        return tuple(self._tokens)
+
+    def member(self, node_id: str) -> Member:
+        """The member with this node id; KeyError if it is not in the ring."""
+        return self._by_id[node_id]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        return self._cluster_id == other._cluster_id and self._members == other._members
+
+    def __hash__(self) -> int:
+        return hash((self._cluster_id, self._members))
+
+    def __repr__(self) -> str:
+        return (
+            f"Ring(cluster_id={self._cluster_id!r}, members={len(self._members)}, "
+            f"vnodes={len(self._tokens)}, version={self._version:016x})"
+        )
+
+    def with_member(self, member: Member) -> Ring:
+        """This ring plus `member` (replacing a member with the same node id)."""
+        kept = (m for m in self._members if m.node_id != member.node_id)
+        return Ring(self._cluster_id, (*kept, member))
+
+    def without(self, node_id: str) -> Ring:
+        """This ring less the member `node_id` (unchanged if it is not a member)."""
+        return Ring(self._cluster_id, (m for m in self._members if m.node_id != node_id))
+
+    # -- placement ------------------------------------------------------------------
+
+    def effective_replicas(self, n: int) -> int:
+        """How many copies a key really gets: N, or the member count when that is smaller."""
+        _check_replicas(n)
+        return min(n, len(self._members))
+
+    def preference_list(self, token: int, n: int) -> tuple[str, ...]:
+        """The owner set of `token`: min(n, members) distinct node ids, in preference order.
+
+        The first entry is the first node clockwise from the token (the vnode with the
+        smallest token >= `token`, wrapping); the others follow the site/host ranking of
+        the module docstring, so the first k entries are as spread out as k can be.
+        """
+        _check_replicas(n)
+        if not 0 <= token < TOKEN_SPACE:
+            raise ValueError(f"token must be in [0, 2**64), got {token}")
+        if not self._tokens:
+            return ()
+        return self._owners_of_vnode(self._vnode_of(token), n)
+
+    def owners_of_study(self, study_instance_uid: str, n: int) -> tuple[str, ...]:
+        """The owner set of a study: every instance of it lives on these nodes."""
+        return self.preference_list(study_token(study_instance_uid), n)
+
+    def stand_ins(self, token: int, n: int, unavailable: Set[str]) -> tuple[StandIn, ...]:
+        """Who holds hints for the owners of `token` that are in `unavailable`.
+
+        Dynamo's sloppy quorum: walking on past the owner set, each unavailable owner
+        (in preference order) gets the next available node that is not an owner, from the
+        owner's own site when there is one, so that one node down does not send its
+        site's copy over the WAN. Fewer stand-ins come back when too few nodes are left.
+        Rare path: computed on demand, not cached.
+        """
+        owners = self.preference_list(token, n)
+        missing = [owner for owner in owners if owner in unavailable]
+        if not missing:
+            return ()
+        taken = set(owners)
+        candidates = [
+            node_id
+            for node_id in self._walk(self._vnode_of(token))
+            if node_id not in taken and node_id not in unavailable
+        ]
+        result: list[StandIn] = []
+        for owner in missing:
+            site = self._by_id[owner].site
+            chosen = next(
+                (c for c in candidates if self._by_id[c].site == site),
+                candidates[0] if candidates else None,
+            )
+            if chosen is None:
+                break
+            candidates.remove(chosen)
+            result.append(StandIn(chosen, owner))
+        return tuple(result)
+
+    def ranges(self, n: int) -> tuple[OwnedRange, ...]:
+        """Every non-empty range of the ring in token order, with its owner set.
+
+        The first range wraps: it ends at the smallest token and starts at the largest.
+        Together they cover the ring exactly once.
+        """
+        _check_replicas(n)
+        return tuple(
+            OwnedRange(token_range, self._owners_of_vnode(index, n))
+            for index, token_range in self._vnode_ranges()
+        )
+
+    def ownership(self, n: int) -> dict[str, float]:
+        """Replicated ownership: for each node, the share of keys it holds a copy of.
+
+        The values sum to `effective_replicas(n)`; a balanced ring gives each node
+        effective_replicas(n) / members. This, not primary ownership, is what fills disks.
+        """
+        _check_replicas(n)
+        held = dict.fromkeys(self.node_ids, 0)
+        for index, token_range in self._vnode_ranges():
+            for node_id in self._owners_of_vnode(index, n):
+                held[node_id] += token_range.size
+        return {node_id: size / TOKEN_SPACE for node_id, size in held.items()}
+
+    def primary_ownership(self) -> dict[str, float]:
+        """For each node, the share of keys for which it is the first owner; sums to 1."""
+        return self.ownership(1)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _vnode_of(self, token: int) -> int:
+        """Index of the vnode whose range holds `token`: first token >= it, wrapping."""
+        index = bisect_left(self._tokens, token)
+        return 0 if index == len(self._tokens) else index
+
+    def _vnode_ranges(self) -> Iterable[tuple[int, TokenRange]]:
+        """(vnode index, its range) for each vnode with a non-empty range."""
+        tokens = self._tokens
+        for index, end in enumerate(tokens):
+            start = tokens[index - 1]  # index 0 takes the last token: the wrapping range.
+            if start == end and len(tokens) > 1:
+                continue  # A token shared by two vnodes: the later one owns nothing.
+            yield index, TokenRange(start, end)
+
+    def _owners_of_vnode(self, vnode: int, n: int) -> tuple[str, ...]:
+        per_vnode = self._cache.get(n)
+        if per_vnode is None:
+            per_vnode = self._cache.setdefault(n, [None] * len(self._tokens))
+        owners = per_vnode[vnode]
+        if owners is None:
+            owners = per_vnode[vnode] = self._rank_owners(vnode, n)
+        return owners
+
+    def _rank_owners(self, start: int, n: int) -> tuple[str, ...]:
+        """Rank the distinct nodes met walking from vnode `start` by (tier, position); keep n.
+
+        Tier 0, the first node of each site, comes from one bisect per site rather than
+        from the walk, so a small site far down the ring (a lone disaster-recovery node
+        among hundreds) costs nothing. The walk then only ranks tiers 1 and 2, and stops
+        once no later node can make the top n: when enough tier-1 nodes are found, or when
+        every host has been met and enough nodes in all are found.
+        """
+        want = min(n, len(self._members))
+        member_of = self._vnode_member
+        count = len(member_of)
+        firsts: list[tuple[int, int]] = []
+        for positions in self._site_positions:
+            index = bisect_left(positions, start)
+            position = positions[index] if index < len(positions) else positions[0]
+            firsts.append(((position - start) % count, member_of[position]))
+        tier_0 = [member for _, member in sorted(firsts)]
+        if len(tier_0) >= want:
+            return self._node_ids_of(tier_0[:want])
+
+        machine_of = self._member_machine
+        seen = set(tier_0)
+        seen_machines = {machine_of[member] for member in tier_0}
+        tier_1: list[int] = []
+        tier_2: list[int] = []
+        still_wanted = want - len(tier_0)
+        position = start
+        for _ in range(count):
+            member = member_of[position]
+            position = position + 1 if position + 1 < count else 0
+            if member in seen:
+                continue
+            seen.add(member)
+            if machine_of[member] not in seen_machines:
+                seen_machines.add(machine_of[member])
+                tier_1.append(member)
+                if len(tier_1) >= still_wanted:
+                    break
+            else:
+                tier_2.append(member)
+            if (
+                len(seen_machines) == self._machine_count
+                and len(tier_1) + len(tier_2) >= still_wanted
+            ):
+                break
+        return self._node_ids_of((tier_0 + tier_1 + tier_2)[:want])
+
+    def _node_ids_of(self, members: list[int]) -> tuple[str, ...]:
+        return tuple(self._members[member].node_id for member in members)
+
+    def _walk(self, start: int) -> list[str]:
+        """Every member once, in the order a clockwise walk from vnode `start` meets them."""
+        order: dict[int, None] = {}
+        count = len(self._vnode_member)
+        for step in range(count):
+            order.setdefault(self._vnode_member[(start + step) % count], None)
+            if len(order) == len(self._members):
+                break
+        return [self._members[member].node_id for member in order]
+
+
+def _check_replicas(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"replica count n must be >= 1, got {n}")
+
+
+def _membership_version(cluster_id: str, members: tuple[Member, ...]) -> int:
+    """mmh3 of a length-prefixed encoding: no two memberships share an encoding."""
+    fields: list[str] = ["pacsnode.ring.v1", cluster_id]
+    for member in members:
+        fields += [member.node_id, member.site, member.host, str(member.vnodes)]
+    encoded = b"".join(
+        len(raw).to_bytes(4, "big") + raw for raw in (field.encode() for field in fields)
+    )
+    return token_of(encoded)
