@@ -200,7 +200,7 @@ class DicomFrontEnd:
         if len(dataset_bytes) > self._config.instance_size_bytes_max:
             log.warning("dicom.store.rejected reason=too-large size_bytes=%d", len(dataset_bytes))
             return _status(STATUS_OUT_OF_RESOURCES, "instance is over the size limit")
-        transfer_syntax = str(event.context.transfer_syntax[0])
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
             part10 = event.encoded_dataset(include_meta=True)
             instance = instance_from_part10(
@@ -248,15 +248,16 @@ class DicomFrontEnd:
             return
         requested = [element.keyword for element in identifier if element.keyword]
         matches = 0
-        for row in self._archive.find(query, lambda: bool(event.is_cancelled)):
-            if event.is_cancelled:
+        cancelled = CancelFlag(event)
+        for row in self._archive.find(query, cancelled):
+            if cancelled():
                 break
             yield STATUS_PENDING, self._response(query, requested, row)
             matches += 1
             if self._config.find_result_max and matches >= self._config.find_result_max:
                 log.warning("dicom.find.capped matches=%d", matches)
                 break
-        if event.is_cancelled:
+        if cancelled():
             log.info("dicom.find.cancelled level=%s matches=%d", query.level, matches)
             yield STATUS_CANCEL, None
             return
@@ -327,8 +328,10 @@ class DicomFrontEnd:
             return
         log.info("dicom.get.start level=%s instances=%d", query.level, len(locations))
         yield len(locations)
+        cancelled = CancelFlag(event)
         for location in locations:
-            if event.is_cancelled:
+            if cancelled():
+                log.info("dicom.retrieve.cancelled instances=%d", len(locations))
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, self._stored(location)
@@ -368,11 +371,26 @@ class DicomFrontEnd:
             "max_pdu": self._config.max_pdu_bytes,
         }
         yield len(locations)
+        cancelled = CancelFlag(event)
         for location in locations:
-            if event.is_cancelled:
+            if cancelled():
+                log.info("dicom.retrieve.cancelled instances=%d", len(locations))
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, self._stored(location)
+
+
+class CancelFlag:
+    """Sticky C-CANCEL check: pynetdicom's `event.is_cancelled` is true only once."""
+
+    def __init__(self, event: Any) -> None:
+        self._event = event
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        if not self._cancelled and self._event.is_cancelled:
+            self._cancelled = True
+        return self._cancelled
 
 
 def _contexts_for(locations: list[InstanceLocation]) -> list[Any]:

@@ -1,0 +1,136 @@
+"""Real pacsnode processes on loopback: start, wait until ready, kill -9, stop, restart.
+
+Used by the integration tests and by the chaos runner. Every process gets free
+127.0.0.1 ports and its own data directory; `stop()` and `kill()` always reap it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout_s` passes; returns the last result."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def pacsnode_command() -> list[str]:
+    """The `pacsnode` entry point of this interpreter's environment."""
+    candidate = Path(sys.executable).with_name("pacsnode")
+    if candidate.exists():
+        return [str(candidate)]
+    return [sys.executable, "-m", "pacsnode.cli.main"]
+
+
+class NodeProcess:
+    """One `pacsnode start` child process."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        node_id: str = "node-1",
+        ae_title: str = "PACSNODE",
+        dicom_port: int | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.node_id = node_id
+        self.ae_title = ae_title
+        self.dicom_port = dicom_port or free_port()
+        self.extra_args = list(extra_args)
+        self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def args(self) -> list[str]:
+        return pacsnode_command() + [
+            "start",
+            "--node-id", self.node_id,
+            "--data-dir", str(self.data_dir),
+            "--ae-title", self.ae_title,
+            "--host", "127.0.0.1",
+            "--dicom-port", str(self.dicom_port),
+            *self.extra_args,
+        ]
+
+    def start(self, *, timeout_s: float = 30.0) -> "NodeProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if not wait_until(lambda: port_open(self.dicom_port) or not self.alive, timeout_s):
+            self.kill()
+            raise RuntimeError(f"node {self.node_id} did not open port {self.dicom_port}:\n{self.log_text()}")
+        if not self.alive:
+            raise RuntimeError(f"node {self.node_id} exited at start:\n{self.log_text()}")
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush; what was synced is all that survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def pause(self) -> None:
+        if self.alive:
+            assert self.process is not None
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive:
+            assert self.process is not None
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self, *, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM and wait for a clean exit; kill -9 if it does not come."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def restart(self) -> "NodeProcess":
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
