@@ -85,8 +85,13 @@ def study_prefix(study_instance_uid: str) -> bytes:
 
 
 def index_value(keyword: str, value: str) -> str:
-    """How a value is kept in the secondary index: PN case-folded (matching is case-insensitive)."""
-    return value.upper() if keyword == "PatientName" else value
+    """How a value is kept in the secondary index: PN case-folded (matching is case-insensitive),
+    dates without the dots of the old "YYYY.MM.DD" form (matching reads both forms)."""
+    if keyword == "PatientName":
+        return value.upper()
+    if keyword in ("StudyDate", "PatientBirthDate"):
+        return value.replace(".", "")
+    return value
 
 
 def _dump(record: Any) -> bytes:
@@ -137,7 +142,12 @@ class RocksStore:
         with self._write_lock:
             if not self._closed:
                 self._closed = True
-                self._db.close()
+                try:
+                    self._db.close()
+                except Exception as error:  # e.g. a flush that hits a full disk
+                    # Everything acknowledged is in the synced WAL; RocksDB replays it at the
+                    # next open. Say so and carry on shutting down.
+                    log.error("store.close.failed error=%s (acknowledged data is in the WAL)", error)
 
     @property
     def path(self) -> Path:
@@ -183,9 +193,20 @@ class RocksStore:
 
         Identical bytes under a known SOP Instance UID: DUPLICATE, nothing written.
         Different bytes: CONFLICT, the first copy stays, the new one is kept aside.
-        Raises StoreFull (nothing written) when the disk is (nearly) full.
+        Raises StoreFull (nothing written) when the disk is (nearly) full, unless the same
+        bytes are already stored (a retry: DUPLICATE needs no space).
         """
-        self.check_capacity(len(instance.part10))
+        prefix = study_prefix(instance.study_instance_uid)
+        sop = instance.sop_instance_uid.encode("ascii")
+        meta_key = PREFIX_META + prefix + SEP + sop
+        try:
+            self.check_capacity(len(instance.part10))
+        except StoreFull:
+            self._ensure_open()
+            existing = self._db.get(meta_key)
+            if existing is not None and json.loads(existing)["content_hash"] == instance.content_hash:
+                return StoreOutcome.DUPLICATE
+            raise
         if now_ms is None:
             now_ms = int(time.time() * 1000)
         # Compress outside the lock: zstandard releases the GIL, so parallel
@@ -193,9 +214,6 @@ class RocksStore:
         blob = zstandard.ZstdCompressor(level=self._zstd_level, write_checksum=True).compress(
             instance.part10
         )
-        prefix = study_prefix(instance.study_instance_uid)
-        sop = instance.sop_instance_uid.encode("ascii")
-        meta_key = PREFIX_META + prefix + SEP + sop
         with self._write_lock:
             self._ensure_open()
             existing = self._db.get(meta_key)
