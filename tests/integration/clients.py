@@ -6,6 +6,7 @@ Nothing here talks to anything but 127.0.0.1.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -33,7 +34,11 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def have_dcmtk() -> bool:
-    return all(shutil.which(tool) for tool in ("storescu", "findscu", "getscu", "movescu", "storescp", "echoscu"))
+    """dcmtk's tools are on PATH. In CI (CI=true) their absence is an error, not a skip."""
+    present = all(shutil.which(t) for t in ("storescu", "findscu", "getscu", "movescu", "storescp", "echoscu"))
+    if not present and os.environ.get("CI") == "true":
+        raise RuntimeError("CI=true but dcmtk is not installed: .ci/run must apt-get install dcmtk")
+    return present
 
 
 def dataset_bytes(part10: bytes) -> bytes:

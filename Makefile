@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make start   install pacsnode in .venv and start a node on its embedded default
+#   make test    install what the tests need (Python packages, dcmtk) and run them
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: start test install install-test dcmtk proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test dcmtk
+
+# dcmtk's storescu/findscu/getscu/movescu/storescp are the real clients the tests use.
+dcmtk:
+	@if command -v storescu >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; \
+	else echo "dcmtk is missing: run 'sudo apt-get install -y dcmtk' (Debian/Ubuntu) and try again" >&2; exit 1; fi
+
+start: install
+	$(BIN)/pacsnode start $(ARGS)
+
+test: install-test
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
