@@ -36,7 +36,7 @@ def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Start a pacsnode node. Every option can also be set in a TOML file (--config) "
         "under the same name with '_' for '-'; command-line flags win.",
     )
-    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file (default: none)")
     for flag, name, text in START_OPTIONS:
         default = getattr(DEFAULTS, name) if name != "node_id" else "host name"
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
@@ -70,7 +70,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         if hasattr(args, name):
             values[name] = getattr(args, name)
     if hasattr(args, "destinations"):
-        toml_destinations = values.get("destinations") or []
+        # The TOML file may name them `destinations` or `destination` (list or table).
+        toml_destinations = [
+            *_as_list(values.pop("destination", None) or []),
+            *_as_list(values.get("destinations") or []),
+        ]
         parsed = [Destination.parse(d) for d in args.destinations]
         merged = {d.ae_title: d for d in (Destination.parse(str(x)) if not isinstance(x, Destination) else x
                                            for x in _as_list(toml_destinations))}

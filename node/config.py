@@ -20,7 +20,8 @@ class ConfigError(ValueError):
     """A setting is missing, malformed or out of range."""
 
 
-_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+# AE VR: default repertoire without backslash or control characters, at most 16.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Destination:
             port = int(port_text)
         except ValueError:
             raise ConfigError(f"destination port is not a number in {text!r}") from None
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"destination port must be 1-65535, got {port} in {text!r}")
+        if not _AE_TITLE.match(ae_title.strip()):
+            raise ConfigError(f"destination AE title must be 1-16 printable ASCII characters, no backslash, in {text!r}")
         return cls(ae_title=ae_title.strip(), host=host.strip("[]"), port=port)
 
     def __str__(self) -> str:
@@ -96,7 +101,7 @@ class NodeConfig:
         if not self.node_id or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", self.node_id):
             raise ConfigError(f"node_id must be 1-64 of [A-Za-z0-9_.-], got {self.node_id!r}")
         if not _AE_TITLE.match(self.ae_title) or not self.ae_title.strip():
-            raise ConfigError(f"ae_title must be 1-16 printable ASCII characters, got {self.ae_title!r}")
+            raise ConfigError(f"ae_title must be 1-16 printable ASCII characters, no backslash, got {self.ae_title!r}")
         for name in ("dicom_port", "peer_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -114,9 +119,15 @@ class NodeConfig:
             raise ConfigError(f"duplicate_policy must be 'first-wins', got {self.duplicate_policy!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
-        for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms"):
+        for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("disk_free_bytes_min", "find_result_max"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         titles = [d.ae_title for d in self.destinations]
         if len(titles) != len(set(titles)):
             raise ConfigError(f"duplicate C-MOVE destination AE titles: {titles}")
@@ -163,8 +174,8 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
         if "Path" in type_name:
             return Path(value)
         if type_name == "int":
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError  # int(104.5) would quietly give 104.
             return int(value)
         if type_name == "float":
             return float(value)

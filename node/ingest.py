@@ -7,6 +7,7 @@ The dataset is never decoded in full: pydicom reads the header with
 from __future__ import annotations
 
 import re
+import struct
 from io import BytesIO
 from typing import Any, Iterable
 
@@ -38,6 +39,103 @@ class InvalidInstance(Exception):
 
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+_DEFLATED_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+_IMPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_KNOWN_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _DatasetWalker:
+    """Walks element headers (never values) to prove a dataset is whole: every header and
+    defined-length value lies inside the bytes, and every undefined length is closed.
+
+    The header read (`stop_before_pixels`, `specific_tags`) skips values by seeking, so
+    on its own it accepts a dataset cut short anywhere after the tags it wants.
+    """
+
+    def __init__(self, data: bytes, little_endian: bool) -> None:
+        self._data = data
+        self._end = len(data)
+        order = "<" if little_endian else ">"
+        self._tag_length = struct.Struct(order + "HHL")  # Implicit VR elements and all items.
+        self._explicit = struct.Struct(order + "HH2sH")
+        self._length = struct.Struct(order + "L")
+
+    def elements(self, position: int, *, implicit_vr: bool, in_item: bool) -> int:
+        while position < self._end:
+            if position + 8 > self._end:
+                raise ValueError(f"element header cut short at {position}")
+            group, element, length = self._tag_length.unpack_from(self._data, position)
+            if group == 0xFFFE:
+                if in_item and (group << 16 | element) == _ITEM_END:
+                    return position + 8
+                raise ValueError(f"unexpected item tag at {position}")
+            vr = b""
+            if implicit_vr:
+                position += 8
+            else:
+                _group, _element, vr, short_length = self._explicit.unpack_from(self._data, position)
+                if vr in _LONG_LENGTH_VRS:
+                    if position + 12 > self._end:
+                        raise ValueError(f"element header cut short at {position}")
+                    length = self._length.unpack_from(self._data, position + 8)[0]
+                    position += 12
+                elif b"AA" <= vr <= b"ZZ":
+                    length = short_length
+                    position += 8
+                else:  # Some writers switch to implicit VR (pydicom reads these too).
+                    position += 8
+            if length == _UNDEFINED_LENGTH:
+                # UN of undefined length is a sequence in Implicit VR (PS3.5 6.2.2).
+                position = self.items(position, implicit_vr=implicit_vr or vr == b"UN")
+            else:
+                position += length
+                if position > self._end:
+                    raise ValueError(f"value of ({group:04X},{element:04X}) cut short")
+        if in_item:
+            raise ValueError("item without its delimiter")
+        return position
+
+    def items(self, position: int, *, implicit_vr: bool) -> int:
+        while True:
+            if position + 8 > self._end:
+                raise ValueError("sequence without its delimiter")
+            group, element, length = self._tag_length.unpack_from(self._data, position)
+            tag = group << 16 | element
+            position += 8
+            if tag == _SEQUENCE_END:
+                return position
+            if tag != _ITEM:
+                raise ValueError(f"expected an item at {position - 8}")
+            if length == _UNDEFINED_LENGTH:
+                # Like pydicom, trust the first element's bytes over the transfer syntax:
+                # some writers switch VR encoding inside sequences.
+                vr = bytes(self._data[position + 4 : position + 6])
+                position = self.elements(position, implicit_vr=vr not in _KNOWN_VRS, in_item=True)
+            else:
+                position += length
+                if position > self._end:
+                    raise ValueError("item cut short")
+
+
+def check_complete(part10: bytes, dataset_offset: int, transfer_syntax_uid: str) -> None:
+    """Raise InvalidInstance(0xC000) when the dataset is truncated or its structure is broken."""
+    if transfer_syntax_uid == _DEFLATED_LITTLE_ENDIAN:
+        return  # Compressed as a whole; the header read inflates (and checks) it.
+    if not 0 <= dataset_offset <= len(part10):
+        raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, "dataset offset outside the received bytes")
+    walker = _DatasetWalker(part10, little_endian=transfer_syntax_uid != _EXPLICIT_BIG_ENDIAN)
+    try:
+        walker.elements(dataset_offset, implicit_vr=transfer_syntax_uid == _IMPLICIT_LITTLE_ENDIAN, in_item=False)
+    except (ValueError, struct.error, RecursionError) as error:
+        raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, f"truncated or malformed dataset: {error}") from None
 
 
 def is_valid_uid(value: object) -> bool:
@@ -85,6 +183,7 @@ def instance_from_part10(
     affected_sop_instance_uid: str | None = None,
 ) -> Instance:
     """Validate and describe one received instance. Raises InvalidInstance."""
+    check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
     _dataset, attributes = read_attributes(part10)
     study_uid = attributes.get("StudyInstanceUID")
     series_uid = attributes.get("SeriesInstanceUID")

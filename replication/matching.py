@@ -13,7 +13,10 @@ Matching rules implemented:
 - range matching for DA, TM and DT: `low-high`, `low-`, `-high`;
 - list of UID matching: `uid1\\uid2\\...`;
 - a multi-valued record value matches when any of its values matches;
-- a record without the attribute (or empty) never matches a non-universal condition.
+- a record without the attribute (or empty) never matches a non-universal condition
+  (a pattern of only `*` is universal: it matches a zero length value too);
+- DT values may carry a UTC offset (`&ZZXX`): it is ignored when comparing, and a
+  single value with a negative offset is not mistaken for a range.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class QueryError(ValueError):
     """The identifier cannot be used for a query (the front end answers 0xA900/0xC000)."""
 
 
+# One DT value: YYYY[MM[DD[HH[MM[SS[.F{1,6}]]]]]] with an optional UTC offset &ZZXX.
+_DT_VALUE = re.compile(r"\d{4}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)?)?(?:[+-](?:0\d|1[0-4])[0-5]\d)?")
+_DT_OFFSET = re.compile(r"[+-]\d{4}\Z")
+
+
 @dataclass(frozen=True)
 class Condition:
     """One matching key with a non-empty value."""
@@ -48,6 +56,8 @@ class Condition:
         if self.vr == "UI":
             return "uid-list" if "\\" in self.value else "single"
         if self.vr in RANGE_VRS and "-" in self.value:
+            if self.vr == "DT" and _DT_VALUE.fullmatch(self.value.strip()):
+                return "single"  # One date-time with a negative UTC offset, not a range.
             return "range"
         if self.vr not in NO_WILDCARD_VRS and ("*" in self.value or "?" in self.value):
             return "wildcard"
@@ -138,6 +148,7 @@ def _normalize_for_range(vr: str, value: str, *, upper: bool) -> str:
     if vr == "TM":
         return normalize_time(value, upper=upper)
     # DT: compare as text padded to YYYYMMDDHHMMSS.FFFFFF (time zones ignored).
+    value = _DT_OFFSET.sub("", value)
     date, time = value[:8], value[8:]
     if upper:
         date = date + "99991231"[len(date) :]
@@ -148,18 +159,34 @@ def _normalize_for_range(vr: str, value: str, *, upper: bool) -> str:
     return date + time
 
 
+def _range_ends(vr: str, value: str) -> tuple[str, str]:
+    """Split `low-high`; for DT, at the hyphen that is not part of a UTC offset."""
+    if vr == "DT":
+        for index, char in enumerate(value):
+            if char == "-":
+                low, high = value[:index].strip(), value[index + 1 :].strip()
+                if all(not part or _DT_VALUE.fullmatch(part) for part in (low, high)):
+                    return low, high
+    low, _, high = value.partition("-")
+    return low, high
+
+
 def match_value(condition: Condition, record_value: AttributeValue | None) -> bool:
     """Does one record attribute satisfy one condition?"""
     values = [v for v in _values(record_value) if v != ""]
     if not values:
-        return False
+        # C.2.2.2.4: "*" matches any run of characters, a zero length value included.
+        return condition.vr not in NO_WILDCARD_VRS and any(
+            alternative.strip() != "" and alternative.strip().strip("*") == ""
+            for alternative in condition.value.split("\\")
+        )
     kind = condition.kind
     query_value = condition.value
     if kind == "uid-list":
         wanted = {v.strip() for v in query_value.split("\\")}
         return any(v.strip() in wanted for v in values)
     if kind == "range":
-        low_text, _, high_text = query_value.partition("-")
+        low_text, high_text = _range_ends(condition.vr, query_value)
         low = _normalize_for_range(condition.vr, low_text, upper=False) if low_text.strip() else None
         high = _normalize_for_range(condition.vr, high_text, upper=True) if high_text.strip() else None
         for value in values:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
-from pacsnode.replication.matching import Condition, Query, match_all
+from pacsnode.replication.matching import LEVELS, Condition, Query, match_all
 from pacsnode.replication.model import (
     INSTANCE_KEYWORDS,
     PATIENT_KEYWORDS,
@@ -121,7 +121,9 @@ class LocalQuery:
             if not match_all(self._by_level["PATIENT"], study_attributes):
                 continue
             if level == "PATIENT":
-                yield self._with_header(study_attributes, study.study_instance_uid, study.first_sop_instance_uid)
+                row = self._with_header(study_attributes, study.study_instance_uid, study.first_sop_instance_uid)
+                if row is not None:
+                    yield row
                 continue
             if not match_all(self._by_level["STUDY"], study_attributes):
                 continue
@@ -188,7 +190,14 @@ class LocalQuery:
                 yield study
 
     def _indexed_candidates(self) -> list[str] | None:
-        conditions = {c.keyword: c for c in self._query.conditions}
+        # Only keys that rows() matches at this level may narrow the candidates: a
+        # study key in a PATIENT-level query is ignored there, so it must be here too.
+        depth = LEVELS.index(self._query.level)
+        conditions = {
+            c.keyword: c
+            for c in self._query.conditions
+            if LEVELS.index(level_of(c.keyword) or "IMAGE") <= depth
+        }
         uid_condition = conditions.get("StudyInstanceUID")
         if uid_condition is not None:
             return list(dict.fromkeys(v.strip() for v in uid_condition.value.split("\\") if v.strip()))

@@ -1,0 +1,318 @@
+"""NodeConfig, the TOML file and the `pacsnode start` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacsnode.cli.main import START_OPTIONS, build_parser, config_from_args, main
+from pacsnode.node.config import ConfigError, Destination, NodeConfig, load_toml
+
+# -- defaults ------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = NodeConfig(node_id="node-1")
+    assert config.data_dir == Path("pacsnode-data")
+    assert config.ae_title == "PACSNODE"
+    assert config.host == "0.0.0.0"
+    assert config.dicom_port == 11112
+    assert config.destinations == ()
+    assert config.require_called_ae_title is False
+    assert config.max_pdu_bytes == 262_144
+    assert config.max_associations == 32
+    assert config.instance_size_bytes_max == 4 * 1024**3
+    assert config.disk_free_bytes_min == 256 * 1024**2
+    assert config.find_result_max == 0
+    assert config.duplicate_policy == "first-wins"
+    assert (config.replication_factor, config.write_quorum, config.vnodes) == (3, 2, 64)
+    assert config.log_level == "INFO"
+
+
+def test_default_node_id_is_a_valid_host_name() -> None:
+    config = NodeConfig()
+    assert re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", config.node_id)
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        NodeConfig(node_id="n").dicom_port = 1  # type: ignore[misc]
+
+
+# -- TOML ------------------------------------------------------------------------------
+
+FULL_TOML = """
+node_id = "node-7"
+data_dir = "/var/lib/pacsnode"
+site = "campus-b"
+cluster_id = "radiology"
+ae_title = "ARCHIVE7"
+host = "127.0.0.1"
+dicom-port = 4242                  # '-' or '_' both work
+require_called_ae_title = true
+max_pdu_bytes = 0
+max_associations = 8
+dimse_timeout_s = 5                # an integer for a float field
+acse_timeout_s = 2.5
+network_timeout_s = 30.0
+move_connect_timeout_s = 3.0
+move_store_attempt_max = 5
+find_result_max = 500
+instance_size_bytes_max = 1_000_000
+disk_free_bytes_min = 0
+store_timeout_ms = 1000
+duplicate_policy = "first-wins"
+peer_port = 7002
+replication_factor = 5
+write_quorum = 3
+vnodes = 16
+log_level = "debug"
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "pacsnode.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) -> None:
+    path = _write(tmp_path, FULL_TOML + 'destinations = ["VIEWER=10.0.0.5:104", "WS2=[::1]:11113"]\n')
+    config = NodeConfig.from_mapping(load_toml(path))
+    assert config.node_id == "node-7"
+    assert config.data_dir == Path("/var/lib/pacsnode")
+    assert config.site == "campus-b" and config.cluster_id == "radiology"
+    assert config.ae_title == "ARCHIVE7" and config.host == "127.0.0.1"
+    assert config.dicom_port == 4242
+    assert config.require_called_ae_title is True
+    assert config.max_pdu_bytes == 0 and config.max_associations == 8
+    assert config.dimse_timeout_s == 5.0 and isinstance(config.dimse_timeout_s, float)
+    assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
+    assert config.move_store_attempt_max == 5 and config.find_result_max == 500
+    assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
+    assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
+    assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
+    assert config.log_level == "debug"
+    assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
+    assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
+    assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
+    assert config.destination("NOBODY") is None
+    assert {f.name for f in dataclasses.fields(NodeConfig)} - {"destinations"} <= set(load_toml(path))
+
+
+def test_toml_destinations_as_a_table_and_in_a_node_table(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+[node]
+node_id = "n1"
+dicom_port = 104
+
+[destinations]
+VIEWER = "10.0.0.5:104"
+"WS 2" = "ws2.example:11113"
+""",
+    )
+    config = NodeConfig.from_mapping(load_toml(path))
+    assert config.node_id == "n1" and config.dicom_port == 104
+    assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS 2", "ws2.example", 11113))
+
+
+def test_destination_round_trips_through_text() -> None:
+    for text in ("VIEWER=10.0.0.5:104", "WS=ws.example:11112"):
+        assert str(Destination.parse(text)) == text
+    assert Destination.parse(" VIEWER =host:104") == Destination("VIEWER", "host", 104)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node\nnode_id = 1", "not valid TOML"),
+        ('node_id = "n"\ncolour = "blue"', "unknown setting(s): colour"),
+        ('node_id = "n"\n[extra]\nx = 1', "unknown setting(s): extra"),
+    ],
+)
+def test_bad_toml_files(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        NodeConfig.from_mapping(load_toml(path))
+
+
+def test_missing_toml_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_toml(tmp_path / "nope.toml")
+
+
+# -- bad values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"dicom_port": -1}, "dicom_port must be 0-65535"),
+        ({"dicom_port": 65536}, "dicom_port must be 0-65535"),
+        ({"peer_port": 70000}, "peer_port must be 0-65535"),
+        ({"dicom_port": "eleven"}, "dicom_port: cannot use 'eleven' as int"),
+        ({"dicom_port": 104.5}, "dicom_port: cannot use 104.5 as int"),
+        ({"dicom_port": True}, "dicom_port: cannot use True as int"),
+        ({"write_quorum": 4}, "write_quorum=4 replication_factor=3"),
+        ({"write_quorum": 0}, "need 1 <= write_quorum <= replication_factor"),
+        ({"replication_factor": 1}, "write_quorum=2 replication_factor=1"),
+        ({"ae_title": ""}, "ae_title must be 1-16"),
+        ({"ae_title": "    "}, "ae_title must be 1-16"),
+        ({"ae_title": "A" * 17}, "ae_title must be 1-16"),
+        ({"ae_title": "PÄCS"}, "ae_title must be 1-16"),
+        ({"ae_title": "PACS\\1"}, "ae_title must be 1-16"),  # Backslash is not allowed in AE.
+        ({"ae_title": "PACS\t1"}, "ae_title must be 1-16"),
+        ({"node_id": "no spaces"}, "node_id must be"),
+        ({"node_id": ""}, "node_id must be"),
+        ({"vnodes": 0}, "vnodes must be >= 1"),
+        ({"max_pdu_bytes": 100}, "max_pdu_bytes must be 0 (unlimited) or >= 4096"),
+        ({"max_associations": 0}, "max_associations must be >= 1"),
+        ({"move_store_attempt_max": 0}, "move_store_attempt_max must be >= 1"),
+        ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
+        ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
+        ({"disk_free_bytes_min": -1}, "disk_free_bytes_min must be >= 0"),
+        ({"find_result_max": -1}, "find_result_max must be >= 0"),
+        ({"dimse_timeout_s": 0}, "dimse_timeout_s must be > 0"),
+        ({"acse_timeout_s": -1.0}, "acse_timeout_s must be > 0"),
+        ({"network_timeout_s": "soon"}, "network_timeout_s: cannot use 'soon' as float"),
+        ({"move_connect_timeout_s": 0}, "move_connect_timeout_s must be > 0"),
+        ({"require_called_ae_title": "maybe"}, "require_called_ae_title: cannot use 'maybe' as bool"),
+        ({"duplicate_policy": "last-wins"}, "duplicate_policy must be 'first-wins'"),
+        ({"log_level": "LOUD"}, "log_level must be DEBUG, INFO, WARNING or ERROR"),
+        ({"colour": "blue", "shape": 1}, "unknown setting(s): colour, shape"),
+        ({"destinations": ["VIEWER"]}, "destination must look like AET=HOST:PORT, got 'VIEWER'"),
+        ({"destinations": ["VIEWER=host"]}, "destination must look like AET=HOST:PORT"),
+        ({"destinations": ["=host:104"]}, "destination must look like AET=HOST:PORT"),
+        ({"destinations": ["VIEWER=:104"]}, "destination must look like AET=HOST:PORT"),
+        ({"destinations": ["VIEWER=host:port"]}, "destination port is not a number in 'VIEWER=host:port'"),
+        ({"destinations": ["VIEWER=host:0"]}, "destination port must be 1-65535"),
+        ({"destinations": ["VIEWER=host:70000"]}, "destination port must be 1-65535"),
+        ({"destinations": ["A" * 17 + "=host:104"]}, "destination AE title must be 1-16"),
+        ({"destinations": ["VIE\\WER=host:104"]}, "destination AE title must be 1-16"),
+        ({"destinations": ["V=h:1", "V=g:2"]}, "duplicate C-MOVE destination AE titles"),
+        ({"destinations": "VIEWER=host:104"}, "destinations must be a list of AET=HOST:PORT or a table"),
+    ],
+)
+def test_bad_values_raise_config_error(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        NodeConfig.from_mapping({"node_id": "n", **values})
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "expected"),
+    [
+        ({"dicom_port": "104"}, "dicom_port", 104),  # Command-line strings.
+        ({"dicom_port": 0}, "dicom_port", 0),  # 0: any free port (tests).
+        ({"dicom_port": 104.0}, "dicom_port", 104),
+        ({"require_called_ae_title": "yes"}, "require_called_ae_title", True),
+        ({"require_called_ae_title": "0"}, "require_called_ae_title", False),
+        ({"dimse_timeout_s": "2.5"}, "dimse_timeout_s", 2.5),
+        ({"data_dir": "relative/dir"}, "data_dir", Path("relative/dir")),
+        ({"ae_title": "A" * 16}, "ae_title", "A" * 16),
+        ({"write_quorum": 1, "replication_factor": 1}, "write_quorum", 1),
+    ],
+)
+def test_good_values_are_coerced(values: dict[str, Any], field: str, expected: object) -> None:
+    assert getattr(NodeConfig.from_mapping({"node_id": "n", **values}), field) == expected
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def _start_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    start: argparse.ArgumentParser = subparsers.choices["start"]
+    return start
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["start", *argv])
+
+
+def test_cli_without_options_gives_the_defaults() -> None:
+    config = config_from_args(_args("--node-id", "n1"))
+    assert config == NodeConfig(node_id="n1")
+
+
+def test_cli_overrides_toml(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        'node_id = "from-toml"\ndicom_port = 4242\nae_title = "TOMLAE"\nlog_level = "WARNING"\n'
+        'destinations = ["VIEWER=10.0.0.5:104", "OTHER=10.0.0.6:104"]\n',
+    )
+    config = config_from_args(
+        _args(
+            "--config", str(path),
+            "--dicom-port", "5000",
+            "--node-id", "from-cli",
+            "--destination", "VIEWER=10.0.0.9:11112",
+            "--destination", "NEW=h:1",
+        )
+    )  # fmt: skip
+    assert config.node_id == "from-cli"
+    assert config.dicom_port == 5000
+    assert config.ae_title == "TOMLAE"  # Not on the command line: TOML value kept.
+    assert config.log_level == "WARNING"
+    assert set(config.destinations) == {
+        Destination("VIEWER", "10.0.0.9", 11112),  # Same AE title: the command line wins.
+        Destination("OTHER", "10.0.0.6", 104),
+        Destination("NEW", "h", 1),
+    }
+
+
+@pytest.mark.parametrize("key", ["destinations", "destination"])
+def test_cli_destinations_merge_with_toml_table_or_list(tmp_path: Path, key: str) -> None:
+    table = _write(tmp_path, f'node_id = "n"\n[{key}]\nVIEWER = "10.0.0.5:104"\n', "table.toml")
+    listed = _write(tmp_path, f'node_id = "n"\n{key} = ["VIEWER=10.0.0.5:104"]\n', "list.toml")
+    for path in (table, listed):
+        config = config_from_args(_args("--config", str(path), "--destination", "NEW=h:1"))
+        assert set(config.destinations) == {Destination("VIEWER", "10.0.0.5", 104), Destination("NEW", "h", 1)}
+
+
+def test_every_start_option_sets_its_field() -> None:
+    values = {
+        "data_dir": "d", "node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "dicom_port": "9",
+        "site": "s9", "max_pdu_bytes": "8192", "max_associations": "9", "instance_size_bytes_max": "99",
+        "disk_free_bytes_min": "9", "find_result_max": "9", "log_level": "ERROR",
+    }  # fmt: skip
+    assert {name for _flag, name, _text in START_OPTIONS} == set(values)
+    argv = [item for flag, name, _text in START_OPTIONS for item in (flag, values[name])]
+    config = config_from_args(_args(*argv))
+    for _flag, name, _text in START_OPTIONS:
+        assert str(getattr(config, name)) == values[name], name
+
+
+def test_bad_cli_value_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="dicom_port: cannot use 'x' as int"):
+        config_from_args(_args("--dicom-port", "x"))
+    with pytest.raises(ConfigError, match="destination must look like"):
+        config_from_args(_args("--destination", "nonsense"))
+
+
+def test_main_reports_config_errors_without_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["start", "--dicom-port", "99999"]) == 2
+    assert "configuration error: dicom_port must be 0-65535, got 99999" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "pacsnode" in capsys.readouterr().out
+
+
+def test_start_help_lists_every_option_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # No wrapping inside "pacsnode-data".
+    parser = _start_parser()
+    text = " ".join(parser.format_help().split())  # Undo argparse's line wrapping.
+    defaults = NodeConfig(node_id="n")
+    for flag, name, _text in START_OPTIONS:
+        default = "host name" if name == "node_id" else str(getattr(defaults, name))
+        assert re.search(re.escape(flag) + r" \S+ .*?\(default: " + re.escape(default) + r"\)", text), flag
+    for action in parser._actions:
+        if action.option_strings and "--help" not in action.option_strings:
+            assert action.option_strings[0] in text
+            assert action.help and "(default: " in action.help, f"{action.option_strings[0]} shows no default"
