@@ -12,21 +12,20 @@ from pacsnode.node.config import ConfigError, Destination, NodeConfig, load_toml
 
 DEFAULTS = NodeConfig(node_id="node-1")
 
-# The `start` options: (flag, field, help). Defaults come from NodeConfig.
+# Every NodeConfig field is a `start` flag: --data-dir for data_dir, and so on. The help
+# text and default come from NodeConfig itself (node/config.py), the one place for both.
 START_OPTIONS: list[tuple[str, str, str]] = [
-    ("--data-dir", "data_dir", "data directory (store, identity)"),
-    ("--node-id", "node_id", "node id, unique in the cluster"),
-    ("--ae-title", "ae_title", "DICOM AE title of this node"),
-    ("--host", "host", "interface to listen on"),
-    ("--dicom-port", "dicom_port", "DICOM port"),
-    ("--site", "site", "site (failure domain) of this node"),
-    ("--max-pdu-bytes", "max_pdu_bytes", "largest PDU accepted (0 = unlimited)"),
-    ("--max-associations", "max_associations", "concurrent DICOM associations"),
-    ("--instance-size-bytes-max", "instance_size_bytes_max", "largest instance accepted (bytes)"),
-    ("--disk-free-bytes-min", "disk_free_bytes_min", "refuse stores (0xA700) below this free disk"),
-    ("--find-result-max", "find_result_max", "cap on C-FIND matches (0 = none)"),
-    ("--log-level", "log_level", "DEBUG, INFO, WARNING or ERROR"),
+    ("--" + f.name.replace("_", "-"), f.name, str(f.metadata.get("help", "")))
+    for f in dataclasses.fields(NodeConfig)
+    if f.name != "destinations"
 ]
+
+
+def _default_text(name: str) -> str:
+    if name == "node_id":
+        return "host name"
+    value = getattr(DEFAULTS, name)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,8 +37,8 @@ def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (default: none)")
     for flag, name, text in START_OPTIONS:
-        default = getattr(DEFAULTS, name) if name != "node_id" else "host name"
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS,
+                            help=f"{text} (default: {_default_text(name)})")
     parser.add_argument(
         "--destination",
         dest="destinations",

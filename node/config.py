@@ -53,49 +53,55 @@ class Destination:
         return f"{self.ae_title}={self.host}:{self.port}"
 
 
+def setting(default: Any, help_text: str) -> Any:
+    """A NodeConfig field with its documentation (shown by `pacsnode start --help`)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 def _default_node_id() -> str:
     return socket.gethostname().split(".")[0] or "node-1"
 
 
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
-    """A node's settings. Field comments are the documentation the README repeats."""
+    """A node's settings. Each field's help text is what `--help` shows and the README repeats."""
 
     # --- identity and storage
-    node_id: str = field(default_factory=_default_node_id)  # Unique in the cluster; default: host name.
-    data_dir: Path = Path("pacsnode-data")  # RocksDB store, identity and logs live here.
-    site: str = "default"  # Failure domain (building, campus); replicas spread over sites.
-    cluster_id: str = "pacsnode"  # Peers with another cluster id are refused.
+    node_id: str = field(default_factory=_default_node_id, metadata={"help": "Unique in the cluster; default: the host name."})
+    data_dir: Path = setting(Path("pacsnode-data"), "RocksDB store, identity and logs live here.")
+    site: str = setting("default", "Failure domain (building, campus); replicas spread over sites.")
+    cluster_id: str = setting("pacsnode", "Peers with another cluster id are refused.")
 
     # --- DICOM front end
-    ae_title: str = "PACSNODE"  # Our Application Entity title (Called AE of associations).
-    host: str = "0.0.0.0"  # Interface the DICOM and peer listeners bind to.
-    dicom_port: int = 11112  # DICOM SCP listener (C-ECHO/C-STORE/C-FIND/C-MOVE/C-GET).
-    destinations: tuple[Destination, ...] = ()  # C-MOVE destinations (AET=HOST:PORT).
-    require_called_ae_title: bool = False  # Reject associations not addressed to ae_title.
-    max_pdu_bytes: int = 262_144  # Largest PDU we accept; bigger PDUs mean fewer syscalls.
-    max_associations: int = 32  # Concurrent DICOM associations; more are rejected (busy).
-    dimse_timeout_s: float = 60.0  # Wait for a DIMSE message before aborting.
-    acse_timeout_s: float = 30.0  # Wait for association negotiation messages.
-    network_timeout_s: float = 60.0  # Idle association before it is closed.
-    move_connect_timeout_s: float = 10.0  # Open the association to a C-MOVE destination.
-    move_store_attempt_max: int = 3  # C-STORE sub-operation attempts on a C-MOVE/C-GET.
-    find_result_max: int = 0  # Cap on C-FIND matches (0 = no cap).
+    ae_title: str = setting("PACSNODE", "Our Application Entity title (Called AE of associations).")
+    host: str = setting("0.0.0.0", "Interface the DICOM and peer listeners bind to.")
+    dicom_port: int = setting(11112, "DICOM SCP listener (C-ECHO/C-STORE/C-FIND/C-MOVE/C-GET).")
+    destinations: tuple[Destination, ...] = setting((), "C-MOVE destinations (AET=HOST:PORT).")
+    require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
+    max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
+    max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
+    dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
+    acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
+    network_timeout_s: float = setting(60.0, "Idle association before it is closed.")
+    move_connect_timeout_s: float = setting(10.0, "Open the association to a C-MOVE destination.")
+    move_store_attempt_max: int = setting(3, "C-STORE sub-operation attempts on a C-MOVE/C-GET.")
+    find_result_max: int = setting(0, "Cap on C-FIND matches (0 = no cap).")
 
     # --- limits and durability
-    instance_size_bytes_max: int = 4 * 1024**3  # A larger dataset is refused with 0xA700.
-    disk_free_bytes_min: int = 256 * 1024**2  # Below this much free disk, stores get 0xA700.
-    store_timeout_ms: int = 30_000  # Upper bound for one C-STORE inside the node.
-    duplicate_policy: str = "first-wins"  # Same SOP Instance UID, other bytes: keep the first.
+    instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
+    disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
+    store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
+    duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
 
     # --- cluster (used by the cluster issues; a single node is a ring of one)
-    peer_port: int = 7001  # gRPC peer port (status, replication, gossip).
-    replication_factor: int = 3  # N: copies of each study (capped by the node count).
-    write_quorum: int = 2  # W: durable copies before C-STORE answers Success.
-    vnodes: int = 64  # V: virtual nodes (ring tokens) per node; weight.
+    peer_port: int = setting(7001, "gRPC peer port (status, replication, gossip).")
+    replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
+    write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
+    vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
 
     # --- operations
-    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR.
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")
+
 
     def __post_init__(self) -> None:
         if not self.node_id or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", self.node_id):

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydicom
+import pydicom.config
+
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.ingest import header_attributes
@@ -132,6 +135,10 @@ def configure_logging(level: str, data_dir: Path | None = None) -> None:
         handlers=handlers,
         force=True,
     )
-    # pynetdicom logs every PDU at INFO and identifiers (patient data) at DEBUG.
+    # pynetdicom logs every PDU at INFO and identifiers (patient data) at DEBUG; pydicom
+    # warns about invalid values by quoting them (a birth date is patient data). Neither
+    # may reach the node's log: only our own event lines do.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level.upper() != "DEBUG" else logging.INFO)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.Formatter.converter = time.gmtime

@@ -278,16 +278,29 @@ def test_cli_destinations_merge_with_toml_table_or_list(tmp_path: Path, key: str
 
 
 def test_every_start_option_sets_its_field() -> None:
-    values = {
-        "data_dir": "d", "node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "dicom_port": "9",
-        "site": "s9", "max_pdu_bytes": "8192", "max_associations": "9", "instance_size_bytes_max": "99",
-        "disk_free_bytes_min": "9", "find_result_max": "9", "log_level": "ERROR",
-    }  # fmt: skip
-    assert {name for _flag, name, _text in START_OPTIONS} == set(values)
+    """Every NodeConfig field (destinations aside) has a flag, and the flag sets it."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations"}
+    samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
+    special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
+               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4"}
+    values = {}
+    for _flag, name, _text in START_OPTIONS:
+        type_name = str(fields[name].type)
+        values[name] = special.get(name, samples["Path"] if "Path" in type_name else samples.get(type_name, "s9"))
     argv = [item for flag, name, _text in START_OPTIONS for item in (flag, values[name])]
     config = config_from_args(_args(*argv))
     for _flag, name, _text in START_OPTIONS:
-        assert str(getattr(config, name)) == values[name], name
+        got = getattr(config, name)
+        expected = values[name]
+        if isinstance(got, bool):
+            assert got is True, name
+        elif isinstance(got, float):
+            assert got == float(expected), name
+        else:
+            assert str(got) == expected, name
 
 
 def test_bad_cli_value_is_a_config_error() -> None:
@@ -310,7 +323,8 @@ def test_start_help_lists_every_option_with_its_default(monkeypatch: pytest.Monk
     text = " ".join(parser.format_help().split())  # Undo argparse's line wrapping.
     defaults = NodeConfig(node_id="n")
     for flag, name, _text in START_OPTIONS:
-        default = "host name" if name == "node_id" else str(getattr(defaults, name))
+        value = getattr(defaults, name)
+        default = "host name" if name == "node_id" else (str(value).lower() if isinstance(value, bool) else str(value))
         assert re.search(re.escape(flag) + r" \S+ .*?\(default: " + re.escape(default) + r"\)", text), flag
     for action in parser._actions:
         if action.option_strings and "--help" not in action.option_strings:
