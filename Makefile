@@ -8,6 +8,9 @@ ARGS ?=
 
 .PHONY: start test install install-test dcmtk proto clean
 
+proto: install-test
+	$(BIN)/python -m pacsnode.proto.generate
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

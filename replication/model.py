@@ -176,3 +176,26 @@ class StoreFull(StoreError):
 
 class CorruptBlob(StoreError):
     """A stored blob failed its checksum: it must never be sent out as if good."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance as replicas exchange and keep it: its record, every indexed attribute
+    (the receiver builds its own series and study records from them) and the blob, the
+    zstd-compressed Part-10 bytes (compressed once at ingest, shipped compressed)."""
+
+    record: InstanceRecord
+    attributes: Attributes
+    blob: bytes
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self.record.study_instance_uid
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.record.sop_instance_uid
+
+    @property
+    def content_hash(self) -> str:
+        return self.record.content_hash

@@ -202,6 +202,9 @@ def test_pydicom_files_in_every_transfer_syntax_round_trip(node: NodeProcess) ->
         # pynetdicom sends a file's meta SOP Instance UID as the Affected SOP Instance UID.
         consistent = dataset.file_meta.MediaStorageSOPInstanceUID == dataset.get("SOPInstanceUID")
         status = statuses[str(path)]
+        if "truncated" in path.name:  # MR_truncated.dcm, rtplan_truncated.dcm: cut short.
+            assert status in (0xC000, 0xA900), f"{path.name}: a truncated dataset needs a failure, got {status:#06x}"
+            continue
         if not has_uids or not consistent:
             assert status == 0xA900, f"{path.name}: missing or mismatched UIDs need 0xA900, got {status:#06x}"
             continue
