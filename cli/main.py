@@ -17,7 +17,7 @@ DEFAULTS = NodeConfig(node_id="node-1")
 START_OPTIONS: list[tuple[str, str, str]] = [
     ("--" + f.name.replace("_", "-"), f.name, str(f.metadata.get("help", "")))
     for f in dataclasses.fields(NodeConfig)
-    if f.name != "destinations"
+    if f.name not in ("destinations", "seeds")
 ]
 
 
@@ -47,6 +47,16 @@ def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="AET=HOST:PORT",
         help="C-MOVE destination, repeatable (default: none)",
     )
+    parser.add_argument(
+        "--seed",
+        dest="seeds",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="HOST:PORT",
+        help="peer port of a node to join through, repeatable (default: none: a cluster of one until others join)",
+    )
+    parser.add_argument("--replicas", dest="replication_factor", default=argparse.SUPPRESS,
+                        help=f"same as --replication-factor (N) (default: {DEFAULTS.replication_factor})")
     return parser
 
 
@@ -68,6 +78,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     for _flag, name, _text in START_OPTIONS:
         if hasattr(args, name):
             values[name] = getattr(args, name)
+    if hasattr(args, "seeds"):
+        values["seeds"] = list(args.seeds)
     if hasattr(args, "destinations"):
         # The TOML file may name them `destinations` or `destination` (list or table).
         toml_destinations = [

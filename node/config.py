@@ -93,11 +93,19 @@ class NodeConfig:
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
 
-    # --- cluster (used by the cluster issues; a single node is a ring of one)
-    peer_port: int = setting(7001, "gRPC peer port (status, replication, gossip).")
+    # --- cluster (a single node is a ring of one)
+    peer_port: int = setting(7001, "gRPC peer port (status, replication, membership).")
+    seeds: tuple[str, ...] = setting((), "Peer ports (HOST:PORT) of nodes to join through; repeat --seed.")
+    advertise_host: str = setting("", "Address peers use to reach this node (default: host, or the host name when host is 0.0.0.0).")
     replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
+    replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
+    fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
+    query_timeout_ms: int = setting(60_000, "Deadline for one peer's C-FIND stream.")
+    membership_sync_interval_ms: int = setting(1_000, "How often members exchange their member tables.")
+    failure_timeout_ms: int = setting(3_000, "A member that has not answered for this long counts as down.")
+    hint_replay_interval_ms: int = setting(1_000, "How often held hints are offered to their owners.")
 
     # --- operations
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")
@@ -125,7 +133,9 @@ class NodeConfig:
             raise ConfigError(f"duplicate_policy must be 'first-wins', got {self.duplicate_policy!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
-        for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max"):
+        for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
+                     "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "membership_sync_interval_ms",
+                     "failure_timeout_ms", "hint_replay_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("disk_free_bytes_min", "find_result_max"):
@@ -137,6 +147,15 @@ class NodeConfig:
         titles = [d.ae_title for d in self.destinations]
         if len(titles) != len(set(titles)):
             raise ConfigError(f"duplicate C-MOVE destination AE titles: {titles}")
+
+    @property
+    def peer_host(self) -> str:
+        """The address peers use to reach this node."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "::", ""):
+            return socket.gethostname()
+        return self.host
 
     def destination(self, ae_title: str) -> Destination | None:
         """The configured C-MOVE destination with this AE title, if any."""
@@ -153,7 +172,7 @@ class NodeConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
         """Build from TOML/CLI values (names as the fields); unknown names are an error."""
         known = set(cls.field_names())
-        unknown = sorted(set(values) - known - {"destination"})
+        unknown = sorted(set(values) - known - {"destination", "seed"})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
@@ -162,8 +181,24 @@ class NodeConfig:
             if name in ("destinations", "destination"):
                 kwargs["destinations"] = _parse_destinations(value)
                 continue
+            if name in ("seeds", "seed"):
+                kwargs["seeds"] = _parse_seeds(value)
+                continue
             kwargs[name] = _coerce(name, str(types[name]), value)
         return cls(**kwargs)
+
+
+def _parse_seeds(value: Any) -> tuple[str, ...]:
+    """Seeds are HOST:PORT strings (a list, or one string)."""
+    items = [value] if isinstance(value, str) else list(value)
+    seeds = []
+    for item in items:
+        host, sep, port = str(item).strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"seed must look like HOST:PORT, got {item!r}")
+        host = host.strip("[]")
+        seeds.append(f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}")
+    return tuple(seeds)
 
 
 def _parse_destinations(value: Any) -> tuple[Destination, ...]:

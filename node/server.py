@@ -3,10 +3,12 @@ shuts everything down cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,12 +17,19 @@ from typing import Any
 import pydicom
 import pydicom.config
 
+from pacsnode.node import peer_wire
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
-from pacsnode.node.ingest import header_attributes
+from pacsnode.node.grpc_transport import Channels, GrpcTransport
+from pacsnode.node.local_replica import StoreReplica, decode
+from pacsnode.node.membership import StaticMembership
+from pacsnode.node.peer_server import PeerServer
+from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.store import RocksStore
-from pacsnode.replication.archive import Archive
-from pacsnode.replication.model import Attributes, StoreError
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
+from pacsnode.replication.model import StoreError
+from pacsnode.ring.members import MemberInfo
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,12 @@ def load_identity(config: NodeConfig) -> dict[str, Any]:
 
 
 class Node:
-    """One pacsnode process (single node: a ring of one)."""
+    """One pacsnode process: DICOM front end, peer server and coordinator over one store.
+
+    A node alone is a ring of one; with seeds it joins their cluster.
+    """
+
+    software_version = "0.1.0"
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -75,26 +89,95 @@ class Node:
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
             raise StoreError(f"cannot open the store in {config.data_dir}: {error}") from None
-        self.archive = Archive(self.store, header_reader=self._header_reader)
+        self.replica = StoreReplica(self.store)
+        self.started_at_ms = int(time.time() * 1000)
+        me = MemberInfo(
+            node_id=config.node_id,
+            peer_host=config.peer_host,
+            peer_port=config.peer_port,
+            dicom_host=config.peer_host,
+            dicom_port=config.dicom_port,
+            ae_title=config.ae_title,
+            site=config.site,
+            host=socket.gethostname(),
+            vnodes=config.vnodes,
+            generation=int(self.identity["generation"]),
+            updated_at_ms=self.started_at_ms,
+        )
+        self.membership = StaticMembership(
+            config.cluster_id, me, config.seeds,
+            sync_interval_ms=config.membership_sync_interval_ms,
+            failure_timeout_ms=config.failure_timeout_ms,
+        )
+        self.loop = LoopThread()
+        self.channels = Channels()
+        self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope)
+        self.coordinator = Coordinator(
+            config.node_id,
+            self.membership,
+            self.transport,
+            self.replica,
+            CoordinatorSettings(
+                replication_factor=config.replication_factor,
+                write_quorum=config.write_quorum,
+                replica_timeout_ms=config.replica_timeout_ms,
+                store_timeout_ms=config.store_timeout_ms,
+                fetch_timeout_ms=config.fetch_timeout_ms,
+                query_timeout_ms=config.query_timeout_ms,
+            ),
+            decode=decode,
+        )
+        self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms)
         self.front_end = DicomFrontEnd(config, self.archive)
+        self.peer_server = PeerServer(self)
+        self._hint_task: asyncio.Task[None] | None = None
         self._stopped = threading.Event()
 
-    def _header_reader(self, study_uid: str, sop_uid: str, keywords: tuple[str, ...]) -> Attributes:
-        try:
-            return header_attributes(self.store.read_part10(study_uid, sop_uid), keywords)
-        except (KeyError, StoreError):
-            return {}
+    def envelope(self) -> pb.Envelope:
+        return peer_wire.envelope(self.config.cluster_id, self.config.node_id, int(self.identity["generation"]),
+                                  self.membership.ring().version)
+
+    async def _start_async(self) -> None:
+        port = await self.peer_server.start(self.config.host, self.config.peer_port)
+        if port != self.config.peer_port:
+            self.membership.table.update_self(peer_port=port)
+        self.membership.start(self.transport)
+        self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
+
+    async def _replay_hints_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.hint_replay_interval_ms / 1000)
+            try:
+                await self.coordinator.replay_hints()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Keep replaying; say what went wrong.
+                log.error("replication.hint.replay_error error=%r", error)
+
+    async def _stop_async(self) -> None:
+        if self._hint_task is not None:
+            self._hint_task.cancel()
+            await asyncio.gather(self._hint_task, return_exceptions=True)
+        await self.membership.stop()
+        await self.coordinator.close()
+        await self.peer_server.stop(grace_s=2.0)
+        await self.channels.close()
 
     def start(self) -> None:
+        self.loop.run(self._start_async(), 30)
         self.front_end.start()
         stats = self.store.statistics()
         log.info(
-            "node.started node_id=%s generation=%d ae_title=%s dicom=%s:%d instances=%d studies=%d data_dir=%s",
+            "node.started node_id=%s generation=%d ae_title=%s dicom=%s:%d peer=%s:%d seeds=%s instances=%d "
+            "studies=%d data_dir=%s",
             self.config.node_id,
             self.identity["generation"],
             self.config.ae_title,
             self.config.host,
             self.front_end.port,
+            self.config.host,
+            self.peer_server.port,
+            ",".join(self.config.seeds) or "none",
             stats.instances,
             stats.studies,
             self.config.data_dir,
@@ -106,6 +189,11 @@ class Node:
         self._stopped.set()
         log.info("node.stopping node_id=%s", self.config.node_id)
         self.front_end.stop(grace_s=10.0)
+        try:
+            self.loop.run(self._stop_async(), 15)
+        except Exception as error:  # Shut down the rest regardless.
+            log.error("node.stop.error error=%r", error)
+        self.loop.stop()
         self.store.close()
         log.info("node.stopped node_id=%s", self.config.node_id)
 

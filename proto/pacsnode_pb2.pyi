@@ -199,18 +199,20 @@ class FetchRequest(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., offset: _Optional[int] = ..., expected_content_hash: _Optional[str] = ..., include_hints: _Optional[bool] = ...) -> None: ...
 
 class FetchChunk(_message.Message):
-    __slots__ = ("envelope", "record", "data", "offset", "last")
+    __slots__ = ("envelope", "record", "data", "offset", "last", "index_attributes_json")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     record: InstanceRecord
     data: bytes
     offset: int
     last: bool
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., record: _Optional[_Union[InstanceRecord, _Mapping]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    index_attributes_json: bytes
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., record: _Optional[_Union[InstanceRecord, _Mapping]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ..., index_attributes_json: _Optional[bytes] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("envelope", "query_json", "token_ranges", "include_hints")

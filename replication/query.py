@@ -91,16 +91,27 @@ def instance_row(series_attributes: Attributes, instance: InstanceRecord) -> Att
     row.update(instance.attributes)
     row["SOPInstanceUID"] = instance.sop_instance_uid
     row["SOPClassUID"] = instance.sop_class_uid
+    # Internal (not a DICOM keyword, never returned to a client): lets a retrieve open
+    # the right presentation context without reading the instance.
+    row["_transfer_syntax_uid"] = instance.transfer_syntax_uid
     return row
 
 
 class LocalQuery:
     """Executes one query against one index; iterate `rows()`."""
 
-    def __init__(self, reader: IndexReader, query: Query, header_reader: HeaderReader | None = None) -> None:
+    def __init__(
+        self,
+        reader: IndexReader,
+        query: Query,
+        header_reader: HeaderReader | None = None,
+        *,
+        study_filter: Callable[[str], bool] | None = None,
+    ) -> None:
         self._reader = reader
         self._query = query
         self._header_reader = header_reader
+        self._study_filter = study_filter  # E.g. "its token is in these ranges" (cluster reads).
         self._by_level: dict[str, list[Condition]] = {"PATIENT": [], "STUDY": [], "SERIES": [], "IMAGE": []}
         self._unindexed: list[Condition] = []
         for condition in query.conditions:
@@ -181,10 +192,15 @@ class LocalQuery:
     def _candidate_studies(self) -> Iterator[StudyRecord]:
         """Studies that may match: an index lookup when a condition allows, else all."""
         uids = self._indexed_candidates()
+        keep = self._study_filter
         if uids is None:
-            yield from self._reader.studies()
+            for study in self._reader.studies():
+                if keep is None or keep(study.study_instance_uid):
+                    yield study
             return
         for uid in uids:
+            if keep is not None and not keep(uid):
+                continue
             study = self._reader.study(uid)
             if study is not None:
                 yield study

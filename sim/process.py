@@ -59,6 +59,8 @@ class NodeProcess:
         node_id: str = "node-1",
         ae_title: str = "PACSNODE",
         dicom_port: int | None = None,
+        peer_port: int | None = None,
+        seeds: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
     ) -> None:
@@ -66,6 +68,8 @@ class NodeProcess:
         self.node_id = node_id
         self.ae_title = ae_title
         self.dicom_port = dicom_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.seeds = list(seeds)
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -79,14 +83,21 @@ class NodeProcess:
             "--ae-title", self.ae_title,
             "--host", "127.0.0.1",
             "--dicom-port", str(self.dicom_port),
+            "--peer-port", str(self.peer_port),
+            *[arg for seed in self.seeds for arg in ("--seed", seed)],
             *self.extra_args,
         ]
+
+    @property
+    def peer_address(self) -> str:
+        return f"127.0.0.1:{self.peer_port}"
 
     def start(self, *, timeout_s: float = 30.0) -> "NodeProcess":
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        if not wait_until(lambda: port_open(self.dicom_port) or not self.alive, timeout_s):
+        if not wait_until(lambda: (port_open(self.dicom_port) and port_open(self.peer_port)) or not self.alive,
+                          timeout_s):
             self.kill()
             raise RuntimeError(f"node {self.node_id} did not open port {self.dicom_port}:\n{self.log_text()}")
         if not self.alive:

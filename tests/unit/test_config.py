@@ -71,6 +71,14 @@ peer_port = 7002
 replication_factor = 5
 write_quorum = 3
 vnodes = 16
+seeds = ["10.0.0.1:7001", "[::1]:7002"]
+advertise_host = "archive7.example"
+replica_timeout_ms = 1500
+fetch_timeout_ms = 9000
+query_timeout_ms = 8000
+membership_sync_interval_ms = 500
+failure_timeout_ms = 2500
+hint_replay_interval_ms = 700
 log_level = "debug"
 """
 
@@ -98,6 +106,11 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
     assert config.log_level == "debug"
+    assert config.seeds == ("10.0.0.1:7001", "[::1]:7002") and config.advertise_host == "archive7.example"
+    assert config.peer_host == "archive7.example"
+    assert (config.replica_timeout_ms, config.fetch_timeout_ms, config.query_timeout_ms) == (1500, 9000, 8000)
+    assert (config.membership_sync_interval_ms, config.failure_timeout_ms, config.hint_replay_interval_ms) == (
+        500, 2500, 700)
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
@@ -282,7 +295,7 @@ def test_every_start_option_sets_its_field() -> None:
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
-    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations"}
+    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4"}

@@ -1,0 +1,129 @@
+"""GrpcTransport: replication.transport.Transport over grpc.aio, addressed by node id."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
+
+import grpc
+
+from pacsnode.node import peer_wire
+from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.matching import Query
+from pacsnode.replication.model import Attributes, StoredInstance
+from pacsnode.replication.transport import PeerError, PeerRefused
+from pacsnode.ring.placement import TokenRange
+
+if TYPE_CHECKING:
+    from pacsnode.ring.members import MemberInfo
+
+
+class Channels:
+    """One grpc.aio channel per peer address, reused by every call."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class GrpcTransport:
+    def __init__(self, channels: Channels, resolve: Callable[[str], "MemberInfo | None"],
+                 envelope: Callable[[], pb.Envelope]) -> None:
+        self._channels = channels
+        self._resolve = resolve
+        self._envelope = envelope
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        member = self._resolve(target)
+        if member is None:
+            raise PeerError(f"unknown node {target}")
+        return self._channels.get(member.peer_address)
+
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
+        stub = pb_grpc.DataStub(self._channel(target))
+        try:
+            reply = await stub.StoreInstance(peer_wire.store_chunks(self._envelope(), stored, hint_for),
+                                             timeout=timeout_ms / 1000)
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
+        if outcome is not None and reply.durable:
+            return outcome
+        if reply.outcome == pb.STORE_OUTCOME_REFUSED_FULL:
+            raise PeerRefused(f"{target}: full: {reply.message}")
+        raise PeerRefused(f"{target}: {pb.StoreOutcome.Name(reply.outcome)}: {reply.message}")
+
+    async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
+                    include_hints: bool = False) -> StoredInstance | None:
+        stub = pb_grpc.DataStub(self._channel(target))
+        request = pb.FetchRequest(envelope=self._envelope(), study_instance_uid=study_instance_uid,
+                                  sop_instance_uid=sop_instance_uid, include_hints=include_hints)
+        parts: list[bytes] = []
+        record = None
+        attributes: Attributes = {}
+        complete = False
+        try:
+            async for chunk in stub.FetchInstance(request, timeout=timeout_ms / 1000):
+                if chunk.HasField("record"):
+                    record = chunk.record
+                    attributes = peer_wire.attributes_from_json(chunk.index_attributes_json)
+                parts.append(chunk.data)
+                if chunk.last:
+                    complete = True
+                    break
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except ValueError as error:
+            raise PeerError(f"{target}: bad reply: {error}") from None
+        if record is None or not complete:
+            raise PeerError(f"{target}: fetch of {sop_instance_uid} ended early")
+        blob = b"".join(parts)
+        if len(blob) != int(record.compressed_size_bytes):
+            raise PeerError(f"{target}: fetch of {sop_instance_uid} returned {len(blob)} of "
+                            f"{record.compressed_size_bytes} bytes")
+        return StoredInstance(record=peer_wire.record_from_wire(record, attributes), attributes=attributes, blob=blob)
+
+    async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
+                    timeout_ms: int) -> AsyncIterator[Attributes]:
+        stub = pb_grpc.DataStub(self._channel(target))
+        request = pb.QueryRequest(envelope=self._envelope(), query_json=json.dumps(query.to_json()).encode())
+        if ranges is not None:
+            request.token_ranges.extend(peer_wire.ranges_to_wire(ranges))
+        call = stub.Query(request, timeout=timeout_ms / 1000)
+        try:
+            async for row in call:
+                if row.attributes_json:
+                    yield peer_wire.attributes_from_json(row.attributes_json)
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except ValueError as error:
+            raise PeerError(f"{target}: bad row: {error}") from None
+        finally:
+            call.cancel()
+
+    async def push_pull(self, address: str, members: list["MemberInfo"], *, timeout_ms: int
+                        ) -> tuple[str, list[pb.MemberUpdate]]:
+        """Exchange member tables with the node at `address`; returns (its id, its members)."""
+        stub = pb_grpc.MembershipStub(self._channels.get(address))
+        request = pb.PushPullRequest(envelope=self._envelope())
+        request.members.extend(peer_wire.member_to_wire(m) for m in members)
+        try:
+            reply = await stub.PushPull(request, timeout=timeout_ms / 1000)
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(f"{address}: {describe_rpc_error(error)}") from None
+        return reply.envelope.sender_id, list(reply.members)

@@ -1,0 +1,66 @@
+"""This node's store as the replication coordinator sees it (the LocalReplica seam)."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator, Sequence
+
+from pacsnode.node.codec import decompress
+from pacsnode.node.ingest import header_attributes
+from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
+from pacsnode.replication.matching import Query
+from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance
+from pacsnode.replication.planning import RangeSet
+from pacsnode.replication.query import LocalQuery
+from pacsnode.ring.placement import TokenRange
+from pacsnode.ring.tokens import study_token
+
+
+class StoreReplica:
+    """Adapts RocksStore to replication.transport.LocalReplica."""
+
+    def __init__(self, store: RocksStore) -> None:
+        self.store = store
+
+    def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str:
+        return self.store.put_stored(stored, hint_for=hint_for)
+
+    def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None:
+        return self.store.read_stored(study_instance_uid, sop_instance_uid)
+
+    def read_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None:
+        value = self.store._db.get(_hint_key(owner, study_instance_uid, sop_instance_uid))
+        if value is None:
+            return None
+        header, blob = _split_hint(value)
+        return StoredInstance(record=InstanceRecord(**header["record"]), attributes=header["attributes"], blob=blob)
+
+    def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
+        study_filter = None
+        if ranges is not None:
+            range_set = RangeSet(ranges)
+            study_filter = lambda uid: study_token(uid) in range_set  # noqa: E731
+        return LocalQuery(self.store, query, self.header_reader, study_filter=study_filter).rows()
+
+    def header_reader(self, study_uid: str, sop_uid: str, keywords: tuple[str, ...]) -> Attributes:
+        try:
+            return header_attributes(self.store.read_part10(study_uid, sop_uid), keywords)
+        except (KeyError, StoreError):
+            return {}
+
+    def hint_owners(self) -> dict[str, tuple[int, int]]:
+        return self.store.hint_owners()
+
+    def hints(self, owner: str) -> Iterator[StoredInstance]:
+        return self.store.hints(owner)
+
+    def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None:
+        self.store.delete_hint(owner, study_instance_uid, sop_instance_uid)
+
+
+def decode(stored: StoredInstance) -> bytes:
+    """Decompress and verify a stored instance (CorruptBlob when its checksum fails)."""
+    return decompress(stored.blob, stored.sop_instance_uid)
+
+
+__all__ = ["StoreReplica", "decode", "PREFIX_HINT", "json"]

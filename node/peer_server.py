@@ -1,0 +1,276 @@
+"""The peer port: gRPC (grpc.aio) servicers for Data, Membership and Admin.
+
+Every call's envelope is checked first: traffic from another cluster, from a newer
+protocol, or without an envelope is refused with a clear status and logged; the node
+keeps serving everyone else. Blocking store work runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import grpc
+
+from pacsnode.node import peer_wire
+from pacsnode.node.codec import decompress
+from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.matching import Query, QueryError
+from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
+
+if TYPE_CHECKING:
+    from pacsnode.node.server import Node
+
+log = logging.getLogger(__name__)
+
+# Bigger than one chunk plus its header; the default 4 MiB is kept for everything else.
+MESSAGE_BYTES_MAX = 8 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+]
+
+
+class EnvelopeRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerServer:
+    """Owns the grpc.aio server of one node."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.refused = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_DataServicer_to_server(DataService(self), self.server)
+        pb_grpc.add_MembershipServicer_to_server(MembershipService(self), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on peer port {host}:{port}")
+        await self.server.start()
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+    def envelope(self) -> pb.Envelope:
+        return self.node.envelope()
+
+    async def check(self, env: pb.Envelope, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Refuse (and log) a call whose envelope is missing or from another cluster or protocol."""
+        problem: tuple[grpc.StatusCode, str] | None = None
+        if env is None or env.protocol_version == 0:
+            problem = (grpc.StatusCode.INVALID_ARGUMENT, "request has no envelope")
+        elif env.cluster_id != self.node.config.cluster_id:
+            problem = (grpc.StatusCode.FAILED_PRECONDITION,
+                       f"cluster_id {env.cluster_id[:64]!r} is not this node's {self.node.config.cluster_id!r}")
+        elif env.protocol_version > PROTOCOL_VERSION:
+            problem = (grpc.StatusCode.FAILED_PRECONDITION,
+                       f"protocol_version {env.protocol_version} is newer than this node's {PROTOCOL_VERSION}; "
+                       "upgrade this node")
+        if problem is not None:
+            self.refused += 1
+            log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
+                        (env.sender_id[:64] if env is not None else ""), context.peer(), problem[1])
+            await context.abort(problem[0], problem[1])
+        self.node.membership.heard_from(env.sender_id)
+
+
+class DataService(pb_grpc.DataServicer):
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+        self.node = server.node
+
+    async def StoreInstance(self, request_iterator: AsyncIterator[pb.StoreChunk],
+                            context: grpc.aio.ServicerContext) -> pb.StoreReply:
+        header: pb.StoreHeader | None = None
+        parts: list[bytes] = []
+        received = 0
+        complete = False
+        first = True
+        async for chunk in request_iterator:
+            if first:
+                await self.server.check(chunk.envelope if chunk.HasField("envelope") else None, context,
+                                        "StoreInstance")
+                if not chunk.HasField("header"):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first chunk has no header")
+                header = chunk.header
+                first = False
+                limit = int(header.record.compressed_size_bytes)
+                if limit > self.node.config.instance_size_bytes_max + (1 << 20):
+                    return self._reply(pb.STORE_OUTCOME_REFUSED_FULL, "instance is over the size limit")
+            received += len(chunk.data)
+            if header is not None and received > int(header.record.compressed_size_bytes):
+                return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "more data than the header announced")
+            parts.append(chunk.data)
+            if chunk.last:
+                complete = True
+                break
+        if header is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty store stream")
+            raise AssertionError("unreachable")
+        if not complete or received != int(header.record.compressed_size_bytes):
+            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "truncated transfer: nothing stored")
+        try:
+            attributes = peer_wire.attributes_from_json(header.index_attributes_json)
+            record = peer_wire.record_from_wire(header.record, attributes)
+            if not record.sop_instance_uid or not record.study_instance_uid or not record.series_instance_uid:
+                raise ValueError("missing UID")
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, f"bad header: {error}")
+        stored = StoredInstance(record=record, attributes=attributes, blob=b"".join(parts))
+        try:
+            # Never acknowledge a copy that would not read back: check its zstd checksum.
+            await asyncio.to_thread(decompress, stored.blob, record.sop_instance_uid)
+            outcome = await asyncio.to_thread(self.node.replica.put_stored, stored, hint_for=header.hint_for)
+        except CorruptBlob as error:
+            log.warning("peer.store.corrupt sop_instance_uid=%s error=%s", record.sop_instance_uid, error)
+            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "payload failed its checksum")
+        except StoreFull as error:
+            return self._reply(pb.STORE_OUTCOME_REFUSED_FULL, str(error))
+        except StoreError as error:
+            return self._reply(pb.STORE_OUTCOME_ERROR, str(error))
+        return self._reply(peer_wire.OUTCOME_TO_WIRE[outcome], "", durable=True)
+
+    def _reply(self, outcome: int, message: str, durable: bool = False) -> pb.StoreReply:
+        return pb.StoreReply(envelope=self.server.envelope(), outcome=outcome, message=message[:200],
+                             durable=durable)
+
+    async def FetchInstance(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.FetchChunk]:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "FetchInstance")
+        replica = self.node.replica
+        stored = await asyncio.to_thread(replica.read_stored, request.study_instance_uid, request.sop_instance_uid)
+        if stored is None and request.include_hints:
+            owners = await asyncio.to_thread(replica.hint_owners)
+            for owner in owners:
+                stored = await asyncio.to_thread(replica.read_hint, owner, request.study_instance_uid,
+                                                 request.sop_instance_uid)
+                if stored is not None:
+                    break
+        if stored is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "instance not held here")
+            return
+        if request.expected_content_hash and request.expected_content_hash != stored.content_hash:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "content changed; fetch from offset 0")
+            return
+        blob = stored.blob
+        offset = int(request.offset)
+        if offset > len(blob):
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset past the end")
+            return
+        first = True
+        while True:
+            data = blob[offset : offset + CHUNK_BYTES_MAX]
+            chunk = pb.FetchChunk(data=data, offset=offset, last=offset + len(data) >= len(blob))
+            if first:
+                chunk.envelope.CopyFrom(self.server.envelope())
+                chunk.record.CopyFrom(peer_wire.record_to_wire(stored.record, len(blob)))
+                chunk.index_attributes_json = peer_wire.attributes_json(stored.attributes)
+                first = False
+            yield chunk
+            offset += len(data)
+            if chunk.last:
+                return
+
+    async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QueryRow]:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Query")
+        try:
+            query = Query.from_json(json.loads(request.query_json.decode("utf-8")))
+        except (ValueError, KeyError, TypeError, QueryError, UnicodeDecodeError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad query: {error}")
+            return
+        ranges = peer_wire.ranges_from_wire(request.token_ranges) if request.token_ranges else None
+        rows = await asyncio.to_thread(lambda: list(self.node.replica.query_rows(query, ranges)))
+        yield pb.QueryRow(envelope=self.server.envelope())
+        for row in rows:  # A cancelled call raises CancelledError at the next yield.
+            yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
+
+    async def ListStudy(self, request: pb.ListStudyRequest, context: grpc.aio.ServicerContext) -> pb.ListStudyReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListStudy")
+        records = await asyncio.to_thread(lambda: list(self.node.store.instances(request.study_instance_uid)))
+        reply = pb.ListStudyReply(envelope=self.server.envelope())
+        for record in records:
+            reply.records.append(peer_wire.record_to_wire(record, 0))
+        return reply
+
+
+class MembershipService(pb_grpc.MembershipServicer):
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+        self.node = server.node
+
+    async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "PushPull")
+        self.node.membership.merge_wire(request.members)
+        reply = pb.PushPullReply(envelope=self.server.envelope())
+        reply.members.extend(peer_wire.member_to_wire(m) for m in self.node.membership.members())
+        return reply
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Join")
+        self.node.membership.merge_wire([request.member])
+        reply = pb.JoinReply(envelope=self.server.envelope(), accepted=True)
+        reply.members.extend(peer_wire.member_to_wire(m) for m in self.node.membership.members())
+        return reply
+
+    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Ping")
+        if request.target_id and request.target_id != self.node.config.node_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this is {self.node.config.node_id}, not {request.target_id}")
+        return pb.Ack(envelope=self.server.envelope(), sequence_number=request.sequence_number)
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+        self.node = server.node
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Status")
+        node = self.node
+        membership = node.membership
+        ring = membership.ring()
+        n = ring.effective_replicas(node.config.replication_factor)
+        ownership = ring.ownership(n) if len(ring) else {}
+        reply = pb.StatusReply(envelope=self.server.envelope(), started_at_ms=node.started_at_ms,
+                               software_version=node.software_version)
+        for member in membership.members():
+            update = peer_wire.member_to_wire(member)
+            if member.state == "alive" and not membership.is_alive(member.node_id):
+                update.state = pb.MEMBER_STATE_DEAD  # Not answering (static membership: unreachable).
+            reply.members.append(pb.MemberStatus(member=update,
+                                                 ring_ownership_fraction=ownership.get(member.node_id, 0.0)))
+        stats = node.store.statistics()
+        disk_free = await asyncio.to_thread(lambda: shutil.disk_usage(node.store.path).free)
+        reply.local.CopyFrom(pb.LocalStats(
+            instance_count=stats.instances, received_bytes=stats.bytes_received, stored_bytes=stats.bytes_stored,
+            study_count=stats.studies, hint_count=stats.hints, hint_bytes=stats.hint_bytes,
+            disk_free_bytes=disk_free,
+        ))
+        reply.settings.CopyFrom(pb.ReplicationSettings(
+            replication_factor=node.config.replication_factor, write_quorum=node.config.write_quorum,
+            read_quorum=1, vnodes=node.config.vnodes, effective_replication_factor=n,
+        ))
+        return reply
+
+
+def describe_rpc_error(error: Any) -> str:
+    try:
+        return f"{error.code().name}: {error.details()}"
+    except Exception:  # Not an RpcError.
+        return str(error)

@@ -1,0 +1,122 @@
+"""The node's asyncio loop thread, and the blocking Archive API the DICOM front end calls.
+
+pynetdicom runs each association on its own thread; the replication coordinator, the
+gRPC server and the peer channels live on one asyncio loop. `ClusterArchive` bridges the
+two: each call is submitted to the loop and the association thread waits for it.
+Compression happens on the association thread (zstandard releases the GIL), so parallel
+associations compress in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+from pacsnode.node.codec import to_stored
+from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.coordinator import Coordinator
+from pacsnode.replication.matching import Query
+from pacsnode.replication.model import Attributes, Instance
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_END = object()
+
+
+class LoopThread:
+    """An asyncio loop running in a daemon thread."""
+
+    def __init__(self, name: str = "pacsnode-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                                             thread_name_prefix="pacsnode-io"))
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError("the node did not finish the request in time") from None
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+class ClusterArchive:
+    """The front end's Archive API (store, find, locate, read), served by the coordinator."""
+
+    def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
+                 zstd_level: int = 1) -> None:
+        self._loop = loop
+        self._coordinator = coordinator
+        self._store_timeout_s = store_timeout_ms / 1000
+        self._zstd_level = zstd_level
+
+    def store(self, instance: Instance) -> WriteResult:
+        stored = to_stored(instance, level=self._zstd_level)
+        try:
+            return self._loop.run(self._coordinator.store(stored), self._store_timeout_s + 5)
+        except TimeoutError as error:
+            log.error("archive.store.timeout sop_instance_uid=%s", instance.sop_instance_uid)
+            return WriteResult(WriteStatus.QUORUM_FAILED, message=str(error))
+
+    def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
+        rows: "queue.Queue[Any]" = queue.Queue(maxsize=10_000)
+
+        async def produce() -> None:
+            try:
+                async for row in self._coordinator.find(query):
+                    try:
+                        rows.put_nowait(row)
+                    except queue.Full:
+                        await asyncio.to_thread(rows.put, row)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Delivered to the association thread.
+                rows.put(error)
+            finally:
+                try:
+                    rows.put_nowait(_END)
+                except queue.Full:
+                    pass
+
+        future = asyncio.run_coroutine_threadsafe(produce(), self._loop.loop)
+        try:
+            while True:
+                if is_cancelled():
+                    return
+                try:
+                    item = rows.get(timeout=0.2)
+                except queue.Empty:
+                    if future.done() and rows.empty():
+                        return
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
+
+    def locate(self, query: Query) -> list[InstanceLocation]:
+        return self._loop.run(self._coordinator.locate(query), 600)
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        try:
+            return self._loop.run(self._coordinator.read(location), 600)
+        except TimeoutError as error:
+            raise ReadError(str(error)) from None

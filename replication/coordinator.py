@@ -1,0 +1,477 @@
+"""The replication coordinator: every node runs one, and any node coordinates any request.
+
+- store: send the instance to the study's N owners in parallel; answer once W of them
+  (or stand-ins holding hints for them) made it durable. An owner that is down or does
+  not answer within its deadline is replaced by the next node on the ring, which keeps
+  the instance as a hint for it (sloppy quorum). Fewer than W durable copies: failure,
+  never a false Success. The remaining copies finish in the background.
+- find: scatter the query over a coverage plan (one live replica per token range), merge
+  and de-duplicate, re-plan a replica's ranges when it breaks off.
+- read: fetch an instance from the nearest live replica, fall through on error, and
+  repair a live owner that did not have it (read repair).
+- hints: replay held hints to their owners when they answer again; delete a hint only
+  after the owner acknowledged a durable copy.
+
+Async; reaches peers, the local store and time only through the injected Transport,
+LocalReplica, MembershipView and clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
+from pacsnode.replication.planning import coverage_plan, read_order
+from pacsnode.replication.query import aggregate_patients, unique_key
+from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, Transport
+from pacsnode.ring.members import MembershipView
+from pacsnode.ring.placement import TokenRange
+from pacsnode.ring.tokens import study_token
+
+log = logging.getLogger(__name__)
+
+DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT})
+_BATCH_ROWS = 200
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    replication_factor: int = 3  # N
+    write_quorum: int = 2  # W
+    replica_timeout_ms: int = 2_000  # Per-replica deadline on a write (LAN).
+    store_timeout_ms: int = 30_000  # Whole C-STORE inside the node.
+    fetch_timeout_ms: int = 30_000  # One instance from a peer.
+    query_timeout_ms: int = 60_000  # One peer's query stream.
+    bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
+
+
+@dataclass
+class CoordinatorStats:
+    writes: int = 0
+    writes_failed: int = 0
+    hints_written: int = 0
+    hints_replayed: int = 0
+    read_repairs: int = 0
+    query_replans: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+BlockingRunner = Callable[..., Awaitable[Any]]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        self_id: str,
+        membership: MembershipView,
+        transport: Transport,
+        local: LocalReplica,
+        settings: CoordinatorSettings,
+        *,
+        decode: Callable[[StoredInstance], bytes],
+        run_blocking: BlockingRunner = asyncio.to_thread,
+    ) -> None:
+        self.self_id = self_id
+        self._membership = membership
+        self._transport = transport
+        self._local = local
+        self._settings = settings
+        self._decode = decode
+        self._run_blocking = run_blocking
+        self._background: set[asyncio.Task[Any]] = set()
+        self.stats = CoordinatorStats()
+        self._last_effective_n = -1
+
+    # ----------------------------------------------------------------- helpers
+    def _replicas(self) -> tuple[int, int]:
+        """(effective N, effective W): capped by the node count; said loudly when capped."""
+        ring = self._membership.ring()
+        n = ring.effective_replicas(self._settings.replication_factor)
+        if n != self._last_effective_n:
+            self._last_effective_n = n
+            if n < self._settings.replication_factor:
+                log.warning(
+                    "replication.effective_n n=%d configured=%d members=%d: fewer nodes than N, "
+                    "every study is on every node",
+                    n, self._settings.replication_factor, len(ring),
+                )
+        return n, min(self._settings.write_quorum, n)
+
+    def _site_of(self, node_id: str) -> str:
+        member = self._membership.member(node_id)
+        return member.site if member else ""
+
+    def _deadline_ms(self, base_ms: int, size_bytes: int) -> int:
+        return base_ms + int(1000 * size_bytes / self._settings.bytes_per_second_min)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _put(self, node_id: str, stored: StoredInstance, hint_for: str, timeout_ms: int) -> str:
+        if node_id == self.self_id:
+            try:
+                return str(await self._run_blocking(self._local.put_stored, stored, hint_for=hint_for))
+            except StoreFull as error:
+                raise PeerRefused(f"local store full: {error}") from error
+            except StoreError as error:
+                raise PeerError(f"local store failed: {error}") from error
+        return await self._transport.store(node_id, stored, hint_for=hint_for, timeout_ms=timeout_ms)
+
+    # ----------------------------------------------------------------- store
+    async def store(self, stored: StoredInstance) -> WriteResult:
+        started = time.monotonic()
+        self.stats.writes += 1
+        ring = self._membership.ring()
+        n, w = self._replicas()
+        token = study_token(stored.study_instance_uid)
+        owners = ring.preference_list(token, n)
+        timeout_ms = self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob))
+        state = _WriteState(owners)
+        tasks = [asyncio.ensure_future(self._replicate(owner, stored, token, n, state, timeout_ms))
+                 for owner in owners]
+        acked: list[tuple[str, str, str]] = []  # (owner, holder, outcome)
+        pending = set(tasks)
+        deadline = time.monotonic() + self._settings.store_timeout_ms / 1000
+        while pending and len(acked) < w:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                result = task.result()
+                if result is not None:
+                    acked.append(result)
+        for task in pending:  # The other copies finish in the background.
+            self._spawn(task)
+        latency_ms = int((time.monotonic() - started) * 1000)
+        if len(acked) >= w:
+            outcome = next((o for owner, holder, o in acked if holder == owner), acked[0][2])
+            if outcome == StoreOutcome.CONFLICT:
+                log.warning("archive.store.conflict sop_instance_uid=%s rule=first-wins kept=first",
+                            stored.sop_instance_uid)
+            return WriteResult(WriteStatus.SUCCESS, outcome=outcome, latency_ms=latency_ms)
+        self.stats.writes_failed += 1
+        reasons = "; ".join(state.errors[-3:]) or "no replica answered"
+        log.error(
+            "replication.write.failed sop_instance_uid=%s acked=%d write_quorum=%d owners=%s reasons=%s",
+            stored.sop_instance_uid, len(acked), w, ",".join(owners), reasons,
+        )
+        status = WriteStatus.OUT_OF_RESOURCES if state.full else WriteStatus.QUORUM_FAILED
+        return WriteResult(status, message=f"stored on {len(acked)} of {w} required replicas",
+                           latency_ms=latency_ms)
+
+    async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: int, state: "_WriteState",
+                         timeout_ms: int) -> tuple[str, str, str] | None:
+        """One copy: on its owner, or else as a hint on a stand-in. Returns (owner, holder, outcome)."""
+        if self._membership.is_alive(owner):
+            try:
+                outcome = await self._put(owner, stored, "", timeout_ms)
+                if outcome in DURABLE_OUTCOMES:
+                    return owner, owner, outcome
+                state.errors.append(f"{owner}: {outcome}")
+            except PeerRefused as error:
+                state.full = state.full or "full" in str(error).lower()
+                state.errors.append(f"{owner}: {error}")
+            except PeerError as error:
+                state.errors.append(f"{owner}: {error}")
+        else:
+            state.errors.append(f"{owner}: down")
+        state.unavailable.add(owner)
+        ring = self._membership.ring()
+        while True:
+            stand_in = next((s.node_id for s in ring.stand_ins(token, n, state.unavailable | state.used)
+                             if s.owner == owner), None)
+            if stand_in is None:
+                return None
+            state.used.add(stand_in)
+            if stand_in != self.self_id and not self._membership.is_alive(stand_in):
+                state.unavailable.add(stand_in)
+                continue
+            try:
+                outcome = await self._put(stand_in, stored, owner, timeout_ms)
+            except PeerError as error:
+                state.errors.append(f"{stand_in} (hint for {owner}): {error}")
+                state.unavailable.add(stand_in)
+                continue
+            if outcome in DURABLE_OUTCOMES:
+                self.stats.hints_written += 1
+                log.info("replication.hint.written sop_instance_uid=%s owner=%s holder=%s",
+                         stored.sop_instance_uid, owner, stand_in)
+                return owner, stand_in, outcome
+            state.unavailable.add(stand_in)
+
+    # ----------------------------------------------------------------- find
+    async def find(self, query: Query) -> AsyncIterator[Attributes]:
+        """Rows matching `query` across the cluster, each exactly once."""
+        if query.level == "PATIENT":
+            study_rows = [row async for row in self._scatter(query)]
+            for row in aggregate_patients(study_rows):
+                yield row
+            return
+        async for row in self._scatter(query):
+            yield row
+
+    async def _scatter(self, query: Query) -> AsyncIterator[Attributes]:
+        n, _w = self._replicas()
+        ring = self._membership.ring()
+        queue: asyncio.Queue[tuple[str, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
+        failed: set[str] = set()
+        plan, uncovered = coverage_plan(ring, n, self.self_id, self._membership.is_alive, site_of=self._site_of)
+        if uncovered:
+            log.warning("replication.find.uncovered ranges=%d: every owner of them is down", len(uncovered))
+        running: dict[str, asyncio.Task[None]] = {}
+        assigned: dict[str, list[TokenRange]] = {}
+
+        def launch(node_id: str, ranges: list[TokenRange]) -> None:
+            assigned.setdefault(node_id, []).extend(ranges)
+            key = f"{node_id}#{len(running)}"
+            running[key] = asyncio.ensure_future(self._pump(node_id, key, query, ranges, queue))
+
+        for node_id, ranges in plan.items():
+            launch(node_id, ranges)
+        seen: set[tuple[str, ...]] = set()
+        level = "STUDY" if query.level == "PATIENT" else query.level
+        active = set(running)
+        try:
+            while active:
+                key, batch, error = await queue.get()
+                if batch is not None:
+                    for row in batch:
+                        identity = unique_key(level, row)
+                        if identity in seen:
+                            continue
+                        seen.add(identity)
+                        yield row
+                    continue
+                active.discard(key)
+                if error is None:
+                    continue
+                node_id = key.split("#", 1)[0]
+                failed.add(node_id)
+                self.stats.query_replans += 1
+                lost = assigned.get(node_id, [])
+                log.warning("replication.find.replica_failed node=%s ranges=%d error=%s", node_id, len(lost), error)
+                replan, still_uncovered = self._replan(lost, failed)
+                if still_uncovered:
+                    log.warning("replication.find.uncovered ranges=%d after %s failed", len(still_uncovered), node_id)
+                for other, ranges in replan.items():
+                    launch(other, ranges)
+                    active.add(next(reversed(running)))
+        finally:
+            for task in running.values():
+                task.cancel()
+
+    def _replan(self, lost: list[TokenRange], failed: set[str]) -> tuple[dict[str, list[TokenRange]], list[TokenRange]]:
+        n, _w = self._replicas()
+        ring = self._membership.ring()
+        plan: dict[str, list[TokenRange]] = {}
+        uncovered = []
+        for token_range in lost:
+            owners = ring.preference_list(token_range.end, n)
+            order = [o for o in read_order(owners, self.self_id, self._membership.is_alive, self._site_of)
+                     if o not in failed and self._membership.is_alive(o)]
+            if not order:
+                uncovered.append(token_range)
+            else:
+                plan.setdefault(order[0], []).append(token_range)
+        return plan, uncovered
+
+    async def _pump(self, node_id: str, key: str, query: Query, ranges: list[TokenRange],
+                    queue: "asyncio.Queue[tuple[str, list[Attributes] | None, str | None]]") -> None:
+        try:
+            if node_id == self.self_id:
+                await self._pump_local(key, query, ranges, queue)
+            else:
+                batch: list[Attributes] = []
+                async for row in self._transport.query(node_id, query, ranges,
+                                                       timeout_ms=self._settings.query_timeout_ms):
+                    batch.append(row)
+                    if len(batch) >= _BATCH_ROWS:
+                        await queue.put((key, batch, None))
+                        batch = []
+                if batch:
+                    await queue.put((key, batch, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # A replica breaking off is an operating error: re-plan.
+            await queue.put((key, None, f"{type(error).__name__}: {error}"))
+            return
+        await queue.put((key, None, None))
+
+    async def _pump_local(self, key: str, query: Query, ranges: list[TokenRange],
+                          queue: "asyncio.Queue[tuple[str, list[Attributes] | None, str | None]]") -> None:
+        loop = asyncio.get_running_loop()
+        stop = False
+
+        def produce() -> None:
+            batch: list[Attributes] = []
+            for row in self._local.query_rows(query, ranges):
+                if stop:
+                    return
+                batch.append(row)
+                if len(batch) >= _BATCH_ROWS:
+                    asyncio.run_coroutine_threadsafe(queue.put((key, batch, None)), loop).result()
+                    batch = []
+            if batch:
+                asyncio.run_coroutine_threadsafe(queue.put((key, batch, None)), loop).result()
+
+        try:
+            await self._run_blocking(produce)
+        except asyncio.CancelledError:
+            stop = True
+            raise
+
+    # ----------------------------------------------------------------- retrieve
+    async def locate(self, query: Query) -> list[InstanceLocation]:
+        """The instances a C-GET/C-MOVE identifier selects, from across the cluster."""
+        image_query = Query(
+            level="IMAGE",
+            model=query.model,
+            conditions=tuple(c for c in query.conditions if c.keyword in _RETRIEVE_KEYS),
+            return_keys=(),
+        )
+        locations = []
+        async for row in self._scatter(image_query):
+            locations.append(InstanceLocation(
+                study_instance_uid=str(row["StudyInstanceUID"]),
+                series_instance_uid=str(row.get("SeriesInstanceUID", "")),
+                sop_instance_uid=str(row["SOPInstanceUID"]),
+                sop_class_uid=str(row.get("SOPClassUID", "")),
+                transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+            ))
+        return locations
+
+    async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
+        n, _w = self._replicas()
+        owners = self._membership.ring().owners_of_study(location.study_instance_uid, n)
+        order = read_order(owners, self.self_id, self._membership.is_alive, self._site_of)
+        missing: list[str] = []
+        errors: list[str] = []
+        for node_id in order:
+            try:
+                stored = await self._fetch(node_id, location)
+            except PeerError as error:
+                errors.append(f"{node_id}: {error}")
+                continue
+            if stored is None:
+                missing.append(node_id)
+                continue
+            try:
+                part10 = await self._run_blocking(self._decode, stored)
+            except StoreError as error:  # Corrupt blob: never send it; try the next replica.
+                errors.append(f"{node_id}: {error}")
+                continue
+            for target in missing:
+                if self._membership.is_alive(target):
+                    self._spawn(self._repair(target, stored))
+            return part10, stored.record.dataset_offset
+        # No owner has it: a stand-in may hold it as a hint (owners down when it was stored).
+        for node_id in self._membership.ring().node_ids:
+            if node_id in owners or not self._membership.is_alive(node_id):
+                continue
+            try:
+                stored = await self._fetch(node_id, location, include_hints=True)
+            except PeerError:
+                continue
+            if stored is not None:
+                try:
+                    return await self._run_blocking(self._decode, stored), stored.record.dataset_offset
+                except StoreError:
+                    continue
+        raise ReadError(f"no replica could return {location.sop_instance_uid}: "
+                        + ("; ".join(errors) or f"not found on {','.join(order)}"))
+
+    async def _fetch(self, node_id: str, location: InstanceLocation, *,
+                     include_hints: bool = False) -> StoredInstance | None:
+        if node_id == self.self_id:
+            stored: StoredInstance | None = await self._run_blocking(
+                self._local.read_stored, location.study_instance_uid, location.sop_instance_uid)
+            if stored is None and include_hints:
+                for owner in (await self._run_blocking(self._local.hint_owners)):
+                    stored = await self._run_blocking(self._local.read_hint, owner,
+                                                      location.study_instance_uid, location.sop_instance_uid)
+                    if stored is not None:
+                        break
+            return stored
+        size_guess = 64 * 1024 * 1024
+        return await self._transport.fetch(node_id, location.study_instance_uid, location.sop_instance_uid,
+                                           timeout_ms=self._deadline_ms(self._settings.fetch_timeout_ms, size_guess),
+                                           include_hints=include_hints)
+
+    async def _repair(self, node_id: str, stored: StoredInstance) -> None:
+        try:
+            outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
+                                                                             len(stored.blob)))
+            if outcome == StoreOutcome.STORED:
+                self.stats.read_repairs += 1
+                log.info("replication.read_repair sop_instance_uid=%s node=%s", stored.sop_instance_uid, node_id)
+        except PeerError as error:
+            log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
+
+    # ----------------------------------------------------------------- hints
+    async def replay_hints(self) -> int:
+        """One pass: send every hint whose owner answers again; returns how many were handed over."""
+        handed = 0
+        owners = await self._run_blocking(self._local.hint_owners)
+        ring = self._membership.ring()
+        for owner in owners:
+            if owner not in ring or not self._membership.is_alive(owner):
+                continue
+            stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(owner), 64)))
+            for stored in stored_list:
+                try:
+                    outcome = await self._transport.store(
+                        owner, stored, hint_for="",
+                        timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+                except PeerError as error:
+                    log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
+                    break
+                if outcome not in DURABLE_OUTCOMES:
+                    break
+                await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
+                                         stored.sop_instance_uid)
+                handed += 1
+                self.stats.hints_replayed += 1
+            if handed:
+                log.info("replication.hint.replayed owner=%s instances=%d", owner, handed)
+        return handed
+
+
+def _take(iterator: Any, count: int) -> Any:
+    for index, item in enumerate(iterator):
+        if index >= count:
+            return
+        yield item
+
+
+_RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
+
+
+@dataclass
+class _WriteState:
+    owners: Sequence[str]
+    unavailable: set[str] = field(default_factory=set)
+    used: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        self.used = set(self.owners)
+
+
+__all__ = ["Coordinator", "CoordinatorSettings", "Condition", "PeerError"]

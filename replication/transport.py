@@ -1,0 +1,55 @@
+"""The seams of the replication layer: how it reaches peers, the local replica and time.
+
+The node supplies gRPC and RocksDB behind these; the simulator supplies a simulated
+network and an in-memory store. Nothing in replication/ imports grpc or rocksdict.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator, Protocol, Sequence
+
+from pacsnode.replication.matching import Query
+from pacsnode.replication.model import Attributes, StoredInstance
+from pacsnode.ring.placement import TokenRange
+
+
+class PeerError(Exception):
+    """A peer did not answer in time, refused, or broke off. An operating error."""
+
+
+class PeerRefused(PeerError):
+    """The peer answered but would not do it (disk full, invalid, other cluster)."""
+
+
+class Transport(Protocol):
+    """Calls to other nodes, addressed by node id. Every call has a deadline."""
+
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
+        """Store on `target`; returns a StoreOutcome value once it is durable there."""
+        ...
+
+    async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *,
+                    timeout_ms: int, include_hints: bool = False) -> StoredInstance | None:
+        """The instance as `target` holds it, or None when it does not hold it."""
+        ...
+
+    def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
+              timeout_ms: int) -> AsyncIterator[Attributes]:
+        """Matching rows from `target`'s replica, restricted to `ranges` (None: all)."""
+        ...
+
+
+class LocalReplica(Protocol):
+    """This node's own store, as the coordinator uses it (blocking calls: run in a thread)."""
+
+    def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str: ...
+    def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None: ...
+    def read_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None: ...
+    def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]: ...
+    def hint_owners(self) -> dict[str, tuple[int, int]]: ...
+    def hints(self, owner: str) -> Iterator[StoredInstance]: ...
+    def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None: ...
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
