@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _start_parser(subparsers)
+    status = subparsers.add_parser(
+        "status",
+        help="show a running cluster: members, ring ownership, local instances, pending hints",
+        description="Ask a running node over its peer port, then every member it knows.",
+    )
+    status.add_argument("--node", default="127.0.0.1:7001", metavar="HOST:PORT",
+                        help="peer port of any node (default: 127.0.0.1:7001)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table (default: table)")
+    status.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
+    status.add_argument("--timeout-s", type=float, default=5.0, help="per-node timeout (default: 5)")
     return parser
 
 
@@ -128,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             node.stop()
             return 1
         return 0
+    if args.command == "status":
+        from pacsnode.cli import status
+
+        return status.main(args.node, as_json=args.json, cluster_id=args.cluster_id, timeout_s=args.timeout_s)
     parser.print_help()
     return 2
 

@@ -1,0 +1,140 @@
+"""`pacsnode status --node HOST:PORT [--json]`: ask a running node over its peer port.
+
+The node asked gives the member list and ring ownership; every member is then asked for
+its own local figures (instances, bytes, pending hints). A member that does not answer
+is shown as unreachable, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import grpc
+
+from pacsnode.proto import PROTOCOL_VERSION
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+
+STATE_NAMES = {
+    pb.MEMBER_STATE_ALIVE: "alive",
+    pb.MEMBER_STATE_SUSPECT: "suspect",
+    pb.MEMBER_STATE_DEAD: "dead",
+    pb.MEMBER_STATE_LEFT: "left",
+    pb.MEMBER_STATE_REMOVED: "removed",
+}
+
+
+class StatusError(Exception):
+    pass
+
+
+def _envelope(cluster_id: str) -> pb.Envelope:
+    return pb.Envelope(cluster_id=cluster_id, protocol_version=PROTOCOL_VERSION, sender_id="pacsnode-cli",
+                       sent_at_ms=int(time.time() * 1000))
+
+
+def ask(address: str, cluster_id: str, timeout_s: float) -> pb.StatusReply:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        try:
+            reply: pb.StatusReply = stub.Status(pb.StatusRequest(envelope=_envelope(cluster_id)), timeout=timeout_s)
+            return reply
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else None
+            details = error.details() if hasattr(error, "details") else str(error)
+            raise StatusError(f"{address}: {code.name if code else 'error'}: {details}") from None
+
+
+def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) -> dict[str, Any]:
+    """The cluster as the node at `address` sees it, with every member's local figures."""
+    first = ask(address, cluster_id, timeout_s)
+    nodes = []
+    for status in first.members:
+        member = status.member
+        peer = f"{member.peer_address.host}:{member.peer_address.port}"
+        entry: dict[str, Any] = {
+            "node_id": member.node_id,
+            "state": STATE_NAMES.get(member.state, "unknown"),
+            "site": member.site,
+            "peer_address": peer,
+            "dicom_address": f"{member.dicom_address.ae_title}@{member.dicom_address.host}:{member.dicom_address.port}",
+            "generation": member.generation,
+            "incarnation": member.incarnation,
+            "ring_ownership": round(status.ring_ownership_fraction, 4),
+            "reachable": False,
+        }
+        try:
+            reply = first if member.node_id == first.envelope.sender_id else ask(peer, cluster_id, timeout_s)
+            local = reply.local
+            entry.update(
+                reachable=True,
+                local_instances=local.instance_count,
+                local_studies=local.study_count,
+                received_bytes=local.received_bytes,
+                stored_bytes=local.stored_bytes,
+                pending_hints=local.hint_count,
+                hint_bytes=local.hint_bytes,
+                disk_free_bytes=local.disk_free_bytes,
+            )
+        except StatusError as error:
+            entry.update(local_instances=None, error=str(error))
+        nodes.append(entry)
+    settings = first.settings
+    return {
+        "asked": address,
+        "node_id": first.envelope.sender_id,
+        "cluster_id": cluster_id,
+        "ring_version": f"{first.envelope.ring_version:016x}",
+        "replication_factor": settings.replication_factor,
+        "effective_replication_factor": settings.effective_replication_factor,
+        "write_quorum": settings.write_quorum,
+        "vnodes": settings.vnodes,
+        "nodes": nodes,
+    }
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000  # type: ignore[assignment]
+    return str(value)
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [
+        f"cluster {data['cluster_id']}  asked {data['node_id']} at {data['asked']}  ring {data['ring_version']}",
+        f"N={data['replication_factor']} (effective {data['effective_replication_factor']})  "
+        f"W={data['write_quorum']}  V={data['vnodes']}",
+        "",
+    ]
+    header = ("NODE", "STATE", "SITE", "PEER", "DICOM", "RING %", "INSTANCES", "STORED", "HINTS")
+    rows = [header]
+    for node in data["nodes"]:
+        state = node["state"] if node["reachable"] else f"{node['state']} (unreachable)"
+        rows.append((
+            node["node_id"], state, node["site"], node["peer_address"], node["dicom_address"],
+            f"{100 * node['ring_ownership']:.1f}",
+            "-" if node.get("local_instances") is None else str(node["local_instances"]),
+            _size(node.get("stored_bytes")),
+            "-" if node.get("pending_hints") is None else str(node["pending_hints"]),
+        ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def main(address: str, *, as_json: bool, cluster_id: str, timeout_s: float) -> int:
+    try:
+        data = collect(address, cluster_id, timeout_s)
+    except StatusError as error:
+        print(f"pacsnode status: cannot reach {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if as_json else render(data))
+    return 0
