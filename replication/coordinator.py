@@ -190,29 +190,28 @@ class Coordinator:
                 state.errors.append(f"{owner}: {error}")
         else:
             state.errors.append(f"{owner}: down")
-        state.unavailable.add(owner)
         ring = self._membership.ring()
         while True:
-            stand_in = next((s.node_id for s in ring.stand_ins(token, n, state.unavailable | state.used)
+            # Only this owner counts as missing here; stand-ins already taken by this
+            # write (for other owners) or found dead are not candidates.
+            stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used)
                              if s.owner == owner), None)
             if stand_in is None:
+                state.errors.append(f"no stand-in left for {owner}")
                 return None
             state.used.add(stand_in)
             if stand_in != self.self_id and not self._membership.is_alive(stand_in):
-                state.unavailable.add(stand_in)
                 continue
             try:
                 outcome = await self._put(stand_in, stored, owner, timeout_ms)
             except PeerError as error:
                 state.errors.append(f"{stand_in} (hint for {owner}): {error}")
-                state.unavailable.add(stand_in)
                 continue
             if outcome in DURABLE_OUTCOMES:
                 self.stats.hints_written += 1
                 log.info("replication.hint.written sop_instance_uid=%s owner=%s holder=%s",
                          stored.sop_instance_uid, owner, stand_in)
                 return owner, stand_in, outcome
-            state.unavailable.add(stand_in)
 
     # ----------------------------------------------------------------- find
     async def find(self, query: Query) -> AsyncIterator[Attributes]:
@@ -465,13 +464,9 @@ _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID"
 @dataclass
 class _WriteState:
     owners: Sequence[str]
-    unavailable: set[str] = field(default_factory=set)
-    used: set[str] = field(default_factory=set)
+    used: set[str] = field(default_factory=set)  # Stand-ins taken (or found down) by this write.
     errors: list[str] = field(default_factory=list)
     full: bool = False
-
-    def __post_init__(self) -> None:
-        self.used = set(self.owners)
 
 
 __all__ = ["Coordinator", "CoordinatorSettings", "Condition", "PeerError"]
