@@ -127,7 +127,8 @@ class Node:
             ),
             decode=decode,
         )
-        self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms)
+        self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
+                                      alone=self.coordinator.alone, local_store=self.coordinator.store_alone)
         self.front_end = DicomFrontEnd(config, self.archive)
         self.peer_server = PeerServer(self)
         self._hint_task: asyncio.Task[None] | None = None

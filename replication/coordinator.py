@@ -132,6 +132,31 @@ class Coordinator:
         return await self._transport.store(node_id, stored, hint_for=hint_for, timeout_ms=timeout_ms)
 
     # ----------------------------------------------------------------- store
+    def alone(self) -> bool:
+        """True when this node is the whole ring (every study's only owner)."""
+        ring = self._membership.ring()
+        return len(ring) == 1 and self.self_id in ring
+
+    def store_alone(self, stored: StoredInstance) -> WriteResult:
+        """store() for a ring of one, called from a blocking thread."""
+        started = time.monotonic()
+        self.stats.writes += 1
+        self._replicas()  # Says so (once) when the node count caps N.
+        try:
+            outcome = self._local.put_stored(stored)
+        except StoreFull as error:
+            self.stats.writes_failed += 1
+            log.warning("archive.store.refused sop_instance_uid=%s reason=%s", stored.sop_instance_uid, error)
+            return WriteResult(WriteStatus.OUT_OF_RESOURCES, message=str(error))
+        except StoreError as error:
+            self.stats.writes_failed += 1
+            log.error("archive.store.failed sop_instance_uid=%s reason=%s", stored.sop_instance_uid, error)
+            return WriteResult(WriteStatus.FAILED, message=str(error))
+        if outcome == StoreOutcome.CONFLICT:
+            log.warning("archive.store.conflict sop_instance_uid=%s rule=first-wins kept=first",
+                        stored.sop_instance_uid)
+        return WriteResult(WriteStatus.SUCCESS, outcome=outcome, latency_ms=int((time.monotonic() - started) * 1000))
+
     async def store(self, stored: StoredInstance) -> WriteResult:
         started = time.monotonic()
         self.stats.writes += 1
