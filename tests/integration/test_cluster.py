@@ -130,6 +130,25 @@ def test_each_study_lands_on_exactly_its_preference_list(cluster: list[NodeProce
             else:
                 assert held == set(), f"{node.node_id} is not an owner of {study_uid} but holds {len(held)}"
     assert sum(local_counts(cluster).values()) == 3 * len(stored)
+    # Every replica's copy is the bytes that were sent.
+    study_uid = stored[0]["study_uid"]
+    for node in cluster:
+        if node.node_id not in expected_owners(NAMES, study_uid):
+            continue
+        for entry in (e for e in stored if e["study_uid"] == study_uid):
+            part10 = fetch_part10(node.peer_address, study_uid, entry["sop_uid"])
+            assert clients.dataset_bytes(part10) == file_dataset_bytes(Path(entry["path"])), node.node_id
+
+
+def fetch_part10(peer_address: str, study_uid: str, sop_uid: str) -> bytes:
+    """One replica's own copy of an instance, fetched over the peer protocol."""
+    import zstandard
+
+    envelope = pb.Envelope(cluster_id="pacsnode", protocol_version=PROTOCOL_VERSION, sender_id="test")
+    with grpc.insecure_channel(peer_address) as channel:
+        chunks = list(pb_grpc.DataStub(channel).FetchInstance(
+            pb.FetchRequest(envelope=envelope, study_instance_uid=study_uid, sop_instance_uid=sop_uid), timeout=30))
+    return zstandard.ZstdDecompressor().decompress(b"".join(chunk.data for chunk in chunks))
 
 
 def test_find_at_every_node_returns_every_study_once_at_every_level(cluster: list[NodeProcess],
