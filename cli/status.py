@@ -77,6 +77,9 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) 
                 stored_bytes=local.stored_bytes,
                 pending_hints=local.hint_count,
                 hint_bytes=local.hint_bytes,
+                under_replicated_studies=local.under_replicated_study_count,
+                transfers=[{"range": [t.range.start, t.range.end], "source": t.source_id,
+                            "done_bytes": t.done_bytes, "total_bytes": t.total_bytes} for t in local.transfers],
                 disk_free_bytes=local.disk_free_bytes,
             )
         except StatusError as error:
@@ -127,6 +130,14 @@ def render(data: dict[str, Any]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    under = sum(n.get("under_replicated_studies") or 0 for n in data["nodes"])
+    lines.append("")
+    lines.append(f"under-replicated studies (as their owners count them): {under}")
+    for node in data["nodes"]:
+        for transfer in node.get("transfers") or []:
+            done, total = transfer["done_bytes"], transfer["total_bytes"]
+            share = f"{100 * done / total:.0f}%" if total else "listing"
+            lines.append(f"  {node['node_id']} filling a range from {transfer['source']}: {_size(done)} ({share})")
     return "\n".join(lines)
 
 
@@ -138,3 +149,11 @@ def main(address: str, *, as_json: bool, cluster_id: str, timeout_s: float) -> i
         return 1
     print(json.dumps(data, indent=2) if as_json else render(data))
     return 0
+
+
+def metrics(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0, prefix: str = "") -> dict[str, float]:
+    """A node's metrics (Admin.Metrics): dotted names ending with their unit."""
+    with grpc.insecure_channel(address) as channel:
+        reply = pb_grpc.AdminStub(channel).Metrics(
+            pb.MetricsRequest(envelope=_envelope(cluster_id), name_prefix=prefix), timeout=timeout_s)
+    return dict(reply.values)

@@ -106,6 +106,8 @@ class NodeConfig:
     membership_sync_interval_ms: int = setting(1_000, "How often members exchange their member tables.")
     failure_timeout_ms: int = setting(3_000, "A member that has not answered for this long counts as down.")
     hint_replay_interval_ms: int = setting(1_000, "How often held hints are offered to their owners.")
+    anti_entropy_interval_ms: int = setting(60_000, "How often each owned range is compared with its other replicas (and at once after a ring change).")
+    repair_bytes_per_second_max: int = setting(50_000_000, "Throttle for pulling missing instances (repair, rebalance); 0 = none.")
 
     # --- operations
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")
@@ -135,10 +137,10 @@ class NodeConfig:
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "membership_sync_interval_ms",
-                     "failure_timeout_ms", "hint_replay_interval_ms"):
+                     "failure_timeout_ms", "hint_replay_interval_ms", "anti_entropy_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disk_free_bytes_min", "find_result_max"):
+        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):

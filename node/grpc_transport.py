@@ -11,6 +11,7 @@ from pacsnode.node import peer_wire
 from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance
 from pacsnode.replication.transport import PeerError, PeerRefused
@@ -115,6 +116,28 @@ class GrpcTransport:
             raise PeerError(f"{target}: bad row: {error}") from None
         finally:
             call.cancel()
+
+    async def range_digest(self, target: str, token_range: TokenRange, *, timeout_ms: int) -> dict[int, Digest]:
+        stub = pb_grpc.RepairStub(self._channel(target))
+        request = pb.RangeDigestRequest(envelope=self._envelope(),
+                                        range=pb.TokenRange(start=token_range.start, end=token_range.end))
+        try:
+            reply = await stub.RangeDigest(request, timeout=timeout_ms / 1000)
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        return {int(b.bucket): Digest((int(b.digest.xor_high) << 64) | int(b.digest.xor_low), int(b.digest.entry_count))
+                for b in reply.buckets}
+
+    async def list_bucket(self, target: str, token_range: TokenRange, segment: int, *,
+                          timeout_ms: int) -> list[tuple[str, str, str]]:
+        stub = pb_grpc.RepairStub(self._channel(target))
+        request = pb.ListBucketRequest(envelope=self._envelope(), bucket=segment,
+                                       range=pb.TokenRange(start=token_range.start, end=token_range.end))
+        try:
+            reply = await stub.ListBucket(request, timeout=timeout_ms / 1000)
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        return [(e.study_instance_uid, e.sop_instance_uid, e.content_hash) for e in reply.entries]
 
     async def push_pull(self, address: str, members: list["MemberInfo"], *, timeout_ms: int
                         ) -> tuple[str, list[pb.MemberUpdate]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pacsnode.node import peer_wire
 from pacsnode.replication.transport import PeerError
@@ -41,6 +41,7 @@ class StaticMembership:
         self._task: asyncio.Task[None] | None = None
         self._ring_version = 0
         self._alive_before: dict[str, bool] = {}
+        self.on_change: list[Callable[[], None]] = []  # Called after every ring change.
 
     # ----------------------------------------------------------------- MembershipView
     def ring(self) -> Ring:
@@ -67,11 +68,15 @@ class StaticMembership:
                 members.append(peer_wire.member_from_wire(update))
             except ValueError as error:
                 log.warning("membership.update.ignored reason=%s", error)
+        before = self.table.ring().version
         changed = self.table.merge(members, now_ms())
         if changed:
             ring = self.table.ring()
             log.info("membership.changed members=%d changed=%s ring_version=%x", len(ring), ",".join(changed),
                      ring.version)
+            if ring.version != before:
+                for callback in self.on_change:
+                    callback()
 
     # ----------------------------------------------------------------- sync loop
     def start(self, transport: "GrpcTransport") -> None:

@@ -20,7 +20,10 @@ from pacsnode.node.codec import decompress
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.digest import SEGMENT_COUNT, Digest, segment_bounds
 from pacsnode.replication.matching import Query, QueryError
+from pacsnode.replication.repair import intervals_of
+from pacsnode.ring.placement import TokenRange
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ class PeerServer:
         pb_grpc.add_DataServicer_to_server(DataService(self), self.server)
         pb_grpc.add_MembershipServicer_to_server(MembershipService(self), self.server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
+        pb_grpc.add_RepairServicer_to_server(RepairService(self), self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on peer port {host}:{port}")
@@ -194,6 +198,10 @@ class DataService(pb_grpc.DataServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad query: {error}")
             return
         ranges = peer_wire.ranges_from_wire(request.token_ranges) if request.token_ranges else None
+        if ranges is not None and self.node.repairer.is_pending(ranges):
+            # This node is still filling some of these ranges: the caller asks another replica.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "ranges still being filled here")
+            return
         rows = await asyncio.to_thread(lambda: list(self.node.replica.query_rows(query, ranges)))
         yield pb.QueryRow(envelope=self.server.envelope())
         for row in rows:  # A cancelled call raises CancelledError at the next yield.
@@ -206,6 +214,46 @@ class DataService(pb_grpc.DataServicer):
         for record in records:
             reply.records.append(peer_wire.record_to_wire(record, 0))
         return reply
+
+
+class RepairService(pb_grpc.RepairServicer):
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+        self.node = server.node
+
+    async def RangeDigest(self, request: pb.RangeDigestRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.RangeDigestReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "RangeDigest")
+        token_range = _range(request.range)
+        digests = await asyncio.to_thread(self.node.store.segment_digests, intervals_of(token_range))
+        reply = pb.RangeDigestReply(envelope=self.server.envelope(), range=request.range, bucket_count=SEGMENT_COUNT)
+        total = Digest()
+        for segment, digest in sorted(digests.items()):
+            total = total.combine(digest)
+            reply.buckets.append(pb.BucketDigest(bucket=segment, digest=pb.Digest(
+                xor_high=digest.high, xor_low=digest.low, entry_count=max(digest.count, 0))))
+        reply.total.CopyFrom(pb.Digest(xor_high=total.high, xor_low=total.low, entry_count=max(total.count, 0)))
+        return reply
+
+    async def ListBucket(self, request: pb.ListBucketRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListBucketReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListBucket")
+        token_range = _range(request.range)
+        seg_low, seg_high = segment_bounds(int(request.bucket))
+        reply = pb.ListBucketReply(envelope=self.server.envelope())
+        for low, high in intervals_of(token_range):
+            low, high = max(low, seg_low), min(high, seg_high)
+            if low > high:
+                continue
+            entries = await asyncio.to_thread(lambda: list(self.node.store.entries(low, high)))
+            for study_uid, sop_uid, content_hash in entries:
+                reply.entries.append(pb.BucketEntry(study_instance_uid=study_uid, sop_instance_uid=sop_uid,
+                                                    content_hash=content_hash))
+        return reply
+
+
+def _range(message: pb.TokenRange) -> TokenRange:
+    return TokenRange(int(message.start), int(message.end))
 
 
 class MembershipService(pb_grpc.MembershipServicer):
@@ -261,11 +309,26 @@ class AdminService(pb_grpc.AdminServicer):
             instance_count=stats.instances, received_bytes=stats.bytes_received, stored_bytes=stats.bytes_stored,
             study_count=stats.studies, hint_count=stats.hints, hint_bytes=stats.hint_bytes,
             disk_free_bytes=disk_free,
+            under_replicated_study_count=await asyncio.to_thread(node.under_replicated_studies),
         ))
+        for transfer in list(node.repairer.transfers.values()):
+            reply.local.transfers.append(pb.RangeTransfer(
+                range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),
+                source_id=transfer.source, done_bytes=transfer.done_bytes, total_bytes=max(transfer.total_bytes,
+                                                                                          transfer.done_bytes)))
         reply.settings.CopyFrom(pb.ReplicationSettings(
             replication_factor=node.config.replication_factor, write_quorum=node.config.write_quorum,
             read_quorum=1, vnodes=node.config.vnodes, effective_replication_factor=n,
         ))
+        return reply
+
+
+    async def Metrics(self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext) -> pb.MetricsReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Metrics")
+        reply = pb.MetricsReply(envelope=self.server.envelope())
+        for name, value in self.node.metrics().items():
+            if name.startswith(request.name_prefix):
+                reply.values[name] = float(value)
         return reply
 
 

@@ -29,6 +29,7 @@ from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import StoreError
+from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.ring.members import MemberInfo
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,63 @@ class Node:
         )
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone)
+        self.repairer = Repairer(
+            config.node_id, self.membership, self.transport, self.store,
+            RepairSettings(replication_factor=config.replication_factor, interval_ms=config.anti_entropy_interval_ms,
+                           fetch_timeout_ms=config.fetch_timeout_ms,
+                           bytes_per_second_max=config.repair_bytes_per_second_max),
+        )
+        self.coordinator.pending = self.repairer.pending
+        self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.front_end = DicomFrontEnd(config, self.archive)
         self.peer_server = PeerServer(self)
         self._hint_task: asyncio.Task[None] | None = None
+        self._repair_task: asyncio.Task[None] | None = None
         self._stopped = threading.Event()
 
     def envelope(self) -> pb.Envelope:
         return peer_wire.envelope(self.config.cluster_id, self.config.node_id, int(self.identity["generation"]),
                                   self.membership.ring().version)
+
+    def metrics(self) -> dict[str, float]:
+        """Dotted names ending with their unit (STYLE 6), from each part's statistics."""
+        store = self.store.statistics()
+        commits, batched = self.store.commit_statistics()
+        coordinator = self.coordinator.stats
+        repair = self.repairer.stats
+        return {
+            "pacsnode.store.instances_count": store.instances,
+            "pacsnode.store.studies_count": store.studies,
+            "pacsnode.store.received_bytes": store.bytes_received,
+            "pacsnode.store.stored_bytes": store.bytes_stored,
+            "pacsnode.store.conflicts_count": store.conflicts,
+            "pacsnode.store.group_commits_count": commits,
+            "pacsnode.store.commits_batched_count": batched,
+            "pacsnode.hints.queue_depth_count": store.hints,
+            "pacsnode.hints.queue_bytes": store.hint_bytes,
+            "pacsnode.replication.writes_count": coordinator.writes,
+            "pacsnode.replication.writes_failed_count": coordinator.writes_failed,
+            "pacsnode.replication.hints_written_count": coordinator.hints_written,
+            "pacsnode.replication.hints_replayed_count": coordinator.hints_replayed,
+            "pacsnode.replication.read_repairs_count": coordinator.read_repairs,
+            "pacsnode.replication.query_replans_count": coordinator.query_replans,
+            "pacsnode.repair.passes_count": repair.passes,
+            "pacsnode.repair.instances_pulled_count": repair.instances_pulled,
+            "pacsnode.repair.pulled_bytes": repair.bytes_pulled,
+            "pacsnode.repair.studies_dropped_count": repair.studies_dropped,
+            "pacsnode.repair.instances_dropped_count": repair.instances_dropped,
+            "pacsnode.repair.pending_ranges_count": repair.pending_ranges,
+            "pacsnode.repair.last_pass_ms": repair.last_pass_ms,
+            "pacsnode.peer.refused_count": self.peer_server.refused,
+        }
+
+    def under_replicated_studies(self) -> int:
+        """Studies this node holds in ranges that may lack a full copy somewhere."""
+        count = 0
+        for token_range in self.repairer.under_replicated_ranges():
+            for low, high in intervals_of(token_range):
+                count += len(self.store.studies_in(low, high))
+        return count
 
     async def _start_async(self) -> None:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
@@ -144,6 +194,7 @@ class Node:
             self.membership.table.update_self(peer_port=port)
         self.membership.start(self.transport)
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
+        self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
 
     async def _replay_hints_forever(self) -> None:
         while True:
@@ -156,9 +207,10 @@ class Node:
                 log.error("replication.hint.replay_error error=%r", error)
 
     async def _stop_async(self) -> None:
-        if self._hint_task is not None:
-            self._hint_task.cancel()
-            await asyncio.gather(self._hint_task, return_exceptions=True)
+        for task in (self._hint_task, self._repair_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.membership.stop()
         await self.coordinator.close()
         await self.peer_server.stop(grace_s=2.0)

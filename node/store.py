@@ -14,6 +14,8 @@ is one contiguous scan, stream or DeleteRange):
     s <token8> <study uid>                    -> StudyRecord (JSON)
     c <token8> <study uid> 0x00 <sop uid> 0x00 <content hash> -> conflicting copy (zstd)
     x <keyword> 0x00 <value> 0x00 <token8> <study uid> -> b"" (sorted study-level index)
+    d <segment 2 bytes>                       -> digest (XOR 16 bytes, count 8) of the instances
+                                              in that ring segment (replication/digest.py)
     h <owner id> 0x00 <token8> <study uid> 0x00 <sop uid> -> hint: header length (4 bytes),
                                               header JSON (record, attributes), zstd blob
     _ <name>                                  -> node-local bookkeeping (counters)
@@ -49,6 +51,7 @@ from pacsnode.replication.model import (
     StudyRecord,
 )
 from pacsnode.node.codec import decompress, to_stored
+from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.ring.tokens import study_token, token_bytes
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ PREFIX_STUDY = b"s"
 PREFIX_CONFLICT = b"c"
 PREFIX_INDEX = b"x"
 PREFIX_HINT = b"h"
+PREFIX_DIGEST = b"d"
 KEY_COUNTERS = b"_counters"
 
 # Study-level keys with a sorted secondary index: exact, prefix-wildcard, range and list
@@ -176,6 +180,9 @@ class RocksStore:
             hints=counters["hints"],
             hint_bytes=counters["hint_bytes"],
         )
+
+    def is_empty(self) -> bool:
+        return self._counters["instances"] == 0
 
     def commit_statistics(self) -> tuple[int, int]:
         """(synced WriteBatches written since start, writes they carried); the second is
@@ -313,6 +320,9 @@ class RocksStore:
             return StoreOutcome.CONFLICT
         view.put(batch, PREFIX_BLOB + prefix + SEP + sop, stored.blob)
         view.put(batch, meta_key, _dump(record))
+        segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
+        digest = Digest.from_bytes(view.get(segment_key)).add(entry_hash(record.sop_instance_uid, record.content_hash))
+        view.put(batch, segment_key, digest.to_bytes())
         new_study = self._update_series_and_study(view, batch, stored, prefix)
         view.counters["instances"] += 1
         view.counters["bytes_received"] += record.size_bytes
@@ -403,6 +413,85 @@ class RocksStore:
     def _ensure_open(self) -> None:
         if self._closed:
             raise StoreError("store is closed")
+
+    # ----------------------------------------------------------------- ranges (anti-entropy, rebalance)
+    def segment_digests(self, intervals: list[tuple[int, int]]) -> dict[int, Digest]:
+        """Digest per ring segment of the instances whose token is in the inclusive
+        intervals: stored digests for whole segments, a scan for the cut ones."""
+        result: dict[int, Digest] = {}
+        for low, high in intervals:
+            first, last = segment_of(low), segment_of(high)
+            for segment in (first, last) if first != last else (first,):
+                seg_low, seg_high = segment_bounds(segment)
+                if low <= seg_low and seg_high <= high:
+                    continue
+                digest = Digest()
+                for _study, sop, content_hash in self.entries(max(low, seg_low), min(high, seg_high)):
+                    digest = digest.add(entry_hash(sop, content_hash))
+                result[segment] = result.get(segment, Digest()).combine(digest)
+            full_low = first if low <= segment_bounds(first)[0] else first + 1
+            full_high = last if segment_bounds(last)[1] <= high else last - 1
+            if full_low > full_high:
+                continue
+            start = _digest_key(full_low)
+            stop = _digest_key(full_high + 1) if full_high + 1 < SEGMENT_COUNT else PREFIX_DIGEST + b"\xff\xff\xff"
+            for key, value in self._scan_range(start, stop):
+                segment = int.from_bytes(key[1:3], "big")
+                digest = Digest.from_bytes(value)
+                if digest.count:
+                    result[segment] = result.get(segment, Digest()).combine(digest)
+        return {segment: digest for segment, digest in result.items() if digest.count or digest.xor}
+
+    def entries(self, low: int, high: int) -> Iterator[tuple[str, str, str]]:
+        """(study uid, sop uid, content hash) of every instance with low <= token <= high."""
+        start = PREFIX_META + token_bytes(low)
+        stop = PREFIX_META + token_bytes(high + 1) if high + 1 < (1 << 64) else PREFIX_META + b"\xff" * 9
+        for _key, value in self._scan_range(start, stop):
+            record = json.loads(value)
+            yield record["study_instance_uid"], record["sop_instance_uid"], record["content_hash"]
+
+    def studies_in(self, low: int, high: int) -> list[str]:
+        """Study UIDs with low <= token <= high."""
+        start = PREFIX_STUDY + token_bytes(low)
+        stop = PREFIX_STUDY + token_bytes(high + 1) if high + 1 < (1 << 64) else PREFIX_STUDY + b"\xff" * 9
+        return [key[9:].decode("ascii") for key, _value in self._scan_range(start, stop)]
+
+    def delete_study(self, study_instance_uid: str) -> int:
+        """Remove a whole study this node no longer owns (after the drop rule allowed it).
+        Returns the instances removed. One synced WriteBatch."""
+        count = self._submit(lambda view, batch: self._build_study_delete(view, batch, study_instance_uid))
+        return int(count)
+
+    def _build_study_delete(self, view: "_View", batch: WriteBatch, study_uid: str) -> str:
+        prefix = study_prefix(study_uid)
+        raw_study = view.get(PREFIX_STUDY + prefix)
+        if raw_study is None:
+            return "0"
+        study = StudyRecord(**json.loads(raw_study))
+        for keyword in INDEXED_STUDY_KEYWORDS:
+            for value in _values(study.attributes.get(keyword)):
+                view.delete(batch, _index_key(keyword, value, prefix))
+        segment_key = _digest_key(segment_of(study_token(study_uid)))
+        digest = Digest.from_bytes(view.get(segment_key))
+        removed = 0
+        for key, value in list(self._scan(PREFIX_META + prefix + SEP)):
+            record = json.loads(value)
+            digest = digest.remove(entry_hash(record["sop_instance_uid"], record["content_hash"]))
+            blob_key = PREFIX_BLOB + key[1:]
+            blob = view.get(blob_key)
+            view.counters["bytes_stored"] -= len(blob) if blob else 0
+            view.counters["bytes_received"] -= int(record["size_bytes"])
+            view.counters["instances"] -= 1
+            view.delete(batch, blob_key)
+            view.delete(batch, key)
+            removed += 1
+        for prefix_byte in (PREFIX_SERIES, PREFIX_CONFLICT):
+            for key, _value in list(self._scan(prefix_byte + prefix + SEP)):
+                view.delete(batch, key)
+        view.delete(batch, PREFIX_STUDY + prefix)
+        view.put(batch, segment_key, digest.to_bytes())
+        view.counters["studies"] -= 1
+        return str(removed)
 
     # ----------------------------------------------------------------- hints
     def hint_owners(self) -> dict[str, tuple[int, int]]:
@@ -550,6 +639,10 @@ def _pick(attributes: dict[str, Any], level: str) -> dict[str, Any]:
 
 def _hint_key(owner: str, study_uid: str, sop_uid: str) -> bytes:
     return PREFIX_HINT + owner.encode() + SEP + study_prefix(study_uid) + SEP + sop_uid.encode("ascii")
+
+
+def _digest_key(segment: int) -> bytes:
+    return PREFIX_DIGEST + segment.to_bytes(2, "big")
 
 
 def _split_hint(value: bytes) -> tuple[dict[str, Any], bytes]:

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
-from pacsnode.replication.planning import coverage_plan, read_order
+from pacsnode.replication.planning import RangeSet, coverage_plan, read_order
 from pacsnode.replication.query import aggregate_patients, unique_key
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, Transport
 from pacsnode.ring.members import MembershipView
@@ -87,6 +87,8 @@ class Coordinator:
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
         self._last_effective_n = -1
+        # Ranges this node is still filling (set by the node to its Repairer's view).
+        self.pending: Callable[[], RangeSet] = lambda: RangeSet([])
 
     # ----------------------------------------------------------------- helpers
     def _replicas(self) -> tuple[int, int]:
@@ -255,6 +257,18 @@ class Coordinator:
         queue: asyncio.Queue[tuple[str, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
         failed: set[str] = set()
         plan, uncovered = coverage_plan(ring, n, self.self_id, self._membership.is_alive, site_of=self._site_of)
+        pending = self.pending()
+        if pending and self.self_id in plan:
+            # Ranges still filling here are read from another replica.
+            filling = [r for r in plan[self.self_id] if r.end in pending]
+            if filling:
+                plan[self.self_id] = [r for r in plan[self.self_id] if r.end not in pending]
+                replan, more_uncovered = self._replan(filling, {self.self_id})
+                for node_id, ranges in replan.items():
+                    plan.setdefault(node_id, []).extend(ranges)
+                uncovered += more_uncovered
+                if not plan[self.self_id]:
+                    del plan[self.self_id]
         if uncovered:
             log.warning("replication.find.uncovered ranges=%d: every owner of them is down", len(uncovered))
         running: dict[str, asyncio.Task[None]] = {}

@@ -34,6 +34,10 @@ class RangeSet:
         self._lows = [low for low, _high in merged]
         self._highs = [high for _low, high in merged]
 
+    def intervals(self) -> list[tuple[int, int]]:
+        """The set as sorted, disjoint, inclusive [low, high] token intervals."""
+        return list(zip(self._lows, self._highs))
+
     def __contains__(self, token: int) -> bool:
         index = bisect.bisect_right(self._lows, token) - 1
         return index >= 0 and token <= self._highs[index]

@@ -1,0 +1,381 @@
+"""Anti-entropy and rebalance, with no balancer: every node repairs its own ranges.
+
+Every node, for every token range it owns in the current ring, compares digests with
+the range's other live owners and pulls whatever it lacks (pull-only, idempotent,
+resumable: a pass that breaks off is simply run again). It runs on a timer and at once
+after any ring change, so the same mechanism does anti-entropy, re-replication after a
+loss, and filling a node that joined (or whose data dir was wiped).
+
+A range a node owns but has not filled yet is *pending*: reads do not use this node for
+it until a pass over it completed against every live source.
+
+A node drops data it holds for ranges it no longer owns only when every current owner of
+the range holds everything it holds there (the drop rule), and the ring that made the
+change is still current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+from pacsnode.replication.digest import Digest, segment_bounds, segment_of
+from pacsnode.replication.model import StoredInstance, StoreError
+from pacsnode.replication.planning import RangeSet
+from pacsnode.replication.transport import PeerError
+from pacsnode.ring.members import MembershipView
+from pacsnode.ring.placement import Ring, TokenRange
+from pacsnode.ring.tokens import TOKEN_SPACE, study_token
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[str, str, str]  # (study uid, sop uid, content hash)
+
+
+class RepairTransport(Protocol):
+    async def range_digest(self, target: str, token_range: TokenRange, *, timeout_ms: int) -> dict[int, Digest]: ...
+    async def list_bucket(self, target: str, token_range: TokenRange, segment: int, *,
+                          timeout_ms: int) -> list[Entry]: ...
+    async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
+                    include_hints: bool = False) -> StoredInstance | None: ...
+
+
+class RepairStore(Protocol):
+    """Blocking calls on the local store (run in a thread)."""
+
+    def segment_digests(self, intervals: list[tuple[int, int]]) -> dict[int, Digest]: ...
+    def entries(self, low: int, high: int) -> Any: ...
+    def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str: ...
+    def studies_in(self, low: int, high: int) -> list[str]: ...
+    def delete_study(self, study_instance_uid: str) -> int: ...
+    def is_empty(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    replication_factor: int = 3
+    interval_ms: int = 60_000  # Anti-entropy pass over every owned range.
+    rpc_timeout_ms: int = 10_000
+    fetch_timeout_ms: int = 60_000
+    bytes_per_second_max: int = 50_000_000  # Pull throttle (0 = none).
+
+
+@dataclass
+class Transfer:
+    """A range being filled: for `pacsnode status`."""
+
+    token_range: TokenRange
+    source: str
+    done_bytes: int = 0
+    total_bytes: int = 0
+    done_instances: int = 0
+    total_instances: int = 0
+
+
+@dataclass
+class RepairStats:
+    passes: int = 0
+    instances_pulled: int = 0
+    bytes_pulled: int = 0
+    studies_dropped: int = 0
+    instances_dropped: int = 0
+    last_pass_ms: int = 0
+    pending_ranges: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def intervals_of(token_range: TokenRange) -> list[tuple[int, int]]:
+    return RangeSet([token_range]).intervals()
+
+
+def _range_total(digests: dict[int, Digest]) -> Digest:
+    total = Digest()
+    for digest in digests.values():
+        total = total.combine(digest)
+    return total
+
+
+class Repairer:
+    def __init__(
+        self,
+        self_id: str,
+        membership: MembershipView,
+        transport: RepairTransport,
+        store: RepairStore,
+        settings: RepairSettings,
+        *,
+        run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+    ) -> None:
+        self.self_id = self_id
+        self._membership = membership
+        self._transport = transport
+        self._store = store
+        self._settings = settings
+        self._run_blocking = run_blocking
+        self._pending: set[TokenRange] = set()
+        self._pending_set = RangeSet([])
+        self._last_ring: Ring | None = None
+        self._previous_ring: Ring | None = None
+        self._wake = asyncio.Event()
+        self.transfers: dict[TokenRange, Transfer] = {}
+        self.stats = RepairStats()
+        self._bucket_started = time.monotonic()
+        self._bucket_bytes = 0
+
+    # ----------------------------------------------------------------- views
+    def pending(self) -> RangeSet:
+        """Ranges this node owns but has not filled yet (reads avoid it there)."""
+        return self._pending_set
+
+    def is_pending(self, ranges: Sequence[TokenRange]) -> bool:
+        if not self._pending:
+            return False
+        for token_range in ranges:
+            for low, high in intervals_of(token_range):
+                if any(self._overlaps(low, high, p) for p in self._pending):
+                    return True
+        return False
+
+    @staticmethod
+    def _overlaps(low: int, high: int, pending: TokenRange) -> bool:
+        return any(not (high < p_low or p_high < low) for p_low, p_high in intervals_of(pending))
+
+    def ring_changed(self) -> None:
+        """Run a pass now (called by membership on every ring change)."""
+        self._wake.set()
+
+    # ----------------------------------------------------------------- main loop
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Never let repair die; say why and go on.
+                log.error("repair.pass.error error=%r", error)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._settings.interval_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _note_ring(self, ring: Ring, n: int) -> None:
+        """Mark ranges newly owned in this ring as pending (all of them if our store is empty)."""
+        previous = self._last_ring
+        if previous is not None and previous.version == ring.version:
+            return
+        self._last_ring = ring
+        self._previous_ring = previous
+        mine = [owned.token_range for owned in ring.ranges(n) if self.self_id in owned.owners]
+        if len(ring) <= 1:
+            self._pending.clear()
+        elif previous is None or len(previous) <= 1:
+            # First look at the ring: a node with an empty store (new, or its data dir was
+            # wiped) must fill everything it owns before it serves reads.
+            if self._store.is_empty():
+                self._pending = set(mine)
+        else:
+            old_n = previous.effective_replicas(self._settings.replication_factor)
+            newly = []
+            for token_range in mine:
+                if len(previous) and self.self_id not in previous.preference_list(token_range.end, old_n):
+                    newly.append(token_range)
+            self._pending = {p for p in self._pending if p in set(mine)} | set(newly)
+            if newly:
+                log.info("repair.ranges.pending count=%d ring_version=%x", len(newly), ring.version)
+        self._pending_set = RangeSet(self._pending)
+        self.stats.pending_ranges = len(self._pending)
+
+    async def run_pass(self) -> None:
+        started = time.monotonic()
+        ring = self._membership.ring()
+        n = ring.effective_replicas(self._settings.replication_factor)
+        self._note_ring(ring, n)
+        if len(ring) <= 1:
+            return
+        owned = [o for o in ring.ranges(n) if self.self_id in o.owners]
+        # Pending ranges first: they are what reads are waiting for.
+        owned.sort(key=lambda o: o.token_range not in self._pending)
+        for item in owned:
+            if self._membership.ring().version != ring.version:
+                return  # The ring changed under us: the next pass starts from the new one.
+            sources = [o for o in item.owners if o != self.self_id and self._membership.is_alive(o)]
+            if item.token_range in self._pending and self._last_ring is not None:
+                # Old owners of a range we just gained are sources too (they may be the only ones).
+                sources += [s for s in self._previous_sources(item.token_range) if s not in sources]
+            complete = await self.sync_range(item.token_range, sources)
+            if complete and item.token_range in self._pending:
+                all_owners_alive = all(self._membership.is_alive(o) for o in item.owners)
+                if all_owners_alive or sources:
+                    self._pending.discard(item.token_range)
+                    self._pending_set = RangeSet(self._pending)
+                    self.stats.pending_ranges = len(self._pending)
+        await self._drop_unowned(ring, n)
+        self.stats.passes += 1
+        self.stats.last_pass_ms = int((time.monotonic() - started) * 1000)
+
+    def _previous_sources(self, token_range: TokenRange) -> list[str]:
+        """Owners of the range in the ring before the last change (they still hold it)."""
+        previous = self._previous_ring
+        if previous is None or len(previous) <= 1:
+            return []
+        old_n = previous.effective_replicas(self._settings.replication_factor)
+        return [o for o in previous.preference_list(token_range.end, old_n)
+                if o != self.self_id and self._membership.is_alive(o)]
+
+    def under_replicated_ranges(self) -> list[TokenRange]:
+        """Owned ranges that may have fewer than N full copies: pending here, or an owner down."""
+        ring = self._membership.ring()
+        n = ring.effective_replicas(self._settings.replication_factor)
+        result = []
+        for owned in ring.ranges(n):
+            if self.self_id not in owned.owners:
+                continue
+            if owned.token_range in self._pending or not all(self._membership.is_alive(o) for o in owned.owners):
+                result.append(owned.token_range)
+        if n < self._settings.replication_factor:
+            result = [o.token_range for o in ring.ranges(n) if self.self_id in o.owners]
+        return result
+
+    # ----------------------------------------------------------------- one range
+    async def sync_range(self, token_range: TokenRange, sources: Sequence[str]) -> bool:
+        """Pull what we lack in `token_range` from each source; True if every source answered."""
+        intervals = intervals_of(token_range)
+        complete = True
+        for source in sources:
+            try:
+                theirs = await self._transport.range_digest(source, token_range,
+                                                            timeout_ms=self._settings.rpc_timeout_ms)
+            except PeerError as error:
+                log.info("repair.digest.failed source=%s error=%s", source, error)
+                complete = False
+                continue
+            mine = await self._run_blocking(self._store.segment_digests, intervals)
+            if _range_total(mine) == _range_total(theirs) and mine == theirs:
+                continue
+            segments = sorted(s for s in set(mine) | set(theirs) if mine.get(s) != theirs.get(s))
+            try:
+                await self._pull_segments(token_range, source, segments)
+            except PeerError as error:
+                log.info("repair.pull.failed source=%s error=%s", source, error)
+                complete = False
+        return complete
+
+    async def _pull_segments(self, token_range: TokenRange, source: str, segments: list[int]) -> None:
+        transfer = self.transfers.setdefault(token_range, Transfer(token_range, source))
+        transfer.source = source
+        try:
+            for segment in segments:
+                their_entries = await self._transport.list_bucket(source, token_range, segment,
+                                                                  timeout_ms=self._settings.rpc_timeout_ms)
+                low, high = self._clip(token_range, segment)
+                mine = set()
+                for interval_low, interval_high in [(low, high)] if low <= high else []:
+                    mine = {(sop, content) for _study, sop, content in
+                            await self._run_blocking(lambda: list(self._store.entries(interval_low, interval_high)))}
+                missing = [e for e in their_entries if (e[1], e[2]) not in mine]
+                transfer.total_instances += len(missing)
+                for study_uid, sop_uid, _content in missing:
+                    stored = await self._transport.fetch(source, study_uid, sop_uid,
+                                                         timeout_ms=self._settings.fetch_timeout_ms)
+                    if stored is None:
+                        continue  # Gone meanwhile (dropped or never there); the next pass rechecks.
+                    try:
+                        await self._run_blocking(self._store.put_stored, stored)
+                    except StoreError as error:
+                        log.warning("repair.store.failed sop_instance_uid=%s error=%s", sop_uid, error)
+                        raise PeerError(f"local store: {error}") from error
+                    transfer.done_instances += 1
+                    transfer.done_bytes += len(stored.blob)
+                    self.stats.instances_pulled += 1
+                    self.stats.bytes_pulled += len(stored.blob)
+                    await self._throttle(len(stored.blob))
+            if transfer.done_instances:
+                log.info("repair.range.pulled source=%s instances=%d bytes=%d", source, transfer.done_instances,
+                         transfer.done_bytes)
+        finally:
+            if transfer.done_instances >= transfer.total_instances:
+                self.transfers.pop(token_range, None)
+
+    @staticmethod
+    def _clip(token_range: TokenRange, segment: int) -> tuple[int, int]:
+        """The part of `segment` inside `token_range` (one interval: ranges here are small)."""
+        seg_low, seg_high = segment_bounds(segment)
+        for low, high in intervals_of(token_range):
+            if not (high < seg_low or seg_high < low):
+                return max(low, seg_low), min(high, seg_high)
+        return 1, 0
+
+    async def _throttle(self, size: int) -> None:
+        limit = self._settings.bytes_per_second_max
+        if not limit:
+            return
+        self._bucket_bytes += size
+        elapsed = time.monotonic() - self._bucket_started
+        expected = self._bucket_bytes / limit
+        if expected > elapsed:
+            await asyncio.sleep(expected - elapsed)
+        if elapsed > 5:
+            self._bucket_started = time.monotonic()
+            self._bucket_bytes = 0
+
+    # ----------------------------------------------------------------- drop rule
+    async def _drop_unowned(self, ring: Ring, n: int) -> None:
+        """Drop studies in ranges we no longer own, once every owner holds all we hold there."""
+        held = await self._run_blocking(self._store.segment_digests, [(0, TOKEN_SPACE - 1)])
+        if not held:
+            return
+        owned = RangeSet([o.token_range for o in ring.ranges(n) if self.self_id in o.owners])
+        for owned_range in ring.ranges(n):
+            if self.self_id in owned_range.owners:
+                continue
+            token_range = owned_range.token_range
+            intervals = intervals_of(token_range)
+            if not any(segment_of(low) <= s <= segment_of(high) for s in held for low, high in intervals):
+                continue
+            mine = await self._run_blocking(self._store.segment_digests, intervals)
+            if not mine:
+                continue
+            if not await self._owners_hold_all(token_range, owned_range.owners, mine):
+                continue
+            if self._membership.ring().version != ring.version:
+                return
+            dropped_studies = 0
+            dropped_instances = 0
+            for low, high in intervals:
+                for study_uid in await self._run_blocking(self._store.studies_in, low, high):
+                    if study_token(study_uid) in owned:
+                        continue
+                    dropped_instances += await self._run_blocking(self._store.delete_study, study_uid)
+                    dropped_studies += 1
+            if dropped_studies:
+                self.stats.studies_dropped += dropped_studies
+                self.stats.instances_dropped += dropped_instances
+                log.info("repair.range.dropped studies=%d instances=%d owners=%s", dropped_studies,
+                         dropped_instances, ",".join(owned_range.owners))
+
+    async def _owners_hold_all(self, token_range: TokenRange, owners: Sequence[str], mine: dict[int, Digest]) -> bool:
+        for owner in owners:
+            if not self._membership.is_alive(owner):
+                return False  # Cannot confirm: keep our copy.
+            try:
+                theirs = await self._transport.range_digest(owner, token_range, timeout_ms=self._settings.rpc_timeout_ms)
+            except PeerError:
+                return False
+            for segment, digest in mine.items():
+                if theirs.get(segment) == digest:
+                    continue
+                try:
+                    their_entries = await self._transport.list_bucket(owner, token_range, segment,
+                                                                      timeout_ms=self._settings.rpc_timeout_ms)
+                except PeerError:
+                    return False
+                low, high = self._clip(token_range, segment)
+                my_entries = await self._run_blocking(lambda: list(self._store.entries(low, high)))
+                their_set = {(sop, content) for _study, sop, content in their_entries}
+                if any((sop, content) not in their_set for _study, sop, content in my_entries):
+                    return False
+        return True
