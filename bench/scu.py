@@ -1,0 +1,376 @@
+"""pynetdicom SCUs for the benchmark, each with TCP_NODELAY set on connection open.
+
+In process: echo(), find_latency(), get_study(), move_study().
+As a worker process (one association, for 1 or N parallel senders):
+
+    python bench/scu.py store --port P --aec AET --list FILES.txt --context SOPCLASS:TS ...
+
+The worker prints "ready", waits for one line on stdin, stores every file in the list
+over one association, then prints one JSON line with its counts and wall-clock times.
+Files are sent from disk without decoding (pynetdicom's STORE_SEND_CHUNKED_DATASET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+HOST = "127.0.0.1"
+BENCH_AET = "BENCH"
+DIMSE_TIMEOUT_S = 60.0
+STORE_ATTEMPT_MAX = 3
+
+logging.basicConfig(level=logging.DEBUG if os.environ.get("SCU_DEBUG") else logging.WARNING)
+logging.getLogger("pynetdicom").setLevel(logging.DEBUG if os.environ.get("SCU_DEBUG") else logging.ERROR)
+
+# pynetdicom 3.0.4 race: send_c_store() clears the reactor checkpoint and waits for
+# `_is_paused`, but the reactor sets `_is_paused = True` just before `wait()` and may still
+# pass it once, then pop the peer's (fast) response from the DIMSE queue and drop it as
+# "Received unexpected C-STORE service message"; the SCU then sits out its DIMSE timeout.
+# It shows up with 4 SCU processes on 2 cores. The benchmark SCU puts such a response back
+# on the queue for the waiting send_*() call, and counts how often that happened.
+RECOVERED_RESPONSES = 0
+_original_serve_request = Association._serve_request
+
+
+def _serve_request_keeping_responses(self: Association, msg: Any, context_id: int) -> None:
+    global RECOVERED_RESPONSES
+    if not msg.is_valid_request and getattr(msg, "Status", None) is not None:
+        RECOVERED_RESPONSES += 1
+        self.dimse.msg_queue.put((context_id, msg))
+        return
+    _original_serve_request(self, msg, context_id)
+
+
+Association._serve_request = _serve_request_keeping_responses  # type: ignore[method-assign]
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: neither pynetdicom nor Debian's dcmtk disables Nagle by default."""
+    connection: Any = event.assoc.dul.socket
+    connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+NODELAY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _set_nodelay)]
+
+
+def _new_ae() -> AE:
+    ae = AE(ae_title=BENCH_AET)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = DIMSE_TIMEOUT_S
+    ae.network_timeout = 60
+    return ae
+
+
+def _associate(ae: AE, aec: str, port: int, handlers: list[Any] | None = None,
+               ext_neg: list[Any] | None = None) -> Association:
+    assoc = ae.associate(HOST, port, ae_title=aec, evt_handlers=NODELAY_HANDLERS + (handlers or []),
+                         ext_neg=ext_neg)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {aec}@{HOST}:{port} was not established")
+    return assoc
+
+
+def echo(aec: str, port: int) -> int:
+    ae = _new_ae()
+    ae.acse_timeout = 5
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(HOST, port, ae_title=aec, evt_handlers=NODELAY_HANDLERS)
+    if not assoc.is_established:
+        return -1
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else -1
+    finally:
+        assoc.release()
+
+
+# ---------------------------------------------------------------------------------------
+# C-FIND
+
+
+@dataclass
+class FindResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    matches: list[int] = field(default_factory=list)
+    failures: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+STUDY_RETURN_KEYS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+    "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+    "ModalitiesInStudy",
+)
+
+
+def study_query(**match: str) -> Dataset:
+    """A STUDY-level identifier with the usual viewer return keys plus `match`."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    for keyword in STUDY_RETURN_KEYS:
+        setattr(query, keyword, "")
+    for keyword, value in match.items():
+        setattr(query, keyword, value)
+    if any(ord(char) > 127 for value in match.values() for char in value):
+        query.SpecificCharacterSet = "ISO_IR 100"
+    return query
+
+
+def find_latency(aec: str, port: int, queries: Sequence[tuple[str, Dataset]]) -> dict[str, FindResult]:
+    """Run the queries one after the other over ONE association; per-query latency."""
+    ae = _new_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    results: dict[str, FindResult] = {}
+    assoc = _associate(ae, aec, port)
+    try:
+        for kind, query in queries:
+            result = results.setdefault(kind, FindResult())
+            matched = 0
+            final = -1
+            started = time.perf_counter()
+            for status, _identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if "Status" not in status:
+                    final = -1
+                    break
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    matched += 1
+                else:
+                    final = code
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            result.statuses[f"{final:#06x}" if final >= 0 else "none"] = (
+                result.statuses.get(f"{final:#06x}" if final >= 0 else "none", 0) + 1)
+            if final != 0:
+                result.failures += 1
+                if not assoc.is_established:
+                    assoc = _associate(ae, aec, port)
+                continue
+            result.latencies_ms.append(elapsed_ms)
+            result.matches.append(matched)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def count_instances_by_study(aec: str, port: int, study_uids: set[str]) -> int | None:
+    """One universal STUDY-level C-FIND; sum NumberOfStudyRelatedInstances over `study_uids`.
+    None if the archive does not return that key."""
+    ae = _new_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    query.NumberOfStudyRelatedInstances = ""
+    total = 0
+    assoc = _associate(ae, aec, port)
+    try:
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if "Status" not in status or int(status.Status) not in (0xFF00, 0xFF01) or identifier is None:
+                continue
+            if identifier.get("StudyInstanceUID") in study_uids:
+                value = identifier.get("NumberOfStudyRelatedInstances")
+                if value in (None, ""):
+                    return None
+                total += int(value)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return total
+
+
+def count_instances(aec: str, port: int, series: Iterable[tuple[str, str]]) -> int:
+    """IMAGE-level C-FIND per (study, series): how many instances the archive answers with."""
+    ae = _new_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    total = 0
+    assoc = _associate(ae, aec, port)
+    try:
+        for study_uid, series_uid in series:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = study_uid
+            query.SeriesInstanceUID = series_uid
+            query.SOPInstanceUID = ""
+            for status, _identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if "Status" in status and int(status.Status) in (0xFF00, 0xFF01):
+                    total += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# C-GET and C-MOVE
+
+
+@dataclass
+class RetrieveResult:
+    elapsed_s: float
+    received: int            # C-GET: instances that arrived on our association.
+    received_bytes: int
+    completed: int           # From the final response (NumberOfCompletedSuboperations).
+    failed: int
+    final_status: int
+
+
+def _retrieve_query(study_uid: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    return query
+
+
+def get_study(aec: str, port: int, study_uid: str, sop_classes: Sequence[str]) -> RetrieveResult:
+    """C-GET a study; the instances are counted (bytes as received) and not decoded or written."""
+    received = 0
+    received_bytes = 0
+
+    def on_store(event: evt.Event) -> int:
+        nonlocal received, received_bytes
+        received += 1
+        request: Any = event.request
+        received_bytes += len(request.DataSet.getvalue())
+        return 0x0000
+
+    ae = _new_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for sop_class in sop_classes:
+        ae.add_requested_context(sop_class)
+        roles.append(build_role(sop_class, scp_role=True))
+    started = time.perf_counter()
+    assoc = _associate(ae, aec, port, handlers=[(evt.EVT_C_STORE, on_store)], ext_neg=roles)
+    final_status, completed, failed = -1, 0, 0
+    try:
+        for status, _identifier in assoc.send_c_get(_retrieve_query(study_uid),
+                                                    StudyRootQueryRetrieveInformationModelGet):
+            if "Status" not in status:
+                break
+            code = int(status.Status)
+            if code not in (0xFF00, 0xFF01):
+                final_status = code
+                completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+                failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    elapsed_s = time.perf_counter() - started
+    return RetrieveResult(elapsed_s, received, received_bytes, completed, failed, final_status)
+
+
+def move_study(aec: str, port: int, study_uid: str, destination_aet: str) -> RetrieveResult:
+    ae = _new_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    started = time.perf_counter()
+    assoc = _associate(ae, aec, port)
+    final_status, completed, failed = -1, 0, 0
+    try:
+        for status, _identifier in assoc.send_c_move(_retrieve_query(study_uid), destination_aet,
+                                                     StudyRootQueryRetrieveInformationModelMove):
+            if "Status" not in status:
+                break
+            code = int(status.Status)
+            if code not in (0xFF00, 0xFF01):
+                final_status = code
+                completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+                failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    elapsed_s = time.perf_counter() - started
+    return RetrieveResult(elapsed_s, 0, 0, completed, failed, final_status)
+
+
+# ---------------------------------------------------------------------------------------
+# C-STORE worker process
+
+
+def _store_worker(args: argparse.Namespace) -> int:
+    paths = [line for line in Path(args.list).read_text().splitlines() if line]
+    _config.STORE_SEND_CHUNKED_DATASET = True  # Send the file's bytes; no pydicom decode.
+    ae = _new_ae()
+    for pair in args.context:
+        sop_class, transfer_syntax = pair.split(":")
+        ae.add_requested_context(sop_class, [transfer_syntax])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    started = time.time()
+    ok = failed = warnings = timeouts = reassociations = message_id = 0
+    sent_bytes = 0
+    statuses: dict[str, int] = {}
+    assoc = _associate(ae, args.aec, args.port)
+    try:
+        for path in paths:
+            for attempt in range(1, STORE_ATTEMPT_MAX + 1):
+                if not assoc.is_established:
+                    assoc = _associate(ae, args.aec, args.port)
+                    reassociations += 1
+                message_id = message_id % 65535 + 1
+                try:
+                    status = assoc.send_c_store(path, msg_id=message_id)
+                except (RuntimeError, ConnectionError, OSError):
+                    status = Dataset()
+                if "Status" not in status:  # Timed out, aborted, or the response was lost.
+                    timeouts += 1
+                    if attempt == STORE_ATTEMPT_MAX:
+                        failed += 1
+                    continue
+                code = int(status.Status)
+                statuses[f"{code:#06x}"] = statuses.get(f"{code:#06x}", 0) + 1
+                if code == 0:
+                    ok += 1
+                elif code & 0xF000 == 0xB000:
+                    warnings += 1
+                else:
+                    failed += 1
+                sent_bytes += Path(path).stat().st_size
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    ended = time.time()
+    print(json.dumps({"start": started, "end": ended, "files": len(paths), "ok": ok, "warnings": warnings,
+                      "failed": failed, "timeouts": timeouts, "reassociations": reassociations,
+                      "recovered_responses": RECOVERED_RESPONSES,
+                      "bytes": sent_bytes, "statuses": statuses}), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/scu.py")
+    commands = parser.add_subparsers(dest="command", required=True)
+    store = commands.add_parser("store", help="C-STORE a list of files over one association")
+    store.add_argument("--port", type=int, required=True)
+    store.add_argument("--aec", required=True)
+    store.add_argument("--list", required=True, help="text file, one Part-10 path per line")
+    store.add_argument("--context", action="append", required=True, help="SOPClassUID:TransferSyntaxUID")
+    args = parser.parse_args(argv)
+    if args.command == "store":
+        return _store_worker(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
