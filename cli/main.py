@@ -28,13 +28,23 @@ def _default_text(name: str) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "start",
-        help="start a node (DICOM SCP on an embedded store)",
-        description="Start a pacsnode node. Every option can also be set in a TOML file (--config) "
-        "under the same name with '_' for '-'; command-line flags win.",
-    )
+def _start_parser(subparsers: Any, name: str = "start") -> argparse.ArgumentParser:
+    if name == "join":
+        parser = subparsers.add_parser(
+            "join",
+            help="start a node that joins the cluster SEED belongs to",
+            description="Start a node and join the cluster of SEED (HOST:PORT of any member's peer port). "
+            "It becomes an owner of its ranges at once and pulls them from their old replicas; "
+            "`pacsnode status` shows the progress. Takes every `start` option.",
+        )
+        parser.add_argument("seed", metavar="SEED", help="peer port (HOST:PORT) of any member")
+    else:
+        parser = subparsers.add_parser(
+            "start",
+            help="start a node (DICOM SCP on an embedded store)",
+            description="Start a pacsnode node. Every option can also be set in a TOML file (--config) "
+            "under the same name with '_' for '-'; command-line flags win.",
+        )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (default: none)")
     for flag, name, text in START_OPTIONS:
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS,
@@ -55,6 +65,8 @@ def _start_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="peer port of a node to join through, repeatable (default: none: a cluster of one until others join)",
     )
+    parser.add_argument("--dead-grace", dest="dead_grace_s", default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"same as --dead-grace-s (default: {DEFAULTS.dead_grace_s})")
     parser.add_argument("--replicas", dest="replication_factor", default=argparse.SUPPRESS,
                         help=f"same as --replication-factor (N) (default: {DEFAULTS.replication_factor})")
     return parser
@@ -68,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _start_parser(subparsers)
+    _start_parser(subparsers, "join")
+    leave = subparsers.add_parser(
+        "leave",
+        help="hand a node's ranges to their new owners, then stop it",
+        description="Ask the node at --node to leave: it stops owning ring tokens, the new owners pull its "
+        "ranges, it drops each range once every new owner holds all of it, then it announces LEFT and exits. "
+        "No study has fewer than N copies meanwhile.",
+    )
+    leave.add_argument("--node", default="127.0.0.1:7001", metavar="HOST:PORT",
+                       help="peer port of the node that leaves (default: 127.0.0.1:7001)")
+    leave.add_argument("--no-wait", action="store_true", help="return at once instead of showing progress")
+    leave.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
+    leave.add_argument("--timeout-s", type=float, default=3600.0, help="give up waiting after (default: 3600)")
+    remove = subparsers.add_parser(
+        "remove",
+        help="take a dead node out of the ring at once (survivors re-replicate its data)",
+        description="Remove NODE_ID from the ring now instead of after the dead grace period. Ask any live "
+        "member (--node). A removed node that is restarted with its data rejoins cleanly.",
+    )
+    remove.add_argument("node_id", metavar="NODE_ID")
+    remove.add_argument("--node", default="127.0.0.1:7001", metavar="HOST:PORT",
+                        help="peer port of any live member (default: 127.0.0.1:7001)")
+    remove.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
     status = subparsers.add_parser(
         "status",
         help="show a running cluster: members, ring ownership, local instances, pending hints",
@@ -116,6 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "join":
+        args.seeds = list(getattr(args, "seeds", [])) + [args.seed]
+        args.command = "start"
+    if args.command == "leave":
+        from pacsnode.cli import membership_commands
+
+        return membership_commands.leave(args.node, cluster_id=args.cluster_id, wait=not args.no_wait,
+                                         timeout_s=args.timeout_s)
+    if args.command == "remove":
+        from pacsnode.cli import membership_commands
+
+        return membership_commands.remove(args.node, args.node_id, cluster_id=args.cluster_id)
     if args.command == "start":
         try:
             config = config_from_args(args)

@@ -24,6 +24,7 @@ STATE_NAMES = {
     pb.MEMBER_STATE_DEAD: "dead",
     pb.MEMBER_STATE_LEFT: "left",
     pb.MEMBER_STATE_REMOVED: "removed",
+    pb.MEMBER_STATE_LEAVING: "leaving",
 }
 
 

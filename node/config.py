@@ -106,6 +106,7 @@ class NodeConfig:
     membership_sync_interval_ms: int = setting(1_000, "How often members exchange their member tables.")
     failure_timeout_ms: int = setting(3_000, "A member that has not answered for this long counts as down.")
     hint_replay_interval_ms: int = setting(1_000, "How often held hints are offered to their owners.")
+    dead_grace_s: int = setting(600, "A member unreachable this long is removed from the ring (survivors re-replicate), within the rails.")
     anti_entropy_interval_ms: int = setting(60_000, "How often each owned range is compared with its other replicas (and at once after a ring change).")
     repair_bytes_per_second_max: int = setting(50_000_000, "Throttle for pulling missing instances (repair, rebalance); 0 = none.")
 
@@ -140,7 +141,7 @@ class NodeConfig:
                      "failure_timeout_ms", "hint_replay_interval_ms", "anti_entropy_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max"):
+        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):

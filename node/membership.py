@@ -28,15 +28,21 @@ def now_ms() -> int:
     return int(time.monotonic() * 1000)
 
 
+def wall_ms() -> int:
+    """Wall-clock milliseconds: orders a member's updates across nodes (with its generation)."""
+    return int(time.time() * 1000)
+
+
 class StaticMembership:
     """MembershipView for the node, kept current by push-pull with seeds and members."""
 
     def __init__(self, cluster_id: str, me: MemberInfo, seeds: Iterable[str], *, sync_interval_ms: int,
-                 failure_timeout_ms: int) -> None:
+                 failure_timeout_ms: int, dead_grace_ms: int = 600_000) -> None:
         self.table = MemberTable(cluster_id, me, failure_timeout_ms=failure_timeout_ms)
         self.self_id = me.node_id
         self.seeds = [s for s in seeds if s != me.peer_address]
         self.sync_interval_ms = sync_interval_ms
+        self.dead_grace_ms = dead_grace_ms
         self.transport: "GrpcTransport | None" = None
         self._task: asyncio.Task[None] | None = None
         self._ring_version = 0
@@ -69,7 +75,10 @@ class StaticMembership:
             except ValueError as error:
                 log.warning("membership.update.ignored reason=%s", error)
         before = self.table.ring().version
-        changed = self.table.merge(members, now_ms())
+        changed = self.table.merge(members, now_ms(), wall_ms())
+        self._changed(changed, before)
+
+    def _changed(self, changed: list[str], before: int) -> None:
         if changed:
             ring = self.table.ring()
             log.info("membership.changed members=%d changed=%s ring_version=%x", len(ring), ",".join(changed),
@@ -77,6 +86,48 @@ class StaticMembership:
             if ring.version != before:
                 for callback in self.on_change:
                     callback()
+
+    def leave(self) -> None:
+        """Start handing our ranges over: we stop owning tokens; we keep serving until drained."""
+        before = self.table.ring().version
+        self.table.update_self(state="leaving", updated_at_ms=wall_ms())
+        log.warning("membership.leaving node=%s", self.self_id)
+        self._changed([self.self_id], before)
+
+    def mark_left(self) -> None:
+        before = self.table.ring().version
+        self.table.update_self(state="left", updated_at_ms=wall_ms())
+        log.warning("membership.left node=%s", self.self_id)
+        self._changed([self.self_id], before)
+
+    def remove(self, node_id: str, *, reason: str) -> bool:
+        """Take a member out of the ring (operator, or dead for longer than the grace)."""
+        before = self.table.ring().version
+        if self.table.set_state(node_id, "removed", wall_ms()) is None:
+            return False
+        log.warning("membership.removed node=%s reason=%s", node_id, reason)
+        self._changed([node_id], before)
+        return True
+
+    def _remove_dead(self) -> None:
+        """Dead longer than the grace -> removed, within the rails: never below 75% of the
+        ring's members, never every node of a site (that is a partition, not a dead site)."""
+        ring_members = [m for m in self.members() if m.state == "alive"]
+        now = now_ms()
+        for member in ring_members:
+            last = self.table.last_contact_ms(member.node_id)
+            if member.node_id == self.self_id or last is None or now - last < self.dead_grace_ms:
+                continue
+            remaining = len([m for m in ring_members if m.state == "alive"]) - 1
+            if remaining < 0.75 * len(ring_members):
+                log.warning("membership.remove.held node=%s reason=would-leave-under-75%%", member.node_id)
+                continue
+            same_site = [m for m in ring_members if m.site == member.site and m.node_id != member.node_id]
+            if not any(self.is_alive(m.node_id) for m in same_site):
+                log.warning("membership.remove.held node=%s reason=last-of-site-%s", member.node_id, member.site)
+                continue
+            self.remove(member.node_id, reason=f"dead for more than {self.dead_grace_ms // 1000} s")
+            ring_members = [m for m in ring_members if m.node_id != member.node_id]
 
     # ----------------------------------------------------------------- sync loop
     def start(self, transport: "GrpcTransport") -> None:
@@ -91,7 +142,7 @@ class StaticMembership:
     async def sync_once(self) -> None:
         assert self.transport is not None
         targets: dict[str, str | None] = {m.peer_address: m.node_id for m in self.members()
-                                          if m.node_id != self.self_id}
+                                          if m.node_id != self.self_id and m.state in ("alive", "leaving")}
         for seed in self.seeds:
             targets.setdefault(seed, None)
         timeout_ms = max(200, min(2_000, self.sync_interval_ms))
@@ -101,6 +152,7 @@ class StaticMembership:
             if isinstance(result, BaseException) and not isinstance(result, PeerError):
                 log.warning("membership.sync.error error=%r", result)
         self._log_liveness_changes()
+        self._remove_dead()
 
     async def _exchange(self, address: str, node_id: str | None, timeout_ms: int) -> None:
         assert self.transport is not None

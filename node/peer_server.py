@@ -275,6 +275,29 @@ class MembershipService(pb_grpc.MembershipServicer):
         reply.members.extend(peer_wire.member_to_wire(m) for m in self.node.membership.members())
         return reply
 
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        """member.node_id == us with state LEFT: start leaving. Any member with state REMOVED:
+        the operator removes it from the ring at once (`pacsnode remove`)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Leave")
+        target = request.member.node_id
+        membership = self.node.membership
+        if request.member.state == pb.MEMBER_STATE_REMOVED:
+            if target == self.node.config.node_id:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "a node cannot remove itself; use `pacsnode leave` to hand its ranges over")
+            if membership.member(target) is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no member {target!r}")
+            if membership.is_alive(target):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"{target} is alive: stop it first, or use `pacsnode leave` on it")
+            accepted = membership.remove(target, reason="operator")
+            return pb.LeaveReply(envelope=self.server.envelope(), accepted=accepted)
+        if target not in ("", self.node.config.node_id):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this is {self.node.config.node_id}; ask {target} itself to leave")
+        membership.leave()
+        return pb.LeaveReply(envelope=self.server.envelope(), accepted=True)
+
     async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Ping")
         if request.target_id and request.target_id != self.node.config.node_id:

@@ -18,6 +18,7 @@ STATE_TO_WIRE = {
     "dead": pb.MEMBER_STATE_DEAD,
     "left": pb.MEMBER_STATE_LEFT,
     "removed": pb.MEMBER_STATE_REMOVED,
+    "leaving": pb.MEMBER_STATE_LEAVING,
 }
 STATE_FROM_WIRE = {value: key for key, value in STATE_TO_WIRE.items()}
 OUTCOME_TO_WIRE = {

@@ -109,6 +109,7 @@ class Node:
             config.cluster_id, me, config.seeds,
             sync_interval_ms=config.membership_sync_interval_ms,
             failure_timeout_ms=config.failure_timeout_ms,
+            dead_grace_ms=config.dead_grace_s * 1000,
         )
         self.loop = LoopThread()
         self.channels = Channels()
@@ -142,6 +143,8 @@ class Node:
         self.peer_server = PeerServer(self)
         self._hint_task: asyncio.Task[None] | None = None
         self._repair_task: asyncio.Task[None] | None = None
+        self._leave_task: asyncio.Task[None] | None = None
+        self.shutdown_requested = threading.Event()
         self._stopped = threading.Event()
 
     def envelope(self) -> pb.Envelope:
@@ -180,6 +183,25 @@ class Node:
             "pacsnode.peer.refused_count": self.peer_server.refused,
         }
 
+    async def _finish_leave_when_drained(self) -> None:
+        """While leaving: once every range we held is with its new owners (the drop rule
+        emptied our store) and our hints are handed over, announce LEFT and shut down."""
+        while True:
+            await asyncio.sleep(0.5)
+            me = self.membership.member(self.config.node_id)
+            if me is None or me.state != "leaving":
+                continue
+            self.repairer.ring_changed()
+            if not self.store.is_empty() or self.store.statistics().hints:
+                continue
+            self.membership.mark_left()
+            for _ in range(3):  # Make sure the others hear it before we go.
+                await self.membership.sync_once()
+                await asyncio.sleep(self.config.membership_sync_interval_ms / 1000)
+            log.warning("node.left node_id=%s", self.config.node_id)
+            self.shutdown_requested.set()
+            return
+
     def under_replicated_studies(self) -> int:
         """Studies this node holds in ranges that may lack a full copy somewhere."""
         count = 0
@@ -195,6 +217,7 @@ class Node:
         self.membership.start(self.transport)
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
+        self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())
 
     async def _replay_hints_forever(self) -> None:
         while True:
@@ -207,7 +230,7 @@ class Node:
                 log.error("replication.hint.replay_error error=%r", error)
 
     async def _stop_async(self) -> None:
-        for task in (self._hint_task, self._repair_task):
+        for task in (self._hint_task, self._repair_task, self._leave_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -262,8 +285,9 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         try:
-            while not wake.wait(1.0):
-                pass
+            while not wake.wait(0.5):
+                if self.shutdown_requested.is_set():
+                    break
         finally:
             self.stop()
 

@@ -34,6 +34,7 @@ class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEMBER_STATE_DEAD: _ClassVar[MemberState]
     MEMBER_STATE_LEFT: _ClassVar[MemberState]
     MEMBER_STATE_REMOVED: _ClassVar[MemberState]
+    MEMBER_STATE_LEAVING: _ClassVar[MemberState]
 
 class RangeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,6 +61,7 @@ MEMBER_STATE_SUSPECT: MemberState
 MEMBER_STATE_DEAD: MemberState
 MEMBER_STATE_LEFT: MemberState
 MEMBER_STATE_REMOVED: MemberState
+MEMBER_STATE_LEAVING: MemberState
 RANGE_ROLE_UNSPECIFIED: RangeRole
 RANGE_ROLE_OWNER: RangeRole
 RANGE_ROLE_PENDING_OWNER: RangeRole

@@ -32,7 +32,9 @@ class MemberInfo:
     vnodes: int = 64
     generation: int = 0  # Boot generation: bumps on every restart.
     updated_at_ms: int = 0
-    state: str = "alive"  # alive | left | removed (liveness itself is tracked apart).
+    # alive | leaving (handing its ranges over) | left | removed. Liveness (answering or
+    # not) is tracked apart; only `alive` members own ring tokens.
+    state: str = "alive"
 
     def newer_than(self, other: "MemberInfo") -> bool:
         return (self.generation, self.updated_at_ms) > (other.generation, other.updated_at_ms)
@@ -66,12 +68,23 @@ class MemberTable:
         self._ring: Ring | None = None
 
     # ----------------------------------------------------------------- updates
-    def merge(self, updates: Iterable[MemberInfo], now_ms: int) -> list[str]:
-        """Merge another node's view; returns the ids that were added or changed."""
+    def merge(self, updates: Iterable[MemberInfo], now_ms: int, wall_ms: int | None = None) -> list[str]:
+        """Merge another node's view; returns the ids that were added or changed.
+
+        An update about ourselves that says we are removed (or that a later boot of us
+        exists) is refuted: we re-announce ourselves, newer, as we are.
+        """
         changed = []
         for update in updates:
             if update.node_id == self.self_id:
-                continue  # Only we speak for ourselves.
+                me = self._members[self.self_id]
+                if update.generation > me.generation:
+                    self.update_self(generation=update.generation + 1, updated_at_ms=(wall_ms or now_ms))
+                    changed.append(self.self_id)
+                elif update.newer_than(me) and update.state != me.state and me.state == "alive":
+                    self.update_self(updated_at_ms=max(update.updated_at_ms, wall_ms or 0) + 1)
+                    changed.append(self.self_id)
+                continue
             known = self._members.get(update.node_id)
             if known is None or update.newer_than(known):
                 self._members[update.node_id] = update
@@ -105,6 +118,16 @@ class MemberTable:
     def ring_members(self) -> list[MemberInfo]:
         """Members that own ring tokens (a node that left or was removed does not)."""
         return [m for m in self.members() if m.state == "alive"]
+
+    def set_state(self, node_id: str, state: str, wall_ms: int) -> MemberInfo | None:
+        """Change a member's state (operator remove, dead-grace removal), newer than what we had."""
+        known = self._members.get(node_id)
+        if known is None:
+            return None
+        updated = replace(known, state=state, updated_at_ms=max(wall_ms, known.updated_at_ms + 1))
+        self._members[node_id] = updated
+        self._ring = None
+        return updated
 
     def is_alive(self, node_id: str, now_ms: int) -> bool:
         if node_id == self.self_id:

@@ -80,6 +80,7 @@ membership_sync_interval_ms = 500
 failure_timeout_ms = 2500
 hint_replay_interval_ms = 700
 anti_entropy_interval_ms = 5000
+dead_grace_s = 30
 repair_bytes_per_second_max = 0
 log_level = "debug"
 """
@@ -114,6 +115,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.membership_sync_interval_ms, config.failure_timeout_ms, config.hint_replay_interval_ms) == (
         500, 2500, 700)
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
+    assert config.dead_grace_s == 30
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
