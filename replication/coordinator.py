@@ -160,7 +160,8 @@ class Coordinator:
         return WriteResult(WriteStatus.SUCCESS, outcome=outcome, latency_ms=int((time.monotonic() - started) * 1000))
 
     async def store(self, stored: StoredInstance) -> WriteResult:
-        started = time.monotonic()
+        clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
+        started = clock()
         self.stats.writes += 1
         ring = self._membership.ring()
         n, w = self._replicas()
@@ -172,9 +173,9 @@ class Coordinator:
                  for owner in owners]
         acked: list[tuple[str, str, str]] = []  # (owner, holder, outcome)
         pending = set(tasks)
-        deadline = time.monotonic() + self._settings.store_timeout_ms / 1000
+        deadline = clock() + self._settings.store_timeout_ms / 1000
         while pending and len(acked) < w:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - clock()
             if remaining <= 0:
                 break
             done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
@@ -184,7 +185,7 @@ class Coordinator:
                     acked.append(result)
         for task in pending:  # The other copies finish in the background.
             self._spawn(task)
-        latency_ms = int((time.monotonic() - started) * 1000)
+        latency_ms = int((clock() - started) * 1000)
         if len(acked) >= w:
             outcome = next((o for owner, holder, o in acked if holder == owner), acked[0][2])
             if outcome == StoreOutcome.CONFLICT:

@@ -122,7 +122,7 @@ class Repairer:
         self._wake = asyncio.Event()
         self.transfers: dict[TokenRange, Transfer] = {}
         self.stats = RepairStats()
-        self._bucket_started = time.monotonic()
+        self._bucket_started = 0.0
         self._bucket_bytes = 0
 
     # ----------------------------------------------------------------- views
@@ -190,7 +190,8 @@ class Repairer:
         self.stats.pending_ranges = len(self._pending)
 
     async def run_pass(self) -> None:
-        started = time.monotonic()
+        clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
+        started = clock()
         ring = self._membership.ring()
         n = ring.effective_replicas(self._settings.replication_factor)
         self._note_ring(ring, n)
@@ -215,7 +216,7 @@ class Repairer:
                     self.stats.pending_ranges = len(self._pending)
         await self._drop_unowned(ring, n)
         self.stats.passes += 1
-        self.stats.last_pass_ms = int((time.monotonic() - started) * 1000)
+        self.stats.last_pass_ms = int((clock() - started) * 1000)
 
     def _previous_sources(self, token_range: TokenRange) -> list[str]:
         """Owners of the range in the ring before the last change (they still hold it)."""
@@ -313,13 +314,16 @@ class Repairer:
         limit = self._settings.bytes_per_second_max
         if not limit:
             return
+        now = asyncio.get_running_loop().time()
+        if not self._bucket_started:
+            self._bucket_started = now
         self._bucket_bytes += size
-        elapsed = time.monotonic() - self._bucket_started
+        elapsed = now - self._bucket_started
         expected = self._bucket_bytes / limit
         if expected > elapsed:
             await asyncio.sleep(expected - elapsed)
         if elapsed > 5:
-            self._bucket_started = time.monotonic()
+            self._bucket_started = asyncio.get_running_loop().time()
             self._bucket_bytes = 0
 
     # ----------------------------------------------------------------- drop rule
