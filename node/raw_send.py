@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from io import BytesIO
 from typing import Any, Callable
@@ -129,8 +130,20 @@ def _send_stored(
     request.AffectedSOPInstanceUID = sop_instance
     request.DataSet = BytesIO(payload)
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
+    # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
+    # before a wait that does not block while the checkpoint is still set), and the reactor
+    # can then take our C-STORE response off the queue ("Received unexpected C-STORE
+    # service message"). Clearing the flag ourselves makes us wait for a fresh pause --
+    # except when we run on the association's own reactor thread (C-GET sub-operations),
+    # which pynetdicom marks paused while it runs our handler.
     assoc._reactor_checkpoint.clear()
+    if threading.current_thread() is not assoc:
+        assoc._is_paused = False
+    deadline = time.monotonic() + 30
     while not assoc._is_paused:
+        if time.monotonic() > deadline:
+            assoc._reactor_checkpoint.set()
+            raise RuntimeError("association reactor did not pause")
         time.sleep(0.0001)
     try:
         assoc.dimse.send_msg(request, context.context_id)
