@@ -69,9 +69,20 @@ generation: a node that learns it was removed (say it was cut off for longer tha
 grace period) reports `self_state() == REMOVED` and must restart with a higher
 generation, as it also must to rejoin after `leave`.
 
-Views for the data path: alive and suspect members are reachable (`is_alive`); alive,
-suspect and dead members keep their tokens (`ring_members`); left and removed ones do
-not. `events` collects every state transition for logging and for measuring detection.
+Leaving (`pacsnode leave`, DESIGN "Repair and rebalance"): `start_leaving` makes a member
+LEAVING with a bumped incarnation. It gives up its tokens at once (the new owners pull its
+ranges) but keeps answering, probing and gossiping until it has handed everything over;
+then `leave` makes it LEFT. LEAVING ranks between ALIVE and SUSPECT at one incarnation, so
+a leaving member is probed, suspected and declared dead like any other. So that a
+suspicion does not put it back into the ring, every record derived from a LEAVING one
+(SUSPECT, DEAD, REMOVED, the member's own refutation) carries `leaving=True`: a record at
+or above the LEAVING incarnation can only have come from it, so every node that holds a
+record that new knows the member is leaving, whatever its state.
+
+Views for the data path: alive, leaving and suspect members are reachable (`is_alive`);
+alive, suspect and dead members keep their tokens (`ring_members`) unless they are
+leaving; left and removed ones do not. `events` collects every state transition for
+logging and for measuring detection.
 
 Mapping onto proto/pacsnode.proto (the node does this): Ping -> PingRequest (reply Ack),
 IndirectPing -> IndirectPingRequest (reply Ack, or Ack with nack=true for `Nack`),
@@ -132,16 +143,18 @@ class State(StrEnum):
     """A member's state. The values are MemberInfo.state strings (node/peer_wire.py)."""
 
     ALIVE = "alive"  # Answering probes.
+    LEAVING = "leaving"  # Handing its ranges over (`pacsnode leave`): answering, owns no tokens. Then LEFT.
     SUSPECT = "suspect"  # Missed a probe; dead unless it refutes before the timeout.
     DEAD = "dead"  # Not answering. Keeps its tokens; hints accumulate for it.
     LEFT = "left"  # Announced a graceful leave. Out of the ring.
     REMOVED = "removed"  # Dead past the grace period, or removed by the operator. Out of the ring.
 
 
-REACHABLE = frozenset({State.ALIVE, State.SUSPECT})
-IN_RING = frozenset({State.ALIVE, State.SUSPECT, State.DEAD})
+REACHABLE = frozenset({State.ALIVE, State.LEAVING, State.SUSPECT})
+IN_RING = frozenset({State.ALIVE, State.SUSPECT, State.DEAD})  # Unless the record says `leaving`.
 TERMINAL = frozenset({State.LEFT, State.REMOVED})
-_RANK = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 3, State.REMOVED: 4}
+RUNNING = frozenset({State.ALIVE, State.LEAVING})  # What a running member says about itself.
+_RANK = {State.ALIVE: 0, State.LEAVING: 1, State.SUSPECT: 2, State.DEAD: 3, State.LEFT: 4, State.REMOVED: 5}
 
 
 # ===================================================================== configuration
@@ -277,10 +290,13 @@ class MemberUpdate:
     incarnation: int = 0  # Raised only by the member itself, to refute.
     reporter_id: str = ""  # Who set this state; for SUSPECT the accuser (counts confirmations).
     lamport: int = 0  # Lamport clock of a LEFT or REMOVED event (Serf); 0 otherwise.
+    leaving: bool = False  # The member announced LEAVING in this generation: it owns no tokens.
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, State):
             object.__setattr__(self, "state", State(self.state))
+        if self.state is State.LEAVING and not self.leaving:
+            object.__setattr__(self, "leaving", True)
         if self.info.state != self.state.value:
             object.__setattr__(self, "info", replace(self.info, state=self.state.value))
 
@@ -292,6 +308,16 @@ class MemberUpdate:
     def generation(self) -> int:
         return self.info.generation
 
+    @property
+    def in_ring(self) -> bool:
+        """Owns ring tokens: alive, suspect or dead, and not leaving."""
+        return self.state in IN_RING and not self.leaving
+
+    def restate(self, state: State, *, reporter_id: str, lamport: int = 0) -> "MemberUpdate":
+        """This member's record in another state, as `reporter_id` says (same incarnation, leaving kept)."""
+        return MemberUpdate(self.info, state, self.incarnation, reporter_id=reporter_id, lamport=lamport,
+                            leaving=self.leaving)
+
 
 def _primary(update: MemberUpdate) -> tuple[int, int, int, int, int]:
     if update.state in TERMINAL:
@@ -300,7 +326,7 @@ def _primary(update: MemberUpdate) -> tuple[int, int, int, int, int]:
 
 
 def _tiebreak(update: MemberUpdate) -> tuple[object, ...]:
-    return (update.reporter_id, dataclasses.astuple(update.info))
+    return (update.reporter_id, update.leaving, dataclasses.astuple(update.info))
 
 
 def newer(candidate: MemberUpdate, current: MemberUpdate) -> bool:
@@ -634,8 +660,9 @@ class Swim:
         return self._joined
 
     def self_state(self) -> State:
-        """ALIVE normally; LEFT after leave(); REMOVED (or LEFT) when the cluster removed
-        this generation of the node, which then must restart with a higher generation."""
+        """ALIVE normally; LEAVING after start_leaving(); LEFT after leave(); REMOVED (or LEFT)
+        when the cluster removed this generation of the node, which then must restart with a
+        higher generation."""
         return self.me.state
 
     def members(self) -> list[MemberView]:
@@ -644,8 +671,8 @@ class Swim:
                 for _, u in sorted(self._records.items())]
 
     def ring_members(self) -> list[MemberInfo]:
-        """Members that own tokens: alive, suspect and dead (left and removed do not)."""
-        return [u.info for _, u in sorted(self._records.items()) if u.state in IN_RING]
+        """Members that own tokens: alive, suspect and dead, unless leaving (left and removed do not)."""
+        return [u.info for _, u in sorted(self._records.items()) if u.in_ring]
 
     def member(self, node_id: str) -> MemberInfo | None:
         update = self._records.get(node_id)
@@ -684,7 +711,7 @@ class Swim:
     def next_tick_ms(self) -> int:
         """The earliest time at which tick() has something to do."""
         times = [self._next_gossip_ms]
-        if self.me.state is State.ALIVE:
+        if self.me.state in RUNNING:
             times.append(self._next_probe_ms)
             times.append(self._next_push_pull_ms)
             if self._next_join_ms is not None:
@@ -714,6 +741,18 @@ class Swim:
         self._next_join_ms = now_ms + self.config.join_retry_interval_ms
         return self._join_requests()
 
+    def start_leaving(self, now_ms: int) -> list[Outbound]:
+        """Start a graceful leave (`pacsnode leave`): LEAVING with a bumped incarnation, sent to
+        every reachable member. This node gives up its tokens but keeps answering, probing and
+        gossiping while the new owners pull its ranges; call leave() once it has handed over."""
+        me = self.me
+        if me.state is not State.ALIVE:
+            return []
+        leaving = MemberUpdate(me.info, State.LEAVING, me.incarnation + 1, reporter_id=self.self_id)
+        self._set_record(now_ms, leaving)
+        self._queue.enqueue(leaving)
+        return [self._send(u.node_id, Gossip((leaving,))) for u in self._others() if u.state in REACHABLE]
+
     def leave(self, now_ms: int) -> list[Outbound]:
         """Announce a graceful leave: LEFT with a bumped incarnation, sent to every reachable member.
 
@@ -723,7 +762,8 @@ class Swim:
         if me.state in TERMINAL:
             return []
         self._lamport += 1
-        left = MemberUpdate(me.info, State.LEFT, me.incarnation + 1, reporter_id=self.self_id, lamport=self._lamport)
+        left = MemberUpdate(me.info, State.LEFT, me.incarnation + 1, reporter_id=self.self_id, lamport=self._lamport,
+                            leaving=me.leaving)
         self._set_record(now_ms, left)
         self._queue.enqueue(left)
         self._probe = None
@@ -741,8 +781,7 @@ class Swim:
         if current.state is State.REMOVED:
             return []
         self._lamport += 1
-        removed = MemberUpdate(current.info, State.REMOVED, current.incarnation, reporter_id=self.self_id,
-                               lamport=self._lamport)
+        removed = current.restate(State.REMOVED, reporter_id=self.self_id, lamport=self._lamport)
         self._counts["operator_removals"] += 1
         self._apply(now_ms, removed)
         return self._gossip_round(now_ms)
@@ -753,7 +792,7 @@ class Swim:
         config = self.config
         stalled = now_ms - self._last_tick_ms > config.probe_interval_ms
         self._last_tick_ms = now_ms
-        alive = self.me.state is State.ALIVE
+        alive = self.me.state in RUNNING
 
         # Indirect probes we carry out for others: the target stayed silent -> nack.
         for sequence_number, relay in list(self._relays.items()):
@@ -894,7 +933,7 @@ class Swim:
         target = self._records.get(probe.target_id)
         if target is None:
             return []
-        candidates = [u.node_id for u in self._others() if u.state is State.ALIVE and u.node_id != probe.target_id]
+        candidates = [u.node_id for u in self._others() if u.state in RUNNING and u.node_id != probe.target_id]
         chosen = self._rng.sample(candidates, min(self.config.indirect_checks, len(candidates)))
         probe.expected_nacks = len(chosen)
         self._counts["indirect_probes_sent"] += len(chosen)
@@ -917,7 +956,7 @@ class Swim:
         else:
             self._adjust_awareness(+1)
         self._counts["suspicions_raised"] += 1
-        self._apply(now_ms, MemberUpdate(current.info, State.SUSPECT, current.incarnation, reporter_id=self.self_id))
+        self._apply(now_ms, current.restate(State.SUSPECT, reporter_id=self.self_id))
         return []
 
     def _on_ack(self, source_id: str, sequence_number: int) -> list[Outbound]:
@@ -978,7 +1017,7 @@ class Swim:
         if current is None or current.state is not State.SUSPECT:
             return []
         self._counts["deaths_declared"] += 1
-        self._apply(now_ms, MemberUpdate(current.info, State.DEAD, current.incarnation, reporter_id=self.self_id))
+        self._apply(now_ms, current.restate(State.DEAD, reporter_id=self.self_id))
         return []
 
     def _reap_dead(self, now_ms: int) -> None:
@@ -999,8 +1038,7 @@ class Swim:
             self._blocked.pop(update.node_id, None)
             self._lamport += 1
             self._counts["removals"] += 1
-            self._apply(now_ms, MemberUpdate(update.info, State.REMOVED, update.incarnation,
-                                             reporter_id=self.self_id, lamport=self._lamport))
+            self._apply(now_ms, update.restate(State.REMOVED, reporter_id=self.self_id, lamport=self._lamport))
         for node_id in [n for n in self._blocked if self.state_of(n) is not State.DEAD]:
             del self._blocked[node_id]
 
@@ -1019,8 +1057,7 @@ class Swim:
                     # memberlist mergeState: a peer's full state may be stale (the other side of
                     # a healed partition), so its "dead" only makes us suspect, and our own timer
                     # decides. The member meanwhile hears of it and refutes.
-                    update = MemberUpdate(update.info, State.SUSPECT, update.incarnation,
-                                          reporter_id=update.reporter_id)
+                    update = update.restate(State.SUSPECT, reporter_id=update.reporter_id)
             self._apply(now_ms, update)
 
     def _apply(self, now_ms: int, update: MemberUpdate) -> bool:
@@ -1053,7 +1090,7 @@ class Swim:
             if node_id not in self._probe_order[self._probe_index:]:
                 position = self._rng.randrange(self._probe_index, len(self._probe_order) + 1)
                 self._probe_order.insert(position, node_id)
-        if old_state is State.SUSPECT and update.state is State.ALIVE:
+        if old_state is State.SUSPECT and update.state in RUNNING:
             self._counts["suspicions_cleared"] += 1
         self._suspicions.pop(node_id, None)
         if update.state is State.SUSPECT:
@@ -1078,13 +1115,15 @@ class Swim:
             self._probe = None
             self._next_join_ms = None
             return True
-        if (update.state is not State.ALIVE and update.incarnation >= me.incarnation) or (
+        if (update.state is not me.state and update.incarnation >= me.incarnation) or (
                 update.incarnation > me.incarnation):
             # Refute: only we may raise our incarnation, and a higher one beats any accusation.
-            refuted = MemberUpdate(me.info, State.ALIVE, update.incarnation + 1, reporter_id=self.self_id)
+            # A leaving member refutes as leaving.
+            refuted = MemberUpdate(me.info, me.state, update.incarnation + 1, reporter_id=self.self_id,
+                                   leaving=me.leaving)
             self._records[self.self_id] = refuted
             self._queue.enqueue(refuted)
-            if update.state is not State.ALIVE:
+            if update.state not in RUNNING:
                 self._counts["suspicions_refuted"] += 1
                 self._adjust_awareness(+1)
             return True
@@ -1122,7 +1161,7 @@ class Swim:
         first: list[MemberUpdate] = []
         budget = config.piggyback_bytes_max
         about_target = self._records.get(target_id)
-        if about_target is not None and about_target.state is not State.ALIVE:
+        if about_target is not None and about_target.state not in RUNNING:
             first.append(about_target)
             budget -= update_bytes(about_target)
         taken = self._queue.take(budget, retransmit_limit(config.retransmit_mult, self._ring_size()),
@@ -1144,7 +1183,7 @@ class Swim:
         return out
 
     def _push_pull(self) -> list[Outbound]:
-        live = [u.node_id for u in self._others() if u.state is State.ALIVE]
+        live = [u.node_id for u in self._others() if u.state in RUNNING]
         dead = [u.node_id for u in self._others() if u.state is State.DEAD]
         request = PushPullRequest(self._snapshot())
         if dead and self._rng.random() < len(dead) / (len(live) + len(dead)):
@@ -1169,7 +1208,7 @@ class Swim:
         return (u for u in self._records.values() if u.node_id != self_id)
 
     def _ring_size(self) -> int:
-        return sum(1 for u in self._records.values() if u.state in IN_RING)
+        return sum(1 for u in self._records.values() if u.state in IN_RING or u.state is State.LEAVING)
 
     def _to(self, target_id: str, address: str, message: Message) -> Outbound:
         self._count(self._sent, message)

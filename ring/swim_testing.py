@@ -228,6 +228,9 @@ class SwimCluster:
     def heal(self) -> None:
         self._blocked.clear()
 
+    def start_leaving(self, node_id: str) -> None:
+        self._handle(node_id, lambda swim: swim.start_leaving(self.now_ms))
+
     def leave(self, node_id: str) -> None:
         self._handle(node_id, lambda swim: swim.leave(self.now_ms))
 

@@ -30,7 +30,7 @@ def member_updates(draw: st.DrawFn) -> MemberUpdate:
         info = info.__class__(**{**info.__dict__, "peer_port": draw(st.sampled_from([7946, 7947]))})
     state = draw(st.sampled_from(list(State)))
     return MemberUpdate(info, state, draw(st.integers(0, 4)), reporter_id=draw(st.sampled_from(["a", "b", "c", ""])),
-                        lamport=draw(st.integers(0, 3)))
+                        lamport=draw(st.integers(0, 3)), leaving=draw(st.booleans()))
 
 
 same_member_updates = st.integers(1, 3).flatmap(
@@ -87,6 +87,7 @@ ACTIONS = st.one_of(
     st.tuples(st.just("pause"), st.integers(0, 4), st.integers(100, 3_000)),
     st.tuples(st.just("partition"), st.integers(1, 4)),
     st.tuples(st.just("heal"),),
+    st.tuples(st.just("start_leaving"), st.integers(0, 4)),
 )
 
 
@@ -110,6 +111,8 @@ def test_any_fault_schedule_heals_to_one_view(seed: int, loss: float, actions: l
             cluster.partition(ids[:cut], ids[cut:])
         elif kind == "heal":
             cluster.heal()
+        elif kind == "start_leaving":
+            cluster.start_leaving(ids[int(action[1])])  # type: ignore[call-overload]
     cluster.heal()
     cluster.loss = 0.0
     cluster.run_for(3_000)  # Let pauses end.
@@ -118,7 +121,8 @@ def test_any_fault_schedule_heals_to_one_view(seed: int, loss: float, actions: l
         for node_id in ids:
             process = cluster.processes[node_id]
             # A node the cluster removed (it was away past dead_grace_ms) learns so after the
-            # heal and restarts as its next generation, as the node layer does.
+            # heal and restarts as its next generation, as the node layer does (a leaving
+            # node, too: here it never finishes handing over).
             if process.down or process.swim.self_state() is not State.ALIVE:
                 cluster.restart(node_id)
         return cluster.converged()
@@ -127,4 +131,4 @@ def test_any_fault_schedule_heals_to_one_view(seed: int, loss: float, actions: l
         o: [(m.info.node_id, m.state.value, m.generation) for m in cluster.swim(o).members()] for o in ids}
     for at_ms, observer, about, old, new in cluster.trace:
         if observer == about:  # A node never believes itself suspect or dead.
-            assert new in ("alive", "left", "removed"), (at_ms, observer, old, new)
+            assert new in ("alive", "leaving", "left", "removed"), (at_ms, observer, old, new)

@@ -132,6 +132,10 @@ def update(state: State, incarnation: int = 0, generation: int = 1, *, reporter:
     (update(State.ALIVE, 0, generation=2), update(State.REMOVED, 9, generation=1)),  # A restart rejoins.
     (update(State.ALIVE, 0, generation=2), update(State.DEAD, 9, generation=1)),
     (update(State.SUSPECT, 3, reporter="b"), update(State.SUSPECT, 3, reporter="a")),  # Deterministic tie.
+    (update(State.LEAVING, 3), update(State.ALIVE, 3)),  # Leaving ranks between alive...
+    (update(State.SUSPECT, 3), update(State.LEAVING, 3)),  # ...and suspect: a leaving member can be suspected...
+    (update(State.LEAVING, 4), update(State.DEAD, 3)),  # ...and refutes as leaving.
+    (update(State.LEFT, 0), update(State.LEAVING, 9)),  # Then it is gone for good.
 ])
 def test_merge_precedence(winner: MemberUpdate, loser: MemberUpdate) -> None:
     assert newer(winner, loser) and not newer(loser, winner)
@@ -142,6 +146,17 @@ def test_merge_precedence(winner: MemberUpdate, loser: MemberUpdate) -> None:
 def test_member_update_keeps_info_state_in_step() -> None:
     u = MemberUpdate(member_info(1), State.DEAD, 2)
     assert u.info.state == "dead" and u.node_id == "node-01" and u.generation == 1
+
+
+def test_a_leaving_record_marks_every_record_derived_from_it() -> None:
+    leaving = MemberUpdate(member_info(1), State.LEAVING, 2, reporter_id="node-01")
+    assert leaving.leaving and leaving.info.state == "leaving" and not leaving.in_ring
+    suspect = leaving.restate(State.SUSPECT, reporter_id="node-02")
+    dead = suspect.restate(State.DEAD, reporter_id="node-03")
+    assert (suspect.state, suspect.incarnation, suspect.leaving) == (State.SUSPECT, 2, True)
+    assert dead.leaving and not suspect.in_ring and not dead.in_ring
+    assert MemberUpdate(member_info(1), State.DEAD, 2).in_ring  # A member that never left keeps its tokens.
+    assert newer(suspect, leaving) and newer(dead, suspect)
 
 
 def ring_of(*members: tuple[str, str, State]) -> dict[str, tuple[str, State]]:
@@ -589,6 +604,57 @@ def test_leave_propagates_as_left() -> None:
     assert cluster.swim("node-06").self_state() is State.LEFT
     assert cluster.swim("node-06").incarnation == 1
     assert cluster.transitions("node-06", State.SUSPECT) == []
+
+
+def test_a_leaving_member_stays_reachable_out_of_the_ring_then_leaves() -> None:
+    cluster = SwimCluster(6, LOCAL, seed=12, bootstrap="full", loss=0.02)
+    cluster.run_for(1_000)
+    cluster.start_leaving("node-03")
+    assert cluster.swim("node-03").self_state() is State.LEAVING
+    assert cluster.run_until_true(lambda: cluster.agree("node-03", State.LEAVING), 2_000)
+    cluster.run_for(3_000)  # Probes and gossip go on; nobody suspects it.
+    for observer in cluster.running():
+        swim = cluster.swim(observer)
+        assert "node-03" not in {m.node_id for m in swim.ring_members()}
+        assert swim.is_alive("node-03") and swim.state_of("node-03") is State.LEAVING
+    assert cluster.swim("node-03").statistics().probes_sent > 0  # It still takes part.
+    cluster.leave("node-03")
+    assert cluster.run_until_true(lambda: cluster.agree("node-03", State.LEFT), 3_000)
+    assert cluster.transitions("node-03", State.SUSPECT) == []
+
+
+def test_a_suspected_leaving_member_refutes_as_leaving_and_never_rejoins_the_ring() -> None:
+    cluster = SwimCluster(8, LAN, seed=13, bootstrap="full")
+    cluster.run_for(2_000)
+    cluster.start_leaving("node-03")
+    assert cluster.run_until_true(lambda: cluster.agree("node-03", State.LEAVING), 3_000)
+    others = [i for i in cluster.running() if i != "node-03"]
+    cluster.partition(["node-03"], others)
+    assert cluster.run_until_true(lambda: any(cluster.view(o, "node-03") is State.SUSPECT for o in others), 20_000)
+    for observer in others:
+        assert "node-03" not in {m.node_id for m in cluster.swim(observer).ring_members()}
+    cluster.heal()
+    assert cluster.run_until_true(lambda: cluster.agree("node-03", State.LEAVING), 5_000)
+    assert cluster.swim("node-03").self_state() is State.LEAVING
+    assert cluster.transitions("node-03", State.ALIVE, after_ms=1) == []
+
+
+def test_a_leaving_member_that_dies_is_declared_dead_and_removed_without_rejoining_the_ring() -> None:
+    cluster = SwimCluster(6, SwimConfig.local(dead_grace_ms=3_000), seed=14, bootstrap="full")
+    cluster.run_for(1_000)
+    cluster.start_leaving("node-04")
+    assert cluster.run_until_true(lambda: cluster.agree("node-04", State.LEAVING), 2_000)
+    rings = {o: [m.node_id for m in cluster.swim(o).ring_members()] for o in cluster.running() if o != "node-04"}
+    cluster.kill("node-04")
+
+    def ring_unchanged_and(state: State) -> bool:  # Checked at every step: no flap back into the ring.
+        for observer, ring in rings.items():
+            assert [m.node_id for m in cluster.swim(observer).ring_members()] == ring, observer
+        return cluster.agree("node-04", state)
+
+    assert cluster.run_until_true(lambda: ring_unchanged_and(State.DEAD), 10_000, step_ms=10)
+    assert cluster.run_until_true(lambda: ring_unchanged_and(State.REMOVED), 10_000, step_ms=10)
+    assert cluster.transitions("node-04", State.SUSPECT)  # It went the usual way.
 
 
 def test_operator_remove_propagates_and_the_removed_node_knows() -> None:
