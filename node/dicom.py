@@ -8,6 +8,8 @@ Handlers run on pynetdicom's association threads.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import logging
 import socketserver
 import threading
@@ -32,7 +34,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import raw_send
+from pacsnode.node import codec, raw_send
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
@@ -104,6 +106,7 @@ class DicomFrontEnd:
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._server: Any = None
+        self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
         raw_send.install()
         self.ae = self._build_ae()
 
@@ -161,6 +164,7 @@ class DicomFrontEnd:
             log.warning("dicom.association.aborted_on_shutdown calling_ae_title=%s", assoc.requestor.ae_title)
             assoc.abort()
         server.server_close()
+        self._compressor.shutdown(wait=False)
         if server in self.ae._servers:
             self.ae._servers.remove(server)
 
@@ -201,8 +205,12 @@ class DicomFrontEnd:
             log.warning("dicom.store.rejected reason=too-large size_bytes=%d", len(dataset_bytes))
             return _status(STATUS_OUT_OF_RESOURCES, "instance is over the size limit")
         transfer_syntax = str(event.context.transfer_syntax)
+        part10 = codec.part10_prefix(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+                                     transfer_syntax, event.assoc.requestor.ae_title) + dataset_bytes
+        # Compress on another thread while this one reads the header (zstandard and
+        # hashlib release the GIL): the two costs overlap instead of adding up.
+        compressed = self._compressor.submit(codec.compress, part10)
         try:
-            part10 = event.encoded_dataset(include_meta=True)
             instance = instance_from_part10(
                 part10,
                 len(part10) - len(dataset_bytes),
@@ -211,6 +219,7 @@ class DicomFrontEnd:
                 affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
             )
         except InvalidInstance as error:
+            compressed.cancel()
             log.warning(
                 "dicom.store.rejected reason=%s status=0x%04X calling_ae_title=%s",
                 error.reason,
@@ -218,6 +227,7 @@ class DicomFrontEnd:
                 event.assoc.requestor.ae_title,
             )
             return _status(error.status, error.reason)
+        instance = dataclasses.replace(instance, blob=compressed.result())
         result = self._archive.store(instance)
         if result.status == WriteStatus.SUCCESS:
             log.debug(

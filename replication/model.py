@@ -108,6 +108,7 @@ class Instance:
     dataset_offset: int
     attributes: Attributes
     content_hash: str
+    blob: bytes = b""  # zstd(part10) when already compressed (at ingest, in parallel with parsing).
 
     @property
     def dataset_bytes(self) -> bytes:

@@ -1,0 +1,44 @@
+"""The file meta we write for received datasets, and the zstd framing."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode
+
+from pacsnode.node.codec import IMPLEMENTATION_CLASS_UID, compress, decompress, part10_prefix
+from pacsnode.replication.model import CorruptBlob
+
+
+@pytest.mark.parametrize("source", ["", "STORESCU", "ODD"])
+@pytest.mark.parametrize("uid", ["1.2.3", "1.2.34", "2.25.1234567890123456789"])
+def test_part10_prefix_reads_back_with_pydicom(source: str, uid: str) -> None:
+    dataset = Dataset()
+    dataset.PatientID = "P1"
+    dataset.SOPInstanceUID = uid
+    body = encode(dataset, False, True)
+    assert body is not None
+    prefix = part10_prefix("1.2.840.10008.5.1.4.1.1.2", uid, "1.2.840.10008.1.2.1", source)
+    read = dcmread(io.BytesIO(prefix + body))
+    meta = read.file_meta
+    assert meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert meta.MediaStorageSOPInstanceUID == uid
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.get("SourceApplicationEntityTitle", "").strip() == source
+    assert meta.FileMetaInformationGroupLength == len(prefix) - 132 - 12
+    assert read.PatientID == "P1"
+    assert prefix[:128] == b"\x00" * 128 and prefix[128:132] == b"DICM"
+
+
+def test_compress_round_trip_and_corruption_is_detected() -> None:
+    data = b"DICM" + bytes(range(256)) * 400
+    blob = compress(data)
+    assert decompress(blob) == data
+    damaged = bytearray(blob)
+    damaged[len(damaged) // 2] ^= 0xFF
+    with pytest.raises(CorruptBlob):
+        decompress(bytes(damaged))
