@@ -1,8 +1,9 @@
 """`pacsnode status --node HOST:PORT [--json]`: ask a running node over its peer port.
 
-The node asked gives the member list and ring ownership; every member is then asked for
-its own local figures (instances, bytes, pending hints). A member that does not answer
-is shown as unreachable, never skipped.
+The node asked gives the member list (state, incarnation, generation) and ring ownership;
+every member is then asked for its own local figures (instances, bytes, pending hints).
+A member that does not answer is shown as unreachable, never skipped; one that left or
+was removed is listed but not asked.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) 
             "ring_ownership": round(status.ring_ownership_fraction, 4),
             "reachable": False,
         }
+        if entry["state"] in ("left", "removed") and member.node_id != first.envelope.sender_id:
+            entry.update(local_instances=None, error=f"{entry['state']}: not asked")  # Gone from the cluster.
+            nodes.append(entry)
+            continue
         try:
             reply = first if member.node_id == first.envelope.sender_id else ask(peer, cluster_id, timeout_s)
             local = reply.local
@@ -117,12 +122,13 @@ def render(data: dict[str, Any]) -> str:
         f"W={data['write_quorum']}  V={data['vnodes']}",
         "",
     ]
-    header = ("NODE", "STATE", "SITE", "PEER", "DICOM", "RING %", "INSTANCES", "STORED", "HINTS")
+    header = ("NODE", "STATE", "INC", "GEN", "SITE", "PEER", "DICOM", "RING %", "INSTANCES", "STORED", "HINTS")
     rows = [header]
     for node in data["nodes"]:
         state = node["state"] if node["reachable"] else f"{node['state']} (unreachable)"
         rows.append((
-            node["node_id"], state, node["site"], node["peer_address"], node["dicom_address"],
+            node["node_id"], state, str(node["incarnation"]), str(node["generation"]), node["site"],
+            node["peer_address"], node["dicom_address"],
             f"{100 * node['ring_ownership']:.1f}",
             "-" if node.get("local_instances") is None else str(node["local_instances"]),
             _size(node.get("stored_bytes")),

@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A setting is missing, malformed or out of range."""
 
 
+# Membership timer profiles (node/swim_membership.py maps them to ring/swim.py SwimConfig).
+PROFILES = ("lan", "local", "wan")
+
 # AE VR: default repertoire without backslash or control characters, at most 16.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
@@ -103,10 +106,9 @@ class NodeConfig:
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
     query_timeout_ms: int = setting(60_000, "Deadline for one peer's C-FIND stream.")
-    membership_sync_interval_ms: int = setting(1_000, "How often members exchange their member tables.")
-    failure_timeout_ms: int = setting(3_000, "A member that has not answered for this long counts as down.")
+    profile: str = setting("lan", "Membership timers (SWIM + Lifeguard, memberlist's): lan (probe 1 s), local (loopback tests, probe 0.2 s) or wan (probe 5 s).")
     hint_replay_interval_ms: int = setting(1_000, "How often held hints are offered to their owners.")
-    dead_grace_s: int = setting(600, "A member unreachable this long is removed from the ring (survivors re-replicate), within the rails.")
+    dead_grace_s: int = setting(600, "A member dead this long is removed from the ring (survivors re-replicate), within the rails; overrides the profile's.")
     anti_entropy_interval_ms: int = setting(60_000, "How often each owned range is compared with its other replicas (and at once after a ring change).")
     repair_bytes_per_second_max: int = setting(50_000_000, "Throttle for pulling missing instances (repair, rebalance); 0 = none.")
 
@@ -134,11 +136,13 @@ class NodeConfig:
             raise ConfigError(f"max_pdu_bytes must be 0 (unlimited) or >= 4096, got {self.max_pdu_bytes}")
         if self.duplicate_policy not in ("first-wins",):
             raise ConfigError(f"duplicate_policy must be 'first-wins', got {self.duplicate_policy!r}")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
-                     "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "membership_sync_interval_ms",
-                     "failure_timeout_ms", "hint_replay_interval_ms", "anti_entropy_interval_ms"):
+                     "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "hint_replay_interval_ms",
+                     "anti_entropy_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     from pacsnode.ring.members import MemberInfo
 
 
+# A peer that was down (killed, restarting) is dialled again within a second, not after
+# gRPC's default backoff of up to two minutes: its probes and its hints depend on it.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
 class Channels:
     """One grpc.aio channel per peer address, reused by every call."""
 
@@ -30,7 +38,7 @@ class Channels:
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS + RECONNECT_OPTIONS)
             self._channels[address] = channel
         return channel
 
@@ -46,6 +54,7 @@ class GrpcTransport:
         self._channels = channels
         self._resolve = resolve
         self._envelope = envelope
+        self._membership_stubs: dict[str, pb_grpc.MembershipStub] = {}
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         member = self._resolve(target)
@@ -139,14 +148,15 @@ class GrpcTransport:
             raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
         return [(e.study_instance_uid, e.sop_instance_uid, e.content_hash) for e in reply.entries]
 
-    async def push_pull(self, address: str, members: list["MemberInfo"], *, timeout_ms: int
-                        ) -> tuple[str, list[pb.MemberUpdate]]:
-        """Exchange member tables with the node at `address`; returns (its id, its members)."""
-        stub = pb_grpc.MembershipStub(self._channels.get(address))
-        request = pb.PushPullRequest(envelope=self._envelope())
-        request.members.extend(peer_wire.member_to_wire(m) for m in members)
+    def envelope(self) -> pb.Envelope:
+        return self._envelope()
+
+    async def membership_call(self, address: str, method: str, request: Any, *, timeout_ms: int) -> Any:
+        """One Membership RPC (Ping, IndirectPing, PushPull, Join, Leave) to the node at `address`."""
+        stub = self._membership_stubs.get(address)
+        if stub is None:
+            stub = self._membership_stubs[address] = pb_grpc.MembershipStub(self._channels.get(address))
         try:
-            reply = await stub.PushPull(request, timeout=timeout_ms / 1000)
+            return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
         except grpc.aio.AioRpcError as error:
             raise PeerError(f"{address}: {describe_rpc_error(error)}") from None
-        return reply.envelope.sender_id, list(reply.members)

@@ -23,6 +23,8 @@ from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, segment_bounds
 from pacsnode.replication.matching import Query, QueryError
 from pacsnode.replication.repair import intervals_of
+from pacsnode.ring import swim
+from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
 
@@ -90,7 +92,6 @@ class PeerServer:
             log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
                         (env.sender_id[:64] if env is not None else ""), context.peer(), problem[1])
             await context.abort(problem[0], problem[1])
-        self.node.membership.heard_from(env.sender_id)
 
 
 class DataService(pb_grpc.DataServicer):
@@ -257,53 +258,131 @@ def _range(message: pb.TokenRange) -> TokenRange:
 
 
 class MembershipService(pb_grpc.MembershipServicer):
+    """SWIM's RPCs: each request goes to the node's SwimMembership, and the reply is the one
+    its state machine produced (node/swim_membership.py)."""
+
     def __init__(self, server: PeerServer) -> None:
         self.server = server
         self.node = server.node
 
-    async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
-        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "PushPull")
-        self.node.membership.merge_wire(request.members)
-        reply = pb.PushPullReply(envelope=self.server.envelope())
-        reply.members.extend(peer_wire.member_to_wire(m) for m in self.node.membership.members())
-        return reply
-
-    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Join")
-        self.node.membership.merge_wire([request.member])
-        reply = pb.JoinReply(envelope=self.server.envelope(), accepted=True)
-        reply.members.extend(peer_wire.member_to_wire(m) for m in self.node.membership.members())
-        return reply
-
-    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
-        """member.node_id == us with state LEFT: start leaving. Any member with state REMOVED:
-        the operator removes it from the ring at once (`pacsnode remove`)."""
-        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Leave")
-        target = request.member.node_id
-        membership = self.node.membership
-        if request.member.state == pb.MEMBER_STATE_REMOVED:
-            if target == self.node.config.node_id:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    "a node cannot remove itself; use `pacsnode leave` to hand its ranges over")
-            if membership.member(target) is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no member {target!r}")
-            if membership.is_alive(target):
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"{target} is alive: stop it first, or use `pacsnode leave` on it")
-            accepted = membership.remove(target, reason="operator")
-            return pb.LeaveReply(envelope=self.server.envelope(), accepted=accepted)
-        if target not in ("", self.node.config.node_id):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this is {self.node.config.node_id}; ask {target} itself to leave")
-        membership.leave()
-        return pb.LeaveReply(envelope=self.server.envelope(), accepted=True)
+    def _updates(self, messages: Any, source: str) -> tuple[swim.MemberUpdate, ...]:
+        updates, problems = peer_wire.updates_from_wire(messages)
+        self.node.membership.ignored(problems, source)
+        return updates
 
     async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
+        """A probe (answered with our Ack), or a gossip round (sequence_number 0: an empty Ack)."""
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Ping")
         if request.target_id and request.target_id != self.node.config.node_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this is {self.node.config.node_id}, not {request.target_id}")
-        return pb.Ack(envelope=self.server.envelope(), sequence_number=request.sequence_number)
+                                f"this is {self.node.config.node_id}, not {request.target_id[:64]}")
+        source = request.envelope.sender_id
+        membership = self.node.membership
+        updates = self._updates(request.updates, source)
+        if request.sequence_number == 0:
+            membership.receive(source, swim.Gossip(updates))
+            return pb.Ack(envelope=self.server.envelope())
+        reply = membership.receive(source, swim.Ping(int(request.sequence_number), self.node.config.node_id, updates))
+        if not isinstance(reply, swim.Ack):  # We have left or were removed: a silent member.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node.config.node_id} is not a member now")
+            raise AssertionError("unreachable")
+        return peer_wire.ack_to_wire(reply, self.server.envelope())
+
+    async def IndirectPing(self, request: pb.IndirectPingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
+        """Probe the target for the caller; the call stays open until it acks or the relay times out."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "IndirectPing")
+        if not request.target_id or not request.target_address.host or not 0 < request.target_address.port < 65536:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "indirect ping without a target")
+        source = request.envelope.sender_id
+        sequence_number = int(request.sequence_number)
+        probe_timeout_ms = max(1, min(int(request.probe_timeout_ms), 60_000))
+        target = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
+                            peer_port=int(request.target_address.port))
+        message = swim.IndirectPing(sequence_number, target, probe_timeout_ms, self._updates(request.updates, source))
+        membership = self.node.membership
+        answer = membership.hold(source, sequence_number)
+        try:
+            membership.receive(source, message)
+            # The relay nacks at probe_timeout_ms; this is only the backstop.
+            reply = await asyncio.wait_for(answer, (probe_timeout_ms + 500) / 1000)
+        except asyncio.TimeoutError:
+            reply = swim.Nack(sequence_number)
+        finally:
+            membership.release(source, sequence_number)
+        if not isinstance(reply, (swim.Ack, swim.Nack)):
+            reply = swim.Nack(sequence_number)
+        return peer_wire.ack_to_wire(reply, self.server.envelope())
+
+    async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "PushPull")
+        source = request.envelope.sender_id
+        reply = self.node.membership.receive(source, swim.PushPullRequest(self._updates(request.members, source)))
+        members = reply.members if isinstance(reply, swim.PushPullReply) else ()
+        return pb.PushPullReply(envelope=self.server.envelope(), members=[peer_wire.update_to_wire(u) for u in members])
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Join")
+        source = request.envelope.sender_id
+        try:
+            member = peer_wire.update_from_wire(request.member)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad join: {error}")
+            raise AssertionError("unreachable")
+        if member.state is not swim.State.ALIVE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a joining member must be alive, not {member.state}")
+        reply = self.node.membership.receive(source, swim.JoinRequest(member))
+        config = self.node.config
+        settings = pb.ReplicationSettings(replication_factor=config.replication_factor,
+                                          write_quorum=config.write_quorum, read_quorum=1, vnodes=config.vnodes)
+        if not isinstance(reply, swim.JoinReply):
+            return pb.JoinReply(envelope=self.server.envelope(), accepted=False,
+                                reason=f"{config.node_id} is not a member now", settings=settings)
+        if not reply.accepted:
+            log.warning("membership.join.refused node=%s reason=%s", member.node_id, reply.reason)
+        return pb.JoinReply(envelope=self.server.envelope(), accepted=reply.accepted, reason=reply.reason,
+                            members=[peer_wire.update_to_wire(u) for u in reply.members], settings=settings)
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        """Three kinds of request:
+        - a member announcing that it has left (member = the sender, LEFT): gossip it;
+        - the operator asking this node to leave (`pacsnode leave`: member = us or empty);
+        - the operator removing a stopped member (`pacsnode remove`: state REMOVED)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Leave")
+        target = request.member.node_id
+        me = self.node.config.node_id
+        membership = self.node.membership
+        source = request.envelope.sender_id
+        if request.member.state == pb.MEMBER_STATE_REMOVED:
+            if target == me:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "a node cannot remove itself; use `pacsnode leave` to hand its ranges over")
+            if membership.member(target) is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no member {target[:64]!r}")
+            if membership.is_alive(target):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"{target} is {membership.member(target).state}: stop it first, "  # type: ignore[union-attr]
+                                    "or use `pacsnode leave` on it")
+            accepted = membership.remove(target, reason="operator")
+            return pb.LeaveReply(envelope=self.server.envelope(), accepted=accepted)
+        if target and target != me and target == source:
+            try:
+                update = peer_wire.update_from_wire(request.member)
+            except ValueError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad leave: {error}")
+                raise AssertionError("unreachable")
+            if update.state is not swim.State.LEFT:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a leave announces LEFT, not {update.state}")
+            reply = membership.receive(source, swim.LeaveRequest(update))
+            accepted = isinstance(reply, swim.LeaveReply) and reply.accepted
+            return pb.LeaveReply(envelope=self.server.envelope(), accepted=accepted)
+        if target not in ("", me):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this is {me}; ask {target[:64]} itself to leave")
+        state = membership.self_state()
+        if state is not swim.State.ALIVE and state is not swim.State.LEAVING:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{me} is {state.value}")
+        membership.leave()
+        return pb.LeaveReply(envelope=self.server.envelope(), accepted=True)
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -320,12 +399,9 @@ class AdminService(pb_grpc.AdminServicer):
         ownership = ring.ownership(n) if len(ring) else {}
         reply = pb.StatusReply(envelope=self.server.envelope(), started_at_ms=node.started_at_ms,
                                software_version=node.software_version)
-        for member in membership.members():
-            update = peer_wire.member_to_wire(member)
-            if member.state == "alive" and not membership.is_alive(member.node_id):
-                update.state = pb.MEMBER_STATE_DEAD  # Not answering (static membership: unreachable).
-            reply.members.append(pb.MemberStatus(member=update,
-                                                 ring_ownership_fraction=ownership.get(member.node_id, 0.0)))
+        for record in membership.records():
+            reply.members.append(pb.MemberStatus(member=peer_wire.update_to_wire(record),
+                                                 ring_ownership_fraction=ownership.get(record.node_id, 0.0)))
         stats = node.store.statistics()
         disk_free = await asyncio.to_thread(lambda: shutil.disk_usage(node.store.path).free)
         reply.local.CopyFrom(pb.LocalStats(

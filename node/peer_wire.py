@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.replication.model import Attributes, InstanceRecord, StoredInstance
+from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange
 
@@ -33,12 +34,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def envelope(cluster_id: str, sender_id: str, generation: int, ring_version: int) -> pb.Envelope:
+def envelope(cluster_id: str, sender_id: str, generation: int, ring_version: int, incarnation: int = 0
+             ) -> pb.Envelope:
     return pb.Envelope(
         cluster_id=cluster_id,
         protocol_version=PROTOCOL_VERSION,
         sender_id=sender_id,
         sender_generation=generation,
+        sender_incarnation=incarnation,
         ring_version=ring_version,
         sent_at_ms=now_ms(),
     )
@@ -105,7 +108,9 @@ def store_chunks(env: pb.Envelope, stored: StoredInstance, hint_for: str) -> Ite
         yield chunk
 
 
-def member_to_wire(member: MemberInfo) -> pb.MemberUpdate:
+def update_to_wire(update: swim.MemberUpdate) -> pb.MemberUpdate:
+    """One SWIM member record as the peer protocol carries it."""
+    member = update.info
     return pb.MemberUpdate(
         node_id=member.node_id,
         peer_address=pb.Address(host=member.peer_host, port=member.peer_port),
@@ -113,16 +118,26 @@ def member_to_wire(member: MemberInfo) -> pb.MemberUpdate:
         site=member.site,
         host=member.host,
         vnodes=member.vnodes,
-        state=STATE_TO_WIRE.get(member.state, pb.MEMBER_STATE_ALIVE),
+        state=STATE_TO_WIRE[update.state.value],
+        incarnation=update.incarnation,
         generation=member.generation,
         updated_at_ms=member.updated_at_ms,
+        reporter_id=update.reporter_id,
+        lamport=update.lamport,
+        leaving=update.leaving,
     )
 
 
-def member_from_wire(message: pb.MemberUpdate) -> MemberInfo:
-    if not message.node_id or not message.peer_address.host or not message.peer_address.port:
-        raise ValueError("member update without node id or peer address")
-    return MemberInfo(
+def update_from_wire(message: pb.MemberUpdate) -> swim.MemberUpdate:
+    """A member record from a peer; ValueError when it is not one we can use."""
+    if not message.node_id or len(message.node_id) > 64:
+        raise ValueError("member update without a node id (or one over 64 characters)")
+    if not message.peer_address.host or not 0 < message.peer_address.port < 65536:
+        raise ValueError(f"member update for {message.node_id[:64]!r} without a peer address")
+    state = STATE_FROM_WIRE.get(message.state)
+    if state is None:
+        raise ValueError(f"member update for {message.node_id[:64]!r} with state {message.state}")
+    info = MemberInfo(
         node_id=message.node_id,
         peer_host=message.peer_address.host,
         peer_port=int(message.peer_address.port),
@@ -134,8 +149,78 @@ def member_from_wire(message: pb.MemberUpdate) -> MemberInfo:
         vnodes=int(message.vnodes) or 64,
         generation=int(message.generation),
         updated_at_ms=int(message.updated_at_ms),
-        state=STATE_FROM_WIRE.get(message.state, "alive"),
+        state=state,
     )
+    return swim.MemberUpdate(info, swim.State(state), int(message.incarnation), reporter_id=message.reporter_id,
+                             lamport=int(message.lamport), leaving=bool(message.leaving))
+
+
+def updates_from_wire(messages: Iterable[pb.MemberUpdate]) -> tuple[tuple[swim.MemberUpdate, ...], list[str]]:
+    """The usable records of a list, and why the others were skipped."""
+    updates, problems = [], []
+    for message in messages:
+        try:
+            updates.append(update_from_wire(message))
+        except ValueError as error:
+            problems.append(str(error))
+    return tuple(updates), problems
+
+
+# ----------------------------------------------------------------- SWIM messages <-> Membership RPCs
+# Ping and Gossip -> Membership.Ping (Gossip: sequence_number 0), IndirectPing ->
+# IndirectPing, PushPullRequest -> PushPull, JoinRequest -> Join, LeaveRequest -> Leave.
+# Ack and Nack come back as pb.Ack (nack=true for Nack), the others as their replies.
+
+MembershipRequest = pb.PingRequest | pb.IndirectPingRequest | pb.PushPullRequest | pb.JoinRequest | pb.LeaveRequest
+
+
+def request_to_wire(message: swim.Message, target_id: str, env: pb.Envelope) -> tuple[str, MembershipRequest]:
+    """(Membership method, request) for a SWIM message this node sends."""
+    match message:
+        case swim.Ping():
+            return "Ping", pb.PingRequest(envelope=env, target_id=message.target_id,
+                                          sequence_number=message.sequence_number,
+                                          updates=[update_to_wire(u) for u in message.updates])
+        case swim.Gossip():
+            return "Ping", pb.PingRequest(envelope=env, target_id=target_id, sequence_number=0,
+                                          updates=[update_to_wire(u) for u in message.updates])
+        case swim.IndirectPing():
+            target = message.target
+            return "IndirectPing", pb.IndirectPingRequest(
+                envelope=env, target_id=target.node_id,
+                target_address=pb.Address(host=target.peer_host, port=target.peer_port),
+                sequence_number=message.sequence_number, probe_timeout_ms=message.probe_timeout_ms,
+                updates=[update_to_wire(u) for u in message.updates])
+        case swim.PushPullRequest():
+            return "PushPull", pb.PushPullRequest(envelope=env, members=[update_to_wire(u) for u in message.members])
+        case swim.JoinRequest():
+            return "Join", pb.JoinRequest(envelope=env, member=update_to_wire(message.member))
+        case swim.LeaveRequest():
+            return "Leave", pb.LeaveRequest(envelope=env, member=update_to_wire(message.member))
+    raise ValueError(f"{type(message).__name__} is a reply, not a request")
+
+
+def reply_from_wire(method: str, reply: Any) -> tuple[swim.Message | None, list[str]]:
+    """The SWIM reply in a Membership RPC's answer (None for a gossip's empty Ack)."""
+    if method in ("Ping", "IndirectPing"):
+        updates, problems = updates_from_wire(reply.updates)
+        if reply.nack:
+            return swim.Nack(int(reply.sequence_number), updates), problems
+        return swim.Ack(int(reply.sequence_number), updates), problems
+    if method == "PushPull":
+        members, problems = updates_from_wire(reply.members)
+        return swim.PushPullReply(members), problems
+    if method == "Join":
+        members, problems = updates_from_wire(reply.members)
+        return swim.JoinReply(bool(reply.accepted), reply.reason, members), problems
+    if method == "Leave":
+        return swim.LeaveReply(bool(reply.accepted)), []
+    raise ValueError(f"no Membership method {method!r}")
+
+
+def ack_to_wire(message: swim.Ack | swim.Nack, env: pb.Envelope) -> pb.Ack:
+    return pb.Ack(envelope=env, sequence_number=message.sequence_number, nack=isinstance(message, swim.Nack),
+                  updates=[update_to_wire(u) for u in message.updates])
 
 
 def ranges_to_wire(ranges: Any) -> list[pb.TokenRange]:

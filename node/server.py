@@ -22,7 +22,7 @@ from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.local_replica import StoreReplica, decode
-from pacsnode.node.membership import StaticMembership
+from pacsnode.node.swim_membership import SwimMembership, swim_config
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.store import RocksStore
@@ -61,13 +61,18 @@ def load_identity(config: NodeConfig) -> dict[str, Any]:
         site=config.site,
         generation=int(identity.get("generation", 0)) + 1,
     )
+    save_identity(config, identity)
+    return identity
+
+
+def save_identity(config: NodeConfig, identity: dict[str, Any]) -> None:
+    path = config.data_dir / IDENTITY_FILE
     temporary = path.with_suffix(".tmp")
     with open(temporary, "w") as handle:
         json.dump(identity, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    return identity
 
 
 class Node:
@@ -105,11 +110,10 @@ class Node:
             generation=int(self.identity["generation"]),
             updated_at_ms=self.started_at_ms,
         )
-        self.membership = StaticMembership(
+        self.membership = SwimMembership(
             config.cluster_id, me, config.seeds,
-            sync_interval_ms=config.membership_sync_interval_ms,
-            failure_timeout_ms=config.failure_timeout_ms,
-            dead_grace_ms=config.dead_grace_s * 1000,
+            config=swim_config(config.profile, config.dead_grace_s * 1000),
+            next_generation=self._next_generation,
         )
         self.loop = LoopThread()
         self.channels = Channels()
@@ -148,8 +152,15 @@ class Node:
         self._stopped = threading.Event()
 
     def envelope(self) -> pb.Envelope:
-        return peer_wire.envelope(self.config.cluster_id, self.config.node_id, int(self.identity["generation"]),
-                                  self.membership.ring().version)
+        membership = self.membership
+        return peer_wire.envelope(self.config.cluster_id, self.config.node_id, membership.generation,
+                                  membership.ring().version, membership.incarnation)
+
+    def _next_generation(self) -> int:
+        """The cluster removed this boot of the node: the next generation, persisted like a restart's."""
+        self.identity["generation"] = int(self.identity["generation"]) + 1
+        save_identity(self.config, self.identity)
+        return int(self.identity["generation"])
 
     def metrics(self) -> dict[str, float]:
         """Dotted names ending with their unit (STYLE 6), from each part's statistics."""
@@ -194,10 +205,7 @@ class Node:
             self.repairer.ring_changed()
             if not self.store.is_empty() or self.store.statistics().hints:
                 continue
-            self.membership.mark_left()
-            for _ in range(3):  # Make sure the others hear it before we go.
-                await self.membership.sync_once()
-                await asyncio.sleep(self.config.membership_sync_interval_ms / 1000)
+            await self.membership.mark_left()  # Told to every member it can reach, then gossiped.
             log.warning("node.left node_id=%s", self.config.node_id)
             self.shutdown_requested.set()
             return
@@ -213,7 +221,7 @@ class Node:
     async def _start_async(self) -> None:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
         if port != self.config.peer_port:
-            self.membership.table.update_self(peer_port=port)
+            self.membership.update_self(peer_port=port)
         self.membership.start(self.transport)
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not clients.have_dcmtk(), reason="dcmtk is not i
 
 FAST = [
     "--replication-factor", "3", "--write-quorum", "2",
-    "--membership-sync-interval-ms", "300", "--failure-timeout-ms", "1500",
+    "--profile", "local",
     "--hint-replay-interval-ms", "300", "--replica-timeout-ms", "1500",
 ]
 NAMES = ("n1", "n2", "n3", "n4")

@@ -76,8 +76,7 @@ advertise_host = "archive7.example"
 replica_timeout_ms = 1500
 fetch_timeout_ms = 9000
 query_timeout_ms = 8000
-membership_sync_interval_ms = 500
-failure_timeout_ms = 2500
+profile = "wan"
 hint_replay_interval_ms = 700
 anti_entropy_interval_ms = 5000
 dead_grace_s = 30
@@ -112,8 +111,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.seeds == ("10.0.0.1:7001", "[::1]:7002") and config.advertise_host == "archive7.example"
     assert config.peer_host == "archive7.example"
     assert (config.replica_timeout_ms, config.fetch_timeout_ms, config.query_timeout_ms) == (1500, 9000, 8000)
-    assert (config.membership_sync_interval_ms, config.failure_timeout_ms, config.hint_replay_interval_ms) == (
-        500, 2500, 700)
+    assert (config.profile, config.hint_replay_interval_ms) == ("wan", 700)
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
     assert config.dead_grace_s == 30
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
@@ -204,6 +202,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"require_called_ae_title": "maybe"}, "require_called_ae_title: cannot use 'maybe' as bool"),
         ({"duplicate_policy": "last-wins"}, "duplicate_policy must be 'first-wins'"),
         ({"log_level": "LOUD"}, "log_level must be DEBUG, INFO, WARNING or ERROR"),
+        ({"profile": "fast"}, "profile must be one of lan, local, wan, got 'fast'"),
         ({"colour": "blue", "shape": 1}, "unknown setting(s): colour, shape"),
         ({"destinations": ["VIEWER"]}, "destination must look like AET=HOST:PORT, got 'VIEWER'"),
         ({"destinations": ["VIEWER=host"]}, "destination must look like AET=HOST:PORT"),
@@ -303,7 +302,8 @@ def test_every_start_option_sets_its_field() -> None:
     assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
-               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4"}
+               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
+               "profile": "wan"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)

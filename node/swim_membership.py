@@ -1,0 +1,424 @@
+"""SwimMembership: the node's membership, a `ring.swim.Swim` driven on the node's asyncio loop.
+
+ring/swim.py is the state machine (SWIM + Lifeguard, Sans-IO); this module is its shell:
+
+- a timer task calls `tick(now_ms)` at `next_tick_ms()`;
+- every `Outbound` request is sent as a Membership RPC (node/peer_wire.py maps the
+  messages) with a deadline; its reply goes back in through `on_message`, and a send that
+  fails (refused, unreachable, deadline) through `message_failed`;
+- the peer server (node/peer_server.py MembershipService) hands incoming requests to
+  `receive()`, which answers with the reply the state machine produced. An IndirectPing's
+  answer comes later (the target's ack, or a nack at the relay timeout), so its call is
+  held open on a future (`hold()`) until then.
+
+For the data path it is a `MembershipView` (ring, is_alive, member, members): views are
+rebuilt after every input and swapped in whole, so DICOM association threads may read
+them while the loop updates them. `on_change` callbacks run whenever the ring members
+change: one joins, leaves, is removed or restarts (a new generation), dies or comes back
+from the dead. Every transition is logged as `membership.state`.
+
+A node the cluster removed (it was cut off, or stopped, for longer than the grace) cannot
+come back in the same generation (ring/swim.py): it takes the next generation (persisted
+by the node), keeps what it knew of the others, and joins again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from pacsnode.node import peer_wire
+from pacsnode.replication.transport import PeerError
+from pacsnode.ring.members import MemberInfo
+from pacsnode.ring.placement import Ring
+from pacsnode.ring.swim import (
+    REPLIES,
+    Ack,
+    Gossip,
+    IndirectPing,
+    JoinReply,
+    JoinRequest,
+    LeaveReply,
+    LeaveRequest,
+    MemberUpdate,
+    Message,
+    Nack,
+    Outbound,
+    Ping,
+    PushPullReply,
+    PushPullRequest,
+    State,
+    Swim,
+    SwimConfig,
+    SwimStatistics,
+)
+
+if TYPE_CHECKING:
+    from pacsnode.node.grpc_transport import GrpcTransport
+
+log = logging.getLogger(__name__)
+
+PROFILES: dict[str, Callable[[], SwimConfig]] = {  # node/config.py PROFILES names them.
+    "lan": SwimConfig.lan,
+    "local": SwimConfig.local,
+    "wan": SwimConfig.wan,
+}
+FULL_STATE_TIMEOUT_MS_MIN = 2_000  # PushPull, Join, Leave: whole member lists, not a probe.
+
+
+def swim_config(profile: str, dead_grace_ms: int) -> SwimConfig:
+    """The profile's SwimConfig with the node's own dead grace period."""
+    return replace(PROFILES[profile](), dead_grace_ms=dead_grace_ms)
+
+
+def now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class _View:
+    """What the data path reads, rebuilt after every input (readers on other threads see one whole)."""
+
+    ring: Ring
+    members: dict[str, MemberInfo]
+    reachable: frozenset[str]
+    ring_key: tuple[tuple[str, int, bool], ...]
+
+
+@dataclass
+class MembershipCounters:
+    sends_failed: int = 0  # Membership RPCs that failed (refused, unreachable, deadline).
+    updates_ignored: int = 0  # Member records from peers that could not be used.
+    replies_late: int = 0  # Replies for an IndirectPing whose caller had gone.
+    rejoins: int = 0  # Times this node was removed and came back as its next generation.
+    by_method: dict[str, int] = field(default_factory=dict)
+
+
+class SwimMembership:
+    """MembershipView for the node, kept by SWIM + Lifeguard (ring/swim.py) over gRPC."""
+
+    def __init__(self, cluster_id: str, me: MemberInfo, seeds: Iterable[str], *, config: SwimConfig,
+                 rng: random.Random | None = None, next_generation: Callable[[], int] | None = None) -> None:
+        self.cluster_id = cluster_id
+        self.self_id = me.node_id
+        self.config = config
+        self.seeds = [s for s in seeds if s != me.peer_address]
+        self._rng = rng or random.Random()
+        self._me = me
+        self._next_generation = next_generation or (lambda: self._me.generation + 1)
+        self.swim = Swim(config, me, self._rng, now_ms())
+        self.transport: "GrpcTransport | None" = None
+        self.on_change: list[Callable[[], None]] = []  # Called whenever the ring members change.
+        self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
+        self.counters = MembershipCounters()
+        self._left_by_us = False
+        self._started = False
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        self._held: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        self._view = self._build_view(None)
+
+    # ----------------------------------------------------------------- MembershipView
+    def ring(self) -> Ring:
+        return self._view.ring
+
+    def is_alive(self, node_id: str) -> bool:
+        """Reachable for data: alive, leaving or suspect (ourselves always)."""
+        return node_id == self.self_id or node_id in self._view.reachable
+
+    def member(self, node_id: str) -> MemberInfo | None:
+        return self._view.members.get(node_id)
+
+    def members(self) -> list[MemberInfo]:
+        return list(self._view.members.values())
+
+    # ----------------------------------------------------------------- more views
+    def records(self) -> list[MemberUpdate]:
+        """Every member's record (state, incarnation, generation), ourselves included. Loop only."""
+        return [record for view in self.swim.members() if (record := self.swim.record(view.info.node_id))]
+
+    @property
+    def generation(self) -> int:
+        return self.swim.generation
+
+    @property
+    def incarnation(self) -> int:
+        return self.swim.incarnation
+
+    def self_state(self) -> State:
+        return self.swim.self_state()
+
+    def statistics(self) -> SwimStatistics:
+        return self.swim.statistics()
+
+    # ----------------------------------------------------------------- operations
+    def update_self(self, **changes: Any) -> MemberInfo:
+        """Change our own identity (the peer port once it is bound). Only before start()."""
+        if self._started:
+            raise RuntimeError("update_self after start: the cluster already knows us")
+        self._me = replace(self._me, **changes)
+        self.swim = Swim(self.config, self._me, self._rng, now_ms())
+        self.seeds = [s for s in self.seeds if s != self._me.peer_address]
+        self._view = self._build_view(None)
+        return self._me
+
+    def leave(self) -> None:
+        """Start handing our ranges over (`pacsnode leave`): we give up our tokens at once and
+        keep serving, probing and gossiping until drained (then mark_left)."""
+        log.warning("membership.leaving node=%s", self.self_id)
+        self._input(lambda now: self.swim.start_leaving(now))
+
+    async def mark_left(self, timeout_ms: int = 5_000) -> None:
+        """Announce LEFT to every reachable member and wait (up to timeout_ms) for them to hear it."""
+        self._left_by_us = True
+        log.warning("membership.left node=%s", self.self_id)
+        before = set(self._sends)
+        self._input(lambda now: self.swim.leave(now))
+        announced = [task for task in self._sends if task not in before]
+        if announced:
+            await asyncio.wait(announced, timeout=timeout_ms / 1000)
+        # A few gossip rounds more, so that members it could not reach hear it second hand.
+        await asyncio.sleep(3 * self.config.gossip_interval_ms / 1000)
+
+    def remove(self, node_id: str, *, reason: str) -> bool:
+        """Take a member out of the ring at once (`pacsnode remove`), gossiped to everyone."""
+        if node_id == self.self_id or self.swim.record(node_id) is None:
+            return False
+        if self.swim.state_of(node_id) is State.REMOVED:
+            return False
+        log.warning("membership.removed node=%s reason=%s", node_id, reason)
+        self._input(lambda now: self.swim.remove(now, node_id))
+        return self.swim.state_of(node_id) is State.REMOVED
+
+    # ----------------------------------------------------------------- loop
+    def start(self, transport: "GrpcTransport") -> None:
+        """Join through the seeds and start the timers. On the node's loop."""
+        self.transport = transport
+        self._started = True
+        self._wake = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+        self._input(lambda now: self.swim.join(now, self.seeds))
+        log.info("membership.started node=%s generation=%d probe_interval_ms=%d probe_timeout_ms=%d "
+                 "dead_grace_ms=%d seeds=%s", self.self_id, self.generation, self.config.probe_interval_ms,
+                 self.config.probe_timeout_ms, self.config.dead_grace_ms, ",".join(self.seeds) or "none")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        tasks = [t for t in ([self._task] if self._task else []) + list(self._sends)]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for future in self._held.values():
+            if not future.done():
+                future.cancel()
+        self._held.clear()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        last_tick_ms = -1
+        while True:
+            try:
+                now = now_ms()
+                due = max(self.swim.next_tick_ms(), last_tick_ms + 1)
+                if due <= now:
+                    last_tick_ms = now
+                    self._input(lambda t: self.swim.tick(t))
+                    await asyncio.sleep(0)
+                    continue
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), min(due - now, 1_000) / 1000)
+                except asyncio.TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Never let membership die; say why and go on.
+                log.error("membership.tick.error error=%r", error)
+                await asyncio.sleep(self.config.gossip_interval_ms / 1000)
+
+    # ----------------------------------------------------------------- inputs
+    def receive(self, source_id: str, message: Message) -> Message | None:
+        """A request from a peer (the peer server's Membership calls). Returns the reply the
+        state machine produced for this call, or None. An IndirectPing's Ack or Nack comes
+        later: the caller holds a future for it first (hold)."""
+        answer: list[Message] = []
+
+        def is_answer(outbound: Outbound) -> bool:
+            reply = outbound.message
+            match message, reply:
+                case (Ping(), Ack()) if reply.sequence_number == message.sequence_number:
+                    pass
+                case (PushPullRequest(), PushPullReply()) | (JoinRequest(), JoinReply()) | \
+                        (LeaveRequest(), LeaveReply()):
+                    pass
+                case _:
+                    return False
+            if answer:
+                return False
+            answer.append(reply)
+            return True
+
+        self._input(lambda now: self.swim.on_message(now, source_id, message), is_answer)
+        return answer[0] if answer else None
+
+    def hold(self, source_id: str, sequence_number: int) -> asyncio.Future[Message]:
+        """A future for the Ack/Nack the state machine will address to (source_id, sequence_number)."""
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._held[(source_id, sequence_number)] = future
+        return future
+
+    def release(self, source_id: str, sequence_number: int) -> None:
+        self._held.pop((source_id, sequence_number), None)
+
+    def ignored(self, problems: list[str], source: str) -> None:
+        if problems:
+            self.counters.updates_ignored += len(problems)
+            log.warning("membership.update.ignored source=%s count=%d reason=%s", source[:64], len(problems),
+                        problems[0][:200])
+
+    def _input(self, step: Callable[[int], list[Outbound]],
+               is_answer: Callable[[Outbound], bool] | None = None) -> None:
+        """Run one input of the state machine, then log, refresh views, and send what it produced."""
+        now = now_ms()
+        outbound = step(now)
+        self._after(now)
+        if self.swim.self_state() is State.REMOVED or (self.swim.self_state() is State.LEFT
+                                                        and not self._left_by_us):
+            outbound = outbound + self._rejoin(now)
+        for item in outbound:
+            if is_answer is not None and isinstance(item.message, REPLIES) and is_answer(item):
+                continue
+            self._dispatch(item)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _after(self, now: int) -> None:
+        for event in self.swim.drain_events():
+            record = self.swim.record(event.node_id)
+            level = logging.INFO if event.new_state in (State.ALIVE, State.LEAVING) else logging.WARNING
+            log.log(level, "membership.state node=%s old=%s new=%s generation=%d incarnation=%d", event.node_id,
+                    event.old_state.value if event.old_state else "none", event.new_state.value,
+                    record.generation if record else 0, record.incarnation if record else 0)
+        held_back = self.swim.removal_blocked_reasons()
+        for node_id, reason in held_back.items():
+            if self._held_back.get(node_id) != reason:
+                log.warning("membership.remove.held node=%s rail=%s", node_id, reason)
+        self._held_back = held_back
+        view = self._build_view(self._view)
+        changed = view.ring_key != self._view.ring_key
+        if view.ring.version != self._view.ring.version:
+            log.info("membership.ring.changed members=%d ring_version=%x nodes=%s", len(view.ring), view.ring.version,
+                     ",".join(view.ring.node_ids))
+        self._view = view
+        if changed:
+            for callback in self.on_change:
+                try:
+                    callback()
+                except Exception as error:  # A callback's bug must not stop membership.
+                    log.error("membership.on_change.error error=%r", error)
+
+    def _build_view(self, previous: _View | None) -> _View:
+        swim = self.swim
+        in_ring = swim.ring_members()
+        # What on_change watches: who owns tokens, which boot of them, and whether each is
+        # dead. Alive <-> suspect is left out: a suspicion changes neither placement nor
+        # where data can be read, and most end in a refutation.
+        ring_key = tuple((m.node_id, m.generation, m.state == State.DEAD.value) for m in in_ring)
+        ring_members = tuple(m.as_ring_member() for m in in_ring)
+        if previous is not None and tuple(m for m in previous.ring.members) == tuple(sorted(ring_members)):
+            ring = previous.ring
+        else:
+            ring = Ring(self.cluster_id, ring_members)
+        members = {view.info.node_id: view.info for view in swim.members()}
+        reachable = frozenset(node_id for node_id in members if swim.is_alive(node_id))
+        return _View(ring, members, reachable, ring_key)
+
+    def _rejoin(self, now: int) -> list[Outbound]:
+        """The cluster removed this generation of us (or made it leave): come back as the next one."""
+        old = self.swim
+        generation = max(self._next_generation(), old.generation + 1)
+        self.counters.rejoins += 1
+        log.warning("membership.rejoin node=%s state=%s old_generation=%d new_generation=%d", self.self_id,
+                    old.self_state().value, old.generation, generation)
+        self._me = replace(self._me, generation=generation, updated_at_ms=wall_ms())
+        self.swim = Swim(self.config, self._me, self._rng, now)
+        # Keep what we knew of the others (so the ring does not shrink to us meanwhile), then join.
+        others = tuple(r for r in (old.record(v.info.node_id) for v in old.members())
+                       if r is not None and r.node_id != self.self_id)
+        self.swim.on_message(now, "", PushPullReply(others))
+        seeds = list(dict.fromkeys(self.seeds + [r.info.peer_address for r in others
+                                                 if r.state in (State.ALIVE, State.LEAVING, State.SUSPECT)]))
+        out = self.swim.join(now, seeds)
+        self._after(now)
+        return out
+
+    # ----------------------------------------------------------------- sending
+    def _dispatch(self, outbound: Outbound) -> None:
+        message = outbound.message
+        if isinstance(message, (Ack, Nack)):
+            future = self._held.get((outbound.target_id, message.sequence_number))
+            if future is not None and not future.done():
+                future.set_result(message)
+            else:
+                self.counters.replies_late += 1
+            return
+        if isinstance(message, REPLIES):
+            return  # A reply whose call is gone: nothing to send it on.
+        if self.transport is None or self._stopped:
+            return
+        task = asyncio.ensure_future(self._send(outbound))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    def _deadline_ms(self, message: Message) -> int:
+        config = self.config
+        scale = self.swim.awareness + 1
+        match message:
+            case Ping():
+                return config.probe_interval_ms * scale  # An ack counts until the round ends.
+            case Gossip():
+                return config.probe_timeout_ms * scale
+            case IndirectPing():
+                return message.probe_timeout_ms + config.probe_timeout_ms * scale
+        return max(FULL_STATE_TIMEOUT_MS_MIN, 2 * config.probe_interval_ms)
+
+    async def _send(self, outbound: Outbound) -> None:
+        assert self.transport is not None
+        message = outbound.message
+        address = outbound.address
+        if not address and outbound.target_id:
+            member = self.member(outbound.target_id)
+            address = member.peer_address if member else ""
+        method, request = peer_wire.request_to_wire(message, outbound.target_id, self.transport.envelope())
+        self.counters.by_method[method] = self.counters.by_method.get(method, 0) + 1
+        try:
+            if not address:
+                raise PeerError(f"no address for {outbound.target_id!r}")
+            reply = await self.transport.membership_call(address, method, request,
+                                                         timeout_ms=self._deadline_ms(message))
+            source = reply.envelope.sender_id
+            if isinstance(message, Ping) and source != outbound.target_id:
+                raise PeerError(f"{address}: answered by {source[:64]!r}, not {outbound.target_id!r}")
+        except PeerError as error:
+            self.counters.sends_failed += 1
+            log.debug("membership.send.failed method=%s target=%s error=%s", method, outbound.target_id or address,
+                      error)
+            self._input(lambda now: self.swim.message_failed(now, outbound))
+            return
+        if isinstance(message, Gossip):
+            return  # Its reply is an empty Ack.
+        answer, problems = peer_wire.reply_from_wire(method, reply)
+        self.ignored(problems, source)
+        if answer is not None:
+            self._input(lambda now: self.swim.on_message(now, source, answer))
