@@ -1,0 +1,803 @@
+"""SimCluster: many pacsnode nodes in one process, one thread, on one virtual clock.
+
+Each `SimNode` runs the real code of a node's core, wired the way node/server.py wires
+it, with only the edges swapped (STYLE 4: clock, transport, store):
+
+    ring/swim.py       Swim (SWIM + Lifeguard), driven by timers on the virtual loop and
+                       by messages from the SimNetwork
+    ring/placement.py  Ring(cluster_id, the members Swim holds in the ring)
+    replication/       Coordinator (store, find, locate, read, replay_hints) and Repairer
+                       (run_forever: anti-entropy, rebalance, drop rule)
+    sim/store.py       NonDurableStore instead of RocksStore
+    sim/network.py     NodeTransport instead of GrpcTransport
+
+`SwimMembership` is the MembershipView over Swim that the data path sees: the ring is
+built from Swim's ring members (alive, suspect and dead keep their tokens), and a member
+is alive for data while Swim holds it alive or suspect.
+
+A node's running state is a `_Process` (one boot, one generation). Faults act on it:
+
+    crash    the process stops: its tasks are cancelled, its timers dropped, messages to
+             it refused; the store is kept (sim/store.py says what a crash loses)
+    restart  a new process with the same id and generation + 1, joining through running
+             nodes; the store is the one it had
+    wipe     crash, an empty store, restart (a lost disk)
+    pause    a stall (GC, SIGSTOP, a frozen VM): nothing of the node runs, messages to it
+             queue, its own calls are held; on resume it reads its queue, then its timers
+    skew     a per-boot clock offset and drift (ppm) on the time the node's Swim reads.
+             The coordinator and repairer read the loop's clock (asyncio's loop.time(),
+             shared by every node here): they only measure durations with it.
+
+Every task a process starts, and every task those tasks start, runs in the process's
+context (a ContextVar), so a crash can cancel all of them: a dead process runs no more
+code. Randomness: one `random.Random` per node boot (f"{seed}:{node_id}:{generation}"),
+one for the network and one for the faults, all from the run's seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pacsnode.node.codec import decompress
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
+from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
+from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
+from pacsnode.replication.transport import PeerError, PeerRefused
+from pacsnode.replication.digest import segment_bounds
+from pacsnode.ring.members import MemberInfo
+from pacsnode.ring.placement import Member, Ring
+from pacsnode.ring.swim import Message, MemberUpdate, Outbound, PushPullReply, State, Swim, SwimConfig, Transition
+from pacsnode.sim.loop import VirtualEventLoop, new_loop
+from pacsnode.sim.network import LinkModel, SimNetwork, Trace
+from pacsnode.sim.store import NonDurableStore
+
+log = logging.getLogger(__name__)
+
+_CURRENT: contextvars.ContextVar["_Process | None"] = contextvars.ContextVar("pacsnode_sim_process", default=None)
+
+
+def lan_swim(*, dead_grace_ms: int = 60_000) -> SwimConfig:
+    """memberlist's LAN profile (the node default), with a shorter dead -> removed grace."""
+    return dataclasses.replace(SwimConfig.lan(), dead_grace_ms=dead_grace_ms)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything a simulated cluster is configured with. Defaults: the node's defaults."""
+
+    cluster_id: str = "sim"
+    replication_factor: int = 3  # N
+    write_quorum: int = 2  # W
+    vnodes: int = 64
+    swim: SwimConfig = field(default_factory=lan_swim)  # LAN profile; dead -> removed after 60 s.
+    replica_timeout_ms: int = 2_000
+    store_timeout_ms: int = 30_000
+    fetch_timeout_ms: int = 30_000
+    query_timeout_ms: int = 60_000
+    anti_entropy_interval_ms: int = 60_000
+    repair_bytes_per_second_max: int = 50_000_000
+    repair_rpc_timeout_ms: int = 10_000
+    hint_replay_interval_ms: int = 1_000
+    disk_write_ms: float = 1.0  # A synced put (the reply waits for it).
+    link: LinkModel = field(default_factory=LinkModel)
+    bootstrap: str = "full"  # "full": every node starts knowing all; "join": through node 0, the real path.
+    restart_when_removed: bool = True  # A running node told it was removed restarts with generation + 1.
+    leave_drain_timeout_s: float = 600.0  # A leaving node exits once drained, or after this.
+
+    def coordinator_settings(self) -> CoordinatorSettings:
+        return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
+                                   replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
+                                   fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms)
+
+    def repair_settings(self) -> RepairSettings:
+        return RepairSettings(replication_factor=self.replication_factor, interval_ms=self.anti_entropy_interval_ms,
+                              rpc_timeout_ms=self.repair_rpc_timeout_ms, fetch_timeout_ms=self.fetch_timeout_ms,
+                              bytes_per_second_max=self.repair_bytes_per_second_max)
+
+
+# ===================================================================== membership view
+
+
+class RingCache:
+    """Rings by membership, shared by every node: same members, same (immutable) Ring."""
+
+    def __init__(self, cluster_id: str, size: int = 64) -> None:
+        self.cluster_id = cluster_id
+        self._rings: collections.OrderedDict[tuple[Member, ...], Ring] = collections.OrderedDict()
+        self._size = size
+        self.built = 0
+
+    def get(self, members: tuple[Member, ...]) -> Ring:
+        ring = self._rings.get(members)
+        if ring is None:
+            ring = self._rings[members] = Ring(self.cluster_id, members)
+            self.built += 1
+            if len(self._rings) > self._size:
+                self._rings.popitem(last=False)
+        else:
+            self._rings.move_to_end(members)
+        return ring
+
+
+class SwimMembership:
+    """replication's MembershipView over one node's Swim."""
+
+    def __init__(self, swim: Swim, rings: RingCache) -> None:
+        self._swim = swim
+        self._rings = rings
+        self._key: tuple[Member, ...] = ()
+        self._ring: Ring | None = None
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read Swim's ring members; True when the ring changed."""
+        key = tuple(sorted(m.as_ring_member() for m in self._swim.ring_members()))
+        if key == self._key and self._ring is not None:
+            return False
+        self._key = key
+        self._ring = None
+        return True
+
+    def ring(self) -> Ring:
+        if self._ring is None:
+            self._ring = self._rings.get(self._key)
+        return self._ring
+
+    def is_alive(self, node_id: str) -> bool:
+        return self._swim.is_alive(node_id)
+
+    def member(self, node_id: str) -> MemberInfo | None:
+        return self._swim.member(node_id)
+
+    def members(self) -> list[MemberInfo]:
+        return [view.info for view in self._swim.members()]
+
+
+# ===================================================================== replica accounting
+
+
+class ReplicaIndex:
+    """Which nodes hold a primary copy of each instance (every NonDurableStore reports here)."""
+
+    def __init__(self) -> None:
+        self.holders: dict[str, set[str]] = {}  # sop uid -> node ids
+        self.study_of: dict[str, str] = {}
+        self.size_of: dict[str, int] = {}
+
+    def instance_added(self, node_id: str, record: Any, size_bytes: int) -> None:
+        sop = record.sop_instance_uid
+        self.holders.setdefault(sop, set()).add(node_id)
+        self.study_of[sop] = record.study_instance_uid
+        self.size_of[sop] = size_bytes
+
+    def instance_removed(self, node_id: str, study_instance_uid: str, sop_instance_uid: str) -> None:
+        held = self.holders.get(sop_instance_uid)
+        if held is not None:
+            held.discard(node_id)
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    at_ms: int  # Virtual loop time.
+    observer: str
+    subject: str
+    old: str | None
+    new: str
+    generation: int  # The subject's generation in the observer's record.
+
+
+# ===================================================================== one boot of a node
+
+
+class _Process:
+    """One boot of a node: its Swim, membership view, coordinator and repairer."""
+
+    def __init__(self, node: "SimNode", generation: int) -> None:
+        cluster = node.cluster
+        config = cluster.config
+        self.node = node
+        self.node_id = node.node_id
+        self.cluster = cluster
+        self.loop: VirtualEventLoop = cluster.loop
+        self.generation = generation
+        self.alive = True
+        self.paused_until: float | None = None
+        self.started_at = self.loop.time()
+        self._inbox: list[Callable[[], None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.context = contextvars.copy_context()
+        self.context.run(_CURRENT.set, self)
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_when = -1.0
+        self._last_tick_ms = -(1 << 60)
+        self.swim = Swim(config.swim, node.member_info(generation),
+                         random.Random(f"{cluster.seed}:{node.node_id}:{generation}"), self.now_ms())
+        self.membership = SwimMembership(self.swim, cluster.rings)
+        transport = cluster.network.transport(node.node_id)
+        self.coordinator = Coordinator(node.node_id, self.membership, transport, node.store,
+                                       config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking)
+        self.repairer = Repairer(node.node_id, self.membership, transport, _RepairStoreView(node),
+                                 config.repair_settings(), run_blocking=self.run_blocking)
+        self.coordinator.pending = self.repairer.pending
+        self.ring_changes = 0
+
+    # ----------------------------------------------------------------- clock
+    def now_ms(self) -> int:
+        """The node's own monotonic clock: the loop's, with this boot's skew and drift."""
+        loop_ms = self.loop.now_ms()
+        node = self.node
+        return loop_ms + node.skew_ms + (loop_ms * node.drift_ppm) // 1_000_000
+
+    def _loop_ms_for(self, local_ms: int) -> int:
+        node = self.node
+        if not node.drift_ppm:
+            return local_ms - node.skew_ms
+        guess = math.ceil((local_ms - node.skew_ms) * 1_000_000 / (1_000_000 + node.drift_ppm))
+        while guess + node.skew_ms + (guess * node.drift_ppm) // 1_000_000 < local_ms:
+            guess += 1
+        return guess
+
+    # ----------------------------------------------------------------- process control
+    @property
+    def paused(self) -> bool:
+        return self.paused_until is not None
+
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        if not self.alive:
+            task.cancel()  # A dead process starts nothing.
+            return
+        order = hash(task)
+        self.tasks[order] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(order, None))
+
+    def spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        return self.loop.create_task(coroutine, context=self.context.copy())
+
+    def deliver(self, callback: Callable[[], None]) -> None:
+        if not self.alive:
+            return
+        if self.paused_until is not None:
+            self._inbox.append(callback)
+            return
+        callback()
+
+    async def wait_running(self) -> None:
+        if not self.alive:
+            raise asyncio.CancelledError(f"{self.node_id} is down")
+        while self.paused_until is not None:
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+            if not self.alive:
+                raise asyncio.CancelledError(f"{self.node_id} is down")
+
+    async def run_blocking(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The coordinator's and repairer's run_blocking: inline, on the loop, no thread."""
+        await self.wait_running()
+        with _inline_threadsafe():
+            return function(*args, **kwargs)
+
+    def crash(self) -> None:
+        self.alive = False
+        self.paused_until = None
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        self._inbox.clear()
+        for waiter in self._waiters:
+            waiter.cancel()
+        self._waiters.clear()
+        for order in sorted(self.tasks):
+            self.tasks[order].cancel()
+
+    def pause(self, duration_s: float) -> None:
+        if not self.alive:
+            return
+        until = self.loop.time() + duration_s
+        self.paused_until = max(self.paused_until or 0.0, until)
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        self.loop.call_at(self.paused_until, self._resume)
+
+    def _resume(self) -> None:
+        if not self.alive or self.paused_until is None or self.loop.time() < self.paused_until:
+            return
+        self.paused_until = None
+        inbox, self._inbox = self._inbox, []
+        for callback in inbox:  # What arrived during the stall is read first...
+            callback()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._tick()  # ...then the overdue timers run.
+
+    # ----------------------------------------------------------------- SWIM
+    def start(self, *, seeds: list[str] | None = None, snapshot: tuple[MemberUpdate, ...] | None = None) -> None:
+        if snapshot is not None:
+            self.swim_step(lambda now: self.swim.on_message(now, "", PushPullReply(snapshot)))
+        elif seeds:
+            self.swim_step(lambda now: self.swim.join(now, seeds))
+        else:
+            self.swim_step(lambda now: [])
+        self.spawn(self._repair_forever())
+        self.spawn(self._replay_hints_forever())
+
+    def swim_step(self, step: Callable[[int], list[Outbound]]) -> None:
+        if not self.alive:
+            return
+        out = step(self.now_ms())
+        events = self.swim.drain_events()
+        if events:
+            self.cluster.on_transitions(self, events)
+            if self.membership.refresh():
+                self.ring_changes += 1
+                self.repairer.ring_changed()
+                self.cluster.on_ring_change(self)
+        network = self.cluster.network
+        for outbound in out:
+            network.send_swim(self, outbound)
+        self._reschedule()
+        if self.swim.self_state() is State.REMOVED and self.cluster.config.restart_when_removed:
+            self.cluster.loop.call_soon(self.cluster.restart_removed, self.node_id, self.generation)
+
+    def on_swim(self, source_id: str, message: Message) -> None:
+        self.swim_step(lambda now: self.swim.on_message(now, source_id, message))
+
+    def on_swim_failed(self, outbound: Outbound) -> None:
+        self.swim_step(lambda now: self.swim.message_failed(now, outbound))
+
+    def _reschedule(self) -> None:
+        if not self.alive or self.paused_until is not None:
+            return
+        at_ms = self.swim.next_tick_ms()
+        if at_ms <= self._last_tick_ms:
+            at_ms = self._last_tick_ms + 1  # Never tick twice at one instant.
+        when = max(self._loop_ms_for(at_ms) / 1000, self.loop.time())
+        handle = self._tick_handle
+        if handle is not None and not handle.cancelled() and self._tick_when == when:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._tick_when = when
+        self._tick_handle = self.loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        if not self.alive or self.paused_until is not None:
+            return
+        self._tick_handle = None
+        now = self.now_ms()
+        self._last_tick_ms = now
+        self.swim_step(lambda _now: self.swim.tick(now))
+
+    # ----------------------------------------------------------------- background work (as node/server.py)
+    async def _repair_forever(self) -> None:
+        await self.repairer.run_forever()
+
+    async def _replay_hints_forever(self) -> None:
+        interval = self.cluster.config.hint_replay_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.coordinator.replay_hints()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # As the node: keep replaying, say what went wrong.
+                self.cluster.note_error(f"{self.node_id} hint replay: {error!r}")
+
+    # ----------------------------------------------------------------- the peer server (node/peer_server.py)
+    async def handle(self, method: str, args: tuple[Any, ...]) -> tuple[Any, int]:
+        await self.wait_running()
+        store = self.node.store
+        if method == "store":
+            stored, hint_for = args
+            try:  # Never acknowledge a copy that would not read back.
+                decompress(stored.blob, stored.sop_instance_uid)
+            except CorruptBlob:
+                raise PeerRefused(f"{self.node_id}: STORE_OUTCOME_REFUSED_INVALID: payload failed its checksum")
+            disk_s = self.node.disk_write_ms / 1000
+            if disk_s > 0:
+                await asyncio.sleep(disk_s)
+                await self.wait_running()
+            try:
+                outcome = store.put_stored(stored, hint_for=hint_for)
+            except StoreFull as error:
+                raise PeerRefused(f"{self.node_id}: full: {error}") from None
+            except StoreError as error:
+                raise PeerRefused(f"{self.node_id}: STORE_OUTCOME_ERROR: {error}") from None
+            return outcome, 96
+        if method == "fetch":
+            study_uid, sop_uid, include_hints = args
+            found = store.read_stored(study_uid, sop_uid)
+            if found is None and include_hints:
+                for owner in store.hint_owners():
+                    found = store.read_hint(owner, study_uid, sop_uid)
+                    if found is not None:
+                        break
+            return found, (len(found.blob) + 400 if found is not None else 64)
+        if method == "query":
+            query, ranges = args
+            if ranges is not None and self.repairer.is_pending(ranges):
+                raise PeerError(f"{self.node_id}: FAILED_PRECONDITION: ranges still being filled here")
+            rows = list(store.query_rows(query, ranges))
+            return rows, 100 + 200 * len(rows)
+        if method == "range_digest":
+            (token_range,) = args
+            digests = store.segment_digests(intervals_of(token_range))
+            return dict(sorted(digests.items())), 100 + 40 * len(digests)
+        if method == "list_bucket":
+            token_range, segment = args
+            seg_low, seg_high = segment_bounds(int(segment))
+            entries: list[tuple[str, str, str]] = []
+            for low, high in intervals_of(token_range):
+                low, high = max(low, seg_low), min(high, seg_high)
+                if low <= high:
+                    entries.extend(store.entries(low, high))
+            return entries, 100 + 120 * len(entries)
+        raise PeerError(f"{self.node_id}: UNIMPLEMENTED: {method}")
+
+
+class _RepairStoreView:
+    """The node's store as its Repairer sees it; counts what the repairer pulls in."""
+
+    def __init__(self, node: "SimNode") -> None:
+        self._node = node
+        self._store = node.store
+
+    def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str:
+        outcome = self._store.put_stored(stored, hint_for=hint_for)
+        cluster = self._node.cluster
+        cluster.pulls.append(Pull(cluster.loop.now_ms(), self._node.node_id, stored.sop_instance_uid,
+                                  len(stored.blob), outcome))
+        return outcome
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@dataclass(frozen=True)
+class Pull:
+    at_ms: int
+    node_id: str
+    sop_instance_uid: str
+    size_bytes: int
+    outcome: str
+
+
+def _decode(stored: StoredInstance) -> bytes:
+    """node/local_replica.py's decode: decompress and verify (CorruptBlob on a bad checksum)."""
+    return decompress(stored.blob, stored.sop_instance_uid)
+
+
+class SimInlineBlocked(RuntimeError):
+    """A blocking function run inline waited on the loop it runs on (it cannot ever finish)."""
+
+
+def _run_coroutine_now(coroutine: Any, loop: asyncio.AbstractEventLoop) -> concurrent.futures.Future[Any]:
+    """asyncio.run_coroutine_threadsafe for a caller that is on the loop's own thread.
+
+    Coordinator._pump_local hands rows to the loop with run_coroutine_threadsafe(...)
+    .result(), which assumes run_blocking put it on another thread. Inline, that would
+    wait forever; instead the coroutine (a Queue.put) is run to completion here, which it
+    does in one step whenever the queue has room.
+    """
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        future.set_result(done.value)
+        return future
+    except BaseException as error:  # noqa: BLE001 - handed to the caller, as the real function does
+        future.set_exception(error)
+        return future
+    coroutine.close()
+    raise SimInlineBlocked("a function run inline waited on the event loop (an asyncio.Queue was full)")
+
+
+@contextlib.contextmanager
+def _inline_threadsafe() -> Iterator[None]:
+    original = asyncio.run_coroutine_threadsafe
+    asyncio.run_coroutine_threadsafe = _run_coroutine_now  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe = original
+
+
+# ===================================================================== a node across boots
+
+
+class SimNode:
+    def __init__(self, cluster: "SimCluster", index: int, site: str) -> None:
+        self.cluster = cluster
+        self.index = index
+        self.node_id = f"node-{index:03d}"
+        self.site = site
+        self.generation = 0
+        self.store = NonDurableStore(self.node_id, listener=cluster.replicas)
+        self.process: _Process | None = None
+        self.skew_ms = 0
+        self.drift_ppm = 0
+        self.disk_write_ms = cluster.config.disk_write_ms
+        self.gone = False  # Left the cluster for good.
+        self.crashes = 0
+
+    @property
+    def host(self) -> str:
+        return f"10.{self.index // 250}.{self.index % 250}.1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:7946"
+
+    def member_info(self, generation: int) -> MemberInfo:
+        return MemberInfo(node_id=self.node_id, peer_host=self.host, peer_port=7946, dicom_host=self.host,
+                          dicom_port=11112, ae_title="PACSNODE", site=self.site, vnodes=self.cluster.config.vnodes,
+                          generation=generation)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.alive
+
+    def boot(self) -> _Process:
+        self.generation += 1
+        self.process = _Process(self, self.generation)
+        self.cluster.lifetimes[(self.node_id, self.generation)] = [self.cluster.now_ms(), None]
+        return self.process
+
+    def stop(self) -> None:
+        """The process ends (crash, exit): nothing of it runs any more."""
+        if self.process is not None and self.process.alive:
+            self.process.crash()
+            self.cluster.lifetimes[(self.node_id, self.process.generation)][1] = self.cluster.now_ms()
+
+
+# ===================================================================== the cluster
+
+
+class SimCluster:
+    """`n` nodes in `sites` sites (round-robin), seeded, on a virtual-time loop."""
+
+    def __init__(self, n: int, *, sites: int = 1, seed: int = 0, config: SimConfig | None = None) -> None:
+        self.seed = seed
+        self.config = config or SimConfig()
+        self.loop = new_loop()
+        self.loop.task_observer = _observe_task
+        self.trace = Trace()
+        self.network = SimNetwork(self.loop, seed, dataclasses.replace(self.config.link), self.trace)
+        self.rng = random.Random(f"{seed}:faults")
+        self.rings = RingCache(self.config.cluster_id)
+        self.replicas = ReplicaIndex()
+        self.transitions: list[TransitionRecord] = []
+        self.ring_change_log: list[tuple[int, str, int]] = []  # (at_ms, observer, ring version)
+        self.faults: list[tuple[int, str, str]] = []  # (at_ms, kind, detail)
+        self.pulls: list[Pull] = []  # Every instance a repairer pulled in (anti-entropy, rebalance).
+        self.lifetimes: dict[tuple[str, int], list[int | None]] = {}  # (node, generation) -> [start, end]
+        self.errors: list[str] = []
+        self.nodes: dict[str, SimNode] = {}
+        self.site_names = [f"site-{chr(ord('a') + i)}" for i in range(max(1, sites))]
+        for index in range(n):
+            self._new_node()
+        self._bootstrap(list(self.nodes.values()))
+
+    # ----------------------------------------------------------------- building
+    def _new_node(self, site: str | None = None) -> SimNode:
+        index = len(self.nodes)
+        node = SimNode(self, index, site or self.site_names[index % len(self.site_names)])
+        self.nodes[node.node_id] = node
+        self.network.register(node.node_id, node.site, node.address, lambda: _running_process(node))
+        self.network.transport(node.node_id).process = lambda: _running_process(node)
+        return node
+
+    def _bootstrap(self, nodes: list[SimNode]) -> None:
+        if not nodes:
+            return
+        processes = [node.boot() for node in nodes]
+        if self.config.bootstrap == "full":
+            snapshot = tuple(p.swim.me for p in processes)
+            for process in processes:
+                process.start(snapshot=snapshot)
+        elif self.config.bootstrap == "join":
+            processes[0].start()
+            for process in processes[1:]:
+                process.start(seeds=[nodes[0].address])
+        else:
+            raise ValueError(f"bootstrap must be 'full' or 'join', got {self.config.bootstrap!r}")
+
+    # ----------------------------------------------------------------- time
+    def now_ms(self) -> int:
+        return self.loop.now_ms()
+
+    def run_for(self, seconds: float) -> None:
+        self.loop.run_until(self.loop.time() + seconds)
+
+    def run_until(self, at_s: float) -> None:
+        self.loop.run_until(at_s)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        self.loop.run_for(0.001)
+        self.loop.close()
+
+    # ----------------------------------------------------------------- views
+    def running_ids(self) -> list[str]:
+        return [node_id for node_id, node in self.nodes.items() if node.running]
+
+    def live_ids(self) -> list[str]:
+        """Running nodes that hold themselves alive members (not left, not removed)."""
+        return [node_id for node_id, node in self.nodes.items()
+                if node.running and node.process is not None and node.process.swim.self_state() is State.ALIVE]
+
+    def process(self, node_id: str) -> _Process:
+        process = self.nodes[node_id].process
+        if process is None or not process.alive:
+            raise KeyError(f"{node_id} is not running")
+        return process
+
+    def ring_versions(self) -> dict[str, int]:
+        return {node_id: self.process(node_id).membership.ring().version for node_id in self.live_ids()}
+
+    def converged(self) -> bool:
+        """Every live node holds every other live node alive, and all hold one ring."""
+        live = self.live_ids()
+        rings = set()
+        for observer in live:
+            swim = self.process(observer).swim
+            if any(swim.state_of(other) is not State.ALIVE for other in live):
+                return False
+            rings.add(self.process(observer).membership.ring().version)
+        return len(rings) <= 1
+
+    def alive_at(self, node_id: str, generation: int, at_ms: int) -> bool:
+        """Whether that boot of the node was running (possibly paused) at `at_ms`."""
+        span = self.lifetimes.get((node_id, generation))
+        if span is None:
+            return False
+        start, end = span
+        return start is not None and start <= at_ms and (end is None or at_ms < end)
+
+    # ----------------------------------------------------------------- observation
+    def on_transitions(self, process: _Process, events: list[Transition]) -> None:
+        now = self.loop.now_ms()
+        for event in events:
+            record = process.swim.record(event.node_id)
+            generation = record.generation if record is not None else 0
+            old = None if event.old_state is None else event.old_state.value
+            self.transitions.append(TransitionRecord(now, process.node_id, event.node_id, old, event.new_state.value,
+                                                     generation))
+            self.trace.record(now, "transition", process.node_id, event.node_id, old, event.new_state.value)
+
+    def on_ring_change(self, process: _Process) -> None:
+        self.ring_change_log.append((self.loop.now_ms(), process.node_id, process.membership.ring().version))
+
+    def note_error(self, text: str) -> None:
+        self.errors.append(text)
+        log.error("sim.error %s", text)
+
+    def _fault(self, kind: str, detail: str) -> None:
+        at = self.loop.now_ms()
+        self.faults.append((at, kind, detail))
+        self.trace.record(at, "fault", kind, detail)
+
+    # ----------------------------------------------------------------- faults and operations
+    def crash(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.process is None or not node.process.alive:
+            return
+        node.stop()
+        node.crashes += 1
+        self._fault("crash", node_id)
+
+    def restart(self, node_id: str, *, seeds: list[str] | None = None, skew_ms: int | None = None,
+                drift_ppm: int | None = None) -> None:
+        """Start `node_id` again (generation + 1, same store), joining through running nodes."""
+        node = self.nodes[node_id]
+        node.stop()
+        if skew_ms is not None:
+            node.skew_ms = skew_ms
+        if drift_ppm is not None:
+            node.drift_ppm = drift_ppm
+        node.gone = False
+        process = node.boot()
+        self._fault("restart", f"{node_id} generation={node.generation}")
+        process.start(seeds=seeds if seeds is not None else self._seeds(exclude=node_id))
+
+    def restart_removed(self, node_id: str, generation: int) -> None:
+        node = self.nodes[node_id]
+        process = node.process
+        if process is None or not process.alive or process.generation != generation:
+            return
+        if process.swim.self_state() is State.REMOVED:
+            self._fault("restart-removed", node_id)
+            self.restart(node_id)
+
+    def wipe(self, node_id: str) -> None:
+        """The node's disk is lost: crash, an empty store, restart."""
+        node = self.nodes[node_id]
+        if node.running:
+            self.crash(node_id)
+        for record in list(node.store.all_instances()):
+            self.replicas.instance_removed(node_id, record.study_instance_uid, record.sop_instance_uid)
+        node.store = NonDurableStore(node_id, listener=self.replicas)
+        self._fault("wipe", node_id)
+        self.restart(node_id)
+
+    def pause(self, node_id: str, seconds: float) -> None:
+        node = self.nodes[node_id]
+        if node.process is not None and node.process.alive:
+            self._fault("pause", f"{node_id} {seconds}s")
+            node.process.pause(seconds)
+
+    def add_node(self, site: str | None = None, *, seeds: list[str] | None = None) -> SimNode:
+        """A new node (empty store) joins through running nodes."""
+        node = self._new_node(site)
+        process = node.boot()
+        self._fault("join", node.node_id)
+        process.start(seeds=seeds if seeds is not None else self._seeds(exclude=node.node_id))
+        return node
+
+    def leave(self, node_id: str) -> None:
+        """`pacsnode leave`: announce LEFT, keep serving until drained, then exit."""
+        process = self.process(node_id)
+        self._fault("leave", node_id)
+        process.deliver(lambda: process.swim_step(lambda now: process.swim.leave(now)))
+        self.loop.create_task(self._exit_when_drained(node_id, process))
+
+    async def _exit_when_drained(self, node_id: str, process: _Process) -> None:
+        node = self.nodes[node_id]
+        deadline = self.loop.time() + self.config.leave_drain_timeout_s
+        while process.alive and self.loop.time() < deadline:
+            await asyncio.sleep(0.5)
+            process.repairer.ring_changed()
+            stats = node.store.statistics()
+            if stats.instances == 0 and stats.hints == 0:
+                break
+        if not process.alive:
+            return
+        stats = node.store.statistics()
+        self._fault("left", f"{node_id} instances={stats.instances} hints={stats.hints}")
+        await asyncio.sleep(2.0)  # A few gossip rounds so the others hear it.
+        if process is node.process:
+            node.stop()
+        node.gone = True
+
+    def remove(self, node_id: str, *, via: str | None = None) -> None:
+        """`pacsnode remove`: an operator takes `node_id` out of the ring at once, through `via`."""
+        operator = via or self._pick_running(exclude=node_id)
+        process = self.process(operator)
+        self._fault("remove", f"{node_id} via {operator}")
+        process.deliver(lambda: process.swim_step(lambda now: process.swim.remove(now, node_id)))
+
+    def _pick_running(self, exclude: str = "") -> str:
+        candidates = [n for n in self.live_ids() if n != exclude]
+        return self.rng.choice(candidates)
+
+    def _seeds(self, exclude: str, count: int = 3) -> list[str]:
+        candidates = [n for n in self.live_ids() if n != exclude]
+        chosen = self.rng.sample(candidates, min(count, len(candidates)))
+        return [self.nodes[n].address for n in chosen]
+
+
+def _running_process(node: SimNode) -> _Process | None:
+    process = node.process
+    return process if process is not None and process.alive else None
+
+
+def _observe_task(task: asyncio.Task[Any], context: contextvars.Context | None) -> None:
+    process = context.get(_CURRENT) if context is not None else _CURRENT.get()
+    if process is not None:
+        process.adopt(task)
