@@ -1,0 +1,185 @@
+"""The verdicts of a simulation run, taken after heal and settle.
+
+- acked-writes: every store that came back Success is read back through a live node
+  (another one if the first fails) with the real coordinator, and the bytes returned
+  must hash to the content of an acknowledged write of that SOP Instance UID. A miss is
+  a lost write; other bytes are phantom content. Both must be zero (research §4.5 1-2).
+- no-wrong-content: no read during the run returned bytes no acknowledged write had.
+- replication: every study with an acknowledged instance is held, whole, by
+  min(N, live ring members) live nodes (counted in each node's own store), and by every
+  live owner. When an owner is down but still in the ring (a rail keeps it there: more
+  than a quarter of the ring down, or its whole site), only its live owners can hold
+  it: reported, not failed. Copies on nodes that do not own the study any more are
+  reported too (the drop rule removes them on its own schedule).
+- replicas-agree: every copy of an instance has one content (first writer wins must be
+  the same first everywhere).
+- membership: every live node sees every other live node alive and holds the same ring
+  (same ring version).
+- no-resurrected-deletes: skipped. replication/coordinator.py has no delete yet (no
+  tombstones), so there is nothing to resurrect; the checker is not faked.
+- no-errors: no exception escaped a task or callback of any node.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from pacsnode.ring.swim import State
+from pacsnode.sim.cluster import SimCluster
+from pacsnode.sim.workload import Workload
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool | None  # None: skipped.
+    detail: str
+    violations: int = 0
+
+    def line(self) -> str:
+        verdict = "SKIP" if self.ok is None else ("ok" if self.ok else "FAIL")
+        return f"{verdict:4} {self.name}: {self.detail}"
+
+
+async def check_acked_writes(cluster: SimCluster, workload: Workload, seed: int) -> CheckResult:
+    rng = random.Random(f"{seed}:checker")
+    live = cluster.live_ids()
+    if not live:
+        return CheckResult("acked-writes", False, "no live node to read through", len(workload.acked))
+    lost: list[str] = []
+    wrong: list[str] = []
+    for sop in sorted(workload.acked):
+        first_node, second_node = rng.choice(live), rng.choice(live)
+        record = await workload.read(sop, first_node, history=False)
+        if not record.ok and record.status != "wrong-content":
+            record = await workload.read(sop, second_node, history=False)
+        if record.status == "wrong-content":
+            wrong.append(sop)
+        elif not record.ok:
+            lost.append(f"{sop} ({record.status})")
+    detail = f"{len(workload.acked)} acknowledged instances read back"
+    if lost:
+        detail += f"; LOST {len(lost)}: {', '.join(lost[:3])}"
+    if wrong:
+        detail += f"; WRONG CONTENT {len(wrong)}: {', '.join(wrong[:3])}"
+    return CheckResult("acked-writes", not lost and not wrong, detail, len(lost) + len(wrong))
+
+
+def check_no_wrong_content(workload: Workload) -> CheckResult:
+    wrong = [op for op in workload.history if op.status == "wrong-content"]
+    return CheckResult("no-wrong-content", not wrong,
+                       f"{sum(1 for op in workload.history if op.kind == 'read')} reads during the run, "
+                       f"{len(wrong)} returned bytes no acknowledged write had", len(wrong))
+
+
+def live_ring_members(cluster: SimCluster) -> list[str]:
+    """Live nodes that are in the ring as the live nodes see it (the first live node's view)."""
+    live = cluster.live_ids()
+    if not live:
+        return []
+    ring = cluster.process(live[0]).membership.ring()
+    return [n for n in live if n in ring]
+
+
+@dataclass
+class StudyCopies:
+    holders: int  # Live ring members holding every acknowledged instance of the study.
+    live_owners: int  # Owners (in the ring) that are live.
+    owners_missing: int  # Live owners that lack some acknowledged instance of it.
+    dead_owners: int  # Owners still in the ring but down (a rail holds their removal back).
+
+
+def study_copies(cluster: SimCluster, workload: Workload) -> tuple[dict[str, StudyCopies], int]:
+    """Per study with an acknowledged instance: who holds it; and the copies wanted, min(N, live members)."""
+    members = set(live_ring_members(cluster))
+    target = min(cluster.config.replication_factor, len(members))
+    live = cluster.live_ids()
+    ring = cluster.process(live[0]).membership.ring() if live else None
+    sops_of: dict[str, list[str]] = defaultdict(list)
+    for sop, writes in workload.acked.items():
+        sops_of[writes[0].study_instance_uid].append(sop)
+    result: dict[str, StudyCopies] = {}
+    for study, sops in sops_of.items():
+        holders: set[str] | None = None
+        for sop in sops:
+            held = cluster.replicas.holders.get(sop, set()) & members
+            holders = held if holders is None else holders & held
+        holders = holders or set()
+        owners = ring.owners_of_study(study, cluster.config.replication_factor) if ring is not None and len(ring) \
+            else ()
+        live_owners = [o for o in owners if o in members]
+        result[study] = StudyCopies(len(holders), len(live_owners),
+                                    sum(1 for o in live_owners if o not in holders), len(owners) - len(live_owners))
+    return result, target
+
+
+def check_replication(cluster: SimCluster, workload: Workload) -> CheckResult:
+    """Every study at min(N, live members) copies; a study with an owner that is down but kept
+    in the ring by a rail can only be at its live owners' count: that is reported, and only a
+    live owner lacking it fails."""
+    copies, target = study_copies(cluster, workload)
+    under = sorted(study for study, c in copies.items()
+                   if c.owners_missing or (c.dead_owners == 0 and c.holders < target))
+    waiting = sum(1 for c in copies.values() if c.dead_owners and not c.owners_missing)
+    over = sum(1 for c in copies.values() if c.holders > target)
+    detail = f"{len(copies)} studies, {target} copies wanted; {len(under)} under"
+    if waiting:
+        detail += f"; {waiting} at their live owners only (an owner is down, kept in the ring by a rail)"
+    if over:
+        detail += f", {over} with extra copies not dropped yet"
+    if under:
+        c = copies[under[0]]
+        detail += f" (e.g. {under[0]}: {c.holders} copies, {c.owners_missing} live owners without it)"
+    return CheckResult("replication", not under, detail, len(under))
+
+
+def check_replicas_agree(cluster: SimCluster, workload: Workload) -> CheckResult:
+    diverged = []
+    for sop in sorted(workload.acked):
+        study = workload.acked[sop][0].study_instance_uid
+        contents = {cluster.nodes[n].store.content_of(study, sop) for n in sorted(cluster.replicas.holders.get(sop, ()))}
+        contents.discard(None)
+        if len(contents) > 1:
+            diverged.append(sop)
+    return CheckResult("replicas-agree", not diverged,
+                       f"{len(diverged)} instances whose copies hold different content"
+                       + (f" (e.g. {diverged[0]})" if diverged else ""), len(diverged))
+
+
+def check_membership(cluster: SimCluster) -> CheckResult:
+    live = cluster.live_ids()
+    versions = cluster.ring_versions()
+    distinct = len(set(versions.values()))
+    not_alive = 0
+    for observer in live:
+        swim = cluster.process(observer).swim
+        not_alive += sum(1 for other in live if swim.state_of(other) is not State.ALIVE)
+    ok = distinct <= 1 and not_alive == 0
+    return CheckResult("membership", ok, f"{len(live)} live nodes, {distinct} ring version(s), "
+                                         f"{not_alive} (observer, live member) pairs not seen alive",
+                       (distinct - 1 if distinct > 1 else 0) + not_alive)
+
+
+def check_deletes() -> CheckResult:
+    return CheckResult("no-resurrected-deletes", None,
+                       "skipped: the coordinator has no delete (no tombstones) yet, so nothing can come back")
+
+
+def check_no_errors(cluster: SimCluster) -> CheckResult:
+    errors = list(cluster.loop.errors) + list(cluster.errors)
+    return CheckResult("no-errors", not errors, f"{len(errors)} unexpected exceptions"
+                       + (f": {errors[0][:300]}" if errors else ""), len(errors))
+
+
+async def run_checkers(cluster: SimCluster, workload: Workload, seed: int) -> list[CheckResult]:
+    return [
+        await check_acked_writes(cluster, workload, seed),
+        check_no_wrong_content(workload),
+        check_replication(cluster, workload),
+        check_replicas_agree(cluster, workload),
+        check_membership(cluster),
+        check_deletes(),
+        check_no_errors(cluster),
+    ]

@@ -1,0 +1,317 @@
+"""One simulation run: set up, load, fault, heal, settle, check, measure.
+
+    result = run_scenario("kill-one", nodes=30, sites=3, seed=7)
+    print(format_result(result))
+
+Phases, all on the virtual clock:
+1. the cluster starts (every node knows every other, `bootstrap="full"`) and settles;
+2. the clients load the initial data (`load` instances, 8 at a time) and the cluster
+   settles until every instance has its N copies;
+3. a 15 s baseline with the clients running (availability baseline, gossip bytes);
+4. the scenario's script: faults on a schedule, then heal; clients keep running;
+5. the clients stop; the cluster settles until quiet (one ring everywhere, every
+   instance at N copies, no pending ranges, no hint for a live owner) or `settle_max_s`;
+6. the checkers (sim/checkers.py), then the measurements (sim/metrics.py).
+
+A failing run says so and prints the command that replays it (same seed, same run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import random
+import time
+from typing import Any
+
+from pacsnode.sim.checkers import CheckResult, run_checkers, study_copies
+from pacsnode.sim.cluster import SimCluster, SimConfig
+from pacsnode.sim.metrics import (
+    ReplicationMonitor,
+    availability,
+    balance,
+    detections,
+    false_positives,
+    movement,
+    percentile,
+    spread_of,
+    swim_bytes_sent,
+)
+from pacsnode.sim.network import LinkModel
+from pacsnode.sim.scenarios import SCENARIOS, ScenarioContext
+from pacsnode.sim.workload import Workload
+
+
+def default_load(nodes: int) -> int:
+    """Initial instances: enough for every node to hold some, without slowing big runs down."""
+    return max(600, min(3_000, 30 * nodes))
+
+
+def run_scenario(name: str, *, nodes: int, sites: int = 3, seed: int = 0, load: int | None = None,
+                 rate_per_s: float = 4.0, settle_max_s: float = 400.0, config: SimConfig | None = None) -> dict[str, Any]:
+    """Run scenario `name` once and return its result (JSON-ready)."""
+    scenario = SCENARIOS[name]
+    base = config or SimConfig()
+    link = dataclasses.replace(base.link, **scenario.link)
+    config = dataclasses.replace(base, link=link, **scenario.config)
+    started = time.perf_counter()
+    cluster = SimCluster(nodes, sites=sites, seed=seed, config=config)
+    try:
+        result = cluster.loop.run_until_complete(_drive(cluster, name, seed, load if load is not None
+                                                        else default_load(nodes), rate_per_s, settle_max_s,
+                                                        base.link))
+    finally:
+        cluster.close()
+    result.update(scenario=name, nodes=nodes, sites=sites, seed=seed, trace_hash=cluster.trace.hexdigest(),
+                  trace_events=cluster.trace.events, wall_s=round(time.perf_counter() - started, 2),
+                  rings_built=cluster.rings.built)
+    result["replay"] = f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} --sites {sites} --seed {seed}" + \
+        (f" --load {load}" if load is not None else "")
+    return result
+
+
+async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_s: float,
+                 settle_max_s: float, base_link: LinkModel) -> dict[str, Any]:
+    scenario = SCENARIOS[name]
+    workload = Workload(cluster, seed)
+    monitor = ReplicationMonitor(cluster, workload)
+    ctx = ScenarioContext(cluster, workload, random.Random(f"{seed}:scenario"))
+    gossip_interval_ms = cluster.config.swim.gossip_interval_ms
+
+    # 1-2. start, load, settle.
+    await asyncio.sleep(5)
+    await workload.load(load)
+    await ctx.wait_for(lambda: monitor.under_replicated() == 0 and not any(
+        cluster.process(n).repairer.pending() for n in cluster.live_ids()), 300)
+    await asyncio.sleep(5)
+    loaded_ms = cluster.now_ms()
+
+    # 3. baseline with clients running.
+    swim_before, live_before = swim_bytes_sent(cluster), len(cluster.live_ids())
+    workload.start(rate_per_s)
+    await asyncio.sleep(15)
+    baseline_end_ms = cluster.now_ms()
+    gossip_rate = (swim_bytes_sent(cluster) - swim_before) / 15 / max(1, live_before)
+    steady_balance = balance(cluster)
+
+    # 4. the scenario; its link faults (loss, jitter) end with it.
+    monitor.start()
+    script = asyncio.ensure_future(scenario.script(ctx))
+    while not ctx.fault_start_ms and not script.done():
+        await asyncio.sleep(0.1)
+    monitor.tracked = ctx.existing & set(workload.acked)
+    await script
+    if not ctx.fault_end_ms:
+        ctx.end_fault()
+    cluster.network.model = dataclasses.replace(base_link)
+    await asyncio.sleep(10)
+    await workload.stop()
+
+    # 5. settle until quiet.
+    settle_started = cluster.now_ms()
+    quiet_ms = await _settle(cluster, monitor, settle_max_s)
+
+    # 6. check, measure.
+    checks = await run_checkers(cluster, workload, seed)
+    await monitor.stop()
+    end_ms = cluster.now_ms()
+
+    result: dict[str, Any] = {
+        "ok": all(c.ok is not False for c in checks),
+        "checks": [dataclasses.asdict(c) for c in checks],
+        "virtual_s": round(end_ms / 1000, 1),
+        "instances_acked": len(workload.acked),
+        "acked_bytes": workload.acked_bytes(),
+        "settle_s": round(((quiet_ms or end_ms) - settle_started) / 1000, 1),
+        "quiet": quiet_ms is not None,
+        "notes": ctx.notes,
+        "faults": [list(f) for f in cluster.faults],
+        "gossip_bytes_per_s_per_node": round(gossip_rate, 1),
+        "balance": steady_balance,
+    }
+    # Failure detection.
+    found = detections(cluster, ctx.crashes, end_ms)
+    result["detection"] = [{
+        "victim": d.victim, "observers": d.observers,
+        "first_suspect_s": _seconds(d.first_suspect_ms, d.crashed_ms),
+        "all_dead_s": _seconds(d.all_dead_ms, d.crashed_ms),
+        "observer_dead_s": [round(t / 1000, 3) for t in d.observer_dead_ms],
+    } for d in found]
+    fp = false_positives(cluster, since_ms=loaded_ms)
+    victims = {(v, g) for v, g, _at in ctx.crashes}
+    result["false_positives"] = dataclasses.asdict(fp)
+    result["false_positive_window_s"] = round((end_ms - loaded_ms) / 1000, 1)
+    _ = victims
+    # Dissemination, in gossip rounds.
+    changes = []
+    for victim, generation, at_ms in ctx.crashes:
+        changes.append(spread_of(cluster, victim, generation, frozenset({"suspect", "dead", "removed"}), at_ms,
+                                 f"suspect {victim}", end_ms))
+        changes.append(spread_of(cluster, victim, generation, frozenset({"removed"}), at_ms,
+                                 f"removed {victim}", end_ms))
+    for node_id, at_ms in ctx.joins:
+        changes.append(spread_of(cluster, node_id, 1, frozenset({"alive"}), at_ms, f"join {node_id}", end_ms))
+    for node_id, at_ms in ctx.leaves:
+        changes.append(spread_of(cluster, node_id, 1, frozenset({"left"}), at_ms, f"leave {node_id}", end_ms))
+    for node_id, generation, at_ms in ctx.restarts:
+        changes.append(spread_of(cluster, node_id, generation, frozenset({"alive"}), at_ms,
+                                 f"restart {node_id} generation {generation}", end_ms))
+    spreads = [c for c in changes if c is not None]
+    result["spread"] = [{"change": s.change, "observers": s.observers,
+                         "seconds": _seconds(s.all_ms, s.first_ms), "rounds": s.rounds(gossip_interval_ms)}
+                        for s in spreads]
+    result["rounds_bound"] = math.ceil(math.log2(max(2, cluster_size(cluster)))) + 3
+    # Data movement and re-replication.
+    if ctx.movement_kind:
+        if ctx.movement_kind == "join":
+            store = cluster.nodes[ctx.movement_node].store
+            ideal = sum(len(s.blob) for s in _held(store, ctx.existing))
+        else:
+            ideal = ctx.movement_held_bytes
+        moved = movement(cluster, ctx.movement_kind, ideal, ctx.existing, ctx.fault_start_ms)
+        result["movement"] = {**dataclasses.asdict(moved), "ratio": _round(moved.ratio, 3)}
+    back = monitor.back_to_full_ms(ctx.fault_start_ms)
+    result["rereplication_s"] = _seconds(back, ctx.fault_start_ms)
+    removed_at = min((r.at_ms for r in cluster.transitions if r.new == "removed" and r.at_ms >= ctx.fault_start_ms),
+                     default=None)
+    result["rereplication_after_removal_s"] = _seconds(back, removed_at) if removed_at and back else None
+    result["under_replicated_peak"] = max((c for at, c in monitor.samples if at >= ctx.fault_start_ms), default=0)
+    result["under_replicated_monotonic"] = monitor.monotonic_after(ctx.fault_start_ms)
+    # Availability.
+    window_end = ctx.fault_end_ms + 10_000
+    result["availability"] = {
+        "baseline": {kind: dataclasses.asdict(availability(workload.ops_between(loaded_ms, baseline_end_ms, kind)))
+                     for kind in ("store", "read", "find")},
+        "fault": {kind: dataclasses.asdict(availability(workload.ops_between(ctx.fault_start_ms, window_end, kind)))
+                  for kind in ("store", "read", "find")},
+    }
+    # Hints left for owners that are gone from the ring (never re-targeted), and repair totals.
+    result["hints_left"] = _hints_left(cluster)
+    result["repair"] = {
+        "pulled_instances": sum(1 for p in cluster.pulls if p.outcome == "stored"),
+        "pulled_bytes": sum(p.size_bytes for p in cluster.pulls if p.outcome == "stored"),
+        "pulls_not_new": sum(1 for p in cluster.pulls if p.outcome != "stored"),
+    }
+    result["traffic"] = {
+        "messages": dict(sorted(cluster.network.traffic.messages.items())),
+        "refused": cluster.network.traffic.refused,
+        "deadlines": cluster.network.traffic.deadlines,
+        "wan_bytes": cluster.network.traffic.wan_bytes,
+    }
+    return result
+
+
+def cluster_size(cluster: SimCluster) -> int:
+    return len([n for n in cluster.nodes.values() if not n.gone])
+
+
+def _held(store: Any, existing: set[str]) -> list[Any]:
+    return [s for s in (store.read_stored(study, sop) for _token, study, sop in store.keys() if sop in existing)
+            if s is not None]
+
+
+def _hints_left(cluster: SimCluster) -> dict[str, int]:
+    live = cluster.live_ids()
+    ring = cluster.process(live[0]).membership.ring() if live else None
+    live_owner = other = 0
+    for node_id in live:
+        for owner, (count, _size) in cluster.nodes[node_id].store.hint_owners().items():
+            if ring is not None and owner in ring and owner in live:
+                live_owner += count
+            else:
+                other += count
+    return {"for_live_owners": live_owner, "for_owners_out_of_ring": other}
+
+
+async def _settle(cluster: SimCluster, monitor: ReplicationMonitor, settle_max_s: float) -> int | None:
+    """Run until quiet (checked every 5 s, twice in a row) or for `settle_max_s`."""
+    deadline = cluster.loop.time() + settle_max_s
+    quiet_since: int | None = None
+    while cluster.loop.time() < deadline:
+        await asyncio.sleep(5)
+        if _quiet(cluster, monitor):
+            if quiet_since is not None:
+                return quiet_since
+            quiet_since = cluster.now_ms()
+        else:
+            quiet_since = None
+    return None
+
+
+def _quiet(cluster: SimCluster, monitor: ReplicationMonitor) -> bool:
+    if not cluster.converged():
+        return False
+    copies, target = study_copies(cluster, monitor.workload)
+    if any(c.owners_missing or (not c.dead_owners and c.holders < target) for c in copies.values()):
+        return False
+    for node_id in cluster.live_ids():
+        if cluster.process(node_id).repairer.pending():
+            return False
+    return _hints_left(cluster)["for_live_owners"] == 0
+
+
+def _seconds(at_ms: int | None, since_ms: int | None) -> float | None:
+    if at_ms is None or since_ms is None:
+        return None
+    return round((at_ms - since_ms) / 1000, 3)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# ===================================================================== text
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"scenario {result['scenario']}: {result['nodes']} nodes, {result['sites']} sites, seed {result['seed']}"
+             f" -- {'PASS' if result['ok'] else 'FAIL'}",
+             f"  {result['virtual_s']} s simulated in {result['wall_s']} s; trace {result['trace_hash']} "
+             f"({result['trace_events']} events)"]
+    for check in result["checks"]:
+        lines.append("  " + CheckResult(**check).line())
+    for d in result["detection"]:
+        times = d["observer_dead_s"]
+        lines.append(f"  detection {d['victim']}: first suspect {d['first_suspect_s']} s, dead everywhere "
+                     f"{d['all_dead_s']} s (observer p50 {percentile(times, 50)} s, p99 {percentile(times, 99)} s)")
+    fp = result["false_positives"]
+    lines.append(f"  false positives: {fp['declared_dead']} (observer, running member) held dead, "
+                 f"{fp['members_declared_dead']} members; {fp['suspicions']} suspicions of running members, "
+                 f"{fp['refutations']} refutations, over {result['false_positive_window_s']} s")
+    for s in result["spread"]:
+        lines.append(f"  spread {s['change']}: {s['seconds']} s = {s['rounds']} gossip rounds "
+                     f"(bound {result['rounds_bound']}) over {s['observers']} observers")
+    if "movement" in result:
+        m = result["movement"]
+        lines.append(f"  data moved ({m['kind']}): {m['moved_bytes']} bytes vs ideal {m['ideal_bytes']} "
+                     f"= {m['ratio']}; {m['receivers']} receivers, largest {m['largest_receiver_fraction']:.2f}")
+    lines.append(f"  back to N copies {result['rereplication_s']} s after the fault"
+                 f" ({result['rereplication_after_removal_s']} s after removal); peak under-replicated "
+                 f"{result['under_replicated_peak']}, monotonic {result['under_replicated_monotonic']}")
+    for window in ("baseline", "fault"):
+        parts = []
+        for kind, a in result["availability"][window].items():
+            counted = a["attempted"] - a["entry_down"]
+            parts.append(f"{kind} {a['ok']}/{counted}" + (f" (+{a['entry_down']} to a down node)"
+                                                            if a["entry_down"] else "")
+                         + (f" p99 {a['latency_p99_ms']:.0f} ms" if a["latency_p99_ms"] is not None else ""))
+        lines.append(f"  availability {window}: " + ", ".join(parts))
+    b = result["balance"]
+    if b:
+        lines.append(f"  balance: stored max/mean {_fmt(b['stored_max_over_mean'])}, ring ownership max/mean "
+                     f"{_fmt(b['ownership_max_over_mean'])} ({b['studies']} studies)")
+    lines.append(f"  gossip {result['gossip_bytes_per_s_per_node']} B/s per node; hints left {result['hints_left']}; "
+                 f"settled in {result['settle_s']} s (quiet: {result['quiet']})")
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    if not result["ok"]:
+        lines.append(f"  replay: {result['replay']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+__all__ = ["LinkModel", "format_result", "run_scenario"]

@@ -1,0 +1,363 @@
+"""The simulated clients: C-STORE, C-FIND and C-GET-like reads through random nodes.
+
+Every operation is sent to a node the way a modality or viewer would: to any node of the
+cluster, which then coordinates it with the real `Coordinator` (store, find, read). A node
+that is down refuses the association at once ("entry-down"); a paused or slow one makes
+the client wait up to its own timeout. Every operation is recorded (a Jepsen-style
+history: who, when, outcome), and every store that came back Success is remembered with
+its content hash: the checkers read all of them back at the end.
+
+Instances are synthetic but real where it matters: the Part-10 bytes are a preamble, a
+file-meta stand-in and a dataset of seeded random bytes (half noise, half zeros, so zstd
+has something to do), compressed with node/codec.py's zstd framing (checksummed), and
+their content hash is replication/model.py's `content_hash` of the dataset bytes. So a
+read that returns other bytes than were acknowledged is caught, byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pacsnode.node.codec import compress
+from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import InstanceRecord, StoredInstance, content_hash
+from pacsnode.sim.cluster import SimCluster
+
+TRANSFER_SYNTAX = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MODALITIES = ("CT", "MR", "CR", "US", "DX")
+
+
+@dataclass
+class Study:
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    accession_number: str
+    modality: str
+    series: list[str] = field(default_factory=list)
+    instances: int = 0
+
+
+@dataclass(frozen=True)
+class AckedWrite:
+    sop_instance_uid: str
+    study_instance_uid: str
+    content_hash: str
+    size_bytes: int  # Compressed (blob) bytes: what replicas store and move.
+    acked_at_ms: int
+    stored: StoredInstance
+
+
+@dataclass
+class OpRecord:
+    kind: str  # store | read | find
+    node_id: str
+    started_ms: int
+    ended_ms: int = 0
+    ok: bool = False
+    status: str = ""  # success, quorum-failed, out-of-resources, entry-down, entry-crashed, timeout,
+    # unavailable, wrong-content, incomplete, error: ...
+    sop_instance_uid: str = ""
+
+    @property
+    def latency_ms(self) -> int:
+        return self.ended_ms - self.started_ms
+
+
+class DataGenerator:
+    """Seeded synthetic studies and instances (see the module docstring)."""
+
+    def __init__(self, seed: int, *, size_bytes: tuple[int, int] = (2_000, 24_000)) -> None:
+        self.rng = random.Random(f"{seed}:data")
+        self.size_bytes = size_bytes
+        self._patients = 0
+
+    def uid(self) -> str:
+        return f"2.25.{self.rng.getrandbits(120)}"
+
+    def new_study(self, patient_id: str | None = None) -> Study:
+        rng = self.rng
+        if patient_id is None:
+            self._patients += 1
+            patient_id = f"PID{self._patients:06d}"
+        return Study(
+            study_instance_uid=self.uid(),
+            patient_id=patient_id,
+            patient_name=f"SIM^PATIENT{patient_id[3:]}",
+            study_date=f"20{rng.randrange(10, 27):02d}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}",
+            accession_number=f"ACC{rng.getrandbits(32):010d}",
+            modality=rng.choice(MODALITIES),
+        )
+
+    def instance(self, study: Study, *, now_ms: int, sop_instance_uid: str | None = None) -> StoredInstance:
+        rng = self.rng
+        if not study.series or rng.random() < 0.2:
+            study.series.append(self.uid())
+        series_uid = rng.choice(study.series)
+        sop_uid = sop_instance_uid or self.uid()
+        study.instances += 1
+        low, high = self.size_bytes
+        size = rng.randint(low, high)
+        noise = size // 2
+        dataset = rng.randbytes(noise) + bytes(size - noise)
+        meta = b"\x02\x00" + rng.randbytes(62)
+        part10 = bytes(128) + b"DICM" + meta + dataset
+        offset = 128 + 4 + len(meta)
+        attributes: dict[str, Any] = {
+            "PatientID": study.patient_id,
+            "PatientName": study.patient_name,
+            "PatientBirthDate": "19700101",
+            "PatientSex": "O",
+            "StudyInstanceUID": study.study_instance_uid,
+            "StudyDate": study.study_date,
+            "StudyTime": "120000",
+            "AccessionNumber": study.accession_number,
+            "StudyID": "1",
+            "StudyDescription": "SIMULATED",
+            "SeriesInstanceUID": series_uid,
+            "Modality": study.modality,
+            "SeriesNumber": str(study.series.index(series_uid) + 1),
+            "SOPInstanceUID": sop_uid,
+            "SOPClassUID": CT_IMAGE_STORAGE,
+            "InstanceNumber": str(study.instances),
+        }
+        record = InstanceRecord(
+            study_instance_uid=study.study_instance_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=CT_IMAGE_STORAGE,
+            transfer_syntax_uid=TRANSFER_SYNTAX,
+            content_hash=content_hash(TRANSFER_SYNTAX, dataset),
+            size_bytes=len(dataset),
+            dataset_offset=offset,
+            stored_at_ms=now_ms,
+            attributes={k: attributes[k] for k in ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")},
+        )
+        return StoredInstance(record=record, attributes=attributes, blob=compress(part10))
+
+
+@dataclass(frozen=True)
+class WorkloadMix:
+    store: float = 0.6
+    read: float = 0.3
+    find: float = 0.1
+    duplicate: float = 0.0  # Of stores: re-send an acknowledged instance unchanged.
+    conflict: float = 0.0  # Of stores: re-send an acknowledged SOP Instance UID with other bytes.
+
+
+class Workload:
+    """Clients of one simulated cluster, and the history of what they were told."""
+
+    def __init__(self, cluster: SimCluster, seed: int, *, size_bytes: tuple[int, int] = (2_000, 24_000),
+                 instances_per_study: tuple[int, int] = (1, 8)) -> None:
+        self.cluster = cluster
+        self.rng = random.Random(f"{seed}:workload")
+        self.data = DataGenerator(seed, size_bytes=size_bytes)
+        self.instances_per_study = instances_per_study
+        self.history: list[OpRecord] = []
+        self.acked: dict[str, list[AckedWrite]] = {}  # sop uid -> every acknowledged write of it
+        self.studies: list[Study] = []
+        self.stored: dict[str, StoredInstance] = {}  # Every instance ever sent, by sop uid (first bytes).
+        self._runner: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0}
+
+    # ----------------------------------------------------------------- entry points
+    def entry_nodes(self) -> list[str]:
+        """Where a client may send: every node that is part of the cluster (up or not)."""
+        return [node_id for node_id, node in self.cluster.nodes.items() if not node.gone]
+
+    def pick_node(self) -> str:
+        return self.rng.choice(self.entry_nodes())
+
+    async def _at_node(self, kind: str, node_id: str, work: Callable[[Any], Awaitable[Any]],
+                       record: OpRecord) -> Any:
+        """Run `work(process)` as part of node `node_id`'s process, with the client's timeout."""
+        node = self.cluster.nodes[node_id]
+        process = node.process
+        if process is None or not process.alive:
+            record.status = "entry-down"
+            return None
+
+        async def served() -> Any:
+            await process.wait_running()
+            return await work(process)
+
+        task = process.spawn(served())
+        done, _pending = await asyncio.wait({task}, timeout=self.client_timeout_s[kind])
+        if not done:
+            task.cancel()
+            record.status = "timeout"
+            return None
+        if task.cancelled():
+            record.status = "entry-crashed"
+            return None
+        error = task.exception()
+        if error is not None:
+            record.status = f"error: {type(error).__name__}: {error}"
+            self.cluster.note_error(f"{node_id} {kind} raised {error!r}")
+            return None
+        return task.result()
+
+    # ----------------------------------------------------------------- operations
+    async def store(self, stored: StoredInstance, node_id: str | None = None) -> OpRecord:
+        node_id = node_id or self.pick_node()
+        record = OpRecord("store", node_id, self.cluster.now_ms(), sop_instance_uid=stored.sop_instance_uid)
+        self.history.append(record)
+        self.stored.setdefault(stored.sop_instance_uid, stored)
+        result: WriteResult | None = await self._at_node(
+            "store", node_id, lambda process: process.coordinator.store(stored), record)
+        record.ended_ms = self.cluster.now_ms()
+        if result is not None:
+            record.status = result.status
+            record.ok = result.status == WriteStatus.SUCCESS
+        if record.ok:
+            self.acked.setdefault(stored.sop_instance_uid, []).append(AckedWrite(
+                stored.sop_instance_uid, stored.study_instance_uid, stored.content_hash, len(stored.blob),
+                record.ended_ms, stored))
+        self.cluster.trace.record(record.ended_ms, "op", "store", node_id, stored.sop_instance_uid, record.status)
+        return record
+
+    async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True) -> OpRecord:
+        node_id = node_id or self.pick_node()
+        writes = self.acked[sop_instance_uid]
+        first = writes[0].stored.record
+        record = OpRecord("read", node_id, self.cluster.now_ms(), sop_instance_uid=sop_instance_uid)
+        if history:
+            self.history.append(record)
+        location = InstanceLocation(first.study_instance_uid, first.series_instance_uid, first.sop_instance_uid,
+                                    first.sop_class_uid, first.transfer_syntax_uid)
+
+        async def work(process: Any) -> Any:
+            try:
+                return await process.coordinator.read(location)
+            except ReadError as error:
+                return error
+
+        result = await self._at_node("read", node_id, work, record)
+        record.ended_ms = self.cluster.now_ms()
+        if isinstance(result, ReadError):
+            record.status = "unavailable"
+        elif result is not None:
+            part10, offset = result
+            got = content_hash(first.transfer_syntax_uid, part10[offset:])
+            if got in {w.content_hash for w in writes}:
+                record.ok, record.status = True, "success"
+            else:
+                record.status = "wrong-content"
+        self.cluster.trace.record(record.ended_ms, "op", "read", node_id, sop_instance_uid, record.status)
+        return record
+
+    async def find(self, patient_id: str, node_id: str | None = None, *, history: bool = True
+                   ) -> tuple[OpRecord, set[str]]:
+        node_id = node_id or self.pick_node()
+        record = OpRecord("find", node_id, self.cluster.now_ms())
+        if history:
+            self.history.append(record)
+        expected = {w[0].study_instance_uid for w in self.acked.values()
+                    if w[0].stored.attributes.get("PatientID") == patient_id}
+        query = Query(level="STUDY", conditions=(Condition("PatientID", "LO", patient_id),),
+                      return_keys=("StudyInstanceUID", "PatientID"))
+
+        async def work(process: Any) -> set[str]:
+            return {str(row["StudyInstanceUID"]) async for row in process.coordinator.find(query)}
+
+        found: set[str] | None = await self._at_node("find", node_id, work, record)
+        record.ended_ms = self.cluster.now_ms()
+        if found is not None:
+            # Answered either way; "incomplete" (an acknowledged study missing: the replica asked
+            # had not got it yet, or no live replica was left for its range) is reported apart.
+            record.ok = True
+            record.status = "success" if expected <= found else "incomplete"
+        self.cluster.trace.record(record.ended_ms, "op", "find", node_id, patient_id, record.status)
+        return record, found or set()
+
+    # ----------------------------------------------------------------- generators
+    def next_instance(self) -> StoredInstance:
+        """A new instance: of a new study, or one more of a recent study."""
+        rng = self.rng
+        open_studies = [s for s in self.studies[-20:] if s.instances < self.instances_per_study[1]]
+        if open_studies and rng.random() < 0.7:
+            study = rng.choice(open_studies)
+        else:
+            patient = rng.choice(self.studies).patient_id if self.studies and rng.random() < 0.3 else None
+            study = self.data.new_study(patient)
+            self.studies.append(study)
+        return self.data.instance(study, now_ms=self.cluster.now_ms())
+
+    async def load(self, instances: int, *, concurrency: int = 8) -> None:
+        """Store `instances` new instances, `concurrency` at a time (the initial data)."""
+        queue = [self.next_instance() for _ in range(instances)]
+        position = 0
+
+        async def worker() -> None:
+            nonlocal position
+            while position < len(queue):
+                stored = queue[position]
+                position += 1
+                await self.store(stored)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    def start(self, rate_per_s: float, mix: WorkloadMix = WorkloadMix()) -> None:
+        """Open-loop clients: operations arrive at `rate_per_s` (Poisson), whatever the replies."""
+        self._runner = self.cluster.loop.create_task(self._run(rate_per_s, mix))
+
+    async def stop(self) -> None:
+        """Stop issuing operations and wait for the ones in flight."""
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+        if self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _run(self, rate_per_s: float, mix: WorkloadMix) -> None:
+        rng = self.rng
+        while True:
+            await asyncio.sleep(rng.expovariate(rate_per_s))
+            roll = rng.random() * (mix.store + mix.read + mix.find)
+            if roll < mix.store or not self.acked:
+                coroutine: Awaitable[Any] = self.store(self._store_payload(mix))
+            elif roll < mix.store + mix.read:
+                coroutine = self.read(rng.choice(sorted(self.acked)) if len(self.acked) < 64
+                                      else self._recent_acked())
+            else:
+                coroutine = self.find(self._some_patient())
+            task = self.cluster.loop.create_task(coroutine)  # type: ignore[arg-type]
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    def _store_payload(self, mix: WorkloadMix) -> StoredInstance:
+        rng = self.rng
+        if self.acked and mix.duplicate and rng.random() < mix.duplicate:
+            return self.acked[self._recent_acked()][0].stored
+        if self.acked and mix.conflict and rng.random() < mix.conflict:
+            sop = self._recent_acked()
+            first = self.acked[sop][0].stored
+            study = next(s for s in self.studies if s.study_instance_uid == first.study_instance_uid)
+            return self.data.instance(study, now_ms=self.cluster.now_ms(), sop_instance_uid=sop)
+        return self.next_instance()
+
+    def _recent_acked(self) -> str:
+        # dicts keep insertion order: the last acknowledged instances are at the end.
+        keys = list(self.acked)
+        return keys[-1 - self.rng.randrange(min(len(keys), 500))]
+
+    def _some_patient(self) -> str:
+        return self.rng.choice(self.studies).patient_id
+
+    # ----------------------------------------------------------------- summaries
+    def acked_bytes(self) -> int:
+        return sum(writes[0].size_bytes for writes in self.acked.values())
+
+    def ops_between(self, start_ms: int, end_ms: int, kind: str | None = None) -> list[OpRecord]:
+        return [op for op in self.history if start_ms <= op.started_ms < end_ms and op.ended_ms
+                and (kind is None or op.kind == kind)]
