@@ -1,0 +1,201 @@
+"""`python -m pacsnode.sim ...` (and `pacsnode sim ...` once cli/main.py hooks it up).
+
+    python -m pacsnode.sim list
+    python -m pacsnode.sim run --scenario kill-one --nodes 100 --sites 3 --seed 7
+    python -m pacsnode.sim sweep --nodes 10,30,100,300 --seeds 50 --out report/
+    python -m pacsnode.sim report --out report/        # re-render report.md and plots
+
+`run` prints what it measured and every checker's verdict, and exits 1 when a check
+failed (the output ends with the command that replays the run: same seed, same run).
+`sweep` runs every scenario for every cluster size and seed, `--jobs` at a time in
+worker processes, appending each result to <out>/results.jsonl as it finishes (a sweep
+that is stopped can be resumed: runs already there are skipped), then writes
+<out>/summary.json, <out>/report.md and, when matplotlib is importable, <out>/*.png.
+
+To hook it into cli/main.py:
+
+    from pacsnode.sim import cli as sim_cli
+    sim_cli.add_parser(subparsers)          # where the other subcommands are added
+    ...
+    if args.command == "sim": return sim_cli.main(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pacsnode.sim.scenarios import SCENARIOS
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `sim` (with its own subcommands) to an argparse subparsers object."""
+    parser = subparsers.add_parser("sim", help="deterministic many-node simulation on a virtual clock",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="sim_command", required=True)
+    commands.add_parser("list", help="list the scenarios")
+
+    run = commands.add_parser("run", help="one scenario, one seed")
+    run.add_argument("--scenario", default="kill-one", choices=sorted(SCENARIOS))
+    run.add_argument("--nodes", type=int, default=10)
+    run.add_argument("--sites", type=int, default=3)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--load", type=int, default=None, help="initial instances (default: by cluster size)")
+    run.add_argument("--rate", type=float, default=4.0, help="client operations per second during the run")
+    run.add_argument("--json", type=Path, default=None, help="also write the full result here")
+    run.add_argument("--verbose", action="store_true", help="show the nodes' own log lines (WARNING and up)")
+
+    sweep = commands.add_parser("sweep", help="every scenario x cluster size x seed, with a report")
+    sweep.add_argument("--nodes", default="10,30,100,300", help="cluster sizes, comma-separated")
+    sweep.add_argument("--seeds", default="50",
+                       help="seeds per size: one number for all sizes, or one per size (e.g. 20,8,2,1)")
+    sweep.add_argument("--first-seed", type=int, default=0)
+    sweep.add_argument("--sites", type=int, default=3)
+    sweep.add_argument("--scenarios", default="all", help="comma-separated names, or 'all'")
+    sweep.add_argument("--out", type=Path, default=Path("report"))
+    sweep.add_argument("--jobs", type=int, default=max(1, multiprocessing.cpu_count()))
+    sweep.add_argument("--budget-s", type=float, default=None,
+                       help="start no new run after this many seconds of wall time (the report covers what ran)")
+    sweep.add_argument("--load", type=int, default=None)
+
+    report = commands.add_parser("report", help="re-render the report of a sweep directory")
+    report.add_argument("--out", type=Path, default=Path("report"))
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.sim_command == "list":
+        from pacsnode.sim import scenarios
+        print(scenarios.__doc__)
+        return 0
+    if args.sim_command == "run":
+        return _run(args)
+    if args.sim_command == "sweep":
+        return _sweep(args)
+    if args.sim_command == "report":
+        from pacsnode.sim.report import write_report
+        print(write_report(args.out))
+        return 0
+    raise SystemExit(f"unknown sim command {args.sim_command!r}")
+
+
+def _quiet_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    if not verbose:
+        logging.getLogger("pacsnode").setLevel(logging.CRITICAL)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pacsnode.sim.run import format_result, run_scenario
+    _quiet_logging(args.verbose)
+    result = run_scenario(args.scenario, nodes=args.nodes, sites=args.sites, seed=args.seed, load=args.load,
+                          rate_per_s=args.rate)
+    print(format_result(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if result["ok"] else 1
+
+
+def _task_list(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    sizes = [int(n) for n in str(args.nodes).split(",") if n]
+    seeds = [int(s) for s in str(args.seeds).split(",") if s]
+    if len(seeds) == 1:
+        seeds = seeds * len(sizes)
+    if len(seeds) != len(sizes):
+        raise SystemExit("--seeds takes one number, or one per cluster size")
+    names = sorted(SCENARIOS) if args.scenarios == "all" else [s for s in args.scenarios.split(",") if s]
+    for name in names:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; see `python -m pacsnode.sim list`")
+    tasks = []
+    for size, count in zip(sizes, seeds):
+        for seed in range(args.first_seed, args.first_seed + count):
+            for name in names:
+                if SCENARIOS[name].min_sites > args.sites:
+                    continue
+                tasks.append((name, size, args.sites, seed))
+    # Small clusters first, seeds interleaved across scenarios: a budget cut keeps a balanced report.
+    tasks.sort(key=lambda t: (t[1], t[3]))
+    return tasks
+
+
+def _worker(task: tuple[str, int, int, int, int | None]) -> dict[str, Any]:
+    from pacsnode.sim.run import run_scenario
+    _quiet_logging()
+    name, nodes, sites, seed, load = task
+    try:
+        return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load)
+    except Exception as error:  # A crash of the harness (or of the real code) is a result too.
+        return {"scenario": name, "nodes": nodes, "sites": sites, "seed": seed, "ok": False, "crashed": repr(error),
+                "checks": [], "replay": f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} "
+                                       f"--sites {sites} --seed {seed}"}
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pacsnode.sim.report import write_report
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = set()
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["scenario"], r["nodes"], r["sites"], r["seed"]))
+    tasks = [t + (args.load,) for t in _task_list(args) if t not in done]
+    started = time.monotonic()
+    print(f"sweep: {len(tasks)} runs to do ({len(done)} already in {results_path}), {args.jobs} at a time",
+          flush=True)
+    failures = 0
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.jobs, maxtasksperchild=4) as pool, open(results_path, "a") as sink:
+        pending = []
+        submitted = 0
+        while submitted < len(tasks) or pending:
+            while submitted < len(tasks) and len(pending) < args.jobs * 2:
+                if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                    print(f"sweep: budget of {args.budget_s:.0f} s used; {len(tasks) - submitted} runs not started",
+                          flush=True)
+                    tasks = tasks[:submitted]
+                    break
+                pending.append(pool.apply_async(_worker, (tasks[submitted],)))
+                submitted += 1
+            still = []
+            for job in pending:
+                if job.ready():
+                    result = job.get()
+                    sink.write(json.dumps(result) + "\n")
+                    sink.flush()
+                    verdict = "ok" if result.get("ok") else "FAIL"
+                    failures += 0 if result.get("ok") else 1
+                    print(f"  {verdict:4} {result['scenario']:22} n={result['nodes']:<4} seed={result['seed']:<3} "
+                          f"{result.get('wall_s', 0):7.1f} s" + ("" if result.get("ok") else
+                                                                   f"   replay: {result['replay']}"), flush=True)
+                else:
+                    still.append(job)
+            pending = still
+            if pending:
+                time.sleep(0.2)
+    print(write_report(out))
+    return 0 if failures == 0 else 1
+
+
+def entry(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pacsnode.sim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
