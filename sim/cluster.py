@@ -92,7 +92,6 @@ class SimConfig:
     disk_write_ms: float = 1.0  # A synced put (the reply waits for it).
     link: LinkModel = field(default_factory=LinkModel)
     bootstrap: str = "full"  # "full": every node starts knowing all; "join": through node 0, the real path.
-    restart_when_removed: bool = True  # A running node told it was removed restarts with generation + 1.
     leave_drain_timeout_s: float = 600.0  # A leaving node exits once drained, or after this.
 
     def coordinator_settings(self) -> CoordinatorSettings:
@@ -131,37 +130,49 @@ class RingCache:
 
 
 class SwimMembership:
-    """replication's MembershipView over one node's Swim."""
+    """replication's MembershipView over one node's Swim, as node/swim_membership.py builds it.
+
+    The ring is built from Swim's ring members (alive, suspect and dead own tokens; leaving,
+    left and removed do not). A member is alive for data while Swim holds it reachable
+    (alive, leaving or suspect), and the node itself always. `refresh()` says whether the
+    node's `on_change` fires: when who owns tokens, which boot of them, or whether one of
+    them is dead changed (node/swim_membership.py's ring_key).
+    """
 
     def __init__(self, swim: Swim, rings: RingCache) -> None:
-        self._swim = swim
+        self.swim = swim
+        self.self_id = swim.self_id
         self._rings = rings
-        self._key: tuple[Member, ...] = ()
+        self._members: tuple[Member, ...] = ()
+        self._change_key: tuple[tuple[str, int, bool], ...] = ()
         self._ring: Ring | None = None
         self.refresh()
 
     def refresh(self) -> bool:
-        """Re-read Swim's ring members; True when the ring changed."""
-        key = tuple(sorted(m.as_ring_member() for m in self._swim.ring_members()))
-        if key == self._key and self._ring is not None:
-            return False
-        self._key = key
-        self._ring = None
-        return True
+        """Re-read Swim after an input; True when the node's on_change would fire."""
+        in_ring = self.swim.ring_members()
+        members = tuple(sorted(m.as_ring_member() for m in in_ring))
+        if members != self._members or self._ring is None:
+            self._members = members
+            self._ring = None
+        key = tuple((m.node_id, m.generation, m.state == State.DEAD.value) for m in in_ring)
+        changed = key != self._change_key
+        self._change_key = key
+        return changed
 
     def ring(self) -> Ring:
         if self._ring is None:
-            self._ring = self._rings.get(self._key)
+            self._ring = self._rings.get(self._members)
         return self._ring
 
     def is_alive(self, node_id: str) -> bool:
-        return self._swim.is_alive(node_id)
+        return node_id == self.self_id or self.swim.is_alive(node_id)
 
     def member(self, node_id: str) -> MemberInfo | None:
-        return self._swim.member(node_id)
+        return self.swim.member(node_id)
 
     def members(self) -> list[MemberInfo]:
-        return [view.info for view in self._swim.members()]
+        return [view.info for view in self.swim.members()]
 
 
 # ===================================================================== replica accounting
@@ -232,6 +243,8 @@ class _Process:
                                  config.repair_settings(), run_blocking=self.run_blocking)
         self.coordinator.pending = self.repairer.pending
         self.ring_changes = 0
+        self.rejoins = 0
+        self.left_by_us = False
 
     # ----------------------------------------------------------------- clock
     def now_ms(self) -> int:
@@ -339,20 +352,47 @@ class _Process:
     def swim_step(self, step: Callable[[int], list[Outbound]]) -> None:
         if not self.alive:
             return
-        out = step(self.now_ms())
-        events = self.swim.drain_events()
-        if events:
-            self.cluster.on_transitions(self, events)
-            if self.membership.refresh():
-                self.ring_changes += 1
-                self.repairer.ring_changed()
-                self.cluster.on_ring_change(self)
+        now = self.now_ms()
+        out = step(now)
+        self._after_input()
+        state = self.swim.self_state()
+        if state is State.REMOVED or (state is State.LEFT and not self.left_by_us):
+            out = out + self._rejoin(now)
         network = self.cluster.network
         for outbound in out:
             network.send_swim(self, outbound)
         self._reschedule()
-        if self.swim.self_state() is State.REMOVED and self.cluster.config.restart_when_removed:
-            self.cluster.loop.call_soon(self.cluster.restart_removed, self.node_id, self.generation)
+
+    def _after_input(self) -> None:
+        events = self.swim.drain_events()
+        if events:
+            self.cluster.on_transitions(self, events)
+        if self.membership.refresh():
+            self.ring_changes += 1
+            self.repairer.ring_changed()  # node/server.py: membership.on_change -> repairer.ring_changed
+            self.cluster.on_ring_change(self)
+
+    def _rejoin(self, now: int) -> list[Outbound]:
+        """node/swim_membership.py _rejoin: the cluster removed this generation of us (or made
+        it leave); come back as the next one, keeping what we knew of the others."""
+        old = self.swim
+        node = self.node
+        self.cluster.generation_ended(self)
+        node.generation += 1
+        self.generation = node.generation
+        self.cluster.lifetimes[(node.node_id, node.generation)] = [self.cluster.now_ms(), None]
+        self.rejoins += 1
+        self.cluster._fault("rejoin", f"{node.node_id} generation={node.generation} was={old.self_state().value}")
+        self.swim = Swim(self.cluster.config.swim, node.member_info(node.generation),
+                         random.Random(f"{self.cluster.seed}:{node.node_id}:{node.generation}"), now)
+        self.membership.swim = self.swim
+        others = tuple(r for r in (old.record(v.info.node_id) for v in old.members())
+                       if r is not None and r.node_id != self.node_id)
+        self.swim.on_message(now, "", PushPullReply(others))
+        seeds = [r.info.peer_address for r in others if r.state in (State.ALIVE, State.LEAVING, State.SUSPECT)]
+        out = self.swim.join(now, list(dict.fromkeys(seeds)))
+        self._after_input()
+        return out
 
     def on_swim(self, source_id: str, message: Message) -> None:
         self.swim_step(lambda now: self.swim.on_message(now, source_id, message))
@@ -562,7 +602,7 @@ class SimNode:
         """The process ends (crash, exit): nothing of it runs any more."""
         if self.process is not None and self.process.alive:
             self.process.crash()
-            self.cluster.lifetimes[(self.node_id, self.process.generation)][1] = self.cluster.now_ms()
+            self.cluster.generation_ended(self.process)
 
 
 # ===================================================================== the cluster
@@ -662,6 +702,11 @@ class SimCluster:
             rings.add(self.process(observer).membership.ring().version)
         return len(rings) <= 1
 
+    def generation_ended(self, process: _Process) -> None:
+        span = self.lifetimes.get((process.node_id, process.generation))
+        if span is not None and span[1] is None:
+            span[1] = self.now_ms()
+
     def alive_at(self, node_id: str, generation: int, at_ms: int) -> bool:
         """Whether that boot of the node was running (possibly paused) at `at_ms`."""
         span = self.lifetimes.get((node_id, generation))
@@ -716,15 +761,6 @@ class SimCluster:
         self._fault("restart", f"{node_id} generation={node.generation}")
         process.start(seeds=seeds if seeds is not None else self._seeds(exclude=node_id))
 
-    def restart_removed(self, node_id: str, generation: int) -> None:
-        node = self.nodes[node_id]
-        process = node.process
-        if process is None or not process.alive or process.generation != generation:
-            return
-        if process.swim.self_state() is State.REMOVED:
-            self._fault("restart-removed", node_id)
-            self.restart(node_id)
-
     def wipe(self, node_id: str) -> None:
         """The node's disk is lost: crash, an empty store, restart."""
         node = self.nodes[node_id]
@@ -751,29 +787,32 @@ class SimCluster:
         return node
 
     def leave(self, node_id: str) -> None:
-        """`pacsnode leave`: announce LEFT, keep serving until drained, then exit."""
+        """`pacsnode leave` (node/server.py): LEAVING at once (its tokens go), keep serving until
+        the drop rule has emptied the store and the hints are handed over, then LEFT, exit."""
         process = self.process(node_id)
         self._fault("leave", node_id)
-        process.deliver(lambda: process.swim_step(lambda now: process.swim.leave(now)))
-        self.loop.create_task(self._exit_when_drained(node_id, process))
+        process.deliver(lambda: process.swim_step(lambda now: process.swim.start_leaving(now)))
+        process.spawn(self._finish_leave_when_drained(process))
 
-    async def _exit_when_drained(self, node_id: str, process: _Process) -> None:
-        node = self.nodes[node_id]
+    async def _finish_leave_when_drained(self, process: _Process) -> None:
+        node = process.node
         deadline = self.loop.time() + self.config.leave_drain_timeout_s
-        while process.alive and self.loop.time() < deadline:
+        while self.loop.time() < deadline:
             await asyncio.sleep(0.5)
+            if process.swim.self_state() is not State.LEAVING:
+                continue
             process.repairer.ring_changed()
             stats = node.store.statistics()
             if stats.instances == 0 and stats.hints == 0:
                 break
-        if not process.alive:
-            return
         stats = node.store.statistics()
-        self._fault("left", f"{node_id} instances={stats.instances} hints={stats.hints}")
-        await asyncio.sleep(2.0)  # A few gossip rounds so the others hear it.
-        if process is node.process:
-            node.stop()
+        self._fault("left", f"{node.node_id} instances={stats.instances} hints={stats.hints}")
+        # membership.mark_left: LEFT to every reachable member, then a few gossip rounds.
+        process.left_by_us = True
+        process.swim_step(lambda now: process.swim.leave(now))
+        await asyncio.sleep(max(1.0, 3 * self.config.swim.gossip_interval_ms / 1000))
         node.gone = True
+        self.loop.call_soon(node.stop)  # The process exits (not from inside one of its own tasks).
 
     def remove(self, node_id: str, *, via: str | None = None) -> None:
         """`pacsnode remove`: an operator takes `node_id` out of the ring at once, through `via`."""

@@ -46,16 +46,21 @@ class ReplicationMonitor:
         self._task: asyncio.Task[None] | None = None
 
     def under_replicated(self, sops: Iterable[str] | None = None) -> int:
+        """Instances with fewer than min(N, live ring members) copies on running nodes.
+
+        A copy counts while its node runs, in the ring or not (a leaving node's copies
+        count until it exits); a crashed node's copies do not.
+        """
         cluster = self.cluster
         live = cluster.live_ids()
         if not live:
             return len(self.workload.acked)
         ring = cluster.process(live[0]).membership.ring()
-        members = {n for n in live if n in ring}
-        target = min(cluster.config.replication_factor, len(members))
+        target = min(cluster.config.replication_factor, sum(1 for n in live if n in ring))
+        running = set(cluster.running_ids())
         holders = cluster.replicas.holders
         return sum(1 for sop in (self.workload.acked if sops is None else sops)
-                   if len(holders.get(sop, set()) & members) < target)
+                   if len(holders.get(sop, set()) & running) < target)
 
     def start(self) -> None:
         self._task = self.cluster.loop.create_task(self._run())

@@ -153,7 +153,8 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
     for node_id, at_ms in ctx.joins:
         changes.append(spread_of(cluster, node_id, 1, frozenset({"alive"}), at_ms, f"join {node_id}", end_ms))
     for node_id, at_ms in ctx.leaves:
-        changes.append(spread_of(cluster, node_id, 1, frozenset({"left"}), at_ms, f"leave {node_id}", end_ms))
+        changes.append(spread_of(cluster, node_id, cluster.nodes[node_id].generation, frozenset({"leaving", "left"}),
+                                 at_ms, f"leave {node_id}", end_ms))
     for node_id, generation, at_ms in ctx.restarts:
         changes.append(spread_of(cluster, node_id, generation, frozenset({"alive"}), at_ms,
                                  f"restart {node_id} generation {generation}", end_ms))

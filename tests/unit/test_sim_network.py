@@ -1,0 +1,128 @@
+"""sim/loop.py and sim/network.py: virtual time, and what the network does to a call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pacsnode.replication.transport import PeerError
+from pacsnode.ring.placement import TokenRange
+from pacsnode.sim.cluster import SimCluster, SimConfig
+from pacsnode.sim.loop import SimDeadlock, new_loop
+from pacsnode.sim.network import LinkModel
+
+
+def test_virtual_time_jumps_to_the_next_timer() -> None:
+    loop = new_loop()
+    try:
+        async def main() -> float:
+            await asyncio.sleep(3600)
+            await asyncio.wait_for(asyncio.sleep(0.25), 1)
+            return loop.time()
+
+        assert loop.run_until_complete(main()) == pytest.approx(3600.25)
+        loop.run_until(4000)
+        assert loop.time() == 4000
+    finally:
+        loop.close()
+
+
+def test_waiting_on_nothing_is_a_deadlock_not_a_hang() -> None:
+    loop = new_loop()
+    try:
+        with pytest.raises(SimDeadlock):
+            loop.run_until_complete(loop.create_future())
+    finally:
+        loop.close()
+
+
+def test_sets_of_tasks_iterate_in_creation_order() -> None:
+    loop = new_loop()
+    try:
+        async def main() -> list[int]:
+            tasks = [asyncio.ensure_future(asyncio.sleep(1, result=i)) for i in range(50)]
+            done, _ = await asyncio.wait(set(reversed(tasks)))
+            return [t.result() for t in done]
+
+        assert loop.run_until_complete(main()) == list(range(50))
+    finally:
+        loop.close()
+
+
+def _call(cluster: SimCluster, source: str, target: str, timeout_ms: int = 1_000) -> tuple[str, float]:
+    """A range_digest call from source to target: ('ok' or the error, virtual seconds it took)."""
+    transport = cluster.network.transport(source)
+    process = cluster.process(source)
+
+    async def call() -> tuple[str, float]:
+        started = cluster.loop.time()
+        try:
+            await transport.range_digest(target, TokenRange(0, 1 << 62), timeout_ms=timeout_ms)
+            return "ok", cluster.loop.time() - started
+        except PeerError as error:
+            return str(error), cluster.loop.time() - started
+
+    return cluster.loop.run_until_complete(process.spawn(call()))
+
+
+def test_calls_fail_as_the_network_says() -> None:
+    cluster = SimCluster(4, sites=1, seed=1, config=SimConfig())
+    try:
+        cluster.run_for(2)
+        assert _call(cluster, "node-000", "node-001")[0] == "ok"
+        # Down: refused after a round trip.
+        cluster.crash("node-001")
+        error, took = _call(cluster, "node-000", "node-001")
+        assert "refused" in error and took < 0.01
+        # Partitioned: black-holed until the deadline.
+        cluster.network.partition(["node-000"], ["node-002"])
+        error, took = _call(cluster, "node-000", "node-002", timeout_ms=700)
+        assert "deadline" in error and took == pytest.approx(0.7)
+        # One way: 2 -> 0 is cut, so 0's request gets there but the reply does not.
+        cluster.network.heal()
+        cluster.network.partition(["node-002"], ["node-000"], one_way=True)
+        assert "deadline" in _call(cluster, "node-000", "node-002")[0]
+        assert _call(cluster, "node-000", "node-003")[0] == "ok"
+        cluster.network.heal()
+        # Paused: the call waits for the target to resume.
+        cluster.pause("node-003", 0.5)
+        result, took = _call(cluster, "node-000", "node-003")
+        assert result == "ok" and 0.49 < took < 0.52
+    finally:
+        cluster.close()
+
+
+def test_loss_costs_retransmissions_on_calls_and_datagrams_are_dropped() -> None:
+    cluster = SimCluster(3, sites=1, seed=2, config=SimConfig(link=LinkModel(loss=0.3)))
+    try:
+        cluster.run_for(1)
+        took = [_call(cluster, "node-000", "node-001", timeout_ms=30_000)[1] for _ in range(40)]
+        assert all(t < 30 for t in took)
+        assert any(t >= 0.2 for t in took)  # Some paid a retransmission timeout.
+        assert sum(cluster.network.traffic.dropped.values()) > 0
+    finally:
+        cluster.close()
+
+
+def test_a_crashed_node_runs_no_more_code() -> None:
+    cluster = SimCluster(3, sites=1, seed=4)
+    try:
+        cluster.run_for(1)
+        process = cluster.process("node-002")
+        ran: list[float] = []
+
+        async def forever() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                ran.append(cluster.loop.time())
+
+        process.spawn(forever())
+        cluster.run_for(1)
+        cluster.crash("node-002")
+        count = len(ran)
+        cluster.run_for(5)
+        assert count > 5 and len(ran) == count
+        assert not process.tasks
+    finally:
+        cluster.close()

@@ -1,0 +1,166 @@
+"""NonDurableStore (sim/store.py) against RocksStore (node/store.py): same operations, same answers.
+
+The simulator's verdicts are only as good as its store's likeness to the real one, so
+the same seeded sequence of puts (new, duplicate, conflicting, hints), hint deletes and
+study deletes is applied to both, and everything the coordinator and the repairer read
+back (outcomes, segment digests, entries, studies in a range, stored instances, hints,
+C-FIND rows, counters) must be equal.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacsnode.node.local_replica import StoreReplica
+from pacsnode.node.store import RocksStore
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import StoredInstance, StoreOutcome
+from pacsnode.ring.placement import TokenRange
+from pacsnode.ring.tokens import TOKEN_SPACE, study_token
+from pacsnode.sim.store import NonDurableStore
+from pacsnode.sim.workload import DataGenerator, Study
+
+OWNERS = ("node-001", "node-002", "node-017")
+
+
+def _intervals(rng: random.Random, tokens: list[int]) -> list[tuple[int, int]]:
+    """Inclusive intervals that cut through segments around real tokens, and some wide ones."""
+    chosen = []
+    for token in rng.sample(tokens, min(4, len(tokens))):
+        low = max(0, token - rng.randrange(1 << 40))
+        chosen.append((low, min(TOKEN_SPACE - 1, token + rng.randrange(1 << 50))))
+    chosen.append((0, TOKEN_SPACE - 1))
+    start = rng.randrange(TOKEN_SPACE)
+    chosen.append((start, min(TOKEN_SPACE - 1, start + (TOKEN_SPACE >> 3))))
+    return chosen
+
+
+def _apply(store: Any, replica: Any, ops: list[tuple[str, Any]]) -> list[Any]:
+    outcomes: list[Any] = []
+    for op, arg in ops:
+        if op == "put":
+            outcomes.append(store.put_stored(arg))
+        elif op == "hint":
+            owner, stored = arg
+            outcomes.append(store.put_stored(stored, hint_for=owner))
+        elif op == "delete_hint":
+            owner, study, sop = arg
+            replica.delete_hint(owner, study, sop)
+            outcomes.append(None)
+        elif op == "delete_study":
+            outcomes.append(store.delete_study(arg))
+    return outcomes
+
+
+def _operations(seed: int) -> list[tuple[str, Any]]:
+    rng = random.Random(seed)
+    data = DataGenerator(seed, size_bytes=(200, 2_000))
+    studies: list[Study] = []
+    sent: list[StoredInstance] = []
+    ops: list[tuple[str, Any]] = []
+    for _ in range(120):
+        roll = rng.random()
+        if roll < 0.55 or not sent:
+            if not studies or rng.random() < 0.3:
+                patient = rng.choice(studies).patient_id if studies and rng.random() < 0.3 else None
+                studies.append(data.new_study(patient))
+            stored = data.instance(rng.choice(studies), now_ms=rng.randrange(10**6))
+            sent.append(stored)
+            ops.append(("put", stored))
+        elif roll < 0.62:
+            ops.append(("put", rng.choice(sent)))  # Duplicate.
+        elif roll < 0.68:
+            first = rng.choice(sent)
+            study = next(s for s in studies if s.study_instance_uid == first.study_instance_uid)
+            ops.append(("put", data.instance(study, now_ms=1, sop_instance_uid=first.sop_instance_uid)))  # Conflict.
+        elif roll < 0.85:
+            ops.append(("hint", (rng.choice(OWNERS), rng.choice(sent))))
+        elif roll < 0.93:
+            stored = rng.choice(sent)
+            ops.append(("delete_hint", (rng.choice(OWNERS), stored.study_instance_uid, stored.sop_instance_uid)))
+        else:
+            ops.append(("delete_study", rng.choice(studies).study_instance_uid))
+    return ops
+
+
+def _instances(store: Any) -> list[tuple[Any, ...]]:
+    return sorted((r.study_instance_uid, r.sop_instance_uid, r.content_hash, r.size_bytes)
+                  for r in store.all_instances())
+
+
+def _view(stored: StoredInstance | None) -> Any:
+    if stored is None:
+        return None
+    return (stored.record, stored.attributes, stored.blob)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_same_operations_same_answers(tmp_path: Path, seed: int) -> None:
+    rocks = RocksStore(tmp_path / "rocks", disk_free_bytes_min=0)
+    try:
+        replica = StoreReplica(rocks)
+        sim = NonDurableStore("sim")
+        ops = _operations(seed)
+        outcomes = _apply(sim, sim, ops)
+        assert _apply(rocks, replica, ops) == outcomes
+        assert {StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT} <= set(outcomes)
+
+        stats = rocks.statistics()
+        mine = sim.statistics()
+        for name in ("instances", "bytes_received", "bytes_stored", "studies", "conflicts", "hints", "hint_bytes"):
+            assert getattr(mine, name) == getattr(stats, name), name
+        assert sim.is_empty() == rocks.is_empty()
+        assert _instances(sim) == _instances(rocks)
+
+        rng = random.Random(seed)
+        tokens = [study_token(r.study_instance_uid) for r in sim.all_instances()] or [1 << 63]
+        for interval in _intervals(rng, tokens):
+            assert sim.segment_digests([interval]) == rocks.segment_digests([interval])
+            assert list(sim.entries(*interval)) == list(rocks.entries(*interval))
+            assert sim.studies_in(*interval) == rocks.studies_in(*interval)
+        several = _intervals(rng, tokens)
+        assert sim.segment_digests(several) == rocks.segment_digests(several)
+
+        for record in rocks.all_instances():
+            assert _view(sim.read_stored(record.study_instance_uid, record.sop_instance_uid)) == \
+                _view(rocks.read_stored(record.study_instance_uid, record.sop_instance_uid))
+        assert {o: c for o, (c, _b) in sim.hint_owners().items()} == \
+            {o: c for o, (c, _b) in replica.hint_owners().items()}
+        for owner in OWNERS:
+            assert [_view(h) for h in sim.hints(owner)] == [_view(h) for h in replica.hints(owner)]
+            for hint in sim.hints(owner):
+                assert _view(sim.read_hint(owner, hint.study_instance_uid, hint.sop_instance_uid)) == \
+                    _view(replica.read_hint(owner, hint.study_instance_uid, hint.sop_instance_uid))
+
+        some_study = next(iter(sim.studies()), None)
+        assert some_study is not None
+        patient = str(some_study.attributes["PatientID"])
+        ranges = [TokenRange(0, 1 << 63), TokenRange(1 << 62, 3 << 62)]
+        queries = [
+            (Query("STUDY", (Condition("PatientID", "LO", patient),), ("StudyInstanceUID", "PatientName")), None),
+            (Query("STUDY", (), ("StudyInstanceUID", "ModalitiesInStudy", "NumberOfStudyRelatedInstances")), None),
+            (Query("STUDY", (Condition("PatientName", "PN", "sim*"),), ("StudyInstanceUID",)), ranges),
+            (Query("STUDY", (Condition("StudyDate", "DA", "20150101-20221231"),), ("StudyDate",)), None),
+            (Query("SERIES", (Condition("Modality", "CS", "CT"),), ("SeriesInstanceUID",)), None),
+            (Query("IMAGE", (Condition("PatientID", "LO", patient),), ("SOPInstanceUID",)), ranges),
+        ]
+        for query, query_ranges in queries:
+            assert list(sim.query_rows(query, query_ranges)) == list(replica.query_rows(query, query_ranges))
+    finally:
+        rocks.close()
+
+
+def test_capacity_refuses_without_writing() -> None:
+    from pacsnode.replication.model import StoreFull
+
+    data = DataGenerator(5, size_bytes=(1_000, 1_000))
+    study = data.new_study()
+    store = NonDurableStore("small", capacity_bytes=5_000)
+    store.put_stored(data.instance(study, now_ms=0))
+    with pytest.raises(StoreFull):
+        store.put_stored(data.instance(study, now_ms=0))
+    assert store.statistics().instances == 1
