@@ -53,6 +53,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--load", type=int, default=None, help="initial instances (default: by cluster size)")
     run.add_argument("--rate", type=float, default=4.0, help="client operations per second during the run")
+    run.add_argument("--conflicts", type=float, default=0.0,
+                     help="fraction of stores that re-send an acknowledged SOP Instance UID with other bytes")
+    run.add_argument("--duplicates", type=float, default=0.0,
+                     help="fraction of stores that re-send an acknowledged instance unchanged")
     run.add_argument("--json", type=Path, default=None, help="also write the full result here")
     run.add_argument("--verbose", action="store_true", help="show the nodes' own log lines (WARNING and up)")
 
@@ -97,9 +101,10 @@ def _quiet_logging(verbose: bool = False) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from pacsnode.sim.run import format_result, run_scenario
+    from pacsnode.sim.workload import WorkloadMix
     _quiet_logging(args.verbose)
     result = run_scenario(args.scenario, nodes=args.nodes, sites=args.sites, seed=args.seed, load=args.load,
-                          rate_per_s=args.rate)
+                          rate_per_s=args.rate, mix=WorkloadMix(conflict=args.conflicts, duplicate=args.duplicates))
     print(format_result(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))

@@ -772,6 +772,22 @@ class SimCluster:
         self._fault("wipe", node_id)
         self.restart(node_id)
 
+    def set_clock(self, node_id: str, *, drift_ppm: int | None = None, forward_ms: int = 0) -> None:
+        """Skew a node's clock (the one its Swim reads) while it runs: change its drift (ppm; the
+        clock stays continuous) and/or jump it forward. Monotonic clocks never go back; a
+        restart may start one anywhere (`restart(skew_ms=...)`)."""
+        if forward_ms < 0:
+            raise ValueError("a monotonic clock does not go back; restart the node with skew_ms instead")
+        node = self.nodes[node_id]
+        loop_ms = self.loop.now_ms()
+        local = loop_ms + node.skew_ms + (loop_ms * node.drift_ppm) // 1_000_000
+        if drift_ppm is not None:
+            node.drift_ppm = drift_ppm
+        node.skew_ms = local + forward_ms - loop_ms - (loop_ms * node.drift_ppm) // 1_000_000
+        self._fault("clock", f"{node_id} drift_ppm={node.drift_ppm} forward_ms={forward_ms}")
+        if node.process is not None and node.process.alive:
+            node.process.deliver(node.process._tick)
+
     def pause(self, node_id: str, seconds: float) -> None:
         node = self.nodes[node_id]
         if node.process is not None and node.process.alive:

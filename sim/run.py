@@ -40,7 +40,7 @@ from pacsnode.sim.metrics import (
 )
 from pacsnode.sim.network import LinkModel
 from pacsnode.sim.scenarios import SCENARIOS, ScenarioContext
-from pacsnode.sim.workload import Workload
+from pacsnode.sim.workload import Workload, WorkloadMix
 
 
 def default_load(nodes: int) -> int:
@@ -49,8 +49,15 @@ def default_load(nodes: int) -> int:
 
 
 def run_scenario(name: str, *, nodes: int, sites: int = 3, seed: int = 0, load: int | None = None,
-                 rate_per_s: float = 4.0, settle_max_s: float = 400.0, config: SimConfig | None = None) -> dict[str, Any]:
-    """Run scenario `name` once and return its result (JSON-ready)."""
+                 rate_per_s: float = 4.0, settle_max_s: float = 400.0, config: SimConfig | None = None,
+                 mix: WorkloadMix | None = None) -> dict[str, Any]:
+    """Run scenario `name` once and return its result (JSON-ready).
+
+    `mix`: what the clients do during the run (default: 60% stores, 30% reads, 10% finds,
+    no re-sends); `WorkloadMix(conflict=0.1)` re-sends 10% of stores as an acknowledged
+    SOP Instance UID with other bytes.
+    """
+    mix = mix or WorkloadMix()
     scenario = SCENARIOS[name]
     base = config or SimConfig()
     link = dataclasses.replace(base.link, **scenario.link)
@@ -60,19 +67,23 @@ def run_scenario(name: str, *, nodes: int, sites: int = 3, seed: int = 0, load: 
     try:
         result = cluster.loop.run_until_complete(_drive(cluster, name, seed, load if load is not None
                                                         else default_load(nodes), rate_per_s, settle_max_s,
-                                                        base.link))
+                                                        base.link, mix))
     finally:
         cluster.close()
     result.update(scenario=name, nodes=nodes, sites=sites, seed=seed, trace_hash=cluster.trace.hexdigest(),
                   trace_events=cluster.trace.events, wall_s=round(time.perf_counter() - started, 2),
                   rings_built=cluster.rings.built)
     result["replay"] = f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} --sites {sites} --seed {seed}" + \
-        (f" --load {load}" if load is not None else "")
+        (f" --load {load}" if load is not None else "") + \
+        (f" --rate {rate_per_s}" if rate_per_s != 4.0 else "") + \
+        (f" --conflicts {mix.conflict}" if mix.conflict else "") + (f" --duplicates {mix.duplicate}" if mix.duplicate
+                                                                      else "")
+    result["mix"] = dataclasses.asdict(mix)
     return result
 
 
 async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_s: float,
-                 settle_max_s: float, base_link: LinkModel) -> dict[str, Any]:
+                 settle_max_s: float, base_link: LinkModel, mix: WorkloadMix) -> dict[str, Any]:
     scenario = SCENARIOS[name]
     workload = Workload(cluster, seed)
     monitor = ReplicationMonitor(cluster, workload)
@@ -89,7 +100,7 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
 
     # 3. baseline with clients running.
     swim_before, live_before = swim_bytes_sent(cluster), len(cluster.live_ids())
-    workload.start(rate_per_s)
+    workload.start(rate_per_s, mix)
     await asyncio.sleep(15)
     baseline_end_ms = cluster.now_ms()
     gossip_rate = (swim_bytes_sent(cluster) - swim_before) / 15 / max(1, live_before)

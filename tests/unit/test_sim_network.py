@@ -126,3 +126,21 @@ def test_a_crashed_node_runs_no_more_code() -> None:
         assert not process.tasks
     finally:
         cluster.close()
+
+
+def test_clock_skew_reaches_swim_and_the_cluster_copes() -> None:
+    cluster = SimCluster(6, sites=1, seed=5)
+    try:
+        cluster.run_for(5)
+        before = cluster.process("node-001").now_ms()
+        cluster.set_clock("node-001", drift_ppm=50_000)  # 5% fast.
+        cluster.set_clock("node-002", drift_ppm=-50_000)  # 5% slow.
+        cluster.set_clock("node-003", forward_ms=1_500)  # A jump forward.
+        assert cluster.process("node-001").now_ms() == before
+        assert cluster.process("node-003").now_ms() - cluster.loop.now_ms() >= 1_500
+        cluster.run_for(120)
+        assert 125_990 <= cluster.process("node-001").now_ms() - before <= 126_010  # 120 s at +5%.
+        assert cluster.converged()
+        assert not [t for t in cluster.transitions if t.new == "dead"]
+    finally:
+        cluster.close()
