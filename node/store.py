@@ -311,13 +311,10 @@ class RocksStore:
         meta_key = PREFIX_META + prefix + SEP + sop
         existing = view.get(meta_key)
         if existing is not None:
-            if json.loads(existing)["content_hash"] == record.content_hash:
+            current = json.loads(existing)
+            if current["content_hash"] == record.content_hash:
                 return StoreOutcome.DUPLICATE
-            key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + record.content_hash.encode()
-            if view.get(key) is None:
-                view.put(batch, key, stored.blob)
-                view.counters["conflicts"] += 1
-            return StoreOutcome.CONFLICT
+            return self._resolve_conflict(view, batch, stored, current, prefix, sop)
         view.put(batch, PREFIX_BLOB + prefix + SEP + sop, stored.blob)
         view.put(batch, meta_key, _dump(record))
         segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
@@ -329,6 +326,45 @@ class RocksStore:
         view.counters["bytes_stored"] += len(stored.blob)
         view.counters["studies"] += 1 if new_study else 0
         return StoreOutcome.STORED
+
+    def _resolve_conflict(self, view: "_View", batch: WriteBatch, stored: StoredInstance, current: dict[str, Any],
+                          prefix: bytes, sop: bytes) -> str:
+        """Same SOP Instance UID, other bytes: one deterministic rule on every replica.
+
+        The first writer wins, by the version (ingest time at the coordinator, content
+        hash): whichever order copies reach a replica in, every replica ends with the same
+        copy as the instance and the other kept as a conflict record.
+        """
+        record = stored.record
+        incoming = (record.stored_at_ms, record.content_hash)
+        kept = (int(current["stored_at_ms"]), str(current["content_hash"]))
+        if incoming < kept:
+            # The incoming copy was written first: it becomes the instance, ours the conflict.
+            blob_key = PREFIX_BLOB + prefix + SEP + sop
+            old_blob = view.get(blob_key) or b""
+            loser_key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + kept[1].encode()
+            if view.get(loser_key) is None:
+                view.put(batch, loser_key, old_blob)
+                view.counters["conflicts"] += 1
+            winner_key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + record.content_hash.encode()
+            if view.get(winner_key) is not None:
+                view.delete(batch, winner_key)
+                view.counters["conflicts"] -= 1
+            view.put(batch, blob_key, stored.blob)
+            view.put(batch, PREFIX_META + prefix + SEP + sop, _dump(record))
+            segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
+            digest = Digest.from_bytes(view.get(segment_key))
+            digest = digest.remove(entry_hash(record.sop_instance_uid, kept[1]))
+            digest = digest.add(entry_hash(record.sop_instance_uid, record.content_hash))
+            view.put(batch, segment_key, digest.to_bytes())
+            view.counters["bytes_stored"] += len(stored.blob) - len(old_blob)
+            view.counters["bytes_received"] += record.size_bytes - int(current["size_bytes"])
+            return StoreOutcome.CONFLICT
+        key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + record.content_hash.encode()
+        if view.get(key) is None:
+            view.put(batch, key, stored.blob)
+            view.counters["conflicts"] += 1
+        return StoreOutcome.CONFLICT
 
     def _build_hint(self, view: "_View", batch: WriteBatch, stored: StoredInstance, owner: str) -> str:
         key = _hint_key(owner, stored.study_instance_uid, stored.sop_instance_uid)

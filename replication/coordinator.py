@@ -19,6 +19,7 @@ LocalReplica, MembershipView and clock.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -353,26 +354,18 @@ class Coordinator:
 
     async def _pump_local(self, key: str, query: Query, ranges: list[TokenRange],
                           queue: "asyncio.Queue[tuple[str, list[Attributes] | None, str | None]]") -> None:
-        loop = asyncio.get_running_loop()
-        stop = False
+        """Local rows in batches: each batch is read by run_blocking (a thread in the node,
+        inline in the simulator), so the loop is never blocked and never waited on."""
+        rows = iter(self._local.query_rows(query, ranges))
 
-        def produce() -> None:
-            batch: list[Attributes] = []
-            for row in self._local.query_rows(query, ranges):
-                if stop:
-                    return
-                batch.append(row)
-                if len(batch) >= _BATCH_ROWS:
-                    asyncio.run_coroutine_threadsafe(queue.put((key, batch, None)), loop).result()
-                    batch = []
-            if batch:
-                asyncio.run_coroutine_threadsafe(queue.put((key, batch, None)), loop).result()
+        def next_batch() -> list[Attributes]:
+            return list(itertools.islice(rows, _BATCH_ROWS))
 
-        try:
-            await self._run_blocking(produce)
-        except asyncio.CancelledError:
-            stop = True
-            raise
+        while True:
+            batch = await self._run_blocking(next_batch)
+            if not batch:
+                return
+            await queue.put((key, batch, None))
 
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> list[InstanceLocation]:

@@ -57,9 +57,9 @@ def _find_inline(store: NonDurableStore, patient_id: str) -> list[str]:
     return asyncio.new_event_loop().run_until_complete(find())
 
 
-@pytest.mark.xfail(strict=True, reason="Coordinator._pump_local blocks on run_coroutine_threadsafe(...).result(): "
-                                        "it deadlocks when run_blocking runs the function inline (no thread)")
 def test_find_with_an_inline_run_blocking_finishes() -> None:
+    """Found by the simulator: _pump_local used to block on run_coroutine_threadsafe(...).result(),
+    a deadlock when run_blocking runs inline. Fixed: it reads batches through run_blocking."""
     data = DataGenerator(1)
     study = data.new_study()
     store = NonDurableStore("n1")
