@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -299,8 +297,7 @@ class _Process:
     async def run_blocking(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The coordinator's and repairer's run_blocking: inline, on the loop, no thread."""
         await self.wait_running()
-        with _inline_threadsafe():
-            return function(*args, **kwargs)
+        return function(*args, **kwargs)
 
     def crash(self) -> None:
         self.alive = False
@@ -520,41 +517,6 @@ class Pull:
 def _decode(stored: StoredInstance) -> bytes:
     """node/local_replica.py's decode: decompress and verify (CorruptBlob on a bad checksum)."""
     return decompress(stored.blob, stored.sop_instance_uid)
-
-
-class SimInlineBlocked(RuntimeError):
-    """A blocking function run inline waited on the loop it runs on (it cannot ever finish)."""
-
-
-def _run_coroutine_now(coroutine: Any, loop: asyncio.AbstractEventLoop) -> concurrent.futures.Future[Any]:
-    """asyncio.run_coroutine_threadsafe for a caller that is on the loop's own thread.
-
-    Coordinator._pump_local hands rows to the loop with run_coroutine_threadsafe(...)
-    .result(), which assumes run_blocking put it on another thread. Inline, that would
-    wait forever; instead the coroutine (a Queue.put) is run to completion here, which it
-    does in one step whenever the queue has room.
-    """
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        future.set_result(done.value)
-        return future
-    except BaseException as error:  # noqa: BLE001 - handed to the caller, as the real function does
-        future.set_exception(error)
-        return future
-    coroutine.close()
-    raise SimInlineBlocked("a function run inline waited on the event loop (an asyncio.Queue was full)")
-
-
-@contextlib.contextmanager
-def _inline_threadsafe() -> Iterator[None]:
-    original = asyncio.run_coroutine_threadsafe
-    asyncio.run_coroutine_threadsafe = _run_coroutine_now  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        asyncio.run_coroutine_threadsafe = original
 
 
 # ===================================================================== a node across boots

@@ -197,7 +197,9 @@ def spread_of(cluster: SimCluster, subject: str, generation: int, states: frozen
             continue
         if record.at_ms > until_ms:
             break
-        if record.generation >= generation and record.new in states and record.observer not in first:
+        # Reached: the change itself, or anything about a later boot of the member (which supersedes it).
+        reached = (record.generation == generation and record.new in states) or record.generation > generation
+        if reached and record.observer not in first:
             first[record.observer] = record.at_ms
     if not first:
         return None

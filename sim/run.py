@@ -187,13 +187,15 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
     result["rereplication_s"] = _seconds(back, ctx.fault_start_ms)
     removed_at = min((r.at_ms for r in cluster.transitions if r.new == "removed" and r.at_ms >= ctx.fault_start_ms),
                      default=None)
-    result["rereplication_after_removal_s"] = _seconds(back, removed_at) if removed_at and back else None
+    result["rereplication_after_removal_s"] = _seconds(back, removed_at) if removed_at and back and back >= removed_at \
+        else None
     result["under_replicated_peak"] = max((c for at, c in monitor.samples if at >= ctx.fault_start_ms), default=0)
     result["under_replicated_monotonic"] = monitor.monotonic_after(ctx.fault_start_ms)
     # Availability.
     window_end = ctx.fault_end_ms + 10_000
     result["availability"] = {
-        "baseline": {kind: dataclasses.asdict(availability(workload.ops_between(loaded_ms, baseline_end_ms, kind)))
+        "baseline": {kind: dataclasses.asdict(availability(workload.ops_between(loaded_ms, baseline_end_ms, kind,
+                                                                                ended=True)))
                      for kind in ("store", "read", "find")},
         "fault": {kind: dataclasses.asdict(availability(workload.ops_between(ctx.fault_start_ms, window_end, kind)))
                   for kind in ("store", "read", "find")},

@@ -13,6 +13,9 @@ did (crashed nodes for failure detection, a joiner or a lost node for data movem
     partition-one-way     messages from one random half to the other dropped for 30 s
     site-cut              one site cut from the others for 90 s (past the dead grace:
                           the rails must keep both sides from removing the other)
+    isolate-one           one node cut from all others past the dead grace: they remove
+                          it, it holds them dead (a rail stops it removing them), and
+                          after the heal it comes back as its next generation
     pause-flap            1% loss, 50 ms jitter, one node stopped 2 s every 30 s, 3 min
     join                  a new, empty node joins and fills its ranges
     leave                 a node leaves gracefully (pacsnode leave) and exits when drained
@@ -20,6 +23,8 @@ did (crashed nodes for failure detection, a joiner or a lost node for data movem
     wipe                  a node's disk is lost: it restarts empty, same id, and refills
     restart-storm         a third of the nodes are kill -9'd and restarted, overlapping
     loss-10pct            10% loss on every link; one node dies, another restarts
+
+(isolate-one is beyond the issue's list: the scenario the rails and the rejoin exist for.)
 """
 
 from __future__ import annotations
@@ -163,6 +168,16 @@ async def site_cut(ctx: ScenarioContext) -> None:
     ctx.end_fault()
 
 
+async def isolate_one(ctx: ScenarioContext) -> None:
+    cluster = ctx.cluster
+    victim = ctx.pick()
+    ctx.begin_fault()
+    cluster.network.partition([victim], [n for n in cluster.nodes if n != victim])
+    await ctx.sleep(ctx.grace_s() + 40)  # Removed by the others; it comes back as its next generation.
+    cluster.network.heal()
+    ctx.end_fault()
+
+
 async def pause_flap(ctx: ScenarioContext) -> None:
     victim = ctx.pick()
     ctx.begin_fault()
@@ -284,6 +299,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("partition-halves", partition_halves),
     Scenario("partition-one-way", partition_one_way),
     Scenario("site-cut", site_cut, min_sites=2),
+    Scenario("isolate-one", isolate_one),
     Scenario("pause-flap", pause_flap, link={"loss": 0.01, "jitter_ms": 50.0, "wan_jitter_ms": 50.0}),
     Scenario("join", join),
     Scenario("leave", leave),

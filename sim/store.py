@@ -8,7 +8,9 @@ runs C-FIND against. The rules are RocksStore's, one for one:
 - an instance is keyed by (study token, study uid, sop uid), so a token range is one
   slice of a sorted key list, as it is one contiguous RocksDB scan;
 - same SOP Instance UID and same content hash again: DUPLICATE, nothing written;
-  different content: CONFLICT, the first copy stays and the newcomer is kept aside;
+  different content: CONFLICT, settled by one rule on every replica whatever the order
+  the copies arrive in: the copy with the lowest version (stored_at_ms, the ingest time
+  at the coordinator, then content hash) is the instance, the other a conflict record;
 - hints are full copies keyed by (intended owner, key); a hint with other content for
   the same key replaces the old one (as RocksStore's put of the same key does);
 - the digest of every ring segment (replication/digest.py) is kept up to date on every
@@ -199,12 +201,7 @@ class NonDurableStore:
             return self._put_hint(hint_for, key, stored)
         existing = self._meta.get(key)
         if existing is not None:  # Other content (same content returned above).
-            kept = self._conflicts.setdefault((record.study_instance_uid, record.sop_instance_uid), {})
-            if record.content_hash not in kept:
-                kept[record.content_hash] = stored.blob
-                self._counters["conflicts"] += 1
-                self.puts += 1
-            return StoreOutcome.CONFLICT
+            return self._resolve_conflict(key, stored, existing)
         self.puts += 1
         bisect.insort(self._keys, key)
         self._meta[key] = _copy_record(record)
@@ -222,6 +219,33 @@ class NonDurableStore:
         if self.listener is not None:
             self.listener.instance_added(self.node_id, record, len(stored.blob))
         return StoreOutcome.STORED
+
+    def _resolve_conflict(self, key: Key, stored: StoredInstance, current: InstanceRecord) -> str:
+        """RocksStore._resolve_conflict: the lowest (stored_at_ms, content hash) is the instance."""
+        record = stored.record
+        aside = self._conflicts.setdefault((record.study_instance_uid, record.sop_instance_uid), {})
+        if (record.stored_at_ms, record.content_hash) < (current.stored_at_ms, current.content_hash):
+            old_blob = self._blobs[key]
+            if current.content_hash not in aside:
+                aside[current.content_hash] = old_blob
+                self._counters["conflicts"] += 1
+            if aside.pop(record.content_hash, None) is not None:
+                self._counters["conflicts"] -= 1
+            self._blobs[key] = stored.blob
+            self._meta[key] = _copy_record(record)
+            segment = segment_of(key[0])
+            self._digests[segment] = self._digests[segment].remove(
+                entry_hash(record.sop_instance_uid, current.content_hash)).add(
+                entry_hash(record.sop_instance_uid, record.content_hash))
+            self._counters["bytes_stored"] += len(stored.blob) - len(old_blob)
+            self._counters["bytes_received"] += record.size_bytes - current.size_bytes
+            self.puts += 1
+            return StoreOutcome.CONFLICT
+        if record.content_hash not in aside:
+            aside[record.content_hash] = stored.blob
+            self._counters["conflicts"] += 1
+            self.puts += 1
+        return StoreOutcome.CONFLICT
 
     def _put_hint(self, owner: str, key: Key, stored: StoredInstance) -> str:
         held = self._hints.setdefault(owner, {})
@@ -443,7 +467,8 @@ class NonDurableStore:
 
     def conflicts(self, study_instance_uid: str, sop_instance_uid: str) -> list[bytes]:
         """Compressed blobs of the copies that lost first-writer-wins (RocksStore returns them decompressed)."""
-        return list(self._conflicts.get((study_instance_uid, sop_instance_uid), {}).values())
+        held = self._conflicts.get((study_instance_uid, sop_instance_uid), {})
+        return [held[content] for content in sorted(held)]
 
 
 def _no_header(_study_uid: str, _sop_uid: str, _keywords: tuple[str, ...]) -> Attributes:

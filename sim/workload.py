@@ -358,6 +358,8 @@ class Workload:
     def acked_bytes(self) -> int:
         return sum(writes[0].size_bytes for writes in self.acked.values())
 
-    def ops_between(self, start_ms: int, end_ms: int, kind: str | None = None) -> list[OpRecord]:
+    def ops_between(self, start_ms: int, end_ms: int, kind: str | None = None, *, ended: bool = False
+                    ) -> list[OpRecord]:
+        """Finished operations that started in [start_ms, end_ms) (and, with `ended`, also ended by end_ms)."""
         return [op for op in self.history if start_ms <= op.started_ms < end_ms and op.ended_ms
-                and (kind is None or op.kind == kind)]
+                and (not ended or op.ended_ms <= end_ms) and (kind is None or op.kind == kind)]

@@ -24,6 +24,7 @@ from pacsnode.sim.workload import Workload
     ("leave", 6, 6),
     ("restart-storm", 6, 8),
     ("site-cut", 6, 9),
+    ("isolate-one", 6, 10),
 ])
 def test_scenario_passes_its_checks(scenario: str, nodes: int, seed: int) -> None:
     result = run_scenario(scenario, nodes=nodes, sites=3, seed=seed, load=300)

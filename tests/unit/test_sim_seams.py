@@ -1,12 +1,10 @@
-"""The seams the simulator plugs into, and where they leak.
+"""The seams the simulator plugs into.
 
-Coordinator(run_blocking=...) is meant to let the simulator run blocking store calls
-inline, on the loop, with no thread. Coordinator._pump_local (the local part of every
-C-FIND / locate) hands rows back with `asyncio.run_coroutine_threadsafe(...).result()`,
-which only works when run_blocking moved it to another thread: inline, it waits on the
-loop it is blocking, forever. The simulator works around it (sim/cluster.py runs that
-coroutine in place); this test shows the bug in the real code and flips to a pass (and,
-being strict, to a failure that asks for this file to be updated) once it is fixed.
+Coordinator(run_blocking=...) lets the simulator run blocking store calls inline, on the
+loop, with no thread. The simulator found that Coordinator._pump_local (the local part of
+every C-FIND / locate) handed rows back with `asyncio.run_coroutine_threadsafe(...).result()`,
+which only works when run_blocking moved it to another thread: inline, it waited on the
+loop it was blocking, forever. Fixed in 50f868f; these tests keep it fixed.
 """
 
 from __future__ import annotations
