@@ -299,18 +299,7 @@ class MembershipService(pb_grpc.MembershipServicer):
         target = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
                             peer_port=int(request.target_address.port))
         message = swim.IndirectPing(sequence_number, target, probe_timeout_ms, self._updates(request.updates, source))
-        membership = self.node.membership
-        answer = membership.hold(source, sequence_number)
-        try:
-            membership.receive(source, message)
-            # The relay nacks at probe_timeout_ms; this is only the backstop.
-            reply = await asyncio.wait_for(answer, (probe_timeout_ms + 500) / 1000)
-        except asyncio.TimeoutError:
-            reply = swim.Nack(sequence_number)
-        finally:
-            membership.release(source, sequence_number)
-        if not isinstance(reply, (swim.Ack, swim.Nack)):
-            reply = swim.Nack(sequence_number)
+        reply = await self.node.membership.relay(source, message)
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
@@ -381,6 +370,9 @@ class MembershipService(pb_grpc.MembershipServicer):
         state = membership.self_state()
         if state is not swim.State.ALIVE and state is not swim.State.LEAVING:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{me} is {state.value}")
+        if state is swim.State.ALIVE and membership.ring().node_ids == (me,):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{me} is the only member of the ring: there is nobody to hand its data to")
         membership.leave()
         return pb.LeaveReply(envelope=self.server.envelope(), accepted=True)
 

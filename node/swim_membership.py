@@ -118,6 +118,7 @@ class SwimMembership:
         self.transport: "GrpcTransport | None" = None
         self.on_change: list[Callable[[], None]] = []  # Called whenever the ring members change.
         self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
+        self._join_refused = ""
         self.counters = MembershipCounters()
         self._left_by_us = False
         self._started = False
@@ -225,9 +226,11 @@ class SwimMembership:
         self._held.clear()
 
     async def _run(self) -> None:
-        assert self._wake is not None
+        wake = self._wake
+        assert wake is not None
+        loop = asyncio.get_running_loop()
         last_tick_ms = -1
-        while True:
+        while not self._stopped:
             try:
                 now = now_ms()
                 due = max(self.swim.next_tick_ms(), last_tick_ms + 1)
@@ -236,11 +239,14 @@ class SwimMembership:
                     self._input(lambda t: self.swim.tick(t))
                     await asyncio.sleep(0)
                     continue
-                self._wake.clear()
+                # Sleep until the next timer or the next input (which may bring one forward).
+                # A timer handle, not asyncio.wait_for, which can swallow a cancellation.
+                wake.clear()
+                timer = loop.call_later(min(due - now, 1_000) / 1000, wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), min(due - now, 1_000) / 1000)
-                except asyncio.TimeoutError:
-                    pass
+                    await wake.wait()
+                finally:
+                    timer.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Never let membership die; say why and go on.
@@ -271,6 +277,20 @@ class SwimMembership:
 
         self._input(lambda now: self.swim.on_message(now, source_id, message), is_answer)
         return answer[0] if answer else None
+
+    async def relay(self, source_id: str, message: IndirectPing) -> Ack | Nack:
+        """An IndirectPing: probe its target for the caller, and answer once the target acked
+        (Ack) or the relay timed out (Nack). The caller's call stays open until then."""
+        sequence_number = message.sequence_number
+        answer = self.hold(source_id, sequence_number)
+        try:
+            self.receive(source_id, message)
+            # The state machine nacks at probe_timeout_ms; this is only the backstop.
+            await asyncio.wait([answer], timeout=(message.probe_timeout_ms + 500) / 1000)
+        finally:
+            self.release(source_id, sequence_number)
+        reply = answer.result() if answer.done() and not answer.cancelled() else None
+        return reply if isinstance(reply, (Ack, Nack)) else Nack(sequence_number)
 
     def hold(self, source_id: str, sequence_number: int) -> asyncio.Future[Message]:
         """A future for the Ack/Nack the state machine will address to (source_id, sequence_number)."""
@@ -310,6 +330,11 @@ class SwimMembership:
             log.log(level, "membership.state node=%s old=%s new=%s generation=%d incarnation=%d", event.node_id,
                     event.old_state.value if event.old_state else "none", event.new_state.value,
                     record.generation if record else 0, record.incarnation if record else 0)
+        refused = self.swim.join_refused_reason
+        if refused != self._join_refused:
+            self._join_refused = refused
+            if refused:
+                log.error("membership.join.refused node=%s reason=%s", self.self_id, refused)
         held_back = self.swim.removal_blocked_reasons()
         for node_id, reason in held_back.items():
             if self._held_back.get(node_id) != reason:

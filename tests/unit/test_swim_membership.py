@@ -1,0 +1,190 @@
+"""node/swim_membership.py: SwimMembership shells on one asyncio loop, joined by an in-memory
+transport that speaks the real protobuf messages (serialised and parsed on every call).
+
+Real time and the `local` profile (probe 0.2 s), so each test runs for a second or few:
+joining through a seed, an indirect probe saving a member whose direct link is cut (the
+held IndirectPing call), a dead member removed after the grace period, and a member the
+cluster removed while it was alive coming back as its next generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import replace
+from typing import Any, Awaitable, Callable
+
+from pacsnode.node import peer_wire
+from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.replication.transport import PeerError
+from pacsnode.ring import swim
+from pacsnode.ring.members import MemberInfo
+from pacsnode.ring.swim import State, SwimConfig
+
+
+class Network:
+    """Who listens where, which nodes are down and which one-way links are cut."""
+
+    def __init__(self) -> None:
+        self.by_address: dict[str, SwimMembership] = {}
+        self.down: set[str] = set()
+        self.cut: set[tuple[str, str]] = set()  # (caller, callee): the caller's requests are lost.
+
+
+class LoopbackTransport:
+    """What SwimMembership needs of GrpcTransport, served by the target's SwimMembership the way
+    node/peer_server.py MembershipService serves it."""
+
+    def __init__(self, network: Network, membership: SwimMembership) -> None:
+        self.network = network
+        self.membership = membership
+
+    def envelope(self) -> pb.Envelope:
+        m = self.membership
+        return peer_wire.envelope("test", m.self_id, m.generation, m.ring().version, m.incarnation)
+
+    async def membership_call(self, address: str, method: str, request: Any, *, timeout_ms: int) -> Any:
+        await asyncio.sleep(0.001)
+        target = self.network.by_address.get(address)
+        me = self.membership.self_id
+        if target is None or target.self_id in self.network.down or me in self.network.down \
+                or (me, target.self_id) in self.network.cut:
+            raise PeerError(f"{address}: unreachable")
+        request = type(request).FromString(request.SerializeToString())
+        try:
+            reply = await asyncio.wait_for(serve(target, method, request), timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise PeerError(f"{address}: deadline exceeded") from None
+        return type(reply).FromString(reply.SerializeToString())
+
+
+async def serve(target: SwimMembership, method: str, request: Any) -> Any:
+    source = request.envelope.sender_id
+    env = peer_wire.envelope("test", target.self_id, target.generation, target.ring().version, target.incarnation)
+    if method == "Ping":
+        updates, _ = peer_wire.updates_from_wire(request.updates)
+        if request.sequence_number == 0:
+            target.receive(source, swim.Gossip(updates))
+            return pb.Ack(envelope=env)
+        reply = target.receive(source, swim.Ping(int(request.sequence_number), target.self_id, updates))
+        assert isinstance(reply, swim.Ack)
+        return peer_wire.ack_to_wire(reply, env)
+    if method == "IndirectPing":
+        info = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
+                          peer_port=request.target_address.port)
+        updates, _ = peer_wire.updates_from_wire(request.updates)
+        answer = await target.relay(source, swim.IndirectPing(int(request.sequence_number), info,
+                                                              int(request.probe_timeout_ms), updates))
+        return peer_wire.ack_to_wire(answer, env)
+    if method == "PushPull":
+        updates, _ = peer_wire.updates_from_wire(request.members)
+        reply = target.receive(source, swim.PushPullRequest(updates))
+        assert isinstance(reply, swim.PushPullReply)
+        return pb.PushPullReply(envelope=env, members=[peer_wire.update_to_wire(u) for u in reply.members])
+    if method == "Join":
+        reply = target.receive(source, swim.JoinRequest(peer_wire.update_from_wire(request.member)))
+        assert isinstance(reply, swim.JoinReply)
+        return pb.JoinReply(envelope=env, accepted=reply.accepted, reason=reply.reason,
+                            members=[peer_wire.update_to_wire(u) for u in reply.members])
+    if method == "Leave":
+        reply = target.receive(source, swim.LeaveRequest(peer_wire.update_from_wire(request.member)))
+        return pb.LeaveReply(envelope=env, accepted=isinstance(reply, swim.LeaveReply))
+    raise AssertionError(method)
+
+
+CONFIG = swim_config("local", dead_grace_ms=600)
+
+
+def run_cluster(n: int, scenario: Callable[[Network, list[SwimMembership]], Awaitable[None]],
+                config: SwimConfig = CONFIG) -> None:
+    async def main() -> None:
+        network = Network()
+        members: list[SwimMembership] = []
+        for index in range(n):
+            info = MemberInfo(node_id=f"m{index + 1}", peer_host="127.0.0.1", peer_port=7001 + index, generation=1)
+            seeds = [members[0]._me.peer_address] if members else []
+            membership = SwimMembership("test", info, seeds, config=config, rng=random.Random(index))
+            network.by_address[info.peer_address] = membership
+            members.append(membership)
+        for membership in members:
+            membership.start(LoopbackTransport(network, membership))  # type: ignore[arg-type]
+        try:
+            assert await wait_for(lambda: all(len(m.ring()) == n and all(m.is_alive(o.self_id) for o in members)
+                                              for m in members), 3.0), "did not converge"
+            await scenario(network, members)
+        finally:
+            for membership in members:
+                await membership.stop()
+
+    asyncio.run(main())
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+def test_members_join_through_a_seed_and_report_changes() -> None:
+    async def scenario(network: Network, members: list[SwimMembership]) -> None:
+        for membership in members:
+            assert [r.state for r in membership.records()] == [State.ALIVE] * 3
+            assert membership.ring().node_ids == ("m1", "m2", "m3")
+            assert membership.ring().version == members[0].ring().version
+            assert membership.member("m2") is not None and membership.member("m2").ae_title == ""  # type: ignore[union-attr]
+
+    run_cluster(3, scenario)
+
+
+def test_an_indirect_probe_keeps_a_member_whose_direct_link_is_cut() -> None:
+    async def scenario(network: Network, members: list[SwimMembership]) -> None:
+        m1, _, m3 = members
+        network.cut.add(("m1", "m3"))
+        await asyncio.sleep(2.0)  # m1 probes m3 several times; every direct ping fails.
+        assert m1.statistics().indirect_acks > 0, m1.statistics()
+        assert all(m.is_alive("m3") for m in members)
+        assert m3.statistics().suspicions_refuted == 0  # Nobody even suspected it.
+
+    run_cluster(3, scenario)
+
+
+def test_a_dead_member_is_removed_after_the_grace_and_the_ring_shrinks() -> None:
+    changes: list[tuple[str, ...]] = []
+
+    async def scenario(network: Network, members: list[SwimMembership]) -> None:
+        observer = members[0]
+        observer.on_change.append(lambda: changes.append(observer.ring().node_ids))
+        network.down.add("m4")
+        assert await wait_for(lambda: all(m.swim.state_of("m4") is State.DEAD for m in members[:3]), 6.0)
+        assert observer.ring().node_ids == ("m1", "m2", "m3", "m4")  # Dead keeps its tokens...
+        assert not observer.is_alive("m4")
+        assert await wait_for(lambda: all(m.swim.state_of("m4") is State.REMOVED for m in members[:3]), 3.0)
+        assert observer.ring().node_ids == ("m1", "m2", "m3")  # ...removed does not.
+        assert changes[-1] == ("m1", "m2", "m3") and len(changes) >= 2  # Death, then removal.
+
+    run_cluster(4, scenario)
+
+
+def test_a_member_removed_while_alive_comes_back_as_its_next_generation() -> None:
+    async def scenario(network: Network, members: list[SwimMembership]) -> None:
+        m1, _, m3 = members
+        generations: list[int] = []
+
+        def next_generation() -> int:
+            generations.append(m3.generation + 1)
+            return generations[-1]
+
+        m3._next_generation = next_generation
+        assert m1.remove("m3", reason="test")
+        assert await wait_for(lambda: generations and all(
+            (r := m.swim.record("m3")) is not None and (r.state, r.generation) == (State.ALIVE, 2) for m in members),
+            5.0), [m.swim.record("m3") for m in members]
+        assert m3.counters.rejoins == 1 and m3.self_state() is State.ALIVE
+        assert all(len(m.ring()) == 3 for m in members)
+
+    run_cluster(3, scenario, replace(CONFIG, dead_grace_ms=60_000))
