@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--node", default="127.0.0.1:7001", metavar="HOST:PORT",
                         help="peer port of any live member (default: 127.0.0.1:7001)")
     remove.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
+    from pacsnode.sim import cli as sim_cli
+
+    sim_cli.add_parser(subparsers)
     status = subparsers.add_parser(
         "status",
         help="show a running cluster: members, ring ownership, local instances, pending hints",
@@ -185,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             node.stop()
             return 1
         return 0
+    if args.command == "sim":
+        from pacsnode.sim import cli as sim_cli
+
+        return sim_cli.main(args)
     if args.command == "status":
         from pacsnode.cli import status
 
