@@ -299,7 +299,7 @@ class MembershipService(pb_grpc.MembershipServicer):
         target = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
                             peer_port=int(request.target_address.port))
         message = swim.IndirectPing(sequence_number, target, probe_timeout_ms, self._updates(request.updates, source))
-        reply = await self.node.membership.relay(source, message)
+        reply = await self.node.membership.relay(source, message, deadline_s=context.time_remaining())
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:

@@ -278,15 +278,19 @@ class SwimMembership:
         self._input(lambda now: self.swim.on_message(now, source_id, message), is_answer)
         return answer[0] if answer else None
 
-    async def relay(self, source_id: str, message: IndirectPing) -> Ack | Nack:
+    async def relay(self, source_id: str, message: IndirectPing, *, deadline_s: float | None = None) -> Ack | Nack:
         """An IndirectPing: probe its target for the caller, and answer once the target acked
-        (Ack) or the relay timed out (Nack). The caller's call stays open until then."""
+        (Ack) or the relay timed out (Nack). The caller's call stays open until then, or until
+        its deadline (`deadline_s` from now) is near."""
         sequence_number = message.sequence_number
         answer = self.hold(source_id, sequence_number)
         try:
             self.receive(source_id, message)
             # The state machine nacks at probe_timeout_ms; this is only the backstop.
-            await asyncio.wait([answer], timeout=(message.probe_timeout_ms + 500) / 1000)
+            timeout_s = (message.probe_timeout_ms + 500) / 1000
+            if deadline_s is not None:
+                timeout_s = max(0.0, min(timeout_s, deadline_s - 0.005))
+            await asyncio.wait([answer], timeout=timeout_s)
         finally:
             self.release(source_id, sequence_number)
         reply = answer.result() if answer.done() and not answer.cancelled() else None
@@ -411,7 +415,12 @@ class SwimMembership:
         scale = self.swim.awareness + 1
         match message:
             case Ping():
-                return config.probe_interval_ms * scale  # An ack counts until the round ends.
+                # An ack counts until the round ends; a Ping relayed for another node's
+                # IndirectPing, until that node's probe timeout (its nack comes then).
+                relay_deadline_ms = self.swim.relay_deadline_ms(message.sequence_number)
+                if relay_deadline_ms is not None:
+                    return max(1, relay_deadline_ms - now_ms())
+                return config.probe_interval_ms * scale
             case Gossip():
                 return config.probe_timeout_ms * scale
             case IndirectPing():

@@ -689,6 +689,12 @@ class Swim:
         """Reachable for data: alive or suspect (a suspect usually is alive, only slow)."""
         return self.state_of(node_id) in REACHABLE
 
+    def relay_deadline_ms(self, sequence_number: int) -> int | None:
+        """When this node nacks the IndirectPing it relays with its own Ping `sequence_number`
+        (None when that Ping is not a relay): the transport keeps that Ping open until then."""
+        relay = self._relays.get(sequence_number)
+        return None if relay is None else relay.deadline_ms
+
     def drain_events(self) -> list[Transition]:
         events, self.events = self.events, []
         return events

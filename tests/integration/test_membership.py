@@ -1,7 +1,8 @@
 """SWIM membership on real processes (`--profile local`): five nodes on 127.0.0.1.
 
 In order, on one cluster: a node stopped (SIGSTOP) for less than the suspicion timeout is
-never declared dead; peers that lie (another cluster id, stale incarnations and
+never declared dead; an IndirectPing is answered with the target's ack, or held open and
+answered with a nack when the target is silent; peers that lie (another cluster id, stale incarnations and
 generations, garbage on the peer port) change nothing; a node killed with kill -9 is dead
 at every live node within Lifeguard's bound, removed after the grace period, and every
 study is back at N copies on the survivors; a node that leaves hands its ranges over and
@@ -147,6 +148,32 @@ def test_a_short_stop_is_never_taken_for_a_death(cluster: list[NodeProcess],
           f"{states(others[0])[paused.node_id][1]}")
     assert not any(dead.values()), dead
     assert not transitions(paused, paused.node_id, since=started)  # It never doubted itself.
+
+
+def test_an_indirect_ping_is_held_until_the_target_acks_or_the_relay_gives_up(
+        cluster: list[NodeProcess], manifest: list[datagen.ManifestEntry]) -> None:
+    relay, target = cluster[0], cluster[1]
+    host, port = target.peer_address.split(":")
+
+    def indirect_ping(target_id: str, address: pb.Address, sequence_number: int) -> tuple[pb.Ack, float]:
+        started = time.monotonic()
+        with grpc.insecure_channel(relay.peer_address) as channel:
+            ack = pb_grpc.MembershipStub(channel).IndirectPing(pb.IndirectPingRequest(
+                envelope=envelope(sender_id="prober"), target_id=target_id, target_address=address,
+                sequence_number=sequence_number, probe_timeout_ms=300), timeout=2)
+        return ack, time.monotonic() - started
+
+    ack, _ = indirect_ping(target.node_id, pb.Address(host=host, port=int(port)), 77)
+    assert (ack.sequence_number, ack.nack, ack.envelope.sender_id) == (77, False, relay.node_id)
+    silent = socket.socket()  # Accepts connections (the backlog) but never answers: a stopped node.
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        ack, elapsed = indirect_ping("nobody", pb.Address(host="127.0.0.1", port=silent.getsockname()[1]), 78)
+    finally:
+        silent.close()
+    assert (ack.sequence_number, ack.nack) == (78, True)
+    assert 0.25 <= elapsed < 1.5, elapsed  # Held open for the relay's probe timeout, then a nack.
 
 
 def test_lying_peers_change_nothing(cluster: list[NodeProcess], manifest: list[datagen.ManifestEntry]) -> None:

@@ -314,8 +314,10 @@ def test_intermediary_relays_the_ack_or_nacks_on_silence() -> None:
     [relayed] = swim.on_message(105, "node-02", Ack(ping.message.sequence_number))
     assert relayed.target_id == "node-01" and isinstance(relayed.message, Ack)
     assert relayed.message.sequence_number == 7
+    assert swim.relay_deadline_ms(ping.message.sequence_number) is None  # Done with.
     # A silent target: the nack comes at the deadline the requester set, not later.
     [ping] = swim.on_message(200, "node-01", IndirectPing(8, infos[3], 400))
+    assert swim.relay_deadline_ms(ping.message.sequence_number) == 600  # The transport waits that long.
     assert swim.next_tick_ms() <= 600
     nacks = [o for o in swim.tick(600) if isinstance(o.message, Nack)]
     assert [(o.target_id, o.message.sequence_number) for o in nacks] == [("node-01", 8)]  # type: ignore[union-attr]
