@@ -159,6 +159,12 @@ class SwimMembership:
     def self_state(self) -> State:
         return self.swim.self_state()
 
+    @property
+    def joined(self) -> bool:
+        """False from start() until a seed accepted our join (True without seeds). Until then
+        the ring holds only what we knew: at a first start, or a restart, only ourselves."""
+        return self.swim.joined
+
     def statistics(self) -> SwimStatistics:
         return self.swim.statistics()
 
