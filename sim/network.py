@@ -368,6 +368,11 @@ class NodeTransport:
         self.calls += 1
         return await self._network.call(self._source(), target, method, args, request_bytes, timeout_ms)
 
+    # ----------------------------------------------------------------- SWIM carriage
+    def send_swim(self, outbound: Outbound) -> None:
+        """Send one of the node's Swim messages (as a datagram, see SimNetwork.send_swim)."""
+        self._network.send_swim(self._source(), outbound)
+
     # ----------------------------------------------------------------- Transport
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
         size = len(stored.blob) + 200 + 40 * len(stored.attributes)

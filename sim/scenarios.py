@@ -11,6 +11,7 @@ did (crashed nodes for failure detection, a joiner or a lost node for data movem
     kill-two-sites-apart  two nodes of different sites die at once
     partition-halves      random halves cut from each other for 30 s
     partition-one-way     messages from one random half to the other dropped for 30 s
+    partition-bridge      two halves cut from each other for 30 s, one node reaching both
     site-cut              one site cut from the others for 90 s (past the dead grace:
                           the rails must keep both sides from removing the other)
     isolate-one           one node cut from all others past the dead grace: they remove
@@ -24,7 +25,8 @@ did (crashed nodes for failure detection, a joiner or a lost node for data movem
     restart-storm         a third of the nodes are kill -9'd and restarted, overlapping
     loss-10pct            10% loss on every link; one node dies, another restarts
 
-(isolate-one is beyond the issue's list: the scenario the rails and the rejoin exist for.)
+(isolate-one and partition-bridge go beyond the issue's list: the first is the case the
+removal rails and the rejoin exist for, the second Jepsen's bridge nemesis.)
 """
 
 from __future__ import annotations
@@ -142,6 +144,15 @@ async def kill_two_sites_apart(ctx: ScenarioContext) -> None:
 async def partition_halves(ctx: ScenarioContext) -> None:
     ctx.begin_fault()
     ctx.cluster.network.partition_random_halves(ctx.cluster.live_ids(), ctx.rng)
+    await ctx.sleep(30)
+    ctx.cluster.network.heal()
+    ctx.end_fault()
+
+
+async def partition_bridge(ctx: ScenarioContext) -> None:
+    ctx.begin_fault()
+    _rule, bridge = ctx.cluster.network.partition_bridge(ctx.cluster.live_ids(), ctx.rng)
+    ctx.notes.append(f"bridge node: {bridge}")
     await ctx.sleep(30)
     ctx.cluster.network.heal()
     ctx.end_fault()
@@ -298,6 +309,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("kill-two-sites-apart", kill_two_sites_apart, min_sites=2),
     Scenario("partition-halves", partition_halves),
     Scenario("partition-one-way", partition_one_way),
+    Scenario("partition-bridge", partition_bridge),
     Scenario("site-cut", site_cut, min_sites=2),
     Scenario("isolate-one", isolate_one),
     Scenario("pause-flap", pause_flap, link={"loss": 0.01, "jitter_ms": 50.0, "wan_jitter_ms": 50.0}),
