@@ -110,8 +110,12 @@ class Node:
             generation=int(self.identity["generation"]),
             updated_at_ms=self.started_at_ms,
         )
+        # Peers known before a restart join the seeds: a restarted node must find its
+        # cluster again, not serve (and acknowledge writes) as a ring of one.
+        self._peers_path = config.data_dir / "peers.json"
+        seeds = list(dict.fromkeys([*config.seeds, *self._load_known_peers()]))
         self.membership = SwimMembership(
-            config.cluster_id, me, config.seeds,
+            config.cluster_id, me, seeds,
             config=swim_config(config.profile, config.dead_grace_s * 1000),
             next_generation=self._next_generation,
         )
@@ -143,6 +147,7 @@ class Node:
         )
         self.coordinator.pending = self.repairer.pending
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
+        self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive)
         self.peer_server = PeerServer(self)
         self._hint_task: asyncio.Task[None] | None = None
@@ -234,6 +239,26 @@ class Node:
             log.warning("node.left node_id=%s", self.config.node_id)
             self.shutdown_requested.set()
             return
+
+    def _load_known_peers(self) -> list[str]:
+        try:
+            peers = json.loads(self._peers_path.read_text())
+        except (OSError, ValueError):
+            return []
+        return [str(p) for p in peers if isinstance(p, str)] if isinstance(peers, list) else []
+
+    def _save_known_peers(self) -> None:
+        """Remember the peer addresses of the ring's members (atomically) for the next start."""
+        peers = sorted({m.peer_address for m in self.membership.members()
+                        if m.node_id != self.config.node_id and m.state in ("alive", "suspect", "dead", "leaving")})
+        if not peers:
+            return
+        try:
+            temporary = self._peers_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(peers))
+            os.replace(temporary, self._peers_path)
+        except OSError as error:
+            log.warning("node.peers.save_failed error=%s", error)
 
     def under_replicated_studies(self) -> int:
         """Studies this node holds in ranges that may lack a full copy somewhere."""

@@ -135,10 +135,16 @@ class Coordinator:
         return await self._transport.store(node_id, stored, hint_for=hint_for, timeout_ms=timeout_ms)
 
     # ----------------------------------------------------------------- store
+    def joined(self) -> bool:
+        """False while this node waits for its seeds to answer its join: its ring then holds
+        only itself, and acknowledging a store on that ring would cap N and W at 1."""
+        joined = getattr(self._membership, "joined", True)
+        return bool(joined() if callable(joined) else joined)
+
     def alone(self) -> bool:
         """True when this node is the whole ring (every study's only owner)."""
         ring = self._membership.ring()
-        return len(ring) == 1 and self.self_id in ring
+        return len(ring) == 1 and self.self_id in ring and self.joined()
 
     def store_alone(self, stored: StoredInstance) -> WriteResult:
         """store() for a ring of one, called from a blocking thread."""
@@ -164,6 +170,10 @@ class Coordinator:
         clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
         started = clock()
         self.stats.writes += 1
+        if not self.joined():
+            self.stats.writes_failed += 1
+            log.warning("replication.write.refused sop_instance_uid=%s reason=not-joined", stored.sop_instance_uid)
+            return WriteResult(WriteStatus.QUORUM_FAILED, message="node is still joining its cluster; retry")
         ring = self._membership.ring()
         n, w = self._replicas()
         token = study_token(stored.study_instance_uid)

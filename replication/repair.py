@@ -41,6 +41,7 @@ class RepairTransport(Protocol):
                           timeout_ms: int) -> list[Entry]: ...
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False) -> StoredInstance | None: ...
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str: ...
 
 
 class RepairStore(Protocol):
@@ -52,6 +53,7 @@ class RepairStore(Protocol):
     def studies_in(self, low: int, high: int) -> list[str]: ...
     def delete_study(self, study_instance_uid: str) -> int: ...
     def is_empty(self) -> bool: ...
+    def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None: ...
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,10 @@ class Repairer:
                          dropped_instances, ",".join(owned_range.owners))
 
     async def _owners_hold_all(self, token_range: TokenRange, owners: Sequence[str], mine: dict[int, Digest]) -> bool:
+        """True when every owner holds every instance we hold in the range. What an owner
+        lacks is handed to it (a copy only we hold, e.g. taken while we were cut off and
+        alone, would otherwise never reach its owners: they only pull from owners)."""
+        complete = True
         for owner in owners:
             if not self._membership.is_alive(owner):
                 return False  # Cannot confirm: keep our copy.
@@ -380,6 +386,25 @@ class Repairer:
                 low, high = self._clip(token_range, segment)
                 my_entries = await self._run_blocking(lambda: list(self._store.entries(low, high)))
                 their_set = {(sop, content) for _study, sop, content in their_entries}
-                if any((sop, content) not in their_set for _study, sop, content in my_entries):
-                    return False
-        return True
+                lacking = [(study, sop) for study, sop, content in my_entries if (sop, content) not in their_set]
+                if lacking:
+                    complete = False
+                    await self._hand_over(owner, lacking)
+        return complete
+
+    async def _hand_over(self, owner: str, lacking: list[tuple[str, str]]) -> None:
+        handed = 0
+        for study_uid, sop_uid in lacking:
+            stored = await self._run_blocking(self._store.read_stored, study_uid, sop_uid)
+            if stored is None:
+                continue
+            try:
+                await self._transport.store(owner, stored, hint_for="", timeout_ms=self._settings.fetch_timeout_ms)
+            except PeerError as error:
+                log.info("repair.handover.failed owner=%s error=%s", owner, error)
+                return
+            handed += 1
+            await self._throttle(len(stored.blob))
+        if handed:
+            self.stats.extra["instances_handed_over"] = self.stats.extra.get("instances_handed_over", 0) + handed
+            log.info("repair.handover owner=%s instances=%d", owner, handed)

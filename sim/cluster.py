@@ -188,6 +188,11 @@ class SwimMembership:
     def is_alive(self, node_id: str) -> bool:
         return node_id == self.self_id or self.swim.is_alive(node_id)
 
+    @property
+    def joined(self) -> bool:
+        """As node/swim_membership.py: False until a seed accepted our join."""
+        return self.swim.joined
+
     def member(self, node_id: str) -> MemberInfo | None:
         return self.swim.member(node_id)
 
