@@ -12,7 +12,7 @@ import pytest
 
 from pacsnode.cli.status import collect, metrics
 from pacsnode.sim import datagen
-from pacsnode.sim.process import NodeProcess, wait_until
+from pacsnode.sim.process import NodeProcess, pacsnode_command, wait_until
 
 from . import clients
 from .clients import file_dataset_bytes, identifier
@@ -109,6 +109,42 @@ def test_wiped_data_dir_converges_back(tmp_path: Path) -> None:
         assert result_get.final_status == 0
         for entry in entries:
             assert result_get.received[entry["sop_uid"]] == file_dataset_bytes(Path(entry["path"]))
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_leave_under_load_keeps_every_study_at_n_copies(tmp_path: Path) -> None:
+    """`pacsnode leave` on one of four nodes while storescu sends through another: no store
+    fails, the leaver exits once its ranges are with their new owners, and every study ends
+    on exactly its N owners among the three that stay."""
+    names = ("l1", "l2", "l3", "l4")
+    nodes = start_cluster(tmp_path, names, REPAIR)
+    try:
+        before = datagen.write_study_set(datagen.StudySetSpec(
+            patients=8, series_per_study=2, instances_per_series=3, rows=64, cols=64, seed=44), tmp_path / "before")
+        result, acked = clients.storescu(nodes[0].dicom_port, [tmp_path / "before"], extra=["+sd", "+r"])
+        assert len(acked) == len(before), result.stdout[-2000:]
+        during = datagen.write_study_set(datagen.StudySetSpec(
+            patients=8, series_per_study=2, instances_per_series=4, rows=64, cols=64, seed=45), tmp_path / "during")
+        log_path = tmp_path / "storescu.log"
+        with open(log_path, "wb") as log:
+            storescu = subprocess.Popen(["storescu", "-v", "-aec", "PACSNODE", "+sd", "+r", "127.0.0.1",
+                                         str(nodes[1].dicom_port), str(tmp_path / "during")],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        leaver = nodes[3]
+        started = time.monotonic()
+        leave = subprocess.run([*pacsnode_command(), "leave", "--node", leaver.peer_address, "--timeout-s", "120"],
+                               capture_output=True, text=True, timeout=180)
+        assert leave.returncode == 0, leave.stdout + leave.stderr
+        assert storescu.wait(timeout=120) == 0
+        acked_during = clients.acked_files(log_path.read_text(errors="replace"))
+        assert len(acked_during) == len(during), "a store failed while a node was leaving"
+        assert wait_until(lambda: not leaver.alive, 60), "the leaver did not exit"
+        stayers = nodes[:3]
+        assert wait_until(lambda: placement_is_exact(stayers, names[:3], before + during), 90)
+        print(f"\nleave under load: {leaver.node_id} handed over and exited; exact placement on the other three "
+              f"{time.monotonic() - started:.1f} s after `pacsnode leave`")
     finally:
         for node in nodes:
             node.stop()
