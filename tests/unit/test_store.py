@@ -112,17 +112,17 @@ def test_duplicate_writes_nothing(open_store: OpenStore, versions: Any, make_ins
 def test_conflict_keeps_the_first_and_sets_the_other_aside(open_store: OpenStore, versions: Any) -> None:
     store = open_store()
     first, second = versions[0][0], versions[1][0]
-    assert store.put_instance(first) == StoreOutcome.STORED
+    assert store.put_instance(first, now_ms=1) == StoreOutcome.STORED
     record_before = store.instance_record(first.study_instance_uid, first.sop_instance_uid)
     study_before = store.study(first.study_instance_uid)
-    assert store.put_instance(second) == StoreOutcome.CONFLICT
+    assert store.put_instance(second, now_ms=2) == StoreOutcome.CONFLICT
     assert store.read_part10(first.study_instance_uid, first.sop_instance_uid) == first.part10
     assert store.instance_record(first.study_instance_uid, first.sop_instance_uid) == record_before
     assert store.study(first.study_instance_uid) == study_before
     assert store.conflicts(first.study_instance_uid, first.sop_instance_uid) == [second.part10]
     assert store.statistics().conflicts == 1 and store.statistics().instances == 1
     # The same conflicting copy again is kept once.
-    assert store.put_instance(second) == StoreOutcome.CONFLICT
+    assert store.put_instance(second, now_ms=3) == StoreOutcome.CONFLICT
     assert store.statistics().conflicts == 1
     assert store.conflicts(first.study_instance_uid, first.sop_instance_uid) == [second.part10]
     # The first copy again is still a plain duplicate.
@@ -225,7 +225,7 @@ def test_reopen_keeps_everything(open_store: OpenStore, versions: Any) -> None:
     store = open_store()
     for instance in first:
         store.put_instance(instance, now_ms=5)
-    store.put_instance(second[0])
+    store.put_instance(second[0], now_ms=6)
     dump, stats = _dump(store), store.statistics()
     store.close()
     reopened = open_store()
@@ -235,7 +235,7 @@ def test_reopen_keeps_everything(open_store: OpenStore, versions: Any) -> None:
         assert reopened.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
         assert reopened.put_instance(instance) == StoreOutcome.DUPLICATE
     assert reopened.conflicts(second[0].study_instance_uid, second[0].sop_instance_uid) == [second[0].part10]
-    assert reopened.put_instance(second[1]) == StoreOutcome.CONFLICT
+    assert reopened.put_instance(second[1], now_ms=7) == StoreOutcome.CONFLICT
     assert reopened.statistics().conflicts == 2
 
 
@@ -272,11 +272,16 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = RocksStore(self.directory, disk_free_bytes_min=0)
         self.kept: dict[str, Instance] = {}  # sop uid -> the first copy stored
         self.set_aside: dict[str, set[bytes]] = {}  # sop uid -> conflicting copies
+        # Ingest times strictly increase, so the first copy to arrive has the lowest version
+        # (the store's rule; with wall-clock times two puts in one millisecond would tie and
+        # the content hash would decide, which a first-arrival model cannot predict).
+        self.clock_ms = 1_000
 
     @rule(index=st.integers(0, 7), version=st.integers(0, 1))
     def put(self, index: int, version: int) -> None:
         instance = self.pool[version][index]
-        outcome = self.store.put_instance(instance)
+        self.clock_ms += 1
+        outcome = self.store.put_instance(instance, now_ms=self.clock_ms)
         uid = instance.sop_instance_uid
         kept = self.kept.get(uid)
         if kept is None:
@@ -336,3 +341,22 @@ def test_store_behaves_like_a_dict(versions: Any) -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_the_copy_with_the_lowest_version_wins_in_either_arrival_order(open_store: OpenStore, versions: Any) -> None:
+    """One rule on every replica: whichever order two copies arrive in, the one ingested
+    first (lowest version) is the instance and the other is the conflict record."""
+    early, late = versions[0][0], versions[1][0]
+    in_order = open_store("in-order")
+    in_order.put_instance(early, now_ms=10)
+    in_order.put_instance(late, now_ms=20)
+    reversed_order = open_store("reversed")
+    reversed_order.put_instance(late, now_ms=20)
+    assert reversed_order.put_instance(early, now_ms=10) == StoreOutcome.CONFLICT
+    for store in (in_order, reversed_order):
+        assert store.read_part10(early.study_instance_uid, early.sop_instance_uid) == early.part10
+        assert store.conflicts(early.study_instance_uid, early.sop_instance_uid) == [late.part10]
+        assert store.statistics().instances == 1 and store.statistics().conflicts == 1
+        assert store.statistics().bytes_received == early.size_bytes
+    full = [(0, (1 << 64) - 1)]
+    assert in_order.segment_digests(full) == reversed_order.segment_digests(full)
