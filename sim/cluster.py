@@ -264,8 +264,8 @@ class _Process:
         transport = cluster.network.transport(node.node_id)
         self.coordinator = Coordinator(node.node_id, self.membership, transport, node.store,
                                        config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking)
-        self.repairer = Repairer(node.node_id, self.membership, transport, _RepairStoreView(node),
-                                 config.repair_settings(), run_blocking=self.run_blocking)
+        self.repairer = Repairer(node.node_id, self.membership, _RepairTransportView(node, transport),
+                                 _RepairStoreView(node), config.repair_settings(), run_blocking=self.run_blocking)
         self.coordinator.pending = self.repairer.pending
         self.ring_changes = 0
         self.rejoins = 0
@@ -515,7 +515,7 @@ class _Process:
 
 
 class _RepairStoreView:
-    """The node's store as its Repairer sees it; counts what the repairer pulls in."""
+    """The node's store as its Repairer sees it; records what the repairer pulls in."""
 
     def __init__(self, node: "SimNode") -> None:
         self._node = node
@@ -524,21 +524,43 @@ class _RepairStoreView:
     def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str:
         outcome = self._store.put_stored(stored, hint_for=hint_for)
         cluster = self._node.cluster
-        cluster.pulls.append(Pull(cluster.loop.now_ms(), self._node.node_id, stored.sop_instance_uid,
-                                  len(stored.blob), outcome))
+        cluster.moves.append(Move(cluster.loop.now_ms(), self._node.node_id, stored.sop_instance_uid,
+                                  len(stored.blob), outcome, "pull"))
         return outcome
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
 
+class _RepairTransportView:
+    """The node's transport as its Repairer sees it; records what the repairer hands over
+    (the drop pass pushes to an owner what only this node holds)."""
+
+    def __init__(self, node: "SimNode", transport: Any) -> None:
+        self._node = node
+        self._transport = transport
+
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
+        outcome: str = await self._transport.store(target, stored, hint_for=hint_for, timeout_ms=timeout_ms)
+        cluster = self._node.cluster
+        cluster.moves.append(Move(cluster.loop.now_ms(), target, stored.sop_instance_uid, len(stored.blob), outcome,
+                                  "push"))
+        return outcome
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 @dataclass(frozen=True)
-class Pull:
+class Move:
+    """One instance a repairer copied: pulled in by `node_id`, or pushed to it."""
+
     at_ms: int
-    node_id: str
+    node_id: str  # The receiver.
     sop_instance_uid: str
     size_bytes: int
-    outcome: str
+    outcome: str  # The receiver's StoreOutcome (stored, duplicate, conflict).
+    via: str  # pull | push
 
 
 def _decode(stored: StoredInstance) -> bytes:
@@ -613,7 +635,7 @@ class SimCluster:
         self.transitions: list[TransitionRecord] = []
         self.ring_change_log: list[tuple[int, str, int]] = []  # (at_ms, observer, ring version)
         self.faults: list[tuple[int, str, str]] = []  # (at_ms, kind, detail)
-        self.pulls: list[Pull] = []  # Every instance a repairer pulled in (anti-entropy, rebalance).
+        self.moves: list[Move] = []  # Every instance a repairer copied (anti-entropy, rebalance, hand-over).
         self.lifetimes: dict[tuple[str, int], list[int | None]] = {}  # (node, generation) -> [start, end]
         self.errors: list[str] = []
         self.nodes: dict[str, SimNode] = {}

@@ -1,7 +1,7 @@
 """What a simulation run measures (research/distributed.md §4.5), from its records.
 
 Everything here reads what the run left behind: the membership transitions every node's
-Swim reported (`SimCluster.transitions`), the repairers' pulls (`SimCluster.pulls`), the
+Swim reported (`SimCluster.transitions`), the repairers' copies (`SimCluster.moves`), the
 network's counters, the clients' history, and the under-replication samples a
 `ReplicationMonitor` takes once a second. Times are virtual milliseconds.
 """
@@ -225,11 +225,15 @@ class Movement:
 
 
 def movement(cluster: SimCluster, kind: str, ideal_bytes: int, existing: set[str], since_ms: int) -> Movement:
-    """Bytes the repairers pulled (new copies of instances that existed at `since_ms`)."""
+    """Bytes the repairers copied (pulled or handed over) of instances that existed at `since_ms`.
+
+    Every copy that crossed the network counts, also one the receiver turned out to hold
+    already (a duplicate): that is bytes moved for nothing.
+    """
     per_node: dict[str, int] = defaultdict(int)
-    for pull in cluster.pulls:
-        if pull.at_ms >= since_ms and pull.outcome == "stored" and pull.sop_instance_uid in existing:
-            per_node[pull.node_id] += pull.size_bytes
+    for move in cluster.moves:
+        if move.at_ms >= since_ms and move.sop_instance_uid in existing:
+            per_node[move.node_id] += move.size_bytes
     moved = sum(per_node.values())
     largest = max(per_node.values(), default=0)
     return Movement(kind, ideal_bytes, moved, len(per_node), largest / moved if moved else 0.0)

@@ -203,9 +203,11 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
     # Hints left for owners that are gone from the ring (never re-targeted), and repair totals.
     result["hints_left"] = _hints_left(cluster)
     result["repair"] = {
-        "pulled_instances": sum(1 for p in cluster.pulls if p.outcome == "stored"),
-        "pulled_bytes": sum(p.size_bytes for p in cluster.pulls if p.outcome == "stored"),
-        "pulls_not_new": sum(1 for p in cluster.pulls if p.outcome != "stored"),
+        "pulled_instances": sum(1 for m in cluster.moves if m.via == "pull"),
+        "pulled_bytes": sum(m.size_bytes for m in cluster.moves if m.via == "pull"),
+        "pushed_instances": sum(1 for m in cluster.moves if m.via == "push"),
+        "pushed_bytes": sum(m.size_bytes for m in cluster.moves if m.via == "push"),
+        "copies_not_new": sum(1 for m in cluster.moves if m.outcome != "stored"),
     }
     result["traffic"] = {
         "messages": dict(sorted(cluster.network.traffic.messages.items())),
