@@ -26,6 +26,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -129,6 +130,38 @@ def find_queries(manifest: Sequence[dict[str, Any]], count: int, seed: int) -> l
 # Orchestration
 
 
+class BusyMonitor:
+    """Samples, once a second, whether other test runs or nodes are on the machine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="busy-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def seen(self) -> list[str]:
+        """Other processes seen since the last reset()."""
+        with self._lock:
+            return list(self._seen)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            found = foreign_processes()
+            with self._lock:
+                self._seen.update(dict.fromkeys(found))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -140,6 +173,8 @@ class Bench:
         self.rows: list[Row] = []
         self.errors: list[str] = []
         self.server_logs: dict[str, str] = {}
+        self.monitor = BusyMonitor()
+        self.server_commands: dict[str, str] = {}
 
     def start(self, system: str, destinations: dict[str, tuple[str, int]] | None = None) -> Server:
         destinations = destinations or {}
@@ -152,10 +187,36 @@ class Bench:
                                           extra_args=self.args.pacsnode_arg)
         raise ValueError(system)
 
+    def wait_quiet(self) -> None:
+        """Before a measurement: flush dirty pages left by the previous test (1 GB of
+        unsynced files from storescp or Orthanc would otherwise be written back during the
+        next one), then wait (bounded) until no other test run or node is on the machine."""
+        os.sync()
+        try:
+            self._wait_quiet()
+        finally:
+            self.monitor.reset()
+
+    def _wait_quiet(self) -> None:
+        if self.args.quiet_wait_s <= 0:
+            return
+        deadline = time.monotonic() + self.args.quiet_wait_s
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            if foreign_processes():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 5:
+                return
+            time.sleep(1)
+
     @contextlib.contextmanager
     def running(self, system: str, label: str,
                 destinations: dict[str, tuple[str, int]] | None = None) -> Iterator[Server]:
+        self.wait_quiet()
         server = self.start(system, destinations)
+        self.server_commands.setdefault(system, " ".join(server.command))
         try:
             yield server
         finally:
@@ -179,7 +240,8 @@ class Bench:
             self.errors.append(message)
 
     def add(self, rows: Row | Sequence[Row]) -> None:
-        foreign = foreign_processes(exclude_tree=os.getpid())
+        foreign = sorted(set(self.monitor.seen()) | set(foreign_processes()))
+        self.monitor.reset()
         for row in [rows] if isinstance(rows, Row) else rows:
             if foreign:
                 # Another test run or node competed for the 2 cores while this was measured.
@@ -239,17 +301,21 @@ class Bench:
                 load = workloads.store_dcmtk(server, manifest, root / "files", 4, test="load-find-set",
                                              nodelay=self.nodelay, log_dir=self.log_dir)
                 self.add(load)
+                self.wait_quiet()
                 queries = find_queries(manifest, self.scale.queries_per_kind, seed=7)
                 pynetdicom_queries = [(kind, scu.study_query(**match)) for kind, match in queries]
                 self.guarded(f"{system} find pynetdicom",
                              lambda: self.add(workloads.find_pynetdicom(server, pynetdicom_queries)))
                 dcmtk_queries = find_queries(manifest, self.scale.findscu_per_kind, seed=8)
+                self.wait_quiet()
                 self.guarded(f"{system} find findscu",
                              lambda: self.add(workloads.find_dcmtk(server, dcmtk_queries, nodelay=self.nodelay)))
             if "retrieve" in tests:
                 root, manifest = datasets["retrieve"]
+                self.wait_quiet()
                 self.add(workloads.store_dcmtk(server, manifest, root / "files", 1, test="load-retrieve-study",
                                                nodelay=self.nodelay, log_dir=self.log_dir))
+                self.wait_quiet()
                 study_uid = manifest[0]["study_uid"]
                 expected = len(manifest)
                 study_bytes = sum(entry["size"] for entry in manifest)
@@ -259,10 +325,13 @@ class Bench:
                 scratch.mkdir(parents=True, exist_ok=True)
                 self.guarded(f"{system} getscu", lambda: self.add(workloads.get_dcmtk(
                     server, study_uid, expected, study_bytes, repeats, nodelay=self.nodelay, scratch=scratch)))
+                self.wait_quiet()
                 self.guarded(f"{system} pynetdicom get", lambda: self.add(workloads.get_pynetdicom(
                     server, study_uid, sop_classes, expected, study_bytes, repeats)))
+                self.wait_quiet()
                 self.guarded(f"{system} movescu", lambda: self.add(workloads.move_dcmtk(
                     server, destination, study_uid, expected, study_bytes, repeats, nodelay=self.nodelay)))
+                self.wait_quiet()
                 self.guarded(f"{system} pynetdicom move", lambda: self.add(workloads.move_pynetdicom(
                     server, destination, study_uid, expected, study_bytes, repeats)))
 
@@ -275,6 +344,7 @@ class Bench:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         started = time.time()
+        self.monitor.start()
         self.load_start = load_average()
         self.foreign_start = foreign_processes()
         if self.foreign_start:
@@ -299,6 +369,7 @@ class Bench:
                     self.guarded(f"{system} query/retrieve",
                                  functools.partial(self.query_and_retrieve, system, datasets, tests))
         finally:
+            self.monitor.stop()
             shutil.rmtree(self.run_dir, ignore_errors=True)
         report = self.report(systems, tests, specs, time.time() - started)
         print(report)
@@ -337,6 +408,7 @@ class Bench:
             "datasets": {name: repr(spec) for name, spec in specs.items()},
             "rows": [row.as_dict() for row in self.rows], "errors": self.errors,
             "other_processes_at_start": self.foreign_start,
+            "server_commands": self.server_commands,
         }
         (results_dir / f"{stamp}-{mode}.json").write_text(json.dumps(payload, indent=1, default=str))
         (results_dir / f"{stamp}-{mode}.md").write_text(text)
@@ -465,6 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="generated data cache and server temp dirs (default bench/work)")
     parser.add_argument("--dcmtk-nagle", action="store_true",
                         help="do not set TCP_NODELAY=1 for dcmtk tools and Orthanc (their shipped behaviour)")
+    parser.add_argument("--quiet-wait-s", type=float, default=120.0,
+                        help="before each measurement, wait up to this long for other test runs or nodes "
+                             "on the machine to finish (0: do not wait); rows measured while busy are marked")
     parser.add_argument("--pacsnode-arg", action="append", default=[],
                         help="extra argument for `pacsnode start` (repeatable)")
     args = parser.parse_args(argv)
