@@ -176,6 +176,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     sizes = summary["sizes"]
     per = summary["per_size"]
     lines = ["# Simulation sweep", "",
+             (f"Code: {summary['commit']}. " if summary.get("commit") else "") +
              f"{summary['runs']} runs; {summary['acked_instances_checked']} acknowledged instances read back at the "
              f"end of their runs, {summary['acked_lost_or_wrong']} lost or wrong; "
              f"{len(summary['failures'])} runs with a failed check.", ""]
@@ -339,9 +340,21 @@ def plot(summary: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
+def _commit() -> str:
+    """The git commit the report is rendered at (the runs should be at the same one)."""
+    import subprocess
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def write_report(out: Path) -> str:
     results = load_results(out)
     summary = summarize(results)
+    summary["commit"] = _commit()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     markdown = render_markdown(summary)
     images = plot(summary, out)
