@@ -176,7 +176,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     sizes = summary["sizes"]
     per = summary["per_size"]
     lines = ["# Simulation sweep", "",
-             (f"Code: {summary['commit']}. " if summary.get("commit") else "") +
+             (f"Rendered at commit {summary['commit']}. " if summary.get("commit") else "") +
              f"{summary['runs']} runs; {summary['acked_instances_checked']} acknowledged instances read back at the "
              f"end of their runs, {summary['acked_lost_or_wrong']} lost or wrong; "
              f"{len(summary['failures'])} runs with a failed check.", ""]
