@@ -17,7 +17,7 @@ DEFAULTS = NodeConfig(node_id="node-1")
 START_OPTIONS: list[tuple[str, str, str]] = [
     ("--" + f.name.replace("_", "-"), f.name, str(f.metadata.get("help", "")))
     for f in dataclasses.fields(NodeConfig)
-    if f.name not in ("destinations", "seeds")
+    if f.name not in ("destinations", "seeds", "peer_routes")
 ]
 
 
@@ -64,6 +64,15 @@ def _start_parser(subparsers: Any, name: str = "start") -> argparse.ArgumentPars
         default=argparse.SUPPRESS,
         metavar="HOST:PORT",
         help="peer port of a node to join through, repeatable (default: none: a cluster of one until others join)",
+    )
+    parser.add_argument(
+        "--peer-route",
+        dest="peer_routes",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="ADDR=VIA",
+        help="dial VIA whenever a peer's advertised address is ADDR (NAT, tunnels, the chaos runner's "
+        "fault proxy), repeatable (default: none)",
     )
     parser.add_argument("--dead-grace", dest="dead_grace_s", default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"same as --dead-grace-s (default: {DEFAULTS.dead_grace_s})")
@@ -128,6 +137,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             values[name] = getattr(args, name)
     if hasattr(args, "seeds"):
         values["seeds"] = list(args.seeds)
+    if hasattr(args, "peer_routes"):
+        values.pop("peer_route", None)
+        values["peer_routes"] = list(args.peer_routes)
     if hasattr(args, "destinations"):
         # The TOML file may name them `destinations` or `destination` (list or table).
         toml_destinations = [

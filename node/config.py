@@ -99,6 +99,9 @@ class NodeConfig:
     # --- cluster (a single node is a ring of one)
     peer_port: int = setting(7001, "gRPC peer port (status, replication, membership).")
     seeds: tuple[str, ...] = setting((), "Peer ports (HOST:PORT) of nodes to join through; repeat --seed.")
+    peer_routes: tuple[tuple[str, str], ...] = setting(
+        (), "Dial VIA instead of a peer's advertised HOST:PORT (ADDR=VIA; repeat --peer-route): for NAT, "
+        "tunnels, or the chaos runner's fault-injecting proxy.")
     advertise_host: str = setting("", "Address peers use to reach this node (default: host, or the host name when host is 0.0.0.0).")
     replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
@@ -179,7 +182,7 @@ class NodeConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
         """Build from TOML/CLI values (names as the fields); unknown names are an error."""
         known = set(cls.field_names())
-        unknown = sorted(set(values) - known - {"destination", "seed"})
+        unknown = sorted(set(values) - known - {"destination", "seed", "peer_route"})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
@@ -190,6 +193,9 @@ class NodeConfig:
                 continue
             if name in ("seeds", "seed"):
                 kwargs["seeds"] = _parse_seeds(value)
+                continue
+            if name in ("peer_routes", "peer_route"):
+                kwargs["peer_routes"] = _parse_peer_routes(value)
                 continue
             kwargs[name] = _coerce(name, str(types[name]), value)
         return cls(**kwargs)
@@ -206,6 +212,28 @@ def _parse_seeds(value: Any) -> tuple[str, ...]:
         host = host.strip("[]")
         seeds.append(f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}")
     return tuple(seeds)
+
+
+def _parse_peer_routes(value: Any) -> tuple[tuple[str, str], ...]:
+    """Routes are "ADDR=VIA" strings (a list, or one string) or a TOML table {ADDR = "VIA"}."""
+    if isinstance(value, Mapping):
+        items = [f"{k}={v}" for k, v in value.items()]
+    elif isinstance(value, str):
+        items = [value]
+    else:
+        items = [r if isinstance(r, str) else "=".join(r) for r in value]
+    routes = []
+    for item in items:
+        address, sep, via = str(item).partition("=")
+        if not sep:
+            raise ConfigError(f"peer route must look like HOST:PORT=HOST:PORT, got {item!r}")
+        try:
+            routes.append((_parse_seeds(address)[0], _parse_seeds(via)[0]))
+        except ConfigError:
+            raise ConfigError(f"peer route must look like HOST:PORT=HOST:PORT, got {item!r}") from None
+    if len({a for a, _ in routes}) != len(routes):
+        raise ConfigError(f"two peer routes for one address: {items}")
+    return tuple(routes)
 
 
 def _parse_destinations(value: Any) -> tuple[Destination, ...]:

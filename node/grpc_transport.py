@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 
@@ -30,15 +30,23 @@ RECONNECT_OPTIONS = [
 
 
 class Channels:
-    """One grpc.aio channel per peer address, reused by every call."""
+    """One grpc.aio channel per peer address, reused by every call.
 
-    def __init__(self) -> None:
+    `routes` (the peer_routes setting) maps a peer's advertised address to the address
+    actually dialled: a NAT or tunnel, or the chaos runner's fault proxy for this pair.
+    """
+
+    def __init__(self, routes: Mapping[str, str] | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._routes = dict(routes or {})
+
+    def dialled(self, address: str) -> str:
+        return self._routes.get(address, address)
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS + RECONNECT_OPTIONS)
+            channel = grpc.aio.insecure_channel(self.dialled(address), options=GRPC_OPTIONS + RECONNECT_OPTIONS)
             self._channels[address] = channel
         return channel
 

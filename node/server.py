@@ -120,7 +120,7 @@ class Node:
             next_generation=self._next_generation,
         )
         self.loop = LoopThread()
-        self.channels = Channels()
+        self.channels = Channels(dict(config.peer_routes))
         self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope)
         self.coordinator = Coordinator(
             config.node_id,

@@ -73,6 +73,7 @@ write_quorum = 3
 vnodes = 16
 seeds = ["10.0.0.1:7001", "[::1]:7002"]
 advertise_host = "archive7.example"
+peer_routes = ["10.0.0.2:7001=127.0.0.1:9001"]
 replica_timeout_ms = 1500
 fetch_timeout_ms = 9000
 query_timeout_ms = 8000
@@ -114,6 +115,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.profile, config.hint_replay_interval_ms) == ("wan", 700)
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
     assert config.dead_grace_s == 30
+    assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
@@ -299,7 +301,7 @@ def test_every_start_option_sets_its_field() -> None:
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
-    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds"}
+    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds", "peer_routes"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
@@ -348,3 +350,25 @@ def test_start_help_lists_every_option_with_its_default(monkeypatch: pytest.Monk
         if action.option_strings and "--help" not in action.option_strings:
             assert action.option_strings[0] in text
             assert action.help and "(default: " in action.help, f"{action.option_strings[0]} shows no default"
+
+
+def test_peer_routes_from_flags_and_toml(tmp_path: Path) -> None:
+    config = config_from_args(_args("--peer-route", "10.0.0.2:7001=127.0.0.1:9001",
+                                    "--peer-route", "[::1]:7002=localhost:9002"))
+    assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"), ("[::1]:7002", "localhost:9002"))
+    table = _write(tmp_path, 'node_id = "n"\n[peer_routes]\n"10.0.0.2:7001" = "127.0.0.1:9001"\n')
+    assert config_from_args(_args("--config", str(table))).peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
+    assert NodeConfig(node_id="n").peer_routes == ()
+    for bad in ("10.0.0.2:7001", "10.0.0.2=127.0.0.1:9001", "a:1=b:x"):
+        with pytest.raises(ConfigError, match="peer route"):
+            config_from_args(_args("--peer-route", bad))
+    with pytest.raises(ConfigError, match="two peer routes"):
+        config_from_args(_args("--peer-route", "a:1=b:2", "--peer-route", "a:1=c:3"))
+
+
+def test_channels_dial_the_routed_address() -> None:
+    from pacsnode.node.grpc_transport import Channels
+
+    channels = Channels({"10.0.0.2:7001": "127.0.0.1:9001"})
+    assert channels.dialled("10.0.0.2:7001") == "127.0.0.1:9001"
+    assert channels.dialled("10.0.0.3:7001") == "10.0.0.3:7001"

@@ -1,0 +1,191 @@
+"""A fault-injecting TCP proxy for the chaos runner: one listening port per directed link.
+
+Node A reaches node B's peer port through the link "A>B" (A's `--peer-route` sends it
+there), so the runner can cut, slow or reset traffic between chosen nodes while they
+run, without root and without touching the kernel's firewall:
+
+- `block(link)`: bytes stop moving both ways on the link's connections (held, not
+  dropped, as TCP holds unacknowledged segments), and new connections hang the same
+  way. A call over a blocked link runs into its deadline, as across a real partition.
+- `unblock(link)`: held bytes move again, in order; connections that outlived the cut
+  carry on (TCP retransmission), the others were closed by their owners meanwhile.
+- `delay(link, ms)`: every chunk waits this long before it is passed on.
+- `reset(link)`: every open connection of the link is closed at once (a peer's RST).
+
+Everything runs on one asyncio loop in a daemon thread; the control methods are safe to
+call from any thread and take effect before they return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+CHUNK_BYTES = 65_536
+
+
+@dataclass
+class LinkStats:
+    connections: int = 0
+    refused: int = 0            # The target was down: the client's connection was closed at once.
+    bytes_forward: int = 0      # Client -> target.
+    bytes_backward: int = 0     # Target -> client.
+
+
+@dataclass
+class _Link:
+    name: str
+    target_host: str
+    target_port: int
+    listen_port: int = 0
+    open: asyncio.Event = field(default_factory=asyncio.Event)
+    delay_s: float = 0.0
+    stats: LinkStats = field(default_factory=LinkStats)
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    server: asyncio.AbstractServer | None = None
+
+
+class FaultProxy:
+    """Directed TCP links on 127.0.0.1, each with its own fault switch."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._loop = asyncio.new_event_loop()
+        self._links: dict[str, _Link] = {}
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ control (any thread)
+    def _call(self, make: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(make(), self._loop).result(timeout_s)
+
+    def add_link(self, name: str, target_host: str, target_port: int) -> int:
+        """Open a link to target; returns the port to dial instead of the target."""
+        return int(self._call(lambda: self._add(name, target_host, target_port)))
+
+    def block(self, name: str) -> None:
+        self._call(lambda: self._set_open(name, False))
+
+    def unblock(self, name: str) -> None:
+        self._call(lambda: self._set_open(name, True))
+
+    def delay(self, name: str, ms: float) -> None:
+        self._call(lambda: self._set_delay(name, ms / 1000.0))
+
+    def reset(self, name: str) -> None:
+        self._call(lambda: self._reset(name))
+
+    def heal_all(self) -> None:
+        for name in list(self._links):
+            self.unblock(name)
+            self.delay(name, 0)
+
+    def blocked(self) -> list[str]:
+        return sorted(name for name, link in self._links.items() if not link.open.is_set())
+
+    def port(self, name: str) -> int:
+        return self._links[name].listen_port
+
+    def stats(self) -> dict[str, LinkStats]:
+        return {name: LinkStats(**vars(link.stats)) for name, link in self._links.items()}
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self._close_all)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the loop's side
+    async def _add(self, name: str, target_host: str, target_port: int) -> int:
+        if name in self._links:
+            raise ValueError(f"link {name!r} exists")
+        link = _Link(name=name, target_host=target_host, target_port=target_port)
+        link.open.set()
+        link.server = await asyncio.start_server(lambda r, w: self._serve(link, r, w), self.host, 0)
+        link.listen_port = int(link.server.sockets[0].getsockname()[1])
+        self._links[name] = link
+        return link.listen_port
+
+    async def _set_open(self, name: str, value: bool) -> None:
+        link = self._links[name]
+        if value:
+            link.open.set()
+        else:
+            link.open.clear()
+
+    async def _set_delay(self, name: str, seconds: float) -> None:
+        self._links[name].delay_s = max(0.0, seconds)
+
+    async def _reset(self, name: str) -> None:
+        for writer in list(self._links[name].writers):
+            _abort(writer)
+
+    async def _close_all(self) -> None:
+        for link in self._links.values():
+            if link.server is not None:
+                link.server.close()
+            for writer in list(link.writers):
+                _abort(writer)
+            link.open.set()  # Wake every pump so it sees its connection gone.
+
+    async def _serve(self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link.stats.connections += 1
+        await link.open.wait()  # A connection made across a cut hangs until the cut heals.
+        try:
+            target_reader, target_writer = await asyncio.open_connection(link.target_host, link.target_port)
+        except OSError:
+            link.stats.refused += 1
+            _abort(writer)
+            return
+        link.writers.update((writer, target_writer))
+        try:
+            await asyncio.gather(self._pump(link, reader, target_writer, forward=True),
+                                 self._pump(link, target_reader, writer, forward=False))
+        finally:
+            link.writers.discard(writer)
+            link.writers.discard(target_writer)
+            _abort(writer)
+            _abort(target_writer)
+
+    async def _pump(self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    *, forward: bool) -> None:
+        try:
+            while True:
+                data = await reader.read(CHUNK_BYTES)
+                if not data:
+                    break
+                await link.open.wait()
+                if link.delay_s:
+                    await asyncio.sleep(link.delay_s)
+                    await link.open.wait()
+                if writer.is_closing():
+                    break
+                writer.write(data)
+                await writer.drain()
+                if forward:
+                    link.stats.bytes_forward += len(data)
+                else:
+                    link.stats.bytes_backward += len(data)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            _abort(writer)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close at once (RST rather than FIN when data is pending): a reset, not a goodbye."""
+    transport = writer.transport
+    if transport is not None and not transport.is_closing():
+        transport.abort()
