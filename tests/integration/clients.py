@@ -5,7 +5,6 @@ Nothing here talks to anything but 127.0.0.1.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
@@ -17,7 +16,6 @@ from typing import Any, Iterable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, _config, build_context, build_role, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -26,6 +24,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+from pacsnode.sim.chaos_clients import acked_files, dataset_bytes  # noqa: F401  (shared with the chaos runner)
 
 HOST = "127.0.0.1"
 
@@ -39,14 +39,6 @@ def have_dcmtk() -> bool:
     if not present and os.environ.get("CI") == "true":
         raise RuntimeError("CI=true but dcmtk is not installed: .ci/run must apt-get install dcmtk")
     return present
-
-
-def dataset_bytes(part10: bytes) -> bytes:
-    """The dataset part of a Part-10 file: what travels on the wire and must be identical."""
-    stream = io.BytesIO(part10)
-    read_preamble(stream, False)
-    _read_file_meta_info(stream)
-    return part10[stream.tell():]
 
 
 def file_dataset_bytes(path: Path) -> bytes:
@@ -63,19 +55,6 @@ def storescu(port: int, paths: Iterable[Path | str], *, extra: Iterable[str] = (
     """Send files with storescu -v; returns the result and the files that got Success."""
     result = run(["storescu", "-v", "-aec", ae_title, *extra, HOST, str(port), *map(str, paths)], timeout_s)
     return result, acked_files(result.stdout + result.stderr)
-
-
-def acked_files(output: str) -> list[str]:
-    """Files storescu -v reported Success for ('Sending file: X' ... 'Received Store Response (Success)')."""
-    acked: list[str] = []
-    current: str | None = None
-    for line in output.splitlines():
-        if "Sending file: " in line:
-            current = line.split("Sending file: ", 1)[1].strip()
-        elif "Received Store Response (Success)" in line and current is not None:
-            acked.append(current)
-            current = None
-    return acked
 
 
 def findscu(port: int, keys: list[str], out_dir: Path, *, model: str = "-S", ae_title: str = "PACSNODE",

@@ -1,0 +1,828 @@
+"""`pacsnode sim chaos`: real pacsnode processes, real DICOM clients, real faults.
+
+    pacsnode sim chaos --nodes 5 --duration 120 --seed 3
+
+Starts K nodes on 127.0.0.1, every peer connection routed through a fault proxy
+(sim/faultproxy.py; each node's `--peer-route` sends its traffic for node B to the link
+"A>B"). While pynetdicom SCUs and dcmtk's storescu store new studies through random
+nodes, and a reader C-FINDs and C-GETs acknowledged ones, the runner injects faults one
+at a time from a seeded plan (sim/chaos_plan.py: kill -9, SIGSTOP/SIGCONT, clean
+restart, data-dir wipe, partitions, one-way cuts, isolation, slow links), measures how
+long detection and recovery took, and records every client operation and its outcome.
+
+At the end it heals everything and checks, on the real processes:
+
+1. every node sees every other alive, no hints are held, nothing is under-replicated;
+2. every acknowledged instance is held by exactly its N owners (ListStudy on every node);
+3. every acknowledged instance is retrievable byte-identical by C-GET from every node;
+4. a C-FIND at every node lists every acknowledged study;
+5. no node process died on its own, and no C-GET during the run returned other bytes
+   than those acknowledged.
+
+It exits 1 on any violation and prints the scenario and seed. The seed fixes the fault
+plan and the clients' choices; the timing of real processes is not replayable, so the
+same seed gives the same faults in the same order, not the same interleaving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+
+from pacsnode.cli.status import STATE_NAMES, StatusError, ask
+from pacsnode.proto import PROTOCOL_VERSION
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.ring.placement import Member, Ring
+from pacsnode.sim import chaos_clients as clients
+from pacsnode.sim import datagen
+from pacsnode.sim.chaos_plan import SCENARIOS, Fault, plan_faults
+from pacsnode.sim.faultproxy import FaultProxy
+from pacsnode.sim.process import NodeProcess, free_port, wait_until
+
+log = logging.getLogger("pacsnode.sim.chaos")
+
+CLUSTER_ID = "pacsnode"
+
+
+@dataclass
+class ChaosSettings:
+    """Every knob of a chaos run, with its default (also the CLI's defaults)."""
+
+    nodes: int = 5
+    duration_s: float = 120.0           # Faults are started during this long; the final checks come after.
+    seed: int = 0
+    scenario: str = "mixed"
+    sites: int = 1                      # Nodes round-robin over this many sites.
+    replication_factor: int = 3
+    write_quorum: int = 2
+    dead_grace_s: int = 10              # Short, so a long kill is removed and re-replicated within the run.
+    profile: str = "local"              # Membership timers for loopback (probe 0.2 s).
+    anti_entropy_interval_ms: int = 5_000
+    store_threads: int = 2              # pynetdicom SCUs storing new studies.
+    storescu_every_s: float = 6.0       # A dcmtk storescu study this often (0: none).
+    read_threads: int = 2               # Readers: each a C-FIND or C-GET of an acknowledged study ...
+    read_every_s: float = 0.5           # ... this often.
+    instances_per_study: int = 4
+    warmup_s: float = 5.0               # Load before the first fault.
+    recover_max_s: float = 45.0         # Wait at most this long for health after a fault.
+    settle_timeout_s: float = 180.0     # Wait at most this long for convergence at the end.
+    work_dir: Path | None = None        # Default: a temporary directory, removed unless --keep or a failure.
+    keep: bool = False
+
+    def replay(self) -> str:
+        return (f"pacsnode sim chaos --nodes {self.nodes} --duration {self.duration_s:g} --seed {self.seed} "
+                f"--scenario {self.scenario} --sites {self.sites}")
+
+
+# ---------------------------------------------------------------------------------------
+# The cluster: processes and their links
+
+
+class ChaosCluster:
+    """K pacsnode processes whose peer traffic all goes through one FaultProxy."""
+
+    def __init__(self, root: Path, settings: ChaosSettings) -> None:
+        self.root = root
+        self.settings = settings
+        self.ids = [f"c{i + 1}" for i in range(settings.nodes)]
+        self.sites = {node_id: (f"site{i % settings.sites + 1}" if settings.sites > 1 else "default")
+                      for i, node_id in enumerate(self.ids)}
+        self.proxy = FaultProxy()
+        peer_ports = {node_id: free_port() for node_id in self.ids}
+        self.nodes: dict[str, NodeProcess] = {}
+        self.paused: set[str] = set()
+        self.expected_down: set[str] = set()
+        self.outages: dict[str, int] = {node_id: 0 for node_id in self.ids}  # Kills, stops and pauses so far.
+        for node_id in self.ids:
+            routes: list[str] = []
+            for other in self.ids:
+                if other != node_id:
+                    via = self.proxy.add_link(f"{node_id}>{other}", "127.0.0.1", peer_ports[other])
+                    routes += ["--peer-route", f"127.0.0.1:{peer_ports[other]}=127.0.0.1:{via}"]
+            s = settings
+            self.nodes[node_id] = NodeProcess(
+                root / node_id, node_id=node_id, peer_port=peer_ports[node_id],
+                extra_args=[
+                    "--site", self.sites[node_id],
+                    "--replication-factor", str(s.replication_factor), "--write-quorum", str(s.write_quorum),
+                    "--profile", s.profile, "--dead-grace-s", str(s.dead_grace_s),
+                    "--anti-entropy-interval-ms", str(s.anti_entropy_interval_ms),
+                    "--hint-replay-interval-ms", "300", "--replica-timeout-ms", "1500",
+                    *routes,
+                ],
+                log_path=root / f"{node_id}.log",
+            )
+
+    # -------------------------------------------------------------- lifecycle
+    def start_all(self) -> None:
+        first = self.nodes[self.ids[0]]
+        first.start()
+        for node_id in self.ids[1:]:
+            node = self.nodes[node_id]
+            node.seeds = [first.peer_address]
+            node.start()
+        if not wait_until(lambda: self.membership_converged(), 60, 0.25):
+            raise RuntimeError(f"the {len(self.ids)} nodes did not see each other alive within 60 s")
+
+    def start(self, node_id: str) -> None:
+        """(Re)start a node, with every other node as a seed (a wiped node has no peers.json)."""
+        node = self.nodes[node_id]
+        node.seeds = [self.nodes[o].peer_address for o in self.ids if o != node_id]
+        node.start()
+        self.expected_down.discard(node_id)
+        self.paused.discard(node_id)
+
+    def up(self, node_id: str) -> bool:
+        return node_id not in self.expected_down and node_id not in self.paused
+
+    def kill(self, node_id: str) -> None:
+        self.outages[node_id] += 1
+        self.expected_down.add(node_id)
+        self.nodes[node_id].kill()
+
+    def stop(self, node_id: str) -> None:
+        self.outages[node_id] += 1
+        self.expected_down.add(node_id)
+        self.nodes[node_id].stop()
+
+    def pause(self, node_id: str) -> None:
+        self.outages[node_id] += 1
+        self.paused.add(node_id)
+        self.nodes[node_id].pause()
+
+    def resume(self, node_id: str) -> None:
+        self.nodes[node_id].resume()
+        self.paused.discard(node_id)
+
+    def links_between(self, group_a: tuple[str, ...] | list[str], group_b: tuple[str, ...] | list[str],
+                      *, both_ways: bool = True) -> list[str]:
+        names = [f"{a}>{b}" for a in group_a for b in group_b if a != b]
+        if both_ways:
+            names += [f"{b}>{a}" for a in group_a for b in group_b if a != b]
+        return names
+
+    def heal(self) -> None:
+        self.proxy.heal_all()
+        for node_id in list(self.paused):
+            self.resume(node_id)
+        for node_id in self.ids:
+            if not self.nodes[node_id].alive:
+                self.start(node_id)
+
+    def crashed(self) -> list[str]:
+        """Nodes whose process ended without the runner ending it."""
+        return [n for n in self.ids if n not in self.expected_down and not self.nodes[n].alive]
+
+    def close(self) -> None:
+        for node_id in list(self.paused):
+            try:
+                self.resume(node_id)
+            except OSError:
+                pass
+        for node in self.nodes.values():
+            node.stop(timeout_s=20)
+        self.proxy.close()
+
+    # -------------------------------------------------------------- what the nodes say
+    def answering(self) -> list[str]:
+        return [n for n in self.ids if self.nodes[n].alive and n not in self.paused]
+
+    def status(self, node_id: str, timeout_s: float = 2.0) -> pb.StatusReply | None:
+        try:
+            return ask(self.nodes[node_id].peer_address, CLUSTER_ID, timeout_s)
+        except StatusError:
+            return None
+
+    def view(self, observer: str, timeout_s: float = 1.0) -> dict[str, str] | None:
+        """node id -> state, as `observer` sees the members."""
+        reply = self.status(observer, timeout_s)
+        if reply is None:
+            return None
+        return {m.member.node_id: STATE_NAMES.get(m.member.state, "unknown") for m in reply.members}
+
+    def membership_converged(self) -> bool:
+        for node_id in self.ids:
+            view = self.view(node_id)
+            if view is None or any(view.get(other) != "alive" for other in self.ids):
+                return False
+        return True
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy: every node answers and sees all alive; no hints, transfers or under-replication."""
+        for node_id in self.ids:
+            reply = self.status(node_id)
+            if reply is None:
+                return False, f"{node_id} does not answer"
+            states = {m.member.node_id: STATE_NAMES.get(m.member.state, "?") for m in reply.members}
+            not_alive = {n: states.get(n, "unknown") for n in self.ids if states.get(n) != "alive"}
+            if not_alive:
+                return False, f"{node_id} sees {not_alive}"
+            local = reply.local
+            if local.hint_count or len(local.transfers) or local.under_replicated_study_count:
+                return False, (f"{node_id}: {local.hint_count} hints, {len(local.transfers)} transfers, "
+                               f"{local.under_replicated_study_count} under-replicated studies")
+        return True, "healthy"
+
+    def local_sop_uids(self, node_id: str, study_uid: str) -> set[str] | None:
+        """The instances of a study a node holds itself (not as hints), via the peer protocol."""
+        envelope = pb.Envelope(cluster_id=CLUSTER_ID, protocol_version=PROTOCOL_VERSION, sender_id="chaos")
+        try:
+            with grpc.insecure_channel(self.nodes[node_id].peer_address) as channel:
+                reply = pb_grpc.DataStub(channel).ListStudy(
+                    pb.ListStudyRequest(envelope=envelope, study_instance_uid=study_uid), timeout=10)
+        except grpc.RpcError:
+            return None
+        return {record.sop_instance_uid for record in reply.records}
+
+    def owners(self, study_uid: str) -> set[str]:
+        ring = Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
+        return set(ring.owners_of_study(study_uid, min(self.settings.replication_factor, len(self.ids))))
+
+
+# ---------------------------------------------------------------------------------------
+# The clients and what they saw
+
+
+@dataclass
+class Sent:
+    path: str
+    study_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+class OpLog:
+    """Every client operation, its outcome, and the acknowledged instances (thread-safe)."""
+
+    def __init__(self, started: float, path: Path) -> None:
+        self.started = started
+        self._lock = threading.Lock()
+        self._sink = open(path, "w")
+        self.ops: list[dict[str, Any]] = []
+        self.sent: dict[str, Sent] = {}          # SOP Instance UID -> the file sent
+        self.acked: dict[str, Sent] = {}
+        self.violations: list[str] = []
+        self.fault_now = ""
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    def moment(self) -> dict[str, Any]:
+        """When an operation starts and which fault is on then (what its record is filed under)."""
+        return {"t": self.now(), "fault": self.fault_now}
+
+    def record(self, **op: Any) -> None:
+        op.setdefault("t", self.now())
+        op.setdefault("fault", self.fault_now)
+        with self._lock:
+            self.ops.append(op)
+            self._sink.write(json.dumps(op) + "\n")
+
+    def sending(self, sent: Sent) -> None:
+        with self._lock:
+            self.sent[sent.sop_uid] = sent
+
+    def ack(self, sop_uid: str) -> None:
+        with self._lock:
+            self.acked[sop_uid] = self.sent[sop_uid]
+
+    def violation(self, text: str) -> None:
+        log.error("violation: %s", text)
+        with self._lock:
+            self.violations.append(text)
+
+    def acked_studies(self) -> dict[str, list[Sent]]:
+        with self._lock:
+            studies: dict[str, list[Sent]] = {}
+            for sent in self.acked.values():
+                studies.setdefault(sent.study_uid, []).append(sent)
+            return studies
+
+    def close(self) -> None:
+        with self._lock:
+            self._sink.close()
+
+
+def _sent_of(entry: datagen.ManifestEntry) -> Sent:
+    return Sent(path=entry["path"], study_uid=entry["study_uid"], sop_uid=entry["sop_uid"],
+                sop_class_uid=entry["sop_class_uid"], transfer_syntax_uid=entry["transfer_syntax_uid"])
+
+
+class Workload:
+    """Storers (pynetdicom), a storescu loop (dcmtk) and a reader, until stopped."""
+
+    def __init__(self, cluster: ChaosCluster, oplog: OpLog, data_dir: Path, settings: ChaosSettings) -> None:
+        self.cluster = cluster
+        self.oplog = oplog
+        self.data_dir = data_dir
+        self.settings = settings
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.file_bytes: dict[str, bytes] = {}   # SOP Instance UID -> dataset bytes as sent
+        self._bytes_lock = threading.Lock()
+
+    def start(self) -> None:
+        s = self.settings
+        for i in range(s.store_threads):
+            self.threads.append(threading.Thread(target=self._guard(self._store_loop, i), name=f"store{i}", daemon=True))
+        if s.storescu_every_s > 0:
+            if clients.have_storescu():
+                self.threads.append(threading.Thread(target=self._guard(self._storescu_loop, 0), name="storescu",
+                                                     daemon=True))
+            else:
+                print("chaos: dcmtk's storescu is not installed; its load is skipped (apt-get install dcmtk)")
+        if s.read_every_s > 0:
+            for i in range(s.read_threads):
+                self.threads.append(threading.Thread(target=self._guard(self._read_loop, i), name=f"reader{i}",
+                                                     daemon=True))
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+    def _guard(self, loop: Callable[[int], None], index: int) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop(index)
+            except Exception as error:  # A client bug must not pass for a clean run.
+                log.exception("chaos client crashed")
+                self.oplog.violation(f"chaos client {loop.__name__}[{index}] crashed: {error!r}")
+        return run
+
+    def _study(self, rng: random.Random, name: str, *, implicit: bool = False) -> list[datagen.ManifestEntry]:
+        spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=self.settings.instances_per_study,
+                                    rows=64, cols=64, seed=rng.getrandbits(48), implicit_vr=implicit)
+        entries = datagen.write_study_set(spec, self.data_dir / name)
+        for entry in entries:
+            self.oplog.sending(_sent_of(entry))
+            with self._bytes_lock:
+                self.file_bytes[entry["sop_uid"]] = clients.dataset_bytes(Path(entry["path"]).read_bytes())
+        return entries
+
+    def _moment(self, node_id: str) -> dict[str, Any]:
+        """When an operation starts and which fault is on then."""
+        moment = self.oplog.moment()
+        moment["entry_up"] = self.cluster.up(node_id)
+        moment["outages"] = self.cluster.outages[node_id]
+        return moment
+
+    def _entry_stayed_up(self, node_id: str, moment: dict[str, Any]) -> dict[str, Any]:
+        """`entry_up`: the entry node was up from the start of the operation to its end (not
+        killed, stopped or paused by the runner meanwhile). A client of a node that went
+        down is expected to fail; one of a node that stayed up should not."""
+        outages = moment.pop("outages")
+        moment["entry_up"] = moment["entry_up"] and self.cluster.up(node_id) and \
+            self.cluster.outages[node_id] == outages
+        return moment
+
+    def expected_bytes(self, sop_uid: str) -> bytes | None:
+        with self._bytes_lock:
+            return self.file_bytes.get(sop_uid)
+
+    def _store_loop(self, index: int) -> None:
+        rng = random.Random(f"{self.settings.seed}:store:{index}")
+        count = 0
+        while not self.stop.is_set():
+            entries = self._study(rng, f"store{index}-{count}", implicit=rng.random() < 0.3)
+            count += 1
+            node_id = rng.choice(self.cluster.ids)
+            started, moment = time.monotonic(), self._moment(node_id)
+            outcome = clients.store_files(self.cluster.nodes[node_id].dicom_port,
+                                          [(e["path"], e["sop_class_uid"], e["transfer_syntax_uid"]) for e in entries])
+            took = round(time.monotonic() - started, 3)
+            moment = self._entry_stayed_up(node_id, moment)
+            for entry in entries:
+                status = outcome.statuses.get(entry["path"])
+                if status == 0:
+                    self.oplog.ack(entry["sop_uid"])
+                self.oplog.record(op="store", client="pynetdicom", node=node_id, sop=entry["sop_uid"],
+                                  study=entry["study_uid"], status=status, ok=status == 0, error=outcome.error,
+                                  took_s=took, **moment)
+            self.stop.wait(0.1)
+
+    def _storescu_loop(self, index: int) -> None:
+        rng = random.Random(f"{self.settings.seed}:storescu:{index}")
+        count = 0
+        while not self.stop.wait(self.settings.storescu_every_s):
+            entries = self._study(rng, f"storescu-{count}")
+            count += 1
+            node_id = rng.choice(self.cluster.ids)
+            started, moment = time.monotonic(), self._moment(node_id)
+            code, acked, tail = clients.storescu(self.cluster.nodes[node_id].dicom_port, [e["path"] for e in entries])
+            took = round(time.monotonic() - started, 3)
+            moment = self._entry_stayed_up(node_id, moment)
+            acked_paths = set(acked)
+            for entry in entries:
+                ok = entry["path"] in acked_paths
+                if ok:
+                    self.oplog.ack(entry["sop_uid"])
+                self.oplog.record(op="store", client="storescu", node=node_id, sop=entry["sop_uid"],
+                                  study=entry["study_uid"], status=0 if ok else None, ok=ok,
+                                  error="" if ok else f"exit {code}: {tail[-200:]}", took_s=took, **moment)
+
+    def _read_loop(self, index: int) -> None:
+        rng = random.Random(f"{self.settings.seed}:read:{index}")
+        turn = 0
+        while not self.stop.wait(self.settings.read_every_s):
+            studies = self.oplog.acked_studies()
+            if not studies:
+                continue
+            study_uid = rng.choice(sorted(studies))
+            acked = studies[study_uid]
+            node_id = rng.choice(self.cluster.ids)
+            port = self.cluster.nodes[node_id].dicom_port
+            turn += 1
+            started, moment = time.monotonic(), self._moment(node_id)
+            if turn % 2:
+                found = clients.find_studies(port, clients.study_identifier(study_uid))
+                took = round(time.monotonic() - started, 3)
+                moment = self._entry_stayed_up(node_id, moment)
+                ok = found.final_status == 0 and not found.error
+                self.oplog.record(op="find", node=node_id, study=study_uid, status=found.final_status, ok=ok,
+                                  found=study_uid in found.study_uids, error=found.error, took_s=took,
+                                  complete=found.instance_counts.get(study_uid, 0) >= len(acked), **moment)
+                continue
+            with clients.Getter(port, [(s.sop_class_uid, s.transfer_syntax_uid) for s in acked]) as getter:
+                got = getter.get_study(study_uid)
+            took = round(time.monotonic() - started, 3)
+            moment = self._entry_stayed_up(node_id, moment)
+            for sop_uid, data in got.received.items():
+                expected = self.expected_bytes(sop_uid)
+                if expected is None:
+                    self.oplog.violation(f"C-GET of study {study_uid} at {node_id} returned unknown instance {sop_uid}")
+                elif data != expected:
+                    self.oplog.violation(f"C-GET at {node_id} returned other bytes for {sop_uid} "
+                                         f"({len(data)} vs {len(expected)} sent)")
+            missing = [s.sop_uid for s in acked if s.sop_uid not in got.received]
+            ok = got.final_status in (0x0000,) and not got.error
+            self.oplog.record(op="get", node=node_id, study=study_uid, status=got.final_status, ok=ok,
+                              received=len(got.received), missing=len(missing), error=got.error, took_s=took,
+                              **moment)
+            if ok and missing:
+                # Success without every acknowledged instance: a stale replica answered the
+                # study's instance list (R=1). Recorded; the final check demands completeness.
+                self.oplog.record(op="stale-get", node=node_id, study=study_uid, missing=len(missing), ok=True,
+                                  **moment)
+
+
+# ---------------------------------------------------------------------------------------
+# Faults
+
+
+@dataclass
+class FaultRecord:
+    kind: str
+    description: str
+    started_s: float
+    duration_s: float
+    target: str = ""
+    skipped: str = ""
+    dead_everywhere_s: float | None = None      # After the fault began, every observer saw the target dead.
+    suspected_by: list[str] = field(default_factory=list)
+    declared_dead_by: list[str] = field(default_factory=list)
+    removed_everywhere_s: float | None = None
+    recovered_s: float | None = None            # After the fault ended: healthy again.
+    recovery_state: str = ""
+
+
+class FaultInjector:
+    def __init__(self, cluster: ChaosCluster, oplog: OpLog, settings: ChaosSettings) -> None:
+        self.cluster = cluster
+        self.oplog = oplog
+        self.settings = settings
+
+    def run(self, fault: Fault) -> FaultRecord:
+        c = self.cluster
+        record = FaultRecord(kind=fault.kind, description=fault.describe(), started_s=self.oplog.now(),
+                             duration_s=fault.duration_s, target=fault.target)
+        if fault.kind == "wipe":
+            healthy = wait_until(lambda: c.health()[0], self.settings.recover_max_s, 0.5)
+            if not healthy:
+                # W=2 survives one lost disk, not two before repair: wipe only a healthy cluster.
+                record.skipped = f"cluster not healthy: {c.health()[1]}"
+                return record
+            record.started_s = self.oplog.now()
+        self.oplog.fault_now = record.description
+        observers = [n for n in c.ids if n != fault.target]
+        if fault.kind in ("kill", "long-kill", "wipe"):
+            c.kill(fault.target)
+            if fault.kind == "wipe":
+                shutil.rmtree(c.nodes[fault.target].data_dir, ignore_errors=True)
+        elif fault.kind == "pause":
+            c.pause(fault.target)
+        elif fault.kind == "restart":
+            c.stop(fault.target)
+        elif fault.kind in ("partition", "one-way"):
+            for name in c.links_between(fault.group_a, fault.group_b, both_ways=fault.kind == "partition"):
+                c.proxy.block(name)
+        elif fault.kind == "isolate":
+            for name in c.links_between([fault.target], observers):
+                c.proxy.block(name)
+        elif fault.kind == "slow":
+            for name in c.links_between([fault.target], observers):
+                c.proxy.delay(name, 100)
+        self._watch(fault, record, observers)
+        # End of the fault.
+        if fault.kind in ("kill", "long-kill", "wipe", "restart"):
+            c.start(fault.target)
+        elif fault.kind == "pause":
+            c.resume(fault.target)
+        else:
+            c.proxy.heal_all()
+        ended = time.monotonic()
+        self.oplog.fault_now = ""
+        recovered = wait_until(lambda: c.health()[0], self.settings.recover_max_s, 0.5)
+        record.recovered_s = round(time.monotonic() - ended, 2) if recovered else None
+        record.recovery_state = "healthy" if recovered else c.health()[1]
+        for node_id in c.crashed():
+            self.oplog.violation(f"{node_id} exited on its own during {record.description}")
+        return record
+
+    def _watch(self, fault: Fault, record: FaultRecord, observers: list[str]) -> None:
+        """Wait out the fault, watching how the observers see its target."""
+        began = time.monotonic()
+        deadline = began + fault.duration_s
+        seen_dead: dict[str, float] = {}
+        seen_removed: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            if fault.target and fault.kind != "restart":
+                for observer in observers:
+                    if observer in self.cluster.paused or not self.cluster.nodes[observer].alive:
+                        continue
+                    view = self.cluster.view(observer, timeout_s=0.5)
+                    state = (view or {}).get(fault.target)
+                    if state == "suspect" and observer not in record.suspected_by:
+                        record.suspected_by.append(observer)
+                    if state in ("dead", "removed") and observer not in seen_dead:
+                        seen_dead[observer] = time.monotonic() - began
+                    if state == "removed" and observer not in seen_removed:
+                        seen_removed[observer] = time.monotonic() - began
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        record.declared_dead_by = sorted(seen_dead)
+        if observers and len(seen_dead) == len(observers):
+            record.dead_everywhere_s = round(max(seen_dead.values()), 2)
+        if observers and len(seen_removed) == len(observers):
+            record.removed_everywhere_s = round(max(seen_removed.values()), 2)
+
+
+# ---------------------------------------------------------------------------------------
+# The final checks
+
+
+def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settings: ChaosSettings,
+                 result: dict[str, Any]) -> None:
+    studies = oplog.acked_studies()
+    started = time.monotonic()
+
+    def placement_problems() -> list[str]:
+        problems = []
+        for study_uid, sents in studies.items():
+            acked = {s.sop_uid for s in sents}
+            owners = cluster.owners(study_uid)
+            for node_id in cluster.ids:
+                held = cluster.local_sop_uids(node_id, study_uid)
+                if held is None:
+                    problems.append(f"{node_id} did not answer ListStudy")
+                    continue
+                if node_id in owners and not acked <= held:
+                    problems.append(f"study {study_uid}: owner {node_id} lacks {len(acked - held)} of {len(acked)}")
+                if node_id not in owners and acked & held:
+                    problems.append(f"study {study_uid}: {node_id} still holds {len(acked & held)} (not an owner)")
+            if len(problems) > 20:
+                break
+        return problems
+
+    converged = wait_until(lambda: cluster.health()[0] and not placement_problems(), settings.settle_timeout_s, 1.0)
+    result["settle_s"] = round(time.monotonic() - started, 1) if converged else None
+    if not converged:
+        healthy, why = cluster.health()
+        if not healthy:
+            oplog.violation(f"not healthy {settings.settle_timeout_s:.0f} s after healing: {why}")
+        for problem in placement_problems()[:10]:
+            oplog.violation(f"not at N copies after {settings.settle_timeout_s:.0f} s: {problem}")
+
+    # Every acknowledged instance, byte-identical, through every node.
+    contexts = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for sents in studies.values() for s in sents})
+    checked = 0
+    retrieve_started = time.monotonic()
+    for node_id in cluster.ids:
+        bad: list[str] = []
+        with clients.Getter(cluster.nodes[node_id].dicom_port, contexts) as getter:
+            if not getter.ready:
+                oplog.violation(f"final C-GET: no association with {node_id}: {getter.error}")
+                continue
+            for study_uid, sents in sorted(studies.items()):
+                got = getter.get_study(study_uid)
+                for sent in sents:
+                    data = got.received.get(sent.sop_uid)
+                    checked += 1
+                    if data is None:
+                        bad.append(f"{sent.sop_uid} of study {study_uid} missing (status {got.final_status}, "
+                                   f"{got.error or 'no error'})")
+                    elif data != workload.expected_bytes(sent.sop_uid):
+                        bad.append(f"{sent.sop_uid} of study {study_uid}: other bytes")
+        for text in bad[:5]:
+            oplog.violation(f"final C-GET at {node_id}: {text}")
+        if len(bad) > 5:
+            oplog.violation(f"final C-GET at {node_id}: {len(bad) - 5} more instances missing or different")
+    result["retrieve_checked_instances"] = checked
+    result["retrieve_check_s"] = round(time.monotonic() - retrieve_started, 1)
+
+    # Every acknowledged study listed by a C-FIND at every node.
+    universal = clients.study_identifier("")
+    for node_id in cluster.ids:
+        found = clients.find_studies(cluster.nodes[node_id].dicom_port, universal)
+        missing = set(studies) - set(found.study_uids)
+        if found.final_status != 0 or found.error:
+            oplog.violation(f"final C-FIND at {node_id}: status {found.final_status} {found.error}")
+        elif missing:
+            oplog.violation(f"final C-FIND at {node_id}: {len(missing)} acknowledged studies not listed")
+        else:
+            short = [u for u in studies if found.instance_counts.get(u, 0) < len(studies[u])]
+            if short:
+                oplog.violation(f"final C-FIND at {node_id}: {len(short)} studies show fewer instances than acked")
+    for node_id in cluster.crashed():
+        oplog.violation(f"{node_id} is not running at the end and the runner did not stop it")
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for kind in ("store", "find", "get"):
+        mine = [o for o in ops if o["op"] == kind]
+        took = [o["took_s"] for o in mine if "took_s" in o]
+        up = [o for o in mine if o.get("entry_up", True)]
+        summary[kind] = {
+            "attempted": len(mine),
+            "ok": sum(1 for o in mine if o["ok"]),
+            "through_up_node": len(up),
+            "ok_through_up_node": sum(1 for o in up if o["ok"]),
+            "during_faults": sum(1 for o in mine if o["fault"]),
+            "ok_during_faults": sum(1 for o in mine if o["fault"] and o["ok"]),
+            "p50_s": _percentile(took, 0.5),
+            "p99_s": _percentile(took, 0.99),
+            "max_s": max(took) if took else None,
+        }
+    summary["store"]["by_client"] = {
+        client: {"attempted": sum(1 for o in ops if o["op"] == "store" and o.get("client") == client),
+                 "acked": sum(1 for o in ops if o["op"] == "store" and o.get("client") == client and o["ok"])}
+        for client in ("pynetdicom", "storescu")}
+    summary["find"]["ok_but_not_found"] = sum(1 for o in ops if o["op"] == "find" and o["ok"] and not o["found"])
+    summary["get"]["stale"] = sum(1 for o in ops if o["op"] == "stale-get")
+    by_fault: dict[str, dict[str, int]] = {}
+    for fault in faults:
+        window = [o for o in ops if o["fault"] == fault.description and o["op"] in ("store", "find", "get")]
+        by_fault[fault.description] = {
+            "stores": sum(1 for o in window if o["op"] == "store"),
+            "stores_ok": sum(1 for o in window if o["op"] == "store" and o["ok"]),
+            "reads": sum(1 for o in window if o["op"] != "store"),
+            "reads_ok": sum(1 for o in window if o["op"] != "store" and o["ok"]),
+        }
+    summary["by_fault"] = by_fault
+    return summary
+
+
+def run_chaos(settings: ChaosSettings) -> dict[str, Any]:
+    if settings.scenario not in SCENARIOS:
+        raise ValueError(f"unknown chaos scenario {settings.scenario!r}; one of {', '.join(SCENARIOS)}")
+    owned_dir = settings.work_dir is None
+    root = Path(tempfile.mkdtemp(prefix="pacsnode-chaos-")) if owned_dir else Path(settings.work_dir)  # type: ignore[arg-type]
+    root.mkdir(parents=True, exist_ok=True)
+    wall_started = time.monotonic()
+    result: dict[str, Any] = {"scenario": settings.scenario, "seed": settings.seed, "nodes": settings.nodes,
+                              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+                              "work_dir": str(root), "replay": settings.replay()}
+    (root / "nodes").mkdir(exist_ok=True)
+    cluster = ChaosCluster(root / "nodes", settings)
+    oplog = OpLog(time.monotonic(), root / "ops.jsonl")
+    workload = Workload(cluster, oplog, root / "data", settings)
+    faults: list[FaultRecord] = []
+    try:
+        print(f"chaos: starting {settings.nodes} nodes in {root}", flush=True)
+        cluster.start_all()
+        oplog.started = time.monotonic()
+        plan = plan_faults(settings.seed, cluster.ids, settings.duration_s, scenario=settings.scenario,
+                           dead_grace_s=settings.dead_grace_s)
+        workload.start()
+        time.sleep(settings.warmup_s)
+        injector = FaultInjector(cluster, oplog, settings)
+        for fault in plan:
+            if oplog.now() >= settings.duration_s:
+                break
+            print(f"chaos: t={oplog.now():6.1f} s  {fault.describe()}", flush=True)
+            record = injector.run(fault)
+            faults.append(record)
+            print("chaos:            " + _fault_line(record), flush=True)
+            time.sleep(1.0)
+        workload.join()
+        result["load_s"] = oplog.now()
+        print(f"chaos: t={oplog.now():6.1f} s  faults over; healing and checking "
+              f"{len(oplog.acked)} acknowledged instances", flush=True)
+        cluster.heal()
+        final_checks(cluster, oplog, workload, settings, result)
+    except Exception as error:
+        log.exception("chaos run failed")
+        oplog.violation(f"the runner failed: {error!r}")
+    finally:
+        workload.stop.set()
+        workload.join()
+        oplog.close()
+        result["proxy_bytes"] = sum(s.bytes_forward + s.bytes_backward for s in cluster.proxy.stats().values())
+        cluster.close()
+    result["faults"] = [asdict(f) for f in faults]
+    result["ops"] = summarise_ops(oplog.ops, faults)
+    result["acked_instances"] = len(oplog.acked)
+    result["acked_studies"] = len(oplog.acked_studies())
+    result["violations"] = list(oplog.violations)
+    result["ok"] = not oplog.violations
+    result["wall_s"] = round(time.monotonic() - wall_started, 1)
+    (root / "chaos-result.json").write_text(json.dumps(result, indent=1))
+    if owned_dir and result["ok"] and not settings.keep:
+        shutil.rmtree(root, ignore_errors=True)
+        result["work_dir"] = "(removed)"
+    return result
+
+
+def _fault_line(record: FaultRecord) -> str:
+    if record.skipped:
+        return f"skipped: {record.skipped}"
+    parts = []
+    if record.dead_everywhere_s is not None:
+        parts.append(f"dead everywhere {record.dead_everywhere_s:.1f} s")
+    elif record.declared_dead_by:
+        parts.append(f"declared dead by {','.join(record.declared_dead_by)}")
+    elif record.suspected_by:
+        parts.append(f"suspected by {','.join(record.suspected_by)}")
+    if record.removed_everywhere_s is not None:
+        parts.append(f"removed everywhere {record.removed_everywhere_s:.1f} s")
+    parts.append(f"healthy {record.recovered_s:.1f} s after the end" if record.recovered_s is not None
+                 else f"NOT healthy {record.recovery_state}")
+    return "; ".join(parts)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    ops = result["ops"]
+    lines = [f"chaos {result['scenario']} seed={result['seed']} nodes={result['nodes']}: "
+             f"{'OK' if result['ok'] else 'FAILED'} ({result['wall_s']:.0f} s)", "", "faults:"]
+    for fault in result["faults"]:
+        window = ops["by_fault"].get(fault["description"], {})
+        lines.append(f"  t={fault['started_s']:6.1f}  {fault['description']:38}  "
+                     f"{_fault_line(FaultRecord(**fault))};  stores {window.get('stores_ok', 0)}/"
+                     f"{window.get('stores', 0)} ok, reads {window.get('reads_ok', 0)}/{window.get('reads', 0)} ok")
+    lines.append("")
+    store = ops["store"]
+    lines.append(f"stores: {store['ok']} acknowledged of {store['attempted']} "
+                 f"(pynetdicom {store['by_client']['pynetdicom']['acked']}/{store['by_client']['pynetdicom']['attempted']}, "
+                 f"storescu {store['by_client']['storescu']['acked']}/{store['by_client']['storescu']['attempted']}); "
+                 f"during faults {store['ok_during_faults']}/{store['during_faults']}; through a node that was up "
+                 f"{store['ok_through_up_node']}/{store['through_up_node']}; "
+                 f"p50 {store['p50_s']} s p99 {store['p99_s']} s per study")
+    for kind in ("find", "get"):
+        o = ops[kind]
+        extra = (f", {o['ok_but_not_found']} Success without the study" if kind == "find"
+                 else f", {o['stale']} Success missing an instance")
+        lines.append(f"{kind}s: {o['ok']} ok of {o['attempted']}; during faults {o['ok_during_faults']}/"
+                     f"{o['during_faults']}; through a node that was up {o['ok_through_up_node']}/"
+                     f"{o['through_up_node']}; p50 {o['p50_s']} s p99 {o['p99_s']} s max {o['max_s']} s{extra}")
+    lines.append(f"final: converged {result.get('settle_s')} s after healing; "
+                 f"{result.get('retrieve_checked_instances', 0)} instance retrievals checked byte for byte "
+                 f"({result['acked_instances']} acknowledged instances x {result['nodes']} nodes, "
+                 f"{result.get('retrieve_check_s')} s); peer traffic through the proxy "
+                 f"{result.get('proxy_bytes', 0) / 1e6:.1f} MB")
+    if result["violations"]:
+        lines.append("")
+        lines.append(f"VIOLATIONS ({len(result['violations'])}):")
+        lines += [f"  {v}" for v in result["violations"][:40]]
+    lines.append("")
+    lines.append(f"work dir: {result['work_dir']}")
+    lines.append(f"replay (same faults, same clients' choices; real timing differs): {result['replay']}")
+    if not result["ok"]:
+        lines.append(f"chaos FAILED: scenario {result['scenario']}, seed {result['seed']}")
+    return "\n".join(lines)
+

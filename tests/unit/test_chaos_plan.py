@@ -1,0 +1,50 @@
+"""sim/chaos_plan.py: the chaos runner's fault plan is seeded, fills the run, and puts one
+of each essential fault first so even a short run sees kill -9, pause, partition and wipe."""
+
+from __future__ import annotations
+
+import pytest
+
+from pacsnode.sim.chaos_plan import ESSENTIAL, KINDS, SCENARIOS, plan_faults
+
+NODES = ["c1", "c2", "c3", "c4", "c5"]
+
+
+def test_same_seed_same_plan_and_another_seed_another() -> None:
+    assert plan_faults(3, NODES, 120) == plan_faults(3, NODES, 120)
+    assert plan_faults(3, NODES, 120) != plan_faults(4, NODES, 120)
+
+
+def test_the_essential_faults_come_first_and_the_plan_fills_the_duration() -> None:
+    for seed in range(20):
+        plan = plan_faults(seed, NODES, 120, gap_s=4)
+        assert {f.kind for f in plan[:len(ESSENTIAL)]} == set(ESSENTIAL)
+        assert sum(f.duration_s + 4 for f in plan) >= 120
+        assert sum(f.duration_s + 4 for f in plan[:-1]) < 120
+
+
+def test_every_kind_is_well_formed() -> None:
+    seen = set()
+    for seed in range(30):
+        for fault in plan_faults(seed, NODES, 300, dead_grace_s=10):
+            seen.add(fault.kind)
+            if fault.kind in ("partition", "one-way"):
+                assert fault.group_a and fault.group_b and not set(fault.group_a) & set(fault.group_b)
+                assert set(fault.group_a) | set(fault.group_b) == set(NODES)
+                assert not fault.target
+            else:
+                assert fault.target in NODES and not fault.group_a
+            if fault.kind == "long-kill":
+                assert fault.duration_s > 10  # Past the dead grace: the node is removed.
+            assert fault.describe()
+    assert seen == set(KINDS)
+
+
+def test_scenarios_restrict_the_kinds_and_small_clusters_skip_long_kills() -> None:
+    for name, kinds in SCENARIOS.items():
+        assert {f.kind for f in plan_faults(1, NODES, 200, scenario=name)} <= set(kinds)
+    assert "long-kill" not in {f.kind for s in range(10) for f in plan_faults(s, ["a", "b", "c"], 300)}
+    with pytest.raises(ValueError, match="unknown chaos scenario"):
+        plan_faults(1, NODES, 60, scenario="meteor")
+    with pytest.raises(ValueError, match="at least 2 nodes"):
+        plan_faults(1, ["a"], 60)
