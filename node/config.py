@@ -109,6 +109,7 @@ class NodeConfig:
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
     query_timeout_ms: int = setting(60_000, "Deadline for one peer's C-FIND stream.")
+    replica_start_timeout_ms: int = setting(2_000, "A replica that has not begun answering a query or a fetch this long is passed over for the next one (a partitioned or paused peer costs a reader this, not the whole deadline).")
     profile: str = setting("lan", "Membership timers (SWIM + Lifeguard, memberlist's): lan (probe 1 s), local (loopback tests, probe 0.2 s) or wan (probe 5 s).")
     hint_replay_interval_ms: int = setting(1_000, "How often held hints are offered to their owners.")
     dead_grace_s: int = setting(600, "A member dead this long is removed from the ring (survivors re-replicate), within the rails; overrides the profile's.")
@@ -144,7 +145,8 @@ class NodeConfig:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
-                     "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "hint_replay_interval_ms",
+                     "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
+                     "hint_replay_interval_ms",
                      "anti_entropy_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

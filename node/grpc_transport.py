@@ -85,7 +85,7 @@ class GrpcTransport:
         raise PeerRefused(f"{target}: {pb.StoreOutcome.Name(reply.outcome)}: {reply.message}")
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
-                    include_hints: bool = False) -> StoredInstance | None:
+                    include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:
         stub = pb_grpc.DataStub(self._channel(target))
         request = pb.FetchRequest(envelope=self._envelope(), study_instance_uid=study_instance_uid,
                                   sop_instance_uid=sop_instance_uid, include_hints=include_hints)
@@ -95,6 +95,9 @@ class GrpcTransport:
         complete = False
         try:
             async for chunk in stub.FetchInstance(request, timeout=timeout_ms / 1000):
+                if started is not None:
+                    started()
+                    started = None
                 if chunk.HasField("record"):
                     record = chunk.record
                     attributes = peer_wire.attributes_from_json(chunk.index_attributes_json)
@@ -117,7 +120,7 @@ class GrpcTransport:
         return StoredInstance(record=peer_wire.record_from_wire(record, attributes), attributes=attributes, blob=blob)
 
     async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
-                    timeout_ms: int) -> AsyncIterator[Attributes]:
+                    timeout_ms: int, started: Callable[[], None] | None = None) -> AsyncIterator[Attributes]:
         stub = pb_grpc.DataStub(self._channel(target))
         request = pb.QueryRequest(envelope=self._envelope(), query_json=json.dumps(query.to_json()).encode())
         if ranges is not None:
@@ -125,6 +128,9 @@ class GrpcTransport:
         call = stub.Query(request, timeout=timeout_ms / 1000)
         try:
             async for row in call:
+                if started is not None:
+                    started()
+                    started = None
                 if row.attributes_json:
                     yield peer_wire.attributes_from_json(row.attributes_json)
         except grpc.aio.AioRpcError as error:

@@ -157,6 +157,9 @@ class DataService(pb_grpc.DataServicer):
     async def FetchInstance(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[pb.FetchChunk]:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "FetchInstance")
+        # An empty first chunk at once: the caller knows this replica is answering (and
+        # gives a silent one up after replica_start_timeout_ms), however long the read takes.
+        yield pb.FetchChunk(envelope=self.server.envelope())
         replica = self.node.replica
         stored = await asyncio.to_thread(replica.read_stored, request.study_instance_uid, request.sop_instance_uid)
         if stored is None and request.include_hints:
@@ -182,7 +185,6 @@ class DataService(pb_grpc.DataServicer):
             data = blob[offset : offset + CHUNK_BYTES_MAX]
             chunk = pb.FetchChunk(data=data, offset=offset, last=offset + len(data) >= len(blob))
             if first:
-                chunk.envelope.CopyFrom(self.server.envelope())
                 chunk.record.CopyFrom(peer_wire.record_to_wire(stored.record, len(blob)))
                 chunk.index_attributes_json = peer_wire.attributes_json(stored.attributes)
                 first = False
@@ -203,8 +205,10 @@ class DataService(pb_grpc.DataServicer):
             # This node is still filling some of these ranges: the caller asks another replica.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "ranges still being filled here")
             return
-        rows = await asyncio.to_thread(lambda: list(self.node.replica.query_rows(query, ranges)))
+        # The envelope row at once: the caller knows this replica is answering (and gives a
+        # silent one up after replica_start_timeout_ms), however long the query takes.
         yield pb.QueryRow(envelope=self.server.envelope())
+        rows = await asyncio.to_thread(lambda: list(self.node.replica.query_rows(query, ranges)))
         for row in rows:  # A cancelled call raises CancelledError at the next yield.
             yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
 

@@ -134,6 +134,7 @@ class Node:
                 store_timeout_ms=config.store_timeout_ms,
                 fetch_timeout_ms=config.fetch_timeout_ms,
                 query_timeout_ms=config.query_timeout_ms,
+                replica_start_timeout_ms=config.replica_start_timeout_ms,
             ),
             decode=decode,
         )

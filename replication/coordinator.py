@@ -19,11 +19,12 @@ LocalReplica, MembershipView and clock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
 from pacsnode.replication.matching import Condition, Query
@@ -49,6 +50,7 @@ class CoordinatorSettings:
     store_timeout_ms: int = 30_000  # Whole C-STORE inside the node.
     fetch_timeout_ms: int = 30_000  # One instance from a peer.
     query_timeout_ms: int = 60_000  # One peer's query stream.
+    replica_start_timeout_ms: int = 2_000  # A replica silent this long on a query or fetch is passed over.
     bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
 
 
@@ -64,6 +66,7 @@ class CoordinatorStats:
 
 
 BlockingRunner = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
 
 
 class Coordinator:
@@ -233,8 +236,15 @@ class Coordinator:
         while True:
             # Only this owner counts as missing here; stand-ins already taken by this
             # write (for other owners) or found dead are not candidates.
-            stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used)
+            # A site where a stand-in has not answered is probably cut off as a whole (the
+            # owner did not answer either): its other nodes are tried last, not one deadline
+            # each first (a site cut cost a store 2 s per node of the cut site).
+            skipped = {node_id for node_id in ring.node_ids if self._site_of(node_id) in state.silent_sites}
+            stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used | skipped)
                              if s.owner == owner), None)
+            if stand_in is None and skipped - state.used:
+                stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used)
+                                 if s.owner == owner), None)
             if stand_in is None:
                 state.errors.append(f"no stand-in left for {owner}")
                 return None
@@ -243,8 +253,12 @@ class Coordinator:
                 continue
             try:
                 outcome = await self._put(stand_in, stored, owner, timeout_ms)
+            except PeerRefused as error:
+                state.errors.append(f"{stand_in} (hint for {owner}): {error}")
+                continue
             except PeerError as error:
                 state.errors.append(f"{stand_in} (hint for {owner}): {error}")
+                state.silent_sites.add(self._site_of(stand_in))
                 continue
             if outcome in DURABLE_OUTCOMES:
                 self.stats.hints_written += 1
@@ -346,15 +360,18 @@ class Coordinator:
             if node_id == self.self_id:
                 await self._pump_local(key, query, ranges, queue)
             else:
-                batch: list[Attributes] = []
-                async for row in self._transport.query(node_id, query, ranges,
-                                                       timeout_ms=self._settings.query_timeout_ms):
-                    batch.append(row)
-                    if len(batch) >= _BATCH_ROWS:
+                async def stream(started: Callable[[], None]) -> None:
+                    batch: list[Attributes] = []
+                    async for row in self._transport.query(node_id, query, ranges, started=started,
+                                                           timeout_ms=self._settings.query_timeout_ms):
+                        batch.append(row)
+                        if len(batch) >= _BATCH_ROWS:
+                            await queue.put((key, batch, None))
+                            batch = []
+                    if batch:
                         await queue.put((key, batch, None))
-                        batch = []
-                if batch:
-                    await queue.put((key, batch, None))
+
+                await self._answering(node_id, stream)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # A replica breaking off is an operating error: re-plan.
@@ -451,9 +468,30 @@ class Coordinator:
                         break
             return stored
         size_guess = 64 * 1024 * 1024
-        return await self._transport.fetch(node_id, location.study_instance_uid, location.sop_instance_uid,
-                                           timeout_ms=self._deadline_ms(self._settings.fetch_timeout_ms, size_guess),
-                                           include_hints=include_hints)
+        timeout_ms = self._deadline_ms(self._settings.fetch_timeout_ms, size_guess)
+        return await self._answering(node_id, lambda started: self._transport.fetch(
+            node_id, location.study_instance_uid, location.sop_instance_uid, timeout_ms=timeout_ms,
+            include_hints=include_hints, started=started))
+
+    async def _answering(self, node_id: str, call: Callable[[Callable[[], None]], Awaitable[T]]) -> T:
+        """Run `call(started)`; a replica that has not begun answering (called `started`)
+        within replica_start_timeout_ms is given up with PeerError, so a partitioned or
+        paused replica costs a reader two seconds, not the whole query or fetch deadline.
+        A replica that has begun keeps the call's own deadline, however long it takes."""
+        began = asyncio.Event()
+        task = asyncio.ensure_future(call(began.set))
+        waiter = asyncio.ensure_future(began.wait())
+        try:
+            await asyncio.wait((task, waiter), timeout=self._settings.replica_start_timeout_ms / 1000,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not began.is_set():
+                self.stats.extra["replica_start_timeouts"] = self.stats.extra.get("replica_start_timeouts", 0) + 1
+                raise PeerError(f"{node_id}: no answer within {self._settings.replica_start_timeout_ms} ms")
+            return await task
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
 
     async def _repair(self, node_id: str, stored: StoredInstance) -> None:
         try:
@@ -472,7 +510,10 @@ class Coordinator:
         owners = await self._run_blocking(self._local.hint_owners)
         ring = self._membership.ring()
         for owner in owners:
-            if owner not in ring or not self._membership.is_alive(owner):
+            if owner not in ring:
+                handed += await self._retarget_hints(owner, ring)
+                continue
+            if not self._membership.is_alive(owner):
                 continue
             stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(owner), 64)))
             for stored in stored_list:
@@ -493,6 +534,43 @@ class Coordinator:
                 log.info("replication.hint.replayed owner=%s instances=%d", owner, handed)
         return handed
 
+    async def _retarget_hints(self, gone: str, ring: Any) -> int:
+        """Hints held for a member that is out of the ring (removed, or left) go to their
+        study's current owners instead (DESIGN: re-targeted to the new owner); each is
+        deleted once every current owner holds it durably. An owner that is down keeps
+        the hint here for the next pass."""
+        n, _w = self._replicas()
+        moved = 0
+        stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(gone), 64)))
+        for stored in stored_list:
+            delivered = True
+            for owner in ring.owners_of_study(stored.study_instance_uid, n):
+                if owner == self.self_id:
+                    await self._run_blocking(functools.partial(self._local.put_stored, stored))
+                    continue
+                if not self._membership.is_alive(owner):
+                    delivered = False
+                    break
+                try:
+                    outcome = await self._transport.store(
+                        owner, stored, hint_for="",
+                        timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+                except PeerError as error:
+                    log.info("replication.hint.retarget_failed gone=%s owner=%s error=%s", gone, owner, error)
+                    delivered = False
+                    break
+                if outcome not in DURABLE_OUTCOMES:
+                    delivered = False
+                    break
+            if not delivered:
+                continue
+            await self._run_blocking(self._local.delete_hint, gone, stored.study_instance_uid, stored.sop_instance_uid)
+            moved += 1
+        if moved:
+            self.stats.extra["hints_retargeted"] = self.stats.extra.get("hints_retargeted", 0) + moved
+            log.info("replication.hint.retargeted gone=%s instances=%d", gone, moved)
+        return moved
+
 
 def _take(iterator: Any, count: int) -> Any:
     for index, item in enumerate(iterator):
@@ -508,6 +586,7 @@ _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID"
 class _WriteState:
     owners: Sequence[str]
     used: set[str] = field(default_factory=set)  # Stand-ins taken (or found down) by this write.
+    silent_sites: set[str] = field(default_factory=set)  # A stand-in there did not answer: likely cut off.
     errors: list[str] = field(default_factory=list)
     full: bool = False
 

@@ -6,7 +6,7 @@ network and an in-memory store. Nothing in replication/ imports grpc or rocksdic
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator, Protocol, Sequence
+from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance
@@ -29,13 +29,16 @@ class Transport(Protocol):
         ...
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *,
-                    timeout_ms: int, include_hints: bool = False) -> StoredInstance | None:
-        """The instance as `target` holds it, or None when it does not hold it."""
+                    timeout_ms: int, include_hints: bool = False,
+                    started: Callable[[], None] | None = None) -> StoredInstance | None:
+        """The instance as `target` holds it, or None when it does not hold it.
+        `started` is called as soon as `target` is known to be answering."""
         ...
 
     def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
-              timeout_ms: int) -> AsyncIterator[Attributes]:
-        """Matching rows from `target`'s replica, restricted to `ranges` (None: all)."""
+              timeout_ms: int, started: Callable[[], None] | None = None) -> AsyncIterator[Attributes]:
+        """Matching rows from `target`'s replica, restricted to `ranges` (None: all).
+        `started` is called as soon as `target` is known to be answering."""
         ...
 
 

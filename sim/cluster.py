@@ -83,6 +83,7 @@ class SimConfig:
     store_timeout_ms: int = 30_000
     fetch_timeout_ms: int = 30_000
     query_timeout_ms: int = 60_000
+    replica_start_timeout_ms: int = 2_000
     anti_entropy_interval_ms: int = 60_000
     repair_bytes_per_second_max: int = 50_000_000
     repair_rpc_timeout_ms: int = 10_000
@@ -95,7 +96,8 @@ class SimConfig:
     def coordinator_settings(self) -> CoordinatorSettings:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
-                                   fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms)
+                                   fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
+                                   replica_start_timeout_ms=self.replica_start_timeout_ms)
 
     def repair_settings(self) -> RepairSettings:
         return RepairSettings(replication_factor=self.replication_factor, interval_ms=self.anti_entropy_interval_ms,

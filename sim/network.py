@@ -39,7 +39,7 @@ import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
@@ -380,16 +380,21 @@ class NodeTransport:
         return result
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
-                    include_hints: bool = False) -> StoredInstance | None:
+                    include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:
+        # One reply message here: the peer is known to be answering when it arrives.
         result: StoredInstance | None = await self._call(
             target, "fetch", (study_instance_uid, sop_instance_uid, include_hints), 160, timeout_ms)
+        if started is not None:
+            started()
         return result
 
     async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
-                    timeout_ms: int) -> AsyncIterator[Attributes]:
+                    timeout_ms: int, started: Callable[[], None] | None = None) -> AsyncIterator[Attributes]:
         size = 200 + 24 * (len(ranges) if ranges is not None else 0)
         rows: list[Attributes] = await self._call(target, "query", (query, None if ranges is None else list(ranges)),
                                                   size, timeout_ms)
+        if started is not None:
+            started()
         for row in rows:
             yield row
 
