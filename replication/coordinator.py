@@ -247,6 +247,7 @@ class Coordinator:
                                  if s.owner == owner), None)
             if stand_in is None:
                 state.errors.append(f"no stand-in left for {owner}")
+                await self._keep_hint_here(owner, stored)
                 return None
             state.used.add(stand_in)
             if stand_in != self.self_id and not self._membership.is_alive(stand_in):
@@ -265,6 +266,21 @@ class Coordinator:
                 log.info("replication.hint.written sop_instance_uid=%s owner=%s holder=%s",
                          stored.sop_instance_uid, owner, stand_in)
                 return owner, stand_in, outcome
+
+    async def _keep_hint_here(self, owner: str, stored: StoredInstance) -> None:
+        """No stand-in could take the copy meant for `owner`: this node keeps it as a hint
+        (as Cassandra's coordinator does), so the owner gets it as soon as it answers
+        again instead of at the next anti-entropy pass. It never counts towards W: it
+        is not a distinct replica."""
+        if owner == self.self_id:
+            return
+        try:
+            await self._run_blocking(functools.partial(self._local.put_stored, stored, hint_for=owner))
+        except Exception as error:  # Best effort: anti-entropy still repairs the owner.
+            log.warning("replication.hint.keep_failed owner=%s error=%s", owner, error)
+            return
+        self.stats.hints_written += 1
+        log.info("replication.hint.kept_here sop_instance_uid=%s owner=%s", stored.sop_instance_uid, owner)
 
     # ----------------------------------------------------------------- find
     async def find(self, query: Query) -> AsyncIterator[Attributes]:

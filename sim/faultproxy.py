@@ -172,12 +172,12 @@ class FaultProxy:
                     await link.open.wait()
                 if writer.is_closing():
                     break
-                writer.write(data)
-                await writer.drain()
-                if forward:
+                if forward:  # Counted as handed on, before the receiver can see them.
                     link.stats.bytes_forward += len(data)
                 else:
                     link.stats.bytes_backward += len(data)
+                writer.write(data)
+                await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
