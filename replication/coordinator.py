@@ -219,6 +219,7 @@ class Coordinator:
     async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: int, state: "_WriteState",
                          timeout_ms: int) -> tuple[str, str, str] | None:
         """One copy: on its owner, or else as a hint on a stand-in. Returns (owner, holder, outcome)."""
+        silent_owner = False
         if self._membership.is_alive(owner):
             try:
                 outcome = await self._put(owner, stored, "", timeout_ms)
@@ -230,21 +231,12 @@ class Coordinator:
                 state.errors.append(f"{owner}: {error}")
             except PeerError as error:
                 state.errors.append(f"{owner}: {error}")
+                silent_owner = True
         else:
             state.errors.append(f"{owner}: down")
         ring = self._membership.ring()
         while True:
-            # Only this owner counts as missing here; stand-ins already taken by this
-            # write (for other owners) or found dead are not candidates.
-            # A site where a stand-in has not answered is probably cut off as a whole (the
-            # owner did not answer either): its other nodes are tried last, not one deadline
-            # each first (a site cut cost a store 2 s per node of the cut site).
-            skipped = {node_id for node_id in ring.node_ids if self._site_of(node_id) in state.silent_sites}
-            stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used | skipped)
-                             if s.owner == owner), None)
-            if stand_in is None and skipped - state.used:
-                stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used)
-                                 if s.owner == owner), None)
+            stand_in = self._next_stand_in(ring, token, n, owner, state)
             if stand_in is None:
                 state.errors.append(f"no stand-in left for {owner}")
                 await self._keep_hint_here(owner, stored)
@@ -252,20 +244,82 @@ class Coordinator:
             state.used.add(stand_in)
             if stand_in != self.self_id and not self._membership.is_alive(stand_in):
                 continue
-            try:
-                outcome = await self._put(stand_in, stored, owner, timeout_ms)
-            except PeerRefused as error:
-                state.errors.append(f"{stand_in} (hint for {owner}): {error}")
-                continue
-            except PeerError as error:
-                state.errors.append(f"{stand_in} (hint for {owner}): {error}")
-                state.silent_sites.add(self._site_of(stand_in))
-                continue
-            if outcome in DURABLE_OUTCOMES:
-                self.stats.hints_written += 1
-                log.info("replication.hint.written sop_instance_uid=%s owner=%s holder=%s",
-                         stored.sop_instance_uid, owner, stand_in)
-                return owner, stand_in, outcome
+            batch = [stand_in]
+            if silent_owner:
+                # The owner did not answer and is not known dead: its whole site may be cut
+                # off. Ask a stand-in in another site at the same time as the one in the
+                # owner's site (kept first so that one node down does not move its site's
+                # copy across the WAN); the first durable ack counts, a second hint is
+                # replayed and deleted like any other. Otherwise a site cut cost a store one
+                # deadline per node of the cut site.
+                silent_owner = False
+                other = self._next_stand_in(ring, token, n, owner, state, avoid_site=self._site_of(stand_in),
+                                            prefer_site=self._site_of(self.self_id))
+                if other is not None and (other == self.self_id or self._membership.is_alive(other)):
+                    state.used.add(other)
+                    batch.append(other)
+            result = await self._first_hint(batch, stored, owner, timeout_ms, state)
+            if result is not None:
+                return result
+
+    def _next_stand_in(self, ring: Any, token: int, n: int, owner: str, state: "_WriteState", *,
+                       avoid_site: str | None = None, prefer_site: str | None = None) -> str | None:
+        """The next stand-in for `owner` not yet taken by this write. Nodes of a site where a
+        stand-in did not answer (probably cut off as a whole) come last; `avoid_site`'s
+        nodes not at all; `prefer_site`'s first (this node's site: whatever else is cut
+        off, it reaches its own site)."""
+        others = set(state.owners) - {owner}  # Marking another owner unavailable would give it our stand-in.
+        if prefer_site is not None:
+            elsewhere = {node_id for node_id in ring.node_ids if self._site_of(node_id) != prefer_site} - others
+            found = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used | elsewhere)
+                          if s.owner == owner), None)
+            if found is not None and self._site_of(found) not in state.silent_sites and \
+                    self._site_of(found) != avoid_site:
+                return found
+        skipped = {node_id for node_id in ring.node_ids
+                   if self._site_of(node_id) in state.silent_sites or self._site_of(node_id) == avoid_site} - others
+        found = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used | skipped)
+                      if s.owner == owner), None)
+        if found is None and avoid_site is None and skipped - state.used:
+            found = next((s.node_id for s in ring.stand_ins(token, n, {owner} | state.used)
+                          if s.owner == owner), None)
+        return found
+
+    async def _first_hint(self, batch: list[str], stored: StoredInstance, owner: str, timeout_ms: int,
+                          state: "_WriteState") -> tuple[str, str, str] | None:
+        """Hints for `owner` on every stand-in of `batch` at once; the first durable one."""
+        if len(batch) == 1:
+            return await self._hint_on(batch[0], stored, owner, timeout_ms, state)
+        tasks = [asyncio.ensure_future(self._hint_on(s, stored, owner, timeout_ms, state)) for s in batch]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                result = await next_done
+                if result is not None:
+                    return result
+            return None
+        finally:
+            for task in tasks:
+                if not task.done():
+                    self._spawn(task)
+
+    async def _hint_on(self, stand_in: str, stored: StoredInstance, owner: str, timeout_ms: int,
+                       state: "_WriteState") -> tuple[str, str, str] | None:
+        try:
+            outcome = await self._put(stand_in, stored, owner, timeout_ms)
+        except PeerRefused as error:
+            state.errors.append(f"{stand_in} (hint for {owner}): {error}")
+            return None
+        except PeerError as error:
+            state.errors.append(f"{stand_in} (hint for {owner}): {error}")
+            state.silent_sites.add(self._site_of(stand_in))
+            return None
+        if outcome not in DURABLE_OUTCOMES:
+            state.errors.append(f"{stand_in} (hint for {owner}): {outcome}")
+            return None
+        self.stats.hints_written += 1
+        log.info("replication.hint.written sop_instance_uid=%s owner=%s holder=%s",
+                 stored.sop_instance_uid, owner, stand_in)
+        return owner, stand_in, outcome
 
     async def _keep_hint_here(self, owner: str, stored: StoredInstance) -> None:
         """No stand-in could take the copy meant for `owner`: this node keeps it as a hint
