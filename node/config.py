@@ -115,6 +115,7 @@ class NodeConfig:
     dead_grace_s: int = setting(600, "A member dead this long is removed from the ring (survivors re-replicate), within the rails; overrides the profile's.")
     anti_entropy_interval_ms: int = setting(60_000, "How often each owned range is compared with its other replicas (and at once after a ring change).")
     repair_bytes_per_second_max: int = setting(50_000_000, "Throttle for pulling missing instances (repair, rebalance); 0 = none.")
+    repair_fetch_window: int = setting(8, "Instances a repair or rebalance fetches from one source at once (one at a time is bound by the round trip).")
 
     # --- operations
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")
@@ -146,7 +147,7 @@ class NodeConfig:
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
-                     "hint_replay_interval_ms",
+                     "hint_replay_interval_ms", "repair_fetch_window",
                      "anti_entropy_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -144,7 +144,8 @@ class Node:
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication_factor, interval_ms=config.anti_entropy_interval_ms,
                            fetch_timeout_ms=config.fetch_timeout_ms,
-                           bytes_per_second_max=config.repair_bytes_per_second_max),
+                           bytes_per_second_max=config.repair_bytes_per_second_max,
+                           fetch_window=config.repair_fetch_window),
         )
         self.coordinator.pending = self.repairer.pending
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))

@@ -63,6 +63,7 @@ class RepairSettings:
     rpc_timeout_ms: int = 10_000
     fetch_timeout_ms: int = 60_000
     bytes_per_second_max: int = 50_000_000  # Pull throttle (0 = none).
+    fetch_window: int = 8  # Instances fetched from one source at once (one at a time was round-trip bound).
 
 
 @dataclass
@@ -281,11 +282,12 @@ class Repairer:
                             await self._run_blocking(lambda: list(self._store.entries(interval_low, interval_high)))}
                 missing = [e for e in their_entries if (e[1], e[2]) not in mine]
                 transfer.total_instances += len(missing)
-                for study_uid, sop_uid, _content in missing:
+
+                async def pull(study_uid: str, sop_uid: str) -> None:
                     stored = await self._transport.fetch(source, study_uid, sop_uid,
                                                          timeout_ms=self._settings.fetch_timeout_ms)
                     if stored is None:
-                        continue  # Gone meanwhile (dropped or never there); the next pass rechecks.
+                        return  # Gone meanwhile (dropped or never there); the next pass rechecks.
                     try:
                         await self._run_blocking(self._store.put_stored, stored)
                     except StoreError as error:
@@ -296,6 +298,9 @@ class Repairer:
                     self.stats.instances_pulled += 1
                     self.stats.bytes_pulled += len(stored.blob)
                     await self._throttle(len(stored.blob))
+
+                await _in_window([(study_uid, sop_uid) for study_uid, sop_uid, _content in missing], pull,
+                                 max(1, self._settings.fetch_window))
             if transfer.done_instances:
                 log.info("repair.range.pulled source=%s instances=%d bytes=%d", source, transfer.done_instances,
                          transfer.done_bytes)
@@ -408,3 +413,23 @@ class Repairer:
         if handed:
             self.stats.extra["instances_handed_over"] = self.stats.extra.get("instances_handed_over", 0) + handed
             log.info("repair.handover owner=%s instances=%d", owner, handed)
+
+
+async def _in_window(items: list[tuple[str, str]], work: Callable[[str, str], Awaitable[None]], window: int) -> None:
+    """`work(*item)` for every item, at most `window` at a time; the first error cancels
+    the rest and is raised."""
+    pending: set[asyncio.Future[None]] = set()
+    try:
+        for item in items:
+            if len(pending) >= window:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            pending.add(asyncio.ensure_future(work(*item)))
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+    finally:
+        for task in pending:
+            task.cancel()

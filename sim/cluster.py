@@ -86,6 +86,7 @@ class SimConfig:
     replica_start_timeout_ms: int = 2_000
     anti_entropy_interval_ms: int = 60_000
     repair_bytes_per_second_max: int = 50_000_000
+    repair_fetch_window: int = 8
     repair_rpc_timeout_ms: int = 10_000
     hint_replay_interval_ms: int = 1_000
     disk_write_ms: float = 1.0  # A synced put (the reply waits for it).
@@ -102,7 +103,8 @@ class SimConfig:
     def repair_settings(self) -> RepairSettings:
         return RepairSettings(replication_factor=self.replication_factor, interval_ms=self.anti_entropy_interval_ms,
                               rpc_timeout_ms=self.repair_rpc_timeout_ms, fetch_timeout_ms=self.fetch_timeout_ms,
-                              bytes_per_second_max=self.repair_bytes_per_second_max)
+                              bytes_per_second_max=self.repair_bytes_per_second_max,
+                              fetch_window=self.repair_fetch_window)
 
 
 # ===================================================================== membership view

@@ -83,6 +83,7 @@ hint_replay_interval_ms = 700
 anti_entropy_interval_ms = 5000
 dead_grace_s = 30
 repair_bytes_per_second_max = 0
+repair_fetch_window = 3
 log_level = "debug"
 """
 
@@ -117,7 +118,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
     assert config.dead_grace_s == 30
     assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
-    assert config.replica_start_timeout_ms == 900
+    assert config.replica_start_timeout_ms == 900 and config.repair_fetch_window == 3
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
