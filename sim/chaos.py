@@ -119,7 +119,6 @@ class ChaosCluster:
                     "--replication-factor", str(s.replication_factor), "--write-quorum", str(s.write_quorum),
                     "--profile", s.profile, "--dead-grace-s", str(s.dead_grace_s),
                     "--anti-entropy-interval-ms", str(s.anti_entropy_interval_ms),
-                    "--hint-replay-interval-ms", "300", "--replica-timeout-ms", "1500",
                     *routes,
                 ],
                 log_path=root / f"{node_id}.log",
