@@ -418,6 +418,31 @@ class AdminService(pb_grpc.AdminServicer):
         return reply
 
 
+    async def RingView(self, request: pb.RingViewRequest, context: grpc.aio.ServicerContext) -> pb.RingViewReply:
+        """The ring as this node sees it: every vnode, every range with its owners (and this
+        node where it is still pulling a range it owns)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "RingView")
+        node = self.node
+        ring = node.membership.ring()
+        n = ring.effective_replicas(node.config.replication_factor)
+        reply = pb.RingViewReply(envelope=self.server.envelope())
+        reply.settings.CopyFrom(pb.ReplicationSettings(
+            replication_factor=node.config.replication_factor, write_quorum=node.config.write_quorum,
+            read_quorum=1, vnodes=node.config.vnodes, effective_replication_factor=n,
+        ))
+        if not len(ring):
+            return reply
+        pending = node.repairer.pending()
+        for vnode in ring.ranges(1):
+            reply.tokens.append(pb.VnodeToken(token=vnode.token_range.end, node_id=vnode.owners[0]))
+        for owned in ring.ranges(n):
+            entry = pb.RangeOwners(range=pb.TokenRange(start=owned.token_range.start, end=owned.token_range.end))
+            entry.owner_ids.extend(owned.owners)
+            if owned.token_range.end in pending:
+                entry.pending_owner_ids.append(node.config.node_id)
+            reply.ranges.append(entry)
+        return reply
+
     async def Metrics(self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext) -> pb.MetricsReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Metrics")
         reply = pb.MetricsReply(envelope=self.server.envelope())

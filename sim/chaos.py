@@ -12,7 +12,8 @@ long detection and recovery took, and records every client operation and its out
 
 At the end it heals everything and checks, on the real processes:
 
-1. every node sees every other alive, no hints are held, nothing is under-replicated;
+1. every node sees every other alive, no hints are held, nothing is under-replicated,
+   and every node reports the same ring (Admin.RingView);
 2. every acknowledged instance is held by exactly its N owners (ListStudy on every node);
 3. every acknowledged instance is retrievable byte-identical by C-GET from every node;
 4. a C-FIND at every node lists every acknowledged study;
@@ -244,6 +245,16 @@ class ChaosCluster:
         except grpc.RpcError:
             return None
         return {record.sop_instance_uid for record in reply.records}
+
+    def ring_layout(self, node_id: str) -> list[tuple[int, int, tuple[str, ...]]] | None:
+        """Every range and its owners as `node_id` sees the ring (Admin.RingView)."""
+        envelope = pb.Envelope(cluster_id=CLUSTER_ID, protocol_version=PROTOCOL_VERSION, sender_id="chaos")
+        try:
+            with grpc.insecure_channel(self.nodes[node_id].peer_address) as channel:
+                reply = pb_grpc.AdminStub(channel).RingView(pb.RingViewRequest(envelope=envelope), timeout=10)
+        except grpc.RpcError:
+            return None
+        return [(r.range.start, r.range.end, tuple(r.owner_ids)) for r in reply.ranges]
 
     def owners(self, study_uid: str) -> set[str]:
         ring = Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
@@ -615,6 +626,12 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
             oplog.violation(f"not healthy {settings.settle_timeout_s:.0f} s after healing: {why}")
         for problem in placement_problems()[:10]:
             oplog.violation(f"not at N copies after {settings.settle_timeout_s:.0f} s: {problem}")
+
+    # One ring everywhere.
+    layouts = {node_id: cluster.ring_layout(node_id) for node_id in cluster.ids}
+    if len({repr(layout) for layout in layouts.values()}) != 1:
+        differing = sorted(n for n, layout in layouts.items() if layout != layouts[cluster.ids[0]])
+        oplog.violation(f"nodes disagree on the ring after healing: {differing} differ from {cluster.ids[0]}")
 
     # Every acknowledged instance, byte-identical, through every node.
     contexts = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for sents in studies.values() for s in sents})

@@ -140,6 +140,30 @@ def test_each_study_lands_on_exactly_its_preference_list(cluster: list[NodeProce
             assert clients.dataset_bytes(part10) == file_dataset_bytes(Path(entry["path"])), node.node_id
 
 
+def ring_view(peer_address: str) -> pb.RingViewReply:
+    envelope = pb.Envelope(cluster_id="pacsnode", protocol_version=PROTOCOL_VERSION, sender_id="test")
+    with grpc.insecure_channel(peer_address) as channel:
+        reply: pb.RingViewReply = pb_grpc.AdminStub(channel).RingView(pb.RingViewRequest(envelope=envelope), timeout=10)
+    return reply
+
+
+def test_ring_view_is_the_same_at_every_node_and_is_where_studies_live(
+        cluster: list[NodeProcess], stored: list[datagen.ManifestEntry]) -> None:
+    from pacsnode.ring.tokens import study_token
+
+    views = [ring_view(node.peer_address) for node in cluster]
+    layouts = [[(r.range.start, r.range.end, tuple(r.owner_ids)) for r in view.ranges] for view in views]
+    assert all(layout == layouts[0] for layout in layouts[1:]), "nodes disagree on the ring"
+    assert len(views[0].tokens) == len(NAMES) * 64 and views[0].settings.effective_replication_factor == 3
+    assert {t.node_id for t in views[0].tokens} == set(NAMES)
+    for study_uid in {entry["study_uid"] for entry in stored}:
+        token = study_token(study_uid)
+        owners = next(r.owner_ids for r in views[0].ranges
+                      if (r.range.start < token <= r.range.end) or
+                      (r.range.start >= r.range.end and (token > r.range.start or token <= r.range.end)))
+        assert set(owners) == expected_owners(NAMES, study_uid)
+
+
 def fetch_part10(peer_address: str, study_uid: str, sop_uid: str) -> bytes:
     """One replica's own copy of an instance, fetched over the peer protocol."""
     import zstandard
