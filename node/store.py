@@ -582,9 +582,9 @@ class RocksStore:
         study = self.study(study_instance_uid)
         if study is not None:
             attributes.update(study.attributes)
-        for series in self.series(study_instance_uid):
-            if series.series_instance_uid == record.series_instance_uid:
-                attributes.update(series.attributes)
+        series_raw = self._db.get(PREFIX_SERIES + prefix + SEP + record.series_instance_uid.encode("ascii"))
+        if series_raw is not None:  # One point lookup, not a scan of every series of the study.
+            attributes.update(SeriesRecord(**json.loads(series_raw)).attributes)
         attributes.update(record.attributes)
         return StoredInstance(record=record, attributes=attributes, blob=blob)
 
