@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
 
@@ -14,7 +15,7 @@ from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance
-from pacsnode.replication.transport import PeerError, PeerRefused
+from pacsnode.replication.transport import PeerError, PeerRefused, cancelled_by_caller
 from pacsnode.ring.placement import TokenRange
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ class GrpcTransport:
                                              timeout=timeout_ms / 1000)
         except grpc.aio.AioRpcError as error:
             raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
         if outcome is not None and reply.durable:
             return outcome

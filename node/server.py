@@ -30,6 +30,7 @@ from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
+from pacsnode.replication.transport import cancelled_by_caller
 from pacsnode.ring.members import MemberInfo
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class Node:
             "pacsnode.replication.hints_replayed_count": coordinator.hints_replayed,
             "pacsnode.replication.read_repairs_count": coordinator.read_repairs,
             "pacsnode.replication.query_replans_count": coordinator.query_replans,
+            **{f"pacsnode.replication.{name}_count": value for name, value in sorted(coordinator.extra.items())},
             "pacsnode.repair.passes_count": repair.passes,
             "pacsnode.repair.instances_pulled_count": repair.instances_pulled,
             "pacsnode.repair.pulled_bytes": repair.bytes_pulled,
@@ -280,12 +282,19 @@ class Node:
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())
 
     async def _replay_hints_forever(self) -> None:
+        # One pass sends at most 64 hints per owner, each within its replica deadline; a
+        # pass still running after this long is stuck and is abandoned for the next one.
+        pass_timeout_s = max(120.0, 10 * self.config.hint_replay_interval_ms / 1000)
         while True:
             await asyncio.sleep(self.config.hint_replay_interval_ms / 1000)
             try:
-                await self.coordinator.replay_hints()
+                await asyncio.wait_for(self.coordinator.replay_hints(), pass_timeout_s)
             except asyncio.CancelledError:
-                raise
+                if cancelled_by_caller():
+                    raise
+                log.error("replication.hint.replay_error error=CancelledError from inside the pass")
+            except asyncio.TimeoutError:
+                log.error("replication.hint.replay_stuck timeout_s=%.0f", pass_timeout_s)
             except Exception as error:  # Keep replaying; say what went wrong.
                 log.error("replication.hint.replay_error error=%r", error)
 

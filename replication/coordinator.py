@@ -576,6 +576,7 @@ class Coordinator:
     # ----------------------------------------------------------------- hints
     async def replay_hints(self) -> int:
         """One pass: send every hint whose owner answers again; returns how many were handed over."""
+        self.stats.extra["hint_replay_passes"] = self.stats.extra.get("hint_replay_passes", 0) + 1
         handed = 0
         owners = await self._run_blocking(self._local.hint_owners)
         ring = self._membership.ring()

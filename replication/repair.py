@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 from pacsnode.replication.digest import Digest, segment_bounds, segment_of
 from pacsnode.replication.model import StoredInstance, StoreError
 from pacsnode.replication.planning import RangeSet
-from pacsnode.replication.transport import PeerError
+from pacsnode.replication.transport import PeerError, cancelled_by_caller
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import Ring, TokenRange
 from pacsnode.ring.tokens import TOKEN_SPACE, study_token
@@ -156,7 +156,9 @@ class Repairer:
             try:
                 await self.run_pass()
             except asyncio.CancelledError:
-                raise
+                if cancelled_by_caller():
+                    raise
+                log.error("repair.pass.error error=CancelledError from inside the pass")
             except Exception as error:  # Never let repair die; say why and go on.
                 log.error("repair.pass.error error=%r", error)
             try:

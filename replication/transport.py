@@ -6,11 +6,22 @@ network and an in-memory store. Nothing in replication/ imports grpc or rocksdic
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance
 from pacsnode.ring.placement import TokenRange
+
+
+def cancelled_by_caller() -> bool:
+    """True while the current task is being cancelled (Task.cancel() was called on it).
+
+    A CancelledError can also escape from a library call that cancelled something of its
+    own (seen with grpc.aio under a partition): a background loop must not mistake that
+    for its own shutdown and end silently."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class PeerError(Exception):

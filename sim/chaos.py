@@ -42,6 +42,7 @@ from typing import Any, Callable
 import grpc
 
 from pacsnode.cli.status import STATE_NAMES, StatusError, ask
+from pacsnode.cli.status import metrics as status_metrics
 from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
@@ -255,6 +256,12 @@ class ChaosCluster:
         except grpc.RpcError:
             return None
         return [(r.range.start, r.range.end, tuple(r.owner_ids)) for r in reply.ranges]
+
+    def metrics(self, node_id: str) -> dict[str, float]:
+        try:
+            return status_metrics(self.nodes[node_id].peer_address, CLUSTER_ID, 5.0)
+        except grpc.RpcError as error:
+            return {"error": str(error.code()) if hasattr(error, "code") else repr(error)}  # type: ignore[dict-item]
 
     def owners(self, study_uid: str) -> set[str]:
         ring = Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
@@ -624,6 +631,7 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
         healthy, why = cluster.health()
         if not healthy:
             oplog.violation(f"not healthy {settings.settle_timeout_s:.0f} s after healing: {why}")
+            result["metrics_when_unhealthy"] = {n: cluster.metrics(n) for n in cluster.ids}
         for problem in placement_problems()[:10]:
             oplog.violation(f"not at N copies after {settings.settle_timeout_s:.0f} s: {problem}")
 
