@@ -114,6 +114,10 @@ class GrpcTransport:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         except ValueError as error:
             raise PeerError(f"{target}: bad reply: {error}") from None
         if record is None or not complete:
@@ -140,6 +144,10 @@ class GrpcTransport:
                     yield peer_wire.attributes_from_json(row.attributes_json)
         except grpc.aio.AioRpcError as error:
             raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         except ValueError as error:
             raise PeerError(f"{target}: bad row: {error}") from None
         finally:
@@ -153,6 +161,10 @@ class GrpcTransport:
             reply = await stub.RangeDigest(request, timeout=timeout_ms / 1000)
         except grpc.aio.AioRpcError as error:
             raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         return {int(b.bucket): Digest((int(b.digest.xor_high) << 64) | int(b.digest.xor_low), int(b.digest.entry_count))
                 for b in reply.buckets}
 
@@ -165,6 +177,10 @@ class GrpcTransport:
             reply = await stub.ListBucket(request, timeout=timeout_ms / 1000)
         except grpc.aio.AioRpcError as error:
             raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         return [(e.study_instance_uid, e.sop_instance_uid, e.content_hash) for e in reply.entries]
 
     def envelope(self) -> pb.Envelope:
@@ -179,3 +195,7 @@ class GrpcTransport:
             return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
         except grpc.aio.AioRpcError as error:
             raise PeerError(f"{address}: {describe_rpc_error(error)}") from None
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise PeerError(f"{address}: the call was cancelled underneath us") from None

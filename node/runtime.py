@@ -79,6 +79,10 @@ class ClusterArchive:
         except TimeoutError as error:
             log.error("archive.store.timeout sop_instance_uid=%s", instance.sop_instance_uid)
             return WriteResult(WriteStatus.QUORUM_FAILED, message=str(error))
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            # Never a false Success, and never an exception inside the DICOM handler.
+            log.error("archive.store.interrupted sop_instance_uid=%s", instance.sop_instance_uid)
+            return WriteResult(WriteStatus.QUORUM_FAILED, message="the write was interrupted; retry")
 
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
         rows: "queue.Queue[Any]" = queue.Queue(maxsize=10_000)

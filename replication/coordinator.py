@@ -194,6 +194,9 @@ class Coordinator:
                 break
             done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                if task.cancelled():  # A library call cancelled underneath: that copy failed.
+                    state.errors.append("a replica call was cancelled")
+                    continue
                 result = task.result()
                 if result is not None:
                     acked.append(result)

@@ -508,6 +508,7 @@ class FaultRecord:
     description: str
     started_s: float
     duration_s: float
+    label: str = ""                             # "#3 kill c2 for 5.0 s": what ops.jsonl files operations under.
     target: str = ""
     skipped: str = ""
     dead_everywhere_s: float | None = None      # After the fault began, every observer saw the target dead.
@@ -524,10 +525,11 @@ class FaultInjector:
         self.oplog = oplog
         self.settings = settings
 
-    def run(self, fault: Fault) -> FaultRecord:
+    def run(self, fault: Fault, number: int = 0) -> FaultRecord:
         c = self.cluster
         record = FaultRecord(kind=fault.kind, description=fault.describe(), started_s=self.oplog.now(),
-                             duration_s=fault.duration_s, target=fault.target)
+                             duration_s=fault.duration_s, target=fault.target,
+                             label=f"#{number} {fault.describe()}")
         if fault.kind == "wipe":
             healthy = wait_until(lambda: c.health()[0], self.settings.recover_max_s, 0.5)
             if not healthy:
@@ -535,7 +537,7 @@ class FaultInjector:
                 record.skipped = f"cluster not healthy: {c.health()[1]}"
                 return record
             record.started_s = self.oplog.now()
-        self.oplog.fault_now = record.description
+        self.oplog.fault_now = record.label
         observers = [n for n in c.ids if n != fault.target]
         if fault.kind in ("kill", "long-kill", "wipe"):
             c.kill(fault.target)
@@ -721,8 +723,8 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
     summary["get"]["stale"] = sum(1 for o in ops if o["op"] == "stale-get")
     by_fault: dict[str, dict[str, int]] = {}
     for fault in faults:
-        window = [o for o in ops if o["fault"] == fault.description and o["op"] in ("store", "find", "get")]
-        by_fault[fault.description] = {
+        window = [o for o in ops if o["fault"] == fault.label and o["op"] in ("store", "find", "get")]
+        by_fault[fault.label] = {
             "stores": sum(1 for o in window if o["op"] == "store"),
             "stores_ok": sum(1 for o in window if o["op"] == "store" and o["ok"]),
             "reads": sum(1 for o in window if o["op"] != "store"),
@@ -760,7 +762,7 @@ def run_chaos(settings: ChaosSettings) -> dict[str, Any]:
             if oplog.now() >= settings.duration_s:
                 break
             print(f"chaos: t={oplog.now():6.1f} s  {fault.describe()}", flush=True)
-            record = injector.run(fault)
+            record = injector.run(fault, len(faults) + 1)
             faults.append(record)
             print("chaos:            " + _fault_line(record), flush=True)
             time.sleep(1.0)
@@ -815,7 +817,7 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [f"chaos {result['scenario']} seed={result['seed']} nodes={result['nodes']}: "
              f"{'OK' if result['ok'] else 'FAILED'} ({result['wall_s']:.0f} s)", "", "faults:"]
     for fault in result["faults"]:
-        window = ops["by_fault"].get(fault["description"], {})
+        window = ops["by_fault"].get(fault["label"], {})
         lines.append(f"  t={fault['started_s']:6.1f}  {fault['description']:38}  "
                      f"{_fault_line(FaultRecord(**fault))};  stores {window.get('stores_ok', 0)}/"
                      f"{window.get('stores', 0)} ok, reads {window.get('reads_ok', 0)}/{window.get('reads', 0)} ok")
