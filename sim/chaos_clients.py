@@ -76,6 +76,20 @@ def _ae() -> AE:
     return ae
 
 
+def _associate(ae: AE, port: int, ae_title: str, *, ext_neg: list[Any] | None = None,
+               handlers: list[Any] | None = None) -> tuple[Any, str]:
+    """(association, "") or (None, why not). pynetdicom raises on some socket errors
+    instead of failing the association: both are an outcome here."""
+    try:
+        assoc = ae.associate(HOST, port, ae_title=ae_title, ext_neg=ext_neg,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
+    except Exception as error:
+        return None, f"associate: {error!r}"
+    if not assoc.is_established:
+        return None, "association not established"
+    return assoc, ""
+
+
 @dataclass
 class StoreOutcome:
     """Per file: the C-STORE status (0 = Success), or None when it was never answered."""
@@ -90,13 +104,8 @@ def store_files(port: int, files: list[tuple[str, str, str]], ae_title: str = "P
     ae = _ae()
     for sop_class, syntax in dict.fromkeys((c, s) for _, c, s in files):
         ae.add_requested_context(sop_class, [syntax])
-    try:
-        assoc = ae.associate(HOST, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-    except Exception as error:  # pynetdicom raises on some socket errors instead of failing the association.
-        outcome.error = f"associate: {error!r}"
-        return outcome
-    if not assoc.is_established:
-        outcome.error = "association not established"
+    assoc, outcome.error = _associate(ae, port, ae_title)
+    if assoc is None:
         return outcome
     try:
         for path, _, _ in files:
@@ -148,13 +157,8 @@ def find_studies(port: int, identifier: Dataset, ae_title: str = "PACSNODE") -> 
     outcome = FindOutcome()
     ae = _ae()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    try:
-        assoc = ae.associate(HOST, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-    except Exception as error:
-        outcome.error = f"associate: {error!r}"
-        return outcome
-    if not assoc.is_established:
-        outcome.error = "association not established"
+    assoc, outcome.error = _associate(ae, port, ae_title)
+    if assoc is None:
         return outcome
     try:
         for status, found in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
@@ -200,14 +204,8 @@ class Getter:
         for sop_class, syntax in list(dict.fromkeys(contexts))[:127]:
             ae.add_requested_context(sop_class, [syntax])
             roles.append(build_role(sop_class, scp_role=True))
-        self.error = ""
-        self._assoc: Any = None
-        try:
-            self._assoc = ae.associate(HOST, port, ae_title=ae_title, ext_neg=roles,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, _nodelay)])
-        except Exception as error:
-            self._assoc = None
-            self.error = f"associate: {error!r}"
+        self._assoc, self.error = _associate(ae, port, ae_title, ext_neg=roles,
+                                             handlers=[(evt.EVT_C_STORE, self._on_store)])
 
     def _on_store(self, event: Any) -> int:
         with self._lock:
