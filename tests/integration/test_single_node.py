@@ -322,24 +322,34 @@ def test_find_cancel_stops_the_stream(node: NodeProcess, workdir: Path) -> None:
     assert set(statuses.values()) == {0}
     study_uid = manifest[0]["study_uid"]
 
-    ae = clients.scu_ae()
-    ae.add_requested_context(Model)
-    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="PACSNODE")
-    assert assoc.is_established
-    pending = 0
-    final = None
-    try:
-        responses = assoc.send_c_find(identifier("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID=""), Model,
-                                      msg_id=7)
-        for status, _found in responses:
-            if status.Status == 0xFF00:
-                pending += 1
-                if pending == 1:
-                    assoc.send_c_cancel(7, query_model=Model)
-            else:
-                final = int(status.Status)
-    finally:
-        assoc.release()
+    def find_and_cancel() -> tuple[int | None, int]:
+        ae = clients.scu_ae()
+        ae.add_requested_context(Model)
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="PACSNODE")
+        assert assoc.is_established
+        pending = 0
+        final = None
+        try:
+            responses = assoc.send_c_find(identifier("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID=""), Model,
+                                          msg_id=7)
+            for status, _found in responses:
+                if status.Status == 0xFF00:
+                    pending += 1
+                    if pending == 1:
+                        assoc.send_c_cancel(7, query_model=Model)
+                else:
+                    final = int(status.Status)
+        finally:
+            assoc.release()
+        return final, pending
+
+    # On a loaded machine the node can send all 1000 small matches before the C-CANCEL
+    # sent after the first one reaches it (then it rightly ends with Success): try again.
+    for _attempt in range(3):
+        final, pending = find_and_cancel()
+        if final == 0xFE00:
+            break
+        assert final == 0x0000 and pending == len(manifest), (final, pending)
     assert final == 0xFE00, f"final status {final:#06x} after {pending} matches"
     assert pending < len(manifest)
     assert "dicom.find.cancelled" in node.log_text()
