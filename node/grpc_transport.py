@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -57,6 +58,20 @@ class Channels:
         self._channels.clear()
 
 
+@contextlib.contextmanager
+def _peer_errors(target: str) -> Iterator[None]:
+    """A failed gRPC call as PeerError; so is a CancelledError that is not the caller's
+    own cancellation (one can escape from inside grpc.aio; see cancelled_by_caller)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
+    except asyncio.CancelledError:
+        if cancelled_by_caller():
+            raise
+        raise PeerError(f"{target}: the call was cancelled underneath us") from None
+
+
 class GrpcTransport:
     def __init__(self, channels: Channels, resolve: Callable[[str], "MemberInfo | None"],
                  envelope: Callable[[], pb.Envelope]) -> None:
@@ -73,15 +88,9 @@ class GrpcTransport:
 
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
         stub = pb_grpc.DataStub(self._channel(target))
-        try:
+        with _peer_errors(target):
             reply = await stub.StoreInstance(peer_wire.store_chunks(self._envelope(), stored, hint_for),
                                              timeout=timeout_ms / 1000)
-        except grpc.aio.AioRpcError as error:
-            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
-                raise
-            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
         if outcome is not None and reply.durable:
             return outcome
@@ -98,28 +107,25 @@ class GrpcTransport:
         record = None
         attributes: Attributes = {}
         complete = False
-        try:
-            async for chunk in stub.FetchInstance(request, timeout=timeout_ms / 1000):
-                if started is not None:
-                    started()
-                    started = None
-                if chunk.HasField("record"):
-                    record = chunk.record
-                    attributes = peer_wire.attributes_from_json(chunk.index_attributes_json)
-                parts.append(chunk.data)
-                if chunk.last:
-                    complete = True
-                    break
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
+        with _peer_errors(target):
+            try:
+                async for chunk in stub.FetchInstance(request, timeout=timeout_ms / 1000):
+                    if started is not None:
+                        started()
+                        started = None
+                    if chunk.HasField("record"):
+                        record = chunk.record
+                        attributes = peer_wire.attributes_from_json(chunk.index_attributes_json)
+                    parts.append(chunk.data)
+                    if chunk.last:
+                        complete = True
+                        break
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
                 raise
-            raise PeerError(f"{target}: the call was cancelled underneath us") from None
-        except ValueError as error:
-            raise PeerError(f"{target}: bad reply: {error}") from None
+            except ValueError as error:
+                raise PeerError(f"{target}: bad reply: {error}") from None
         if record is None or not complete:
             raise PeerError(f"{target}: fetch of {sop_instance_uid} ended early")
         blob = b"".join(parts)
@@ -136,18 +142,13 @@ class GrpcTransport:
             request.token_ranges.extend(peer_wire.ranges_to_wire(ranges))
         call = stub.Query(request, timeout=timeout_ms / 1000)
         try:
-            async for row in call:
-                if started is not None:
-                    started()
-                    started = None
-                if row.attributes_json:
-                    yield peer_wire.attributes_from_json(row.attributes_json)
-        except grpc.aio.AioRpcError as error:
-            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
-                raise
-            raise PeerError(f"{target}: the call was cancelled underneath us") from None
+            with _peer_errors(target):
+                async for row in call:
+                    if started is not None:
+                        started()
+                        started = None
+                    if row.attributes_json:
+                        yield peer_wire.attributes_from_json(row.attributes_json)
         except ValueError as error:
             raise PeerError(f"{target}: bad row: {error}") from None
         finally:
@@ -157,14 +158,8 @@ class GrpcTransport:
         stub = pb_grpc.RepairStub(self._channel(target))
         request = pb.RangeDigestRequest(envelope=self._envelope(),
                                         range=pb.TokenRange(start=token_range.start, end=token_range.end))
-        try:
+        with _peer_errors(target):
             reply = await stub.RangeDigest(request, timeout=timeout_ms / 1000)
-        except grpc.aio.AioRpcError as error:
-            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
-                raise
-            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         return {int(b.bucket): Digest((int(b.digest.xor_high) << 64) | int(b.digest.xor_low), int(b.digest.entry_count))
                 for b in reply.buckets}
 
@@ -173,14 +168,8 @@ class GrpcTransport:
         stub = pb_grpc.RepairStub(self._channel(target))
         request = pb.ListBucketRequest(envelope=self._envelope(), bucket=segment,
                                        range=pb.TokenRange(start=token_range.start, end=token_range.end))
-        try:
+        with _peer_errors(target):
             reply = await stub.ListBucket(request, timeout=timeout_ms / 1000)
-        except grpc.aio.AioRpcError as error:
-            raise PeerError(f"{target}: {describe_rpc_error(error)}") from None
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
-                raise
-            raise PeerError(f"{target}: the call was cancelled underneath us") from None
         return [(e.study_instance_uid, e.sop_instance_uid, e.content_hash) for e in reply.entries]
 
     def envelope(self) -> pb.Envelope:
@@ -191,11 +180,5 @@ class GrpcTransport:
         stub = self._membership_stubs.get(address)
         if stub is None:
             stub = self._membership_stubs[address] = pb_grpc.MembershipStub(self._channels.get(address))
-        try:
+        with _peer_errors(address):
             return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
-        except grpc.aio.AioRpcError as error:
-            raise PeerError(f"{address}: {describe_rpc_error(error)}") from None
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
-                raise
-            raise PeerError(f"{address}: the call was cancelled underneath us") from None

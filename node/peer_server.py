@@ -325,8 +325,7 @@ class MembershipService(pb_grpc.MembershipServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a joining member must be alive, not {member.state}")
         reply = self.node.membership.receive(source, swim.JoinRequest(member))
         config = self.node.config
-        settings = pb.ReplicationSettings(replication_factor=config.replication_factor,
-                                          write_quorum=config.write_quorum, read_quorum=1, vnodes=config.vnodes)
+        settings = replication_settings(config)
         if not isinstance(reply, swim.JoinReply):
             return pb.JoinReply(envelope=self.server.envelope(), accepted=False,
                                 reason=f"{config.node_id} is not a member now", settings=settings)
@@ -411,10 +410,7 @@ class AdminService(pb_grpc.AdminServicer):
                 range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),
                 source_id=transfer.source, done_bytes=transfer.done_bytes, total_bytes=max(transfer.total_bytes,
                                                                                           transfer.done_bytes)))
-        reply.settings.CopyFrom(pb.ReplicationSettings(
-            replication_factor=node.config.replication_factor, write_quorum=node.config.write_quorum,
-            read_quorum=1, vnodes=node.config.vnodes, effective_replication_factor=n,
-        ))
+        reply.settings.CopyFrom(replication_settings(node.config, effective_n=n))
         return reply
 
 
@@ -426,10 +422,7 @@ class AdminService(pb_grpc.AdminServicer):
         ring = node.membership.ring()
         n = ring.effective_replicas(node.config.replication_factor)
         reply = pb.RingViewReply(envelope=self.server.envelope())
-        reply.settings.CopyFrom(pb.ReplicationSettings(
-            replication_factor=node.config.replication_factor, write_quorum=node.config.write_quorum,
-            read_quorum=1, vnodes=node.config.vnodes, effective_replication_factor=n,
-        ))
+        reply.settings.CopyFrom(replication_settings(node.config, effective_n=n))
         if not len(ring):
             return reply
         pending = node.repairer.pending()
@@ -450,6 +443,12 @@ class AdminService(pb_grpc.AdminServicer):
             if name.startswith(request.name_prefix):
                 reply.values[name] = float(value)
         return reply
+
+
+def replication_settings(config: Any, *, effective_n: int = 0) -> pb.ReplicationSettings:
+    """The node's replication settings as Join, Status and RingView report them (reads: R=1)."""
+    return pb.ReplicationSettings(replication_factor=config.replication_factor, write_quorum=config.write_quorum,
+                                  read_quorum=1, vnodes=config.vnodes, effective_replication_factor=effective_n)
 
 
 def describe_rpc_error(error: Any) -> str:

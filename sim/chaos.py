@@ -27,6 +27,7 @@ same seed gives the same faults in the same order, not the same interleaving.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -82,6 +83,21 @@ class ChaosSettings:
     settle_timeout_s: float = 180.0     # Wait at most this long for convergence at the end.
     work_dir: Path | None = None        # Default: a temporary directory, removed unless --keep or a failure.
     keep: bool = False
+
+    def check(self) -> None:
+        """Raise ValueError, before anything is started, for settings a run cannot have."""
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown chaos scenario {self.scenario!r}; one of {', '.join(SCENARIOS)}")
+        if self.nodes < 2:
+            raise ValueError(f"chaos needs at least 2 nodes, got {self.nodes}")
+        if not 1 <= self.sites <= self.nodes:
+            raise ValueError(f"sites must be 1..nodes ({self.nodes}), got {self.sites}")
+        if not 1 <= self.write_quorum <= self.replication_factor:
+            raise ValueError(f"need 1 <= write quorum <= replicas, got W={self.write_quorum} N={self.replication_factor}")
+        if not self.duration_s > 0 or self.dead_grace_s < 0 or self.store_threads < 0 or self.storescu_every_s < 0 \
+                or not self.settle_timeout_s > 0:
+            raise ValueError("duration and settle timeout must be > 0; dead grace, store threads and "
+                             "storescu interval must be >= 0")
 
     def replay(self) -> str:
         return (f"pacsnode sim chaos --nodes {self.nodes} --duration {self.duration_s:g} --seed {self.seed} "
@@ -236,26 +252,32 @@ class ChaosCluster:
                                f"{local.under_replicated_study_count} under-replicated studies")
         return True, "healthy"
 
-    def local_sop_uids(self, node_id: str, study_uid: str) -> set[str] | None:
-        """The instances of a study a node holds itself (not as hints), via the peer protocol."""
+    def _ask(self, node_id: str, call: Callable[[grpc.Channel, pb.Envelope], Any]) -> Any:
+        """`call(channel, envelope)` on one channel to the node's peer port; None if it fails."""
         envelope = pb.Envelope(cluster_id=CLUSTER_ID, protocol_version=PROTOCOL_VERSION, sender_id="chaos")
         try:
             with grpc.insecure_channel(self.nodes[node_id].peer_address) as channel:
-                reply = pb_grpc.DataStub(channel).ListStudy(
-                    pb.ListStudyRequest(envelope=envelope, study_instance_uid=study_uid), timeout=10)
+                return call(channel, envelope)
         except grpc.RpcError:
             return None
-        return {record.sop_instance_uid for record in reply.records}
+
+    def held(self, node_id: str, study_uids: list[str]) -> dict[str, set[str]] | None:
+        """Per study, the instances the node holds itself (not as hints): ListStudy, one channel."""
+        def call(channel: grpc.Channel, envelope: pb.Envelope) -> dict[str, set[str]]:
+            stub = pb_grpc.DataStub(channel)
+            return {uid: {r.sop_instance_uid for r in stub.ListStudy(
+                        pb.ListStudyRequest(envelope=envelope, study_instance_uid=uid), timeout=10).records}
+                    for uid in study_uids}
+        result: dict[str, set[str]] | None = self._ask(node_id, call)
+        return result
 
     def ring_layout(self, node_id: str) -> list[tuple[int, int, tuple[str, ...]]] | None:
         """Every range and its owners as `node_id` sees the ring (Admin.RingView)."""
-        envelope = pb.Envelope(cluster_id=CLUSTER_ID, protocol_version=PROTOCOL_VERSION, sender_id="chaos")
-        try:
-            with grpc.insecure_channel(self.nodes[node_id].peer_address) as channel:
-                reply = pb_grpc.AdminStub(channel).RingView(pb.RingViewRequest(envelope=envelope), timeout=10)
-        except grpc.RpcError:
-            return None
-        return [(r.range.start, r.range.end, tuple(r.owner_ids)) for r in reply.ranges]
+        def call(channel: grpc.Channel, envelope: pb.Envelope) -> list[tuple[int, int, tuple[str, ...]]]:
+            reply = pb_grpc.AdminStub(channel).RingView(pb.RingViewRequest(envelope=envelope), timeout=10)
+            return [(r.range.start, r.range.end, tuple(r.owner_ids)) for r in reply.ranges]
+        result: list[tuple[int, int, tuple[str, ...]]] | None = self._ask(node_id, call)
+        return result
 
     def metrics(self, node_id: str) -> dict[str, float]:
         try:
@@ -263,9 +285,13 @@ class ChaosCluster:
         except grpc.RpcError as error:
             return {"error": str(error.code()) if hasattr(error, "code") else repr(error)}  # type: ignore[dict-item]
 
+    @functools.cached_property
+    def ring(self) -> Ring:
+        """The ring every node should hold once all are members (the expected placement)."""
+        return Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
+
     def owners(self, study_uid: str) -> set[str]:
-        ring = Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
-        return set(ring.owners_of_study(study_uid, min(self.settings.replication_factor, len(self.ids))))
+        return set(self.ring.owners_of_study(study_uid, min(self.settings.replication_factor, len(self.ids))))
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,18 +637,21 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
 
     def placement_problems() -> list[str]:
         problems = []
+        held = {node_id: cluster.held(node_id, sorted(studies)) for node_id in cluster.ids}
+        for node_id, holdings in held.items():
+            if holdings is None:
+                problems.append(f"{node_id} did not answer ListStudy")
         for study_uid, sents in studies.items():
             acked = {s.sop_uid for s in sents}
             owners = cluster.owners(study_uid)
-            for node_id in cluster.ids:
-                held = cluster.local_sop_uids(node_id, study_uid)
-                if held is None:
-                    problems.append(f"{node_id} did not answer ListStudy")
+            for node_id, holdings in held.items():
+                if holdings is None:
                     continue
-                if node_id in owners and not acked <= held:
-                    problems.append(f"study {study_uid}: owner {node_id} lacks {len(acked - held)} of {len(acked)}")
-                if node_id not in owners and acked & held:
-                    problems.append(f"study {study_uid}: {node_id} still holds {len(acked & held)} (not an owner)")
+                mine = holdings[study_uid]
+                if node_id in owners and not acked <= mine:
+                    problems.append(f"study {study_uid}: owner {node_id} lacks {len(acked - mine)} of {len(acked)}")
+                if node_id not in owners and acked & mine:
+                    problems.append(f"study {study_uid}: {node_id} still holds {len(acked & mine)} (not an owner)")
             if len(problems) > 20:
                 break
         return problems
@@ -735,8 +764,7 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
 
 
 def run_chaos(settings: ChaosSettings) -> dict[str, Any]:
-    if settings.scenario not in SCENARIOS:
-        raise ValueError(f"unknown chaos scenario {settings.scenario!r}; one of {', '.join(SCENARIOS)}")
+    settings.check()
     owned_dir = settings.work_dir is None
     root = Path(tempfile.mkdtemp(prefix="pacsnode-chaos-")) if owned_dir else Path(settings.work_dir)  # type: ignore[arg-type]
     root.mkdir(parents=True, exist_ok=True)

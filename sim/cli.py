@@ -158,6 +158,11 @@ def _chaos(args: argparse.Namespace) -> int:
                              dead_grace_s=args.dead_grace, store_threads=args.store_threads,
                              storescu_every_s=args.storescu_every, settle_timeout_s=args.settle_timeout,
                              work_dir=args.work_dir, keep=args.keep)
+    try:
+        settings.check()
+    except ValueError as error:
+        print(f"pacsnode sim chaos: {error}", file=sys.stderr)
+        return 2
     result = run_chaos(settings)
     print(format_result(result))
     if args.json is not None:

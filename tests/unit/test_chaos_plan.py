@@ -48,3 +48,13 @@ def test_scenarios_restrict_the_kinds_and_small_clusters_skip_long_kills() -> No
         plan_faults(1, NODES, 60, scenario="meteor")
     with pytest.raises(ValueError, match="at least 2 nodes"):
         plan_faults(1, ["a"], 60)
+
+
+def test_chaos_settings_a_run_cannot_have_are_refused_before_anything_starts() -> None:
+    from pacsnode.sim.chaos import ChaosSettings
+
+    ChaosSettings().check()
+    for bad in (dict(nodes=1), dict(sites=6), dict(write_quorum=4), dict(duration_s=0), dict(scenario="meteor"),
+                dict(store_threads=-1)):
+        with pytest.raises(ValueError):
+            ChaosSettings(**bad).check()  # type: ignore[arg-type]
