@@ -16,7 +16,7 @@ from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance
-from pacsnode.replication.transport import PeerError, PeerRefused, cancelled_by_caller
+from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason, cancelled_by_caller
 from pacsnode.ring.placement import TokenRange
 
 if TYPE_CHECKING:
@@ -58,6 +58,14 @@ class Channels:
         self._channels.clear()
 
 
+# A store reply that is not a durable copy, as the reason the coordinator acts on.
+_REFUSALS = {
+    pb.STORE_OUTCOME_REFUSED_FULL: RefusalReason.FULL,
+    pb.STORE_OUTCOME_REFUSED_INVALID: RefusalReason.INVALID,
+    pb.STORE_OUTCOME_ERROR: RefusalReason.ERROR,
+}
+
+
 @contextlib.contextmanager
 def _peer_errors(target: str) -> Iterator[None]:
     """A failed gRPC call as PeerError; so is a CancelledError that is not the caller's
@@ -94,9 +102,8 @@ class GrpcTransport:
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
         if outcome is not None and reply.durable:
             return outcome
-        if reply.outcome == pb.STORE_OUTCOME_REFUSED_FULL:
-            raise PeerRefused(f"{target}: full: {reply.message}")
-        raise PeerRefused(f"{target}: {pb.StoreOutcome.Name(reply.outcome)}: {reply.message}")
+        reason = _REFUSALS.get(reply.outcome, RefusalReason.OTHER)
+        raise PeerRefused(f"{target}: {reason.value}: {reply.message[:200]}", reason)
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:

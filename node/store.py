@@ -440,11 +440,17 @@ class RocksStore:
     def _write(self, batch: WriteBatch) -> None:
         try:
             self._db.write(batch, self._sync)
-        except Exception as error:  # rocksdict raises plain Exception subclasses
-            text = str(error)
-            if "No space" in text or "ENOSPC" in text or "space" in text.lower():
-                raise StoreFull(f"disk full: {text}") from error
-            raise StoreError(f"write failed: {text}") from error
+        except Exception as error:  # rocksdict raises plain Exception subclasses, no errno
+            # Decide by the disk, not by the error's text: a failed write on a disk that
+            # has less free space than the reserve is a full disk (0xA700, retry later).
+            try:
+                free = shutil.disk_usage(self._path).free
+            except OSError:
+                free = -1
+            self._free_bytes = free if free >= 0 else self._free_bytes
+            if 0 <= free < max(self._disk_free_bytes_min, 64 * 1024**2):
+                raise StoreFull(f"disk full: {free} bytes free") from error
+            raise StoreError(f"write failed: {type(error).__name__}") from error
 
     def _ensure_open(self) -> None:
         if self._closed:

@@ -7,6 +7,7 @@ Calls block (the front end calls them from pynetdicom's association threads).
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ class LocalReplica(IndexReader, Protocol):
     def instance_record(self, study_instance_uid: str, sop_instance_uid: str) -> InstanceRecord | None: ...
 
 
-class WriteStatus:
+class WriteStatus(enum.StrEnum):
+    """How a store through the Archive API ended; the front end maps it to a DICOM status."""
+
     SUCCESS = "success"  # Durable on the required number of replicas.
     OUT_OF_RESOURCES = "out-of-resources"  # Disk full, too large, back-pressure: 0xA700.
     QUORUM_FAILED = "quorum-failed"  # Fewer than W replicas answered: 0xA701.
@@ -44,7 +47,7 @@ class WriteStatus:
 
 @dataclass(frozen=True)
 class WriteResult:
-    status: str
+    status: WriteStatus
     outcome: str = ""  # StoreOutcome when successful.
     message: str = ""  # For the ErrorComment; never patient data.
     latency_ms: int = 0

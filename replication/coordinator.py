@@ -31,7 +31,7 @@ from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
 from pacsnode.replication.planning import RangeSet, coverage_plan, read_order
 from pacsnode.replication.query import aggregate_patients, unique_key
-from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, Transport
+from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import TokenRange
 from pacsnode.ring.tokens import study_token
@@ -132,7 +132,7 @@ class Coordinator:
             try:
                 return str(await self._run_blocking(self._local.put_stored, stored, hint_for=hint_for))
             except StoreFull as error:
-                raise PeerRefused(f"local store full: {error}") from error
+                raise PeerRefused(f"local store full: {error}", RefusalReason.FULL) from error
             except StoreError as error:
                 raise PeerError(f"local store failed: {error}") from error
         return await self._transport.store(node_id, stored, hint_for=hint_for, timeout_ms=timeout_ms)
@@ -230,7 +230,7 @@ class Coordinator:
                     return owner, owner, outcome
                 state.errors.append(f"{owner}: {outcome}")
             except PeerRefused as error:
-                state.full = state.full or "full" in str(error).lower()
+                state.full = state.full or error.reason is RefusalReason.FULL
                 state.errors.append(f"{owner}: {error}")
             except PeerError as error:
                 state.errors.append(f"{owner}: {error}")

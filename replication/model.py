@@ -8,6 +8,8 @@ Character Set applied): a `str`, or a `list[str]` for multi-valued elements.
 
 from __future__ import annotations
 
+import enum
+
 import hashlib
 from dataclasses import dataclass, field
 from typing import Union
@@ -159,7 +161,7 @@ class StudyRecord:
     updated_at_ms: int = 0
 
 
-class StoreOutcome:
+class StoreOutcome(enum.StrEnum):
     """How a local durable write ended (the front end maps it to a DICOM status)."""
 
     STORED = "stored"  # New instance, synced.

@@ -7,6 +7,7 @@ network and an in-memory store. Nothing in replication/ imports grpc or rocksdic
 from __future__ import annotations
 
 import asyncio
+import enum
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from pacsnode.replication.matching import Query
@@ -28,8 +29,22 @@ class PeerError(Exception):
     """A peer did not answer in time, refused, or broke off. An operating error."""
 
 
+class RefusalReason(enum.Enum):
+    """Why a peer that answered would not do what was asked."""
+
+    FULL = "full"  # Disk full, over the size limit, back-pressure: 0xA700 to the client.
+    INVALID = "invalid"  # The request is wrong; the same bytes will not do better.
+    ERROR = "error"  # Failed for another reason (I/O error, shutting down); a retry may work.
+    NOT_OWNER = "not-owner"  # The receiver does not own the study under its (newer) ring: re-plan.
+    OTHER = "other"
+
+
 class PeerRefused(PeerError):
-    """The peer answered but would not do it (disk full, invalid, other cluster)."""
+    """The peer answered but would not do it; `reason` says why (never read the text)."""
+
+    def __init__(self, message: str, reason: RefusalReason = RefusalReason.OTHER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Transport(Protocol):

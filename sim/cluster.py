@@ -51,7 +51,7 @@ from pacsnode.node.codec import decompress
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
-from pacsnode.replication.transport import PeerError, PeerRefused
+from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason
 from pacsnode.replication.digest import segment_bounds
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Ring
@@ -475,7 +475,7 @@ class _Process:
             try:  # Never acknowledge a copy that would not read back.
                 decompress(stored.blob, stored.sop_instance_uid)
             except CorruptBlob:
-                raise PeerRefused(f"{self.node_id}: STORE_OUTCOME_REFUSED_INVALID: payload failed its checksum")
+                raise PeerRefused(f"{self.node_id}: invalid: payload failed its checksum", RefusalReason.INVALID)
             disk_s = self.node.disk_write_ms / 1000
             if disk_s > 0:
                 await asyncio.sleep(disk_s)
@@ -483,9 +483,9 @@ class _Process:
             try:
                 outcome = store.put_stored(stored, hint_for=hint_for)
             except StoreFull as error:
-                raise PeerRefused(f"{self.node_id}: full: {error}") from None
+                raise PeerRefused(f"{self.node_id}: full: {error}", RefusalReason.FULL) from None
             except StoreError as error:
-                raise PeerRefused(f"{self.node_id}: STORE_OUTCOME_ERROR: {error}") from None
+                raise PeerRefused(f"{self.node_id}: error: {error}", RefusalReason.ERROR) from None
             return outcome, 96
         if method == "fetch":
             study_uid, sop_uid, include_hints = args
