@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
 from pacsnode.node import codec, raw_send
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
-from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
+from pacsnode.replication.archive import Archive, IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, WriteStatus
 from pacsnode.replication.matching import Condition, Query, QueryError
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.query import level_of
@@ -53,6 +53,13 @@ STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_RETRIEVE_OUT_OF_RESOURCES = 0xA702  # C-GET/C-MOVE: unable to perform sub-operations.
+STATUS_SUBOPERATIONS_WARNING = 0xB000  # C-GET/C-MOVE: sub-operations complete, one or more failed.
+STATUS_FIND_INCOMPLETE = 0xC001  # Project sub-code: part of the archive could not be asked.
+# An internal error (a bug, an unexpected failure) is answered with the code pynetdicom
+# uses for an exception in a handler, with a short ErrorComment, never as bad input.
+STATUS_FIND_INTERNAL_ERROR = 0xC311
+STATUS_GET_INTERNAL_ERROR = 0xC411
+STATUS_MOVE_INTERNAL_ERROR = 0xC511
 
 # Acceptor preference (pynetdicom picks the first of ours the requestor proposed): every
 # encapsulated syntax pydicom knows first (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG,
@@ -259,14 +266,30 @@ class DicomFrontEnd:
         requested = [element.keyword for element in identifier if element.keyword]
         matches = 0
         cancelled = CancelFlag(event)
-        for row in self._archive.find(query, cancelled):
-            if cancelled():
-                break
-            yield STATUS_PENDING, self._response(query, requested, row)
-            matches += 1
-            if self._config.find_result_max and matches >= self._config.find_result_max:
-                log.warning("dicom.find.capped matches=%d", matches)
-                break
+        rows = self._archive.find(query, cancelled)
+        try:
+            for row in rows:
+                if cancelled():
+                    break
+                yield STATUS_PENDING, self._response(query, requested, row)
+                matches += 1
+                if self._config.find_result_max and matches >= self._config.find_result_max:
+                    log.warning("dicom.find.capped matches=%d", matches)
+                    break
+        except IncompleteAnswer as error:
+            # Never a partial Success: the rows sent are true, the answer is not whole.
+            log.warning("dicom.find.incomplete level=%s matches=%d unreachable_studies=%d unreachable_ranges=%d",
+                        query.level, matches, error.shortfall.studies, error.shortfall.ranges)
+            yield _status(STATUS_FIND_INCOMPLETE, error.shortfall.describe()), None
+            return
+        except Exception as error:  # A bug or an unexpected failure: say so, not "bad identifier".
+            log.error("dicom.find.failed level=%s matches=%d error=%s", query.level, matches, type(error).__name__)
+            yield _status(STATUS_FIND_INTERNAL_ERROR, "internal error; see the node log"), None
+            return
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
         if cancelled():
             log.info("dicom.find.cancelled level=%s matches=%d", query.level, matches)
             yield STATUS_CANCEL, None
@@ -325,7 +348,6 @@ class DicomFrontEnd:
         self._count("c_get")
         try:
             query = self._retrieve_query(event, GET_MODELS)
-            locations = self._archive.locate(query)
         except QueryError as error:
             log.warning("dicom.get.rejected reason=%s", error)
             yield 1
@@ -336,8 +358,17 @@ class DicomFrontEnd:
             yield 1
             yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
-        log.info("dicom.get.start level=%s instances=%d", query.level, len(locations))
-        yield len(locations)
+        try:
+            plan = self._archive.locate(query)
+        except Exception as error:  # A bug or an unexpected failure, not the caller's identifier.
+            log.error("dicom.get.failed level=%s error=%s", query.level, type(error).__name__)
+            yield 1
+            yield _status(STATUS_GET_INTERNAL_ERROR, "internal error; see the node log"), None
+            return
+        locations = plan.locations
+        log.info("dicom.get.start level=%s instances=%d unreachable=%d", query.level, len(locations),
+                 plan.unreachable)
+        yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
         for location in locations:
             if cancelled():
@@ -345,6 +376,8 @@ class DicomFrontEnd:
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, self._stored(location)
+        if plan.unreachable:
+            yield self._incomplete_retrieve(plan), None
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         self._count("c_move")
@@ -355,7 +388,6 @@ class DicomFrontEnd:
             return
         try:
             query = self._retrieve_query(event, MOVE_MODELS)
-            locations = self._archive.locate(query)
         except QueryError as error:
             log.warning("dicom.move.rejected reason=%s", error)
             yield destination.host, destination.port
@@ -368,11 +400,21 @@ class DicomFrontEnd:
             yield 1
             yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
+        try:
+            plan = self._archive.locate(query)
+        except Exception as error:  # A bug or an unexpected failure, not the caller's identifier.
+            log.error("dicom.move.failed level=%s error=%s", query.level, type(error).__name__)
+            yield destination.host, destination.port
+            yield 1
+            yield _status(STATUS_MOVE_INTERNAL_ERROR, "internal error; see the node log"), None
+            return
+        locations = plan.locations
         contexts = _contexts_for(locations)
         log.info(
-            "dicom.move.start level=%s instances=%d move_destination=%s",
+            "dicom.move.start level=%s instances=%d unreachable=%d move_destination=%s",
             query.level,
             len(locations),
+            plan.unreachable,
             destination.ae_title,
         )
         yield destination.host, destination.port, {
@@ -380,7 +422,7 @@ class DicomFrontEnd:
             "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
             "max_pdu": self._config.max_pdu_bytes,
         }
-        yield len(locations)
+        yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
         for location in locations:
             if cancelled():
@@ -388,6 +430,18 @@ class DicomFrontEnd:
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, self._stored(location)
+        if plan.unreachable:
+            yield self._incomplete_retrieve(plan), None
+
+    def _incomplete_retrieve(self, plan: RetrievePlan) -> Dataset:
+        """The final status of a C-GET/C-MOVE that could not ask part of the archive: each
+        unreachable study or range is one failed sub-operation (pynetdicom adds them, as
+        the remaining ones, to NumberOfFailedSuboperations). Warning 0xB000 when instances
+        were found, 0xA702 when nothing could be; never Success (PS3.4 C.4.2.1.3, C.4.3.1.3)."""
+        log.warning("dicom.retrieve.incomplete instances=%d unreachable_studies=%d unreachable_ranges=%d",
+                    len(plan.locations), plan.shortfall.studies, plan.shortfall.ranges)
+        code = STATUS_SUBOPERATIONS_WARNING if plan.locations else STATUS_RETRIEVE_OUT_OF_RESOURCES
+        return _status(code, plan.shortfall.describe())
 
 
 class CancelFlag:

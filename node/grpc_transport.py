@@ -142,9 +142,11 @@ class GrpcTransport:
         return StoredInstance(record=peer_wire.record_from_wire(record, attributes), attributes=attributes, blob=blob)
 
     async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
-                    timeout_ms: int, started: Callable[[], None] | None = None) -> AsyncIterator[Attributes]:
+                    timeout_ms: int, started: Callable[[], None] | None = None,
+                    include_hints: bool = False) -> AsyncIterator[Attributes]:
         stub = pb_grpc.DataStub(self._channel(target))
-        request = pb.QueryRequest(envelope=self._envelope(), query_json=json.dumps(query.to_json()).encode())
+        request = pb.QueryRequest(envelope=self._envelope(), query_json=json.dumps(query.to_json()).encode(),
+                                  include_hints=include_hints)
         if ranges is not None:
             request.token_ranges.extend(peer_wire.ranges_to_wire(ranges))
         call = stub.Query(request, timeout=timeout_ms / 1000)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from pacsnode.node.codec import decompress
 from pacsnode.node.ingest import header_attributes
 from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
+from pacsnode.replication.hint_index import HintIndex
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance
 from pacsnode.replication.planning import RangeSet
@@ -36,11 +37,24 @@ class StoreReplica:
         return StoredInstance(record=InstanceRecord(**header["record"]), attributes=header["attributes"], blob=blob)
 
     def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
-        study_filter = None
-        if ranges is not None:
-            range_set = RangeSet(ranges)
-            study_filter = lambda uid: study_token(uid) in range_set  # noqa: E731
-        return LocalQuery(self.store, query, self.header_reader, study_filter=study_filter).rows()
+        return LocalQuery(self.store, query, self.header_reader, study_filter=_in_ranges(ranges)).rows()
+
+    def query_hint_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
+        """Rows from the instances held here as hints (for owners that could not take them)."""
+        held = HintIndex(self.store.hint_records())
+        if not len(held):
+            return iter(())
+        return LocalQuery(held, query, self._hint_header_reader, study_filter=_in_ranges(ranges)).rows()
+
+    def _hint_header_reader(self, study_uid: str, sop_uid: str, keywords: tuple[str, ...]) -> Attributes:
+        for owner in self.store.hint_owners():
+            stored = self.read_hint(owner, study_uid, sop_uid)
+            if stored is not None:
+                try:
+                    return header_attributes(decompress(stored.blob, sop_uid), keywords)
+                except StoreError:
+                    return {}
+        return {}
 
     def header_reader(self, study_uid: str, sop_uid: str, keywords: tuple[str, ...]) -> Attributes:
         try:
@@ -56,6 +70,14 @@ class StoreReplica:
 
     def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None:
         self.store.delete_hint(owner, study_instance_uid, sop_instance_uid)
+
+
+def _in_ranges(ranges: Sequence[TokenRange] | None) -> Callable[[str], bool] | None:
+    """A study filter: its token is in `ranges` (None: every study)."""
+    if ranges is None:
+        return None
+    range_set = RangeSet(ranges)
+    return lambda uid: study_token(uid) in range_set
 
 
 def decode(stored: StoredInstance) -> bytes:

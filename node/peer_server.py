@@ -208,7 +208,10 @@ class DataService(pb_grpc.DataServicer):
         # The envelope row at once: the caller knows this replica is answering (and gives a
         # silent one up after replica_start_timeout_ms), however long the query takes.
         yield pb.QueryRow(envelope=self.server.envelope())
-        rows = await asyncio.to_thread(lambda: list(self.node.replica.query_rows(query, ranges)))
+        replica = self.node.replica
+        rows = await asyncio.to_thread(lambda: list(replica.query_rows(query, ranges)))
+        if request.include_hints:  # Asked as a hint holder: copies kept for owners that are down.
+            rows += await asyncio.to_thread(lambda: list(replica.query_hint_rows(query, ranges)))
         for row in rows:  # A cancelled call raises CancelledError at the next yield.
             yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
 

@@ -17,7 +17,7 @@ import threading
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from pacsnode.node.codec import to_stored
-from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.archive import InstanceLocation, ReadError, RetrievePlan, WriteResult, WriteStatus
 from pacsnode.replication.coordinator import Coordinator
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, Instance
@@ -123,7 +123,7 @@ class ClusterArchive:
         finally:
             future.cancel()
 
-    def locate(self, query: Query) -> list[InstanceLocation]:
+    def locate(self, query: Query) -> RetrievePlan:
         return self._loop.run(self._coordinator.locate(query), 600)
 
     def read(self, location: InstanceLocation) -> tuple[bytes, int]:

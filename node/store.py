@@ -545,6 +545,14 @@ class RocksStore:
             owners[owner] = (count + 1, size + len(value))
         return owners
 
+    def hint_records(self) -> Iterator[tuple[InstanceRecord, dict[str, Any]]]:
+        """(record, indexed attributes) of every hint held, for queries (no blob decoded)."""
+        if self._counters["hints"] <= 0:
+            return
+        for _key, value in self._scan(PREFIX_HINT):
+            header, _blob = _split_hint(value)
+            yield InstanceRecord(**header["record"]), header["attributes"]
+
     def hints(self, owner: str) -> Iterator[StoredInstance]:
         """The hints held for `owner`, oldest token range first."""
         for _key, value in self._scan(PREFIX_HINT + owner.encode() + SEP):

@@ -68,6 +68,52 @@ class ReadError(Exception):
     """An instance could not be read (missing, or its blob is corrupt)."""
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """What a cluster read could not ask: token ranges (a scatter) or studies (a request
+    that names them) none of whose owners answered. Empty on a complete answer."""
+
+    ranges: int = 0
+    studies: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges or self.studies)
+
+    def __add__(self, other: "Shortfall") -> "Shortfall":
+        return Shortfall(ranges=self.ranges + other.ranges, studies=self.studies + other.studies)
+
+    def describe(self) -> str:
+        """For an ErrorComment (at most 64 characters) and the log; never patient data."""
+        parts = []
+        if self.studies:
+            parts.append(f"{self.studies} stud{'y' if self.studies == 1 else 'ies'}")
+        if self.ranges:
+            parts.append(f"{self.ranges} range{'' if self.ranges == 1 else 's'}")
+        return f"incomplete: {' and '.join(parts)} unreachable"
+
+
+class IncompleteAnswer(Exception):
+    """Raised by a find after its last row when part of the archive could not be asked:
+    the rows already delivered are true, but the answer must not end as Success."""
+
+    def __init__(self, shortfall: Shortfall) -> None:
+        super().__init__(shortfall.describe())
+        self.shortfall = shortfall
+
+
+@dataclass(frozen=True)
+class RetrievePlan:
+    """What a C-GET/C-MOVE identifier selects: the instances found, and what could not be
+    asked (each unreachable study or range counts as one failed sub-operation)."""
+
+    locations: list[InstanceLocation]
+    shortfall: Shortfall = Shortfall()
+
+    @property
+    def unreachable(self) -> int:
+        return self.shortfall.ranges + self.shortfall.studies
+
+
 class Archive:
     def __init__(self, replica: LocalReplica, header_reader: HeaderReader | None = None) -> None:
         self._replica = replica
@@ -98,7 +144,7 @@ class Archive:
             rows = aggregate_patients(_until_cancelled(rows, is_cancelled))
         yield from _until_cancelled(rows, is_cancelled)
 
-    def locate(self, query: Query) -> list[InstanceLocation]:
+    def locate(self, query: Query) -> RetrievePlan:
         """The instances a C-GET/C-MOVE identifier selects (study, series or image level)."""
         image_query = Query(
             level="IMAGE",
@@ -120,7 +166,7 @@ class Archive:
                     transfer_syntax_uid=record.transfer_syntax_uid,
                 )
             )
-        return locations
+        return RetrievePlan(locations)
 
     def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         """The Part-10 bytes and the offset where the dataset starts. Raises ReadError."""

@@ -5,10 +5,13 @@
   not answer within its deadline is replaced by the next node on the ring, which keeps
   the instance as a hint for it (sloppy quorum). Fewer than W durable copies: failure,
   never a false Success. The remaining copies finish in the background.
-- find: scatter the query over a coverage plan (one live replica per token range), merge
-  and de-duplicate, re-plan a replica's ranges when it breaks off.
-- read: fetch an instance from the nearest live replica, fall through on error, and
-  repair a live owner that did not have it (read repair).
+- find and locate (replication/gather.py): a query that names studies asks only their
+  owners, nearest live one first; any other scatters over one live owner per token
+  range. Merged and de-duplicated; a piece moves to its next owner when one breaks off;
+  what no owner answered for ends the answer as IncompleteAnswer (never a silent
+  Success), and the stand-ins of those pieces are asked for the hints they hold.
+- read: fetch an instance from the nearest live owner, fall through on error, then the
+  study's stand-ins (hints); repair a live owner that did not have it (read repair).
 - hints: replay held hints to their owners when they answer again; delete a hint only
   after the owner acknowledged a durable copy.
 
@@ -20,26 +23,32 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.archive import (
+    IncompleteAnswer,
+    InstanceLocation,
+    ReadError,
+    RetrievePlan,
+    Shortfall,
+    WriteResult,
+    WriteStatus,
+)
+from pacsnode.replication.gather import Gather, ReadContext
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
-from pacsnode.replication.planning import RangeSet, coverage_plan, read_order
-from pacsnode.replication.query import aggregate_patients, unique_key
+from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces
+from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
-from pacsnode.ring.placement import TokenRange
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
 
 DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT})
-_BATCH_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -340,136 +349,53 @@ class Coordinator:
         log.info("replication.hint.kept_here sop_instance_uid=%s owner=%s", stored.sop_instance_uid, owner)
 
     # ----------------------------------------------------------------- find
+    def _read_context(self) -> ReadContext:
+        n, _w = self._replicas()
+        return ReadContext(
+            self_id=self.self_id, ring=self._membership.ring(), n=n, is_alive=self._membership.is_alive,
+            site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
+            run_blocking=self._run_blocking, answering=self._answering,
+            query_timeout_ms=self._settings.query_timeout_ms, count=self._count)
+
+    def _count(self, name: str) -> None:
+        if name == "query_replans":
+            self.stats.query_replans += 1
+            return
+        self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
+
+    def _gather(self, query: Query) -> Gather:
+        """The fan-out for `query`: only the owners of the studies it names, else one
+        live owner per token range."""
+        context = self._read_context()
+        uids = study_keys(query)
+        if uids is not None:
+            self.stats.extra["reads_routed"] = self.stats.extra.get("reads_routed", 0) + 1
+            return Gather(context, query, study_pieces(context.ring, context.n, uids), routed=True)
+        self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
+        return Gather(context, query, range_pieces(context.ring, context.n), routed=False)
+
     async def find(self, query: Query) -> AsyncIterator[Attributes]:
-        """Rows matching `query` across the cluster, each exactly once."""
+        """Rows matching `query` across the cluster, each exactly once. Raises
+        IncompleteAnswer after the last row when part of the archive could not be asked."""
         if query.level == "PATIENT":
-            study_rows = [row async for row in self._scatter(query)]
+            study_rows: list[Attributes] = []
+            shortfall: IncompleteAnswer | None = None
+            try:
+                async for row in self._gather(query).rows():
+                    study_rows.append(row)
+            except IncompleteAnswer as error:
+                shortfall = error
             for row in aggregate_patients(study_rows):
                 yield row
+            if shortfall is not None:
+                raise shortfall
             return
-        async for row in self._scatter(query):
+        async for row in self._gather(query).rows():
             yield row
 
-    async def _scatter(self, query: Query) -> AsyncIterator[Attributes]:
-        n, _w = self._replicas()
-        ring = self._membership.ring()
-        queue: asyncio.Queue[tuple[str, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
-        failed: set[str] = set()
-        plan, uncovered = coverage_plan(ring, n, self.self_id, self._membership.is_alive, site_of=self._site_of)
-        pending = self.pending()
-        if pending and self.self_id in plan:
-            # Ranges still filling here are read from another replica.
-            filling = [r for r in plan[self.self_id] if r.end in pending]
-            if filling:
-                plan[self.self_id] = [r for r in plan[self.self_id] if r.end not in pending]
-                replan, more_uncovered = self._replan(filling, {self.self_id})
-                for node_id, ranges in replan.items():
-                    plan.setdefault(node_id, []).extend(ranges)
-                uncovered += more_uncovered
-                if not plan[self.self_id]:
-                    del plan[self.self_id]
-        if uncovered:
-            log.warning("replication.find.uncovered ranges=%d: every owner of them is down", len(uncovered))
-        running: dict[str, asyncio.Task[None]] = {}
-        assigned: dict[str, list[TokenRange]] = {}
-
-        def launch(node_id: str, ranges: list[TokenRange]) -> None:
-            assigned.setdefault(node_id, []).extend(ranges)
-            key = f"{node_id}#{len(running)}"
-            running[key] = asyncio.ensure_future(self._pump(node_id, key, query, ranges, queue))
-
-        for node_id, ranges in plan.items():
-            launch(node_id, ranges)
-        seen: set[tuple[str, ...]] = set()
-        level = "STUDY" if query.level == "PATIENT" else query.level
-        active = set(running)
-        try:
-            while active:
-                key, batch, error = await queue.get()
-                if batch is not None:
-                    for row in batch:
-                        identity = unique_key(level, row)
-                        if identity in seen:
-                            continue
-                        seen.add(identity)
-                        yield row
-                    continue
-                active.discard(key)
-                if error is None:
-                    continue
-                node_id = key.split("#", 1)[0]
-                failed.add(node_id)
-                self.stats.query_replans += 1
-                lost = assigned.get(node_id, [])
-                log.warning("replication.find.replica_failed node=%s ranges=%d error=%s", node_id, len(lost), error)
-                replan, still_uncovered = self._replan(lost, failed)
-                if still_uncovered:
-                    log.warning("replication.find.uncovered ranges=%d after %s failed", len(still_uncovered), node_id)
-                for other, ranges in replan.items():
-                    launch(other, ranges)
-                    active.add(next(reversed(running)))
-        finally:
-            for task in running.values():
-                task.cancel()
-
-    def _replan(self, lost: list[TokenRange], failed: set[str]) -> tuple[dict[str, list[TokenRange]], list[TokenRange]]:
-        n, _w = self._replicas()
-        ring = self._membership.ring()
-        plan: dict[str, list[TokenRange]] = {}
-        uncovered = []
-        for token_range in lost:
-            owners = ring.preference_list(token_range.end, n)
-            order = [o for o in read_order(owners, self.self_id, self._membership.is_alive, self._site_of)
-                     if o not in failed and self._membership.is_alive(o)]
-            if not order:
-                uncovered.append(token_range)
-            else:
-                plan.setdefault(order[0], []).append(token_range)
-        return plan, uncovered
-
-    async def _pump(self, node_id: str, key: str, query: Query, ranges: list[TokenRange],
-                    queue: "asyncio.Queue[tuple[str, list[Attributes] | None, str | None]]") -> None:
-        try:
-            if node_id == self.self_id:
-                await self._pump_local(key, query, ranges, queue)
-            else:
-                async def stream(started: Callable[[], None]) -> None:
-                    batch: list[Attributes] = []
-                    async for row in self._transport.query(node_id, query, ranges, started=started,
-                                                           timeout_ms=self._settings.query_timeout_ms):
-                        batch.append(row)
-                        if len(batch) >= _BATCH_ROWS:
-                            await queue.put((key, batch, None))
-                            batch = []
-                    if batch:
-                        await queue.put((key, batch, None))
-
-                await self._answering(node_id, stream)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # A replica breaking off is an operating error: re-plan.
-            await queue.put((key, None, f"{type(error).__name__}: {error}"))
-            return
-        await queue.put((key, None, None))
-
-    async def _pump_local(self, key: str, query: Query, ranges: list[TokenRange],
-                          queue: "asyncio.Queue[tuple[str, list[Attributes] | None, str | None]]") -> None:
-        """Local rows in batches: each batch is read by run_blocking (a thread in the node,
-        inline in the simulator), so the loop is never blocked and never waited on."""
-        rows = iter(self._local.query_rows(query, ranges))
-
-        def next_batch() -> list[Attributes]:
-            return list(itertools.islice(rows, _BATCH_ROWS))
-
-        while True:
-            batch = await self._run_blocking(next_batch)
-            if not batch:
-                return
-            await queue.put((key, batch, None))
-
     # ----------------------------------------------------------------- retrieve
-    async def locate(self, query: Query) -> list[InstanceLocation]:
-        """The instances a C-GET/C-MOVE identifier selects, from across the cluster."""
+    async def locate(self, query: Query) -> RetrievePlan:
+        """The instances a C-GET/C-MOVE identifier selects, and what could not be asked."""
         image_query = Query(
             level="IMAGE",
             model=query.model,
@@ -477,15 +403,19 @@ class Coordinator:
             return_keys=(),
         )
         locations = []
-        async for row in self._scatter(image_query):
-            locations.append(InstanceLocation(
-                study_instance_uid=str(row["StudyInstanceUID"]),
-                series_instance_uid=str(row.get("SeriesInstanceUID", "")),
-                sop_instance_uid=str(row["SOPInstanceUID"]),
-                sop_class_uid=str(row.get("SOPClassUID", "")),
-                transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
-            ))
-        return locations
+        shortfall = Shortfall()
+        try:
+            async for row in self._gather(image_query).rows():
+                locations.append(InstanceLocation(
+                    study_instance_uid=str(row["StudyInstanceUID"]),
+                    series_instance_uid=str(row.get("SeriesInstanceUID", "")),
+                    sop_instance_uid=str(row["SOPInstanceUID"]),
+                    sop_class_uid=str(row.get("SOPClassUID", "")),
+                    transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+                ))
+        except IncompleteAnswer as error:
+            shortfall = error.shortfall
+        return RetrievePlan(locations, shortfall)
 
     async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
@@ -512,9 +442,13 @@ class Coordinator:
                 if self._membership.is_alive(target):
                     self._spawn(self._repair(target, stored))
             return part10, stored.record.dataset_offset
-        # No owner has it: a stand-in may hold it as a hint (owners down when it was stored).
-        for node_id in self._membership.ring().node_ids:
-            if node_id in owners or not self._membership.is_alive(node_id):
+        # No owner has it: a stand-in may hold it as a hint (owners down when it was
+        # stored). Only the study's stand-ins and this node are asked, never the cluster.
+        ring = self._membership.ring()
+        holders = [self.self_id] + [s.node_id for s in ring.stand_ins(study_token(location.study_instance_uid),
+                                                                       n, set(owners))]
+        for node_id in dict.fromkeys(holders):
+            if node_id in owners or not (node_id == self.self_id or self._membership.is_alive(node_id)):
                 continue
             try:
                 stored = await self._fetch(node_id, location, include_hints=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from pacsnode.replication.matching import Condition, Query
 from pacsnode.ring.placement import Ring, TokenRange
-from pacsnode.ring.tokens import TOKEN_SPACE
+from pacsnode.ring.tokens import TOKEN_SPACE, study_token
 
 
 class RangeSet:
@@ -89,3 +92,63 @@ def read_order(
     others = [o for o in alive if o not in first and o not in same_site]
     down = [o for o in owners if o not in alive]
     return first + same_site + others + down
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One unit of a read plan: a token range (a scatter) or one study (a request that
+    names it), with the owners that can answer for it in preference order."""
+
+    token_range: TokenRange
+    owners: tuple[str, ...]
+    study_instance_uid: str = ""
+
+
+def study_keys(query: Query) -> tuple[str, ...] | None:
+    """The StudyInstanceUIDs a query names (one value or a UID list), or None when it
+    names none and must scatter. A study key below a PATIENT-level query is not matched
+    there (PS3.4 C.6.1.1.2), so it does not narrow where to ask either."""
+    if query.level == "PATIENT":
+        return None
+    condition = query.condition("StudyInstanceUID")
+    if condition is None:
+        return None
+    uids = tuple(dict.fromkeys(v.strip() for v in condition.value.split("\\") if v.strip()))
+    return uids or None
+
+
+def study_range(study_instance_uid: str) -> TokenRange:
+    """The range that holds exactly the study's token."""
+    token = study_token(study_instance_uid)
+    return TokenRange((token - 1) % TOKEN_SPACE, token)
+
+
+def study_pieces(ring: Ring, n: int, uids: Sequence[str]) -> list[Piece]:
+    return [Piece(study_range(uid), ring.owners_of_study(uid, n), uid) for uid in uids]
+
+
+def range_pieces(ring: Ring, n: int) -> list[Piece]:
+    return [Piece(owned.token_range, owned.owners) for owned in ring.ranges(n)]
+
+
+def narrow_to_studies(query: Query, uids: Sequence[str]) -> Query:
+    """`query` with its StudyInstanceUID key cut down to `uids` (what one owner is asked)."""
+    conditions = tuple(
+        Condition(c.keyword, c.vr, "\\".join(uids)) if c.keyword == "StudyInstanceUID" else c
+        for c in query.conditions
+    )
+    return dataclasses.replace(query, conditions=conditions)
+
+
+def next_reader(
+    piece: Piece,
+    self_id: str,
+    is_alive: Callable[[str], bool],
+    site_of: Callable[[str], str] | None,
+    excluded: set[str],
+) -> str | None:
+    """The live owner to ask for `piece` (self first, then our site), skipping `excluded`."""
+    for node_id in read_order(piece.owners, self_id, is_alive, site_of):
+        if node_id not in excluded and is_alive(node_id):
+            return node_id
+    return None

@@ -497,10 +497,12 @@ class _Process:
                         break
             return found, (len(found.blob) + 400 if found is not None else 64)
         if method == "query":
-            query, ranges = args
+            query, ranges, include_hints = args
             if ranges is not None and self.repairer.is_pending(ranges):
                 raise PeerError(f"{self.node_id}: FAILED_PRECONDITION: ranges still being filled here")
             rows = list(store.query_rows(query, ranges))
+            if include_hints:
+                rows += list(store.query_hint_rows(query, ranges))
             return rows, 100 + 200 * len(rows)
         if method == "range_digest":
             (token_range,) = args

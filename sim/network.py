@@ -389,10 +389,11 @@ class NodeTransport:
         return result
 
     async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
-                    timeout_ms: int, started: Callable[[], None] | None = None) -> AsyncIterator[Attributes]:
+                    timeout_ms: int, started: Callable[[], None] | None = None,
+                    include_hints: bool = False) -> AsyncIterator[Attributes]:
         size = 200 + 24 * (len(ranges) if ranges is not None else 0)
-        rows: list[Attributes] = await self._call(target, "query", (query, None if ranges is None else list(ranges)),
-                                                  size, timeout_ms)
+        rows: list[Attributes] = await self._call(
+            target, "query", (query, None if ranges is None else list(ranges), include_hints), size, timeout_ms)
         if started is not None:
             started()
         for row in rows:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
+from pacsnode.replication.hint_index import HintIndex
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import (
     INSTANCE_KEYWORDS,
@@ -421,6 +422,16 @@ class NonDurableStore:
             range_set = RangeSet(ranges)
             study_filter = lambda uid: study_token(uid) in range_set  # noqa: E731
         return LocalQuery(self, query, _no_header, study_filter=study_filter).rows()
+
+    def query_hint_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
+        held = HintIndex((hint.record, hint.attributes) for by_key in self._hints.values() for hint in by_key.values())
+        if not len(held):
+            return iter(())
+        study_filter: Callable[[str], bool] | None = None
+        if ranges is not None:
+            range_set = RangeSet(ranges)
+            study_filter = lambda uid: study_token(uid) in range_set  # noqa: E731
+        return LocalQuery(held, query, _no_header, study_filter=study_filter).rows()
 
     # ----------------------------------------------------------------- IndexReader (LocalQuery)
     def study(self, study_instance_uid: str) -> StudyRecord | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pacsnode.node.codec import compress
-from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, WriteResult, WriteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import InstanceRecord, StoredInstance, content_hash
 from pacsnode.sim.cluster import SimCluster
@@ -266,16 +266,30 @@ class Workload:
         query = Query(level="STUDY", conditions=(Condition("PatientID", "LO", patient_id),),
                       return_keys=("StudyInstanceUID", "PatientID"))
 
+        flagged = False
+
         async def work(process: Any) -> set[str]:
-            return {str(row["StudyInstanceUID"]) async for row in process.coordinator.find(query)}
+            nonlocal flagged
+            found: set[str] = set()
+            try:
+                async for row in process.coordinator.find(query):
+                    found.add(str(row["StudyInstanceUID"]))
+            except IncompleteAnswer:
+                flagged = True
+            return found
 
         found: set[str] | None = await self._at_node("find", node_id, work, record)
         record.ended_ms = self.cluster.now_ms()
         if found is not None:
-            # Answered either way; "incomplete" (an acknowledged study missing: the replica asked
-            # had not got it yet, or no live replica was left for its range) is reported apart.
+            # Answered either way. "flagged": the node said part of the archive could not be
+            # asked (the client gets a failure status, never Success). "incomplete": it said
+            # Success with an acknowledged study missing (the replica asked had not got it
+            # yet): a stale answer, reported apart.
             record.ok = True
-            record.status = "success" if expected <= found else "incomplete"
+            if flagged:
+                record.status = "flagged"
+            else:
+                record.status = "success" if expected <= found else "incomplete"
         self.cluster.trace.record(record.ended_ms, "op", "find", node_id, patient_id, record.status)
         return record, found or set()
 

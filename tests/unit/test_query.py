@@ -417,7 +417,7 @@ def _locations(corpus: Corpus, entries: Iterable[ManifestEntry]) -> list[Instanc
 
 
 def _locate(corpus: Corpus, level: str, *conditions: Condition, model: str = "STUDY") -> list[InstanceLocation]:
-    found = Archive(corpus.store).locate(Query(level=level, model=model, conditions=conditions))
+    found = Archive(corpus.store).locate(Query(level=level, model=model, conditions=conditions)).locations
     return sorted(found, key=lambda location: location.sop_instance_uid)
 
 
@@ -473,7 +473,7 @@ def test_read_of_a_corrupt_blob_is_a_read_error(open_store: Any, make_instance: 
     key = PREFIX_BLOB + study_prefix(instance.study_instance_uid) + SEP + instance.sop_instance_uid.encode()
     blob = store._db.get(key)
     store._db.put(key, blob[:-1] + bytes([blob[-1] ^ 0x01]))
-    (location,) = Archive(store).locate(Query(level="IMAGE", conditions=(Condition("SOPInstanceUID", "UI", instance.sop_instance_uid),)))
+    (location,) = Archive(store).locate(Query(level="IMAGE", conditions=(Condition("SOPInstanceUID", "UI", instance.sop_instance_uid),))).locations
     with pytest.raises(ReadError, match="checksum"):
         Archive(store).read(location)
 

@@ -1,0 +1,229 @@
+"""One cluster read fan-out: ask one live owner per piece, merge, re-plan, account.
+
+A piece is a token range (a query with no study key scatters over every range) or one
+study (a query that names studies asks only their owners). Each piece is asked of its
+nearest live owner; when that owner fails or stays silent, the piece moves to its next
+owner. A piece none of whose owners answered is *unreachable*: it is counted in the
+`Shortfall` that ends the answer (`IncompleteAnswer`, raised after the last row), and its
+stand-ins (the nodes that hold hints for its owners) are asked for the copies they hold,
+so that a study acknowledged while all its owners were down is still found. Rows from
+hint holders are held back until every owner has answered and only added where no owner
+gave the same row (an owner's row is the more complete one).
+
+Every peer call is bounded (replica_start_timeout_ms to begin answering, query_timeout_ms
+in all) and every task is cancelled when the consumer stops iterating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+from pacsnode.replication.archive import IncompleteAnswer, Shortfall
+from pacsnode.replication.matching import Query
+from pacsnode.replication.model import Attributes
+from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader
+from pacsnode.replication.query import unique_key
+from pacsnode.replication.transport import LocalReplica, Transport, cancelled_by_caller
+from pacsnode.ring.placement import Ring, TokenRange
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+BATCH_ROWS = 200
+HELD_ROWS_MAX = 50_000  # Rows from hint holders kept back at most; past that they go out at once.
+
+Answering = Callable[[str, Callable[[Callable[[], None]], Awaitable[Any]]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    """What a fan-out needs of its node, injected by the coordinator."""
+
+    self_id: str
+    ring: Ring
+    n: int
+    is_alive: Callable[[str], bool]
+    site_of: Callable[[str], str]
+    pending: RangeSet  # Ranges this node is still filling: asked of another owner.
+    local: LocalReplica
+    transport: Transport
+    run_blocking: Callable[..., Awaitable[Any]]
+    answering: Answering
+    query_timeout_ms: int
+    count: Callable[[str], None]  # Statistics: count("query_peers") per remote query started.
+
+
+@dataclass
+class _Call:
+    node_id: str
+    pieces: list[int]
+    hints: bool  # Asked as a hint holder (rows held back, failures change nothing).
+
+
+class Gather:
+    """Iterate `rows()`: each matching row once; IncompleteAnswer after the last when
+    some piece could not be asked."""
+
+    def __init__(self, context: ReadContext, query: Query, pieces: Sequence[Piece], *, routed: bool) -> None:
+        self._context = context
+        self._query = query
+        self._pieces = list(pieces)
+        self._routed = routed  # Pieces are studies: narrow each call's study key to its own.
+        self._tried: list[set[str]] = [set() for _ in self._pieces]
+        self._unreachable: set[int] = set()
+        self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
+        self._calls: dict[int, _Call] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._serial = itertools.count()
+        self.peers_asked: set[str] = set()
+
+    # ----------------------------------------------------------------- planning
+    def _excluded_at_start(self, index: int) -> set[str]:
+        piece = self._pieces[index]
+        pending = self._context.pending
+        if pending and piece.token_range.end in pending:
+            return {self._context.self_id}  # Still filling it here: ask another owner.
+        return set()
+
+    def _assign(self, indexes: Sequence[int]) -> dict[str, list[int]]:
+        """Pieces by the owner to ask next; the ones with no owner left become unreachable."""
+        context = self._context
+        plan: dict[str, list[int]] = {}
+        lost: list[int] = []
+        for index in indexes:
+            chosen = next_reader(self._pieces[index], context.self_id, context.is_alive, context.site_of,
+                                 self._tried[index])
+            if chosen is None:
+                lost.append(index)
+            else:
+                self._tried[index].add(chosen)
+                plan.setdefault(chosen, []).append(index)
+        if lost:
+            self._lose(lost)
+        return plan
+
+    def _lose(self, indexes: list[int]) -> None:
+        """No owner of these pieces answers: count them, and ask their stand-ins for hints."""
+        context = self._context
+        self._unreachable.update(indexes)
+        kind = "studies" if self._routed else "ranges"
+        log.warning("replication.find.unreachable %s=%d of=%d", kind, len(indexes), len(self._pieces))
+        holders: dict[str, list[int]] = {}
+        for index in indexes:
+            piece = self._pieces[index]
+            for stand_in in context.ring.stand_ins(piece.token_range.end, context.n, set(piece.owners)):
+                if stand_in.node_id == context.self_id or context.is_alive(stand_in.node_id):
+                    holders.setdefault(stand_in.node_id, []).append(index)
+            # This node may keep hints itself (when no stand-in could take a write).
+            if context.self_id not in piece.owners:
+                holders.setdefault(context.self_id, []).append(index)
+        for node_id, pieces in holders.items():
+            self._launch(node_id, sorted(set(pieces)), hints=True)
+
+    def _launch(self, node_id: str, pieces: list[int], *, hints: bool) -> None:
+        key = next(self._serial)
+        self._calls[key] = _Call(node_id, pieces, hints)
+        query = self._query
+        if self._routed:
+            query = narrow_to_studies(query, [self._pieces[i].study_instance_uid for i in pieces])
+        ranges = [self._pieces[i].token_range for i in pieces]
+        if node_id != self._context.self_id:
+            self.peers_asked.add(node_id)
+            self._context.count("query_peers")
+        self._tasks[key] = asyncio.ensure_future(self._pump(key, node_id, query, ranges, hints))
+
+    # ----------------------------------------------------------------- the answer
+    async def rows(self) -> AsyncIterator[Attributes]:
+        level = "STUDY" if self._query.level == "PATIENT" else self._query.level
+        seen: set[tuple[str, ...]] = set()
+        held: list[Attributes] = []
+        starts = list(range(len(self._pieces)))
+        for index in starts:
+            self._tried[index].update(self._excluded_at_start(index))
+        for node_id, pieces in self._assign(starts).items():
+            self._launch(node_id, pieces, hints=False)
+        try:
+            while any(not task.done() for task in self._tasks.values()) or not self._queue.empty():
+                key, batch, error = await self._queue.get()
+                call = self._calls[key]
+                if batch is not None:
+                    if call.hints and len(held) < HELD_ROWS_MAX:
+                        held.extend(batch)
+                        continue
+                    for row in batch:
+                        identity = unique_key(level, row)
+                        if identity not in seen:
+                            seen.add(identity)
+                            yield row
+                    continue
+                if error is None or call.hints:
+                    if error is not None:
+                        log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
+                    continue
+                log.warning("replication.find.replica_failed node=%s pieces=%d error=%s",
+                            call.node_id, len(call.pieces), error)
+                self._context.count("query_replans")
+                for node_id, pieces in self._assign(call.pieces).items():
+                    self._launch(node_id, pieces, hints=False)
+            for row in held:
+                identity = unique_key(level, row)
+                if identity not in seen:
+                    seen.add(identity)
+                    yield row
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+        if self._unreachable:
+            if self._routed:
+                raise IncompleteAnswer(Shortfall(studies=len(self._unreachable)))
+            raise IncompleteAnswer(Shortfall(ranges=len(self._unreachable)))
+
+    # ----------------------------------------------------------------- one call
+    async def _pump(self, key: int, node_id: str, query: Query, ranges: list[TokenRange], hints: bool) -> None:
+        context = self._context
+        try:
+            if node_id == context.self_id:
+                await self._pump_local(key, query, ranges, hints)
+            else:
+                async def stream(started: Callable[[], None]) -> None:
+                    batch: list[Attributes] = []
+                    async for row in context.transport.query(node_id, query, ranges, started=started,
+                                                             timeout_ms=context.query_timeout_ms,
+                                                             include_hints=hints):
+                        batch.append(row)
+                        if len(batch) >= BATCH_ROWS:
+                            await self._queue.put((key, batch, None))
+                            batch = []
+                    if batch:
+                        await self._queue.put((key, batch, None))
+
+                await context.answering(node_id, stream)
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            # Cancelled underneath us (inside a library call): that call failed; re-plan.
+            await self._queue.put((key, None, "CancelledError: the call was cancelled underneath us"))
+            return
+        except Exception as error:  # A replica breaking off is an operating error: re-plan.
+            await self._queue.put((key, None, f"{type(error).__name__}: {error}"))
+            return
+        await self._queue.put((key, None, None))
+
+    async def _pump_local(self, key: int, query: Query, ranges: list[TokenRange], hints: bool) -> None:
+        """Local rows in batches: each batch is read by run_blocking (a thread in the node,
+        inline in the simulator), so the loop is never blocked and never waited on."""
+        local = self._context.local
+        rows = local.query_hint_rows(query, ranges) if hints else local.query_rows(query, ranges)
+
+        def next_batch() -> list[Attributes]:
+            return list(itertools.islice(rows, BATCH_ROWS))
+
+        while True:
+            batch = await self._context.run_blocking(next_batch)
+            if not batch:
+                return
+            await self._queue.put((key, batch, None))
