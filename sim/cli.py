@@ -4,6 +4,7 @@
     python -m pacsnode.sim run --scenario kill-one --nodes 100 --sites 3 --seed 7
     python -m pacsnode.sim sweep --nodes 10,30,100,300 --seeds 50 --out report/
     python -m pacsnode.sim report --out report/        # re-render report.md and plots
+    python -m pacsnode.sim routing --nodes 10,30,100   # peers asked per one-study retrieve
 
 `run` prints what it measured and every checker's verdict, and exits 1 when a check
 failed (the output ends with the command that replays the run: same seed, same run).
@@ -108,6 +109,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     chaos.add_argument("--json", type=Path, default=None, help="also write the full result here")
     chaos.add_argument("--verbose", action="store_true", help="show the runner's log lines")
 
+    routing = commands.add_parser("routing", help="peers asked and latency of one-study retrieves, by cluster size")
+    routing.add_argument("--nodes", default="10,30,100", help="cluster sizes, comma-separated")
+    routing.add_argument("--seed", type=int, default=0)
+    routing.add_argument("--studies", type=int, default=10)
+
     report = commands.add_parser("report", help="re-render the report of a sweep directory")
     report.add_argument("--out", type=Path, default=Path("report"))
 
@@ -123,6 +129,12 @@ def main(args: argparse.Namespace) -> int:
         return _sweep(args)
     if args.sim_command == "chaos":
         return _chaos(args)
+    if args.sim_command == "routing":
+        from pacsnode.sim.routing import format_rows, measure
+        _quiet_logging()
+        rows = [measure(int(n), seed=args.seed, studies=args.studies) for n in str(args.nodes).split(",") if n]
+        print(format_rows(rows))
+        return 0 if all(row["instances_missing"] == 0 for row in rows) else 1
     if args.sim_command == "report":
         from pacsnode.sim.report import write_report
         print(write_report(args.out))

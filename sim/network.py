@@ -147,6 +147,9 @@ class SimNetwork:
         self._endpoints: dict[str, Callable[[], Endpoint | None]] = {}
         self._by_address: dict[str, str] = {}
         self._transports: dict[str, NodeTransport] = {}
+        # When a list: every data call as (source, target, method), for tests and reports
+        # that count who a request asked (e.g. peers per one-study retrieve).
+        self.call_log: list[tuple[str, str, str]] | None = None
 
     # ----------------------------------------------------------------- nodes
     def register(self, node_id: str, site: str, address: str, endpoint: Callable[[], Endpoint | None]) -> None:
@@ -283,6 +286,8 @@ class SimNetwork:
                    timeout_ms: int) -> Any:
         """One request/reply call from `source` to `target` (see the module docstring)."""
         await source.wait_running()  # A paused node sends nothing until it resumes.
+        if self.call_log is not None:
+            self.call_log.append((source.node_id, target, method))
         loop = self.loop
         kind = "data." + method
         future: asyncio.Future[Any] = loop.create_future()
