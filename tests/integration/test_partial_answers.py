@@ -1,0 +1,116 @@
+"""Never a partial Success: real node processes, pynetdicom and dcmtk clients.
+
+Five nodes (N=3, W=2); every owner of one study is killed with SIGKILL. A C-FIND or
+C-GET that cannot ask all of the archive must end with a failure or warning status that
+says so, while a study with a live owner is still answered in full with Success.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from pacsnode.cli.status import metrics
+from pacsnode.sim import datagen
+from pacsnode.sim.process import wait_until
+
+from . import clients
+from .clients import identifier
+from .test_cluster import NAMES, expected_owners, start_cluster
+
+pytestmark = pytest.mark.skipif(not clients.have_dcmtk(), reason="dcmtk is not installed")
+
+FIVE = NAMES + ("n5",)
+
+
+def _settled(nodes: list[Any]) -> bool:
+    """Every node has filled the ranges it owns (a filling replica declines reads)."""
+    try:
+        return all(metrics(node.peer_address, prefix="pacsnode.repair.pending_ranges")
+                   .get("pacsnode.repair.pending_ranges_count", 1) == 0 for node in nodes)
+    except Exception:
+        return False
+
+
+def _find_with_comment(port: int, query: Any) -> tuple[int, int, str]:
+    """(matches, final status, ErrorComment) of a pynetdicom C-FIND."""
+    ae = clients.scu_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", evt_handlers=[(evt.EVT_CONN_OPEN, clients._nodelay)])
+    assert assoc.is_established
+    matches, final, comment = 0, -1, ""
+    try:
+        for status, _found in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if not status:
+                break
+            if status.Status in (0xFF00, 0xFF01):
+                matches += 1
+            else:
+                final = int(status.Status)
+                comment = str(status.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+    return matches, final, comment
+
+
+def test_unreachable_owners_are_reported_never_success(tmp_path: Path) -> None:
+    nodes = start_cluster(tmp_path, FIVE)
+    try:
+        entry = nodes[0]
+        spec = datagen.StudySetSpec(patients=12, seed=91, rows=16, cols=16)
+        manifest = datagen.write_study_set(spec, tmp_path / "data")
+        statuses = clients.send_files(entry.dicom_port, [Path(e["path"]) for e in manifest])
+        assert set(statuses.values()) == {0}, statuses
+        owners = {e["study_uid"]: expected_owners(FIVE, e["study_uid"]) for e in manifest}
+        # A study that lives only on three nodes other than the entry node: kill them all.
+        lost_study = next(uid for uid, held in owners.items() if "n1" not in held)
+        doomed = owners[lost_study]
+        reachable = [uid for uid, held in owners.items() if held - doomed]
+        assert reachable, "every study would be lost: pick another seed"
+        # Joined nodes finish filling their ranges first (a filling replica declines reads).
+        assert wait_until(lambda: _settled(nodes), 90), "ranges still filling"
+        by_name = {node.node_id: node for node in nodes}
+        for name in doomed:
+            by_name[name].kill()
+
+        # C-FIND naming the lost study: failure, with how much could not be asked.
+        matches, final, comment = _find_with_comment(
+            entry.dicom_port, identifier("STUDY", StudyInstanceUID=lost_study))
+        assert (matches, final) == (0, 0xC001), (matches, final, comment)
+        assert comment.startswith("incomplete: 1 study")
+        # A C-FIND naming a study with a live owner: complete, Success.
+        matches, final, _comment = _find_with_comment(
+            entry.dicom_port, identifier("STUDY", StudyInstanceUID=reachable[0]))
+        assert (matches, final) == (1, 0x0000)
+        # A C-FIND with no study key scatters; the ranges none of whose owners is up are counted.
+        matches, final, comment = _find_with_comment(entry.dicom_port, identifier("STUDY", StudyInstanceUID=""))
+        assert final == 0xC001 and "range" in comment, (final, comment)
+        assert matches >= len(reachable)
+        # dcmtk's findscu sees the failure too.
+        result, _responses = clients.findscu(entry.dicom_port, ["QueryRetrieveLevel=STUDY",
+                                                                f"StudyInstanceUID={lost_study}"], tmp_path / "find",
+                                           extra=["-v"])
+        assert "Final Find Response (Failed: UnableToProcess)" in result.stdout + result.stderr
+
+        # C-GET of the lost study: nothing could be sent, and it says so.
+        contexts = [(e["sop_class_uid"], "1.2.840.10008.1.2.1") for e in manifest]
+        got = clients.get(entry.dicom_port, identifier("STUDY", StudyInstanceUID=lost_study), contexts)
+        assert got.final_status == 0xA702 and got.failed >= 1 and not got.received, got
+        # C-GET of both studies at once: the reachable one arrives, the other is a failed sub-operation.
+        both = "\\".join([lost_study, reachable[0]])
+        got = clients.get(entry.dicom_port, identifier("STUDY", StudyInstanceUID=both), contexts)
+        expected = {e["sop_uid"] for e in manifest if e["study_uid"] == reachable[0]}
+        assert set(got.received) == expected
+        assert got.final_status == 0xB000 and got.failed >= 1 and got.completed == len(expected), got
+        # A reachable study alone: Success.
+        got = clients.get(entry.dicom_port, identifier("STUDY", StudyInstanceUID=reachable[0]), contexts)
+        assert got.final_status == 0x0000 and set(got.received) == expected
+        log = entry.log_text()
+        assert "dicom.find.incomplete" in log and "dicom.retrieve.incomplete" in log
+    finally:
+        for node in nodes:
+            node.stop()
