@@ -100,6 +100,7 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) 
         "replication_factor": settings.replication_factor,
         "effective_replication_factor": settings.effective_replication_factor,
         "write_quorum": settings.write_quorum,
+        "read_quorum": settings.read_quorum,
         "vnodes": settings.vnodes,
         "nodes": nodes,
     }
@@ -119,7 +120,7 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         f"cluster {data['cluster_id']}  asked {data['node_id']} at {data['asked']}  ring {data['ring_version']}",
         f"N={data['replication_factor']} (effective {data['effective_replication_factor']})  "
-        f"W={data['write_quorum']}  V={data['vnodes']}",
+        f"W={data['write_quorum']}  R={data['read_quorum']}  V={data['vnodes']}",
         "",
     ]
     header = ("NODE", "STATE", "INC", "GEN", "SITE", "PEER", "DICOM", "RING %", "INSTANCES", "STORED", "HINTS")

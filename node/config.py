@@ -105,6 +105,7 @@ class NodeConfig:
     advertise_host: str = setting("", "Address peers use to reach this node (default: host, or the host name when host is 0.0.0.0).")
     replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
+    read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
@@ -135,6 +136,8 @@ class NodeConfig:
                 "need 1 <= write_quorum <= replication_factor, got "
                 f"write_quorum={self.write_quorum} replication_factor={self.replication_factor}"
             )
+        if self.read_quorum < 1:  # Above N it is capped at N, like W with fewer nodes than N.
+            raise ConfigError(f"read_quorum must be >= 1, got {self.read_quorum}")
         if self.vnodes < 1:
             raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
         if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:

@@ -451,7 +451,7 @@ class AdminService(pb_grpc.AdminServicer):
 def replication_settings(config: Any, *, effective_n: int = 0) -> pb.ReplicationSettings:
     """The node's replication settings as Join, Status and RingView report them (reads: R=1)."""
     return pb.ReplicationSettings(replication_factor=config.replication_factor, write_quorum=config.write_quorum,
-                                  read_quorum=1, vnodes=config.vnodes, effective_replication_factor=effective_n)
+                                  read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n)
 
 
 def describe_rpc_error(error: Any) -> str:

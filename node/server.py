@@ -131,6 +131,7 @@ class Node:
             CoordinatorSettings(
                 replication_factor=config.replication_factor,
                 write_quorum=config.write_quorum,
+                read_quorum=config.read_quorum,
                 replica_timeout_ms=config.replica_timeout_ms,
                 store_timeout_ms=config.store_timeout_ms,
                 fetch_timeout_ms=config.fetch_timeout_ms,

@@ -37,10 +37,10 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
-from pacsnode.replication.gather import Gather, ReadContext
+from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
-from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces
+from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
@@ -60,6 +60,8 @@ class CoordinatorSettings:
     fetch_timeout_ms: int = 30_000  # One instance from a peer.
     query_timeout_ms: int = 60_000  # One peer's query stream.
     replica_start_timeout_ms: int = 2_000  # A replica silent this long on a query or fetch is passed over.
+    read_quorum: int = 2  # R: owners asked by a request that names a study (R + W > N: reads see acked writes).
+    reconcile_instances_max: int = 256  # A read repairs at most this many instances before it answers.
     bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
 
 
@@ -363,14 +365,15 @@ class Coordinator:
             return
         self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
 
-    def _gather(self, query: Query) -> Gather:
+    def _gather(self, query: Query) -> Gather | RoutedGather:
         """The fan-out for `query`: only the owners of the studies it names, else one
         live owner per token range."""
         context = self._read_context()
         uids = study_keys(query)
         if uids is not None:
             self.stats.extra["reads_routed"] = self.stats.extra.get("reads_routed", 0) + 1
-            return Gather(context, query, study_pieces(context.ring, context.n, uids), routed=True)
+            return RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
+                                read_quorum=self._settings.read_quorum, reconcile=self.reconcile_study)
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False)
 
@@ -393,6 +396,69 @@ class Coordinator:
         async for row in self._gather(query).rows():
             yield row
 
+    async def reconcile_study(self, study_uid: str, nodes: Sequence[str]) -> bool:
+        """Make the owners in `nodes`, which answered a read differently, each hold every
+        instance of the study any of them holds (blocking read repair). True when they
+        now agree; False when a copy failed or the difference is over
+        reconcile_instances_max (then the repair goes on in the background)."""
+        context = self._read_context()
+        image = Query("IMAGE", (Condition("StudyInstanceUID", "UI", study_uid),), ())
+        held: dict[str, dict[str, InstanceLocation]] = {}
+        for node_id in nodes:
+            queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue()
+            await pump_rows(context, queue, 0, node_id, image, [study_range(study_uid)], False)
+            found: dict[str, InstanceLocation] = {}
+            while not queue.empty():
+                _key, batch, error = queue.get_nowait()
+                if error is not None:
+                    return False
+                for row in batch or []:
+                    location = _location(row)
+                    found[location.sop_instance_uid] = location
+            held[node_id] = found
+        union: dict[str, InstanceLocation] = {}
+        for found in held.values():
+            union.update(found)
+        missing = [(node_id, sop) for node_id, found in held.items() for sop in union if sop not in found]
+        if not missing:
+            return True
+        log.info("replication.read_repair.study study_instance_uid=%s owners=%d missing=%d",
+                 study_uid, len(nodes), len(missing))
+        if len(missing) > self._settings.reconcile_instances_max:
+            self._spawn(self._copy_missing(missing, held, union))
+            return False
+        return await self._copy_missing(missing, held, union)
+
+    async def _copy_missing(self, missing: list[tuple[str, str]], held: dict[str, dict[str, InstanceLocation]],
+                            union: dict[str, InstanceLocation]) -> bool:
+        ok = True
+        for node_id, sop in missing:
+            location = union[sop]
+            sources = [other for other, found in held.items() if sop in found]
+            stored = None
+            for source in sources:
+                try:
+                    stored = await self._fetch(source, location)
+                except PeerError:
+                    continue
+                if stored is not None:
+                    break
+            if stored is None:
+                ok = False
+                continue
+            try:
+                outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
+                                                                                len(stored.blob)))
+            except PeerError as error:
+                log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
+                ok = False
+                continue
+            if outcome in DURABLE_OUTCOMES:
+                self.stats.read_repairs += 1
+            else:
+                ok = False
+        return ok
+
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> RetrievePlan:
         """The instances a C-GET/C-MOVE identifier selects, and what could not be asked."""
@@ -406,13 +472,7 @@ class Coordinator:
         shortfall = Shortfall()
         try:
             async for row in self._gather(image_query).rows():
-                locations.append(InstanceLocation(
-                    study_instance_uid=str(row["StudyInstanceUID"]),
-                    series_instance_uid=str(row.get("SeriesInstanceUID", "")),
-                    sop_instance_uid=str(row["SOPInstanceUID"]),
-                    sop_class_uid=str(row.get("SOPClassUID", "")),
-                    transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
-                ))
+                locations.append(_location(row))
         except IncompleteAnswer as error:
             shortfall = error.shortfall
         return RetrievePlan(locations, shortfall)
@@ -585,6 +645,16 @@ def _take(iterator: Any, count: int) -> Any:
         if index >= count:
             return
         yield item
+
+
+def _location(row: Attributes) -> InstanceLocation:
+    return InstanceLocation(
+        study_instance_uid=str(row["StudyInstanceUID"]),
+        series_instance_uid=str(row.get("SeriesInstanceUID", "")),
+        sop_instance_uid=str(row["SOPInstanceUID"]),
+        sop_class_uid=str(row.get("SOPClassUID", "")),
+        transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+    )
 
 
 _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})

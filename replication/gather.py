@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 from pacsnode.replication.archive import IncompleteAnswer, Shortfall
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes
-from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader
+from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order
 from pacsnode.replication.query import unique_key
 from pacsnode.replication.transport import LocalReplica, Transport, cancelled_by_caller
 from pacsnode.ring.placement import Ring, TokenRange
@@ -134,7 +134,8 @@ class Gather:
         if node_id != self._context.self_id:
             self.peers_asked.add(node_id)
             self._context.count("query_peers")
-        self._tasks[key] = asyncio.ensure_future(self._pump(key, node_id, query, ranges, hints))
+        self._tasks[key] = asyncio.ensure_future(
+            pump_rows(self._context, self._queue, key, node_id, query, ranges, hints))
 
     # ----------------------------------------------------------------- the answer
     async def rows(self) -> AsyncIterator[Attributes]:
@@ -182,48 +183,243 @@ class Gather:
                 raise IncompleteAnswer(Shortfall(studies=len(self._unreachable)))
             raise IncompleteAnswer(Shortfall(ranges=len(self._unreachable)))
 
-    # ----------------------------------------------------------------- one call
-    async def _pump(self, key: int, node_id: str, query: Query, ranges: list[TokenRange], hints: bool) -> None:
+@dataclass
+class _PieceState:
+    needed: int  # Owners that must answer (read_quorum, capped by the owner count).
+    tried: set[str]  # Owners asked (answered, failed or in flight).
+    answered: list[str]  # Owners that answered, in order.
+    failed: set[str]
+    rows: dict[str, list[Attributes]]  # By node; stand-ins' hint rows under "hints:<node>".
+
+
+Reconcile = Callable[[str, Sequence[str]], Awaitable[bool]]
+
+
+class RoutedGather:
+    """The fan-out of a request that names studies: `read_quorum` (R) owners per study.
+
+    Each study is asked of its R nearest live owners at once (self first, then our site),
+    the next owner replacing one that fails. When the answers differ (an owner missed
+    writes: a partition, a pause, a restart), the owners that answered are reconciled
+    before the answer goes out (Cassandra's blocking read repair): every instance one of
+    them holds is copied to the others, then one of them is asked again, so the counts
+    are those of the union. With R + W > N every acknowledged instance is on one of the
+    owners asked. A study with fewer than R owners answering is counted as unreachable
+    (the answer is flagged, never Success); the stand-ins of its down owners are asked for
+    the hints they hold, and those rows are added where no owner gave the same row.
+    Rows are held per study until its owners have answered (a named study is bounded).
+    """
+
+    def __init__(self, context: ReadContext, query: Query, pieces: Sequence[Piece], *, read_quorum: int,
+                 reconcile: Reconcile) -> None:
+        self._context = context
+        self._query = query
+        self._pieces = list(pieces)
+        self._reconcile = reconcile
+        self._states = [_PieceState(needed=max(1, min(read_quorum, len(p.owners))), tried=set(), answered=[],
+                                    failed=set(), rows={}) for p in self._pieces]
+        self._by_study = {p.study_instance_uid: i for i, p in enumerate(self._pieces)}
+        self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
+        self._calls: dict[int, _Call] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._serial = itertools.count()
+        self.peers_asked: set[str] = set()
+
+    def _level(self) -> str:
+        return "STUDY" if self._query.level == "PATIENT" else self._query.level
+
+    # ----------------------------------------------------------------- planning
+    def _readers(self, index: int) -> list[str]:
+        """Owners to ask now for piece `index`, so that answered + in flight reaches R."""
+        context, piece, state = self._context, self._pieces[index], self._states[index]
+        in_flight = len(state.tried) - len(state.answered) - len(state.failed)
+        wanted = state.needed - len(state.answered) - in_flight
+        chosen: list[str] = []
+        excluded = set(state.tried)
+        if context.pending and piece.token_range.end in context.pending:
+            excluded.add(context.self_id)  # Still filling it here: ask other owners.
+        for node_id in read_order(piece.owners, context.self_id, context.is_alive, context.site_of):
+            if len(chosen) >= wanted:
+                break
+            if node_id not in excluded and context.is_alive(node_id):
+                chosen.append(node_id)
+        state.tried.update(chosen)
+        return chosen
+
+    def _launch_owners(self, indexes: Sequence[int]) -> None:
+        plan: dict[str, list[int]] = {}
+        for index in indexes:
+            for node_id in self._readers(index):
+                plan.setdefault(node_id, []).append(index)
+        for node_id, pieces in plan.items():
+            self._launch(node_id, pieces, hints=False)
+
+    def _launch_hint_holders(self) -> None:
+        """Ask the stand-ins of every owner that is down or failed, for its hints."""
         context = self._context
+        holders: dict[str, list[int]] = {}
+        for index, piece in enumerate(self._pieces):
+            state = self._states[index]
+            unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
+            if not unavailable:
+                continue
+            for stand_in in context.ring.stand_ins(piece.token_range.end, context.n, unavailable):
+                if stand_in.node_id == context.self_id or context.is_alive(stand_in.node_id):
+                    holders.setdefault(stand_in.node_id, []).append(index)
+            if context.self_id not in piece.owners:
+                holders.setdefault(context.self_id, []).append(index)
+        for node_id, pieces in holders.items():
+            self._launch(node_id, sorted(set(pieces)), hints=True)
+
+    def _launch(self, node_id: str, pieces: list[int], *, hints: bool) -> None:
+        key = next(self._serial)
+        self._calls[key] = _Call(node_id, pieces, hints)
+        query = narrow_to_studies(self._query, [self._pieces[i].study_instance_uid for i in pieces])
+        ranges = [self._pieces[i].token_range for i in pieces]
+        if node_id != self._context.self_id:
+            self.peers_asked.add(node_id)
+            self._context.count("query_peers")
+        for index in pieces:
+            self._states[index].rows.setdefault(self._slot(node_id, hints), [])
+        self._tasks[key] = asyncio.ensure_future(
+            pump_rows(self._context, self._queue, key, node_id, query, ranges, hints))
+
+    @staticmethod
+    def _slot(node_id: str, hints: bool) -> str:
+        return f"hints:{node_id}" if hints else node_id
+
+    async def _drain(self) -> None:
+        """Run calls until every one has ended, replacing owners that fail."""
+        while any(not task.done() for task in self._tasks.values()) or not self._queue.empty():
+            key, batch, error = await self._queue.get()
+            call = self._calls[key]
+            slot = self._slot(call.node_id, call.hints)
+            if batch is not None:
+                for row in batch:
+                    index = self._by_study.get(str(row.get("StudyInstanceUID", "")))
+                    if index is not None and index in call.pieces:
+                        self._states[index].rows[slot].append(row)
+                continue
+            if call.hints:
+                if error is not None:
+                    log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
+                continue
+            if error is None:
+                for index in call.pieces:
+                    self._states[index].answered.append(call.node_id)
+                continue
+            log.warning("replication.find.replica_failed node=%s studies=%d error=%s",
+                        call.node_id, len(call.pieces), error)
+            self._context.count("query_replans")
+            for index in call.pieces:
+                state = self._states[index]
+                state.failed.add(call.node_id)
+                state.rows.pop(slot, None)
+            self._launch_owners(call.pieces)
+
+    # ----------------------------------------------------------------- the answer
+    async def rows(self) -> AsyncIterator[Attributes]:
+        unreachable = 0
         try:
-            if node_id == context.self_id:
-                await self._pump_local(key, query, ranges, hints)
+            self._launch_owners(range(len(self._pieces)))
+            await self._drain()
+            self._launch_hint_holders()
+            await self._drain()
+            for index in range(len(self._pieces)):
+                rows, complete = await self._answer(index)
+                if not complete:
+                    unreachable += 1
+                for row in rows:
+                    yield row
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+        if unreachable:
+            log.warning("replication.find.unreachable studies=%d of=%d", unreachable, len(self._pieces))
+            raise IncompleteAnswer(Shortfall(studies=unreachable))
+
+    async def _answer(self, index: int) -> tuple[list[Attributes], bool]:
+        """The rows of one study and whether R owners vouch for them."""
+        state = self._states[index]
+        level = self._level()
+        answers = [self._keyed(state.rows[node_id]) for node_id in state.answered]
+        complete = len(state.answered) >= state.needed
+        if len(answers) > 1 and any(answer != answers[0] for answer in answers[1:]):
+            self._context.count("read_disagreements")
+            study_uid = self._pieces[index].study_instance_uid
+            if level != "IMAGE":
+                # Counts come from the merged set: make the owners agree, then ask one again.
+                if await self._reconcile(study_uid, list(state.answered)):
+                    again = await self._ask_again(index, state.answered[0])
+                    if again is not None:
+                        answers = [self._keyed(again)]
+                else:
+                    complete = False  # Could not make them agree: never a Success on a guess.
             else:
-                async def stream(started: Callable[[], None]) -> None:
-                    batch: list[Attributes] = []
-                    async for row in context.transport.query(node_id, query, ranges, started=started,
-                                                             timeout_ms=context.query_timeout_ms,
-                                                             include_hints=hints):
-                        batch.append(row)
-                        if len(batch) >= BATCH_ROWS:
-                            await self._queue.put((key, batch, None))
-                            batch = []
-                    if batch:
-                        await self._queue.put((key, batch, None))
+                # Instance rows: the union is the answer; the owners are repaired behind it.
+                asyncio.ensure_future(self._reconcile(study_uid, list(state.answered)))
+        merged: dict[tuple[str, ...], Attributes] = {}
+        for answer in answers:
+            for identity, row in answer.items():
+                merged.setdefault(identity, row)
+        for slot, rows in state.rows.items():
+            if slot.startswith("hints:"):
+                for row in rows:
+                    merged.setdefault(unique_key(level, row), row)
+        return list(merged.values()), complete
 
-                await context.answering(node_id, stream)
-        except asyncio.CancelledError:
-            if cancelled_by_caller():
-                raise
-            # Cancelled underneath us (inside a library call): that call failed; re-plan.
-            await self._queue.put((key, None, "CancelledError: the call was cancelled underneath us"))
-            return
-        except Exception as error:  # A replica breaking off is an operating error: re-plan.
-            await self._queue.put((key, None, f"{type(error).__name__}: {error}"))
-            return
-        await self._queue.put((key, None, None))
+    def _keyed(self, rows: list[Attributes]) -> dict[tuple[str, ...], Attributes]:
+        level = self._level()
+        return {unique_key(level, row): row for row in rows}
 
-    async def _pump_local(self, key: int, query: Query, ranges: list[TokenRange], hints: bool) -> None:
-        """Local rows in batches: each batch is read by run_blocking (a thread in the node,
-        inline in the simulator), so the loop is never blocked and never waited on."""
-        local = self._context.local
-        rows = local.query_hint_rows(query, ranges) if hints else local.query_rows(query, ranges)
+    async def _ask_again(self, index: int, node_id: str) -> list[Attributes] | None:
+        query = narrow_to_studies(self._query, [self._pieces[index].study_instance_uid])
+        queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue()
+        await pump_rows(self._context, queue, 0, node_id, query, [self._pieces[index].token_range], False)
+        rows: list[Attributes] = []
+        while not queue.empty():
+            _key, batch, error = queue.get_nowait()
+            if error is not None:
+                return None
+            rows.extend(batch or [])
+        return rows
 
-        def next_batch() -> list[Attributes]:
-            return list(itertools.islice(rows, BATCH_ROWS))
 
-        while True:
-            batch = await self._context.run_blocking(next_batch)
-            if not batch:
-                return
-            await self._queue.put((key, batch, None))
+async def pump_rows(context: ReadContext, queue: "asyncio.Queue[tuple[int, list[Attributes] | None, str | None]]",
+                key: int, node_id: str, query: Query, ranges: list[TokenRange], hints: bool) -> None:
+    """One call's rows into `queue` in batches, then (key, None, error or None)."""
+    try:
+        if node_id == context.self_id:
+            local = context.local
+            rows = local.query_hint_rows(query, ranges) if hints else local.query_rows(query, ranges)
+
+            def next_batch() -> list[Attributes]:
+                return list(itertools.islice(rows, BATCH_ROWS))
+
+            while True:
+                batch = await context.run_blocking(next_batch)
+                if not batch:
+                    break
+                await queue.put((key, batch, None))
+        else:
+            async def stream(started: Callable[[], None]) -> None:
+                batch: list[Attributes] = []
+                async for row in context.transport.query(node_id, query, ranges, started=started,
+                                                         timeout_ms=context.query_timeout_ms, include_hints=hints):
+                    batch.append(row)
+                    if len(batch) >= BATCH_ROWS:
+                        await queue.put((key, batch, None))
+                        batch = []
+                if batch:
+                    await queue.put((key, batch, None))
+
+            await context.answering(node_id, stream)
+    except asyncio.CancelledError:
+        if cancelled_by_caller():
+            raise
+        await queue.put((key, None, "CancelledError: the call was cancelled underneath us"))
+        return
+    except Exception as error:  # A replica breaking off is an operating error: re-plan.
+        await queue.put((key, None, f"{type(error).__name__}: {error}"))
+        return
+    await queue.put((key, None, None))

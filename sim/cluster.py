@@ -77,6 +77,7 @@ class SimConfig:
     cluster_id: str = "sim"
     replication_factor: int = 3  # N
     write_quorum: int = 2  # W
+    read_quorum: int = 2  # R (requests that name a study)
     vnodes: int = 64
     swim: SwimConfig = field(default_factory=lan_swim)  # LAN profile; dead -> removed after 60 s.
     replica_timeout_ms: int = 2_000
@@ -96,6 +97,7 @@ class SimConfig:
 
     def coordinator_settings(self) -> CoordinatorSettings:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
+                                   read_quorum=self.read_quorum,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
                                    replica_start_timeout_ms=self.replica_start_timeout_ms)

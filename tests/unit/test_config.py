@@ -70,6 +70,7 @@ duplicate_policy = "first-wins"
 peer_port = 7002
 replication_factor = 5
 write_quorum = 3
+read_quorum = 3
 vnodes = 16
 seeds = ["10.0.0.1:7001", "[::1]:7002"]
 advertise_host = "archive7.example"
@@ -183,6 +184,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"dicom_port": True}, "dicom_port: cannot use True as int"),
         ({"write_quorum": 4}, "write_quorum=4 replication_factor=3"),
         ({"write_quorum": 0}, "need 1 <= write_quorum <= replication_factor"),
+        ({"read_quorum": 0}, "read_quorum must be >= 1"),
         ({"replication_factor": 1}, "write_quorum=2 replication_factor=1"),
         ({"ae_title": ""}, "ae_title must be 1-16"),
         ({"ae_title": "    "}, "ae_title must be 1-16"),
