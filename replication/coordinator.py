@@ -102,6 +102,7 @@ class Coordinator:
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
         self._last_effective_n = -1
+        self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
         # Ranges this node is still filling (set by the node to its Repairer's view).
         self.pending: Callable[[], RangeSet] = lambda: RangeSet([])
 
@@ -357,7 +358,19 @@ class Coordinator:
             self_id=self.self_id, ring=self._membership.ring(), n=n, is_alive=self._membership.is_alive,
             site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
             run_blocking=self._run_blocking, answering=self._answering,
-            query_timeout_ms=self._settings.query_timeout_ms, count=self._count)
+            query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow)
+
+    def _slow(self, node_id: str) -> bool:
+        """True for a peer that failed to answer this node recently: until membership
+        suspects it (a paused or cut-off node looks alive for seconds), reads ask it last
+        instead of paying replica_start_timeout_ms on every instance of a retrieve."""
+        until = self._slow_until.get(node_id)
+        if until is None:
+            return False
+        if asyncio.get_running_loop().time() >= until:
+            del self._slow_until[node_id]
+            return False
+        return True
 
     def _count(self, name: str) -> None:
         if name == "query_replans":
@@ -481,7 +494,7 @@ class Coordinator:
         """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
         n, _w = self._replicas()
         owners = self._membership.ring().owners_of_study(location.study_instance_uid, n)
-        order = read_order(owners, self.self_id, self._membership.is_alive, self._site_of)
+        order = read_order(owners, self.self_id, self._membership.is_alive, self._site_of, self._slow)
         missing: list[str] = []
         errors: list[str] = []
         for node_id in order:
@@ -553,12 +566,21 @@ class Coordinator:
                                return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and not began.is_set():
                 self.stats.extra["replica_start_timeouts"] = self.stats.extra.get("replica_start_timeouts", 0) + 1
+                self._mark_slow(node_id)
                 raise PeerError(f"{node_id}: no answer within {self._settings.replica_start_timeout_ms} ms")
-            return await task
+            try:
+                return await task
+            except PeerError:
+                self._mark_slow(node_id)
+                raise
         finally:
             waiter.cancel()
             if not task.done():
                 task.cancel()
+
+    def _mark_slow(self, node_id: str) -> None:
+        window_s = 5 * self._settings.replica_start_timeout_ms / 1000
+        self._slow_until[node_id] = asyncio.get_running_loop().time() + window_s
 
     async def _repair(self, node_id: str, stored: StoredInstance) -> None:
         try:

@@ -55,6 +55,7 @@ class ReadContext:
     answering: Answering
     query_timeout_ms: int
     count: Callable[[str], None]  # Statistics: count("query_peers") per remote query started.
+    slow: Callable[[str], bool] = lambda node_id: False  # Just failed to answer: asked last.
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Gather:
         lost: list[int] = []
         for index in indexes:
             chosen = next_reader(self._pieces[index], context.self_id, context.is_alive, context.site_of,
-                                 self._tried[index])
+                                 self._tried[index], context.slow)
             if chosen is None:
                 lost.append(index)
             else:
@@ -238,7 +239,7 @@ class RoutedGather:
         excluded = set(state.tried)
         if context.pending and piece.token_range.end in context.pending:
             excluded.add(context.self_id)  # Still filling it here: ask other owners.
-        for node_id in read_order(piece.owners, context.self_id, context.is_alive, context.site_of):
+        for node_id in read_order(piece.owners, context.self_id, context.is_alive, context.site_of, context.slow):
             if len(chosen) >= wanted:
                 break
             if node_id not in excluded and context.is_alive(node_id):

@@ -82,16 +82,21 @@ def read_order(
     self_id: str,
     is_alive: Callable[[str], bool],
     site_of: Callable[[str], str] | None = None,
+    slow: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Where to read a study from: self, then live owners of our site, then other live
-    owners, then owners believed down (they may be back)."""
+    owners, then live owners that just failed to answer this node (`slow`: a paused or
+    cut-off peer that membership has not suspected yet), then owners believed down."""
     my_site = site_of(self_id) if site_of else ""
     alive = [o for o in owners if is_alive(o)]
     first = [o for o in alive if o == self_id]
     same_site = [o for o in alive if o != self_id and site_of is not None and site_of(o) == my_site]
     others = [o for o in alive if o not in first and o not in same_site]
     down = [o for o in owners if o not in alive]
-    return first + same_site + others + down
+    order = first + same_site + others
+    if slow is not None:
+        order = [o for o in order if not slow(o)] + [o for o in order if slow(o)]
+    return order + down
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,10 @@ def next_reader(
     is_alive: Callable[[str], bool],
     site_of: Callable[[str], str] | None,
     excluded: set[str],
+    slow: Callable[[str], bool] | None = None,
 ) -> str | None:
     """The live owner to ask for `piece` (self first, then our site), skipping `excluded`."""
-    for node_id in read_order(piece.owners, self_id, is_alive, site_of):
+    for node_id in read_order(piece.owners, self_id, is_alive, site_of, slow):
         if node_id not in excluded and is_alive(node_id):
             return node_id
     return None

@@ -113,6 +113,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     routing.add_argument("--nodes", default="10,30,100", help="cluster sizes, comma-separated")
     routing.add_argument("--seed", type=int, default=0)
     routing.add_argument("--studies", type=int, default=10)
+    routing.add_argument("--read-quorum", default="1,2", help="R values to compare, comma-separated")
 
     report = commands.add_parser("report", help="re-render the report of a sweep directory")
     report.add_argument("--out", type=Path, default=Path("report"))
@@ -132,7 +133,8 @@ def main(args: argparse.Namespace) -> int:
     if args.sim_command == "routing":
         from pacsnode.sim.routing import format_rows, measure
         _quiet_logging()
-        rows = [measure(int(n), seed=args.seed, studies=args.studies) for n in str(args.nodes).split(",") if n]
+        rows = [measure(int(n), seed=args.seed, studies=args.studies, read_quorum=int(r))
+                for n in str(args.nodes).split(",") if n for r in str(args.read_quorum).split(",") if r]
         print(format_rows(rows))
         return 0 if all(row["instances_missing"] == 0 for row in rows) else 1
     if args.sim_command == "report":

@@ -14,12 +14,14 @@ import statistics
 from typing import Any
 
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.sim.cluster import SimCluster
+from pacsnode.sim.cluster import SimCluster, SimConfig
 from pacsnode.sim.workload import DataGenerator
 
 
-def measure(nodes: int, *, seed: int = 0, studies: int = 10, instances: int = 3) -> dict[str, Any]:
-    cluster = SimCluster(nodes, seed=seed)
+def measure(nodes: int, *, seed: int = 0, studies: int = 10, instances: int = 3,
+            read_quorum: int | None = None) -> dict[str, Any]:
+    config = SimConfig() if read_quorum is None else SimConfig(read_quorum=read_quorum)
+    cluster = SimCluster(nodes, seed=seed, config=config)
     try:
         cluster.run_for(3)
         data = DataGenerator(seed)
@@ -43,9 +45,9 @@ def measure(nodes: int, *, seed: int = 0, studies: int = 10, instances: int = 3)
 
         cluster.loop.run_until_complete(store_all())
 
-        def retrieve_all() -> tuple[list[int], list[int], int]:
+        def retrieve_all(subset: list[Any] | None = None) -> tuple[list[int], list[int], int]:
             peers, latencies, missing = [], [], 0
-            for study in chosen:
+            for study in subset if subset is not None else chosen:
                 cluster.network.call_log = []
                 started = cluster.now_ms()
 
@@ -67,26 +69,37 @@ def measure(nodes: int, *, seed: int = 0, studies: int = 10, instances: int = 3)
         peers, latencies, missing = retrieve_all()
         cluster.pause(bystander, 600)
         paused_peers, paused_latencies, paused_missing = retrieve_all()
+        # During a fault: one owner of the first study paused (not yet known dead).
+        victim = ring.owners_of_study(chosen[0].study_instance_uid, n)[0]
+        owned = [s for s in chosen if victim in ring.owners_of_study(s.study_instance_uid, n)]
+        cluster.pause(victim, 600)
+        fault_peers, fault_latencies, fault_missing = retrieve_all(owned)
         return {
             "nodes": nodes, "studies": studies, "replication_factor": n,
+            "read_quorum": cluster.config.read_quorum,
+            "fault_studies": len(owned), "fault_peers_max": max(fault_peers),
+            "fault_latency_ms_p50": statistics.median(fault_latencies),
+            "fault_latency_ms_max": max(fault_latencies),
             "peers_max": max(peers), "peers_mean": statistics.mean(peers),
             "latency_ms_p50": statistics.median(latencies), "latency_ms_max": max(latencies),
             "paused_peers_max": max(paused_peers),
             "paused_latency_ms_p50": statistics.median(paused_latencies),
             "paused_latency_ms_max": max(paused_latencies),
-            "instances_missing": missing + paused_missing,
+            "instances_missing": missing + paused_missing + fault_missing,
         }
     finally:
         cluster.close()
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["nodes  peers asked per one-study retrieve (max / mean)  latency ms p50 / max"
-             "  | one non-owner paused: peers max, latency ms p50 / max  | instances missing"]
+    lines = ["one-study retrieves (locate + read every instance) through a non-owner; virtual ms",
+             "nodes  R | peers max  mean | latency p50  max | non-owner paused: peers, p50, max"
+             " | an owner paused: studies, peers, p50, max | missing"]
     for row in rows:
         lines.append(
-            f"{row['nodes']:>5}  {row['peers_max']:>12} / {row['peers_mean']:<6.2f}"
-            f"{'':>26}{row['latency_ms_p50']:>6.0f} / {row['latency_ms_max']:<6.0f}"
-            f"  | {row['paused_peers_max']:>3}, {row['paused_latency_ms_p50']:>6.0f} / "
-            f"{row['paused_latency_ms_max']:<6.0f}{'':>17}| {row['instances_missing']}")
+            f"{row['nodes']:>5} {row['read_quorum']:>2} | {row['peers_max']:>9} {row['peers_mean']:>5.2f}"
+            f" | {row['latency_ms_p50']:>11.0f} {row['latency_ms_max']:>4.0f}"
+            f" | {row['paused_peers_max']:>24}, {row['paused_latency_ms_p50']:.0f}, {row['paused_latency_ms_max']:.0f}"
+            f" | {row['fault_studies']:>24}, {row['fault_peers_max']}, {row['fault_latency_ms_p50']:.0f},"
+            f" {row['fault_latency_ms_max']:.0f} | {row['instances_missing']}")
     return "\n".join(lines)
