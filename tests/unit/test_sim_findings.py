@@ -220,3 +220,54 @@ def test_a_drop_deletes_only_what_it_verified_on_every_owner() -> None:
     assert seen["after_one"] == {"verified": False, "late": True}, seen
     assert set(seen["owners"]) <= set(seen["late_holders"]), seen  # type: ignore[arg-type]
     assert seen["stray"] not in seen["late_holders"], seen  # type: ignore[operator]
+
+
+@functools.lru_cache(maxsize=1)
+def _store_to_a_node_that_just_left_the_ring() -> dict[str, object]:
+    """A node starts leaving; at that instant, before gossip reaches anyone, a coordinator
+    that still has it in its ring stores an instance of a study it owned."""
+    import asyncio
+
+    from pacsnode.sim.cluster import SimCluster
+    from pacsnode.sim.workload import Workload
+
+    cluster = SimCluster(5, sites=1, seed=5)
+    workload = Workload(cluster, 5)
+
+    async def run() -> dict[str, object]:
+        await asyncio.sleep(5)
+        await workload.load(20)
+        await asyncio.sleep(10)
+        leaver = "node-003"
+        ring = cluster.process("node-000").membership.ring()
+        stored = workload.next_instance()
+        while leaver not in ring.owners_of_study(stored.study_instance_uid, 3):
+            stored = workload.next_instance()
+        coordinator = next(n for n in ("node-000", "node-001", "node-002", "node-004")
+                           if n not in ring.owners_of_study(stored.study_instance_uid, 3))
+        cluster.leave(leaver)
+        record = await workload.store(stored, coordinator)
+        refusals = cluster.process(leaver).not_owner_refusals
+        stats = cluster.process(coordinator).coordinator.stats.extra
+        await asyncio.sleep(120)  # The leaver drains and exits; hints are replayed.
+        live = cluster.live_ids()
+        owners = cluster.process(live[0]).membership.ring().owners_of_study(stored.study_instance_uid, 3)
+        return {"acked": record.ok, "refusals": refusals, "writes_not_owner": stats.get("writes_not_owner", 0),
+                "holders": sorted(cluster.replicas.holders.get(stored.sop_instance_uid, set())),
+                "owners": sorted(owners), "leaver_gone": cluster.nodes[leaver].gone}
+
+    try:
+        return cluster.loop.run_until_complete(run())
+    finally:
+        cluster.close()
+
+
+def test_a_node_out_of_the_ring_refuses_a_primary_copy_and_the_write_still_lands_on_the_owners() -> None:
+    """Was: StoreInstance took primary copies of studies the node no longer owned (and the
+    drop rule then raced them). Now the leaving node refuses as NOT_OWNER, the coordinator
+    re-plans or keeps the copy as a hint, and the instance ends on its owners."""
+    seen = _store_to_a_node_that_just_left_the_ring()
+    assert seen["acked"], seen
+    assert seen["refusals"] >= 1 and seen["writes_not_owner"] >= 1, seen  # type: ignore[operator]
+    assert seen["leaver_gone"], seen
+    assert seen["holders"] == seen["owners"], seen
