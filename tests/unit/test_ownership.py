@@ -77,3 +77,12 @@ def test_ring_sync_forgets_peers_beyond_its_bound() -> None:
         assert sync.due(peer, index, ring_version=1, sender_ring_version=2)
     assert sync.due("d", 10, ring_version=1, sender_ring_version=2)  # Cleared, then d.
     assert sync.due("a", 11, ring_version=1, sender_ring_version=2)  # a was forgotten: sooner, never never.
+
+
+def test_the_wire_outcome_maps_to_the_not_owner_reason() -> None:
+    from pacsnode.node.grpc_transport import _REFUSALS
+    from pacsnode.proto import pacsnode_pb2 as pb
+    from pacsnode.replication.transport import RefusalReason
+
+    assert pb.STORE_OUTCOME_REFUSED_NOT_OWNER == 8
+    assert _REFUSALS[pb.STORE_OUTCOME_REFUSED_NOT_OWNER] is RefusalReason.NOT_OWNER
