@@ -673,7 +673,6 @@ class Coordinator:
             log.info("replication.hint.retargeted gone=%s instances=%d", gone, moved)
         return moved
 
-
     async def _deliver_to_owners(self, stored: StoredInstance, ring: Any, *, gone: str = "") -> bool:
         """A durable copy of `stored` on every current owner of its study (ourselves
         included); False as soon as one is down or does not make it durable."""
