@@ -22,6 +22,7 @@ from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, segment_bounds
 from pacsnode.replication.matching import Query, QueryError
+from pacsnode.replication.ownership import refuses_not_owner
 from pacsnode.replication.repair import intervals_of
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
@@ -92,12 +93,18 @@ class PeerServer:
             log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
                         (env.sender_id[:64] if env is not None else ""), context.peer(), problem[1])
             await context.abort(problem[0], problem[1])
+            return
+        assert env is not None
+        if env.ring_version and env.sender_id != self.node.config.node_id:
+            # Another view of the ring: exchange membership with the sender (rate-limited).
+            self.node.membership.ring_mismatch(env.sender_id, int(env.ring_version))
 
 
 class DataService(pb_grpc.DataServicer):
     def __init__(self, server: PeerServer) -> None:
         self.server = server
         self.node = server.node
+        self.not_owner_refusals = 0
 
     async def StoreInstance(self, request_iterator: AsyncIterator[pb.StoreChunk],
                             context: grpc.aio.ServicerContext) -> pb.StoreReply:
@@ -106,10 +113,14 @@ class DataService(pb_grpc.DataServicer):
         received = 0
         complete = False
         first = True
+        sender_ring_version = 0
+        sender_id = ""
         async for chunk in request_iterator:
             if first:
                 await self.server.check(chunk.envelope if chunk.HasField("envelope") else None, context,
                                         "StoreInstance")
+                sender_ring_version = int(chunk.envelope.ring_version)
+                sender_id = chunk.envelope.sender_id
                 if not chunk.HasField("header"):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first chunk has no header")
                 header = chunk.header
@@ -136,6 +147,12 @@ class DataService(pb_grpc.DataServicer):
                 raise ValueError("missing UID")
         except (ValueError, TypeError, UnicodeDecodeError) as error:
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, f"bad header: {error}")
+        if refuses_not_owner(self.node.membership.ring(), self.node.config.node_id, record.study_instance_uid,
+                             hint_for=header.hint_for, sender_ring_version=sender_ring_version,
+                             replication_factor=self.node.config.replication_factor):
+            self.not_owner_refusals += 1
+            log.info("peer.store.not_owner sop_instance_uid=%s sender=%s", record.sop_instance_uid, sender_id[:64])
+            return self._reply(pb.STORE_OUTCOME_REFUSED_NOT_OWNER, "not an owner of this study under this node's ring")
         stored = StoredInstance(record=record, attributes=attributes, blob=b"".join(parts))
         try:
             # Never acknowledge a copy that would not read back: check its zstd checksum.

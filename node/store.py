@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from rocksdict import Options, ReadOptions, Rdict, WriteBatch, WriteOptions
 
@@ -533,6 +533,75 @@ class RocksStore:
         view.delete(batch, PREFIX_STUDY + prefix)
         view.put(batch, segment_key, digest.to_bytes())
         view.counters["studies"] -= 1
+        return str(removed)
+
+    def delete_instances(self, entries: Sequence[tuple[str, str, str]]) -> int:
+        """Remove exactly these instances, each (study uid, sop uid, content hash), and each
+        only if it is still held here with that content: the drop rule verified that every
+        owner holds them. An instance that arrived since the check, or whose content
+        changed, is not in `entries` or does not match, and stays. One synced WriteBatch;
+        the segment digests, the series and study records (a series or study left with no
+        instance loses its record and index keys) and the counters change with it.
+        Returns the instances removed."""
+        if not entries:
+            return 0
+        chosen = list(entries)
+        return int(self._submit(lambda view, batch: self._build_instances_delete(view, batch, chosen)))
+
+    def _build_instances_delete(self, view: "_View", batch: WriteBatch,
+                                entries: list[tuple[str, str, str]]) -> str:
+        removed = 0
+        for study_uid, sop_uid, content_hash in entries:
+            prefix = study_prefix(study_uid)
+            sop = sop_uid.encode("ascii")
+            meta_key = PREFIX_META + prefix + SEP + sop
+            raw = view.get(meta_key)
+            if raw is None:
+                continue
+            record = json.loads(raw)
+            if record["content_hash"] != content_hash:
+                continue  # Another copy won meanwhile: not what the owners were checked for.
+            segment_key = _digest_key(segment_of(study_token(study_uid)))
+            digest = Digest.from_bytes(view.get(segment_key)).remove(entry_hash(sop_uid, content_hash))
+            view.put(batch, segment_key, digest.to_bytes())
+            blob_key = PREFIX_BLOB + prefix + SEP + sop
+            blob = view.get(blob_key)
+            view.counters["bytes_stored"] -= len(blob) if blob else 0
+            view.counters["bytes_received"] -= int(record["size_bytes"])
+            view.counters["instances"] -= 1
+            view.delete(batch, blob_key)
+            view.delete(batch, meta_key)
+            for key, _value in list(self._scan(PREFIX_CONFLICT + prefix + SEP + sop + SEP)):
+                if view.get(key) is not None:
+                    view.delete(batch, key)
+                    view.counters["conflicts"] -= 1
+            series_count_change = 0
+            series_key = PREFIX_SERIES + prefix + SEP + str(record["series_instance_uid"]).encode("ascii")
+            raw_series = view.get(series_key)
+            if raw_series is not None:
+                series = SeriesRecord(**json.loads(raw_series))
+                series.instance_count -= 1
+                if series.instance_count <= 0:
+                    view.delete(batch, series_key)
+                    series_count_change = 1
+                else:
+                    view.put(batch, series_key, _dump(series))
+            study_key = PREFIX_STUDY + prefix
+            raw_study = view.get(study_key)
+            if raw_study is not None:
+                study = StudyRecord(**json.loads(raw_study))
+                study.instance_count -= 1
+                study.series_count -= series_count_change
+                study.size_bytes -= int(record["size_bytes"])
+                if study.instance_count <= 0:
+                    for keyword in INDEXED_STUDY_KEYWORDS:
+                        for value in _values(study.attributes.get(keyword)):
+                            view.delete(batch, _index_key(keyword, value, prefix))
+                    view.delete(batch, study_key)
+                    view.counters["studies"] -= 1
+                else:
+                    view.put(batch, study_key, _dump(study))
+            removed += 1
         return str(removed)
 
     # ----------------------------------------------------------------- hints

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pacsnode.node import peer_wire
+from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Ring
@@ -128,6 +129,7 @@ class SwimMembership:
         self._sends: set[asyncio.Task[None]] = set()
         self._held: dict[tuple[str, int], asyncio.Future[Message]] = {}
         self._view = self._build_view(None)
+        self._ring_sync = RingSync(peer_interval_ms=config.push_pull_interval_ms, gap_ms=config.probe_interval_ms)
 
     # ----------------------------------------------------------------- MembershipView
     def ring(self) -> Ring:
@@ -206,6 +208,21 @@ class SwimMembership:
         log.warning("membership.removed node=%s reason=%s", node_id, reason)
         self._input(lambda now: self.swim.remove(now, node_id))
         return self.swim.state_of(node_id) is State.REMOVED
+
+    def ring_mismatch(self, node_id: str, sender_ring_version: int) -> None:
+        """A peer's envelope carried another ring version than ours: exchange full state with
+        it now (a push-pull, as the periodic one), rate-limited per peer (RingSync), so the
+        two views converge in one round trip. Loop only (the peer server calls it)."""
+        member = self.member(node_id)
+        if member is None or node_id == self.self_id or self.transport is None or self._stopped:
+            return
+        if not self._ring_sync.due(node_id, now_ms(), ring_version=self.ring().version,
+                                   sender_ring_version=sender_ring_version):
+            return
+        log.debug("membership.ring_mismatch node=%s theirs=%x ours=%x", node_id, sender_ring_version,
+                  self.ring().version)
+        snapshot = tuple(sorted(self.records(), key=lambda record: record.node_id))
+        self._dispatch(Outbound(node_id, member.peer_address, PushPullRequest(snapshot)))
 
     # ----------------------------------------------------------------- loop
     def start(self, transport: "GrpcTransport") -> None:

@@ -18,6 +18,7 @@ class StoreOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORE_OUTCOME_REFUSED_INVALID: _ClassVar[StoreOutcome]
     STORE_OUTCOME_ERROR: _ClassVar[StoreOutcome]
     STORE_OUTCOME_DELETED: _ClassVar[StoreOutcome]
+    STORE_OUTCOME_REFUSED_NOT_OWNER: _ClassVar[StoreOutcome]
 
 class TombstoneOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ STORE_OUTCOME_REFUSED_FULL: StoreOutcome
 STORE_OUTCOME_REFUSED_INVALID: StoreOutcome
 STORE_OUTCOME_ERROR: StoreOutcome
 STORE_OUTCOME_DELETED: StoreOutcome
+STORE_OUTCOME_REFUSED_NOT_OWNER: StoreOutcome
 TOMBSTONE_OUTCOME_UNSPECIFIED: TombstoneOutcome
 TOMBSTONE_OUTCOME_APPLIED: TombstoneOutcome
 TOMBSTONE_OUTCOME_DUPLICATE: TombstoneOutcome

@@ -194,7 +194,7 @@ class Coordinator:
         token = study_token(stored.study_instance_uid)
         owners = ring.preference_list(token, n)
         timeout_ms = self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob))
-        state = _WriteState(owners)
+        state = _WriteState(owners, ring_version=ring.version)
         tasks = [asyncio.ensure_future(self._replicate(owner, stored, token, n, state, timeout_ms))
                  for owner in owners]
         acked: list[tuple[str, str, str]] = []  # (owner, holder, outcome)
@@ -244,6 +244,15 @@ class Coordinator:
             except PeerRefused as error:
                 state.full = state.full or error.reason is RefusalReason.FULL
                 state.errors.append(f"{owner}: {error}")
+                if error.reason is RefusalReason.NOT_OWNER:
+                    # Its ring is not ours and it does not own the study there. Re-plan on our
+                    # ring as it is now (the refusal came with a push-pull); if that names no
+                    # other owner (our view is the newer one, or has not caught up yet), the
+                    # copy becomes a hint for it below, replayed once the views agree.
+                    self.stats.extra["writes_not_owner"] = self.stats.extra.get("writes_not_owner", 0) + 1
+                    replanned = await self._new_owner_copy(owner, stored, token, n, state, timeout_ms)
+                    if replanned is not None:
+                        return replanned
             except PeerError as error:
                 state.errors.append(f"{owner}: {error}")
                 silent_owner = True
@@ -276,6 +285,32 @@ class Coordinator:
             result = await self._first_hint(batch, stored, owner, timeout_ms, state)
             if result is not None:
                 return result
+
+    async def _new_owner_copy(self, refused_by: str, stored: StoredInstance, token: int, n: int,
+                              state: "_WriteState", timeout_ms: int) -> tuple[str, str, str] | None:
+        """`refused_by` is not an owner under its ring. If our ring changed since the write was
+        planned, the study's owner under it that this write has not asked yet takes a primary
+        copy in its place. Returns (owner, holder, outcome), or None when there is no such
+        owner or it did not make the copy durable."""
+        ring = self._membership.ring()
+        if ring.version == state.ring_version:
+            return None
+        for candidate in ring.preference_list(token, n):
+            if candidate in state.owners or candidate in state.used or not self._membership.is_alive(candidate):
+                continue
+            state.used.add(candidate)
+            try:
+                outcome = await self._put(candidate, stored, "", timeout_ms)
+            except PeerError as error:
+                state.errors.append(f"{candidate} (re-planned for {refused_by}): {error}")
+                return None
+            if outcome not in DURABLE_OUTCOMES:
+                return None
+            self.stats.extra["writes_replanned"] = self.stats.extra.get("writes_replanned", 0) + 1
+            log.info("replication.write.replanned sop_instance_uid=%s refused_by=%s owner=%s",
+                     stored.sop_instance_uid, refused_by, candidate)
+            return candidate, candidate, outcome
+        return None
 
     def _next_stand_in(self, ring: Any, token: int, n: int, owner: str, state: "_WriteState", *,
                        avoid_site: str | None = None, prefer_site: str | None = None) -> str | None:
@@ -611,6 +646,19 @@ class Coordinator:
                     outcome = await self._transport.store(
                         owner, stored, hint_for="",
                         timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+                except PeerRefused as error:
+                    n, _w = self._replicas()
+                    if error.reason is RefusalReason.NOT_OWNER and \
+                            owner not in ring.owners_of_study(stored.study_instance_uid, n):
+                        # The ring moved the study away from the hint's owner: its owners now get it.
+                        if await self._deliver_to_owners(stored, ring):
+                            await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
+                                                     stored.sop_instance_uid)
+                            handed += 1
+                            self.stats.extra["hints_retargeted"] = self.stats.extra.get("hints_retargeted", 0) + 1
+                            continue
+                    log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
+                    break
                 except PeerError as error:
                     log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
                     break
@@ -629,30 +677,10 @@ class Coordinator:
         study's current owners instead (DESIGN: re-targeted to the new owner); each is
         deleted once every current owner holds it durably. An owner that is down keeps
         the hint here for the next pass."""
-        n, _w = self._replicas()
         moved = 0
         stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(gone), 64)))
         for stored in stored_list:
-            delivered = True
-            for owner in ring.owners_of_study(stored.study_instance_uid, n):
-                if owner == self.self_id:
-                    await self._run_blocking(functools.partial(self._local.put_stored, stored))
-                    continue
-                if not self._membership.is_alive(owner):
-                    delivered = False
-                    break
-                try:
-                    outcome = await self._transport.store(
-                        owner, stored, hint_for="",
-                        timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
-                except PeerError as error:
-                    log.info("replication.hint.retarget_failed gone=%s owner=%s error=%s", gone, owner, error)
-                    delivered = False
-                    break
-                if outcome not in DURABLE_OUTCOMES:
-                    delivered = False
-                    break
-            if not delivered:
+            if not await self._deliver_to_owners(stored, ring, gone=gone):
                 continue
             await self._run_blocking(self._local.delete_hint, gone, stored.study_instance_uid, stored.sop_instance_uid)
             moved += 1
@@ -660,6 +688,27 @@ class Coordinator:
             self.stats.extra["hints_retargeted"] = self.stats.extra.get("hints_retargeted", 0) + moved
             log.info("replication.hint.retargeted gone=%s instances=%d", gone, moved)
         return moved
+
+    async def _deliver_to_owners(self, stored: StoredInstance, ring: Any, *, gone: str = "") -> bool:
+        """A durable copy of `stored` on every current owner of its study (ourselves
+        included); False as soon as one is down or does not make it durable."""
+        n, _w = self._replicas()
+        for owner in ring.owners_of_study(stored.study_instance_uid, n):
+            if owner == self.self_id:
+                await self._run_blocking(functools.partial(self._local.put_stored, stored))
+                continue
+            if not self._membership.is_alive(owner):
+                return False
+            try:
+                outcome = await self._transport.store(
+                    owner, stored, hint_for="",
+                    timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+            except PeerError as error:
+                log.info("replication.hint.retarget_failed gone=%s owner=%s error=%s", gone, owner, error)
+                return False
+            if outcome not in DURABLE_OUTCOMES:
+                return False
+        return True
 
 
 def _take(iterator: Any, count: int) -> Any:
@@ -685,6 +734,7 @@ _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID"
 @dataclass
 class _WriteState:
     owners: Sequence[str]
+    ring_version: int = 0  # The ring the write was planned on.
     used: set[str] = field(default_factory=set)  # Stand-ins taken (or found down) by this write.
     silent_sites: set[str] = field(default_factory=set)  # A stand-in there did not answer: likely cut off.
     errors: list[str] = field(default_factory=list)

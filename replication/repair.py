@@ -9,9 +9,11 @@ loss, and filling a node that joined (or whose data dir was wiped).
 A range a node owns but has not filled yet is *pending*: reads do not use this node for
 it until a pass over it completed against every live source.
 
-A node drops data it holds for ranges it no longer owns only when every current owner of
-the range holds everything it holds there (the drop rule), and the ring that made the
-change is still current.
+A node drops data it holds for ranges it no longer owns instance by instance: it lists
+what it holds there, verifies that every current owner holds each of those instances
+(same content), and deletes exactly those, each only if it is still identical here, and
+only while the ring that made the change is still current (the drop rule). An instance
+that arrives during the check is not in the list and stays for a later pass.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from pacsnode.replication.digest import Digest, segment_bounds, segment_of
+from pacsnode.replication.digest import Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.replication.model import StoredInstance, StoreError
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.transport import PeerError, cancelled_by_caller
@@ -51,7 +53,7 @@ class RepairStore(Protocol):
     def entries(self, low: int, high: int) -> Any: ...
     def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str: ...
     def studies_in(self, low: int, high: int) -> list[str]: ...
-    def delete_study(self, study_instance_uid: str) -> int: ...
+    def delete_instances(self, entries: Sequence[Entry]) -> int: ...
     def is_empty(self) -> bool: ...
     def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None: ...
 
@@ -92,6 +94,14 @@ class RepairStats:
 
 def intervals_of(token_range: TokenRange) -> list[tuple[int, int]]:
     return RangeSet([token_range]).intervals()
+
+
+def _digest_of(entries: Sequence[Entry]) -> Digest:
+    """The segment digest a store keeps for exactly these entries."""
+    digest = Digest()
+    for _study, sop, content in entries:
+        digest = digest.add(entry_hash(sop, content))
+    return digest
 
 
 def _range_total(digests: dict[int, Digest]) -> Digest:
@@ -337,7 +347,17 @@ class Repairer:
 
     # ----------------------------------------------------------------- drop rule
     async def _drop_unowned(self, ring: Ring, n: int) -> None:
-        """Drop studies in ranges we no longer own, once every owner holds all we hold there."""
+        """Drop what we hold in ranges we no longer own: exactly the instances that every
+        current owner was seen to hold, never one that arrived after the check.
+
+        Per range: list our entries first (study, sop, content hash); ask every owner for
+        its digest, and list the buckets where it differs; an entry is verified when every
+        owner holds the same (sop, content hash). What an owner lacks is handed to it (and
+        dropped in a later pass, once seen there). Then one batch deletes the verified
+        entries, each only if it is still here with that content (`delete_instances`), and
+        only if the ring that made the change is still current. A write that lands here
+        while the owners are asked is not in the list, so it stays until a later pass has
+        seen it on every owner."""
         held = await self._run_blocking(self._store.segment_digests, [(0, TOKEN_SPACE - 1)])
         if not held:
             return
@@ -349,55 +369,57 @@ class Repairer:
             intervals = intervals_of(token_range)
             if not any(segment_of(low) <= s <= segment_of(high) for s in held for low, high in intervals):
                 continue
-            mine = await self._run_blocking(self._store.segment_digests, intervals)
-            if not mine:
+
+            def listing(intervals: list[tuple[int, int]] = intervals) -> list[Entry]:
+                return [entry for low, high in intervals for entry in self._store.entries(low, high)]
+
+            listed = [e for e in await self._run_blocking(listing) if study_token(e[0]) not in owned]
+            if not listed:
                 continue
-            if not await self._owners_hold_all(token_range, owned_range.owners, mine):
+            verified = await self._verified_on_owners(token_range, owned_range.owners, listed)
+            if not verified:
                 continue
             if self._membership.ring().version != ring.version:
                 return
-            dropped_studies = 0
-            dropped_instances = 0
-            for low, high in intervals:
-                for study_uid in await self._run_blocking(self._store.studies_in, low, high):
-                    if study_token(study_uid) in owned:
-                        continue
-                    dropped_instances += await self._run_blocking(self._store.delete_study, study_uid)
-                    dropped_studies += 1
-            if dropped_studies:
-                self.stats.studies_dropped += dropped_studies
-                self.stats.instances_dropped += dropped_instances
-                log.info("repair.range.dropped studies=%d instances=%d owners=%s", dropped_studies,
-                         dropped_instances, ",".join(owned_range.owners))
+            dropped = await self._run_blocking(self._store.delete_instances, verified)
+            if dropped:
+                studies = len({study for study, _sop, _content in verified})
+                self.stats.studies_dropped += studies
+                self.stats.instances_dropped += dropped
+                log.info("repair.range.dropped studies=%d instances=%d kept=%d owners=%s", studies, dropped,
+                         len(listed) - dropped, ",".join(owned_range.owners))
 
-    async def _owners_hold_all(self, token_range: TokenRange, owners: Sequence[str], mine: dict[int, Digest]) -> bool:
-        """True when every owner holds every instance we hold in the range. What an owner
-        lacks is handed to it (a copy only we hold, e.g. taken while we were cut off and
-        alone, would otherwise never reach its owners: they only pull from owners)."""
-        complete = True
+    async def _verified_on_owners(self, token_range: TokenRange, owners: Sequence[str],
+                                  listed: list[Entry]) -> list[Entry]:
+        """The entries of `listed` that every owner holds with the same content. What an
+        owner lacks is handed to it (a copy only we hold, e.g. taken while we were cut off
+        and alone, would otherwise never reach its owners: they only pull from owners).
+        Any owner down or not answering: nothing is verified (keep our copies)."""
+        by_segment: dict[int, list[Entry]] = {}
+        for entry in listed:
+            by_segment.setdefault(segment_of(study_token(entry[0])), []).append(entry)
+        lacked: set[Entry] = set()
         for owner in owners:
             if not self._membership.is_alive(owner):
-                return False  # Cannot confirm: keep our copy.
+                return []  # Cannot confirm: keep our copies.
             try:
                 theirs = await self._transport.range_digest(owner, token_range, timeout_ms=self._settings.rpc_timeout_ms)
             except PeerError:
-                return False
-            for segment, digest in mine.items():
-                if theirs.get(segment) == digest:
-                    continue
+                return []
+            for segment, entries in by_segment.items():
+                if theirs.get(segment) == _digest_of(entries):
+                    continue  # The owner holds exactly what we listed there.
                 try:
                     their_entries = await self._transport.list_bucket(owner, token_range, segment,
                                                                       timeout_ms=self._settings.rpc_timeout_ms)
                 except PeerError:
-                    return False
-                low, high = self._clip(token_range, segment)
-                my_entries = await self._run_blocking(lambda: list(self._store.entries(low, high)))
+                    return []
                 their_set = {(sop, content) for _study, sop, content in their_entries}
-                lacking = [(study, sop) for study, sop, content in my_entries if (sop, content) not in their_set]
+                lacking = [e for e in entries if (e[1], e[2]) not in their_set]
                 if lacking:
-                    complete = False
-                    await self._hand_over(owner, lacking)
-        return complete
+                    lacked.update(lacking)
+                    await self._hand_over(owner, [(study, sop) for study, sop, _content in lacking])
+        return [entry for entry in listed if entry not in lacked]
 
     async def _hand_over(self, owner: str, lacking: list[tuple[str, str]]) -> None:
         handed = 0

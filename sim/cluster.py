@@ -50,12 +50,24 @@ from typing import Any
 from pacsnode.node.codec import decompress
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
+from pacsnode.replication.ownership import RingSync, refuses_not_owner
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason
 from pacsnode.replication.digest import segment_bounds
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Ring
-from pacsnode.ring.swim import Message, MemberUpdate, Outbound, PushPullReply, State, Swim, SwimConfig, Transition
+from pacsnode.ring.swim import (
+    REPLIES,
+    Message,
+    MemberUpdate,
+    Outbound,
+    PushPullReply,
+    PushPullRequest,
+    State,
+    Swim,
+    SwimConfig,
+    Transition,
+)
 from pacsnode.sim.loop import VirtualEventLoop, new_loop
 from pacsnode.sim.network import LinkModel, SimNetwork, Trace
 from pacsnode.sim.store import NonDurableStore
@@ -276,6 +288,9 @@ class _Process:
         self.ring_changes = 0
         self.rejoins = 0
         self.left_by_us = False
+        self.ring_sync = RingSync(peer_interval_ms=config.swim.push_pull_interval_ms,
+                                  gap_ms=config.swim.probe_interval_ms)
+        self.not_owner_refusals = 0
 
     # ----------------------------------------------------------------- clock
     def now_ms(self) -> int:
@@ -424,8 +439,26 @@ class _Process:
         self._after_input()
         return out
 
-    def on_swim(self, source_id: str, message: Message) -> None:
+    def ring_version(self) -> int:
+        return self.membership.ring().version
+
+    def on_swim(self, source_id: str, message: Message, ring_version: int) -> None:
+        if not isinstance(message, REPLIES):  # The peer server checks the envelope of a request.
+            self.ring_mismatch(source_id, ring_version)
         self.swim_step(lambda now: self.swim.on_message(now, source_id, message))
+
+    def ring_mismatch(self, node_id: str, sender_ring_version: int) -> None:
+        """node/swim_membership.py ring_mismatch: another ring version in a peer's envelope
+        starts a push-pull with it (rate-limited by RingSync)."""
+        if not self.alive or not node_id or node_id == self.node_id:
+            return
+        member = self.swim.member(node_id)
+        if member is None or not self.ring_sync.due(node_id, self.now_ms(), ring_version=self.ring_version(),
+                                                     sender_ring_version=sender_ring_version):
+            return
+        records = [r for r in (self.swim.record(v.info.node_id) for v in self.swim.members()) if r is not None]
+        snapshot = tuple(sorted(records, key=lambda record: record.node_id))
+        self.cluster.network.send_swim(self, Outbound(node_id, member.peer_address, PushPullRequest(snapshot)))
 
     def on_swim_failed(self, outbound: Outbound) -> None:
         self.swim_step(lambda now: self.swim.message_failed(now, outbound))
@@ -469,11 +502,19 @@ class _Process:
                 self.cluster.note_error(f"{self.node_id} hint replay: {error!r}")
 
     # ----------------------------------------------------------------- the peer server (node/peer_server.py)
-    async def handle(self, method: str, args: tuple[Any, ...]) -> tuple[Any, int]:
+    async def handle(self, method: str, args: tuple[Any, ...], sender_id: str, ring_version: int
+                     ) -> tuple[Any, int]:
         await self.wait_running()
+        self.ring_mismatch(sender_id, ring_version)
         store = self.node.store
         if method == "store":
             stored, hint_for = args
+            if refuses_not_owner(self.membership.ring(), self.node_id, stored.study_instance_uid, hint_for=hint_for,
+                                 sender_ring_version=ring_version,
+                                 replication_factor=self.cluster.config.replication_factor):
+                self.not_owner_refusals += 1
+                raise PeerRefused(f"{self.node_id}: not an owner of this study under its ring",
+                                  RefusalReason.NOT_OWNER)
             try:  # Never acknowledge a copy that would not read back.
                 decompress(stored.blob, stored.sop_instance_uid)
             except CorruptBlob:

@@ -86,10 +86,18 @@ class Endpoint(Protocol):
         """Return when the process is running (not paused); CancelledError if it died."""
         ...
 
-    def on_swim(self, source_id: str, message: Message) -> None: ...
+    def ring_version(self) -> int:
+        """The version of the node's ring now: what its envelopes carry (node/peer_wire.py)."""
+        ...
+
+    def on_swim(self, source_id: str, message: Message, ring_version: int) -> None:
+        """A SWIM message; `ring_version` is the sender's when it sent it (its envelope's)."""
+        ...
+
     def on_swim_failed(self, outbound: Outbound) -> None: ...
-    async def handle(self, method: str, args: tuple[Any, ...]) -> tuple[Any, int]:
-        """Serve one data call: (result, reply size in bytes). Raises PeerError to refuse."""
+    async def handle(self, method: str, args: tuple[Any, ...], sender_id: str, ring_version: int) -> tuple[Any, int]:
+        """Serve one data call from `sender_id`, whose ring had `ring_version` when it sent
+        it: (result, reply size in bytes). Raises PeerError to refuse."""
         ...
 
 
@@ -259,9 +267,10 @@ class SimNetwork:
         self._count(kind, size, delay is not None)
         if delay is None:
             return
-        self.loop.call_at(self.loop.time() + delay, self._arrive_swim, source, target, outbound, kind)
+        self.loop.call_at(self.loop.time() + delay, self._arrive_swim, source, target, outbound, kind,
+                          source.ring_version())
 
-    def _arrive_swim(self, source: Endpoint, target: str, outbound: Outbound, kind: str) -> None:
+    def _arrive_swim(self, source: Endpoint, target: str, outbound: Outbound, kind: str, ring_version: int) -> None:
         endpoint = self._endpoint(target)
         if endpoint is None:
             if not isinstance(outbound.message, REPLIES):
@@ -273,7 +282,7 @@ class SimNetwork:
         self.trace.record(self.now_us(), source.node_id, target, kind)
         message = outbound.message
         source_id = source.node_id
-        endpoint.deliver(lambda: endpoint.on_swim(source_id, message))
+        endpoint.deliver(lambda: endpoint.on_swim(source_id, message, ring_version))
 
     def _swim_refused(self, source: Endpoint, outbound: Outbound) -> None:
         source.deliver(lambda: source.on_swim_failed(outbound))
@@ -298,7 +307,8 @@ class SimNetwork:
         delay = self._delay_s(source.node_id, target, request_bytes, stream=True)
         self._count(kind, request_bytes, delay is not None)
         if delay is not None:
-            loop.call_at(loop.time() + delay, self._arrive_call, source, target, method, args, future, kind)
+            loop.call_at(loop.time() + delay, self._arrive_call, source, target, method, args, future, kind,
+                         source.ring_version())
         try:
             return await future
         finally:
@@ -310,7 +320,7 @@ class SimNetwork:
             future.set_exception(PeerError(f"{target}: {method} deadline of {timeout_ms} ms exceeded"))
 
     def _arrive_call(self, source: Endpoint, target: str, method: str, args: tuple[Any, ...],
-                     future: asyncio.Future[Any], kind: str) -> None:
+                     future: asyncio.Future[Any], kind: str, ring_version: int) -> None:
         endpoint = self._endpoint(target)
         if endpoint is None:  # Process down: connection refused, known one round trip later.
             self.traffic.refused += 1
@@ -320,15 +330,15 @@ class SimNetwork:
                 self.loop.call_at(self.loop.time() + back, self._reply, source, future, None, error)
             return
         self.trace.record(self.now_us(), source.node_id, target, kind)
-        endpoint.deliver(lambda: endpoint.spawn(self._serve(endpoint, source, method, args, future)))
+        endpoint.deliver(lambda: endpoint.spawn(self._serve(endpoint, source, method, args, future, ring_version)))
 
     async def _serve(self, endpoint: Endpoint, source: Endpoint, method: str, args: tuple[Any, ...],
-                     future: asyncio.Future[Any]) -> None:
+                     future: asyncio.Future[Any], ring_version: int) -> None:
         result: Any = None
         error: BaseException | None = None
         size = 96
         try:
-            result, size = await endpoint.handle(method, args)
+            result, size = await endpoint.handle(method, args, source.node_id, ring_version)
         except PeerError as refused:
             error = refused
         delay = self._delay_s(endpoint.node_id, source.node_id, size, stream=True)

@@ -209,6 +209,14 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
         "pushed_bytes": sum(m.size_bytes for m in cluster.moves if m.via == "push"),
         "copies_not_new": sum(1 for m in cluster.moves if m.outcome != "stored"),
     }
+    processes = [node.process for node in cluster.nodes.values() if node.process is not None]
+    result["ring_views"] = {  # Last boot of every node (issue 9 item 4: NOT_OWNER and push-pull on mismatch).
+        "not_owner_refusals": sum(p.not_owner_refusals for p in processes),
+        "writes_not_owner": sum(p.coordinator.stats.extra.get("writes_not_owner", 0) for p in processes),
+        "writes_replanned": sum(p.coordinator.stats.extra.get("writes_replanned", 0) for p in processes),
+        "mismatch_push_pulls": sum(p.ring_sync.started for p in processes),
+        "instances_dropped": sum(p.repairer.stats.instances_dropped for p in processes),
+    }
     result["traffic"] = {
         "messages": dict(sorted(cluster.network.traffic.messages.items())),
         "refused": cluster.network.traffic.refused,

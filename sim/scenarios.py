@@ -24,6 +24,10 @@ did (crashed nodes for failure detection, a joiner or a lost node for data movem
     wipe                  a node's disk is lost: it restarts empty, same id, and refills
     restart-storm         a third of the nodes are kill -9'd and restarted, overlapping
     loss-10pct            10% loss on every link; one node dies, another restarts
+    churn                 join and leave under continuous writes: nodes join and leave
+                          (two leaves overlapping, a join in between) while a writer
+                          stores 20 instances/s into open studies, so the drop rule runs
+                          on nodes that keep receiving writes for the studies they drop
 
 (isolate-one and partition-bridge go beyond the issue's list: the first is the case the
 removal rails and the rejoin exist for, the second Jepsen's bridge nemesis.)
@@ -295,6 +299,65 @@ async def loss_10pct(ctx: ScenarioContext) -> None:
     ctx.end_fault()
 
 
+async def churn(ctx: ScenarioContext) -> None:
+    """Join and leave under continuous writes, with drops happening (issue 9, item 4).
+
+    A second writer stores about 20 instances/s, most into studies still open, through
+    random nodes, while: a node joins; two nodes leave with overlapping drains; another
+    joins while they drain. Every ring change makes the old owners of some ranges drop
+    them while writes for those studies keep arriving (from coordinators that have not
+    heard of the change yet, and as hint replays), which is when a drop that is not
+    exact deletes what it never verified."""
+    cluster = ctx.cluster
+    workload = ctx.workload
+    ctx.begin_fault()
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(ctx.rng.expovariate(20.0))
+            task = cluster.loop.create_task(workload.store(workload.next_instance()))
+            workload._inflight.add(task)
+            task.add_done_callback(workload._inflight.discard)
+
+    writing = asyncio.ensure_future(writer())
+    joined: set[str] = set()
+
+    def add() -> None:
+        node = cluster.add_node()
+        joined.add(node.node_id)
+        ctx.joins.append((node.node_id, cluster.now_ms()))
+
+    def leave_one() -> str:
+        leaver = ctx.pick(exclude=joined | {n for n, _at in ctx.leaves} | {deaf})
+        ctx.leaves.append((leaver, cluster.now_ms()))
+        cluster.leave(leaver)
+        return leaver
+
+    add()
+    await ctx.sleep(ctx.rng.uniform(3, 15))
+    # One node hears nobody for a while (messages to it are cut, its own get through), so
+    # it goes on coordinating stores on the ring from before the leaves: its copies land
+    # on the leaving nodes while they drop.
+    deaf = ctx.pick(exclude=joined)
+    cluster.network.partition([n for n in cluster.nodes if n != deaf], [deaf], one_way=True)
+    ctx.notes.append(f"deaf node: {deaf}")
+    leavers = [leave_one()]
+    await ctx.sleep(ctx.rng.uniform(0.5, 5))
+    leavers.append(leave_one())
+    await ctx.sleep(ctx.rng.uniform(1, 4))
+    cluster.network.heal()
+    await ctx.sleep(ctx.rng.uniform(1, 10))
+    add()
+    for leaver in leavers:
+        if not await ctx.wait_for(lambda: cluster.nodes[leaver].gone, cluster.config.leave_drain_timeout_s + 30):
+            ctx.notes.append(f"{leaver} did not exit")
+    await ctx.sleep(ctx.rng.uniform(0, 5))
+    stop.set()
+    await writing
+    ctx.end_fault()
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -319,6 +382,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("wipe", wipe),
     Scenario("restart-storm", restart_storm),
     Scenario("loss-10pct", loss_10pct, link={"loss": 0.10}),
+    Scenario("churn", churn),
 )}
 
 __all__ = ["SCENARIOS", "Scenario", "ScenarioContext", "State"]

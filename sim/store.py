@@ -335,6 +335,52 @@ class NonDurableStore:
         self.puts += 1
         return len(removed)
 
+    def delete_instances(self, entries: Sequence[tuple[str, str, str]]) -> int:
+        """RocksStore.delete_instances: remove exactly these (study uid, sop uid, content hash),
+        each only if still held with that content; records, digests and counters follow."""
+        removed = 0
+        for study_uid, sop_uid, content_hash in entries:
+            token = study_token(study_uid)
+            key = (token, study_uid, sop_uid)
+            record = self._meta.get(key)
+            if record is None or record.content_hash != content_hash:
+                continue
+            del self._meta[key]
+            blob = self._blobs.pop(key)
+            del self._keys[bisect.bisect_left(self._keys, key)]
+            segment = segment_of(token)
+            self._digests[segment] = self._digests.get(segment, Digest()).remove(entry_hash(sop_uid, content_hash))
+            self._counters["bytes_stored"] -= len(blob)
+            self._counters["bytes_received"] -= record.size_bytes
+            self._counters["instances"] -= 1
+            aside = self._conflicts.pop((study_uid, sop_uid), None)
+            if aside:
+                self._counters["conflicts"] -= len(aside)
+            series_gone = 0
+            study_series = self._series.get(study_uid, {})
+            series = study_series.get(record.series_instance_uid)
+            if series is not None:
+                series.instance_count -= 1
+                if series.instance_count <= 0:
+                    del study_series[record.series_instance_uid]
+                    series_gone = 1
+            study = self._studies.get(study_uid)
+            if study is not None:
+                study.instance_count -= 1
+                study.series_count -= series_gone
+                study.size_bytes -= record.size_bytes
+                if study.instance_count <= 0:
+                    del self._studies[study_uid]
+                    self._study_keys.remove((token, study_uid))
+                    self._series.pop(study_uid, None)
+                    self._counters["studies"] -= 1
+            if self.listener is not None:
+                self.listener.instance_removed(self.node_id, study_uid, sop_uid)
+            removed += 1
+        if removed:
+            self.puts += 1
+        return removed
+
     # ----------------------------------------------------------------- ranges (RepairStore)
     def _slice(self, low: int, high: int) -> list[Key]:
         start = bisect.bisect_left(self._keys, (low,))

@@ -17,6 +17,12 @@
   (read p99 33.4 s); now a replica silent for replica_start_timeout_ms is passed over.
 - A site cut cost a store one replica deadline per node of the cut site (p99 6 s at 10
   nodes, 26 s at 100); now it costs the owner's deadline (2 s) and no more.
+- The drop rule compared digests and then deleted whole studies, so a write that reached
+  a non-owner between the check and the delete was deleted unverified (issue 9, item 4).
+  The churn scenario did not hit that window on the old code in 75 runs (seeds 0-44
+  without, 0-29 with its deaf coordinator; instrumented: no unverified delete); the test
+  below puts a write in it, and the old code lost that write (no copy left). Now the drop deletes exactly
+  the entries it listed before asking the owners and saw on every one of them.
 """
 
 from __future__ import annotations
@@ -129,3 +135,140 @@ def test_reads_and_finds_do_not_wait_out_a_black_holed_replica() -> None:
     assert during["read"]["latency_p99_ms"] < 10_000, during["read"]
     assert during["find"]["ok"] == during["find"]["attempted"], during["find"]
     assert during["find"]["latency_p99_ms"] < 10_000, during["find"]
+
+
+@functools.lru_cache(maxsize=1)
+def _a_write_that_lands_while_a_non_owner_drops() -> dict[str, object]:
+    """A non-owner holds what the owners of a range hold (it owned the range before), so it
+    may drop it;
+    while its drop pass asks the owners, a new instance of that study reaches it, and it
+    is the only copy (e.g. acknowledged through this node as a hint holder, or by a
+    coordinator whose ring still had this node as an owner). Returns who holds what
+    after one, and after three, repair passes of that node."""
+    import asyncio
+
+    from pacsnode.replication.repair import intervals_of
+    from pacsnode.ring.tokens import study_token
+    from pacsnode.sim.cluster import SimCluster
+    from pacsnode.sim.workload import Workload
+
+    cluster = SimCluster(5, sites=1, seed=11)
+    workload = Workload(cluster, 11)
+
+    async def run() -> dict[str, object]:
+        await asyncio.sleep(5)
+        await workload.load(30)
+        await asyncio.sleep(20)
+        writes = next(iter(workload.acked.values()))
+        verified = writes[0].stored
+        study = next(s for s in workload.studies if s.study_instance_uid == verified.study_instance_uid)
+        owners = cluster.process("node-000").membership.ring().owners_of_study(study.study_instance_uid, 3)
+        stray_id = next(f"node-{i:03d}" for i in range(5) if f"node-{i:03d}" not in owners)
+        stray = cluster.nodes[stray_id]
+        token = study_token(study.study_instance_uid)
+        ring = cluster.process("node-000").membership.ring()
+        token_range = next(o.token_range for o in ring.ranges(3) if o.owners == owners
+                           and any(low <= token <= high for low, high in intervals_of(o.token_range)))
+        owner_store = cluster.nodes[owners[0]].store
+        for low, high in intervals_of(token_range):  # The stray was an owner: it holds what they hold.
+            for study_uid, sop_uid, _content in list(owner_store.entries(low, high)):
+                copy = owner_store.read_stored(study_uid, sop_uid)
+                assert copy is not None
+                stray.store.put_stored(copy)
+        assert stray.store.holds(study.study_instance_uid, verified.sop_instance_uid)
+        late = workload.data.instance(study, now_ms=cluster.now_ms())
+        repairer = cluster.process(stray_id).repairer
+        transport = repairer._transport
+
+        class WriteLandsDuringTheCheck:
+            landed = False
+
+            async def range_digest(self, target: str, token_range: object, *, timeout_ms: int) -> object:
+                inside = any(low <= token <= high for low, high in intervals_of(token_range))  # type: ignore[arg-type]
+                if inside and not self.landed:
+                    self.landed = True
+                    stray.store.put_stored(late)
+                return await transport.range_digest(target, token_range, timeout_ms=timeout_ms)
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(transport, name)
+
+        hook = WriteLandsDuringTheCheck()
+        repairer._transport = hook  # type: ignore[assignment]
+        await repairer.run_pass()
+        after_one = {"verified": stray.store.holds(study.study_instance_uid, verified.sop_instance_uid),
+                     "late": stray.store.holds(study.study_instance_uid, late.sop_instance_uid)}
+        await repairer.run_pass()
+        await repairer.run_pass()
+        return {"landed": hook.landed, "after_one": after_one,
+                "late_holders": sorted(cluster.replicas.holders.get(late.sop_instance_uid, set())),
+                "owners": sorted(owners), "stray": stray_id}
+
+    try:
+        return cluster.loop.run_until_complete(run())
+    finally:
+        cluster.close()
+
+
+def test_a_drop_deletes_only_what_it_verified_on_every_owner() -> None:
+    """Was: the drop pass compared range digests, then deleted whole studies, so an instance
+    that reached the non-owner between the check and the delete was deleted unverified:
+    here the only copy (a lost write). Now the pass lists the entries first and deletes
+    exactly those every owner was seen to hold; the late one stays, is handed to the
+    owners, and goes in a later pass once they hold it."""
+    seen = _a_write_that_lands_while_a_non_owner_drops()
+    assert seen["landed"], seen
+    assert seen["after_one"] == {"verified": False, "late": True}, seen
+    assert set(seen["owners"]) <= set(seen["late_holders"]), seen  # type: ignore[arg-type]
+    assert seen["stray"] not in seen["late_holders"], seen  # type: ignore[operator]
+
+
+@functools.lru_cache(maxsize=1)
+def _store_to_a_node_that_just_left_the_ring() -> dict[str, object]:
+    """A node starts leaving; at that instant, before gossip reaches anyone, a coordinator
+    that still has it in its ring stores an instance of a study it owned."""
+    import asyncio
+
+    from pacsnode.sim.cluster import SimCluster
+    from pacsnode.sim.workload import Workload
+
+    cluster = SimCluster(5, sites=1, seed=5)
+    workload = Workload(cluster, 5)
+
+    async def run() -> dict[str, object]:
+        await asyncio.sleep(5)
+        await workload.load(20)
+        await asyncio.sleep(10)
+        leaver = "node-003"
+        ring = cluster.process("node-000").membership.ring()
+        stored = workload.next_instance()
+        while leaver not in ring.owners_of_study(stored.study_instance_uid, 3):
+            stored = workload.next_instance()
+        coordinator = next(n for n in ("node-000", "node-001", "node-002", "node-004")
+                           if n not in ring.owners_of_study(stored.study_instance_uid, 3))
+        cluster.leave(leaver)
+        record = await workload.store(stored, coordinator)
+        refusals = cluster.process(leaver).not_owner_refusals
+        stats = cluster.process(coordinator).coordinator.stats.extra
+        await asyncio.sleep(120)  # The leaver drains and exits; hints are replayed.
+        live = cluster.live_ids()
+        owners = cluster.process(live[0]).membership.ring().owners_of_study(stored.study_instance_uid, 3)
+        return {"acked": record.ok, "refusals": refusals, "writes_not_owner": stats.get("writes_not_owner", 0),
+                "holders": sorted(cluster.replicas.holders.get(stored.sop_instance_uid, set())),
+                "owners": sorted(owners), "leaver_gone": cluster.nodes[leaver].gone}
+
+    try:
+        return cluster.loop.run_until_complete(run())
+    finally:
+        cluster.close()
+
+
+def test_a_node_out_of_the_ring_refuses_a_primary_copy_and_the_write_still_lands_on_the_owners() -> None:
+    """Was: StoreInstance took primary copies of studies the node no longer owned (and the
+    drop rule then raced them). Now the leaving node refuses as NOT_OWNER, the coordinator
+    re-plans or keeps the copy as a hint, and the instance ends on its owners."""
+    seen = _store_to_a_node_that_just_left_the_ring()
+    assert seen["acked"], seen
+    assert seen["refusals"] >= 1 and seen["writes_not_owner"] >= 1, seen  # type: ignore[operator]
+    assert seen["leaver_gone"], seen
+    assert seen["holders"] == seen["owners"], seen

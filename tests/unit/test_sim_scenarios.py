@@ -25,6 +25,8 @@ from pacsnode.sim.workload import Workload
     ("restart-storm", 6, 8),
     ("site-cut", 6, 9),
     ("isolate-one", 6, 10),
+    ("churn", 6, 11),
+    ("churn", 8, 12),
 ])
 def test_scenario_passes_its_checks(scenario: str, nodes: int, seed: int) -> None:
     result = run_scenario(scenario, nodes=nodes, sites=3, seed=seed, load=300)

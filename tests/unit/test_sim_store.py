@@ -2,7 +2,7 @@
 
 The simulator's verdicts are only as good as its store's likeness to the real one, so
 the same seeded sequence of puts (new, duplicate, conflicting, hints), hint deletes and
-study deletes is applied to both, and everything the coordinator and the repairer read
+study deletes and exact instance deletes is applied to both, and everything the coordinator and the repairer read
 back (outcomes, segment digests, entries, studies in a range, stored instances, hints,
 C-FIND rows, counters) must be equal.
 """
@@ -53,6 +53,8 @@ def _apply(store: Any, replica: Any, ops: list[tuple[str, Any]]) -> list[Any]:
             outcomes.append(None)
         elif op == "delete_study":
             outcomes.append(store.delete_study(arg))
+        elif op == "delete_instances":
+            outcomes.append(store.delete_instances(arg))
     return outcomes
 
 
@@ -82,6 +84,12 @@ def _operations(seed: int) -> list[tuple[str, Any]]:
         elif roll < 0.93:
             stored = rng.choice(sent)
             ops.append(("delete_hint", (rng.choice(OWNERS), stored.study_instance_uid, stored.sop_instance_uid)))
+        elif roll < 0.98:
+            # Exact drops: entries as listed earlier; some were replaced by a conflict's winner
+            # since (other content hash: must stay), some are already gone.
+            chosen = [rng.choice(sent) for _ in range(rng.randint(1, 6))]
+            ops.append(("delete_instances", [(c.study_instance_uid, c.sop_instance_uid, c.content_hash)
+                                             for c in chosen]))
         else:
             ops.append(("delete_study", rng.choice(studies).study_instance_uid))
     return ops

@@ -360,3 +360,45 @@ def test_the_copy_with_the_lowest_version_wins_in_either_arrival_order(open_stor
         assert store.statistics().bytes_received == early.size_bytes
     full = [(0, (1 << 64) - 1)]
     assert in_order.segment_digests(full) == reversed_order.segment_digests(full)
+
+
+def test_delete_instances_removes_exactly_the_entries_still_identical(open_store: OpenStore, versions: Any) -> None:
+    """The drop rule's delete: only listed (study, sop, content hash) entries that are still
+    held with that content; digests, records, index and counters follow in the same batch."""
+    from pacsnode.replication.digest import Digest, entry_hash
+    from pacsnode.ring.tokens import TOKEN_SPACE
+
+    instances, others = versions
+    store = open_store()
+    for instance in instances:
+        store.put_instance(instance, now_ms=1)
+    study = instances[0].study_instance_uid
+    mine = [i for i in instances if i.study_instance_uid == study]
+    series = mine[0].series_instance_uid
+    in_series = [i for i in mine if i.series_instance_uid == series]
+    other = next(o for o in others if o.sop_instance_uid == mine[-1].sop_instance_uid)
+    entries = [(i.study_instance_uid, i.sop_instance_uid, i.content_hash) for i in in_series]
+    entries.append((study, other.sop_instance_uid, other.content_hash))  # Other content than held: stays.
+    entries.append((study, "1.2.3.4.404", "0" * 64))  # Not held at all.
+    assert store.delete_instances(entries) == len(in_series)
+
+    kept = [i for i in instances if i not in in_series]
+    assert sorted(r.sop_instance_uid for r in store.all_instances()) == sorted(i.sop_instance_uid for i in kept)
+    expected = Digest()
+    for instance in kept:
+        expected = expected.add(entry_hash(instance.sop_instance_uid, instance.content_hash))
+    total = Digest()
+    for digest in store.segment_digests([(0, TOKEN_SPACE - 1)]).values():
+        total = total.combine(digest)
+    assert total == expected
+    record = store.study(study)
+    assert record is not None and record.instance_count == len(mine) - len(in_series) and record.series_count == 1
+    assert [s.series_instance_uid for s in store.series(study)] != [series]
+    assert store.statistics().instances == len(kept) and store.statistics().studies == 2
+
+    rest = [(i.study_instance_uid, i.sop_instance_uid, i.content_hash) for i in mine if i not in in_series]
+    assert store.delete_instances(rest) == len(rest)
+    assert store.study(study) is None and list(store.series(study)) == []
+    assert store.statistics().studies == 1
+    patient = str(mine[0].attributes["PatientID"])
+    assert study not in set(store.studies_by_index("PatientID", patient, patient))
