@@ -8,6 +8,7 @@ keeps serving everyone else. Blocking store work runs in threads.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Bigger than one chunk plus its header; the default 4 MiB is kept for everything else.
 MESSAGE_BYTES_MAX = 8 * 1024 * 1024
+# Rows a peer Query reads from the store per thread hop.
+QUERY_BATCH_ROWS = 200
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -208,9 +211,15 @@ class DataService(pb_grpc.DataServicer):
         # The envelope row at once: the caller knows this replica is answering (and gives a
         # silent one up after replica_start_timeout_ms), however long the query takes.
         yield pb.QueryRow(envelope=self.server.envelope())
-        rows = await asyncio.to_thread(lambda: list(self.node.replica.query_rows(query, ranges)))
-        for row in rows:  # A cancelled call raises CancelledError at the next yield.
-            yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
+        # Rows in batches, each read on a thread: a caller that cancels (or goes) costs at most
+        # the batch being read, not a thread and a list of every match until the scan ends.
+        rows = iter(self.node.replica.query_rows(query, ranges))
+        while True:
+            batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, QUERY_BATCH_ROWS)))
+            if not batch:
+                return
+            for row in batch:  # A cancelled call raises CancelledError at the next yield.
+                yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
 
     async def ListStudy(self, request: pb.ListStudyRequest, context: grpc.aio.ServicerContext) -> pb.ListStudyReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListStudy")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
-import queue
 import threading
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
+from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import to_stored
 from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
 from pacsnode.replication.coordinator import Coordinator
@@ -25,16 +26,24 @@ from pacsnode.replication.model import Attributes, Instance
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_END = object()
+FIND_BUFFER_ROWS = 1_000
+IO_THREADS_MAX = 16
+
+
+class FindInterrupted(Exception):
+    """The node stopped a C-FIND before its coordinator finished (shutdown): not a complete answer."""
 
 
 class LoopThread:
     """An asyncio loop running in a daemon thread."""
 
-    def __init__(self, name: str = "pacsnode-loop") -> None:
+    def __init__(self, name: str = "pacsnode-loop", *, io_thread_prefix: str = "pacsnode-io",
+                 io_threads_max: int = IO_THREADS_MAX) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16,
-                                                                             thread_name_prefix="pacsnode-io"))
+        # The executor behind asyncio.to_thread: every local store read and write of the loop.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads_max,
+                                                              thread_name_prefix=io_thread_prefix)
+        self.loop.set_default_executor(self.executor)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -60,8 +69,10 @@ class ClusterArchive:
 
     def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
                  zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
-                 local_store: Callable[[Any], WriteResult] | None = None) -> None:
+                 local_store: Callable[[Any], WriteResult] | None = None,
+                 find_buffer_rows: int = FIND_BUFFER_ROWS) -> None:
         self._loop = loop
+        self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
         self._alone = alone
         self._local_store = local_store
@@ -85,42 +96,40 @@ class ClusterArchive:
             return WriteResult(WriteStatus.QUORUM_FAILED, message="the write was interrupted; retry")
 
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
-        rows: "queue.Queue[Any]" = queue.Queue(maxsize=10_000)
+        """The coordinator's rows, on this (association) thread. Bounded by find_buffer_rows;
+        when this generator is closed (C-CANCEL, abort, a result cap) the producer, the
+        coordinator's scatter and its buffered rows go at once (node/bridge.py). An error the
+        coordinator raises after its rows is raised here after them."""
+        bridge: RowBridge[Attributes] = RowBridge(self._loop.loop, self._find_buffer_rows)
 
         async def produce() -> None:
+            error: BaseException | None = FindInterrupted("the node stopped the query")
             try:
-                async for row in self._coordinator.find(query):
-                    try:
-                        rows.put_nowait(row)
-                    except queue.Full:
-                        await asyncio.to_thread(rows.put, row)
+                async with contextlib.aclosing(self._coordinator.find(query)) as rows:
+                    async for row in rows:
+                        await bridge.put(row)
+                error = None
+            except BridgeClosed:
+                error = None
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # Delivered to the association thread.
-                rows.put(error)
+            except Exception as raised:  # Delivered to the association thread, after the rows.
+                error = raised
             finally:
-                try:
-                    rows.put_nowait(_END)
-                except queue.Full:
-                    pass
+                bridge.finish(error)
 
         future = asyncio.run_coroutine_threadsafe(produce(), self._loop.loop)
         try:
-            while True:
-                if is_cancelled():
+            while not is_cancelled():
+                batch = bridge.take(0.2)
+                if batch is None:
                     return
-                try:
-                    item = rows.get(timeout=0.2)
-                except queue.Empty:
-                    if future.done() and rows.empty():
-                        return
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+                if not batch and future.done():  # Cancelled before it ran (the loop stopped).
+                    bridge.finish(FindInterrupted("the node stopped the query"))
+                for row in batch:
+                    yield row
         finally:
+            bridge.close()
             future.cancel()
 
     def locate(self, query: Query) -> list[InstanceLocation]:

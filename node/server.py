@@ -140,7 +140,8 @@ class Node:
             decode=decode,
         )
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
-                                      alone=self.coordinator.alone, local_store=self.coordinator.store_alone)
+                                      alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
+                                      find_buffer_rows=config.find_buffer_rows)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication_factor, interval_ms=config.anti_entropy_interval_ms,
