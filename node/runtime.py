@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import to_stored
+from pacsnode.node.executor import CountedExecutor
 from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
 from pacsnode.replication.coordinator import Coordinator
 from pacsnode.replication.matching import Query
@@ -41,8 +42,7 @@ class LoopThread:
                  io_threads_max: int = IO_THREADS_MAX) -> None:
         self.loop = asyncio.new_event_loop()
         # The executor behind asyncio.to_thread: every local store read and write of the loop.
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads_max,
-                                                              thread_name_prefix=io_thread_prefix)
+        self.executor = CountedExecutor(io_threads_max, thread_name_prefix=io_thread_prefix)
         self.loop.set_default_executor(self.executor)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
