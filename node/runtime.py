@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from pacsnode.node.bridge import BridgeClosed, RowBridge
@@ -29,6 +30,10 @@ T = TypeVar("T")
 
 FIND_BUFFER_ROWS = 1_000
 IO_THREADS_MAX = 16
+
+
+class RequestAbandoned(Exception):
+    """The requestor cancelled (C-CANCEL) or went away (abort) while the node worked for it."""
 
 
 class FindInterrupted(Exception):
@@ -51,10 +56,26 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None) -> T:
+    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None,
+            is_cancelled: Callable[[], bool] | None = None) -> T:
+        """Run `coroutine` on the loop and wait for it. With `is_cancelled` (the requestor's
+        C-CANCEL or abort), look at it every 0.2 s and, once true, cancel the coroutine at
+        once and raise RequestAbandoned instead of waiting for an answer nobody will read."""
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            return future.result(timeout_s)
+            while True:
+                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if is_cancelled is not None:
+                    wait_s = 0.2 if wait_s is None else min(wait_s, 0.2)
+                try:
+                    return future.result(wait_s)
+                except concurrent.futures.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                    if is_cancelled is not None and is_cancelled():
+                        future.cancel()
+                        raise RequestAbandoned("the requestor cancelled or went away") from None
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError("the node did not finish the request in time") from None
@@ -132,11 +153,13 @@ class ClusterArchive:
             bridge.close()
             future.cancel()
 
-    def locate(self, query: Query) -> list[InstanceLocation]:
-        return self._loop.run(self._coordinator.locate(query), 600)
+    def locate(self, query: Query, is_cancelled: Callable[[], bool] | None = None) -> list[InstanceLocation]:
+        """With `is_cancelled`, a requestor that cancels or aborts stops the scatter at once
+        (RequestAbandoned) instead of holding this thread until every peer answered."""
+        return self._loop.run(self._coordinator.locate(query), 600, is_cancelled)
 
-    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+    def read(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None = None) -> tuple[bytes, int]:
         try:
-            return self._loop.run(self._coordinator.read(location), 600)
+            return self._loop.run(self._coordinator.read(location), 600, is_cancelled)
         except TimeoutError as error:
             raise ReadError(str(error)) from None

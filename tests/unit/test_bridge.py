@@ -203,3 +203,36 @@ def test_a_slow_consumer_holds_at_most_the_bound(loop_thread: LoopThread) -> Non
     assert taken == 1_000
     rows.close()
     assert coordinator.closed.wait(2)
+
+
+# --------------------------------------------------------------------------- LoopThread.run
+def test_run_gives_up_at_once_when_the_requestor_goes(loop_thread: LoopThread) -> None:
+    from pacsnode.node.runtime import RequestAbandoned
+
+    cancelled = threading.Event()
+    gone = threading.Event()
+
+    async def slow_locate() -> list[str]:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return []
+
+    threading.Timer(0.1, gone.set).start()
+    started = time.monotonic()
+    with pytest.raises(RequestAbandoned):
+        loop_thread.run(slow_locate(), 600, gone.is_set)
+    assert time.monotonic() - started < 2
+    assert cancelled.wait(2)  # The coroutine (the scatter) was cancelled, not left running.
+
+
+def test_run_still_answers_and_still_times_out(loop_thread: LoopThread) -> None:
+    async def quick() -> str:
+        return "ok"
+
+    assert loop_thread.run(quick(), 5, lambda: False) == "ok"
+    assert loop_thread.run(quick(), 5) == "ok"
+    with pytest.raises(TimeoutError):
+        loop_thread.run(asyncio.sleep(5), 0.3, lambda: False)
