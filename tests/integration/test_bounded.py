@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -185,27 +186,36 @@ def capped_find(assoc: Any) -> int:
     return pending
 
 
-def abandon_get(port: int, study_uid: str, sop_class_uid: str, transfer_syntax_uid: str) -> int:
-    """A C-GET aborted by its requestor from inside its first sub-operation."""
-    received = []
+def abandon_get(port: int, study_uid: str, sop_class_uid: str, transfer_syntax_uid: str) -> bool:
+    """A C-GET its requestor aborts once the first sub-operation arrived."""
+    first = threading.Event()
 
     def on_store(event: Any) -> int:
-        received.append(1)
-        event.assoc.abort()
+        first.set()
         return 0x0000
 
     ae = clients.scu_ae()
-    ae.dimse_timeout = 1  # pynetdicom's SCU waits this long after its own abort before it returns.
+    # pynetdicom's SCU notices its own abort only at its DIMSE timeout: the thread reading
+    # the responses is left to end then, on its own.
+    ae.dimse_timeout = 10
     ae.add_requested_context(GetModel)
     ae.add_requested_context(sop_class_uid, [transfer_syntax_uid])
     assoc = ae.associate(clients.HOST, port, ae_title="PACSNODE", ext_neg=[build_role(sop_class_uid, scp_role=True)],
                          evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, clients._nodelay)])
     assert assoc.is_established
-    for status, _identifier in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study_uid), GetModel):
-        if not status:
-            break
-    assert not assoc.is_established
-    return len(received)
+    responses = assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study_uid), GetModel)
+
+    def drain() -> None:
+        try:
+            for _ in responses:
+                pass
+        except Exception:  # pynetdicom's state machine after its own abort: not our concern.
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    arrived = first.wait(60)
+    assoc.abort()
+    return arrived
 
 
 def worker(index: int, nodes: list[NodeProcess], finds: int, get_args: tuple[str, str, str]) -> dict[str, int]:
@@ -233,7 +243,7 @@ def worker(index: int, nodes: list[NodeProcess], finds: int, get_args: tuple[str
             done[name + "_ms"] += int(1000 * (time.monotonic() - started))
         if index < ABANDONED_GETS:
             started = time.monotonic()
-            assert abandon_get(a.dicom_port, *get_args) >= 1
+            assert abandon_get(a.dicom_port, *get_args)
             done["gets"] += 1
             done["gets_ms"] += int(1000 * (time.monotonic() - started))
     finally:
@@ -284,11 +294,11 @@ def normal_work(nodes: list[NodeProcess], tmp: Path, seed: int) -> dict[str, flo
 def test_200_abandoned_finds_of_10000_rows_leave_nothing_behind(cluster: list[NodeProcess], tmp_path: Path) -> None:
     a, b = cluster
     started = time.monotonic()
-    # One complete answer first: the finds abandoned below really are 10,000 rows long.
-    found, final = clients.find(a.dicom_port, ALL_IMAGES)
-    assert final == 0x0000 and len(found) == ROWS
-    del found
-    print(f"complete find {time.monotonic() - started:.1f} s")
+    # The finds abandoned below really are 10,000 rows long: every study, with its count.
+    found, final = clients.find(a.dicom_port, identifier("STUDY", StudyInstanceUID="",
+                                                         NumberOfStudyRelatedInstances=""))
+    assert final == 0x0000 and sum(int(ds.NumberOfStudyRelatedInstances) for ds in found) == ROWS
+    print(f"study find {time.monotonic() - started:.1f} s")
     before_latency = normal_work(cluster, tmp_path, seed=1)
     time.sleep(1.0)  # Let the associations of the warm-up finish their threads.
     threads_before = {node.node_id: thread_count(node) for node in cluster}
@@ -321,7 +331,10 @@ def test_200_abandoned_finds_of_10000_rows_leave_nothing_behind(cluster: list[No
     threads_after = {node.node_id: thread_count(node) for node in cluster}
 
     after_latency = normal_work(cluster, tmp_path, seed=2)
-    print(f"abandoned {totals} in {abandon_s:.1f} s; threads before {threads_before} after {threads_after}; "
+    io_threads = {node.node_id: (int(io_before[node.node_id]["pacsnode.io.threads_count"]),
+                                 int(metrics(node)["pacsnode.io.threads_count"])) for node in cluster}
+    print(f"abandoned {totals} in {abandon_s:.1f} s; threads before {threads_before} after {threads_after} "
+          f"(executor threads before, after: {io_threads}); "
           f"latency before {before_latency} after {after_latency}")
     for name, before in before_latency.items():
         assert after_latency[name] <= 3 * before + 0.25, (name, before_latency, after_latency)
