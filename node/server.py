@@ -316,9 +316,21 @@ class Node:
         tell membership when it flips (node/health.py)."""
         loop = asyncio.get_running_loop()
         health = self.health
-        interval_s = self.config.health_probe_interval_ms / 1000
+        interval_ms = self.config.health_probe_interval_ms
+        interval_s = interval_ms / 1000
+        last_ms = health_now_ms()
         while True:
             try:
+                now = health_now_ms()
+                late = now - last_ms > 2 * interval_ms + 500
+                last_ms = now
+                if late:
+                    # This whole process was stopped or starved (SIGSTOP, a paused VM), not its
+                    # store path: start the probe's clock again and look next time.
+                    if health.probe_outstanding:
+                        health.probe_sent(now)
+                    await asyncio.sleep(interval_s)
+                    continue
                 if not health.probe_outstanding:
                     health.probe_sent(health_now_ms())
                     probe = loop.run_in_executor(None, _probe)
