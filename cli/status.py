@@ -87,6 +87,11 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) 
                 transfers=[{"range": [t.range.start, t.range.end], "source": t.source_id,
                             "done_bytes": t.done_bytes, "total_bytes": t.total_bytes} for t in local.transfers],
                 disk_free_bytes=local.disk_free_bytes,
+                healthy=not local.health.unhealthy,
+                health_reason=local.health.reason or "healthy",
+                health_detail=local.health.detail,
+                io_threads_running=local.health.io_running,
+                io_tasks_queued=local.health.io_queued,
             )
         except StatusError as error:
             entry.update(local_instances=None, error=str(error))
@@ -123,12 +128,17 @@ def render(data: dict[str, Any]) -> str:
         f"W={data['write_quorum']}  R={data['read_quorum']}  V={data['vnodes']}",
         "",
     ]
-    header = ("NODE", "STATE", "INC", "GEN", "SITE", "PEER", "DICOM", "RING %", "INSTANCES", "STORED", "HINTS")
+    header = ("NODE", "STATE", "HEALTH", "INC", "GEN", "SITE", "PEER", "DICOM", "RING %", "INSTANCES", "STORED",
+              "HINTS")
     rows = [header]
     for node in data["nodes"]:
         state = node["state"] if node["reachable"] else f"{node['state']} (unreachable)"
+        if "healthy" not in node:
+            health = "-"
+        else:
+            health = "ok" if node["healthy"] else f"UNHEALTHY ({node['health_reason']})"
         rows.append((
-            node["node_id"], state, str(node["incarnation"]), str(node["generation"]), node["site"],
+            node["node_id"], state, health, str(node["incarnation"]), str(node["generation"]), node["site"],
             node["peer_address"], node["dicom_address"],
             f"{100 * node['ring_ownership']:.1f}",
             "-" if node.get("local_instances") is None else str(node["local_instances"]),
@@ -141,6 +151,10 @@ def render(data: dict[str, Any]) -> str:
     under = sum(n.get("under_replicated_studies") or 0 for n in data["nodes"])
     lines.append("")
     lines.append(f"under-replicated studies (as their owners count them): {under}")
+    for node in data["nodes"]:
+        if node.get("healthy") is False:
+            lines.append(f"  {node['node_id']} is unhealthy: {node.get('health_detail') or node['health_reason']}; "
+                         "it does not ack probes or refute suspicion until its store path answers")
     for node in data["nodes"]:
         for transfer in node.get("transfers") or []:
             done, total = transfer["done_bytes"], transfer["total_bytes"]

@@ -89,12 +89,15 @@ class NodeConfig:
     move_connect_timeout_s: float = setting(10.0, "Open the association to a C-MOVE destination.")
     move_store_attempt_max: int = setting(3, "C-STORE sub-operation attempts on a C-MOVE/C-GET.")
     find_result_max: int = setting(0, "Cap on C-FIND matches (0 = no cap).")
+    find_buffer_rows: int = setting(1_000, "Rows of one C-FIND held between the cluster and a slow client; when full, the query waits (no thread does), and a cancelled or aborted C-FIND drops them at once.")
 
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
+    store_stall_ms: int = setting(10_000, "Local health: a local store write, or a probe of the store's thread pool, outstanding this long makes the node unhealthy (it stops acking membership probes and refuting suspicion until the store path answers again).")
+    health_probe_interval_ms: int = setting(1_000, "How often the store's thread pool is probed for local health.")
 
     # --- cluster (a single node is a ring of one)
     peer_port: int = setting(7001, "gRPC peer port (status, replication, membership).")
@@ -150,7 +153,8 @@ class NodeConfig:
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
-                     "hint_replay_interval_ms", "repair_fetch_window",
+                     "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
+                     "health_probe_interval_ms",
                      "anti_entropy_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

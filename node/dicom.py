@@ -445,14 +445,16 @@ class DicomFrontEnd:
 
 
 class CancelFlag:
-    """Sticky C-CANCEL check: pynetdicom's `event.is_cancelled` is true only once."""
+    """Sticky C-CANCEL check: pynetdicom's `event.is_cancelled` is true only once. An
+    association that is gone (aborted, released) counts as cancelled too, so that a
+    request waiting for rows stops as soon as its requestor has left."""
 
     def __init__(self, event: Any) -> None:
         self._event = event
         self._cancelled = False
 
     def __call__(self) -> bool:
-        if not self._cancelled and self._event.is_cancelled:
+        if not self._cancelled and (self._event.is_cancelled or not self._event.assoc.is_established):
             self._cancelled = True
         return self._cancelled
 

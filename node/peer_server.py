@@ -8,6 +8,7 @@ keeps serving everyone else. Blocking store work runs in threads.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Bigger than one chunk plus its header; the default 4 MiB is kept for everything else.
 MESSAGE_BYTES_MAX = 8 * 1024 * 1024
+# Rows a peer Query reads from the store per thread hop.
+QUERY_BATCH_ROWS = 200
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -225,12 +228,20 @@ class DataService(pb_grpc.DataServicer):
         # The envelope row at once: the caller knows this replica is answering (and gives a
         # silent one up after replica_start_timeout_ms), however long the query takes.
         yield pb.QueryRow(envelope=self.server.envelope())
+        # Rows in batches, each read on a thread: a caller that cancels (or goes) costs at most
+        # the batch being read, not a thread and a list of every match until the scan ends.
+        # Asked as a hint holder, the copies it keeps for owners that are down follow.
         replica = self.node.replica
-        rows = await asyncio.to_thread(lambda: list(replica.query_rows(query, ranges)))
-        if request.include_hints:  # Asked as a hint holder: copies kept for owners that are down.
-            rows += await asyncio.to_thread(lambda: list(replica.query_hint_rows(query, ranges)))
-        for row in rows:  # A cancelled call raises CancelledError at the next yield.
-            yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
+        sources = [replica.query_rows(query, ranges)]
+        if request.include_hints:
+            sources.append(replica.query_hint_rows(query, ranges))
+        rows = itertools.chain.from_iterable(sources)
+        while True:
+            batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, QUERY_BATCH_ROWS)))
+            if not batch:
+                return
+            for row in batch:  # A cancelled call raises CancelledError at the next yield.
+                yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
 
     async def ListStudy(self, request: pb.ListStudyRequest, context: grpc.aio.ServicerContext) -> pb.ListStudyReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListStudy")
@@ -307,8 +318,10 @@ class MembershipService(pb_grpc.MembershipServicer):
             membership.receive(source, swim.Gossip(updates))
             return pb.Ack(envelope=self.server.envelope())
         reply = membership.receive(source, swim.Ping(int(request.sequence_number), self.node.config.node_id, updates))
-        if not isinstance(reply, swim.Ack):  # We have left or were removed: a silent member.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node.config.node_id} is not a member now")
+        if not isinstance(reply, swim.Ack):  # Unhealthy, or we have left or were removed: a silent member.
+            why = (f"unhealthy: {membership.unhealthy_reason}" if membership.unhealthy_reason
+                   else "not a member now")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node.config.node_id} is {why}")
             raise AssertionError("unreachable")
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
@@ -418,12 +431,22 @@ class AdminService(pb_grpc.AdminServicer):
             reply.members.append(pb.MemberStatus(member=peer_wire.update_to_wire(record),
                                                  ring_ownership_fraction=ownership.get(record.node_id, 0.0)))
         stats = node.store.statistics()
-        disk_free = await asyncio.to_thread(lambda: shutil.disk_usage(node.store.path).free)
+        # On the admin threads, with a bound: a node whose store path is stuck still answers
+        # Status (and says it is unhealthy) instead of waiting for the stuck executor.
+        disk_free = await _admin_call(node, lambda: shutil.disk_usage(node.store.path).free)
+        under_replicated = await _admin_call(node, node.under_replicated_studies)
+        health = node.health.current
+        io = node.loop.executor.statistics()
         reply.local.CopyFrom(pb.LocalStats(
             instance_count=stats.instances, received_bytes=stats.bytes_received, stored_bytes=stats.bytes_stored,
             study_count=stats.studies, hint_count=stats.hints, hint_bytes=stats.hint_bytes,
-            disk_free_bytes=disk_free,
-            under_replicated_study_count=await asyncio.to_thread(node.under_replicated_studies),
+            disk_free_bytes=disk_free or 0,
+            under_replicated_study_count=under_replicated or 0,
+            health=pb.LocalHealth(unhealthy=not health.healthy, reason=health.reason.value, detail=health.detail,
+                                  oldest_write_age_ms=health.oldest_write_age_ms, probe_wait_ms=health.probe_wait_ms,
+                                  unhealthy_for_ms=health.unhealthy_for_ms, io_threads=io.threads,
+                                  io_running=io.running, io_queued=io.queued,
+                                  store_stall_ms=node.config.store_stall_ms),
         ))
         for transfer in list(node.repairer.transfers.values()):
             reply.local.transfers.append(pb.RangeTransfer(
@@ -463,6 +486,19 @@ class AdminService(pb_grpc.AdminServicer):
             if name.startswith(request.name_prefix):
                 reply.values[name] = float(value)
         return reply
+
+
+ADMIN_CALL_TIMEOUT_S = 2.0
+
+
+async def _admin_call(node: "Node", function: Any) -> Any:
+    """`function()` on the node's admin threads; None when it does not answer in time."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(node.admin_executor, function), ADMIN_CALL_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        log.warning("peer.status.slow_figure timeout_s=%.0f", ADMIN_CALL_TIMEOUT_S)
+        return None
 
 
 def replication_settings(config: Any, *, effective_n: int = 0) -> pb.ReplicationSettings:

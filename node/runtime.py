@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
-import queue
 import threading
+import time
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
+from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import to_stored
+from pacsnode.node.executor import CountedExecutor
 from pacsnode.replication.archive import InstanceLocation, ReadError, RetrievePlan, WriteResult, WriteStatus
 from pacsnode.replication.coordinator import Coordinator
 from pacsnode.replication.matching import Query
@@ -25,16 +28,27 @@ from pacsnode.replication.model import Attributes, Instance
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_END = object()
+FIND_BUFFER_ROWS = 1_000
+IO_THREADS_MAX = 16
+
+
+class RequestAbandoned(Exception):
+    """The requestor cancelled (C-CANCEL) or went away (abort) while the node worked for it."""
+
+
+class FindInterrupted(Exception):
+    """The node stopped a C-FIND before its coordinator finished (shutdown): not a complete answer."""
 
 
 class LoopThread:
     """An asyncio loop running in a daemon thread."""
 
-    def __init__(self, name: str = "pacsnode-loop") -> None:
+    def __init__(self, name: str = "pacsnode-loop", *, io_thread_prefix: str = "pacsnode-io",
+                 io_threads_max: int = IO_THREADS_MAX) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16,
-                                                                             thread_name_prefix="pacsnode-io"))
+        # The executor behind asyncio.to_thread: every local store read and write of the loop.
+        self.executor = CountedExecutor(io_threads_max, thread_name_prefix=io_thread_prefix)
+        self.loop.set_default_executor(self.executor)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -42,10 +56,26 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None) -> T:
+    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None,
+            is_cancelled: Callable[[], bool] | None = None) -> T:
+        """Run `coroutine` on the loop and wait for it. With `is_cancelled` (the requestor's
+        C-CANCEL or abort), look at it every 0.2 s and, once true, cancel the coroutine at
+        once and raise RequestAbandoned instead of waiting for an answer nobody will read."""
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            return future.result(timeout_s)
+            while True:
+                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if is_cancelled is not None:
+                    wait_s = 0.2 if wait_s is None else min(wait_s, 0.2)
+                try:
+                    return future.result(wait_s)
+                except concurrent.futures.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                    if is_cancelled is not None and is_cancelled():
+                        future.cancel()
+                        raise RequestAbandoned("the requestor cancelled or went away") from None
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError("the node did not finish the request in time") from None
@@ -60,8 +90,10 @@ class ClusterArchive:
 
     def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
                  zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
-                 local_store: Callable[[Any], WriteResult] | None = None) -> None:
+                 local_store: Callable[[Any], WriteResult] | None = None,
+                 find_buffer_rows: int = FIND_BUFFER_ROWS) -> None:
         self._loop = loop
+        self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
         self._alone = alone
         self._local_store = local_store
@@ -85,49 +117,49 @@ class ClusterArchive:
             return WriteResult(WriteStatus.QUORUM_FAILED, message="the write was interrupted; retry")
 
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
-        rows: "queue.Queue[Any]" = queue.Queue(maxsize=10_000)
+        """The coordinator's rows, on this (association) thread. Bounded by find_buffer_rows;
+        when this generator is closed (C-CANCEL, abort, a result cap) the producer, the
+        coordinator's scatter and its buffered rows go at once (node/bridge.py). An error the
+        coordinator raises after its rows is raised here after them."""
+        bridge: RowBridge[Attributes] = RowBridge(self._loop.loop, self._find_buffer_rows)
 
         async def produce() -> None:
+            error: BaseException | None = FindInterrupted("the node stopped the query")
             try:
-                async for row in self._coordinator.find(query):
-                    try:
-                        rows.put_nowait(row)
-                    except queue.Full:
-                        await asyncio.to_thread(rows.put, row)
+                async with contextlib.aclosing(self._coordinator.find(query)) as rows:
+                    async for row in rows:
+                        await bridge.put(row)
+                error = None
+            except BridgeClosed:
+                error = None
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # Delivered to the association thread.
-                rows.put(error)
+            except Exception as raised:  # Delivered to the association thread, after the rows.
+                error = raised
             finally:
-                try:
-                    rows.put_nowait(_END)
-                except queue.Full:
-                    pass
+                bridge.finish(error)
 
         future = asyncio.run_coroutine_threadsafe(produce(), self._loop.loop)
         try:
-            while True:
-                if is_cancelled():
+            while not is_cancelled():
+                batch = bridge.take(0.2)
+                if batch is None:
                     return
-                try:
-                    item = rows.get(timeout=0.2)
-                except queue.Empty:
-                    if future.done() and rows.empty():
-                        return
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+                if not batch and future.done():  # Cancelled before it ran (the loop stopped).
+                    bridge.finish(FindInterrupted("the node stopped the query"))
+                for row in batch:
+                    yield row
         finally:
+            bridge.close()
             future.cancel()
 
-    def locate(self, query: Query) -> RetrievePlan:
-        return self._loop.run(self._coordinator.locate(query), 600)
+    def locate(self, query: Query, is_cancelled: Callable[[], bool] | None = None) -> RetrievePlan:
+        """With `is_cancelled`, a requestor that cancels or aborts stops the fan-out at once
+        (RequestAbandoned) instead of holding this thread until every peer answered."""
+        return self._loop.run(self._coordinator.locate(query), 600, is_cancelled)
 
-    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+    def read(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None = None) -> tuple[bytes, int]:
         try:
-            return self._loop.run(self._coordinator.read(location), 600)
+            return self._loop.run(self._coordinator.read(location), 600, is_cancelled)
         except TimeoutError as error:
             raise ReadError(str(error)) from None

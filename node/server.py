@@ -4,6 +4,7 @@ shuts everything down cleanly on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pacsnode.node import peer_wire
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
+from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import SwimMembership, swim_config
 from pacsnode.node.peer_server import PeerServer
@@ -34,6 +36,15 @@ from pacsnode.replication.transport import cancelled_by_caller
 from pacsnode.ring.members import MemberInfo
 
 log = logging.getLogger(__name__)
+
+
+def health_now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def _probe() -> None:
+    """The executor probe: nothing to do; what counts is how long it waited for a thread."""
+
 
 IDENTITY_FILE = "identity.json"
 
@@ -96,7 +107,14 @@ class Node:
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
             raise StoreError(f"cannot open the store in {config.data_dir}: {error}") from None
-        self.replica = StoreReplica(self.store)
+        # Local health (node/health.py): every local write is timed while it runs, and the
+        # loop's executor is probed; a stuck store path makes the node say so.
+        self.write_watch = WriteWatch()
+        self.replica = WatchedReplica(StoreReplica(self.store), self.write_watch, health_now_ms)
+        self.health = LocalHealth(config.store_stall_ms)
+        # Status and other admin reads run here, never queued behind the data path's executor.
+        self.admin_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                                    thread_name_prefix="pacsnode-admin")
         self.started_at_ms = int(time.time() * 1000)
         me = MemberInfo(
             node_id=config.node_id,
@@ -141,7 +159,8 @@ class Node:
             decode=decode,
         )
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
-                                      alone=self.coordinator.alone, local_store=self.coordinator.store_alone)
+                                      alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
+                                      find_buffer_rows=config.find_buffer_rows)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication_factor, interval_ms=config.anti_entropy_interval_ms,
@@ -157,6 +176,7 @@ class Node:
         self._hint_task: asyncio.Task[None] | None = None
         self._repair_task: asyncio.Task[None] | None = None
         self._leave_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self.shutdown_requested = threading.Event()
         self._stopped = threading.Event()
 
@@ -177,6 +197,7 @@ class Node:
         commits, batched = self.store.commit_statistics()
         coordinator = self.coordinator.stats
         repair = self.repairer.stats
+        io = self.loop.executor.statistics()
         return {
             "pacsnode.store.instances_count": store.instances,
             "pacsnode.store.studies_count": store.studies,
@@ -202,6 +223,14 @@ class Node:
             "pacsnode.repair.pending_ranges_count": repair.pending_ranges,
             "pacsnode.repair.last_pass_ms": repair.last_pass_ms,
             "pacsnode.peer.refused_count": self.peer_server.refused,
+            "pacsnode.io.threads_count": io.threads,
+            "pacsnode.io.running_count": io.running,
+            "pacsnode.io.queued_count": io.queued,
+            "pacsnode.health.unhealthy_count": 0 if self.health.current.healthy else 1,
+            "pacsnode.health.oldest_write_age_ms": self.health.current.oldest_write_age_ms,
+            "pacsnode.health.probe_wait_ms": self.health.current.probe_wait_ms,
+            "pacsnode.health.transitions_count": self.health.transitions,
+            "pacsnode.membership.probes_unanswered_count": self.membership.probes_unanswered,
             **self.membership_metrics(),
         }
 
@@ -281,6 +310,45 @@ class Node:
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())
+        self._health_task = asyncio.ensure_future(self._watch_health_forever())
+
+    async def _watch_health_forever(self) -> None:
+        """Probe the store's executor and assess local health every health_probe_interval_ms;
+        tell membership when it flips (node/health.py)."""
+        loop = asyncio.get_running_loop()
+        health = self.health
+        interval_ms = self.config.health_probe_interval_ms
+        interval_s = interval_ms / 1000
+        last_ms = health_now_ms()
+        while True:
+            try:
+                now = health_now_ms()
+                late = now - last_ms > 2 * interval_ms + 500
+                last_ms = now
+                if late:
+                    # This whole process was stopped or starved (SIGSTOP, a paused VM), not its
+                    # store path: start the probe's clock again and look next time.
+                    if health.probe_outstanding:
+                        health.probe_sent(now)
+                    await asyncio.sleep(interval_s)
+                    continue
+                if not health.probe_outstanding:
+                    health.probe_sent(health_now_ms())
+                    probe = loop.run_in_executor(None, _probe)
+                    probe.add_done_callback(lambda _future: health.probe_answered())
+                was_healthy = health.current.healthy
+                now = health_now_ms()
+                report = health.assess(now, self.write_watch.oldest_started_ms())
+                if report.healthy != was_healthy:
+                    if report.healthy:
+                        log.warning("node.health.healthy node_id=%s", self.config.node_id)
+                    else:
+                        log.error("node.health.unhealthy node_id=%s reason=%s detail=%s", self.config.node_id,
+                                  report.reason.value, report.detail)
+                    self.membership.set_local_health(report.healthy, report.reason.value)
+            except Exception as error:  # Never let the watchdog die; say why and go on.
+                log.error("node.health.error error=%r", error)
+            await asyncio.sleep(interval_s)
 
     async def _replay_hints_forever(self) -> None:
         # One pass sends at most 64 hints per owner, each within its replica deadline; a
@@ -300,7 +368,7 @@ class Node:
                 log.error("replication.hint.replay_error error=%r", error)
 
     async def _stop_async(self) -> None:
-        for task in (self._hint_task, self._repair_task, self._leave_task):
+        for task in (self._hint_task, self._repair_task, self._leave_task, self._health_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -340,6 +408,7 @@ class Node:
         except Exception as error:  # Shut down the rest regardless.
             log.error("node.stop.error error=%r", error)
         self.loop.stop()
+        self.admin_executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
         log.info("node.stopped node_id=%s", self.config.node_id)
 

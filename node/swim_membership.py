@@ -56,6 +56,7 @@ from pacsnode.ring.swim import (
     Swim,
     SwimConfig,
     SwimStatistics,
+    newer,
 )
 
 if TYPE_CHECKING:
@@ -128,6 +129,11 @@ class SwimMembership:
         self._wake: asyncio.Event | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._held: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        # Local health (node/health.py): while unhealthy, no acks and no refutations; the
+        # newest accusation about us heard meanwhile is kept to be refuted on recovery.
+        self.unhealthy_reason = ""
+        self._withheld: MemberUpdate | None = None
+        self.probes_unanswered = 0
         self._view = self._build_view(None)
         self._ring_sync = RingSync(peer_interval_ms=config.push_pull_interval_ms, gap_ms=config.probe_interval_ms)
 
@@ -224,6 +230,45 @@ class SwimMembership:
         snapshot = tuple(sorted(self.records(), key=lambda record: record.node_id))
         self._dispatch(Outbound(node_id, member.peer_address, PushPullRequest(snapshot)))
 
+    def set_local_health(self, healthy: bool, reason: str = "") -> None:
+        """Lifeguard's local health, at its strictest: a node whose own store path is stuck
+        does not ack probes and does not refute suspicion, so its peers suspect it, declare
+        it dead and route around it. Back to healthy, it refutes what it heard meanwhile."""
+        if healthy:
+            if not self.unhealthy_reason:
+                return
+            log.warning("membership.local_health node=%s healthy=true", self.self_id)
+            self.unhealthy_reason = ""
+            withheld, self._withheld = self._withheld, None
+            if withheld is not None:
+                self._input(lambda now: self.swim.on_message(now, "", Gossip((withheld,))))
+            return
+        if not self.unhealthy_reason:
+            log.warning("membership.local_health node=%s healthy=false reason=%s: not acking probes, "
+                        "not refuting suspicion", self.self_id, reason)
+        self.unhealthy_reason = reason or "unhealthy"
+
+    def _screen(self, message: Message) -> Message:
+        """While unhealthy: take out accusations about us (SUSPECT, DEAD of this boot), which
+        the state machine would refute, and keep the newest for later."""
+        if not self.unhealthy_reason:
+            return message
+        field_name = "members" if isinstance(message, (PushPullRequest, PushPullReply, JoinReply)) else "updates"
+        updates = getattr(message, field_name, None)
+        if not updates:
+            return message
+        kept = []
+        for update in updates:
+            if (update.node_id == self.self_id and update.generation == self.generation
+                    and update.state in (State.SUSPECT, State.DEAD)):
+                if self._withheld is None or newer(update, self._withheld):
+                    self._withheld = update
+                continue
+            kept.append(update)
+        if len(kept) == len(updates):
+            return message
+        return replace(message, **{field_name: tuple(kept)})  # type: ignore[type-var]
+
     # ----------------------------------------------------------------- loop
     def start(self, transport: "GrpcTransport") -> None:
         """Join through the seeds and start the timers. On the node's loop."""
@@ -281,6 +326,12 @@ class SwimMembership:
         """A request from a peer (the peer server's Membership calls). Returns the reply the
         state machine produced for this call, or None. An IndirectPing's Ack or Nack comes
         later: the caller holds a future for it first (hold)."""
+        message = self._screen(message)
+        if self.unhealthy_reason and isinstance(message, Ping):
+            # No ack: the prober sees a failed probe. Its news is still heard.
+            self.probes_unanswered += 1
+            self._input(lambda now: self.swim.on_message(now, source_id, Gossip(message.updates)))
+            return None
         answer: list[Message] = []
 
         def is_answer(outbound: Outbound) -> bool:
@@ -478,4 +529,5 @@ class SwimMembership:
         answer, problems = peer_wire.reply_from_wire(method, reply)
         self.ignored(problems, source)
         if answer is not None:
-            self._input(lambda now: self.swim.on_message(now, source, answer))
+            screened = self._screen(answer)
+            self._input(lambda now: self.swim.on_message(now, source, screened))

@@ -581,7 +581,7 @@ class MemberStatus(_message.Message):
     def __init__(self, member: _Optional[_Union[MemberUpdate, _Mapping]] = ..., ring_ownership_fraction: _Optional[float] = ...) -> None: ...
 
 class LocalStats(_message.Message):
-    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes")
+    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health")
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -591,6 +591,7 @@ class LocalStats(_message.Message):
     UNDER_REPLICATED_STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     instance_count: int
     received_bytes: int
     stored_bytes: int
@@ -600,7 +601,32 @@ class LocalStats(_message.Message):
     under_replicated_study_count: int
     transfers: _containers.RepeatedCompositeFieldContainer[RangeTransfer]
     disk_free_bytes: int
-    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ...) -> None: ...
+    health: LocalHealth
+    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ...) -> None: ...
+
+class LocalHealth(_message.Message):
+    __slots__ = ("unhealthy", "reason", "detail", "oldest_write_age_ms", "probe_wait_ms", "unhealthy_for_ms", "io_threads", "io_running", "io_queued", "store_stall_ms")
+    UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_WRITE_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_FOR_MS_FIELD_NUMBER: _ClassVar[int]
+    IO_THREADS_FIELD_NUMBER: _ClassVar[int]
+    IO_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    IO_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STORE_STALL_MS_FIELD_NUMBER: _ClassVar[int]
+    unhealthy: bool
+    reason: str
+    detail: str
+    oldest_write_age_ms: int
+    probe_wait_ms: int
+    unhealthy_for_ms: int
+    io_threads: int
+    io_running: int
+    io_queued: int
+    store_stall_ms: int
+    def __init__(self, unhealthy: _Optional[bool] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., oldest_write_age_ms: _Optional[int] = ..., probe_wait_ms: _Optional[int] = ..., unhealthy_for_ms: _Optional[int] = ..., io_threads: _Optional[int] = ..., io_running: _Optional[int] = ..., io_queued: _Optional[int] = ..., store_stall_ms: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("envelope", "members", "local", "settings", "started_at_ms", "software_version")

@@ -76,7 +76,7 @@ class Gather:
         self._routed = routed  # Pieces are studies: narrow each call's study key to its own.
         self._tried: list[set[str]] = [set() for _ in self._pieces]
         self._unreachable: set[int] = set()
-        self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
+        self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=8)
         self._calls: dict[int, _Call] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._serial = itertools.count()
@@ -220,7 +220,7 @@ class RoutedGather:
         self._states = [_PieceState(needed=max(1, min(read_quorum, len(p.owners))), tried=set(), answered=[],
                                     failed=set(), rows={}) for p in self._pieces]
         self._by_study = {p.study_instance_uid: i for i, p in enumerate(self._pieces)}
-        self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=64)
+        self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=8)
         self._calls: dict[int, _Call] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._serial = itertools.count()

@@ -63,10 +63,13 @@ network_timeout_s = 30.0
 move_connect_timeout_s = 3.0
 move_store_attempt_max = 5
 find_result_max = 500
+find_buffer_rows = 250
 instance_size_bytes_max = 1_000_000
 disk_free_bytes_min = 0
 store_timeout_ms = 1000
 duplicate_policy = "first-wins"
+store_stall_ms = 4000
+health_probe_interval_ms = 300
 peer_port = 7002
 replication_factor = 5
 write_quorum = 3
@@ -108,6 +111,8 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.dimse_timeout_s == 5.0 and isinstance(config.dimse_timeout_s, float)
     assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
     assert config.move_store_attempt_max == 5 and config.find_result_max == 500
+    assert config.find_buffer_rows == 250
+    assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
@@ -202,6 +207,9 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
         ({"disk_free_bytes_min": -1}, "disk_free_bytes_min must be >= 0"),
         ({"find_result_max": -1}, "find_result_max must be >= 0"),
+        ({"find_buffer_rows": 0}, "find_buffer_rows must be >= 1"),
+        ({"store_stall_ms": 0}, "store_stall_ms must be >= 1"),
+        ({"health_probe_interval_ms": 0}, "health_probe_interval_ms must be >= 1"),
         ({"dimse_timeout_s": 0}, "dimse_timeout_s must be > 0"),
         ({"acse_timeout_s": -1.0}, "acse_timeout_s must be > 0"),
         ({"network_timeout_s": "soon"}, "network_timeout_s: cannot use 'soon' as float"),
