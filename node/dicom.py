@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import codec, raw_send
+from pacsnode.node import acceptor, codec, raw_send
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
@@ -143,9 +143,7 @@ class DicomFrontEnd:
         ]
 
     def start(self) -> None:
-        self._server = self.ae.start_server(
-            (self._config.host, self._config.dicom_port), block=False, evt_handlers=self.handlers()
-        )
+        self._server = acceptor.start_server(self.ae, (self._config.host, self._config.dicom_port), self.handlers())
 
     @property
     def port(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 import pydicom.config
 
-from pacsnode.node import peer_wire
+from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
@@ -376,3 +376,4 @@ def configure_logging(level: str, data_dir: Path | None = None) -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.Formatter.converter = time.gmtime
+    protocol_log.install(level)
