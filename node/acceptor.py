@@ -40,13 +40,13 @@ from datetime import datetime
 from typing import Any, Callable, cast
 
 import pynetdicom
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from pacsnode.node import association_guard
@@ -564,6 +564,34 @@ class AcceptorServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.bind(evt.EVT_REQUESTED, association_guard.on_requested)
         self.bind(evt.EVT_REJECTED, association_guard.on_rejected)
+
+
+# ----------------------------------------------------------------------------- requestor side
+class RequestorSocket(AssociationSocket):
+    """The socket of an association we request (C-MOVE sub-associations): re-arms
+    TCP_QUICKACK after every read. dcmtk's storescp leaves Nagle on and writes a C-STORE
+    response in two pieces; without an immediate ACK from us the second waits ~40 ms
+    (300 instances: 15 s instead of 2.6 s to storescp on this machine)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        data = super().recv(nr_bytes)
+        sock = self.socket
+        if _QUICKACK is not None and sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+        return data
+
+
+class NodeAE(AE):
+    """pynetdicom's AE whose requested associations use RequestorSocket (pynetdicom 3.0.4's
+    AE._create_socket with the class changed)."""
+
+    def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> AssociationSocket:
+        sock = RequestorSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
 
 
 def start_server(ae: Any, address: tuple[str, int], evt_handlers: list[Any]) -> AcceptorServer:

@@ -113,7 +113,7 @@ class DicomFrontEnd:
     # ----------------------------------------------------------------- setup
     def _build_ae(self) -> AE:
         config = self._config
-        ae = AE(ae_title=config.ae_title)
+        ae = acceptor.NodeAE(ae_title=config.ae_title)
         ae.maximum_pdu_size = config.max_pdu_bytes
         ae.maximum_associations = config.max_associations
         ae.dimse_timeout = config.dimse_timeout_s
