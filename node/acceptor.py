@@ -44,6 +44,7 @@ from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -434,6 +435,18 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self.msg_queue = _WakingQueue(assoc.wake)
 
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        assoc = cast("AcceptorAssociation", self.assoc)
+        if assoc.retrieve_refused and isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status is not None \
+                and primitive.Status not in (0xFF00, 0xFF01):
+            # pynetdicom needs one announced sub-operation to send a final status of our
+            # own, and then counts it as failed; no sub-operation was ever attempted.
+            primitive.NumberOfFailedSuboperations = 0
+            primitive.NumberOfWarningSuboperations = 0
+            primitive.NumberOfCompletedSuboperations = 0
+            assoc.retrieve_refused = False
+        super().send_msg(primitive, context_id)
+
     def receive_primitive(self, primitive: Any) -> None:
         try:
             super().receive_primitive(primitive)
@@ -451,6 +464,7 @@ class AcceptorAssociation(Association):
         super().__init__(ae, mode)
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
+        self.retrieve_refused = False  # See refuse_retrieve().
         self.dul = AcceptorDUL(self)
         self.dimse = AcceptorDIMSE(self)
         # The timeouts live in the DUL's timers: set them again on the new DUL.
@@ -521,6 +535,13 @@ class AcceptorAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+def refuse_retrieve(assoc: Any) -> None:
+    """A C-GET/C-MOVE handler refuses the request before any sub-operation (it yields 1,
+    then its failure status): the final response reports 0 sub-operations, not 1 failed."""
+    if isinstance(assoc, AcceptorAssociation):
+        assoc.retrieve_refused = True
 
 
 # ----------------------------------------------------------------------------- server

@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 
 from pacsnode.node import acceptor, codec, raw_send
 from pacsnode.node.config import NodeConfig
-from pacsnode.node.ingest import InvalidInstance, instance_from_part10
+from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
 from pacsnode.replication.matching import Condition, Query, QueryError
 from pacsnode.replication.model import Attributes
@@ -80,6 +80,7 @@ MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
     str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
 }
+RETRIEVE_UNIQUE_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _BINARY_NUMBER_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
 
 
@@ -300,8 +301,12 @@ class DicomFrontEnd:
         query = query_from_identifier(event.identifier, model)
         if query.level == "PATIENT" and model != "PATIENT":
             raise QueryError("PATIENT level is only valid in the Patient Root model")
-        if not any(c.keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID") for c in query.conditions):
+        keys = [c for c in query.conditions if c.keyword in RETRIEVE_UNIQUE_KEYS]
+        if not keys:
             raise QueryError("a retrieve needs a unique key (PatientID, StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID)")
+        wildcard = next((c.keyword for c in keys if "*" in c.value or "?" in c.value), None)
+        if wildcard is not None:
+            raise QueryError(f"{wildcard} is a unique key: a retrieve takes values, not wildcards")
         return query
 
     def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
@@ -326,11 +331,13 @@ class DicomFrontEnd:
             locations = self._archive.locate(query)
         except QueryError as error:
             log.warning("dicom.get.rejected reason=%s", error)
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
             return
         except Exception as error:
             log.warning("dicom.get.rejected reason=undecodable-identifier error=%s", type(error).__name__)
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
@@ -357,12 +364,14 @@ class DicomFrontEnd:
         except QueryError as error:
             log.warning("dicom.move.rejected reason=%s", error)
             yield destination.host, destination.port
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
             return
         except Exception as error:
             log.warning("dicom.move.rejected reason=undecodable-identifier error=%s", type(error).__name__)
             yield destination.host, destination.port
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
@@ -457,7 +466,11 @@ def set_element(dataset: Dataset, keyword: str, value: Any) -> None:
         return
     vr = dictionary_VR(tag)
     if vr == "SQ":
-        setattr(dataset, keyword, [])
+        element = decode_sequence(value) if isinstance(value, str) else None
+        if element is not None and element.tag == tag:
+            dataset[tag] = element  # The stored items (issue 11: they came back empty).
+        else:
+            setattr(dataset, keyword, [])
         return
     if value is None or value == "" or value == []:
         dataset.add_new(tag, vr, None)
