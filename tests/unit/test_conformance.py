@@ -24,3 +24,13 @@ def test_tables_name_the_services_and_syntaxes() -> None:
     syntaxes = conformance.transfer_syntax_table()
     assert "| Explicit VR Little Endian | `1.2.840.10008.1.2.1` | yes | yes | yes |" in syntaxes
     assert "JPEG 2000 Image Compression (Lossless Only) | `1.2.840.10008.1.2.4.90` | no | no | yes |" in syntaxes
+
+
+def test_readme_links_point_at_files_in_the_repository() -> None:
+    import re
+
+    root = conformance.DOCUMENT.parents[1]
+    readme = (root / "README.md").read_text()
+    assert "../shared/" not in readme
+    for target in re.findall(r"\]\((?!https?:)([^)#]+)\)", readme):
+        assert (root / target).exists(), f"README links to {target}, which is not in the repository"
