@@ -87,7 +87,8 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = load_identity(config)
+        # The store first: its lock says whether another node runs on this data dir, and
+        # a start that fails there must not raise the running node's boot generation.
         try:
             self.store = RocksStore(
                 config.data_dir / "store",
@@ -96,6 +97,11 @@ class Node:
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
             raise StoreError(f"cannot open the store in {config.data_dir}: {error}") from None
+        try:
+            self.identity = load_identity(config)
+        except BaseException:
+            self.store.close()
+            raise
         self.replica = StoreReplica(self.store)
         self.started_at_ms = int(time.time() * 1000)
         me = MemberInfo(
