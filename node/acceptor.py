@@ -72,6 +72,8 @@ CONTROL_PDU_BYTES_MAX = 1 << 20
 IDLE_WAKE_S = 0.5
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
+STATUS_MOVE_UNABLE_TO_PERFORM = 0xA702  # Refused: out of resources, unable to perform sub-operations.
 
 
 class UntestedPynetdicom(RuntimeError):
@@ -445,6 +447,22 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             primitive.NumberOfWarningSuboperations = 0
             primitive.NumberOfCompletedSuboperations = 0
             assoc.retrieve_refused = False
+        move = assoc.move_destination
+        if move is not None and isinstance(primitive, C_MOVE) and primitive.Status is not None \
+                and primitive.Status not in (0xFF00, 0xFF01):
+            assoc.move_destination = None
+            if primitive.Status == STATUS_MOVE_DESTINATION_UNKNOWN:
+                # pynetdicom answers "destination unknown" when the sub-association fails;
+                # the destination is known (configured) but did not take the association:
+                # every sub-operation failed, none could be attempted.
+                ae_title, address, instances = move
+                log_event(logging.WARNING, "dicom.move.destination_unreachable", assoc,
+                          move_destination=ae_title, destination_address=address, instances=instances)
+                primitive.Status = STATUS_MOVE_UNABLE_TO_PERFORM
+                primitive.NumberOfFailedSuboperations = instances
+                primitive.NumberOfWarningSuboperations = 0
+                primitive.NumberOfCompletedSuboperations = 0
+                primitive.ErrorComment = f"move destination {ae_title} did not accept an association"[:64]
         super().send_msg(primitive, context_id)
 
     def receive_primitive(self, primitive: Any) -> None:
@@ -465,6 +483,7 @@ class AcceptorAssociation(Association):
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
         self.retrieve_refused = False  # See refuse_retrieve().
+        self.move_destination: tuple[str, str, int] | None = None  # See expect_move_destination().
         self.dul = AcceptorDUL(self)
         self.dimse = AcceptorDIMSE(self)
         # The timeouts live in the DUL's timers: set them again on the new DUL.
@@ -542,6 +561,14 @@ def refuse_retrieve(assoc: Any) -> None:
     then its failure status): the final response reports 0 sub-operations, not 1 failed."""
     if isinstance(assoc, AcceptorAssociation):
         assoc.retrieve_refused = True
+
+
+def expect_move_destination(assoc: Any, ae_title: str, address: str, instances: int) -> None:
+    """A C-MOVE handler is about to yield a configured destination: if pynetdicom then cannot
+    associate with it, the final response is 0xA702 with `instances` failed sub-operations
+    and an ErrorComment, not 0xA801 "Move Destination unknown" (issue 11)."""
+    if isinstance(assoc, AcceptorAssociation):
+        assoc.move_destination = (ae_title, address, instances)
 
 
 # ----------------------------------------------------------------------------- server

@@ -382,6 +382,8 @@ class DicomFrontEnd:
             len(locations),
             destination.ae_title,
         )
+        acceptor.expect_move_destination(event.assoc, destination.ae_title, f"{destination.host}:{destination.port}",
+                                         len(locations))
         yield destination.host, destination.port, {
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],

@@ -78,3 +78,56 @@ def test_get_refuses_wildcards_and_missing_unique_keys_without_phantom_sub_opera
     result = clients.get(node.dicom_port, identifier("STUDY", **keys), [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")])
     assert result.final_status == 0xA900
     assert result.failed == 0 and result.completed == 0 and not result.received
+
+
+def _move(port: int, study_uid: str, destination: str) -> Dataset:
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    ae = clients.scu_ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+    assert assoc.is_established
+    final = Dataset()
+    try:
+        for status, _identifier in assoc.send_c_move(identifier("STUDY", StudyInstanceUID=study_uid), destination,
+                                                      StudyRootQueryRetrieveInformationModelMove):
+            if status and status.Status != 0xFF00:
+                final = status
+    finally:
+        assoc.release()
+    return final
+
+
+def test_move_to_a_configured_destination_that_is_down_is_a_sub_operation_failure(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from pacsnode.sim.process import free_port
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # Accepts TCP, never answers an A-ASSOCIATE-RQ.
+    down_port = free_port()
+    node = NodeProcess(tmp_path / "data", extra_args=[
+        "--destination", f"DOWN=127.0.0.1:{down_port}",
+        "--destination", f"SILENT=127.0.0.1:{silent.getsockname()[1]}",
+        "--acse-timeout-s", "2", "--move-connect-timeout-s", "2"])
+    node.start()
+    try:
+        manifest = datagen.write_study_set(datagen.StudySetSpec(patients=1, instances_per_series=3, rows=8, cols=8,
+                                                                seed=78), tmp_path / "files")
+        assert set(clients.send_files(node.dicom_port, [Path(e["path"]) for e in manifest]).values()) == {0}
+        study = manifest[0]["study_uid"]
+        for destination, bound_s in (("DOWN", 3.0), ("SILENT", 6.0)):
+            start = time.monotonic()
+            final = _move(node.dicom_port, study, destination)
+            elapsed = time.monotonic() - start
+            assert final.Status == 0xA702, (destination, hex(final.Status))
+            assert final.NumberOfFailedSuboperations == 3 and final.NumberOfCompletedSuboperations == 0
+            assert destination in final.ErrorComment
+            assert elapsed < bound_s, (destination, elapsed)
+        assert _move(node.dicom_port, study, "NOBODY").Status == 0xA801  # Unknown: still 0xA801.
+        assert "dicom.move.destination_unreachable" in node.log_text()
+    finally:
+        node.stop()
+        silent.close()
