@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, codec, raw_send
+from pacsnode.node import acceptor, association_guard, codec, raw_send
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
@@ -178,14 +178,10 @@ class DicomFrontEnd:
     # ----------------------------------------------------------------- association events
     def _on_established(self, event: Any) -> None:
         self._count("associations")
-        log.info(
-            "dicom.association.established calling_ae_title=%s address=%s",
-            event.assoc.requestor.ae_title,
-            event.assoc.requestor.address,
-        )
+        association_guard.log_event(logging.INFO, "dicom.association.established", event.assoc)
 
     def _on_aborted(self, event: Any) -> None:
-        log.info("dicom.association.aborted address=%s", event.assoc.requestor.address)
+        association_guard.log_event(logging.INFO, "dicom.association.aborted", event.assoc)
 
     def _on_echo(self, event: Any) -> int:
         self._count("c_echo")
