@@ -45,6 +45,14 @@ class OneLineLibraryRecords(logging.Filter):
             record.exc_text = None
         elif isinstance(record.msg, BaseException):
             record.msg, record.args = "exception=%s", (type(record.msg).__name__,)
+        else:
+            message = record.getMessage()
+            if "\n" in message:  # pynetdicom formats handler tracebacks into the message itself.
+                lines = [line for line in message.splitlines() if line.strip()]
+                if any(line.startswith("Traceback (most recent call last)") for line in lines):
+                    record.msg, record.args = "traceback exception=%s", (lines[-1].split(":", 1)[0].strip(),)
+                else:
+                    record.msg, record.args = (lines[0] if lines else ""), None
         return True
 
 
