@@ -428,6 +428,36 @@ class AcceptorDUL(DULServiceProvider):
         self._kill_thread = True
 
 
+# ----------------------------------------------------------------------------- socket
+class AcceptorSocket(AssociationSocket):
+    """An accepted connection whose sends time out after `network_timeout_s`: a peer that
+    stops reading (a C-GET requestor that never takes its instances) would otherwise
+    block the DUL thread in `send` for ever and hold the association slot. Reads are not
+    affected (AcceptorDUL waits in `select` with its own deadlines first)."""
+
+    def __init__(self, assoc: Any, client_socket: socket.socket) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        timeout = assoc.network_timeout
+        client_socket.settimeout(float(timeout) if timeout else None)
+
+    def send(self, bytestream: bytes) -> None:
+        sock = self.socket
+        if sock is None:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            sock.sendall(bytestream)
+        except TimeoutError:
+            log_event(logging.WARNING, "dicom.pdu.send_timeout", self.assoc, pending_bytes=len(bytestream),
+                      timeout_s=f"{sock.gettimeout():g}")
+            self.event_queue.put("Evt17")
+            return
+        except Exception:
+            self.event_queue.put("Evt17")
+            return
+        evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+
+
 # ----------------------------------------------------------------------------- DIMSE
 class AcceptorDIMSE(DIMSEServiceProvider):
     """Wakes the association reactor on every message; a message that cannot be decoded
@@ -579,13 +609,11 @@ class AcceptorRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         from copy import deepcopy
 
-        from pynetdicom.transport import AssociationSocket
-
         assoc = AcceptorAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
         assoc.name = f"AcceptorThread@{timestamp}"
-        sock = AssociationSocket(assoc, client_socket=self.request)
+        sock = AcceptorSocket(assoc, client_socket=self.request)
         assoc.set_socket(sock)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title

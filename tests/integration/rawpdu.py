@@ -42,8 +42,12 @@ def presentation_context(context_id: int, abstract_syntax: str, transfer_syntaxe
     return _item(0x20, body)
 
 
-def user_information(max_pdu: int = 16384, implementation_class_uid: str = "1.2.826.0.1.3680043.9.3811.1") -> bytes:
+def user_information(max_pdu: int = 16384, implementation_class_uid: str = "1.2.826.0.1.3680043.9.3811.1",
+                     scp_roles: tuple[str, ...] = ()) -> bytes:
     body = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, _uid(implementation_class_uid))
+    for sop_class in scp_roles:  # SCP/SCU role selection: we act as SCP of these (C-GET).
+        uid = _uid(sop_class)
+        body += _item(0x54, struct.pack(">H", len(uid)) + uid + b"\x00\x01")
     return _item(0x50, body)
 
 
@@ -54,11 +58,12 @@ def associate_rq(
     calling: str = "RAWSCU",
     application_context: str = APPLICATION_CONTEXT,
     max_pdu: int = 16384,
+    scp_roles: tuple[str, ...] = (),
 ) -> bytes:
     if contexts is None:
         contexts = [presentation_context(1, VERIFICATION, [IMPLICIT_VR_LE])]
     header = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32
-    items = _item(0x10, _uid(application_context)) + b"".join(contexts) + user_information(max_pdu)
+    items = _item(0x10, _uid(application_context)) + b"".join(contexts) + user_information(max_pdu, scp_roles=scp_roles)
     body = header + items
     return struct.pack(">BBL", PDU_ASSOCIATE_RQ, 0, len(body)) + body
 
@@ -73,20 +78,48 @@ def release_rq() -> bytes:
     return struct.pack(">BBL", PDU_RELEASE_RQ, 0, 4) + b"\x00" * 4
 
 
+def _element(group: int, elem: int, value: bytes) -> bytes:
+    """One Implicit VR Little Endian element (value padded to even length)."""
+    if len(value) % 2:
+        value += b"\x00" if (group, elem) in _UID_ELEMENTS else b" "
+    return struct.pack("<HHL", group, elem, len(value)) + value
+
+
+_UID_ELEMENTS = {(0x0000, 0x0002), (0x0020, 0x000D)}
+
+
+def _command(*elements: bytes) -> bytes:
+    body = b"".join(elements)
+    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
 def echo_command(message_id: int = 1) -> bytes:
     """A C-ECHO-RQ command set (Implicit VR Little Endian)."""
-
-    def element(group: int, elem: int, value: bytes) -> bytes:
-        return struct.pack("<HHL", group, elem, len(value)) + value
-
-    uid = _uid(VERIFICATION) + (b"\x00" if len(VERIFICATION) % 2 else b"")
-    elements = (
-        element(0x0000, 0x0002, uid)
-        + element(0x0000, 0x0100, struct.pack("<H", 0x0030))
-        + element(0x0000, 0x0110, struct.pack("<H", message_id))
-        + element(0x0000, 0x0800, struct.pack("<H", 0x0101))
+    return _command(
+        _element(0x0000, 0x0002, _uid(VERIFICATION)),
+        _element(0x0000, 0x0100, struct.pack("<H", 0x0030)),
+        _element(0x0000, 0x0110, struct.pack("<H", message_id)),
+        _element(0x0000, 0x0800, struct.pack("<H", 0x0101)),
     )
-    return element(0x0000, 0x0000, struct.pack("<L", len(elements))) + elements
+
+
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+def get_command(message_id: int = 1) -> bytes:
+    """A C-GET-RQ command set (Study Root), with a dataset to follow."""
+    return _command(
+        _element(0x0000, 0x0002, _uid(STUDY_ROOT_GET)),
+        _element(0x0000, 0x0100, struct.pack("<H", 0x0010)),
+        _element(0x0000, 0x0110, struct.pack("<H", message_id)),
+        _element(0x0000, 0x0700, struct.pack("<H", 0)),
+        _element(0x0000, 0x0800, struct.pack("<H", 0x0000)),
+    )
+
+
+def study_identifier(study_uid: str) -> bytes:
+    """QueryRetrieveLevel=STUDY, StudyInstanceUID (Implicit VR Little Endian dataset)."""
+    return _element(0x0008, 0x0052, b"STUDY") + _element(0x0020, 0x000D, _uid(study_uid))
 
 
 @dataclass
@@ -108,8 +141,13 @@ class Pdu:
 class RawAssociation:
     """One TCP connection to the node, speaking PDUs by hand."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout_s: float = 10.0,
+                 receive_buffer_bytes: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer_bytes is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def __enter__(self) -> "RawAssociation":

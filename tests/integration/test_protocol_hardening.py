@@ -142,6 +142,31 @@ def test_an_idle_association_costs_under_one_percent_of_a_core(node: NodeProcess
     assert used / elapsed < 0.02 + 2 / tick / elapsed, (used, elapsed)
 
 
+def test_a_c_get_requestor_that_stops_reading_is_dropped_after_the_network_timeout(
+        node: NodeProcess, tmp_path: Path) -> None:
+    from pacsnode.sim import datagen
+
+    spec = datagen.StudySetSpec(patients=1, instances_per_series=3, rows=2048, cols=2048, seed=515,
+                                pixel_fill="random", modalities=("CT",))
+    manifest = datagen.write_study_set(spec, tmp_path / "big")
+    assert set(clients.send_files(node.dicom_port, [Path(e["path"]) for e in manifest]).values()) == {0}
+    mark = _mark(node)
+    contexts = [presentation_context(1, rawpdu.STUDY_ROOT_GET, [rawpdu.IMPLICIT_VR_LE]),
+                presentation_context(3, rawpdu.CT_IMAGE_STORAGE, [rawpdu.EXPLICIT_VR_LE])]
+    with RawAssociation(node.dicom_port, receive_buffer_bytes=4096) as peer:
+        accepted = peer.associate(contexts, scp_roles=(rawpdu.CT_IMAGE_STORAGE,))
+        assert accepted is not None and accepted.pdu_type == rawpdu.PDU_ASSOCIATE_AC
+        peer.send(rawpdu.p_data(1, rawpdu.get_command(), command=True, last=True))
+        peer.send(rawpdu.p_data(1, rawpdu.study_identifier(manifest[0]["study_uid"]), command=False, last=True))
+        start = time.monotonic()  # From here on we read nothing: 24 MB wait in the node's sends.
+        while "dicom.pdu.send_timeout" not in _log_after(node, mark) and time.monotonic() - start < NETWORK_TIMEOUT_S + 10:
+            time.sleep(0.2)
+        log = _log_after(node, mark)
+        assert "dicom.pdu.send_timeout" in log, log[-3000:]
+        assert time.monotonic() - start < NETWORK_TIMEOUT_S + 10
+    assert _serving(node)
+
+
 # --------------------------------------------------------------------------- negotiation
 @pytest.mark.parametrize(
     ("case", "contexts", "kwargs", "reason", "log_reason"),
