@@ -154,6 +154,19 @@ class _Checkpoint(threading.Event):
         self._on_clear()
 
 
+def _wait_readable(descriptors: list[int], timeout_s: float) -> bool:
+    """Wait until one of `descriptors` is readable (or hung up); False on timeout. poll,
+    not select: select cannot watch a descriptor numbered 1024 or more, and a node with a
+    large RocksDB store holds that many files."""
+    poller = select.poll()
+    for descriptor in descriptors:
+        poller.register(descriptor, select.POLLIN | select.POLLPRI)
+    try:
+        return bool(poller.poll(max(0, int(timeout_s * 1000 + 0.999))))
+    except (OSError, ValueError):  # A descriptor closed under us: let the caller look again.
+        return True
+
+
 def _timer_running(timer: Any) -> bool:
     return timer.timeout is not None and timer._start_time is not None and timer._end_time is None
 
@@ -224,17 +237,14 @@ class AcceptorDUL(DULServiceProvider):
         if _timer_running(self.artim_timer):
             timeout = min(timeout, max(0.0, self.artim_timer.remaining))
         waker = cast(_Waker, self._waker)
-        readable: list[Any] = [waker]
         wrapper = self.socket
         sock = wrapper.socket if wrapper is not None and wrapper._is_connected else None
-        if sock is not None:
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return
-            readable.append(sock)
-        try:
-            select.select(readable, [], [], timeout)
-        except (OSError, ValueError):  # The socket was closed under us: look again.
-            pass
+        if sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
+        descriptors = [waker.fileno()]
+        if sock is not None and sock.fileno() >= 0:
+            descriptors.append(sock.fileno())
+        _wait_readable(descriptors, timeout)
         waker.drain()
 
     def stop_dul(self) -> bool:
@@ -350,11 +360,10 @@ class AcceptorDUL(DULServiceProvider):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                try:
-                    ready, _, _ = select.select([sock], [], [], remaining)
-                except (OSError, ValueError):
+                descriptor = sock.fileno()
+                if descriptor < 0:
                     return received
-                if not ready:
+                if not _wait_readable([descriptor], remaining):
                     return None
             try:
                 got = sock.recv_into(view[received:], count - received)
@@ -439,6 +448,26 @@ class AcceptorSocket(AssociationSocket):
         super().__init__(assoc, client_socket=client_socket)
         timeout = assoc.network_timeout
         client_socket.settimeout(float(timeout) if timeout else None)
+
+    @property
+    def ready(self) -> bool:
+        """As pynetdicom's, with poll instead of select (descriptors >= 1024)."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        descriptor = sock.fileno()
+        if descriptor < 0:
+            self.event_queue.put("Evt17")
+            return False
+        poller = select.poll()
+        poller.register(descriptor, select.POLLIN | select.POLLPRI)
+        try:
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")
+            return False
 
     def send(self, bytestream: bytes) -> None:
         sock = self.socket

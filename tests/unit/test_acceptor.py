@@ -99,3 +99,23 @@ def test_waker_wakes_a_select_and_is_safe_after_close() -> None:
     assert select.select([waker], [], [], 0)[0] == []
     waker.close()
     waker.wake()  # After close: nothing, no error, no write to a reused descriptor.
+
+
+def test_waits_work_on_descriptors_above_select_s_limit() -> None:
+    import os
+    import resource
+    import socket
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:
+        pytest.skip("needs RLIMIT_NOFILE > 1500")
+    left, right = socket.socketpair()
+    high = os.dup2(left.fileno(), 1500)
+    try:
+        assert not acceptor._wait_readable([high], 0.05)
+        right.sendall(b"x")
+        assert acceptor._wait_readable([high], 1.0)
+    finally:
+        os.close(high)
+        left.close()
+        right.close()
