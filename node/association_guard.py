@@ -118,8 +118,9 @@ def make_negotiable(pdu: A_ASSOCIATE_RQ) -> bool:
 
 
 # ----------------------------------------------------------------------------- events
-def peer_fields(assoc: Any) -> str:
-    """`address=... calling_ae_title=... called_ae_title=...` of an association, as far as known."""
+def peer_fields(assoc: Any, titles: tuple[str, str] | None = None) -> str:
+    """`address=... calling_ae_title=... called_ae_title=...` of an association, as far as
+    known (`titles`: (calling, called) when the request is not yet on the association)."""
     try:
         address_info = assoc.requestor.address_info
         address = f"{address_info.address}:{address_info.port}"
@@ -128,7 +129,9 @@ def peer_fields(assoc: Any) -> str:
     calling = called = ""
     try:
         primitive = assoc.requestor.primitive
-        if primitive is not None:
+        if titles is not None:
+            calling, called = (str(t or "").strip() for t in titles)
+        elif primitive is not None:
             calling = str(primitive.calling_ae_title or "").strip()
             called = str(primitive.called_ae_title or "").strip()
     except Exception:
@@ -142,10 +145,10 @@ def _token(text: str) -> str:
     return cleaned or "-"
 
 
-def log_event(level: int, name: str, assoc: Any, **fields: Any) -> None:
+def log_event(level: int, name: str, assoc: Any, *, titles: tuple[str, str] | None = None, **fields: Any) -> None:
     """One protocol event line: the stable name, the peer, then `key=value` fields."""
     extra = " ".join(f"{key}={value}" for key, value in fields.items())
-    log.log(level, "%s %s%s", name, peer_fields(assoc), f" {extra}" if extra else "")
+    log.log(level, "%s %s%s", name, peer_fields(assoc, titles), f" {extra}" if extra else "")
 
 
 # ----------------------------------------------------------------------------- handlers

@@ -59,10 +59,11 @@ def associate_rq(
     application_context: str = APPLICATION_CONTEXT,
     max_pdu: int = 16384,
     scp_roles: tuple[str, ...] = (),
+    protocol_version: int = 1,
 ) -> bytes:
     if contexts is None:
         contexts = [presentation_context(1, VERIFICATION, [IMPLICIT_VR_LE])]
-    header = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32
+    header = struct.pack(">HH", protocol_version, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32
     items = _item(0x10, _uid(application_context)) + b"".join(contexts) + user_information(max_pdu, scp_roles=scp_roles)
     body = header + items
     return struct.pack(">BBL", PDU_ASSOCIATE_RQ, 0, len(body)) + body

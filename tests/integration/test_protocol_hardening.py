@@ -179,10 +179,11 @@ def test_a_c_get_requestor_that_stops_reading_is_dropped_after_the_network_timeo
         ("unknown application context", None, {"application_context": "1.2.3.4"},
          (1, 1, 2), "application-context-not-supported"),
         ("no presentation context", [], {}, (1, 1, 1), "no-presentation-context"),
+        ("protocol version 2", None, {"protocol_version": 2}, (1, 2, 2), "protocol-version-not-supported"),
     ],
 )
 def test_bad_association_requests_are_rejected(node: NodeProcess, case: str, contexts: list[bytes] | None,
-                                               kwargs: dict[str, str], reason: tuple[int, int, int],
+                                               kwargs: dict[str, object], reason: tuple[int, int, int],
                                                log_reason: str) -> None:
     mark = _mark(node)
     with RawAssociation(node.dicom_port) as peer:
