@@ -68,6 +68,8 @@ TESTED_PYNETDICOM_VERSIONS = frozenset({"3.0.4"})
 # Non-P-DATA PDUs (association request, release, abort) are small; an A-ASSOCIATE-RQ with
 # 128 presentation contexts of 20 transfer syntaxes each is about 70 KB.
 CONTROL_PDU_BYTES_MAX = 1 << 20
+# Outgoing PDUs queued per association before the sender waits (16 x 256 KiB = 4 MiB).
+PROVIDER_QUEUE_PDUS_MAX = 16
 # Longest sleep of either reactor when nothing happens (their timers are checked then).
 IDLE_WAKE_S = 0.5
 _PDU_TYPES = frozenset(range(0x01, 0x08))
@@ -141,6 +143,34 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
         self._wake()
 
 
+class _ProviderQueue(_WakingQueue):
+    """The DUL's outgoing queue, bounded: a DIMSE message is cut into PDUs as the DUL
+    sends them, instead of all at once (a 200 MB instance was held a second time as PDUs
+    waiting in this queue). A put waits for room while the DUL thread lives; once it has
+    stopped, nothing will be sent and the item is dropped."""
+
+    def __init__(self, wake: Callable[[], None], dul: "AcceptorDUL", maxsize: int) -> None:
+        super().__init__(wake)
+        self.maxsize = maxsize
+        self._dul = dul
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if threading.current_thread() is self._dul:
+            # The DUL never waits for itself; its own puts are rare and small.
+            with self.mutex:
+                self._put(item)
+                self.unfinished_tasks += 1
+                self.not_empty.notify()
+            return
+        while True:
+            try:
+                super().put(item, True, IDLE_WAKE_S)
+                return
+            except queue.Full:
+                if self._dul.ident is not None and not self._dul.is_alive():
+                    return
+
+
 class _Checkpoint(threading.Event):
     """The association reactor's pause flag: clearing it (a sender wants the reactor to
     pause) wakes the reactor so that it reaches the pause at once."""
@@ -179,7 +209,7 @@ class AcceptorDUL(DULServiceProvider):
         super().__init__(assoc)
         self._waker: _Waker | None = None
         self.event_queue = _WakingQueue(self._wake)
-        self.to_provider_queue = _WakingQueue(self._wake)
+        self.to_provider_queue = _ProviderQueue(self._wake, self, PROVIDER_QUEUE_PDUS_MAX)
         self.to_user_queue = _WakingQueue(assoc.wake)
 
     def _wake(self) -> None:
