@@ -34,10 +34,17 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import codec, raw_send
+from pacsnode.node import acceptor, association_guard, codec, raw_send
 from pacsnode.node.config import NodeConfig
-from pacsnode.node.ingest import InvalidInstance, instance_from_part10
-from pacsnode.replication.archive import Archive, IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, WriteStatus
+from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
+from pacsnode.replication.archive import (
+    Archive,
+    IncompleteAnswer,
+    InstanceLocation,
+    ReadError,
+    RetrievePlan,
+    WriteStatus,
+)
 from pacsnode.replication.matching import Condition, Query, QueryError
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.query import level_of
@@ -87,6 +94,7 @@ MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
     str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
 }
+RETRIEVE_UNIQUE_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _BINARY_NUMBER_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
 
 
@@ -120,7 +128,7 @@ class DicomFrontEnd:
     # ----------------------------------------------------------------- setup
     def _build_ae(self) -> AE:
         config = self._config
-        ae = AE(ae_title=config.ae_title)
+        ae = acceptor.NodeAE(ae_title=config.ae_title)
         ae.maximum_pdu_size = config.max_pdu_bytes
         ae.maximum_associations = config.max_associations
         ae.dimse_timeout = config.dimse_timeout_s
@@ -150,9 +158,7 @@ class DicomFrontEnd:
         ]
 
     def start(self) -> None:
-        self._server = self.ae.start_server(
-            (self._config.host, self._config.dicom_port), block=False, evt_handlers=self.handlers()
-        )
+        self._server = acceptor.start_server(self.ae, (self._config.host, self._config.dicom_port), self.handlers())
 
     @property
     def port(self) -> int:
@@ -186,14 +192,10 @@ class DicomFrontEnd:
     # ----------------------------------------------------------------- association events
     def _on_established(self, event: Any) -> None:
         self._count("associations")
-        log.info(
-            "dicom.association.established calling_ae_title=%s address=%s",
-            event.assoc.requestor.ae_title,
-            event.assoc.requestor.address,
-        )
+        association_guard.log_event(logging.INFO, "dicom.association.established", event.assoc)
 
     def _on_aborted(self, event: Any) -> None:
-        log.info("dicom.association.aborted address=%s", event.assoc.requestor.address)
+        association_guard.log_event(logging.INFO, "dicom.association.aborted", event.assoc)
 
     def _on_echo(self, event: Any) -> int:
         self._count("c_echo")
@@ -325,8 +327,12 @@ class DicomFrontEnd:
         query = query_from_identifier(event.identifier, model)
         if query.level == "PATIENT" and model != "PATIENT":
             raise QueryError("PATIENT level is only valid in the Patient Root model")
-        if not any(c.keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID") for c in query.conditions):
+        keys = [c for c in query.conditions if c.keyword in RETRIEVE_UNIQUE_KEYS]
+        if not keys:
             raise QueryError("a retrieve needs a unique key (PatientID, StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID)")
+        wildcard = next((c.keyword for c in keys if "*" in c.value or "?" in c.value), None)
+        if wildcard is not None:
+            raise QueryError(f"{wildcard} is a unique key: a retrieve takes values, not wildcards")
         return query
 
     def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
@@ -350,11 +356,13 @@ class DicomFrontEnd:
             query = self._retrieve_query(event, GET_MODELS)
         except QueryError as error:
             log.warning("dicom.get.rejected reason=%s", error)
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
             return
         except Exception as error:
             log.warning("dicom.get.rejected reason=undecodable-identifier error=%s", type(error).__name__)
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
@@ -362,6 +370,7 @@ class DicomFrontEnd:
             plan = self._archive.locate(query)
         except Exception as error:  # A bug or an unexpected failure, not the caller's identifier.
             log.error("dicom.get.failed level=%s error=%s", query.level, type(error).__name__)
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_GET_INTERNAL_ERROR, "internal error; see the node log"), None
             return
@@ -391,12 +400,14 @@ class DicomFrontEnd:
         except QueryError as error:
             log.warning("dicom.move.rejected reason=%s", error)
             yield destination.host, destination.port
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
             return
         except Exception as error:
             log.warning("dicom.move.rejected reason=undecodable-identifier error=%s", type(error).__name__)
             yield destination.host, destination.port
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
@@ -405,6 +416,7 @@ class DicomFrontEnd:
         except Exception as error:  # A bug or an unexpected failure, not the caller's identifier.
             log.error("dicom.move.failed level=%s error=%s", query.level, type(error).__name__)
             yield destination.host, destination.port
+            acceptor.refuse_retrieve(event.assoc)
             yield 1
             yield _status(STATUS_MOVE_INTERNAL_ERROR, "internal error; see the node log"), None
             return
@@ -417,6 +429,8 @@ class DicomFrontEnd:
             plan.unreachable,
             destination.ae_title,
         )
+        acceptor.expect_move_destination(event.assoc, destination.ae_title, f"{destination.host}:{destination.port}",
+                                         len(locations) + plan.unreachable)
         yield destination.host, destination.port, {
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
@@ -515,7 +529,11 @@ def set_element(dataset: Dataset, keyword: str, value: Any) -> None:
         return
     vr = dictionary_VR(tag)
     if vr == "SQ":
-        setattr(dataset, keyword, [])
+        element = decode_sequence(value) if isinstance(value, str) else None
+        if element is not None and element.tag == tag:
+            dataset[tag] = element  # The stored items (issue 11: they came back empty).
+        else:
+            setattr(dataset, keyword, [])
         return
     if value is None or value == "" or value == []:
         dataset.add_new(tag, vr, None)

@@ -156,6 +156,9 @@ class WatchedReplica:
     def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
         return self.inner.query_rows(query, ranges)
 
+    def query_hint_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
+        return self.inner.query_hint_rows(query, ranges)
+
     def hint_owners(self) -> dict[str, tuple[int, int]]:
         return self.inner.hint_owners()
 

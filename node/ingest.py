@@ -6,6 +6,7 @@ The dataset is never decoded in full: pydicom reads the header with
 
 from __future__ import annotations
 
+import base64
 import re
 import struct
 from io import BytesIO
@@ -218,10 +219,54 @@ def instance_from_part10(
     )
 
 
+# A sequence travels in a result row (plain strings, JSON across peers) as this prefix and
+# the base64 of the element encoded in Explicit VR Little Endian; the front end decodes it.
+SEQUENCE_PREFIX = "\x00sq:"
+
+
 def header_attributes(part10: bytes, keywords: tuple[str, ...]) -> Attributes:
-    """Attributes the index does not keep, read from a stored instance's header."""
+    """Attributes the index does not keep, read from a stored instance's header
+    (sequences as SEQUENCE_PREFIX strings)."""
     try:
-        _dataset, attributes = read_attributes(part10, keywords)
+        dataset, attributes = read_attributes(part10, keywords)
     except InvalidInstance:
         return {}
-    return {k: v for k, v in attributes.items() if k in keywords}
+    result = {k: v for k, v in attributes.items() if k in keywords}
+    for element in dataset:
+        if element.VR == "SQ" and element.keyword in keywords and element.value:
+            encoded = encode_sequence(dataset, element)
+            if encoded is not None:
+                result[element.keyword] = encoded
+    return result
+
+
+def encode_sequence(dataset: Dataset, element: Any) -> str | None:
+    """One sequence element as a SEQUENCE_PREFIX string (None if pydicom cannot write it)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    single = Dataset()
+    if "SpecificCharacterSet" in dataset:
+        single.SpecificCharacterSet = dataset.SpecificCharacterSet
+    single.add(element)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    try:
+        write_dataset(buffer, single)
+    except Exception:
+        return None
+    return SEQUENCE_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_sequence(text: str) -> Any | None:
+    """The sequence DataElement of a SEQUENCE_PREFIX string, or None."""
+    if not text.startswith(SEQUENCE_PREFIX):
+        return None
+    from pydicom.filereader import read_dataset
+
+    try:
+        dataset = read_dataset(BytesIO(base64.b64decode(text[len(SEQUENCE_PREFIX):])), False, True)
+        return next((e for e in dataset if e.VR == "SQ"), None)
+    except Exception:
+        return None

@@ -69,13 +69,11 @@ _original_send_c_store: Any = None
 
 
 def install() -> None:
-    """Wrap Association.send_c_store and AssociationSocket.recv once per process (idempotent)."""
+    """Wrap Association.send_c_store once per process (idempotent)."""
     global _original_send_c_store
     if _original_send_c_store is not None:
         return
     _original_send_c_store = Association.send_c_store
-    _install_quickack()
-    _install_fast_polling()
 
     def send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, StoredDataset):
@@ -168,67 +166,20 @@ def _transcode(part10: bytes, syntax: str) -> bytes:
 
 def set_nodelay(event: Any) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off on every DICOM socket (a response otherwise
-    waits ~40 ms for the peer's delayed ACK), and ACK at once (see _install_quickack)."""
+    waits ~40 ms for the peer's delayed ACK). Accepted associations also re-arm
+    TCP_QUICKACK after every read (node/acceptor.py); the requestor associations of C-MOVE
+    keep pynetdicom's polling reactor, with its DUL loop delay shortened here."""
     try:
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if _QUICKACK is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        event.assoc.dul._run_loop_delay = POLL_DELAY_S
+        if event.assoc.is_requestor:
+            event.assoc.dul._run_loop_delay = POLL_DELAY_S
     except OSError as error:
         log.debug("dicom.nodelay.failed error=%s", error)
 
 
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-# pynetdicom's reactors poll: the DUL thread sleeps `_run_loop_delay` (1 ms) whenever it
-# finds nothing to do, and the association thread sleeps 1 ms between checks of its
-# message queue. Each hand-off of a PDU or a DIMSE message can wait that long, several
-# times per C-STORE. POLL_DELAY_S shortens both waits.
+# pynetdicom's DUL thread sleeps `_run_loop_delay` (1 ms) whenever it finds nothing to do;
+# on a C-MOVE sub-association each C-STORE waits for it twice. The accepted associations do
+# not poll at all (node/acceptor.py).
 POLL_DELAY_S = 0.0002
-
-
-def _install_fast_polling() -> None:
-    import pynetdicom.association as association_module
-
-    class _FastTime:
-        """`time` for pynetdicom.association, with its 1 ms reactor sleep shortened."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            time.sleep(POLL_DELAY_S if seconds == 0.001 else seconds)
-
-    association_module.time = _FastTime()  # type: ignore[assignment]
-
-
-def _install_quickack() -> None:
-    """Re-arm TCP_QUICKACK after every receive on a DICOM socket (Linux).
-
-    Peers that leave Nagle on (dcmtk's storescu, pynetdicom) send a C-STORE as a command
-    PDU and then a small last data PDU, which Nagle holds until the first is ACKed; our
-    kernel delays that ACK by up to 40 ms because we have nothing to send yet. ACKing at
-    once removes the stall: 60 small instances from storescu took 2.70 s with delayed
-    ACKs and 0.23 s without, against a bare pynetdicom SCP on this machine. Linux clears
-    the flag on its own, hence the re-arm after each recv.
-    """
-    if _QUICKACK is None:
-        return
-    from pynetdicom.transport import AssociationSocket
-
-    original_recv = AssociationSocket.recv
-
-    def recv(self: Any, nr_bytes: int) -> bytearray:
-        data = original_recv(self, nr_bytes)
-        sock = self.socket
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
-        return data  # type: ignore[no-any-return]
-
-    AssociationSocket.recv = recv  # type: ignore[method-assign]

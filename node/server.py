@@ -18,7 +18,7 @@ from typing import Any
 import pydicom
 import pydicom.config
 
-from pacsnode.node import peer_wire
+from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
@@ -98,7 +98,8 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = load_identity(config)
+        # The store first: its lock says whether another node runs on this data dir, and
+        # a start that fails there must not raise the running node's boot generation.
         try:
             self.store = RocksStore(
                 config.data_dir / "store",
@@ -107,6 +108,11 @@ class Node:
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
             raise StoreError(f"cannot open the store in {config.data_dir}: {error}") from None
+        try:
+            self.identity = load_identity(config)
+        except BaseException:
+            self.store.close()
+            raise
         # Local health (node/health.py): every local write is timed while it runs, and the
         # loop's executor is probed; a stuck store path makes the node say so.
         self.write_watch = WriteWatch()
@@ -446,3 +452,4 @@ def configure_logging(level: str, data_dir: Path | None = None) -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.Formatter.converter = time.gmtime
+    protocol_log.install(level)

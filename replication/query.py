@@ -120,6 +120,13 @@ class LocalQuery:
                 self._unindexed.append(condition)
             else:
                 self._by_level[level].append(condition)
+        # A matching key below the query level (Modality at STUDY level, StudyDate at
+        # PATIENT level) is not part of the hierarchical model: nothing matches, as in
+        # Orthanc (it used to be ignored, so such a query returned everything).
+        depth = LEVELS.index(query.level)
+        self._below_level = [
+            c for c in query.conditions if LEVELS.index(level_of(c.keyword) or query.level) > depth
+        ]
         # Keys the index does not keep, to read from the instance header for the rows.
         self._extra_keys = tuple(
             k for k in query.return_keys if level_of(k) is None and k not in _NOT_FROM_HEADER
@@ -127,6 +134,9 @@ class LocalQuery:
 
     def rows(self) -> Iterator[Attributes]:
         level = self._query.level
+        if self._below_level:
+            return
+        counted: set[str] = set()
         for study in self._candidate_studies():
             study_attributes = study_row(study)
             if not match_all(self._by_level["PATIENT"], study_attributes):
@@ -135,6 +145,7 @@ class LocalQuery:
                 row = self._with_header(study_attributes, study.study_instance_uid, study.first_sop_instance_uid)
                 if row is not None:
                     yield row
+                    yield from self._other_studies_of(study_attributes, counted)
                 continue
             if not match_all(self._by_level["STUDY"], study_attributes):
                 continue
@@ -144,6 +155,28 @@ class LocalQuery:
                     yield row
                 continue
             yield from self._series_rows(study, study_attributes)
+
+    def _other_studies_of(self, matched: Attributes, counted: set[str]) -> Iterator[Attributes]:
+        """Rows marked COUNT_ONLY for the matched patient's other studies here, so that
+        NumberOfPatientRelated* count the patient's studies, not only the matching ones."""
+        patient_id = str(matched.get("PatientID", "") or "")
+        if not patient_id:
+            return
+        key = patient_key(matched)
+        for uid in dict.fromkeys(self._reader.studies_by_index("PatientID", patient_id, patient_id)):
+            if uid == matched.get("StudyInstanceUID") or uid in counted:
+                continue
+            if self._study_filter is not None and not self._study_filter(uid):
+                continue
+            study = self._reader.study(uid)
+            if study is None:
+                continue
+            row = study_row(study)
+            if patient_key(row) != key:
+                continue
+            counted.add(uid)
+            row[COUNT_ONLY] = "1"
+            yield row
 
     def _series_rows(self, study: StudyRecord, study_attributes: Attributes) -> Iterator[Attributes]:
         level = self._query.level
@@ -266,12 +299,30 @@ def patient_key(row: Attributes) -> tuple[str, str]:
     return (str(row.get("PatientID", "")), str(row.get("IssuerOfPatientID", "")))
 
 
+# Internal row key (never returned to a client): a study of a matched patient that is
+# there only to be counted in NumberOfPatientRelated*.
+COUNT_ONLY = "_count_only"
+
+
 def aggregate_patients(study_rows: Iterable[Attributes]) -> Iterator[Attributes]:
-    """Fold study rows (deduplicated by StudyInstanceUID) into one row per patient."""
+    """Fold study rows (deduplicated by StudyInstanceUID) into one row per patient.
+
+    A patient is returned when at least one of its rows matched (is not COUNT_ONLY); its
+    attributes come from a matching row, its counts from every row."""
     patients: dict[tuple[str, str], Attributes] = {}
     seen: dict[tuple[str, str], set[str]] = {}
+    matched: dict[tuple[str, str], None] = {}
     for row in study_rows:
         key = patient_key(row)
+        count_only = row.get(COUNT_ONLY) == "1"
+        if not count_only and key not in matched:
+            matched[key] = None
+            previous = patients.get(key)
+            patient = {k: v for k, v in row.items() if level_of(k) in (None, "PATIENT") and k != COUNT_ONLY}
+            patient.pop("StudyInstanceUID", None)
+            for name in PATIENT_COMPUTED:
+                patient[name] = previous[name] if previous is not None else "0"
+            patients[key] = patient
         study_uid = str(row.get("StudyInstanceUID", ""))
         studies = seen.setdefault(key, set())
         if study_uid in studies:
@@ -279,11 +330,7 @@ def aggregate_patients(study_rows: Iterable[Attributes]) -> Iterator[Attributes]
         studies.add(study_uid)
         patient = patients.get(key)
         if patient is None:
-            patient = {k: v for k, v in row.items() if level_of(k) in (None, "PATIENT")}
-            patient.pop("StudyInstanceUID", None)
-            patient["NumberOfPatientRelatedStudies"] = "0"
-            patient["NumberOfPatientRelatedSeries"] = "0"
-            patient["NumberOfPatientRelatedInstances"] = "0"
+            patient = {name: "0" for name in PATIENT_COMPUTED}
             patients[key] = patient
         patient["NumberOfPatientRelatedStudies"] = str(int(str(patient["NumberOfPatientRelatedStudies"])) + 1)
         patient["NumberOfPatientRelatedSeries"] = str(
@@ -293,7 +340,8 @@ def aggregate_patients(study_rows: Iterable[Attributes]) -> Iterator[Attributes]
             int(str(patient["NumberOfPatientRelatedInstances"]))
             + int(str(row.get("NumberOfStudyRelatedInstances", "0")))
         )
-    yield from patients.values()
+    for key in matched:
+        yield patients[key]
 
 
 def unique_key(level: str, row: Attributes) -> tuple[str, ...]:

@@ -333,21 +333,64 @@ def test_exact_patient_id_equals_a_wildcard_that_defeats_the_index(corpus: Corpu
         indexed_reader, scan_reader = CountingReader(corpus.store), CountingReader(corpus.store)
         indexed, scanned = _run(indexed_reader, exact), _run(scan_reader, wildcard)
         assert indexed and _canonical(indexed) == _canonical(scanned)
-        assert indexed_reader.calls["studies"] == 0 and indexed_reader.calls["studies_by_index"] == 1
-        assert scan_reader.calls["studies"] == 1 and scan_reader.calls["studies_by_index"] == 0
+        assert indexed_reader.calls["studies"] == 0
+        if level != "PATIENT":  # PATIENT level also looks up each matched patient's other studies, to count them.
+            assert indexed_reader.calls["studies_by_index"] == 1
+            assert scan_reader.calls["studies_by_index"] == 0
+        assert scan_reader.calls["studies"] == 1
 
 
-def test_patient_level_ignores_study_level_keys_the_same_way_with_and_without_index(corpus: Corpus) -> None:
-    """PATIENT-level identifiers carry patient keys; a study key there must not narrow only via the index."""
+def test_a_key_below_the_query_level_matches_nothing(corpus: Corpus) -> None:
+    """PS3.4 hierarchical query: keys below the level are not part of it. They used to be
+    ignored (everything came back); now nothing matches, as in Orthanc (issue 11). An empty
+    (return) key below the level is harmless."""
     entry = corpus.entries[0]
-    everyone = _canonical(_run(corpus.store, Query(level="PATIENT", model="PATIENT")))
-    for condition in (
-        Condition("AccessionNumber", "SH", entry["accession_number"]),
-        Condition("StudyDate", "DA", entry["study_date"]),
-        Condition("StudyInstanceUID", "UI", entry["study_uid"]),
+    for level, condition in (
+        ("PATIENT", Condition("AccessionNumber", "SH", entry["accession_number"])),
+        ("PATIENT", Condition("StudyDate", "DA", entry["study_date"])),
+        ("PATIENT", Condition("StudyInstanceUID", "UI", entry["study_uid"])),
+        ("STUDY", Condition("Modality", "CS", entry["modality"])),
+        ("SERIES", Condition("SOPInstanceUID", "UI", entry["sop_uid"])),
     ):
-        query = Query(level="PATIENT", model="PATIENT", conditions=(condition,))
-        assert _canonical(_run(corpus.store, query)) == _canonical(_run(corpus.store, query, scan=True)) == everyone
+        query = Query(level=level, model=_model(level), conditions=(condition,))
+        assert _run(corpus.store, query) == [], (level, condition)
+    with_return_key = Query(level="STUDY", return_keys=("Modality",))
+    assert len(_run(corpus.store, with_return_key)) == len({e["study_uid"] for e in corpus.entries})
+
+
+def test_patient_counts_cover_every_study_of_the_patient_not_only_the_matching_ones(corpus: Corpus) -> None:
+    entry = corpus.entries[0]
+    studies = {e["study_uid"] for e in corpus.entries if e["patient_id"] == entry["patient_id"]}
+    assert len(studies) > 1
+    everyone = {r["PatientID"]: r for r in _run(corpus.store, Query(level="PATIENT", model="PATIENT"))}
+    expected = everyone[entry["patient_id"]]
+    assert expected["NumberOfPatientRelatedStudies"] == str(len(studies))
+    # A condition that only one of the patient's studies meets (its stored PatientName).
+    one_study = next(s for s in corpus.store.studies() if s.study_instance_uid == entry["study_uid"])
+    name = one_study.attributes["PatientName"]
+    query = Query(level="PATIENT", model="PATIENT",
+                  conditions=(Condition("PatientID", "LO", entry["patient_id"]), Condition("PatientName", "PN", str(name))))
+    rows = _run(corpus.store, query)
+    assert len(rows) == 1
+    for name in ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"):
+        assert rows[0][name] == expected[name]
+    assert "_count_only" not in rows[0]
+
+
+def test_count_only_rows_never_make_a_patient_row_of_their_own() -> None:
+    rows = [
+        {"PatientID": "A", "StudyInstanceUID": "1", "NumberOfStudyRelatedSeries": "1", "NumberOfStudyRelatedInstances": "2",
+         "_count_only": "1", "PatientName": "OTHER"},
+        {"PatientID": "A", "StudyInstanceUID": "2", "NumberOfStudyRelatedSeries": "1", "NumberOfStudyRelatedInstances": "3",
+         "PatientName": "MATCHED"},
+        {"PatientID": "B", "StudyInstanceUID": "3", "NumberOfStudyRelatedSeries": "1", "NumberOfStudyRelatedInstances": "1",
+         "_count_only": "1"},
+    ]
+    patients = list(aggregate_patients(rows))
+    assert len(patients) == 1
+    assert patients[0]["PatientName"] == "MATCHED"
+    assert patients[0]["NumberOfPatientRelatedStudies"] == "2"
+    assert patients[0]["NumberOfPatientRelatedInstances"] == "5"
 
 
 # -- keys the index does not keep (read from the stored header) ------------------------

@@ -1,0 +1,121 @@
+"""The acceptor subclasses pynetdicom internals: it runs on tested versions only, and its
+negotiation checks and wake-ups behave as documented."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+import time
+
+import pytest
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+from pacsnode.node import acceptor, association_guard
+from pacsnode.node.association_guard import RejectReason
+from tests.integration import rawpdu
+
+
+def test_installed_pynetdicom_is_a_tested_version() -> None:
+    """Fails on an untested pynetdicom: run tests/integration/test_protocol_hardening.py
+    and the single-node tests on it, read its reactor changes, then add it to
+    TESTED_PYNETDICOM_VERSIONS and to the pin in pyproject.toml."""
+    installed = importlib.metadata.version("pynetdicom")
+    assert installed in acceptor.TESTED_PYNETDICOM_VERSIONS, installed
+    acceptor.check_pynetdicom_version()
+
+
+def test_pyproject_pins_the_tested_version() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    pins = [v for v in acceptor.TESTED_PYNETDICOM_VERSIONS if f'"pynetdicom=={v}"' in text]
+    assert pins, "pyproject.toml must pin pynetdicom to a version in TESTED_PYNETDICOM_VERSIONS"
+
+
+def test_an_untested_version_is_refused_at_start() -> None:
+    with pytest.raises(acceptor.UntestedPynetdicom, match="3.1.0"):
+        acceptor.check_pynetdicom_version("3.1.0")
+
+
+def _decoded(contexts: list[bytes] | None = None, **kwargs: str) -> A_ASSOCIATE_RQ:
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(rawpdu.associate_rq(contexts, **kwargs))  # type: ignore[arg-type]
+    return pdu
+
+
+@pytest.mark.parametrize(
+    ("contexts", "kwargs", "reason", "diagnostic"),
+    [
+        (None, {}, None, None),
+        ([rawpdu.presentation_context(2, rawpdu.VERIFICATION, [rawpdu.IMPLICIT_VR_LE])], {},
+         RejectReason.PRESENTATION_CONTEXT_ID, 1),
+        ([rawpdu.presentation_context(3, rawpdu.VERIFICATION, [rawpdu.IMPLICIT_VR_LE]),
+          rawpdu.presentation_context(3, rawpdu.CT_IMAGE_STORAGE, [rawpdu.IMPLICIT_VR_LE])], {},
+         RejectReason.PRESENTATION_CONTEXT_ID, 1),
+        ([], {}, RejectReason.NO_PRESENTATION_CONTEXT, 1),
+        (None, {"application_context": "1.2.3"}, RejectReason.APPLICATION_CONTEXT, 2),
+    ],
+)
+def test_check_request(contexts: list[bytes] | None, kwargs: dict[str, str], reason: RejectReason | None,
+                       diagnostic: int | None) -> None:
+    pdu = _decoded(contexts, **kwargs)
+    rejection = association_guard.check_request(pdu)
+    if reason is None:
+        assert rejection is None
+        return
+    assert rejection is not None and rejection.reason is reason
+    assert (rejection.result, rejection.source, rejection.diagnostic) == (1, 1, diagnostic)
+    assert association_guard.make_negotiable(pdu)
+    pdu.to_primitive()  # What crashed pynetdicom's reactor for an even ID now builds.
+
+
+def test_reason_of_pynetdicom_rejections() -> None:
+    assert association_guard.reason_of(3, 2) is RejectReason.BUSY
+    assert association_guard.reason_of(1, 7) is RejectReason.CALLED_AE_TITLE
+    assert association_guard.reason_of(9, 9) is RejectReason.OTHER
+
+
+def test_waking_queue_wakes_and_checkpoint_clear_wakes() -> None:
+    woken = threading.Event()
+    q = acceptor._WakingQueue(woken.set)
+    q.put("x")
+    assert woken.is_set() and q.get_nowait() == "x"
+    woken.clear()
+    checkpoint = acceptor._Checkpoint(woken.set)
+    checkpoint.set()
+    checkpoint.clear()
+    assert woken.is_set() and not checkpoint.is_set()
+
+
+def test_waker_wakes_a_select_and_is_safe_after_close() -> None:
+    import select
+
+    waker = acceptor._Waker()
+    start = time.monotonic()
+    threading.Timer(0.05, waker.wake).start()
+    ready, _, _ = select.select([waker], [], [], 2.0)
+    assert ready and time.monotonic() - start < 1.0
+    waker.drain()
+    assert select.select([waker], [], [], 0)[0] == []
+    waker.close()
+    waker.wake()  # After close: nothing, no error, no write to a reused descriptor.
+
+
+def test_waits_work_on_descriptors_above_select_s_limit() -> None:
+    import os
+    import resource
+    import socket
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:
+        pytest.skip("needs RLIMIT_NOFILE > 1500")
+    left, right = socket.socketpair()
+    high = os.dup2(left.fileno(), 1500)
+    try:
+        assert not acceptor._wait_readable([high], 0.05)
+        right.sendall(b"x")
+        assert acceptor._wait_readable([high], 1.0)
+    finally:
+        os.close(high)
+        left.close()
+        right.close()
