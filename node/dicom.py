@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -35,12 +35,17 @@ from pynetdicom.sop_class import (
 )
 
 from pacsnode.node import codec, raw_send
+from pacsnode.node import tls
 from pacsnode.node.config import NodeConfig
+from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import Archive, InstanceLocation, ReadError, WriteStatus
 from pacsnode.replication.matching import Condition, Query, QueryError
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.query import level_of
+
+if TYPE_CHECKING:
+    from pacsnode.node.security import NodeSecurity
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +105,19 @@ class FrontEndStats:
 class DicomFrontEnd:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: NodeConfig, archive: Archive) -> None:
+    def __init__(self, config: NodeConfig, archive: Archive, security: "NodeSecurity | None" = None) -> None:
         self._config = config
-        self._archive = archive
+        self._security = security
+        self.guard = DicomGuard.from_config(config, security.audit if security is not None else None)
+        self._archive = self.guard.archive(archive)  # Stores and retrieves reach the audit trail.
+        self._tls_server: Any = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._server: Any = None
         self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
         raw_send.install()
         self.ae = self._build_ae()
+        self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 
     # ----------------------------------------------------------------- setup
     def _build_ae(self) -> AE:
@@ -143,16 +152,27 @@ class DicomFrontEnd:
         ]
 
     def start(self) -> None:
-        self._server = self.ae.start_server(
-            (self._config.host, self._config.dicom_port), block=False, evt_handlers=self.handlers()
-        )
+        handlers = self.guard.wrap(self.handlers())  # Access control and audit around each handler.
+        self._server = self.ae.start_server((self._config.host, self._config.dicom_port), block=False,
+                                            evt_handlers=handlers)
+        if self._config.dicom_tls_port and self._security is not None and self._security.files is not None:
+            self._tls_server = tls.start_dicom_tls_server(
+                self.ae, (self._config.host, self._config.dicom_tls_port),
+                tls.dicom_server_context(self._security.files, self._config.dicom_tls_client_cert), handlers,
+                on_refused=self.guard.tls_refused)
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server is not None else self._config.dicom_port
 
+    @property
+    def tls_port(self) -> int:
+        return int(self._tls_server.server_address[1]) if self._tls_server is not None else 0
+
     def stop(self, *, grace_s: float = 10.0) -> None:
         """Stop accepting; let open associations finish for `grace_s`, then abort them."""
+        tls_server, self._tls_server = self._tls_server, None
+        tls.stop_dicom_server(self.ae, tls_server, grace_s)
         server, self._server = self._server, None
         if server is None:
             return
