@@ -33,6 +33,8 @@ def add_parsers(subparsers: Any) -> None:
     issue.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA directory (pacsnode ca init)")
     issue.add_argument("--out", type=Path, required=True, metavar="OUTDIR", help="where to write the files")
     issue.add_argument("--admin", action="store_true", help="an admin certificate for the CLI, not a node")
+    issue.add_argument("--dicom-client", action="store_true",
+                       help="a DICOM TLS client certificate (modality, viewer); refused on the peer port")
     issue.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                        help="extra DNS name or IP address in the certificate (for DICOM TLS clients that check "
                        "the host name), repeatable (default: localhost and 127.0.0.1 only)")
@@ -67,9 +69,9 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if args.command == "cert":
             if args.cert_command == "issue":
-                identity = ca.issue(args.ca, args.out, args.name, admin=args.admin, valid_days=args.days,
-                                    hosts=args.host)
-                kind = "admin" if identity.is_admin else "node"
+                identity = ca.issue(args.ca, args.out, args.name, admin=args.admin, dicom_client=args.dicom_client,
+                                    valid_days=args.days, hosts=args.host)
+                kind = identity.role.removeprefix("pacsnode-")
                 print(f"{kind} certificate for {identity.name} written to {args.out}/ (ca.pem, cert.pem, key.pem)")
                 return 0
             if args.cert_command == "show":

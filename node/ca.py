@@ -33,6 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 PEER_TLS_NAME = "pacsnode-peer"  # Every node certificate names it; every peer channel checks it.
 ROLE_NODE = "pacsnode-node"
 ROLE_ADMIN = "pacsnode-admin"
+ROLE_DICOM = "pacsnode-dicom"  # A DICOM TLS client (modality, viewer): refused on the peer port.
+ROLES = (ROLE_NODE, ROLE_ADMIN, ROLE_DICOM)
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
 CERT_FILE = "cert.pem"
@@ -51,11 +53,15 @@ class CertIdentity:
     """Who a certificate names: a node id or an admin name, and which of the two."""
 
     name: str
-    role: str  # ROLE_NODE or ROLE_ADMIN
+    role: str  # ROLE_NODE, ROLE_ADMIN or ROLE_DICOM
 
     @property
     def is_admin(self) -> bool:
         return self.role == ROLE_ADMIN
+
+    @property
+    def is_node(self) -> bool:
+        return self.role == ROLE_NODE
 
 
 def _now() -> datetime.datetime:
@@ -126,8 +132,8 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return certificate, key
 
 
-def _subject_alternative_names(name: str, admin: bool, hosts: Sequence[str]) -> list[x509.GeneralName]:
-    names: list[str] = [] if admin else [PEER_TLS_NAME, name, "localhost", "127.0.0.1"]
+def _subject_alternative_names(name: str, client_only: bool, hosts: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[str] = [] if client_only else [PEER_TLS_NAME, name, "localhost", "127.0.0.1"]
     names += list(hosts)
     result: list[x509.GeneralName] = []
     for item in dict.fromkeys(names):
@@ -138,9 +144,11 @@ def _subject_alternative_names(name: str, admin: bool, hosts: Sequence[str]) -> 
     return result
 
 
-def issue(ca_dir: Path, out_dir: Path, name: str, *, admin: bool = False, valid_days: int = 825,
-          hosts: Sequence[str] = (), not_before: datetime.datetime | None = None) -> CertIdentity:
-    """Issue a node (or admin) certificate signed by the CA in `ca_dir` into `out_dir`.
+def issue(ca_dir: Path, out_dir: Path, name: str, *, admin: bool = False, dicom_client: bool = False,
+          valid_days: int = 825, hosts: Sequence[str] = (), not_before: datetime.datetime | None = None
+          ) -> CertIdentity:
+    """Issue a node certificate (or an admin's, or a DICOM TLS client's) signed by the CA in
+    `ca_dir` into `out_dir`.
 
     `not_before` is for tests (an already expired certificate); by default it is now.
     """
@@ -150,10 +158,13 @@ def issue(ca_dir: Path, out_dir: Path, name: str, *, admin: bool = False, valid_
         raise CaError(f"valid_days must be >= 1, got {valid_days}")
     ca_certificate, ca_key = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    role = ROLE_ADMIN if admin else ROLE_NODE
+    if admin and dicom_client:
+        raise CaError("a certificate is for an admin or a DICOM client, not both")
+    role = ROLE_ADMIN if admin else ROLE_DICOM if dicom_client else ROLE_NODE
+    client_only = admin or dicom_client
     start = not_before or (_now() - datetime.timedelta(minutes=5))
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if admin else [ExtendedKeyUsageOID.SERVER_AUTH,
-                                                               ExtendedKeyUsageOID.CLIENT_AUTH]
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client_only else [ExtendedKeyUsageOID.SERVER_AUTH,
+                                                                     ExtendedKeyUsageOID.CLIENT_AUTH]
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([
@@ -173,7 +184,7 @@ def issue(ca_dir: Path, out_dir: Path, name: str, *, admin: bool = False, valid_
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
-    sans = _subject_alternative_names(name, admin, hosts)
+    sans = _subject_alternative_names(name, client_only, hosts)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     certificate = builder.sign(ca_key, hashes.SHA256())
@@ -196,7 +207,7 @@ def identity_of(certificate: x509.Certificate) -> CertIdentity | None:
     if len(names) != 1 or len(units) != 1:
         return None
     name, role = str(names[0].value), str(units[0].value)
-    if role not in (ROLE_NODE, ROLE_ADMIN) or not _NAME.match(name):
+    if role not in ROLES or not _NAME.match(name):
         return None
     return CertIdentity(name, role)
 

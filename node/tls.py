@@ -99,7 +99,7 @@ def node_files(tls_dir: str, node_id: str) -> TlsFiles | None:
         return None
     files = TlsFiles(Path(tls_dir))
     identity = files.identity()
-    if identity.is_admin or identity.name != node_id:
+    if not identity.is_node or identity.name != node_id:
         raise TlsError(f"{files.cert_path} names {identity.role} {identity.name!r}, not node {node_id!r}")
     return files
 
@@ -202,6 +202,8 @@ class PeerGuard:
         identity = peer_identity(context)
         if identity is None:
             return self._refuse(method, sender_id, None, "no pacsnode certificate")
+        if not identity.is_admin and not identity.is_node:
+            return self._refuse(method, sender_id, identity, f"a {identity.role} certificate may not use the peer port")
         if identity.is_admin:
             if method not in ADMIN_METHODS:
                 return self._refuse(method, sender_id, identity, f"an admin certificate may not call {method}")
