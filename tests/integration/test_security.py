@@ -423,3 +423,67 @@ def test_audit_trail_names_who_stored_queried_and_retrieved_a_patient(cluster: l
     assert all(patient_id in json.dumps(t) or study_uid in json.dumps(t) for t in transfers)
     text = pacsnode("audit", "--data-dir", str(n1.data_dir), "--since", "1h").stdout
     assert "Network Configuration" in text and "Application Start" in text
+
+
+# --------------------------------------------------------------------------- the README's TLS cluster
+def readme_tls_lines() -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## A TLS cluster"):]
+    block = section[section.index("```sh") + len("```sh"):]
+    block = block[:block.index("```")]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines() if line.strip()]
+
+
+def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
+    """Every line of the README's TLS section, run in a shell on free ports."""
+    import os
+    import re
+    import signal
+
+    ports = {port: str(free_port()) for port in ("11112", "11113", "11114", "2762", "2763", "2764",
+                                                  "7001", "7002", "7003")}
+    lines = [re.sub(r"\b(11112|11113|11114|2762|2763|2764|7001|7002|7003)\b", lambda m: ports[m.group(1)], line)
+             for line in readme_tls_lines()]
+    spec = datagen.StudySetSpec(patients=1, studies_per_patient=2, series_per_study=1, instances_per_series=2,
+                                rows=16, cols=16, seed=5)
+    manifest = datagen.write_study_set(spec, tmp_path / "studies")
+    (tmp_path / "studies" / "manifest.json").unlink(missing_ok=True)
+    # Only this environment's `pacsnode` goes first on PATH: pynetdicom installs a `storescu` of its own.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pacsnode").symlink_to(Path(pacsnode_command()[0]).resolve())
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def shell(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        for line in lines:
+            if line.endswith("&"):
+                log = open(tmp_path / f"node-{len(started)}.log", "wb")
+                started.append(subprocess.Popen(["bash", "-c", "exec " + line[:-1]], cwd=tmp_path, env=env,
+                                                stdout=log, stderr=subprocess.STDOUT))
+                log.close()
+                continue
+            if line.startswith("pacsnode status"):
+                assert wait_until(lambda: shell(line).stdout.count(" alive ") == 3, 60), shell(line)
+                assert "UNPROTECTED" not in shell(line).stdout
+                continue
+            result = shell(line)
+            assert result.returncode == 0, (line, result.stdout[-2000:], result.stderr[-2000:])
+            if line.startswith("findscu"):
+                assert all(e["study_uid"] in result.stdout + result.stderr for e in manifest)
+            if line.startswith("pacsnode audit"):
+                assert "DICOM Instances Transferred" in result.stdout and "Application Start" in result.stdout
+        assert all(p.poll() is None for p in started)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
