@@ -36,10 +36,14 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # `AET=HOST:PORT+tls`: C-MOVE over DICOM TLS with the node's certificate.
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
-        """Parse `AET=HOST:PORT` (the --destination flag and the TOML list form)."""
+        """Parse `AET=HOST:PORT[+tls]` (the --destination flag and the TOML list form)."""
+        tls = text.rstrip().endswith("+tls")
+        if tls:
+            text = text.rstrip()[: -len("+tls")]
         ae_title, sep, address = text.partition("=")
         host, sep2, port_text = address.rpartition(":")
         if not sep or not sep2 or not ae_title.strip() or not host:
@@ -52,10 +56,10 @@ class Destination:
             raise ConfigError(f"destination port must be 1-65535, got {port} in {text!r}")
         if not _AE_TITLE.match(ae_title.strip()):
             raise ConfigError(f"destination AE title must be 1-16 printable ASCII characters, no backslash, in {text!r}")
-        return cls(ae_title=ae_title.strip(), host=host.strip("[]"), port=port)
+        return cls(ae_title=ae_title.strip(), host=host.strip("[]"), port=port, tls=tls)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}={self.host}:{self.port}"
+        return f"{self.ae_title}={self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 def setting(default: Any, help_text: str) -> Any:
@@ -185,6 +189,8 @@ class NodeConfig:
         known_titles = [k.ae_title for k in self.known_aes]
         if len(known_titles) != len(set(known_titles)):
             raise ConfigError(f"duplicate known AE titles: {known_titles}")
+        if any(d.tls for d in self.destinations) and not self.tls_dir:
+            raise ConfigError("a +tls C-MOVE destination needs tls_dir (the node's certificate)")
         titles = [d.ae_title for d in self.destinations]
         if len(titles) != len(set(titles)):
             raise ConfigError(f"duplicate C-MOVE destination AE titles: {titles}")

@@ -399,6 +399,7 @@ class DicomFrontEnd:
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
             "max_pdu": self._config.max_pdu_bytes,
+            **self._move_tls(destination),
         }
         yield len(locations)
         cancelled = CancelFlag(event)
@@ -408,6 +409,13 @@ class DicomFrontEnd:
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, self._stored(location)
+
+
+    def _move_tls(self, destination: Any) -> dict[str, Any]:
+        """C-MOVE to a `+tls` destination: TLS with our certificate, the cluster CA as trust anchor."""
+        if not destination.tls or self._security is None or self._security.files is None:
+            return {}
+        return {"tls_args": (tls.dicom_client_context(self._security.files), destination.host)}
 
 
 class CancelFlag:

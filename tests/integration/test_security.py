@@ -83,10 +83,32 @@ def storescp(root: Path) -> Iterator[clients.StoreScp]:
 
 
 @pytest.fixture(scope="module")
-def cluster(root: Path, pki: dict[str, Path], storescp: clients.StoreScp) -> Iterator[list[NodeProcess]]:
+def tls_storescp(root: Path, pki: dict[str, Path]) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp on DICOM TLS, with a certificate of the cluster CA (a C-MOVE destination)."""
+    from pacsnode.sim.process import port_open
+
+    ca.issue(root / "ca", root / "tls-scp", "tls-scp")
+    port, out_dir = free_port(), root / "moved-tls"
+    out_dir.mkdir()
+    scp = root / "tls-scp"
+    process = subprocess.Popen(["storescp", "+tls", str(scp / "key.pem"), str(scp / "cert.pem"), "+cf",
+                                str(scp / "ca.pem"), "+B", "-aet", "TLSSCP", "-od", str(out_dir), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: port_open(port), 10)
+        yield port, out_dir
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(root: Path, pki: dict[str, Path], storescp: clients.StoreScp,
+            tls_storescp: tuple[int, Path]) -> Iterator[list[NodeProcess]]:
     nodes: list[NodeProcess] = []
     access = ["--loopback-trusted", "false",
-              "--known-ae", "VIEWER=echo,store,find,get,move,move-to:STORESCP",
+              "--known-ae", "VIEWER=echo,store,find,get,move,move-to:STORESCP,move-to:TLSSCP",
+              "--destination", f"TLSSCP=127.0.0.1:{tls_storescp[0]}+tls",
               "--known-ae", "OTHER=echo,find,move",
               "--destination", f"STORESCP=127.0.0.1:{storescp.port}",
               "--destination", f"ELSEWHERE=127.0.0.1:{free_port()}"]
@@ -401,6 +423,17 @@ def test_c_move_to_a_destination_the_caller_may_not_use_is_refused(cluster: list
     count = sum(1 for e in stored if e["study_uid"] == study_uid)
     assert move_study(node.dicom_port, "VIEWER", study_uid, "STORESCP") == 0
     assert wait_until(lambda: len([p for p in moved.rglob("*") if p.is_file()]) >= len(before) + count, 10)
+
+
+def test_c_move_to_a_tls_destination(cluster: list[NodeProcess], stored: list[datagen.ManifestEntry],
+                                     tls_storescp: tuple[int, Path]) -> None:
+    study_uid = stored[2]["study_uid"]
+    entries = [e for e in stored if e["study_uid"] == study_uid]
+    assert move_study(cluster[1].dicom_port, "VIEWER", study_uid, "TLSSCP") == 0
+    out_dir = tls_storescp[1]
+    assert wait_until(lambda: len([p for p in out_dir.rglob("*") if p.is_file()]) == len(entries), 10)
+    received = sorted(clients.file_dataset_bytes(p) for p in out_dir.rglob("*") if p.is_file())
+    assert received == sorted(clients.file_dataset_bytes(Path(e["path"])) for e in entries)
 
 
 def test_audit_trail_names_who_stored_queried_and_retrieved_a_patient(cluster: list[NodeProcess],

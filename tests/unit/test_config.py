@@ -412,3 +412,11 @@ def test_known_aes_from_flags_and_a_toml_table(tmp_path: Path) -> None:
 def test_bad_security_settings_are_refused(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         NodeConfig.from_mapping({"node_id": "n", **values})
+
+
+def test_a_tls_destination_needs_tls_dir() -> None:
+    destination = Destination.parse("VIEWER=10.0.0.5:2762+tls")
+    assert destination == Destination("VIEWER", "10.0.0.5", 2762, tls=True) and str(destination).endswith("+tls")
+    with pytest.raises(ConfigError, match="needs tls_dir"):
+        NodeConfig.from_mapping({"node_id": "n", "destinations": ["VIEWER=10.0.0.5:2762+tls"]})
+    assert NodeConfig.from_mapping({"node_id": "n", "tls_dir": "t", "destinations": ["V=h:1+tls"]}).destinations[0].tls
