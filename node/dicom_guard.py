@@ -57,11 +57,11 @@ def _caller(event: Any) -> tuple[str, str]:
     return str(requestor.ae_title).strip(), str(requestor.address)
 
 
-def _identifier_keys(identifier: Any) -> dict[str, str]:
+def _identifier_keys(event: Any) -> dict[str, str]:
     """The non-empty keys of a query or retrieve identifier (for the audit trail only)."""
     keys: dict[str, str] = {}
     try:
-        for element in identifier:
+        for element in event.identifier:
             if element.keyword and element.VR != "SQ" and element.value not in (None, "", b""):
                 keys[element.keyword] = str(element.value)[:256]
     except Exception:  # An undecodable identifier: the handler answers it; audit what we have.
@@ -166,7 +166,7 @@ class DicomGuard:
                 return
             self._begin(event)
             ae_title, address = _caller(event)
-            keys = _identifier_keys(event.identifier)
+            keys = _identifier_keys(event)
             matches, final = 0, SUCCESS
             try:
                 for status, identifier in handler(event):
@@ -210,7 +210,7 @@ class DicomGuard:
                     yield _refusal(f"not authorized: {reason}"), None
                 return
             self._begin(event)
-            keys = _identifier_keys(event.identifier)
+            keys = _identifier_keys(event)
             outcome = SUCCESS
             try:
                 yield from handler(event)

@@ -520,3 +520,24 @@ def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def test_strict_mode_and_an_unprotected_node_say_so(tmp_path: Path) -> None:
+    """No tls_dir: the node starts as before and says it is unprotected. Strict access mode:
+    an unknown calling AE title is rejected at association; a known one gets its services only."""
+    node = NodeProcess(tmp_path / "s1", node_id="s1",
+                       extra_args=["--access-mode", "strict", "--known-ae", "VIEWER=echo,store"]).start()
+    try:
+        assert "security.unprotected" in node.log_text()
+        result = pacsnode("status", "--node", node.peer_address)
+        assert result.returncode == 0 and "UNPROTECTED" in result.stdout
+        stranger = associate(node.dicom_port, "STRANGER", [Verification])
+        assert stranger.is_rejected and stranger.acceptor.primitive.diagnostic == 3  # Calling AE not recognised.
+        viewer = associate(node.dicom_port, "VIEWER", [Verification])
+        assert viewer.is_established and viewer.send_c_echo().Status == 0
+        viewer.release()
+        found, status = find_studies(node.dicom_port, "VIEWER")
+        assert status == 0x0124 and not found  # Loopback is not trusted in strict mode.
+        assert "reason=service-not-allowed" in node.log_text()
+    finally:
+        node.stop()
