@@ -4,10 +4,11 @@ Each decoder either gives a value or raises one of the errors its caller catches
 answers (never another exception, never a hang); ingest accepts a dataset only when its
 UIDs are valid and keeps its bytes exactly (no stored garbage).
 
-CI runs a short run (FUZZ_EXAMPLES, 150 per target by default). The long run, at least
-100,000 inputs per target, is:
+CI runs a short run (150 inputs per target by default). The long run, at least 100,000
+inputs per target (hours on 2 cores: about 70 inputs/s per target on a busy machine;
+--timeout 0 lifts pytest's 300 s limit, which otherwise fails the test), is:
 
-    PACSNODE_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/property/test_fuzz.py -p no:cacheprovider
+    PACSNODE_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/property/test_fuzz.py -p no:cacheprovider --timeout 0
 """
 
 from __future__ import annotations
