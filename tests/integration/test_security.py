@@ -283,7 +283,8 @@ def test_tls_cluster_stores_and_retrieves_through_every_node(cluster: list[NodeP
     status = collect(cluster[2].peer_address, tls_dir=str(pki["admin"]))
     assert status["peer_tls"] is True and {n["state"] for n in status["nodes"]} == {"alive"}
     for node in cluster:
-        assert "security.tls node_id=" in node.log_text() and "security.unprotected" not in node.log_text()
+        assert wait_until(lambda: "security.tls node_id=" in node.log_text(), 10)
+        assert "security.unprotected" not in node.log_text()
 
 
 def test_dcmtk_findscu_and_storescu_over_tls(cluster: list[NodeProcess], pki: dict[str, Path], root: Path,
@@ -528,7 +529,7 @@ def test_strict_mode_and_an_unprotected_node_say_so(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "s1", node_id="s1",
                        extra_args=["--access-mode", "strict", "--known-ae", "VIEWER=echo,store"]).start()
     try:
-        assert "security.unprotected" in node.log_text()
+        assert wait_until(lambda: "security.unprotected" in node.log_text(), 10)  # Logged once listening.
         result = pacsnode("status", "--node", node.peer_address)
         assert result.returncode == 0 and "UNPROTECTED" in result.stdout
         stranger = associate(node.dicom_port, "STRANGER", [Verification])
