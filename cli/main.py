@@ -17,7 +17,7 @@ DEFAULTS = NodeConfig(node_id="node-1")
 START_OPTIONS: list[tuple[str, str, str]] = [
     ("--" + f.name.replace("_", "-"), f.name, str(f.metadata.get("help", "")))
     for f in dataclasses.fields(NodeConfig)
-    if f.name not in ("destinations", "seeds", "peer_routes")
+    if f.name not in ("destinations", "seeds", "peer_routes", "known_aes")
 ]
 
 
@@ -74,6 +74,15 @@ def _start_parser(subparsers: Any, name: str = "start") -> argparse.ArgumentPars
         help="dial VIA whenever a peer's advertised address is ADDR (NAT, tunnels, the chaos runner's "
         "fault proxy), repeatable (default: none)",
     )
+    parser.add_argument(
+        "--known-ae",
+        dest="known_aes",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="AET[@HOST,...][=SERVICE,...]",
+        help="a known AE and what it may do (echo, store, find, get, move, move-to:AET), repeatable "
+        "(default: none; see access_mode)",
+    )
     parser.add_argument("--dead-grace", dest="dead_grace_s", default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"same as --dead-grace-s (default: {DEFAULTS.dead_grace_s})")
     parser.add_argument("--replicas", dest="replication_factor", default=argparse.SUPPRESS,
@@ -101,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="peer port of the node that leaves (default: 127.0.0.1:7001)")
     leave.add_argument("--no-wait", action="store_true", help="return at once instead of showing progress")
     leave.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
+    leave.add_argument("--tls-dir", default=None, help="admin certificate directory (pacsnode cert issue --admin) "
+                        "for a TLS cluster (default: none: plain text)")
     leave.add_argument("--timeout-s", type=float, default=3600.0, help="give up waiting after (default: 3600)")
     remove = subparsers.add_parser(
         "remove",
@@ -112,9 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--node", default="127.0.0.1:7001", metavar="HOST:PORT",
                         help="peer port of any live member (default: 127.0.0.1:7001)")
     remove.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
+    remove.add_argument("--tls-dir", default=None, help="admin certificate directory (pacsnode cert issue --admin) "
+                        "for a TLS cluster (default: none: plain text)")
     from pacsnode.sim import cli as sim_cli
 
     sim_cli.add_parser(subparsers)
+    from pacsnode.cli import security
+
+    security.add_parsers(subparsers)
     status = subparsers.add_parser(
         "status",
         help="show a running cluster: members, ring ownership, local instances, pending hints",
@@ -124,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peer port of any node (default: 127.0.0.1:7001)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table (default: table)")
     status.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
+    status.add_argument("--tls-dir", default=None, help="admin certificate directory (pacsnode cert issue --admin) "
+                        "for a TLS cluster (default: none: plain text)")
     status.add_argument("--timeout-s", type=float, default=5.0, help="per-node timeout (default: 5)")
     return parser
 
@@ -140,6 +158,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if hasattr(args, "peer_routes"):
         values.pop("peer_route", None)
         values["peer_routes"] = list(args.peer_routes)
+    if hasattr(args, "known_aes"):
+        values.pop("known_ae", None)
+        merged_known = [*_as_list_of_known(values.get("known_aes")), *_as_list_of_known(args.known_aes)]
+        values["known_aes"] = list({k.ae_title: k for k in merged_known}.values())  # Flags win.
     if hasattr(args, "destinations"):
         # The TOML file may name them `destinations` or `destination` (list or table).
         toml_destinations = [
@@ -152,6 +174,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         merged.update({d.ae_title: d for d in parsed})
         values["destinations"] = list(merged.values())
     return NodeConfig.from_mapping(values)
+
+
+def _as_list_of_known(value: Any) -> list[Any]:
+    """Known AEs from the TOML file (strings or a table), to merge with --known-ae flags."""
+    from pacsnode.node.config import parse_known_aes
+
+    return list(parse_known_aes(value)) if value else []
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -173,15 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pacsnode.cli import membership_commands
 
         return membership_commands.leave(args.node, cluster_id=args.cluster_id, wait=not args.no_wait,
-                                         timeout_s=args.timeout_s)
+                                         timeout_s=args.timeout_s, tls_dir=args.tls_dir)
     if args.command == "remove":
         from pacsnode.cli import membership_commands
 
-        return membership_commands.remove(args.node, args.node_id, cluster_id=args.cluster_id)
+        return membership_commands.remove(args.node, args.node_id, cluster_id=args.cluster_id, tls_dir=args.tls_dir)
     if args.command == "start":
         try:
             config = config_from_args(args)
-        except ConfigError as error:
+        except (ConfigError, ValueError) as error:
             print(f"pacsnode: configuration error: {error}", file=sys.stderr)
             return 2
         from pacsnode.node.server import Node, configure_logging
@@ -207,7 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from pacsnode.cli import status
 
-        return status.main(args.node, as_json=args.json, cluster_id=args.cluster_id, timeout_s=args.timeout_s)
+        return status.main(args.node, as_json=args.json, cluster_id=args.cluster_id, timeout_s=args.timeout_s,
+                           tls_dir=args.tls_dir)
+    if args.command in ("ca", "cert", "audit"):
+        from pacsnode.cli import security
+
+        return security.main(args)
     parser.print_help()
     return 2
 

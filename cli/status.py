@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from pacsnode.node.tls import cli_channel
 from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
@@ -29,6 +30,10 @@ STATE_NAMES = {
 }
 
 
+UNPROTECTED = ("WARNING: this cluster is UNPROTECTED: its peer port answered in plain text (no TLS), so anyone "
+               "who reaches it can read or change the archive. See README, 'A TLS cluster'.")
+
+
 class StatusError(Exception):
     pass
 
@@ -38,8 +43,8 @@ def _envelope(cluster_id: str) -> pb.Envelope:
                        sent_at_ms=int(time.time() * 1000))
 
 
-def ask(address: str, cluster_id: str, timeout_s: float) -> pb.StatusReply:
-    with grpc.insecure_channel(address) as channel:
+def ask(address: str, cluster_id: str, timeout_s: float, tls_dir: str | None = None) -> pb.StatusReply:
+    with cli_channel(address, tls_dir) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
             reply: pb.StatusReply = stub.Status(pb.StatusRequest(envelope=_envelope(cluster_id)), timeout=timeout_s)
@@ -50,9 +55,10 @@ def ask(address: str, cluster_id: str, timeout_s: float) -> pb.StatusReply:
             raise StatusError(f"{address}: {code.name if code else 'error'}: {details}") from None
 
 
-def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) -> dict[str, Any]:
+def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0,
+            tls_dir: str | None = None) -> dict[str, Any]:
     """The cluster as the node at `address` sees it, with every member's local figures."""
-    first = ask(address, cluster_id, timeout_s)
+    first = ask(address, cluster_id, timeout_s, tls_dir)
     nodes = []
     for status in first.members:
         member = status.member
@@ -73,7 +79,7 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) 
             nodes.append(entry)
             continue
         try:
-            reply = first if member.node_id == first.envelope.sender_id else ask(peer, cluster_id, timeout_s)
+            reply = first if member.node_id == first.envelope.sender_id else ask(peer, cluster_id, timeout_s, tls_dir)
             local = reply.local
             entry.update(
                 reachable=True,
@@ -107,6 +113,7 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0) 
         "write_quorum": settings.write_quorum,
         "read_quorum": settings.read_quorum,
         "vnodes": settings.vnodes,
+        "peer_tls": bool(tls_dir),  # A TLS node refuses plain text: an answer without TLS means none.
         "nodes": nodes,
     }
 
@@ -148,6 +155,9 @@ def render(data: dict[str, Any]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not data.get("peer_tls", True):
+        lines.append("")
+        lines.append(UNPROTECTED)
     under = sum(n.get("under_replicated_studies") or 0 for n in data["nodes"])
     lines.append("")
     lines.append(f"under-replicated studies (as their owners count them): {under}")
@@ -163,9 +173,9 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(address: str, *, as_json: bool, cluster_id: str, timeout_s: float) -> int:
+def main(address: str, *, as_json: bool, cluster_id: str, timeout_s: float, tls_dir: str | None = None) -> int:
     try:
-        data = collect(address, cluster_id, timeout_s)
+        data = collect(address, cluster_id, timeout_s, tls_dir)
     except StatusError as error:
         print(f"pacsnode status: cannot reach {error}", file=sys.stderr)
         return 1
@@ -173,9 +183,10 @@ def main(address: str, *, as_json: bool, cluster_id: str, timeout_s: float) -> i
     return 0
 
 
-def metrics(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0, prefix: str = "") -> dict[str, float]:
+def metrics(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0, prefix: str = "",
+            tls_dir: str | None = None) -> dict[str, float]:
     """A node's metrics (Admin.Metrics): dotted names ending with their unit."""
-    with grpc.insecure_channel(address) as channel:
+    with cli_channel(address, tls_dir) as channel:
         reply = pb_grpc.AdminStub(channel).Metrics(
             pb.MetricsRequest(envelope=_envelope(cluster_id), name_prefix=prefix), timeout=timeout_s)
     return dict(reply.values)

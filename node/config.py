@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pacsnode.node.access import ACCESS_MODES, AccessError, KnownAe
+
 
 class ConfigError(ValueError):
     """A setting is missing, malformed or out of range."""
@@ -34,10 +36,14 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # `AET=HOST:PORT+tls`: C-MOVE over DICOM TLS with the node's certificate.
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
-        """Parse `AET=HOST:PORT` (the --destination flag and the TOML list form)."""
+        """Parse `AET=HOST:PORT[+tls]` (the --destination flag and the TOML list form)."""
+        tls = text.rstrip().endswith("+tls")
+        if tls:
+            text = text.rstrip()[: -len("+tls")]
         ae_title, sep, address = text.partition("=")
         host, sep2, port_text = address.rpartition(":")
         if not sep or not sep2 or not ae_title.strip() or not host:
@@ -50,10 +56,10 @@ class Destination:
             raise ConfigError(f"destination port must be 1-65535, got {port} in {text!r}")
         if not _AE_TITLE.match(ae_title.strip()):
             raise ConfigError(f"destination AE title must be 1-16 printable ASCII characters, no backslash, in {text!r}")
-        return cls(ae_title=ae_title.strip(), host=host.strip("[]"), port=port)
+        return cls(ae_title=ae_title.strip(), host=host.strip("[]"), port=port, tls=tls)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}={self.host}:{self.port}"
+        return f"{self.ae_title}={self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 def setting(default: Any, help_text: str) -> Any:
@@ -121,6 +127,19 @@ class NodeConfig:
     repair_bytes_per_second_max: int = setting(50_000_000, "Throttle for pulling missing instances (repair, rebalance); 0 = none.")
     repair_fetch_window: int = setting(8, "Instances a repair or rebalance fetches from one source at once (one at a time is bound by the round trip).")
 
+    # --- security (node/tls.py, node/access.py, node/audit.py)
+    tls_dir: str = setting("", "Directory with ca.pem, cert.pem, key.pem (`pacsnode cert issue`): mutual TLS on the "
+                           "peer port and the DICOM TLS port's certificate. Empty: plain text (loopback development).")
+    dicom_tls_port: int = setting(0, "DICOM TLS listener (TLS 1.2+, BCP 195; 2762 is IANA's); 0 = off. Needs tls_dir.")
+    dicom_tls_client_cert: str = setting("optional", "DICOM TLS client certificates: none, optional (checked when "
+                                         "sent) or required (of the cluster CA).")
+    access_mode: str = setting("default", "default: echo and store open, find/get/move for known AEs (and loopback); "
+                               "strict: only known AEs, from their hosts, with their services.")
+    loopback_trusted: bool = setting(True, "Callers on 127.0.0.1/::1 may do everything (quick start); off in strict mode.")
+    known_aes: tuple[KnownAe, ...] = setting((), "Known AEs: AET[@HOST,...][=SERVICE,...] with services echo, store, "
+                                             "find, get, move and move-to:AET (repeat --known-ae).")
+    audit_log: str = setting("", "Audit trail file (PS3.15 A.5 JSON lines); empty: DATA_DIR/audit.jsonl; off: none.")
+
     # --- operations
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")
 
@@ -164,6 +183,21 @@ class NodeConfig:
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dicom_tls_client_cert not in ("none", "optional", "required"):
+            raise ConfigError(f"dicom_tls_client_cert must be none, optional or required, got {self.dicom_tls_client_cert!r}")
+        if self.access_mode not in ACCESS_MODES:
+            raise ConfigError(f"access_mode must be one of {', '.join(ACCESS_MODES)}, got {self.access_mode!r}")
+        if self.access_mode == "strict" and not self.known_aes:
+            raise ConfigError("access_mode strict needs at least one known AE (known_aes / --known-ae)")
+        if not 0 <= self.dicom_tls_port <= 65535:
+            raise ConfigError(f"dicom_tls_port must be 0-65535, got {self.dicom_tls_port}")
+        if self.dicom_tls_port and not self.tls_dir:
+            raise ConfigError("dicom_tls_port needs tls_dir (the node's certificate)")
+        known_titles = [k.ae_title for k in self.known_aes]
+        if len(known_titles) != len(set(known_titles)):
+            raise ConfigError(f"duplicate known AE titles: {known_titles}")
+        if any(d.tls for d in self.destinations) and not self.tls_dir:
+            raise ConfigError("a +tls C-MOVE destination needs tls_dir (the node's certificate)")
         titles = [d.ae_title for d in self.destinations]
         if len(titles) != len(set(titles)):
             raise ConfigError(f"duplicate C-MOVE destination AE titles: {titles}")
@@ -192,7 +226,7 @@ class NodeConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
         """Build from TOML/CLI values (names as the fields); unknown names are an error."""
         known = set(cls.field_names())
-        unknown = sorted(set(values) - known - {"destination", "seed", "peer_route"})
+        unknown = sorted(set(values) - known - {"destination", "seed", "peer_route", "known_ae"})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
@@ -206,6 +240,9 @@ class NodeConfig:
                 continue
             if name in ("peer_routes", "peer_route"):
                 kwargs["peer_routes"] = _parse_peer_routes(value)
+                continue
+            if name in ("known_aes", "known_ae"):
+                kwargs["known_aes"] = parse_known_aes(value)
                 continue
             kwargs[name] = _coerce(name, str(types[name]), value)
         return cls(**kwargs)
@@ -244,6 +281,18 @@ def _parse_peer_routes(value: Any) -> tuple[tuple[str, str], ...]:
     if len({a for a, _ in routes}) != len(routes):
         raise ConfigError(f"two peer routes for one address: {items}")
     return tuple(routes)
+
+
+def parse_known_aes(value: Any) -> tuple[KnownAe, ...]:
+    """A list of `AET[@HOST,...][=SERVICE,...]` strings, or a TOML table of tables
+    `[known_aes.AET] hosts = [...] services = [...] move_to = [...]`."""
+    try:
+        if isinstance(value, Mapping):
+            return tuple(KnownAe.from_table(str(k), v if isinstance(v, Mapping) else {}) for k, v in value.items())
+        items = [value] if isinstance(value, (str, KnownAe)) else list(value)
+        return tuple(i if isinstance(i, KnownAe) else KnownAe.parse(str(i)) for i in items)
+    except AccessError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _parse_destinations(value: Any) -> tuple[Destination, ...]:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -34,8 +34,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, association_guard, codec, raw_send
+from pacsnode.node import acceptor, association_guard, codec, raw_send, tls
 from pacsnode.node.config import NodeConfig
+from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import (
     Archive,
@@ -48,6 +49,9 @@ from pacsnode.replication.archive import (
 from pacsnode.replication.matching import Condition, Query, QueryError
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.query import level_of
+
+if TYPE_CHECKING:
+    from pacsnode.node.security import NodeSecurity
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +119,19 @@ class FrontEndStats:
 class DicomFrontEnd:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: NodeConfig, archive: Archive) -> None:
+    def __init__(self, config: NodeConfig, archive: Archive, security: "NodeSecurity | None" = None) -> None:
         self._config = config
-        self._archive = archive
+        self._security = security
+        self.guard = DicomGuard.from_config(config, security.audit if security is not None else None)
+        self._archive = self.guard.archive(archive)  # Stores and retrieves reach the audit trail.
+        self._tls_server: Any = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._server: Any = None
         self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
         raw_send.install()
         self.ae = self._build_ae()
+        self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 
     # ----------------------------------------------------------------- setup
     def _build_ae(self) -> AE:
@@ -158,14 +166,26 @@ class DicomFrontEnd:
         ]
 
     def start(self) -> None:
-        self._server = acceptor.start_server(self.ae, (self._config.host, self._config.dicom_port), self.handlers())
+        handlers = self.guard.wrap(self.handlers())  # Access control and audit around each handler.
+        self._server = acceptor.start_server(self.ae, (self._config.host, self._config.dicom_port), handlers)
+        if self._config.dicom_tls_port and self._security is not None and self._security.files is not None:
+            self._tls_server = tls.start_dicom_tls_server(
+                self.ae, (self._config.host, self._config.dicom_tls_port),
+                tls.dicom_server_context(self._security.files, self._config.dicom_tls_client_cert), handlers,
+                on_refused=self.guard.tls_refused)
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server is not None else self._config.dicom_port
 
+    @property
+    def tls_port(self) -> int:
+        return int(self._tls_server.server_address[1]) if self._tls_server is not None else 0
+
     def stop(self, *, grace_s: float = 10.0) -> None:
         """Stop accepting; let open associations finish for `grace_s`, then abort them."""
+        tls_server, self._tls_server = self._tls_server, None
+        tls.stop_dicom_server(self.ae, tls_server, grace_s)
         server, self._server = self._server, None
         if server is None:
             return
@@ -435,6 +455,7 @@ class DicomFrontEnd:
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
             "max_pdu": self._config.max_pdu_bytes,
+            **self._move_tls(destination),
         }
         yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
@@ -456,6 +477,13 @@ class DicomFrontEnd:
                     len(plan.locations), plan.shortfall.studies, plan.shortfall.ranges)
         code = STATUS_SUBOPERATIONS_WARNING if plan.locations else STATUS_RETRIEVE_OUT_OF_RESOURCES
         return _status(code, plan.shortfall.describe())
+
+
+    def _move_tls(self, destination: Any) -> dict[str, Any]:
+        """C-MOVE to a `+tls` destination: TLS with our certificate, the cluster CA as trust anchor."""
+        if not destination.tls or self._security is None or self._security.files is None:
+            return {}
+        return {"tls_args": (tls.dicom_client_context(self._security.files), destination.host)}
 
 
 class CancelFlag:

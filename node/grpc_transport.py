@@ -11,6 +11,7 @@ import grpc
 
 from pacsnode.node import peer_wire
 from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
+from pacsnode.node.tls import CHANNEL_OPTIONS
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import Digest
@@ -38,9 +39,11 @@ class Channels:
     actually dialled: a NAT or tunnel, or the chaos runner's fault proxy for this pair.
     """
 
-    def __init__(self, routes: Mapping[str, str] | None = None) -> None:
+    def __init__(self, routes: Mapping[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes = dict(routes or {})
+        self._credentials = credentials  # Mutual TLS (node/tls.py) when the node has a tls_dir.
 
     def dialled(self, address: str) -> str:
         return self._routes.get(address, address)
@@ -48,7 +51,10 @@ class Channels:
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self.dialled(address), options=GRPC_OPTIONS + RECONNECT_OPTIONS)
+            channel = (grpc.aio.insecure_channel(self.dialled(address), options=GRPC_OPTIONS + RECONNECT_OPTIONS)
+                       if self._credentials is None else
+                       grpc.aio.secure_channel(self.dialled(address), self._credentials,
+                                               options=GRPC_OPTIONS + RECONNECT_OPTIONS + CHANNEL_OPTIONS))
             self._channels[address] = channel
         return channel
 

@@ -66,7 +66,7 @@ class PeerServer:
         pb_grpc.add_MembershipServicer_to_server(MembershipService(self), self.server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
         pb_grpc.add_RepairServicer_to_server(RepairService(self), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = self.node.security.add_peer_port(self.server, f"{host}:{port}")  # mTLS with tls_dir
         if self.port == 0:
             raise OSError(f"cannot listen on peer port {host}:{port}")
         await self.server.start()
@@ -91,6 +91,7 @@ class PeerServer:
             problem = (grpc.StatusCode.FAILED_PRECONDITION,
                        f"protocol_version {env.protocol_version} is newer than this node's {PROTOCOL_VERSION}; "
                        "upgrade this node")
+        problem = problem or self.node.security.guard.problem(env.sender_id, context, method)  # sender = certificate
         if problem is not None:
             self.refused += 1
             log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
@@ -356,6 +357,7 @@ class MembershipService(pb_grpc.MembershipServicer):
             raise AssertionError("unreachable")
         if member.state is not swim.State.ALIVE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a joining member must be alive, not {member.state}")
+        await self.node.security.refuse(context, self.node.security.guard.join_problem(member.node_id, source))
         reply = self.node.membership.receive(source, swim.JoinRequest(member))
         config = self.node.config
         settings = replication_settings(config)
@@ -364,6 +366,7 @@ class MembershipService(pb_grpc.MembershipServicer):
                                 reason=f"{config.node_id} is not a member now", settings=settings)
         if not reply.accepted:
             log.warning("membership.join.refused node=%s reason=%s", member.node_id, reply.reason)
+        self.node.security.admin_action("join", context, member.node_id, reply.accepted, reply.reason)
         return pb.JoinReply(envelope=self.server.envelope(), accepted=reply.accepted, reason=reply.reason,
                             members=[peer_wire.update_to_wire(u) for u in reply.members], settings=settings)
 
@@ -377,6 +380,8 @@ class MembershipService(pb_grpc.MembershipServicer):
         me = self.node.config.node_id
         membership = self.node.membership
         source = request.envelope.sender_id
+        await self.node.security.refuse(context, self.node.security.guard.leave_problem(
+            context, target=target, removing=request.member.state == pb.MEMBER_STATE_REMOVED, me=me))
         if request.member.state == pb.MEMBER_STATE_REMOVED:
             if target == me:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -388,6 +393,7 @@ class MembershipService(pb_grpc.MembershipServicer):
                                     f"{target} is {membership.member(target).state}: stop it first, "  # type: ignore[union-attr]
                                     "or use `pacsnode leave` on it")
             accepted = membership.remove(target, reason="operator")
+            self.node.security.admin_action("remove", context, target, accepted)
             return pb.LeaveReply(envelope=self.server.envelope(), accepted=accepted)
         if target and target != me and target == source:
             try:
@@ -399,6 +405,7 @@ class MembershipService(pb_grpc.MembershipServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a leave announces LEFT, not {update.state}")
             reply = membership.receive(source, swim.LeaveRequest(update))
             accepted = isinstance(reply, swim.LeaveReply) and reply.accepted
+            self.node.security.admin_action("left", context, target, accepted)
             return pb.LeaveReply(envelope=self.server.envelope(), accepted=accepted)
         if target not in ("", me):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -410,6 +417,7 @@ class MembershipService(pb_grpc.MembershipServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{me} is the only member of the ring: there is nobody to hand its data to")
         membership.leave()
+        self.node.security.admin_action("leave", context, me, True)
         return pb.LeaveReply(envelope=self.server.envelope(), accepted=True)
 
 

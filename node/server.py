@@ -27,6 +27,7 @@ from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import SwimMembership, swim_config
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
+from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
@@ -98,6 +99,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.security = NodeSecurity(config)  # TLS files, peer guard, audit trail (ConfigError when unusable)
         # The store first: its lock says whether another node runs on this data dir, and
         # a start that fails there must not raise the running node's boot generation.
         try:
@@ -145,7 +147,7 @@ class Node:
             next_generation=self._next_generation,
         )
         self.loop = LoopThread()
-        self.channels = Channels(dict(config.peer_routes))
+        self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
         self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope)
         self.coordinator = Coordinator(
             config.node_id,
@@ -177,7 +179,7 @@ class Node:
         self.coordinator.pending = self.repairer.pending
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
-        self.front_end = DicomFrontEnd(config, self.archive)
+        self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
         self.peer_server = PeerServer(self)
         self._hint_task: asyncio.Task[None] | None = None
         self._repair_task: asyncio.Task[None] | None = None
@@ -237,6 +239,9 @@ class Node:
             "pacsnode.health.probe_wait_ms": self.health.current.probe_wait_ms,
             "pacsnode.health.transitions_count": self.health.transitions,
             "pacsnode.membership.probes_unanswered_count": self.membership.probes_unanswered,
+            "pacsnode.security.peer_refused_count": self.security.guard.refused,
+            "pacsnode.security.dicom_refused_count": self.front_end.guard.refused,
+            "pacsnode.security.audit_messages_count": self.security.audit.written,
             **self.membership_metrics(),
         }
 
@@ -386,6 +391,7 @@ class Node:
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
         self.front_end.start()
+        self.security.started(self.front_end.tls_port)
         stats = self.store.statistics()
         log.info(
             "node.started node_id=%s generation=%d ae_title=%s dicom=%s:%d peer=%s:%d seeds=%s instances=%d "
@@ -416,6 +422,7 @@ class Node:
         self.loop.stop()
         self.admin_executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+        self.security.stopped()
         log.info("node.stopped node_id=%s", self.config.node_id)
 
     def run_forever(self) -> None:

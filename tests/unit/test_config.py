@@ -88,6 +88,13 @@ anti_entropy_interval_ms = 5000
 dead_grace_s = 30
 repair_bytes_per_second_max = 0
 repair_fetch_window = 3
+tls_dir = "/etc/pacsnode/tls"
+dicom_tls_port = 2762
+dicom_tls_client_cert = "required"
+access_mode = "strict"
+loopback_trusted = false
+known_aes = ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
+audit_log = "/var/log/pacsnode-audit.jsonl"
 log_level = "debug"
 """
 
@@ -129,6 +136,10 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
     assert config.destination("NOBODY") is None
+    assert (config.tls_dir, config.dicom_tls_port, config.dicom_tls_client_cert) == ("/etc/pacsnode/tls", 2762, "required")
+    assert (config.access_mode, config.loopback_trusted) == ("strict", False)
+    assert [str(k) for k in config.known_aes] == ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
+    assert config.audit_log == "/var/log/pacsnode-audit.jsonl"
     assert {f.name for f in dataclasses.fields(NodeConfig)} - {"destinations"} <= set(load_toml(path))
 
 
@@ -314,11 +325,12 @@ def test_every_start_option_sets_its_field() -> None:
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
-    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds", "peer_routes"}
+    assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds", "peer_routes",
+                                                                             "known_aes"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
-               "profile": "wan"}
+               "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)
@@ -385,3 +397,36 @@ def test_channels_dial_the_routed_address() -> None:
     channels = Channels({"10.0.0.2:7001": "127.0.0.1:9001"})
     assert channels.dialled("10.0.0.2:7001") == "127.0.0.1:9001"
     assert channels.dialled("10.0.0.3:7001") == "10.0.0.3:7001"
+
+
+def test_known_aes_from_flags_and_a_toml_table(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'node_id = "n"\n[known_aes.VIEWER]\nhosts = ["10.0.0.5"]\nservices = ["find", "get"]\n'
+                  '[known_aes.WS]\nmove_to = ["*"]\n')
+    config = config_from_args(_args("--config", str(path), "--known-ae", "WS@10.0.0.9=echo,move",
+                                    "--known-ae", "CT1"))
+    known = {k.ae_title: k for k in config.known_aes}
+    assert set(known) == {"VIEWER", "WS", "CT1"}
+    assert known["VIEWER"].hosts == ("10.0.0.5",) and known["VIEWER"].services == {"find", "get"}
+    assert known["WS"].hosts == ("10.0.0.9",) and known["WS"].services == {"echo", "move"}  # The flag wins.
+    assert known["CT1"].services == {"echo", "store", "find", "get", "move"}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"access_mode": "strict"}, "needs at least one known AE"),
+    ({"access_mode": "open"}, "access_mode must be"),
+    ({"dicom_tls_port": 2762}, "needs tls_dir"),
+    ({"dicom_tls_client_cert": "maybe", "tls_dir": "x"}, "dicom_tls_client_cert"),
+    ({"known_aes": ["A=find,delete"]}, "unknown service"),
+    ({"known_aes": ["A", "A@h"]}, "duplicate known AE"),
+])
+def test_bad_security_settings_are_refused(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.from_mapping({"node_id": "n", **values})
+
+
+def test_a_tls_destination_needs_tls_dir() -> None:
+    destination = Destination.parse("VIEWER=10.0.0.5:2762+tls")
+    assert destination == Destination("VIEWER", "10.0.0.5", 2762, tls=True) and str(destination).endswith("+tls")
+    with pytest.raises(ConfigError, match="needs tls_dir"):
+        NodeConfig.from_mapping({"node_id": "n", "destinations": ["VIEWER=10.0.0.5:2762+tls"]})
+    assert NodeConfig.from_mapping({"node_id": "n", "tls_dir": "t", "destinations": ["V=h:1+tls"]}).destinations[0].tls

@@ -1,0 +1,252 @@
+"""The audit trail: DICOM PS3.15 A.5 audit messages, in their JSON form, one per line.
+
+Kept apart from the application log (which never holds patient data): this file is meant
+to say who saw or changed which patient's studies, so it names patients and studies. It
+is appended to and flushed per message; `pacsnode audit` reads it.
+
+A message has the four parts of the A.5 schema: EventIdentification (EventID, action,
+time, outcome, type codes), ActiveParticipant (the AE or certificate, its address, and
+this node), AuditSourceIdentification (this node) and ParticipantObjectIdentification
+(the patient, the studies, the query).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILE = "audit.jsonl"
+
+# EventID codes (DCM, PS3.16 CID 400) and their meaning.
+EVENTS = {
+    "application-activity": ("110100", "Application Activity"),
+    "instances-accessed": ("110103", "DICOM Instances Accessed"),
+    "instances-transferred": ("110104", "DICOM Instances Transferred"),
+    "export": ("110106", "Export"),
+    "import": ("110107", "Import"),
+    "query": ("110112", "Query"),
+    "security-alert": ("110113", "Security Alert"),
+    "user-authentication": ("110114", "User Authentication"),
+}
+# EventTypeCode (DCM, CID 401-405).
+TYPES = {
+    "application-start": ("110120", "Application Start"),
+    "application-stop": ("110121", "Application Stop"),
+    "login": ("110122", "Login"),
+    "logout": ("110123", "Logout"),
+    "node-authentication": ("110126", "Node Authentication"),
+    "network-configuration": ("110128", "Network Configuration"),
+    "security-configuration": ("110129", "Security Configuration"),
+    "restricted-function": ("110132", "Use of Restricted Function"),
+}
+# EventOutcomeIndicator.
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = "0", "4", "8", "12"
+
+
+def _code(pair: tuple[str, str]) -> dict[str, str]:
+    return {"csd-code": pair[0], "codeSystemName": "DCM", "originalText": pair[1]}
+
+
+@dataclass
+class Participant:
+    """Who acted: an AE title (or a certificate's name) at an address."""
+
+    user_id: str
+    address: str = ""
+    requestor: bool = True
+    role: str = ""  # e.g. "Source", "Destination"
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"UserID": self.user_id, "UserIsRequestor": self.requestor}
+        if self.address:
+            entry["NetworkAccessPointID"] = self.address
+            entry["NetworkAccessPointTypeCode"] = "2"  # IP address
+        if self.role:
+            entry["RoleIDCode"] = {"csd-code": {"Source": "110153", "Destination": "110152"}.get(self.role, ""),
+                                   "codeSystemName": "DCM", "originalText": f"{self.role} Role ID"}
+        return entry
+
+
+@dataclass
+class Subject:
+    """What was acted on: the patient, studies, a query."""
+
+    patient_id: str = ""
+    study_instance_uids: Sequence[str] = ()
+    instance_count: int = 0
+    query: dict[str, Any] = field(default_factory=dict)
+    sop_class_uid: str = ""
+    description: str = ""  # For non-DICOM objects (a node id, a certificate).
+
+    def to_json(self) -> list[dict[str, Any]]:
+        objects: list[dict[str, Any]] = []
+        if self.patient_id:
+            objects.append({"ParticipantObjectID": self.patient_id, "ParticipantObjectTypeCode": "1",
+                            "ParticipantObjectTypeCodeRole": "1",
+                            "ParticipantObjectIDTypeCode": {"csd-code": "2", "originalText": "Patient Number"}})
+        for uid in self.study_instance_uids:
+            study: dict[str, Any] = {
+                "ParticipantObjectID": uid, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3",
+                "ParticipantObjectIDTypeCode": {"csd-code": "110180", "codeSystemName": "DCM",
+                                                "originalText": "Study Instance UID"}}
+            if self.instance_count:
+                study["ParticipantObjectDescription"] = {"NumberOfInstances": self.instance_count}
+                if self.sop_class_uid:
+                    study["ParticipantObjectDescription"]["SOPClass"] = self.sop_class_uid
+            objects.append(study)
+        if self.query:
+            text = json.dumps(self.query, sort_keys=True)
+            objects.append({"ParticipantObjectID": self.sop_class_uid or "query", "ParticipantObjectTypeCode": "2",
+                            "ParticipantObjectTypeCodeRole": "3",
+                            "ParticipantObjectIDTypeCode": {"csd-code": "110181", "codeSystemName": "DCM",
+                                                            "originalText": "SOP Class UID"},
+                            "ParticipantObjectQuery": base64.b64encode(text.encode()).decode(),
+                            "ParticipantObjectDetail": {"type": "QueryKeys", "value": self.query}})
+        if self.description:
+            objects.append({"ParticipantObjectID": self.description, "ParticipantObjectTypeCode": "2",
+                            "ParticipantObjectTypeCodeRole": "13",  # Security resource
+                            "ParticipantObjectIDTypeCode": {"csd-code": "12", "originalText": "URI"}})
+        return objects
+
+
+class AuditLog:
+    """Appends audit messages to one file (thread-safe; one line, flushed, per message)."""
+
+    def __init__(self, path: Path | None, source_id: str) -> None:
+        self.path = path
+        self.source_id = source_id
+        self._lock = threading.Lock()
+        self._handle = None
+        self.written = 0
+        self.failed = 0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(path, "a", encoding="utf-8", buffering=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self._handle is not None
+
+    def record(self, event: str, *, action: str = "E", outcome: str = SUCCESS, event_type: str = "",
+               participants: Iterable[Participant] = (), subject: Subject | None = None,
+               description: str = "") -> None:
+        """Append one message. A failure to write is logged and counted, never raised."""
+        if self._handle is None:
+            return
+        identification: dict[str, Any] = {
+            "EventID": _code(EVENTS[event]),
+            "EventActionCode": action,
+            "EventDateTime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "EventOutcomeIndicator": outcome,
+        }
+        if event_type:
+            identification["EventTypeCode"] = [_code(TYPES[event_type])]
+        if description:
+            identification["EventOutcomeDescription"] = description[:200]
+        message = {
+            "EventIdentification": identification,
+            "ActiveParticipant": [p.to_json() for p in participants]
+            + [{"UserID": self.source_id, "UserIsRequestor": False, "AlternativeUserID": "pacsnode"}],
+            "AuditSourceIdentification": {"AuditSourceID": self.source_id},
+            "ParticipantObjectIdentification": subject.to_json() if subject else [],
+        }
+        line = json.dumps(message, separators=(",", ":")) + "\n"
+        with self._lock:
+            try:
+                self._handle.write(line)
+                self.written += 1
+            except (OSError, ValueError) as error:
+                self.failed += 1
+                log.error("audit.write_failed error=%s", error)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def parse_since(text: str, now: datetime.datetime | None = None) -> datetime.datetime:
+    """`2025-01-31`, `2025-01-31T10:00`, an ISO time with zone, or a duration ago (`90m`, `2h`, `7d`)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].isdigit():
+        return now - datetime.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since wants an ISO date/time or a duration such as 2h or 7d, got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def read(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue  # A line cut short by a crash.
+
+
+def patients_of(message: dict[str, Any]) -> set[str]:
+    return {o["ParticipantObjectID"] for o in message.get("ParticipantObjectIdentification", [])
+            if o.get("ParticipantObjectTypeCode") == "1"}
+
+
+def studies_of(message: dict[str, Any]) -> set[str]:
+    return {o["ParticipantObjectID"] for o in message.get("ParticipantObjectIdentification", [])
+            if o.get("ParticipantObjectIDTypeCode", {}).get("csd-code") == "110180"}
+
+
+def select(messages: Iterable[dict[str, Any]], *, since: datetime.datetime | None = None,
+           patient_id: str = "", event: str = "") -> list[dict[str, Any]]:
+    """Messages at or after `since`, about `patient_id` (directly, or about a study the log
+    ties to that patient elsewhere: a retrieve by StudyInstanceUID names no patient)."""
+    chosen = list(messages)
+    if since is not None:
+        chosen = [m for m in chosen if _time(m) >= since]
+    if event:
+        chosen = [m for m in chosen if m["EventIdentification"]["EventID"]["originalText"].lower().replace(" ", "-")
+                  == event or EVENTS.get(event, ("", ""))[0] == m["EventIdentification"]["EventID"]["csd-code"]]
+    if patient_id:
+        studies: set[str] = set()
+        for message in chosen:
+            if patient_id in patients_of(message):
+                studies |= studies_of(message)
+        chosen = [m for m in chosen if patient_id in patients_of(m) or studies_of(m) & studies]
+    return chosen
+
+
+def _time(message: dict[str, Any]) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(message["EventIdentification"]["EventDateTime"])
+
+
+def render(messages: Sequence[dict[str, Any]]) -> str:
+    rows = [("TIME", "EVENT", "ACTION", "OUTCOME", "USER", "ADDRESS", "PATIENT", "STUDIES", "DETAIL")]
+    for message in messages:
+        ident = message["EventIdentification"]
+        requestor = next((p for p in message.get("ActiveParticipant", []) if p.get("UserIsRequestor")), {})
+        studies = sorted(studies_of(message))
+        types = ",".join(t["originalText"] for t in ident.get("EventTypeCode", []))
+        detail = " ".join(x for x in (types, ident.get("EventOutcomeDescription", "")) if x)
+        rows.append((ident["EventDateTime"], ident["EventID"]["originalText"], ident["EventActionCode"],
+                     ident["EventOutcomeIndicator"], requestor.get("UserID", ""),
+                     requestor.get("NetworkAccessPointID", ""), ",".join(sorted(patients_of(message))),
+                     (studies[0] + (f" +{len(studies) - 1}" if len(studies) > 1 else "")) if studies else "",
+                     detail))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

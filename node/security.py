@@ -1,0 +1,101 @@
+"""A node's security settings in one object: its TLS files, the peer guard, the audit trail.
+
+The node shell (node/server.py) makes one `NodeSecurity` from its config; the peer server
+and the DICOM front end call it through small hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pacsnode.node import tls
+from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject
+from pacsnode.node.config import ConfigError, NodeConfig
+
+log = logging.getLogger(__name__)
+
+
+class NodeSecurity:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        try:
+            self.files = tls.node_files(config.tls_dir, config.node_id)
+        except tls.TlsError as error:
+            raise ConfigError(f"tls_dir: {error}") from None
+        if self.files is not None and not tls.key_file_private(self.files.key_path):
+            raise ConfigError(f"{self.files.key_path} is readable by others: chmod 600 it")
+        self.audit = AuditLog(self.audit_path(config), config.node_id)
+        self.guard = tls.PeerGuard(self.files is not None, alert=self._peer_refused)
+
+    @staticmethod
+    def audit_path(config: NodeConfig) -> Path | None:
+        if config.audit_log == "off":
+            return None
+        return Path(config.audit_log) if config.audit_log else config.data_dir / AUDIT_FILE
+
+    @property
+    def peer_tls(self) -> bool:
+        return self.files is not None
+
+    # ------------------------------------------------------------------ peer port
+    def add_peer_port(self, server: Any, address: str) -> int:
+        if self.files is None:
+            return int(server.add_insecure_port(address))
+        credentials = tls.server_credentials(self.files, on_reload=self._reloaded)
+        return int(server.add_secure_port(address, credentials))
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        return tls.channel_credentials(self.files) if self.files is not None else None
+
+    async def refuse(self, context: Any, reason: str | None) -> None:
+        """Abort the call with PERMISSION_DENIED when there is a reason (logged and audited)."""
+        if reason is None:
+            return
+        self._peer_refused("", "", "", reason, peer=str(context.peer()))
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+
+    def _peer_refused(self, method: str, sender: str, certificate: str, reason: str, peer: str = "") -> None:
+        log.warning("security.peer.refused method=%s sender=%s certificate=%s peer=%s reason=%s",
+                    method, sender[:64], certificate, peer, reason)
+        self.audit.record("security-alert", outcome=MINOR_FAILURE, event_type="node-authentication",
+                          participants=[Participant(certificate or sender[:64], peer)],
+                          description=f"{method + ': ' if method else ''}{reason}")
+
+    def admin_action(self, action: str, context: Any, target: str, accepted: bool, reason: str = "") -> None:
+        """A membership change asked over the peer port (join, leave, left, remove): audited."""
+        identity = tls.peer_identity(context)
+        who = f"{identity.role}:{identity.name}" if identity else "plain-text"
+        self.audit.record("security-alert", action="E", outcome=SUCCESS if accepted else MINOR_FAILURE,
+                          event_type="network-configuration",
+                          participants=[Participant(who, str(context.peer()))],
+                          subject=Subject(description=f"node:{target}"),
+                          description=f"{action} {target}" + (f": {reason}" if reason else ""))
+
+    def _reloaded(self, directory: str) -> None:
+        self.audit.record("security-alert", event_type="security-configuration",
+                          participants=[Participant(self.config.node_id, requestor=False)],
+                          subject=Subject(description=f"tls_dir:{directory}"),
+                          description="peer certificates reloaded")
+
+    # ------------------------------------------------------------------ start and stop
+    def started(self, dicom_tls_port: int) -> None:
+        warning = tls.unprotected_warning(self.config.tls_dir)
+        if warning is not None:
+            log.warning("%s", warning)
+            log.warning("security.unprotected node_id=%s peer_tls=off dicom_tls=off audit=%s", self.config.node_id,
+                        self.audit.path or "off")
+        else:
+            log.info("security.tls node_id=%s peer_tls=mutual dicom_tls_port=%d client_cert=%s audit=%s",
+                     self.config.node_id, dicom_tls_port, self.config.dicom_tls_client_cert, self.audit.path or "off")
+        self.audit.record("application-activity", event_type="application-start",
+                          participants=[Participant(self.config.node_id, requestor=False)],
+                          description=f"peer_tls={'on' if self.peer_tls else 'off'} dicom_tls_port={dicom_tls_port}")
+
+    def stopped(self) -> None:
+        self.audit.record("application-activity", event_type="application-stop",
+                          participants=[Participant(self.config.node_id, requestor=False)])
+        self.audit.close()
