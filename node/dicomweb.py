@@ -417,7 +417,17 @@ class DicomWeb:
 
 
 def _root(request: Request) -> str:
-    """The DICOMweb root as the client reached it (for RetrieveURL)."""
+    """The DICOMweb root as the client reached it (for RetrieveURL). A proxy's
+    X-Forwarded-Host/-Proto win; a Host header without its port (dicomweb-client sends
+    one) gets the port this connection came in on."""
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded:
+        scheme = request.headers.get("x-forwarded-proto", request.url.scheme)
+        return f"{scheme}://{forwarded.split(',')[0].strip()}/dicom-web"
+    host = request.headers.get("host", "")
+    server = request.scope.get("server")
+    if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1] not in (80, 443):
+        return f"{request.url.scheme}://{host}:{server[1]}/dicom-web"
     return str(request.base_url).rstrip("/") + "/dicom-web"
 
 

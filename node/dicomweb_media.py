@@ -190,6 +190,10 @@ class MultipartReader:
                 if len(self._buffer) < after + 2:
                     self._scan_from = index
                     return parts  # Need the two bytes after the delimiter.
+                follower = bytes(self._buffer[after:after + 2])
+                if follower != b"--" and follower != b"\r\n" and follower[:1] not in (b" ", b"\t"):
+                    self._scan_from = index + 1  # The boundary text inside a body, not a delimiter.
+                    continue
                 if self._state == "body":
                     parts.append(Part(self._headers, bytes(self._buffer[:index])))
                     self._headers = {}
