@@ -31,6 +31,7 @@ from pacsnode.node.dicomweb_json import dataset_to_json, row_to_json
 from pacsnode.node.dicomweb_media import (
     DICOM,
     DICOM_JSON,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     MediaError,
     MultipartReader,
     Part,
@@ -45,6 +46,7 @@ from pacsnode.node.dicomweb_media import (
     part_header,
     read_file_meta,
 )
+from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_numbers, frames, render, viewport_size
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
@@ -147,6 +149,14 @@ class DicomWeb:
             Route("/studies/{study}/series/{series}/instances", qido("instances"), methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}", self.retrieve, methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/metadata", self.metadata, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", self.frames,
+                  methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/rendered", self.rendered, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered", self.rendered,
+                  methods=["GET"]),
+            Route("/studies/{study}/thumbnail", self.thumbnail, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/thumbnail", self.thumbnail, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/thumbnail", self.thumbnail, methods=["GET"]),
         ]
 
     # ------------------------------------------------------------------ QIDO-RS
@@ -316,6 +326,85 @@ class DicomWeb:
         attributes = dict(sorted(attributes.items()))
         return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
 
+    # ------------------------------------------------------------------ frames, rendered, thumbnail
+    async def frames(self, request: Request) -> Response:
+        try:
+            numbers = frame_numbers(request.path_params["frames"])
+        except RenderError as error:
+            return PlainTextResponse(str(error), status_code=400)
+        _query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            return self._not_found(plan)
+        location = plan.locations[0]
+        media_type = frame_media_type(location.transfer_syntax_uid)
+        if not _accepts_frames(parse_accept(request.headers.get("accept")), media_type, location.transfer_syntax_uid):
+            return PlainTextResponse(f"frames of this instance are available as {media_type} "
+                                     f"(transfer syntax {location.transfer_syntax_uid})", status_code=406)
+
+        def load() -> list[bytes]:
+            part10, _offset = self._archive.read(location)
+            return frames(part10, numbers)
+
+        try:
+            encoded = await run_in_threadpool(load)
+        except RenderError as error:
+            return PlainTextResponse(str(error), status_code=404)
+        except ReadError as error:
+            log.error("dicomweb.frames.unreadable reason=%s", error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        boundary = new_boundary()
+        syntax = location.transfer_syntax_uid if media_type != "application/octet-stream" or \
+            UID(location.transfer_syntax_uid).is_compressed else EXPLICIT_VR_LITTLE_ENDIAN
+        part_type = f"{media_type}; transfer-syntax={syntax}"
+        body = b"".join(part_header(boundary, part_type, first=index == 0) + frame
+                        for index, frame in enumerate(encoded)) + closing_delimiter(boundary)
+        return Response(body, media_type=multipart_content_type(media_type, boundary, syntax))
+
+    async def rendered(self, request: Request) -> Response:
+        return await self._render(request, default_viewport=None)
+
+    async def thumbnail(self, request: Request) -> Response:
+        return await self._render(request, default_viewport=(128, 128))
+
+    async def _render(self, request: Request, *, default_viewport: tuple[int, int] | None) -> Response:
+        media_type = _rendered_type(parse_accept(request.headers.get("accept")))
+        if media_type is None:
+            return PlainTextResponse("rendered images are available as image/jpeg or image/png", status_code=406)
+        try:
+            viewport = viewport_size(request.query_params.get("viewport"), default_viewport)
+            frame = frame_numbers(request.path_params.get("frames", "1"))[0]
+            quality = int(request.query_params.get("quality", "90"))
+        except (RenderError, ValueError) as error:
+            return PlainTextResponse(str(error), status_code=400)
+        _query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            return self._not_found(plan)
+        # A series or study thumbnail shows its middle instance.
+        ordered = sorted(plan.locations, key=lambda l: (l.series_instance_uid, l.sop_instance_uid))
+        location = ordered[len(ordered) // 2] if "instance" not in request.path_params else ordered[0]
+
+        def load() -> bytes:
+            part10, _offset = self._archive.read(location)
+            return render(part10, frame=frame, media_type=media_type, viewport=viewport,
+                          quality=max(1, min(quality, 100)))
+
+        try:
+            image = await run_in_threadpool(load)
+        except RenderError as error:
+            log.warning("dicomweb.render.failed sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
+            return PlainTextResponse(str(error), status_code=404 if "frames" in str(error) or "no pixel" in str(error)
+                                     else 406)
+        except ReadError as error:
+            log.error("dicomweb.render.unreadable reason=%s", error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        return Response(image, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    @staticmethod
+    def _not_found(plan: RetrievePlan) -> Response:
+        if plan.shortfall:
+            return PlainTextResponse(plan.shortfall.describe(), status_code=503, headers=_incomplete(plan.shortfall))
+        return PlainTextResponse("no such instances", status_code=404)
+
     # ------------------------------------------------------------------ STOW-RS
     async def stow(self, request: Request) -> Response:
         try:
@@ -414,6 +503,36 @@ class DicomWeb:
         if written.status == WriteStatus.OUT_OF_RESOURCES:
             return fail(STATUS_OUT_OF_RESOURCES, written.message or "out of resources")
         return fail(STATUS_STORE_FAILED, written.message or "store failed")
+
+
+def _accepts_frames(ranges: list[Any], media_type: str, stored_syntax: str) -> bool:
+    """Frames go out as stored: octet-stream (little endian) for native data, the codec's
+    media type for compressed data; `application/octet-stream; transfer-syntax=*` takes either."""
+    for entry in ranges:
+        if entry.media_type in ("*/*", "multipart/*"):
+            return True
+        if entry.media_type != "multipart/related":
+            continue
+        part = entry.part_type or "application/octet-stream"
+        syntax = entry.transfer_syntax
+        if part == "*/*" or (part == "application/octet-stream" and syntax == "*"):
+            return True
+        if part == media_type:
+            allowed = {None, "*", stored_syntax}
+            if media_type == "application/octet-stream":
+                allowed.add(EXPLICIT_VR_LITTLE_ENDIAN)
+            if syntax in allowed:
+                return True
+    return False
+
+
+def _rendered_type(ranges: list[Any]) -> str | None:
+    for entry in ranges:
+        if entry.media_type in ("image/jpeg", "image/png"):
+            return str(entry.media_type)
+        if entry.media_type in ("*/*", "image/*"):
+            return "image/jpeg"
+    return None
 
 
 def _root(request: Request) -> str:

@@ -278,3 +278,77 @@ def test_cors_health_and_metrics(served: _Served) -> None:
     assert "pacsnode_http_request_duration_seconds_bucket" in text
     assert "pacsnode_store_instances 6.0" in text
     assert 'pacsnode_ring_members{state="alive"} 1.0' in text
+
+
+# ------------------------------------------------------------------ frames, rendered, thumbnail
+
+
+def _jpeg_instance() -> bytes:
+    """A grayscale JPEG baseline instance (Pillow encodes the frame), as Part-10 bytes."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+
+    gradient = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
+    encoded = io.BytesIO()
+    Image.fromarray(gradient, mode="L").save(encoded, format="JPEG", quality=95)
+    dataset = Dataset()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.PatientID = "JPEG1"
+    dataset.Modality = "OT"
+    dataset.Rows, dataset.Columns = 48, 64
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+    dataset.PixelData = encapsulate([encoded.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    output = io.BytesIO()
+    dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    from PIL import Image
+
+    entry, data = study_set[0]
+    original = dcmread(io.BytesIO(data))
+    frames = served.client.retrieve_instance_frames(entry["study_uid"], entry["series_uid"], entry["sop_uid"], [1])
+    assert frames == [original.PixelData]  # Native frames as stored.
+    rendered = served.client.retrieve_instance_rendered(entry["study_uid"], entry["series_uid"], entry["sop_uid"],
+                                                        media_types=("image/png",))
+    image = Image.open(io.BytesIO(rendered))
+    assert image.format == "PNG" and image.size == (original.Columns, original.Rows)
+    assert image.getextrema()[1] > image.getextrema()[0]  # Not blank.
+    base = f"{served.url}/dicom-web/studies/{entry['study_uid']}"
+    thumbnail = httpx.get(f"{base}/series/{entry['series_uid']}/thumbnail?viewport=32,32")
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumbnail.content)).size) <= 32
+    assert httpx.get(f"{base}/thumbnail").status_code == 200
+    assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/frames/2").status_code == 404
+    assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/rendered",
+                     headers={"Accept": "image/gif"}).status_code == 406
+
+    jpeg = _jpeg_instance()
+    stored = dcmread(io.BytesIO(jpeg))
+    served.client.store_instances([stored])
+    path = (f"{served.url}/dicom-web/studies/{stored.StudyInstanceUID}/series/{stored.SeriesInstanceUID}"
+            f"/instances/{stored.SOPInstanceUID}")
+    reply = httpx.get(path + "/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
+    from pydicom.encaps import generate_frames
+    assert _parts(reply) == list(generate_frames(stored.PixelData, number_of_frames=1))  # Encoded bytes as stored.
+    assert httpx.get(path + "/frames/1", headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'}
+    ).status_code == 406  # Never decoded on the way out.
+    picture = httpx.get(path + "/rendered", headers={"Accept": "image/jpeg"})
+    assert picture.status_code == 200
+    assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
