@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +35,7 @@ from pacsnode.node.metrics import CONTENT_TYPE, Metrics
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
+VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
 # Headers a browser client may read (CORS): DICOMweb's warnings, multipart types, paging.
 EXPOSED_HEADERS = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
 
@@ -106,6 +107,8 @@ class HttpServer:
             Route("/api/cluster", self._cluster_page, methods=["GET"]),
             Mount("/dicom-web", routes=self.dicomweb.routes()),
         ]
+        routes.append(Route("/viewer", lambda request: RedirectResponse("/viewer/"), methods=["GET", "HEAD"]))
+        routes.append(Route("/viewer/{path:path}", self._viewer, methods=["GET", "HEAD"]))
         if WEB_DIR.is_dir():
             routes.append(Mount("/ui", app=StaticFiles(directory=WEB_DIR, html=True), name="ui"))
         middleware = [
@@ -126,6 +129,16 @@ class HttpServer:
     async def _metrics_page(self, request: Request) -> Response:
         body = await run_in_threadpool(self._metrics.render)
         return Response(body, media_type=CONTENT_TYPE)
+
+    async def _viewer(self, request: Request) -> Response:
+        """OHIF's files, and its index.html for every route of the single-page app."""
+        root = VIEWER_DIR.resolve()
+        if not (root / "index.html").is_file():
+            return PlainTextResponse("no viewer here: run `make viewer` and restart the node", status_code=404)
+        wanted = (root / request.path_params["path"]).resolve()
+        if wanted.is_relative_to(root) and wanted.is_file():
+            return FileResponse(wanted)
+        return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def _cluster_page(self, request: Request) -> Response:
         if self._cluster is None:

@@ -352,3 +352,28 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     picture = httpx.get(path + "/rendered", headers={"Accept": "image/jpeg"})
     assert picture.status_code == 200
     assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
+
+
+def test_viewer_is_served_under_viewer_with_its_app_config(served: _Served, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacsnode.node import http_server, viewer_install
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text('<script>window.PUBLIC_URL="/"</script><script src="/app.bundle.1.js"></script>'
+                                     '<link href="/assets/x.css"><a href="//cdn.example/y">')
+    (dist / "app.bundle.1.js").write_text("console.log(1)")
+    (dist / "app-config.js").write_text("window.config = {};")
+    viewer_install.install(dist, tmp_path / "ohif")
+    index = (tmp_path / "ohif" / "index.html").read_text()
+    assert 'window.PUBLIC_URL="/viewer/"' in index and 'src="/viewer/app.bundle.1.js"' in index
+    assert 'href="/viewer/assets/x.css"' in index and 'href="//cdn.example/y"' in index
+    assert "window.location.origin + '/dicom-web'" in (tmp_path / "ohif" / "app-config.js").read_text()
+    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "ohif")
+    assert httpx.get(served.url + "/viewer/app.bundle.1.js").text == "console.log(1)"
+    route = httpx.get(served.url + "/viewer/viewer?StudyInstanceUIDs=1.2.3")  # A route of the app: its index.
+    assert route.status_code == 200 and 'PUBLIC_URL="/viewer/"' in route.text
+    assert httpx.get(served.url + "/viewer/../../etc/passwd").status_code in (200, 404)  # Never outside the dir...
+    assert "root:" not in httpx.get(served.url + "/viewer/%2e%2e/%2e%2e/etc/passwd").text  # ...however spelled.
+    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "absent")
+    assert httpx.get(served.url + "/viewer/").status_code == 404
