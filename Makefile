@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: start test install install-test dcmtk proto clean
+.PHONY: start test install install-test dcmtk proto clean viewer
 
 proto: install-test
 	$(BIN)/python -m pacsnode.proto.generate
@@ -41,3 +41,12 @@ test: install-test
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+
+# OHIF's prebuilt viewer (npm @ohif/app, its dist/), served by every node at /viewer/ and
+# pointed at the node's own DICOMweb. About 200 MB unpacked; not in git (node/ohif/).
+OHIF_VERSION ?= 3.13.2
+viewer: install
+	rm -rf .viewer && mkdir -p .viewer
+	cd .viewer && npm pack --silent @ohif/app@$(OHIF_VERSION) && tar xzf ohif-app-$(OHIF_VERSION).tgz
+	$(BIN)/python -m pacsnode.node.viewer_install .viewer/package/dist node/ohif
+	rm -rf .viewer

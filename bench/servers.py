@@ -267,7 +267,8 @@ def start_pacsnode(parent: Path, *, destinations: Mapping[str, tuple[str, int]],
     # the module form keeps the benchmark's node out of `pkill -f "pacsnode start"`, which a
     # developer's test loop on this machine was seen to run (it killed the node mid-benchmark).
     command = [*pacsnode_command(), "start", "--data-dir", str(data_dir), "--dicom-port", str(port),
-               "--host", HOST, "--ae-title", PACSNODE_AET, "--peer-port", str(peer_port)]
+               "--host", HOST, "--ae-title", PACSNODE_AET, "--peer-port", str(peer_port),
+               "--http-port", str(free_port())]  # Not the default 8042, which Orthanc may hold.
     for aet, (host, destination_port) in destinations.items():
         command += ["--destination", f"{aet}={host}:{destination_port}"]
     command += extra_args or []

@@ -140,6 +140,11 @@ class NodeConfig:
                                              "find, get, move and move-to:AET (repeat --known-ae).")
     audit_log: str = setting("", "Audit trail file (PS3.15 A.5 JSON lines); empty: DATA_DIR/audit.jsonl; off: none.")
 
+    # --- HTTP front end (DICOMweb, web page, metrics)
+    http_host: str = setting("", "Interface the HTTP listener binds to (default: host).")
+    http_port: int = setting(8042, "HTTP port: DICOMweb under /dicom-web, the web page at /ui/, /metrics, /healthz, /readyz.")
+    qido_result_max: int = setting(10_000, "Most matches one QIDO-RS answer carries (a Warning says how many more there are).")
+
     # --- operations
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")
 
@@ -149,7 +154,7 @@ class NodeConfig:
             raise ConfigError(f"node_id must be 1-64 of [A-Za-z0-9_.-], got {self.node_id!r}")
         if not _AE_TITLE.match(self.ae_title) or not self.ae_title.strip():
             raise ConfigError(f"ae_title must be 1-16 printable ASCII characters, no backslash, got {self.ae_title!r}")
-        for name in ("dicom_port", "peer_port"):
+        for name in ("dicom_port", "peer_port", "http_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, got {port}")
@@ -174,7 +179,7 @@ class NodeConfig:
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
                      "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
                      "health_probe_interval_ms",
-                     "anti_entropy_interval_ms"):
+                     "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):

@@ -23,6 +23,7 @@ from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
+from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import SwimMembership, swim_config
 from pacsnode.node.peer_server import PeerServer
@@ -181,6 +182,7 @@ class Node:
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
         self.peer_server = PeerServer(self)
+        self.http = http_server_for(self)  # DICOMweb, web page, /metrics, /healthz, /readyz.
         self._hint_task: asyncio.Task[None] | None = None
         self._repair_task: asyncio.Task[None] | None = None
         self._leave_task: asyncio.Task[None] | None = None
@@ -392,6 +394,8 @@ class Node:
         self.loop.run(self._start_async(), 30)
         self.front_end.start()
         self.security.started(self.front_end.tls_port)
+        bind_dimse_metrics(self, self.http)
+        self.http.start()
         stats = self.store.statistics()
         log.info(
             "node.started node_id=%s generation=%d ae_title=%s dicom=%s:%d peer=%s:%d seeds=%s instances=%d "
@@ -414,6 +418,7 @@ class Node:
             return
         self._stopped.set()
         log.info("node.stopping node_id=%s", self.config.node_id)
+        self.http.stop()
         self.front_end.stop(grace_s=10.0)
         try:
             self.loop.run(self._stop_async(), 15)

@@ -60,6 +60,7 @@ class NodeProcess:
         ae_title: str = "PACSNODE",
         dicom_port: int | None = None,
         peer_port: int | None = None,
+        http_port: int | None = None,
         seeds: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
@@ -69,6 +70,7 @@ class NodeProcess:
         self.ae_title = ae_title
         self.dicom_port = dicom_port or free_port()
         self.peer_port = peer_port or free_port()
+        self.http_port = http_port or free_port()  # Nodes on one machine cannot share the default 8042.
         self.seeds = list(seeds)
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
@@ -84,6 +86,7 @@ class NodeProcess:
             "--host", "127.0.0.1",
             "--dicom-port", str(self.dicom_port),
             "--peer-port", str(self.peer_port),
+            "--http-port", str(self.http_port),
             *[arg for seed in self.seeds for arg in ("--seed", seed)],
             *self.extra_args,
         ]

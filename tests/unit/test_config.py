@@ -32,6 +32,7 @@ def test_defaults() -> None:
     assert config.duplicate_policy == "first-wins"
     assert (config.replication_factor, config.write_quorum, config.vnodes) == (3, 2, 64)
     assert config.log_level == "INFO"
+    assert (config.http_host, config.http_port, config.qido_result_max) == ("", 8042, 10_000)
 
 
 def test_default_node_id_is_a_valid_host_name() -> None:
@@ -95,6 +96,9 @@ access_mode = "strict"
 loopback_trusted = false
 known_aes = ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
 audit_log = "/var/log/pacsnode-audit.jsonl"
+http_host = "127.0.0.3"
+http_port = 8080
+qido_result_max = 50
 log_level = "debug"
 """
 
@@ -132,6 +136,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.dead_grace_s == 30
     assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
     assert config.replica_start_timeout_ms == 900 and config.repair_fetch_window == 3
+    assert (config.http_host, config.http_port, config.qido_result_max) == ("127.0.0.3", 8080, 50)
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.

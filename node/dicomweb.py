@@ -1,0 +1,564 @@
+"""DICOMweb (PS3.18) endpoints: QIDO-RS, WADO-RS and STOW-RS over the Archive API.
+
+The same Archive the DIMSE front end calls serves every request, so any node answers for
+the whole cluster, and a URL that names a study becomes a query with that
+StudyInstanceUID, which the coordinator sends to that study's owners only. Archive calls
+block; they run on Starlette's thread pool, never on the HTTP loop.
+
+Complete or flagged (DESIGN): a search or retrieve that could not ask part of the archive
+answers 206 Partial Content with what it found, or 503 when it found nothing, each with
+`Warning: 299 pacsnode "incomplete: ..."`; 200 means the answer is whole.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import threading
+from collections import OrderedDict
+from io import BytesIO
+from typing import Any, Callable, Iterator
+
+from pydicom import dcmread
+from pydicom.uid import UID
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pacsnode.node.dicomweb_json import dataset_to_json, row_to_json
+from pacsnode.node.dicomweb_media import (
+    DICOM,
+    DICOM_JSON,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    MediaError,
+    MultipartReader,
+    Part,
+    accepts_json,
+    choose_syntax,
+    closing_delimiter,
+    dicom_syntaxes,
+    multipart_boundary,
+    multipart_content_type,
+    new_boundary,
+    parse_accept,
+    part_header,
+    read_file_meta,
+)
+from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_numbers, frames, render, viewport_size
+from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
+from pacsnode.node.ingest import InvalidInstance, instance_from_part10
+from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import Attributes
+
+log = logging.getLogger(__name__)
+
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_STORE_FAILED = 0xA701
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+def warning_header(text: str) -> str:
+    """An RFC 7234 Warning with code 299 as PS3.18 8.4.3 uses it."""
+    return '299 pacsnode "' + text.replace('"', "'") + '"'
+
+
+def _incomplete(shortfall: Shortfall) -> dict[str, str]:
+    return {"Warning": warning_header(shortfall.describe())}
+
+
+class MetadataCache:
+    """Serialized /metadata of recently asked instances (instances never change: first
+    writer wins), bounded in bytes."""
+
+    def __init__(self, bytes_max: int) -> None:
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._bytes_max = bytes_max
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if len(value) > self._bytes_max:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._entries[key] = value
+            self._bytes += len(value)
+            while self._bytes > self._bytes_max:
+                _key, dropped = self._entries.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+def transcode_uncompressed(part10: bytes, syntax: str) -> bytes:
+    """Re-encode an uncompressed instance in another uncompressed transfer syntax (lossless)."""
+    dataset = dcmread(BytesIO(part10))
+    target = UID(syntax)
+    dataset.file_meta.TransferSyntaxUID = target
+    output = BytesIO()
+    dataset.save_as(output, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian,
+                    enforce_file_format=True)
+    return output.getvalue()
+
+
+class DicomWeb:
+    """The /dicom-web routes of one node."""
+
+    def __init__(self, archive: Any, *, instance_size_bytes_max: int, qido_result_max: int,
+                 metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8) -> None:
+        self._archive = archive
+        self._instance_size_bytes_max = instance_size_bytes_max
+        self._qido_result_max = qido_result_max
+        self._metadata = MetadataCache(metadata_cache_bytes)
+        self._readers = concurrent.futures.ThreadPoolExecutor(max_workers=read_parallelism,
+                                                              thread_name_prefix="pacsnode-wado")
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+    def routes(self) -> list[Route]:
+        def qido(resource: str) -> Callable[[Request], Any]:
+            async def endpoint(request: Request) -> Response:
+                return await self.search(request, resource)
+            return endpoint
+
+        return [
+            Route("/studies", qido("studies"), methods=["GET"]),
+            Route("/studies", self.stow, methods=["POST"]),
+            Route("/series", qido("series"), methods=["GET"]),
+            Route("/instances", qido("instances"), methods=["GET"]),
+            Route("/studies/{study}", self.retrieve, methods=["GET"]),
+            Route("/studies/{study}", self.stow, methods=["POST"]),
+            Route("/studies/{study}/metadata", self.metadata, methods=["GET"]),
+            Route("/studies/{study}/series", qido("series"), methods=["GET"]),
+            Route("/studies/{study}/instances", qido("instances"), methods=["GET"]),
+            Route("/studies/{study}/series/{series}", self.retrieve, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/metadata", self.metadata, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances", qido("instances"), methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}", self.retrieve, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/metadata", self.metadata, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", self.frames,
+                  methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/rendered", self.rendered, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered", self.rendered,
+                  methods=["GET"]),
+            Route("/studies/{study}/thumbnail", self.thumbnail, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/thumbnail", self.thumbnail, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/thumbnail", self.thumbnail, methods=["GET"]),
+        ]
+
+    # ------------------------------------------------------------------ QIDO-RS
+    async def search(self, request: Request, resource: str) -> Response:
+        if not accepts_json(parse_accept(request.headers.get("accept"))):
+            return PlainTextResponse("QIDO-RS answers application/dicom+json only", status_code=406)
+        try:
+            qido = parse_qido(resource, request.query_params.multi_items(),
+                              study_instance_uid=request.path_params.get("study"),
+                              series_instance_uid=request.path_params.get("series"))
+        except QidoError as error:
+            return PlainTextResponse(str(error), status_code=400)
+        rows, shortfall = await run_in_threadpool(self._collect, qido.query)
+        rows.sort(key=sort_key(qido.query.level))
+        limit = self._qido_result_max if qido.limit is None else min(qido.limit, self._qido_result_max)
+        page = rows[qido.offset:qido.offset + limit]
+        root = _root(request)
+        body = [row_to_json(row, qido.keywords, _retrieve_extra(root, qido.query.level, row)) for row in page]
+        headers: dict[str, str] = {}
+        warnings = []
+        remaining = len(rows) - qido.offset - len(page)
+        if remaining > 0:
+            warnings.append(warning_header(f"There are {remaining} additional results that can be requested"))
+        if qido.fuzzy_requested:
+            warnings.append(warning_header("The fuzzymatching parameter is not supported. "
+                                           "Only literal matching has been performed."))
+        status = 200
+        if shortfall:
+            warnings.append(warning_header(shortfall.describe()))
+            status = 206 if page else 503
+            log.warning("dicomweb.search.incomplete level=%s matches=%d unreachable_studies=%d unreachable_ranges=%d",
+                        qido.query.level, len(rows), shortfall.studies, shortfall.ranges)
+        if warnings:
+            headers["Warning"] = ", ".join(warnings)
+        log.info("dicomweb.search.done level=%s matches=%d returned=%d", qido.query.level, len(rows), len(page))
+        return JSONResponse(body, status_code=status, headers=headers, media_type=DICOM_JSON)
+
+    def _collect(self, query: Query) -> tuple[list[Attributes], Shortfall]:
+        rows: list[Attributes] = []
+        shortfall = Shortfall()
+        found = self._archive.find(query)
+        try:
+            for row in found:
+                rows.append(row)
+        except IncompleteAnswer as error:
+            shortfall = error.shortfall
+        finally:
+            close = getattr(found, "close", None)
+            if close is not None:
+                close()
+        return rows, shortfall
+
+    # ------------------------------------------------------------------ WADO-RS
+    def _locate(self, request: Request) -> tuple[Query, RetrievePlan]:
+        conditions = [Condition("StudyInstanceUID", "UI", request.path_params["study"])]
+        level = "STUDY"
+        if "series" in request.path_params:
+            conditions.append(Condition("SeriesInstanceUID", "UI", request.path_params["series"]))
+            level = "SERIES"
+        if "instance" in request.path_params:
+            conditions.append(Condition("SOPInstanceUID", "UI", request.path_params["instance"]))
+            level = "IMAGE"
+        query = Query(level=level, conditions=tuple(conditions))
+        return query, self._archive.locate(query)
+
+    async def retrieve(self, request: Request) -> Response:
+        accepted = dicom_syntaxes(parse_accept(request.headers.get("accept")))
+        if accepted is None:
+            return PlainTextResponse('this resource is available as multipart/related; type="application/dicom"',
+                                     status_code=406)
+        query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            if plan.shortfall:
+                return PlainTextResponse(plan.shortfall.describe(), status_code=503, headers=_incomplete(plan.shortfall))
+            return PlainTextResponse("no such instances", status_code=404)
+        chosen = [(location, choose_syntax(location.transfer_syntax_uid, accepted)) for location in plan.locations]
+        sendable = [(location, syntax) for location, syntax in chosen if syntax is not None]
+        if not sendable:
+            return PlainTextResponse("no stored instance is available in an accepted transfer syntax "
+                                     f"(stored: {', '.join(sorted({l.transfer_syntax_uid for l in plan.locations}))})",
+                                     status_code=406)
+        warnings = []
+        if len(sendable) < len(chosen):
+            warnings.append(warning_header(f"{len(chosen) - len(sendable)} instances are not available "
+                                           "in an accepted transfer syntax"))
+        if plan.shortfall:
+            warnings.append(warning_header(plan.shortfall.describe()))
+        status = 206 if warnings else 200
+        boundary = new_boundary()
+        root = _root(request)
+        log.info("dicomweb.retrieve.start level=%s instances=%d unreachable=%d", query.level, len(sendable),
+                 plan.unreachable)
+        headers = {"Warning": ", ".join(warnings)} if warnings else {}
+        return StreamingResponse(self._parts(sendable, boundary, root), status_code=status, headers=headers,
+                                 media_type=multipart_content_type(DICOM, boundary))
+
+    def _read_all(self, locations: list[InstanceLocation]) -> Iterator[tuple[bytes, int]]:
+        """Reads ahead a few instances at a time (a cluster read waits on a peer)."""
+        window = 4
+        futures: list[concurrent.futures.Future[tuple[bytes, int]]] = []
+        index = 0
+        try:
+            while index < len(locations) or futures:
+                while index < len(locations) and len(futures) < window:
+                    futures.append(self._readers.submit(self._archive.read, locations[index]))
+                    index += 1
+                yield futures.pop(0).result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str) -> Iterator[bytes]:
+        sent = 0
+        reads = self._read_all([location for location, _syntax in sendable])
+        try:
+            for (location, syntax), (part10, _offset) in zip(sendable, reads):
+                if syntax != location.transfer_syntax_uid:
+                    part10 = transcode_uncompressed(part10, syntax)
+                yield part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=sent == 0,
+                                  location=_instance_url(root, location))
+                yield part10
+                sent += 1
+        except ReadError as error:
+            # The status line has gone: break the body off (no closing delimiter), so that
+            # the client sees a failed transfer, never a complete-looking short one.
+            log.error("dicomweb.retrieve.unreadable sent=%d reason=%s", sent, error)
+            raise
+        finally:
+            reads.close()
+        yield closing_delimiter(boundary, empty=sent == 0)
+
+    async def metadata(self, request: Request) -> Response:
+        if not accepts_json(parse_accept(request.headers.get("accept"))):
+            return PlainTextResponse("metadata is available as application/dicom+json", status_code=406)
+        _query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            if plan.shortfall:
+                return PlainTextResponse(plan.shortfall.describe(), status_code=503, headers=_incomplete(plan.shortfall))
+            return PlainTextResponse("no such instances", status_code=404)
+        root = _root(request)
+        try:
+            parts = await run_in_threadpool(self._metadata_parts, plan.locations, root)
+        except ReadError as error:
+            log.error("dicomweb.metadata.unreadable reason=%s", error)
+            return PlainTextResponse("an instance could not be read; see the node log", status_code=503)
+        headers = _incomplete(plan.shortfall) if plan.shortfall else {}
+        body = b"[" + b",".join(parts) + b"]"
+        return Response(body, status_code=206 if plan.shortfall else 200, headers=headers, media_type=DICOM_JSON)
+
+    def _metadata_parts(self, locations: list[InstanceLocation], root: str) -> list[bytes]:
+        parts: list[bytes | None] = [self._metadata.get(location.sop_instance_uid) for location in locations]
+        missing = [index for index, part in enumerate(parts) if part is None]
+        if missing:
+            results = self._readers.map(lambda i: self._instance_metadata(locations[i]), missing)
+            for index, part in zip(missing, results):
+                parts[index] = part
+                self._metadata.put(locations[index].sop_instance_uid, part)
+        return [part for part in parts if part is not None]
+
+    def _instance_metadata(self, location: InstanceLocation) -> bytes:
+        """The header of one instance in DICOM JSON: read up to the pixel data only."""
+        part10, _offset = self._archive.read(location)
+        dataset = dcmread(BytesIO(part10), stop_before_pixels=True)
+        attributes = dataset_to_json(dataset)
+        # Available Transfer Syntax UID (PS3.18 10.4.1.2): the syntax the instance is stored in.
+        attributes.setdefault("00083002", {"vr": "UI", "Value": [location.transfer_syntax_uid]})
+        attributes = dict(sorted(attributes.items()))
+        return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
+
+    # ------------------------------------------------------------------ frames, rendered, thumbnail
+    async def frames(self, request: Request) -> Response:
+        try:
+            numbers = frame_numbers(request.path_params["frames"])
+        except RenderError as error:
+            return PlainTextResponse(str(error), status_code=400)
+        _query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            return self._not_found(plan)
+        location = plan.locations[0]
+        media_type = frame_media_type(location.transfer_syntax_uid)
+        if not _accepts_frames(parse_accept(request.headers.get("accept")), media_type, location.transfer_syntax_uid):
+            return PlainTextResponse(f"frames of this instance are available as {media_type} "
+                                     f"(transfer syntax {location.transfer_syntax_uid})", status_code=406)
+
+        def load() -> list[bytes]:
+            part10, _offset = self._archive.read(location)
+            return frames(part10, numbers)
+
+        try:
+            encoded = await run_in_threadpool(load)
+        except RenderError as error:
+            return PlainTextResponse(str(error), status_code=404)
+        except ReadError as error:
+            log.error("dicomweb.frames.unreadable reason=%s", error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        boundary = new_boundary()
+        syntax = location.transfer_syntax_uid if media_type != "application/octet-stream" or \
+            UID(location.transfer_syntax_uid).is_compressed else EXPLICIT_VR_LITTLE_ENDIAN
+        part_type = f"{media_type}; transfer-syntax={syntax}"
+        body = b"".join(part_header(boundary, part_type, first=index == 0) + frame
+                        for index, frame in enumerate(encoded)) + closing_delimiter(boundary)
+        return Response(body, media_type=multipart_content_type(media_type, boundary, syntax))
+
+    async def rendered(self, request: Request) -> Response:
+        return await self._render(request, default_viewport=None)
+
+    async def thumbnail(self, request: Request) -> Response:
+        return await self._render(request, default_viewport=(128, 128))
+
+    async def _render(self, request: Request, *, default_viewport: tuple[int, int] | None) -> Response:
+        media_type = _rendered_type(parse_accept(request.headers.get("accept")))
+        if media_type is None:
+            return PlainTextResponse("rendered images are available as image/jpeg or image/png", status_code=406)
+        try:
+            viewport = viewport_size(request.query_params.get("viewport"), default_viewport)
+            frame = frame_numbers(request.path_params.get("frames", "1"))[0]
+            quality = int(request.query_params.get("quality", "90"))
+        except (RenderError, ValueError) as error:
+            return PlainTextResponse(str(error), status_code=400)
+        _query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            return self._not_found(plan)
+        # A series or study thumbnail shows its middle instance.
+        ordered = sorted(plan.locations, key=lambda l: (l.series_instance_uid, l.sop_instance_uid))
+        location = ordered[len(ordered) // 2] if "instance" not in request.path_params else ordered[0]
+
+        def load() -> bytes:
+            part10, _offset = self._archive.read(location)
+            return render(part10, frame=frame, media_type=media_type, viewport=viewport,
+                          quality=max(1, min(quality, 100)))
+
+        try:
+            image = await run_in_threadpool(load)
+        except RenderError as error:
+            log.warning("dicomweb.render.failed sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
+            return PlainTextResponse(str(error), status_code=404 if "frames" in str(error) or "no pixel" in str(error)
+                                     else 406)
+        except ReadError as error:
+            log.error("dicomweb.render.unreadable reason=%s", error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        return Response(image, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    @staticmethod
+    def _not_found(plan: RetrievePlan) -> Response:
+        if plan.shortfall:
+            return PlainTextResponse(plan.shortfall.describe(), status_code=503, headers=_incomplete(plan.shortfall))
+        return PlainTextResponse("no such instances", status_code=404)
+
+    # ------------------------------------------------------------------ STOW-RS
+    async def stow(self, request: Request) -> Response:
+        try:
+            part_type, boundary = multipart_boundary(request.headers.get("content-type", ""))
+        except MediaError as error:
+            return PlainTextResponse(str(error), status_code=415)
+        if part_type not in ("", DICOM):
+            return PlainTextResponse('only multipart/related; type="application/dicom" is accepted', status_code=415)
+        study = request.path_params.get("study")
+        reader = MultipartReader(boundary, part_bytes_max=self._instance_size_bytes_max)
+        results: list[dict[str, Any]] = []
+        malformed = ""
+        try:
+            async for chunk in request.stream():
+                for part in reader.feed(chunk):
+                    results.append(await run_in_threadpool(self._store_part, part, study))
+            reader.close()
+        except MediaError as error:
+            malformed = str(error)
+        root = _root(request)
+        stored = [r for r in results if r["status"] is None]
+        failed = [r for r in results if r["status"] is not None]
+        body: dict[str, Any] = {}
+        studies = {r["study"] for r in stored if r["study"]}
+        if study or len(studies) == 1:
+            body["00081190"] = {"vr": "UR", "Value": [f"{root}/studies/{study or next(iter(studies))}"]}
+        if stored:
+            body["00081199"] = {"vr": "SQ", "Value": [{
+                "00081150": {"vr": "UI", "Value": [r["sop_class"]]},
+                "00081155": {"vr": "UI", "Value": [r["sop_instance"]]},
+                "00081190": {"vr": "UR", "Value": [f"{root}/studies/{r['study']}/series/{r['series']}"
+                                                    f"/instances/{r['sop_instance']}"]},
+            } for r in stored]}
+        if failed:
+            body["00081198"] = {"vr": "SQ", "Value": [{
+                "00081150": {"vr": "UI", **({"Value": [r["sop_class"]]} if r["sop_class"] else {})},
+                "00081155": {"vr": "UI", **({"Value": [r["sop_instance"]]} if r["sop_instance"] else {})},
+                "00081197": {"vr": "US", "Value": [r["status"]]},
+            } for r in failed]}
+        headers: dict[str, str] = {}
+        if malformed:
+            headers["Warning"] = warning_header(f"malformed body: {malformed}")
+            log.warning("dicomweb.store.malformed stored=%d reason=%s", len(stored), malformed)
+            status = 202 if stored else 400
+        elif not results:
+            return PlainTextResponse("the body holds no instances", status_code=400)
+        else:
+            status = 200 if not failed else (202 if stored else 409)
+        if failed:
+            reasons = sorted({r["reason"] for r in failed})
+            headers["Warning"] = ", ".join(filter(None, [headers.get("Warning", ""),
+                                                         *(warning_header(reason) for reason in reasons[:5])]))
+        log.info("dicomweb.store.done stored=%d failed=%d", len(stored), len(failed))
+        return JSONResponse(body, status_code=status, headers=headers, media_type=DICOM_JSON)
+
+    def _store_part(self, part: Part, study: str | None) -> dict[str, Any]:
+        """One STOW-RS part through the same validation and W-durable write as a C-STORE."""
+        result: dict[str, Any] = {"status": None, "reason": "", "sop_class": "", "sop_instance": "", "study": "",
+                                  "series": ""}
+
+        def fail(status: int, reason: str) -> dict[str, Any]:
+            log.warning("dicomweb.store.rejected reason=%s status=0x%04X sop_instance_uid=%s",
+                        reason, status, result["sop_instance"])
+            result.update(status=status, reason=reason)
+            return result
+
+        media_type = part.content_type.split(";")[0].strip().lower()
+        if media_type not in ("", DICOM):
+            return fail(STATUS_CANNOT_UNDERSTAND, f"unsupported part type {media_type[:40]}")
+        try:
+            meta = read_file_meta(part.body)
+        except MediaError as error:
+            return fail(STATUS_CANNOT_UNDERSTAND, str(error))
+        result.update(sop_class=meta.media_storage_sop_class_uid, sop_instance=meta.media_storage_sop_instance_uid)
+        if len(part.body) > self._instance_size_bytes_max:
+            return fail(STATUS_OUT_OF_RESOURCES, "instance is over the size limit")
+        try:
+            instance = instance_from_part10(
+                part.body, meta.dataset_offset, meta.transfer_syntax_uid,
+                affected_sop_class_uid=meta.media_storage_sop_class_uid or None,
+                affected_sop_instance_uid=meta.media_storage_sop_instance_uid or None,
+            )
+        except InvalidInstance as error:
+            return fail(error.status, error.reason)
+        result.update(sop_class=instance.sop_class_uid, sop_instance=instance.sop_instance_uid,
+                      study=instance.study_instance_uid, series=instance.series_instance_uid)
+        if study is not None and instance.study_instance_uid != study:
+            return fail(STATUS_DATASET_MISMATCH, "StudyInstanceUID differs from the study in the URL")
+        try:
+            written = self._archive.store(instance)
+        except Exception as error:  # A bug or an unexpected failure: this instance fails, the others go on.
+            log.error("dicomweb.store.failed sop_instance_uid=%s error=%r", instance.sop_instance_uid, error)
+            return fail(STATUS_PROCESSING_FAILURE, "internal error; see the node log")
+        if written.status == WriteStatus.SUCCESS:
+            return result
+        if written.status == WriteStatus.OUT_OF_RESOURCES:
+            return fail(STATUS_OUT_OF_RESOURCES, written.message or "out of resources")
+        return fail(STATUS_STORE_FAILED, written.message or "store failed")
+
+
+def _accepts_frames(ranges: list[Any], media_type: str, stored_syntax: str) -> bool:
+    """Frames go out as stored: octet-stream (little endian) for native data, the codec's
+    media type for compressed data; `application/octet-stream; transfer-syntax=*` takes either."""
+    for entry in ranges:
+        if entry.media_type in ("*/*", "multipart/*"):
+            return True
+        if entry.media_type != "multipart/related":
+            continue
+        part = entry.part_type or "application/octet-stream"
+        syntax = entry.transfer_syntax
+        if part == "*/*" or (part == "application/octet-stream" and syntax == "*"):
+            return True
+        if part == media_type:
+            allowed = {None, "*", stored_syntax}
+            if media_type == "application/octet-stream":
+                allowed.add(EXPLICIT_VR_LITTLE_ENDIAN)
+            if syntax in allowed:
+                return True
+    return False
+
+
+def _rendered_type(ranges: list[Any]) -> str | None:
+    for entry in ranges:
+        if entry.media_type in ("image/jpeg", "image/png"):
+            return str(entry.media_type)
+        if entry.media_type in ("*/*", "image/*"):
+            return "image/jpeg"
+    return None
+
+
+def _root(request: Request) -> str:
+    """The DICOMweb root as the client reached it (for RetrieveURL). A proxy's
+    X-Forwarded-Host/-Proto win; a Host header without its port (dicomweb-client sends
+    one) gets the port this connection came in on."""
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded:
+        scheme = request.headers.get("x-forwarded-proto", request.url.scheme)
+        return f"{scheme}://{forwarded.split(',')[0].strip()}/dicom-web"
+    host = request.headers.get("host", "")
+    server = request.scope.get("server")
+    if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1] not in (80, 443):
+        return f"{request.url.scheme}://{host}:{server[1]}/dicom-web"
+    return str(request.base_url).rstrip("/") + "/dicom-web"
+
+
+def _instance_url(root: str, location: InstanceLocation) -> str:
+    return (f"{root}/studies/{location.study_instance_uid}/series/{location.series_instance_uid}"
+            f"/instances/{location.sop_instance_uid}")
+
+
+def _retrieve_extra(root: str, level: str, row: Attributes) -> dict[str, dict[str, Any]]:
+    url = f"{root}/studies/{row.get('StudyInstanceUID', '')}"
+    if level in ("SERIES", "IMAGE"):
+        url += f"/series/{row.get('SeriesInstanceUID', '')}"
+    if level == "IMAGE":
+        url += f"/instances/{row.get('SOPInstanceUID', '')}"
+    return {"RetrieveURL": {"vr": "UR", "Value": [url]}, "InstanceAvailability": {"vr": "CS", "Value": ["ONLINE"]}}

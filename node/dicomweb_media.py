@@ -1,0 +1,275 @@
+"""DICOMweb media types, as pure logic: Accept headers (PS3.18 8.7), multipart/related
+bodies written and read incrementally (RFC 2387, PS3.18 8.6.1.2), and the Part-10 file
+meta group of a STOW-RS part.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+class MediaError(ValueError):
+    """A malformed body or header (HTTP 400 with this text)."""
+
+
+@dataclass(frozen=True)
+class MediaRange:
+    """One entry of an Accept header."""
+
+    media_type: str  # Lower case, e.g. "multipart/related", "application/dicom+json", "*/*".
+    parameters: dict[str, str] = field(default_factory=dict)  # Names lower case, values unquoted.
+    quality: float = 1.0
+
+    @property
+    def part_type(self) -> str:
+        """The type of the parts of a multipart/related range ("" when not given)."""
+        return self.parameters.get("type", "").lower()
+
+    @property
+    def transfer_syntax(self) -> str | None:
+        return self.parameters.get("transfer-syntax")
+
+
+def _split_quoted(text: str, separator: str) -> list[str]:
+    """Split on `separator` outside double quotes."""
+    parts, current, quoted = [], [], False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """The ranges of an Accept header, best quality first (no header: `*/*`)."""
+    if not header or not header.strip():
+        return [MediaRange("*/*")]
+    ranges = []
+    for index, item in enumerate(_split_quoted(header, ",")):
+        pieces = _split_quoted(item, ";")
+        media_type = pieces[0].strip().lower()
+        if not media_type:
+            continue
+        parameters: dict[str, str] = {}
+        quality = 1.0
+        for piece in pieces[1:]:
+            name, _, value = piece.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"')
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+            elif name:
+                parameters[name] = value
+        ranges.append((-quality, index, MediaRange(media_type, parameters, quality)))
+    return [entry for _q, _i, entry in sorted(ranges) if entry.quality > 0]
+
+
+def accepts_json(ranges: list[MediaRange]) -> bool:
+    """QIDO and /metadata answer application/dicom+json (or application/json)."""
+    return any(r.media_type in (DICOM_JSON, "application/json", "application/*", "*/*") for r in ranges)
+
+
+def dicom_syntaxes(ranges: list[MediaRange]) -> list[str] | None:
+    """For a study/series/instance retrieve: the transfer syntaxes the client accepts in
+    multipart/related; type="application/dicom" ("*" for any); None when it accepts no
+    DICOM representation at all (HTTP 406).
+
+    A range without a transfer-syntax parameter accepts the stored syntax (pacsnode never
+    transcodes unasked; PS3.18 would have the server convert to Explicit VR Little Endian).
+    """
+    syntaxes: list[str] = []
+    for entry in ranges:
+        if entry.media_type in ("*/*", "multipart/*"):
+            syntaxes.append("*")
+        elif entry.media_type == "multipart/related" and entry.part_type in ("", DICOM, "application/*", "*/*"):
+            syntaxes.append(entry.transfer_syntax or "*")
+        elif entry.media_type == DICOM:  # Single part, accepted for one instance by many servers.
+            syntaxes.append(entry.transfer_syntax or "*")
+    return syntaxes or None
+
+
+def choose_syntax(stored_syntax: str, accepted: list[str]) -> str | None:
+    """The syntax to send an instance in: its own when accepted (bytes unchanged), another
+    uncompressed one when it is uncompressed and only that is accepted, else None."""
+    if "*" in accepted or stored_syntax in accepted:
+        return stored_syntax
+    if stored_syntax in UNCOMPRESSED:
+        for syntax in accepted:
+            if syntax in UNCOMPRESSED:
+                return syntax
+    return None
+
+
+def new_boundary() -> str:
+    return "pacsnode-" + os.urandom(12).hex()
+
+
+def multipart_content_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
+    text = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    return text + (f"; transfer-syntax={transfer_syntax}" if transfer_syntax else "")
+
+
+def part_header(boundary: str, content_type: str, *, first: bool, location: str = "") -> bytes:
+    """The delimiter and headers in front of one part (the CRLF before a delimiter belongs to it)."""
+    lines = [("" if first else "\r\n") + f"--{boundary}", f"Content-Type: {content_type}"]
+    if location:
+        lines.append(f"Content-Location: {location}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def closing_delimiter(boundary: str, *, empty: bool = False) -> bytes:
+    return (("" if empty else "\r\n") + f"--{boundary}--\r\n").encode("ascii")
+
+
+def multipart_boundary(content_type: str) -> tuple[str, str]:
+    """(type parameter, boundary) of a multipart/related Content-Type; MediaError otherwise."""
+    ranges = parse_accept(content_type)
+    if not ranges or ranges[0].media_type != "multipart/related":
+        raise MediaError("the body must be multipart/related")
+    boundary = ranges[0].parameters.get("boundary", "")
+    if not boundary or len(boundary) > 200:
+        raise MediaError("multipart/related without a boundary")
+    return ranges[0].part_type, boundary
+
+
+@dataclass
+class Part:
+    headers: dict[str, str]  # Names lower case.
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+
+class MultipartReader:
+    """Reads a multipart body fed in chunks of any size; `feed` returns the parts it
+    completed. Only the part being read is held in memory (and at most `part_bytes_max`
+    of it: a larger part raises MediaError)."""
+
+    def __init__(self, boundary: str, *, part_bytes_max: int) -> None:
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self._buffer = bytearray(b"\r\n")  # So that a delimiter on the first line matches too.
+        self._state = "preamble"  # preamble -> headers -> body -> ... -> done
+        self._scan_from = 0
+        self._headers: dict[str, str] = {}
+        self._part_bytes_max = part_bytes_max
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def feed(self, chunk: bytes) -> list[Part]:
+        if self._state == "done":
+            return []  # The epilogue after the closing delimiter is ignored.
+        self._buffer += chunk
+        parts: list[Part] = []
+        while True:
+            if self._state in ("preamble", "body"):
+                index = self._buffer.find(self._delimiter, self._scan_from)
+                if index < 0:
+                    self._scan_from = max(0, len(self._buffer) - len(self._delimiter) + 1)
+                    if self._state == "body" and len(self._buffer) > self._part_bytes_max + len(self._delimiter):
+                        raise MediaError(f"a part is larger than {self._part_bytes_max} bytes")
+                    return parts
+                after = index + len(self._delimiter)
+                if len(self._buffer) < after + 2:
+                    self._scan_from = index
+                    return parts  # Need the two bytes after the delimiter.
+                follower = bytes(self._buffer[after:after + 2])
+                if follower != b"--" and follower != b"\r\n" and follower[:1] not in (b" ", b"\t"):
+                    self._scan_from = index + 1  # The boundary text inside a body, not a delimiter.
+                    continue
+                if self._state == "body":
+                    parts.append(Part(self._headers, bytes(self._buffer[:index])))
+                    self._headers = {}
+                if self._buffer[after:after + 2] == b"--":
+                    self._state = "done"
+                    self._buffer.clear()
+                    return parts
+                del self._buffer[:after]
+                self._scan_from = 0
+                self._state = "headers"
+            if self._state == "headers":
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buffer) > 16_384:
+                        raise MediaError("part headers are too long")
+                    return parts
+                lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+                # The first line is the rest of the delimiter line (transport padding).
+                for line in lines[1:]:
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        self._headers[name.strip().lower()] = value.strip()
+                del self._buffer[:end + 4]  # An empty body ends right here, at its delimiter.
+                self._scan_from = 0
+                self._state = "body"
+                continue
+            return parts
+
+    def close(self) -> None:
+        if self._state != "done":
+            raise MediaError("the multipart body ended before its closing delimiter")
+
+
+# ------------------------------------------------------------------ Part-10 meta
+
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    dataset_offset: int
+    transfer_syntax_uid: str
+    media_storage_sop_class_uid: str
+    media_storage_sop_instance_uid: str
+
+
+def read_file_meta(part10: bytes) -> FileMeta:
+    """The file meta group of a Part-10 file (PS3.10 7.1): where the dataset starts and the
+    UIDs it names. Reads element by element (a missing or wrong group length is common)."""
+    if len(part10) < 132 or part10[128:132] != b"DICM":
+        raise MediaError("not a DICOM Part-10 file (no 'DICM' after the 128-byte preamble)")
+    position = 132
+    values: dict[int, bytes] = {}
+    while position + 8 <= len(part10):
+        group, element = struct.unpack_from("<HH", part10, position)
+        if group != 0x0002:
+            break
+        vr = part10[position + 4:position + 6]
+        if vr in _LONG_VRS:
+            if position + 12 > len(part10):
+                raise MediaError("file meta cut short")
+            (length,) = struct.unpack_from("<L", part10, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", part10, position + 6)
+            start = position + 8
+        if length == _UNDEFINED or start + length > len(part10):
+            raise MediaError("file meta element cut short")
+        values[element] = part10[start:start + length]
+        position = start + length
+
+    def uid(element: int) -> str:
+        return values.get(element, b"").decode("ascii", errors="replace").strip("\x00 ")
+
+    syntax = uid(0x0010)
+    if not syntax:
+        raise MediaError("file meta without TransferSyntaxUID")
+    return FileMeta(position, syntax, uid(0x0002), uid(0x0003))

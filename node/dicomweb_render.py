@@ -1,0 +1,155 @@
+"""Pixel data for WADO-RS: frames as stored (/frames) and rendered images (/rendered,
+/thumbnail), from an instance's Part-10 bytes. Pure functions, no I/O.
+
+Frames are cut from the stored pixel data without decoding: uncompressed frames by
+size, encapsulated ones by their fragments (pydicom.encaps). Rendering decodes with
+pydicom's pixel handlers (numpy for native data; Pillow for JPEG baseline/extended and
+JPEG 2000, as pydicom documents), applies the modality and VOI LUTs (the stored window,
+else the frame's range), inverts MONOCHROME1, and writes JPEG or PNG with Pillow.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID
+
+# Media types of the compressed syntaxes a frame can be sent in (PS3.18 Table 8.7.3-2).
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+}
+
+
+class RenderError(ValueError):
+    """The instance has no pixel data, the frame does not exist, or it cannot be decoded."""
+
+
+def frame_numbers(text: str) -> list[int]:
+    """A /frames/{list} path segment: 1-based numbers separated by commas."""
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise RenderError(f"frame list must be numbers separated by commas, got {text[:40]!r}") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise RenderError("frame numbers start at 1")
+    return numbers
+
+
+def frame_media_type(transfer_syntax_uid: str) -> str:
+    """The media type frames of an instance go out as (bytes as stored)."""
+    if UID(transfer_syntax_uid).is_compressed:
+        return FRAME_MEDIA_TYPES.get(transfer_syntax_uid, "application/octet-stream")
+    return "application/octet-stream"
+
+
+def _number_of_frames(dataset: Dataset) -> int:
+    try:
+        return max(1, int(dataset.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def frames(part10: bytes, numbers: list[int]) -> list[bytes]:
+    """The asked frames' bytes as stored (uncompressed: little endian native; compressed:
+    the frame's encoded bytes)."""
+    dataset = dcmread(BytesIO(part10))
+    if "PixelData" not in dataset:
+        raise RenderError("the instance has no pixel data")
+    count = _number_of_frames(dataset)
+    if max(numbers) > count:
+        raise RenderError(f"the instance has {count} frames")
+    pixel_data = dataset.PixelData
+    if UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
+        encoded = list(generate_frames(pixel_data, number_of_frames=count))
+        return [encoded[n - 1] for n in numbers]
+    bits = int(dataset.BitsAllocated)
+    size = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1) or 1) * bits // 8
+    if bits == 1:
+        raise RenderError("frames of 1-bit pixel data are not supported")
+    return [bytes(pixel_data[(n - 1) * size:n * size]) for n in numbers]
+
+
+def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
+           viewport: tuple[int, int] | None = None, quality: int = 90) -> bytes:
+    """One frame as a JPEG or PNG (8-bit), fitted into `viewport` (width, height) if given."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+
+    dataset = dcmread(BytesIO(part10))
+    if "PixelData" not in dataset:
+        raise RenderError("the instance has no pixel data")
+    count = _number_of_frames(dataset)
+    if not 1 <= frame <= count:
+        raise RenderError(f"the instance has {count} frames")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # No handler for this syntax, or corrupt data.
+        raise RenderError(f"cannot decode the pixel data: {type(error).__name__}: {str(error)[:200]}") from None
+    if count > 1:
+        pixels = pixels[frame - 1]
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    if samples == 1:
+        values = apply_modality_lut(pixels, dataset).astype("float64")
+        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+            values = apply_voi_lut(values, dataset).astype("float64")
+        low, high = float(np.min(values)), float(np.max(values))
+        if "WindowCenter" in dataset and "WindowWidth" in dataset and "VOILUTSequence" not in dataset:
+            center = float(_first(dataset.WindowCenter))
+            width = max(float(_first(dataset.WindowWidth)), 1.0)
+            low, high = center - width / 2, center + width / 2
+        scaled = np.clip((values - low) / max(high - low, 1e-9), 0.0, 1.0) * 255.0
+        image_array = scaled.astype("uint8")
+        if photometric == "MONOCHROME1":
+            image_array = 255 - image_array
+        image = Image.fromarray(image_array, mode="L")
+    else:
+        if photometric.startswith("YBR") and not UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        if pixels.dtype != np.uint8:
+            top = float(np.max(pixels)) or 1.0
+            pixels = (pixels.astype("float64") / top * 255.0).astype("uint8")
+        image = Image.fromarray(pixels, mode="RGB")
+    if viewport is not None:
+        image.thumbnail(viewport)
+    output = BytesIO()
+    if media_type == "image/png":
+        image.save(output, format="PNG")
+    else:
+        image.save(output, format="JPEG", quality=quality)
+    return output.getvalue()
+
+
+def _first(value: object) -> object:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return value[0]  # type: ignore[index]
+    return value
+
+
+def viewport_size(text: str | None, default: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The `viewport=w,h` parameter (PS3.18 8.3.5.1.3)."""
+    if not text:
+        return default
+    try:
+        width, _, height = text.partition(",")
+        size = (int(width), int(height or width))
+    except ValueError:
+        raise RenderError("viewport must be WIDTH,HEIGHT") from None
+    if not (1 <= size[0] <= 4096 and 1 <= size[1] <= 4096):
+        raise RenderError("viewport must be within 1..4096")
+    return size

@@ -1,0 +1,192 @@
+"""The node's HTTP front end: DICOMweb under /dicom-web, the web page, /metrics, /healthz
+and /readyz, served by uvicorn on a thread of its own.
+
+Starlette + uvicorn: a small, well-kept ASGI stack (Starlette's routing, streaming
+responses and CORS middleware; uvicorn's HTTP/1.1 server), no framework on top. The HTTP
+loop only parses and writes bytes; archive calls run on Starlette's thread pool, as the
+DIMSE handlers run on pynetdicom's threads, and reach the node's loop the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pacsnode.node.dicomweb import DicomWeb
+from pacsnode.node.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
+# Headers a browser client may read (CORS): DICOMweb's warnings, multipart types, paging.
+EXPOSED_HEADERS = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
+
+_ID_AFTER = re.compile(r"/(studies|series|instances|frames|bulkdata)/[^/]+")
+
+
+def route_label(path: str) -> str:
+    """A request path with its UIDs replaced, as a bounded metrics label."""
+    if path.startswith("/dicom-web/"):
+        return _ID_AFTER.sub(lambda m: f"/{m.group(1)}/{{{m.group(1)}}}", path)
+    if path in ("/metrics", "/healthz", "/readyz", "/api/cluster", "/"):
+        return path
+    if path.startswith("/ui/"):
+        return "/ui/"
+    return "other"
+
+
+class _Timing:
+    """ASGI middleware: counts every answer and times it to its last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_counted)
+        finally:
+            self._metrics.observe_http(route_label(scope["path"]), scope["method"], status, time.monotonic() - started)
+
+
+class HttpServer:
+    """uvicorn serving the node's Starlette app on `http_host:http_port`."""
+
+    def __init__(self, *, host: str, port: int, archive: Any, metrics: Metrics,
+                 ready: Callable[[], dict[str, Any]], cluster: Callable[[], dict[str, Any]] | None = None,
+                 instance_size_bytes_max: int, qido_result_max: int) -> None:
+        self._host = host
+        self._port = port
+        self._metrics = metrics
+        self.metrics = metrics
+        self._ready = ready
+        self._cluster = cluster
+        self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
+                                 qido_result_max=qido_result_max)
+        self.app = self._build_app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    def _build_app(self) -> Starlette:
+        routes = [
+            Route("/", lambda request: RedirectResponse("/ui/"), methods=["GET"]),
+            Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
+            Route("/metrics", self._metrics_page, methods=["GET"]),
+            Route("/api/cluster", self._cluster_page, methods=["GET"]),
+            Mount("/dicom-web", routes=self.dicomweb.routes()),
+        ]
+        routes.append(Route("/viewer", lambda request: RedirectResponse("/viewer/"), methods=["GET", "HEAD"]))
+        routes.append(Route("/viewer/{path:path}", self._viewer, methods=["GET", "HEAD"]))
+        if WEB_DIR.is_dir():
+            routes.append(Mount("/ui", app=StaticFiles(directory=WEB_DIR, html=True), name="ui"))
+        middleware = [
+            Middleware(_Timing, metrics=self._metrics),
+            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["*"], expose_headers=EXPOSED_HEADERS, max_age=600),
+        ]
+        return Starlette(routes=routes, middleware=middleware)
+
+    # ------------------------------------------------------------------ endpoints
+    async def _healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def _readyz(self, request: Request) -> Response:
+        state = await run_in_threadpool(self._ready)
+        return JSONResponse(state, status_code=200 if state.get("ready") else 503)
+
+    async def _metrics_page(self, request: Request) -> Response:
+        body = await run_in_threadpool(self._metrics.render)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    async def _viewer(self, request: Request) -> Response:
+        """OHIF's files, and its index.html for every route of the single-page app."""
+        root = VIEWER_DIR.resolve()
+        if not (root / "index.html").is_file():
+            return PlainTextResponse("no viewer here: run `make viewer` and restart the node", status_code=404)
+        wanted = (root / request.path_params["path"]).resolve()
+        if wanted.is_relative_to(root) and wanted.is_file():
+            return FileResponse(wanted)
+        return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def _cluster_page(self, request: Request) -> Response:
+        if self._cluster is None:
+            return PlainTextResponse("no cluster view", status_code=404)
+        try:
+            data = await run_in_threadpool(self._cluster)
+        except Exception as error:
+            log.error("http.cluster.failed error=%r", error)
+            return PlainTextResponse("the cluster view failed; see the node log", status_code=503)
+        return JSONResponse(data)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        return int(self._socket.getsockname()[1]) if self._socket is not None else self._port
+
+    def start(self) -> None:
+        """Bind now (a taken port fails the start, as the DICOM port does) and serve on a thread."""
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(128)
+        sock.setblocking(False)
+        self._socket = sock
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5, server_header=False)
+        self._server = uvicorn.Server(config)
+        server = self._server
+
+        def run() -> None:
+            asyncio.run(server.serve(sockets=[sock]))
+
+        self._thread = threading.Thread(target=run, name="pacsnode-http", daemon=True)
+        self._thread.start()
+        log.info("http.started host=%s port=%d", self._host, self.port)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        self.dicomweb.close()

@@ -1,0 +1,78 @@
+"""What the HTTP front end needs of a running node: readiness, the cluster view and the
+figures behind /metrics. Kept apart from node/server.py so that the wiring there is a
+few lines."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from pacsnode.node.http_server import HttpServer
+from pacsnode.node.metrics import Metrics
+from pacsnode.replication.model import StoreFull
+
+if TYPE_CHECKING:
+    from pacsnode.node.server import Node
+
+log = logging.getLogger(__name__)
+
+
+def readiness(node: "Node") -> dict[str, Any]:
+    """Ready = joined its cluster, a live member (not leaving), and not refusing stores."""
+    joined = node.coordinator.joined()
+    me = node.membership.member(node.config.node_id)
+    state = str(getattr(me, "state", "unknown")) if me is not None else "unknown"
+    reasons = []
+    if not joined:
+        reasons.append("still joining its cluster")
+    if state != "alive":
+        reasons.append(f"member state is {state}")
+    try:
+        node.store.check_capacity(0)
+    except StoreFull as error:
+        reasons.append(f"refusing stores: {error}")
+    return {"ready": not reasons, "node_id": node.config.node_id, "joined": joined, "state": state,
+            "reasons": reasons}
+
+
+def cluster_view(node: "Node") -> dict[str, Any]:
+    """The same data as `pacsnode status --json`, asked of this node's own peer port."""
+    from pacsnode.cli.status import collect  # The one implementation of the status view.
+
+    me = node.membership.member(node.config.node_id)
+    host = node.config.host if node.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    port = me.peer_port if me is not None else node.config.peer_port
+    return collect(f"{host}:{port}", node.config.cluster_id, timeout_s=3.0)
+
+
+def local_gauges(node: "Node") -> dict[str, float]:
+    """Gauges /metrics adds to Node.metrics(): disk free and studies lacking a full copy."""
+    return {
+        "pacsnode_store_disk_free_bytes": float(shutil.disk_usage(node.store.path).free),
+        "pacsnode_repair_under_replicated_studies": float(node.under_replicated_studies()),
+    }
+
+
+def http_server_for(node: "Node") -> HttpServer:
+    metrics = Metrics(node.metrics, lambda: local_gauges(node))
+    config = node.config
+    return HttpServer(
+        host=config.http_host or config.host,
+        port=config.http_port,
+        archive=node.archive,
+        metrics=metrics,
+        ready=lambda: readiness(node),
+        cluster=lambda: cluster_view(node),
+        instance_size_bytes_max=config.instance_size_bytes_max,
+        qido_result_max=config.qido_result_max,
+    )
+
+
+def bind_dimse_metrics(node: "Node", server: HttpServer) -> None:
+    """Count and time the DICOM front end's requests (pynetdicom notification events)."""
+    dicom_server = getattr(node.front_end, "_server", None)
+    if dicom_server is None:
+        return
+    for event, handler in server.metrics.dimse_handlers():
+        dicom_server.bind(event, handler)

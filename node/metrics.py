@@ -1,0 +1,170 @@
+"""The Prometheus exporter: /metrics in the text format, with prometheus-client's names.
+
+Two kinds of figures:
+- request counts and latency histograms, observed as requests happen: HTTP (by route,
+  method and status) and DIMSE (by service and final status, from pynetdicom's
+  EVT_DIMSE_RECV / EVT_DIMSE_SENT notifications, so the DICOM handlers are untouched);
+- everything `Node.metrics()` reports (the dict the Admin Metrics RPC serves), read at
+  scrape time and renamed by Prometheus's conventions: dots to underscores, `_count`
+  dropped, cumulative figures as counters ending in `_total`, `_ms` as `_seconds`, and
+  `pacsnode.ring.members_<state>_count` as one `pacsnode_ring_members{state=...}`.
+
+Each node has its own registry (never the global one): many nodes share one process in
+tests and the simulator.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pynetdicom import evt
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Node.metrics() names that are levels (may go down); every other figure only grows.
+_GAUGES = frozenset({
+    "pacsnode.store.instances_count",
+    "pacsnode.store.studies_count",
+    "pacsnode.store.received_bytes",
+    "pacsnode.store.stored_bytes",
+    "pacsnode.store.conflicts_count",
+    "pacsnode.hints.queue_depth_count",
+    "pacsnode.hints.queue_bytes",
+    "pacsnode.repair.pending_ranges_count",
+    "pacsnode.repair.last_pass_ms",
+    "pacsnode.membership.awareness_count",
+    "pacsnode.membership.broadcast_queue_depth_count",
+    "pacsnode.membership.incarnation_count",
+})
+_MEMBERS = re.compile(r"^pacsnode\.ring\.members_([a-z]+)_count$")
+_HELP = {
+    "pacsnode.store.instances_count": "Instances held by this node (primary copies).",
+    "pacsnode.store.stored_bytes": "Bytes this node's store holds (compressed).",
+    "pacsnode.store.received_bytes": "Bytes of the instances this node holds, as received.",
+    "pacsnode.hints.queue_depth_count": "Hints held here for owners that were unreachable.",
+    "pacsnode.repair.pulled_bytes": "Bytes pulled by anti-entropy repair and rebalancing.",
+    "pacsnode.repair.pending_ranges_count": "Token ranges this node owns but is still filling.",
+}
+
+# PS3.7 command fields of the requests a node serves.
+_SERVICES = {0x0001: "C-STORE", 0x0010: "C-GET", 0x0020: "C-FIND", 0x0021: "C-MOVE", 0x0030: "C-ECHO"}
+_PENDING = (0xFF00, 0xFF01)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def prometheus_name(dotted: str) -> tuple[str, bool, float]:
+    """(name, is_counter, scale) for one Node.metrics() name."""
+    counter = dotted not in _GAUGES
+    name = dotted.replace(".", "_")
+    scale = 1.0
+    if name.endswith("_count"):
+        name = name[: -len("_count")]
+    elif name.endswith("_ms"):
+        name = name[: -len("_ms")] + "_seconds"
+        scale = 0.001
+    return name, counter, scale
+
+
+class NodeCollector:
+    """Reads the node's figures at scrape time."""
+
+    def __init__(self, figures: Callable[[], dict[str, float]], extra: Callable[[], dict[str, float]]) -> None:
+        self._figures = figures
+        self._extra = extra  # Gauges computed here (disk free, under-replicated studies).
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            figures = self._figures()
+        except Exception as error:  # A scrape must not fail the node; say so in the log.
+            log.error("metrics.collect.failed error=%r", error)
+            figures = {}
+        members = GaugeMetricFamily("pacsnode_ring_members", "Members of the ring as this node sees them, by state.",
+                                    labels=["state"])
+        for dotted, value in sorted(figures.items()):
+            match = _MEMBERS.match(dotted)
+            if match:
+                members.add_metric([match.group(1)], float(value))
+                continue
+            name, counter, scale = prometheus_name(dotted)
+            text = _HELP.get(dotted, f"{dotted} (Node.metrics).")
+            if counter:
+                yield CounterMetricFamily(name, text, value=float(value) * scale)
+            else:
+                yield GaugeMetricFamily(name, text, value=float(value) * scale)
+        yield members
+        try:
+            extra = self._extra()
+        except Exception as error:
+            log.error("metrics.collect.failed error=%r", error)
+            extra = {}
+        for name, value in sorted(extra.items()):
+            yield GaugeMetricFamily(name, name.replace("_", " "), value=float(value))
+
+
+class Metrics:
+    """One node's registry: request instruments plus the node's own figures."""
+
+    def __init__(self, figures: Callable[[], dict[str, float]] = dict,
+                 extra: Callable[[], dict[str, float]] = dict) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.http_requests = Counter("pacsnode_http_requests", "HTTP requests answered, by route and status.",
+                                     ["route", "method", "status"], registry=self.registry)
+        self.http_latency = Histogram("pacsnode_http_request_duration_seconds",
+                                      "Time from request to the last byte of the answer, by route.",
+                                      ["route", "method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.dimse_requests = Counter("pacsnode_dimse_requests", "DIMSE requests answered, by service and final status.",
+                                      ["service", "status"], registry=self.registry)
+        self.dimse_latency = Histogram("pacsnode_dimse_request_duration_seconds",
+                                       "Time from a DIMSE request received to its final response sent, by service.",
+                                       ["service"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(NodeCollector(figures, extra))  # type: ignore[arg-type]
+        self._open: dict[tuple[int, int], tuple[str, float]] = {}  # (association, message id) -> (service, start)
+        self._lock = threading.Lock()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_latency.labels(route, method).observe(seconds)
+
+    # ------------------------------------------------------------------ DIMSE
+    def dimse_handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
+        """Notification handlers to bind on the DICOM server."""
+        return [(evt.EVT_DIMSE_RECV, self._on_received), (evt.EVT_DIMSE_SENT, self._on_sent)]
+
+    def _on_received(self, event: Any) -> None:
+        command = getattr(event.message, "command_set", None)
+        if command is None:
+            return
+        service = _SERVICES.get(int(getattr(command, "CommandField", 0) or 0))
+        if service is None:
+            return  # A response to our own sub-operation, a C-CANCEL, an N- service.
+        with self._lock:
+            self._open[(id(event.assoc), int(command.MessageID))] = (service, time.monotonic())
+            if len(self._open) > 10_000:  # Requests whose association died unanswered.
+                self._open.pop(next(iter(self._open)))
+
+    def _on_sent(self, event: Any) -> None:
+        command = getattr(event.message, "command_set", None)
+        if command is None or not int(getattr(command, "CommandField", 0) or 0) & 0x8000:
+            return  # A request we send (a C-GET/C-MOVE sub-operation).
+        status = int(getattr(command, "Status", 0) or 0)
+        if status in _PENDING:
+            return
+        key = (id(event.assoc), int(getattr(command, "MessageIDBeingRespondedTo", -1)))
+        with self._lock:
+            opened = self._open.pop(key, None)
+        if opened is None:
+            return
+        service, started = opened
+        self.dimse_requests.labels(service, f"0x{status:04X}").inc()
+        self.dimse_latency.labels(service).observe(time.monotonic() - started)

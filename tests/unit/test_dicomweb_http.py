@@ -1,0 +1,379 @@
+"""DICOMweb over HTTP: a real HttpServer on a free loopback port over a real Archive
+(RocksStore), driven by dicomweb-client (search, retrieve, store) and httpx (status
+codes, headers, raw bodies). A subclass of the Archive injects the answers a cluster
+gives when it could not ask every owner.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
+from pacsnode.node.http_server import HttpServer
+from pacsnode.node.metrics import Metrics
+from pacsnode.node.store import RocksStore
+from pacsnode.replication.archive import Archive, IncompleteAnswer, RetrievePlan, Shortfall
+from pacsnode.replication.matching import Query
+from pacsnode.replication.model import Attributes
+from pacsnode.sim.datagen import ManifestEntry, StudySetSpec, iter_part10
+
+
+class _ClusterLikeArchive(Archive):
+    """The real single-node Archive; `shortfall` makes finds and locates end as a cluster's
+    do when every owner of some studies is down."""
+
+    shortfall = Shortfall()
+
+    def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
+        yield from super().find(query, is_cancelled)
+        if self.shortfall:
+            raise IncompleteAnswer(self.shortfall)
+
+    def locate(self, query: Query) -> RetrievePlan:
+        plan = super().locate(query)
+        return RetrievePlan(plan.locations, self.shortfall)
+
+
+@pytest.fixture(scope="module")
+def study_set() -> list[tuple[ManifestEntry, bytes]]:
+    spec = StudySetSpec(patients=3, studies_per_patient=1, series_per_study=2, instances_per_series=2, seed=13,
+                        modalities=("CT", "MR"))
+    return list(iter_part10(spec))
+
+
+class _Served:
+    def __init__(self, server: HttpServer, archive: _ClusterLikeArchive) -> None:
+        self.server = server
+        self.archive = archive
+        self.url = f"http://127.0.0.1:{server.port}"
+        self.client = DICOMwebClient(url=self.url + "/dicom-web")
+
+
+@pytest.fixture
+def served(tmp_path: Path, study_set: list[tuple[ManifestEntry, bytes]]) -> Iterator[_Served]:
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
+    archive = _ClusterLikeArchive(store)
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive,
+                        metrics=Metrics(lambda: {"pacsnode.store.instances_count": 6.0,
+                                                 "pacsnode.ring.members_alive_count": 1.0}),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4)
+    server.start()
+    try:
+        served = _Served(server, archive)
+        stored = served.client.store_instances([dcmread(io.BytesIO(data)) for _entry, data in study_set])
+        assert len(stored.ReferencedSOPSequence) == len(study_set)
+        yield served
+    finally:
+        server.stop()
+        store.close()
+
+
+def _value(result: dict[str, Any], tag: str) -> Any:
+    return result[tag]["Value"][0]
+
+
+# ------------------------------------------------------------------ QIDO-RS
+
+
+def test_search_studies_json_and_matching(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    studies = served.client.search_for_studies()
+    assert len(studies) == 3
+    first = studies[0]
+    assert set(first["00100010"]["Value"][0]) == {"Alphabetic"}  # PN as an object.
+    assert isinstance(_value(first, "00201208"), int) and _value(first, "00201208") == 4  # IS as a number.
+    assert first["00080090"] == {"vr": "PN"} or "Value" in first["00080090"]  # Empty: no Value key.
+    assert _value(first, "00080056") == "ONLINE"
+    assert _value(first, "00081190").startswith(served.url + "/dicom-web/studies/")
+    entry = study_set[0][0]
+    by_id = served.client.search_for_studies(search_filters={"PatientID": entry["patient_id"]})
+    assert [_value(s, "0020000D") for s in by_id] == [entry["study_uid"]]
+    wildcard = served.client.search_for_studies(search_filters={"PatientName": entry["patient_name"][:3].lower() + "*"})
+    assert entry["study_uid"] in [_value(s, "0020000D") for s in wildcard]
+    dated = served.client.search_for_studies(search_filters={"StudyDate": f"{entry['study_date']}-"})
+    assert all(_value(s, "00080020") >= entry["study_date"] for s in dated) and dated
+    uids = f"{study_set[0][0]['study_uid']},{study_set[-1][0]['study_uid']}"
+    assert len(served.client.search_for_studies(search_filters={"StudyInstanceUID": uids})) == 2
+    with_fields = served.client.search_for_studies(fields=["PatientAge", "00081030"], limit=1)
+    assert "00101010" in with_fields[0] and "00081030" in with_fields[0]
+
+
+def test_pages_and_the_server_limit(served: _Served) -> None:
+    every = [_value(s, "0020000D") for s in served.client.search_for_studies()]
+    pages = [_value(s, "0020000D") for offset in range(3)
+             for s in served.client.search_for_studies(limit=1, offset=offset)]
+    assert pages == every  # Stable order across pages.
+    reply = httpx.get(served.url + "/dicom-web/instances")
+    assert reply.status_code == 200 and len(reply.json()) == 4  # qido_result_max=4 of 12.
+    assert 'There are 8 additional results' in reply.headers["warning"]
+    assert "fuzzymatching parameter is not supported" in httpx.get(
+        served.url + "/dicom-web/studies?fuzzymatching=true").headers["warning"]
+
+
+def test_series_and_instances_nested_and_not(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    entry = study_set[0][0]
+    series = served.client.search_for_series(entry["study_uid"])
+    assert len(series) == 2 and {_value(s, "0020000D") for s in series} == {entry["study_uid"]}
+    assert "00100010" not in series[0]  # Nested: no study attributes beyond the UID.
+    all_series = served.client.search_for_series()
+    assert len(all_series) == 4 and "00100010" in all_series[0]  # 6, capped at qido_result_max=4.
+    instances = served.client.search_for_instances(entry["study_uid"], entry["series_uid"])
+    assert sorted(_value(i, "00080018") for i in instances) == sorted(
+        e["sop_uid"] for e, _ in study_set if e["series_uid"] == entry["series_uid"])
+    assert isinstance(_value(instances[0], "00280010"), int)  # Rows (US) as a number.
+    by_modality = served.client.search_for_series(search_filters={"Modality": "MR"})
+    assert by_modality and all(_value(s, "00080060") == "MR" for s in by_modality)
+    assert httpx.get(served.url + "/dicom-web/studies?NoSuchKey=1").status_code == 400
+    assert httpx.get(served.url + "/dicom-web/studies", headers={"Accept": "application/xml"}).status_code == 406
+
+
+# ------------------------------------------------------------------ WADO-RS
+
+
+def _parts(reply: httpx.Response) -> list[bytes]:
+    _type, boundary = multipart_boundary(reply.headers["content-type"])
+    reader = MultipartReader(boundary, part_bytes_max=10_000_000)
+    parts = reader.feed(reply.content)
+    reader.close()
+    return [part.body for part in parts]
+
+
+def test_retrieve_returns_the_stored_bytes(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    entry, data = study_set[0]
+    url = f"{served.url}/dicom-web/studies/{entry['study_uid']}/series/{entry['series_uid']}/instances/{entry['sop_uid']}"
+    reply = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert reply.status_code == 200 and _parts(reply) == [data]
+    study = httpx.get(f"{served.url}/dicom-web/studies/{entry['study_uid']}")
+    assert sorted(_parts(study)) == sorted(d for e, d in study_set if e["study_uid"] == entry["study_uid"])
+    datasets = served.client.retrieve_series(entry["study_uid"], entry["series_uid"],
+                                             media_types=(("application/dicom", "*"),))
+    assert sorted(d.SOPInstanceUID for d in datasets) == sorted(
+        e["sop_uid"] for e, _ in study_set if e["series_uid"] == entry["series_uid"])
+    one = served.client.retrieve_instance(entry["study_uid"], entry["series_uid"], entry["sop_uid"])
+    assert one.PixelData == dcmread(io.BytesIO(data)).PixelData
+
+
+def test_retrieve_in_another_syntax_or_406(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    entry, data = study_set[0]
+    url = f"{served.url}/dicom-web/studies/{entry['study_uid']}/series/{entry['series_uid']}/instances/{entry['sop_uid']}"
+    implicit = httpx.get(url, headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'})
+    assert implicit.status_code == 200
+    dataset = dcmread(io.BytesIO(_parts(implicit)[0]))
+    assert dataset.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert dataset.PixelData == dcmread(io.BytesIO(data)).PixelData  # Lossless re-encoding.
+    jpeg = httpx.get(url, headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'})
+    assert jpeg.status_code == 406
+    assert httpx.get(url, headers={"Accept": "image/png"}).status_code == 406
+    assert httpx.get(f"{served.url}/dicom-web/studies/1.2.3.999").status_code == 404
+
+
+def test_metadata(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    entry, data = study_set[0]
+    metadata = served.client.retrieve_series_metadata(entry["study_uid"], entry["series_uid"])
+    assert len(metadata) == 2
+    mine = next(m for m in metadata if _value(m, "00080018") == entry["sop_uid"])
+    original = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    assert _value(mine, "00280010") == original.Rows
+    assert _value(mine, "00083002") == entry["transfer_syntax_uid"]
+    assert "7FE00010" not in mine
+    study_metadata = served.client.retrieve_study_metadata(entry["study_uid"])
+    assert len(study_metadata) == 4
+    again = served.client.retrieve_series_metadata(entry["study_uid"], entry["series_uid"])
+    assert sorted(json.dumps(m, sort_keys=True) for m in again) == sorted(json.dumps(m, sort_keys=True)
+                                                                          for m in metadata)
+
+
+# ------------------------------------------------------------------ STOW-RS
+
+
+def _stow_body(parts: list[bytes], boundary: str = "XyZ") -> tuple[bytes, dict[str, str]]:
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+                    for part in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+
+def test_store_duplicates_failures_and_reasons(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    entry, data = study_set[0]
+    body, headers = _stow_body([data])
+    duplicate = httpx.post(served.url + "/dicom-web/studies", content=body, headers=headers)
+    assert duplicate.status_code == 200  # A duplicate is a success.
+    assert duplicate.json()["00081199"]["Value"][0]["00081155"]["Value"] == [entry["sop_uid"]]
+    other_study = study_set[-1][1]
+    body, headers = _stow_body([data, other_study, b"not dicom at all" * 20])
+    mixed = httpx.post(f"{served.url}/dicom-web/studies/{entry['study_uid']}", content=body, headers=headers)
+    assert mixed.status_code == 202
+    result = mixed.json()
+    assert [item["00081155"]["Value"][0] for item in result["00081199"]["Value"]] == [entry["sop_uid"]]
+    reasons = [item["00081197"]["Value"][0] for item in result["00081198"]["Value"]]
+    assert reasons == [0xA900, 0xC000]
+    assert result["00081198"]["Value"][0]["00081155"]["Value"] == [study_set[-1][0]["sop_uid"]]
+    assert "Warning" in mixed.headers
+    body, headers = _stow_body([b"garbage"])
+    assert httpx.post(served.url + "/dicom-web/studies", content=body, headers=headers).status_code == 409
+    assert httpx.post(served.url + "/dicom-web/studies", content=b"x",
+                      headers={"Content-Type": "application/dicom"}).status_code == 415
+
+
+def test_store_streams_in_small_chunks(served: _Served) -> None:
+    spec = StudySetSpec(patients=1, series_per_study=1, instances_per_series=3, seed=99, rows=128, cols=128)
+    new = [data for _entry, data in iter_part10(spec)]
+    body, headers = _stow_body(new)
+
+    def chunks() -> Iterator[bytes]:
+        for index in range(0, len(body), 1000):
+            yield body[index:index + 1000]
+
+    reply = httpx.post(served.url + "/dicom-web/studies", content=chunks(), headers=headers)
+    assert reply.status_code == 200 and len(reply.json()["00081199"]["Value"]) == 3
+    truncated, headers = _stow_body(new)
+    broken = httpx.post(served.url + "/dicom-web/studies", content=truncated[:-100], headers=headers)
+    assert broken.status_code == 202 and "malformed body" in broken.headers["warning"]
+
+
+# ------------------------------------------------------------------ partial answers, CORS, metrics
+
+
+def test_partial_answers_are_flagged(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    served.archive.shortfall = Shortfall(studies=1)
+    search = httpx.get(served.url + "/dicom-web/studies")
+    assert search.status_code == 206
+    assert '299 pacsnode "incomplete: 1 study unreachable"' in search.headers["warning"]
+    assert len(search.json()) == 3
+    nothing = httpx.get(served.url + "/dicom-web/studies?PatientID=nobody")
+    assert nothing.status_code == 503 and "incomplete" in nothing.headers["warning"]
+    entry = study_set[0][0]
+    retrieve = httpx.get(f"{served.url}/dicom-web/studies/{entry['study_uid']}")
+    assert retrieve.status_code == 206 and len(_parts(retrieve)) == 4
+    missing = httpx.get(f"{served.url}/dicom-web/studies/1.2.3.999")
+    assert missing.status_code == 503 and "incomplete" in missing.headers["warning"]
+    metadata = httpx.get(f"{served.url}/dicom-web/studies/{entry['study_uid']}/metadata")
+    assert metadata.status_code == 206
+
+
+def test_cors_health_and_metrics(served: _Served) -> None:
+    preflight = httpx.options(served.url + "/dicom-web/studies", headers={
+        "Origin": "http://viewer.example", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "accept"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+    search = httpx.get(served.url + "/dicom-web/studies", headers={"Origin": "http://viewer.example"})
+    assert search.headers["access-control-allow-origin"] == "*"
+    assert "warning" in search.headers["access-control-expose-headers"].lower()
+    assert httpx.get(served.url + "/healthz").text == "ok\n"
+    assert httpx.get(served.url + "/readyz").json() == {"ready": True}
+    metrics = httpx.get(served.url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'pacsnode_http_requests_total{method="GET",route="/dicom-web/studies",status="200"}' in text
+    assert 'pacsnode_http_requests_total{method="POST",route="/dicom-web/studies",status="200"} 1.0' in text
+    assert "pacsnode_http_request_duration_seconds_bucket" in text
+    assert "pacsnode_store_instances 6.0" in text
+    assert 'pacsnode_ring_members{state="alive"} 1.0' in text
+
+
+# ------------------------------------------------------------------ frames, rendered, thumbnail
+
+
+def _jpeg_instance() -> bytes:
+    """A grayscale JPEG baseline instance (Pillow encodes the frame), as Part-10 bytes."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+
+    gradient = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
+    encoded = io.BytesIO()
+    Image.fromarray(gradient, mode="L").save(encoded, format="JPEG", quality=95)
+    dataset = Dataset()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.PatientID = "JPEG1"
+    dataset.Modality = "OT"
+    dataset.Rows, dataset.Columns = 48, 64
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+    dataset.PixelData = encapsulate([encoded.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    output = io.BytesIO()
+    dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    from PIL import Image
+
+    entry, data = study_set[0]
+    original = dcmread(io.BytesIO(data))
+    frames = served.client.retrieve_instance_frames(entry["study_uid"], entry["series_uid"], entry["sop_uid"], [1])
+    assert frames == [original.PixelData]  # Native frames as stored.
+    rendered = served.client.retrieve_instance_rendered(entry["study_uid"], entry["series_uid"], entry["sop_uid"],
+                                                        media_types=("image/png",))
+    image = Image.open(io.BytesIO(rendered))
+    assert image.format == "PNG" and image.size == (original.Columns, original.Rows)
+    assert image.getextrema()[1] > image.getextrema()[0]  # Not blank.
+    base = f"{served.url}/dicom-web/studies/{entry['study_uid']}"
+    thumbnail = httpx.get(f"{base}/series/{entry['series_uid']}/thumbnail?viewport=32,32")
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumbnail.content)).size) <= 32
+    assert httpx.get(f"{base}/thumbnail").status_code == 200
+    assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/frames/2").status_code == 404
+    assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/rendered",
+                     headers={"Accept": "image/gif"}).status_code == 406
+
+    jpeg = _jpeg_instance()
+    stored = dcmread(io.BytesIO(jpeg))
+    served.client.store_instances([stored])
+    path = (f"{served.url}/dicom-web/studies/{stored.StudyInstanceUID}/series/{stored.SeriesInstanceUID}"
+            f"/instances/{stored.SOPInstanceUID}")
+    reply = httpx.get(path + "/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
+    from pydicom.encaps import generate_frames
+    assert _parts(reply) == list(generate_frames(stored.PixelData, number_of_frames=1))  # Encoded bytes as stored.
+    assert httpx.get(path + "/frames/1", headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'}
+    ).status_code == 406  # Never decoded on the way out.
+    picture = httpx.get(path + "/rendered", headers={"Accept": "image/jpeg"})
+    assert picture.status_code == 200
+    assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
+
+
+def test_viewer_is_served_under_viewer_with_its_app_config(served: _Served, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacsnode.node import http_server, viewer_install
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text('<script>window.PUBLIC_URL="/"</script><script src="/app.bundle.1.js"></script>'
+                                     '<link href="/assets/x.css"><a href="//cdn.example/y">')
+    (dist / "app.bundle.1.js").write_text("console.log(1)")
+    (dist / "app-config.js").write_text("window.config = {};")
+    viewer_install.install(dist, tmp_path / "ohif")
+    index = (tmp_path / "ohif" / "index.html").read_text()
+    assert 'window.PUBLIC_URL="/viewer/"' in index and 'src="/viewer/app.bundle.1.js"' in index
+    assert 'href="/viewer/assets/x.css"' in index and 'href="//cdn.example/y"' in index
+    assert "window.location.origin + '/dicom-web'" in (tmp_path / "ohif" / "app-config.js").read_text()
+    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "ohif")
+    assert httpx.get(served.url + "/viewer/app.bundle.1.js").text == "console.log(1)"
+    route = httpx.get(served.url + "/viewer/viewer?StudyInstanceUIDs=1.2.3")  # A route of the app: its index.
+    assert route.status_code == 200 and 'PUBLIC_URL="/viewer/"' in route.text
+    assert httpx.get(served.url + "/viewer/../../etc/passwd").status_code in (200, 404)  # Never outside the dir...
+    assert "root:" not in httpx.get(served.url + "/viewer/%2e%2e/%2e%2e/etc/passwd").text  # ...however spelled.
+    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "absent")
+    assert httpx.get(served.url + "/viewer/").status_code == 404
