@@ -1,8 +1,9 @@
 """Never a partial Success: real node processes, pynetdicom and dcmtk clients.
 
-Five nodes (N=3, W=2); every owner of one study is killed with SIGKILL. A C-FIND or
+Five nodes (N=3, W=2, R=2); every owner of one study is killed with SIGKILL. A C-FIND or
 C-GET that cannot ask all of the archive must end with a failure or warning status that
-says so, while a study with a live owner is still answered in full with Success.
+says so, while a study with two live owners is still answered in full with Success, and
+one with a single live owner is answered but flagged (R=2 owners could not vouch for it).
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ def test_unreachable_owners_are_reported_never_success(tmp_path: Path) -> None:
         # A study that lives only on three nodes other than the entry node: kill them all.
         lost_study = next(uid for uid, held in owners.items() if "n1" not in held)
         doomed = owners[lost_study]
-        reachable = [uid for uid, held in owners.items() if held - doomed]
-        assert reachable, "every study would be lost: pick another seed"
+        # With read_quorum 2, a study is answered in full only when two of its owners answer.
+        reachable = [uid for uid, held in owners.items() if len(held - doomed) >= 2]
+        one_left = [uid for uid, held in owners.items() if len(held - doomed) == 1]
+        assert reachable and one_left, "pick another seed"
         # Joined nodes finish filling their ranges first (a filling replica declines reads).
         assert wait_until(lambda: _settled(nodes), 90), "ranges still filling"
         by_name = {node.node_id: node for node in nodes}
@@ -86,6 +89,10 @@ def test_unreachable_owners_are_reported_never_success(tmp_path: Path) -> None:
         matches, final, _comment = _find_with_comment(
             entry.dicom_port, identifier("STUDY", StudyInstanceUID=reachable[0]))
         assert (matches, final) == (1, 0x0000)
+        # One owner left of three: its rows come back, but R=2 owners could not vouch for them.
+        matches, final, comment = _find_with_comment(
+            entry.dicom_port, identifier("STUDY", StudyInstanceUID=one_left[0]))
+        assert (matches, final) == (1, 0xC001) and comment.startswith("incomplete: 1 study"), (matches, final)
         # A C-FIND with no study key scatters; the ranges none of whose owners is up are counted.
         matches, final, comment = _find_with_comment(entry.dicom_port, identifier("STUDY", StudyInstanceUID=""))
         assert final == 0xC001 and "range" in comment, (final, comment)

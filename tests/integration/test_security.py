@@ -475,8 +475,9 @@ def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
     import signal
 
     ports = {port: str(free_port()) for port in ("11112", "11113", "11114", "2762", "2763", "2764",
-                                                  "7001", "7002", "7003")}
-    lines = [re.sub(r"\b(11112|11113|11114|2762|2763|2764|7001|7002|7003)\b", lambda m: ports[m.group(1)], line)
+                                                  "7001", "7002", "7003", "8042", "8043", "8044")}
+    lines = [re.sub(r"\b(11112|11113|11114|2762|2763|2764|7001|7002|7003|8042|8043|8044)\b",
+                    lambda m: ports[m.group(1)], line)
              for line in readme_tls_lines()]
     spec = datagen.StudySetSpec(patients=1, studies_per_patient=2, series_per_study=1, instances_per_series=2,
                                 rows=16, cols=16, seed=5)
