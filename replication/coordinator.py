@@ -113,7 +113,10 @@ class Coordinator:
         n = ring.effective_replicas(self._settings.replication_factor)
         if n != self._last_effective_n:
             self._last_effective_n = n
-            if n < self._settings.replication_factor:
+            if n < self._settings.replication_factor and len(ring) == 1:
+                log.info("replication.single_node configured_n=%d: a one-node archive keeps one copy of "
+                         "each study; join more nodes for replicas", self._settings.replication_factor)
+            elif n < self._settings.replication_factor:
                 log.warning(
                     "replication.effective_n n=%d configured=%d members=%d: fewer nodes than N, "
                     "every study is on every node",

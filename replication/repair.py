@@ -245,6 +245,8 @@ class Repairer:
     def under_replicated_ranges(self) -> list[TokenRange]:
         """Owned ranges that may have fewer than N full copies: pending here, or an owner down."""
         ring = self._membership.ring()
+        if len(ring) <= 1:
+            return []  # A one-node archive: one copy is what it has, nothing to catch up.
         n = ring.effective_replicas(self._settings.replication_factor)
         result = []
         for owned in ring.ranges(n):

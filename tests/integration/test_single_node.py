@@ -155,6 +155,19 @@ def test_storescu_then_find_at_every_level(stored_generated: list[datagen.Manife
     assert {str(ds.SOPInstanceUID) for ds in found} == {e["sop_uid"] for e in entries if e["series_uid"] == series_uid}
 
 
+def test_a_one_node_archive_is_not_called_under_replicated(stored_generated: list[datagen.ManifestEntry],
+                                                            node: NodeProcess) -> None:
+    """A conformance tester saw `replication.effective_n` warned on the first store and
+    `under-replicated studies: 33` in status on a single node: one copy is what it has."""
+    from pacsnode.cli.status import collect
+
+    data = collect(node.peer_address)
+    assert [n.get("under_replicated_studies") for n in data["nodes"]] == [0]
+    log = node.log_text()
+    assert "replication.effective_n" not in log and "WARNING" not in "".join(
+        line for line in log.splitlines() if "replication.single_node" in line)
+
+
 def test_getscu_returns_the_study_byte_identical(stored_generated: list[datagen.ManifestEntry], node: NodeProcess,
                                                  workdir: Path) -> None:
     study_uid = stored_generated[0]["study_uid"]
