@@ -475,8 +475,9 @@ def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
     import signal
 
     ports = {port: str(free_port()) for port in ("11112", "11113", "11114", "2762", "2763", "2764",
-                                                  "7001", "7002", "7003")}
-    lines = [re.sub(r"\b(11112|11113|11114|2762|2763|2764|7001|7002|7003)\b", lambda m: ports[m.group(1)], line)
+                                                  "7001", "7002", "7003", "8042", "8043", "8044")}
+    lines = [re.sub(r"\b(11112|11113|11114|2762|2763|2764|7001|7002|7003|8042|8043|8044)\b",
+                    lambda m: ports[m.group(1)], line)
              for line in readme_tls_lines()]
     spec = datagen.StudySetSpec(patients=1, studies_per_patient=2, series_per_study=1, instances_per_series=2,
                                 rows=16, cols=16, seed=5)
@@ -508,6 +509,8 @@ def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
             assert result.returncode == 0, (line, result.stdout[-2000:], result.stderr[-2000:])
             if line.startswith("findscu"):
                 assert all(e["study_uid"] in result.stdout + result.stderr for e in manifest)
+            if line.startswith("curl"):  # DICOMweb over HTTPS with the viewer's certificate: every study.
+                assert all(e["study_uid"] in result.stdout for e in manifest), result.stdout[-2000:]
             if line.startswith("pacsnode audit"):
                 assert "DICOM Instances Transferred" in result.stdout and "Application Start" in result.stdout
         assert all(p.poll() is None for p in started)
