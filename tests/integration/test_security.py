@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+import httpx
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -533,6 +534,9 @@ def test_strict_mode_and_an_unprotected_node_say_so(tmp_path: Path) -> None:
                        extra_args=["--access-mode", "strict", "--known-ae", "VIEWER=echo,store"]).start()
     try:
         assert wait_until(lambda: "security.unprotected" in node.log_text(), 10)  # Logged once listening.
+        assert "HTTP port (DICOMweb)" in node.log_text() and f"http=plain http_port={node.http_port}" in node.log_text()
+        http = f"http://127.0.0.1:{node.http_port}"  # Strict mode without TLS: DICOMweb closed, health open.
+        assert httpx.get(http + "/dicom-web/studies").status_code == 401 and httpx.get(http + "/healthz").status_code == 200
         result = pacsnode("status", "--node", node.peer_address)
         assert result.returncode == 0 and "UNPROTECTED" in result.stdout
         stranger = associate(node.dicom_port, "STRANGER", [Verification])
