@@ -133,6 +133,9 @@ class NodeConfig:
     dicom_tls_port: int = setting(0, "DICOM TLS listener (TLS 1.2+, BCP 195; 2762 is IANA's); 0 = off. Needs tls_dir.")
     dicom_tls_client_cert: str = setting("optional", "DICOM TLS client certificates: none, optional (checked when "
                                          "sent) or required (of the cluster CA).")
+    http_tls_client_cert: str = setting("optional", "HTTPS client certificates (with tls_dir): none, optional "
+                                        "(checked when sent) or required (of the cluster CA; /healthz, /readyz and "
+                                        "/metrics then need one too).")
     access_mode: str = setting("default", "default: echo and store open, find/get/move for known AEs (and loopback); "
                                "strict: only known AEs, from their hosts, with their services.")
     loopback_trusted: bool = setting(True, "Callers on 127.0.0.1/::1 may do everything (quick start); off in strict mode.")
@@ -190,6 +193,8 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dicom_tls_client_cert not in ("none", "optional", "required"):
             raise ConfigError(f"dicom_tls_client_cert must be none, optional or required, got {self.dicom_tls_client_cert!r}")
+        if self.http_tls_client_cert not in ("none", "optional", "required"):
+            raise ConfigError(f"http_tls_client_cert must be none, optional or required, got {self.http_tls_client_cert!r}")
         if self.access_mode not in ACCESS_MODES:
             raise ConfigError(f"access_mode must be one of {', '.join(ACCESS_MODES)}, got {self.access_mode!r}")
         if self.access_mode == "strict" and not self.known_aes:

@@ -48,6 +48,8 @@ from pacsnode.node.dicomweb_media import (
 )
 from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_numbers, frames, render, viewport_size
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
+from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
+from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
 from pacsnode.replication.matching import Condition, Query
@@ -117,8 +119,10 @@ class DicomWeb:
     """The /dicom-web routes of one node."""
 
     def __init__(self, archive: Any, *, instance_size_bytes_max: int, qido_result_max: int,
-                 metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8) -> None:
+                 metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8,
+                 audit: HttpAudit | None = None) -> None:
         self._archive = archive
+        self._audit = audit  # QIDO, WADO and STOW requests in the audit trail (node/http_guard.py).
         self._instance_size_bytes_max = instance_size_bytes_max
         self._qido_result_max = qido_result_max
         self._metadata = MetadataCache(metadata_cache_bytes)
@@ -170,6 +174,8 @@ class DicomWeb:
         except QidoError as error:
             return PlainTextResponse(str(error), status_code=400)
         rows, shortfall = await run_in_threadpool(self._collect, qido.query)
+        if self._audit is not None:
+            self._audit.searched(caller_of(request), qido.query, matches=len(rows), complete=not shortfall)
         rows.sort(key=sort_key(qido.query.level))
         limit = self._qido_result_max if qido.limit is None else min(qido.limit, self._qido_result_max)
         page = rows[qido.offset:qido.offset + limit]
@@ -250,7 +256,8 @@ class DicomWeb:
         log.info("dicomweb.retrieve.start level=%s instances=%d unreachable=%d", query.level, len(sendable),
                  plan.unreachable)
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
-        return StreamingResponse(self._parts(sendable, boundary, root), status_code=status, headers=headers,
+        audited = (caller_of(request), plan.locations, status) if self._audit is not None else None
+        return StreamingResponse(self._parts(sendable, boundary, root, audited), status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
     def _read_all(self, locations: list[InstanceLocation]) -> Iterator[tuple[bytes, int]]:
@@ -268,8 +275,10 @@ class DicomWeb:
             for future in futures:
                 future.cancel()
 
-    def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str) -> Iterator[bytes]:
+    def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str,
+               audited: tuple[Caller, list[InstanceLocation], int] | None = None) -> Iterator[bytes]:
         sent = 0
+        finished = False
         reads = self._read_all([location for location, _syntax in sendable])
         try:
             for (location, syntax), (part10, _offset) in zip(sendable, reads):
@@ -279,6 +288,7 @@ class DicomWeb:
                                   location=_instance_url(root, location))
                 yield part10
                 sent += 1
+            finished = True
         except ReadError as error:
             # The status line has gone: break the body off (no closing delimiter), so that
             # the client sees a failed transfer, never a complete-looking short one.
@@ -286,6 +296,11 @@ class DicomWeb:
             raise
         finally:
             reads.close()
+            if audited is not None and not finished and self._audit is not None:
+                self._audit.retrieved(audited[0], audited[1], sent=sent, outcome=MAJOR_FAILURE, what="retrieve")
+        if audited is not None and self._audit is not None:
+            self._audit.retrieved(audited[0], audited[1], sent=sent, what="retrieve",
+                                  outcome=SUCCESS if audited[2] == 200 else MINOR_FAILURE)
         yield closing_delimiter(boundary, empty=sent == 0)
 
     async def metadata(self, request: Request) -> Response:
@@ -303,6 +318,9 @@ class DicomWeb:
             log.error("dicomweb.metadata.unreadable reason=%s", error)
             return PlainTextResponse("an instance could not be read; see the node log", status_code=503)
         headers = _incomplete(plan.shortfall) if plan.shortfall else {}
+        if self._audit is not None:
+            self._audit.retrieved(caller_of(request), plan.locations, sent=len(parts), what="metadata",
+                                  outcome=MINOR_FAILURE if plan.shortfall else SUCCESS)
         body = b"[" + b",".join(parts) + b"]"
         return Response(body, status_code=206 if plan.shortfall else 200, headers=headers, media_type=DICOM_JSON)
 
@@ -352,6 +370,8 @@ class DicomWeb:
         except ReadError as error:
             log.error("dicomweb.frames.unreadable reason=%s", error)
             return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        if self._audit is not None:
+            self._audit.retrieved(caller_of(request), [location], sent=1, outcome=SUCCESS, what="frames")
         boundary = new_boundary()
         syntax = location.transfer_syntax_uid if media_type != "application/octet-stream" or \
             UID(location.transfer_syntax_uid).is_compressed else EXPLICIT_VR_LITTLE_ENDIAN
@@ -397,6 +417,9 @@ class DicomWeb:
         except ReadError as error:
             log.error("dicomweb.render.unreadable reason=%s", error)
             return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        if self._audit is not None:
+            self._audit.retrieved(caller_of(request), [location], sent=1, outcome=SUCCESS,
+                                  what="rendered" if default_viewport is None else "thumbnail")
         return Response(image, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
     @staticmethod
@@ -414,13 +437,14 @@ class DicomWeb:
         if part_type not in ("", DICOM):
             return PlainTextResponse('only multipart/related; type="application/dicom" is accepted', status_code=415)
         study = request.path_params.get("study")
+        caller = caller_of(request)
         reader = MultipartReader(boundary, part_bytes_max=self._instance_size_bytes_max)
         results: list[dict[str, Any]] = []
         malformed = ""
         try:
             async for chunk in request.stream():
                 for part in reader.feed(chunk):
-                    results.append(await run_in_threadpool(self._store_part, part, study))
+                    results.append(await run_in_threadpool(self._store_part, part, study, caller))
             reader.close()
         except MediaError as error:
             malformed = str(error)
@@ -460,7 +484,7 @@ class DicomWeb:
         log.info("dicomweb.store.done stored=%d failed=%d", len(stored), len(failed))
         return JSONResponse(body, status_code=status, headers=headers, media_type=DICOM_JSON)
 
-    def _store_part(self, part: Part, study: str | None) -> dict[str, Any]:
+    def _store_part(self, part: Part, study: str | None, caller: Caller | None = None) -> dict[str, Any]:
         """One STOW-RS part through the same validation and W-durable write as a C-STORE."""
         result: dict[str, Any] = {"status": None, "reason": "", "sop_class": "", "sop_instance": "", "study": "",
                                   "series": ""}
@@ -497,7 +521,11 @@ class DicomWeb:
             written = self._archive.store(instance)
         except Exception as error:  # A bug or an unexpected failure: this instance fails, the others go on.
             log.error("dicomweb.store.failed sop_instance_uid=%s error=%r", instance.sop_instance_uid, error)
+            if self._audit is not None and caller is not None:
+                self._audit.stored(caller, instance, None)
             return fail(STATUS_PROCESSING_FAILURE, "internal error; see the node log")
+        if self._audit is not None and caller is not None:
+            self._audit.stored(caller, instance, written)
         if written.status == WriteStatus.SUCCESS:
             return result
         if written.status == WriteStatus.OUT_OF_RESOURCES:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pacsnode.node.audit import AuditLog
 from pacsnode.node.dicomweb import DicomWeb
+from pacsnode.node.http_guard import HttpAccess, HttpAudit, HttpGuard
+from pacsnode.node.http_tls import TlsH11Protocol
 from pacsnode.node.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -80,19 +84,25 @@ class _Timing:
 
 
 class HttpServer:
-    """uvicorn serving the node's Starlette app on `http_host:http_port`."""
+    """uvicorn serving the node's Starlette app on `http_host:http_port`: HTTPS with
+    `ssl_context` (node/tls.py), every request decided by `access` (node/http_guard.py),
+    DICOMweb requests written to `audit`."""
 
     def __init__(self, *, host: str, port: int, archive: Any, metrics: Metrics,
                  ready: Callable[[], dict[str, Any]], cluster: Callable[[], dict[str, Any]] | None = None,
-                 instance_size_bytes_max: int, qido_result_max: int) -> None:
+                 instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
+                 access: HttpAccess | None = None, audit: AuditLog | None = None) -> None:
         self._host = host
         self._port = port
         self._metrics = metrics
         self.metrics = metrics
         self._ready = ready
         self._cluster = cluster
+        self._ssl_context = ssl_context
+        self._access = access or HttpAccess(tls=ssl_context is not None)
+        self.audit = HttpAudit(audit or AuditLog(None, "pacsnode"))
         self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
-                                 qido_result_max=qido_result_max)
+                                 qido_result_max=qido_result_max, audit=self.audit)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -115,6 +125,7 @@ class HttpServer:
             Middleware(_Timing, metrics=self._metrics),
             Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], expose_headers=EXPOSED_HEADERS, max_age=600),
+            Middleware(HttpGuard, access=self._access, audit=self.audit),  # Refusals are counted and CORS-readable.
         ]
         return Starlette(routes=routes, middleware=middleware)
 
@@ -152,6 +163,10 @@ class HttpServer:
 
     # ------------------------------------------------------------------ lifecycle
     @property
+    def scheme(self) -> str:
+        return "https" if self._ssl_context is not None else "http"
+
+    @property
     def port(self) -> int:
         return int(self._socket.getsockname()[1]) if self._socket is not None else self._port
 
@@ -168,8 +183,10 @@ class HttpServer:
         sock.listen(128)
         sock.setblocking(False)
         self._socket = sock
+        context = self._ssl_context
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False)
+                                timeout_graceful_shutdown=5, server_header=False, http=TlsH11Protocol,
+                                ssl_context_factory=(lambda _config, _default: context) if context else None)
         self._server = uvicorn.Server(config)
         server = self._server
 
@@ -178,7 +195,7 @@ class HttpServer:
 
         self._thread = threading.Thread(target=run, name="pacsnode-http", daemon=True)
         self._thread.start()
-        log.info("http.started host=%s port=%d", self._host, self.port)
+        log.info("http.started host=%s port=%d scheme=%s", self._host, self.port, self.scheme)
 
     def stop(self) -> None:
         server, self._server = self._server, None

@@ -8,6 +8,7 @@ import logging
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from pacsnode.node.http_guard import HttpAccess
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
 from pacsnode.replication.model import StoreFull
@@ -57,6 +58,7 @@ def local_gauges(node: "Node") -> dict[str, float]:
 def http_server_for(node: "Node") -> HttpServer:
     metrics = Metrics(node.metrics, lambda: local_gauges(node))
     config = node.config
+    security = node.security
     return HttpServer(
         host=config.http_host or config.host,
         port=config.http_port,
@@ -66,6 +68,9 @@ def http_server_for(node: "Node") -> HttpServer:
         cluster=lambda: cluster_view(node),
         instance_size_bytes_max=config.instance_size_bytes_max,
         qido_result_max=config.qido_result_max,
+        ssl_context=security.http_context(),
+        access=HttpAccess(tls=security.peer_tls, mode=config.access_mode, loopback_trusted=config.loopback_trusted),
+        audit=security.audit,
     )
 
 

@@ -7,6 +7,7 @@ and the DICOM front end call it through small hooks.
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,13 @@ class NodeSecurity:
         credentials = tls.server_credentials(self.files, on_reload=self._reloaded)
         return int(server.add_secure_port(address, credentials))
 
+    # ------------------------------------------------------------------ HTTP port
+    def http_context(self) -> ssl.SSLContext | None:
+        """HTTPS on the HTTP port with the node's certificate (None: plain HTTP, no tls_dir)."""
+        if self.files is None:
+            return None
+        return tls.http_server_context(self.files, self.config.http_tls_client_cert)
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         return tls.channel_credentials(self.files) if self.files is not None else None
 
@@ -86,11 +94,14 @@ class NodeSecurity:
         warning = tls.unprotected_warning(self.config.tls_dir)
         if warning is not None:
             log.warning("%s", warning)
-            log.warning("security.unprotected node_id=%s peer_tls=off dicom_tls=off audit=%s", self.config.node_id,
+            log.warning("security.unprotected node_id=%s peer_tls=off dicom_tls=off http=plain http_port=%d "
+                        "http_access=%s audit=%s", self.config.node_id, self.config.http_port,
+                        "closed" if self.config.access_mode == "strict" else "open",
                         self.audit.path or "off")
         else:
-            log.info("security.tls node_id=%s peer_tls=mutual dicom_tls_port=%d client_cert=%s audit=%s",
-                     self.config.node_id, dicom_tls_port, self.config.dicom_tls_client_cert, self.audit.path or "off")
+            log.info("security.tls node_id=%s peer_tls=mutual dicom_tls_port=%d client_cert=%s http=https "
+                     "http_client_cert=%s audit=%s", self.config.node_id, dicom_tls_port,
+                     self.config.dicom_tls_client_cert, self.config.http_tls_client_cert, self.audit.path or "off")
         self.audit.record("application-activity", event_type="application-start",
                           participants=[Participant(self.config.node_id, requestor=False)],
                           description=f"peer_tls={'on' if self.peer_tls else 'off'} dicom_tls_port={dicom_tls_port}")

@@ -255,6 +255,12 @@ def dicom_server_context(files: TlsFiles, client_cert: str) -> ssl.SSLContext:
     return context
 
 
+def http_server_context(files: TlsFiles, client_cert: str) -> ssl.SSLContext:
+    """HTTPS on the HTTP port: the same profile and certificate as DICOM TLS (TLS 1.2+, BCP 195);
+    a client certificate, when sent (or when required), must be of the cluster CA."""
+    return dicom_server_context(files, client_cert)
+
+
 def dicom_client_context(files: TlsFiles) -> ssl.SSLContext:
     """For C-MOVE to a TLS destination: our certificate, the cluster CA as trust anchor."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca_path))
@@ -309,8 +315,9 @@ def start_dicom_tls_server(ae: Any, address: tuple[str, int], context: ssl.SSLCo
 
 def unprotected_warning(tls_dir: str) -> str | None:
     return None if tls_dir else (
-        "security.unprotected peer and DICOM traffic is plain text and any client that reaches the peer port "
-        "can read or change the archive: set tls_dir (pacsnode ca init / cert issue) outside loopback development")
+        "security.unprotected peer, DICOM and HTTP traffic is plain text and any client that reaches the peer port "
+        "or the HTTP port (DICOMweb) can read or change the archive: set tls_dir (pacsnode ca init / cert issue) "
+        "outside loopback development")
 
 
 def key_file_private(path: Path) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+import httpx
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -509,6 +510,8 @@ def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
             assert result.returncode == 0, (line, result.stdout[-2000:], result.stderr[-2000:])
             if line.startswith("findscu"):
                 assert all(e["study_uid"] in result.stdout + result.stderr for e in manifest)
+            if line.startswith("curl"):  # DICOMweb over HTTPS with the viewer's certificate: every study.
+                assert all(e["study_uid"] in result.stdout for e in manifest), result.stdout[-2000:]
             if line.startswith("pacsnode audit"):
                 assert "DICOM Instances Transferred" in result.stdout and "Application Start" in result.stdout
         assert all(p.poll() is None for p in started)
@@ -531,6 +534,9 @@ def test_strict_mode_and_an_unprotected_node_say_so(tmp_path: Path) -> None:
                        extra_args=["--access-mode", "strict", "--known-ae", "VIEWER=echo,store"]).start()
     try:
         assert wait_until(lambda: "security.unprotected" in node.log_text(), 10)  # Logged once listening.
+        assert "HTTP port (DICOMweb)" in node.log_text() and f"http=plain http_port={node.http_port}" in node.log_text()
+        http = f"http://127.0.0.1:{node.http_port}"  # Strict mode without TLS: DICOMweb closed, health open.
+        assert httpx.get(http + "/dicom-web/studies").status_code == 401 and httpx.get(http + "/healthz").status_code == 200
         result = pacsnode("status", "--node", node.peer_address)
         assert result.returncode == 0 and "UNPROTECTED" in result.stdout
         stranger = associate(node.dicom_port, "STRANGER", [Verification])

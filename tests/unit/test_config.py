@@ -33,6 +33,7 @@ def test_defaults() -> None:
     assert (config.replication_factor, config.write_quorum, config.vnodes) == (3, 2, 64)
     assert config.log_level == "INFO"
     assert (config.http_host, config.http_port, config.qido_result_max) == ("", 8042, 10_000)
+    assert config.http_tls_client_cert == "optional"
 
 
 def test_default_node_id_is_a_valid_host_name() -> None:
@@ -92,6 +93,7 @@ repair_fetch_window = 3
 tls_dir = "/etc/pacsnode/tls"
 dicom_tls_port = 2762
 dicom_tls_client_cert = "required"
+http_tls_client_cert = "required"
 access_mode = "strict"
 loopback_trusted = false
 known_aes = ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
@@ -142,6 +144,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.
     assert config.destination("NOBODY") is None
     assert (config.tls_dir, config.dicom_tls_port, config.dicom_tls_client_cert) == ("/etc/pacsnode/tls", 2762, "required")
+    assert config.http_tls_client_cert == "required"
     assert (config.access_mode, config.loopback_trusted) == ("strict", False)
     assert [str(k) for k in config.known_aes] == ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
     assert config.audit_log == "/var/log/pacsnode-audit.jsonl"
@@ -335,7 +338,8 @@ def test_every_start_option_sets_its_field() -> None:
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
-               "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none"}
+               "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
+               "http_tls_client_cert": "none"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)
@@ -421,6 +425,7 @@ def test_known_aes_from_flags_and_a_toml_table(tmp_path: Path) -> None:
     ({"access_mode": "open"}, "access_mode must be"),
     ({"dicom_tls_port": 2762}, "needs tls_dir"),
     ({"dicom_tls_client_cert": "maybe", "tls_dir": "x"}, "dicom_tls_client_cert"),
+    ({"http_tls_client_cert": "sometimes"}, "http_tls_client_cert must be none, optional or required"),
     ({"known_aes": ["A=find,delete"]}, "unknown service"),
     ({"known_aes": ["A", "A@h"]}, "duplicate known AE"),
 ])

@@ -1,0 +1,161 @@
+"""The HTTP port of a TLS node: HTTPS only, client certificates of the cluster CA, access
+control, and DICOMweb in the audit trail.
+
+One real node process on 127.0.0.1 with `--tls-dir`, in strict mode with
+`loopback_trusted = false` (loopback is the only address here, so strict mode stands in for
+a caller on another host); clients are httpx and dicomweb-client with certificates from
+node/ca.py, as `pacsnode cert issue` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import create_session
+from pydicom import dcmread
+
+from pacsnode.node import ca
+from pacsnode.sim import datagen
+from pacsnode.sim.process import NodeProcess, wait_until
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("http-security")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pki(root: Path) -> dict[str, Path]:
+    """The cluster CA; the node's certificate, a viewer's, an admin's, another node's; another CA's viewer."""
+    ca.init_ca(root / "ca")
+    dirs = {name: root / f"tls-{name}" for name in ("h1", "viewer", "admin", "n2", "other-ca-viewer")}
+    ca.issue(root / "ca", dirs["h1"], "h1")
+    ca.issue(root / "ca", dirs["viewer"], "WS1", dicom_client=True)
+    ca.issue(root / "ca", dirs["admin"], "ops", admin=True)
+    ca.issue(root / "ca", dirs["n2"], "n2")
+    ca.init_ca(root / "other-ca")
+    ca.issue(root / "other-ca", dirs["other-ca-viewer"], "WS1", dicom_client=True)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def node(root: Path, pki: dict[str, Path]) -> Iterator[NodeProcess]:
+    process = NodeProcess(root / "h1", node_id="h1", extra_args=[
+        "--profile", "local", "--replication-factor", "1", "--write-quorum", "1", "--tls-dir", str(pki["h1"]),
+        "--access-mode", "strict", "--loopback-trusted", "false", "--known-ae", "VIEWER=echo"]).start()
+    try:
+        assert wait_until(lambda: _ready(process, pki), 30), process.log_text()[-3000:]
+        yield process
+    finally:
+        process.stop()
+
+
+def _url(node: NodeProcess, path: str = "") -> str:
+    return f"https://{HOST}:{node.http_port}{path}"
+
+
+def _client(pki: dict[str, Path], certificate: str | None) -> httpx.Client:
+    context = ssl.create_default_context(cafile=str(pki["h1"] / "ca.pem"))
+    if certificate is not None:
+        context.load_cert_chain(pki[certificate] / "cert.pem", pki[certificate] / "key.pem")
+    return httpx.Client(verify=context, timeout=10)
+
+
+def _ready(node: NodeProcess, pki: dict[str, Path]) -> bool:
+    try:
+        with _client(pki, None) as client:
+            return client.get(_url(node, "/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _dicomweb(node: NodeProcess, pki: dict[str, Path], certificate: str) -> DICOMwebClient:
+    session: requests.Session = create_session()
+    session.trust_env = False  # Else REQUESTS_CA_BUNDLE, when set, wins over session.verify (requests#3829).
+    session.verify = str(pki["h1"] / "ca.pem")
+    session.cert = (str(pki[certificate] / "cert.pem"), str(pki[certificate] / "key.pem"))
+    return DICOMwebClient(_url(node, "/dicom-web"), session=session)
+
+
+def _audit(node: NodeProcess) -> list[dict[str, object]]:
+    text = (node.data_dir / "audit.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_plain_http_to_the_https_port_is_refused(node: NodeProcess, pki: dict[str, Path]) -> None:
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{HOST}:{node.http_port}/dicom-web/studies", timeout=10)
+    with _client(pki, "viewer") as client:  # The node still serves.
+        assert client.get(_url(node, "/healthz")).text == "ok\n"
+
+
+def test_a_certificate_of_another_ca_is_refused(node: NodeProcess, pki: dict[str, Path]) -> None:
+    context = ssl.create_default_context(cafile=str(pki["h1"] / "ca.pem"))
+    context.load_cert_chain(pki["other-ca-viewer"] / "cert.pem", pki["other-ca-viewer"] / "key.pem")
+    with httpx.Client(verify=context, timeout=10) as client, pytest.raises(httpx.HTTPError):
+        client.get(_url(node, "/dicom-web/studies"))
+
+
+def test_health_is_open_data_needs_a_viewer_or_admin_certificate(node: NodeProcess, pki: dict[str, Path]) -> None:
+    with _client(pki, None) as anonymous:
+        assert anonymous.get(_url(node, "/healthz")).status_code == 200
+        assert anonymous.get(_url(node, "/metrics")).status_code == 200
+        for path in ("/dicom-web/studies?PatientID=PAT-SECRET", "/ui/", "/api/cluster"):
+            assert anonymous.get(_url(node, path)).status_code == 401, path
+    with _client(pki, "n2") as other_node:  # A node certificate of our CA is not a viewer's.
+        assert other_node.get(_url(node, "/dicom-web/studies")).status_code == 403
+    with _client(pki, "admin") as admin:
+        assert admin.get(_url(node, "/dicom-web/studies")).status_code == 200
+    log = node.log_text()
+    assert "http.access.refused address=127.0.0.1 path_class=dicom-web" in log
+    assert "reason=no-client-certificate status=401" in log and "reason=certificate-role status=403" in log
+    assert "path_class=ui" in log and "path_class=api" in log
+    assert "PAT-SECRET" not in log
+
+
+def test_dicomweb_with_a_viewer_certificate_is_audited(node: NodeProcess, pki: dict[str, Path],
+                                                        root: Path) -> None:
+    spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=2, seed=11, rows=16, cols=16)
+    manifest = datagen.write_study_set(spec, root / "data")
+    client = _dicomweb(node, pki, "viewer")
+    stored = client.store_instances([dcmread(entry["path"]) for entry in manifest])
+    assert len(stored.ReferencedSOPSequence) == len(manifest)
+    patient_id, study_uid = manifest[0]["patient_id"], manifest[0]["study_uid"]
+    found = client.search_for_studies(search_filters={"PatientID": patient_id})
+    assert [s["0020000D"]["Value"][0] for s in found] == [study_uid]
+    instances = client.retrieve_study(study_uid, media_types=(("application/dicom", "*"),))
+    assert len(instances) == len(manifest)
+    assert len(client.retrieve_study_metadata(study_uid)) == len(manifest)
+
+    def by(event: str, action: str) -> list[dict[str, object]]:
+        return [m for m in _audit(node) if m["EventIdentification"]["EventID"]["originalText"] == event  # type: ignore[index]
+                and m["EventIdentification"]["EventActionCode"] == action]  # type: ignore[index]
+
+    def requestor(message: dict[str, object]) -> dict[str, object]:
+        return next(p for p in message["ActiveParticipant"] if p["UserIsRequestor"])  # type: ignore[attr-defined]
+
+    viewer = "pacsnode-dicom:WS1"
+    assert wait_until(lambda: len(by("DICOM Instances Accessed", "R")) >= 1, 10)
+    stores = [m for m in by("DICOM Instances Transferred", "C") if requestor(m)["UserID"] == viewer]
+    assert len(stores) == len(manifest)
+    assert all(patient_id in json.dumps(m) and study_uid in json.dumps(m) for m in stores)
+    queries = [m for m in by("Query", "E") if requestor(m)["UserID"] == viewer]
+    assert any(patient_id in json.dumps(m) and "QIDO-RS" in json.dumps(m) for m in queries)
+    retrieves = [m for m in by("DICOM Instances Transferred", "R") if requestor(m)["UserID"] == viewer]
+    assert retrieves and study_uid in json.dumps(retrieves[-1])
+    assert requestor(retrieves[-1])["NetworkAccessPointID"] == HOST
+    assert "WADO-RS retrieve: 2 of 2 instances" in json.dumps(retrieves[-1])
+    refusals = [m for m in by("Security Alert", "E") if "HTTP dicom-web refused" in json.dumps(m)]
+    assert refusals  # The refused requests of the test before (module-scoped node).
