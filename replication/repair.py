@@ -19,6 +19,7 @@ that arrives during the check is not in the list and stays for a later pass.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,28 @@ def intervals_of(token_range: TokenRange) -> list[tuple[int, int]]:
     return RangeSet([token_range]).intervals()
 
 
+def _covers(ranges: RangeSet, token_range: TokenRange) -> bool:
+    """Whether every token of `token_range` is in `ranges`."""
+    intervals = ranges.intervals()
+    lows = [low for low, _high in intervals]
+    for low, high in intervals_of(token_range):
+        index = bisect.bisect_right(lows, low) - 1
+        if index < 0 or intervals[index][1] < high:
+            return False
+    return True
+
+
+def _meets(ranges: RangeSet, token_range: TokenRange) -> bool:
+    """Whether `token_range` and `ranges` share a token."""
+    intervals = ranges.intervals()
+    lows = [low for low, _high in intervals]
+    for low, high in intervals_of(token_range):
+        index = bisect.bisect_right(lows, high) - 1  # The last interval starting at or below `high`.
+        if index >= 0 and intervals[index][1] >= low:
+            return True
+    return False
+
+
 def _digest_of(entries: Sequence[Entry]) -> Digest:
     """The segment digest a store keeps for exactly these entries."""
     digest = Digest()
@@ -157,7 +180,11 @@ class Repairer:
         return any(not (high < p_low or p_high < low) for p_low, p_high in intervals_of(pending))
 
     def ring_changed(self) -> None:
-        """Run a pass now (called by membership on every ring change)."""
+        """Run a pass now (called by membership on every ring change). The ranges gained
+        are marked pending at once: a pass in flight may take a while to notice the change,
+        and until then this node would answer reads for them as if it held them."""
+        ring = self._membership.ring()
+        self._note_ring(ring, ring.effective_replicas(self._settings.replication_factor))
         self._wake.set()
 
     # ----------------------------------------------------------------- main loop
@@ -193,12 +220,20 @@ class Repairer:
             if self._store.is_empty():
                 self._pending = set(mine)
         else:
+            # By token coverage, not by range identity: a removed vnode's range merges into
+            # its successor's, so a range we owned "at its end" can have grown a part we did
+            # not own; and a pending range reshaped by a second change must stay pending.
             old_n = previous.effective_replicas(self._settings.replication_factor)
+            held = RangeSet(o.token_range for o in previous.ranges(old_n) if self.self_id in o.owners)
+            unfilled = RangeSet(self._pending)
             newly = []
+            kept = []
             for token_range in mine:
-                if len(previous) and self.self_id not in previous.preference_list(token_range.end, old_n):
+                if not _covers(held, token_range):
                     newly.append(token_range)
-            self._pending = {p for p in self._pending if p in set(mine)} | set(newly)
+                elif unfilled and _meets(unfilled, token_range):
+                    kept.append(token_range)
+            self._pending = set(kept) | set(newly)
             if newly:
                 log.info("repair.ranges.pending count=%d ring_version=%x", len(newly), ring.version)
         self._pending_set = RangeSet(self._pending)

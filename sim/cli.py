@@ -58,6 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="fraction of stores that re-send an acknowledged SOP Instance UID with other bytes")
     run.add_argument("--duplicates", type=float, default=0.0,
                      help="fraction of stores that re-send an acknowledged instance unchanged")
+    run.add_argument("--read-quorum", type=int, default=None,
+                     help="R for requests that name a study (default: SimConfig's, 2)")
     run.add_argument("--json", type=Path, default=None, help="also write the full result here")
     run.add_argument("--verbose", action="store_true", help="show the nodes' own log lines (WARNING and up)")
 
@@ -73,6 +75,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--budget-s", type=float, default=None,
                        help="start no new run after this many seconds of wall time (the report covers what ran)")
     sweep.add_argument("--load", type=int, default=None)
+    sweep.add_argument("--read-quorum", type=int, default=None,
+                       help="R for requests that name a study (default: SimConfig's, 2)")
 
     chaos = commands.add_parser(
         "chaos", help="real processes, real DICOM clients, real faults (kill -9, pause, wipe, partitions)",
@@ -155,7 +159,8 @@ def _run(args: argparse.Namespace) -> int:
     from pacsnode.sim.workload import WorkloadMix
     _quiet_logging(args.verbose)
     result = run_scenario(args.scenario, nodes=args.nodes, sites=args.sites, seed=args.seed, load=args.load,
-                          rate_per_s=args.rate, mix=WorkloadMix(conflict=args.conflicts, duplicate=args.duplicates))
+                          rate_per_s=args.rate, mix=WorkloadMix(conflict=args.conflicts, duplicate=args.duplicates),
+                          config=_config(args.read_quorum))
     print(format_result(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
@@ -207,12 +212,17 @@ def _task_list(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
     return tasks
 
 
-def _worker(task: tuple[str, int, int, int, int | None]) -> dict[str, Any]:
+def _config(read_quorum: int | None) -> Any:
+    from pacsnode.sim.cluster import SimConfig
+    return None if read_quorum is None else SimConfig(read_quorum=read_quorum)
+
+
+def _worker(task: tuple[str, int, int, int, int | None, int | None]) -> dict[str, Any]:
     from pacsnode.sim.run import run_scenario
     _quiet_logging()
-    name, nodes, sites, seed, load = task
+    name, nodes, sites, seed, load, read_quorum = task
     try:
-        return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load)
+        return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load, config=_config(read_quorum))
     except Exception as error:  # A crash of the harness (or of the real code) is a result too.
         return {"scenario": name, "nodes": nodes, "sites": sites, "seed": seed, "ok": False, "crashed": repr(error),
                 "checks": [], "replay": f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} "
@@ -230,7 +240,7 @@ def _sweep(args: argparse.Namespace) -> int:
             if line.strip():
                 r = json.loads(line)
                 done.add((r["scenario"], r["nodes"], r["sites"], r["seed"]))
-    tasks = [t + (args.load,) for t in _task_list(args) if t not in done]
+    tasks = [t + (args.load, args.read_quorum) for t in _task_list(args) if t not in done]
     started = time.monotonic()
     print(f"sweep: {len(tasks)} runs to do ({len(done)} already in {results_path}), {args.jobs} at a time",
           flush=True)

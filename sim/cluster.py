@@ -267,6 +267,7 @@ class _Process:
         self.generation = generation
         self.alive = True
         self.paused_until: float | None = None
+        self.pauses = 0  # Pauses begun on this boot (a client op whose entry node paused did not stay up).
         self.started_at = self.loop.time()
         self._inbox: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -364,6 +365,7 @@ class _Process:
         if not self.alive:
             return
         until = self.loop.time() + duration_s
+        self.pauses += 1
         self.paused_until = max(self.paused_until or 0.0, until)
         if self._tick_handle is not None:
             self._tick_handle.cancel()

@@ -273,6 +273,33 @@ def availability(ops: Sequence[OpRecord]) -> Availability:
                         percentile(latencies, 50), percentile(latencies, 99), dict(sorted(statuses.items())))
 
 
+# ===================================================================== read your writes
+
+
+READ_KINDS = ("retrieve", "find-study", "find")
+
+
+def read_your_writes(ops: Sequence[OpRecord]) -> dict[str, dict[str, int]]:
+    """Per read kind, over the ops whose entry node stayed up (`OpRecord.entry_up`): how
+    many answered complete ("success"), said Success without an acknowledged study or
+    instance ("stale"; a PatientID find's "incomplete"), said part could not be asked
+    ("flagged", never Success), or failed otherwise. `through_down_entry`: the rest."""
+    counts: dict[str, dict[str, int]] = {}
+    for kind in READ_KINDS:
+        c = {"attempted": 0, "success": 0, "stale": 0, "flagged": 0, "failed": 0, "through_down_entry": 0}
+        for op in ops:
+            if op.kind != kind:
+                continue
+            if not op.entry_up:
+                c["through_down_entry"] += 1
+                continue
+            c["attempted"] += 1
+            status = "stale" if op.status == "incomplete" else op.status
+            c[status if status in ("success", "stale", "flagged") else "failed"] += 1
+        counts[kind] = c
+    return counts
+
+
 # ===================================================================== balance and bandwidth
 
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pacsnode.sim.metrics import percentile
+from pacsnode.sim.metrics import READ_KINDS, percentile
 
 # Scenarios whose crashes measure failure detection on a clean LAN (no loss, no partition).
 DETECTION_SCENARIOS = ("kill-one", "kill-two-sites-apart", "remove")
@@ -154,6 +154,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                                                         for r in chosen)}
             avail[scenario] = row
         s["availability"] = avail
+        # Read your writes: every client read through an entry node that stayed up, whole run.
+        ryw: dict[str, Any] = {}
+        for scenario in sorted({r["scenario"] for r in runs if "read_your_writes" in r}):
+            chosen = [r for r in runs if r["scenario"] == scenario and "read_your_writes" in r]
+            ryw[scenario] = {kind: {key: sum(r["read_your_writes"][kind][key] for r in chosen)
+                                    for key in chosen[0]["read_your_writes"][kind]} for kind in READ_KINDS}
+        s["read_your_writes"] = ryw
         s["hints_out_of_ring_max"] = max((r.get("hints_left", {}).get("for_owners_out_of_ring", 0) for r in runs),
                                          default=0)
         s["wall_s_p50"] = percentile([r["wall_s"] for r in runs if "wall_s" in r], 50)
@@ -161,6 +168,18 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         summary["per_size"][str(size)] = s
     summary["acked_instances_checked"] = total_acked
     summary["acked_lost_or_wrong"] = total_lost
+    summary["read_quorum"] = sorted({r["read_quorum"] for r in results if "read_quorum" in r})
+    totals: dict[str, dict[str, int]] = {}
+    for r in results:
+        for kind, counts in r.get("read_your_writes", {}).items():
+            for key, value in counts.items():
+                totals.setdefault(kind, {}).setdefault(key, 0)
+                totals[kind][key] += value
+    summary["read_your_writes"] = totals
+    summary["stale_runs"] = [{"scenario": r["scenario"], "nodes": r["nodes"], "seed": r["seed"], "replay": r["replay"],
+                              **{kind: r["read_your_writes"][kind]["stale"] for kind in READ_KINDS}}
+                             for r in results if any(r.get("read_your_writes", {}).get(kind, {}).get("stale")
+                                                     for kind in READ_KINDS)]
     return summary
 
 
@@ -250,6 +269,29 @@ def render_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {n} | {scenario} | {st['ok']}/{st['attempted']} | {_f(st['p99_ms_max'], 0)} "
                          f"({_f(st['baseline_p99_ms_max'], 0)}) | {rd['ok']}/{rd['attempted']} | "
                          f"{_f(rd['p99_ms_max'], 0)} | {fd['ok']}/{fd['attempted']} | {fd['incomplete']} |")
+    if summary.get("read_your_writes"):
+        t = summary["read_your_writes"]
+        lines += ["", "## Read your writes",
+                  f"Every client read of the run through an entry node that stayed up (R = "
+                  f"{', '.join(map(str, summary['read_quorum'])) or '?'}), checked against what was acknowledged "
+                  "before it began: 'stale' said Success without an acknowledged study or instance, 'flagged' said "
+                  "part could not be asked (never Success). retrieve = locate of one study (a C-GET), find-study = "
+                  "STUDY-level C-FIND naming it (NumberOfStudyRelatedInstances), find = by PatientID (a scatter, "
+                  "R=1 per range by design).", "",
+                  "| nodes | scenario | retrieve ok / stale / flagged / failed | find-study ok / stale / flagged / "
+                  "failed | find ok / stale / flagged / failed |", "|---|---|---|---|---|"]
+        for n in sizes:
+            for scenario, row in per[str(n)].get("read_your_writes", {}).items():
+                lines.append(f"| {n} | {scenario} | " + " | ".join(
+                    f"{row[k]['success']} / {row[k]['stale']} / {row[k]['flagged']} / {row[k]['failed']}"
+                    for k in READ_KINDS) + " |")
+        lines.append("| all | all | " + " | ".join(
+            f"{t[k]['success']} / **{t[k]['stale']}** / {t[k]['flagged']} / {t[k]['failed']}"
+            for k in READ_KINDS if k in t) + " |")
+        for stale in summary["stale_runs"][:20]:
+            lines.append(f"- stale: {stale['scenario']} n={stale['nodes']} seed={stale['seed']} (retrieve "
+                         f"{stale['retrieve']}, find-study {stale['find-study']}, find {stale['find']}): "
+                         f"`{stale['replay']}`")
     if summary["failures"]:
         lines += ["", "## Failed runs", ""]
         for f in summary["failures"]:

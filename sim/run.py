@@ -35,6 +35,7 @@ from pacsnode.sim.metrics import (
     false_positives,
     movement,
     percentile,
+    read_your_writes,
     spread_of,
     swim_bytes_sent,
 )
@@ -76,6 +77,7 @@ def run_scenario(name: str, *, nodes: int, sites: int = 3, seed: int = 0, load: 
     result["replay"] = f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} --sites {sites} --seed {seed}" + \
         (f" --load {load}" if load is not None else "") + \
         (f" --rate {rate_per_s}" if rate_per_s != 4.0 else "") + \
+        (f" --read-quorum {config.read_quorum}" if config.read_quorum != SimConfig().read_quorum else "") + \
         (f" --conflicts {mix.conflict}" if mix.conflict else "") + (f" --duplicates {mix.duplicate}" if mix.duplicate
                                                                       else "")
     result["mix"] = dataclasses.asdict(mix)
@@ -196,10 +198,13 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
     result["availability"] = {
         "baseline": {kind: dataclasses.asdict(availability(workload.ops_between(loaded_ms, baseline_end_ms, kind,
                                                                                 ended=True)))
-                     for kind in ("store", "read", "find")},
+                     for kind in ("store", "read", "find", "retrieve", "find-study")},
         "fault": {kind: dataclasses.asdict(availability(workload.ops_between(ctx.fault_start_ms, window_end, kind)))
-                  for kind in ("store", "read", "find")},
+                  for kind in ("store", "read", "find", "retrieve", "find-study")},
     }
+    # Read your writes (issue 16 item 3): every client read of the run through an entry node that stayed up.
+    result["read_your_writes"] = read_your_writes([op for op in workload.history if op.ended_ms])
+    result["read_quorum"] = cluster.config.read_quorum
     # Hints left for owners that are gone from the ring (never re-targeted), and repair totals.
     result["hints_left"] = _hints_left(cluster)
     result["repair"] = {
@@ -321,6 +326,11 @@ def format_result(result: dict[str, Any]) -> str:
                                                             if a["entry_down"] else "")
                          + (f" p99 {a['latency_p99_ms']:.0f} ms" if a["latency_p99_ms"] is not None else ""))
         lines.append(f"  availability {window}: " + ", ".join(parts))
+    ryw = result.get("read_your_writes")
+    if ryw:
+        lines.append("  read your writes (entry node up; R=" + str(result.get("read_quorum")) + "): " + ", ".join(
+            f"{kind} {c['success']} ok / {c['stale']} stale / {c['flagged']} flagged / {c['failed']} failed"
+            for kind, c in ryw.items()))
     b = result["balance"]
     if b:
         lines.append(f"  balance: stored max/mean {_fmt(b['stored_max_over_mean'])}, ring ownership max/mean "

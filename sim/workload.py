@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pacsnode.node.codec import compress
-from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.archive import (
+    IncompleteAnswer,
+    InstanceLocation,
+    ReadError,
+    RetrievePlan,
+    WriteResult,
+    WriteStatus,
+)
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import InstanceRecord, StoredInstance, content_hash
 from pacsnode.sim.cluster import SimCluster
@@ -57,14 +64,15 @@ class AckedWrite:
 
 @dataclass
 class OpRecord:
-    kind: str  # store | read | find
+    kind: str  # store | read | find | retrieve | find-study
     node_id: str
     started_ms: int
     ended_ms: int = 0
     ok: bool = False
     status: str = ""  # success, quorum-failed, out-of-resources, entry-down, entry-crashed, timeout,
-    # unavailable, wrong-content, incomplete, error: ...
+    # unavailable, wrong-content, incomplete, stale, flagged, error: ...
     sop_instance_uid: str = ""
+    entry_up: bool = False  # The entry node ran throughout: not down, crashed, restarted or paused.
 
     @property
     def latency_ms(self) -> int:
@@ -148,6 +156,11 @@ class WorkloadMix:
     store: float = 0.6
     read: float = 0.3
     find: float = 0.1
+    # Of finds (the same share of ops, the same draws: half become study reads): a C-GET of
+    # one study (`retrieve`) and a STUDY-level C-FIND naming it (`find-study`), each checked
+    # against the instances of that study acknowledged before it began (read your writes).
+    retrieve: float = 0.25
+    find_study: float = 0.25
     duplicate: float = 0.0  # Of stores: re-send an acknowledged instance unchanged.
     conflict: float = 0.0  # Of stores: re-send an acknowledged SOP Instance UID with other bytes.
 
@@ -163,11 +176,13 @@ class Workload:
         self.instances_per_study = instances_per_study
         self.history: list[OpRecord] = []
         self.acked: dict[str, list[AckedWrite]] = {}  # sop uid -> every acknowledged write of it
+        self.acked_by_study: dict[str, set[str]] = {}  # study uid -> sop uids acknowledged
         self.studies: list[Study] = []
         self.stored: dict[str, StoredInstance] = {}  # Every instance ever sent, by sop uid (first bytes).
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
-        self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0}
+        self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0,
+                                 "retrieve": 60.0, "find-study": 60.0}
 
     # ----------------------------------------------------------------- entry points
     def entry_nodes(self) -> list[str]:
@@ -190,8 +205,11 @@ class Workload:
             await process.wait_running()
             return await work(process)
 
+        pauses, paused = process.pauses, process.paused
         task = process.spawn(served())
         done, _pending = await asyncio.wait({task}, timeout=self.client_timeout_s[kind])
+        record.entry_up = (not paused and process.alive and process.pauses == pauses
+                           and node.process is process and not task.cancelled())
         if not done:
             task.cancel()
             record.status = "timeout"
@@ -219,6 +237,7 @@ class Workload:
             record.status = result.status
             record.ok = result.status == WriteStatus.SUCCESS
         if record.ok:
+            self.acked_by_study.setdefault(stored.study_instance_uid, set()).add(stored.sop_instance_uid)
             self.acked.setdefault(stored.sop_instance_uid, []).append(AckedWrite(
                 stored.sop_instance_uid, stored.study_instance_uid, stored.content_hash, len(stored.blob),
                 record.ended_ms, stored))
@@ -293,6 +312,57 @@ class Workload:
         self.cluster.trace.record(record.ended_ms, "op", "find", node_id, patient_id, record.status)
         return record, found or set()
 
+    async def retrieve(self, study_instance_uid: str, node_id: str | None = None) -> OpRecord:
+        """What a C-GET of one study does first: locate its instances through a node (the
+        study's owners, R of them, merged). "success": every instance of the study
+        acknowledged before the op began is located; "stale": the node said complete (no
+        shortfall) with one of them missing; "flagged": it said part could not be asked."""
+        node_id = node_id or self.pick_node()
+        record = OpRecord("retrieve", node_id, self.cluster.now_ms())
+        self.history.append(record)
+        expected = set(self.acked_by_study.get(study_instance_uid, ()))
+        query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study_instance_uid),))
+        plan: RetrievePlan | None = await self._at_node(
+            "retrieve", node_id, lambda process: process.coordinator.locate(query), record)
+        record.ended_ms = self.cluster.now_ms()
+        if plan is not None:
+            record.ok = True  # Answered; the status says how (as for find).
+            located = {location.sop_instance_uid for location in plan.locations}
+            record.status = "flagged" if plan.shortfall else "success" if expected <= located else "stale"
+        self.cluster.trace.record(record.ended_ms, "op", "retrieve", node_id, study_instance_uid, record.status)
+        return record
+
+    async def find_study(self, study_instance_uid: str, node_id: str | None = None) -> OpRecord:
+        """A STUDY-level C-FIND naming one study: "stale" when it says Success with no row for
+        an acknowledged study, or NumberOfStudyRelatedInstances below the instances of it
+        acknowledged before the op began; "flagged" when it raised IncompleteAnswer."""
+        node_id = node_id or self.pick_node()
+        record = OpRecord("find-study", node_id, self.cluster.now_ms())
+        self.history.append(record)
+        expected = len(self.acked_by_study.get(study_instance_uid, ()))
+        query = Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study_instance_uid),),
+                      return_keys=("StudyInstanceUID", "NumberOfStudyRelatedInstances"))
+        flagged = False
+
+        async def work(process: Any) -> int:
+            nonlocal flagged
+            count = 0
+            try:
+                async for row in process.coordinator.find(query):
+                    if str(row["StudyInstanceUID"]) == study_instance_uid:
+                        count = max(count, int(str(row.get("NumberOfStudyRelatedInstances") or 0)))
+            except IncompleteAnswer:
+                flagged = True
+            return count
+
+        count: int | None = await self._at_node("find-study", node_id, work, record)
+        record.ended_ms = self.cluster.now_ms()
+        if count is not None:
+            record.ok = True
+            record.status = "flagged" if flagged else "success" if count >= expected else "stale"
+        self.cluster.trace.record(record.ended_ms, "op", "find-study", node_id, study_instance_uid, record.status)
+        return record
+
     # ----------------------------------------------------------------- generators
     def next_instance(self) -> StoredInstance:
         """A new instance: of a new study, or one more of a recent study."""
@@ -344,7 +414,16 @@ class Workload:
                 coroutine = self.read(rng.choice(sorted(self.acked)) if len(self.acked) < 64
                                       else self._recent_acked())
             else:
-                coroutine = self.find(self._some_patient())
+                # The find share, split by where the roll fell (no extra draw): PatientID
+                # finds, then study retrieves, then study finds.
+                study = self.rng.choice(self.studies)
+                within = (roll - mix.store - mix.read) / mix.find if mix.find else 0.0
+                if within < 1 - mix.retrieve - mix.find_study:
+                    coroutine = self.find(study.patient_id)
+                elif within < 1 - mix.find_study:
+                    coroutine = self.retrieve(study.study_instance_uid)
+                else:
+                    coroutine = self.find_study(study.study_instance_uid)
             task = self.cluster.loop.create_task(coroutine)  # type: ignore[arg-type]
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -364,9 +443,6 @@ class Workload:
         # dicts keep insertion order: the last acknowledged instances are at the end.
         keys = list(self.acked)
         return keys[-1 - self.rng.randrange(min(len(keys), 500))]
-
-    def _some_patient(self) -> str:
-        return self.rng.choice(self.studies).patient_id
 
     # ----------------------------------------------------------------- summaries
     def acked_bytes(self) -> int:
