@@ -191,6 +191,7 @@ class _PieceState:
     answered: list[str]  # Owners that answered, in order.
     failed: set[str]
     rows: dict[str, list[Attributes]]  # By node; stand-ins' hint rows under "hints:<node>".
+    hint_holders_missed: int = 0  # Possible hint holders down or failed (an owner was unavailable).
 
 
 Reconcile = Callable[[str, Sequence[str]], Awaitable[bool]]
@@ -256,7 +257,13 @@ class RoutedGather:
             self._launch(node_id, pieces, hints=False)
 
     def _launch_hint_holders(self) -> None:
-        """Ask the stand-ins of every owner that is down or failed, for its hints."""
+        """When an owner of a study is down or failed, ask the nodes that may hold hints.
+
+        A write counts a stand-in's hint toward W (sloppy quorum), so with an owner out of
+        reach an acknowledged instance can sit on that owner plus hints held *for the
+        owners this read asked* (a writer on the other side of a partition saw those as
+        down). So the stand-ins of every owner are asked, not only of the unavailable
+        ones; one that cannot be asked leaves the study flagged (see `_answer`)."""
         context = self._context
         holders: dict[str, list[int]] = {}
         for index, piece in enumerate(self._pieces):
@@ -264,9 +271,14 @@ class RoutedGather:
             unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
             if not unavailable:
                 continue
-            for stand_in in context.ring.stand_ins(piece.token_range.end, context.n, unavailable):
-                if stand_in.node_id == context.self_id or context.is_alive(stand_in.node_id):
-                    holders.setdefault(stand_in.node_id, []).append(index)
+            candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
+            candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
+                                                                    set(piece.owners))}
+            for node_id in sorted(candidates):
+                if node_id == context.self_id or context.is_alive(node_id):
+                    holders.setdefault(node_id, []).append(index)
+                else:
+                    state.hint_holders_missed += 1
             if context.self_id not in piece.owners:
                 holders.setdefault(context.self_id, []).append(index)
         for node_id, pieces in holders.items():
@@ -304,6 +316,8 @@ class RoutedGather:
             if call.hints:
                 if error is not None:
                     log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
+                    for index in call.pieces:
+                        self._states[index].hint_holders_missed += 1
                 continue
             if error is None:
                 for index in call.pieces:
@@ -344,7 +358,9 @@ class RoutedGather:
         state = self._states[index]
         level = self._level()
         answers = [self._keyed(state.rows[node_id]) for node_id in state.answered]
-        complete = len(state.answered) >= state.needed
+        # R owners vouch for the answer, and, when an owner was out of reach, every node
+        # that may hold hints for the owners was asked too.
+        complete = len(state.answered) >= state.needed and not state.hint_holders_missed
         if len(answers) > 1 and any(answer != answers[0] for answer in answers[1:]):
             self._context.count("read_disagreements")
             study_uid = self._pieces[index].study_instance_uid
