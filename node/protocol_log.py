@@ -9,6 +9,9 @@ no patient data, whatever the libraries underneath print.
 - pydicom reports a malformed dataset with `warnings.warn`, which Python prints to stderr
   in two lines and which can quote element values (a name, a birth date). Warnings go to
   the `py.warnings` logger, shown at DEBUG only.
+- grpc's core logs a traceback when a peer cancels a stream while the server writes to it
+  (`ExecuteBatchError raised in core by servicer method`: a C-FIND abandoned across the
+  cluster does that); it is kept as one line the same way.
 - A thread that dies of an exception prints a traceback to stderr; it becomes one line
   `thread.crashed thread=... error=<type>` instead (at DEBUG, with the traceback).
 """
@@ -21,7 +24,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_LIBRARY_PREFIXES = ("pynetdicom",)
+_LIBRARY_PREFIXES = ("pynetdicom", "grpc")
 
 
 class OneLineLibraryRecords(logging.Filter):

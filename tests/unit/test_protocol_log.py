@@ -31,6 +31,16 @@ def test_exception_records_become_one_line_with_the_type_only() -> None:
     assert text == "pynetdicom.fsm Unable to decode the received PDU data exception=ValueError"
 
 
+def test_grpc_core_tracebacks_become_one_line() -> None:
+    """Seen in CI: a peer Query stream cancelled by its caller mid-write made grpc's core log
+    a multi-line traceback in the node log (tests/integration/test_bounded.py)."""
+    record = _record("grpc._cython.cygrpc", "ExecuteBatchError raised in core by servicer method [/pacsnode.v1.Data/Query]",
+                     exc=True)
+    text = _formatted(record)
+    assert "Traceback" not in text and "\n" not in text
+    assert text.startswith("grpc._cython.cygrpc ExecuteBatchError raised in core by servicer method")
+
+
 def test_tracebacks_formatted_into_the_message_become_one_line() -> None:
     message = "\nTraceback (most recent call last):\n  File \"x.py\", line 1, in f\nKeyError: 'DOE^JOHN'"
     assert _formatted(_record("pynetdicom.service_class", message)) == "pynetdicom.service_class traceback exception=KeyError"
