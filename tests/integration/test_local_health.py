@@ -84,16 +84,20 @@ def test_a_stuck_store_makes_the_node_unhealthy_and_routed_around_until_it_answe
     assert ping(x, 1) == grpc.StatusCode.OK
     incarnation = x.membership.incarnation
 
-    # 1. A local write that does not return (a disk stuck in fsync).
+    # 1. A local write that does not return (a disk stuck in fsync): the node's own store
+    # behind a replica whose put_stored waits, injected where the node reads its replica.
     inner = x.replica.inner
     release = threading.Event()
-    put_stored = inner.put_stored
 
-    def stuck_put(stored: Any, *, hint_for: str = "") -> str:
-        release.wait(60)
-        return put_stored(stored, hint_for=hint_for)
+    class StuckReplica:
+        def put_stored(self, stored: Any, *, hint_for: str = "") -> str:
+            release.wait(60)
+            return inner.put_stored(stored, hint_for=hint_for)
 
-    inner.put_stored = stuck_put  # type: ignore[method-assign]
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+    x.replica.inner = StuckReplica()
     try:
         manifest = datagen.write_study_set(datagen.StudySetSpec(patients=1, instances_per_series=2, rows=8, cols=8,
                                                                 seed=77, modalities=("CT",)), tmp_path / "data")
@@ -109,7 +113,7 @@ def test_a_stuck_store_makes_the_node_unhealthy_and_routed_around_until_it_answe
         assert x.membership.incarnation == incarnation  # And x has not refuted.
     finally:
         release.set()
-        inner.put_stored = put_stored  # type: ignore[method-assign]
+        x.replica.inner = inner
 
     assert wait_until(lambda: view(x_address, "x").get("healthy") is True, 10)
     assert ping(x, 3) == grpc.StatusCode.OK
