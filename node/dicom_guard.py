@@ -240,8 +240,9 @@ class DicomGuard:
                           description=f"association to {str(event.assoc.acceptor.ae_title).strip()}")
 
     def _on_rejected(self, event: Any) -> None:
+        # The acceptor logs the rejection, with its reason (node/association_guard.py); here
+        # it goes to the audit trail only.
         ae_title, address = _caller(event)
-        log.warning("dicom.association.rejected calling_ae_title=%s address=%s", ae_title, address)
         self.audit.record("user-authentication", outcome=MINOR_FAILURE, event_type="login",
                           participants=[Participant(ae_title, address)], description="association rejected")
 

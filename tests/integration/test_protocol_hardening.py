@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from pacsnode.sim.process import NodeProcess
+from pacsnode.sim.process import NodeProcess, wait_until
 
 from . import clients, rawpdu
 from .rawpdu import RawAssociation, presentation_context
@@ -90,6 +90,8 @@ def test_held_sockets_cannot_lock_modalities_out_for_longer_than_the_timeout(nod
         time.sleep(1.0)  # Each holder has its association thread (a slot) by then.
         with RawAssociation(node.dicom_port) as late:
             answer = late.associate()
+        # The rejection is logged just after the A-ASSOCIATE-RJ goes out: wait for the line.
+        wait_until(lambda: "reason=busy" in _log_after(node, mark), 5)
         log = _log_after(node, mark)
         assert answer is not None and answer.pdu_type == rawpdu.PDU_ASSOCIATE_RJ, (answer, log)
         assert answer.reject_reason == (0x02, 0x03, 0x02)  # Transient, local limit exceeded.
