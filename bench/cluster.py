@@ -1,6 +1,11 @@
 """Cluster benchmark (by hand, not CI): a 3-node cluster on loopback vs a single node, in one run.
 
-    .venv/bin/python bench/cluster.py [--instances 400] [--rows 256]
+    .venv/bin/python bench/cluster.py [--instances 400] [--rows 256] [--setups single,n3w2,n2w1]
+                                      [--profile DIR]
+
+With --profile DIR, py-spy (`pip install py-spy`, a dev tool) records every node process
+during the ingest (`py-spy record --format raw --gil`: the thread holding the GIL, 100 Hz) into
+DIR/<setup>-<node>.txt, and bench/profile_summary.py prints where the samples went.
 
 For each setup (single node; 3 nodes N=3 W=2; 3 nodes N=2 W=1): storescu ingest through
 one node (instances/s, MB/s, CPU-seconds per stored instance summed over every node
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_profilers(nodes: list[NodeProcess], label: str, out: Path | None) -> list[subprocess.Popen[bytes]]:
+    if out is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    profilers = []
+    for node in nodes:
+        assert node.process is not None
+        target = out / f"{label.replace(' ', '_').replace('=', '')}-{node.node_id}.txt"
+        profilers.append(subprocess.Popen([spy, "record", "--pid", str(node.process.pid), "--rate", "100",
+                                           "--format", "raw", "--output", str(target), "--nonblocking", "--gil"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1)  # py-spy attaches.
+    return profilers
+
+
+def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT.
+    for profiler in profilers:
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
+
+
 def start(root: Path, names: tuple[str, ...], extra: list[str]) -> list[NodeProcess]:
     nodes: list[NodeProcess] = []
     for name in names:
@@ -50,22 +83,29 @@ def start(root: Path, names: tuple[str, ...], extra: list[str]) -> list[NodeProc
 
 
 def run_setup(label: str, names: tuple[str, ...], extra: list[str], data: Path,
-              manifest: list[datagen.ManifestEntry], work: Path) -> dict[str, object]:
+              manifest: list[datagen.ManifestEntry], work: Path, profile: Path | None = None) -> dict[str, object]:
     root = work / label.replace(" ", "_").replace("=", "")
     root.mkdir(parents=True, exist_ok=True)
     nodes = start(root, names, extra)
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
-        cpu_before = sum(cpu_seconds(n.process.pid) for n in nodes if n.process)
+        profilers = start_profilers(nodes, label, profile)
+        load_before = os.getloadavg()
+        cpu_before = [cpu_seconds(n.process.pid) for n in nodes if n.process]
         started = time.monotonic()
         result, acked = clients.storescu(nodes[0].dicom_port, [data], extra=["+sd", "+r"])
         elapsed = time.monotonic() - started
         # Let background copies (N > W) land before counting CPU.
         time.sleep(2)
-        cpu = sum(cpu_seconds(n.process.pid) for n in nodes if n.process) - cpu_before
+        cpu_each = [cpu_seconds(n.process.pid) - before for n, before in zip(nodes, cpu_before) if n.process]
+        cpu = sum(cpu_each)
+        stop_profilers(profilers)
+        profilers = []
         size = sum(e["size"] for e in manifest)
         row: dict[str, object] = {
             "setup": label, "stored": len(acked), "instances_per_s": len(acked) / elapsed,
             "mb_per_s": size / elapsed / 1e6, "cpu_s_per_instance": cpu / max(1, len(acked)),
+            "entry_cpu_s_per_instance": cpu_each[0] / max(1, len(acked)), "load_before": load_before, "load_after": os.getloadavg(),
         }
         latencies = []
         for _ in range(50):
@@ -91,42 +131,80 @@ def run_setup(label: str, names: tuple[str, ...], extra: list[str], data: Path,
             row[f"get_{kind}_ok"] = len(got.received) == len(entries)
         return row
     finally:
+        stop_profilers(profilers)
         for node in nodes:
             node.stop()
+
+
+SETUPS = {
+    "single": ("single node", ("s1",), []),
+    "n3w2": ("3 nodes N=3 W=2", ("a1", "a2", "a3"), ["--replication-factor", "3", "--write-quorum", "2"]),
+    "n2w1": ("3 nodes N=2 W=1", ("b1", "b2", "b3"), ["--replication-factor", "2", "--write-quorum", "1"]),
+}
+FIGURES = ("instances_per_s", "mb_per_s", "cpu_s_per_instance", "entry_cpu_s_per_instance", "find_p50_ms",
+           "find_p99_ms", "get_owner_mb_per_s", "get_non_owner_mb_per_s")
+
+
+def medians(runs: list[dict[str, object]]) -> dict[str, object]:
+    row: dict[str, object] = {"setup": runs[0]["setup"], "runs": len(runs),
+                              "stored": min(int(r["stored"]) for r in runs)}  # type: ignore[call-overload]
+    for figure in FIGURES:
+        values = [float(r[figure]) for r in runs if figure in r]  # type: ignore[arg-type]
+        if values:
+            row[figure] = statistics.median(values)
+    row["load"] = [r["load_before"] for r in runs]
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=400)
     parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--setups", default="single,n3w2,n2w1", help="comma-separated: " + ",".join(SETUPS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every setup this many times, in turn; the table shows medians")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy every node during ingest into DIR")
     args = parser.parse_args()
+    os.environ["TCP_NODELAY"] = "1"  # storescu disables Nagle, as in bench/run.py.
+    chosen = [SETUPS[name] for name in args.setups.split(",")]
     work = Path(tempfile.mkdtemp(prefix="pacsnode-cluster-bench-"))
     try:
         per_study = 20
         spec = datagen.StudySetSpec(patients=max(1, args.instances // per_study), series_per_study=2,
                                     instances_per_series=per_study // 2, rows=args.rows, cols=args.rows, seed=77)
         manifest = datagen.write_study_set(spec, work / "data")
-        rows = [
-            run_setup("single node", ("s1",), [], work / "data", manifest, work),
-            run_setup("3 nodes N=3 W=2", ("a1", "a2", "a3"), ["--replication-factor", "3", "--write-quorum", "2"],
-                      work / "data", manifest, work),
-            run_setup("3 nodes N=2 W=1", ("b1", "b2", "b3"), ["--replication-factor", "2", "--write-quorum", "1"],
-                      work / "data", manifest, work),
-        ]
+        runs: dict[str, list[dict[str, object]]] = {label: [] for label, _names, _extra in chosen}
+        for round_ in range(args.rounds):
+            for label, names, extra in chosen:
+                profile = args.profile / f"round{round_}" if args.profile else None
+                runs[label].append(run_setup(label, names, extra, work / "data", manifest,
+                                             work / f"round{round_}", profile))
+        rows = [medians(r) for r in runs.values()]
         base = rows[0]
         print(f"\n{len(manifest)} instances, {args.rows}x{args.rows} 16-bit, storescu x1 through the first node; "
-              "C-FIND at the last node; 2 cores shared by clients and every node\n")
-        print("| setup | inst/s | MB/s | vs single | CPU-s/inst (all nodes) | C-FIND p50 ms | p99 ms | "
-              "C-GET owner MB/s | C-GET non-owner MB/s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              f"C-FIND at the last node; 2 cores shared by clients and every node; medians of {args.rounds} "
+              f"round(s); ratios against the first setup ({base['setup']})\n")
+        print("| setup | inst/s | MB/s | ingest vs first | CPU-s/inst (all nodes) | CPU vs first | "
+              "entry node CPU vs first | C-FIND p50 ms | p99 ms | C-GET owner MB/s | C-GET non-owner MB/s | "
+              "load avg (1 min) before each run |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:
+            loads = ", ".join(f"{load[0]:.1f}" for load in row["load"])  # type: ignore[union-attr,index]
             print(f"| {row['setup']} | {row['instances_per_s']:.1f} | {row['mb_per_s']:.1f} | "
                   f"{row['instances_per_s'] / base['instances_per_s']:.2f} | {row['cpu_s_per_instance']:.4f} | "
+                  f"{row['cpu_s_per_instance'] / base['cpu_s_per_instance']:.2f} | "
+                  f"{row['entry_cpu_s_per_instance'] / base['entry_cpu_s_per_instance']:.2f} | "
                   f"{row['find_p50_ms']:.1f} | {row['find_p99_ms']:.1f} | "
-                  f"{row.get('get_owner_mb_per_s', 0):.1f} | {row.get('get_non_owner_mb_per_s', 0):.1f} |")
+                  f"{row.get('get_owner_mb_per_s', 0):.1f} | {row.get('get_non_owner_mb_per_s', 0):.1f} | {loads} |")
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(rows, indent=2))
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        (out / f"cluster-{stamp}.json").write_text(json.dumps({"args": vars(args) | {"profile": str(args.profile)},
+                                                               "medians": rows, "runs": runs}, indent=2))
+        if args.profile:
+            files = sorted(args.profile.glob("round*/*.txt"))
+            if files:
+                subprocess.run([sys.executable, str(ROOT / "bench" / "profile_summary.py"), *map(str, files)])
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

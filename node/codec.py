@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 
 import zstandard
 
@@ -23,6 +24,31 @@ def decompress(blob: bytes, what: str = "instance") -> bytes:
         return zstandard.ZstdDecompressor().decompress(blob)
     except zstandard.ZstdError as error:
         raise CorruptBlob(f"blob of {what} failed its checksum: {error}") from error
+
+
+def payload_crc32(blob: bytes) -> int:
+    """The CRC-32 a peer store carries for its compressed payload (zlib releases the GIL)."""
+    return zlib.crc32(blob)
+
+
+def check_payload(blob: bytes, total_size_bytes: int, crc32: int | None, what: str = "instance") -> None:
+    """CorruptBlob unless `blob` is one zstd frame of `total_size_bytes` (when its header
+    says) with its content checksum, whose bytes match `crc32`; with `crc32` None, unless
+    it decompresses (checking zstd's checksum) to `total_size_bytes`."""
+    try:
+        frame = zstandard.get_frame_parameters(blob)
+    except zstandard.ZstdError as error:
+        raise CorruptBlob(f"blob of {what} is not a zstd frame: {error}") from error
+    if not frame.has_checksum:
+        raise CorruptBlob(f"blob of {what} has no content checksum")
+    if frame.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, total_size_bytes):
+        raise CorruptBlob(f"blob of {what} holds {frame.content_size} bytes, not {total_size_bytes}")
+    if crc32 is not None:
+        if zlib.crc32(blob) != crc32:
+            raise CorruptBlob(f"blob of {what} failed its CRC-32")
+        return
+    if len(decompress(blob, what)) != total_size_bytes:
+        raise CorruptBlob(f"blob of {what} does not decompress to {total_size_bytes} bytes")
 
 
 def to_stored(instance: Instance, *, now_ms: int | None = None, level: int = ZSTD_LEVEL) -> StoredInstance:

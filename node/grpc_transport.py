@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import logging
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 import grpc
 
 from pacsnode.node import peer_wire
+from pacsnode.node.codec import payload_crc32
 from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
 from pacsnode.node.tls import CHANNEL_OPTIONS
+from pacsnode.proto import WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import Digest
@@ -22,6 +27,14 @@ from pacsnode.ring.placement import TokenRange
 
 if TYPE_CHECKING:
     from pacsnode.ring.members import MemberInfo
+
+log = logging.getLogger(__name__)
+
+# A peer that answered StoreWholeInstance with UNIMPLEMENTED (a node from before it) is
+# sent streams; it is asked again after this long (it may have been upgraded).
+WHOLE_RECHECK_S = 300.0
+# Payload CRCs remembered (by blob identity): a write's copies to every peer share one.
+CRC_MEMO_ENTRIES = 16
 
 
 # A peer that was down (killed, restarting) is dialled again within a second, not after
@@ -94,18 +107,67 @@ class GrpcTransport:
         self._resolve = resolve
         self._envelope = envelope
         self._membership_stubs: dict[str, pb_grpc.MembershipStub] = {}
+        # One stub per peer address, reused by every call (channels are kept by Channels).
+        self._data_stubs: dict[str, pb_grpc.DataStub] = {}
+        self._repair_stubs: dict[str, pb_grpc.RepairStub] = {}
+        self._stream_only_until: dict[str, float] = {}  # Address -> monotonic time to ask for whole again.
+        self._crcs: collections.OrderedDict[int, tuple[bytes, int]] = collections.OrderedDict()
+        self.whole_stores = 0
+        self.stream_stores = 0
 
-    def _channel(self, target: str) -> grpc.aio.Channel:
+    def _address(self, target: str) -> str:
         member = self._resolve(target)
         if member is None:
             raise PeerError(f"unknown node {target}")
-        return self._channels.get(member.peer_address)
+        return member.peer_address
+
+    def _data(self, target: str) -> tuple[str, pb_grpc.DataStub]:
+        address = self._address(target)
+        stub = self._data_stubs.get(address)
+        if stub is None:
+            stub = self._data_stubs[address] = pb_grpc.DataStub(self._channels.get(address))
+        return address, stub
+
+    def _repair(self, target: str) -> pb_grpc.RepairStub:
+        address = self._address(target)
+        stub = self._repair_stubs.get(address)
+        if stub is None:
+            stub = self._repair_stubs[address] = pb_grpc.RepairStub(self._channels.get(address))
+        return stub
+
+    def _crc(self, blob: bytes) -> int:
+        """The payload's CRC-32, computed once for all the copies of one write."""
+        memo = self._crcs.get(id(blob))
+        if memo is not None and memo[0] is blob:
+            return memo[1]
+        crc = payload_crc32(blob)
+        self._crcs[id(blob)] = (blob, crc)
+        while len(self._crcs) > CRC_MEMO_ENTRIES:
+            self._crcs.popitem(last=False)
+        return crc
 
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
-        stub = pb_grpc.DataStub(self._channel(target))
+        """One copy on `target`: in one StoreWholeInstance message when the payload is at
+        most WHOLE_INSTANCE_BYTES_MAX, else (or when `target` predates it) a StoreInstance stream."""
+        address, stub = self._data(target)
+        header = peer_wire.store_header(stored, hint_for, self._crc(stored.blob))
+        reply: pb.StoreReply | None = None
         with _peer_errors(target):
-            reply = await stub.StoreInstance(peer_wire.store_chunks(self._envelope(), stored, hint_for),
-                                             timeout=timeout_ms / 1000)
+            if len(stored.blob) <= WHOLE_INSTANCE_BYTES_MAX and \
+                    self._stream_only_until.get(address, 0.0) <= time.monotonic():
+                try:
+                    reply = await stub.StoreWholeInstance(peer_wire.store_whole(self._envelope(), stored, header),
+                                                          timeout=timeout_ms / 1000)
+                    self.whole_stores += 1
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self._stream_only_until[address] = time.monotonic() + WHOLE_RECHECK_S
+                    log.info("peer.store.whole_unimplemented target=%s: streaming to it", target)
+            if reply is None:
+                reply = await stub.StoreInstance(peer_wire.store_chunks(self._envelope(), stored, hint_for, header),
+                                                 timeout=timeout_ms / 1000)
+                self.stream_stores += 1
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
         if outcome is not None and reply.durable:
             return outcome
@@ -114,7 +176,7 @@ class GrpcTransport:
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:
-        stub = pb_grpc.DataStub(self._channel(target))
+        _address, stub = self._data(target)
         request = pb.FetchRequest(envelope=self._envelope(), study_instance_uid=study_instance_uid,
                                   sop_instance_uid=sop_instance_uid, include_hints=include_hints)
         parts: list[bytes] = []
@@ -151,7 +213,7 @@ class GrpcTransport:
     async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
                     timeout_ms: int, started: Callable[[], None] | None = None,
                     include_hints: bool = False) -> AsyncIterator[Attributes]:
-        stub = pb_grpc.DataStub(self._channel(target))
+        _address, stub = self._data(target)
         request = pb.QueryRequest(envelope=self._envelope(), query_json=json.dumps(query.to_json()).encode(),
                                   include_hints=include_hints)
         if ranges is not None:
@@ -171,7 +233,7 @@ class GrpcTransport:
             call.cancel()
 
     async def range_digest(self, target: str, token_range: TokenRange, *, timeout_ms: int) -> dict[int, Digest]:
-        stub = pb_grpc.RepairStub(self._channel(target))
+        stub = self._repair(target)
         request = pb.RangeDigestRequest(envelope=self._envelope(),
                                         range=pb.TokenRange(start=token_range.start, end=token_range.end))
         with _peer_errors(target):
@@ -181,7 +243,7 @@ class GrpcTransport:
 
     async def list_bucket(self, target: str, token_range: TokenRange, segment: int, *,
                           timeout_ms: int) -> list[tuple[str, str, str]]:
-        stub = pb_grpc.RepairStub(self._channel(target))
+        stub = self._repair(target)
         request = pb.ListBucketRequest(envelope=self._envelope(), bucket=segment,
                                        range=pb.TokenRange(start=token_range.start, end=token_range.end))
         with _peer_errors(target):

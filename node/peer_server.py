@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import grpc
 
 from pacsnode.node import peer_wire
-from pacsnode.node.codec import decompress
-from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION
+from pacsnode.node.codec import check_payload
+from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, segment_bounds
@@ -112,38 +112,59 @@ class DataService(pb_grpc.DataServicer):
 
     async def StoreInstance(self, request_iterator: AsyncIterator[pb.StoreChunk],
                             context: grpc.aio.ServicerContext) -> pb.StoreReply:
+        """The streamed store (any size; the only one older nodes send)."""
         header: pb.StoreHeader | None = None
+        env: pb.Envelope | None = None
         parts: list[bytes] = []
         received = 0
         complete = False
-        first = True
-        sender_ring_version = 0
-        sender_id = ""
         async for chunk in request_iterator:
-            if first:
-                await self.server.check(chunk.envelope if chunk.HasField("envelope") else None, context,
-                                        "StoreInstance")
-                sender_ring_version = int(chunk.envelope.ring_version)
-                sender_id = chunk.envelope.sender_id
+            if header is None:
+                env = chunk.envelope if chunk.HasField("envelope") else None
+                await self.server.check(env, context, "StoreInstance")
                 if not chunk.HasField("header"):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first chunk has no header")
                 header = chunk.header
-                first = False
-                limit = int(header.record.compressed_size_bytes)
-                if limit > self.node.config.instance_size_bytes_max + (1 << 20):
+                if self._over_size_limit(header):
                     return self._reply(pb.STORE_OUTCOME_REFUSED_FULL, "instance is over the size limit")
             received += len(chunk.data)
-            if header is not None and received > int(header.record.compressed_size_bytes):
+            if received > int(header.record.compressed_size_bytes):
                 return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "more data than the header announced")
             parts.append(chunk.data)
             if chunk.last:
                 complete = True
                 break
-        if header is None:
+        if header is None or env is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty store stream")
             raise AssertionError("unreachable")
         if not complete or received != int(header.record.compressed_size_bytes):
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "truncated transfer: nothing stored")
+        return await self._store(env, header, b"".join(parts))
+
+    async def StoreWholeInstance(self, request: pb.StoreWholeRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.StoreReply:
+        """The one-message store of an instance of at most WHOLE_INSTANCE_BYTES_MAX."""
+        env = request.envelope if request.HasField("envelope") else None
+        await self.server.check(env, context, "StoreWholeInstance")
+        assert env is not None
+        if not request.HasField("header"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request has no header")
+        header = request.header
+        if self._over_size_limit(header):
+            return self._reply(pb.STORE_OUTCOME_REFUSED_FULL, "instance is over the size limit")
+        if len(request.data) > WHOLE_INSTANCE_BYTES_MAX:
+            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID,
+                               f"a whole-instance payload is at most {WHOLE_INSTANCE_BYTES_MAX} bytes")
+        if len(request.data) != int(header.record.compressed_size_bytes):
+            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "payload size differs from the header's")
+        return await self._store(env, header, request.data)
+
+    def _over_size_limit(self, header: pb.StoreHeader) -> bool:
+        return int(header.record.compressed_size_bytes) > self.node.config.instance_size_bytes_max + (1 << 20)
+
+    async def _store(self, env: pb.Envelope, header: pb.StoreHeader, blob: bytes) -> pb.StoreReply:
+        """A received instance (its payload whole and of the announced size): checked, and
+        durably written in one thread hop."""
         try:
             attributes = peer_wire.attributes_from_json(header.index_attributes_json)
             record = peer_wire.record_from_wire(header.record, attributes)
@@ -152,16 +173,17 @@ class DataService(pb_grpc.DataServicer):
         except (ValueError, TypeError, UnicodeDecodeError) as error:
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, f"bad header: {error}")
         if refuses_not_owner(self.node.membership.ring(), self.node.config.node_id, record.study_instance_uid,
-                             hint_for=header.hint_for, sender_ring_version=sender_ring_version,
+                             hint_for=header.hint_for, sender_ring_version=int(env.ring_version),
                              replication_factor=self.node.config.replication_factor):
             self.not_owner_refusals += 1
-            log.info("peer.store.not_owner sop_instance_uid=%s sender=%s", record.sop_instance_uid, sender_id[:64])
+            log.info("peer.store.not_owner sop_instance_uid=%s sender=%s", record.sop_instance_uid,
+                     env.sender_id[:64])
             return self._reply(pb.STORE_OUTCOME_REFUSED_NOT_OWNER, "not an owner of this study under this node's ring")
-        stored = StoredInstance(record=record, attributes=attributes, blob=b"".join(parts))
+        stored = StoredInstance(record=record, attributes=attributes, blob=blob)
+        crc = int(header.payload_crc32) if header.HasField("payload_crc32") else None
+        total = int(header.record.total_size_bytes)
         try:
-            # Never acknowledge a copy that would not read back: check its zstd checksum.
-            await asyncio.to_thread(decompress, stored.blob, record.sop_instance_uid)
-            outcome = await asyncio.to_thread(self.node.replica.put_stored, stored, hint_for=header.hint_for)
+            outcome = await asyncio.to_thread(self._check_and_put, stored, total, crc, header.hint_for)
         except CorruptBlob as error:
             log.warning("peer.store.corrupt sop_instance_uid=%s error=%s", record.sop_instance_uid, error)
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "payload failed its checksum")
@@ -170,6 +192,14 @@ class DataService(pb_grpc.DataServicer):
         except StoreError as error:
             return self._reply(pb.STORE_OUTCOME_ERROR, str(error))
         return self._reply(peer_wire.OUTCOME_TO_WIRE[outcome], "", durable=True)
+
+    def _check_and_put(self, stored: StoredInstance, total_size: int, crc: int | None, hint_for: str) -> str:
+        """On a store thread: never acknowledge a copy that would not read back. With the
+        sender's CRC-32 the compressed bytes are checked as they are (a damaged transfer
+        fails it; zstd's own checksum is checked on every read); without it (an older
+        sender), by decompressing them."""
+        check_payload(stored.blob, total_size, crc, stored.sop_instance_uid)
+        return self.node.replica.put_stored(stored, hint_for=hint_for)
 
     def _reply(self, outcome: int, message: str, durable: bool = False) -> pb.StoreReply:
         return pb.StoreReply(envelope=self.server.envelope(), outcome=outcome, message=message[:200],

@@ -90,14 +90,30 @@ def attributes_from_json(data: bytes) -> Attributes:
     return value
 
 
-def store_chunks(env: pb.Envelope, stored: StoredInstance, hint_for: str) -> Iterator[pb.StoreChunk]:
-    """The StoreInstance request stream: header in the first chunk, ≤ 1 MiB of blob each."""
-    blob = stored.blob
+def store_header(stored: StoredInstance, hint_for: str, crc32: int | None = None) -> pb.StoreHeader:
+    """The StoreHeader of a peer store; `crc32` (codec.payload_crc32 of the blob) lets the
+    receiver check the payload without decompressing it."""
     header = pb.StoreHeader(
-        record=record_to_wire(stored.record, len(blob)),
+        record=record_to_wire(stored.record, len(stored.blob)),
         index_attributes_json=attributes_json(stored.attributes),
         hint_for=hint_for,
     )
+    if crc32 is not None:
+        header.payload_crc32 = crc32
+    return header
+
+
+def store_whole(env: pb.Envelope, stored: StoredInstance, header: pb.StoreHeader) -> pb.StoreWholeRequest:
+    """The StoreWholeInstance request: envelope, header and the whole payload in one message."""
+    return pb.StoreWholeRequest(envelope=env, header=header, data=stored.blob)
+
+
+def store_chunks(env: pb.Envelope, stored: StoredInstance, hint_for: str,
+                 header: pb.StoreHeader | None = None) -> Iterator[pb.StoreChunk]:
+    """The StoreInstance request stream: header in the first chunk, ≤ 1 MiB of blob each."""
+    blob = stored.blob
+    if header is None:
+        header = store_header(stored, hint_for)
     offsets = range(0, max(len(blob), 1), CHUNK_BYTES_MAX)
     last_offset = offsets[-1]
     for offset in offsets:

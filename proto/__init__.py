@@ -16,5 +16,10 @@ PROTOCOL_VERSION = 1
 # 4 MiB message limit, with room for the header of the first chunk.
 CHUNK_BYTES_MAX = 1 << 20
 
+# The largest payload sent in one Data.StoreWholeInstance message (4 MiB); larger ones
+# are streamed with Data.StoreInstance. With its header it stays under the peer port's
+# 8 MiB message limit (node/peer_server.py MESSAGE_BYTES_MAX).
+WHOLE_INSTANCE_BYTES_MAX = 4 << 20
+
 # Buckets per token range in RangeDigest (XOR + count each).
 DIGEST_BUCKET_COUNT = 1024

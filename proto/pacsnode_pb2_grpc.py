@@ -43,6 +43,11 @@ class DataStub:
                 request_serializer=pacsnode__pb2.StoreChunk.SerializeToString,
                 response_deserializer=pacsnode__pb2.StoreReply.FromString,
                 _registered_method=True)
+        self.StoreWholeInstance = channel.unary_unary(
+                '/pacsnode.v1.Data/StoreWholeInstance',
+                request_serializer=pacsnode__pb2.StoreWholeRequest.SerializeToString,
+                response_deserializer=pacsnode__pb2.StoreReply.FromString,
+                _registered_method=True)
         self.FetchInstance = channel.unary_stream(
                 '/pacsnode.v1.Data/FetchInstance',
                 request_serializer=pacsnode__pb2.FetchRequest.SerializeToString,
@@ -76,6 +81,16 @@ class DataServicer:
         first carries the envelope and the header, every chunk carries payload bytes
         (at most 1 MiB), and the last has last=true. The reply comes only after the write
         is synced (durable=true) or refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreWholeInstance(self, request, context):
+        """Store one instance durably on the receiver, in one message: the header and the whole
+        payload. For payloads of at most WHOLE_INSTANCE_BYTES_MAX (proto/__init__.py, 4 MiB);
+        larger ones go by StoreInstance. Same rules and reply as StoreInstance. A node that
+        predates it answers UNIMPLEMENTED, and the sender then uses StoreInstance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +133,11 @@ def add_DataServicer_to_server(servicer, server):
             'StoreInstance': grpc.stream_unary_rpc_method_handler(
                     servicer.StoreInstance,
                     request_deserializer=pacsnode__pb2.StoreChunk.FromString,
+                    response_serializer=pacsnode__pb2.StoreReply.SerializeToString,
+            ),
+            'StoreWholeInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreWholeInstance,
+                    request_deserializer=pacsnode__pb2.StoreWholeRequest.FromString,
                     response_serializer=pacsnode__pb2.StoreReply.SerializeToString,
             ),
             'FetchInstance': grpc.unary_stream_rpc_method_handler(
@@ -170,6 +190,33 @@ class Data:
             target,
             '/pacsnode.v1.Data/StoreInstance',
             pacsnode__pb2.StoreChunk.SerializeToString,
+            pacsnode__pb2.StoreReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreWholeInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsnode.v1.Data/StoreWholeInstance',
+            pacsnode__pb2.StoreWholeRequest.SerializeToString,
             pacsnode__pb2.StoreReply.FromString,
             options,
             channel_credentials,
