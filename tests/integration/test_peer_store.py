@@ -1,0 +1,180 @@
+"""The peer store path against a real node: Data.StoreWholeInstance (one message with the
+compressed instance and its header), the payload CRC-32 the receiver checks instead of
+decompressing, lying or oversize messages refused with a typed outcome (nothing written),
+and GrpcTransport's fallback to the StoreInstance stream for a peer that predates it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import grpc
+import pytest
+
+from pacsnode.node import peer_wire
+from pacsnode.node.codec import compress, decompress, payload_crc32
+from pacsnode.node.grpc_transport import Channels, GrpcTransport
+from pacsnode.proto import PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
+from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.model import InstanceRecord, StoredInstance
+from pacsnode.replication.transport import PeerRefused, RefusalReason
+from pacsnode.ring.members import MemberInfo
+from pacsnode.sim.process import NodeProcess, free_port
+
+from .test_cluster import local_sop_uids
+
+STUDY = "1.2.826.0.1.3680043.10.777.1"
+SIZE_MAX = 2_000_000  # The node's instance_size_bytes_max in these tests.
+
+
+def _stored(index: int, size: int = 200_000) -> StoredInstance:
+    part10 = bytes(random.Random(index).getrandbits(4) for _ in range(size))
+    record = InstanceRecord(study_instance_uid=STUDY, series_instance_uid=STUDY + ".1",
+                            sop_instance_uid=f"{STUDY}.1.{index}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", content_hash=f"{index:032x}",
+                            size_bytes=size - 132, dataset_offset=132, stored_at_ms=1)
+    attributes = {"PatientID": "PEER-STORE", "StudyInstanceUID": STUDY, "SeriesInstanceUID": STUDY + ".1",
+                  "SOPInstanceUID": record.sop_instance_uid, "Modality": "CT"}
+    return StoredInstance(record=record, attributes=attributes, blob=compress(part10))
+
+
+def _envelope() -> pb.Envelope:
+    return pb.Envelope(cluster_id="pacsnode", protocol_version=PROTOCOL_VERSION, sender_id="test")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("peer-store")
+    process = NodeProcess(root / "p1", node_id="p1",
+                          extra_args=["--profile", "local", "--instance-size-bytes-max", str(SIZE_MAX)]).start()
+    try:
+        yield process
+    finally:
+        process.stop(timeout_s=15)
+
+
+def _whole(node: NodeProcess, request: pb.StoreWholeRequest) -> pb.StoreReply:
+    with grpc.insecure_channel(node.peer_address) as channel:
+        return pb_grpc.DataStub(channel).StoreWholeInstance(request, timeout=10)
+
+
+def test_a_whole_instance_is_stored_durably_and_reads_back(node: NodeProcess) -> None:
+    stored = _stored(1)
+    header = peer_wire.store_header(stored, "", payload_crc32(stored.blob))
+    reply = _whole(node, peer_wire.store_whole(_envelope(), stored, header))
+    assert reply.outcome == pb.STORE_OUTCOME_STORED and reply.durable, reply.message
+    assert stored.sop_instance_uid in local_sop_uids(node.peer_address, STUDY)
+    with grpc.insecure_channel(node.peer_address) as channel:
+        chunks = list(pb_grpc.DataStub(channel).FetchInstance(pb.FetchRequest(
+            envelope=_envelope(), study_instance_uid=STUDY, sop_instance_uid=stored.sop_instance_uid), timeout=10))
+    assert b"".join(c.data for c in chunks) == stored.blob
+    again = _whole(node, peer_wire.store_whole(_envelope(), stored, header))
+    assert again.outcome == pb.STORE_OUTCOME_DUPLICATE and again.durable
+
+
+@pytest.mark.parametrize("lie", ["crc", "short", "frame-size", "not-zstd", "over-whole-limit", "over-size-max"])
+def test_a_lying_or_oversize_message_is_refused_and_nothing_is_written(node: NodeProcess, lie: str) -> None:
+    stored = _stored(100 + len(lie))
+    header = peer_wire.store_header(stored, "", payload_crc32(stored.blob))
+    data = stored.blob
+    expected = pb.STORE_OUTCOME_REFUSED_INVALID
+    if lie == "crc":
+        header.payload_crc32 ^= 1
+    elif lie == "short":
+        data = data[:-10]
+    elif lie == "frame-size":
+        header.record.total_size_bytes += 1  # The frame says otherwise.
+    elif lie == "not-zstd":
+        data = os.urandom(len(data))
+        header.payload_crc32 = payload_crc32(data)  # A right CRC over bytes that are no zstd frame.
+    elif lie == "over-whole-limit":
+        data = os.urandom(WHOLE_INSTANCE_BYTES_MAX + 1)
+        header.record.compressed_size_bytes = len(data)
+        expected = pb.STORE_OUTCOME_REFUSED_FULL  # Over the node's instance size limit too.
+    elif lie == "over-size-max":
+        header.record.compressed_size_bytes = SIZE_MAX + (2 << 20)
+        expected = pb.STORE_OUTCOME_REFUSED_FULL
+    reply = _whole(node, pb.StoreWholeRequest(envelope=_envelope(), header=header, data=data))
+    assert reply.outcome == expected and not reply.durable, (lie, reply.outcome, reply.message)
+    assert stored.sop_instance_uid not in local_sop_uids(node.peer_address, STUDY)
+
+
+def test_without_a_crc_the_receiver_decompresses_and_refuses_a_damaged_payload(node: NodeProcess) -> None:
+    stored = _stored(200)
+    damaged = bytearray(stored.blob)
+    damaged[len(damaged) // 2] ^= 0xFF
+    header = peer_wire.store_header(stored, "")  # An older sender: no payload_crc32.
+    reply = _whole(node, pb.StoreWholeRequest(envelope=_envelope(), header=header, data=bytes(damaged)))
+    assert reply.outcome == pb.STORE_OUTCOME_REFUSED_INVALID and not reply.durable
+    reply = _whole(node, peer_wire.store_whole(_envelope(), stored, header))
+    assert reply.outcome == pb.STORE_OUTCOME_STORED and reply.durable
+
+
+def _transport(address: str) -> tuple[GrpcTransport, Channels]:
+    host, port = address.split(":")
+    channels = Channels()
+    member = MemberInfo(node_id="target", peer_host=host, peer_port=int(port))
+    return GrpcTransport(channels, lambda node_id: member if node_id == "target" else None, _envelope), channels
+
+
+def test_transport_sends_whole_and_maps_a_refusal_to_its_reason(node: NodeProcess) -> None:
+    async def run() -> None:
+        transport, channels = _transport(node.peer_address)
+        try:
+            assert await transport.store("target", _stored(300), hint_for="", timeout_ms=10_000) == "stored"
+            big = _stored(301, size=10)
+            big = StoredInstance(record=big.record, attributes=big.attributes,
+                                 blob=big.blob + b"\x00" * WHOLE_INSTANCE_BYTES_MAX)  # Streamed: over 4 MiB.
+            with pytest.raises(PeerRefused) as refused:
+                await transport.store("target", big, hint_for="", timeout_ms=10_000)
+            assert refused.value.reason is RefusalReason.FULL
+            assert (transport.whole_stores, transport.stream_stores) == (1, 1)
+        finally:
+            await channels.close()
+
+    asyncio.run(run())
+
+
+class _OldData(pb_grpc.DataServicer):
+    """A node from before StoreWholeInstance: only the stream (the base class answers
+    UNIMPLEMENTED for the rest). Receives like node/peer_server.py's stream handler."""
+
+    def __init__(self) -> None:
+        self.blobs: list[bytes] = []
+
+    async def StoreInstance(self, request_iterator: AsyncIterator[pb.StoreChunk], context: Any) -> pb.StoreReply:
+        parts, header = [], None
+        async for chunk in request_iterator:
+            header = header or chunk.header
+            parts.append(chunk.data)
+        blob = b"".join(parts)
+        assert header is not None
+        decompress(blob)
+        self.blobs.append(blob)
+        return pb.StoreReply(envelope=_envelope(), outcome=pb.STORE_OUTCOME_STORED, durable=True)
+
+
+def test_transport_falls_back_to_the_stream_for_an_older_peer() -> None:
+    async def run() -> None:
+        server = grpc.aio.server()
+        old = _OldData()
+        pb_grpc.add_DataServicer_to_server(old, server)
+        port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        await server.start()
+        transport, channels = _transport(f"127.0.0.1:{port}")
+        try:
+            first, second = _stored(400), _stored(401)
+            assert await transport.store("target", first, hint_for="", timeout_ms=10_000) == "stored"
+            assert await transport.store("target", second, hint_for="", timeout_ms=10_000) == "stored"
+            assert old.blobs == [first.blob, second.blob]
+            # The first asked for whole and fell back; the second went straight to the stream.
+            assert (transport.whole_stores, transport.stream_stores) == (0, 2)
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(run())
