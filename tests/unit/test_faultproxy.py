@@ -104,6 +104,29 @@ def test_delay_and_reset(proxy: FaultProxy, echo_port: int) -> None:
             pass
 
 
+def test_a_delayed_link_with_jitter_keeps_order_and_does_not_serialise_chunks(proxy: FaultProxy,
+                                                                              echo_port: int) -> None:
+    port = proxy.add_link("a>b", "127.0.0.1", echo_port)
+    proxy.delay("a>b", 100, jitter_ms=50)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic()
+        sock.sendall(b"\x00")
+        assert _recv_exactly(sock, 1) == b"\x00"
+        assert time.monotonic() - started >= 0.1  # At least (100 - 50) ms each way.
+        # 40 separate writes 10 ms apart, each delayed 50-150 ms each way: they arrive in
+        # order, and together in about 0.4 s + one round trip; a proxy that made each
+        # chunk wait for the one before would take 40 x 100 ms or more.
+        started = time.monotonic()
+        for index in range(1, 41):
+            sock.sendall(bytes([index]))
+            time.sleep(0.01)
+        assert _recv_exactly(sock, 40) == bytes(range(1, 41))
+        assert time.monotonic() - started < 3.0
+    with pytest.raises(ValueError):
+        proxy.delay("a>b", 10, jitter_ms=20)
+
+
 def test_a_target_that_is_down_closes_the_client_connection(proxy: FaultProxy) -> None:
     port = proxy.add_link("a>b", "127.0.0.1", free_port())
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
