@@ -13,6 +13,8 @@ run, without root and without touching the kernel's firewall:
   on `ms` (plus or minus up to `jitter_ms`, uniform, from the proxy's seeded random) after
   it arrived, in order (a chunk never overtakes an earlier one), and chunks in flight do
   not wait for each other: a delayed link still carries its full rate.
+- `base_delay(link, ms, jitter_ms)`: the link's own latency, kept across `heal_all`
+  (the chaos runner gives links between sites a WAN latency this way).
 - `reset(link)`: every open connection of the link is closed at once (a peer's RST).
 
 Everything runs on one asyncio loop in a daemon thread; the control methods are safe to
@@ -48,6 +50,7 @@ class _Link:
     open: asyncio.Event = field(default_factory=asyncio.Event)
     delay_s: float = 0.0
     jitter_s: float = 0.0
+    base: tuple[float, float] = (0.0, 0.0)  # (delay_s, jitter_s) the link has when healed: its WAN latency.
     stats: LinkStats = field(default_factory=LinkStats)
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     server: asyncio.AbstractServer | None = None
@@ -84,13 +87,19 @@ class FaultProxy:
             raise ValueError(f"need 0 <= jitter_ms <= ms, got ms={ms} jitter_ms={jitter_ms}")
         self._call(lambda: self._set_delay(name, ms / 1000.0, jitter_ms / 1000.0))
 
+    def base_delay(self, name: str, ms: float, jitter_ms: float = 0.0) -> None:
+        """The link's own latency (a WAN link's): set now, and restored by `heal_all`."""
+        self.delay(name, ms, jitter_ms)
+        self._call(lambda: self._set_base(name, ms / 1000.0, jitter_ms / 1000.0))
+
     def reset(self, name: str) -> None:
         self._call(lambda: self._reset(name))
 
     def heal_all(self) -> None:
         for name in list(self._links):
             self.unblock(name)
-            self.delay(name, 0)
+            delay_s, jitter_s = self._links[name].base
+            self.delay(name, delay_s * 1000.0, jitter_s * 1000.0)
 
     def blocked(self) -> list[str]:
         return sorted(name for name, link in self._links.items() if not link.open.is_set())
@@ -139,6 +148,9 @@ class FaultProxy:
         link = self._links[name]
         link.delay_s = max(0.0, seconds)
         link.jitter_s = max(0.0, jitter_s)
+
+    async def _set_base(self, name: str, delay_s: float, jitter_s: float) -> None:
+        self._links[name].base = (delay_s, jitter_s)
 
     async def _reset(self, name: str) -> None:
         for writer in list(self._links[name].writers):

@@ -136,3 +136,15 @@ def test_a_target_that_is_down_closes_the_client_connection(proxy: FaultProxy) -
         except ConnectionResetError:
             pass
     assert proxy.stats()["a>b"].refused == 1
+
+
+def test_a_base_delay_survives_heal_all(proxy: FaultProxy, echo_port: int) -> None:
+    port = proxy.add_link("a>b", "127.0.0.1", echo_port)
+    proxy.base_delay("a>b", 150)
+    proxy.delay("a>b", 0)  # A fault's change; heal_all puts the link's own latency back.
+    proxy.heal_all()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"x")
+        assert _recv_exactly(sock, 1) == b"x"
+        assert time.monotonic() - started >= 0.25  # 150 ms each way.
