@@ -115,6 +115,7 @@ class NodeConfig:
     replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
+    read_fault_window_ms: int = setting(60_000, "After any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
@@ -185,7 +186,8 @@ class NodeConfig:
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
+        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s",
+                     "read_fault_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):

@@ -159,6 +159,7 @@ class Node:
                 replication_factor=config.replication_factor,
                 write_quorum=config.write_quorum,
                 read_quorum=config.read_quorum,
+                read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,
                 store_timeout_ms=config.store_timeout_ms,
                 fetch_timeout_ms=config.fetch_timeout_ms,

@@ -45,7 +45,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pacsnode.node.codec import decompress
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
@@ -56,6 +56,7 @@ from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason
 from pacsnode.replication.digest import segment_bounds
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Ring
+from pacsnode.ring.trouble import TroubleLog
 from pacsnode.ring.swim import (
     REPLIES,
     Message,
@@ -90,6 +91,7 @@ class SimConfig:
     replication_factor: int = 3  # N
     write_quorum: int = 2  # W
     read_quorum: int = 2  # R (requests that name a study)
+    read_fault_window_ms: int = 60_000
     vnodes: int = 64
     swim: SwimConfig = field(default_factory=lan_swim)  # LAN profile; dead -> removed after 60 s.
     replica_timeout_ms: int = 2_000
@@ -109,7 +111,7 @@ class SimConfig:
 
     def coordinator_settings(self) -> CoordinatorSettings:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
-                                   read_quorum=self.read_quorum,
+                                   read_quorum=self.read_quorum, read_fault_window_ms=self.read_fault_window_ms,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
                                    replica_start_timeout_ms=self.replica_start_timeout_ms)
@@ -177,10 +179,12 @@ class SwimMembership:
     them is dead changed (node/swim_membership.py's ring_key).
     """
 
-    def __init__(self, swim: Swim, rings: RingCache) -> None:
+    def __init__(self, swim: Swim, rings: RingCache, clock: Callable[[], int]) -> None:
         self.swim = swim
         self.self_id = swim.self_id
         self._rings = rings
+        self._clock = clock  # The node's Swim clock (ms).
+        self.trouble = TroubleLog()
         self._members: tuple[Member, ...] = ()
         self._change_key: tuple[tuple[str, int, bool], ...] = ()
         self._ring: Ring | None = None
@@ -216,6 +220,9 @@ class SwimMembership:
 
     def members(self) -> list[MemberInfo]:
         return [view.info for view in self.swim.members()]
+
+    def troubled_within(self, window_ms: int) -> bool:
+        return self.trouble.within(self._clock(), window_ms)
 
 
 # ===================================================================== replica accounting
@@ -279,7 +286,7 @@ class _Process:
         self._last_tick_ms = -(1 << 60)
         self.swim = Swim(config.swim, node.member_info(generation),
                          random.Random(f"{cluster.seed}:{node.node_id}:{generation}"), self.now_ms())
-        self.membership = SwimMembership(self.swim, cluster.rings)
+        self.membership = SwimMembership(self.swim, cluster.rings, self.now_ms)
         transport = cluster.network.transport(node.node_id)
         self.coordinator = Coordinator(node.node_id, self.membership, transport, node.store,
                                        config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking)
@@ -413,6 +420,8 @@ class _Process:
     def _after_input(self) -> None:
         events = self.swim.drain_events()
         if events:
+            if any(event.node_id != self.node_id for event in events):
+                self.membership.trouble.note(self.now_ms())  # node/swim_membership.py _after
             self.cluster.on_transitions(self, events)
         if self.membership.refresh():
             self.ring_changes += 1
