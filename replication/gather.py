@@ -195,6 +195,7 @@ class _PieceState:
     failed: set[str]
     rows: dict[str, list[Attributes]]  # By node; stand-ins' hint rows under "hints:<node>".
     hint_holders_missed: int = 0  # Possible hint holders down or failed (an owner was unavailable).
+    hints_required: bool = False  # An owner was unavailable: every possible hint holder must answer.
 
 
 # reconcile(study, owners that answered, hint holders that hold some of it) -> now agree
@@ -274,7 +275,7 @@ class RoutedGather:
         every owner looks alive, yet an instance acknowledged only through hints (every
         owner was cut off from the writer) is on none of them until hint replay delivers
         it. So within read_fault_window_ms of a membership change the stand-ins are asked
-        too; there a stand-in that is down is passed over (nothing says it holds more
+        too; there a stand-in that is down or fails is passed over (nothing says it holds more
         than the owners), where an unavailable owner makes it a shortfall."""
         context = self._context
         holders: dict[str, list[int]] = {}
@@ -283,6 +284,7 @@ class RoutedGather:
             unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
             if not unavailable and not context.troubled:
                 continue
+            state.hints_required = bool(unavailable)
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
                                                                     set(piece.owners))}
@@ -329,7 +331,8 @@ class RoutedGather:
                 if error is not None:
                     log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
                     for index in call.pieces:
-                        self._states[index].hint_holders_missed += 1
+                        if self._states[index].hints_required:
+                            self._states[index].hint_holders_missed += 1
                 continue
             if error is None:
                 for index in call.pieces:
