@@ -34,7 +34,10 @@ class StoreReplica:
         if value is None:
             return None
         header, blob = _split_hint(value)
-        return StoredInstance(record=InstanceRecord(**header["record"]), attributes=header["attributes"], blob=blob)
+        record = InstanceRecord(**header["record"])
+        if self.store.deleted(record):
+            return None  # A delete held here supersedes this hinted copy.
+        return StoredInstance(record=record, attributes=header["attributes"], blob=blob)
 
     def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
         return LocalQuery(self.store, query, self.header_reader, study_filter=_in_ranges(ranges)).rows()
