@@ -39,7 +39,7 @@ from pacsnode.node.metrics import CONTENT_TYPE, Metrics
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
+DEFAULT_VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
 # Headers a browser client may read (CORS): DICOMweb's warnings, multipart types, paging.
 EXPOSED_HEADERS = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
 
@@ -91,8 +91,10 @@ class HttpServer:
     def __init__(self, *, host: str, port: int, archive: Any, metrics: Metrics,
                  ready: Callable[[], dict[str, Any]], cluster: Callable[[], dict[str, Any]] | None = None,
                  instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
-                 access: HttpAccess | None = None, audit: AuditLog | None = None) -> None:
+                 access: HttpAccess | None = None, audit: AuditLog | None = None,
+                 viewer_dir: Path | None = None) -> None:
         self._host = host
+        self._viewer_dir = (viewer_dir or DEFAULT_VIEWER_DIR).resolve()
         self._port = port
         self._metrics = metrics
         self.metrics = metrics
@@ -143,7 +145,7 @@ class HttpServer:
 
     async def _viewer(self, request: Request) -> Response:
         """OHIF's files, and its index.html for every route of the single-page app."""
-        root = VIEWER_DIR.resolve()
+        root = self._viewer_dir
         if not (root / "index.html").is_file():
             return PlainTextResponse("no viewer here: run `make viewer` and restart the node", status_code=404)
         wanted = (root / request.path_params["path"]).resolve()

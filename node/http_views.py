@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pacsnode.node.http_guard import HttpAccess
@@ -71,6 +72,7 @@ def http_server_for(node: "Node") -> HttpServer:
         ssl_context=security.http_context(),
         access=HttpAccess(tls=security.peer_tls, mode=config.access_mode, loopback_trusted=config.loopback_trusted),
         audit=security.audit,
+        viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
     )
 
 
