@@ -371,12 +371,14 @@ def test_viewer_is_served_under_viewer_with_its_app_config(tmp_path: Path) -> No
     (dist / "index.html").write_text('<script>window.PUBLIC_URL="/"</script><script src="/app.bundle.1.js"></script>'
                                      '<link href="/assets/x.css"><a href="//cdn.example/y">')
     (dist / "app.bundle.1.js").write_text("console.log(1)")
+    (dist / "2.bundle.js").write_text('__webpack_require__.p = "/";')  # OHIF's chunks load from here.
     (dist / "app-config.js").write_text("window.config = {};")
     viewer_install.install(dist, tmp_path / "ohif")
     index = (tmp_path / "ohif" / "index.html").read_text()
     assert 'window.PUBLIC_URL="/viewer/"' in index and 'src="/viewer/app.bundle.1.js"' in index
     assert 'href="/viewer/assets/x.css"' in index and 'href="//cdn.example/y"' in index
     assert "window.location.origin + '/dicom-web'" in (tmp_path / "ohif" / "app-config.js").read_text()
+    assert (tmp_path / "ohif" / "2.bundle.js").read_text() == '__webpack_require__.p = "/viewer/";'
     server = _viewer_server(tmp_path / "ohif")
     url = f"http://127.0.0.1:{server.port}"
     try:
