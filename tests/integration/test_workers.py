@@ -135,12 +135,12 @@ def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:
     thread = threading.Thread(target=sender)
     thread.start()
     try:
-        assert wait_until(lambda: len(acknowledged) >= 5, 30)
+        assert wait_until(lambda: len(acknowledged) >= 5, 60)
         for pid in first:
             os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: len(_worker_pids(node)) >= 4, 30), node.log_text()[-2000:]
+        assert wait_until(lambda: len(_worker_pids(node)) >= 4, 60), node.log_text()[-2000:]
         count = len(acknowledged)
-        assert wait_until(lambda: len(acknowledged) >= count + 5, 30)  # The restarted workers serve.
+        assert wait_until(lambda: len(acknowledged) >= count + 5, 60)  # The restarted workers serve.
     finally:
         stop.set()
         thread.join(60)
