@@ -114,8 +114,13 @@ def test_pages_and_the_server_limit(served: _Served) -> None:
     reply = httpx.get(served.url + "/dicom-web/instances")
     assert reply.status_code == 200 and len(reply.json()) == 4  # qido_result_max=4 of 12.
     assert 'There are 8 additional results' in reply.headers["warning"]
-    assert "fuzzymatching parameter is not supported" in httpx.get(
-        served.url + "/dicom-web/studies?fuzzymatching=true").headers["warning"]
+    # fuzzymatching=true: a name key matches anywhere in the name, in any case; not without it.
+    name = _value(served.client.search_for_studies()[0], "00100010")["Alphabetic"]
+    middle = name.split("^")[-1][1:4].lower()
+    fuzzy = httpx.get(served.url + f"/dicom-web/studies?PatientName={middle}&fuzzymatching=true")
+    assert fuzzy.status_code == 200 and "warning" not in fuzzy.headers
+    assert name in {_value(s, "00100010")["Alphabetic"] for s in fuzzy.json()}
+    assert httpx.get(served.url + f"/dicom-web/studies?PatientName={middle}").json() == []
 
 
 def test_series_and_instances_nested_and_not(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
