@@ -1,4 +1,4 @@
-"""This node's store as the replication coordinator sees it (the LocalReplica seam)."""
+"""This node's store as the replication code sees it (the ReplicaStore seam, replication/store_protocol.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Callable, Iterator, Sequence
 from pacsnode.node.codec import decompress
 from pacsnode.node.ingest import header_attributes
 from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
+from pacsnode.replication.digest import Digest
 from pacsnode.replication.hint_index import HintIndex
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance
+from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance, Tombstone
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.query import LocalQuery
 from pacsnode.ring.placement import TokenRange
@@ -18,7 +19,8 @@ from pacsnode.ring.tokens import study_token
 
 
 class StoreReplica:
-    """Adapts RocksStore to replication.transport.LocalReplica."""
+    """Adapts RocksStore to replication.store_protocol.ReplicaStore (so also to the
+    coordinator's LocalReplica and the repairer's RepairStore)."""
 
     def __init__(self, store: RocksStore) -> None:
         self.store = store
@@ -34,7 +36,10 @@ class StoreReplica:
         if value is None:
             return None
         header, blob = _split_hint(value)
-        return StoredInstance(record=InstanceRecord(**header["record"]), attributes=header["attributes"], blob=blob)
+        record = InstanceRecord(**header["record"])
+        if self.store.deleted(record):
+            return None  # A delete held here supersedes this hinted copy.
+        return StoredInstance(record=record, attributes=header["attributes"], blob=blob)
 
     def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
         return LocalQuery(self.store, query, self.header_reader, study_filter=_in_ranges(ranges)).rows()
@@ -70,6 +75,55 @@ class StoreReplica:
 
     def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None:
         self.store.delete_hint(owner, study_instance_uid, sop_instance_uid)
+
+    def delete_study(self, study_instance_uid: str) -> int:
+        return self.store.delete_study(study_instance_uid)
+
+    def delete_instances(self, entries: Sequence[tuple[str, str, str]]) -> int:
+        return self.store.delete_instances(entries)
+
+    def segment_digests(self, intervals: list[tuple[int, int]]) -> dict[int, Digest]:
+        return self.store.segment_digests(intervals)
+
+    def entries(self, low: int, high: int) -> Iterator[tuple[str, str, str]]:
+        return self.store.entries(low, high)
+
+    def studies_in(self, low: int, high: int) -> list[str]:
+        return self.store.studies_in(low, high)
+
+    def is_empty(self) -> bool:
+        return self.store.is_empty()
+
+    def instances(self, study_instance_uid: str) -> Iterator[InstanceRecord]:
+        return self.store.instances(study_instance_uid)
+
+    def all_instances(self) -> Iterator[InstanceRecord]:
+        return self.store.all_instances()
+
+
+    def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int:
+        return self.store.put_tombstones(tombstones, hint_for=hint_for)
+
+    def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None:
+        return self.store.tombstone(study_instance_uid, sop_instance_uid)
+
+    def tombstones(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Tombstone]:
+        return self.store.tombstones(low, high)
+
+    def deleted(self, record: InstanceRecord) -> bool:
+        return self.store.deleted(record)
+
+    def tombstone_hint_owners(self) -> list[str]:
+        return self.store.tombstone_hint_owners()
+
+    def tombstone_hints(self, owner: str) -> Iterator[Tombstone]:
+        return self.store.tombstone_hints(owner)
+
+    def delete_tombstone_hints(self, owner: str, tombstones: Sequence[Tombstone]) -> None:
+        self.store.delete_tombstone_hints(owner, tombstones)
+
+    def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int:
+        return self.store.purge_tombstones(tombstones)
 
 
 def _in_ranges(ranges: Sequence[TokenRange] | None) -> Callable[[str], bool] | None:

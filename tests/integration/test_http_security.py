@@ -10,6 +10,7 @@ node/ca.py, as `pacsnode cert issue` writes them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import ssl
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydicom import dcmread
 
 from pacsnode.node import ca
 from pacsnode.sim import datagen
-from pacsnode.sim.process import NodeProcess, wait_until
+from pacsnode.sim.process import NodeProcess, free_port, wait_until
 
 HOST = "127.0.0.1"
 
@@ -99,6 +100,10 @@ def test_plain_http_to_the_https_port_is_refused(node: NodeProcess, pki: dict[st
         httpx.get(f"http://{HOST}:{node.http_port}/dicom-web/studies", timeout=10)
     with _client(pki, "viewer") as client:  # The node still serves.
         assert client.get(_url(node, "/healthz")).text == "ok\n"
+    # One line for the failed handshake, with the address and a reason class; no traceback.
+    assert wait_until(lambda: "http.tls.refused address=127.0.0.1 reason=plain-text" in node.log_text(), 5), \
+        node.log_text()[-2000:]
+    assert "Traceback" not in node.log_text()
 
 
 def test_a_certificate_of_another_ca_is_refused(node: NodeProcess, pki: dict[str, Path]) -> None:
@@ -106,6 +111,9 @@ def test_a_certificate_of_another_ca_is_refused(node: NodeProcess, pki: dict[str
     context.load_cert_chain(pki["other-ca-viewer"] / "cert.pem", pki["other-ca-viewer"] / "key.pem")
     with httpx.Client(verify=context, timeout=10) as client, pytest.raises(httpx.HTTPError):
         client.get(_url(node, "/dicom-web/studies"))
+    assert wait_until(lambda: "http.tls.refused address=127.0.0.1 reason=certificate" in node.log_text(), 5), \
+        node.log_text()[-2000:]
+    assert wait_until(lambda: any("HTTPS handshake failed: certificate" in json.dumps(m) for m in _audit(node)), 5)
 
 
 def test_health_is_open_data_needs_a_viewer_or_admin_certificate(node: NodeProcess, pki: dict[str, Path]) -> None:
@@ -159,3 +167,29 @@ def test_dicomweb_with_a_viewer_certificate_is_audited(node: NodeProcess, pki: d
     assert "WADO-RS retrieve: 2 of 2 instances" in json.dumps(retrieves[-1])
     refusals = [m for m in by("Security Alert", "E") if "HTTP dicom-web refused" in json.dumps(m)]
     assert refusals  # The refused requests of the test before (module-scoped node).
+
+
+def test_a_tls_node_sends_its_audit_trail_to_a_syslog_receiver(root: Path, pki: dict[str, Path]) -> None:
+    """`--audit-syslog HOST:PORT`: the node's audit messages reach a real TLS receiver
+    (tests/unit/test_audit_syslog.py has the receiver, the framing and the failure cases)."""
+    from tests.unit.test_audit_syslog import Receiver
+
+    ca.issue(root / "ca", root / "tls-syslog", "syslog")
+    receiver = Receiver(root / "tls-syslog", free_port())
+    port = receiver.listener.getsockname()[1]
+    process = NodeProcess(root / "n2", node_id="n2", extra_args=[
+        "--profile", "local", "--replication-factor", "1", "--write-quorum", "1", "--tls-dir", str(pki["n2"]),
+        "--audit-syslog", f"127.0.0.1:{port}"])
+    try:
+        process.start()
+        assert wait_until(lambda: any(b"Application Start" in m for m in receiver.messages), 15), \
+            process.log_text()[-2000:]
+        assert receiver.peers[0] == "n2"
+        with _client(pki, "admin") as client:
+            metrics = client.get(f"https://{HOST}:{process.http_port}/metrics").text
+        assert re.search(r"^pacsnode_security_audit_syslog_dropped_total 0(\.0)?$", metrics, re.M), metrics[-1500:]
+        sent = re.search(r"^pacsnode_security_audit_syslog_sent_total ([0-9.]+)$", metrics, re.M)
+        assert sent is not None and float(sent.group(1)) >= 1
+    finally:
+        process.stop()
+        receiver.close()

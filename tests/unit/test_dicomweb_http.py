@@ -114,8 +114,13 @@ def test_pages_and_the_server_limit(served: _Served) -> None:
     reply = httpx.get(served.url + "/dicom-web/instances")
     assert reply.status_code == 200 and len(reply.json()) == 4  # qido_result_max=4 of 12.
     assert 'There are 8 additional results' in reply.headers["warning"]
-    assert "fuzzymatching parameter is not supported" in httpx.get(
-        served.url + "/dicom-web/studies?fuzzymatching=true").headers["warning"]
+    # fuzzymatching=true: a name key matches anywhere in the name, in any case; not without it.
+    name = _value(served.client.search_for_studies()[0], "00100010")["Alphabetic"]
+    middle = name.split("^")[-1][1:4].lower()
+    fuzzy = httpx.get(served.url + f"/dicom-web/studies?PatientName={middle}&fuzzymatching=true")
+    assert fuzzy.status_code == 200 and "warning" not in fuzzy.headers
+    assert name in {_value(s, "00100010")["Alphabetic"] for s in fuzzy.json()}
+    assert httpx.get(served.url + f"/dicom-web/studies?PatientName={middle}").json() == []
 
 
 def test_series_and_instances_nested_and_not(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
@@ -354,26 +359,43 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
 
 
-def test_viewer_is_served_under_viewer_with_its_app_config(served: _Served, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacsnode.node import http_server, viewer_install
+def _viewer_server(viewer_dir: Path) -> HttpServer:
+    """An HTTP front end with no archive behind it, serving the viewer from `viewer_dir`."""
+    server = HttpServer(host="127.0.0.1", port=0, archive=None, metrics=Metrics(lambda: {}),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=1_000, qido_result_max=4,
+                        viewer_dir=viewer_dir)
+    server.start()
+    return server
+
+
+def test_viewer_is_served_under_viewer_with_its_app_config(tmp_path: Path) -> None:
+    from pacsnode.node import viewer_install
 
     dist = tmp_path / "dist"
     dist.mkdir()
     (dist / "index.html").write_text('<script>window.PUBLIC_URL="/"</script><script src="/app.bundle.1.js"></script>'
                                      '<link href="/assets/x.css"><a href="//cdn.example/y">')
     (dist / "app.bundle.1.js").write_text("console.log(1)")
+    (dist / "2.bundle.js").write_text('__webpack_require__.p = "/";')  # OHIF's chunks load from here.
     (dist / "app-config.js").write_text("window.config = {};")
     viewer_install.install(dist, tmp_path / "ohif")
     index = (tmp_path / "ohif" / "index.html").read_text()
     assert 'window.PUBLIC_URL="/viewer/"' in index and 'src="/viewer/app.bundle.1.js"' in index
     assert 'href="/viewer/assets/x.css"' in index and 'href="//cdn.example/y"' in index
     assert "window.location.origin + '/dicom-web'" in (tmp_path / "ohif" / "app-config.js").read_text()
-    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "ohif")
-    assert httpx.get(served.url + "/viewer/app.bundle.1.js").text == "console.log(1)"
-    route = httpx.get(served.url + "/viewer/viewer?StudyInstanceUIDs=1.2.3")  # A route of the app: its index.
-    assert route.status_code == 200 and 'PUBLIC_URL="/viewer/"' in route.text
-    assert httpx.get(served.url + "/viewer/../../etc/passwd").status_code in (200, 404)  # Never outside the dir...
-    assert "root:" not in httpx.get(served.url + "/viewer/%2e%2e/%2e%2e/etc/passwd").text  # ...however spelled.
-    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "absent")
-    assert httpx.get(served.url + "/viewer/").status_code == 404
+    assert (tmp_path / "ohif" / "2.bundle.js").read_text() == '__webpack_require__.p = "/viewer/";'
+    server = _viewer_server(tmp_path / "ohif")
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        assert httpx.get(url + "/viewer/app.bundle.1.js").text == "console.log(1)"
+        route = httpx.get(url + "/viewer/viewer?StudyInstanceUIDs=1.2.3")  # A route of the app: its index.
+        assert route.status_code == 200 and 'PUBLIC_URL="/viewer/"' in route.text
+        assert httpx.get(url + "/viewer/../../etc/passwd").status_code in (200, 404)  # Never outside the dir...
+        assert "root:" not in httpx.get(url + "/viewer/%2e%2e/%2e%2e/etc/passwd").text  # ...however spelled.
+    finally:
+        server.stop()
+    absent = _viewer_server(tmp_path / "absent")
+    try:
+        assert httpx.get(f"http://127.0.0.1:{absent.port}/viewer/").status_code == 404
+    finally:
+        absent.stop()
