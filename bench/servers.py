@@ -229,12 +229,14 @@ def orthanc_config(work_dir: Path, *, dicom_port: int, http_port: int,
 
 
 def start_orthanc(parent: Path, *, destinations: Mapping[str, tuple[str, int]],
-                  nodelay: bool = True) -> Server:
+                  nodelay: bool = True, extra_config: Mapping[str, object] | None = None) -> Server:
+    """Orthanc with `orthanc_config`, updated with `extra_config` (e.g. plugins)."""
     work_dir = _make_work_dir(parent, "orthanc")
     dicom_port, http_port = free_port(), free_port()
     while http_port == dicom_port:
         http_port = free_port()
     config = orthanc_config(work_dir, dicom_port=dicom_port, http_port=http_port, destinations=destinations)
+    config.update(extra_config or {})
     config_path = work_dir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     command = [ORTHANC_BINARY, str(config_path)]

@@ -147,6 +147,7 @@ class NodeConfig:
     http_host: str = setting("", "Interface the HTTP listener binds to (default: host).")
     http_port: int = setting(8042, "HTTP port: DICOMweb under /dicom-web, the web page at /ui/, /metrics, /healthz, /readyz.")
     qido_result_max: int = setting(10_000, "Most matches one QIDO-RS answer carries (a Warning says how many more there are).")
+    viewer_dir: str = setting("", "OHIF's prebuilt viewer, served at /viewer/ (`make viewer` lays it out); empty: node/ohif beside the code.")
 
     # --- operations
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR.")

@@ -12,13 +12,14 @@ answers 206 Partial Content with what it found, or 503 when it found nothing, ea
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import logging
 import threading
 from collections import OrderedDict
 from io import BytesIO
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -260,9 +261,10 @@ class DicomWeb:
         return StreamingResponse(self._parts(sendable, boundary, root, audited), status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
-    def _read_all(self, locations: list[InstanceLocation]) -> Iterator[tuple[bytes, int]]:
-        """Reads ahead a few instances at a time (a cluster read waits on a peer)."""
-        window = 4
+    async def _read_all(self, locations: list[InstanceLocation]) -> AsyncIterator[tuple[bytes, int]]:
+        """Reads ahead a few instances at a time on the reader threads (a cluster read waits
+        on a peer, a local one decompresses); the HTTP loop only awaits them."""
+        window = 8
         futures: list[concurrent.futures.Future[tuple[bytes, int]]] = []
         index = 0
         try:
@@ -270,23 +272,27 @@ class DicomWeb:
                 while index < len(locations) and len(futures) < window:
                     futures.append(self._readers.submit(self._archive.read, locations[index]))
                     index += 1
-                yield futures.pop(0).result()
+                yield await asyncio.wrap_future(futures.pop(0))
         finally:
             for future in futures:
                 future.cancel()
 
-    def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str,
-               audited: tuple[Caller, list[InstanceLocation], int] | None = None) -> Iterator[bytes]:
+    async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str,
+                     audited: tuple[Caller, list[InstanceLocation], int] | None = None) -> AsyncIterator[bytes]:
+        """The multipart body: one chunk per instance (its part header and its bytes), so a
+        part costs one write; the bytes are the stored ones unless a transcode was asked."""
         sent = 0
         finished = False
         reads = self._read_all([location for location, _syntax in sendable])
         try:
-            for (location, syntax), (part10, _offset) in zip(sendable, reads):
+            index = 0
+            async for part10, _offset in reads:
+                location, syntax = sendable[index]
+                index += 1
                 if syntax != location.transfer_syntax_uid:
-                    part10 = transcode_uncompressed(part10, syntax)
+                    part10 = await run_in_threadpool(transcode_uncompressed, part10, syntax)
                 yield part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=sent == 0,
-                                  location=_instance_url(root, location))
-                yield part10
+                                  location=_instance_url(root, location)) + part10
                 sent += 1
             finished = True
         except ReadError as error:
@@ -295,7 +301,7 @@ class DicomWeb:
             log.error("dicomweb.retrieve.unreadable sent=%d reason=%s", sent, error)
             raise
         finally:
-            reads.close()
+            await reads.aclose()
             if audited is not None and not finished and self._audit is not None:
                 self._audit.retrieved(audited[0], audited[1], sent=sent, outcome=MAJOR_FAILURE, what="retrieve")
         if audited is not None and self._audit is not None:

@@ -33,13 +33,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.dicomweb import DicomWeb
 from pacsnode.node.http_guard import HttpAccess, HttpAudit, HttpGuard
-from pacsnode.node.http_tls import TlsH11Protocol
+from pacsnode.node.http_tls import TlsH11Protocol, TlsServer
 from pacsnode.node.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
+DEFAULT_VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
 # Headers a browser client may read (CORS): DICOMweb's warnings, multipart types, paging.
 EXPOSED_HEADERS = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
 
@@ -91,8 +91,10 @@ class HttpServer:
     def __init__(self, *, host: str, port: int, archive: Any, metrics: Metrics,
                  ready: Callable[[], dict[str, Any]], cluster: Callable[[], dict[str, Any]] | None = None,
                  instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
-                 access: HttpAccess | None = None, audit: AuditLog | None = None) -> None:
+                 access: HttpAccess | None = None, audit: AuditLog | None = None,
+                 viewer_dir: Path | None = None) -> None:
         self._host = host
+        self._viewer_dir = (viewer_dir or DEFAULT_VIEWER_DIR).resolve()
         self._port = port
         self._metrics = metrics
         self.metrics = metrics
@@ -143,7 +145,7 @@ class HttpServer:
 
     async def _viewer(self, request: Request) -> Response:
         """OHIF's files, and its index.html for every route of the single-page app."""
-        root = VIEWER_DIR.resolve()
+        root = self._viewer_dir
         if not (root / "index.html").is_file():
             return PlainTextResponse("no viewer here: run `make viewer` and restart the node", status_code=404)
         wanted = (root / request.path_params["path"]).resolve()
@@ -162,6 +164,16 @@ class HttpServer:
         return JSONResponse(data)
 
     # ------------------------------------------------------------------ lifecycle
+    def set_ssl_context(self, context: ssl.SSLContext) -> None:
+        """A reloaded certificate: new HTTPS connections use `context` (open ones keep theirs)."""
+        if self._ssl_context is None:
+            raise ValueError("this HTTP port serves plain HTTP: no TLS context to replace")
+        self._ssl_context = context
+
+    @property
+    def tls_refused_count(self) -> int:
+        return self._server.refused if isinstance(self._server, TlsServer) else 0
+
     @property
     def scheme(self) -> str:
         return "https" if self._ssl_context is not None else "http"
@@ -183,15 +195,15 @@ class HttpServer:
         sock.listen(128)
         sock.setblocking(False)
         self._socket = sock
-        context = self._ssl_context
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False, http=TlsH11Protocol,
-                                ssl_context_factory=(lambda _config, _default: context) if context else None)
-        self._server = uvicorn.Server(config)
+                                timeout_graceful_shutdown=5, server_header=False, http=TlsH11Protocol)
+        # HTTPS: our accept loop (node/http_tls.py) with the context current at each accept.
+        self._server = (uvicorn.Server(config) if self._ssl_context is None else
+                        TlsServer(config, sock, lambda: self._ssl_context, self.audit.tls_refused))  # type: ignore[arg-type,return-value]
         server = self._server
 
         def run() -> None:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(server.serve(sockets=[sock] if self._ssl_context is None else None))
 
         self._thread = threading.Thread(target=run, name="pacsnode-http", daemon=True)
         self._thread.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pacsnode.node.http_guard import HttpAccess
@@ -38,13 +39,16 @@ def readiness(node: "Node") -> dict[str, Any]:
 
 
 def cluster_view(node: "Node") -> dict[str, Any]:
-    """The same data as `pacsnode status --json`, asked of this node's own peer port."""
+    """The same data as `pacsnode status --json`, asked of this node's own peer port; on a
+    TLS node with the node's own certificate, as the node (the peer guard's rule for node
+    certificates), so the view needs no admin certificate on the node."""
     from pacsnode.cli.status import collect  # The one implementation of the status view.
 
     me = node.membership.member(node.config.node_id)
     host = node.config.host if node.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     port = me.peer_port if me is not None else node.config.peer_port
-    return collect(f"{host}:{port}", node.config.cluster_id, timeout_s=3.0)
+    return collect(f"{host}:{port}", node.config.cluster_id, timeout_s=3.0, tls_dir=node.config.tls_dir or None,
+                   sender_id=node.config.node_id)
 
 
 def local_gauges(node: "Node") -> dict[str, float]:
@@ -71,6 +75,7 @@ def http_server_for(node: "Node") -> HttpServer:
         ssl_context=security.http_context(),
         access=HttpAccess(tls=security.peer_tls, mode=config.access_mode, loopback_trusted=config.loopback_trusted),
         audit=security.audit,
+        viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
     )
 
 

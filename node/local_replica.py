@@ -1,4 +1,4 @@
-"""This node's store as the replication coordinator sees it (the LocalReplica seam)."""
+"""This node's store as the replication code sees it (the ReplicaStore seam, replication/store_protocol.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 from pacsnode.node.codec import decompress
 from pacsnode.node.ingest import header_attributes
 from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
+from pacsnode.replication.digest import Digest
 from pacsnode.replication.hint_index import HintIndex
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance
@@ -18,7 +19,8 @@ from pacsnode.ring.tokens import study_token
 
 
 class StoreReplica:
-    """Adapts RocksStore to replication.transport.LocalReplica."""
+    """Adapts RocksStore to replication.store_protocol.ReplicaStore (so also to the
+    coordinator's LocalReplica and the repairer's RepairStore)."""
 
     def __init__(self, store: RocksStore) -> None:
         self.store = store
@@ -70,6 +72,30 @@ class StoreReplica:
 
     def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None:
         self.store.delete_hint(owner, study_instance_uid, sop_instance_uid)
+
+    def delete_study(self, study_instance_uid: str) -> int:
+        return self.store.delete_study(study_instance_uid)
+
+    def delete_instances(self, entries: Sequence[tuple[str, str, str]]) -> int:
+        return self.store.delete_instances(entries)
+
+    def segment_digests(self, intervals: list[tuple[int, int]]) -> dict[int, Digest]:
+        return self.store.segment_digests(intervals)
+
+    def entries(self, low: int, high: int) -> Iterator[tuple[str, str, str]]:
+        return self.store.entries(low, high)
+
+    def studies_in(self, low: int, high: int) -> list[str]:
+        return self.store.studies_in(low, high)
+
+    def is_empty(self) -> bool:
+        return self.store.is_empty()
+
+    def instances(self, study_instance_uid: str) -> Iterator[InstanceRecord]:
+        return self.store.instances(study_instance_uid)
+
+    def all_instances(self) -> Iterator[InstanceRecord]:
+        return self.store.all_instances()
 
 
 def _in_ranges(ranges: Sequence[TokenRange] | None) -> Callable[[str], bool] | None:

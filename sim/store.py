@@ -1,9 +1,9 @@
 """NonDurableStore: the simulator's in-memory store, with RocksStore's semantics.
 
 It implements what the real code asks of node/store.py's `RocksStore` (through
-node/local_replica.py's `StoreReplica`): the coordinator's `LocalReplica`, the
-repairer's `RepairStore`, and the `IndexReader` that replication/query.py's `LocalQuery`
-runs C-FIND against. The rules are RocksStore's, one for one:
+node/local_replica.py's `StoreReplica`): replication/store_protocol.py's `ReplicaStore`
+(which covers the coordinator's `LocalReplica` and the repairer's `RepairStore`), and
+the `IndexReader` that replication/query.py's `LocalQuery` runs C-FIND against. The rules are RocksStore's, one for one:
 
 - an instance is keyed by (study token, study uid, sop uid), so a token range is one
   slice of a sorted key list, as it is one contiguous RocksDB scan;

@@ -101,6 +101,7 @@ audit_log = "/var/log/pacsnode-audit.jsonl"
 http_host = "127.0.0.3"
 http_port = 8080
 qido_result_max = 50
+viewer_dir = "/opt/ohif"
 log_level = "debug"
 """
 
@@ -139,6 +140,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
     assert config.replica_start_timeout_ms == 900 and config.repair_fetch_window == 3
     assert (config.http_host, config.http_port, config.qido_result_max) == ("127.0.0.3", 8080, 50)
+    assert config.viewer_dir == "/opt/ohif"
     assert config.destinations == (Destination("VIEWER", "10.0.0.5", 104), Destination("WS2", "::1", 11113))
     assert config.destination("VIEWER") == Destination("VIEWER", "10.0.0.5", 104)
     assert config.destination("VIEWER ") == Destination("VIEWER", "10.0.0.5", 104)  # AE titles: padding ignored.

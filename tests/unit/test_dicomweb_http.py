@@ -354,9 +354,17 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
 
 
-def test_viewer_is_served_under_viewer_with_its_app_config(served: _Served, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacsnode.node import http_server, viewer_install
+def _viewer_server(viewer_dir: Path) -> HttpServer:
+    """An HTTP front end with no archive behind it, serving the viewer from `viewer_dir`."""
+    server = HttpServer(host="127.0.0.1", port=0, archive=None, metrics=Metrics(lambda: {}),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=1_000, qido_result_max=4,
+                        viewer_dir=viewer_dir)
+    server.start()
+    return server
+
+
+def test_viewer_is_served_under_viewer_with_its_app_config(tmp_path: Path) -> None:
+    from pacsnode.node import viewer_install
 
     dist = tmp_path / "dist"
     dist.mkdir()
@@ -369,11 +377,18 @@ def test_viewer_is_served_under_viewer_with_its_app_config(served: _Served, tmp_
     assert 'window.PUBLIC_URL="/viewer/"' in index and 'src="/viewer/app.bundle.1.js"' in index
     assert 'href="/viewer/assets/x.css"' in index and 'href="//cdn.example/y"' in index
     assert "window.location.origin + '/dicom-web'" in (tmp_path / "ohif" / "app-config.js").read_text()
-    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "ohif")
-    assert httpx.get(served.url + "/viewer/app.bundle.1.js").text == "console.log(1)"
-    route = httpx.get(served.url + "/viewer/viewer?StudyInstanceUIDs=1.2.3")  # A route of the app: its index.
-    assert route.status_code == 200 and 'PUBLIC_URL="/viewer/"' in route.text
-    assert httpx.get(served.url + "/viewer/../../etc/passwd").status_code in (200, 404)  # Never outside the dir...
-    assert "root:" not in httpx.get(served.url + "/viewer/%2e%2e/%2e%2e/etc/passwd").text  # ...however spelled.
-    monkeypatch.setattr(http_server, "VIEWER_DIR", tmp_path / "absent")
-    assert httpx.get(served.url + "/viewer/").status_code == 404
+    server = _viewer_server(tmp_path / "ohif")
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        assert httpx.get(url + "/viewer/app.bundle.1.js").text == "console.log(1)"
+        route = httpx.get(url + "/viewer/viewer?StudyInstanceUIDs=1.2.3")  # A route of the app: its index.
+        assert route.status_code == 200 and 'PUBLIC_URL="/viewer/"' in route.text
+        assert httpx.get(url + "/viewer/../../etc/passwd").status_code in (200, 404)  # Never outside the dir...
+        assert "root:" not in httpx.get(url + "/viewer/%2e%2e/%2e%2e/etc/passwd").text  # ...however spelled.
+    finally:
+        server.stop()
+    absent = _viewer_server(tmp_path / "absent")
+    try:
+        assert httpx.get(f"http://127.0.0.1:{absent.port}/viewer/").status_code == 404
+    finally:
+        absent.stop()

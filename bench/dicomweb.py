@@ -1,0 +1,274 @@
+"""DICOMweb: pacsnode vs Orthanc 1.10.1 + its DICOMweb plugin (Debian `orthanc-dicomweb`), in one run.
+
+Run by hand, never in CI (results go in bench/README.md, "DICOMweb"):
+
+    .venv/bin/python bench/dicomweb.py                 # STOW, WADO, /metadata, QIDO at 10k studies
+    .venv/bin/python bench/dicomweb.py --studies 100000 --only qido   # QIDO at 100k (slow: ingest by storescu)
+    .venv/bin/python bench/dicomweb.py --repeats 5 --only wado,metadata
+
+Each system is a separate process on 127.0.0.1 started fresh (bench/servers.py) and stopped
+with its temp dir deleted. Measurements alternate between the systems (A, B, A, B, ...),
+and the table shows medians: the machine is shared and noisy.
+
+- stow: `--stow-instances` 64 x 64 instances (~9 KB) POSTed as multipart/related in
+  batches of 20, 2 client threads, into an empty server; instances/s. Checked by QIDO.
+- wado: one study of 80 CT 512 x 512 instances (~42 MB), GET /studies/{uid} with
+  `multipart/related; type="application/dicom"; transfer-syntax=*`, body read by curl; MB/s
+  (wall time of the curl process, so it includes its start, ~5 ms, for both systems).
+  Checked: every stored byte came back (the sum of part sizes equals the files').
+- metadata: GET /studies/{uid}/series/{uid}/metadata of that study's 80-instance series:
+  the first request after ingest, then the median of the next ones.
+- qido: `--studies` one-instance studies loaded with storescu x4, then STUDY-level QIDO
+  kinds (PatientID exact, PatientName prefix, StudyDate one month, StudyInstanceUID),
+  `--queries` of each interleaved; p50 latency of each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import servers  # noqa: E402
+import workloads  # noqa: E402
+from run import prepare_dataset  # noqa: E402
+from servers import HOST, Server  # noqa: E402
+
+from pacsnode.sim import datagen  # noqa: E402
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+MB = 1_000_000
+
+
+def start_orthanc_dicomweb(parent: Path) -> Server:
+    """Orthanc as bench/servers.py starts it, plus the DICOMweb plugin at /dicom-web/ (its defaults)."""
+    return servers.start_orthanc(parent, destinations={}, extra_config={
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}})
+
+
+def start_pacsnode(parent: Path) -> Server:
+    server = servers.start_pacsnode(parent, destinations={})
+    command = server.command
+    server.http_port = int(command[command.index("--http-port") + 1])
+    return server
+
+
+def root_url(server: Server) -> str:
+    return f"http://{HOST}:{server.http_port}/dicom-web"
+
+
+def multipart(files: list[bytes], boundary: str = "pacsnode-bench-boundary") -> tuple[bytes, str]:
+    body = bytearray()
+    for data in files:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def stow(server: Server, manifest: list[dict[str, Any]], *, batch: int = 20, threads: int = 2) -> dict[str, Any]:
+    files = [Path(entry["path"]).read_bytes() for entry in manifest]
+    batches = [files[index:index + batch] for index in range(0, len(files), batch)]
+    bodies = [multipart(chunk) for chunk in batches]
+    failures = []
+
+    def post(client: httpx.Client, body: bytes, content_type: str) -> None:
+        reply = client.post(root_url(server) + "/studies", content=body, headers={"Content-Type": content_type,
+                                                                                  "Accept": "application/dicom+json"})
+        if reply.status_code != 200:
+            failures.append(reply.status_code)
+
+    clients = [httpx.Client(timeout=300) for _ in range(threads)]
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda item: post(clients[item[0] % threads], *item[1]), enumerate(bodies)))
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        client.close()
+    studies = {entry["study_uid"] for entry in manifest}
+    found = httpx.get(root_url(server) + "/studies?limit=100000", timeout=120).json()
+    held = len({item["0020000D"]["Value"][0] for item in found} & studies)
+    return {"instances": len(files), "elapsed_s": elapsed, "instances_per_s": len(files) / elapsed,
+            "failed_batches": len(failures), "ok": not failures and held == len(studies)}
+
+
+def wado_study(server: Server, study: str, expected_bytes: int) -> dict[str, Any]:
+    """curl (C) reads the body: a Python client's multipart/chunked parsing would be the bottleneck
+    (httpx measured 230 MB/s where curl read 900 MB/s from the same Orthanc)."""
+    started = time.perf_counter()
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                          "-H", f"Accept: {ACCEPT_DICOM}", f"{root_url(server)}/studies/{study}"],
+                         capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - started
+    status, received = (int(value) for value in out.stdout.split())
+    return {"elapsed_s": elapsed, "bytes": received, "mb_per_s": received / MB / elapsed,
+            "ok": status == 200 and received >= expected_bytes}
+
+
+def series_metadata(server: Server, study: str, series: str, count: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    reply = httpx.get(f"{root_url(server)}/studies/{study}/series/{series}/metadata",
+                      headers={"Accept": "application/dicom+json"}, timeout=300)
+    elapsed = time.perf_counter() - started
+    ok = reply.status_code == 200 and len(reply.json()) == count
+    return {"elapsed_ms": elapsed * 1000, "ok": ok}
+
+
+def qido_queries(manifest: list[dict[str, Any]], count: int) -> list[tuple[str, str]]:
+    """(kind, query string) pairs, interleaved."""
+    step = max(1, len(manifest) // count)
+    picks = manifest[::step][:count]
+    queries = []
+    for entry in picks:
+        name = entry["patient_name"].split("^")[0][:3]
+        month = entry["study_date"][:6]
+        queries.append(("patient-id", f"PatientID={entry['patient_id']}"))
+        queries.append(("name-prefix", f"PatientName={name}*"))
+        queries.append(("date-month", f"StudyDate={month}01-{month}28"))
+        queries.append(("study-uid", f"StudyInstanceUID={entry['study_uid']}"))
+    return queries
+
+
+FIELDS = "&includefield=PatientName&includefield=PatientID&includefield=StudyDate&includefield=ModalitiesInStudy"
+
+
+def qido(server: Server, queries: list[tuple[str, str]]) -> dict[str, Any]:
+    latencies: dict[str, list[float]] = {}
+    bad = 0
+    with httpx.Client(timeout=120) as client:
+        for kind, query in queries:
+            started = time.perf_counter()
+            reply = client.get(f"{root_url(server)}/studies?{query}{FIELDS}", headers={"Accept": "application/dicom+json"})
+            latencies.setdefault(kind, []).append((time.perf_counter() - started) * 1000)
+            if reply.status_code != 200 or not reply.json():
+                bad += 1
+    return {"p50_ms": {kind: statistics.median(values) for kind, values in latencies.items()}, "bad": bad}
+
+
+def alternate(measure: Callable[[Server], dict[str, Any]], systems: dict[str, Server], repeats: int
+              ) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, server in systems.items():
+            results[name].append(measure(server))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="stow,wado,metadata,qido")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stow-instances", type=int, default=1000)
+    parser.add_argument("--studies", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=50, help="queries of each kind")
+    parser.add_argument("--work", type=Path, default=HERE / "work")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    data_dir = args.work / "data"
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "results": {}}
+    args.work.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix="dicomweb-", dir=args.work))
+    systems: dict[str, Server] = {}
+    try:
+        if "stow" in only:
+            spec = datagen.StudySetSpec(patients=args.stow_instances // 20, series_per_study=2,
+                                        instances_per_series=10, rows=64, cols=64, seed=201)
+            _root, manifest = prepare_dataset("dw-stow", spec, data_dir)
+            runs: dict[str, list[dict[str, Any]]] = {"pacsnode": [], "orthanc": []}
+            for _ in range(max(1, args.repeats // 2)):
+                for name in ("pacsnode", "orthanc"):
+                    with (start_pacsnode if name == "pacsnode" else start_orthanc_dicomweb)(temp) as server:
+                        runs[name].append(stow(server, manifest))
+            report["results"]["stow"] = runs
+        if only & {"wado", "metadata"}:
+            spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512,
+                                        cols=512, modalities=("CT",), seed=202)
+            _root, manifest = prepare_dataset("dw-wado", spec, data_dir)
+            study, series = manifest[0]["study_uid"], manifest[0]["series_uid"]
+            total = sum(entry["size"] for entry in manifest)
+            systems = {"pacsnode": start_pacsnode(temp), "orthanc": start_orthanc_dicomweb(temp)}
+            for server in systems.values():
+                workloads.store_dcmtk(server, manifest, Path(_root) / "files", 2, test="dw-load",
+                                      verify=False, log_dir=temp)
+            if "metadata" in only:
+                report["results"]["metadata_first"] = {
+                    name: series_metadata(server, study, series, len(manifest)) for name, server in systems.items()}
+                report["results"]["metadata"] = alternate(
+                    lambda server: series_metadata(server, study, series, len(manifest)), systems, args.repeats)
+            if "wado" in only:
+                report["results"]["wado"] = alternate(lambda server: wado_study(server, study, total), systems,
+                                                      args.repeats)
+            for server in systems.values():
+                server.stop()
+            systems = {}
+        if "qido" in only:
+            spec = datagen.StudySetSpec(patients=args.studies // 4, studies_per_patient=4, rows=16, cols=16,
+                                        latin1_fraction=0.1, seed=203)
+            _root, manifest = prepare_dataset(f"dw-qido{args.studies}", spec, data_dir)
+            systems = {"pacsnode": start_pacsnode(temp), "orthanc": start_orthanc_dicomweb(temp)}
+            loads = {}
+            for name, server in systems.items():
+                row = workloads.store_dcmtk(server, manifest, Path(_root) / "files", 4, test="dw-qido-load",
+                                            verify=False, log_dir=temp)
+                loads[name] = {"elapsed_s": row.elapsed_s, "instances_per_s": row.instances_per_s}
+            queries = qido_queries(manifest, args.queries)
+            qido_runs = alternate(lambda server: qido(server, queries), systems, max(1, args.repeats // 2))
+            report["results"][f"qido{args.studies}"] = {"load": loads, "runs": qido_runs}
+    finally:
+        for server in systems.values():
+            server.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+    summary = summarize(report["results"])
+    report["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    out = args.out or (HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-dicomweb.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"# wrote {out}", file=sys.stderr)
+    return 0
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+
+    def median_of(runs: list[dict[str, Any]], key: str) -> float:
+        return round(statistics.median(run[key] for run in runs), 2)
+
+    if "stow" in results:
+        summary["stow_instances_per_s"] = {name: median_of(runs, "instances_per_s")
+                                           for name, runs in results["stow"].items()}
+        summary["stow_ok"] = all(run["ok"] for runs in results["stow"].values() for run in runs)
+    if "wado" in results:
+        summary["wado_study_mb_per_s"] = {name: median_of(runs, "mb_per_s") for name, runs in results["wado"].items()}
+        summary["wado_ok"] = all(run["ok"] for runs in results["wado"].values() for run in runs)
+    if "metadata_first" in results:
+        summary["metadata_first_ms"] = {name: round(run["elapsed_ms"], 1)
+                                        for name, run in results["metadata_first"].items()}
+        summary["metadata_next_ms"] = {name: median_of(runs, "elapsed_ms") for name, runs in results["metadata"].items()}
+    for key, value in results.items():
+        if key.startswith("qido"):
+            summary[f"{key}_p50_ms"] = {
+                name: {kind: round(statistics.median(run["p50_ms"][kind] for run in runs), 2)
+                       for kind in runs[0]["p50_ms"]}
+                for name, runs in value["runs"].items()}
+            summary[f"{key}_bad"] = sum(run["bad"] for runs in value["runs"].values() for run in runs)
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
