@@ -142,6 +142,9 @@ class NodeConfig:
     known_aes: tuple[KnownAe, ...] = setting((), "Known AEs: AET[@HOST,...][=SERVICE,...] with services echo, store, "
                                              "find, get, move and move-to:AET (repeat --known-ae).")
     audit_log: str = setting("", "Audit trail file (PS3.15 A.5 JSON lines); empty: DATA_DIR/audit.jsonl; off: none.")
+    audit_syslog: str = setting("", "Also send the audit trail to this RFC 5424 syslog receiver over TLS (RFC 5425), "
+                                    "HOST:PORT; its certificate must be of the cluster CA and name HOST. Needs tls_dir. "
+                                    "Empty: off.")
 
     # --- HTTP front end (DICOMweb, web page, metrics)
     http_host: str = setting("", "Interface the HTTP listener binds to (default: host).")
@@ -204,6 +207,14 @@ class NodeConfig:
             raise ConfigError(f"dicom_tls_port must be 0-65535, got {self.dicom_tls_port}")
         if self.dicom_tls_port and not self.tls_dir:
             raise ConfigError("dicom_tls_port needs tls_dir (the node's certificate)")
+        if self.audit_syslog:
+            from pacsnode.node.audit_syslog import SyslogTargetError, parse_target
+            if not self.tls_dir:
+                raise ConfigError("audit_syslog needs tls_dir (the cluster CA checks the receiver)")
+            try:
+                parse_target(self.audit_syslog)
+            except SyslogTargetError as error:
+                raise ConfigError(str(error)) from None
         known_titles = [k.ae_title for k in self.known_aes]
         if len(known_titles) != len(set(known_titles)):
             raise ConfigError(f"duplicate known AE titles: {known_titles}")

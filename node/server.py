@@ -245,6 +245,9 @@ class Node:
             "pacsnode.security.dicom_refused_count": self.front_end.guard.refused,
             "pacsnode.security.http_refused_count": self.http.audit.refused_count,
             "pacsnode.security.http_tls_refused_count": self.http.tls_refused_count,
+            "pacsnode.security.audit_syslog_sent_count": self.security.syslog.sent if self.security.syslog else 0,
+            "pacsnode.security.audit_syslog_dropped_count":
+                self.security.syslog.dropped if self.security.syslog else 0,
             "pacsnode.security.audit_messages_count": self.security.audit.written,
             **self.membership_metrics(),
         }

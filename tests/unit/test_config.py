@@ -98,6 +98,7 @@ access_mode = "strict"
 loopback_trusted = false
 known_aes = ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
 audit_log = "/var/log/pacsnode-audit.jsonl"
+audit_syslog = "syslog.hospital.example:6514"
 http_host = "127.0.0.3"
 http_port = 8080
 qido_result_max = 50
@@ -341,7 +342,7 @@ def test_every_start_option_sets_its_field() -> None:
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
-               "http_tls_client_cert": "none"}
+               "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)
@@ -430,6 +431,8 @@ def test_known_aes_from_flags_and_a_toml_table(tmp_path: Path) -> None:
     ({"http_tls_client_cert": "sometimes"}, "http_tls_client_cert must be none, optional or required"),
     ({"known_aes": ["A=find,delete"]}, "unknown service"),
     ({"known_aes": ["A", "A@h"]}, "duplicate known AE"),
+    ({"audit_syslog": "h:6514"}, "audit_syslog needs tls_dir"),
+    ({"audit_syslog": "h", "tls_dir": "x"}, "audit_syslog must be HOST:PORT"),
 ])
 def test_bad_security_settings_are_refused(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
