@@ -26,6 +26,7 @@ from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
@@ -181,6 +182,9 @@ class Node:
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
+        self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
+                                        replication_factor=config.replication_factor,
+                                        run_blocking=asyncio.to_thread)
         self.peer_server = PeerServer(self)
         self.http = http_server_for(self)  # DICOMweb, web page, /metrics, /healthz, /readyz.
         self._hint_task: asyncio.Task[None] | None = None
