@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from pacsnode.node.tls import cli_channel
+from pacsnode.node.tls import CLI_SENDER_ID, cli_channel
 from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
@@ -38,16 +38,18 @@ class StatusError(Exception):
     pass
 
 
-def _envelope(cluster_id: str) -> pb.Envelope:
-    return pb.Envelope(cluster_id=cluster_id, protocol_version=PROTOCOL_VERSION, sender_id="pacsnode-cli",
+def _envelope(cluster_id: str, sender_id: str = CLI_SENDER_ID) -> pb.Envelope:
+    return pb.Envelope(cluster_id=cluster_id, protocol_version=PROTOCOL_VERSION, sender_id=sender_id,
                        sent_at_ms=int(time.time() * 1000))
 
 
-def ask(address: str, cluster_id: str, timeout_s: float, tls_dir: str | None = None) -> pb.StatusReply:
+def ask(address: str, cluster_id: str, timeout_s: float, tls_dir: str | None = None,
+        sender_id: str = CLI_SENDER_ID) -> pb.StatusReply:
     with cli_channel(address, tls_dir) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
-            reply: pb.StatusReply = stub.Status(pb.StatusRequest(envelope=_envelope(cluster_id)), timeout=timeout_s)
+            reply: pb.StatusReply = stub.Status(pb.StatusRequest(envelope=_envelope(cluster_id, sender_id)),
+                                                timeout=timeout_s)
             return reply
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None
@@ -56,9 +58,12 @@ def ask(address: str, cluster_id: str, timeout_s: float, tls_dir: str | None = N
 
 
 def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0,
-            tls_dir: str | None = None) -> dict[str, Any]:
-    """The cluster as the node at `address` sees it, with every member's local figures."""
-    first = ask(address, cluster_id, timeout_s, tls_dir)
+            tls_dir: str | None = None, sender_id: str = CLI_SENDER_ID) -> dict[str, Any]:
+    """The cluster as the node at `address` sees it, with every member's local figures.
+
+    `tls_dir` is an admin's certificate (the CLI), or a node's own with `sender_id` its node
+    id (a node's /api/cluster: the peer guard lets a node certificate speak as its node)."""
+    first = ask(address, cluster_id, timeout_s, tls_dir, sender_id)
     nodes = []
     for status in first.members:
         member = status.member
@@ -79,7 +84,7 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0,
             nodes.append(entry)
             continue
         try:
-            reply = first if member.node_id == first.envelope.sender_id else ask(peer, cluster_id, timeout_s, tls_dir)
+            reply = first if member.node_id == first.envelope.sender_id else ask(peer, cluster_id, timeout_s, tls_dir, sender_id)
             local = reply.local
             entry.update(
                 reachable=True,

@@ -167,6 +167,11 @@ class HttpAudit:
                           participants=[caller.participant()],
                           description=f"HTTP {kind} refused: {decision.reason}")
 
+    def tls_refused(self, address: str, reason: str) -> None:
+        """A failed HTTPS handshake (logged by node/http_tls.py): a security alert."""
+        self.audit.record("security-alert", outcome=MINOR_FAILURE, event_type="node-authentication",
+                          participants=[Participant("", address)], description=f"HTTPS handshake failed: {reason}")
+
     def searched(self, caller: Caller, query: Query, *, matches: int, complete: bool) -> None:
         keys = {condition.keyword: condition.value[:256] for condition in query.conditions}
         self.audit.record("query", action="E", outcome=SUCCESS if complete else MINOR_FAILURE,

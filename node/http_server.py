@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.dicomweb import DicomWeb
 from pacsnode.node.http_guard import HttpAccess, HttpAudit, HttpGuard
-from pacsnode.node.http_tls import TlsH11Protocol
+from pacsnode.node.http_tls import TlsH11Protocol, TlsServer
 from pacsnode.node.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,16 @@ class HttpServer:
         return JSONResponse(data)
 
     # ------------------------------------------------------------------ lifecycle
+    def set_ssl_context(self, context: ssl.SSLContext) -> None:
+        """A reloaded certificate: new HTTPS connections use `context` (open ones keep theirs)."""
+        if self._ssl_context is None:
+            raise ValueError("this HTTP port serves plain HTTP: no TLS context to replace")
+        self._ssl_context = context
+
+    @property
+    def tls_refused_count(self) -> int:
+        return self._server.refused if isinstance(self._server, TlsServer) else 0
+
     @property
     def scheme(self) -> str:
         return "https" if self._ssl_context is not None else "http"
@@ -185,15 +195,15 @@ class HttpServer:
         sock.listen(128)
         sock.setblocking(False)
         self._socket = sock
-        context = self._ssl_context
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False, http=TlsH11Protocol,
-                                ssl_context_factory=(lambda _config, _default: context) if context else None)
-        self._server = uvicorn.Server(config)
+                                timeout_graceful_shutdown=5, server_header=False, http=TlsH11Protocol)
+        # HTTPS: our accept loop (node/http_tls.py) with the context current at each accept.
+        self._server = (uvicorn.Server(config) if self._ssl_context is None else
+                        TlsServer(config, sock, lambda: self._ssl_context, self.audit.tls_refused))  # type: ignore[arg-type,return-value]
         server = self._server
 
         def run() -> None:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(server.serve(sockets=[sock] if self._ssl_context is None else None))
 
         self._thread = threading.Thread(target=run, name="pacsnode-http", daemon=True)
         self._thread.start()

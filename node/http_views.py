@@ -39,13 +39,16 @@ def readiness(node: "Node") -> dict[str, Any]:
 
 
 def cluster_view(node: "Node") -> dict[str, Any]:
-    """The same data as `pacsnode status --json`, asked of this node's own peer port."""
+    """The same data as `pacsnode status --json`, asked of this node's own peer port; on a
+    TLS node with the node's own certificate, as the node (the peer guard's rule for node
+    certificates), so the view needs no admin certificate on the node."""
     from pacsnode.cli.status import collect  # The one implementation of the status view.
 
     me = node.membership.member(node.config.node_id)
     host = node.config.host if node.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     port = me.peer_port if me is not None else node.config.peer_port
-    return collect(f"{host}:{port}", node.config.cluster_id, timeout_s=3.0)
+    return collect(f"{host}:{port}", node.config.cluster_id, timeout_s=3.0, tls_dir=node.config.tls_dir or None,
+                   sender_id=node.config.node_id)
 
 
 def local_gauges(node: "Node") -> dict[str, float]:

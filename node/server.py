@@ -248,6 +248,7 @@ class Node:
             "pacsnode.security.peer_refused_count": self.security.guard.refused,
             "pacsnode.security.dicom_refused_count": self.front_end.guard.refused,
             "pacsnode.security.http_refused_count": self.http.audit.refused_count,
+            "pacsnode.security.http_tls_refused_count": self.http.tls_refused_count,
             "pacsnode.security.audit_messages_count": self.security.audit.written,
             **self.membership_metrics(),
         }

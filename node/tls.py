@@ -238,6 +238,43 @@ class PeerGuard:
         return None
 
 
+# --------------------------------------------------------------------------- failed handshakes
+
+# OpenSSL's reason codes (ssl.SSLError.reason: stable symbols, not message text) by class.
+_HANDSHAKE_REASONS = {
+    "plain-text": ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL",
+                   "PACKET_LENGTH_TOO_LONG", "RECORD_LENGTH_MISMATCH"),
+    "protocol-version": ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE",
+                         "VERSION_TOO_LOW"),
+    "no-certificate": ("PEER_DID_NOT_RETURN_A_CERTIFICATE",),
+    "certificate": ("CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+                    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_DECRYPT_ERROR", "TLSV1_ALERT_ACCESS_DENIED"),
+    "cipher": ("NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_SUITABLE_SIGNATURE_ALGORITHM"),
+    "closed": ("UNEXPECTED_EOF_WHILE_READING", "UNEXPECTED_RECORD"),
+}
+_REASON_CLASS = {code: name for name, codes in _HANDSHAKE_REASONS.items() for code in codes}
+
+
+def handshake_failure(error: BaseException) -> tuple[str, str]:
+    """(reason class, detail) of a failed TLS handshake, for one log line without a traceback.
+
+    Classes: plain-text, protocol-version, no-certificate, certificate, cipher, timeout,
+    closed, other. The detail is OpenSSL's reason code, or the exception's type."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate", str(getattr(error, "verify_message", "") or "CERTIFICATE_VERIFY_FAILED").replace(" ", "_")
+    if isinstance(error, ssl.SSLError):
+        code = str(error.reason or type(error).__name__)
+        if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            return "closed", code
+        return _REASON_CLASS.get(code, "other"), code
+    if isinstance(error, (TimeoutError, socket.timeout, ConnectionAbortedError)):
+        return "timeout", type(error).__name__  # asyncio aborts a handshake past its timeout.
+    if isinstance(error, (ConnectionError, EOFError)):
+        return "closed", type(error).__name__
+    return "other", type(error).__name__
+
+
 # --------------------------------------------------------------------------- DICOM TLS
 
 CLIENT_CERT_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -293,8 +330,9 @@ class TlsAssociationServer(AcceptorServer):
             request.do_handshake()
             request.settimeout(None)
         except (OSError, ValueError) as error:  # ssl.SSLError and socket.timeout are OSErrors.
-            reason = getattr(error, "reason", None) or type(error).__name__
-            log.warning("dicom.tls.refused address=%s reason=%s", client_address[0], reason)
+            reason_class, reason = handshake_failure(error)
+            log.warning("dicom.tls.refused address=%s reason=%s reason_class=%s", client_address[0], reason,
+                        reason_class)
             if self.on_refused is not None:
                 self.on_refused(str(client_address[0]), str(reason))
             self.shutdown_request(request)

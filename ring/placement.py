@@ -16,6 +16,16 @@ the same nodes as greedy passes (distinct sites, then distinct hosts, then any),
 only pushes later nodes down the ranking, so a join changes a key's owner set only by
 swapping one old owner for the new node, and a loss only by swapping the lost node for one
 survivor (tests/property/test_placement.py checks both).
+
+Per-site copies (`SiteReplicas`, Cassandra's per-datacenter replication factors): where
+the replication is given as N copies per named site instead of one N, each site is its
+own ring. A site's owners come from walking only that site's vnodes clockwise from the
+key: first the first node met on each host not yet used, then everyone else, taking the
+site's N. A site's vnodes are a subsequence of the ring, so this is exactly the ring that
+site alone would build: its balance depends only on its own members and vnodes, and a
+join or loss in one site never moves a key's owners in another. A site not named gets no
+copies. Owners are listed first copy of every site, then second copies, and so on, each
+rank in walk order.
 """
 
 from __future__ import annotations
@@ -101,6 +111,51 @@ class TokenRange:
         return token > self.start or token <= self.end
 
 
+@dataclass(frozen=True, slots=True)
+class SiteReplicas:
+    """How many copies of every key each named site holds: `--site-replicas SITE=N`.
+
+    Stored as sorted (site, copies) pairs, so that two equal specs hash alike and the
+    ring can cache owner sets under it as it does under a plain N.
+    """
+
+    per_site: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        sites = [site for site, _ in self.per_site]
+        if not self.per_site:
+            raise ValueError("site replicas need at least one site")
+        if len(sites) != len(set(sites)):
+            raise ValueError(f"a site is named twice in the site replicas: {sites}")
+        for site, copies in self.per_site:
+            if not site or "\x00" in site:
+                raise ValueError(f"site replicas need a non-empty site name, got {site!r}")
+            if copies < 1:
+                raise ValueError(f"site {site!r} needs >= 1 copies, got {copies}")
+        if list(self.per_site) != sorted(self.per_site):
+            object.__setattr__(self, "per_site", tuple(sorted(self.per_site)))
+
+    @classmethod
+    def of(cls, copies: dict[str, int]) -> SiteReplicas:
+        return cls(tuple(sorted(copies.items())))
+
+    @property
+    def total(self) -> int:
+        """Copies in all: the sum of the per-site counts."""
+        return sum(copies for _, copies in self.per_site)
+
+    def copies(self, site: str) -> int:
+        """How many copies `site` holds (0 for a site not named)."""
+        return next((copies for name, copies in self.per_site if name == site), 0)
+
+    def __str__(self) -> str:
+        return ",".join(f"{site}={copies}" for site, copies in self.per_site)
+
+
+Replication = int | SiteReplicas
+"""A plain N (copies spread over sites, then hosts) or N copies per site."""
+
+
 class OwnedRange(NamedTuple):
     """A token range and its owner set, in preference order."""
 
@@ -136,6 +191,8 @@ class Ring:
         "_member_machine",
         "_site_positions",
         "_machine_count",
+        "_site_index",
+        "_site_machine_count",
         "_version",
         "_cache",
     )
@@ -168,12 +225,16 @@ class Ring:
             machine_ids.setdefault(m.machine, len(machine_ids)) for m in ordered
         ]
         self._machine_count = len(machine_ids)
+        self._site_index = site_ids
+        self._site_machine_count = [0] * len(site_ids)
+        for site, _ in machine_ids:
+            self._site_machine_count[site_ids[site]] += 1
         # Each site's vnode indices, in ring order: where its first node after a key is.
         self._site_positions: list[list[int]] = [[] for _ in site_ids]
         for position, member_index in enumerate(self._vnode_member):
             self._site_positions[member_site[member_index]].append(position)
         self._version = _membership_version(cluster_id, ordered)
-        self._cache: dict[int, list[tuple[str, ...] | None]] = {}
+        self._cache: dict[Replication, list[tuple[str, ...] | None]] = {}
 
     # -- identity -------------------------------------------------------------------
 
@@ -235,12 +296,23 @@ class Ring:
 
     # -- placement ------------------------------------------------------------------
 
-    def effective_replicas(self, n: int) -> int:
-        """How many copies a key really gets: N, or the member count when that is smaller."""
+    def effective_replicas(self, n: Replication) -> int:
+        """How many copies a key really gets: N, or the member count when that is smaller.
+
+        With per-site copies, the sum over named sites of min(site's N, site's members).
+        """
         _check_replicas(n)
+        if isinstance(n, SiteReplicas):
+            return sum(
+                min(copies, len(self._site_members(site))) for site, copies in n.per_site
+            )
         return min(n, len(self._members))
 
-    def preference_list(self, token: int, n: int) -> tuple[str, ...]:
+    def site_members(self, site: str) -> tuple[str, ...]:
+        """The node ids of the members in `site`, sorted."""
+        return tuple(self._members[index].node_id for index in self._site_members(site))
+
+    def preference_list(self, token: Replication, n: Replication) -> tuple[str, ...]:
         """The owner set of `token`: min(n, members) distinct node ids, in preference order.
 
         The first entry is the first node clockwise from the token (the vnode with the
@@ -254,11 +326,11 @@ class Ring:
             return ()
         return self._owners_of_vnode(self._vnode_of(token), n)
 
-    def owners_of_study(self, study_instance_uid: str, n: int) -> tuple[str, ...]:
+    def owners_of_study(self, study_instance_uid: str, n: Replication) -> tuple[str, ...]:
         """The owner set of a study: every instance of it lives on these nodes."""
         return self.preference_list(study_token(study_instance_uid), n)
 
-    def stand_ins(self, token: int, n: int, unavailable: Set[str]) -> tuple[StandIn, ...]:
+    def stand_ins(self, token: Replication, n: Replication, unavailable: Set[str]) -> tuple[StandIn, ...]:
         """Who holds hints for the owners of `token` that are in `unavailable`.
 
         Dynamo's sloppy quorum: walking on past the owner set, each unavailable owner
@@ -290,7 +362,7 @@ class Ring:
             result.append(StandIn(chosen, owner))
         return tuple(result)
 
-    def ranges(self, n: int) -> tuple[OwnedRange, ...]:
+    def ranges(self, n: Replication) -> tuple[OwnedRange, ...]:
         """Every non-empty range of the ring in token order, with its owner set.
 
         The first range wraps: it ends at the smallest token and starts at the largest.
@@ -302,7 +374,7 @@ class Ring:
             for index, token_range in self._vnode_ranges()
         )
 
-    def ownership(self, n: int) -> dict[str, float]:
+    def ownership(self, n: Replication) -> dict[str, float]:
         """Replicated ownership: for each node, the share of keys it holds a copy of.
 
         The values sum to `effective_replicas(n)`; a balanced ring gives each node
@@ -335,14 +407,67 @@ class Ring:
                 continue  # A token shared by two vnodes: the later one owns nothing.
             yield index, TokenRange(start, end)
 
-    def _owners_of_vnode(self, vnode: int, n: int) -> tuple[str, ...]:
+    def _owners_of_vnode(self, vnode: int, n: Replication) -> tuple[str, ...]:
         per_vnode = self._cache.get(n)
         if per_vnode is None:
             per_vnode = self._cache.setdefault(n, [None] * len(self._tokens))
         owners = per_vnode[vnode]
         if owners is None:
-            owners = per_vnode[vnode] = self._rank_owners(vnode, n)
+            if isinstance(n, SiteReplicas):
+                owners = self._rank_site_owners(vnode, n)
+            else:
+                owners = self._rank_owners(vnode, n)
+            per_vnode[vnode] = owners
         return owners
+
+    def _site_members(self, site: str) -> list[int]:
+        index = self._site_index.get(site)
+        if index is None:
+            return []
+        return sorted({self._vnode_member[p] for p in self._site_positions[index]})
+
+    def _rank_site_owners(self, start: int, spec: SiteReplicas) -> tuple[str, ...]:
+        """Each named site's owners from its own ring, interleaved by rank (module docstring).
+
+        Walking a site's vnode positions from the key is walking the ring that site alone
+        would build. Within the site: first the first node met on each host not yet used,
+        then the others, in walk order; the walk stops once enough new-host nodes are
+        found, or once every host of the site is met and enough nodes in all.
+        """
+        member_of = self._vnode_member
+        machine_of = self._member_machine
+        count = len(member_of)
+        ranked: list[tuple[int, int, int]] = []  # (rank in site, distance from key, member)
+        for site, copies in spec.per_site:
+            site_index = self._site_index.get(site)
+            if site_index is None:
+                continue
+            positions = self._site_positions[site_index]
+            machines = self._site_machine_count[site_index]
+            seen: set[int] = set()
+            seen_machines: set[int] = set()
+            tier_1: list[tuple[int, int]] = []
+            tier_2: list[tuple[int, int]] = []
+            first = bisect_left(positions, start)
+            for step in range(len(positions)):
+                position = positions[(first + step) % len(positions)]
+                member = member_of[position]
+                if member in seen:
+                    continue
+                seen.add(member)
+                found = ((position - start) % count, member)
+                if machine_of[member] not in seen_machines:
+                    seen_machines.add(machine_of[member])
+                    tier_1.append(found)
+                    if len(tier_1) >= copies:
+                        break
+                else:
+                    tier_2.append(found)
+                if len(seen_machines) == machines and len(tier_1) + len(tier_2) >= copies:
+                    break
+            for rank, (distance, member) in enumerate((tier_1 + tier_2)[:copies]):
+                ranked.append((rank, distance, member))
+        return self._node_ids_of([member for _, _, member in sorted(ranked)])
 
     def _rank_owners(self, start: int, n: int) -> tuple[str, ...]:
         """Rank the distinct nodes met walking from vnode `start` by (tier, position); keep n.
@@ -406,7 +531,9 @@ class Ring:
         return [self._members[member].node_id for member in order]
 
 
-def _check_replicas(n: int) -> None:
+def _check_replicas(n: Replication) -> None:
+    if isinstance(n, SiteReplicas):
+        return  # Checked when it was made.
     if n < 1:
         raise ValueError(f"replica count n must be >= 1, got {n}")
 

@@ -99,6 +99,10 @@ def test_plain_http_to_the_https_port_is_refused(node: NodeProcess, pki: dict[st
         httpx.get(f"http://{HOST}:{node.http_port}/dicom-web/studies", timeout=10)
     with _client(pki, "viewer") as client:  # The node still serves.
         assert client.get(_url(node, "/healthz")).text == "ok\n"
+    # One line for the failed handshake, with the address and a reason class; no traceback.
+    assert wait_until(lambda: "http.tls.refused address=127.0.0.1 reason=plain-text" in node.log_text(), 5), \
+        node.log_text()[-2000:]
+    assert "Traceback" not in node.log_text()
 
 
 def test_a_certificate_of_another_ca_is_refused(node: NodeProcess, pki: dict[str, Path]) -> None:
@@ -106,6 +110,9 @@ def test_a_certificate_of_another_ca_is_refused(node: NodeProcess, pki: dict[str
     context.load_cert_chain(pki["other-ca-viewer"] / "cert.pem", pki["other-ca-viewer"] / "key.pem")
     with httpx.Client(verify=context, timeout=10) as client, pytest.raises(httpx.HTTPError):
         client.get(_url(node, "/dicom-web/studies"))
+    assert wait_until(lambda: "http.tls.refused address=127.0.0.1 reason=certificate" in node.log_text(), 5), \
+        node.log_text()[-2000:]
+    assert wait_until(lambda: any("HTTPS handshake failed: certificate" in json.dumps(m) for m in _audit(node)), 5)
 
 
 def test_health_is_open_data_needs_a_viewer_or_admin_certificate(node: NodeProcess, pki: dict[str, Path]) -> None:

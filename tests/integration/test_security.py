@@ -288,6 +288,25 @@ def test_tls_cluster_stores_and_retrieves_through_every_node(cluster: list[NodeP
         assert "security.unprotected" not in node.log_text()
 
 
+def https_client(pki: dict[str, Path], certificate: str | None) -> httpx.Client:
+    context = ssl.create_default_context(cafile=str(pki["admin"] / "ca.pem"))
+    if certificate is not None:
+        context.load_cert_chain(pki[certificate] / "cert.pem", pki[certificate] / "key.pem")
+    return httpx.Client(verify=context, timeout=10)
+
+
+def test_the_cluster_page_works_on_a_tls_node(cluster: list[NodeProcess], pki: dict[str, Path]) -> None:
+    """/api/cluster asks the node's own peer port with the node's certificate (it used to ask
+    without one, and a TLS node answered 503)."""
+    with https_client(pki, "admin") as client:
+        reply = client.get(f"https://{HOST}:{cluster[1].http_port}/api/cluster")
+    assert reply.status_code == 200, reply.text
+    view = reply.json()
+    assert view["node_id"] == "n2" and view["peer_tls"] is True
+    assert {(n["node_id"], n["state"], n["reachable"]) for n in view["nodes"]} == {
+        (name, "alive", True) for name in NAMES}
+
+
 def test_dcmtk_findscu_and_storescu_over_tls(cluster: list[NodeProcess], pki: dict[str, Path], root: Path,
                                              stored: list[datagen.ManifestEntry]) -> None:
     modality = pki["modality"]
