@@ -19,7 +19,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +127,21 @@ class AuditLog:
         self._handle = None
         self.written = 0
         self.failed = 0
+        self.forward: Callable[[str], None] | None = None  # A syslog receiver too (node/audit_syslog.py).
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(path, "a", encoding="utf-8", buffering=1)
 
     @property
     def enabled(self) -> bool:
-        return self._handle is not None
+        return self._handle is not None or self.forward is not None
 
     def record(self, event: str, *, action: str = "E", outcome: str = SUCCESS, event_type: str = "",
                participants: Iterable[Participant] = (), subject: Subject | None = None,
                description: str = "") -> None:
-        """Append one message. A failure to write is logged and counted, never raised."""
-        if self._handle is None:
+        """Append one message (and queue it for the syslog receiver, when there is one).
+        A failure to write is logged and counted, never raised."""
+        if self._handle is None and self.forward is None:
             return
         identification: dict[str, Any] = {
             "EventID": _code(EVENTS[event]),
@@ -159,6 +161,10 @@ class AuditLog:
             "ParticipantObjectIdentification": subject.to_json() if subject else [],
         }
         line = json.dumps(message, separators=(",", ":")) + "\n"
+        if self.forward is not None:
+            self.forward(line)
+        if self._handle is None:
+            return
         with self._lock:
             try:
                 self._handle.write(line)

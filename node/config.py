@@ -89,6 +89,7 @@ class NodeConfig:
     require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
     max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
     max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
+    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations, and DICOM TLS and the DICOM audit trail are not served.")
     dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
     acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
     network_timeout_s: float = setting(60.0, "Idle association before it is closed.")
@@ -142,6 +143,9 @@ class NodeConfig:
     known_aes: tuple[KnownAe, ...] = setting((), "Known AEs: AET[@HOST,...][=SERVICE,...] with services echo, store, "
                                              "find, get, move and move-to:AET (repeat --known-ae).")
     audit_log: str = setting("", "Audit trail file (PS3.15 A.5 JSON lines); empty: DATA_DIR/audit.jsonl; off: none.")
+    audit_syslog: str = setting("", "Also send the audit trail to this RFC 5424 syslog receiver over TLS (RFC 5425), "
+                                    "HOST:PORT; its certificate must be of the cluster CA and name HOST. Needs tls_dir. "
+                                    "Empty: off.")
 
     # --- HTTP front end (DICOMweb, web page, metrics)
     http_host: str = setting("", "Interface the HTTP listener binds to (default: host).")
@@ -186,7 +190,7 @@ class NodeConfig:
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
+        for name in ("dicom_workers", "disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):
@@ -204,6 +208,14 @@ class NodeConfig:
             raise ConfigError(f"dicom_tls_port must be 0-65535, got {self.dicom_tls_port}")
         if self.dicom_tls_port and not self.tls_dir:
             raise ConfigError("dicom_tls_port needs tls_dir (the node's certificate)")
+        if self.audit_syslog:
+            from pacsnode.node.audit_syslog import SyslogTargetError, parse_target
+            if not self.tls_dir:
+                raise ConfigError("audit_syslog needs tls_dir (the cluster CA checks the receiver)")
+            try:
+                parse_target(self.audit_syslog)
+            except SyslogTargetError as error:
+                raise ConfigError(str(error)) from None
         known_titles = [k.ae_title for k in self.known_aes]
         if len(known_titles) != len(set(known_titles)):
             raise ConfigError(f"duplicate known AE titles: {known_titles}")

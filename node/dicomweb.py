@@ -187,9 +187,6 @@ class DicomWeb:
         remaining = len(rows) - qido.offset - len(page)
         if remaining > 0:
             warnings.append(warning_header(f"There are {remaining} additional results that can be requested"))
-        if qido.fuzzy_requested:
-            warnings.append(warning_header("The fuzzymatching parameter is not supported. "
-                                           "Only literal matching has been performed."))
         status = 200
         if shortfall:
             warnings.append(warning_header(shortfall.describe()))

@@ -54,7 +54,7 @@ class QidoRequest:
     keywords: tuple[str, ...]  # The attributes each result carries, in order.
     limit: int | None
     offset: int
-    fuzzy_requested: bool  # fuzzymatching=true: not supported, answered with a Warning.
+    fuzzy_requested: bool  # fuzzymatching=true: PN keys without wildcards match anywhere in the name.
 
 
 def attribute_keyword(name: str) -> str:
@@ -102,6 +102,15 @@ def default_keywords(level: str, nested: bool) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parents + INSTANCE_DEFAULT))
 
 
+def fuzzy_name(value: str) -> str:
+    """PS3.18 leaves fuzzy matching of names to the server: here a name key without
+    wildcards matches wherever it appears in the name, in any component, case-insensitively
+    (PN matching folds case): `smi` finds SMITH^JOHN and DOE^SMIRNA. A key with `*` or `?`
+    is the caller's own pattern and is left as it is; each `\\`-separated value likewise."""
+    return "\\".join(part if ("*" in part or "?" in part or not part.strip()) else f"*{part.strip()}*"
+                      for part in value.split("\\"))
+
+
 def parse_qido(resource: str, params: Iterable[tuple[str, str]], *, study_instance_uid: str | None = None,
                series_instance_uid: str | None = None) -> QidoRequest:
     """Build the Query for GET .../{resource}?{params}; raises QidoError on a bad request."""
@@ -131,9 +140,12 @@ def parse_qido(resource: str, params: Iterable[tuple[str, str]], *, study_instan
             if keyword in conditions and conditions[keyword] != uid:
                 raise QidoError(f"{keyword} in the query differs from the one in the path")
             conditions[keyword] = uid
+    fuzzy = any(v.strip().lower() == "true" for v in values.get("fuzzymatching", []))
     built = []
     for keyword, value in conditions.items():
         vr = _vr(keyword)
+        if vr == "PN" and fuzzy:
+            value = fuzzy_name(value)
         if vr == "UI":
             value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list is comma-separated.
         built.append(Condition(keyword, vr, value))
@@ -146,7 +158,6 @@ def parse_qido(resource: str, params: Iterable[tuple[str, str]], *, study_instan
             keywords.append(attribute_keyword(name))
     keywords.extend(conditions)  # A matching key is returned too (as C-FIND does).
     ordered = tuple(dict.fromkeys(k for k in keywords if k not in ("QueryRetrieveLevel", "SpecificCharacterSet")))
-    fuzzy = any(v.strip().lower() == "true" for v in values.get("fuzzymatching", []))
     return QidoRequest(
         query=Query(level=level, conditions=tuple(built), return_keys=ordered, model="STUDY"),
         keywords=ordered,

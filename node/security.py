@@ -15,6 +15,7 @@ import grpc
 
 from pacsnode.node import tls
 from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject
+from pacsnode.node.audit_syslog import AuditSyslog, client_context, parse_target
 from pacsnode.node.config import ConfigError, NodeConfig
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,12 @@ class NodeSecurity:
         if self.files is not None and not tls.key_file_private(self.files.key_path):
             raise ConfigError(f"{self.files.key_path} is readable by others: chmod 600 it")
         self.audit = AuditLog(self.audit_path(config), config.node_id)
+        self.syslog: AuditSyslog | None = None
+        if config.audit_syslog and self.files is not None:
+            host, port = parse_target(config.audit_syslog)
+            context = client_context(self.files.ca_path, self.files.cert_path, self.files.key_path)
+            self.syslog = AuditSyslog(host, port, context)
+            self.audit.forward = self.syslog.send
         self.guard = tls.PeerGuard(self.files is not None, alert=self._peer_refused)
 
     @staticmethod
@@ -110,3 +117,5 @@ class NodeSecurity:
         self.audit.record("application-activity", event_type="application-stop",
                           participants=[Participant(self.config.node_id, requestor=False)])
         self.audit.close()
+        if self.syslog is not None:
+            self.syslog.close()

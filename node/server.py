@@ -21,6 +21,7 @@ import pydicom.config
 from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
+from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
@@ -185,6 +186,7 @@ class Node:
         self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
                                         replication_factor=config.replication_factor,
                                         run_blocking=asyncio.to_thread)
+        self.workers: WorkerPool | None = None  # dicom_workers > 0: the front end runs in worker processes.
         self.peer_server = PeerServer(self)
         self.http = http_server_for(self)  # DICOMweb, web page, /metrics, /healthz, /readyz.
         self._hint_task: asyncio.Task[None] | None = None
@@ -249,6 +251,9 @@ class Node:
             "pacsnode.security.dicom_refused_count": self.front_end.guard.refused,
             "pacsnode.security.http_refused_count": self.http.audit.refused_count,
             "pacsnode.security.http_tls_refused_count": self.http.tls_refused_count,
+            "pacsnode.security.audit_syslog_sent_count": self.security.syslog.sent if self.security.syslog else 0,
+            "pacsnode.security.audit_syslog_dropped_count":
+                self.security.syslog.dropped if self.security.syslog else 0,
             "pacsnode.security.audit_messages_count": self.security.audit.written,
             **self.membership_metrics(),
         }
@@ -398,7 +403,11 @@ class Node:
 
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
-        self.front_end.start()
+        if self.config.dicom_workers:
+            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers)
+            self.workers.start()
+        else:
+            self.front_end.start()
         self.security.started(self.front_end.tls_port)
         bind_dimse_metrics(self, self.http)
         self.http.start()
@@ -410,7 +419,7 @@ class Node:
             self.identity["generation"],
             self.config.ae_title,
             self.config.host,
-            self.front_end.port,
+            self.workers.port if self.workers is not None else self.front_end.port,
             self.config.host,
             self.peer_server.port,
             ",".join(self.config.seeds) or "none",
@@ -425,6 +434,8 @@ class Node:
         self._stopped.set()
         log.info("node.stopping node_id=%s", self.config.node_id)
         self.http.stop()
+        if self.workers is not None:
+            self.workers.stop(grace_s=10.0)
         self.front_end.stop(grace_s=10.0)
         try:
             self.loop.run(self._stop_async(), 15)

@@ -1,8 +1,9 @@
 """`make viewer`: lay out OHIF's prebuilt viewer (npm `@ohif/app`, its `dist/`) so that
 the node serves it at /viewer/ against its own DICOMweb.
 
-OHIF's dist is built for the site root (PUBLIC_URL "/", absolute asset paths); this
-rewrites index.html for /viewer/ and replaces app-config.js with one whose only data
+OHIF's dist is built for the site root (PUBLIC_URL "/", absolute asset paths, webpack's
+public path "/" compiled into its bundles); this rewrites index.html and the bundles' public
+path for /viewer/ and replaces app-config.js with one whose only data
 source is the node's /dicom-web (same origin, so no CORS is needed).
 
     python -m pacsnode.node.viewer_install SOURCE_DIST TARGET_DIR
@@ -47,7 +48,7 @@ window.config = {
         imageRendering: 'wadors',
         thumbnailRendering: 'wadors',
         enableStudyLazyLoad: true,
-        supportsFuzzyMatching: false,
+        supportsFuzzyMatching: true,
         supportsWildcard: true,
         staticWado: false,
         singlepart: 'bulkdata,video',
@@ -66,6 +67,16 @@ def rebase_index(html: str) -> str:
     return html.replace('window.PUBLIC_URL="/"', f'window.PUBLIC_URL="{BASE}"')
 
 
+WEBPACK_PUBLIC_PATH = '__webpack_require__.p = "/"'
+
+
+def rebase_bundle(script: str) -> str:
+    """OHIF's bundles load their chunks from webpack's public path, compiled in as "/"
+    (window.PUBLIC_URL does not change it): without this, every chunk is asked for at the
+    site root and the viewer stops at 'ChunkLoadError'."""
+    return script.replace(WEBPACK_PUBLIC_PATH, f'__webpack_require__.p = "{BASE}"')
+
+
 def install(source: Path, target: Path) -> None:
     if not (source / "index.html").is_file():
         raise SystemExit(f"{source} is not OHIF's dist/ (no index.html)")
@@ -75,6 +86,10 @@ def install(source: Path, target: Path) -> None:
     index = target / "index.html"
     index.write_text(rebase_index(index.read_text(encoding="utf-8")), encoding="utf-8")
     (target / "app-config.js").write_text(APP_CONFIG, encoding="utf-8")
+    for script in target.glob("*.js"):
+        text = script.read_text(encoding="utf-8")
+        if WEBPACK_PUBLIC_PATH in text:
+            script.write_text(rebase_bundle(text), encoding="utf-8")
 
 
 def main(argv: list[str]) -> int:

@@ -68,6 +68,9 @@ class ChaosSettings:
     seed: int = 0
     scenario: str = "mixed"
     sites: int = 1                      # Nodes round-robin over this many sites.
+    wan_delay_ms: float = 0.0           # One-way latency of links between sites (issue 15: 40) ...
+    wan_jitter_ms: float = 0.0          # ... plus or minus this (issue 15: 10) ...
+    lan_delay_ms: float = 0.0           # ... and of links within a site (issue 15: 0.2). Kept across heals.
     replication_factor: int = 3
     write_quorum: int = 2
     dead_grace_s: int = 10              # Short, so a long kill is removed and re-replicated within the run.
@@ -92,6 +95,10 @@ class ChaosSettings:
             raise ValueError(f"chaos needs at least 2 nodes, got {self.nodes}")
         if not 1 <= self.sites <= self.nodes:
             raise ValueError(f"sites must be 1..nodes ({self.nodes}), got {self.sites}")
+        if not 0 <= self.wan_jitter_ms <= self.wan_delay_ms or self.lan_delay_ms < 0:
+            raise ValueError("need 0 <= WAN jitter <= WAN delay and LAN delay >= 0")
+        if self.scenario == "sites" and self.sites < 2:
+            raise ValueError("the sites scenario needs --sites 2 or more")
         if not 1 <= self.write_quorum <= self.replication_factor:
             raise ValueError(f"need 1 <= write quorum <= replicas, got W={self.write_quorum} N={self.replication_factor}")
         if not self.duration_s > 0 or self.dead_grace_s < 0 or self.store_threads < 0 or self.storescu_every_s < 0 \
@@ -101,7 +108,10 @@ class ChaosSettings:
 
     def replay(self) -> str:
         return (f"pacsnode sim chaos --nodes {self.nodes} --duration {self.duration_s:g} --seed {self.seed} "
-                f"--scenario {self.scenario} --sites {self.sites}")
+                f"--scenario {self.scenario} --sites {self.sites}"
+                + (f" --wan-delay-ms {self.wan_delay_ms:g} --wan-jitter-ms {self.wan_jitter_ms:g}"
+                   if self.wan_delay_ms else "")
+                + (f" --lan-delay-ms {self.lan_delay_ms:g}" if self.lan_delay_ms else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +138,10 @@ class ChaosCluster:
             for other in self.ids:
                 if other != node_id:
                     via = self.proxy.add_link(f"{node_id}>{other}", "127.0.0.1", peer_ports[other])
+                    if self.sites[node_id] != self.sites[other] and settings.wan_delay_ms:
+                        self.proxy.base_delay(f"{node_id}>{other}", settings.wan_delay_ms, settings.wan_jitter_ms)
+                    elif self.sites[node_id] == self.sites[other] and settings.lan_delay_ms:
+                        self.proxy.base_delay(f"{node_id}>{other}", settings.lan_delay_ms)
                     routes += ["--peer-route", f"127.0.0.1:{peer_ports[other]}=127.0.0.1:{via}"]
             s = settings
             self.nodes[node_id] = NodeProcess(
@@ -573,8 +587,8 @@ class FaultInjector:
             c.pause(fault.target)
         elif fault.kind == "restart":
             c.stop(fault.target)
-        elif fault.kind in ("partition", "one-way"):
-            for name in c.links_between(fault.group_a, fault.group_b, both_ways=fault.kind == "partition"):
+        elif fault.kind in ("partition", "one-way", "site-cut"):
+            for name in c.links_between(fault.group_a, fault.group_b, both_ways=fault.kind != "one-way"):
                 c.proxy.block(name)
         elif fault.kind == "isolate":
             for name in c.links_between([fault.target], observers):
@@ -786,7 +800,7 @@ def run_chaos(settings: ChaosSettings) -> dict[str, Any]:
         cluster.start_all()
         oplog.started = time.monotonic()
         plan = plan_faults(settings.seed, cluster.ids, settings.duration_s, scenario=settings.scenario,
-                           dead_grace_s=settings.dead_grace_s)
+                           dead_grace_s=settings.dead_grace_s, sites=cluster.sites)
         workload.start()
         time.sleep(settings.warmup_s)
         injector = FaultInjector(cluster, oplog, settings)

@@ -15,6 +15,7 @@ short run sees them all; then the other kinds; then random picks.
     one-way    block connections from one group to the other only
     isolate    cut one node off from every other node
     slow       add 100 ms to every chunk on one node's links, both ways
+    site-cut   cut one whole site off from every other site, both ways (needs >= 2 sites)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 
 KINDS = ("kill", "long-kill", "pause", "restart", "wipe", "partition", "one-way", "isolate", "slow")
+SITE_KINDS = ("site-cut",)  # Only in scenarios run with two sites or more.
 ESSENTIAL = ("kill", "pause", "partition", "wipe")
 
 SCENARIOS: dict[str, tuple[str, ...]] = {
@@ -32,6 +34,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "partition": ("partition", "one-way", "isolate"),
     "wipe": ("wipe",),
     "slow": ("slow",),
+    "sites": ("site-cut", "kill"),  # With --sites 3 and WAN delays: issue 15's site-alone run.
 }
 
 # Durations (seconds) by kind; long-kill's is dead grace plus this range.
@@ -45,6 +48,7 @@ DURATIONS: dict[str, tuple[float, float]] = {
     "one-way": (4, 12),
     "isolate": (4, 15),
     "slow": (5, 10),
+    "site-cut": (8, 20),
 }
 
 
@@ -64,14 +68,20 @@ class Fault:
 
 
 def plan_faults(seed: int, node_ids: list[str], duration_s: float, *, scenario: str = "mixed",
-                dead_grace_s: float = 10.0, gap_s: float = 4.0) -> list[Fault]:
-    """Enough faults to fill `duration_s` (each costs its duration plus about `gap_s`)."""
+                dead_grace_s: float = 10.0, gap_s: float = 4.0,
+                sites: dict[str, str] | None = None) -> list[Fault]:
+    """Enough faults to fill `duration_s` (each costs its duration plus about `gap_s`).
+
+    `sites` maps node id to site; a site-cut needs two sites or more.
+    """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown chaos scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
     if len(node_ids) < 2:
         raise ValueError("chaos needs at least 2 nodes")
     rng = random.Random(f"chaos:{seed}")
-    allowed = [k for k in SCENARIOS[scenario] if not (k == "long-kill" and len(node_ids) < 4)]
+    site_groups = _site_groups(node_ids, sites or {})
+    allowed = [k for k in SCENARIOS[scenario] if not (k == "long-kill" and len(node_ids) < 4)
+               and not (k in SITE_KINDS and len(site_groups) < 2)]
     if not allowed:
         raise ValueError(f"scenario {scenario!r} needs at least 4 nodes")
     first = [k for k in ESSENTIAL if k in allowed]
@@ -83,13 +93,22 @@ def plan_faults(seed: int, node_ids: list[str], duration_s: float, *, scenario: 
     spent = 0.0
     while spent < duration_s:
         kind = order[len(faults)] if len(faults) < len(order) else rng.choice(allowed)
-        fault = _make(rng, kind, sorted(node_ids), dead_grace_s)
+        fault = _make(rng, kind, sorted(node_ids), dead_grace_s, site_groups)
         faults.append(fault)
         spent += fault.duration_s + gap_s
     return faults
 
 
-def _make(rng: random.Random, kind: str, node_ids: list[str], dead_grace_s: float) -> Fault:
+def _site_groups(node_ids: list[str], sites: dict[str, str]) -> list[tuple[str, ...]]:
+    """The nodes of each site, sites in name order (one group when no sites are given)."""
+    by_site: dict[str, list[str]] = {}
+    for node_id in sorted(node_ids):
+        by_site.setdefault(sites.get(node_id, "default"), []).append(node_id)
+    return [tuple(by_site[site]) for site in sorted(by_site)]
+
+
+def _make(rng: random.Random, kind: str, node_ids: list[str], dead_grace_s: float,
+          site_groups: list[tuple[str, ...]]) -> Fault:
     low, high = DURATIONS[kind]
     duration = round(rng.uniform(low, high), 1)
     if kind == "long-kill":
@@ -99,4 +118,8 @@ def _make(rng: random.Random, kind: str, node_ids: list[str], dead_grace_s: floa
         rng.shuffle(shuffled)
         cut = rng.randint(1, len(shuffled) - 1) if kind == "one-way" else len(shuffled) // 2
         return Fault(kind, duration, group_a=tuple(sorted(shuffled[:cut])), group_b=tuple(sorted(shuffled[cut:])))
+    if kind == "site-cut":
+        alone = rng.choice(site_groups)
+        others = tuple(sorted(n for n in node_ids if n not in alone))
+        return Fault(kind, duration, group_a=alone, group_b=others)
     return Fault(kind, duration, target=rng.choice(node_ids))

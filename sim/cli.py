@@ -94,6 +94,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     chaos.add_argument("--scenario", default=defaults.scenario, choices=sorted(CHAOS_SCENARIOS),
                        help=f"which faults (default: {defaults.scenario}; see sim/chaos_plan.py)")
     chaos.add_argument("--sites", type=int, default=defaults.sites, help=f"(default: {defaults.sites})")
+    chaos.add_argument("--wan-delay-ms", type=float, default=defaults.wan_delay_ms,
+                       help="one-way latency of links between sites, e.g. 40 (default: 0)")
+    chaos.add_argument("--wan-jitter-ms", type=float, default=defaults.wan_jitter_ms,
+                       help="plus or minus this on links between sites, e.g. 10 (default: 0)")
+    chaos.add_argument("--lan-delay-ms", type=float, default=defaults.lan_delay_ms,
+                       help="one-way latency of links within a site, e.g. 0.2 (default: 0)")
+    chaos.add_argument("--profile", default=defaults.profile, choices=("lan", "local", "wan"),
+                       help=f"the nodes' membership timer profile (default: {defaults.profile})")
     chaos.add_argument("--replicas", type=int, default=defaults.replication_factor,
                        help=f"N (default: {defaults.replication_factor})")
     chaos.add_argument("--write-quorum", type=int, default=defaults.write_quorum,
@@ -173,7 +181,8 @@ def _chaos(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     settings = ChaosSettings(nodes=args.nodes, duration_s=args.duration, seed=args.seed, scenario=args.scenario,
-                             sites=args.sites, replication_factor=args.replicas, write_quorum=args.write_quorum,
+                             sites=args.sites, wan_delay_ms=args.wan_delay_ms, wan_jitter_ms=args.wan_jitter_ms,
+                             lan_delay_ms=args.lan_delay_ms, profile=args.profile, replication_factor=args.replicas, write_quorum=args.write_quorum,
                              dead_grace_s=args.dead_grace, store_threads=args.store_threads,
                              storescu_every_s=args.storescu_every, settle_timeout_s=args.settle_timeout,
                              work_dir=args.work_dir, keep=args.keep)

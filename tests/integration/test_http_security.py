@@ -10,6 +10,7 @@ node/ca.py, as `pacsnode cert issue` writes them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import ssl
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydicom import dcmread
 
 from pacsnode.node import ca
 from pacsnode.sim import datagen
-from pacsnode.sim.process import NodeProcess, wait_until
+from pacsnode.sim.process import NodeProcess, free_port, wait_until
 
 HOST = "127.0.0.1"
 
@@ -166,3 +167,29 @@ def test_dicomweb_with_a_viewer_certificate_is_audited(node: NodeProcess, pki: d
     assert "WADO-RS retrieve: 2 of 2 instances" in json.dumps(retrieves[-1])
     refusals = [m for m in by("Security Alert", "E") if "HTTP dicom-web refused" in json.dumps(m)]
     assert refusals  # The refused requests of the test before (module-scoped node).
+
+
+def test_a_tls_node_sends_its_audit_trail_to_a_syslog_receiver(root: Path, pki: dict[str, Path]) -> None:
+    """`--audit-syslog HOST:PORT`: the node's audit messages reach a real TLS receiver
+    (tests/unit/test_audit_syslog.py has the receiver, the framing and the failure cases)."""
+    from tests.unit.test_audit_syslog import Receiver
+
+    ca.issue(root / "ca", root / "tls-syslog", "syslog")
+    receiver = Receiver(root / "tls-syslog", free_port())
+    port = receiver.listener.getsockname()[1]
+    process = NodeProcess(root / "n2", node_id="n2", extra_args=[
+        "--profile", "local", "--replication-factor", "1", "--write-quorum", "1", "--tls-dir", str(pki["n2"]),
+        "--audit-syslog", f"127.0.0.1:{port}"])
+    try:
+        process.start()
+        assert wait_until(lambda: any(b"Application Start" in m for m in receiver.messages), 15), \
+            process.log_text()[-2000:]
+        assert receiver.peers[0] == "n2"
+        with _client(pki, "admin") as client:
+            metrics = client.get(f"https://{HOST}:{process.http_port}/metrics").text
+        assert re.search(r"^pacsnode_security_audit_syslog_dropped_total 0(\.0)?$", metrics, re.M), metrics[-1500:]
+        sent = re.search(r"^pacsnode_security_audit_syslog_sent_total ([0-9.]+)$", metrics, re.M)
+        assert sent is not None and float(sent.group(1)) >= 1
+    finally:
+        process.stop()
+        receiver.close()

@@ -58,3 +58,28 @@ def test_chaos_settings_a_run_cannot_have_are_refused_before_anything_starts() -
                 dict(store_threads=-1)):
         with pytest.raises(ValueError):
             ChaosSettings(**bad).check()  # type: ignore[arg-type]
+
+
+def test_a_site_cut_cuts_one_whole_site_from_the_others() -> None:
+    nodes = [f"c{i}" for i in range(1, 7)]
+    sites = {node: f"site{i % 3 + 1}" for i, node in enumerate(nodes)}
+    cuts = [f for seed in range(10) for f in plan_faults(seed, nodes, 200, scenario="sites", sites=sites)
+            if f.kind == "site-cut"]
+    assert cuts
+    for fault in cuts:
+        assert len({sites[n] for n in fault.group_a}) == 1
+        assert set(fault.group_a) == {n for n in nodes if sites[n] == sites[fault.group_a[0]]}
+        assert set(fault.group_b) == set(nodes) - set(fault.group_a)
+    # One site: no site to cut, only the scenario's other kinds.
+    assert {f.kind for f in plan_faults(1, nodes, 200, scenario="sites")} == {"kill"}
+
+
+def test_chaos_wan_settings_are_checked_and_replayed() -> None:
+    from pacsnode.sim.chaos import ChaosSettings
+
+    for bad in (dict(wan_delay_ms=10, wan_jitter_ms=20), dict(lan_delay_ms=-1), dict(scenario="sites", sites=1)):
+        with pytest.raises(ValueError):
+            ChaosSettings(nodes=6, **bad).check()  # type: ignore[arg-type]
+    wan = ChaosSettings(nodes=6, sites=3, scenario="sites", wan_delay_ms=40, wan_jitter_ms=10, lan_delay_ms=0.2)
+    wan.check()
+    assert "--wan-delay-ms 40 --wan-jitter-ms 10 --lan-delay-ms 0.2" in wan.replay()

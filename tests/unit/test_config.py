@@ -59,6 +59,7 @@ dicom-port = 4242                  # '-' or '_' both work
 require_called_ae_title = true
 max_pdu_bytes = 0
 max_associations = 8
+dicom_workers = 2
 dimse_timeout_s = 5                # an integer for a float field
 acse_timeout_s = 2.5
 network_timeout_s = 30.0
@@ -98,6 +99,7 @@ access_mode = "strict"
 loopback_trusted = false
 known_aes = ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
 audit_log = "/var/log/pacsnode-audit.jsonl"
+audit_syslog = "syslog.hospital.example:6514"
 http_host = "127.0.0.3"
 http_port = 8080
 qido_result_max = 50
@@ -121,7 +123,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.ae_title == "ARCHIVE7" and config.host == "127.0.0.1"
     assert config.dicom_port == 4242
     assert config.require_called_ae_title is True
-    assert config.max_pdu_bytes == 0 and config.max_associations == 8
+    assert config.max_pdu_bytes == 0 and config.max_associations == 8 and config.dicom_workers == 2
     assert config.dimse_timeout_s == 5.0 and isinstance(config.dimse_timeout_s, float)
     assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
     assert config.move_store_attempt_max == 5 and config.find_result_max == 500
@@ -223,6 +225,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"vnodes": 0}, "vnodes must be >= 1"),
         ({"max_pdu_bytes": 100}, "max_pdu_bytes must be 0 (unlimited) or >= 4096"),
         ({"max_associations": 0}, "max_associations must be >= 1"),
+        ({"dicom_workers": -1}, "dicom_workers must be >= 0"),
         ({"move_store_attempt_max": 0}, "move_store_attempt_max must be >= 1"),
         ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
@@ -341,7 +344,7 @@ def test_every_start_option_sets_its_field() -> None:
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
-               "http_tls_client_cert": "none"}
+               "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)
@@ -430,6 +433,8 @@ def test_known_aes_from_flags_and_a_toml_table(tmp_path: Path) -> None:
     ({"http_tls_client_cert": "sometimes"}, "http_tls_client_cert must be none, optional or required"),
     ({"known_aes": ["A=find,delete"]}, "unknown service"),
     ({"known_aes": ["A", "A@h"]}, "duplicate known AE"),
+    ({"audit_syslog": "h:6514"}, "audit_syslog needs tls_dir"),
+    ({"audit_syslog": "h", "tls_dir": "x"}, "audit_syslog must be HOST:PORT"),
 ])
 def test_bad_security_settings_are_refused(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

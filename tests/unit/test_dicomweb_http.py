@@ -114,8 +114,13 @@ def test_pages_and_the_server_limit(served: _Served) -> None:
     reply = httpx.get(served.url + "/dicom-web/instances")
     assert reply.status_code == 200 and len(reply.json()) == 4  # qido_result_max=4 of 12.
     assert 'There are 8 additional results' in reply.headers["warning"]
-    assert "fuzzymatching parameter is not supported" in httpx.get(
-        served.url + "/dicom-web/studies?fuzzymatching=true").headers["warning"]
+    # fuzzymatching=true: a name key matches anywhere in the name, in any case; not without it.
+    name = _value(served.client.search_for_studies()[0], "00100010")["Alphabetic"]
+    middle = name.split("^")[-1][1:4].lower()
+    fuzzy = httpx.get(served.url + f"/dicom-web/studies?PatientName={middle}&fuzzymatching=true")
+    assert fuzzy.status_code == 200 and "warning" not in fuzzy.headers
+    assert name in {_value(s, "00100010")["Alphabetic"] for s in fuzzy.json()}
+    assert httpx.get(served.url + f"/dicom-web/studies?PatientName={middle}").json() == []
 
 
 def test_series_and_instances_nested_and_not(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
@@ -371,12 +376,14 @@ def test_viewer_is_served_under_viewer_with_its_app_config(tmp_path: Path) -> No
     (dist / "index.html").write_text('<script>window.PUBLIC_URL="/"</script><script src="/app.bundle.1.js"></script>'
                                      '<link href="/assets/x.css"><a href="//cdn.example/y">')
     (dist / "app.bundle.1.js").write_text("console.log(1)")
+    (dist / "2.bundle.js").write_text('__webpack_require__.p = "/";')  # OHIF's chunks load from here.
     (dist / "app-config.js").write_text("window.config = {};")
     viewer_install.install(dist, tmp_path / "ohif")
     index = (tmp_path / "ohif" / "index.html").read_text()
     assert 'window.PUBLIC_URL="/viewer/"' in index and 'src="/viewer/app.bundle.1.js"' in index
     assert 'href="/viewer/assets/x.css"' in index and 'href="//cdn.example/y"' in index
     assert "window.location.origin + '/dicom-web'" in (tmp_path / "ohif" / "app-config.js").read_text()
+    assert (tmp_path / "ohif" / "2.bundle.js").read_text() == '__webpack_require__.p = "/viewer/";'
     server = _viewer_server(tmp_path / "ohif")
     url = f"http://127.0.0.1:{server.port}"
     try:

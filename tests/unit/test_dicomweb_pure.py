@@ -219,3 +219,14 @@ def test_file_meta_of_a_part10_file(syntax: str) -> None:
     assert data[meta.dataset_offset:meta.dataset_offset + 2] == b"\x08\x00"  # (0008,0016) starts the dataset.
     with pytest.raises(MediaError):
         read_file_meta(data[128:])
+
+
+def test_fuzzymatching_matches_a_name_key_anywhere_in_the_name() -> None:
+    from pacsnode.node.dicomweb_query import fuzzy_name
+
+    assert fuzzy_name("smi") == "*smi*" and fuzzy_name("DOE*") == "DOE*" and fuzzy_name("ab\\c?d") == "*ab*\\c?d"
+    fuzzy = parse_qido("studies", [("PatientName", "smi"), ("fuzzymatching", "true")]).query.conditions
+    literal = parse_qido("studies", [("PatientName", "smi")]).query.conditions
+    for name in ("SMITH^JOHN", "doe^smirna", "Osmi^A"):
+        assert match_all(fuzzy, {"PatientName": name}) and not match_all(literal, {"PatientName": name})
+    assert not match_all(fuzzy, {"PatientName": "JONES^S^M^I"})

@@ -104,6 +104,29 @@ def test_delay_and_reset(proxy: FaultProxy, echo_port: int) -> None:
             pass
 
 
+def test_a_delayed_link_with_jitter_keeps_order_and_does_not_serialise_chunks(proxy: FaultProxy,
+                                                                              echo_port: int) -> None:
+    port = proxy.add_link("a>b", "127.0.0.1", echo_port)
+    proxy.delay("a>b", 100, jitter_ms=50)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic()
+        sock.sendall(b"\x00")
+        assert _recv_exactly(sock, 1) == b"\x00"
+        assert time.monotonic() - started >= 0.1  # At least (100 - 50) ms each way.
+        # 40 separate writes 10 ms apart, each delayed 50-150 ms each way: they arrive in
+        # order, and together in about 0.4 s + one round trip; a proxy that made each
+        # chunk wait for the one before would take 40 x 100 ms or more.
+        started = time.monotonic()
+        for index in range(1, 41):
+            sock.sendall(bytes([index]))
+            time.sleep(0.01)
+        assert _recv_exactly(sock, 40) == bytes(range(1, 41))
+        assert time.monotonic() - started < 3.0
+    with pytest.raises(ValueError):
+        proxy.delay("a>b", 10, jitter_ms=20)
+
+
 def test_a_target_that_is_down_closes_the_client_connection(proxy: FaultProxy) -> None:
     port = proxy.add_link("a>b", "127.0.0.1", free_port())
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -113,3 +136,15 @@ def test_a_target_that_is_down_closes_the_client_connection(proxy: FaultProxy) -
         except ConnectionResetError:
             pass
     assert proxy.stats()["a>b"].refused == 1
+
+
+def test_a_base_delay_survives_heal_all(proxy: FaultProxy, echo_port: int) -> None:
+    port = proxy.add_link("a>b", "127.0.0.1", echo_port)
+    proxy.base_delay("a>b", 150)
+    proxy.delay("a>b", 0)  # A fault's change; heal_all puts the link's own latency back.
+    proxy.heal_all()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"x")
+        assert _recv_exactly(sock, 1) == b"x"
+        assert time.monotonic() - started >= 0.25  # 150 ms each way.
