@@ -164,6 +164,7 @@ class DataService(pb_grpc.DataServicer):
         except (ValueError, TypeError, UnicodeDecodeError) as error:
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, f"bad header: {error}")
         stored = StoredInstance(record=record, attributes=attributes, blob=b"".join(parts))
+        self.node.coordinator.hlc.observe(record.version)  # Later versions stamped here pass it.
         try:
             outcome = await self.node.peer_handler.store_instance(stored, hint_for=header.hint_for, sender_id=sender_id,
                                                                   sender_ring_version=sender_ring_version)
