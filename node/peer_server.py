@@ -158,6 +158,7 @@ class DataService(pb_grpc.DataServicer):
             log.info("peer.store.not_owner sop_instance_uid=%s sender=%s", record.sop_instance_uid, sender_id[:64])
             return self._reply(pb.STORE_OUTCOME_REFUSED_NOT_OWNER, "not an owner of this study under this node's ring")
         stored = StoredInstance(record=record, attributes=attributes, blob=b"".join(parts))
+        self.node.coordinator.hlc.observe(record.version)  # Later versions stamped here pass it.
         try:
             # Never acknowledge a copy that would not read back: check its zstd checksum.
             await asyncio.to_thread(decompress, stored.blob, record.sop_instance_uid)

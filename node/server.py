@@ -21,6 +21,7 @@ import pydicom.config
 from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
+from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
@@ -181,6 +182,7 @@ class Node:
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
+        self.workers: WorkerPool | None = None  # dicom_workers > 0: the front end runs in worker processes.
         self.peer_server = PeerServer(self)
         self.http = http_server_for(self)  # DICOMweb, web page, /metrics, /healthz, /readyz.
         self._hint_task: asyncio.Task[None] | None = None
@@ -397,7 +399,11 @@ class Node:
 
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
-        self.front_end.start()
+        if self.config.dicom_workers:
+            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers)
+            self.workers.start()
+        else:
+            self.front_end.start()
         self.security.started(self.front_end.tls_port)
         bind_dimse_metrics(self, self.http)
         self.http.start()
@@ -409,7 +415,7 @@ class Node:
             self.identity["generation"],
             self.config.ae_title,
             self.config.host,
-            self.front_end.port,
+            self.workers.port if self.workers is not None else self.front_end.port,
             self.config.host,
             self.peer_server.port,
             ",".join(self.config.seeds) or "none",
@@ -424,6 +430,8 @@ class Node:
         self._stopped.set()
         log.info("node.stopping node_id=%s", self.config.node_id)
         self.http.stop()
+        if self.workers is not None:
+            self.workers.stop(grace_s=10.0)
         self.front_end.stop(grace_s=10.0)
         try:
             self.loop.run(self._stop_async(), 15)
