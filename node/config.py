@@ -89,6 +89,7 @@ class NodeConfig:
     require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
     max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
     max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
+    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations, and DICOM TLS and the DICOM audit trail are not served.")
     dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
     acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
     network_timeout_s: float = setting(60.0, "Idle association before it is closed.")
@@ -189,7 +190,7 @@ class NodeConfig:
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
+        for name in ("dicom_workers", "disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):

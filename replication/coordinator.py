@@ -38,6 +38,7 @@ from pacsnode.replication.archive import (
     WriteStatus,
 )
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
+from pacsnode.replication.hlc import HybridClock
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
@@ -48,7 +49,9 @@ from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
 
-DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT})
+# DELETED: the replica holds a newer tombstone; its state for the UID is final and durable.
+DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT,
+                              StoreOutcome.DELETED})
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,12 @@ class Coordinator:
         *,
         decode: Callable[[StoredInstance], bytes],
         run_blocking: BlockingRunner = asyncio.to_thread,
+        hlc: HybridClock | None = None,
     ) -> None:
         self.self_id = self_id
+        # This node's hybrid logical clock: it stamps the version of every write and delete
+        # this node coordinates (replication/hlc.py).
+        self.hlc = hlc if hlc is not None else HybridClock(self_id)
         self._membership = membership
         self._transport = transport
         self._local = local
