@@ -100,7 +100,6 @@ class StoreReplica:
     def all_instances(self) -> Iterator[InstanceRecord]:
         return self.store.all_instances()
 
-
     def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int:
         return self.store.put_tombstones(tombstones, hint_for=hint_for)
 

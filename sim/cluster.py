@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pacsnode.node.codec import decompress
+from pacsnode.node.peer_handler import PeerHandler, RangesPending
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
-from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
-from pacsnode.replication.ownership import RingSync, refuses_not_owner
-from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
-from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason
-from pacsnode.replication.digest import segment_bounds
+from pacsnode.replication.model import CorruptBlob, StoredInstance
+from pacsnode.replication.ownership import RingSync
+from pacsnode.replication.repair import Repairer, RepairSettings
+from pacsnode.replication.transport import PeerError, PeerRefused
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Ring
 from pacsnode.ring.trouble import TroubleLog
@@ -293,12 +293,20 @@ class _Process:
         self.repairer = Repairer(node.node_id, self.membership, _RepairTransportView(node, transport),
                                  _RepairStoreView(node), config.repair_settings(), run_blocking=self.run_blocking)
         self.coordinator.pending = self.repairer.pending
+        # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
+        # the simulated network's adapter onto it, as node/peer_server.py is gRPC's.
+        self.peer_handler = PeerHandler(node.node_id, node.store, self.membership, self.repairer,
+                                        replication_factor=config.replication_factor,
+                                        run_blocking=self.run_blocking, run_write=self.run_write)
         self.ring_changes = 0
         self.rejoins = 0
         self.left_by_us = False
         self.ring_sync = RingSync(peer_interval_ms=config.swim.push_pull_interval_ms,
                                   gap_ms=config.swim.probe_interval_ms)
-        self.not_owner_refusals = 0
+
+    @property
+    def not_owner_refusals(self) -> int:
+        return self.peer_handler.not_owner_refusals
 
     # ----------------------------------------------------------------- clock
     def now_ms(self) -> int:
@@ -354,6 +362,14 @@ class _Process:
         """The coordinator's and repairer's run_blocking: inline, on the loop, no thread."""
         await self.wait_running()
         return function(*args, **kwargs)
+
+    async def run_write(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The peer handler's synced write: applied once the node's disk latency has passed
+        (a node that crashes or pauses meanwhile applies it only if and when it runs again)."""
+        disk_s = self.node.disk_write_ms / 1000
+        if disk_s > 0:
+            await asyncio.sleep(disk_s)
+        return await self.run_blocking(function, *args, **kwargs)
 
     def crash(self) -> None:
         self.alive = False
@@ -517,59 +533,33 @@ class _Process:
                      ) -> tuple[Any, int]:
         await self.wait_running()
         self.ring_mismatch(sender_id, ring_version)
-        store = self.node.store
+        handler = self.peer_handler
         if method == "store":
             stored, hint_for = args
-            if refuses_not_owner(self.membership.ring(), self.node_id, stored.study_instance_uid, hint_for=hint_for,
-                                 sender_ring_version=ring_version,
-                                 replication_factor=self.cluster.config.replication_factor):
-                self.not_owner_refusals += 1
-                raise PeerRefused(f"{self.node_id}: not an owner of this study under its ring",
-                                  RefusalReason.NOT_OWNER)
-            try:  # Never acknowledge a copy that would not read back.
-                decompress(stored.blob, stored.sop_instance_uid)
-            except CorruptBlob:
-                raise PeerRefused(f"{self.node_id}: invalid: payload failed its checksum", RefusalReason.INVALID)
-            disk_s = self.node.disk_write_ms / 1000
-            if disk_s > 0:
-                await asyncio.sleep(disk_s)
-                await self.wait_running()
             try:
-                outcome = store.put_stored(stored, hint_for=hint_for)
-            except StoreFull as error:
-                raise PeerRefused(f"{self.node_id}: full: {error}", RefusalReason.FULL) from None
-            except StoreError as error:
-                raise PeerRefused(f"{self.node_id}: error: {error}", RefusalReason.ERROR) from None
+                outcome = await handler.store_instance(stored, hint_for=hint_for, sender_id=sender_id,
+                                                       sender_ring_version=ring_version)
+            except PeerRefused as refusal:
+                raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
             return outcome, 96
         if method == "fetch":
             study_uid, sop_uid, include_hints = args
-            found = store.read_stored(study_uid, sop_uid)
-            if found is None and include_hints:
-                for owner in store.hint_owners():
-                    found = store.read_hint(owner, study_uid, sop_uid)
-                    if found is not None:
-                        break
+            found = await handler.fetch(study_uid, sop_uid, include_hints=include_hints)
             return found, (len(found.blob) + 400 if found is not None else 64)
         if method == "query":
             query, ranges, include_hints = args
-            if ranges is not None and self.repairer.is_pending(ranges):
-                raise PeerError(f"{self.node_id}: FAILED_PRECONDITION: ranges still being filled here")
-            rows = list(store.query_rows(query, ranges))
-            if include_hints:
-                rows += list(store.query_hint_rows(query, ranges))
+            try:
+                rows = list(handler.query_rows(query, ranges, include_hints=include_hints))
+            except RangesPending as pending:
+                raise PeerError(f"{self.node_id}: FAILED_PRECONDITION: {pending}") from None
             return rows, 100 + 200 * len(rows)
         if method == "range_digest":
             (token_range,) = args
-            digests = store.segment_digests(intervals_of(token_range))
-            return dict(sorted(digests.items())), 100 + 40 * len(digests)
+            digests = await handler.range_digest(token_range)
+            return digests, 100 + 40 * len(digests)
         if method == "list_bucket":
             token_range, segment = args
-            seg_low, seg_high = segment_bounds(int(segment))
-            entries: list[tuple[str, str, str]] = []
-            for low, high in intervals_of(token_range):
-                low, high = max(low, seg_low), min(high, seg_high)
-                if low <= high:
-                    entries.extend(store.entries(low, high))
+            entries = await handler.list_bucket(token_range, segment)
             return entries, 100 + 120 * len(entries)
         raise PeerError(f"{self.node_id}: UNIMPLEMENTED: {method}")
 
