@@ -40,17 +40,18 @@ from datetime import datetime
 from typing import Any, Callable, cast
 
 import pynetdicom
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from pacsnode.node import association_guard
+from pacsnode.node import association_guard, raw_send
 from pacsnode.node.association_guard import (
     ABORT_INVALID_PARAMETER_VALUE,
     ABORT_REASON_NOT_SPECIFIED,
@@ -594,6 +595,10 @@ class AcceptorAssociation(Association):
         self._work.set()
         super().kill()
 
+    def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        """C-GET sub-operations: a StoredDataset goes out as its stored bytes (node/raw_send.py)."""
+        return raw_send.send_c_store_or_stored(self, super().send_c_store, dataset, *args, **kwargs)
+
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's Association._run_reactor, waiting on an Event instead of
         sleeping 1 ms per loop, and logging the idle timeout as an event line."""
@@ -725,9 +730,71 @@ class RequestorSocket(AssociationSocket):
         return data
 
 
+class RequestorAssociation(Association):
+    """An association we request (the sub-associations of C-MOVE): a StoredDataset given to
+    send_c_store goes out as its stored bytes (node/raw_send.py)."""
+
+    def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        return raw_send.send_c_store_or_stored(self, super().send_c_store, dataset, *args, **kwargs)
+
+
 class NodeAE(AE):
-    """pynetdicom's AE whose requested associations use RequestorSocket (pynetdicom 3.0.4's
-    AE._create_socket with the class changed)."""
+    """pynetdicom's AE whose requested associations are RequestorAssociations on a
+    RequestorSocket: pynetdicom 3.0.4's AE.associate and AE._create_socket with the classes
+    changed (pynetdicom's C-MOVE service class requests its sub-association through
+    `assoc.ae.associate`, so C-MOVE gets them too). The argument type checks of
+    AE.associate are left out: its callers here are the node's own code and pynetdicom's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_pynetdicom_version()
+        super().__init__(*args, **kwargs)
+
+    def associate(
+        self,
+        addr: Any,
+        port: int,
+        contexts: Any = None,
+        ae_title: str = "ANY-SCP",
+        max_pdu: int = DEFAULT_MAX_LENGTH,
+        ext_neg: Any = None,
+        bind_address: Any = None,
+        tls_args: Any = None,
+        evt_handlers: Any = None,
+    ) -> Association:
+        from copy import deepcopy
+
+        remote_address = AddressInformation.from_addr_port(addr, port)
+        if bind_address is None:
+            bind_address = ("::0", 0) if remote_address.address_family == socket.AF_INET6 else ("", 0)
+        local_address = AddressInformation.from_tuple(bind_address)
+
+        assoc = RequestorAssociation(self, MODE_REQUESTOR)
+        timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
+        assoc.name = f"RequestorThread@{timestamp}"
+        assoc.set_socket(self._create_socket(assoc, local_address, tls_args))
+        assoc.acceptor.ae_title = ae_title
+        assoc.acceptor.address_info = remote_address
+        assoc.requestor.address_info = local_address
+        assoc.requestor.ae_title = self.ae_title
+        assoc.requestor.maximum_length = max_pdu
+        assoc.requestor.implementation_class_uid = self.implementation_class_uid
+        assoc.requestor.implementation_version_name = self.implementation_version_name
+        for item in ext_neg or []:
+            assoc.requestor.add_negotiation_item(item)
+        contexts = contexts or self.requested_contexts
+        self._validate_requested_contexts(contexts)
+        if not contexts:
+            raise RuntimeError("At least one requested presentation context is required before associating with a peer")
+        contexts = deepcopy(contexts)
+        for index, context in enumerate(contexts):
+            context.context_id = 2 * index + 1
+        assoc.requestor.requested_contexts = contexts
+        for handler in evt_handlers or []:
+            assoc.bind(*handler)
+        assoc.request()
+        if assoc.is_established:
+            assoc.start()
+        return assoc
 
     def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> AssociationSocket:
         sock = RequestorSocket(assoc, address=address)

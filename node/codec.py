@@ -9,6 +9,7 @@ import zstandard
 
 from pacsnode.replication.model import CorruptBlob, Instance, InstanceRecord, StoredInstance
 from pacsnode.replication.model import INSTANCE_KEYWORDS
+from pacsnode.replication.hlc import Version
 
 ZSTD_LEVEL = 1  # Fast; CT noise compresses about as well at 1 as at 3.
 
@@ -51,7 +52,12 @@ def check_payload(blob: bytes, total_size_bytes: int, crc32: int | None, what: s
         raise CorruptBlob(f"blob of {what} does not decompress to {total_size_bytes} bytes")
 
 
-def to_stored(instance: Instance, *, now_ms: int | None = None, level: int = ZSTD_LEVEL) -> StoredInstance:
+def to_stored(instance: Instance, *, now_ms: int | None = None, level: int = ZSTD_LEVEL,
+              version: Version | None = None) -> StoredInstance:
+    """The instance as replicas keep it, stamped with `version` (the coordinator's hybrid
+    clock), or else with the wall clock (`now_ms`, default now) and no logical part."""
+    if version is None:
+        version = Version(int(time.time() * 1000) if now_ms is None else now_ms, 0, "")
     record = InstanceRecord(
         study_instance_uid=instance.study_instance_uid,
         series_instance_uid=instance.series_instance_uid,
@@ -61,8 +67,10 @@ def to_stored(instance: Instance, *, now_ms: int | None = None, level: int = ZST
         content_hash=instance.content_hash,
         size_bytes=instance.size_bytes,
         dataset_offset=instance.dataset_offset,
-        stored_at_ms=int(time.time() * 1000) if now_ms is None else now_ms,
+        stored_at_ms=version.ms,
         attributes={k: instance.attributes[k] for k in INSTANCE_KEYWORDS if k in instance.attributes},
+        version_logical=version.logical,
+        version_node=version.node,
     )
     blob = instance.blob or compress(instance.part10, level)
     return StoredInstance(record=record, attributes=dict(instance.attributes), blob=blob)

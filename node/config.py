@@ -89,6 +89,7 @@ class NodeConfig:
     require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
     max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
     max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
+    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations, and DICOM TLS and the DICOM audit trail are not served.")
     dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
     acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
     network_timeout_s: float = setting(60.0, "Idle association before it is closed.")
@@ -115,6 +116,7 @@ class NodeConfig:
     replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
+    read_fault_window_ms: int = setting(60_000, "After any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
@@ -189,7 +191,8 @@ class NodeConfig:
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max", "dead_grace_s"):
+        for name in ("dicom_workers", "disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max",
+                     "dead_grace_s", "read_fault_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):

@@ -129,7 +129,6 @@ class DicomFrontEnd:
         self._counts_lock = threading.Lock()
         self._server: Any = None
         self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
-        raw_send.install()
         self.ae = self._build_ae()
         self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 

@@ -71,6 +71,13 @@ class Channels:
             self._channels[address] = channel
         return channel
 
+    async def set_credentials(self, credentials: grpc.ChannelCredentials, grace_s: float = 5.0) -> None:
+        """A reloaded certificate: later calls get new channels (new handshakes with it);
+        the old channels finish their calls in flight within `grace_s`, then close."""
+        old, self._channels = self._channels, {}
+        self._credentials = credentials
+        await asyncio.gather(*(channel.close(grace=grace_s) for channel in old.values()), return_exceptions=True)
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

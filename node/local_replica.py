@@ -11,7 +11,7 @@ from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.hint_index import HintIndex
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance
+from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, StoredInstance, Tombstone
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.query import LocalQuery
 from pacsnode.ring.placement import TokenRange
@@ -36,7 +36,10 @@ class StoreReplica:
         if value is None:
             return None
         header, blob = _split_hint(value)
-        return StoredInstance(record=InstanceRecord(**header["record"]), attributes=header["attributes"], blob=blob)
+        record = InstanceRecord(**header["record"])
+        if self.store.deleted(record):
+            return None  # A delete held here supersedes this hinted copy.
+        return StoredInstance(record=record, attributes=header["attributes"], blob=blob)
 
     def query_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
         return LocalQuery(self.store, query, self.header_reader, study_filter=_in_ranges(ranges)).rows()
@@ -96,6 +99,30 @@ class StoreReplica:
 
     def all_instances(self) -> Iterator[InstanceRecord]:
         return self.store.all_instances()
+
+    def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int:
+        return self.store.put_tombstones(tombstones, hint_for=hint_for)
+
+    def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None:
+        return self.store.tombstone(study_instance_uid, sop_instance_uid)
+
+    def tombstones(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Tombstone]:
+        return self.store.tombstones(low, high)
+
+    def deleted(self, record: InstanceRecord) -> bool:
+        return self.store.deleted(record)
+
+    def tombstone_hint_owners(self) -> list[str]:
+        return self.store.tombstone_hint_owners()
+
+    def tombstone_hints(self, owner: str) -> Iterator[Tombstone]:
+        return self.store.tombstone_hints(owner)
+
+    def delete_tombstone_hints(self, owner: str, tombstones: Sequence[Tombstone]) -> None:
+        self.store.delete_tombstone_hints(owner, tombstones)
+
+    def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int:
+        return self.store.purge_tombstones(tombstones)
 
 
 def _in_ranges(ranges: Sequence[TokenRange] | None) -> Callable[[str], bool] | None:

@@ -1,5 +1,9 @@
 """The peer port: gRPC (grpc.aio) servicers for Data, Membership and Admin.
 
+The Data and Repair services are adapters: what a request does is node/peer_handler.py's
+PeerHandler (the same code the simulator runs); here are the envelope, the chunking and
+the status codes.
+
 Every call's envelope is checked first: traffic from another cluster, from a newer
 protocol, or without an envelope is refused with a clear status and logged; the node
 keeps serving everyone else. Blocking store work runs in threads.
@@ -17,18 +21,17 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import grpc
 
 from pacsnode.node import peer_wire
-from pacsnode.node.codec import check_payload
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
-from pacsnode.replication.digest import SEGMENT_COUNT, Digest, segment_bounds
+from pacsnode.replication.digest import SEGMENT_COUNT, Digest
 from pacsnode.replication.matching import Query, QueryError
-from pacsnode.replication.ownership import refuses_not_owner
-from pacsnode.replication.repair import intervals_of
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange
-from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
+from pacsnode.replication.model import StoredInstance
+from pacsnode.replication.transport import PeerRefused, RefusalReason
+from pacsnode.node.peer_handler import RangesPending
 
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
@@ -43,6 +46,16 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
 ]
+
+
+# A refused store, on the wire.
+REFUSAL_TO_WIRE = {
+    RefusalReason.NOT_OWNER: pb.STORE_OUTCOME_REFUSED_NOT_OWNER,
+    RefusalReason.INVALID: pb.STORE_OUTCOME_REFUSED_INVALID,
+    RefusalReason.FULL: pb.STORE_OUTCOME_REFUSED_FULL,
+    RefusalReason.ERROR: pb.STORE_OUTCOME_ERROR,
+    RefusalReason.OTHER: pb.STORE_OUTCOME_ERROR,
+}
 
 
 class EnvelopeRefused(Exception):
@@ -108,7 +121,6 @@ class DataService(pb_grpc.DataServicer):
     def __init__(self, server: PeerServer) -> None:
         self.server = server
         self.node = server.node
-        self.not_owner_refusals = 0
 
     async def StoreInstance(self, request_iterator: AsyncIterator[pb.StoreChunk],
                             context: grpc.aio.ServicerContext) -> pb.StoreReply:
@@ -172,34 +184,15 @@ class DataService(pb_grpc.DataServicer):
                 raise ValueError("missing UID")
         except (ValueError, TypeError, UnicodeDecodeError) as error:
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, f"bad header: {error}")
-        if refuses_not_owner(self.node.membership.ring(), self.node.config.node_id, record.study_instance_uid,
-                             hint_for=header.hint_for, sender_ring_version=int(env.ring_version),
-                             replication_factor=self.node.config.replication_factor):
-            self.not_owner_refusals += 1
-            log.info("peer.store.not_owner sop_instance_uid=%s sender=%s", record.sop_instance_uid,
-                     env.sender_id[:64])
-            return self._reply(pb.STORE_OUTCOME_REFUSED_NOT_OWNER, "not an owner of this study under this node's ring")
         stored = StoredInstance(record=record, attributes=attributes, blob=blob)
         crc = int(header.payload_crc32) if header.HasField("payload_crc32") else None
-        total = int(header.record.total_size_bytes)
+        self.node.coordinator.hlc.observe(record.version)  # Later versions stamped here pass it.
         try:
-            outcome = await asyncio.to_thread(self._check_and_put, stored, total, crc, header.hint_for)
-        except CorruptBlob as error:
-            log.warning("peer.store.corrupt sop_instance_uid=%s error=%s", record.sop_instance_uid, error)
-            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "payload failed its checksum")
-        except StoreFull as error:
-            return self._reply(pb.STORE_OUTCOME_REFUSED_FULL, str(error))
-        except StoreError as error:
-            return self._reply(pb.STORE_OUTCOME_ERROR, str(error))
+            outcome = await self.node.peer_handler.store_instance(stored, hint_for=header.hint_for, sender_id=env.sender_id,
+                                                                  sender_ring_version=int(env.ring_version), crc32=crc)
+        except PeerRefused as refusal:
+            return self._reply(REFUSAL_TO_WIRE[refusal.reason], str(refusal))
         return self._reply(peer_wire.OUTCOME_TO_WIRE[outcome], "", durable=True)
-
-    def _check_and_put(self, stored: StoredInstance, total_size: int, crc: int | None, hint_for: str) -> str:
-        """On a store thread: never acknowledge a copy that would not read back. With the
-        sender's CRC-32 the compressed bytes are checked as they are (a damaged transfer
-        fails it; zstd's own checksum is checked on every read); without it (an older
-        sender), by decompressing them."""
-        check_payload(stored.blob, total_size, crc, stored.sop_instance_uid)
-        return self.node.replica.put_stored(stored, hint_for=hint_for)
 
     def _reply(self, outcome: int, message: str, durable: bool = False) -> pb.StoreReply:
         return pb.StoreReply(envelope=self.server.envelope(), outcome=outcome, message=message[:200],
@@ -211,15 +204,8 @@ class DataService(pb_grpc.DataServicer):
         # An empty first chunk at once: the caller knows this replica is answering (and
         # gives a silent one up after replica_start_timeout_ms), however long the read takes.
         yield pb.FetchChunk(envelope=self.server.envelope())
-        replica = self.node.replica
-        stored = await asyncio.to_thread(replica.read_stored, request.study_instance_uid, request.sop_instance_uid)
-        if stored is None and request.include_hints:
-            owners = await asyncio.to_thread(replica.hint_owners)
-            for owner in owners:
-                stored = await asyncio.to_thread(replica.read_hint, owner, request.study_instance_uid,
-                                                 request.sop_instance_uid)
-                if stored is not None:
-                    break
+        stored = await self.node.peer_handler.fetch(request.study_instance_uid, request.sop_instance_uid,
+                                                    include_hints=request.include_hints)
         if stored is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "instance not held here")
             return
@@ -252,9 +238,11 @@ class DataService(pb_grpc.DataServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad query: {error}")
             return
         ranges = peer_wire.ranges_from_wire(request.token_ranges) if request.token_ranges else None
-        if ranges is not None and self.node.repairer.is_pending(ranges):
+        try:
+            rows = self.node.peer_handler.query_rows(query, ranges, include_hints=request.include_hints)
+        except RangesPending as pending:
             # This node is still filling some of these ranges: the caller asks another replica.
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "ranges still being filled here")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(pending))
             return
         # The envelope row at once: the caller knows this replica is answering (and gives a
         # silent one up after replica_start_timeout_ms), however long the query takes.
@@ -262,11 +250,6 @@ class DataService(pb_grpc.DataServicer):
         # Rows in batches, each read on a thread: a caller that cancels (or goes) costs at most
         # the batch being read, not a thread and a list of every match until the scan ends.
         # Asked as a hint holder, the copies it keeps for owners that are down follow.
-        replica = self.node.replica
-        sources = [replica.query_rows(query, ranges)]
-        if request.include_hints:
-            sources.append(replica.query_hint_rows(query, ranges))
-        rows = itertools.chain.from_iterable(sources)
         while True:
             batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, QUERY_BATCH_ROWS)))
             if not batch:
@@ -276,7 +259,7 @@ class DataService(pb_grpc.DataServicer):
 
     async def ListStudy(self, request: pb.ListStudyRequest, context: grpc.aio.ServicerContext) -> pb.ListStudyReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListStudy")
-        records = await asyncio.to_thread(lambda: list(self.node.store.instances(request.study_instance_uid)))
+        records = await self.node.peer_handler.list_study(request.study_instance_uid)
         reply = pb.ListStudyReply(envelope=self.server.envelope())
         for record in records:
             reply.records.append(peer_wire.record_to_wire(record, 0))
@@ -292,7 +275,7 @@ class RepairService(pb_grpc.RepairServicer):
                           ) -> pb.RangeDigestReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "RangeDigest")
         token_range = _range(request.range)
-        digests = await asyncio.to_thread(self.node.store.segment_digests, intervals_of(token_range))
+        digests = await self.node.peer_handler.range_digest(token_range)
         reply = pb.RangeDigestReply(envelope=self.server.envelope(), range=request.range, bucket_count=SEGMENT_COUNT)
         total = Digest()
         for segment, digest in sorted(digests.items()):
@@ -306,16 +289,11 @@ class RepairService(pb_grpc.RepairServicer):
                          ) -> pb.ListBucketReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListBucket")
         token_range = _range(request.range)
-        seg_low, seg_high = segment_bounds(int(request.bucket))
         reply = pb.ListBucketReply(envelope=self.server.envelope())
-        for low, high in intervals_of(token_range):
-            low, high = max(low, seg_low), min(high, seg_high)
-            if low > high:
-                continue
-            entries = await asyncio.to_thread(lambda: list(self.node.store.entries(low, high)))
-            for study_uid, sop_uid, content_hash in entries:
-                reply.entries.append(pb.BucketEntry(study_instance_uid=study_uid, sop_instance_uid=sop_uid,
-                                                    content_hash=content_hash))
+        for study_uid, sop_uid, content_hash in await self.node.peer_handler.list_bucket(token_range,
+                                                                                         int(request.bucket)):
+            reply.entries.append(pb.BucketEntry(study_instance_uid=study_uid, sop_instance_uid=sop_uid,
+                                                content_hash=content_hash))
         return reply
 
 

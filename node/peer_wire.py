@@ -26,6 +26,7 @@ OUTCOME_TO_WIRE = {
     "stored": pb.STORE_OUTCOME_STORED,
     "duplicate": pb.STORE_OUTCOME_DUPLICATE,
     "conflict": pb.STORE_OUTCOME_CONFLICT,
+    "deleted": pb.STORE_OUTCOME_DELETED,
 }
 OUTCOME_FROM_WIRE = {value: key for key, value in OUTCOME_TO_WIRE.items()}
 
@@ -58,7 +59,8 @@ def record_to_wire(record: InstanceRecord, compressed_size: int) -> pb.InstanceR
         content_hash=record.content_hash,
         total_size_bytes=record.size_bytes + record.dataset_offset,
         compressed_size_bytes=compressed_size,
-        version=pb.Version(hlc_ms=record.stored_at_ms),
+        version=pb.Version(hlc_ms=record.stored_at_ms, hlc_logical=record.version_logical,
+                           coordinator_id=record.version_node),
     )
 
 
@@ -76,6 +78,8 @@ def record_from_wire(message: pb.InstanceRecord, attributes: Attributes) -> Inst
         dataset_offset=int(message.dataset_offset),
         stored_at_ms=int(message.version.hlc_ms),
         attributes={k: attributes[k] for k in INSTANCE_KEYWORDS if k in attributes},
+        version_logical=int(message.version.hlc_logical),
+        version_node=message.version.coordinator_id,
     )
 
 

@@ -3,9 +3,12 @@
 pynetdicom's C-GET and C-MOVE service classes send what a handler yields with
 `Association.send_c_store(dataset)`, which re-encodes a decoded pydicom Dataset. An
 archive must return exactly the bytes it received, in the transfer syntax it received
-them in. `StoredDataset` carries those bytes; `install()` wraps `send_c_store` once, so
-that a `StoredDataset` is sent as its raw bytes on a presentation context of its own
-transfer syntax, and anything else goes through pynetdicom unchanged.
+them in. `StoredDataset` carries those bytes. The node's association subclasses
+(node/acceptor.py: `AcceptorAssociation` for C-GET, `RequestorAssociation` for the
+sub-associations of C-MOVE, created by `NodeAE.associate`) override `send_c_store` with
+`send_c_store_or_stored`: a `StoredDataset` is sent as its raw bytes on a presentation
+context of its own transfer syntax, anything else goes through pynetdicom unchanged. No
+pynetdicom class is changed at run time.
 
 If the peer did not accept the stored transfer syntax but accepted another uncompressed
 one, and the stored one is uncompressed too, the instance is transcoded losslessly
@@ -65,22 +68,14 @@ class StoredDataset(Dataset):
         return result
 
 
-_original_send_c_store: Any = None
-
-
-def install() -> None:
-    """Wrap Association.send_c_store once per process (idempotent)."""
-    global _original_send_c_store
-    if _original_send_c_store is not None:
-        return
-    _original_send_c_store = Association.send_c_store
-
-    def send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-        if isinstance(dataset, StoredDataset):
-            return _send_stored(self, dataset, **kwargs)
-        return _original_send_c_store(self, dataset, *args, **kwargs)
-
-    Association.send_c_store = send_c_store  # type: ignore[method-assign]
+def send_c_store_or_stored(
+    assoc: Association, send_c_store: Callable[..., Dataset], dataset: Any, *args: Any, **kwargs: Any
+) -> Dataset:
+    """The body of the association subclasses' send_c_store: a StoredDataset goes out as its
+    stored bytes, anything else through pynetdicom's own `send_c_store` (passed in)."""
+    if isinstance(dataset, StoredDataset):
+        return _send_stored(assoc, dataset, *args, **kwargs)
+    return send_c_store(dataset, *args, **kwargs)
 
 
 def _accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:

@@ -101,7 +101,7 @@ class ClusterArchive:
         self._zstd_level = zstd_level
 
     def store(self, instance: Instance) -> WriteResult:
-        stored = to_stored(instance, level=self._zstd_level)
+        stored = to_stored(instance, level=self._zstd_level, version=self._coordinator.hlc.now())
         if self._local_store is not None and self._alone():
             # A ring of one: the only owner is this node; write from this thread and
             # skip the hand-off to the loop (same outcome, two thread switches fewer).

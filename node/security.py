@@ -38,6 +38,7 @@ class NodeSecurity:
             self.syslog = AuditSyslog(host, port, context)
             self.audit.forward = self.syslog.send
         self.guard = tls.PeerGuard(self.files is not None, alert=self._peer_refused)
+        self._stamp = self.files.stamp() if self.files is not None else ()
 
     @staticmethod
     def audit_path(config: NodeConfig) -> Path | None:
@@ -53,7 +54,7 @@ class NodeSecurity:
     def add_peer_port(self, server: Any, address: str) -> int:
         if self.files is None:
             return int(server.add_insecure_port(address))
-        credentials = tls.server_credentials(self.files, on_reload=self._reloaded)
+        credentials = tls.server_credentials(self.files)  # Re-reads the files at a handshake after a change.
         return int(server.add_secure_port(address, credentials))
 
     # ------------------------------------------------------------------ HTTP port
@@ -90,11 +91,36 @@ class NodeSecurity:
                           subject=Subject(description=f"node:{target}"),
                           description=f"{action} {target}" + (f": {reason}" if reason else ""))
 
+    def reload_certificates(self) -> bool:
+        """Read the tls_dir files again when they changed (SIGHUP, or the node's 10 s poll):
+        True when a new, valid certificate of this node is now in use for new connections.
+        A certificate that is not this node's, not the CA's or not valid now is refused
+        (logged), and the one in use stays."""
+        if self.files is None:
+            return False
+        stamp = self.files.stamp()
+        if not stamp or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            tls.node_files(self.config.tls_dir, self.config.node_id)
+            self.dicom_context()
+        except (tls.TlsError, ssl.SSLError, OSError) as error:
+            log.error("security.tls.reload_failed tls_dir=%s error=%s", self.files.directory, error)
+            return False
+        log.warning("security.tls.reloaded tls_dir=%s node_id=%s", self.files.directory, self.config.node_id)
+        self._reloaded(str(self.files.directory))
+        return True
+
+    def dicom_context(self) -> ssl.SSLContext:
+        assert self.files is not None
+        return tls.dicom_server_context(self.files, self.config.dicom_tls_client_cert)
+
     def _reloaded(self, directory: str) -> None:
         self.audit.record("security-alert", event_type="security-configuration",
                           participants=[Participant(self.config.node_id, requestor=False)],
                           subject=Subject(description=f"tls_dir:{directory}"),
-                          description="peer certificates reloaded")
+                          description="certificate changed: reloaded for new peer, DICOM TLS and HTTPS connections")
 
     # ------------------------------------------------------------------ start and stop
     def started(self, dicom_tls_port: int) -> None:

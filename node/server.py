@@ -21,11 +21,13 @@ import pydicom.config
 from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
+from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
@@ -159,6 +161,7 @@ class Node:
                 replication_factor=config.replication_factor,
                 write_quorum=config.write_quorum,
                 read_quorum=config.read_quorum,
+                read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,
                 store_timeout_ms=config.store_timeout_ms,
                 fetch_timeout_ms=config.fetch_timeout_ms,
@@ -181,6 +184,10 @@ class Node:
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
+        self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
+                                        replication_factor=config.replication_factor,
+                                        run_blocking=asyncio.to_thread)
+        self.workers: WorkerPool | None = None  # dicom_workers > 0: the front end runs in worker processes.
         self.peer_server = PeerServer(self)
         self.http = http_server_for(self)  # DICOMweb, web page, /metrics, /healthz, /readyz.
         self._hint_task: asyncio.Task[None] | None = None
@@ -397,7 +404,11 @@ class Node:
 
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
-        self.front_end.start()
+        if self.config.dicom_workers:
+            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers)
+            self.workers.start()
+        else:
+            self.front_end.start()
         self.security.started(self.front_end.tls_port)
         bind_dimse_metrics(self, self.http)
         self.http.start()
@@ -409,7 +420,7 @@ class Node:
             self.identity["generation"],
             self.config.ae_title,
             self.config.host,
-            self.front_end.port,
+            self.workers.port if self.workers is not None else self.front_end.port,
             self.config.host,
             self.peer_server.port,
             ",".join(self.config.seeds) or "none",
@@ -424,6 +435,8 @@ class Node:
         self._stopped.set()
         log.info("node.stopping node_id=%s", self.config.node_id)
         self.http.stop()
+        if self.workers is not None:
+            self.workers.stop(grace_s=10.0)
         self.front_end.stop(grace_s=10.0)
         try:
             self.loop.run(self._stop_async(), 15)
@@ -435,23 +448,57 @@ class Node:
         self.security.stopped()
         log.info("node.stopped node_id=%s", self.config.node_id)
 
+    def reload_certificates(self) -> None:
+        """New tls_dir files (SIGHUP or the poll): new contexts for new DICOM TLS and HTTPS
+        connections, new outgoing peer channels; the peer server re-reads them itself."""
+        if not self.security.reload_certificates():
+            return
+        tls_server = getattr(self.front_end, "_tls_server", None)
+        if tls_server is not None:
+            tls_server.ssl_context = self.security.dicom_context()
+        context = self.security.http_context()
+        if context is not None:
+            self.http.set_ssl_context(context)
+        credentials = self.security.channel_credentials()
+        if credentials is not None:
+            self.loop.run(self.channels.set_credentials(credentials), 15)
+
     def run_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+        """Serve until SIGTERM or SIGINT, then shut down cleanly; SIGHUP (and a poll every
+        `CERT_POLL_S`) reloads the certificate files."""
         wake = threading.Event()
+        hangup = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("node.signal signal=%s", signal.Signals(signum).name)
             wake.set()
 
+        def on_hangup(_signum: int, _frame: Any) -> None:
+            hangup.set()
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
         self.start()
+        next_poll = time.monotonic() + CERT_POLL_S
         try:
             while not wake.wait(0.5):
                 if self.shutdown_requested.is_set():
                     break
+                if hangup.is_set() or time.monotonic() >= next_poll:
+                    if hangup.is_set():
+                        log.info("node.signal signal=SIGHUP")
+                    hangup.clear()
+                    next_poll = time.monotonic() + CERT_POLL_S
+                    try:
+                        self.reload_certificates()
+                    except Exception as error:  # Keep serving with the certificate in use.
+                        log.error("security.tls.reload_failed error=%r", error)
         finally:
             self.stop()
+
+
+CERT_POLL_S = 10.0  # How often run_forever looks at the tls_dir files' modification times.
 
 
 def configure_logging(level: str, data_dir: Path | None = None) -> None:

@@ -18,6 +18,10 @@ is one contiguous scan, stream or DeleteRange):
                                               in that ring segment (replication/digest.py)
     h <owner id> 0x00 <token8> <study uid> 0x00 <sop uid> -> hint: header length (4 bytes),
                                               header JSON (record, attributes), zstd blob
+    t <token8> <study uid> 0x00 <sop uid>     -> Tombstone (JSON): the instance was deleted at
+                                              that version; in the segment digest as
+                                              (sop uid, version mark)
+    k <owner id> 0x00 <token8> <study uid> 0x00 <sop uid> -> tombstone held as a hint for an owner
     _ <name>                                  -> node-local bookkeeping (counters)
 """
 
@@ -49,7 +53,9 @@ from pacsnode.replication.model import (
     StoredInstance,
     StoreOutcome,
     StudyRecord,
+    Tombstone,
 )
+from pacsnode.replication.hlc import is_mark
 from pacsnode.node.codec import decompress, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.ring.tokens import study_token, token_bytes
@@ -65,6 +71,8 @@ PREFIX_CONFLICT = b"c"
 PREFIX_INDEX = b"x"
 PREFIX_HINT = b"h"
 PREFIX_DIGEST = b"d"
+PREFIX_TOMBSTONE = b"t"
+PREFIX_TOMBSTONE_HINT = b"k"
 KEY_COUNTERS = b"_counters"
 
 # Study-level keys with a sorted secondary index: exact, prefix-wildcard, range and list
@@ -87,6 +95,7 @@ class StoreStats:
     conflicts: int
     hints: int = 0
     hint_bytes: int = 0
+    tombstones: int = 0
 
 
 def study_prefix(study_instance_uid: str) -> bytes:
@@ -137,6 +146,8 @@ class RocksStore:
         # Large values go to blob files: compaction then moves keys, not images.
         options.set_enable_blob_files(True)
         options.set_min_blob_size(8192)
+        # Deleted instances' blobs are reclaimed when compaction rewrites their blob files.
+        options.set_enable_blob_gc(True)
         options.set_keep_log_file_num(5)
         self._db = Rdict(str(self._path / "rocksdb"), options)
         self._sync = WriteOptions()
@@ -179,6 +190,7 @@ class RocksStore:
             conflicts=counters["conflicts"],
             hints=counters["hints"],
             hint_bytes=counters["hint_bytes"],
+            tombstones=counters["tombstones"],
         )
 
     def is_empty(self) -> bool:
@@ -192,7 +204,7 @@ class RocksStore:
     def _load_counters(self) -> dict[str, int]:
         raw = self._db.get(KEY_COUNTERS)
         base = dict.fromkeys(("instances", "bytes_received", "bytes_stored", "studies", "conflicts", "hints",
-                              "hint_bytes"), 0)
+                              "hint_bytes", "tombstones"), 0)
         if raw:
             base.update(json.loads(raw))
         return base
@@ -315,6 +327,14 @@ class RocksStore:
             if current["content_hash"] == record.content_hash:
                 return StoreOutcome.DUPLICATE
             return self._resolve_conflict(view, batch, stored, current, prefix, sop)
+        tombstone_key = PREFIX_TOMBSTONE + prefix + SEP + sop
+        raw_tombstone = view.get(tombstone_key)
+        if raw_tombstone is not None:
+            tombstone = Tombstone.from_json(json.loads(raw_tombstone))
+            if tombstone.version >= record.version:
+                return StoreOutcome.DELETED  # Deleted after this write: the delete wins.
+            # Stored after the delete: a new instance under the same UID; the tombstone goes.
+            self._drop_tombstone(view, batch, tombstone, prefix, sop)
         view.put(batch, PREFIX_BLOB + prefix + SEP + sop, stored.blob)
         view.put(batch, meta_key, _dump(record))
         segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
@@ -336,8 +356,9 @@ class RocksStore:
         copy as the instance and the other kept as a conflict record.
         """
         record = stored.record
-        incoming = (record.stored_at_ms, record.content_hash)
-        kept = (int(current["stored_at_ms"]), str(current["content_hash"]))
+        incoming = (record.version, record.content_hash)
+        kept_record = InstanceRecord(**current)
+        kept = (kept_record.version, kept_record.content_hash)
         if incoming < kept:
             # The incoming copy was written first: it becomes the instance, ours the conflict.
             blob_key = PREFIX_BLOB + prefix + SEP + sop
@@ -485,12 +506,15 @@ class RocksStore:
         return {segment: digest for segment, digest in result.items() if digest.count or digest.xor}
 
     def entries(self, low: int, high: int) -> Iterator[tuple[str, str, str]]:
-        """(study uid, sop uid, content hash) of every instance with low <= token <= high."""
+        """(study uid, sop uid, content hash) of every instance with low <= token <= high,
+        then (study uid, sop uid, version mark) of every tombstone there (hlc.is_mark)."""
         start = PREFIX_META + token_bytes(low)
         stop = PREFIX_META + token_bytes(high + 1) if high + 1 < (1 << 64) else PREFIX_META + b"\xff" * 9
         for _key, value in self._scan_range(start, stop):
             record = json.loads(value)
             yield record["study_instance_uid"], record["sop_instance_uid"], record["content_hash"]
+        for tombstone in self.tombstones(low, high):
+            yield tombstone.study_instance_uid, tombstone.sop_instance_uid, tombstone.version.mark()
 
     def studies_in(self, low: int, high: int) -> list[str]:
         """Study UIDs with low <= token <= high."""
@@ -554,6 +578,13 @@ class RocksStore:
         for study_uid, sop_uid, content_hash in entries:
             prefix = study_prefix(study_uid)
             sop = sop_uid.encode("ascii")
+            if is_mark(content_hash):  # A tombstone of a range this node no longer owns.
+                raw_tombstone = view.get(PREFIX_TOMBSTONE + prefix + SEP + sop)
+                if raw_tombstone is not None:
+                    tombstone = Tombstone.from_json(json.loads(raw_tombstone))
+                    if tombstone.version.mark() == content_hash:
+                        self._drop_tombstone(view, batch, tombstone, prefix, sop)
+                continue
             meta_key = PREFIX_META + prefix + SEP + sop
             raw = view.get(meta_key)
             if raw is None:
@@ -561,48 +592,190 @@ class RocksStore:
             record = json.loads(raw)
             if record["content_hash"] != content_hash:
                 continue  # Another copy won meanwhile: not what the owners were checked for.
-            segment_key = _digest_key(segment_of(study_token(study_uid)))
-            digest = Digest.from_bytes(view.get(segment_key)).remove(entry_hash(sop_uid, content_hash))
-            view.put(batch, segment_key, digest.to_bytes())
-            blob_key = PREFIX_BLOB + prefix + SEP + sop
-            blob = view.get(blob_key)
-            view.counters["bytes_stored"] -= len(blob) if blob else 0
-            view.counters["bytes_received"] -= int(record["size_bytes"])
-            view.counters["instances"] -= 1
-            view.delete(batch, blob_key)
-            view.delete(batch, meta_key)
-            for key, _value in list(self._scan(PREFIX_CONFLICT + prefix + SEP + sop + SEP)):
-                if view.get(key) is not None:
-                    view.delete(batch, key)
-                    view.counters["conflicts"] -= 1
-            series_count_change = 0
-            series_key = PREFIX_SERIES + prefix + SEP + str(record["series_instance_uid"]).encode("ascii")
-            raw_series = view.get(series_key)
-            if raw_series is not None:
-                series = SeriesRecord(**json.loads(raw_series))
-                series.instance_count -= 1
-                if series.instance_count <= 0:
-                    view.delete(batch, series_key)
-                    series_count_change = 1
-                else:
-                    view.put(batch, series_key, _dump(series))
-            study_key = PREFIX_STUDY + prefix
-            raw_study = view.get(study_key)
-            if raw_study is not None:
-                study = StudyRecord(**json.loads(raw_study))
-                study.instance_count -= 1
-                study.series_count -= series_count_change
-                study.size_bytes -= int(record["size_bytes"])
-                if study.instance_count <= 0:
-                    for keyword in INDEXED_STUDY_KEYWORDS:
-                        for value in _values(study.attributes.get(keyword)):
-                            view.delete(batch, _index_key(keyword, value, prefix))
-                    view.delete(batch, study_key)
-                    view.counters["studies"] -= 1
-                else:
-                    view.put(batch, study_key, _dump(study))
+            self._remove_instance(view, batch, record, prefix, sop)
             removed += 1
         return str(removed)
+
+    def _remove_instance(self, view: "_View", batch: WriteBatch, record: dict[str, Any], prefix: bytes,
+                         sop: bytes) -> None:
+        """Delete one held instance (blob, record, conflicts) and update its segment
+        digest, series and study records (a series or study left with no instance loses
+        its record and index keys) and the counters."""
+        study_uid = str(record["study_instance_uid"])
+        sop_uid = str(record["sop_instance_uid"])
+        segment_key = _digest_key(segment_of(study_token(study_uid)))
+        digest = Digest.from_bytes(view.get(segment_key)).remove(entry_hash(sop_uid, str(record["content_hash"])))
+        view.put(batch, segment_key, digest.to_bytes())
+        blob_key = PREFIX_BLOB + prefix + SEP + sop
+        blob = view.get(blob_key)
+        view.counters["bytes_stored"] -= len(blob) if blob else 0
+        view.counters["bytes_received"] -= int(record["size_bytes"])
+        view.counters["instances"] -= 1
+        view.delete(batch, blob_key)
+        view.delete(batch, PREFIX_META + prefix + SEP + sop)
+        for key, _value in list(self._scan(PREFIX_CONFLICT + prefix + SEP + sop + SEP)):
+            if view.get(key) is not None:
+                view.delete(batch, key)
+                view.counters["conflicts"] -= 1
+        series_count_change = 0
+        series_key = PREFIX_SERIES + prefix + SEP + str(record["series_instance_uid"]).encode("ascii")
+        raw_series = view.get(series_key)
+        if raw_series is not None:
+            series = SeriesRecord(**json.loads(raw_series))
+            series.instance_count -= 1
+            if series.instance_count <= 0:
+                view.delete(batch, series_key)
+                series_count_change = 1
+            else:
+                view.put(batch, series_key, _dump(series))
+        study_key = PREFIX_STUDY + prefix
+        raw_study = view.get(study_key)
+        if raw_study is not None:
+            study = StudyRecord(**json.loads(raw_study))
+            study.instance_count -= 1
+            study.series_count -= series_count_change
+            study.size_bytes -= int(record["size_bytes"])
+            if study.instance_count <= 0:
+                for keyword in INDEXED_STUDY_KEYWORDS:
+                    for value in _values(study.attributes.get(keyword)):
+                        view.delete(batch, _index_key(keyword, value, prefix))
+                view.delete(batch, study_key)
+                view.counters["studies"] -= 1
+            else:
+                view.put(batch, study_key, _dump(study))
+
+    # ----------------------------------------------------------------- tombstones
+    def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int:
+        """Durably apply deletes; returns how many held instances they removed.
+
+        Per tombstone: an instance of that SOP Instance UID with an older version is
+        removed (with its conflict copies) and the tombstone kept in its place, in the
+        segment digest, so anti-entropy carries it; an instance with a newer version was
+        stored after the delete and stays (the tombstone is not kept). An equal or newer
+        tombstone already held: nothing to do. With `hint_for`, the tombstones are kept as
+        hints for that owner instead. One synced WriteBatch."""
+        if not tombstones:
+            return 0
+        chosen = list(tombstones)
+        if hint_for:
+            return int(self._submit(lambda view, batch: self._build_tombstone_hints(view, batch, chosen, hint_for)))
+        return int(self._submit(lambda view, batch: self._build_tombstones(view, batch, chosen)))
+
+    def _build_tombstones(self, view: "_View", batch: WriteBatch, tombstones: list[Tombstone]) -> str:
+        removed = 0
+        for tombstone in tombstones:
+            prefix = study_prefix(tombstone.study_instance_uid)
+            sop = tombstone.sop_instance_uid.encode("ascii")
+            tombstone_key = PREFIX_TOMBSTONE + prefix + SEP + sop
+            raw_existing = view.get(tombstone_key)
+            existing = Tombstone.from_json(json.loads(raw_existing)) if raw_existing is not None else None
+            if existing is not None and existing.version >= tombstone.version:
+                continue
+            raw = view.get(PREFIX_META + prefix + SEP + sop)
+            if raw is not None:
+                record = json.loads(raw)
+                if InstanceRecord(**record).version > tombstone.version:
+                    continue  # Stored after this delete: a new instance, it stays.
+                self._remove_instance(view, batch, record, prefix, sop)
+                removed += 1
+            if existing is not None:
+                self._drop_tombstone(view, batch, existing, prefix, sop)
+            view.put(batch, tombstone_key, json.dumps(tombstone.to_json(), separators=(",", ":")).encode())
+            segment_key = _digest_key(segment_of(study_token(tombstone.study_instance_uid)))
+            digest = Digest.from_bytes(view.get(segment_key)).add(
+                entry_hash(tombstone.sop_instance_uid, tombstone.version.mark()))
+            view.put(batch, segment_key, digest.to_bytes())
+            view.counters["tombstones"] += 1
+        # A key is needed in the batch even when nothing changed, so the counters key is written.
+        return str(removed)
+
+    def _drop_tombstone(self, view: "_View", batch: WriteBatch, tombstone: Tombstone, prefix: bytes,
+                        sop: bytes) -> None:
+        view.delete(batch, PREFIX_TOMBSTONE + prefix + SEP + sop)
+        segment_key = _digest_key(segment_of(study_token(tombstone.study_instance_uid)))
+        digest = Digest.from_bytes(view.get(segment_key)).remove(
+            entry_hash(tombstone.sop_instance_uid, tombstone.version.mark()))
+        view.put(batch, segment_key, digest.to_bytes())
+        view.counters["tombstones"] -= 1
+
+    def _build_tombstone_hints(self, view: "_View", batch: WriteBatch, tombstones: list[Tombstone],
+                               owner: str) -> str:
+        for tombstone in tombstones:
+            key = _tombstone_hint_key(owner, tombstone.study_instance_uid, tombstone.sop_instance_uid)
+            raw = view.get(key)
+            if raw is not None and Tombstone.from_json(json.loads(raw)).version >= tombstone.version:
+                continue
+            view.put(batch, key, json.dumps(tombstone.to_json(), separators=(",", ":")).encode())
+        return "0"
+
+    def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None:
+        raw = self._db.get(PREFIX_TOMBSTONE + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
+        return Tombstone.from_json(json.loads(raw)) if raw is not None else None
+
+    def tombstones(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Tombstone]:
+        """Every tombstone held with low <= token <= high."""
+        start = PREFIX_TOMBSTONE + token_bytes(low)
+        stop = PREFIX_TOMBSTONE + token_bytes(high + 1) if high + 1 < (1 << 64) else PREFIX_TOMBSTONE + b"\xff" * 9
+        for _key, value in self._scan_range(start, stop):
+            yield Tombstone.from_json(json.loads(value))
+
+    def tombstone_hint_owners(self) -> list[str]:
+        owners: list[str] = []
+        for key, _value in self._scan(PREFIX_TOMBSTONE_HINT):
+            owner = key[1:key.index(SEP)].decode()
+            if not owners or owners[-1] != owner:
+                owners.append(owner)
+        return owners
+
+    def tombstone_hints(self, owner: str) -> Iterator[Tombstone]:
+        for _key, value in self._scan(PREFIX_TOMBSTONE_HINT + owner.encode() + SEP):
+            yield Tombstone.from_json(json.loads(value))
+
+    def delete_tombstone_hints(self, owner: str, tombstones: Sequence[Tombstone]) -> None:
+        """Forget tombstone hints once their owner acknowledged them (each only if unchanged)."""
+        chosen = list(tombstones)
+
+        def build(view: "_View", batch: WriteBatch) -> str:
+            for tombstone in chosen:
+                key = _tombstone_hint_key(owner, tombstone.study_instance_uid, tombstone.sop_instance_uid)
+                raw = view.get(key)
+                if raw is not None and Tombstone.from_json(json.loads(raw)).version == tombstone.version:
+                    view.delete(batch, key)
+            return "0"
+
+        self._submit(build)
+
+    def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int:
+        """Forget these tombstones (each only if still held at that version), then compact
+        their key ranges so the deleted instances' bytes leave the disk. Returns how many."""
+        chosen = list(tombstones)
+        if not chosen:
+            return 0
+
+        def build(view: "_View", batch: WriteBatch) -> str:
+            purged = 0
+            for tombstone in chosen:
+                prefix = study_prefix(tombstone.study_instance_uid)
+                sop = tombstone.sop_instance_uid.encode("ascii")
+                raw = view.get(PREFIX_TOMBSTONE + prefix + SEP + sop)
+                if raw is not None and Tombstone.from_json(json.loads(raw)).version == tombstone.version:
+                    self._drop_tombstone(view, batch, tombstone, prefix, sop)
+                    purged += 1
+            return str(purged)
+
+        purged = int(self._submit(build))
+        self.compact_studies({t.study_instance_uid for t in chosen})
+        return purged
+
+    def compact_studies(self, study_uids: set[str] | list[str]) -> None:
+        """Compact every key of these studies (blobs, records, tombstones): deleted data
+        leaves the disk now rather than whenever RocksDB would get to it."""
+        self._ensure_open()
+        for study_uid in study_uids:
+            prefix = study_prefix(study_uid)
+            for type_byte in (PREFIX_BLOB, PREFIX_META, PREFIX_CONFLICT, PREFIX_TOMBSTONE):
+                start = type_byte + prefix
+                self._db.compact_range(start, _prefix_upper_bound(start))
 
     # ----------------------------------------------------------------- hints
     def hint_owners(self) -> dict[str, tuple[int, int]]:
@@ -620,7 +793,14 @@ class RocksStore:
             return
         for _key, value in self._scan(PREFIX_HINT):
             header, _blob = _split_hint(value)
-            yield InstanceRecord(**header["record"]), header["attributes"]
+            record = InstanceRecord(**header["record"])
+            if not self.deleted(record):
+                yield record, header["attributes"]
+
+    def deleted(self, record: InstanceRecord) -> bool:
+        """Whether a tombstone held here (as owner) deletes this copy (hints are checked with it)."""
+        tombstone = self.tombstone(record.study_instance_uid, record.sop_instance_uid)
+        return tombstone is not None and tombstone.version >= record.version
 
     def hints(self, owner: str) -> Iterator[StoredInstance]:
         """The hints held for `owner`, oldest token range first."""
@@ -758,6 +938,10 @@ def _pick(attributes: dict[str, Any], level: str) -> dict[str, Any]:
 
 def _hint_key(owner: str, study_uid: str, sop_uid: str) -> bytes:
     return PREFIX_HINT + owner.encode() + SEP + study_prefix(study_uid) + SEP + sop_uid.encode("ascii")
+
+
+def _tombstone_hint_key(owner: str, study_uid: str, sop_uid: str) -> bytes:
+    return PREFIX_TOMBSTONE_HINT + owner.encode() + SEP + study_prefix(study_uid) + SEP + sop_uid.encode("ascii")
 
 
 def _digest_key(segment: int) -> bytes:

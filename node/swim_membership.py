@@ -36,6 +36,7 @@ from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Ring
+from pacsnode.ring.trouble import TroubleLog
 from pacsnode.ring.swim import (
     REPLIES,
     Ack,
@@ -134,6 +135,7 @@ class SwimMembership:
         self.unhealthy_reason = ""
         self._withheld: MemberUpdate | None = None
         self.probes_unanswered = 0
+        self.trouble = TroubleLog()  # When another member last changed state (reads widen after it).
         self._view = self._build_view(None)
         self._ring_sync = RingSync(peer_interval_ms=config.push_pull_interval_ms, gap_ms=config.probe_interval_ms)
 
@@ -150,6 +152,9 @@ class SwimMembership:
 
     def members(self) -> list[MemberInfo]:
         return list(self._view.members.values())
+
+    def troubled_within(self, window_ms: int) -> bool:
+        return self.trouble.within(now_ms(), window_ms)
 
     # ----------------------------------------------------------------- more views
     def records(self) -> list[MemberUpdate]:
@@ -403,6 +408,8 @@ class SwimMembership:
 
     def _after(self, now: int) -> None:
         for event in self.swim.drain_events():
+            if event.node_id != self.self_id:
+                self.trouble.note(now)
             record = self.swim.record(event.node_id)
             level = logging.INFO if event.new_state in (State.ALIVE, State.LEAVING) else logging.WARNING
             log.log(level, "membership.state node=%s old=%s new=%s generation=%d incarnation=%d", event.node_id,

@@ -38,6 +38,7 @@ from pacsnode.replication.archive import (
     WriteStatus,
 )
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
+from pacsnode.replication.hlc import HybridClock
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
@@ -48,7 +49,9 @@ from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
 
-DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT})
+# DELETED: the replica holds a newer tombstone; its state for the UID is final and durable.
+DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT,
+                              StoreOutcome.DELETED})
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class CoordinatorSettings:
     query_timeout_ms: int = 60_000  # One peer's query stream.
     replica_start_timeout_ms: int = 2_000  # A replica silent this long on a query or fetch is passed over.
     read_quorum: int = 2  # R: owners asked by a request that names a study (R + W > N: reads see acked writes).
+    read_fault_window_ms: int = 60_000  # After a membership change, named reads also ask stand-ins for hints.
     reconcile_instances_max: int = 256  # A read repairs at most this many instances before it answers.
     bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
 
@@ -91,8 +95,12 @@ class Coordinator:
         *,
         decode: Callable[[StoredInstance], bytes],
         run_blocking: BlockingRunner = asyncio.to_thread,
+        hlc: HybridClock | None = None,
     ) -> None:
         self.self_id = self_id
+        # This node's hybrid logical clock: it stamps the version of every write and delete
+        # this node coordinates (replication/hlc.py).
+        self.hlc = hlc if hlc is not None else HybridClock(self_id)
         self._membership = membership
         self._transport = transport
         self._local = local
@@ -396,7 +404,8 @@ class Coordinator:
             self_id=self.self_id, ring=self._membership.ring(), n=n, is_alive=self._membership.is_alive,
             site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
             run_blocking=self._run_blocking, answering=self._answering,
-            query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow)
+            query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow,
+            troubled=self._membership.troubled_within(self._settings.read_fault_window_ms))
 
     def _slow(self, node_id: str) -> bool:
         """True for a peer that failed to answer this node recently: until membership
@@ -447,49 +456,66 @@ class Coordinator:
         async for row in self._gather(query).rows():
             yield row
 
-    async def reconcile_study(self, study_uid: str, nodes: Sequence[str]) -> bool:
+    async def reconcile_study(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = ()) -> bool:
         """Make the owners in `nodes`, which answered a read differently, each hold every
-        instance of the study any of them holds (blocking read repair). True when they
-        now agree; False when a copy failed or the difference is over
-        reconcile_instances_max (then the repair goes on in the background)."""
+        instance of the study any of them holds, and every instance `hint_holders` keep
+        as hints for it (blocking read repair; a hint delivered early is one replay will
+        find already done). True when they now agree; False when a copy failed or the
+        difference is over reconcile_instances_max (then the repair goes on in the
+        background)."""
         context = self._read_context()
         image = Query("IMAGE", (Condition("StudyInstanceUID", "UI", study_uid),), ())
-        held: dict[str, dict[str, InstanceLocation]] = {}
-        for node_id in nodes:
+
+        async def instances(node_id: str, hints: bool) -> dict[str, InstanceLocation] | None:
             queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue()
-            await pump_rows(context, queue, 0, node_id, image, [study_range(study_uid)], False)
+            await pump_rows(context, queue, 0, node_id, image, [study_range(study_uid)], hints)
             found: dict[str, InstanceLocation] = {}
             while not queue.empty():
                 _key, batch, error = queue.get_nowait()
                 if error is not None:
-                    return False
+                    return None
                 for row in batch or []:
                     location = _location(row)
                     found[location.sop_instance_uid] = location
+            return found
+
+        held: dict[str, dict[str, InstanceLocation]] = {}
+        for node_id in nodes:
+            found = await instances(node_id, False)
+            if found is None:
+                return False
             held[node_id] = found
+        hinted: dict[str, dict[str, InstanceLocation]] = {}
+        for node_id in hint_holders:
+            found = await instances(node_id, True)
+            if found is None:  # A holder gone since: what it holds cannot be vouched for.
+                return False
+            hinted[node_id] = found
         union: dict[str, InstanceLocation] = {}
-        for found in held.values():
+        for found in [*held.values(), *hinted.values()]:
             union.update(found)
         missing = [(node_id, sop) for node_id, found in held.items() for sop in union if sop not in found]
         if not missing:
             return True
-        log.info("replication.read_repair.study study_instance_uid=%s owners=%d missing=%d",
-                 study_uid, len(nodes), len(missing))
+        log.info("replication.read_repair.study study_instance_uid=%s owners=%d hint_holders=%d missing=%d",
+                 study_uid, len(nodes), len(hinted), len(missing))
         if len(missing) > self._settings.reconcile_instances_max:
-            self._spawn(self._copy_missing(missing, held, union))
+            self._spawn(self._copy_missing(missing, held, union, hinted))
             return False
-        return await self._copy_missing(missing, held, union)
+        return await self._copy_missing(missing, held, union, hinted)
 
     async def _copy_missing(self, missing: list[tuple[str, str]], held: dict[str, dict[str, InstanceLocation]],
-                            union: dict[str, InstanceLocation]) -> bool:
+                            union: dict[str, InstanceLocation],
+                            hinted: dict[str, dict[str, InstanceLocation]] | None = None) -> bool:
         ok = True
         for node_id, sop in missing:
             location = union[sop]
-            sources = [other for other, found in held.items() if sop in found]
+            sources = [(other, False) for other, found in held.items() if sop in found]
+            sources += [(other, True) for other, found in (hinted or {}).items() if sop in found]
             stored = None
-            for source in sources:
+            for source, as_hint in sources:
                 try:
-                    stored = await self._fetch(source, location)
+                    stored = await self._fetch(source, location, include_hints=as_hint)
                 except PeerError:
                     continue
                 if stored is not None:

@@ -56,6 +56,9 @@ class ReadContext:
     query_timeout_ms: int
     count: Callable[[str], None]  # Statistics: count("query_peers") per remote query started.
     slow: Callable[[str], bool] = lambda node_id: False  # Just failed to answer: asked last.
+    # Membership changed within read_fault_window_ms: owners that look alive may still lack
+    # what was acknowledged through hints, so named reads ask the stand-ins too.
+    troubled: bool = False
 
 
 @dataclass
@@ -192,9 +195,11 @@ class _PieceState:
     failed: set[str]
     rows: dict[str, list[Attributes]]  # By node; stand-ins' hint rows under "hints:<node>".
     hint_holders_missed: int = 0  # Possible hint holders down or failed (an owner was unavailable).
+    hints_required: bool = False  # An owner was unavailable: every possible hint holder must answer.
 
 
-Reconcile = Callable[[str, Sequence[str]], Awaitable[bool]]
+# reconcile(study, owners that answered, hint holders that hold some of it) -> now agree
+Reconcile = Callable[[str, Sequence[str], Sequence[str]], Awaitable[bool]]
 
 
 class RoutedGather:
@@ -257,27 +262,36 @@ class RoutedGather:
             self._launch(node_id, pieces, hints=False)
 
     def _launch_hint_holders(self) -> None:
-        """When an owner of a study is down or failed, ask the nodes that may hold hints.
+        """When an owner of a study is down or failed, or membership changed recently, ask
+        the nodes that may hold hints.
 
         A write counts a stand-in's hint toward W (sloppy quorum), so with an owner out of
         reach an acknowledged instance can sit on that owner plus hints held *for the
         owners this read asked* (a writer on the other side of a partition saw those as
         down). So the stand-ins of every owner are asked, not only of the unavailable
-        ones; one that cannot be asked leaves the study flagged (see `_answer`)."""
+        ones; one that cannot be asked leaves the study flagged (see `_answer`).
+
+        The same holds for a while after the fault ends: right after a partition heals,
+        every owner looks alive, yet an instance acknowledged only through hints (every
+        owner was cut off from the writer) is on none of them until hint replay delivers
+        it. So within read_fault_window_ms of a membership change the stand-ins are asked
+        too; there a stand-in that is down or fails is passed over (nothing says it holds more
+        than the owners), where an unavailable owner makes it a shortfall."""
         context = self._context
         holders: dict[str, list[int]] = {}
         for index, piece in enumerate(self._pieces):
             state = self._states[index]
             unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
-            if not unavailable:
+            if not unavailable and not context.troubled:
                 continue
+            state.hints_required = bool(unavailable)
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
                                                                     set(piece.owners))}
             for node_id in sorted(candidates):
                 if node_id == context.self_id or context.is_alive(node_id):
                     holders.setdefault(node_id, []).append(index)
-                else:
+                elif unavailable:
                     state.hint_holders_missed += 1
             if context.self_id not in piece.owners:
                 holders.setdefault(context.self_id, []).append(index)
@@ -317,7 +331,8 @@ class RoutedGather:
                 if error is not None:
                     log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
                     for index in call.pieces:
-                        self._states[index].hint_holders_missed += 1
+                        if self._states[index].hints_required:
+                            self._states[index].hint_holders_missed += 1
                 continue
             if error is None:
                 for index in call.pieces:
@@ -361,12 +376,28 @@ class RoutedGather:
         # R owners vouch for the answer, and, when an owner was out of reach, every node
         # that may hold hints for the owners was asked too.
         complete = len(state.answered) >= state.needed and not state.hint_holders_missed
-        if len(answers) > 1 and any(answer != answers[0] for answer in answers[1:]):
+        hint_holders = [slot.removeprefix("hints:") for slot, rows in state.rows.items()
+                        if slot.startswith("hints:") and rows]
+        disagree = len(answers) > 1 and any(answer != answers[0] for answer in answers[1:])
+        if hint_holders and level != "IMAGE" and state.answered:
+            if disagree:
+                self._context.count("read_disagreements")
+            # A stand-in holds hints for this study: the owners may lack those instances
+            # (not yet replayed), and a STUDY/SERIES row's counts must include them.
+            # Deliver them to the owners that answered, then ask one again.
+            study_uid = self._pieces[index].study_instance_uid
+            self._context.count("read_hint_reconciles")
+            if await self._reconcile(study_uid, list(state.answered), hint_holders):
+                again = await self._ask_again(index, state.answered[0])
+                if again is not None:
+                    return list(self._keyed(again).values()), complete
+            return self._merge(state, answers, level), False  # Could not make them agree: flagged.
+        if disagree:
             self._context.count("read_disagreements")
             study_uid = self._pieces[index].study_instance_uid
             if level != "IMAGE":
                 # Counts come from the merged set: make the owners agree, then ask one again.
-                if await self._reconcile(study_uid, list(state.answered)):
+                if await self._reconcile(study_uid, list(state.answered), ()):
                     again = await self._ask_again(index, state.answered[0])
                     if again is not None:
                         answers = [self._keyed(again)]
@@ -374,7 +405,12 @@ class RoutedGather:
                     complete = False  # Could not make them agree: never a Success on a guess.
             else:
                 # Instance rows: the union is the answer; the owners are repaired behind it.
-                asyncio.ensure_future(self._reconcile(study_uid, list(state.answered)))
+                asyncio.ensure_future(self._reconcile(study_uid, list(state.answered), ()))
+        return self._merge(state, answers, level), complete
+
+    @staticmethod
+    def _merge(state: _PieceState, answers: list[dict[tuple[str, ...], Attributes]], level: str) -> list[Attributes]:
+        """The owners' rows, then hint holders' rows no owner gave."""
         merged: dict[tuple[str, ...], Attributes] = {}
         for answer in answers:
             for identity, row in answer.items():
@@ -383,7 +419,7 @@ class RoutedGather:
             if slot.startswith("hints:"):
                 for row in rows:
                     merged.setdefault(unique_key(level, row), row)
-        return list(merged.values()), complete
+        return list(merged.values())
 
     def _keyed(self, rows: list[Attributes]) -> dict[tuple[str, ...], Attributes]:
         level = self._level()

@@ -8,11 +8,13 @@ Character Set applied): a `str`, or a `list[str]` for multi-valued elements.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-
 import hashlib
 from dataclasses import dataclass, field
 from typing import Union
+
+from pacsnode.replication.hlc import Version
 
 AttributeValue = Union[str, list[str]]
 Attributes = dict[str, AttributeValue]
@@ -133,8 +135,44 @@ class InstanceRecord:
     content_hash: str
     size_bytes: int
     dataset_offset: int
-    stored_at_ms: int
+    stored_at_ms: int  # The physical part of the write's version (replication/hlc.py).
     attributes: Attributes = field(default_factory=dict)
+    version_logical: int = 0  # The rest of the version: logical counter and coordinator id.
+    version_node: str = ""
+
+    @property
+    def version(self) -> Version:
+        return Version(self.stored_at_ms, self.version_logical, self.version_node)
+
+
+def with_version(record: InstanceRecord, version: Version) -> InstanceRecord:
+    """A copy of `record` stamped with `version`."""
+    return dataclasses.replace(record, stored_at_ms=version.ms, version_logical=version.logical,
+                               version_node=version.node, attributes=dict(record.attributes))
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A delete of one instance, as every store keeps it until the grace has passed: an
+    instance of this SOP Instance UID with an older version is gone (and never comes back
+    through hints, read repair or anti-entropy); one with a newer version is a new
+    instance stored after the delete."""
+
+    study_instance_uid: str
+    sop_instance_uid: str
+    version: Version
+    series_instance_uid: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"study": self.study_instance_uid, "series": self.series_instance_uid,
+                "sop": self.sop_instance_uid, "ms": self.version.ms, "logical": self.version.logical,
+                "node": self.version.node}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> "Tombstone":
+        return cls(str(data["study"]), str(data["sop"]),
+                   Version(int(str(data["ms"])), int(str(data["logical"])), str(data["node"])),
+                   str(data.get("series", "")))
 
 
 @dataclass
@@ -167,6 +205,7 @@ class StoreOutcome(enum.StrEnum):
     STORED = "stored"  # New instance, synced.
     DUPLICATE = "duplicate"  # Same UID, same bytes: nothing written, Success.
     CONFLICT = "conflict"  # Same UID, other bytes: first writer kept, the new one kept aside.
+    DELETED = "deleted"  # A tombstone with a newer version is held: the delete wins, nothing written.
 
 
 class StoreError(Exception):

@@ -45,17 +45,18 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pacsnode.node.codec import decompress
+from pacsnode.node.peer_handler import PeerHandler, RangesPending
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
-from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreError, StoreFull
-from pacsnode.replication.ownership import RingSync, refuses_not_owner
-from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
-from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason
-from pacsnode.replication.digest import segment_bounds
+from pacsnode.replication.model import CorruptBlob, StoredInstance
+from pacsnode.replication.ownership import RingSync
+from pacsnode.replication.repair import Repairer, RepairSettings
+from pacsnode.replication.transport import PeerError, PeerRefused
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Ring
+from pacsnode.ring.trouble import TroubleLog
 from pacsnode.ring.swim import (
     REPLIES,
     Message,
@@ -90,6 +91,7 @@ class SimConfig:
     replication_factor: int = 3  # N
     write_quorum: int = 2  # W
     read_quorum: int = 2  # R (requests that name a study)
+    read_fault_window_ms: int = 60_000
     vnodes: int = 64
     swim: SwimConfig = field(default_factory=lan_swim)  # LAN profile; dead -> removed after 60 s.
     replica_timeout_ms: int = 2_000
@@ -109,7 +111,7 @@ class SimConfig:
 
     def coordinator_settings(self) -> CoordinatorSettings:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
-                                   read_quorum=self.read_quorum,
+                                   read_quorum=self.read_quorum, read_fault_window_ms=self.read_fault_window_ms,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
                                    replica_start_timeout_ms=self.replica_start_timeout_ms)
@@ -177,10 +179,12 @@ class SwimMembership:
     them is dead changed (node/swim_membership.py's ring_key).
     """
 
-    def __init__(self, swim: Swim, rings: RingCache) -> None:
+    def __init__(self, swim: Swim, rings: RingCache, clock: Callable[[], int]) -> None:
         self.swim = swim
         self.self_id = swim.self_id
         self._rings = rings
+        self._clock = clock  # The node's Swim clock (ms).
+        self.trouble = TroubleLog()
         self._members: tuple[Member, ...] = ()
         self._change_key: tuple[tuple[str, int, bool], ...] = ()
         self._ring: Ring | None = None
@@ -216,6 +220,9 @@ class SwimMembership:
 
     def members(self) -> list[MemberInfo]:
         return [view.info for view in self.swim.members()]
+
+    def troubled_within(self, window_ms: int) -> bool:
+        return self.trouble.within(self._clock(), window_ms)
 
 
 # ===================================================================== replica accounting
@@ -279,19 +286,27 @@ class _Process:
         self._last_tick_ms = -(1 << 60)
         self.swim = Swim(config.swim, node.member_info(generation),
                          random.Random(f"{cluster.seed}:{node.node_id}:{generation}"), self.now_ms())
-        self.membership = SwimMembership(self.swim, cluster.rings)
+        self.membership = SwimMembership(self.swim, cluster.rings, self.now_ms)
         transport = cluster.network.transport(node.node_id)
         self.coordinator = Coordinator(node.node_id, self.membership, transport, node.store,
                                        config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking)
         self.repairer = Repairer(node.node_id, self.membership, _RepairTransportView(node, transport),
                                  _RepairStoreView(node), config.repair_settings(), run_blocking=self.run_blocking)
         self.coordinator.pending = self.repairer.pending
+        # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
+        # the simulated network's adapter onto it, as node/peer_server.py is gRPC's.
+        self.peer_handler = PeerHandler(node.node_id, node.store, self.membership, self.repairer,
+                                        replication_factor=config.replication_factor,
+                                        run_blocking=self.run_blocking, run_write=self.run_write)
         self.ring_changes = 0
         self.rejoins = 0
         self.left_by_us = False
         self.ring_sync = RingSync(peer_interval_ms=config.swim.push_pull_interval_ms,
                                   gap_ms=config.swim.probe_interval_ms)
-        self.not_owner_refusals = 0
+
+    @property
+    def not_owner_refusals(self) -> int:
+        return self.peer_handler.not_owner_refusals
 
     # ----------------------------------------------------------------- clock
     def now_ms(self) -> int:
@@ -347,6 +362,14 @@ class _Process:
         """The coordinator's and repairer's run_blocking: inline, on the loop, no thread."""
         await self.wait_running()
         return function(*args, **kwargs)
+
+    async def run_write(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The peer handler's synced write: applied once the node's disk latency has passed
+        (a node that crashes or pauses meanwhile applies it only if and when it runs again)."""
+        disk_s = self.node.disk_write_ms / 1000
+        if disk_s > 0:
+            await asyncio.sleep(disk_s)
+        return await self.run_blocking(function, *args, **kwargs)
 
     def crash(self) -> None:
         self.alive = False
@@ -413,6 +436,8 @@ class _Process:
     def _after_input(self) -> None:
         events = self.swim.drain_events()
         if events:
+            if any(event.node_id != self.node_id for event in events):
+                self.membership.trouble.note(self.now_ms())  # node/swim_membership.py _after
             self.cluster.on_transitions(self, events)
         if self.membership.refresh():
             self.ring_changes += 1
@@ -508,59 +533,33 @@ class _Process:
                      ) -> tuple[Any, int]:
         await self.wait_running()
         self.ring_mismatch(sender_id, ring_version)
-        store = self.node.store
+        handler = self.peer_handler
         if method == "store":
             stored, hint_for = args
-            if refuses_not_owner(self.membership.ring(), self.node_id, stored.study_instance_uid, hint_for=hint_for,
-                                 sender_ring_version=ring_version,
-                                 replication_factor=self.cluster.config.replication_factor):
-                self.not_owner_refusals += 1
-                raise PeerRefused(f"{self.node_id}: not an owner of this study under its ring",
-                                  RefusalReason.NOT_OWNER)
-            try:  # Never acknowledge a copy that would not read back.
-                decompress(stored.blob, stored.sop_instance_uid)
-            except CorruptBlob:
-                raise PeerRefused(f"{self.node_id}: invalid: payload failed its checksum", RefusalReason.INVALID)
-            disk_s = self.node.disk_write_ms / 1000
-            if disk_s > 0:
-                await asyncio.sleep(disk_s)
-                await self.wait_running()
             try:
-                outcome = store.put_stored(stored, hint_for=hint_for)
-            except StoreFull as error:
-                raise PeerRefused(f"{self.node_id}: full: {error}", RefusalReason.FULL) from None
-            except StoreError as error:
-                raise PeerRefused(f"{self.node_id}: error: {error}", RefusalReason.ERROR) from None
+                outcome = await handler.store_instance(stored, hint_for=hint_for, sender_id=sender_id,
+                                                       sender_ring_version=ring_version)
+            except PeerRefused as refusal:
+                raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
             return outcome, 96
         if method == "fetch":
             study_uid, sop_uid, include_hints = args
-            found = store.read_stored(study_uid, sop_uid)
-            if found is None and include_hints:
-                for owner in store.hint_owners():
-                    found = store.read_hint(owner, study_uid, sop_uid)
-                    if found is not None:
-                        break
+            found = await handler.fetch(study_uid, sop_uid, include_hints=include_hints)
             return found, (len(found.blob) + 400 if found is not None else 64)
         if method == "query":
             query, ranges, include_hints = args
-            if ranges is not None and self.repairer.is_pending(ranges):
-                raise PeerError(f"{self.node_id}: FAILED_PRECONDITION: ranges still being filled here")
-            rows = list(store.query_rows(query, ranges))
-            if include_hints:
-                rows += list(store.query_hint_rows(query, ranges))
+            try:
+                rows = list(handler.query_rows(query, ranges, include_hints=include_hints))
+            except RangesPending as pending:
+                raise PeerError(f"{self.node_id}: FAILED_PRECONDITION: {pending}") from None
             return rows, 100 + 200 * len(rows)
         if method == "range_digest":
             (token_range,) = args
-            digests = store.segment_digests(intervals_of(token_range))
-            return dict(sorted(digests.items())), 100 + 40 * len(digests)
+            digests = await handler.range_digest(token_range)
+            return digests, 100 + 40 * len(digests)
         if method == "list_bucket":
             token_range, segment = args
-            seg_low, seg_high = segment_bounds(int(segment))
-            entries: list[tuple[str, str, str]] = []
-            for low, high in intervals_of(token_range):
-                low, high = max(low, seg_low), min(high, seg_high)
-                if low <= high:
-                    entries.extend(store.entries(low, high))
+            entries = await handler.list_bucket(token_range, segment)
             return entries, 100 + 120 * len(entries)
         raise PeerError(f"{self.node_id}: UNIMPLEMENTED: {method}")
 

@@ -54,7 +54,9 @@ from pacsnode.replication.model import (
     StoreFull,
     StoreOutcome,
     StudyRecord,
+    Tombstone,
 )
+from pacsnode.replication.hlc import is_mark
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.query import LocalQuery
 from pacsnode.ring.placement import TokenRange
@@ -85,6 +87,7 @@ class StoreStats:
     conflicts: int
     hints: int = 0
     hint_bytes: int = 0
+    tombstones: int = 0
 
 
 class StoreListener(Protocol):
@@ -157,8 +160,11 @@ class NonDurableStore:
         self._digests: dict[int, Digest] = {}
         self._segments: list[int] = []  # Sorted segments that ever had a digest.
         self._hints: dict[str, dict[Key, _Hint]] = {}
+        self._tombstone_keys: list[Key] = []  # Sorted.
+        self._tombstones: dict[Key, Tombstone] = {}
+        self._tombstone_hints: dict[str, dict[Key, Tombstone]] = {}
         self._counters = dict.fromkeys(("instances", "bytes_received", "bytes_stored", "studies", "conflicts",
-                                        "hints", "hint_bytes"), 0)
+                                        "hints", "hint_bytes", "tombstones"), 0)
         self.puts = 0  # Every put that wrote something (instances, conflicts, hints).
 
     # ----------------------------------------------------------------- statistics
@@ -203,6 +209,11 @@ class NonDurableStore:
         existing = self._meta.get(key)
         if existing is not None:  # Other content (same content returned above).
             return self._resolve_conflict(key, stored, existing)
+        tombstone = self._tombstones.get(key)
+        if tombstone is not None:
+            if tombstone.version >= record.version:
+                return StoreOutcome.DELETED  # Deleted after this write: the delete wins.
+            self._drop_tombstone(key)  # Stored after the delete: a new instance.
         self.puts += 1
         bisect.insort(self._keys, key)
         self._meta[key] = _copy_record(record)
@@ -222,10 +233,10 @@ class NonDurableStore:
         return StoreOutcome.STORED
 
     def _resolve_conflict(self, key: Key, stored: StoredInstance, current: InstanceRecord) -> str:
-        """RocksStore._resolve_conflict: the lowest (stored_at_ms, content hash) is the instance."""
+        """RocksStore._resolve_conflict: the lowest (version, content hash) is the instance."""
         record = stored.record
         aside = self._conflicts.setdefault((record.study_instance_uid, record.sop_instance_uid), {})
-        if (record.stored_at_ms, record.content_hash) < (current.stored_at_ms, current.content_hash):
+        if (record.version, record.content_hash) < (current.version, current.content_hash):
             old_blob = self._blobs[key]
             if current.content_hash not in aside:
                 aside[current.content_hash] = old_blob
@@ -337,49 +348,150 @@ class NonDurableStore:
 
     def delete_instances(self, entries: Sequence[tuple[str, str, str]]) -> int:
         """RocksStore.delete_instances: remove exactly these (study uid, sop uid, content hash),
-        each only if still held with that content; records, digests and counters follow."""
+        each only if still held with that content (a version mark: that tombstone);
+        records, digests and counters follow."""
         removed = 0
+        changed = False
         for study_uid, sop_uid, content_hash in entries:
             token = study_token(study_uid)
             key = (token, study_uid, sop_uid)
+            if is_mark(content_hash):
+                tombstone = self._tombstones.get(key)
+                if tombstone is not None and tombstone.version.mark() == content_hash:
+                    self._drop_tombstone(key)
+                    changed = True
+                continue
             record = self._meta.get(key)
             if record is None or record.content_hash != content_hash:
                 continue
-            del self._meta[key]
-            blob = self._blobs.pop(key)
-            del self._keys[bisect.bisect_left(self._keys, key)]
-            segment = segment_of(token)
-            self._digests[segment] = self._digests.get(segment, Digest()).remove(entry_hash(sop_uid, content_hash))
-            self._counters["bytes_stored"] -= len(blob)
-            self._counters["bytes_received"] -= record.size_bytes
-            self._counters["instances"] -= 1
-            aside = self._conflicts.pop((study_uid, sop_uid), None)
-            if aside:
-                self._counters["conflicts"] -= len(aside)
-            series_gone = 0
-            study_series = self._series.get(study_uid, {})
-            series = study_series.get(record.series_instance_uid)
-            if series is not None:
-                series.instance_count -= 1
-                if series.instance_count <= 0:
-                    del study_series[record.series_instance_uid]
-                    series_gone = 1
-            study = self._studies.get(study_uid)
-            if study is not None:
-                study.instance_count -= 1
-                study.series_count -= series_gone
-                study.size_bytes -= record.size_bytes
-                if study.instance_count <= 0:
-                    del self._studies[study_uid]
-                    self._study_keys.remove((token, study_uid))
-                    self._series.pop(study_uid, None)
-                    self._counters["studies"] -= 1
-            if self.listener is not None:
-                self.listener.instance_removed(self.node_id, study_uid, sop_uid)
+            self._remove_instance(key, record)
             removed += 1
-        if removed:
+        if removed or changed:
             self.puts += 1
         return removed
+
+    def _remove_instance(self, key: Key, record: InstanceRecord) -> None:
+        token, study_uid, sop_uid = key
+        del self._meta[key]
+        blob = self._blobs.pop(key)
+        del self._keys[bisect.bisect_left(self._keys, key)]
+        segment = segment_of(token)
+        self._digests[segment] = self._digests.get(segment, Digest()).remove(
+            entry_hash(sop_uid, record.content_hash))
+        self._counters["bytes_stored"] -= len(blob)
+        self._counters["bytes_received"] -= record.size_bytes
+        self._counters["instances"] -= 1
+        aside = self._conflicts.pop((study_uid, sop_uid), None)
+        if aside:
+            self._counters["conflicts"] -= len(aside)
+        series_gone = 0
+        study_series = self._series.get(study_uid, {})
+        series = study_series.get(record.series_instance_uid)
+        if series is not None:
+            series.instance_count -= 1
+            if series.instance_count <= 0:
+                del study_series[record.series_instance_uid]
+                series_gone = 1
+        study = self._studies.get(study_uid)
+        if study is not None:
+            study.instance_count -= 1
+            study.series_count -= series_gone
+            study.size_bytes -= record.size_bytes
+            if study.instance_count <= 0:
+                del self._studies[study_uid]
+                self._study_keys.remove((token, study_uid))
+                self._series.pop(study_uid, None)
+                self._counters["studies"] -= 1
+        if self.listener is not None:
+            self.listener.instance_removed(self.node_id, study_uid, sop_uid)
+
+    # ----------------------------------------------------------------- tombstones
+    def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int:
+        """RocksStore.put_tombstones: older instances go, the tombstone stays in the digest;
+        a newer instance stays; with `hint_for`, kept as hints for that owner."""
+        removed = 0
+        for tombstone in tombstones:
+            key = (study_token(tombstone.study_instance_uid), tombstone.study_instance_uid,
+                   tombstone.sop_instance_uid)
+            if hint_for:
+                held = self._tombstone_hints.setdefault(hint_for, {})
+                if key not in held or held[key].version < tombstone.version:
+                    held[key] = tombstone
+                    self.puts += 1
+                continue
+            existing = self._tombstones.get(key)
+            if existing is not None and existing.version >= tombstone.version:
+                continue
+            record = self._meta.get(key)
+            if record is not None:
+                if record.version > tombstone.version:
+                    continue
+                self._remove_instance(key, record)
+                removed += 1
+            if existing is not None:
+                self._drop_tombstone(key)
+            bisect.insort(self._tombstone_keys, key)
+            self._tombstones[key] = tombstone
+            segment = segment_of(key[0])
+            if segment not in self._digests:
+                bisect.insort(self._segments, segment)
+            self._digests[segment] = self._digests.get(segment, Digest()).add(
+                entry_hash(tombstone.sop_instance_uid, tombstone.version.mark()))
+            self._counters["tombstones"] += 1
+            self.puts += 1
+        return removed
+
+    def _drop_tombstone(self, key: Key) -> None:
+        tombstone = self._tombstones.pop(key)
+        del self._tombstone_keys[bisect.bisect_left(self._tombstone_keys, key)]
+        segment = segment_of(key[0])
+        self._digests[segment] = self._digests[segment].remove(
+            entry_hash(tombstone.sop_instance_uid, tombstone.version.mark()))
+        self._counters["tombstones"] -= 1
+
+    def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None:
+        return self._tombstones.get((study_token(study_instance_uid), study_instance_uid, sop_instance_uid))
+
+    def tombstones(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Tombstone]:
+        start = bisect.bisect_left(self._tombstone_keys, (low,))
+        stop = bisect.bisect_left(self._tombstone_keys, (high + 1,))
+        for key in self._tombstone_keys[start:stop]:
+            yield self._tombstones[key]
+
+    def deleted(self, record: InstanceRecord) -> bool:
+        tombstone = self.tombstone(record.study_instance_uid, record.sop_instance_uid)
+        return tombstone is not None and tombstone.version >= record.version
+
+    def tombstone_hint_owners(self) -> list[str]:
+        return sorted(owner for owner, held in self._tombstone_hints.items() if held)
+
+    def tombstone_hints(self, owner: str) -> Iterator[Tombstone]:
+        held = self._tombstone_hints.get(owner, {})
+        for key in sorted(held):
+            yield held[key]
+
+    def delete_tombstone_hints(self, owner: str, tombstones: Sequence[Tombstone]) -> None:
+        held = self._tombstone_hints.get(owner)
+        if not held:
+            return
+        for tombstone in tombstones:
+            key = (study_token(tombstone.study_instance_uid), tombstone.study_instance_uid,
+                   tombstone.sop_instance_uid)
+            if key in held and held[key].version == tombstone.version:
+                del held[key]
+        if not held:
+            del self._tombstone_hints[owner]
+
+    def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int:
+        purged = 0
+        for tombstone in tombstones:
+            key = (study_token(tombstone.study_instance_uid), tombstone.study_instance_uid,
+                   tombstone.sop_instance_uid)
+            held = self._tombstones.get(key)
+            if held is not None and held.version == tombstone.version:
+                self._drop_tombstone(key)
+                purged += 1
+        return purged
 
     # ----------------------------------------------------------------- ranges (RepairStore)
     def _slice(self, low: int, high: int) -> list[Key]:
@@ -388,9 +500,11 @@ class NonDurableStore:
         return self._keys[start:stop]
 
     def entries(self, low: int, high: int) -> Iterator[tuple[str, str, str]]:
-        """(study uid, sop uid, content hash) of every instance with low <= token <= high."""
+        """RocksStore.entries: every instance with low <= token <= high, then every tombstone."""
         for key in self._slice(low, high):
             yield key[1], key[2], self._meta[key].content_hash
+        for tombstone in self.tombstones(low, high):
+            yield tombstone.study_instance_uid, tombstone.sop_instance_uid, tombstone.version.mark()
 
     def segment_digests(self, intervals: list[tuple[int, int]]) -> dict[int, Digest]:
         """RocksStore.segment_digests: kept digests for whole segments, a scan for cut ones."""
@@ -441,7 +555,7 @@ class NonDurableStore:
     def read_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None:
         hint = self._hints.get(owner, {}).get((study_token(study_instance_uid), study_instance_uid,
                                                sop_instance_uid))
-        if hint is None:
+        if hint is None or self.deleted(hint.record):
             return None
         return StoredInstance(record=_copy_record(hint.record), attributes=_copy_attributes(hint.attributes),
                               blob=hint.blob)
@@ -470,7 +584,8 @@ class NonDurableStore:
         return LocalQuery(self, query, _no_header, study_filter=study_filter).rows()
 
     def query_hint_rows(self, query: Query, ranges: Sequence[TokenRange] | None) -> Iterator[Attributes]:
-        held = HintIndex((hint.record, hint.attributes) for by_key in self._hints.values() for hint in by_key.values())
+        held = HintIndex((hint.record, hint.attributes) for by_key in self._hints.values() for hint in by_key.values()
+                         if not self.deleted(hint.record))
         if not len(held):
             return iter(())
         study_filter: Callable[[str], bool] | None = None

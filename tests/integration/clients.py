@@ -156,10 +156,12 @@ def send_files(port: int, paths: list[Path], ae_title: str = "PACSNODE") -> dict
 def send_raw(port: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, payload: bytes,
              ae_title: str = "PACSNODE") -> Dataset:
     """Send arbitrary dataset bytes (possibly malformed) as a C-STORE; return the status dataset."""
-    from pacsnode.node import raw_send
+    from pacsnode.node import acceptor, raw_send
 
-    raw_send.install()
-    ae = scu_ae()
+    ae = acceptor.NodeAE(ae_title="PYSCU")  # Its associations send a StoredDataset's bytes as they are.
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
     ae.add_requested_context(sop_class_uid, [transfer_syntax_uid])
     assoc = ae.associate(HOST, port, ae_title=ae_title)
     assert assoc.is_established

@@ -33,7 +33,6 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GetModel
 
 from pacsnode.cli.status import collect
-from pacsnode.node import raw_send
 from pacsnode.node.codec import to_stored
 from pacsnode.node.ingest import instance_from_part10
 from pacsnode.node.store import RocksStore
@@ -258,7 +257,6 @@ def normal_work(nodes: list[NodeProcess], tmp: Path, seed: int) -> dict[str, flo
     spec = datagen.StudySetSpec(patients=1, series_per_study=2, instances_per_series=6, rows=8, cols=8, seed=seed,
                                 modalities=("CT",))
     manifest = datagen.write_study_set(spec, tmp / f"work-{seed}")
-    raw_send.install()
     timings: dict[str, list[float]] = {"store": [], "find": [], "get": []}
     for node in nodes:
         ae = clients.scu_ae()

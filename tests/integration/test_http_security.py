@@ -10,7 +10,10 @@ node/ca.py, as `pacsnode cert issue` writes them.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import shutil
 import ssl
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Iterator
 import httpx
 import pytest
 import requests
+from cryptography import x509
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session
 from pydicom import dcmread
@@ -193,3 +197,33 @@ def test_a_tls_node_sends_its_audit_trail_to_a_syslog_receiver(root: Path, pki: 
     finally:
         process.stop()
         receiver.close()
+
+
+def _served_serial(port: int, pki: dict[str, Path], alpn: list[str] | None = None) -> int:
+    context = ssl.create_default_context(cafile=str(pki["h1"] / "ca.pem"))
+    context.check_hostname = False  # The peer port's certificate names pacsnode-peer; the CA is what we check.
+    context.load_cert_chain(pki["admin"] / "cert.pem", pki["admin"] / "key.pem")
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    with socket.create_connection((HOST, port), timeout=5) as raw, context.wrap_socket(raw) as wrapped:
+        der = wrapped.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sighup_reloads_the_certificate_for_https_and_the_peer_port(node: NodeProcess, pki: dict[str, Path],
+                                                                   root: Path) -> None:
+    """Reissue the node's certificate in its tls_dir, send SIGHUP: new connections get the new
+    one on the HTTPS port and the peer port, without a restart; audited as a certificate change.
+    (Runs last in this module: it changes the node's certificate.)"""
+    old = _served_serial(node.http_port, pki)
+    ca.issue(root / "ca", pki["h1"], "h1")
+    new = x509.load_pem_x509_certificate((pki["h1"] / "cert.pem").read_bytes()).serial_number
+    assert new != old
+    assert node.process is not None
+    os.kill(node.process.pid, signal.SIGHUP)
+    assert wait_until(lambda: _served_serial(node.http_port, pki) == new, 10), node.log_text()[-2000:]
+    assert _served_serial(node.peer_port, pki, ["h2"]) == new
+    assert "security.tls.reloaded" in node.log_text()
+    assert any("certificate changed" in json.dumps(m) for m in _audit(node))
+    with _client(pki, "viewer") as client:  # Still serving, with the new certificate.
+        assert client.get(_url(node, "/dicom-web/studies")).status_code == 200

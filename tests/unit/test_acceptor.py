@@ -119,3 +119,27 @@ def test_waits_work_on_descriptors_above_select_s_limit() -> None:
         os.close(high)
         left.close()
         right.close()
+
+
+def test_stored_bytes_are_sent_by_subclasses_not_by_patching_pynetdicom() -> None:
+    """issue 10 item 4: raw sending lives in the node's association subclasses; pynetdicom's
+    Association keeps its own send_c_store, and the C-MOVE requestor side (NodeAE.associate)
+    builds RequestorAssociations."""
+    import inspect
+
+    from pynetdicom.association import Association
+
+    assert inspect.getmodule(Association.send_c_store).__name__ == "pynetdicom.association"
+    for cls in (acceptor.AcceptorAssociation, acceptor.RequestorAssociation):
+        assert cls.send_c_store is not Association.send_c_store
+        assert inspect.getmodule(cls.send_c_store) is acceptor
+    ae = acceptor.NodeAE(ae_title="T")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = 2
+    ae.network_timeout = 2
+    ae.connection_timeout = 2
+    from pacsnode.sim.process import free_port
+
+    assoc = ae.associate("127.0.0.1", free_port())  # Nothing listens: refused, never started.
+    assert isinstance(assoc, acceptor.RequestorAssociation)
+    assert not assoc.is_established

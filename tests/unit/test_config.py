@@ -59,6 +59,7 @@ dicom-port = 4242                  # '-' or '_' both work
 require_called_ae_title = true
 max_pdu_bytes = 0
 max_associations = 8
+dicom_workers = 2
 dimse_timeout_s = 5                # an integer for a float field
 acse_timeout_s = 2.5
 network_timeout_s = 30.0
@@ -76,6 +77,7 @@ peer_port = 7002
 replication_factor = 5
 write_quorum = 3
 read_quorum = 3
+read_fault_window_ms = 30000
 vnodes = 16
 seeds = ["10.0.0.1:7001", "[::1]:7002"]
 advertise_host = "archive7.example"
@@ -122,7 +124,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.ae_title == "ARCHIVE7" and config.host == "127.0.0.1"
     assert config.dicom_port == 4242
     assert config.require_called_ae_title is True
-    assert config.max_pdu_bytes == 0 and config.max_associations == 8
+    assert config.max_pdu_bytes == 0 and config.max_associations == 8 and config.dicom_workers == 2
     assert config.dimse_timeout_s == 5.0 and isinstance(config.dimse_timeout_s, float)
     assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
     assert config.move_store_attempt_max == 5 and config.find_result_max == 500
@@ -137,7 +139,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.replica_timeout_ms, config.fetch_timeout_ms, config.query_timeout_ms) == (1500, 9000, 8000)
     assert (config.profile, config.hint_replay_interval_ms) == ("wan", 700)
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
-    assert config.dead_grace_s == 30
+    assert config.dead_grace_s == 30 and config.read_fault_window_ms == 30_000
     assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
     assert config.replica_start_timeout_ms == 900 and config.repair_fetch_window == 3
     assert (config.http_host, config.http_port, config.qido_result_max) == ("127.0.0.3", 8080, 50)
@@ -212,6 +214,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"write_quorum": 4}, "write_quorum=4 replication_factor=3"),
         ({"write_quorum": 0}, "need 1 <= write_quorum <= replication_factor"),
         ({"read_quorum": 0}, "read_quorum must be >= 1"),
+        ({"read_fault_window_ms": -1}, "read_fault_window_ms must be >= 0"),
         ({"replication_factor": 1}, "write_quorum=2 replication_factor=1"),
         ({"ae_title": ""}, "ae_title must be 1-16"),
         ({"ae_title": "    "}, "ae_title must be 1-16"),
@@ -224,6 +227,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"vnodes": 0}, "vnodes must be >= 1"),
         ({"max_pdu_bytes": 100}, "max_pdu_bytes must be 0 (unlimited) or >= 4096"),
         ({"max_associations": 0}, "max_associations must be >= 1"),
+        ({"dicom_workers": -1}, "dicom_workers must be >= 0"),
         ({"move_store_attempt_max": 0}, "move_store_attempt_max must be >= 1"),
         ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),

@@ -21,8 +21,9 @@ from pacsnode.sim.workload import DataGenerator
 N = 3
 
 
-def _stale_owner_cluster(read_quorum: int) -> tuple[SimCluster, str, str, set[str]]:
-    config = SimConfig(read_quorum=read_quorum, hint_replay_interval_ms=600_000, anti_entropy_interval_ms=600_000)
+def _stale_owner_cluster(read_quorum: int, read_fault_window_ms: int = 60_000) -> tuple[SimCluster, str, str, set[str]]:
+    config = SimConfig(read_quorum=read_quorum, hint_replay_interval_ms=600_000, anti_entropy_interval_ms=600_000,
+                       read_fault_window_ms=read_fault_window_ms)
     cluster = SimCluster(6, seed=21, config=config)
     cluster.run_for(3)
     data = DataGenerator(21)
@@ -74,11 +75,23 @@ def _study_query(study_uid: str) -> Query:
 
 
 def test_with_r_1_the_lagging_owner_answers_stale() -> None:
-    """Why the default is not 1: this is the stale answer the chaos runner saw."""
-    cluster, lagging, study_uid, acked = _stale_owner_cluster(read_quorum=1)
+    """Why the default is not 1: this is the stale answer the chaos runner saw (here
+    without the fault window, which would send the read to the hint's holder too)."""
+    cluster, lagging, study_uid, acked = _stale_owner_cluster(read_quorum=1, read_fault_window_ms=0)
     try:
         rows, error = _read(cluster, lagging, _image_query(study_uid))
         assert error is None and {str(r["SOPInstanceUID"]) for r in rows} < acked
+    finally:
+        cluster.close()
+
+
+def test_with_r_1_right_after_the_fault_the_hint_holder_is_asked_too() -> None:
+    """Within read_fault_window_ms of the cut, the lagging owner's own hint (held by a
+    stand-in) answers for it, even with R = 1."""
+    cluster, lagging, study_uid, acked = _stale_owner_cluster(read_quorum=1)
+    try:
+        rows, error = _read(cluster, lagging, _image_query(study_uid))
+        assert error is None and {str(r["SOPInstanceUID"]) for r in rows} == acked
     finally:
         cluster.close()
 
@@ -101,5 +114,74 @@ def test_with_r_2_the_answer_holds_every_acknowledged_instance(query: Any) -> No
         # Now the lagging owner holds it: with R = 1 it would answer complete too.
         held = {r.sop_instance_uid for r in cluster.nodes[lagging].store.instances(study_uid)}
         assert held == acked
+    finally:
+        cluster.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Every owner cut off from the writer: the instance is acknowledged through hints only.
+
+
+def _hints_only_cluster(read_fault_window_ms: int) -> tuple[SimCluster, str, str, set[str]]:
+    """A study whose three owners are all cut off from the entry node while one instance is
+    stored: W is met by hints on the writer's side (sloppy quorum). The cut heals; before
+    hint replay (every 600 s here) or anti-entropy deliver it, the study is read through an
+    owner. Every owner looks alive and none has the instance."""
+    config = SimConfig(read_quorum=2, hint_replay_interval_ms=600_000, anti_entropy_interval_ms=600_000,
+                       read_fault_window_ms=read_fault_window_ms)
+    cluster = SimCluster(8, seed=5, config=config)
+    cluster.run_for(3)
+    data = DataGenerator(5)
+    entry = cluster.running_ids()[0]
+    ring = cluster.process(entry).membership.ring()
+    study = data.new_study()
+    while entry in ring.owners_of_study(study.study_instance_uid, N):
+        study = data.new_study()
+    owners = list(ring.owners_of_study(study.study_instance_uid, N))
+    acked: set[str] = set()
+
+    async def store() -> None:
+        stored = data.instance(study, now_ms=cluster.now_ms())
+        result = await cluster.process(entry).coordinator.store(stored)
+        assert result.status == "success"
+        acked.add(stored.sop_instance_uid)
+
+    cluster.loop.run_until_complete(store())  # The first instance: on the owners.
+    others = [node_id for node_id in cluster.running_ids() if node_id not in owners]
+    cluster.network.partition(owners, others)
+    cluster.run_for(12)  # The writer's side declares the owners suspect/dead.
+    cluster.loop.run_until_complete(store())  # Acknowledged through two stand-ins' hints.
+    cluster.network.heal()
+    cluster.run_for(8)  # Every owner alive again to everyone; the hints are still held.
+    reader = owners[0]
+    assert all(cluster.process(reader).membership.is_alive(o) for o in owners)
+    held = {r.sop_instance_uid for o in owners for r in cluster.nodes[o].store.instances(study.study_instance_uid)}
+    assert held < acked, "the second instance must be on no owner yet"
+    return cluster, reader, study.study_instance_uid, acked
+
+
+@pytest.mark.parametrize("query", [_image_query, _study_query])
+def test_an_instance_held_only_as_hints_is_in_the_answer_right_after_the_heal(query: Any) -> None:
+    cluster, reader, study_uid, acked = _hints_only_cluster(read_fault_window_ms=60_000)
+    try:
+        rows, error = _read(cluster, reader, query(study_uid))
+        assert error is None
+        if query is _image_query:
+            assert {str(r["SOPInstanceUID"]) for r in rows} == acked
+        else:
+            # The hinted instance was delivered to the owners before the count was taken.
+            assert [int(str(r["NumberOfStudyRelatedInstances"])) for r in rows] == [len(acked)]
+            held = {r.sop_instance_uid for r in cluster.nodes[reader].store.instances(study_uid)}
+            assert held == acked
+    finally:
+        cluster.close()
+
+
+def test_without_the_fault_window_the_same_read_is_stale() -> None:
+    """The contrast: R = 2 alone cannot see an instance that is on no owner."""
+    cluster, reader, study_uid, acked = _hints_only_cluster(read_fault_window_ms=0)
+    try:
+        rows, error = _read(cluster, reader, _image_query(study_uid))
+        assert error is None and {str(r["SOPInstanceUID"]) for r in rows} < acked
     finally:
         cluster.close()

@@ -16,7 +16,7 @@ import pytest
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, RetrievePlan
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import StoredInstance
-from pacsnode.sim.cluster import SimCluster
+from pacsnode.sim.cluster import SimCluster, SimConfig
 from pacsnode.sim.workload import DataGenerator, Study
 
 N = 3
@@ -81,7 +81,10 @@ def _find_studies(cluster: SimCluster, entry: str, query: Query) -> tuple[set[st
 
 @pytest.mark.parametrize("nodes", [10, 30, 100])
 def test_a_one_study_retrieve_asks_at_most_n_peers(nodes: int) -> None:
-    cluster = SimCluster(nodes, seed=nodes)
+    """On a quiet cluster. Within read_fault_window_ms of a membership change (a boot is
+    one) a named read also asks the study's stand-ins for hints (test_read_quorum.py);
+    the window is shortened here so that the test need not simulate a quiet minute."""
+    cluster = SimCluster(nodes, seed=nodes, config=SimConfig(read_fault_window_ms=1_000))
     try:
         cluster.run_for(3)
         data = DataGenerator(nodes)

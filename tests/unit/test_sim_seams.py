@@ -43,6 +43,9 @@ class _Alone:
     def members(self) -> list[MemberInfo]:
         return [self._me]
 
+    def troubled_within(self, window_ms: int) -> bool:
+        return False
+
 
 def _find_inline(store: NonDurableStore, patient_id: str) -> list[str]:
     coordinator = Coordinator("n1", _Alone(), transport=None, local=store,  # type: ignore[arg-type]

@@ -20,7 +20,8 @@ import pytest
 from pacsnode.node.local_replica import StoreReplica
 from pacsnode.node.store import RocksStore
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.replication.model import StoredInstance, StoreOutcome
+from pacsnode.replication.hlc import Version
+from pacsnode.replication.model import StoredInstance, StoreOutcome, Tombstone
 from pacsnode.replication.repair import RepairStore
 from pacsnode.replication.store_protocol import ReplicaStore
 from pacsnode.replication.transport import LocalReplica
@@ -60,6 +61,11 @@ def _apply(store: ReplicaStore, ops: list[tuple[str, Any]]) -> list[Any]:
             outcomes.append(store.delete_study(arg))
         elif op == "delete_instances":
             outcomes.append(store.delete_instances(arg))
+        elif op == "tombstones":
+            owner, tombstones = arg
+            outcomes.append(store.put_tombstones(tombstones, hint_for=owner))
+        elif op == "purge":
+            outcomes.append(store.purge_tombstones(arg))
     return outcomes
 
 
@@ -86,8 +92,9 @@ def _operations(seed: int) -> list[tuple[str, Any]]:
     data = DataGenerator(seed, size_bytes=(200, 2_000))
     studies: list[Study] = []
     sent: list[StoredInstance] = []
+    deleted: list[Tombstone] = []
     ops: list[tuple[str, Any]] = []
-    for _ in range(120):
+    for _ in range(160):
         roll = rng.random()
         if roll < 0.55 or not sent:
             if not studies or rng.random() < 0.3:
@@ -107,7 +114,24 @@ def _operations(seed: int) -> list[tuple[str, Any]]:
         elif roll < 0.93:
             stored = rng.choice(sent)
             ops.append(("delete_hint", (rng.choice(OWNERS), stored.study_instance_uid, stored.sop_instance_uid)))
-        elif roll < 0.98:
+        elif roll < 0.975:
+            # Deletes, some as hints; versions before and after the instances' own, so some
+            # delete and some are superseded by the write they race.
+            chosen = [rng.choice(sent) for _ in range(rng.randint(1, 4))]
+            tombstones = [Tombstone(c.study_instance_uid, c.sop_instance_uid,
+                                    Version(rng.randrange(10**6), rng.randrange(3), "node-x"),
+                                    c.record.series_instance_uid) for c in chosen]
+            ops.append(("tombstones", (rng.choice(OWNERS) if rng.random() < 0.2 else "", tombstones)))
+            deleted.extend(tombstones)
+        elif roll < 0.985 and deleted:
+            # A re-store of a deleted UID after the delete: a new instance.
+            gone = rng.choice(deleted)
+            study = next(s for s in studies if s.study_instance_uid == gone.study_instance_uid)
+            ops.append(("put", data.instance(study, now_ms=2 * 10**6 + rng.randrange(1000),
+                                             sop_instance_uid=gone.sop_instance_uid)))
+        elif roll < 0.99 and deleted:
+            ops.append(("purge", [rng.choice(deleted) for _ in range(2)]))
+        elif roll < 0.995:
             # Exact drops: entries as listed earlier; some were replaced by a conflict's winner
             # since (other content hash: must stay), some are already gone.
             chosen = [rng.choice(sent) for _ in range(rng.randint(1, 6))]
@@ -143,10 +167,16 @@ def test_same_operations_same_answers(tmp_path: Path, seed: int) -> None:
         outcomes = _apply(sim, ops)
         assert _apply(replica, ops) == outcomes
         assert {StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT} <= set(outcomes)
+        assert sim.statistics().tombstones > 0
+        assert [t for t in sim.tombstones()] == [t for t in replica.tombstones()]
+        assert sim.tombstone_hint_owners() == replica.tombstone_hint_owners()
+        for owner in sim.tombstone_hint_owners():
+            assert list(sim.tombstone_hints(owner)) == list(replica.tombstone_hints(owner))
 
         stats = rocks.statistics()
         mine = sim.statistics()
-        for name in ("instances", "bytes_received", "bytes_stored", "studies", "conflicts", "hints", "hint_bytes"):
+        for name in ("instances", "bytes_received", "bytes_stored", "studies", "conflicts", "hints", "hint_bytes",
+                     "tombstones"):
             assert getattr(mine, name) == getattr(stats, name), name
         assert sim.is_empty() == replica.is_empty()
         assert _instances(sim) == _instances(replica)

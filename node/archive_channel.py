@@ -1,0 +1,361 @@
+"""The local channel between DIMSE worker processes and the node process (Unix socket).
+
+A worker (node/dicom_worker.py) does the association handling, the header read and the
+compression; the node owns the store and the coordinator. The worker's front end calls a
+`ChannelArchive`, which has the Archive methods the front end uses (store, find, locate,
+read) and sends each call over this channel; `ChannelServer` answers them with the real
+Archive. Success of a C-STORE therefore still means what the node's Archive says:
+durable on W replicas.
+
+Framing (every frame, both ways):
+
+    u32 big-endian  length of what follows (1 + 4 + header + body)
+    u8              Kind
+    u32 big-endian  header length
+    header          UTF-8 JSON object (typed fields only, never a pickled object)
+    body            raw bytes (instance bytes, blobs), may be empty
+
+One connection carries one request at a time; a worker keeps one connection per
+association thread. A C-FIND answer is a stream of ROW frames ended by FIND_END,
+INCOMPLETE or ERROR; a worker that stops reading closes the connection and the node's
+sender stops.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from typing import Any, Callable, Iterator
+
+from pacsnode.replication.archive import (
+    IncompleteAnswer,
+    InstanceLocation,
+    ReadError,
+    RetrievePlan,
+    Shortfall,
+    WriteResult,
+    WriteStatus,
+)
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import Attributes, Instance
+
+log = logging.getLogger(__name__)
+
+_PREFIX = struct.Struct(">IBI")
+FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
+
+
+class Kind(enum.IntEnum):
+    # worker -> node
+    HELLO = 1
+    STORE = 2
+    FIND = 3
+    LOCATE = 4
+    READ = 5
+    # node -> worker
+    STORED = 20
+    ROW = 21
+    FIND_END = 22
+    INCOMPLETE = 23
+    PLAN = 24
+    DATA = 25
+    READ_FAILED = 26
+    ERROR = 27
+    WELCOME = 28
+
+
+class ChannelError(Exception):
+    """The channel broke or the other side sent something unexpected."""
+
+
+class RemoteError(Exception):
+    """The node raised an unexpected exception answering a request (a bug or an operating error)."""
+
+
+# ----------------------------------------------------------------------------- framing
+def send_frame(sock: socket.socket, kind: Kind, header: dict[str, Any], *bodies: bytes) -> None:
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    body_len = sum(len(b) for b in bodies)
+    prefix = _PREFIX.pack(1 + 4 + len(encoded) + body_len, int(kind), len(encoded))
+    sock.sendall(prefix + encoded)
+    for body in bodies:
+        if body:
+            sock.sendall(body)
+
+
+def _recv_exact(sock: socket.socket, count: int) -> bytes:
+    buffer = bytearray(count)
+    view = memoryview(buffer)
+    received = 0
+    while received < count:
+        n = sock.recv_into(view[received:], count - received)
+        if n == 0:
+            raise ChannelError("channel closed")
+        received += n
+    return bytes(buffer)
+
+
+def recv_frame(sock: socket.socket) -> tuple[Kind, dict[str, Any], bytes]:
+    length, kind_value, header_len = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
+    if length > FRAME_BYTES_MAX or header_len > length - 5:
+        raise ChannelError(f"bad frame: length={length} header={header_len}")
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise ChannelError(f"unknown frame kind {kind_value}") from None
+    payload = _recv_exact(sock, length - 5)
+    try:
+        header = json.loads(payload[:header_len])
+    except ValueError:
+        raise ChannelError("undecodable frame header") from None
+    if not isinstance(header, dict):
+        raise ChannelError("frame header is not an object")
+    return kind, header, payload[header_len:]
+
+
+# ----------------------------------------------------------------------------- typed payloads
+def query_to_json(query: Query) -> dict[str, Any]:
+    return {"level": query.level, "model": query.model, "return_keys": list(query.return_keys),
+            "conditions": [[c.keyword, c.vr, c.value] for c in query.conditions]}
+
+
+def query_from_json(data: dict[str, Any]) -> Query:
+    return Query(level=str(data["level"]), model=str(data["model"]),
+                 return_keys=tuple(str(k) for k in data["return_keys"]),
+                 conditions=tuple(Condition(str(k), str(vr), str(v)) for k, vr, v in data["conditions"]))
+
+
+def location_to_json(location: InstanceLocation) -> list[str]:
+    return [location.study_instance_uid, location.series_instance_uid, location.sop_instance_uid,
+            location.sop_class_uid, location.transfer_syntax_uid]
+
+
+def location_from_json(data: list[Any]) -> InstanceLocation:
+    return InstanceLocation(*(str(v) for v in data))
+
+
+def _attributes(data: Any) -> Attributes:
+    if not isinstance(data, dict):
+        raise ChannelError("attributes are not an object")
+    return {str(k): (list(map(str, v)) if isinstance(v, list) else str(v)) for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------- worker side
+class ChannelArchive:
+    """The Archive calls of the DICOM front end, answered by the node over the channel."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._local = threading.local()
+
+    def _connection(self) -> socket.socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self._path)
+            self._local.sock = sock
+        return sock
+
+    def _drop(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        self._local.sock = None
+        if sock is not None:
+            sock.close()
+
+    def _call(self, kind: Kind, header: dict[str, Any], *bodies: bytes) -> tuple[Kind, dict[str, Any], bytes]:
+        try:
+            sock = self._connection()
+            send_frame(sock, kind, header, *bodies)
+            answer = recv_frame(sock)
+        except (OSError, ChannelError):
+            self._drop()
+            raise
+        if answer[0] == Kind.ERROR:
+            raise RemoteError(str(answer[1].get("error", "")))
+        return answer
+
+    def store(self, instance: Instance) -> WriteResult:
+        header = {
+            "study": instance.study_instance_uid, "series": instance.series_instance_uid,
+            "sop_instance": instance.sop_instance_uid, "sop_class": instance.sop_class_uid,
+            "transfer_syntax": instance.transfer_syntax_uid, "dataset_offset": instance.dataset_offset,
+            "content_hash": instance.content_hash, "attributes": instance.attributes,
+            "part10_bytes": len(instance.part10), "blob_bytes": len(instance.blob),
+        }
+        kind, answer, _ = self._call(Kind.STORE, header, instance.part10, instance.blob)
+        if kind != Kind.STORED:
+            raise ChannelError(f"unexpected answer {kind.name} to STORE")
+        return WriteResult(status=WriteStatus(answer["status"]), outcome=str(answer.get("outcome", "")),
+                           message=str(answer.get("message", "")), latency_ms=int(answer.get("latency_ms", 0)))
+
+    def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
+        sock = self._connection()
+        self._local.sock = None  # The stream owns this connection until it ends.
+        finished = False
+        try:
+            send_frame(sock, Kind.FIND, {"query": query_to_json(query)})
+            while True:
+                kind, header, _ = recv_frame(sock)
+                if kind == Kind.ROW:
+                    yield _attributes(header["row"])
+                    if is_cancelled():
+                        return
+                elif kind == Kind.FIND_END:
+                    finished = True
+                    return
+                elif kind == Kind.INCOMPLETE:
+                    finished = True
+                    raise IncompleteAnswer(Shortfall(ranges=int(header["ranges"]), studies=int(header["studies"])))
+                elif kind == Kind.ERROR:
+                    finished = True
+                    raise RemoteError(str(header.get("error", "")))
+                else:
+                    raise ChannelError(f"unexpected answer {kind.name} to FIND")
+        finally:
+            if finished and getattr(self._local, "sock", None) is None:
+                self._local.sock = sock  # Whole answer read: reuse the connection.
+            else:
+                sock.close()  # Stopped early: closing tells the node to stop sending.
+
+    def locate(self, query: Query) -> RetrievePlan:
+        kind, answer, _ = self._call(Kind.LOCATE, {"query": query_to_json(query)})
+        if kind != Kind.PLAN:
+            raise ChannelError(f"unexpected answer {kind.name} to LOCATE")
+        return RetrievePlan(locations=[location_from_json(item) for item in answer["locations"]],
+                            shortfall=Shortfall(ranges=int(answer["ranges"]), studies=int(answer["studies"])))
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location)})
+        if kind == Kind.READ_FAILED:
+            raise ReadError(str(answer.get("reason", "")))
+        if kind != Kind.DATA:
+            raise ChannelError(f"unexpected answer {kind.name} to READ")
+        return body, int(answer["dataset_offset"])
+
+
+# ----------------------------------------------------------------------------- node side
+class ChannelServer:
+    """Serves the channel on a Unix socket with the node's Archive: one thread per connection."""
+
+    def __init__(self, path: str, archive: Any) -> None:
+        self.path = path
+        self._archive = archive
+        if os.path.exists(path):
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        os.chmod(path, 0o600)
+        self._listener.listen(128)
+        self._closed = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
+        self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-channel", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            for sock in list(self._connections):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def _accept_forever(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._connections.add(sock)
+            threading.Thread(target=self._serve, args=(sock,), name="pacsnode-channel-conn", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                kind, header, body = recv_frame(sock)
+                self._answer(sock, kind, header, body)
+        except (ChannelError, OSError):
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+            sock.close()
+
+    def _answer(self, sock: socket.socket, kind: Kind, header: dict[str, Any], body: bytes) -> None:
+        if kind == Kind.HELLO:
+            send_frame(sock, Kind.WELCOME, {})
+            if self.on_hello is not None:
+                self.on_hello(sock, header)
+            return
+        try:
+            if kind == Kind.STORE:
+                result = self._archive.store(_instance(header, body))
+                send_frame(sock, Kind.STORED, {"status": result.status.value, "outcome": str(result.outcome),
+                                               "message": result.message, "latency_ms": result.latency_ms})
+            elif kind == Kind.FIND:
+                self._find(sock, query_from_json(header["query"]))
+            elif kind == Kind.LOCATE:
+                plan = self._archive.locate(query_from_json(header["query"]))
+                send_frame(sock, Kind.PLAN, {"locations": [location_to_json(l) for l in plan.locations],
+                                             "ranges": plan.shortfall.ranges, "studies": plan.shortfall.studies})
+            elif kind == Kind.READ:
+                try:
+                    data, offset = self._archive.read(location_from_json(header["location"]))
+                except ReadError as error:
+                    send_frame(sock, Kind.READ_FAILED, {"reason": str(error)})
+                    return
+                send_frame(sock, Kind.DATA, {"dataset_offset": offset}, data)
+            else:
+                raise ChannelError(f"unexpected request {kind.name}")
+        except (ChannelError, OSError):
+            raise
+        except Exception as error:  # Answered as an error; the worker's handler maps it to a failure status.
+            log.error("channel.request.failed kind=%s error=%s", kind.name, type(error).__name__)
+            send_frame(sock, Kind.ERROR, {"error": type(error).__name__})
+
+    def _find(self, sock: socket.socket, query: Query) -> None:
+        closed = threading.Event()
+        rows = self._archive.find(query, closed.is_set)
+        try:
+            for row in rows:
+                send_frame(sock, Kind.ROW, {"row": row})
+            send_frame(sock, Kind.FIND_END, {})
+        except IncompleteAnswer as error:
+            send_frame(sock, Kind.INCOMPLETE, {"ranges": error.shortfall.ranges, "studies": error.shortfall.studies})
+        except OSError:
+            closed.set()  # The worker stopped reading (cancel, abort, capped): stop the query.
+            raise
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
+
+
+def _instance(header: dict[str, Any], body: bytes) -> Instance:
+    part10_bytes, blob_bytes = int(header["part10_bytes"]), int(header["blob_bytes"])
+    if part10_bytes + blob_bytes != len(body):
+        raise ChannelError("STORE body length does not match its header")
+    return Instance(
+        study_instance_uid=str(header["study"]), series_instance_uid=str(header["series"]),
+        sop_instance_uid=str(header["sop_instance"]), sop_class_uid=str(header["sop_class"]),
+        transfer_syntax_uid=str(header["transfer_syntax"]), part10=body[:part10_bytes],
+        dataset_offset=int(header["dataset_offset"]), attributes=_attributes(header["attributes"]),
+        content_hash=str(header["content_hash"]), blob=body[part10_bytes:],
+    )

@@ -1,0 +1,104 @@
+"""One DIMSE worker process (`dicom_workers` > 0): the DICOM front end on its own core.
+
+The worker runs the same DicomFrontEnd as the single-process node (association handling,
+PDU and header reading, bad-input answers, zstd compression), listening on the node's
+DICOM port with SO_REUSEPORT beside the other workers; the kernel spreads new
+connections over them. Each Archive call goes to the node over the local channel
+(node/archive_channel.py); a C-STORE is answered only when the node has answered it, so
+Success still means durable on W replicas.
+
+The worker dies with the node: PR_SET_PDEATHSIG(SIGKILL) and, should that miss (the
+parent is a thread that exited, or not Linux), the end of the control connection it holds
+to the node. SIGTERM stops accepting, lets open associations finish, and exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+
+from pynetdicom.utils import make_target
+
+from pacsnode.node import acceptor
+from pacsnode.node.archive_channel import ChannelArchive, Kind, recv_frame, send_frame
+from pacsnode.node.config import NodeConfig
+from pacsnode.node.dicom import DicomFrontEnd
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 10.0
+
+
+class ReusePortServer(acceptor.AcceptorServer):
+    """The acceptor's server bound with SO_REUSEPORT, so that K workers share one port."""
+
+    def server_bind(self) -> None:
+        # socketserver's server_bind hook; pynetdicom's own sets SO_REUSEADDR and binds.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class WorkerFrontEnd(DicomFrontEnd):
+    """The node's front end with a listener that shares the port."""
+
+    def start(self) -> None:
+        handlers = self.guard.wrap(self.handlers())
+        acceptor.check_pynetdicom_version()
+        address = (self._config.host, self._config.dicom_port)
+        server = self.ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
+        threading.Thread(target=make_target(server.serve_forever), name="WorkerAcceptorServer",
+                         daemon=True).start()
+        self.ae._servers.append(server)
+        self._server = server
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # Not Linux: the control connection's end still stops the worker.
+
+
+def _watch_control(sock: socket.socket) -> None:
+    """The node closed the channel (stopped, or killed): exit now, whatever is open."""
+    try:
+        while sock.recv(1):
+            pass
+    except OSError:
+        pass
+    log.warning("dicom.worker.node_gone pid=%d", os.getpid())
+    os._exit(0)
+
+
+def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int) -> None:
+    """Entry point of a worker (multiprocessing 'spawn' target)."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(0)  # The node died before the death signal was armed.
+    from pacsnode.node.server import configure_logging
+
+    configure_logging(config.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # The node decides; a terminal ^C reaches it.
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.connect(channel_path)
+    front_end = WorkerFrontEnd(config, ChannelArchive(channel_path))  # type: ignore[arg-type]
+    front_end.start()
+    send_frame(control, Kind.HELLO, {"worker": index, "pid": os.getpid()})
+    kind, _, _ = recv_frame(control)
+    if kind != Kind.WELCOME:
+        os._exit(1)
+    threading.Thread(target=_watch_control, args=(control,), name="pacsnode-worker-control", daemon=True).start()
+    log.info("dicom.worker.started worker=%d pid=%d port=%d", index, os.getpid(), front_end.port)
+    stop.wait()
+    log.info("dicom.worker.stopping worker=%d pid=%d", index, os.getpid())
+    front_end.stop(grace_s=STOP_GRACE_S)
+    log.info("dicom.worker.stopped worker=%d pid=%d", index, os.getpid())
+    os._exit(0)

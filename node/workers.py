@@ -1,0 +1,130 @@
+"""The node's pool of DIMSE worker processes (`dicom_workers` = K > 0).
+
+The node serves the archive channel (node/archive_channel.py) on a Unix socket in a
+private directory, starts K worker processes (node/dicom_worker.py) that listen on the
+DICOM port with SO_REUSEPORT, restarts a worker that dies, and stops them on shutdown:
+SIGTERM, a grace period for open associations, then SIGKILL.
+
+Not done yet: `max_associations` is split between the workers (each enforces
+ceil(max_associations / K)), not a shared counter; the workers' DIMSE counters are not
+in the node's /metrics; the DICOM audit trail and the DICOM TLS listener are not served
+by the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import Any
+
+from pacsnode.node import dicom_worker
+from pacsnode.node.archive_channel import ChannelServer
+from pacsnode.node.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0
+RESTART_DELAY_S = 0.5
+
+
+class WorkerPool:
+    def __init__(self, config: NodeConfig, archive: Any, count: int) -> None:
+        self._count = count
+        self._directory = tempfile.mkdtemp(prefix="pacsnode-ch-")  # 0700: only this user reaches the channel.
+        self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive)
+        self._channel.on_hello = self._on_hello
+        self._hello = threading.Condition()
+        self._ready: set[int] = set()
+        self._reservation: socket.socket | None = None
+        self.port = config.dicom_port
+        self._config = config
+        self._context = multiprocessing.get_context("spawn")
+        self._processes: dict[int, Any] = {}
+        self._stopping = threading.Event()
+        self._restarts = 0
+        self._supervisor = threading.Thread(target=self._supervise, name="pacsnode-workers", daemon=True)
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes.values() if p.pid is not None]
+
+    def _on_hello(self, _sock: socket.socket, header: dict[str, Any]) -> None:
+        with self._hello:
+            self._ready.add(int(header.get("pid", 0)))
+            self._hello.notify_all()
+
+    def _worker_config(self) -> NodeConfig:
+        return dataclasses.replace(self._config, dicom_port=self.port,
+                                   max_associations=max(1, math.ceil(self._config.max_associations / self._count)))
+
+    def start(self) -> None:
+        # Hold the port (bound, never listening) so that port 0 resolves to one number for all workers.
+        reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind((self._config.host, self._config.dicom_port))
+        self.port = reservation.getsockname()[1]
+        self._reservation = reservation
+        self._channel.start()
+        for index in range(self._count):
+            self._spawn(index)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with self._hello:
+            while len(self._ready) < self._count:
+                if not self._hello.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"{self._count - len(self._ready)} DICOM workers did not start")
+        self._supervisor.start()
+        log.info("dicom.workers.started count=%d port=%d pids=%s", self._count, self.port,
+                 ",".join(map(str, self.pids())))
+
+    def _spawn(self, index: int) -> None:
+        process = self._context.Process(target=dicom_worker.main, name=f"pacsnode-dicom-worker-{index}",
+                                        args=(self._worker_config(), self._channel.path, index, os.getpid()))
+        process.start()
+        self._processes[index] = process
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            by_sentinel = {p.sentinel: i for i, p in self._processes.items()}
+            for sentinel in wait(list(by_sentinel), timeout=0.5):
+                if self._stopping.is_set():
+                    return
+                index = by_sentinel[sentinel]
+                process = self._processes[index]
+                process.join()
+                log.warning("dicom.worker.exited worker=%d pid=%s exit_code=%s", index, process.pid, process.exitcode)
+                time.sleep(RESTART_DELAY_S)
+                if self._stopping.is_set():
+                    return
+                self._restarts += 1
+                self._spawn(index)
+                log.info("dicom.worker.restarted worker=%d pid=%s", index, self._processes[index].pid)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        self._stopping.set()
+        for process in self._processes.values():
+            if process.is_alive():
+                process.terminate()  # SIGTERM: stop accepting, finish open associations.
+        deadline = time.monotonic() + grace_s + 2.0
+        for process in self._processes.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("dicom.worker.killed_on_shutdown pid=%s", process.pid)
+                process.kill()
+                process.join(5.0)
+        self._channel.close()
+        if self._reservation is not None:
+            self._reservation.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+        log.info("dicom.workers.stopped count=%d restarts=%d", self._count, self._restarts)

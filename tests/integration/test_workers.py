@@ -1,0 +1,190 @@
+"""`--dicom-workers 2`: the DICOM front end in two worker processes sharing the port.
+
+Store, find and get go through the workers and the archive channel to the node; a kill -9
+of the workers during a store loses nothing that was acknowledged, and the node restarts
+them; SIGTERM of the node stops the workers and frees the port; kill -9 of the node
+makes the workers exit at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from pacsnode.sim.process import NodeProcess, free_port, wait_until
+
+from . import clients
+from .clients import HOST, identifier, scu_ae
+
+WORKERS = ["--dicom-workers", "2"]
+
+
+def _worker_pids(node: NodeProcess) -> list[int]:
+    pids: list[int] = []
+    for match in re.finditer(r"dicom\.worker\.(?:started|restarted) worker=\d+ pid=(\d+)", node.log_text()):
+        pids.append(int(match.group(1)))
+    return pids
+
+
+def _start(node_factory, extra: list[str] = []) -> NodeProcess:  # noqa: B006 (never mutated)
+    node = node_factory.start("node-1", extra_args=[*WORKERS, *extra])
+    assert wait_until(lambda: len(_worker_pids(node)) >= 2, 30), node.log_text()[-3000:]
+    return node
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # A zombie (not yet reaped by its parent) is not alive.
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind((HOST, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _ct(study_uid: str) -> object:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def test_store_find_get_through_workers(node_factory) -> None:
+    node = _start(node_factory)
+    assert not re.search(r"dicom\.association\.established", node.log_text())
+    study = generate_uid()
+    ae = scu_ae()
+    ct = _ct(study)
+    ae.add_requested_context(ct.SOPClassUID, [ct.file_meta.TransferSyntaxUID])
+    assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+    assert assoc.is_established
+    uids = []
+    try:
+        for _ in range(5):
+            ds = _ct(study)
+            assert assoc.send_c_store(ds).Status == 0x0000
+            uids.append(ds.SOPInstanceUID)
+    finally:
+        assoc.release()
+    # Bad input is answered as by the single-process front end, never Success.
+    bad = clients.send_raw(node.dicom_port, str(ct.SOPClassUID), generate_uid(), "1.2.840.10008.1.2.1",
+                           b"\x08\x00\x18\x00UI\xff\x00garbage")
+    assert bad.Status not in (0x0000, -1)
+    matches, status = clients.find(node.dicom_port, identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID=""))
+    assert status == 0x0000
+    assert sorted(str(m.SOPInstanceUID) for m in matches) == sorted(uids)
+    result = clients.get(node.dicom_port, identifier("STUDY", StudyInstanceUID=study),
+                         [(str(ct.SOPClassUID), str(ct.file_meta.TransferSyntaxUID))])
+    assert result.final_status == 0x0000
+    assert sorted(result.received) == sorted(uids)
+    assert re.search(r"dicom\.association\.established", node.log_text())  # Worker events reach the node's log.
+
+
+def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:
+    node = _start(node_factory)
+    first = _worker_pids(node)
+    study = generate_uid()
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def sender() -> None:
+        while not stop.is_set():
+            ae = scu_ae()
+            ae.add_requested_context(_ct(study).SOPClassUID, ["1.2.840.10008.1.2.1"])
+            assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+            if not assoc.is_established:
+                time.sleep(0.1)
+                continue
+            try:
+                while not stop.is_set() and assoc.is_established:
+                    ds = _ct(study)
+                    try:
+                        status = assoc.send_c_store(ds)
+                    except Exception:
+                        break
+                    if "Status" in status and status.Status == 0x0000:
+                        acknowledged.append(str(ds.SOPInstanceUID))
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        assert wait_until(lambda: len(acknowledged) >= 5, 60)
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: len(_worker_pids(node)) >= 4, 60), node.log_text()[-2000:]
+        count = len(acknowledged)
+        assert wait_until(lambda: len(acknowledged) >= count + 5, 60)  # The restarted workers serve.
+    finally:
+        stop.set()
+        thread.join(60)
+    assert "dicom.worker.exited" in node.log_text()
+    matches, status = clients.find(node.dicom_port, identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID=""))
+    assert status == 0x0000
+    assert set(acknowledged) <= {str(m.SOPInstanceUID) for m in matches}
+
+
+def test_sigterm_stops_workers_and_kill9_of_node_takes_them_down(node_factory) -> None:
+    node = _start(node_factory)
+    pids = _worker_pids(node)
+    assert node.stop() == 0
+    assert not any(_alive(pid) for pid in pids)
+    assert "dicom.workers.stopped" in node.log_text()
+    assert _port_free(node.dicom_port)
+
+    node.start()
+    assert wait_until(lambda: len(_worker_pids(node)) >= 4, 30)
+    pids = _worker_pids(node)[-2:]
+    assert all(_alive(pid) for pid in pids)
+    node.kill()
+    assert wait_until(lambda: not any(_alive(pid) for pid in pids), 10)
+    assert wait_until(lambda: _port_free(node.dicom_port), 10)
+
+
+def test_max_associations_split_between_workers(node_factory, tmp_path: Path) -> None:
+    node = _start(node_factory, ["--max-associations", "2"])
+    held = []
+    try:
+        for _ in range(2):
+            ae = scu_ae()
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+            if assoc.is_established:
+                held.append(assoc)
+        # Each worker takes ceil(2 / 2) = 1: a third association is refused busy by whichever worker it reaches.
+        ae = scu_ae()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        extra = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+        if len(held) == 2:
+            assert extra.is_rejected
+        else:
+            extra.release() if extra.is_established else None
+    finally:
+        for assoc in held:
+            assoc.release()
