@@ -72,7 +72,7 @@ class PeerHandler:
             # Never acknowledge a copy that would not read back: with the sender's CRC-32 the
             # compressed bytes are checked as they are (zstd's own checksum is checked on every
             # read); without it (an older sender) by decompressing them.
-            await self._run_blocking(check_payload, stored.blob, record.total_size_bytes, crc32,
+            await self._run_blocking(check_payload, stored.blob, record.size_bytes + record.dataset_offset, crc32,
                                      record.sop_instance_uid)
             outcome: str = await self._run_write(self.store.put_stored, stored, hint_for=hint_for)
         except CorruptBlob as error:
