@@ -9,16 +9,38 @@ through that owner itself (it asks itself first).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 import pytest
 
 from pacsnode.replication.archive import IncompleteAnswer
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.sim.cluster import SimCluster, SimConfig
-from pacsnode.sim.workload import DataGenerator
+from pacsnode.sim.workload import DataGenerator, Study
 
 N = 3
+
+
+def _study_not_on(cluster: SimCluster, data: DataGenerator, entry: str) -> tuple[Study, list[str]]:
+    """A new study `entry` does not own, and its owners."""
+    ring = cluster.process(entry).membership.ring()
+    study = data.new_study()
+    while entry in ring.owners_of_study(study.study_instance_uid, N):
+        study = data.new_study()
+    return study, list(ring.owners_of_study(study.study_instance_uid, N))
+
+
+def _storer(cluster: SimCluster, data: DataGenerator, entry: str, study: Study,
+            acked: set[str]) -> Callable[[], Coroutine[Any, Any, None]]:
+    """store(): one more instance of `study` through `entry`, which must answer Success."""
+
+    async def store() -> None:
+        stored = data.instance(study, now_ms=cluster.now_ms())
+        result = await cluster.process(entry).coordinator.store(stored)
+        assert result.status == "success"
+        acked.add(stored.sop_instance_uid)
+
+    return store
 
 
 def _stale_owner_cluster(read_quorum: int, read_fault_window_ms: int = 60_000) -> tuple[SimCluster, str, str, set[str]]:
@@ -28,20 +50,10 @@ def _stale_owner_cluster(read_quorum: int, read_fault_window_ms: int = 60_000) -
     cluster.run_for(3)
     data = DataGenerator(21)
     entry = cluster.running_ids()[0]
-    ring = cluster.process(entry).membership.ring()
-    study = data.new_study()
-    while entry in ring.owners_of_study(study.study_instance_uid, N):
-        study = data.new_study()
-    owners = ring.owners_of_study(study.study_instance_uid, N)
+    study, owners = _study_not_on(cluster, data, entry)
     lagging = owners[-1]
     acked: set[str] = set()
-
-    async def store() -> None:
-        stored = data.instance(study, now_ms=cluster.now_ms())
-        result = await cluster.process(entry).coordinator.store(stored)
-        assert result.status == "success"
-        acked.add(stored.sop_instance_uid)
-
+    store = _storer(cluster, data, entry, study, acked)
     cluster.loop.run_until_complete(store())
     others = [node_id for node_id in cluster.running_ids() if node_id != lagging]
     cluster.network.partition([lagging], others)  # Cut off: the write never reaches it.
@@ -133,19 +145,9 @@ def _hints_only_cluster(read_fault_window_ms: int) -> tuple[SimCluster, str, str
     cluster.run_for(3)
     data = DataGenerator(5)
     entry = cluster.running_ids()[0]
-    ring = cluster.process(entry).membership.ring()
-    study = data.new_study()
-    while entry in ring.owners_of_study(study.study_instance_uid, N):
-        study = data.new_study()
-    owners = list(ring.owners_of_study(study.study_instance_uid, N))
+    study, owners = _study_not_on(cluster, data, entry)
     acked: set[str] = set()
-
-    async def store() -> None:
-        stored = data.instance(study, now_ms=cluster.now_ms())
-        result = await cluster.process(entry).coordinator.store(stored)
-        assert result.status == "success"
-        acked.add(stored.sop_instance_uid)
-
+    store = _storer(cluster, data, entry, study, acked)
     cluster.loop.run_until_complete(store())  # The first instance: on the owners.
     others = [node_id for node_id in cluster.running_ids() if node_id not in owners]
     cluster.network.partition(owners, others)
