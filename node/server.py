@@ -285,6 +285,8 @@ class Node:
             "pacsnode.membership.sends_failed_count": counters.sends_failed,
             "pacsnode.membership.updates_ignored_count": counters.updates_ignored,
             "pacsnode.membership.rejoins_count": counters.rejoins,
+            # Transitions of other members (read_fault_window_ms runs from the last one).
+            "pacsnode.membership.transitions_count": self.membership.trouble.transitions,
             "pacsnode.membership.incarnation_count": self.membership.incarnation,
         })
         return metrics

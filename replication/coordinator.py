@@ -672,6 +672,7 @@ class Coordinator:
                     if stored is not None:
                         break
             return stored
+        self.stats.extra["fetch_peers"] = self.stats.extra.get("fetch_peers", 0) + 1
         size_guess = 64 * 1024 * 1024
         timeout_ms = self._deadline_ms(self._settings.fetch_timeout_ms, size_guess)
         return await self._answering(node_id, lambda started: self._transport.fetch(
