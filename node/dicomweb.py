@@ -256,8 +256,18 @@ class DicomWeb:
         log.info("dicomweb.retrieve.start level=%s instances=%d unreachable=%d", query.level, len(sendable),
                  plan.unreachable)
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
+        heads = [part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=index == 0,
+                             location=_instance_url(root, location))
+                 for index, (location, syntax) in enumerate(sendable)]
+        length = _body_length(sendable, heads, closing_delimiter(boundary))
+        if length is not None:
+            # The stored bytes go out as they are, and the index knows their length: say it
+            # first, so that the server writes each part straight to the socket (a chunked
+            # body costs a copy of every byte).
+            headers["Content-Length"] = str(length)
         audited = (caller_of(request), plan.locations, status) if self._audit is not None else None
-        return StreamingResponse(self._parts(sendable, boundary, root, audited), status_code=status, headers=headers,
+        return StreamingResponse(self._parts(sendable, boundary, heads, audited, exact=length is not None),
+                                 status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
     async def _read_all(self, locations: list[InstanceLocation]) -> AsyncIterator[tuple[bytes, int]]:
@@ -276,10 +286,12 @@ class DicomWeb:
             for future in futures:
                 future.cancel()
 
-    async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str,
-                     audited: tuple[Caller, list[InstanceLocation], int] | None = None) -> AsyncIterator[bytes]:
-        """The multipart body: one chunk per instance (its part header and its bytes), so a
-        part costs one write; the bytes are the stored ones unless a transcode was asked."""
+    async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, heads: list[bytes],
+                     audited: tuple[Caller, list[InstanceLocation], int] | None = None, *,
+                     exact: bool = False) -> AsyncIterator[bytes]:
+        """The multipart body: each part's header, then its bytes (the stored ones unless a
+        transcode was asked), never copied into one string. With `exact` (Content-Length
+        stated), each instance must be as long as the index said."""
         sent = 0
         finished = False
         reads = self._read_all([location for location, _syntax in sendable])
@@ -287,11 +299,15 @@ class DicomWeb:
             index = 0
             async for part10, _offset in reads:
                 location, syntax = sendable[index]
-                index += 1
                 if syntax != location.transfer_syntax_uid:
                     part10 = await run_in_threadpool(transcode_uncompressed, part10, syntax)
-                yield part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=sent == 0,
-                                  location=_instance_url(root, location)) + part10
+                if exact and len(part10) != location.part10_bytes:
+                    # Another copy won a conflict since the plan was made: the stated length
+                    # is wrong, and a body of another length must not look complete.
+                    raise ReadError(f"instance {location.sop_instance_uid} changed length since the retrieve began")
+                yield heads[index]
+                yield part10
+                index += 1
                 sent += 1
             finished = True
         except ReadError as error:
@@ -553,6 +569,14 @@ class DicomWeb:
         if written.status == WriteStatus.OUT_OF_RESOURCES:
             return fail(STATUS_OUT_OF_RESOURCES, written.message or "out of resources")
         return fail(STATUS_STORE_FAILED, written.message or "store failed")
+
+
+def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes], closing: bytes) -> int | None:
+    """The multipart body's length when every instance goes out as stored and its length is
+    known; None otherwise (a transcode, or an index that did not say: a chunked body)."""
+    if any(syntax != location.transfer_syntax_uid or location.part10_bytes <= 0 for location, syntax in sendable):
+        return None
+    return sum(len(head) for head in heads) + sum(location.part10_bytes for location, _syntax in sendable) + len(closing)
 
 
 def _accepts_frames(ranges: list[Any], media_type: str, stored_syntax: str) -> bool:

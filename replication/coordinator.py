@@ -554,6 +554,12 @@ class Coordinator:
             shortfall = error.shortfall
         return RetrievePlan(locations, shortfall)
 
+    def owns(self, study_instance_uid: str) -> bool:
+        """Whether this node is one of the study's owners (reads the ring only: callable
+        from any thread). A read then may take this node's own copy first, as read() does."""
+        n, _w = self._replicas()
+        return self.self_id in self._membership.ring().owners_of_study(study_instance_uid, n)
+
     async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
         n, _w = self._replicas()
@@ -754,7 +760,16 @@ def _location(row: Attributes) -> InstanceLocation:
         sop_instance_uid=str(row["SOPInstanceUID"]),
         sop_class_uid=str(row.get("SOPClassUID", "")),
         transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+        part10_bytes=_int(row.get("_part10_bytes")),
     )
+
+
+def _int(value: object) -> int:
+    """A row's internal count (a string across peers); 0 when absent (an older peer) or bad."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})

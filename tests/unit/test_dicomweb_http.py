@@ -158,6 +158,8 @@ def test_retrieve_returns_the_stored_bytes(served: _Served, study_set: list[tupl
     assert reply.status_code == 200 and _parts(reply) == [data]
     study = httpx.get(f"{served.url}/dicom-web/studies/{entry['study_uid']}")
     assert sorted(_parts(study)) == sorted(d for e, d in study_set if e["study_uid"] == entry["study_uid"])
+    # Stored bytes as stored: the length comes from the index, stated before the body.
+    assert study.headers["content-length"] == str(len(study.content))
     datasets = served.client.retrieve_series(entry["study_uid"], entry["series_uid"],
                                              media_types=(("application/dicom", "*"),))
     assert sorted(d.SOPInstanceUID for d in datasets) == sorted(
@@ -172,6 +174,7 @@ def test_retrieve_in_another_syntax_or_406(served: _Served, study_set: list[tupl
     implicit = httpx.get(url, headers={
         "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'})
     assert implicit.status_code == 200
+    assert implicit.headers.get("transfer-encoding") == "chunked"  # Re-encoded: its length is not known first.
     dataset = dcmread(io.BytesIO(_parts(implicit)[0]))
     assert dataset.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
     assert dataset.PixelData == dcmread(io.BytesIO(data)).PixelData  # Lossless re-encoding.
