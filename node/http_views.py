@@ -64,6 +64,7 @@ def local_gauges(node: "Node") -> dict[str, float]:
 
 def http_server_for(node: "Node") -> HttpServer:
     metrics = Metrics(node.metrics, lambda: local_gauges(node))
+    node.write_watch.observers.append(metrics.observe_store_write)
     config = node.config
     security = node.security
     return HttpServer(

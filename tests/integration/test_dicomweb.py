@@ -88,6 +88,8 @@ def test_dicomweb_across_a_cluster(tmp_path: Path) -> None:
         text = httpx.get(_url(nodes[0]) + "/metrics").text
         assert f'pacsnode_dimse_requests_total{{service="C-STORE",status="0x0000"}} {float(len(dimse))}' in text
         assert 'pacsnode_dimse_request_duration_seconds_count{service="C-STORE"}' in text
+        writes = next(line for line in text.splitlines() if line.startswith("pacsnode_store_write_duration_seconds_count"))
+        assert float(writes.split()[-1]) > 0  # Every local copy written (primary, replica or hint) is timed.
         assert 'pacsnode_ring_members{state="alive"} 3.0' in text
         cluster = httpx.get(_url(nodes[1]) + "/api/cluster").json()
         assert sorted(n["node_id"] for n in cluster["nodes"]) == list(NAMES)
