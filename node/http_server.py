@@ -49,7 +49,8 @@ _ID_AFTER = re.compile(r"/(studies|series|instances|frames|bulkdata)/[^/]+")
 def route_label(path: str) -> str:
     """A request path with its UIDs replaced, as a bounded metrics label."""
     if path.startswith("/dicom-web/"):
-        return _ID_AFTER.sub(lambda m: f"/{m.group(1)}/{{{m.group(1)}}}", path)
+        head, bulk, _rest = path.partition("/bulk/")
+        return _ID_AFTER.sub(lambda m: f"/{m.group(1)}/{{{m.group(1)}}}", head) + ("/bulk/{path}" if bulk else "")
     if path in ("/metrics", "/healthz", "/readyz", "/api/cluster", "/"):
         return path
     if path.startswith("/ui/"):

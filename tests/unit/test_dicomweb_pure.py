@@ -302,3 +302,12 @@ def test_header_json_large_binary_values_and_sequences_are_bulk_data() -> None:
     for bad in ("00100010", "7FE00010", "00880200/3/7FE00010", "zz", "00880200/0"):
         with pytest.raises(BulkDataError):
             bulk_value(dataset, bad)
+
+
+def test_metrics_route_labels_stay_bounded() -> None:
+    from pacsnode.node.http_server import route_label
+
+    base = "/dicom-web/studies/{studies}/series/{series}/instances/{instances}"
+    assert route_label("/dicom-web/studies/1.2/series/3.4/instances/5.6/bulk/00880200/0/7FE00010") == base + "/bulk/{path}"
+    assert route_label("/dicom-web/studies/1.2/series/3.4/instances/5.6/bulk/7FE00010") == base + "/bulk/{path}"
+    assert route_label("/dicom-web/studies/1.2/series/3.4/instances/5.6/frames/1,2") == base + "/frames/{frames}"
