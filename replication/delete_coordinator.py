@@ -162,6 +162,24 @@ class DeleteCoordinator:
         self.tombstone_hints_written = 0
         self.tombstone_hints_replayed = 0
 
+    async def resolve(self, scope: DeleteScope) -> list[DeleteScope]:
+        """`scope` with its study filled in: a series or an instance named without its study
+        is looked up (a scatter over the archive: an operator's rare request), one scope per
+        study found. Raises IncompleteAnswer when part of the archive could not be asked."""
+        if scope.study_instance_uid:
+            return [scope]
+        conditions = []
+        if scope.series_instance_uid:
+            conditions.append(Condition("SeriesInstanceUID", "UI", scope.series_instance_uid))
+        if scope.sop_instance_uid:
+            conditions.append(Condition("SOPInstanceUID", "UI", scope.sop_instance_uid))
+        if not conditions:
+            return []
+        studies: dict[str, None] = {}
+        async for row in self._find(Query("IMAGE", tuple(conditions), ())):
+            studies[str(row.get("StudyInstanceUID", ""))] = None
+        return [DeleteScope(study, scope.series_instance_uid, scope.sop_instance_uid) for study in studies if study]
+
     def _joined(self) -> bool:
         joined = getattr(self._membership, "joined", True)
         return bool(joined() if callable(joined) else joined)
