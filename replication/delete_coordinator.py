@@ -263,7 +263,15 @@ class DeleteCoordinator:
         while True:
             stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | used) if s.owner == owner), None)
             if stand_in is None:
-                log.warning("replication.delete.no_stand_in owner=%s: anti-entropy brings it the tombstones", owner)
+                # As a write's copy: this node keeps them as hints for the owner (replayed as soon
+                # as it answers), never counted toward W (it is not a distinct replica).
+                if owner != self.self_id:
+                    try:
+                        await self._send(self.self_id, tombstones, None, owner)
+                        self.tombstone_hints_written += len(tombstones)
+                        log.info("replication.delete.hint_kept_here owner=%s tombstones=%d", owner, len(tombstones))
+                    except PeerError as error:
+                        log.warning("replication.delete.hint_keep_failed owner=%s error=%s", owner, error)
                 return False
             used.add(stand_in)
             if stand_in in owners or (stand_in != self.self_id and not self._membership.is_alive(stand_in)):
