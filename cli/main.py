@@ -17,7 +17,7 @@ DEFAULTS = NodeConfig(node_id="node-1")
 START_OPTIONS: list[tuple[str, str, str]] = [
     ("--" + f.name.replace("_", "-"), f.name, str(f.metadata.get("help", "")))
     for f in dataclasses.fields(NodeConfig)
-    if f.name not in ("destinations", "seeds", "peer_routes", "known_aes")
+    if f.name not in ("destinations", "seeds", "peer_routes", "known_aes", "site_replicas")
 ]
 
 
@@ -83,6 +83,16 @@ def _start_parser(subparsers: Any, name: str = "start") -> argparse.ArgumentPars
         help="a known AE and what it may do (echo, store, find, get, move, move-to:AET), repeatable "
         "(default: none; see access_mode)",
     )
+    parser.add_argument(
+        "--site-replicas",
+        dest="site_replicas",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="SITE=N",
+        help="N copies of every study in SITE, on that site's own ring; repeatable, and every node of the cluster "
+        "needs the same set; replaces the TOML [site_replicas] table (default: none: --replicas copies spread "
+        "over the sites)",
+    )
     parser.add_argument("--dead-grace", dest="dead_grace_s", default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"same as --dead-grace-s (default: {DEFAULTS.dead_grace_s})")
     parser.add_argument("--replicas", dest="replication_factor", default=argparse.SUPPRESS,
@@ -125,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
     remove.add_argument("--tls-dir", default=None, help="admin certificate directory (pacsnode cert issue --admin) "
                         "for a TLS cluster (default: none: plain text)")
+    from pacsnode.cli import delete_command
+
+    delete_command.add_parser(subparsers)
     from pacsnode.sim import cli as sim_cli
 
     sim_cli.add_parser(subparsers)
@@ -158,6 +171,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if hasattr(args, "peer_routes"):
         values.pop("peer_route", None)
         values["peer_routes"] = list(args.peer_routes)
+    if hasattr(args, "site_replicas"):
+        values.pop("site_replica", None)
+        values["site_replicas"] = list(args.site_replicas)  # Flags replace the TOML table whole.
     if hasattr(args, "known_aes"):
         values.pop("known_ae", None)
         merged_known = [*_as_list_of_known(values.get("known_aes")), *_as_list_of_known(args.known_aes)]
@@ -203,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return membership_commands.leave(args.node, cluster_id=args.cluster_id, wait=not args.no_wait,
                                          timeout_s=args.timeout_s, tls_dir=args.tls_dir)
+    if args.command == "delete":
+        from pacsnode.cli import delete_command
+
+        return delete_command.main(args)
     if args.command == "remove":
         from pacsnode.cli import membership_commands
 
