@@ -148,6 +148,8 @@ class Node:
             config.cluster_id, me, seeds,
             config=swim_config(config.profile, config.dead_grace_s * 1000),
             next_generation=self._next_generation,
+            signer=self.security.member_signer.sign if self.security.member_signer else None,
+            verifier=self.security.member_verifier,
         )
         self.loop = LoopThread()
         self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
@@ -462,6 +464,11 @@ class Node:
         credentials = self.security.channel_credentials()
         if credentials is not None:
             self.loop.run(self.channels.set_credentials(credentials), 15)
+
+        async def reannounce() -> None:  # Our record signed by the new certificate, gossiped.
+            self.membership.reannounce()
+
+        self.loop.run(reannounce(), 15)
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down cleanly; SIGHUP (and a poll every

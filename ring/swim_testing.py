@@ -57,8 +57,11 @@ class SwimCluster:
 
     def __init__(self, n: int, config: SwimConfig | None = None, seed: int = 0, *, loss: float = 0.0,
                  latency_ms: int | tuple[int, int] = 1, sites: int | list[str] = 1, bootstrap: str = "join",
-                 refuse_when_down: bool = False) -> None:
+                 refuse_when_down: bool = False, swim_hooks: Callable[[str], dict[str, object]] | None = None
+                 ) -> None:
+        """`swim_hooks(node_id)`: extra keyword arguments of each node's Swim (signer, verifier)."""
         self.config = config or SwimConfig.lan()
+        self.swim_hooks = swim_hooks
         self.seed = seed
         self.loss = loss
         self.latency_ms = latency_ms
@@ -241,7 +244,8 @@ class SwimCluster:
 
     def _new_swim(self, info: MemberInfo) -> Swim:
         rng = random.Random(f"{self.seed}:{info.node_id}:{info.generation}")
-        return Swim(self.config, info, rng, self.now_ms)
+        hooks = self.swim_hooks(info.node_id) if self.swim_hooks is not None else {}
+        return Swim(self.config, info, rng, self.now_ms, **hooks)  # type: ignore[arg-type]
 
     def _push(self, at_ms: int, kind: str, payload: tuple[object, ...]) -> None:
         self._sequence += 1
