@@ -13,6 +13,7 @@ import shutil
 import ssl
 import subprocess
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,11 @@ from pynetdicom.sop_class import (
 
 from pacsnode.cli.status import collect
 from pacsnode.node import ca
+from pacsnode.node import peer_wire
+from pacsnode.node.member_signing import MemberSigner
 from pacsnode.node.tls import CHANNEL_OPTIONS, TlsFiles, channel_credentials
+from pacsnode.ring import swim
+from pacsnode.ring.members import MemberInfo
 from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
@@ -410,6 +415,48 @@ def test_forged_left_and_removed_are_refused_and_change_nothing(cluster: list[No
     reasons = [json.loads(line)["EventIdentification"].get("EventOutcomeDescription", "")
                for line in audit.stdout.splitlines()]
     assert any("cannot send as 'n2'" in r for r in reasons) and any("only an admin" in r for r in reasons)
+
+
+def test_forged_gossip_about_another_node_is_ignored(cluster: list[NodeProcess], pki: dict[str, Path]) -> None:
+    """n3's own certificate, speaking as n3 (the peer guard lets it), gossips records about n2
+    that only n2 (ALIVE, LEFT) or their named reporter (DEAD) may sign: n1 ignores every one,
+    logs it, and every node keeps n2 alive at its own address and incarnation."""
+    n1, n2 = cluster[0], cluster[1]
+    admin = str(pki["admin"])
+    before = {n["node_id"]: n for n in collect(n1.peer_address, tls_dir=admin)["nodes"]}["n2"]
+    host, port = before["peer_address"].rsplit(":", 1)
+    honest = MemberInfo(node_id="n2", peer_host=host, peer_port=int(port), generation=before["generation"],
+                        dicom_host=host, ae_title="PACSNODE")
+    hijacked = replace(honest, peer_host="127.0.0.1", peer_port=free_port())  # n2 "moved" to the attacker.
+    signer = MemberSigner("pacsnode", TlsFiles(pki["n3"]))
+    high = before["incarnation"] + 50
+    forged = [
+        signer.sign(swim.MemberUpdate(hijacked, swim.State.ALIVE, high, reporter_id="n3")),  # Signed by n3.
+        swim.MemberUpdate(hijacked, swim.State.ALIVE, high + 1, reporter_id="n2"),  # Unsigned.
+        signer.sign(swim.MemberUpdate(honest, swim.State.LEFT, high + 2, reporter_id="n3", lamport=99)),
+        signer.sign(swim.MemberUpdate(honest, swim.State.DEAD, high + 3, reporter_id="n1")),  # n3 as n1.
+        replace(signer.sign(swim.MemberUpdate(honest, swim.State.ALIVE, high + 4, reporter_id="n3")),
+                reporter_id="n2"),  # n3's signature, relabelled as n2's own record.
+        replace(signer.sign(swim.MemberUpdate(honest, swim.State.DEAD, before["incarnation"], reporter_id="n3")),
+                incarnation=high + 5),  # What n3 may say, changed after signing.
+    ]
+    with channel(n1.peer_address, pki["n3"]) as ch:
+        for update in forged:  # Each alone, so that every one is judged (a gossip round each).
+            gossip = pb.PingRequest(envelope=envelope("n3"), sequence_number=0, target_id="n1",
+                                    updates=[peer_wire.update_to_wire(update)])
+            pb_grpc.MembershipStub(ch).Ping(gossip, timeout=5)  # Accepted as gossip; its records judged.
+    assert wait_until(lambda: n1.log_text().count("membership.update.rejected node=n2") >= 6, 10), n1.log_text()[-3000:]
+    log_text = n1.log_text()
+    for reason in ("only n2 may say it is alive, not n3", "reason=unsigned", "only n2 may say it is left, not n3",
+                   "reporter 'n1' but signed by n3", "reporter 'n2' but signed by n3",
+                   "bad signature (claims n3)"):
+        assert reason in log_text, reason
+    for node in cluster:
+        after = {n["node_id"]: n for n in collect(node.peer_address, tls_dir=admin)["nodes"]}["n2"]
+        assert (after["state"], after["peer_address"], after["generation"]) == (
+            "alive", before["peer_address"], before["generation"]), node.node_id
+        assert after["incarnation"] < high, node.node_id
+    assert n2.alive
 
 
 # --------------------------------------------------------------------------- access control
