@@ -258,6 +258,14 @@ class Node:
             "pacsnode.security.audit_syslog_dropped_count":
                 self.security.syslog.dropped if self.security.syslog else 0,
             "pacsnode.security.audit_messages_count": self.security.audit.written,
+            # Signed member records (node/member_signing.py): signatures made, ECDSA checks run
+            # (cache misses), peer records refused.
+            "pacsnode.security.member_signatures_count":
+                self.security.member_signer.signed if self.security.member_signer else 0,
+            "pacsnode.security.member_verifications_count":
+                self.security.member_verifier.verified if self.security.member_verifier else 0,
+            "pacsnode.security.member_records_refused_count":
+                self.security.member_verifier.refused if self.security.member_verifier else 0,
             **self.membership_metrics(),
         }
 
