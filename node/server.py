@@ -33,6 +33,7 @@ from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
@@ -153,7 +154,8 @@ class Node:
         )
         self.loop = LoopThread()
         self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
-        self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope)
+        self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope,
+                                       observe=lambda version: self.coordinator.hlc.observe(version))
         self.coordinator = Coordinator(
             config.node_id,
             self.membership,
@@ -172,6 +174,10 @@ class Node:
             ),
             decode=decode,
         )
+        self.deletes = DeleteCoordinator(
+            config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
+            self.coordinator.find, replication_factor=config.replication_factor,
+            write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows)
@@ -393,6 +399,7 @@ class Node:
             await asyncio.sleep(self.config.hint_replay_interval_ms / 1000)
             try:
                 await asyncio.wait_for(self.coordinator.replay_hints(), pass_timeout_s)
+                await asyncio.wait_for(self.deletes.replay_tombstone_hints(), pass_timeout_s)
             except asyncio.CancelledError:
                 if cancelled_by_caller():
                     raise
