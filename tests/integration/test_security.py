@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Any, Iterator
 import grpc
 import httpx
 import pytest
+from cryptography import x509
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
@@ -537,9 +542,7 @@ def readme_tls_lines() -> list[str]:
 
 def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
     """Every line of the README's TLS section, run in a shell on free ports."""
-    import os
     import re
-    import signal
 
     ports = {port: str(free_port()) for port in ("11112", "11113", "11114", "2762", "2763", "2764",
                                                   "7001", "7002", "7003", "8042", "8043", "8044")}
@@ -615,3 +618,61 @@ def test_strict_mode_and_an_unprotected_node_say_so(tmp_path: Path) -> None:
         assert "reason=service-not-allowed" in node.log_text()
     finally:
         node.stop()
+
+
+# --------------------------------------------------------------------------- certificate expiry and reload
+def served_certificate(port: int, pki: dict[str, Path], verify: bool) -> x509.Certificate:
+    """The certificate a TLS port presents to a new connection (the admin's as client certificate)."""
+    context = ssl.create_default_context(cafile=str(pki["admin"] / "ca.pem"))
+    context.check_hostname = False  # The peer port's certificate names pacsnode-peer; the CA is what we check.
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(pki["admin"] / "cert.pem", pki["admin"] / "key.pem")
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((HOST, port), timeout=5) as raw, context.wrap_socket(raw) as wrapped:
+        der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_certificate_reissued_after_expiry_is_presented_after_reload(root: Path, pki: dict[str, Path]) -> None:
+    """e1's certificate expires while it runs: its peer port then presents an expired
+    certificate, which peers refuse, so e2 stops hearing from it. A certificate reissued
+    into its tls_dir and SIGHUP: the peer port presents the new one to new connections, e2
+    sees e1 alive again (e1's record re-signed with the new certificate), no restart."""
+    lifetime_s = 12
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=lifetime_s)
+    ca.issue(root / "ca", root / "tls-e1", "e1", valid_days=1, not_before=expires - datetime.timedelta(days=1))
+    ca.issue(root / "ca", root / "tls-e2", "e2")
+    admin = str(pki["admin"])
+    nodes: list[NodeProcess] = []
+    try:
+        for name in ("e1", "e2"):
+            seeds = [nodes[0].peer_address] if nodes else []
+            nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds,
+                                     extra_args=FAST + ["--tls-dir", str(root / f"tls-{name}")]).start())
+        e1, e2 = nodes
+        assert wait_until(lambda: alive_count(e2.peer_address, admin) == 2, 30), e2.log_text()[-3000:]
+        old = served_certificate(e1.peer_port, pki, verify=True)
+        assert old.not_valid_after_utc <= expires
+        wait_s = (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds() + 1
+        time.sleep(max(0.0, wait_s))
+        with pytest.raises(ssl.SSLCertVerificationError):  # Expired: a new connection refuses it.
+            served_certificate(e1.peer_port, pki, verify=True)
+        assert wait_until(lambda: {n["node_id"]: n["state"] for n in collect(e2.peer_address, tls_dir=admin)[
+            "nodes"]}["e1"] in ("suspect", "dead"), 30), e2.log_text()[-3000:]
+        ca.issue(root / "ca", root / "tls-e1", "e1")  # Reissued, valid for 825 days.
+        new_serial = x509.load_pem_x509_certificate((root / "tls-e1" / "cert.pem").read_bytes()).serial_number
+        assert e1.process is not None
+        os.kill(e1.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: served_certificate(e1.peer_port, pki, verify=False).serial_number == new_serial,
+                          15), e1.log_text()[-3000:]
+        assert served_certificate(e1.peer_port, pki, verify=True).serial_number == new_serial
+        assert wait_until(lambda: alive_count(e2.peer_address, admin) == 2, 30), e2.log_text()[-3000:]
+        assert "security.tls.reloaded" in e1.log_text() and e1.alive
+        # While expired, e1's own records (signed with the expired certificate) were refused, for that reason only.
+        refused = [line for line in e2.log_text().splitlines() if "membership.update.rejected" in line]
+        assert all("reporter=e1 reason=certificate of e1 is not valid now" in line for line in refused), refused
+    finally:
+        for node in nodes:
+            node.stop()
