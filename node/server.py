@@ -422,11 +422,11 @@ class Node:
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
         if self.config.dicom_workers:
-            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers)
+            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers, self.security.audit)
             self.workers.start()
         else:
             self.front_end.start()
-        self.security.started(self.front_end.tls_port)
+        self.security.started(self.config.dicom_tls_port if self.workers is not None else self.front_end.tls_port)
         bind_dimse_metrics(self, self.http)
         self.http.start()
         stats = self.store.statistics()
@@ -473,6 +473,8 @@ class Node:
         tls_server = getattr(self.front_end, "_tls_server", None)
         if tls_server is not None:
             tls_server.ssl_context = self.security.dicom_context()
+        if self.workers is not None:
+            self.workers.reload_certificates()  # Their DICOM TLS listeners.
         context = self.security.http_context()
         if context is not None:
             self.http.set_ssl_context(context)

@@ -640,9 +640,7 @@ def test_a_certificate_reissued_after_expiry_is_presented_after_reload(root: Pat
     certificate, which peers refuse, so e2 stops hearing from it. A certificate reissued
     into its tls_dir and SIGHUP: the peer port presents the new one to new connections, e2
     sees e1 alive again (e1's record re-signed with the new certificate), no restart."""
-    lifetime_s = 12
-    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=lifetime_s)
-    ca.issue(root / "ca", root / "tls-e1", "e1", valid_days=1, not_before=expires - datetime.timedelta(days=1))
+    ca.issue(root / "ca", root / "tls-e1", "e1")
     ca.issue(root / "ca", root / "tls-e2", "e2")
     admin = str(pki["admin"])
     nodes: list[NodeProcess] = []
@@ -652,18 +650,23 @@ def test_a_certificate_reissued_after_expiry_is_presented_after_reload(root: Pat
             nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds,
                                      extra_args=FAST + ["--tls-dir", str(root / f"tls-{name}")]).start())
         e1, e2 = nodes
+        assert e1.process is not None
         assert wait_until(lambda: alive_count(e2.peer_address, admin) == 2, 30), e2.log_text()[-3000:]
-        old = served_certificate(e1.peer_port, pki, verify=True)
-        assert old.not_valid_after_utc <= expires
-        wait_s = (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds() + 1
-        time.sleep(max(0.0, wait_s))
+        # A certificate about to expire (in 8 s), loaded while still valid (independent of start-up time).
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=8)
+        ca.issue(root / "ca", root / "tls-e1", "e1", valid_days=1, not_before=expires - datetime.timedelta(days=1))
+        short = x509.load_pem_x509_certificate((root / "tls-e1" / "cert.pem").read_bytes())
+        os.kill(e1.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: served_certificate(e1.peer_port, pki, verify=False).serial_number
+                          == short.serial_number, 6), e1.log_text()[-3000:]
+        time.sleep(max(0.0, (short.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                       + 1))
         with pytest.raises(ssl.SSLCertVerificationError):  # Expired: a new connection refuses it.
             served_certificate(e1.peer_port, pki, verify=True)
         assert wait_until(lambda: {n["node_id"]: n["state"] for n in collect(e2.peer_address, tls_dir=admin)[
             "nodes"]}["e1"] in ("suspect", "dead"), 30), e2.log_text()[-3000:]
         ca.issue(root / "ca", root / "tls-e1", "e1")  # Reissued, valid for 825 days.
         new_serial = x509.load_pem_x509_certificate((root / "tls-e1" / "cert.pem").read_bytes()).serial_number
-        assert e1.process is not None
         os.kill(e1.process.pid, signal.SIGHUP)
         assert wait_until(lambda: served_certificate(e1.peer_port, pki, verify=False).serial_number == new_serial,
                           15), e1.log_text()[-3000:]
