@@ -28,7 +28,7 @@ from pacsnode.replication.digest import SEGMENT_COUNT, Digest
 from pacsnode.replication.matching import Query, QueryError
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
-from pacsnode.ring.placement import TokenRange
+from pacsnode.ring.placement import TokenRange, replica_total
 from pacsnode.replication.model import StoredInstance, StoreOutcome
 from pacsnode.replication.transport import PeerRefused, RefusalReason
 from pacsnode.node.peer_handler import RangesPending
@@ -464,7 +464,7 @@ class AdminService(pb_grpc.AdminServicer):
         node = self.node
         membership = node.membership
         ring = membership.ring()
-        n = ring.effective_replicas(node.config.replication_factor)
+        n = ring.effective(node.config.replication)
         ownership = ring.ownership(n) if len(ring) else {}
         reply = pb.StatusReply(envelope=self.server.envelope(), started_at_ms=node.started_at_ms,
                                software_version=node.software_version)
@@ -494,7 +494,7 @@ class AdminService(pb_grpc.AdminServicer):
                 range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),
                 source_id=transfer.source, done_bytes=transfer.done_bytes, total_bytes=max(transfer.total_bytes,
                                                                                           transfer.done_bytes)))
-        reply.settings.CopyFrom(replication_settings(node.config, effective_n=n))
+        reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
         return reply
 
 
@@ -504,9 +504,9 @@ class AdminService(pb_grpc.AdminServicer):
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "RingView")
         node = self.node
         ring = node.membership.ring()
-        n = ring.effective_replicas(node.config.replication_factor)
+        n = ring.effective(node.config.replication)
         reply = pb.RingViewReply(envelope=self.server.envelope())
-        reply.settings.CopyFrom(replication_settings(node.config, effective_n=n))
+        reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
         if not len(ring):
             return reply
         pending = node.repairer.pending()
@@ -544,8 +544,9 @@ async def _admin_call(node: "Node", function: Any) -> Any:
 
 def replication_settings(config: Any, *, effective_n: int = 0) -> pb.ReplicationSettings:
     """The node's replication settings as Join, Status and RingView report them (reads: R=1)."""
-    return pb.ReplicationSettings(replication_factor=config.replication_factor, write_quorum=config.write_quorum,
-                                  read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n)
+    return pb.ReplicationSettings(replication_factor=replica_total(config.replication), write_quorum=config.write_quorum,
+                                  read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n,
+                                  site_replicas=str(config.replication) if config.site_replicas else "")
 
 
 def describe_rpc_error(error: Any) -> str:

@@ -162,7 +162,7 @@ class Node:
             self.transport,
             self.replica,
             CoordinatorSettings(
-                replication_factor=config.replication_factor,
+                replication_factor=config.replication,
                 write_quorum=config.write_quorum,
                 read_quorum=config.read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
@@ -183,7 +183,7 @@ class Node:
                                       find_buffer_rows=config.find_buffer_rows)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
-            RepairSettings(replication_factor=config.replication_factor, interval_ms=config.anti_entropy_interval_ms,
+            RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
                            fetch_timeout_ms=config.fetch_timeout_ms,
                            bytes_per_second_max=config.repair_bytes_per_second_max,
                            fetch_window=config.repair_fetch_window),
@@ -193,7 +193,7 @@ class Node:
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
         self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
-                                        replication_factor=config.replication_factor,
+                                        replication_factor=config.replication,
                                         run_blocking=asyncio.to_thread)
         self.workers: WorkerPool | None = None  # dicom_workers > 0: the front end runs in worker processes.
         self.peer_server = PeerServer(self)
@@ -295,6 +295,8 @@ class Node:
             "pacsnode.membership.sends_failed_count": counters.sends_failed,
             "pacsnode.membership.updates_ignored_count": counters.updates_ignored,
             "pacsnode.membership.rejoins_count": counters.rejoins,
+            # Transitions of other members (read_fault_window_ms runs from the last one).
+            "pacsnode.membership.transitions_count": self.membership.trouble.transitions,
             "pacsnode.membership.incarnation_count": self.membership.incarnation,
         })
         return metrics

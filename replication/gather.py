@@ -28,7 +28,7 @@ from pacsnode.replication.model import Attributes
 from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order
 from pacsnode.replication.query import unique_key
 from pacsnode.replication.transport import LocalReplica, Transport, cancelled_by_caller
-from pacsnode.ring.placement import Ring, TokenRange
+from pacsnode.ring.placement import Replication, Ring, TokenRange
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ReadContext:
 
     self_id: str
     ring: Ring
-    n: int
+    n: Replication
     is_alive: Callable[[str], bool]
     site_of: Callable[[str], str]
     pending: RangeSet  # Ranges this node is still filling: asked of another owner.
@@ -137,7 +137,6 @@ class Gather:
         ranges = [self._pieces[i].token_range for i in pieces]
         if node_id != self._context.self_id:
             self.peers_asked.add(node_id)
-            self._context.count("query_peers")
         self._tasks[key] = asyncio.ensure_future(
             pump_rows(self._context, self._queue, key, node_id, query, ranges, hints))
 
@@ -305,7 +304,6 @@ class RoutedGather:
         ranges = [self._pieces[i].token_range for i in pieces]
         if node_id != self._context.self_id:
             self.peers_asked.add(node_id)
-            self._context.count("query_peers")
         for index in pieces:
             self._states[index].rows.setdefault(self._slot(node_id, hints), [])
         self._tasks[key] = asyncio.ensure_future(
@@ -455,6 +453,8 @@ async def pump_rows(context: ReadContext, queue: "asyncio.Queue[tuple[int, list[
                     break
                 await queue.put((key, batch, None))
         else:
+            context.count("query_peers")  # Every remote query: fan-out, read repair's lists, asking again.
+
             async def stream(started: Callable[[], None]) -> None:
                 batch: list[Attributes] = []
                 async for row in context.transport.query(node_id, query, ranges, started=started,

@@ -57,7 +57,7 @@ from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.repair import Repairer, RepairSettings
 from pacsnode.replication.transport import PeerError, PeerRefused
 from pacsnode.ring.members import MemberInfo
-from pacsnode.ring.placement import Member, Ring
+from pacsnode.ring.placement import Member, Replication, Ring
 from pacsnode.ring.trouble import TroubleLog
 from pacsnode.ring.swim import (
     REPLIES,
@@ -90,7 +90,7 @@ class SimConfig:
     """Everything a simulated cluster is configured with. Defaults: the node's defaults."""
 
     cluster_id: str = "sim"
-    replication_factor: int = 3  # N
+    replication_factor: Replication = 3  # N, or N copies per site (SiteReplicas)
     write_quorum: int = 2  # W
     read_quorum: int = 2  # R (requests that name a study)
     read_fault_window_ms: int = 60_000
@@ -141,9 +141,9 @@ class SharedRing(Ring):
 
     def __init__(self, cluster_id: str, members: Any) -> None:
         super().__init__(cluster_id, members)
-        self._ranges_memo: dict[int, Any] = {}
+        self._ranges_memo: dict[Replication, Any] = {}
 
-    def ranges(self, n: int) -> Any:
+    def ranges(self, n: Replication) -> Any:
         found = self._ranges_memo.get(n)
         if found is None:
             found = self._ranges_memo[n] = super().ranges(n)
