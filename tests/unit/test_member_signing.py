@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pacsnode.node import ca, peer_wire
 from pacsnode.node.member_signing import MemberSigner, MemberVerifier
@@ -140,3 +142,18 @@ def test_a_signed_cluster_joins_detects_a_death_and_converges(pki: dict[str, Pat
         swim_ = cluster.swim(node_id)
         assert swim_.statistics().updates_rejected == 0
         assert all(swim_.record(other).signature for other in ids)  # type: ignore[union-attr]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(signature=st.binary(max_size=300), certificate=st.binary(max_size=600), genuine_certificate=st.booleans(),
+       state=st.sampled_from(list(State)))
+def test_the_verifier_refuses_any_invented_proof(pki: dict[str, Path], signature: bytes, certificate: bytes,
+                                                 genuine_certificate: bool, state: State) -> None:
+    """Arbitrary signature and certificate bytes (or node-02's real certificate with an
+    invented signature): refused with a reason, never an exception, never accepted."""
+    if genuine_certificate:
+        certificate = signer(pki, "node-02").sign(record(2)).certificate
+    update = replace(record(2, state, 1, reporter="node-02"), signature=signature, certificate=certificate)
+    reason = verifier(pki)(update)
+    assert isinstance(reason, str) and reason
