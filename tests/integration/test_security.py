@@ -637,9 +637,10 @@ def served_certificate(port: int, pki: dict[str, Path], verify: bool) -> x509.Ce
 
 def test_a_certificate_reissued_after_expiry_is_presented_after_reload(root: Path, pki: dict[str, Path]) -> None:
     """e1's certificate expires while it runs: its peer port then presents an expired
-    certificate, which peers refuse, so e2 stops hearing from it. A certificate reissued
-    into its tls_dir and SIGHUP: the peer port presents the new one to new connections, e2
-    sees e1 alive again (e1's record re-signed with the new certificate), no restart."""
+    certificate, which new connections refuse (connections made before go on: TLS checks a
+    certificate at the handshake), and member records e1 signs with it are refused. A
+    certificate reissued into its tls_dir and SIGHUP: the peer port presents the new one to
+    new connections and the cluster is whole, e1's record re-signed, without a restart."""
     ca.issue(root / "ca", root / "tls-e1", "e1")
     ca.issue(root / "ca", root / "tls-e2", "e2")
     admin = str(pki["admin"])
@@ -663,8 +664,6 @@ def test_a_certificate_reissued_after_expiry_is_presented_after_reload(root: Pat
                        + 1))
         with pytest.raises(ssl.SSLCertVerificationError):  # Expired: a new connection refuses it.
             served_certificate(e1.peer_port, pki, verify=True)
-        assert wait_until(lambda: {n["node_id"]: n["state"] for n in collect(e2.peer_address, tls_dir=admin)[
-            "nodes"]}["e1"] in ("suspect", "dead"), 30), e2.log_text()[-3000:]
         ca.issue(root / "ca", root / "tls-e1", "e1")  # Reissued, valid for 825 days.
         new_serial = x509.load_pem_x509_certificate((root / "tls-e1" / "cert.pem").read_bytes()).serial_number
         os.kill(e1.process.pid, signal.SIGHUP)
