@@ -28,7 +28,7 @@ from pacsnode.node import ca
 from pacsnode.node.member_signing import MemberSigner, MemberVerifier, signed_bytes
 from pacsnode.node.tls import TlsFiles
 from pacsnode.ring.swim import MemberUpdate, State, SwimConfig
-from pacsnode.ring.swim_testing import SwimCluster, member_info
+from pacsnode.sim.swim_cluster import SwimCluster, member_info
 
 CLUSTER = "bench"
 
@@ -87,6 +87,7 @@ def run(n: int, seconds: int, churn_s: int, pki: Path | None, seed: int) -> dict
             cluster.restart(node_id)
     cluster.run_until(seconds * 1000)
     cpu_s = time.process_time() - start
+    cluster.close()
     rejected = sum(p.swim.statistics().updates_rejected for p in cluster.processes.values())
     messages = sum(sum(p.swim.statistics().messages_sent.values()) for p in cluster.processes.values())
     return {"nodes": n, "signed": pki is not None, "cpu_s": cpu_s, "messages": messages,

@@ -16,7 +16,7 @@ from pacsnode.node import ca, peer_wire
 from pacsnode.node.member_signing import MemberSigner, MemberVerifier
 from pacsnode.node.tls import TlsFiles
 from pacsnode.ring.swim import Gossip, JoinRequest, MemberUpdate, PushPullReply, State, Swim, SwimConfig
-from pacsnode.ring.swim_testing import SwimCluster, member_info
+from pacsnode.sim.swim_cluster import SwimCluster, member_info
 
 CLUSTER = "signing-test"
 
@@ -133,6 +133,13 @@ def test_a_signed_cluster_joins_detects_a_death_and_converges(pki: dict[str, Pat
         return {"signer": signer(pki, node_id).sign, "verifier": verifier(pki)}
 
     cluster = SwimCluster(4, SwimConfig.local(), seed=3, swim_hooks=hooks)
+    try:
+        converge_and_detect(cluster)
+    finally:
+        cluster.close()
+
+
+def converge_and_detect(cluster: SwimCluster) -> None:
     ids = list(cluster.processes)
     assert cluster.run_until_true(lambda: all(cluster.view(a, b) is State.ALIVE for a in ids for b in ids), 10_000)
     cluster.kill("node-03")
