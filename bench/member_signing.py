@@ -2,8 +2,9 @@
 
 1. The primitives: ECDSA P-256 sign and verify of one member record, and one certificate
    check against the CA, each timed over `--repeat` runs (no cache).
-2. SWIM with and without signing, the production code (ring/swim.py with
-   node/member_signing.py's signer and verifier) on ring/swim_testing.py's virtual network:
+2. SWIM with and without signing, the production code (node/swim_membership.py over
+   ring/swim.py, with node/member_signing.py's signer and verifier) on sim/swim_cluster.py's
+   virtual network:
    `--nodes` members, the LAN profile (memberlist's defaults, as a node runs with
    `profile = "lan"`), `--seconds` of cluster time with churn (every `--churn-s` seconds one
    member is killed and, 20 s later, restarted as its next generation, so there are
