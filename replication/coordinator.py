@@ -559,7 +559,8 @@ class Coordinator:
             site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
             run_blocking=self._run_blocking, answering=self._answering,
             query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow,
-            troubled=self._membership.troubled_within(self._settings.read_fault_window_ms))
+            troubled=self._membership.troubled_within(self._settings.read_fault_window_ms),
+            local_reads=self._settings.write_scope is WriteScope.LOCAL)
 
     def _slow(self, node_id: str) -> bool:
         """True for a peer that failed to answer this node recently: until membership
@@ -715,7 +716,10 @@ class Coordinator:
         order = read_order(owners, self.self_id, self._membership.is_alive, self._site_of, self._slow)
         missing: list[str] = []
         errors: list[str] = []
+        my_site = self._site_of(self.self_id)
         for node_id in order:
+            if self._settings.write_scope is WriteScope.LOCAL and self._site_of(node_id) != my_site:
+                self._count("reads_other_site")  # No owner in this site could return it.
             try:
                 stored = await self._fetch(node_id, location)
             except PeerError as error:

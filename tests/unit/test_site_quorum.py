@@ -5,6 +5,8 @@ virtual time): 3 sites x 2 nodes, one copy per site, W=2, links between sites 40
   one), never for a WAN round trip; the other sites' copies are kept as durable hints on the
   receiving node and delivered at once; with the receiving site cut off from the others,
   stores still succeed, the hints wait, and reach the other sites after the heal.
+- local reads: with the receiving site cut off, C-GET's locate and the instance reads are
+  answered by the site's own owners, complete, and no other site is asked.
 - global scope, same cluster: W=2 needs a copy in another site, so every store pays the WAN
   round trip.
 """
@@ -42,7 +44,9 @@ def _run(scope: WriteScope) -> dict[str, object]:
     workload = Workload(cluster, 5)
 
     async def run() -> dict[str, object]:
-        await asyncio.sleep(5)
+        # A node that started empty counts its ranges as pending (reads ask another owner)
+        # until its first anti-entropy pass completes: ~27 s here, over 40 ms links.
+        await asyncio.sleep(30)
         healthy = [await workload.store(workload.next_instance(), ENTRY) for _ in range(8)]
         await asyncio.sleep(3)
         ring = cluster.process(ENTRY).membership.ring()
@@ -54,7 +58,13 @@ def _run(scope: WriteScope) -> dict[str, object]:
         cut = cluster.network.partition_site("site-a", sorted(cluster.nodes))
         during = [await workload.store(workload.next_instance(), ENTRY) for _ in range(8)]
         hints_during_cut = _hints(cluster)
-        await asyncio.sleep(10)
+        await asyncio.sleep(4)  # Membership has seen the cut: reads now run "troubled".
+        reads_before = dict(cluster.process(ENTRY).coordinator.stats.extra)
+        studies = sorted({workload.stored[r.sop_instance_uid].study_instance_uid for r in healthy + during if r.ok})
+        retrieves = [await workload.retrieve(study, ENTRY) for study in studies]
+        fetches = [await workload.read(r.sop_instance_uid, ENTRY) for r in healthy + during if r.ok]
+        reads_after = dict(cluster.process(ENTRY).coordinator.stats.extra)
+        await asyncio.sleep(6)
         cluster.network.heal()
         del cut
         await asyncio.sleep(15)
@@ -66,7 +76,9 @@ def _run(scope: WriteScope) -> dict[str, object]:
         return {"healthy": healthy, "placed": placed, "hints_after_healthy": hints_after_healthy,
                 "during": during, "hints_during_cut": hints_during_cut, "placed_after_heal": placed_after_heal,
                 "hints_after_heal": sum(_hints(cluster).values()), "members": len(ring),
-                "extra": dict(cluster.process(ENTRY).coordinator.stats.extra)}
+                "extra": dict(cluster.process(ENTRY).coordinator.stats.extra),
+                "retrieves": retrieves, "fetches": fetches,
+                "other_site_reads": reads_after.get("reads_other_site", 0) - reads_before.get("reads_other_site", 0)}
 
     try:
         return cluster.loop.run_until_complete(run())
@@ -102,3 +114,10 @@ def test_global_scope_pays_the_wan_round_trip() -> None:
     assert all(r.ok for r in healthy)  # type: ignore[attr-defined]
     assert min(r.latency_ms for r in healthy) >= 2 * WAN_MS  # type: ignore[attr-defined]
     assert result["hints_after_healthy"] == 0
+
+
+def test_local_reads_are_answered_inside_the_cut_off_site() -> None:
+    result = _run(WriteScope.LOCAL)
+    assert [r.status for r in result["retrieves"]] == ["success"] * len(result["retrieves"])  # type: ignore[attr-defined]
+    assert [r.status for r in result["fetches"]] == ["success"] * len(result["fetches"])  # type: ignore[attr-defined]
+    assert result["other_site_reads"] == 0
