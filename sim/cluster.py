@@ -694,6 +694,11 @@ class SimNode:
 # ===================================================================== the cluster
 
 
+def site_names(sites: int) -> list[str]:
+    """The names SimCluster gives its `sites` sites: site-a, site-b, ..."""
+    return [f"site-{chr(ord('a') + i)}" for i in range(max(1, sites))]
+
+
 class SimCluster:
     """`n` nodes in `sites` sites (round-robin), seeded, on a virtual-time loop."""
 
@@ -714,7 +719,7 @@ class SimCluster:
         self.lifetimes: dict[tuple[str, int], list[int | None]] = {}  # (node, generation) -> [start, end]
         self.errors: list[str] = []
         self.nodes: dict[str, SimNode] = {}
-        self.site_names = [f"site-{chr(ord('a') + i)}" for i in range(max(1, sites))]
+        self.site_names = site_names(sites)
         for index in range(n):
             self._new_node()
         self._bootstrap(list(self.nodes.values()))
