@@ -24,6 +24,7 @@ from pacsnode.node import peer_wire
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest
 from pacsnode.replication.matching import Query, QueryError
 from pacsnode.ring import swim
@@ -32,6 +33,7 @@ from pacsnode.ring.placement import TokenRange, replica_total
 from pacsnode.replication.model import StoredInstance, StoreOutcome
 from pacsnode.replication.transport import PeerRefused, RefusalReason
 from pacsnode.node.peer_handler import RangesPending
+from pacsnode.node.swim_membership import MembershipUnavailable
 
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
@@ -55,6 +57,15 @@ REFUSAL_TO_WIRE = {
     RefusalReason.FULL: pb.STORE_OUTCOME_REFUSED_FULL,
     RefusalReason.ERROR: pb.STORE_OUTCOME_ERROR,
     RefusalReason.OTHER: pb.STORE_OUTCOME_ERROR,
+}
+
+
+DELETE_OUTCOME_TO_WIRE = {
+    DeleteStatus.DELETED: pb.DELETE_OUTCOME_DELETED,
+    DeleteStatus.NOT_FOUND: pb.DELETE_OUTCOME_NOT_FOUND,
+    DeleteStatus.INCOMPLETE: pb.DELETE_OUTCOME_INCOMPLETE,
+    DeleteStatus.QUORUM_FAILED: pb.DELETE_OUTCOME_QUORUM_FAILED,
+    DeleteStatus.NOT_JOINED: pb.DELETE_OUTCOME_NOT_JOINED,
 }
 
 
@@ -349,14 +360,15 @@ class MembershipService(pb_grpc.MembershipServicer):
         membership = self.node.membership
         updates = self._updates(request.updates, source)
         if request.sequence_number == 0:
-            membership.receive(source, swim.Gossip(updates))
+            await membership.answer(source, swim.Gossip(updates))
             return pb.Ack(envelope=self.server.envelope())
-        reply = membership.receive(source, swim.Ping(int(request.sequence_number), self.node.config.node_id, updates))
-        if not isinstance(reply, swim.Ack):  # Unhealthy, or we have left or were removed: a silent member.
-            why = (f"unhealthy: {membership.unhealthy_reason}" if membership.unhealthy_reason
-                   else "not a member now")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node.config.node_id} is {why}")
-            raise AssertionError("unreachable")
+        try:
+            reply = await membership.answer(source, swim.Ping(int(request.sequence_number), self.node.config.node_id,
+                                                              updates))
+        except MembershipUnavailable as silent:  # Unhealthy, or we have left or were removed.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(silent))
+            raise AssertionError("unreachable") from None
+        assert isinstance(reply, swim.Ack)
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def IndirectPing(self, request: pb.IndirectPingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
@@ -370,13 +382,14 @@ class MembershipService(pb_grpc.MembershipServicer):
         target = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
                             peer_port=int(request.target_address.port))
         message = swim.IndirectPing(sequence_number, target, probe_timeout_ms, self._updates(request.updates, source))
-        reply = await self.node.membership.relay(source, message, deadline_s=context.time_remaining())
+        reply = await self.node.membership.answer(source, message, deadline_s=context.time_remaining())
+        assert isinstance(reply, (swim.Ack, swim.Nack))
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "PushPull")
         source = request.envelope.sender_id
-        reply = self.node.membership.receive(source, swim.PushPullRequest(self._updates(request.members, source)))
+        reply = await self.node.membership.answer(source, swim.PushPullRequest(self._updates(request.members, source)))
         members = reply.members if isinstance(reply, swim.PushPullReply) else ()
         return pb.PushPullReply(envelope=self.server.envelope(), members=[peer_wire.update_to_wire(u) for u in members])
 
@@ -501,6 +514,20 @@ class AdminService(pb_grpc.AdminServicer):
         reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
         return reply
 
+
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteReply:
+        """`pacsnode delete`: this node coordinates the delete (replication/delete_coordinator.py)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Delete")
+        await self.node.security.refuse(context, self.node.security.guard.delete_problem(context))
+        uids = (request.study_instance_uid, request.series_instance_uid, request.sop_instance_uid)
+        if not any(uids) or any(len(uid) > 64 for uid in uids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name a study, a series or an instance "
+                                "(UIDs of at most 64 characters)")
+        scope = DeleteScope(*uids)
+        result = await asyncio.get_running_loop().run_in_executor(None, self.node.archive.delete, scope)
+        self.node.security.delete_action(context, scope, result)
+        return pb.DeleteReply(envelope=self.server.envelope(), outcome=DELETE_OUTCOME_TO_WIRE[result.status],
+                              instances_deleted_count=result.instances, message=result.message[:200])
 
     async def RingView(self, request: pb.RingViewRequest, context: grpc.aio.ServicerContext) -> pb.RingViewReply:
         """The ring as this node sees it: every vnode, every range with its owners (and this

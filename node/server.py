@@ -26,15 +26,15 @@ from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
-from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
-from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
+from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import cancelled_by_caller
@@ -179,7 +179,7 @@ class Node:
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
-                                      find_buffer_rows=config.find_buffer_rows)
+                                      find_buffer_rows=config.find_buffer_rows, deletes=self.deletes)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
@@ -340,7 +340,7 @@ class Node:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
         if port != self.config.peer_port:
             self.membership.update_self(peer_port=port)
-        self.membership.start(self.transport)
+        self.membership.start(GrpcCarrier(self.transport))
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())
