@@ -73,9 +73,11 @@ class WriteScope(enum.Enum):
     LOCAL = "local"  # Owners in the receiving node's site; other sites' copies follow as hints.
 
 
-# Copies for other sites sent at once after a local-scope Success, at most this many at a
-# time per node; the others wait for the hint replay pass (which is serial per owner).
+# Copies for other sites sent at once after a local-scope Success: at most this many at a
+# time per node, and at most this many bytes queued behind them; past that they wait for
+# the hint replay pass (serial per owner, so RTT-bound: ~12 instances/s over 40 ms links).
 REMOTE_SENDS_MAX = 16
+REMOTE_QUEUE_BYTES_MAX = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,10 @@ class Coordinator:
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
         self._last_effective_n: Replication = -1
-        self._slow_until: dict[str, float] = {}
-        self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write is sending now.  # Peer -> loop time until which reads ask it last.
+        self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
+        self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
+        self._remote_queued_bytes = 0
+        self._remote_slots: asyncio.Semaphore | None = None  # Made on the loop, at first use.
         # Ranges this node is still filling (set by the node to its Repairer's view).
         self.pending: Callable[[], RangeSet] = lambda: RangeSet([])
 
@@ -363,18 +367,33 @@ class Coordinator:
 
     def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str]) -> None:
         """Send a local-scope write's copy to `owner` (another site) now, in the background,
-        and drop its hint once durable there. At most REMOTE_SENDS_MAX at once; past that,
-        or when the owner is down, the hint replay pass sends it."""
-        if owner not in kept or len(self._remote_sends) >= REMOTE_SENDS_MAX or not self._membership.is_alive(owner):
+        and drop its hint once durable there. REMOTE_SENDS_MAX at once, the others queued
+        up to REMOTE_QUEUE_BYTES_MAX; past that, or when the owner is down, the hint replay
+        pass sends it."""
+        size = len(stored.blob)
+        if owner not in kept or not self._membership.is_alive(owner) or \
+                self._remote_queued_bytes + size > REMOTE_QUEUE_BYTES_MAX:
             self._count("remote_sends_deferred")
             return
         key = (owner, stored.sop_instance_uid)
         if key in self._remote_sends:
             return
+        if self._remote_slots is None:
+            self._remote_slots = asyncio.Semaphore(REMOTE_SENDS_MAX)
         self._remote_sends.add(key)
-        self._spawn(self._send_remote(owner, stored, key))
+        self._remote_queued_bytes += size
+        self._spawn(self._send_remote(owner, stored, key, self._remote_slots))
 
-    async def _send_remote(self, owner: str, stored: StoredInstance, key: tuple[str, str]) -> None:
+    async def _send_remote(self, owner: str, stored: StoredInstance, key: tuple[str, str],
+                           slots: asyncio.Semaphore) -> None:
+        try:
+            async with slots:
+                await self._send_remote_now(owner, stored)
+        finally:
+            self._remote_sends.discard(key)
+            self._remote_queued_bytes -= len(stored.blob)
+
+    async def _send_remote_now(self, owner: str, stored: StoredInstance) -> None:
         try:
             outcome = await self._transport.store(
                 owner, stored, hint_for="",
@@ -393,8 +412,6 @@ class Coordinator:
         except PeerError as error:  # Replay tries again; NOT_OWNER is re-targeted there.
             self._count("remote_sends_deferred")
             log.info("replication.remote_send.deferred owner=%s error=%s", owner, error)
-        finally:
-            self._remote_sends.discard(key)
 
     async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: Replication, state: "_WriteState",
                          timeout_ms: int) -> tuple[str, str, str] | None:
