@@ -32,6 +32,7 @@ from pacsnode.ring.placement import TokenRange, replica_total
 from pacsnode.replication.model import StoredInstance, StoreOutcome
 from pacsnode.replication.transport import PeerRefused, RefusalReason
 from pacsnode.node.peer_handler import RangesPending
+from pacsnode.node.swim_membership import MembershipUnavailable
 
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
@@ -349,14 +350,15 @@ class MembershipService(pb_grpc.MembershipServicer):
         membership = self.node.membership
         updates = self._updates(request.updates, source)
         if request.sequence_number == 0:
-            membership.receive(source, swim.Gossip(updates))
+            await membership.answer(source, swim.Gossip(updates))
             return pb.Ack(envelope=self.server.envelope())
-        reply = membership.receive(source, swim.Ping(int(request.sequence_number), self.node.config.node_id, updates))
-        if not isinstance(reply, swim.Ack):  # Unhealthy, or we have left or were removed: a silent member.
-            why = (f"unhealthy: {membership.unhealthy_reason}" if membership.unhealthy_reason
-                   else "not a member now")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node.config.node_id} is {why}")
-            raise AssertionError("unreachable")
+        try:
+            reply = await membership.answer(source, swim.Ping(int(request.sequence_number), self.node.config.node_id,
+                                                              updates))
+        except MembershipUnavailable as silent:  # Unhealthy, or we have left or were removed.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(silent))
+            raise AssertionError("unreachable") from None
+        assert isinstance(reply, swim.Ack)
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def IndirectPing(self, request: pb.IndirectPingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
@@ -370,13 +372,14 @@ class MembershipService(pb_grpc.MembershipServicer):
         target = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
                             peer_port=int(request.target_address.port))
         message = swim.IndirectPing(sequence_number, target, probe_timeout_ms, self._updates(request.updates, source))
-        reply = await self.node.membership.relay(source, message, deadline_s=context.time_remaining())
+        reply = await self.node.membership.answer(source, message, deadline_s=context.time_remaining())
+        assert isinstance(reply, (swim.Ack, swim.Nack))
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "PushPull")
         source = request.envelope.sender_id
-        reply = self.node.membership.receive(source, swim.PushPullRequest(self._updates(request.members, source)))
+        reply = await self.node.membership.answer(source, swim.PushPullRequest(self._updates(request.members, source)))
         members = reply.members if isinstance(reply, swim.PushPullReply) else ()
         return pb.PushPullReply(envelope=self.server.envelope(), members=[peer_wire.update_to_wire(u) for u in members])
 

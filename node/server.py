@@ -26,7 +26,7 @@ from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
-from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
@@ -339,7 +339,7 @@ class Node:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
         if port != self.config.peer_port:
             self.membership.update_self(peer_port=port)
-        self.membership.start(self.transport)
+        self.membership.start(GrpcCarrier(self.transport))
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())
