@@ -5,6 +5,7 @@ Run by hand (never in CI), from the repository root:
     .venv/bin/python bench/run.py                  # full run, every system
     .venv/bin/python bench/run.py --quick          # small smoke run
     .venv/bin/python bench/run.py --only orthanc,storescp --tests ingest
+    .venv/bin/python bench/run.py --only orthanc,pacsnode --tests echo   # association set-up + C-ECHO
 
 Every server is a separate process on 127.0.0.1 with free ports and its own temp dir;
 each ingest test starts a fresh, empty server. Results: bench/results/<stamp>.json (rows
@@ -47,7 +48,7 @@ from workloads import Row  # noqa: E402
 from pacsnode.sim import datagen  # noqa: E402
 
 SYSTEMS = ("storescp", "orthanc", "pacsnode")
-TESTS = ("ingest", "find", "retrieve")
+TESTS = ("ingest", "find", "retrieve", "echo")
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,41 @@ class Bench:
 
         self.guarded(f"{system} store-small200-nagle", shipped)
 
+    def echo(self, system: str) -> None:
+        """Association set-up + C-ECHO + release, one after another: pynetdicom in this
+        process (wall time of each round) and dcmtk's echoscu (one process per round)."""
+        rounds = 50 if self.args.quick else 300
+        with self.running(system, "echo") as server:
+            for _ in range(5):  # Warm-up: imports, first-connection costs.
+                scu.echo(server.aet, server.port)
+            self.wait_quiet()
+            latencies: list[float] = []
+            failures = 0
+            for _ in range(rounds):
+                started = time.perf_counter()
+                status = scu.echo(server.aet, server.port)
+                latencies.append((time.perf_counter() - started) * 1000)
+                failures += status != 0
+            self.add(Row(system=system, test="echo-setup-release", client="pynetdicom", instances=rounds,
+                         elapsed_s=sum(latencies) / 1000, p50_ms=workloads.percentile(latencies, 50),
+                         p99_ms=workloads.percentile(latencies, 99), ok=failures == 0,
+                         notes=f"failures={failures}" if failures else "",
+                         command="python: associate, C-ECHO, release, back to back (bench/scu.py echo)"))
+            command = ["echoscu", "-aet", scu.BENCH_AET, "-aec", server.aet, servers.HOST, str(server.port)]
+            env = servers.dcmtk_env(self.nodelay)
+            latencies, failures = [], 0
+            for _ in range(max(rounds // 3, 10)):
+                started = time.perf_counter()
+                completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                latencies.append((time.perf_counter() - started) * 1000)
+                failures += completed.returncode != 0
+            self.add(Row(system=system, test="echo-setup-release", client="echoscu", instances=len(latencies),
+                         elapsed_s=sum(latencies) / 1000, p50_ms=workloads.percentile(latencies, 50),
+                         p99_ms=workloads.percentile(latencies, 99), ok=failures == 0,
+                         notes=f"failures={failures}" if failures else "",
+                         command=("TCP_NODELAY=1 " if self.nodelay else "") + " ".join(command)
+                         + " (one process per round, process start included)"))
+
     def query_and_retrieve(self, system: str, datasets: dict[str, tuple[Path, list[dict[str, Any]]]],
                            tests: set[str]) -> None:
         with contextlib.ExitStack() as stack:
@@ -365,6 +401,8 @@ class Bench:
                 print(f"# === {system}", file=sys.stderr, flush=True)
                 if "ingest" in tests:
                     self.ingest(system, datasets)
+                if system != "storescp" and "echo" in tests:
+                    self.guarded(f"{system} echo", functools.partial(self.echo, system))
                 if system != "storescp" and tests & {"find", "retrieve"}:
                     self.guarded(f"{system} query/retrieve",
                                  functools.partial(self.query_and_retrieve, system, datasets, tests))

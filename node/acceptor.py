@@ -36,6 +36,7 @@ import ssl
 import struct
 import threading
 import time
+from copy import deepcopy
 from datetime import datetime
 from typing import Any, Callable, cast
 
@@ -674,11 +675,10 @@ def expect_move_destination(assoc: Any, ae_title: str, address: str, instances: 
 # ----------------------------------------------------------------------------- server
 class AcceptorRequestHandler(RequestHandler):
     """Creates an AcceptorAssociation for each connection (pynetdicom 3.0.4's
-    RequestHandler._create_association with the class changed)."""
+    RequestHandler._create_association with the class changed, and the server's one
+    supported-context table shared instead of deep-copied per association)."""
 
     def _create_association(self) -> Association:
-        from copy import deepcopy
-
         assoc = AcceptorAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
@@ -690,7 +690,10 @@ class AcceptorRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        # One table for every association (pynetdicom deep-copies ~130 contexts of ~40
+        # transfer syntaxes per association, ~40 ms here): negotiation only reads it and
+        # builds new result contexts (presentation.negotiate_as_acceptor).
+        assoc.acceptor.supported_contexts = cast(AcceptorServer, self.server).shared_contexts
         assoc.requestor.address_info = self.remote
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:
@@ -708,6 +711,9 @@ class AcceptorServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = AcceptorRequestHandler
         super().__init__(*args, **kwargs)
+        # Copied once, here, so that a later change to the AE's contexts cannot reach the
+        # table that open associations negotiate against; never changed afterwards.
+        self.shared_contexts: list[Any] = deepcopy(list(self.contexts))
         self.bind(evt.EVT_REQUESTED, association_guard.on_requested)
         self.bind(evt.EVT_REJECTED, association_guard.on_rejected)
 
@@ -761,8 +767,6 @@ class NodeAE(AE):
         tls_args: Any = None,
         evt_handlers: Any = None,
     ) -> Association:
-        from copy import deepcopy
-
         remote_address = AddressInformation.from_addr_port(addr, port)
         if bind_address is None:
             bind_address = ("::0", 0) if remote_address.address_family == socket.AF_INET6 else ("", 0)

@@ -21,7 +21,9 @@ from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, StoredInstance
+from pacsnode.replication.delete_coordinator import DeleteScope
+from pacsnode.replication.hlc import Version
+from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
 from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason, cancelled_by_caller
 from pacsnode.ring.placement import TokenRange
 
@@ -109,8 +111,10 @@ def _peer_errors(target: str) -> Iterator[None]:
 
 class GrpcTransport:
     def __init__(self, channels: Channels, resolve: Callable[[str], "MemberInfo | None"],
-                 envelope: Callable[[], pb.Envelope]) -> None:
+                 envelope: Callable[[], pb.Envelope], observe: Callable[[Version], None] | None = None) -> None:
         self._channels = channels
+        # The node's hybrid clock observes versions that replies carry (a tombstone that won).
+        self._observe = observe or (lambda version: None)
         self._resolve = resolve
         self._envelope = envelope
         self._membership_stubs: dict[str, pb_grpc.MembershipStub] = {}
@@ -176,6 +180,8 @@ class GrpcTransport:
                                                  timeout=timeout_ms / 1000)
                 self.stream_stores += 1
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
+        if reply.HasField("tombstone_version"):
+            self._observe(peer_wire.version_from_wire(reply.tombstone_version))
         if outcome is not None and reply.durable:
             return outcome
         reason = _REFUSALS.get(reply.outcome, RefusalReason.OTHER)
@@ -255,7 +261,19 @@ class GrpcTransport:
                                        range=pb.TokenRange(start=token_range.start, end=token_range.end))
         with _peer_errors(target):
             reply = await stub.ListBucket(request, timeout=timeout_ms / 1000)
-        return [(e.study_instance_uid, e.sop_instance_uid, e.content_hash) for e in reply.entries]
+        return [peer_wire.bucket_entry_from_wire(e) for e in reply.entries]
+
+    async def tombstone(self, target: str, tombstones: Sequence[Tombstone], *, scope: DeleteScope | None,
+                        hint_for: str, timeout_ms: int) -> int:
+        """Tombstones (one study, one version) on `target`; how many instances it removed.
+        PeerRefused unless it answered that they are durable."""
+        _address, stub = self._data(target)
+        request = peer_wire.tombstone_request(self._envelope(), tombstones, scope, hint_for)
+        with _peer_errors(target):
+            reply = await stub.Tombstone(request, timeout=timeout_ms / 1000)
+        if reply.outcome in (pb.TOMBSTONE_OUTCOME_APPLIED, pb.TOMBSTONE_OUTCOME_DUPLICATE) and reply.durable:
+            return int(reply.instances_deleted_count)
+        raise PeerRefused(f"{target}: tombstone not durable: {reply.message[:200]}", RefusalReason.ERROR)
 
     def envelope(self) -> pb.Envelope:
         return self._envelope()

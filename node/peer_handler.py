@@ -18,9 +18,19 @@ import logging
 from typing import Any, Awaitable, Callable, Iterator, Protocol, Sequence
 
 from pacsnode.node.codec import check_payload
+from pacsnode.replication.delete_coordinator import DeleteScope, apply_tombstones
 from pacsnode.replication.digest import Digest, segment_bounds
+from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, CorruptBlob, InstanceRecord, StoredInstance, StoreError, StoreFull
+from pacsnode.replication.model import (
+    Attributes,
+    CorruptBlob,
+    InstanceRecord,
+    StoredInstance,
+    StoreError,
+    StoreFull,
+    Tombstone,
+)
 from pacsnode.replication.ownership import refuses_not_owner
 from pacsnode.replication.repair import intervals_of
 from pacsnode.replication.store_protocol import Entry, ReplicaStore
@@ -45,7 +55,8 @@ class RangesPending(Exception):
 
 
 class PeerHandler:
-    """The peer-request logic of one node: Store, Fetch, Query, ListStudy, RangeDigest, ListBucket."""
+    """The peer-request logic of one node: Store, Fetch, Query, ListStudy, Tombstone, RangeDigest,
+    ListBucket."""
 
     def __init__(self, node_id: str, store: ReplicaStore, membership: RingView, pending: PendingRanges, *,
                  replication_factor: int, run_blocking: RunBlocking, run_write: RunBlocking | None = None) -> None:
@@ -83,6 +94,25 @@ class PeerHandler:
         except StoreError as error:
             raise PeerRefused(str(error), RefusalReason.ERROR) from None
         return outcome
+
+    async def tombstone_version(self, study_instance_uid: str, sop_instance_uid: str) -> Version | None:
+        """The version of the tombstone held for this SOP Instance UID (after a DELETED store:
+        the sender observes it, so what it stamps next is newer)."""
+        tombstone: Tombstone | None = await self._run_blocking(self.store.tombstone, study_instance_uid,
+                                                               sop_instance_uid)
+        return tombstone.version if tombstone is not None else None
+
+    async def apply_tombstones(self, tombstones: Sequence[Tombstone], *, scope: DeleteScope | None,
+                               hint_for: str) -> int:
+        """A Tombstone request: the listed tombstones (and, as an owner with a `scope`, one for
+        every older instance held in it), or hints for `hint_for`; durable when this returns.
+        How many instances it removed here. Raises PeerRefused (ERROR) when it could not."""
+        try:
+            removed: int = await self._run_write(apply_tombstones, self.store, list(tombstones), scope=scope,
+                                                 hint_for=hint_for)
+        except StoreError as error:
+            raise PeerRefused(str(error), RefusalReason.ERROR) from None
+        return removed
 
     async def fetch(self, study_instance_uid: str, sop_instance_uid: str, *,
                     include_hints: bool) -> StoredInstance | None:

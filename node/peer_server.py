@@ -29,7 +29,7 @@ from pacsnode.replication.matching import Query, QueryError
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange
-from pacsnode.replication.model import StoredInstance
+from pacsnode.replication.model import StoredInstance, StoreOutcome
 from pacsnode.replication.transport import PeerRefused, RefusalReason
 from pacsnode.node.peer_handler import RangesPending
 
@@ -192,7 +192,12 @@ class DataService(pb_grpc.DataServicer):
                                                                   sender_ring_version=int(env.ring_version), crc32=crc)
         except PeerRefused as refusal:
             return self._reply(REFUSAL_TO_WIRE[refusal.reason], str(refusal))
-        return self._reply(peer_wire.OUTCOME_TO_WIRE[outcome], "", durable=True)
+        reply = self._reply(peer_wire.OUTCOME_TO_WIRE[outcome], "", durable=True)
+        if outcome == StoreOutcome.DELETED:
+            won = await self.node.peer_handler.tombstone_version(record.study_instance_uid, record.sop_instance_uid)
+            if won is not None:
+                reply.tombstone_version.CopyFrom(peer_wire.version_to_wire(won))
+        return reply
 
     def _reply(self, outcome: int, message: str, durable: bool = False) -> pb.StoreReply:
         return pb.StoreReply(envelope=self.server.envelope(), outcome=outcome, message=message[:200],
@@ -257,6 +262,27 @@ class DataService(pb_grpc.DataServicer):
             for row in batch:  # A cancelled call raises CancelledError at the next yield.
                 yield pb.QueryRow(attributes_json=peer_wire.attributes_json(row))
 
+    async def Tombstone(self, request: pb.TombstoneRequest, context: grpc.aio.ServicerContext) -> pb.TombstoneReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Tombstone")
+        try:
+            tombstones, scope = peer_wire.tombstones_from_wire(request)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad tombstone request: {error}")
+            raise AssertionError("unreachable") from None
+        for tombstone in tombstones[:1]:
+            self.node.coordinator.hlc.observe(tombstone.version)  # Later versions stamped here pass it.
+        try:
+            removed = await self.node.peer_handler.apply_tombstones(tombstones, scope=scope,
+                                                                    hint_for=request.hint_for)
+        except PeerRefused as refusal:
+            return pb.TombstoneReply(envelope=self.server.envelope(), outcome=pb.TOMBSTONE_OUTCOME_ERROR,
+                                     message=str(refusal)[:200])
+        if tombstones:
+            log.info("peer.tombstone.applied sender=%s tombstones=%d removed=%d hint_for=%s",
+                     request.envelope.sender_id[:64], len(tombstones), removed, request.hint_for[:64])
+        return pb.TombstoneReply(envelope=self.server.envelope(), outcome=pb.TOMBSTONE_OUTCOME_APPLIED,
+                                 durable=True, instances_deleted_count=removed)
+
     async def ListStudy(self, request: pb.ListStudyRequest, context: grpc.aio.ServicerContext) -> pb.ListStudyReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListStudy")
         records = await self.node.peer_handler.list_study(request.study_instance_uid)
@@ -292,8 +318,7 @@ class RepairService(pb_grpc.RepairServicer):
         reply = pb.ListBucketReply(envelope=self.server.envelope())
         for study_uid, sop_uid, content_hash in await self.node.peer_handler.list_bucket(token_range,
                                                                                          int(request.bucket)):
-            reply.entries.append(pb.BucketEntry(study_instance_uid=study_uid, sop_instance_uid=sop_uid,
-                                                content_hash=content_hash))
+            reply.entries.append(peer_wire.bucket_entry_to_wire(study_uid, sop_uid, content_hash))
         return reply
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
-from pacsnode.replication.model import Attributes, InstanceRecord, StoredInstance
+from pacsnode.replication.delete_coordinator import DeleteScope
+from pacsnode.replication.hlc import Version, is_mark
+from pacsnode.replication.model import Attributes, InstanceRecord, StoredInstance, Tombstone
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange
@@ -81,6 +83,64 @@ def record_from_wire(message: pb.InstanceRecord, attributes: Attributes) -> Inst
         version_logical=int(message.version.hlc_logical),
         version_node=message.version.coordinator_id,
     )
+
+
+def version_to_wire(version: Version) -> pb.Version:
+    return pb.Version(hlc_ms=version.ms, hlc_logical=version.logical, coordinator_id=version.node)
+
+
+def version_from_wire(message: pb.Version) -> Version:
+    return Version(int(message.hlc_ms), int(message.hlc_logical), message.coordinator_id)
+
+
+def tombstone_request(env: pb.Envelope, tombstones: Sequence[Tombstone], scope: DeleteScope | None,
+                      hint_for: str) -> pb.TombstoneRequest:
+    """One request: `tombstones` share one study and one version (delete_coordinator.batches)."""
+    first = tombstones[0]
+    request = pb.TombstoneRequest(envelope=env, study_instance_uid=first.study_instance_uid,
+                                  version=version_to_wire(first.version), hint_for=hint_for,
+                                  listed_only=scope is None)
+    if scope is not None:
+        request.series_instance_uid = scope.series_instance_uid
+        request.sop_instance_uid = scope.sop_instance_uid
+    request.instances.extend(pb.TombstoneEntry(series_instance_uid=t.series_instance_uid,
+                                               sop_instance_uid=t.sop_instance_uid) for t in tombstones)
+    return request
+
+
+def tombstones_from_wire(request: pb.TombstoneRequest) -> tuple[list[Tombstone], DeleteScope | None]:
+    """The tombstones a request names and the scope an owner expands (None: listed only).
+    ValueError on a request without a study or with an entry without a SOP Instance UID."""
+    study = request.study_instance_uid
+    if not study or len(study) > 64:
+        raise ValueError("study_instance_uid is required (at most 64 characters)")
+    version = version_from_wire(request.version)
+    tombstones = []
+    for entry in request.instances:
+        if not entry.sop_instance_uid or len(entry.sop_instance_uid) > 64:
+            raise ValueError("every instance needs a sop_instance_uid of at most 64 characters")
+        tombstones.append(Tombstone(study, entry.sop_instance_uid, version, entry.series_instance_uid))
+    if not tombstones and request.sop_instance_uid:  # A single-instance request without a list.
+        tombstones.append(Tombstone(study, request.sop_instance_uid, version, request.series_instance_uid))
+    scope = None if request.listed_only else DeleteScope(study, request.series_instance_uid,
+                                                         request.sop_instance_uid)
+    return tombstones, scope
+
+
+def bucket_entry_to_wire(study_uid: str, sop_uid: str, content: str) -> pb.BucketEntry:
+    """A ListBucket entry; a tombstone's (content: its version mark) has tombstone and version set."""
+    entry = pb.BucketEntry(study_instance_uid=study_uid, sop_instance_uid=sop_uid, content_hash=content)
+    if is_mark(content):
+        entry.tombstone = True
+        entry.version.CopyFrom(version_to_wire(Version.from_mark(content)))
+    return entry
+
+
+def bucket_entry_from_wire(entry: pb.BucketEntry) -> tuple[str, str, str]:
+    """(study uid, sop uid, content hash or a tombstone's version mark), as stores list entries."""
+    if entry.tombstone:
+        return entry.study_instance_uid, entry.sop_instance_uid, version_from_wire(entry.version).mark()
+    return entry.study_instance_uid, entry.sop_instance_uid, entry.content_hash
 
 
 def attributes_json(attributes: Attributes) -> bytes:

@@ -33,6 +33,7 @@ from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
@@ -151,7 +152,8 @@ class Node:
         )
         self.loop = LoopThread()
         self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
-        self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope)
+        self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope,
+                                       observe=lambda version: self.coordinator.hlc.observe(version))
         self.coordinator = Coordinator(
             config.node_id,
             self.membership,
@@ -170,6 +172,10 @@ class Node:
             ),
             decode=decode,
         )
+        self.deletes = DeleteCoordinator(
+            config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
+            self.coordinator.find, replication_factor=config.replication_factor,
+            write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows)
@@ -279,6 +285,8 @@ class Node:
             "pacsnode.membership.sends_failed_count": counters.sends_failed,
             "pacsnode.membership.updates_ignored_count": counters.updates_ignored,
             "pacsnode.membership.rejoins_count": counters.rejoins,
+            # Transitions of other members (read_fault_window_ms runs from the last one).
+            "pacsnode.membership.transitions_count": self.membership.trouble.transitions,
             "pacsnode.membership.incarnation_count": self.membership.incarnation,
         })
         return metrics
@@ -383,6 +391,7 @@ class Node:
             await asyncio.sleep(self.config.hint_replay_interval_ms / 1000)
             try:
                 await asyncio.wait_for(self.coordinator.replay_hints(), pass_timeout_s)
+                await asyncio.wait_for(self.deletes.replay_tombstone_hints(), pass_timeout_s)
             except asyncio.CancelledError:
                 if cancelled_by_caller():
                     raise

@@ -185,18 +185,20 @@ class StoreChunk(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., header: _Optional[_Union[StoreHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class StoreReply(_message.Message):
-    __slots__ = ("envelope", "outcome", "message", "durable", "kept_content_hash")
+    __slots__ = ("envelope", "outcome", "message", "durable", "kept_content_hash", "tombstone_version")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     KEPT_CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONE_VERSION_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     outcome: StoreOutcome
     message: str
     durable: bool
     kept_content_hash: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[StoreOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ..., kept_content_hash: _Optional[str] = ...) -> None: ...
+    tombstone_version: Version
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[StoreOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ..., kept_content_hash: _Optional[str] = ..., tombstone_version: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("envelope", "study_instance_uid", "sop_instance_uid", "offset", "expected_content_hash", "include_hints")
@@ -275,20 +277,32 @@ class ListStudyReply(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., records: _Optional[_Iterable[_Union[InstanceRecord, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class TombstoneRequest(_message.Message):
-    __slots__ = ("envelope", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "version", "hint_for")
+    __slots__ = ("envelope", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "version", "hint_for", "instances", "listed_only")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HINT_FOR_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    LISTED_ONLY_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
     version: Version
     hint_for: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., version: _Optional[_Union[Version, _Mapping]] = ..., hint_for: _Optional[str] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[TombstoneEntry]
+    listed_only: bool
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., version: _Optional[_Union[Version, _Mapping]] = ..., hint_for: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[TombstoneEntry, _Mapping]]] = ..., listed_only: _Optional[bool] = ...) -> None: ...
+
+class TombstoneEntry(_message.Message):
+    __slots__ = ("series_instance_uid", "sop_instance_uid")
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    series_instance_uid: str
+    sop_instance_uid: str
+    def __init__(self, series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ...) -> None: ...
 
 class TombstoneReply(_message.Message):
     __slots__ = ("envelope", "outcome", "message", "durable", "instances_deleted_count")

@@ -39,9 +39,9 @@ from pacsnode.replication.archive import (
 )
 from pacsnode.replication.commitment import CommitmentCheck, CommitResult, CommitSettings, Reference
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
-from pacsnode.replication.hlc import HybridClock
+from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome
+from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome, with_version
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 # DELETED: the replica holds a newer tombstone; its state for the UID is final and durable.
 DURABLE_OUTCOMES = frozenset({StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT,
                               StoreOutcome.DELETED})
+
+
+# A fresh write re-stamped after a DELETED answer at most this often (each re-stamp is
+# newer than the tombstone seen; only deletes racing the write again need another).
+RESTAMPS_MAX = 3
+
+
+def restamped(stored: StoredInstance, version: Version) -> StoredInstance:
+    return StoredInstance(record=with_version(stored.record, version), attributes=stored.attributes,
+                          blob=stored.blob)
 
 
 @dataclass(frozen=True)
@@ -154,7 +164,13 @@ class Coordinator:
     async def _put(self, node_id: str, stored: StoredInstance, hint_for: str, timeout_ms: int) -> str:
         if node_id == self.self_id:
             try:
-                return str(await self._run_blocking(self._local.put_stored, stored, hint_for=hint_for))
+                outcome = str(await self._run_blocking(self._local.put_stored, stored, hint_for=hint_for))
+                if outcome == StoreOutcome.DELETED:  # As a peer's reply: the clock observes the tombstone.
+                    tombstone = await self._run_blocking(self._local.tombstone, stored.study_instance_uid,
+                                                         stored.sop_instance_uid)
+                    if tombstone is not None:
+                        self.hlc.observe(tombstone.version)
+                return outcome
             except StoreFull as error:
                 raise PeerRefused(f"local store full: {error}", RefusalReason.FULL) from error
             except StoreError as error:
@@ -180,6 +196,12 @@ class Coordinator:
         self._replicas()  # Says so (once) when the node count caps N.
         try:
             outcome = self._local.put_stored(stored)
+            if outcome == StoreOutcome.DELETED:  # A newer tombstone: re-stamped past it, a new instance.
+                tombstone = self._local.tombstone(stored.study_instance_uid, stored.sop_instance_uid)
+                if tombstone is not None:
+                    self.hlc.observe(tombstone.version)
+                self.stats.extra["writes_restamped"] = self.stats.extra.get("writes_restamped", 0) + 1
+                outcome = self._local.put_stored(restamped(stored, self.hlc.now()))
         except StoreFull as error:
             self.stats.writes_failed += 1
             log.warning("archive.store.refused sop_instance_uid=%s reason=%s", stored.sop_instance_uid, error)
@@ -194,6 +216,35 @@ class Coordinator:
         return WriteResult(WriteStatus.SUCCESS, outcome=outcome, latency_ms=int((time.monotonic() - started) * 1000))
 
     async def store(self, stored: StoredInstance) -> WriteResult:
+        """A fresh write. A replica holding a newer tombstone for the UID answers DELETED: that
+        is never a durable copy of this write (anti-entropy would bring the tombstone to the
+        other copies and delete them). This node's clock has then observed the tombstone's
+        version (the reply carries it), so the write is re-stamped, newer than the delete,
+        and sent again: a re-store after a delete is a new instance."""
+        for _attempt in range(RESTAMPS_MAX):
+            result = await self._store_once(stored)
+            if result.outcome != StoreOutcome.DELETED:
+                return result
+            self.stats.extra["writes_restamped"] = self.stats.extra.get("writes_restamped", 0) + 1
+            log.info("replication.write.restamped sop_instance_uid=%s old_version=%s", stored.sop_instance_uid,
+                     stored.record.version.mark())
+            stored = restamped(stored, self.hlc.now())
+        self.stats.writes_failed += 1
+        return WriteResult(WriteStatus.QUORUM_FAILED, message="a newer delete of this SOP Instance UID kept winning")
+
+    def _superseded_late(self, task: "asyncio.Task[Any]", stored: StoredInstance) -> None:
+        """A copy that answered DELETED after the write was acknowledged: the others will be
+        deleted by that tombstone, so the write is sent again with a newer version."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        result = task.result()
+        if result is not None and result[2] == StoreOutcome.DELETED:
+            self.stats.extra["writes_restamped_late"] = self.stats.extra.get("writes_restamped_late", 0) + 1
+            log.warning("replication.write.superseded_late sop_instance_uid=%s: sent again with a newer version",
+                        stored.sop_instance_uid)
+            self._spawn(self._store_once(restamped(stored, self.hlc.now())))
+
+    async def _store_once(self, stored: StoredInstance) -> WriteResult:
         clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
         started = clock()
         self.stats.writes += 1
@@ -210,6 +261,7 @@ class Coordinator:
         tasks = [asyncio.ensure_future(self._replicate(owner, stored, token, n, state, timeout_ms))
                  for owner in owners]
         acked: list[tuple[str, str, str]] = []  # (owner, holder, outcome)
+        superseded = False
         pending = set(tasks)
         deadline = clock() + self._settings.store_timeout_ms / 1000
         while pending and len(acked) < w:
@@ -222,11 +274,20 @@ class Coordinator:
                     state.errors.append("a replica call was cancelled")
                     continue
                 result = task.result()
-                if result is not None:
+                if result is not None and result[2] == StoreOutcome.DELETED:
+                    superseded = True  # A newer tombstone there: not a copy of this write.
+                elif result is not None:
                     acked.append(result)
+            if superseded:
+                break
         for task in pending:  # The other copies finish in the background.
+            if not superseded:
+                task.add_done_callback(functools.partial(self._superseded_late, stored=stored))
             self._spawn(task)
         latency_ms = int((clock() - started) * 1000)
+        if superseded:
+            return WriteResult(WriteStatus.QUORUM_FAILED, outcome=StoreOutcome.DELETED,
+                               message="a newer tombstone holds this SOP Instance UID", latency_ms=latency_ms)
         if len(acked) >= w:
             outcome = next((o for owner, holder, o in acked if holder == owner), acked[0][2])
             if outcome == StoreOutcome.CONFLICT:
@@ -620,6 +681,7 @@ class Coordinator:
                     if stored is not None:
                         break
             return stored
+        self.stats.extra["fetch_peers"] = self.stats.extra.get("fetch_peers", 0) + 1
         size_guess = 64 * 1024 * 1024
         timeout_ms = self._deadline_ms(self._settings.fetch_timeout_ms, size_guess)
         return await self._answering(node_id, lambda started: self._transport.fetch(

@@ -137,7 +137,6 @@ class Gather:
         ranges = [self._pieces[i].token_range for i in pieces]
         if node_id != self._context.self_id:
             self.peers_asked.add(node_id)
-            self._context.count("query_peers")
         self._tasks[key] = asyncio.ensure_future(
             pump_rows(self._context, self._queue, key, node_id, query, ranges, hints))
 
@@ -305,7 +304,6 @@ class RoutedGather:
         ranges = [self._pieces[i].token_range for i in pieces]
         if node_id != self._context.self_id:
             self.peers_asked.add(node_id)
-            self._context.count("query_peers")
         for index in pieces:
             self._states[index].rows.setdefault(self._slot(node_id, hints), [])
         self._tasks[key] = asyncio.ensure_future(
@@ -455,6 +453,8 @@ async def pump_rows(context: ReadContext, queue: "asyncio.Queue[tuple[int, list[
                     break
                 await queue.put((key, batch, None))
         else:
+            context.count("query_peers")  # Every remote query: fan-out, read repair's lists, asking again.
+
             async def stream(started: Callable[[], None]) -> None:
                 batch: list[Attributes] = []
                 async for row in context.transport.query(node_id, query, ranges, started=started,

@@ -57,6 +57,8 @@ class HintIndex:
             dataset_offset=record.dataset_offset,
             stored_at_ms=record.stored_at_ms,
             attributes=_pick(attributes, INSTANCE_KEYWORDS),
+            version_logical=record.version_logical,
+            version_node=record.version_node,
         )
         series_of_study = self._series.setdefault(study_uid, {})
         series = series_of_study.get(record.series_instance_uid)

@@ -11,7 +11,7 @@ import enum
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, StoredInstance
+from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
 from pacsnode.ring.placement import TokenRange
 
 
@@ -81,6 +81,7 @@ class LocalReplica(Protocol):
     def hint_owners(self) -> dict[str, tuple[int, int]]: ...
     def hints(self, owner: str) -> Iterator[StoredInstance]: ...
     def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None: ...
+    def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None: ...
 
 
 class Clock(Protocol):

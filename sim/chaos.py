@@ -764,6 +764,13 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
         for client in ("pynetdicom", "storescu")}
     summary["find"]["ok_but_not_found"] = sum(1 for o in ops if o["op"] == "find" and o["ok"] and not o["found"])
     summary["get"]["stale"] = sum(1 for o in ops if o["op"] == "stale-get")
+    # Read your writes (issue 16): Success without an acknowledged study, or with fewer of
+    # its instances than were acknowledged before the read began, through an entry node
+    # that stayed up throughout (one that went down is expected to fail).
+    summary["find"]["stale_through_up_node"] = sum(
+        1 for o in ops if o["op"] == "find" and o["ok"] and o.get("entry_up", True)
+        and not (o["found"] and o.get("complete", True)))
+    summary["get"]["stale_through_up_node"] = sum(1 for o in ops if o["op"] == "stale-get" and o.get("entry_up", True))
     # Answers the node flagged as partial (part of the archive could not be asked): C-FIND
     # 0xC001, C-GET 0xB000/0xA702 with failed sub-operations. Honest, never Success.
     summary["find"]["flagged_incomplete"] = sum(1 for o in ops if o["op"] == "find" and o["status"] == 0xC001)
@@ -880,6 +887,7 @@ def format_result(result: dict[str, Any]) -> str:
         extra = (f", {o['ok_but_not_found']} Success without the study" if kind == "find"
                  else f", {o['stale']} Success missing an instance")
         extra += f", {o.get('flagged_incomplete', 0)} flagged incomplete (never Success)"
+        extra += f"; STALE through a node that stayed up: {o.get('stale_through_up_node', 0)}"
         lines.append(f"{kind}s: {o['ok']} ok of {o['attempted']}; during faults {o['ok_during_faults']}/"
                      f"{o['during_faults']}; through a node that was up {o['ok_through_up_node']}/"
                      f"{o['through_up_node']}; p50 {o['p50_s']} s p99 {o['p99_s']} s max {o['max_s']} s{extra}")

@@ -50,7 +50,9 @@ from typing import Any, Callable
 from pacsnode.node.codec import decompress
 from pacsnode.node.peer_handler import PeerHandler, RangesPending
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
-from pacsnode.replication.model import CorruptBlob, StoredInstance
+from pacsnode.replication.delete_coordinator import DeleteCoordinator
+from pacsnode.replication.hlc import HybridClock
+from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreOutcome
 from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.repair import Repairer, RepairSettings
 from pacsnode.replication.transport import PeerError, PeerRefused
@@ -289,10 +291,17 @@ class _Process:
         self.membership = SwimMembership(self.swim, cluster.rings, self.now_ms)
         transport = cluster.network.transport(node.node_id)
         self.coordinator = Coordinator(node.node_id, self.membership, transport, node.store,
-                                       config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking)
+                                       config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking,
+                                       hlc=HybridClock(node.node_id, wall=self.now_ms))
         self.repairer = Repairer(node.node_id, self.membership, _RepairTransportView(node, transport),
                                  _RepairStoreView(node), config.repair_settings(), run_blocking=self.run_blocking)
         self.coordinator.pending = self.repairer.pending
+        transport.observe = self.coordinator.hlc.observe
+        self.deletes = DeleteCoordinator(node.node_id, self.membership, transport, node.store, self.coordinator.hlc,
+                                         self.coordinator.find, replication_factor=config.replication_factor,
+                                         write_quorum=config.write_quorum,
+                                         replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
+                                         run_blocking=self.run_blocking)
         # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
         # the simulated network's adapter onto it, as node/peer_server.py is gRPC's.
         self.peer_handler = PeerHandler(node.node_id, node.store, self.membership, self.repairer,
@@ -523,6 +532,7 @@ class _Process:
             await asyncio.sleep(interval)
             try:
                 await self.coordinator.replay_hints()
+                await self.deletes.replay_tombstone_hints()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # As the node: keep replaying, say what went wrong.
@@ -541,7 +551,20 @@ class _Process:
                                                        sender_ring_version=ring_version)
             except PeerRefused as refusal:
                 raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
-            return outcome, 96
+            self.coordinator.hlc.observe(stored.record.version)  # As peer_server: later stamps pass it.
+            won = None
+            if outcome == StoreOutcome.DELETED:  # StoreReply.tombstone_version.
+                won = await handler.tombstone_version(stored.study_instance_uid, stored.sop_instance_uid)
+            return (outcome, won), 96
+        if method == "tombstone":
+            tombstones, scope, hint_for = args
+            if tombstones:
+                self.coordinator.hlc.observe(tombstones[0].version)
+            try:
+                removed = await handler.apply_tombstones(tombstones, scope=scope, hint_for=hint_for)
+            except PeerRefused as refusal:
+                raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
+            return removed, 96
         if method == "fetch":
             study_uid, sop_uid, include_hints = args
             found = await handler.fetch(study_uid, sop_uid, include_hints=include_hints)

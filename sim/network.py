@@ -41,9 +41,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from pacsnode.replication.delete_coordinator import DeleteScope
 from pacsnode.replication.digest import Digest
+from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, StoredInstance
+from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.placement import TokenRange
 from pacsnode.ring.swim import REPLIES, Message, Outbound, message_bytes
@@ -370,6 +372,7 @@ class NodeTransport:
         self._network = network
         self.node_id = node_id
         self.process: Callable[[], Endpoint | None] = lambda: None
+        self.observe: Callable[[Version], None] = lambda version: None  # The running process's hlc.observe.
         self.calls = 0
 
     def _source(self) -> Endpoint:
@@ -391,8 +394,17 @@ class NodeTransport:
     # ----------------------------------------------------------------- Transport
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
         size = len(stored.blob) + 200 + 40 * len(stored.attributes)
-        result: str = await self._call(target, "store", (stored, hint_for), size, timeout_ms)
-        return result
+        result: tuple[str, Version | None] = await self._call(target, "store", (stored, hint_for), size, timeout_ms)
+        outcome, tombstone_version = result
+        if tombstone_version is not None:  # As StoreReply.tombstone_version: the node's clock observes it.
+            self.observe(tombstone_version)
+        return outcome
+
+    async def tombstone(self, target: str, tombstones: Sequence[Tombstone], *, scope: DeleteScope | None,
+                        hint_for: str, timeout_ms: int) -> int:
+        size = 200 + 150 * len(tombstones)
+        removed: int = await self._call(target, "tombstone", (list(tombstones), scope, hint_for), size, timeout_ms)
+        return removed
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:

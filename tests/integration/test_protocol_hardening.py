@@ -2,8 +2,10 @@
 (issue 11): each case is answered with an A-ASSOCIATE-RJ or an A-ABORT and one log line
 with a stable event name, never a traceback, and the node keeps serving.
 
-The node runs with short timeouts (acse 2 s, network 3 s) and two association slots so
-that the time bounds can be checked quickly.
+The node runs with short timeouts (acse 2 s, network 3 s) and three association slots so
+that the time bounds can be checked quickly. No test needs more than two at once: the
+third is slack for the association of the test before, whose thread may still be ending
+(a released association frees its slot a few milliseconds after the release).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .rawpdu import RawAssociation, presentation_context
 
 ACSE_TIMEOUT_S = 2.0
 NETWORK_TIMEOUT_S = 3.0
-MAX_ASSOCIATIONS = 2
+MAX_ASSOCIATIONS = 3
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_held_sockets_cannot_lock_modalities_out_for_longer_than_the_timeout(nod
         assert answer is not None and answer.pdu_type == rawpdu.PDU_ASSOCIATE_RJ, (answer, log)
         assert answer.reject_reason == (0x02, 0x03, 0x02)  # Transient, local limit exceeded.
         assert "dicom.association.rejected" in log and "reason=busy" in log, log
-        assert "max_associations=2" in log
+        assert f"max_associations={MAX_ASSOCIATIONS}" in log
         # The held sockets are dropped after the ACSE timeout, and the node serves again.
         start = time.monotonic()
         while time.monotonic() - start < ACSE_TIMEOUT_S + 5 and clients.echo(node.dicom_port) != 0:

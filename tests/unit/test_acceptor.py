@@ -143,3 +143,45 @@ def test_stored_bytes_are_sent_by_subclasses_not_by_patching_pynetdicom() -> Non
     assoc = ae.associate("127.0.0.1", free_port())  # Nothing listens: refused, never started.
     assert isinstance(assoc, acceptor.RequestorAssociation)
     assert not assoc.is_established
+
+
+def test_associations_share_one_supported_context_table_that_negotiation_leaves_alone() -> None:
+    """issue 10 item 2: no per-association deep copy of the ~130-context table. Every
+    accepted association negotiates against the server's one table (copied once when the
+    server starts), and negotiation -- role selection included -- does not change it."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from pacsnode.node.dicom import TRANSFER_SYNTAXES
+    from pacsnode.sim.process import free_port
+
+    server_ae = acceptor.NodeAE(ae_title="SHARED")
+    server_ae.add_supported_context(Verification)
+    server_ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    accepted: list[object] = []
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+
+    def snapshot() -> list[tuple[str, list[str], object, object, object]]:
+        return [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax], cx.scu_role, cx.scp_role,
+                 cx.context_id) for cx in server.shared_contexts]
+
+    before = snapshot()
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        client.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"])
+        port = server.server_address[1]
+        for roles in ([], [build_role(CTImageStorage, scp_role=True)]):
+            assoc = client.associate("127.0.0.1", port, ae_title="SHARED", ext_neg=roles)
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        assert len(accepted) == 2
+        for server_side in accepted:
+            assert server_side.acceptor.supported_contexts is server.shared_contexts  # type: ignore[attr-defined]
+        assert snapshot() == before
+        server_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2.1")  # A later AE change: not in the table.
+        assert snapshot() == before
+    finally:
+        server_ae.shutdown()

@@ -92,3 +92,25 @@ def test_replies_come_back_as_swim_messages() -> None:
     assert peer_wire.reply_from_wire("Leave", pb.LeaveReply(accepted=True)) == (swim.LeaveReply(True), [])
     with pytest.raises(ValueError):
         peer_wire.request_to_wire(swim.Ack(1), "n2", ENV)
+
+
+def test_tombstone_requests_and_bucket_entries_round_trip() -> None:
+    from pacsnode.replication.delete_coordinator import DeleteScope
+    from pacsnode.replication.hlc import Version
+    from pacsnode.replication.model import Tombstone
+
+    version = Version(1_700_000_000_000, 3, "node-a")
+    tombstones = [Tombstone("1.2", "1.2.3", version, "1.2.9"), Tombstone("1.2", "1.2.4", version, "1.2.9")]
+    scope = DeleteScope("1.2", "1.2.9")
+    request = peer_wire.tombstone_request(peer_wire.envelope("c", "n", 1, 0), tombstones, scope, "")
+    assert peer_wire.tombstones_from_wire(pb.TombstoneRequest.FromString(request.SerializeToString())) \
+        == (tombstones, scope)
+    listed_only = peer_wire.tombstone_request(peer_wire.envelope("c", "n", 1, 0), tombstones, None, "node-b")
+    assert peer_wire.tombstones_from_wire(listed_only) == (tombstones, None) and listed_only.hint_for == "node-b"
+    with pytest.raises(ValueError):
+        peer_wire.tombstones_from_wire(pb.TombstoneRequest(study_instance_uid=""))
+    entry = peer_wire.bucket_entry_to_wire("1.2", "1.2.3", version.mark())
+    assert entry.tombstone and entry.version.hlc_logical == 3
+    assert peer_wire.bucket_entry_from_wire(entry) == ("1.2", "1.2.3", version.mark())
+    plain = peer_wire.bucket_entry_to_wire("1.2", "1.2.4", "ab" * 16)
+    assert not plain.tombstone and peer_wire.bucket_entry_from_wire(plain) == ("1.2", "1.2.4", "ab" * 16)

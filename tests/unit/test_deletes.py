@@ -1,0 +1,164 @@
+"""Deletes through the delete coordinator on a simulated cluster (the production
+coordinator, peer handler and stores): W-durable tombstones, hints for a down owner,
+re-stores after a delete (also from a coordinator whose clock is behind the delete)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pacsnode.replication.archive import IncompleteAnswer
+from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus, apply_tombstones, expand_scope
+from pacsnode.replication.hlc import Version
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import StoreOutcome, Tombstone
+from pacsnode.sim.cluster import SimCluster, SimConfig
+from pacsnode.sim.store import NonDurableStore
+from pacsnode.sim.workload import DataGenerator, Study
+
+
+def _held(cluster: SimCluster, study_uid: str) -> dict[str, set[str]]:
+    """Node -> SOP Instance UIDs it holds (as owner) of the study."""
+    return {node_id: {r.sop_instance_uid for r in node.store.instances(study_uid)}
+            for node_id, node in cluster.nodes.items()}
+
+
+def _find(cluster: SimCluster, node_id: str, study_uid: str) -> set[str]:
+    query = Query("IMAGE", (Condition("StudyInstanceUID", "UI", study_uid),), ("SOPInstanceUID",))
+
+    async def find() -> set[str]:
+        rows: set[str] = set()
+        try:
+            async for row in cluster.process(node_id).coordinator.find(query):
+                rows.add(str(row["SOPInstanceUID"]))
+        except IncompleteAnswer:
+            pass
+        return rows
+
+    return cluster.loop.run_until_complete(find())
+
+
+def _store_study(cluster: SimCluster, data: DataGenerator, entry: str, count: int) -> tuple[Study, list[Any]]:
+    study = data.new_study()
+    instances = [data.instance(study, now_ms=cluster.loop.now_ms()) for _ in range(count)]
+
+    async def store() -> None:
+        for stored in instances:
+            result = await cluster.process(entry).coordinator.store(stored)
+            assert result.status == "success"
+
+    cluster.loop.run_until_complete(store())
+    return study, instances
+
+
+def _delete(cluster: SimCluster, node_id: str, scope: DeleteScope) -> Any:
+    return cluster.loop.run_until_complete(cluster.process(node_id).deletes.delete(scope))
+
+
+def _owners(cluster: SimCluster, study_uid: str) -> list[str]:
+    return list(cluster.process("node-000").membership.ring().owners_of_study(study_uid, 3))
+
+
+def test_a_series_then_a_study_delete_is_gone_from_every_owner_and_from_find() -> None:
+    cluster = SimCluster(5, seed=3)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(3)
+        study, instances = _store_study(cluster, data, "node-001", 12)
+        cluster.run_for(2)  # The third copies land.
+        owners = _owners(cluster, study.study_instance_uid)
+        series = instances[0].record.series_instance_uid
+        in_series = {s.sop_instance_uid for s in instances if s.record.series_instance_uid == series}
+        result = _delete(cluster, "node-004", DeleteScope(study.study_instance_uid, series))
+        assert result.status is DeleteStatus.DELETED and result.instances == len(in_series) and result.acked == 3
+        cluster.run_for(1)
+        all_uids = {s.sop_instance_uid for s in instances}
+        for owner in owners:
+            assert _held(cluster, study.study_instance_uid)[owner] == all_uids - in_series
+            tombstoned = {t.sop_instance_uid for t in cluster.nodes[owner].store.tombstones()}
+            assert tombstoned == in_series
+        assert _find(cluster, "node-002", study.study_instance_uid) == all_uids - in_series
+
+        result = _delete(cluster, "node-000", DeleteScope(study.study_instance_uid))
+        assert result.status is DeleteStatus.DELETED and result.instances == len(all_uids - in_series)
+        cluster.run_for(1)
+        assert all(not held for held in _held(cluster, study.study_instance_uid).values())
+        assert _find(cluster, "node-003", study.study_instance_uid) == set()
+        assert _delete(cluster, "node-001", DeleteScope(study.study_instance_uid)).status is DeleteStatus.NOT_FOUND
+    finally:
+        cluster.close()
+
+
+def test_an_owner_down_during_the_delete_learns_it_from_a_hint_when_back() -> None:
+    cluster = SimCluster(6, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(8)
+        study, instances = _store_study(cluster, data, "node-000", 6)
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        down = owners[-1]
+        entry = next(n for n in cluster.running_ids() if n != down)
+        cluster.crash(down)
+        cluster.run_for(15)  # Detected dead (not removed yet: dead_grace 60 s).
+        result = _delete(cluster, entry, DeleteScope(study.study_instance_uid))
+        assert result.status is DeleteStatus.DELETED and result.acked == 3  # Two owners and one stand-in.
+        held_as_hints = {n: len(list(cluster.nodes[n].store.tombstone_hints(down))) for n in cluster.nodes}
+        assert sum(held_as_hints.values()) == len(instances)
+        assert len(_held(cluster, study.study_instance_uid)[down]) == len(instances)  # Its disk missed it.
+        cluster.restart(down)
+        cluster.run_for(10)  # Hint replay (every second), long before anti-entropy (every 600 s).
+        assert _held(cluster, study.study_instance_uid)[down] == set()
+        assert all(not list(cluster.nodes[n].store.tombstone_hints(down)) for n in cluster.nodes)
+        assert _find(cluster, down, study.study_instance_uid) == set()
+    finally:
+        cluster.close()
+
+
+def test_a_re_store_after_a_delete_is_a_new_instance_even_from_a_clock_behind_it() -> None:
+    cluster = SimCluster(4, seed=5)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(5)
+        study, instances = _store_study(cluster, data, "node-000", 3)
+        cluster.run_for(2)
+        assert _delete(cluster, "node-001", DeleteScope(study.study_instance_uid)).status is DeleteStatus.DELETED
+        cluster.run_for(1)
+        # The same SOP Instance UID again, stamped before the delete (a coordinator whose clock is
+        # behind the deleting node's): the owners answer DELETED, which is not a durable copy; the
+        # coordinator observes the tombstone, re-stamps, and the instance is stored anew.
+        again = instances[0]
+        assert again.record.version < cluster.nodes[_owners(cluster, study.study_instance_uid)[0]].store.tombstone(
+            study.study_instance_uid, again.sop_instance_uid).version
+        process = cluster.process("node-002")
+        result = cluster.loop.run_until_complete(process.coordinator.store(again))
+        assert result.status == "success" and result.outcome == StoreOutcome.STORED
+        assert process.coordinator.stats.extra.get("writes_restamped") == 1
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        assert all(_held(cluster, study.study_instance_uid)[o] == {again.sop_instance_uid} for o in owners)
+        assert _find(cluster, "node-003", study.study_instance_uid) == {again.sop_instance_uid}
+    finally:
+        cluster.close()
+
+
+def test_an_owner_expands_the_scope_to_older_instances_it_holds_and_keeps_newer_ones() -> None:
+    data = DataGenerator(2)
+    study = data.new_study()
+    old = data.instance(study, now_ms=1_000)
+    newer = data.instance(study, now_ms=9_000)
+    store = NonDurableStore("a")
+    for stored in (old, newer):
+        assert store.put_stored(stored) == StoreOutcome.STORED
+    version = Version(5_000, 0, "d")
+    scope = DeleteScope(study.study_instance_uid)
+    assert [t.sop_instance_uid for t in expand_scope(store.instances(study.study_instance_uid), scope, version)] \
+        == [old.sop_instance_uid]
+    listed = Tombstone(study.study_instance_uid, "1.2.3.4", version)  # Listed elsewhere, never held here.
+    assert apply_tombstones(store, [listed], scope=scope) == 1
+    assert {r.sop_instance_uid for r in store.instances(study.study_instance_uid)} == {newer.sop_instance_uid}
+    assert {t.sop_instance_uid for t in store.tombstones()} == {old.sop_instance_uid, "1.2.3.4"}
+    # As a hint for another owner: kept as given, never expanded.
+    other = NonDurableStore("b")
+    other.put_stored(old)
+    assert apply_tombstones(other, [listed], scope=scope, hint_for="node-x") == 0
+    assert [t.sop_instance_uid for t in other.tombstone_hints("node-x")] == ["1.2.3.4"]
