@@ -17,7 +17,7 @@ DEFAULTS = NodeConfig(node_id="node-1")
 START_OPTIONS: list[tuple[str, str, str]] = [
     ("--" + f.name.replace("_", "-"), f.name, str(f.metadata.get("help", "")))
     for f in dataclasses.fields(NodeConfig)
-    if f.name not in ("destinations", "seeds", "peer_routes", "known_aes")
+    if f.name not in ("destinations", "seeds", "peer_routes", "known_aes", "site_replicas")
 ]
 
 
@@ -82,6 +82,16 @@ def _start_parser(subparsers: Any, name: str = "start") -> argparse.ArgumentPars
         metavar="AET[@HOST,...][=SERVICE,...]",
         help="a known AE and what it may do (echo, store, find, get, move, move-to:AET), repeatable "
         "(default: none; see access_mode)",
+    )
+    parser.add_argument(
+        "--site-replicas",
+        dest="site_replicas",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="SITE=N",
+        help="N copies of every study in SITE, on that site's own ring; repeatable, and every node of the cluster "
+        "needs the same set; replaces the TOML [site_replicas] table (default: none: --replicas copies spread "
+        "over the sites)",
     )
     parser.add_argument("--dead-grace", dest="dead_grace_s", default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"same as --dead-grace-s (default: {DEFAULTS.dead_grace_s})")
@@ -158,6 +168,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if hasattr(args, "peer_routes"):
         values.pop("peer_route", None)
         values["peer_routes"] = list(args.peer_routes)
+    if hasattr(args, "site_replicas"):
+        values.pop("site_replica", None)
+        values["site_replicas"] = list(args.site_replicas)  # Flags replace the TOML table whole.
     if hasattr(args, "known_aes"):
         values.pop("known_ae", None)
         merged_known = [*_as_list_of_known(values.get("known_aes")), *_as_list_of_known(args.known_aes)]

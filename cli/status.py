@@ -115,6 +115,7 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0,
         "ring_version": f"{first.envelope.ring_version:016x}",
         "replication_factor": settings.replication_factor,
         "effective_replication_factor": settings.effective_replication_factor,
+        "site_replicas": settings.site_replicas,
         "write_quorum": settings.write_quorum,
         "read_quorum": settings.read_quorum,
         "vnodes": settings.vnodes,
@@ -134,9 +135,12 @@ def _size(value: int | None) -> str:
 
 
 def render(data: dict[str, Any]) -> str:
+    copies = f"N={data['replication_factor']}"
+    if data.get("site_replicas"):
+        copies += f" per site {data['site_replicas']}"
     lines = [
         f"cluster {data['cluster_id']}  asked {data['node_id']} at {data['asked']}  ring {data['ring_version']}",
-        f"N={data['replication_factor']} (effective {data['effective_replication_factor']})  "
+        f"{copies} (effective {data['effective_replication_factor']})  "
         f"W={data['write_quorum']}  R={data['read_quorum']}  V={data['vnodes']}",
         "",
     ]

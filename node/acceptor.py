@@ -37,7 +37,9 @@ import struct
 import threading
 import time
 from copy import deepcopy
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable, cast
 
 import pynetdicom
@@ -46,13 +48,14 @@ from pynetdicom import AE, evt
 from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from pacsnode.node import association_guard, raw_send
+from pacsnode.node import association_guard, codec, raw_send, spool
 from pacsnode.node.association_guard import (
     ABORT_INVALID_PARAMETER_VALUE,
     ABORT_REASON_NOT_SPECIFIED,
@@ -526,13 +529,55 @@ class AcceptorSocket(AssociationSocket):
 
 
 # ----------------------------------------------------------------------------- DIMSE
+@dataclass(frozen=True)
+class SpoolSettings:
+    """Where received data sets go (node/spool.py): set on the NodeAE by the front end."""
+
+    threshold_bytes: int
+    size_max_bytes: int
+    budget: spool.InflightBudget
+    directory: Path
+
+
 class AcceptorDIMSE(DIMSEServiceProvider):
     """Wakes the association reactor on every message; a message that cannot be decoded
-    aborts the association (pynetdicom 3.0.4 lets the exception kill the DUL thread)."""
+    aborts the association (pynetdicom 3.0.4 lets the exception kill the DUL thread).
+    With SpoolSettings on the AE, each message's data set is received into a
+    spool.SpoolBuffer (a BytesIO that moves a big C-STORE data set to a file as it
+    arrives) instead of pynetdicom's BytesIO."""
 
     def __init__(self, assoc: "AcceptorAssociation") -> None:
         super().__init__(assoc)
         self.msg_queue = _WakingQueue(assoc.wake)
+        self._spool: SpoolSettings | None = getattr(assoc.ae, "spool", None)
+
+    def _new_message(self) -> DIMSEMessage:
+        message = DIMSEMessage()
+        settings = self._spool
+        if settings is not None:
+            message.data_set = spool.SpoolBuffer(
+                threshold_bytes=settings.threshold_bytes, size_max_bytes=settings.size_max_bytes,
+                budget=settings.budget, directory=settings.directory, prefix=lambda: self._part10_prefix(message))
+        return message
+
+    def _part10_prefix(self, message: DIMSEMessage) -> bytes | None:
+        """The Part-10 preamble and file meta of a C-STORE request's data set (as the
+        C-STORE handler writes them for a data set kept in memory); None otherwise."""
+        if not isinstance(message, C_STORE_RQ) or message.context_id is None:
+            return None
+        context = self.assoc._accepted_cx.get(message.context_id)
+        if context is None:
+            return None
+        command = message.command_set
+        return codec.part10_prefix(str(command.AffectedSOPClassUID or ""), str(command.AffectedSOPInstanceUID or ""),
+                                   str(context.transfer_syntax[0]), self.assoc.requestor.ae_title)
+
+    def discard_partial(self) -> None:
+        """The association ended in the middle of a message: drop its spooled bytes now."""
+        message = self.message
+        buffer = getattr(message, "data_set", None) if message is not None else None
+        if isinstance(buffer, spool.SpoolBuffer):
+            buffer.close()
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         assoc = cast("AcceptorAssociation", self.assoc)
@@ -563,6 +608,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         super().send_msg(primitive, context_id)
 
     def receive_primitive(self, primitive: Any) -> None:
+        if self.message is None:
+            self.message = self._new_message()
         try:
             super().receive_primitive(primitive)
         except Exception as error:
@@ -595,6 +642,7 @@ class AcceptorAssociation(Association):
     def kill(self) -> None:
         self._work.set()
         super().kill()
+        cast(AcceptorDIMSE, self.dimse).discard_partial()
 
     def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         """C-GET sub-operations: a StoredDataset goes out as its stored bytes (node/raw_send.py)."""
@@ -754,6 +802,7 @@ class NodeAE(AE):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_pynetdicom_version()
         super().__init__(*args, **kwargs)
+        self.spool: SpoolSettings | None = None  # Where accepted associations receive data sets.
 
     def associate(
         self,

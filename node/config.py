@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pacsnode.node.access import ACCESS_MODES, AccessError, KnownAe
+from pacsnode.ring.placement import Replication, SiteReplicas, parse_site_replicas
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,8 @@ class NodeConfig:
 
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
+    dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
+    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and the compressed copy of a spooled one while it is stored); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
@@ -115,6 +118,10 @@ class NodeConfig:
         "tunnels, or the chaos runner's fault-injecting proxy.")
     advertise_host: str = setting("", "Address peers use to reach this node (default: host, or the host name when host is 0.0.0.0).")
     replication_factor: int = setting(3, "N: copies of each study (capped by the node count).")
+    site_replicas: tuple[tuple[str, int], ...] = setting(
+        (), "Copies per site, SITE=N (repeat --site-replicas; TOML table [site_replicas]): each named site holds N "
+        "copies of every study, placed on that site's own ring, and replication_factor is not used. Every node of "
+        "the cluster needs the same value. Empty: replication_factor copies spread over the sites.")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
     read_fault_window_ms: int = setting(60_000, "After any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down.")
@@ -168,7 +175,19 @@ class NodeConfig:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, got {port}")
-        if not 1 <= self.write_quorum <= self.replication_factor:
+        if self.site_replicas:
+            try:
+                spec = SiteReplicas(tuple(self.site_replicas))
+            except ValueError as error:
+                raise ConfigError(f"site_replicas: {error}") from None
+            object.__setattr__(self, "site_replicas", spec.per_site)
+            if self.site not in dict(spec.per_site):
+                raise ConfigError(f"site_replicas name no copies for this node's site {self.site!r} "
+                                  f"(site_replicas={spec}); name it, or set --site to one of them")
+            if not 1 <= self.write_quorum <= spec.total:
+                raise ConfigError(f"need 1 <= write_quorum <= the copies site_replicas place ({spec.total}), got "
+                                  f"write_quorum={self.write_quorum} site_replicas={spec}")
+        elif not 1 <= self.write_quorum <= self.replication_factor:
             raise ConfigError(
                 "need 1 <= write_quorum <= replication_factor, got "
                 f"write_quorum={self.write_quorum} replication_factor={self.replication_factor}"
@@ -188,7 +207,7 @@ class NodeConfig:
         for name in ("max_associations", "move_store_attempt_max", "store_timeout_ms", "instance_size_bytes_max",
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
                      "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
-                     "health_probe_interval_ms",
+                     "health_probe_interval_ms", "dataset_spool_threshold_bytes", "inflight_instance_bytes_max",
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -230,6 +249,14 @@ class NodeConfig:
             raise ConfigError(f"duplicate C-MOVE destination AE titles: {titles}")
 
     @property
+    def replication(self) -> Replication:
+        """The placement policy every owner computation uses: N copies per site when
+        site_replicas is set, else the plain replication_factor."""
+        if self.site_replicas:
+            return SiteReplicas(self.site_replicas)
+        return self.replication_factor
+
+    @property
     def peer_host(self) -> str:
         """The address peers use to reach this node."""
         if self.advertise_host:
@@ -253,7 +280,7 @@ class NodeConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> "NodeConfig":
         """Build from TOML/CLI values (names as the fields); unknown names are an error."""
         known = set(cls.field_names())
-        unknown = sorted(set(values) - known - {"destination", "seed", "peer_route", "known_ae"})
+        unknown = sorted(set(values) - known - {"destination", "seed", "peer_route", "known_ae", "site_replica"})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
@@ -267,6 +294,9 @@ class NodeConfig:
                 continue
             if name in ("peer_routes", "peer_route"):
                 kwargs["peer_routes"] = _parse_peer_routes(value)
+                continue
+            if name in ("site_replicas", "site_replica"):
+                kwargs["site_replicas"] = _parse_site_replicas(value)
                 continue
             if name in ("known_aes", "known_ae"):
                 kwargs["known_aes"] = parse_known_aes(value)
@@ -286,6 +316,25 @@ def _parse_seeds(value: Any) -> tuple[str, ...]:
         host = host.strip("[]")
         seeds.append(f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}")
     return tuple(seeds)
+
+
+def _parse_site_replicas(value: Any) -> tuple[tuple[str, int], ...]:
+    """A TOML table {SITE = N}, or SITE=N strings (a list, or one string `A=2,B=1`)."""
+    if isinstance(value, SiteReplicas):
+        return value.per_site
+    try:
+        if isinstance(value, Mapping):
+            copies = {}
+            for site, count in value.items():
+                if isinstance(count, bool) or not isinstance(count, int):
+                    raise ValueError(f"site {site!r} needs a whole number of copies, got {count!r}")
+                copies[str(site)] = count
+            return SiteReplicas.of(copies).per_site if copies else ()
+        items = [value] if isinstance(value, str) else list(value)
+        items = [i if isinstance(i, str) else "=".join(str(x) for x in i) for i in items]
+        return parse_site_replicas(items).per_site if items else ()
+    except ValueError as error:
+        raise ConfigError(f"site_replicas: {error}") from None
 
 
 def _parse_peer_routes(value: Any) -> tuple[tuple[str, str], ...]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import mmap
 import socketserver
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -34,7 +35,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, association_guard, codec, commitment, raw_send, tls
+from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, raw_send, spool, tls
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
@@ -47,7 +48,7 @@ from pacsnode.replication.archive import (
     WriteStatus,
 )
 from pacsnode.replication.matching import Condition, Query, QueryError
-from pacsnode.replication.model import Attributes
+from pacsnode.replication.model import Attributes, Instance
 from pacsnode.replication.query import level_of
 
 if TYPE_CHECKING:
@@ -129,6 +130,9 @@ class DicomFrontEnd:
         self._counts_lock = threading.Lock()
         self._server: Any = None
         self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
+        self.spool = acceptor.SpoolSettings(
+            threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
+            budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
         self.ae = self._build_ae()
         # Storage Commitment (node/commitment.py): served when the archive can check the cluster.
         self.commitment: commitment.CommitmentScp | None = None
@@ -142,6 +146,7 @@ class DicomFrontEnd:
     def _build_ae(self) -> AE:
         config = self._config
         ae = acceptor.NodeAE(ae_title=config.ae_title)
+        ae.spool = getattr(self, "spool", None)  # Received data sets (node/spool.py); see AcceptorDIMSE.
         ae.maximum_pdu_size = config.max_pdu_bytes
         ae.maximum_associations = config.max_associations
         ae.dimse_timeout = config.dimse_timeout_s
@@ -174,6 +179,9 @@ class DicomFrontEnd:
         ]
 
     def start(self) -> None:
+        removed = spool.clear_directory(self.spool.directory)  # Left by a crash mid-transfer.
+        if removed:
+            log.info("dicom.spool.cleared files=%d", removed)
         handlers = self.guard.wrap(self.handlers())  # Access control and audit around each handler.
         self._server = acceptor.start_server(self.ae, (self._config.host, self._config.dicom_port), handlers)
         if self._config.dicom_tls_port and self._security is not None and self._security.files is not None:
@@ -234,6 +242,62 @@ class DicomFrontEnd:
     # ----------------------------------------------------------------- C-STORE
     def _on_store(self, event: Any) -> Dataset | int:
         self._count("c_store")
+        data = event.request.DataSet
+        try:
+            if isinstance(data, spool.SpoolBuffer) and data.refusal is not None:
+                return self._refused(event, data)
+            if isinstance(data, spool.SpoolBuffer) and data.spooled:
+                return self._store_spooled(event, data)
+            return self._store_in_memory(event)
+        finally:
+            if isinstance(data, spool.SpoolBuffer):
+                data.close()  # Releases its in-memory reservation and removes its file.
+
+    def _refused(self, event: Any, data: spool.SpoolBuffer) -> Dataset:
+        """A data set the acceptor did not keep (node/spool.py): 0xA700, one log line."""
+        config = self._config
+        limit = {spool.Refusal.TOO_LARGE: config.instance_size_bytes_max,
+                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(data.refusal, 0)
+        log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
+                    cast(spool.Refusal, data.refusal).value, data.size_bytes, limit, event.assoc.requestor.ae_title)
+        comments = {spool.Refusal.TOO_LARGE: "instance is over the size limit",
+                    spool.Refusal.INFLIGHT: "node is holding too many instance bytes; try again",
+                    spool.Refusal.SPOOL_FAILED: "could not write the instance to a temporary file"}
+        return _status(STATUS_OUT_OF_RESOURCES, comments[cast(spool.Refusal, data.refusal)])
+
+    def _store_spooled(self, event: Any, data: spool.SpoolBuffer) -> Dataset | int:
+        """A data set received into a file: validate its header from the file, hash and
+        compress it in chunks, store it; the instance is never in memory whole (only its
+        compressed copy, reserved in the in-flight budget)."""
+        request = event.request
+        transfer_syntax = str(event.context.transfer_syntax)
+        path = data.finish()
+        try:
+            content_hash, blob, reserved = spool.digest_and_compress(path, data.dataset_offset, transfer_syntax,
+                                                                     self.spool.budget, codec.ZSTD_LEVEL)
+        except spool.OverBudget:
+            log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
+                        spool.Refusal.INFLIGHT.value, data.size_bytes, self._config.inflight_instance_bytes_max,
+                        event.assoc.requestor.ae_title)
+            return _status(STATUS_OUT_OF_RESOURCES, "node is holding too many instance bytes; try again")
+        try:
+            with open(path, "rb") as source, mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as part10:
+                try:
+                    instance = ingest.instance_from_spooled(
+                        part10, path, data.dataset_offset, transfer_syntax, content_hash_value=content_hash,
+                        blob=blob, affected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
+                        affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None)
+                except InvalidInstance as error:
+                    log.warning("dicom.store.rejected reason=%s status=0x%04X calling_ae_title=%s", error.reason,
+                                error.status, event.assoc.requestor.ae_title)
+                    return _status(error.status, error.reason)
+                del blob
+                log.info("dicom.store.spooled size_bytes=%d blob_bytes=%d", data.size_bytes, reserved)
+                return self._archive_store(instance)
+        finally:
+            self.spool.budget.release(reserved)
+
+    def _store_in_memory(self, event: Any) -> Dataset | int:
         request = event.request
         try:
             dataset_bytes = request.DataSet.getvalue()
@@ -267,6 +331,9 @@ class DicomFrontEnd:
             )
             return _status(error.status, error.reason)
         instance = dataclasses.replace(instance, blob=compressed.result())
+        return self._archive_store(instance)
+
+    def _archive_store(self, instance: Instance) -> Dataset | int:
         result = self._archive.store(instance)
         if result.status == WriteStatus.SUCCESS:
             log.debug(

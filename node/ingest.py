@@ -175,6 +175,48 @@ def read_attributes(stream: bytes, keywords: Iterable[str] | None = None) -> tup
     return dataset, attributes
 
 
+def read_file_attributes(path: Any) -> tuple[Dataset, Attributes]:
+    """read_attributes for a Part-10 file on disk: only the header is read (pydicom stops
+    before the pixel data); the instance is never loaded whole."""
+    try:
+        with open(path, "rb") as source:
+            dataset = dcmread(source, stop_before_pixels=True, specific_tags=_INDEX_TAGS)
+            attributes: Attributes = {}
+            for element in dataset:
+                keyword = element.keyword
+                if not keyword or element.VR == "SQ":
+                    continue
+                text = element_text(element.value)
+                if text != "" and text != []:
+                    attributes[keyword] = text
+    except OSError:
+        raise
+    except Exception as error:  # pydicom raises many types on malformed input
+        raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, f"unreadable dataset: {type(error).__name__}") from None
+    return dataset, attributes
+
+
+def instance_from_spooled(
+    part10: Any,
+    path: Any,
+    dataset_offset: int,
+    transfer_syntax_uid: str,
+    *,
+    content_hash_value: str,
+    blob: bytes,
+    affected_sop_class_uid: str | None = None,
+    affected_sop_instance_uid: str | None = None,
+) -> Instance:
+    """instance_from_part10 for a data set spooled to a Part-10 file (node/spool.py):
+    `part10` is a read-only mmap of the file (its structure is walked header by header,
+    the values are never touched), `content_hash_value` and `blob` were computed from the
+    file in chunks. Raises InvalidInstance."""
+    check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
+    _dataset, attributes = read_file_attributes(path)
+    return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, content_hash_value, blob,
+                     affected_sop_class_uid, affected_sop_instance_uid)
+
+
 def instance_from_part10(
     part10: bytes,
     dataset_offset: int,
@@ -186,6 +228,13 @@ def instance_from_part10(
     """Validate and describe one received instance. Raises InvalidInstance."""
     check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
     _dataset, attributes = read_attributes(part10)
+    return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, None, b"",
+                     affected_sop_class_uid, affected_sop_instance_uid)
+
+
+def _instance(part10: Any, dataset_offset: int, transfer_syntax_uid: str, attributes: Attributes,
+              hash_value: str | None, blob: bytes, affected_sop_class_uid: str | None,
+              affected_sop_instance_uid: str | None) -> Instance:
     study_uid = attributes.get("StudyInstanceUID")
     series_uid = attributes.get("SeriesInstanceUID")
     sop_uid = attributes.get("SOPInstanceUID")
@@ -215,7 +264,9 @@ def instance_from_part10(
         part10=part10,
         dataset_offset=dataset_offset,
         attributes=attributes,
-        content_hash=content_hash(transfer_syntax_uid, part10[dataset_offset:]),
+        content_hash=hash_value if hash_value is not None else content_hash(transfer_syntax_uid,
+                                                                             part10[dataset_offset:]),
+        blob=blob,
     )
 
 

@@ -35,7 +35,7 @@ from pacsnode.replication.ownership import refuses_not_owner
 from pacsnode.replication.repair import intervals_of
 from pacsnode.replication.store_protocol import Entry, ReplicaStore
 from pacsnode.replication.transport import PeerRefused, RefusalReason
-from pacsnode.ring.placement import Ring, TokenRange
+from pacsnode.ring.placement import Replication, Ring, TokenRange
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class PeerHandler:
     ListBucket."""
 
     def __init__(self, node_id: str, store: ReplicaStore, membership: RingView, pending: PendingRanges, *,
-                 replication_factor: int, run_blocking: RunBlocking, run_write: RunBlocking | None = None) -> None:
+                 replication_factor: Replication, run_blocking: RunBlocking, run_write: RunBlocking | None = None) -> None:
         self.node_id = node_id
         self.store = store
         self.membership = membership

@@ -28,10 +28,11 @@ from pacsnode.replication.digest import SEGMENT_COUNT, Digest
 from pacsnode.replication.matching import Query, QueryError
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
-from pacsnode.ring.placement import TokenRange
+from pacsnode.ring.placement import TokenRange, replica_total
 from pacsnode.replication.model import StoredInstance, StoreOutcome
 from pacsnode.replication.transport import PeerRefused, RefusalReason
 from pacsnode.node.peer_handler import RangesPending
+from pacsnode.node.swim_membership import MembershipUnavailable
 
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
@@ -349,14 +350,15 @@ class MembershipService(pb_grpc.MembershipServicer):
         membership = self.node.membership
         updates = self._updates(request.updates, source)
         if request.sequence_number == 0:
-            membership.receive(source, swim.Gossip(updates))
+            await membership.answer(source, swim.Gossip(updates))
             return pb.Ack(envelope=self.server.envelope())
-        reply = membership.receive(source, swim.Ping(int(request.sequence_number), self.node.config.node_id, updates))
-        if not isinstance(reply, swim.Ack):  # Unhealthy, or we have left or were removed: a silent member.
-            why = (f"unhealthy: {membership.unhealthy_reason}" if membership.unhealthy_reason
-                   else "not a member now")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.node.config.node_id} is {why}")
-            raise AssertionError("unreachable")
+        try:
+            reply = await membership.answer(source, swim.Ping(int(request.sequence_number), self.node.config.node_id,
+                                                              updates))
+        except MembershipUnavailable as silent:  # Unhealthy, or we have left or were removed.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(silent))
+            raise AssertionError("unreachable") from None
+        assert isinstance(reply, swim.Ack)
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def IndirectPing(self, request: pb.IndirectPingRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
@@ -370,13 +372,14 @@ class MembershipService(pb_grpc.MembershipServicer):
         target = MemberInfo(node_id=request.target_id, peer_host=request.target_address.host,
                             peer_port=int(request.target_address.port))
         message = swim.IndirectPing(sequence_number, target, probe_timeout_ms, self._updates(request.updates, source))
-        reply = await self.node.membership.relay(source, message, deadline_s=context.time_remaining())
+        reply = await self.node.membership.answer(source, message, deadline_s=context.time_remaining())
+        assert isinstance(reply, (swim.Ack, swim.Nack))
         return peer_wire.ack_to_wire(reply, self.server.envelope())
 
     async def PushPull(self, request: pb.PushPullRequest, context: grpc.aio.ServicerContext) -> pb.PushPullReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "PushPull")
         source = request.envelope.sender_id
-        reply = self.node.membership.receive(source, swim.PushPullRequest(self._updates(request.members, source)))
+        reply = await self.node.membership.answer(source, swim.PushPullRequest(self._updates(request.members, source)))
         members = reply.members if isinstance(reply, swim.PushPullReply) else ()
         return pb.PushPullReply(envelope=self.server.envelope(), members=[peer_wire.update_to_wire(u) for u in members])
 
@@ -464,7 +467,7 @@ class AdminService(pb_grpc.AdminServicer):
         node = self.node
         membership = node.membership
         ring = membership.ring()
-        n = ring.effective_replicas(node.config.replication_factor)
+        n = ring.effective(node.config.replication)
         ownership = ring.ownership(n) if len(ring) else {}
         reply = pb.StatusReply(envelope=self.server.envelope(), started_at_ms=node.started_at_ms,
                                software_version=node.software_version)
@@ -494,7 +497,7 @@ class AdminService(pb_grpc.AdminServicer):
                 range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),
                 source_id=transfer.source, done_bytes=transfer.done_bytes, total_bytes=max(transfer.total_bytes,
                                                                                           transfer.done_bytes)))
-        reply.settings.CopyFrom(replication_settings(node.config, effective_n=n))
+        reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
         return reply
 
 
@@ -504,9 +507,9 @@ class AdminService(pb_grpc.AdminServicer):
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "RingView")
         node = self.node
         ring = node.membership.ring()
-        n = ring.effective_replicas(node.config.replication_factor)
+        n = ring.effective(node.config.replication)
         reply = pb.RingViewReply(envelope=self.server.envelope())
-        reply.settings.CopyFrom(replication_settings(node.config, effective_n=n))
+        reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
         if not len(ring):
             return reply
         pending = node.repairer.pending()
@@ -544,8 +547,9 @@ async def _admin_call(node: "Node", function: Any) -> Any:
 
 def replication_settings(config: Any, *, effective_n: int = 0) -> pb.ReplicationSettings:
     """The node's replication settings as Join, Status and RingView report them (reads: R=1)."""
-    return pb.ReplicationSettings(replication_factor=config.replication_factor, write_quorum=config.write_quorum,
-                                  read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n)
+    return pb.ReplicationSettings(replication_factor=replica_total(config.replication), write_quorum=config.write_quorum,
+                                  read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n,
+                                  site_replicas=str(config.replication) if config.site_replicas else "")
 
 
 def describe_rpc_error(error: Any) -> str:

@@ -101,9 +101,10 @@ def _send_stored(
     stored_syntax = stored.stored_transfer_syntax
     accepted = _accepted_syntaxes(assoc, sop_class)
     part10, offset = stored.load()  # Raises on a missing or corrupt blob: sub-op fails.
+    payload: bytes | memoryview
     if stored_syntax in accepted:
         syntax = stored_syntax
-        payload = part10[offset:]
+        payload = memoryview(part10)[offset:]  # Not a copy: a 200 MB instance was held twice.
     else:
         fallback = [s for s in accepted if s in UNCOMPRESSED]
         if stored_syntax not in UNCOMPRESSED or not fallback:
@@ -121,7 +122,7 @@ def _send_stored(
     request.MoveOriginatorMessageID = originator_id
     request.AffectedSOPClassUID = sop_class
     request.AffectedSOPInstanceUID = sop_instance
-    request.DataSet = BytesIO(payload)
+    request.DataSet = _DatasetView(payload)
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
     # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
     # before a wait that does not block while the checkpoint is still set), and the reactor
@@ -147,6 +148,19 @@ def _send_stored(
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(response)
+
+
+class _DatasetView(BytesIO):
+    """The data set to send, as pynetdicom 3.0.4's DIMSE encoder reads it: `getvalue()`,
+    then slices of it for the P-DATA fragments. Returns a view of the stored bytes, where
+    BytesIO(bytes[offset:]) would have copied the whole data set first."""
+
+    def __init__(self, payload: bytes | memoryview) -> None:
+        super().__init__()
+        self._payload = payload
+
+    def getvalue(self) -> Any:
+        return self._payload
 
 
 def _transcode(part10: bytes, syntax: str) -> bytes:

@@ -26,7 +26,7 @@ from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
-from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
 from pacsnode.node.runtime import ClusterArchive, LoopThread
@@ -160,7 +160,7 @@ class Node:
             self.transport,
             self.replica,
             CoordinatorSettings(
-                replication_factor=config.replication_factor,
+                replication_factor=config.replication,
                 write_quorum=config.write_quorum,
                 read_quorum=config.read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
@@ -181,7 +181,7 @@ class Node:
                                       find_buffer_rows=config.find_buffer_rows)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
-            RepairSettings(replication_factor=config.replication_factor, interval_ms=config.anti_entropy_interval_ms,
+            RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
                            fetch_timeout_ms=config.fetch_timeout_ms,
                            bytes_per_second_max=config.repair_bytes_per_second_max,
                            fetch_window=config.repair_fetch_window),
@@ -191,7 +191,7 @@ class Node:
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
         self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
-                                        replication_factor=config.replication_factor,
+                                        replication_factor=config.replication,
                                         run_blocking=asyncio.to_thread)
         self.workers: WorkerPool | None = None  # dicom_workers > 0: the front end runs in worker processes.
         self.peer_server = PeerServer(self)
@@ -339,7 +339,7 @@ class Node:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
         if port != self.config.peer_port:
             self.membership.update_self(peer_port=port)
-        self.membership.start(self.transport)
+        self.membership.start(GrpcCarrier(self.transport))
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())

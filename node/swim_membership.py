@@ -2,14 +2,24 @@
 
 ring/swim.py is the state machine (SWIM + Lifeguard, Sans-IO); this module is its shell:
 
-- a timer task calls `tick(now_ms)` at `next_tick_ms()`;
-- every `Outbound` request is sent as a Membership RPC (node/peer_wire.py maps the
-  messages) with a deadline; its reply goes back in through `on_message`, and a send that
-  fails (refused, unreachable, deadline) through `message_failed`;
-- the peer server (node/peer_server.py MembershipService) hands incoming requests to
-  `receive()`, which answers with the reply the state machine produced. An IndirectPing's
-  answer comes later (the target's ack, or a nack at the relay timeout), so its call is
-  held open on a future (`hold()`) until then.
+- a timer calls `tick(now_ms)` at `next_tick_ms()`;
+- every `Outbound` request is sent as one call through a `MembershipCarrier` with a
+  deadline; its reply goes back in through `on_message`, and a send that fails (refused,
+  unreachable, deadline) through `message_failed`;
+- the peer server hands incoming requests to `answer()` (or `receive()`), which answers
+  with the reply the state machine produced. An IndirectPing's answer comes later (the
+  target's ack, or a nack at the relay timeout), so its call is held open on a future
+  (`hold()`) until then.
+
+Its edges are injected, so that the simulator (sim/cluster.py) runs this very driver:
+
+- the clock and timers (`MembershipClock`): `SystemClock` on a node (time.monotonic,
+  time.time, the running asyncio loop's call_later); the simulator's per-node virtual
+  clock (skew, drift, pauses);
+- the carriage (`MembershipCarrier`): `GrpcCarrier` on a node (Membership RPCs, mapped by
+  node/peer_wire.py); the simulator's network (sim/network.py `SimNetwork.swim_call`);
+- how the ring is built from its members (`ring_factory`: `Ring`; the simulator shares
+  one Ring per membership between its nodes).
 
 For the data path it is a `MembershipView` (ring, is_alive, member, members): views are
 rebuilt after every input and swapped in whole, so DICOM association threads may read
@@ -29,13 +39,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from pacsnode.node import peer_wire
 from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MemberInfo
-from pacsnode.ring.placement import Ring
+from pacsnode.ring.placement import Member, Ring
 from pacsnode.ring.trouble import TroubleLog
 from pacsnode.ring.swim import (
     REPLIES,
@@ -57,6 +67,7 @@ from pacsnode.ring.swim import (
     Swim,
     SwimConfig,
     SwimStatistics,
+    Transition,
     newer,
 )
 
@@ -86,6 +97,72 @@ def wall_ms() -> int:
     return int(time.time() * 1000)
 
 
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class MembershipClock(Protocol):
+    """The time the driver reads and its timers."""
+
+    def now_ms(self) -> int:
+        """Monotonic milliseconds: what every Swim input is stamped with."""
+        ...
+
+    def wall_ms(self) -> int:
+        """Wall-clock milliseconds (a new generation's updated_at_ms)."""
+        ...
+
+    def call_at(self, at_ms: int, callback: Callable[[], None]) -> TimerHandle:
+        """Run `callback` on the loop once now_ms() >= at_ms (about)."""
+        ...
+
+
+class SystemClock:
+    """The node's clock: time.monotonic and time.time; timers on the running asyncio loop."""
+
+    def now_ms(self) -> int:
+        return now_ms()
+
+    def wall_ms(self) -> int:
+        return wall_ms()
+
+    def call_at(self, at_ms: int, callback: Callable[[], None]) -> TimerHandle:
+        return asyncio.get_running_loop().call_later(max(0, at_ms - now_ms()) / 1000, callback)
+
+
+class MembershipCarrier(Protocol):
+    """How one SWIM request reaches a peer and its reply comes back."""
+
+    async def call(self, target_id: str, address: str, message: Message, *, timeout_ms: int
+                   ) -> tuple[str, Message | None, list[str]]:
+        """Send `message` to the member at `address`: (the answering node's id, its reply, or None
+        when the request has none (a gossip round), problems found in the reply). Raises
+        PeerError when the call failed (refused, unreachable, deadline, refused by the peer)."""
+        ...
+
+
+class GrpcCarrier:
+    """The node's carriage: each SWIM request is a Membership RPC (node/peer_wire.py maps it)."""
+
+    def __init__(self, transport: "GrpcTransport") -> None:
+        self.transport = transport
+
+    async def call(self, target_id: str, address: str, message: Message, *, timeout_ms: int
+                   ) -> tuple[str, Message | None, list[str]]:
+        method, request = peer_wire.request_to_wire(message, target_id, self.transport.envelope())
+        reply = await self.transport.membership_call(address, method, request, timeout_ms=timeout_ms)
+        source: str = reply.envelope.sender_id
+        if isinstance(message, Gossip):
+            return source, None, []  # Its reply is an empty Ack.
+        answer, problems = peer_wire.reply_from_wire(method, reply)
+        return source, answer, problems
+
+
+class MembershipUnavailable(Exception):
+    """This node does not answer the request now: it is unhealthy (no acks), or no longer a
+    member (left, removed). The caller sees a failed call (gRPC UNAVAILABLE on a node)."""
+
+
 @dataclass(frozen=True)
 class _View:
     """What the data path reads, rebuilt after every input (readers on other threads see one whole)."""
@@ -109,7 +186,9 @@ class SwimMembership:
     """MembershipView for the node, kept by SWIM + Lifeguard (ring/swim.py) over gRPC."""
 
     def __init__(self, cluster_id: str, me: MemberInfo, seeds: Iterable[str], *, config: SwimConfig,
-                 rng: random.Random | None = None, next_generation: Callable[[], int] | None = None) -> None:
+                 rng: random.Random | None = None, next_generation: Callable[[], int] | None = None,
+                 clock: MembershipClock | None = None,
+                 ring_factory: Callable[[str, tuple[Member, ...]], Ring] = Ring) -> None:
         self.cluster_id = cluster_id
         self.self_id = me.node_id
         self.config = config
@@ -117,17 +196,22 @@ class SwimMembership:
         self._rng = rng or random.Random()
         self._me = me
         self._next_generation = next_generation or (lambda: self._me.generation + 1)
-        self.swim = Swim(config, me, self._rng, now_ms())
-        self.transport: "GrpcTransport | None" = None
+        self.clock: MembershipClock = clock or SystemClock()
+        self._ring_factory = ring_factory
+        self.swim = Swim(config, me, self._rng, self.clock.now_ms())
+        self.carrier: MembershipCarrier | None = None
         self.on_change: list[Callable[[], None]] = []  # Called whenever the ring members change.
+        # Called with every batch of state transitions the state machine reports (after logging).
+        self.on_transitions: list[Callable[[list[Transition]], None]] = []
         self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
         self._join_refused = ""
         self.counters = MembershipCounters()
         self._left_by_us = False
         self._started = False
         self._stopped = False
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self._timer: TimerHandle | None = None
+        self._timer_at_ms = -1
+        self._last_tick_ms = -(1 << 62)
         self._sends: set[asyncio.Task[None]] = set()
         self._held: dict[tuple[str, int], asyncio.Future[Message]] = {}
         # Local health (node/health.py): while unhealthy, no acks and no refutations; the
@@ -137,7 +221,7 @@ class SwimMembership:
         self.probes_unanswered = 0
         self.trouble = TroubleLog()  # When another member last changed state (reads widen after it).
         self._view = self._build_view(None)
-        self._ring_sync = RingSync(peer_interval_ms=config.push_pull_interval_ms, gap_ms=config.probe_interval_ms)
+        self.ring_sync = RingSync(peer_interval_ms=config.push_pull_interval_ms, gap_ms=config.probe_interval_ms)
 
     # ----------------------------------------------------------------- MembershipView
     def ring(self) -> Ring:
@@ -154,7 +238,7 @@ class SwimMembership:
         return list(self._view.members.values())
 
     def troubled_within(self, window_ms: int) -> bool:
-        return self.trouble.within(now_ms(), window_ms)
+        return self.trouble.within(self.clock.now_ms(), window_ms)
 
     # ----------------------------------------------------------------- more views
     def records(self) -> list[MemberUpdate]:
@@ -187,7 +271,7 @@ class SwimMembership:
         if self._started:
             raise RuntimeError("update_self after start: the cluster already knows us")
         self._me = replace(self._me, **changes)
-        self.swim = Swim(self.config, self._me, self._rng, now_ms())
+        self.swim = Swim(self.config, self._me, self._rng, self.clock.now_ms())
         self.seeds = [s for s in self.seeds if s != self._me.peer_address]
         self._view = self._build_view(None)
         return self._me
@@ -225,9 +309,9 @@ class SwimMembership:
         it now (a push-pull, as the periodic one), rate-limited per peer (RingSync), so the
         two views converge in one round trip. Loop only (the peer server calls it)."""
         member = self.member(node_id)
-        if member is None or node_id == self.self_id or self.transport is None or self._stopped:
+        if member is None or node_id == self.self_id or self.carrier is None or self._stopped:
             return
-        if not self._ring_sync.due(node_id, now_ms(), ring_version=self.ring().version,
+        if not self.ring_sync.due(node_id, self.clock.now_ms(), ring_version=self.ring().version,
                                    sender_ring_version=sender_ring_version):
             return
         log.debug("membership.ring_mismatch node=%s theirs=%x ours=%x", node_id, sender_ring_version,
@@ -275,56 +359,77 @@ class SwimMembership:
         return replace(message, **{field_name: tuple(kept)})  # type: ignore[type-var]
 
     # ----------------------------------------------------------------- loop
-    def start(self, transport: "GrpcTransport") -> None:
+    def start(self, carrier: MembershipCarrier) -> None:
         """Join through the seeds and start the timers. On the node's loop."""
-        self.transport = transport
+        self.carrier = carrier
         self._started = True
-        self._wake = asyncio.Event()
-        self._task = asyncio.ensure_future(self._run())
         self._input(lambda now: self.swim.join(now, self.seeds))
         log.info("membership.started node=%s generation=%d probe_interval_ms=%d probe_timeout_ms=%d "
                  "dead_grace_ms=%d seeds=%s", self.self_id, self.generation, self.config.probe_interval_ms,
                  self.config.probe_timeout_ms, self.config.dead_grace_ms, ",".join(self.seeds) or "none")
 
+    def learn(self, records: Iterable[MemberUpdate]) -> None:
+        """Merge member records (as a push-pull reply's): the simulator's start knowing the
+        whole cluster. Before start(), nothing is sent."""
+        snapshot = tuple(records)
+        self._input(lambda now: self.swim.on_message(now, "", PushPullReply(snapshot)))
+
     async def stop(self) -> None:
-        self._stopped = True
-        tasks = [t for t in ([self._task] if self._task else []) + list(self._sends)]
+        tasks = list(self._sends)
+        self.stopped()
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stopped(self) -> None:
+        """The process is ending: no more timers, sends or held answers (stop() also waits
+        for the sends in flight to finish cancelling)."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for future in self._held.values():
             if not future.done():
                 future.cancel()
         self._held.clear()
 
-    async def _run(self) -> None:
-        wake = self._wake
-        assert wake is not None
-        loop = asyncio.get_running_loop()
-        last_tick_ms = -1
-        while not self._stopped:
-            try:
-                now = now_ms()
-                due = max(self.swim.next_tick_ms(), last_tick_ms + 1)
-                if due <= now:
-                    last_tick_ms = now
-                    self._input(lambda t: self.swim.tick(t))
-                    await asyncio.sleep(0)
-                    continue
-                # Sleep until the next timer or the next input (which may bring one forward).
-                # A timer handle, not asyncio.wait_for, which can swallow a cancellation.
-                wake.clear()
-                timer = loop.call_later(min(due - now, 1_000) / 1000, wake.set)
-                try:
-                    await wake.wait()
-                finally:
-                    timer.cancel()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # Never let membership die; say why and go on.
-                log.error("membership.tick.error error=%r", error)
-                await asyncio.sleep(self.config.gossip_interval_ms / 1000)
+    def clock_changed(self) -> None:
+        """The clock jumped or changed its rate (the simulator's clock faults): re-arm the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """(Re)arm the timer for the state machine's next deadline (never twice at one instant)."""
+        if not self._started or self._stopped:
+            return
+        due = max(self.swim.next_tick_ms(), self._last_tick_ms + 1)
+        if self._timer is not None:
+            if self._timer_at_ms == due:
+                return
+            self._timer.cancel()
+        self._timer_at_ms = due
+        self._timer = self.clock.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._stopped:
+            return
+        now = self.clock.now_ms()
+        if now < self._timer_at_ms:  # Woken a little early: wait again.
+            self._schedule()
+            return
+        self._last_tick_ms = now
+        try:
+            self._input(lambda t: self.swim.tick(t))
+        except Exception as error:  # Never let membership die; say why and go on.
+            log.error("membership.tick.error error=%r", error)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at_ms = now + self.config.gossip_interval_ms
+            self._timer = self.clock.call_at(self._timer_at_ms, self._on_timer)
 
     # ----------------------------------------------------------------- inputs
     def receive(self, source_id: str, message: Message) -> Message | None:
@@ -375,6 +480,34 @@ class SwimMembership:
         reply = answer.result() if answer.done() and not answer.cancelled() else None
         return reply if isinstance(reply, (Ack, Nack)) else Nack(sequence_number)
 
+    async def answer(self, source_id: str, message: Message, *, deadline_s: float | None = None) -> Message | None:
+        """Serve one SWIM request from a peer: what node/peer_server.py's MembershipService
+        answers, and what the simulator's network carries back. A gossip round has no reply
+        (None); a Ping we do not ack raises MembershipUnavailable; a request the state machine
+        did not answer gets the empty reply (no members, not accepted)."""
+        match message:
+            case IndirectPing():
+                return await self.relay(source_id, message, deadline_s=deadline_s)
+            case Gossip():
+                self.receive(source_id, message)
+                return None
+            case Ping():
+                reply = self.receive(source_id, message)
+                if not isinstance(reply, Ack):
+                    why = f"unhealthy: {self.unhealthy_reason}" if self.unhealthy_reason else "not a member now"
+                    raise MembershipUnavailable(f"{self.self_id} is {why}")
+                return reply
+            case PushPullRequest():
+                reply = self.receive(source_id, message)
+                return reply if isinstance(reply, PushPullReply) else PushPullReply(())
+            case JoinRequest():
+                reply = self.receive(source_id, message)
+                return reply if isinstance(reply, JoinReply) else JoinReply(False, f"{self.self_id} is not a member now")
+            case LeaveRequest():
+                reply = self.receive(source_id, message)
+                return reply if isinstance(reply, LeaveReply) else LeaveReply(False)
+        raise ValueError(f"not a request: {type(message).__name__}")
+
     def hold(self, source_id: str, sequence_number: int) -> asyncio.Future[Message]:
         """A future for the Ack/Nack the state machine will address to (source_id, sequence_number)."""
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -393,7 +526,7 @@ class SwimMembership:
     def _input(self, step: Callable[[int], list[Outbound]],
                is_answer: Callable[[Outbound], bool] | None = None) -> None:
         """Run one input of the state machine, then log, refresh views, and send what it produced."""
-        now = now_ms()
+        now = self.clock.now_ms()
         outbound = step(now)
         self._after(now)
         if self.swim.self_state() is State.REMOVED or (self.swim.self_state() is State.LEFT
@@ -403,11 +536,11 @@ class SwimMembership:
             if is_answer is not None and isinstance(item.message, REPLIES) and is_answer(item):
                 continue
             self._dispatch(item)
-        if self._wake is not None:
-            self._wake.set()
+        self._schedule()
 
     def _after(self, now: int) -> None:
-        for event in self.swim.drain_events():
+        events = self.swim.drain_events()
+        for event in events:
             if event.node_id != self.self_id:
                 self.trouble.note(now)
             record = self.swim.record(event.node_id)
@@ -415,6 +548,9 @@ class SwimMembership:
             log.log(level, "membership.state node=%s old=%s new=%s generation=%d incarnation=%d", event.node_id,
                     event.old_state.value if event.old_state else "none", event.new_state.value,
                     record.generation if record else 0, record.incarnation if record else 0)
+        if events:
+            for observe in self.on_transitions:
+                observe(events)
         refused = self.swim.join_refused_reason
         if refused != self._join_refused:
             self._join_refused = refused
@@ -449,7 +585,7 @@ class SwimMembership:
         if previous is not None and tuple(m for m in previous.ring.members) == tuple(sorted(ring_members)):
             ring = previous.ring
         else:
-            ring = Ring(self.cluster_id, ring_members)
+            ring = self._ring_factory(self.cluster_id, tuple(sorted(ring_members)))
         members = {view.info.node_id: view.info for view in swim.members()}
         reachable = frozenset(node_id for node_id in members if swim.is_alive(node_id))
         return _View(ring, members, reachable, ring_key)
@@ -461,7 +597,7 @@ class SwimMembership:
         self.counters.rejoins += 1
         log.warning("membership.rejoin node=%s state=%s old_generation=%d new_generation=%d", self.self_id,
                     old.self_state().value, old.generation, generation)
-        self._me = replace(self._me, generation=generation, updated_at_ms=wall_ms())
+        self._me = replace(self._me, generation=generation, updated_at_ms=self.clock.wall_ms())
         self.swim = Swim(self.config, self._me, self._rng, now)
         # Keep what we knew of the others (so the ring does not shrink to us meanwhile), then join.
         others = tuple(r for r in (old.record(v.info.node_id) for v in old.members())
@@ -485,7 +621,7 @@ class SwimMembership:
             return
         if isinstance(message, REPLIES):
             return  # A reply whose call is gone: nothing to send it on.
-        if self.transport is None or self._stopped:
+        if self.carrier is None or self._stopped:
             return
         task = asyncio.ensure_future(self._send(outbound))
         self._sends.add(task)
@@ -500,7 +636,7 @@ class SwimMembership:
                 # IndirectPing, until that node's probe timeout (its nack comes then).
                 relay_deadline_ms = self.swim.relay_deadline_ms(message.sequence_number)
                 if relay_deadline_ms is not None:
-                    return max(1, relay_deadline_ms - now_ms())
+                    return max(1, relay_deadline_ms - self.clock.now_ms())
                 return config.probe_interval_ms * scale
             case Gossip():
                 return config.probe_timeout_ms * scale
@@ -509,31 +645,28 @@ class SwimMembership:
         return max(FULL_STATE_TIMEOUT_MS_MIN, 2 * config.probe_interval_ms)
 
     async def _send(self, outbound: Outbound) -> None:
-        assert self.transport is not None
+        carrier = self.carrier
+        assert carrier is not None
         message = outbound.message
         address = outbound.address
         if not address and outbound.target_id:
             member = self.member(outbound.target_id)
             address = member.peer_address if member else ""
-        method, request = peer_wire.request_to_wire(message, outbound.target_id, self.transport.envelope())
-        self.counters.by_method[method] = self.counters.by_method.get(method, 0) + 1
+        kind = type(message).__name__
+        self.counters.by_method[kind] = self.counters.by_method.get(kind, 0) + 1
         try:
             if not address:
                 raise PeerError(f"no address for {outbound.target_id!r}")
-            reply = await self.transport.membership_call(address, method, request,
-                                                         timeout_ms=self._deadline_ms(message))
-            source = reply.envelope.sender_id
+            source, answer, problems = await carrier.call(outbound.target_id, address, message,
+                                                          timeout_ms=self._deadline_ms(message))
             if isinstance(message, Ping) and source != outbound.target_id:
                 raise PeerError(f"{address}: answered by {source[:64]!r}, not {outbound.target_id!r}")
         except PeerError as error:
             self.counters.sends_failed += 1
-            log.debug("membership.send.failed method=%s target=%s error=%s", method, outbound.target_id or address,
+            log.debug("membership.send.failed message=%s target=%s error=%s", kind, outbound.target_id or address,
                       error)
             self._input(lambda now: self.swim.message_failed(now, outbound))
             return
-        if isinstance(message, Gossip):
-            return  # Its reply is an empty Ack.
-        answer, problems = peer_wire.reply_from_wire(method, reply)
         self.ignored(problems, source)
         if answer is not None:
             screened = self._screen(answer)

@@ -405,18 +405,20 @@ class PushPullReply(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., members: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ...) -> None: ...
 
 class ReplicationSettings(_message.Message):
-    __slots__ = ("replication_factor", "write_quorum", "read_quorum", "vnodes", "effective_replication_factor")
+    __slots__ = ("replication_factor", "write_quorum", "read_quorum", "vnodes", "effective_replication_factor", "site_replicas")
     REPLICATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
     WRITE_QUORUM_FIELD_NUMBER: _ClassVar[int]
     READ_QUORUM_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_REPLICATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SITE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     replication_factor: int
     write_quorum: int
     read_quorum: int
     vnodes: int
     effective_replication_factor: int
-    def __init__(self, replication_factor: _Optional[int] = ..., write_quorum: _Optional[int] = ..., read_quorum: _Optional[int] = ..., vnodes: _Optional[int] = ..., effective_replication_factor: _Optional[int] = ...) -> None: ...
+    site_replicas: str
+    def __init__(self, replication_factor: _Optional[int] = ..., write_quorum: _Optional[int] = ..., read_quorum: _Optional[int] = ..., vnodes: _Optional[int] = ..., effective_replication_factor: _Optional[int] = ..., site_replicas: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("envelope", "member")

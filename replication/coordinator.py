@@ -46,6 +46,7 @@ from pacsnode.replication.planning import RangeSet, range_pieces, read_order, st
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
+from pacsnode.ring.placement import Replication, replica_total
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def restamped(stored: StoredInstance, version: Version) -> StoredInstance:
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
-    replication_factor: int = 3  # N
+    replication_factor: Replication = 3  # N, or N copies per site (ring/placement.py SiteReplicas).
     write_quorum: int = 2  # W
     replica_timeout_ms: int = 2_000  # Per-replica deadline on a write (LAN).
     store_timeout_ms: int = 30_000  # Whole C-STORE inside the node.
@@ -120,28 +121,32 @@ class Coordinator:
         self._run_blocking = run_blocking
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
-        self._last_effective_n = -1
+        self._last_effective_n: Replication = -1
         self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
         # Ranges this node is still filling (set by the node to its Repairer's view).
         self.pending: Callable[[], RangeSet] = lambda: RangeSet([])
 
     # ----------------------------------------------------------------- helpers
-    def _replicas(self) -> tuple[int, int]:
-        """(effective N, effective W): capped by the node count; said loudly when capped."""
+    def _replicas(self) -> tuple[Replication, int]:
+        """(effective replication, effective W): N capped by the node count (per-site copies
+        capped by each site's nodes); said loudly when capped. The first is what the ring's
+        placement methods take; W is capped by the copies there really are."""
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._settings.replication_factor)
-        if n != self._last_effective_n:
-            self._last_effective_n = n
-            if n < self._settings.replication_factor and len(ring) == 1:
-                log.info("replication.single_node configured_n=%d: a one-node archive keeps one copy of "
-                         "each study; join more nodes for replicas", self._settings.replication_factor)
-            elif n < self._settings.replication_factor:
+        configured = self._settings.replication_factor
+        n = ring.effective(configured)
+        copies = ring.effective_replicas(configured)
+        if (n, copies) != self._last_effective_n:
+            self._last_effective_n = (n, copies)  # type: ignore[assignment]
+            if copies < replica_total(configured) and len(ring) == 1:
+                log.info("replication.single_node configured_n=%s: a one-node archive keeps one copy of "
+                         "each study; join more nodes for replicas", configured)
+            elif copies < replica_total(configured):
                 log.warning(
-                    "replication.effective_n n=%d configured=%d members=%d: fewer nodes than N, "
-                    "every study is on every node",
-                    n, self._settings.replication_factor, len(ring),
+                    "replication.effective_n n=%d configured=%s members=%d: fewer nodes than copies, "
+                    "some studies are on every node (of their site)",
+                    copies, configured, len(ring),
                 )
-        return n, min(self._settings.write_quorum, n)
+        return n, min(self._settings.write_quorum, max(copies, 1))
 
     def _site_of(self, node_id: str) -> str:
         member = self._membership.member(node_id)
@@ -304,7 +309,7 @@ class Coordinator:
         return WriteResult(status, message=f"stored on {len(acked)} of {w} required replicas",
                            latency_ms=latency_ms)
 
-    async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: int, state: "_WriteState",
+    async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: Replication, state: "_WriteState",
                          timeout_ms: int) -> tuple[str, str, str] | None:
         """One copy: on its owner, or else as a hint on a stand-in. Returns (owner, holder, outcome)."""
         silent_owner = False
@@ -359,7 +364,7 @@ class Coordinator:
             if result is not None:
                 return result
 
-    async def _new_owner_copy(self, refused_by: str, stored: StoredInstance, token: int, n: int,
+    async def _new_owner_copy(self, refused_by: str, stored: StoredInstance, token: int, n: Replication,
                               state: "_WriteState", timeout_ms: int) -> tuple[str, str, str] | None:
         """`refused_by` is not an owner under its ring. If our ring changed since the write was
         planned, the study's owner under it that this write has not asked yet takes a primary
@@ -385,7 +390,7 @@ class Coordinator:
             return candidate, candidate, outcome
         return None
 
-    def _next_stand_in(self, ring: Any, token: int, n: int, owner: str, state: "_WriteState", *,
+    def _next_stand_in(self, ring: Any, token: int, n: Replication, owner: str, state: "_WriteState", *,
                        avoid_site: str | None = None, prefer_site: str | None = None) -> str | None:
         """The next stand-in for `owner` not yet taken by this write. Nodes of a site where a
         stand-in did not answer (probably cut off as a whole) come last; `avoid_site`'s

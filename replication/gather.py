@@ -28,7 +28,7 @@ from pacsnode.replication.model import Attributes
 from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order
 from pacsnode.replication.query import unique_key
 from pacsnode.replication.transport import LocalReplica, Transport, cancelled_by_caller
-from pacsnode.ring.placement import Ring, TokenRange
+from pacsnode.ring.placement import Replication, Ring, TokenRange
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ReadContext:
 
     self_id: str
     ring: Ring
-    n: int
+    n: Replication
     is_alive: Callable[[str], bool]
     site_of: Callable[[str], str]
     pending: RangeSet  # Ranges this node is still filling: asked of another owner.

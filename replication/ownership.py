@@ -7,11 +7,11 @@ Pure: no I/O, no clock reads. node/peer_server.py and the simulator's peer handl
 
 from __future__ import annotations
 
-from pacsnode.ring.placement import Ring
+from pacsnode.ring.placement import Replication, Ring
 
 
 def refuses_not_owner(ring: Ring, self_id: str, study_instance_uid: str, *, hint_for: str,
-                      sender_ring_version: int, replication_factor: int) -> bool:
+                      sender_ring_version: int, replication_factor: Replication) -> bool:
     """True when a write of `study_instance_uid` should be refused as NOT_OWNER.
 
     Only a primary write (not a hint), only when the sender planned it on another ring
@@ -27,7 +27,7 @@ def refuses_not_owner(ring: Ring, self_id: str, study_instance_uid: str, *, hint
         return False
     if not len(ring):
         return False  # No view yet: cannot judge, take it (the drop rule moves it later).
-    n = ring.effective_replicas(replication_factor)
+    n = ring.effective(replication_factor)
     return self_id not in ring.owners_of_study(study_instance_uid, n)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.ring.placement import Ring, TokenRange
+from pacsnode.ring.placement import Replication, Ring, TokenRange
 from pacsnode.ring.tokens import TOKEN_SPACE, study_token
 
 
@@ -51,7 +51,7 @@ class RangeSet:
 
 def coverage_plan(
     ring: Ring,
-    n: int,
+    n: Replication,
     self_id: str,
     is_alive: Callable[[str], bool],
     *,
@@ -128,11 +128,11 @@ def study_range(study_instance_uid: str) -> TokenRange:
     return TokenRange((token - 1) % TOKEN_SPACE, token)
 
 
-def study_pieces(ring: Ring, n: int, uids: Sequence[str]) -> list[Piece]:
+def study_pieces(ring: Ring, n: Replication, uids: Sequence[str]) -> list[Piece]:
     return [Piece(study_range(uid), ring.owners_of_study(uid, n), uid) for uid in uids]
 
 
-def range_pieces(ring: Ring, n: int) -> list[Piece]:
+def range_pieces(ring: Ring, n: Replication) -> list[Piece]:
     return [Piece(owned.token_range, owned.owners) for owned in ring.ranges(n)]
 
 

@@ -30,7 +30,7 @@ from pacsnode.replication.model import StoredInstance, StoreError
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.transport import PeerError, cancelled_by_caller
 from pacsnode.ring.members import MembershipView
-from pacsnode.ring.placement import Ring, TokenRange
+from pacsnode.ring.placement import Replication, Ring, TokenRange, replica_total
 from pacsnode.ring.tokens import TOKEN_SPACE, study_token
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class RepairStore(Protocol):
 
 @dataclass(frozen=True)
 class RepairSettings:
-    replication_factor: int = 3
+    replication_factor: Replication = 3  # N, or N copies per site (ring/placement.py SiteReplicas).
     interval_ms: int = 60_000  # Anti-entropy pass over every owned range.
     rpc_timeout_ms: int = 10_000
     fetch_timeout_ms: int = 60_000
@@ -184,7 +184,7 @@ class Repairer:
         are marked pending at once: a pass in flight may take a while to notice the change,
         and until then this node would answer reads for them as if it held them."""
         ring = self._membership.ring()
-        self._note_ring(ring, ring.effective_replicas(self._settings.replication_factor))
+        self._note_ring(ring, ring.effective(self._settings.replication_factor))
         self._wake.set()
 
     # ----------------------------------------------------------------- main loop
@@ -204,7 +204,7 @@ class Repairer:
                 pass
             self._wake.clear()
 
-    def _note_ring(self, ring: Ring, n: int) -> None:
+    def _note_ring(self, ring: Ring, n: Replication) -> None:
         """Mark ranges newly owned in this ring as pending (all of them if our store is empty)."""
         previous = self._last_ring
         if previous is not None and previous.version == ring.version:
@@ -223,7 +223,7 @@ class Repairer:
             # By token coverage, not by range identity: a removed vnode's range merges into
             # its successor's, so a range we owned "at its end" can have grown a part we did
             # not own; and a pending range reshaped by a second change must stay pending.
-            old_n = previous.effective_replicas(self._settings.replication_factor)
+            old_n = previous.effective(self._settings.replication_factor)
             held = RangeSet(o.token_range for o in previous.ranges(old_n) if self.self_id in o.owners)
             unfilled = RangeSet(self._pending)
             newly = []
@@ -243,7 +243,7 @@ class Repairer:
         clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
         started = clock()
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._settings.replication_factor)
+        n = ring.effective(self._settings.replication_factor)
         self._note_ring(ring, n)
         if len(ring) <= 1:
             return
@@ -273,7 +273,7 @@ class Repairer:
         previous = self._previous_ring
         if previous is None or len(previous) <= 1:
             return []
-        old_n = previous.effective_replicas(self._settings.replication_factor)
+        old_n = previous.effective(self._settings.replication_factor)
         return [o for o in previous.preference_list(token_range.end, old_n)
                 if o != self.self_id and self._membership.is_alive(o)]
 
@@ -282,14 +282,14 @@ class Repairer:
         ring = self._membership.ring()
         if len(ring) <= 1:
             return []  # A one-node archive: one copy is what it has, nothing to catch up.
-        n = ring.effective_replicas(self._settings.replication_factor)
+        n = ring.effective(self._settings.replication_factor)
         result = []
         for owned in ring.ranges(n):
             if self.self_id not in owned.owners:
                 continue
             if owned.token_range in self._pending or not all(self._membership.is_alive(o) for o in owned.owners):
                 result.append(owned.token_range)
-        if n < self._settings.replication_factor:
+        if ring.effective_replicas(n) < replica_total(self._settings.replication_factor):
             result = [o.token_range for o in ring.ranges(n) if self.self_id in o.owners]
         return result
 
@@ -383,7 +383,7 @@ class Repairer:
             self._bucket_bytes = 0
 
     # ----------------------------------------------------------------- drop rule
-    async def _drop_unowned(self, ring: Ring, n: int) -> None:
+    async def _drop_unowned(self, ring: Ring, n: Replication) -> None:
         """Drop what we hold in ranges we no longer own: exactly the instances that every
         current owner was seen to hold, never one that arrived after the check.
 

@@ -156,6 +156,34 @@ Replication = int | SiteReplicas
 """A plain N (copies spread over sites, then hosts) or N copies per site."""
 
 
+def replica_total(n: Replication) -> int:
+    """How many copies `n` asks for in all: N, or the sum of the per-site counts."""
+    return n.total if isinstance(n, SiteReplicas) else n
+
+
+def copies_among(n: Replication, sites: Iterable[str]) -> int:
+    """How many copies a key gets among members in `sites` (one item per member):
+    min(N, members), or per site min(its N, its members) summed."""
+    sites = list(sites)
+    if isinstance(n, SiteReplicas):
+        return sum(min(copies, sites.count(site)) for site, copies in n.per_site)
+    return min(n, len(sites))
+
+
+def parse_site_replicas(items: Iterable[str]) -> SiteReplicas:
+    """`SITE=N` items (a `--site-replicas` flag each, or one item `A=2,B=1`). ValueError when malformed."""
+    copies: dict[str, int] = {}
+    for item in items:
+        for part in str(item).split(","):
+            site, sep, count = part.strip().rpartition("=")
+            if not sep or not site.strip() or not count.strip().isdigit():
+                raise ValueError(f"site replicas must look like SITE=N, got {part.strip()!r}")
+            if site.strip() in copies:
+                raise ValueError(f"site {site.strip()!r} is named twice in the site replicas")
+            copies[site.strip()] = int(count)
+    return SiteReplicas.of(copies)
+
+
 class OwnedRange(NamedTuple):
     """A token range and its owner set, in preference order."""
 
@@ -306,6 +334,18 @@ class Ring:
             return sum(
                 min(copies, len(self._site_members(site))) for site, copies in n.per_site
             )
+        return min(n, len(self._members))
+
+    def effective(self, n: Replication) -> Replication:
+        """The replication keys really get on this ring, to hand to the placement methods.
+
+        A plain N is capped at the member count (`effective_replicas`). Per-site copies are
+        returned as they are: each site's walk already stops at that site's members, so a
+        site with fewer nodes than its N holds one copy on each.
+        """
+        _check_replicas(n)
+        if isinstance(n, SiteReplicas):
+            return n
         return min(n, len(self._members))
 
     def site_members(self, site: str) -> tuple[str, ...]:

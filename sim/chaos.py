@@ -305,7 +305,7 @@ class ChaosCluster:
         return Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
 
     def owners(self, study_uid: str) -> set[str]:
-        return set(self.ring.owners_of_study(study_uid, min(self.settings.replication_factor, len(self.ids))))
+        return set(self.ring.owners_of_study(study_uid, self.ring.effective(self.settings.replication_factor)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+from pacsnode.ring.placement import copies_among
 from pacsnode.ring.swim import State
 from pacsnode.sim.cluster import SimCluster
 from pacsnode.sim.workload import Workload
@@ -94,9 +95,10 @@ class StudyCopies:
 def study_copies(cluster: SimCluster, workload: Workload) -> tuple[dict[str, StudyCopies], int]:
     """Per study with an acknowledged instance: who holds it; and the copies wanted, min(N, live members)."""
     members = set(live_ring_members(cluster))
-    target = min(cluster.config.replication_factor, len(members))
     live = cluster.live_ids()
     ring = cluster.process(live[0]).membership.ring() if live else None
+    target = copies_among(cluster.config.replication_factor,
+                          [ring.member(m).site for m in members] if ring is not None else [])
     sops_of: dict[str, list[str]] = defaultdict(list)
     for sop, writes in workload.acked.items():
         sops_of[writes[0].study_instance_uid].append(sop)

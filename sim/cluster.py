@@ -3,17 +3,16 @@
 Each `SimNode` runs the real code of a node's core, wired the way node/server.py wires
 it, with only the edges swapped (STYLE 4: clock, transport, store):
 
-    ring/swim.py       Swim (SWIM + Lifeguard), driven by timers on the virtual loop and
-                       by messages from the SimNetwork
+    node/swim_membership.py  SwimMembership, the node's SWIM driver over ring/swim.py's Swim
+                       (SWIM + Lifeguard), with the node's clock (`_ProcessClock`: skew,
+                       drift, pauses) and the SimNetwork (`_SimCarrier`) injected; it is
+                       the MembershipView the data path sees
     ring/placement.py  Ring(cluster_id, the members Swim holds in the ring)
     replication/       Coordinator (store, find, locate, read, replay_hints) and Repairer
                        (run_forever: anti-entropy, rebalance, drop rule)
+    node/peer_handler.py  PeerHandler: the peer requests a node serves
     sim/store.py       NonDurableStore instead of RocksStore
     sim/network.py     NodeTransport instead of GrpcTransport
-
-`SwimMembership` is the MembershipView over Swim that the data path sees: the ring is
-built from Swim's ring members (alive, suspect and dead keep their tokens), and a member
-is alive for data while Swim holds it alive or suspect.
 
 A node's running state is a `_Process` (one boot, one generation). Faults act on it:
 
@@ -49,6 +48,7 @@ from typing import Any, Callable
 
 from pacsnode.node.codec import decompress
 from pacsnode.node.peer_handler import PeerHandler, RangesPending
+from pacsnode.node.swim_membership import MembershipUnavailable, SwimMembership, TimerHandle
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.hlc import HybridClock
@@ -57,20 +57,8 @@ from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.repair import Repairer, RepairSettings
 from pacsnode.replication.transport import PeerError, PeerRefused
 from pacsnode.ring.members import MemberInfo
-from pacsnode.ring.placement import Member, Ring
-from pacsnode.ring.trouble import TroubleLog
-from pacsnode.ring.swim import (
-    REPLIES,
-    Message,
-    MemberUpdate,
-    Outbound,
-    PushPullReply,
-    PushPullRequest,
-    State,
-    Swim,
-    SwimConfig,
-    Transition,
-)
+from pacsnode.ring.placement import Member, Replication, Ring
+from pacsnode.ring.swim import Message, MemberUpdate, State, Swim, SwimConfig, Transition, message_bytes
 from pacsnode.sim.loop import VirtualEventLoop, new_loop
 from pacsnode.sim.network import LinkModel, SimNetwork, Trace
 from pacsnode.sim.store import NonDurableStore
@@ -90,7 +78,7 @@ class SimConfig:
     """Everything a simulated cluster is configured with. Defaults: the node's defaults."""
 
     cluster_id: str = "sim"
-    replication_factor: int = 3  # N
+    replication_factor: Replication = 3  # N, or N copies per site (SiteReplicas)
     write_quorum: int = 2  # W
     read_quorum: int = 2  # R (requests that name a study)
     read_fault_window_ms: int = 60_000
@@ -141,9 +129,9 @@ class SharedRing(Ring):
 
     def __init__(self, cluster_id: str, members: Any) -> None:
         super().__init__(cluster_id, members)
-        self._ranges_memo: dict[int, Any] = {}
+        self._ranges_memo: dict[Replication, Any] = {}
 
-    def ranges(self, n: int) -> Any:
+    def ranges(self, n: Replication) -> Any:
         found = self._ranges_memo.get(n)
         if found is None:
             found = self._ranges_memo[n] = super().ranges(n)
@@ -171,60 +159,43 @@ class RingCache:
         return ring
 
 
-class SwimMembership:
-    """replication's MembershipView over one node's Swim, as node/swim_membership.py builds it.
+class _ProcessClock:
+    """A node's clock, as its SWIM driver reads it: the loop's time with this node's skew and
+    drift (`_Process.now_ms`); its timers fire on the loop and, while the process is paused,
+    wait until it resumes (after what arrived meanwhile is read)."""
 
-    The ring is built from Swim's ring members (alive, suspect and dead own tokens; leaving,
-    left and removed do not). A member is alive for data while Swim holds it reachable
-    (alive, leaving or suspect), and the node itself always. `refresh()` says whether the
-    node's `on_change` fires: when who owns tokens, which boot of them, or whether one of
-    them is dead changed (node/swim_membership.py's ring_key).
-    """
+    def __init__(self, process: "_Process") -> None:
+        self._process = process
 
-    def __init__(self, swim: Swim, rings: RingCache, clock: Callable[[], int]) -> None:
-        self.swim = swim
-        self.self_id = swim.self_id
-        self._rings = rings
-        self._clock = clock  # The node's Swim clock (ms).
-        self.trouble = TroubleLog()
-        self._members: tuple[Member, ...] = ()
-        self._change_key: tuple[tuple[str, int, bool], ...] = ()
-        self._ring: Ring | None = None
-        self.refresh()
+    def now_ms(self) -> int:
+        return self._process.now_ms()
 
-    def refresh(self) -> bool:
-        """Re-read Swim after an input; True when the node's on_change would fire."""
-        in_ring = self.swim.ring_members()
-        members = tuple(sorted(m.as_ring_member() for m in in_ring))
-        if members != self._members or self._ring is None:
-            self._members = members
-            self._ring = None
-        key = tuple((m.node_id, m.generation, m.state == State.DEAD.value) for m in in_ring)
-        changed = key != self._change_key
-        self._change_key = key
-        return changed
+    def wall_ms(self) -> int:
+        return self._process.now_ms()
 
-    def ring(self) -> Ring:
-        if self._ring is None:
-            self._ring = self._rings.get(self._members)
-        return self._ring
+    def call_at(self, at_ms: int, callback: Callable[[], None]) -> TimerHandle:
+        process = self._process
+        loop = process.loop
+        when = max(process._loop_ms_for(at_ms) / 1000, loop.time())
+        return loop.call_at(when, process.timer_fired, callback)
 
-    def is_alive(self, node_id: str) -> bool:
-        return node_id == self.self_id or self.swim.is_alive(node_id)
 
-    @property
-    def joined(self) -> bool:
-        """As node/swim_membership.py: False until a seed accepted our join."""
-        return self.swim.joined
+class _SimCarrier:
+    """A node's SWIM carriage over the SimNetwork: one call per request, answered by the
+    target's driver (`_Process.handle("swim")`). A process paused meanwhile hears the
+    outcome only once it runs again."""
 
-    def member(self, node_id: str) -> MemberInfo | None:
-        return self.swim.member(node_id)
+    def __init__(self, process: "_Process", transport: Any) -> None:
+        self._process = process
+        self._transport = transport
 
-    def members(self) -> list[MemberInfo]:
-        return [view.info for view in self.swim.members()]
-
-    def troubled_within(self, window_ms: int) -> bool:
-        return self.trouble.within(self._clock(), window_ms)
+    async def call(self, target_id: str, address: str, message: Message, *, timeout_ms: int
+                   ) -> tuple[str, Message | None, list[str]]:
+        try:
+            source, reply = await self._transport.swim_call(target_id, address, message, timeout_ms=timeout_ms)
+        finally:
+            await self._process.wait_running()
+        return source, reply, []
 
 
 # ===================================================================== replica accounting
@@ -283,13 +254,16 @@ class _Process:
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         self.context = contextvars.copy_context()
         self.context.run(_CURRENT.set, self)
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._tick_when = -1.0
-        self._last_tick_ms = -(1 << 60)
-        self.swim = Swim(config.swim, node.member_info(generation),
-                         random.Random(f"{cluster.seed}:{node.node_id}:{generation}"), self.now_ms())
-        self.membership = SwimMembership(self.swim, cluster.rings, self.now_ms)
+        self._timers: list[Callable[[], None]] = []  # Timers that fired while paused.
+        rings = cluster.rings
+        # The node's own SWIM driver, its clock and carriage injected.
+        self.membership = SwimMembership(
+            config.cluster_id, node.member_info(generation), [], config=config.swim,
+            rng=random.Random(f"{cluster.seed}:{node.node_id}:{generation}"), next_generation=self._next_generation,
+            clock=_ProcessClock(self), ring_factory=lambda _cluster_id, members: rings.get(members))
+        self.membership.on_transitions.append(lambda events: cluster.on_transitions(self, events))
         transport = cluster.network.transport(node.node_id)
+        self._carrier = _SimCarrier(self, transport)
         self.coordinator = Coordinator(node.node_id, self.membership, transport, node.store,
                                        config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking,
                                        hlc=HybridClock(node.node_id, wall=self.now_ms))
@@ -308,14 +282,43 @@ class _Process:
                                         replication_factor=config.replication_factor,
                                         run_blocking=self.run_blocking, run_write=self.run_write)
         self.ring_changes = 0
-        self.rejoins = 0
-        self.left_by_us = False
-        self.ring_sync = RingSync(peer_interval_ms=config.swim.push_pull_interval_ms,
-                                  gap_ms=config.swim.probe_interval_ms)
+        # node/server.py: membership.on_change -> repairer.ring_changed.
+        self.membership.on_change.append(self._ring_changed)
+
+    @property
+    def swim(self) -> Swim:
+        """The driver's state machine (a new one after a rejoin)."""
+        return self.membership.swim
+
+    @property
+    def rejoins(self) -> int:
+        return self.membership.counters.rejoins
+
+    @property
+    def ring_sync(self) -> RingSync:
+        return self.membership.ring_sync
 
     @property
     def not_owner_refusals(self) -> int:
         return self.peer_handler.not_owner_refusals
+
+    def _ring_changed(self) -> None:
+        self.ring_changes += 1
+        self.repairer.ring_changed()
+        self.cluster.on_ring_change(self)
+
+    def _next_generation(self) -> int:
+        """The driver's rejoin (the cluster removed this generation, or made it leave): the
+        node's next generation, as a node persists it; the old one's lifetime ends here."""
+        node = self.node
+        cluster = self.cluster
+        was = self.membership.swim.self_state().value
+        cluster.generation_ended(self)
+        node.generation += 1
+        self.generation = node.generation
+        cluster.lifetimes[(node.node_id, node.generation)] = [cluster.now_ms(), None]
+        cluster._fault("rejoin", f"{node.node_id} generation={node.generation} was={was}")
+        return node.generation
 
     # ----------------------------------------------------------------- clock
     def now_ms(self) -> int:
@@ -380,12 +383,20 @@ class _Process:
             await asyncio.sleep(disk_s)
         return await self.run_blocking(function, *args, **kwargs)
 
+    def timer_fired(self, callback: Callable[[], None]) -> None:
+        """A timer of the node's SWIM driver: runs now, or (paused) after the resume's inbox."""
+        if not self.alive:
+            return
+        if self.paused_until is not None:
+            self._timers.append(callback)
+            return
+        self.context.run(callback)
+
     def crash(self) -> None:
         self.alive = False
         self.paused_until = None
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-            self._tick_handle = None
+        self.membership.stopped()
+        self._timers.clear()
         self._inbox.clear()
         for waiter in self._waiters:
             waiter.cancel()
@@ -399,9 +410,6 @@ class _Process:
         until = self.loop.time() + duration_s
         self.pauses += 1
         self.paused_until = max(self.paused_until or 0.0, until)
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-            self._tick_handle = None
         self.loop.call_at(self.paused_until, self._resume)
 
     def _resume(self) -> None:
@@ -415,112 +423,29 @@ class _Process:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._tick()  # ...then the overdue timers run.
+        timers, self._timers = self._timers, []
+        for callback in timers:  # ...then the overdue timers run.
+            self.context.run(callback)
 
     # ----------------------------------------------------------------- SWIM
     def start(self, *, seeds: list[str] | None = None, snapshot: tuple[MemberUpdate, ...] | None = None) -> None:
-        if snapshot is not None:
-            self.swim_step(lambda now: self.swim.on_message(now, "", PushPullReply(snapshot)))
-        elif seeds:
-            self.swim_step(lambda now: self.swim.join(now, seeds))
-        else:
-            self.swim_step(lambda now: [])
+        """node/server.py's start: the membership joins through `seeds` (or starts knowing
+        `snapshot`, the whole cluster), then the repairer and the hint replay run."""
+        membership = self.membership
+        own = self.node.address
+        membership.seeds = [s for s in (seeds or []) if s != own]
+
+        def begin() -> None:
+            if snapshot is not None:
+                membership.learn(snapshot)
+            membership.start(self._carrier)
+
+        self.context.run(begin)
         self.spawn(self._repair_forever())
         self.spawn(self._replay_hints_forever())
 
-    def swim_step(self, step: Callable[[int], list[Outbound]]) -> None:
-        if not self.alive:
-            return
-        now = self.now_ms()
-        out = step(now)
-        self._after_input()
-        state = self.swim.self_state()
-        if state is State.REMOVED or (state is State.LEFT and not self.left_by_us):
-            out = out + self._rejoin(now)
-        network = self.cluster.network
-        for outbound in out:
-            network.send_swim(self, outbound)
-        self._reschedule()
-
-    def _after_input(self) -> None:
-        events = self.swim.drain_events()
-        if events:
-            if any(event.node_id != self.node_id for event in events):
-                self.membership.trouble.note(self.now_ms())  # node/swim_membership.py _after
-            self.cluster.on_transitions(self, events)
-        if self.membership.refresh():
-            self.ring_changes += 1
-            self.repairer.ring_changed()  # node/server.py: membership.on_change -> repairer.ring_changed
-            self.cluster.on_ring_change(self)
-
-    def _rejoin(self, now: int) -> list[Outbound]:
-        """node/swim_membership.py _rejoin: the cluster removed this generation of us (or made
-        it leave); come back as the next one, keeping what we knew of the others."""
-        old = self.swim
-        node = self.node
-        self.cluster.generation_ended(self)
-        node.generation += 1
-        self.generation = node.generation
-        self.cluster.lifetimes[(node.node_id, node.generation)] = [self.cluster.now_ms(), None]
-        self.rejoins += 1
-        self.cluster._fault("rejoin", f"{node.node_id} generation={node.generation} was={old.self_state().value}")
-        self.swim = Swim(self.cluster.config.swim, node.member_info(node.generation),
-                         random.Random(f"{self.cluster.seed}:{node.node_id}:{node.generation}"), now)
-        self.membership.swim = self.swim
-        others = tuple(r for r in (old.record(v.info.node_id) for v in old.members())
-                       if r is not None and r.node_id != self.node_id)
-        self.swim.on_message(now, "", PushPullReply(others))
-        seeds = [r.info.peer_address for r in others if r.state in (State.ALIVE, State.LEAVING, State.SUSPECT)]
-        out = self.swim.join(now, list(dict.fromkeys(seeds)))
-        self._after_input()
-        return out
-
     def ring_version(self) -> int:
         return self.membership.ring().version
-
-    def on_swim(self, source_id: str, message: Message, ring_version: int) -> None:
-        if not isinstance(message, REPLIES):  # The peer server checks the envelope of a request.
-            self.ring_mismatch(source_id, ring_version)
-        self.swim_step(lambda now: self.swim.on_message(now, source_id, message))
-
-    def ring_mismatch(self, node_id: str, sender_ring_version: int) -> None:
-        """node/swim_membership.py ring_mismatch: another ring version in a peer's envelope
-        starts a push-pull with it (rate-limited by RingSync)."""
-        if not self.alive or not node_id or node_id == self.node_id:
-            return
-        member = self.swim.member(node_id)
-        if member is None or not self.ring_sync.due(node_id, self.now_ms(), ring_version=self.ring_version(),
-                                                     sender_ring_version=sender_ring_version):
-            return
-        records = [r for r in (self.swim.record(v.info.node_id) for v in self.swim.members()) if r is not None]
-        snapshot = tuple(sorted(records, key=lambda record: record.node_id))
-        self.cluster.network.send_swim(self, Outbound(node_id, member.peer_address, PushPullRequest(snapshot)))
-
-    def on_swim_failed(self, outbound: Outbound) -> None:
-        self.swim_step(lambda now: self.swim.message_failed(now, outbound))
-
-    def _reschedule(self) -> None:
-        if not self.alive or self.paused_until is not None:
-            return
-        at_ms = self.swim.next_tick_ms()
-        if at_ms <= self._last_tick_ms:
-            at_ms = self._last_tick_ms + 1  # Never tick twice at one instant.
-        when = max(self._loop_ms_for(at_ms) / 1000, self.loop.time())
-        handle = self._tick_handle
-        if handle is not None and not handle.cancelled() and self._tick_when == when:
-            return
-        if handle is not None:
-            handle.cancel()
-        self._tick_when = when
-        self._tick_handle = self.loop.call_at(when, self._tick)
-
-    def _tick(self) -> None:
-        if not self.alive or self.paused_until is not None:
-            return
-        self._tick_handle = None
-        now = self.now_ms()
-        self._last_tick_ms = now
-        self.swim_step(lambda _now: self.swim.tick(now))
 
     # ----------------------------------------------------------------- background work (as node/server.py)
     async def _repair_forever(self) -> None:
@@ -542,7 +467,15 @@ class _Process:
     async def handle(self, method: str, args: tuple[Any, ...], sender_id: str, ring_version: int
                      ) -> tuple[Any, int]:
         await self.wait_running()
-        self.ring_mismatch(sender_id, ring_version)
+        self.membership.ring_mismatch(sender_id, ring_version)  # node/peer_server.py check()
+        if method == "swim":  # node/peer_server.py MembershipService
+            message, deadline_at = args
+            try:
+                reply = await self.membership.answer(sender_id, message, deadline_s=deadline_at - self.loop.time())
+            except MembershipUnavailable as silent:
+                raise PeerError(f"{self.node_id}: UNAVAILABLE: {silent}") from None
+            await self.wait_running()
+            return reply, (message_bytes(reply) if reply is not None else 64)
         handler = self.peer_handler
         if method == "store":
             stored, hint_for = args
@@ -731,7 +664,7 @@ class SimCluster:
             return
         processes = [node.boot() for node in nodes]
         if self.config.bootstrap == "full":
-            snapshot = tuple(p.swim.me for p in processes)
+            snapshot = tuple(p.membership.swim.me for p in processes)
             for process in processes:
                 process.start(snapshot=snapshot)
         elif self.config.bootstrap == "join":
@@ -870,7 +803,7 @@ class SimCluster:
         node.skew_ms = local + forward_ms - loop_ms - (loop_ms * node.drift_ppm) // 1_000_000
         self._fault("clock", f"{node_id} drift_ppm={node.drift_ppm} forward_ms={forward_ms}")
         if node.process is not None and node.process.alive:
-            node.process.deliver(node.process._tick)
+            node.process.deliver(node.process.membership.clock_changed)
 
     def pause(self, node_id: str, seconds: float) -> None:
         node = self.nodes[node_id]
@@ -891,7 +824,7 @@ class SimCluster:
         the drop rule has emptied the store and the hints are handed over, then LEFT, exit."""
         process = self.process(node_id)
         self._fault("leave", node_id)
-        process.deliver(lambda: process.swim_step(lambda now: process.swim.start_leaving(now)))
+        process.deliver(lambda: process.context.run(process.membership.leave))
         process.spawn(self._finish_leave_when_drained(process))
 
     async def _finish_leave_when_drained(self, process: _Process) -> None:
@@ -907,10 +840,8 @@ class SimCluster:
                 break
         stats = node.store.statistics()
         self._fault("left", f"{node.node_id} instances={stats.instances} hints={stats.hints}")
-        # membership.mark_left: LEFT to every reachable member, then a few gossip rounds.
-        process.left_by_us = True
-        process.swim_step(lambda now: process.swim.leave(now))
-        await asyncio.sleep(max(1.0, 3 * self.config.swim.gossip_interval_ms / 1000))
+        # node/server.py: LEFT to every reachable member, then a few gossip rounds.
+        await process.membership.mark_left()
         node.gone = True
         self.loop.call_soon(node.stop)  # The process exits (not from inside one of its own tasks).
 
@@ -919,7 +850,7 @@ class SimCluster:
         operator = via or self._pick_running(exclude=node_id)
         process = self.process(operator)
         self._fault("remove", f"{node_id} via {operator}")
-        process.deliver(lambda: process.swim_step(lambda now: process.swim.remove(now, node_id)))
+        process.deliver(lambda: process.context.run(process.membership.remove, node_id, reason="operator"))
 
     def _pick_running(self, exclude: str = "") -> str:
         candidates = [n for n in self.live_ids() if n != exclude]

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacsnode.ring.placement import copies_among
 from pacsnode.sim.cluster import SimCluster
 from pacsnode.sim.workload import OpRecord, Workload
 
@@ -56,7 +57,7 @@ class ReplicationMonitor:
         if not live:
             return len(self.workload.acked)
         ring = cluster.process(live[0]).membership.ring()
-        target = min(cluster.config.replication_factor, sum(1 for n in live if n in ring))
+        target = copies_among(cluster.config.replication_factor, [ring.member(n).site for n in live if n in ring])
         running = set(cluster.running_ids())
         holders = cluster.replicas.holders
         return sum(1 for sop in (self.workload.acked if sops is None else sops)

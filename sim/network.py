@@ -3,10 +3,11 @@
 One seeded `random.Random` decides every latency, jitter, loss and reordering, so the
 same seed gives the same network. Two kinds of traffic cross it:
 
-- SWIM messages (ring/swim.py `Outbound`), carried as datagrams: delivered to the
-  target's `Swim.on_message` after the link latency, or dropped (loss, partition). A
-  message to a node whose process is down is refused: the sender hears
-  `message_failed` one round trip later, as a gRPC call to a closed port would fail.
+- SWIM requests (`swim_call`): node/swim_membership.py's driver sends each request as one
+  call, as a node sends a Membership RPC, and the target's driver answers it
+  (`SwimMembership.answer`); the reply comes back as the call's result. They ride the
+  same calls as the data path, below (a lost message costs a retransmission, a call to a
+  process that is down is refused after a round trip, a cut one fails at its deadline).
 - data-path calls, the methods of replication/transport.py's `Transport` (store, fetch,
   query) and replication/repair.py's `RepairTransport` (range_digest, list_bucket,
   fetch): a request travels to the target, the target's handler runs (after its disk
@@ -48,7 +49,7 @@ from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.placement import TokenRange
-from pacsnode.ring.swim import REPLIES, Message, Outbound, message_bytes
+from pacsnode.ring.swim import Message, message_bytes
 
 Entry = tuple[str, str, str]
 
@@ -92,11 +93,6 @@ class Endpoint(Protocol):
         """The version of the node's ring now: what its envelopes carry (node/peer_wire.py)."""
         ...
 
-    def on_swim(self, source_id: str, message: Message, ring_version: int) -> None:
-        """A SWIM message; `ring_version` is the sender's when it sent it (its envelope's)."""
-        ...
-
-    def on_swim_failed(self, outbound: Outbound) -> None: ...
     async def handle(self, method: str, args: tuple[Any, ...], sender_id: str, ring_version: int) -> tuple[Any, int]:
         """Serve one data call from `sender_id`, whose ring had `ring_version` when it sent
         it: (result, reply size in bytes). Raises PeerError to refuse."""
@@ -254,53 +250,34 @@ class SimNetwork:
         else:
             traffic.dropped[kind] += 1
 
-    # ----------------------------------------------------------------- SWIM datagrams
-    def send_swim(self, source: Endpoint, outbound: Outbound) -> None:
-        source_id = source.node_id
-        message = outbound.message
-        kind = "swim." + type(message).__name__
-        target = outbound.target_id or self._by_address.get(outbound.address, "")
+    # ----------------------------------------------------------------- SWIM requests
+    async def swim_call(self, source: Endpoint, target_id: str, address: str, message: Message,
+                        timeout_ms: int) -> tuple[str, Message | None]:
+        """One SWIM request from `source` (node/swim_membership.py's carriage): (the answering
+        node, its reply). The target's `handle("swim", ...)` answers it; PeerError as `call`."""
+        target = target_id or self._by_address.get(address, "")
         size = message_bytes(message)
-        self.traffic.swim_bytes_sent[source_id] += size
-        if not target or target == source_id or target not in self._endpoints:
-            self.loop.call_soon(source.deliver, lambda: source.on_swim_failed(outbound))
-            return
-        delay = self._delay_s(source_id, target, size)
-        self._count(kind, size, delay is not None)
-        if delay is None:
-            return
-        self.loop.call_at(self.loop.time() + delay, self._arrive_swim, source, target, outbound, kind,
-                          source.ring_version())
-
-    def _arrive_swim(self, source: Endpoint, target: str, outbound: Outbound, kind: str, ring_version: int) -> None:
-        endpoint = self._endpoint(target)
-        if endpoint is None:
-            if not isinstance(outbound.message, REPLIES):
-                self.traffic.refused += 1
-                back = self._delay_s(target, source.node_id, 64)
-                if back is not None:
-                    self.loop.call_at(self.loop.time() + back, self._swim_refused, source, outbound)
-            return
-        self.trace.record(self.now_us(), source.node_id, target, kind)
-        message = outbound.message
-        source_id = source.node_id
-        endpoint.deliver(lambda: endpoint.on_swim(source_id, message, ring_version))
-
-    def _swim_refused(self, source: Endpoint, outbound: Outbound) -> None:
-        source.deliver(lambda: source.on_swim_failed(outbound))
+        self.traffic.swim_bytes_sent[source.node_id] += size
+        if not target or target == source.node_id or target not in self._endpoints:
+            await asyncio.sleep(0)
+            raise PeerError(f"{address or target_id}: no such node")
+        deadline_s = self.loop.time() + max(timeout_ms, 0) / 1000
+        reply = await self.call(source, target, "swim", (message, deadline_s), size, timeout_ms,
+                                kind="swim." + type(message).__name__)
+        return target, reply
 
     def now_us(self) -> int:
         return round(self.loop.time() * 1_000_000)
 
     # ----------------------------------------------------------------- data calls
     async def call(self, source: Endpoint, target: str, method: str, args: tuple[Any, ...], request_bytes: int,
-                   timeout_ms: int) -> Any:
+                   timeout_ms: int, *, kind: str = "") -> Any:
         """One request/reply call from `source` to `target` (see the module docstring)."""
         await source.wait_running()  # A paused node sends nothing until it resumes.
-        if self.call_log is not None:
+        if self.call_log is not None and method != "swim":
             self.call_log.append((source.node_id, target, method))
         loop = self.loop
-        kind = "data." + method
+        kind = kind or "data." + method
         future: asyncio.Future[Any] = loop.create_future()
         deadline = loop.call_later(max(timeout_ms, 0) / 1000, self._expire, future, target, method, timeout_ms)
         if target not in self._endpoints:
@@ -345,6 +322,8 @@ class SimNetwork:
             error = refused
         delay = self._delay_s(endpoint.node_id, source.node_id, size, stream=True)
         self._count("reply." + method, size, delay is not None)
+        if method == "swim":
+            self.traffic.swim_bytes_sent[endpoint.node_id] += size
         if delay is None:
             return  # The caller finds out at its deadline.
         self.loop.call_at(self.loop.time() + delay, self._reply, source, future, result, error)
@@ -387,9 +366,10 @@ class NodeTransport:
         return await self._network.call(self._source(), target, method, args, request_bytes, timeout_ms)
 
     # ----------------------------------------------------------------- SWIM carriage
-    def send_swim(self, outbound: Outbound) -> None:
-        """Send one of the node's Swim messages (as a datagram, see SimNetwork.send_swim)."""
-        self._network.send_swim(self._source(), outbound)
+    async def swim_call(self, target_id: str, address: str, message: Message, *, timeout_ms: int
+                        ) -> tuple[str, Message | None]:
+        """One of the node's SWIM requests (see SimNetwork.swim_call)."""
+        return await self._network.swim_call(self._source(), target_id, address, message, timeout_ms)
 
     # ----------------------------------------------------------------- Transport
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:

@@ -12,14 +12,23 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacsnode.ring.swim import Gossip, MemberUpdate, State, Swim, SwimConfig, merge, merge_all
-from pacsnode.ring.swim_testing import SwimCluster, member_info
+from pacsnode.sim.swim_cluster import SwimCluster, member_info
 
 NODE_INDEXES = [1, 2, 3]
+
+
+@pytest.fixture(autouse=True)
+def _close_swim_clusters() -> Iterator[None]:
+    yield
+    SwimCluster.close_all()
 
 
 @st.composite

@@ -27,6 +27,7 @@ def test_defaults() -> None:
     assert config.max_pdu_bytes == 262_144
     assert config.max_associations == 32
     assert config.instance_size_bytes_max == 4 * 1024**3
+    assert config.dataset_spool_threshold_bytes == 8 * 1024**2 and config.inflight_instance_bytes_max == 1024**3
     assert config.disk_free_bytes_min == 256 * 1024**2
     assert config.find_result_max == 0
     assert config.duplicate_policy == "first-wins"
@@ -69,6 +70,8 @@ find_result_max = 500
 find_buffer_rows = 250
 storage_commitment_timeout_s = 45
 instance_size_bytes_max = 1_000_000
+dataset_spool_threshold_bytes = 65536
+inflight_instance_bytes_max = 5_000_000
 disk_free_bytes_min = 0
 store_timeout_ms = 1000
 duplicate_policy = "first-wins"
@@ -76,6 +79,7 @@ store_stall_ms = 4000
 health_probe_interval_ms = 300
 peer_port = 7002
 replication_factor = 5
+site_replicas = { "campus-b" = 2, "campus-a" = 1 }   # the [site_replicas] table, inline
 write_quorum = 3
 read_quorum = 3
 read_fault_window_ms = 30000
@@ -133,6 +137,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.storage_commitment_timeout_s == 45.0
     assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
+    assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
     assert config.log_level == "debug"
@@ -155,6 +160,8 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.access_mode, config.loopback_trusted) == ("strict", False)
     assert [str(k) for k in config.known_aes] == ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
     assert config.audit_log == "/var/log/pacsnode-audit.jsonl"
+    assert config.site_replicas == (("campus-a", 1), ("campus-b", 2))
+    assert str(config.replication) == "campus-a=1,campus-b=2"
     assert {f.name for f in dataclasses.fields(NodeConfig)} - {"destinations"} <= set(load_toml(path))
 
 
@@ -233,6 +240,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"move_store_attempt_max": 0}, "move_store_attempt_max must be >= 1"),
         ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
+        ({"inflight_instance_bytes_max": 0}, "inflight_instance_bytes_max must be >= 1"),
         ({"disk_free_bytes_min": -1}, "disk_free_bytes_min must be >= 0"),
         ({"find_result_max": -1}, "find_result_max must be >= 0"),
         ({"find_buffer_rows": 0}, "find_buffer_rows must be >= 1"),
@@ -344,7 +352,7 @@ def test_every_start_option_sets_its_field() -> None:
 
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
     assert {name for _flag, name, _text in START_OPTIONS} == set(fields) - {"destinations", "seeds", "peer_routes",
-                                                                             "known_aes"}
+                                                                             "known_aes", "site_replicas"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
@@ -452,3 +460,34 @@ def test_a_tls_destination_needs_tls_dir() -> None:
     with pytest.raises(ConfigError, match="needs tls_dir"):
         NodeConfig.from_mapping({"node_id": "n", "destinations": ["VIEWER=10.0.0.5:2762+tls"]})
     assert NodeConfig.from_mapping({"node_id": "n", "tls_dir": "t", "destinations": ["V=h:1+tls"]}).destinations[0].tls
+
+
+def test_site_replicas_from_flags_and_a_toml_table(tmp_path: Path) -> None:
+    """--site-replicas SITE=N (repeatable) or a [site_replicas] table: N copies per site;
+    the flags replace the table; the plain replication_factor is then not the policy."""
+    from pacsnode.ring.placement import SiteReplicas
+
+    assert NodeConfig(node_id="n").replication == 3 and NodeConfig(node_id="n").site_replicas == ()
+    table = _write(tmp_path, 'node_id = "n"\nsite = "east"\n[site_replicas]\neast = 2\nwest = 1\n')
+    config = config_from_args(_args("--config", str(table)))
+    assert config.replication == SiteReplicas.of({"east": 2, "west": 1})
+    config = config_from_args(_args("--config", str(table), "--site-replicas", "east=1", "--site-replicas", "north=2"))
+    assert config.site_replicas == (("east", 1), ("north", 2))  # Flags win, whole.
+    config = config_from_args(_args("--site", "b", "--site-replicas", "a=1,b=2"))
+    assert config.replication == SiteReplicas.of({"a": 1, "b": 2})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--site-replicas", "east"], "must look like SITE=N"),
+        (["--site-replicas", "east=x"], "must look like SITE=N"),
+        (["--site-replicas", "default=0"], "needs >= 1 copies"),
+        (["--site-replicas", "default=1", "--site-replicas", "default=2"], "named twice"),
+        (["--site-replicas", "east=2"], "no copies for this node's site 'default'"),
+        (["--site-replicas", "default=1", "--write-quorum", "2"], "write_quorum <= the copies site_replicas place"),
+    ],
+)
+def test_bad_site_replicas(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(_args(*argv))

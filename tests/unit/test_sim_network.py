@@ -93,14 +93,21 @@ def test_calls_fail_as_the_network_says() -> None:
         cluster.close()
 
 
-def test_loss_costs_retransmissions_on_calls_and_datagrams_are_dropped() -> None:
+def test_loss_costs_retransmissions_on_calls_or_drops_them() -> None:
     cluster = SimCluster(3, sites=1, seed=2, config=SimConfig(link=LinkModel(loss=0.3)))
     try:
         cluster.run_for(1)
         took = [_call(cluster, "node-000", "node-001", timeout_ms=30_000)[1] for _ in range(40)]
         assert all(t < 30 for t in took)
         assert any(t >= 0.2 for t in took)  # Some paid a retransmission timeout.
-        assert sum(cluster.network.traffic.dropped.values()) > 0
+    finally:
+        cluster.close()
+    # rpc_loss="drop": a lost message is gone (the SWIM calls of the run show it).
+    cluster = SimCluster(3, sites=1, seed=2, config=SimConfig(link=LinkModel(loss=0.3, rpc_loss="drop")))
+    try:
+        cluster.run_for(2)
+        dropped = cluster.network.traffic.dropped
+        assert sum(count for kind, count in dropped.items() if kind.startswith("swim.")) > 0
     finally:
         cluster.close()
 

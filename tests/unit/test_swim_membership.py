@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
 from pacsnode.node import peer_wire
-from pacsnode.node.swim_membership import SwimMembership, swim_config
+from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring import swim
@@ -109,7 +109,7 @@ def run_cluster(n: int, scenario: Callable[[Network, list[SwimMembership]], Awai
             network.by_address[info.peer_address] = membership
             members.append(membership)
         for membership in members:
-            membership.start(LoopbackTransport(network, membership))  # type: ignore[arg-type]
+            membership.start(GrpcCarrier(LoopbackTransport(network, membership)))  # type: ignore[arg-type]
         try:
             assert await wait_for(lambda: all(len(m.ring()) == n and all(m.is_alive(o.self_id) for o in members)
                                               for m in members), 3.0), "did not converge"

@@ -1,0 +1,102 @@
+"""Per-site copies wired into the node: 3 sites x 2 nodes with --site-replicas.
+
+Every study lands on exactly its per-site owners (site1=2, site2=1, site3=1: both nodes of
+site1, one node of each other site), the same set the pure Ring computes; status reports
+the per-site policy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pacsnode.cli.status import collect, render
+from pacsnode.ring.placement import Member, Ring, SiteReplicas
+from pacsnode.sim import datagen
+from pacsnode.sim.process import NodeProcess, wait_until
+
+from . import clients
+from .test_cluster import local_counts, local_sop_uids
+
+pytestmark = pytest.mark.skipif(not clients.have_dcmtk(), reason="dcmtk is not installed")
+
+SITES = {"a1": "site1", "a2": "site1", "b1": "site2", "b2": "site2", "c1": "site3", "c2": "site3"}
+POLICY = SiteReplicas.of({"site1": 2, "site2": 1, "site3": 1})
+FAST = [
+    "--write-quorum", "2", "--profile", "local",
+    "--hint-replay-interval-ms", "300", "--replica-timeout-ms", "1500",
+    "--site-replicas", "site1=2", "--site-replicas", "site2=1", "--site-replicas", "site3=1",
+]
+
+
+def expected_owners(study_uid: str) -> tuple[str, ...]:
+    ring = Ring("pacsnode", [Member(node_id=n, site=s, host=socket.gethostname()) for n, s in SITES.items()])
+    return ring.owners_of_study(study_uid, POLICY)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("sites")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(root: Path) -> Iterator[list[NodeProcess]]:
+    nodes: list[NodeProcess] = []
+    try:
+        for name, site in SITES.items():
+            seeds = [nodes[0].peer_address] if nodes else []
+            nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds,
+                                     extra_args=FAST + ["--site", site]).start())
+        assert wait_until(lambda: all(_alive(n.peer_address) == len(SITES) for n in nodes), 40), \
+            "membership did not converge"
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _alive(address: str) -> int:
+    try:
+        return sum(1 for n in collect(address, timeout_s=2)["nodes"] if n["state"] == "alive" and n["reachable"])
+    except Exception:
+        return 0
+
+
+def test_each_study_has_its_copies_in_every_site(cluster: list[NodeProcess], root: Path) -> None:
+    spec = datagen.StudySetSpec(patients=3, studies_per_patient=2, series_per_study=1, instances_per_series=2,
+                                rows=16, cols=16, seed=15)
+    manifest = datagen.write_study_set(spec, root / "studies")
+    (root / "studies" / "manifest.json").unlink(missing_ok=True)
+    entry = cluster[2]  # b1, in site2: it coordinates studies it may not own.
+    result, acked = clients.storescu(entry.dicom_port, [root / "studies"], extra=["+sd", "+r"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(acked) == len(manifest)
+    copies = POLICY.total  # 4 of 6 nodes hold each study.
+    assert wait_until(lambda: sum(local_counts(cluster).values()) == copies * len(manifest), 30), \
+        local_counts(cluster)
+
+    by_id = {n.node_id: n for n in cluster}
+    studies = {m["study_uid"] for m in manifest}
+    for study in studies:
+        owners = expected_owners(study)
+        per_site = Counter(SITES[o] for o in owners)
+        assert per_site == Counter({"site1": 2, "site2": 1, "site3": 1}), (study, owners)
+        sops = {m["sop_uid"] for m in manifest if m["study_uid"] == study}
+        for node_id, node in by_id.items():
+            held = local_sop_uids(node.peer_address, study)
+            assert held == (sops if node_id in owners else set()), (study, node_id, owners)
+
+    data = collect(cluster[0].peer_address)
+    assert data["site_replicas"] == "site1=2,site2=1,site3=1"
+    assert (data["replication_factor"], data["effective_replication_factor"]) == (4, 4)
+    assert "N=4 per site site1=2,site2=1,site3=1 (effective 4)" in render(data)
+    ownership = {n["node_id"]: n["ring_ownership"] for n in data["nodes"]}
+    assert ownership["a1"] == ownership["a2"] == 1.0  # Two copies in a two-node site: each holds all.
+    assert ownership["b1"] + ownership["b2"] == pytest.approx(1.0, abs=1e-3)
