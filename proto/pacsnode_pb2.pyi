@@ -44,6 +44,15 @@ class RangeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANGE_ROLE_PENDING_OWNER: _ClassVar[RangeRole]
     RANGE_ROLE_DEPARTING: _ClassVar[RangeRole]
     RANGE_ROLE_NOT_OWNER: _ClassVar[RangeRole]
+
+class DeleteOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELETE_OUTCOME_UNSPECIFIED: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_DELETED: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_NOT_FOUND: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_INCOMPLETE: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_QUORUM_FAILED: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_NOT_JOINED: _ClassVar[DeleteOutcome]
 STORE_OUTCOME_UNSPECIFIED: StoreOutcome
 STORE_OUTCOME_STORED: StoreOutcome
 STORE_OUTCOME_DUPLICATE: StoreOutcome
@@ -69,6 +78,12 @@ RANGE_ROLE_OWNER: RangeRole
 RANGE_ROLE_PENDING_OWNER: RangeRole
 RANGE_ROLE_DEPARTING: RangeRole
 RANGE_ROLE_NOT_OWNER: RangeRole
+DELETE_OUTCOME_UNSPECIFIED: DeleteOutcome
+DELETE_OUTCOME_DELETED: DeleteOutcome
+DELETE_OUTCOME_NOT_FOUND: DeleteOutcome
+DELETE_OUTCOME_INCOMPLETE: DeleteOutcome
+DELETE_OUTCOME_QUORUM_FAILED: DeleteOutcome
+DELETE_OUTCOME_NOT_JOINED: DeleteOutcome
 
 class Envelope(_message.Message):
     __slots__ = ("cluster_id", "protocol_version", "sender_id", "sender_generation", "sender_incarnation", "ring_version", "sent_at_ms")
@@ -593,6 +608,30 @@ class RangeStatusReply(_message.Message):
     digest: Digest
     transfer: RangeTransfer
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., range: _Optional[_Union[TokenRange, _Mapping]] = ..., role: _Optional[_Union[RangeRole, str]] = ..., complete: _Optional[bool] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., transfer: _Optional[_Union[RangeTransfer, _Mapping]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("envelope", "study_instance_uid", "series_instance_uid", "sop_instance_uid")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("envelope", "outcome", "instances_deleted_count", "message")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_DELETED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    outcome: DeleteOutcome
+    instances_deleted_count: int
+    message: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[DeleteOutcome, str]] = ..., instances_deleted_count: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("envelope",)
