@@ -28,6 +28,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitResult, CommitSettings, RecentStudies, Reference
 from pacsnode.replication.coordinator import Coordinator
 from pacsnode.replication.delete_coordinator import DeleteCoordinator, DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Query
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FIND_BUFFER_ROWS = 1_000
+RECENT_INSTANCES = 50_000  # SOP -> study of the instances last stored here (Storage Commitment).
 IO_THREADS_MAX = 16
 
 
@@ -115,8 +117,23 @@ class ClusterArchive:
         self._local_store = local_store
         self._store_timeout_s = store_timeout_ms / 1000
         self._zstd_level = zstd_level
+        self.recent = RecentStudies(RECENT_INSTANCES)
 
     def store(self, instance: Instance) -> WriteResult:
+        result = self._store(instance)
+        if result.status == WriteStatus.SUCCESS:
+            self.recent.add(instance.sop_instance_uid, instance.study_instance_uid)
+        return result
+
+    def commit(self, references: list[Reference],
+               settings: CommitSettings) -> "concurrent.futures.Future[CommitResult]":
+        """Start a Storage Commitment check on the loop; the future ends with its result
+        (cancel it to stop the check and its peer calls)."""
+        known = self.recent.lookup([r.sop_instance_uid for r in references])
+        return asyncio.run_coroutine_threadsafe(self._coordinator.commitment(references, settings, known),
+                                                self._loop.loop)
+
+    def _store(self, instance: Instance) -> WriteResult:
         stored = to_stored(instance, level=self._zstd_level, version=self._coordinator.hlc.now())
         if self._local_store is not None and self._alone():
             # A ring of one: the only owner is this node; write from this thread and

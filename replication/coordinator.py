@@ -38,6 +38,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitmentCheck, CommitResult, CommitSettings, Reference
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
@@ -707,6 +708,14 @@ class Coordinator:
             else:
                 ok = False
         return ok
+
+    # ----------------------------------------------------------------- storage commitment
+    async def commitment(self, references: Sequence[Reference], settings: CommitSettings,
+                         known: dict[str, str] | None = None) -> CommitResult:
+        """Storage Commitment: each referenced instance committed once every one of its
+        study's N owners holds it (replication/commitment.py); `known` maps SOP Instance
+        UIDs to their studies where the caller knows them (saves a scatter)."""
+        return await CommitmentCheck(self._read_context, self.find, settings).check(references, known)
 
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> RetrievePlan:
