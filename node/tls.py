@@ -176,7 +176,7 @@ def peer_identity(context: Any) -> CertIdentity | None:
 
 
 # What an admin certificate (the CLI) may call; node certificates may call everything.
-ADMIN_METHODS = frozenset({"Status", "RingView", "Metrics", "Leave", "ListStudy"})
+ADMIN_METHODS = frozenset({"Status", "RingView", "Metrics", "Leave", "ListStudy", "Delete"})
 CLI_SENDER_ID = "pacsnode-cli"
 
 
@@ -230,6 +230,12 @@ class PeerGuard:
         if target in ("", me):
             return "only an admin certificate may ask a node to leave"
         return None
+
+    def delete_problem(self, context: Any) -> str | None:
+        """`Delete` (`pacsnode delete`): an admin's call only."""
+        if not self.enabled or self.is_admin(context):
+            return None
+        return "only an admin certificate may delete"
 
     def join_problem(self, member_id: str, sender_id: str) -> str | None:
         """A node joins as itself only."""
@@ -341,9 +347,10 @@ class TlsAssociationServer(AcceptorServer):
 
 
 def start_dicom_tls_server(ae: Any, address: tuple[str, int], context: ssl.SSLContext, handlers: list[Any],
-                           on_refused: Callable[[str, str], None] | None = None) -> Any:
+                           on_refused: Callable[[str, str], None] | None = None,
+                           server_class: type[TlsAssociationServer] = TlsAssociationServer) -> Any:
     """Start a DICOM TLS listener on `ae` (pynetdicom's make_server with our server class)."""
-    server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=TlsAssociationServer)
+    server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=server_class)
     server.on_refused = on_refused
     thread = threading.Thread(target=server.serve_forever, name="pacsnode-dicom-tls", daemon=True)
     thread.start()
