@@ -130,6 +130,8 @@ class DicomFrontEnd:
         self._counts_lock = threading.Lock()
         self._server: Any = None
         self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
+        # Reads and decompresses the next instances of C-GETs and C-MOVEs (RetrieveReadAhead).
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-read")
         self.spool = acceptor.SpoolSettings(
             threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
             budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
@@ -205,6 +207,7 @@ class DicomFrontEnd:
             assoc.abort()
         server.server_close()
         self._compressor.shutdown(wait=False)
+        self._reader.shutdown(wait=False, cancel_futures=True)
         if server in self.ae._servers:
             self.ae._servers.remove(server)
 
@@ -421,20 +424,32 @@ class DicomFrontEnd:
             raise QueryError(f"{wildcard} is a unique key: a retrieve takes values, not wildcards")
         return query
 
-    def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
-        def load() -> tuple[bytes, int]:
-            try:
-                return self._archive.read(location)
-            except ReadError as error:
-                log.error("dicom.retrieve.unreadable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
-                raise
+    def _read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        try:
+            return self._archive.read(location)
+        except ReadError as error:
+            log.error("dicom.retrieve.unreadable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
+            raise
 
+    def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
         return raw_send.StoredDataset(
             sop_class_uid=location.sop_class_uid,
             sop_instance_uid=location.sop_instance_uid,
             transfer_syntax_uid=location.transfer_syntax_uid,
-            load=load,
+            load=lambda: self._read(location),
         )
+
+    def _read_ahead(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
+        """The instances of a C-GET/C-MOVE, each read (and decompressed) on the reader pool
+        up to RETRIEVE_READ_AHEAD instances before pynetdicom sends it: the next ones are
+        read while the current one goes out, never on the association's thread. What is
+        read ahead is reserved in the in-flight budget; when it is spent, the instance is
+        dropped and read again when its turn comes."""
+        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
+        try:
+            yield from read_ahead.stored(locations)
+        finally:
+            read_ahead.close()
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         self._count("c_get")
@@ -465,12 +480,16 @@ class DicomFrontEnd:
                  plan.unreachable)
         yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
-        for location in locations:
-            if cancelled():
-                log.info("dicom.retrieve.cancelled instances=%d", len(locations))
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, self._stored(location)
+        stored = self._read_ahead(locations)
+        try:
+            for dataset in stored:
+                if cancelled():
+                    log.info("dicom.retrieve.cancelled instances=%d", len(locations))
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, dataset
+        finally:
+            stored.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -525,12 +544,16 @@ class DicomFrontEnd:
         }
         yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
-        for location in locations:
-            if cancelled():
-                log.info("dicom.retrieve.cancelled instances=%d", len(locations))
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, self._stored(location)
+        stored = self._read_ahead(locations)
+        try:
+            for dataset in stored:
+                if cancelled():
+                    log.info("dicom.retrieve.cancelled instances=%d", len(locations))
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, dataset
+        finally:
+            stored.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -550,6 +573,76 @@ class DicomFrontEnd:
         if not destination.tls or self._security is None or self._security.files is None:
             return {}
         return {"tls_args": (tls.dicom_client_context(self._security.files), destination.host)}
+
+
+# Instances of one C-GET/C-MOVE read and decompressed ahead of the one being sent.
+RETRIEVE_READ_AHEAD = 2
+
+
+class RetrieveReadAhead:
+    """Reads the instances of one retrieve on `pool`, `window` ahead of the one being sent.
+
+    Each read-ahead result (Part-10 bytes) is reserved in `budget` until its turn; a read
+    that finds the budget spent drops its bytes and the instance is read again, on the
+    sending thread, when its turn comes (big instances then go one at a time). Stored
+    bytes are passed on as read: nothing is decoded."""
+
+    def __init__(self, pool: concurrent.futures.Executor, read: Any, budget: spool.InflightBudget,
+                 window: int = RETRIEVE_READ_AHEAD) -> None:
+        self._pool = pool
+        self._read = read
+        self._budget = budget
+        self._window = window
+        self._pending: list[concurrent.futures.Future[tuple[bytes, int] | None]] = []
+
+    def _read_reserved(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+        part10, offset = self._read(location)
+        if not self._budget.reserve(len(part10)):
+            return None
+        return part10, offset
+
+    def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
+        futures: dict[int, concurrent.futures.Future[tuple[bytes, int] | None]] = {}
+
+        def submit(index: int) -> None:
+            if index < len(locations) and index not in futures:
+                future = self._pool.submit(self._read_reserved, locations[index])
+                futures[index] = future
+                self._pending.append(future)
+
+        for index, location in enumerate(locations):
+            for ahead in range(index, index + self._window + 1):
+                submit(ahead)
+            future = futures.pop(index)
+            yield raw_send.StoredDataset(
+                sop_class_uid=location.sop_class_uid,
+                sop_instance_uid=location.sop_instance_uid,
+                transfer_syntax_uid=location.transfer_syntax_uid,
+                load=lambda future=future, location=location: self._take(future, location),  # type: ignore[misc]
+            )
+
+    def _take(self, future: "concurrent.futures.Future[tuple[bytes, int] | None]",
+              location: InstanceLocation) -> tuple[bytes, int]:
+        self._pending.remove(future)
+        result = future.result()  # Raises the read's ReadError: the sub-operation fails.
+        if result is None:
+            return self._read(location)
+        self._budget.release(len(result[0]))
+        return result
+
+    def close(self) -> None:
+        """Cancel the reads not started; give back the budget of those done or running."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            if not future.cancel():
+                future.add_done_callback(self._release)
+
+    def _release(self, future: "concurrent.futures.Future[tuple[bytes, int] | None]") -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if result is not None:
+            self._budget.release(len(result[0]))
 
 
 class CancelFlag:
