@@ -489,6 +489,7 @@ class AdminService(pb_grpc.AdminServicer):
         # Status (and says it is unhealthy) instead of waiting for the stuck executor.
         disk_free = await _admin_call(node, lambda: shutil.disk_usage(node.store.path).free)
         under_replicated = await _admin_call(node, node.under_replicated_studies)
+        hint_summary = await _admin_call(node, node.store.hint_summary) if stats.hints else {}
         health = node.health.current
         io = node.loop.executor.statistics()
         reply.local.CopyFrom(pb.LocalStats(
@@ -502,6 +503,9 @@ class AdminService(pb_grpc.AdminServicer):
                                   io_running=io.running, io_queued=io.queued,
                                   store_stall_ms=node.config.store_stall_ms),
         ))
+        for owner, (count, size, oldest_ms) in sorted((hint_summary or {}).items()):
+            reply.local.hints_by_owner.append(pb.HintSummary(owner_id=owner, hint_count=count, hint_bytes=size,
+                                                             oldest_stored_at_ms=oldest_ms))
         for transfer in list(node.repairer.transfers.values()):
             reply.local.transfers.append(pb.RangeTransfer(
                 range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),

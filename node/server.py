@@ -33,7 +33,7 @@ from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
-from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
@@ -162,6 +162,7 @@ class Node:
             CoordinatorSettings(
                 replication_factor=config.replication,
                 write_quorum=config.write_quorum,
+                write_scope=WriteScope.LOCAL if config.write_scope_local else WriteScope.GLOBAL,
                 read_quorum=config.read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,

@@ -648,7 +648,7 @@ class MemberStatus(_message.Message):
     def __init__(self, member: _Optional[_Union[MemberUpdate, _Mapping]] = ..., ring_ownership_fraction: _Optional[float] = ...) -> None: ...
 
 class LocalStats(_message.Message):
-    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health")
+    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health", "hints_by_owner")
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -659,6 +659,7 @@ class LocalStats(_message.Message):
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HINTS_BY_OWNER_FIELD_NUMBER: _ClassVar[int]
     instance_count: int
     received_bytes: int
     stored_bytes: int
@@ -669,7 +670,8 @@ class LocalStats(_message.Message):
     transfers: _containers.RepeatedCompositeFieldContainer[RangeTransfer]
     disk_free_bytes: int
     health: LocalHealth
-    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ...) -> None: ...
+    hints_by_owner: _containers.RepeatedCompositeFieldContainer[HintSummary]
+    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ..., hints_by_owner: _Optional[_Iterable[_Union[HintSummary, _Mapping]]] = ...) -> None: ...
 
 class LocalHealth(_message.Message):
     __slots__ = ("unhealthy", "reason", "detail", "oldest_write_age_ms", "probe_wait_ms", "unhealthy_for_ms", "io_threads", "io_running", "io_queued", "store_stall_ms")
