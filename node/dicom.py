@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, raw_send, spool, tls
+from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, iocm, raw_send, spool, tls
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
@@ -140,6 +140,9 @@ class DicomFrontEnd:
             self.commitment = commitment.CommitmentScp(config, self.ae, self._archive, self._move_tls)
         elif not config.dicom_workers:  # An archive without the cluster check: not offered.
             self.ae.remove_supported_context(commitment.SOP_CLASS_UID)
+        # IHE IOCM rejection notes (node/iocm.py): applied where the archive can delete.
+        self._rejections = iocm.RejectionNotes(self._archive) if iocm.RejectionNotes.supported(self._archive) \
+            else None
         self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 
     # ----------------------------------------------------------------- setup
@@ -334,7 +337,19 @@ class DicomFrontEnd:
         return self._archive_store(instance)
 
     def _archive_store(self, instance: Instance) -> Dataset | int:
+        note = None
+        if instance.sop_class_uid == iocm.KOS_SOP_CLASS_UID and self._rejections is not None:
+            try:
+                note = iocm.parse_note(bytes(instance.part10))
+            except iocm.NoteError as error:
+                log.warning("dicom.iocm.rejected reason=%s", error)
+                return _status(STATUS_OUT_OF_RESOURCES, str(error))
+            except Exception as error:  # An undecodable KOS: stored as any instance, not applied as a note.
+                log.warning("dicom.iocm.undecodable error=%s", type(error).__name__)
         result = self._archive.store(instance)
+        if result.status == WriteStatus.SUCCESS and note is not None and self._rejections is not None:
+            if not self._rejections.apply(note):
+                return _status(STATUS_STORE_FAILED, "rejection note stored, not applied to all; send again")
         if result.status == WriteStatus.SUCCESS:
             log.debug(
                 "dicom.store.stored sop_instance_uid=%s outcome=%s latency_ms=%d",
