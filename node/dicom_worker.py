@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Any
 
 from pynetdicom.utils import make_target
 
@@ -39,6 +40,8 @@ class ReusePortServer(acceptor.AcceptorServer):
 
     def server_bind(self) -> None:
         # socketserver's server_bind hook; pynetdicom's own sets SO_REUSEADDR and binds.
+        if self.socket is None:  # socketserver binds the socket it made in __init__.
+            raise OSError("the acceptor server has no socket")
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -47,7 +50,7 @@ class WorkerFrontEnd(DicomFrontEnd):
     """The node's front end with a listener that shares the port."""
 
     def start(self) -> None:
-        handlers = self.guard.wrap(self.handlers())
+        handlers: list[Any] = self.guard.wrap(self.handlers())
         acceptor.check_pynetdicom_version()
         address = (self._config.host, self._config.dicom_port)
         server = self.ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
@@ -89,7 +92,7 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The node decides; a terminal ^C reaches it.
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(channel_path)
-    front_end = WorkerFrontEnd(config, ChannelArchive(channel_path))  # type: ignore[arg-type]
+    front_end = WorkerFrontEnd(config, ChannelArchive(channel_path))
     front_end.start()
     send_frame(control, Kind.HELLO, {"worker": index, "pid": os.getpid()})
     kind, _, _ = recv_frame(control)

@@ -125,7 +125,7 @@ class Metrics:
         self.dimse_latency = Histogram("pacsnode_dimse_request_duration_seconds",
                                        "Time from a DIMSE request received to its final response sent, by service.",
                                        ["service"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(NodeCollector(figures, extra))  # type: ignore[arg-type]
+        self.registry.register(NodeCollector(figures, extra))
         self._open: dict[tuple[int, int], tuple[str, float]] = {}  # (association, message id) -> (service, start)
         self._lock = threading.Lock()
 
