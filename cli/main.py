@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--cluster-id", default="pacsnode", help="cluster id (default: pacsnode)")
     remove.add_argument("--tls-dir", default=None, help="admin certificate directory (pacsnode cert issue --admin) "
                         "for a TLS cluster (default: none: plain text)")
+    from pacsnode.cli import delete_command
+
+    delete_command.add_parser(subparsers)
     from pacsnode.sim import cli as sim_cli
 
     sim_cli.add_parser(subparsers)
@@ -216,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return membership_commands.leave(args.node, cluster_id=args.cluster_id, wait=not args.no_wait,
                                          timeout_s=args.timeout_s, tls_dir=args.tls_dir)
+    if args.command == "delete":
+        from pacsnode.cli import delete_command
+
+        return delete_command.main(args)
     if args.command == "remove":
         from pacsnode.cli import membership_commands
 

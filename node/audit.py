@@ -30,6 +30,7 @@ EVENTS = {
     "application-activity": ("110100", "Application Activity"),
     "instances-accessed": ("110103", "DICOM Instances Accessed"),
     "instances-transferred": ("110104", "DICOM Instances Transferred"),
+    "study-deleted": ("110105", "DICOM Study Deleted"),
     "export": ("110106", "Export"),
     "import": ("110107", "Import"),
     "query": ("110112", "Query"),
@@ -257,3 +258,14 @@ def render(messages: Sequence[dict[str, Any]]) -> str:
                      detail))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def record_delete(audit: "AuditLog", participant: Participant, *, study_instance_uid: str, level: str,
+                  status: str, instances: int, via: str) -> None:
+    """A delete asked of this node (`pacsnode delete`, DICOMweb DELETE): a study as DICOM Study
+    Deleted, a series or an instance as DICOM Instances Accessed with action D (PS3.15 A.5.3)."""
+    audit.record("study-deleted" if level == "study" else "instances-accessed", action="D",
+                 outcome=SUCCESS if status == "deleted" else MINOR_FAILURE, participants=[participant],
+                 subject=Subject(study_instance_uids=[study_instance_uid] if study_instance_uid else [],
+                                 instance_count=instances),
+                 description=f"{via} delete {level}: {status}, {instances} instances")

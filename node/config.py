@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A setting is missing, malformed or out of range."""
 
 
+# Where W is counted: auto = local when site_replicas is set, else global.
+WRITE_QUORUM_SCOPES = ("auto", "local", "global")
+
 # Membership timer profiles (node/swim_membership.py maps them to ring/swim.py SwimConfig).
 PROFILES = ("lan", "local", "wan")
 
@@ -122,6 +125,10 @@ class NodeConfig:
         "copies of every study, placed on that site's own ring, and replication_factor is not used. Every node of "
         "the cluster needs the same value. Empty: replication_factor copies spread over the sites.")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
+    write_quorum_scope: str = setting(
+        "auto", "Where the W copies of a C-STORE are counted: local (owners in this node's site, capped at the "
+        "copies the site holds; the other sites' copies are kept here as durable hints and sent at once, so no "
+        "C-STORE waits on the WAN), global (any owners) or auto (local when site_replicas is set, else global).")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
     read_fault_window_ms: int = setting(60_000, "After any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
@@ -199,6 +206,9 @@ class NodeConfig:
             raise ConfigError(f"max_pdu_bytes must be 0 (unlimited) or >= 4096, got {self.max_pdu_bytes}")
         if self.duplicate_policy not in ("first-wins",):
             raise ConfigError(f"duplicate_policy must be 'first-wins', got {self.duplicate_policy!r}")
+        if self.write_quorum_scope not in WRITE_QUORUM_SCOPES:
+            raise ConfigError(f"write_quorum_scope must be one of {', '.join(WRITE_QUORUM_SCOPES)}, "
+                              f"got {self.write_quorum_scope!r}")
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -253,6 +263,13 @@ class NodeConfig:
         if self.site_replicas:
             return SiteReplicas(self.site_replicas)
         return self.replication_factor
+
+    @property
+    def write_scope_local(self) -> bool:
+        """Whether W is counted in this node's site (write_quorum_scope, auto resolved)."""
+        if self.write_quorum_scope == "auto":
+            return bool(self.site_replicas)
+        return self.write_quorum_scope == "local"
 
     @property
     def peer_host(self) -> str:

@@ -53,6 +53,7 @@ from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
+from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes
 
@@ -118,13 +119,23 @@ def transcode_uncompressed(part10: bytes, syntax: str) -> bytes:
     return output.getvalue()
 
 
+_DELETE_HTTP_STATUS = {
+    DeleteStatus.DELETED: 204,
+    DeleteStatus.NOT_FOUND: 404,
+    DeleteStatus.INCOMPLETE: 202,
+    DeleteStatus.QUORUM_FAILED: 503,
+    DeleteStatus.NOT_JOINED: 503,
+}
+
+
 class DicomWeb:
     """The /dicom-web routes of one node."""
 
     def __init__(self, archive: Any, *, instance_size_bytes_max: int, qido_result_max: int,
                  metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8,
-                 audit: HttpAudit | None = None) -> None:
+                 audit: HttpAudit | None = None, deletes_need_admin: bool = False) -> None:
         self._archive = archive
+        self._deletes_need_admin = deletes_need_admin  # A TLS cluster: DELETE takes an admin certificate.
         self._audit = audit  # QIDO, WADO and STOW requests in the audit trail (node/http_guard.py).
         self._instance_size_bytes_max = instance_size_bytes_max
         self._qido_result_max = qido_result_max
@@ -147,6 +158,9 @@ class DicomWeb:
             Route("/series", qido("series"), methods=["GET"]),
             Route("/instances", qido("instances"), methods=["GET"]),
             Route("/studies/{study}", self.retrieve, methods=["GET"]),
+            Route("/studies/{study}", self.delete, methods=["DELETE"]),
+            Route("/studies/{study}/series/{series}", self.delete, methods=["DELETE"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}", self.delete, methods=["DELETE"]),
             Route("/studies/{study}", self.stow, methods=["POST"]),
             Route("/studies/{study}/metadata", self.metadata, methods=["GET"]),
             Route("/studies/{study}/series", qido("series"), methods=["GET"]),
@@ -434,6 +448,30 @@ class DicomWeb:
         return PlainTextResponse("no such instances", status_code=404)
 
     # ------------------------------------------------------------------ STOW-RS
+    async def delete(self, request: Request) -> Response:
+        """DELETE of a study, series or instance (as dcm4chee's and Orthanc's DICOMweb do; not
+        in PS3.18): 204 once W owners hold the tombstones, 404 when nothing is there, 503 when
+        the delete did not become durable, 202 when it did but some owners could not be asked
+        (run it again). On a TLS cluster only an admin certificate may delete."""
+        caller = caller_of(request)
+        if self._deletes_need_admin and not (caller.identity is not None and caller.identity.is_admin):
+            return PlainTextResponse("only an admin certificate may delete", status_code=403)
+        params = request.path_params
+        scope = DeleteScope(str(params["study"]), str(params.get("series", "")), str(params.get("instance", "")))
+        if any(len(uid) > 64 for uid in (scope.study_instance_uid, scope.series_instance_uid,
+                                         scope.sop_instance_uid)):
+            return PlainTextResponse("a UID has at most 64 characters", status_code=400)
+        delete = getattr(self._archive, "delete", None)
+        if delete is None:  # An archive without a delete path (a test's single-node Archive).
+            return PlainTextResponse("this archive cannot delete", status_code=501)
+        result = await run_in_threadpool(delete, scope)
+        if self._audit is not None:
+            self._audit.deleted(caller, scope, result)
+        status = _DELETE_HTTP_STATUS[result.status]
+        if status == 204:
+            return Response(status_code=204)
+        return PlainTextResponse(result.message or result.status.value, status_code=status)
+
     async def stow(self, request: Request) -> Response:
         try:
             part_type, boundary = multipart_boundary(request.headers.get("content-type", ""))

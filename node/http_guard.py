@@ -30,10 +30,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacsnode.node import ca
 from pacsnode.node.access import is_loopback
-from pacsnode.node.audit import MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject
+from pacsnode.node.audit import MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject, record_delete
 from pacsnode.node.ca import CertIdentity
 from pacsnode.node.http_tls import client_certificate_pem
 from pacsnode.replication.archive import InstanceLocation, WriteResult, WriteStatus
+from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Instance
 
@@ -189,6 +190,11 @@ class HttpAudit:
         self.audit.record(event, action="R", outcome=outcome, participants=[caller.participant()],
                           subject=Subject(study_instance_uids=studies, instance_count=sent),
                           description=f"WADO-RS {what}: {sent} of {len(locations)} instances")
+
+    def deleted(self, caller: Caller, scope: DeleteScope, result: DeleteResult) -> None:
+        """DICOMweb DELETE (node/audit.py record_delete)."""
+        record_delete(self.audit, caller.participant(), study_instance_uid=scope.study_instance_uid,
+                      level=scope.level, status=result.status.value, instances=result.instances, via="DICOMweb")
 
     def stored(self, caller: Caller, instance: Instance, result: WriteResult | None) -> None:
         """STOW-RS, one message per instance (as C-STORE); result None: the write raised."""

@@ -104,7 +104,8 @@ class HttpServer:
         self._access = access or HttpAccess(tls=ssl_context is not None)
         self.audit = HttpAudit(audit or AuditLog(None, "pacsnode"))
         self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
-                                 qido_result_max=qido_result_max, audit=self.audit)
+                                 qido_result_max=qido_result_max, audit=self.audit,
+                                 deletes_need_admin=self._access.tls)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -24,6 +24,7 @@ from pacsnode.node import peer_wire
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest
 from pacsnode.replication.matching import Query, QueryError
 from pacsnode.ring import swim
@@ -56,6 +57,15 @@ REFUSAL_TO_WIRE = {
     RefusalReason.FULL: pb.STORE_OUTCOME_REFUSED_FULL,
     RefusalReason.ERROR: pb.STORE_OUTCOME_ERROR,
     RefusalReason.OTHER: pb.STORE_OUTCOME_ERROR,
+}
+
+
+DELETE_OUTCOME_TO_WIRE = {
+    DeleteStatus.DELETED: pb.DELETE_OUTCOME_DELETED,
+    DeleteStatus.NOT_FOUND: pb.DELETE_OUTCOME_NOT_FOUND,
+    DeleteStatus.INCOMPLETE: pb.DELETE_OUTCOME_INCOMPLETE,
+    DeleteStatus.QUORUM_FAILED: pb.DELETE_OUTCOME_QUORUM_FAILED,
+    DeleteStatus.NOT_JOINED: pb.DELETE_OUTCOME_NOT_JOINED,
 }
 
 
@@ -480,6 +490,7 @@ class AdminService(pb_grpc.AdminServicer):
         # Status (and says it is unhealthy) instead of waiting for the stuck executor.
         disk_free = await _admin_call(node, lambda: shutil.disk_usage(node.store.path).free)
         under_replicated = await _admin_call(node, node.under_replicated_studies)
+        hint_summary = await _admin_call(node, node.store.hint_summary) if stats.hints else {}
         health = node.health.current
         io = node.loop.executor.statistics()
         reply.local.CopyFrom(pb.LocalStats(
@@ -493,6 +504,9 @@ class AdminService(pb_grpc.AdminServicer):
                                   io_running=io.running, io_queued=io.queued,
                                   store_stall_ms=node.config.store_stall_ms),
         ))
+        for owner, (count, size, oldest_ms) in sorted((hint_summary or {}).items()):
+            reply.local.hints_by_owner.append(pb.HintSummary(owner_id=owner, hint_count=count, hint_bytes=size,
+                                                             oldest_stored_at_ms=oldest_ms))
         for transfer in list(node.repairer.transfers.values()):
             reply.local.transfers.append(pb.RangeTransfer(
                 range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),
@@ -501,6 +515,20 @@ class AdminService(pb_grpc.AdminServicer):
         reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
         return reply
 
+
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteReply:
+        """`pacsnode delete`: this node coordinates the delete (replication/delete_coordinator.py)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Delete")
+        await self.node.security.refuse(context, self.node.security.guard.delete_problem(context))
+        uids = (request.study_instance_uid, request.series_instance_uid, request.sop_instance_uid)
+        if not any(uids) or any(len(uid) > 64 for uid in uids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name a study, a series or an instance "
+                                "(UIDs of at most 64 characters)")
+        scope = DeleteScope(*uids)
+        result = await asyncio.get_running_loop().run_in_executor(None, self.node.archive.delete, scope)
+        self.node.security.delete_action(context, scope, result)
+        return pb.DeleteReply(envelope=self.server.envelope(), outcome=DELETE_OUTCOME_TO_WIRE[result.status],
+                              instances_deleted_count=result.instances, message=result.message[:200])
 
     async def RingView(self, request: pb.RingViewRequest, context: grpc.aio.ServicerContext) -> pb.RingViewReply:
         """The ring as this node sees it: every vnode, every range with its owners (and this

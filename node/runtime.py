@@ -20,8 +20,16 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
 from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import to_stored
 from pacsnode.node.executor import CountedExecutor
-from pacsnode.replication.archive import InstanceLocation, ReadError, RetrievePlan, WriteResult, WriteStatus
+from pacsnode.replication.archive import (
+    IncompleteAnswer,
+    InstanceLocation,
+    ReadError,
+    RetrievePlan,
+    WriteResult,
+    WriteStatus,
+)
 from pacsnode.replication.coordinator import Coordinator
+from pacsnode.replication.delete_coordinator import DeleteCoordinator, DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, Instance
 
@@ -85,14 +93,20 @@ class LoopThread:
         self._thread.join(timeout=10)
 
 
+# Which result a delete over several studies reports: the worst.
+_DELETE_SEVERITY = {DeleteStatus.DELETED: 0, DeleteStatus.NOT_FOUND: 1, DeleteStatus.INCOMPLETE: 2,
+                    DeleteStatus.NOT_JOINED: 3, DeleteStatus.QUORUM_FAILED: 4}
+
+
 class ClusterArchive:
     """The front end's Archive API (store, find, locate, read), served by the coordinator."""
 
     def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
                  zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
                  local_store: Callable[[Any], WriteResult] | None = None,
-                 find_buffer_rows: int = FIND_BUFFER_ROWS) -> None:
+                 find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None) -> None:
         self._loop = loop
+        self._deletes = deletes
         self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
         self._alone = alone
@@ -115,6 +129,35 @@ class ClusterArchive:
             # Never a false Success, and never an exception inside the DICOM handler.
             log.error("archive.store.interrupted sop_instance_uid=%s", instance.sop_instance_uid)
             return WriteResult(WriteStatus.QUORUM_FAILED, message="the write was interrupted; retry")
+
+    def delete(self, scope: DeleteScope) -> DeleteResult:
+        """Delete a study, series or instance through this node (replication/delete_coordinator.py);
+        a series or instance named without its study is looked up first. From any thread
+        but the node's loop. Logged without UIDs (they identify patients' studies)."""
+        if self._deletes is None:
+            return DeleteResult(DeleteStatus.QUORUM_FAILED, message="deletes are not wired on this node")
+        deletes = self._deletes
+
+        async def run() -> DeleteResult:
+            try:
+                scopes = await deletes.resolve(scope)
+            except IncompleteAnswer:
+                return DeleteResult(DeleteStatus.INCOMPLETE, message="part of the archive could not be asked "
+                                    "where this series or instance is; nothing deleted")
+            if not scopes:
+                return DeleteResult(DeleteStatus.NOT_FOUND, message="nothing in this scope")
+            results = [await deletes.delete(one) for one in scopes]
+            worst = max(results, key=lambda r: _DELETE_SEVERITY[r.status])
+            return DeleteResult(worst.status, sum(r.instances for r in results), min(r.acked for r in results),
+                                worst.message)
+
+        try:
+            result = self._loop.run(run(), 600)
+        except TimeoutError as error:
+            result = DeleteResult(DeleteStatus.QUORUM_FAILED, message=str(error))
+        log.info("archive.delete level=%s status=%s instances=%d acked=%d", scope.level, result.status.value,
+                 result.instances, result.acked)
+        return result
 
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
         """The coordinator's rows, on this (association) thread. Bounded by find_buffer_rows;

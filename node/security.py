@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from pacsnode.node import tls
-from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject
+from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject, record_delete
 from pacsnode.node.audit_syslog import AuditSyslog, client_context, parse_target
 from pacsnode.node.config import ConfigError, NodeConfig
 
@@ -90,6 +90,13 @@ class NodeSecurity:
                           participants=[Participant(who, str(context.peer()))],
                           subject=Subject(description=f"node:{target}"),
                           description=f"{action} {target}" + (f": {reason}" if reason else ""))
+
+    def delete_action(self, context: Any, scope: Any, result: Any) -> None:
+        """`pacsnode delete` over the peer port: audited (the log line has no UIDs)."""
+        identity = tls.peer_identity(context)
+        who = f"{identity.role}:{identity.name}" if identity else "plain-text"
+        record_delete(self.audit, Participant(who, str(context.peer())), study_instance_uid=scope.study_instance_uid,
+                      level=scope.level, status=result.status.value, instances=result.instances, via="pacsnode")
 
     def reload_certificates(self) -> bool:
         """Read the tls_dir files again when they changed (SIGHUP, or the node's 10 s poll):

@@ -33,8 +33,8 @@ from pacsnode.node.runtime import ClusterArchive, LoopThread
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
-from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import cancelled_by_caller
@@ -162,6 +162,7 @@ class Node:
             CoordinatorSettings(
                 replication_factor=config.replication,
                 write_quorum=config.write_quorum,
+                write_scope=WriteScope.LOCAL if config.write_scope_local else WriteScope.GLOBAL,
                 read_quorum=config.read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,
@@ -178,7 +179,7 @@ class Node:
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
-                                      find_buffer_rows=config.find_buffer_rows)
+                                      find_buffer_rows=config.find_buffer_rows, deletes=self.deletes)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,

@@ -789,6 +789,21 @@ class RocksStore:
             owners[owner] = (count + 1, size + len(value))
         return owners
 
+    def hint_summary(self) -> dict[str, tuple[int, int, int]]:
+        """Pending instance hints per intended owner: (instances, compressed bytes, the
+        oldest one's write time in epoch ms). Reads each hint's header, not its blob's bytes
+        beyond the length: for `pacsnode status`, not the hot path."""
+        owners: dict[str, tuple[int, int, int]] = {}
+        if self._counters["hints"] <= 0:
+            return owners
+        for key, value in self._scan(PREFIX_HINT):
+            owner = key[1:key.index(SEP)].decode()
+            header, blob = _split_hint(value)
+            written_ms = int(header["record"].get("stored_at_ms") or 0)
+            count, size, oldest = owners.get(owner, (0, 0, 0))
+            owners[owner] = (count + 1, size + len(blob), min(oldest, written_ms) if oldest else written_ms)
+        return owners
+
     def hint_records(self) -> Iterator[tuple[InstanceRecord, dict[str, Any]]]:
         """(record, indexed attributes) of every hint held, for queries (no blob decoded)."""
         if self._counters["hints"] <= 0:

@@ -176,7 +176,7 @@ def peer_identity(context: Any) -> CertIdentity | None:
 
 
 # What an admin certificate (the CLI) may call; node certificates may call everything.
-ADMIN_METHODS = frozenset({"Status", "RingView", "Metrics", "Leave", "ListStudy"})
+ADMIN_METHODS = frozenset({"Status", "RingView", "Metrics", "Leave", "ListStudy", "Delete"})
 CLI_SENDER_ID = "pacsnode-cli"
 
 
@@ -230,6 +230,12 @@ class PeerGuard:
         if target in ("", me):
             return "only an admin certificate may ask a node to leave"
         return None
+
+    def delete_problem(self, context: Any) -> str | None:
+        """`Delete` (`pacsnode delete`): an admin's call only."""
+        if not self.enabled or self.is_admin(context):
+            return None
+        return "only an admin certificate may delete"
 
     def join_problem(self, member_id: str, sender_id: str) -> str | None:
         """A node joins as itself only."""

@@ -44,6 +44,15 @@ class RangeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANGE_ROLE_PENDING_OWNER: _ClassVar[RangeRole]
     RANGE_ROLE_DEPARTING: _ClassVar[RangeRole]
     RANGE_ROLE_NOT_OWNER: _ClassVar[RangeRole]
+
+class DeleteOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELETE_OUTCOME_UNSPECIFIED: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_DELETED: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_NOT_FOUND: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_INCOMPLETE: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_QUORUM_FAILED: _ClassVar[DeleteOutcome]
+    DELETE_OUTCOME_NOT_JOINED: _ClassVar[DeleteOutcome]
 STORE_OUTCOME_UNSPECIFIED: StoreOutcome
 STORE_OUTCOME_STORED: StoreOutcome
 STORE_OUTCOME_DUPLICATE: StoreOutcome
@@ -69,6 +78,12 @@ RANGE_ROLE_OWNER: RangeRole
 RANGE_ROLE_PENDING_OWNER: RangeRole
 RANGE_ROLE_DEPARTING: RangeRole
 RANGE_ROLE_NOT_OWNER: RangeRole
+DELETE_OUTCOME_UNSPECIFIED: DeleteOutcome
+DELETE_OUTCOME_DELETED: DeleteOutcome
+DELETE_OUTCOME_NOT_FOUND: DeleteOutcome
+DELETE_OUTCOME_INCOMPLETE: DeleteOutcome
+DELETE_OUTCOME_QUORUM_FAILED: DeleteOutcome
+DELETE_OUTCOME_NOT_JOINED: DeleteOutcome
 
 class Envelope(_message.Message):
     __slots__ = ("cluster_id", "protocol_version", "sender_id", "sender_generation", "sender_incarnation", "ring_version", "sent_at_ms")
@@ -594,6 +609,30 @@ class RangeStatusReply(_message.Message):
     transfer: RangeTransfer
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., range: _Optional[_Union[TokenRange, _Mapping]] = ..., role: _Optional[_Union[RangeRole, str]] = ..., complete: _Optional[bool] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., transfer: _Optional[_Union[RangeTransfer, _Mapping]] = ...) -> None: ...
 
+class DeleteRequest(_message.Message):
+    __slots__ = ("envelope", "study_instance_uid", "series_instance_uid", "sop_instance_uid")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("envelope", "outcome", "instances_deleted_count", "message")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_DELETED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    outcome: DeleteOutcome
+    instances_deleted_count: int
+    message: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[DeleteOutcome, str]] = ..., instances_deleted_count: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ("envelope",)
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
@@ -609,7 +648,7 @@ class MemberStatus(_message.Message):
     def __init__(self, member: _Optional[_Union[MemberUpdate, _Mapping]] = ..., ring_ownership_fraction: _Optional[float] = ...) -> None: ...
 
 class LocalStats(_message.Message):
-    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health")
+    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health", "hints_by_owner")
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -620,6 +659,7 @@ class LocalStats(_message.Message):
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HINTS_BY_OWNER_FIELD_NUMBER: _ClassVar[int]
     instance_count: int
     received_bytes: int
     stored_bytes: int
@@ -630,7 +670,8 @@ class LocalStats(_message.Message):
     transfers: _containers.RepeatedCompositeFieldContainer[RangeTransfer]
     disk_free_bytes: int
     health: LocalHealth
-    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ...) -> None: ...
+    hints_by_owner: _containers.RepeatedCompositeFieldContainer[HintSummary]
+    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ..., hints_by_owner: _Optional[_Iterable[_Union[HintSummary, _Mapping]]] = ...) -> None: ...
 
 class LocalHealth(_message.Message):
     __slots__ = ("unhealthy", "reason", "detail", "oldest_write_age_ms", "probe_wait_ms", "unhealthy_for_ms", "io_threads", "io_running", "io_queued", "store_stall_ms")

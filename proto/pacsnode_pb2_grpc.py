@@ -820,7 +820,7 @@ class Repair:
 
 class AdminStub:
     """Admin: the operator views behind `pacsnode status`, `pacsnode ring` and metrics
-    export. Read-only.
+    export (read-only), and `pacsnode delete`.
     """
 
     def __init__(self, channel):
@@ -844,11 +844,16 @@ class AdminStub:
                 request_serializer=pacsnode__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=pacsnode__pb2.MetricsReply.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/pacsnode.v1.Admin/Delete',
+                request_serializer=pacsnode__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=pacsnode__pb2.DeleteReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """Admin: the operator views behind `pacsnode status`, `pacsnode ring` and metrics
-    export. Read-only.
+    export (read-only), and `pacsnode delete`.
     """
 
     def Status(self, request, context):
@@ -872,6 +877,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Delete(self, request, context):
+        """Delete a study, a series or an instance, coordinated by the receiver (any node).
+        On a cluster with TLS, only an admin certificate may call it. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -890,6 +903,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=pacsnode__pb2.MetricsRequest.FromString,
                     response_serializer=pacsnode__pb2.MetricsReply.SerializeToString,
             ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=pacsnode__pb2.DeleteRequest.FromString,
+                    response_serializer=pacsnode__pb2.DeleteReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'pacsnode.v1.Admin', rpc_method_handlers)
@@ -900,7 +918,7 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """Admin: the operator views behind `pacsnode status`, `pacsnode ring` and metrics
-    export. Read-only.
+    export (read-only), and `pacsnode delete`.
     """
 
     @staticmethod
@@ -974,6 +992,33 @@ class Admin:
             '/pacsnode.v1.Admin/Metrics',
             pacsnode__pb2.MetricsRequest.SerializeToString,
             pacsnode__pb2.MetricsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsnode.v1.Admin/Delete',
+            pacsnode__pb2.DeleteRequest.SerializeToString,
+            pacsnode__pb2.DeleteReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -162,6 +162,24 @@ class DeleteCoordinator:
         self.tombstone_hints_written = 0
         self.tombstone_hints_replayed = 0
 
+    async def resolve(self, scope: DeleteScope) -> list[DeleteScope]:
+        """`scope` with its study filled in: a series or an instance named without its study
+        is looked up (a scatter over the archive: an operator's rare request), one scope per
+        study found. Raises IncompleteAnswer when part of the archive could not be asked."""
+        if scope.study_instance_uid:
+            return [scope]
+        conditions = []
+        if scope.series_instance_uid:
+            conditions.append(Condition("SeriesInstanceUID", "UI", scope.series_instance_uid))
+        if scope.sop_instance_uid:
+            conditions.append(Condition("SOPInstanceUID", "UI", scope.sop_instance_uid))
+        if not conditions:
+            return []
+        studies: dict[str, None] = {}
+        async for row in self._find(Query("IMAGE", tuple(conditions), ())):
+            studies[str(row.get("StudyInstanceUID", ""))] = None
+        return [DeleteScope(study, scope.series_instance_uid, scope.sop_instance_uid) for study in studies if study]
+
     def _joined(self) -> bool:
         joined = getattr(self._membership, "joined", True)
         return bool(joined() if callable(joined) else joined)
@@ -245,7 +263,15 @@ class DeleteCoordinator:
         while True:
             stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | used) if s.owner == owner), None)
             if stand_in is None:
-                log.warning("replication.delete.no_stand_in owner=%s: anti-entropy brings it the tombstones", owner)
+                # As a write's copy: this node keeps them as hints for the owner (replayed as soon
+                # as it answers), never counted toward W (it is not a distinct replica).
+                if owner != self.self_id:
+                    try:
+                        await self._send(self.self_id, tombstones, None, owner)
+                        self.tombstone_hints_written += len(tombstones)
+                        log.info("replication.delete.hint_kept_here owner=%s tombstones=%d", owner, len(tombstones))
+                    except PeerError as error:
+                        log.warning("replication.delete.hint_keep_failed owner=%s error=%s", owner, error)
                 return False
             used.add(stand_in)
             if stand_in in owners or (stand_in != self.self_id and not self._membership.is_alive(stand_in)):

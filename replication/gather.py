@@ -59,6 +59,11 @@ class ReadContext:
     # Membership changed within read_fault_window_ms: owners that look alive may still lack
     # what was acknowledged through hints, so named reads ask the stand-ins too.
     troubled: bool = False
+    # Local reads (issue 15): a request that names a study counts R among the owners in
+    # this node's site (capped at their number) and asks hint holders of those owners only,
+    # unless one of them is unavailable; owners elsewhere are asked only for what this
+    # site's owners cannot answer.
+    local_reads: bool = False
 
 
 @dataclass
@@ -222,14 +227,26 @@ class RoutedGather:
         self._query = query
         self._pieces = list(pieces)
         self._reconcile = reconcile
-        self._states = [_PieceState(needed=max(1, min(read_quorum, len(p.owners))), tried=set(), answered=[],
-                                    failed=set(), rows={}) for p in self._pieces]
+        self._states = [_PieceState(needed=max(1, min(read_quorum, self._quorum_owners(p))), tried=set(),
+                                    answered=[], failed=set(), rows={}) for p in self._pieces]
         self._by_study = {p.study_instance_uid: i for i, p in enumerate(self._pieces)}
         self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=8)
         self._calls: dict[int, _Call] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._serial = itertools.count()
         self.peers_asked: set[str] = set()
+
+    def _local_owners(self, piece: Piece) -> list[str]:
+        """The piece's owners in this node's site when reads are local, else none."""
+        context = self._context
+        if not context.local_reads:
+            return []
+        site = context.site_of(context.self_id)
+        return [o for o in piece.owners if context.site_of(o) == site]
+
+    def _quorum_owners(self, piece: Piece) -> int:
+        """How many owners R is capped at: this site's (local reads, when it holds any), else all."""
+        return len(self._local_owners(piece)) or len(piece.owners)
 
     def _level(self) -> str:
         return "STUDY" if self._query.level == "PATIENT" else self._query.level
@@ -244,11 +261,14 @@ class RoutedGather:
         excluded = set(state.tried)
         if context.pending and piece.token_range.end in context.pending:
             excluded.add(context.self_id)  # Still filling it here: ask other owners.
+        local = set(self._local_owners(piece))
         for node_id in read_order(piece.owners, context.self_id, context.is_alive, context.site_of, context.slow):
             if len(chosen) >= wanted:
                 break
             if node_id not in excluded and context.is_alive(node_id):
                 chosen.append(node_id)
+                if local and node_id not in local:
+                    context.count("reads_other_site")  # This site's owners could not answer for it.
         state.tried.update(chosen)
         return chosen
 
@@ -281,12 +301,18 @@ class RoutedGather:
         for index, piece in enumerate(self._pieces):
             state = self._states[index]
             unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
+            local = self._local_owners(piece)
+            if local and not unavailable & set(local):
+                # Local reads: this site's owners answer; a write acknowledged here has its
+                # W copies (or hints) among them and their stand-ins in this site. Owners
+                # elsewhere being down or cut off changes nothing here.
+                unavailable = set()
             if not unavailable and not context.troubled:
                 continue
             state.hints_required = bool(unavailable)
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
-                                                                    set(piece.owners))}
+                                                                    set(local or piece.owners))}
             for node_id in sorted(candidates):
                 if node_id == context.self_id or context.is_alive(node_id):
                     holders.setdefault(node_id, []).append(index)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from pacsnode.replication.digest import Digest, entry_hash, segment_bounds, segment_of
-from pacsnode.replication.model import StoredInstance, StoreError
+from pacsnode.replication.hlc import Version, is_mark
+from pacsnode.replication.model import StoredInstance, StoreError, StoreOutcome, Tombstone
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.transport import PeerError, cancelled_by_caller
 from pacsnode.ring.members import MembershipView
@@ -45,6 +46,8 @@ class RepairTransport(Protocol):
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False) -> StoredInstance | None: ...
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str: ...
+    async def tombstone(self, target: str, tombstones: Sequence[Tombstone], *, scope: Any, hint_for: str,
+                        timeout_ms: int) -> int: ...
 
 
 class RepairStore(Protocol):
@@ -57,6 +60,8 @@ class RepairStore(Protocol):
     def delete_instances(self, entries: Sequence[Entry]) -> int: ...
     def is_empty(self) -> bool: ...
     def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None: ...
+    def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int: ...
+    def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None: ...
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,15 @@ class Repairer:
                 for interval_low, interval_high in [(low, high)] if low <= high else []:
                     mine = {(sop, content) for _study, sop, content in
                             await self._run_blocking(lambda: list(self._store.entries(interval_low, interval_high)))}
-                missing = [e for e in their_entries if (e[1], e[2]) not in mine]
+                missing = [e for e in their_entries if (e[1], e[2]) not in mine and not is_mark(e[2])]
+                # Their tombstones we lack are applied as listed, never fetched: an older copy
+                # held here goes, a newer one (a re-store) stays and the source pulls it from us.
+                deletes = [_tombstone_of(e) for e in their_entries if (e[1], e[2]) not in mine and is_mark(e[2])]
+                if deletes:
+                    removed = await self._run_blocking(self._store.put_tombstones, deletes)
+                    self.stats.extra["tombstones_applied"] = self.stats.extra.get("tombstones_applied", 0) + len(deletes)
+                    log.info("repair.tombstones.applied source=%s tombstones=%d removed=%d", source, len(deletes),
+                             removed)
                 transfer.total_instances += len(missing)
 
                 async def pull(study_uid: str, sop_uid: str) -> None:
@@ -338,10 +351,13 @@ class Repairer:
                     if stored is None:
                         return  # Gone meanwhile (dropped or never there); the next pass rechecks.
                     try:
-                        await self._run_blocking(self._store.put_stored, stored)
+                        outcome = await self._run_blocking(self._store.put_stored, stored)
                     except StoreError as error:
                         log.warning("repair.store.failed sop_instance_uid=%s error=%s", sop_uid, error)
                         raise PeerError(f"local store: {error}") from error
+                    if outcome == StoreOutcome.DELETED:  # A newer tombstone here: it stays deleted.
+                        self.stats.extra["pulls_deleted"] = self.stats.extra.get("pulls_deleted", 0) + 1
+                        return
                     transfer.done_instances += 1
                     transfer.done_bytes += len(stored.blob)
                     self.stats.instances_pulled += 1
@@ -461,6 +477,16 @@ class Repairer:
     async def _hand_over(self, owner: str, lacking: list[tuple[str, str]]) -> None:
         handed = 0
         for study_uid, sop_uid in lacking:
+            tombstone = await self._run_blocking(self._store.tombstone, study_uid, sop_uid)
+            if tombstone is not None:  # A delete only we hold for this owner: it gets the tombstone.
+                try:
+                    await self._transport.tombstone(owner, [tombstone], scope=None, hint_for="",
+                                                    timeout_ms=self._settings.rpc_timeout_ms)
+                except PeerError as error:
+                    log.info("repair.handover.failed owner=%s error=%s", owner, error)
+                    return
+                handed += 1
+                continue
             stored = await self._run_blocking(self._store.read_stored, study_uid, sop_uid)
             if stored is None:
                 continue
@@ -474,6 +500,11 @@ class Repairer:
         if handed:
             self.stats.extra["instances_handed_over"] = self.stats.extra.get("instances_handed_over", 0) + handed
             log.info("repair.handover owner=%s instances=%d", owner, handed)
+
+
+def _tombstone_of(entry: Entry) -> Tombstone:
+    study_uid, sop_uid, mark = entry
+    return Tombstone(study_uid, sop_uid, Version.from_mark(mark))
 
 
 async def _in_window(items: list[tuple[str, str]], work: Callable[[str, str], Awaitable[None]], window: int) -> None:

@@ -80,6 +80,7 @@ peer_port = 7002
 replication_factor = 5
 site_replicas = { "campus-b" = 2, "campus-a" = 1 }   # the [site_replicas] table, inline
 write_quorum = 3
+write_quorum_scope = "global"
 read_quorum = 3
 read_fault_window_ms = 30000
 vnodes = 16
@@ -160,6 +161,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.audit_log == "/var/log/pacsnode-audit.jsonl"
     assert config.site_replicas == (("campus-a", 1), ("campus-b", 2))
     assert str(config.replication) == "campus-a=1,campus-b=2"
+    assert config.write_quorum_scope == "global" and not config.write_scope_local
     assert {f.name for f in dataclasses.fields(NodeConfig)} - {"destinations"} <= set(load_toml(path))
 
 
@@ -352,7 +354,7 @@ def test_every_start_option_sets_its_field() -> None:
                                                                              "known_aes", "site_replicas"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
-               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
+               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4", "write_quorum_scope": "local",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
                "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514"}
     values = {}
@@ -488,3 +490,13 @@ def test_site_replicas_from_flags_and_a_toml_table(tmp_path: Path) -> None:
 def test_bad_site_replicas(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_args(_args(*argv))
+
+
+def test_write_quorum_scope_auto_is_local_with_site_replicas() -> None:
+    assert NodeConfig(node_id="n").write_quorum_scope == "auto"
+    assert not NodeConfig(node_id="n").write_scope_local  # No site replicas: global.
+    assert config_from_args(_args("--site-replicas", "default=2")).write_scope_local
+    assert not config_from_args(_args("--site-replicas", "default=2", "--write-quorum-scope", "global")).write_scope_local
+    assert config_from_args(_args("--write-quorum-scope", "local")).write_scope_local
+    with pytest.raises(ConfigError, match="write_quorum_scope must be one of auto, local, global"):
+        config_from_args(_args("--write-quorum-scope", "site"))

@@ -162,3 +162,36 @@ def test_an_owner_expands_the_scope_to_older_instances_it_holds_and_keeps_newer_
     other.put_stored(old)
     assert apply_tombstones(other, [listed], scope=scope, hint_for="node-x") == 0
     assert [t.sop_instance_uid for t in other.tombstone_hints("node-x")] == ["1.2.3.4"]
+
+
+def test_anti_entropy_applies_tombstones_it_lacks_without_fetching_and_never_pulls_deleted_back() -> None:
+    config = SimConfig(hint_replay_interval_ms=600_000, anti_entropy_interval_ms=5_000)
+    cluster = SimCluster(5, seed=12, config=config)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(12)
+        study, instances = _store_study(cluster, data, "node-000", 8)
+        cluster.run_for(6)  # Every owner holds every copy (anti-entropy every 5 s).
+        owners = _owners(cluster, study.study_instance_uid)
+        lagging = owners[-1]
+        others = [n for n in cluster.running_ids() if n != lagging]
+        cluster.network.partition([lagging], others)
+        entry = next(n for n in others if n != lagging)
+        result = _delete(cluster, entry, DeleteScope(study.study_instance_uid))
+        assert result.status is DeleteStatus.DELETED
+        assert len(_held(cluster, study.study_instance_uid)[lagging]) == len(instances)
+        pulled_before = {n: cluster.process(n).repairer.stats.instances_pulled for n in owners}
+        cluster.network.heal()
+        cluster.run_for(20)  # Anti-entropy passes; hints are not replayed in this window.
+        held = _held(cluster, study.study_instance_uid)
+        assert all(held[o] == set() for o in owners)  # Nothing came back to the owners that deleted it.
+        lagging_repairer = cluster.process(lagging).repairer
+        assert lagging_repairer.stats.extra.get("tombstones_applied", 0) >= len(instances)
+        assert {t.sop_instance_uid for t in cluster.nodes[lagging].store.tombstones()} \
+            == {s.sop_instance_uid for s in instances}
+        # The owners that deleted it fetched the lagging copies once (an entry does not say its
+        # version: it could have been a re-store) and their stores answered DELETED.
+        assert all(cluster.process(n).repairer.stats.instances_pulled == pulled_before[n] for n in owners)
+        assert _find(cluster, lagging, study.study_instance_uid) == set()
+    finally:
+        cluster.close()

@@ -112,7 +112,7 @@ def test_services_are_the_designed_ones() -> None:
         "Membership.Ping", "Membership.IndirectPing", "Membership.PushPull", "Membership.Join",
         "Membership.Leave",
         "Repair.RangeDigest", "Repair.ListBucket", "Repair.HintInventory", "Repair.RangeStatus",
-        "Admin.Status", "Admin.RingView", "Admin.Metrics",
+        "Admin.Status", "Admin.RingView", "Admin.Metrics", "Admin.Delete",
     }  # fmt: skip
     data = pb.DESCRIPTOR.services_by_name["Data"].methods_by_name
     assert data["StoreInstance"].client_streaming and not data["StoreInstance"].server_streaming
