@@ -161,7 +161,10 @@ class AuditLog:
             "AuditSourceIdentification": {"AuditSourceID": self.source_id},
             "ParticipantObjectIdentification": subject.to_json() if subject else [],
         }
-        line = json.dumps(message, separators=(",", ":")) + "\n"
+        self.write_line(json.dumps(message, separators=(",", ":")) + "\n")
+
+    def write_line(self, line: str) -> None:
+        """Append one finished message line (record's, or a DICOM worker's: node/workers.py)."""
         if self.forward is not None:
             self.forward(line)
         if self._handle is None:

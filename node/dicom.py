@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, association_guard, codec, ingest, raw_send, spool, tls
+from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, raw_send, spool, tls
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
@@ -134,6 +134,12 @@ class DicomFrontEnd:
             threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
             budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
         self.ae = self._build_ae()
+        # Storage Commitment (node/commitment.py): served when the archive can check the cluster.
+        self.commitment: commitment.CommitmentScp | None = None
+        if not config.dicom_workers and commitment.CommitmentScp.supported(self._archive):
+            self.commitment = commitment.CommitmentScp(config, self.ae, self._archive, self._move_tls)
+        elif not config.dicom_workers:  # An archive without the cluster check: not offered.
+            self.ae.remove_supported_context(commitment.SOP_CLASS_UID)
         self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 
     # ----------------------------------------------------------------- setup
@@ -156,6 +162,8 @@ class DicomFrontEnd:
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:  # Always set in pynetdicom's list.
                 ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        if not config.dicom_workers:  # Storage Commitment needs the node's coordinator (not in workers yet).
+            ae.add_supported_context(commitment.SOP_CLASS_UID, commitment.TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -168,6 +176,7 @@ class DicomFrontEnd:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_ABORTED, self._on_aborted),
+            *([(evt.EVT_N_ACTION, self.commitment.on_n_action)] if self.commitment is not None else []),
         ]
 
     def start(self) -> None:
@@ -192,6 +201,8 @@ class DicomFrontEnd:
 
     def stop(self, *, grace_s: float = 10.0) -> None:
         """Stop accepting; let open associations finish for `grace_s`, then abort them."""
+        if self.commitment is not None:
+            self.commitment.stop()
         tls_server, self._tls_server = self._tls_server, None
         tls.stop_dicom_server(self.ae, tls_server, grace_s)
         server, self._server = self._server, None

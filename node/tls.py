@@ -350,9 +350,10 @@ class TlsAssociationServer(AcceptorServer):
 
 
 def start_dicom_tls_server(ae: Any, address: tuple[str, int], context: ssl.SSLContext, handlers: list[Any],
-                           on_refused: Callable[[str, str], None] | None = None) -> Any:
+                           on_refused: Callable[[str, str], None] | None = None,
+                           server_class: type[TlsAssociationServer] = TlsAssociationServer) -> Any:
     """Start a DICOM TLS listener on `ae` (pynetdicom's make_server with our server class)."""
-    server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=TlsAssociationServer)
+    server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=server_class)
     server.on_refused = on_refused
     thread = threading.Thread(target=server.serve_forever, name="pacsnode-dicom-tls", daemon=True)
     thread.start()

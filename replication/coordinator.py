@@ -38,6 +38,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitmentCheck, CommitResult, CommitSettings, Reference
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
@@ -708,6 +709,14 @@ class Coordinator:
                 ok = False
         return ok
 
+    # ----------------------------------------------------------------- storage commitment
+    async def commitment(self, references: Sequence[Reference], settings: CommitSettings,
+                         known: dict[str, str] | None = None) -> CommitResult:
+        """Storage Commitment: each referenced instance committed once every one of its
+        study's N owners holds it (replication/commitment.py); `known` maps SOP Instance
+        UIDs to their studies where the caller knows them (saves a scatter)."""
+        return await CommitmentCheck(self._read_context, self.find, settings).check(references, known)
+
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> RetrievePlan:
         """The instances a C-GET/C-MOVE identifier selects, and what could not be asked."""
@@ -725,6 +734,12 @@ class Coordinator:
         except IncompleteAnswer as error:
             shortfall = error.shortfall
         return RetrievePlan(locations, shortfall)
+
+    def owns(self, study_instance_uid: str) -> bool:
+        """Whether this node is one of the study's owners (reads the ring only: callable
+        from any thread). A read then may take this node's own copy first, as read() does."""
+        n, _w = self._replicas()
+        return self.self_id in self._membership.ring().owners_of_study(study_instance_uid, n)
 
     async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
@@ -932,7 +947,16 @@ def _location(row: Attributes) -> InstanceLocation:
         sop_instance_uid=str(row["SOPInstanceUID"]),
         sop_class_uid=str(row.get("SOPClassUID", "")),
         transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+        part10_bytes=_int(row.get("_part10_bytes")),
     )
+
+
+def _int(value: object) -> int:
+    """A row's internal count (a string across peers); 0 when absent (an older peer) or bad."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})

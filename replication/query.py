@@ -94,6 +94,8 @@ def instance_row(series_attributes: Attributes, instance: InstanceRecord) -> Att
     # Internal (not a DICOM keyword, never returned to a client): lets a retrieve open
     # the right presentation context without reading the instance.
     row["_transfer_syntax_uid"] = instance.transfer_syntax_uid
+    # Internal too: the Part-10 length, so that a WADO-RS answer can state its length first.
+    row["_part10_bytes"] = str(instance.size_bytes + instance.dataset_offset)
     # Internal too: the version mark, which a delete's clock observes before it stamps.
     row["_version"] = instance.version.mark()
     return row
