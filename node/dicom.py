@@ -40,7 +40,7 @@ from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import (
-    Archive,
+    ArchiveApi,
     IncompleteAnswer,
     InstanceLocation,
     ReadError,
@@ -120,7 +120,7 @@ class FrontEndStats:
 class DicomFrontEnd:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: NodeConfig, archive: Archive, security: "NodeSecurity | None" = None) -> None:
+    def __init__(self, config: NodeConfig, archive: ArchiveApi, security: "NodeSecurity | None" = None) -> None:
         self._config = config
         self._security = security
         self.guard = DicomGuard.from_config(config, security.audit if security is not None else None)
@@ -163,7 +163,8 @@ class DicomFrontEnd:
         # Every storage SOP class, every transfer syntax; SCU+SCP roles so that a C-GET
         # requestor's role selection (it acts as Storage SCP) is accepted.
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            if context.abstract_syntax is not None:  # Always set in pynetdicom's list.
+                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         if not config.dicom_workers:  # Storage Commitment needs the node's coordinator (not in workers yet).
             ae.add_supported_context(commitment.SOP_CLASS_UID, commitment.TRANSFER_SYNTAXES)
         return ae
@@ -260,7 +261,7 @@ class DicomFrontEnd:
         """A data set the acceptor did not keep (node/spool.py): 0xA700, one log line."""
         config = self._config
         limit = {spool.Refusal.TOO_LARGE: config.instance_size_bytes_max,
-                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(data.refusal, 0)
+                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(cast(spool.Refusal, data.refusal), 0)
         log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
                     cast(spool.Refusal, data.refusal).value, data.size_bytes, limit, event.assoc.requestor.ae_title)
         comments = {spool.Refusal.TOO_LARGE: "instance is over the size limit",
