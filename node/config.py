@@ -93,13 +93,14 @@ class NodeConfig:
     require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
     max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
     max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
-    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations, and DICOM TLS and the DICOM audit trail are not served.")
+    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations; each serves DICOM TLS too and sends its DICOM audit messages to the node's audit trail.")
     dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
     acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
     network_timeout_s: float = setting(60.0, "Idle association before it is closed.")
     move_connect_timeout_s: float = setting(10.0, "Open the association to a C-MOVE destination.")
     move_store_attempt_max: int = setting(3, "C-STORE sub-operation attempts on a C-MOVE/C-GET.")
     find_result_max: int = setting(0, "Cap on C-FIND matches (0 = no cap).")
+    storage_commitment_timeout_s: float = setting(600.0, "Storage Commitment: how long the node waits for every one of an instance's N owners to hold it before it reports the instance failed (0x0110); meanwhile hints and repair bring the missing copies.")
     find_buffer_rows: int = setting(1_000, "Rows of one C-FIND held between the cluster and a slow client; when full, the query waits (no thread does), and a cancelled or aborted C-FIND drops them at once.")
 
     # --- limits and durability
@@ -224,7 +225,8 @@ class NodeConfig:
                      "dead_grace_s", "read_fault_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):
+        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s",
+                     "storage_commitment_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dicom_tls_client_cert not in ("none", "optional", "required"):

@@ -35,12 +35,12 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, association_guard, codec, ingest, raw_send, spool, tls
+from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, iocm, raw_send, spool, tls
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import (
-    Archive,
+    ArchiveApi,
     IncompleteAnswer,
     InstanceLocation,
     ReadError,
@@ -120,7 +120,7 @@ class FrontEndStats:
 class DicomFrontEnd:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: NodeConfig, archive: Archive, security: "NodeSecurity | None" = None) -> None:
+    def __init__(self, config: NodeConfig, archive: ArchiveApi, security: "NodeSecurity | None" = None) -> None:
         self._config = config
         self._security = security
         self.guard = DicomGuard.from_config(config, security.audit if security is not None else None)
@@ -136,6 +136,15 @@ class DicomFrontEnd:
             threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
             budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
         self.ae = self._build_ae()
+        # Storage Commitment (node/commitment.py): served when the archive can check the cluster.
+        self.commitment: commitment.CommitmentScp | None = None
+        if not config.dicom_workers and commitment.CommitmentScp.supported(self._archive):
+            self.commitment = commitment.CommitmentScp(config, self.ae, self._archive, self._move_tls)
+        elif not config.dicom_workers:  # An archive without the cluster check: not offered.
+            self.ae.remove_supported_context(commitment.SOP_CLASS_UID)
+        # IHE IOCM rejection notes (node/iocm.py): applied where the archive can delete.
+        self._rejections = iocm.RejectionNotes(self._archive) if iocm.RejectionNotes.supported(self._archive) \
+            else None
         self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 
     # ----------------------------------------------------------------- setup
@@ -156,7 +165,10 @@ class DicomFrontEnd:
         # Every storage SOP class, every transfer syntax; SCU+SCP roles so that a C-GET
         # requestor's role selection (it acts as Storage SCP) is accepted.
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            if context.abstract_syntax is not None:  # Always set in pynetdicom's list.
+                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        if not config.dicom_workers:  # Storage Commitment needs the node's coordinator (not in workers yet).
+            ae.add_supported_context(commitment.SOP_CLASS_UID, commitment.TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -169,6 +181,7 @@ class DicomFrontEnd:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_ABORTED, self._on_aborted),
+            *([(evt.EVT_N_ACTION, self.commitment.on_n_action)] if self.commitment is not None else []),
         ]
 
     def start(self) -> None:
@@ -193,6 +206,8 @@ class DicomFrontEnd:
 
     def stop(self, *, grace_s: float = 10.0) -> None:
         """Stop accepting; let open associations finish for `grace_s`, then abort them."""
+        if self.commitment is not None:
+            self.commitment.stop()
         tls_server, self._tls_server = self._tls_server, None
         tls.stop_dicom_server(self.ae, tls_server, grace_s)
         server, self._server = self._server, None
@@ -249,7 +264,7 @@ class DicomFrontEnd:
         """A data set the acceptor did not keep (node/spool.py): 0xA700, one log line."""
         config = self._config
         limit = {spool.Refusal.TOO_LARGE: config.instance_size_bytes_max,
-                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(data.refusal, 0)
+                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(cast(spool.Refusal, data.refusal), 0)
         log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
                     cast(spool.Refusal, data.refusal).value, data.size_bytes, limit, event.assoc.requestor.ae_title)
         comments = {spool.Refusal.TOO_LARGE: "instance is over the size limit",
@@ -326,7 +341,19 @@ class DicomFrontEnd:
         return self._archive_store(instance)
 
     def _archive_store(self, instance: Instance) -> Dataset | int:
+        note = None
+        if instance.sop_class_uid == iocm.KOS_SOP_CLASS_UID and self._rejections is not None:
+            try:
+                note = iocm.parse_note(bytes(instance.part10))
+            except iocm.NoteError as error:
+                log.warning("dicom.iocm.rejected reason=%s", error)
+                return _status(STATUS_OUT_OF_RESOURCES, str(error))
+            except Exception as error:  # An undecodable KOS: stored as any instance, not applied as a note.
+                log.warning("dicom.iocm.undecodable error=%s", type(error).__name__)
         result = self._archive.store(instance)
+        if result.status == WriteStatus.SUCCESS and note is not None and self._rejections is not None:
+            if not self._rejections.apply(note):
+                return _status(STATUS_STORE_FAILED, "rejection note stored, not applied to all; send again")
         if result.status == WriteStatus.SUCCESS:
             log.debug(
                 "dicom.store.stored sop_instance_uid=%s outcome=%s latency_ms=%d",

@@ -334,7 +334,7 @@ class TombstoneReply(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[TombstoneOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ..., instances_deleted_count: _Optional[int] = ...) -> None: ...
 
 class MemberUpdate(_message.Message):
-    __slots__ = ("node_id", "peer_address", "dicom_address", "site", "host", "vnodes", "state", "incarnation", "generation", "updated_at_ms", "reporter_id", "lamport", "leaving")
+    __slots__ = ("node_id", "peer_address", "dicom_address", "site", "host", "vnodes", "state", "incarnation", "generation", "updated_at_ms", "reporter_id", "lamport", "leaving", "signature", "signer_certificate")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DICOM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,8 @@ class MemberUpdate(_message.Message):
     REPORTER_ID_FIELD_NUMBER: _ClassVar[int]
     LAMPORT_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     peer_address: Address
     dicom_address: DicomAddress
@@ -361,7 +363,9 @@ class MemberUpdate(_message.Message):
     reporter_id: str
     lamport: int
     leaving: bool
-    def __init__(self, node_id: _Optional[str] = ..., peer_address: _Optional[_Union[Address, _Mapping]] = ..., dicom_address: _Optional[_Union[DicomAddress, _Mapping]] = ..., site: _Optional[str] = ..., host: _Optional[str] = ..., vnodes: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., incarnation: _Optional[int] = ..., generation: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., reporter_id: _Optional[str] = ..., lamport: _Optional[int] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    signature: bytes
+    signer_certificate: bytes
+    def __init__(self, node_id: _Optional[str] = ..., peer_address: _Optional[_Union[Address, _Mapping]] = ..., dicom_address: _Optional[_Union[DicomAddress, _Mapping]] = ..., site: _Optional[str] = ..., host: _Optional[str] = ..., vnodes: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., incarnation: _Optional[int] = ..., generation: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., reporter_id: _Optional[str] = ..., lamport: _Optional[int] = ..., leaving: _Optional[bool] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("envelope", "target_id", "sequence_number", "updates")
