@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, build_role
 
 from pacsnode.node.config import Destination, NodeConfig
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 SOP_CLASS_UID = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 SOP_INSTANCE_UID = "1.2.840.10008.1.20.1.1"  # Its well-known SOP Instance
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+TRANSFER_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 ACTION_REQUEST_COMMITMENT = 1
 EVENT_ALL_COMMITTED = 1
 EVENT_SOME_FAILED = 2

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from io import BytesIO
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -297,7 +297,7 @@ class DicomWeb:
                                  status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
-    async def _read_all(self, locations: list[InstanceLocation]) -> AsyncIterator[tuple[bytes, int]]:
+    async def _read_all(self, locations: list[InstanceLocation]) -> AsyncGenerator[tuple[bytes, int], None]:
         """Reads ahead a few instances at a time on the reader threads (a cluster read waits
         on a peer, a local one decompresses); the HTTP loop only awaits them."""
         window = 8

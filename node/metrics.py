@@ -129,7 +129,7 @@ class Metrics:
                                        "Time of each local instance write (replica or hint), synced, as the "
                                        "replication code waits for it.", buckets=_LATENCY_BUCKETS,
                                        registry=self.registry)
-        self.registry.register(NodeCollector(figures, extra))  # type: ignore[arg-type]
+        self.registry.register(NodeCollector(figures, extra))
         self._open: dict[tuple[int, int], tuple[str, float]] = {}  # (association, message id) -> (service, start)
         self._lock = threading.Lock()
 

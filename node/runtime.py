@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
 from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import to_stored
@@ -66,12 +66,12 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None,
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None = None,
             is_cancelled: Callable[[], bool] | None = None) -> T:
         """Run `coroutine` on the loop and wait for it. With `is_cancelled` (the requestor's
         C-CANCEL or abort), look at it every 0.2 s and, once true, cancel the coroutine at
         once and raise RequestAbandoned instead of waiting for an answer nobody will read."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:

@@ -432,6 +432,7 @@ class RocksStore:
                 first_sop_instance_uid=record.sop_instance_uid,
             )
         else:
+            assert raw_series is not None
             series = SeriesRecord(**json.loads(raw_series))
         series.instance_count += 1
         view.put(batch, series_key, _dump(series))
@@ -449,6 +450,7 @@ class RocksStore:
                 for value in _values(study.attributes.get(keyword)):
                     view.put(batch, _index_key(keyword, value, prefix), b"")
         else:
+            assert raw_study is not None
             study = StudyRecord(**json.loads(raw_study))
         study.instance_count += 1
         study.series_count += 1 if new_series else 0
@@ -544,8 +546,8 @@ class RocksStore:
         segment_key = _digest_key(segment_of(study_token(study_uid)))
         digest = Digest.from_bytes(view.get(segment_key))
         removed = 0
-        for key, value in list(self._scan(PREFIX_META + prefix + SEP)):
-            record = json.loads(value)
+        for key, meta in list(self._scan(PREFIX_META + prefix + SEP)):
+            record = json.loads(meta)
             digest = digest.remove(entry_hash(record["sop_instance_uid"], record["content_hash"]))
             blob_key = PREFIX_BLOB + key[1:]
             blob = view.get(blob_key)

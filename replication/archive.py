@@ -36,6 +36,16 @@ class LocalReplica(IndexReader, Protocol):
     def instance_record(self, study_instance_uid: str, sop_instance_uid: str) -> InstanceRecord | None: ...
 
 
+class ArchiveApi(Protocol):
+    """What the front ends call: `Archive` over this node's replica alone, or
+    node/runtime.py's `ClusterArchive` over the coordinator."""
+
+    def store(self, instance: Instance) -> "WriteResult": ...
+    def find(self, query: Query, is_cancelled: Callable[[], bool] = ...) -> Iterator[Attributes]: ...
+    def locate(self, query: Query) -> "RetrievePlan": ...
+    def read(self, location: "InstanceLocation") -> tuple[bytes, int]: ...
+
+
 class WriteStatus(enum.StrEnum):
     """How a store through the Archive API ended; the front end maps it to a DICOM status."""
 

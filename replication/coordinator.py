@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -47,7 +47,7 @@ from pacsnode.replication.planning import RangeSet, range_pieces, read_order, st
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
-from pacsnode.ring.placement import Replication, replica_total
+from pacsnode.ring.placement import Replication, Ring, replica_total
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class Coordinator:
         self._run_blocking = run_blocking
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
-        self._last_effective_n: Replication = -1
+        self._last_effective_n: tuple[Replication, int] | None = None
         self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
         self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
         self._remote_queued_bytes = 0
@@ -155,7 +155,7 @@ class Coordinator:
         n = ring.effective(configured)
         copies = ring.effective_replicas(configured)
         if (n, copies) != self._last_effective_n:
-            self._last_effective_n = (n, copies)  # type: ignore[assignment]
+            self._last_effective_n = (n, copies)
             if copies < replica_total(configured) and len(ring) == 1:
                 log.info("replication.single_node configured_n=%s: a one-node archive keeps one copy of "
                          "each study; join more nodes for replicas", configured)
@@ -495,7 +495,7 @@ class Coordinator:
             return candidate, candidate, outcome
         return None
 
-    def _next_stand_in(self, ring: Any, token: int, n: Replication, owner: str, state: "_WriteState", *,
+    def _next_stand_in(self, ring: Ring, token: int, n: Replication, owner: str, state: "_WriteState", *,
                        avoid_site: str | None = None, prefer_site: str | None = None) -> str | None:
         """The next stand-in for `owner` not yet taken by this write. Nodes of a site where a
         stand-in did not answer (probably cut off as a whole) come last; `avoid_site`'s
@@ -610,7 +610,7 @@ class Coordinator:
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False)
 
-    async def find(self, query: Query) -> AsyncIterator[Attributes]:
+    async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises
         IncompleteAnswer after the last row when part of the archive could not be asked."""
         if query.level == "PATIENT":
