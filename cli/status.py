@@ -103,6 +103,8 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0,
                 health_detail=local.health.detail,
                 io_threads_running=local.health.io_running,
                 io_tasks_queued=local.health.io_queued,
+                hints_by_owner=[{"owner": h.owner_id, "instances": h.hint_count, "bytes": h.hint_bytes,
+                                 "oldest_stored_at_ms": h.oldest_stored_at_ms} for h in local.hints_by_owner],
             )
         except StatusError as error:
             entry.update(local_instances=None, error=str(error))
@@ -121,7 +123,26 @@ def collect(address: str, cluster_id: str = "pacsnode", timeout_s: float = 5.0,
         "vnodes": settings.vnodes,
         "peer_tls": bool(tls_dir),  # A TLS node refuses plain text: an answer without TLS means none.
         "nodes": nodes,
+        "undelivered_by_site_pair": site_pairs(nodes, int(time.time() * 1000)),
     }
+
+
+def site_pairs(nodes: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    """Copies not yet delivered, per (site holding the hint, site of its owner), with the
+    oldest one's age: from every reachable member's hints per owner. A local-scope write
+    leaves one such copy per other site until it is delivered."""
+    site_of = {node["node_id"]: node["site"] for node in nodes}
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    for node in nodes:
+        for hint in node.get("hints_by_owner") or []:
+            key = (node["site"], site_of.get(hint["owner"], "?"))
+            pair = pairs.setdefault(key, {"from_site": key[0], "to_site": key[1], "instances": 0, "bytes": 0,
+                                          "oldest_age_ms": 0})
+            pair["instances"] += hint["instances"]
+            pair["bytes"] += hint["bytes"]
+            if hint["oldest_stored_at_ms"]:
+                pair["oldest_age_ms"] = max(pair["oldest_age_ms"], max(0, now_ms - hint["oldest_stored_at_ms"]))
+    return [pairs[key] for key in sorted(pairs)]
 
 
 def _size(value: int | None) -> str:
@@ -167,6 +188,13 @@ def render(data: dict[str, Any]) -> str:
     if not data.get("peer_tls", True):
         lines.append("")
         lines.append(UNPROTECTED)
+    pairs = data.get("undelivered_by_site_pair") or []
+    if pairs:
+        lines.append("")
+        lines.append("copies not yet delivered (hints), per site pair:")
+        for pair in pairs:
+            lines.append(f"  {pair['from_site']} -> {pair['to_site']}: {pair['instances']} instances, "
+                         f"{_size(pair['bytes'])}, oldest {pair['oldest_age_ms'] / 1000:.1f} s")
     under = sum(n.get("under_replicated_studies") or 0 for n in data["nodes"])
     lines.append("")
     lines.append(f"under-replicated studies (as their owners count them): {under}")

@@ -18,7 +18,8 @@ Framing (every frame, both ways):
 One connection carries one request at a time; a worker keeps one connection per
 association thread. A C-FIND answer is a stream of ROW frames ended by FIND_END,
 INCOMPLETE or ERROR; a worker that stops reading closes the connection and the node's
-sender stops.
+sender stops. An AUDIT frame (worker to node) carries one audit message line
+(node/audit.py) for the node's audit trail and gets no answer.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct(">IBI")
 FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
+AUDIT_LINE_MAX = 64 * 1024  # One audit message (node/audit.py caps its free text at 200 characters).
 
 
 class Kind(enum.IntEnum):
@@ -57,6 +59,7 @@ class Kind(enum.IntEnum):
     FIND = 3
     LOCATE = 4
     READ = 5
+    AUDIT = 6  # One audit message line for the node's audit trail; not answered.
     # node -> worker
     STORED = 20
     ROW = 21
@@ -136,7 +139,8 @@ def location_to_json(location: InstanceLocation) -> list[str]:
 
 
 def location_from_json(data: list[Any]) -> InstanceLocation:
-    return InstanceLocation(*(str(v) for v in data))
+    study, series, sop, sop_class, syntax = (str(v) for v in data[:5])
+    return InstanceLocation(study, series, sop, sop_class, syntax)
 
 
 def _attributes(data: Any) -> Attributes:
@@ -222,6 +226,15 @@ class ChannelArchive:
             else:
                 sock.close()  # Stopped early: closing tells the node to stop sending.
 
+    def audit(self, line: str) -> None:
+        """Send one audit message line to the node (node/audit.py AuditLog.forward); never raises:
+        a broken channel is logged, as a failed audit write is."""
+        try:
+            send_frame(self._connection(), Kind.AUDIT, {"line": line})
+        except (OSError, ChannelError) as error:
+            self._drop()
+            log.error("audit.forward_failed error=%s", type(error).__name__)
+
     def locate(self, query: Query) -> RetrievePlan:
         kind, answer, _ = self._call(Kind.LOCATE, {"query": query_to_json(query)})
         if kind != Kind.PLAN:
@@ -255,6 +268,7 @@ class ChannelServer:
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
+        self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
         self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-channel", daemon=True)
 
     def start(self) -> None:
@@ -303,6 +317,13 @@ class ChannelServer:
             send_frame(sock, Kind.WELCOME, {})
             if self.on_hello is not None:
                 self.on_hello(sock, header)
+            return
+        if kind == Kind.AUDIT:
+            line = header.get("line")
+            if not isinstance(line, str) or not line.endswith("\n") or "\n" in line[:-1] or len(line) > AUDIT_LINE_MAX:
+                raise ChannelError("an audit frame carries one message line")
+            if self.on_audit is not None:
+                self.on_audit(line)
             return
         try:
             if kind == Kind.STORE:

@@ -161,7 +161,10 @@ class AuditLog:
             "AuditSourceIdentification": {"AuditSourceID": self.source_id},
             "ParticipantObjectIdentification": subject.to_json() if subject else [],
         }
-        line = json.dumps(message, separators=(",", ":")) + "\n"
+        self.write_line(json.dumps(message, separators=(",", ":")) + "\n")
+
+    def write_line(self, line: str) -> None:
+        """Append one finished message line (record's, or a DICOM worker's: node/workers.py)."""
         if self.forward is not None:
             self.forward(line)
         if self._handle is None:
@@ -246,7 +249,8 @@ def render(messages: Sequence[dict[str, Any]]) -> str:
     rows = [("TIME", "EVENT", "ACTION", "OUTCOME", "USER", "ADDRESS", "PATIENT", "STUDIES", "DETAIL")]
     for message in messages:
         ident = message["EventIdentification"]
-        requestor = next((p for p in message.get("ActiveParticipant", []) if p.get("UserIsRequestor")), {})
+        requestor: dict[str, Any] = next(
+            (p for p in message.get("ActiveParticipant", []) if p.get("UserIsRequestor")), {})
         studies = sorted(studies_of(message))
         types = ",".join(t["originalText"] for t in ident.get("EventTypeCode", []))
         detail = " ".join(x for x in (types, ident.get("EventOutcomeDescription", "")) if x)

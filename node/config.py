@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A setting is missing, malformed or out of range."""
 
 
+# Where W is counted: auto = local when site_replicas is set, else global.
+WRITE_QUORUM_SCOPES = ("auto", "local", "global")
+
 # Membership timer profiles (node/swim_membership.py maps them to ring/swim.py SwimConfig).
 PROFILES = ("lan", "local", "wan")
 
@@ -90,19 +93,20 @@ class NodeConfig:
     require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
     max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
     max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
-    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations, and DICOM TLS and the DICOM audit trail are not served.")
+    dicom_workers: int = setting(0, "DIMSE worker processes sharing the DICOM port (SO_REUSEPORT); 0 = the front end runs in the node process. With K > 0 each worker takes ceil(max_associations / K) associations; each serves DICOM TLS too and sends its DICOM audit messages to the node's audit trail.")
     dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
     acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
     network_timeout_s: float = setting(60.0, "Idle association before it is closed.")
     move_connect_timeout_s: float = setting(10.0, "Open the association to a C-MOVE destination.")
     move_store_attempt_max: int = setting(3, "C-STORE sub-operation attempts on a C-MOVE/C-GET.")
     find_result_max: int = setting(0, "Cap on C-FIND matches (0 = no cap).")
+    storage_commitment_timeout_s: float = setting(600.0, "Storage Commitment: how long the node waits for every one of an instance's N owners to hold it before it reports the instance failed (0x0110); meanwhile hints and repair bring the missing copies.")
     find_buffer_rows: int = setting(1_000, "Rows of one C-FIND held between the cluster and a slow client; when full, the query waits (no thread does), and a cancelled or aborted C-FIND drops them at once.")
 
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
-    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and the compressed copy of a spooled one while it is stored); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
+    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, the compressed copy of a spooled one while it is stored, and instances C-GET/C-MOVE read ahead of the one being sent); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
@@ -122,6 +126,10 @@ class NodeConfig:
         "copies of every study, placed on that site's own ring, and replication_factor is not used. Every node of "
         "the cluster needs the same value. Empty: replication_factor copies spread over the sites.")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
+    write_quorum_scope: str = setting(
+        "auto", "Where the W copies of a C-STORE are counted: local (owners in this node's site, capped at the "
+        "copies the site holds; the other sites' copies are kept here as durable hints and sent at once, so no "
+        "C-STORE waits on the WAN), global (any owners) or auto (local when site_replicas is set, else global).")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
     read_fault_window_ms: int = setting(60_000, "After any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
@@ -200,6 +208,9 @@ class NodeConfig:
             raise ConfigError(f"max_pdu_bytes must be 0 (unlimited) or >= 4096, got {self.max_pdu_bytes}")
         if self.duplicate_policy not in ("first-wins",):
             raise ConfigError(f"duplicate_policy must be 'first-wins', got {self.duplicate_policy!r}")
+        if self.write_quorum_scope not in WRITE_QUORUM_SCOPES:
+            raise ConfigError(f"write_quorum_scope must be one of {', '.join(WRITE_QUORUM_SCOPES)}, "
+                              f"got {self.write_quorum_scope!r}")
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -215,7 +226,8 @@ class NodeConfig:
                      "dead_grace_s", "read_fault_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):
+        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s",
+                     "storage_commitment_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dicom_tls_client_cert not in ("none", "optional", "required"):
@@ -254,6 +266,13 @@ class NodeConfig:
         if self.site_replicas:
             return SiteReplicas(self.site_replicas)
         return self.replication_factor
+
+    @property
+    def write_scope_local(self) -> bool:
+        """Whether W is counted in this node's site (write_quorum_scope, auto resolved)."""
+        if self.write_quorum_scope == "auto":
+            return bool(self.site_replicas)
+        return self.write_quorum_scope == "local"
 
     @property
     def peer_host(self) -> str:

@@ -10,6 +10,12 @@ Success still means durable on W replicas.
 The worker dies with the node: PR_SET_PDEATHSIG(SIGKILL) and, should that miss (the
 parent is a thread that exited, or not Linux), the end of the control connection it holds
 to the node. SIGTERM stops accepting, lets open associations finish, and exits.
+
+Security as in the node process: the access table (the config's), the DICOM audit trail
+(each message goes to the node over the channel, which writes it to the node's audit log
+and syslog receiver), and, with `dicom_tls_port`, a DICOM TLS listener on that port with
+SO_REUSEPORT too. SIGHUP (the node forwards its own: node/workers.py) reads the tls_dir
+certificate again for new TLS connections.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import os
 import signal
 import socket
 import threading
+from typing import Any
 
 from pynetdicom.utils import make_target
 
-from pacsnode.node import acceptor
+from pacsnode.node import acceptor, tls
 from pacsnode.node.archive_channel import ChannelArchive, Kind, recv_frame, send_frame
+from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
 
@@ -39,15 +47,40 @@ class ReusePortServer(acceptor.AcceptorServer):
 
     def server_bind(self) -> None:
         # socketserver's server_bind hook; pynetdicom's own sets SO_REUSEADDR and binds.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _reuse_port(self.socket)
         super().server_bind()
 
 
+def _reuse_port(listener: socket.socket | None) -> None:
+    if listener is None:  # socketserver binds the socket it made in __init__.
+        raise OSError("the acceptor server has no socket")
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+class ReusePortTlsServer(tls.TlsAssociationServer):
+    """The DICOM TLS server (handshake off the accept loop), sharing its port between workers."""
+
+    def server_bind(self) -> None:
+        _reuse_port(self.socket)
+        super().server_bind()
+
+
+class WorkerSecurity:
+    """What the front end needs of the node's security in a worker: the tls_dir files (DICOM
+    TLS, C-MOVE to TLS destinations) and an audit trail that forwards to the node."""
+
+    def __init__(self, config: NodeConfig, archive: ChannelArchive, audited: bool) -> None:
+        self.files = tls.node_files(config.tls_dir, config.node_id)
+        self.audit = AuditLog(None, config.node_id)
+        if audited:
+            self.audit.forward = archive.audit
+
+
 class WorkerFrontEnd(DicomFrontEnd):
-    """The node's front end with a listener that shares the port."""
+    """The node's front end with listeners that share the ports."""
 
     def start(self) -> None:
-        handlers = self.guard.wrap(self.handlers())
+        handlers: list[Any] = self.guard.wrap(self.handlers())
         acceptor.check_pynetdicom_version()
         address = (self._config.host, self._config.dicom_port)
         server = self.ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
@@ -55,6 +88,24 @@ class WorkerFrontEnd(DicomFrontEnd):
                          daemon=True).start()
         self.ae._servers.append(server)
         self._server = server
+        files = self._security.files if self._security is not None else None
+        if self._config.dicom_tls_port and files is not None:
+            self._tls_server = tls.start_dicom_tls_server(
+                self.ae, (self._config.host, self._config.dicom_tls_port),
+                tls.dicom_server_context(files, self._config.dicom_tls_client_cert), handlers,
+                on_refused=self.guard.tls_refused, server_class=ReusePortTlsServer)
+
+    def reload_tls(self) -> None:
+        """New TLS connections get the tls_dir's current certificate (open ones keep theirs)."""
+        files = self._security.files if self._security is not None else None
+        if self._tls_server is None or files is None:
+            return
+        try:
+            self._tls_server.ssl_context = tls.dicom_server_context(files, self._config.dicom_tls_client_cert)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError.
+            log.error("dicom.worker.tls_reload_failed pid=%d error=%s", os.getpid(), type(error).__name__)
+            return
+        log.info("dicom.worker.tls_reloaded pid=%d", os.getpid())
 
 
 def _die_with_parent() -> None:
@@ -76,7 +127,7 @@ def _watch_control(sock: socket.socket) -> None:
     os._exit(0)
 
 
-def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int) -> None:
+def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, audited: bool = False) -> None:
     """Entry point of a worker (multiprocessing 'spawn' target)."""
     _die_with_parent()
     if os.getppid() != parent_pid:
@@ -87,10 +138,14 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int) -> 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The node decides; a terminal ^C reaches it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # Until the TLS listener can reload (below).
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(channel_path)
-    front_end = WorkerFrontEnd(config, ChannelArchive(channel_path))  # type: ignore[arg-type]
+    archive = ChannelArchive(channel_path)
+    security = WorkerSecurity(config, archive, audited=audited)
+    front_end = WorkerFrontEnd(config, archive, security=security)  # type: ignore[arg-type]
     front_end.start()
+    signal.signal(signal.SIGHUP, lambda _s, _f: front_end.reload_tls())
     send_frame(control, Kind.HELLO, {"worker": index, "pid": os.getpid()})
     kind, _, _ = recv_frame(control)
     if kind != Kind.WELCOME:

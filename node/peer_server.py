@@ -103,7 +103,7 @@ class PeerServer:
     def envelope(self) -> pb.Envelope:
         return self.node.envelope()
 
-    async def check(self, env: pb.Envelope, context: grpc.aio.ServicerContext, method: str) -> None:
+    async def check(self, env: pb.Envelope | None, context: grpc.aio.ServicerContext, method: str) -> None:
         """Refuse (and log) a call whose envelope is missing or from another cluster or protocol."""
         problem: tuple[grpc.StatusCode, str] | None = None
         if env is None or env.protocol_version == 0:
@@ -115,7 +115,8 @@ class PeerServer:
             problem = (grpc.StatusCode.FAILED_PRECONDITION,
                        f"protocol_version {env.protocol_version} is newer than this node's {PROTOCOL_VERSION}; "
                        "upgrade this node")
-        problem = problem or self.node.security.guard.problem(env.sender_id, context, method)  # sender = certificate
+        if problem is None and env is not None:
+            problem = self.node.security.guard.problem(env.sender_id, context, method)  # sender = certificate
         if problem is not None:
             self.refused += 1
             log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
@@ -210,7 +211,7 @@ class DataService(pb_grpc.DataServicer):
                 reply.tombstone_version.CopyFrom(peer_wire.version_to_wire(won))
         return reply
 
-    def _reply(self, outcome: int, message: str, durable: bool = False) -> pb.StoreReply:
+    def _reply(self, outcome: pb.StoreOutcome, message: str, durable: bool = False) -> pb.StoreReply:
         return pb.StoreReply(envelope=self.server.envelope(), outcome=outcome, message=message[:200],
                              durable=durable)
 
@@ -489,6 +490,7 @@ class AdminService(pb_grpc.AdminServicer):
         # Status (and says it is unhealthy) instead of waiting for the stuck executor.
         disk_free = await _admin_call(node, lambda: shutil.disk_usage(node.store.path).free)
         under_replicated = await _admin_call(node, node.under_replicated_studies)
+        hint_summary = await _admin_call(node, node.store.hint_summary) if stats.hints else {}
         health = node.health.current
         io = node.loop.executor.statistics()
         reply.local.CopyFrom(pb.LocalStats(
@@ -502,6 +504,9 @@ class AdminService(pb_grpc.AdminServicer):
                                   io_running=io.running, io_queued=io.queued,
                                   store_stall_ms=node.config.store_stall_ms),
         ))
+        for owner, (count, size, oldest_ms) in sorted((hint_summary or {}).items()):
+            reply.local.hints_by_owner.append(pb.HintSummary(owner_id=owner, hint_count=count, hint_bytes=size,
+                                                             oldest_stored_at_ms=oldest_ms))
         for transfer in list(node.repairer.transfers.values()):
             reply.local.transfers.append(pb.RangeTransfer(
                 range=pb.TokenRange(start=transfer.token_range.start, end=transfer.token_range.end),

@@ -188,6 +188,10 @@ def store_chunks(env: pb.Envelope, stored: StoredInstance, hint_for: str,
         yield chunk
 
 
+SIGNATURE_BYTES_MAX = 256  # proto/pacsnode.proto MemberUpdate.signature
+CERTIFICATE_BYTES_MAX = 4_096  # MemberUpdate.signer_certificate
+
+
 def update_to_wire(update: swim.MemberUpdate) -> pb.MemberUpdate:
     """One SWIM member record as the peer protocol carries it."""
     member = update.info
@@ -205,6 +209,8 @@ def update_to_wire(update: swim.MemberUpdate) -> pb.MemberUpdate:
         reporter_id=update.reporter_id,
         lamport=update.lamport,
         leaving=update.leaving,
+        signature=update.signature,
+        signer_certificate=update.certificate,
     )
 
 
@@ -231,8 +237,11 @@ def update_from_wire(message: pb.MemberUpdate) -> swim.MemberUpdate:
         updated_at_ms=int(message.updated_at_ms),
         state=state,
     )
+    if len(message.signature) > SIGNATURE_BYTES_MAX or len(message.signer_certificate) > CERTIFICATE_BYTES_MAX:
+        raise ValueError(f"member update for {message.node_id[:64]!r} with an oversized signature or certificate")
     return swim.MemberUpdate(info, swim.State(state), int(message.incarnation), reporter_id=message.reporter_id,
-                             lamport=int(message.lamport), leaving=bool(message.leaving))
+                             lamport=int(message.lamport), leaving=bool(message.leaving),
+                             signature=bytes(message.signature), certificate=bytes(message.signer_certificate))
 
 
 def updates_from_wire(messages: Iterable[pb.MemberUpdate]) -> tuple[tuple[swim.MemberUpdate, ...], list[str]]:

@@ -139,8 +139,11 @@ def _send_stored(
             assoc._reactor_checkpoint.set()
             raise RuntimeError("association reactor did not pause")
         time.sleep(0.0001)
+    context_id = context.context_id
+    if context_id is None:  # An accepted context always has one.
+        raise RuntimeError("the presentation context has no id")
     try:
-        assoc.dimse.send_msg(request, context.context_id)
+        assoc.dimse.send_msg(request, context_id)
         _cx_id, response = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
@@ -175,20 +178,11 @@ def _transcode(part10: bytes, syntax: str) -> bytes:
 
 def set_nodelay(event: Any) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off on every DICOM socket (a response otherwise
-    waits ~40 ms for the peer's delayed ACK). Accepted associations also re-arm
-    TCP_QUICKACK after every read (node/acceptor.py); the requestor associations of C-MOVE
-    keep pynetdicom's polling reactor, with its DUL loop delay shortened here."""
+    waits ~40 ms for the peer's delayed ACK). The node's associations, accepted and
+    requested, also re-arm TCP_QUICKACK after every read and never poll (node/acceptor.py)."""
     try:
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if event.assoc.is_requestor:
-            event.assoc.dul._run_loop_delay = POLL_DELAY_S
     except OSError as error:
         log.debug("dicom.nodelay.failed error=%s", error)
-
-
-# pynetdicom's DUL thread sleeps `_run_loop_delay` (1 ms) whenever it finds nothing to do;
-# on a C-MOVE sub-association each C-STORE waits for it twice. The accepted associations do
-# not poll at all (node/acceptor.py).
-POLL_DELAY_S = 0.0002

@@ -17,6 +17,7 @@ from pacsnode.node import tls
 from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject, record_delete
 from pacsnode.node.audit_syslog import AuditSyslog, client_context, parse_target
 from pacsnode.node.config import ConfigError, NodeConfig
+from pacsnode.node.member_signing import MemberSigner, MemberVerifier
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ class NodeSecurity:
             self.syslog = AuditSyslog(host, port, context)
             self.audit.forward = self.syslog.send
         self.guard = tls.PeerGuard(self.files is not None, alert=self._peer_refused)
+        # Signed member records (node/member_signing.py): with TLS, every SWIM record this
+        # node sets is signed, and a peer's record is used only with a valid signature.
+        self.member_signer: MemberSigner | None = None
+        self.member_verifier: MemberVerifier | None = None
+        if self.files is not None:
+            self.member_signer = MemberSigner(config.cluster_id, self.files)
+            self.member_verifier = MemberVerifier(config.cluster_id, self.files.read()[0])
         self._stamp = self.files.stamp() if self.files is not None else ()
 
     @staticmethod
@@ -112,7 +120,10 @@ class NodeSecurity:
         try:
             tls.node_files(self.config.tls_dir, self.config.node_id)
             self.dicom_context()
-        except (tls.TlsError, ssl.SSLError, OSError) as error:
+            if self.member_signer is not None and self.member_verifier is not None:
+                self.member_signer.reload()
+                self.member_verifier.set_authority(self.files.read()[0])
+        except (tls.TlsError, ssl.SSLError, OSError, ValueError) as error:
             log.error("security.tls.reload_failed tls_dir=%s error=%s", self.files.directory, error)
             return False
         log.warning("security.tls.reloaded tls_dir=%s node_id=%s", self.files.directory, self.config.node_id)

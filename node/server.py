@@ -29,12 +29,12 @@ from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
-from pacsnode.node.runtime import ClusterArchive, LoopThread
+from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_aside, stamp_alive
-from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
 from pacsnode.replication.hlc import wall_ms
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.model import StoreError
@@ -155,6 +155,8 @@ class Node:
             config.cluster_id, me, seeds,
             config=swim_config(config.profile, config.dead_grace_s * 1000),
             next_generation=self._next_generation,
+            signer=self.security.member_signer.sign if self.security.member_signer else None,
+            verifier=self.security.member_verifier,
         )
         self.loop = LoopThread()
         self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
@@ -168,6 +170,7 @@ class Node:
             CoordinatorSettings(
                 replication_factor=config.replication,
                 write_quorum=config.write_quorum,
+                write_scope=WriteScope.LOCAL if config.write_scope_local else WriteScope.GLOBAL,
                 read_quorum=config.read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,
@@ -186,7 +189,8 @@ class Node:
         self.coordinator.supersede = self.deletes.supersede
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
-                                      find_buffer_rows=config.find_buffer_rows, deletes=self.deletes)
+                                      find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
+                                      own_copy=own_copy_reader(self.store))
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
@@ -272,6 +276,14 @@ class Node:
             "pacsnode.security.audit_syslog_dropped_count":
                 self.security.syslog.dropped if self.security.syslog else 0,
             "pacsnode.security.audit_messages_count": self.security.audit.written,
+            # Signed member records (node/member_signing.py): signatures made, ECDSA checks run
+            # (cache misses), peer records refused.
+            "pacsnode.security.member_signatures_count":
+                self.security.member_signer.signed if self.security.member_signer else 0,
+            "pacsnode.security.member_verifications_count":
+                self.security.member_verifier.verified if self.security.member_verifier else 0,
+            "pacsnode.security.member_records_refused_count":
+                self.security.member_verifier.refused if self.security.member_verifier else 0,
             **self.membership_metrics(),
         }
 
@@ -434,11 +446,11 @@ class Node:
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
         if self.config.dicom_workers:
-            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers)
+            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers, self.security.audit)
             self.workers.start()
         else:
             self.front_end.start()
-        self.security.started(self.front_end.tls_port)
+        self.security.started(self.config.dicom_tls_port if self.workers is not None else self.front_end.tls_port)
         bind_dimse_metrics(self, self.http)
         self.http.start()
         stats = self.store.statistics()
@@ -485,12 +497,19 @@ class Node:
         tls_server = getattr(self.front_end, "_tls_server", None)
         if tls_server is not None:
             tls_server.ssl_context = self.security.dicom_context()
+        if self.workers is not None:
+            self.workers.reload_certificates()  # Their DICOM TLS listeners.
         context = self.security.http_context()
         if context is not None:
             self.http.set_ssl_context(context)
         credentials = self.security.channel_credentials()
         if credentials is not None:
             self.loop.run(self.channels.set_credentials(credentials), 15)
+
+        async def reannounce() -> None:  # Our record signed by the new certificate, gossiped.
+            self.membership.reannounce()
+
+        self.loop.run(reannounce(), 15)
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down cleanly; SIGHUP (and a poll every

@@ -63,11 +63,13 @@ from pacsnode.ring.swim import (
     Ping,
     PushPullReply,
     PushPullRequest,
+    Signer,
     State,
     Swim,
     SwimConfig,
     SwimStatistics,
     Transition,
+    Verifier,
     newer,
 )
 
@@ -177,6 +179,7 @@ class _View:
 class MembershipCounters:
     sends_failed: int = 0  # Membership RPCs that failed (refused, unreachable, deadline).
     updates_ignored: int = 0  # Member records from peers that could not be used.
+    updates_rejected: int = 0  # Member records whose signature the verifier refused (TLS).
     replies_late: int = 0  # Replies for an IndirectPing whose caller had gone.
     rejoins: int = 0  # Times this node was removed and came back as its next generation.
     by_method: dict[str, int] = field(default_factory=dict)
@@ -188,8 +191,12 @@ class SwimMembership:
     def __init__(self, cluster_id: str, me: MemberInfo, seeds: Iterable[str], *, config: SwimConfig,
                  rng: random.Random | None = None, next_generation: Callable[[], int] | None = None,
                  clock: MembershipClock | None = None,
-                 ring_factory: Callable[[str, tuple[Member, ...]], Ring] = Ring) -> None:
+                 ring_factory: Callable[[str, tuple[Member, ...]], Ring] = Ring,
+                 signer: Signer | None = None, verifier: Verifier | None = None) -> None:
+        """`signer`/`verifier` (node/member_signing.py, with TLS): signed member records."""
         self.cluster_id = cluster_id
+        self._hooks: dict[str, Any] = {"signer": signer, "verifier": verifier}
+        self._rejected_logged: dict[tuple[str, str, str], int] = {}  # Last logged (clock ms).
         self.self_id = me.node_id
         self.config = config
         self.seeds = [s for s in seeds if s != me.peer_address]
@@ -198,9 +205,9 @@ class SwimMembership:
         self._next_generation = next_generation or (lambda: self._me.generation + 1)
         self.clock: MembershipClock = clock or SystemClock()
         self._ring_factory = ring_factory
-        self.swim = Swim(config, me, self._rng, self.clock.now_ms())
+        self.swim = Swim(config, me, self._rng, self.clock.now_ms(), **self._hooks)
         self.carrier: MembershipCarrier | None = None
-        self.on_change: list[Callable[[], None]] = []  # Called whenever the ring members change.
+        self.on_change: list[Callable[[], object]] = []  # Called whenever the ring members change.
         # Called with every batch of state transitions the state machine reports (after logging).
         self.on_transitions: list[Callable[[list[Transition]], None]] = []
         self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
@@ -271,7 +278,7 @@ class SwimMembership:
         if self._started:
             raise RuntimeError("update_self after start: the cluster already knows us")
         self._me = replace(self._me, **changes)
-        self.swim = Swim(self.config, self._me, self._rng, self.clock.now_ms())
+        self.swim = Swim(self.config, self._me, self._rng, self.clock.now_ms(), **self._hooks)
         self.seeds = [s for s in self.seeds if s != self._me.peer_address]
         self._view = self._build_view(None)
         return self._me
@@ -303,6 +310,10 @@ class SwimMembership:
         log.warning("membership.removed node=%s reason=%s", node_id, reason)
         self._input(lambda now: self.swim.remove(now, node_id))
         return self.swim.state_of(node_id) is State.REMOVED
+
+    def reannounce(self) -> None:
+        """Our own record again, signed anew (after a certificate reload), gossiped."""
+        self._input(lambda now: self.swim.reannounce(now))
 
     def ring_mismatch(self, node_id: str, sender_ring_version: int) -> None:
         """A peer's envelope carried another ring version than ours: exchange full state with
@@ -356,7 +367,7 @@ class SwimMembership:
             kept.append(update)
         if len(kept) == len(updates):
             return message
-        return replace(message, **{field_name: tuple(kept)})  # type: ignore[type-var]
+        return replace(message, **{field_name: tuple(kept)})  # type: ignore[arg-type]  # One of the union's fields.
 
     # ----------------------------------------------------------------- loop
     def start(self, carrier: MembershipCarrier) -> None:
@@ -539,6 +550,16 @@ class SwimMembership:
         self._schedule()
 
     def _after(self, now: int) -> None:
+        for rejection in self.swim.drain_rejected():
+            self.counters.updates_rejected += 1
+            key = (rejection.node_id, rejection.reporter_id, rejection.reason)
+            if now - self._rejected_logged.get(key, -10**12) >= 60_000:  # Once a minute per kind.
+                if len(self._rejected_logged) > 1_000:
+                    self._rejected_logged.clear()
+                self._rejected_logged[key] = now
+                log.warning("membership.update.rejected node=%s state=%s reporter=%s reason=%s",
+                            rejection.node_id[:64], rejection.state.value, rejection.reporter_id[:64],
+                            rejection.reason[:200])
         events = self.swim.drain_events()
         for event in events:
             if event.node_id != self.self_id:
@@ -598,7 +619,7 @@ class SwimMembership:
         log.warning("membership.rejoin node=%s state=%s old_generation=%d new_generation=%d", self.self_id,
                     old.self_state().value, old.generation, generation)
         self._me = replace(self._me, generation=generation, updated_at_ms=self.clock.wall_ms())
-        self.swim = Swim(self.config, self._me, self._rng, now)
+        self.swim = Swim(self.config, self._me, self._rng, now, **self._hooks)
         # Keep what we knew of the others (so the ring does not shrink to us meanwhile), then join.
         others = tuple(r for r in (old.record(v.info.node_id) for v in old.members())
                        if r is not None and r.node_id != self.self_id)

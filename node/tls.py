@@ -326,8 +326,11 @@ class TlsAssociationServer(AcceptorServer):
     on_refused: Callable[[str, str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client_socket, address = self.socket.accept()
-        wrapped = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        listener, context = self.socket, self.ssl_context
+        if listener is None or context is None:  # make_server always gives both to this class.
+            raise OSError("the TLS association server has no socket or no TLS context")
+        client_socket, address = listener.accept()
+        wrapped = context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return wrapped, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -347,9 +350,10 @@ class TlsAssociationServer(AcceptorServer):
 
 
 def start_dicom_tls_server(ae: Any, address: tuple[str, int], context: ssl.SSLContext, handlers: list[Any],
-                           on_refused: Callable[[str, str], None] | None = None) -> Any:
+                           on_refused: Callable[[str, str], None] | None = None,
+                           server_class: type[TlsAssociationServer] = TlsAssociationServer) -> Any:
     """Start a DICOM TLS listener on `ae` (pynetdicom's make_server with our server class)."""
-    server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=TlsAssociationServer)
+    server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=server_class)
     server.on_refused = on_refused
     thread = threading.Thread(target=server.serve_forever, name="pacsnode-dicom-tls", daemon=True)
     thread.start()

@@ -5,10 +5,14 @@ private directory, starts K worker processes (node/dicom_worker.py) that listen 
 DICOM port with SO_REUSEPORT, restarts a worker that dies, and stops them on shutdown:
 SIGTERM, a grace period for open associations, then SIGKILL.
 
+Security: each worker applies the access table, serves DICOM TLS on `dicom_tls_port`
+(SO_REUSEPORT as well) and sends its DICOM audit messages over the channel, which the node
+appends to its own audit trail (and syslog receiver). `reload_certificates` forwards the
+node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
+
 Not done yet: `max_associations` is split between the workers (each enforces
-ceil(max_associations / K)), not a shared counter; the workers' DIMSE counters are not
-in the node's /metrics; the DICOM audit trail and the DICOM TLS listener are not served
-by the workers.
+ceil(max_associations / K)), not a shared counter; the workers' DIMSE counters (and their
+refused-association counts) are not in the node's /metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -28,6 +33,7 @@ from typing import Any
 
 from pacsnode.node import dicom_worker
 from pacsnode.node.archive_channel import ChannelServer
+from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -37,11 +43,14 @@ RESTART_DELAY_S = 0.5
 
 
 class WorkerPool:
-    def __init__(self, config: NodeConfig, archive: Any, count: int) -> None:
+    def __init__(self, config: NodeConfig, archive: Any, count: int, audit: AuditLog | None = None) -> None:
         self._count = count
+        self._audited = audit is not None and audit.enabled
         self._directory = tempfile.mkdtemp(prefix="pacsnode-ch-")  # 0700: only this user reaches the channel.
         self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive)
         self._channel.on_hello = self._on_hello
+        if audit is not None:
+            self._channel.on_audit = audit.write_line  # The workers' DICOM audit messages.
         self._hello = threading.Condition()
         self._ready: set[int] = set()
         self._reservation: socket.socket | None = None
@@ -90,7 +99,8 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> None:
         process = self._context.Process(target=dicom_worker.main, name=f"pacsnode-dicom-worker-{index}",
-                                        args=(self._worker_config(), self._channel.path, index, os.getpid()))
+                                        args=(self._worker_config(), self._channel.path, index, os.getpid(),
+                                              self._audited))
         process.start()
         self._processes[index] = process
 
@@ -110,6 +120,15 @@ class WorkerPool:
                 self._restarts += 1
                 self._spawn(index)
                 log.info("dicom.worker.restarted worker=%d pid=%s", index, self._processes[index].pid)
+
+    def reload_certificates(self) -> None:
+        """Tell every worker to read the tls_dir certificate again (new DICOM TLS connections)."""
+        for process in self._processes.values():
+            if process.is_alive() and process.pid is not None:
+                try:
+                    os.kill(process.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass  # Exited meanwhile; its replacement reads the files at start.
 
     def stop(self, grace_s: float = 10.0) -> None:
         self._stopping.set()

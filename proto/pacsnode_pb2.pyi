@@ -334,7 +334,7 @@ class TombstoneReply(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[TombstoneOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ..., instances_deleted_count: _Optional[int] = ...) -> None: ...
 
 class MemberUpdate(_message.Message):
-    __slots__ = ("node_id", "peer_address", "dicom_address", "site", "host", "vnodes", "state", "incarnation", "generation", "updated_at_ms", "reporter_id", "lamport", "leaving")
+    __slots__ = ("node_id", "peer_address", "dicom_address", "site", "host", "vnodes", "state", "incarnation", "generation", "updated_at_ms", "reporter_id", "lamport", "leaving", "signature", "signer_certificate")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DICOM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,8 @@ class MemberUpdate(_message.Message):
     REPORTER_ID_FIELD_NUMBER: _ClassVar[int]
     LAMPORT_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     peer_address: Address
     dicom_address: DicomAddress
@@ -361,7 +363,9 @@ class MemberUpdate(_message.Message):
     reporter_id: str
     lamport: int
     leaving: bool
-    def __init__(self, node_id: _Optional[str] = ..., peer_address: _Optional[_Union[Address, _Mapping]] = ..., dicom_address: _Optional[_Union[DicomAddress, _Mapping]] = ..., site: _Optional[str] = ..., host: _Optional[str] = ..., vnodes: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., incarnation: _Optional[int] = ..., generation: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., reporter_id: _Optional[str] = ..., lamport: _Optional[int] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    signature: bytes
+    signer_certificate: bytes
+    def __init__(self, node_id: _Optional[str] = ..., peer_address: _Optional[_Union[Address, _Mapping]] = ..., dicom_address: _Optional[_Union[DicomAddress, _Mapping]] = ..., site: _Optional[str] = ..., host: _Optional[str] = ..., vnodes: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., incarnation: _Optional[int] = ..., generation: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., reporter_id: _Optional[str] = ..., lamport: _Optional[int] = ..., leaving: _Optional[bool] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("envelope", "target_id", "sequence_number", "updates")
@@ -648,7 +652,7 @@ class MemberStatus(_message.Message):
     def __init__(self, member: _Optional[_Union[MemberUpdate, _Mapping]] = ..., ring_ownership_fraction: _Optional[float] = ...) -> None: ...
 
 class LocalStats(_message.Message):
-    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health")
+    __slots__ = ("instance_count", "received_bytes", "stored_bytes", "study_count", "hint_count", "hint_bytes", "under_replicated_study_count", "transfers", "disk_free_bytes", "health", "hints_by_owner")
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -659,6 +663,7 @@ class LocalStats(_message.Message):
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HINTS_BY_OWNER_FIELD_NUMBER: _ClassVar[int]
     instance_count: int
     received_bytes: int
     stored_bytes: int
@@ -669,7 +674,8 @@ class LocalStats(_message.Message):
     transfers: _containers.RepeatedCompositeFieldContainer[RangeTransfer]
     disk_free_bytes: int
     health: LocalHealth
-    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ...) -> None: ...
+    hints_by_owner: _containers.RepeatedCompositeFieldContainer[HintSummary]
+    def __init__(self, instance_count: _Optional[int] = ..., received_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., study_count: _Optional[int] = ..., hint_count: _Optional[int] = ..., hint_bytes: _Optional[int] = ..., under_replicated_study_count: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[RangeTransfer, _Mapping]]] = ..., disk_free_bytes: _Optional[int] = ..., health: _Optional[_Union[LocalHealth, _Mapping]] = ..., hints_by_owner: _Optional[_Iterable[_Union[HintSummary, _Mapping]]] = ...) -> None: ...
 
 class LocalHealth(_message.Message):
     __slots__ = ("unhealthy", "reason", "detail", "oldest_write_age_ms", "probe_wait_ms", "unhealthy_for_ms", "io_threads", "io_running", "io_queued", "store_stall_ms")

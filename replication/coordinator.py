@@ -22,11 +22,12 @@ LocalReplica, MembershipView and clock.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -37,6 +38,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitmentCheck, CommitResult, CommitSettings, Reference
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
@@ -53,7 +55,7 @@ from pacsnode.replication.planning import RangeSet, range_pieces, read_order, st
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
-from pacsnode.ring.placement import Replication, replica_total
+from pacsnode.ring.placement import Replication, Ring, replica_total
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,25 @@ def restamped(stored: StoredInstance, version: Version) -> StoredInstance:
                           blob=stored.blob)
 
 
+class WriteScope(enum.Enum):
+    """Where the W durable copies of a C-STORE are counted (`--write-quorum-scope`)."""
+
+    GLOBAL = "global"  # Any of the study's owners (or their stand-ins), in any site.
+    LOCAL = "local"  # Owners in the receiving node's site; other sites' copies follow as hints.
+
+
+# Copies for other sites sent at once after a local-scope Success: at most this many at a
+# time per node, and at most this many bytes queued behind them; past that they wait for
+# the hint replay pass (serial per owner, so RTT-bound: ~12 instances/s over 40 ms links).
+REMOTE_SENDS_MAX = 16
+REMOTE_QUEUE_BYTES_MAX = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class CoordinatorSettings:
     replication_factor: Replication = 3  # N, or N copies per site (ring/placement.py SiteReplicas).
     write_quorum: int = 2  # W
+    write_scope: WriteScope = WriteScope.GLOBAL  # LOCAL: W counted in this node's site.
     replica_timeout_ms: int = 2_000  # Per-replica deadline on a write (LAN).
     store_timeout_ms: int = 30_000  # Whole C-STORE inside the node.
     fetch_timeout_ms: int = 30_000  # One instance from a peer.
@@ -129,11 +146,14 @@ class Coordinator:
         self._run_blocking = run_blocking
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
-        self._last_effective_n: Replication = -1
+        self._last_effective_n: tuple[Replication, int] | None = None
         self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
         # Writes tombstones W-durably on their study's owners (DeleteCoordinator.supersede; set
         # by the node): a write that met a newer tombstone makes the delete final first.
         self.supersede: Callable[[list[Tombstone]], Awaitable[bool]] | None = None
+        self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
+        self._remote_queued_bytes = 0
+        self._remote_slots: asyncio.Semaphore | None = None  # Made on the loop, at first use.
         # Ranges this node is still filling (set by the node to its Repairer's view).
         self.pending: Callable[[], RangeSet] = lambda: RangeSet([])
 
@@ -147,7 +167,7 @@ class Coordinator:
         n = ring.effective(configured)
         copies = ring.effective_replicas(configured)
         if (n, copies) != self._last_effective_n:
-            self._last_effective_n = (n, copies)  # type: ignore[assignment]
+            self._last_effective_n = (n, copies)
             if copies < replica_total(configured) and len(ring) == 1:
                 log.info("replication.single_node configured_n=%s: a one-node archive keeps one copy of "
                          "each study; join more nodes for replicas", configured)
@@ -298,8 +318,12 @@ class Coordinator:
         owners = ring.preference_list(token, n)
         timeout_ms = self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob))
         state = _WriteState(owners, ring_version=ring.version)
+        written, remote = self._write_targets(owners)
+        if remote:
+            w = min(w, len(written))
+        hints_kept = asyncio.ensure_future(self._keep_remote_hints(remote, stored)) if remote else None
         tasks = [asyncio.ensure_future(self._replicate(owner, stored, token, n, state, timeout_ms))
-                 for owner in owners]
+                 for owner in written]
         acked: list[tuple[str, str, str]] = []  # (owner, holder, outcome)
         superseded = False
         pending = set(tasks)
@@ -324,6 +348,11 @@ class Coordinator:
             if not superseded:
                 task.add_done_callback(functools.partial(self._superseded_late, stored=stored))
             self._spawn(task)
+        if hints_kept is not None:
+            kept = await hints_kept  # Durable here before Success: they survive a restart.
+            if len(acked) >= w and not superseded:
+                for owner in remote:
+                    self._send_remote_soon(owner, stored, kept)
         latency_ms = int((clock() - started) * 1000)
         if superseded:
             return WriteResult(WriteStatus.QUORUM_FAILED, outcome=StoreOutcome.DELETED,
@@ -343,6 +372,83 @@ class Coordinator:
         status = WriteStatus.OUT_OF_RESOURCES if state.full else WriteStatus.QUORUM_FAILED
         return WriteResult(status, message=f"stored on {len(acked)} of {w} required replicas",
                            latency_ms=latency_ms)
+
+    def _write_targets(self, owners: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(owners a store writes and counts W among, owners of other sites it leaves to
+        hints). Global scope: all owners, none left. Local scope: the owners in this node's
+        site; when the ring names none there (a site with no copies), all of them."""
+        if self._settings.write_scope is not WriteScope.LOCAL:
+            return list(owners), []
+        site = self._site_of(self.self_id)
+        local = [o for o in owners if self._site_of(o) == site]
+        if not local:
+            return list(owners), []
+        return local, [o for o in owners if o not in local]
+
+    async def _keep_remote_hints(self, remote: Sequence[str], stored: StoredInstance) -> set[str]:
+        """Keep, durably on this node, a hint for each owner of another site: the hint
+        replay pass delivers what the immediate send below does not. Returns the owners
+        whose hint is kept; a hint that cannot be kept (disk full) is said and left to
+        anti-entropy, which copies from this site's owners once the links allow."""
+        kept: set[str] = set()
+        for owner in remote:
+            try:
+                await self._run_blocking(functools.partial(self._local.put_stored, stored, hint_for=owner))
+            except (StoreError, StoreFull) as error:
+                self._count("remote_hints_failed")
+                log.warning("replication.remote_hint.failed owner=%s error=%s", owner, error)
+                continue
+            kept.add(owner)
+            self._count("remote_hints_written")
+        return kept
+
+    def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str]) -> None:
+        """Send a local-scope write's copy to `owner` (another site) now, in the background,
+        and drop its hint once durable there. REMOTE_SENDS_MAX at once, the others queued
+        up to REMOTE_QUEUE_BYTES_MAX; past that, or when the owner is down, the hint replay
+        pass sends it."""
+        size = len(stored.blob)
+        if owner not in kept or not self._membership.is_alive(owner) or \
+                self._remote_queued_bytes + size > REMOTE_QUEUE_BYTES_MAX:
+            self._count("remote_sends_deferred")
+            return
+        key = (owner, stored.sop_instance_uid)
+        if key in self._remote_sends:
+            return
+        if self._remote_slots is None:
+            self._remote_slots = asyncio.Semaphore(REMOTE_SENDS_MAX)
+        self._remote_sends.add(key)
+        self._remote_queued_bytes += size
+        self._spawn(self._send_remote(owner, stored, key, self._remote_slots))
+
+    async def _send_remote(self, owner: str, stored: StoredInstance, key: tuple[str, str],
+                           slots: asyncio.Semaphore) -> None:
+        try:
+            async with slots:
+                await self._send_remote_now(owner, stored)
+        finally:
+            self._remote_sends.discard(key)
+            self._remote_queued_bytes -= len(stored.blob)
+
+    async def _send_remote_now(self, owner: str, stored: StoredInstance) -> None:
+        try:
+            outcome = await self._transport.store(
+                owner, stored, hint_for="",
+                timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+            if outcome in DURABLE_OUTCOMES:
+                await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
+                                         stored.sop_instance_uid)
+                self._count("remote_sends")
+                if outcome == StoreOutcome.DELETED:  # A newer delete there: as _superseded_late.
+                    self._count("writes_restamped_late")
+                    log.warning("replication.write.superseded_late sop_instance_uid=%s: sent again with a newer "
+                                "version", stored.sop_instance_uid)
+                    self._spawn(self._store_once(restamped(stored, self.hlc.now())))
+            else:
+                self._count("remote_sends_deferred")
+        except PeerError as error:  # Replay tries again; NOT_OWNER is re-targeted there.
+            self._count("remote_sends_deferred")
+            log.info("replication.remote_send.deferred owner=%s error=%s", owner, error)
 
     async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: Replication, state: "_WriteState",
                          timeout_ms: int) -> tuple[str, str, str] | None:
@@ -425,7 +531,7 @@ class Coordinator:
             return candidate, candidate, outcome
         return None
 
-    def _next_stand_in(self, ring: Any, token: int, n: Replication, owner: str, state: "_WriteState", *,
+    def _next_stand_in(self, ring: Ring, token: int, n: Replication, owner: str, state: "_WriteState", *,
                        avoid_site: str | None = None, prefer_site: str | None = None) -> str | None:
         """The next stand-in for `owner` not yet taken by this write. Nodes of a site where a
         stand-in did not answer (probably cut off as a whole) come last; `avoid_site`'s
@@ -507,7 +613,8 @@ class Coordinator:
             site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
             run_blocking=self._run_blocking, answering=self._answering,
             query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow,
-            troubled=self._membership.troubled_within(self._settings.read_fault_window_ms))
+            troubled=self._membership.troubled_within(self._settings.read_fault_window_ms),
+            local_reads=self._settings.write_scope is WriteScope.LOCAL)
 
     def _slow(self, node_id: str) -> bool:
         """True for a peer that failed to answer this node recently: until membership
@@ -539,7 +646,7 @@ class Coordinator:
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False)
 
-    async def find(self, query: Query) -> AsyncIterator[Attributes]:
+    async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises
         IncompleteAnswer after the last row when part of the archive could not be asked."""
         if query.level == "PATIENT":
@@ -638,6 +745,14 @@ class Coordinator:
                 ok = False
         return ok
 
+    # ----------------------------------------------------------------- storage commitment
+    async def commitment(self, references: Sequence[Reference], settings: CommitSettings,
+                         known: dict[str, str] | None = None) -> CommitResult:
+        """Storage Commitment: each referenced instance committed once every one of its
+        study's N owners holds it (replication/commitment.py); `known` maps SOP Instance
+        UIDs to their studies where the caller knows them (saves a scatter)."""
+        return await CommitmentCheck(self._read_context, self.find, settings).check(references, known)
+
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> RetrievePlan:
         """The instances a C-GET/C-MOVE identifier selects, and what could not be asked."""
@@ -656,6 +771,12 @@ class Coordinator:
             shortfall = error.shortfall
         return RetrievePlan(locations, shortfall)
 
+    def owns(self, study_instance_uid: str) -> bool:
+        """Whether this node is one of the study's owners (reads the ring only: callable
+        from any thread). A read then may take this node's own copy first, as read() does."""
+        n, _w = self._replicas()
+        return self.self_id in self._membership.ring().owners_of_study(study_instance_uid, n)
+
     async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
         n, _w = self._replicas()
@@ -663,7 +784,10 @@ class Coordinator:
         order = read_order(owners, self.self_id, self._membership.is_alive, self._site_of, self._slow)
         missing: list[str] = []
         errors: list[str] = []
+        my_site = self._site_of(self.self_id)
         for node_id in order:
+            if self._settings.write_scope is WriteScope.LOCAL and self._site_of(node_id) != my_site:
+                self._count("reads_other_site")  # No owner in this site could return it.
             try:
                 stored = await self._fetch(node_id, location)
             except PeerError as error:
@@ -774,6 +898,8 @@ class Coordinator:
                 continue
             stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(owner), 64)))
             for stored in stored_list:
+                if (owner, stored.sop_instance_uid) in self._remote_sends:
+                    continue  # A local-scope write is sending it right now.
                 if self._expired(stored):
                     # Older than the tombstone grace: a delete of it may be purged everywhere by
                     # now, so replaying it could bring a deleted instance back. Its owner gets
@@ -871,7 +997,16 @@ def _location(row: Attributes) -> InstanceLocation:
         sop_instance_uid=str(row["SOPInstanceUID"]),
         sop_class_uid=str(row.get("SOPClassUID", "")),
         transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+        part10_bytes=_int(row.get("_part10_bytes")),
     )
+
+
+def _int(value: object) -> int:
+    """A row's internal count (a string across peers); 0 when absent (an older peer) or bad."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})

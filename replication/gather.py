@@ -59,6 +59,11 @@ class ReadContext:
     # Membership changed within read_fault_window_ms: owners that look alive may still lack
     # what was acknowledged through hints, so named reads ask the stand-ins too.
     troubled: bool = False
+    # Local reads (issue 15): a request that names a study counts R among the owners in
+    # this node's site (capped at their number) and asks hint holders of those owners only,
+    # unless one of them is unavailable; owners elsewhere are asked only for what this
+    # site's owners cannot answer.
+    local_reads: bool = False
 
 
 @dataclass
@@ -193,8 +198,7 @@ class _PieceState:
     answered: list[str]  # Owners that answered, in order.
     failed: set[str]
     rows: dict[str, list[Attributes]]  # By node; stand-ins' hint rows under "hints:<node>".
-    hint_holders_missed: int = 0  # Possible hint holders down or failed (an owner was unavailable).
-    hints_required: bool = False  # An owner was unavailable: every possible hint holder must answer.
+    hint_holders_missed: int = 0  # Possible hint holders that were down or failed: the study is flagged.
 
 
 # reconcile(study, owners that answered, hint holders that hold some of it) -> now agree
@@ -222,14 +226,26 @@ class RoutedGather:
         self._query = query
         self._pieces = list(pieces)
         self._reconcile = reconcile
-        self._states = [_PieceState(needed=max(1, min(read_quorum, len(p.owners))), tried=set(), answered=[],
-                                    failed=set(), rows={}) for p in self._pieces]
+        self._states = [_PieceState(needed=max(1, min(read_quorum, self._quorum_owners(p))), tried=set(),
+                                    answered=[], failed=set(), rows={}) for p in self._pieces]
         self._by_study = {p.study_instance_uid: i for i, p in enumerate(self._pieces)}
         self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=8)
         self._calls: dict[int, _Call] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._serial = itertools.count()
         self.peers_asked: set[str] = set()
+
+    def _local_owners(self, piece: Piece) -> list[str]:
+        """The piece's owners in this node's site when reads are local, else none."""
+        context = self._context
+        if not context.local_reads:
+            return []
+        site = context.site_of(context.self_id)
+        return [o for o in piece.owners if context.site_of(o) == site]
+
+    def _quorum_owners(self, piece: Piece) -> int:
+        """How many owners R is capped at: this site's (local reads, when it holds any), else all."""
+        return len(self._local_owners(piece)) or len(piece.owners)
 
     def _level(self) -> str:
         return "STUDY" if self._query.level == "PATIENT" else self._query.level
@@ -244,11 +260,14 @@ class RoutedGather:
         excluded = set(state.tried)
         if context.pending and piece.token_range.end in context.pending:
             excluded.add(context.self_id)  # Still filling it here: ask other owners.
+        local = set(self._local_owners(piece))
         for node_id in read_order(piece.owners, context.self_id, context.is_alive, context.site_of, context.slow):
             if len(chosen) >= wanted:
                 break
             if node_id not in excluded and context.is_alive(node_id):
                 chosen.append(node_id)
+                if local and node_id not in local:
+                    context.count("reads_other_site")  # This site's owners could not answer for it.
         state.tried.update(chosen)
         return chosen
 
@@ -274,23 +293,32 @@ class RoutedGather:
         every owner looks alive, yet an instance acknowledged only through hints (every
         owner was cut off from the writer) is on none of them until hint replay delivers
         it. So within read_fault_window_ms of a membership change the stand-ins are asked
-        too; there a stand-in that is down or fails is passed over (nothing says it holds more
-        than the owners), where an unavailable owner makes it a shortfall."""
+        too, and there too one that is down or fails leaves the study flagged: during a
+        partition the reader can be on the side of every owner (all alive, R answer) while
+        the instance sits only in hints across the cut (pacsnode sim run --scenario
+        partition-halves --nodes 10 --seed 13, before this: a stale retrieve). The price
+        is availability: for the window after a fault, a named study whose stand-in is down
+        is answered but flagged (docs/sim.md "Read your writes" has the counts)."""
         context = self._context
         holders: dict[str, list[int]] = {}
         for index, piece in enumerate(self._pieces):
             state = self._states[index]
             unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
+            local = self._local_owners(piece)
+            if local and not unavailable & set(local):
+                # Local reads: this site's owners answer; a write acknowledged here has its
+                # W copies (or hints) among them and their stand-ins in this site. Owners
+                # elsewhere being down or cut off changes nothing here.
+                unavailable = set()
             if not unavailable and not context.troubled:
                 continue
-            state.hints_required = bool(unavailable)
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
-                                                                    set(piece.owners))}
+                                                                    set(local or piece.owners))}
             for node_id in sorted(candidates):
                 if node_id == context.self_id or context.is_alive(node_id):
                     holders.setdefault(node_id, []).append(index)
-                elif unavailable:
+                else:
                     state.hint_holders_missed += 1
             if context.self_id not in piece.owners:
                 holders.setdefault(context.self_id, []).append(index)
@@ -329,8 +357,7 @@ class RoutedGather:
                 if error is not None:
                     log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
                     for index in call.pieces:
-                        if self._states[index].hints_required:
-                            self._states[index].hint_holders_missed += 1
+                        self._states[index].hint_holders_missed += 1
                 continue
             if error is None:
                 for index in call.pieces:
@@ -371,8 +398,8 @@ class RoutedGather:
         state = self._states[index]
         level = self._level()
         answers = [self._keyed(state.rows[node_id]) for node_id in state.answered]
-        # R owners vouch for the answer, and, when an owner was out of reach, every node
-        # that may hold hints for the owners was asked too.
+        # R owners vouch for the answer, and, when an owner was out of reach or membership
+        # changed recently, every node that may hold hints for the owners was asked too.
         complete = len(state.answered) >= state.needed and not state.hint_holders_missed
         hint_holders = [slot.removeprefix("hints:") for slot, rows in state.rows.items()
                         if slot.startswith("hints:") and rows]

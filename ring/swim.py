@@ -99,7 +99,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import NamedTuple, TypeAlias
@@ -122,11 +122,14 @@ __all__ = [
     "Ping",
     "PushPullReply",
     "PushPullRequest",
+    "Rejection",
+    "Signer",
     "State",
     "Swim",
     "SwimConfig",
     "SwimStatistics",
     "Transition",
+    "Verifier",
     "merge",
     "merge_all",
     "message_bytes",
@@ -291,6 +294,11 @@ class MemberUpdate:
     reporter_id: str = ""  # Who set this state; for SUSPECT the accuser (counts confirmations).
     lamport: int = 0  # Lamport clock of a LEFT or REMOVED event (Serf); 0 otherwise.
     leaving: bool = False  # The member announced LEAVING in this generation: it owns no tokens.
+    # Opaque proof of who set this record (node/member_signing.py: an ECDSA signature and the
+    # signer's certificate). Carried unchanged when the record is relayed; checked by the
+    # Swim's injected verifier; empty without one. Not part of the merge order.
+    signature: bytes = b""
+    certificate: bytes = b""
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, State):
@@ -450,6 +458,19 @@ class MemberView(NamedTuple):
     generation: int
 
 
+class Rejection(NamedTuple):
+    """A record from a peer that the verifier refused (the node logs these): ignored."""
+
+    node_id: str
+    state: State
+    reporter_id: str
+    reason: str
+
+
+Signer: TypeAlias = Callable[[MemberUpdate], MemberUpdate]  # Returns the record with its proof.
+Verifier: TypeAlias = Callable[[MemberUpdate], "str | None"]  # Why a peer's record may not be used, or None.
+
+
 class Transition(NamedTuple):
     """A member's state changed in this node's view (old_state None: newly learned)."""
 
@@ -466,7 +487,8 @@ def update_bytes(update: MemberUpdate) -> int:
     """Rough protobuf size of one MemberUpdate: strings plus ~40 bytes of numbers and tags."""
     info = update.info
     return (40 + len(info.node_id) + len(info.peer_host) + len(info.dicom_host) + len(info.ae_title)
-            + len(info.site) + len(info.host) + len(update.reporter_id))
+            + len(info.site) + len(info.host) + len(update.reporter_id) + len(update.signature)
+            + len(update.certificate))
 
 
 def message_bytes(message: Message) -> int:
@@ -506,6 +528,7 @@ class SwimStatistics:
     removals: int  # Automatic dead -> removed we decided.
     removals_blocked: int  # Times a removal was held back by a rail (once per member and episode).
     operator_removals: int
+    updates_rejected: int  # Records the verifier refused (unsigned, wrongly signed): ignored.
     awareness: int  # Current local health score (0 = healthy).
     members_by_state: Mapping[str, int]
     broadcast_queue_depth: int
@@ -598,11 +621,19 @@ class _BroadcastQueue:
 class Swim:
     """SWIM + Lifeguard membership of one node. See the module docstring."""
 
-    def __init__(self, config: SwimConfig, self_member: MemberInfo, rng: random.Random, now_ms: int) -> None:
+    def __init__(self, config: SwimConfig, self_member: MemberInfo, rng: random.Random, now_ms: int, *,
+                 signer: Signer | None = None, verifier: Verifier | None = None) -> None:
+        """`signer` and `verifier` (node/member_signing.py; both or neither) make every record
+        this node sets carry a proof, and every record from a peer need one: a record the
+        verifier refuses is ignored and listed in `rejected`. Without them (the simulator,
+        a node without TLS) records carry no proof and are all taken."""
         self.config = config
         self.self_id = self_member.node_id
         self._rng = rng
-        me = MemberUpdate(self_member, State.ALIVE, 0, reporter_id=self.self_id)
+        self._signer = signer
+        self._verifier = verifier
+        self.rejected: list[Rejection] = []
+        me = self._sign(MemberUpdate(self_member, State.ALIVE, 0, reporter_id=self.self_id))
         self._records: dict[str, MemberUpdate] = {self.self_id: me}
         self._state_since_ms: dict[str, int] = {self.self_id: now_ms}
         self._suspicions: dict[str, _Suspicion] = {}
@@ -628,7 +659,8 @@ class Swim:
         self._counts: dict[str, int] = dict.fromkeys(
             ("probes_sent", "probe_acks", "indirect_probes_sent", "indirect_acks", "nacks_received",
              "probe_failures", "probes_abandoned", "relays", "suspicions_raised", "suspicions_refuted",
-             "suspicions_cleared", "deaths_declared", "removals", "removals_blocked", "operator_removals"), 0)
+             "suspicions_cleared", "deaths_declared", "removals", "removals_blocked", "operator_removals",
+             "updates_rejected"), 0)
         self._sent: dict[str, list[int]] = {}
         self._received: dict[str, list[int]] = {}
 
@@ -699,6 +731,14 @@ class Swim:
         events, self.events = self.events, []
         return events
 
+    def drain_rejected(self) -> list[Rejection]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
+    @property
+    def signing(self) -> bool:
+        return self._verifier is not None
+
     def statistics(self) -> SwimStatistics:
         by_state: dict[str, int] = {state.value: 0 for state in State}
         for update in self._records.values():
@@ -754,10 +794,23 @@ class Swim:
         me = self.me
         if me.state is not State.ALIVE:
             return []
-        leaving = MemberUpdate(me.info, State.LEAVING, me.incarnation + 1, reporter_id=self.self_id)
+        leaving = self._sign(MemberUpdate(me.info, State.LEAVING, me.incarnation + 1, reporter_id=self.self_id))
         self._set_record(now_ms, leaving)
         self._queue.enqueue(leaving)
         return [self._send(u.node_id, Gossip((leaving,))) for u in self._others() if u.state in REACHABLE]
+
+    def reannounce(self, now_ms: int) -> list[Outbound]:
+        """Set our own record again with a bumped incarnation (a new signature: the node's
+        certificate was renewed, and records signed by the old one stop being valid when it
+        expires). Gossiped like a refutation."""
+        me = self.me
+        if me.state not in RUNNING:
+            return []
+        record = self._sign(MemberUpdate(me.info, me.state, me.incarnation + 1, reporter_id=self.self_id,
+                                         leaving=me.leaving))
+        self._records[self.self_id] = record
+        self._queue.enqueue(record)
+        return []
 
     def leave(self, now_ms: int) -> list[Outbound]:
         """Announce a graceful leave: LEFT with a bumped incarnation, sent to every reachable member.
@@ -768,8 +821,8 @@ class Swim:
         if me.state in TERMINAL:
             return []
         self._lamport += 1
-        left = MemberUpdate(me.info, State.LEFT, me.incarnation + 1, reporter_id=self.self_id, lamport=self._lamport,
-                            leaving=me.leaving)
+        left = self._sign(MemberUpdate(me.info, State.LEFT, me.incarnation + 1, reporter_id=self.self_id,
+                                       lamport=self._lamport, leaving=me.leaving))
         self._set_record(now_ms, left)
         self._queue.enqueue(left)
         self._probe = None
@@ -787,9 +840,9 @@ class Swim:
         if current.state is State.REMOVED:
             return []
         self._lamport += 1
-        removed = current.restate(State.REMOVED, reporter_id=self.self_id, lamport=self._lamport)
+        removed = self._sign(current.restate(State.REMOVED, reporter_id=self.self_id, lamport=self._lamport))
         self._counts["operator_removals"] += 1
-        self._apply(now_ms, removed)
+        self._apply(now_ms, removed, local=True)
         return self._gossip_round(now_ms)
 
     def tick(self, now_ms: int) -> list[Outbound]:
@@ -962,7 +1015,7 @@ class Swim:
         else:
             self._adjust_awareness(+1)
         self._counts["suspicions_raised"] += 1
-        self._apply(now_ms, current.restate(State.SUSPECT, reporter_id=self.self_id))
+        self._apply(now_ms, self._sign(current.restate(State.SUSPECT, reporter_id=self.self_id)), local=True)
         return []
 
     def _on_ack(self, source_id: str, sequence_number: int) -> list[Outbound]:
@@ -1006,12 +1059,14 @@ class Swim:
             update.generation, update.incarnation, now_ms, k, minimum, minimum * config.suspicion_max_timeout_mult,
             confirmers={update.reporter_id})
 
-    def _confirm(self, update: MemberUpdate) -> bool:
+    def _confirm(self, update: MemberUpdate, *, verified: bool) -> bool:
         suspicion = self._suspicions.get(update.node_id)
         if suspicion is None or (suspicion.generation, suspicion.incarnation) != (update.generation,
                                                                                    update.incarnation):
             return False
         if suspicion.confirmations >= suspicion.k or update.reporter_id in suspicion.confirmers:
+            return False
+        if not verified and not self._verify(update):  # A forged accuser must not shorten the timer.
             return False
         suspicion.confirmers.add(update.reporter_id)
         suspicion.confirmations += 1
@@ -1023,7 +1078,7 @@ class Swim:
         if current is None or current.state is not State.SUSPECT:
             return []
         self._counts["deaths_declared"] += 1
-        self._apply(now_ms, current.restate(State.DEAD, reporter_id=self.self_id))
+        self._apply(now_ms, self._sign(current.restate(State.DEAD, reporter_id=self.self_id)), local=True)
         return []
 
     def _reap_dead(self, now_ms: int) -> None:
@@ -1044,7 +1099,8 @@ class Swim:
             self._blocked.pop(update.node_id, None)
             self._lamport += 1
             self._counts["removals"] += 1
-            self._apply(now_ms, update.restate(State.REMOVED, reporter_id=self.self_id, lamport=self._lamport))
+            self._apply(now_ms, self._sign(update.restate(State.REMOVED, reporter_id=self.self_id,
+                                                          lamport=self._lamport)), local=True)
         for node_id in [n for n in self._blocked if self.state_of(n) is not State.DEAD]:
             del self._blocked[node_id]
 
@@ -1062,28 +1118,60 @@ class Swim:
                         and update.incarnation >= current.incarnation):
                     # memberlist mergeState: a peer's full state may be stale (the other side of
                     # a healed partition), so its "dead" only makes us suspect, and our own timer
-                    # decides. The member meanwhile hears of it and refutes.
-                    update = update.restate(State.SUSPECT, reporter_id=update.reporter_id)
+                    # decides. The member meanwhile hears of it and refutes. Signed, the
+                    # suspicion is ours (we cannot sign for the peer's accuser).
+                    if not newer(update, current) or not self._verify(update):
+                        continue
+                    reporter_id = update.reporter_id if self._signer is None else self.self_id
+                    self._apply(now_ms, self._sign(update.restate(State.SUSPECT, reporter_id=reporter_id)),
+                                local=True)
+                    continue
             self._apply(now_ms, update)
 
-    def _apply(self, now_ms: int, update: MemberUpdate) -> bool:
-        """Merge one update; True when it changed this node's view (and was queued for gossip)."""
+    def _see_lamport(self, update: MemberUpdate) -> None:
         if update.lamport > self._lamport:
             self._lamport = update.lamport
+
+    def _sign(self, update: MemberUpdate) -> MemberUpdate:
+        return update if self._signer is None else self._signer(update)
+
+    def _verify(self, update: MemberUpdate) -> bool:
+        """True when a peer's record may be used (always, without a verifier)."""
+        if self._verifier is None:
+            return True
+        reason = self._verifier(update)
+        if reason is None:
+            return True
+        self._counts["updates_rejected"] += 1
+        if len(self.rejected) < 1_000:  # The node drains these after every input.
+            self.rejected.append(Rejection(update.node_id, update.state, update.reporter_id, reason))
+        return False
+
+    def _apply(self, now_ms: int, update: MemberUpdate, *, local: bool = False) -> bool:
+        """Merge one update; True when it changed this node's view (and was queued for gossip).
+        A peer's record (not `local`) is verified only when it would change something; its
+        Lamport clock counts only once verified (unsigned, every record's counts)."""
+        if self._verifier is None or local:
+            self._see_lamport(update)
         node_id = update.node_id
         if node_id == self.self_id:
             return self._apply_about_self(now_ms, update)
         current = self._records.get(node_id)
         if current is not None and not newer(update, current):
             # Not newer, but maybe one more accuser of a suspicion we are timing.
-            if update.state is State.SUSPECT and current.state is State.SUSPECT and self._confirm(update):
+            if (update.state is State.SUSPECT and current.state is State.SUSPECT
+                    and self._confirm(update, verified=local)):
                 self._queue.enqueue(update)
             return False
+        if not local:
+            if not self._verify(update):
+                return False
+            self._see_lamport(update)
         same_phase = current is not None and (current.generation, current.state, current.incarnation) == (
             update.generation, update.state, update.incarnation)
         self._records[node_id] = update
         if same_phase:  # Another reporter of a state we hold: only a suspicion cares.
-            if update.state is State.SUSPECT and self._confirm(update):
+            if update.state is State.SUSPECT and self._confirm(update, verified=True):
                 self._queue.enqueue(update)
             return False
         old_state = current.state if current is not None else None
@@ -1109,13 +1197,16 @@ class Swim:
         if update.generation != me.generation:
             return False  # An older boot of ours is history; a newer one is not ours to judge.
         if me.state in TERMINAL:
-            if update.state in TERMINAL and newer(update, me):
+            if update.state in TERMINAL and newer(update, me) and self._verify(update):
                 self._set_record(now_ms, update)
                 self._queue.enqueue(update)
                 return True
             return False
         if update.state in TERMINAL:
             # Removed (or made to leave) by the cluster: terminal for this generation.
+            if not self._verify(update):
+                return False
+            self._see_lamport(update)
             self._set_record(now_ms, update)
             self._queue.enqueue(update)
             self._probe = None
@@ -1124,9 +1215,11 @@ class Swim:
         if (update.state is not me.state and update.incarnation >= me.incarnation) or (
                 update.incarnation > me.incarnation):
             # Refute: only we may raise our incarnation, and a higher one beats any accusation.
-            # A leaving member refutes as leaving.
-            refuted = MemberUpdate(me.info, me.state, update.incarnation + 1, reporter_id=self.self_id,
-                                   leaving=me.leaving)
+            # A leaving member refutes as leaving. (A forged accusation is not worth one.)
+            if not self._verify(update):
+                return False
+            refuted = self._sign(MemberUpdate(me.info, me.state, update.incarnation + 1, reporter_id=self.self_id,
+                                              leaving=me.leaving))
             self._records[self.self_id] = refuted
             self._queue.enqueue(refuted)
             if update.state not in RUNNING:
@@ -1153,10 +1246,12 @@ class Swim:
         elif current is not None and current.generation == member.generation and current.state in TERMINAL:
             reason = (f"node {member.node_id!r} generation {member.generation} is {current.state.value}: "
                       f"restart it with a higher generation")
+        if not reason and not self._verify(member):
+            reason = f"the join record of {member.node_id!r} is not signed by its own certificate"
         if reason:
             return self._to(source_id or member.node_id, member.info.peer_address, JoinReply(False, reason))
         reply = JoinReply(True, "", self._snapshot())
-        self._apply(now_ms, member)
+        self._apply(now_ms, member, local=True)  # Verified above.
         return self._to(member.node_id, member.info.peer_address, reply)
 
     # ----------------------------------------------------------------- dissemination

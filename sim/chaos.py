@@ -47,7 +47,7 @@ from pacsnode.cli.status import metrics as status_metrics
 from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
-from pacsnode.ring.placement import Member, Ring
+from pacsnode.ring.placement import Member, Replication, Ring, SiteReplicas, replica_total
 from pacsnode.sim import chaos_clients as clients
 from pacsnode.sim import datagen
 from pacsnode.sim.chaos_plan import SCENARIOS, Fault, plan_faults
@@ -72,6 +72,8 @@ class ChaosSettings:
     wan_jitter_ms: float = 0.0          # ... plus or minus this (issue 15: 10) ...
     lan_delay_ms: float = 0.0           # ... and of links within a site (issue 15: 0.2). Kept across heals.
     replication_factor: int = 3
+    site_copies: int = 0                # > 0: --site-replicas SITE=this for every site (issue 15), N unused.
+    write_quorum_scope: str = "auto"    # auto: local with site copies, else global.
     write_quorum: int = 2
     dead_grace_s: int = 10              # Short, so a long kill is removed and re-replicated within the run.
     profile: str = "local"              # Membership timers for loopback (probe 0.2 s).
@@ -99,19 +101,34 @@ class ChaosSettings:
             raise ValueError("need 0 <= WAN jitter <= WAN delay and LAN delay >= 0")
         if self.scenario == "sites" and self.sites < 2:
             raise ValueError("the sites scenario needs --sites 2 or more")
-        if not 1 <= self.write_quorum <= self.replication_factor:
-            raise ValueError(f"need 1 <= write quorum <= replicas, got W={self.write_quorum} N={self.replication_factor}")
+        if self.site_copies < 0 or self.write_quorum_scope not in ("auto", "local", "global"):
+            raise ValueError("site copies must be >= 0 and the write quorum scope auto, local or global")
+        if not 1 <= self.write_quorum <= replica_total(self.replication):
+            raise ValueError(f"need 1 <= write quorum <= replicas, got W={self.write_quorum} N={self.replication}")
         if not self.duration_s > 0 or self.dead_grace_s < 0 or self.store_threads < 0 or self.storescu_every_s < 0 \
                 or not self.settle_timeout_s > 0:
             raise ValueError("duration and settle timeout must be > 0; dead grace, store threads and "
                              "storescu interval must be >= 0")
+
+    @property
+    def replication(self) -> Replication:
+        """The placement policy the nodes run with: N, or site_copies in every site."""
+        if self.site_copies:
+            return SiteReplicas.of({self.site_name(i): self.site_copies for i in range(self.sites)})
+        return self.replication_factor
+
+    def site_name(self, index: int) -> str:
+        return f"site{index + 1}" if self.sites > 1 else "default"
 
     def replay(self) -> str:
         return (f"pacsnode sim chaos --nodes {self.nodes} --duration {self.duration_s:g} --seed {self.seed} "
                 f"--scenario {self.scenario} --sites {self.sites}"
                 + (f" --wan-delay-ms {self.wan_delay_ms:g} --wan-jitter-ms {self.wan_jitter_ms:g}"
                    if self.wan_delay_ms else "")
-                + (f" --lan-delay-ms {self.lan_delay_ms:g}" if self.lan_delay_ms else ""))
+                + (f" --lan-delay-ms {self.lan_delay_ms:g}" if self.lan_delay_ms else "")
+                + (f" --site-copies {self.site_copies}" if self.site_copies else "")
+                + (f" --write-quorum-scope {self.write_quorum_scope}" if self.write_quorum_scope != "auto" else "")
+                + (f" --profile {self.profile}" if self.profile != "local" else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,8 +142,7 @@ class ChaosCluster:
         self.root = root
         self.settings = settings
         self.ids = [f"c{i + 1}" for i in range(settings.nodes)]
-        self.sites = {node_id: (f"site{i % settings.sites + 1}" if settings.sites > 1 else "default")
-                      for i, node_id in enumerate(self.ids)}
+        self.sites = {node_id: settings.site_name(i % settings.sites) for i, node_id in enumerate(self.ids)}
         self.proxy = FaultProxy()
         peer_ports = {node_id: free_port() for node_id in self.ids}
         self.nodes: dict[str, NodeProcess] = {}
@@ -149,6 +165,9 @@ class ChaosCluster:
                 extra_args=[
                     "--site", self.sites[node_id],
                     "--replication-factor", str(s.replication_factor), "--write-quorum", str(s.write_quorum),
+                    "--write-quorum-scope", s.write_quorum_scope,
+                    *[arg for site, copies in (s.replication.per_site if isinstance(s.replication, SiteReplicas)
+                                               else ()) for arg in ("--site-replicas", f"{site}={copies}")],
                     "--profile", s.profile, "--dead-grace-s", str(s.dead_grace_s),
                     "--anti-entropy-interval-ms", str(s.anti_entropy_interval_ms),
                     *routes,
@@ -305,7 +324,7 @@ class ChaosCluster:
         return Ring(CLUSTER_ID, [Member(node_id=n, site=self.sites[n], host=socket.gethostname()) for n in self.ids])
 
     def owners(self, study_uid: str) -> set[str]:
-        return set(self.ring.owners_of_study(study_uid, self.ring.effective(self.settings.replication_factor)))
+        return set(self.ring.owners_of_study(study_uid, self.ring.effective(self.settings.replication)))
 
 
 # ---------------------------------------------------------------------------------------

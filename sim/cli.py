@@ -24,6 +24,7 @@ To hook it into cli/main.py:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -60,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="fraction of stores that re-send an acknowledged instance unchanged")
     run.add_argument("--read-quorum", type=int, default=None,
                      help="R for requests that name a study (default: SimConfig's, 2)")
+    run.add_argument("--site-copies", type=int, default=0,
+                     help="N copies in every site with the local write scope (issue 15); 0: --replicas N over "
+                     "the sites, global scope (default: 0)")
     run.add_argument("--json", type=Path, default=None, help="also write the full result here")
     run.add_argument("--verbose", action="store_true", help="show the nodes' own log lines (WARNING and up)")
 
@@ -75,6 +79,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--budget-s", type=float, default=None,
                        help="start no new run after this many seconds of wall time (the report covers what ran)")
     sweep.add_argument("--load", type=int, default=None)
+    sweep.add_argument("--site-copies", type=int, default=0,
+                       help="N copies in every site with the local write scope (default: 0: none)")
     sweep.add_argument("--read-quorum", type=int, default=None,
                        help="R for requests that name a study (default: SimConfig's, 2)")
 
@@ -104,6 +110,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help=f"the nodes' membership timer profile (default: {defaults.profile})")
     chaos.add_argument("--replicas", type=int, default=defaults.replication_factor,
                        help=f"N (default: {defaults.replication_factor})")
+    chaos.add_argument("--site-copies", type=int, default=defaults.site_copies,
+                       help="N copies in every site (--site-replicas SITEk=N on every node; --replicas unused); "
+                       "0: none (default: 0)")
+    chaos.add_argument("--write-quorum-scope", default=defaults.write_quorum_scope, choices=("auto", "local", "global"),
+                       help=f"(default: {defaults.write_quorum_scope}: local with --site-copies)")
     chaos.add_argument("--write-quorum", type=int, default=defaults.write_quorum,
                        help=f"W (default: {defaults.write_quorum})")
     chaos.add_argument("--dead-grace", type=int, default=defaults.dead_grace_s,
@@ -168,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_logging(args.verbose)
     result = run_scenario(args.scenario, nodes=args.nodes, sites=args.sites, seed=args.seed, load=args.load,
                           rate_per_s=args.rate, mix=WorkloadMix(conflict=args.conflicts, duplicate=args.duplicates),
-                          config=_config(args.read_quorum))
+                          config=_config(args.read_quorum, args.site_copies, args.sites))
     print(format_result(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
@@ -183,6 +194,7 @@ def _chaos(args: argparse.Namespace) -> int:
     settings = ChaosSettings(nodes=args.nodes, duration_s=args.duration, seed=args.seed, scenario=args.scenario,
                              sites=args.sites, wan_delay_ms=args.wan_delay_ms, wan_jitter_ms=args.wan_jitter_ms,
                              lan_delay_ms=args.lan_delay_ms, profile=args.profile, replication_factor=args.replicas, write_quorum=args.write_quorum,
+                             site_copies=args.site_copies, write_quorum_scope=args.write_quorum_scope,
                              dead_grace_s=args.dead_grace, store_threads=args.store_threads,
                              storescu_every_s=args.storescu_every, settle_timeout_s=args.settle_timeout,
                              work_dir=args.work_dir, keep=args.keep)
@@ -221,17 +233,28 @@ def _task_list(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
     return tasks
 
 
-def _config(read_quorum: int | None) -> Any:
-    from pacsnode.sim.cluster import SimConfig
-    return None if read_quorum is None else SimConfig(read_quorum=read_quorum)
+def _config(read_quorum: int | None, site_copies: int = 0, sites: int = 1) -> Any:
+    """SimConfig for the CLI's options; None for the defaults. `site_copies` > 0: that many
+    copies in each of the cluster's sites (named as SimCluster names them), local write scope."""
+    from pacsnode.replication.coordinator import WriteScope
+    from pacsnode.ring.placement import SiteReplicas
+    from pacsnode.sim.cluster import SimConfig, site_names
+    if read_quorum is None and not site_copies:
+        return None
+    config = SimConfig() if read_quorum is None else SimConfig(read_quorum=read_quorum)
+    if site_copies:
+        config = dataclasses.replace(config, write_scope=WriteScope.LOCAL, replication_factor=SiteReplicas.of(
+            {site: site_copies for site in site_names(sites)}))
+    return config
 
 
-def _worker(task: tuple[str, int, int, int, int | None, int | None]) -> dict[str, Any]:
+def _worker(task: tuple[str, int, int, int, int | None, int | None, int]) -> dict[str, Any]:
     from pacsnode.sim.run import run_scenario
     _quiet_logging()
-    name, nodes, sites, seed, load, read_quorum = task
+    name, nodes, sites, seed, load, read_quorum, site_copies = task
     try:
-        return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load, config=_config(read_quorum))
+        return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load,
+                            config=_config(read_quorum, site_copies, sites))
     except Exception as error:  # A crash of the harness (or of the real code) is a result too.
         return {"scenario": name, "nodes": nodes, "sites": sites, "seed": seed, "ok": False, "crashed": repr(error),
                 "checks": [], "replay": f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} "
@@ -249,7 +272,7 @@ def _sweep(args: argparse.Namespace) -> int:
             if line.strip():
                 r = json.loads(line)
                 done.add((r["scenario"], r["nodes"], r["sites"], r["seed"]))
-    tasks = [t + (args.load, args.read_quorum) for t in _task_list(args) if t not in done]
+    tasks = [t + (args.load, args.read_quorum, args.site_copies) for t in _task_list(args) if t not in done]
     started = time.monotonic()
     print(f"sweep: {len(tasks)} runs to do ({len(done)} already in {results_path}), {args.jobs} at a time",
           flush=True)

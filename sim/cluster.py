@@ -49,7 +49,7 @@ from typing import Any, Callable
 from pacsnode.node.codec import decompress
 from pacsnode.node.peer_handler import PeerHandler, RangesPending
 from pacsnode.node.swim_membership import MembershipUnavailable, SwimMembership, TimerHandle
-from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.hlc import HybridClock
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreOutcome
@@ -80,6 +80,7 @@ class SimConfig:
     cluster_id: str = "sim"
     replication_factor: Replication = 3  # N, or N copies per site (SiteReplicas)
     write_quorum: int = 2  # W
+    write_scope: WriteScope = WriteScope.GLOBAL  # LOCAL: W counted in the receiving node's site.
     read_quorum: int = 2  # R (requests that name a study)
     read_fault_window_ms: int = 60_000
     vnodes: int = 64
@@ -102,6 +103,7 @@ class SimConfig:
 
     def coordinator_settings(self) -> CoordinatorSettings:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
+                                   write_scope=self.write_scope,
                                    read_quorum=self.read_quorum, read_fault_window_ms=self.read_fault_window_ms,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
@@ -629,6 +631,11 @@ class SimNode:
 # ===================================================================== the cluster
 
 
+def site_names(sites: int) -> list[str]:
+    """The names SimCluster gives its `sites` sites: site-a, site-b, ..."""
+    return [f"site-{chr(ord('a') + i)}" for i in range(max(1, sites))]
+
+
 class SimCluster:
     """`n` nodes in `sites` sites (round-robin), seeded, on a virtual-time loop."""
 
@@ -649,7 +656,7 @@ class SimCluster:
         self.lifetimes: dict[tuple[str, int], list[int | None]] = {}  # (node, generation) -> [start, end]
         self.errors: list[str] = []
         self.nodes: dict[str, SimNode] = {}
-        self.site_names = [f"site-{chr(ord('a') + i)}" for i in range(max(1, sites))]
+        self.site_names = site_names(sites)
         for index in range(n):
             self._new_node()
         self._bootstrap(list(self.nodes.values()))

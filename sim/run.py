@@ -25,6 +25,7 @@ import random
 import time
 from typing import Any
 
+from pacsnode.ring.placement import SiteReplicas
 from pacsnode.sim.checkers import CheckResult, run_checkers, study_copies
 from pacsnode.sim.cluster import SimCluster, SimConfig
 from pacsnode.sim.metrics import (
@@ -78,6 +79,8 @@ def run_scenario(name: str, *, nodes: int, sites: int = 3, seed: int = 0, load: 
         (f" --load {load}" if load is not None else "") + \
         (f" --rate {rate_per_s}" if rate_per_s != 4.0 else "") + \
         (f" --read-quorum {config.read_quorum}" if config.read_quorum != SimConfig().read_quorum else "") + \
+        (f" --site-copies {min(c for _, c in config.replication_factor.per_site)}"
+         if isinstance(config.replication_factor, SiteReplicas) else "") + \
         (f" --conflicts {mix.conflict}" if mix.conflict else "") + (f" --duplicates {mix.duplicate}" if mix.duplicate
                                                                       else "")
     result["mix"] = dataclasses.asdict(mix)

@@ -27,6 +27,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import Any
 
 from pacsnode.node.swim_membership import MembershipUnavailable, SwimMembership, TimerHandle
 from pacsnode.replication.transport import PeerError
@@ -89,7 +90,8 @@ class _Process:
         self._waiters: list[asyncio.Future[None]] = []
         self.membership = SwimMembership(
             "swim-test", info, seeds, config=cluster.config, clock=_Clock(cluster, self),
-            rng=random.Random(f"{cluster.seed}:{info.node_id}:{info.generation}"))
+            rng=random.Random(f"{cluster.seed}:{info.node_id}:{info.generation}"),
+            **(cluster.swim_hooks(info.node_id) if cluster.swim_hooks is not None else {}))
         self.membership.on_transitions.append(self._observe)
         self.carrier = _Carrier(cluster, self)
 
@@ -169,8 +171,12 @@ class SwimCluster:
 
     def __init__(self, n: int, config: SwimConfig | None = None, seed: int = 0, *, loss: float = 0.0,
                  latency_ms: int | tuple[int, int] = 1, sites: int | list[str] = 1, bootstrap: str = "join",
-                 refuse_when_down: bool = False) -> None:
+                 refuse_when_down: bool = False, swim_hooks: Callable[[str], dict[str, Any]] | None = None
+                 ) -> None:
+        """`swim_hooks(node_id)`: extra keyword arguments of each member's SwimMembership
+        (its `signer` and `verifier`: node/member_signing.py)."""
         SwimCluster._open.append(self)
+        self.swim_hooks = swim_hooks
         self.config = config or SwimConfig.lan()
         self.seed = seed
         self.loss = loss

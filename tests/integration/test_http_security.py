@@ -59,7 +59,8 @@ def pki(root: Path) -> dict[str, Path]:
 def node(root: Path, pki: dict[str, Path]) -> Iterator[NodeProcess]:
     process = NodeProcess(root / "h1", node_id="h1", extra_args=[
         "--profile", "local", "--replication-factor", "1", "--write-quorum", "1", "--tls-dir", str(pki["h1"]),
-        "--access-mode", "strict", "--loopback-trusted", "false", "--known-ae", "VIEWER=echo"]).start()
+        "--access-mode", "strict", "--loopback-trusted", "false", "--known-ae", "VIEWER=echo",
+        "--dicom-tls-port", str(free_port())]).start()
     try:
         assert wait_until(lambda: _ready(process, pki), 30), process.log_text()[-3000:]
         yield process
@@ -227,3 +228,38 @@ def test_sighup_reloads_the_certificate_for_https_and_the_peer_port(node: NodePr
     assert any("certificate changed" in json.dumps(m) for m in _audit(node))
     with _client(pki, "viewer") as client:  # Still serving, with the new certificate.
         assert client.get(_url(node, "/dicom-web/studies")).status_code == 200
+
+
+def test_sighup_reloads_the_certificate_for_dicom_tls(node: NodeProcess, pki: dict[str, Path], root: Path) -> None:
+    """DICOM TLS: after a reissue and SIGHUP, new associations get the new certificate; one
+    opened before keeps its connection (and the certificate it was made with) and works.
+    (After the test above: it changes the node's certificate again.)"""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    port = int(node.extra_args[node.extra_args.index("--dicom-tls-port") + 1])
+    old = _served_serial(port, pki)
+    context = ssl.create_default_context(cafile=str(pki["h1"] / "ca.pem"))
+    context.check_hostname = False  # The CA is what we check; the certificate names the node, not 127.0.0.1.
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(Verification)
+    before = ae.associate(HOST, port, ae_title="PACSNODE", tls_args=(context, None))
+    try:
+        assert before.is_established and before.send_c_echo().Status == 0
+        ca.issue(root / "ca", pki["h1"], "h1")
+        new = x509.load_pem_x509_certificate((pki["h1"] / "cert.pem").read_bytes()).serial_number
+        assert new != old
+        assert node.process is not None
+        os.kill(node.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: _served_serial(port, pki) == new, 10), node.log_text()[-2000:]
+        after = ae.associate(HOST, port, ae_title="PACSNODE", tls_args=(context, None))
+        assert after.is_established and after.send_c_echo().Status == 0
+        served = after.dul.socket.socket.getpeercert(binary_form=True)
+        assert x509.load_der_x509_certificate(served).serial_number == new
+        after.release()
+        assert before.send_c_echo().Status == 0  # The old connection goes on.
+        assert x509.load_der_x509_certificate(
+            before.dul.socket.socket.getpeercert(binary_form=True)).serial_number == old
+    finally:
+        if before.is_established:
+            before.release()

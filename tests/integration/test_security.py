@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
+import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
 import httpx
 import pytest
+from cryptography import x509
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
@@ -30,7 +36,11 @@ from pynetdicom.sop_class import (
 
 from pacsnode.cli.status import collect
 from pacsnode.node import ca
+from pacsnode.node import peer_wire
+from pacsnode.node.member_signing import MemberSigner
 from pacsnode.node.tls import CHANNEL_OPTIONS, TlsFiles, channel_credentials
+from pacsnode.ring import swim
+from pacsnode.ring.members import MemberInfo
 from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
@@ -412,6 +422,48 @@ def test_forged_left_and_removed_are_refused_and_change_nothing(cluster: list[No
     assert any("cannot send as 'n2'" in r for r in reasons) and any("only an admin" in r for r in reasons)
 
 
+def test_forged_gossip_about_another_node_is_ignored(cluster: list[NodeProcess], pki: dict[str, Path]) -> None:
+    """n3's own certificate, speaking as n3 (the peer guard lets it), gossips records about n2
+    that only n2 (ALIVE, LEFT) or their named reporter (DEAD) may sign: n1 ignores every one,
+    logs it, and every node keeps n2 alive at its own address and incarnation."""
+    n1, n2 = cluster[0], cluster[1]
+    admin = str(pki["admin"])
+    before = {n["node_id"]: n for n in collect(n1.peer_address, tls_dir=admin)["nodes"]}["n2"]
+    host, port = before["peer_address"].rsplit(":", 1)
+    honest = MemberInfo(node_id="n2", peer_host=host, peer_port=int(port), generation=before["generation"],
+                        dicom_host=host, ae_title="PACSNODE")
+    hijacked = replace(honest, peer_host="127.0.0.1", peer_port=free_port())  # n2 "moved" to the attacker.
+    signer = MemberSigner("pacsnode", TlsFiles(pki["n3"]))
+    high = before["incarnation"] + 50
+    forged = [
+        signer.sign(swim.MemberUpdate(hijacked, swim.State.ALIVE, high, reporter_id="n3")),  # Signed by n3.
+        swim.MemberUpdate(hijacked, swim.State.ALIVE, high + 1, reporter_id="n2"),  # Unsigned.
+        signer.sign(swim.MemberUpdate(honest, swim.State.LEFT, high + 2, reporter_id="n3", lamport=99)),
+        signer.sign(swim.MemberUpdate(honest, swim.State.DEAD, high + 3, reporter_id="n1")),  # n3 as n1.
+        replace(signer.sign(swim.MemberUpdate(honest, swim.State.ALIVE, high + 4, reporter_id="n3")),
+                reporter_id="n2"),  # n3's signature, relabelled as n2's own record.
+        replace(signer.sign(swim.MemberUpdate(honest, swim.State.DEAD, before["incarnation"], reporter_id="n3")),
+                incarnation=high + 5),  # What n3 may say, changed after signing.
+    ]
+    with channel(n1.peer_address, pki["n3"]) as ch:
+        for update in forged:  # Each alone, so that every one is judged (a gossip round each).
+            gossip = pb.PingRequest(envelope=envelope("n3"), sequence_number=0, target_id="n1",
+                                    updates=[peer_wire.update_to_wire(update)])
+            pb_grpc.MembershipStub(ch).Ping(gossip, timeout=5)  # Accepted as gossip; its records judged.
+    assert wait_until(lambda: n1.log_text().count("membership.update.rejected node=n2") >= 6, 10), n1.log_text()[-3000:]
+    log_text = n1.log_text()
+    for reason in ("only n2 may say it is alive, not n3", "reason=unsigned", "only n2 may say it is left, not n3",
+                   "reporter 'n1' but signed by n3", "reporter 'n2' but signed by n3",
+                   "bad signature (claims n3)"):
+        assert reason in log_text, reason
+    for node in cluster:
+        after = {n["node_id"]: n for n in collect(node.peer_address, tls_dir=admin)["nodes"]}["n2"]
+        assert (after["state"], after["peer_address"], after["generation"]) == (
+            "alive", before["peer_address"], before["generation"]), node.node_id
+        assert after["incarnation"] < high, node.node_id
+    assert n2.alive
+
+
 # --------------------------------------------------------------------------- access control
 def test_unknown_ae_c_find_is_refused_known_ae_is_answered(cluster: list[NodeProcess],
                                                            stored: list[datagen.ManifestEntry]) -> None:
@@ -490,9 +542,7 @@ def readme_tls_lines() -> list[str]:
 
 def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
     """Every line of the README's TLS section, run in a shell on free ports."""
-    import os
     import re
-    import signal
 
     ports = {port: str(free_port()) for port in ("11112", "11113", "11114", "2762", "2763", "2764",
                                                   "7001", "7002", "7003", "8042", "8043", "8044")}
@@ -568,3 +618,63 @@ def test_strict_mode_and_an_unprotected_node_say_so(tmp_path: Path) -> None:
         assert "reason=service-not-allowed" in node.log_text()
     finally:
         node.stop()
+
+
+# --------------------------------------------------------------------------- certificate expiry and reload
+def served_certificate(port: int, pki: dict[str, Path], verify: bool) -> x509.Certificate:
+    """The certificate a TLS port presents to a new connection (the admin's as client certificate)."""
+    context = ssl.create_default_context(cafile=str(pki["admin"] / "ca.pem"))
+    context.check_hostname = False  # The peer port's certificate names pacsnode-peer; the CA is what we check.
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(pki["admin"] / "cert.pem", pki["admin"] / "key.pem")
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((HOST, port), timeout=5) as raw, context.wrap_socket(raw) as wrapped:
+        der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_certificate_reissued_after_expiry_is_presented_after_reload(root: Path, pki: dict[str, Path]) -> None:
+    """e1's certificate expires while it runs: its peer port then presents an expired
+    certificate, which new connections refuse (connections made before go on: TLS checks a
+    certificate at the handshake), and member records e1 signs with it are refused. A
+    certificate reissued into its tls_dir and SIGHUP: the peer port presents the new one to
+    new connections and the cluster is whole, e1's record re-signed, without a restart."""
+    ca.issue(root / "ca", root / "tls-e1", "e1")
+    ca.issue(root / "ca", root / "tls-e2", "e2")
+    admin = str(pki["admin"])
+    nodes: list[NodeProcess] = []
+    try:
+        for name in ("e1", "e2"):
+            seeds = [nodes[0].peer_address] if nodes else []
+            nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds,
+                                     extra_args=FAST + ["--tls-dir", str(root / f"tls-{name}")]).start())
+        e1, e2 = nodes
+        assert e1.process is not None
+        assert wait_until(lambda: alive_count(e2.peer_address, admin) == 2, 30), e2.log_text()[-3000:]
+        # A certificate about to expire (in 8 s), loaded while still valid (independent of start-up time).
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=8)
+        ca.issue(root / "ca", root / "tls-e1", "e1", valid_days=1, not_before=expires - datetime.timedelta(days=1))
+        short = x509.load_pem_x509_certificate((root / "tls-e1" / "cert.pem").read_bytes())
+        os.kill(e1.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: served_certificate(e1.peer_port, pki, verify=False).serial_number
+                          == short.serial_number, 6), e1.log_text()[-3000:]
+        time.sleep(max(0.0, (short.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                       + 1))
+        with pytest.raises(ssl.SSLCertVerificationError):  # Expired: a new connection refuses it.
+            served_certificate(e1.peer_port, pki, verify=True)
+        ca.issue(root / "ca", root / "tls-e1", "e1")  # Reissued, valid for 825 days.
+        new_serial = x509.load_pem_x509_certificate((root / "tls-e1" / "cert.pem").read_bytes()).serial_number
+        os.kill(e1.process.pid, signal.SIGHUP)
+        assert wait_until(lambda: served_certificate(e1.peer_port, pki, verify=False).serial_number == new_serial,
+                          15), e1.log_text()[-3000:]
+        assert served_certificate(e1.peer_port, pki, verify=True).serial_number == new_serial
+        assert wait_until(lambda: alive_count(e2.peer_address, admin) == 2, 30), e2.log_text()[-3000:]
+        assert "security.tls.reloaded" in e1.log_text() and e1.alive
+        # While expired, e1's own records (signed with the expired certificate) were refused, for that reason only.
+        refused = [line for line in e2.log_text().splitlines() if "membership.update.rejected" in line]
+        assert all("reporter=e1 reason=certificate of e1 is not valid now" in line for line in refused), refused
+    finally:
+        for node in nodes:
+            node.stop()

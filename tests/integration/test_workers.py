@@ -8,19 +8,23 @@ makes the workers exit at once.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from pacsnode.node import ca
 from pacsnode.sim.process import NodeProcess, free_port, wait_until
 
 from . import clients
@@ -188,3 +192,55 @@ def test_max_associations_split_between_workers(node_factory, tmp_path: Path) ->
     finally:
         for assoc in held:
             assoc.release()
+
+
+def _served_serial(port: int, ca_file: Path) -> int:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.check_hostname = False  # The CA is what we check.
+    with socket.create_connection((HOST, port), timeout=5) as raw, context.wrap_socket(raw) as wrapped:
+        der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_dicom_tls_audit_and_reload_through_workers(node_factory, tmp_path: Path) -> None:
+    """With workers: DICOM TLS on the TLS port (a store over TLS), plain text there refused,
+    the DICOM audit trail written by the node for what the workers did, and a certificate
+    reload (SIGHUP to the node) reaching every worker's TLS listener."""
+    ca.init_ca(tmp_path / "ca")
+    ca.issue(tmp_path / "ca", tmp_path / "tls", "node-1")
+    ca_file = tmp_path / "tls" / "ca.pem"
+    tls_port = free_port()
+    node = _start(node_factory, ["--tls-dir", str(tmp_path / "tls"), "--dicom-tls-port", str(tls_port)])
+    study = generate_uid()
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.check_hostname = False
+    ae = scu_ae()
+    ct = _ct(study)
+    ae.add_requested_context(ct.SOPClassUID, [ct.file_meta.TransferSyntaxUID])
+    for _ in range(4):  # Several associations: the kernel spreads them over both workers.
+        assoc = ae.associate(HOST, tls_port, ae_title="PACSNODE", tls_args=(context, None))
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(_ct(study)).Status == 0x0000
+        finally:
+            assoc.release()
+    plain = ae.associate(HOST, tls_port, ae_title="PACSNODE")  # Plain text to the TLS port.
+    assert not plain.is_established
+    assert wait_until(lambda: "reason_class=plain-text" in node.log_text(), 10), node.log_text()[-2000:]
+    audit_path = node.data_dir / "audit.jsonl"
+
+    def stores() -> list[dict[str, object]]:
+        messages = [json.loads(line) for line in audit_path.read_text().splitlines() if line.strip()]
+        return [m for m in messages if "DICOM Instances Transferred" in json.dumps(m) and study in json.dumps(m)]
+
+    assert wait_until(lambda: len(stores()) == 4, 10), audit_path.read_text()[-2000:]
+    assert "Login" in audit_path.read_text()  # The associations (user-authentication), from the workers.
+    old = _served_serial(tls_port, ca_file)
+    ca.issue(tmp_path / "ca", tmp_path / "tls", "node-1")
+    new = x509.load_pem_x509_certificate((tmp_path / "tls" / "cert.pem").read_bytes()).serial_number
+    assert new != old
+    assert node.process is not None
+    os.kill(node.process.pid, signal.SIGHUP)
+    assert wait_until(lambda: node.log_text().count("dicom.worker.tls_reloaded") >= 2, 10), node.log_text()[-2000:]
+    assert all(_served_serial(tls_port, ca_file) == new for _ in range(8))  # Whichever worker answers.

@@ -68,6 +68,7 @@ move_connect_timeout_s = 3.0
 move_store_attempt_max = 5
 find_result_max = 500
 find_buffer_rows = 250
+storage_commitment_timeout_s = 45
 instance_size_bytes_max = 1_000_000
 dataset_spool_threshold_bytes = 65536
 inflight_instance_bytes_max = 5_000_000
@@ -80,6 +81,7 @@ peer_port = 7002
 replication_factor = 5
 site_replicas = { "campus-b" = 2, "campus-a" = 1 }   # the [site_replicas] table, inline
 write_quorum = 3
+write_quorum_scope = "global"
 read_quorum = 3
 read_fault_window_ms = 30000
 vnodes = 16
@@ -134,6 +136,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
     assert config.move_store_attempt_max == 5 and config.find_result_max == 500
     assert config.find_buffer_rows == 250
+    assert config.storage_commitment_timeout_s == 45.0
     assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
@@ -162,6 +165,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.audit_log == "/var/log/pacsnode-audit.jsonl"
     assert config.site_replicas == (("campus-a", 1), ("campus-b", 2))
     assert str(config.replication) == "campus-a=1,campus-b=2"
+    assert config.write_quorum_scope == "global" and not config.write_scope_local
     assert {f.name for f in dataclasses.fields(NodeConfig)} - {"destinations"} <= set(load_toml(path))
 
 
@@ -250,6 +254,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"acse_timeout_s": -1.0}, "acse_timeout_s must be > 0"),
         ({"network_timeout_s": "soon"}, "network_timeout_s: cannot use 'soon' as float"),
         ({"move_connect_timeout_s": 0}, "move_connect_timeout_s must be > 0"),
+        ({"storage_commitment_timeout_s": 0}, "storage_commitment_timeout_s must be > 0"),
         ({"require_called_ae_title": "maybe"}, "require_called_ae_title: cannot use 'maybe' as bool"),
         ({"duplicate_policy": "last-wins"}, "duplicate_policy must be 'first-wins'"),
         ({"log_level": "LOUD"}, "log_level must be DEBUG, INFO, WARNING or ERROR"),
@@ -354,7 +359,7 @@ def test_every_start_option_sets_its_field() -> None:
                                                                              "known_aes", "site_replicas"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
-               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4",
+               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4", "write_quorum_scope": "local",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
                "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514"}
     values = {}
@@ -490,3 +495,13 @@ def test_site_replicas_from_flags_and_a_toml_table(tmp_path: Path) -> None:
 def test_bad_site_replicas(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_args(_args(*argv))
+
+
+def test_write_quorum_scope_auto_is_local_with_site_replicas() -> None:
+    assert NodeConfig(node_id="n").write_quorum_scope == "auto"
+    assert not NodeConfig(node_id="n").write_scope_local  # No site replicas: global.
+    assert config_from_args(_args("--site-replicas", "default=2")).write_scope_local
+    assert not config_from_args(_args("--site-replicas", "default=2", "--write-quorum-scope", "global")).write_scope_local
+    assert config_from_args(_args("--write-quorum-scope", "local")).write_scope_local
+    with pytest.raises(ConfigError, match="write_quorum_scope must be one of auto, local, global"):
+        config_from_args(_args("--write-quorum-scope", "site"))
