@@ -292,7 +292,6 @@ class Workload:
                 self.deleted.pop(sop, None)
                 self.unclear.add(sop)
                 self._forget_acked(sop)
-                record.ok = record.ok and False
                 self.cluster.trace.record(record.ended_ms, "op", "store", node_id, sop, record.status)
                 return record
         if record.ok:
