@@ -353,17 +353,18 @@ class Coordinator:
         replay pass delivers what the immediate send below does not. Returns the owners
         whose hint is kept; a hint that cannot be kept (disk full) is said and left to
         anti-entropy, which copies from this site's owners once the links allow."""
-        kept: set[str] = set()
-        for owner in remote:
+        async def keep(owner: str) -> str:
             try:
                 await self._run_blocking(functools.partial(self._local.put_stored, stored, hint_for=owner))
             except (StoreError, StoreFull) as error:
                 self._count("remote_hints_failed")
                 log.warning("replication.remote_hint.failed owner=%s error=%s", owner, error)
-                continue
-            kept.add(owner)
+                return ""
             self._count("remote_hints_written")
-        return kept
+            return owner
+
+        # At once, so that the store's group commit syncs them with this site's copy.
+        return {owner for owner in await asyncio.gather(*(keep(owner) for owner in remote)) if owner}
 
     def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str]) -> None:
         """Send a local-scope write's copy to `owner` (another site) now, in the background,
