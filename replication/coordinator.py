@@ -372,7 +372,7 @@ class Coordinator:
         up to REMOTE_QUEUE_BYTES_MAX; past that, or when the owner is down, the hint replay
         pass sends it."""
         size = len(stored.blob)
-        if owner not in kept or not self._membership.is_alive(owner) or \
+        if owner not in kept or not self._membership.is_alive(owner) or self._slow(owner) or \
                 self._remote_queued_bytes + size > REMOTE_QUEUE_BYTES_MAX:
             self._count("remote_sends_deferred")
             return
@@ -389,6 +389,9 @@ class Coordinator:
                            slots: asyncio.Semaphore) -> None:
         try:
             async with slots:
+                if self._slow(owner):  # A send to it just failed (a cut site): leave it to the replay.
+                    self._count("remote_sends_deferred")
+                    return
                 await self._send_remote_now(owner, stored)
         finally:
             self._remote_sends.discard(key)
@@ -412,6 +415,8 @@ class Coordinator:
                 self._count("remote_sends_deferred")
         except PeerError as error:  # Replay tries again; NOT_OWNER is re-targeted there.
             self._count("remote_sends_deferred")
+            if not isinstance(error, PeerRefused):
+                self._mark_slow(owner)  # The copies queued behind this one go to the replay at once.
             log.info("replication.remote_send.deferred owner=%s error=%s", owner, error)
 
     async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: Replication, state: "_WriteState",
