@@ -5,7 +5,7 @@
                                           [--after-s 16] [--rounds 1]
 
 For each R: five `pacsnode start` processes on loopback (NodeProcess, as bench/cluster.py;
---profile local, N=3 W=2, every other setting at its default), a study set stored
+N=3 W=2, every other setting at its default, membership profile lan), a study set stored
 through the first node with storescu, then one target study read through a node that
 does not own it (the usual case of a viewer's node) in three phases:
 
@@ -86,8 +86,10 @@ def transitions(nodes: list[NodeProcess]) -> tuple[float, ...]:
     return tuple(metric_values(n).get("pacsnode_membership_transitions_total", 0.0) for n in nodes if n.alive)
 
 
-def wait_quiet(nodes: list[NodeProcess], *, timeout_s: float = 240.0) -> float:
-    """Wait until no node has seen a membership transition for the fault window (+2 s); seconds waited."""
+def wait_quiet(nodes: list[NodeProcess], *, timeout_s: float = 240.0) -> tuple[float, bool]:
+    """Wait until no node has seen a membership transition for the fault window (+2 s):
+    (seconds waited, whether it got there; on a loaded machine false suspicions can keep
+    the window open, and the quiet phase is then measured inside it, as the table says)."""
     started = time.monotonic()
     last = transitions(nodes)
     changed = time.monotonic()
@@ -97,8 +99,8 @@ def wait_quiet(nodes: list[NodeProcess], *, timeout_s: float = 240.0) -> float:
         if now != last:
             last, changed = now, time.monotonic()
         elif time.monotonic() - changed >= FAULT_WINDOW_S + 2:
-            return time.monotonic() - started
-    raise RuntimeError(f"membership did not stay quiet for {FAULT_WINDOW_S} s within {timeout_s} s")
+            return time.monotonic() - started, True
+    return time.monotonic() - started, False
 
 
 @dataclass
@@ -180,15 +182,21 @@ def run_phase(name: str, entry: NodeProcess, target: Target, *, repeats: int | N
 
 def start_cluster(root: Path, read_quorum: int) -> list[NodeProcess]:
     nodes: list[NodeProcess] = []
-    for name in NAMES:
-        seeds = [nodes[0].peer_address] if nodes else []
-        node = NodeProcess(root / name, node_id=name, seeds=seeds,
-                           extra_args=["--profile", "local", "--log-level", "WARNING",
-                                       "--replication-factor", str(N), "--write-quorum", "2",
-                                       "--read-quorum", str(read_quorum)])
-        nodes.append(node.start())
-    if not wait_until(lambda: all(_alive_members(n) == len(NAMES) for n in nodes), 60, 0.5):
-        raise RuntimeError("the cluster did not form within 60 s")
+    try:
+        for name in NAMES:
+            seeds = [nodes[0].peer_address] if nodes else []
+            node = NodeProcess(root / name, node_id=name, seeds=seeds,
+                               extra_args=["--log-level", "WARNING",
+                                           "--replication-factor", str(N), "--write-quorum", "2",
+                                           "--read-quorum", str(read_quorum)])
+            node.start(timeout_s=120)  # A loaded machine starts a node slowly.
+            nodes.append(node)
+        if not wait_until(lambda: all(_alive_members(n) == len(NAMES) for n in nodes), 120, 0.5):
+            raise RuntimeError("the cluster did not form within 120 s")
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
     return nodes
 
 
@@ -232,10 +240,10 @@ def run_quorum(read_quorum: int, args: argparse.Namespace, data: Path, manifest:
         victim = by_name[owners[0]]
         print(f"R={read_quorum}: {len(acked)} stored; study of {len(entries)} instances on {owners}; entry "
               f"{entry.node_id}; fault on {victim.node_id}; waiting for the fault window to pass", flush=True)
-        waited = wait_quiet(nodes)
+        waited, quiet_reached = wait_quiet(nodes)
         load = os.getloadavg()[0]
         quiet = run_phase("quiet", entry, target, repeats=args.repeats)
-        print(f"  quiet done (waited {waited:.0f} s first)", flush=True)
+        print(f"  quiet done (waited {waited:.0f} s first; outside the fault window: {quiet_reached})", flush=True)
         if args.fault == "pause":
             victim.pause()
         else:
@@ -252,6 +260,7 @@ def run_quorum(read_quorum: int, args: argparse.Namespace, data: Path, manifest:
         phases = [quiet, fault, after]
         return {"read_quorum": read_quorum, "entry": entry.node_id, "owners": owners, "victim": victim.node_id,
                 "instances": len(entries), "load_1min_before_quiet": load, "waited_for_quiet_s": waited,
+                "quiet_outside_fault_window": quiet_reached,
                 "phases": {p.name: {op: p.row(op) for op in OPS} for p in phases},
                 "samples": {p.name: [vars(s) for s in p.samples] for p in phases}}
     finally:
@@ -272,7 +281,10 @@ def table(results: list[dict[str, Any]], fault: str) -> str:
                 p50 = f"{row['p50_ms']:.0f}" if row["p50_ms"] is not None else "-"
                 p95 = f"{row['p95_ms']:.0f}" if row["p95_ms"] is not None else "-"
                 peers = f"{row['peers_per_request']:.1f}" if row["peers_per_request"] is not None else "-"
-                lines.append(f"| {result['read_quorum']} | {PHASE_TEXT[phase].format(fault=fault)} | {op} | "
+                name = PHASE_TEXT[phase].format(fault=fault)
+                if phase == "quiet" and not result["quiet_outside_fault_window"]:
+                    name += " (inside the fault window: membership never quiet for 60 s)"
+                lines.append(f"| {result['read_quorum']} | {name} | {op} | "
                              f"{row['n']} | {p50} | {p95} | {row['ok']} | {row['flagged']} | "
                              f"**{row['stale']}** | {peers} |")
     return "\n".join(lines)
@@ -302,7 +314,7 @@ def main() -> int:
         for round_ in range(args.rounds):
             for quorum in (int(q) for q in args.quorums.split(",")):
                 results.append(run_quorum(quorum, args, work / "data", manifest, work / f"round{round_}"))
-        print(f"\n5 nodes, N=3 W=2, --profile local; {len(manifest)} instances ({args.rows}x{args.rows}) in "
+        print(f"\n5 nodes, N=3 W=2, default settings (profile lan); {len(manifest)} instances ({args.rows}x{args.rows}) in "
               f"{len({e['study_uid'] for e in manifest})} studies; one study of {results[0]['instances']} read "
               f"through a node that does not own it; fault: an owner {args.fault}d for {args.fault_s:.0f} s; "
               f"2 cores shared with other work (noisy)\n")

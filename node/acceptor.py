@@ -609,7 +609,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
                 primitive.NumberOfFailedSuboperations = instances
                 primitive.NumberOfWarningSuboperations = 0
                 primitive.NumberOfCompletedSuboperations = 0
-                primitive.ErrorComment = f"move destination {ae_title} did not accept an association"[:64]
+                # pynetdicom 3.0.4 initialises ErrorComment to None without a declared type.
+                primitive.ErrorComment = f"move destination {ae_title} did not accept an association"[:64]  # type: ignore[assignment]
         super().send_msg(primitive, context_id)
 
     def receive_primitive(self, primitive: Any) -> None:

@@ -139,7 +139,8 @@ def location_to_json(location: InstanceLocation) -> list[str]:
 
 
 def location_from_json(data: list[Any]) -> InstanceLocation:
-    return InstanceLocation(*(str(v) for v in data))
+    study, series, sop, sop_class, syntax = (str(v) for v in data[:5])
+    return InstanceLocation(study, series, sop, sop_class, syntax)
 
 
 def _attributes(data: Any) -> Attributes:

@@ -249,7 +249,8 @@ def render(messages: Sequence[dict[str, Any]]) -> str:
     rows = [("TIME", "EVENT", "ACTION", "OUTCOME", "USER", "ADDRESS", "PATIENT", "STUDIES", "DETAIL")]
     for message in messages:
         ident = message["EventIdentification"]
-        requestor = next((p for p in message.get("ActiveParticipant", []) if p.get("UserIsRequestor")), {})
+        requestor: dict[str, Any] = next(
+            (p for p in message.get("ActiveParticipant", []) if p.get("UserIsRequestor")), {})
         studies = sorted(studies_of(message))
         types = ",".join(t["originalText"] for t in ident.get("EventTypeCode", []))
         detail = " ".join(x for x in (types, ident.get("EventOutcomeDescription", "")) if x)

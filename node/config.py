@@ -100,12 +100,13 @@ class NodeConfig:
     move_connect_timeout_s: float = setting(10.0, "Open the association to a C-MOVE destination.")
     move_store_attempt_max: int = setting(3, "C-STORE sub-operation attempts on a C-MOVE/C-GET.")
     find_result_max: int = setting(0, "Cap on C-FIND matches (0 = no cap).")
+    storage_commitment_timeout_s: float = setting(600.0, "Storage Commitment: how long the node waits for every one of an instance's N owners to hold it before it reports the instance failed (0x0110); meanwhile hints and repair bring the missing copies.")
     find_buffer_rows: int = setting(1_000, "Rows of one C-FIND held between the cluster and a slow client; when full, the query waits (no thread does), and a cancelled or aborted C-FIND drops them at once.")
 
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
-    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and the compressed copy of a spooled one while it is stored); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
+    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, the compressed copy of a spooled one while it is stored, and instances C-GET/C-MOVE read ahead of the one being sent); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
@@ -224,7 +225,8 @@ class NodeConfig:
                      "dead_grace_s", "read_fault_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s"):
+        for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s",
+                     "storage_commitment_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dicom_tls_client_cert not in ("none", "optional", "required"):

@@ -34,6 +34,7 @@ def _name(uid: str) -> str:
 
 
 def sop_class_table() -> str:
+    from pacsnode.node.commitment import SOP_CLASS_UID as COMMITMENT
     from pacsnode.node.dicom import FIND_MODELS, GET_MODELS, MOVE_MODELS
 
     rows = ["| SOP class | UID | SCU | SCP | DIMSE |", "| --- | --- | --- | --- | --- |"]
@@ -48,6 +49,9 @@ def sop_class_table() -> str:
             rows.append(f"| {_name(uid)} | `{uid}` | no | yes | C-GET (C-STORE sub-operations on the same association) |")
         elif uid in MOVE_MODELS:
             rows.append(f"| {_name(uid)} | `{uid}` | no | yes | C-MOVE (C-STORE sub-operations on a new association) |")
+        elif uid == COMMITMENT:
+            rows.append(f"| {_name(uid)} | `{uid}` | no | yes | N-ACTION; N-EVENT-REPORT sent on the same or a new "
+                        "association (3.8) |")
         else:
             storage.append(uid)
     for uid in sorted(storage, key=_name):
@@ -57,20 +61,21 @@ def sop_class_table() -> str:
 
 def transfer_syntax_table() -> str:
     """One row per transfer syntax, in the acceptor's order of preference for storage."""
+    from pacsnode.node.commitment import SOP_CLASS_UID as COMMITMENT
     from pacsnode.node.dicom import FIND_MODELS, GET_MODELS, MOVE_MODELS
 
-    kinds = ("Verification", "Query/Retrieve", "Storage")
+    kinds = ("Verification", "Query/Retrieve", "Storage", "Storage Commitment")
     by_kind: dict[str, list[str]] = {}
     for context in _supported_contexts():
         uid = str(context.abstract_syntax)  # type: ignore[attr-defined]
         syntaxes = [str(s) for s in context.transfer_syntax]  # type: ignore[attr-defined]
-        kind = "Verification" if uid == "1.2.840.10008.1.1" else (
+        kind = "Verification" if uid == "1.2.840.10008.1.1" else "Storage Commitment" if uid == COMMITMENT else (
             "Query/Retrieve" if uid in {**FIND_MODELS, **GET_MODELS, **MOVE_MODELS} else "Storage")
         previous = by_kind.setdefault(kind, syntaxes)
         if previous != syntaxes:
             raise ValueError(f"{kind} contexts differ in transfer syntaxes ({uid}); the table assumes one list per kind")
     order = list(dict.fromkeys(by_kind.get("Storage", []) + by_kind.get("Query/Retrieve", [])
-                               + by_kind.get("Verification", [])))
+                               + by_kind.get("Verification", []) + by_kind.get("Storage Commitment", [])))
     rows = ["| Transfer syntax | UID | " + " | ".join(kinds) + " |", "| --- | --- |" + " --- |" * len(kinds)]
     for syntax in order:
         marks = " | ".join("yes" if syntax in by_kind.get(kind, []) else "no" for kind in kinds)
@@ -83,7 +88,8 @@ def limits_table() -> str:
     rows = ["| Setting | Default | Effect |", "| --- | --- | --- |"]
     for name in ("ae_title", "max_pdu_bytes", "max_associations", "acse_timeout_s", "network_timeout_s",
                  "dimse_timeout_s", "move_connect_timeout_s", "require_called_ae_title", "instance_size_bytes_max",
-                 "dataset_spool_threshold_bytes", "inflight_instance_bytes_max", "find_result_max"):
+                 "dataset_spool_threshold_bytes", "inflight_instance_bytes_max", "find_result_max",
+                 "storage_commitment_timeout_s"):
         field = NodeConfig.__dataclass_fields__[name]
         value = getattr(config, name)
         rows.append(f"| `{name}` | `{value}` | {field.metadata['help']} |")

@@ -35,12 +35,12 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacsnode.node import acceptor, association_guard, codec, ingest, raw_send, spool, tls
+from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, iocm, raw_send, spool, tls
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import (
-    Archive,
+    ArchiveApi,
     IncompleteAnswer,
     InstanceLocation,
     ReadError,
@@ -120,7 +120,7 @@ class FrontEndStats:
 class DicomFrontEnd:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: NodeConfig, archive: Archive, security: "NodeSecurity | None" = None) -> None:
+    def __init__(self, config: NodeConfig, archive: ArchiveApi, security: "NodeSecurity | None" = None) -> None:
         self._config = config
         self._security = security
         self.guard = DicomGuard.from_config(config, security.audit if security is not None else None)
@@ -130,10 +130,21 @@ class DicomFrontEnd:
         self._counts_lock = threading.Lock()
         self._server: Any = None
         self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
+        # Reads and decompresses the next instances of C-GETs and C-MOVEs (RetrieveReadAhead).
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-read")
         self.spool = acceptor.SpoolSettings(
             threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
             budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
         self.ae = self._build_ae()
+        # Storage Commitment (node/commitment.py): served when the archive can check the cluster.
+        self.commitment: commitment.CommitmentScp | None = None
+        if not config.dicom_workers and commitment.CommitmentScp.supported(self._archive):
+            self.commitment = commitment.CommitmentScp(config, self.ae, self._archive, self._move_tls)
+        elif not config.dicom_workers:  # An archive without the cluster check: not offered.
+            self.ae.remove_supported_context(commitment.SOP_CLASS_UID)
+        # IHE IOCM rejection notes (node/iocm.py): applied where the archive can delete.
+        self._rejections = iocm.RejectionNotes(self._archive) if iocm.RejectionNotes.supported(self._archive) \
+            else None
         self.guard.configure(self.ae)  # Strict mode: unknown calling AE titles rejected.
 
     # ----------------------------------------------------------------- setup
@@ -154,7 +165,10 @@ class DicomFrontEnd:
         # Every storage SOP class, every transfer syntax; SCU+SCP roles so that a C-GET
         # requestor's role selection (it acts as Storage SCP) is accepted.
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            if context.abstract_syntax is not None:  # Always set in pynetdicom's list.
+                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        if not config.dicom_workers:  # Storage Commitment needs the node's coordinator (not in workers yet).
+            ae.add_supported_context(commitment.SOP_CLASS_UID, commitment.TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -167,6 +181,7 @@ class DicomFrontEnd:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_ABORTED, self._on_aborted),
+            *([(evt.EVT_N_ACTION, self.commitment.on_n_action)] if self.commitment is not None else []),
         ]
 
     def start(self) -> None:
@@ -191,6 +206,8 @@ class DicomFrontEnd:
 
     def stop(self, *, grace_s: float = 10.0) -> None:
         """Stop accepting; let open associations finish for `grace_s`, then abort them."""
+        if self.commitment is not None:
+            self.commitment.stop()
         tls_server, self._tls_server = self._tls_server, None
         tls.stop_dicom_server(self.ae, tls_server, grace_s)
         server, self._server = self._server, None
@@ -205,6 +222,7 @@ class DicomFrontEnd:
             assoc.abort()
         server.server_close()
         self._compressor.shutdown(wait=False)
+        self._reader.shutdown(wait=False, cancel_futures=True)
         if server in self.ae._servers:
             self.ae._servers.remove(server)
 
@@ -246,7 +264,7 @@ class DicomFrontEnd:
         """A data set the acceptor did not keep (node/spool.py): 0xA700, one log line."""
         config = self._config
         limit = {spool.Refusal.TOO_LARGE: config.instance_size_bytes_max,
-                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(data.refusal, 0)
+                 spool.Refusal.INFLIGHT: config.inflight_instance_bytes_max}.get(cast(spool.Refusal, data.refusal), 0)
         log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
                     cast(spool.Refusal, data.refusal).value, data.size_bytes, limit, event.assoc.requestor.ae_title)
         comments = {spool.Refusal.TOO_LARGE: "instance is over the size limit",
@@ -323,7 +341,19 @@ class DicomFrontEnd:
         return self._archive_store(instance)
 
     def _archive_store(self, instance: Instance) -> Dataset | int:
+        note = None
+        if instance.sop_class_uid == iocm.KOS_SOP_CLASS_UID and self._rejections is not None:
+            try:
+                note = iocm.parse_note(bytes(instance.part10))
+            except iocm.NoteError as error:
+                log.warning("dicom.iocm.rejected reason=%s", error)
+                return _status(STATUS_OUT_OF_RESOURCES, str(error))
+            except Exception as error:  # An undecodable KOS: stored as any instance, not applied as a note.
+                log.warning("dicom.iocm.undecodable error=%s", type(error).__name__)
         result = self._archive.store(instance)
+        if result.status == WriteStatus.SUCCESS and note is not None and self._rejections is not None:
+            if not self._rejections.apply(note):
+                return _status(STATUS_STORE_FAILED, "rejection note stored, not applied to all; send again")
         if result.status == WriteStatus.SUCCESS:
             log.debug(
                 "dicom.store.stored sop_instance_uid=%s outcome=%s latency_ms=%d",
@@ -421,20 +451,32 @@ class DicomFrontEnd:
             raise QueryError(f"{wildcard} is a unique key: a retrieve takes values, not wildcards")
         return query
 
-    def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
-        def load() -> tuple[bytes, int]:
-            try:
-                return self._archive.read(location)
-            except ReadError as error:
-                log.error("dicom.retrieve.unreadable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
-                raise
+    def _read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        try:
+            return self._archive.read(location)
+        except ReadError as error:
+            log.error("dicom.retrieve.unreadable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
+            raise
 
+    def _stored(self, location: InstanceLocation) -> raw_send.StoredDataset:
         return raw_send.StoredDataset(
             sop_class_uid=location.sop_class_uid,
             sop_instance_uid=location.sop_instance_uid,
             transfer_syntax_uid=location.transfer_syntax_uid,
-            load=load,
+            load=lambda: self._read(location),
         )
+
+    def _read_ahead(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
+        """The instances of a C-GET/C-MOVE, each read (and decompressed) on the reader pool
+        up to RETRIEVE_READ_AHEAD instances before pynetdicom sends it: the next ones are
+        read while the current one goes out, never on the association's thread. What is
+        read ahead is reserved in the in-flight budget; when it is spent, the instance is
+        dropped and read again when its turn comes."""
+        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
+        try:
+            yield from read_ahead.stored(locations)
+        finally:
+            read_ahead.close()
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         self._count("c_get")
@@ -465,12 +507,16 @@ class DicomFrontEnd:
                  plan.unreachable)
         yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
-        for location in locations:
-            if cancelled():
-                log.info("dicom.retrieve.cancelled instances=%d", len(locations))
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, self._stored(location)
+        stored = self._read_ahead(locations)
+        try:
+            for dataset in stored:
+                if cancelled():
+                    log.info("dicom.retrieve.cancelled instances=%d", len(locations))
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, dataset
+        finally:
+            stored.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -525,12 +571,16 @@ class DicomFrontEnd:
         }
         yield len(locations) + plan.unreachable
         cancelled = CancelFlag(event)
-        for location in locations:
-            if cancelled():
-                log.info("dicom.retrieve.cancelled instances=%d", len(locations))
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, self._stored(location)
+        stored = self._read_ahead(locations)
+        try:
+            for dataset in stored:
+                if cancelled():
+                    log.info("dicom.retrieve.cancelled instances=%d", len(locations))
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, dataset
+        finally:
+            stored.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -550,6 +600,76 @@ class DicomFrontEnd:
         if not destination.tls or self._security is None or self._security.files is None:
             return {}
         return {"tls_args": (tls.dicom_client_context(self._security.files), destination.host)}
+
+
+# Instances of one C-GET/C-MOVE read and decompressed ahead of the one being sent.
+RETRIEVE_READ_AHEAD = 2
+
+
+class RetrieveReadAhead:
+    """Reads the instances of one retrieve on `pool`, `window` ahead of the one being sent.
+
+    Each read-ahead result (Part-10 bytes) is reserved in `budget` until its turn; a read
+    that finds the budget spent drops its bytes and the instance is read again, on the
+    sending thread, when its turn comes (big instances then go one at a time). Stored
+    bytes are passed on as read: nothing is decoded."""
+
+    def __init__(self, pool: concurrent.futures.Executor, read: Any, budget: spool.InflightBudget,
+                 window: int = RETRIEVE_READ_AHEAD) -> None:
+        self._pool = pool
+        self._read = read
+        self._budget = budget
+        self._window = window
+        self._pending: list[concurrent.futures.Future[tuple[bytes, int] | None]] = []
+
+    def _read_reserved(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+        part10, offset = self._read(location)
+        if not self._budget.reserve(len(part10)):
+            return None
+        return part10, offset
+
+    def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
+        futures: dict[int, concurrent.futures.Future[tuple[bytes, int] | None]] = {}
+
+        def submit(index: int) -> None:
+            if index < len(locations) and index not in futures:
+                future = self._pool.submit(self._read_reserved, locations[index])
+                futures[index] = future
+                self._pending.append(future)
+
+        for index, location in enumerate(locations):
+            for ahead in range(index, index + self._window + 1):
+                submit(ahead)
+            future = futures.pop(index)
+            yield raw_send.StoredDataset(
+                sop_class_uid=location.sop_class_uid,
+                sop_instance_uid=location.sop_instance_uid,
+                transfer_syntax_uid=location.transfer_syntax_uid,
+                load=lambda future=future, location=location: self._take(future, location),  # type: ignore[misc]
+            )
+
+    def _take(self, future: "concurrent.futures.Future[tuple[bytes, int] | None]",
+              location: InstanceLocation) -> tuple[bytes, int]:
+        self._pending.remove(future)
+        result = future.result()  # Raises the read's ReadError: the sub-operation fails.
+        if result is None:
+            return self._read(location)
+        self._budget.release(len(result[0]))
+        return result
+
+    def close(self) -> None:
+        """Cancel the reads not started; give back the budget of those done or running."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            if not future.cancel():
+                future.add_done_callback(self._release)
+
+    def _release(self, future: "concurrent.futures.Future[tuple[bytes, int] | None]") -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if result is not None:
+            self._budget.release(len(result[0]))
 
 
 class CancelFlag:

@@ -42,6 +42,7 @@ _SERVICE_OF = {
     evt.EVT_C_FIND: "find",
     evt.EVT_C_GET: "get",
     evt.EVT_C_MOVE: "move",
+    evt.EVT_N_ACTION: "store",  # Storage Commitment: asked by whoever may store.
 }
 
 
@@ -105,7 +106,9 @@ class DicomGuard:
         wrapped: list[tuple[Any, Any]] = []
         for event, handler in handlers:
             service = _SERVICE_OF.get(event)
-            if service == "echo" or service == "store":
+            if event == evt.EVT_N_ACTION:
+                wrapped.append((event, self._action("store", handler)))
+            elif service == "echo" or service == "store":
                 wrapped.append((event, self._plain(service, handler)))
             elif service == "find":
                 wrapped.append((event, self._find(handler)))
@@ -152,6 +155,18 @@ class DicomGuard:
             reason = self._check(event, service)
             if reason is not None:
                 return _refusal(f"not authorized: {reason}")
+            self._begin(event)
+            return handler(event)
+
+        return guarded
+
+    def _action(self, service: str, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """An N-ACTION handler answers (status, reply): the refusal too."""
+        @functools.wraps(handler)
+        def guarded(event: Any) -> Any:
+            reason = self._check(event, service)
+            if reason is not None:
+                return _refusal(f"not authorized: {reason}"), None
             self._begin(event)
             return handler(event)
 

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Any
 
 from pynetdicom.utils import make_target
 
@@ -46,15 +47,21 @@ class ReusePortServer(acceptor.AcceptorServer):
 
     def server_bind(self) -> None:
         # socketserver's server_bind hook; pynetdicom's own sets SO_REUSEADDR and binds.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _reuse_port(self.socket)
         super().server_bind()
+
+
+def _reuse_port(listener: socket.socket | None) -> None:
+    if listener is None:  # socketserver binds the socket it made in __init__.
+        raise OSError("the acceptor server has no socket")
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
 
 class ReusePortTlsServer(tls.TlsAssociationServer):
     """The DICOM TLS server (handshake off the accept loop), sharing its port between workers."""
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _reuse_port(self.socket)
         super().server_bind()
 
 
@@ -73,7 +80,7 @@ class WorkerFrontEnd(DicomFrontEnd):
     """The node's front end with listeners that share the ports."""
 
     def start(self) -> None:
-        handlers = self.guard.wrap(self.handlers())
+        handlers: list[Any] = self.guard.wrap(self.handlers())
         acceptor.check_pynetdicom_version()
         address = (self._config.host, self._config.dicom_port)
         server = self.ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from io import BytesIO
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pacsnode.node.dicomweb_json import dataset_to_json, row_to_json
+from pacsnode.node.dicomweb_json import row_to_json
 from pacsnode.node.dicomweb_media import (
     DICOM,
     DICOM_JSON,
@@ -47,6 +47,7 @@ from pacsnode.node.dicomweb_media import (
     part_header,
     read_file_meta,
 )
+from pacsnode.node.dicomweb_metadata import BulkDataError, bulk_value, header_json, with_root
 from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_numbers, frames, render, viewport_size
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
@@ -75,6 +76,14 @@ def warning_header(text: str) -> str:
 
 def _incomplete(shortfall: Shortfall) -> dict[str, str]:
     return {"Warning": warning_header(shortfall.describe())}
+
+
+class LocalHeaders(Protocol):
+    """The /metadata JSON of instances this node holds, kept beside its index
+    (node/http_views.py's StoreHeaders): built from the header the first time it is asked
+    for, then read back. None: not held here (the archive's read is used)."""
+
+    def header(self, location: InstanceLocation) -> bytes | None: ...
 
 
 class MetadataCache:
@@ -133,8 +142,10 @@ class DicomWeb:
 
     def __init__(self, archive: Any, *, instance_size_bytes_max: int, qido_result_max: int,
                  metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8,
-                 audit: HttpAudit | None = None, deletes_need_admin: bool = False) -> None:
+                 audit: HttpAudit | None = None, local_headers: LocalHeaders | None = None,
+                 deletes_need_admin: bool = False) -> None:
         self._archive = archive
+        self._local_headers = local_headers
         self._deletes_need_admin = deletes_need_admin  # A TLS cluster: DELETE takes an admin certificate.
         self._audit = audit  # QIDO, WADO and STOW requests in the audit trail (node/http_guard.py).
         self._instance_size_bytes_max = instance_size_bytes_max
@@ -173,6 +184,8 @@ class DicomWeb:
             Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", self.frames,
                   methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/rendered", self.rendered, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/instances/{instance}/bulk/{path:path}", self.bulk,
+                  methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered", self.rendered,
                   methods=["GET"]),
             Route("/studies/{study}/thumbnail", self.thumbnail, methods=["GET"]),
@@ -270,11 +283,21 @@ class DicomWeb:
         log.info("dicomweb.retrieve.start level=%s instances=%d unreachable=%d", query.level, len(sendable),
                  plan.unreachable)
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
+        heads = [part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=index == 0,
+                             location=_instance_url(root, location))
+                 for index, (location, syntax) in enumerate(sendable)]
+        length = _body_length(sendable, heads, closing_delimiter(boundary))
+        if length is not None:
+            # The stored bytes go out as they are, and the index knows their length: say it
+            # first, so that the server writes each part straight to the socket (a chunked
+            # body costs a copy of every byte).
+            headers["Content-Length"] = str(length)
         audited = (caller_of(request), plan.locations, status) if self._audit is not None else None
-        return StreamingResponse(self._parts(sendable, boundary, root, audited), status_code=status, headers=headers,
+        return StreamingResponse(self._parts(sendable, boundary, heads, audited, exact=length is not None),
+                                 status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
-    async def _read_all(self, locations: list[InstanceLocation]) -> AsyncIterator[tuple[bytes, int]]:
+    async def _read_all(self, locations: list[InstanceLocation]) -> AsyncGenerator[tuple[bytes, int], None]:
         """Reads ahead a few instances at a time on the reader threads (a cluster read waits
         on a peer, a local one decompresses); the HTTP loop only awaits them."""
         window = 8
@@ -290,10 +313,12 @@ class DicomWeb:
             for future in futures:
                 future.cancel()
 
-    async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, root: str,
-                     audited: tuple[Caller, list[InstanceLocation], int] | None = None) -> AsyncIterator[bytes]:
-        """The multipart body: one chunk per instance (its part header and its bytes), so a
-        part costs one write; the bytes are the stored ones unless a transcode was asked."""
+    async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, heads: list[bytes],
+                     audited: tuple[Caller, list[InstanceLocation], int] | None = None, *,
+                     exact: bool = False) -> AsyncIterator[bytes]:
+        """The multipart body: each part's header, then its bytes (the stored ones unless a
+        transcode was asked), never copied into one string. With `exact` (Content-Length
+        stated), each instance must be as long as the index said."""
         sent = 0
         finished = False
         reads = self._read_all([location for location, _syntax in sendable])
@@ -301,11 +326,15 @@ class DicomWeb:
             index = 0
             async for part10, _offset in reads:
                 location, syntax = sendable[index]
-                index += 1
                 if syntax != location.transfer_syntax_uid:
                     part10 = await run_in_threadpool(transcode_uncompressed, part10, syntax)
-                yield part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=sent == 0,
-                                  location=_instance_url(root, location)) + part10
+                if exact and len(part10) != location.part10_bytes:
+                    # Another copy won a conflict since the plan was made: the stated length
+                    # is wrong, and a body of another length must not look complete.
+                    raise ReadError(f"instance {location.sop_instance_uid} changed length since the retrieve began")
+                yield heads[index]
+                yield part10
+                index += 1
                 sent += 1
             finished = True
         except ReadError as error:
@@ -340,10 +369,12 @@ class DicomWeb:
         if self._audit is not None:
             self._audit.retrieved(caller_of(request), plan.locations, sent=len(parts), what="metadata",
                                   outcome=MINOR_FAILURE if plan.shortfall else SUCCESS)
-        body = b"[" + b",".join(parts) + b"]"
+        body = with_root(b"[" + b",".join(parts) + b"]", root)
         return Response(body, status_code=206 if plan.shortfall else 200, headers=headers, media_type=DICOM_JSON)
 
     def _metadata_parts(self, locations: list[InstanceLocation], root: str) -> list[bytes]:
+        """Each instance's stored JSON (BulkDataURIs relative to the root): from memory, else
+        as kept beside the index, else built from the instance's header."""
         parts: list[bytes | None] = [self._metadata.get(location.sop_instance_uid) for location in locations]
         missing = [index for index, part in enumerate(parts) if part is None]
         if missing:
@@ -354,14 +385,53 @@ class DicomWeb:
         return [part for part in parts if part is not None]
 
     def _instance_metadata(self, location: InstanceLocation) -> bytes:
-        """The header of one instance in DICOM JSON: read up to the pixel data only."""
+        """The header of one instance in DICOM JSON (pixel data never read, let alone decoded)."""
+        if self._local_headers is not None:
+            kept = self._local_headers.header(location)
+            if kept is not None:
+                return kept
         part10, _offset = self._archive.read(location)
-        dataset = dcmread(BytesIO(part10), stop_before_pixels=True)
-        attributes = dataset_to_json(dataset)
-        # Available Transfer Syntax UID (PS3.18 10.4.1.2): the syntax the instance is stored in.
-        attributes.setdefault("00083002", {"vr": "UI", "Value": [location.transfer_syntax_uid]})
-        attributes = dict(sorted(attributes.items()))
-        return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
+        return instance_header_json(part10, location)
+
+    # ------------------------------------------------------------------ bulk data
+    async def bulk(self, request: Request) -> Response:
+        """A BulkDataURI of /metadata: the binary value as stored, one part of
+        application/octet-stream (compressed pixel data: its frames, as /frames sends them)."""
+        ranges = parse_accept(request.headers.get("accept"))
+        if ranges and not any(entry.media_type in ("*/*", "multipart/*", "multipart/related", "application/*",
+                                                   "application/octet-stream") for entry in ranges):
+            return PlainTextResponse('bulk data is available as multipart/related; type="application/octet-stream"',
+                                     status_code=406)
+        _query, plan = await run_in_threadpool(self._locate, request)
+        if not plan.locations:
+            return self._not_found(plan)
+        location = plan.locations[0]
+        path = request.path_params["path"]
+
+        def load() -> tuple[str, list[bytes]]:
+            part10, _offset = self._archive.read(location)
+            dataset = dcmread(BytesIO(part10))
+            element = bulk_value(dataset, path)
+            if element.tag == 0x7FE00010 and UID(location.transfer_syntax_uid).is_compressed:
+                count = max(1, int(dataset.get("NumberOfFrames", 1) or 1))
+                return frame_media_type(location.transfer_syntax_uid), frames(part10, list(range(1, count + 1)))
+            return "application/octet-stream", [bytes(element.value)]
+
+        try:
+            media_type, values = await run_in_threadpool(load)
+        except (BulkDataError, RenderError, ValueError) as error:
+            return PlainTextResponse(str(error), status_code=404)
+        except ReadError as error:
+            log.error("dicomweb.bulk.unreadable reason=%s", error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        if self._audit is not None:
+            self._audit.retrieved(caller_of(request), [location], sent=1, outcome=SUCCESS, what="bulk")
+        boundary = new_boundary()
+        part_type = media_type if media_type == "application/octet-stream" else \
+            f"{media_type}; transfer-syntax={location.transfer_syntax_uid}"
+        body = b"".join(part_header(boundary, part_type, first=index == 0) + value
+                        for index, value in enumerate(values)) + closing_delimiter(boundary)
+        return Response(body, media_type=multipart_content_type(media_type, boundary))
 
     # ------------------------------------------------------------------ frames, rendered, thumbnail
     async def frames(self, request: Request) -> Response:
@@ -591,6 +661,31 @@ class DicomWeb:
         if written.status == WriteStatus.OUT_OF_RESOURCES:
             return fail(STATUS_OUT_OF_RESOURCES, written.message or "out of resources")
         return fail(STATUS_STORE_FAILED, written.message or "store failed")
+
+
+def instance_header_json(part10: bytes, location: InstanceLocation) -> bytes:
+    """header_json, or the instance's UIDs alone when pydicom cannot read its header (the
+    instance was accepted at ingest, so this is a reader's limit, not bad data)."""
+    try:
+        return header_json(part10, location.transfer_syntax_uid, location.study_instance_uid,
+                           location.series_instance_uid, location.sop_instance_uid)
+    except Exception as error:  # pydicom raises many types on odd headers
+        log.error("dicomweb.metadata.unreadable sop_instance_uid=%s error=%s", location.sop_instance_uid,
+                  type(error).__name__)
+        attributes = {"00080016": {"vr": "UI", "Value": [location.sop_class_uid]},
+                      "00080018": {"vr": "UI", "Value": [location.sop_instance_uid]},
+                      "0020000D": {"vr": "UI", "Value": [location.study_instance_uid]},
+                      "0020000E": {"vr": "UI", "Value": [location.series_instance_uid]},
+                      "00083002": {"vr": "UI", "Value": [location.transfer_syntax_uid]}}
+        return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
+
+
+def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes], closing: bytes) -> int | None:
+    """The multipart body's length when every instance goes out as stored and its length is
+    known; None otherwise (a transcode, or an index that did not say: a chunked body)."""
+    if any(syntax != location.transfer_syntax_uid or location.part10_bytes <= 0 for location, syntax in sendable):
+        return None
+    return sum(len(head) for head in heads) + sum(location.part10_bytes for location, _syntax in sendable) + len(closing)
 
 
 def _accepts_frames(ranges: list[Any], media_type: str, stored_syntax: str) -> bool:

@@ -39,7 +39,9 @@ class MediaRange:
 
 def _split_quoted(text: str, separator: str) -> list[str]:
     """Split on `separator` outside double quotes."""
-    parts, current, quoted = [], [], False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted

@@ -95,6 +95,7 @@ def default_keywords(level: str, nested: bool) -> tuple[str, ...]:
     un-nested instances; a nested search still names its parents' UIDs."""
     if level == "STUDY":
         return STUDY_DEFAULT
+    parents: tuple[str, ...]
     if level == "SERIES":
         parents = ("StudyInstanceUID",) if nested else STUDY_DEFAULT
         return tuple(dict.fromkeys(parents + SERIES_DEFAULT))

@@ -10,6 +10,7 @@ else the frame's range), inverts MONOCHROME1, and writes JPEG or PNG with Pillow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from io import BytesIO
 
 from pydicom import dcmread
@@ -110,8 +111,8 @@ def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
             values = apply_voi_lut(values, dataset).astype("float64")
         low, high = float(np.min(values)), float(np.max(values))
         if "WindowCenter" in dataset and "WindowWidth" in dataset and "VOILUTSequence" not in dataset:
-            center = float(_first(dataset.WindowCenter))
-            width = max(float(_first(dataset.WindowWidth)), 1.0)
+            center = _first(dataset.WindowCenter)
+            width = max(_first(dataset.WindowWidth), 1.0)
             low, high = center - width / 2, center + width / 2
         scaled = np.clip((values - low) / max(high - low, 1e-9), 0.0, 1.0) * 255.0
         image_array = scaled.astype("uint8")
@@ -135,10 +136,11 @@ def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
     return output.getvalue()
 
 
-def _first(value: object) -> object:
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return value[0]  # type: ignore[index]
-    return value
+def _first(value: object) -> float:
+    """The first number of a multi-valued attribute (WindowCenter, WindowWidth; pydicom's
+    MultiValue is a Sequence), or its one value."""
+    item = value[0] if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else value
+    return float(str(item))
 
 
 def viewport_size(text: str | None, default: tuple[int, int] | None) -> tuple[int, int] | None:

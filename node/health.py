@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Callable, Iterator, Sequence
@@ -57,6 +58,12 @@ class WriteWatch:
         self._lock = threading.Lock()
         self._started: dict[int, int] = {}
         self._tokens = itertools.count()
+        # Called with the seconds each finished local instance write took (/metrics).
+        self.observers: list[Callable[[float], None]] = []
+
+    def finished(self, seconds: float) -> None:
+        for observer in self.observers:
+            observer(seconds)
 
     def begin(self, now_ms: int) -> int:
         token = next(self._tokens)
@@ -135,10 +142,12 @@ class WatchedReplica:
 
     def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str:
         token = self._watch.begin(self._now_ms())
+        started = time.perf_counter()
         try:
             return self.inner.put_stored(stored, hint_for=hint_for)
         finally:
             self._watch.end(token)
+            self._watch.finished(time.perf_counter() - started)
 
     def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None:
         token = self._watch.begin(self._now_ms())

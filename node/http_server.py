@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacsnode.node.audit import AuditLog
-from pacsnode.node.dicomweb import DicomWeb
+from pacsnode.node.dicomweb import DicomWeb, LocalHeaders
 from pacsnode.node.http_guard import HttpAccess, HttpAudit, HttpGuard
 from pacsnode.node.http_tls import TlsH11Protocol, TlsServer
 from pacsnode.node.metrics import CONTENT_TYPE, Metrics
@@ -49,7 +49,8 @@ _ID_AFTER = re.compile(r"/(studies|series|instances|frames|bulkdata)/[^/]+")
 def route_label(path: str) -> str:
     """A request path with its UIDs replaced, as a bounded metrics label."""
     if path.startswith("/dicom-web/"):
-        return _ID_AFTER.sub(lambda m: f"/{m.group(1)}/{{{m.group(1)}}}", path)
+        head, bulk, _rest = path.partition("/bulk/")
+        return _ID_AFTER.sub(lambda m: f"/{m.group(1)}/{{{m.group(1)}}}", head) + ("/bulk/{path}" if bulk else "")
     if path in ("/metrics", "/healthz", "/readyz", "/api/cluster", "/"):
         return path
     if path.startswith("/ui/"):
@@ -92,7 +93,7 @@ class HttpServer:
                  ready: Callable[[], dict[str, Any]], cluster: Callable[[], dict[str, Any]] | None = None,
                  instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
                  access: HttpAccess | None = None, audit: AuditLog | None = None,
-                 viewer_dir: Path | None = None) -> None:
+                 viewer_dir: Path | None = None, local_headers: LocalHeaders | None = None) -> None:
         self._host = host
         self._viewer_dir = (viewer_dir or DEFAULT_VIEWER_DIR).resolve()
         self._port = port
@@ -104,7 +105,7 @@ class HttpServer:
         self._access = access or HttpAccess(tls=ssl_context is not None)
         self.audit = HttpAudit(audit or AuditLog(None, "pacsnode"))
         self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
-                                 qido_result_max=qido_result_max, audit=self.audit,
+                                 qido_result_max=qido_result_max, audit=self.audit, local_headers=local_headers,
                                  deletes_need_admin=self._access.tls)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None

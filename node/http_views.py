@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 from pacsnode.node.http_guard import HttpAccess
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
-from pacsnode.replication.model import StoreFull
+from pacsnode.node.dicomweb import instance_header_json
+from pacsnode.node.store import RocksStore
+from pacsnode.replication.archive import InstanceLocation
+from pacsnode.replication.model import StoreError, StoreFull
 
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
@@ -61,6 +64,7 @@ def local_gauges(node: "Node") -> dict[str, float]:
 
 def http_server_for(node: "Node") -> HttpServer:
     metrics = Metrics(node.metrics, lambda: local_gauges(node))
+    node.write_watch.observers.append(metrics.observe_store_write)
     config = node.config
     security = node.security
     return HttpServer(
@@ -76,7 +80,35 @@ def http_server_for(node: "Node") -> HttpServer:
         access=HttpAccess(tls=security.peer_tls, mode=config.access_mode, loopback_trusted=config.loopback_trusted),
         audit=security.audit,
         viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
+        local_headers=StoreHeaders(node.store),
     )
+
+
+class StoreHeaders:
+    """DicomWeb's LocalHeaders over this node's RocksStore: the /metadata JSON of an
+    instance held here, read back when kept, else built from its header (the instance is
+    read and checked as for a retrieve; the pixel data is not parsed) and kept."""
+
+    def __init__(self, store: RocksStore) -> None:
+        self._store = store
+
+    def header(self, location: InstanceLocation) -> bytes | None:
+        study, sop = location.study_instance_uid, location.sop_instance_uid
+        record = self._store.instance_record(study, sop)
+        if record is None:
+            return None
+        kept = self._store.instance_header(study, sop, record.content_hash)
+        if kept is not None:
+            return kept
+        try:
+            part10 = self._store.read_part10(study, sop)
+        except (KeyError, StoreError):
+            return None  # Deleted meanwhile, or corrupt here (logged): the archive reads another copy.
+        header = instance_header_json(part10, location)
+        again = self._store.instance_record(study, sop)
+        if again is not None and again.content_hash == record.content_hash:  # Not replaced while we read.
+            self._store.put_header(study, sop, record.content_hash, header)
+        return header
 
 
 def bind_dimse_metrics(node: "Node", server: HttpServer) -> None:

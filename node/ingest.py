@@ -21,12 +21,12 @@ from pydicom.uid import UID
 from pacsnode.replication.model import ALL_INDEXED_KEYWORDS, Attributes, Instance, content_hash
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_INDEX_TAGS = [tag_for_keyword(k) for k in ALL_INDEXED_KEYWORDS] + [
-    tag_for_keyword("SeriesInstanceUID"),
-    tag_for_keyword("StudyInstanceUID"),
-    tag_for_keyword("SOPInstanceUID"),
-    tag_for_keyword("SOPClassUID"),
-]
+def _tags(keywords: Iterable[str]) -> list[int]:
+    """The tags of the keywords pydicom knows (an unknown keyword has none)."""
+    return [tag for tag in map(tag_for_keyword, keywords) if tag is not None]
+
+
+_INDEX_TAGS = _tags([*ALL_INDEXED_KEYWORDS, "SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"])
 
 
 class InvalidInstance(Exception):
@@ -157,7 +157,7 @@ def read_attributes(stream: bytes, keywords: Iterable[str] | None = None) -> tup
 
     Raises InvalidInstance(0xC000) when the bytes are not a readable DICOM dataset.
     """
-    tags = _INDEX_TAGS if keywords is None else [tag_for_keyword(k) for k in keywords if tag_for_keyword(k)]
+    tags = _INDEX_TAGS if keywords is None else _tags(keywords)
     try:
         dataset = dcmread(BytesIO(stream), stop_before_pixels=True, specific_tags=tags)
         attributes: Attributes = {}

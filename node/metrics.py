@@ -125,12 +125,19 @@ class Metrics:
         self.dimse_latency = Histogram("pacsnode_dimse_request_duration_seconds",
                                        "Time from a DIMSE request received to its final response sent, by service.",
                                        ["service"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(NodeCollector(figures, extra))  # type: ignore[arg-type]
+        self.store_latency = Histogram("pacsnode_store_write_duration_seconds",
+                                       "Time of each local instance write (replica or hint), synced, as the "
+                                       "replication code waits for it.", buckets=_LATENCY_BUCKETS,
+                                       registry=self.registry)
+        self.registry.register(NodeCollector(figures, extra))
         self._open: dict[tuple[int, int], tuple[str, float]] = {}  # (association, message id) -> (service, start)
         self._lock = threading.Lock()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_store_write(self, seconds: float) -> None:
+        self.store_latency.observe(seconds)
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()

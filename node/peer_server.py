@@ -103,7 +103,7 @@ class PeerServer:
     def envelope(self) -> pb.Envelope:
         return self.node.envelope()
 
-    async def check(self, env: pb.Envelope, context: grpc.aio.ServicerContext, method: str) -> None:
+    async def check(self, env: pb.Envelope | None, context: grpc.aio.ServicerContext, method: str) -> None:
         """Refuse (and log) a call whose envelope is missing or from another cluster or protocol."""
         problem: tuple[grpc.StatusCode, str] | None = None
         if env is None or env.protocol_version == 0:
@@ -115,7 +115,8 @@ class PeerServer:
             problem = (grpc.StatusCode.FAILED_PRECONDITION,
                        f"protocol_version {env.protocol_version} is newer than this node's {PROTOCOL_VERSION}; "
                        "upgrade this node")
-        problem = problem or self.node.security.guard.problem(env.sender_id, context, method)  # sender = certificate
+        if problem is None and env is not None:
+            problem = self.node.security.guard.problem(env.sender_id, context, method)  # sender = certificate
         if problem is not None:
             self.refused += 1
             log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
@@ -210,7 +211,7 @@ class DataService(pb_grpc.DataServicer):
                 reply.tombstone_version.CopyFrom(peer_wire.version_to_wire(won))
         return reply
 
-    def _reply(self, outcome: int, message: str, durable: bool = False) -> pb.StoreReply:
+    def _reply(self, outcome: pb.StoreOutcome, message: str, durable: bool = False) -> pb.StoreReply:
         return pb.StoreReply(envelope=self.server.envelope(), outcome=outcome, message=message[:200],
                              durable=durable)
 

@@ -139,8 +139,11 @@ def _send_stored(
             assoc._reactor_checkpoint.set()
             raise RuntimeError("association reactor did not pause")
         time.sleep(0.0001)
+    context_id = context.context_id
+    if context_id is None:  # An accepted context always has one.
+        raise RuntimeError("the presentation context has no id")
     try:
-        assoc.dimse.send_msg(request, context.context_id)
+        assoc.dimse.send_msg(request, context_id)
         _cx_id, response = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()

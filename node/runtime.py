@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
 from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import to_stored
@@ -28,15 +28,17 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitResult, CommitSettings, RecentStudies, Reference
 from pacsnode.replication.coordinator import Coordinator
 from pacsnode.replication.delete_coordinator import DeleteCoordinator, DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, Instance
+from pacsnode.replication.model import Attributes, Instance, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FIND_BUFFER_ROWS = 1_000
+RECENT_INSTANCES = 50_000  # SOP -> study of the instances last stored here (Storage Commitment).
 IO_THREADS_MAX = 16
 
 
@@ -64,12 +66,12 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coroutine: Awaitable[T], timeout_s: float | None = None,
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None = None,
             is_cancelled: Callable[[], bool] | None = None) -> T:
         """Run `coroutine` on the loop and wait for it. With `is_cancelled` (the requestor's
         C-CANCEL or abort), look at it every 0.2 s and, once true, cancel the coroutine at
         once and raise RequestAbandoned instead of waiting for an answer nobody will read."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:
@@ -104,17 +106,34 @@ class ClusterArchive:
     def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
                  zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
                  local_store: Callable[[Any], WriteResult] | None = None,
-                 find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None) -> None:
+                 find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None,
+                 own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None) -> None:
         self._loop = loop
         self._deletes = deletes
+        self._own_copy = own_copy
         self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
         self._alone = alone
         self._local_store = local_store
         self._store_timeout_s = store_timeout_ms / 1000
         self._zstd_level = zstd_level
+        self.recent = RecentStudies(RECENT_INSTANCES)
 
     def store(self, instance: Instance) -> WriteResult:
+        result = self._store(instance)
+        if result.status == WriteStatus.SUCCESS:
+            self.recent.add(instance.sop_instance_uid, instance.study_instance_uid)
+        return result
+
+    def commit(self, references: list[Reference],
+               settings: CommitSettings) -> "concurrent.futures.Future[CommitResult]":
+        """Start a Storage Commitment check on the loop; the future ends with its result
+        (cancel it to stop the check and its peer calls)."""
+        known = self.recent.lookup([r.sop_instance_uid for r in references])
+        return asyncio.run_coroutine_threadsafe(self._coordinator.commitment(references, settings, known),
+                                                self._loop.loop)
+
+    def _store(self, instance: Instance) -> WriteResult:
         stored = to_stored(instance, level=self._zstd_level, version=self._coordinator.hlc.now())
         if self._local_store is not None and self._alone():
             # A ring of one: the only owner is this node; write from this thread and
@@ -202,7 +221,28 @@ class ClusterArchive:
         return self._loop.run(self._coordinator.locate(query), 600, is_cancelled)
 
     def read(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None = None) -> tuple[bytes, int]:
+        if self._own_copy is not None and self._coordinator.owns(location.study_instance_uid):
+            # The coordinator reads an owner's own copy first too: take it from this thread,
+            # without two hand-offs to the loop and two to its I/O threads per instance.
+            # Missing or corrupt here: the coordinator's read asks the other owners.
+            found = self._own_copy(location)
+            if found is not None:
+                return found
         try:
             return self._loop.run(self._coordinator.read(location), 600, is_cancelled)
         except TimeoutError as error:
             raise ReadError(str(error)) from None
+
+
+def own_copy_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes, int] | None]:
+    """ClusterArchive's `own_copy`: an instance from this node's store (node/store.py's
+    RocksStore), checksum-verified, or None when it is not here or fails its checksum."""
+    def read(location: InstanceLocation) -> tuple[bytes, int] | None:
+        record = store.instance_record(location.study_instance_uid, location.sop_instance_uid)
+        if record is None:
+            return None
+        try:
+            return store.read_part10(location.study_instance_uid, location.sop_instance_uid), record.dataset_offset
+        except (KeyError, StoreError):  # Deleted meanwhile, or corrupt (logged by the store).
+            return None
+    return read

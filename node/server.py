@@ -29,7 +29,7 @@ from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer
-from pacsnode.node.runtime import ClusterArchive, LoopThread
+from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
@@ -181,7 +181,8 @@ class Node:
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
-                                      find_buffer_rows=config.find_buffer_rows, deletes=self.deletes)
+                                      find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
+                                      own_copy=own_copy_reader(self.store))
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import zstandard
 
@@ -104,7 +104,7 @@ class SpoolBuffer(io.BytesIO):
         self.refusal: Refusal | None = None
         self.path: Path | None = None
         self.dataset_offset = 0      # Where the data set starts in the file.
-        self._file: io.BufferedWriter | None = None
+        self._file: BinaryIO | None = None
         self._state = _State(budget)
         self._finalizer = weakref.finalize(self, self._state.clean)
 
@@ -125,7 +125,9 @@ class SpoolBuffer(io.BytesIO):
             return count
         if self.size_bytes > self._threshold and self._spill():
             try:
-                self._file.write(data)  # type: ignore[union-attr]
+                spilled = self._file
+                assert spilled is not None  # _spill() opened it.
+                spilled.write(data)
             except OSError:
                 self._refuse(Refusal.SPOOL_FAILED)
             return count
@@ -146,10 +148,10 @@ class SpoolBuffer(io.BytesIO):
             self._directory.mkdir(parents=True, exist_ok=True)
             descriptor, name = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".dcm", dir=self._directory)
             self.path = self._state.path = Path(name)
-            self._file = self._state.file = open(descriptor, "wb", buffering=CHUNK_BYTES)
-            self._file.write(prefix)
+            file = self._file = self._state.file = open(descriptor, "wb", buffering=CHUNK_BYTES)
+            file.write(prefix)
             with self.getbuffer() as held:
-                self._file.write(held)
+                file.write(held)
         except OSError:
             self._refuse(Refusal.SPOOL_FAILED)
             return True  # Refused: nothing more is kept.
@@ -200,7 +202,7 @@ class _State:
         self.budget = budget
         self.reserved = 0
         self.path: Path | None = None
-        self.file: io.BufferedWriter | None = None
+        self.file: BinaryIO | None = None
 
     def release_reserved(self) -> None:
         if self.reserved:

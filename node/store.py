@@ -22,6 +22,9 @@ is one contiguous scan, stream or DeleteRange):
                                               that version; in the segment digest as
                                               (sop uid, version mark)
     k <owner id> 0x00 <token8> <study uid> 0x00 <sop uid> -> tombstone held as a hint for an owner
+    j <token8> <study uid> 0x00 <sop uid>     -> content hash 0x00 WADO-RS /metadata JSON of that
+                                              content (derived data: written without a sync when
+                                              first asked, rebuilt if lost; node/dicomweb_metadata.py)
     _ <name>                                  -> node-local bookkeeping (counters)
 """
 
@@ -73,6 +76,7 @@ PREFIX_HINT = b"h"
 PREFIX_DIGEST = b"d"
 PREFIX_TOMBSTONE = b"t"
 PREFIX_TOMBSTONE_HINT = b"k"
+PREFIX_HEADER = b"j"
 KEY_COUNTERS = b"_counters"
 
 # Study-level keys with a sorted secondary index: exact, prefix-wildcard, range and list
@@ -428,6 +432,7 @@ class RocksStore:
                 first_sop_instance_uid=record.sop_instance_uid,
             )
         else:
+            assert raw_series is not None
             series = SeriesRecord(**json.loads(raw_series))
         series.instance_count += 1
         view.put(batch, series_key, _dump(series))
@@ -445,6 +450,7 @@ class RocksStore:
                 for value in _values(study.attributes.get(keyword)):
                     view.put(batch, _index_key(keyword, value, prefix), b"")
         else:
+            assert raw_study is not None
             study = StudyRecord(**json.loads(raw_study))
         study.instance_count += 1
         study.series_count += 1 if new_series else 0
@@ -540,8 +546,8 @@ class RocksStore:
         segment_key = _digest_key(segment_of(study_token(study_uid)))
         digest = Digest.from_bytes(view.get(segment_key))
         removed = 0
-        for key, value in list(self._scan(PREFIX_META + prefix + SEP)):
-            record = json.loads(value)
+        for key, meta in list(self._scan(PREFIX_META + prefix + SEP)):
+            record = json.loads(meta)
             digest = digest.remove(entry_hash(record["sop_instance_uid"], record["content_hash"]))
             blob_key = PREFIX_BLOB + key[1:]
             blob = view.get(blob_key)
@@ -551,7 +557,7 @@ class RocksStore:
             view.delete(batch, blob_key)
             view.delete(batch, key)
             removed += 1
-        for prefix_byte in (PREFIX_SERIES, PREFIX_CONFLICT):
+        for prefix_byte in (PREFIX_SERIES, PREFIX_CONFLICT, PREFIX_HEADER):
             for key, _value in list(self._scan(prefix_byte + prefix + SEP)):
                 view.delete(batch, key)
         view.delete(batch, PREFIX_STUDY + prefix)
@@ -613,6 +619,7 @@ class RocksStore:
         view.counters["instances"] -= 1
         view.delete(batch, blob_key)
         view.delete(batch, PREFIX_META + prefix + SEP + sop)
+        view.delete(batch, PREFIX_HEADER + prefix + SEP + sop)
         for key, _value in list(self._scan(PREFIX_CONFLICT + prefix + SEP + sop + SEP)):
             if view.get(key) is not None:
                 view.delete(batch, key)
@@ -773,7 +780,7 @@ class RocksStore:
         self._ensure_open()
         for study_uid in study_uids:
             prefix = study_prefix(study_uid)
-            for type_byte in (PREFIX_BLOB, PREFIX_META, PREFIX_CONFLICT, PREFIX_TOMBSTONE):
+            for type_byte in (PREFIX_BLOB, PREFIX_META, PREFIX_CONFLICT, PREFIX_TOMBSTONE, PREFIX_HEADER):
                 start = type_byte + prefix
                 self._db.compact_range(start, _prefix_upper_bound(start))
 
@@ -845,6 +852,23 @@ class RocksStore:
                 error,
             )
             raise
+
+    def instance_header(self, study_instance_uid: str, sop_instance_uid: str, content_hash: str) -> bytes | None:
+        """The /metadata JSON kept for this content of the instance (None: not built yet,
+        or built for other content that has since lost a conflict)."""
+        raw = self._db.get(PREFIX_HEADER + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
+        if raw is None:
+            return None
+        kept_hash, _sep, header = bytes(raw).partition(SEP)
+        return header if kept_hash == content_hash.encode("ascii") else None
+
+    def put_header(self, study_instance_uid: str, sop_instance_uid: str, content_hash: str, header: bytes) -> None:
+        """Keep the /metadata JSON built from this content (not synced: derived data). A
+        write racing a delete of the instance can leave an orphan of a few KB; it is read
+        only with an instance record of the same content hash."""
+        self._ensure_open()
+        key = PREFIX_HEADER + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode()
+        self._db.put(key, content_hash.encode("ascii") + SEP + header)
 
     def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None:
         """Record, attributes and compressed blob, to ship to a peer (checksum not verified here:

@@ -207,7 +207,7 @@ class SwimMembership:
         self._ring_factory = ring_factory
         self.swim = Swim(config, me, self._rng, self.clock.now_ms(), **self._hooks)
         self.carrier: MembershipCarrier | None = None
-        self.on_change: list[Callable[[], None]] = []  # Called whenever the ring members change.
+        self.on_change: list[Callable[[], object]] = []  # Called whenever the ring members change.
         # Called with every batch of state transitions the state machine reports (after logging).
         self.on_transitions: list[Callable[[list[Transition]], None]] = []
         self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
@@ -367,7 +367,7 @@ class SwimMembership:
             kept.append(update)
         if len(kept) == len(updates):
             return message
-        return replace(message, **{field_name: tuple(kept)})  # type: ignore[type-var]
+        return replace(message, **{field_name: tuple(kept)})  # type: ignore[arg-type]  # One of the union's fields.
 
     # ----------------------------------------------------------------- loop
     def start(self, carrier: MembershipCarrier) -> None:

@@ -326,8 +326,11 @@ class TlsAssociationServer(AcceptorServer):
     on_refused: Callable[[str, str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client_socket, address = self.socket.accept()
-        wrapped = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        listener, context = self.socket, self.ssl_context
+        if listener is None or context is None:  # make_server always gives both to this class.
+            raise OSError("the TLS association server has no socket or no TLS context")
+        client_socket, address = listener.accept()
+        wrapped = context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return wrapped, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:

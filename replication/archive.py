@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 from pacsnode.replication.matching import Condition, Query
@@ -34,6 +34,16 @@ class LocalReplica(IndexReader, Protocol):
     def put_instance(self, instance: Instance, *, now_ms: int | None = None) -> str: ...
     def read_part10(self, study_instance_uid: str, sop_instance_uid: str) -> bytes: ...
     def instance_record(self, study_instance_uid: str, sop_instance_uid: str) -> InstanceRecord | None: ...
+
+
+class ArchiveApi(Protocol):
+    """What the front ends call: `Archive` over this node's replica alone, or
+    node/runtime.py's `ClusterArchive` over the coordinator."""
+
+    def store(self, instance: Instance) -> "WriteResult": ...
+    def find(self, query: Query, is_cancelled: Callable[[], bool] = ...) -> Iterator[Attributes]: ...
+    def locate(self, query: Query) -> "RetrievePlan": ...
+    def read(self, location: "InstanceLocation") -> tuple[bytes, int]: ...
 
 
 class WriteStatus(enum.StrEnum):
@@ -62,6 +72,8 @@ class InstanceLocation:
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    # Length of the stored Part-10 bytes (0: the index did not say); not part of its identity.
+    part10_bytes: int = field(default=0, compare=False)
 
 
 class ReadError(Exception):
@@ -164,6 +176,7 @@ class Archive:
                     sop_instance_uid=record.sop_instance_uid,
                     sop_class_uid=record.sop_class_uid,
                     transfer_syntax_uid=record.transfer_syntax_uid,
+                    part10_bytes=record.size_bytes + record.dataset_offset,
                 )
             )
         return RetrievePlan(locations)

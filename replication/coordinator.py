@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -38,6 +38,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitmentCheck, CommitResult, CommitSettings, Reference
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
@@ -46,7 +47,7 @@ from pacsnode.replication.planning import RangeSet, range_pieces, read_order, st
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
-from pacsnode.ring.placement import Replication, replica_total
+from pacsnode.ring.placement import Replication, Ring, replica_total
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Coordinator:
         self._run_blocking = run_blocking
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CoordinatorStats()
-        self._last_effective_n: Replication = -1
+        self._last_effective_n: tuple[Replication, int] | None = None
         self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
         self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
         self._remote_queued_bytes = 0
@@ -154,7 +155,7 @@ class Coordinator:
         n = ring.effective(configured)
         copies = ring.effective_replicas(configured)
         if (n, copies) != self._last_effective_n:
-            self._last_effective_n = (n, copies)  # type: ignore[assignment]
+            self._last_effective_n = (n, copies)
             if copies < replica_total(configured) and len(ring) == 1:
                 log.info("replication.single_node configured_n=%s: a one-node archive keeps one copy of "
                          "each study; join more nodes for replicas", configured)
@@ -500,7 +501,7 @@ class Coordinator:
             return candidate, candidate, outcome
         return None
 
-    def _next_stand_in(self, ring: Any, token: int, n: Replication, owner: str, state: "_WriteState", *,
+    def _next_stand_in(self, ring: Ring, token: int, n: Replication, owner: str, state: "_WriteState", *,
                        avoid_site: str | None = None, prefer_site: str | None = None) -> str | None:
         """The next stand-in for `owner` not yet taken by this write. Nodes of a site where a
         stand-in did not answer (probably cut off as a whole) come last; `avoid_site`'s
@@ -615,7 +616,7 @@ class Coordinator:
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False)
 
-    async def find(self, query: Query) -> AsyncIterator[Attributes]:
+    async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises
         IncompleteAnswer after the last row when part of the archive could not be asked."""
         if query.level == "PATIENT":
@@ -714,6 +715,14 @@ class Coordinator:
                 ok = False
         return ok
 
+    # ----------------------------------------------------------------- storage commitment
+    async def commitment(self, references: Sequence[Reference], settings: CommitSettings,
+                         known: dict[str, str] | None = None) -> CommitResult:
+        """Storage Commitment: each referenced instance committed once every one of its
+        study's N owners holds it (replication/commitment.py); `known` maps SOP Instance
+        UIDs to their studies where the caller knows them (saves a scatter)."""
+        return await CommitmentCheck(self._read_context, self.find, settings).check(references, known)
+
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> RetrievePlan:
         """The instances a C-GET/C-MOVE identifier selects, and what could not be asked."""
@@ -731,6 +740,12 @@ class Coordinator:
         except IncompleteAnswer as error:
             shortfall = error.shortfall
         return RetrievePlan(locations, shortfall)
+
+    def owns(self, study_instance_uid: str) -> bool:
+        """Whether this node is one of the study's owners (reads the ring only: callable
+        from any thread). A read then may take this node's own copy first, as read() does."""
+        n, _w = self._replicas()
+        return self.self_id in self._membership.ring().owners_of_study(study_instance_uid, n)
 
     async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         """Part-10 bytes and dataset offset, from the nearest replica that has them intact."""
@@ -938,7 +953,16 @@ def _location(row: Attributes) -> InstanceLocation:
         sop_instance_uid=str(row["SOPInstanceUID"]),
         sop_class_uid=str(row.get("SOPClassUID", "")),
         transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
+        part10_bytes=_int(row.get("_part10_bytes")),
     )
+
+
+def _int(value: object) -> int:
+    """A row's internal count (a string across peers); 0 when absent (an older peer) or bad."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})

@@ -198,8 +198,7 @@ class _PieceState:
     answered: list[str]  # Owners that answered, in order.
     failed: set[str]
     rows: dict[str, list[Attributes]]  # By node; stand-ins' hint rows under "hints:<node>".
-    hint_holders_missed: int = 0  # Possible hint holders down or failed (an owner was unavailable).
-    hints_required: bool = False  # An owner was unavailable: every possible hint holder must answer.
+    hint_holders_missed: int = 0  # Possible hint holders that were down or failed: the study is flagged.
 
 
 # reconcile(study, owners that answered, hint holders that hold some of it) -> now agree
@@ -294,8 +293,12 @@ class RoutedGather:
         every owner looks alive, yet an instance acknowledged only through hints (every
         owner was cut off from the writer) is on none of them until hint replay delivers
         it. So within read_fault_window_ms of a membership change the stand-ins are asked
-        too; there a stand-in that is down or fails is passed over (nothing says it holds more
-        than the owners), where an unavailable owner makes it a shortfall."""
+        too, and there too one that is down or fails leaves the study flagged: during a
+        partition the reader can be on the side of every owner (all alive, R answer) while
+        the instance sits only in hints across the cut (pacsnode sim run --scenario
+        partition-halves --nodes 10 --seed 13, before this: a stale retrieve). The price
+        is availability: for the window after a fault, a named study whose stand-in is down
+        is answered but flagged (docs/sim.md "Read your writes" has the counts)."""
         context = self._context
         holders: dict[str, list[int]] = {}
         for index, piece in enumerate(self._pieces):
@@ -309,14 +312,13 @@ class RoutedGather:
                 unavailable = set()
             if not unavailable and not context.troubled:
                 continue
-            state.hints_required = bool(unavailable)
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
                                                                     set(local or piece.owners))}
             for node_id in sorted(candidates):
                 if node_id == context.self_id or context.is_alive(node_id):
                     holders.setdefault(node_id, []).append(index)
-                elif unavailable:
+                else:
                     state.hint_holders_missed += 1
             if context.self_id not in piece.owners:
                 holders.setdefault(context.self_id, []).append(index)
@@ -355,8 +357,7 @@ class RoutedGather:
                 if error is not None:
                     log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
                     for index in call.pieces:
-                        if self._states[index].hints_required:
-                            self._states[index].hint_holders_missed += 1
+                        self._states[index].hint_holders_missed += 1
                 continue
             if error is None:
                 for index in call.pieces:
@@ -397,8 +398,8 @@ class RoutedGather:
         state = self._states[index]
         level = self._level()
         answers = [self._keyed(state.rows[node_id]) for node_id in state.answered]
-        # R owners vouch for the answer, and, when an owner was out of reach, every node
-        # that may hold hints for the owners was asked too.
+        # R owners vouch for the answer, and, when an owner was out of reach or membership
+        # changed recently, every node that may hold hints for the owners was asked too.
         complete = len(state.answered) >= state.needed and not state.hint_holders_missed
         hint_holders = [slot.removeprefix("hints:") for slot, rows in state.rows.items()
                         if slot.startswith("hints:") and rows]

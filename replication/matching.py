@@ -91,12 +91,16 @@ class Query:
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> "Query":
-        conditions = tuple(Condition(str(k), str(v), str(x)) for k, v, x in data["conditions"])  # type: ignore[union-attr]
+        raw_conditions = data["conditions"]
+        raw_keys = data["return_keys"]
+        if not isinstance(raw_conditions, list) or not isinstance(raw_keys, list):
+            raise QueryError("a query's conditions and return keys are lists")
+        conditions = tuple(Condition(str(k), str(v), str(x)) for k, v, x in raw_conditions)
         return cls(
             level=str(data["level"]),
             model=str(data.get("model", "STUDY")),
             conditions=conditions,
-            return_keys=tuple(str(k) for k in data["return_keys"]),  # type: ignore[union-attr]
+            return_keys=tuple(str(k) for k in raw_keys),
         )
 
 

@@ -94,6 +94,8 @@ def instance_row(series_attributes: Attributes, instance: InstanceRecord) -> Att
     # Internal (not a DICOM keyword, never returned to a client): lets a retrieve open
     # the right presentation context without reading the instance.
     row["_transfer_syntax_uid"] = instance.transfer_syntax_uid
+    # Internal too: the Part-10 length, so that a WADO-RS answer can state its length first.
+    row["_part10_bytes"] = str(instance.size_bytes + instance.dataset_offset)
     # Internal too: the version mark, which a delete's clock observes before it stamps.
     row["_version"] = instance.version.mark()
     return row
@@ -236,9 +238,9 @@ class LocalQuery:
         for uid in uids:
             if keep is not None and not keep(uid):
                 continue
-            study = self._reader.study(uid)
-            if study is not None:
-                yield study
+            found = self._reader.study(uid)
+            if found is not None:
+                yield found
 
     def _indexed_candidates(self) -> list[str] | None:
         # Only keys that rows() matches at this level may narrow the candidates: a
@@ -330,10 +332,10 @@ def aggregate_patients(study_rows: Iterable[Attributes]) -> Iterator[Attributes]
         if study_uid in studies:
             continue
         studies.add(study_uid)
-        patient = patients.get(key)
-        if patient is None:
-            patient = {name: "0" for name in PATIENT_COMPUTED}
-            patients[key] = patient
+        counted = patients.get(key)
+        if counted is None:
+            counted = patients[key] = {name: "0" for name in PATIENT_COMPUTED}
+        patient = counted
         patient["NumberOfPatientRelatedStudies"] = str(int(str(patient["NumberOfPatientRelatedStudies"])) + 1)
         patient["NumberOfPatientRelatedSeries"] = str(
             int(str(patient["NumberOfPatientRelatedSeries"])) + int(str(row.get("NumberOfStudyRelatedSeries", "0")))

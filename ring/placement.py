@@ -352,7 +352,7 @@ class Ring:
         """The node ids of the members in `site`, sorted."""
         return tuple(self._members[index].node_id for index in self._site_members(site))
 
-    def preference_list(self, token: Replication, n: Replication) -> tuple[str, ...]:
+    def preference_list(self, token: int, n: Replication) -> tuple[str, ...]:
         """The owner set of `token`: min(n, members) distinct node ids, in preference order.
 
         The first entry is the first node clockwise from the token (the vnode with the
@@ -370,7 +370,7 @@ class Ring:
         """The owner set of a study: every instance of it lives on these nodes."""
         return self.preference_list(study_token(study_instance_uid), n)
 
-    def stand_ins(self, token: Replication, n: Replication, unavailable: Set[str]) -> tuple[StandIn, ...]:
+    def stand_ins(self, token: int, n: Replication, unavailable: Set[str]) -> tuple[StandIn, ...]:
         """Who holds hints for the owners of `token` that are in `unavailable`.
 
         Dynamo's sloppy quorum: walking on past the owner set, each unavailable owner

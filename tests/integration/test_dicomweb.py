@@ -75,6 +75,9 @@ def test_dicomweb_across_a_cluster(tmp_path: Path) -> None:
         assert Path(entry["path"]).read_bytes() in reply.content  # Byte for byte, inside its part.
         metadata = client.retrieve_series_metadata(entry["study_uid"], entry["series_uid"])
         assert len(metadata) == 2
+        # Its pixel data at the BulkDataURI /metadata names (read from the owner too).
+        mine = next(m for m in metadata if m["00080018"]["Value"][0] == entry["sop_uid"])
+        assert client.retrieve_bulkdata(mine["7FE00010"]["BulkDataURI"]) == [bytes(dcmread(entry["path"]).PixelData)]
 
         # dicomweb-client's command line, too.
         command = shutil.which("dicomweb_client", path=str(Path(sys.executable).parent))
@@ -83,11 +86,26 @@ def test_dicomweb_across_a_cluster(tmp_path: Path) -> None:
                                   "--filter", f"PatientID={entry['patient_id']}"],
                                  capture_output=True, text=True, timeout=60)
             assert cli.returncode == 0 and entry["study_uid"] in cli.stdout, cli.stderr[-2000:]
+            shown = subprocess.run([command, "--url", _url(nodes[1]) + "/dicom-web", "retrieve", "instances",
+                                    "--study", entry["study_uid"], "--series", entry["series_uid"],
+                                    "--instance", entry["sop_uid"], "metadata", "--prettify"],
+                                   capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0 and entry["sop_uid"] in shown.stdout, shown.stderr[-2000:]
+            assert "BulkDataURI" in shown.stdout
+            extra = datagen.write_study_set(datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=1,
+                                                                 seed=77, rows=8, cols=8), tmp_path / "cli")
+            sent = subprocess.run([command, "--url", _url(nodes[2]) + "/dicom-web", "store", "instances",
+                                   extra[0]["path"]], capture_output=True, text=True, timeout=60)
+            assert sent.returncode == 0, sent.stderr[-2000:]
+            assert DICOMwebClient(_url(nodes[0]) + "/dicom-web").search_for_studies(
+                search_filters={"StudyInstanceUID": extra[0]["study_uid"]})
 
         # Metrics count DIMSE and HTTP requests by service and status.
         text = httpx.get(_url(nodes[0]) + "/metrics").text
         assert f'pacsnode_dimse_requests_total{{service="C-STORE",status="0x0000"}} {float(len(dimse))}' in text
         assert 'pacsnode_dimse_request_duration_seconds_count{service="C-STORE"}' in text
+        writes = next(line for line in text.splitlines() if line.startswith("pacsnode_store_write_duration_seconds_count"))
+        assert float(writes.split()[-1]) > 0  # Every local copy written (primary, replica or hint) is timed.
         assert 'pacsnode_ring_members{state="alive"} 3.0' in text
         cluster = httpx.get(_url(nodes[1]) + "/api/cluster").json()
         assert sorted(n["node_id"] for n in cluster["nodes"]) == list(NAMES)

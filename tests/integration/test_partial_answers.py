@@ -4,6 +4,9 @@ Five nodes (N=3, W=2, R=2); every owner of one study is killed with SIGKILL. A C
 C-GET that cannot ask all of the archive must end with a failure or warning status that
 says so, while a study with two live owners is still answered in full with Success, and
 one with a single live owner is answered but flagged (R=2 owners could not vouch for it).
+The nodes run with read_fault_window_ms 0: within that window after the kills, a study
+whose stand-ins are down is flagged too, even with two live owners (they may have missed
+an instance acknowledged through hints; tests/unit/test_read_quorum.py covers it).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _find_with_comment(port: int, query: Any) -> tuple[int, int, str]:
 
 
 def test_unreachable_owners_are_reported_never_success(tmp_path: Path) -> None:
-    nodes = start_cluster(tmp_path, FIVE)
+    nodes = start_cluster(tmp_path, FIVE, ["--read-fault-window-ms", "0"])
     try:
         entry = nodes[0]
         spec = datagen.StudySetSpec(patients=12, seed=91, rows=16, cols=16)

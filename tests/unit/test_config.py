@@ -68,6 +68,7 @@ move_connect_timeout_s = 3.0
 move_store_attempt_max = 5
 find_result_max = 500
 find_buffer_rows = 250
+storage_commitment_timeout_s = 45
 instance_size_bytes_max = 1_000_000
 dataset_spool_threshold_bytes = 65536
 inflight_instance_bytes_max = 5_000_000
@@ -134,6 +135,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
     assert config.move_store_attempt_max == 5 and config.find_result_max == 500
     assert config.find_buffer_rows == 250
+    assert config.storage_commitment_timeout_s == 45.0
     assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
@@ -250,6 +252,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"acse_timeout_s": -1.0}, "acse_timeout_s must be > 0"),
         ({"network_timeout_s": "soon"}, "network_timeout_s: cannot use 'soon' as float"),
         ({"move_connect_timeout_s": 0}, "move_connect_timeout_s must be > 0"),
+        ({"storage_commitment_timeout_s": 0}, "storage_commitment_timeout_s must be > 0"),
         ({"require_called_ae_title": "maybe"}, "require_called_ae_title: cannot use 'maybe' as bool"),
         ({"duplicate_policy": "last-wins"}, "duplicate_policy must be 'first-wins'"),
         ({"log_level": "LOUD"}, "log_level must be DEBUG, INFO, WARNING or ERROR"),

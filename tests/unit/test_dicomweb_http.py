@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
 from pacsnode.node.http_server import HttpServer
+from pacsnode.node.http_views import StoreHeaders
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.store import RocksStore
 from pacsnode.replication.archive import Archive, IncompleteAnswer, RetrievePlan, Shortfall
@@ -51,9 +52,10 @@ def study_set() -> list[tuple[ManifestEntry, bytes]]:
 
 
 class _Served:
-    def __init__(self, server: HttpServer, archive: _ClusterLikeArchive) -> None:
+    def __init__(self, server: HttpServer, archive: _ClusterLikeArchive, store: RocksStore) -> None:
         self.server = server
         self.archive = archive
+        self.store = store
         self.url = f"http://127.0.0.1:{server.port}"
         self.client = DICOMwebClient(url=self.url + "/dicom-web")
 
@@ -65,10 +67,11 @@ def served(tmp_path: Path, study_set: list[tuple[ManifestEntry, bytes]]) -> Iter
     server = HttpServer(host="127.0.0.1", port=0, archive=archive,
                         metrics=Metrics(lambda: {"pacsnode.store.instances_count": 6.0,
                                                  "pacsnode.ring.members_alive_count": 1.0}),
-                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4)
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                        local_headers=StoreHeaders(store))
     server.start()
     try:
-        served = _Served(server, archive)
+        served = _Served(server, archive, store)
         stored = served.client.store_instances([dcmread(io.BytesIO(data)) for _entry, data in study_set])
         assert len(stored.ReferencedSOPSequence) == len(study_set)
         yield served
@@ -158,6 +161,8 @@ def test_retrieve_returns_the_stored_bytes(served: _Served, study_set: list[tupl
     assert reply.status_code == 200 and _parts(reply) == [data]
     study = httpx.get(f"{served.url}/dicom-web/studies/{entry['study_uid']}")
     assert sorted(_parts(study)) == sorted(d for e, d in study_set if e["study_uid"] == entry["study_uid"])
+    # Stored bytes as stored: the length comes from the index, stated before the body.
+    assert study.headers["content-length"] == str(len(study.content))
     datasets = served.client.retrieve_series(entry["study_uid"], entry["series_uid"],
                                              media_types=(("application/dicom", "*"),))
     assert sorted(d.SOPInstanceUID for d in datasets) == sorted(
@@ -172,6 +177,7 @@ def test_retrieve_in_another_syntax_or_406(served: _Served, study_set: list[tupl
     implicit = httpx.get(url, headers={
         "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'})
     assert implicit.status_code == 200
+    assert implicit.headers.get("transfer-encoding") == "chunked"  # Re-encoded: its length is not known first.
     dataset = dcmread(io.BytesIO(_parts(implicit)[0]))
     assert dataset.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
     assert dataset.PixelData == dcmread(io.BytesIO(data)).PixelData  # Lossless re-encoding.
@@ -190,12 +196,30 @@ def test_metadata(served: _Served, study_set: list[tuple[ManifestEntry, bytes]])
     original = dcmread(io.BytesIO(data), stop_before_pixels=True)
     assert _value(mine, "00280010") == original.Rows
     assert _value(mine, "00083002") == entry["transfer_syntax_uid"]
-    assert "7FE00010" not in mine
+    # Pixel data (never read into the JSON) is a BulkDataURI under this server's root,
+    # and dicomweb-client fetches the stored value there.
+    pixel_uri = mine["7FE00010"]["BulkDataURI"]
+    assert pixel_uri == (f"{served.url}/dicom-web/studies/{entry['study_uid']}/series/{entry['series_uid']}"
+                         f"/instances/{entry['sop_uid']}/bulk/7FE00010")
+    assert "Value" not in mine["7FE00010"] and "InlineBinary" not in mine["7FE00010"]
+    assert served.client.retrieve_bulkdata(pixel_uri) == [original_pixels(data)]
+    missing = httpx.get(pixel_uri.replace("7FE00010", "00100010"))
+    assert missing.status_code == 404
+    # Built once from the header, then kept beside the index for this content.
+    record = served.store.instance_record(entry["study_uid"], entry["sop_uid"])
+    assert record is not None
+    kept = served.store.instance_header(entry["study_uid"], entry["sop_uid"], record.content_hash)
+    assert kept is not None and json.loads(kept)["00080018"]["Value"] == [entry["sop_uid"]]
+    assert served.store.instance_header(entry["study_uid"], entry["sop_uid"], "other-content") is None
     study_metadata = served.client.retrieve_study_metadata(entry["study_uid"])
     assert len(study_metadata) == 4
     again = served.client.retrieve_series_metadata(entry["study_uid"], entry["series_uid"])
     assert sorted(json.dumps(m, sort_keys=True) for m in again) == sorted(json.dumps(m, sort_keys=True)
                                                                           for m in metadata)
+
+
+def original_pixels(data: bytes) -> bytes:
+    return bytes(dcmread(io.BytesIO(data)).PixelData)
 
 
 # ------------------------------------------------------------------ STOW-RS

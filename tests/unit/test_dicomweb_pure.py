@@ -230,3 +230,84 @@ def test_fuzzymatching_matches_a_name_key_anywhere_in_the_name() -> None:
     for name in ("SMITH^JOHN", "doe^smirna", "Osmi^A"):
         assert match_all(fuzzy, {"PatientName": name}) and not match_all(literal, {"PatientName": name})
     assert not match_all(fuzzy, {"PatientName": "JONES^S^M^I"})
+
+
+# ------------------------------------------------------------------ /metadata built from the header
+
+
+def _part10(syntax: str, *, pixels: bool = True, icon: bool = False, big_private: bool = False) -> bytes:
+    from pydicom.sequence import Sequence
+
+    dataset = Dataset()
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    dataset.SOPInstanceUID = "1.2.3.4"
+    dataset.StudyInstanceUID = "1.2.3"
+    dataset.SeriesInstanceUID = "1.2.3.9"
+    dataset.PatientName = 'Quote"Me^"BulkDataURI":"x'  # Patient text that looks like our key.
+    dataset.Rows, dataset.Columns, dataset.BitsAllocated = 4, 4, 16
+    if big_private:
+        dataset.add_new(0x00091010, "OB", b"\x01" * 2048)
+    if icon:
+        item = Dataset()
+        item.Rows = item.Columns = 2
+        item.add_new(0x7FE00010, "OW", b"\x02\x00" * 4)
+        dataset.IconImageSequence = Sequence([item])
+    if pixels:
+        dataset.PixelData = b"\x05\x00" * 16
+        dataset["PixelData"].VR = "OW"
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), "1.2.840.10008.1.2.2"])
+def test_header_json_names_pixel_data_without_reading_it(syntax: str) -> None:
+    import json
+
+    from pacsnode.node.dicomweb_metadata import header_json, with_root
+
+    stored = header_json(_part10(syntax), syntax, "1.2.3", "1.2.3.9", "1.2.3.4")
+    assert b"\x05\x00" not in stored
+    served = json.loads(with_root(stored, "http://h:1/dicom-web"))
+    assert served["7FE00010"] == {"vr": "OW", "BulkDataURI":
+                                  "http://h:1/dicom-web/studies/1.2.3/series/1.2.3.9/instances/1.2.3.4/bulk/7FE00010"}
+    assert served["00280010"] == {"vr": "US", "Value": [4]}
+    assert served["00083002"] == {"vr": "UI", "Value": [syntax]}
+    # The patient's text is left as it was, though it holds the key's own spelling.
+    assert served["00100010"]["Value"][0]["Alphabetic"] == 'Quote"Me^"BulkDataURI":"x'
+
+
+def test_header_json_large_binary_values_and_sequences_are_bulk_data() -> None:
+    import json
+
+    from pydicom import dcmread
+
+    from pacsnode.node.dicomweb_metadata import BulkDataError, bulk_value, header_json, with_root
+
+    data = _part10(str(ExplicitVRLittleEndian), icon=True, big_private=True, pixels=False)
+    served = json.loads(with_root(header_json(data, str(ExplicitVRLittleEndian), "1.2.3", "1.2.3.9", "1.2.3.4"),
+                                  'http://h:1/"x'))
+    base = 'http://h:1/"x/studies/1.2.3/series/1.2.3.9/instances/1.2.3.4/bulk/'
+    assert served["00091010"]["BulkDataURI"] == base + "00091010"
+    icon = served["00880200"]["Value"][0]
+    assert "7FE00010" not in served
+    assert icon["7FE00010"].get("InlineBinary") or icon["7FE00010"].get("BulkDataURI")  # 8 bytes: inline.
+    dataset = dcmread(io.BytesIO(data))
+    assert bytes(bulk_value(dataset, "00091010").value) == b"\x01" * 2048
+    assert bytes(bulk_value(dataset, "00880200/0/7FE00010").value) == b"\x02\x00" * 4
+    for bad in ("00100010", "7FE00010", "00880200/3/7FE00010", "zz", "00880200/0"):
+        with pytest.raises(BulkDataError):
+            bulk_value(dataset, bad)
+
+
+def test_metrics_route_labels_stay_bounded() -> None:
+    from pacsnode.node.http_server import route_label
+
+    base = "/dicom-web/studies/{studies}/series/{series}/instances/{instances}"
+    assert route_label("/dicom-web/studies/1.2/series/3.4/instances/5.6/bulk/00880200/0/7FE00010") == base + "/bulk/{path}"
+    assert route_label("/dicom-web/studies/1.2/series/3.4/instances/5.6/bulk/7FE00010") == base + "/bulk/{path}"
+    assert route_label("/dicom-web/studies/1.2/series/3.4/instances/5.6/frames/1,2") == base + "/frames/{frames}"

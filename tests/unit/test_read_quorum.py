@@ -134,7 +134,7 @@ def test_with_r_2_the_answer_holds_every_acknowledged_instance(query: Any) -> No
 # Every owner cut off from the writer: the instance is acknowledged through hints only.
 
 
-def _hints_only_cluster(read_fault_window_ms: int) -> tuple[SimCluster, str, str, set[str]]:
+def _hints_only_cluster(read_fault_window_ms: int, *, heal: bool = True) -> tuple[SimCluster, str, str, set[str]]:
     """A study whose three owners are all cut off from the entry node while one instance is
     stored: W is met by hints on the writer's side (sloppy quorum). The cut heals; before
     hint replay (every 600 s here) or anti-entropy deliver it, the study is read through an
@@ -153,6 +153,8 @@ def _hints_only_cluster(read_fault_window_ms: int) -> tuple[SimCluster, str, str
     cluster.network.partition(owners, others)
     cluster.run_for(12)  # The writer's side declares the owners suspect/dead.
     cluster.loop.run_until_complete(store())  # Acknowledged through two stand-ins' hints.
+    if not heal:
+        return cluster, owners[0], study.study_instance_uid, acked
     cluster.network.heal()
     cluster.run_for(8)  # Every owner alive again to everyone; the hints are still held.
     reader = owners[0]
@@ -185,5 +187,21 @@ def test_without_the_fault_window_the_same_read_is_stale() -> None:
     try:
         rows, error = _read(cluster, reader, _image_query(study_uid))
         assert error is None and {str(r["SOPInstanceUID"]) for r in rows} < acked
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("query", [_image_query, _study_query])
+def test_during_the_partition_the_owners_side_flags_the_study(query: Any) -> None:
+    """Still cut off: the reader sees every owner alive and R of them answer, but the
+    instance is only in hints across the cut. The stand-ins it would ask cannot be asked,
+    so the answer is flagged, never a Success without the instance (the sweep's
+    partition-halves seed 13 was this, a stale retrieve, while such stand-ins were passed over)."""
+    cluster, reader, study_uid, acked = _hints_only_cluster(read_fault_window_ms=60_000, heal=False)
+    try:
+        rows, error = _read(cluster, reader, query(study_uid))
+        assert error is not None and error.shortfall.studies == 1
+        if query is _image_query:
+            assert {str(r["SOPInstanceUID"]) for r in rows} < acked  # What the owners hold, flagged.
     finally:
         cluster.close()

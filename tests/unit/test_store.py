@@ -402,3 +402,21 @@ def test_delete_instances_removes_exactly_the_entries_still_identical(open_store
     assert store.statistics().studies == 1
     patient = str(mine[0].attributes["PatientID"])
     assert study not in set(store.studies_by_index("PatientID", patient, patient))
+
+
+def test_kept_metadata_goes_with_its_instance(open_store: OpenStore, versions: Any) -> None:
+    """The /metadata JSON kept beside the index is read only for the content it was built
+    from, and goes when the instance or its study is deleted."""
+    instances, _ = versions
+    store = open_store()
+    for instance in instances:
+        store.put_instance(instance, now_ms=1)
+    first, second = instances[0], next(i for i in instances if i.study_instance_uid != instances[0].study_instance_uid)
+    for instance in (first, second):
+        store.put_header(instance.study_instance_uid, instance.sop_instance_uid, instance.content_hash, b'{"a":1}')
+    assert store.instance_header(first.study_instance_uid, first.sop_instance_uid, first.content_hash) == b'{"a":1}'
+    assert store.instance_header(first.study_instance_uid, first.sop_instance_uid, "0" * 64) is None
+    store.delete_instances([(first.study_instance_uid, first.sop_instance_uid, first.content_hash)])
+    assert store.instance_header(first.study_instance_uid, first.sop_instance_uid, first.content_hash) is None
+    store.delete_study(second.study_instance_uid)
+    assert store.instance_header(second.study_instance_uid, second.sop_instance_uid, second.content_hash) is None

@@ -1,0 +1,76 @@
+"""node/dicom.py RetrieveReadAhead: the next instances of a retrieve are read on the
+reader pool while the current one is sent, their bytes are passed on unchanged, the
+in-memory budget bounds what is read ahead, and closing early gives it all back."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+from pacsnode.node import spool
+from pacsnode.node.dicom import RetrieveReadAhead
+from pacsnode.replication.archive import InstanceLocation
+
+
+def _locations(count: int) -> list[InstanceLocation]:
+    return [InstanceLocation("1.2", "1.2.3", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+            for i in range(count)]
+
+
+class _Reads:
+    def __init__(self, size: int = 100) -> None:
+        self.size = size
+        self.threads: list[str] = []
+        self.started: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, location: InstanceLocation) -> tuple[bytes, int]:
+        with self.lock:
+            self.started.append(location.sop_instance_uid)
+            self.threads.append(threading.current_thread().name)
+        return location.sop_instance_uid.encode().ljust(self.size, b"\x00"), 4
+
+
+def test_reads_run_ahead_on_the_pool_and_bytes_pass_unchanged() -> None:
+    reads = _Reads()
+    budget = spool.InflightBudget(10_000)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="reader") as pool:
+        ahead = RetrieveReadAhead(pool, reads, budget, window=2)
+        stored = ahead.stored(_locations(5))
+        first = next(stored)
+        deadline = time.monotonic() + 5
+        while len(reads.started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reads.started[:3] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]  # Two ahead of the first.
+        assert first.load() == (b"1.2.3.0".ljust(100, b"\x00"), 4)
+        rest = [dataset.load() for dataset in stored]
+        assert [part10.rstrip(b"\x00") for part10, _ in rest] == [f"1.2.3.{i}".encode() for i in range(1, 5)]
+        ahead.close()
+    assert all(name.startswith("reader") for name in reads.threads)
+    assert budget.used_bytes == 0
+
+
+def test_a_spent_budget_reads_again_when_the_instance_is_sent() -> None:
+    reads = _Reads(size=600)
+    budget = spool.InflightBudget(1000)  # One read-ahead result fits, not two.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ahead = RetrieveReadAhead(pool, reads, budget, window=2)
+        loaded = [dataset.load() for dataset in ahead.stored(_locations(4))]
+        ahead.close()
+    assert [part10.rstrip(b"\x00") for part10, _ in loaded] == [f"1.2.3.{i}".encode() for i in range(4)]
+    assert len(reads.started) > 4  # Some were dropped and read again.
+    assert budget.used_bytes == 0
+
+
+def test_closing_early_gives_the_budget_back() -> None:
+    reads = _Reads()
+    budget = spool.InflightBudget(10_000)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ahead = RetrieveReadAhead(pool, reads, budget, window=2)
+        stored = ahead.stored(_locations(10))
+        next(stored).load()
+        stored.close()
+        ahead.close()
+    assert budget.used_bytes == 0
+    assert len(reads.started) <= 4
