@@ -390,17 +390,18 @@ class Coordinator:
         replay pass delivers what the immediate send below does not. Returns the owners
         whose hint is kept; a hint that cannot be kept (disk full) is said and left to
         anti-entropy, which copies from this site's owners once the links allow."""
-        kept: set[str] = set()
-        for owner in remote:
+        async def keep(owner: str) -> str:
             try:
                 await self._run_blocking(functools.partial(self._local.put_stored, stored, hint_for=owner))
             except (StoreError, StoreFull) as error:
                 self._count("remote_hints_failed")
                 log.warning("replication.remote_hint.failed owner=%s error=%s", owner, error)
-                continue
-            kept.add(owner)
+                return ""
             self._count("remote_hints_written")
-        return kept
+            return owner
+
+        # At once, so that the store's group commit syncs them with this site's copy.
+        return {owner for owner in await asyncio.gather(*(keep(owner) for owner in remote)) if owner}
 
     def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str]) -> None:
         """Send a local-scope write's copy to `owner` (another site) now, in the background,
@@ -408,7 +409,7 @@ class Coordinator:
         up to REMOTE_QUEUE_BYTES_MAX; past that, or when the owner is down, the hint replay
         pass sends it."""
         size = len(stored.blob)
-        if owner not in kept or not self._membership.is_alive(owner) or \
+        if owner not in kept or not self._membership.is_alive(owner) or self._slow(owner) or \
                 self._remote_queued_bytes + size > REMOTE_QUEUE_BYTES_MAX:
             self._count("remote_sends_deferred")
             return
@@ -425,6 +426,9 @@ class Coordinator:
                            slots: asyncio.Semaphore) -> None:
         try:
             async with slots:
+                if self._slow(owner):  # A send to it just failed (a cut site): leave it to the replay.
+                    self._count("remote_sends_deferred")
+                    return
                 await self._send_remote_now(owner, stored)
         finally:
             self._remote_sends.discard(key)
@@ -448,6 +452,8 @@ class Coordinator:
                 self._count("remote_sends_deferred")
         except PeerError as error:  # Replay tries again; NOT_OWNER is re-targeted there.
             self._count("remote_sends_deferred")
+            if not isinstance(error, PeerRefused):
+                self._mark_slow(owner)  # The copies queued behind this one go to the replay at once.
             log.info("replication.remote_send.deferred owner=%s error=%s", owner, error)
 
     async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: Replication, state: "_WriteState",
