@@ -455,7 +455,7 @@ class Repairer:
                 log.info("repair.range.dropped studies=%d instances=%d kept=%d owners=%s", studies, dropped,
                          len(listed) - dropped, ",".join(owned_range.owners))
 
-    async def _purge_tombstones(self, ring: Ring, n: int) -> None:
+    async def _purge_tombstones(self, ring: Ring, n: Replication) -> None:
         """Forget the tombstones of our ranges older than the grace once every other owner
         (all of them alive) holds the same tombstone or nothing under that SOP Instance UID
         (it purged it already); the store then compacts the study's keys. An owner holding
