@@ -143,6 +143,7 @@ class NodeConfig:
     anti_entropy_interval_ms: int = setting(60_000, "How often each owned range is compared with its other replicas (and at once after a ring change).")
     repair_bytes_per_second_max: int = setting(50_000_000, "Throttle for pulling missing instances (repair, rebalance); 0 = none.")
     repair_fetch_window: int = setting(8, "Instances a repair or rebalance fetches from one source at once (one at a time is bound by the round trip).")
+    tombstone_grace_s: int = setting(864_000, "A delete's tombstones are purged this long after it, once every owner holds them; hints older than it are dropped, and a node whose store was out of the cluster longer than it starts empty and refills from the owners (10 days; Cassandra's gc_grace).")
 
     # --- security (node/tls.py, node/access.py, node/audit.py)
     tls_dir: str = setting("", "Directory with ca.pem, cert.pem, key.pem (`pacsnode cert issue`): mutual TLS on the "

@@ -33,7 +33,9 @@ from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
+from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_aside, stamp_alive
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
+from pacsnode.replication.hlc import wall_ms
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
@@ -104,6 +106,10 @@ class Node:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.security = NodeSecurity(config)  # TLS files, peer guard, audit trail (ConfigError when unusable)
+        # The stale-store rule (node/staleness.py): a store out of the cluster longer than the
+        # tombstone grace is moved aside and the node starts empty. A running node stamps
+        # alive.json every minute, so a store in use by another process is never stale.
+        set_stale_store_aside(config.data_dir, wall_ms(), config.tombstone_grace_s * 1000)
         # The store first: its lock says whether another node runs on this data dir, and
         # a start that fails there must not raise the running node's boot generation.
         try:
@@ -172,6 +178,7 @@ class Node:
                 fetch_timeout_ms=config.fetch_timeout_ms,
                 query_timeout_ms=config.query_timeout_ms,
                 replica_start_timeout_ms=config.replica_start_timeout_ms,
+                hint_max_age_ms=config.tombstone_grace_s * 1000,
             ),
             decode=decode,
         )
@@ -179,6 +186,7 @@ class Node:
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
             self.coordinator.find, replication_factor=config.replication_factor,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
+        self.coordinator.supersede = self.deletes.supersede
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
@@ -188,7 +196,8 @@ class Node:
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
                            fetch_timeout_ms=config.fetch_timeout_ms,
                            bytes_per_second_max=config.repair_bytes_per_second_max,
-                           fetch_window=config.repair_fetch_window),
+                           fetch_window=config.repair_fetch_window,
+                           tombstone_grace_ms=config.tombstone_grace_s * 1000),
         )
         self.coordinator.pending = self.repairer.pending
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
@@ -204,6 +213,7 @@ class Node:
         self._repair_task: asyncio.Task[None] | None = None
         self._leave_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._alive_task: asyncio.Task[None] | None = None
         self.shutdown_requested = threading.Event()
         self._stopped = threading.Event()
 
@@ -356,6 +366,16 @@ class Node:
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())
         self._health_task = asyncio.ensure_future(self._watch_health_forever())
+        self._alive_task = asyncio.ensure_future(self._stamp_alive_forever())
+
+    async def _stamp_alive_forever(self) -> None:
+        """DATA_DIR/alive.json every minute: the stale-store rule's clock (node/staleness.py)."""
+        while True:
+            try:
+                await asyncio.to_thread(stamp_alive, self.config.data_dir, wall_ms())
+            except OSError as error:
+                log.error("node.alive_stamp_failed error=%s", error)
+            await asyncio.sleep(ALIVE_STAMP_INTERVAL_S)
 
     async def _watch_health_forever(self) -> None:
         """Probe the store's executor and assess local health every health_probe_interval_ms;
@@ -414,7 +434,7 @@ class Node:
                 log.error("replication.hint.replay_error error=%r", error)
 
     async def _stop_async(self) -> None:
-        for task in (self._hint_task, self._repair_task, self._leave_task, self._health_task):
+        for task in (self._hint_task, self._repair_task, self._leave_task, self._health_task, self._alive_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -42,7 +42,15 @@ from pacsnode.replication.commitment import CommitmentCheck, CommitResult, Commi
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.replication.model import Attributes, StoredInstance, StoreError, StoreFull, StoreOutcome, with_version
+from pacsnode.replication.model import (
+    Attributes,
+    StoredInstance,
+    StoreError,
+    StoreFull,
+    StoreOutcome,
+    Tombstone,
+    with_version,
+)
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
 from pacsnode.replication.query import aggregate_patients
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
@@ -95,6 +103,7 @@ class CoordinatorSettings:
     read_fault_window_ms: int = 60_000  # After a membership change, named reads also ask stand-ins for hints.
     reconcile_instances_max: int = 256  # A read repairs at most this many instances before it answers.
     bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
+    hint_max_age_ms: int = 0  # Hints older than this are dropped, not replayed (the tombstone grace); 0: never.
 
 
 @dataclass
@@ -139,6 +148,9 @@ class Coordinator:
         self.stats = CoordinatorStats()
         self._last_effective_n: tuple[Replication, int] | None = None
         self._slow_until: dict[str, float] = {}  # Peer -> loop time until which reads ask it last.
+        # Writes tombstones W-durably on their study's owners (DeleteCoordinator.supersede; set
+        # by the node): a write that met a newer tombstone makes the delete final first.
+        self.supersede: Callable[[list[Tombstone]], Awaitable[bool]] | None = None
         self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
         self._remote_queued_bytes = 0
         self._remote_slots: asyncio.Semaphore | None = None  # Made on the loop, at first use.
@@ -245,16 +257,40 @@ class Coordinator:
         other copies and delete them). This node's clock has then observed the tombstone's
         version (the reply carries it), so the write is re-stamped, newer than the delete,
         and sent again: a re-store after a delete is a new instance."""
+        restamps = 0
         for _attempt in range(RESTAMPS_MAX):
-            result = await self._store_once(stored)
+            result = await self._store_once(stored, duplicates_count=restamps == 0)
             if result.outcome != StoreOutcome.DELETED:
                 return result
             self.stats.extra["writes_restamped"] = self.stats.extra.get("writes_restamped", 0) + 1
             log.info("replication.write.restamped sop_instance_uid=%s old_version=%s", stored.sop_instance_uid,
                      stored.record.version.mark())
-            stored = restamped(stored, self.hlc.now())
+            restamped_copy = await self._after_delete(stored)
+            if restamped_copy is None:
+                break
+            stored, restamps = restamped_copy, restamps + 1
         self.stats.writes_failed += 1
         return WriteResult(WriteStatus.QUORUM_FAILED, message="a newer delete of this SOP Instance UID kept winning")
+
+    async def _after_delete(self, stored: StoredInstance) -> StoredInstance | None:
+        """A fresh write met a newer tombstone. Owners that missed the delete may still hold an
+        older copy of the same bytes: they would answer DUPLICATE and keep that copy, which the
+        tombstone deletes once it reaches them. So a tombstone stamped now (newer than the one
+        met) is made W-durable on the owners first, deleting such copies, and the write is
+        re-stamped after it; its DUPLICATE answers do not count (None: the tombstone failed)."""
+        marker = self.hlc.now()
+        if self.supersede is not None:
+            tombstone = Tombstone(stored.study_instance_uid, stored.sop_instance_uid, marker,
+                                  stored.record.series_instance_uid)
+            if not await self.supersede([tombstone]):
+                log.warning("replication.write.supersede_failed sop_instance_uid=%s", stored.sop_instance_uid)
+                return None
+        return restamped(stored, self.hlc.now())
+
+    async def _store_again(self, stored: StoredInstance) -> None:
+        again = await self._after_delete(stored)
+        if again is not None:
+            await self._store_once(again, duplicates_count=False)
 
     def _superseded_late(self, task: "asyncio.Task[Any]", stored: StoredInstance) -> None:
         """A copy that answered DELETED after the write was acknowledged: the others will be
@@ -266,9 +302,9 @@ class Coordinator:
             self.stats.extra["writes_restamped_late"] = self.stats.extra.get("writes_restamped_late", 0) + 1
             log.warning("replication.write.superseded_late sop_instance_uid=%s: sent again with a newer version",
                         stored.sop_instance_uid)
-            self._spawn(self._store_once(restamped(stored, self.hlc.now())))
+            self._spawn(self._store_again(stored))
 
-    async def _store_once(self, stored: StoredInstance) -> WriteResult:
+    async def _store_once(self, stored: StoredInstance, *, duplicates_count: bool = True) -> WriteResult:
         clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
         started = clock()
         self.stats.writes += 1
@@ -304,7 +340,7 @@ class Coordinator:
                 result = task.result()
                 if result is not None and result[2] == StoreOutcome.DELETED:
                     superseded = True  # A newer tombstone there: not a copy of this write.
-                elif result is not None:
+                elif result is not None and (duplicates_count or result[2] != StoreOutcome.DUPLICATE):
                     acked.append(result)
             if superseded:
                 break
@@ -354,17 +390,18 @@ class Coordinator:
         replay pass delivers what the immediate send below does not. Returns the owners
         whose hint is kept; a hint that cannot be kept (disk full) is said and left to
         anti-entropy, which copies from this site's owners once the links allow."""
-        kept: set[str] = set()
-        for owner in remote:
+        async def keep(owner: str) -> str:
             try:
                 await self._run_blocking(functools.partial(self._local.put_stored, stored, hint_for=owner))
             except (StoreError, StoreFull) as error:
                 self._count("remote_hints_failed")
                 log.warning("replication.remote_hint.failed owner=%s error=%s", owner, error)
-                continue
-            kept.add(owner)
+                return ""
             self._count("remote_hints_written")
-        return kept
+            return owner
+
+        # At once, so that the store's group commit syncs them with this site's copy.
+        return {owner for owner in await asyncio.gather(*(keep(owner) for owner in remote)) if owner}
 
     def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str]) -> None:
         """Send a local-scope write's copy to `owner` (another site) now, in the background,
@@ -372,7 +409,7 @@ class Coordinator:
         up to REMOTE_QUEUE_BYTES_MAX; past that, or when the owner is down, the hint replay
         pass sends it."""
         size = len(stored.blob)
-        if owner not in kept or not self._membership.is_alive(owner) or \
+        if owner not in kept or not self._membership.is_alive(owner) or self._slow(owner) or \
                 self._remote_queued_bytes + size > REMOTE_QUEUE_BYTES_MAX:
             self._count("remote_sends_deferred")
             return
@@ -389,6 +426,9 @@ class Coordinator:
                            slots: asyncio.Semaphore) -> None:
         try:
             async with slots:
+                if self._slow(owner):  # A send to it just failed (a cut site): leave it to the replay.
+                    self._count("remote_sends_deferred")
+                    return
                 await self._send_remote_now(owner, stored)
         finally:
             self._remote_sends.discard(key)
@@ -412,6 +452,8 @@ class Coordinator:
                 self._count("remote_sends_deferred")
         except PeerError as error:  # Replay tries again; NOT_OWNER is re-targeted there.
             self._count("remote_sends_deferred")
+            if not isinstance(error, PeerRefused):
+                self._mark_slow(owner)  # The copies queued behind this one go to the replay at once.
             log.info("replication.remote_send.deferred owner=%s error=%s", owner, error)
 
     async def _replicate(self, owner: str, stored: StoredInstance, token: int, n: Replication, state: "_WriteState",
@@ -864,6 +906,16 @@ class Coordinator:
             for stored in stored_list:
                 if (owner, stored.sop_instance_uid) in self._remote_sends:
                     continue  # A local-scope write is sending it right now.
+                if self._expired(stored):
+                    # Older than the tombstone grace: a delete of it may be purged everywhere by
+                    # now, so replaying it could bring a deleted instance back. Its owner gets
+                    # it from the other replicas (anti-entropy) if it is still current.
+                    await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
+                                             stored.sop_instance_uid)
+                    self.stats.extra["hints_expired"] = self.stats.extra.get("hints_expired", 0) + 1
+                    log.warning("replication.hint.expired owner=%s age_s=%d", owner,
+                                (self.hlc.peek().ms - stored.record.version.ms) // 1000)
+                    continue
                 try:
                     outcome = await self._transport.store(
                         owner, stored, hint_for="",
@@ -893,6 +945,10 @@ class Coordinator:
             if handed:
                 log.info("replication.hint.replayed owner=%s instances=%d", owner, handed)
         return handed
+
+    def _expired(self, stored: StoredInstance) -> bool:
+        max_age_ms = self._settings.hint_max_age_ms
+        return bool(max_age_ms) and stored.record.version.ms < self.hlc.peek().ms - max_age_ms
 
     async def _retarget_hints(self, gone: str, ring: Any) -> int:
         """Hints held for a member that is out of the ring (removed, or left) go to their

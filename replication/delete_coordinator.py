@@ -235,6 +235,18 @@ class DeleteCoordinator:
                                 "some owners could not be asked for the instances; run the delete again")
         return DeleteResult(DeleteStatus.DELETED, len(tombstones), acked)
 
+    async def supersede(self, tombstones: list[Tombstone]) -> bool:
+        """Tombstones (one study) on its owners, hints for the down ones, without a listing;
+        True once W made them durable (Coordinator.store, after it met a newer tombstone)."""
+        ring = self._membership.ring()
+        n = ring.effective_replicas(self._n)
+        token = study_token(tombstones[0].study_instance_uid)
+        owners = ring.preference_list(token, n)
+        used: set[str] = set()
+        results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, None, token, n, used)
+                                         for owner in owners))
+        return sum(1 for ok in results if ok) >= min(self._w, n)
+
     async def _send(self, node_id: str, tombstones: Sequence[Tombstone], scope: DeleteScope | None,
                     hint_for: str) -> int:
         removed = 0
@@ -251,7 +263,7 @@ class DeleteCoordinator:
         return removed
 
     async def _replicate(self, owner: str, owners: Sequence[str], tombstones: Sequence[Tombstone],
-                         scope: DeleteScope, token: int, n: int, used: set[str]) -> bool:
+                         scope: DeleteScope | None, token: int, n: int, used: set[str]) -> bool:
         """The tombstones on `owner`, or else as hints for it on the next stand-in."""
         if owner == self.self_id or self._membership.is_alive(owner):
             try:

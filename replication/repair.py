@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from pacsnode.replication.digest import Digest, entry_hash, segment_bounds, segment_of
-from pacsnode.replication.hlc import Version, is_mark
+from pacsnode.replication.hlc import Version, is_mark, wall_ms
 from pacsnode.replication.model import StoredInstance, StoreError, StoreOutcome, Tombstone
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.transport import PeerError, cancelled_by_caller
@@ -62,6 +62,8 @@ class RepairStore(Protocol):
     def read_stored(self, study_instance_uid: str, sop_instance_uid: str) -> StoredInstance | None: ...
     def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int: ...
     def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None: ...
+    def tombstones(self, low: int = 0, high: int = (1 << 64) - 1) -> Any: ...
+    def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class RepairSettings:
     fetch_timeout_ms: int = 60_000
     bytes_per_second_max: int = 50_000_000  # Pull throttle (0 = none).
     fetch_window: int = 8  # Instances fetched from one source at once (one at a time was round-trip bound).
+    tombstone_grace_ms: int = 10 * 86_400_000  # Tombstones are purged this long after their delete (0: never).
 
 
 @dataclass
@@ -149,8 +152,10 @@ class Repairer:
         settings: RepairSettings,
         *,
         run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+        wall_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self.self_id = self_id
+        self._wall_ms = wall_ms  # The clock tombstone versions are on (the node's; virtual in the simulator).
         self._membership = membership
         self._transport = transport
         self._store = store
@@ -270,6 +275,7 @@ class Repairer:
                     self._pending_set = RangeSet(self._pending)
                     self.stats.pending_ranges = len(self._pending)
         await self._drop_unowned(ring, n)
+        await self._purge_tombstones(ring, n)
         self.stats.passes += 1
         self.stats.last_pass_ms = int((clock() - started) * 1000)
 
@@ -330,14 +336,21 @@ class Repairer:
                 their_entries = await self._transport.list_bucket(source, token_range, segment,
                                                                   timeout_ms=self._settings.rpc_timeout_ms)
                 low, high = self._clip(token_range, segment)
-                mine = set()
+                mine_entries: list[Entry] = []
                 for interval_low, interval_high in [(low, high)] if low <= high else []:
-                    mine = {(sop, content) for _study, sop, content in
-                            await self._run_blocking(lambda: list(self._store.entries(interval_low, interval_high)))}
+                    mine_entries = await self._run_blocking(
+                        lambda: list(self._store.entries(interval_low, interval_high)))
+                mine = {(sop, content) for _study, sop, content in mine_entries}
                 missing = [e for e in their_entries if (e[1], e[2]) not in mine and not is_mark(e[2])]
                 # Their tombstones we lack are applied as listed, never fetched: an older copy
                 # held here goes, a newer one (a re-store) stays and the source pulls it from us.
                 deletes = [_tombstone_of(e) for e in their_entries if (e[1], e[2]) not in mine and is_mark(e[2])]
+                if deletes and self._settings.tombstone_grace_ms:
+                    # Past the grace the source is about to purge it: taken only where it still
+                    # deletes something here (else a purged tombstone would come back forever).
+                    cutoff = self._wall_ms() - self._settings.tombstone_grace_ms
+                    held = {sop for _study, sop, content in mine_entries if not is_mark(content)}
+                    deletes = [t for t in deletes if t.version.ms > cutoff or t.sop_instance_uid in held]
                 if deletes:
                     removed = await self._run_blocking(self._store.put_tombstones, deletes)
                     self.stats.extra["tombstones_applied"] = self.stats.extra.get("tombstones_applied", 0) + len(deletes)
@@ -442,6 +455,59 @@ class Repairer:
                 log.info("repair.range.dropped studies=%d instances=%d kept=%d owners=%s", studies, dropped,
                          len(listed) - dropped, ",".join(owned_range.owners))
 
+    async def _purge_tombstones(self, ring: Ring, n: Replication) -> None:
+        """Forget the tombstones of our ranges older than the grace once every other owner
+        (all of them alive) holds the same tombstone or nothing under that SOP Instance UID
+        (it purged it already); the store then compacts the study's keys. An owner holding
+        an instance or another tombstone under that UID keeps ours until anti-entropy has
+        settled it. Older copies cannot come back afterwards: anti-entropy and replicas have
+        had the grace to apply the tombstone, hints older than it are dropped, and a node out
+        longer than it starts empty (node/staleness.py)."""
+        grace_ms = self._settings.tombstone_grace_ms
+        if not grace_ms:
+            return
+        cutoff = self._wall_ms() - grace_ms
+        for owned in ring.ranges(n):
+            if self.self_id not in owned.owners:
+                continue
+            others = [o for o in owned.owners if o != self.self_id]
+            if not all(self._membership.is_alive(o) for o in others):
+                continue
+            intervals = intervals_of(owned.token_range)
+
+            def expired(intervals: list[tuple[int, int]] = intervals) -> list[Tombstone]:
+                return [t for low, high in intervals for t in self._store.tombstones(low, high)
+                        if t.version.ms <= cutoff]
+
+            candidates = await self._run_blocking(expired)
+            if not candidates:
+                continue
+            by_segment: dict[int, list[Tombstone]] = {}
+            for tombstone in candidates:
+                by_segment.setdefault(segment_of(study_token(tombstone.study_instance_uid)), []).append(tombstone)
+            kept: set[tuple[str, str]] = set()
+            try:
+                for other in others:
+                    for segment, group in by_segment.items():
+                        entries = await self._transport.list_bucket(other, owned.token_range, segment,
+                                                                    timeout_ms=self._settings.rpc_timeout_ms)
+                        theirs = {(study, sop): content for study, sop, content in entries}
+                        for t in group:
+                            content = theirs.get((t.study_instance_uid, t.sop_instance_uid))
+                            if content is not None and content != t.version.mark():
+                                kept.add((t.study_instance_uid, t.sop_instance_uid))
+            except PeerError as error:
+                log.info("repair.purge.skipped error=%s", error)
+                continue
+            if self._membership.ring().version != ring.version:
+                return
+            chosen = [t for t in candidates if (t.study_instance_uid, t.sop_instance_uid) not in kept]
+            if not chosen:
+                continue
+            purged = await self._run_blocking(self._store.purge_tombstones, chosen)
+            self.stats.extra["tombstones_purged"] = self.stats.extra.get("tombstones_purged", 0) + int(purged)
+            log.info("repair.tombstones.purged count=%d kept=%d grace_s=%d", purged, len(kept), grace_ms // 1000)
+
     async def _verified_on_owners(self, token_range: TokenRange, owners: Sequence[str],
                                   listed: list[Entry]) -> list[Entry]:
         """The entries of `listed` that every owner holds with the same content. What an
@@ -470,12 +536,16 @@ class Repairer:
                 their_set = {(sop, content) for _study, sop, content in their_entries}
                 lacking = [e for e in entries if (e[1], e[2]) not in their_set]
                 if lacking:
-                    lacked.update(lacking)
-                    await self._hand_over(owner, [(study, sop) for study, sop, _content in lacking])
+                    final = await self._hand_over(owner, [(study, sop) for study, sop, _content in lacking])
+                    # An owner that answered DELETED holds a newer tombstone: its state for that
+                    # UID is final, so our (deleted) copy counts as verified and is dropped.
+                    lacked.update(e for e in lacking if (e[0], e[1]) not in final)
         return [entry for entry in listed if entry not in lacked]
 
-    async def _hand_over(self, owner: str, lacking: list[tuple[str, str]]) -> None:
+    async def _hand_over(self, owner: str, lacking: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Give `owner` what it lacks; the (study, sop) it answered DELETED for (a newer tombstone there)."""
         handed = 0
+        deleted: set[tuple[str, str]] = set()
         for study_uid, sop_uid in lacking:
             tombstone = await self._run_blocking(self._store.tombstone, study_uid, sop_uid)
             if tombstone is not None:  # A delete only we hold for this owner: it gets the tombstone.
@@ -484,22 +554,27 @@ class Repairer:
                                                     timeout_ms=self._settings.rpc_timeout_ms)
                 except PeerError as error:
                     log.info("repair.handover.failed owner=%s error=%s", owner, error)
-                    return
+                    return deleted
                 handed += 1
                 continue
             stored = await self._run_blocking(self._store.read_stored, study_uid, sop_uid)
             if stored is None:
                 continue
             try:
-                await self._transport.store(owner, stored, hint_for="", timeout_ms=self._settings.fetch_timeout_ms)
+                outcome = await self._transport.store(owner, stored, hint_for="",
+                                                      timeout_ms=self._settings.fetch_timeout_ms)
             except PeerError as error:
                 log.info("repair.handover.failed owner=%s error=%s", owner, error)
-                return
+                return deleted
+            if outcome == StoreOutcome.DELETED:
+                deleted.add((study_uid, sop_uid))
+                continue
             handed += 1
             await self._throttle(len(stored.blob))
         if handed:
             self.stats.extra["instances_handed_over"] = self.stats.extra.get("instances_handed_over", 0) + handed
             log.info("repair.handover owner=%s instances=%d", owner, handed)
+        return deleted
 
 
 def _tombstone_of(entry: Entry) -> Tombstone:

@@ -15,8 +15,12 @@
   the same first everywhere).
 - membership: every live node sees every other live node alive and holds the same ring
   (same ring version).
-- no-resurrected-deletes: skipped. replication/coordinator.py has no delete yet (no
-  tombstones), so there is nothing to resurrect; the checker is not faked.
+- no-resurrected-deletes: every instance whose delete was acknowledged (and not re-stored
+  since, with no store of its UID overlapping the delete) is asked of the cluster as a
+  client would: read through a live node (must fail: no replica returns it), and an IMAGE
+  C-FIND of its study through another live node (must not list it); and no live node's
+  store holds it as an owner copy. Hints still held for it are reported (a stand-in holds
+  a hint until its owner takes it or answers DELETED), not failed: they are not served.
 - no-errors: no exception escaped a task or callback of any node.
 """
 
@@ -26,10 +30,12 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError
+from pacsnode.replication.matching import Condition, Query
 from pacsnode.ring.placement import copies_among
 from pacsnode.ring.swim import State
 from pacsnode.sim.cluster import SimCluster
-from pacsnode.sim.workload import Workload
+from pacsnode.sim.workload import TRANSFER_SYNTAX, Workload
 
 
 @dataclass
@@ -164,9 +170,46 @@ def check_membership(cluster: SimCluster) -> CheckResult:
                        (distinct - 1 if distinct > 1 else 0) + not_alive)
 
 
-def check_deletes() -> CheckResult:
-    return CheckResult("no-resurrected-deletes", None,
-                       "skipped: the coordinator has no delete (no tombstones) yet, so nothing can come back")
+async def check_deletes(cluster: SimCluster, workload: Workload, seed: int) -> CheckResult:
+    rng = random.Random(f"{seed}:deletes")
+    live = cluster.live_ids()
+    deleted = workload.deleted
+    deletes = sum(1 for op in workload.history if op.kind == "delete")
+    if not live:
+        return CheckResult("no-resurrected-deletes", False, "no live node to read through", len(deleted))
+    back: list[str] = []
+    hinted = 0
+    for sop in sorted(deleted):
+        entry = deleted[sop]
+        holders = [n for n in live if cluster.nodes[n].store.read_stored(entry.study_instance_uid, sop) is not None]
+        for node_id in live:
+            store = cluster.nodes[node_id].store
+            hinted += sum(1 for owner in store.hint_owners()
+                          if store.read_hint(owner, entry.study_instance_uid, sop) is not None)
+        location = InstanceLocation(entry.study_instance_uid, entry.series_instance_uid, sop, entry.sop_class_uid,
+                                    TRANSFER_SYNTAX)
+        readable = False
+        try:
+            await cluster.process(rng.choice(live)).coordinator.read(location)
+            readable = True
+        except ReadError:
+            pass
+        query = Query("IMAGE", (Condition("StudyInstanceUID", "UI", entry.study_instance_uid),), ("SOPInstanceUID",))
+        listed = False
+        try:
+            async for row in cluster.process(rng.choice(live)).coordinator.find(query):
+                listed = listed or row.get("SOPInstanceUID") == sop
+        except IncompleteAnswer:
+            pass
+        if holders or readable or listed:
+            back.append(f"{sop} (held by {','.join(holders) or 'none'}; read {readable}; found {listed})")
+    detail = (f"{deletes} deletes, {len(deleted)} instances deleted and checked, {len(workload.unclear)} unclear "
+              f"(a store of the UID overlapped the delete, or the delete failed); {len(back)} back")
+    if hinted:
+        detail += f"; {hinted} hint copies still held (not served)"
+    if back:
+        detail += f": {', '.join(back[:2])}"
+    return CheckResult("no-resurrected-deletes", not back, detail, len(back))
 
 
 def check_no_errors(cluster: SimCluster) -> CheckResult:
@@ -182,6 +225,6 @@ async def run_checkers(cluster: SimCluster, workload: Workload, seed: int) -> li
         check_replication(cluster, workload),
         check_replicas_agree(cluster, workload),
         check_membership(cluster),
-        check_deletes(),
+        await check_deletes(cluster, workload, seed),
         check_no_errors(cluster),
     ]

@@ -95,6 +95,7 @@ class SimConfig:
     repair_fetch_window: int = 8
     repair_rpc_timeout_ms: int = 10_000
     hint_replay_interval_ms: int = 1_000
+    tombstone_grace_ms: int = 10 * 86_400_000  # node/config.py tombstone_grace_s.
     disk_write_ms: float = 1.0  # A synced put (the reply waits for it).
     link: LinkModel = field(default_factory=LinkModel)
     bootstrap: str = "full"  # "full": every node starts knowing all; "join": through node 0, the real path.
@@ -106,13 +107,14 @@ class SimConfig:
                                    read_quorum=self.read_quorum, read_fault_window_ms=self.read_fault_window_ms,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
-                                   replica_start_timeout_ms=self.replica_start_timeout_ms)
+                                   replica_start_timeout_ms=self.replica_start_timeout_ms,
+                                   hint_max_age_ms=self.tombstone_grace_ms)
 
     def repair_settings(self) -> RepairSettings:
         return RepairSettings(replication_factor=self.replication_factor, interval_ms=self.anti_entropy_interval_ms,
                               rpc_timeout_ms=self.repair_rpc_timeout_ms, fetch_timeout_ms=self.fetch_timeout_ms,
                               bytes_per_second_max=self.repair_bytes_per_second_max,
-                              fetch_window=self.repair_fetch_window)
+                              fetch_window=self.repair_fetch_window, tombstone_grace_ms=self.tombstone_grace_ms)
 
 
 # ===================================================================== membership view
@@ -270,7 +272,8 @@ class _Process:
                                        config.coordinator_settings(), decode=_decode, run_blocking=self.run_blocking,
                                        hlc=HybridClock(node.node_id, wall=self.now_ms))
         self.repairer = Repairer(node.node_id, self.membership, _RepairTransportView(node, transport),
-                                 _RepairStoreView(node), config.repair_settings(), run_blocking=self.run_blocking)
+                                 _RepairStoreView(node), config.repair_settings(), run_blocking=self.run_blocking,
+                                 wall_ms=self.now_ms)
         self.coordinator.pending = self.repairer.pending
         transport.observe = self.coordinator.hlc.observe
         self.deletes = DeleteCoordinator(node.node_id, self.membership, transport, node.store, self.coordinator.hlc,
@@ -278,6 +281,7 @@ class _Process:
                                          write_quorum=config.write_quorum,
                                          replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
                                          run_blocking=self.run_blocking)
+        self.coordinator.supersede = self.deletes.supersede
         # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
         # the simulated network's adapter onto it, as node/peer_server.py is gRPC's.
         self.peer_handler = PeerHandler(node.node_id, node.store, self.membership, self.repairer,

@@ -60,8 +60,10 @@ class ReplicationMonitor:
         target = copies_among(cluster.config.replication_factor, [ring.member(n).site for n in live if n in ring])
         running = set(cluster.running_ids())
         holders = cluster.replicas.holders
-        return sum(1 for sop in (self.workload.acked if sops is None else sops)
-                   if len(holders.get(sop, set()) & running) < target)
+        acked = self.workload.acked  # A tracked instance a delete named since is no longer counted.
+        deleted = self.workload.ever_deleted if sops is not None else set()
+        return sum(1 for sop in (acked if sops is None else sops)
+                   if sop in acked and sop not in deleted and len(holders.get(sop, set()) & running) < target)
 
     def start(self) -> None:
         self._task = self.cluster.loop.create_task(self._run())

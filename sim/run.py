@@ -185,7 +185,9 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
             store = cluster.nodes[ctx.movement_node].store
             ideal = sum(len(s.blob) for s in _held(store, ctx.existing))
         else:
-            ideal = ctx.movement_held_bytes
+            # What it held, less what the clients deleted since (that need not move any more).
+            gone = (set(workload.deleted) | workload.unclear) & set(ctx.movement_held)
+            ideal = ctx.movement_held_bytes - sum(ctx.movement_held[sop] for sop in gone)
         moved = movement(cluster, ctx.movement_kind, ideal, ctx.existing, ctx.fault_start_ms)
         result["movement"] = {**dataclasses.asdict(moved), "ratio": _round(moved.ratio, 3)}
     back = monitor.back_to_full_ms(ctx.fault_start_ms)

@@ -61,6 +61,7 @@ class ScenarioContext:
     movement_kind: str = ""  # loss | join | leave | wipe: what data movement to measure
     movement_node: str = ""
     movement_held_bytes: int = 0  # Bytes the lost / leaving / wiped node held at the fault.
+    movement_held: dict[str, int] = field(default_factory=dict)  # Its instances then: sop -> blob bytes.
     existing: set[str] = field(default_factory=set)  # Instances held anywhere when the fault began.
     notes: list[str] = field(default_factory=list)
 
@@ -102,7 +103,10 @@ class ScenarioContext:
         """Measure the data movement this fault causes against what `node_id` holds now."""
         self.movement_kind = kind
         self.movement_node = node_id
-        self.movement_held_bytes = self.cluster.nodes[node_id].store.bytes_stored()
+        store = self.cluster.nodes[node_id].store
+        self.movement_held_bytes = store.bytes_stored()
+        self.movement_held = {sop: len(stored.blob) for _token, study, sop in store.keys()
+                              if (stored := store.read_stored(study, sop)) is not None}
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float, step_s: float = 1.0) -> bool:
         deadline = self.cluster.loop.time() + timeout_s

@@ -31,6 +31,8 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.coordinator import restamped
+from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import InstanceRecord, StoredInstance, content_hash
 from pacsnode.sim.cluster import SimCluster
@@ -60,6 +62,17 @@ class AckedWrite:
     size_bytes: int  # Compressed (blob) bytes: what replicas store and move.
     acked_at_ms: int
     stored: StoredInstance
+
+
+@dataclass(frozen=True)
+class DeletedInstance:
+    """An instance whose delete was acknowledged, with no store of its UID overlapping the delete."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    deleted_at_ms: int  # When the delete was acknowledged.
 
 
 @dataclass
@@ -163,6 +176,12 @@ class WorkloadMix:
     find_study: float = 0.25
     duplicate: float = 0.0  # Of stores: re-send an acknowledged instance unchanged.
     conflict: float = 0.0  # Of stores: re-send an acknowledged SOP Instance UID with other bytes.
+    # Of stores: delete an acknowledged instance instead (one time in four its whole study),
+    # through the node's DeleteCoordinator; and send a deleted instance again (its first
+    # bytes, with the version it was first stamped with: older than the tombstone, so the
+    # coordinator must re-stamp it to store it as a new instance).
+    delete: float = 0.05
+    restore: float = 0.03
 
 
 class Workload:
@@ -179,10 +198,20 @@ class Workload:
         self.acked_by_study: dict[str, set[str]] = {}  # study uid -> sop uids acknowledged
         self.studies: list[Study] = []
         self.stored: dict[str, StoredInstance] = {}  # Every instance ever sent, by sop uid (first bytes).
+        # Deletes: what must stay deleted, and what cannot be judged (a store of the UID ran
+        # while its delete did, or a delete failed or timed out: it may or may not have applied).
+        self.deleted: dict[str, DeletedInstance] = {}
+        self.unclear: set[str] = set()
+        self.ever_deleted: set[str] = set()  # Every UID a delete named (measurements leave them out).
+        self._store_windows: dict[str, list[list[int]]] = {}  # sop -> [[started, ended or -1], ...]
+        self._deleting: dict[str, int] = {}  # sop -> deletes in flight naming it
+        # study -> [[started, ended or -1], ...] of study deletes: a store into the study that
+        # overlaps one may be deleted by it (an owner deletes every older instance it holds).
+        self._study_deletes: dict[str, list[list[int]]] = {}
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0,
-                                 "retrieve": 60.0, "find-study": 60.0}
+                                 "retrieve": 60.0, "find-study": 60.0, "delete": 120.0}
 
     # ----------------------------------------------------------------- entry points
     def entry_nodes(self) -> list[str]:
@@ -225,23 +254,108 @@ class Workload:
         return task.result()
 
     # ----------------------------------------------------------------- operations
-    async def store(self, stored: StoredInstance, node_id: str | None = None) -> OpRecord:
+    async def store(self, stored: StoredInstance, node_id: str | None = None, *, stamp: bool = False) -> OpRecord:
+        """A C-STORE through a node. `stamp`: the entry node stamps the version with its hybrid
+        clock as node/runtime.py does at ingest (re-stores of deleted instances; other sends
+        keep the version the data generator gave them, the loop's time)."""
         node_id = node_id or self.pick_node()
         record = OpRecord("store", node_id, self.cluster.now_ms(), sop_instance_uid=stored.sop_instance_uid)
         self.history.append(record)
         self.stored.setdefault(stored.sop_instance_uid, stored)
-        result: WriteResult | None = await self._at_node(
-            "store", node_id, lambda process: process.coordinator.store(stored), record)
+        window = [record.started_ms, -1]
+        self._store_windows.setdefault(stored.sop_instance_uid, []).append(window)
+        def send(process: Any) -> Awaitable[WriteResult]:
+            sent = restamped(stored, process.coordinator.hlc.now()) if stamp else stored
+            return process.coordinator.store(sent)  # type: ignore[no-any-return]
+
+        result: WriteResult | None = await self._at_node("store", node_id, send, record)
         record.ended_ms = self.cluster.now_ms()
+        window[1] = record.ended_ms
         if result is not None:
             record.status = result.status
             record.ok = result.status == WriteStatus.SUCCESS
+        sop = stored.sop_instance_uid
+        if any(start <= record.ended_ms and (end < 0 or end >= record.started_ms)
+               for start, end in self._study_deletes.get(stored.study_instance_uid, ())):
+            self.unclear.add(sop)  # It ran while its study was being deleted: either may win.
+            self.deleted.pop(sop, None)
+            self._forget_acked(sop)
+            self.cluster.trace.record(record.ended_ms, "op", "store", node_id, sop, record.status)
+            return record
+        if sop in self.deleted or sop in self._deleting or sop in self.unclear:
+            earlier = self.deleted.get(sop)
+            if earlier is not None and record.started_ms > earlier.deleted_at_ms and record.ok \
+                    and sop not in self._deleting:
+                del self.deleted[sop]  # A re-store after the delete: a new instance, acknowledged.
+            else:
+                # It overlapped a delete of its UID (or followed an unclear one): either may win.
+                self.deleted.pop(sop, None)
+                self.unclear.add(sop)
+                self._forget_acked(sop)
+                self.cluster.trace.record(record.ended_ms, "op", "store", node_id, sop, record.status)
+                return record
         if record.ok:
             self.acked_by_study.setdefault(stored.study_instance_uid, set()).add(stored.sop_instance_uid)
             self.acked.setdefault(stored.sop_instance_uid, []).append(AckedWrite(
                 stored.sop_instance_uid, stored.study_instance_uid, stored.content_hash, len(stored.blob),
                 record.ended_ms, stored))
         self.cluster.trace.record(record.ended_ms, "op", "store", node_id, stored.sop_instance_uid, record.status)
+        return record
+
+    def _forget_acked(self, sop: str) -> None:
+        writes = self.acked.pop(sop, None)
+        if writes:
+            self.acked_by_study.get(writes[0].study_instance_uid, set()).discard(sop)
+
+    def _overlaps_a_store(self, sop: str, started_ms: int, ended_ms: int) -> bool:
+        return any(start <= ended_ms and (end < 0 or end >= started_ms) for start, end in self._store_windows.get(sop, ()))
+
+    async def delete(self, study_instance_uid: str, sop_instance_uid: str = "", node_id: str | None = None
+                     ) -> OpRecord:
+        """Delete one instance (or, with no SOP UID, the study) through a node. Acknowledged
+        (DELETED): each instance of it acknowledged before, with no store of its UID overlapping
+        the delete, must never be read, found or held by an owner again (until re-stored).
+        Anything else (failed, timed out, INCOMPLETE) may or may not have applied: unclear."""
+        node_id = node_id or self.pick_node()
+        record = OpRecord("delete", node_id, self.cluster.now_ms(), sop_instance_uid=sop_instance_uid)
+        self.history.append(record)
+        targets = [sop_instance_uid] if sop_instance_uid else sorted(self.acked_by_study.get(study_instance_uid, ()))
+        self.ever_deleted.update(targets)
+        for sop in targets:
+            self._deleting[sop] = self._deleting.get(sop, 0) + 1
+        scope = DeleteScope(study_instance_uid, "", sop_instance_uid)
+        window = [record.started_ms, -1]
+        if not sop_instance_uid:
+            self._study_deletes.setdefault(study_instance_uid, []).append(window)
+        try:
+            result: DeleteResult | None = await self._at_node(
+                "delete", node_id, lambda process: process.deletes.delete(scope), record)
+        finally:
+            for sop in targets:
+                self._deleting[sop] -= 1
+                if not self._deleting[sop]:
+                    del self._deleting[sop]
+        record.ended_ms = self.cluster.now_ms()
+        window[1] = record.ended_ms
+        if not sop_instance_uid:  # Instances of the study acknowledged while it ran: unclear.
+            targets = sorted(set(targets) | self.acked_by_study.get(study_instance_uid, set()))
+            self.ever_deleted.update(targets)
+        if result is not None:
+            record.status = result.status.value
+            record.ok = result.status is DeleteStatus.DELETED
+        for sop in targets:
+            writes = self.acked.get(sop)
+            if record.ok and writes and not self._overlaps_a_store(sop, record.started_ms, record.ended_ms):
+                first = writes[0].stored.record
+                self.deleted[sop] = DeletedInstance(sop, first.study_instance_uid, first.series_instance_uid,
+                                                    first.sop_class_uid, record.ended_ms)
+                self.unclear.discard(sop)
+            elif writes or sop in self.deleted:
+                self.deleted.pop(sop, None)
+                self.unclear.add(sop)
+            self._forget_acked(sop)
+        self.cluster.trace.record(record.ended_ms, "op", "delete", node_id, sop_instance_uid or study_instance_uid,
+                                  record.status)
         return record
 
     async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True) -> OpRecord:
@@ -409,7 +523,7 @@ class Workload:
             await asyncio.sleep(rng.expovariate(rate_per_s))
             roll = rng.random() * (mix.store + mix.read + mix.find)
             if roll < mix.store or not self.acked:
-                coroutine: Awaitable[Any] = self.store(self._store_payload(mix))
+                coroutine: Awaitable[Any] = self._store_or_delete(mix)
             elif roll < mix.store + mix.read:
                 coroutine = self.read(rng.choice(sorted(self.acked)) if len(self.acked) < 64
                                       else self._recent_acked())
@@ -427,6 +541,19 @@ class Workload:
             task = self.cluster.loop.create_task(coroutine)  # type: ignore[arg-type]
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _store_or_delete(self, mix: WorkloadMix) -> Awaitable[Any]:
+        rng = self.rng
+        if mix.delete or mix.restore:  # One more draw only for a mix with deletes (older traces stay).
+            draw = rng.random()
+            if self.acked and draw < mix.delete:
+                sop = self._recent_acked()
+                study = self.acked[sop][0].study_instance_uid
+                return self.delete(study) if rng.random() < 0.25 else self.delete(study, sop)
+            if self.deleted and draw < mix.delete + mix.restore:
+                sop = rng.choice(sorted(self.deleted)) if len(self.deleted) < 64 else list(self.deleted)[-1]
+                return self.store(self.stored[sop], stamp=True)
+        return self.store(self._store_payload(mix))
 
     def _store_payload(self, mix: WorkloadMix) -> StoredInstance:
         rng = self.rng

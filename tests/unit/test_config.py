@@ -96,6 +96,7 @@ profile = "wan"
 hint_replay_interval_ms = 700
 anti_entropy_interval_ms = 5000
 dead_grace_s = 30
+tombstone_grace_s = 86400
 repair_bytes_per_second_max = 0
 repair_fetch_window = 3
 tls_dir = "/etc/pacsnode/tls"
@@ -148,6 +149,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.profile, config.hint_replay_interval_ms) == ("wan", 700)
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
     assert config.dead_grace_s == 30 and config.read_fault_window_ms == 30_000
+    assert config.tombstone_grace_s == 86_400
     assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
     assert config.replica_start_timeout_ms == 900 and config.repair_fetch_window == 3
     assert (config.http_host, config.http_port, config.qido_result_max) == ("127.0.0.3", 8080, 50)

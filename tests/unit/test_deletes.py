@@ -195,3 +195,38 @@ def test_anti_entropy_applies_tombstones_it_lacks_without_fetching_and_never_pul
         assert _find(cluster, lagging, study.study_instance_uid) == set()
     finally:
         cluster.close()
+
+
+def test_tombstones_are_purged_after_the_grace_on_every_owner_and_nothing_comes_back() -> None:
+    config = SimConfig(tombstone_grace_ms=30_000, anti_entropy_interval_ms=5_000)
+    cluster = SimCluster(5, seed=4, config=config)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(4)
+        study, instances = _store_study(cluster, data, "node-000", 5)
+        cluster.run_for(6)
+        assert _delete(cluster, "node-002", DeleteScope(study.study_instance_uid)).status is DeleteStatus.DELETED
+        cluster.run_for(10)  # Within the grace: every owner keeps its tombstones.
+        owners = _owners(cluster, study.study_instance_uid)
+        assert all(len(list(cluster.nodes[o].store.tombstones())) == len(instances) for o in owners)
+        cluster.run_for(40)  # Past the grace: purged everywhere, and not pulled back by anti-entropy.
+        assert all(not list(cluster.nodes[n].store.tombstones()) for n in cluster.nodes)
+        assert sum(cluster.process(o).repairer.stats.extra.get("tombstones_purged", 0) for o in owners) \
+            == len(owners) * len(instances)
+        assert all(_held(cluster, study.study_instance_uid)[n] == set() for n in cluster.nodes)
+        assert _find(cluster, "node-001", study.study_instance_uid) == set()
+    finally:
+        cluster.close()
+
+
+def test_the_stale_store_rule(tmp_path: Any) -> None:
+    from pacsnode.node.staleness import is_stale, set_stale_store_aside, stamp_alive
+
+    assert not is_stale(None, 10**12, 1_000) and not is_stale(5_000, 6_000, 1_000) and is_stale(5_000, 6_001, 1_000)
+    assert not is_stale(0, 10**12, 0)  # A grace of 0: never stale.
+    (tmp_path / "store").mkdir()
+    assert set_stale_store_aside(tmp_path, 10**9, 1_000) is None  # Never stamped: a new data dir.
+    stamp_alive(tmp_path, 5_000)
+    assert set_stale_store_aside(tmp_path, 5_900, 1_000) is None and (tmp_path / "store").exists()
+    aside = set_stale_store_aside(tmp_path, 7_000, 1_000)
+    assert aside == tmp_path / "store.stale-5000" and aside.exists() and not (tmp_path / "store").exists()
