@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, cast
 
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -466,7 +466,7 @@ class DicomFrontEnd:
             load=lambda: self._read(location),
         )
 
-    def _read_ahead(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
+    def _read_ahead(self, locations: list[InstanceLocation]) -> Generator[raw_send.StoredDataset, None, None]:
         """The instances of a C-GET/C-MOVE, each read (and decompressed) on the reader pool
         up to RETRIEVE_READ_AHEAD instances before pynetdicom sends it: the next ones are
         read while the current one goes out, never on the association's thread. What is
@@ -614,7 +614,8 @@ class RetrieveReadAhead:
     sending thread, when its turn comes (big instances then go one at a time). Stored
     bytes are passed on as read: nothing is decoded."""
 
-    def __init__(self, pool: concurrent.futures.Executor, read: Any, budget: spool.InflightBudget,
+    def __init__(self, pool: concurrent.futures.Executor,
+                 read: Callable[[InstanceLocation], tuple[bytes, int]], budget: spool.InflightBudget,
                  window: int = RETRIEVE_READ_AHEAD) -> None:
         self._pool = pool
         self._read = read

@@ -96,7 +96,12 @@ def storescp(root: Path) -> Iterator[clients.StoreScp]:
 
 @pytest.fixture(scope="module")
 def cluster(root: Path, storescp: clients.StoreScp) -> Iterator[list[NodeProcess]]:
-    nodes = start_cluster(root, NAMES, ["--destination", f"STORESCP=127.0.0.1:{storescp.port}"])
+    # read_fault_window_ms 0: at the default (60 s) a named read right after the kill -9 below is
+    # flagged incomplete (0xB000) when the dead node is a possible stand-in of the study (8e35c09,
+    # cost in docs/sim.md "Read your writes"); this module checks the answers of the owners, as
+    # test_partial_answers and test_dicomweb do.
+    nodes = start_cluster(root, NAMES, ["--destination", f"STORESCP=127.0.0.1:{storescp.port}",
+                                        "--read-fault-window-ms", "0"])
     yield nodes
     for node in nodes:
         node.stop()
@@ -285,13 +290,14 @@ def test_kill_9_one_node_stores_keep_succeeding_and_hints_come_back(cluster: lis
     manifest = datagen.write_study_set(spec, root / "during-kill")
     (root / "during-kill" / "manifest.json").unlink(missing_ok=True)
     log_path = root / "during-kill.log"
+    # The kill comes first: on a quiet machine the 80 stores can all finish within the half
+    # second a kill in the middle of them used to wait, and no store then needed a hint.
+    killed_at = time.monotonic()
+    victim.kill()
     with open(log_path, "wb") as log:
         storescu = subprocess.Popen(["storescu", "-v", "-aec", "PACSNODE", "+sd", "+r", "127.0.0.1",
                                      str(entry_node.dicom_port), str(root / "during-kill")],
                                     stdout=log, stderr=subprocess.STDOUT)
-    time.sleep(0.5)
-    killed_at = time.monotonic()
-    victim.kill()
     assert storescu.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     output = log_path.read_text(errors="replace")
     acked = clients.acked_files(output)
