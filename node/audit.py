@@ -263,6 +263,18 @@ def render(messages: Sequence[dict[str, Any]]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def record_modify(audit: "AuditLog", participant: Participant, *, study_instance_uid: str, level: str,
+                  status: str, studies: int, attributes: Sequence[str], via: str) -> None:
+    """A correction asked of this node (`pacsnode modify`: one study; `merge-patient`: every
+    study of a patient): DICOM Instances Accessed with action U (PS3.15 A.5.3.8). The
+    attribute names are recorded, never their values."""
+    audit.record("instances-accessed", action="U", outcome=SUCCESS if status == "modified" else MINOR_FAILURE,
+                 participants=[participant],
+                 subject=Subject(study_instance_uids=[study_instance_uid] if study_instance_uid else []),
+                 description=f"{via} modify {level}: {status}, {studies} studies, attributes "
+                             + ",".join(attributes))
+
+
 def record_delete(audit: "AuditLog", participant: Participant, *, study_instance_uid: str, level: str,
                   status: str, instances: int, via: str) -> None:
     """A delete asked of this node (`pacsnode delete`, DICOMweb DELETE): a study as DICOM Study

@@ -13,6 +13,7 @@ answers 206 Partial Content with what it found, or 503 when it found nothing, ea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import logging
@@ -52,6 +53,7 @@ from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_n
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
+from pacsnode.node.correct import overlay_json
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
@@ -382,7 +384,10 @@ class DicomWeb:
             for index, part in zip(missing, results):
                 parts[index] = part
                 self._metadata.put(locations[index].sop_instance_uid, part)
-        return [part for part in parts if part is not None]
+        # What is kept and cached is the header as received; a corrected study's values are
+        # put over it on every answer (the correction can change after the cache was filled).
+        return [overlay_json(part, location.correction) if location.correction else part
+                for part, location in zip(parts, locations) if part is not None]
 
     def _instance_metadata(self, location: InstanceLocation) -> bytes:
         """The header of one instance in DICOM JSON (pixel data never read, let alone decoded)."""
@@ -390,7 +395,7 @@ class DicomWeb:
             kept = self._local_headers.header(location)
             if kept is not None:
                 return kept
-        part10, _offset = self._archive.read(location)
+        part10, _offset = self._archive.read(dataclasses.replace(location, correction=""))  # As received.
         return instance_header_json(part10, location)
 
     # ------------------------------------------------------------------ bulk data

@@ -37,6 +37,7 @@ from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_asid
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
 from pacsnode.replication.hlc import wall_ms
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
+from pacsnode.replication.modify_coordinator import ModifyCoordinator
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import cancelled_by_caller
@@ -187,10 +188,14 @@ class Node:
             self.coordinator.find, replication_factor=config.replication_factor,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.coordinator.supersede = self.deletes.supersede
+        self.modifies = ModifyCoordinator(
+            config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
+            self.coordinator.find, replication_factor=config.replication_factor,
+            write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
-                                      own_copy=own_copy_reader(self.store))
+                                      own_copy=own_copy_reader(self.store), modifies=self.modifies)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,

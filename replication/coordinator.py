@@ -1003,7 +1003,9 @@ def _location(row: Attributes) -> InstanceLocation:
         sop_instance_uid=str(row["SOPInstanceUID"]),
         sop_class_uid=str(row.get("SOPClassUID", "")),
         transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
-        part10_bytes=_int(row.get("_part10_bytes")),
+        # A corrected study's headers are rewritten on the way out: the length is not known first.
+        part10_bytes=0 if row.get("_correction") else _int(row.get("_part10_bytes")),
+        correction=str(row.get("_correction", "") or ""),
     )
 
 

@@ -504,6 +504,14 @@ class _Process:
             except PeerRefused as refusal:
                 raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
             return removed, 96
+        if method == "correct":
+            (correction,) = args
+            self.coordinator.hlc.observe(correction.version)  # As peer_server: later stamps pass it.
+            try:
+                changed = await handler.apply_correction(correction)
+            except PeerRefused as refusal:
+                raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
+            return changed, 96
         if method == "fetch":
             study_uid, sop_uid, include_hints = args
             found = await handler.fetch(study_uid, sop_uid, include_hints=include_hints)
