@@ -28,7 +28,7 @@ from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
-from pacsnode.node.peer_server import PeerServer
+from pacsnode.node.peer_server import PeerServer, replication_settings
 from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
@@ -361,7 +361,7 @@ class Node:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
         if port != self.config.peer_port:
             self.membership.update_self(peer_port=port)
-        self.membership.start(GrpcCarrier(self.transport))
+        self.membership.start(GrpcCarrier(self.transport, replication_settings(self.config)))
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())

@@ -440,12 +440,14 @@ class ReplicationSettings(_message.Message):
     def __init__(self, replication_factor: _Optional[int] = ..., write_quorum: _Optional[int] = ..., read_quorum: _Optional[int] = ..., vnodes: _Optional[int] = ..., effective_replication_factor: _Optional[int] = ..., site_replicas: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("envelope", "member")
+    __slots__ = ("envelope", "member", "settings")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     member: MemberUpdate
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., member: _Optional[_Union[MemberUpdate, _Mapping]] = ...) -> None: ...
+    settings: ReplicationSettings
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., member: _Optional[_Union[MemberUpdate, _Mapping]] = ..., settings: _Optional[_Union[ReplicationSettings, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("envelope", "accepted", "reason", "members", "settings")
