@@ -48,8 +48,8 @@ from pacsnode.node.dicomweb_media import (
     part_header,
     read_file_meta,
 )
-from pacsnode.node.dicomweb_metadata import BulkDataError, bulk_value, header_json, with_root
-from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_numbers, frames, render, viewport_size
+from pacsnode.node.dicomweb_metadata import BulkDataError, HeaderTruncated, bulk_value, header_json, with_root
+from pacsnode.node.dicomweb_render import RenderError, decodable, frame_media_type, frame_numbers, frames, render, viewport_size
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
@@ -119,14 +119,26 @@ class MetadataCache:
                 self._bytes -= len(dropped)
 
 
-def transcode_uncompressed(part10: bytes, syntax: str) -> bytes:
-    """Re-encode an uncompressed instance in another uncompressed transfer syntax (lossless)."""
-    dataset = dcmread(BytesIO(part10))
-    target = UID(syntax)
-    dataset.file_meta.TransferSyntaxUID = target
-    output = BytesIO()
-    dataset.save_as(output, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian,
-                    enforce_file_format=True)
+class TranscodeError(Exception):
+    """An instance could not be converted to the transfer syntax choose_syntax picked."""
+
+
+def transcode(part10: bytes, syntax: str) -> bytes:
+    """The instance in another transfer syntax: native pixel data (uncompressed or deflated)
+    is re-encoded without decoding its values; compressed pixel data is decoded by
+    pydicom's pixel handlers (Dataset.decompress: YBR colour becomes RGB, as it documents),
+    keeping the instance's UIDs. Raises TranscodeError."""
+    try:
+        dataset = dcmread(BytesIO(part10))
+        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.decompress(generate_instance_uid=False)
+        target = UID(syntax)
+        dataset.file_meta.TransferSyntaxUID = target
+        output = BytesIO()
+        dataset.save_as(output, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian,
+                        enforce_file_format=True)
+    except Exception as error:  # pydicom and its pixel handlers raise many types
+        raise TranscodeError(f"cannot convert to {syntax}: {type(error).__name__}") from error
     return output.getvalue()
 
 
@@ -190,6 +202,8 @@ class DicomWeb:
                   methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered", self.rendered,
                   methods=["GET"]),
+            Route("/studies/{study}/rendered", self.rendered, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/rendered", self.rendered, methods=["GET"]),
             Route("/studies/{study}/thumbnail", self.thumbnail, methods=["GET"]),
             Route("/studies/{study}/series/{series}/thumbnail", self.thumbnail, methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/thumbnail", self.thumbnail, methods=["GET"]),
@@ -267,7 +281,8 @@ class DicomWeb:
             if plan.shortfall:
                 return PlainTextResponse(plan.shortfall.describe(), status_code=503, headers=_incomplete(plan.shortfall))
             return PlainTextResponse("no such instances", status_code=404)
-        chosen = [(location, choose_syntax(location.transfer_syntax_uid, accepted)) for location in plan.locations]
+        chosen = [(location, choose_syntax(location.transfer_syntax_uid, accepted, decodable))
+                  for location in plan.locations]
         sendable = [(location, syntax) for location, syntax in chosen if syntax is not None]
         if not sendable:
             return PlainTextResponse("no stored instance is available in an accepted transfer syntax "
@@ -329,7 +344,7 @@ class DicomWeb:
             async for part10, _offset in reads:
                 location, syntax = sendable[index]
                 if syntax != location.transfer_syntax_uid:
-                    part10 = await run_in_threadpool(transcode_uncompressed, part10, syntax)
+                    part10 = await run_in_threadpool(transcode, part10, syntax)
                 if exact and len(part10) != location.part10_bytes:
                     # Another copy won a conflict since the plan was made: the stated length
                     # is wrong, and a body of another length must not look complete.
@@ -339,7 +354,7 @@ class DicomWeb:
                 index += 1
                 sent += 1
             finished = True
-        except ReadError as error:
+        except (ReadError, TranscodeError) as error:
             # The status line has gone: break the body off (no closing delimiter), so that
             # the client sees a failed transfer, never a complete-looking short one.
             log.error("dicomweb.retrieve.unreadable sent=%d reason=%s", sent, error)
@@ -493,7 +508,8 @@ class DicomWeb:
         _query, plan = await run_in_threadpool(self._locate, request)
         if not plan.locations:
             return self._not_found(plan)
-        # A series or study thumbnail shows its middle instance.
+        # A series or study (rendered or thumbnail) shows a representative frame: the first
+        # frame of its middle instance (series by UID, then instances by UID).
         ordered = sorted(plan.locations, key=lambda l: (l.series_instance_uid, l.sop_instance_uid))
         location = ordered[len(ordered) // 2] if "instance" not in request.path_params else ordered[0]
 
@@ -668,12 +684,15 @@ class DicomWeb:
         return fail(STATUS_STORE_FAILED, written.message or "store failed")
 
 
-def instance_header_json(part10: bytes, location: InstanceLocation) -> bytes:
+def instance_header_json(part10: bytes, location: InstanceLocation, *, whole: bool = True) -> bytes:
     """header_json, or the instance's UIDs alone when pydicom cannot read its header (the
-    instance was accepted at ingest, so this is a reader's limit, not bad data)."""
+    instance was accepted at ingest, so this is a reader's limit, not bad data). With
+    `whole` False (the first bytes only), HeaderTruncated when they do not hold the header."""
     try:
         return header_json(part10, location.transfer_syntax_uid, location.study_instance_uid,
-                           location.series_instance_uid, location.sop_instance_uid)
+                           location.series_instance_uid, location.sop_instance_uid, whole=whole)
+    except HeaderTruncated:
+        raise
     except Exception as error:  # pydicom raises many types on odd headers
         log.error("dicomweb.metadata.unreadable sop_instance_uid=%s error=%s", location.sop_instance_uid,
                   type(error).__name__)

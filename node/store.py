@@ -63,7 +63,7 @@ from pacsnode.replication.model import (
 )
 from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
-from pacsnode.node.codec import decompress, to_stored
+from pacsnode.node.codec import decompress, decompress_head, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.ring.tokens import study_token, token_bytes
 
@@ -122,8 +122,18 @@ def index_value(keyword: str, value: str) -> str:
     return value
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _dump(record: Any) -> bytes:
-    return json.dumps(dataclasses.asdict(record), separators=(",", ":"), ensure_ascii=False).encode()
+    """A record as JSON. The records' fields are plain values (str, int, lists and dicts of
+    them), so a shallow dict gives the JSON dataclasses.asdict would, without its deep copy
+    (~80 us per record, three per stored instance; ~10 us this way)."""
+    names = _FIELD_NAMES.get(type(record))
+    if names is None:
+        names = _FIELD_NAMES[type(record)] = tuple(f.name for f in dataclasses.fields(record))
+    return json.dumps({name: getattr(record, name) for name in names}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
 
 
 def _prefix_upper_bound(prefix: bytes) -> bytes:
@@ -931,6 +941,16 @@ class RocksStore:
                 error,
             )
             raise
+
+    def read_part10_head(self, study_instance_uid: str, sop_instance_uid: str, size: int) -> bytes:
+        """The first `size` bytes of the stored Part-10 bytes (all when fewer), decompressing
+        only those: for reading a header (/metadata). Not checksum-verified (the checksum
+        covers the whole instance); raises KeyError, or CorruptBlob when the frame is unreadable."""
+        key = PREFIX_BLOB + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode()
+        blob = self._db.get(key)
+        if blob is None:
+            raise KeyError(sop_instance_uid)
+        return decompress_head(blob, size, sop_instance_uid)
 
     def instance_header(self, study_instance_uid: str, sop_instance_uid: str, content_hash: str) -> bytes | None:
         """The /metadata JSON kept for this content of the instance (None: not built yet,

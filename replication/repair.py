@@ -335,6 +335,11 @@ class Repairer:
     async def _pull_segments(self, token_range: TokenRange, source: str, segments: list[int]) -> None:
         transfer = self.transfers.setdefault(token_range, Transfer(token_range, source))
         transfer.source = source
+        # This pass's own count: every instance it listed as missing ends pulled, gone at the
+        # source, or deleted here (a newer tombstone); the range is filled when all did. (The
+        # transfer's totals add up over passes: a pass after a failed one lists again what
+        # the failed one did not get, so they are for `pacsnode status`, not for this.)
+        listed = settled = 0
         try:
             for segment in segments:
                 their_entries = await self._transport.list_bucket(source, token_range, segment,
@@ -370,17 +375,21 @@ class Repairer:
                     log.info("repair.tombstones.applied source=%s tombstones=%d removed=%d", source, len(deletes),
                              removed)
                 transfer.total_instances += len(missing)
+                listed += len(missing)
 
                 async def pull(study_uid: str, sop_uid: str) -> None:
+                    nonlocal settled
                     stored = await self._transport.fetch(source, study_uid, sop_uid,
                                                          timeout_ms=self._settings.fetch_timeout_ms)
                     if stored is None:
+                        settled += 1
                         return  # Gone meanwhile (dropped or never there); the next pass rechecks.
                     try:
                         outcome = await self._run_blocking(self._store.put_stored, stored)
                     except StoreError as error:
                         log.warning("repair.store.failed sop_instance_uid=%s error=%s", sop_uid, error)
                         raise PeerError(f"local store: {error}") from error
+                    settled += 1
                     if outcome == StoreOutcome.DELETED:  # A newer tombstone here: it stays deleted.
                         self.stats.extra["pulls_deleted"] = self.stats.extra.get("pulls_deleted", 0) + 1
                         return
@@ -396,7 +405,7 @@ class Repairer:
                 log.info("repair.range.pulled source=%s instances=%d bytes=%d", source, transfer.done_instances,
                          transfer.done_bytes)
         finally:
-            if transfer.done_instances >= transfer.total_instances:
+            if settled >= listed:
                 self.transfers.pop(token_range, None)
 
     @staticmethod
