@@ -32,7 +32,7 @@ from pacsnode.replication.model import StoredInstance, StoreError, StoreOutcome,
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.transport import PeerError, cancelled_by_caller
 from pacsnode.ring.members import MembershipView
-from pacsnode.ring.placement import Replication, Ring, TokenRange, replica_total
+from pacsnode.ring.placement import OwnedRange, Replication, Ring, TokenRange, replica_total
 from pacsnode.ring.tokens import TOKEN_SPACE, study_token
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,18 @@ class RepairStore(Protocol):
     def correction(self, study_instance_uid: str) -> Correction | None: ...
 
 
+# Owned ranges a pass compares (and pulls) at the same time.
+RANGES_IN_FLIGHT = 8
+
+# In a range this node already holds (not pending), an instance it lacks is pulled only once
+# a pass has seen it missing for this long. A copy on its way as a hint (a local-scope
+# write's copy for another site, sent at once; a hint replayed after a heal) arrives first,
+# and pulling it meanwhile sent the same bytes across the WAN twice (bench/site_bytes.py:
+# 0.33 copies more per instance when a pass ran during the stores). What no hint brings is
+# pulled by the next pass. Pending ranges (a node filling what it gained) pull at once.
+YOUNG_MISSING_MS = 10_000
+
+
 @dataclass(frozen=True)
 class RepairSettings:
     replication_factor: Replication = 3  # N, or N copies per site (ring/placement.py SiteReplicas).
@@ -79,6 +91,7 @@ class RepairSettings:
     bytes_per_second_max: int = 50_000_000  # Pull throttle (0 = none).
     fetch_window: int = 8  # Instances fetched from one source at once (one at a time was round-trip bound).
     tombstone_grace_ms: int = 10 * 86_400_000  # Tombstones are purged this long after their delete (0: never).
+    young_missing_ms: int = YOUNG_MISSING_MS  # See YOUNG_MISSING_MS (0: pull at once; the simulator's tests).
 
 
 @dataclass
@@ -174,6 +187,12 @@ class Repairer:
         self.stats = RepairStats()
         self._bucket_started = 0.0
         self._bucket_bytes = 0
+        self._round_trip_ms: dict[str, float] = {}  # Digest call round trips per peer (nearest_first).
+        # (sop, content hash) a pass found missing here, in a range not pending: when first seen
+        # (loop time); kept for what the last pass saw missing (YOUNG_MISSING_MS).
+        self._missing_since: dict[tuple[str, str], float] = {}
+        self._missing_seen: set[tuple[str, str]] = set()
+        self._deferred: set[TokenRange] = set()  # Ranges with an instance too young to pull this pass.
 
     # ----------------------------------------------------------------- views
     def pending(self) -> RangeSet:
@@ -264,24 +283,82 @@ class Repairer:
         owned = [o for o in ring.ranges(n) if self.self_id in o.owners]
         # Pending ranges first: they are what reads are waiting for.
         owned.sort(key=lambda o: o.token_range not in self._pending)
-        for item in owned:
-            if self._membership.ring().version != ring.version:
-                return  # The ring changed under us: the next pass starts from the new one.
-            sources = [o for o in item.owners if o != self.self_id and self._membership.is_alive(o)]
-            if item.token_range in self._pending and self._last_ring is not None:
-                # Old owners of a range we just gained are sources too (they may be the only ones).
-                sources += [s for s in self._previous_sources(item.token_range) if s not in sources]
-            complete = await self.sync_range(item.token_range, sources)
-            if complete and item.token_range in self._pending:
-                all_owners_alive = all(self._membership.is_alive(o) for o in item.owners)
-                if all_owners_alive or sources:
-                    self._pending.discard(item.token_range)
-                    self._pending_set = RangeSet(self._pending)
-                    self.stats.pending_ranges = len(self._pending)
+        self._missing_seen = set()
+        self._deferred = set()
+        await self._sync_all(owned, ring)
+        if self._deferred and self._membership.ring().version == ring.version:
+            # Instances too young to pull (YOUNG_MISSING_MS): look at those ranges once more
+            # when they are old enough; what a hint delivered meanwhile is no longer missing.
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._settings.young_missing_ms / 1000)
+                return  # The ring changed (the wake stays set): the next pass starts at once.
+            except asyncio.TimeoutError:
+                pass
+            await self._sync_all([o for o in owned if o.token_range in self._deferred], ring)
+        if self._membership.ring().version != ring.version:
+            return  # The ring changed under us: the next pass starts from the new one.
+        # Forget what this whole pass no longer saw missing (it arrived, or went).
+        self._missing_since = {key: at for key, at in self._missing_since.items() if key in self._missing_seen}
         await self._drop_unowned(ring, n)
         await self._purge_tombstones(ring, n)
         self.stats.passes += 1
         self.stats.last_pass_ms = int((clock() - started) * 1000)
+        log.info("repair.pass.done ranges=%d pending=%d duration_ms=%d", len(owned), len(self._pending),
+                 self.stats.last_pass_ms)
+
+    async def _sync_all(self, owned: list[OwnedRange], ring: Ring) -> None:
+        """Sync `owned`, RANGES_IN_FLIGHT ranges at once (one at a time, a pass was a chain of
+        digest round trips, two per range with three owners: ~30 s over 40 ms links with 6
+        nodes); a range not started before the ring changes is left to the next pass."""
+        slots = asyncio.Semaphore(RANGES_IN_FLIGHT)
+
+        async def one(item: OwnedRange) -> None:
+            async with slots:
+                if self._membership.ring().version == ring.version:
+                    await self._sync_owned(item)
+
+        tasks = [asyncio.ensure_future(one(item)) for item in owned]
+        try:
+            for task in tasks:
+                await task
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _sync_owned(self, item: OwnedRange) -> None:
+        sources = [o for o in item.owners if o != self.self_id and self._membership.is_alive(o)]
+        if item.token_range in self._pending and self._last_ring is not None:
+            # Old owners of a range we just gained are sources too (they may be the only ones).
+            sources += [s for s in self._previous_sources(item.token_range) if s not in sources]
+        complete = await self.sync_range(item.token_range, self.nearest_first(sources))
+        if complete and item.token_range in self._pending:
+            all_owners_alive = all(self._membership.is_alive(o) for o in item.owners)
+            if all_owners_alive or sources:
+                self._pending.discard(item.token_range)
+                self._pending_set = RangeSet(self._pending)
+                self.stats.pending_ranges = len(self._pending)
+
+    def nearest_first(self, sources: Sequence[str]) -> list[str]:
+        """`sources` in the order to pull from: this node's site first, then the other sites,
+        nearest first by the round trip this node measured on its digest calls to their nodes
+        (a site not measured yet last); ring order within a site. The first source that holds
+        what we lack is where the bytes come from (the later ones then compare equal), so a
+        rebuild after a loss crosses the WAN only for what this site has no copy of."""
+        def site(node_id: str) -> str:
+            member = self._membership.member(node_id)
+            return member.site if member is not None else ""
+
+        mine = site(self.self_id)
+        distance: dict[str, float] = {}
+        for node_id, round_trip_ms in self._round_trip_ms.items():
+            node_site = site(node_id)
+            distance[node_site] = min(distance.get(node_site, float("inf")), round_trip_ms)
+
+        def key(node_id: str) -> tuple[int, float]:
+            node_site = site(node_id)
+            return (0, 0.0) if node_site == mine else (1, distance.get(node_site, float("inf")))
+
+        return sorted(sources, key=key)
 
     def _previous_sources(self, token_range: TokenRange) -> list[str]:
         """Owners of the range in the ring before the last change (they still hold it)."""
@@ -313,7 +390,9 @@ class Repairer:
         """Pull what we lack in `token_range` from each source; True if every source answered."""
         intervals = intervals_of(token_range)
         complete = True
+        clock = asyncio.get_running_loop().time
         for source in sources:
+            asked = clock()
             try:
                 theirs = await self._transport.range_digest(source, token_range,
                                                             timeout_ms=self._settings.rpc_timeout_ms)
@@ -321,18 +400,40 @@ class Repairer:
                 log.info("repair.digest.failed source=%s error=%s", source, error)
                 complete = False
                 continue
+            self._note_round_trip(source, (clock() - asked) * 1000)
             mine = await self._run_blocking(self._store.segment_digests, intervals)
             if _range_total(mine) == _range_total(theirs) and mine == theirs:
                 continue
             segments = sorted(s for s in set(mine) | set(theirs) if mine.get(s) != theirs.get(s))
             try:
-                await self._pull_segments(token_range, source, segments)
+                await self._pull_segments(token_range, source, segments,
+                                          defer_young=token_range not in self._pending)
             except PeerError as error:
                 log.info("repair.pull.failed source=%s error=%s", source, error)
                 complete = False
         return complete
 
-    async def _pull_segments(self, token_range: TokenRange, source: str, segments: list[int]) -> None:
+    def _note_round_trip(self, node_id: str, elapsed_ms: float) -> None:
+        """A digest call's round trip to `node_id` (moving average): how near its site is."""
+        before = self._round_trip_ms.get(node_id)
+        self._round_trip_ms[node_id] = elapsed_ms if before is None else 0.8 * before + 0.2 * elapsed_ms
+
+    def _old_enough(self, missing: list[Entry]) -> list[Entry]:
+        """Of `missing` (in a range not pending), what has been seen missing for
+        YOUNG_MISSING_MS; the rest waits for a later pass (see YOUNG_MISSING_MS)."""
+        now = asyncio.get_running_loop().time()
+        kept = []
+        for entry in missing:
+            key = (entry[1], entry[2])
+            self._missing_seen.add(key)
+            if now - self._missing_since.setdefault(key, now) >= self._settings.young_missing_ms / 1000:
+                kept.append(entry)
+        if len(kept) < len(missing):
+            self.stats.extra["pulls_deferred"] = self.stats.extra.get("pulls_deferred", 0) + len(missing) - len(kept)
+        return kept
+
+    async def _pull_segments(self, token_range: TokenRange, source: str, segments: list[int], *,
+                             defer_young: bool = False) -> None:
         transfer = self.transfers.setdefault(token_range, Transfer(token_range, source))
         transfer.source = source
         # This pass's own count: every instance it listed as missing ends pulled, gone at the
@@ -352,6 +453,11 @@ class Repairer:
                 mine = {(sop, content) for _study, sop, content in mine_entries}
                 missing = [e for e in their_entries if (e[1], e[2]) not in mine and not is_mark(e[2])
                            and not is_correction_entry(e[2])]
+                if defer_young and missing and self._settings.young_missing_ms:
+                    young = len(missing)
+                    missing = self._old_enough(missing)
+                    if len(missing) < young:
+                        self._deferred.add(token_range)
                 # Their study corrections we lack (or hold an older state of) are merged as
                 # listed: the entry carries the whole correction, nothing to fetch.
                 corrections = [correction_of_entry(e[2]) for e in their_entries

@@ -54,7 +54,7 @@ from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.hlc import HybridClock
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreOutcome
 from pacsnode.replication.ownership import RingSync
-from pacsnode.replication.repair import Repairer, RepairSettings
+from pacsnode.replication.repair import YOUNG_MISSING_MS, Repairer, RepairSettings
 from pacsnode.replication.transport import PeerError, PeerRefused
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Replication, Ring
@@ -94,6 +94,7 @@ class SimConfig:
     repair_bytes_per_second_max: int = 50_000_000
     repair_fetch_window: int = 8
     repair_rpc_timeout_ms: int = 10_000
+    repair_young_missing_ms: int = YOUNG_MISSING_MS  # 0: anti-entropy pulls what it lacks at once.
     hint_replay_interval_ms: int = 1_000
     tombstone_grace_ms: int = 10 * 86_400_000  # node/config.py tombstone_grace_s.
     disk_write_ms: float = 1.0  # A synced put (the reply waits for it).
@@ -114,7 +115,8 @@ class SimConfig:
         return RepairSettings(replication_factor=self.replication_factor, interval_ms=self.anti_entropy_interval_ms,
                               rpc_timeout_ms=self.repair_rpc_timeout_ms, fetch_timeout_ms=self.fetch_timeout_ms,
                               bytes_per_second_max=self.repair_bytes_per_second_max,
-                              fetch_window=self.repair_fetch_window, tombstone_grace_ms=self.tombstone_grace_ms)
+                              fetch_window=self.repair_fetch_window, tombstone_grace_ms=self.tombstone_grace_ms,
+                              young_missing_ms=self.repair_young_missing_ms)
 
 
 # ===================================================================== membership view

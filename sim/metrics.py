@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacsnode.replication.model import StoreOutcome
 from pacsnode.ring.placement import copies_among
 from pacsnode.sim.cluster import SimCluster
 from pacsnode.sim.workload import OpRecord, Workload
@@ -224,13 +225,21 @@ class Movement:
     senders: int = 0  # Distinct nodes the copies came from (fan-in of the rebuild).
     largest_sender_fraction: float = 0.0
     cross_site_bytes: int = 0  # Of moved_bytes, copied between nodes of different sites.
+    # Of moved_bytes, copies the receiver did not keep: it held a newer tombstone (a delete
+    # that reached it before the source), so the pull was for nothing.
+    deleted_bytes: int = 0
+    cross_site_deleted_bytes: int = 0  # Of those, copied between sites.
+    # Copies kept by nodes of the site of the node lost (joined, left, wiped) that came from
+    # another site: with 2+ copies per site a same-site source holds them (a rebuild's WAN cost).
+    into_site_cross_site_bytes: int = 0
 
     @property
     def ratio(self) -> float | None:
         return self.moved_bytes / self.ideal_bytes if self.ideal_bytes else None
 
 
-def movement(cluster: SimCluster, kind: str, ideal_bytes: int, existing: set[str], since_ms: int) -> Movement:
+def movement(cluster: SimCluster, kind: str, ideal_bytes: int, existing: set[str], since_ms: int,
+             node_id: str = "") -> Movement:
     """Bytes the repairers copied (pulled or handed over) of instances that existed at `since_ms`.
 
     Every copy that crossed the network counts, also one the receiver turned out to hold
@@ -238,18 +247,26 @@ def movement(cluster: SimCluster, kind: str, ideal_bytes: int, existing: set[str
     """
     per_node: dict[str, int] = defaultdict(int)
     per_source: dict[str, int] = defaultdict(int)
-    cross_site = 0
+    cross_site = deleted = cross_site_deleted = into_site = 0
+    site = cluster.nodes[node_id].site if node_id in cluster.nodes else None
     for move in cluster.moves:
         if move.at_ms >= since_ms and move.sop_instance_uid in existing:
             per_node[move.node_id] += move.size_bytes
             per_source[move.source] += move.size_bytes
-            if move.source and cluster.nodes[move.source].site != cluster.nodes[move.node_id].site:
+            crossed = bool(move.source) and cluster.nodes[move.source].site != cluster.nodes[move.node_id].site
+            if crossed:
                 cross_site += move.size_bytes
+            if move.outcome == StoreOutcome.DELETED:
+                deleted += move.size_bytes
+                cross_site_deleted += move.size_bytes if crossed else 0
+            elif crossed and cluster.nodes[move.node_id].site == site:
+                into_site += move.size_bytes
     moved = sum(per_node.values())
     largest = max(per_node.values(), default=0)
     largest_source = max(per_source.values(), default=0)
     return Movement(kind, ideal_bytes, moved, len(per_node), largest / moved if moved else 0.0,
-                    len(per_source), largest_source / moved if moved else 0.0, cross_site)
+                    len(per_source), largest_source / moved if moved else 0.0, cross_site, deleted,
+                    cross_site_deleted, into_site)
 
 
 # ===================================================================== availability

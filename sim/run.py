@@ -188,7 +188,7 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
             # What it held, less what the clients deleted since (that need not move any more).
             gone = (set(workload.deleted) | workload.unclear) & set(ctx.movement_held)
             ideal = ctx.movement_held_bytes - sum(ctx.movement_held[sop] for sop in gone)
-        moved = movement(cluster, ctx.movement_kind, ideal, ctx.existing, ctx.fault_start_ms)
+        moved = movement(cluster, ctx.movement_kind, ideal, ctx.existing, ctx.fault_start_ms, ctx.movement_node)
         result["movement"] = {**dataclasses.asdict(moved), "ratio": _round(moved.ratio, 3)}
     back = monitor.back_to_full_ms(ctx.fault_start_ms)
     result["rereplication_s"] = _seconds(back, ctx.fault_start_ms)
@@ -321,7 +321,9 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"  data moved ({m['kind']}): {m['moved_bytes']} bytes vs ideal {m['ideal_bytes']} "
                      f"= {m['ratio']}; {m['receivers']} receivers, largest {m['largest_receiver_fraction']:.2f}; "
                      f"{m['senders']} senders, largest {m['largest_sender_fraction']:.2f}; "
-                     f"{m['cross_site_bytes']} bytes between sites")
+                     f"{m['cross_site_bytes']} bytes between sites; not kept (a newer tombstone at the receiver) "
+                     f"{m['deleted_bytes']} bytes, {m['cross_site_deleted_bytes']} of them between sites; "
+                     f"kept in {m['kind']} node's site from another site {m['into_site_cross_site_bytes']} bytes")
     lines.append(f"  back to N copies {result['rereplication_s']} s after the fault"
                  f" ({result['rereplication_after_removal_s']} s after removal); peak under-replicated "
                  f"{result['under_replicated_peak']}, monotonic {result['under_replicated_monotonic']}")
