@@ -255,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pacsnode: cannot listen on {config.host}:{config.dicom_port}: {error}", file=sys.stderr)
             node.stop()
             return 1
+        if node.exit_error:
+            print(f"pacsnode: stopped: {node.exit_error}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "sim":
         from pacsnode.sim import cli as sim_cli

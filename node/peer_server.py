@@ -437,7 +437,7 @@ class MembershipService(pb_grpc.MembershipServicer):
         await self.node.security.refuse(context, self.node.security.guard.join_problem(member.node_id, source))
         config = self.node.config
         settings = replication_settings(config)
-        mismatch = placement_mismatch(settings, request.settings) if request.HasField("settings") else None
+        mismatch = peer_wire.placement_mismatch(settings, request.settings) if request.HasField("settings") else None
         if mismatch is not None:
             # Checked before membership sees the joiner: it never enters the ring, so no
             # node computes owners with it under the other placement.
@@ -637,22 +637,6 @@ def replication_settings(config: Any, *, effective_n: int = 0) -> pb.Replication
     return pb.ReplicationSettings(replication_factor=replica_total(config.replication), write_quorum=config.write_quorum,
                                   read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n,
                                   site_replicas=str(config.replication) if config.site_replicas else "")
-
-
-def placement_mismatch(own: pb.ReplicationSettings, joiner: pb.ReplicationSettings) -> str | None:
-    """Why a joiner with `joiner` settings may not join a cluster placing by `own`, or None.
-    Only placement is compared: site_replicas, or replication_factor when neither side
-    sets them (W, R and vnodes are each node's own and may differ)."""
-    def placement(settings: pb.ReplicationSettings) -> str:
-        if settings.site_replicas:
-            return f"site_replicas={settings.site_replicas}"
-        return f"replication_factor={settings.replication_factor}"
-
-    if placement(own) == placement(joiner):
-        return None
-    return (f"replication settings differ: this cluster places {placement(own)}, the joining node "
-            f"{placement(joiner)}; start it with the cluster's (--site-replicas / --replicas) or it "
-            f"would compute other owners for every study")
 
 
 def describe_rpc_error(error: Any) -> str:

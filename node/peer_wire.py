@@ -289,6 +289,22 @@ def request_to_wire(message: swim.Message, target_id: str, env: pb.Envelope) -> 
     raise ValueError(f"{type(message).__name__} is a reply, not a request")
 
 
+def placement_mismatch(own: pb.ReplicationSettings, joiner: pb.ReplicationSettings) -> str | None:
+    """Why a joiner with `joiner` settings may not join a cluster placing by `own`, or None.
+    Only placement is compared: site_replicas, or replication_factor when neither side
+    sets them (W, R and vnodes are each node's own and may differ)."""
+    def placement(settings: pb.ReplicationSettings) -> str:
+        if settings.site_replicas:
+            return f"site_replicas={settings.site_replicas}"
+        return f"replication_factor={settings.replication_factor}"
+
+    if placement(own) == placement(joiner):
+        return None
+    return (f"replication settings differ: this cluster places {placement(own)}, the joining node "
+            f"{placement(joiner)}; start it with the cluster's (--site-replicas / --replicas) or it "
+            f"would compute other owners for every study")
+
+
 def reply_from_wire(method: str, reply: Any) -> tuple[swim.Message | None, list[str]]:
     """The SWIM reply in a Membership RPC's answer (None for a gossip's empty Ack)."""
     if method in ("Ping", "IndirectPing"):

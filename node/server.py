@@ -42,6 +42,7 @@ from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import cancelled_by_caller
 from pacsnode.ring.members import MemberInfo
+from pacsnode.ring.swim import JoinRefusal
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ class Node:
         self._health_task: asyncio.Task[None] | None = None
         self._alive_task: asyncio.Task[None] | None = None
         self.shutdown_requested = threading.Event()
+        # Why the node stopped by itself with an error (the CLI then exits 1), or "".
+        self.exit_error = ""
         self._stopped = threading.Event()
 
     def envelope(self) -> pb.Envelope:
@@ -537,6 +540,11 @@ class Node:
         try:
             while not wake.wait(0.5):
                 if self.shutdown_requested.is_set():
+                    break
+                if self.membership.join_refusal() is JoinRefusal.PLACEMENT:
+                    # Retrying cannot help: the cluster places studies otherwise. Stop, loudly.
+                    self.exit_error = f"join refused: {self.membership.swim.join_refused_reason}"
+                    log.error("node.exit reason=join-refused-placement node_id=%s", self.config.node_id)
                     break
                 if hangup.is_set() or time.monotonic() >= next_poll:
                     if hangup.is_set():

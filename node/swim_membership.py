@@ -53,6 +53,7 @@ from pacsnode.ring.swim import (
     Ack,
     Gossip,
     IndirectPing,
+    JoinRefusal,
     JoinReply,
     JoinRequest,
     LeaveReply,
@@ -161,6 +162,10 @@ class GrpcCarrier:
         if isinstance(message, Gossip):
             return source, None, []  # Its reply is an empty Ack.
         answer, problems = peer_wire.reply_from_wire(method, reply)
+        if isinstance(answer, JoinReply) and not answer.accepted and self.settings is not None and \
+                reply.HasField("settings") and peer_wire.placement_mismatch(reply.settings, self.settings):
+            # The seed places studies otherwise than we would: no retry can change that.
+            answer = replace(answer, refusal=JoinRefusal.PLACEMENT)
         return source, answer, problems
 
 
@@ -272,6 +277,11 @@ class SwimMembership:
         """False from start() until a seed accepted our join (True without seeds). Until then
         the ring holds only what we knew: at a first start, or a restart, only ourselves."""
         return self.swim.joined
+
+    def join_refusal(self) -> JoinRefusal:
+        """PLACEMENT once a seed refused this node's join because the cluster places studies
+        otherwise (site_replicas / replication_factor): it no longer asks, and the node stops."""
+        return self.swim.join_refusal
 
     def statistics(self) -> SwimStatistics:
         return self.swim.statistics()

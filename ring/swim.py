@@ -419,11 +419,19 @@ class JoinRequest:
     member: MemberUpdate  # The joiner, ALIVE.
 
 
+class JoinRefusal(StrEnum):
+    """Why a seed refused a join, as far as the joiner can act on it."""
+
+    NONE = "none"  # Accepted, or a refusal that may clear up (an id in use, a dead generation): retried.
+    PLACEMENT = "placement"  # The cluster places studies otherwise (site_replicas / N): asking again cannot help.
+
+
 @dataclass(frozen=True, slots=True)
 class JoinReply:
     accepted: bool
     reason: str = ""
     members: Updates = ()
+    refusal: JoinRefusal = JoinRefusal.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -649,6 +657,9 @@ class Swim:
         self._seeds: tuple[str, ...] = ()
         self._joined = True  # Until join() is called there is nothing to join.
         self.join_refused_reason = ""
+        # PLACEMENT once a seed refused us for placement settings: join retries stop, and the
+        # node shell stops the process (node/server.py) instead of asking forever.
+        self.join_refusal = JoinRefusal.NONE
         # Timers start at random phases so that nodes started together do not beat in step.
         self._next_probe_ms = now_ms + rng.randrange(config.probe_interval_ms)
         self._next_gossip_ms = now_ms + rng.randrange(config.gossip_interval_ms)
@@ -933,6 +944,9 @@ class Swim:
                     self.join_refused_reason = ""
                 elif not self._joined:
                     self.join_refused_reason = message.reason
+                    if message.refusal is JoinRefusal.PLACEMENT:
+                        self.join_refusal = JoinRefusal.PLACEMENT
+                        self._next_join_ms = None  # Asking again cannot help.
                 self._apply_all(now_ms, message.members, full_state=True)
             case LeaveRequest():
                 self._apply(now_ms, message.member)

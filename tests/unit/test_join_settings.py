@@ -1,10 +1,10 @@
-"""The join check of placement settings (node/peer_server.py placement_mismatch)."""
+"""The join check of placement settings (node/peer_wire.py placement_mismatch)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pacsnode.node.peer_server import placement_mismatch
+from pacsnode.node.peer_wire import placement_mismatch
 from pacsnode.proto import pacsnode_pb2 as pb
 
 

@@ -33,6 +33,7 @@ from pacsnode.ring.swim import (
     Ack,
     Gossip,
     IndirectPing,
+    JoinRefusal,
     JoinReply,
     JoinRequest,
     MemberUpdate,
@@ -501,6 +502,23 @@ def test_join_retries_until_a_seed_answers() -> None:
     swim.on_message(16_000, "node-01", JoinReply(True, "", (MemberUpdate(seed, State.ALIVE),)))
     assert swim.state_of("node-01") is State.ALIVE
     assert of_type(drive(swim, 40_000, {"node-01": True}, now_ms=16_000), JoinRequest) == []
+
+
+def test_a_join_refused_for_placement_is_not_asked_again() -> None:
+    """A refusal that may clear up (an id in use) is retried; one for other placement
+    settings (JoinRefusal.PLACEMENT: the joiner's shell compared the seed's settings) is
+    not: join_refusal says so and no JoinRequest follows."""
+    info = member_info(5)
+    swim = Swim(LAN, info, random.Random(1), 0)
+    swim.join(0, ["10.0.0.1:7946"])
+    swim.on_message(10, "node-01", JoinReply(False, "node id in use"))
+    assert swim.join_refusal is JoinRefusal.NONE and not swim.joined
+    assert len(of_type(drive(swim, 2 * LAN.join_retry_interval_ms, now_ms=10), JoinRequest)) == 2
+    at_ms = 2 * LAN.join_retry_interval_ms + 10
+    swim.on_message(at_ms, "node-01", JoinReply(False, "replication settings differ", refusal=JoinRefusal.PLACEMENT))
+    assert swim.join_refusal is JoinRefusal.PLACEMENT and not swim.joined
+    assert swim.join_refused_reason == "replication settings differ"
+    assert of_type(drive(swim, at_ms + 5 * LAN.join_retry_interval_ms, now_ms=at_ms), JoinRequest) == []
 
 
 def test_operator_remove_needs_a_known_other_member() -> None:
