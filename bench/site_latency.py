@@ -11,6 +11,12 @@ C-STORE timed from request to response; then the run waits until no hint is left
 copy in its site) and says how long that took. One scope per cluster, the same instances
 (same seed) for both.
 
+WAN bytes: the proxy counts every byte of every peer connection; those on links between
+sites (both ways: gRPC, HTTP/2 and TCP payload, no TLS here) from the first store until the
+cluster is healthy again, less the rate measured over QUIET_S before the stores (membership,
+anti-entropy digests), divided by the instances, against the mean zstd size of the Part-10
+files (node/codec.py): the issue's goal is 2.0 (one compressed copy per remote site).
+
     .venv/bin/python bench/site_latency.py [--instances 200] [--wan-ms 40] [--wan-jitter-ms 10] \
         [--lan-ms 0.2] [--scopes local global]
 
@@ -32,6 +38,7 @@ from typing import Any
 
 from pynetdicom import AE, evt
 
+from pacsnode.node.codec import compress
 from pacsnode.sim import datagen
 from pacsnode.sim.chaos import ChaosCluster, ChaosSettings
 from pacsnode.sim.process import wait_until
@@ -67,6 +74,19 @@ def store_timed(port: int, entries: list[datagen.ManifestEntry]) -> list[tuple[f
     return results
 
 
+QUIET_S = 20.0
+
+
+def wan_bytes(cluster: ChaosCluster) -> int:
+    """Bytes the proxy carried, both ways, on links between nodes of different sites."""
+    total = 0
+    for name, stats in cluster.proxy.stats().items():
+        source, target = name.split(">")
+        if cluster.sites[source] != cluster.sites[target]:
+            total += stats.bytes_forward + stats.bytes_backward
+    return total
+
+
 def measure(scope: str, entries: list[datagen.ManifestEntry], args: argparse.Namespace, root: Path) -> dict[str, Any]:
     settings = ChaosSettings(nodes=6, sites=3, site_copies=1, write_quorum=2, write_quorum_scope=scope,
                              wan_delay_ms=args.wan_ms, wan_jitter_ms=args.wan_jitter_ms, lan_delay_ms=args.lan_ms,
@@ -77,13 +97,25 @@ def measure(scope: str, entries: list[datagen.ManifestEntry], args: argparse.Nam
         cluster.start_all()
         if not wait_until(lambda: cluster.health()[0], 120, 0.5):
             raise RuntimeError(f"not healthy before the stores: {cluster.health()[1]}")
+        # Peer bytes between sites without stores (membership, anti-entropy digests) over
+        # QUIET_S, as a rate to subtract from the bytes of the stores and their copies.
+        quiet_bytes, quiet_at = wan_bytes(cluster), time.monotonic()
+        time.sleep(QUIET_S)
+        quiet_rate = (wan_bytes(cluster) - quiet_bytes) / (time.monotonic() - quiet_at)
         load_before = os.getloadavg()[0]
+        start_bytes, started_at = wan_bytes(cluster), time.monotonic()
         results = store_timed(cluster.nodes["c1"].dicom_port, entries)
         stored_at = time.monotonic()
         healthy = wait_until(lambda: cluster.health()[0], 120, 0.25)
         copies_s = time.monotonic() - stored_at if healthy else None
+        store_wan = wan_bytes(cluster) - start_bytes - quiet_rate * (time.monotonic() - started_at)
         latencies = [ms for ms, status in results if status == 0]
+        # The compressed copy as the node keeps it (zstd of the Part-10 file, node/codec.py).
+        mean_compressed = statistics.fmean(len(compress(Path(e["path"]).read_bytes())) for e in entries)
+        per_instance = store_wan / len(entries)
         return {"scope": scope, "stored": len(latencies), "failed": len(results) - len(latencies),
+                "wan_bytes_per_instance": round(per_instance), "mean_compressed_bytes": round(mean_compressed),
+                "wan_ratio": round(per_instance / mean_compressed, 2), "quiet_wan_bytes_per_s": round(quiet_rate),
                 "p50_ms": round(statistics.median(latencies), 1), "p99_ms": round(percentile(latencies, 99), 1),
                 "mean_ms": round(statistics.fmean(latencies), 1), "max_ms": round(max(latencies), 1),
                 "all_copies_after_s": None if copies_s is None else round(copies_s, 1),
@@ -109,11 +141,14 @@ def main() -> None:
         rows = [measure(scope, entries, args, Path(tmp) / scope) for scope in args.scopes]
     print(f"{args.instances} instances one after the other through c1; 3 sites x 2 nodes, one copy per site, W=2; "
           f"WAN {args.wan_ms:g} +- {args.wan_jitter_ms:g} ms one way, LAN {args.lan_ms:g} ms")
-    print("| scope | stored | failed | p50 ms | p99 ms | mean ms | max ms | all copies after s | load before/after |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| scope | stored | failed | p50 ms | p99 ms | mean ms | max ms | all copies after s | load before/after | "
+          "WAN bytes per instance | mean compressed | ratio | quiet WAN B/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scope']} | {r['stored']} | {r['failed']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_ms']} | "
-              f"{r['max_ms']} | {r['all_copies_after_s']} | {r['load_before']} / {r['load_after']} |")
+              f"{r['max_ms']} | {r['all_copies_after_s']} | {r['load_before']} / {r['load_after']} | "
+              f"{r['wan_bytes_per_instance']} | {r['mean_compressed_bytes']} | {r['wan_ratio']} | "
+              f"{r['quiet_wan_bytes_per_s']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

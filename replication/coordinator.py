@@ -159,6 +159,11 @@ class Coordinator:
         self.supersede: Callable[[list[Tombstone]], Awaitable[bool]] | None = None
         self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
         self._remote_queued_bytes = 0
+        # (owner, sop) whose hint a local-scope send delivered (and deleted) since the replay
+        # pass before last began: a pass works from the hints it listed at its start, and
+        # must not send one of those again after the send above delivered it meanwhile.
+        self._remote_delivered: set[tuple[str, str]] = set()
+        self._remote_delivered_before: set[tuple[str, str]] = set()
         self._remote_slots: asyncio.Semaphore | None = None  # Made on the loop, at first use.
         # Ranges this node is still filling (set by the node to its Repairer's view).
         self.pending: Callable[[], RangeSet] = lambda: RangeSet([])
@@ -448,6 +453,7 @@ class Coordinator:
             if outcome in DURABLE_OUTCOMES:
                 await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
                                          stored.sop_instance_uid)
+                self._remote_delivered.add((owner, stored.sop_instance_uid))
                 self._count("remote_sends")
                 if outcome == StoreOutcome.DELETED:  # A newer delete there: as _superseded_late.
                     self._count("writes_restamped_late")
@@ -904,6 +910,7 @@ class Coordinator:
         owner's first failure ends its part of the pass. (One hint at a time, one owner after
         another, a pass over 40 ms links took ~28 s on 6 nodes after a site cut.)"""
         self.stats.extra["hint_replay_passes"] = self.stats.extra.get("hint_replay_passes", 0) + 1
+        self._remote_delivered_before, self._remote_delivered = self._remote_delivered, set()
         owners = await self._run_blocking(self._local.hint_owners)
         ring = self._membership.ring()
         parts: list[Awaitable[int]] = []
@@ -939,8 +946,13 @@ class Coordinator:
     async def _replay_one(self, owner: str, stored: StoredInstance, ring: Ring) -> bool | None:
         """Hand one hint to its owner: True when handed over (and deleted here), False when
         skipped, None when the owner failed it (the hint stays)."""
-        if (owner, stored.sop_instance_uid) in self._remote_sends:
+        key = (owner, stored.sop_instance_uid)
+        if key in self._remote_sends:
             return False  # A local-scope write is sending it right now.
+        if key in self._remote_delivered or key in self._remote_delivered_before:
+            # Delivered by that send after this pass listed it: the hint is gone, the copy is there.
+            self._count("hints_replay_already_delivered")
+            return False
         if self._expired(stored):
             # Older than the tombstone grace: a delete of it may be purged everywhere by
             # now, so replaying it could bring a deleted instance back. Its owner gets

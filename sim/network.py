@@ -123,6 +123,7 @@ class Traffic:
     deadlines: int = 0
     swim_bytes_sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # By node.
     wan_bytes: int = 0
+    wan_bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # data.store, reply.fetch...
 
 
 class Trace:
@@ -213,7 +214,8 @@ class SimNetwork:
         self.trace.record(self.loop.time(), "heal")
 
     # ----------------------------------------------------------------- the link
-    def _delay_s(self, source: str, target: str, size_bytes: int, *, stream: bool = False) -> float | None:
+    def _delay_s(self, source: str, target: str, size_bytes: int, *, stream: bool = False, kind: str = ""
+                 ) -> float | None:
         """One-way delay of a message, or None when it is lost or cut. `stream`: it rides TCP."""
         model = self.model
         rng = self.rng
@@ -239,6 +241,7 @@ class SimNetwork:
             delay_ms = model.wan_latency_ms + rng.random() * model.wan_jitter_ms
             delay_ms += 1000 * size_bytes / model.wan_bytes_per_second
             self.traffic.wan_bytes += size_bytes
+            self.traffic.wan_bytes_by_kind[kind] += size_bytes
         if model.reorder and rng.random() < model.reorder:
             delay_ms += rng.random() * model.reorder_delay_ms
         return (delay_ms + retransmit_ms) / 1000
@@ -284,7 +287,7 @@ class SimNetwork:
         if target not in self._endpoints:
             deadline.cancel()
             raise PeerError(f"unknown node {target}")
-        delay = self._delay_s(source.node_id, target, request_bytes, stream=True)
+        delay = self._delay_s(source.node_id, target, request_bytes, stream=True, kind=kind)
         self._count(kind, request_bytes, delay is not None)
         if delay is not None:
             loop.call_at(loop.time() + delay, self._arrive_call, source, target, method, args, future, kind,
@@ -304,7 +307,7 @@ class SimNetwork:
         endpoint = self._endpoint(target)
         if endpoint is None:  # Process down: connection refused, known one round trip later.
             self.traffic.refused += 1
-            back = self._delay_s(target, source.node_id, 64, stream=True)
+            back = self._delay_s(target, source.node_id, 64, stream=True, kind="refused")
             if back is not None:
                 error = PeerError(f"{target}: connection refused (node down)")
                 self.loop.call_at(self.loop.time() + back, self._reply, source, future, None, error)
@@ -321,7 +324,7 @@ class SimNetwork:
             result, size = await endpoint.handle(method, args, source.node_id, ring_version)
         except PeerError as refused:
             error = refused
-        delay = self._delay_s(endpoint.node_id, source.node_id, size, stream=True)
+        delay = self._delay_s(endpoint.node_id, source.node_id, size, stream=True, kind="reply." + method)
         self._count("reply." + method, size, delay is not None)
         if method == "swim":
             self.traffic.swim_bytes_sent[endpoint.node_id] += size
