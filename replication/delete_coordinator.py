@@ -37,6 +37,7 @@ from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, Tombstone
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MembershipView
+from pacsnode.ring.placement import Replication
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ Finder = Callable[[Query], AsyncIterator[Attributes]]
 
 class DeleteCoordinator:
     def __init__(self, self_id: str, membership: MembershipView, transport: TombstoneTransport,
-                 local: TombstoneStore, hlc: HybridClock, find: Finder, *, replication_factor: int,
+                 local: TombstoneStore, hlc: HybridClock, find: Finder, *, replication_factor: Replication,
                  write_quorum: int, replica_timeout_ms: int = 2_000,
                  run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.self_id = self_id
@@ -216,8 +217,10 @@ class DeleteCoordinator:
             return DeleteResult(DeleteStatus.NOT_FOUND, message="nothing in this scope on the study's owners")
         tombstones = list(listed.values())
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
-        w = min(self._w, n)
+        # The placement policy itself (per-site copies included), as the Coordinator's writes
+        # use it: a plain count here would send the tombstones to other nodes than the owners.
+        n = ring.effective(self._n)
+        w = min(self._w, ring.effective_replicas(self._n))
         token = study_token(scope.study_instance_uid)
         owners = ring.preference_list(token, n)
         used: set[str] = set()
@@ -239,13 +242,13 @@ class DeleteCoordinator:
         """Tombstones (one study) on its owners, hints for the down ones, without a listing;
         True once W made them durable (Coordinator.store, after it met a newer tombstone)."""
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
+        n = ring.effective(self._n)
         token = study_token(tombstones[0].study_instance_uid)
         owners = ring.preference_list(token, n)
         used: set[str] = set()
         results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, None, token, n, used)
                                          for owner in owners))
-        return sum(1 for ok in results if ok) >= min(self._w, n)
+        return sum(1 for ok in results if ok) >= min(self._w, ring.effective_replicas(self._n))
 
     async def _send(self, node_id: str, tombstones: Sequence[Tombstone], scope: DeleteScope | None,
                     hint_for: str) -> int:
@@ -263,7 +266,7 @@ class DeleteCoordinator:
         return removed
 
     async def _replicate(self, owner: str, owners: Sequence[str], tombstones: Sequence[Tombstone],
-                         scope: DeleteScope | None, token: int, n: int, used: set[str]) -> bool:
+                         scope: DeleteScope | None, token: int, n: Replication, used: set[str]) -> bool:
         """The tombstones on `owner`, or else as hints for it on the next stand-in."""
         if owner == self.self_id or self._membership.is_alive(owner):
             try:
@@ -304,7 +307,7 @@ class DeleteCoordinator:
         handed = 0
         owners = await self._run_blocking(self._local.tombstone_hint_owners)
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
+        n = ring.effective(self._n)
         for owner in owners:
             if owner in ring and not self._membership.is_alive(owner):
                 continue
