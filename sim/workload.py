@@ -239,6 +239,7 @@ class Workload:
         # Corrections: every modify sent, by study (the corrections checker judges them).
         self.modifies: dict[str, list[ModifyOp]] = {}
         self.restores_acked = 0  # Re-stores of a deleted instance acknowledged after its delete.
+        self.deleted_served = 0  # Study retrieves during the run that located an instance deleted before.
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0,
@@ -499,6 +500,12 @@ class Workload:
             record.ok = True  # Answered; the status says how (as for find).
             located = {location.sop_instance_uid for location in plan.locations}
             record.status = "flagged" if plan.shortfall else "success" if expected <= located else "stale"
+            # An instance whose delete was acknowledged before this began, with no store of its
+            # UID since: a C-GET would send it (chaos runs count the same: "served after").
+            served = [sop for sop in located if sop in self.deleted
+                      and self.deleted[sop].deleted_at_ms < record.started_ms
+                      and not self._overlaps_a_store(sop, self.deleted[sop].deleted_at_ms, record.ended_ms)]
+            self.deleted_served += len(served)
         self.cluster.trace.record(record.ended_ms, "op", "retrieve", node_id, study_instance_uid, record.status)
         return record
 
