@@ -5,7 +5,8 @@
 Starts K nodes on 127.0.0.1, every peer connection routed through a fault proxy
 (sim/faultproxy.py; each node's `--peer-route` sends its traffic for node B to the link
 "A>B"). While pynetdicom SCUs and dcmtk's storescu store new studies through random
-nodes, and a reader C-FINDs and C-GETs acknowledged ones, the runner injects faults one
+nodes, readers C-FIND and C-GET acknowledged ones and a deleter deletes some of them
+(Admin.Delete, or `pacsnode delete`) through random live nodes, the runner injects faults one
 at a time from a seeded plan (sim/chaos_plan.py: kill -9, SIGSTOP/SIGCONT, clean
 restart, data-dir wipe, partitions, one-way cuts, isolation, slow links), measures how
 long detection and recovery took, and records every client operation and its outcome.
@@ -14,9 +15,12 @@ At the end it heals everything and checks, on the real processes:
 
 1. every node sees every other alive, no hints are held, nothing is under-replicated,
    and every node reports the same ring (Admin.RingView);
-2. every acknowledged instance is held by exactly its N owners (ListStudy on every node);
-3. every acknowledged instance is retrievable byte-identical by C-GET from every node;
-4. a C-FIND at every node lists every acknowledged study;
+2. every acknowledged instance no delete named is held by exactly its N owners, and no
+   node holds one whose delete was acknowledged (ListStudy on every node);
+3. every acknowledged instance no delete named is retrievable byte-identical by C-GET
+   from every node, and no C-GET returns a deleted one;
+4. a C-FIND at every node lists every acknowledged study, and no IMAGE-level C-FIND
+   lists a deleted instance (unclear deletes, with no clear answer, are judged neither way);
 5. no node process died on its own, and no C-GET during the run returned other bytes
    than those acknowledged.
 
@@ -27,12 +31,14 @@ same seed gives the same faults in the same order, not the same interleaving.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import logging
 import random
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -52,7 +58,7 @@ from pacsnode.sim import chaos_clients as clients
 from pacsnode.sim import datagen
 from pacsnode.sim.chaos_plan import SCENARIOS, Fault, plan_faults
 from pacsnode.sim.faultproxy import FaultProxy
-from pacsnode.sim.process import NodeProcess, free_port, wait_until
+from pacsnode.sim.process import NodeProcess, free_port, pacsnode_command, wait_until
 
 log = logging.getLogger("pacsnode.sim.chaos")
 
@@ -83,6 +89,8 @@ class ChaosSettings:
     storescu_every_s: float = 6.0       # A dcmtk storescu study this often (0: none).
     read_threads: int = 2               # Readers: each a C-FIND or C-GET of an acknowledged study ...
     read_every_s: float = 0.5           # ... this often.
+    delete_every_s: float = 2.0         # A delete of an acknowledged study or instance this often (0: none) ...
+    delete_timeout_s: float = 30.0      # ... unclear when not answered within this.
     instances_per_study: int = 4
     warmup_s: float = 5.0               # Load before the first fault.
     recover_max_s: float = 45.0         # Wait at most this long for health after a fault.
@@ -109,9 +117,9 @@ class ChaosSettings:
         if not 1 <= self.write_quorum <= replica_total(self.replication):
             raise ValueError(f"need 1 <= write quorum <= replicas, got W={self.write_quorum} N={self.replication}")
         if not self.duration_s > 0 or self.dead_grace_s < 0 or self.store_threads < 0 or self.storescu_every_s < 0 \
-                or not self.settle_timeout_s > 0:
-            raise ValueError("duration and settle timeout must be > 0; dead grace, store threads and "
-                             "storescu interval must be >= 0")
+                or self.delete_every_s < 0 or not self.delete_timeout_s > 0 or not self.settle_timeout_s > 0:
+            raise ValueError("duration, delete timeout and settle timeout must be > 0; dead grace, store threads, "
+                             "storescu and delete intervals must be >= 0")
 
     @property
     def replication(self) -> Replication:
@@ -132,7 +140,8 @@ class ChaosSettings:
                 + (f" --site-copies {self.site_copies}" if self.site_copies else "")
                 + (f" --write-quorum-scope {self.write_quorum_scope}" if self.write_quorum_scope != "auto" else "")
                 + (f" --write-quorum-mode {self.write_quorum_mode}" if self.write_quorum_mode != "strict" else "")
-                + (f" --profile {self.profile}" if self.profile != "local" else ""))
+                + (f" --profile {self.profile}" if self.profile != "local" else "")
+                + (f" --delete-every {self.delete_every_s:g}" if self.delete_every_s != 2.0 else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,6 +353,30 @@ class Sent:
     transfer_syntax_uid: str
 
 
+class DeleteVerdict(enum.Enum):
+    """What a delete of acknowledged instances means for the final checks."""
+
+    DELETED = "deleted"          # Acknowledged: the instances must be gone from every node, for good.
+    NOT_DELETED = "not-deleted"  # The node deleted nothing (NOT_FOUND, NOT_JOINED): still expected present.
+    UNCLEAR = "unclear"          # May or may not apply (INCOMPLETE, QUORUM_FAILED, no answer): judged neither way.
+
+
+def delete_verdict(outcome: int | None) -> DeleteVerdict:
+    """The verdict for a node's DeleteOutcome, or None when no answer came (timeout, RPC
+    failure, an exit code of `pacsnode delete` that does not say which outcome it was)."""
+    if outcome == pb.DELETE_OUTCOME_DELETED:
+        return DeleteVerdict.DELETED
+    if outcome in (pb.DELETE_OUTCOME_NOT_FOUND, pb.DELETE_OUTCOME_NOT_JOINED):
+        return DeleteVerdict.NOT_DELETED  # Both return before any tombstone is sent.
+    return DeleteVerdict.UNCLEAR
+
+
+# `pacsnode delete`'s exit codes that name one outcome (cli/delete_command.py); 1 is
+# QUORUM_FAILED, NOT_JOINED or a failed call: unclear.
+CLI_DELETE_EXIT_OUTCOMES = {0: pb.DELETE_OUTCOME_DELETED, 3: pb.DELETE_OUTCOME_NOT_FOUND,
+                            4: pb.DELETE_OUTCOME_INCOMPLETE}
+
+
 class OpLog:
     """Every client operation, its outcome, and the acknowledged instances (thread-safe)."""
 
@@ -356,6 +389,12 @@ class OpLog:
         self.acked: dict[str, Sent] = {}
         self.violations: list[str] = []
         self.fault_now = ""
+        # Deletes of acknowledged instances: named by a delete not yet over, or whose delete
+        # was acknowledged (DELETED), or unclear; an instance a delete left untouched
+        # (NOT_FOUND, NOT_JOINED) is expected present again.
+        self.delete_touched: set[str] = set()
+        self.deleted: dict[str, float] = {}      # SOP Instance UID -> when its delete was acknowledged
+        self.unclear: set[str] = set()
 
     def now(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -385,11 +424,48 @@ class OpLog:
             self.violations.append(text)
 
     def acked_studies(self) -> dict[str, list[Sent]]:
+        """Acknowledged instances that must be there: none a delete named (in flight,
+        acknowledged or unclear), by study."""
         with self._lock:
             studies: dict[str, list[Sent]] = {}
             for sent in self.acked.values():
+                if sent.sop_uid not in self.delete_touched:
+                    studies.setdefault(sent.study_uid, []).append(sent)
+            return studies
+
+    def deleted_studies(self) -> dict[str, list[Sent]]:
+        """Acknowledged instances whose delete was acknowledged: must be gone for good."""
+        with self._lock:
+            studies: dict[str, list[Sent]] = {}
+            for sop_uid in self.deleted:
+                sent = self.acked[sop_uid]
                 studies.setdefault(sent.study_uid, []).append(sent)
             return studies
+
+    def touched(self, sop_uid: str) -> bool:
+        with self._lock:
+            return sop_uid in self.delete_touched
+
+    def deleted_at(self, sop_uid: str) -> float | None:
+        with self._lock:
+            return self.deleted.get(sop_uid)
+
+    def begin_delete(self, sents: list[Sent]) -> None:
+        with self._lock:
+            self.delete_touched.update(s.sop_uid for s in sents)
+
+    def end_delete(self, sents: list[Sent], verdict: "DeleteVerdict") -> None:
+        now = self.now()
+        with self._lock:
+            for sent in sents:
+                if verdict is DeleteVerdict.DELETED:
+                    self.deleted.setdefault(sent.sop_uid, now)
+                    self.unclear.discard(sent.sop_uid)
+                elif verdict is DeleteVerdict.UNCLEAR:
+                    if sent.sop_uid not in self.deleted:
+                        self.unclear.add(sent.sop_uid)
+                elif sent.sop_uid not in self.deleted and sent.sop_uid not in self.unclear:
+                    self.delete_touched.discard(sent.sop_uid)
 
     def close(self) -> None:
         with self._lock:
@@ -402,7 +478,7 @@ def _sent_of(entry: datagen.ManifestEntry) -> Sent:
 
 
 class Workload:
-    """Storers (pynetdicom), a storescu loop (dcmtk) and a reader, until stopped."""
+    """Storers (pynetdicom), a storescu loop (dcmtk), readers and a deleter, until stopped."""
 
     def __init__(self, cluster: ChaosCluster, oplog: OpLog, data_dir: Path, settings: ChaosSettings) -> None:
         self.cluster = cluster
@@ -428,6 +504,8 @@ class Workload:
             for i in range(s.read_threads):
                 self.threads.append(threading.Thread(target=self._guard(self._read_loop, i), name=f"reader{i}",
                                                      daemon=True))
+        if s.delete_every_s > 0:
+            self.threads.append(threading.Thread(target=self._guard(self._delete_loop, 0), name="deleter", daemon=True))
         for thread in self.threads:
             thread.start()
 
@@ -534,22 +612,29 @@ class Workload:
                 took = round(time.monotonic() - started, 3)
                 moment = self._entry_stayed_up(node_id, moment)
                 ok = found.final_status == 0 and not found.error
+                # Instances a delete named meanwhile may be gone: complete means the others are counted.
+                still = [s for s in acked if not self.oplog.touched(s.sop_uid)]
                 self.oplog.record(op="find", node=node_id, study=study_uid, status=found.final_status, ok=ok,
-                                  found=study_uid in found.study_uids, error=found.error, took_s=took,
-                                  complete=found.instance_counts.get(study_uid, 0) >= len(acked), **moment)
+                                  found=study_uid in found.study_uids or not still, error=found.error, took_s=took,
+                                  complete=found.instance_counts.get(study_uid, 0) >= len(still), **moment)
                 continue
             with clients.Getter(port, [(s.sop_class_uid, s.transfer_syntax_uid) for s in acked]) as getter:
                 got = getter.get_study(study_uid)
             took = round(time.monotonic() - started, 3)
             moment = self._entry_stayed_up(node_id, moment)
             for sop_uid, data in got.received.items():
+                deleted_at = self.oplog.deleted_at(sop_uid)
+                if deleted_at is not None and deleted_at < moment["t"]:
+                    # Served after its delete was acknowledged (before this read began).
+                    self.oplog.record(op="deleted-served", node=node_id, study=study_uid, sop=sop_uid, ok=False,
+                                      **moment)
                 expected = self.expected_bytes(sop_uid)
                 if expected is None:
                     self.oplog.violation(f"C-GET of study {study_uid} at {node_id} returned unknown instance {sop_uid}")
                 elif data != expected:
                     self.oplog.violation(f"C-GET at {node_id} returned other bytes for {sop_uid} "
                                          f"({len(data)} vs {len(expected)} sent)")
-            missing = [s.sop_uid for s in acked if s.sop_uid not in got.received]
+            missing = [s.sop_uid for s in acked if s.sop_uid not in got.received and not self.oplog.touched(s.sop_uid)]
             ok = got.final_status in (0x0000,) and not got.error
             self.oplog.record(op="get", node=node_id, study=study_uid, status=got.final_status, ok=ok,
                               received=len(got.received), missing=len(missing), error=got.error, took_s=took,
@@ -559,6 +644,76 @@ class Workload:
                 # study's instance list (R=1). Recorded; the final check demands completeness.
                 self.oplog.record(op="stale-get", node=node_id, study=study_uid, missing=len(missing), ok=True,
                                   **moment)
+
+
+    def _delete_loop(self, index: int) -> None:
+        """Delete acknowledged instances (one time in four a whole study, else one
+        instance) through a random node the runner has not taken down, three times in four
+        with the Admin.Delete RPC (its typed outcome), else with `pacsnode delete` (its
+        exit code). Records each delete's verdict (DeleteVerdict)."""
+        rng = random.Random(f"{self.settings.seed}:delete:{index}")
+        count = 0
+        while not self.stop.wait(self.settings.delete_every_s):
+            studies = self.oplog.acked_studies()
+            live = [n for n in self.cluster.ids if self.cluster.up(n) and self.cluster.nodes[n].alive]
+            if not studies or not live:
+                continue
+            study_uid = rng.choice(sorted(studies))
+            sents = sorted(studies[study_uid], key=lambda s: s.sop_uid)
+            whole = rng.random() < 0.25
+            named = sents if whole else [rng.choice(sents)]
+            node_id = rng.choice(live)
+            self.delete(node_id, study_uid, named, whole=whole, via="cli" if count % 4 == 3 else "rpc")
+            count += 1
+
+    def delete(self, node_id: str, study_uid: str, named: list[Sent], *, whole: bool, via: str) -> DeleteVerdict:
+        """Delete `named` (acknowledged instances of one study: all of them with `whole`,
+        else one) through `node_id`, by "rpc" or "cli"; record the op and its verdict."""
+        sop_uid = "" if whole else named[0].sop_uid
+        self.oplog.begin_delete(named)
+        started, moment = time.monotonic(), self._moment(node_id)
+        if via == "cli":
+            outcome, removed, error = self.delete_cli(node_id, study_uid, sop_uid)
+        else:
+            outcome, removed, error = self.delete_rpc(node_id, study_uid, sop_uid)
+        took = round(time.monotonic() - started, 3)
+        moment = self._entry_stayed_up(node_id, moment)
+        verdict = delete_verdict(outcome)
+        self.oplog.end_delete(named, verdict)
+        self.oplog.record(op="delete", via=via, node=node_id, study=study_uid, sop=sop_uid,
+                          level="study" if whole else "instance", instances=len(named),
+                          outcome=pb.DeleteOutcome.Name(outcome) if outcome is not None else None,
+                          removed=removed, verdict=verdict.value, ok=verdict is DeleteVerdict.DELETED,
+                          status=outcome, error=error, took_s=took, **moment)
+        return verdict
+
+    def delete_rpc(self, node_id: str, study_uid: str, sop_uid: str) -> tuple[int | None, int | None, str]:
+        """Admin.Delete, as `pacsnode delete` sends it: (outcome or None, instances removed, error)."""
+        envelope = pb.Envelope(cluster_id=CLUSTER_ID, protocol_version=PROTOCOL_VERSION, sender_id="chaos",
+                               sent_at_ms=int(time.time() * 1000))
+        request = pb.DeleteRequest(envelope=envelope, study_instance_uid=study_uid, sop_instance_uid=sop_uid)
+        try:
+            with grpc.insecure_channel(self.cluster.nodes[node_id].peer_address) as channel:
+                reply = pb_grpc.AdminStub(channel).Delete(request, timeout=self.settings.delete_timeout_s)
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            return None, None, f"rpc failed: {code.name if code is not None else repr(error)}"
+        return int(reply.outcome), int(reply.instances_deleted_count), ""
+
+    def delete_cli(self, node_id: str, study_uid: str, sop_uid: str) -> tuple[int | None, int | None, str]:
+        """`pacsnode delete --node ... --study ... [--instance ...]`: the outcome its exit code names."""
+        timeout_s = self.settings.delete_timeout_s
+        command = pacsnode_command() + ["delete", "--node", self.cluster.nodes[node_id].peer_address,
+                                        "--study", study_uid, "--cluster-id", CLUSTER_ID,
+                                        "--timeout-s", f"{timeout_s:g}"] + (["--instance", sop_uid] if sop_uid else [])
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 30, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None, None, "pacsnode delete did not exit"
+        if run.returncode == 2:
+            self.oplog.violation(f"pacsnode delete refused its arguments: {run.stderr[-300:]}")
+        outcome = CLI_DELETE_EXIT_OUTCOMES.get(run.returncode)
+        return outcome, None, "" if outcome is not None else f"exit {run.returncode}: {run.stderr[-200:].strip()}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -669,17 +824,25 @@ class FaultInjector:
 
 def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settings: ChaosSettings,
                  result: dict[str, Any]) -> None:
+    """Present: every acknowledged instance no delete named; deleted: those whose delete
+    was acknowledged. Unclear deletes' instances are judged neither way."""
     studies = oplog.acked_studies()
+    deleted = oplog.deleted_studies()
+    every_study = sorted(set(studies) | set(deleted))
     started = time.monotonic()
+    last_held: dict[str, dict[str, set[str]] | None] = {}
 
     def placement_problems() -> list[str]:
         problems = []
-        held = {node_id: cluster.held(node_id, sorted(studies)) for node_id in cluster.ids}
+        held = {node_id: cluster.held(node_id, every_study) for node_id in cluster.ids}
+        last_held.clear()
+        last_held.update(held)
         for node_id, holdings in held.items():
             if holdings is None:
                 problems.append(f"{node_id} did not answer ListStudy")
-        for study_uid, sents in studies.items():
-            acked = {s.sop_uid for s in sents}
+        for study_uid in every_study:
+            acked = {s.sop_uid for s in studies.get(study_uid, [])}
+            gone = {s.sop_uid for s in deleted.get(study_uid, [])}
             owners = cluster.owners(study_uid)
             for node_id, holdings in held.items():
                 if holdings is None:
@@ -689,6 +852,8 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
                     problems.append(f"study {study_uid}: owner {node_id} lacks {len(acked - mine)} of {len(acked)}")
                 if node_id not in owners and acked & mine:
                     problems.append(f"study {study_uid}: {node_id} still holds {len(acked & mine)} (not an owner)")
+                if gone & mine:
+                    problems.append(f"study {study_uid}: {node_id} holds {len(gone & mine)} deleted instances")
             if len(problems) > 20:
                 break
         return problems
@@ -702,6 +867,12 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
             result["metrics_when_unhealthy"] = {n: cluster.metrics(n) for n in cluster.ids}
         for problem in placement_problems()[:10]:
             oplog.violation(f"not at N copies after {settings.settle_timeout_s:.0f} s: {problem}")
+    back: dict[str, set[str]] = {}  # Deleted instance -> how it came back ("held by c2", "C-GET at c3", ...)
+    for node_id, holdings in last_held.items():
+        for study_uid, sents in deleted.items():
+            for sent in sents:
+                if holdings is not None and sent.sop_uid in holdings.get(study_uid, set()):
+                    back.setdefault(sent.sop_uid, set()).add(f"held by {node_id}")
 
     # One ring everywhere.
     layouts = {node_id: cluster.ring_layout(node_id) for node_id in cluster.ids}
@@ -709,9 +880,11 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
         differing = sorted(n for n, layout in layouts.items() if layout != layouts[cluster.ids[0]])
         oplog.violation(f"nodes disagree on the ring after healing: {differing} differ from {cluster.ids[0]}")
 
-    # Every acknowledged instance, byte-identical, through every node.
-    contexts = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for sents in studies.values() for s in sents})
+    # Every acknowledged instance, byte-identical, through every node; no deleted one.
+    contexts = sorted({(s.sop_class_uid, s.transfer_syntax_uid)
+                       for group in (studies, deleted) for sents in group.values() for s in sents})
     checked = 0
+    returned: set[str] = set()  # Present instances some node returned byte-identical.
     retrieve_started = time.monotonic()
     for node_id in cluster.ids:
         bad: list[str] = []
@@ -719,9 +892,9 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
             if not getter.ready:
                 oplog.violation(f"final C-GET: no association with {node_id}: {getter.error}")
                 continue
-            for study_uid, sents in sorted(studies.items()):
+            for study_uid in every_study:
                 got = getter.get_study(study_uid)
-                for sent in sents:
+                for sent in studies.get(study_uid, []):
                     data = got.received.get(sent.sop_uid)
                     checked += 1
                     if data is None:
@@ -729,6 +902,11 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
                                    f"{got.error or 'no error'})")
                     elif data != workload.expected_bytes(sent.sop_uid):
                         bad.append(f"{sent.sop_uid} of study {study_uid}: other bytes")
+                    else:
+                        returned.add(sent.sop_uid)
+                for sent in deleted.get(study_uid, []):
+                    if sent.sop_uid in got.received:
+                        back.setdefault(sent.sop_uid, set()).add(f"C-GET at {node_id}")
         for text in bad[:5]:
             oplog.violation(f"final C-GET at {node_id}: {text}")
         if len(bad) > 5:
@@ -736,10 +914,12 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
     result["retrieve_checked_instances"] = checked
     result["retrieve_check_s"] = round(time.monotonic() - retrieve_started, 1)
 
-    # Every acknowledged study listed by a C-FIND at every node.
+    # Every acknowledged study listed by a C-FIND at every node; no deleted instance listed
+    # by an IMAGE-level C-FIND of its study.
     universal = clients.study_identifier("")
     for node_id in cluster.ids:
-        found = clients.find_studies(cluster.nodes[node_id].dicom_port, universal)
+        port = cluster.nodes[node_id].dicom_port
+        found = clients.find_studies(port, universal)
         missing = set(studies) - set(found.study_uids)
         if found.final_status != 0 or found.error:
             oplog.violation(f"final C-FIND at {node_id}: status {found.final_status} {found.error}")
@@ -749,6 +929,24 @@ def final_checks(cluster: ChaosCluster, oplog: OpLog, workload: Workload, settin
             short = [u for u in studies if found.instance_counts.get(u, 0) < len(studies[u])]
             if short:
                 oplog.violation(f"final C-FIND at {node_id}: {len(short)} studies show fewer instances than acked")
+        for study_uid, sents in sorted(deleted.items()):
+            listed = clients.find_studies(port, clients.instances_identifier(study_uid))
+            if listed.final_status != 0 or listed.error:
+                oplog.violation(f"final IMAGE C-FIND at {node_id}: status {listed.final_status} {listed.error}")
+                continue
+            for sent in sents:
+                if sent.sop_uid in listed.sop_uids:
+                    back.setdefault(sent.sop_uid, set()).add(f"C-FIND at {node_id}")
+    for sop_uid, how in sorted(back.items())[:20]:
+        oplog.violation(f"deleted instance {sop_uid} (delete acknowledged at t={oplog.deleted[sop_uid]:.1f} s) "
+                        f"is back: {', '.join(sorted(how))}")
+    if len(back) > 20:
+        oplog.violation(f"{len(back) - 20} more deleted instances are back")
+    present = sum(len(sents) for sents in studies.values())
+    result["deleted_back"] = {sop_uid: sorted(how) for sop_uid, how in sorted(back.items())}
+    result["final_counts"] = {
+        "acked": len(oplog.acked), "present": present, "lost": present - len(returned),
+        "deleted": sum(len(sents) for sents in deleted.values()), "back": len(back), "unclear": len(oplog.unclear)}
     for node_id in cluster.crashed():
         oplog.violation(f"{node_id} is not running at the end and the runner did not stop it")
 
@@ -808,6 +1006,24 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
             "reads_ok": sum(1 for o in window if o["op"] != "store" and o["ok"]),
         }
     summary["by_fault"] = by_fault
+    deletes = [o for o in ops if o["op"] == "delete"]
+    summary["delete"] = {
+        "attempted": len(deletes),
+        "by_verdict": {v.value: sum(1 for o in deletes if o["verdict"] == v.value) for v in DeleteVerdict},
+        "by_outcome": {str(name): sum(1 for o in deletes if o["outcome"] == name)
+                       for name in sorted({str(o["outcome"]) for o in deletes})},
+        "by_path": {via: sum(1 for o in deletes if o["via"] == via) for via in ("rpc", "cli")},
+        "study_level": sum(1 for o in deletes if o["level"] == "study"),
+        "during_faults": sum(1 for o in deletes if o["fault"]),
+        "deleted_during_faults": sum(1 for o in deletes if o["fault"] and o["ok"]),
+        "through_up_node": sum(1 for o in deletes if o.get("entry_up", True)),
+        "deleted_through_up_node": sum(1 for o in deletes if o.get("entry_up", True) and o["ok"]),
+        "p50_s": _percentile([o["took_s"] for o in deletes], 0.5),
+        "p99_s": _percentile([o["took_s"] for o in deletes], 0.99),
+        # A C-GET during the run that returned an instance whose delete was acknowledged
+        # before the read began (the final check demands none at the end).
+        "served_after_delete": sum(1 for o in ops if o["op"] == "deleted-served"),
+    }
     return summary
 
 
@@ -914,9 +1130,24 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"{kind}s: {o['ok']} ok of {o['attempted']}; during faults {o['ok_during_faults']}/"
                      f"{o['during_faults']}; through a node that was up {o['ok_through_up_node']}/"
                      f"{o['through_up_node']}; p50 {o['p50_s']} s p99 {o['p99_s']} s max {o['max_s']} s{extra}")
+    d = ops.get("delete", {})
+    if d.get("attempted"):
+        verdicts = d["by_verdict"]
+        lines.append(f"deletes: {d['attempted']} ({d['study_level']} whole studies; {d['by_path']['rpc']} by "
+                     f"Admin.Delete, {d['by_path']['cli']} by `pacsnode delete`): {verdicts['deleted']} deleted, "
+                     f"{verdicts['not-deleted']} not deleted, {verdicts['unclear']} UNCLEAR; outcomes "
+                     f"{d['by_outcome']}; during faults {d['deleted_during_faults']}/{d['during_faults']} deleted; "
+                     f"p50 {d['p50_s']} s p99 {d['p99_s']} s; served by a C-GET after the delete was "
+                     f"acknowledged: {d['served_after_delete']}")
+    counts = result.get("final_counts")
+    if counts:
+        lines.append(f"final instances: {counts['acked']} acknowledged, {counts['present']} expected present "
+                     f"(LOST {counts['lost']}), {counts['deleted']} deleted (BACK {counts['back']}), "
+                     f"{counts['unclear']} unclear (not judged)")
     lines.append(f"final: converged {result.get('settle_s')} s after healing; "
                  f"{result.get('retrieve_checked_instances', 0)} instance retrievals checked byte for byte "
-                 f"({result['acked_instances']} acknowledged instances x {result['nodes']} nodes, "
+                 f"({(result.get('final_counts') or {}).get('present', result['acked_instances'])} instances "
+                 f"expected present x {result['nodes']} nodes, "
                  f"{result.get('retrieve_check_s')} s); peer traffic through the proxy "
                  f"{result.get('proxy_bytes', 0) / 1e6:.1f} MB")
     if result["violations"]:

@@ -144,10 +144,20 @@ def study_identifier(study_uid: str) -> Dataset:
     return ds
 
 
+def instances_identifier(study_uid: str) -> Dataset:
+    """An IMAGE-level C-FIND of one study's instances (relational: no series named)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = ""
+    return ds
+
+
 @dataclass
 class FindOutcome:
     final_status: int | None = None
     study_uids: list[str] = field(default_factory=list)
+    sop_uids: list[str] = field(default_factory=list)  # At IMAGE level.
     instance_counts: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
@@ -168,6 +178,8 @@ def find_studies(port: int, identifier: Dataset, ae_title: str = "PACSNODE") -> 
             if status.Status in (0xFF00, 0xFF01) and found is not None:
                 uid = str(found.get("StudyInstanceUID", ""))
                 outcome.study_uids.append(uid)
+                if found.get("SOPInstanceUID"):
+                    outcome.sop_uids.append(str(found.SOPInstanceUID))
                 try:
                     outcome.instance_counts[uid] = int(found.get("NumberOfStudyRelatedInstances", 0) or 0)
                 except (TypeError, ValueError):

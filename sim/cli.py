@@ -129,6 +129,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help=f"pynetdicom storers (default: {defaults.store_threads})")
     chaos.add_argument("--storescu-every", type=float, default=defaults.storescu_every_s,
                        help=f"seconds between dcmtk storescu studies, 0 for none (default: {defaults.storescu_every_s:g})")
+    chaos.add_argument("--delete-every", type=float, default=defaults.delete_every_s,
+                       help="seconds between deletes of an acknowledged study or instance through a random live "
+                            f"node, 0 for none (default: {defaults.delete_every_s:g})")
     chaos.add_argument("--settle-timeout", type=float, default=defaults.settle_timeout_s,
                        help=f"seconds to wait for convergence after healing (default: {defaults.settle_timeout_s:g})")
     chaos.add_argument("--work-dir", type=Path, default=None,
@@ -203,7 +206,8 @@ def _chaos(args: argparse.Namespace) -> int:
                              site_copies=args.site_copies, write_quorum_scope=args.write_quorum_scope,
                              write_quorum_mode=args.write_quorum_mode,
                              dead_grace_s=args.dead_grace, store_threads=args.store_threads,
-                             storescu_every_s=args.storescu_every, settle_timeout_s=args.settle_timeout,
+                             storescu_every_s=args.storescu_every, delete_every_s=args.delete_every,
+                             settle_timeout_s=args.settle_timeout,
                              work_dir=args.work_dir, keep=args.keep)
     try:
         settings.check()

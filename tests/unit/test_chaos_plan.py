@@ -83,3 +83,35 @@ def test_chaos_wan_settings_are_checked_and_replayed() -> None:
     wan = ChaosSettings(nodes=6, sites=3, scenario="sites", wan_delay_ms=40, wan_jitter_ms=10, lan_delay_ms=0.2)
     wan.check()
     assert "--wan-delay-ms 40 --wan-jitter-ms 10 --lan-delay-ms 0.2" in wan.replay()
+
+
+def test_a_delete_is_judged_by_its_typed_outcome_and_only_deleted_counts_as_deleted() -> None:
+    from pathlib import Path
+    import tempfile
+
+    from pacsnode.proto import pacsnode_pb2 as pb
+    from pacsnode.sim.chaos import CLI_DELETE_EXIT_OUTCOMES, DeleteVerdict, OpLog, Sent, delete_verdict
+
+    assert delete_verdict(pb.DELETE_OUTCOME_DELETED) is DeleteVerdict.DELETED
+    assert delete_verdict(pb.DELETE_OUTCOME_NOT_FOUND) is DeleteVerdict.NOT_DELETED
+    assert delete_verdict(pb.DELETE_OUTCOME_NOT_JOINED) is DeleteVerdict.NOT_DELETED
+    for maybe in (pb.DELETE_OUTCOME_INCOMPLETE, pb.DELETE_OUTCOME_QUORUM_FAILED, pb.DELETE_OUTCOME_UNSPECIFIED, None):
+        assert delete_verdict(maybe) is DeleteVerdict.UNCLEAR  # Timeouts and failed calls are None.
+    assert 1 not in CLI_DELETE_EXIT_OUTCOMES  # `pacsnode delete` exits 1 for several outcomes: unclear.
+
+    with tempfile.TemporaryDirectory() as tmp:
+        oplog = OpLog(0.0, Path(tmp) / "ops.jsonl")
+        sents = [Sent(f"p{i}", "1.2.3", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1")
+                 for i in range(4)]
+        for sent in sents:
+            oplog.sending(sent)
+            oplog.ack(sent.sop_uid)
+        oplog.begin_delete(sents[:3])
+        assert [s.sop_uid for s in oplog.acked_studies()["1.2.3"]] == ["1.2.3.3"]  # In flight: not read as present.
+        oplog.end_delete(sents[:1], DeleteVerdict.DELETED)
+        oplog.end_delete(sents[1:2], DeleteVerdict.UNCLEAR)
+        oplog.end_delete(sents[2:3], DeleteVerdict.NOT_DELETED)
+        assert sorted(s.sop_uid for s in oplog.acked_studies()["1.2.3"]) == ["1.2.3.2", "1.2.3.3"]
+        assert [s.sop_uid for s in oplog.deleted_studies()["1.2.3"]] == ["1.2.3.0"]
+        assert oplog.unclear == {"1.2.3.1"}
+        oplog.close()
