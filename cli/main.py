@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pacsnode.cli import delete_command
 
     delete_command.add_parser(subparsers)
+    from pacsnode.cli import modify_command
+
+    modify_command.add_parser(subparsers)
     from pacsnode.sim import cli as sim_cli
 
     sim_cli.add_parser(subparsers)
@@ -223,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pacsnode.cli import delete_command
 
         return delete_command.main(args)
+    if args.command in ("modify", "merge-patient"):
+        from pacsnode.cli import modify_command
+
+        return modify_command.main(args)
     if args.command == "remove":
         from pacsnode.cli import membership_commands
 

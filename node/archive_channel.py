@@ -135,12 +135,13 @@ def query_from_json(data: dict[str, Any]) -> Query:
 
 def location_to_json(location: InstanceLocation) -> list[str]:
     return [location.study_instance_uid, location.series_instance_uid, location.sop_instance_uid,
-            location.sop_class_uid, location.transfer_syntax_uid]
+            location.sop_class_uid, location.transfer_syntax_uid, location.correction]
 
 
 def location_from_json(data: list[Any]) -> InstanceLocation:
     study, series, sop, sop_class, syntax = (str(v) for v in data[:5])
-    return InstanceLocation(study, series, sop, sop_class, syntax)
+    correction = str(data[5]) if len(data) > 5 else ""  # The study's correction: the node applies it on READ.
+    return InstanceLocation(study, series, sop, sop_class, syntax, correction=correction)
 
 
 def _attributes(data: Any) -> Attributes:

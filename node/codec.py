@@ -27,6 +27,22 @@ def decompress(blob: bytes, what: str = "instance") -> bytes:
         raise CorruptBlob(f"blob of {what} failed its checksum: {error}") from error
 
 
+def decompress_head(blob: bytes, size: int, what: str = "instance") -> bytes:
+    """The first `size` bytes a blob decompresses to (all of them when fewer), decompressing
+    only as far as that: not checked against the frame's checksum, which covers the whole."""
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            head = bytearray()
+            while len(head) < size:
+                chunk = reader.read(size - len(head))
+                if not chunk:
+                    break
+                head += chunk
+            return bytes(head)
+    except zstandard.ZstdError as error:
+        raise CorruptBlob(f"blob of {what} is not a readable zstd frame: {error}") from error
+
+
 def payload_crc32(blob: bytes) -> int:
     """The CRC-32 a peer store carries for its compressed payload (zlib releases the GIL)."""
     return zlib.crc32(blob)

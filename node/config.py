@@ -125,7 +125,8 @@ class NodeConfig:
     site_replicas: tuple[tuple[str, int], ...] = setting(
         (), "Copies per site, SITE=N (repeat --site-replicas; TOML table [site_replicas]): each named site holds N "
         "copies of every study, placed on that site's own ring, and replication_factor is not used. Every node of "
-        "the cluster needs the same value. Empty: replication_factor copies spread over the sites.")
+        "the cluster needs the same value (a seed refuses a joiner whose value differs). Empty: replication_factor "
+        "copies spread over the sites.")
     write_quorum: int = setting(2, "W: durable copies before C-STORE answers Success.")
     write_quorum_scope: str = setting(
         "auto", "Where the W copies of a C-STORE are counted: local (owners in this node's site, capped at the "

@@ -13,6 +13,7 @@ answers 206 Partial Content with what it found, or 503 when it found nothing, ea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import logging
@@ -47,11 +48,12 @@ from pacsnode.node.dicomweb_media import (
     part_header,
     read_file_meta,
 )
-from pacsnode.node.dicomweb_metadata import BulkDataError, bulk_value, header_json, with_root
-from pacsnode.node.dicomweb_render import RenderError, frame_media_type, frame_numbers, frames, render, viewport_size
+from pacsnode.node.dicomweb_metadata import BulkDataError, HeaderTruncated, bulk_value, header_json, with_root
+from pacsnode.node.dicomweb_render import RenderError, decodable, frame_media_type, frame_numbers, frames, render, viewport_size
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
+from pacsnode.node.correct import overlay_json
 from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
@@ -117,14 +119,26 @@ class MetadataCache:
                 self._bytes -= len(dropped)
 
 
-def transcode_uncompressed(part10: bytes, syntax: str) -> bytes:
-    """Re-encode an uncompressed instance in another uncompressed transfer syntax (lossless)."""
-    dataset = dcmread(BytesIO(part10))
-    target = UID(syntax)
-    dataset.file_meta.TransferSyntaxUID = target
-    output = BytesIO()
-    dataset.save_as(output, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian,
-                    enforce_file_format=True)
+class TranscodeError(Exception):
+    """An instance could not be converted to the transfer syntax choose_syntax picked."""
+
+
+def transcode(part10: bytes, syntax: str) -> bytes:
+    """The instance in another transfer syntax: native pixel data (uncompressed or deflated)
+    is re-encoded without decoding its values; compressed pixel data is decoded by
+    pydicom's pixel handlers (Dataset.decompress: YBR colour becomes RGB, as it documents),
+    keeping the instance's UIDs. Raises TranscodeError."""
+    try:
+        dataset = dcmread(BytesIO(part10))
+        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.decompress(generate_instance_uid=False)
+        target = UID(syntax)
+        dataset.file_meta.TransferSyntaxUID = target
+        output = BytesIO()
+        dataset.save_as(output, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian,
+                        enforce_file_format=True)
+    except Exception as error:  # pydicom and its pixel handlers raise many types
+        raise TranscodeError(f"cannot convert to {syntax}: {type(error).__name__}") from error
     return output.getvalue()
 
 
@@ -188,6 +202,8 @@ class DicomWeb:
                   methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered", self.rendered,
                   methods=["GET"]),
+            Route("/studies/{study}/rendered", self.rendered, methods=["GET"]),
+            Route("/studies/{study}/series/{series}/rendered", self.rendered, methods=["GET"]),
             Route("/studies/{study}/thumbnail", self.thumbnail, methods=["GET"]),
             Route("/studies/{study}/series/{series}/thumbnail", self.thumbnail, methods=["GET"]),
             Route("/studies/{study}/series/{series}/instances/{instance}/thumbnail", self.thumbnail, methods=["GET"]),
@@ -265,7 +281,8 @@ class DicomWeb:
             if plan.shortfall:
                 return PlainTextResponse(plan.shortfall.describe(), status_code=503, headers=_incomplete(plan.shortfall))
             return PlainTextResponse("no such instances", status_code=404)
-        chosen = [(location, choose_syntax(location.transfer_syntax_uid, accepted)) for location in plan.locations]
+        chosen = [(location, choose_syntax(location.transfer_syntax_uid, accepted, decodable))
+                  for location in plan.locations]
         sendable = [(location, syntax) for location, syntax in chosen if syntax is not None]
         if not sendable:
             return PlainTextResponse("no stored instance is available in an accepted transfer syntax "
@@ -327,7 +344,7 @@ class DicomWeb:
             async for part10, _offset in reads:
                 location, syntax = sendable[index]
                 if syntax != location.transfer_syntax_uid:
-                    part10 = await run_in_threadpool(transcode_uncompressed, part10, syntax)
+                    part10 = await run_in_threadpool(transcode, part10, syntax)
                 if exact and len(part10) != location.part10_bytes:
                     # Another copy won a conflict since the plan was made: the stated length
                     # is wrong, and a body of another length must not look complete.
@@ -337,7 +354,7 @@ class DicomWeb:
                 index += 1
                 sent += 1
             finished = True
-        except ReadError as error:
+        except (ReadError, TranscodeError) as error:
             # The status line has gone: break the body off (no closing delimiter), so that
             # the client sees a failed transfer, never a complete-looking short one.
             log.error("dicomweb.retrieve.unreadable sent=%d reason=%s", sent, error)
@@ -382,7 +399,10 @@ class DicomWeb:
             for index, part in zip(missing, results):
                 parts[index] = part
                 self._metadata.put(locations[index].sop_instance_uid, part)
-        return [part for part in parts if part is not None]
+        # What is kept and cached is the header as received; a corrected study's values are
+        # put over it on every answer (the correction can change after the cache was filled).
+        return [overlay_json(part, location.correction) if location.correction else part
+                for part, location in zip(parts, locations) if part is not None]
 
     def _instance_metadata(self, location: InstanceLocation) -> bytes:
         """The header of one instance in DICOM JSON (pixel data never read, let alone decoded)."""
@@ -390,7 +410,7 @@ class DicomWeb:
             kept = self._local_headers.header(location)
             if kept is not None:
                 return kept
-        part10, _offset = self._archive.read(location)
+        part10, _offset = self._archive.read(dataclasses.replace(location, correction=""))  # As received.
         return instance_header_json(part10, location)
 
     # ------------------------------------------------------------------ bulk data
@@ -488,7 +508,8 @@ class DicomWeb:
         _query, plan = await run_in_threadpool(self._locate, request)
         if not plan.locations:
             return self._not_found(plan)
-        # A series or study thumbnail shows its middle instance.
+        # A series or study (rendered or thumbnail) shows a representative frame: the first
+        # frame of its middle instance (series by UID, then instances by UID).
         ordered = sorted(plan.locations, key=lambda l: (l.series_instance_uid, l.sop_instance_uid))
         location = ordered[len(ordered) // 2] if "instance" not in request.path_params else ordered[0]
 
@@ -663,12 +684,15 @@ class DicomWeb:
         return fail(STATUS_STORE_FAILED, written.message or "store failed")
 
 
-def instance_header_json(part10: bytes, location: InstanceLocation) -> bytes:
+def instance_header_json(part10: bytes, location: InstanceLocation, *, whole: bool = True) -> bytes:
     """header_json, or the instance's UIDs alone when pydicom cannot read its header (the
-    instance was accepted at ingest, so this is a reader's limit, not bad data)."""
+    instance was accepted at ingest, so this is a reader's limit, not bad data). With
+    `whole` False (the first bytes only), HeaderTruncated when they do not hold the header."""
     try:
         return header_json(part10, location.transfer_syntax_uid, location.study_instance_uid,
-                           location.series_instance_uid, location.sop_instance_uid)
+                           location.series_instance_uid, location.sop_instance_uid, whole=whole)
+    except HeaderTruncated:
+        raise
     except Exception as error:  # pydicom raises many types on odd headers
         log.error("dicomweb.metadata.unreadable sop_instance_uid=%s error=%s", location.sop_instance_uid,
                   type(error).__name__)

@@ -8,11 +8,16 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+NATIVE = UNCOMPRESSED | {DEFLATED}  # Pixel data not compressed: another encoding of the dataset decodes nothing.
+# What compressed pixel data is decoded to, when a client asks for it by name.
+DECODED_SYNTAXES = frozenset({EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2"})
 
 
 class MediaError(ValueError):
@@ -104,15 +109,23 @@ def dicom_syntaxes(ranges: list[MediaRange]) -> list[str] | None:
     return syntaxes or None
 
 
-def choose_syntax(stored_syntax: str, accepted: list[str]) -> str | None:
-    """The syntax to send an instance in: its own when accepted (bytes unchanged), another
-    uncompressed one when it is uncompressed and only that is accepted, else None."""
+def choose_syntax(stored_syntax: str, accepted: list[str],
+                  can_decode: Callable[[str], bool] = lambda _syntax: False) -> str | None:
+    """The syntax to send an instance in, or None when it cannot be produced:
+
+    - its own when accepted (the stored bytes, unchanged; `*` and the default path);
+    - for native pixel data (uncompressed or deflated), the first accepted uncompressed
+      syntax: the dataset is re-encoded, the pixel values are not decoded;
+    - for compressed pixel data, only when the client names Explicit or Implicit VR Little
+      Endian and `can_decode(stored_syntax)` (a pydicom pixel handler is installed for it):
+      the pixel data is decoded to native.
+    """
     if "*" in accepted or stored_syntax in accepted:
         return stored_syntax
-    if stored_syntax in UNCOMPRESSED:
-        for syntax in accepted:
-            if syntax in UNCOMPRESSED:
-                return syntax
+    if stored_syntax in NATIVE:
+        return next((syntax for syntax in accepted if syntax in UNCOMPRESSED), None)
+    if can_decode(stored_syntax):
+        return next((syntax for syntax in accepted if syntax in DECODED_SYNTAXES), None)
     return None
 
 

@@ -35,6 +35,11 @@ _IMPLICIT = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 
 
+class HeaderTruncated(Exception):
+    """header_json was given the first bytes of an instance, and its header does not end
+    within them: read the whole instance."""
+
+
 class BulkDataError(Exception):
     """The bulk data path names no binary value of the instance."""
 
@@ -43,16 +48,34 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
 
 
-def header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+def header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_uid: str, sop_uid: str,
+                *, whole: bool = True) -> bytes:
     """The instance's /metadata entry (compact JSON, sorted by tag, BulkDataURIs relative
-    to the DICOMweb root). Raises whatever pydicom raises on an unreadable header."""
+    to the DICOMweb root). Raises whatever pydicom raises on an unreadable header.
+
+    `whole` False: `part10` is only the first bytes of the instance; the answer is given
+    only when the header ends at a pixel data element within them (every element before
+    it then lies whole in the bytes given), else HeaderTruncated."""
     base = instance_path(study_uid, series_uid, sop_uid) + "/bulk/"
     syntax = transfer_syntax_uid.strip("\x00 ")
     stream = BytesIO(part10)
     deflated = syntax == _DEFLATED
+    if deflated and not whole:
+        raise HeaderTruncated("a deflated dataset is read whole")
     # A deflated dataset is inflated as a whole into another buffer: read all of it there
     # (the pixel data is then read as bytes and left out of the JSON, never decoded).
-    dataset = dcmread(stream, stop_before_pixels=not deflated)
+    try:
+        dataset = dcmread(stream, stop_before_pixels=not deflated)
+    except Exception:  # pydicom raises many types, on a header cut off by the end of the bytes too
+        if whole:
+            raise
+        raise HeaderTruncated("the header could not be read from the bytes given") from None
+    # Given only the first bytes: a value cut off by their end is read short without a word,
+    # but then the read ends at the end of the bytes. A pixel data element found where it
+    # stopped shows that every element before it lay whole within them.
+    pixel = None if deflated else _element_at(part10, stream.tell(), syntax)
+    if not whole and pixel is None:
+        raise HeaderTruncated("the header does not end at pixel data within the bytes given")
     paths = _bulk_paths(dataset)
 
     def uri(element: Any) -> str:
@@ -60,11 +83,9 @@ def header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_
         return base + path if path is not None else ""
 
     attributes = dataset_to_json(dataset, uri, BULK_BYTES_MIN)
-    if not deflated:
-        pixel = _element_at(part10, stream.tell(), syntax)
-        if pixel is not None:
-            tag, vr = pixel
-            attributes[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": base + f"{tag:08X}"}
+    if pixel is not None:
+        tag, vr = pixel
+        attributes[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": base + f"{tag:08X}"}
     # Available Transfer Syntax UID (PS3.18 10.4.1.2): the syntax the instance is stored in.
     attributes.setdefault(AVAILABLE_TRANSFER_SYNTAX, {"vr": "UI", "Value": [syntax]})
     return json.dumps(dict(sorted(attributes.items())), separators=(",", ":")).encode("utf-8")

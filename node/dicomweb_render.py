@@ -10,12 +10,14 @@ else the frame's range), inverts MONOCHROME1, and writes JPEG or PNG with Pillow
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 # Media types of the compressed syntaxes a frame can be sent in (PS3.18 Table 8.7.3-2).
@@ -33,6 +35,16 @@ FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/x-dicom-rle",
 }
+
+
+@functools.cache
+def decodable(transfer_syntax_uid: str) -> bool:
+    """Whether an installed pydicom pixel handler decodes this compressed syntax
+    (pydicom.pixels.get_decoder; e.g. Pillow for JPEG baseline and JPEG 2000)."""
+    try:
+        return bool(get_decoder(transfer_syntax_uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
 
 
 class RenderError(ValueError):

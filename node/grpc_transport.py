@@ -21,6 +21,7 @@ from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.delete_coordinator import DeleteScope
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
@@ -274,6 +275,18 @@ class GrpcTransport:
         if reply.outcome in (pb.TOMBSTONE_OUTCOME_APPLIED, pb.TOMBSTONE_OUTCOME_DUPLICATE) and reply.durable:
             return int(reply.instances_deleted_count)
         raise PeerRefused(f"{target}: tombstone not durable: {reply.message[:200]}", RefusalReason.ERROR)
+
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool:
+        """A study's correction merged on `target`; True if it changed anything there.
+        PeerRefused unless it answered that it is durable."""
+        _address, stub = self._data(target)
+        request = pb.CorrectRequest(envelope=self._envelope(), study_instance_uid=correction.study_instance_uid,
+                                    correction_json=correction.dumps())
+        with _peer_errors(target):
+            reply = await stub.Correct(request, timeout=timeout_ms / 1000)
+        if reply.outcome in (pb.CORRECT_OUTCOME_APPLIED, pb.CORRECT_OUTCOME_DUPLICATE) and reply.durable:
+            return bool(reply.outcome == pb.CORRECT_OUTCOME_APPLIED)
+        raise PeerRefused(f"{target}: correction not durable: {reply.message[:200]}", RefusalReason.ERROR)
 
     def envelope(self) -> pb.Envelope:
         return self._envelope()

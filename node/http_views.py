@@ -13,6 +13,7 @@ from pacsnode.node.http_guard import HttpAccess
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.dicomweb import instance_header_json
+from pacsnode.node.dicomweb_metadata import HeaderTruncated
 from pacsnode.node.store import RocksStore
 from pacsnode.replication.archive import InstanceLocation
 from pacsnode.replication.model import StoreError, StoreFull
@@ -84,10 +85,15 @@ def http_server_for(node: "Node") -> HttpServer:
     )
 
 
+HEADER_READ_BYTES = 64 * 1024  # What StoreHeaders decompresses first to build an instance's /metadata.
+
+
 class StoreHeaders:
     """DicomWeb's LocalHeaders over this node's RocksStore: the /metadata JSON of an
-    instance held here, read back when kept, else built from its header (the instance is
-    read and checked as for a retrieve; the pixel data is not parsed) and kept."""
+    instance held here, read back when kept, else built from its header and kept. The
+    header is read from the first HEADER_READ_BYTES of the instance, decompressed only that
+    far (not checksum-verified: the checksum covers the whole; a retrieve verifies it);
+    a smaller instance, a longer header or a deflated one is read whole and verified."""
 
     def __init__(self, store: RocksStore) -> None:
         self._store = store
@@ -101,10 +107,17 @@ class StoreHeaders:
         if kept is not None:
             return kept
         try:
-            part10 = self._store.read_part10(study, sop)
+            # The first HEADER_READ_BYTES only (decompressed that far): a header almost always
+            # ends there; else (or deflated) the whole instance, checksum-verified.
+            head = self._store.read_part10_head(study, sop, HEADER_READ_BYTES)
+            try:
+                if len(head) < HEADER_READ_BYTES:
+                    raise HeaderTruncated("a small instance is read whole, checksum-verified")
+                header = instance_header_json(head, location, whole=False)
+            except HeaderTruncated:
+                header = instance_header_json(self._store.read_part10(study, sop), location)
         except (KeyError, StoreError):
             return None  # Deleted meanwhile, or corrupt here (logged): the archive reads another copy.
-        header = instance_header_json(part10, location)
         again = self._store.instance_record(study, sop)
         if again is not None and again.content_hash == record.content_hash:  # Not replaced while we read.
             self._store.put_header(study, sop, record.content_hash, header)

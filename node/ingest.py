@@ -10,7 +10,7 @@ import base64
 import re
 import struct
 from io import BytesIO
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
@@ -124,6 +124,45 @@ class _DatasetWalker:
                 position += length
                 if position > self._end:
                     raise ValueError("item cut short")
+
+
+def top_level_elements(data: bytes, position: int, *, little_endian: bool, implicit_vr: bool,
+                       last_tag: int) -> Iterator[tuple[int, int, bytes, int]]:
+    """(start, tag, VR (b"" in Implicit VR), end) of each top-level element from `position`,
+    while its tag is at most `last_tag`: headers are read, values skipped (sequences walked
+    item by item), never decoded. Raises ValueError on a header or value cut short."""
+    walker = _DatasetWalker(data, little_endian)
+    order = "<" if little_endian else ">"
+    tag_length = struct.Struct(order + "HHL")
+    explicit = struct.Struct(order + "HH2sH")
+    long_length = struct.Struct(order + "L")
+    end = len(data)
+    while position + 8 <= end:
+        start = position
+        group, element, length = tag_length.unpack_from(data, position)
+        tag = group << 16 | element
+        if tag > last_tag:
+            return
+        vr = b""
+        if implicit_vr:
+            position += 8
+        else:
+            _group, _element, vr, short_length = explicit.unpack_from(data, position)
+            if vr in _LONG_LENGTH_VRS:
+                if position + 12 > end:
+                    raise ValueError(f"element header cut short at {position}")
+                length = long_length.unpack_from(data, position + 8)[0]
+                position += 12
+            else:
+                length = short_length
+                position += 8
+        if length == _UNDEFINED_LENGTH:
+            position = walker.items(position, implicit_vr=implicit_vr or vr == b"UN")
+        else:
+            position += length
+            if position > end:
+                raise ValueError(f"value of ({group:04X},{element:04X}) cut short")
+        yield start, tag, vr, position
 
 
 def check_complete(part10: bytes, dataset_offset: int, transfer_syntax_uid: str) -> None:

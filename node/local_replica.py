@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 from pacsnode.node.codec import decompress
 from pacsnode.node.ingest import header_attributes
 from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.hint_index import HintIndex
 from pacsnode.replication.matching import Query
@@ -123,6 +124,15 @@ class StoreReplica:
 
     def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int:
         return self.store.purge_tombstones(tombstones)
+
+    def put_correction(self, correction: Correction) -> bool:
+        return self.store.put_correction(correction)
+
+    def correction(self, study_instance_uid: str) -> Correction | None:
+        return self.store.correction(study_instance_uid)
+
+    def corrections(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Correction]:
+        return self.store.corrections(low, high)
 
 
 def _in_ranges(ranges: Sequence[TokenRange] | None) -> Callable[[str], bool] | None:

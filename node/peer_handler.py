@@ -18,6 +18,7 @@ import logging
 from typing import Any, Awaitable, Callable, Iterator, Protocol, Sequence
 
 from pacsnode.node.codec import check_payload
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.delete_coordinator import DeleteScope, apply_tombstones
 from pacsnode.replication.digest import Digest, segment_bounds
 from pacsnode.replication.hlc import Version
@@ -113,6 +114,15 @@ class PeerHandler:
         except StoreError as error:
             raise PeerRefused(str(error), RefusalReason.ERROR) from None
         return removed
+
+    async def apply_correction(self, correction: Correction) -> bool:
+        """A Correct request: merge the study's correction into the one held (durable when
+        this returns); True if it changed anything. Raises PeerRefused (ERROR) when it could not."""
+        try:
+            changed: bool = await self._run_write(self.store.put_correction, correction)
+        except StoreError as error:
+            raise PeerRefused(str(error), RefusalReason.ERROR) from None
+        return changed
 
     async def fetch(self, study_instance_uid: str, sop_instance_uid: str, *,
                     include_hints: bool) -> StoredInstance | None:

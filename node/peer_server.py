@@ -24,7 +24,9 @@ from pacsnode.node import peer_wire
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
+from pacsnode.replication.modify_coordinator import ModifyStatus
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest
 from pacsnode.replication.matching import Query, QueryError
 from pacsnode.ring import swim
@@ -60,6 +62,14 @@ REFUSAL_TO_WIRE = {
 }
 
 
+MODIFY_OUTCOME_TO_WIRE = {
+    ModifyStatus.MODIFIED: pb.MODIFY_OUTCOME_MODIFIED,
+    ModifyStatus.NOT_FOUND: pb.MODIFY_OUTCOME_NOT_FOUND,
+    ModifyStatus.INCOMPLETE: pb.MODIFY_OUTCOME_INCOMPLETE,
+    ModifyStatus.QUORUM_FAILED: pb.MODIFY_OUTCOME_QUORUM_FAILED,
+    ModifyStatus.INVALID: pb.MODIFY_OUTCOME_INVALID,
+    ModifyStatus.NOT_JOINED: pb.MODIFY_OUTCOME_NOT_JOINED,
+}
 DELETE_OUTCOME_TO_WIRE = {
     DeleteStatus.DELETED: pb.DELETE_OUTCOME_DELETED,
     DeleteStatus.NOT_FOUND: pb.DELETE_OUTCOME_NOT_FOUND,
@@ -295,6 +305,26 @@ class DataService(pb_grpc.DataServicer):
         return pb.TombstoneReply(envelope=self.server.envelope(), outcome=pb.TOMBSTONE_OUTCOME_APPLIED,
                                  durable=True, instances_deleted_count=removed)
 
+    async def Correct(self, request: pb.CorrectRequest, context: grpc.aio.ServicerContext) -> pb.CorrectReply:
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Correct")
+        try:
+            correction = Correction.loads(request.correction_json)
+        except (ValueError, KeyError, TypeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad correction")
+            raise AssertionError("unreachable") from None
+        if correction.study_instance_uid != request.study_instance_uid or not correction.fields:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "correction names another study or nothing")
+        self.node.coordinator.hlc.observe(correction.version)  # Later versions stamped here pass it.
+        try:
+            changed = await self.node.peer_handler.apply_correction(correction)
+        except PeerRefused as refusal:
+            return pb.CorrectReply(envelope=self.server.envelope(), outcome=pb.CORRECT_OUTCOME_ERROR,
+                                   message=str(refusal)[:200])
+        log.info("peer.correct.applied sender=%s attributes=%s changed=%s", request.envelope.sender_id[:64],
+                 ",".join(sorted(correction.fields)), changed)
+        return pb.CorrectReply(envelope=self.server.envelope(), durable=True,
+                               outcome=pb.CORRECT_OUTCOME_APPLIED if changed else pb.CORRECT_OUTCOME_DUPLICATE)
+
     async def ListStudy(self, request: pb.ListStudyRequest, context: grpc.aio.ServicerContext) -> pb.ListStudyReply:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "ListStudy")
         records = await self.node.peer_handler.list_study(request.study_instance_uid)
@@ -405,9 +435,16 @@ class MembershipService(pb_grpc.MembershipServicer):
         if member.state is not swim.State.ALIVE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a joining member must be alive, not {member.state}")
         await self.node.security.refuse(context, self.node.security.guard.join_problem(member.node_id, source))
-        reply = self.node.membership.receive(source, swim.JoinRequest(member))
         config = self.node.config
         settings = replication_settings(config)
+        mismatch = placement_mismatch(settings, request.settings) if request.HasField("settings") else None
+        if mismatch is not None:
+            # Checked before membership sees the joiner: it never enters the ring, so no
+            # node computes owners with it under the other placement.
+            log.warning("membership.join.refused node=%s reason=%s", member.node_id[:64], mismatch)
+            self.node.security.admin_action("join", context, member.node_id, False, mismatch)
+            return pb.JoinReply(envelope=self.server.envelope(), accepted=False, reason=mismatch, settings=settings)
+        reply = self.node.membership.receive(source, swim.JoinRequest(member))
         if not isinstance(reply, swim.JoinReply):
             return pb.JoinReply(envelope=self.server.envelope(), accepted=False,
                                 reason=f"{config.node_id} is not a member now", settings=settings)
@@ -530,6 +567,27 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.DeleteReply(envelope=self.server.envelope(), outcome=DELETE_OUTCOME_TO_WIRE[result.status],
                               instances_deleted_count=result.instances, message=result.message[:200])
 
+    async def Modify(self, request: pb.ModifyRequest, context: grpc.aio.ServicerContext) -> pb.ModifyReply:
+        """`pacsnode modify` / `pacsnode merge-patient`: this node coordinates the correction
+        (replication/modify_coordinator.py)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Modify")
+        await self.node.security.refuse(context, self.node.security.guard.modify_problem(context))
+        study, from_patient = request.study_instance_uid, request.from_patient_id
+        if bool(study) == bool(from_patient) or len(study) > 64 or len(from_patient) > 64:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name one study (UID of at most 64 characters) "
+                                "or one PatientID to merge")
+        changes = dict(request.attributes)
+        loop = asyncio.get_running_loop()
+        if study:
+            result = await loop.run_in_executor(None, self.node.archive.modify, study, changes)
+        else:
+            to_patient = changes.pop("PatientID", "")
+            result = await loop.run_in_executor(None, self.node.archive.merge_patient, from_patient, to_patient,
+                                                changes)
+        self.node.security.modify_action(context, study, "study" if study else "patient", result)
+        return pb.ModifyReply(envelope=self.server.envelope(), outcome=MODIFY_OUTCOME_TO_WIRE[result.status],
+                              studies_count=result.studies, message=result.message[:200])
+
     async def RingView(self, request: pb.RingViewRequest, context: grpc.aio.ServicerContext) -> pb.RingViewReply:
         """The ring as this node sees it: every vnode, every range with its owners (and this
         node where it is still pulling a range it owns)."""
@@ -579,6 +637,22 @@ def replication_settings(config: Any, *, effective_n: int = 0) -> pb.Replication
     return pb.ReplicationSettings(replication_factor=replica_total(config.replication), write_quorum=config.write_quorum,
                                   read_quorum=config.read_quorum, vnodes=config.vnodes, effective_replication_factor=effective_n,
                                   site_replicas=str(config.replication) if config.site_replicas else "")
+
+
+def placement_mismatch(own: pb.ReplicationSettings, joiner: pb.ReplicationSettings) -> str | None:
+    """Why a joiner with `joiner` settings may not join a cluster placing by `own`, or None.
+    Only placement is compared: site_replicas, or replication_factor when neither side
+    sets them (W, R and vnodes are each node's own and may differ)."""
+    def placement(settings: pb.ReplicationSettings) -> str:
+        if settings.site_replicas:
+            return f"site_replicas={settings.site_replicas}"
+        return f"replication_factor={settings.replication_factor}"
+
+    if placement(own) == placement(joiner):
+        return None
+    return (f"replication settings differ: this cluster places {placement(own)}, the joining node "
+            f"{placement(joiner)}; start it with the cluster's (--site-replicas / --replicas) or it "
+            f"would compute other owners for every study")
 
 
 def describe_rpc_error(error: Any) -> str:

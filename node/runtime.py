@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import struct
 import threading
 import time
 from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
@@ -31,6 +32,9 @@ from pacsnode.replication.archive import (
 from pacsnode.replication.commitment import CommitResult, CommitSettings, RecentStudies, Reference
 from pacsnode.replication.coordinator import Coordinator
 from pacsnode.replication.delete_coordinator import DeleteCoordinator, DeleteResult, DeleteScope, DeleteStatus
+from pacsnode.replication.modify_coordinator import ModifyCoordinator, ModifyResult, ModifyStatus
+from pacsnode.replication.correction import Correction
+from pacsnode.node.correct import corrected
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, Instance, StoreError
 
@@ -107,9 +111,11 @@ class ClusterArchive:
                  zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
                  local_store: Callable[[Any], WriteResult] | None = None,
                  find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None,
-                 own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None) -> None:
+                 own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None,
+                 modifies: ModifyCoordinator | None = None) -> None:
         self._loop = loop
         self._deletes = deletes
+        self._modifies = modifies
         self._own_copy = own_copy
         self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
@@ -178,6 +184,34 @@ class ClusterArchive:
                  result.instances, result.acked)
         return result
 
+    def modify(self, study_instance_uid: str, changes: dict[str, str]) -> ModifyResult:
+        """Correct one study's patient/study attributes through this node
+        (replication/modify_coordinator.py). From any thread but the node's loop. Logged
+        with attribute names only (the values are patient data)."""
+        if self._modifies is None:
+            return ModifyResult(ModifyStatus.QUORUM_FAILED, message="modify is not wired on this node")
+        modifies = self._modifies
+        try:
+            result = self._loop.run(modifies.modify(study_instance_uid, changes), 600)
+        except TimeoutError as error:
+            result = ModifyResult(ModifyStatus.QUORUM_FAILED, message=str(error))
+        log.info("archive.modify attributes=%s status=%s acked=%d", ",".join(result.attributes),
+                 result.status.value, result.acked)
+        return result
+
+    def merge_patient(self, from_patient_id: str, to_patient_id: str, changes: dict[str, str]) -> ModifyResult:
+        """Every study of one PatientID under another (replication/modify_coordinator.py)."""
+        if self._modifies is None:
+            return ModifyResult(ModifyStatus.QUORUM_FAILED, message="modify is not wired on this node")
+        modifies = self._modifies
+        try:
+            result = self._loop.run(modifies.merge_patient(from_patient_id, to_patient_id, changes), 600)
+        except TimeoutError as error:
+            result = ModifyResult(ModifyStatus.QUORUM_FAILED, message=str(error))
+        log.info("archive.merge_patient attributes=%s status=%s studies=%d", ",".join(result.attributes),
+                 result.status.value, result.studies)
+        return result
+
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
         """The coordinator's rows, on this (association) thread. Bounded by find_buffer_rows;
         when this generator is closed (C-CANCEL, abort, a result cap) the producer, the
@@ -221,6 +255,20 @@ class ClusterArchive:
         return self._loop.run(self._coordinator.locate(query), 600, is_cancelled)
 
     def read(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None = None) -> tuple[bytes, int]:
+        """The instance as retrieval sends it: the stored bytes, with the study's correction
+        applied to the header when it has one (node/correct.py; the stored bytes stay as received)."""
+        part10, offset = self._read_stored(location, is_cancelled)
+        if not location.correction:
+            return part10, offset
+        try:
+            return corrected(part10, offset, location.transfer_syntax_uid, Correction.loads(location.correction))
+        except (ValueError, KeyError, struct.error) as error:
+            # Never send the uncorrected header as if it were corrected: the sub-operation fails.
+            log.error("archive.read.correct_failed sop_instance_uid=%s error=%s", location.sop_instance_uid,
+                      type(error).__name__)
+            raise ReadError("the study's correction could not be applied to this instance") from None
+
+    def _read_stored(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None) -> tuple[bytes, int]:
         if self._own_copy is not None and self._coordinator.owns(location.study_instance_uid):
             # The coordinator reads an owner's own copy first too: take it from this thread,
             # without two hand-offs to the loop and two to its I/O threads per instance.

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from pacsnode.node import tls
-from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject, record_delete
+from pacsnode.node.audit import AUDIT_FILE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject, record_delete, record_modify
 from pacsnode.node.audit_syslog import AuditSyslog, client_context, parse_target
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.member_signing import MemberSigner, MemberVerifier
@@ -105,6 +105,14 @@ class NodeSecurity:
         who = f"{identity.role}:{identity.name}" if identity else "plain-text"
         record_delete(self.audit, Participant(who, str(context.peer())), study_instance_uid=scope.study_instance_uid,
                       level=scope.level, status=result.status.value, instances=result.instances, via="pacsnode")
+
+    def modify_action(self, context: Any, study_instance_uid: str, level: str, result: Any) -> None:
+        """`pacsnode modify` / `merge-patient` over the peer port: audited (attribute names only)."""
+        identity = tls.peer_identity(context)
+        who = f"{identity.role}:{identity.name}" if identity else "plain-text"
+        record_modify(self.audit, Participant(who, str(context.peer())), study_instance_uid=study_instance_uid,
+                      level=level, status=result.status.value, studies=result.studies,
+                      attributes=result.attributes, via="pacsnode")
 
     def reload_certificates(self) -> bool:
         """Read the tls_dir files again when they changed (SIGHUP, or the node's 10 s poll):

@@ -28,7 +28,7 @@ from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
-from pacsnode.node.peer_server import PeerServer
+from pacsnode.node.peer_server import PeerServer, replication_settings
 from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
@@ -37,6 +37,7 @@ from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_asid
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteQuorumMode, WriteScope
 from pacsnode.replication.hlc import wall_ms
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
+from pacsnode.replication.modify_coordinator import ModifyCoordinator
 from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import cancelled_by_caller
@@ -188,10 +189,14 @@ class Node:
             self.coordinator.find, replication_factor=config.replication_factor,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.coordinator.supersede = self.deletes.supersede
+        self.modifies = ModifyCoordinator(
+            config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
+            self.coordinator.find, replication_factor=config.replication_factor,
+            write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
-                                      own_copy=own_copy_reader(self.store))
+                                      own_copy=own_copy_reader(self.store), modifies=self.modifies)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
@@ -362,7 +367,7 @@ class Node:
         port = await self.peer_server.start(self.config.host, self.config.peer_port)
         if port != self.config.peer_port:
             self.membership.update_self(peer_port=port)
-        self.membership.start(GrpcCarrier(self.transport))
+        self.membership.start(GrpcCarrier(self.transport, replication_settings(self.config)))
         self._hint_task = asyncio.ensure_future(self._replay_hints_forever())
         self._repair_task = asyncio.ensure_future(self.repairer.run_forever())
         self._leave_task = asyncio.ensure_future(self._finish_leave_when_drained())

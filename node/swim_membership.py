@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from pacsnode.node import peer_wire
+from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MemberInfo
@@ -146,12 +147,15 @@ class MembershipCarrier(Protocol):
 class GrpcCarrier:
     """The node's carriage: each SWIM request is a Membership RPC (node/peer_wire.py maps it)."""
 
-    def __init__(self, transport: "GrpcTransport") -> None:
+    def __init__(self, transport: "GrpcTransport", settings: pb.ReplicationSettings | None = None) -> None:
         self.transport = transport
+        self.settings = settings  # Sent with a Join: a seed refuses a joiner that places otherwise.
 
     async def call(self, target_id: str, address: str, message: Message, *, timeout_ms: int
                    ) -> tuple[str, Message | None, list[str]]:
         method, request = peer_wire.request_to_wire(message, target_id, self.transport.envelope())
+        if isinstance(request, pb.JoinRequest) and self.settings is not None:
+            request.settings.CopyFrom(self.settings)
         reply = await self.transport.membership_call(address, method, request, timeout_ms=timeout_ms)
         source: str = reply.envelope.sender_id
         if isinstance(message, Gossip):

@@ -237,6 +237,12 @@ class PeerGuard:
             return None
         return "only an admin certificate may delete"
 
+    def modify_problem(self, context: Any) -> str | None:
+        """`Modify` (`pacsnode modify`, `pacsnode merge-patient`): an admin's call only."""
+        if not self.enabled or self.is_admin(context):
+            return None
+        return "only an admin certificate may modify"
+
     def join_problem(self, member_id: str, sender_id: str) -> str | None:
         """A node joins as itself only."""
         if self.enabled and member_id != sender_id:

@@ -27,6 +27,13 @@ class TombstoneOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOMBSTONE_OUTCOME_DUPLICATE: _ClassVar[TombstoneOutcome]
     TOMBSTONE_OUTCOME_ERROR: _ClassVar[TombstoneOutcome]
 
+class CorrectOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CORRECT_OUTCOME_UNSPECIFIED: _ClassVar[CorrectOutcome]
+    CORRECT_OUTCOME_APPLIED: _ClassVar[CorrectOutcome]
+    CORRECT_OUTCOME_DUPLICATE: _ClassVar[CorrectOutcome]
+    CORRECT_OUTCOME_ERROR: _ClassVar[CorrectOutcome]
+
 class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MEMBER_STATE_UNSPECIFIED: _ClassVar[MemberState]
@@ -44,6 +51,16 @@ class RangeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANGE_ROLE_PENDING_OWNER: _ClassVar[RangeRole]
     RANGE_ROLE_DEPARTING: _ClassVar[RangeRole]
     RANGE_ROLE_NOT_OWNER: _ClassVar[RangeRole]
+
+class ModifyOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODIFY_OUTCOME_UNSPECIFIED: _ClassVar[ModifyOutcome]
+    MODIFY_OUTCOME_MODIFIED: _ClassVar[ModifyOutcome]
+    MODIFY_OUTCOME_NOT_FOUND: _ClassVar[ModifyOutcome]
+    MODIFY_OUTCOME_INCOMPLETE: _ClassVar[ModifyOutcome]
+    MODIFY_OUTCOME_QUORUM_FAILED: _ClassVar[ModifyOutcome]
+    MODIFY_OUTCOME_INVALID: _ClassVar[ModifyOutcome]
+    MODIFY_OUTCOME_NOT_JOINED: _ClassVar[ModifyOutcome]
 
 class DeleteOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -66,6 +83,10 @@ TOMBSTONE_OUTCOME_UNSPECIFIED: TombstoneOutcome
 TOMBSTONE_OUTCOME_APPLIED: TombstoneOutcome
 TOMBSTONE_OUTCOME_DUPLICATE: TombstoneOutcome
 TOMBSTONE_OUTCOME_ERROR: TombstoneOutcome
+CORRECT_OUTCOME_UNSPECIFIED: CorrectOutcome
+CORRECT_OUTCOME_APPLIED: CorrectOutcome
+CORRECT_OUTCOME_DUPLICATE: CorrectOutcome
+CORRECT_OUTCOME_ERROR: CorrectOutcome
 MEMBER_STATE_UNSPECIFIED: MemberState
 MEMBER_STATE_ALIVE: MemberState
 MEMBER_STATE_SUSPECT: MemberState
@@ -78,6 +99,13 @@ RANGE_ROLE_OWNER: RangeRole
 RANGE_ROLE_PENDING_OWNER: RangeRole
 RANGE_ROLE_DEPARTING: RangeRole
 RANGE_ROLE_NOT_OWNER: RangeRole
+MODIFY_OUTCOME_UNSPECIFIED: ModifyOutcome
+MODIFY_OUTCOME_MODIFIED: ModifyOutcome
+MODIFY_OUTCOME_NOT_FOUND: ModifyOutcome
+MODIFY_OUTCOME_INCOMPLETE: ModifyOutcome
+MODIFY_OUTCOME_QUORUM_FAILED: ModifyOutcome
+MODIFY_OUTCOME_INVALID: ModifyOutcome
+MODIFY_OUTCOME_NOT_JOINED: ModifyOutcome
 DELETE_OUTCOME_UNSPECIFIED: DeleteOutcome
 DELETE_OUTCOME_DELETED: DeleteOutcome
 DELETE_OUTCOME_NOT_FOUND: DeleteOutcome
@@ -333,6 +361,28 @@ class TombstoneReply(_message.Message):
     instances_deleted_count: int
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[TombstoneOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ..., instances_deleted_count: _Optional[int] = ...) -> None: ...
 
+class CorrectRequest(_message.Message):
+    __slots__ = ("envelope", "study_instance_uid", "correction_json")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_JSON_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    study_instance_uid: str
+    correction_json: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., correction_json: _Optional[str] = ...) -> None: ...
+
+class CorrectReply(_message.Message):
+    __slots__ = ("envelope", "outcome", "message", "durable")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    outcome: CorrectOutcome
+    message: str
+    durable: bool
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[CorrectOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ...) -> None: ...
+
 class MemberUpdate(_message.Message):
     __slots__ = ("node_id", "peer_address", "dicom_address", "site", "host", "vnodes", "state", "incarnation", "generation", "updated_at_ms", "reporter_id", "lamport", "leaving", "signature", "signer_certificate")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -440,12 +490,14 @@ class ReplicationSettings(_message.Message):
     def __init__(self, replication_factor: _Optional[int] = ..., write_quorum: _Optional[int] = ..., read_quorum: _Optional[int] = ..., vnodes: _Optional[int] = ..., effective_replication_factor: _Optional[int] = ..., site_replicas: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("envelope", "member")
+    __slots__ = ("envelope", "member", "settings")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     member: MemberUpdate
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., member: _Optional[_Union[MemberUpdate, _Mapping]] = ...) -> None: ...
+    settings: ReplicationSettings
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., member: _Optional[_Union[MemberUpdate, _Mapping]] = ..., settings: _Optional[_Union[ReplicationSettings, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("envelope", "accepted", "reason", "members", "settings")
@@ -612,6 +664,37 @@ class RangeStatusReply(_message.Message):
     digest: Digest
     transfer: RangeTransfer
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., range: _Optional[_Union[TokenRange, _Mapping]] = ..., role: _Optional[_Union[RangeRole, str]] = ..., complete: _Optional[bool] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., transfer: _Optional[_Union[RangeTransfer, _Mapping]] = ...) -> None: ...
+
+class ModifyRequest(_message.Message):
+    __slots__ = ("envelope", "study_instance_uid", "from_patient_id", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    FROM_PATIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    study_instance_uid: str
+    from_patient_id: str
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., from_patient_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ModifyReply(_message.Message):
+    __slots__ = ("envelope", "outcome", "studies_count", "message")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STUDIES_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    outcome: ModifyOutcome
+    studies_count: int
+    message: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[ModifyOutcome, str]] = ..., studies_count: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("envelope", "study_instance_uid", "series_instance_uid", "sop_instance_uid")

@@ -68,6 +68,11 @@ class DataStub:
                 request_serializer=pacsnode__pb2.TombstoneRequest.SerializeToString,
                 response_deserializer=pacsnode__pb2.TombstoneReply.FromString,
                 _registered_method=True)
+        self.Correct = channel.unary_unary(
+                '/pacsnode.v1.Data/Correct',
+                request_serializer=pacsnode__pb2.CorrectRequest.SerializeToString,
+                response_deserializer=pacsnode__pb2.CorrectReply.FromString,
+                _registered_method=True)
 
 
 class DataServicer:
@@ -127,6 +132,14 @@ class DataServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Correct(self, request, context):
+        """Merge a study's correction (patient/study attributes; replication/correction.py)
+        into the one the receiver holds, and apply it to its study record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_DataServicer_to_server(servicer, server):
                     servicer.Tombstone,
                     request_deserializer=pacsnode__pb2.TombstoneRequest.FromString,
                     response_serializer=pacsnode__pb2.TombstoneReply.SerializeToString,
+            ),
+            'Correct': grpc.unary_unary_rpc_method_handler(
+                    servicer.Correct,
+                    request_deserializer=pacsnode__pb2.CorrectRequest.FromString,
+                    response_serializer=pacsnode__pb2.CorrectReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,6 +344,33 @@ class Data:
             '/pacsnode.v1.Data/Tombstone',
             pacsnode__pb2.TombstoneRequest.SerializeToString,
             pacsnode__pb2.TombstoneReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Correct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsnode.v1.Data/Correct',
+            pacsnode__pb2.CorrectRequest.SerializeToString,
+            pacsnode__pb2.CorrectReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -849,6 +894,11 @@ class AdminStub:
                 request_serializer=pacsnode__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=pacsnode__pb2.DeleteReply.FromString,
                 _registered_method=True)
+        self.Modify = channel.unary_unary(
+                '/pacsnode.v1.Admin/Modify',
+                request_serializer=pacsnode__pb2.ModifyRequest.SerializeToString,
+                response_deserializer=pacsnode__pb2.ModifyReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -885,6 +935,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Modify(self, request, context):
+        """Correct patient/study attributes of one study, or merge a patient (every study of
+        one PatientID under another), coordinated by the receiver. Admin only on a TLS
+        cluster, like Delete. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -907,6 +966,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=pacsnode__pb2.DeleteRequest.FromString,
                     response_serializer=pacsnode__pb2.DeleteReply.SerializeToString,
+            ),
+            'Modify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Modify,
+                    request_deserializer=pacsnode__pb2.ModifyRequest.FromString,
+                    response_serializer=pacsnode__pb2.ModifyReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1019,6 +1083,33 @@ class Admin:
             '/pacsnode.v1.Admin/Delete',
             pacsnode__pb2.DeleteRequest.SerializeToString,
             pacsnode__pb2.DeleteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Modify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsnode.v1.Admin/Modify',
+            pacsnode__pb2.ModifyRequest.SerializeToString,
+            pacsnode__pb2.ModifyReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,9 @@ class InstanceLocation:
     transfer_syntax_uid: str
     # Length of the stored Part-10 bytes (0: the index did not say); not part of its identity.
     part10_bytes: int = field(default=0, compare=False)
+    # The study's correction (replication/correction.py JSON; "" for none): what retrieval
+    # applies to the header of the bytes it sends (node/correct.py).
+    correction: str = field(default="", compare=False)
 
 
 class ReadError(Exception):

@@ -103,6 +103,12 @@ class WriteQuorumMode(enum.Enum):
 REMOTE_SENDS_MAX = 16
 REMOTE_QUEUE_BYTES_MAX = 64 * 1024 * 1024
 
+# Hint replay: per owner, at most this many hints (and bytes) in flight at once, and at most
+# HINT_REPLAY_PASS_MAX per pass; owners are replayed at the same time.
+HINT_REPLAY_WINDOW = 8
+HINT_REPLAY_WINDOW_BYTES = 16 * 1024 * 1024
+HINT_REPLAY_PASS_MAX = 64
+
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
@@ -918,72 +924,97 @@ class Coordinator:
 
     # ----------------------------------------------------------------- hints
     async def replay_hints(self) -> int:
-        """One pass: send every hint whose owner answers again; returns how many were handed over."""
+        """One pass: send every hint whose owner answers again; returns how many were handed over.
+
+        Owners are replayed at the same time, and each owner gets up to HINT_REPLAY_WINDOW
+        hints (HINT_REPLAY_WINDOW_BYTES) in flight, at most HINT_REPLAY_PASS_MAX per pass; an
+        owner's first failure ends its part of the pass. (One hint at a time, one owner after
+        another, a pass over 40 ms links took ~28 s on 6 nodes after a site cut.)"""
         self.stats.extra["hint_replay_passes"] = self.stats.extra.get("hint_replay_passes", 0) + 1
-        handed = 0
         owners = await self._run_blocking(self._local.hint_owners)
         ring = self._membership.ring()
+        parts: list[Awaitable[int]] = []
         for owner in owners:
             if owner not in ring:
-                handed += await self._retarget_hints(owner, ring)
-                continue
-            if not self._membership.is_alive(owner):
-                continue
-            stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(owner), 64)))
-            for stored in stored_list:
-                if (owner, stored.sop_instance_uid) in self._remote_sends:
-                    continue  # A local-scope write is sending it right now.
-                if self._expired(stored):
-                    # Older than the tombstone grace: a delete of it may be purged everywhere by
-                    # now, so replaying it could bring a deleted instance back. Its owner gets
-                    # it from the other replicas (anti-entropy) if it is still current.
+                parts.append(self._retarget_hints(owner, ring))
+            elif self._membership.is_alive(owner):
+                parts.append(self._replay_owner(owner, ring))
+        return sum(await asyncio.gather(*parts))
+
+    async def _replay_owner(self, owner: str, ring: Ring) -> int:
+        stored_list: list[StoredInstance] = await self._run_blocking(
+            lambda: list(_take(self._local.hints(owner), HINT_REPLAY_PASS_MAX)))
+        handed = 0
+        index = 0
+        while index < len(stored_list):
+            window = [stored_list[index]]
+            size = len(stored_list[index].blob)
+            index += 1
+            while index < len(stored_list) and len(window) < HINT_REPLAY_WINDOW and \
+                    size + len(stored_list[index].blob) <= HINT_REPLAY_WINDOW_BYTES:
+                window.append(stored_list[index])
+                size += len(stored_list[index].blob)
+                index += 1
+            results = await asyncio.gather(*(self._replay_one(owner, stored, ring) for stored in window))
+            handed += sum(1 for result in results if result is True)
+            if any(result is None for result in results):
+                break  # The owner failed one: the rest wait for the next pass.
+        if handed:
+            log.info("replication.hint.replayed owner=%s instances=%d", owner, handed)
+        return handed
+
+    async def _replay_one(self, owner: str, stored: StoredInstance, ring: Ring) -> bool | None:
+        """Hand one hint to its owner: True when handed over (and deleted here), False when
+        skipped, None when the owner failed it (the hint stays)."""
+        if (owner, stored.sop_instance_uid) in self._remote_sends:
+            return False  # A local-scope write is sending it right now.
+        if self._expired(stored):
+            # Older than the tombstone grace: a delete of it may be purged everywhere by
+            # now, so replaying it could bring a deleted instance back. Its owner gets
+            # it from the other replicas (anti-entropy) if it is still current.
+            await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
+                                     stored.sop_instance_uid)
+            self.stats.extra["hints_expired"] = self.stats.extra.get("hints_expired", 0) + 1
+            log.warning("replication.hint.expired owner=%s age_s=%d", owner,
+                        (self.hlc.peek().ms - stored.record.version.ms) // 1000)
+            return False
+        try:
+            outcome = await self._transport.store(
+                owner, stored, hint_for="",
+                timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+        except PeerRefused as error:
+            n, _w = self._replicas()
+            if error.reason is RefusalReason.NOT_OWNER and \
+                    owner not in ring.owners_of_study(stored.study_instance_uid, n):
+                # The ring moved the study away from the hint's owner: its owners now get it.
+                if await self._deliver_to_owners(stored, ring):
                     await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
                                              stored.sop_instance_uid)
-                    self.stats.extra["hints_expired"] = self.stats.extra.get("hints_expired", 0) + 1
-                    log.warning("replication.hint.expired owner=%s age_s=%d", owner,
-                                (self.hlc.peek().ms - stored.record.version.ms) // 1000)
-                    continue
-                try:
-                    outcome = await self._transport.store(
-                        owner, stored, hint_for="",
-                        timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
-                except PeerRefused as error:
-                    n, _w = self._replicas()
-                    if error.reason is RefusalReason.NOT_OWNER and \
-                            owner not in ring.owners_of_study(stored.study_instance_uid, n):
-                        # The ring moved the study away from the hint's owner: its owners now get it.
-                        if await self._deliver_to_owners(stored, ring):
-                            await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
-                                                     stored.sop_instance_uid)
-                            handed += 1
-                            self.stats.extra["hints_retargeted"] = self.stats.extra.get("hints_retargeted", 0) + 1
-                            continue
-                    log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
-                    break
-                except PeerError as error:
-                    log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
-                    break
-                if outcome not in DURABLE_OUTCOMES:
-                    break
-                await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
-                                         stored.sop_instance_uid)
-                handed += 1
-                self.stats.hints_replayed += 1
-            if handed:
-                log.info("replication.hint.replayed owner=%s instances=%d", owner, handed)
-        return handed
+                    self.stats.extra["hints_retargeted"] = self.stats.extra.get("hints_retargeted", 0) + 1
+                    return True
+            log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
+            return None
+        except PeerError as error:
+            log.info("replication.hint.replay_failed owner=%s error=%s", owner, error)
+            return None
+        if outcome not in DURABLE_OUTCOMES:
+            return None
+        await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
+                                 stored.sop_instance_uid)
+        self.stats.hints_replayed += 1
+        return True
 
     def _expired(self, stored: StoredInstance) -> bool:
         max_age_ms = self._settings.hint_max_age_ms
         return bool(max_age_ms) and stored.record.version.ms < self.hlc.peek().ms - max_age_ms
 
-    async def _retarget_hints(self, gone: str, ring: Any) -> int:
+    async def _retarget_hints(self, gone: str, ring: Ring) -> int:
         """Hints held for a member that is out of the ring (removed, or left) go to their
         study's current owners instead (DESIGN: re-targeted to the new owner); each is
         deleted once every current owner holds it durably. An owner that is down keeps
         the hint here for the next pass."""
         moved = 0
-        stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(gone), 64)))
+        stored_list = await self._run_blocking(lambda: list(_take(self._local.hints(gone), HINT_REPLAY_PASS_MAX)))
         for stored in stored_list:
             if not await self._deliver_to_owners(stored, ring, gone=gone):
                 continue
@@ -1030,7 +1061,9 @@ def _location(row: Attributes) -> InstanceLocation:
         sop_instance_uid=str(row["SOPInstanceUID"]),
         sop_class_uid=str(row.get("SOPClassUID", "")),
         transfer_syntax_uid=str(row.get("_transfer_syntax_uid", "")),
-        part10_bytes=_int(row.get("_part10_bytes")),
+        # A corrected study's headers are rewritten on the way out: the length is not known first.
+        part10_bytes=0 if row.get("_correction") else _int(row.get("_part10_bytes")),
+        correction=str(row.get("_correction", "") or ""),
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from pacsnode.replication.archive import IncompleteAnswer, Shortfall
+from pacsnode.replication.correction import newest_correction, with_correction
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order
@@ -413,6 +414,13 @@ class RoutedGather:
         """The rows of one study and whether R owners vouch for them."""
         state = self._states[index]
         level = self._level()
+        # A study's correction is merged over every row, whichever replica answered: an owner
+        # (or a hint holder) that has not got the newest correction yet answers with it anyway,
+        # and a difference in corrections alone is no disagreement (anti-entropy evens them).
+        newest = newest_correction(row for rows in state.rows.values() for row in rows)
+        if newest is not None:
+            for slot, rows in state.rows.items():
+                state.rows[slot] = [with_correction(row, newest) for row in rows]
         answers = [self._keyed(state.rows[node_id]) for node_id in state.answered]
         # R owners vouch for the answer, and, when an owner was out of reach or membership
         # changed recently, every node that may hold hints for the owners was asked too.
@@ -431,6 +439,7 @@ class RoutedGather:
             if await self._reconcile(study_uid, list(state.answered), hint_holders):
                 again = await self._ask_again(index, state.answered[0])
                 if again is not None:
+                    again = [with_correction(row, newest) for row in again] if newest is not None else again
                     return list(self._keyed(again).values()), complete
             return self._merge(state, answers, level), False  # Could not make them agree: flagged.
         if disagree:
@@ -441,6 +450,7 @@ class RoutedGather:
                 if await self._reconcile(study_uid, list(state.answered), ()):
                     again = await self._ask_again(index, state.answered[0])
                     if again is not None:
+                        again = [with_correction(row, newest) for row in again] if newest is not None else again
                         answers = [self._keyed(again)]
                 else:
                     complete = False  # Could not make them agree: never a Success on a guess.

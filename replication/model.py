@@ -197,6 +197,9 @@ class StudyRecord:
     sop_classes: list[str] = field(default_factory=list)
     first_sop_instance_uid: str = ""
     updated_at_ms: int = 0
+    # The study's correction (replication/correction.py, canonical JSON) when it has one:
+    # `attributes` already hold its values; retrieval rewrites headers with it.
+    correction: str = ""
 
 
 class StoreOutcome(enum.StrEnum):

@@ -75,6 +75,10 @@ def study_row(study: StudyRecord) -> Attributes:
     row["NumberOfStudyRelatedInstances"] = str(study.instance_count)
     row["ModalitiesInStudy"] = list(study.modalities)
     row["SOPClassesInStudy"] = list(study.sop_classes)
+    if study.correction:
+        # Internal: the study's correction, so a retrieve rewrites the headers it sends and
+        # a modify's clock observes its version (never returned to a client).
+        row["_correction"] = study.correction
     return row
 
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from pacsnode.replication.correction import CORRECTION_SOP, Correction, correction_of_entry, is_correction_entry
 from pacsnode.replication.digest import Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.replication.hlc import Version, is_mark, wall_ms
 from pacsnode.replication.model import StoredInstance, StoreError, StoreOutcome, Tombstone
@@ -48,6 +49,7 @@ class RepairTransport(Protocol):
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str: ...
     async def tombstone(self, target: str, tombstones: Sequence[Tombstone], *, scope: Any, hint_for: str,
                         timeout_ms: int) -> int: ...
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool: ...
 
 
 class RepairStore(Protocol):
@@ -64,6 +66,8 @@ class RepairStore(Protocol):
     def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None: ...
     def tombstones(self, low: int = 0, high: int = (1 << 64) - 1) -> Any: ...
     def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int: ...
+    def put_correction(self, correction: Correction) -> bool: ...
+    def correction(self, study_instance_uid: str) -> Correction | None: ...
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,11 @@ class Repairer:
     async def _pull_segments(self, token_range: TokenRange, source: str, segments: list[int]) -> None:
         transfer = self.transfers.setdefault(token_range, Transfer(token_range, source))
         transfer.source = source
+        # This pass's own count: every instance it listed as missing ends pulled, gone at the
+        # source, or deleted here (a newer tombstone); the range is filled when all did. (The
+        # transfer's totals add up over passes: a pass after a failed one lists again what
+        # the failed one did not get, so they are for `pacsnode status`, not for this.)
+        listed = settled = 0
         try:
             for segment in segments:
                 their_entries = await self._transport.list_bucket(source, token_range, segment,
@@ -341,7 +350,16 @@ class Repairer:
                     mine_entries = await self._run_blocking(
                         lambda: list(self._store.entries(interval_low, interval_high)))
                 mine = {(sop, content) for _study, sop, content in mine_entries}
-                missing = [e for e in their_entries if (e[1], e[2]) not in mine and not is_mark(e[2])]
+                missing = [e for e in their_entries if (e[1], e[2]) not in mine and not is_mark(e[2])
+                           and not is_correction_entry(e[2])]
+                # Their study corrections we lack (or hold an older state of) are merged as
+                # listed: the entry carries the whole correction, nothing to fetch.
+                corrections = [correction_of_entry(e[2]) for e in their_entries
+                               if (e[1], e[2]) not in mine and is_correction_entry(e[2])]
+                for correction in corrections:
+                    if await self._run_blocking(self._store.put_correction, correction):
+                        self.stats.extra["corrections_applied"] = self.stats.extra.get("corrections_applied", 0) + 1
+                        log.info("repair.correction.applied source=%s", source)
                 # Their tombstones we lack are applied as listed, never fetched: an older copy
                 # held here goes, a newer one (a re-store) stays and the source pulls it from us.
                 deletes = [_tombstone_of(e) for e in their_entries if (e[1], e[2]) not in mine and is_mark(e[2])]
@@ -357,17 +375,21 @@ class Repairer:
                     log.info("repair.tombstones.applied source=%s tombstones=%d removed=%d", source, len(deletes),
                              removed)
                 transfer.total_instances += len(missing)
+                listed += len(missing)
 
                 async def pull(study_uid: str, sop_uid: str) -> None:
+                    nonlocal settled
                     stored = await self._transport.fetch(source, study_uid, sop_uid,
                                                          timeout_ms=self._settings.fetch_timeout_ms)
                     if stored is None:
+                        settled += 1
                         return  # Gone meanwhile (dropped or never there); the next pass rechecks.
                     try:
                         outcome = await self._run_blocking(self._store.put_stored, stored)
                     except StoreError as error:
                         log.warning("repair.store.failed sop_instance_uid=%s error=%s", sop_uid, error)
                         raise PeerError(f"local store: {error}") from error
+                    settled += 1
                     if outcome == StoreOutcome.DELETED:  # A newer tombstone here: it stays deleted.
                         self.stats.extra["pulls_deleted"] = self.stats.extra.get("pulls_deleted", 0) + 1
                         return
@@ -383,7 +405,7 @@ class Repairer:
                 log.info("repair.range.pulled source=%s instances=%d bytes=%d", source, transfer.done_instances,
                          transfer.done_bytes)
         finally:
-            if transfer.done_instances >= transfer.total_instances:
+            if settled >= listed:
                 self.transfers.pop(token_range, None)
 
     @staticmethod
@@ -547,6 +569,16 @@ class Repairer:
         handed = 0
         deleted: set[tuple[str, str]] = set()
         for study_uid, sop_uid in lacking:
+            if sop_uid == CORRECTION_SOP:  # The study's correction: its entry names no instance.
+                correction = await self._run_blocking(self._store.correction, study_uid)
+                if correction is not None:
+                    try:
+                        await self._transport.correct(owner, correction, timeout_ms=self._settings.rpc_timeout_ms)
+                    except PeerError as error:
+                        log.info("repair.handover.failed owner=%s error=%s", owner, error)
+                        return deleted
+                    handed += 1
+                continue
             tombstone = await self._run_blocking(self._store.tombstone, study_uid, sop_uid)
             if tombstone is not None:  # A delete only we hold for this owner: it gets the tombstone.
                 try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, InstanceRecord, StoredInstance, Tombstone
@@ -82,3 +83,11 @@ class ReplicaStore(Protocol):
     def tombstone_hints(self, owner: str) -> Iterator[Tombstone]: ...
     def delete_tombstone_hints(self, owner: str, tombstones: Sequence[Tombstone]) -> None: ...
     def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int: ...
+
+    # Corrections (study-level overlays; replication/correction.py, node/store.py put_correction).
+    def put_correction(self, correction: Correction) -> bool:
+        """Merge a study's correction into the one held; True if anything changed."""
+        ...
+
+    def correction(self, study_instance_uid: str) -> Correction | None: ...
+    def corrections(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Correction]: ...

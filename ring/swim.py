@@ -1291,7 +1291,10 @@ class Swim:
             return [self._send(self._rng.choice(dead), request)]
         if live:
             return [self._send(self._rng.choice(live), request)]
-        if self._seeds:  # Alone: go back to the seeds.
+        if self._seeds and self._joined:  # Alone: go back to the seeds.
+            # Not before a seed accepted our join: a push-pull would bring this node into
+            # the seed's view past a refused join (other placement settings, a newer
+            # generation of this id); the join retries ask the seeds meanwhile.
             return [self._send_address(self._rng.choice(self._seeds), request)]
         return []
 

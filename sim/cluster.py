@@ -505,6 +505,14 @@ class _Process:
             except PeerRefused as refusal:
                 raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
             return removed, 96
+        if method == "correct":
+            (correction,) = args
+            self.coordinator.hlc.observe(correction.version)  # As peer_server: later stamps pass it.
+            try:
+                changed = await handler.apply_correction(correction)
+            except PeerRefused as refusal:
+                raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
+            return changed, 96
         if method == "fetch":
             study_uid, sop_uid, include_hints = args
             found = await handler.fetch(study_uid, sop_uid, include_hints=include_hints)
@@ -537,8 +545,9 @@ class _RepairStoreView:
     def put_stored(self, stored: StoredInstance, *, hint_for: str = "") -> str:
         outcome = self._store.put_stored(stored, hint_for=hint_for)
         cluster = self._node.cluster
+        source = cluster.pull_sources.pop((self._node.node_id, stored.sop_instance_uid), "")
         cluster.moves.append(Move(cluster.loop.now_ms(), self._node.node_id, stored.sop_instance_uid,
-                                  len(stored.blob), outcome, "pull"))
+                                  len(stored.blob), outcome, "pull", source))
         return outcome
 
     def __getattr__(self, name: str) -> Any:
@@ -557,8 +566,17 @@ class _RepairTransportView:
         outcome: str = await self._transport.store(target, stored, hint_for=hint_for, timeout_ms=timeout_ms)
         cluster = self._node.cluster
         cluster.moves.append(Move(cluster.loop.now_ms(), target, stored.sop_instance_uid, len(stored.blob), outcome,
-                                  "push"))
+                                  "push", self._node.node_id))
         return outcome
+
+    async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, **kwargs: Any
+                    ) -> StoredInstance | None:
+        """A repairer's pull: remembers `target` as the source of the copy stored next."""
+        stored: StoredInstance | None = await self._transport.fetch(target, study_instance_uid, sop_instance_uid,
+                                                                    **kwargs)
+        if stored is not None:
+            self._node.cluster.pull_sources[(self._node.node_id, sop_instance_uid)] = target
+        return stored
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -574,6 +592,7 @@ class Move:
     size_bytes: int
     outcome: str  # The receiver's StoreOutcome (stored, duplicate, conflict).
     via: str  # pull | push
+    source: str = ""  # The node it came from (the pull's source, the pusher).
 
 
 def _decode(stored: StoredInstance) -> bytes:
@@ -654,6 +673,7 @@ class SimCluster:
         self.ring_change_log: list[tuple[int, str, int]] = []  # (at_ms, observer, ring version)
         self.faults: list[tuple[int, str, str]] = []  # (at_ms, kind, detail)
         self.moves: list[Move] = []  # Every instance a repairer copied (anti-entropy, rebalance, hand-over).
+        self.pull_sources: dict[tuple[str, str], str] = {}  # (receiver, SOP) -> source, fetched, not yet stored.
         self.lifetimes: dict[tuple[str, int], list[int | None]] = {}  # (node, generation) -> [start, end]
         self.errors: list[str] = []
         self.nodes: dict[str, SimNode] = {}

@@ -221,6 +221,9 @@ class Movement:
     moved_bytes: int
     receivers: int
     largest_receiver_fraction: float
+    senders: int = 0  # Distinct nodes the copies came from (fan-in of the rebuild).
+    largest_sender_fraction: float = 0.0
+    cross_site_bytes: int = 0  # Of moved_bytes, copied between nodes of different sites.
 
     @property
     def ratio(self) -> float | None:
@@ -234,12 +237,19 @@ def movement(cluster: SimCluster, kind: str, ideal_bytes: int, existing: set[str
     already (a duplicate): that is bytes moved for nothing.
     """
     per_node: dict[str, int] = defaultdict(int)
+    per_source: dict[str, int] = defaultdict(int)
+    cross_site = 0
     for move in cluster.moves:
         if move.at_ms >= since_ms and move.sop_instance_uid in existing:
             per_node[move.node_id] += move.size_bytes
+            per_source[move.source] += move.size_bytes
+            if move.source and cluster.nodes[move.source].site != cluster.nodes[move.node_id].site:
+                cross_site += move.size_bytes
     moved = sum(per_node.values())
     largest = max(per_node.values(), default=0)
-    return Movement(kind, ideal_bytes, moved, len(per_node), largest / moved if moved else 0.0)
+    largest_source = max(per_source.values(), default=0)
+    return Movement(kind, ideal_bytes, moved, len(per_node), largest / moved if moved else 0.0,
+                    len(per_source), largest_source / moved if moved else 0.0, cross_site)
 
 
 # ===================================================================== availability

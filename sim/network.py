@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.delete_coordinator import DeleteScope
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.hlc import Version
@@ -385,6 +386,11 @@ class NodeTransport:
         size = 200 + 150 * len(tombstones)
         removed: int = await self._call(target, "tombstone", (list(tombstones), scope, hint_for), size, timeout_ms)
         return removed
+
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool:
+        size = 200 + len(correction.dumps())
+        changed: bool = await self._call(target, "correct", (correction,), size, timeout_ms)
+        return changed
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:

@@ -321,7 +321,9 @@ def format_result(result: dict[str, Any]) -> str:
     if "movement" in result:
         m = result["movement"]
         lines.append(f"  data moved ({m['kind']}): {m['moved_bytes']} bytes vs ideal {m['ideal_bytes']} "
-                     f"= {m['ratio']}; {m['receivers']} receivers, largest {m['largest_receiver_fraction']:.2f}")
+                     f"= {m['ratio']}; {m['receivers']} receivers, largest {m['largest_receiver_fraction']:.2f}; "
+                     f"{m['senders']} senders, largest {m['largest_sender_fraction']:.2f}; "
+                     f"{m['cross_site_bytes']} bytes between sites")
     lines.append(f"  back to N copies {result['rereplication_s']} s after the fault"
                  f" ({result['rereplication_after_removal_s']} s after removal); peak under-replicated "
                  f"{result['under_replicated_peak']}, monotonic {result['under_replicated_monotonic']}")

@@ -56,6 +56,7 @@ from pacsnode.replication.model import (
     StudyRecord,
     Tombstone,
 )
+from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
 from pacsnode.replication.planning import RangeSet
 from pacsnode.replication.query import LocalQuery
@@ -163,6 +164,8 @@ class NonDurableStore:
         self._tombstone_keys: list[Key] = []  # Sorted.
         self._tombstones: dict[Key, Tombstone] = {}
         self._tombstone_hints: dict[str, dict[Key, Tombstone]] = {}
+        self._correction_keys: list[tuple[int, str]] = []  # Sorted (token, study uid).
+        self._corrections: dict[str, Correction] = {}
         self._counters = dict.fromkeys(("instances", "bytes_received", "bytes_stored", "studies", "conflicts",
                                         "hints", "hint_bytes", "tombstones"), 0)
         self.puts = 0  # Every put that wrote something (instances, conflicts, hints).
@@ -292,6 +295,10 @@ class NonDurableStore:
                 attributes=_pick(stored.attributes, "study"),
                 first_sop_instance_uid=record.sop_instance_uid,
             )
+            correction = self._corrections.get(record.study_instance_uid)
+            if correction is not None:  # Corrected before this instance came: it applies too.
+                study.attributes = apply(study.attributes, correction)
+                study.correction = correction.dumps()
             bisect.insort(self._study_keys, (token, record.study_instance_uid))
         study.instance_count += 1
         study.series_count += 1 if new_series else 0
@@ -340,6 +347,8 @@ class NonDurableStore:
                 self.listener.instance_removed(self.node_id, study_instance_uid, record.sop_instance_uid)
         self._digests[segment] = digest
         self._series.pop(study_instance_uid, None)
+        if study_instance_uid in self._corrections:
+            self._drop_correction(study_instance_uid)
         for conflict_key in [k for k in self._conflicts if k[0] == study_instance_uid]:
             del self._conflicts[conflict_key]
         self._counters["studies"] -= 1
@@ -355,6 +364,12 @@ class NonDurableStore:
         for study_uid, sop_uid, content_hash in entries:
             token = study_token(study_uid)
             key = (token, study_uid, sop_uid)
+            if is_correction_entry(content_hash):
+                held = self._corrections.get(study_uid)
+                if held is not None and held.entry_content() == content_hash:
+                    self._drop_correction(study_uid)
+                    changed = True
+                continue
             if is_mark(content_hash):
                 tombstone = self._tombstones.get(key)
                 if tombstone is not None and tombstone.version.mark() == content_hash:
@@ -449,6 +464,49 @@ class NonDurableStore:
             entry_hash(tombstone.sop_instance_uid, tombstone.version.mark()))
         self._counters["tombstones"] -= 1
 
+    # ----------------------------------------------------------------- corrections
+    def put_correction(self, correction: Correction) -> bool:
+        """RocksStore.put_correction: merged into the one held (newer version wins per
+        keyword), applied to the study record; True if anything changed."""
+        study_uid = correction.study_instance_uid
+        token = study_token(study_uid)
+        held = self._corrections.get(study_uid)
+        merged = held.merge(correction) if held is not None else correction
+        if held is not None and merged.fields == dict(held.fields):
+            return False
+        segment = segment_of(token)
+        if segment not in self._digests:
+            bisect.insort(self._segments, segment)
+        digest = self._digests.get(segment, Digest())
+        if held is not None:
+            digest = digest.remove(entry_hash(CORRECTION_SOP, held.entry_content()))
+        else:
+            bisect.insort(self._correction_keys, (token, study_uid))
+        self._digests[segment] = digest.add(entry_hash(CORRECTION_SOP, merged.entry_content()))
+        self._corrections[study_uid] = merged
+        study = self._studies.get(study_uid)
+        if study is not None:
+            study.attributes = apply(study.attributes, merged)
+            study.correction = merged.dumps()
+        self.puts += 1
+        return True
+
+    def _drop_correction(self, study_uid: str) -> None:
+        correction = self._corrections.pop(study_uid)
+        token = study_token(study_uid)
+        del self._correction_keys[bisect.bisect_left(self._correction_keys, (token, study_uid))]
+        segment = segment_of(token)
+        self._digests[segment] = self._digests[segment].remove(entry_hash(CORRECTION_SOP, correction.entry_content()))
+
+    def correction(self, study_instance_uid: str) -> Correction | None:
+        return self._corrections.get(study_instance_uid)
+
+    def corrections(self, low: int = 0, high: int = (1 << 64) - 1) -> Iterator[Correction]:
+        start = bisect.bisect_left(self._correction_keys, (low,))
+        stop = bisect.bisect_left(self._correction_keys, (high + 1,))
+        for _token, uid in self._correction_keys[start:stop]:
+            yield self._corrections[uid]
+
     def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None:
         return self._tombstones.get((study_token(study_instance_uid), study_instance_uid, sop_instance_uid))
 
@@ -505,6 +563,8 @@ class NonDurableStore:
             yield key[1], key[2], self._meta[key].content_hash
         for tombstone in self.tombstones(low, high):
             yield tombstone.study_instance_uid, tombstone.sop_instance_uid, tombstone.version.mark()
+        for correction in self.corrections(low, high):
+            yield correction.study_instance_uid, CORRECTION_SOP, correction.entry_content()
 
     def segment_digests(self, intervals: list[tuple[int, int]]) -> dict[int, Digest]:
         """RocksStore.segment_digests: kept digests for whole segments, a scan for cut ones."""

@@ -102,6 +102,33 @@ def test_each_study_has_its_copies_in_every_site(cluster: list[NodeProcess], roo
     assert ownership["b1"] + ownership["b2"] == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("placement", [
+    ["--site-replicas", "site1=1", "--site-replicas", "site2=1", "--site-replicas", "site3=1"],
+    ["--replicas", "3"],
+], ids=["other-site-replicas", "plain-replicas"])
+def test_a_node_with_other_placement_settings_is_refused_at_join(cluster: list[NodeProcess], root: Path,
+                                                                 placement: list[str]) -> None:
+    """A joiner whose site_replicas (or plain N) differ from the cluster's would compute other
+    owners for every study: the seed refuses the join, says why in the joiner's log, and the
+    joiner never enters anyone's ring."""
+    name = "x-" + placement[0].lstrip("-")
+    args = ["--write-quorum", "1", "--profile", "local", "--site", "site1"] + placement
+    joiner = NodeProcess(root / name, node_id=name, seeds=[cluster[0].peer_address], extra_args=args).start()
+    try:
+        assert wait_until(lambda: "membership.join.refused" in joiner.log_text(), 15), joiner.log_text()[-3000:]
+        refused = [line for line in joiner.log_text().splitlines() if "membership.join.refused" in line]
+        assert "replication settings differ: this cluster places site_replicas=site1=2,site2=1,site3=1" \
+            in refused[0], refused
+        # The joiner retries (every second with --profile local) and is refused each time;
+        # by the third refusal it has also had two push-pull rounds (every 2 s), which must
+        # not bring it in past the refusal either.
+        assert wait_until(lambda: cluster[0].log_text().count(f"membership.join.refused node={name} ") >= 3, 15)
+        for node in cluster:
+            assert name not in {n["node_id"] for n in collect(node.peer_address, timeout_s=2)["nodes"]}
+    finally:
+        assert joiner.stop() is not None
+
+
 def test_with_a_site_down_stores_succeed_and_status_shows_what_it_still_lacks(cluster: list[NodeProcess],
                                                                               root: Path) -> None:
     """Local write scope (auto: site_replicas is set): with both site3 nodes stopped, a store

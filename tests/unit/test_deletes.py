@@ -197,6 +197,33 @@ def test_anti_entropy_applies_tombstones_it_lacks_without_fetching_and_never_pul
         cluster.close()
 
 
+def test_a_pull_the_store_answers_deleted_ends_its_transfer() -> None:
+    """Found by the chaos runner with deletes (5 real nodes, seed 3, partition first):
+    after the heal an owner that had deleted a study pulled the lagging owner's copies, its
+    store answered DELETED, and the range stayed in `repairer.transfers` forever (done 0 of
+    total): `pacsnode status` showed "filling a range ... (listing)" and the cluster never
+    counted as healthy again."""
+    config = SimConfig(hint_replay_interval_ms=600_000, anti_entropy_interval_ms=5_000)
+    cluster = SimCluster(5, seed=12, config=config)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(12)
+        study, instances = _store_study(cluster, data, "node-000", 8)
+        cluster.run_for(6)
+        owners = _owners(cluster, study.study_instance_uid)
+        lagging = owners[-1]
+        others = [n for n in cluster.running_ids() if n != lagging]
+        cluster.network.partition([lagging], others)
+        assert _delete(cluster, others[0], DeleteScope(study.study_instance_uid)).status is DeleteStatus.DELETED
+        cluster.network.heal()
+        cluster.run_for(20)
+        assert sum(cluster.process(n).repairer.stats.extra.get("pulls_deleted", 0) for n in owners) > 0
+        assert {n: dict(cluster.process(n).repairer.transfers) for n in cluster.running_ids()} == \
+            {n: {} for n in cluster.running_ids()}
+    finally:
+        cluster.close()
+
+
 def test_tombstones_are_purged_after_the_grace_on_every_owner_and_nothing_comes_back() -> None:
     config = SimConfig(tombstone_grace_ms=30_000, anti_entropy_interval_ms=5_000)
     cluster = SimCluster(5, seed=4, config=config)

@@ -216,6 +216,25 @@ def test_metadata(served: _Served, study_set: list[tuple[ManifestEntry, bytes]])
     again = served.client.retrieve_series_metadata(entry["study_uid"], entry["series_uid"])
     assert sorted(json.dumps(m, sort_keys=True) for m in again) == sorted(json.dumps(m, sort_keys=True)
                                                                           for m in metadata)
+    # An instance over StoreHeaders' first read (64 KB): built from its first bytes alone,
+    # the same JSON as from the whole instance.
+    from pacsnode.node.dicomweb_metadata import header_json, with_root
+    from pacsnode.node.http_views import HEADER_READ_BYTES
+
+    large = dcmread(io.BytesIO(_relabelled(data, EVRLE)))
+    large.Rows, large.Columns, large.BitsAllocated, large.BitsStored, large.HighBit = 256, 256, 16, 12, 11
+    large.PixelData = bytes(range(256)) * 512
+    served.client.store_instances([large])
+    large_bytes = httpx.get(f"{served.url}/dicom-web/studies/{large.StudyInstanceUID}/series/"
+                            f"{large.SeriesInstanceUID}/instances/{large.SOPInstanceUID}",
+                            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    stored = _parts(large_bytes)[0]
+    assert len(stored) > HEADER_READ_BYTES
+    built = served.client.retrieve_instance_metadata(large.StudyInstanceUID, large.SeriesInstanceUID,
+                                                     large.SOPInstanceUID)
+    expected = with_root(header_json(stored, EVRLE, large.StudyInstanceUID, large.SeriesInstanceUID,
+                                     large.SOPInstanceUID), served.url + "/dicom-web")
+    assert built == json.loads(expected) and built["00280010"]["Value"] == [256]
 
 
 def original_pixels(data: bytes) -> bytes:
@@ -362,6 +381,13 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumbnail.content)).size) <= 32
     assert httpx.get(f"{base}/thumbnail").status_code == 200
+    # Study and series /rendered: a representative frame, at full size unless a viewport is asked.
+    series_image = httpx.get(f"{base}/series/{entry['series_uid']}/rendered", headers={"Accept": "image/png"})
+    assert series_image.status_code == 200 and series_image.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(series_image.content)).size == (original.Columns, original.Rows)
+    study_image = httpx.get(f"{base}/rendered?viewport=16,16", headers={"Accept": "image/jpeg"})
+    assert study_image.status_code == 200 and max(Image.open(io.BytesIO(study_image.content)).size) <= 16
+    assert httpx.get(f"{served.url}/dicom-web/studies/1.2.3.999/rendered").status_code == 404
     assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/frames/2").status_code == 404
     assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/rendered",
                      headers={"Accept": "image/gif"}).status_code == 406
@@ -381,6 +407,66 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     picture = httpx.get(path + "/rendered", headers={"Accept": "image/jpeg"})
     assert picture.status_code == 200
     assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
+
+
+EVRLE = "1.2.840.10008.1.2.1"
+
+
+def _relabelled(part10: bytes, syntax: str) -> bytes:
+    """The instance under a new SOPInstanceUID, written in `syntax` (pixel data as it is)."""
+    from pydicom.uid import generate_uid
+
+    dataset = dcmread(io.BytesIO(part10))
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    output = io.BytesIO()
+    dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+def test_retrieve_converts_native_and_decodes_compressed_only_when_asked(
+        served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
+
+    jpeg = dcmread(io.BytesIO(_jpeg_instance()))
+    deflated = dcmread(io.BytesIO(_relabelled(study_set[0][1], DeflatedExplicitVRLittleEndian)))
+    jpeg_ls = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), JPEGLSLossless)))  # No handler decodes it here.
+    served.client.store_instances([jpeg, deflated, jpeg_ls])
+
+    def url(dataset: Dataset) -> str:
+        return (f"{served.url}/dicom-web/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+                f"/instances/{dataset.SOPInstanceUID}")
+
+    def get(dataset: Dataset, syntax: str | None) -> Dataset:
+        if syntax == ImplicitVRLittleEndian:  # dicomweb-client does not ask for Implicit VR.
+            reply = httpx.get(url(dataset), headers={
+                "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'})
+            assert reply.status_code == 200
+            return dcmread(io.BytesIO(_parts(reply)[0]))
+        return served.client.retrieve_instance(dataset.StudyInstanceUID, dataset.SeriesInstanceUID,
+                                               dataset.SOPInstanceUID, media_types=(("application/dicom", syntax),)
+                                               if syntax else None)
+
+    # The default path sends the stored bytes: nothing decoded.
+    assert get(jpeg, None).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    # Asked by name: the JPEG frame decoded by pydicom's handler, the instance's UIDs kept.
+    decoded = get(jpeg, EVRLE)
+    assert decoded.file_meta.TransferSyntaxUID == EVRLE and decoded.SOPInstanceUID == jpeg.SOPInstanceUID
+    assert (decoded.pixel_array == jpeg.pixel_array).all() and decoded.pixel_array.std() > 0
+    assert get(jpeg, ImplicitVRLittleEndian).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    # Deflated: inflated and re-encoded, the pixel values as they were.
+    inflated = get(deflated, ImplicitVRLittleEndian)
+    assert inflated.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert inflated.PixelData == dcmread(io.BytesIO(study_set[0][1])).PixelData
+    assert get(deflated, EVRLE).PatientID == deflated.PatientID
+    # 406 for what cannot be produced: a syntax with no decoder here, or an encoding.
+    def status(dataset: Dataset, syntax: str) -> int:
+        return httpx.get(url(dataset), headers={"Accept": f'multipart/related; type="application/dicom"; '
+                                                          f"transfer-syntax={syntax}"}).status_code
+
+    assert status(jpeg_ls, EVRLE) == 406
+    assert status(jpeg, "1.2.840.10008.1.2.4.90") == 406
+    assert status(jpeg_ls, JPEGLSLossless) == 200
 
 
 def _viewer_server(viewer_dir: Path) -> HttpServer:

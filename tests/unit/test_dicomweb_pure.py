@@ -163,7 +163,13 @@ def test_accept_headers() -> None:
 
 def test_choose_syntax_keeps_stored_bytes_when_it_can() -> None:
     assert choose_syntax("1.2.840.10008.1.2.4.50", ["*"]) == "1.2.840.10008.1.2.4.50"
-    assert choose_syntax("1.2.840.10008.1.2.4.50", ["1.2.840.10008.1.2.1"]) is None  # Never transcode compressed.
+    assert choose_syntax("1.2.840.10008.1.2.4.50", ["1.2.840.10008.1.2.1"]) is None  # No decoder: never.
+    jpeg_decoder = lambda syntax: syntax == "1.2.840.10008.1.2.4.50"  # noqa: E731
+    assert choose_syntax("1.2.840.10008.1.2.4.50", ["1.2.840.10008.1.2.1"], jpeg_decoder) == "1.2.840.10008.1.2.1"
+    assert choose_syntax("1.2.840.10008.1.2.4.50", ["*"], jpeg_decoder) == "1.2.840.10008.1.2.4.50"  # Default: as stored.
+    assert choose_syntax("1.2.840.10008.1.2.4.50", ["1.2.840.10008.1.2.2"], jpeg_decoder) is None
+    assert choose_syntax("1.2.840.10008.1.2.4.80", ["1.2.840.10008.1.2.1"], jpeg_decoder) is None
+    assert choose_syntax("1.2.840.10008.1.2.1.99", ["1.2.840.10008.1.2"]) == "1.2.840.10008.1.2"  # Deflated.
     assert choose_syntax("1.2.840.10008.1.2", ["1.2.840.10008.1.2.1"]) == "1.2.840.10008.1.2.1"
     assert choose_syntax("1.2.840.10008.1.2.1", ["1.2.840.10008.1.2.1"]) == "1.2.840.10008.1.2.1"
 
@@ -279,6 +285,22 @@ def test_header_json_names_pixel_data_without_reading_it(syntax: str) -> None:
     assert served["00083002"] == {"vr": "UI", "Value": [syntax]}
     # The patient's text is left as it was, though it holds the key's own spelling.
     assert served["00100010"]["Value"][0]["Alphabetic"] == 'Quote"Me^"BulkDataURI":"x'
+
+
+@pytest.mark.parametrize("syntax", [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)])
+def test_header_json_from_the_first_bytes_only_when_they_hold_the_header(syntax: str) -> None:
+    from pacsnode.node.dicomweb_metadata import HeaderTruncated, header_json
+
+    part10 = _part10(syntax, big_private=True, icon=True)
+    whole = header_json(part10, syntax, "1.2.3", "1.2.3.9", "1.2.3.4")
+    pixel_at = part10.rindex(b"\xe0\x7f\x10\x00")  # Where the header ends: the pixel data element.
+    for cut in (pixel_at + 12, pixel_at + 13, len(part10) - 1):  # The element header (12 bytes) within.
+        assert header_json(part10[:cut], syntax, "1.2.3", "1.2.3.9", "1.2.3.4", whole=False) == whole
+    for cut in (pixel_at + 7, pixel_at - 1, pixel_at - 2040, 200):  # Inside the header: never a short answer.
+        with pytest.raises(HeaderTruncated):
+            header_json(part10[:cut], syntax, "1.2.3", "1.2.3.9", "1.2.3.4", whole=False)
+    with pytest.raises(HeaderTruncated):  # A deflated dataset is only read whole.
+        header_json(part10[:-1], "1.2.840.10008.1.2.1.99", "1.2.3", "1.2.3.9", "1.2.3.4", whole=False)
 
 
 def test_header_json_large_binary_values_and_sequences_are_bulk_data() -> None:

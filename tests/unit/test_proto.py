@@ -108,11 +108,11 @@ def test_services_are_the_designed_ones() -> None:
     methods = {name for name, _request, _reply in _all_methods()}
     assert methods == {
         "Data.StoreInstance", "Data.StoreWholeInstance", "Data.FetchInstance", "Data.Query", "Data.ListStudy",
-        "Data.Tombstone",
+        "Data.Tombstone", "Data.Correct",
         "Membership.Ping", "Membership.IndirectPing", "Membership.PushPull", "Membership.Join",
         "Membership.Leave",
         "Repair.RangeDigest", "Repair.ListBucket", "Repair.HintInventory", "Repair.RangeStatus",
-        "Admin.Status", "Admin.RingView", "Admin.Metrics", "Admin.Delete",
+        "Admin.Status", "Admin.RingView", "Admin.Metrics", "Admin.Delete", "Admin.Modify",
     }  # fmt: skip
     data = pb.DESCRIPTOR.services_by_name["Data"].methods_by_name
     assert data["StoreInstance"].client_streaming and not data["StoreInstance"].server_streaming

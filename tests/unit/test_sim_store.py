@@ -19,6 +19,7 @@ import pytest
 
 from pacsnode.node.local_replica import StoreReplica
 from pacsnode.node.store import RocksStore
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.model import StoredInstance, StoreOutcome, Tombstone
@@ -66,6 +67,8 @@ def _apply(store: ReplicaStore, ops: list[tuple[str, Any]]) -> list[Any]:
             outcomes.append(store.put_tombstones(tombstones, hint_for=owner))
         elif op == "purge":
             outcomes.append(store.purge_tombstones(arg))
+        elif op == "correct":
+            outcomes.append(store.put_correction(arg))
     return outcomes
 
 
@@ -139,6 +142,20 @@ def _operations(seed: int) -> list[tuple[str, Any]]:
                                              for c in chosen]))
         else:
             ops.append(("delete_study", rng.choice(studies).study_instance_uid))
+        if rng.random() < 0.05:
+            # Corrections: of a stored study, or of a study before its first instance; some
+            # older than what is held (they change nothing), some repeated (duplicates).
+            if rng.random() < 0.2:
+                studies.append(data.new_study(None))
+            study = rng.choice(studies)
+            changes = {"PatientID": f"MERGED{rng.randrange(3)}"}
+            if rng.random() < 0.5:
+                changes["PatientName"] = f"Corrected^{rng.choice(['Ann', 'Bob'])}"
+            correction = Correction.of(study.study_instance_uid, changes,
+                                       Version(rng.randrange(10**6), rng.randrange(3), rng.choice(OWNERS)))
+            ops.append(("correct", correction))
+            if rng.random() < 0.3:
+                ops.append(("correct", correction))
     return ops
 
 
@@ -168,6 +185,9 @@ def test_same_operations_same_answers(tmp_path: Path, seed: int) -> None:
         assert _apply(replica, ops) == outcomes
         assert {StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.CONFLICT} <= set(outcomes)
         assert sim.statistics().tombstones > 0
+        assert list(sim.corrections()) and list(sim.corrections()) == list(replica.corrections())
+        for correction in sim.corrections():
+            assert replica.correction(correction.study_instance_uid) == correction
         assert [t for t in sim.tombstones()] == [t for t in replica.tombstones()]
         assert sim.tombstone_hint_owners() == replica.tombstone_hint_owners()
         for owner in sim.tombstone_hint_owners():
@@ -214,7 +234,10 @@ def test_same_operations_same_answers(tmp_path: Path, seed: int) -> None:
             (Query("STUDY", (Condition("StudyDate", "DA", "20150101-20221231"),), ("StudyDate",)), None),
             (Query("SERIES", (Condition("Modality", "CS", "CT"),), ("SeriesInstanceUID",)), None),
             (Query("IMAGE", (Condition("PatientID", "LO", patient),), ("SOPInstanceUID",)), ranges),
+            (Query("STUDY", (Condition("PatientID", "LO", "MERGED*"),), ("PatientName", "PatientID")), None),
+            (Query("IMAGE", (Condition("PatientID", "LO", "MERGED1"),), ("SOPInstanceUID",)), None),
         ]
+        assert list(sim.query_rows(queries[-2][0], None)), "no corrected study matched"
         for query, query_ranges in queries:
             assert list(sim.query_rows(query, query_ranges)) == list(replica.query_rows(query, query_ranges))
             # Hint rows come in another order at IMAGE level (the two stores walk their hints

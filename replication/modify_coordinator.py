@@ -1,0 +1,226 @@
+"""Corrections of patient and study attributes, made durable on W owners like a write.
+
+`pacsnode modify` (one study) and `pacsnode merge-patient` (every study of one PatientID
+put under another) run here, on whichever node the operator asked. A correction
+(replication/correction.py) is a versioned study-level overlay:
+
+1. the study is looked up with the ordinary named read (R owners): NOT_FOUND when R
+   owners answered and none holds it. Its current correction, if any, comes with the
+   rows (`_correction`); this node's hybrid clock observes its version;
+2. one version is stamped (`hlc.now()`, newer than every change it saw) and the
+   correction (keyword -> (value, version)) is sent to the study's N owners (Correct
+   request). Each merges it into the one it holds, keyword by keyword, the newer version
+   winning, and applies it to its study record and index in one synced batch;
+3. an owner that is down or does not answer: the correction goes to the next stand-in,
+   which keeps it as its own copy of a study it does not own; its drop pass
+   (replication/repair.py `_drop_unowned`) hands it to the owner when the owner answers
+   again (the owner lacks that listing entry) and then drops it, as it does for instances;
+4. MODIFIED once W owners or stand-ins made it durable, and never before.
+
+Anti-entropy carries corrections too (their listing entry is in the segment digests:
+("", "^" + the correction's JSON)), so an owner that missed one gets it from the others.
+
+Async; reaches peers and the local store only through the injected transport and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
+
+from pacsnode.replication.archive import IncompleteAnswer
+from pacsnode.replication.correction import Correction, InvalidCorrection, check_changes
+from pacsnode.replication.hlc import HybridClock
+from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.model import Attributes, StoreError
+from pacsnode.replication.transport import PeerError
+from pacsnode.ring.members import MembershipView
+from pacsnode.ring.tokens import study_token
+
+log = logging.getLogger(__name__)
+
+
+class ModifyStatus(enum.Enum):
+    """How a modify (or a patient merge) ended."""
+
+    MODIFIED = "modified"  # Durable on W owners (or stand-ins for them).
+    NOT_FOUND = "not-found"  # R owners answered and none holds the study (no study of that PatientID).
+    INCOMPLETE = "incomplete"  # Durable on W, but not every owner (or study) could be asked: run it again.
+    QUORUM_FAILED = "quorum-failed"  # Fewer than W durable: a retry may work.
+    INVALID = "invalid"  # An attribute that may not be changed, or a bad value: nothing sent.
+    NOT_JOINED = "not-joined"  # This node is still joining its cluster.
+
+
+_SEVERITY = {ModifyStatus.MODIFIED: 0, ModifyStatus.NOT_FOUND: 1, ModifyStatus.INCOMPLETE: 2,
+             ModifyStatus.QUORUM_FAILED: 3, ModifyStatus.INVALID: 4, ModifyStatus.NOT_JOINED: 5}
+
+
+@dataclass(frozen=True)
+class ModifyResult:
+    status: ModifyStatus
+    studies: int = 0  # Studies the correction was made durable for.
+    acked: int = 0  # Owners (or stand-ins) that made it durable (the fewest over the studies).
+    message: str = ""  # No PHI: never a value, at most attribute names.
+    attributes: tuple[str, ...] = ()  # The names of the attributes changed (for the log and audit).
+
+
+class CorrectionStore(Protocol):
+    def put_correction(self, correction: Correction) -> bool: ...
+
+
+class CorrectionTransport(Protocol):
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool:
+        """Merge `correction` on `target`; True if it changed anything there. Raises
+        PeerError when it did not make it durable."""
+        ...
+
+
+Finder = Callable[[Query], AsyncIterator[Attributes]]
+
+
+class ModifyCoordinator:
+    def __init__(self, self_id: str, membership: MembershipView, transport: CorrectionTransport,
+                 local: CorrectionStore, hlc: HybridClock, find: Finder, *, replication_factor: int,
+                 write_quorum: int, replica_timeout_ms: int = 2_000,
+                 run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
+        self.self_id = self_id
+        self._membership = membership
+        self._transport = transport
+        self._local = local
+        self.hlc = hlc
+        self._find = find
+        self._n = replication_factor
+        self._w = write_quorum
+        self._timeout_ms = replica_timeout_ms
+        self._run_blocking = run_blocking
+        self.modifies = 0
+        self.modifies_failed = 0
+        self.stand_in_copies = 0
+
+    def _joined(self) -> bool:
+        joined = getattr(self._membership, "joined", True)
+        return bool(joined() if callable(joined) else joined)
+
+    async def modify(self, study_instance_uid: str, changes: Mapping[str, str]) -> ModifyResult:
+        """Correct one study (see the module docstring)."""
+        try:
+            checked = check_changes(changes)
+        except InvalidCorrection as error:
+            return ModifyResult(ModifyStatus.INVALID, message=str(error))
+        if not self._joined():
+            return ModifyResult(ModifyStatus.NOT_JOINED, message="node is still joining its cluster; retry")
+        self.modifies += 1
+        query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study_instance_uid),), ())
+        rows: list[Attributes] = []
+        incomplete = False
+        try:
+            async for row in self._find(query):
+                rows.append(row)
+        except IncompleteAnswer:
+            incomplete = True
+        if not rows and not incomplete:
+            return ModifyResult(ModifyStatus.NOT_FOUND, message="no such study on its owners",
+                                attributes=tuple(sorted(checked)))
+        for row in rows:
+            held = row.get("_correction")
+            if isinstance(held, str) and held:
+                try:
+                    self.hlc.observe(Correction.loads(held).version)  # Ours is then the newer change.
+                except (ValueError, KeyError):
+                    pass
+        correction = Correction.of(study_instance_uid, checked, self.hlc.now())
+        ring = self._membership.ring()
+        n = ring.effective_replicas(self._n)
+        w = min(self._w, n)
+        token = study_token(study_instance_uid)
+        owners = ring.preference_list(token, n)
+        used: set[str] = set()
+        results = await asyncio.gather(*(self._replicate(owner, owners, correction, token, n, used)
+                                         for owner in owners))
+        acked = sum(1 for ok in results if ok)
+        names = tuple(sorted(checked))
+        log.info("replication.modify attributes=%s owners=%d acked=%d write_quorum=%d version=%s",
+                 ",".join(names), len(owners), acked, w, correction.version.mark())
+        if acked < w:
+            self.modifies_failed += 1
+            return ModifyResult(ModifyStatus.QUORUM_FAILED, 0, acked,
+                                f"correction durable on {acked} of {w} required replicas", names)
+        if incomplete:
+            return ModifyResult(ModifyStatus.INCOMPLETE, 1, acked,
+                                "some owners could not be asked for the study; run the modify again", names)
+        return ModifyResult(ModifyStatus.MODIFIED, 1, acked, "", names)
+
+    async def merge_patient(self, from_patient_id: str, to_patient_id: str,
+                            changes: Mapping[str, str]) -> ModifyResult:
+        """Every study of `from_patient_id` corrected to `to_patient_id` (plus `changes`,
+        e.g. the surviving patient's name). The studies are found with a scatter C-FIND over
+        the archive (an operator's rare request)."""
+        wanted = dict(changes)
+        wanted["PatientID"] = to_patient_id
+        try:
+            check_changes(wanted)
+        except InvalidCorrection as error:
+            return ModifyResult(ModifyStatus.INVALID, message=str(error))
+        if not from_patient_id or "*" in from_patient_id or "?" in from_patient_id or "\\" in from_patient_id:
+            return ModifyResult(ModifyStatus.INVALID, message="--from must be one PatientID, no wildcards")
+        if not self._joined():
+            return ModifyResult(ModifyStatus.NOT_JOINED, message="node is still joining its cluster; retry")
+        studies: dict[str, None] = {}
+        incomplete = False
+        try:
+            async for row in self._find(Query("STUDY", (Condition("PatientID", "LO", from_patient_id),), ())):
+                uid = str(row.get("StudyInstanceUID", ""))
+                if uid and str(row.get("PatientID", "")) == from_patient_id:
+                    studies[uid] = None
+        except IncompleteAnswer:
+            incomplete = True
+        if not studies:
+            status = ModifyStatus.INCOMPLETE if incomplete else ModifyStatus.NOT_FOUND
+            return ModifyResult(status, message="no study of that PatientID" + (" in the part of the archive "
+                                "that answered" if incomplete else ""), attributes=tuple(sorted(wanted)))
+        results = [await self.modify(uid, wanted) for uid in studies]
+        worst = max(results, key=lambda r: _SEVERITY[r.status])
+        done = sum(r.studies for r in results if r.status in (ModifyStatus.MODIFIED, ModifyStatus.INCOMPLETE))
+        status = worst.status
+        message = worst.message
+        if status is ModifyStatus.MODIFIED and incomplete:
+            status, message = ModifyStatus.INCOMPLETE, "part of the archive could not be asked for the patient's studies"
+        return ModifyResult(status, done, min(r.acked for r in results), message, tuple(sorted(wanted)))
+
+    async def _send(self, node_id: str, correction: Correction) -> None:
+        if node_id == self.self_id:
+            try:
+                await self._run_blocking(self._local.put_correction, correction)
+            except StoreError as error:
+                raise PeerError(f"local store failed: {error}") from error
+        else:
+            await self._transport.correct(node_id, correction, timeout_ms=self._timeout_ms)
+
+    async def _replicate(self, owner: str, owners: Sequence[str], correction: Correction, token: int, n: int,
+                         used: set[str]) -> bool:
+        """The correction on `owner`, or else on the next stand-in (its drop pass hands it over)."""
+        if owner == self.self_id or self._membership.is_alive(owner):
+            try:
+                await self._send(owner, correction)
+                return True
+            except PeerError as error:
+                log.info("replication.modify.owner_failed owner=%s error=%s", owner, error)
+        ring = self._membership.ring()
+        while True:
+            stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | used) if s.owner == owner), None)
+            if stand_in is None:
+                return False
+            used.add(stand_in)
+            if stand_in in owners or (stand_in != self.self_id and not self._membership.is_alive(stand_in)):
+                continue
+            try:
+                await self._send(stand_in, correction)
+            except PeerError as error:
+                log.info("replication.modify.stand_in_failed owner=%s holder=%s error=%s", owner, stand_in, error)
+                continue
+            self.stand_in_copies += 1
+            log.info("replication.modify.stand_in owner=%s holder=%s", owner, stand_in)
+            return True
