@@ -135,7 +135,7 @@ class NodeConfig:
     write_quorum_mode: str = setting(
         "strict", "What counts toward W: strict (durable copies on the study's owners only; hints are still kept "
         "for owners that are down but do not count, so a C-STORE with fewer than W owners reachable is refused, "
-        "0xA700, and R + W > N makes named reads exact) or sloppy (a stand-in's hint counts too: stores succeed "
+        "0xA701, and R + W > N makes named reads exact) or sloppy (a stand-in's hint counts too: stores succeed "
         "with one owner reachable, but named reads must ask stand-ins, see read_fault_window_ms).")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (with strict writes and R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
     read_fault_window_ms: int = setting(60_000, "Sloppy writes only: after any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long, and flag the study when one cannot be asked: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down. Not used with strict writes.")
