@@ -281,6 +281,7 @@ class _Process:
                                          self.coordinator.find, replication_factor=config.replication_factor,
                                          write_quorum=config.write_quorum,
                                          replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
+                                         strict_quorum=config.write_mode is WriteQuorumMode.STRICT,
                                          run_blocking=self.run_blocking)
         self.coordinator.supersede = self.deletes.supersede
         # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
