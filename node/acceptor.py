@@ -19,6 +19,10 @@ What pynetdicom 3.0.4 does and what the subclasses change:
   thread with a traceback and leaves the peer without an A-ABORT. Here it is one line and
   an A-ABORT.
 - Requests that association_guard.check_request refuses are rejected before negotiation.
+- It sends a data set as one P-DATA primitive per fragment, each through its queue, state
+  machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
+  C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
+  (node/pdata.py), batches of them per `sendmsg`, written by the DUL thread in Sta6.
 
 These are private parts of pynetdicom (its reactor loops are copied here, changed where
 said), so the node runs only on a pynetdicom version it was tested with
@@ -55,7 +59,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from pacsnode.node import association_guard, codec, raw_send, spool
+from pacsnode.node import association_guard, codec, pdata, raw_send, spool
 from pacsnode.node.association_guard import (
     ABORT_INVALID_PARAMETER_VALUE,
     ABORT_REASON_NOT_SPECIFIED,
@@ -248,6 +252,9 @@ class AcceptorDUL(DULServiceProvider):
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:
+                if self._send_encoded():
+                    sleep = False
+                    continue
                 if self._process_recv_primitive():
                     pass
                 elif self._is_transport_event():
@@ -266,6 +273,41 @@ class AcceptorDUL(DULServiceProvider):
                 self._abort_hard("dicom.dul.failed", error, fsm_event=event)
                 return
             sleep = False
+
+    def send_encoded(self, batch: pdata.EncodedPData) -> None:
+        """Queue encoded P-DATA-TF PDUs behind what is queued already (waits for room)."""
+        self.to_provider_queue.put(batch)  # type: ignore[arg-type]  # Taken by _send_encoded only.
+
+    def _send_encoded(self) -> bool:
+        """Write the P-DATA-TF PDUs of an EncodedPData batch at the head of the outgoing
+        queue (node/pdata.py); False if the head is anything else. pynetdicom's state
+        machine answers a P-DATA request in Sta6 by sending its PDU and staying in Sta6
+        (DT-1); that is done here for the whole batch, without the per-PDU primitive,
+        event and PDU objects. In any other state the association no longer carries data
+        and the batch is dropped (as the peer will never get the message whole, the
+        sender's wait for a response ends with the association)."""
+        try:
+            head = self.to_provider_queue.queue[0]
+        except IndexError:
+            return False
+        if not isinstance(head, pdata.EncodedPData):
+            return False
+        self.to_provider_queue.get(False)
+        if self.state_machine.current_state != "Sta6":
+            return True
+        wrapper = self.socket
+        if wrapper is None or wrapper.socket is None:
+            self.event_queue.put("Evt17")
+            return True
+        try:
+            _send_buffers(wrapper.socket, head.buffers)
+        except TimeoutError:
+            log_event(logging.WARNING, "dicom.pdu.send_timeout", self.assoc, pending_bytes=head.size,
+                      timeout_s=f"{wrapper.socket.gettimeout()}")
+            self.event_queue.put("Evt17")
+        except OSError:
+            self.event_queue.put("Evt17")
+        return True
 
     def _wait_for_work(self) -> None:
         timeout = IDLE_WAKE_S
@@ -500,6 +542,32 @@ def _socket_ready(wrapper: AssociationSocket) -> bool:
         return False
 
 
+# At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
+_SENDMSG_BUFFERS_MAX = 512
+
+
+def _send_buffers(sock: socket.socket, buffers: tuple[bytes | memoryview, ...]) -> None:
+    """Write every buffer, in order, with as few system calls as the socket allows: sendmsg
+    gathers them without joining (a TLS socket has no sendmsg: one join, one sendall).
+    Raises TimeoutError when the socket's timeout passes with bytes unsent, OSError when
+    the connection fails."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(b"".join(buffers))
+        return
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first:first + _SENDMSG_BUFFERS_MAX])
+        while sent > 0:
+            length = len(views[first])
+            if sent >= length:
+                sent -= length
+                first += 1
+            else:
+                views[first] = views[first][sent:]
+                sent = 0
+
+
 class AcceptorSocket(AssociationSocket):
     """An accepted connection whose sends time out after `network_timeout_s`: a peer that
     stops reading (a C-GET requestor that never takes its instances) would otherwise
@@ -611,7 +679,23 @@ class AcceptorDIMSE(DIMSEServiceProvider):
                 primitive.NumberOfCompletedSuboperations = 0
                 # pynetdicom 3.0.4 initialises ErrorComment to None without a declared type.
                 primitive.ErrorComment = f"move destination {ae_title} did not accept an association"[:64]  # type: ignore[assignment]
-        super().send_msg(primitive, context_id)
+        payload = raw_send.stored_payload(primitive)
+        if payload is None:
+            super().send_msg(primitive, context_id)
+            return
+        # A C-STORE of stored bytes (C-GET/C-MOVE sub-operations): the command goes through
+        # pynetdicom as usual, the data set as whole encoded PDUs (node/pdata.py).
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)  # Sets CommandDataSetType: a data set follows.
+        message.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        message.data_set = None
+        max_pdu_length = self.maximum_pdu_size
+        for command_pdu in message.encode_msg(context_id, max_pdu_length):
+            self.dul.send_pdu(command_pdu)
+        dul = cast(AcceptorDUL, self.dul)
+        for batch in pdata.encode_data_set(payload, context_id, max_pdu_length):
+            dul.send_encoded(batch)
 
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:

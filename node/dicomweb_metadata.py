@@ -24,7 +24,10 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from pacsnode.node import header_reader
 from pacsnode.node.dicomweb_json import dataset_to_json
+from pacsnode.node.dicomweb_media import MediaError, read_file_meta
+from pacsnode.node.header_reader import Unsupported
 
 BULK_BYTES_MIN = 1024
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # PixelData, FloatPixelData, DoubleFloatPixelData
@@ -58,6 +61,19 @@ def header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_
     it then lies whole in the bytes given), else HeaderTruncated."""
     base = instance_path(study_uid, series_uid, sop_uid) + "/bulk/"
     syntax = transfer_syntax_uid.strip("\x00 ")
+    try:
+        return _lean_header_json(part10, syntax, base, whole=whole)
+    except Unsupported:
+        # pydicom reads it (the same answer, slower).
+        return pydicom_header_json(part10, transfer_syntax_uid, study_uid, series_uid, sop_uid, whole=whole)
+
+
+def pydicom_header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_uid: str, sop_uid: str,
+                        *, whole: bool = True) -> bytes:
+    """header_json through pydicom's Dataset.to_json_dict: for every header, and the
+    reference the lean reader's answer is tested against."""
+    base = instance_path(study_uid, series_uid, sop_uid) + "/bulk/"
+    syntax = transfer_syntax_uid.strip("\x00 ")
     stream = BytesIO(part10)
     deflated = syntax == _DEFLATED
     if deflated and not whole:
@@ -87,6 +103,34 @@ def header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_
         tag, vr = pixel
         attributes[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": base + f"{tag:08X}"}
     # Available Transfer Syntax UID (PS3.18 10.4.1.2): the syntax the instance is stored in.
+    attributes.setdefault(AVAILABLE_TRANSFER_SYNTAX, {"vr": "UI", "Value": [syntax]})
+    return json.dumps(dict(sorted(attributes.items())), separators=(",", ":")).encode("utf-8")
+
+
+def _lean_header_json(part10: bytes, syntax: str, base: str, *, whole: bool) -> bytes:
+    """header_json by node/header_reader.py: the same bytes as pydicom's conversion, for
+    the headers that reader knows; Unsupported for the others."""
+    try:
+        meta = read_file_meta(part10)
+    except MediaError:
+        raise Unsupported("no file meta this reader can read") from None
+    if meta.transfer_syntax_uid != syntax:
+        raise Unsupported("the file meta names another transfer syntax")
+    try:
+        elements, stopped, at_pixels = header_reader.walk(part10, meta.dataset_offset, syntax)
+    except header_reader.Truncated:
+        if whole:
+            raise Unsupported("a header pydicom reads its own way (cut short)") from None
+        raise HeaderTruncated("the header does not end within the bytes given") from None
+    if not whole and not at_pixels:
+        raise HeaderTruncated("the header does not end at pixel data within the bytes given")
+    if not at_pixels and stopped != len(part10):
+        raise Unsupported("bytes after the last element")
+    attributes = header_reader.json_attributes(part10, elements, lambda path: base + path)
+    pixel = _element_at(part10, stopped, syntax) if at_pixels else None
+    if pixel is not None:
+        tag, vr = pixel
+        attributes[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": base + f"{tag:08X}"}
     attributes.setdefault(AVAILABLE_TRANSFER_SYNTAX, {"vr": "UI", "Value": [syntax]})
     return json.dumps(dict(sorted(attributes.items())), separators=(",", ":")).encode("utf-8")
 

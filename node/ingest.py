@@ -1,7 +1,8 @@
 """Turn received DICOM bytes into an `Instance`, reading only the header tags we index.
 
-The dataset is never decoded in full: pydicom reads the header with
-`stop_before_pixels` and `specific_tags`, and the bytes are kept exactly as received.
+The dataset is never decoded in full: node/header_reader.py reads the indexed tags
+straight from the bytes (pydicom with `stop_before_pixels` and `specific_tags` for the
+headers it leaves to pydicom), and the bytes are kept exactly as received.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from pacsnode.node import header_reader
 from pacsnode.replication.model import ALL_INDEXED_KEYWORDS, Attributes, Instance, content_hash
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -27,6 +29,7 @@ def _tags(keywords: Iterable[str]) -> list[int]:
 
 
 _INDEX_TAGS = _tags([*ALL_INDEXED_KEYWORDS, "SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+_INDEX_TAG_SET = frozenset(_INDEX_TAGS)
 
 
 class InvalidInstance(Exception):
@@ -235,6 +238,15 @@ def read_file_attributes(path: Any) -> tuple[Dataset, Attributes]:
     return dataset, attributes
 
 
+def _lean_index_attributes(part10: Any, dataset_offset: int, transfer_syntax_uid: str) -> Attributes | None:
+    """The index attributes by node/header_reader.py (the same as pydicom's read, several
+    times faster); None when that reader leaves the header to pydicom."""
+    try:
+        return header_reader.index_attributes(part10, dataset_offset, transfer_syntax_uid, _INDEX_TAG_SET)
+    except (header_reader.Unsupported, header_reader.Truncated):
+        return None
+
+
 def instance_from_spooled(
     part10: Any,
     path: Any,
@@ -251,7 +263,9 @@ def instance_from_spooled(
     the values are never touched), `content_hash_value` and `blob` were computed from the
     file in chunks. Raises InvalidInstance."""
     check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
-    _dataset, attributes = read_file_attributes(path)
+    attributes = _lean_index_attributes(part10, dataset_offset, transfer_syntax_uid)
+    if attributes is None:
+        _dataset, attributes = read_file_attributes(path)
     return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, content_hash_value, blob,
                      affected_sop_class_uid, affected_sop_instance_uid)
 
@@ -266,7 +280,9 @@ def instance_from_part10(
 ) -> Instance:
     """Validate and describe one received instance. Raises InvalidInstance."""
     check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
-    _dataset, attributes = read_attributes(part10)
+    attributes = _lean_index_attributes(part10, dataset_offset, transfer_syntax_uid)
+    if attributes is None:
+        _dataset, attributes = read_attributes(part10)
     return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, None, b"",
                      affected_sop_class_uid, affected_sop_instance_uid)
 

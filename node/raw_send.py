@@ -153,6 +153,18 @@ def _send_stored(
     return assoc._check_received_status(response)
 
 
+def stored_payload(primitive: Any) -> "bytes | memoryview | None":
+    """The stored data set of a C-STORE request made by `_send_stored`, to be sent as
+    encoded PDUs (node/acceptor.py, node/pdata.py); None for any other message."""
+    if not isinstance(primitive, C_STORE):
+        return None
+    dataset = primitive.DataSet
+    if not isinstance(dataset, _DatasetView):
+        return None
+    payload: bytes | memoryview = dataset.getvalue()
+    return payload
+
+
 class _DatasetView(BytesIO):
     """The data set to send, as pynetdicom 3.0.4's DIMSE encoder reads it: `getvalue()`,
     then slices of it for the P-DATA fragments. Returns a view of the stored bytes, where

@@ -186,13 +186,13 @@ class Node:
         )
         self.deletes = DeleteCoordinator(
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
-            self.coordinator.find, replication_factor=config.replication_factor,
+            self.coordinator.find, replication_factor=config.replication,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms,
             strict_quorum=WriteQuorumMode(config.write_quorum_mode) is WriteQuorumMode.STRICT)
         self.coordinator.supersede = self.deletes.supersede
         self.modifies = ModifyCoordinator(
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
-            self.coordinator.find, replication_factor=config.replication_factor,
+            self.coordinator.find, replication_factor=config.replication,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,

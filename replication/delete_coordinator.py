@@ -40,6 +40,7 @@ from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, InstanceRecord, StoreError, Tombstone
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MembershipView
+from pacsnode.ring.placement import Replication
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class _Copy(enum.Enum):
 
 class DeleteCoordinator:
     def __init__(self, self_id: str, membership: MembershipView, transport: TombstoneTransport,
-                 local: TombstoneStore, hlc: HybridClock, find: Finder, *, replication_factor: int,
+                 local: TombstoneStore, hlc: HybridClock, find: Finder, *, replication_factor: Replication,
                  write_quorum: int, replica_timeout_ms: int = 2_000, strict_quorum: bool = True,
                  run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.self_id = self_id
@@ -228,8 +229,10 @@ class DeleteCoordinator:
             return DeleteResult(DeleteStatus.NOT_FOUND, message="nothing in this scope on the study's owners")
         tombstones = list(listed.values())
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
-        w = min(self._w, n)
+        # The placement policy itself (per-site copies included), as the Coordinator's writes
+        # use it: a plain count here would send the tombstones to other nodes than the owners.
+        n = ring.effective(self._n)
+        w = min(self._w, ring.effective_replicas(self._n))
         token = study_token(scope.study_instance_uid)
         owners = ring.preference_list(token, n)
         used: set[str] = set()
@@ -252,13 +255,13 @@ class DeleteCoordinator:
         """Tombstones (one study) on its owners, hints for the down ones, without a listing;
         True once W made them durable (Coordinator.store, after it met a newer tombstone)."""
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
+        n = ring.effective(self._n)
         token = study_token(tombstones[0].study_instance_uid)
         owners = ring.preference_list(token, n)
         used: set[str] = set()
         results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, None, token, n, used)
                                          for owner in owners))
-        return self._counted(results) >= min(self._w, n)
+        return self._counted(results) >= min(self._w, ring.effective_replicas(self._n))
 
     def _counted(self, results: Sequence[_Copy]) -> int:
         """Copies that count toward W: owners' own, and with sloppy quorum hints too."""
@@ -280,7 +283,7 @@ class DeleteCoordinator:
         return removed
 
     async def _replicate(self, owner: str, owners: Sequence[str], tombstones: Sequence[Tombstone],
-                         scope: DeleteScope | None, token: int, n: int, used: set[str]) -> "_Copy":
+                         scope: DeleteScope | None, token: int, n: Replication, used: set[str]) -> "_Copy":
         """The tombstones on `owner`, or else as hints for it on the next stand-in."""
         if owner == self.self_id or self._membership.is_alive(owner):
             try:
@@ -321,7 +324,7 @@ class DeleteCoordinator:
         handed = 0
         owners = await self._run_blocking(self._local.tombstone_hint_owners)
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
+        n = ring.effective(self._n)
         for owner in owners:
             if owner in ring and not self._membership.is_alive(owner):
                 continue

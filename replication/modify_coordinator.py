@@ -38,6 +38,7 @@ from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, StoreError
 from pacsnode.replication.transport import PeerError
 from pacsnode.ring.members import MembershipView
+from pacsnode.ring.placement import Replication
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ Finder = Callable[[Query], AsyncIterator[Attributes]]
 
 class ModifyCoordinator:
     def __init__(self, self_id: str, membership: MembershipView, transport: CorrectionTransport,
-                 local: CorrectionStore, hlc: HybridClock, find: Finder, *, replication_factor: int,
+                 local: CorrectionStore, hlc: HybridClock, find: Finder, *, replication_factor: Replication,
                  write_quorum: int, replica_timeout_ms: int = 2_000,
                  run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.self_id = self_id
@@ -133,8 +134,8 @@ class ModifyCoordinator:
                     pass
         correction = Correction.of(study_instance_uid, checked, self.hlc.now())
         ring = self._membership.ring()
-        n = ring.effective_replicas(self._n)
-        w = min(self._w, n)
+        n = ring.effective(self._n)  # The placement policy (per-site copies included), as writes use it.
+        w = min(self._w, ring.effective_replicas(self._n))
         token = study_token(study_instance_uid)
         owners = ring.preference_list(token, n)
         used: set[str] = set()
@@ -199,7 +200,7 @@ class ModifyCoordinator:
         else:
             await self._transport.correct(node_id, correction, timeout_ms=self._timeout_ms)
 
-    async def _replicate(self, owner: str, owners: Sequence[str], correction: Correction, token: int, n: int,
+    async def _replicate(self, owner: str, owners: Sequence[str], correction: Correction, token: int, n: Replication,
                          used: set[str]) -> bool:
         """The correction on `owner`, or else on the next stand-in (its drop pass hands it over)."""
         if owner == self.self_id or self._membership.is_alive(owner):

@@ -53,6 +53,7 @@ from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, W
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.hlc import HybridClock
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreOutcome
+from pacsnode.replication.modify_coordinator import ModifyCoordinator
 from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.repair import Repairer, RepairSettings
 from pacsnode.replication.transport import PeerError, PeerRefused
@@ -284,6 +285,13 @@ class _Process:
                                          strict_quorum=config.write_mode is WriteQuorumMode.STRICT,
                                          run_blocking=self.run_blocking)
         self.coordinator.supersede = self.deletes.supersede
+        # `pacsnode modify` / `merge-patient`: the node's own correction path (node/server.py).
+        self.modifies = ModifyCoordinator(node.node_id, self.membership, transport, node.store,
+                                          self.coordinator.hlc, self.coordinator.find,
+                                          replication_factor=config.replication_factor,
+                                          write_quorum=config.write_quorum,
+                                          replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
+                                          run_blocking=self.run_blocking)
         # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
         # the simulated network's adapter onto it, as node/peer_server.py is gRPC's.
         self.peer_handler = PeerHandler(node.node_id, node.store, self.membership, self.repairer,

@@ -14,6 +14,9 @@ from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus, a
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import StoreOutcome, Tombstone
+from pacsnode.replication.modify_coordinator import ModifyStatus
+from pacsnode.ring.placement import SiteReplicas
+from pacsnode.ring.tokens import study_token
 from pacsnode.sim.cluster import SimCluster, SimConfig
 from pacsnode.sim.store import NonDurableStore
 from pacsnode.sim.workload import DataGenerator, Study
@@ -292,5 +295,47 @@ def test_with_two_owners_down_a_delete_is_refused_unless_hints_count(mode: Write
             assert (result.status, result.acked) == (DeleteStatus.INCOMPLETE, 3), result
         assert hinted == {o: len(instances) for o in down}  # Kept for each down owner either way.
         assert _held(cluster, study.study_instance_uid)[live_owner] == set()
+    finally:
+        cluster.close()
+
+
+def test_with_per_site_copies_a_delete_and_a_correction_reach_every_owner_of_every_site() -> None:
+    # Issue 14 (a): kill-one, 12 nodes, 3 sites, 2 copies per site, seed 3 left a deleted
+    # instance on node-008. The delete (and modify) coordinators placed their copies with a
+    # plain count, ring.preference_list(token, 6): for many studies other nodes than the
+    # per-site owners the writes use, so an owner never got the tombstone and kept serving.
+    policy = SiteReplicas.of({"site-a": 2, "site-b": 2, "site-c": 2})
+    cluster = SimCluster(9, sites=3, seed=4, config=SimConfig(replication_factor=policy, write_quorum=2))
+    try:
+        cluster.run_for(20)  # Every node's first anti-entropy pass is done (no range still filling).
+        data = DataGenerator(4)
+        ring = cluster.process("node-000").membership.ring()
+        study = data.new_study()
+        while set(ring.owners_of_study(study.study_instance_uid, policy)) == set(
+                ring.preference_list(study_token(study.study_instance_uid), 6)):
+            study = data.new_study()
+        instances = [data.instance(study, now_ms=cluster.loop.now_ms()) for _ in range(2)]
+
+        async def store() -> None:
+            for stored in instances:
+                assert (await cluster.process("node-001").coordinator.store(stored)).status == "success"
+
+        cluster.loop.run_until_complete(store())
+        cluster.run_for(3)
+        owners = ring.owners_of_study(study.study_instance_uid, policy)
+        assert all(_held(cluster, study.study_instance_uid)[o] == {s.sop_instance_uid for s in instances}
+                   for o in owners)
+        changed = cluster.loop.run_until_complete(cluster.process("node-002").modifies.modify(
+            study.study_instance_uid, {"PatientName": "CORRECTED^NAME"}))
+        assert changed.status is ModifyStatus.MODIFIED
+        result = _delete(cluster, "node-003", DeleteScope(study.study_instance_uid, "", instances[0].sop_instance_uid))
+        assert result.status is DeleteStatus.DELETED and result.acked == 6
+        cluster.run_for(1)
+        for owner in owners:
+            store = cluster.nodes[owner].store
+            assert _held(cluster, study.study_instance_uid)[owner] == {instances[1].sop_instance_uid}, owner
+            assert store.tombstone(study.study_instance_uid, instances[0].sop_instance_uid) is not None, owner
+            correction = store.correction(study.study_instance_uid)
+            assert correction is not None and correction.values() == {"PatientName": "CORRECTED^NAME"}, owner
     finally:
         cluster.close()

@@ -1,0 +1,98 @@
+"""A stored data set cut into P-DATA-TF PDUs, encoded here, without a copy.
+
+pynetdicom 3.0.4 sends a DIMSE message's data set as one P-DATA primitive per fragment:
+each is copied (`b"\\x00" + fragment`), queued to the DUL thread with a wake-up, run
+through the state machine, wrapped in a P_DATA_TF object, encoded (copied again) and sent
+with one `sendall`, and two notifications are triggered. For a 512x512 CT instance sent
+to a peer that takes 16 KB PDUs that is 32 rounds of it, and it was most of the node's
+CPU per retrieved instance (`bench/README.md`).
+
+`encode_data_set` gives the same bytes on the wire (PS3.8 9.3.5 and E.2: a PDU of type
+0x04, one PDV item per PDU, message control header 0x00 for a data-set fragment and 0x02
+for the last one) as batches of (header, fragment-view) buffers that the DUL writes with
+one `sendmsg` each (node/acceptor.py). The fragments are slices of the payload: a
+memoryview of the stored bytes is never copied; a big instance's streamed payload
+(node/raw_send.py) is read a fragment at a time as the batches are made.
+
+Pure: no I/O, no pynetdicom state; tests/unit/test_pdata.py compares the bytes with
+pynetdicom's own encoder.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+# A data-set fragment's message control header (PS3.8 E.2): bit 0 clear = data set, bit 1
+# set = last fragment.
+DATA_FRAGMENT = 0x00
+DATA_FRAGMENT_LAST = 0x02
+# Fragments for a peer that sets no maximum (Maximum Length Received 0): any size is
+# allowed, so a big instance is not made one fragment (read whole) just because of that.
+UNLIMITED_FRAGMENT_BYTES = 1 << 20
+# One queued batch holds this many payload bytes (or one fragment, if larger); the DUL's
+# outgoing queue holds at most node/acceptor.py's PROVIDER_QUEUE_PDUS_MAX batches.
+BATCH_BYTES = 256 * 1024
+# PDU header (type, reserved, length) + PDV item header (length, context id, control).
+_HEADER = struct.Struct(">BBLLBB")
+HEADER_BYTES = _HEADER.size  # 12
+
+
+class Payload(Protocol):
+    """What a data set to send must offer: its length and slices in order."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> bytes | memoryview: ...
+
+
+@dataclass(frozen=True)
+class EncodedPData:
+    """Whole P-DATA-TF PDUs of one message's data set, in order, as buffers to write:
+    a 12-byte header, then its fragment, for each PDU."""
+
+    buffers: tuple[bytes | memoryview, ...]
+    size: int  # Bytes on the wire (sum of the buffers).
+    pdus: int
+
+
+def fragment_bytes(max_pdu_length: int) -> int:
+    """The largest data-set fragment a peer with this Maximum Length Received takes: its
+    PDU variable field holds one PDV item (4-byte length, context id, control header)."""
+    if max_pdu_length <= 0:
+        return UNLIMITED_FRAGMENT_BYTES
+    if max_pdu_length <= 6:
+        raise ValueError(f"maximum PDU length {max_pdu_length} leaves no room for data")
+    return max_pdu_length - 6
+
+
+def pdu_header(context_id: int, control: int, fragment_length: int) -> bytes:
+    item_length = 2 + fragment_length
+    return _HEADER.pack(0x04, 0x00, 4 + item_length, item_length, context_id, control)
+
+
+def encode_data_set(payload: Payload, context_id: int, max_pdu_length: int,
+                    batch_bytes: int = BATCH_BYTES) -> Iterator[EncodedPData]:
+    """The data set's PDUs, in batches of about `batch_bytes` of payload. An empty payload
+    yields nothing (a message without a data set sends none)."""
+    total = len(payload)
+    step = fragment_bytes(max_pdu_length)
+    position = 0
+    buffers: list[bytes | memoryview] = []
+    size = 0
+    pdus = 0
+    batched = 0
+    while position < total:
+        end = min(position + step, total)
+        fragment = payload[position:end]
+        control = DATA_FRAGMENT_LAST if end == total else DATA_FRAGMENT
+        buffers.append(pdu_header(context_id, control, end - position))
+        buffers.append(fragment)
+        size += HEADER_BYTES + (end - position)
+        pdus += 1
+        batched += end - position
+        position = end
+        if batched >= batch_bytes or position == total:
+            yield EncodedPData(tuple(buffers), size, pdus)
+            buffers, size, pdus, batched = [], 0, 0, 0
