@@ -131,7 +131,9 @@ class NodeConfig:
     write_quorum_scope: str = setting(
         "auto", "Where the W copies of a C-STORE are counted: local (owners in this node's site, capped at the "
         "copies the site holds; the other sites' copies are kept here as durable hints and sent at once, so no "
-        "C-STORE waits on the WAN), global (any owners) or auto (local when site_replicas is set, else global).")
+        "C-STORE waits on the WAN), global (any owners) or auto (local when site_replicas is set, else global). "
+        "Local with one copy per site and strict writes: a store through a site whose owner of the study is down "
+        "is refused (0xA701) until it is back.")
     write_quorum_mode: str = setting(
         "strict", "What counts toward W: strict (durable copies on the study's owners only; hints are still kept "
         "for owners that are down but do not count, so a C-STORE with fewer than W owners reachable is refused, "
