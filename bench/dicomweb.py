@@ -18,6 +18,9 @@ and the table shows medians: the machine is shared and noisy.
   Checked: every stored byte came back (the sum of part sizes equals the files').
 - metadata: GET /studies/{uid}/series/{uid}/metadata of that study's 80-instance series:
   the first request after ingest, then the median of the next ones.
+- server CPU (user + system, from /proc, the process and its children) is recorded
+  beside each stow, wado and metadata measurement, with the load average: on a shared
+  machine it moves far less than wall time.
 - qido: `--studies` one-instance studies loaded with storescu x4, then STUDY-level QIDO
   kinds (PatientID exact, PatientName prefix, StudyDate one month, StudyInstanceUID,
   AccessionNumber), `--queries` of each interleaved; p50 and p95 latency of each kind.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -69,6 +73,31 @@ def start_pacsnode(parent: Path) -> Server:
     return server
 
 
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU of the server process and its live children (from /proc): less
+    noisy than wall time on a shared machine, where a busy core stretches every wait."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    pids = [server.process.pid]
+    try:
+        for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+            pids += [int(child) for child in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return sum(own(pid) for pid in pids)
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
 def root_url(server: Server) -> str:
     return f"http://{HOST}:{server.http_port}/dicom-web"
 
@@ -94,39 +123,47 @@ def stow(server: Server, manifest: list[dict[str, Any]], *, batch: int = 20, thr
             failures.append(reply.status_code)
 
     clients = [httpx.Client(timeout=300) for _ in range(threads)]
+    cpu_before = cpu_seconds(server)
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda item: post(clients[item[0] % threads], *item[1]), enumerate(bodies)))
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(server) - cpu_before
     for client in clients:
         client.close()
     studies = {entry["study_uid"] for entry in manifest}
     found = httpx.get(root_url(server) + "/studies?limit=100000", timeout=120).json()
     held = len({item["0020000D"]["Value"][0] for item in found} & studies)
     return {"instances": len(files), "elapsed_s": elapsed, "instances_per_s": len(files) / elapsed,
+            "server_cpu_s_per_1000": cpu * 1000 / len(files), "load": load_average(),
             "failed_batches": len(failures), "ok": not failures and held == len(studies)}
 
 
 def wado_study(server: Server, study: str, expected_bytes: int) -> dict[str, Any]:
     """curl (C) reads the body: a Python client's multipart/chunked parsing would be the bottleneck
     (httpx measured 230 MB/s where curl read 900 MB/s from the same Orthanc)."""
+    cpu_before = cpu_seconds(server)
     started = time.perf_counter()
     out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
                           "-H", f"Accept: {ACCEPT_DICOM}", f"{root_url(server)}/studies/{study}"],
                          capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(server) - cpu_before
     status, received = (int(value) for value in out.stdout.split())
     return {"elapsed_s": elapsed, "bytes": received, "mb_per_s": received / MB / elapsed,
+            "server_cpu_ms": cpu * 1000, "load": load_average(),
             "ok": status == 200 and received >= expected_bytes}
 
 
 def series_metadata(server: Server, study: str, series: str, count: int) -> dict[str, Any]:
+    cpu_before = cpu_seconds(server)
     started = time.perf_counter()
     reply = httpx.get(f"{root_url(server)}/studies/{study}/series/{series}/metadata",
                       headers={"Accept": "application/dicom+json"}, timeout=300)
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(server) - cpu_before
     ok = reply.status_code == 200 and len(reply.json()) == count
-    return {"elapsed_ms": elapsed * 1000, "ok": ok}
+    return {"elapsed_ms": elapsed * 1000, "server_cpu_ms": cpu * 1000, "load": load_average(), "ok": ok}
 
 
 def qido_queries(manifest: list[dict[str, Any]], count: int) -> list[tuple[str, str]]:
@@ -265,13 +302,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if "stow" in results:
         summary["stow_instances_per_s"] = {name: median_of(runs, "instances_per_s")
                                            for name, runs in results["stow"].items()}
+        summary["stow_server_cpu_s_per_1000"] = {name: median_of(runs, "server_cpu_s_per_1000")
+                                                 for name, runs in results["stow"].items()}
         summary["stow_ok"] = all(run["ok"] for runs in results["stow"].values() for run in runs)
     if "wado" in results:
         summary["wado_study_mb_per_s"] = {name: median_of(runs, "mb_per_s") for name, runs in results["wado"].items()}
+        summary["wado_server_cpu_ms"] = {name: median_of(runs, "server_cpu_ms") for name, runs in results["wado"].items()}
         summary["wado_ok"] = all(run["ok"] for runs in results["wado"].values() for run in runs)
     if "metadata_first" in results:
         summary["metadata_first_ms"] = {name: round(run["elapsed_ms"], 1)
                                         for name, run in results["metadata_first"].items()}
+        summary["metadata_first_server_cpu_ms"] = {name: round(run["server_cpu_ms"], 1)
+                                                   for name, run in results["metadata_first"].items()}
         summary["metadata_next_ms"] = {name: median_of(runs, "elapsed_ms") for name, runs in results["metadata"].items()}
     for key, value in results.items():
         if key.startswith("qido"):

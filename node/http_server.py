@@ -187,8 +187,13 @@ class HttpServer:
     def start(self) -> None:
         """Bind now (a taken port fails the start, as the DICOM port does) and serve on a thread."""
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on sockets whose proto
+        # says TCP, and an accepted socket takes the listener's. Without it every response
+        # on a kept-alive connection (headers, then body) waited ~40 ms for the client's
+        # delayed ACK. Linux also passes the listener's TCP_NODELAY on to accepted sockets.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self._host, self._port))
         except OSError:

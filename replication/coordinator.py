@@ -704,13 +704,15 @@ class Coordinator:
         async for row in self._gather(query).rows():
             yield row
 
-    async def reconcile_study(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = ()) -> bool:
+    async def reconcile_study(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = (), *,
+                              deleted: set[str] | None = None) -> bool:
         """Make the owners in `nodes`, which answered a read differently, each hold every
         instance of the study any of them holds, and every instance `hint_holders` keep
         as hints for it (blocking read repair; a hint delivered early is one replay will
         find already done). True when they now agree; False when a copy failed or the
         difference is over reconcile_instances_max (then the repair goes on in the
-        background)."""
+        background). `deleted` receives the instances an owner answered DELETED for (a
+        newer tombstone there: another owner listed a copy that was deleted)."""
         context = self._read_context()
         image = Query("IMAGE", (Condition("StudyInstanceUID", "UI", study_uid),), ())
 
@@ -750,11 +752,12 @@ class Coordinator:
         if len(missing) > self._settings.reconcile_instances_max:
             self._spawn(self._copy_missing(missing, held, union, hinted))
             return False
-        return await self._copy_missing(missing, held, union, hinted)
+        return await self._copy_missing(missing, held, union, hinted, deleted)
 
     async def _copy_missing(self, missing: list[tuple[str, str]], held: dict[str, dict[str, InstanceLocation]],
                             union: dict[str, InstanceLocation],
-                            hinted: dict[str, dict[str, InstanceLocation]] | None = None) -> bool:
+                            hinted: dict[str, dict[str, InstanceLocation]] | None = None,
+                            deleted: set[str] | None = None) -> bool:
         ok = True
         for node_id, sop in missing:
             location = union[sop]
@@ -778,6 +781,8 @@ class Coordinator:
                 log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
                 ok = False
                 continue
+            if outcome == StoreOutcome.DELETED and deleted is not None:
+                deleted.add(sop)
             if outcome in DURABLE_OUTCOMES:
                 self.stats.read_repairs += 1
             else:

@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 from pacsnode.replication.archive import IncompleteAnswer, Shortfall
 from pacsnode.replication.correction import newest_correction, with_correction
@@ -206,8 +206,13 @@ class _PieceState:
     hint_holders_missed: int = 0  # Possible hint holders that were down or failed: the study is flagged.
 
 
-# reconcile(study, owners that answered, hint holders that hold some of it) -> now agree
-Reconcile = Callable[[str, Sequence[str], Sequence[str]], Awaitable[bool]]
+class Reconcile(Protocol):
+    """reconcile(study, owners that answered, hint holders that hold some of it) -> now agree.
+    `deleted`, when given, receives the SOP Instance UIDs an owner answered DELETED for (it
+    holds a newer tombstone: the copy another owner listed was deleted, not missed)."""
+
+    async def __call__(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = (), *,
+                      deleted: set[str] | None = None) -> bool: ...
 
 
 class RoutedGather:
@@ -455,8 +460,20 @@ class RoutedGather:
                 else:
                     complete = False  # Could not make them agree: never a Success on a guess.
             else:
-                # Instance rows: the union is the answer; the owners are repaired behind it.
-                asyncio.ensure_future(self._reconcile(study_uid, list(state.answered), ()))
+                # Instance rows: the union is the answer, less what was deleted. An instance an
+                # owner lacks is either a write it missed or one it deleted (an owner that
+                # missed the delete still lists it: the tombstone's other holders list nothing,
+                # so a plain union served a deleted instance). The copy to the owner that lacks
+                # it tells which: its store answers DELETED for a newer tombstone.
+                deleted: set[str] = set()
+                await self._reconcile(study_uid, list(state.answered), (), deleted=deleted)
+                if deleted:
+                    self._context.count("read_deleted_dropped")
+                    answers = [{identity: row for identity, row in answer.items()
+                                if str(row.get("SOPInstanceUID", "")) not in deleted} for answer in answers]
+                    for slot, rows in state.rows.items():
+                        if slot.startswith("hints:"):
+                            state.rows[slot] = [row for row in rows if str(row.get("SOPInstanceUID", "")) not in deleted]
         return self._merge(state, answers, level), complete
 
     @staticmethod

@@ -339,3 +339,38 @@ def test_with_per_site_copies_a_delete_and_a_correction_reach_every_owner_of_eve
             assert correction is not None and correction.values() == {"PatientName": "CORRECTED^NAME"}, owner
     finally:
         cluster.close()
+
+
+def test_a_read_that_asks_an_owner_which_missed_the_delete_does_not_serve_the_deleted_instance() -> None:
+    # Issue 14 (b): a real-process chaos kill run (seed 2) had a C-GET return an instance
+    # after its delete was acknowledged. An IMAGE-level named read (what C-GET's locate
+    # asks) took the union of the R owners' rows; an owner that missed the delete (cut off,
+    # its tombstone still a hint elsewhere) listed the instance, the owners that hold the
+    # tombstone simply did not, and the union served it. Not the quorum rule: the delete
+    # here is on two of three owners, and R=2 asks one of them.
+    cluster = SimCluster(5, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000,
+                                                     hint_replay_interval_ms=600_000))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(8)
+        study, instances = _store_study(cluster, data, "node-000", 2)
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        lagging = owners[-1]
+        entry = next(o for o in owners if o != lagging)
+        rest = [n for n in cluster.nodes if n != lagging]
+        cluster.network.partition([lagging], rest)
+        cluster.run_for(10)  # The others hold it dead (not removed: dead grace 60 s).
+        gone = instances[0].sop_instance_uid
+        result = _delete(cluster, entry, DeleteScope(study.study_instance_uid, "", gone))
+        assert result.status is DeleteStatus.DELETED
+        cluster.network.heal()
+        cluster.run_for(4)  # Alive again everywhere; the tombstone hint is not replayed yet.
+        assert gone in _held(cluster, study.study_instance_uid)[lagging]
+        query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study.study_instance_uid),))
+        plan = cluster.loop.run_until_complete(cluster.process(lagging).coordinator.locate(query))
+        located = {location.sop_instance_uid for location in plan.locations}
+        assert located == {instances[1].sop_instance_uid}, (located, plan.shortfall)
+        assert _find(cluster, lagging, study.study_instance_uid) == {instances[1].sop_instance_uid}
+    finally:
+        cluster.close()

@@ -509,3 +509,21 @@ def test_viewer_is_served_under_viewer_with_its_app_config(tmp_path: Path) -> No
         assert httpx.get(f"http://127.0.0.1:{absent.port}/viewer/").status_code == 404
     finally:
         absent.stop()
+
+
+def test_connections_are_served_without_nagle(tmp_path: Path) -> None:
+    """The listener says TCP and sets TCP_NODELAY, so accepted connections have it (asyncio
+    sets it only when the socket's proto is TCP; Linux copies it from the listener): on a
+    kept-alive connection a response's body then does not wait ~40 ms for a delayed ACK."""
+    import socket
+
+    server = _viewer_server(tmp_path)
+    try:
+        listener = server._socket
+        assert listener is not None and listener.proto == socket.IPPROTO_TCP
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        with httpx.Client() as client:  # Kept alive: every request after the first on one connection.
+            for _ in range(3):
+                assert client.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200
+    finally:
+        server.stop()
