@@ -4,7 +4,11 @@
   (another one if the first fails) with the real coordinator, and the bytes returned
   must hash to the content of an acknowledged write of that SOP Instance UID. A miss is
   a lost write; other bytes are phantom content. Both must be zero (research §4.5 1-2).
-- no-wrong-content: no read during the run returned bytes no acknowledged write had.
+- no-wrong-content: no read during the run returned bytes no store of that SOP Instance
+  UID had sent: the bytes of an acknowledged write, or of a store sent before the read
+  ended that was not acknowledged (0xA701, a timeout: indeterminate, since a quorum
+  failure rolls back no copy; counted and reported apart). The checks after settle
+  (acked-writes) accept acknowledged content only.
 - replication: every study with an acknowledged instance is held, whole, by
   min(N, live ring members) live nodes (counted in each node's own store), and by every
   live owner. When an owner is down but still in the ring (a rail keeps it there: more
@@ -21,6 +25,13 @@
   C-FIND of its study through another live node (must not list it); and no live node's
   store holds it as an owner copy. Hints still held for it are reported (a stand-in holds
   a hint until its owner takes it or answers DELETED), not failed: they are not served.
+- corrections: every study the clients corrected (`pacsnode modify` through the node's
+  ModifyCoordinator) ends, on every live owner, with the last acknowledged (MODIFIED)
+  correction of each attribute it set, or with a modify that overlapped or followed that
+  one and may have applied (unclear: it did not answer, or answered INCOMPLETE or
+  QUORUM_FAILED); an older acknowledged value is a *reverted* correction, no value or
+  another one a *lost* one. A STUDY-level C-FIND naming the study through a live node
+  shows the same values (when the study still has acknowledged instances).
 - no-errors: no exception escaped a task or callback of any node.
 """
 
@@ -28,7 +39,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError
 from pacsnode.replication.matching import Condition, Query
@@ -44,6 +55,7 @@ class CheckResult:
     ok: bool | None  # None: skipped.
     detail: str
     violations: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # Figures the sweep adds up.
 
     def line(self) -> str:
         verdict = "SKIP" if self.ok is None else ("ok" if self.ok else "FAIL")
@@ -59,9 +71,9 @@ async def check_acked_writes(cluster: SimCluster, workload: Workload, seed: int)
     wrong: list[str] = []
     for sop in sorted(workload.acked):
         first_node, second_node = rng.choice(live), rng.choice(live)
-        record = await workload.read(sop, first_node, history=False)
+        record = await workload.read(sop, first_node, history=False, indeterminate_ok=False)
         if not record.ok and record.status != "wrong-content":
-            record = await workload.read(sop, second_node, history=False)
+            record = await workload.read(sop, second_node, history=False, indeterminate_ok=False)
         if record.status == "wrong-content":
             wrong.append(sop)
         elif not record.ok:
@@ -76,9 +88,11 @@ async def check_acked_writes(cluster: SimCluster, workload: Workload, seed: int)
 
 def check_no_wrong_content(workload: Workload) -> CheckResult:
     wrong = [op for op in workload.history if op.status == "wrong-content"]
+    failed_write = sum(1 for op in workload.history if op.status == "failed-write-content")
     return CheckResult("no-wrong-content", not wrong,
                        f"{sum(1 for op in workload.history if op.kind == 'read')} reads during the run, "
-                       f"{len(wrong)} returned bytes no acknowledged write had", len(wrong))
+                       f"{len(wrong)} returned bytes no store of the UID had sent, {failed_write} the bytes of "
+                       "a store that was not acknowledged", len(wrong))
 
 
 def live_ring_members(cluster: SimCluster) -> list[str]:
@@ -209,7 +223,84 @@ async def check_deletes(cluster: SimCluster, workload: Workload, seed: int) -> C
         detail += f"; {hinted} hint copies still held (not served)"
     if back:
         detail += f": {', '.join(back[:2])}"
-    return CheckResult("no-resurrected-deletes", not back, detail, len(back))
+    restores = workload.restores_acked
+    if restores:
+        detail += f"; {restores} re-stores acknowledged after their delete (read back by acked-writes)"
+    if workload.deleted_served:
+        detail += (f"; {workload.deleted_served} located by a study retrieve during the run after their delete "
+                   "was acknowledged (reported, not failed)")
+    return CheckResult("no-resurrected-deletes", not back, detail, len(back),
+                       {"deletes": deletes, "deleted_checked": len(deleted), "unclear": len(workload.unclear),
+                        "back": len(back), "hint_copies": hinted, "restores_acked": restores,
+                        "served_after_delete": workload.deleted_served})
+
+
+async def check_corrections(cluster: SimCluster, workload: Workload, seed: int) -> CheckResult:
+    rng = random.Random(f"{seed}:corrections")
+    live = cluster.live_ids()
+    sent = sum(len(ops) for ops in workload.modifies.values())
+    acked = sum(1 for ops in workload.modifies.values() for op in ops if op.acknowledged)
+    members = set(live_ring_members(cluster))
+    if not live:
+        return CheckResult("corrections", False, "no live node to read through", sent)
+    ring = cluster.process(live[0]).membership.ring()
+    judged = unjudged = replicas_checked = reads_checked = 0
+    lost: list[str] = []
+    reverted: list[str] = []
+    for study, ops in sorted(workload.modifies.items()):
+        owners = [o for o in ring.owners_of_study(study, cluster.config.replication_factor) if o in members]
+        wanted: dict[str, tuple[set[str], set[str]]] = {}  # keyword -> (allowed values, older acknowledged)
+        for keyword in sorted({k for op in ops for k in op.changes}):
+            done = [op for op in ops if op.acknowledged and keyword in op.changes]
+            if not done:
+                unjudged += 1  # No acknowledged correction of it: any outcome is allowed.
+                continue
+            last = max(done, key=lambda op: op.ended_ms)
+            allowed = {last.changes[keyword]} | {
+                op.changes[keyword] for op in ops if keyword in op.changes and op.applied_maybe
+                and (op.ended_ms < 0 or op.ended_ms >= last.started_ms)}
+            older = {op.changes[keyword] for op in done} - allowed
+            wanted[keyword] = (allowed, older)
+            judged += 1
+        if not wanted:
+            continue
+
+        def verdict(where: str, values: dict[str, str]) -> None:
+            for keyword, (allowed, older) in wanted.items():
+                value = values.get(keyword)
+                if value in allowed:
+                    continue
+                line = f"{study} {keyword} on {where}"
+                (reverted if value in older else lost).append(line)
+
+        for owner in owners:
+            correction = cluster.nodes[owner].store.correction(study)
+            replicas_checked += 1
+            verdict(owner, correction.values() if correction is not None else {})
+        if workload.acked_by_study.get(study):
+            node_id = rng.choice(live)
+            query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study),),
+                          ("StudyInstanceUID", "PatientName", "StudyDescription"))
+            rows: list[dict[str, str]] = []
+            try:
+                async for row in cluster.process(node_id).coordinator.find(query):
+                    if str(row.get("StudyInstanceUID", "")) == study:
+                        rows.append({k: str(row.get(k) or "") for k in ("PatientName", "StudyDescription")})
+            except IncompleteAnswer:
+                pass
+            reads_checked += 1
+            if not rows:
+                lost.append(f"{study}: a C-FIND through {node_id} did not list it")
+            for row in rows:
+                verdict(f"a C-FIND through {node_id}", row)
+    detail = (f"{sent} modifies ({acked} acknowledged), {judged} corrected attributes judged on "
+              f"{replicas_checked} owner copies and {reads_checked} C-FINDs ({unjudged} with no acknowledged "
+              f"modify); {len(lost)} lost, {len(reverted)} reverted")
+    if lost or reverted:
+        detail += ": " + ", ".join((reverted + lost)[:2])
+    return CheckResult("corrections", not lost and not reverted, detail, len(lost) + len(reverted),
+                       {"modifies": sent, "modifies_acked": acked, "corrections_checked": judged,
+                        "owner_copies_checked": replicas_checked, "lost": len(lost), "reverted": len(reverted)})
 
 
 def check_no_errors(cluster: SimCluster) -> CheckResult:
@@ -226,5 +317,6 @@ async def run_checkers(cluster: SimCluster, workload: Workload, seed: int) -> li
         check_replicas_agree(cluster, workload),
         check_membership(cluster),
         await check_deletes(cluster, workload, seed),
+        await check_corrections(cluster, workload, seed),
         check_no_errors(cluster),
     ]

@@ -35,6 +35,7 @@ from pacsnode.replication.coordinator import restamped
 from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import InstanceRecord, StoredInstance, content_hash
+from pacsnode.replication.modify_coordinator import ModifyResult, ModifyStatus
 from pacsnode.sim.cluster import SimCluster
 
 TRANSFER_SYNTAX = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian.
@@ -76,14 +77,38 @@ class DeletedInstance:
 
 
 @dataclass
+class ModifyOp:
+    """One modify (`pacsnode modify --study UID --set K=V ...`) the clients sent, and how it ended.
+    Every value a client sets is unique, so a value held names the modify that set it."""
+
+    study_instance_uid: str
+    changes: dict[str, str]
+    started_ms: int
+    ended_ms: int = -1  # -1: still running.
+    status: str = ""  # A ModifyStatus value, or the client's: entry-down, timeout, entry-crashed, error...
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.status == ModifyStatus.MODIFIED.value
+
+    @property
+    def applied_maybe(self) -> bool:
+        """Whether it may have changed something: acknowledged, or it ended in a way that does
+        not say (durable on fewer than W, incomplete, timed out, crashed). NOT_FOUND, INVALID,
+        NOT_JOINED and a refused entry return before anything is sent."""
+        return self.status not in (ModifyStatus.NOT_FOUND.value, ModifyStatus.INVALID.value,
+                                   ModifyStatus.NOT_JOINED.value, "entry-down")
+
+
+@dataclass
 class OpRecord:
-    kind: str  # store | read | find | retrieve | find-study
+    kind: str  # store | read | find | retrieve | find-study | delete | modify
     node_id: str
     started_ms: int
     ended_ms: int = 0
     ok: bool = False
     status: str = ""  # success, quorum-failed, out-of-resources, entry-down, entry-crashed, timeout,
-    # unavailable, wrong-content, incomplete, stale, flagged, error: ...
+    # unavailable, wrong-content, failed-write-content, incomplete, stale, flagged, error: ...
     sop_instance_uid: str = ""
     entry_up: bool = False  # The entry node ran throughout: not down, crashed, restarted or paused.
 
@@ -182,6 +207,9 @@ class WorkloadMix:
     # coordinator must re-stamp it to store it as a new instance).
     delete: float = 0.05
     restore: float = 0.03
+    # Of stores: a correction of an acknowledged study instead (`pacsnode modify` through the
+    # entry node's ModifyCoordinator: a new PatientName, one time in two a new StudyDescription).
+    modify: float = 0.04
 
 
 class Workload:
@@ -198,6 +226,11 @@ class Workload:
         self.acked_by_study: dict[str, set[str]] = {}  # study uid -> sop uids acknowledged
         self.studies: list[Study] = []
         self.stored: dict[str, StoredInstance] = {}  # Every instance ever sent, by sop uid (first bytes).
+        # Stores that reached a node and were not acknowledged (refused, timed out, entry crashed):
+        # sop uid -> [(started_ms, content hash)]. Their outcome is indeterminate: a quorum
+        # failure rolls nothing back, so the owners that took a copy keep it (until the
+        # conflict rule settles it against the acknowledged write, for a re-send).
+        self.indeterminate: dict[str, list[tuple[int, str]]] = {}
         # Deletes: what must stay deleted, and what cannot be judged (a store of the UID ran
         # while its delete did, or a delete failed or timed out: it may or may not have applied).
         self.deleted: dict[str, DeletedInstance] = {}
@@ -208,10 +241,15 @@ class Workload:
         # study -> [[started, ended or -1], ...] of study deletes: a store into the study that
         # overlaps one may be deleted by it (an owner deletes every older instance it holds).
         self._study_deletes: dict[str, list[list[int]]] = {}
+        # Corrections: every modify sent, by study (the corrections checker judges them).
+        self.modifies: dict[str, list[ModifyOp]] = {}
+        self.restores_acked = 0  # Re-stores of a deleted instance acknowledged after its delete.
+        self.deleted_served = 0  # Study retrieves during the run that located an instance deleted before.
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0,
-                                 "retrieve": 60.0, "find-study": 60.0, "delete": 120.0}
+                                 "retrieve": 60.0, "find-study": 60.0, "delete": 120.0,
+                                 "modify": 120.0}
 
     # ----------------------------------------------------------------- entry points
     def entry_nodes(self) -> list[str]:
@@ -275,6 +313,8 @@ class Workload:
             record.status = result.status
             record.ok = result.status == WriteStatus.SUCCESS
         sop = stored.sop_instance_uid
+        if not record.ok and record.status != "entry-down":  # Sent, not acknowledged: may have applied.
+            self.indeterminate.setdefault(sop, []).append((record.started_ms, stored.content_hash))
         if any(start <= record.ended_ms and (end < 0 or end >= record.started_ms)
                for start, end in self._study_deletes.get(stored.study_instance_uid, ())):
             self.unclear.add(sop)  # It ran while its study was being deleted: either may win.
@@ -287,6 +327,7 @@ class Workload:
             if earlier is not None and record.started_ms > earlier.deleted_at_ms and record.ok \
                     and sop not in self._deleting:
                 del self.deleted[sop]  # A re-store after the delete: a new instance, acknowledged.
+                self.restores_acked += 1
             else:
                 # It overlapped a delete of its UID (or followed an unclear one): either may win.
                 self.deleted.pop(sop, None)
@@ -358,7 +399,38 @@ class Workload:
                                   record.status)
         return record
 
-    async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True) -> OpRecord:
+    async def modify(self, study_instance_uid: str, node_id: str | None = None) -> OpRecord:
+        """Correct a study through a node with the production path (`process.modifies`, the
+        node's ModifyCoordinator, as `pacsnode modify` reaches it): a new PatientName, and one
+        time in two a new StudyDescription, each value unique to this modify."""
+        node_id = node_id or self.pick_node()
+        record = OpRecord("modify", node_id, self.cluster.now_ms())
+        self.history.append(record)
+        number = sum(len(ops) for ops in self.modifies.values()) + 1
+        changes = {"PatientName": f"SIM^CORRECTED{number:06d}"}
+        if self.rng.random() < 0.5:
+            changes["StudyDescription"] = f"CORRECTED {number:06d}"
+        op = ModifyOp(study_instance_uid, changes, record.started_ms)
+        self.modifies.setdefault(study_instance_uid, []).append(op)
+        result: ModifyResult | None = await self._at_node(
+            "modify", node_id, lambda process: process.modifies.modify(study_instance_uid, changes), record)
+        record.ended_ms = op.ended_ms = self.cluster.now_ms()
+        if result is not None:
+            record.status = result.status.value
+            record.ok = result.status is ModifyStatus.MODIFIED
+        op.status = record.status
+        self.cluster.trace.record(record.ended_ms, "op", "modify", node_id, study_instance_uid, record.status)
+        return record
+
+    async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True,
+                   indeterminate_ok: bool = True) -> OpRecord:
+        """Read one acknowledged instance through a node (the coordinator's read, no locate).
+        "success": the bytes of an acknowledged write of the UID. "failed-write-content"
+        (`indeterminate_ok`, reads during the run): the bytes of a store of the UID that was
+        sent before the read ended and not acknowledged (indeterminate: a quorum failure keeps
+        the copies it made); counted apart, not wrong. "wrong-content": bytes no store of the
+        UID sent by then, or (without `indeterminate_ok`: the checks after settle) bytes no
+        acknowledged write had."""
         node_id = node_id or self.pick_node()
         writes = self.acked[sop_instance_uid]
         first = writes[0].stored.record
@@ -383,6 +455,9 @@ class Workload:
             got = content_hash(first.transfer_syntax_uid, part10[offset:])
             if got in {w.content_hash for w in writes}:
                 record.ok, record.status = True, "success"
+            elif indeterminate_ok and got in {digest for started_ms, digest in self.indeterminate.get(sop_instance_uid, ())
+                                              if started_ms <= record.ended_ms}:
+                record.ok, record.status = True, "failed-write-content"
             else:
                 record.status = "wrong-content"
         self.cluster.trace.record(record.ended_ms, "op", "read", node_id, sop_instance_uid, record.status)
@@ -443,6 +518,12 @@ class Workload:
             record.ok = True  # Answered; the status says how (as for find).
             located = {location.sop_instance_uid for location in plan.locations}
             record.status = "flagged" if plan.shortfall else "success" if expected <= located else "stale"
+            # An instance whose delete was acknowledged before this began, with no store of its
+            # UID since: a C-GET would send it (chaos runs count the same: "served after").
+            served = [sop for sop in located if sop in self.deleted
+                      and self.deleted[sop].deleted_at_ms < record.started_ms
+                      and not self._overlaps_a_store(sop, self.deleted[sop].deleted_at_ms, record.ended_ms)]
+            self.deleted_served += len(served)
         self.cluster.trace.record(record.ended_ms, "op", "retrieve", node_id, study_instance_uid, record.status)
         return record
 
@@ -544,7 +625,7 @@ class Workload:
 
     def _store_or_delete(self, mix: WorkloadMix) -> Awaitable[Any]:
         rng = self.rng
-        if mix.delete or mix.restore:  # One more draw only for a mix with deletes (older traces stay).
+        if mix.delete or mix.restore or mix.modify:  # One more draw only for such a mix (older traces stay).
             draw = rng.random()
             if self.acked and draw < mix.delete:
                 sop = self._recent_acked()
@@ -553,6 +634,12 @@ class Workload:
             if self.deleted and draw < mix.delete + mix.restore:
                 sop = rng.choice(sorted(self.deleted)) if len(self.deleted) < 64 else list(self.deleted)[-1]
                 return self.store(self.stored[sop], stamp=True)
+            if self.acked and mix.delete + mix.restore <= draw < mix.delete + mix.restore + mix.modify:
+                # One time in two a study corrected before (so later corrections meet earlier ones).
+                again = sorted(study for study in self.modifies if self.acked_by_study.get(study))
+                if again and rng.random() < 0.5:
+                    return self.modify(rng.choice(again))
+                return self.modify(self.acked[self._recent_acked()][0].study_instance_uid)
         return self.store(self._store_payload(mix))
 
     def _store_payload(self, mix: WorkloadMix) -> StoredInstance:
