@@ -8,11 +8,13 @@ share is its CPU); when the node stops (SIGTERM or SIGINT), the profiles are mer
 OUT.pstats. Read it with `python -m pstats OUT.pstats` or `bench/profile_node.py --show
 OUT.pstats [--top 30]`, which prints the functions by own and by cumulative CPU time.
 Profiling slows Python code roughly twofold: compare shares, not absolute times.
+With PROFILE_TIMER=wall in the environment the timer is wall time instead (where threads wait).
 """
 
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 import signal
 import sys
@@ -27,7 +29,7 @@ _lock = threading.Lock()
 def _start_thread_profile(*_args: Any) -> None:
     """threading.setprofile hook: the first event of a new thread starts its profiler
     (whose C hook then replaces this one for that thread)."""
-    profile = cProfile.Profile(time.thread_time)
+    profile = cProfile.Profile(time.perf_counter if os.environ.get("PROFILE_TIMER") == "wall" else time.thread_time)
     with _lock:
         _profiles.append(profile)
     profile.enable()

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 # Where W is counted: auto = local when site_replicas is set, else global.
 WRITE_QUORUM_SCOPES = ("auto", "local", "global")
+WRITE_QUORUM_MODES = ("strict", "sloppy")
 
 # Membership timer profiles (node/swim_membership.py maps them to ring/swim.py SwimConfig).
 PROFILES = ("lan", "local", "wan")
@@ -130,9 +131,16 @@ class NodeConfig:
     write_quorum_scope: str = setting(
         "auto", "Where the W copies of a C-STORE are counted: local (owners in this node's site, capped at the "
         "copies the site holds; the other sites' copies are kept here as durable hints and sent at once, so no "
-        "C-STORE waits on the WAN), global (any owners) or auto (local when site_replicas is set, else global).")
-    read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
-    read_fault_window_ms: int = setting(60_000, "After any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down.")
+        "C-STORE waits on the WAN), global (any owners) or auto (local when site_replicas is set, else global). "
+        "Local with one copy per site and strict writes: a store through a site whose owner of the study is down "
+        "is refused (0xA701) until it is back.")
+    write_quorum_mode: str = setting(
+        "strict", "What counts toward W: strict (durable copies on the study's owners only; hints are still kept "
+        "for owners that are down but do not count, so a C-STORE with fewer than W owners reachable is refused, "
+        "0xA701, and R + W > N makes named reads exact) or sloppy (a stand-in's hint counts too: stores succeed "
+        "with one owner reachable, but named reads must ask stand-ins, see read_fault_window_ms).")
+    read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (with strict writes and R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
+    read_fault_window_ms: int = setting(60_000, "Sloppy writes only: after any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long, and flag the study when one cannot be asked: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down. Not used with strict writes.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
@@ -212,6 +220,9 @@ class NodeConfig:
         if self.write_quorum_scope not in WRITE_QUORUM_SCOPES:
             raise ConfigError(f"write_quorum_scope must be one of {', '.join(WRITE_QUORUM_SCOPES)}, "
                               f"got {self.write_quorum_scope!r}")
+        if self.write_quorum_mode not in WRITE_QUORUM_MODES:
+            raise ConfigError(f"write_quorum_mode must be one of {', '.join(WRITE_QUORUM_MODES)}, "
+                              f"got {self.write_quorum_mode!r}")
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

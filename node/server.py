@@ -34,7 +34,7 @@ from pacsnode.node.security import NodeSecurity
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_aside, stamp_alive
-from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteQuorumMode, WriteScope
 from pacsnode.replication.hlc import wall_ms
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.modify_coordinator import ModifyCoordinator
@@ -173,6 +173,7 @@ class Node:
                 replication_factor=config.replication,
                 write_quorum=config.write_quorum,
                 write_scope=WriteScope.LOCAL if config.write_scope_local else WriteScope.GLOBAL,
+                write_mode=WriteQuorumMode(config.write_quorum_mode),
                 read_quorum=config.read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,
@@ -187,7 +188,8 @@ class Node:
         self.deletes = DeleteCoordinator(
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
             self.coordinator.find, replication_factor=config.replication,
-            write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
+            write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms,
+            strict_quorum=WriteQuorumMode(config.write_quorum_mode) is WriteQuorumMode.STRICT)
         self.coordinator.supersede = self.deletes.supersede
         self.modifies = ModifyCoordinator(
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,

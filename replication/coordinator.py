@@ -1,10 +1,11 @@
 """The replication coordinator: every node runs one, and any node coordinates any request.
 
 - store: send the instance to the study's N owners in parallel; answer once W of them
-  (or stand-ins holding hints for them) made it durable. An owner that is down or does
-  not answer within its deadline is replaced by the next node on the ring, which keeps
-  the instance as a hint for it (sloppy quorum). Fewer than W durable copies: failure,
-  never a false Success. The remaining copies finish in the background.
+  made it durable (strict quorum, the default; in sloppy mode a stand-in's hint counts
+  too). An owner that is down or does not answer within its deadline is replaced by the
+  next node on the ring, which keeps the instance as a hint for it, so every owner gets
+  its copy. Fewer than W durable copies: failure, never a false Success. The remaining
+  copies finish in the background.
 - find and locate (replication/gather.py): a query that names studies asks only their
   owners, nearest live one first; any other scatters over one live owner per token
   range. Merged and de-duplicated; a piece moves to its next owner when one breaks off;
@@ -82,6 +83,20 @@ class WriteScope(enum.Enum):
     LOCAL = "local"  # Owners in the receiving node's site; other sites' copies follow as hints.
 
 
+class WriteQuorumMode(enum.Enum):
+    """What counts toward W (`write_quorum_mode`)."""
+
+    # Only durable copies on the study's owners (its current preference list, or in local
+    # scope its owners in this site). Hints are still written for owners that are down,
+    # for durability and handoff, but never count: an acknowledged instance is on W
+    # owners, so R owners with R + W > N always include one that has it.
+    STRICT = "strict"
+    # A stand-in's hint counts as a copy (Dynamo's sloppy quorum): writes succeed with
+    # fewer than W owners reachable, but R + W > N then says nothing about the owners a
+    # read asks, and reads must ask stand-ins (read_fault_window_ms) to see such writes.
+    SLOPPY = "sloppy"
+
+
 # Copies for other sites sent at once after a local-scope Success: at most this many at a
 # time per node, and at most this many bytes queued behind them; past that they wait for
 # the hint replay pass (serial per owner, so RTT-bound: ~12 instances/s over 40 ms links).
@@ -100,13 +115,14 @@ class CoordinatorSettings:
     replication_factor: Replication = 3  # N, or N copies per site (ring/placement.py SiteReplicas).
     write_quorum: int = 2  # W
     write_scope: WriteScope = WriteScope.GLOBAL  # LOCAL: W counted in this node's site.
+    write_mode: WriteQuorumMode = WriteQuorumMode.STRICT  # SLOPPY: stand-ins' hints count toward W.
     replica_timeout_ms: int = 2_000  # Per-replica deadline on a write (LAN).
     store_timeout_ms: int = 30_000  # Whole C-STORE inside the node.
     fetch_timeout_ms: int = 30_000  # One instance from a peer.
     query_timeout_ms: int = 60_000  # One peer's query stream.
     replica_start_timeout_ms: int = 2_000  # A replica silent this long on a query or fetch is passed over.
     read_quorum: int = 2  # R: owners asked by a request that names a study (R + W > N: reads see acked writes).
-    read_fault_window_ms: int = 60_000  # After a membership change, named reads also ask stand-ins for hints.
+    read_fault_window_ms: int = 60_000  # Sloppy mode: after a membership change, named reads also ask stand-ins.
     reconcile_instances_max: int = 256  # A read repairs at most this many instances before it answers.
     bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
     hint_max_age_ms: int = 0  # Hints older than this are dropped, not replayed (the tombstone grace); 0: never.
@@ -336,10 +352,12 @@ class Coordinator:
         tasks = [asyncio.ensure_future(self._replicate(owner, stored, token, n, state, timeout_ms))
                  for owner in written]
         acked: list[tuple[str, str, str]] = []  # (owner, holder, outcome)
+        strict = self._settings.write_mode is WriteQuorumMode.STRICT
+        not_counted = 0  # Strict: copies that ended as a hint, or not at all.
         superseded = False
         pending = set(tasks)
         deadline = clock() + self._settings.store_timeout_ms / 1000
-        while pending and len(acked) < w:
+        while pending and len(acked) < w and len(tasks) - not_counted >= w:
             remaining = deadline - clock()
             if remaining <= 0:
                 break
@@ -347,12 +365,19 @@ class Coordinator:
             for task in done:
                 if task.cancelled():  # A library call cancelled underneath: that copy failed.
                     state.errors.append("a replica call was cancelled")
+                    not_counted += 1
                     continue
                 result = task.result()
                 if result is not None and result[2] == StoreOutcome.DELETED:
                     superseded = True  # A newer tombstone there: not a copy of this write.
+                elif result is not None and strict and result[0] != result[1]:
+                    # A hint on a stand-in: kept for its owner, never one of the W copies.
+                    not_counted += 1
+                    self._count("hints_not_counted")
                 elif result is not None and (duplicates_count or result[2] != StoreOutcome.DUPLICATE):
                     acked.append(result)
+                else:
+                    not_counted += 1
             if superseded:
                 break
         for task in pending:  # The other copies finish in the background.
@@ -381,7 +406,8 @@ class Coordinator:
             stored.sop_instance_uid, len(acked), w, ",".join(owners), reasons,
         )
         status = WriteStatus.OUT_OF_RESOURCES if state.full else WriteStatus.QUORUM_FAILED
-        return WriteResult(status, message=f"stored on {len(acked)} of {w} required replicas",
+        where = "owners (hints kept for the others do not count)" if strict else "replicas"
+        return WriteResult(status, message=f"stored on {len(acked)} of {w} required {where}",
                            latency_ms=latency_ms)
 
     def _write_targets(self, owners: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -626,13 +652,14 @@ class Coordinator:
     # ----------------------------------------------------------------- find
     def _read_context(self) -> ReadContext:
         n, _w = self._replicas()
+        sloppy = self._settings.write_mode is WriteQuorumMode.SLOPPY
         return ReadContext(
             self_id=self.self_id, ring=self._membership.ring(), n=n, is_alive=self._membership.is_alive,
             site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
             run_blocking=self._run_blocking, answering=self._answering,
             query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow,
-            troubled=self._membership.troubled_within(self._settings.read_fault_window_ms),
-            local_reads=self._settings.write_scope is WriteScope.LOCAL)
+            troubled=sloppy and self._membership.troubled_within(self._settings.read_fault_window_ms),
+            local_reads=self._settings.write_scope is WriteScope.LOCAL, sloppy_writes=sloppy)
 
     def _slow(self, node_id: str) -> bool:
         """True for a peer that failed to answer this node recently: until membership
@@ -1078,4 +1105,4 @@ class _WriteState:
     full: bool = False
 
 
-__all__ = ["Coordinator", "CoordinatorSettings", "Condition", "PeerError"]
+__all__ = ["Coordinator", "CoordinatorSettings", "Condition", "PeerError", "WriteQuorumMode", "WriteScope"]

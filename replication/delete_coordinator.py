@@ -13,7 +13,10 @@ delete. A delete
 3. an owner that is down or does not answer gets its tombstones kept as hints on the
    next stand-in (as a write's copy would), replayed by `replay_tombstone_hints` when it
    answers again;
-4. answers DELETED once W owners or stand-ins made them durable, and never before.
+4. answers DELETED once W owners made them durable, and never before. Tombstones kept
+   as hints count toward W only with `strict_quorum=False` (write_quorum_mode sloppy),
+   as a write's hints do: with strict writes an acknowledged delete is on W owners, so
+   R owners asked by any later read include one that has the tombstone.
 
 A tombstone wins over every copy of its SOP Instance UID with an older version wherever
 it meets one: replica writes, hint replay, read repair and anti-entropy (whose digests
@@ -49,7 +52,7 @@ TOMBSTONES_PER_REQUEST = 2_000
 class DeleteStatus(enum.Enum):
     """How a delete ended (the CLI and DICOMweb map it to their answers)."""
 
-    DELETED = "deleted"  # Tombstones durable on W owners (or stand-ins holding them as hints).
+    DELETED = "deleted"  # Tombstones durable on W owners (sloppy: or stand-ins holding them as hints).
     NOT_FOUND = "not-found"  # R owners answered and none holds anything in the scope.
     INCOMPLETE = "incomplete"  # Durable on W, but the listing could not ask enough owners: run it again.
     QUORUM_FAILED = "quorum-failed"  # Fewer than W durable: not deleted (a retry may work).
@@ -90,7 +93,7 @@ class DeleteScope:
 class DeleteResult:
     status: DeleteStatus
     instances: int = 0  # Instances listed and tombstoned.
-    acked: int = 0  # Owners (or stand-ins for them) that made the tombstones durable.
+    acked: int = 0  # Copies counted toward W: owners (sloppy: and stand-ins for them) with the tombstones durable.
     message: str = ""
 
 
@@ -143,10 +146,18 @@ def batches(tombstones: Sequence[Tombstone], size: int = TOMBSTONES_PER_REQUEST)
 Finder = Callable[[Query], AsyncIterator[Attributes]]
 
 
+class _Copy(enum.Enum):
+    """Where one owner's tombstones ended up."""
+
+    OWNER = "owner"  # Durable on the owner itself.
+    HINT = "hint"  # Durable on a stand-in, as hints for the owner.
+    NONE = "none"  # Nowhere else (kept here as hints at most: never counted).
+
+
 class DeleteCoordinator:
     def __init__(self, self_id: str, membership: MembershipView, transport: TombstoneTransport,
                  local: TombstoneStore, hlc: HybridClock, find: Finder, *, replication_factor: Replication,
-                 write_quorum: int, replica_timeout_ms: int = 2_000,
+                 write_quorum: int, replica_timeout_ms: int = 2_000, strict_quorum: bool = True,
                  run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.self_id = self_id
         self._membership = membership
@@ -157,6 +168,7 @@ class DeleteCoordinator:
         self._n = replication_factor
         self._w = write_quorum
         self._timeout_ms = replica_timeout_ms
+        self._strict = strict_quorum  # Only owners' durable tombstones count toward W.
         self._run_blocking = run_blocking
         self.deletes = 0
         self.deletes_failed = 0
@@ -226,13 +238,14 @@ class DeleteCoordinator:
         used: set[str] = set()
         results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, scope, token, n, used)
                                          for owner in owners))
-        acked = sum(1 for ok in results if ok)
+        acked = self._counted(results)
         log.info("replication.delete scope=%s instances=%d owners=%d acked=%d write_quorum=%d version=%s",
                  scope.level, len(tombstones), len(owners), acked, w, version.mark())
         if acked < w:
             self.deletes_failed += 1
             return DeleteResult(DeleteStatus.QUORUM_FAILED, len(tombstones), acked,
-                                f"tombstones durable on {acked} of {w} required replicas")
+                                f"tombstones durable on {acked} of {w} required "
+                                + ("owners (hints kept for the others do not count)" if self._strict else "replicas"))
         if incomplete:
             return DeleteResult(DeleteStatus.INCOMPLETE, len(tombstones), acked,
                                 "some owners could not be asked for the instances; run the delete again")
@@ -248,7 +261,11 @@ class DeleteCoordinator:
         used: set[str] = set()
         results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, None, token, n, used)
                                          for owner in owners))
-        return sum(1 for ok in results if ok) >= min(self._w, ring.effective_replicas(self._n))
+        return self._counted(results) >= min(self._w, ring.effective_replicas(self._n))
+
+    def _counted(self, results: Sequence[_Copy]) -> int:
+        """Copies that count toward W: owners' own, and with sloppy quorum hints too."""
+        return sum(1 for copy in results if copy is _Copy.OWNER or (copy is _Copy.HINT and not self._strict))
 
     async def _send(self, node_id: str, tombstones: Sequence[Tombstone], scope: DeleteScope | None,
                     hint_for: str) -> int:
@@ -266,12 +283,12 @@ class DeleteCoordinator:
         return removed
 
     async def _replicate(self, owner: str, owners: Sequence[str], tombstones: Sequence[Tombstone],
-                         scope: DeleteScope | None, token: int, n: Replication, used: set[str]) -> bool:
+                         scope: DeleteScope | None, token: int, n: Replication, used: set[str]) -> "_Copy":
         """The tombstones on `owner`, or else as hints for it on the next stand-in."""
         if owner == self.self_id or self._membership.is_alive(owner):
             try:
                 await self._send(owner, tombstones, scope, "")
-                return True
+                return _Copy.OWNER
             except PeerError as error:
                 log.info("replication.delete.owner_failed owner=%s error=%s", owner, error)
         ring = self._membership.ring()
@@ -287,7 +304,7 @@ class DeleteCoordinator:
                         log.info("replication.delete.hint_kept_here owner=%s tombstones=%d", owner, len(tombstones))
                     except PeerError as error:
                         log.warning("replication.delete.hint_keep_failed owner=%s error=%s", owner, error)
-                return False
+                return _Copy.NONE
             used.add(stand_in)
             if stand_in in owners or (stand_in != self.self_id and not self._membership.is_alive(stand_in)):
                 continue
@@ -299,7 +316,7 @@ class DeleteCoordinator:
             self.tombstone_hints_written += len(tombstones)
             log.info("replication.delete.hint_written owner=%s holder=%s tombstones=%d", owner, stand_in,
                      len(tombstones))
-            return True
+            return _Copy.HINT
 
     async def replay_tombstone_hints(self) -> int:
         """One pass: hand the tombstones held for owners that answer again to them (an owner

@@ -57,14 +57,18 @@ class ReadContext:
     query_timeout_ms: int
     count: Callable[[str], None]  # Statistics: count("query_peers") per remote query started.
     slow: Callable[[str], bool] = lambda node_id: False  # Just failed to answer: asked last.
-    # Membership changed within read_fault_window_ms: owners that look alive may still lack
-    # what was acknowledged through hints, so named reads ask the stand-ins too.
+    # Sloppy writes only: membership changed within read_fault_window_ms, so owners that look
+    # alive may still lack what was acknowledged through hints; named reads ask stand-ins too.
     troubled: bool = False
     # Local reads (issue 15): a request that names a study counts R among the owners in
     # this node's site (capped at their number) and asks hint holders of those owners only,
     # unless one of them is unavailable; owners elsewhere are asked only for what this
     # site's owners cannot answer.
     local_reads: bool = False
+    # Hints counted toward W (write_quorum_mode sloppy). False (strict, the default): every
+    # acknowledged instance is durable on W owners, so R owners that answered hold it, and
+    # the stand-ins are asked only for a study that could not get R owners to answer.
+    sloppy_writes: bool = False
 
 
 @dataclass
@@ -219,8 +223,9 @@ class RoutedGather:
     writes: a partition, a pause, a restart), the owners that answered are reconciled
     before the answer goes out (Cassandra's blocking read repair): every instance one of
     them holds is copied to the others, then one of them is asked again, so the counts
-    are those of the union. With R + W > N every acknowledged instance is on one of the
-    owners asked. A study with fewer than R owners answering is counted as unreachable
+    are those of the union. With strict writes (the default) and R + W > N every
+    acknowledged instance is on one of the owners asked (on one ring: see docs/design.md
+    for what a ring change leaves open). A study with fewer than R owners answering is counted as unreachable
     (the answer is flagged, never Success); the stand-ins of its down owners are asked for
     the hints they hold, and those rows are added where no owner gave the same row.
     Rows are held per study until its owners have answered (a named study is bounded).
@@ -286,9 +291,17 @@ class RoutedGather:
             self._launch(node_id, pieces, hints=False)
 
     def _launch_hint_holders(self) -> None:
-        """When an owner of a study is down or failed, or membership changed recently, ask
-        the nodes that may hold hints.
+        """Ask the nodes that may hold hints for a study's owners, when it needs them.
 
+        Strict writes (the default): an acknowledged instance is durable on W owners, so
+        when R owners answered (R + W > N) the answer is complete and no stand-in is asked.
+        Only a study that could not get R owners to answer (flagged anyway) asks them, for
+        the rows they can add; so does, with local reads, a study one of whose owners in
+        this site is unavailable (R then counts an owner elsewhere, which gets this site's
+        writes later, as hints).
+
+        Sloppy writes (`write_quorum_mode = "sloppy"`): when an owner of a study is down or
+        failed, or membership changed recently, ask the nodes that may hold hints.
         A write counts a stand-in's hint toward W (sloppy quorum), so with an owner out of
         reach an acknowledged instance can sit on that owner plus hints held *for the
         owners this read asked* (a writer on the other side of a partition saw those as
@@ -316,7 +329,10 @@ class RoutedGather:
                 # W copies (or hints) among them and their stand-ins in this site. Owners
                 # elsewhere being down or cut off changes nothing here.
                 unavailable = set()
-            if not unavailable and not context.troubled:
+            if not context.sloppy_writes:
+                if len(state.answered) >= state.needed and not (local and unavailable):
+                    continue  # R owners hold every acknowledged instance: nothing to add.
+            elif not unavailable and not context.troubled:
                 continue
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,

@@ -81,6 +81,7 @@ class ChaosSettings:
     site_copies: int = 0                # > 0: --site-replicas SITE=this for every site (issue 15), N unused.
     write_quorum_scope: str = "auto"    # auto: local with site copies, else global.
     write_quorum: int = 2
+    write_quorum_mode: str = "strict"   # strict: only owners' copies count toward W; sloppy: hints too.
     dead_grace_s: int = 10              # Short, so a long kill is removed and re-replicated within the run.
     profile: str = "local"              # Membership timers for loopback (probe 0.2 s).
     anti_entropy_interval_ms: int = 5_000
@@ -111,6 +112,8 @@ class ChaosSettings:
             raise ValueError("the sites scenario needs --sites 2 or more")
         if self.site_copies < 0 or self.write_quorum_scope not in ("auto", "local", "global"):
             raise ValueError("site copies must be >= 0 and the write quorum scope auto, local or global")
+        if self.write_quorum_mode not in ("strict", "sloppy"):
+            raise ValueError(f"the write quorum mode is strict or sloppy, got {self.write_quorum_mode!r}")
         if not 1 <= self.write_quorum <= replica_total(self.replication):
             raise ValueError(f"need 1 <= write quorum <= replicas, got W={self.write_quorum} N={self.replication}")
         if not self.duration_s > 0 or self.dead_grace_s < 0 or self.store_threads < 0 or self.storescu_every_s < 0 \
@@ -136,6 +139,7 @@ class ChaosSettings:
                 + (f" --lan-delay-ms {self.lan_delay_ms:g}" if self.lan_delay_ms else "")
                 + (f" --site-copies {self.site_copies}" if self.site_copies else "")
                 + (f" --write-quorum-scope {self.write_quorum_scope}" if self.write_quorum_scope != "auto" else "")
+                + (f" --write-quorum-mode {self.write_quorum_mode}" if self.write_quorum_mode != "strict" else "")
                 + (f" --profile {self.profile}" if self.profile != "local" else "")
                 + (f" --delete-every {self.delete_every_s:g}" if self.delete_every_s != 2.0 else ""))
 
@@ -174,7 +178,7 @@ class ChaosCluster:
                 extra_args=[
                     "--site", self.sites[node_id],
                     "--replication-factor", str(s.replication_factor), "--write-quorum", str(s.write_quorum),
-                    "--write-quorum-scope", s.write_quorum_scope,
+                    "--write-quorum-scope", s.write_quorum_scope, "--write-quorum-mode", s.write_quorum_mode,
                     *[arg for site, copies in (s.replication.per_site if isinstance(s.replication, SiteReplicas)
                                                else ()) for arg in ("--site-replicas", f"{site}={copies}")],
                     "--profile", s.profile, "--dead-grace-s", str(s.dead_grace_s),

@@ -61,6 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="fraction of stores that re-send an acknowledged instance unchanged")
     run.add_argument("--read-quorum", type=int, default=None,
                      help="R for requests that name a study (default: SimConfig's, 2)")
+    run.add_argument("--write-quorum-mode", default="strict", choices=("strict", "sloppy"),
+                     help="what counts toward W: owners' copies only, or stand-ins' hints too (default: strict)")
     run.add_argument("--site-copies", type=int, default=0,
                      help="N copies in every site with the local write scope (issue 15); 0: --replicas N over "
                      "the sites, global scope (default: 0)")
@@ -83,6 +85,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="N copies in every site with the local write scope (default: 0: none)")
     sweep.add_argument("--read-quorum", type=int, default=None,
                        help="R for requests that name a study (default: SimConfig's, 2)")
+    sweep.add_argument("--write-quorum-mode", default="strict", choices=("strict", "sloppy"),
+                       help="what counts toward W: owners' copies only, or stand-ins' hints too (default: strict)")
 
     chaos = commands.add_parser(
         "chaos", help="real processes, real DICOM clients, real faults (kill -9, pause, wipe, partitions)",
@@ -117,6 +121,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help=f"(default: {defaults.write_quorum_scope}: local with --site-copies)")
     chaos.add_argument("--write-quorum", type=int, default=defaults.write_quorum,
                        help=f"W (default: {defaults.write_quorum})")
+    chaos.add_argument("--write-quorum-mode", default=defaults.write_quorum_mode, choices=("strict", "sloppy"),
+                       help=f"what counts toward W (default: {defaults.write_quorum_mode})")
     chaos.add_argument("--dead-grace", type=int, default=defaults.dead_grace_s,
                        help=f"seconds dead before removal (default: {defaults.dead_grace_s})")
     chaos.add_argument("--store-threads", type=int, default=defaults.store_threads,
@@ -182,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_logging(args.verbose)
     result = run_scenario(args.scenario, nodes=args.nodes, sites=args.sites, seed=args.seed, load=args.load,
                           rate_per_s=args.rate, mix=WorkloadMix(conflict=args.conflicts, duplicate=args.duplicates),
-                          config=_config(args.read_quorum, args.site_copies, args.sites))
+                          config=_config(args.read_quorum, args.site_copies, args.sites, args.write_quorum_mode))
     print(format_result(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
@@ -198,6 +204,7 @@ def _chaos(args: argparse.Namespace) -> int:
                              sites=args.sites, wan_delay_ms=args.wan_delay_ms, wan_jitter_ms=args.wan_jitter_ms,
                              lan_delay_ms=args.lan_delay_ms, profile=args.profile, replication_factor=args.replicas, write_quorum=args.write_quorum,
                              site_copies=args.site_copies, write_quorum_scope=args.write_quorum_scope,
+                             write_quorum_mode=args.write_quorum_mode,
                              dead_grace_s=args.dead_grace, store_threads=args.store_threads,
                              storescu_every_s=args.storescu_every, delete_every_s=args.delete_every,
                              settle_timeout_s=args.settle_timeout,
@@ -237,28 +244,29 @@ def _task_list(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
     return tasks
 
 
-def _config(read_quorum: int | None, site_copies: int = 0, sites: int = 1) -> Any:
+def _config(read_quorum: int | None, site_copies: int = 0, sites: int = 1, write_quorum_mode: str = "strict") -> Any:
     """SimConfig for the CLI's options; None for the defaults. `site_copies` > 0: that many
     copies in each of the cluster's sites (named as SimCluster names them), local write scope."""
-    from pacsnode.replication.coordinator import WriteScope
+    from pacsnode.replication.coordinator import WriteQuorumMode, WriteScope
     from pacsnode.ring.placement import SiteReplicas
     from pacsnode.sim.cluster import SimConfig, site_names
-    if read_quorum is None and not site_copies:
+    mode = WriteQuorumMode(write_quorum_mode)
+    if read_quorum is None and not site_copies and mode is SimConfig().write_mode:
         return None
-    config = SimConfig() if read_quorum is None else SimConfig(read_quorum=read_quorum)
+    config = SimConfig(write_mode=mode) if read_quorum is None else SimConfig(read_quorum=read_quorum, write_mode=mode)
     if site_copies:
         config = dataclasses.replace(config, write_scope=WriteScope.LOCAL, replication_factor=SiteReplicas.of(
             {site: site_copies for site in site_names(sites)}))
     return config
 
 
-def _worker(task: tuple[str, int, int, int, int | None, int | None, int]) -> dict[str, Any]:
+def _worker(task: tuple[str, int, int, int, int | None, int | None, int, str]) -> dict[str, Any]:
     from pacsnode.sim.run import run_scenario
     _quiet_logging()
-    name, nodes, sites, seed, load, read_quorum, site_copies = task
+    name, nodes, sites, seed, load, read_quorum, site_copies, write_quorum_mode = task
     try:
         return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load,
-                            config=_config(read_quorum, site_copies, sites))
+                            config=_config(read_quorum, site_copies, sites, write_quorum_mode))
     except Exception as error:  # A crash of the harness (or of the real code) is a result too.
         return {"scenario": name, "nodes": nodes, "sites": sites, "seed": seed, "ok": False, "crashed": repr(error),
                 "checks": [], "replay": f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} "
@@ -276,7 +284,8 @@ def _sweep(args: argparse.Namespace) -> int:
             if line.strip():
                 r = json.loads(line)
                 done.add((r["scenario"], r["nodes"], r["sites"], r["seed"]))
-    tasks = [t + (args.load, args.read_quorum, args.site_copies) for t in _task_list(args) if t not in done]
+    tasks = [t + (args.load, args.read_quorum, args.site_copies, args.write_quorum_mode)
+             for t in _task_list(args) if t not in done]
     started = time.monotonic()
     print(f"sweep: {len(tasks)} runs to do ({len(done)} already in {results_path}), {args.jobs} at a time",
           flush=True)

@@ -49,7 +49,7 @@ from typing import Any, Callable
 from pacsnode.node.codec import decompress
 from pacsnode.node.peer_handler import PeerHandler, RangesPending
 from pacsnode.node.swim_membership import MembershipUnavailable, SwimMembership, TimerHandle
-from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteScope
+from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteQuorumMode, WriteScope
 from pacsnode.replication.delete_coordinator import DeleteCoordinator
 from pacsnode.replication.hlc import HybridClock
 from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreOutcome
@@ -82,6 +82,7 @@ class SimConfig:
     replication_factor: Replication = 3  # N, or N copies per site (SiteReplicas)
     write_quorum: int = 2  # W
     write_scope: WriteScope = WriteScope.GLOBAL  # LOCAL: W counted in the receiving node's site.
+    write_mode: WriteQuorumMode = WriteQuorumMode.STRICT  # SLOPPY: stand-ins' hints count toward W.
     read_quorum: int = 2  # R (requests that name a study)
     read_fault_window_ms: int = 60_000
     vnodes: int = 64
@@ -105,7 +106,7 @@ class SimConfig:
 
     def coordinator_settings(self) -> CoordinatorSettings:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
-                                   write_scope=self.write_scope,
+                                   write_scope=self.write_scope, write_mode=self.write_mode,
                                    read_quorum=self.read_quorum, read_fault_window_ms=self.read_fault_window_ms,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
@@ -283,6 +284,7 @@ class _Process:
                                          self.coordinator.find, replication_factor=config.replication_factor,
                                          write_quorum=config.write_quorum,
                                          replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
+                                         strict_quorum=config.write_mode is WriteQuorumMode.STRICT,
                                          run_blocking=self.run_blocking)
         self.coordinator.supersede = self.deletes.supersede
         # `pacsnode modify` / `merge-patient`: the node's own correction path (node/server.py).

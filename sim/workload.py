@@ -108,7 +108,7 @@ class OpRecord:
     ended_ms: int = 0
     ok: bool = False
     status: str = ""  # success, quorum-failed, out-of-resources, entry-down, entry-crashed, timeout,
-    # unavailable, wrong-content, incomplete, stale, flagged, error: ...
+    # unavailable, wrong-content, failed-write-content, incomplete, stale, flagged, error: ...
     sop_instance_uid: str = ""
     entry_up: bool = False  # The entry node ran throughout: not down, crashed, restarted or paused.
 
@@ -226,6 +226,11 @@ class Workload:
         self.acked_by_study: dict[str, set[str]] = {}  # study uid -> sop uids acknowledged
         self.studies: list[Study] = []
         self.stored: dict[str, StoredInstance] = {}  # Every instance ever sent, by sop uid (first bytes).
+        # Stores that reached a node and were not acknowledged (refused, timed out, entry crashed):
+        # sop uid -> [(started_ms, content hash)]. Their outcome is indeterminate: a quorum
+        # failure rolls nothing back, so the owners that took a copy keep it (until the
+        # conflict rule settles it against the acknowledged write, for a re-send).
+        self.indeterminate: dict[str, list[tuple[int, str]]] = {}
         # Deletes: what must stay deleted, and what cannot be judged (a store of the UID ran
         # while its delete did, or a delete failed or timed out: it may or may not have applied).
         self.deleted: dict[str, DeletedInstance] = {}
@@ -308,6 +313,8 @@ class Workload:
             record.status = result.status
             record.ok = result.status == WriteStatus.SUCCESS
         sop = stored.sop_instance_uid
+        if not record.ok and record.status != "entry-down":  # Sent, not acknowledged: may have applied.
+            self.indeterminate.setdefault(sop, []).append((record.started_ms, stored.content_hash))
         if any(start <= record.ended_ms and (end < 0 or end >= record.started_ms)
                for start, end in self._study_deletes.get(stored.study_instance_uid, ())):
             self.unclear.add(sop)  # It ran while its study was being deleted: either may win.
@@ -415,7 +422,15 @@ class Workload:
         self.cluster.trace.record(record.ended_ms, "op", "modify", node_id, study_instance_uid, record.status)
         return record
 
-    async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True) -> OpRecord:
+    async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True,
+                   indeterminate_ok: bool = True) -> OpRecord:
+        """Read one acknowledged instance through a node (the coordinator's read, no locate).
+        "success": the bytes of an acknowledged write of the UID. "failed-write-content"
+        (`indeterminate_ok`, reads during the run): the bytes of a store of the UID that was
+        sent before the read ended and not acknowledged (indeterminate: a quorum failure keeps
+        the copies it made); counted apart, not wrong. "wrong-content": bytes no store of the
+        UID sent by then, or (without `indeterminate_ok`: the checks after settle) bytes no
+        acknowledged write had."""
         node_id = node_id or self.pick_node()
         writes = self.acked[sop_instance_uid]
         first = writes[0].stored.record
@@ -440,6 +455,9 @@ class Workload:
             got = content_hash(first.transfer_syntax_uid, part10[offset:])
             if got in {w.content_hash for w in writes}:
                 record.ok, record.status = True, "success"
+            elif indeterminate_ok and got in {digest for started_ms, digest in self.indeterminate.get(sop_instance_uid, ())
+                                              if started_ms <= record.ended_ms}:
+                record.ok, record.status = True, "failed-write-content"
             else:
                 record.status = "wrong-content"
         self.cluster.trace.record(record.ended_ms, "op", "read", node_id, sop_instance_uid, record.status)

@@ -32,6 +32,7 @@ def test_defaults() -> None:
     assert config.find_result_max == 0
     assert config.duplicate_policy == "first-wins"
     assert (config.replication_factor, config.write_quorum, config.vnodes) == (3, 2, 64)
+    assert config.write_quorum_mode == "strict"
     assert config.log_level == "INFO"
     assert (config.http_host, config.http_port, config.qido_result_max) == ("", 8042, 10_000)
     assert config.http_tls_client_cert == "optional"
@@ -82,6 +83,7 @@ replication_factor = 5
 site_replicas = { "campus-b" = 2, "campus-a" = 1 }   # the [site_replicas] table, inline
 write_quorum = 3
 write_quorum_scope = "global"
+write_quorum_mode = "sloppy"
 read_quorum = 3
 read_fault_window_ms = 30000
 vnodes = 16
@@ -166,6 +168,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.site_replicas == (("campus-a", 1), ("campus-b", 2))
     assert str(config.replication) == "campus-a=1,campus-b=2"
     assert config.write_quorum_scope == "global" and not config.write_scope_local
+    assert config.write_quorum_mode == "sloppy"
     assert {f.name for f in dataclasses.fields(NodeConfig)} - {"destinations"} <= set(load_toml(path))
 
 
@@ -228,6 +231,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"write_quorum": 0}, "need 1 <= write_quorum <= replication_factor"),
         ({"read_quorum": 0}, "read_quorum must be >= 1"),
         ({"read_fault_window_ms": -1}, "read_fault_window_ms must be >= 0"),
+        ({"write_quorum_mode": "lazy"}, "write_quorum_mode must be one of strict, sloppy"),
         ({"replication_factor": 1}, "write_quorum=2 replication_factor=1"),
         ({"ae_title": ""}, "ae_title must be 1-16"),
         ({"ae_title": "    "}, "ae_title must be 1-16"),
@@ -359,7 +363,7 @@ def test_every_start_option_sets_its_field() -> None:
                                                                              "known_aes", "site_replicas"}
     samples = {"str": "s9", "int": "4097", "float": "9.5", "bool": "true", "Path": "d"}
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
-               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4", "write_quorum_scope": "local",
+               "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4", "write_quorum_scope": "local", "write_quorum_mode": "sloppy",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
                "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514"}
     values = {}

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from pacsnode.replication.archive import IncompleteAnswer
+from pacsnode.replication.coordinator import WriteQuorumMode
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus, apply_tombstones, expand_scope
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Condition, Query
@@ -104,7 +107,7 @@ def test_an_owner_down_during_the_delete_learns_it_from_a_hint_when_back() -> No
         cluster.crash(down)
         cluster.run_for(15)  # Detected dead (not removed yet: dead_grace 60 s).
         result = _delete(cluster, entry, DeleteScope(study.study_instance_uid))
-        assert result.status is DeleteStatus.DELETED and result.acked == 3  # Two owners and one stand-in.
+        assert result.status is DeleteStatus.DELETED and result.acked == 2  # Two owners (the stand-in's hints do not count).
         held_as_hints = {n: len(list(cluster.nodes[n].store.tombstone_hints(down))) for n in cluster.nodes}
         assert sum(held_as_hints.values()) == len(instances)
         assert len(_held(cluster, study.study_instance_uid)[down]) == len(instances)  # Its disk missed it.
@@ -262,6 +265,40 @@ def test_the_stale_store_rule(tmp_path: Any) -> None:
     assert set_stale_store_aside(tmp_path, 5_900, 1_000) is None and (tmp_path / "store").exists()
     aside = set_stale_store_aside(tmp_path, 7_000, 1_000)
     assert aside == tmp_path / "store.stale-5000" and aside.exists() and not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("mode", [WriteQuorumMode.STRICT, WriteQuorumMode.SLOPPY])
+def test_with_two_owners_down_a_delete_is_refused_unless_hints_count(mode: WriteQuorumMode) -> None:
+    """Deletes follow write_quorum_mode as stores do: with strict writes (the default) only
+    owners' durable tombstones count toward W, so with two of three owners down the delete
+    is QUORUM_FAILED (the live owner applied it and the stand-ins keep hints for the others:
+    a refusal rolls nothing back); sloppy counts the stand-ins' hints (3 copies, W met).
+    An acknowledged strict delete is then on W owners, so R owners include one with it."""
+    cluster = SimCluster(6, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000, write_mode=mode))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(8)
+        study, instances = _store_study(cluster, data, "node-000", 3)
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        down = [o for o in owners if o != "node-000"][:2]
+        entry = next(n for n in cluster.running_ids() if n not in owners)
+        for node_id in down:
+            cluster.crash(node_id)
+        cluster.run_for(15)  # Detected dead (not removed yet: dead_grace 60 s).
+        result = _delete(cluster, entry, DeleteScope(study.study_instance_uid))
+        hinted = {o: sum(len(list(cluster.nodes[n].store.tombstone_hints(o))) for n in cluster.nodes) for o in down}
+        live_owner = next(o for o in owners if o not in down)
+        if mode is WriteQuorumMode.STRICT:
+            assert (result.status, result.acked) == (DeleteStatus.QUORUM_FAILED, 1), result
+        else:
+            # Durable on W counting the hints; INCOMPLETE only because the listing reached one
+            # owner of R=2 (a re-run is needed to be sure nothing else is in the scope).
+            assert (result.status, result.acked) == (DeleteStatus.INCOMPLETE, 3), result
+        assert hinted == {o: len(instances) for o in down}  # Kept for each down owner either way.
+        assert _held(cluster, study.study_instance_uid)[live_owner] == set()
+    finally:
+        cluster.close()
 
 
 def test_with_per_site_copies_a_delete_and_a_correction_reach_every_owner_of_every_site() -> None:

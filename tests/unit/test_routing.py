@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, RetrievePlan
+from pacsnode.replication.coordinator import WriteQuorumMode
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import StoredInstance
 from pacsnode.sim.cluster import SimCluster, SimConfig
@@ -124,7 +125,10 @@ def test_a_paused_non_owner_adds_nothing_to_a_one_study_retrieve() -> None:
 
 
 def test_a_study_whose_owners_are_all_down_is_flagged_and_its_hints_are_found() -> None:
-    cluster = SimCluster(8, seed=11)
+    """Sloppy writes (stand-ins' hints count toward W), so that a study can be acknowledged
+    while every owner is down; with strict writes, the default, that store is refused
+    (tests/unit/test_read_quorum.py)."""
+    cluster = SimCluster(8, seed=11, config=SimConfig(write_mode=WriteQuorumMode.SLOPPY))
     try:
         cluster.run_for(3)
         data = DataGenerator(11)

@@ -23,6 +23,14 @@
   without, 0-29 with its deaf coordinator; instrumented: no unverified delete); the test
   below puts a write in it, and the old code lost that write (no copy left). Now the drop deletes exactly
   the entries it listed before asking the owners and saw on every one of them.
+- With strict writes (issue 16) `partition-halves --nodes 6 --sites 3 --seed 4 --load 200
+  --conflicts 0.3` failed no-wrong-content: an acknowledged instance was re-sent with other
+  bytes through the other side of the partition, where one owner had missed the first
+  write; the re-send was refused (only that owner counted) but that owner kept its copy,
+  and a read on that side returned it. A refused store is indeterminate (a quorum failure
+  rolls no copy back; the first-wins rule settles it once the sides meet), so a read during
+  the run may return its bytes; the checker counts such reads apart and still fails bytes
+  that no store of the UID sent; the checks after settle accept acknowledged bytes only.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import functools
 
 import pytest
 
+from pacsnode.sim.checkers import check_no_wrong_content
 from pacsnode.sim.run import format_result, run_scenario
 from pacsnode.sim.workload import WorkloadMix
 
@@ -272,3 +281,55 @@ def test_a_node_out_of_the_ring_refuses_a_primary_copy_and_the_write_still_lands
     assert seen["refusals"] >= 1 and seen["writes_not_owner"] >= 1, seen  # type: ignore[operator]
     assert seen["leaver_gone"], seen
     assert seen["holders"] == seen["owners"], seen
+
+
+def test_a_refused_re_send_is_indeterminate_and_bytes_never_sent_stay_wrong() -> None:
+    """The seed-4 finding in a few lines, with the production coordinator: owner `c` misses
+    the acknowledged write X (cut off); then `c` and a non-owner `e` are cut off from the
+    rest and X's UID is re-sent with other bytes Y through `e`: strict writes refuse it
+    (one owner reachable) but `c` keeps Y. A read through `e` during the cut returns Y:
+    counted as a refused store's bytes, not wrong, and refused by the after-settle rule.
+    Then `c` is given bytes no client sent under that UID: the read is wrong-content."""
+    import asyncio
+
+    from pacsnode.sim.cluster import SimCluster, SimConfig
+    from pacsnode.sim.workload import Workload
+
+    cluster = SimCluster(6, seed=8, config=SimConfig(hint_replay_interval_ms=600_000,
+                                                      anti_entropy_interval_ms=600_000))
+    workload = Workload(cluster, 8)
+
+    async def run() -> list[str]:
+        await asyncio.sleep(3)
+        ring = cluster.process("node-000").membership.ring()
+        study = workload.data.new_study()
+        while "node-000" in ring.owners_of_study(study.study_instance_uid, 3):
+            study = workload.data.new_study()
+        owners = list(ring.owners_of_study(study.study_instance_uid, 3))
+        lagging = owners[-1]
+        outside = next(n for n in cluster.running_ids() if n not in owners and n != "node-000")
+        first = workload.data.instance(study, now_ms=cluster.now_ms())
+        cluster.network.partition([lagging], [n for n in cluster.running_ids() if n != lagging])
+        statuses = [(await workload.store(first, "node-000")).status]
+        cluster.network.heal()
+        await asyncio.sleep(3)
+        cluster.network.partition([lagging, outside], [n for n in cluster.running_ids() if n not in (lagging, outside)])
+        await asyncio.sleep(1)
+        sop = first.sop_instance_uid
+        re_sent = workload.data.instance(study, now_ms=cluster.now_ms(), sop_instance_uid=sop)
+        statuses.append((await workload.store(re_sent, outside)).status)
+        statuses.append((await workload.read(sop, outside, history=False, indeterminate_ok=False)).status)
+        statuses.append((await workload.read(sop, outside)).status)
+        never_sent = workload.data.instance(study, now_ms=1, sop_instance_uid=sop)  # Oldest: wins on `c`.
+        cluster.nodes[lagging].store.put_stored(never_sent)
+        statuses.append((await workload.read(sop, outside)).status)
+        return statuses
+
+    try:
+        statuses = cluster.loop.run_until_complete(run())
+        check = check_no_wrong_content(workload)
+    finally:
+        cluster.close()
+    assert statuses == ["success", "quorum-failed", "wrong-content", "failed-write-content", "wrong-content"]
+    assert not check.ok and check.violations == 1, check.detail
+    assert sum(op.status == "failed-write-content" for op in workload.history) == 1
