@@ -276,12 +276,13 @@ class GrpcTransport:
             return int(reply.instances_deleted_count)
         raise PeerRefused(f"{target}: tombstone not durable: {reply.message[:200]}", RefusalReason.ERROR)
 
-    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool:
-        """A study's correction merged on `target`; True if it changed anything there.
-        PeerRefused unless it answered that it is durable."""
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int, hint_for: str = "") -> bool:
+        """A study's correction merged on `target` (with `hint_for`: kept there as a hint for
+        that owner); True if it changed anything there. PeerRefused unless it answered that
+        it is durable."""
         _address, stub = self._data(target)
         request = pb.CorrectRequest(envelope=self._envelope(), study_instance_uid=correction.study_instance_uid,
-                                    correction_json=correction.dumps())
+                                    correction_json=correction.dumps(), hint_for=hint_for)
         with _peer_errors(target):
             reply = await stub.Correct(request, timeout=timeout_ms / 1000)
         if reply.outcome in (pb.CORRECT_OUTCOME_APPLIED, pb.CORRECT_OUTCOME_DUPLICATE) and reply.durable:

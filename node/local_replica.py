@@ -125,8 +125,17 @@ class StoreReplica:
     def purge_tombstones(self, tombstones: Sequence[Tombstone]) -> int:
         return self.store.purge_tombstones(tombstones)
 
-    def put_correction(self, correction: Correction) -> bool:
-        return self.store.put_correction(correction)
+    def put_correction(self, correction: Correction, *, hint_for: str = "") -> bool:
+        return self.store.put_correction(correction, hint_for=hint_for)
+
+    def correction_hint_owners(self) -> list[str]:
+        return self.store.correction_hint_owners()
+
+    def correction_hints(self, owner: str) -> Iterator[Correction]:
+        return self.store.correction_hints(owner)
+
+    def delete_correction_hints(self, owner: str, corrections: Sequence[Correction]) -> None:
+        self.store.delete_correction_hints(owner, corrections)
 
     def correction(self, study_instance_uid: str) -> Correction | None:
         return self.store.correction(study_instance_uid)

@@ -115,11 +115,12 @@ class PeerHandler:
             raise PeerRefused(str(error), RefusalReason.ERROR) from None
         return removed
 
-    async def apply_correction(self, correction: Correction) -> bool:
-        """A Correct request: merge the study's correction into the one held (durable when
-        this returns); True if it changed anything. Raises PeerRefused (ERROR) when it could not."""
+    async def apply_correction(self, correction: Correction, *, hint_for: str = "") -> bool:
+        """A Correct request: merge the study's correction into the one held (with
+        `hint_for`, into the hint held for that owner; durable when this returns); True if it
+        changed anything. Raises PeerRefused (ERROR) when it could not."""
         try:
-            changed: bool = await self._run_write(self.store.put_correction, correction)
+            changed: bool = await self._run_write(self.store.put_correction, correction, hint_for=hint_for)
         except StoreError as error:
             raise PeerRefused(str(error), RefusalReason.ERROR) from None
         return changed

@@ -316,12 +316,12 @@ class DataService(pb_grpc.DataServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "correction names another study or nothing")
         self.node.coordinator.hlc.observe(correction.version)  # Later versions stamped here pass it.
         try:
-            changed = await self.node.peer_handler.apply_correction(correction)
+            changed = await self.node.peer_handler.apply_correction(correction, hint_for=request.hint_for)
         except PeerRefused as refusal:
             return pb.CorrectReply(envelope=self.server.envelope(), outcome=pb.CORRECT_OUTCOME_ERROR,
                                    message=str(refusal)[:200])
-        log.info("peer.correct.applied sender=%s attributes=%s changed=%s", request.envelope.sender_id[:64],
-                 ",".join(sorted(correction.fields)), changed)
+        log.info("peer.correct.applied sender=%s attributes=%s changed=%s hint_for=%s", request.envelope.sender_id[:64],
+                 ",".join(sorted(correction.fields)), changed, request.hint_for[:64])
         return pb.CorrectReply(envelope=self.server.envelope(), durable=True,
                                outcome=pb.CORRECT_OUTCOME_APPLIED if changed else pb.CORRECT_OUTCOME_DUPLICATE)
 

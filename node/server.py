@@ -434,6 +434,7 @@ class Node:
             try:
                 await asyncio.wait_for(self.coordinator.replay_hints(), pass_timeout_s)
                 await asyncio.wait_for(self.deletes.replay_tombstone_hints(), pass_timeout_s)
+                await asyncio.wait_for(self.modifies.replay_correction_hints(), pass_timeout_s)
             except asyncio.CancelledError:
                 if cancelled_by_caller():
                     raise

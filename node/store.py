@@ -28,6 +28,8 @@ is one contiguous scan, stream or DeleteRange):
     r <token8> <study uid>                    -> Correction (canonical JSON, replication/correction.py):
                                               the study's overlay; in the segment digest as
                                               ("", "^" + that JSON)
+    q <owner id> 0x00 <token8> <study uid>    -> Correction held as a hint for an owner (a stand-in's
+                                              copy; not in the digests, replayed to the owner)
     _ <name>                                  -> node-local bookkeeping (counters)
 """
 
@@ -82,6 +84,7 @@ PREFIX_TOMBSTONE = b"t"
 PREFIX_TOMBSTONE_HINT = b"k"
 PREFIX_HEADER = b"j"
 PREFIX_CORRECTION = b"r"
+PREFIX_CORRECTION_HINT = b"q"
 KEY_COUNTERS = b"_counters"
 
 # Study-level keys with a sorted secondary index: exact, prefix-wildcard, range and list
@@ -747,11 +750,53 @@ class RocksStore:
         return "0"
 
     # ----------------------------------------------------------------- corrections
-    def put_correction(self, correction: Correction) -> bool:
+    def put_correction(self, correction: Correction, *, hint_for: str = "") -> bool:
         """Merge a study's correction into the one held (keyword by keyword, newer version
         wins; replication/correction.py) and apply it to the study record and its index
-        keys, in one synced batch. True if anything changed (False: already held)."""
+        keys, in one synced batch. True if anything changed (False: already held). With
+        `hint_for`, merged into the hint held for that owner instead (a stand-in's copy:
+        not in the digests, not applied to the study, replayed to the owner)."""
+        if hint_for:
+            return self._submit(lambda view, batch: self._build_correction_hint(view, batch, correction,
+                                                                                 hint_for)) == "1"
         return self._submit(lambda view, batch: self._build_correction(view, batch, correction)) == "1"
+
+    def _build_correction_hint(self, view: "_View", batch: WriteBatch, correction: Correction, owner: str) -> str:
+        key = _correction_hint_key(owner, correction.study_instance_uid)
+        raw = view.get(key)
+        held = Correction.loads(raw) if raw is not None else None
+        merged = held.merge(correction) if held is not None else correction
+        if held is not None and merged.fields == dict(held.fields):
+            return "0"
+        view.put(batch, key, merged.dumps().encode())
+        return "1"
+
+    def correction_hint_owners(self) -> list[str]:
+        owners: list[str] = []
+        for key, _value in self._scan(PREFIX_CORRECTION_HINT):
+            owner = key[1:key.index(SEP)].decode()
+            if not owners or owners[-1] != owner:
+                owners.append(owner)
+        return owners
+
+    def correction_hints(self, owner: str) -> Iterator[Correction]:
+        for _key, value in self._scan(PREFIX_CORRECTION_HINT + owner.encode() + SEP):
+            yield Correction.loads(value)
+
+    def delete_correction_hints(self, owner: str, corrections: Sequence[Correction]) -> None:
+        """Forget correction hints once their owner made them durable (each only if no
+        newer change was merged into it meanwhile)."""
+        chosen = list(corrections)
+
+        def build(view: "_View", batch: WriteBatch) -> str:
+            for correction in chosen:
+                key = _correction_hint_key(owner, correction.study_instance_uid)
+                raw = view.get(key)
+                if raw is not None and Correction.loads(raw).fields == dict(correction.fields):
+                    view.delete(batch, key)
+            return "0"
+
+        self._submit(build)
 
     def _build_correction(self, view: "_View", batch: WriteBatch, correction: Correction) -> str:
         prefix = study_prefix(correction.study_instance_uid)
@@ -1080,6 +1125,10 @@ def _hint_key(owner: str, study_uid: str, sop_uid: str) -> bytes:
 
 def _tombstone_hint_key(owner: str, study_uid: str, sop_uid: str) -> bytes:
     return PREFIX_TOMBSTONE_HINT + owner.encode() + SEP + study_prefix(study_uid) + SEP + sop_uid.encode("ascii")
+
+
+def _correction_hint_key(owner: str, study_uid: str) -> bytes:
+    return PREFIX_CORRECTION_HINT + owner.encode() + SEP + study_prefix(study_uid)
 
 
 def _digest_key(segment: int) -> bytes:

@@ -362,14 +362,16 @@ class TombstoneReply(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[TombstoneOutcome, str]] = ..., message: _Optional[str] = ..., durable: _Optional[bool] = ..., instances_deleted_count: _Optional[int] = ...) -> None: ...
 
 class CorrectRequest(_message.Message):
-    __slots__ = ("envelope", "study_instance_uid", "correction_json")
+    __slots__ = ("envelope", "study_instance_uid", "correction_json", "hint_for")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     CORRECTION_JSON_FIELD_NUMBER: _ClassVar[int]
+    HINT_FOR_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     study_instance_uid: str
     correction_json: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., correction_json: _Optional[str] = ...) -> None: ...
+    hint_for: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., correction_json: _Optional[str] = ..., hint_for: _Optional[str] = ...) -> None: ...
 
 class CorrectReply(_message.Message):
     __slots__ = ("envelope", "outcome", "message", "durable")

@@ -12,9 +12,11 @@ put under another) run here, on whichever node the operator asked. A correction
    request). Each merges it into the one it holds, keyword by keyword, the newer version
    winning, and applies it to its study record and index in one synced batch;
 3. an owner that is down or does not answer: the correction goes to the next stand-in,
-   which keeps it as its own copy of a study it does not own; its drop pass
-   (replication/repair.py `_drop_unowned`) hands it to the owner when the owner answers
-   again (the owner lacks that listing entry) and then drops it, as it does for instances;
+   which keeps it as a hint for that owner (as a write's copy or a delete's tombstones
+   are kept); `replay_correction_hints`, run with the node's hint replay every
+   `hint_replay_interval_ms`, hands it to the owner as soon as it answers again (an owner
+   out of the ring: to the study's current owners) and then forgets it. With no stand-in
+   left, this node keeps the hint itself (never counted toward W);
 4. MODIFIED once W owners or stand-ins made it durable, and never before.
 
 Anti-entropy carries corrections too (their listing entry is in the segment digests:
@@ -29,7 +31,8 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
+from itertools import islice
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 from pacsnode.replication.archive import IncompleteAnswer
 from pacsnode.replication.correction import Correction, InvalidCorrection, check_changes
@@ -42,6 +45,9 @@ from pacsnode.ring.placement import Replication
 from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
+
+# Correction hints handed to one owner per replay pass (the rest wait for the next pass).
+CORRECTION_HINTS_PER_PASS = 256
 
 
 class ModifyStatus(enum.Enum):
@@ -69,13 +75,17 @@ class ModifyResult:
 
 
 class CorrectionStore(Protocol):
-    def put_correction(self, correction: Correction) -> bool: ...
+    def put_correction(self, correction: Correction, *, hint_for: str = "") -> bool: ...
+    def correction_hint_owners(self) -> list[str]: ...
+    def correction_hints(self, owner: str) -> Iterable[Correction]: ...
+    def delete_correction_hints(self, owner: str, corrections: Sequence[Correction]) -> None: ...
 
 
 class CorrectionTransport(Protocol):
-    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool:
-        """Merge `correction` on `target`; True if it changed anything there. Raises
-        PeerError when it did not make it durable."""
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int, hint_for: str = "") -> bool:
+        """Merge `correction` on `target` (with `hint_for`: keep it there as a hint for that
+        owner); True if it changed anything there. Raises PeerError when it did not make it
+        durable."""
         ...
 
 
@@ -100,6 +110,7 @@ class ModifyCoordinator:
         self.modifies = 0
         self.modifies_failed = 0
         self.stand_in_copies = 0
+        self.correction_hints_replayed = 0
 
     def _joined(self) -> bool:
         joined = getattr(self._membership, "joined", True)
@@ -191,18 +202,52 @@ class ModifyCoordinator:
             status, message = ModifyStatus.INCOMPLETE, "part of the archive could not be asked for the patient's studies"
         return ModifyResult(status, done, min(r.acked for r in results), message, tuple(sorted(wanted)))
 
-    async def _send(self, node_id: str, correction: Correction) -> None:
+    async def _send(self, node_id: str, correction: Correction, hint_for: str = "") -> None:
         if node_id == self.self_id:
             try:
-                await self._run_blocking(self._local.put_correction, correction)
+                await self._run_blocking(lambda: self._local.put_correction(correction, hint_for=hint_for))
             except StoreError as error:
                 raise PeerError(f"local store failed: {error}") from error
         else:
-            await self._transport.correct(node_id, correction, timeout_ms=self._timeout_ms)
+            await self._transport.correct(node_id, correction, timeout_ms=self._timeout_ms, hint_for=hint_for)
+
+    async def replay_correction_hints(self) -> int:
+        """One pass: hand the corrections held as hints to their owners that answer again (an
+        owner out of the ring: to the study's current owners, all of them); forget each once
+        made durable there, unless a newer change was merged into it meanwhile. How many."""
+        handed = 0
+        owners = await self._run_blocking(self._local.correction_hint_owners)
+        if not owners:
+            return 0
+        ring = self._membership.ring()
+        n = ring.effective(self._n)
+        for owner in owners:
+            if owner in ring and not self._membership.is_alive(owner):
+                continue
+            held: list[Correction] = await self._run_blocking(
+                lambda o=owner: list(islice(self._local.correction_hints(o), CORRECTION_HINTS_PER_PASS)))
+            done: list[Correction] = []
+            for correction in held:
+                targets = [owner] if owner in ring else ring.owners_of_study(correction.study_instance_uid, n)
+                try:
+                    for target in targets:
+                        if target != self.self_id and not self._membership.is_alive(target):
+                            raise PeerError(f"{target} is down")
+                        await self._send(target, correction)
+                except PeerError as error:
+                    log.info("replication.modify.hint_replay_failed owner=%s error=%s", owner, error)
+                    break
+                done.append(correction)
+            if done:
+                await self._run_blocking(self._local.delete_correction_hints, owner, done)
+                handed += len(done)
+                self.correction_hints_replayed += len(done)
+                log.info("replication.modify.hints_replayed owner=%s corrections=%d", owner, len(done))
+        return handed
 
     async def _replicate(self, owner: str, owners: Sequence[str], correction: Correction, token: int, n: Replication,
                          used: set[str]) -> bool:
-        """The correction on `owner`, or else on the next stand-in (its drop pass hands it over)."""
+        """The correction on `owner`, or else as a hint for it on the next stand-in."""
         if owner == self.self_id or self._membership.is_alive(owner):
             try:
                 await self._send(owner, correction)
@@ -213,12 +258,20 @@ class ModifyCoordinator:
         while True:
             stand_in = next((s.node_id for s in ring.stand_ins(token, n, {owner} | used) if s.owner == owner), None)
             if stand_in is None:
+                # As a write's copy: kept here as a hint for the owner (replayed as soon as it
+                # answers), never counted toward W (this node is not a distinct replica).
+                if owner != self.self_id:
+                    try:
+                        await self._send(self.self_id, correction, owner)
+                        log.info("replication.modify.hint_kept_here owner=%s", owner)
+                    except PeerError as error:
+                        log.warning("replication.modify.hint_keep_failed owner=%s error=%s", owner, error)
                 return False
             used.add(stand_in)
             if stand_in in owners or (stand_in != self.self_id and not self._membership.is_alive(stand_in)):
                 continue
             try:
-                await self._send(stand_in, correction)
+                await self._send(stand_in, correction, owner)
             except PeerError as error:
                 log.info("replication.modify.stand_in_failed owner=%s holder=%s error=%s", owner, stand_in, error)
                 continue

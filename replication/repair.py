@@ -662,7 +662,12 @@ class Repairer:
                 except PeerError:
                     return []
                 their_set = {(sop, content) for _study, sop, content in their_entries}
-                lacking = [e for e in entries if (e[1], e[2]) not in their_set]
+                # A study's correction is verified when the owner's covers ours (it merged it,
+                # with later changes: its entry then differs from ours, and always would).
+                their_corrections = {study: correction_of_entry(content) for study, sop, content in their_entries
+                                     if sop == CORRECTION_SOP and is_correction_entry(content)}
+                lacking = [e for e in entries if (e[1], e[2]) not in their_set
+                           and not _covered(their_corrections, e)]
                 if lacking:
                     final = await self._hand_over(owner, [(study, sop) for study, sop, _content in lacking])
                     # An owner that answered DELETED holds a newer tombstone: its state for that
@@ -713,6 +718,14 @@ class Repairer:
             self.stats.extra["instances_handed_over"] = self.stats.extra.get("instances_handed_over", 0) + handed
             log.info("repair.handover owner=%s instances=%d", owner, handed)
         return deleted
+
+
+def _covered(corrections: dict[str, Correction], entry: Entry) -> bool:
+    """Whether `entry` is a study's correction that the one in `corrections` covers."""
+    study_uid, sop_uid, content = entry
+    held = corrections.get(study_uid)
+    return held is not None and sop_uid == CORRECTION_SOP and is_correction_entry(content) \
+        and held.covers(correction_of_entry(content))
 
 
 def _tombstone_of(entry: Entry) -> Tombstone:

@@ -476,6 +476,7 @@ class _Process:
             try:
                 await self.coordinator.replay_hints()
                 await self.deletes.replay_tombstone_hints()
+                await self.modifies.replay_correction_hints()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # As the node: keep replaying, say what went wrong.
@@ -517,10 +518,10 @@ class _Process:
                 raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
             return removed, 96
         if method == "correct":
-            (correction,) = args
+            correction, hint_for = args
             self.coordinator.hlc.observe(correction.version)  # As peer_server: later stamps pass it.
             try:
-                changed = await handler.apply_correction(correction)
+                changed = await handler.apply_correction(correction, hint_for=hint_for)
             except PeerRefused as refusal:
                 raise PeerRefused(f"{self.node_id}: {refusal.reason.value}: {refusal}", refusal.reason) from None
             return changed, 96

@@ -390,9 +390,9 @@ class NodeTransport:
         removed: int = await self._call(target, "tombstone", (list(tombstones), scope, hint_for), size, timeout_ms)
         return removed
 
-    async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool:
+    async def correct(self, target: str, correction: Correction, *, timeout_ms: int, hint_for: str = "") -> bool:
         size = 200 + len(correction.dumps())
-        changed: bool = await self._call(target, "correct", (correction,), size, timeout_ms)
+        changed: bool = await self._call(target, "correct", (correction, hint_for), size, timeout_ms)
         return changed
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,

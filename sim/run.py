@@ -248,16 +248,29 @@ def _held(store: Any, existing: set[str]) -> list[Any]:
 
 
 def _hints_left(cluster: SimCluster) -> dict[str, int]:
+    """Hints still held on live nodes: instances, and the tombstones and corrections held
+    for owners (counted among the instances' figures and on their own)."""
     live = cluster.live_ids()
     ring = cluster.process(live[0]).membership.ring() if live else None
-    live_owner = other = 0
+    live_owner = other = tombstones = corrections = 0
     for node_id in live:
-        for owner, (count, _size) in cluster.nodes[node_id].store.hint_owners().items():
+        store = cluster.nodes[node_id].store
+        held = [(owner, count) for owner, (count, _size) in store.hint_owners().items()]
+        for owner in store.tombstone_hint_owners():
+            count = sum(1 for _ in store.tombstone_hints(owner))
+            held.append((owner, count))
+            tombstones += count
+        for owner in store.correction_hint_owners():
+            count = sum(1 for _ in store.correction_hints(owner))
+            held.append((owner, count))
+            corrections += count
+        for owner, count in held:
             if ring is not None and owner in ring and owner in live:
                 live_owner += count
             else:
                 other += count
-    return {"for_live_owners": live_owner, "for_owners_out_of_ring": other}
+    return {"for_live_owners": live_owner, "for_owners_out_of_ring": other, "tombstones": tombstones,
+            "corrections": corrections}
 
 
 async def _settle(cluster: SimCluster, monitor: ReplicationMonitor, settle_max_s: float) -> int | None:

@@ -166,6 +166,7 @@ class NonDurableStore:
         self._tombstone_hints: dict[str, dict[Key, Tombstone]] = {}
         self._correction_keys: list[tuple[int, str]] = []  # Sorted (token, study uid).
         self._corrections: dict[str, Correction] = {}
+        self._correction_hints: dict[str, dict[tuple[int, str], Correction]] = {}
         self._counters = dict.fromkeys(("instances", "bytes_received", "bytes_stored", "studies", "conflicts",
                                         "hints", "hint_bytes", "tombstones"), 0)
         self.puts = 0  # Every put that wrote something (instances, conflicts, hints).
@@ -465,11 +466,21 @@ class NonDurableStore:
         self._counters["tombstones"] -= 1
 
     # ----------------------------------------------------------------- corrections
-    def put_correction(self, correction: Correction) -> bool:
+    def put_correction(self, correction: Correction, *, hint_for: str = "") -> bool:
         """RocksStore.put_correction: merged into the one held (newer version wins per
-        keyword), applied to the study record; True if anything changed."""
+        keyword), applied to the study record; True if anything changed. With `hint_for`,
+        merged into the hint held for that owner."""
         study_uid = correction.study_instance_uid
         token = study_token(study_uid)
+        if hint_for:
+            hints = self._correction_hints.setdefault(hint_for, {})
+            was = hints.get((token, study_uid))
+            now = was.merge(correction) if was is not None else correction
+            if was is not None and now.fields == dict(was.fields):
+                return False
+            hints[(token, study_uid)] = now
+            self.puts += 1
+            return True
         held = self._corrections.get(study_uid)
         merged = held.merge(correction) if held is not None else correction
         if held is not None and merged.fields == dict(held.fields):
@@ -506,6 +517,25 @@ class NonDurableStore:
         stop = bisect.bisect_left(self._correction_keys, (high + 1,))
         for _token, uid in self._correction_keys[start:stop]:
             yield self._corrections[uid]
+
+    def correction_hint_owners(self) -> list[str]:
+        return sorted(owner for owner, held in self._correction_hints.items() if held)
+
+    def correction_hints(self, owner: str) -> Iterator[Correction]:
+        held = self._correction_hints.get(owner, {})
+        for key in sorted(held):
+            yield held[key]
+
+    def delete_correction_hints(self, owner: str, corrections: Sequence[Correction]) -> None:
+        held = self._correction_hints.get(owner)
+        if not held:
+            return
+        for correction in corrections:
+            key = (study_token(correction.study_instance_uid), correction.study_instance_uid)
+            if key in held and held[key].fields == dict(correction.fields):
+                del held[key]
+        if not held:
+            del self._correction_hints[owner]
 
     def tombstone(self, study_instance_uid: str, sop_instance_uid: str) -> Tombstone | None:
         return self._tombstones.get((study_token(study_instance_uid), study_instance_uid, sop_instance_uid))

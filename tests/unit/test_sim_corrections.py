@@ -43,3 +43,38 @@ def test_a_correction_an_owner_missed_is_seen_lost_then_reaches_it_and_the_later
         assert late.counts["owner_copies_checked"] == 3 and late.counts["modifies_acked"] == 2
     finally:
         cluster.close()
+
+
+def test_a_stand_in_hands_its_correction_to_the_owner_soon_after_a_heal_and_keeps_no_copy() -> None:
+    """Seed 172's lost correction (partition-halves, 10 nodes): an owner cut off during a
+    modify got the correction only through anti-entropy (60 s) and the stand-in kept its
+    copy for good. A stand-in's copy is a hint: replayed within seconds of the owner
+    answering again, then forgotten."""
+    cluster = SimCluster(5, seed=6)
+    workload = Workload(cluster, 6)
+    try:
+        cluster.run_for(3)
+        entry = "node-000"
+        stored = workload.next_instance()
+        study = stored.study_instance_uid
+        assert cluster.loop.run_until_complete(workload.store(stored, entry)).ok
+        cluster.run_for(2)
+        owners = cluster.process(entry).membership.ring().owners_of_study(study, 3)
+        cut = next(o for o in owners if o != entry)
+        rest = [n for n in cluster.live_ids() if n != cut]
+        cluster.network.partition([cut], rest)
+        cluster.run_for(15)  # `cut` is held dead by the others (dead grace 60 s: still in the ring).
+        modified = cluster.loop.run_until_complete(workload.modify(study, entry))
+        assert modified.ok, modified.status
+        stand_ins = [n for n in rest if n not in owners and any(
+            c.study_instance_uid == study for c in cluster.nodes[n].store.correction_hints(cut))]
+        assert stand_ins, "no stand-in took the correction for the cut owner"
+        cluster.network.heal()
+        cluster.run_for(4)  # Well under the anti-entropy interval (60 s).
+        check = cluster.loop.run_until_complete(check_corrections(cluster, workload, 6))
+        assert check.ok, check.detail
+        for node_id in stand_ins:
+            store = cluster.nodes[node_id].store
+            assert store.correction(study) is None and not store.correction_hint_owners(), node_id
+    finally:
+        cluster.close()

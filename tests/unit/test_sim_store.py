@@ -69,6 +69,13 @@ def _apply(store: ReplicaStore, ops: list[tuple[str, Any]]) -> list[Any]:
             outcomes.append(store.purge_tombstones(arg))
         elif op == "correct":
             outcomes.append(store.put_correction(arg))
+        elif op == "correct_hint":
+            owner, correction = arg
+            outcomes.append(store.put_correction(correction, hint_for=owner))
+        elif op == "delete_correction_hints":
+            owner, corrections = arg
+            store.delete_correction_hints(owner, corrections)
+            outcomes.append(None)
     return outcomes
 
 
@@ -153,6 +160,16 @@ def _operations(seed: int) -> list[tuple[str, Any]]:
                 changes["PatientName"] = f"Corrected^{rng.choice(['Ann', 'Bob'])}"
             correction = Correction.of(study.study_instance_uid, changes,
                                        Version(rng.randrange(10**6), rng.randrange(3), rng.choice(OWNERS)))
+            if rng.random() < 0.3:  # A stand-in's copy for an owner (a hint), sometimes replayed and forgotten.
+                owner = rng.choice(OWNERS)
+                ops.append(("correct_hint", (owner, correction)))
+                if rng.random() < 0.5:
+                    ops.append(("correct_hint", (owner, Correction.of(
+                        study.study_instance_uid, {"StudyDescription": f"D{rng.randrange(9)}"},
+                        Version(rng.randrange(10**6), 0, owner)))))
+                if rng.random() < 0.4:  # Forgotten only if unchanged: the first one is not, if merged since.
+                    ops.append(("delete_correction_hints", (owner, [correction])))
+                continue
             ops.append(("correct", correction))
             if rng.random() < 0.3:
                 ops.append(("correct", correction))
@@ -192,6 +209,10 @@ def test_same_operations_same_answers(tmp_path: Path, seed: int) -> None:
         assert sim.tombstone_hint_owners() == replica.tombstone_hint_owners()
         for owner in sim.tombstone_hint_owners():
             assert list(sim.tombstone_hints(owner)) == list(replica.tombstone_hints(owner))
+        assert sim.correction_hint_owners() == replica.correction_hint_owners()
+        for owner in sim.correction_hint_owners():
+            assert list(sim.correction_hints(owner)) == list(replica.correction_hints(owner))
+        assert any(op == "correct_hint" for op, _arg in ops) and any(op == "delete_correction_hints" for op, _arg in ops)
 
         stats = rocks.statistics()
         mine = sim.statistics()
