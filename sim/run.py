@@ -10,7 +10,8 @@ Phases, all on the virtual clock:
 3. a 15 s baseline with the clients running (availability baseline, gossip bytes);
 4. the scenario's script: faults on a schedule, then heal; clients keep running;
 5. the clients stop; the cluster settles until quiet (one ring everywhere, every
-   instance at N copies, no pending ranges, no hint for a live owner) or `settle_max_s`;
+   instance at N copies, no pending ranges, no hint for a live owner: instance,
+   tombstone or correction) or `settle_max_s`;
 6. the checkers (sim/checkers.py), then the measurements (sim/metrics.py).
 
 A failing run says so and prints the command that replays it (same seed, same run).
