@@ -625,9 +625,11 @@ class Workload:
             for sop_uid, data in got.received.items():
                 deleted_at = self.oplog.deleted_at(sop_uid)
                 if deleted_at is not None and deleted_at < moment["t"]:
-                    # Served after its delete was acknowledged (before this read began).
+                    # Served after its delete was acknowledged (before this read began). The
+                    # C-GET's final status says whether the node vouched for its answer
+                    # (Success) or flagged it (a failure or warning status: not all owners).
                     self.oplog.record(op="deleted-served", node=node_id, study=study_uid, sop=sop_uid, ok=False,
-                                      **moment)
+                                      status=got.final_status, deleted_at=deleted_at, **moment)
                 expected = self.expected_bytes(sop_uid)
                 if expected is None:
                     self.oplog.violation(f"C-GET of study {study_uid} at {node_id} returned unknown instance {sop_uid}")

@@ -26,12 +26,14 @@
   store holds it as an owner copy. Hints still held for it are reported (a stand-in holds
   a hint until its owner takes it or answers DELETED), not failed: they are not served.
 - corrections: every study the clients corrected (`pacsnode modify` through the node's
-  ModifyCoordinator) ends, on every live owner, with the last acknowledged (MODIFIED)
+  ModifyCoordinator, and the studies a `pacsnode merge-patient` put under another
+  PatientID: each is a modify of PatientID) ends, on every live owner, with the last acknowledged (MODIFIED)
   correction of each attribute it set, or with a modify that overlapped or followed that
   one and may have applied (unclear: it did not answer, or answered INCOMPLETE or
   QUORUM_FAILED); an older acknowledged value is a *reverted* correction, no value or
   another one a *lost* one. A STUDY-level C-FIND naming the study through a live node
-  shows the same values (when the study still has acknowledged instances).
+  shows the same values (when the study still has acknowledged instances). PatientID is
+  not judged for a study a merge that may or may not have applied named.
 - no-errors: no exception escaped a task or callback of any node.
 """
 
@@ -252,6 +254,8 @@ async def check_corrections(cluster: SimCluster, workload: Workload, seed: int) 
         wanted: dict[str, tuple[set[str], set[str]]] = {}  # keyword -> (allowed values, older acknowledged)
         for keyword in sorted({k for op in ops for k in op.changes}):
             done = [op for op in ops if op.acknowledged and keyword in op.changes]
+            if keyword == "PatientID" and study in workload.patient_unknown:
+                done = []  # A merge that may or may not have applied named its patient.
             if not done:
                 unjudged += 1  # No acknowledged correction of it: any outcome is allowed.
                 continue
@@ -280,12 +284,13 @@ async def check_corrections(cluster: SimCluster, workload: Workload, seed: int) 
         if workload.acked_by_study.get(study):
             node_id = rng.choice(live)
             query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study),),
-                          ("StudyInstanceUID", "PatientName", "StudyDescription"))
+                          ("StudyInstanceUID", "PatientID", "PatientName", "StudyDescription"))
             rows: list[dict[str, str]] = []
             try:
                 async for row in cluster.process(node_id).coordinator.find(query):
                     if str(row.get("StudyInstanceUID", "")) == study:
-                        rows.append({k: str(row.get(k) or "") for k in ("PatientName", "StudyDescription")})
+                        rows.append({k: str(row.get(k) or "") for k in ("PatientID", "PatientName",
+                                                                         "StudyDescription")})
             except IncompleteAnswer:
                 pass
             reads_checked += 1
@@ -293,13 +298,17 @@ async def check_corrections(cluster: SimCluster, workload: Workload, seed: int) 
                 lost.append(f"{study}: a C-FIND through {node_id} did not list it")
             for row in rows:
                 verdict(f"a C-FIND through {node_id}", row)
-    detail = (f"{sent} modifies ({acked} acknowledged), {judged} corrected attributes judged on "
+    merges = [op for op in workload.history if op.kind == "merge"]
+    merges_acked = sum(1 for op in merges if op.ok)
+    detail = (f"{sent} modifies ({acked} acknowledged; {len(merges)} patient merges, {merges_acked} acknowledged), "
+              f"{judged} corrected attributes judged on "
               f"{replicas_checked} owner copies and {reads_checked} C-FINDs ({unjudged} with no acknowledged "
               f"modify); {len(lost)} lost, {len(reverted)} reverted")
     if lost or reverted:
         detail += ": " + ", ".join((reverted + lost)[:2])
     return CheckResult("corrections", not lost and not reverted, detail, len(lost) + len(reverted),
-                       {"modifies": sent, "modifies_acked": acked, "corrections_checked": judged,
+                       {"modifies": sent, "modifies_acked": acked, "merges": len(merges),
+                        "merges_acked": merges_acked, "corrections_checked": judged,
                         "owner_copies_checked": replicas_checked, "lost": len(lost), "reverted": len(reverted)})
 
 

@@ -102,7 +102,7 @@ class ModifyOp:
 
 @dataclass
 class OpRecord:
-    kind: str  # store | read | find | retrieve | find-study | delete | modify
+    kind: str  # store | read | find | retrieve | find-study | delete | modify | merge
     node_id: str
     started_ms: int
     ended_ms: int = 0
@@ -210,6 +210,10 @@ class WorkloadMix:
     # Of stores: a correction of an acknowledged study instead (`pacsnode modify` through the
     # entry node's ModifyCoordinator: a new PatientName, one time in two a new StudyDescription).
     modify: float = 0.04
+    # Of stores: a patient merge instead (`pacsnode merge-patient --from A --to B` through the
+    # entry node's ModifyCoordinator: every study of the PatientID of an acknowledged study
+    # put under the PatientID of another one).
+    merge: float = 0.02
 
 
 class Workload:
@@ -241,15 +245,24 @@ class Workload:
         # study -> [[started, ended or -1], ...] of study deletes: a store into the study that
         # overlaps one may be deleted by it (an owner deletes every older instance it holds).
         self._study_deletes: dict[str, list[list[int]]] = {}
-        # Corrections: every modify sent, by study (the corrections checker judges them).
+        # Corrections: every modify sent, by study (the corrections checker judges them); a
+        # patient merge adds one per study the clients knew under that PatientID.
         self.modifies: dict[str, list[ModifyOp]] = {}
+        # Patient merges: each study's PatientID after the merges acknowledged so far (absent:
+        # the one it was stored with); studies whose PatientID no client can know (a merge
+        # that may or may not have applied named its patient) are not judged on PatientID,
+        # and finds leave out studies while a merge of them runs or after it ended unclear.
+        self.patient_of: dict[str, str] = {}
+        self.patient_unknown: set[str] = set()
+        self._first_patient: dict[str, str] = {}  # study -> the PatientID it was stored with
+        self._merge_windows: dict[str, list[list[int]]] = {}  # study -> [[started, ended or -1], ...]
         self.restores_acked = 0  # Re-stores of a deleted instance acknowledged after its delete.
         self.deleted_served = 0  # Study retrieves during the run that located an instance deleted before.
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0,
                                  "retrieve": 60.0, "find-study": 60.0, "delete": 120.0,
-                                 "modify": 120.0}
+                                 "modify": 120.0, "merge": 240.0}
 
     # ----------------------------------------------------------------- entry points
     def entry_nodes(self) -> list[str]:
@@ -422,6 +435,65 @@ class Workload:
         self.cluster.trace.record(record.ended_ms, "op", "modify", node_id, study_instance_uid, record.status)
         return record
 
+    def patient_id_of(self, study_instance_uid: str) -> str:
+        """The study's PatientID as the clients know it (after the merges acknowledged)."""
+        known = self.patient_of.get(study_instance_uid)
+        if known is None:
+            if len(self._first_patient) < len(self.studies):
+                self._first_patient.update((s.study_instance_uid, s.patient_id) for s in self.studies)
+            known = self._first_patient.get(study_instance_uid, "")
+        return known
+
+    async def merge_patient(self, from_patient_id: str, to_patient_id: str, node_id: str | None = None) -> OpRecord:
+        """`pacsnode merge-patient --from A --to B` through a node (the node's ModifyCoordinator
+        `merge_patient`, as Admin.Modify reaches it). Every study the clients know under A
+        with an acknowledged instance gets a ModifyOp setting PatientID B, acknowledged when
+        the merge answered MODIFIED: the corrections checker then wants B on every owner
+        and in a C-FIND of it. A study deleted (or being deleted) meanwhile, or whose
+        PatientID is not known, is not judged by this merge."""
+        node_id = node_id or self.pick_node()
+        record = OpRecord("merge", node_id, self.cluster.now_ms())
+        self.history.append(record)
+        changes = {"PatientID": to_patient_id}
+        studies = sorted(s for s in self.acked_by_study if self.acked_by_study[s]
+                         and self.patient_id_of(s) == from_patient_id)
+        ops: list[ModifyOp] = []
+        windows: list[list[int]] = []
+        for study in studies:
+            op = ModifyOp(study, dict(changes), record.started_ms)
+            self.modifies.setdefault(study, []).append(op)
+            ops.append(op)
+            window = [record.started_ms, -1]
+            self._merge_windows.setdefault(study, []).append(window)
+            windows.append(window)
+        result: ModifyResult | None = await self._at_node(
+            "merge", node_id, lambda process: process.modifies.merge_patient(from_patient_id, to_patient_id, {}),
+            record)
+        record.ended_ms = self.cluster.now_ms()
+        for window in windows:
+            window[1] = record.ended_ms
+        if result is not None:
+            record.status = result.status.value
+            record.ok = result.status is ModifyStatus.MODIFIED
+            if result.status is ModifyStatus.NOT_FOUND and result.studies:
+                # The worst of its studies' answers: one was not found, others were corrected.
+                record.status = "merge-partial"
+        # Studies of A acknowledged while it ran: the merge may or may not have found them.
+        unknown = {s for s in self.acked_by_study if self.patient_id_of(s) == from_patient_id} - set(studies)
+        if not record.ok and ModifyOp("", {}, 0, status=record.status).applied_maybe:
+            unknown |= set(studies)  # It may have moved some, all or none of them.
+        for op in ops:
+            op.ended_ms = record.ended_ms
+            deleted_meanwhile = not self.acked_by_study.get(op.study_instance_uid) or any(
+                start <= record.ended_ms and (end < 0 or end >= record.started_ms)
+                for start, end in self._study_deletes.get(op.study_instance_uid, ()))
+            op.status = "merge-not-judged" if record.ok and deleted_meanwhile else record.status
+            if record.ok:
+                self.patient_of[op.study_instance_uid] = to_patient_id
+        self.patient_unknown |= unknown
+        self.cluster.trace.record(record.ended_ms, "op", "merge", node_id, from_patient_id, record.status)
+        return record
+
     async def read(self, sop_instance_uid: str, node_id: str | None = None, *, history: bool = True,
                    indeterminate_ok: bool = True) -> OpRecord:
         """Read one acknowledged instance through a node (the coordinator's read, no locate).
@@ -469,8 +541,11 @@ class Workload:
         record = OpRecord("find", node_id, self.cluster.now_ms())
         if history:
             self.history.append(record)
+        # By the PatientID after the merges acknowledged before it began; a study a merge named
+        # while it ran, or whose PatientID is not known, may answer either way: left out.
         expected = {w[0].study_instance_uid for w in self.acked.values()
-                    if w[0].stored.attributes.get("PatientID") == patient_id}
+                    if self.patient_id_of(w[0].study_instance_uid) == patient_id}
+        expected -= self.patient_unknown
         query = Query(level="STUDY", conditions=(Condition("PatientID", "LO", patient_id),),
                       return_keys=("StudyInstanceUID", "PatientID"))
 
@@ -488,6 +563,9 @@ class Workload:
 
         found: set[str] | None = await self._at_node("find", node_id, work, record)
         record.ended_ms = self.cluster.now_ms()
+        expected = {s for s in expected if s not in self.patient_unknown and not any(
+            start <= record.ended_ms and (end < 0 or end >= record.started_ms)
+            for start, end in self._merge_windows.get(s, ()))}
         if found is not None:
             # Answered either way. "flagged": the node said part of the archive could not be
             # asked (the client gets a failure status, never Success). "incomplete": it said
@@ -625,7 +703,7 @@ class Workload:
 
     def _store_or_delete(self, mix: WorkloadMix) -> Awaitable[Any]:
         rng = self.rng
-        if mix.delete or mix.restore or mix.modify:  # One more draw only for such a mix (older traces stay).
+        if mix.delete or mix.restore or mix.modify or mix.merge:  # One more draw only for such a mix.
             draw = rng.random()
             if self.acked and draw < mix.delete:
                 sop = self._recent_acked()
@@ -640,6 +718,13 @@ class Workload:
                 if again and rng.random() < 0.5:
                     return self.modify(rng.choice(again))
                 return self.modify(self.acked[self._recent_acked()][0].study_instance_uid)
+            low = mix.delete + mix.restore + mix.modify
+            if self.acked and low <= draw < low + mix.merge:
+                # The patient of a recent study merged into the patient of another acknowledged study.
+                source = self.patient_id_of(self.acked[self._recent_acked()][0].study_instance_uid)
+                target = self.patient_id_of(self.acked[self._recent_acked()][0].study_instance_uid)
+                if source and target and source != target:
+                    return self.merge_patient(source, target)
         return self.store(self._store_payload(mix))
 
     def _store_payload(self, mix: WorkloadMix) -> StoredInstance:

@@ -78,3 +78,45 @@ def test_a_stand_in_hands_its_correction_to_the_owner_soon_after_a_heal_and_keep
             assert store.correction(study) is None and not store.correction_hint_owners(), node_id
     finally:
         cluster.close()
+
+
+def test_a_patient_merge_an_owner_missed_is_seen_lost_then_converges_and_finds_follow_it() -> None:
+    """merge-patient in the clients' mix (issue 14 item 4): every study the clients know
+    under the merged PatientID gets a modify of PatientID; the checker must see an owner
+    that was down during the merge lacking it, and pass once the cluster converged; a
+    PatientID find of the surviving patient then expects the merged studies too."""
+    cluster = SimCluster(5, seed=8)
+    workload = Workload(cluster, 8)
+    try:
+        cluster.run_for(3)
+        entry = "node-000"
+        merged = [workload.data.new_study("PIDMERGED"), workload.data.new_study("PIDMERGED")]
+        survivor = workload.data.new_study("PIDSURVIVOR")
+        for study in merged + [survivor]:
+            workload.studies.append(study)
+            stored = workload.data.instance(study, now_ms=cluster.now_ms())
+            assert cluster.loop.run_until_complete(workload.store(stored, entry)).ok
+        cluster.run_for(2)
+        target = merged[0].study_instance_uid
+        down = next(o for o in cluster.process(entry).membership.ring().owners_of_study(target, 3) if o != entry)
+        cluster.crash(down)
+        cluster.run_for(15)  # Detected dead, not removed (dead grace 60 s).
+        merge = cluster.loop.run_until_complete(workload.merge_patient("PIDMERGED", "PIDSURVIVOR", entry))
+        assert merge.ok, merge.status
+        assert {s.study_instance_uid for s in merged} <= set(workload.modifies)
+        assert workload.patient_id_of(target) == "PIDSURVIVOR"
+        cluster.restart(down)
+        early = cluster.loop.run_until_complete(check_corrections(cluster, workload, 8))
+        assert early.ok is False and early.counts["lost"] >= 1, early.detail
+        assert f"{target} PatientID on {down}" in early.detail, early.detail
+        cluster.run_for(60)
+        late = cluster.loop.run_until_complete(check_corrections(cluster, workload, 8))
+        assert late.ok, late.detail
+        assert late.counts["merges_acked"] == 1 and late.counts["corrections_checked"] == 2, late.detail
+        find, found = cluster.loop.run_until_complete(workload.find("PIDSURVIVOR", entry))
+        assert find.status == "success", find.status
+        assert found == {s.study_instance_uid for s in merged + [survivor]}
+        _gone, found_old = cluster.loop.run_until_complete(workload.find("PIDMERGED", entry))
+        assert found_old == set()
+    finally:
+        cluster.close()
