@@ -230,11 +230,13 @@ async def check_deletes(cluster: SimCluster, workload: Workload, seed: int) -> C
         detail += f"; {restores} re-stores acknowledged after their delete (read back by acked-writes)"
     if workload.deleted_served:
         detail += (f"; {workload.deleted_served} located by a study retrieve during the run after their delete "
-                   "was acknowledged (reported, not failed)")
+                   f"was acknowledged ({workload.deleted_served_unflagged} in an answer said complete; "
+                   "reported, not failed)")
     return CheckResult("no-resurrected-deletes", not back, detail, len(back),
                        {"deletes": deletes, "deleted_checked": len(deleted), "unclear": len(workload.unclear),
                         "back": len(back), "hint_copies": hinted, "restores_acked": restores,
-                        "served_after_delete": workload.deleted_served})
+                        "served_after_delete": workload.deleted_served,
+                        "served_after_delete_unflagged": workload.deleted_served_unflagged})
 
 
 async def check_corrections(cluster: SimCluster, workload: Workload, seed: int) -> CheckResult:

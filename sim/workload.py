@@ -258,6 +258,7 @@ class Workload:
         self._merge_windows: dict[str, list[list[int]]] = {}  # study -> [[started, ended or -1], ...]
         self.restores_acked = 0  # Re-stores of a deleted instance acknowledged after its delete.
         self.deleted_served = 0  # Study retrieves during the run that located an instance deleted before.
+        self.deleted_served_unflagged = 0  # ... of them in an answer the node said was complete.
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self.client_timeout_s = {"store": cluster.config.store_timeout_ms / 1000 + 5, "read": 60.0, "find": 60.0,
@@ -602,6 +603,8 @@ class Workload:
                       and self.deleted[sop].deleted_at_ms < record.started_ms
                       and not self._overlaps_a_store(sop, self.deleted[sop].deleted_at_ms, record.ended_ms)]
             self.deleted_served += len(served)
+            if not plan.shortfall:
+                self.deleted_served_unflagged += len(served)  # Said complete: a C-GET answers Success.
         self.cluster.trace.record(record.ended_ms, "op", "retrieve", node_id, study_instance_uid, record.status)
         return record
 
