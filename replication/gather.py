@@ -466,7 +466,10 @@ class RoutedGather:
                 # so a plain union served a deleted instance). The copy to the owner that lacks
                 # it tells which: its store answers DELETED for a newer tombstone.
                 deleted: set[str] = set()
-                await self._reconcile(study_uid, list(state.answered), (), deleted=deleted)
+                if not await self._reconcile(study_uid, list(state.answered), (), deleted=deleted):
+                    # A copy failed: an instance only some owners list may be one the others
+                    # deleted. Never a Success on a guess (a C-GET then says not all was asked).
+                    complete = False
                 if deleted:
                     self._context.count("read_deleted_dropped")
                     answers = [{identity: row for identity, row in answer.items()

@@ -376,3 +376,79 @@ def test_a_read_that_asks_an_owner_which_missed_the_delete_does_not_serve_the_de
         assert _find(cluster, lagging, study.study_instance_uid) == {instances[1].sop_instance_uid}
     finally:
         cluster.close()
+
+
+
+def test_a_read_whose_repair_cannot_settle_a_deleted_instance_does_not_answer_complete() -> None:
+    # Issue 14 item 2 (the chaos run's untraced C-GET): as above, an owner that missed the
+    # delete lists the instance; the read repair that tells "deleted" from "missed" (the
+    # copy to an owner holding the tombstone answers DELETED) fails, here because the
+    # owners holding the tombstone have a full disk. The union then served the deleted
+    # instance in an answer said complete (C-GET Success). Now such an answer is flagged.
+    cluster = SimCluster(5, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000,
+                                                     hint_replay_interval_ms=600_000))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(8)
+        study, instances = _store_study(cluster, data, "node-000", 2)
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        lagging = owners[-1]
+        entry = next(o for o in owners if o != lagging)
+        rest = [n for n in cluster.nodes if n != lagging]
+        cluster.network.partition([lagging], rest)
+        cluster.run_for(10)
+        gone = instances[0].sop_instance_uid
+        assert _delete(cluster, entry, DeleteScope(study.study_instance_uid, "", gone)).status is DeleteStatus.DELETED
+        cluster.network.heal()
+        cluster.run_for(4)
+        assert gone in _held(cluster, study.study_instance_uid)[lagging]
+        for owner in owners:
+            if owner != lagging:  # Full: the repair's copy is refused before the tombstone is seen.
+                store = cluster.nodes[owner].store
+                store.capacity_bytes = store.bytes_stored()
+        query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study.study_instance_uid),))
+        plan = cluster.loop.run_until_complete(cluster.process(lagging).coordinator.locate(query))
+        located = {location.sop_instance_uid for location in plan.locations}
+        assert gone not in located or plan.shortfall, (located, plan.shortfall)
+    finally:
+        cluster.close()
+
+def test_a_stand_in_s_hint_of_a_deleted_instance_is_not_served_while_its_owner_is_down() -> None:
+    # Issue 14 item 2, a candidate path checked (it passed before any change): an instance
+    # written while one owner was down left a hint copy on a stand-in, which still lists it
+    # as a hint row after the instance was deleted (tombstones durable on the two owners
+    # up, a tombstone hint for the third). With strict writes a read whose R owners
+    # answered asks no stand-in, so the hint row is never merged and nothing is served;
+    # with fewer than R owners answering it would be, in an answer flagged incomplete.
+    cluster = SimCluster(5, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(8)
+        study, kept = _store_study(cluster, data, "node-000", 1)
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        down = owners[-1]
+        entry = next(o for o in owners if o != down)
+        cluster.crash(down)
+        cluster.run_for(10)  # Held dead by the others (not removed: dead grace 60 s).
+        gone = data.instance(study, now_ms=cluster.loop.now_ms())
+
+        async def store() -> None:
+            assert (await cluster.process(entry).coordinator.store(gone)).status == "success"
+
+        cluster.loop.run_until_complete(store())
+        holders = [n for n in cluster.nodes if n != down and any(
+            h.sop_instance_uid == gone.sop_instance_uid for h in cluster.nodes[n].store.hints(down))]
+        assert holders, "no stand-in keeps a hint for the down owner"
+        result = _delete(cluster, entry, DeleteScope(study.study_instance_uid, "", gone.sop_instance_uid))
+        assert result.status is DeleteStatus.DELETED
+        query = Query("STUDY", (Condition("StudyInstanceUID", "UI", study.study_instance_uid),))
+        for reader in [n for n in cluster.nodes if n != down]:
+            plan = cluster.loop.run_until_complete(cluster.process(reader).coordinator.locate(query))
+            located = {location.sop_instance_uid for location in plan.locations}
+            assert gone.sop_instance_uid not in located, (reader, plan.shortfall)
+            assert located == {kept[0].sop_instance_uid}, (reader, located)
+            assert _find(cluster, reader, study.study_instance_uid) == {kept[0].sop_instance_uid}, reader
+    finally:
+        cluster.close()
