@@ -311,6 +311,7 @@ class Node:
             "pacsnode.membership.deaths_declared_count": swim.deaths_declared,
             "pacsnode.membership.removals_count": swim.removals,
             "pacsnode.membership.removals_blocked_count": swim.removals_blocked,
+            "pacsnode.membership.removal_graces_restarted_count": swim.removal_graces_restarted,
             "pacsnode.membership.awareness_count": swim.awareness,
             "pacsnode.membership.broadcast_queue_depth_count": swim.broadcast_queue_depth,
             "pacsnode.membership.sent_bytes": sum(swim.bytes_sent.values()),
