@@ -163,7 +163,8 @@ class Node:
         self.loop = LoopThread()
         self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
         self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope,
-                                       observe=lambda version: self.coordinator.hlc.observe(version))
+                                       observe=lambda version: self.coordinator.hlc.observe(version),
+                                       site=config.site)
         self.coordinator = Coordinator(
             config.node_id,
             self.membership,
