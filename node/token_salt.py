@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from pacsnode.node import peer_wire
-from pacsnode.node.grpc_transport import CHANNEL_OPTIONS, GRPC_OPTIONS
+from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
+from pacsnode.node.tls import CHANNEL_OPTIONS
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.ring.placement import Member, Replication
@@ -42,7 +43,7 @@ def ring_members_of(seed: str, dialled: str, envelope: pb.Envelope,
         reply = pb_grpc.AdminStub(channel).RingView(pb.RingViewRequest(envelope=envelope),
                                                     timeout=RING_ASK_TIMEOUT_S)
     except grpc.RpcError as error:
-        log.info("node.token_salt.seed_unanswered seed=%s code=%s", seed, error.code())  # type: ignore[attr-defined]
+        log.info("node.token_salt.seed_unanswered seed=%s error=%s", seed, describe_rpc_error(error))
         return None
     finally:
         channel.close()
