@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 from rocksdict import Options, ReadOptions, Rdict, WriteBatch, WriteOptions
 
@@ -931,8 +931,9 @@ class RocksStore:
         """One blob by key, asked as a one-key batch: rocksdict's batch get releases the GIL
         while RocksDB reads the value from its blob file; its single-key get holds the GIL
         throughout (py-spy --gil on a C-GET: 19% of GIL samples in that get)."""
-        values: list[bytes | None] = self._db.get([key])
-        return values[0]
+        values = self._db.get([key])  # rocksdict's stubs type get() as one value or None.
+        blob: bytes | None = cast(list[bytes | None], values)[0]
+        return blob
 
     def instance_record(self, study_instance_uid: str, sop_instance_uid: str) -> InstanceRecord | None:
         raw = self._db.get(PREFIX_META + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
