@@ -60,6 +60,7 @@ from pynetdicom.transport import AddressInformation, AssociationSocket, RequestH
 from pynetdicom.utils import make_target
 
 from pacsnode.node import association_guard, codec, pdata, raw_send, spool
+from pacsnode.replication.model import CorruptBlob
 from pacsnode.node.association_guard import (
     ABORT_INVALID_PARAMETER_VALUE,
     ABORT_REASON_NOT_SPECIFIED,
@@ -694,8 +695,15 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         for command_pdu in message.encode_msg(context_id, max_pdu_length):
             self.dul.send_pdu(command_pdu)
         dul = cast(AcceptorDUL, self.dul)
-        for batch in pdata.encode_data_set(payload, context_id, max_pdu_length):
-            dul.send_encoded(batch)
+        try:
+            for batch in pdata.encode_data_set(payload, context_id, max_pdu_length):
+                dul.send_encoded(batch)
+        except CorruptBlob as error:
+            # A blob file streamed as it is sent (node/blob_files.py) failed its checksum
+            # part way: the peer must not take what was sent for the instance. Abort.
+            log_event(logging.ERROR, "dicom.retrieve.corrupt_aborted", self.assoc, error=type(error).__name__)
+            self.assoc.abort()
+            raise
 
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:
@@ -714,6 +722,7 @@ class AcceptorAssociation(Association):
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
+        _unbind_dimse_recv_logging(self)
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
         self.retrieve_refused = False  # See refuse_retrieve().
@@ -843,12 +852,23 @@ class AcceptorRequestHandler(RequestHandler):
         return assoc
 
 
+def _unbind_dimse_recv_logging(owner: Any) -> None:
+    """Drop the EVT_DIMSE_RECV handlers pynetdicom binds by default (its "standard" log
+    handler; the node binds none of its own): for a received C-STORE that handler calls
+    `data_set.getvalue()` just to print "Present", which for a data set spooled to a file
+    (node/spool.py) read the whole instance back into memory (a 200 MB spike per store).
+    The node logs its own one-line events instead."""
+    for handler in list(owner.get_handlers(evt.EVT_DIMSE_RECV)):
+        owner.unbind(evt.EVT_DIMSE_RECV, handler[0] if isinstance(handler, tuple) else handler)
+
+
 class AcceptorServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with AcceptorAssociations and the request checks."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = AcceptorRequestHandler
         super().__init__(*args, **kwargs)
+        _unbind_dimse_recv_logging(self)
         # Copied once, here, so that a later change to the AE's contexts cannot reach the
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))

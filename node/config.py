@@ -107,6 +107,7 @@ class NodeConfig:
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
+    blob_file_bytes_min: int = setting(8 * 1024**2, "A stored instance whose compressed blob is this large or larger (or that was spooled) is kept as a file under data_dir/store/blobs, beside RocksDB, and C-GET/C-MOVE/WADO-RS stream it from there in chunks.")
     inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, the compressed copy of a spooled one while it is stored, and instances C-GET/C-MOVE read ahead of the one being sent); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
@@ -231,6 +232,7 @@ class NodeConfig:
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
                      "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
                      "health_probe_interval_ms", "dataset_spool_threshold_bytes", "inflight_instance_bytes_max",
+                     "blob_file_bytes_min",
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -73,7 +73,7 @@ RESTAMPS_MAX = 3
 
 def restamped(stored: StoredInstance, version: Version) -> StoredInstance:
     return StoredInstance(record=with_version(stored.record, version), attributes=stored.attributes,
-                          blob=stored.blob)
+                          blob=stored.blob, blob_file=stored.blob_file)
 
 
 class WriteScope(enum.Enum):
