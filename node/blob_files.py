@@ -242,6 +242,11 @@ class Part10Stream:
         except zstandard.ZstdError as error:
             raise CorruptBlob(f"blob of {self._what} is not a readable zstd frame: {error}") from error
 
+    def read_chunk(self, size: int = CHUNK_BYTES) -> bytes:
+        """The next up to `size` bytes; b"" at the end (checksum checked on the last one)."""
+        count = min(size, self._size - self._position)
+        return self._read(count) if count > 0 else b""
+
     def read_all(self) -> bytes:
         """Everything left (memory: for the few paths that need the instance whole)."""
         return self._read(self._size - self._position)

@@ -108,7 +108,7 @@ class NodeConfig:
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
     blob_file_bytes_min: int = setting(8 * 1024**2, "A stored instance whose compressed blob is this large or larger (or that was spooled) is kept as a file under data_dir/store/blobs, beside RocksDB, and C-GET/C-MOVE/WADO-RS stream it from there in chunks.")
-    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, the compressed copy of a spooled one while it is stored, and instances C-GET/C-MOVE read ahead of the one being sent); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
+    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and instances C-GET/C-MOVE read ahead of the one being sent; a spooled instance is compressed into a blob file and a blob file is streamed, so neither holds any; with DICOM worker processes a spooled instance's compressed copy is held and counted); a C-STORE that would go over it is answered 0xA700.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")

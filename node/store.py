@@ -3,7 +3,10 @@
 One synced WriteBatch per instance holds everything about it: the zstd-compressed
 Part-10 bytes (with zstd's frame checksum), its instance record, the updated series and
 study records and the study's query-index keys. After `put_instance` returns, all of it
-is on disk; after a crash, either all of it is there or none of it.
+is on disk; after a crash, either all of it is there or none of it. A big blob (spooled,
+or `blob_file_bytes_min` compressed bytes or more) is a file under `blobs/` instead,
+durable under its final name before the batch that points at it (node/blob_files.py);
+unreferenced files are removed when the store opens.
 
 Key layout (every data key starts with the study's 8-byte ring token, so a token range
 is one contiguous scan, stream or DeleteRange):

@@ -72,6 +72,30 @@ def test_patient_counts_are_the_patients_not_the_matches(node: NodeProcess) -> N
     assert status == 0 and len(found) == 1 and int(found[0].NumberOfPatientRelatedStudies) == 2
 
 
+def test_patient_counts_asked_at_study_level_count_all_of_the_patients_studies(node: NodeProcess) -> None:
+    """Study Root, STUDY level: NumberOfPatientRelated* are optional keys there (PS3.4
+    Table C.6-5) and count the patient's studies, series and instances (C.3.4), not only
+    the studies that matched. Orthanc 1.10.1 returns them empty at this level."""
+    manifest = node.manifest  # type: ignore[attr-defined]
+    first_study = manifest[0]["study_uid"]
+    query = identifier("STUDY", StudyInstanceUID=first_study, NumberOfPatientRelatedStudies="",
+                       NumberOfPatientRelatedSeries="", NumberOfPatientRelatedInstances="",
+                       NumberOfStudyRelatedInstances="")
+    found, status = clients.find(node.dicom_port, query)
+    assert status == 0 and len(found) == 1
+    row = found[0]
+    assert row.StudyInstanceUID == first_study
+    assert int(row.NumberOfPatientRelatedStudies) == 2
+    assert int(row.NumberOfPatientRelatedSeries) == len({e["series_uid"] for e in manifest})
+    assert int(row.NumberOfPatientRelatedInstances) == len(manifest)
+    assert int(row.NumberOfStudyRelatedInstances) == sum(1 for e in manifest if e["study_uid"] == first_study)
+    # Both studies asked for: both rows, each with the patient's totals (not one counted as the other's).
+    found, status = clients.find(node.dicom_port, identifier("STUDY", StudyInstanceUID="",
+                                                             NumberOfPatientRelatedStudies=""))
+    assert status == 0 and len(found) == 2
+    assert [int(row.NumberOfPatientRelatedStudies) for row in found] == [2, 2]
+
+
 @pytest.mark.parametrize("keys", [{"StudyInstanceUID": "1.2.*"}, {"StudyInstanceUID": "*"}, {"PatientName": "X*"}])
 def test_get_refuses_wildcards_and_missing_unique_keys_without_phantom_sub_operations(node: NodeProcess,
                                                                                        keys: dict[str, str]) -> None:
