@@ -407,13 +407,7 @@ class AcceptorDUL(DULServiceProvider):
             self.abort_peer("dicom.pdu.undecodable", ABORT_INVALID_PARAMETER_VALUE, pdu_type=f"0x{pdu_type:02X}",
                             error=type(error).__name__)
             return
-        if isinstance(pdu, A_ASSOCIATE_RQ) and pdu.protocol_version != 0x0001:
-            # pynetdicom's AE-6 rejects it itself (permanent, ACSE provider, protocol version).
-            log_event(logging.WARNING, "dicom.association.rejected", self.assoc,
-                      titles=(str(pdu.calling_ae_title), str(pdu.called_ae_title)),
-                      reason=association_guard.RejectReason.PROTOCOL_VERSION.value,
-                      protocol_version=f"0x{pdu.protocol_version:04X}")
-        elif isinstance(pdu, A_ASSOCIATE_RQ):
+        if isinstance(pdu, A_ASSOCIATE_RQ):
             rejection = association_guard.check_request(pdu)
             if rejection is not None:
                 if not association_guard.make_negotiable(pdu):

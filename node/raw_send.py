@@ -18,6 +18,7 @@ sub-operation fails and the instance is listed in Failed SOP Instance UID List.
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import threading
@@ -32,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
+from pacsnode.node.association_guard import log_event
 from pacsnode.node.blob_files import Part10Stream, StreamPayload
 
 log = logging.getLogger(__name__)
@@ -167,9 +169,38 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
     finally:
         assoc._reactor_checkpoint.set()
     if response is None:
-        assoc._handle_no_response()
-        return Dataset()
+        reason = _no_response(assoc, sop_instance)
+        # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
+        raise SubOperationNoResponse(f"no response to the C-STORE of {sop_instance} ({reason.value})")
     return assoc._check_received_status(response)
+
+
+class SubOperationNoResponse(Exception):
+    """A C-STORE sub-operation got no response (the sub-operation failed)."""
+
+
+class NoResponse(enum.StrEnum):
+    """Why a C-STORE sub-operation got no response (`reason=` of dicom.retrieve.no_response)."""
+
+    ABORTED = "aborted"                      # The peer sent an A-ABORT.
+    CONNECTION_CLOSED = "connection-closed"  # The connection dropped.
+    DIMSE_TIMEOUT = "dimse-timeout"          # Nothing within dimse_timeout_s: we abort.
+
+
+def _no_response(assoc: Association, sop_instance_uid: str) -> NoResponse:
+    """pynetdicom's `_handle_no_response` decisions (abort after a DIMSE timeout), with
+    one line of ours instead of its ERROR lines; the sub-operation counts as failed."""
+    if assoc.acse.is_aborted("a-abort"):
+        reason = NoResponse.ABORTED
+    elif assoc.acse.is_aborted("a-p-abort"):
+        reason = NoResponse.CONNECTION_CLOSED
+    else:
+        reason = NoResponse.DIMSE_TIMEOUT
+    log_event(logging.WARNING, "dicom.retrieve.no_response", assoc, sop_instance_uid=sop_instance_uid,
+              reason=reason.value)
+    if reason is NoResponse.DIMSE_TIMEOUT and assoc.is_established:
+        assoc.abort()
+    return reason
 
 
 def stored_payload(primitive: Any) -> "bytes | memoryview | StreamPayload | None":
