@@ -113,7 +113,7 @@ class ClusterArchive:
                  local_store: Callable[[Any], WriteResult] | None = None,
                  find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None,
                  own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None,
-                 own_stream: Callable[[InstanceLocation], tuple[Part10Stream, int] | None] | None = None,
+                 own_stream: Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None] | None = None,
                  modifies: ModifyCoordinator | None = None) -> None:
         self._loop = loop
         self._deletes = deletes
@@ -297,19 +297,19 @@ class ClusterArchive:
             raise ReadError(str(error)) from None
 
 
-def own_stream_reader(store: Any) -> Callable[[InstanceLocation], tuple[Part10Stream, int] | None]:
-    """ClusterArchive's `own_stream`: an own copy kept as a blob file, as a Part10Stream;
-    None when the copy is kept in RocksDB, missing or unreadable (then read as usual)."""
-    def open_stream(location: InstanceLocation) -> tuple[Part10Stream, int] | None:
+def own_stream_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None]:
+    """ClusterArchive's `own_stream`: own_copy_reader, except that a copy kept as a blob
+    file comes as a Part10Stream (the same two lookups for a small one: its record and
+    its blob, decompressed and checksum-verified); None when missing or unreadable."""
+    def open_stream(location: InstanceLocation) -> tuple[bytes | Part10Stream, int] | None:
         record = store.instance_record(location.study_instance_uid, location.sop_instance_uid)
         if record is None:
             return None
         try:
-            opened = store.open_part10(location.study_instance_uid, location.sop_instance_uid)
-        except (KeyError, StoreError):
+            opened = store.open_part10(location.study_instance_uid, location.sop_instance_uid,
+                                       record.size_bytes + record.dataset_offset)
+        except (KeyError, StoreError):  # Deleted meanwhile, or corrupt (logged by the store).
             return None
-        if not isinstance(opened, Part10Stream):
-            return None  # Kept in RocksDB (small): `read` takes it the usual way.
         return opened, record.dataset_offset
     return open_stream
 

@@ -1018,7 +1018,8 @@ class RocksStore:
         pointer = BlobPointer.decode(value)
         return value if pointer is None else self.blob_files.read(pointer, what)
 
-    def open_part10(self, study_instance_uid: str, sop_instance_uid: str) -> bytes | Part10Stream:
+    def open_part10(self, study_instance_uid: str, sop_instance_uid: str,
+                    part10_bytes: int | None = None) -> bytes | Part10Stream:
         """The stored Part-10 bytes as retrieval sends them: a blob kept as a file is a
         Part10Stream (decompressed as it is read, its checksum checked at its end; the
         caller closes it), any other is decompressed and checksum-verified here. Raises
@@ -1028,13 +1029,15 @@ class RocksStore:
         if value is None:
             raise KeyError(sop_instance_uid)
         pointer = BlobPointer.decode(value)
-        if pointer is None:
-            return self.read_part10(study_instance_uid, sop_instance_uid)
-        record = self.instance_record(study_instance_uid, sop_instance_uid)
-        if record is None:
-            raise KeyError(sop_instance_uid)
         try:
-            return self.blob_files.stream(pointer, record.size_bytes + record.dataset_offset, sop_instance_uid)
+            if pointer is None:
+                return decompress(value, sop_instance_uid)
+            if part10_bytes is None:
+                record = self.instance_record(study_instance_uid, sop_instance_uid)
+                if record is None:
+                    raise KeyError(sop_instance_uid)
+                part10_bytes = record.size_bytes + record.dataset_offset
+            return self.blob_files.stream(pointer, part10_bytes, sop_instance_uid)
         except CorruptBlob as error:
             log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
                       study_instance_uid, sop_instance_uid, error)
