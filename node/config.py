@@ -141,6 +141,7 @@ class NodeConfig:
         "0xA701, and R + W > N makes named reads exact) or sloppy (a stand-in's hint counts too: stores succeed "
         "with one owner reachable, but named reads must ask stand-ins, see read_fault_window_ms).")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (with strict writes and R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
+    scatter_read_quorum: int = setting(2, "R per token range for a query with no study key (a patient's studies by PatientID, a worklist by date): each range is asked of this many owners and their answers merged; a study one owner lists and another lacks is read again by its key, with read repair, so counts are those of the merged set. With strict writes and R + W > N: every acknowledged study is found; 1 = one owner per range, fewer peer queries, may miss a study stored seconds ago through a fault.")
     read_fault_window_ms: int = setting(60_000, "Sloppy writes only: after any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long, and flag the study when one cannot be asked: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down. Not used with strict writes.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
     token_salt: int = setting(-1, "Which token set this node takes on the ring (its vnode tokens hash it with its node id). -1 = chosen at the node's first start, against the ring its seeds report, as the set that balances its site best (ring/token_choice.py; 0 when a seed is from before salts or none answers), then kept in DATA_DIR/identity.json; a data dir from before salts keeps 0. 0 = the tokens of before salts (random); N > 0 = that set (tests that compute placement themselves). A node never changes its salt: a value other than the one its data dir keeps is refused.")
@@ -213,6 +214,8 @@ class NodeConfig:
             )
         if self.read_quorum < 1:  # Above N it is capped at N, like W with fewer nodes than N.
             raise ConfigError(f"read_quorum must be >= 1, got {self.read_quorum}")
+        if self.scatter_read_quorum < 1:  # Capped at N too.
+            raise ConfigError(f"scatter_read_quorum must be >= 1, got {self.scatter_read_quorum}")
         if self.vnodes < 1:
             raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
         if self.token_salt < -1:

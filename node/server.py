@@ -189,6 +189,7 @@ class Node:
                 write_scope=WriteScope.LOCAL if config.write_scope_local else WriteScope.GLOBAL,
                 write_mode=WriteQuorumMode(config.write_quorum_mode),
                 read_quorum=config.read_quorum,
+                scatter_read_quorum=config.scatter_read_quorum,
                 read_fault_window_ms=config.read_fault_window_ms,
                 replica_timeout_ms=config.replica_timeout_ms,
                 store_timeout_ms=config.store_timeout_ms,

@@ -87,6 +87,7 @@ write_quorum = 3
 write_quorum_scope = "global"
 write_quorum_mode = "sloppy"
 read_quorum = 3
+scatter_read_quorum = 1
 read_fault_window_ms = 30000
 vnodes = 16
 token_salt = 3
@@ -156,6 +157,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert (config.profile, config.hint_replay_interval_ms) == ("wan", 700)
     assert (config.anti_entropy_interval_ms, config.repair_bytes_per_second_max) == (5000, 0)
     assert config.dead_grace_s == 30 and config.read_fault_window_ms == 30_000
+    assert (config.read_quorum, config.scatter_read_quorum) == (3, 1)
     assert config.tombstone_grace_s == 86_400
     assert config.peer_routes == (("10.0.0.2:7001", "127.0.0.1:9001"),)
     assert config.replica_start_timeout_ms == 900 and config.repair_fetch_window == 3
@@ -235,6 +237,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"write_quorum": 4}, "write_quorum=4 replication_factor=3"),
         ({"write_quorum": 0}, "need 1 <= write_quorum <= replication_factor"),
         ({"read_quorum": 0}, "read_quorum must be >= 1"),
+        ({"scatter_read_quorum": 0}, "scatter_read_quorum must be >= 1"),
         ({"read_fault_window_ms": -1}, "read_fault_window_ms must be >= 0"),
         ({"write_quorum_mode": "lazy"}, "write_quorum_mode must be one of strict, sloppy"),
         ({"replication_factor": 1}, "write_quorum=2 replication_factor=1"),
