@@ -678,26 +678,42 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if payload is None:
             super().send_msg(primitive, context_id)
             return
-        # A C-STORE of stored bytes (C-GET/C-MOVE sub-operations): the command goes through
-        # pynetdicom as usual, the data set as whole encoded PDUs (node/pdata.py).
-        message = C_STORE_RQ()
-        message.primitive_to_message(primitive)  # Sets CommandDataSetType: a data set follows.
-        message.context_id = context_id
-        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
-        message.data_set = None
-        max_pdu_length = self.maximum_pdu_size
-        for command_pdu in message.encode_msg(context_id, max_pdu_length):
-            self.dul.send_pdu(command_pdu)
-        dul = cast(AcceptorDUL, self.dul)
+        # A C-STORE of stored bytes (C-GET/C-MOVE sub-operations): the command set and the
+        # data set as whole encoded PDUs (node/pdata.py), written by the DUL thread in
+        # batches. EVT_DIMSE_SENT is not triggered for this request: the node's only
+        # handler (node/metrics.py) counts responses, and building the pydicom message
+        # for it was most of the command's cost.
         try:
-            for batch in pdata.encode_data_set(payload, context_id, max_pdu_length):
-                dul.send_encoded(batch)
+            self._send_stored(primitive, context_id, payload)
         except CorruptBlob as error:
             # A blob file streamed as it is sent (node/blob_files.py) failed its checksum
             # part way: the peer must not take what was sent for the instance. Abort.
             log_event(logging.ERROR, "dicom.retrieve.corrupt_aborted", self.assoc, error=type(error).__name__)
             self.assoc.abort()
             raise
+
+    def _send_stored(self, primitive: Any, context_id: int, payload: Any) -> None:
+        max_pdu_length = self.maximum_pdu_size
+        dul = cast(AcceptorDUL, self.dul)
+        command_pdu = pdata.store_command_pdu(
+            context_id, max_pdu_length, message_id=int(primitive.MessageID), priority=int(primitive.Priority),
+            sop_class_uid=str(primitive.AffectedSOPClassUID), sop_instance_uid=str(primitive.AffectedSOPInstanceUID),
+            move_originator_aet=primitive.MoveOriginatorApplicationEntityTitle,
+            move_originator_message_id=primitive.MoveOriginatorMessageID)
+        if command_pdu is not None:
+            for batch in pdata.with_command(command_pdu, pdata.encode_data_set(payload, context_id, max_pdu_length)):
+                dul.send_encoded(batch)
+            return
+        # A peer whose maximum PDU is smaller than the command: pynetdicom cuts the command.
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)  # Sets CommandDataSetType: a data set follows.
+        message.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        message.data_set = None
+        for command_primitive in message.encode_msg(context_id, max_pdu_length):
+            self.dul.send_pdu(command_primitive)
+        for batch in pdata.encode_data_set(payload, context_id, max_pdu_length):
+            dul.send_encoded(batch)
 
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:

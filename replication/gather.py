@@ -250,6 +250,11 @@ class Gather:
             # lacks the study or holds it otherwise: read it again by its study key.
             recheck: dict[str, list[_Waiting]] = {}
             for identity, entry in waiting.items():
+                if identity[-1:] == ("count-only",) and identity[:-1] in seen:
+                    # PATIENT level: the study's own row went out (R owners agreed), and it
+                    # counts the study; this one came from an owner whose call also held a
+                    # matching study of the patient (calls group ranges differently).
+                    continue
                 if entry.index in self._unreachable:
                     seen.add(identity)
                     yield entry.row
