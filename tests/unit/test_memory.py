@@ -33,7 +33,7 @@ def test_zero_leaves_the_defaults() -> None:
 @glibc
 def test_a_freed_buffer_below_the_threshold_stays_in_the_heap() -> None:
     assert retain_freed_memory(128 * 1024**2) is MallocTuning.SET
-    size = 24 * 1024**2  # Above glibc's first mmap threshold (128 KB), below ours (32 MiB).
+    size = 3 * 1024**2  # Above glibc's first mmap threshold (128 KB), below ours (4 MiB).
     buffer = bytearray(size)  # Allocated on this (the main) thread: the main arena.
     buffer[::4096] = b"\x01" * len(range(0, size, 4096))  # Touch every page.
     del buffer
