@@ -188,7 +188,8 @@ def start_cluster(root: Path, read_quorum: int) -> list[NodeProcess]:
             node = NodeProcess(root / name, node_id=name, seeds=seeds,
                                extra_args=["--log-level", "WARNING",
                                            "--replication-factor", str(N), "--write-quorum", "2",
-                                           "--read-quorum", str(read_quorum)])
+                                           "--read-quorum", str(read_quorum),
+                                           "--token-salt", "0"])  # The ring expected owners come from.
             node.start(timeout_s=120)  # A loaded machine starts a node slowly.
             nodes.append(node)
         if not wait_until(lambda: all(_alive_members(n) == len(NAMES) for n in nodes), 120, 0.5):

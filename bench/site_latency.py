@@ -18,7 +18,7 @@ anti-entropy digests), divided by the instances, against the mean zstd size of t
 files (node/codec.py): the issue's goal is 2.0 (one compressed copy per remote site).
 
     .venv/bin/python bench/site_latency.py [--instances 200] [--wan-ms 40] [--wan-jitter-ms 10] \
-        [--lan-ms 0.2] [--scopes local global]
+        [--lan-ms 0.2] [--scopes local global] [--rows 512 --cols 512]
 
 Loopback on a shared machine: the latencies include the machine's scheduling noise; run it
 when the load is low and report the load.
@@ -132,15 +132,18 @@ def main() -> None:
     parser.add_argument("--lan-ms", type=float, default=0.2)
     parser.add_argument("--scopes", nargs="+", default=["local", "global"], choices=["local", "global"])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=64, help="image rows (512 with --cols 512: a ~512 KiB CT slice)")
+    parser.add_argument("--cols", type=int, default=64)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="site-latency-") as tmp:
         spec = datagen.StudySetSpec(patients=args.instances, studies_per_patient=1, series_per_study=1,
-                                    instances_per_series=1, rows=64, cols=64, seed=args.seed)
+                                    instances_per_series=1, rows=args.rows, cols=args.cols, seed=args.seed)
         entries = datagen.write_study_set(spec, Path(tmp) / "studies")
         rows = [measure(scope, entries, args, Path(tmp) / scope) for scope in args.scopes]
     print(f"{args.instances} instances one after the other through c1; 3 sites x 2 nodes, one copy per site, W=2; "
-          f"WAN {args.wan_ms:g} +- {args.wan_jitter_ms:g} ms one way, LAN {args.lan_ms:g} ms")
+          f"WAN {args.wan_ms:g} +- {args.wan_jitter_ms:g} ms one way, LAN {args.lan_ms:g} ms; "
+          f"{args.rows}x{args.cols} 16-bit images")
     print("| scope | stored | failed | p50 ms | p99 ms | mean ms | max ms | all copies after s | load before/after | "
           "WAN bytes per instance | mean compressed | ratio | quiet WAN B/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

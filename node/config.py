@@ -143,6 +143,7 @@ class NodeConfig:
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (with strict writes and R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
     read_fault_window_ms: int = setting(60_000, "Sloppy writes only: after any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long, and flag the study when one cannot be asked: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down. Not used with strict writes.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
+    token_salt: int = setting(-1, "Which token set this node takes on the ring (its vnode tokens hash it with its node id). -1 = chosen at the node's first start, against the ring its seeds report, as the set that balances its site best (ring/token_choice.py; 0 when a seed is from before salts or none answers), then kept in DATA_DIR/identity.json; a data dir from before salts keeps 0. 0 = the tokens of before salts (random); N > 0 = that set (tests that compute placement themselves). A node never changes its salt: a value other than the one its data dir keeps is refused.")
     replica_timeout_ms: int = setting(2_000, "Deadline for one replica's durable ack on a write (grows with size); then a stand-in takes a hint.")
     fetch_timeout_ms: int = setting(30_000, "Deadline for fetching one instance from a peer (grows with size).")
     query_timeout_ms: int = setting(60_000, "Deadline for one peer's C-FIND stream.")
@@ -214,6 +215,8 @@ class NodeConfig:
             raise ConfigError(f"read_quorum must be >= 1, got {self.read_quorum}")
         if self.vnodes < 1:
             raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
+        if self.token_salt < -1:
+            raise ConfigError(f"token_salt must be -1 (chosen at the first start) or >= 0, got {self.token_salt}")
         if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:
             raise ConfigError(f"max_pdu_bytes must be 0 (unlimited) or >= 4096, got {self.max_pdu_bytes}")
         if self.duplicate_policy not in ("first-wins",):

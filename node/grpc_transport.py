@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 WHOLE_RECHECK_S = 300.0
 # Payload CRCs remembered (by blob identity): a write's copies to every peer share one.
 CRC_MEMO_ENTRIES = 16
+# A whole-instance copy to a node in another site is sent gzip-compressed (gRPC message
+# compression, which every gRPC server takes: no protocol change) when its payload is at
+# most this big. The payload is zstd already; what shrinks is the ~1.2 KB header (the index
+# attributes as JSON repeat the record's UIDs): 9 050 -> 8 675 B per copy on the benches'
+# 7.9 KB instances, a 4% cut of the bytes across sites, for ~0.1 ms of CPU on each side.
+# Above this the header is under 2% of the copy and gzip would only cost CPU; within a
+# site bytes are cheap and CPU is not, so nothing is compressed there.
+CROSS_SITE_GZIP_PAYLOAD_BYTES_MAX = 64 * 1024
 
 
 # A peer that was down (killed, restarting) is dialled again within a second, not after
@@ -112,8 +120,10 @@ def _peer_errors(target: str) -> Iterator[None]:
 
 class GrpcTransport:
     def __init__(self, channels: Channels, resolve: Callable[[str], "MemberInfo | None"],
-                 envelope: Callable[[], pb.Envelope], observe: Callable[[Version], None] | None = None) -> None:
+                 envelope: Callable[[], pb.Envelope], observe: Callable[[Version], None] | None = None,
+                 *, site: str = "") -> None:
         self._channels = channels
+        self._site = site  # This node's site: copies to other sites are compressed (see above).
         # The node's hybrid clock observes versions that replies carry (a tombstone that won).
         self._observe = observe or (lambda version: None)
         self._resolve = resolve
@@ -126,6 +136,7 @@ class GrpcTransport:
         self._crcs: collections.OrderedDict[int, tuple[bytes, int]] = collections.OrderedDict()
         self.whole_stores = 0
         self.stream_stores = 0
+        self.compressed_stores = 0  # Whole copies sent gzip-compressed (to another site).
 
     def _address(self, target: str) -> str:
         member = self._resolve(target)
@@ -167,10 +178,13 @@ class GrpcTransport:
         with _peer_errors(target):
             if len(stored.blob) <= WHOLE_INSTANCE_BYTES_MAX and \
                     self._stream_only_until.get(address, 0.0) <= time.monotonic():
+                compression = self._compression(target, len(stored.blob))
                 try:
                     reply = await stub.StoreWholeInstance(peer_wire.store_whole(self._envelope(), stored, header),
-                                                          timeout=timeout_ms / 1000)
+                                                          timeout=timeout_ms / 1000, compression=compression)
                     self.whole_stores += 1
+                    if compression is not None:
+                        self.compressed_stores += 1
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                         raise
@@ -187,6 +201,15 @@ class GrpcTransport:
             return outcome
         reason = _REFUSALS.get(reply.outcome, RefusalReason.OTHER)
         raise PeerRefused(f"{target}: {reason.value}: {reply.message[:200]}", reason)
+
+    def _compression(self, target: str, payload_bytes: int) -> grpc.Compression | None:
+        """Gzip for a small copy to a node of another site (CROSS_SITE_GZIP_PAYLOAD_BYTES_MAX)."""
+        if not self._site or payload_bytes > CROSS_SITE_GZIP_PAYLOAD_BYTES_MAX:
+            return None
+        member = self._resolve(target)
+        if member is None or (member.site or "default") == self._site:
+            return None
+        return grpc.Compression.Gzip
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False, started: Callable[[], None] | None = None) -> StoredInstance | None:

@@ -42,12 +42,15 @@ _CACHE_MAX = 4_096
 
 def signed_bytes(cluster_id: str, update: MemberUpdate) -> bytes:
     """The canonical bytes a record's signature covers: every field but the proof itself.
-    `site` and `vnodes` as node/peer_wire.py decodes them (empty site = "default", 0 = 64)."""
+    `site` and `vnodes` as node/peer_wire.py decodes them (empty site = "default", 0 = 64);
+    `token_salt` only when set, so a record without one signs as it did before salts."""
     info = update.info
     fields = [DOMAIN, cluster_id, info.node_id, info.peer_host, info.peer_port, info.dicom_host, info.dicom_port,
               info.ae_title, info.site or "default", info.host, info.vnodes or 64, info.generation,
               info.updated_at_ms, update.state.value, update.incarnation, update.reporter_id, update.lamport,
               bool(update.leaving)]
+    if info.token_salt:
+        fields.append(f"token_salt={info.token_salt}")
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode()
 
 

@@ -597,6 +597,9 @@ class AdminService(pb_grpc.AdminServicer):
         n = ring.effective(node.config.replication)
         reply = pb.RingViewReply(envelope=self.server.envelope())
         reply.settings.CopyFrom(replication_settings(node.config, effective_n=ring.effective_replicas(n) if len(ring) else 0))
+        # The members with their token salts: a node joining for the first time chooses its
+        # own salt against them (ring/token_choice.py, node/token_salt.py).
+        reply.members.extend(peer_wire.update_to_wire(update) for update in node.membership.records() if update.in_ring)
         if not len(ring):
             return reply
         pending = node.repairer.pending()

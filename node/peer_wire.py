@@ -211,6 +211,7 @@ def update_to_wire(update: swim.MemberUpdate) -> pb.MemberUpdate:
         leaving=update.leaving,
         signature=update.signature,
         signer_certificate=update.certificate,
+        token_salt=member.token_salt,
     )
 
 
@@ -236,6 +237,7 @@ def update_from_wire(message: pb.MemberUpdate) -> swim.MemberUpdate:
         generation=int(message.generation),
         updated_at_ms=int(message.updated_at_ms),
         state=state,
+        token_salt=int(message.token_salt),
     )
     if len(message.signature) > SIGNATURE_BYTES_MAX or len(message.signer_certificate) > CERTIFICATE_BYTES_MAX:
         raise ValueError(f"member update for {message.node_id[:64]!r} with an oversized signature or certificate")

@@ -32,6 +32,7 @@ from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer, replication_settings
 from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
 from pacsnode.node.security import NodeSecurity
+from pacsnode.node.token_salt import first_token_salt, ring_members_of
 from pacsnode.node.store import RocksStore
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_aside, stamp_alive
@@ -43,6 +44,7 @@ from pacsnode.replication.model import StoreError
 from pacsnode.replication.repair import Repairer, RepairSettings, intervals_of
 from pacsnode.replication.transport import cancelled_by_caller
 from pacsnode.ring.members import MemberInfo
+from pacsnode.ring.placement import Member
 from pacsnode.ring.swim import JoinRefusal
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ def load_identity(config: NodeConfig) -> dict[str, Any]:
                 f"data dir {config.data_dir} belongs to node {identity['node_id']!r}, "
                 f"not {config.node_id!r}; use --node-id {identity['node_id']} or another --data-dir"
             )
+    if identity and "token_salt" not in identity:
+        identity["token_salt"] = 0  # A data dir from before token salts keeps the tokens it had.
     identity.update(
         node_id=config.node_id,
         cluster_id=config.cluster_id,
@@ -139,6 +143,17 @@ class Node:
         self.admin_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                                     thread_name_prefix="pacsnode-admin")
         self.started_at_ms = int(time.time() * 1000)
+        # Peers known before a restart join the seeds: a restarted node must find its
+        # cluster again, not serve (and acknowledge writes) as a ring of one.
+        self._peers_path = config.data_dir / "peers.json"
+        seeds = list(dict.fromkeys([*config.seeds, *self._load_known_peers()]))
+        if "token_salt" not in self.identity:  # The first start of this data dir.
+            self.identity["token_salt"] = config.token_salt if config.token_salt >= 0 else self._first_token_salt(seeds)
+            save_identity(config, self.identity)
+        elif config.token_salt >= 0 and config.token_salt != int(self.identity["token_salt"]):
+            self.store.close()
+            raise ConfigError(f"token_salt {config.token_salt} but data dir {config.data_dir} keeps "
+                              f"{self.identity['token_salt']}: a node never changes its tokens; drop the setting")
         me = MemberInfo(
             node_id=config.node_id,
             peer_host=config.peer_host,
@@ -151,11 +166,8 @@ class Node:
             vnodes=config.vnodes,
             generation=int(self.identity["generation"]),
             updated_at_ms=self.started_at_ms,
+            token_salt=int(self.identity["token_salt"]),
         )
-        # Peers known before a restart join the seeds: a restarted node must find its
-        # cluster again, not serve (and acknowledge writes) as a ring of one.
-        self._peers_path = config.data_dir / "peers.json"
-        seeds = list(dict.fromkeys([*config.seeds, *self._load_known_peers()]))
         self.membership = SwimMembership(
             config.cluster_id, me, seeds,
             config=swim_config(config.profile, config.dead_grace_s * 1000),
@@ -166,7 +178,8 @@ class Node:
         self.loop = LoopThread()
         self.channels = Channels(dict(config.peer_routes), self.security.channel_credentials())
         self.transport = GrpcTransport(self.channels, self.membership.member, self.envelope,
-                                       observe=lambda version: self.coordinator.hlc.observe(version))
+                                       observe=lambda version: self.coordinator.hlc.observe(version),
+                                       site=config.site)
         self.coordinator = Coordinator(
             config.node_id,
             self.membership,
@@ -314,6 +327,7 @@ class Node:
             "pacsnode.membership.deaths_declared_count": swim.deaths_declared,
             "pacsnode.membership.removals_count": swim.removals,
             "pacsnode.membership.removals_blocked_count": swim.removals_blocked,
+            "pacsnode.membership.removal_graces_restarted_count": swim.removal_graces_restarted,
             "pacsnode.membership.awareness_count": swim.awareness,
             "pacsnode.membership.broadcast_queue_depth_count": swim.broadcast_queue_depth,
             "pacsnode.membership.sent_bytes": sum(swim.bytes_sent.values()),
@@ -341,6 +355,16 @@ class Node:
             log.warning("node.left node_id=%s", self.config.node_id)
             self.shutdown_requested.set()
             return
+
+    def _first_token_salt(self, seeds: list[str]) -> int:
+        """This node's token salt at its first start (node/token_salt.py)."""
+        config = self.config
+        me = Member(node_id=config.node_id, site=config.site, host=socket.gethostname(), vnodes=config.vnodes)
+        envelope = peer_wire.envelope(config.cluster_id, config.node_id, int(self.identity["generation"]), 0)
+        routes = dict(config.peer_routes)
+        credentials = self.security.channel_credentials()
+        return first_token_salt(config.cluster_id, me, config.replication, seeds,
+                                lambda seed: ring_members_of(seed, routes.get(seed, seed), envelope, credentials))
 
     def _load_known_peers(self) -> list[str]:
         try:

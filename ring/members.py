@@ -32,9 +32,11 @@ class MemberInfo:
     # (kept equal to its record's). Alive, suspect and dead members own ring tokens,
     # unless leaving.
     state: str = "alive"
+    token_salt: int = 0  # Which token set the node has (ring/token_choice.py); 0: from before salts.
 
     def as_ring_member(self) -> Member:
-        return Member(node_id=self.node_id, site=self.site or "default", host=self.host, vnodes=self.vnodes)
+        return Member(node_id=self.node_id, site=self.site or "default", host=self.host, vnodes=self.vnodes,
+                      token_salt=self.token_salt)
 
     @property
     def peer_address(self) -> str:

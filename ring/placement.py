@@ -49,12 +49,15 @@ class Member:
     its own, which is right for the usual one-node-per-machine deployment. Hosts are
     compared within a site, so two sites may both have a host called "rack1-a".
     `vnodes` is the weight: a node with twice the disk gets twice the vnodes.
+    `token_salt` picks which token set the node has (ring/token_choice.py); 0 is the set
+    every node had before salts, which nodes from then keep.
     """
 
     node_id: str
     site: str = DEFAULT_SITE
     host: str = ""
     vnodes: int = DEFAULT_VNODES
+    token_salt: int = 0
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -66,6 +69,8 @@ class Member:
             raise ValueError(f"member {self.node_id!r} has a NUL character in a field")
         if self.vnodes < 1:
             raise ValueError(f"member {self.node_id!r} needs vnodes >= 1, got {self.vnodes}")
+        if self.token_salt < 0:
+            raise ValueError(f"member {self.node_id!r} needs token_salt >= 0, got {self.token_salt}")
 
     @property
     def machine(self) -> tuple[str, str]:
@@ -201,7 +206,7 @@ class StandIn(NamedTuple):
 class Ring:
     """The token ring of one membership: immutable, and equal on every process.
 
-    Each member contributes `vnodes` tokens, `vnode_token(cluster_id, node_id, i)`; the
+    Each member contributes `vnodes` tokens, `vnode_token(cluster_id, node_id, i, token_salt)`; the
     vnode at token t owns the range (previous token, t]. Two rings are equal when they
     have the same cluster id and the same members, and then `version` is equal too.
 
@@ -239,7 +244,7 @@ class Ring:
         # Ties between equal tokens (2**-64 per pair) break by node id, so the order, and
         # which vnode owns the shared token, is the same everywhere.
         vnodes = sorted(
-            (vnode_token(cluster_id, member.node_id, index), member_index)
+            (vnode_token(cluster_id, member.node_id, index, member.token_salt), member_index)
             for member_index, member in enumerate(ordered)
             for index in range(member.vnodes)
         )
@@ -582,7 +587,9 @@ def _membership_version(cluster_id: str, members: tuple[Member, ...]) -> int:
     """mmh3 of a length-prefixed encoding: no two memberships share an encoding."""
     fields: list[str] = ["pacsnode.ring.v1", cluster_id]
     for member in members:
-        fields += [member.node_id, member.site, member.host, str(member.vnodes)]
+        # The salt rides in the vnodes field, absent when 0: a ring without salts keeps its version.
+        weight = f"{member.vnodes}/salt{member.token_salt}" if member.token_salt else str(member.vnodes)
+        fields += [member.node_id, member.site, member.host, weight]
     encoded = b"".join(
         len(raw).to_bytes(4, "big") + raw for raw in (field.encode() for field in fields)
     )

@@ -62,7 +62,11 @@ Dead -> removed (DESIGN): after `dead_grace_ms` in DEAD, subject to two rails ev
 on the local view: never while fewer than `ring_min_fraction` (75%) of the ring members
 (alive + suspect + dead) are alive or suspect, i.e. while removing the dead would take the
 ring below 75% of its members; and never a member whose whole site is dead (that is a WAN
-partition more likely than a dead site). The first node whose timer fires gossips
+partition more likely than a dead site). A member a rail held back gets a fresh grace
+once the rail lets go: when a cut heals its links come back one at a time, and the first
+member heard alive again lifts the rails for the others of its side, which are as alive
+but not yet heard (a real run, stop 22: both sides of a healed site cut removed a member
+of the other at the heal). The first node whose timer fires gossips
 REMOVED with a Lamport clock, and the merge rules make everyone adopt it, whatever their
 own rails say. Operator `remove` bypasses the rails. REMOVED and LEFT are final for a
 generation: a node that learns it was removed (say it was cut off for longer than the
@@ -535,6 +539,7 @@ class SwimStatistics:
     deaths_declared: int  # Suspicion timers of ours that ran out.
     removals: int  # Automatic dead -> removed we decided.
     removals_blocked: int  # Times a removal was held back by a rail (once per member and episode).
+    removal_graces_restarted: int  # Held members given a fresh grace when their rail let go.
     operator_removals: int
     updates_rejected: int  # Records the verifier refused (unsigned, wrongly signed): ignored.
     awareness: int  # Current local health score (0 = healthy).
@@ -646,6 +651,10 @@ class Swim:
         self._state_since_ms: dict[str, int] = {self.self_id: now_ms}
         self._suspicions: dict[str, _Suspicion] = {}
         self._blocked: dict[str, str] = {}  # Dead members whose removal a rail holds back, and why.
+        # Dead members a rail has held back in this death (the rail may have let go since),
+        # and when a held member's fresh grace began: the rail let go then.
+        self._rail_held: set[str] = set()
+        self._grace_from_ms: dict[str, int] = {}
         self._queue = _BroadcastQueue()
         self._lamport = 0
         self._awareness = 0
@@ -670,7 +679,8 @@ class Swim:
         self._counts: dict[str, int] = dict.fromkeys(
             ("probes_sent", "probe_acks", "indirect_probes_sent", "indirect_acks", "nacks_received",
              "probe_failures", "probes_abandoned", "relays", "suspicions_raised", "suspicions_refuted",
-             "suspicions_cleared", "deaths_declared", "removals", "removals_blocked", "operator_removals",
+             "suspicions_cleared", "deaths_declared", "removals", "removals_blocked", "removal_graces_restarted",
+             "operator_removals",
              "updates_rejected"), 0)
         self._sent: dict[str, list[int]] = {}
         self._received: dict[str, list[int]] = {}
@@ -781,7 +791,7 @@ class Swim:
         grace = self.config.dead_grace_ms
         for node_id, update in self._records.items():
             if update.state is State.DEAD and node_id not in self._blocked:
-                times.append(self._state_since_ms[node_id] + grace)
+                times.append(self._grace_start_ms(node_id) + grace)
         return min(times)
 
     # ----------------------------------------------------------------- inputs
@@ -1095,10 +1105,17 @@ class Swim:
         self._apply(now_ms, self._sign(current.restate(State.DEAD, reporter_id=self.self_id)), local=True)
         return []
 
+    def _grace_start_ms(self, node_id: str) -> int:
+        """When the dead member's grace began: its death, or the moment a rail that held it let go."""
+        return max(self._state_since_ms[node_id], self._grace_from_ms.get(node_id, 0))
+
     def _reap_dead(self, now_ms: int) -> None:
         grace = self.config.dead_grace_ms
+        for node_id in [n for n in self._rail_held if self.state_of(n) is not State.DEAD]:
+            self._rail_held.discard(node_id)
+            self._grace_from_ms.pop(node_id, None)
         due = [u for node_id, u in self._records.items()
-               if u.state is State.DEAD and now_ms >= self._state_since_ms[node_id] + grace]
+               if u.state is State.DEAD and now_ms >= self._grace_start_ms(node_id) + grace]
         if not due:
             self._blocked.clear()
             return
@@ -1109,8 +1126,16 @@ class Swim:
                 if update.node_id not in self._blocked:
                     self._counts["removals_blocked"] += 1
                 self._blocked[update.node_id] = reason
+                self._rail_held.add(update.node_id)
                 continue
             self._blocked.pop(update.node_id, None)
+            if update.node_id in self._rail_held:
+                # The rail let go (a member of its side is heard again): a fresh grace, in
+                # which this one, if alive, is heard too.
+                self._rail_held.discard(update.node_id)
+                self._grace_from_ms[update.node_id] = now_ms
+                self._counts["removal_graces_restarted"] += 1
+                continue
             self._lamport += 1
             self._counts["removals"] += 1
             self._apply(now_ms, self._sign(update.restate(State.REMOVED, reporter_id=self.self_id,

@@ -22,14 +22,18 @@ def study_token(study_instance_uid: str) -> int:
     return token_of(study_instance_uid.encode("ascii", errors="replace"))
 
 
-def vnode_token(cluster_id: str, node_id: str, index: int) -> int:
+def vnode_token(cluster_id: str, node_id: str, index: int, salt: int = 0) -> int:
     """Token of a node's index-th virtual node; stable for a node that returns with its id.
 
     Fields are joined with a NUL separator so that distinct inputs never collide by
-    concatenation (("ab", "c") and ("a", "bc") give different tokens).
+    concatenation (("ab", "c") and ("a", "bc") give different tokens). `salt` picks one of
+    several token sets for the same node (ring/token_choice.py: a joining node takes the
+    one that balances its site best); salt 0 is the token set of before salts existed.
     """
-    key = b"\x00".join((cluster_id.encode(), node_id.encode(), str(index).encode()))
-    return token_of(key)
+    parts = [cluster_id.encode(), node_id.encode(), str(index).encode()]
+    if salt:
+        parts.append(b"salt" + str(salt).encode())
+    return token_of(b"\x00".join(parts))
 
 
 def token_bytes(token: int) -> bytes:

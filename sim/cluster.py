@@ -60,6 +60,7 @@ from pacsnode.replication.transport import PeerError, PeerRefused
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Replication, Ring
 from pacsnode.ring.swim import Message, MemberUpdate, State, Swim, SwimConfig, Transition, message_bytes
+from pacsnode.ring.token_choice import choose_token_salt
 from pacsnode.sim.loop import VirtualEventLoop, new_loop
 from pacsnode.sim.network import LinkModel, SimNetwork, Trace
 from pacsnode.sim.store import NonDurableStore
@@ -86,6 +87,10 @@ class SimConfig:
     read_quorum: int = 2  # R (requests that name a study)
     read_fault_window_ms: int = 60_000
     vnodes: int = 64
+    # True: each node's token salt chosen as it is added, as a node's first start does
+    # (ring/token_choice.py). False (default): salt 0, the random tokens of before salts, so
+    # the seeded scenarios and tests keep the placement they were written against.
+    token_salts: bool = False
     swim: SwimConfig = field(default_factory=lan_swim)  # LAN profile; dead -> removed after 60 s.
     replica_timeout_ms: int = 2_000
     store_timeout_ms: int = 30_000
@@ -628,6 +633,7 @@ class SimNode:
         self.disk_write_ms = cluster.config.disk_write_ms
         self.gone = False  # Left the cluster for good.
         self.crashes = 0
+        self.token_salt = 0  # Chosen when the cluster adds the node (SimConfig.token_salts).
 
     @property
     def host(self) -> str:
@@ -640,7 +646,7 @@ class SimNode:
     def member_info(self, generation: int) -> MemberInfo:
         return MemberInfo(node_id=self.node_id, peer_host=self.host, peer_port=7946, dicom_host=self.host,
                           dicom_port=11112, ae_title="PACSNODE", site=self.site, vnodes=self.cluster.config.vnodes,
-                          generation=generation)
+                          generation=generation, token_salt=self.token_salt)
 
     @property
     def running(self) -> bool:
@@ -697,6 +703,12 @@ class SimCluster:
     def _new_node(self, site: str | None = None) -> SimNode:
         index = len(self.nodes)
         node = SimNode(self, index, site or self.site_names[index % len(self.site_names)])
+        if self.config.token_salts:
+            # As node/server.py at a node's first start: the salt that balances its site best
+            # against the nodes added before it (all of them: the ring it would join).
+            ring = [n.member_info(1).as_ring_member() for n in self.nodes.values() if not n.gone]
+            node.token_salt = choose_token_salt(self.config.cluster_id, ring, node.member_info(1).as_ring_member(),
+                                                self.config.replication_factor)
         self.nodes[node.node_id] = node
         self.network.register(node.node_id, node.site, node.address, lambda: _running_process(node))
         self.network.transport(node.node_id).process = lambda: _running_process(node)

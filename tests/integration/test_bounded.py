@@ -56,7 +56,7 @@ ABANDONED_GETS = 8
 WORKERS = 8
 FIND_RESULT_MAX_B = 20
 ARGS = ["--replication-factor", "1", "--write-quorum", "1", "--profile", "local",
-        "--anti-entropy-interval-ms", "600000"]
+        "--anti-entropy-interval-ms", "600000", "--token-salt", "0"]  # The ring preload() places by.
 BULK = datagen.StudySetSpec(patients=20, studies_per_patient=5, series_per_study=4, instances_per_series=25,
                             rows=1, cols=1, seed=9091, pixel_fill="zeros", modalities=("CT",))
 

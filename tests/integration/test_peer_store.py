@@ -178,3 +178,69 @@ def test_transport_falls_back_to_the_stream_for_an_older_peer() -> None:
             await server.stop(None)
 
     asyncio.run(run())
+
+
+class _WholeData(pb_grpc.DataServicer):
+    """Takes StoreWholeInstance and keeps what arrived (after gRPC undid any compression)."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.StoreWholeRequest] = []
+
+    async def StoreWholeInstance(self, request: pb.StoreWholeRequest, context: Any) -> pb.StoreReply:
+        self.requests.append(request)
+        return pb.StoreReply(envelope=_envelope(), outcome=pb.STORE_OUTCOME_STORED, durable=True)
+
+
+def _datagen_stored(tmp_path: Path) -> list[StoredInstance]:
+    """Instances as the benches store them (64x64 images, the full index attribute set)."""
+    from pacsnode.node.codec import to_stored
+    from pacsnode.node.ingest import instance_from_part10
+    from pacsnode.sim import datagen
+
+    spec = datagen.StudySetSpec(patients=8, rows=64, cols=64, seed=5)
+    result = []
+    for entry in datagen.write_study_set(spec, tmp_path / "studies"):
+        part10 = Path(entry["path"]).read_bytes()
+        length = int.from_bytes(part10[140:144], "little")  # (0002,0000) group length, explicit VR LE.
+        result.append(to_stored(instance_from_part10(part10, 144 + length, entry["transfer_syntax_uid"])))
+    return result
+
+
+def test_a_small_copy_to_another_site_is_sent_compressed(tmp_path: Path) -> None:
+    """Through a byte-counting proxy: copies to a node of another site cross in fewer bytes
+    than the same copies to a node of this site, and arrive the same."""
+    from pacsnode.sim.faultproxy import FaultProxy
+
+    stored_list = _datagen_stored(tmp_path)
+
+    async def run(proxy: FaultProxy) -> None:
+        server = grpc.aio.server()
+        data = _WholeData()
+        pb_grpc.add_DataServicer_to_server(data, server)
+        port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        await server.start()
+        members = {name: MemberInfo(node_id=name, peer_host="127.0.0.1", peer_port=port, site=site)
+                   for name, site in (("near", "east"), ("far", "west"))}
+        # One proxy link per target (both are this one server), dialled through peer routes.
+        channels = {name: Channels({f"127.0.0.1:{port}": f"127.0.0.1:{proxy.add_link(name, '127.0.0.1', port)}"})
+                    for name in members}
+        transports = {name: GrpcTransport(channels[name], members.get, _envelope, site="east") for name in members}
+        try:
+            for name, transport in transports.items():
+                for stored in stored_list:
+                    assert await transport.store(name, stored, hint_for="", timeout_ms=10_000) == "stored"
+            assert (transports["far"].compressed_stores, transports["near"].compressed_stores) == \
+                (len(stored_list), 0)
+            sent = [r.SerializeToString() for r in data.requests]
+            assert sent[:len(stored_list)] == sent[len(stored_list):]  # The same requests arrived.
+            assert [r.data for r in data.requests[:len(stored_list)]] == [s.blob for s in stored_list]
+            stats = proxy.stats()
+            assert stats["far"].bytes_forward < stats["near"].bytes_forward - 200 * len(stored_list), \
+                (stats["far"].bytes_forward, stats["near"].bytes_forward)
+        finally:
+            for channel_set in channels.values():
+                await channel_set.close()
+            await server.stop(None)
+
+    with FaultProxy() as proxy:
+        asyncio.run(run(proxy))

@@ -7,6 +7,7 @@ the per-site policy.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from collections import Counter
@@ -34,8 +35,14 @@ FAST = [
 ]
 
 
-def expected_owners(study_uid: str) -> tuple[str, ...]:
-    ring = Ring("pacsnode", [Member(node_id=n, site=s, host=socket.gethostname()) for n, s in SITES.items()])
+def token_salts(root: Path) -> dict[str, int]:
+    """Each node's token salt, as it chose it at its first start and keeps it (identity.json)."""
+    return {name: int(json.loads((root / name / "identity.json").read_text())["token_salt"]) for name in SITES}
+
+
+def expected_owners(study_uid: str, salts: dict[str, int]) -> tuple[str, ...]:
+    ring = Ring("pacsnode", [Member(node_id=n, site=s, host=socket.gethostname(), token_salt=salts[n])
+                             for n, s in SITES.items()])
     return ring.owners_of_study(study_uid, POLICY)
 
 
@@ -84,8 +91,12 @@ def test_each_study_has_its_copies_in_every_site(cluster: list[NodeProcess], roo
 
     by_id = {n.node_id: n for n in cluster}
     studies = {m["study_uid"] for m in manifest}
+    # Token salts, chosen at each node's first start (ring/token_choice.py): a1 had no seed
+    # (salt 1); the others chose theirs against the ring a1 reported.
+    salts = token_salts(root)
+    assert salts["a1"] == 1 and all(1 <= salt <= 16 for salt in salts.values()), salts
     for study in studies:
-        owners = expected_owners(study)
+        owners = expected_owners(study, salts)
         per_site = Counter(SITES[o] for o in owners)
         assert per_site == Counter({"site1": 2, "site2": 1, "site3": 1}), (study, owners)
         sops = {m["sop_uid"] for m in manifest if m["study_uid"] == study}
@@ -100,6 +111,8 @@ def test_each_study_has_its_copies_in_every_site(cluster: list[NodeProcess], roo
     ownership = {n["node_id"]: n["ring_ownership"] for n in data["nodes"]}
     assert ownership["a1"] == ownership["a2"] == 1.0  # Two copies in a two-node site: each holds all.
     assert ownership["b1"] + ownership["b2"] == pytest.approx(1.0, abs=1e-3)
+    # Chosen salts balance each site: the fullest node holds <= 1.25x the site's mean (0.5).
+    assert max(ownership["b1"], ownership["b2"], ownership["c1"], ownership["c2"]) <= 0.625, ownership
 
 
 @pytest.mark.parametrize("placement", [

@@ -42,13 +42,14 @@ def members_for(node_id: str) -> st.SearchStrategy[Member]:
         site=st.sampled_from(["site-a", "site-b", "site-c"]),
         host=st.sampled_from(["", "", "host-1", "host-2"]),
         vnodes=st.integers(min_value=1, max_value=6),
+        token_salt=st.sampled_from([0, 0, 1, 7]),
     )
 
 
 def reference_preference_list(ring: Ring, token: int, n: int) -> tuple[str, ...]:
     """The rule as DESIGN states it, done slowly: walk, then greedy passes by failure domain."""
     vnodes = sorted(
-        (vnode_token(ring.cluster_id, m.node_id, i), m.node_id)
+        (vnode_token(ring.cluster_id, m.node_id, i, m.token_salt), m.node_id)
         for m in ring.members
         for i in range(m.vnodes)
     )

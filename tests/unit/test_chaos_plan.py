@@ -115,3 +115,24 @@ def test_a_delete_is_judged_by_its_typed_outcome_and_only_deleted_counts_as_dele
         assert [s.sop_uid for s in oplog.deleted_studies()["1.2.3"]] == ["1.2.3.0"]
         assert oplog.unclear == {"1.2.3.1"}
         oplog.close()
+
+
+def test_health_does_not_count_a_copy_on_its_way_as_a_hint_held_back() -> None:
+    """Stop 22: 'c4 held 4 hints 45 s after the cut' were the remote copies of the study being
+    stored through c4 at that instant (local write scope), not hints held back."""
+    from pacsnode.proto import pacsnode_pb2 as pb
+    from pacsnode.sim.chaos import HINT_IN_FLIGHT_MS, local_health_problem
+
+    now_ms = 1_800_000_000_000
+    fresh = pb.LocalStats(hint_count=6, hints_by_owner=[
+        pb.HintSummary(owner_id="c3", hint_count=3, oldest_stored_at_ms=now_ms - 300),
+        pb.HintSummary(owner_id="c6", hint_count=3, oldest_stored_at_ms=now_ms - 900)])
+    assert local_health_problem(fresh, now_ms) is None
+    stale = pb.LocalStats(hint_count=6, hints_by_owner=[
+        pb.HintSummary(owner_id="c3", hint_count=3, oldest_stored_at_ms=now_ms - 300),
+        pb.HintSummary(owner_id="c6", hint_count=3, oldest_stored_at_ms=now_ms - HINT_IN_FLIGHT_MS - 1)])
+    assert "3 older than" in (local_health_problem(stale, now_ms) or "")
+    tombstones = pb.LocalStats(hint_count=2)  # Hints with no age in the summary still count.
+    assert local_health_problem(tombstones, now_ms) is not None
+    assert local_health_problem(pb.LocalStats(under_replicated_study_count=1), now_ms) is not None
+    assert local_health_problem(pb.LocalStats(), now_ms) is None

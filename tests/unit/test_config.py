@@ -88,6 +88,7 @@ write_quorum_mode = "sloppy"
 read_quorum = 3
 read_fault_window_ms = 30000
 vnodes = 16
+token_salt = 3
 seeds = ["10.0.0.1:7001", "[::1]:7002"]
 advertise_host = "archive7.example"
 peer_routes = ["10.0.0.2:7001=127.0.0.1:9001"]
@@ -146,6 +147,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.malloc_trim_threshold_bytes == 0
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
+    assert config.token_salt == 3
     assert config.log_level == "debug"
     assert config.seeds == ("10.0.0.1:7001", "[::1]:7002") and config.advertise_host == "archive7.example"
     assert config.peer_host == "archive7.example"
@@ -244,6 +246,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"node_id": "no spaces"}, "node_id must be"),
         ({"node_id": ""}, "node_id must be"),
         ({"vnodes": 0}, "vnodes must be >= 1"),
+        ({"token_salt": -2}, "token_salt must be -1"),
         ({"max_pdu_bytes": 100}, "max_pdu_bytes must be 0 (unlimited) or >= 4096"),
         ({"max_associations": 0}, "max_associations must be >= 1"),
         ({"dicom_workers": -1}, "dicom_workers must be >= 0"),

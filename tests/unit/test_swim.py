@@ -750,6 +750,38 @@ def test_site_rail_never_removes_a_whole_site() -> None:
     assert cluster.run_until_true(cluster.converged, 20_000)
 
 
+def test_a_healed_site_cut_removes_no_member() -> None:
+    """Chaos run 02:04 UTC, stop 22 (3 sites x 2 nodes, site3 cut 18.4 s, dead grace 10 s): at
+    the heal the side that saw site3 dead heard c3 alive first, the site rail let go of c6
+    (dead past its grace) before c6 could refute, and c6 was removed; the cut side did the
+    same to c2. A member a rail held back gets a fresh grace once the rail lets go."""
+    sites = ["site1", "site2", "site3"] * 2
+    for seed in range(6):
+        cluster = SwimCluster(6, SwimConfig.local(dead_grace_ms=2_000), seed=seed, bootstrap="full", sites=sites)
+        cluster.run_for(1_000)
+        cut = ["node-02", "node-05"]
+        rest = [n for n in cluster.running() if n not in cut]
+        cluster.partition(rest, cut)
+        cluster.run_for(15_000)
+        assert cluster.agree("node-02", State.DEAD, rest) and cluster.agree("node-05", State.DEAD, rest)
+        # 4 of 6 alive: the ring rail holds them (the site rail too).
+        assert set(cluster.swim("node-00").removal_blocked_reasons()) == {"node-02", "node-05"}
+        healed_ms = cluster.now_ms
+        # Links come back one at a time: node-02 is heard alive a moment before node-05.
+        cluster.heal()
+        cluster.partition([n for n in cluster.running() if n != "node-05"], ["node-05"])
+        cluster.run_for(500)
+        cluster.heal()
+        assert cluster.run_until_true(cluster.converged, 20_000), seed
+        removed = cluster.transitions(state=State.REMOVED, after_ms=healed_ms)
+        assert removed == [], (seed, removed)
+        for observer in cluster.running():
+            for node_id in cluster.running():
+                record = cluster.swim(observer).record(node_id)
+                assert record is not None and (record.state, record.generation) == (State.ALIVE, 1), (seed, observer)
+        cluster.close()
+
+
 def test_partition_heals_through_push_pull() -> None:
     cluster = SwimCluster(10, SwimConfig.local(dead_grace_ms=600_000), seed=13, bootstrap="full")
     cluster.run_for(1_000)
