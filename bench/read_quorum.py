@@ -1,26 +1,25 @@
-"""What read_quorum costs (by hand, not CI): C-FIND and C-GET on 5 real nodes, R=1 vs R=2.
+"""What read_quorum and scatter_read_quorum cost (by hand, not CI): C-FIND and C-GET on 5 real nodes, R=1 vs R=2.
 
     .venv/bin/python bench/read_quorum.py [--quorums 1,2] [--studies 12] [--per-study 20]
                                           [--repeats 30] [--fault pause|kill] [--fault-s 24]
                                           [--after-s 16] [--rounds 1]
 
 For each R: five `pacsnode start` processes on loopback (NodeProcess, as bench/cluster.py;
-N=3 W=2, every other setting at its default, membership profile lan), a study set stored
-through the first node with storescu, then one target study read through a node that
-does not own it (the usual case of a viewer's node) in three phases:
+N=3 W=2, `--read-quorum R --scatter-read-quorum R`, every other setting at its default:
+strict writes, membership profile lan), a study set stored through the first node with
+storescu, then one target study read through a node that does not own it (the usual
+case of a viewer's node) in three phases:
 
-- quiet: after read_fault_window_ms (60 s) has passed since the last membership change
-  (the bench polls every node's pacsnode_membership_transitions counter), so R alone
-  decides who is asked;
+- quiet: as soon as every node sees the 5 members alive (with strict writes, the
+  default, no fault window applies: read_fault_window_ms is for sloppy writes only);
 - fault: one owner of the study (the first the entry node asks) is paused with SIGSTOP
   (or killed with --fault kill) for --fault-s seconds, reads going on all the while;
-- after: the owner is back (SIGCONT / restarted), within the fault window (the node asks
-  the study's stand-ins for hints too).
+- after: the owner is back (SIGCONT / restarted).
 
 Operations, one association each (as a viewer opens them): C-FIND STUDY level by
-StudyInstanceUID (routed to the study's owners: R of them), C-FIND STUDY level by
-PatientID (no study key: one replica per token range whatever R is), and C-GET of the
-study. For each: latency p50/p95, answers that were Success and complete, flagged
+StudyInstanceUID (routed to the study's owners: read_quorum of them), C-FIND STUDY level
+by PatientID (no study key: a scatter, scatter_read_quorum owners per token range; complete
+when every study of the patient is there with its count), and C-GET of the study. For each: latency p50/p95, answers that were Success and complete, flagged
 (0xC001 / 0xB000: a shortfall said, never Success), stale (Success but incomplete: must
 be 0), and peer requests per request: the entry node's remote queries + remote fetches
 (+ read-repair copies), from its /metrics (pacsnode_replication_query_peers,
@@ -61,7 +60,6 @@ from pacsnode.sim.process import NodeProcess, wait_until  # noqa: E402
 
 NAMES = ("q1", "q2", "q3", "q4", "q5")
 N = 3
-FAULT_WINDOW_S = 60.0  # read_fault_window_ms's default (node/config.py); the bench does not change it.
 PEER_COUNTERS = ("pacsnode_replication_query_peers_total", "pacsnode_replication_fetch_peers_total",
                  "pacsnode_replication_read_repairs_total")
 OPS = ("find-study", "find-patient", "get")
@@ -80,27 +78,6 @@ def metric_values(node: NodeProcess) -> dict[str, float]:
 def peer_requests(node: NodeProcess) -> float:
     values = metric_values(node)
     return sum(values.get(name, 0.0) for name in PEER_COUNTERS)
-
-
-def transitions(nodes: list[NodeProcess]) -> tuple[float, ...]:
-    return tuple(metric_values(n).get("pacsnode_membership_transitions_total", 0.0) for n in nodes if n.alive)
-
-
-def wait_quiet(nodes: list[NodeProcess], *, timeout_s: float = 240.0) -> tuple[float, bool]:
-    """Wait until no node has seen a membership transition for the fault window (+2 s):
-    (seconds waited, whether it got there; on a loaded machine false suspicions can keep
-    the window open, and the quiet phase is then measured inside it, as the table says)."""
-    started = time.monotonic()
-    last = transitions(nodes)
-    changed = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        time.sleep(1.0)
-        now = transitions(nodes)
-        if now != last:
-            last, changed = now, time.monotonic()
-        elif time.monotonic() - changed >= FAULT_WINDOW_S + 2:
-            return time.monotonic() - started, True
-    return time.monotonic() - started, False
 
 
 @dataclass
@@ -138,7 +115,7 @@ class Target:
     patient_id: str
     sop_uids: set[str]
     contexts: list[tuple[str, str]]
-    other_studies_of_patient: int
+    patient_studies: dict[str, int]  # Every study of the patient: its instance count.
 
 
 def one_op(op: str, entry: NodeProcess, target: Target) -> tuple[str, int]:
@@ -155,7 +132,8 @@ def one_op(op: str, entry: NodeProcess, target: Target) -> tuple[str, int]:
     found, status = clients.find(entry.dicom_port, keys)
     if status == 0x0000:
         counts = {str(d.StudyInstanceUID): int(d.get("NumberOfStudyRelatedInstances", 0) or 0) for d in found}
-        complete = counts.get(target.study_uid, 0) >= len(target.sop_uids)
+        wanted = target.patient_studies if op == "find-patient" else {target.study_uid: len(target.sop_uids)}
+        complete = all(counts.get(uid, 0) >= count for uid, count in wanted.items())
         return ("ok" if complete else "stale"), status
     return ("flagged" if status == 0xC001 else "failed"), status
 
@@ -189,6 +167,7 @@ def start_cluster(root: Path, read_quorum: int) -> list[NodeProcess]:
                                extra_args=["--log-level", "WARNING",
                                            "--replication-factor", str(N), "--write-quorum", "2",
                                            "--read-quorum", str(read_quorum),
+                                           "--scatter-read-quorum", str(read_quorum),
                                            "--token-salt", "0"])  # The ring expected owners come from.
             node.start(timeout_s=120)  # A loaded machine starts a node slowly.
             nodes.append(node)
@@ -229,9 +208,12 @@ def run_quorum(read_quorum: int, args: argparse.Namespace, data: Path, manifest:
             raise RuntimeError(f"storescu stored {len(acked)} of {len(manifest)} (exit {code.returncode})")
         study_uid = manifest[0]["study_uid"]
         entries = [e for e in manifest if e["study_uid"] == study_uid]
+        patient_studies: dict[str, int] = {}
+        for e in manifest:
+            if e["patient_id"] == entries[0]["patient_id"]:
+                patient_studies[e["study_uid"]] = patient_studies.get(e["study_uid"], 0) + 1
         target = Target(study_uid, entries[0]["patient_id"], {e["sop_uid"] for e in entries},
-                        [(e["sop_class_uid"], e["transfer_syntax_uid"]) for e in entries],
-                        len({e["study_uid"] for e in manifest if e["patient_id"] == entries[0]["patient_id"]}) - 1)
+                        [(e["sop_class_uid"], e["transfer_syntax_uid"]) for e in entries], patient_studies)
         by_name = {n.node_id: n for n in nodes}
         wait_until(lambda: sum(1 for n in nodes if local_sop_uids(n.peer_address, study_uid) == target.sop_uids) >= N,
                    60, 0.5)
@@ -240,11 +222,10 @@ def run_quorum(read_quorum: int, args: argparse.Namespace, data: Path, manifest:
         entry = next(n for n in nodes if n.node_id not in holders)
         victim = by_name[owners[0]]
         print(f"R={read_quorum}: {len(acked)} stored; study of {len(entries)} instances on {owners}; entry "
-              f"{entry.node_id}; fault on {victim.node_id}; waiting for the fault window to pass", flush=True)
-        waited, quiet_reached = wait_quiet(nodes)
+              f"{entry.node_id}; fault on {victim.node_id}", flush=True)
         load = os.getloadavg()[0]
         quiet = run_phase("quiet", entry, target, repeats=args.repeats)
-        print(f"  quiet done (waited {waited:.0f} s first; outside the fault window: {quiet_reached})", flush=True)
+        print("  quiet done", flush=True)
         if args.fault == "pause":
             victim.pause()
         else:
@@ -260,8 +241,7 @@ def run_quorum(read_quorum: int, args: argparse.Namespace, data: Path, manifest:
         after = run_phase("after", entry, target, until=lambda: time.monotonic() >= after_ends)
         phases = [quiet, fault, after]
         return {"read_quorum": read_quorum, "entry": entry.node_id, "owners": owners, "victim": victim.node_id,
-                "instances": len(entries), "load_1min_before_quiet": load, "waited_for_quiet_s": waited,
-                "quiet_outside_fault_window": quiet_reached,
+                "instances": len(entries), "load_1min_before_quiet": load, "load_1min_at_end": os.getloadavg()[0],
                 "phases": {p.name: {op: p.row(op) for op in OPS} for p in phases},
                 "samples": {p.name: [vars(s) for s in p.samples] for p in phases}}
     finally:
@@ -270,11 +250,11 @@ def run_quorum(read_quorum: int, args: argparse.Namespace, data: Path, manifest:
             node.stop()
 
 
-PHASE_TEXT = {"quiet": "quiet", "fault": "owner {fault}d", "after": "owner back (fault window)"}
+PHASE_TEXT = {"quiet": "quiet", "fault": "owner {fault}d", "after": "owner back"}
 
 
 def table(results: list[dict[str, Any]], fault: str) -> str:
-    lines = ["| R | phase | operation | n | p50 ms | p95 ms | ok | flagged | stale | peer requests / request |",
+    lines = ["| R (read_quorum = scatter_read_quorum) | phase | operation | n | p50 ms | p95 ms | ok | flagged | stale | peer requests / request |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         for phase, rows in result["phases"].items():
@@ -283,8 +263,6 @@ def table(results: list[dict[str, Any]], fault: str) -> str:
                 p95 = f"{row['p95_ms']:.0f}" if row["p95_ms"] is not None else "-"
                 peers = f"{row['peers_per_request']:.1f}" if row["peers_per_request"] is not None else "-"
                 name = PHASE_TEXT[phase].format(fault=fault)
-                if phase == "quiet" and not result["quiet_outside_fault_window"]:
-                    name += " (inside the fault window: membership never quiet for 60 s)"
                 lines.append(f"| {result['read_quorum']} | {name} | {op} | "
                              f"{row['n']} | {p50} | {p95} | {row['ok']} | {row['flagged']} | "
                              f"**{row['stale']}** | {peers} |")
@@ -293,7 +271,7 @@ def table(results: list[dict[str, Any]], fault: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quorums", default="1,2", help="read_quorum values, run in turn")
+    parser.add_argument("--quorums", default="1,2", help="R values (read_quorum and scatter_read_quorum), run in turn")
     parser.add_argument("--studies", type=int, default=12)
     parser.add_argument("--per-study", type=int, default=20, help="instances per study (2 series)")
     parser.add_argument("--rows", type=int, default=64)
@@ -318,7 +296,9 @@ def main() -> int:
         print(f"\n5 nodes, N=3 W=2, default settings (profile lan); {len(manifest)} instances ({args.rows}x{args.rows}) in "
               f"{len({e['study_uid'] for e in manifest})} studies; one study of {results[0]['instances']} read "
               f"through a node that does not own it; fault: an owner {args.fault}d for {args.fault_s:.0f} s; "
-              f"2 cores shared with other work (noisy)\n")
+              f"2 cores shared with other work (noisy); 1-min load "
+              + ", ".join(f"R={r['read_quorum']}: {r['load_1min_before_quiet']:.1f} at start, {r['load_1min_at_end']:.1f} "
+                          f"at end" for r in results) + "\n")
         print(table(results, args.fault))
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)

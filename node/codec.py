@@ -96,7 +96,8 @@ def to_stored(instance: Instance, *, now_ms: int | None = None, level: int = ZST
         version_node=version.node,
     )
     blob = instance.blob or compress(instance.part10, level)
-    return StoredInstance(record=record, attributes=dict(instance.attributes), blob=blob)
+    return StoredInstance(record=record, attributes=dict(instance.attributes), blob=blob,
+                          blob_file=instance.blob_file)
 
 
 # Our Implementation Class UID (2.25 form from a fixed UUID) and version, written into the

@@ -107,7 +107,8 @@ class NodeConfig:
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
-    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, the compressed copy of a spooled one while it is stored, and instances C-GET/C-MOVE read ahead of the one being sent); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
+    blob_file_bytes_min: int = setting(8 * 1024**2, "A stored instance whose compressed blob is this large or larger (or that was spooled) is kept as a file under data_dir/store/blobs, beside RocksDB, and C-GET/C-MOVE/WADO-RS stream it from there in chunks.")
+    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and instances C-GET/C-MOVE read ahead of the one being sent; a spooled instance is compressed into a blob file and a blob file is streamed, so neither holds any; with DICOM worker processes a spooled instance's compressed copy is held and counted); a C-STORE that would go over it is answered 0xA700.")
     malloc_trim_threshold_bytes: int = setting(128 * 1024**2, "Freed memory each glibc malloc arena keeps for reuse before it returns any to the kernel (M_TRIM_THRESHOLD; buffers below 4 MiB then come from the heap, M_MMAP_THRESHOLD): instance buffers are reused instead of being faulted in page by page, at the cost of resident memory. 0 = glibc's defaults. No effect on another C library.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
@@ -141,6 +142,7 @@ class NodeConfig:
         "0xA701, and R + W > N makes named reads exact) or sloppy (a stand-in's hint counts too: stores succeed "
         "with one owner reachable, but named reads must ask stand-ins, see read_fault_window_ms).")
     read_quorum: int = setting(2, "R: owners a request that names a study asks and merges (with strict writes and R + W > N: every acknowledged instance is seen; 1 = faster, may miss writes right after a fault).")
+    scatter_read_quorum: int = setting(2, "R per token range for a query with no study key (a patient's studies by PatientID, a worklist by date): each range is asked of this many owners and their answers merged; a study one owner lists and another lacks is read again by its key, with read repair, so counts are those of the merged set. With strict writes and R + W > N: every acknowledged study is found; 1 = one owner per range, fewer peer queries, may miss a study stored seconds ago through a fault.")
     read_fault_window_ms: int = setting(60_000, "Sloppy writes only: after any membership change (a member suspected, dead, restarted, back, leaving), requests that name a study also ask the study's stand-ins for hints this long, and flag the study when one cannot be asked: an owner can look alive yet lack an instance acknowledged through hints until replay delivers it. 0 = only when an owner is down. Not used with strict writes.")
     vnodes: int = setting(64, "V: virtual nodes (ring tokens) per node; weight.")
     token_salt: int = setting(-1, "Which token set this node takes on the ring (its vnode tokens hash it with its node id). -1 = chosen at the node's first start, against the ring its seeds report, as the set that balances its site best (ring/token_choice.py; 0 when a seed is from before salts or none answers), then kept in DATA_DIR/identity.json; a data dir from before salts keeps 0. 0 = the tokens of before salts (random); N > 0 = that set (tests that compute placement themselves). A node never changes its salt: a value other than the one its data dir keeps is refused.")
@@ -213,6 +215,8 @@ class NodeConfig:
             )
         if self.read_quorum < 1:  # Above N it is capped at N, like W with fewer nodes than N.
             raise ConfigError(f"read_quorum must be >= 1, got {self.read_quorum}")
+        if self.scatter_read_quorum < 1:  # Capped at N too.
+            raise ConfigError(f"scatter_read_quorum must be >= 1, got {self.scatter_read_quorum}")
         if self.vnodes < 1:
             raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
         if self.token_salt < -1:
@@ -235,6 +239,7 @@ class NodeConfig:
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
                      "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
                      "health_probe_interval_ms", "dataset_spool_threshold_bytes", "inflight_instance_bytes_max",
+                     "blob_file_bytes_min",
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -53,7 +53,7 @@ from pacsnode.replication.model import (
     with_version,
 )
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
-from pacsnode.replication.query import aggregate_patients
+from pacsnode.replication.query import aggregate_patients, wants_patient_counts, with_patient_counts
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import Replication, Ring, replica_total
@@ -73,7 +73,7 @@ RESTAMPS_MAX = 3
 
 def restamped(stored: StoredInstance, version: Version) -> StoredInstance:
     return StoredInstance(record=with_version(stored.record, version), attributes=stored.attributes,
-                          blob=stored.blob)
+                          blob=stored.blob, blob_file=stored.blob_file)
 
 
 class WriteScope(enum.Enum):
@@ -122,6 +122,7 @@ class CoordinatorSettings:
     query_timeout_ms: int = 60_000  # One peer's query stream.
     replica_start_timeout_ms: int = 2_000  # A replica silent this long on a query or fetch is passed over.
     read_quorum: int = 2  # R: owners asked by a request that names a study (R + W > N: reads see acked writes).
+    scatter_read_quorum: int = 2  # R per token range of a query with no study key (NodeConfig has the why).
     read_fault_window_ms: int = 60_000  # Sloppy mode: after a membership change, named reads also ask stand-ins.
     reconcile_instances_max: int = 256  # A read repairs at most this many instances before it answers.
     bytes_per_second_min: int = 20_000_000  # Deadlines grow with size at this rate.
@@ -680,8 +681,8 @@ class Coordinator:
         self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
 
     def _gather(self, query: Query) -> Gather | RoutedGather:
-        """The fan-out for `query`: only the owners of the studies it names, else one
-        live owner per token range."""
+        """The fan-out for `query`: only the owners of the studies it names, else
+        scatter_read_quorum live owners per token range."""
         context = self._read_context()
         uids = study_keys(query)
         if uids is not None:
@@ -689,12 +690,13 @@ class Coordinator:
             return RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
                                 read_quorum=self._settings.read_quorum, reconcile=self.reconcile_study)
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
-        return Gather(context, query, range_pieces(context.ring, context.n), routed=False)
+        return Gather(context, query, range_pieces(context.ring, context.n), routed=False,
+                      read_quorum=self._settings.scatter_read_quorum, reconcile=self.reconcile_study)
 
     async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises
         IncompleteAnswer after the last row when part of the archive could not be asked."""
-        if query.level == "PATIENT":
+        if query.level == "PATIENT" or wants_patient_counts(query):
             study_rows: list[Attributes] = []
             shortfall: IncompleteAnswer | None = None
             try:
@@ -702,7 +704,8 @@ class Coordinator:
                     study_rows.append(row)
             except IncompleteAnswer as error:
                 shortfall = error
-            for row in aggregate_patients(study_rows):
+            fold = aggregate_patients if query.level == "PATIENT" else with_patient_counts
+            for row in fold(study_rows):
                 yield row
             if shortfall is not None:
                 raise shortfall

@@ -17,19 +17,22 @@ in all) and every task is cancelled when the consumer stops iterating.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import dataclasses
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 from pacsnode.replication.archive import IncompleteAnswer, Shortfall
 from pacsnode.replication.correction import newest_correction, with_correction
-from pacsnode.replication.matching import Query
+from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes
-from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order
-from pacsnode.replication.query import unique_key
+from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order, study_pieces
+from pacsnode.replication.query import COUNT_ONLY, unique_key
 from pacsnode.replication.transport import LocalReplica, Transport, cancelled_by_caller
 from pacsnode.ring.placement import Replication, Ring, TokenRange
+from pacsnode.ring.tokens import study_token
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +82,41 @@ class _Call:
 
 
 class Gather:
-    """Iterate `rows()`: each matching row once; IncompleteAnswer after the last when
-    some piece could not be asked."""
+    """The fan-out of a query with no study key: `read_quorum` (R) live owners per token
+    range. Iterate `rows()`: each matching row once; IncompleteAnswer after the last when
+    some range (or, R > 1, some study rechecked) could not get R owners to answer.
 
-    def __init__(self, context: ReadContext, query: Query, pieces: Sequence[Piece], *, routed: bool) -> None:
+    R = 1: each range is asked of its nearest live owner and rows stream out as they come.
+    R > 1 (`scatter_read_quorum`): each range is asked of its R nearest live owners at
+    once; a row goes out as soon as R owners gave the same row. What is left at the end
+    (a study one owner listed and another did not, or whose rows differ: an owner missed
+    writes, a delete or a correction) is read again as a request naming those studies
+    (`RoutedGather` over the same owners), which copies what one owner has to the others
+    (read repair) and answers with counts of the merged set. A range with fewer than R
+    owners answering is flagged, as a named study is."""
+
+    def __init__(self, context: ReadContext, query: Query, pieces: Sequence[Piece], *, routed: bool,
+                 read_quorum: int = 1, reconcile: "Reconcile | None" = None) -> None:
         self._context = context
         self._query = query
         self._pieces = list(pieces)
         self._routed = routed  # Pieces are studies: narrow each call's study key to its own.
-        self._tried: list[set[str]] = [set() for _ in self._pieces]
+        self._needed = [max(1, min(read_quorum, quorum_owners(context, p))) for p in self._pieces]
+        if any(needed > 1 for needed in self._needed) and reconcile is None:
+            raise ValueError("a scatter with read_quorum > 1 needs reconcile (it rechecks studies that differ)")
+        self._read_quorum = read_quorum
+        self._reconcile = reconcile
+        self._asked: list[set[str]] = [set() for _ in self._pieces]
+        self._answered: list[set[str]] = [set() for _ in self._pieces]
+        self._failed: list[set[str]] = [set() for _ in self._pieces]
+        self._excluded: list[set[str]] = [set() for _ in self._pieces]
         self._unreachable: set[int] = set()
+        self._ends = sorted((p.token_range.end, i) for i, p in enumerate(self._pieces))
         self._queue: asyncio.Queue[tuple[int, list[Attributes] | None, str | None]] = asyncio.Queue(maxsize=8)
         self._calls: dict[int, _Call] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._serial = itertools.count()
+        self._recheck_shortfall = Shortfall()
         self.peers_asked: set[str] = set()
 
     # ----------------------------------------------------------------- planning
@@ -104,18 +128,27 @@ class Gather:
         return set()
 
     def _assign(self, indexes: Sequence[int]) -> dict[str, list[int]]:
-        """Pieces by the owner to ask next; the ones with no owner left become unreachable."""
+        """Owners to ask next, so that each piece has R answered or in flight; the pieces
+        that cannot get there become unreachable."""
         context = self._context
         plan: dict[str, list[int]] = {}
         lost: list[int] = []
         for index in indexes:
-            chosen = next_reader(self._pieces[index], context.self_id, context.is_alive, context.site_of,
-                                 self._tried[index], context.slow)
-            if chosen is None:
-                lost.append(index)
-            else:
-                self._tried[index].add(chosen)
+            asked, answered, failed = self._asked[index], self._answered[index], self._failed[index]
+            in_flight = len(asked - answered - failed)
+            wanted = self._needed[index] - len(answered) - in_flight
+            excluded = asked | self._excluded[index]
+            while wanted > 0:
+                chosen = next_reader(self._pieces[index], context.self_id, context.is_alive, context.site_of,
+                                     excluded, context.slow)
+                if chosen is None:
+                    break
+                excluded.add(chosen)
+                asked.add(chosen)
                 plan.setdefault(chosen, []).append(index)
+                wanted -= 1
+            if wanted > 0 and index not in self._unreachable:
+                lost.append(index)
         if lost:
             self._lose(lost)
         return plan
@@ -150,16 +183,25 @@ class Gather:
         self._tasks[key] = asyncio.ensure_future(
             pump_rows(self._context, self._queue, key, node_id, query, ranges, hints))
 
+    def _piece_of(self, row: Attributes) -> int:
+        """The piece (token range) that holds the row's study."""
+        token = study_token(str(row.get("StudyInstanceUID", "")))
+        at = bisect.bisect_left(self._ends, (token, -1))
+        return self._ends[at % len(self._ends)][1]  # Past the last end: the range that wraps.
+
     # ----------------------------------------------------------------- the answer
     async def rows(self) -> AsyncIterator[Attributes]:
         level = "STUDY" if self._query.level == "PATIENT" else self._query.level
         seen: set[tuple[str, ...]] = set()
         held: list[Attributes] = []
+        # R > 1: rows not yet given alike by R owners: identity -> (row, owners that gave it, differs).
+        waiting: dict[tuple[str, ...], _Waiting] = {}
         starts = list(range(len(self._pieces)))
         for index in starts:
-            self._tried[index].update(self._excluded_at_start(index))
+            self._excluded[index].update(self._excluded_at_start(index))
         for node_id, pieces in self._assign(starts).items():
             self._launch(node_id, pieces, hints=False)
+        shortfall = Shortfall()
         try:
             while any(not task.done() for task in self._tasks.values()) or not self._queue.empty():
                 key, batch, error = await self._queue.get()
@@ -169,32 +211,138 @@ class Gather:
                         held.extend(batch)
                         continue
                     for row in batch:
-                        identity = unique_key(level, row)
-                        if identity not in seen:
+                        identity = _identity(level, row)
+                        if identity in seen:
+                            continue
+                        if call.hints:
+                            seen.add(identity)
+                            yield row
+                            continue
+                        index = self._piece_of(row)
+                        entry = waiting.get(identity)
+                        if entry is None:
+                            entry = waiting[identity] = _Waiting(row, index)
+                        elif row != entry.row:
+                            entry.differs = True
+                        entry.owners.add(call.node_id)
+                        if not entry.differs and len(entry.owners) >= self._needed[index]:
+                            del waiting[identity]
                             seen.add(identity)
                             yield row
                     continue
-                if error is None or call.hints:
+                if call.hints:
                     if error is not None:
                         log.info("replication.find.hint_holder_failed node=%s error=%s", call.node_id, error)
+                    continue
+                if error is None:
+                    for index in call.pieces:
+                        self._answered[index].add(call.node_id)
                     continue
                 log.warning("replication.find.replica_failed node=%s pieces=%d error=%s",
                             call.node_id, len(call.pieces), error)
                 self._context.count("query_replans")
+                for index in call.pieces:
+                    self._failed[index].add(call.node_id)
                 for node_id, pieces in self._assign(call.pieces).items():
                     self._launch(node_id, pieces, hints=False)
+            # What R owners did not give alike. A range that could not get R owners is
+            # flagged anyway: its rows go out as they are. Elsewhere an owner that answered
+            # lacks the study or holds it otherwise: read it again by its study key.
+            recheck: dict[str, list[_Waiting]] = {}
+            for identity, entry in waiting.items():
+                if identity[-1:] == ("count-only",) and identity[:-1] in seen:
+                    # PATIENT level: the study's own row went out (R owners agreed), and it
+                    # counts the study; this one came from an owner whose call also held a
+                    # matching study of the patient (calls group ranges differently).
+                    continue
+                if entry.index in self._unreachable:
+                    seen.add(identity)
+                    yield entry.row
+                else:
+                    recheck.setdefault(str(entry.row.get("StudyInstanceUID", "")), []).append(entry)
+            if recheck:
+                async for row in self._recheck(recheck, seen, level):
+                    yield row
+                shortfall = self._recheck_shortfall
             for row in held:
-                identity = unique_key(level, row)
+                identity = _identity(level, row)
                 if identity not in seen:
                     seen.add(identity)
                     yield row
         finally:
             for task in self._tasks.values():
                 task.cancel()
-        if self._unreachable:
+        if self._unreachable or shortfall:
             if self._routed:
-                raise IncompleteAnswer(Shortfall(studies=len(self._unreachable)))
-            raise IncompleteAnswer(Shortfall(ranges=len(self._unreachable)))
+                raise IncompleteAnswer(Shortfall(studies=len(self._unreachable)) + shortfall)
+            raise IncompleteAnswer(Shortfall(ranges=len(self._unreachable)) + shortfall)
+
+    async def _recheck(self, entries: dict[str, list["_Waiting"]], seen: set[tuple[str, ...]],
+                       level: str) -> AsyncIterator[Attributes]:
+        """The studies R owners answered differently, asked again by their study key (R
+        owners each, reconciled): their rows, and for a study that no longer matches there,
+        only the rows that were there to be counted (PATIENT level)."""
+        context, reconcile = self._context, self._reconcile
+        if reconcile is None:  # __init__ refuses R > 1 without it: a bug if we get here.
+            raise RuntimeError("a scatter recheck needs reconcile")
+        uids = sorted(entries)
+        context.count("scatter_rechecks")
+        for _ in uids:
+            context.count("scatter_rechecked_studies")
+        log.info("replication.find.scatter_recheck studies=%d", len(uids))
+        query = self._query
+        if query.level != "PATIENT":  # (A study key is not matched at PATIENT level: the ranges narrow it.)
+            query = dataclasses.replace(query, conditions=query.conditions + (
+                Condition("StudyInstanceUID", "UI", "\\".join(uids)),))
+        routed = RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
+                              read_quorum=self._read_quorum, reconcile=reconcile)
+        answered: set[str] = set()
+        try:
+            async for row in routed.rows():
+                answered.add(str(row.get("StudyInstanceUID", "")))
+                identity = _identity(level, row)
+                if identity not in seen:
+                    seen.add(identity)
+                    yield row
+        except IncompleteAnswer as error:
+            self._recheck_shortfall = error.shortfall
+        for uid, waiting in entries.items():
+            if uid in answered:
+                continue
+            for entry in waiting:
+                if entry.row.get(COUNT_ONLY) == "1":
+                    identity = _identity(level, entry.row)
+                    if identity not in seen:
+                        seen.add(identity)
+                        yield entry.row
+
+
+@dataclass
+class _Waiting:
+    """A scatter row seen from fewer than R owners so far (or differently by some)."""
+
+    row: Attributes
+    index: int  # Its piece.
+    owners: set[str] = field(default_factory=set)
+    differs: bool = False
+
+
+def _identity(level: str, row: Attributes) -> tuple[str, ...]:
+    """A row's identity in a scatter: its unique key, and, for the study rows of a PATIENT
+    query, whether it is there only to be counted (one owner may give both for a study)."""
+    identity = unique_key(level, row)
+    return identity + ("count-only",) if row.get(COUNT_ONLY) == "1" else identity
+
+
+def quorum_owners(context: ReadContext, piece: Piece) -> int:
+    """How many owners R is capped at: this site's (local reads, when it holds any), else all."""
+    if context.local_reads:
+        site = context.site_of(context.self_id)
+        local = [o for o in piece.owners if context.site_of(o) == site]
+        if local:
+            return len(local)
+    return len(piece.owners)
+
 
 @dataclass
 class _PieceState:

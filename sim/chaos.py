@@ -392,6 +392,7 @@ class Sent:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    patient_id: str = ""
 
 
 class DeleteVerdict(enum.Enum):
@@ -515,7 +516,8 @@ class OpLog:
 
 def _sent_of(entry: datagen.ManifestEntry) -> Sent:
     return Sent(path=entry["path"], study_uid=entry["study_uid"], sop_uid=entry["sop_uid"],
-                sop_class_uid=entry["sop_class_uid"], transfer_syntax_uid=entry["transfer_syntax_uid"])
+                sop_class_uid=entry["sop_class_uid"], transfer_syntax_uid=entry["transfer_syntax_uid"],
+                patient_id=entry["patient_id"])
 
 
 class Workload:
@@ -648,7 +650,20 @@ class Workload:
             port = self.cluster.nodes[node_id].dicom_port
             turn += 1
             started, moment = time.monotonic(), self._moment(node_id)
-            if turn % 2:
+            if turn % 3 == 2 and acked[0].patient_id:
+                # The patient's studies by PatientID: no study key, a scatter over every range.
+                patient_id = acked[0].patient_id
+                found = clients.find_studies(port, clients.patient_identifier(patient_id))
+                took = round(time.monotonic() - started, 3)
+                moment = self._entry_stayed_up(node_id, moment)
+                ok = found.final_status == 0 and not found.error
+                wanted = {uid: [s for s in sents if not self.oplog.touched(s.sop_uid)]
+                          for uid, sents in studies.items() if sents[0].patient_id == patient_id}
+                complete = all(found.instance_counts.get(uid, 0) >= len(still) for uid, still in wanted.items() if still)
+                self.oplog.record(op="find-patient", node=node_id, study=study_uid, status=found.final_status, ok=ok,
+                                  found=complete, complete=complete, error=found.error, took_s=took, **moment)
+                continue
+            if turn % 3 == 1:
                 found = clients.find_studies(port, clients.study_identifier(study_uid))
                 took = round(time.monotonic() - started, 3)
                 moment = self._entry_stayed_up(node_id, moment)
@@ -1005,7 +1020,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for kind in ("store", "find", "get"):
+    for kind in ("store", "find", "find-patient", "get"):
         mine = [o for o in ops if o["op"] == kind]
         took = [o["took_s"] for o in mine if "took_s" in o]
         up = [o for o in mine if o.get("entry_up", True)]
@@ -1025,6 +1040,12 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
                  "acked": sum(1 for o in ops if o["op"] == "store" and o.get("client") == client and o["ok"])}
         for client in ("pynetdicom", "storescu")}
     summary["find"]["ok_but_not_found"] = sum(1 for o in ops if o["op"] == "find" and o["ok"] and not o["found"])
+    summary["find-patient"]["ok_but_not_found"] = sum(1 for o in ops if o["op"] == "find-patient" and o["ok"]
+                                                      and not o["found"])
+    summary["find-patient"]["stale_through_up_node"] = sum(
+        1 for o in ops if o["op"] == "find-patient" and o["ok"] and o.get("entry_up", True) and not o["complete"])
+    summary["find-patient"]["flagged_incomplete"] = sum(1 for o in ops if o["op"] == "find-patient"
+                                                        and o["status"] == 0xC001)
     summary["get"]["stale"] = sum(1 for o in ops if o["op"] == "stale-get")
     # Read your writes (issue 16): Success without an acknowledged study, or with fewer of
     # its instances than were acknowledged before the read began, through an entry node
@@ -1039,7 +1060,7 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
     summary["get"]["flagged_incomplete"] = sum(1 for o in ops if o["op"] == "get" and o["status"] in (0xB000, 0xA702))
     by_fault: dict[str, dict[str, int]] = {}
     for fault in faults:
-        window = [o for o in ops if o["fault"] == fault.label and o["op"] in ("store", "find", "get")]
+        window = [o for o in ops if o["fault"] == fault.label and o["op"] in ("store", "find", "find-patient", "get")]
         by_fault[fault.label] = {
             "stores": sum(1 for o in window if o["op"] == "store"),
             "stores_ok": sum(1 for o in window if o["op"] == "store" and o["ok"]),
@@ -1162,10 +1183,13 @@ def format_result(result: dict[str, Any]) -> str:
                  f"during faults {store['ok_during_faults']}/{store['during_faults']}; through a node that was up "
                  f"{store['ok_through_up_node']}/{store['through_up_node']}; "
                  f"p50 {store['p50_s']} s p99 {store['p99_s']} s per study")
-    for kind in ("find", "get"):
-        o = ops[kind]
+    for kind in ("find", "find-patient", "get"):
+        o = ops.get(kind)
+        if o is None:  # A result from before find-patient was added.
+            continue
         extra = (f", {o['ok_but_not_found']} Success without the study" if kind == "find"
-                 else f", {o['stale']} Success missing an instance")
+                 else f", {o['ok_but_not_found']} Success without a study or instance of the patient"
+                 if kind == "find-patient" else f", {o['stale']} Success missing an instance")
         extra += f", {o.get('flagged_incomplete', 0)} flagged incomplete (never Success)"
         extra += f"; STALE through a node that stayed up: {o.get('stale_through_up_node', 0)}"
         lines.append(f"{kind}s: {o['ok']} ok of {o['attempted']}; during faults {o['ok_during_faults']}/"

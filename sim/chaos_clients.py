@@ -144,6 +144,16 @@ def study_identifier(study_uid: str) -> Dataset:
     return ds
 
 
+def patient_identifier(patient_id: str) -> Dataset:
+    """A STUDY-level C-FIND of a patient's studies by PatientID (no study key: a scatter)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = ""
+    ds.NumberOfStudyRelatedInstances = ""
+    return ds
+
+
 def instances_identifier(study_uid: str) -> Dataset:
     """An IMAGE-level C-FIND of one study's instances (relational: no series named)."""
     ds = Dataset()

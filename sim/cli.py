@@ -61,11 +61,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="fraction of stores that re-send an acknowledged instance unchanged")
     run.add_argument("--read-quorum", type=int, default=None,
                      help="R for requests that name a study (default: SimConfig's, 2)")
+    run.add_argument("--scatter-read-quorum", type=int, default=None,
+                     help="R per token range for queries with no study key (default: SimConfig's, 2)")
     run.add_argument("--write-quorum-mode", default="strict", choices=("strict", "sloppy"),
                      help="what counts toward W: owners' copies only, or stand-ins' hints too (default: strict)")
     run.add_argument("--site-copies", type=int, default=0,
                      help="N copies in every site with the local write scope (issue 15); 0: --replicas N over "
                      "the sites, global scope (default: 0)")
+    run.add_argument("--token-salts", action="store_true",
+                     help="each node's token salt chosen as it is added, as a real node's first start does "
+                     "(default: salt 0, the random tokens the seeded scenarios were written against)")
     run.add_argument("--json", type=Path, default=None, help="also write the full result here")
     run.add_argument("--verbose", action="store_true", help="show the nodes' own log lines (WARNING and up)")
 
@@ -85,6 +90,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="N copies in every site with the local write scope (default: 0: none)")
     sweep.add_argument("--read-quorum", type=int, default=None,
                        help="R for requests that name a study (default: SimConfig's, 2)")
+    sweep.add_argument("--scatter-read-quorum", type=int, default=None,
+                       help="R per token range for queries with no study key (default: SimConfig's, 2)")
+    sweep.add_argument("--token-salts", action="store_true",
+                       help="token salts chosen as nodes are added (default: salt 0)")
     sweep.add_argument("--write-quorum-mode", default="strict", choices=("strict", "sloppy"),
                        help="what counts toward W: owners' copies only, or stand-ins' hints too (default: strict)")
 
@@ -188,7 +197,8 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_logging(args.verbose)
     result = run_scenario(args.scenario, nodes=args.nodes, sites=args.sites, seed=args.seed, load=args.load,
                           rate_per_s=args.rate, mix=WorkloadMix(conflict=args.conflicts, duplicate=args.duplicates),
-                          config=_config(args.read_quorum, args.site_copies, args.sites, args.write_quorum_mode))
+                          config=_config(args.read_quorum, args.site_copies, args.sites, args.write_quorum_mode,
+                                         args.token_salts, args.scatter_read_quorum))
     print(format_result(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
@@ -244,29 +254,35 @@ def _task_list(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
     return tasks
 
 
-def _config(read_quorum: int | None, site_copies: int = 0, sites: int = 1, write_quorum_mode: str = "strict") -> Any:
+def _config(read_quorum: int | None, site_copies: int = 0, sites: int = 1, write_quorum_mode: str = "strict",
+            token_salts: bool = False, scatter_read_quorum: int | None = None) -> Any:
     """SimConfig for the CLI's options; None for the defaults. `site_copies` > 0: that many
     copies in each of the cluster's sites (named as SimCluster names them), local write scope."""
     from pacsnode.replication.coordinator import WriteQuorumMode, WriteScope
     from pacsnode.ring.placement import SiteReplicas
     from pacsnode.sim.cluster import SimConfig, site_names
     mode = WriteQuorumMode(write_quorum_mode)
-    if read_quorum is None and not site_copies and mode is SimConfig().write_mode:
+    if read_quorum is None and scatter_read_quorum is None and not site_copies and mode is SimConfig().write_mode \
+            and not token_salts:
         return None
     config = SimConfig(write_mode=mode) if read_quorum is None else SimConfig(read_quorum=read_quorum, write_mode=mode)
+    config = dataclasses.replace(config, token_salts=token_salts)
+    if scatter_read_quorum is not None:
+        config = dataclasses.replace(config, scatter_read_quorum=scatter_read_quorum)
     if site_copies:
         config = dataclasses.replace(config, write_scope=WriteScope.LOCAL, replication_factor=SiteReplicas.of(
             {site: site_copies for site in site_names(sites)}))
     return config
 
 
-def _worker(task: tuple[str, int, int, int, int | None, int | None, int, str]) -> dict[str, Any]:
+def _worker(task: tuple[str, int, int, int, int | None, int | None, int, str, bool, int | None]) -> dict[str, Any]:
     from pacsnode.sim.run import run_scenario
     _quiet_logging()
-    name, nodes, sites, seed, load, read_quorum, site_copies, write_quorum_mode = task
+    name, nodes, sites, seed, load, read_quorum, site_copies, write_quorum_mode, token_salts, scatter_read_quorum = task
     try:
         return run_scenario(name, nodes=nodes, sites=sites, seed=seed, load=load,
-                            config=_config(read_quorum, site_copies, sites, write_quorum_mode))
+                            config=_config(read_quorum, site_copies, sites, write_quorum_mode, token_salts,
+                                           scatter_read_quorum))
     except Exception as error:  # A crash of the harness (or of the real code) is a result too.
         return {"scenario": name, "nodes": nodes, "sites": sites, "seed": seed, "ok": False, "crashed": repr(error),
                 "checks": [], "replay": f"python -m pacsnode.sim run --scenario {name} --nodes {nodes} "
@@ -284,7 +300,8 @@ def _sweep(args: argparse.Namespace) -> int:
             if line.strip():
                 r = json.loads(line)
                 done.add((r["scenario"], r["nodes"], r["sites"], r["seed"]))
-    tasks = [t + (args.load, args.read_quorum, args.site_copies, args.write_quorum_mode)
+    tasks = [t + (args.load, args.read_quorum, args.site_copies, args.write_quorum_mode, args.token_salts,
+                  args.scatter_read_quorum)
              for t in _task_list(args) if t not in done]
     started = time.monotonic()
     print(f"sweep: {len(tasks)} runs to do ({len(done)} already in {results_path}), {args.jobs} at a time",

@@ -85,6 +85,7 @@ class SimConfig:
     write_scope: WriteScope = WriteScope.GLOBAL  # LOCAL: W counted in the receiving node's site.
     write_mode: WriteQuorumMode = WriteQuorumMode.STRICT  # SLOPPY: stand-ins' hints count toward W.
     read_quorum: int = 2  # R (requests that name a study)
+    scatter_read_quorum: int = 2  # R per token range (queries with no study key)
     read_fault_window_ms: int = 60_000
     vnodes: int = 64
     # True: each node's token salt chosen as it is added, as a node's first start does
@@ -113,6 +114,7 @@ class SimConfig:
         return CoordinatorSettings(replication_factor=self.replication_factor, write_quorum=self.write_quorum,
                                    write_scope=self.write_scope, write_mode=self.write_mode,
                                    read_quorum=self.read_quorum, read_fault_window_ms=self.read_fault_window_ms,
+                                   scatter_read_quorum=self.scatter_read_quorum,
                                    replica_timeout_ms=self.replica_timeout_ms, store_timeout_ms=self.store_timeout_ms,
                                    fetch_timeout_ms=self.fetch_timeout_ms, query_timeout_ms=self.query_timeout_ms,
                                    replica_start_timeout_ms=self.replica_start_timeout_ms,

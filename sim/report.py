@@ -169,6 +169,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary["acked_instances_checked"] = total_acked
     summary["acked_lost_or_wrong"] = total_lost
     summary["read_quorum"] = sorted({r["read_quorum"] for r in results if "read_quorum" in r})
+    summary["scatter_read_quorum"] = sorted({r.get("scatter_read_quorum", 1) for r in results if "read_quorum" in r})
     totals: dict[str, dict[str, int]] = {}
     for r in results:
         for kind, counts in r.get("read_your_writes", {}).items():
@@ -277,7 +278,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   "before it began: 'stale' said Success without an acknowledged study or instance, 'flagged' said "
                   "part could not be asked (never Success). retrieve = locate of one study (a C-GET), find-study = "
                   "STUDY-level C-FIND naming it (NumberOfStudyRelatedInstances), find = by PatientID (a scatter, "
-                  "R=1 per range by design).", "",
+                  f"R = {', '.join(map(str, summary.get('scatter_read_quorum', []))) or '?'} per range; runs from "
+                  "before scatter_read_quorum asked 1).", "",
                   "| nodes | scenario | retrieve ok / stale / flagged / failed | find-study ok / stale / flagged / "
                   "failed | find ok / stale / flagged / failed |", "|---|---|---|---|---|"]
         for n in sizes:

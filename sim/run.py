@@ -79,6 +79,8 @@ def run_scenario(name: str, *, nodes: int, sites: int = 3, seed: int = 0, load: 
         (f" --load {load}" if load is not None else "") + \
         (f" --rate {rate_per_s}" if rate_per_s != 4.0 else "") + \
         (f" --read-quorum {config.read_quorum}" if config.read_quorum != SimConfig().read_quorum else "") + \
+        (f" --scatter-read-quorum {config.scatter_read_quorum}"
+         if config.scatter_read_quorum != SimConfig().scatter_read_quorum else "") + \
         (f" --write-quorum-mode {config.write_mode.value}" if config.write_mode != SimConfig().write_mode else "") + \
         (f" --site-copies {min(c for _, c in config.replication_factor.per_site)}"
          if isinstance(config.replication_factor, SiteReplicas) else "") + \
@@ -211,6 +213,7 @@ async def _drive(cluster: SimCluster, name: str, seed: int, load: int, rate_per_
     # Read your writes (issue 16 item 3): every client read of the run through an entry node that stayed up.
     result["read_your_writes"] = read_your_writes([op for op in workload.history if op.ended_ms])
     result["read_quorum"] = cluster.config.read_quorum
+    result["scatter_read_quorum"] = cluster.config.scatter_read_quorum
     result["write_quorum_mode"] = cluster.config.write_mode.value
     # Hints left for owners that are gone from the ring (never re-targeted), and repair totals.
     result["hints_left"] = _hints_left(cluster)
@@ -339,7 +342,8 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"  availability {window}: " + ", ".join(parts))
     ryw = result.get("read_your_writes")
     if ryw:
-        lines.append("  read your writes (entry node up; R=" + str(result.get("read_quorum")) + "): " + ", ".join(
+        lines.append("  read your writes (entry node up; R=" + str(result.get("read_quorum")) + ", scatter R="
+                     + str(result.get("scatter_read_quorum")) + "): " + ", ".join(
             f"{kind} {c['success']} ok / {c['stale']} stale / {c['flagged']} flagged / {c['failed']} failed"
             for kind, c in ryw.items()))
     b = result["balance"]

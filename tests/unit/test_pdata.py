@@ -97,3 +97,61 @@ def test_send_buffers_writes_everything_in_order_through_partial_sends() -> None
     finally:
         left.close()
         right.close()
+
+
+# ----------------------------------------------------------------- the command set
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_UIDS = st.from_regex(r"\A[12](\.[1-9][0-9]{0,8}){1,7}\Z")
+_AE_TITLES = st.from_regex(r"\A[A-Z0-9_]{1,16}\Z")
+
+
+def _pynetdicom_command_pdus(context_id: int, max_pdu_length: int, **fields: object) -> bytes:
+    request = C_STORE()
+    for name, value in fields.items():
+        setattr(request, name, value)
+    request.DataSet = BytesIO(b"\x00\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    primitives = list(message.encode_msg(context_id, max_pdu_length))
+    command = [p for p in primitives if p.presentation_data_value_list[0][1][0] & 0x01]
+    return b"".join(P_DATA_TF(p).encode() for p in command)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sop_class=_UIDS, sop_instance=_UIDS, message_id=st.integers(0, 0xFFFF), priority=st.sampled_from([0, 1, 2]),
+       originator=st.none() | _AE_TITLES, originator_id=st.none() | st.integers(0, 0xFFFF),
+       context_id=st.sampled_from([1, 3, 255]), max_pdu_length=st.sampled_from([0, 16_384, 262_144]))
+def test_store_command_is_pynetdicoms_bytes(sop_class: str, sop_instance: str, message_id: int, priority: int,
+                                            originator: str | None, originator_id: int | None, context_id: int,
+                                            max_pdu_length: int) -> None:
+    expected = _pynetdicom_command_pdus(
+        context_id, max_pdu_length, MessageID=message_id, Priority=priority, AffectedSOPClassUID=sop_class,
+        AffectedSOPInstanceUID=sop_instance, MoveOriginatorApplicationEntityTitle=originator,
+        MoveOriginatorMessageID=originator_id)
+    ours = pdata.store_command_pdu(context_id, max_pdu_length, message_id=message_id, priority=priority,
+                                   sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                                   move_originator_aet=originator, move_originator_message_id=originator_id)
+    assert ours == expected
+
+
+def test_store_command_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:
+    fields = dict(message_id=1, priority=2, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4")
+    command = pdata.store_command_pdu(1, 0, **fields)  # type: ignore[arg-type]
+    assert command is not None
+    fits = len(command) - pdata.HEADER_BYTES + 6  # The PDU's variable field: one PDV item.
+    assert pdata.store_command_pdu(1, fits, **fields) == command  # type: ignore[arg-type]
+    assert pdata.store_command_pdu(1, fits - 1, **fields) is None  # type: ignore[arg-type]
+
+
+def test_command_goes_first_in_the_first_batch() -> None:
+    command = b"C" * 20
+    payload = os.urandom(300_000)
+    batches = list(pdata.with_command(command, pdata.encode_data_set(payload, 1, 16_384)))
+    plain = list(pdata.encode_data_set(payload, 1, 16_384))
+    assert batches[0].buffers[0] == command
+    assert b"".join(bytes(b) for batch in batches for b in batch.buffers) == command + b"".join(
+        bytes(b) for batch in plain for b in batch.buffers)
+    assert batches[0].size == len(command) + plain[0].size and batches[0].pdus == plain[0].pdus + 1
+    assert list(pdata.with_command(command, iter(()))) == [pdata.EncodedPData((command,), 20, 1)]
