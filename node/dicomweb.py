@@ -70,6 +70,12 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
 STOW_PARTS_IN_FLIGHT = 8  # Parts of one STOW-RS request stored at once (their bytes are in memory).
+# WADO-RS reads: instances per hand-off from the reader threads to the HTTP loop, and how
+# many such groups are read ahead (up to READ_GROUPS_AHEAD x READ_GROUP_BYTES in memory,
+# plus one instance over the mark per group).
+READ_GROUP_BYTES = 2 * 1024**2
+READ_GROUP_INSTANCES = 4
+READ_GROUPS_AHEAD = 8  # As 8 single reads were before grouping: reads from peers still overlap 8 at a time.
 
 
 def warning_header(text: str) -> str:
@@ -327,22 +333,42 @@ class DicomWeb:
 
     async def _read_all(self, locations: list[InstanceLocation]
                         ) -> AsyncGenerator[tuple[bytes | Part10Stream, int], None]:
-        """Reads ahead a few instances at a time on the reader threads (a cluster read waits
-        on a peer, a local one decompresses; a blob file is only opened); the HTTP loop only
-        awaits them."""
-        window = 8
-        futures: list[concurrent.futures.Future[tuple[bytes | Part10Stream, int]]] = []
+        """Reads ahead on the reader threads (a cluster read waits on a peer, a local one
+        decompresses; a blob file is only opened); the HTTP loop only awaits them.
+        Instances are read in groups of up to READ_GROUP_BYTES (at most
+        READ_GROUP_INSTANCES), READ_GROUPS_AHEAD groups at a time: one hand-off between
+        the threads and the loop per group, not per instance."""
+        groups = _read_groups(locations)
+        futures: list[concurrent.futures.Future[_Group]] = []
+        pending: list[tuple[bytes | Part10Stream, int]] = []  # Of the group being yielded.
         index = 0
         try:
-            while index < len(locations) or futures:
-                while index < len(locations) and len(futures) < window:
-                    futures.append(self._readers.submit(self._open, locations[index]))
+            while index < len(groups) or futures:
+                while index < len(groups) and len(futures) < READ_GROUPS_AHEAD:
+                    futures.append(self._readers.submit(self._open_group, groups[index]))
                     index += 1
-                yield await asyncio.wrap_future(futures.pop(0))
+                read, error = await asyncio.wrap_future(futures.pop(0))
+                pending = list(read)
+                while pending:
+                    yield pending.pop(0)
+                if error is not None:
+                    raise error  # After the group's instances read before it, as if read one by one.
         finally:
+            for opened, _offset in pending:  # The body stopped inside a group.
+                if isinstance(opened, Part10Stream):
+                    opened.close()
             for future in futures:
                 if not future.cancel():
-                    future.add_done_callback(_close_stream)
+                    future.add_done_callback(_close_streams)
+
+    def _open_group(self, group: list[InstanceLocation]) -> _Group:
+        read: list[tuple[bytes | Part10Stream, int]] = []
+        for location in group:
+            try:
+                read.append(self._open(location))
+            except ReadError as error:
+                return read, error
+        return read, None
 
     async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, heads: list[bytes],
                      audited: tuple[Caller, list[InstanceLocation], int] | None = None, *,
@@ -734,17 +760,37 @@ def instance_header_json(part10: bytes, location: InstanceLocation, *, whole: bo
         return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
 
 
+def _read_groups(locations: list[InstanceLocation]) -> list[list[InstanceLocation]]:
+    """Consecutive instances in groups of at most READ_GROUP_INSTANCES, each closed once
+    its stated sizes reach READ_GROUP_BYTES."""
+    groups: list[list[InstanceLocation]] = []
+    group: list[InstanceLocation] = []
+    size = 0
+    for location in locations:
+        group.append(location)
+        size += max(0, location.part10_bytes)
+        if len(group) >= READ_GROUP_INSTANCES or size >= READ_GROUP_BYTES:
+            groups.append(group)
+            group, size = [], 0
+    if group:
+        groups.append(group)
+    return groups
+
+
 def _next_chunk(stream: Part10Stream) -> bytes:
     return stream.read_chunk(CHUNK_BYTES)
 
 
-def _close_stream(future: "concurrent.futures.Future[tuple[bytes | Part10Stream, int]]") -> None:
-    """A read-ahead result the body never took: close its file."""
+_Group = tuple[list[tuple[bytes | Part10Stream, int]], ReadError | None]  # What one group read gives.
+
+
+def _close_streams(future: "concurrent.futures.Future[_Group]") -> None:
+    """A read-ahead group the body never took: close its files."""
     if future.cancelled() or future.exception() is not None:
         return
-    opened = future.result()[0]
-    if isinstance(opened, Part10Stream):
-        opened.close()
+    for opened, _offset in future.result()[0]:
+        if isinstance(opened, Part10Stream):
+            opened.close()
 
 
 def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes], closing: bytes) -> int | None:

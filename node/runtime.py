@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
 from pacsnode.node.blob_files import Part10Stream
 from pacsnode.node.bridge import BridgeClosed, RowBridge
-from pacsnode.node.codec import to_stored
+from pacsnode.node.codec import ZSTD_LEVEL, to_stored
 from pacsnode.node.executor import CountedExecutor
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -109,7 +109,7 @@ class ClusterArchive:
     """The front end's Archive API (store, find, locate, read), served by the coordinator."""
 
     def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
-                 zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
+                 zstd_level: int = ZSTD_LEVEL, alone: Callable[[], bool] = lambda: False,
                  local_store: Callable[[Any], WriteResult] | None = None,
                  find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None,
                  own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None,

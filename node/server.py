@@ -20,6 +20,7 @@ import pydicom.config
 
 from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
+from pacsnode.node.memory import retain_freed_memory
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
@@ -116,6 +117,8 @@ class Node:
         # tombstone grace is moved aside and the node starts empty. A running node stamps
         # alive.json every minute, so a store in use by another process is never stale.
         set_stale_store_aside(config.data_dir, wall_ms(), config.tombstone_grace_s * 1000)
+        # Instance-sized buffers reused, not faulted in again page by page (node/memory.py).
+        retain_freed_memory(config.malloc_trim_threshold_bytes)
         # The store first: its lock says whether another node runs on this data dir, and
         # a start that fails there must not raise the running node's boot generation.
         try:

@@ -71,7 +71,7 @@ from pacsnode.replication.model import (
 from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
 from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob, TEMP_PREFIX, stored_size
-from pacsnode.node.codec import decompress, decompress_head, to_stored
+from pacsnode.node.codec import ZSTD_LEVEL, decompress, decompress_head, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.ring.tokens import study_token, token_bytes
 
@@ -162,7 +162,7 @@ class RocksStore:
         *,
         disk_free_bytes_min: int = 256 * 1024**2,
         instance_size_bytes_max: int = 4 * 1024**3,
-        zstd_level: int = 1,
+        zstd_level: int = ZSTD_LEVEL,
         blob_file_bytes_min: int = 8 * 1024**2,
     ) -> None:
         self._path = Path(path)

@@ -75,6 +75,7 @@ instance_size_bytes_max = 1_000_000
 dataset_spool_threshold_bytes = 65536
 blob_file_bytes_min = 131072
 inflight_instance_bytes_max = 5_000_000
+malloc_trim_threshold_bytes = 0
 disk_free_bytes_min = 0
 store_timeout_ms = 1000
 duplicate_policy = "first-wins"
@@ -147,6 +148,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
     assert config.blob_file_bytes_min == 131072
+    assert config.malloc_trim_threshold_bytes == 0
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
     assert config.token_salt == 3
