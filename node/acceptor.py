@@ -779,6 +779,11 @@ class AcceptorAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, cast(int, context_id))
+                # Serving it was activity: pynetdicom's idle timer is restarted only by
+                # received PDUs, so a C-MOVE or C-FIND that streamed answers for longer
+                # than network_timeout_s, with the peer rightly silent, was found idle and
+                # aborted the moment it ended (tests/integration/test_move_idle.py).
+                self.dul._idle_timer.restart()
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
