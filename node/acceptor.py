@@ -60,6 +60,7 @@ from pynetdicom.transport import AddressInformation, AssociationSocket, RequestH
 from pynetdicom.utils import make_target
 
 from pacsnode.node import association_guard, codec, pdata, raw_send, spool
+from pacsnode.replication.model import CorruptBlob
 from pacsnode.node.association_guard import (
     ABORT_INVALID_PARAMETER_VALUE,
     ABORT_REASON_NOT_SPECIFIED,
@@ -406,13 +407,7 @@ class AcceptorDUL(DULServiceProvider):
             self.abort_peer("dicom.pdu.undecodable", ABORT_INVALID_PARAMETER_VALUE, pdu_type=f"0x{pdu_type:02X}",
                             error=type(error).__name__)
             return
-        if isinstance(pdu, A_ASSOCIATE_RQ) and pdu.protocol_version != 0x0001:
-            # pynetdicom's AE-6 rejects it itself (permanent, ACSE provider, protocol version).
-            log_event(logging.WARNING, "dicom.association.rejected", self.assoc,
-                      titles=(str(pdu.calling_ae_title), str(pdu.called_ae_title)),
-                      reason=association_guard.RejectReason.PROTOCOL_VERSION.value,
-                      protocol_version=f"0x{pdu.protocol_version:04X}")
-        elif isinstance(pdu, A_ASSOCIATE_RQ):
+        if isinstance(pdu, A_ASSOCIATE_RQ):
             rejection = association_guard.check_request(pdu)
             if rejection is not None:
                 if not association_guard.make_negotiable(pdu):
@@ -688,6 +683,16 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         # batches. EVT_DIMSE_SENT is not triggered for this request: the node's only
         # handler (node/metrics.py) counts responses, and building the pydicom message
         # for it was most of the command's cost.
+        try:
+            self._send_stored(primitive, context_id, payload)
+        except CorruptBlob as error:
+            # A blob file streamed as it is sent (node/blob_files.py) failed its checksum
+            # part way: the peer must not take what was sent for the instance. Abort.
+            log_event(logging.ERROR, "dicom.retrieve.corrupt_aborted", self.assoc, error=type(error).__name__)
+            self.assoc.abort()
+            raise
+
+    def _send_stored(self, primitive: Any, context_id: int, payload: Any) -> None:
         max_pdu_length = self.maximum_pdu_size
         dul = cast(AcceptorDUL, self.dul)
         command_pdu = pdata.store_command_pdu(
@@ -727,6 +732,7 @@ class AcceptorAssociation(Association):
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
+        _unbind_dimse_recv_logging(self)
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
         self.retrieve_refused = False  # See refuse_retrieve().
@@ -773,6 +779,11 @@ class AcceptorAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, cast(int, context_id))
+                # Serving it was activity: pynetdicom's idle timer is restarted only by
+                # received PDUs, so a C-MOVE or C-FIND that streamed answers for longer
+                # than network_timeout_s, with the peer rightly silent, was found idle and
+                # aborted the moment it ended (tests/integration/test_move_idle.py).
+                self.dul._idle_timer.restart()
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
@@ -856,12 +867,23 @@ class AcceptorRequestHandler(RequestHandler):
         return assoc
 
 
+def _unbind_dimse_recv_logging(owner: Any) -> None:
+    """Drop the EVT_DIMSE_RECV handlers pynetdicom binds by default (its "standard" log
+    handler; the node binds none of its own): for a received C-STORE that handler calls
+    `data_set.getvalue()` just to print "Present", which for a data set spooled to a file
+    (node/spool.py) read the whole instance back into memory (a 200 MB spike per store).
+    The node logs its own one-line events instead."""
+    for handler in list(owner.get_handlers(evt.EVT_DIMSE_RECV)):
+        owner.unbind(evt.EVT_DIMSE_RECV, handler[0] if isinstance(handler, tuple) else handler)
+
+
 class AcceptorServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with AcceptorAssociations and the request checks."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = AcceptorRequestHandler
         super().__init__(*args, **kwargs)
+        _unbind_dimse_recv_logging(self)
         # Copied once, here, so that a later change to the AE's contexts cannot reach the
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))

@@ -86,7 +86,15 @@ def reason_of(source: int | None, diagnostic: int | None) -> RejectReason:
 
 
 def check_request(pdu: A_ASSOCIATE_RQ) -> Rejection | None:
-    """The rejection this A-ASSOCIATE-RQ deserves, or None if negotiation may go ahead."""
+    """The rejection this A-ASSOCIATE-RQ deserves, or None if negotiation may go ahead.
+
+    A protocol version other than 1 is rejected here (permanent, ACSE provider, protocol
+    version not supported, PS3.8 9.3.4) like every other bad request, with one log line:
+    the request's version field is then set to 1 so that pynetdicom's AE-6, which would
+    reject it too but with an ERROR line of its own, hands it to EVT_REQUESTED."""
+    if pdu.protocol_version != 0x0001:
+        pdu.protocol_version = 0x0001
+        return Rejection(RejectReason.PROTOCOL_VERSION, RESULT_PERMANENT, SOURCE_PROVIDER_ACSE, 0x02)
     if str(pdu.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
         return Rejection.permanent(RejectReason.APPLICATION_CONTEXT, diagnostic=0x02)
     contexts = pdu.presentation_context

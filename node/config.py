@@ -107,7 +107,9 @@ class NodeConfig:
     # --- limits and durability
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
-    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, the compressed copy of a spooled one while it is stored, and instances C-GET/C-MOVE read ahead of the one being sent); a C-STORE that would go over it is answered 0xA700. Must exceed the compressed size of the largest instance you store.")
+    blob_file_bytes_min: int = setting(8 * 1024**2, "A stored instance whose compressed blob is this large or larger (or that was spooled) is kept as a file under data_dir/store/blobs, beside RocksDB, and C-GET/C-MOVE/WADO-RS stream it from there in chunks.")
+    inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and instances C-GET/C-MOVE read ahead of the one being sent; a spooled instance is compressed into a blob file and a blob file is streamed, so neither holds any; with DICOM worker processes a spooled instance's compressed copy is held and counted); a C-STORE that would go over it is answered 0xA700.")
+    malloc_trim_threshold_bytes: int = setting(128 * 1024**2, "Freed memory each glibc malloc arena keeps for reuse before it returns any to the kernel (M_TRIM_THRESHOLD; buffers below 4 MiB then come from the heap, M_MMAP_THRESHOLD): instance buffers are reused instead of being faulted in page by page, at the cost of resident memory. 0 = glibc's defaults. No effect on another C library.")
     disk_free_bytes_min: int = setting(256 * 1024**2, "Below this much free disk, stores get 0xA700.")
     store_timeout_ms: int = setting(30_000, "Upper bound for one C-STORE inside the node.")
     duplicate_policy: str = setting("first-wins", "Same SOP Instance UID, other bytes: keep the first.")
@@ -237,10 +239,11 @@ class NodeConfig:
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
                      "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
                      "health_probe_interval_ms", "dataset_spool_threshold_bytes", "inflight_instance_bytes_max",
+                     "blob_file_bytes_min",
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("dicom_workers", "disk_free_bytes_min", "find_result_max", "repair_bytes_per_second_max",
+        for name in ("dicom_workers", "disk_free_bytes_min", "malloc_trim_threshold_bytes", "find_result_max", "repair_bytes_per_second_max",
                      "dead_grace_s", "read_fault_window_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

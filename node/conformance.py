@@ -88,7 +88,7 @@ def limits_table() -> str:
     rows = ["| Setting | Default | Effect |", "| --- | --- | --- |"]
     for name in ("ae_title", "max_pdu_bytes", "max_associations", "acse_timeout_s", "network_timeout_s",
                  "dimse_timeout_s", "move_connect_timeout_s", "require_called_ae_title", "instance_size_bytes_max",
-                 "dataset_spool_threshold_bytes", "inflight_instance_bytes_max", "find_result_max",
+                 "dataset_spool_threshold_bytes", "blob_file_bytes_min", "inflight_instance_bytes_max", "find_result_max",
                  "storage_commitment_timeout_s"):
         field = NodeConfig.__dataclass_fields__[name]
         value = getattr(config, name)

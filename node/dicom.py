@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob
 from pacsnode.node import acceptor, association_guard, codec, commitment, ingest, iocm, raw_send, spool, tls
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
@@ -120,8 +121,12 @@ class FrontEndStats:
 class DicomFrontEnd:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: NodeConfig, archive: ArchiveApi, security: "NodeSecurity | None" = None) -> None:
+    def __init__(self, config: NodeConfig, archive: ArchiveApi, security: "NodeSecurity | None" = None,
+                 blob_files: BlobFiles | None = None) -> None:
         self._config = config
+        # The store's blobs directory, when it is in this process: a spooled instance is
+        # then compressed into a file there, never into memory (node/blob_files.py).
+        self._blob_files = blob_files
         self._security = security
         self.guard = DicomGuard.from_config(config, security.audit if security is not None else None)
         self._archive = self.guard.archive(archive)  # Stores and retrieves reach the audit trail.
@@ -274,19 +279,35 @@ class DicomFrontEnd:
 
     def _store_spooled(self, event: Any, data: spool.SpoolBuffer) -> Dataset | int:
         """A data set received into a file: validate its header from the file, hash and
-        compress it in chunks, store it; the instance is never in memory whole (only its
-        compressed copy, reserved in the in-flight budget)."""
+        compress it in chunks, store it; the instance is never in memory whole. With the
+        store in this process, the compressed copy goes to a file in its blobs directory
+        (renamed into place by the store, node/blob_files.py) and is mapped, not read;
+        otherwise (DICOM worker processes) it is held in memory, reserved in the budget."""
         request = event.request
         transfer_syntax = str(event.context.transfer_syntax)
         path = data.finish()
+        temp: TempBlob | None = None
+        reserved = 0
         try:
-            content_hash, blob, reserved = spool.digest_and_compress(path, data.dataset_offset, transfer_syntax,
-                                                                     self.spool.budget, codec.ZSTD_LEVEL)
+            if self._blob_files is not None:
+                content_hash, temp = spool.digest_and_compress_to_file(
+                    path, data.dataset_offset, transfer_syntax, codec.ZSTD_LEVEL, self._blob_files)
+                blob = self._blob_files.map(BlobPointer(temp.path.name, temp.size_bytes, temp.crc32), "spooled") \
+                    if temp.size_bytes else b""
+                blob_bytes = temp.size_bytes
+            else:
+                content_hash, blob, reserved = spool.digest_and_compress(path, data.dataset_offset, transfer_syntax,
+                                                                         self.spool.budget, codec.ZSTD_LEVEL)
+                blob_bytes = reserved
         except spool.OverBudget:
             log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
                         spool.Refusal.INFLIGHT.value, data.size_bytes, self._config.inflight_instance_bytes_max,
                         event.assoc.requestor.ae_title)
             return _status(STATUS_OUT_OF_RESOURCES, "node is holding too many instance bytes; try again")
+        except OSError as error:  # Disk full or unwritable blobs directory.
+            log.warning("dicom.store.rejected reason=blob-file-failed size_bytes=%d error=%s calling_ae_title=%s",
+                        data.size_bytes, type(error).__name__, event.assoc.requestor.ae_title)
+            return _status(STATUS_OUT_OF_RESOURCES, "could not write the compressed instance")
         try:
             with open(path, "rb") as source, mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as part10:
                 try:
@@ -299,10 +320,18 @@ class DicomFrontEnd:
                                 error.status, event.assoc.requestor.ae_title)
                     return _status(error.status, error.reason)
                 del blob
-                log.info("dicom.store.spooled size_bytes=%d blob_bytes=%d", data.size_bytes, reserved)
+                if temp is not None:
+                    instance = dataclasses.replace(instance, blob_file=temp)
+                log.info("dicom.store.spooled size_bytes=%d blob_bytes=%d blob_file=%s", data.size_bytes, blob_bytes,
+                         "yes" if temp is not None else "no")
                 return self._archive_store(instance)
         finally:
             self.spool.budget.release(reserved)
+            if temp is not None:  # Renamed by the store when kept; else no longer needed.
+                try:
+                    temp.path.unlink()
+                except FileNotFoundError:
+                    pass
 
     def _store_in_memory(self, event: Any) -> Dataset | int:
         request = event.request
@@ -451,8 +480,14 @@ class DicomFrontEnd:
             raise QueryError(f"{wildcard} is a unique key: a retrieve takes values, not wildcards")
         return query
 
-    def _read(self, location: InstanceLocation) -> tuple[bytes, int]:
+    def _read(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+        """An instance to send: whole bytes, or a Part10Stream for an own copy kept as a
+        blob file (the archive's `open_streamed`, when it has one)."""
+        open_streamed = getattr(self._archive, "open_streamed", None)
         try:
+            if open_streamed is not None:
+                found: tuple[bytes | Part10Stream, int] = open_streamed(location)
+                return found
             return self._archive.read(location)
         except ReadError as error:
             log.error("dicom.retrieve.unreadable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
@@ -611,26 +646,27 @@ class RetrieveReadAhead:
 
     Each read-ahead result (Part-10 bytes) is reserved in `budget` until its turn; a read
     that finds the budget spent drops its bytes and the instance is read again, on the
-    sending thread, when its turn comes (big instances then go one at a time). Stored
-    bytes are passed on as read: nothing is decoded."""
+    sending thread, when its turn comes (big instances then go one at a time). A blob
+    kept as a file is read ahead as an open Part10Stream (nothing decompressed yet, no
+    budget). Stored bytes are passed on as read: nothing is decoded."""
 
     def __init__(self, pool: concurrent.futures.Executor,
-                 read: Callable[[InstanceLocation], tuple[bytes, int]], budget: spool.InflightBudget,
+                 read: Callable[[InstanceLocation], tuple[bytes | Part10Stream, int]], budget: spool.InflightBudget,
                  window: int = RETRIEVE_READ_AHEAD) -> None:
         self._pool = pool
         self._read = read
         self._budget = budget
         self._window = window
-        self._pending: list[concurrent.futures.Future[tuple[bytes, int] | None]] = []
+        self._pending: list[concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]] = []
 
-    def _read_reserved(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+    def _read_reserved(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int] | None:
         part10, offset = self._read(location)
-        if not self._budget.reserve(len(part10)):
+        if not self._budget.reserve(_held_bytes(part10)):
             return None
         return part10, offset
 
     def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
-        futures: dict[int, concurrent.futures.Future[tuple[bytes, int] | None]] = {}
+        futures: dict[int, concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]] = {}
 
         def submit(index: int) -> None:
             if index < len(locations) and index not in futures:
@@ -649,13 +685,13 @@ class RetrieveReadAhead:
                 load=lambda future=future, location=location: self._take(future, location),  # type: ignore[misc]
             )
 
-    def _take(self, future: "concurrent.futures.Future[tuple[bytes, int] | None]",
-              location: InstanceLocation) -> tuple[bytes, int]:
+    def _take(self, future: "concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]",
+              location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
         self._pending.remove(future)
         result = future.result()  # Raises the read's ReadError: the sub-operation fails.
         if result is None:
             return self._read(location)
-        self._budget.release(len(result[0]))
+        self._budget.release(_held_bytes(result[0]))
         return result
 
     def close(self) -> None:
@@ -665,12 +701,19 @@ class RetrieveReadAhead:
             if not future.cancel():
                 future.add_done_callback(self._release)
 
-    def _release(self, future: "concurrent.futures.Future[tuple[bytes, int] | None]") -> None:
+    def _release(self, future: "concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]") -> None:
         if future.cancelled() or future.exception() is not None:
             return
         result = future.result()
         if result is not None:
-            self._budget.release(len(result[0]))
+            self._budget.release(_held_bytes(result[0]))
+            if isinstance(result[0], Part10Stream):
+                result[0].close()
+
+
+def _held_bytes(part10: "bytes | Part10Stream") -> int:
+    """Memory a read instance holds: a Part10Stream holds an open file, not its bytes."""
+    return 0 if isinstance(part10, Part10Stream) else len(part10)
 
 
 class CancelFlag:

@@ -135,6 +135,9 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     from pacsnode.node.server import configure_logging
 
     configure_logging(config.log_level)
+    from pacsnode.node.memory import retain_freed_memory
+
+    retain_freed_memory(config.malloc_trim_threshold_bytes)  # PDUs and compression buffers reused.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The node decides; a terminal ^C reaches it.

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pacsnode.node.blob_files import CHUNK_BYTES, Part10Stream
 from pacsnode.node.dicomweb_json import row_to_json
 from pacsnode.node.dicomweb_media import (
     DICOM,
@@ -58,7 +59,7 @@ from pacsnode.node.ingest import InvalidInstance, instance_from_part10
 from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall, WriteStatus
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.replication.model import Attributes
+from pacsnode.replication.model import Attributes, CorruptBlob
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
 STOW_PARTS_IN_FLIGHT = 8  # Parts of one STOW-RS request stored at once (their bytes are in memory).
+# WADO-RS reads: instances per hand-off from the reader threads to the HTTP loop, and how
+# many such groups are read ahead (up to READ_GROUPS_AHEAD x READ_GROUP_BYTES in memory,
+# plus one instance over the mark per group).
+READ_GROUP_BYTES = 2 * 1024**2
+READ_GROUP_INSTANCES = 4
+READ_GROUPS_AHEAD = 8  # As 8 single reads were before grouping: reads from peers still overlap 8 at a time.
 
 
 def warning_header(text: str) -> str:
@@ -314,21 +321,54 @@ class DicomWeb:
                                  status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
-    async def _read_all(self, locations: list[InstanceLocation]) -> AsyncGenerator[tuple[bytes, int], None]:
-        """Reads ahead a few instances at a time on the reader threads (a cluster read waits
-        on a peer, a local one decompresses); the HTTP loop only awaits them."""
-        window = 8
-        futures: list[concurrent.futures.Future[tuple[bytes, int]]] = []
+    def _open(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+        """`read`, or an own copy kept as a blob file as a Part10Stream (node/blob_files.py)
+        when the archive offers `open_streamed`."""
+        open_streamed = getattr(self._archive, "open_streamed", None)
+        if open_streamed is not None:
+            opened: tuple[bytes | Part10Stream, int] = open_streamed(location)
+            return opened
+        read: tuple[bytes, int] = self._archive.read(location)
+        return read
+
+    async def _read_all(self, locations: list[InstanceLocation]
+                        ) -> AsyncGenerator[tuple[bytes | Part10Stream, int], None]:
+        """Reads ahead on the reader threads (a cluster read waits on a peer, a local one
+        decompresses; a blob file is only opened); the HTTP loop only awaits them.
+        Instances are read in groups of up to READ_GROUP_BYTES (at most
+        READ_GROUP_INSTANCES), READ_GROUPS_AHEAD groups at a time: one hand-off between
+        the threads and the loop per group, not per instance."""
+        groups = _read_groups(locations)
+        futures: list[concurrent.futures.Future[_Group]] = []
+        pending: list[tuple[bytes | Part10Stream, int]] = []  # Of the group being yielded.
         index = 0
         try:
-            while index < len(locations) or futures:
-                while index < len(locations) and len(futures) < window:
-                    futures.append(self._readers.submit(self._archive.read, locations[index]))
+            while index < len(groups) or futures:
+                while index < len(groups) and len(futures) < READ_GROUPS_AHEAD:
+                    futures.append(self._readers.submit(self._open_group, groups[index]))
                     index += 1
-                yield await asyncio.wrap_future(futures.pop(0))
+                read, error = await asyncio.wrap_future(futures.pop(0))
+                pending = list(read)
+                while pending:
+                    yield pending.pop(0)
+                if error is not None:
+                    raise error  # After the group's instances read before it, as if read one by one.
         finally:
+            for opened, _offset in pending:  # The body stopped inside a group.
+                if isinstance(opened, Part10Stream):
+                    opened.close()
             for future in futures:
-                future.cancel()
+                if not future.cancel():
+                    future.add_done_callback(_close_streams)
+
+    def _open_group(self, group: list[InstanceLocation]) -> _Group:
+        read: list[tuple[bytes | Part10Stream, int]] = []
+        for location in group:
+            try:
+                read.append(self._open(location))
+            except ReadError as error:
+                return read, error
+        return read, None
 
     async def _parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, heads: list[bytes],
                      audited: tuple[Caller, list[InstanceLocation], int] | None = None, *,
@@ -341,8 +381,24 @@ class DicomWeb:
         reads = self._read_all([location for location, _syntax in sendable])
         try:
             index = 0
-            async for part10, _offset in reads:
+            async for opened, _offset in reads:
                 location, syntax = sendable[index]
+                if isinstance(opened, Part10Stream):
+                    with opened:
+                        if syntax == location.transfer_syntax_uid:
+                            if exact and len(opened) != location.part10_bytes:
+                                raise ReadError(f"instance {location.sop_instance_uid} changed length since the "
+                                                "retrieve began")
+                            yield heads[index]
+                            # Decompressed a chunk at a time as the client takes it.
+                            while chunk := await run_in_threadpool(_next_chunk, opened):
+                                yield chunk
+                            index += 1
+                            sent += 1
+                            continue
+                        part10 = await run_in_threadpool(opened.read_all)  # A transcode decodes it whole.
+                else:
+                    part10 = opened
                 if syntax != location.transfer_syntax_uid:
                     part10 = await run_in_threadpool(transcode, part10, syntax)
                 if exact and len(part10) != location.part10_bytes:
@@ -354,7 +410,7 @@ class DicomWeb:
                 index += 1
                 sent += 1
             finished = True
-        except (ReadError, TranscodeError) as error:
+        except (ReadError, TranscodeError, CorruptBlob) as error:
             # The status line has gone: break the body off (no closing delimiter), so that
             # the client sees a failed transfer, never a complete-looking short one.
             log.error("dicomweb.retrieve.unreadable sent=%d reason=%s", sent, error)
@@ -702,6 +758,39 @@ def instance_header_json(part10: bytes, location: InstanceLocation, *, whole: bo
                       "0020000E": {"vr": "UI", "Value": [location.series_instance_uid]},
                       "00083002": {"vr": "UI", "Value": [location.transfer_syntax_uid]}}
         return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
+
+
+def _read_groups(locations: list[InstanceLocation]) -> list[list[InstanceLocation]]:
+    """Consecutive instances in groups of at most READ_GROUP_INSTANCES, each closed once
+    its stated sizes reach READ_GROUP_BYTES."""
+    groups: list[list[InstanceLocation]] = []
+    group: list[InstanceLocation] = []
+    size = 0
+    for location in locations:
+        group.append(location)
+        size += max(0, location.part10_bytes)
+        if len(group) >= READ_GROUP_INSTANCES or size >= READ_GROUP_BYTES:
+            groups.append(group)
+            group, size = [], 0
+    if group:
+        groups.append(group)
+    return groups
+
+
+def _next_chunk(stream: Part10Stream) -> bytes:
+    return stream.read_chunk(CHUNK_BYTES)
+
+
+_Group = tuple[list[tuple[bytes | Part10Stream, int]], ReadError | None]  # What one group read gives.
+
+
+def _close_streams(future: "concurrent.futures.Future[_Group]") -> None:
+    """A read-ahead group the body never took: close its files."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    for opened, _offset in future.result()[0]:
+        if isinstance(opened, Part10Stream):
+            opened.close()
 
 
 def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes], closing: bytes) -> int | None:

@@ -360,6 +360,15 @@ def json_attributes(data: Any, elements: list[Element], bulk_uri: Callable[[str]
     return _json_dataset(data, elements, text_codec(data, elements), bulk_uri, "")
 
 
+# The JSON entry of each short element value seen lately, by (tag, VR, character set,
+# raw bytes): the instances of a series repeat most of their header (patient, study,
+# series, equipment), so a series' first /metadata converts each such value once. A pure
+# function's results: shared between the answers, never changed after they are made.
+_MEMO_VALUE_BYTES_MAX = 256
+_MEMO_ENTRIES_MAX = 8192
+_json_entries: dict[tuple[int, str, str, bytes], dict[str, Any]] = {}
+
+
 def _json_dataset(data: Any, elements: list[Element], codec: str, bulk_uri: Callable[[str], str],
                   prefix: str) -> dict[str, Any]:
     result: dict[str, Any] = {}
@@ -378,7 +387,14 @@ def _json_dataset(data: Any, elements: list[Element], codec: str, bulk_uri: Call
             else:
                 result[key] = {"vr": vr, "InlineBinary": base64.b64encode(bytes(data[start:value_end])).decode("ascii")}
             continue
-        converted = values(vr, bytes(data[start:value_end]), codec)
+        raw = bytes(data[start:value_end])
+        memo_key = (tag, vr, codec, raw) if value_end - start <= _MEMO_VALUE_BYTES_MAX else None
+        if memo_key is not None:
+            entry = _json_entries.get(memo_key)
+            if entry is not None:
+                result[key] = entry
+                continue
+        converted = values(vr, raw, codec)
         if not converted:
             result[key] = {"vr": vr}
         elif vr == "PN":
@@ -389,6 +405,10 @@ def _json_dataset(data: Any, elements: list[Element], codec: str, bulk_uri: Call
             result[key] = {"vr": vr, "Value": [float(value) for value in converted]}
         else:
             result[key] = {"vr": vr, "Value": converted}
+        if memo_key is not None:
+            if len(_json_entries) >= _MEMO_ENTRIES_MAX:
+                _json_entries.clear()
+            _json_entries[memo_key] = result[key]
     return result
 
 

@@ -18,6 +18,7 @@ sub-operation fails and the instance is listed in Failed SOP Instance UID List.
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import threading
@@ -31,6 +32,9 @@ from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+
+from pacsnode.node.association_guard import log_event
+from pacsnode.node.blob_files import Part10Stream, StreamPayload
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class StoredDataset(Dataset):
         sop_class_uid: str,
         sop_instance_uid: str,
         transfer_syntax_uid: str,
-        load: Callable[[], tuple[bytes, int]],
+        load: Callable[[], tuple["bytes | Part10Stream", int]],
     ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
@@ -61,10 +65,11 @@ class StoredDataset(Dataset):
     def stored_transfer_syntax(self) -> str:
         return str(object.__getattribute__(self, "_pacsnode_transfer_syntax"))
 
-    def load(self) -> tuple[bytes, int]:
-        """(Part-10 bytes, dataset offset); raises if the instance cannot be read."""
+    def load(self) -> tuple["bytes | Part10Stream", int]:
+        """(Part-10 bytes, or a Part10Stream of a blob file; dataset offset); raises if
+        the instance cannot be read."""
         loader = object.__getattribute__(self, "_pacsnode_load")
-        result: tuple[bytes, int] = loader()
+        result: tuple[bytes | Part10Stream, int] = loader()
         return result
 
 
@@ -96,15 +101,29 @@ def _send_stored(
 ) -> Dataset:
     if not assoc.is_established:
         raise RuntimeError("association is not established")
+    accepted = _accepted_syntaxes(assoc, str(stored.SOPClassUID))
+    part10, offset = stored.load()  # Raises on a missing or corrupt blob: sub-op fails.
+    try:
+        return _send_loaded(assoc, stored, part10, offset, accepted, msg_id, priority, originator_aet,
+                            originator_id)
+    finally:
+        if isinstance(part10, Part10Stream):
+            part10.close()
+
+
+def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Part10Stream", offset: int,
+                 accepted: list[str], msg_id: int, priority: int, originator_aet: str | None,
+                 originator_id: int | None) -> Dataset:
     sop_class = str(stored.SOPClassUID)
     sop_instance = str(stored.SOPInstanceUID)
     stored_syntax = stored.stored_transfer_syntax
-    accepted = _accepted_syntaxes(assoc, sop_class)
-    part10, offset = stored.load()  # Raises on a missing or corrupt blob: sub-op fails.
-    payload: bytes | memoryview
+    payload: bytes | memoryview | StreamPayload
     if stored_syntax in accepted:
         syntax = stored_syntax
-        payload = memoryview(part10)[offset:]  # Not a copy: a 200 MB instance was held twice.
+        if isinstance(part10, Part10Stream):
+            payload = part10.payload(offset)  # Decompressed fragment by fragment as it is sent.
+        else:
+            payload = memoryview(part10)[offset:]  # Not a copy: a 200 MB instance was held twice.
     else:
         fallback = [s for s in accepted if s in UNCOMPRESSED]
         if stored_syntax not in UNCOMPRESSED or not fallback:
@@ -113,6 +132,8 @@ def _send_stored(
                 f"(accepted: {accepted or 'none'}); compressed instances are never transcoded"
             )
         syntax = fallback[0]
+        if isinstance(part10, Part10Stream):
+            part10 = part10.read_all()  # Transcoding decodes the whole instance anyway.
         payload = _transcode(part10, syntax)
     context = assoc._get_valid_context(sop_class, UID(syntax), "scu", allow_conversion=False)
     request = C_STORE()
@@ -148,12 +169,41 @@ def _send_stored(
     finally:
         assoc._reactor_checkpoint.set()
     if response is None:
-        assoc._handle_no_response()
-        return Dataset()
+        reason = _no_response(assoc, sop_instance)
+        # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
+        raise SubOperationNoResponse(f"no response to the C-STORE of {sop_instance} ({reason.value})")
     return assoc._check_received_status(response)
 
 
-def stored_payload(primitive: Any) -> "bytes | memoryview | None":
+class SubOperationNoResponse(Exception):
+    """A C-STORE sub-operation got no response (the sub-operation failed)."""
+
+
+class NoResponse(enum.StrEnum):
+    """Why a C-STORE sub-operation got no response (`reason=` of dicom.retrieve.no_response)."""
+
+    ABORTED = "aborted"                      # The peer sent an A-ABORT.
+    CONNECTION_CLOSED = "connection-closed"  # The connection dropped.
+    DIMSE_TIMEOUT = "dimse-timeout"          # Nothing within dimse_timeout_s: we abort.
+
+
+def _no_response(assoc: Association, sop_instance_uid: str) -> NoResponse:
+    """pynetdicom's `_handle_no_response` decisions (abort after a DIMSE timeout), with
+    one line of ours instead of its ERROR lines; the sub-operation counts as failed."""
+    if assoc.acse.is_aborted("a-abort"):
+        reason = NoResponse.ABORTED
+    elif assoc.acse.is_aborted("a-p-abort"):
+        reason = NoResponse.CONNECTION_CLOSED
+    else:
+        reason = NoResponse.DIMSE_TIMEOUT
+    log_event(logging.WARNING, "dicom.retrieve.no_response", assoc, sop_instance_uid=sop_instance_uid,
+              reason=reason.value)
+    if reason is NoResponse.DIMSE_TIMEOUT and assoc.is_established:
+        assoc.abort()
+    return reason
+
+
+def stored_payload(primitive: Any) -> "bytes | memoryview | StreamPayload | None":
     """The stored data set of a C-STORE request made by `_send_stored`, to be sent as
     encoded PDUs (node/acceptor.py, node/pdata.py); None for any other message."""
     if not isinstance(primitive, C_STORE):
@@ -161,7 +211,7 @@ def stored_payload(primitive: Any) -> "bytes | memoryview | None":
     dataset = primitive.DataSet
     if not isinstance(dataset, _DatasetView):
         return None
-    payload: bytes | memoryview = dataset.getvalue()
+    payload: bytes | memoryview | StreamPayload = dataset.getvalue()
     return payload
 
 
@@ -170,7 +220,7 @@ class _DatasetView(BytesIO):
     then slices of it for the P-DATA fragments. Returns a view of the stored bytes, where
     BytesIO(bytes[offset:]) would have copied the whole data set first."""
 
-    def __init__(self, payload: bytes | memoryview) -> None:
+    def __init__(self, payload: "bytes | memoryview | StreamPayload") -> None:
         super().__init__()
         self._payload = payload
 

@@ -18,8 +18,9 @@ import threading
 import time
 from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
+from pacsnode.node.blob_files import Part10Stream
 from pacsnode.node.bridge import BridgeClosed, RowBridge
-from pacsnode.node.codec import to_stored
+from pacsnode.node.codec import ZSTD_LEVEL, to_stored
 from pacsnode.node.executor import CountedExecutor
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -108,15 +109,17 @@ class ClusterArchive:
     """The front end's Archive API (store, find, locate, read), served by the coordinator."""
 
     def __init__(self, loop: LoopThread, coordinator: Coordinator, *, store_timeout_ms: int,
-                 zstd_level: int = 1, alone: Callable[[], bool] = lambda: False,
+                 zstd_level: int = ZSTD_LEVEL, alone: Callable[[], bool] = lambda: False,
                  local_store: Callable[[Any], WriteResult] | None = None,
                  find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None,
                  own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None,
+                 own_stream: Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None] | None = None,
                  modifies: ModifyCoordinator | None = None) -> None:
         self._loop = loop
         self._deletes = deletes
         self._modifies = modifies
         self._own_copy = own_copy
+        self._own_stream = own_stream
         self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
         self._alone = alone
@@ -268,6 +271,18 @@ class ClusterArchive:
                       type(error).__name__)
             raise ReadError("the study's correction could not be applied to this instance") from None
 
+    def open_streamed(self, location: InstanceLocation,
+                      is_cancelled: Callable[[], bool] | None = None) -> tuple[bytes | Part10Stream, int]:
+        """`read`, except that an own copy kept as a blob file (node/blob_files.py) comes as a
+        Part10Stream, decompressed as it is sent (the caller closes it). A corrected study's
+        instance, or one read from a peer, comes whole as from `read`."""
+        if self._own_stream is not None and not location.correction and \
+                self._coordinator.owns(location.study_instance_uid):
+            found = self._own_stream(location)
+            if found is not None:
+                return found
+        return self.read(location, is_cancelled)
+
     def _read_stored(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None) -> tuple[bytes, int]:
         if self._own_copy is not None and self._coordinator.owns(location.study_instance_uid):
             # The coordinator reads an owner's own copy first too: take it from this thread,
@@ -280,6 +295,23 @@ class ClusterArchive:
             return self._loop.run(self._coordinator.read(location), 600, is_cancelled)
         except TimeoutError as error:
             raise ReadError(str(error)) from None
+
+
+def own_stream_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None]:
+    """ClusterArchive's `own_stream`: own_copy_reader, except that a copy kept as a blob
+    file comes as a Part10Stream (the same two lookups for a small one: its record and
+    its blob, decompressed and checksum-verified); None when missing or unreadable."""
+    def open_stream(location: InstanceLocation) -> tuple[bytes | Part10Stream, int] | None:
+        record = store.instance_record(location.study_instance_uid, location.sop_instance_uid)
+        if record is None:
+            return None
+        try:
+            opened = store.open_part10(location.study_instance_uid, location.sop_instance_uid,
+                                       record.size_bytes + record.dataset_offset)
+        except (KeyError, StoreError):  # Deleted meanwhile, or corrupt (logged by the store).
+            return None
+        return opened, record.dataset_offset
+    return open_stream
 
 
 def own_copy_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes, int] | None]:

@@ -20,6 +20,7 @@ import pydicom.config
 
 from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
+from pacsnode.node.memory import retain_freed_memory
 from pacsnode.node.dicom import DicomFrontEnd
 from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
@@ -29,7 +30,7 @@ from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer, replication_settings
-from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
+from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader, own_stream_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.token_salt import first_token_salt, ring_members_of
 from pacsnode.node.store import RocksStore
@@ -116,6 +117,8 @@ class Node:
         # tombstone grace is moved aside and the node starts empty. A running node stamps
         # alive.json every minute, so a store in use by another process is never stale.
         set_stale_store_aside(config.data_dir, wall_ms(), config.tombstone_grace_s * 1000)
+        # Instance-sized buffers reused, not faulted in again page by page (node/memory.py).
+        retain_freed_memory(config.malloc_trim_threshold_bytes)
         # The store first: its lock says whether another node runs on this data dir, and
         # a start that fails there must not raise the running node's boot generation.
         try:
@@ -123,6 +126,7 @@ class Node:
                 config.data_dir / "store",
                 disk_free_bytes_min=config.disk_free_bytes_min,
                 instance_size_bytes_max=config.instance_size_bytes_max,
+                blob_file_bytes_min=config.blob_file_bytes_min,
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
             raise StoreError(f"cannot open the store in {config.data_dir}: {error}") from None
@@ -212,7 +216,8 @@ class Node:
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
-                                      own_copy=own_copy_reader(self.store), modifies=self.modifies)
+                                      own_copy=own_copy_reader(self.store),
+                                      own_stream=own_stream_reader(self.store), modifies=self.modifies)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
@@ -224,7 +229,8 @@ class Node:
         self.coordinator.pending = self.repairer.pending
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
-        self.front_end = DicomFrontEnd(config, self.archive, security=self.security)
+        self.front_end = DicomFrontEnd(config, self.archive, security=self.security,
+                                       blob_files=self.store.blob_files)
         self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
                                         replication_factor=config.replication,
                                         run_blocking=asyncio.to_thread)

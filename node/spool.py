@@ -32,6 +32,8 @@ from typing import BinaryIO, Callable
 
 import zstandard
 
+from pacsnode.node.blob_files import BlobFiles, TempBlob
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # Read, hash and compress a spooled file this much at a time.
@@ -231,32 +233,57 @@ def digest_and_compress(path: Path, dataset_offset: int, transfer_syntax_uid: st
     replication/model.content_hash computes it; zstd frame of the whole file with its
     content size and checksum; bytes reserved in `budget` for that frame -- the caller
     releases them). Raises OverBudget when the frame does not fit in the budget."""
+    out = io.BytesIO()
+    reserved = 0
+
+    def sink(data: bytes) -> None:
+        nonlocal reserved
+        reserved += _write_reserved(out, data, budget)
+
+    try:
+        content_hash = _digest_and_compress(path, dataset_offset, transfer_syntax_uid, level, sink)
+    except BaseException:
+        budget.release(reserved)
+        raise
+    return content_hash, out.getvalue(), reserved
+
+
+def digest_and_compress_to_file(path: Path, dataset_offset: int, transfer_syntax_uid: str, level: int,
+                                blob_files: BlobFiles) -> tuple[str, TempBlob]:
+    """digest_and_compress, with the zstd frame written to a temp file in the store's blobs
+    directory (fsync'ed) instead of memory: (content hash, the temp blob). The store names
+    it when it records the instance (node/blob_files.py); the caller removes it if not."""
+    with blob_files.temp_writer() as writer:
+        content_hash = _digest_and_compress(path, dataset_offset, transfer_syntax_uid, level, writer.write)
+        return content_hash, writer.finish()
+
+
+def _digest_and_compress(path: Path, dataset_offset: int, transfer_syntax_uid: str, level: int,
+                         sink: Callable[[bytes], None]) -> str:
     total = os.path.getsize(path)
     digest = hashlib.sha256()
     digest.update(transfer_syntax_uid.encode("ascii"))
     digest.update(b"\x00")
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj(size=total)
-    out = io.BytesIO()
-    reserved = 0
     buffer = bytearray(CHUNK_BYTES)
     view = memoryview(buffer)
     position = 0
-    try:
-        with open(path, "rb", buffering=0) as source:
-            while True:
-                count = source.readinto(buffer)
-                if not count:
-                    break
-                chunk = view[:count]
-                if position + count > dataset_offset:
-                    digest.update(chunk[max(0, dataset_offset - position):])
-                position += count
-                reserved += _write_reserved(out, compressor.compress(chunk), budget)
-            reserved += _write_reserved(out, compressor.flush(), budget)
-    except BaseException:
-        budget.release(reserved)
-        raise
-    return digest.hexdigest()[:32], out.getvalue(), reserved
+    with open(path, "rb", buffering=0) as source:
+        while True:
+            count = source.readinto(buffer)
+            if not count:
+                break
+            chunk = view[:count]
+            if position + count > dataset_offset:
+                digest.update(chunk[max(0, dataset_offset - position):])
+            position += count
+            data = compressor.compress(chunk)
+            if data:
+                sink(data)
+        data = compressor.flush()
+        if data:
+            sink(data)
+    return digest.hexdigest()[:32]
 
 
 def _write_reserved(out: io.BytesIO, data: bytes, budget: InflightBudget) -> int:

@@ -3,16 +3,23 @@
 One synced WriteBatch per instance holds everything about it: the zstd-compressed
 Part-10 bytes (with zstd's frame checksum), its instance record, the updated series and
 study records and the study's query-index keys. After `put_instance` returns, all of it
-is on disk; after a crash, either all of it is there or none of it.
+is on disk; after a crash, either all of it is there or none of it. A big blob (spooled,
+or `blob_file_bytes_min` compressed bytes or more) is a file under `blobs/` instead,
+durable under its final name before the batch that points at it (node/blob_files.py);
+unreferenced files are removed when the store opens.
 
 Key layout (every data key starts with the study's 8-byte ring token, so a token range
 is one contiguous scan, stream or DeleteRange):
 
-    b <token8> <study uid> 0x00 <sop uid>     -> zstd(Part-10 bytes)
+    b <token8> <study uid> 0x00 <sop uid>     -> zstd(Part-10 bytes), or for a blob of
+                                              blob_file_bytes_min or more a BlobPointer to a file
+                                              under <store>/blobs (node/blob_files.py)
+    f <blob file name>                        -> b"": the file is referenced (a file without
+                                              this key is an orphan, removed at open)
     m <token8> <study uid> 0x00 <sop uid>     -> InstanceRecord (JSON)
     e <token8> <study uid> 0x00 <series uid>  -> SeriesRecord (JSON)
     s <token8> <study uid>                    -> StudyRecord (JSON)
-    c <token8> <study uid> 0x00 <sop uid> 0x00 <content hash> -> conflicting copy (zstd)
+    c <token8> <study uid> 0x00 <sop uid> 0x00 <content hash> -> conflicting copy (zstd or BlobPointer)
     x <keyword> 0x00 <value> 0x00 <token8> <study uid> -> b"" (sorted study-level index)
     d <segment 2 bytes>                       -> digest (XOR 16 bytes, count 8) of the instances
                                               in that ring segment (replication/digest.py)
@@ -65,7 +72,8 @@ from pacsnode.replication.model import (
 )
 from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
-from pacsnode.node.codec import decompress, decompress_head, to_stored
+from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob, TEMP_PREFIX, stored_size
+from pacsnode.node.codec import ZSTD_LEVEL, decompress, decompress_head, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.ring.tokens import study_token, token_bytes
 
@@ -85,6 +93,7 @@ PREFIX_TOMBSTONE_HINT = b"k"
 PREFIX_HEADER = b"j"
 PREFIX_CORRECTION = b"r"
 PREFIX_CORRECTION_HINT = b"q"
+PREFIX_BLOB_FILE = b"f"
 KEY_COUNTERS = b"_counters"
 
 # Study-level keys with a sorted secondary index: exact, prefix-wildcard, range and list
@@ -156,13 +165,16 @@ class RocksStore:
         *,
         disk_free_bytes_min: int = 256 * 1024**2,
         instance_size_bytes_max: int = 4 * 1024**3,
-        zstd_level: int = 1,
+        zstd_level: int = ZSTD_LEVEL,
+        blob_file_bytes_min: int = 8 * 1024**2,
     ) -> None:
         self._path = Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
         self._disk_free_bytes_min = disk_free_bytes_min
         self._instance_size_bytes_max = instance_size_bytes_max
         self._zstd_level = zstd_level
+        self._blob_file_bytes_min = blob_file_bytes_min
+        self.blob_files = BlobFiles(self._path / "blobs")
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         # Large values go to blob files: compaction then moves keys, not images.
@@ -188,6 +200,19 @@ class RocksStore:
         self._counters = self._load_counters()
         self._free_checked_at = 0.0
         self._free_bytes = 0
+        self._remove_orphan_blob_files()
+
+    def _remove_orphan_blob_files(self) -> None:
+        """Remove the blob files no record points at (a crash between a blob file's rename
+        and its batch, or between a delete's batch and its unlink) and temp files."""
+        removed = 0
+        for name in list(self.blob_files.files()):
+            if name.rpartition("/")[2].startswith(TEMP_PREFIX) or \
+                    self._db.get(PREFIX_BLOB_FILE + name.encode()) is None:
+                self.blob_files.remove(name)
+                removed += 1
+        if removed:
+            log.info("store.blob_files.orphans_removed files=%d", removed)
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -279,7 +304,30 @@ class RocksStore:
         self.check_capacity(stored.record.size_bytes, len(stored.blob) + 4096)
         if hint_for:
             return self._submit(lambda view, batch: self._build_hint(view, batch, stored, hint_for))
-        return self._submit(lambda view, batch: self._build_instance(view, batch, stored))
+        if len(stored.blob) < self._blob_file_bytes_min and stored.blob_file is None:
+            return self._submit(lambda view, batch: self._build_instance(view, batch, stored, stored.blob))
+        return self._put_with_blob_file(stored)
+
+    def _put_with_blob_file(self, stored: StoredInstance) -> str:
+        """put_stored for a big blob: the file is durable under its final name before the
+        batch that points at it; removed again when the batch did not keep it."""
+        temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
+            else None
+        if temp is None:
+            temp = self.blob_files.write_temp(stored.blob)
+        try:
+            pointer = self.blob_files.commit(temp, stored.content_hash)
+        except BaseException:
+            self.blob_files.remove(temp.path.name)
+            raise
+        kept = False
+        try:
+            outcome = self._submit(lambda view, batch: self._build_instance(view, batch, stored, pointer.encode()))
+            kept = self._db.get(PREFIX_BLOB_FILE + pointer.name.encode()) is not None
+            return outcome
+        finally:
+            if not kept:
+                self.blob_files.remove(pointer.name)
 
     def delete_hint(self, owner: str, study_instance_uid: str, sop_instance_uid: str) -> None:
         """Forget a hint once its owner acknowledged a durable copy."""
@@ -340,10 +388,32 @@ class RocksStore:
             self._counters = counters
             self._group_commits += 1
             self._commits_batched += len(built)
+            for name in view.removed_files:  # A crash before this leaves orphans, removed at open.
+                self.blob_files.remove(name)
         for pending in built:
             pending.succeed()
 
-    def _build_instance(self, view: "_View", batch: WriteBatch, stored: StoredInstance) -> str:
+    def _put_blob(self, view: "_View", batch: WriteBatch, key: bytes, value: bytes) -> None:
+        """Put a blob value (the blob, or a pointer to its file, whose `f` key goes with it)."""
+        view.put(batch, key, value)
+        pointer = BlobPointer.decode(value)
+        if pointer is not None:
+            view.put(batch, PREFIX_BLOB_FILE + pointer.name.encode(), b"")
+
+    def _delete_blob(self, view: "_View", batch: WriteBatch, key: bytes) -> int:
+        """Delete a blob value; its file (if any) is unlinked once the batch is written.
+        Returns its compressed size (0 when there was none)."""
+        value = view.get(key)
+        if value is None:
+            return 0
+        view.delete(batch, key)
+        pointer = BlobPointer.decode(value)
+        if pointer is not None:
+            view.delete(batch, PREFIX_BLOB_FILE + pointer.name.encode())
+            view.removed_files.append(pointer.name)
+        return stored_size(value)
+
+    def _build_instance(self, view: "_View", batch: WriteBatch, stored: StoredInstance, blob_value: bytes) -> str:
         record = stored.record
         prefix = study_prefix(record.study_instance_uid)
         sop = record.sop_instance_uid.encode("ascii")
@@ -353,7 +423,7 @@ class RocksStore:
             current = json.loads(existing)
             if current["content_hash"] == record.content_hash:
                 return StoreOutcome.DUPLICATE
-            return self._resolve_conflict(view, batch, stored, current, prefix, sop)
+            return self._resolve_conflict(view, batch, stored, blob_value, current, prefix, sop)
         tombstone_key = PREFIX_TOMBSTONE + prefix + SEP + sop
         raw_tombstone = view.get(tombstone_key)
         if raw_tombstone is not None:
@@ -362,7 +432,7 @@ class RocksStore:
                 return StoreOutcome.DELETED  # Deleted after this write: the delete wins.
             # Stored after the delete: a new instance under the same UID; the tombstone goes.
             self._drop_tombstone(view, batch, tombstone, prefix, sop)
-        view.put(batch, PREFIX_BLOB + prefix + SEP + sop, stored.blob)
+        self._put_blob(view, batch, PREFIX_BLOB + prefix + SEP + sop, blob_value)
         view.put(batch, meta_key, _dump(record))
         segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
         digest = Digest.from_bytes(view.get(segment_key)).add(entry_hash(record.sop_instance_uid, record.content_hash))
@@ -374,8 +444,8 @@ class RocksStore:
         view.counters["studies"] += 1 if new_study else 0
         return StoreOutcome.STORED
 
-    def _resolve_conflict(self, view: "_View", batch: WriteBatch, stored: StoredInstance, current: dict[str, Any],
-                          prefix: bytes, sop: bytes) -> str:
+    def _resolve_conflict(self, view: "_View", batch: WriteBatch, stored: StoredInstance, blob_value: bytes,
+                          current: dict[str, Any], prefix: bytes, sop: bytes) -> str:
         """Same SOP Instance UID, other bytes: one deterministic rule on every replica.
 
         The first writer wins, by the version (ingest time at the coordinator, content
@@ -392,25 +462,30 @@ class RocksStore:
             old_blob = view.get(blob_key) or b""
             loser_key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + kept[1].encode()
             if view.get(loser_key) is None:
-                view.put(batch, loser_key, old_blob)
+                view.put(batch, loser_key, old_blob)  # A pointer moves with its `f` key kept.
                 view.counters["conflicts"] += 1
+            else:
+                old_pointer = BlobPointer.decode(old_blob)
+                if old_pointer is not None:  # Held twice: the conflict copy stays, this file goes.
+                    view.delete(batch, PREFIX_BLOB_FILE + old_pointer.name.encode())
+                    view.removed_files.append(old_pointer.name)
             winner_key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + record.content_hash.encode()
             if view.get(winner_key) is not None:
-                view.delete(batch, winner_key)
+                self._delete_blob(view, batch, winner_key)
                 view.counters["conflicts"] -= 1
-            view.put(batch, blob_key, stored.blob)
+            self._put_blob(view, batch, blob_key, blob_value)
             view.put(batch, PREFIX_META + prefix + SEP + sop, _dump(record))
             segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
             digest = Digest.from_bytes(view.get(segment_key))
             digest = digest.remove(entry_hash(record.sop_instance_uid, kept[1]))
             digest = digest.add(entry_hash(record.sop_instance_uid, record.content_hash))
             view.put(batch, segment_key, digest.to_bytes())
-            view.counters["bytes_stored"] += len(stored.blob) - len(old_blob)
+            view.counters["bytes_stored"] += len(stored.blob) - stored_size(old_blob)
             view.counters["bytes_received"] += record.size_bytes - int(current["size_bytes"])
             return StoreOutcome.CONFLICT
         key = PREFIX_CONFLICT + prefix + SEP + sop + SEP + record.content_hash.encode()
         if view.get(key) is None:
-            view.put(batch, key, stored.blob)
+            self._put_blob(view, batch, key, blob_value)
             view.counters["conflicts"] += 1
         return StoreOutcome.CONFLICT
 
@@ -580,15 +655,14 @@ class RocksStore:
         for key, meta in list(self._scan(PREFIX_META + prefix + SEP)):
             record = json.loads(meta)
             digest = digest.remove(entry_hash(record["sop_instance_uid"], record["content_hash"]))
-            blob_key = PREFIX_BLOB + key[1:]
-            blob = view.get(blob_key)
-            view.counters["bytes_stored"] -= len(blob) if blob else 0
+            view.counters["bytes_stored"] -= self._delete_blob(view, batch, PREFIX_BLOB + key[1:])
             view.counters["bytes_received"] -= int(record["size_bytes"])
             view.counters["instances"] -= 1
-            view.delete(batch, blob_key)
             view.delete(batch, key)
             removed += 1
-        for prefix_byte in (PREFIX_SERIES, PREFIX_CONFLICT, PREFIX_HEADER):
+        for key, _value in list(self._scan(PREFIX_CONFLICT + prefix + SEP)):
+            self._delete_blob(view, batch, key)
+        for prefix_byte in (PREFIX_SERIES, PREFIX_HEADER):
             for key, _value in list(self._scan(prefix_byte + prefix + SEP)):
                 view.delete(batch, key)
         view.delete(batch, PREFIX_STUDY + prefix)
@@ -652,17 +726,14 @@ class RocksStore:
         segment_key = _digest_key(segment_of(study_token(study_uid)))
         digest = Digest.from_bytes(view.get(segment_key)).remove(entry_hash(sop_uid, str(record["content_hash"])))
         view.put(batch, segment_key, digest.to_bytes())
-        blob_key = PREFIX_BLOB + prefix + SEP + sop
-        blob = view.get(blob_key)
-        view.counters["bytes_stored"] -= len(blob) if blob else 0
+        view.counters["bytes_stored"] -= self._delete_blob(view, batch, PREFIX_BLOB + prefix + SEP + sop)
         view.counters["bytes_received"] -= int(record["size_bytes"])
         view.counters["instances"] -= 1
-        view.delete(batch, blob_key)
         view.delete(batch, PREFIX_META + prefix + SEP + sop)
         view.delete(batch, PREFIX_HEADER + prefix + SEP + sop)
         for key, _value in list(self._scan(PREFIX_CONFLICT + prefix + SEP + sop + SEP)):
             if view.get(key) is not None:
-                view.delete(batch, key)
+                self._delete_blob(view, batch, key)
                 view.counters["conflicts"] -= 1
         series_count_change = 0
         series_key = PREFIX_SERIES + prefix + SEP + str(record["series_instance_uid"]).encode("ascii")
@@ -991,7 +1062,7 @@ class RocksStore:
         if blob is None:
             raise KeyError(sop_instance_uid)
         try:
-            return decompress(blob, sop_instance_uid)
+            return decompress(self._blob_bytes(blob, sop_instance_uid), sop_instance_uid)
         except CorruptBlob as error:
             log.error(
                 "store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
@@ -999,6 +1070,36 @@ class RocksStore:
                 sop_instance_uid,
                 error,
             )
+            raise
+
+    def _blob_bytes(self, value: bytes, what: str) -> bytes:
+        """A blob value's compressed bytes (read from its file, CRC-checked, for a pointer)."""
+        pointer = BlobPointer.decode(value)
+        return value if pointer is None else self.blob_files.read(pointer, what)
+
+    def open_part10(self, study_instance_uid: str, sop_instance_uid: str,
+                    part10_bytes: int | None = None) -> bytes | Part10Stream:
+        """The stored Part-10 bytes as retrieval sends them: a blob kept as a file is a
+        Part10Stream (decompressed as it is read, its checksum checked at its end; the
+        caller closes it), any other is decompressed and checksum-verified here. Raises
+        KeyError, or CorruptBlob (logged)."""
+        key = PREFIX_BLOB + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode()
+        value = self._db.get(key)
+        if value is None:
+            raise KeyError(sop_instance_uid)
+        pointer = BlobPointer.decode(value)
+        try:
+            if pointer is None:
+                return decompress(value, sop_instance_uid)
+            if part10_bytes is None:
+                record = self.instance_record(study_instance_uid, sop_instance_uid)
+                if record is None:
+                    raise KeyError(sop_instance_uid)
+                part10_bytes = record.size_bytes + record.dataset_offset
+            return self.blob_files.stream(pointer, part10_bytes, sop_instance_uid)
+        except CorruptBlob as error:
+            log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
+                      study_instance_uid, sop_instance_uid, error)
             raise
 
     def read_part10_head(self, study_instance_uid: str, sop_instance_uid: str, size: int) -> bytes:
@@ -1009,6 +1110,9 @@ class RocksStore:
         blob = self._get_blob(key)
         if blob is None:
             raise KeyError(sop_instance_uid)
+        pointer = BlobPointer.decode(blob)
+        if pointer is not None:
+            return self.blob_files.head(pointer, size, sop_instance_uid)
         return decompress_head(blob, size, sop_instance_uid)
 
     def instance_header(self, study_instance_uid: str, sop_instance_uid: str, content_hash: str) -> bytes | None:
@@ -1037,6 +1141,14 @@ class RocksStore:
         blob = self._get_blob(PREFIX_BLOB + prefix + SEP + sop)
         if raw is None or blob is None:
             return None
+        pointer = BlobPointer.decode(blob)
+        if pointer is not None:
+            try:  # File-backed pages, not heap; the receiver checks the bytes.
+                blob = self.blob_files.map(pointer, sop_instance_uid)
+            except CorruptBlob as error:
+                log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
+                          study_instance_uid, sop_instance_uid, error)
+                return None
         record = InstanceRecord(**json.loads(raw))
         attributes: dict[str, Any] = {}
         study = self.study(study_instance_uid)
@@ -1088,7 +1200,8 @@ class RocksStore:
     def conflicts(self, study_instance_uid: str, sop_instance_uid: str) -> list[bytes]:
         """The Part-10 bytes of copies that lost the first-writer-wins rule."""
         prefix = PREFIX_CONFLICT + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode() + SEP
-        return [decompress(value, sop_instance_uid) for _key, value in self._scan(prefix)]
+        return [decompress(self._blob_bytes(value, sop_instance_uid), sop_instance_uid)
+                for _key, value in self._scan(prefix)]
 
     def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         return self._scan_range(prefix, _prefix_upper_bound(prefix))
@@ -1183,6 +1296,7 @@ class _View:
         self._db = db
         self._written: dict[bytes, bytes | None] = {}
         self.counters: dict[str, int] = {}
+        self.removed_files: list[str] = []  # Blob files to unlink once the batch is written.
 
     def get(self, key: bytes) -> bytes | None:
         if key in self._written:

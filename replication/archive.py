@@ -23,7 +23,8 @@ from pacsnode.replication.model import (
     StoreFull,
     StoreOutcome,
 )
-from pacsnode.replication.query import HeaderReader, IndexReader, LocalQuery, aggregate_patients
+from pacsnode.replication.query import (HeaderReader, IndexReader, LocalQuery, aggregate_patients,
+                                        wants_patient_counts, with_patient_counts)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ class Archive:
         rows = LocalQuery(self._replica, query, self._header_reader).rows()
         if query.level == "PATIENT":
             rows = aggregate_patients(_until_cancelled(rows, is_cancelled))
+        elif wants_patient_counts(query):
+            rows = with_patient_counts(_until_cancelled(rows, is_cancelled))
         yield from _until_cancelled(rows, is_cancelled)
 
     def locate(self, query: Query) -> RetrievePlan:

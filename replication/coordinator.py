@@ -53,7 +53,7 @@ from pacsnode.replication.model import (
     with_version,
 )
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
-from pacsnode.replication.query import aggregate_patients
+from pacsnode.replication.query import aggregate_patients, wants_patient_counts, with_patient_counts
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import Replication, Ring, replica_total
@@ -73,7 +73,7 @@ RESTAMPS_MAX = 3
 
 def restamped(stored: StoredInstance, version: Version) -> StoredInstance:
     return StoredInstance(record=with_version(stored.record, version), attributes=stored.attributes,
-                          blob=stored.blob)
+                          blob=stored.blob, blob_file=stored.blob_file)
 
 
 class WriteScope(enum.Enum):
@@ -696,7 +696,7 @@ class Coordinator:
     async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises
         IncompleteAnswer after the last row when part of the archive could not be asked."""
-        if query.level == "PATIENT":
+        if query.level == "PATIENT" or wants_patient_counts(query):
             study_rows: list[Attributes] = []
             shortfall: IncompleteAnswer | None = None
             try:
@@ -704,7 +704,8 @@ class Coordinator:
                     study_rows.append(row)
             except IncompleteAnswer as error:
                 shortfall = error
-            for row in aggregate_patients(study_rows):
+            fold = aggregate_patients if query.level == "PATIENT" else with_patient_counts
+            for row in fold(study_rows):
                 yield row
             if shortfall is not None:
                 raise shortfall

@@ -113,6 +113,9 @@ class Instance:
     attributes: Attributes
     content_hash: str
     blob: bytes = b""  # zstd(part10) when already compressed (at ingest, in parallel with parsing).
+    # A node-local handle of a file that holds `blob` (node/blob_files.TempBlob): the local
+    # store names that file instead of writing the bytes again. Opaque here.
+    blob_file: object = None
 
     @property
     def dataset_bytes(self) -> bytes:
@@ -232,6 +235,7 @@ class StoredInstance:
     record: InstanceRecord
     attributes: Attributes
     blob: bytes
+    blob_file: object = None  # As Instance.blob_file.
 
     @property
     def study_instance_uid(self) -> str:

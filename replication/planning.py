@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.query import wants_patient_counts
 from pacsnode.ring.placement import Replication, Ring, TokenRange
 from pacsnode.ring.tokens import TOKEN_SPACE, study_token
 
@@ -113,7 +114,7 @@ def study_keys(query: Query) -> tuple[str, ...] | None:
     """The StudyInstanceUIDs a query names (one value or a UID list), or None when it
     names none and must scatter. A study key below a PATIENT-level query is not matched
     there (PS3.4 C.6.1.1.2), so it does not narrow where to ask either."""
-    if query.level == "PATIENT":
+    if query.level == "PATIENT" or wants_patient_counts(query):
         return None
     condition = query.condition("StudyInstanceUID")
     if condition is None:

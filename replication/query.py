@@ -161,12 +161,17 @@ class LocalQuery:
                 row = self._with_header(study_attributes, study.study_instance_uid, study.first_sop_instance_uid)
                 if row is not None:
                     yield row
+                    if wants_patient_counts(self._query):
+                        yield from self._other_studies_of(study_attributes, counted, skip_matching=True)
                 continue
             yield from self._series_rows(study, study_attributes)
 
-    def _other_studies_of(self, matched: Attributes, counted: set[str]) -> Iterator[Attributes]:
+    def _other_studies_of(self, matched: Attributes, counted: set[str], *,
+                          skip_matching: bool = False) -> Iterator[Attributes]:
         """Rows marked COUNT_ONLY for the matched patient's other studies here, so that
-        NumberOfPatientRelated* count the patient's studies, not only the matching ones."""
+        NumberOfPatientRelated* count the patient's studies, not only the matching ones.
+        With `skip_matching` (STUDY level), not those that match the query themselves:
+        they come as rows of their own, which a count-only row must not stand in for."""
         patient_id = str(matched.get("PatientID", "") or "")
         if not patient_id:
             return
@@ -181,6 +186,9 @@ class LocalQuery:
                 continue
             row = study_row(study)
             if patient_key(row) != key:
+                continue
+            if skip_matching and match_all(self._by_level["PATIENT"], row) and \
+                    match_all(self._by_level["STUDY"], row):
                 continue
             counted.add(uid)
             row[COUNT_ONLY] = "1"
@@ -310,6 +318,44 @@ def patient_key(row: Attributes) -> tuple[str, str]:
 # Internal row key (never returned to a client): a study of a matched patient that is
 # there only to be counted in NumberOfPatientRelated*.
 COUNT_ONLY = "_count_only"
+
+
+def wants_patient_counts(query: Query) -> bool:
+    """A STUDY-level query asking for NumberOfPatientRelated*: in the Study Root model the
+    patient's attributes are the study's (PS3.4 C.6.2.1.2, Table C.6-5 lists these three
+    as optional study-level keys), and each counts all of the patient's studies (C.3.4),
+    so the answer needs the patient's other studies too (COUNT_ONLY rows) and every
+    range asked (no routing by the StudyInstanceUID)."""
+    return query.level == "STUDY" and any(k in query.return_keys for k in PATIENT_COMPUTED)
+
+
+def with_patient_counts(study_rows: Iterable[Attributes]) -> Iterator[Attributes]:
+    """The matching study rows (deduplicated by StudyInstanceUID, COUNT_ONLY ones dropped),
+    each with NumberOfPatientRelated* of its patient, counted over every row. Holds the
+    rows until the last one: the counts are known only then."""
+    rows: dict[str, Attributes] = {}
+    matched: list[str] = []
+    for row in study_rows:
+        study_uid = str(row.get("StudyInstanceUID", ""))
+        if row.get(COUNT_ONLY) != "1":
+            if study_uid not in matched:
+                matched.append(study_uid)
+            rows[study_uid] = row
+        else:
+            rows.setdefault(study_uid, row)
+    totals: dict[tuple[str, str], list[int]] = {}
+    for row in rows.values():
+        total = totals.setdefault(patient_key(row), [0, 0, 0])
+        total[0] += 1
+        total[1] += int(str(row.get("NumberOfStudyRelatedSeries", "0") or "0"))
+        total[2] += int(str(row.get("NumberOfStudyRelatedInstances", "0") or "0"))
+    for study_uid in matched:
+        row = dict(rows[study_uid])
+        studies, series, instances = totals[patient_key(row)]
+        row["NumberOfPatientRelatedStudies"] = str(studies)
+        row["NumberOfPatientRelatedSeries"] = str(series)
+        row["NumberOfPatientRelatedInstances"] = str(instances)
+        yield row
 
 
 def aggregate_patients(study_rows: Iterable[Attributes]) -> Iterator[Attributes]:

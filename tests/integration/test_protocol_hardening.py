@@ -203,6 +203,7 @@ def test_bad_association_requests_are_rejected(node: NodeProcess, case: str, con
     log = _log_after(node, mark)
     assert f"dicom.association.rejected address=127.0.0.1:" in log and f"reason={log_reason}" in log
     assert "calling_ae_title=RAWSCU called_ae_title=PACSNODE" in log
+    assert log.count("dicom.association.rejected") == 1 and " pynetdicom" not in log, log  # One line, ours.
     assert _serving(node)
 
 

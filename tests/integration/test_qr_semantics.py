@@ -72,6 +72,30 @@ def test_patient_counts_are_the_patients_not_the_matches(node: NodeProcess) -> N
     assert status == 0 and len(found) == 1 and int(found[0].NumberOfPatientRelatedStudies) == 2
 
 
+def test_patient_counts_asked_at_study_level_count_all_of_the_patients_studies(node: NodeProcess) -> None:
+    """Study Root, STUDY level: NumberOfPatientRelated* are optional keys there (PS3.4
+    Table C.6-5) and count the patient's studies, series and instances (C.3.4), not only
+    the studies that matched. Orthanc 1.10.1 returns them empty at this level."""
+    manifest = node.manifest  # type: ignore[attr-defined]
+    first_study = manifest[0]["study_uid"]
+    query = identifier("STUDY", StudyInstanceUID=first_study, NumberOfPatientRelatedStudies="",
+                       NumberOfPatientRelatedSeries="", NumberOfPatientRelatedInstances="",
+                       NumberOfStudyRelatedInstances="")
+    found, status = clients.find(node.dicom_port, query)
+    assert status == 0 and len(found) == 1
+    row = found[0]
+    assert row.StudyInstanceUID == first_study
+    assert int(row.NumberOfPatientRelatedStudies) == 2
+    assert int(row.NumberOfPatientRelatedSeries) == len({e["series_uid"] for e in manifest})
+    assert int(row.NumberOfPatientRelatedInstances) == len(manifest)
+    assert int(row.NumberOfStudyRelatedInstances) == sum(1 for e in manifest if e["study_uid"] == first_study)
+    # Both studies asked for: both rows, each with the patient's totals (not one counted as the other's).
+    found, status = clients.find(node.dicom_port, identifier("STUDY", StudyInstanceUID="",
+                                                             NumberOfPatientRelatedStudies=""))
+    assert status == 0 and len(found) == 2
+    assert [int(row.NumberOfPatientRelatedStudies) for row in found] == [2, 2]
+
+
 @pytest.mark.parametrize("keys", [{"StudyInstanceUID": "1.2.*"}, {"StudyInstanceUID": "*"}, {"PatientName": "X*"}])
 def test_get_refuses_wildcards_and_missing_unique_keys_without_phantom_sub_operations(node: NodeProcess,
                                                                                        keys: dict[str, str]) -> None:
@@ -131,3 +155,47 @@ def test_move_to_a_configured_destination_that_is_down_is_a_sub_operation_failur
     finally:
         node.stop()
         silent.close()
+
+
+def test_a_sub_operation_without_a_response_is_one_line_and_a_failure(tmp_path: Path) -> None:
+    """A C-MOVE destination that accepts the association and the C-STORE but never
+    answers: after dimse_timeout_s the sub-operation fails, the sub-association is
+    aborted, and the node logs dicom.retrieve.no_response (not pynetdicom's ERROR lines)."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    release = threading.Event()
+
+    def never_answer(event: object) -> int:
+        release.wait(30)
+        return 0
+
+    destination = AE(ae_title="MUTE")
+    destination.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, never_answer)])
+    node = NodeProcess(tmp_path / "data", extra_args=["--destination", f"MUTE=127.0.0.1:{port}",
+                                                      "--dimse-timeout-s", "2"])
+    node.start()
+    try:
+        manifest = datagen.write_study_set(datagen.StudySetSpec(patients=1, instances_per_series=1, rows=8, cols=8,
+                                                                seed=79, modalities=("CT",)), tmp_path / "files")
+        assert set(clients.send_files(node.dicom_port, [Path(e["path"]) for e in manifest]).values()) == {0}
+        final = _move(node.dicom_port, manifest[0]["study_uid"], "MUTE")
+        assert final.NumberOfFailedSuboperations == 1 and final.NumberOfCompletedSuboperations == 0
+        log = node.log_text()
+        assert "dicom.retrieve.no_response" in log and "reason=dimse-timeout" in log, log[-3000:]
+        assert "called_ae_title=MUTE" in log
+        # pynetdicom's retrieve service class says the sub-operation failed (one line,
+        # with our reason); not its own "DIMSE timeout reached", never a traceback.
+        assert "DIMSE timeout reached" not in log and "has no attribute" not in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        release.set()
+        node.stop()
+        server.shutdown()

@@ -28,6 +28,7 @@ def test_defaults() -> None:
     assert config.max_associations == 32
     assert config.instance_size_bytes_max == 4 * 1024**3
     assert config.dataset_spool_threshold_bytes == 8 * 1024**2 and config.inflight_instance_bytes_max == 1024**3
+    assert config.blob_file_bytes_min == 8 * 1024**2
     assert config.disk_free_bytes_min == 256 * 1024**2
     assert config.find_result_max == 0
     assert config.duplicate_policy == "first-wins"
@@ -72,7 +73,9 @@ find_buffer_rows = 250
 storage_commitment_timeout_s = 45
 instance_size_bytes_max = 1_000_000
 dataset_spool_threshold_bytes = 65536
+blob_file_bytes_min = 131072
 inflight_instance_bytes_max = 5_000_000
+malloc_trim_threshold_bytes = 0
 disk_free_bytes_min = 0
 store_timeout_ms = 1000
 duplicate_policy = "first-wins"
@@ -144,6 +147,8 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
+    assert config.blob_file_bytes_min == 131072
+    assert config.malloc_trim_threshold_bytes == 0
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
     assert config.token_salt == 3
@@ -255,6 +260,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
         ({"inflight_instance_bytes_max": 0}, "inflight_instance_bytes_max must be >= 1"),
+        ({"blob_file_bytes_min": 0}, "blob_file_bytes_min must be >= 1"),
         ({"disk_free_bytes_min": -1}, "disk_free_bytes_min must be >= 0"),
         ({"find_result_max": -1}, "find_result_max must be >= 0"),
         ({"find_buffer_rows": 0}, "find_buffer_rows must be >= 1"),

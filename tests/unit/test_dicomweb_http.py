@@ -22,8 +22,8 @@ from pacsnode.node.http_server import HttpServer
 from pacsnode.node.http_views import StoreHeaders
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.store import RocksStore
-from pacsnode.replication.archive import Archive, IncompleteAnswer, RetrievePlan, Shortfall
-from pacsnode.replication.matching import Query
+from pacsnode.replication.archive import Archive, IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall
+from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes
 from pacsnode.sim.datagen import ManifestEntry, StudySetSpec, iter_part10
 
@@ -42,6 +42,13 @@ class _ClusterLikeArchive(Archive):
     def locate(self, query: Query) -> RetrievePlan:
         plan = super().locate(query)
         return RetrievePlan(plan.locations, self.shortfall)
+
+    unreadable: frozenset[str] = frozenset()  # SOP Instance UIDs whose reads fail (every copy corrupt).
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        if location.sop_instance_uid in self.unreadable:
+            raise ReadError(f"instance {location.sop_instance_uid} failed its checksum")
+        return super().read(location)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +159,31 @@ def _parts(reply: httpx.Response) -> list[bytes]:
     parts = reader.feed(reply.content)
     reader.close()
     return [part.body for part in parts]
+
+
+def test_an_unreadable_instance_breaks_the_body_off_after_the_ones_before_it(
+        served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
+    """Reads go in groups (node/dicomweb.py READ_GROUP_INSTANCES): an instance that cannot
+    be read ends the body right there, after the instances before it in its group, and
+    without the closing delimiter, so the client sees a failed transfer."""
+    study = study_set[0][0]["study_uid"]
+    plan = served.archive.locate(Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study),)))
+    order = [location.sop_instance_uid for location in plan.locations]
+    assert len(order) == 4
+    served.archive.unreadable = frozenset({order[2]})
+    try:
+        received = bytearray()
+        with pytest.raises(httpx.HTTPError):  # Content-Length stated, body cut short.
+            with httpx.stream("GET", f"{served.url}/dicom-web/studies/{study}",
+                              headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}) as reply:
+                assert reply.status_code == 200
+                for chunk in reply.iter_raw():
+                    received += chunk
+    finally:
+        served.archive.unreadable = frozenset()
+    by_uid = {entry["sop_uid"]: data for entry, data in study_set}
+    assert by_uid[order[0]] in received and by_uid[order[1]] in received
+    assert by_uid[order[3]] not in received
 
 
 def test_retrieve_returns_the_stored_bytes(served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:

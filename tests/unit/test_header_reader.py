@@ -287,3 +287,31 @@ def test_unreadable_datasets_still_fail_as_before() -> None:
     offset, syntax = _meta(part10) or (0, "")
     with pytest.raises(InvalidInstance):
         instance_from_part10(part10[:offset + 3], offset, syntax)
+
+
+def test_the_series_memo_changes_no_answer() -> None:
+    """Short values' JSON entries are kept between headers (a series repeats most of
+    them): every answer with the memo filled by the whole corpus is the answer with it
+    emptied before each header, and a series' second header reuses its first's entries."""
+    from pacsnode.node import header_reader
+
+    def answers(clear_each: bool) -> list[tuple[bool, Any]]:
+        header_reader._json_entries.clear()
+        out = []
+        for _name, part10 in CORPUS:
+            meta = _meta(part10)
+            if meta is None:
+                continue
+            if clear_each:
+                header_reader._json_entries.clear()
+            out.append(_lean(lambda: _lean_header_json(part10, meta[1], BASE, whole=True)))
+        return out
+
+    assert answers(clear_each=False) == answers(clear_each=True)
+    header_reader._json_entries.clear()
+    first, second = [part10 for _name, part10 in _datagen_files()][:2]  # Same study, same series.
+    _lean_header_json(first, EXPLICIT, BASE, whole=True)
+    kept = dict(header_reader._json_entries)
+    assert len(kept) > 10
+    _lean_header_json(second, EXPLICIT, BASE, whole=True)
+    assert len(header_reader._json_entries) < 2 * len(kept)  # Most of the second header was found, not added.

@@ -201,6 +201,27 @@ def test_study_rows_have_computed_keys(corpus: Corpus) -> None:
         assert row["StudyDate"] == entries[0]["study_date"]
 
 
+def test_patient_counts_at_study_level_cover_the_patients_studies(corpus: Corpus) -> None:
+    """Asked at STUDY level (Study Root), NumberOfPatientRelated* count all of the
+    patient's studies, also when the query names one of them."""
+    computed = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
+    for patient_id, entries in _by(corpus.entries, "patient_id").items():
+        for study_uid in sorted({e["study_uid"] for e in entries}):
+            query = Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study_uid),),
+                          return_keys=computed)
+            rows = list(Archive(corpus.store).find(query))
+            assert [row["StudyInstanceUID"] for row in rows] == [study_uid]
+            assert rows[0]["NumberOfPatientRelatedStudies"] == str(len({e["study_uid"] for e in entries}))
+            assert rows[0]["NumberOfPatientRelatedSeries"] == str(len({e["series_uid"] for e in entries}))
+            assert rows[0]["NumberOfPatientRelatedInstances"] == str(len(entries))
+    # Every study asked for: one row each (no count-only row standing in for a match).
+    rows = list(Archive(corpus.store).find(Query(level="STUDY", return_keys=computed)))
+    assert sorted(row["StudyInstanceUID"] for row in rows) == sorted({e["study_uid"] for e in corpus.entries})
+    assert all("_count_only" not in row for row in rows)
+    # Not asked for: not computed.
+    assert "NumberOfPatientRelatedStudies" not in next(iter(Archive(corpus.store).find(Query(level="STUDY"))))
+
+
 def test_series_rows_count_instances_and_carry_upper_levels(corpus: Corpus) -> None:
     rows = {row["SeriesInstanceUID"]: row for row in Archive(corpus.store).find(Query(level="SERIES"))}
     for series_uid, entries in _by(corpus.entries, "series_uid").items():

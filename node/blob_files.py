@@ -1,0 +1,307 @@
+"""Big blobs as files beside RocksDB, and reading them back in chunks.
+
+A stored instance's blob (its zstd-compressed Part-10 bytes) of `blob_file_bytes_min` or
+more is not put into RocksDB as one value: it is written to a temporary file under
+`<store>/blobs/`, fsync'ed, renamed to `<aa>/<content hash>-<unique>.zst` and the directory
+fsync'ed, all before the RocksDB WriteBatch that records the instance. The batch puts, in
+the blob's place, a small pointer (`BlobPointer`: the file's name, size and CRC-32) and a
+`f <file name>` key saying the file is referenced. So after a crash:
+
+- a record always has its file (the file was durable before the batch was written);
+- a file without its `f` key (the batch never committed, or a delete committed and the
+  unlink did not happen) is an orphan: `RocksStore` removes those, and every temporary
+  file, when it opens (`orphans`).
+
+Reading: `read` gives the whole blob, CRC-checked (peers, conflicts); `Part10Stream` gives
+the Part-10 bytes in order, decompressed a chunk at a time, so retrieval sends a 200 MB
+instance without holding it (zstd's frame checksum is verified when the stream reaches
+its end; a mismatch raises CorruptBlob before the last fragment goes out).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+from pacsnode.replication.model import CorruptBlob
+
+TEMP_PREFIX = ".tmp-"
+SUFFIX = ".zst"
+CHUNK_BYTES = 1 << 20  # Written and read this much at a time.
+# A RocksDB blob value that starts with this is a pointer, not a zstd frame (a zstd frame
+# starts with the magic 28 B5 2F FD).
+POINTER_MAGIC = b"\x00pacsnode-blob-file\x00"
+
+
+@dataclass(frozen=True)
+class BlobPointer:
+    """What RocksDB holds in place of a blob kept as a file."""
+
+    name: str       # Relative to the blobs directory: "<aa>/<content hash>-<unique>.zst".
+    size_bytes: int  # Compressed bytes in the file.
+    crc32: int      # Of the file's bytes.
+
+    def encode(self) -> bytes:
+        return POINTER_MAGIC + json.dumps({"name": self.name, "size_bytes": self.size_bytes,
+                                           "crc32": self.crc32}, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(value: bytes) -> "BlobPointer | None":
+        """The pointer in a blob value; None when the value is the blob itself."""
+        if not value.startswith(POINTER_MAGIC):
+            return None
+        fields = json.loads(bytes(value[len(POINTER_MAGIC):]))
+        return BlobPointer(name=str(fields["name"]), size_bytes=int(fields["size_bytes"]), crc32=int(fields["crc32"]))
+
+
+def stored_size(value: bytes) -> int:
+    """Compressed bytes of a blob value (the file's size for a pointer)."""
+    pointer = BlobPointer.decode(value)
+    return len(value) if pointer is None else pointer.size_bytes
+
+
+@dataclass(frozen=True)
+class TempBlob:
+    """A blob written and fsync'ed to a temporary file, not yet named."""
+
+    path: Path
+    size_bytes: int
+    crc32: int
+
+
+class BlobFiles:
+    """The blobs directory of one store. Thread-safe (every operation is one file's)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ writing
+    def temp_writer(self) -> "TempWriter":
+        return TempWriter(self.directory)
+
+    def write_temp(self, blob: bytes) -> TempBlob:
+        """A blob that is in memory (from a peer, or from an in-memory C-STORE) to a temp file."""
+        with self.temp_writer() as writer:
+            view = memoryview(blob)
+            for start in range(0, len(view), CHUNK_BYTES):
+                writer.write(view[start:start + CHUNK_BYTES])
+            return writer.finish()
+
+    def commit(self, temp: TempBlob, content_hash: str) -> BlobPointer:
+        """Give a temp file its final name, durably (rename, then fsync the directory)."""
+        name = f"{content_hash[:2]}/{content_hash}-{secrets.token_hex(4)}{SUFFIX}"
+        target = self.directory / name
+        target.parent.mkdir(exist_ok=True)
+        os.rename(temp.path, target)
+        _fsync_directory(target.parent)
+        return BlobPointer(name=name, size_bytes=temp.size_bytes, crc32=temp.crc32)
+
+    def remove(self, name: str) -> None:
+        try:
+            (self.directory / name).unlink()
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ reading
+    def path(self, pointer: BlobPointer) -> Path:
+        return self.directory / pointer.name
+
+    def read(self, pointer: BlobPointer, what: str) -> bytes:
+        """The whole blob, checked against the pointer's size and CRC-32 (CorruptBlob)."""
+        try:
+            data = self.path(pointer).read_bytes()
+        except FileNotFoundError:
+            raise CorruptBlob(f"blob file of {what} is missing") from None
+        if len(data) != pointer.size_bytes or zlib.crc32(data) != pointer.crc32:
+            raise CorruptBlob(f"blob file of {what} failed its size or CRC-32 check")
+        return data
+
+    def map(self, pointer: BlobPointer, what: str) -> bytes:
+        """The blob as a read-only memory map (file-backed pages, not heap): for shipping
+        to a peer, who checks it before acknowledging. Raises CorruptBlob when missing or
+        of the wrong size."""
+        try:
+            with open(self.path(pointer), "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+                if size != pointer.size_bytes or size == 0:
+                    raise CorruptBlob(f"blob file of {what} holds {size} bytes, not {pointer.size_bytes}")
+                mapped: bytes = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[assignment]
+                return mapped
+        except FileNotFoundError:
+            raise CorruptBlob(f"blob file of {what} is missing") from None
+
+    def stream(self, pointer: BlobPointer, part10_bytes: int, what: str) -> "Part10Stream":
+        try:
+            source = open(self.path(pointer), "rb")
+        except FileNotFoundError:
+            raise CorruptBlob(f"blob file of {what} is missing") from None
+        return Part10Stream(source, part10_bytes, what)
+
+    def head(self, pointer: BlobPointer, size: int, what: str) -> bytes:
+        """The first `size` Part-10 bytes (not checksum-verified: the checksum covers all)."""
+        with self.stream(pointer, size, what) as stream:
+            return stream.read_head(size)
+
+    # ------------------------------------------------------------------ recovery
+    def files(self) -> Iterator[str]:
+        """Names of every file under the directory (temporary ones included)."""
+        for path in self.directory.rglob("*"):
+            if path.is_file():
+                yield path.relative_to(self.directory).as_posix()
+
+
+class TempWriter:
+    """Writes a temp file in the blobs directory, CRC-32 as it goes; `finish` fsyncs it.
+    Leaving the `with` block without `finish` removes the file."""
+
+    def __init__(self, directory: Path) -> None:
+        descriptor, name = _mkstemp(directory)
+        self.path = Path(name)
+        self._file: BinaryIO = open(descriptor, "wb", buffering=CHUNK_BYTES)
+        self._size = 0
+        self._crc = 0
+        self._finished = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._size += len(data)
+        self._crc = zlib.crc32(data, self._crc)
+
+    def finish(self) -> TempBlob:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._finished = True
+        return TempBlob(self.path, self._size, self._crc)
+
+    def __enter__(self) -> "TempWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            self._file.close()
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class Part10Stream:
+    """The Part-10 bytes of a blob file, decompressed in order as they are asked for.
+
+    `payload(offset)` is the data set (from `offset` on) as node/pdata.py's Payload: its
+    length, and slices asked for in order; each slice is decompressed when asked. The
+    frame's checksum is checked when the last slice is read (CorruptBlob)."""
+
+    def __init__(self, source: BinaryIO, part10_bytes: int, what: str) -> None:
+        self._source = source
+        self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK_BYTES)
+        self._size = part10_bytes
+        self._what = what
+        self._position = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _read(self, count: int) -> bytes:
+        parts: list[bytes] = []
+        remaining = count
+        try:
+            while remaining > 0:
+                chunk = self._reader.read(remaining)
+                if not chunk:
+                    raise CorruptBlob(f"blob of {self._what} ended {remaining} bytes early")
+                parts.append(chunk)
+                remaining -= len(chunk)
+            self._position += count
+            if self._position == self._size and self._reader.read(1):  # Also checks the checksum.
+                raise CorruptBlob(f"blob of {self._what} holds more than {self._size} bytes")
+        except zstandard.ZstdError as error:
+            raise CorruptBlob(f"blob of {self._what} failed its checksum: {error}") from error
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_head(self, size: int) -> bytes:
+        try:
+            head = bytearray()
+            while len(head) < size:
+                chunk = self._reader.read(size - len(head))
+                if not chunk:
+                    break
+                head += chunk
+            return bytes(head)
+        except zstandard.ZstdError as error:
+            raise CorruptBlob(f"blob of {self._what} is not a readable zstd frame: {error}") from error
+
+    def read_chunk(self, size: int = CHUNK_BYTES) -> bytes:
+        """The next up to `size` bytes; b"" at the end (checksum checked on the last one)."""
+        count = min(size, self._size - self._position)
+        return self._read(count) if count > 0 else b""
+
+    def read_all(self) -> bytes:
+        """Everything left (memory: for the few paths that need the instance whole)."""
+        return self._read(self._size - self._position)
+
+    def skip_to(self, offset: int) -> None:
+        if offset < self._position:
+            raise ValueError("a Part-10 stream only reads forward")
+        while self._position < offset:
+            self._read(min(CHUNK_BYTES, offset - self._position))
+
+    def payload(self, offset: int) -> "StreamPayload":
+        return StreamPayload(self, offset)
+
+    def close(self) -> None:
+        self._reader.close()  # type: ignore[no-untyped-call]  # zstandard has no annotation here.
+        self._source.close()
+
+    def __enter__(self) -> "Part10Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamPayload:
+    """Slices of a Part10Stream from `offset` on, asked for in order (node/pdata.Payload)."""
+
+    def __init__(self, stream: Part10Stream, offset: int) -> None:
+        self._stream = stream
+        self._offset = offset
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._stream) - self._offset
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, _step = index.indices(len(self))
+        if start != self._next:
+            raise ValueError(f"stream slices must be asked for in order: {start} after {self._next}")
+        if self._next == 0:
+            self._stream.skip_to(self._offset)
+        self._next = stop
+        return self._stream._read(stop - start)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

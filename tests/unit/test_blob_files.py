@@ -1,0 +1,214 @@
+"""Blobs kept as files beside RocksDB (node/blob_files.py, node/store.py): byte-exact round
+trip whole and streamed, conflicts and deletes take their files along, corruption is
+detected, and the states a crash can leave (a named file whose batch never committed, a
+delete whose unlink never ran, a temp file) are cleaned when the store opens, while every
+recorded instance keeps its file.
+
+`blob_file_bytes_min=1` puts every blob in a file, so the small generated instances take
+the same path as a 200 MB one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacsnode.node import codec
+from pacsnode.node.blob_files import POINTER_MAGIC, TEMP_PREFIX, BlobPointer
+from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
+from pacsnode.replication.model import CorruptBlob, Instance, StoreOutcome
+from pacsnode.sim.datagen import StudySetSpec, iter_part10
+
+OpenStore = Callable[..., RocksStore]
+
+SPEC_A = StudySetSpec(patients=2, studies_per_patient=1, series_per_study=2, instances_per_series=2, rows=16,
+                      cols=16, seed=11)
+SPEC_B = StudySetSpec(**{**SPEC_A.__dict__, "rows": 20})  # Same UIDs, other bytes.
+
+
+@pytest.fixture(scope="module")
+def versions(make_instance: Callable[[bytes], Instance]) -> tuple[list[Instance], list[Instance]]:
+    a = [make_instance(part10) for _entry, part10 in iter_part10(SPEC_A)]
+    b = [make_instance(part10) for _entry, part10 in iter_part10(SPEC_B)]
+    return a, b
+
+
+def _files(store: RocksStore) -> list[str]:
+    return sorted(store.blob_files.files())
+
+
+def _pointer(store: RocksStore, instance: Instance) -> BlobPointer:
+    value = store._db.get(PREFIX_BLOB + study_prefix(instance.study_instance_uid) + SEP
+                          + instance.sop_instance_uid.encode())
+    pointer = BlobPointer.decode(value)
+    assert pointer is not None
+    return pointer
+
+
+def _streamed(store: RocksStore, instance: Instance, fragment: int = 97) -> bytes:
+    opened = store.open_part10(instance.study_instance_uid, instance.sop_instance_uid)
+    assert not isinstance(opened, bytes)
+    payload = opened.payload(instance.dataset_offset)
+    try:
+        return b"".join(bytes(payload[start:min(start + fragment, len(payload))])
+                        for start in range(0, len(payload), fragment))
+    finally:
+        payload.close()
+
+
+def test_big_blobs_are_files_read_whole_and_streamed_byte_exact(open_store: OpenStore, versions: Any) -> None:
+    instances, _ = versions
+    store = open_store(blob_file_bytes_min=1)
+    for instance in instances:
+        assert store.put_instance(instance, now_ms=5) == StoreOutcome.STORED
+    assert len(_files(store)) == len(instances)
+    total = 0
+    for instance in instances:
+        pointer = _pointer(store, instance)
+        data = (store.blob_files.directory / pointer.name).read_bytes()
+        assert len(data) == pointer.size_bytes and zlib.crc32(data) == pointer.crc32
+        total += pointer.size_bytes
+        assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+        assert _streamed(store, instance) == instance.dataset_bytes
+        assert store.read_part10_head(instance.study_instance_uid, instance.sop_instance_uid, 200) == \
+            instance.part10[:200]
+        stored = store.read_stored(instance.study_instance_uid, instance.sop_instance_uid)
+        assert stored is not None and codec.decompress(bytes(stored.blob)) == instance.part10
+    assert store.statistics().bytes_stored == total
+    # A small-blob store keeps the same instances inside RocksDB: no file, not streamed.
+    small = open_store("small")
+    assert small.put_instance(instances[0]) == StoreOutcome.STORED
+    assert _files(small) == []
+    assert small.open_part10(instances[0].study_instance_uid, instances[0].sop_instance_uid) == instances[0].part10
+
+
+def test_a_spooled_temp_file_is_renamed_not_copied(open_store: OpenStore, versions: Any) -> None:
+    """The front end's compressed temp file (blob_file) becomes the stored file."""
+    instance = versions[0][0]
+    store = open_store()  # Default threshold: this small blob goes to a file only because it was spooled.
+    temp = store.blob_files.write_temp(codec.compress(instance.part10))
+    stored = codec.to_stored(instance, now_ms=1)
+    stored = type(stored)(record=stored.record, attributes=stored.attributes, blob=stored.blob, blob_file=temp)
+    assert store.put_stored(stored) == StoreOutcome.STORED
+    assert not temp.path.exists()
+    assert _files(store) == [_pointer(store, instance).name]
+    assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+
+
+def test_conflicts_and_deletes_take_their_files_along(open_store: OpenStore, versions: Any) -> None:
+    first, second = versions[0][0], versions[1][0]
+    store = open_store(blob_file_bytes_min=1)
+    assert store.put_instance(first, now_ms=10) == StoreOutcome.STORED
+    assert store.put_instance(second, now_ms=20) == StoreOutcome.CONFLICT  # Later: set aside, as a file.
+    assert len(_files(store)) == 2
+    assert store.conflicts(first.study_instance_uid, first.sop_instance_uid) == [second.part10]
+    assert store.put_instance(second, now_ms=30) == StoreOutcome.CONFLICT  # Kept once: no new file.
+    assert len(_files(store)) == 2
+    assert store.put_instance(first) == StoreOutcome.DUPLICATE
+    assert len(_files(store)) == 2
+    # An earlier copy arriving later wins: the kept one becomes the conflict, no file lost or left.
+    other = open_store("other", blob_file_bytes_min=1)
+    assert other.put_instance(second, now_ms=20) == StoreOutcome.STORED
+    assert other.put_instance(first, now_ms=10) == StoreOutcome.CONFLICT
+    assert other.read_part10(first.study_instance_uid, first.sop_instance_uid) == first.part10
+    assert other.conflicts(first.study_instance_uid, first.sop_instance_uid) == [second.part10]
+    assert len(_files(other)) == 2
+    # Deleting the instance removes its blob file and its conflict's.
+    record = store.instance_record(first.study_instance_uid, first.sop_instance_uid)
+    assert record is not None
+    assert store.delete_instances([(first.study_instance_uid, first.sop_instance_uid, record.content_hash)]) == 1
+    assert _files(store) == []
+    assert store.statistics().bytes_stored == 0
+    # A whole study too.
+    for instance in versions[0]:
+        store.put_instance(instance, now_ms=40)
+    study = versions[0][0].study_instance_uid
+    in_study = [i for i in versions[0] if i.study_instance_uid == study]
+    assert store.delete_study(study) == len(in_study)
+    assert len(_files(store)) == len(versions[0]) - len(in_study)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_a_damaged_blob_file_is_never_read_as_good(open_store: OpenStore, versions: Any, damage: str) -> None:
+    instance = versions[0][0]
+    store = open_store(blob_file_bytes_min=1)
+    store.put_instance(instance)
+    path = store.blob_files.directory / _pointer(store, instance).name
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-9]))
+    else:
+        path.unlink()
+    with pytest.raises(CorruptBlob):
+        store.read_part10(instance.study_instance_uid, instance.sop_instance_uid)
+    with pytest.raises(CorruptBlob):
+        _streamed(store, instance)
+    assert store.read_stored(instance.study_instance_uid, instance.sop_instance_uid) is None or damage == "flip"
+
+
+def test_stream_slices_must_come_in_order(open_store: OpenStore, versions: Any) -> None:
+    instance = versions[0][0]
+    store = open_store(blob_file_bytes_min=1)
+    store.put_instance(instance)
+    opened = store.open_part10(instance.study_instance_uid, instance.sop_instance_uid)
+    assert not isinstance(opened, bytes)
+    with opened:
+        payload = opened.payload(instance.dataset_offset)
+        assert bytes(payload[0:10]) == instance.dataset_bytes[:10]
+        with pytest.raises(ValueError):
+            payload[0:10]
+
+
+def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp_path: Path, versions: Any) -> None:
+    instances = versions[0]
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1)
+    kept = instances[0]
+    assert store.put_instance(kept, now_ms=1) == StoreOutcome.STORED
+    # 1. Killed while compressing: a temp file.
+    with store.blob_files.temp_writer() as writer:
+        writer.write(b"partial")
+        leftover_temp = writer.path
+        writer.finish()
+    # 2. Killed after the file got its name, before the batch that records it.
+    unrecorded = store.blob_files.commit(store.blob_files.write_temp(codec.compress(instances[1].part10)),
+                                         instances[1].content_hash)
+    # 3. Killed after a delete's batch, before its unlink: the file is left, its record gone.
+    doomed = instances[2]
+    store.put_instance(doomed, now_ms=1)
+    doomed_file = _pointer(store, doomed).name
+    record = store.instance_record(doomed.study_instance_uid, doomed.sop_instance_uid)
+    assert record is not None
+    store.blob_files.remove = lambda name: None  # type: ignore[method-assign]  # The unlink never runs.
+    store.delete_instances([(doomed.study_instance_uid, doomed.sop_instance_uid, record.content_hash)])
+    assert (store.blob_files.directory / doomed_file).exists()
+    store.close()
+
+    reopened = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1)
+    try:
+        assert not leftover_temp.exists()
+        assert not (reopened.blob_files.directory / unrecorded.name).exists()
+        assert not (reopened.blob_files.directory / doomed_file).exists()
+        assert _files(reopened) == [_pointer(reopened, kept).name]
+        assert reopened.read_part10(kept.study_instance_uid, kept.sop_instance_uid) == kept.part10
+        assert reopened.instance_record(instances[1].study_instance_uid, instances[1].sop_instance_uid) is None
+        # Every recorded instance has its file.
+        for record in reopened.all_instances():
+            pointer = _pointer(reopened, next(i for i in instances if i.sop_instance_uid == record.sop_instance_uid))
+            assert (reopened.blob_files.directory / pointer.name).exists()
+    finally:
+        reopened.close()
+
+
+def test_a_pointer_is_never_taken_for_a_zstd_frame() -> None:
+    pointer = BlobPointer(name="ab/abc-0.zst", size_bytes=12, crc32=7)
+    assert BlobPointer.decode(pointer.encode()) == pointer
+    assert BlobPointer.decode(codec.compress(POINTER_MAGIC)) is None
+    assert not codec.compress(b"x").startswith(POINTER_MAGIC)
+    assert TEMP_PREFIX.startswith(".")
