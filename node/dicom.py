@@ -67,6 +67,10 @@ STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_RETRIEVE_OUT_OF_RESOURCES = 0xA702  # C-GET/C-MOVE: unable to perform sub-operations.
 STATUS_SUBOPERATIONS_WARNING = 0xB000  # C-GET/C-MOVE: sub-operations complete, one or more failed.
+# The front end's two thread pools (compression of received instances; read-ahead of
+# C-GET/C-MOVE sub-operations): threads are made on demand up to these and then kept idle.
+COMPRESS_POOL_THREADS = 4
+READ_POOL_THREADS = 4
 STATUS_FIND_INCOMPLETE = 0xC001  # Project sub-code: part of the archive could not be asked.
 # An internal error (a bug, an unexpected failure) is answered with the code pynetdicom
 # uses for an exception in a handler, with a short ErrorComment, never as bad input.
@@ -134,9 +138,9 @@ class DicomFrontEnd:
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._server: Any = None
-        self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-zstd")
+        self._compressor = concurrent.futures.ThreadPoolExecutor(max_workers=COMPRESS_POOL_THREADS, thread_name_prefix="pacsnode-zstd")
         # Reads and decompresses the next instances of C-GETs and C-MOVEs (RetrieveReadAhead).
-        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pacsnode-read")
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=READ_POOL_THREADS, thread_name_prefix="pacsnode-read")
         self.spool = acceptor.SpoolSettings(
             threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
             budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
