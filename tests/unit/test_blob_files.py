@@ -185,9 +185,11 @@ def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp
     doomed_file = _pointer(store, doomed).name
     record = store.instance_record(doomed.study_instance_uid, doomed.sop_instance_uid)
     assert record is not None
-    store.blob_files.remove = lambda name: None  # type: ignore[method-assign]  # The unlink never runs.
+    doomed_path = store.blob_files.directory / doomed_file
+    doomed_bytes = doomed_path.read_bytes()
     store.delete_instances([(doomed.study_instance_uid, doomed.sop_instance_uid, record.content_hash)])
-    assert (store.blob_files.directory / doomed_file).exists()
+    doomed_path.write_bytes(doomed_bytes)  # As if the process died before the unlink ran.
+    assert doomed_path.exists()
     store.close()
 
     reopened = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1)
