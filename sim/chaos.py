@@ -143,6 +143,11 @@ class ChaosSettings:
                              "storescu and delete intervals must be >= 0")
 
     @property
+    def write_scope_local(self) -> bool:
+        """W is counted in the entry node's site (as node/config.py resolves auto)."""
+        return self.write_quorum_scope == "local" or (self.write_quorum_scope == "auto" and self.site_copies > 0)
+
+    @property
     def replication(self) -> Replication:
         """The placement policy the nodes run with: N, or site_copies in every site."""
         if self.site_copies:
@@ -380,6 +385,32 @@ class ChaosCluster:
         ring = self.ring
         return set(ring.owners_of_study(study_uid, ring.effective(self.settings.replication)))
 
+    def quorum_reachable(self, entry: str, study_uid: str) -> bool:
+        """Whether a store of this study through `entry` can meet W now, as far as the runner's
+        own faults go (see `write_quorum_reachable`)."""
+        blocked = set(self.proxy.blocked())
+        reachable = {n for n in self.ids if n == entry or (
+            self.up(n) and f"{entry}>{n}" not in blocked and f"{n}>{entry}" not in blocked)}
+        return write_quorum_reachable(entry, self.owners(study_uid), reachable, self.sites, self.settings)
+
+
+def write_quorum_reachable(entry: str, owners: set[str], reachable: set[str], sites: dict[str, str],
+                           settings: ChaosSettings) -> bool:
+    """Whether W copies of a study can be made through `entry` when only `reachable` nodes
+    (the entry among them) can be reached from it: strict counts the study's owners, sloppy
+    any reachable node (a stand-in's hint counts); local scope counts in the entry's site,
+    capped at the copies that site holds. A store that cannot meet W is refused honestly
+    (0xA701): the runner reports those apart from the ones that should have succeeded."""
+    if settings.write_scope_local:
+        in_scope = {n for n in sites if sites[n] == sites[entry]}
+        needed = min(settings.write_quorum, len(owners & in_scope))
+    else:
+        in_scope, needed = set(sites), settings.write_quorum
+    counted = reachable & in_scope
+    if settings.write_quorum_mode == "strict":
+        counted &= owners
+    return len(counted) >= needed
+
 
 # ---------------------------------------------------------------------------------------
 # The clients and what they saw
@@ -603,11 +634,14 @@ class Workload:
             entries = self._study(rng, f"store{index}-{count}", implicit=rng.random() < 0.3)
             count += 1
             node_id = rng.choice(self.cluster.ids)
+            study_uid = entries[0]["study_uid"]
+            reachable = self.cluster.quorum_reachable(node_id, study_uid)
             started, moment = time.monotonic(), self._moment(node_id)
             outcome = clients.store_files(self.cluster.nodes[node_id].dicom_port,
                                           [(e["path"], e["sop_class_uid"], e["transfer_syntax_uid"]) for e in entries])
             took = round(time.monotonic() - started, 3)
             moment = self._entry_stayed_up(node_id, moment)
+            moment["quorum_reachable"] = reachable and self.cluster.quorum_reachable(node_id, study_uid)
             for entry in entries:
                 status = outcome.statuses.get(entry["path"])
                 if status == 0:
@@ -624,10 +658,13 @@ class Workload:
             entries = self._study(rng, f"storescu-{count}")
             count += 1
             node_id = rng.choice(self.cluster.ids)
+            study_uid = entries[0]["study_uid"]
+            reachable = self.cluster.quorum_reachable(node_id, study_uid)
             started, moment = time.monotonic(), self._moment(node_id)
             code, acked, tail = clients.storescu(self.cluster.nodes[node_id].dicom_port, [e["path"] for e in entries])
             took = round(time.monotonic() - started, 3)
             moment = self._entry_stayed_up(node_id, moment)
+            moment["quorum_reachable"] = reachable and self.cluster.quorum_reachable(node_id, study_uid)
             acked_paths = set(acked)
             for entry in entries:
                 ok = entry["path"] in acked_paths
@@ -1037,6 +1074,17 @@ def summarise_ops(ops: list[dict[str, Any]], faults: list[FaultRecord]) -> dict[
             "p99_s": _percentile(took, 0.99),
             "max_s": max(took) if took else None,
         }
+    # Stores through a node that stayed up whose study's W copies could be reached from it
+    # all along: the ones that should succeed. The others (a partition leaving the entry
+    # fewer than W of the owners) are refused honestly and counted apart.
+    stores = [o for o in ops if o["op"] == "store" and o.get("entry_up", True)]
+    could = [o for o in stores if o.get("quorum_reachable", True)]
+    summary["store"]["quorum_reachable"] = len(could)
+    summary["store"]["ok_quorum_reachable"] = sum(1 for o in could if o["ok"])
+    summary["store"]["ok_quorum_unreachable"] = sum(1 for o in stores if not o.get("quorum_reachable", True)
+                                                    and o["ok"])
+    summary["store"]["refused_quorum_unreachable"] = sum(1 for o in stores if not o.get("quorum_reachable", True)
+                                                         and not o["ok"])
     summary["store"]["by_client"] = {
         client: {"attempted": sum(1 for o in ops if o["op"] == "store" and o.get("client") == client),
                  "acked": sum(1 for o in ops if o["op"] == "store" and o.get("client") == client and o["ok"])}
@@ -1183,7 +1231,9 @@ def format_result(result: dict[str, Any]) -> str:
                  f"(pynetdicom {store['by_client']['pynetdicom']['acked']}/{store['by_client']['pynetdicom']['attempted']}, "
                  f"storescu {store['by_client']['storescu']['acked']}/{store['by_client']['storescu']['attempted']}); "
                  f"during faults {store['ok_during_faults']}/{store['during_faults']}; through a node that was up "
-                 f"{store['ok_through_up_node']}/{store['through_up_node']}; "
+                 f"{store['ok_through_up_node']}/{store['through_up_node']} (W reachable from it "
+                 f"{store.get('ok_quorum_reachable', '-')}/{store.get('quorum_reachable', '-')}, refused with W out "
+                 f"of reach {store.get('refused_quorum_unreachable', '-')}); "
                  f"p50 {store['p50_s']} s p99 {store['p99_s']} s per study")
     for kind in ("find", "find-patient", "get"):
         o = ops.get(kind)

@@ -44,10 +44,13 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     assert counts["back"] == 0 and counts["lost"] == 0
     assert counts["present"] + counts["deleted"] + counts["unclear"] == counts["acked"]
     stores = result["ops"]["store"]
-    # Stores through a node that stayed up are the ones a modality would see fail. Some
-    # may fail honestly (0xA701, never a false Success) when the faults leave fewer than W
-    # reachable nodes or a loaded machine misses a replica deadline; most must not.
-    assert stores["ok_through_up_node"] >= 0.95 * stores["through_up_node"], stores
+    # Stores through a node that stayed up are the ones a modality would see fail. Those
+    # whose study had fewer than W owners reachable from the entry node (one side of the
+    # 2/2 partition) are refused honestly (0xA701, never a false Success: the final checks
+    # above); of the others, some may miss a replica deadline on a loaded machine or land
+    # while the nodes are still re-learning each other after a fault heals; most must not.
+    assert stores["ok_quorum_reachable"] >= 0.95 * stores["quorum_reachable"], stores
+    assert stores["quorum_reachable"] > 0.8 * stores["through_up_node"], stores
     if have_dcmtk:
         assert stores["by_client"]["storescu"]["acked"] > 0
     assert result["ops"]["get"]["ok"] > 0 and result["ops"]["find"]["ok"] > 0
