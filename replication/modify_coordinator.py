@@ -223,6 +223,20 @@ class ModifyCoordinator:
         else:
             await self._transport.correct(node_id, correction, timeout_ms=self._timeout_ms, hint_for=hint_for)
 
+    async def send_correction(self, correction: Correction, owners: Sequence[str]) -> int:
+        """Read repair: `correction` merged on each of `owners` (a read saw them answer
+        without it). No stand-ins and no hints: an owner that cannot be reached now gets it
+        from anti-entropy, as before. How many made it durable."""
+        sent = 0
+        for owner in owners:
+            try:
+                await self._send(owner, correction)
+            except PeerError as error:
+                log.info("replication.modify.read_repair_failed owner=%s error=%s", owner, error)
+                continue
+            sent += 1
+        return sent
+
     async def replay_correction_hints(self) -> int:
         """One pass: hand the corrections held as hints to their owners that answer again (an
         owner out of the ring: to the study's current owners, all of them); forget each once
