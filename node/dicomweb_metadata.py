@@ -9,6 +9,10 @@ stored JSON names them relative to the DICOMweb root (`studies/.../bulk/7FE00010
 a BulkDataURI can appear: the key `"BulkDataURI":"` (a value's own quotes are always
 escaped in JSON, so the text cannot come from patient data).
 
+`ingest_header_json` builds the entry when an instance is stored (node/store.py keeps it
+in the instance's own write batch), from the first HEADER_READ_BYTES its blob decompresses
+to, by the lean reader alone; what that cannot read is built when first asked.
+
 `bulk_value` finds the value a BulkDataURI names, for the /bulk route.
 """
 
@@ -25,11 +29,16 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from pacsnode.node import header_reader
+from pacsnode.node.codec import decompress_head
 from pacsnode.node.dicomweb_json import dataset_to_json
 from pacsnode.node.dicomweb_media import MediaError, read_file_meta
 from pacsnode.node.header_reader import Unsupported
+from pacsnode.replication.model import CorruptBlob, InstanceRecord
 
 BULK_BYTES_MIN = 1024
+# What is decompressed first to build an instance's entry: a header almost always ends
+# within it (an instance smaller than this is read whole).
+HEADER_READ_BYTES = 64 * 1024
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # PixelData, FloatPixelData, DoubleFloatPixelData
 AVAILABLE_TRANSFER_SYNTAX = "00083002"
 _BULK_KEY = b'"BulkDataURI":"'
@@ -66,6 +75,24 @@ def header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_
     except Unsupported:
         # pydicom reads it (the same answer, slower).
         return pydicom_header_json(part10, transfer_syntax_uid, study_uid, series_uid, sop_uid, whole=whole)
+
+
+def ingest_header_json(record: InstanceRecord, blob: bytes) -> bytes | None:
+    """header_json of an instance being stored, from its zstd blob: only the first
+    HEADER_READ_BYTES are decompressed (the blob's checksum is checked by whoever accepted
+    it: the compressing node, or a peer's receiver), and only the lean reader reads them
+    (a few tenths of a millisecond a CT header). None when that is not enough (a header
+    pydicom must read, one longer than that, a deflated one): built when first asked."""
+    try:
+        head = decompress_head(blob, HEADER_READ_BYTES, record.sop_instance_uid)
+    except CorruptBlob:
+        return None
+    base = instance_path(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid) + "/bulk/"
+    try:
+        return _lean_header_json(head, record.transfer_syntax_uid.strip("\x00 "), base,
+                                 whole=len(head) < HEADER_READ_BYTES)
+    except (Unsupported, HeaderTruncated):
+        return None
 
 
 def pydicom_header_json(part10: bytes, transfer_syntax_uid: str, study_uid: str, series_uid: str, sop_uid: str,

@@ -14,7 +14,7 @@ from pacsnode.node.http_guard import HttpAccess
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.dicomweb import instance_header_json
-from pacsnode.node.dicomweb_metadata import HeaderTruncated
+from pacsnode.node.dicomweb_metadata import HEADER_READ_BYTES, HeaderTruncated
 from pacsnode.node.store import RocksStore
 from pacsnode.replication.archive import InstanceLocation
 from pacsnode.replication.model import StoreError, StoreFull
@@ -86,7 +86,6 @@ def http_server_for(node: "Node") -> HttpServer:
     )
 
 
-HEADER_READ_BYTES = 64 * 1024  # What StoreHeaders decompresses first to build an instance's /metadata.
 
 
 class StoreHeaders:

@@ -26,6 +26,7 @@ from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
 from pacsnode.node.http_views import bind_dimse_metrics, http_server_for
+from pacsnode.node.dicomweb_metadata import ingest_header_json
 from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
@@ -127,6 +128,8 @@ class Node:
                 disk_free_bytes_min=config.disk_free_bytes_min,
                 instance_size_bytes_max=config.instance_size_bytes_max,
                 blob_file_bytes_min=config.blob_file_bytes_min,
+                zstd_level=config.zstd_level,
+                header_of=ingest_header_json,  # WADO-RS /metadata kept as each instance is stored.
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
             raise StoreError(f"cannot open the store in {config.data_dir}: {error}") from None
@@ -214,6 +217,7 @@ class Node:
             self.coordinator.find, replication_factor=config.replication,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
+                                      zstd_level=config.zstd_level,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
                                       own_copy=own_copy_reader(self.store),

@@ -30,8 +30,10 @@ is one contiguous scan, stream or DeleteRange):
                                               (sop uid, version mark)
     k <owner id> 0x00 <token8> <study uid> 0x00 <sop uid> -> tombstone held as a hint for an owner
     j <token8> <study uid> 0x00 <sop uid>     -> content hash 0x00 WADO-RS /metadata JSON of that
-                                              content (derived data: written without a sync when
-                                              first asked, rebuilt if lost; node/dicomweb_metadata.py)
+                                              content (node/dicomweb_metadata.py): written in the
+                                              instance's own batch when stored (`header_of`), else
+                                              without a sync when first asked; derived data, rebuilt
+                                              from the blob when absent or of other content
     r <token8> <study uid>                    -> Correction (canonical JSON, replication/correction.py):
                                               the study's overlay; in the segment digest as
                                               ("", "^" + that JSON)
@@ -167,13 +169,18 @@ class RocksStore:
         instance_size_bytes_max: int = 4 * 1024**3,
         zstd_level: int = ZSTD_LEVEL,
         blob_file_bytes_min: int = 8 * 1024**2,
+        header_of: Callable[[InstanceRecord, bytes], bytes | None] | None = None,
     ) -> None:
+        """`header_of(record, blob)`: the WADO-RS /metadata JSON of an instance being
+        stored (node/dicomweb_metadata.py's ingest_header_json), kept in the instance's own
+        write batch; None from it, or no `header_of`, leaves it to be built when first asked."""
         self._path = Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
         self._disk_free_bytes_min = disk_free_bytes_min
         self._instance_size_bytes_max = instance_size_bytes_max
         self._zstd_level = zstd_level
         self._blob_file_bytes_min = blob_file_bytes_min
+        self._header_of = header_of
         self.blob_files = BlobFiles(self._path / "blobs")
         options = Options(raw_mode=True)
         options.create_if_missing(True)
@@ -304,11 +311,14 @@ class RocksStore:
         self.check_capacity(stored.record.size_bytes, len(stored.blob) + 4096)
         if hint_for:
             return self._submit(lambda view, batch: self._build_hint(view, batch, stored, hint_for))
+        # Built before the batch is queued (not in the group commit's leader, which writes for all).
+        header = self._header_of(stored.record, stored.blob) \
+            if self._header_of is not None and stored.blob_file is None else None
         if len(stored.blob) < self._blob_file_bytes_min and stored.blob_file is None:
-            return self._submit(lambda view, batch: self._build_instance(view, batch, stored, stored.blob))
-        return self._put_with_blob_file(stored)
+            return self._submit(lambda view, batch: self._build_instance(view, batch, stored, stored.blob, header))
+        return self._put_with_blob_file(stored, header)
 
-    def _put_with_blob_file(self, stored: StoredInstance) -> str:
+    def _put_with_blob_file(self, stored: StoredInstance, header: bytes | None) -> str:
         """put_stored for a big blob: the file is durable under its final name before the
         batch that points at it; removed again when the batch did not keep it."""
         temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
@@ -322,7 +332,8 @@ class RocksStore:
             raise
         kept = False
         try:
-            outcome = self._submit(lambda view, batch: self._build_instance(view, batch, stored, pointer.encode()))
+            outcome = self._submit(lambda view, batch: self._build_instance(view, batch, stored, pointer.encode(),
+                                                                            header))
             kept = self._db.get(PREFIX_BLOB_FILE + pointer.name.encode()) is not None
             return outcome
         finally:
@@ -413,7 +424,8 @@ class RocksStore:
             view.removed_files.append(pointer.name)
         return stored_size(value)
 
-    def _build_instance(self, view: "_View", batch: WriteBatch, stored: StoredInstance, blob_value: bytes) -> str:
+    def _build_instance(self, view: "_View", batch: WriteBatch, stored: StoredInstance, blob_value: bytes,
+                        header: bytes | None = None) -> str:
         record = stored.record
         prefix = study_prefix(record.study_instance_uid)
         sop = record.sop_instance_uid.encode("ascii")
@@ -434,6 +446,8 @@ class RocksStore:
             self._drop_tombstone(view, batch, tombstone, prefix, sop)
         self._put_blob(view, batch, PREFIX_BLOB + prefix + SEP + sop, blob_value)
         view.put(batch, meta_key, _dump(record))
+        if header is not None:
+            view.put(batch, PREFIX_HEADER + prefix + SEP + sop, record.content_hash.encode("ascii") + SEP + header)
         segment_key = _digest_key(segment_of(study_token(record.study_instance_uid)))
         digest = Digest.from_bytes(view.get(segment_key)).add(entry_hash(record.sop_instance_uid, record.content_hash))
         view.put(batch, segment_key, digest.to_bytes())

@@ -46,6 +46,13 @@ class RangeSet:
         index = bisect.bisect_right(self._lows, token) - 1
         return index >= 0 and token <= self._highs[index]
 
+    def overlaps(self, low: int, high: int) -> bool:
+        """Whether any token of the inclusive interval [low, high] is in the set (the last
+        piece starting at or below `high` is the only one to look at: pieces are disjoint
+        and sorted, so an earlier one reaching `low` means this one does too)."""
+        index = bisect.bisect_right(self._lows, high) - 1
+        return index >= 0 and self._highs[index] >= low
+
     def __bool__(self) -> bool:
         return bool(self._lows)
 

@@ -119,7 +119,16 @@ class RepairStats:
 
 
 def intervals_of(token_range: TokenRange) -> list[tuple[int, int]]:
-    return RangeSet([token_range]).intervals()
+    """`RangeSet([token_range]).intervals()` without building one (called per range, per
+    pass, per read): the range's sorted inclusive [low, high] pieces, two when it wraps."""
+    start, end = token_range.start, token_range.end
+    if start == end:  # The whole ring.
+        return [(0, TOKEN_SPACE - 1)]
+    if start < end:
+        return [(start + 1, end)]
+    if start + 1 <= TOKEN_SPACE - 1:  # Wraps past the top of the ring.
+        return [(0, end), (start + 1, TOKEN_SPACE - 1)]
+    return [(0, end)]
 
 
 def _covers(ranges: RangeSet, token_range: TokenRange) -> bool:
@@ -200,17 +209,12 @@ class Repairer:
         return self._pending_set
 
     def is_pending(self, ranges: Sequence[TokenRange]) -> bool:
+        """Whether any token of `ranges` is in a pending range (`_pending_set` is kept equal
+        to `_pending`: a bisect per piece instead of a walk over every pending range)."""
         if not self._pending:
             return False
-        for token_range in ranges:
-            for low, high in intervals_of(token_range):
-                if any(self._overlaps(low, high, p) for p in self._pending):
-                    return True
-        return False
-
-    @staticmethod
-    def _overlaps(low: int, high: int, pending: TokenRange) -> bool:
-        return any(not (high < p_low or p_high < low) for p_low, p_high in intervals_of(pending))
+        pending = self._pending_set
+        return any(pending.overlaps(low, high) for token_range in ranges for low, high in intervals_of(token_range))
 
     def ring_changed(self) -> None:
         """Run a pass now (called by membership on every ring change). The ranges gained
@@ -556,12 +560,18 @@ class Repairer:
         if not held:
             return
         owned = RangeSet([o.token_range for o in ring.ranges(n) if self.self_id in o.owners])
+        held_segments = sorted(held)
+
+        def holds_any(low: int, high: int) -> bool:  # A held segment within [segment_of(low), segment_of(high)].
+            index = bisect.bisect_left(held_segments, segment_of(low))
+            return index < len(held_segments) and held_segments[index] <= segment_of(high)
+
         for owned_range in ring.ranges(n):
             if self.self_id in owned_range.owners:
                 continue
             token_range = owned_range.token_range
             intervals = intervals_of(token_range)
-            if not any(segment_of(low) <= s <= segment_of(high) for s in held for low, high in intervals):
+            if not any(holds_any(low, high) for low, high in intervals):
                 continue
 
             def listing(intervals: list[tuple[int, int]] = intervals) -> list[Entry]:

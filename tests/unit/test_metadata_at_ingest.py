@@ -1,0 +1,85 @@
+"""WADO-RS /metadata kept when an instance is stored (RocksStore's `header_of`, given
+node/dicomweb_metadata.py's ingest_header_json): in the instance's own write batch, the
+same JSON as the one built from the whole stored instance, gone with the instance, and
+left to the first request when the lean reader cannot read the header."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+from pacsnode.node.codec import to_stored
+from pacsnode.node.dicomweb_metadata import HEADER_READ_BYTES, header_json, ingest_header_json
+from pacsnode.node.http_views import StoreHeaders
+from pacsnode.node.store import RocksStore
+from pacsnode.replication.archive import InstanceLocation
+from pacsnode.replication.model import Instance
+from pacsnode.sim.datagen import StudySetSpec, iter_part10
+
+from .test_dicomweb_pure import _part10
+
+
+def _open(tmp_path: Path, name: str) -> RocksStore:
+    return RocksStore(tmp_path / name, disk_free_bytes_min=0, header_of=ingest_header_json)
+
+
+def _reference(store: RocksStore, instance: Instance) -> bytes:
+    """The JSON built from the whole stored instance (what the first request built before)."""
+    return header_json(store.read_part10(instance.study_instance_uid, instance.sop_instance_uid),
+                       instance.transfer_syntax_uid, instance.study_instance_uid, instance.series_instance_uid,
+                       instance.sop_instance_uid)
+
+
+def _kept(store: RocksStore, instance: Instance) -> bytes | None:
+    return store.instance_header(instance.study_instance_uid, instance.sop_instance_uid, instance.content_hash)
+
+
+def test_metadata_is_kept_in_the_store_batch(tmp_path: Path, make_instance: Callable[[bytes], Instance]) -> None:
+    spec = StudySetSpec(patients=1, series_per_study=2, instances_per_series=2, rows=300, cols=300,
+                        modalities=("CT", "MR"), seed=31)
+    instances = [make_instance(data) for _entry, data in iter_part10(spec)]
+    assert any(len(instance.part10) > HEADER_READ_BYTES for instance in instances)  # Read from the first bytes.
+    small = make_instance(_part10(str(ExplicitVRLittleEndian), icon=True, big_private=True))
+    assert len(small.part10) < HEADER_READ_BYTES  # Read whole.
+    store = _open(tmp_path, "store")
+    replica = _open(tmp_path, "replica")
+    try:
+        for instance in [*instances, small]:
+            store.put_instance(instance)
+            kept = _kept(store, instance)
+            assert kept is not None and kept == _reference(store, instance)
+            # A replica (a peer's copy: the compressed blob only) keeps it too.
+            replica.put_stored(to_stored(instance))
+            assert _kept(replica, instance) == kept
+        # Kept for this content only; deleted with the instance.
+        assert store.instance_header(small.study_instance_uid, small.sop_instance_uid, "other") is None
+        store.delete_study(small.study_instance_uid)
+        assert store.instance_header(small.study_instance_uid, small.sop_instance_uid, small.content_hash) is None
+        assert all(_kept(store, instance) is not None for instance in instances)
+    finally:
+        store.close()
+        replica.close()
+
+
+def test_what_the_lean_reader_cannot_read_is_built_when_asked(tmp_path: Path,
+                                                              make_instance: Callable[[bytes], Instance]) -> None:
+    big_endian = make_instance(_part10(str(ExplicitVRBigEndian)))
+    readable = make_instance(_part10(str(ExplicitVRLittleEndian)).replace(b"1.2.3.4\x00", b"1.2.3.5\x00"))
+    store = _open(tmp_path, "store")
+    try:
+        store.put_instance(big_endian)
+        store.put_instance(readable)
+        assert _kept(store, readable) is not None
+        assert _kept(store, big_endian) is None
+        location = InstanceLocation(study_instance_uid=big_endian.study_instance_uid,
+                                    series_instance_uid=big_endian.series_instance_uid,
+                                    sop_instance_uid=big_endian.sop_instance_uid,
+                                    sop_class_uid=big_endian.sop_class_uid,
+                                    transfer_syntax_uid=big_endian.transfer_syntax_uid)
+        built = StoreHeaders(store).header(location)
+        assert built is not None and built == _reference(store, big_endian)
+        assert _kept(store, big_endian) == built
+    finally:
+        store.close()
