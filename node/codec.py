@@ -18,7 +18,11 @@ from pacsnode.replication.hlc import Version
 # CT_small 15 % saved against 31 % at level 1, MR_small 7 % against 27 %, noise-like synthetic CT 0 % against
 # 14.5 %, a segmentation 93 % against 94 % (bench/README.md, "DICOMweb", the level table).
 # A blob that saves nothing is a frame of raw blocks: still checksummed and verified.
+# The default of NodeConfig.zstd_level (node/config.py), and of the functions here.
 ZSTD_LEVEL = -1
+# The levels zstd takes (its ZSTD_minCLevel() is -131072; 0 is its default level, 3).
+ZSTD_LEVEL_MIN = -(1 << 17)
+ZSTD_LEVEL_MAX = zstandard.MAX_COMPRESSION_LEVEL
 
 
 def compress(part10: bytes, level: int = ZSTD_LEVEL) -> bytes:

@@ -295,13 +295,13 @@ class DicomFrontEnd:
         try:
             if self._blob_files is not None:
                 content_hash, temp = spool.digest_and_compress_to_file(
-                    path, data.dataset_offset, transfer_syntax, codec.ZSTD_LEVEL, self._blob_files)
+                    path, data.dataset_offset, transfer_syntax, self._config.zstd_level, self._blob_files)
                 blob = self._blob_files.map(BlobPointer(temp.path.name, temp.size_bytes, temp.crc32), "spooled") \
                     if temp.size_bytes else b""
                 blob_bytes = temp.size_bytes
             else:
                 content_hash, blob, reserved = spool.digest_and_compress(path, data.dataset_offset, transfer_syntax,
-                                                                         self.spool.budget, codec.ZSTD_LEVEL)
+                                                                         self.spool.budget, self._config.zstd_level)
                 blob_bytes = reserved
         except spool.OverBudget:
             log.warning("dicom.store.rejected reason=%s size_bytes=%d limit_bytes=%d calling_ae_title=%s",
@@ -352,7 +352,7 @@ class DicomFrontEnd:
                                      transfer_syntax, event.assoc.requestor.ae_title) + dataset_bytes
         # Compress on another thread while this one reads the header (zstandard and
         # hashlib release the GIL): the two costs overlap instead of adding up.
-        compressed = self._compressor.submit(codec.compress, part10)
+        compressed = self._compressor.submit(codec.compress, part10, self._config.zstd_level)
         try:
             instance = instance_from_part10(
                 part10,

@@ -35,6 +35,8 @@ from typing import Iterator, Protocol
 COMMAND_FRAGMENT_LAST = 0x03
 C_STORE_RQ_FIELD = 0x0001
 DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101 means a data set follows.
+C_STORE_RSP_FIELD = 0x8001
+NO_DATA_SET = 0x0101
 _COMMAND_ELEMENT = struct.Struct("<HHL")  # Implicit VR little endian: group, element, length.
 _US = struct.Struct("<H")
 _UL = struct.Struct("<L")
@@ -115,6 +117,29 @@ def store_command_pdu(context_id: int, max_pdu_length: int, *, message_id: int, 
         elements.append(_command_element(0x1030, _padded(move_originator_aet, b" ")))
     if move_originator_message_id is not None:
         elements.append(_command_element(0x1031, _US.pack(move_originator_message_id)))
+    body = b"".join(elements)
+    command = _command_element(0x0000, _UL.pack(len(body))) + body
+    if 0 < max_pdu_length < len(command) + 6:
+        return None
+    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+
+
+def store_response_pdu(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                       sop_class_uid: str | None, sop_instance_uid: str | None) -> bytes | None:
+    """One P-DATA-TF PDU carrying a C-STORE-RSP command set (PS3.7 9.3.1.2) with no Error
+    Comment or Offending Element, as pynetdicom 3.0.4 encodes it (an unset UID is left
+    out); None when the peer's maximum PDU length cannot take it in one fragment."""
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
+    elements += [
+        _command_element(0x0100, _US.pack(C_STORE_RSP_FIELD)),
+        _command_element(0x0120, _US.pack(message_id_responded)),
+        _command_element(0x0800, _US.pack(NO_DATA_SET)),
+        _command_element(0x0900, _US.pack(status)),
+    ]
+    if sop_instance_uid is not None:
+        elements.append(_command_element(0x1000, _padded(sop_instance_uid, b"\x00")))
     body = b"".join(elements)
     command = _command_element(0x0000, _UL.pack(len(body))) + body
     if 0 < max_pdu_length < len(command) + 6:

@@ -128,6 +128,7 @@ class Node:
                 disk_free_bytes_min=config.disk_free_bytes_min,
                 instance_size_bytes_max=config.instance_size_bytes_max,
                 blob_file_bytes_min=config.blob_file_bytes_min,
+                zstd_level=config.zstd_level,
                 header_of=ingest_header_json,  # WADO-RS /metadata kept as each instance is stored.
             )
         except Exception as error:  # rocksdict: lock held by another process, corrupt files
@@ -215,7 +216,9 @@ class Node:
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
             self.coordinator.find, replication_factor=config.replication,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
+        self.coordinator.send_correction = self.modifies.send_correction  # Read repair of corrections.
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
+                                      zstd_level=config.zstd_level,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
                                       own_copy=own_copy_reader(self.store),

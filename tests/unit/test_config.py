@@ -29,6 +29,7 @@ def test_defaults() -> None:
     assert config.instance_size_bytes_max == 4 * 1024**3
     assert config.dataset_spool_threshold_bytes == 8 * 1024**2 and config.inflight_instance_bytes_max == 1024**3
     assert config.blob_file_bytes_min == 8 * 1024**2
+    assert config.zstd_level == -1
     assert config.disk_free_bytes_min == 256 * 1024**2
     assert config.find_result_max == 0
     assert config.duplicate_policy == "first-wins"
@@ -76,6 +77,7 @@ dataset_spool_threshold_bytes = 65536
 blob_file_bytes_min = 131072
 inflight_instance_bytes_max = 5_000_000
 malloc_trim_threshold_bytes = 0
+zstd_level = 3
 disk_free_bytes_min = 0
 store_timeout_ms = 1000
 duplicate_policy = "first-wins"
@@ -149,6 +151,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
     assert config.blob_file_bytes_min == 131072
     assert config.malloc_trim_threshold_bytes == 0
+    assert config.zstd_level == 3
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
     assert (config.peer_port, config.replication_factor, config.write_quorum, config.vnodes) == (7002, 5, 3, 16)
     assert config.token_salt == 3
@@ -261,6 +264,8 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
         ({"inflight_instance_bytes_max": 0}, "inflight_instance_bytes_max must be >= 1"),
         ({"blob_file_bytes_min": 0}, "blob_file_bytes_min must be >= 1"),
+        ({"zstd_level": 23}, "zstd_level must be -131072 to 22, got 23"),
+        ({"zstd_level": -131073}, "zstd_level must be -131072 to 22, got -131073"),
         ({"disk_free_bytes_min": -1}, "disk_free_bytes_min must be >= 0"),
         ({"find_result_max": -1}, "find_result_max must be >= 0"),
         ({"find_buffer_rows": 0}, "find_buffer_rows must be >= 1"),
@@ -306,6 +311,8 @@ def test_bad_values_raise_config_error(values: dict[str, Any], message: str) -> 
         ({"data_dir": "relative/dir"}, "data_dir", Path("relative/dir")),
         ({"ae_title": "A" * 16}, "ae_title", "A" * 16),
         ({"write_quorum": 1, "replication_factor": 1}, "write_quorum", 1),
+        ({"zstd_level": "19"}, "zstd_level", 19),
+        ({"zstd_level": -5}, "zstd_level", -5),
     ],
 )
 def test_good_values_are_coerced(values: dict[str, Any], field: str, expected: object) -> None:
@@ -377,7 +384,7 @@ def test_every_start_option_sets_its_field() -> None:
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4", "write_quorum_scope": "local", "write_quorum_mode": "sloppy",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
-               "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514"}
+               "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514", "zstd_level": "19"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)

@@ -9,7 +9,7 @@ import threading
 from io import BytesIO
 
 import pytest
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
@@ -103,7 +103,7 @@ def test_send_buffers_writes_everything_in_order_through_partial_sends() -> None
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-_UIDS = st.from_regex(r"\A[12](\.[1-9][0-9]{0,8}){1,7}\Z")
+_UIDS = st.from_regex(r"\A[12](\.[1-9][0-9]{0,8}){1,7}\Z").filter(lambda uid: len(uid) <= 64)  # UIDs: 64 at most.
 _AE_TITLES = st.from_regex(r"\A[A-Z0-9_]{1,16}\Z")
 
 
@@ -134,6 +134,35 @@ def test_store_command_is_pynetdicoms_bytes(sop_class: str, sop_instance: str, m
                                    sop_class_uid=sop_class, sop_instance_uid=sop_instance,
                                    move_originator_aet=originator, move_originator_message_id=originator_id)
     assert ours == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(sop_class=st.none() | _UIDS, sop_instance=st.none() | _UIDS, message_id=st.integers(0, 0xFFFF),
+       status=st.sampled_from([0x0000, 0xA700, 0xA701, 0xA900, 0xB000, 0xC000, 0x0117, 0x0122, 0x0124]),
+       context_id=st.sampled_from([1, 3, 255]), max_pdu_length=st.sampled_from([0, 16_384, 262_144]))
+def test_store_response_is_pynetdicoms_bytes(sop_class: str | None, sop_instance: str | None, message_id: int,
+                                             status: int, context_id: int, max_pdu_length: int) -> None:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.AffectedSOPInstanceUID = sop_instance
+    response.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    ours = pdata.store_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
+                                    sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+    assert ours == expected
+
+
+def test_store_response_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:
+    fields = dict(message_id_responded=1, status=0, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                  sop_instance_uid="1.2.3.4")
+    response = pdata.store_response_pdu(1, 0, **fields)  # type: ignore[arg-type]
+    assert response is not None
+    fits = len(response) - pdata.HEADER_BYTES + 6
+    assert pdata.store_response_pdu(1, fits, **fields) == response  # type: ignore[arg-type]
+    assert pdata.store_response_pdu(1, fits - 1, **fields) is None  # type: ignore[arg-type]
 
 
 def test_store_command_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:
