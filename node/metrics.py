@@ -146,9 +146,11 @@ class Metrics:
     # ------------------------------------------------------------------ DIMSE
     def dimse_handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
         """Notification handlers to bind on the DICOM server."""
-        return [(evt.EVT_DIMSE_RECV, self._on_received), (evt.EVT_DIMSE_SENT, self.on_sent)]
+        return [(evt.EVT_DIMSE_RECV, self.on_received), (evt.EVT_DIMSE_SENT, self.on_sent)]
 
-    def _on_received(self, event: Any) -> None:
+    def on_received(self, event: Any) -> None:
+        """EVT_DIMSE_RECV: a request starts its count and time (responses are ignored:
+        node/acceptor.py decodes C-STORE responses itself while this is the one bound)."""
         command = getattr(event.message, "command_set", None)
         if command is None:
             return
