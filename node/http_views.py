@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pacsnode.node import acceptor
 from pacsnode.node.http_guard import HttpAccess
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
@@ -130,3 +131,7 @@ def bind_dimse_metrics(node: "Node", server: HttpServer) -> None:
         return
     for event, handler in server.metrics.dimse_handlers():
         dicom_server.bind(event, handler)
+    ae = getattr(node.front_end, "ae", None)
+    if isinstance(ae, acceptor.NodeAE):
+        ae.store_response_hook = acceptor.StoreResponseHook(server.metrics.on_sent, server.metrics.response_sent,
+                                                             server.metrics.on_received)

@@ -146,9 +146,11 @@ class Metrics:
     # ------------------------------------------------------------------ DIMSE
     def dimse_handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
         """Notification handlers to bind on the DICOM server."""
-        return [(evt.EVT_DIMSE_RECV, self._on_received), (evt.EVT_DIMSE_SENT, self._on_sent)]
+        return [(evt.EVT_DIMSE_RECV, self.on_received), (evt.EVT_DIMSE_SENT, self.on_sent)]
 
-    def _on_received(self, event: Any) -> None:
+    def on_received(self, event: Any) -> None:
+        """EVT_DIMSE_RECV: a request starts its count and time (responses are ignored:
+        node/acceptor.py decodes C-STORE responses itself while this is the one bound)."""
         command = getattr(event.message, "command_set", None)
         if command is None:
             return
@@ -160,14 +162,20 @@ class Metrics:
             if len(self._open) > 10_000:  # Requests whose association died unanswered.
                 self._open.pop(next(iter(self._open)))
 
-    def _on_sent(self, event: Any) -> None:
+    def on_sent(self, event: Any) -> None:
+        """EVT_DIMSE_SENT: a final response ends its request's count and time."""
         command = getattr(event.message, "command_set", None)
         if command is None or not int(getattr(command, "CommandField", 0) or 0) & 0x8000:
             return  # A request we send (a C-GET/C-MOVE sub-operation).
-        status = int(getattr(command, "Status", 0) or 0)
+        self.response_sent(event.assoc, int(getattr(command, "MessageIDBeingRespondedTo", -1)),
+                           int(getattr(command, "Status", 0) or 0))
+
+    def response_sent(self, assoc: Any, message_id_responded: int, status: int) -> None:
+        """A response was sent (from on_sent, or directly for the C-STORE responses the
+        acceptor encodes itself: node/acceptor.py StoreResponseHook)."""
         if status in _PENDING:
             return
-        key = (id(event.assoc), int(getattr(command, "MessageIDBeingRespondedTo", -1)))
+        key = (id(assoc), message_id_responded)
         with self._lock:
             opened = self._open.pop(key, None)
         if opened is None:

@@ -35,6 +35,8 @@ from typing import Iterator, Protocol
 COMMAND_FRAGMENT_LAST = 0x03
 C_STORE_RQ_FIELD = 0x0001
 DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101 means a data set follows.
+C_STORE_RSP_FIELD = 0x8001
+NO_DATA_SET = 0x0101
 _COMMAND_ELEMENT = struct.Struct("<HHL")  # Implicit VR little endian: group, element, length.
 _US = struct.Struct("<H")
 _UL = struct.Struct("<L")
@@ -120,6 +122,76 @@ def store_command_pdu(context_id: int, max_pdu_length: int, *, message_id: int, 
     if 0 < max_pdu_length < len(command) + 6:
         return None
     return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+
+
+def store_response_pdu(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                       sop_class_uid: str | None, sop_instance_uid: str | None) -> bytes | None:
+    """One P-DATA-TF PDU carrying a C-STORE-RSP command set (PS3.7 9.3.1.2) with no Error
+    Comment or Offending Element, as pynetdicom 3.0.4 encodes it (an unset UID is left
+    out); None when the peer's maximum PDU length cannot take it in one fragment."""
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
+    elements += [
+        _command_element(0x0100, _US.pack(C_STORE_RSP_FIELD)),
+        _command_element(0x0120, _US.pack(message_id_responded)),
+        _command_element(0x0800, _US.pack(NO_DATA_SET)),
+        _command_element(0x0900, _US.pack(status)),
+    ]
+    if sop_instance_uid is not None:
+        elements.append(_command_element(0x1000, _padded(sop_instance_uid, b"\x00")))
+    body = b"".join(elements)
+    command = _command_element(0x0000, _UL.pack(len(body))) + body
+    if 0 < max_pdu_length < len(command) + 6:
+        return None
+    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+
+
+@dataclass(frozen=True)
+class StoreResponse:
+    """The fields of a plain C-STORE-RSP command set (see parse_store_response)."""
+
+    message_id_responded: int
+    status: int
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+
+
+_STORE_RESPONSE_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000))
+
+
+def parse_store_response(command: bytes | memoryview) -> StoreResponse | None:
+    """A whole command set (implicit VR little endian, group 0000) that is a C-STORE-RSP
+    with no data set and nothing but the elements `store_response_pdu` writes (Affected
+    SOP Class/Instance UID optional): its fields. None for anything else -- another
+    command, an Error Comment or Offending Element, a length that does not add up -- which
+    the caller leaves to pynetdicom's decoder."""
+    view = memoryview(command)
+    position, end = 0, len(view)
+    values: dict[int, memoryview] = {}
+    while position < end:
+        if end - position < 8:
+            return None
+        group, element, length = _COMMAND_ELEMENT.unpack_from(view, position)
+        position += 8
+        if group != 0x0000 or element not in _STORE_RESPONSE_ELEMENTS or element in values \
+                or length > end - position:
+            return None
+        values[element] = view[position:position + length]
+        position += length
+    try:
+        if _UL.unpack(values[0x0000])[0] != end - 12 or _US.unpack(values[0x0100])[0] != C_STORE_RSP_FIELD \
+                or _US.unpack(values[0x0800])[0] != NO_DATA_SET:
+            return None
+        message_id, status = _US.unpack(values[0x0120])[0], _US.unpack(values[0x0900])[0]
+    except (KeyError, struct.error):
+        return None
+
+    def uid(element: int) -> str | None:
+        raw = values.get(element)
+        return None if raw is None else bytes(raw).rstrip(b"\x00 ").decode("ascii", "replace")
+
+    return StoreResponse(message_id, status, uid(0x0002), uid(0x1000))
 
 
 def with_command(command_pdu: bytes, batches: Iterator[EncodedPData]) -> Iterator[EncodedPData]:

@@ -216,6 +216,7 @@ class Node:
             config.node_id, self.membership, self.transport, self.replica, self.coordinator.hlc,
             self.coordinator.find, replication_factor=config.replication,
             write_quorum=config.write_quorum, replica_timeout_ms=config.replica_timeout_ms)
+        self.coordinator.send_correction = self.modifies.send_correction  # Read repair of corrections.
         self.archive = ClusterArchive(self.loop, self.coordinator, store_timeout_ms=config.store_timeout_ms,
                                       zstd_level=config.zstd_level,
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,

@@ -40,6 +40,7 @@ from pacsnode.replication.archive import (
     WriteStatus,
 )
 from pacsnode.replication.commitment import CommitmentCheck, CommitResult, CommitSettings, Reference
+from pacsnode.replication.correction import Correction
 from pacsnode.replication.gather import Gather, ReadContext, RoutedGather, pump_rows
 from pacsnode.replication.hlc import HybridClock, Version
 from pacsnode.replication.matching import Condition, Query
@@ -174,6 +175,10 @@ class Coordinator:
         # Writes tombstones W-durably on their study's owners (DeleteCoordinator.supersede; set
         # by the node): a write that met a newer tombstone makes the delete final first.
         self.supersede: Callable[[list[Tombstone]], Awaitable[bool]] | None = None
+        # Sends a study's correction to the given owners (ModifyCoordinator.send_correction;
+        # set by the node): a named read that saw an owner answer without the newest
+        # correction hands it over (read repair for corrections; anti-entropy would later).
+        self.send_correction: Callable[[Correction, Sequence[str]], Awaitable[int]] | None = None
         self._remote_sends: set[tuple[str, str]] = set()  # (owner, sop) a local-scope write sends (or queued).
         self._remote_queued_bytes = 0
         # (owner, sop) whose hint a local-scope send delivered (and deleted) since the replay
@@ -688,7 +693,8 @@ class Coordinator:
         if uids is not None:
             self.stats.extra["reads_routed"] = self.stats.extra.get("reads_routed", 0) + 1
             return RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
-                                read_quorum=self._settings.read_quorum, reconcile=self.reconcile_study)
+                                read_quorum=self._settings.read_quorum, reconcile=self.reconcile_study,
+                                repair_correction=self.repair_correction)
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False,
                       read_quorum=self._settings.scatter_read_quorum, reconcile=self.reconcile_study)
@@ -712,6 +718,15 @@ class Coordinator:
             return
         async for row in self._gather(query).rows():
             yield row
+
+    def repair_correction(self, correction: Correction, nodes: Sequence[str]) -> None:
+        """Read repair for corrections: send `correction` (the newest a read saw for its
+        study) to `nodes`, owners that answered with an older one or none. In the
+        background: the read's answer already carries the newest (merged over every row)."""
+        if self.send_correction is None or not nodes:
+            return
+        self.stats.extra["read_correction_repairs"] = self.stats.extra.get("read_correction_repairs", 0) + len(nodes)
+        self._spawn(self.send_correction(correction, list(nodes)))
 
     async def reconcile_study(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = (), *,
                               deleted: set[str] | None = None) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 from pacsnode.replication.archive import IncompleteAnswer, Shortfall
-from pacsnode.replication.correction import newest_correction, with_correction
+from pacsnode.replication.correction import Correction, newest_correction, with_correction
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order, study_pieces
@@ -380,11 +380,15 @@ class RoutedGather:
     """
 
     def __init__(self, context: ReadContext, query: Query, pieces: Sequence[Piece], *, read_quorum: int,
-                 reconcile: Reconcile) -> None:
+                 reconcile: Reconcile, repair_correction: Callable[[Correction, list[str]], None] | None = None
+                 ) -> None:
         self._context = context
         self._query = query
         self._pieces = list(pieces)
         self._reconcile = reconcile
+        # Called with a study's newest correction and the owners that answered without it
+        # (read repair for corrections: Coordinator.repair_correction sends it, not waited for).
+        self._repair_correction = repair_correction
         self._states = [_PieceState(needed=max(1, min(read_quorum, self._quorum_owners(p))), tried=set(),
                                     answered=[], failed=set(), rows={}) for p in self._pieces]
         self._by_study = {p.study_instance_uid: i for i, p in enumerate(self._pieces)}
@@ -571,6 +575,13 @@ class RoutedGather:
         # (or a hint holder) that has not got the newest correction yet answers with it anyway,
         # and a difference in corrections alone is no disagreement (anti-entropy evens them).
         newest = newest_correction(row for rows in state.rows.values() for row in rows)
+        if newest is not None and self._repair_correction is not None:
+            # Owners that answered with rows of the study but an older correction (or none):
+            # hand them the newest, as a copy is handed to an owner that lacks an instance.
+            stale = [node_id for node_id in state.answered
+                     if state.rows.get(node_id) and newest_correction(state.rows[node_id]) != newest]
+            if stale:
+                self._repair_correction(newest, stale)
         if newest is not None:
             for slot, rows in state.rows.items():
                 state.rows[slot] = [with_correction(row, newest) for row in rows]

@@ -194,13 +194,25 @@ class ModifyCoordinator:
             return ModifyResult(status, message="no study of that PatientID" + (" in the part of the archive "
                                 "that answered" if incomplete else ""), attributes=tuple(sorted(wanted)))
         results = [await self.modify(uid, wanted) for uid in studies]
-        worst = max(results, key=lambda r: _SEVERITY[r.status])
-        done = sum(r.studies for r in results if r.status in (ModifyStatus.MODIFIED, ModifyStatus.INCOMPLETE))
+        # A study the listing named that its own owners then answer NOT_FOUND for is gone
+        # (deleted meanwhile, or listed by a copy that had not heard of its delete): there
+        # is nothing left of it to correct, so it does not make the merge's answer. The
+        # merge is NOT_FOUND only when every study it listed is gone.
+        found = [r for r in results if r.status is not ModifyStatus.NOT_FOUND]
+        gone = len(results) - len(found)
+        if not found:
+            return ModifyResult(ModifyStatus.NOT_FOUND, message="no study of that PatientID on its owners",
+                                attributes=tuple(sorted(wanted)))
+        worst = max(found, key=lambda r: _SEVERITY[r.status])
+        done = sum(r.studies for r in found if r.status in (ModifyStatus.MODIFIED, ModifyStatus.INCOMPLETE))
         status = worst.status
         message = worst.message
         if status is ModifyStatus.MODIFIED and incomplete:
             status, message = ModifyStatus.INCOMPLETE, "part of the archive could not be asked for the patient's studies"
-        return ModifyResult(status, done, min(r.acked for r in results), message, tuple(sorted(wanted)))
+        if gone:
+            note = f"{gone} of {len(results)} studies listed were no longer found on their owners"
+            message = f"{message}; {note}" if message else note
+        return ModifyResult(status, done, min(r.acked for r in found), message, tuple(sorted(wanted)))
 
     async def _send(self, node_id: str, correction: Correction, hint_for: str = "") -> None:
         if node_id == self.self_id:
@@ -210,6 +222,20 @@ class ModifyCoordinator:
                 raise PeerError(f"local store failed: {error}") from error
         else:
             await self._transport.correct(node_id, correction, timeout_ms=self._timeout_ms, hint_for=hint_for)
+
+    async def send_correction(self, correction: Correction, owners: Sequence[str]) -> int:
+        """Read repair: `correction` merged on each of `owners` (a read saw them answer
+        without it). No stand-ins and no hints: an owner that cannot be reached now gets it
+        from anti-entropy, as before. How many made it durable."""
+        sent = 0
+        for owner in owners:
+            try:
+                await self._send(owner, correction)
+            except PeerError as error:
+                log.info("replication.modify.read_repair_failed owner=%s error=%s", owner, error)
+                continue
+            sent += 1
+        return sent
 
     async def replay_correction_hints(self) -> int:
         """One pass: hand the corrections held as hints to their owners that answer again (an

@@ -301,6 +301,7 @@ class _Process:
                                           write_quorum=config.write_quorum,
                                           replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
                                           run_blocking=self.run_blocking)
+        self.coordinator.send_correction = self.modifies.send_correction  # As node/server.py.
         # The node's own peer-request handling (node/peer_handler.py); `handle` below is only
         # the simulated network's adapter onto it, as node/peer_server.py is gRPC's.
         self.peer_handler = PeerHandler(node.node_id, node.store, self.membership, self.repairer,

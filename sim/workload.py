@@ -476,9 +476,6 @@ class Workload:
         if result is not None:
             record.status = result.status.value
             record.ok = result.status is ModifyStatus.MODIFIED
-            if result.status is ModifyStatus.NOT_FOUND and result.studies:
-                # The worst of its studies' answers: one was not found, others were corrected.
-                record.status = "merge-partial"
         # Studies of A acknowledged while it ran: the merge may or may not have found them.
         unknown = {s for s in self.acked_by_study if self.patient_id_of(s) == from_patient_id} - set(studies)
         if not record.ok and ModifyOp("", {}, 0, status=record.status).applied_maybe:

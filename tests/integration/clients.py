@@ -12,7 +12,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -211,11 +211,15 @@ class GetResult:
     syntaxes: dict[str, str] = field(default_factory=dict)
     completed: int = 0
     failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)  # The final response's Failed SOP Instance UID List.
 
 
-def get(port: int, identifier: Dataset, contexts: list[tuple[str, str]], *, ae_title: str = "PACSNODE") -> GetResult:
+def get(port: int, identifier: Dataset, contexts: list[tuple[str, str]], *, ae_title: str = "PACSNODE",
+        answer: Callable[[str], int] = lambda uid: 0x0000) -> GetResult:
     """C-GET with pynetdicom acting as Storage SCP, one presentation context per
-    (SOP class, transfer syntax) pair; records the dataset bytes exactly as received."""
+    (SOP class, transfer syntax) pair; records the dataset bytes exactly as received and
+    answers each sub-operation with `answer(SOP Instance UID)` (default Success)."""
     result = GetResult()
     lock = threading.Lock()
 
@@ -224,7 +228,7 @@ def get(port: int, identifier: Dataset, contexts: list[tuple[str, str]], *, ae_t
             uid = str(event.request.AffectedSOPInstanceUID)
             result.received[uid] = event.request.DataSet.getvalue()
             result.syntaxes[uid] = str(event.context.transfer_syntax)
-        return 0x0000
+        return answer(uid)
 
     ae = scu_ae()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -243,6 +247,9 @@ def get(port: int, identifier: Dataset, contexts: list[tuple[str, str]], *, ae_t
                 result.final_status = int(status.Status)
                 result.completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
                 result.failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                result.warning = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+                failed_list = _identifier.get("FailedSOPInstanceUIDList", []) if _identifier else []
+                result.failed_uids = [failed_list] if isinstance(failed_list, str) else [str(u) for u in failed_list]
     finally:
         assoc.release()
     return result

@@ -181,6 +181,23 @@ def test_getscu_returns_the_study_byte_identical(stored_generated: list[datagen.
         assert file_dataset_bytes(received[entry["sop_uid"]]) == file_dataset_bytes(Path(entry["path"]))
 
 
+def test_get_counts_what_the_requestor_answered_each_sub_operation(stored_generated: list[datagen.ManifestEntry],
+                                                                    node: NodeProcess) -> None:
+    """The node reads its sub-operations' C-STORE responses (issue 10: decoded by the
+    acceptor, node/pdata.py parse_store_response): Success, a warning and a refusal are
+    counted as such, and the refused instance is the one the final status names."""
+    study_uid = stored_generated[2]["study_uid"]
+    entries = sorted((e for e in stored_generated if e["study_uid"] == study_uid), key=lambda e: e["sop_uid"])
+    assert len(entries) >= 3
+    answers = {entries[0]["sop_uid"]: 0xA700, entries[1]["sop_uid"]: 0xB007}
+    result = clients.get(node.dicom_port, identifier("STUDY", StudyInstanceUID=study_uid),
+                         [(e["sop_class_uid"], e["transfer_syntax_uid"]) for e in entries],
+                         answer=lambda uid: answers.get(uid, 0x0000))
+    assert len(result.received) == len(entries)
+    assert (result.completed, result.warning, result.failed) == (len(entries) - 2, 1, 1)
+    assert result.final_status == 0xB000 and result.failed_uids == [entries[0]["sop_uid"]]
+
+
 def test_movescu_to_storescp_byte_identical_and_series_level(stored_generated: list[datagen.ManifestEntry],
                                                             node: NodeProcess, storescp: clients.StoreScp) -> None:
     entry = stored_generated[-1]

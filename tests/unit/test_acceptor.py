@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 import time
+from typing import Any
 
 import pytest
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -183,5 +184,62 @@ def test_associations_share_one_supported_context_table_that_negotiation_leaves_
         assert snapshot() == before
         server_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2.1")  # A later AE change: not in the table.
         assert snapshot() == before
+    finally:
+        server_ae.shutdown()
+
+
+def test_store_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_handler() -> None:
+    """issue 10: a plain C-STORE-RSP is one PDU the acceptor encodes itself (no pynetdicom
+    message, no EVT_DIMSE_SENT). The requestor gets the same responses either way; the
+    StoreResponseHook's direct form is told of each; a handler bound to EVT_DIMSE_SENT that
+    is not the hook's gets every response as a pynetdicom message, as before."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    statuses = iter([0x0000, 0xA700, 0x0000, 0xB007, 0x0000, 0x0000])
+
+    def on_store(event: Any) -> int:
+        return next(statuses)
+
+    direct: list[tuple[int, int]] = []
+    hooked: list[int] = []
+    foreign: list[int] = []
+    server_ae = acceptor.NodeAE(ae_title="STORE")
+    server_ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    server_ae.store_response_hook = acceptor.StoreResponseHook(
+        lambda event: hooked.append(int(event.message.command_set.Status)),
+        lambda assoc, message_id, status: direct.append((message_id, status)))
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [(evt.EVT_C_STORE, on_store)])
+
+    def store_two() -> list[int]:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="STORE")
+        assert assoc.is_established
+        got = []
+        for _ in range(2):
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+            ds.PatientID = "P"
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            response = assoc.send_c_store(ds)
+            got.append(int(response.Status))
+        assoc.release()
+        return got
+
+    try:
+        assert store_two() == [0x0000, 0xA700]  # No handler bound to EVT_DIMSE_SENT.
+        assert direct == [] and hooked == []
+        server.bind(evt.EVT_DIMSE_SENT, server_ae.store_response_hook.handler)
+        assert store_two() == [0x0000, 0xB007]  # Only the hook's handler: told directly.
+        assert direct == [(1, 0x0000), (1, 0xB007)] and hooked == []  # send_c_store: message ID 1.
+        server.bind(evt.EVT_DIMSE_SENT, lambda event: foreign.append(int(event.message.command_set.Status)))
+        assert store_two() == [0x0000, 0x0000]  # Another handler too: pynetdicom's messages, to both.
+        assert foreign == [0x0000, 0x0000] and hooked == [0x0000, 0x0000] and len(direct) == 2
     finally:
         server_ae.shutdown()

@@ -9,7 +9,7 @@ import threading
 from io import BytesIO
 
 import pytest
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
@@ -134,6 +134,80 @@ def test_store_command_is_pynetdicoms_bytes(sop_class: str, sop_instance: str, m
                                    sop_class_uid=sop_class, sop_instance_uid=sop_instance,
                                    move_originator_aet=originator, move_originator_message_id=originator_id)
     assert ours == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(sop_class=st.none() | _UIDS, sop_instance=st.none() | _UIDS, message_id=st.integers(0, 0xFFFF),
+       status=st.sampled_from([0x0000, 0xA700, 0xA701, 0xA900, 0xB000, 0xC000, 0x0117, 0x0122, 0x0124]),
+       context_id=st.sampled_from([1, 3, 255]), max_pdu_length=st.sampled_from([0, 16_384, 262_144]))
+def test_store_response_is_pynetdicoms_bytes(sop_class: str | None, sop_instance: str | None, message_id: int,
+                                             status: int, context_id: int, max_pdu_length: int) -> None:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.AffectedSOPInstanceUID = sop_instance
+    response.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    ours = pdata.store_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
+                                    sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+    assert ours == expected
+
+
+def _pynetdicom_response_command(**fields: object) -> bytes:
+    response = C_STORE()
+    for name, value in fields.items():
+        setattr(response, name, value)
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    (pdu,) = [P_DATA_TF(p).encode() for p in message.encode_msg(1, 0)]
+    return pdu[pdata.HEADER_BYTES:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sop_class=st.none() | _UIDS, sop_instance=st.none() | _UIDS, message_id=st.integers(0, 0xFFFF),
+       status=st.integers(0, 0xFFFF))
+def test_store_response_parse_reads_what_pynetdicom_wrote(sop_class: str | None, sop_instance: str | None,
+                                                          message_id: int, status: int) -> None:
+    command = _pynetdicom_response_command(MessageIDBeingRespondedTo=message_id, AffectedSOPClassUID=sop_class,
+                                           AffectedSOPInstanceUID=sop_instance, Status=status)
+    assert pdata.parse_store_response(command) == pdata.StoreResponse(message_id, status, sop_class, sop_instance)
+
+
+def test_store_response_parse_leaves_anything_else_to_pynetdicom() -> None:
+    plain = dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                 AffectedSOPInstanceUID="1.2.3.4", Status=0xA700)
+    command = _pynetdicom_response_command(**plain)
+    assert pdata.parse_store_response(command) is not None
+    assert pdata.parse_store_response(_pynetdicom_response_command(**plain, ErrorComment="disk full")) is None
+    assert pdata.parse_store_response(_pynetdicom_response_command(**plain, OffendingElement=[0x00100010])) is None
+    for cut in (1, 7, 8, 20, len(command) - 1):
+        assert pdata.parse_store_response(command[:cut]) is None
+    wrong_length = command[:8] + (len(command)).to_bytes(4, "little") + command[12:]
+    assert pdata.parse_store_response(wrong_length) is None
+    # A C-STORE-RQ command (a data set follows) and a C-ECHO-RSP are not C-STORE responses.
+    request = pdata.store_command_pdu(1, 0, message_id=1, priority=0, sop_class_uid="1.2", sop_instance_uid="1.3")
+    assert request is not None and pdata.parse_store_response(request[pdata.HEADER_BYTES:]) is None
+    from pynetdicom.dimse_messages import C_ECHO_RSP
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    echo = C_ECHO()
+    echo.MessageIDBeingRespondedTo, echo.Status = 1, 0
+    message = C_ECHO_RSP()
+    message.primitive_to_message(echo)
+    (pdu,) = [P_DATA_TF(p).encode() for p in message.encode_msg(1, 0)]
+    assert pdata.parse_store_response(pdu[pdata.HEADER_BYTES:]) is None
+
+
+def test_store_response_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:
+    fields = dict(message_id_responded=1, status=0, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                  sop_instance_uid="1.2.3.4")
+    response = pdata.store_response_pdu(1, 0, **fields)  # type: ignore[arg-type]
+    assert response is not None
+    fits = len(response) - pdata.HEADER_BYTES + 6
+    assert pdata.store_response_pdu(1, fits, **fields) == response  # type: ignore[arg-type]
+    assert pdata.store_response_pdu(1, fits - 1, **fields) is None  # type: ignore[arg-type]
 
 
 def test_store_command_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:

@@ -80,11 +80,14 @@ def _find_studies(cluster: SimCluster, entry: str, query: Query) -> tuple[set[st
     return result
 
 
-@pytest.mark.parametrize("nodes", [10, 30, 100])
+@pytest.mark.parametrize("nodes", [10, 100])
 def test_a_one_study_retrieve_asks_at_most_n_peers(nodes: int) -> None:
     """On a quiet cluster. Within read_fault_window_ms of a membership change (a boot is
     one) a named read also asks the study's stand-ins for hints (test_read_quorum.py);
-    the window is shortened here so that the test need not simulate a quiet minute."""
+    the window is shortened here so that the test need not simulate a quiet minute.
+    The bound does not grow with the cluster: shown at 10 and 100 nodes (a 30-node case,
+    the same claim in between, was dropped to keep the suite fast; the sweep over sizes
+    is `python -m pacsnode.sim routing --nodes 10,30,100`)."""
     cluster = SimCluster(nodes, seed=nodes, config=SimConfig(read_fault_window_ms=1_000))
     try:
         cluster.run_for(3)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pacsnode.sim.run import run_scenario
 
 SCENARIO = "restart-storm"
@@ -26,8 +28,13 @@ def _stable(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "wall_s"}
 
 
-def test_same_seed_same_run_in_process() -> None:
-    first = run_scenario(SCENARIO, nodes=NODES, sites=3, seed=SEED)
+@pytest.fixture(scope="module")
+def first() -> dict[str, Any]:
+    """The run of SEED in this process, made once: both tests compare against it (read only)."""
+    return run_scenario(SCENARIO, nodes=NODES, sites=3, seed=SEED)
+
+
+def test_same_seed_same_run_in_process(first: dict[str, Any]) -> None:
     second = run_scenario(SCENARIO, nodes=NODES, sites=3, seed=SEED)
     assert first["ok"], first["checks"]
     assert first["trace_hash"] == second["trace_hash"]
@@ -36,7 +43,7 @@ def test_same_seed_same_run_in_process() -> None:
     assert other["trace_hash"] != first["trace_hash"]
 
 
-def test_same_seed_same_trace_in_other_processes(tmp_path: Path) -> None:
+def test_same_seed_same_trace_in_other_processes(tmp_path: Path, first: dict[str, Any]) -> None:
     hashes = set()
     for hash_seed in ("1", "4242"):
         out = tmp_path / f"run-{hash_seed}.json"
@@ -48,4 +55,4 @@ def test_same_seed_same_trace_in_other_processes(tmp_path: Path) -> None:
         assert completed.returncode == 0, completed.stdout + completed.stderr
         hashes.add(json.loads(out.read_text())["trace_hash"])
     assert len(hashes) == 1
-    assert hashes == {run_scenario(SCENARIO, nodes=NODES, sites=3, seed=SEED)["trace_hash"]}
+    assert hashes == {first["trace_hash"]}
