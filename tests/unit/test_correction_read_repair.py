@@ -11,21 +11,14 @@ from __future__ import annotations
 from pacsnode.replication.correction import Correction
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes
-from pacsnode.sim.cluster import SimCluster
-from pacsnode.sim.workload import Workload
+
+from .sim_setup import ENTRY, one_stored_study
 
 
 def test_a_named_read_pushes_the_newest_correction_to_an_owner_that_answered_without_it() -> None:
-    cluster = SimCluster(5, seed=6)
-    workload = Workload(cluster, 6)
+    cluster, workload, study, owners = one_stored_study(6)
+    entry = ENTRY
     try:
-        cluster.run_for(3)
-        entry = "node-000"
-        stored = workload.next_instance()
-        study = stored.study_instance_uid
-        assert cluster.loop.run_until_complete(workload.store(stored, entry)).ok
-        cluster.run_for(2)
-        owners = cluster.process(entry).membership.ring().owners_of_study(study, 3)
         stale, *others = owners
         correction = Correction.of(study, {"PatientName": "Corrected^Name"}, cluster.process(entry).coordinator.hlc.now())
         for owner in others:

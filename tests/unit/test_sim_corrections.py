@@ -10,18 +10,13 @@ from pacsnode.sim.checkers import check_corrections
 from pacsnode.sim.cluster import SimCluster
 from pacsnode.sim.workload import Workload
 
+from .sim_setup import ENTRY, one_stored_study
+
 
 def test_a_correction_an_owner_missed_is_seen_lost_then_reaches_it_and_the_later_one_wins() -> None:
-    cluster = SimCluster(5, seed=6)
-    workload = Workload(cluster, 6)
+    cluster, workload, study, owners = one_stored_study(6)
+    entry = ENTRY
     try:
-        cluster.run_for(3)
-        entry = "node-000"
-        stored = workload.next_instance()
-        study = stored.study_instance_uid
-        assert cluster.loop.run_until_complete(workload.store(stored, entry)).ok
-        cluster.run_for(2)
-        owners = cluster.process(entry).membership.ring().owners_of_study(study, 3)
         down = next(o for o in owners if o != entry)
         first = cluster.loop.run_until_complete(workload.modify(study, entry))
         assert first.ok, first.status
@@ -50,16 +45,9 @@ def test_a_stand_in_hands_its_correction_to_the_owner_soon_after_a_heal_and_keep
     modify got the correction only through anti-entropy (60 s) and the stand-in kept its
     copy for good. A stand-in's copy is a hint: replayed within seconds of the owner
     answering again, then forgotten."""
-    cluster = SimCluster(5, seed=6)
-    workload = Workload(cluster, 6)
+    cluster, workload, study, owners = one_stored_study(6)
+    entry = ENTRY
     try:
-        cluster.run_for(3)
-        entry = "node-000"
-        stored = workload.next_instance()
-        study = stored.study_instance_uid
-        assert cluster.loop.run_until_complete(workload.store(stored, entry)).ok
-        cluster.run_for(2)
-        owners = cluster.process(entry).membership.ring().owners_of_study(study, 3)
         cut = next(o for o in owners if o != entry)
         rest = [n for n in cluster.live_ids() if n != cut]
         cluster.network.partition([cut], rest)
