@@ -606,8 +606,21 @@ class RoutedGather:
                     again = [with_correction(row, newest) for row in again] if newest is not None else again
                     return list(self._keyed(again).values()), complete
             return self._merge(state, answers, level), False  # Could not make them agree: flagged.
-        if disagree:
-            self._context.count("read_disagreements")
+        # IMAGE level: instances only a stand-in's hint lists (no owner that answered lists
+        # them). Either the owners missed that write (the hint is theirs, not yet replayed)
+        # or they deleted it after the hint was written: a delete cannot reach every hint
+        # copy (which stand-ins a writer used depends on what the writer saw), so the
+        # hint row is checked where the tombstones are, as Dynamo/Riak merge a hinted
+        # copy against a newer tombstone by version: delivered to the answering owners
+        # (read repair, as STUDY-level reads do), whose stores answer DELETED when they
+        # hold a newer tombstone (a delete supersedes every write it saw), and dropped.
+        owner_sops = {str(row.get("SOPInstanceUID", "")) for answer in answers for row in answer.values()}
+        hint_only = level == "IMAGE" and bool(state.answered) and any(
+            str(row.get("SOPInstanceUID", "")) not in owner_sops
+            for slot, rows in state.rows.items() if slot.startswith("hints:") for row in rows)
+        if disagree or hint_only:
+            if disagree:
+                self._context.count("read_disagreements")
             study_uid = self._pieces[index].study_instance_uid
             if level != "IMAGE":
                 # Counts come from the merged set: make the owners agree, then ask one again.
@@ -625,7 +638,10 @@ class RoutedGather:
                 # so a plain union served a deleted instance). The copy to the owner that lacks
                 # it tells which: its store answers DELETED for a newer tombstone.
                 deleted: set[str] = set()
-                if not await self._reconcile(study_uid, list(state.answered), (), deleted=deleted):
+                if hint_only:
+                    self._context.count("read_hint_reconciles")
+                if not await self._reconcile(study_uid, list(state.answered), hint_holders if hint_only else (),
+                                             deleted=deleted):
                     # A copy failed: an instance only some owners list may be one the others
                     # deleted. Never a Success on a guess (a C-GET then says not all was asked).
                     complete = False
