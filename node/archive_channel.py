@@ -44,7 +44,8 @@ import struct
 import threading
 from typing import Any, Callable, Iterator
 
-from pacsnode.node.blob_files import TEMP_PREFIX, BlobFiles, BlobPointer, TempBlob
+from pacsnode.node.blob_files import TEMP_PREFIX, BlobFiles, BlobPointer, Part10Stream, TempBlob
+from pacsnode.node.codec import decompress
 from pacsnode.replication.model import CorruptBlob
 
 from pacsnode.replication.archive import (
@@ -84,6 +85,8 @@ class Kind(enum.IntEnum):
     READ_FAILED = 26
     ERROR = 27
     WELCOME = 28
+    DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
+    DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
 
 
 class StoreFrameError(Exception):
@@ -286,7 +289,31 @@ class ChannelArchive:
                             shortfall=Shortfall(ranges=int(answer["ranges"]), studies=int(answer["studies"])))
 
     def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        opened, offset = self.open_streamed(location)
+        if isinstance(opened, Part10Stream):
+            with opened:
+                return opened.read_all(), offset
+        return opened, offset
+
+    def open_streamed(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+        """An instance to send. The node's own uncorrected copy comes as kept: a zstd blob,
+        decompressed here (the node process does not), or the name of its blob file, streamed
+        from it here as in one process. A copy that fails its check here is asked again
+        whole, through the node's read (which reads another owner's copy when it has one)."""
         kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location)})
+        what = location.sop_instance_uid
+        try:
+            if kind == Kind.DATA_ZSTD:
+                return decompress(body, what), int(answer["dataset_offset"])
+            if kind == Kind.DATA_FILE:
+                if self._blob_files is None:
+                    raise ChannelError("DATA_FILE needs the store's blobs directory")
+                pointer = BlobPointer(str(answer["name"]), int(answer["size_bytes"]), int(answer["crc32"]))
+                return self._blob_files.stream(pointer, int(answer["part10_bytes"]), what), \
+                    int(answer["dataset_offset"])
+        except CorruptBlob as error:
+            log.error("channel.read.corrupt_own_copy error=%s", type(error).__name__)
+            kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location), "whole": True})
         if kind == Kind.READ_FAILED:
             raise ReadError(str(answer.get("reason", "")))
         if kind != Kind.DATA:
@@ -381,8 +408,20 @@ class ChannelServer:
                 send_frame(sock, Kind.PLAN, {"locations": [location_to_json(l) for l in plan.locations],
                                              "ranges": plan.shortfall.ranges, "studies": plan.shortfall.studies})
             elif kind == Kind.READ:
+                location = location_from_json(header["location"])
+                open_compressed = getattr(self._archive, "open_compressed", None)
+                copy = open_compressed(location) if open_compressed is not None and not header.get("whole") \
+                    and self._blob_files is not None else None
+                if copy is not None:
+                    offsets = {"dataset_offset": copy.dataset_offset, "part10_bytes": copy.part10_bytes}
+                    if isinstance(copy.kept, BlobPointer):
+                        send_frame(sock, Kind.DATA_FILE, {**offsets, "name": copy.kept.name,
+                                                          "size_bytes": copy.kept.size_bytes, "crc32": copy.kept.crc32})
+                    else:
+                        send_frame(sock, Kind.DATA_ZSTD, offsets, copy.kept)
+                    return
                 try:
-                    data, offset = self._archive.read(location_from_json(header["location"]))
+                    data, offset = self._archive.read(location)
                 except ReadError as error:
                     send_frame(sock, Kind.READ_FAILED, {"reason": str(error)})
                     return

@@ -31,7 +31,7 @@ from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer, replication_settings
-from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader, own_stream_reader
+from pacsnode.node.runtime import ClusterArchive, LoopThread, own_compressed_reader, own_copy_reader, own_stream_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.token_salt import first_token_salt, ring_members_of
 from pacsnode.node.store import RocksStore, store_directory
@@ -222,7 +222,8 @@ class Node:
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
                                       own_copy=own_copy_reader(self.store),
-                                      own_stream=own_stream_reader(self.store), modifies=self.modifies)
+                                      own_stream=own_stream_reader(self.store),
+                                      own_compressed=own_compressed_reader(self.store), modifies=self.modifies)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,

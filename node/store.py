@@ -1080,6 +1080,20 @@ class RocksStore:
         raw = self._db.get(PREFIX_META + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
         return InstanceRecord(**json.loads(raw)) if raw is not None else None
 
+    def compressed_copy(self, study_instance_uid: str,
+                        sop_instance_uid: str) -> tuple[bytes | BlobPointer, InstanceRecord] | None:
+        """An instance as kept, not decompressed or verified: its zstd blob, or the pointer
+        to its blob file, with its record; None when it is not here. For a reader in another
+        process (a DICOM worker) that decompresses and checks it itself."""
+        record = self.instance_record(study_instance_uid, sop_instance_uid)
+        if record is None:
+            return None
+        value = self._get_blob(PREFIX_BLOB + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
+        if value is None:
+            return None
+        pointer = BlobPointer.decode(value)
+        return (value if pointer is None else pointer), record
+
     def read_part10(self, study_instance_uid: str, sop_instance_uid: str) -> bytes:
         """The stored Part-10 bytes, checksum-verified; raises CorruptBlob or KeyError."""
         key = PREFIX_BLOB + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode()

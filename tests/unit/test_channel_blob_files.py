@@ -1,4 +1,5 @@
-"""A DICOM worker's big instances reach the node's store as blob files (node/archive_channel.py).
+"""A DICOM worker's big instances reach the node's store as blob files, and come back as
+kept (node/archive_channel.py).
 
 The real channel (ChannelArchive in this process standing for a worker, ChannelServer on a
 Unix socket) in front of a real RocksStore: a blob of `worker_blob_file_bytes_min` or more
@@ -7,6 +8,8 @@ frame; the store keeps that file (a pointer in RocksDB, no copy of the bytes thr
 write) and reads back the same Part-10 bytes. Smaller blobs travel in the frame. No temp
 file outlives a store, kept or duplicate. A frame that names anything but a temp file of
 the blobs directory is answered with an error, stores nothing, and the connection serves on.
+Reads give the worker the node's own copy as kept (a blob file to stream, a zstd blob to
+decompress); a copy that fails its check on the worker's side is asked again whole.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pacsnode.node import codec
 from pacsnode.node.archive_channel import ChannelArchive, ChannelServer, Kind, RemoteError, recv_frame, send_frame
 from pacsnode.node.blob_files import TEMP_PREFIX, BlobPointer
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
-from pacsnode.replication.archive import WriteResult, WriteStatus
+from pacsnode.node.blob_files import Part10Stream
+from pacsnode.node.runtime import CompressedCopy, own_compressed_reader, own_copy_reader
+from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
 from pacsnode.replication.model import Instance, StoreOutcome
 from pacsnode.sim.datagen import StudySetSpec, iter_part10
 
@@ -43,10 +48,25 @@ class StoreArchive:
         self.rocks = rocks
         self.received: list[Instance] = []
 
+        self.whole_reads = 0
+        self._compressed = own_compressed_reader(rocks)
+        self._own_copy = own_copy_reader(rocks)
+
     def store(self, instance: Instance) -> WriteResult:
         self.received.append(instance)
         outcome = self.rocks.put_stored(codec.to_stored(instance))
         return WriteResult(WriteStatus.SUCCESS, outcome=outcome)
+
+    # Reads as ClusterArchive does them for an owner (node/runtime.py's readers of its store).
+    def open_compressed(self, location: InstanceLocation) -> CompressedCopy | None:
+        return self._compressed(location)
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        self.whole_reads += 1
+        found = self._own_copy(location)
+        if found is None:
+            raise ReadError("no readable copy")
+        return found
 
 
 @pytest.fixture
@@ -164,3 +184,36 @@ def test_a_store_the_node_refuses_still_removes_the_worker_s_temp_file(tmp_path:
         server.close()
         store.close()
         os.rmdir(directory)
+
+
+def _location(instance: Instance) -> InstanceLocation:
+    return InstanceLocation(instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid,
+                            instance.sop_class_uid, instance.transfer_syntax_uid)
+
+
+def test_reads_come_as_kept_a_file_streamed_a_blob_decompressed_by_the_worker(channel, make_instance) -> None:
+    worker, archive = channel
+    big = _compressed(make_instance, BIG)[0]
+    small = _compressed(make_instance, SMALL)[0]
+    for instance in (big, small):
+        assert worker.store(instance).status is WriteStatus.SUCCESS
+    opened, offset = worker.open_streamed(_location(big))
+    assert isinstance(opened, Part10Stream) and offset == big.dataset_offset
+    with opened:
+        assert opened.read_all() == big.part10
+    opened, offset = worker.open_streamed(_location(small))
+    assert opened == small.part10 and offset == small.dataset_offset
+    assert worker.read(_location(big)) == (big.part10, big.dataset_offset)
+    assert archive.whole_reads == 0  # The node process decompressed nothing.
+
+
+def test_a_copy_that_fails_its_check_in_the_worker_is_asked_again_whole(channel, make_instance) -> None:
+    worker, archive = channel
+    small = _compressed(make_instance, SMALL)[0]
+    assert worker.store(small).status is WriteStatus.SUCCESS
+    key = PREFIX_BLOB + study_prefix(small.study_instance_uid) + SEP + small.sop_instance_uid.encode()
+    kept = archive.rocks._db.get(key)
+    archive.rocks._db[key] = kept[:-4] + bytes(b ^ 0xFF for b in kept[-4:])  # Its checksum no longer matches.
+    with pytest.raises(ReadError):
+        worker.open_streamed(_location(small))
+    assert archive.whole_reads == 1  # Asked again through the node's read, which found no good copy.
