@@ -84,6 +84,14 @@ class _Timing:
             self._metrics.observe_http(route_label(scope["path"]), scope["method"], status, time.monotonic() - started)
 
 
+async def warm_up() -> None:
+    """One-time costs paid before the first request instead of by it: Starlette's
+    run_in_threadpool goes through anyio, which imports its asyncio back end on its first
+    call (measured with py-spy: ~30 ms of CPU, most of a fresh node's first series
+    /metadata) and starts its first worker thread."""
+    await run_in_threadpool(lambda: None)
+
+
 class HttpServer:
     """uvicorn serving the node's Starlette app on `http_host:http_port`: HTTPS with
     `ssl_context` (node/tls.py), every request decided by `access` (node/http_guard.py),
@@ -209,8 +217,12 @@ class HttpServer:
                         TlsServer(config, sock, lambda: self._ssl_context, self.audit.tls_refused))  # type: ignore[arg-type,return-value]
         server = self._server
 
+        async def serve() -> None:
+            await warm_up()
+            await server.serve(sockets=[sock] if self._ssl_context is None else None)
+
         def run() -> None:
-            asyncio.run(server.serve(sockets=[sock] if self._ssl_context is None else None))
+            asyncio.run(serve())
 
         self._thread = threading.Thread(target=run, name="pacsnode-http", daemon=True)
         self._thread.start()

@@ -729,14 +729,16 @@ class Coordinator:
         self._spawn(self.send_correction(correction, list(nodes)))
 
     async def reconcile_study(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = (), *,
-                              deleted: set[str] | None = None) -> bool:
+                              deleted: set[str] | None = None, missed_deletes: set[str] | None = None) -> bool:
         """Make the owners in `nodes`, which answered a read differently, each hold every
         instance of the study any of them holds, and every instance `hint_holders` keep
         as hints for it (blocking read repair; a hint delivered early is one replay will
         find already done). True when they now agree; False when a copy failed or the
         difference is over reconcile_instances_max (then the repair goes on in the
         background). `deleted` receives the instances an owner answered DELETED for (a
-        newer tombstone there: another owner listed a copy that was deleted)."""
+        newer tombstone there: another owner listed a copy that was deleted), and
+        `missed_deletes` the owners in `nodes` that listed one of them (they missed the
+        delete; the tombstone reaches them by hint replay or anti-entropy)."""
         context = self._read_context()
         image = Query("IMAGE", (Condition("StudyInstanceUID", "UI", study_uid),), ())
 
@@ -776,7 +778,13 @@ class Coordinator:
         if len(missing) > self._settings.reconcile_instances_max:
             self._spawn(self._copy_missing(missing, held, union, hinted))
             return False
-        return await self._copy_missing(missing, held, union, hinted, deleted)
+        found_deleted: set[str] = set()
+        ok = await self._copy_missing(missing, held, union, hinted, found_deleted)
+        if deleted is not None:
+            deleted |= found_deleted
+        if missed_deletes is not None:
+            missed_deletes |= {node_id for node_id, found in held.items() if not found_deleted.isdisjoint(found)}
+        return ok
 
     async def _copy_missing(self, missing: list[tuple[str, str]], held: dict[str, dict[str, InstanceLocation]],
                             union: dict[str, InstanceLocation],

@@ -306,11 +306,40 @@ class Gather:
                     yield row
         except IncompleteAnswer as error:
             self._recheck_shortfall = error.shortfall
-        for uid, waiting in entries.items():
-            if uid in answered:
-                continue
-            for entry in waiting:
-                if entry.row.get(COUNT_ONLY) == "1":
+        # Studies the query no longer matches when read by their key: what an owner gave of
+        # them only to be counted (PATIENT level, NumberOfPatientRelated*). Those rows are
+        # one owner's, which may have missed a delete of the whole study or of some of its
+        # instances: read each such study again at STUDY level by its key alone (R owners,
+        # reconciled, counts from an owner holding the tombstones) and count that row. A
+        # study no owner lists any more was deleted: not counted.
+        uncounted = {uid: [entry for entry in waiting if entry.row.get(COUNT_ONLY) == "1"]
+                     for uid, waiting in entries.items() if uid not in answered}
+        uncounted = {uid: waiting for uid, waiting in uncounted.items() if waiting}
+        if not uncounted:
+            return
+        recount = RoutedGather(
+            context, Query("STUDY", (Condition("StudyInstanceUID", "UI", "\\".join(sorted(uncounted))),)),
+            study_pieces(context.ring, context.n, sorted(uncounted)), read_quorum=self._read_quorum,
+            reconcile=reconcile)
+        counted: set[str] = set()
+        try:
+            async for row in recount.rows():
+                uid = str(row.get("StudyInstanceUID", ""))
+                if uid not in uncounted or uid in counted:
+                    continue
+                counted.add(uid)
+                row = {**row, COUNT_ONLY: "1"}
+                identity = _identity(level, row)
+                if identity not in seen:
+                    seen.add(identity)
+                    yield row
+        except IncompleteAnswer as error:
+            # Flagged: the owners' rows as they gave them, for the studies not read again.
+            self._recheck_shortfall = self._recheck_shortfall + error.shortfall
+            for uid, waiting in uncounted.items():
+                if uid in counted:
+                    continue
+                for entry in waiting:
                     identity = _identity(level, entry.row)
                     if identity not in seen:
                         seen.add(identity)
@@ -357,10 +386,12 @@ class _PieceState:
 class Reconcile(Protocol):
     """reconcile(study, owners that answered, hint holders that hold some of it) -> now agree.
     `deleted`, when given, receives the SOP Instance UIDs an owner answered DELETED for (it
-    holds a newer tombstone: the copy another owner listed was deleted, not missed)."""
+    holds a newer tombstone: the copy another owner listed was deleted, not missed), and
+    `missed_deletes` the owners in `nodes` that listed one of those (they missed the delete:
+    their STUDY/SERIES counts still include it)."""
 
     async def __call__(self, study_uid: str, nodes: Sequence[str], hint_holders: Sequence[str] = (), *,
-                      deleted: set[str] | None = None) -> bool: ...
+                      deleted: set[str] | None = None, missed_deletes: set[str] | None = None) -> bool: ...
 
 
 class RoutedGather:
@@ -598,24 +629,32 @@ class RoutedGather:
             # A stand-in holds hints for this study: the owners may lack those instances
             # (not yet replayed), and a STUDY/SERIES row's counts must include them.
             # Deliver them to the owners that answered, then ask one again.
-            study_uid = self._pieces[index].study_instance_uid
             self._context.count("read_hint_reconciles")
-            if await self._reconcile(study_uid, list(state.answered), hint_holders):
-                again = await self._ask_again(index, state.answered[0])
-                if again is not None:
-                    again = [with_correction(row, newest) for row in again] if newest is not None else again
-                    return list(self._keyed(again).values()), complete
+            again = await self._reconciled_again(index, newest, hint_holders)
+            if again is not None:
+                return list(self._keyed(again).values()), complete
             return self._merge(state, answers, level), False  # Could not make them agree: flagged.
-        if disagree:
-            self._context.count("read_disagreements")
+        # IMAGE level: instances only a stand-in's hint lists (no owner that answered lists
+        # them). Either the owners missed that write (the hint is theirs, not yet replayed)
+        # or they deleted it after the hint was written: a delete cannot reach every hint
+        # copy (which stand-ins a writer used depends on what the writer saw), so the
+        # hint row is checked where the tombstones are, as Dynamo/Riak merge a hinted
+        # copy against a newer tombstone by version: delivered to the answering owners
+        # (read repair, as STUDY-level reads do), whose stores answer DELETED when they
+        # hold a newer tombstone (a delete supersedes every write it saw), and dropped.
+        owner_sops = {str(row.get("SOPInstanceUID", "")) for answer in answers for row in answer.values()}
+        hint_only = level == "IMAGE" and bool(state.answered) and any(
+            str(row.get("SOPInstanceUID", "")) not in owner_sops
+            for slot, rows in state.rows.items() if slot.startswith("hints:") for row in rows)
+        if disagree or hint_only:
+            if disagree:
+                self._context.count("read_disagreements")
             study_uid = self._pieces[index].study_instance_uid
             if level != "IMAGE":
                 # Counts come from the merged set: make the owners agree, then ask one again.
-                if await self._reconcile(study_uid, list(state.answered), ()):
-                    again = await self._ask_again(index, state.answered[0])
-                    if again is not None:
-                        again = [with_correction(row, newest) for row in again] if newest is not None else again
-                        answers = [self._keyed(again)]
+                again = await self._reconciled_again(index, newest, ())
+                if again is not None:
+                    answers = [self._keyed(again)]
                 else:
                     complete = False  # Could not make them agree: never a Success on a guess.
             else:
@@ -625,7 +664,10 @@ class RoutedGather:
                 # so a plain union served a deleted instance). The copy to the owner that lacks
                 # it tells which: its store answers DELETED for a newer tombstone.
                 deleted: set[str] = set()
-                if not await self._reconcile(study_uid, list(state.answered), (), deleted=deleted):
+                if hint_only:
+                    self._context.count("read_hint_reconciles")
+                if not await self._reconcile(study_uid, list(state.answered), hint_holders if hint_only else (),
+                                             deleted=deleted):
                     # A copy failed: an instance only some owners list may be one the others
                     # deleted. Never a Success on a guess (a C-GET then says not all was asked).
                     complete = False
@@ -637,6 +679,32 @@ class RoutedGather:
                         if slot.startswith("hints:"):
                             state.rows[slot] = [row for row in rows if str(row.get("SOPInstanceUID", "")) not in deleted]
         return self._merge(state, answers, level), complete
+
+    async def _reconciled_again(self, index: int, newest: Correction | None,
+                                hint_holders: Sequence[str]) -> list[Attributes] | None:
+        """STUDY/SERIES rows of one study whose owners differ: reconcile the owners that
+        answered (and deliver `hint_holders`' hints to them), then read the rows again from
+        one of them, with the study's newest correction. The owner read again is one that
+        listed no instance another owner answered DELETED for: an owner that missed a
+        delete still counts the deleted instance (the repair cannot copy a tombstone's
+        absence to it; hint replay and anti-entropy bring it the tombstone), so its
+        counts are never the answer. None when that could not be done (flag the answer)."""
+        state = self._states[index]
+        study_uid = self._pieces[index].study_instance_uid
+        deleted: set[str] = set()
+        missed: set[str] = set()
+        if not await self._reconcile(study_uid, list(state.answered), hint_holders, deleted=deleted,
+                                     missed_deletes=missed):
+            return None
+        source = next((node_id for node_id in state.answered if node_id not in missed), None)
+        if source is None:
+            return None
+        if missed:
+            self._context.count("read_missed_delete_passed_over")
+        again = await self._ask_again(index, source)
+        if again is None:
+            return None
+        return [with_correction(row, newest) for row in again] if newest is not None else again
 
     @staticmethod
     def _merge(state: _PieceState, answers: list[dict[tuple[str, ...], Attributes]], level: str) -> list[Attributes]:

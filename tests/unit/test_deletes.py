@@ -414,12 +414,7 @@ def test_a_read_whose_repair_cannot_settle_a_deleted_instance_does_not_answer_co
     finally:
         cluster.close()
 
-@pytest.mark.parametrize("mode", [
-    WriteQuorumMode.STRICT,
-    pytest.param(WriteQuorumMode.SLOPPY, marks=pytest.mark.xfail(
-        strict=True, reason="open (issue 14 item 2): with sloppy writes the stand-ins are asked and an "
-        "IMAGE-level read merges their hint rows, the deleted instance's among them, in an answer said complete")),
-])
+@pytest.mark.parametrize("mode", [WriteQuorumMode.STRICT, WriteQuorumMode.SLOPPY])
 def test_a_stand_in_s_hint_of_a_deleted_instance_is_not_served_while_its_owner_is_down(mode: WriteQuorumMode) -> None:
     # Issue 14 item 2, a candidate path checked (it passed before any change): an instance
     # written while one owner was down left a hint copy on a stand-in, which still lists it
@@ -427,7 +422,10 @@ def test_a_stand_in_s_hint_of_a_deleted_instance_is_not_served_while_its_owner_i
     # up, a tombstone hint for the third). With strict writes a read whose R owners
     # answered asks no stand-in, so the hint row is never merged and nothing is served;
     # with fewer than R owners answering it would be, in an answer flagged incomplete.
-    # Sloppy writes ask the stand-ins whenever an owner is down: there it is served (xfail).
+    # Sloppy writes ask the stand-ins whenever an owner is down, and an IMAGE-level read
+    # merged their hint rows: the deleted instance was served, said complete. Now a row only
+    # a hint lists is first delivered to the answering owners, whose tombstones answer
+    # DELETED, and dropped.
     cluster = SimCluster(5, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000, write_mode=mode))
     try:
         cluster.run_for(3)

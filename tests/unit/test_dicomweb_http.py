@@ -559,3 +559,34 @@ def test_connections_are_served_without_nagle(tmp_path: Path) -> None:
                 assert client.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200
     finally:
         server.stop()
+
+
+_WARM_UP_PROBE = """
+import sys, time
+from pacsnode.node.http_server import HttpServer
+from pacsnode.node.metrics import Metrics
+backend = "anyio._backends._asyncio"
+before = backend in sys.modules
+server = HttpServer(host="127.0.0.1", port=0, archive=None, metrics=Metrics(lambda: {}), ready=lambda: {"ready": True},
+                    instance_size_bytes_max=1_000, qido_result_max=4)
+server.start()
+deadline = time.monotonic() + 10
+while backend not in sys.modules and time.monotonic() < deadline:
+    time.sleep(0.02)
+after = backend in sys.modules
+server.stop()
+print(before, after)
+"""
+
+
+def test_the_server_pays_its_one_time_costs_before_the_first_request() -> None:
+    """Starlette's run_in_threadpool imports anyio's asyncio back end on its first call
+    (~30 ms of CPU, most of a fresh node's first series /metadata, measured with py-spy):
+    the server does it when it starts, with no request made. In a fresh interpreter, so
+    that no other test has imported it already."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", _WARM_UP_PROBE], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split() == ["False", "True"]
