@@ -20,6 +20,16 @@ association thread. A C-FIND answer is a stream of ROW frames ended by FIND_END,
 INCOMPLETE or ERROR; a worker that stops reading closes the connection and the node's
 sender stops. An AUDIT frame (worker to node) carries one audit message line
 (node/audit.py) for the node's audit trail and gets no answer.
+
+A STORE frame carries the instance's compressed copy (its zstd blob) as its body, or,
+for a blob of `worker_blob_file_bytes_min` or more (and every spooled instance), the
+name of a temp file the worker wrote and fsync'ed in the store's blobs directory
+(node/blob_files.py) and no body: the node's store then names that file instead of
+putting the bytes through RocksDB's write (which holds the node process's GIL while it
+copies them into its log), and the node never receives the bytes. The Part-10 bytes
+themselves never cross: the node needs only their length. The worker removes its temp
+file once the node has answered (kept files were renamed by then); a temp file left by a
+worker that died is removed when the store next opens.
 """
 
 from __future__ import annotations
@@ -28,10 +38,15 @@ import enum
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import threading
 from typing import Any, Callable, Iterator
+
+from pacsnode.node.blob_files import TEMP_PREFIX, BlobFiles, BlobPointer, Part10Stream, TempBlob
+from pacsnode.node.codec import decompress
+from pacsnode.replication.model import CorruptBlob
 
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -70,6 +85,13 @@ class Kind(enum.IntEnum):
     READ_FAILED = 26
     ERROR = 27
     WELCOME = 28
+    DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
+    DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
+
+
+class StoreFrameError(Exception):
+    """A STORE frame whose instance the node cannot take (answered as an ERROR frame: the
+    worker answers the C-STORE with a failure; the connection stays)."""
 
 
 class ChannelError(Exception):
@@ -152,11 +174,16 @@ def _attributes(data: Any) -> Attributes:
 
 # ----------------------------------------------------------------------------- worker side
 class ChannelArchive:
-    """The Archive calls of the DICOM front end, answered by the node over the channel."""
+    """The Archive calls of the DICOM front end, answered by the node over the channel.
 
-    def __init__(self, path: str) -> None:
+    With `blob_files` (the node store's blobs directory), a blob of `blob_file_bytes_min`
+    or more is written there by this process and sent by name (the module's docstring)."""
+
+    def __init__(self, path: str, blob_files: BlobFiles | None = None, blob_file_bytes_min: int = 0) -> None:
         self._path = path
         self._local = threading.local()
+        self._blob_files = blob_files
+        self._blob_file_bytes_min = blob_file_bytes_min
 
     def _connection(self) -> socket.socket:
         sock = getattr(self._local, "sock", None)
@@ -185,14 +212,32 @@ class ChannelArchive:
         return answer
 
     def store(self, instance: Instance) -> WriteResult:
-        header = {
+        header: dict[str, Any] = {
             "study": instance.study_instance_uid, "series": instance.series_instance_uid,
             "sop_instance": instance.sop_instance_uid, "sop_class": instance.sop_class_uid,
             "transfer_syntax": instance.transfer_syntax_uid, "dataset_offset": instance.dataset_offset,
             "content_hash": instance.content_hash, "attributes": instance.attributes,
-            "part10_bytes": len(instance.part10), "blob_bytes": len(instance.blob),
+            "part10_bytes": instance.size_bytes + instance.dataset_offset,
         }
-        kind, answer, _ = self._call(Kind.STORE, header, instance.part10, instance.blob)
+        written: TempBlob | None = None  # A temp file this call wrote (and so removes).
+        temp = instance.blob_file if isinstance(instance.blob_file, TempBlob) else None
+        if temp is None and self._blob_files is not None and instance.blob \
+                and len(instance.blob) >= self._blob_file_bytes_min:
+            temp = written = self._blob_files.write_temp(instance.blob)
+        try:
+            if temp is not None:
+                header["blob_file"] = {"name": temp.path.name, "size_bytes": temp.size_bytes, "crc32": temp.crc32}
+                kind, answer, _ = self._call(Kind.STORE, header)
+            else:
+                if not instance.blob:
+                    raise ChannelError("STORE needs the instance's compressed copy")
+                kind, answer, _ = self._call(Kind.STORE, header, instance.blob)
+        finally:
+            if written is not None:  # Renamed by the node's store when kept; else no longer needed.
+                try:
+                    written.path.unlink()
+                except FileNotFoundError:
+                    pass
         if kind != Kind.STORED:
             raise ChannelError(f"unexpected answer {kind.name} to STORE")
         return WriteResult(status=WriteStatus(answer["status"]), outcome=str(answer.get("outcome", "")),
@@ -244,7 +289,31 @@ class ChannelArchive:
                             shortfall=Shortfall(ranges=int(answer["ranges"]), studies=int(answer["studies"])))
 
     def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        opened, offset = self.open_streamed(location)
+        if isinstance(opened, Part10Stream):
+            with opened:
+                return opened.read_all(), offset
+        return opened, offset
+
+    def open_streamed(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+        """An instance to send. The node's own uncorrected copy comes as kept: a zstd blob,
+        decompressed here (the node process does not), or the name of its blob file, streamed
+        from it here as in one process. A copy that fails its check here is asked again
+        whole, through the node's read (which reads another owner's copy when it has one)."""
         kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location)})
+        what = location.sop_instance_uid
+        try:
+            if kind == Kind.DATA_ZSTD:
+                return decompress(body, what), int(answer["dataset_offset"])
+            if kind == Kind.DATA_FILE:
+                if self._blob_files is None:
+                    raise ChannelError("DATA_FILE needs the store's blobs directory")
+                pointer = BlobPointer(str(answer["name"]), int(answer["size_bytes"]), int(answer["crc32"]))
+                return self._blob_files.stream(pointer, int(answer["part10_bytes"]), what), \
+                    int(answer["dataset_offset"])
+        except CorruptBlob as error:
+            log.error("channel.read.corrupt_own_copy error=%s", type(error).__name__)
+            kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location), "whole": True})
         if kind == Kind.READ_FAILED:
             raise ReadError(str(answer.get("reason", "")))
         if kind != Kind.DATA:
@@ -256,9 +325,10 @@ class ChannelArchive:
 class ChannelServer:
     """Serves the channel on a Unix socket with the node's Archive: one thread per connection."""
 
-    def __init__(self, path: str, archive: Any) -> None:
+    def __init__(self, path: str, archive: Any, blob_files: BlobFiles | None = None) -> None:
         self.path = path
         self._archive = archive
+        self._blob_files = blob_files  # The store's blobs directory: where workers' temp blob files are.
         if os.path.exists(path):
             os.unlink(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -328,7 +398,7 @@ class ChannelServer:
             return
         try:
             if kind == Kind.STORE:
-                result = self._archive.store(_instance(header, body))
+                result = self._archive.store(_instance(header, body, self._blob_files))
                 send_frame(sock, Kind.STORED, {"status": result.status.value, "outcome": str(result.outcome),
                                                "message": result.message, "latency_ms": result.latency_ms})
             elif kind == Kind.FIND:
@@ -338,8 +408,20 @@ class ChannelServer:
                 send_frame(sock, Kind.PLAN, {"locations": [location_to_json(l) for l in plan.locations],
                                              "ranges": plan.shortfall.ranges, "studies": plan.shortfall.studies})
             elif kind == Kind.READ:
+                location = location_from_json(header["location"])
+                open_compressed = getattr(self._archive, "open_compressed", None)
+                copy = open_compressed(location) if open_compressed is not None and not header.get("whole") \
+                    and self._blob_files is not None else None
+                if copy is not None:
+                    offsets = {"dataset_offset": copy.dataset_offset, "part10_bytes": copy.part10_bytes}
+                    if isinstance(copy.kept, BlobPointer):
+                        send_frame(sock, Kind.DATA_FILE, {**offsets, "name": copy.kept.name,
+                                                          "size_bytes": copy.kept.size_bytes, "crc32": copy.kept.crc32})
+                    else:
+                        send_frame(sock, Kind.DATA_ZSTD, offsets, copy.kept)
+                    return
                 try:
-                    data, offset = self._archive.read(location_from_json(header["location"]))
+                    data, offset = self._archive.read(location)
                 except ReadError as error:
                     send_frame(sock, Kind.READ_FAILED, {"reason": str(error)})
                     return
@@ -370,14 +452,33 @@ class ChannelServer:
                 close()
 
 
-def _instance(header: dict[str, Any], body: bytes) -> Instance:
-    part10_bytes, blob_bytes = int(header["part10_bytes"]), int(header["blob_bytes"])
-    if part10_bytes + blob_bytes != len(body):
-        raise ChannelError("STORE body length does not match its header")
+_TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[A-Za-z0-9_]+\.zst$")
+
+
+def _instance(header: dict[str, Any], body: bytes, blob_files: BlobFiles | None) -> Instance:
+    """The Instance a STORE frame carries: its blob in the body, or a worker's temp blob
+    file in the store's blobs directory (mapped, never read into memory here)."""
+    part10_bytes = int(header["part10_bytes"])
+    blob: Any = body
+    temp: TempBlob | None = None
+    named = header.get("blob_file")
+    if named is not None:
+        if blob_files is None or body:
+            raise StoreFrameError("STORE names a blob file the node cannot take")
+        name, size, crc = str(named["name"]), int(named["size_bytes"]), int(named["crc32"])
+        if not _TEMP_NAME.match(name):  # Only a temp file directly in the blobs directory.
+            raise StoreFrameError("STORE names a blob file that is not a worker's temp file")
+        try:
+            blob = blob_files.map(BlobPointer(name, size, crc), "a worker's instance")
+        except CorruptBlob as error:
+            raise StoreFrameError(f"STORE's blob file is unusable: {error}") from None
+        temp = TempBlob(blob_files.directory / name, size, crc)
+    elif not body:
+        raise StoreFrameError("STORE carries no blob")
     return Instance(
         study_instance_uid=str(header["study"]), series_instance_uid=str(header["series"]),
         sop_instance_uid=str(header["sop_instance"]), sop_class_uid=str(header["sop_class"]),
-        transfer_syntax_uid=str(header["transfer_syntax"]), part10=body[:part10_bytes],
+        transfer_syntax_uid=str(header["transfer_syntax"]), part10=b"", part10_size=part10_bytes,
         dataset_offset=int(header["dataset_offset"]), attributes=_attributes(header["attributes"]),
-        content_hash=str(header["content_hash"]), blob=body[part10_bytes:],
+        content_hash=str(header["content_hash"]), blob=blob, blob_file=temp,
     )

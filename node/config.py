@@ -109,6 +109,7 @@ class NodeConfig:
     instance_size_bytes_max: int = setting(4 * 1024**3, "A larger dataset is refused with 0xA700.")
     dataset_spool_threshold_bytes: int = setting(8 * 1024**2, "A received data set larger than this is written to a temporary file under data_dir/spool as it arrives, then read, hashed and compressed from there in chunks.")
     blob_file_bytes_min: int = setting(8 * 1024**2, "A stored instance whose compressed blob is this large or larger (or that was spooled) is kept as a file under data_dir/store/blobs, beside RocksDB, and C-GET/C-MOVE/WADO-RS stream it from there in chunks.")
+    worker_blob_file_bytes_min: int = setting(64 * 1024, "With dicom_workers > 0: a received instance whose compressed copy is this large or larger is written to a blob file (under data_dir/store/blobs) by the DICOM worker that received it, and the node process names that file in its index instead of copying the bytes into RocksDB (whose write holds the node process's GIL for the copy). Smaller ones go over the worker channel into RocksDB as in one process.")
     inflight_instance_bytes_max: int = setting(1024**3, "Received instance bytes held in memory by all associations together (data sets below the spool threshold, and instances C-GET/C-MOVE read ahead of the one being sent; a spooled instance is compressed into a blob file and a blob file is streamed, so neither holds any; with DICOM worker processes a spooled instance's compressed copy is held and counted); a C-STORE that would go over it is answered 0xA700.")
     zstd_level: int = setting(ZSTD_LEVEL, "zstd level of the stored blobs (compressed once at ingest: C-STORE, STOW-RS; decompressed on every retrieve). Negative levels leave literals without entropy coding: -1 decompresses 16-bit images 2.6-9x faster than level 1 and compresses most faster, for less disk saved (15 percent instead of 31 on a real CT; nothing on noise-like pixels). 1-19 save more disk for slower ingest and retrieve. Blobs written at another level read as before (bench/README.md, \"DICOMweb\").")
     malloc_trim_threshold_bytes: int = setting(128 * 1024**2, "Freed memory each glibc malloc arena keeps for reuse before it returns any to the kernel (M_TRIM_THRESHOLD; buffers below 4 MiB then come from the heap, M_MMAP_THRESHOLD): instance buffers are reused instead of being faulted in page by page, at the cost of resident memory. 0 = glibc's defaults. No effect on another C library.")
@@ -243,7 +244,7 @@ class NodeConfig:
                      "replica_timeout_ms", "fetch_timeout_ms", "query_timeout_ms", "replica_start_timeout_ms",
                      "hint_replay_interval_ms", "repair_fetch_window", "find_buffer_rows", "store_stall_ms",
                      "health_probe_interval_ms", "dataset_spool_threshold_bytes", "inflight_instance_bytes_max",
-                     "blob_file_bytes_min",
+                     "blob_file_bytes_min", "worker_blob_file_bytes_min",
                      "anti_entropy_interval_ms", "qido_result_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

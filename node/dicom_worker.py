@@ -32,6 +32,8 @@ from pynetdicom.utils import make_target
 
 from pacsnode.node import acceptor, tls
 from pacsnode.node.archive_channel import ChannelArchive, Kind, recv_frame, send_frame
+from pacsnode.node.blob_files import BlobFiles
+from pacsnode.node.store import blobs_directory, store_directory
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom import DicomFrontEnd
@@ -144,9 +146,12 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # Until the TLS listener can reload (below).
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(channel_path)
-    archive = ChannelArchive(channel_path)
+    # The node store's blobs directory: big blobs are written there by this process and
+    # named to the node (node/archive_channel.py), spooled instances compressed into it.
+    blob_files = BlobFiles(blobs_directory(store_directory(config.data_dir)))
+    archive = ChannelArchive(channel_path, blob_files, config.worker_blob_file_bytes_min)
     security = WorkerSecurity(config, archive, audited=audited)
-    front_end = WorkerFrontEnd(config, archive, security=security)  # type: ignore[arg-type]
+    front_end = WorkerFrontEnd(config, archive, security=security, blob_files=blob_files)  # type: ignore[arg-type]
     front_end.start()
     signal.signal(signal.SIGHUP, lambda _s, _f: front_end.reload_tls())
     send_frame(control, Kind.HELLO, {"worker": index, "pid": os.getpid()})

@@ -147,6 +147,39 @@ def store_response_pdu(context_id: int, max_pdu_length: int, *, message_id_respo
     return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
 
 
+C_GET_RSP_FIELD = 0x8010
+C_MOVE_RSP_FIELD = 0x8021
+RETRIEVE_RESPONSE_FIELDS = frozenset({C_GET_RSP_FIELD, C_MOVE_RSP_FIELD})
+
+
+def retrieve_response_pdu(context_id: int, max_pdu_length: int, *, command_field: int, message_id_responded: int,
+                          status: int, sop_class_uid: str | None, remaining: int | None, completed: int | None,
+                          failed: int | None, warning: int | None) -> bytes | None:
+    """One P-DATA-TF PDU carrying a C-GET-RSP or C-MOVE-RSP command set (PS3.7 9.3.3.2,
+    9.3.4.2) with no Identifier, Error Comment or Offending Element -- the Pending response
+    sent after each sub-operation -- as pynetdicom 3.0.4 encodes it (an unset field is left
+    out); None when the peer's maximum PDU length cannot take it in one fragment."""
+    if command_field not in RETRIEVE_RESPONSE_FIELDS:
+        raise ValueError(f"not a C-GET-RSP or C-MOVE-RSP command field: 0x{command_field:04X}")
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
+    elements += [
+        _command_element(0x0100, _US.pack(command_field)),
+        _command_element(0x0120, _US.pack(message_id_responded)),
+        _command_element(0x0800, _US.pack(NO_DATA_SET)),
+        _command_element(0x0900, _US.pack(status)),
+    ]
+    for element, count in ((0x1020, remaining), (0x1021, completed), (0x1022, failed), (0x1023, warning)):
+        if count is not None:
+            elements.append(_command_element(element, _US.pack(count)))
+    body = b"".join(elements)
+    command = _command_element(0x0000, _UL.pack(len(body))) + body
+    if 0 < max_pdu_length < len(command) + 6:
+        return None
+    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+
+
 @dataclass(frozen=True)
 class StoreResponse:
     """The fields of a plain C-STORE-RSP command set (see parse_store_response)."""

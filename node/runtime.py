@@ -17,8 +17,9 @@ import struct
 import threading
 import time
 from typing import Any, Awaitable, Callable, Coroutine, Iterator, TypeVar
+from dataclasses import dataclass
 
-from pacsnode.node.blob_files import Part10Stream
+from pacsnode.node.blob_files import BlobPointer, Part10Stream
 from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import ZSTD_LEVEL, to_stored
 from pacsnode.node.executor import CountedExecutor
@@ -114,12 +115,14 @@ class ClusterArchive:
                  find_buffer_rows: int = FIND_BUFFER_ROWS, deletes: DeleteCoordinator | None = None,
                  own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None,
                  own_stream: Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None] | None = None,
+                 own_compressed: Callable[[InstanceLocation], CompressedCopy | None] | None = None,
                  modifies: ModifyCoordinator | None = None) -> None:
         self._loop = loop
         self._deletes = deletes
         self._modifies = modifies
         self._own_copy = own_copy
         self._own_stream = own_stream
+        self._own_compressed = own_compressed
         self._find_buffer_rows = find_buffer_rows
         self._coordinator = coordinator
         self._alone = alone
@@ -283,6 +286,15 @@ class ClusterArchive:
                 return found
         return self.read(location, is_cancelled)
 
+    def open_compressed(self, location: InstanceLocation) -> "CompressedCopy | None":
+        """This node's own copy of an uncorrected instance as kept (zstd blob or blob file),
+        for a DICOM worker that decompresses it itself (node/archive_channel.py); None when
+        the study has a correction, is not owned here, or the copy is missing: then `read`."""
+        if self._own_compressed is None or location.correction or \
+                not self._coordinator.owns(location.study_instance_uid):
+            return None
+        return self._own_compressed(location)
+
     def _read_stored(self, location: InstanceLocation, is_cancelled: Callable[[], bool] | None) -> tuple[bytes, int]:
         if self._own_copy is not None and self._coordinator.owns(location.study_instance_uid):
             # The coordinator reads an owner's own copy first too: take it from this thread,
@@ -312,6 +324,26 @@ def own_stream_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes | 
             return None
         return opened, record.dataset_offset
     return open_stream
+
+
+@dataclass(frozen=True)
+class CompressedCopy:
+    """An own copy as the store keeps it: the zstd blob, or the pointer to its blob file."""
+
+    kept: bytes | BlobPointer
+    part10_bytes: int
+    dataset_offset: int
+
+
+def own_compressed_reader(store: Any) -> Callable[[InstanceLocation], CompressedCopy | None]:
+    """ClusterArchive's `own_compressed`: an instance from this node's store as kept."""
+    def read(location: InstanceLocation) -> CompressedCopy | None:
+        found = store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
+        if found is None:
+            return None
+        kept, record = found
+        return CompressedCopy(kept, record.size_bytes + record.dataset_offset, record.dataset_offset)
+    return read
 
 
 def own_copy_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes, int] | None]:

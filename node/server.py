@@ -31,10 +31,10 @@ from pacsnode.node.local_replica import StoreReplica, decode
 from pacsnode.node.swim_membership import GrpcCarrier, SwimMembership, swim_config
 from pacsnode.node.peer_handler import PeerHandler
 from pacsnode.node.peer_server import PeerServer, replication_settings
-from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader, own_stream_reader
+from pacsnode.node.runtime import ClusterArchive, LoopThread, own_compressed_reader, own_copy_reader, own_stream_reader
 from pacsnode.node.security import NodeSecurity
 from pacsnode.node.token_salt import first_token_salt, ring_members_of
-from pacsnode.node.store import RocksStore
+from pacsnode.node.store import RocksStore, store_directory
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.node.staleness import ALIVE_STAMP_INTERVAL_S, set_stale_store_aside, stamp_alive
 from pacsnode.replication.coordinator import Coordinator, CoordinatorSettings, WriteQuorumMode, WriteScope
@@ -124,7 +124,7 @@ class Node:
         # a start that fails there must not raise the running node's boot generation.
         try:
             self.store = RocksStore(
-                config.data_dir / "store",
+                store_directory(config.data_dir),
                 disk_free_bytes_min=config.disk_free_bytes_min,
                 instance_size_bytes_max=config.instance_size_bytes_max,
                 blob_file_bytes_min=config.blob_file_bytes_min,
@@ -222,7 +222,8 @@ class Node:
                                       alone=self.coordinator.alone, local_store=self.coordinator.store_alone,
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
                                       own_copy=own_copy_reader(self.store),
-                                      own_stream=own_stream_reader(self.store), modifies=self.modifies)
+                                      own_stream=own_stream_reader(self.store),
+                                      own_compressed=own_compressed_reader(self.store), modifies=self.modifies)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,
@@ -493,7 +494,8 @@ class Node:
     def start(self) -> None:
         self.loop.run(self._start_async(), 30)
         if self.config.dicom_workers:
-            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers, self.security.audit)
+            self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers, self.security.audit,
+                                      blob_files=self.store.blob_files)
             self.workers.start()
         else:
             self.front_end.start()

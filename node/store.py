@@ -158,6 +158,17 @@ def _prefix_upper_bound(prefix: bytes) -> bytes:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+def store_directory(data_dir: Path) -> Path:
+    """Where a node keeps its store (RocksDB and the blobs directory) under its data dir."""
+    return Path(data_dir) / "store"
+
+
+def blobs_directory(store_path: Path) -> Path:
+    """The blobs directory of the store at `store_path` (node/blob_files.py); DICOM worker
+    processes write their temp blob files there for the node's store to name."""
+    return Path(store_path) / "blobs"
+
+
 class RocksStore:
     """The node's durable store. Thread-safe; every write is one synced WriteBatch."""
 
@@ -181,7 +192,7 @@ class RocksStore:
         self._zstd_level = zstd_level
         self._blob_file_bytes_min = blob_file_bytes_min
         self._header_of = header_of
-        self.blob_files = BlobFiles(self._path / "blobs")
+        self.blob_files = BlobFiles(blobs_directory(self._path))
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         # Large values go to blob files: compaction then moves keys, not images.
@@ -1068,6 +1079,20 @@ class RocksStore:
     def instance_record(self, study_instance_uid: str, sop_instance_uid: str) -> InstanceRecord | None:
         raw = self._db.get(PREFIX_META + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
         return InstanceRecord(**json.loads(raw)) if raw is not None else None
+
+    def compressed_copy(self, study_instance_uid: str,
+                        sop_instance_uid: str) -> tuple[bytes | BlobPointer, InstanceRecord] | None:
+        """An instance as kept, not decompressed or verified: its zstd blob, or the pointer
+        to its blob file, with its record; None when it is not here. For a reader in another
+        process (a DICOM worker) that decompresses and checks it itself."""
+        record = self.instance_record(study_instance_uid, sop_instance_uid)
+        if record is None:
+            return None
+        value = self._get_blob(PREFIX_BLOB + study_prefix(study_instance_uid) + SEP + sop_instance_uid.encode())
+        if value is None:
+            return None
+        pointer = BlobPointer.decode(value)
+        return (value if pointer is None else pointer), record
 
     def read_part10(self, study_instance_uid: str, sop_instance_uid: str) -> bytes:
         """The stored Part-10 bytes, checksum-verified; raises CorruptBlob or KeyError."""

@@ -33,6 +33,7 @@ from typing import Any
 
 from pacsnode.node import dicom_worker
 from pacsnode.node.archive_channel import ChannelServer
+from pacsnode.node.blob_files import BlobFiles
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
 
@@ -43,11 +44,12 @@ RESTART_DELAY_S = 0.5
 
 
 class WorkerPool:
-    def __init__(self, config: NodeConfig, archive: Any, count: int, audit: AuditLog | None = None) -> None:
+    def __init__(self, config: NodeConfig, archive: Any, count: int, audit: AuditLog | None = None,
+                 blob_files: BlobFiles | None = None) -> None:
         self._count = count
         self._audited = audit is not None and audit.enabled
         self._directory = tempfile.mkdtemp(prefix="pacsnode-ch-")  # 0700: only this user reaches the channel.
-        self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive)
+        self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive, blob_files)
         self._channel.on_hello = self._on_hello
         if audit is not None:
             self._channel.on_audit = audit.write_line  # The workers' DICOM audit messages.

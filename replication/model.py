@@ -116,6 +116,10 @@ class Instance:
     # A node-local handle of a file that holds `blob` (node/blob_files.TempBlob): the local
     # store names that file instead of writing the bytes again. Opaque here.
     blob_file: object = None
+    # The length of the Part-10 bytes when `part10` is not carried (None: len(part10)): a
+    # DICOM worker's instance whose compressed copy the worker wrote to a blob file reaches
+    # the node as that file and this length (node/archive_channel.py).
+    part10_size: int | None = None
 
     @property
     def dataset_bytes(self) -> bytes:
@@ -123,7 +127,7 @@ class Instance:
 
     @property
     def size_bytes(self) -> int:
-        return len(self.part10) - self.dataset_offset
+        return (len(self.part10) if self.part10_size is None else self.part10_size) - self.dataset_offset
 
 
 @dataclass

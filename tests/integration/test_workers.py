@@ -16,11 +16,13 @@ import socket
 import ssl
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from pydicom import dcmread
+from pydicom.filereader import read_dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -106,6 +108,44 @@ def test_store_find_get_through_workers(node_factory) -> None:
     assert result.final_status == 0x0000
     assert sorted(result.received) == sorted(uids)
     assert re.search(r"dicom\.association\.established", node.log_text())  # Worker events reach the node's log.
+
+
+def _big_ct(study_uid: str) -> object:
+    """A 512x512 CT slice of noise: its compressed copy is far over worker_blob_file_bytes_min."""
+    ds = _ct(study_uid)
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = os.urandom(512 * 512 * 2)
+    return ds
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["in-memory", "spooled"])
+def test_big_instances_are_written_to_blob_files_by_the_worker(node_factory, spooled: bool) -> None:
+    # The worker writes each big compressed copy into the store's blobs directory (from
+    # memory, or streamed from its spool file) and the node names the file
+    # (node/archive_channel.py); retrieval gives the same pixels back.
+    node = _start(node_factory, ["--dataset-spool-threshold-bytes", "65536"] if spooled else [])
+    study = generate_uid()
+    sent = [_big_ct(study) for _ in range(3)]
+    ae = scu_ae()
+    ae.add_requested_context(sent[0].SOPClassUID, [sent[0].file_meta.TransferSyntaxUID])
+    assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        for ds in sent:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(sent[0]).Status == 0x0000  # A duplicate: nothing new kept.
+    finally:
+        assoc.release()
+    blobs = node.data_dir / "store" / "blobs"
+    files = [p for p in blobs.rglob("*") if p.is_file()]
+    assert len(files) == 3 and not [p for p in files if p.name.startswith(".tmp-")], files
+    result = clients.get(node.dicom_port, identifier("STUDY", StudyInstanceUID=study),
+                         [(str(sent[0].SOPClassUID), str(sent[0].file_meta.TransferSyntaxUID))])
+    assert result.final_status == 0x0000
+    assert ("dicom.store.spooled" in node.log_text()) is spooled
+    for ds in sent:
+        received = read_dataset(BytesIO(result.received[str(ds.SOPInstanceUID)]), False, True)
+        assert received.PixelData == ds.PixelData
 
 
 def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:

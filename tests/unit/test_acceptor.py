@@ -243,3 +243,71 @@ def test_store_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_ha
         assert foreign == [0x0000, 0x0000] and hooked == [0x0000, 0x0000] and len(direct) == 2
     finally:
         server_ae.shutdown()
+
+
+def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_handler() -> None:
+    """issue 10: the Pending C-GET-RSP sent after each sub-operation is one PDU the acceptor
+    encodes itself (it took ~0.5 ms of the association thread per instance through
+    pynetdicom). The requestor gets the same responses, counts included, either way; the
+    hook's direct form is told of each; with another EVT_DIMSE_SENT handler bound, every
+    response is a pynetdicom message, as before."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.sim.process import free_port
+
+    def on_get(event: Any) -> Any:
+        yield 3
+        for _ in range(3):
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+            ds.PatientID = "P"
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            yield 0xFF00, ds
+
+    direct: list[tuple[int, int]] = []
+    hooked: list[int] = []
+    foreign: list[int] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])
+    server_ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=True, scp_role=True)
+    server_ae.store_response_hook = acceptor.StoreResponseHook(
+        lambda event: hooked.append(int(event.message.command_set.Status)),
+        lambda assoc, message_id, status: direct.append((message_id, status)))
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [(evt.EVT_C_GET, on_get)])
+    store_statuses = iter([0x0000, 0xA700, 0x0000] * 3)
+
+    def get() -> list[tuple[int, int, int, int, int]]:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, lambda event: next(store_statuses))])
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        got = [(int(status.Status), int(status.get("NumberOfRemainingSuboperations", -1)),
+                int(status.NumberOfCompletedSuboperations), int(status.NumberOfFailedSuboperations),
+                int(status.NumberOfWarningSuboperations))
+               for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+        return got
+
+    pending = [(0xFF00, 2, 1, 0, 0), (0xFF00, 1, 1, 1, 0), (0xFF00, 0, 2, 1, 0)]
+    try:
+        assert get()[:3] == pending  # No handler bound to EVT_DIMSE_SENT.
+        assert direct == [] and hooked == []
+        server.bind(evt.EVT_DIMSE_SENT, server_ae.store_response_hook.handler)
+        responses = get()
+        assert responses[:3] == pending and responses[3][0] == 0xB000  # Final: one failed.
+        assert direct == [(1, 0xFF00)] * 3 and hooked == [0xB000]  # Only the final one as a message.
+        server.bind(evt.EVT_DIMSE_SENT, lambda event: foreign.append(int(event.message.command_set.Status)))
+        assert get()[:3] == pending
+        assert foreign == [0xFF00] * 3 + [0xB000] and len(direct) == 3
+    finally:
+        server_ae.shutdown()

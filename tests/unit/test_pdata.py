@@ -155,6 +155,51 @@ def test_store_response_is_pynetdicoms_bytes(sop_class: str | None, sop_instance
     assert ours == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(command=st.sampled_from(["C_GET", "C_MOVE"]), sop_class=st.none() | _UIDS, message_id=st.integers(0, 0xFFFF),
+       status=st.sampled_from([0xFF00, 0xFF01]),
+       counts=st.lists(st.none() | st.integers(0, 0xFFFF), min_size=4, max_size=4),
+       context_id=st.sampled_from([1, 3, 255]), max_pdu_length=st.sampled_from([0, 16_384, 262_144]))
+def test_pending_retrieve_response_is_pynetdicoms_bytes(command: str, sop_class: str | None, message_id: int,
+                                                        status: int, counts: list[int | None], context_id: int,
+                                                        max_pdu_length: int) -> None:
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+
+    primitive_class, message_class, field = {"C_GET": (C_GET, C_GET_RSP, pdata.C_GET_RSP_FIELD),
+                                             "C_MOVE": (C_MOVE, C_MOVE_RSP, pdata.C_MOVE_RSP_FIELD)}[command]
+    response = primitive_class()
+    response.MessageID = message_id
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.Status = status
+    response.Identifier = None
+    remaining, completed, failed, warning = counts
+    response.NumberOfRemainingSuboperations = remaining
+    response.NumberOfCompletedSuboperations = completed
+    response.NumberOfFailedSuboperations = failed
+    response.NumberOfWarningSuboperations = warning
+    message = message_class()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    ours = pdata.retrieve_response_pdu(context_id, max_pdu_length, command_field=field, message_id_responded=message_id,
+                                       status=status, sop_class_uid=sop_class, remaining=remaining,
+                                       completed=completed, failed=failed, warning=warning)
+    assert ours == expected
+
+
+def test_pending_retrieve_response_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:
+    fields = dict(command_field=pdata.C_GET_RSP_FIELD, message_id_responded=1, status=0xFF00,
+                  sop_class_uid="1.2.840.10008.5.1.4.1.2.2.3", remaining=3, completed=1, failed=0, warning=0)
+    response = pdata.retrieve_response_pdu(1, 0, **fields)  # type: ignore[arg-type]
+    assert response is not None
+    fits = len(response) - pdata.HEADER_BYTES + 6
+    assert pdata.retrieve_response_pdu(1, fits, **fields) == response  # type: ignore[arg-type]
+    assert pdata.retrieve_response_pdu(1, fits - 1, **fields) is None  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        pdata.retrieve_response_pdu(1, 0, **{**fields, "command_field": 0x8001})  # type: ignore[arg-type]
+
+
 def _pynetdicom_response_command(**fields: object) -> bytes:
     response = C_STORE()
     for name, value in fields.items():

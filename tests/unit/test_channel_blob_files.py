@@ -1,0 +1,219 @@
+"""A DICOM worker's big instances reach the node's store as blob files, and come back as
+kept (node/archive_channel.py).
+
+The real channel (ChannelArchive in this process standing for a worker, ChannelServer on a
+Unix socket) in front of a real RocksStore: a blob of `worker_blob_file_bytes_min` or more
+is written by the worker side into the store's blobs directory and named in the STORE
+frame; the store keeps that file (a pointer in RocksDB, no copy of the bytes through its
+write) and reads back the same Part-10 bytes. Smaller blobs travel in the frame. No temp
+file outlives a store, kept or duplicate. A frame that names anything but a temp file of
+the blobs directory is answered with an error, stores nothing, and the connection serves on.
+Reads give the worker the node's own copy as kept (a blob file to stream, a zstd blob to
+decompress); a copy that fails its check on the worker's side is asked again whole.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pacsnode.node import codec
+from pacsnode.node.archive_channel import ChannelArchive, ChannelServer, Kind, RemoteError, recv_frame, send_frame
+from pacsnode.node.blob_files import TEMP_PREFIX, BlobPointer
+from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
+from pacsnode.node.blob_files import Part10Stream
+from pacsnode.node.runtime import CompressedCopy, own_compressed_reader, own_copy_reader
+from pacsnode.replication.archive import InstanceLocation, ReadError, WriteResult, WriteStatus
+from pacsnode.replication.model import Instance, StoreOutcome
+from pacsnode.sim.datagen import StudySetSpec, iter_part10
+
+THRESHOLD = 4096
+# 64x64 random-ish pixels compress to well over THRESHOLD; 8x8 to well under it.
+BIG = StudySetSpec(patients=1, studies_per_patient=1, series_per_study=1, instances_per_series=3, rows=64, cols=64,
+                   seed=21)
+SMALL = StudySetSpec(patients=1, studies_per_patient=1, series_per_study=1, instances_per_series=2, rows=8, cols=8,
+                     seed=22)
+
+
+class StoreArchive:
+    """The node's side of a STORE as the node does it for one node alone: the instance as
+    replicas keep it (node/codec.py to_stored), put into the real store."""
+
+    def __init__(self, rocks: RocksStore) -> None:
+        self.rocks = rocks
+        self.received: list[Instance] = []
+
+        self.whole_reads = 0
+        self._compressed = own_compressed_reader(rocks)
+        self._own_copy = own_copy_reader(rocks)
+
+    def store(self, instance: Instance) -> WriteResult:
+        self.received.append(instance)
+        outcome = self.rocks.put_stored(codec.to_stored(instance))
+        return WriteResult(WriteStatus.SUCCESS, outcome=outcome)
+
+    # Reads as ClusterArchive does them for an owner (node/runtime.py's readers of its store).
+    def open_compressed(self, location: InstanceLocation) -> CompressedCopy | None:
+        return self._compressed(location)
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        self.whole_reads += 1
+        found = self._own_copy(location)
+        if found is None:
+            raise ReadError("no readable copy")
+        return found
+
+
+@pytest.fixture
+def channel(tmp_path: Path, make_instance: Callable[[bytes], Instance]) -> Iterator[tuple[ChannelArchive, StoreArchive]]:
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
+    archive = StoreArchive(store)
+    directory = tempfile.mkdtemp(prefix="pacsnode-ch-test-")
+    server = ChannelServer(os.path.join(directory, "archive.sock"), archive, store.blob_files)
+    server.start()
+    worker = ChannelArchive(server.path, store.blob_files, THRESHOLD)
+    try:
+        yield worker, archive
+    finally:
+        server.close()
+        store.close()
+        os.rmdir(directory)
+
+
+def _compressed(make_instance: Callable[[bytes], Instance], spec: StudySetSpec) -> list[Instance]:
+    instances = []
+    for _entry, part10 in iter_part10(spec):
+        instance = make_instance(part10)
+        instances.append(Instance(**{**instance.__dict__, "blob": codec.compress(instance.part10)}))
+    return instances
+
+
+def _pointer(store: RocksStore, instance: Instance) -> BlobPointer | None:
+    value = store._db.get(PREFIX_BLOB + study_prefix(instance.study_instance_uid) + SEP
+                          + instance.sop_instance_uid.encode())
+    assert value is not None
+    return BlobPointer.decode(value)
+
+
+def _temp_files(store: RocksStore) -> list[str]:
+    return [name for name in store.blob_files.files() if name.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
+
+
+def test_big_blobs_arrive_as_files_small_ones_in_the_frame(channel, make_instance) -> None:
+    worker, archive = channel
+    store = archive.rocks
+    big = _compressed(make_instance, BIG)
+    small = _compressed(make_instance, SMALL)
+    assert all(len(i.blob) >= THRESHOLD for i in big) and all(len(i.blob) < THRESHOLD for i in small)
+    for instance in big + small:
+        assert worker.store(instance).status is WriteStatus.SUCCESS
+    for instance in big:
+        pointer = _pointer(store, instance)
+        assert pointer is not None and pointer.size_bytes == len(instance.blob)
+        assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+    for instance in small:
+        assert _pointer(store, instance) is None
+        assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+    # The node never received the Part-10 bytes, only their length.
+    assert all(received.part10 == b"" for received in archive.received)
+    assert [r.size_bytes for r in archive.received] == [i.size_bytes for i in big + small]
+    assert _temp_files(store) == []
+    assert len(list(store.blob_files.files())) == len(big)
+
+
+def test_a_duplicate_leaves_no_temp_file(channel, make_instance) -> None:
+    worker, archive = channel
+    store = archive.rocks
+    instance = _compressed(make_instance, BIG)[0]
+    assert worker.store(instance).outcome == StoreOutcome.STORED
+    assert worker.store(instance).outcome == StoreOutcome.DUPLICATE
+    assert _temp_files(store) == []
+    assert len(list(store.blob_files.files())) == 1
+
+
+@pytest.mark.parametrize("name", ["../../escape.zst", "ab/" + TEMP_PREFIX + "x.zst", "kept.zst",
+                                  TEMP_PREFIX + "missing.zst"])
+def test_a_frame_naming_anything_but_a_temp_file_of_the_blobs_directory_stores_nothing(channel, make_instance,
+                                                                                       name: str) -> None:
+    worker, archive = channel
+    store = archive.rocks
+    instance = _compressed(make_instance, BIG)[0]
+    header = {"study": instance.study_instance_uid, "series": instance.series_instance_uid,
+              "sop_instance": instance.sop_instance_uid, "sop_class": instance.sop_class_uid,
+              "transfer_syntax": instance.transfer_syntax_uid, "dataset_offset": instance.dataset_offset,
+              "content_hash": instance.content_hash, "attributes": instance.attributes,
+              "part10_bytes": len(instance.part10),
+              "blob_file": {"name": name, "size_bytes": len(instance.blob), "crc32": 0}}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(worker._path)
+    try:
+        send_frame(sock, Kind.STORE, header)
+        kind, answer, _ = recv_frame(sock)
+        assert kind is Kind.ERROR and answer["error"] == "StoreFrameError"
+        assert archive.received == []
+        # The same connection still serves: the real instance is stored after the refusal.
+        send_frame(sock, Kind.STORE, {**{k: v for k, v in header.items() if k != "blob_file"}}, instance.blob)
+        kind, answer, _ = recv_frame(sock)
+        assert kind is Kind.STORED and answer["status"] == WriteStatus.SUCCESS.value
+    finally:
+        sock.close()
+    assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+
+
+def test_a_store_the_node_refuses_still_removes_the_worker_s_temp_file(tmp_path: Path, make_instance) -> None:
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
+    directory = tempfile.mkdtemp(prefix="pacsnode-ch-test-")
+
+    class Failing:
+        def store(self, instance: Instance) -> WriteResult:
+            raise RuntimeError("the node's archive failed")
+
+    server = ChannelServer(os.path.join(directory, "archive.sock"), Failing(), store.blob_files)
+    server.start()
+    try:
+        worker = ChannelArchive(server.path, store.blob_files, THRESHOLD)
+        with pytest.raises(RemoteError):
+            worker.store(_compressed(make_instance, BIG)[0])
+        assert list(store.blob_files.files()) == []
+    finally:
+        server.close()
+        store.close()
+        os.rmdir(directory)
+
+
+def _location(instance: Instance) -> InstanceLocation:
+    return InstanceLocation(instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid,
+                            instance.sop_class_uid, instance.transfer_syntax_uid)
+
+
+def test_reads_come_as_kept_a_file_streamed_a_blob_decompressed_by_the_worker(channel, make_instance) -> None:
+    worker, archive = channel
+    big = _compressed(make_instance, BIG)[0]
+    small = _compressed(make_instance, SMALL)[0]
+    for instance in (big, small):
+        assert worker.store(instance).status is WriteStatus.SUCCESS
+    opened, offset = worker.open_streamed(_location(big))
+    assert isinstance(opened, Part10Stream) and offset == big.dataset_offset
+    with opened:
+        assert opened.read_all() == big.part10
+    opened, offset = worker.open_streamed(_location(small))
+    assert opened == small.part10 and offset == small.dataset_offset
+    assert worker.read(_location(big)) == (big.part10, big.dataset_offset)
+    assert archive.whole_reads == 0  # The node process decompressed nothing.
+
+
+def test_a_copy_that_fails_its_check_in_the_worker_is_asked_again_whole(channel, make_instance) -> None:
+    worker, archive = channel
+    small = _compressed(make_instance, SMALL)[0]
+    assert worker.store(small).status is WriteStatus.SUCCESS
+    key = PREFIX_BLOB + study_prefix(small.study_instance_uid) + SEP + small.sop_instance_uid.encode()
+    kept = archive.rocks._db.get(key)
+    archive.rocks._db[key] = kept[:-4] + bytes(b ^ 0xFF for b in kept[-4:])  # Its checksum no longer matches.
+    with pytest.raises(ReadError):
+        worker.open_streamed(_location(small))
+    assert archive.whole_reads == 1  # Asked again through the node's read, which found no good copy.
