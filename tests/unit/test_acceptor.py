@@ -311,3 +311,46 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
         assert foreign == [0xFF00] * 3 + [0xB000] and len(direct) == 3
     finally:
         server_ae.shutdown()
+
+
+def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
+    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
+    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
+    response stays for the sender, without pausing the reactor); released, the reactor
+    reads the queue again."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", free_port()), block=False)
+    requestor = acceptor.NodeAE(ae_title="NODE")
+    requestor.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    try:
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+        assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
+
+        def response() -> C_STORE:
+            primitive = C_STORE()
+            primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
+            return primitive
+
+        with assoc.responses_held():
+            held = response()
+            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
+            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
+            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
+            assert assoc.dimse.get_msg(block=False) == (1, held)
+        assoc.dimse.msg_queue.put((1, response()))
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
+        assoc.release()
+    finally:
+        requestor.shutdown()
+        scp.shutdown()
