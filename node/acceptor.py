@@ -823,7 +823,7 @@ class AcceptorAssociation(Association):
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
-        _unbind_dimse_logging(self)
+        _unbind_standard_logging(self)
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
         self.retrieve_refused = False  # See refuse_retrieve().
@@ -987,15 +987,20 @@ class AcceptorRequestHandler(RequestHandler):
         return assoc
 
 
-def _unbind_dimse_logging(owner: Any) -> None:
-    """Drop the EVT_DIMSE_RECV and EVT_DIMSE_SENT handlers pynetdicom binds by default (its
-    "standard" debug-log handlers; called before the node binds its own, node/metrics.py):
-    for a received C-STORE the receive handler calls `data_set.getvalue()` just to print
-    "Present", which for a data set spooled to a file (node/spool.py) read the whole
+def _unbind_standard_logging(owner: Any) -> None:
+    """Drop the EVT_DIMSE_RECV, EVT_DIMSE_SENT, EVT_PDU_RECV and EVT_PDU_SENT handlers
+    pynetdicom binds by default (its "standard" debug-log handlers, which build their log
+    lines whatever the log level; called before the node binds its own, node/metrics.py):
+    for a received C-STORE the DIMSE receive handler calls `data_set.getvalue()` just to
+    print "Present", which for a data set spooled to a file (node/spool.py) read the whole
     instance back into memory (a 200 MB spike per store); the send handler formats every
     response, and being bound it kept C-STORE responses on pynetdicom's slow path
-    (AcceptorDIMSE._send_store_response). The node logs its own one-line events instead."""
-    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+    (AcceptorDIMSE._send_store_response); the PDU receive handler describes every
+    A-ASSOCIATE-RQ, looking up each proposed context's role in a role table it rebuilds
+    for each (quadratic: dcmtk's getscu proposes ~120 contexts with roles, and that was
+    the largest single cost of accepting its association). The node logs its own
+    one-line events instead."""
+    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
         for handler in list(owner.get_handlers(event)):
             owner.unbind(event, handler[0] if isinstance(handler, tuple) else handler)
 
@@ -1006,7 +1011,7 @@ class AcceptorServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = AcceptorRequestHandler
         super().__init__(*args, **kwargs)
-        _unbind_dimse_logging(self)
+        _unbind_standard_logging(self)
         # Copied once, here, so that a later change to the AE's contexts cannot reach the
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))

@@ -354,3 +354,51 @@ def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> N
     finally:
         requestor.shutdown()
         scp.shutdown()
+
+
+def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
+    """issue 10: pynetdicom's "standard" handlers build their debug lines whatever the log
+    level; the one for a received A-ASSOCIATE-RQ is quadratic in the proposed contexts with
+    roles (dcmtk getscu proposes ~120) and was the largest cost of accepting its
+    association. Neither accepted nor requested associations have them bound."""
+    from pynetdicom import AE, evt
+    from pynetdicom._handlers import (
+        standard_dimse_recv_handler,
+        standard_dimse_sent_handler,
+        standard_pdu_recv_handler,
+        standard_pdu_sent_handler,
+    )
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    standard = {standard_dimse_recv_handler, standard_dimse_sent_handler, standard_pdu_recv_handler,
+                standard_pdu_sent_handler}
+    events = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
+
+    def bound(owner: Any) -> set[Any]:
+        handlers = {handler[0] if isinstance(handler, tuple) else handler
+                    for event in events for handler in owner.get_handlers(event)}
+        return handlers & standard
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    try:
+        assert bound(server) == set()
+        client = acceptor.NodeAE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and bound(assoc) == set()
+        assert assoc.send_c_echo().Status == 0x0000
+        assert len(accepted) == 1 and bound(accepted[0]) == set()
+        assoc.release()
+        plain = AE(ae_title="PLAIN")  # pynetdicom's own association binds them: the check can fail.
+        plain.add_requested_context(Verification)
+        other = plain.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert bound(other) == standard
+        other.release()
+    finally:
+        server_ae.shutdown()
