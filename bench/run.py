@@ -47,7 +47,10 @@ from workloads import Row  # noqa: E402
 
 from pacsnode.sim import datagen  # noqa: E402
 
-SYSTEMS = ("storescp", "orthanc", "pacsnode")
+SYSTEMS = ("storescp", "orthanc", "pacsnode", "pacsnode-workers")
+# pacsnode-workers: the same node with its DICOM front end in this many worker processes
+# (docs/workers.md); one per core on this 2-core machine kind.
+WORKERS = max(2, os.cpu_count() or 2)
 TESTS = ("ingest", "find", "retrieve", "echo")
 
 
@@ -183,9 +186,10 @@ class Bench:
             return servers.start_storescp(self.run_dir, nodelay=self.nodelay)
         if system == "orthanc":
             return servers.start_orthanc(self.run_dir, destinations=destinations, nodelay=self.nodelay)
-        if system == "pacsnode":
-            return servers.start_pacsnode(self.run_dir, destinations=destinations,
-                                          extra_args=self.args.pacsnode_arg)
+        if system in ("pacsnode", "pacsnode-workers"):
+            workers = [f"--dicom-workers={WORKERS}"] if system == "pacsnode-workers" else []
+            return servers.start_pacsnode(self.run_dir, destinations=destinations, name=system,
+                                          extra_args=[*workers, *self.args.pacsnode_arg])
         raise ValueError(system)
 
     def wait_quiet(self) -> None:
@@ -468,26 +472,31 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def ratio_table(rows: Sequence[Row]) -> str:
-    """pacsnode / Orthanc for each test both ran: > 1 is better for rates, < 1 for latency."""
+    """pacsnode / Orthanc (and pacsnode-workers / Orthanc) for each test both ran: > 1 is
+    better for rates, < 1 for latency."""
     by_key: dict[tuple[str, str, int], dict[str, Row]] = {}
     for row in rows:
         by_key.setdefault((row.test, row.client, row.procs), {})[row.system] = row
     lines = ["| test | client | procs | pacsnode/Orthanc instances/s | pacsnode/Orthanc p50 | "
-             "pacsnode/Orthanc p99 | pacsnode/storescp instances/s |", "|---|---|---|---|---|---|---|"]
+             "pacsnode/Orthanc p99 | pacsnode-workers/Orthanc instances/s | pacsnode-workers/Orthanc p50 | "
+             "pacsnode/storescp instances/s |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else ""
+
     for (test, client, procs), systems in by_key.items():
-        pacsnode, orthanc, storescp = systems.get("pacsnode"), systems.get("orthanc"), systems.get("storescp")
-        if pacsnode is None or (orthanc is None and storescp is None):
+        pacsnode, workers = systems.get("pacsnode"), systems.get("pacsnode-workers")
+        orthanc, storescp = systems.get("orthanc"), systems.get("storescp")
+        if (pacsnode is None and workers is None) or (orthanc is None and storescp is None):
             continue
-
-        def ratio(a: float | None, b: float | None) -> str:
-            return f"{a / b:.2f}" if a and b else ""
-
         lines.append(
             f"| {test} | {client} | {procs} | "
-            f"{ratio(pacsnode.instances_per_s, orthanc.instances_per_s) if orthanc else ''} | "
-            f"{ratio(pacsnode.p50_ms, orthanc.p50_ms) if orthanc else ''} | "
-            f"{ratio(pacsnode.p99_ms, orthanc.p99_ms) if orthanc else ''} | "
-            f"{ratio(pacsnode.instances_per_s, storescp.instances_per_s) if storescp else ''} |")
+            f"{ratio(pacsnode.instances_per_s, orthanc.instances_per_s) if pacsnode and orthanc else ''} | "
+            f"{ratio(pacsnode.p50_ms, orthanc.p50_ms) if pacsnode and orthanc else ''} | "
+            f"{ratio(pacsnode.p99_ms, orthanc.p99_ms) if pacsnode and orthanc else ''} | "
+            f"{ratio(workers.instances_per_s, orthanc.instances_per_s) if workers and orthanc else ''} | "
+            f"{ratio(workers.p50_ms, orthanc.p50_ms) if workers and orthanc else ''} | "
+            f"{ratio(pacsnode.instances_per_s, storescp.instances_per_s) if pacsnode and storescp else ''} |")
     return "\n".join(lines) if len(lines) > 2 else "(no pacsnode rows to compare)"
 
 
@@ -568,7 +577,7 @@ def machine_facts() -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated: storescp,orthanc,pacsnode")
+    parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated: storescp,orthanc,pacsnode,pacsnode-workers")
     parser.add_argument("--tests", default=",".join(TESTS), help="comma-separated: ingest,find,retrieve")
     parser.add_argument("--quick", action="store_true", help="small data sets and few repetitions")
     parser.add_argument("--work-dir", default=str(BENCH_DIR / "work"),

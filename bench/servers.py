@@ -54,7 +54,7 @@ class ServerFailed(RuntimeError):
 
 @dataclass
 class Server:
-    name: str                 # "storescp" | "orthanc" | "pacsnode"
+    name: str                 # "storescp" | "orthanc" | "pacsnode" | "pacsnode-workers"
     aet: str
     port: int
     process: subprocess.Popen[bytes]
@@ -257,8 +257,9 @@ def pacsnode_command() -> list[str]:
 
 
 def start_pacsnode(parent: Path, *, destinations: Mapping[str, tuple[str, int]],
-                   extra_args: list[str] | None = None, start_timeout_s: float = 90.0) -> Server:
-    work_dir = _make_work_dir(parent, "pacsnode")
+                   extra_args: list[str] | None = None, start_timeout_s: float = 90.0,
+                   name: str = "pacsnode") -> Server:
+    work_dir = _make_work_dir(parent, name)
     data_dir = work_dir / "data"
     port = free_port()
     peer_port = free_port()
@@ -276,7 +277,7 @@ def start_pacsnode(parent: Path, *, destinations: Mapping[str, tuple[str, int]],
     command += extra_args or []
     env = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
     process = _spawn(command, work_dir / "pacsnode.log", env, work_dir)
-    server = Server("pacsnode", PACSNODE_AET, port, process, work_dir, work_dir / "pacsnode.log", command)
+    server = Server(name, PACSNODE_AET, port, process, work_dir, work_dir / "pacsnode.log", command)
     wait_port(server, timeout_s=start_timeout_s)
     return server
 

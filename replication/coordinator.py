@@ -697,7 +697,8 @@ class Coordinator:
                                 repair_correction=self.repair_correction)
         self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False,
-                      read_quorum=self._settings.scatter_read_quorum, reconcile=self.reconcile_study)
+                      read_quorum=self._settings.scatter_read_quorum, reconcile=self.reconcile_study,
+                      repair_correction=self.repair_correction)
 
     async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises

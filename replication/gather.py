@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 from pacsnode.replication.archive import IncompleteAnswer, Shortfall
-from pacsnode.replication.correction import Correction, newest_correction, with_correction
-from pacsnode.replication.matching import Condition, Query
+from pacsnode.replication.correction import CORRECTABLE, Correction, newest_correction, with_correction
+from pacsnode.replication.matching import LEVELS, Condition, Query, match_all
 from pacsnode.replication.model import Attributes
 from pacsnode.replication.planning import Piece, RangeSet, narrow_to_studies, next_reader, read_order, study_pieces
-from pacsnode.replication.query import COUNT_ONLY, unique_key
+from pacsnode.replication.query import COUNT_ONLY, level_of, unique_key
 from pacsnode.replication.transport import LocalReplica, Transport, cancelled_by_caller
 from pacsnode.ring.placement import Replication, Ring, TokenRange
 from pacsnode.ring.tokens import study_token
@@ -96,8 +96,10 @@ class Gather:
     owners answering is flagged, as a named study is."""
 
     def __init__(self, context: ReadContext, query: Query, pieces: Sequence[Piece], *, routed: bool,
-                 read_quorum: int = 1, reconcile: "Reconcile | None" = None) -> None:
+                 read_quorum: int = 1, reconcile: "Reconcile | None" = None,
+                 repair_correction: Callable[[Correction, list[str]], None] | None = None) -> None:
         self._context = context
+        self._repair_correction = repair_correction  # Handed to the recheck (read repair of corrections).
         self._query = query
         self._pieces = list(pieces)
         self._routed = routed  # Pieces are studies: narrow each call's study key to its own.
@@ -295,7 +297,8 @@ class Gather:
             query = dataclasses.replace(query, conditions=query.conditions + (
                 Condition("StudyInstanceUID", "UI", "\\".join(uids)),))
         routed = RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
-                              read_quorum=self._read_quorum, reconcile=reconcile)
+                              read_quorum=self._read_quorum, reconcile=reconcile,
+                              repair_correction=self._repair_correction)
         answered: set[str] = set()
         try:
             async for row in routed.rows():
@@ -320,7 +323,7 @@ class Gather:
         recount = RoutedGather(
             context, Query("STUDY", (Condition("StudyInstanceUID", "UI", "\\".join(sorted(uncounted))),)),
             study_pieces(context.ring, context.n, sorted(uncounted)), read_quorum=self._read_quorum,
-            reconcile=reconcile)
+            reconcile=reconcile, repair_correction=self._repair_correction)
         counted: set[str] = set()
         try:
             async for row in recount.rows():
@@ -414,6 +417,22 @@ class RoutedGather:
                  reconcile: Reconcile, repair_correction: Callable[[Correction, list[str]], None] | None = None
                  ) -> None:
         self._context = context
+        # Conditions on attributes a correction may change are matched here, on each row
+        # with the study's newest correction over it, not by the owners: an owner that
+        # missed a correction matches its old values (it would list the study under the old
+        # PatientName and not under the new one), and the owner that holds the correction
+        # then lists nothing, which tells nothing of the correction it holds. So the owners
+        # are asked without them (a named study: its rows whatever their values), every
+        # owner's correction is seen, and the merged rows are matched.
+        # (A key below the query level, StudyDescription at PATIENT level, matches nothing:
+        # left to the owners, which say so.)
+        depth = LEVELS.index(query.level)
+        self._corrected_conditions = tuple(
+            c for c in query.conditions
+            if c.keyword in CORRECTABLE and LEVELS.index(level_of(c.keyword) or query.level) <= depth)
+        if self._corrected_conditions:
+            query = dataclasses.replace(query, conditions=tuple(
+                c for c in query.conditions if c not in self._corrected_conditions))
         self._query = query
         self._pieces = list(pieces)
         self._reconcile = reconcile
@@ -590,7 +609,8 @@ class RoutedGather:
                 if not complete:
                     unreachable += 1
                 for row in rows:
-                    yield row
+                    if row.get(COUNT_ONLY) == "1" or match_all(self._corrected_conditions, row):
+                        yield row
         finally:
             for task in self._tasks.values():
                 task.cancel()

@@ -245,6 +245,51 @@ def test_store_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_ha
         server_ae.shutdown()
 
 
+def test_the_server_runs_no_full_collection_and_ended_associations_are_still_freed(monkeypatch) -> None:
+    """pynetdicom's AssociationServer.service_actions runs gc.collect() every 60th call of
+    serve_forever's loop (a 15-40 ms pause of the whole node, GIL held). AcceptorServer's
+    does nothing; Python's own collector frees what an ended association leaves."""
+    import gc
+    import weakref
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    collections: list[int] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(1) or real_collect(*args))
+    server_ae = acceptor.NodeAE(ae_title="GCFREE")
+    server_ae.add_supported_context(Verification)
+    ended: list[weakref.ref[object]] = []
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_RELEASED, lambda event: ended.append(weakref.ref(event.assoc)))])
+    try:
+        for _ in range(150):  # pynetdicom's server would have collected twice.
+            server.service_actions()
+        assert collections == []
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        for _ in range(20):
+            assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GCFREE")
+            assert assoc.is_established
+            assoc.release()
+        assert collections == []
+        deadline = time.monotonic() + 10
+        while len(ended) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ended) == 20
+        # What the automatic collector does in a busy node (allocation-triggered), forced here.
+        deadline = time.monotonic() + 10
+        while any(ref() is not None for ref in ended) and time.monotonic() < deadline:
+            real_collect()
+            time.sleep(0.05)
+        assert all(ref() is None for ref in ended)
+    finally:
+        server.shutdown()
+
+
 def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_handler() -> None:
     """issue 10: the Pending C-GET-RSP sent after each sub-operation is one PDU the acceptor
     encodes itself (it took ~0.5 ms of the association thread per instance through
