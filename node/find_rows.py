@@ -29,10 +29,9 @@ from pydicom.tag import BaseTag
 
 # Value representations whose value is text (PS3.5 6.2), written as its characters.
 TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
-# Number strings pydicom would write as they are; anything else (pydicom empties an
-# invalid one) goes the general way.
-_NUMBER = {"IS": re.compile(r"^ *[+-]?[0-9]{1,9} *$"),
-           "DS": re.compile(r"^ *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *$")}
+# Integer strings pydicom writes back unchanged (it rewrites " 0", "+1", "007" from the
+# number); any other IS, and every DS, goes the general way.
+_CANONICAL_IS = re.compile(r"^(0|-?[1-9][0-9]{0,8})$")
 
 
 @lru_cache(maxsize=4096)
@@ -50,15 +49,14 @@ def _encoded(value: Any, vr: str) -> bytes | None:
     if value is None:
         text = ""
     elif isinstance(value, str):
-        text = value
+        text = value.strip() if vr == "UI" else value  # pydicom's UID strips whitespace.
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        text = "\\".join(value)
+        text = "\\".join(v.strip() if vr == "UI" else v for v in value)
     else:
         return None
     if not text.isascii():
         return None
-    number = _NUMBER.get(vr)
-    if number is not None and text and not all(number.match(part) for part in text.split("\\")):
+    if vr == "DS" or (vr == "IS" and text and not all(_CANONICAL_IS.match(part) for part in text.split("\\"))):
         return None
     data = text.encode("ascii")
     if len(data) % 2:
