@@ -331,16 +331,15 @@ class DicomWeb:
         read: tuple[bytes, int] = self._archive.read(location)
         return read
 
-    async def _read_all(self, locations: list[InstanceLocation]
-                        ) -> AsyncGenerator[tuple[bytes | Part10Stream, int], None]:
+    async def _read_all(self, sendable: list[tuple[InstanceLocation, str]]) -> AsyncGenerator[_Opened, None]:
         """Reads ahead on the reader threads (a cluster read waits on a peer, a local one
-        decompresses; a blob file is only opened); the HTTP loop only awaits them.
-        Instances are read in groups of up to READ_GROUP_BYTES (at most
-        READ_GROUP_INSTANCES), READ_GROUPS_AHEAD groups at a time: one hand-off between
-        the threads and the loop per group, not per instance."""
-        groups = _read_groups(locations)
+        decompresses; a blob file is opened and its first chunk decompressed when it goes
+        out as stored); the HTTP loop only awaits them. Instances are read in groups of up
+        to READ_GROUP_BYTES (at most READ_GROUP_INSTANCES), READ_GROUPS_AHEAD groups at a
+        time: one hand-off between the threads and the loop per group, not per instance."""
+        groups = _read_groups(sendable)
         futures: list[concurrent.futures.Future[_Group]] = []
-        pending: list[tuple[bytes | Part10Stream, int]] = []  # Of the group being yielded.
+        pending: list[_Opened] = []  # Of the group being yielded.
         index = 0
         try:
             while index < len(groups) or futures:
@@ -354,19 +353,26 @@ class DicomWeb:
                 if error is not None:
                     raise error  # After the group's instances read before it, as if read one by one.
         finally:
-            for opened, _offset in pending:  # The body stopped inside a group.
-                if isinstance(opened, Part10Stream):
-                    opened.close()
+            for opened in pending:  # The body stopped inside a group.
+                opened.close()
             for future in futures:
                 if not future.cancel():
                     future.add_done_callback(_close_streams)
 
-    def _open_group(self, group: list[InstanceLocation]) -> _Group:
-        read: list[tuple[bytes | Part10Stream, int]] = []
-        for location in group:
+    def _open_group(self, group: list[tuple[InstanceLocation, str]]) -> _Group:
+        read: list[_Opened] = []
+        for location, syntax in group:
             try:
-                read.append(self._open(location))
-            except ReadError as error:
+                body, _offset = self._open(location)
+                opened = _Opened(body)
+                if isinstance(body, Part10Stream) and syntax == location.transfer_syntax_uid:
+                    try:
+                        opened.first = _next_chunk(body)
+                    except CorruptBlob:
+                        body.close()
+                        raise
+                read.append(opened)
+            except (ReadError, CorruptBlob) as error:
                 return read, error
         return read, None
 
@@ -378,27 +384,43 @@ class DicomWeb:
         stated), each instance must be as long as the index said."""
         sent = 0
         finished = False
-        reads = self._read_all([location for location, _syntax in sendable])
+        reads = self._read_all(sendable)
         try:
             index = 0
-            async for opened, _offset in reads:
+            async for opened in reads:
                 location, syntax = sendable[index]
-                if isinstance(opened, Part10Stream):
-                    with opened:
-                        if syntax == location.transfer_syntax_uid:
-                            if exact and len(opened) != location.part10_bytes:
-                                raise ReadError(f"instance {location.sop_instance_uid} changed length since the "
-                                                "retrieve began")
-                            yield heads[index]
-                            # Decompressed a chunk at a time as the client takes it.
-                            while chunk := await run_in_threadpool(_next_chunk, opened):
-                                yield chunk
-                            index += 1
-                            sent += 1
-                            continue
-                        part10 = await run_in_threadpool(opened.read_all)  # A transcode decodes it whole.
+                body = opened.body
+                if isinstance(body, Part10Stream) and syntax == location.transfer_syntax_uid:
+                    ahead: concurrent.futures.Future[bytes] | None = None
+                    try:
+                        if exact and len(body) != location.part10_bytes:
+                            raise ReadError(f"instance {location.sop_instance_uid} changed length since the "
+                                            "retrieve began")
+                        yield heads[index]
+                        # Decompressed a chunk at a time on the reader threads (the first one with
+                        # its group), each next one while the one before it is sent: one read in
+                        # flight, two chunks in memory at most.
+                        # The read of the last chunk checks the checksum: no read after it.
+                        chunk = opened.first
+                        if chunk is None:
+                            ahead = self._readers.submit(_next_chunk, body)
+                            chunk = await asyncio.wrap_future(ahead)
+                        left = len(body) - len(chunk)
+                        while chunk:
+                            ahead = self._readers.submit(_next_chunk, body) if left > 0 else None
+                            yield chunk
+                            chunk = await asyncio.wrap_future(ahead) if ahead is not None else b""
+                            left -= len(chunk)
+                    finally:
+                        _close_when_read(body, ahead)
+                    index += 1
+                    sent += 1
+                    continue
+                if isinstance(body, Part10Stream):
+                    with body:
+                        part10 = await run_in_threadpool(body.read_all)  # A transcode decodes it whole.
                 else:
-                    part10 = opened
+                    part10 = body
                 if syntax != location.transfer_syntax_uid:
                     part10 = await run_in_threadpool(transcode, part10, syntax)
                 if exact and len(part10) != location.part10_bytes:
@@ -760,14 +782,14 @@ def instance_header_json(part10: bytes, location: InstanceLocation, *, whole: bo
         return json.dumps(attributes, separators=(",", ":")).encode("utf-8")
 
 
-def _read_groups(locations: list[InstanceLocation]) -> list[list[InstanceLocation]]:
-    """Consecutive instances in groups of at most READ_GROUP_INSTANCES, each closed once
-    its stated sizes reach READ_GROUP_BYTES."""
-    groups: list[list[InstanceLocation]] = []
-    group: list[InstanceLocation] = []
+def _read_groups(sendable: list[tuple[InstanceLocation, str]]) -> list[list[tuple[InstanceLocation, str]]]:
+    """Consecutive instances (each with the syntax it goes out in) in groups of at most
+    READ_GROUP_INSTANCES, each closed once its stated sizes reach READ_GROUP_BYTES."""
+    groups: list[list[tuple[InstanceLocation, str]]] = []
+    group: list[tuple[InstanceLocation, str]] = []
     size = 0
-    for location in locations:
-        group.append(location)
+    for location, syntax in sendable:
+        group.append((location, syntax))
         size += max(0, location.part10_bytes)
         if len(group) >= READ_GROUP_INSTANCES or size >= READ_GROUP_BYTES:
             groups.append(group)
@@ -781,16 +803,38 @@ def _next_chunk(stream: Part10Stream) -> bytes:
     return stream.read_chunk(CHUNK_BYTES)
 
 
-_Group = tuple[list[tuple[bytes | Part10Stream, int]], ReadError | None]  # What one group read gives.
+@dataclasses.dataclass
+class _Opened:
+    """One instance as its group read it: its bytes, or its blob file as a Part10Stream
+    with, when it goes out as stored, its first chunk already decompressed."""
+
+    body: bytes | Part10Stream
+    first: bytes | None = None
+
+    def close(self) -> None:
+        if isinstance(self.body, Part10Stream):
+            self.body.close()
+
+
+_Group = tuple[list[_Opened], ReadError | CorruptBlob | None]  # What one group read gives.
 
 
 def _close_streams(future: "concurrent.futures.Future[_Group]") -> None:
     """A read-ahead group the body never took: close its files."""
     if future.cancelled() or future.exception() is not None:
         return
-    for opened, _offset in future.result()[0]:
-        if isinstance(opened, Part10Stream):
-            opened.close()
+    for opened in future.result()[0]:
+        opened.close()
+
+
+def _close_when_read(stream: Part10Stream, ahead: "concurrent.futures.Future[bytes] | None") -> None:
+    """Close a stream now, or when the chunk read in flight on a reader thread has ended
+    (the body stopped while it was being read: closing under it would pull the file and
+    the decompressor from under that thread)."""
+    if ahead is None or ahead.done():
+        stream.close()
+    else:
+        ahead.add_done_callback(lambda _future: stream.close())
 
 
 def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes], closing: bytes) -> int | None:
