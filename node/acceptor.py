@@ -44,6 +44,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
 
@@ -54,7 +55,7 @@ from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTO
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -682,6 +683,9 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status in _PENDING_STATUSES \
                 and self._send_pending_retrieve_response(primitive, context_id):
             return
+        if isinstance(primitive, C_FIND) and primitive.Status in _PENDING_STATUSES \
+                and self._send_pending_find_response(primitive, context_id):
+            return
         payload = raw_send.stored_payload(primitive)
         if payload is None:
             super().send_msg(primitive, context_id)
@@ -730,8 +734,21 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             remaining=primitive.NumberOfRemainingSuboperations, completed=primitive.NumberOfCompletedSuboperations,
             failed=primitive.NumberOfFailedSuboperations, warning=primitive.NumberOfWarningSuboperations))
 
+    def _send_pending_find_response(self, primitive: C_FIND, context_id: int) -> bool:
+        """Send a Pending C-FIND-RSP and its Identifier (already encoded by pynetdicom's
+        C-FIND service class) as encoded PDUs: through pynetdicom's message, its command
+        set's pydicom encoding and its state machine, that was ~40% of a node's GIL time on
+        a 200-row C-FIND. False: not sent, the caller sends it the usual way."""
+        message_id, status, identifier = primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.Identifier
+        if primitive.ErrorComment is not None or primitive.OffendingElement is not None or status is None \
+                or message_id is None or not isinstance(identifier, BytesIO):
+            return False
+        return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.find_response_pdus(
+            context_id, self.maximum_pdu_size, message_id_responded=int(message_id), status=int(status),
+            sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()))
+
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
-                               encode: Callable[[], bytes | None]) -> bool:
+                               encode: Callable[[], "bytes | pdata.EncodedPData | None"]) -> bool:
         """Queue a response that `encode` made as one PDU, behind what is queued already.
         EVT_DIMSE_SENT is not triggered for it, so this is done only when the one handler
         bound to that event is the AE's StoreResponseHook, which is told directly; False
@@ -745,7 +762,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return False
         if hook is not None and handlers:
             hook.direct(self.assoc, message_id, status)
-        cast(AcceptorDUL, self.dul).send_encoded(pdata.EncodedPData((pdu,), len(pdu), 1))
+        cast(AcceptorDUL, self.dul).send_encoded(pdu if isinstance(pdu, pdata.EncodedPData)
+                                                 else pdata.EncodedPData((pdu,), len(pdu), 1))
         return True
 
     def _store_response(self, primitive: Any) -> tuple[int, C_STORE] | None:
@@ -1061,7 +1079,7 @@ class RequestorAssociation(AcceptorAssociation):
 @dataclass(frozen=True)
 class StoreResponseHook:
     """An EVT_DIMSE_SENT handler and its direct form: a response that AcceptorDIMSE sends
-    without a pynetdicom message (a C-STORE-RSP, a Pending C-GET-RSP/C-MOVE-RSP) calls
+    without a pynetdicom message (a C-STORE-RSP, a Pending C-GET-RSP/C-MOVE-RSP/C-FIND-RSP) calls
     `direct(assoc, message_id_responded, status)` instead of the event. Sent so only
     while `handler` is the only EVT_DIMSE_SENT handler bound; anything else bound gets
     every message as pynetdicom sends it. Likewise for received C-STORE responses and
