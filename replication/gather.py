@@ -293,9 +293,13 @@ class Gather:
             context.count("scatter_rechecked_studies")
         log.info("replication.find.scatter_recheck studies=%d", len(uids))
         query = self._query
-        if query.level != "PATIENT":  # (A study key is not matched at PATIENT level: the ranges narrow it.)
-            query = dataclasses.replace(query, conditions=query.conditions + (
-                Condition("StudyInstanceUID", "UI", "\\".join(uids)),))
+        if query.level == "PATIENT":
+            # Read again at STUDY level, where the study key is matched (a PATIENT-level row
+            # is its study's row, folded into the patient's by the caller): the owners then
+            # look the studies up by key, not through an index of the query's other keys.
+            query = dataclasses.replace(query, level="STUDY")
+        query = dataclasses.replace(query, conditions=query.conditions + (
+            Condition("StudyInstanceUID", "UI", "\\".join(uids)),))
         routed = RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
                               read_quorum=self._read_quorum, reconcile=reconcile,
                               repair_correction=self._repair_correction)
@@ -424,12 +428,14 @@ class RoutedGather:
         # then lists nothing, which tells nothing of the correction it holds. So the owners
         # are asked without them (a named study: its rows whatever their values), every
         # owner's correction is seen, and the merged rows are matched.
-        # (A key below the query level, StudyDescription at PATIENT level, matches nothing:
-        # left to the owners, which say so.)
+        # (A key below the query level, StudyDescription at SERIES level, matches nothing:
+        # left to the owners, which say so. A PATIENT-level query names no study: the
+        # owners need its keys to find the studies, so it is left as it is.)
         depth = LEVELS.index(query.level)
         self._corrected_conditions = tuple(
             c for c in query.conditions
-            if c.keyword in CORRECTABLE and LEVELS.index(level_of(c.keyword) or query.level) <= depth)
+            if c.keyword in CORRECTABLE and query.level != "PATIENT"
+            and LEVELS.index(level_of(c.keyword) or query.level) <= depth)
         if self._corrected_conditions:
             query = dataclasses.replace(query, conditions=tuple(
                 c for c in query.conditions if c not in self._corrected_conditions))

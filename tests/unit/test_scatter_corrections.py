@@ -57,11 +57,16 @@ def _missed_correction_cluster(scatter_read_quorum: int, merge: bool) -> tuple[S
 
 def _query(level: str, keyword: str, value: str) -> Query:
     return Query(level, (Condition(keyword, "PN" if keyword == "PatientName" else "LO", value),),
-                 ("StudyInstanceUID", "SOPInstanceUID", "PatientName", "PatientID", "NumberOfStudyRelatedInstances"))
+                 ("StudyInstanceUID", "SOPInstanceUID", "PatientName", "PatientID", "NumberOfStudyRelatedInstances",
+                  "NumberOfPatientRelatedStudies"))
 
 
 def _studies(rows: list[Any]) -> dict[str, tuple[str, str]]:
     return {str(r["StudyInstanceUID"]): (str(r["PatientName"]), str(r["PatientID"])) for r in rows}
+
+
+def _patients(rows: list[Any]) -> list[tuple[str, str, int]]:
+    return [(str(r["PatientName"]), str(r["PatientID"]), int(str(r["NumberOfPatientRelatedStudies"]))) for r in rows]
 
 
 @pytest.mark.parametrize("level", ["STUDY", "IMAGE"])
@@ -84,6 +89,20 @@ def test_with_scatter_r_2_a_correction_the_asked_owner_missed_is_matched_and_sho
         rows, error = _find(cluster, lagging, _query(level, other, old[other]))
         assert error is None
         assert _studies(rows) == {study_uid: expected}
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["modify", "merge"])
+def test_with_scatter_r_2_patient_level_finds_the_patient_by_the_new_value_only(merge: bool) -> None:
+    cluster, lagging, _study_uid, old = _missed_correction_cluster(2, merge)
+    try:
+        keyword, new = ("PatientID", NEW_ID) if merge else ("PatientName", NEW_NAME)
+        expected = (old["PatientName"], NEW_ID, 1) if merge else (NEW_NAME, old["PatientID"], 1)
+        rows, error = _find(cluster, lagging, _query("PATIENT", keyword, new))
+        assert error is None and _patients(rows) == [expected]
+        rows, error = _find(cluster, lagging, _query("PATIENT", keyword, old[keyword]))
+        assert error is None and _patients(rows) == []
     finally:
         cluster.close()
 
