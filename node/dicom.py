@@ -613,24 +613,26 @@ class DicomFrontEnd:
         )
         acceptor.expect_move_destination(event.assoc, destination.ae_title, f"{destination.host}:{destination.port}",
                                          len(locations) + plan.unreachable)
-        yield destination.host, destination.port, {
-            "contexts": contexts,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
-            "max_pdu": self._config.max_pdu_bytes,
-            **self._move_tls(destination),
-        }
-        yield len(locations) + plan.unreachable
-        cancelled = CancelFlag(event)
-        stored = self._read_ahead(locations)
+        # The first instances are read while pynetdicom sets up the sub-association.
+        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
+        read_ahead.prefetch(locations)
         try:
-            for dataset in stored:
+            yield destination.host, destination.port, {
+                "contexts": contexts,
+                "evt_handlers": [(evt.EVT_CONN_OPEN, raw_send.set_nodelay)],
+                "max_pdu": self._config.max_pdu_bytes,
+                **self._move_tls(destination),
+            }
+            yield len(locations) + plan.unreachable
+            cancelled = CancelFlag(event)
+            for dataset in read_ahead.stored(locations):
                 if cancelled():
                     log.info("dicom.retrieve.cancelled instances=%d", len(locations))
                     yield STATUS_CANCEL, None
                     return
                 yield STATUS_PENDING, dataset
         finally:
-            stored.close()  # Cancels what is still queued on the reader pool.
+            read_ahead.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -673,6 +675,7 @@ class RetrieveReadAhead:
         self._budget = budget
         self._window = window
         self._pending: list[concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]] = []
+        self._futures: dict[int, concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]] = {}
 
     def _read_reserved(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int] | None:
         part10, offset = self._read(location)
@@ -680,19 +683,23 @@ class RetrieveReadAhead:
             return None
         return part10, offset
 
+    def _submit(self, locations: list[InstanceLocation], index: int) -> None:
+        if index < len(locations) and index not in self._futures:
+            future = self._pool.submit(self._read_reserved, locations[index])
+            self._futures[index] = future
+            self._pending.append(future)
+
+    def prefetch(self, locations: list[InstanceLocation]) -> None:
+        """Start reading the first instances now (C-MOVE: while the sub-association to
+        the destination is being set up), as `stored(locations)` would on its first step."""
+        for index in range(self._window + 1):
+            self._submit(locations, index)
+
     def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
-        futures: dict[int, concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]] = {}
-
-        def submit(index: int) -> None:
-            if index < len(locations) and index not in futures:
-                future = self._pool.submit(self._read_reserved, locations[index])
-                futures[index] = future
-                self._pending.append(future)
-
         for index, location in enumerate(locations):
             for ahead in range(index, index + self._window + 1):
-                submit(ahead)
-            future = futures.pop(index)
+                self._submit(locations, ahead)
+            future = self._futures.pop(index)
             yield raw_send.StoredDataset(
                 sop_class_uid=location.sop_class_uid,
                 sop_instance_uid=location.sop_instance_uid,
