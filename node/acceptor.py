@@ -31,6 +31,7 @@ said), so the node runs only on a pynetdicom version it was tested with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -43,8 +44,9 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import pynetdicom
 from pydicom.dataset import Dataset
@@ -53,7 +55,7 @@ from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTO
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -681,6 +683,9 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status in _PENDING_STATUSES \
                 and self._send_pending_retrieve_response(primitive, context_id):
             return
+        if isinstance(primitive, C_FIND) and primitive.Status in _PENDING_STATUSES \
+                and self._send_pending_find_response(primitive, context_id):
+            return
         payload = raw_send.stored_payload(primitive)
         if payload is None:
             super().send_msg(primitive, context_id)
@@ -729,8 +734,21 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             remaining=primitive.NumberOfRemainingSuboperations, completed=primitive.NumberOfCompletedSuboperations,
             failed=primitive.NumberOfFailedSuboperations, warning=primitive.NumberOfWarningSuboperations))
 
+    def _send_pending_find_response(self, primitive: C_FIND, context_id: int) -> bool:
+        """Send a Pending C-FIND-RSP and its Identifier (already encoded by pynetdicom's
+        C-FIND service class) as encoded PDUs: through pynetdicom's message, its command
+        set's pydicom encoding and its state machine, that was ~40% of a node's GIL time on
+        a 200-row C-FIND. False: not sent, the caller sends it the usual way."""
+        message_id, status, identifier = primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.Identifier
+        if primitive.ErrorComment is not None or primitive.OffendingElement is not None or status is None \
+                or message_id is None or not isinstance(identifier, BytesIO):
+            return False
+        return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.find_response_pdus(
+            context_id, self.maximum_pdu_size, message_id_responded=int(message_id), status=int(status),
+            sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()))
+
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
-                               encode: Callable[[], bytes | None]) -> bool:
+                               encode: Callable[[], "bytes | pdata.EncodedPData | None"]) -> bool:
         """Queue a response that `encode` made as one PDU, behind what is queued already.
         EVT_DIMSE_SENT is not triggered for it, so this is done only when the one handler
         bound to that event is the AE's StoreResponseHook, which is told directly; False
@@ -744,7 +762,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return False
         if hook is not None and handlers:
             hook.direct(self.assoc, message_id, status)
-        cast(AcceptorDUL, self.dul).send_encoded(pdata.EncodedPData((pdu,), len(pdu), 1))
+        cast(AcceptorDUL, self.dul).send_encoded(pdu if isinstance(pdu, pdata.EncodedPData)
+                                                 else pdata.EncodedPData((pdu,), len(pdu), 1))
         return True
 
     def _store_response(self, primitive: Any) -> tuple[int, C_STORE] | None:
@@ -822,7 +841,7 @@ class AcceptorAssociation(Association):
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
-        _unbind_dimse_logging(self)
+        _unbind_standard_logging(self)
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
         self.retrieve_refused = False  # See refuse_retrieve().
@@ -834,9 +853,37 @@ class AcceptorAssociation(Association):
         self.network_timeout = self.network_timeout
         self._reactor_checkpoint = _Checkpoint(self._work.set)
         self._reactor_checkpoint.set()
+        # See responses_held(): while set, the reactor leaves the DIMSE queue alone.
+        self._responses_lock = threading.Lock()
+        self._responses_held = False
 
     def wake(self) -> None:
         self._work.set()
+
+    @contextlib.contextmanager
+    def responses_held(self) -> Iterator[None]:
+        """For a thread other than the reactor's that sends a request and waits for its
+        response (node/raw_send.py: C-MOVE sub-operations): the reactor takes nothing off
+        the DIMSE queue meanwhile, so the response stays for the sender. pynetdicom's way
+        is to pause the reactor (clear its checkpoint, then poll `_is_paused` every 0.1 ms
+        until it has woken and stopped): ~0.25 ms per sub-operation here. This is a flag
+        that the reactor reads under a lock with its queue check (_run_reactor); the
+        reactor keeps watching for release, abort and the idle timeout."""
+        with self._responses_lock:
+            self._responses_held = True
+        try:
+            yield
+        finally:
+            with self._responses_lock:
+                self._responses_held = False
+            self._work.set()  # A request that came meanwhile is served now.
+
+    def _next_request(self) -> tuple[int | None, Any]:
+        """The reactor's look at the DIMSE queue: nothing while a sender holds responses."""
+        with self._responses_lock:
+            if self._responses_held:
+                return None, None
+            return self.dimse.get_msg(block=False)
 
     def kill(self) -> None:
         self._work.set()
@@ -849,7 +896,8 @@ class AcceptorAssociation(Association):
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's Association._run_reactor, waiting on an Event instead of
-        sleeping 1 ms per loop, and logging the idle timeout as an event line."""
+        sleeping 1 ms per loop, logging the idle timeout as an event line, and leaving
+        the DIMSE queue alone while a sender holds responses (responses_held)."""
         self._is_paused = False
         first = True
         while not self._kill:
@@ -866,7 +914,7 @@ class AcceptorAssociation(Association):
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
-            context_id, msg = self.dimse.get_msg(block=False)
+            context_id, msg = self._next_request()
             if msg:
                 self._serve_request(msg, cast(int, context_id))
                 # Serving it was activity: pynetdicom's idle timer is restarted only by
@@ -957,15 +1005,20 @@ class AcceptorRequestHandler(RequestHandler):
         return assoc
 
 
-def _unbind_dimse_logging(owner: Any) -> None:
-    """Drop the EVT_DIMSE_RECV and EVT_DIMSE_SENT handlers pynetdicom binds by default (its
-    "standard" debug-log handlers; called before the node binds its own, node/metrics.py):
-    for a received C-STORE the receive handler calls `data_set.getvalue()` just to print
-    "Present", which for a data set spooled to a file (node/spool.py) read the whole
+def _unbind_standard_logging(owner: Any) -> None:
+    """Drop the EVT_DIMSE_RECV, EVT_DIMSE_SENT, EVT_PDU_RECV and EVT_PDU_SENT handlers
+    pynetdicom binds by default (its "standard" debug-log handlers, which build their log
+    lines whatever the log level; called before the node binds its own, node/metrics.py):
+    for a received C-STORE the DIMSE receive handler calls `data_set.getvalue()` just to
+    print "Present", which for a data set spooled to a file (node/spool.py) read the whole
     instance back into memory (a 200 MB spike per store); the send handler formats every
     response, and being bound it kept C-STORE responses on pynetdicom's slow path
-    (AcceptorDIMSE._send_store_response). The node logs its own one-line events instead."""
-    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+    (AcceptorDIMSE._send_store_response); the PDU receive handler describes every
+    A-ASSOCIATE-RQ, looking up each proposed context's role in a role table it rebuilds
+    for each (quadratic: dcmtk's getscu proposes ~120 contexts with roles, and that was
+    the largest single cost of accepting its association). The node logs its own
+    one-line events instead."""
+    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
         for handler in list(owner.get_handlers(event)):
             owner.unbind(event, handler[0] if isinstance(handler, tuple) else handler)
 
@@ -976,7 +1029,7 @@ class AcceptorServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = AcceptorRequestHandler
         super().__init__(*args, **kwargs)
-        _unbind_dimse_logging(self)
+        _unbind_standard_logging(self)
         # Copied once, here, so that a later change to the AE's contexts cannot reach the
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))
@@ -1026,7 +1079,7 @@ class RequestorAssociation(AcceptorAssociation):
 @dataclass(frozen=True)
 class StoreResponseHook:
     """An EVT_DIMSE_SENT handler and its direct form: a response that AcceptorDIMSE sends
-    without a pynetdicom message (a C-STORE-RSP, a Pending C-GET-RSP/C-MOVE-RSP) calls
+    without a pynetdicom message (a C-STORE-RSP, a Pending C-GET-RSP/C-MOVE-RSP/C-FIND-RSP) calls
     `direct(assoc, message_id_responded, status)` instead of the event. Sent so only
     while `handler` is the only EVT_DIMSE_SENT handler bound; anything else bound gets
     every message as pynetdicom sends it. Likewise for received C-STORE responses and

@@ -144,35 +144,50 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
     request.AffectedSOPClassUID = sop_class
     request.AffectedSOPInstanceUID = sop_instance
     request.DataSet = _DatasetView(payload)
+    context_id = context.context_id
+    if context_id is None:  # An accepted context always has one.
+        raise RuntimeError("the presentation context has no id")
+    response = _exchange(assoc, request, context_id)
+    if response is None:
+        reason = _no_response(assoc, sop_instance)
+        # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
+        raise SubOperationNoResponse(f"no response to the C-STORE of {sop_instance} ({reason.value})")
+    return assoc._check_received_status(response)
+
+
+def _exchange(assoc: Association, request: C_STORE, context_id: int) -> Any:
+    """Send the request and wait for its response (None if none came), keeping the
+    association's reactor from taking the response off the DIMSE queue meanwhile."""
+    if threading.current_thread() is assoc:
+        # C-GET sub-operations: we run on the reactor's own thread, inside its handler;
+        # nothing else reads the queue.
+        assoc.dimse.send_msg(request, context_id)
+        return assoc.dimse.get_msg(block=True)[1]
+    held = getattr(assoc, "responses_held", None)
+    if held is not None:
+        # The node's associations (node/acceptor.py): a flag the reactor reads with its
+        # queue check, no pause handshake (C-MOVE sub-operations).
+        with held():
+            assoc.dimse.send_msg(request, context_id)
+            return assoc.dimse.get_msg(block=True)[1]
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
     # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
     # before a wait that does not block while the checkpoint is still set), and the reactor
     # can then take our C-STORE response off the queue ("Received unexpected C-STORE
-    # service message"). Clearing the flag ourselves makes us wait for a fresh pause --
-    # except when we run on the association's own reactor thread (C-GET sub-operations),
-    # which pynetdicom marks paused while it runs our handler.
+    # service message"). Clearing the flag ourselves makes us wait for a fresh pause.
     assoc._reactor_checkpoint.clear()
-    if threading.current_thread() is not assoc:
-        assoc._is_paused = False
+    assoc._is_paused = False
     deadline = time.monotonic() + 30
     while not assoc._is_paused:
         if time.monotonic() > deadline:
             assoc._reactor_checkpoint.set()
             raise RuntimeError("association reactor did not pause")
         time.sleep(0.0001)
-    context_id = context.context_id
-    if context_id is None:  # An accepted context always has one.
-        raise RuntimeError("the presentation context has no id")
     try:
         assoc.dimse.send_msg(request, context_id)
-        _cx_id, response = assoc.dimse.get_msg(block=True)
+        return assoc.dimse.get_msg(block=True)[1]
     finally:
         assoc._reactor_checkpoint.set()
-    if response is None:
-        reason = _no_response(assoc, sop_instance)
-        # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
-        raise SubOperationNoResponse(f"no response to the C-STORE of {sop_instance} ({reason.value})")
-    return assoc._check_received_status(response)
 
 
 class SubOperationNoResponse(Exception):

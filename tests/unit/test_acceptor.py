@@ -356,3 +356,94 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
         assert foreign == [0xFF00] * 3 + [0xB000] and len(direct) == 3
     finally:
         server_ae.shutdown()
+
+
+def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
+    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
+    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
+    response stays for the sender, without pausing the reactor); released, the reactor
+    reads the queue again."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", free_port()), block=False)
+    requestor = acceptor.NodeAE(ae_title="NODE")
+    requestor.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    try:
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+        assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
+
+        def response() -> C_STORE:
+            primitive = C_STORE()
+            primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
+            return primitive
+
+        with assoc.responses_held():
+            held = response()
+            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
+            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
+            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
+            assert assoc.dimse.get_msg(block=False) == (1, held)
+        assoc.dimse.msg_queue.put((1, response()))
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
+        assoc.release()
+    finally:
+        requestor.shutdown()
+        scp.shutdown()
+
+
+def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
+    """issue 10: pynetdicom's "standard" handlers build their debug lines whatever the log
+    level; the one for a received A-ASSOCIATE-RQ is quadratic in the proposed contexts with
+    roles (dcmtk getscu proposes ~120) and was the largest cost of accepting its
+    association. Neither accepted nor requested associations have them bound."""
+    from pynetdicom import AE, evt
+    from pynetdicom._handlers import (
+        standard_dimse_recv_handler,
+        standard_dimse_sent_handler,
+        standard_pdu_recv_handler,
+        standard_pdu_sent_handler,
+    )
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    standard = {standard_dimse_recv_handler, standard_dimse_sent_handler, standard_pdu_recv_handler,
+                standard_pdu_sent_handler}
+    events = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
+
+    def bound(owner: Any) -> set[Any]:
+        handlers = {handler[0] if isinstance(handler, tuple) else handler
+                    for event in events for handler in owner.get_handlers(event)}
+        return handlers & standard
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    try:
+        assert bound(server) == set()
+        client = acceptor.NodeAE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and bound(assoc) == set()
+        assert assoc.send_c_echo().Status == 0x0000
+        assert len(accepted) == 1 and bound(accepted[0]) == set()
+        assoc.release()
+        plain = AE(ae_title="PLAIN")  # pynetdicom's own association binds them: the check can fail.
+        plain.add_requested_context(Verification)
+        other = plain.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert bound(other) == standard
+        other.release()
+    finally:
+        server_ae.shutdown()
