@@ -63,6 +63,7 @@ from pacsnode.replication.model import Attributes, Instance
 log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct(">IBI")
+DIMSE_SERVICES = frozenset({"C-STORE", "C-GET", "C-FIND", "C-MOVE", "C-ECHO"})  # node/metrics.py's services.
 FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
 AUDIT_LINE_MAX = 64 * 1024  # One audit message (node/audit.py caps its free text at 200 characters).
 
@@ -75,6 +76,7 @@ class Kind(enum.IntEnum):
     LOCATE = 4
     READ = 5
     AUDIT = 6  # One audit message line for the node's audit trail; not answered.
+    METRICS = 7  # Answered DIMSE requests, [service, status, seconds] each, for /metrics; not answered.
     # node -> worker
     STORED = 20
     ROW = 21
@@ -281,6 +283,15 @@ class ChannelArchive:
             self._drop()
             log.error("audit.forward_failed error=%s", type(error).__name__)
 
+    def metrics(self, observations: list[list[Any]]) -> None:
+        """Send answered DIMSE requests to the node's /metrics (node/metrics.py DimseForwarder);
+        on a broken channel they are dropped, and that is logged."""
+        try:
+            send_frame(self._connection(), Kind.METRICS, {"observations": observations})
+        except (OSError, ChannelError) as error:
+            self._drop()
+            log.error("metrics.forward_failed error=%s", type(error).__name__)
+
     def locate(self, query: Query) -> RetrievePlan:
         kind, answer, _ = self._call(Kind.LOCATE, {"query": query_to_json(query)})
         if kind != Kind.PLAN:
@@ -340,6 +351,7 @@ class ChannelServer:
         self._lock = threading.Lock()
         self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
         self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
+        self.on_metrics: Callable[[str, int, float], None] | None = None  # A worker's answered request.
         self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-channel", daemon=True)
 
     def start(self) -> None:
@@ -395,6 +407,17 @@ class ChannelServer:
                 raise ChannelError("an audit frame carries one message line")
             if self.on_audit is not None:
                 self.on_audit(line)
+            return
+        if kind == Kind.METRICS:
+            observations = header.get("observations")
+            if not isinstance(observations, list):
+                raise ChannelError("a metrics frame carries a list of observations")
+            for item in observations:
+                if not (isinstance(item, list) and len(item) == 3 and item[0] in DIMSE_SERVICES
+                        and isinstance(item[1], int) and isinstance(item[2], (int, float))):
+                    raise ChannelError("a metrics observation is [service, status, seconds]")
+                if self.on_metrics is not None:
+                    self.on_metrics(item[0], item[1], float(item[2]))
             return
         try:
             if kind == Kind.STORE:
