@@ -57,6 +57,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, Instance
 
@@ -77,6 +78,7 @@ class Kind(enum.IntEnum):
     READ = 5
     AUDIT = 6  # One audit message line for the node's audit trail; not answered.
     METRICS = 7  # Answered DIMSE requests, [service, status, seconds] each, for /metrics; not answered.
+    DELETE = 8  # A study, series or instance to delete (an IOCM rejection note's reference).
     # node -> worker
     STORED = 20
     ROW = 21
@@ -89,6 +91,7 @@ class Kind(enum.IntEnum):
     WELCOME = 28
     DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
     DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
+    DELETED = 31  # How a DELETE ended.
 
 
 class StoreFrameError(Exception):
@@ -292,6 +295,16 @@ class ChannelArchive:
             self._drop()
             log.error("metrics.forward_failed error=%s", type(error).__name__)
 
+    def delete(self, scope: DeleteScope) -> DeleteResult:
+        """Delete through the node (node/runtime.py ClusterArchive.delete): what an IOCM
+        rejection note received by this worker asks (node/iocm.py RejectionNotes)."""
+        kind, answer, _ = self._call(Kind.DELETE, {"study": scope.study_instance_uid, "series": scope.series_instance_uid,
+                                                   "sop_instance": scope.sop_instance_uid})
+        if kind != Kind.DELETED:
+            raise ChannelError(f"unexpected answer {kind.name} to DELETE")
+        return DeleteResult(DeleteStatus(answer["status"]), instances=int(answer.get("instances", 0)),
+                            acked=int(answer.get("acked", 0)), message=str(answer.get("message", "")))
+
     def locate(self, query: Query) -> RetrievePlan:
         kind, answer, _ = self._call(Kind.LOCATE, {"query": query_to_json(query)})
         if kind != Kind.PLAN:
@@ -426,6 +439,11 @@ class ChannelServer:
                                                "message": result.message, "latency_ms": result.latency_ms})
             elif kind == Kind.FIND:
                 self._find(sock, query_from_json(header["query"]))
+            elif kind == Kind.DELETE:
+                deleted = self._archive.delete(DeleteScope(str(header["study"]), str(header.get("series", "")),
+                                                           str(header.get("sop_instance", ""))))
+                send_frame(sock, Kind.DELETED, {"status": deleted.status.value, "instances": deleted.instances,
+                                                "acked": deleted.acked, "message": deleted.message})
             elif kind == Kind.LOCATE:
                 plan = self._archive.locate(query_from_json(header["query"]))
                 send_frame(sock, Kind.PLAN, {"locations": [location_to_json(l) for l in plan.locations],
