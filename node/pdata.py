@@ -129,11 +129,28 @@ def store_response_pdu(context_id: int, max_pdu_length: int, *, message_id_respo
     """One P-DATA-TF PDU carrying a C-STORE-RSP command set (PS3.7 9.3.1.2) with no Error
     Comment or Offending Element, as pynetdicom 3.0.4 encodes it (an unset UID is left
     out); None when the peer's maximum PDU length cannot take it in one fragment."""
+    return _plain_response_pdu(context_id, max_pdu_length, C_STORE_RSP_FIELD, message_id_responded, status,
+                               sop_class_uid, sop_instance_uid)
+
+
+C_ECHO_RSP_FIELD = 0x8030
+
+
+def echo_response_pdu(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                      sop_class_uid: str | None) -> bytes | None:
+    """One P-DATA-TF PDU carrying a C-ECHO-RSP command set (PS3.7 9.3.5.2) with no Error
+    Comment, as pynetdicom 3.0.4 encodes it; None when it does not fit one fragment."""
+    return _plain_response_pdu(context_id, max_pdu_length, C_ECHO_RSP_FIELD, message_id_responded, status,
+                               sop_class_uid, None)
+
+
+def _plain_response_pdu(context_id: int, max_pdu_length: int, command_field: int, message_id_responded: int,
+                        status: int, sop_class_uid: str | None, sop_instance_uid: str | None) -> bytes | None:
     elements = []
     if sop_class_uid is not None:
         elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
     elements += [
-        _command_element(0x0100, _US.pack(C_STORE_RSP_FIELD)),
+        _command_element(0x0100, _US.pack(command_field)),
         _command_element(0x0120, _US.pack(message_id_responded)),
         _command_element(0x0800, _US.pack(NO_DATA_SET)),
         _command_element(0x0900, _US.pack(status)),

@@ -312,3 +312,23 @@ def test_pending_find_response_too_big_for_the_peers_pdu_is_left_to_pynetdicom()
     fits = len(command) - pdata.HEADER_BYTES + 6
     assert pdata.find_response_pdus(1, fits, **fields) is not None  # type: ignore[arg-type]
     assert pdata.find_response_pdus(1, fits - 1, **fields) is None  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sop_class=st.none() | st.just("1.2.840.10008.1.1"), message_id=st.integers(0, 0xFFFF),
+       status=st.sampled_from([0x0000, 0x0122, 0x0210, 0xC000]), context_id=st.sampled_from([1, 3, 255]),
+       max_pdu_length=st.sampled_from([0, 16_384]))
+def test_echo_response_is_pynetdicoms_bytes(sop_class: str | None, message_id: int, status: int, context_id: int,
+                                            max_pdu_length: int) -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RSP
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    response = C_ECHO()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.Status = status
+    message = C_ECHO_RSP()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    assert pdata.echo_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
+                                   sop_class_uid=sop_class) == expected
