@@ -57,12 +57,14 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, Instance
 
 log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct(">IBI")
+DIMSE_SERVICES = frozenset({"C-STORE", "C-GET", "C-FIND", "C-MOVE", "C-ECHO"})  # node/metrics.py's services.
 FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
 AUDIT_LINE_MAX = 64 * 1024  # One audit message (node/audit.py caps its free text at 200 characters).
 
@@ -75,6 +77,8 @@ class Kind(enum.IntEnum):
     LOCATE = 4
     READ = 5
     AUDIT = 6  # One audit message line for the node's audit trail; not answered.
+    METRICS = 7  # Answered DIMSE requests, [service, status, seconds] each, for /metrics; not answered.
+    DELETE = 8  # A study, series or instance to delete (an IOCM rejection note's reference).
     # node -> worker
     STORED = 20
     ROW = 21
@@ -87,6 +91,7 @@ class Kind(enum.IntEnum):
     WELCOME = 28
     DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
     DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
+    DELETED = 31  # How a DELETE ended.
 
 
 class StoreFrameError(Exception):
@@ -281,6 +286,25 @@ class ChannelArchive:
             self._drop()
             log.error("audit.forward_failed error=%s", type(error).__name__)
 
+    def metrics(self, observations: list[list[Any]]) -> None:
+        """Send answered DIMSE requests to the node's /metrics (node/metrics.py DimseForwarder);
+        on a broken channel they are dropped, and that is logged."""
+        try:
+            send_frame(self._connection(), Kind.METRICS, {"observations": observations})
+        except (OSError, ChannelError) as error:
+            self._drop()
+            log.error("metrics.forward_failed error=%s", type(error).__name__)
+
+    def delete(self, scope: DeleteScope) -> DeleteResult:
+        """Delete through the node (node/runtime.py ClusterArchive.delete): what an IOCM
+        rejection note received by this worker asks (node/iocm.py RejectionNotes)."""
+        kind, answer, _ = self._call(Kind.DELETE, {"study": scope.study_instance_uid, "series": scope.series_instance_uid,
+                                                   "sop_instance": scope.sop_instance_uid})
+        if kind != Kind.DELETED:
+            raise ChannelError(f"unexpected answer {kind.name} to DELETE")
+        return DeleteResult(DeleteStatus(answer["status"]), instances=int(answer.get("instances", 0)),
+                            acked=int(answer.get("acked", 0)), message=str(answer.get("message", "")))
+
     def locate(self, query: Query) -> RetrievePlan:
         kind, answer, _ = self._call(Kind.LOCATE, {"query": query_to_json(query)})
         if kind != Kind.PLAN:
@@ -340,6 +364,7 @@ class ChannelServer:
         self._lock = threading.Lock()
         self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
         self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
+        self.on_metrics: Callable[[str, int, float], None] | None = None  # A worker's answered request.
         self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-channel", daemon=True)
 
     def start(self) -> None:
@@ -396,6 +421,17 @@ class ChannelServer:
             if self.on_audit is not None:
                 self.on_audit(line)
             return
+        if kind == Kind.METRICS:
+            observations = header.get("observations")
+            if not isinstance(observations, list):
+                raise ChannelError("a metrics frame carries a list of observations")
+            for item in observations:
+                if not (isinstance(item, list) and len(item) == 3 and item[0] in DIMSE_SERVICES
+                        and isinstance(item[1], int) and isinstance(item[2], (int, float))):
+                    raise ChannelError("a metrics observation is [service, status, seconds]")
+                if self.on_metrics is not None:
+                    self.on_metrics(item[0], item[1], float(item[2]))
+            return
         try:
             if kind == Kind.STORE:
                 result = self._archive.store(_instance(header, body, self._blob_files))
@@ -403,6 +439,11 @@ class ChannelServer:
                                                "message": result.message, "latency_ms": result.latency_ms})
             elif kind == Kind.FIND:
                 self._find(sock, query_from_json(header["query"]))
+            elif kind == Kind.DELETE:
+                deleted = self._archive.delete(DeleteScope(str(header["study"]), str(header.get("series", "")),
+                                                           str(header.get("sop_instance", ""))))
+                send_frame(sock, Kind.DELETED, {"status": deleted.status.value, "instances": deleted.instances,
+                                                "acked": deleted.acked, "message": deleted.message})
             elif kind == Kind.LOCATE:
                 plan = self._archive.locate(query_from_json(header["query"]))
                 send_frame(sock, Kind.PLAN, {"locations": [location_to_json(l) for l in plan.locations],

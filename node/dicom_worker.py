@@ -33,6 +33,7 @@ from pynetdicom.utils import make_target
 from pacsnode.node import acceptor, tls
 from pacsnode.node.archive_channel import ChannelArchive, Kind, recv_frame, send_frame
 from pacsnode.node.blob_files import BlobFiles
+from pacsnode.node.metrics import DimseForwarder, Metrics
 from pacsnode.node.store import blobs_directory, store_directory
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
@@ -110,6 +111,19 @@ class WorkerFrontEnd(DicomFrontEnd):
         log.info("dicom.worker.tls_reloaded pid=%d", os.getpid())
 
 
+def _count_dimse(front_end: WorkerFrontEnd, archive: ChannelArchive) -> None:
+    """Count and time this worker's DIMSE requests as the node counts its own
+    (node/http_views.py bind_dimse_metrics), forwarded to the node's /metrics."""
+    forwarder = DimseForwarder(archive.metrics)
+    meter = Metrics(dimse_sink=forwarder.add)
+    server = front_end._server
+    for event, handler in meter.dimse_handlers():
+        server.bind(event, handler)
+    front_end.ae.store_response_hook = acceptor.StoreResponseHook(meter.on_sent, meter.response_sent,
+                                                                  meter.on_received)
+    forwarder.start()
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -153,6 +167,7 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     security = WorkerSecurity(config, archive, audited=audited)
     front_end = WorkerFrontEnd(config, archive, security=security, blob_files=blob_files)  # type: ignore[arg-type]
     front_end.start()
+    _count_dimse(front_end, archive)
     signal.signal(signal.SIGHUP, lambda _s, _f: front_end.reload_tls())
     send_frame(control, Kind.HELLO, {"worker": index, "pid": os.getpid()})
     kind, _, _ = recv_frame(control)

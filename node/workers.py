@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, Callable
 
 from pacsnode.node import dicom_worker
 from pacsnode.node.archive_channel import ChannelServer
@@ -63,6 +63,10 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._restarts = 0
         self._supervisor = threading.Thread(target=self._supervise, name="pacsnode-workers", daemon=True)
+
+    def count_dimse(self, observe: Callable[[str, int, float], None]) -> None:
+        """Where the workers' answered DIMSE requests go (the node's Metrics.observe_dimse)."""
+        self._channel.on_metrics = observe
 
     @property
     def restarts(self) -> int:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from io import BytesIO
 from pathlib import Path
 
@@ -108,6 +109,16 @@ def test_store_find_get_through_workers(node_factory) -> None:
     assert result.final_status == 0x0000
     assert sorted(result.received) == sorted(uids)
     assert re.search(r"dicom\.association\.established", node.log_text())  # Worker events reach the node's log.
+
+    # The workers' requests are in the node's /metrics (forwarded once a second).
+    def counted() -> str:
+        return urllib.request.urlopen(f"http://{HOST}:{node.http_port}/metrics", timeout=10).read().decode()
+
+    expected = ['pacsnode_dimse_requests_total{service="C-STORE",status="0x0000"} 5.0',
+                'pacsnode_dimse_requests_total{service="C-FIND",status="0x0000"} 1.0',
+                'pacsnode_dimse_requests_total{service="C-GET",status="0x0000"} 1.0',
+                'pacsnode_dimse_request_duration_seconds_count{service="C-STORE"} 6.0']
+    assert wait_until(lambda: all(line in counted() for line in expected), 15), counted()[-3000:]
 
 
 def _big_ct(study_uid: str) -> object:
