@@ -34,6 +34,8 @@ worker that died is removed when the store next opens.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import enum
 import json
 import logging
@@ -57,6 +59,7 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitResult, CommitSettings, FailureReason, Reference
 from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, Instance
@@ -66,6 +69,7 @@ log = logging.getLogger(__name__)
 _PREFIX = struct.Struct(">IBI")
 DIMSE_SERVICES = frozenset({"C-STORE", "C-GET", "C-FIND", "C-MOVE", "C-ECHO"})  # node/metrics.py's services.
 FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
+COMMITS_AT_ONCE = 4  # Storage Commitment checks one worker waits for at once (node/commitment.py reporters).
 AUDIT_LINE_MAX = 64 * 1024  # One audit message (node/audit.py caps its free text at 200 characters).
 
 
@@ -79,6 +83,7 @@ class Kind(enum.IntEnum):
     AUDIT = 6  # One audit message line for the node's audit trail; not answered.
     METRICS = 7  # Answered DIMSE requests, [service, status, seconds] each, for /metrics; not answered.
     DELETE = 8  # A study, series or instance to delete (an IOCM rejection note's reference).
+    COMMIT = 9  # A Storage Commitment check: answered when every instance is decided.
     # node -> worker
     STORED = 20
     ROW = 21
@@ -92,6 +97,7 @@ class Kind(enum.IntEnum):
     DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
     DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
     DELETED = 31  # How a DELETE ended.
+    COMMITTED = 32  # A COMMIT's result: committed and failed references.
 
 
 class StoreFrameError(Exception):
@@ -189,6 +195,8 @@ class ChannelArchive:
         self._local = threading.local()
         self._blob_files = blob_files
         self._blob_file_bytes_min = blob_file_bytes_min
+        self._lock = threading.Lock()
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None  # Made at the first commit.
 
     def _connection(self) -> socket.socket:
         sock = getattr(self._local, "sock", None)
@@ -294,6 +302,28 @@ class ChannelArchive:
         except (OSError, ChannelError) as error:
             self._drop()
             log.error("metrics.forward_failed error=%s", type(error).__name__)
+
+    def commit(self, references: list[Reference], settings: CommitSettings) -> "concurrent.futures.Future[CommitResult]":
+        """A Storage Commitment check by the node (node/runtime.py ClusterArchive.commit):
+        the node answers once every instance is decided (up to the settings' timeout); the
+        future ends then, on a thread of this process (node/commitment.py CommitmentScp)."""
+        with self._lock:
+            if self._committer is None:
+                self._committer = concurrent.futures.ThreadPoolExecutor(max_workers=COMMITS_AT_ONCE,
+                                                                        thread_name_prefix="pacsnode-commit")
+            committer = self._committer
+        return committer.submit(self._commit, list(references), settings)
+
+    def _commit(self, references: list[Reference], settings: CommitSettings) -> CommitResult:
+        kind, answer, _ = self._call(Kind.COMMIT, {
+            "references": [[r.sop_class_uid, r.sop_instance_uid] for r in references],
+            "settings": dataclasses.asdict(settings)})
+        if kind != Kind.COMMITTED:
+            raise ChannelError(f"unexpected answer {kind.name} to COMMIT")
+        return CommitResult(
+            committed=tuple(Reference(str(c), str(i)) for c, i in answer["committed"]),
+            failed=tuple((Reference(str(c), str(i)), FailureReason(reason)) for c, i, reason in answer["failed"]),
+            rounds=int(answer.get("rounds", 0)))
 
     def delete(self, scope: DeleteScope) -> DeleteResult:
         """Delete through the node (node/runtime.py ClusterArchive.delete): what an IOCM
@@ -439,6 +469,16 @@ class ChannelServer:
                                                "message": result.message, "latency_ms": result.latency_ms})
             elif kind == Kind.FIND:
                 self._find(sock, query_from_json(header["query"]))
+            elif kind == Kind.COMMIT:
+                settings = CommitSettings(**{k: v for k, v in header["settings"].items()
+                                             if k in CommitSettings.__dataclass_fields__})
+                references = [Reference(str(c), str(i)) for c, i in header["references"]]
+                # This connection's worker thread waits for it (one per commitment there).
+                result: CommitResult = self._archive.commit(references, settings).result()
+                send_frame(sock, Kind.COMMITTED, {
+                    "committed": [[r.sop_class_uid, r.sop_instance_uid] for r in result.committed],
+                    "failed": [[r.sop_class_uid, r.sop_instance_uid, reason.value] for r, reason in result.failed],
+                    "rounds": result.rounds})
             elif kind == Kind.DELETE:
                 deleted = self._archive.delete(DeleteScope(str(header["study"]), str(header.get("series", "")),
                                                            str(header.get("sop_instance", ""))))
