@@ -870,9 +870,18 @@ class AcceptorAssociation(Association):
         # See responses_held(): while set, the reactor leaves the DIMSE queue alone.
         self._responses_lock = threading.Lock()
         self._responses_held = False
+        self._scu_contexts: dict[str, list[tuple[str, int]]] | None = None
 
     def wake(self) -> None:
         self._work.set()
+
+    def scu_contexts(self) -> dict[str, list[tuple[str, int]]]:
+        """The accepted contexts we may send C-STOREs in, by SOP class (node/raw_send.py
+        scu_context_table), made once: they do not change after negotiation."""
+        table = self._scu_contexts
+        if table is None:
+            table = self._scu_contexts = raw_send.scu_context_table(self.accepted_contexts)
+        return table
 
     @contextlib.contextmanager
     def responses_held(self) -> Iterator[None]:

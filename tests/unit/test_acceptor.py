@@ -447,3 +447,48 @@ def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
         other.release()
     finally:
         server_ae.shutdown()
+
+
+def test_scu_context_table_picks_the_context_pynetdicom_would_and_is_made_once() -> None:
+    """issue 10: C-GET/C-MOVE sub-operations look their presentation context up in a table
+    made once per association (node/raw_send.py scu_context_table) instead of pynetdicom's
+    sort and scan of every accepted context, twice per sub-operation. The table's first
+    match is the context `_get_valid_context(..., "scu", allow_conversion=False)` returns;
+    contexts where we may not act as SCU are not in it."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.node import raw_send
+    from pacsnode.sim.process import free_port
+
+    syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"]
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in (CTImageStorage, MRImageStorage):
+        server_ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        for syntax in syntaxes:  # One context per syntax, CT twice in Explicit VR LE.
+            client.add_requested_context(CTImageStorage, syntax)
+        client.add_requested_context(CTImageStorage, syntaxes[0])
+        client.add_requested_context(MRImageStorage, syntaxes[1])  # No SCP role for MR: we are not its SCU.
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)])
+        assert assoc.is_established and len(accepted) == 1
+        server_side = accepted[0]
+        table = server_side.scu_contexts()
+        assert server_side.scu_contexts() is table  # Made once.
+        assert set(table) == {CTImageStorage}
+        assert [syntax for syntax, _ in table[CTImageStorage]] == [syntaxes[0], syntaxes[1], syntaxes[2], syntaxes[0]]
+        for syntax in syntaxes:
+            first = next(context_id for accepted_syntax, context_id in table[CTImageStorage] if accepted_syntax == syntax)
+            expected = server_side._get_valid_context(CTImageStorage, syntax, "scu", allow_conversion=False)
+            assert first == expected.context_id
+        assert raw_send.scu_context_table(server_side.accepted_contexts) == table
+        assoc.release()
+    finally:
+        server_ae.shutdown()
