@@ -84,6 +84,8 @@ class Kind(enum.IntEnum):
     METRICS = 7  # Answered DIMSE requests, [service, status, seconds] each, for /metrics; not answered.
     DELETE = 8  # A study, series or instance to delete (an IOCM rejection note's reference).
     COMMIT = 9  # A Storage Commitment check: answered when every instance is decided.
+    SLOT = 10  # May this worker accept one more association? (max_associations, shared)
+    SLOT_FREE = 11  # An association that had a slot ended; not answered.
     # node -> worker
     STORED = 20
     ROW = 21
@@ -98,6 +100,8 @@ class Kind(enum.IntEnum):
     DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
     DELETED = 31  # How a DELETE ended.
     COMMITTED = 32  # A COMMIT's result: committed and failed references.
+    SLOT_GRANTED = 33
+    SLOT_REFUSED = 34
 
 
 class StoreFrameError(Exception):
@@ -183,7 +187,80 @@ def _attributes(data: Any) -> Attributes:
     return {str(k): (list(map(str, v)) if isinstance(v, list) else str(v)) for k, v in data.items()}
 
 
+class AssociationSlots:
+    """The node's `max_associations`, shared by its DICOM workers: a worker takes a slot
+    for each association it would accept and gives it back when the association ends;
+    the slots a channel connection holds are given back when it closes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[socket.socket, int] = {}
+        self._lock = threading.Lock()
+
+    def in_use(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    def acquire(self, holder: socket.socket) -> bool:
+        with self._lock:
+            if sum(self._held.values()) >= self.limit:
+                return False
+            self._held[holder] = self._held.get(holder, 0) + 1
+            return True
+
+    def release(self, holder: socket.socket) -> None:
+        with self._lock:
+            held = self._held.get(holder, 0)
+            if held <= 1:
+                self._held.pop(holder, None)
+            else:
+                self._held[holder] = held - 1
+
+    def release_all(self, holder: socket.socket) -> None:
+        with self._lock:
+            self._held.pop(holder, None)
+
+
 # ----------------------------------------------------------------------------- worker side
+class SlotClient:
+    """A worker's side of the shared association slots: one connection of its own (the
+    node counts slots per connection), used by one thread at a time. A broken channel
+    refuses (no slot: the association is rejected as busy, never accepted uncounted)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._sock.connect(self._path)
+                send_frame(self._sock, Kind.SLOT, {})
+                kind, _, _ = recv_frame(self._sock)
+            except (OSError, ChannelError) as error:
+                self._close()
+                log.error("dicom.worker.slot_unavailable error=%s", type(error).__name__)
+                return False
+            return kind == Kind.SLOT_GRANTED
+
+    def release(self) -> None:
+        with self._lock:
+            if self._sock is None:
+                return  # Its connection closed: the node gave back everything it held.
+            try:
+                send_frame(self._sock, Kind.SLOT_FREE, {})
+            except (OSError, ChannelError):
+                self._close()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class ChannelArchive:
     """The Archive calls of the DICOM front end, answered by the node over the channel.
 
@@ -395,6 +472,9 @@ class ChannelServer:
         self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
         self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
         self.on_metrics: Callable[[str, int, float], None] | None = None  # A worker's answered request.
+        # Association slots (node/workers.py AssociationSlots): taken and given back per
+        # connection; a connection's slots are given back when it closes (its worker died).
+        self.slots: "AssociationSlots | None" = None
         self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-channel", daemon=True)
 
     def start(self) -> None:
@@ -436,6 +516,8 @@ class ChannelServer:
         finally:
             with self._lock:
                 self._connections.discard(sock)
+            if self.slots is not None:
+                self.slots.release_all(sock)
             sock.close()
 
     def _answer(self, sock: socket.socket, kind: Kind, header: dict[str, Any], body: bytes) -> None:
@@ -450,6 +532,14 @@ class ChannelServer:
                 raise ChannelError("an audit frame carries one message line")
             if self.on_audit is not None:
                 self.on_audit(line)
+            return
+        if kind == Kind.SLOT:
+            granted = self.slots.acquire(sock) if self.slots is not None else True
+            send_frame(sock, Kind.SLOT_GRANTED if granted else Kind.SLOT_REFUSED, {})
+            return
+        if kind == Kind.SLOT_FREE:
+            if self.slots is not None:
+                self.slots.release(sock)
             return
         if kind == Kind.METRICS:
             observations = header.get("observations")
