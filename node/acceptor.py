@@ -18,7 +18,14 @@ What pynetdicom 3.0.4 does and what the subclasses change:
 - An exception while decoding a DIMSE message or running the state machine kills the DUL
   thread with a traceback and leaves the peer without an A-ABORT. Here it is one line and
   an A-ABORT.
-- Requests that association_guard.check_request refuses are rejected before negotiation.
+- Requests that association_guard.check_request refuses are rejected before negotiation;
+  the request primitive that check builds is the one negotiation uses (_AssociateRQ:
+  pynetdicom would build it again), and pynetdicom's standard logging handlers, which
+  build their debug lines whatever the log level, are not bound.
+- Its senders of a request on another thread than the reactor's (C-MOVE sub-operations)
+  pause the reactor with a 0.1 ms poll; here they hold responses (responses_held), a
+  flag the reactor reads with its queue check. Pending C-GET/C-MOVE responses, like
+  C-STORE responses, are encoded here as one PDU each.
 - It sends a data set as one P-DATA primitive per fragment, each through its queue, state
   machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
   C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
