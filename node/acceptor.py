@@ -18,7 +18,14 @@ What pynetdicom 3.0.4 does and what the subclasses change:
 - An exception while decoding a DIMSE message or running the state machine kills the DUL
   thread with a traceback and leaves the peer without an A-ABORT. Here it is one line and
   an A-ABORT.
-- Requests that association_guard.check_request refuses are rejected before negotiation.
+- Requests that association_guard.check_request refuses are rejected before negotiation;
+  the request primitive that check builds is the one negotiation uses (_AssociateRQ:
+  pynetdicom would build it again), and pynetdicom's standard logging handlers, which
+  build their debug lines whatever the log level, are not bound.
+- Its senders of a request on another thread than the reactor's (C-MOVE sub-operations)
+  pause the reactor with a 0.1 ms poll; here they hold responses (responses_held), a
+  flag the reactor reads with its queue check. Pending C-GET/C-MOVE responses, like
+  C-STORE responses, are encoded here as one PDU each.
 - It sends a data set as one P-DATA primitive per fragment, each through its queue, state
   machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
   C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
@@ -215,6 +222,23 @@ def _timer_running(timer: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- DUL
+class _AssociateRQ(A_ASSOCIATE_RQ):
+    """An A-ASSOCIATE-RQ whose request primitive is built once: association_guard's
+    check_request builds it to see that it can be, and pynetdicom's AE-6 builds it again
+    (for dcmtk's getscu, ~120 presentation contexts with roles, each build was ~2-4 ms of
+    pydicom UID validation). `forget_primitive` after changing the request."""
+
+    _primitive: Any = None
+
+    def to_primitive(self) -> Any:
+        if self._primitive is None:
+            self._primitive = super().to_primitive()
+        return self._primitive
+
+    def forget_primitive(self) -> None:
+        self._primitive = None
+
+
 class AcceptorDUL(DULServiceProvider):
     """The DICOM Upper Layer of one accepted association (see the module docstring)."""
 
@@ -413,6 +437,8 @@ class AcceptorDUL(DULServiceProvider):
         if isinstance(pdu, A_ASSOCIATE_RQ):
             rejection = association_guard.check_request(pdu)
             if rejection is not None:
+                if isinstance(pdu, _AssociateRQ):
+                    pdu.forget_primitive()  # make_negotiable changes the request.
                 if not association_guard.make_negotiable(pdu):
                     self.abort_peer("dicom.pdu.undecodable", ABORT_INVALID_PARAMETER_VALUE, pdu_type="0x01",
                                     error="A_ASSOCIATE_RQ")
@@ -420,6 +446,18 @@ class AcceptorDUL(DULServiceProvider):
                 cast("AcceptorAssociation", self.assoc).rejection = rejection
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """pynetdicom 3.0.4's DULServiceProvider._decode_pdu, an A-ASSOCIATE-RQ decoded as
+        an _AssociateRQ (its request primitive built once, not twice)."""
+        if bytestream[0:1] != b"\x01":
+            return super()._decode_pdu(bytestream)
+        data = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+        pdu = _AssociateRQ()
+        pdu.decode(data)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"
 
     def _length_max(self, pdu_type: int) -> int:
         if pdu_type == 0x04:

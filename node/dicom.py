@@ -154,9 +154,10 @@ class DicomFrontEnd:
         self.ae = self._build_ae()
         # Storage Commitment (node/commitment.py): served when the archive can check the cluster.
         self.commitment: commitment.CommitmentScp | None = None
-        if not config.dicom_workers and commitment.CommitmentScp.supported(self._archive):
+        # (A DICOM worker's archive asks the node over the worker channel.)
+        if commitment.CommitmentScp.supported(self._archive):
             self.commitment = commitment.CommitmentScp(config, self.ae, self._archive, self._move_tls)
-        elif not config.dicom_workers:  # An archive without the cluster check: not offered.
+        else:  # An archive without the cluster check: not offered.
             self.ae.remove_supported_context(commitment.SOP_CLASS_UID)
         # IHE IOCM rejection notes (node/iocm.py): applied where the archive can delete.
         self._rejections = iocm.RejectionNotes(self._archive) if iocm.RejectionNotes.supported(self._archive) \
@@ -183,8 +184,7 @@ class DicomFrontEnd:
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:  # Always set in pynetdicom's list.
                 ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
-        if not config.dicom_workers:  # Storage Commitment needs the node's coordinator (not in workers yet).
-            ae.add_supported_context(commitment.SOP_CLASS_UID, commitment.TRANSFER_SYNTAXES)
+        ae.add_supported_context(commitment.SOP_CLASS_UID, commitment.TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[tuple[Any, Any]]:

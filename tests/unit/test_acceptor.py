@@ -492,3 +492,56 @@ def test_scu_context_table_picks_the_context_pynetdicom_would_and_is_made_once()
         assoc.release()
     finally:
         server_ae.shutdown()
+
+
+def test_an_accepted_association_request_builds_its_primitive_once() -> None:
+    """issue 10: association_guard.check_request builds the A-ASSOCIATE primitive to see
+    that it can be built, pynetdicom's AE-6 built it again (pydicom validates every UID
+    each time: ~2-4 ms for getscu's ~120 contexts). The acceptor's DUL decodes requests
+    as _AssociateRQ, which keeps the first; a request changed for its rejection
+    (make_negotiable) builds a new one."""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    built: list[int] = []
+
+    class Counting(acceptor._AssociateRQ):
+        def to_primitive(self) -> Any:
+            primitive = super().to_primitive()
+            built.append(id(primitive))
+            return primitive
+
+    pdu = Counting()
+    pdu.decode(rawpdu.associate_rq(None))
+    assert association_guard.check_request(pdu) is None
+    first = pdu.to_primitive()
+    assert pdu.to_primitive() is first and len(set(built)) == 1  # One primitive, however often asked.
+    pdu.forget_primitive()
+    assert pdu.to_primitive() is not first
+
+    rejected = acceptor._AssociateRQ()
+    rejected.decode(rawpdu.associate_rq([rawpdu.presentation_context(2, rawpdu.VERIFICATION, [rawpdu.IMPLICIT_VR_LE])]))
+    assert association_guard.check_request(rejected) is not None
+    rejected.forget_primitive()
+    assert association_guard.make_negotiable(rejected)
+    assert rejected.to_primitive().presentation_context_definition_list == []
+
+    # A real association: the DUL decodes the request as _AssociateRQ.
+    seen: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: seen.append(event.assoc))])
+    try:
+        client = acceptor.NodeAE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert len(seen) == 1
+        decoded = seen[0].dul._decode_pdu(bytearray(rawpdu.associate_rq(None)))
+        assert isinstance(decoded[0], acceptor._AssociateRQ) and decoded[1] == "Evt6"
+    finally:
+        server_ae.shutdown()
