@@ -248,6 +248,7 @@ class AcceptorDUL(DULServiceProvider):
         self.event_queue = _WakingQueue(self._wake)
         self.to_provider_queue = _ProviderQueue(self._wake, self, PROVIDER_QUEUE_PDUS_MAX)
         self.to_user_queue = _WakingQueue(assoc.wake)
+        self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
 
     def _wake(self) -> None:
         waker = self._waker
@@ -428,6 +429,8 @@ class AcceptorDUL(DULServiceProvider):
         if received < length:
             self.event_queue.put("Evt17")
             return
+        if pdu_type == 0x04 and self._deliver_store_response(data):
+            return
         try:
             pdu, event = self._decode_pdu(data)
         except Exception as error:
@@ -446,6 +449,25 @@ class AcceptorDUL(DULServiceProvider):
                 cast("AcceptorAssociation", self.assoc).rejection = rejection
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _deliver_store_response(self, data: bytearray) -> bool:
+        """A P-DATA-TF PDU that is one whole plain C-STORE-RSP in one PDV item (the
+        responses to the node's C-GET/C-MOVE sub-operations) goes to DIMSE at once: what
+        pynetdicom's DT-2 does for it in Sta6, without the PDU and primitive objects, the
+        event queue and the state machine. Only in Sta6 with nothing queued ahead of it
+        (order is kept) and while nothing is bound to EVT_DATA_RECV or EVT_PDU_RECV
+        (they are not triggered for it). False: the PDU takes pynetdicom's way."""
+        if self.state_machine.current_state != "Sta6" or self.event_queue.qsize() or self._recv_pdu.qsize():
+            return False
+        if len(data) < 12 or 10 + struct.unpack_from(">L", data, 6)[0] != len(data):
+            return False  # Not exactly one PDV item.
+        if self.assoc.get_handlers(evt.EVT_DATA_RECV) or self.assoc.get_handlers(evt.EVT_PDU_RECV):
+            return False
+        dimse = cast("AcceptorDIMSE", self.assoc.dimse)
+        if not dimse.deliver_store_response(data[10], memoryview(data)[11:]):
+            return False
+        self.store_responses_direct += 1
+        return True
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
         """pynetdicom 3.0.4's DULServiceProvider._decode_pdu, an A-ASSOCIATE-RQ decoded as
@@ -829,6 +851,22 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if not pdvs or len(pdvs) != 1:
             return None
         context_id, data = pdvs[0]
+        return self._plain_store_response(int(context_id), data)
+
+    def deliver_store_response(self, context_id: int, data: bytes | memoryview) -> bool:
+        """The DUL's direct delivery of a P-DATA-TF PDU's one PDV (`data`: its message
+        control header, then the fragment; AcceptorDUL._deliver_store_response): queued
+        as pynetdicom's DT-2 and receive_primitive would queue it, when it is a whole plain
+        C-STORE-RSP and no message is half received. False: nothing done."""
+        if self.message is not None:
+            return False
+        response = self._plain_store_response(context_id, data)
+        if response is None:
+            return False
+        self.msg_queue.put(response)
+        return True
+
+    def _plain_store_response(self, context_id: int, data: bytes | memoryview) -> tuple[int, C_STORE] | None:
         if len(data) < 2 or data[0] != 0x03:  # A command fragment, the last one.
             return None
         handlers = cast("list[tuple[Callable[[Any], None], Any]]", self.assoc.get_handlers(evt.EVT_DIMSE_RECV))
@@ -847,7 +885,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             response.AffectedSOPInstanceUID = fields.sop_instance_uid
         except (TypeError, ValueError):
             return None  # pynetdicom's decoder decides what to make of it.
-        return int(context_id), response
+        return context_id, response
 
     def _send_stored(self, primitive: Any, context_id: int, payload: Any) -> None:
         max_pdu_length = self.maximum_pdu_size

@@ -545,3 +545,64 @@ def test_an_accepted_association_request_builds_its_primitive_once() -> None:
         assert isinstance(decoded[0], acceptor._AssociateRQ) and decoded[1] == "Evt6"
     finally:
         server_ae.shutdown()
+
+
+def test_sub_operation_responses_skip_pynetdicoms_pdu_decoding_only_while_nothing_watches_pdus() -> None:
+    """issue 10: a C-STORE-RSP to a C-GET sub-operation, one plain command in one PDV, goes
+    from the DUL to DIMSE directly (no PDU objects, event queue or state machine), and the
+    counts are the same as pynetdicom's way; with a handler bound to EVT_PDU_RECV every PDU
+    takes pynetdicom's way (the handler sees it)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.sim.process import free_port
+
+    def on_get(event: Any) -> Any:
+        yield 4
+        for _ in range(4):
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+            ds.PatientID = "P"
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            yield 0xFF00, ds
+
+    accepted: list[Any] = []
+    seen_pdus: list[str] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])
+    server_ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=True, scp_role=True)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_GET, on_get),
+                                    (evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    answers = iter([0x0000, 0xB007, 0xA700, 0x0000] * 2)
+
+    def get() -> list[tuple[int, int, int, int]]:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, lambda event: next(answers))])
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        got = [(int(status.Status), int(status.NumberOfCompletedSuboperations),
+                int(status.NumberOfWarningSuboperations), int(status.NumberOfFailedSuboperations))
+               for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+        return got
+
+    try:
+        direct = get()
+        assert direct[-1] == (0xB000, 2, 1, 1)
+        assert accepted[0].dul.store_responses_direct == 4
+        server.bind(evt.EVT_PDU_RECV, lambda event: seen_pdus.append(type(event.pdu).__name__))
+        assert get() == direct
+        assert accepted[1].dul.store_responses_direct == 0
+        assert seen_pdus.count("P_DATA_TF") >= 4 + 2  # The four responses, the C-GET's command and identifier.
+    finally:
+        server_ae.shutdown()
