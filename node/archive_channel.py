@@ -564,11 +564,11 @@ class ChannelServer:
                                              if k in CommitSettings.__dataclass_fields__})
                 references = [Reference(str(c), str(i)) for c, i in header["references"]]
                 # This connection's worker thread waits for it (one per commitment there).
-                result: CommitResult = self._archive.commit(references, settings).result()
+                decided: CommitResult = self._archive.commit(references, settings).result()
                 send_frame(sock, Kind.COMMITTED, {
-                    "committed": [[r.sop_class_uid, r.sop_instance_uid] for r in result.committed],
-                    "failed": [[r.sop_class_uid, r.sop_instance_uid, reason.value] for r, reason in result.failed],
-                    "rounds": result.rounds})
+                    "committed": [[r.sop_class_uid, r.sop_instance_uid] for r in decided.committed],
+                    "failed": [[r.sop_class_uid, r.sop_instance_uid, reason.value] for r, reason in decided.failed],
+                    "rounds": decided.rounds})
             elif kind == Kind.DELETE:
                 deleted = self._archive.delete(DeleteScope(str(header["study"]), str(header.get("series", "")),
                                                            str(header.get("sop_instance", ""))))

@@ -147,8 +147,9 @@ def _count_dimse(front_end: WorkerFrontEnd, archive: ChannelArchive) -> None:
     server = front_end._server
     for event, handler in meter.dimse_handlers():
         server.bind(event, handler)
-    front_end.ae.store_response_hook = acceptor.StoreResponseHook(meter.on_sent, meter.response_sent,
-                                                                  meter.on_received)
+    ae = front_end.ae
+    if isinstance(ae, acceptor.NodeAE):  # Always here: DicomFrontEnd builds a NodeAE.
+        ae.store_response_hook = acceptor.StoreResponseHook(meter.on_sent, meter.response_sent, meter.on_received)
     forwarder.start()
 
 
