@@ -16,6 +16,8 @@ and the table shows medians: the machine is shared and noisy.
   `multipart/related; type="application/dicom"; transfer-syntax=*`, body read by curl; MB/s
   (wall time of the curl process, so it includes its start, ~5 ms, for both systems).
   Checked: every stored byte came back (the sum of part sizes equals the files').
+- wado-small: the same, for one study of `--small-instances` 64 x 64 CT instances (~9 KB
+  each): what a retrieve costs per instance rather than per byte.
 - metadata: GET /studies/{uid}/series/{uid}/metadata of that study's 80-instance series:
   the first request after ingest, then the median of the next ones.
 - fresh (`--fresh-rounds`): the first series /metadata again, on fresh servers each round
@@ -247,11 +249,12 @@ def alternate(measure: Callable[[Server], dict[str, Any]], systems: dict[str, Se
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="stow,wado,metadata,fresh,qido")
+    parser.add_argument("--only", default="stow,wado,wado-small,metadata,fresh,qido")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stow-instances", type=int, default=1000)
     parser.add_argument("--studies", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=50, help="queries of each kind")
+    parser.add_argument("--small-instances", type=int, default=500, help="instances of the 'wado-small' study")
     parser.add_argument("--fresh-rounds", type=int, default=6, help="rounds of fresh servers for 'fresh'")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
@@ -291,6 +294,21 @@ def main(argv: list[str] | None = None) -> int:
             if "wado" in only:
                 report["results"]["wado"] = alternate(lambda server: wado_study(server, study, total), systems,
                                                       args.repeats)
+            for server in systems.values():
+                server.stop()
+            systems = {}
+        if "wado-small" in only:
+            spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=args.small_instances,
+                                        rows=64, cols=64, modalities=("CT",), seed=204)
+            _root, manifest = prepare_dataset(f"dw-small{args.small_instances}", spec, data_dir)
+            study = manifest[0]["study_uid"]
+            total = sum(entry["size"] for entry in manifest)
+            systems = {"pacsnode": start_pacsnode(temp), "orthanc": start_orthanc_dicomweb(temp)}
+            for server in systems.values():
+                workloads.store_dcmtk(server, manifest, Path(_root) / "files", 2, test="dw-small-load",
+                                      verify=False, log_dir=temp)
+            report["results"]["wado_small"] = alternate(lambda server: wado_study(server, study, total), systems,
+                                                        args.repeats)
             for server in systems.values():
                 server.stop()
             systems = {}
@@ -348,6 +366,14 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["wado_study_mb_per_s"] = {name: median_of(runs, "mb_per_s") for name, runs in results["wado"].items()}
         summary["wado_server_cpu_ms"] = {name: median_of(runs, "server_cpu_ms") for name, runs in results["wado"].items()}
         summary["wado_ok"] = all(run["ok"] for runs in results["wado"].values() for run in runs)
+    if "wado_small" in results:
+        runs = results["wado_small"]
+        summary["wado_small_ms"] = {name: median_of([{"ms": run["elapsed_s"] * 1000} for run in values], "ms")
+                                    for name, values in runs.items()}
+        summary["wado_small_server_cpu_ms"] = {name: median_of(values, "server_cpu_ms") for name, values in runs.items()}
+        summary["wado_small_ratio_median"] = round(statistics.median(
+            o["elapsed_s"] / p["elapsed_s"] for p, o in zip(runs["pacsnode"], runs["orthanc"])), 2)
+        summary["wado_small_ok"] = all(run["ok"] for values in runs.values() for run in values)
     if "metadata_first" in results:
         summary["metadata_first_ms"] = {name: round(run["elapsed_ms"], 1)
                                         for name, run in results["metadata_first"].items()}

@@ -233,6 +233,9 @@ class RetrieveResult:
     completed: int           # From the final response (NumberOfCompletedSuboperations).
     failed: int
     final_status: int
+    # Seconds from the start (association included) to the first instance: C-GET, its
+    # first C-STORE arriving; C-MOVE, the first Pending response (one sub-operation done).
+    first_instance_s: float | None = None
 
 
 def _retrieve_query(study_uid: str) -> Dataset:
@@ -247,8 +250,12 @@ def get_study(aec: str, port: int, study_uid: str, sop_classes: Sequence[str]) -
     received = 0
     received_bytes = 0
 
+    first_instance_s: float | None = None
+
     def on_store(event: evt.Event) -> int:
-        nonlocal received, received_bytes
+        nonlocal received, received_bytes, first_instance_s
+        if first_instance_s is None:
+            first_instance_s = time.perf_counter() - started
         received += 1
         request: Any = event.request
         received_bytes += len(request.DataSet.getvalue())
@@ -277,7 +284,7 @@ def get_study(aec: str, port: int, study_uid: str, sop_classes: Sequence[str]) -
         if assoc.is_established:
             assoc.release()
     elapsed_s = time.perf_counter() - started
-    return RetrieveResult(elapsed_s, received, received_bytes, completed, failed, final_status)
+    return RetrieveResult(elapsed_s, received, received_bytes, completed, failed, final_status, first_instance_s)
 
 
 def move_study(aec: str, port: int, study_uid: str, destination_aet: str) -> RetrieveResult:
@@ -286,12 +293,15 @@ def move_study(aec: str, port: int, study_uid: str, destination_aet: str) -> Ret
     started = time.perf_counter()
     assoc = _associate(ae, aec, port)
     final_status, completed, failed = -1, 0, 0
+    first_instance_s: float | None = None
     try:
         for status, _identifier in assoc.send_c_move(_retrieve_query(study_uid), destination_aet,
                                                      StudyRootQueryRetrieveInformationModelMove):
             if "Status" not in status:
                 break
             code = int(status.Status)
+            if first_instance_s is None and code in (0xFF00, 0xFF01):
+                first_instance_s = time.perf_counter() - started
             if code not in (0xFF00, 0xFF01):
                 final_status = code
                 completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
@@ -300,7 +310,7 @@ def move_study(aec: str, port: int, study_uid: str, destination_aet: str) -> Ret
         if assoc.is_established:
             assoc.release()
     elapsed_s = time.perf_counter() - started
-    return RetrieveResult(elapsed_s, 0, 0, completed, failed, final_status)
+    return RetrieveResult(elapsed_s, 0, 0, completed, failed, final_status, first_instance_s)
 
 
 # ---------------------------------------------------------------------------------------

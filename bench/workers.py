@@ -1,52 +1,133 @@
-"""storescu x4 into one node with --dicom-workers K, node CPU per instance summed over the
-node and its worker processes (from /proc). A first, small measurement: not yet the rows
-the task asks for (pynetdicom x1/x4, storescu x1, Orthanc in the same run); see docs/workers.md.
+"""One node with `--dicom-workers K` for each K given, in turn: storescu ingest and getscu
+retrieve, with the node's CPU per instance (node process alone, and summed over the node
+and its worker processes, from /proc). The rows against Orthanc are bench/run.py's
+`pacsnode-workers`; this is the quick A/B between worker counts (docs/workers.md).
 
-    .venv/bin/python bench/workers.py 0 2 0 2     # workers=0, 2, 0, 2 in turn
+    .venv/bin/python bench/workers.py 0 2 0 2                     # K = 0, 2, 0, 2 in turn
+    .venv/bin/python bench/workers.py 0 2 --senders 1 --count 300
+
+Data: the CT 512x512 set bench/run.py generates (bench/work/data/ct512-*/files; run
+`bench/run.py --tests ingest --only pacsnode` once to make it), else 400 copies of
+pydicom's CT_small.dcm. The getscu part retrieves the first study of what was stored,
+`--get-repeats` times (0: no retrieve).
 """
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
 import tempfile
-import sys, time, subprocess, shutil, resource
+import time
 from pathlib import Path
+
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
 from pacsnode.sim.process import NodeProcess, wait_until
-import os, re
-def kids(pid):
-    out=[]
-    for p in os.listdir('/proc'):
-        if p.isdigit():
-            try: st=open(f'/proc/{p}/stat').read().rsplit(') ',1)[1].split()
-            except OSError: continue
-            if int(st[1])==pid: out.append(int(p))
-    return out
-def cpu(pids):
-    t=0
-    for p in pids:
-        try: st=open(f'/proc/{p}/stat').read().rsplit(') ',1)[1].split(); t+=int(st[11])+int(st[12])
-        except OSError: pass
-    return t/os.sysconf('SC_CLK_TCK')
-root = Path(tempfile.gettempdir()) / "pacsnode-bench-workers"; data = root/"data"
-if not data.exists():
-    data.mkdir(parents=True)
-    src = dcmread(get_testdata_file("CT_small.dcm"))
-    for i in range(400):
-        src.SOPInstanceUID = generate_uid(); src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
-        src.StudyInstanceUID = generate_uid() if i % 20 == 0 else src.StudyInstanceUID
-        src.save_as(data/f"{i:04d}.dcm", enforce_file_format=True)
-files = sorted(data.glob("*.dcm"))
-for workers in map(int, sys.argv[1:]):
-    d = root/f"node-w{workers}"; shutil.rmtree(d, ignore_errors=True)
-    node = NodeProcess(d, node_id="b1", extra_args=["--dicom-workers", str(workers)]).start()
-    time.sleep(3)
-    pids=[node.process.pid]+kids(node.process.pid)
-    cpu0=cpu(pids)
-    t0 = time.monotonic()
-    chunks = [files[i::4] for i in range(4)]
-    ps = [subprocess.Popen(["storescu", "127.0.0.1", str(node.dicom_port), "-aec", "PACSNODE", *map(str, c)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in chunks]
-    rcs = [p.wait() for p in ps]
-    dt = time.monotonic() - t0
-    cpu1=cpu(pids)
-    print(f"workers={workers} storescu x4 {len(files)} inst: {len(files)/dt:.0f} inst/s, node CPU {1000*(cpu1-cpu0)/len(files):.1f} ms/inst (summed over node+workers) rcs={rcs}", flush=True)
-    node.stop()
-    shutil.rmtree(d, ignore_errors=True)
+
+BENCH = Path(__file__).resolve().parent
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cpu_s(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _files(count: int, scratch: Path) -> list[Path]:
+    generated = sorted((BENCH / "work" / "data").glob("ct512-*/files"))
+    if generated:
+        return sorted(p for p in generated[0].rglob("*.dcm"))[:count]
+    data = scratch / "ct-small"
+    data.mkdir(parents=True, exist_ok=True)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    for index in range(count):
+        source.SOPInstanceUID = generate_uid()
+        source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+        if index % 20 == 0:
+            source.StudyInstanceUID = generate_uid()
+        source.save_as(data / f"{index:04d}.dcm", enforce_file_format=True)
+    return sorted(data.glob("*.dcm"))
+
+
+def _study_of(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workers", nargs="+", type=int, help="dicom_workers values, run in turn")
+    parser.add_argument("--count", type=int, default=1000, help="instances stored per run")
+    parser.add_argument("--senders", type=int, default=4, help="storescu processes (one association each)")
+    parser.add_argument("--get-repeats", type=int, default=5)
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="pacsnode-bench-workers-"))
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    try:
+        files = _files(args.count, scratch)
+        study = _study_of(files[0])
+        print(f"# {len(files)} files ({files[0].stat().st_size} bytes the first); load {os.getloadavg()[0]:.1f}",
+              flush=True)
+        for workers in args.workers:
+            data_dir = scratch / f"node-w{workers}"
+            node = NodeProcess(data_dir, node_id="bench-w", extra_args=["--dicom-workers", str(workers)]).start()
+            assert node.process is not None
+            if workers:
+                wait_until(lambda: node.log_text().count("dicom.worker.started") >= workers, 60)
+            pid = node.process.pid
+            pids = [pid, *_children(pid)]
+            node0, all0, started = _cpu_s([pid]), _cpu_s(pids), time.monotonic()
+            shares = [files[index::args.senders] for index in range(args.senders)]
+            senders = [subprocess.Popen(["storescu", "-aec", "PACSNODE", "127.0.0.1", str(node.dicom_port),
+                                         *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=env) for share in shares]
+            codes = [sender.wait() for sender in senders]
+            elapsed = time.monotonic() - started
+            node1, all1 = _cpu_s([pid]), _cpu_s(pids)
+            line = (f"workers={workers} storescu x{args.senders}: {len(files) / elapsed:.0f} inst/s, CPU per instance "
+                    f"{1000 * (all1 - all0) / len(files):.2f} ms all processes, {1000 * (node1 - node0) / len(files):.2f} "
+                    f"ms node process; exit codes {sorted(set(codes))}")
+            if args.get_repeats:
+                out = scratch / "out"
+                node0, all0, started, got = _cpu_s([pid]), _cpu_s(pids), time.monotonic(), 0
+                for _ in range(args.get_repeats):
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir()
+                    subprocess.run(["getscu", "-aec", "PACSNODE", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                                    "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(node.dicom_port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False)
+                    got += len(list(out.iterdir()))
+                elapsed = time.monotonic() - started
+                node1, all1 = _cpu_s([pid]), _cpu_s(pids)
+                line += (f" | getscu x{args.get_repeats}: {got / elapsed:.0f} inst/s, CPU per instance "
+                         f"{1000 * (all1 - all0) / max(got, 1):.2f} ms all, {1000 * (node1 - node0) / max(got, 1):.2f} ms node")
+            print(line + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+            node.stop()
+            shutil.rmtree(data_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,14 @@ What pynetdicom 3.0.4 does and what the subclasses change:
 - An exception while decoding a DIMSE message or running the state machine kills the DUL
   thread with a traceback and leaves the peer without an A-ABORT. Here it is one line and
   an A-ABORT.
-- Requests that association_guard.check_request refuses are rejected before negotiation.
+- Requests that association_guard.check_request refuses are rejected before negotiation;
+  the request primitive that check builds is the one negotiation uses (_AssociateRQ:
+  pynetdicom would build it again), and pynetdicom's standard logging handlers, which
+  build their debug lines whatever the log level, are not bound.
+- Its senders of a request on another thread than the reactor's (C-MOVE sub-operations)
+  pause the reactor with a 0.1 ms poll; here they hold responses (responses_held), a
+  flag the reactor reads with its queue check. Pending C-GET/C-MOVE responses, like
+  C-STORE responses, are encoded here as one PDU each.
 - It sends a data set as one P-DATA primitive per fragment, each through its queue, state
   machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
   C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
@@ -31,6 +38,7 @@ said), so the node runs only on a pynetdicom version it was tested with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -43,8 +51,9 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import pynetdicom
 from pydicom.dataset import Dataset
@@ -53,7 +62,7 @@ from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTO
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -213,6 +222,23 @@ def _timer_running(timer: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- DUL
+class _AssociateRQ(A_ASSOCIATE_RQ):
+    """An A-ASSOCIATE-RQ whose request primitive is built once: association_guard's
+    check_request builds it to see that it can be, and pynetdicom's AE-6 builds it again
+    (for dcmtk's getscu, ~120 presentation contexts with roles, each build was ~2-4 ms of
+    pydicom UID validation). `forget_primitive` after changing the request."""
+
+    _primitive: Any = None
+
+    def to_primitive(self) -> Any:
+        if self._primitive is None:
+            self._primitive = super().to_primitive()
+        return self._primitive
+
+    def forget_primitive(self) -> None:
+        self._primitive = None
+
+
 class AcceptorDUL(DULServiceProvider):
     """The DICOM Upper Layer of one accepted association (see the module docstring)."""
 
@@ -222,6 +248,7 @@ class AcceptorDUL(DULServiceProvider):
         self.event_queue = _WakingQueue(self._wake)
         self.to_provider_queue = _ProviderQueue(self._wake, self, PROVIDER_QUEUE_PDUS_MAX)
         self.to_user_queue = _WakingQueue(assoc.wake)
+        self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
 
     def _wake(self) -> None:
         waker = self._waker
@@ -402,6 +429,8 @@ class AcceptorDUL(DULServiceProvider):
         if received < length:
             self.event_queue.put("Evt17")
             return
+        if pdu_type == 0x04 and self._deliver_store_response(data):
+            return
         try:
             pdu, event = self._decode_pdu(data)
         except Exception as error:
@@ -411,6 +440,8 @@ class AcceptorDUL(DULServiceProvider):
         if isinstance(pdu, A_ASSOCIATE_RQ):
             rejection = association_guard.check_request(pdu)
             if rejection is not None:
+                if isinstance(pdu, _AssociateRQ):
+                    pdu.forget_primitive()  # make_negotiable changes the request.
                 if not association_guard.make_negotiable(pdu):
                     self.abort_peer("dicom.pdu.undecodable", ABORT_INVALID_PARAMETER_VALUE, pdu_type="0x01",
                                     error="A_ASSOCIATE_RQ")
@@ -418,6 +449,37 @@ class AcceptorDUL(DULServiceProvider):
                 cast("AcceptorAssociation", self.assoc).rejection = rejection
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _deliver_store_response(self, data: bytearray) -> bool:
+        """A P-DATA-TF PDU that is one whole plain C-STORE-RSP in one PDV item (the
+        responses to the node's C-GET/C-MOVE sub-operations) goes to DIMSE at once: what
+        pynetdicom's DT-2 does for it in Sta6, without the PDU and primitive objects, the
+        event queue and the state machine. Only in Sta6 with nothing queued ahead of it
+        (order is kept) and while nothing is bound to EVT_DATA_RECV or EVT_PDU_RECV
+        (they are not triggered for it). False: the PDU takes pynetdicom's way."""
+        if self.state_machine.current_state != "Sta6" or self.event_queue.qsize() or self._recv_pdu.qsize():
+            return False
+        if len(data) < 12 or 10 + struct.unpack_from(">L", data, 6)[0] != len(data):
+            return False  # Not exactly one PDV item.
+        if self.assoc.get_handlers(evt.EVT_DATA_RECV) or self.assoc.get_handlers(evt.EVT_PDU_RECV):
+            return False
+        dimse = cast("AcceptorDIMSE", self.assoc.dimse)
+        if not dimse.deliver_store_response(data[10], memoryview(data)[11:]):
+            return False
+        self.store_responses_direct += 1
+        return True
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """pynetdicom 3.0.4's DULServiceProvider._decode_pdu, an A-ASSOCIATE-RQ decoded as
+        an _AssociateRQ (its request primitive built once, not twice)."""
+        if bytestream[0:1] != b"\x01":
+            return super()._decode_pdu(bytestream)
+        data = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+        pdu = _AssociateRQ()
+        pdu.decode(data)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"
 
     def _length_max(self, pdu_type: int) -> int:
         if pdu_type == 0x04:
@@ -681,6 +743,12 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status in _PENDING_STATUSES \
                 and self._send_pending_retrieve_response(primitive, context_id):
             return
+        if isinstance(primitive, C_FIND) and primitive.Status in _PENDING_STATUSES \
+                and self._send_pending_find_response(primitive, context_id):
+            return
+        if isinstance(primitive, C_ECHO) and primitive.MessageIDBeingRespondedTo is not None \
+                and self._send_echo_response(primitive, context_id):
+            return
         payload = raw_send.stored_payload(primitive)
         if payload is None:
             super().send_msg(primitive, context_id)
@@ -729,8 +797,32 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             remaining=primitive.NumberOfRemainingSuboperations, completed=primitive.NumberOfCompletedSuboperations,
             failed=primitive.NumberOfFailedSuboperations, warning=primitive.NumberOfWarningSuboperations))
 
+    def _send_echo_response(self, primitive: C_ECHO, context_id: int) -> bool:
+        """Send a plain C-ECHO-RSP as one encoded PDU: through pynetdicom's message, its
+        pydicom encoding and state machine it was about a third of a node's CPU per
+        association + C-ECHO + release. False: not sent, the caller sends it the usual way."""
+        message_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
+        if primitive.ErrorComment is not None or status is None or message_id is None:
+            return False
+        return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.echo_response_pdu(
+            context_id, self.maximum_pdu_size, message_id_responded=int(message_id), status=int(status),
+            sop_class_uid=primitive.AffectedSOPClassUID))
+
+    def _send_pending_find_response(self, primitive: C_FIND, context_id: int) -> bool:
+        """Send a Pending C-FIND-RSP and its Identifier (already encoded by pynetdicom's
+        C-FIND service class) as encoded PDUs: through pynetdicom's message, its command
+        set's pydicom encoding and its state machine, that was ~40% of a node's GIL time on
+        a 200-row C-FIND. False: not sent, the caller sends it the usual way."""
+        message_id, status, identifier = primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.Identifier
+        if primitive.ErrorComment is not None or primitive.OffendingElement is not None or status is None \
+                or message_id is None or not isinstance(identifier, BytesIO):
+            return False
+        return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.find_response_pdus(
+            context_id, self.maximum_pdu_size, message_id_responded=int(message_id), status=int(status),
+            sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()))
+
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
-                               encode: Callable[[], bytes | None]) -> bool:
+                               encode: Callable[[], "bytes | pdata.EncodedPData | None"]) -> bool:
         """Queue a response that `encode` made as one PDU, behind what is queued already.
         EVT_DIMSE_SENT is not triggered for it, so this is done only when the one handler
         bound to that event is the AE's StoreResponseHook, which is told directly; False
@@ -744,7 +836,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return False
         if hook is not None and handlers:
             hook.direct(self.assoc, message_id, status)
-        cast(AcceptorDUL, self.dul).send_encoded(pdata.EncodedPData((pdu,), len(pdu), 1))
+        cast(AcceptorDUL, self.dul).send_encoded(pdu if isinstance(pdu, pdata.EncodedPData)
+                                                 else pdata.EncodedPData((pdu,), len(pdu), 1))
         return True
 
     def _store_response(self, primitive: Any) -> tuple[int, C_STORE] | None:
@@ -758,6 +851,22 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if not pdvs or len(pdvs) != 1:
             return None
         context_id, data = pdvs[0]
+        return self._plain_store_response(int(context_id), data)
+
+    def deliver_store_response(self, context_id: int, data: bytes | memoryview) -> bool:
+        """The DUL's direct delivery of a P-DATA-TF PDU's one PDV (`data`: its message
+        control header, then the fragment; AcceptorDUL._deliver_store_response): queued
+        as pynetdicom's DT-2 and receive_primitive would queue it, when it is a whole plain
+        C-STORE-RSP and no message is half received. False: nothing done."""
+        if self.message is not None:
+            return False
+        response = self._plain_store_response(context_id, data)
+        if response is None:
+            return False
+        self.msg_queue.put(response)
+        return True
+
+    def _plain_store_response(self, context_id: int, data: bytes | memoryview) -> tuple[int, C_STORE] | None:
         if len(data) < 2 or data[0] != 0x03:  # A command fragment, the last one.
             return None
         handlers = cast("list[tuple[Callable[[Any], None], Any]]", self.assoc.get_handlers(evt.EVT_DIMSE_RECV))
@@ -776,7 +885,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             response.AffectedSOPInstanceUID = fields.sop_instance_uid
         except (TypeError, ValueError):
             return None  # pynetdicom's decoder decides what to make of it.
-        return int(context_id), response
+        return context_id, response
 
     def _send_stored(self, primitive: Any, context_id: int, payload: Any) -> None:
         max_pdu_length = self.maximum_pdu_size
@@ -822,7 +931,7 @@ class AcceptorAssociation(Association):
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
-        _unbind_dimse_logging(self)
+        _unbind_standard_logging(self)
         self._work = threading.Event()
         self.rejection: association_guard.Rejection | None = None
         self.retrieve_refused = False  # See refuse_retrieve().
@@ -834,9 +943,46 @@ class AcceptorAssociation(Association):
         self.network_timeout = self.network_timeout
         self._reactor_checkpoint = _Checkpoint(self._work.set)
         self._reactor_checkpoint.set()
+        # See responses_held(): while set, the reactor leaves the DIMSE queue alone.
+        self._responses_lock = threading.Lock()
+        self._responses_held = False
+        self._scu_contexts: dict[str, list[tuple[str, int]]] | None = None
 
     def wake(self) -> None:
         self._work.set()
+
+    def scu_contexts(self) -> dict[str, list[tuple[str, int]]]:
+        """The accepted contexts we may send C-STOREs in, by SOP class (node/raw_send.py
+        scu_context_table), made once: they do not change after negotiation."""
+        table = self._scu_contexts
+        if table is None:
+            table = self._scu_contexts = raw_send.scu_context_table(self.accepted_contexts)
+        return table
+
+    @contextlib.contextmanager
+    def responses_held(self) -> Iterator[None]:
+        """For a thread other than the reactor's that sends a request and waits for its
+        response (node/raw_send.py: C-MOVE sub-operations): the reactor takes nothing off
+        the DIMSE queue meanwhile, so the response stays for the sender. pynetdicom's way
+        is to pause the reactor (clear its checkpoint, then poll `_is_paused` every 0.1 ms
+        until it has woken and stopped): ~0.25 ms per sub-operation here. This is a flag
+        that the reactor reads under a lock with its queue check (_run_reactor); the
+        reactor keeps watching for release, abort and the idle timeout."""
+        with self._responses_lock:
+            self._responses_held = True
+        try:
+            yield
+        finally:
+            with self._responses_lock:
+                self._responses_held = False
+            self._work.set()  # A request that came meanwhile is served now.
+
+    def _next_request(self) -> tuple[int | None, Any]:
+        """The reactor's look at the DIMSE queue: nothing while a sender holds responses."""
+        with self._responses_lock:
+            if self._responses_held:
+                return None, None
+            return self.dimse.get_msg(block=False)
 
     def kill(self) -> None:
         self._work.set()
@@ -849,7 +995,8 @@ class AcceptorAssociation(Association):
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's Association._run_reactor, waiting on an Event instead of
-        sleeping 1 ms per loop, and logging the idle timeout as an event line."""
+        sleeping 1 ms per loop, logging the idle timeout as an event line, and leaving
+        the DIMSE queue alone while a sender holds responses (responses_held)."""
         self._is_paused = False
         first = True
         while not self._kill:
@@ -866,7 +1013,7 @@ class AcceptorAssociation(Association):
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
-            context_id, msg = self.dimse.get_msg(block=False)
+            context_id, msg = self._next_request()
             if msg:
                 self._serve_request(msg, cast(int, context_id))
                 # Serving it was activity: pynetdicom's idle timer is restarted only by
@@ -957,15 +1104,20 @@ class AcceptorRequestHandler(RequestHandler):
         return assoc
 
 
-def _unbind_dimse_logging(owner: Any) -> None:
-    """Drop the EVT_DIMSE_RECV and EVT_DIMSE_SENT handlers pynetdicom binds by default (its
-    "standard" debug-log handlers; called before the node binds its own, node/metrics.py):
-    for a received C-STORE the receive handler calls `data_set.getvalue()` just to print
-    "Present", which for a data set spooled to a file (node/spool.py) read the whole
+def _unbind_standard_logging(owner: Any) -> None:
+    """Drop the EVT_DIMSE_RECV, EVT_DIMSE_SENT, EVT_PDU_RECV and EVT_PDU_SENT handlers
+    pynetdicom binds by default (its "standard" debug-log handlers, which build their log
+    lines whatever the log level; called before the node binds its own, node/metrics.py):
+    for a received C-STORE the DIMSE receive handler calls `data_set.getvalue()` just to
+    print "Present", which for a data set spooled to a file (node/spool.py) read the whole
     instance back into memory (a 200 MB spike per store); the send handler formats every
     response, and being bound it kept C-STORE responses on pynetdicom's slow path
-    (AcceptorDIMSE._send_store_response). The node logs its own one-line events instead."""
-    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+    (AcceptorDIMSE._send_store_response); the PDU receive handler describes every
+    A-ASSOCIATE-RQ, looking up each proposed context's role in a role table it rebuilds
+    for each (quadratic: dcmtk's getscu proposes ~120 contexts with roles, and that was
+    the largest single cost of accepting its association). The node logs its own
+    one-line events instead."""
+    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
         for handler in list(owner.get_handlers(event)):
             owner.unbind(event, handler[0] if isinstance(handler, tuple) else handler)
 
@@ -976,7 +1128,7 @@ class AcceptorServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = AcceptorRequestHandler
         super().__init__(*args, **kwargs)
-        _unbind_dimse_logging(self)
+        _unbind_standard_logging(self)
         # Copied once, here, so that a later change to the AE's contexts cannot reach the
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))
@@ -1026,7 +1178,7 @@ class RequestorAssociation(AcceptorAssociation):
 @dataclass(frozen=True)
 class StoreResponseHook:
     """An EVT_DIMSE_SENT handler and its direct form: a response that AcceptorDIMSE sends
-    without a pynetdicom message (a C-STORE-RSP, a Pending C-GET-RSP/C-MOVE-RSP) calls
+    without a pynetdicom message (a C-STORE-RSP, C-ECHO-RSP, a Pending C-GET-RSP/C-MOVE-RSP/C-FIND-RSP) calls
     `direct(assoc, message_id_responded, status)` instead of the event. Sent so only
     while `handler` is the only EVT_DIMSE_SENT handler bound; anything else bound gets
     every message as pynetdicom sends it. Likewise for received C-STORE responses and

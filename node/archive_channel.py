@@ -34,6 +34,8 @@ worker that died is removed when the store next opens.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import enum
 import json
 import logging
@@ -57,13 +59,17 @@ from pacsnode.replication.archive import (
     WriteResult,
     WriteStatus,
 )
+from pacsnode.replication.commitment import CommitResult, CommitSettings, FailureReason, Reference
+from pacsnode.replication.delete_coordinator import DeleteResult, DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, Instance
 
 log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct(">IBI")
+DIMSE_SERVICES = frozenset({"C-STORE", "C-GET", "C-FIND", "C-MOVE", "C-ECHO"})  # node/metrics.py's services.
 FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
+COMMITS_AT_ONCE = 4  # Storage Commitment checks one worker waits for at once (node/commitment.py reporters).
 AUDIT_LINE_MAX = 64 * 1024  # One audit message (node/audit.py caps its free text at 200 characters).
 
 
@@ -75,6 +81,11 @@ class Kind(enum.IntEnum):
     LOCATE = 4
     READ = 5
     AUDIT = 6  # One audit message line for the node's audit trail; not answered.
+    METRICS = 7  # Answered DIMSE requests, [service, status, seconds] each, for /metrics; not answered.
+    DELETE = 8  # A study, series or instance to delete (an IOCM rejection note's reference).
+    COMMIT = 9  # A Storage Commitment check: answered when every instance is decided.
+    SLOT = 10  # May this worker accept one more association? (max_associations, shared)
+    SLOT_FREE = 11  # An association that had a slot ended; not answered.
     # node -> worker
     STORED = 20
     ROW = 21
@@ -87,6 +98,10 @@ class Kind(enum.IntEnum):
     WELCOME = 28
     DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
     DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
+    DELETED = 31  # How a DELETE ended.
+    COMMITTED = 32  # A COMMIT's result: committed and failed references.
+    SLOT_GRANTED = 33
+    SLOT_REFUSED = 34
 
 
 class StoreFrameError(Exception):
@@ -172,7 +187,80 @@ def _attributes(data: Any) -> Attributes:
     return {str(k): (list(map(str, v)) if isinstance(v, list) else str(v)) for k, v in data.items()}
 
 
+class AssociationSlots:
+    """The node's `max_associations`, shared by its DICOM workers: a worker takes a slot
+    for each association it would accept and gives it back when the association ends;
+    the slots a channel connection holds are given back when it closes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[socket.socket, int] = {}
+        self._lock = threading.Lock()
+
+    def in_use(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    def acquire(self, holder: socket.socket) -> bool:
+        with self._lock:
+            if sum(self._held.values()) >= self.limit:
+                return False
+            self._held[holder] = self._held.get(holder, 0) + 1
+            return True
+
+    def release(self, holder: socket.socket) -> None:
+        with self._lock:
+            held = self._held.get(holder, 0)
+            if held <= 1:
+                self._held.pop(holder, None)
+            else:
+                self._held[holder] = held - 1
+
+    def release_all(self, holder: socket.socket) -> None:
+        with self._lock:
+            self._held.pop(holder, None)
+
+
 # ----------------------------------------------------------------------------- worker side
+class SlotClient:
+    """A worker's side of the shared association slots: one connection of its own (the
+    node counts slots per connection), used by one thread at a time. A broken channel
+    refuses (no slot: the association is rejected as busy, never accepted uncounted)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._sock.connect(self._path)
+                send_frame(self._sock, Kind.SLOT, {})
+                kind, _, _ = recv_frame(self._sock)
+            except (OSError, ChannelError) as error:
+                self._close()
+                log.error("dicom.worker.slot_unavailable error=%s", type(error).__name__)
+                return False
+            return kind == Kind.SLOT_GRANTED
+
+    def release(self) -> None:
+        with self._lock:
+            if self._sock is None:
+                return  # Its connection closed: the node gave back everything it held.
+            try:
+                send_frame(self._sock, Kind.SLOT_FREE, {})
+            except (OSError, ChannelError):
+                self._close()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class ChannelArchive:
     """The Archive calls of the DICOM front end, answered by the node over the channel.
 
@@ -184,6 +272,8 @@ class ChannelArchive:
         self._local = threading.local()
         self._blob_files = blob_files
         self._blob_file_bytes_min = blob_file_bytes_min
+        self._lock = threading.Lock()
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None  # Made at the first commit.
 
     def _connection(self) -> socket.socket:
         sock = getattr(self._local, "sock", None)
@@ -281,6 +371,47 @@ class ChannelArchive:
             self._drop()
             log.error("audit.forward_failed error=%s", type(error).__name__)
 
+    def metrics(self, observations: list[list[Any]]) -> None:
+        """Send answered DIMSE requests to the node's /metrics (node/metrics.py DimseForwarder);
+        on a broken channel they are dropped, and that is logged."""
+        try:
+            send_frame(self._connection(), Kind.METRICS, {"observations": observations})
+        except (OSError, ChannelError) as error:
+            self._drop()
+            log.error("metrics.forward_failed error=%s", type(error).__name__)
+
+    def commit(self, references: list[Reference], settings: CommitSettings) -> "concurrent.futures.Future[CommitResult]":
+        """A Storage Commitment check by the node (node/runtime.py ClusterArchive.commit):
+        the node answers once every instance is decided (up to the settings' timeout); the
+        future ends then, on a thread of this process (node/commitment.py CommitmentScp)."""
+        with self._lock:
+            if self._committer is None:
+                self._committer = concurrent.futures.ThreadPoolExecutor(max_workers=COMMITS_AT_ONCE,
+                                                                        thread_name_prefix="pacsnode-commit")
+            committer = self._committer
+        return committer.submit(self._commit, list(references), settings)
+
+    def _commit(self, references: list[Reference], settings: CommitSettings) -> CommitResult:
+        kind, answer, _ = self._call(Kind.COMMIT, {
+            "references": [[r.sop_class_uid, r.sop_instance_uid] for r in references],
+            "settings": dataclasses.asdict(settings)})
+        if kind != Kind.COMMITTED:
+            raise ChannelError(f"unexpected answer {kind.name} to COMMIT")
+        return CommitResult(
+            committed=tuple(Reference(str(c), str(i)) for c, i in answer["committed"]),
+            failed=tuple((Reference(str(c), str(i)), FailureReason(reason)) for c, i, reason in answer["failed"]),
+            rounds=int(answer.get("rounds", 0)))
+
+    def delete(self, scope: DeleteScope) -> DeleteResult:
+        """Delete through the node (node/runtime.py ClusterArchive.delete): what an IOCM
+        rejection note received by this worker asks (node/iocm.py RejectionNotes)."""
+        kind, answer, _ = self._call(Kind.DELETE, {"study": scope.study_instance_uid, "series": scope.series_instance_uid,
+                                                   "sop_instance": scope.sop_instance_uid})
+        if kind != Kind.DELETED:
+            raise ChannelError(f"unexpected answer {kind.name} to DELETE")
+        return DeleteResult(DeleteStatus(answer["status"]), instances=int(answer.get("instances", 0)),
+                            acked=int(answer.get("acked", 0)), message=str(answer.get("message", "")))
+
     def locate(self, query: Query) -> RetrievePlan:
         kind, answer, _ = self._call(Kind.LOCATE, {"query": query_to_json(query)})
         if kind != Kind.PLAN:
@@ -340,6 +471,10 @@ class ChannelServer:
         self._lock = threading.Lock()
         self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
         self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
+        self.on_metrics: Callable[[str, int, float], None] | None = None  # A worker's answered request.
+        # Association slots (node/workers.py AssociationSlots): taken and given back per
+        # connection; a connection's slots are given back when it closes (its worker died).
+        self.slots: "AssociationSlots | None" = None
         self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-channel", daemon=True)
 
     def start(self) -> None:
@@ -381,6 +516,8 @@ class ChannelServer:
         finally:
             with self._lock:
                 self._connections.discard(sock)
+            if self.slots is not None:
+                self.slots.release_all(sock)
             sock.close()
 
     def _answer(self, sock: socket.socket, kind: Kind, header: dict[str, Any], body: bytes) -> None:
@@ -396,6 +533,25 @@ class ChannelServer:
             if self.on_audit is not None:
                 self.on_audit(line)
             return
+        if kind == Kind.SLOT:
+            granted = self.slots.acquire(sock) if self.slots is not None else True
+            send_frame(sock, Kind.SLOT_GRANTED if granted else Kind.SLOT_REFUSED, {})
+            return
+        if kind == Kind.SLOT_FREE:
+            if self.slots is not None:
+                self.slots.release(sock)
+            return
+        if kind == Kind.METRICS:
+            observations = header.get("observations")
+            if not isinstance(observations, list):
+                raise ChannelError("a metrics frame carries a list of observations")
+            for item in observations:
+                if not (isinstance(item, list) and len(item) == 3 and item[0] in DIMSE_SERVICES
+                        and isinstance(item[1], int) and isinstance(item[2], (int, float))):
+                    raise ChannelError("a metrics observation is [service, status, seconds]")
+                if self.on_metrics is not None:
+                    self.on_metrics(item[0], item[1], float(item[2]))
+            return
         try:
             if kind == Kind.STORE:
                 result = self._archive.store(_instance(header, body, self._blob_files))
@@ -403,6 +559,21 @@ class ChannelServer:
                                                "message": result.message, "latency_ms": result.latency_ms})
             elif kind == Kind.FIND:
                 self._find(sock, query_from_json(header["query"]))
+            elif kind == Kind.COMMIT:
+                settings = CommitSettings(**{k: v for k, v in header["settings"].items()
+                                             if k in CommitSettings.__dataclass_fields__})
+                references = [Reference(str(c), str(i)) for c, i in header["references"]]
+                # This connection's worker thread waits for it (one per commitment there).
+                decided: CommitResult = self._archive.commit(references, settings).result()
+                send_frame(sock, Kind.COMMITTED, {
+                    "committed": [[r.sop_class_uid, r.sop_instance_uid] for r in decided.committed],
+                    "failed": [[r.sop_class_uid, r.sop_instance_uid, reason.value] for r, reason in decided.failed],
+                    "rounds": decided.rounds})
+            elif kind == Kind.DELETE:
+                deleted = self._archive.delete(DeleteScope(str(header["study"]), str(header.get("series", "")),
+                                                           str(header.get("sop_instance", ""))))
+                send_frame(sock, Kind.DELETED, {"status": deleted.status.value, "instances": deleted.instances,
+                                                "acked": deleted.acked, "message": deleted.message})
             elif kind == Kind.LOCATE:
                 plan = self._archive.locate(query_from_json(header["query"]))
                 send_frame(sock, Kind.PLAN, {"locations": [location_to_json(l) for l in plan.locations],

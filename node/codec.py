@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 
@@ -30,10 +31,23 @@ def compress(part10: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(part10)
 
 
+_THREAD = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor. Making one costs more than decompressing a small
+    instance (500 x 9 KB blobs: 10.7 ms with a new one each, 2.1 ms with one reused, thread
+    CPU at load 5.4); each `decompress` call starts its frame afresh, after an error too."""
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_THREAD, "decompressor", None)
+    if decompressor is None:
+        decompressor = _THREAD.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
 def decompress(blob: bytes, what: str = "instance") -> bytes:
     """The Part-10 bytes of a blob; CorruptBlob when the frame or its checksum is bad."""
     try:
-        return zstandard.ZstdDecompressor().decompress(blob)
+        return _decompressor().decompress(blob)
     except zstandard.ZstdError as error:
         raise CorruptBlob(f"blob of {what} failed its checksum: {error}") from error
 

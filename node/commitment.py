@@ -169,7 +169,8 @@ class CommitmentScp:
 
     @staticmethod
     def supported(archive: Any) -> bool:
-        """Only an archive with a cluster check serves it (not the worker channel, yet)."""
+        """Only an archive with a cluster check serves it (the node's, or a DICOM worker's
+        channel to it)."""
         return callable(getattr(archive, "commit", None))
 
     # ------------------------------------------------------------------ N-ACTION

@@ -28,11 +28,13 @@ import socket
 import threading
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.utils import make_target
 
-from pacsnode.node import acceptor, tls
-from pacsnode.node.archive_channel import ChannelArchive, Kind, recv_frame, send_frame
+from pacsnode.node import acceptor, association_guard, tls
+from pacsnode.node.archive_channel import ChannelArchive, Kind, SlotClient, recv_frame, send_frame
 from pacsnode.node.blob_files import BlobFiles
+from pacsnode.node.metrics import DimseForwarder, Metrics
 from pacsnode.node.store import blobs_directory, store_directory
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
@@ -110,6 +112,47 @@ class WorkerFrontEnd(DicomFrontEnd):
         log.info("dicom.worker.tls_reloaded pid=%d", os.getpid())
 
 
+def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> None:
+    """max_associations across the workers: a request this worker would accept takes one
+    of the node's slots first (rejected busy, as pynetdicom rejects at its own limit, when
+    none is left) and gives it back when its connection closes."""
+    def take(event: Any) -> None:
+        assoc = event.assoc
+        if getattr(assoc, "rejection", None) is not None or not assoc.is_acceptor:
+            return  # Rejected already (association_guard), or our own C-MOVE sub-association.
+        if slots.acquire():
+            assoc.slot_held = True
+            return
+        assoc.rejection = association_guard.Rejection(association_guard.RejectReason.BUSY,
+                                                      association_guard.RESULT_TRANSIENT,
+                                                      association_guard.SOURCE_PROVIDER_PRESENTATION, 0x02)
+        association_guard.on_requested(event)  # Logged and rejected as the guard's own.
+
+    def give_back(event: Any) -> None:
+        assoc = event.assoc
+        if getattr(assoc, "slot_held", False):
+            assoc.slot_held = False
+            slots.release()
+
+    server = front_end._server
+    server.bind(evt.EVT_REQUESTED, take)
+    server.bind(evt.EVT_CONN_CLOSE, give_back)
+
+
+def _count_dimse(front_end: WorkerFrontEnd, archive: ChannelArchive) -> None:
+    """Count and time this worker's DIMSE requests as the node counts its own
+    (node/http_views.py bind_dimse_metrics), forwarded to the node's /metrics."""
+    forwarder = DimseForwarder(archive.metrics)
+    meter = Metrics(dimse_sink=forwarder.add)
+    server = front_end._server
+    for event, handler in meter.dimse_handlers():
+        server.bind(event, handler)
+    ae = front_end.ae
+    if isinstance(ae, acceptor.NodeAE):  # Always here: DicomFrontEnd builds a NodeAE.
+        ae.store_response_hook = acceptor.StoreResponseHook(meter.on_sent, meter.response_sent, meter.on_received)
+    forwarder.start()
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -153,6 +196,8 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     security = WorkerSecurity(config, archive, audited=audited)
     front_end = WorkerFrontEnd(config, archive, security=security, blob_files=blob_files)  # type: ignore[arg-type]
     front_end.start()
+    _count_dimse(front_end, archive)
+    _share_association_slots(front_end, SlotClient(channel_path))
     signal.signal(signal.SIGHUP, lambda _s, _f: front_end.reload_tls())
     send_frame(control, Kind.HELLO, {"worker": index, "pid": os.getpid()})
     kind, _, _ = recv_frame(control)

@@ -72,9 +72,16 @@ STATUS_PROCESSING_FAILURE = 0x0110
 STOW_PARTS_IN_FLIGHT = 8  # Parts of one STOW-RS request stored at once (their bytes are in memory).
 # WADO-RS reads: instances per hand-off from the reader threads to the HTTP loop, and how
 # many such groups are read ahead (up to READ_GROUPS_AHEAD x READ_GROUP_BYTES in memory,
-# plus one instance over the mark per group).
+# plus one instance over the mark per group). A group is read in order on one thread:
+# 32 small instances (a 500 x 9 KB study: 16 groups instead of 125 hand-offs) where a
+# 525 KB CT makes groups of 4.
 READ_GROUP_BYTES = 2 * 1024**2
-READ_GROUP_INSTANCES = 4
+READ_GROUP_INSTANCES = 32
+# Instances smaller than SMALL_PART_BYTES go out with their part headers in one write of
+# up to COALESCE_BYTES: a write through Starlette, uvicorn and the socket costs more than
+# copying a few small parts into one.
+SMALL_PART_BYTES = 64 * 1024
+COALESCE_BYTES = 256 * 1024
 READ_GROUPS_AHEAD = 8  # As 8 single reads were before grouping: reads from peers still overlap 8 at a time.
 
 
@@ -380,10 +387,12 @@ class DicomWeb:
                      audited: tuple[Caller, list[InstanceLocation], int] | None = None, *,
                      exact: bool = False) -> AsyncIterator[bytes]:
         """The multipart body: each part's header, then its bytes (the stored ones unless a
-        transcode was asked), never copied into one string. With `exact` (Content-Length
-        stated), each instance must be as long as the index said."""
+        transcode was asked); instances under SMALL_PART_BYTES are joined with their part
+        headers into writes of about COALESCE_BYTES, bigger ones never copied. With `exact`
+        (Content-Length stated), each instance must be as long as the index said."""
         sent = 0
         finished = False
+        small = _SmallParts()  # Not yet written.
         reads = self._read_all(sendable)
         try:
             index = 0
@@ -396,6 +405,9 @@ class DicomWeb:
                         if exact and len(body) != location.part10_bytes:
                             raise ReadError(f"instance {location.sop_instance_uid} changed length since the "
                                             "retrieve began")
+                        if small.parts:
+                            sent += small.parts
+                            yield small.take()
                         yield heads[index]
                         # Decompressed a chunk at a time on the reader threads (the first one with
                         # its group), each next one while the one before it is sent: one read in
@@ -427,12 +439,27 @@ class DicomWeb:
                     # Another copy won a conflict since the plan was made: the stated length
                     # is wrong, and a body of another length must not look complete.
                     raise ReadError(f"instance {location.sop_instance_uid} changed length since the retrieve began")
+                if len(part10) < SMALL_PART_BYTES:
+                    index += 1
+                    if small.add(heads[index - 1], part10):
+                        sent += small.parts
+                        yield small.take()
+                    continue
+                if small.parts:
+                    sent += small.parts
+                    yield small.take()
                 yield heads[index]
                 yield part10
                 index += 1
                 sent += 1
+            if small.parts:
+                sent += small.parts
+                yield small.take()
             finished = True
         except (ReadError, TranscodeError, CorruptBlob) as error:
+            if small.parts:  # The instances before the unreadable one go out whole.
+                sent += small.parts
+                yield small.take()
             # The status line has gone: break the body off (no closing delimiter), so that
             # the client sees a failed transfer, never a complete-looking short one.
             log.error("dicomweb.retrieve.unreadable sent=%d reason=%s", sent, error)
@@ -801,6 +828,28 @@ def _read_groups(sendable: list[tuple[InstanceLocation, str]]) -> list[list[tupl
 
 def _next_chunk(stream: Part10Stream) -> bytes:
     return stream.read_chunk(CHUNK_BYTES)
+
+
+class _SmallParts:
+    """Parts under SMALL_PART_BYTES (each its header and its bytes) kept to go out in one
+    write of about COALESCE_BYTES."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._bytes = 0
+        self.parts = 0
+
+    def add(self, head: bytes, part10: bytes) -> bool:
+        """Keep one part; True when the write is full."""
+        self._pieces += (head, part10)
+        self._bytes += len(head) + len(part10)
+        self.parts += 1
+        return self._bytes >= COALESCE_BYTES
+
+    def take(self) -> bytes:
+        joined = b"".join(self._pieces)
+        self._pieces, self._bytes, self.parts = [], 0, 0
+        return joined
 
 
 @dataclasses.dataclass

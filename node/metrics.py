@@ -113,7 +113,12 @@ class Metrics:
     """One node's registry: request instruments plus the node's own figures."""
 
     def __init__(self, figures: Callable[[], dict[str, float]] = dict,
-                 extra: Callable[[], dict[str, float]] = dict) -> None:
+                 extra: Callable[[], dict[str, float]] = dict,
+                 dimse_sink: Callable[[str, int, float], None] | None = None) -> None:
+        """`dimse_sink(service, status, seconds)`: where each answered DIMSE request goes
+        instead of this registry's instruments (a DICOM worker process forwards them to
+        its node, DimseForwarder)."""
+        self._dimse_sink = dimse_sink
         self.registry = CollectorRegistry(auto_describe=False)
         self.http_requests = Counter("pacsnode_http_requests", "HTTP requests answered, by route and status.",
                                      ["route", "method", "status"], registry=self.registry)
@@ -181,5 +186,50 @@ class Metrics:
         if opened is None:
             return
         service, started = opened
+        seconds = time.monotonic() - started
+        if self._dimse_sink is not None:
+            self._dimse_sink(service, status, seconds)
+            return
+        self.observe_dimse(service, status, seconds)
+
+    def observe_dimse(self, service: str, status: int, seconds: float) -> None:
+        """One answered DIMSE request (here, or in a DICOM worker: node/workers.py)."""
         self.dimse_requests.labels(service, f"0x{status:04X}").inc()
-        self.dimse_latency.labels(service).observe(time.monotonic() - started)
+        self.dimse_latency.labels(service).observe(seconds)
+
+
+class DimseForwarder:
+    """A DICOM worker's answered requests, sent to the node's /metrics in batches (a
+    METRICS frame a second, node/archive_channel.py) by a daemon thread."""
+
+    INTERVAL_S = 1.0
+    BATCH_MAX = 10_000  # Kept when the channel is down; older ones dropped past this.
+
+    def __init__(self, send: Callable[[list[list[Any]]], None]) -> None:
+        self._send = send
+        self._pending: list[list[Any]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="pacsnode-metrics-forward", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, service: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self._pending.append([service, status, round(seconds, 6)])
+            if len(self._pending) > self.BATCH_MAX:
+                del self._pending[: len(self._pending) - self.BATCH_MAX]
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._send(batch)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.INTERVAL_S)
+            try:
+                self.flush()
+            except Exception as error:  # Never the worker's end: the next batch tries again.
+                log.error("metrics.forward_failed error=%s", type(error).__name__)

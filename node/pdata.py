@@ -129,11 +129,28 @@ def store_response_pdu(context_id: int, max_pdu_length: int, *, message_id_respo
     """One P-DATA-TF PDU carrying a C-STORE-RSP command set (PS3.7 9.3.1.2) with no Error
     Comment or Offending Element, as pynetdicom 3.0.4 encodes it (an unset UID is left
     out); None when the peer's maximum PDU length cannot take it in one fragment."""
+    return _plain_response_pdu(context_id, max_pdu_length, C_STORE_RSP_FIELD, message_id_responded, status,
+                               sop_class_uid, sop_instance_uid)
+
+
+C_ECHO_RSP_FIELD = 0x8030
+
+
+def echo_response_pdu(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                      sop_class_uid: str | None) -> bytes | None:
+    """One P-DATA-TF PDU carrying a C-ECHO-RSP command set (PS3.7 9.3.5.2) with no Error
+    Comment, as pynetdicom 3.0.4 encodes it; None when it does not fit one fragment."""
+    return _plain_response_pdu(context_id, max_pdu_length, C_ECHO_RSP_FIELD, message_id_responded, status,
+                               sop_class_uid, None)
+
+
+def _plain_response_pdu(context_id: int, max_pdu_length: int, command_field: int, message_id_responded: int,
+                        status: int, sop_class_uid: str | None, sop_instance_uid: str | None) -> bytes | None:
     elements = []
     if sop_class_uid is not None:
         elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
     elements += [
-        _command_element(0x0100, _US.pack(C_STORE_RSP_FIELD)),
+        _command_element(0x0100, _US.pack(command_field)),
         _command_element(0x0120, _US.pack(message_id_responded)),
         _command_element(0x0800, _US.pack(NO_DATA_SET)),
         _command_element(0x0900, _US.pack(status)),
@@ -178,6 +195,37 @@ def retrieve_response_pdu(context_id: int, max_pdu_length: int, *, command_field
     if 0 < max_pdu_length < len(command) + 6:
         return None
     return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+
+
+C_FIND_RSP_FIELD = 0x8020
+
+
+def find_response_pdus(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                       sop_class_uid: str | None, identifier: bytes) -> EncodedPData | None:
+    """A Pending C-FIND-RSP (PS3.7 9.1.2.1.2) with its Identifier, as pynetdicom 3.0.4
+    encodes it: the command set (no Error Comment or Offending Element; an unset UID left
+    out) in one PDU, then the encoded Identifier's data-set PDUs. None when the command
+    does not fit one fragment of the peer's maximum PDU length."""
+    elements = []
+    if sop_class_uid is not None:
+        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
+    elements += [
+        _command_element(0x0100, _US.pack(C_FIND_RSP_FIELD)),
+        _command_element(0x0120, _US.pack(message_id_responded)),
+        _command_element(0x0800, _US.pack(DATA_SET_PRESENT)),
+        _command_element(0x0900, _US.pack(status)),
+    ]
+    body = b"".join(elements)
+    command = _command_element(0x0000, _UL.pack(len(body))) + body
+    if 0 < max_pdu_length < len(command) + 6:
+        return None
+    buffers: list[bytes | memoryview] = [pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command]
+    size, pdus = len(buffers[0]), 1
+    for batch in encode_data_set(identifier, context_id, max_pdu_length, batch_bytes=1 << 62):
+        buffers.extend(batch.buffers)
+        size += batch.size
+        pdus += batch.pdus
+    return EncodedPData(tuple(buffers), size, pdus)
 
 
 @dataclass(frozen=True)

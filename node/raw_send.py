@@ -83,12 +83,28 @@ def send_c_store_or_stored(
     return send_c_store(dataset, *args, **kwargs)
 
 
-def _accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
-    return [
-        str(cx.transfer_syntax[0])
-        for cx in assoc.accepted_contexts
-        if cx.abstract_syntax == sop_class_uid and cx.as_scu
-    ]
+def _scu_contexts(assoc: Association, sop_class_uid: str) -> list[tuple[str, int]]:
+    """(transfer syntax, context id) of each accepted context in which we may send a
+    C-STORE of this SOP class (we are its SCU), in context id order: the contexts
+    pynetdicom's `_get_valid_context(sop_class, syntax, "scu", allow_conversion=False)`
+    picks from, first match wins. The node's associations keep this table from the first
+    sub-operation on (`scu_contexts`): pynetdicom sorts and scans every accepted context
+    twice per sub-operation otherwise (~120 for dcmtk's getscu)."""
+    table = getattr(assoc, "scu_contexts", None)
+    if table is not None:
+        found: list[tuple[str, int]] = table().get(sop_class_uid, [])
+        return found
+    return scu_context_table(assoc.accepted_contexts).get(sop_class_uid, [])
+
+
+def scu_context_table(accepted_contexts: list[Any]) -> dict[str, list[tuple[str, int]]]:
+    """{SOP class UID: [(transfer syntax, context id), ...]} of accepted contexts in our
+    SCU role, in context id order (see _scu_contexts)."""
+    table: dict[str, list[tuple[str, int]]] = {}
+    for cx in sorted(accepted_contexts, key=lambda cx: int(cx.context_id or 0)):
+        if cx.as_scu is True and cx.context_id is not None:
+            table.setdefault(str(cx.abstract_syntax), []).append((str(cx.transfer_syntax[0]), int(cx.context_id)))
+    return table
 
 
 def _send_stored(
@@ -101,10 +117,10 @@ def _send_stored(
 ) -> Dataset:
     if not assoc.is_established:
         raise RuntimeError("association is not established")
-    accepted = _accepted_syntaxes(assoc, str(stored.SOPClassUID))
+    contexts = _scu_contexts(assoc, str(stored.SOPClassUID))
     part10, offset = stored.load()  # Raises on a missing or corrupt blob: sub-op fails.
     try:
-        return _send_loaded(assoc, stored, part10, offset, accepted, msg_id, priority, originator_aet,
+        return _send_loaded(assoc, stored, part10, offset, contexts, msg_id, priority, originator_aet,
                             originator_id)
     finally:
         if isinstance(part10, Part10Stream):
@@ -112,8 +128,9 @@ def _send_stored(
 
 
 def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Part10Stream", offset: int,
-                 accepted: list[str], msg_id: int, priority: int, originator_aet: str | None,
+                 contexts: list[tuple[str, int]], msg_id: int, priority: int, originator_aet: str | None,
                  originator_id: int | None) -> Dataset:
+    accepted = [syntax for syntax, _context_id in contexts]
     sop_class = str(stored.SOPClassUID)
     sop_instance = str(stored.SOPInstanceUID)
     stored_syntax = stored.stored_transfer_syntax
@@ -135,7 +152,7 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
         if isinstance(part10, Part10Stream):
             part10 = part10.read_all()  # Transcoding decodes the whole instance anyway.
         payload = _transcode(part10, syntax)
-    context = assoc._get_valid_context(sop_class, UID(syntax), "scu", allow_conversion=False)
+    context_id = next(context_id for accepted_syntax, context_id in contexts if accepted_syntax == syntax)
     request = C_STORE()
     request.MessageID = msg_id
     request.Priority = priority
@@ -144,35 +161,47 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
     request.AffectedSOPClassUID = sop_class
     request.AffectedSOPInstanceUID = sop_instance
     request.DataSet = _DatasetView(payload)
+    response = _exchange(assoc, request, context_id)
+    if response is None:
+        reason = _no_response(assoc, sop_instance)
+        # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
+        raise SubOperationNoResponse(f"no response to the C-STORE of {sop_instance} ({reason.value})")
+    return assoc._check_received_status(response)
+
+
+def _exchange(assoc: Association, request: C_STORE, context_id: int) -> Any:
+    """Send the request and wait for its response (None if none came), keeping the
+    association's reactor from taking the response off the DIMSE queue meanwhile."""
+    if threading.current_thread() is assoc:
+        # C-GET sub-operations: we run on the reactor's own thread, inside its handler;
+        # nothing else reads the queue.
+        assoc.dimse.send_msg(request, context_id)
+        return assoc.dimse.get_msg(block=True)[1]
+    held = getattr(assoc, "responses_held", None)
+    if held is not None:
+        # The node's associations (node/acceptor.py): a flag the reactor reads with its
+        # queue check, no pause handshake (C-MOVE sub-operations).
+        with held():
+            assoc.dimse.send_msg(request, context_id)
+            return assoc.dimse.get_msg(block=True)[1]
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
     # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
     # before a wait that does not block while the checkpoint is still set), and the reactor
     # can then take our C-STORE response off the queue ("Received unexpected C-STORE
-    # service message"). Clearing the flag ourselves makes us wait for a fresh pause --
-    # except when we run on the association's own reactor thread (C-GET sub-operations),
-    # which pynetdicom marks paused while it runs our handler.
+    # service message"). Clearing the flag ourselves makes us wait for a fresh pause.
     assoc._reactor_checkpoint.clear()
-    if threading.current_thread() is not assoc:
-        assoc._is_paused = False
+    assoc._is_paused = False
     deadline = time.monotonic() + 30
     while not assoc._is_paused:
         if time.monotonic() > deadline:
             assoc._reactor_checkpoint.set()
             raise RuntimeError("association reactor did not pause")
         time.sleep(0.0001)
-    context_id = context.context_id
-    if context_id is None:  # An accepted context always has one.
-        raise RuntimeError("the presentation context has no id")
     try:
         assoc.dimse.send_msg(request, context_id)
-        _cx_id, response = assoc.dimse.get_msg(block=True)
+        return assoc.dimse.get_msg(block=True)[1]
     finally:
         assoc._reactor_checkpoint.set()
-    if response is None:
-        reason = _no_response(assoc, sop_instance)
-        # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
-        raise SubOperationNoResponse(f"no response to the C-STORE of {sop_instance} ({reason.value})")
-    return assoc._check_received_status(response)
 
 
 class SubOperationNoResponse(Exception):

@@ -501,6 +501,8 @@ class Node:
             self.front_end.start()
         self.security.started(self.config.dicom_tls_port if self.workers is not None else self.front_end.tls_port)
         bind_dimse_metrics(self, self.http)
+        if self.workers is not None:
+            self.workers.count_dimse(self.http.metrics.observe_dimse)
         self.http.start()
         stats = self.store.statistics()
         log.info(

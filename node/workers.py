@@ -10,16 +10,15 @@ Security: each worker applies the access table, serves DICOM TLS on `dicom_tls_p
 appends to its own audit trail (and syslog receiver). `reload_certificates` forwards the
 node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
 
-Not done yet: `max_associations` is split between the workers (each enforces
-ceil(max_associations / K)), not a shared counter; the workers' DIMSE counters (and their
-refused-association counts) are not in the node's /metrics.
+`max_associations` is shared: the node holds the slots (AssociationSlots), a worker takes
+one per association it accepts. The workers' DIMSE requests reach the node's /metrics
+(count_dimse). Not done yet: their refused-association counts are not in /metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -29,10 +28,10 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, Callable
 
 from pacsnode.node import dicom_worker
-from pacsnode.node.archive_channel import ChannelServer
+from pacsnode.node.archive_channel import AssociationSlots, ChannelServer
 from pacsnode.node.blob_files import BlobFiles
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
@@ -51,6 +50,8 @@ class WorkerPool:
         self._directory = tempfile.mkdtemp(prefix="pacsnode-ch-")  # 0700: only this user reaches the channel.
         self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive, blob_files)
         self._channel.on_hello = self._on_hello
+        self.slots = AssociationSlots(config.max_associations)
+        self._channel.slots = self.slots
         if audit is not None:
             self._channel.on_audit = audit.write_line  # The workers' DICOM audit messages.
         self._hello = threading.Condition()
@@ -63,6 +64,10 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._restarts = 0
         self._supervisor = threading.Thread(target=self._supervise, name="pacsnode-workers", daemon=True)
+
+    def count_dimse(self, observe: Callable[[str, int, float], None]) -> None:
+        """Where the workers' answered DIMSE requests go (the node's Metrics.observe_dimse)."""
+        self._channel.on_metrics = observe
 
     @property
     def restarts(self) -> int:
@@ -77,8 +82,9 @@ class WorkerPool:
             self._hello.notify_all()
 
     def _worker_config(self) -> NodeConfig:
-        return dataclasses.replace(self._config, dicom_port=self.port,
-                                   max_associations=max(1, math.ceil(self._config.max_associations / self._count)))
+        # Each worker may take all of max_associations itself; together they take no more
+        # than that, by the shared slots (AssociationSlots, asked over the channel).
+        return dataclasses.replace(self._config, dicom_port=self.port)
 
     def start(self) -> None:
         # Hold the port (bound, never listening) so that port 0 resolves to one number for all workers.

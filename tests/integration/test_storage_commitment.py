@@ -227,3 +227,21 @@ def test_a_malformed_request_is_refused(cluster: list[NodeProcess], modality: Mo
         assert int(status.Status) == 0x0123
     finally:
         assoc.release()
+
+
+def test_committed_through_dicom_workers(node_factory, modality: Modality, root: Path) -> None:  # type: ignore[no-untyped-def]
+    # A worker takes the N-ACTION, the node checks the copies (ChannelArchive.commit over
+    # the worker channel), the worker sends the N-EVENT-REPORT on the same association.
+    node = node_factory.start("commit-workers", extra_args=[
+        "--dicom-workers", "2", "--storage-commitment-timeout-s", str(TIMEOUT_S),
+        "--destination", f"{MODALITY}=127.0.0.1:{modality.port}"])
+    assert wait_until(lambda: node.log_text().count("dicom.worker.started") >= 2, 30)
+    manifest = _study_set(root, "workers", seed=57)
+    _store(node, manifest)
+    unknown = ("1.2.840.10008.5.1.4.1.1.2", generate_uid())
+    transaction_uid, status = modality.request(node.dicom_port, [*_refs(manifest), unknown], wait_open_s=20)
+    assert status == 0
+    via, event_type, info = modality.report(transaction_uid, 20)
+    assert (via, event_type) == ("same", 2)  # Some failed: event type 2.
+    assert _committed(info) == {e["sop_uid"] for e in manifest}
+    assert _failed(info) == {unknown[1]: 0x0112}

@@ -356,3 +356,253 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
         assert foreign == [0xFF00] * 3 + [0xB000] and len(direct) == 3
     finally:
         server_ae.shutdown()
+
+
+def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
+    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
+    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
+    response stays for the sender, without pausing the reactor); released, the reactor
+    reads the queue again."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", free_port()), block=False)
+    requestor = acceptor.NodeAE(ae_title="NODE")
+    requestor.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    try:
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+        assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
+
+        def response() -> C_STORE:
+            primitive = C_STORE()
+            primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
+            return primitive
+
+        with assoc.responses_held():
+            held = response()
+            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
+            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
+            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
+            assert assoc.dimse.get_msg(block=False) == (1, held)
+        assoc.dimse.msg_queue.put((1, response()))
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
+        assoc.release()
+    finally:
+        requestor.shutdown()
+        scp.shutdown()
+
+
+def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
+    """issue 10: pynetdicom's "standard" handlers build their debug lines whatever the log
+    level; the one for a received A-ASSOCIATE-RQ is quadratic in the proposed contexts with
+    roles (dcmtk getscu proposes ~120) and was the largest cost of accepting its
+    association. Neither accepted nor requested associations have them bound."""
+    from pynetdicom import AE, evt
+    from pynetdicom._handlers import (
+        standard_dimse_recv_handler,
+        standard_dimse_sent_handler,
+        standard_pdu_recv_handler,
+        standard_pdu_sent_handler,
+    )
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    standard = {standard_dimse_recv_handler, standard_dimse_sent_handler, standard_pdu_recv_handler,
+                standard_pdu_sent_handler}
+    events = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
+
+    def bound(owner: Any) -> set[Any]:
+        handlers = {handler[0] if isinstance(handler, tuple) else handler
+                    for event in events for handler in owner.get_handlers(event)}
+        return handlers & standard
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    try:
+        assert bound(server) == set()
+        client = acceptor.NodeAE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and bound(assoc) == set()
+        assert assoc.send_c_echo().Status == 0x0000
+        assert len(accepted) == 1 and bound(accepted[0]) == set()
+        assoc.release()
+        plain = AE(ae_title="PLAIN")  # pynetdicom's own association binds them: the check can fail.
+        plain.add_requested_context(Verification)
+        other = plain.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert bound(other) == standard
+        other.release()
+    finally:
+        server_ae.shutdown()
+
+
+def test_scu_context_table_picks_the_context_pynetdicom_would_and_is_made_once() -> None:
+    """issue 10: C-GET/C-MOVE sub-operations look their presentation context up in a table
+    made once per association (node/raw_send.py scu_context_table) instead of pynetdicom's
+    sort and scan of every accepted context, twice per sub-operation. The table's first
+    match is the context `_get_valid_context(..., "scu", allow_conversion=False)` returns;
+    contexts where we may not act as SCU are not in it."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.node import raw_send
+    from pacsnode.sim.process import free_port
+
+    syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"]
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in (CTImageStorage, MRImageStorage):
+        server_ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        for syntax in syntaxes:  # One context per syntax, CT twice in Explicit VR LE.
+            client.add_requested_context(CTImageStorage, syntax)
+        client.add_requested_context(CTImageStorage, syntaxes[0])
+        client.add_requested_context(MRImageStorage, syntaxes[1])  # No SCP role for MR: we are not its SCU.
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)])
+        assert assoc.is_established and len(accepted) == 1
+        server_side = accepted[0]
+        table = server_side.scu_contexts()
+        assert server_side.scu_contexts() is table  # Made once.
+        assert set(table) == {CTImageStorage}
+        assert [syntax for syntax, _ in table[CTImageStorage]] == [syntaxes[0], syntaxes[1], syntaxes[2], syntaxes[0]]
+        for syntax in syntaxes:
+            first = next(context_id for accepted_syntax, context_id in table[CTImageStorage] if accepted_syntax == syntax)
+            expected = server_side._get_valid_context(CTImageStorage, syntax, "scu", allow_conversion=False)
+            assert first == expected.context_id
+        assert raw_send.scu_context_table(server_side.accepted_contexts) == table
+        assoc.release()
+    finally:
+        server_ae.shutdown()
+
+
+def test_an_accepted_association_request_builds_its_primitive_once() -> None:
+    """issue 10: association_guard.check_request builds the A-ASSOCIATE primitive to see
+    that it can be built, pynetdicom's AE-6 built it again (pydicom validates every UID
+    each time: ~2-4 ms for getscu's ~120 contexts). The acceptor's DUL decodes requests
+    as _AssociateRQ, which keeps the first; a request changed for its rejection
+    (make_negotiable) builds a new one."""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    built: list[int] = []
+
+    class Counting(acceptor._AssociateRQ):
+        def to_primitive(self) -> Any:
+            primitive = super().to_primitive()
+            built.append(id(primitive))
+            return primitive
+
+    pdu = Counting()
+    pdu.decode(rawpdu.associate_rq(None))
+    assert association_guard.check_request(pdu) is None
+    first = pdu.to_primitive()
+    assert pdu.to_primitive() is first and len(set(built)) == 1  # One primitive, however often asked.
+    pdu.forget_primitive()
+    assert pdu.to_primitive() is not first
+
+    rejected = acceptor._AssociateRQ()
+    rejected.decode(rawpdu.associate_rq([rawpdu.presentation_context(2, rawpdu.VERIFICATION, [rawpdu.IMPLICIT_VR_LE])]))
+    assert association_guard.check_request(rejected) is not None
+    rejected.forget_primitive()
+    assert association_guard.make_negotiable(rejected)
+    assert rejected.to_primitive().presentation_context_definition_list == []
+
+    # A real association: the DUL decodes the request as _AssociateRQ.
+    seen: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: seen.append(event.assoc))])
+    try:
+        client = acceptor.NodeAE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert len(seen) == 1
+        decoded = seen[0].dul._decode_pdu(bytearray(rawpdu.associate_rq(None)))
+        assert isinstance(decoded[0], acceptor._AssociateRQ) and decoded[1] == "Evt6"
+    finally:
+        server_ae.shutdown()
+
+
+def test_sub_operation_responses_skip_pynetdicoms_pdu_decoding_only_while_nothing_watches_pdus() -> None:
+    """issue 10: a C-STORE-RSP to a C-GET sub-operation, one plain command in one PDV, goes
+    from the DUL to DIMSE directly (no PDU objects, event queue or state machine), and the
+    counts are the same as pynetdicom's way; with a handler bound to EVT_PDU_RECV every PDU
+    takes pynetdicom's way (the handler sees it)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.sim.process import free_port
+
+    def on_get(event: Any) -> Any:
+        yield 4
+        for _ in range(4):
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+            ds.PatientID = "P"
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            yield 0xFF00, ds
+
+    accepted: list[Any] = []
+    seen_pdus: list[str] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])
+    server_ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=True, scp_role=True)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_GET, on_get),
+                                    (evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    answers = iter([0x0000, 0xB007, 0xA700, 0x0000] * 2)
+
+    def get() -> list[tuple[int, int, int, int]]:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, lambda event: next(answers))])
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        got = [(int(status.Status), int(status.NumberOfCompletedSuboperations),
+                int(status.NumberOfWarningSuboperations), int(status.NumberOfFailedSuboperations))
+               for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+        return got
+
+    try:
+        direct = get()
+        assert direct[-1] == (0xB000, 2, 1, 1)
+        assert accepted[0].dul.store_responses_direct == 4
+        server.bind(evt.EVT_PDU_RECV, lambda event: seen_pdus.append(type(event.pdu).__name__))
+        assert get() == direct
+        assert accepted[1].dul.store_responses_direct == 0
+        assert seen_pdus.count("P_DATA_TF") >= 4 + 2  # The four responses, the C-GET's command and identifier.
+    finally:
+        server_ae.shutdown()

@@ -42,3 +42,6 @@ def test_compress_round_trip_and_corruption_is_detected() -> None:
     damaged[len(damaged) // 2] ^= 0xFF
     with pytest.raises(CorruptBlob):
         decompress(bytes(damaged))
+    with pytest.raises(CorruptBlob):
+        decompress(blob[: len(blob) // 2])  # Cut short.
+    assert decompress(blob) == data  # The thread's decompressor, reused after the errors.

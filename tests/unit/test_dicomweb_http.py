@@ -163,7 +163,8 @@ def _parts(reply: httpx.Response) -> list[bytes]:
 
 def test_an_unreadable_instance_breaks_the_body_off_after_the_ones_before_it(
         served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
-    """Reads go in groups (node/dicomweb.py READ_GROUP_INSTANCES): an instance that cannot
+    """Reads go in groups (node/dicomweb.py READ_GROUP_INSTANCES), small instances out in
+    joined writes (SMALL_PART_BYTES): an instance that cannot
     be read ends the body right there, after the instances before it in its group, and
     without the closing delimiter, so the client sees a failed transfer."""
     study = study_set[0][0]["study_uid"]

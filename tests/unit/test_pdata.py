@@ -274,3 +274,61 @@ def test_command_goes_first_in_the_first_batch() -> None:
         bytes(b) for batch in plain for b in batch.buffers)
     assert batches[0].size == len(command) + plain[0].size and batches[0].pdus == plain[0].pdus + 1
     assert list(pdata.with_command(command, iter(()))) == [pdata.EncodedPData((command,), 20, 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sop_class=st.none() | st.sampled_from(["1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.1.1"]),
+       message_id=st.integers(0, 0xFFFF), status=st.sampled_from([0xFF00, 0xFF01]),
+       identifier_size=st.sampled_from([2, 10, 300, 16_376, 16_377, 40_000]),
+       context_id=st.sampled_from([1, 3, 255]), max_pdu_length=st.sampled_from([0, 16_384, 262_144]))
+def test_pending_find_response_is_pynetdicoms_bytes(sop_class: str | None, message_id: int, status: int,
+                                                    identifier_size: int, context_id: int,
+                                                    max_pdu_length: int) -> None:
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+
+    identifier = os.urandom(identifier_size)
+    response = C_FIND()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.Status = status
+    response.Identifier = BytesIO(identifier)
+    message = C_FIND_RSP()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    ours = pdata.find_response_pdus(context_id, max_pdu_length, message_id_responded=message_id, status=status,
+                                    sop_class_uid=sop_class, identifier=identifier)
+    assert ours is not None
+    assert b"".join(bytes(buffer) for buffer in ours.buffers) == expected
+    assert ours.size == len(expected)
+
+
+def test_pending_find_response_too_big_for_the_peers_pdu_is_left_to_pynetdicom() -> None:
+    fields = dict(message_id_responded=1, status=0xFF00, sop_class_uid="1.2.840.10008.5.1.4.1.2.2.1",
+                  identifier=b"\x10\x00\x10\x00\x02\x00\x00\x00AB")
+    response = pdata.find_response_pdus(1, 0, **fields)  # type: ignore[arg-type]
+    assert response is not None
+    command = response.buffers[0]
+    fits = len(command) - pdata.HEADER_BYTES + 6
+    assert pdata.find_response_pdus(1, fits, **fields) is not None  # type: ignore[arg-type]
+    assert pdata.find_response_pdus(1, fits - 1, **fields) is None  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sop_class=st.none() | st.just("1.2.840.10008.1.1"), message_id=st.integers(0, 0xFFFF),
+       status=st.sampled_from([0x0000, 0x0122, 0x0210, 0xC000]), context_id=st.sampled_from([1, 3, 255]),
+       max_pdu_length=st.sampled_from([0, 16_384]))
+def test_echo_response_is_pynetdicoms_bytes(sop_class: str | None, message_id: int, status: int, context_id: int,
+                                            max_pdu_length: int) -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RSP
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    response = C_ECHO()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.Status = status
+    message = C_ECHO_RSP()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    assert pdata.echo_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
+                                   sop_class_uid=sop_class) == expected

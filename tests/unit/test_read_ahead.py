@@ -74,3 +74,34 @@ def test_closing_early_gives_the_budget_back() -> None:
         ahead.close()
     assert budget.used_bytes == 0
     assert len(reads.started) <= 4
+
+
+def test_prefetch_reads_the_first_instances_before_the_first_step_and_only_once() -> None:
+    """C-MOVE: the first instances are read while the sub-association is set up; the
+    iteration then takes those reads, it does not read them again."""
+    reads = _Reads()
+    budget = spool.InflightBudget(10_000)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ahead = RetrieveReadAhead(pool, reads, budget, window=2)
+        locations = _locations(5)
+        ahead.prefetch(locations)
+        deadline = time.monotonic() + 5
+        while len(reads.started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(reads.started) == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]  # Nothing iterated yet.
+        loaded = [dataset.load() for dataset in ahead.stored(locations)]
+        ahead.close()
+    assert [part10.rstrip(b"\x00") for part10, _ in loaded] == [f"1.2.3.{i}".encode() for i in range(5)]
+    assert sorted(reads.started) == [f"1.2.3.{i}" for i in range(5)]  # Each read once.
+    assert budget.used_bytes == 0
+
+
+def test_closing_after_prefetch_without_a_step_gives_the_budget_back() -> None:
+    """A C-MOVE whose destination refuses the sub-association never iterates."""
+    reads = _Reads()
+    budget = spool.InflightBudget(10_000)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ahead = RetrieveReadAhead(pool, reads, budget, window=2)
+        ahead.prefetch(_locations(5))
+        ahead.close()
+    assert budget.used_bytes == 0

@@ -1,0 +1,67 @@
+"""C-FIND identifiers built as raw elements (node/find_rows.py) encode to the same bytes as
+the general path (DicomFrontEnd._response, pydicom DataElements), in both little-endian
+transfer syntaxes; rows the fast path cannot take are left to the general path."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pynetdicom.dsutils import encode
+
+from pacsnode.node import find_rows
+from pacsnode.node.dicom import DicomFrontEnd
+from pacsnode.replication.matching import Query
+
+REQUESTED = ["QueryRetrieveLevel", "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate",
+             "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+             "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+             "RetrieveAETitle", "InstanceAvailability"]
+FRONT_END = SimpleNamespace(_config=SimpleNamespace(ae_title="PACSNODE"))
+
+
+def _general(level: str, requested: list[str], row: dict[str, Any]) -> Any:
+    return DicomFrontEnd._response(FRONT_END, Query(level, ()), requested, row)  # type: ignore[arg-type]
+
+
+def _both(level: str, requested: list[str], row: dict[str, Any], implicit: bool) -> tuple[bytes, bytes]:
+    fast = find_rows.ascii_response(requested, row, level, "PACSNODE", implicit, True)
+    assert fast is not None
+    return encode(fast, implicit, True), encode(_general(level, requested, row), implicit, True)
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_a_study_row_encodes_as_the_general_path_does(implicit: bool) -> None:
+    row = {"PatientName": "DOE^JOHN", "PatientID": "12345", "PatientBirthDate": "19700101", "PatientSex": "M",
+           "StudyInstanceUID": "1.2.840.113619.2.55.3", "StudyDate": "20240131", "StudyTime": "101500.123",
+           "AccessionNumber": "A1", "StudyID": "7", "StudyDescription": "CT CHEST", "ModalitiesInStudy": ["CT", "SR"],
+           "NumberOfStudyRelatedInstances": "123"}
+    fast, general = _both("STUDY", REQUESTED, row, implicit)
+    assert fast == general
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(REQUESTED[2:15]),
+                              st.one_of(st.none(), st.just(""), st.text(alphabet="ABC^ 0123456789.-", max_size=9),
+                                        st.lists(st.text(alphabet="ABCDE", min_size=1, max_size=4), max_size=3))),
+       implicit=st.booleans())
+def test_any_ascii_row_encodes_as_the_general_path_does(values: dict[str, Any], implicit: bool) -> None:
+    count = values.get("NumberOfStudyRelatedInstances")
+    parts = count if isinstance(count, list) else [count] if isinstance(count, str) else []
+    if any(part and str(int(part)) != part if part.lstrip("-").isdigit() else part for part in parts):
+        # Not an integer as pydicom writes it (it empties or rewrites it): the general way.
+        assert find_rows.ascii_response(REQUESTED, values, "STUDY", "PACSNODE", implicit, True) is None
+        return
+    fast, general = _both("STUDY", REQUESTED, values, implicit)
+    assert fast == general
+
+
+def test_rows_the_fast_path_cannot_take_go_the_general_way() -> None:
+    assert find_rows.ascii_response(["PatientName"], {"PatientName": "MÜLLER^HANS"}, "STUDY", "AE", True, True) is None
+    assert find_rows.ascii_response(["NoSuchKeyword"], {}, "STUDY", "AE", True, True) is None
+    # A binary number (US) and a sequence are not text.
+    assert find_rows.ascii_response(["Rows"], {"Rows": "512"}, "IMAGE", "AE", True, True) is None
+    assert find_rows.ascii_response(["ReferencedStudySequence"], {}, "STUDY", "AE", True, True) is None
