@@ -245,6 +245,9 @@ class Workload:
         # study -> [[started, ended or -1], ...] of study deletes: a store into the study that
         # overlaps one may be deleted by it (an owner deletes every older instance it holds).
         self._study_deletes: dict[str, list[list[int]]] = {}
+        # sop -> [[started, ended or -1], ...] of the deletes that named it: a read that
+        # overlaps one may or may not see the instance (either is right), so it is not expected.
+        self._delete_windows: dict[str, list[list[int]]] = {}
         # Corrections: every modify sent, by study (the corrections checker judges them); a
         # patient merge adds one per study the clients knew under that PatientID.
         self.modifies: dict[str, list[ModifyOp]] = {}
@@ -362,6 +365,11 @@ class Workload:
         if writes:
             self.acked_by_study.get(writes[0].study_instance_uid, set()).discard(sop)
 
+    def _deleted_during(self, sop: str, study_instance_uid: str, started_ms: int, ended_ms: int) -> bool:
+        """A delete naming the instance, or its whole study, overlapped [started, ended]."""
+        return any(start <= ended_ms and (end < 0 or end >= started_ms)
+                   for start, end in [*self._delete_windows.get(sop, ()), *self._study_deletes.get(study_instance_uid, ())])
+
     def _overlaps_a_store(self, sop: str, started_ms: int, ended_ms: int) -> bool:
         return any(start <= ended_ms and (end < 0 or end >= started_ms) for start, end in self._store_windows.get(sop, ()))
 
@@ -382,6 +390,8 @@ class Workload:
         window = [record.started_ms, -1]
         if not sop_instance_uid:
             self._study_deletes.setdefault(study_instance_uid, []).append(window)
+        for sop in targets:
+            self._delete_windows.setdefault(sop, []).append(window)
         try:
             result: DeleteResult | None = await self._at_node(
                 "delete", node_id, lambda process: process.deletes.delete(scope), record)
@@ -544,6 +554,7 @@ class Workload:
         expected = {w[0].study_instance_uid for w in self.acked.values()
                     if self.patient_id_of(w[0].study_instance_uid) == patient_id}
         expected -= self.patient_unknown
+        instances = {study: set(self.acked_by_study.get(study, ())) for study in expected}
         query = Query(level="STUDY", conditions=(Condition("PatientID", "LO", patient_id),),
                       return_keys=("StudyInstanceUID", "PatientID"))
 
@@ -564,6 +575,9 @@ class Workload:
         expected = {s for s in expected if s not in self.patient_unknown and not any(
             start <= record.ended_ms and (end < 0 or end >= record.started_ms)
             for start, end in self._merge_windows.get(s, ()))}
+        # A study whose every instance a delete overlapping the find named may be gone either way.
+        expected = {s for s in expected if not instances[s] or not all(
+            self._deleted_during(sop, s, record.started_ms, record.ended_ms) for sop in instances[s])}
         if found is not None:
             # Answered either way. "flagged": the node said part of the archive could not be
             # asked (the client gets a failure status, never Success). "incomplete": it said
@@ -590,6 +604,8 @@ class Workload:
         plan: RetrievePlan | None = await self._at_node(
             "retrieve", node_id, lambda process: process.coordinator.locate(query), record)
         record.ended_ms = self.cluster.now_ms()
+        expected = {sop for sop in expected if not self._deleted_during(
+            sop, study_instance_uid, record.started_ms, record.ended_ms)}  # Either way is right.
         if plan is not None:
             record.ok = True  # Answered; the status says how (as for find).
             located = {location.sop_instance_uid for location in plan.locations}
@@ -612,7 +628,7 @@ class Workload:
         node_id = node_id or self.pick_node()
         record = OpRecord("find-study", node_id, self.cluster.now_ms())
         self.history.append(record)
-        expected = len(self.acked_by_study.get(study_instance_uid, ()))
+        acked = set(self.acked_by_study.get(study_instance_uid, ()))
         query = Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study_instance_uid),),
                       return_keys=("StudyInstanceUID", "NumberOfStudyRelatedInstances"))
         flagged = False
@@ -630,6 +646,8 @@ class Workload:
 
         count: int | None = await self._at_node("find-study", node_id, work, record)
         record.ended_ms = self.cluster.now_ms()
+        expected = sum(1 for sop in acked if not self._deleted_during(  # A delete overlapping: either way.
+            sop, study_instance_uid, record.started_ms, record.ended_ms))
         if count is not None:
             record.ok = True
             record.status = "flagged" if flagged else "success" if count >= expected else "stale"
