@@ -97,6 +97,28 @@ def _padded(value: str, pad: bytes) -> bytes:
     return encoded + pad if len(encoded) % 2 else encoded
 
 
+def _command_pdu(context_id: int, max_pdu_length: int, elements: list[bytes]) -> bytes | None:
+    """A command set (its group length first) as one P-DATA-TF PDU, marked last; None when
+    the peer's maximum PDU length cannot take it in one fragment."""
+    body = b"".join(elements)
+    command = _command_element(0x0000, _UL.pack(len(body))) + body
+    if 0 < max_pdu_length < len(command) + 6:
+        return None
+    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+
+
+def _response_elements(command_field: int, message_id_responded: int, status: int, sop_class_uid: str | None,
+                       data_set_type: int) -> list[bytes]:
+    """The elements every response command set starts with, in tag order (an unset UID left out)."""
+    elements = [_command_element(0x0002, _padded(sop_class_uid, b"\x00"))] if sop_class_uid is not None else []
+    return elements + [
+        _command_element(0x0100, _US.pack(command_field)),
+        _command_element(0x0120, _US.pack(message_id_responded)),
+        _command_element(0x0800, _US.pack(data_set_type)),
+        _command_element(0x0900, _US.pack(status)),
+    ]
+
+
 def store_command_pdu(context_id: int, max_pdu_length: int, *, message_id: int, priority: int,
                       sop_class_uid: str, sop_instance_uid: str, move_originator_aet: str | None = None,
                       move_originator_message_id: int | None = None) -> bytes | None:
@@ -117,11 +139,7 @@ def store_command_pdu(context_id: int, max_pdu_length: int, *, message_id: int, 
         elements.append(_command_element(0x1030, _padded(move_originator_aet, b" ")))
     if move_originator_message_id is not None:
         elements.append(_command_element(0x1031, _US.pack(move_originator_message_id)))
-    body = b"".join(elements)
-    command = _command_element(0x0000, _UL.pack(len(body))) + body
-    if 0 < max_pdu_length < len(command) + 6:
-        return None
-    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+    return _command_pdu(context_id, max_pdu_length, elements)
 
 
 def store_response_pdu(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
@@ -146,22 +164,10 @@ def echo_response_pdu(context_id: int, max_pdu_length: int, *, message_id_respon
 
 def _plain_response_pdu(context_id: int, max_pdu_length: int, command_field: int, message_id_responded: int,
                         status: int, sop_class_uid: str | None, sop_instance_uid: str | None) -> bytes | None:
-    elements = []
-    if sop_class_uid is not None:
-        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
-    elements += [
-        _command_element(0x0100, _US.pack(command_field)),
-        _command_element(0x0120, _US.pack(message_id_responded)),
-        _command_element(0x0800, _US.pack(NO_DATA_SET)),
-        _command_element(0x0900, _US.pack(status)),
-    ]
+    elements = _response_elements(command_field, message_id_responded, status, sop_class_uid, NO_DATA_SET)
     if sop_instance_uid is not None:
         elements.append(_command_element(0x1000, _padded(sop_instance_uid, b"\x00")))
-    body = b"".join(elements)
-    command = _command_element(0x0000, _UL.pack(len(body))) + body
-    if 0 < max_pdu_length < len(command) + 6:
-        return None
-    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+    return _command_pdu(context_id, max_pdu_length, elements)
 
 
 C_GET_RSP_FIELD = 0x8010
@@ -178,23 +184,11 @@ def retrieve_response_pdu(context_id: int, max_pdu_length: int, *, command_field
     out); None when the peer's maximum PDU length cannot take it in one fragment."""
     if command_field not in RETRIEVE_RESPONSE_FIELDS:
         raise ValueError(f"not a C-GET-RSP or C-MOVE-RSP command field: 0x{command_field:04X}")
-    elements = []
-    if sop_class_uid is not None:
-        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
-    elements += [
-        _command_element(0x0100, _US.pack(command_field)),
-        _command_element(0x0120, _US.pack(message_id_responded)),
-        _command_element(0x0800, _US.pack(NO_DATA_SET)),
-        _command_element(0x0900, _US.pack(status)),
-    ]
+    elements = _response_elements(command_field, message_id_responded, status, sop_class_uid, NO_DATA_SET)
     for element, count in ((0x1020, remaining), (0x1021, completed), (0x1022, failed), (0x1023, warning)):
         if count is not None:
             elements.append(_command_element(element, _US.pack(count)))
-    body = b"".join(elements)
-    command = _command_element(0x0000, _UL.pack(len(body))) + body
-    if 0 < max_pdu_length < len(command) + 6:
-        return None
-    return pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command
+    return _command_pdu(context_id, max_pdu_length, elements)
 
 
 C_FIND_RSP_FIELD = 0x8020
@@ -206,21 +200,12 @@ def find_response_pdus(context_id: int, max_pdu_length: int, *, message_id_respo
     encodes it: the command set (no Error Comment or Offending Element; an unset UID left
     out) in one PDU, then the encoded Identifier's data-set PDUs. None when the command
     does not fit one fragment of the peer's maximum PDU length."""
-    elements = []
-    if sop_class_uid is not None:
-        elements.append(_command_element(0x0002, _padded(sop_class_uid, b"\x00")))
-    elements += [
-        _command_element(0x0100, _US.pack(C_FIND_RSP_FIELD)),
-        _command_element(0x0120, _US.pack(message_id_responded)),
-        _command_element(0x0800, _US.pack(DATA_SET_PRESENT)),
-        _command_element(0x0900, _US.pack(status)),
-    ]
-    body = b"".join(elements)
-    command = _command_element(0x0000, _UL.pack(len(body))) + body
-    if 0 < max_pdu_length < len(command) + 6:
+    command_pdu = _command_pdu(context_id, max_pdu_length, _response_elements(
+        C_FIND_RSP_FIELD, message_id_responded, status, sop_class_uid, DATA_SET_PRESENT))
+    if command_pdu is None:
         return None
-    buffers: list[bytes | memoryview] = [pdu_header(context_id, COMMAND_FRAGMENT_LAST, len(command)) + command]
-    size, pdus = len(buffers[0]), 1
+    buffers: list[bytes | memoryview] = [command_pdu]
+    size, pdus = len(command_pdu), 1
     for batch in encode_data_set(identifier, context_id, max_pdu_length, batch_bytes=1 << 62):
         buffers.extend(batch.buffers)
         size += batch.size

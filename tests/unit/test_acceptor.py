@@ -298,7 +298,7 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
     response is a pynetdicom message, as before."""
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from pynetdicom import AE, build_role, evt
+    from pynetdicom import evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
     from pacsnode.sim.process import free_port
@@ -326,16 +326,7 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
     store_statuses = iter([0x0000, 0xA700, 0x0000] * 3)
 
     def get() -> list[tuple[int, int, int, int, int]]:
-        client = AE(ae_title="CLIENT")
-        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
-        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
-                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                                 evt_handlers=[(evt.EVT_C_STORE, lambda event: next(store_statuses))])
-        assert assoc.is_established
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = "1.2.3"
+        assoc, query = _get_requestor(server.server_address[1], lambda: next(store_statuses))
         got = [(int(status.Status), int(status.get("NumberOfRemainingSuboperations", -1)),
                 int(status.NumberOfCompletedSuboperations), int(status.NumberOfFailedSuboperations),
                 int(status.NumberOfWarningSuboperations))
@@ -554,7 +545,7 @@ def test_sub_operation_responses_skip_pynetdicoms_pdu_decoding_only_while_nothin
     takes pynetdicom's way (the handler sees it)."""
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from pynetdicom import AE, build_role, evt
+    from pynetdicom import evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
     from pacsnode.sim.process import free_port
@@ -580,16 +571,7 @@ def test_sub_operation_responses_skip_pynetdicoms_pdu_decoding_only_while_nothin
     answers = iter([0x0000, 0xB007, 0xA700, 0x0000] * 2)
 
     def get() -> list[tuple[int, int, int, int]]:
-        client = AE(ae_title="CLIENT")
-        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
-        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
-                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                                 evt_handlers=[(evt.EVT_C_STORE, lambda event: next(answers))])
-        assert assoc.is_established
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = "1.2.3"
+        assoc, query = _get_requestor(server.server_address[1], lambda: next(answers))
         got = [(int(status.Status), int(status.NumberOfCompletedSuboperations),
                 int(status.NumberOfWarningSuboperations), int(status.NumberOfFailedSuboperations))
                for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
@@ -606,3 +588,23 @@ def test_sub_operation_responses_skip_pynetdicoms_pdu_decoding_only_while_nothin
         assert seen_pdus.count("P_DATA_TF") >= 4 + 2  # The four responses, the C-GET's command and identifier.
     finally:
         server_ae.shutdown()
+
+
+def _get_requestor(port: int, answer: Any) -> tuple[Any, Any]:
+    """A C-GET requestor (CT storage SCP role, each sub-operation answered `answer()`)
+    associated with the test server at `port`, and a STUDY-level query for study 1.2.3."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    client = AE(ae_title="CLIENT")
+    client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+    client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = client.associate("127.0.0.1", port, ae_title="GET", ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: answer())])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    return assoc, query

@@ -17,10 +17,9 @@ import pytest
 
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.modify_coordinator import ModifyStatus
-from pacsnode.sim.cluster import SimCluster, SimConfig
-from pacsnode.sim.workload import DataGenerator
+from pacsnode.sim.cluster import SimCluster
 
-from .test_scatter_quorum import _find, _owned_study
+from .test_scatter_quorum import _find, _owned_study, _six_nodes_one_to_lag
 
 NEW_NAME = "Corrected^Name"
 NEW_ID = "MERGED-7"
@@ -28,13 +27,7 @@ NEW_ID = "MERGED-7"
 
 def _missed_correction_cluster(scatter_read_quorum: int, merge: bool) -> tuple[SimCluster, str, str, dict[str, str]]:
     """(cluster, the owner that missed the correction, the study, its old values)."""
-    config = SimConfig(scatter_read_quorum=scatter_read_quorum, hint_replay_interval_ms=600_000,
-                       anti_entropy_interval_ms=600_000)
-    cluster = SimCluster(6, seed=16, config=config)
-    cluster.run_for(3)
-    data = DataGenerator(16)
-    lagging = cluster.running_ids()[-1]
-    writer = cluster.running_ids()[0]
+    cluster, data, lagging, writer = _six_nodes_one_to_lag(scatter_read_quorum)
     study = _owned_study(cluster, data, lagging, None)
     for _ in range(2):
         instance = data.instance(study, now_ms=cluster.now_ms())

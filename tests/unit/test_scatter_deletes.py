@@ -16,21 +16,15 @@ import pytest
 
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.sim.cluster import SimCluster, SimConfig
-from pacsnode.sim.workload import DataGenerator, Study
+from pacsnode.sim.cluster import SimCluster
+from pacsnode.sim.workload import Study
 
-from .test_scatter_quorum import _answer, _find, _owned_study, _query, _truth
+from .test_scatter_quorum import _answer, _find, _owned_study, _query, _six_nodes_one_to_lag, _truth
 
 
 def _missed_delete_cluster(scatter_read_quorum: int) -> tuple[SimCluster, str, str, dict[str, set[str]]]:
     """(cluster, the owner that missed the deletes, the patient, SOP UIDs left by study)."""
-    config = SimConfig(scatter_read_quorum=scatter_read_quorum, hint_replay_interval_ms=600_000,
-                       anti_entropy_interval_ms=600_000)
-    cluster = SimCluster(6, seed=16, config=config)
-    cluster.run_for(3)
-    data = DataGenerator(16)
-    lagging = cluster.running_ids()[-1]
-    writer = cluster.running_ids()[0]
+    cluster, data, lagging, writer = _six_nodes_one_to_lag(scatter_read_quorum)
     first = _owned_study(cluster, data, lagging, None)
     second = _owned_study(cluster, data, lagging, first.patient_id)
     stored: dict[str, list[str]] = {first.study_instance_uid: [], second.study_instance_uid: []}

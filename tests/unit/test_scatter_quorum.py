@@ -32,15 +32,19 @@ def _owned_study(cluster: SimCluster, data: DataGenerator, owner: str, patient_i
             return study
 
 
-def _lagging_cluster(scatter_read_quorum: int) -> tuple[SimCluster, str, str, dict[str, set[str]]]:
-    """(cluster, the owner that missed writes, the patient, acknowledged SOP UIDs by study)."""
+def _six_nodes_one_to_lag(scatter_read_quorum: int) -> tuple[SimCluster, DataGenerator, str, str]:
+    """Six simulated nodes with hint replay and anti-entropy held off (an owner that misses
+    something keeps missing it): (cluster, data, the node to lag, the node that writes)."""
     config = SimConfig(scatter_read_quorum=scatter_read_quorum, hint_replay_interval_ms=600_000,
                        anti_entropy_interval_ms=600_000)
     cluster = SimCluster(6, seed=16, config=config)
     cluster.run_for(3)
-    data = DataGenerator(16)
-    lagging = cluster.running_ids()[-1]
-    writer = cluster.running_ids()[0]
+    return cluster, DataGenerator(16), cluster.running_ids()[-1], cluster.running_ids()[0]
+
+
+def _lagging_cluster(scatter_read_quorum: int) -> tuple[SimCluster, str, str, dict[str, set[str]]]:
+    """(cluster, the owner that missed writes, the patient, acknowledged SOP UIDs by study)."""
+    cluster, data, lagging, writer = _six_nodes_one_to_lag(scatter_read_quorum)
     first = _owned_study(cluster, data, lagging, None)
     second = _owned_study(cluster, data, lagging, first.patient_id)
     acked: dict[str, set[str]] = {first.study_instance_uid: set(), second.study_instance_uid: set()}
