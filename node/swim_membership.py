@@ -176,12 +176,14 @@ class MembershipUnavailable(Exception):
 
 @dataclass(frozen=True)
 class _View:
-    """What the data path reads, rebuilt after every input (readers on other threads see one whole)."""
+    """What the data path reads, rebuilt after an input that changed a member record (readers
+    on other threads see one whole)."""
 
     ring: Ring
     members: dict[str, MemberInfo]
     reachable: frozenset[str]
     ring_key: tuple[tuple[str, int, bool], ...]
+    records: tuple[MemberUpdate, ...]  # What it was built from (Swim.records()).
 
 
 @dataclass
@@ -611,6 +613,14 @@ class SwimMembership:
 
     def _build_view(self, previous: _View | None) -> _View:
         swim = self.swim
+        # Every field below is a function of the member records alone, and a record is
+        # immutable and replaced on every change: when every record is the one the previous
+        # view was built from (most inputs: an ack, a gossip that changed nothing), so is
+        # the view.
+        records = swim.records()
+        if (previous is not None and len(records) == len(previous.records)
+                and all(a is b for a, b in zip(records, previous.records))):
+            return previous
         in_ring = swim.ring_members()
         # What on_change watches: who owns tokens, which boot of them, and whether each is
         # dead. Alive <-> suspect is left out: a suspicion changes neither placement nor
@@ -623,7 +633,7 @@ class SwimMembership:
             ring = self._ring_factory(self.cluster_id, tuple(sorted(ring_members)))
         members = {view.info.node_id: view.info for view in swim.members()}
         reachable = frozenset(node_id for node_id in members if swim.is_alive(node_id))
-        return _View(ring, members, reachable, ring_key)
+        return _View(ring, members, reachable, ring_key, records)
 
     def _rejoin(self, now: int) -> list[Outbound]:
         """The cluster removed this generation of us (or made it leave): come back as the next one."""

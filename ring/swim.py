@@ -723,6 +723,12 @@ class Swim:
         return [MemberView(u.info, u.state, u.incarnation, u.generation)
                 for _, u in sorted(self._records.items())]
 
+    def records(self) -> tuple[MemberUpdate, ...]:
+        """Every record this node holds, itself included, in no set order. Records are
+        immutable and replaced whenever they change, so when nothing changed two calls
+        return the same objects (node/swim_membership.py rebuilds its view only otherwise)."""
+        return tuple(self._records.values())
+
     def ring_members(self) -> list[MemberInfo]:
         """Members that own tokens: alive, suspect and dead, unless leaving (left and removed do not)."""
         return [u.info for _, u in sorted(self._records.items()) if u.in_ring]
