@@ -200,7 +200,7 @@ class SwimMembership:
     """MembershipView for the node, kept by SWIM + Lifeguard (ring/swim.py) over gRPC."""
 
     def __init__(self, cluster_id: str, me: MemberInfo, seeds: Iterable[str], *, config: SwimConfig,
-                 rng: random.Random | None = None, next_generation: Callable[[], int] | None = None,
+                 rng: random.Random | None = None, next_generation: Callable[[int], int] | None = None,
                  clock: MembershipClock | None = None,
                  ring_factory: Callable[[str, tuple[Member, ...]], Ring] = Ring,
                  signer: Signer | None = None, verifier: Verifier | None = None) -> None:
@@ -213,7 +213,7 @@ class SwimMembership:
         self.seeds = [s for s in seeds if s != me.peer_address]
         self._rng = rng or random.Random()
         self._me = me
-        self._next_generation = next_generation or (lambda: self._me.generation + 1)
+        self._next_generation = next_generation or (lambda at_least: at_least)
         self.clock: MembershipClock = clock or SystemClock()
         self._ring_factory = ring_factory
         self.swim = Swim(config, me, self._rng, self.clock.now_ms(), **self._hooks)
@@ -557,7 +557,8 @@ class SwimMembership:
         outbound = step(now)
         self._after(now)
         if self.swim.self_state() is State.REMOVED or (self.swim.self_state() is State.LEFT
-                                                        and not self._left_by_us):
+                                                        and not self._left_by_us) \
+                or self.swim.dead_boot_generation > self.swim.generation:
             outbound = outbound + self._rejoin(now)
         for item in outbound:
             if is_answer is not None and isinstance(item.message, REPLIES) and is_answer(item):
@@ -638,7 +639,12 @@ class SwimMembership:
     def _rejoin(self, now: int) -> list[Outbound]:
         """The cluster removed this generation of us (or made it leave): come back as the next one."""
         old = self.swim
-        generation = max(self._next_generation(), old.generation + 1)
+        at_least = max(old.generation, old.dead_boot_generation) + 1
+        if old.dead_boot_generation > old.generation:
+            log.warning("membership.generation.behind node=%s generation=%d dead_boot_generation=%d: this node's "
+                        "generation count started over (data dir wiped or replaced)", self.self_id,
+                        old.generation, old.dead_boot_generation)
+        generation = max(self._next_generation(at_least), at_least)
         self.counters.rejoins += 1
         log.warning("membership.rejoin node=%s state=%s old_generation=%d new_generation=%d", self.self_id,
                     old.self_state().value, old.generation, generation)
