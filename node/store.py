@@ -179,7 +179,7 @@ class RocksStore:
         disk_free_bytes_min: int = 256 * 1024**2,
         instance_size_bytes_max: int = 4 * 1024**3,
         zstd_level: int = ZSTD_LEVEL,
-        blob_file_bytes_min: int = 8 * 1024**2,
+        blob_file_bytes_min: int = 64 * 1024,  # config.py's blob_file_bytes_min default
         header_of: Callable[[InstanceRecord, bytes], bytes | None] | None = None,
     ) -> None:
         """`header_of(record, blob)`: the WADO-RS /metadata JSON of an instance being
