@@ -122,7 +122,7 @@ def test_store_find_get_through_workers(node_factory) -> None:
 
 
 def _big_ct(study_uid: str) -> object:
-    """A 512x512 CT slice of noise: its compressed copy is far over worker_blob_file_bytes_min."""
+    """A 512x512 CT slice of noise: its compressed copy is far over blob_file_bytes_min."""
     ds = _ct(study_uid)
     ds.Rows = ds.Columns = 512
     ds.PixelData = os.urandom(512 * 512 * 2)
