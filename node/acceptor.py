@@ -65,10 +65,12 @@ from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_items import PresentationContextItemRQ, UserInformationItem
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from pacsnode.node import association_guard, codec, pdata, raw_send, spool
+from pacsnode.node import association_guard, codec, pdata, raw_send, request_memo, spool
 from pacsnode.replication.model import CorruptBlob
 from pacsnode.node.association_guard import (
     ABORT_INVALID_PARAMETER_VALUE,
@@ -229,11 +231,38 @@ class _AssociateRQ(A_ASSOCIATE_RQ):
     pydicom UID validation). `forget_primitive` after changing the request."""
 
     _primitive: Any = None
+    # Where decoded items and their primitives are kept by their bytes (node/request_memo.py);
+    # None: pynetdicom's decoding, every time.
+    memo: request_memo.RequestItemMemo | None = None
 
     def to_primitive(self) -> Any:
         if self._primitive is None:
-            self._primitive = super().to_primitive()
+            self._primitive = self._build_primitive()
         return self._primitive
+
+    def _build_primitive(self) -> Any:
+        """pynetdicom 3.0.4's A_ASSOCIATE_RQ.to_primitive, with the items' primitives from
+        the memo."""
+        memo = self.memo
+        if memo is None:
+            return super().to_primitive()
+        primitive = A_ASSOCIATE()
+        primitive.calling_ae_title = self.calling_ae_title
+        primitive.called_ae_title = self.called_ae_title
+        primitive.application_context_name = self.application_context_name
+        for item in self.variable_items:
+            if isinstance(item, PresentationContextItemRQ):
+                primitive.presentation_context_definition_list.append(memo.context_primitive(item))
+            elif isinstance(item, UserInformationItem):
+                primitive.user_information = memo.user_information_primitive(item)
+        return primitive
+
+    def _wrap_generate_items(self, bytestream: bytes) -> list[Any]:
+        """pynetdicom 3.0.4's PDU._wrap_generate_items, the items from the memo."""
+        memo = self.memo
+        if memo is None:
+            return super()._wrap_generate_items(bytestream)
+        return [memo.decode_item(item_type, item_bytes) for item_type, item_bytes in self._generate_items(bytestream)]
 
     def forget_primitive(self) -> None:
         self._primitive = None
@@ -477,6 +506,7 @@ class AcceptorDUL(DULServiceProvider):
         data = bytes(bytestream)
         evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
         pdu = _AssociateRQ()
+        pdu.memo = getattr(self.assoc.ae, "request_memo", None)
         pdu.decode(data)
         evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
         return pdu, "Evt6"
@@ -1204,6 +1234,8 @@ class NodeAE(AE):
         super().__init__(*args, **kwargs)
         self.spool: SpoolSettings | None = None  # Where accepted associations receive data sets.
         self.store_response_hook: StoreResponseHook | None = None  # See AcceptorDIMSE._send_store_response.
+        # Decoded A-ASSOCIATE-RQ items by their bytes, for every association this AE accepts.
+        self.request_memo = request_memo.RequestItemMemo()
 
     def associate(
         self,
