@@ -93,6 +93,8 @@ CONTROL_PDU_BYTES_MAX = 1 << 20
 PROVIDER_QUEUE_PDUS_MAX = 16
 # Longest sleep of either reactor when nothing happens (their timers are checked then).
 IDLE_WAKE_S = 0.5
+# Longest wait of AcceptorAssociation.kill between looks at the DUL (it is woken at Sta1).
+_KILL_WAIT_S = 0.01
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -278,6 +280,9 @@ class AcceptorDUL(DULServiceProvider):
         self.to_provider_queue = _ProviderQueue(self._wake, self, PROVIDER_QUEUE_PDUS_MAX)
         self.to_user_queue = _WakingQueue(assoc.wake)
         self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
+        # Set when the state machine reaches Sta1 (idle: the association is over) and when
+        # this thread ends: AcceptorAssociation.kill waits on it (see there).
+        self._idle = threading.Event()
 
     def _wake(self) -> None:
         waker = self._waker
@@ -292,6 +297,7 @@ class AcceptorDUL(DULServiceProvider):
         finally:
             waker, self._waker = self._waker, None
             waker.close()
+            self._idle.set()
             cast("AcceptorAssociation", self.assoc).wake()
 
     def _run_reactor_loop(self) -> None:
@@ -330,6 +336,8 @@ class AcceptorDUL(DULServiceProvider):
             except Exception as error:
                 self._abort_hard("dicom.dul.failed", error, fsm_event=event)
                 return
+            if self.state_machine.current_state == "Sta1":
+                self._idle.set()
             sleep = False
 
     def send_encoded(self, batch: pdata.EncodedPData) -> None:
@@ -388,10 +396,17 @@ class AcceptorDUL(DULServiceProvider):
             waker = self._waker
             if waker is not None:
                 waker.wake()
-            while self.is_alive() and threading.current_thread() is not self:
-                time.sleep(0.001)
+            if threading.current_thread() is not self and self.ident is not None:
+                self.join()  # pynetdicom polls every 1 ms; the thread ends at its next loop.
             return True
         return False
+
+    def wait_stoppable(self, timeout_s: float) -> None:
+        """Wait until the state machine is idle (Sta1, where stop_dul stops this thread)
+        or this thread has ended, at most `timeout_s`. Clears the flag first: the caller
+        checks stop_dul after each wait, so no reaching of Sta1 is missed."""
+        if self._idle.wait(timeout_s):
+            self._idle.clear()
 
     def kill_dul(self) -> None:
         self._kill_thread = True
@@ -1015,8 +1030,21 @@ class AcceptorAssociation(Association):
             return self.dimse.get_msg(block=False)
 
     def kill(self) -> None:
+        """pynetdicom 3.0.4's Association.kill, waiting for the DUL to become idle (Sta1)
+        instead of sleeping 10 ms between looks. The requestor's thread calls this right
+        after its A-RELEASE confirmation, which the DUL thread hands over a moment before it
+        closes the connection and reaches Sta1: pynetdicom's loop then slept 10 ms most
+        times (C-MOVE sub-associations: +10 ms before the final C-MOVE-RSP), and an
+        acceptor's thread slept in 10 ms steps until the peer closed (holding its
+        max_associations slot)."""
         self._work.set()
-        super().kill()
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        dul = cast(AcceptorDUL, self.dul)
+        while dul.is_alive() and not dul.stop_dul():
+            dul.wait_stoppable(_KILL_WAIT_S)
         cast(AcceptorDIMSE, self.dimse).discard_partial()
 
     def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
