@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -51,8 +52,9 @@ def _accept_bytes(port: int, request: bytes) -> bytes:
 
 def test_the_acceptance_is_byte_identical_with_and_without_the_memo() -> None:
     """Three requests to a node with the memo and three to one without (pynetdicom's own
-    decoding each time): every A-ASSOCIATE-AC is the same bytes, and the second and third
-    requests to the first node were served from the memo."""
+    decoding, negotiation and A-ASSOCIATE-AC encoding each time): every A-ASSOCIATE-AC is
+    the same bytes, and the second and third requests to the first node were served from
+    the memo: items decoded once, negotiated once, the answer encoded once."""
     with_memo, without_memo = _node_like_ae("MEMO"), _node_like_ae("MEMO")
     without_memo.request_memo = None  # type: ignore[assignment]
     servers = [acceptor.start_server(ae, ("127.0.0.1", free_port()), []) for ae in (with_memo, without_memo)]
@@ -63,6 +65,8 @@ def test_the_acceptance_is_byte_identical_with_and_without_the_memo() -> None:
         stats = with_memo.request_memo.statistics()
         item_count = 1 + len(_STORAGE) + 2 + 1  # Presentation contexts + user information.
         assert stats.entries == item_count and stats.misses == item_count and stats.hits == 2 * item_count
+        assert stats.negotiations == 1 and stats.negotiation_hits == 2
+        assert stats.accepts == 1 and stats.accept_hits == 2
     finally:
         with_memo.shutdown()
         without_memo.shutdown()
@@ -101,6 +105,35 @@ def test_kept_items_give_each_request_its_own_equal_primitive() -> None:
     third.decode(request)
     assert [cx.as_tuple for cx in third.to_primitive().presentation_context_definition_list] == \
         [cx.as_tuple for cx in expected.presentation_context_definition_list]
+
+
+def test_a_kept_negotiation_is_pynetdicoms_and_each_association_gets_its_own_copy() -> None:
+    from pynetdicom.presentation import negotiate_as_acceptor
+
+    ae = _node_like_ae("MEMO")
+    table = list(ae.supported_contexts)
+    plain = A_ASSOCIATE_RQ()
+    plain.decode(_getscu_like_request("MEMO"))
+    primitive = plain.to_primitive()
+    contexts = primitive.presentation_context_definition_list
+    roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in primitive.user_information
+             if type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation"}
+    expected, expected_roles = negotiate_as_acceptor(contexts, table, roles)
+    memo = request_memo.RequestItemMemo()
+    first, first_roles = memo.negotiate(contexts, table, roles)
+    first[0].transfer_syntax = ["1.2.840.10008.1.2.2"]
+    first_roles[0].scu_role = False
+    second, second_roles = memo.negotiate(contexts, table, roles)
+
+    def shape(result: list[Any], reply_roles: list[Any]) -> tuple[Any, ...]:
+        return ([(cx.context_id, cx.abstract_syntax, cx.transfer_syntax, cx.result, cx.as_scu, cx.as_scp)
+                 for cx in result], [(r.sop_class_uid, r.scu_role, r.scp_role) for r in reply_roles])
+
+    assert shape(second, second_roles) == shape(expected, expected_roles)
+    assert memo.statistics().negotiation_hits == 1
+    # Another table (another server, or a changed one) is negotiated against, not looked up.
+    other = [cx for cx in table if str(cx.abstract_syntax) != _STORAGE[0]]
+    assert shape(*memo.negotiate(contexts, other, roles)) == shape(*negotiate_as_acceptor(contexts, other, roles))
 
 
 def test_user_identity_is_not_kept() -> None:
