@@ -5,6 +5,7 @@ and its worker processes, from /proc). The rows against Orthanc are bench/run.py
 
     .venv/bin/python bench/workers.py 0 2 0 2                     # K = 0, 2, 0, 2 in turn
     .venv/bin/python bench/workers.py 0 2 --senders 1 --count 300
+    .venv/bin/python bench/workers.py 0 0/65536 0 0/65536         # K/B: blob_file_bytes_min = B too
 
 Data: the CT 512x512 set bench/run.py generates (bench/work/data/ct512-*/files; run
 `bench/run.py --tests ingest --only pacsnode` once to make it), else 400 copies of
@@ -77,7 +78,8 @@ def _study_of(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workers", nargs="+", type=int, help="dicom_workers values, run in turn")
+    parser.add_argument("workers", nargs="+", help="dicom_workers values, run in turn; K/B also sets "
+                        "blob_file_bytes_min = B (a TOML file given with --config)")
     parser.add_argument("--count", type=int, default=1000, help="instances stored per run")
     parser.add_argument("--senders", type=int, default=4, help="storescu processes (one association each)")
     parser.add_argument("--get-repeats", type=int, default=5)
@@ -89,9 +91,16 @@ def main() -> None:
         study = _study_of(files[0])
         print(f"# {len(files)} files ({files[0].stat().st_size} bytes the first); load {os.getloadavg()[0]:.1f}",
               flush=True)
-        for workers in args.workers:
+        for spec in args.workers:
+            workers_text, _, blob_min = spec.partition("/")
+            workers = int(workers_text)
             data_dir = scratch / f"node-w{workers}"
-            node = NodeProcess(data_dir, node_id="bench-w", extra_args=["--dicom-workers", str(workers)]).start()
+            extra = ["--dicom-workers", str(workers)]
+            if blob_min:
+                config = scratch / "node.toml"
+                config.write_text(f"blob_file_bytes_min = {int(blob_min)}\n")
+                extra += ["--config", str(config)]
+            node = NodeProcess(data_dir, node_id="bench-w", extra_args=extra).start()
             assert node.process is not None
             if workers:
                 wait_until(lambda: node.log_text().count("dicom.worker.started") >= workers, 60)
@@ -105,7 +114,7 @@ def main() -> None:
             codes = [sender.wait() for sender in senders]
             elapsed = time.monotonic() - started
             node1, all1 = _cpu_s([pid]), _cpu_s(pids)
-            line = (f"workers={workers} storescu x{args.senders}: {len(files) / elapsed:.0f} inst/s, CPU per instance "
+            line = (f"workers={spec} storescu x{args.senders}: {len(files) / elapsed:.0f} inst/s, CPU per instance "
                     f"{1000 * (all1 - all0) / len(files):.2f} ms all processes, {1000 * (node1 - node0) / len(files):.2f} "
                     f"ms node process; exit codes {sorted(set(codes))}")
             if args.get_repeats:

@@ -22,7 +22,7 @@ sender stops. An AUDIT frame (worker to node) carries one audit message line
 (node/audit.py) for the node's audit trail and gets no answer.
 
 A STORE frame carries the instance's compressed copy (its zstd blob) as its body, or,
-for a blob of `worker_blob_file_bytes_min` or more (and every spooled instance), the
+for a blob of `blob_file_bytes_min` or more (and every spooled instance), the
 name of a temp file the worker wrote and fsync'ed in the store's blobs directory
 (node/blob_files.py) and no body: the node's store then names that file instead of
 putting the bytes through RocksDB's write (which holds the node process's GIL while it

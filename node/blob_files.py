@@ -153,6 +153,19 @@ class BlobFiles:
             return stream.read_head(size)
 
     # ------------------------------------------------------------------ recovery
+    def remove_temps_of(self, pid: int) -> int:
+        """Remove the temp files process `pid` (a DICOM worker that died) left; their count.
+        One the node was naming meanwhile fails that store (never acknowledged: the
+        association died with the worker)."""
+        removed = 0
+        for path in self.directory.glob(f"{TEMP_PREFIX}{pid}_*{SUFFIX}"):
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def files(self) -> Iterator[str]:
         """Names of every file under the directory (temporary ones included)."""
         for path in self.directory.rglob("*"):
@@ -296,7 +309,8 @@ class StreamPayload:
 
 
 def _mkstemp(directory: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=directory)
+    # `.tmp-<pid>_<random>.zst`: a dead DICOM worker's temp files are known by its PID.
+    return tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}_", suffix=SUFFIX, dir=directory)
 
 
 def _fsync_directory(directory: Path) -> None:

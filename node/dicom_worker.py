@@ -192,7 +192,7 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     # The node store's blobs directory: big blobs are written there by this process and
     # named to the node (node/archive_channel.py), spooled instances compressed into it.
     blob_files = BlobFiles(blobs_directory(store_directory(config.data_dir)))
-    archive = ChannelArchive(channel_path, blob_files, config.worker_blob_file_bytes_min)
+    archive = ChannelArchive(channel_path, blob_files, config.blob_file_bytes_min)
     security = WorkerSecurity(config, archive, audited=audited)
     front_end = WorkerFrontEnd(config, archive, security=security, blob_files=blob_files)  # type: ignore[arg-type]
     front_end.start()

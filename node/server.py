@@ -258,9 +258,11 @@ class Node:
         return peer_wire.envelope(self.config.cluster_id, self.config.node_id, membership.generation,
                                   membership.ring().version, membership.incarnation)
 
-    def _next_generation(self) -> int:
-        """The cluster removed this boot of the node: the next generation, persisted like a restart's."""
-        self.identity["generation"] = int(self.identity["generation"]) + 1
+    def _next_generation(self, at_least: int) -> int:
+        """The cluster removed this boot of the node, or holds a newer boot of its id than this
+        one (the data dir was wiped): the next generation, at least `at_least`, persisted like
+        a restart's."""
+        self.identity["generation"] = max(int(self.identity["generation"]) + 1, at_least)
         save_identity(self.config, self.identity)
         return int(self.identity["generation"])
 

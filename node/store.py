@@ -179,7 +179,7 @@ class RocksStore:
         disk_free_bytes_min: int = 256 * 1024**2,
         instance_size_bytes_max: int = 4 * 1024**3,
         zstd_level: int = ZSTD_LEVEL,
-        blob_file_bytes_min: int = 8 * 1024**2,
+        blob_file_bytes_min: int = 64 * 1024,  # config.py's blob_file_bytes_min default
         header_of: Callable[[InstanceRecord, bytes], bytes | None] | None = None,
     ) -> None:
         """`header_of(record, blob)`: the WADO-RS /metadata JSON of an instance being
@@ -334,13 +334,16 @@ class RocksStore:
         batch that points at it; removed again when the batch did not keep it."""
         temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
             else None
-        if temp is None:
-            temp = self.blob_files.write_temp(stored.blob)
         try:
-            pointer = self.blob_files.commit(temp, stored.content_hash)
-        except BaseException:
-            self.blob_files.remove(temp.path.name)
-            raise
+            if temp is None:
+                temp = self.blob_files.write_temp(stored.blob)
+            try:
+                pointer = self.blob_files.commit(temp, stored.content_hash)
+            except BaseException:
+                self.blob_files.remove(temp.path.name)
+                raise
+        except OSError as error:  # ENOSPC writing or syncing the file: a full disk is 0xA700.
+            raise self._write_failure(error) from error
         kept = False
         try:
             outcome = self._submit(lambda view, batch: self._build_instance(view, batch, stored, pointer.encode(),
@@ -597,16 +600,20 @@ class RocksStore:
             self._db.write(batch, self._unsynced)
             self._db.flush_wal(True)
         except Exception as error:  # rocksdict raises plain Exception subclasses, no errno
-            # Decide by the disk, not by the error's text: a failed write on a disk that
-            # has less free space than the reserve is a full disk (0xA700, retry later).
-            try:
-                free = shutil.disk_usage(self._path).free
-            except OSError:
-                free = -1
-            self._free_bytes = free if free >= 0 else self._free_bytes
-            if 0 <= free < max(self._disk_free_bytes_min, 64 * 1024**2):
-                raise StoreFull(f"disk full: {free} bytes free") from error
-            raise StoreError(f"write failed: {type(error).__name__}") from error
+            raise self._write_failure(error) from error
+
+    def _write_failure(self, error: Exception) -> StoreError:
+        """What a failed write (RocksDB's or a blob file's) means. Decided by the disk, not by
+        the error's text: a failed write on a disk that has less free space than the reserve
+        is a full disk (0xA700, retry later)."""
+        try:
+            free = shutil.disk_usage(self._path).free
+        except OSError:
+            free = -1
+        self._free_bytes = free if free >= 0 else self._free_bytes
+        if 0 <= free < max(self._disk_free_bytes_min, 64 * 1024**2):
+            return StoreFull(f"disk full: {free} bytes free")
+        return StoreError(f"write failed: {type(error).__name__}")
 
     def _ensure_open(self) -> None:
         if self._closed:

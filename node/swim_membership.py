@@ -176,12 +176,14 @@ class MembershipUnavailable(Exception):
 
 @dataclass(frozen=True)
 class _View:
-    """What the data path reads, rebuilt after every input (readers on other threads see one whole)."""
+    """What the data path reads, rebuilt after an input that changed a member record (readers
+    on other threads see one whole)."""
 
     ring: Ring
     members: dict[str, MemberInfo]
     reachable: frozenset[str]
     ring_key: tuple[tuple[str, int, bool], ...]
+    records: tuple[MemberUpdate, ...]  # What it was built from (Swim.records()).
 
 
 @dataclass
@@ -198,7 +200,7 @@ class SwimMembership:
     """MembershipView for the node, kept by SWIM + Lifeguard (ring/swim.py) over gRPC."""
 
     def __init__(self, cluster_id: str, me: MemberInfo, seeds: Iterable[str], *, config: SwimConfig,
-                 rng: random.Random | None = None, next_generation: Callable[[], int] | None = None,
+                 rng: random.Random | None = None, next_generation: Callable[[int], int] | None = None,
                  clock: MembershipClock | None = None,
                  ring_factory: Callable[[str, tuple[Member, ...]], Ring] = Ring,
                  signer: Signer | None = None, verifier: Verifier | None = None) -> None:
@@ -211,7 +213,7 @@ class SwimMembership:
         self.seeds = [s for s in seeds if s != me.peer_address]
         self._rng = rng or random.Random()
         self._me = me
-        self._next_generation = next_generation or (lambda: self._me.generation + 1)
+        self._next_generation = next_generation or (lambda at_least: at_least)
         self.clock: MembershipClock = clock or SystemClock()
         self._ring_factory = ring_factory
         self.swim = Swim(config, me, self._rng, self.clock.now_ms(), **self._hooks)
@@ -555,7 +557,8 @@ class SwimMembership:
         outbound = step(now)
         self._after(now)
         if self.swim.self_state() is State.REMOVED or (self.swim.self_state() is State.LEFT
-                                                        and not self._left_by_us):
+                                                        and not self._left_by_us) \
+                or self.swim.dead_boot_generation > self.swim.generation:
             outbound = outbound + self._rejoin(now)
         for item in outbound:
             if is_answer is not None and isinstance(item.message, REPLIES) and is_answer(item):
@@ -611,6 +614,14 @@ class SwimMembership:
 
     def _build_view(self, previous: _View | None) -> _View:
         swim = self.swim
+        # Every field below is a function of the member records alone, and a record is
+        # immutable and replaced on every change: when every record is the one the previous
+        # view was built from (most inputs: an ack, a gossip that changed nothing), so is
+        # the view.
+        records = swim.records()
+        if (previous is not None and len(records) == len(previous.records)
+                and all(a is b for a, b in zip(records, previous.records))):
+            return previous
         in_ring = swim.ring_members()
         # What on_change watches: who owns tokens, which boot of them, and whether each is
         # dead. Alive <-> suspect is left out: a suspicion changes neither placement nor
@@ -623,12 +634,17 @@ class SwimMembership:
             ring = self._ring_factory(self.cluster_id, tuple(sorted(ring_members)))
         members = {view.info.node_id: view.info for view in swim.members()}
         reachable = frozenset(node_id for node_id in members if swim.is_alive(node_id))
-        return _View(ring, members, reachable, ring_key)
+        return _View(ring, members, reachable, ring_key, records)
 
     def _rejoin(self, now: int) -> list[Outbound]:
         """The cluster removed this generation of us (or made it leave): come back as the next one."""
         old = self.swim
-        generation = max(self._next_generation(), old.generation + 1)
+        at_least = max(old.generation, old.dead_boot_generation) + 1
+        if old.dead_boot_generation > old.generation:
+            log.warning("membership.generation.behind node=%s generation=%d dead_boot_generation=%d: this node's "
+                        "generation count started over (data dir wiped or replaced)", self.self_id,
+                        old.generation, old.dead_boot_generation)
+        generation = max(self._next_generation(at_least), at_least)
         self.counters.rejoins += 1
         log.warning("membership.rejoin node=%s state=%s old_generation=%d new_generation=%d", self.self_id,
                     old.self_state().value, old.generation, generation)

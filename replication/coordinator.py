@@ -700,9 +700,28 @@ class Coordinator:
                       read_quorum=self._settings.scatter_read_quorum, reconcile=self.reconcile_study,
                       repair_correction=self.repair_correction)
 
+    def _not_joined(self, query: Query) -> Shortfall | None:
+        """What a read through a node still joining its cluster cannot vouch for (None once
+        joined): all it would ask. Until a seed accepts the join the ring holds only this
+        node (a new one, or one whose data dir was wiped), so its own store would be the
+        whole answer: a Success without the archive's studies. Writes are refused then too."""
+        if self.joined():
+            return None
+        self.stats.extra["reads_not_joined"] = self.stats.extra.get("reads_not_joined", 0) + 1
+        log.info("replication.read.refused reason=not-joined level=%s", query.level)
+        uids = study_keys(query)
+        if uids is not None:
+            return Shortfall(studies=max(1, len(uids)))
+        context = self._read_context()
+        return Shortfall(ranges=max(1, len(range_pieces(context.ring, context.n))))
+
     async def find(self, query: Query) -> AsyncGenerator[Attributes, None]:
         """Rows matching `query` across the cluster, each exactly once. Raises
-        IncompleteAnswer after the last row when part of the archive could not be asked."""
+        IncompleteAnswer after the last row when part of the archive could not be asked
+        (all of it, before any row, while this node is still joining its cluster)."""
+        not_joined = self._not_joined(query)
+        if not_joined is not None:
+            raise IncompleteAnswer(not_joined)
         if query.level == "PATIENT" or wants_patient_counts(query):
             study_rows: list[Attributes] = []
             shortfall: IncompleteAnswer | None = None
@@ -839,6 +858,9 @@ class Coordinator:
             conditions=tuple(c for c in query.conditions if c.keyword in _RETRIEVE_KEYS),
             return_keys=(),
         )
+        not_joined = self._not_joined(image_query)
+        if not_joined is not None:
+            return RetrievePlan([], not_joined)
         locations = []
         shortfall = Shortfall()
         try:

@@ -188,7 +188,7 @@ class Repairer:
         self._settings = settings
         self._run_blocking = run_blocking
         self._pending: set[TokenRange] = set()
-        self._pending_set = RangeSet([])
+        self._pending_set: RangeSet | None = RangeSet([])  # `_pending` as a RangeSet; None: build when asked.
         self._last_ring: Ring | None = None
         self._previous_ring: Ring | None = None
         self._wake = asyncio.Event()
@@ -206,14 +206,18 @@ class Repairer:
     # ----------------------------------------------------------------- views
     def pending(self) -> RangeSet:
         """Ranges this node owns but has not filled yet (reads avoid it there)."""
+        if self._pending_set is None:
+            # Built when first asked after a change, not on each range filled: a pass that
+            # fills P ranges would build it P times (quadratic in the ranges pending).
+            self._pending_set = RangeSet(self._pending)
         return self._pending_set
 
     def is_pending(self, ranges: Sequence[TokenRange]) -> bool:
-        """Whether any token of `ranges` is in a pending range (`_pending_set` is kept equal
-        to `_pending`: a bisect per piece instead of a walk over every pending range)."""
+        """Whether any token of `ranges` is in a pending range (`pending()` is `_pending` as a
+        RangeSet: a bisect per piece instead of a walk over every pending range)."""
         if not self._pending:
             return False
-        pending = self._pending_set
+        pending = self.pending()
         return any(pending.overlaps(low, high) for token_range in ranges for low, high in intervals_of(token_range))
 
     def ring_changed(self) -> None:
@@ -273,7 +277,7 @@ class Repairer:
             self._pending = set(kept) | set(newly)
             if newly:
                 log.info("repair.ranges.pending count=%d ring_version=%x", len(newly), ring.version)
-        self._pending_set = RangeSet(self._pending)
+        self._pending_set = None
         self.stats.pending_ranges = len(self._pending)
 
     async def run_pass(self) -> None:
@@ -339,7 +343,7 @@ class Repairer:
             all_owners_alive = all(self._membership.is_alive(o) for o in item.owners)
             if all_owners_alive or sources:
                 self._pending.discard(item.token_range)
-                self._pending_set = RangeSet(self._pending)
+                self._pending_set = None
                 self.stats.pending_ranges = len(self._pending)
 
     def nearest_first(self, sources: Sequence[str]) -> list[str]:

@@ -669,6 +669,10 @@ class Swim:
         # PLACEMENT once a seed refused us for placement settings: join retries stop, and the
         # node shell stops the process (node/server.py) instead of asking forever.
         self.join_refusal = JoinRefusal.NONE
+        # The generation of a boot of this node id, newer than ours and no longer running, for
+        # which a seed refused our join (0: none): our data dir lost the generation count
+        # (wiped, replaced). The node shell (node/swim_membership.py) then joins again above it.
+        self.dead_boot_generation = 0
         # Timers start at random phases so that nodes started together do not beat in step.
         self._next_probe_ms = now_ms + rng.randrange(config.probe_interval_ms)
         self._next_gossip_ms = now_ms + rng.randrange(config.gossip_interval_ms)
@@ -722,6 +726,12 @@ class Swim:
         """Every member this node knows, itself included, sorted by node id."""
         return [MemberView(u.info, u.state, u.incarnation, u.generation)
                 for _, u in sorted(self._records.items())]
+
+    def records(self) -> tuple[MemberUpdate, ...]:
+        """Every record this node holds, itself included, in no set order. Records are
+        immutable and replaced whenever they change, so when nothing changed two calls
+        return the same objects (node/swim_membership.py rebuilds its view only otherwise)."""
+        return tuple(self._records.values())
 
     def ring_members(self) -> list[MemberInfo]:
         """Members that own tokens: alive, suspect and dead, unless leaving (left and removed do not)."""
@@ -954,6 +964,10 @@ class Swim:
                     self.join_refused_reason = ""
                 elif not self._joined:
                     self.join_refused_reason = message.reason
+                    for update in message.members:
+                        if (update.node_id == self.self_id and update.generation > self.generation
+                                and update.state not in REACHABLE):
+                            self.dead_boot_generation = max(self.dead_boot_generation, update.generation)
                     if message.refusal is JoinRefusal.PLACEMENT:
                         self.join_refusal = JoinRefusal.PLACEMENT
                         self._next_join_ms = None  # Asking again cannot help.
@@ -1282,6 +1296,12 @@ class Swim:
         elif current is not None and current.generation > member.generation:
             reason = (f"node id {member.node_id!r} is in use by generation {current.generation}, "
                       f"newer than {member.generation}")
+            if current.state not in REACHABLE:
+                # No process answers for that boot (dead, removed or left): the joiner's
+                # generation count started over (its data dir was wiped or replaced). The
+                # record goes with the refusal, so that it comes back above it.
+                return self._to(source_id or member.node_id, member.info.peer_address,
+                                JoinReply(False, reason, (current,)))
         elif current is not None and current.generation == member.generation and current.state in TERMINAL:
             reason = (f"node {member.node_id!r} generation {member.generation} is {current.state.value}: "
                       f"restart it with a higher generation")

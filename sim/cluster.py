@@ -333,14 +333,15 @@ class _Process:
         self.repairer.ring_changed()
         self.cluster.on_ring_change(self)
 
-    def _next_generation(self) -> int:
+    def _next_generation(self, at_least: int) -> int:
         """The driver's rejoin (the cluster removed this generation, or made it leave): the
-        node's next generation, as a node persists it; the old one's lifetime ends here."""
+        node's next generation, at least `at_least`, as a node persists it; the old one's
+        lifetime ends here."""
         node = self.node
         cluster = self.cluster
         was = self.membership.swim.self_state().value
         cluster.generation_ended(self)
-        node.generation += 1
+        node.generation = max(node.generation + 1, at_least)
         self.generation = node.generation
         cluster.lifetimes[(node.node_id, node.generation)] = [cluster.now_ms(), None]
         cluster._fault("rejoin", f"{node.node_id} generation={node.generation} was={was}")

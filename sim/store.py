@@ -605,6 +605,9 @@ class NonDurableStore:
                 seg_low, seg_high = segment_bounds(segment)
                 if low <= seg_low and seg_high <= high:
                     continue
+                held = self._digests.get(segment)
+                if held is None or not held.count:
+                    continue  # Nothing in the segment, so nothing in the cut part: no scan.
                 digest = Digest()
                 for _study, sop, content_hash in self.entries(max(low, seg_low), min(high, seg_high)):
                     digest = digest.add(entry_hash(sop, content_hash))

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -28,7 +29,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from pacsnode.node import ca
-from pacsnode.sim.process import NodeProcess, free_port, wait_until
+from pacsnode.sim import datagen
+from pacsnode.sim.process import NodeProcess, free_port, port_open, wait_until
 
 from . import clients
 from .clients import HOST, identifier, scu_ae
@@ -122,7 +124,7 @@ def test_store_find_get_through_workers(node_factory) -> None:
 
 
 def _big_ct(study_uid: str) -> object:
-    """A 512x512 CT slice of noise: its compressed copy is far over worker_blob_file_bytes_min."""
+    """A 512x512 CT slice of noise: its compressed copy is far over blob_file_bytes_min."""
     ds = _ct(study_uid)
     ds.Rows = ds.Columns = 512
     ds.PixelData = os.urandom(512 * 512 * 2)
@@ -203,6 +205,72 @@ def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:
     matches, status = clients.find(node.dicom_port, identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID=""))
     assert status == 0x0000
     assert set(acknowledged) <= {str(m.SOPInstanceUID) for m in matches}
+
+
+def _left_files(node: NodeProcess) -> list[str]:
+    """Spool files and blob temp files under the node's data directory."""
+    spool_files = list((node.data_dir / "spool").glob("*")) if (node.data_dir / "spool").exists() else []
+    temps = list((node.data_dir / "store" / "blobs").glob(".tmp-*"))
+    return sorted(p.name for p in spool_files + temps)
+
+
+@pytest.mark.parametrize("point", ["spooling", "compressing"])
+def test_a_dead_worker_s_spool_and_temp_files_are_removed(node_factory, tmp_path: Path, point: str) -> None:
+    """kill -9 of a worker in the middle of a big C-STORE: the node removes the spool file
+    or blob temp file it left (known by its PID) before it starts the replacement, and
+    leaves alone a temp file of another live process."""
+    entry = datagen.write_large_instance(tmp_path / "big", size_bytes=24_000_000, seed=1201)
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dataset-spool-threshold-bytes",
+                                                    str(1 << 20)])
+    assert wait_until(lambda: len(_worker_pids(node)) >= 1, 30), node.log_text()[-3000:]
+    worker = _worker_pids(node)[0]
+    blobs = node.data_dir / "store" / "blobs"
+    other = blobs / f".tmp-{node.process.pid}_inflight.zst"  # The node's own, being written: kept.
+    other.write_bytes(b"x")
+    storescu = subprocess.Popen(["storescu", "-aec", "PACSNODE", HOST, str(node.dicom_port), str(entry["path"])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if point == "spooling":
+            caught = wait_until(lambda: bool(list((node.data_dir / "spool").glob(f"*{worker}_*"))), 30, 0.001)
+        else:
+            caught = wait_until(lambda: bool(list(blobs.glob(f".tmp-{worker}_*"))), 30, 0.001)
+        assert caught, _left_files(node)
+        os.kill(worker, signal.SIGKILL)
+        assert storescu.wait(timeout=60) != 0  # Never acknowledged.
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
+            storescu.wait()
+    assert wait_until(lambda: "dicom.worker.restarted" in node.log_text(), 30), node.log_text()[-3000:]
+    assert _left_files(node) == [other.name]
+    assert f"dicom.worker.files_removed pid={worker}" in node.log_text()
+    other.unlink()
+    assert wait_until(lambda: port_open(node.dicom_port), 30)  # The replacement listens.
+    assert clients.send_files(node.dicom_port, [Path(str(entry["path"]))]) == {str(entry["path"]): 0}
+    assert _left_files(node) == []
+    assert "Traceback" not in node.log_text()
+
+
+def test_a_node_killed_mid_spool_clears_the_spool_when_its_workers_start(node_factory, tmp_path: Path) -> None:
+    entry = datagen.write_large_instance(tmp_path / "big", size_bytes=24_000_000, seed=1202)
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dataset-spool-threshold-bytes",
+                                                    str(1 << 20)])
+    assert wait_until(lambda: len(_worker_pids(node)) >= 1, 30), node.log_text()[-3000:]
+    storescu = subprocess.Popen(["storescu", "-aec", "PACSNODE", HOST, str(node.dicom_port), str(entry["path"])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: bool(list((node.data_dir / "spool").glob("*"))), 30, 0.001)
+        node.kill()
+        assert storescu.wait(timeout=60) != 0
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
+            storescu.wait()
+    assert list((node.data_dir / "spool").glob("*"))  # What the crash left ...
+    node.start()
+    assert wait_until(lambda: len(_worker_pids(node)) >= 2, 30), node.log_text()[-3000:]
+    assert _left_files(node) == []  # ... is gone once the workers start.
+    assert "dicom.spool.cleared files=1" in node.log_text()
 
 
 def test_sigterm_stops_workers_and_kill9_of_node_takes_them_down(node_factory) -> None:

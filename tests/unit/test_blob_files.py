@@ -86,6 +86,26 @@ def test_big_blobs_are_files_read_whole_and_streamed_byte_exact(open_store: Open
     assert small.open_part10(instances[0].study_instance_uid, instances[0].sop_instance_uid) == instances[0].part10
 
 
+def test_by_default_a_ct_sized_blob_is_a_file_and_a_small_one_a_rocksdb_value(
+        open_store: OpenStore, make_instance: Callable[[bytes], Instance]) -> None:
+    """The default threshold (64 KiB compressed) puts a 256x256 slice in a file: rocksdict
+    holds the GIL while RocksDB copies a value into its log or reads it back, file I/O
+    does not (the ingest and retrieve CPU figures in docs/design.md)."""
+    slice_spec = StudySetSpec(patients=1, studies_per_patient=1, series_per_study=1, instances_per_series=1,
+                              rows=256, cols=256, seed=12)
+    big = make_instance(next(iter(iter_part10(slice_spec)))[1])
+    small = make_instance(next(iter(iter_part10(SPEC_A)))[1])
+    assert len(codec.compress(big.part10)) >= 64 * 1024 > len(codec.compress(small.part10))
+    store = open_store()
+    assert store.put_instance(big) == StoreOutcome.STORED
+    assert _files(store) == [_pointer(store, big).name]
+    assert store.put_instance(small) == StoreOutcome.STORED
+    assert len(_files(store)) == 1
+    assert store.read_part10(big.study_instance_uid, big.sop_instance_uid) == big.part10
+    assert _streamed(store, big) == big.dataset_bytes
+    assert store.read_part10(small.study_instance_uid, small.sop_instance_uid) == small.part10
+
+
 def test_a_spooled_temp_file_is_renamed_not_copied(open_store: OpenStore, versions: Any) -> None:
     """The front end's compressed temp file (blob_file) becomes the stored file."""
     instance = versions[0][0]

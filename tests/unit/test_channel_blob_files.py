@@ -2,7 +2,7 @@
 kept (node/archive_channel.py).
 
 The real channel (ChannelArchive in this process standing for a worker, ChannelServer on a
-Unix socket) in front of a real RocksStore: a blob of `worker_blob_file_bytes_min` or more
+Unix socket) in front of a real RocksStore: a blob of `blob_file_bytes_min` or more
 is written by the worker side into the store's blobs directory and named in the STORE
 frame; the store keeps that file (a pointer in RocksDB, no copy of the bytes through its
 write) and reads back the same Part-10 bytes. Smaller blobs travel in the frame. No temp

@@ -28,7 +28,7 @@ def test_defaults() -> None:
     assert config.max_associations == 32
     assert config.instance_size_bytes_max == 4 * 1024**3
     assert config.dataset_spool_threshold_bytes == 8 * 1024**2 and config.inflight_instance_bytes_max == 1024**3
-    assert config.blob_file_bytes_min == 8 * 1024**2
+    assert config.blob_file_bytes_min == 64 * 1024
     assert config.zstd_level == -1
     assert config.disk_free_bytes_min == 256 * 1024**2
     assert config.find_result_max == 0
@@ -75,7 +75,6 @@ storage_commitment_timeout_s = 45
 instance_size_bytes_max = 1_000_000
 dataset_spool_threshold_bytes = 65536
 blob_file_bytes_min = 131072
-worker_blob_file_bytes_min = 262144
 inflight_instance_bytes_max = 5_000_000
 malloc_trim_threshold_bytes = 0
 zstd_level = 3
@@ -150,7 +149,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
-    assert config.blob_file_bytes_min == 131072 and config.worker_blob_file_bytes_min == 262144
+    assert config.blob_file_bytes_min == 131072
     assert config.malloc_trim_threshold_bytes == 0
     assert config.zstd_level == 3
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"

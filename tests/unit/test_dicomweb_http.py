@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,6 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from pacsnode.node.dicomweb import OWN_READ_GROUPS_AHEAD, READ_GROUP_INSTANCES
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.http_views import StoreHeaders
@@ -591,3 +594,55 @@ def test_the_server_pays_its_one_time_costs_before_the_first_request() -> None:
     probe = subprocess.run([sys.executable, "-c", _WARM_UP_PROBE], capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.split() == ["False", "True"]
+
+
+class _CountingArchive(Archive):
+    """Counts the reads running at once; each takes a moment, as a read from a peer would."""
+
+    def __init__(self, store: RocksStore) -> None:
+        super().__init__(store)
+        self._lock = threading.Lock()
+        self._running = 0
+        self.most = 0
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        with self._lock:
+            self._running += 1
+            self.most = max(self.most, self._running)
+        try:
+            time.sleep(0.003)
+            return super().read(location)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_reads_of_own_copies_go_fewer_at_once(tmp_path: Path, make_instance: Callable[[bytes], Any],
+                                               owned: bool) -> None:
+    """A study this node owns is read OWN_READ_GROUPS_AHEAD groups at a time (its reads
+    are CPU here); one it does not own READ_GROUPS_AHEAD at a time (waits on peers)."""
+    spec = StudySetSpec(patients=1, instances_per_series=READ_GROUP_INSTANCES * 3, rows=8, cols=8, seed=31,
+                        modalities=("CT",))
+    study_set = list(iter_part10(spec))
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
+    archive = _CountingArchive(store)
+    for _entry, data in study_set:
+        archive.store(make_instance(data))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                       ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                       owns=lambda study: owned)
+    server.start()
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{study_set[0][0]['study_uid']}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+                          timeout=60)
+    finally:
+        server.stop()
+        store.close()
+    assert reply.status_code == 200
+    assert sorted(_parts(reply)) == sorted(data for _entry, data in study_set)
+    if owned:
+        assert archive.most <= OWN_READ_GROUPS_AHEAD
+    else:
+        assert archive.most > OWN_READ_GROUPS_AHEAD  # Reads from peers still overlap.

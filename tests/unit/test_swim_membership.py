@@ -175,8 +175,8 @@ def test_a_member_removed_while_alive_comes_back_as_its_next_generation() -> Non
         m1, _, m3 = members
         generations: list[int] = []
 
-        def next_generation() -> int:
-            generations.append(m3.generation + 1)
+        def next_generation(at_least: int) -> int:
+            generations.append(max(m3.generation + 1, at_least))
             return generations[-1]
 
         m3._next_generation = next_generation
@@ -188,3 +188,52 @@ def test_a_member_removed_while_alive_comes_back_as_its_next_generation() -> Non
         assert all(len(m.ring()) == 3 for m in members)
 
     run_cluster(3, scenario, replace(CONFIG, dead_grace_ms=60_000))
+
+
+def test_a_node_whose_data_dir_was_wiped_after_a_restart_joins_above_its_last_generation() -> None:
+    """Found by `pacsnode sim chaos --nodes 5 --duration 180 --seed 11`: c3 restarted once
+    (generation 2), then its data dir was wiped, so it started again as generation 1 and
+    every seed refused it ("node id 'c3' is in use by generation 2, newer than 1") to the
+    end of the run. The seed now sends the dead boot's record with the refusal and the node
+    joins again above it (its next generation persisted at least that high)."""
+    async def scenario(network: Network, members: list[SwimMembership]) -> None:
+        m1, m2, m3 = members
+        boots: list[SwimMembership] = []
+
+        async def boot(generation: int, asked: list[int] | None = None) -> SwimMembership:
+            info = replace(m3._me, generation=generation)
+            membership = SwimMembership("test", info, [m1._me.peer_address], config=CONFIG,
+                                        rng=random.Random(generation),
+                                        next_generation=(lambda at_least: asked.append(at_least) or at_least + 1)
+                                        if asked is not None else None)
+            network.by_address[info.peer_address] = membership
+            network.down.discard("m3")
+            membership.start(GrpcCarrier(LoopbackTransport(network, membership)))  # type: ignore[arg-type]
+            boots.append(membership)
+            return membership
+
+        async def crash(membership: SwimMembership) -> None:
+            network.down.add("m3")
+            await membership.stop()
+            assert await wait_for(lambda: all(m.swim.state_of("m3") in (State.DEAD, State.REMOVED)
+                                              for m in (m1, m2)), 5.0)
+
+        try:
+            await crash(m3)
+            restarted = await boot(2)  # A restart: the data dir says generation 2.
+            assert await wait_for(lambda: all((r := m.swim.record("m3")) is not None
+                                              and (r.state, r.generation) == (State.ALIVE, 2) for m in (m1, m2)), 5.0)
+            await crash(restarted)
+            asked: list[int] = []
+            wiped = await boot(1, asked)  # Data dir wiped: the generation count starts over.
+            assert await wait_for(lambda: all((r := m.swim.record("m3")) is not None and r.state is State.ALIVE
+                                              and r.generation > 2 for m in (m1, m2)), 8.0), \
+                [m.swim.record("m3") for m in (m1, m2)]
+            assert asked and asked[0] == 3  # Persisted above the dead boot's generation.
+            assert wiped.generation == 4 and wiped.self_state() is State.ALIVE
+            assert all(len(m.ring()) == 3 for m in (m1, m2, wiped))
+        finally:
+            for membership in boots:
+                await membership.stop()
+
+    run_cluster(3, scenario)
