@@ -393,10 +393,17 @@ class DicomWeb:
                 opened = _Opened(body)
                 if isinstance(body, Part10Stream) and syntax == location.transfer_syntax_uid:
                     try:
-                        opened.first = _next_chunk(body)
+                        first = _next_chunk(body)
                     except CorruptBlob:
                         body.close()
                         raise
+                    if len(first) == len(body):
+                        # All of it in one chunk, its checksum checked by that read: closed
+                        # here, and sent as bytes, with no stream left for the HTTP loop.
+                        body.close()
+                        opened = _Opened(first)
+                    else:
+                        opened.first = first
                 read.append(opened)
             except (ReadError, CorruptBlob) as error:
                 return read, error
