@@ -12,7 +12,7 @@ node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
 
 `max_associations` is shared: the node holds the slots (AssociationSlots), a worker takes
 one per association it accepts. The workers' DIMSE requests reach the node's /metrics
-(count_dimse). Not done yet: their refused-association counts are not in /metrics.
+(count_dimse), and so do the associations they refuse by the access table (`refused`).
 
 Files: a worker names its spool files and blob temp files with its PID
 (node/spool.py process_prefix); when a worker dies the pool removes the ones it left
@@ -57,6 +57,9 @@ class WorkerPool:
         self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive, blob_files)
         self._blob_files = blob_files
         self._channel.on_hello = self._on_hello
+        self._refused_by_pid: dict[int, int] = {}
+        self._refused_lock = threading.Lock()
+        self._channel.on_refused = self._on_refused
         self.slots = AssociationSlots(config.max_associations)
         self._channel.slots = self.slots
         if audit is not None:
@@ -75,6 +78,17 @@ class WorkerPool:
     def count_dimse(self, observe: Callable[[str, int, float], None]) -> None:
         """Where the workers' answered DIMSE requests go (the node's Metrics.observe_dimse)."""
         self._channel.on_metrics = observe
+
+    def _on_refused(self, pid: int, total: int) -> None:
+        with self._refused_lock:
+            self._refused_by_pid[pid] = max(total, self._refused_by_pid.get(pid, 0))
+
+    @property
+    def refused(self) -> int:
+        """Associations the workers refused by the access table (every worker that ran, dead
+        ones' last report included): the node's pacsnode.security.dicom_refused_count."""
+        with self._refused_lock:
+            return sum(self._refused_by_pid.values())
 
     @property
     def restarts(self) -> int:

@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.filereader import read_dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from pacsnode.node import ca
 from pacsnode.sim import datagen
@@ -205,6 +206,29 @@ def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:
     matches, status = clients.find(node.dicom_port, identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID=""))
     assert status == 0x0000
     assert set(acknowledged) <= {str(m.SOPInstanceUID) for m in matches}
+
+
+def test_associations_refused_in_workers_are_counted_in_the_node_s_metrics(node_factory) -> None:
+    node = _start(node_factory, ["--access-mode", "strict", "--known-ae", "VIEWER=echo"])
+    for _ in range(3):  # A known AE asking a service it is not given, in whichever worker accepts it.
+        ae = scu_ae("VIEWER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+        assert assoc.is_established
+        statuses = [status.Status for status, _ in assoc.send_c_find(identifier("STUDY", StudyInstanceUID=""),
+                                                                      StudyRootQueryRetrieveInformationModelFind)]
+        assoc.release()
+        assert statuses == [0x0124]  # Refused: not authorised.
+
+    def metrics() -> str:
+        return urllib.request.urlopen(f"http://{HOST}:{node.http_port}/metrics", timeout=10).read().decode()
+
+    assert wait_until(lambda: "pacsnode_security_dicom_refused_total 3.0" in metrics(), 15), \
+        [line for line in metrics().splitlines() if "refused" in line]
+    worker = _worker_pids(node)[0]  # A worker that dies keeps its count in the node's total.
+    os.kill(worker, signal.SIGKILL)
+    assert wait_until(lambda: "dicom.worker.restarted" in node.log_text(), 30)
+    assert "pacsnode_security_dicom_refused_total 3.0" in metrics()
 
 
 def _left_files(node: NodeProcess) -> list[str]:
