@@ -335,13 +335,14 @@ class RocksStore:
         temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
             else None
         try:
-            if temp is None:
-                temp = self.blob_files.write_temp(stored.blob)
-            try:
-                pointer = self.blob_files.commit(temp, stored.content_hash)
-            except BaseException:
-                self.blob_files.remove(temp.path.name)
-                raise
+            if temp is None:  # In memory (a C-STORE below the spool threshold, a peer's copy).
+                pointer = self.blob_files.write_named(stored.blob, stored.content_hash)
+            else:  # The front end's spooled temp file: renamed, not copied.
+                try:
+                    pointer = self.blob_files.commit(temp, stored.content_hash)
+                except BaseException:
+                    self.blob_files.remove(temp.path.name)
+                    raise
         except OSError as error:  # ENOSPC writing or syncing the file: a full disk is 0xA700.
             raise self._write_failure(error) from error
         kept = False

@@ -66,6 +66,7 @@ def test_big_blobs_are_files_read_whole_and_streamed_byte_exact(open_store: Open
     for instance in instances:
         assert store.put_instance(instance, now_ms=5) == StoreOutcome.STORED
     assert len(_files(store)) == len(instances)
+    assert not [name for name in _files(store) if TEMP_PREFIX in name]  # Written under their names.
     total = 0
     for instance in instances:
         pointer = _pointer(store, instance)
@@ -199,6 +200,9 @@ def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp
     # 2. Killed after the file got its name, before the batch that records it.
     unrecorded = store.blob_files.commit(store.blob_files.write_temp(codec.compress(instances[1].part10)),
                                          instances[1].content_hash)
+    # 2b. The same for a blob that was in memory, written straight under its final name.
+    unrecorded_named = store.blob_files.write_named(codec.compress(instances[3].part10), instances[3].content_hash)
+    assert (store.blob_files.directory / unrecorded_named.name).exists()
     # 3. Killed after a delete's batch, before its unlink: the file is left, its record gone.
     doomed = instances[2]
     store.put_instance(doomed, now_ms=1)
@@ -216,6 +220,7 @@ def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp
     try:
         assert not leftover_temp.exists()
         assert not (reopened.blob_files.directory / unrecorded.name).exists()
+        assert not (reopened.blob_files.directory / unrecorded_named.name).exists()
         assert not (reopened.blob_files.directory / doomed_file).exists()
         assert _files(reopened) == [_pointer(reopened, kept).name]
         assert reopened.read_part10(kept.study_instance_uid, kept.sop_instance_uid) == kept.part10
