@@ -16,6 +16,9 @@ and the table shows medians: the machine is shared and noisy.
   `multipart/related; type="application/dicom"; transfer-syntax=*`, body read by curl; MB/s
   (wall time of the curl process, so it includes its start, ~5 ms, for both systems).
   Checked: every stored byte came back (the sum of part sizes equals the files').
+- wado-restart: `wado` again after both servers were stopped and started on their data:
+  pacsnode then reads the blobs from RocksDB's blob files (just after ingest they are still
+  in its memtable), Orthanc its files; what a study stored earlier costs to retrieve.
 - wado-small: the same, for one study of `--small-instances` 64 x 64 CT instances (~9 KB
   each): what a retrieve costs per instance rather than per byte.
 - metadata: GET /studies/{uid}/series/{uid}/metadata of that study's 80-instance series:
@@ -38,6 +41,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +80,16 @@ def start_pacsnode(parent: Path) -> Server:
     command = server.command
     server.http_port = int(command[command.index("--http-port") + 1])
     return server
+
+
+def restart(server: Server) -> None:
+    """Stop a server and start it again on the same data, ports and command."""
+    servers._signal_group(server.process, signal.SIGTERM)
+    server.process.wait(timeout=60)
+    env = (servers.dcmtk_env(True) if server.name == "orthanc" else
+           {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"})
+    server.process = servers._spawn(server.command, server.log_path, env, server.work_dir)
+    servers.wait_port(server, timeout_s=90)
 
 
 def cpu_seconds(server: Server) -> float:
@@ -249,7 +263,7 @@ def alternate(measure: Callable[[Server], dict[str, Any]], systems: dict[str, Se
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="stow,wado,wado-small,metadata,fresh,qido")
+    parser.add_argument("--only", default="stow,wado,wado-restart,wado-small,metadata,fresh,qido")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stow-instances", type=int, default=1000)
     parser.add_argument("--studies", type=int, default=10_000)
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     with (start_pacsnode if name == "pacsnode" else start_orthanc_dicomweb)(temp) as server:
                         runs[name].append(stow(server, manifest))
             report["results"]["stow"] = runs
-        if only & {"wado", "metadata"}:
+        if only & {"wado", "wado-restart", "metadata"}:
             spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512,
                                         cols=512, modalities=("CT",), seed=202)
             _root, manifest = prepare_dataset("dw-wado", spec, data_dir)
@@ -294,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             if "wado" in only:
                 report["results"]["wado"] = alternate(lambda server: wado_study(server, study, total), systems,
                                                       args.repeats)
+            if "wado-restart" in only:
+                for server in systems.values():
+                    restart(server)
+                    wado_study(server, study, total)  # A first retrieve: the HTTP stack's and the files' first touch.
+                report["results"]["wado_restart"] = alternate(lambda server: wado_study(server, study, total),
+                                                              systems, args.repeats)
             for server in systems.values():
                 server.stop()
             systems = {}
@@ -362,10 +382,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["stow_server_cpu_s_per_1000"] = {name: median_of(runs, "server_cpu_s_per_1000")
                                                  for name, runs in results["stow"].items()}
         summary["stow_ok"] = all(run["ok"] for runs in results["stow"].values() for run in runs)
-    if "wado" in results:
-        summary["wado_study_mb_per_s"] = {name: median_of(runs, "mb_per_s") for name, runs in results["wado"].items()}
-        summary["wado_server_cpu_ms"] = {name: median_of(runs, "server_cpu_ms") for name, runs in results["wado"].items()}
-        summary["wado_ok"] = all(run["ok"] for runs in results["wado"].values() for run in runs)
+    for key in ("wado", "wado_restart"):
+        if key in results:
+            runs = results[key]
+            summary[f"{key}_study_mb_per_s"] = {name: median_of(values, "mb_per_s") for name, values in runs.items()}
+            summary[f"{key}_server_cpu_ms"] = {name: median_of(values, "server_cpu_ms") for name, values in runs.items()}
+            ratios = [p["mb_per_s"] / o["mb_per_s"] for p, o in zip(runs["pacsnode"], runs["orthanc"])]
+            summary[f"{key}_ratio_median"] = round(statistics.median(ratios), 2)
+            summary[f"{key}_ratio_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+            summary[f"{key}_load"] = [round(min(run["load"] for v in runs.values() for run in v), 1),
+                                      round(max(run["load"] for v in runs.values() for run in v), 1)]
+            summary[f"{key}_ok"] = all(run["ok"] for values in runs.values() for run in values)
     if "wado_small" in results:
         runs = results["wado_small"]
         summary["wado_small_ms"] = {name: median_of([{"ms": run["elapsed_s"] * 1000} for run in values], "ms")

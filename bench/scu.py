@@ -1,6 +1,6 @@
 """pynetdicom SCUs for the benchmark, each with TCP_NODELAY set on connection open.
 
-In process: echo(), find_latency(), get_study(), move_study().
+In process: echo(), echo_timed(), raw_echo(), find_latency(), get_study(), move_study().
 As a worker process (one association, for 1 or N parallel senders):
 
     python bench/scu.py store --port P --aec AET --list FILES.txt --context SOPCLASS:TS ...
@@ -91,17 +91,87 @@ def _associate(ae: AE, aec: str, port: int, handlers: list[Any] | None = None,
 
 
 def echo(aec: str, port: int) -> int:
+    return echo_timed(aec, port).status
+
+
+@dataclass(frozen=True)
+class EchoTiming:
+    status: int         # The C-ECHO status; -1 when there was none (no association, no answer).
+    release_ms: float   # assoc.release(), A-RELEASE-RQ to the end of the requestor's threads.
+
+
+# pynetdicom 3.0.4's Association.kill, which ends release(), looks at its DUL thread every
+# 10 ms; the requestor's own thread often gets the A-RELEASE confirmation before that DUL
+# thread has closed the connection and is idle, and then sleeps 10 ms. Which of the two
+# threads wins is up to the scheduler on the client's side, whatever the server: a
+# release that long (it takes ~2-3 ms otherwise) is counted as `client_kill_waits`.
+CLIENT_KILL_WAIT_MS = 9.0
+
+
+def echo_timed(aec: str, port: int) -> EchoTiming:
     ae = _new_ae()
     ae.acse_timeout = 5
     ae.add_requested_context(Verification)
     assoc = ae.associate(HOST, port, ae_title=aec, evt_handlers=NODELAY_HANDLERS)
     if not assoc.is_established:
-        return -1
+        return EchoTiming(-1, 0.0)
+    status = -1
     try:
-        status = assoc.send_c_echo()
-        return int(status.Status) if "Status" in status else -1
+        answer = assoc.send_c_echo()
+        status = int(answer.Status) if "Status" in answer else -1
     finally:
+        started = time.perf_counter()
         assoc.release()
+    return EchoTiming(status, (time.perf_counter() - started) * 1000)
+
+
+def echo_pdus(aec: str, port: int) -> list[bytes]:
+    """The PDUs pynetdicom sends for association + C-ECHO + release (A-ASSOCIATE-RQ,
+    P-DATA-TF, A-RELEASE-RQ), as it sent them to this server."""
+    sent: list[bytes] = []
+    ae = _new_ae()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(HOST, port, ae_title=aec,
+                         evt_handlers=NODELAY_HANDLERS + [(evt.EVT_DATA_SENT, lambda event: sent.append(bytes(event.data)))])
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {aec}@{HOST}:{port} was not established")
+    assoc.send_c_echo()
+    assoc.release()
+    return sent
+
+
+def _read_pdu(sock: socket.socket) -> int:
+    """Read one whole PDU; its type (0 if the peer closed first)."""
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            return 0
+        header += chunk
+    remaining = int.from_bytes(header[2:6], "big")
+    while remaining:
+        chunk = sock.recv(min(remaining, 65536))
+        if not chunk:
+            return 0
+        remaining -= len(chunk)
+    return header[0]
+
+
+RAW_ECHO_ANSWERS = (0x02, 0x04, 0x06)  # A-ASSOCIATE-AC, P-DATA-TF (the C-ECHO-RSP), A-RELEASE-RP.
+
+
+def raw_echo(port: int, pdus: list[bytes]) -> bool:
+    """Association + C-ECHO + release with `pdus` (echo_pdus) from a plain socket with
+    TCP_NODELAY, each PDU sent as soon as the previous answer is read: the server's own
+    turn-around, without a client's threads and polling. True if the answers were
+    A-ASSOCIATE-AC, P-DATA-TF, A-RELEASE-RP."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answers = []
+        for pdu in pdus:
+            sock.sendall(pdu)
+            answers.append(_read_pdu(sock))
+    return tuple(answers) == RAW_ECHO_ANSWERS
 
 
 # ---------------------------------------------------------------------------------------

@@ -371,11 +371,13 @@ class ChannelArchive:
             self._drop()
             log.error("audit.forward_failed error=%s", type(error).__name__)
 
-    def metrics(self, observations: list[list[Any]]) -> None:
-        """Send answered DIMSE requests to the node's /metrics (node/metrics.py DimseForwarder);
-        on a broken channel they are dropped, and that is logged."""
+    def metrics(self, observations: list[list[Any]], refused: int = 0) -> None:
+        """Send answered DIMSE requests, and this worker's total of refused associations, to
+        the node's /metrics (node/metrics.py DimseForwarder); on a broken channel they are
+        dropped, and that is logged."""
         try:
-            send_frame(self._connection(), Kind.METRICS, {"observations": observations})
+            send_frame(self._connection(), Kind.METRICS, {"observations": observations, "pid": os.getpid(),
+                                                          "refused": refused})
         except (OSError, ChannelError) as error:
             self._drop()
             log.error("metrics.forward_failed error=%s", type(error).__name__)
@@ -472,6 +474,7 @@ class ChannelServer:
         self.on_hello: Callable[[socket.socket, dict[str, Any]], None] | None = None
         self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
         self.on_metrics: Callable[[str, int, float], None] | None = None  # A worker's answered request.
+        self.on_refused: Callable[[int, int], None] | None = None  # A worker's (pid) refused associations so far.
         # Association slots (node/workers.py AssociationSlots): taken and given back per
         # connection; a connection's slots are given back when it closes (its worker died).
         self.slots: "AssociationSlots | None" = None
@@ -551,6 +554,11 @@ class ChannelServer:
                     raise ChannelError("a metrics observation is [service, status, seconds]")
                 if self.on_metrics is not None:
                     self.on_metrics(item[0], item[1], float(item[2]))
+            pid, refused = header.get("pid", 0), header.get("refused", 0)
+            if not (isinstance(pid, int) and isinstance(refused, int) and refused >= 0):
+                raise ChannelError("a metrics frame's pid and refused are integers")
+            if self.on_refused is not None and pid:
+                self.on_refused(pid, refused)
             return
         try:
             if kind == Kind.STORE:

@@ -150,7 +150,7 @@ class DicomFrontEnd:
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=READ_POOL_THREADS, thread_name_prefix="pacsnode-read")
         self.spool = acceptor.SpoolSettings(
             threshold_bytes=config.dataset_spool_threshold_bytes, size_max_bytes=config.instance_size_bytes_max,
-            budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=config.data_dir / "spool")
+            budget=spool.InflightBudget(config.inflight_instance_bytes_max), directory=spool.spool_directory(config.data_dir))
         self.ae = self._build_ae()
         # Storage Commitment (node/commitment.py): served when the archive can check the cluster.
         self.commitment: commitment.CommitmentScp | None = None

@@ -142,7 +142,7 @@ def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> No
 def _count_dimse(front_end: WorkerFrontEnd, archive: ChannelArchive) -> None:
     """Count and time this worker's DIMSE requests as the node counts its own
     (node/http_views.py bind_dimse_metrics), forwarded to the node's /metrics."""
-    forwarder = DimseForwarder(archive.metrics)
+    forwarder = DimseForwarder(archive.metrics, lambda: front_end.guard.refused)
     meter = Metrics(dimse_sink=forwarder.add)
     server = front_end._server
     for event, handler in meter.dimse_handlers():

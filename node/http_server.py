@@ -101,7 +101,8 @@ class HttpServer:
                  ready: Callable[[], dict[str, Any]], cluster: Callable[[], dict[str, Any]] | None = None,
                  instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
                  access: HttpAccess | None = None, audit: AuditLog | None = None,
-                 viewer_dir: Path | None = None, local_headers: LocalHeaders | None = None) -> None:
+                 viewer_dir: Path | None = None, local_headers: LocalHeaders | None = None,
+                 owns: Callable[[str], bool] | None = None) -> None:
         self._host = host
         self._viewer_dir = (viewer_dir or DEFAULT_VIEWER_DIR).resolve()
         self._port = port
@@ -114,7 +115,7 @@ class HttpServer:
         self.audit = HttpAudit(audit or AuditLog(None, "pacsnode"))
         self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
                                  qido_result_max=qido_result_max, audit=self.audit, local_headers=local_headers,
-                                 deletes_need_admin=self._access.tls)
+                                 deletes_need_admin=self._access.tls, owns=owns)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -83,6 +83,7 @@ def http_server_for(node: "Node") -> HttpServer:
         audit=security.audit,
         viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
         local_headers=StoreHeaders(node.store),
+        owns=node.coordinator.owns,  # WADO-RS reads of own copies: fewer at once (node/dicomweb.py).
     )
 
 

@@ -200,13 +200,16 @@ class Metrics:
 
 class DimseForwarder:
     """A DICOM worker's answered requests, sent to the node's /metrics in batches (a
-    METRICS frame a second, node/archive_channel.py) by a daemon thread."""
+    METRICS frame a second, node/archive_channel.py) by a daemon thread, with the worker's
+    count of refused associations so far (a total, so a frame lost does not lose counts)."""
 
     INTERVAL_S = 1.0
     BATCH_MAX = 10_000  # Kept when the channel is down; older ones dropped past this.
 
-    def __init__(self, send: Callable[[list[list[Any]]], None]) -> None:
+    def __init__(self, send: Callable[[list[list[Any]], int], None], refused: Callable[[], int] = lambda: 0) -> None:
         self._send = send
+        self._refused = refused
+        self._refused_sent = 0
         self._pending: list[list[Any]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pacsnode-metrics-forward", daemon=True)
@@ -223,8 +226,10 @@ class DimseForwarder:
     def flush(self) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
-        if batch:
-            self._send(batch)
+        refused = self._refused()
+        if batch or refused != self._refused_sent:
+            self._send(batch, refused)
+            self._refused_sent = refused
 
     def _run(self) -> None:
         while True:

@@ -307,7 +307,8 @@ class Node:
             "pacsnode.health.transitions_count": self.health.transitions,
             "pacsnode.membership.probes_unanswered_count": self.membership.probes_unanswered,
             "pacsnode.security.peer_refused_count": self.security.guard.refused,
-            "pacsnode.security.dicom_refused_count": self.front_end.guard.refused,
+            "pacsnode.security.dicom_refused_count":
+                self.front_end.guard.refused + (self.workers.refused if self.workers is not None else 0),
             "pacsnode.security.http_refused_count": self.http.audit.refused_count,
             "pacsnode.security.http_tls_refused_count": self.http.tls_refused_count,
             "pacsnode.security.audit_syslog_sent_count": self.security.syslog.sent if self.security.syslog else 0,

@@ -148,7 +148,7 @@ class SpoolBuffer(io.BytesIO):
             return False
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
-            descriptor, name = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".dcm", dir=self._directory)
+            descriptor, name = tempfile.mkstemp(prefix=process_prefix(SPOOL_PREFIX), suffix=".dcm", dir=self._directory)
             self.path = self._state.path = Path(name)
             file = self._file = self._state.file = open(descriptor, "wb", buffering=CHUNK_BYTES)
             file.write(prefix)
@@ -295,12 +295,24 @@ def _write_reserved(out: io.BytesIO, data: bytes, budget: InflightBudget) -> int
     return len(data)
 
 
-def clear_directory(directory: Path) -> int:
-    """Remove spool files a previous run left behind (a crash mid-transfer); their count."""
+def spool_directory(data_dir: Path) -> Path:
+    """Where a node's front end (or its DICOM workers) spools received data sets."""
+    return data_dir / "spool"
+
+
+def process_prefix(prefix: str, pid: int | None = None) -> str:
+    """A temp file name's start that says which process writes it (`<prefix><pid>_`): the
+    node removes what a DICOM worker that died left (node/workers.py) and nothing else."""
+    return f"{prefix}{os.getpid() if pid is None else pid}_"
+
+
+def clear_directory(directory: Path, pid: int | None = None) -> int:
+    """Remove spool files a previous run left behind (a crash mid-transfer), or with `pid`
+    those of that (dead) process only; their count."""
     removed = 0
     if not directory.is_dir():
         return 0
-    for path in directory.glob(SPOOL_PREFIX + "*"):
+    for path in directory.glob((SPOOL_PREFIX if pid is None else process_prefix(SPOOL_PREFIX, pid)) + "*"):
         try:
             path.unlink()
             removed += 1

@@ -219,6 +219,7 @@ class RocksStore:
         self._free_checked_at = 0.0
         self._free_bytes = 0
         self._remove_orphan_blob_files()
+        self.blob_files.start_pool()  # Empty files ready for in-memory blobs (node/blob_files.py BlobPool).
 
     def _remove_orphan_blob_files(self) -> None:
         """Remove the blob files no record points at (a crash between a blob file's rename
@@ -239,6 +240,7 @@ class RocksStore:
                 self._commit.wait()
             if not self._closed:
                 self._closed = True
+                self.blob_files.close()
                 try:
                     self._db.close()
                 except Exception as error:  # e.g. a flush that hits a full disk
@@ -335,13 +337,14 @@ class RocksStore:
         temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
             else None
         try:
-            if temp is None:
-                temp = self.blob_files.write_temp(stored.blob)
-            try:
-                pointer = self.blob_files.commit(temp, stored.content_hash)
-            except BaseException:
-                self.blob_files.remove(temp.path.name)
-                raise
+            if temp is None:  # In memory (a C-STORE below the spool threshold, a peer's copy).
+                pointer = self.blob_files.write_named(stored.blob, stored.content_hash)
+            else:  # The front end's spooled temp file: renamed, not copied.
+                try:
+                    pointer = self.blob_files.commit(temp, stored.content_hash)
+                except BaseException:
+                    self.blob_files.remove(temp.path.name)
+                    raise
         except OSError as error:  # ENOSPC writing or syncing the file: a full disk is 0xA700.
             raise self._write_failure(error) from error
         kept = False

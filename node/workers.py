@@ -12,7 +12,12 @@ node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
 
 `max_associations` is shared: the node holds the slots (AssociationSlots), a worker takes
 one per association it accepts. The workers' DIMSE requests reach the node's /metrics
-(count_dimse). Not done yet: their refused-association counts are not in /metrics.
+(count_dimse), and so do the associations they refuse by the access table (`refused`).
+
+Files: a worker names its spool files and blob temp files with its PID
+(node/spool.py process_prefix); when a worker dies the pool removes the ones it left
+before starting its replacement, and at start it clears the spool directory (what a
+node killed mid-transfer left), as the one-process front end does.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from pacsnode.node import dicom_worker
+from pacsnode.node import dicom_worker, spool
 from pacsnode.node.archive_channel import AssociationSlots, ChannelServer
 from pacsnode.node.blob_files import BlobFiles
 from pacsnode.node.audit import AuditLog
@@ -49,7 +55,11 @@ class WorkerPool:
         self._audited = audit is not None and audit.enabled
         self._directory = tempfile.mkdtemp(prefix="pacsnode-ch-")  # 0700: only this user reaches the channel.
         self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive, blob_files)
+        self._blob_files = blob_files
         self._channel.on_hello = self._on_hello
+        self._refused_by_pid: dict[int, int] = {}
+        self._refused_lock = threading.Lock()
+        self._channel.on_refused = self._on_refused
         self.slots = AssociationSlots(config.max_associations)
         self._channel.slots = self.slots
         if audit is not None:
@@ -68,6 +78,17 @@ class WorkerPool:
     def count_dimse(self, observe: Callable[[str, int, float], None]) -> None:
         """Where the workers' answered DIMSE requests go (the node's Metrics.observe_dimse)."""
         self._channel.on_metrics = observe
+
+    def _on_refused(self, pid: int, total: int) -> None:
+        with self._refused_lock:
+            self._refused_by_pid[pid] = max(total, self._refused_by_pid.get(pid, 0))
+
+    @property
+    def refused(self) -> int:
+        """Associations the workers refused by the access table (every worker that ran, dead
+        ones' last report included): the node's pacsnode.security.dicom_refused_count."""
+        with self._refused_lock:
+            return sum(self._refused_by_pid.values())
 
     @property
     def restarts(self) -> int:
@@ -93,6 +114,9 @@ class WorkerPool:
         reservation.bind((self._config.host, self._config.dicom_port))
         self.port = reservation.getsockname()[1]
         self._reservation = reservation
+        removed = spool.clear_directory(self._spool_directory)  # Left by a crash mid-transfer.
+        if removed:
+            log.info("dicom.spool.cleared files=%d", removed)
         self._channel.start()
         for index in range(self._count):
             self._spawn(index)
@@ -122,12 +146,27 @@ class WorkerPool:
                 process = self._processes[index]
                 process.join()
                 log.warning("dicom.worker.exited worker=%d pid=%s exit_code=%s", index, process.pid, process.exitcode)
+                self._remove_files_of(process.pid)
                 time.sleep(RESTART_DELAY_S)
                 if self._stopping.is_set():
                     return
                 self._restarts += 1
                 self._spawn(index)
                 log.info("dicom.worker.restarted worker=%d pid=%s", index, self._processes[index].pid)
+
+    @property
+    def _spool_directory(self) -> Path:
+        return spool.spool_directory(self._config.data_dir)
+
+    def _remove_files_of(self, pid: int | None) -> None:
+        """The spool files and blob temp files a dead worker left (its open transfers died
+        with it: nothing there was acknowledged)."""
+        if pid is None:
+            return
+        spooled = spool.clear_directory(self._spool_directory, pid)
+        temps = self._blob_files.remove_temps_of(pid) if self._blob_files is not None else 0
+        if spooled or temps:
+            log.info("dicom.worker.files_removed pid=%d spool_files=%d blob_temp_files=%d", pid, spooled, temps)
 
     def reload_certificates(self) -> None:
         """Tell every worker to read the tls_dir certificate again (new DICOM TLS connections)."""

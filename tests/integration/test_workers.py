@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -26,9 +27,11 @@ from pydicom import dcmread
 from pydicom.filereader import read_dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from pacsnode.node import ca
-from pacsnode.sim.process import NodeProcess, free_port, wait_until
+from pacsnode.sim import datagen
+from pacsnode.sim.process import NodeProcess, free_port, port_open, wait_until
 
 from . import clients
 from .clients import HOST, identifier, scu_ae
@@ -148,7 +151,7 @@ def test_big_instances_are_written_to_blob_files_by_the_worker(node_factory, spo
     finally:
         assoc.release()
     blobs = node.data_dir / "store" / "blobs"
-    files = [p for p in blobs.rglob("*") if p.is_file()]
+    files = [p for p in blobs.rglob("*") if p.is_file() and p.stat().st_size]  # Not the pool's empty files.
     assert len(files) == 3 and not [p for p in files if p.name.startswith(".tmp-")], files
     result = clients.get(node.dicom_port, identifier("STUDY", StudyInstanceUID=study),
                          [(str(sent[0].SOPClassUID), str(sent[0].file_meta.TransferSyntaxUID))])
@@ -203,6 +206,95 @@ def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:
     matches, status = clients.find(node.dicom_port, identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID=""))
     assert status == 0x0000
     assert set(acknowledged) <= {str(m.SOPInstanceUID) for m in matches}
+
+
+def test_associations_refused_in_workers_are_counted_in_the_node_s_metrics(node_factory) -> None:
+    node = _start(node_factory, ["--access-mode", "strict", "--known-ae", "VIEWER=echo"])
+    for _ in range(3):  # A known AE asking a service it is not given, in whichever worker accepts it.
+        ae = scu_ae("VIEWER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+        assert assoc.is_established
+        statuses = [status.Status for status, _ in assoc.send_c_find(identifier("STUDY", StudyInstanceUID=""),
+                                                                      StudyRootQueryRetrieveInformationModelFind)]
+        assoc.release()
+        assert statuses == [0x0124]  # Refused: not authorised.
+
+    def metrics() -> str:
+        return urllib.request.urlopen(f"http://{HOST}:{node.http_port}/metrics", timeout=10).read().decode()
+
+    assert wait_until(lambda: "pacsnode_security_dicom_refused_total 3.0" in metrics(), 15), \
+        [line for line in metrics().splitlines() if "refused" in line]
+    worker = _worker_pids(node)[0]  # A worker that dies keeps its count in the node's total.
+    os.kill(worker, signal.SIGKILL)
+    assert wait_until(lambda: "dicom.worker.restarted" in node.log_text(), 30)
+    assert "pacsnode_security_dicom_refused_total 3.0" in metrics()
+
+
+def _left_files(node: NodeProcess) -> list[str]:
+    """Spool files and blob temp files under the node's data directory."""
+    spool_files = list((node.data_dir / "spool").glob("*")) if (node.data_dir / "spool").exists() else []
+    temps = list((node.data_dir / "store" / "blobs").glob(".tmp-*"))
+    return sorted(p.name for p in spool_files + temps)
+
+
+@pytest.mark.parametrize("point", ["spooling", "compressing"])
+def test_a_dead_worker_s_spool_and_temp_files_are_removed(node_factory, tmp_path: Path, point: str) -> None:
+    """kill -9 of a worker in the middle of a big C-STORE: the node removes the spool file
+    or blob temp file it left (known by its PID) before it starts the replacement, and
+    leaves alone a temp file of another live process."""
+    entry = datagen.write_large_instance(tmp_path / "big", size_bytes=24_000_000, seed=1201)
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dataset-spool-threshold-bytes",
+                                                    str(1 << 20)])
+    assert wait_until(lambda: len(_worker_pids(node)) >= 1, 30), node.log_text()[-3000:]
+    worker = _worker_pids(node)[0]
+    blobs = node.data_dir / "store" / "blobs"
+    other = blobs / f".tmp-{node.process.pid}_inflight.zst"  # The node's own, being written: kept.
+    other.write_bytes(b"x")
+    storescu = subprocess.Popen(["storescu", "-aec", "PACSNODE", HOST, str(node.dicom_port), str(entry["path"])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if point == "spooling":
+            caught = wait_until(lambda: bool(list((node.data_dir / "spool").glob(f"*{worker}_*"))), 30, 0.001)
+        else:
+            caught = wait_until(lambda: bool(list(blobs.glob(f".tmp-{worker}_*"))), 30, 0.001)
+        assert caught, _left_files(node)
+        os.kill(worker, signal.SIGKILL)
+        assert storescu.wait(timeout=60) != 0  # Never acknowledged.
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
+            storescu.wait()
+    assert wait_until(lambda: "dicom.worker.restarted" in node.log_text(), 30), node.log_text()[-3000:]
+    assert _left_files(node) == [other.name]
+    assert f"dicom.worker.files_removed pid={worker}" in node.log_text()
+    other.unlink()
+    assert wait_until(lambda: port_open(node.dicom_port), 30)  # The replacement listens.
+    assert clients.send_files(node.dicom_port, [Path(str(entry["path"]))]) == {str(entry["path"]): 0}
+    assert _left_files(node) == []
+    assert "Traceback" not in node.log_text()
+
+
+def test_a_node_killed_mid_spool_clears_the_spool_when_its_workers_start(node_factory, tmp_path: Path) -> None:
+    entry = datagen.write_large_instance(tmp_path / "big", size_bytes=24_000_000, seed=1202)
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dataset-spool-threshold-bytes",
+                                                    str(1 << 20)])
+    assert wait_until(lambda: len(_worker_pids(node)) >= 1, 30), node.log_text()[-3000:]
+    storescu = subprocess.Popen(["storescu", "-aec", "PACSNODE", HOST, str(node.dicom_port), str(entry["path"])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: bool(list((node.data_dir / "spool").glob("*"))), 30, 0.001)
+        node.kill()
+        assert storescu.wait(timeout=60) != 0
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
+            storescu.wait()
+    assert list((node.data_dir / "spool").glob("*"))  # What the crash left ...
+    node.start()
+    assert wait_until(lambda: len(_worker_pids(node)) >= 2, 30), node.log_text()[-3000:]
+    assert _left_files(node) == []  # ... is gone once the workers start.
+    assert "dicom.spool.cleared files=1" in node.log_text()
 
 
 def test_sigterm_stops_workers_and_kill9_of_node_takes_them_down(node_factory) -> None:

@@ -608,3 +608,49 @@ def _get_requestor(port: int, answer: Any) -> tuple[Any, Any]:
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = "1.2.3"
     return assoc, query
+
+
+def test_ending_an_association_waits_for_the_dul_instead_of_sleeping_10_ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 10 item 1: pynetdicom's Association.kill looks at the DUL every 10 ms until it
+    is idle (Sta1). A requestor's thread gets the A-RELEASE confirmation a moment before
+    its DUL thread has closed the connection and reached Sta1, so a release (each C-MOVE
+    sub-association's, before the final C-MOVE-RSP) often cost 10 ms more; an acceptor's
+    thread slept in 10 ms steps until the peer closed. Here both wait on the DUL. The
+    requestor's DUL is held in the connection-close handler for 30 ms, so the old loop
+    could not have missed its 10 ms sleep; pynetdicom.association's time.sleep is watched."""
+    import pynetdicom.association
+    from pynetdicom import evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    sleeps: list[float] = []
+
+    class WatchedTime:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(pynetdicom.association, "time", WatchedTime())
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    accepted: list[Any] = []
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    try:
+        client = acceptor.NodeAE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER",
+                                 evt_handlers=[(evt.EVT_CONN_CLOSE, lambda event: time.sleep(0.03))])
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert assoc.is_released and not assoc.dul.is_alive()
+        accepted[0].join(5)
+        assert not accepted[0].is_alive() and not accepted[0].dul.is_alive()
+        assert [s for s in sleeps if s >= 0.01] == []
+    finally:
+        server_ae.shutdown()

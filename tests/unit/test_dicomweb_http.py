@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,10 +19,13 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from pacsnode.node.blob_files import CHUNK_BYTES, Part10Stream
+from pacsnode.node.dicomweb import OWN_READ_GROUPS_AHEAD, READ_GROUP_INSTANCES
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
 from pacsnode.node.http_server import HttpServer
 from pacsnode.node.http_views import StoreHeaders
 from pacsnode.node.metrics import Metrics
+from pacsnode.node.runtime import own_stream_reader
 from pacsnode.node.store import RocksStore
 from pacsnode.replication.archive import Archive, IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall
 from pacsnode.replication.matching import Condition, Query
@@ -591,3 +596,120 @@ def test_the_server_pays_its_one_time_costs_before_the_first_request() -> None:
     probe = subprocess.run([sys.executable, "-c", _WARM_UP_PROBE], capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.split() == ["False", "True"]
+
+
+class _CountingArchive(Archive):
+    """Counts the reads running at once; each takes a moment, as a read from a peer would."""
+
+    def __init__(self, store: RocksStore) -> None:
+        super().__init__(store)
+        self._lock = threading.Lock()
+        self._running = 0
+        self.most = 0
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        with self._lock:
+            self._running += 1
+            self.most = max(self.most, self._running)
+        try:
+            time.sleep(0.003)
+            return super().read(location)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_reads_of_own_copies_go_fewer_at_once(tmp_path: Path, make_instance: Callable[[bytes], Any],
+                                               owned: bool) -> None:
+    """A study this node owns is read OWN_READ_GROUPS_AHEAD groups at a time (its reads
+    are CPU here); one it does not own READ_GROUPS_AHEAD at a time (waits on peers)."""
+    spec = StudySetSpec(patients=1, instances_per_series=READ_GROUP_INSTANCES * 3, rows=8, cols=8, seed=31,
+                        modalities=("CT",))
+    study_set = list(iter_part10(spec))
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
+    archive = _CountingArchive(store)
+    for _entry, data in study_set:
+        archive.store(make_instance(data))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                       ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                       owns=lambda study: owned)
+    server.start()
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{study_set[0][0]['study_uid']}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+                          timeout=60)
+    finally:
+        server.stop()
+        store.close()
+    assert reply.status_code == 200
+    assert sorted(_parts(reply)) == sorted(data for _entry, data in study_set)
+    if owned:
+        assert archive.most <= OWN_READ_GROUPS_AHEAD
+    else:
+        assert archive.most > OWN_READ_GROUPS_AHEAD  # Reads from peers still overlap.
+
+
+class _StreamingArchive(Archive):
+    """The single-node Archive with the node's streamed reads of its own copies (blob files
+    as Part10Streams, node/runtime.py's own_stream_reader)."""
+
+    def __init__(self, store: RocksStore) -> None:
+        super().__init__(store)
+        self._open = own_stream_reader(store)
+
+    def open_streamed(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+        found = self._open(location)
+        return found if found is not None else self.read(location)
+
+
+def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_one(
+        tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
+    """Instances kept as blob files (one chunk each, and one of several chunks) come back
+    byte for byte; a blob file that fails its checksum ends the body before its part."""
+    spec = StudySetSpec(patients=1, instances_per_series=3, rows=64, cols=64, seed=32, modalities=("CT",))
+    study_set = list(iter_part10(spec))
+    big = StudySetSpec(patients=1, instances_per_series=1, rows=768, cols=768, seed=33, modalities=("CT",))
+    entry, data = next(iter_part10(big))
+    assert len(data) > CHUNK_BYTES
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    archive = _StreamingArchive(store)
+    for _entry, part10 in study_set:
+        archive.store(make_instance(part10))
+    archive.store(make_instance(data))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                        owns=lambda study: True)
+    server.start()
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    try:
+        study = study_set[0][0]["study_uid"]
+        reply = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{study}", headers=accept)
+        assert reply.status_code == 200
+        assert sorted(_parts(reply)) == sorted(part10 for _entry, part10 in study_set)
+        whole = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{entry['study_uid']}", headers=accept)
+        assert whole.status_code == 200 and _parts(whole) == [data]
+        plan = archive.locate(Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study),)))
+        order = [location.sop_instance_uid for location in plan.locations]
+        blobs = sorted(p for p in (tmp_path / "store" / "blobs").rglob("*.zst") if p.stat().st_size)  # Not the pool's.
+        assert len(blobs) == len(study_set) + 1
+        victim = order[1]
+        pointer = store.compressed_copy(study, victim)
+        assert pointer is not None and not isinstance(pointer[0], bytes)
+        path = store.blob_files.path(pointer[0])
+        damaged = bytearray(path.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        received = bytearray()
+        with pytest.raises(httpx.HTTPError):  # Content-Length stated, body cut short.
+            with httpx.stream("GET", f"http://127.0.0.1:{server.port}/dicom-web/studies/{study}",
+                              headers=accept) as cut:
+                assert cut.status_code == 200
+                for chunk in cut.iter_raw():
+                    received += chunk
+        by_uid = {e["sop_uid"]: part10 for e, part10 in study_set}
+        assert by_uid[order[0]] in received
+        assert by_uid[order[1]] not in received and by_uid[order[2]] not in received
+    finally:
+        server.stop()
+        store.close()
