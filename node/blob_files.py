@@ -1,9 +1,14 @@
 """Big blobs as files beside RocksDB, and reading them back in chunks.
 
 A stored instance's blob (its zstd-compressed Part-10 bytes) of `blob_file_bytes_min` or
-more is not put into RocksDB as one value: it is written to a temporary file under
-`<store>/blobs/`, fsync'ed, renamed to `<aa>/<content hash>-<unique>.zst` and the directory
-fsync'ed, all before the RocksDB WriteBatch that records the instance. The batch puts, in
+more is not put into RocksDB as one value: it is a file under `<store>/blobs/<aa>/`, durable
+before the RocksDB WriteBatch that records the instance. A blob that was spooled (or written
+by a DICOM worker) is a temp file, fsync'ed, renamed to `<aa>/<content hash>-<unique>.zst`,
+the directory fsync'ed. A blob in memory goes into an empty file taken from the pool
+(`BlobPool`: files made in batches of 64 ahead of need, their directory fsync'ed once per
+batch), then the file is fsync'ed: one device flush per instance instead of two (the
+directory's fsync flushes the device even when nothing is left to commit); with the pool
+empty, it is written straight under a new name and both are fsync'ed. The batch puts, in
 the blob's place, a small pointer (`BlobPointer`: the file's name, size and CRC-32) and a
 `f <file name>` key saying the file is referenced. So after a crash:
 
@@ -20,11 +25,15 @@ its end; a mismatch raises CorruptBlob before the last fragment goes out).
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import mmap
 import os
 import secrets
 import tempfile
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +43,10 @@ import zstandard
 
 from pacsnode.replication.model import CorruptBlob
 
+log = logging.getLogger(__name__)
+
 TEMP_PREFIX = ".tmp-"
+POOL_BATCH = 64  # Empty blob files made at a time (one directory fsync each batch).
 SUFFIX = ".zst"
 CHUNK_BYTES = 1 << 20  # Written and read this much at a time.
 # A RocksDB blob value that starts with this is a pointer, not a zstd frame (a zstd frame
@@ -78,12 +90,101 @@ class TempBlob:
     crc32: int
 
 
+class BlobPool:
+    """Empty files whose directory entries are already durable, made `batch` at a time by a
+    thread of its own (one directory fsync per batch) and taken one per stored blob. Files
+    never taken are orphans (no `f` key) that the store removes when it next opens."""
+
+    def __init__(self, directory: Path, batch: int = POOL_BATCH) -> None:
+        self._directory = directory
+        self._batch = batch
+        self._ready: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.made = 0
+        self.taken = 0
+        self.missed = 0  # Asked while empty: the caller wrote a new file itself.
+        self._wanted.set()
+        self._thread = threading.Thread(target=self._run, name="pacsnode-blob-pool", daemon=True)
+        self._thread.start()
+
+    def take(self) -> str | None:
+        """The name of an empty file to write a blob into, or None when none is ready."""
+        with self._lock:
+            name = self._ready.popleft() if self._ready else None
+            if name is None:
+                self.missed += 1
+            else:
+                self.taken += 1
+            if len(self._ready) <= self._batch // 2:
+                self._wanted.set()
+        return name
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        failing = False
+        while True:
+            self._wanted.wait()
+            if self._stopping:
+                return
+            self._wanted.clear()
+            try:
+                names = self._make_batch()
+            except OSError as error:  # A full or read-only disk: writers make their own files.
+                if not failing:  # Once per streak, not once a second.
+                    log.warning("store.blob_pool.failed error=%s", type(error).__name__)
+                failing = True
+                time.sleep(1.0)
+                self._wanted.set()
+                continue
+            failing = False
+            with self._lock:
+                self._ready.extend(names)
+                self.made += len(names)
+                if len(self._ready) <= self._batch // 2:
+                    self._wanted.set()
+
+    def _make_batch(self) -> list[str]:
+        folder = secrets.token_hex(1)
+        _ensure_directory(self._directory / folder)
+        names: list[str] = []
+        try:
+            for _ in range(self._batch):
+                name = f"{folder}/{secrets.token_hex(12)}{SUFFIX}"
+                os.close(os.open(self._directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                names.append(name)
+            _fsync_directory(self._directory / folder)
+        except BaseException:
+            for name in names:
+                try:
+                    (self._directory / name).unlink()
+                except OSError:
+                    pass
+            raise
+        return names
+
+
 class BlobFiles:
     """The blobs directory of one store. Thread-safe (every operation is one file's)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.pool: BlobPool | None = None
+
+    def start_pool(self, batch: int = POOL_BATCH) -> None:
+        """Keep empty files ready for write_named (the node's store does; workers do not)."""
+        if self.pool is None:
+            self.pool = BlobPool(self.directory, batch)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     # ------------------------------------------------------------------ writing
     def temp_writer(self) -> "TempWriter":
@@ -98,26 +199,30 @@ class BlobFiles:
             return writer.finish()
 
     def write_named(self, blob: bytes, content_hash: str) -> BlobPointer:
-        """A blob in memory written straight under its final name, durably (the file
-        fsync'ed, then its directory). No temp file and rename: on ext4 the file's fsync
-        commits its directory entry in the same journal transaction, so the directory's
-        fsync after it finds nothing left to write; with a rename after the file's fsync
-        it needed a second journal commit. A crash before the batch that records it
-        leaves an orphan, removed when the store opens (a file without its `f` key)."""
-        name = _final_name(content_hash)
+        """A blob in memory written to a file of its own, durably, without a temp file and
+        rename: into an empty file from the pool (its directory entry already durable: only
+        the file is fsync'ed), else straight under a new name (the file fsync'ed, then its
+        directory). A crash before the batch that records it leaves an orphan, removed
+        when the store opens (a file without its `f` key)."""
+        pooled = self.pool.take() if self.pool is not None else None
+        name = pooled or _final_name(content_hash)
         target = self.directory / name
-        target.parent.mkdir(exist_ok=True)
-        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if pooled is None:
+            _ensure_directory(target.parent)
+        descriptor = os.open(target, os.O_WRONLY | (0 if pooled else os.O_CREAT | os.O_EXCL), 0o600)
         crc = 0
         try:
-            with open(descriptor, "wb", buffering=0) as file:
+            try:
                 view = memoryview(blob)
                 for start in range(0, len(view), CHUNK_BYTES):
                     piece = view[start:start + CHUNK_BYTES]
-                    file.write(piece)
+                    _write_all(descriptor, piece)
                     crc = zlib.crc32(piece, crc)
-                os.fsync(file.fileno())
-            _fsync_directory(target.parent)
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            if pooled is None:
+                _fsync_directory(target.parent)
         except BaseException:
             self.remove(name)
             raise
@@ -127,7 +232,7 @@ class BlobFiles:
         """Give a temp file its final name, durably (rename, then fsync the directory)."""
         name = _final_name(content_hash)
         target = self.directory / name
-        target.parent.mkdir(exist_ok=True)
+        _ensure_directory(target.parent)
         os.rename(temp.path, target)
         _fsync_directory(target.parent)
         return BlobPointer(name=name, size_bytes=temp.size_bytes, crc32=temp.crc32)
@@ -192,10 +297,11 @@ class BlobFiles:
                 pass
         return removed
 
-    def files(self) -> Iterator[str]:
-        """Names of every file under the directory (temporary ones included)."""
+    def files(self, *, empty: bool = True) -> Iterator[str]:
+        """Names of every file under the directory (temporary ones included); with
+        `empty=False` only those holding bytes (the pool's ready files left out)."""
         for path in self.directory.rglob("*"):
-            if path.is_file():
+            if path.is_file() and (empty or path.stat().st_size > 0):
                 yield path.relative_to(self.directory).as_posix()
 
 
@@ -332,6 +438,18 @@ class StreamPayload:
 
     def close(self) -> None:
         self._stream.close()
+
+
+def _write_all(descriptor: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(descriptor, data):]
+
+
+def _ensure_directory(directory: Path) -> None:
+    """A blobs subdirectory, its own entry durable (the parent fsync'ed when it is new)."""
+    if not directory.is_dir():
+        directory.mkdir(exist_ok=True)
+        _fsync_directory(directory.parent)
 
 
 def _final_name(content_hash: str) -> str:

@@ -219,6 +219,7 @@ class RocksStore:
         self._free_checked_at = 0.0
         self._free_bytes = 0
         self._remove_orphan_blob_files()
+        self.blob_files.start_pool()  # Empty files ready for in-memory blobs (node/blob_files.py BlobPool).
 
     def _remove_orphan_blob_files(self) -> None:
         """Remove the blob files no record points at (a crash between a blob file's rename
@@ -239,6 +240,7 @@ class RocksStore:
                 self._commit.wait()
             if not self._closed:
                 self._closed = True
+                self.blob_files.close()
                 try:
                     self._db.close()
                 except Exception as error:  # e.g. a flush that hits a full disk

@@ -66,7 +66,8 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Pa
 
 def _blob_files(node: object) -> list[Path]:
     directory = Path(node.data_dir) / "store" / "blobs"  # type: ignore[attr-defined]
-    return sorted(p for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+    # Empty files are the store's pool (node/blob_files.py BlobPool), not blobs.
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.stat().st_size) if directory.exists() else []
 
 
 def _peak_growth(pid: int, action: Any) -> tuple[Any, int | None]:

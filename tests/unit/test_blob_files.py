@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from pacsnode.node import codec
-from pacsnode.node.blob_files import POINTER_MAGIC, TEMP_PREFIX, BlobPointer
+from pacsnode.node.blob_files import POINTER_MAGIC, TEMP_PREFIX, BlobFiles, BlobPointer
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
 from pacsnode.replication.model import CorruptBlob, Instance, StoreOutcome
 from pacsnode.sim.datagen import StudySetSpec, iter_part10
+from pacsnode.sim.process import wait_until
 
 OpenStore = Callable[..., RocksStore]
 
@@ -38,7 +39,7 @@ def versions(make_instance: Callable[[bytes], Instance]) -> tuple[list[Instance]
 
 
 def _files(store: RocksStore) -> list[str]:
-    return sorted(store.blob_files.files())
+    return sorted(store.blob_files.files(empty=False))  # The pool's empty files left out.
 
 
 def _pointer(store: RocksStore, instance: Instance) -> BlobPointer:
@@ -105,6 +106,28 @@ def test_by_default_a_ct_sized_blob_is_a_file_and_a_small_one_a_rocksdb_value(
     assert store.read_part10(big.study_instance_uid, big.sop_instance_uid) == big.part10
     assert _streamed(store, big) == big.dataset_bytes
     assert store.read_part10(small.study_instance_uid, small.sop_instance_uid) == small.part10
+
+
+def test_in_memory_blobs_go_into_the_pool_s_files_and_without_a_pool_into_new_ones(
+        open_store: OpenStore, versions: Any) -> None:
+    """The store keeps empty files ready (their directory fsync'ed once per batch) and
+    writes an in-memory blob into one: one fsync per blob, not two. Without a pool (a DICOM
+    worker's BlobFiles) a blob gets a new file under its content hash."""
+    instances, _ = versions
+    store = open_store(blob_file_bytes_min=1)
+    pool = store.blob_files.pool
+    assert pool is not None and wait_until(lambda: pool.made >= 64, 10)
+    for instance in instances:
+        assert store.put_instance(instance, now_ms=5) == StoreOutcome.STORED
+    assert pool.taken == len(instances) and pool.missed == 0
+    for instance in instances:
+        name = _pointer(store, instance).name
+        assert instance.content_hash not in name  # A pool file's name.
+        assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+    alone = BlobFiles(store.blob_files.directory.parent / "other-blobs")
+    pointer = alone.write_named(codec.compress(instances[0].part10), instances[0].content_hash)
+    assert pointer.name.startswith(instances[0].content_hash[:2] + "/" + instances[0].content_hash)
+    assert alone.read(pointer, "test") == codec.compress(instances[0].part10)
 
 
 def test_a_spooled_temp_file_is_renamed_not_copied(open_store: OpenStore, versions: Any) -> None:
@@ -214,6 +237,9 @@ def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp
     store.delete_instances([(doomed.study_instance_uid, doomed.sop_instance_uid, record.content_hash)])
     doomed_path.write_bytes(doomed_bytes)  # As if the process died before the unlink ran.
     assert doomed_path.exists()
+    # 4. The pool's empty files, never taken.
+    assert wait_until(lambda: set(store.blob_files.files()) - set(store.blob_files.files(empty=False)), 10)
+    pool_files = set(store.blob_files.files()) - set(store.blob_files.files(empty=False))
     store.close()
 
     reopened = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1)
@@ -222,6 +248,7 @@ def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp
         assert not (reopened.blob_files.directory / unrecorded.name).exists()
         assert not (reopened.blob_files.directory / unrecorded_named.name).exists()
         assert not (reopened.blob_files.directory / doomed_file).exists()
+        assert not [name for name in pool_files if (reopened.blob_files.directory / name).exists()]
         assert _files(reopened) == [_pointer(reopened, kept).name]
         assert reopened.read_part10(kept.study_instance_uid, kept.sop_instance_uid) == kept.part10
         assert reopened.instance_record(instances[1].study_instance_uid, instances[1].sop_instance_uid) is None
