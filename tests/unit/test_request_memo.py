@@ -170,7 +170,8 @@ def test_the_accept_goes_pynetdicoms_way_while_something_watches_sent_pdus() -> 
         direct = _accept_bytes(server.server_address[1], request)
         server.bind(evt.EVT_PDU_SENT, lambda event: sent.append(type(event.pdu).__name__))
         assert _accept_bytes(server.server_address[1], request) == direct
-        assert sent[0] == "A_ASSOCIATE_AC"
+        # The first association may still report its A-RELEASE-RP (sent before its event).
+        assert sent.count("A_ASSOCIATE_AC") == 1
         assert ae.request_memo.statistics().accept_hits == 0  # The first was encoded, the second not asked.
     finally:
         ae.shutdown()
