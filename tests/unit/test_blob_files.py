@@ -63,7 +63,7 @@ def _streamed(store: RocksStore, instance: Instance, fragment: int = 97) -> byte
 
 def test_big_blobs_are_files_read_whole_and_streamed_byte_exact(open_store: OpenStore, versions: Any) -> None:
     instances, _ = versions
-    store = open_store(blob_file_bytes_min=1)
+    store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=0)  # Every file streamed.
     for instance in instances:
         assert store.put_instance(instance, now_ms=5) == StoreOutcome.STORED
     assert len(_files(store)) == len(instances)
@@ -104,7 +104,7 @@ def test_by_default_a_ct_sized_blob_is_a_file_and_a_small_one_a_rocksdb_value(
     assert store.put_instance(small) == StoreOutcome.STORED
     assert len(_files(store)) == 1
     assert store.read_part10(big.study_instance_uid, big.sop_instance_uid) == big.part10
-    assert _streamed(store, big) == big.dataset_bytes
+    assert store.open_part10(big.study_instance_uid, big.sop_instance_uid) == big.part10  # A slice: read whole.
     assert store.read_part10(small.study_instance_uid, small.sop_instance_uid) == small.part10
 
 
@@ -176,10 +176,12 @@ def test_conflicts_and_deletes_take_their_files_along(open_store: OpenStore, ver
     assert len(_files(store)) == len(versions[0]) - len(in_study)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "read-whole"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
-def test_a_damaged_blob_file_is_never_read_as_good(open_store: OpenStore, versions: Any, damage: str) -> None:
+def test_a_damaged_blob_file_is_never_read_as_good(open_store: OpenStore, versions: Any, damage: str,
+                                                   whole: bool) -> None:
     instance = versions[0][0]
-    store = open_store(blob_file_bytes_min=1)
+    store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=(2 << 20) if whole else 0)
     store.put_instance(instance)
     path = store.blob_files.directory / _pointer(store, instance).name
     data = bytearray(path.read_bytes())
@@ -193,13 +195,16 @@ def test_a_damaged_blob_file_is_never_read_as_good(open_store: OpenStore, versio
     with pytest.raises(CorruptBlob):
         store.read_part10(instance.study_instance_uid, instance.sop_instance_uid)
     with pytest.raises(CorruptBlob):
-        _streamed(store, instance)
+        if whole:  # open_part10 reads a slice's file whole and decompresses it at once.
+            store.open_part10(instance.study_instance_uid, instance.sop_instance_uid)
+        else:
+            _streamed(store, instance)
     assert store.read_stored(instance.study_instance_uid, instance.sop_instance_uid) is None or damage == "flip"
 
 
 def test_stream_slices_must_come_in_order(open_store: OpenStore, versions: Any) -> None:
     instance = versions[0][0]
-    store = open_store(blob_file_bytes_min=1)
+    store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=0)
     store.put_instance(instance)
     opened = store.open_part10(instance.study_instance_uid, instance.sop_instance_uid)
     assert not isinstance(opened, bytes)

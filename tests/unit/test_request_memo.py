@@ -155,3 +155,23 @@ def test_the_memo_stops_growing_at_its_bound() -> None:
         memo.decode_item(0x20, item)
     assert memo.statistics().entries == 2
     assert memo.decode_item(0x20, items[2]) is not memo.decode_item(0x20, items[2])
+
+
+def test_the_accept_goes_pynetdicoms_way_while_something_watches_sent_pdus() -> None:
+    """AcceptorDUL._send_accept does not trigger EVT_PDU_SENT: with a handler bound to it,
+    the A-ASSOCIATE-AC is pynetdicom's AE-7 (the handler sees it), the same bytes."""
+    from pynetdicom import evt
+
+    sent: list[str] = []
+    ae = _node_like_ae("MEMO")
+    server = acceptor.start_server(ae, ("127.0.0.1", free_port()), [])
+    request = _getscu_like_request("MEMO")
+    try:
+        direct = _accept_bytes(server.server_address[1], request)
+        server.bind(evt.EVT_PDU_SENT, lambda event: sent.append(type(event.pdu).__name__))
+        assert _accept_bytes(server.server_address[1], request) == direct
+        # The first association may still report its A-RELEASE-RP (sent before its event).
+        assert sent.count("A_ASSOCIATE_AC") == 1
+        assert ae.request_memo.statistics().accept_hits == 0  # The first was encoded, the second not asked.
+    finally:
+        ae.shutdown()
