@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -290,28 +291,37 @@ def test_the_server_runs_no_full_collection_and_ended_associations_are_still_fre
         server.shutdown()
 
 
-def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_handler() -> None:
-    """issue 10: the Pending C-GET-RSP sent after each sub-operation is one PDU the acceptor
-    encodes itself (it took ~0.5 ms of the association thread per instance through
-    pynetdicom). The requestor gets the same responses, counts included, either way; the
-    hook's direct form is told of each; with another EVT_DIMSE_SENT handler bound, every
-    response is a pynetdicom message, as before."""
+def _ct_get_handler(count: int) -> Callable[[Any], Any]:
+    """An EVT_C_GET handler yielding `count` small CT data sets (sub-operations)."""
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from pynetdicom import evt
-    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
-
-    from pacsnode.sim.process import free_port
+    from pynetdicom.sop_class import CTImageStorage
 
     def on_get(event: Any) -> Any:
-        yield 3
-        for _ in range(3):
+        yield count
+        for _ in range(count):
             ds = Dataset()
             ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
             ds.PatientID = "P"
             ds.file_meta = Dataset()
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             yield 0xFF00, ds
+    return on_get
+
+
+def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_one_sent_handler() -> None:
+    """issue 10: the Pending C-GET-RSP sent after each sub-operation is one PDU the acceptor
+    encodes itself (it took ~0.5 ms of the association thread per instance through
+    pynetdicom). The requestor gets the same responses, counts included, either way; the
+    hook's direct form is told of each; with another EVT_DIMSE_SENT handler bound, every
+    response is a pynetdicom message, as before."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.sim.process import free_port
+
+    on_get = _ct_get_handler(3)
 
     direct: list[tuple[int, int]] = []
     hooked: list[int] = []
@@ -543,22 +553,13 @@ def test_sub_operation_responses_skip_pynetdicoms_pdu_decoding_only_while_nothin
     from the DUL to DIMSE directly (no PDU objects, event queue or state machine), and the
     counts are the same as pynetdicom's way; with a handler bound to EVT_PDU_RECV every PDU
     takes pynetdicom's way (the handler sees it)."""
-    from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
     from pacsnode.sim.process import free_port
 
-    def on_get(event: Any) -> Any:
-        yield 4
-        for _ in range(4):
-            ds = Dataset()
-            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-            ds.PatientID = "P"
-            ds.file_meta = Dataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            yield 0xFF00, ds
+    on_get = _ct_get_handler(4)
 
     accepted: list[Any] = []
     seen_pdus: list[str] = []
