@@ -188,7 +188,8 @@ def _forged_dead_boots(pki: dict[str, Path], dead: MemberUpdate) -> list[MemberU
     tampered = replace(dead, info=far)  # node-02's genuine signature, another generation.
     under_another_name = signer(pki, "node-00").sign(unsigned)  # Reporter node-02, signed by node-00.
     other_ca = signer(pki, "stranger").sign(MemberUpdate(far, State.LEFT, 9, reporter_id="node-01"))
-    return [unsigned, tampered, under_another_name, other_ca]
+    alive_by_another = signer(pki, "node-00").sign(MemberUpdate(far, State.ALIVE, 0, reporter_id="node-00"))
+    return [unsigned, tampered, under_another_name, other_ca, alive_by_another]
 
 
 def test_a_dead_boot_record_that_comes_with_a_refusal_is_acted_on_only_when_it_verifies(
@@ -218,6 +219,7 @@ def test_a_dead_boot_record_that_comes_with_a_refusal_is_acted_on_only_when_it_v
         joiner, _ = wiped()
         joiner.on_message(5, "node-00", JoinReply(False, refusal.reason, (forged,)))
         assert (joiner.dead_boot_record, joiner.dead_boot_generation) == (DeadBootRecord.UNVERIFIED, 0), forged
+        assert joiner.newer_boot_held == 0  # Nor does a forged live record silence it.
         assert [(r.node_id, r.state) for r in joiner.drain_rejected()] == [("node-01", forged.state)]
         assert joiner.generation == 1 and not joiner.joined
 
