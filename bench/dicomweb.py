@@ -7,15 +7,21 @@ Run by hand, never in CI (results go in bench/README.md, "DICOMweb"):
     .venv/bin/python bench/dicomweb.py --repeats 5 --only wado,metadata
 
 Each system is a separate process on 127.0.0.1 started fresh (bench/servers.py) and stopped
-with its temp dir deleted. Measurements alternate between the systems (A, B, A, B, ...),
-and the table shows medians: the machine is shared and noisy.
+with its temp dir deleted. Measurements alternate between the systems, the order turned
+each round (A B, B A, ...), and the table shows medians and quartiles: the machine is
+shared and noisy. Neither server is pinned to a core (`taskset` would be unfair: both use
+several threads, and curl needs a core too); the bench runs under `nice` like the servers.
 
 - stow: `--stow-instances` 64 x 64 instances (~9 KB) POSTed as multipart/related in
   batches of 20, 2 client threads, into an empty server; instances/s. Checked by QIDO.
 - wado: one study of 80 CT 512 x 512 instances (~42 MB), GET /studies/{uid} with
   `multipart/related; type="application/dicom"; transfer-syntax=*`, body read by curl; MB/s
-  (wall time of the curl process, so it includes its start, ~5 ms, for both systems).
-  Checked: every stored byte came back (the sum of part sizes equals the files').
+  from curl's own `time_total` (connect to last byte; `wall_s` adds its process start).
+  Before the timed rounds both servers are left to go idle (after an ingest RocksDB
+  flushes and compacts for a while) and each answers one untimed retrieve. `--repeats`
+  rounds; the summary gives each system's median and quartiles, the ratio of medians,
+  and the median and quartiles of the per-round ratios. Checked: every stored byte came
+  back (the sum of part sizes equals the files').
 - wado-restart: `wado` again after both servers were stopped and started on their data:
   pacsnode then reads the blobs from RocksDB's blob files (just after ingest they are still
   in its memtable), Orthanc its files; what a study stored earlier costs to retrieve.
@@ -26,9 +32,10 @@ and the table shows medians: the machine is shared and noisy.
 - fresh (`--fresh-rounds`): the first series /metadata again, on fresh servers each round
   (start both, store the 80 CT by storescu x2, ask), which system is asked first
   alternating between rounds: one first request per server says little on a shared machine.
-- server CPU (user + system, from /proc, the process and its children) is recorded
-  beside each stow, wado and metadata measurement, with the load average: on a shared
-  machine it moves far less than wall time.
+- server CPU is recorded beside each stow, wado and metadata measurement, with the load
+  average: on a shared machine it moves far less than wall time. For wado and metadata it
+  is the sum over the server's threads of /proc/PID/task/TID/schedstat (ns); for stow the
+  process's user + system ticks (10 ms), which count threads that ended.
 - qido: `--studies` one-instance studies loaded with storescu x4, then STUDY-level QIDO
   kinds (PatientID exact, PatientName prefix, StudyDate one month, StudyInstanceUID,
   AccessionNumber), `--queries` of each interleaved; p50 and p95 latency of each kind.
@@ -93,8 +100,9 @@ def restart(server: Server) -> None:
 
 
 def cpu_seconds(server: Server) -> float:
-    """User + system CPU of the server process and its live children (from /proc): less
-    noisy than wall time on a shared machine, where a busy core stretches every wait."""
+    """User + system CPU of the server process and its live children (from /proc, in clock
+    ticks of 10 ms), threads that ended included: for STOW's seconds-long batches. Short
+    requests use `thread_cpu_ns`. On a shared machine CPU moves far less than wall time."""
     tick = os.sysconf("SC_CLK_TCK")
 
     def own(pid: int) -> float:
@@ -104,13 +112,57 @@ def cpu_seconds(server: Server) -> float:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / tick
 
+    return sum(own(pid) for pid in _server_pids(server))
+
+
+def _server_pids(server: Server) -> list[int]:
     pids = [server.process.pid]
     try:
         for task in Path(f"/proc/{server.process.pid}/task").iterdir():
             pids += [int(child) for child in (task / "children").read_text().split()]
     except OSError:
         pass
-    return sum(own(pid) for pid in pids)
+    return pids
+
+
+def thread_cpu_ns(server: Server) -> dict[int, int]:
+    """CPU time in ns of every live thread of the server and its children, by thread id
+    (/proc/PID/task/TID/schedstat): per thread, so that a thread started or ended between
+    two readings does not move the others, and in ns where /proc/PID/stat counts 10 ms
+    ticks (a 42 MB retrieve costs 2-5 ticks; the tick alone made its CPU 20 or 30 ms)."""
+    times: dict[int, int] = {}
+    for pid in _server_pids(server):
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                times[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return times
+
+
+def cpu_ms_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU spent between two `thread_cpu_ns` readings: the threads alive at both by
+    difference, threads started since in full (a thread that ended between them is lost)."""
+    return sum(value - before.get(tid, 0) for tid, value in after.items()) / 1e6
+
+
+def wait_idle(servers_: list[Server], *, quiet_ms: float = 2.0, window_s: float = 0.2, timeout_s: float = 10.0
+              ) -> bool:
+    """Wait until no server spends more than `quiet_ms` of CPU in a `window_s` window
+    (after an ingest: RocksDB's flushes and compactions, Orthanc's own jobs); False if
+    `timeout_s` passed first. A measurement started while one of them still works gives
+    that one a busy core and the other a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = [thread_cpu_ns(server) for server in servers_]
+        time.sleep(window_s)
+        if all(cpu_ms_between(first, thread_cpu_ns(server)) <= quiet_ms for first, server in zip(before, servers_)):
+            return True
+    return False
 
 
 def load_average() -> float:
@@ -160,18 +212,20 @@ def stow(server: Server, manifest: list[dict[str, Any]], *, batch: int = 20, thr
 
 def wado_study(server: Server, study: str, expected_bytes: int) -> dict[str, Any]:
     """curl (C) reads the body: a Python client's multipart/chunked parsing would be the bottleneck
-    (httpx measured 230 MB/s where curl read 900 MB/s from the same Orthanc)."""
-    cpu_before = cpu_seconds(server)
+    (httpx measured 230 MB/s where curl read 900 MB/s from the same Orthanc). `elapsed_s` is
+    curl's own time from its start of the connection to the last byte (`time_total`), what
+    the ratios use; `wall_s` adds curl's process start and exit (~5 ms, the same for both)."""
+    cpu_before = thread_cpu_ns(server)
     started = time.perf_counter()
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}",
                           "-H", f"Accept: {ACCEPT_DICOM}", f"{root_url(server)}/studies/{study}"],
                          capture_output=True, text=True, timeout=300)
-    elapsed = time.perf_counter() - started
-    cpu = cpu_seconds(server) - cpu_before
-    status, received = (int(value) for value in out.stdout.split())
-    return {"elapsed_s": elapsed, "bytes": received, "mb_per_s": received / MB / elapsed,
-            "server_cpu_ms": cpu * 1000, "load": load_average(),
-            "ok": status == 200 and received >= expected_bytes}
+    wall = time.perf_counter() - started
+    cpu = cpu_ms_between(cpu_before, thread_cpu_ns(server))
+    status_text, received_text, total_text = out.stdout.split()
+    status, received, elapsed = int(status_text), int(received_text), float(total_text)
+    return {"elapsed_s": elapsed, "wall_s": wall, "bytes": received, "mb_per_s": received / MB / elapsed,
+            "server_cpu_ms": cpu, "load": load_average(), "ok": status == 200 and received >= expected_bytes}
 
 
 def series_metadata(server: Server, study: str, series: str, count: int) -> dict[str, Any]:
@@ -179,14 +233,14 @@ def series_metadata(server: Server, study: str, series: str, count: int) -> dict
     httpx.Client loads the CA bundle (38-85 ms measured, load 6), which the timed requests
     before 2026-12-06 20:00 included, for both systems alike."""
     with httpx.Client(timeout=300) as client:
-        cpu_before = cpu_seconds(server)
+        cpu_before = thread_cpu_ns(server)
         started = time.perf_counter()
         reply = client.get(f"{root_url(server)}/studies/{study}/series/{series}/metadata",
                            headers={"Accept": "application/dicom+json"})
         elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(server) - cpu_before
+        cpu = cpu_ms_between(cpu_before, thread_cpu_ns(server))
     ok = reply.status_code == 200 and len(reply.json()) == count
-    return {"elapsed_ms": elapsed * 1000, "server_cpu_ms": cpu * 1000, "load": load_average(), "ok": ok}
+    return {"elapsed_ms": elapsed * 1000, "server_cpu_ms": cpu, "load": load_average(), "ok": ok}
 
 
 def fresh_rounds(temp: Path, files: Path, manifest: list[dict[str, Any]], rounds: int
@@ -254,11 +308,33 @@ def percentile(values: list[float], pct: float) -> float:
 
 def alternate(measure: Callable[[Server], dict[str, Any]], systems: dict[str, Server], repeats: int
               ) -> dict[str, list[dict[str, Any]]]:
+    """`repeats` rounds of one measurement of each system, the order turned every round
+    (A B, B A, A B, ...): whichever goes second finds the page cache, the CPU's clock and
+    the other sessions' load as the first left them."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
-    for _ in range(repeats):
-        for name, server in systems.items():
-            results[name].append(measure(server))
+    names = list(systems)
+    for round_index in range(repeats):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            results[name].append(measure(systems[name]))
     return results
+
+
+def settled(systems: dict[str, Server], measure: Callable[[Server], dict[str, Any]]) -> dict[str, Any]:
+    """Before timed rounds: wait until both servers are idle (an ingest leaves RocksDB's
+    flushes and compactions, and Orthanc's jobs, running for a while), then one untimed
+    `measure` of each (the first request's connections, threads and caches)."""
+    started = time.monotonic()
+    idle = wait_idle(list(systems.values()))
+    waited = time.monotonic() - started
+    first = {name: measure(server) for name, server in systems.items()}
+    return {"idle_before": idle, "waited_idle_s": round(waited, 2), "untimed_first": first, "load": load_average()}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of a list of numbers (rounded)."""
+    ordered = sorted(values)
+    return {"median": round(statistics.median(ordered), 3), "p25": round(percentile(ordered, 25), 3),
+            "p75": round(percentile(ordered, 75), 3), "min": round(ordered[0], 3), "max": round(ordered[-1], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,12 +382,15 @@ def main(argv: list[str] | None = None) -> int:
                 report["results"]["metadata"] = alternate(
                     lambda server: series_metadata(server, study, series, len(manifest)), systems, args.repeats)
             if "wado" in only:
+                report["results"]["wado_settle"] = settled(systems, lambda server: wado_study(server, study, total))
                 report["results"]["wado"] = alternate(lambda server: wado_study(server, study, total), systems,
                                                       args.repeats)
             if "wado-restart" in only:
                 for server in systems.values():
                     restart(server)
-                    wado_study(server, study, total)  # A first retrieve: the HTTP stack's and the files' first touch.
+                # A first retrieve: the HTTP stack's and the files' first touch.
+                report["results"]["wado_restart_settle"] = settled(systems,
+                                                                   lambda server: wado_study(server, study, total))
                 report["results"]["wado_restart"] = alternate(lambda server: wado_study(server, study, total),
                                                               systems, args.repeats)
             for server in systems.values():
@@ -327,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in systems.values():
                 workloads.store_dcmtk(server, manifest, Path(_root) / "files", 2, test="dw-small-load",
                                       verify=False, log_dir=temp)
+            report["results"]["wado_small_settle"] = settled(systems, lambda server: wado_study(server, study, total))
             report["results"]["wado_small"] = alternate(lambda server: wado_study(server, study, total), systems,
                                                         args.repeats)
             for server in systems.values():
@@ -382,25 +462,23 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["stow_server_cpu_s_per_1000"] = {name: median_of(runs, "server_cpu_s_per_1000")
                                                  for name, runs in results["stow"].items()}
         summary["stow_ok"] = all(run["ok"] for runs in results["stow"].values() for run in runs)
-    for key in ("wado", "wado_restart"):
+    for key in ("wado", "wado_restart", "wado_small"):
         if key in results:
             runs = results[key]
             summary[f"{key}_study_mb_per_s"] = {name: median_of(values, "mb_per_s") for name, values in runs.items()}
-            summary[f"{key}_server_cpu_ms"] = {name: median_of(values, "server_cpu_ms") for name, values in runs.items()}
-            ratios = [p["mb_per_s"] / o["mb_per_s"] for p, o in zip(runs["pacsnode"], runs["orthanc"])]
-            summary[f"{key}_ratio_median"] = round(statistics.median(ratios), 2)
-            summary[f"{key}_ratio_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+            summary[f"{key}_ms"] = {name: spread([run["elapsed_s"] * 1000 for run in values])
+                                    for name, values in runs.items()}
+            summary[f"{key}_server_cpu_ms"] = {name: spread([run["server_cpu_ms"] for run in values])
+                                               for name, values in runs.items()}
+            # Pairs are the two measurements of one round, taken one after the other.
+            ratios = [o["elapsed_s"] / p["elapsed_s"] for p, o in zip(runs["pacsnode"], runs["orthanc"])]
+            summary[f"{key}_ratio_of_medians"] = round(
+                summary[f"{key}_ms"]["orthanc"]["median"] / summary[f"{key}_ms"]["pacsnode"]["median"], 2)
+            summary[f"{key}_pair_ratios"] = spread(ratios)
+            summary[f"{key}_pairs_at_or_above_1"] = f"{sum(ratio >= 1.0 for ratio in ratios)}/{len(ratios)}"
             summary[f"{key}_load"] = [round(min(run["load"] for v in runs.values() for run in v), 1),
                                       round(max(run["load"] for v in runs.values() for run in v), 1)]
             summary[f"{key}_ok"] = all(run["ok"] for values in runs.values() for run in values)
-    if "wado_small" in results:
-        runs = results["wado_small"]
-        summary["wado_small_ms"] = {name: median_of([{"ms": run["elapsed_s"] * 1000} for run in values], "ms")
-                                    for name, values in runs.items()}
-        summary["wado_small_server_cpu_ms"] = {name: median_of(values, "server_cpu_ms") for name, values in runs.items()}
-        summary["wado_small_ratio_median"] = round(statistics.median(
-            o["elapsed_s"] / p["elapsed_s"] for p, o in zip(runs["pacsnode"], runs["orthanc"])), 2)
-        summary["wado_small_ok"] = all(run["ok"] for values in runs.values() for run in values)
     if "metadata_first" in results:
         summary["metadata_first_ms"] = {name: round(run["elapsed_ms"], 1)
                                         for name, run in results["metadata_first"].items()}
