@@ -124,13 +124,16 @@ class HttpServer:
                  instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
                  access: HttpAccess | None = None, audit: AuditLog | None = None,
                  viewer_dir: Path | None = None, local_headers: LocalHeaders | None = None,
-                 owns: Callable[[str], bool] | None = None, http_parser: str = "httptools",
+                 owns: Callable[[str], bool] | None = None, http_parser: str = "auto",
                  http_loop: str = "auto") -> None:
-        """`http_parser` ("httptools" or "h11") and `http_loop` ("auto", "uvloop" or
-        "asyncio") choose uvicorn's protocol and the HTTP thread's loop (node/http_tls.py,
-        `http_loop_factory`); the defaults are the fastest measured."""
+        """`http_parser` ("auto", "httptools" or "h11") and `http_loop` ("auto", "uvloop"
+        or "asyncio") choose uvicorn's protocol and the HTTP thread's loop (node/http_tls.py,
+        `http_loop_factory`); "auto" is httptools on uvloop, the fastest measured, each
+        when installed."""
+        if http_parser == "auto":
+            http_parser = "httptools" if "httptools" in HTTP_PROTOCOLS else "h11"
         if http_parser not in HTTP_PROTOCOLS:
-            raise ValueError(f"no HTTP parser {http_parser!r}: {', '.join(HTTP_PROTOCOLS)}")
+            raise ValueError(f"no HTTP parser {http_parser!r} here: auto, {', '.join(HTTP_PROTOCOLS)}")
         self._http_protocol = HTTP_PROTOCOLS[http_parser]
         self._loop_factory = http_loop_factory(http_loop)
         self._host = host

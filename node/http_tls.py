@@ -7,8 +7,8 @@ uvicorn 0.30 to 0.x): once a connection is made each reads the peer certificate 
 handshake verified and hands every request on that connection a scope with
 `extensions["tls"]`, as the ASGI TLS extension spells it (`client_cert_chain`: PEM
 strings, `tls_version`). Plain-HTTP connections pass untouched. The node serves with the
-httptools one (a C parser and a shorter path per body write than h11's pure Python); h11
-stays selectable (HttpServer's `http_parser`).
+httptools one (a C parser and a shorter path per body write than h11's pure Python) when
+httptools is installed; h11 stays selectable (HttpServer's `http_parser`).
 
 `TlsServer` subclasses uvicorn's server to accept HTTPS connections itself: uvicorn hands
 the listening socket to asyncio's `create_server`, which drops a failed TLS handshake
@@ -29,7 +29,6 @@ from typing import Any, Callable
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pacsnode.node.tls import handshake_failure
 
@@ -68,15 +67,22 @@ class TlsH11Protocol(H11Protocol):
             self.app = _WithTls(self.app, tls_facts(ssl_object))
 
 
-class TlsHttpToolsProtocol(HttpToolsProtocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.app = _WithTls(self.app, tls_facts(ssl_object))
+# The protocols by parser name. httptools is a dependency; a venv installed before it was
+# (pyproject.toml changed, `make install` not run yet) serves with h11 rather than failing.
+HTTP_PROTOCOLS: dict[str, type[asyncio.Protocol]] = {"h11": TlsH11Protocol}
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # Imports httptools.
+except ImportError:  # pragma: no cover - httptools not installed
+    pass
+else:
+    class TlsHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.app = _WithTls(self.app, tls_facts(ssl_object))
 
-
-HTTP_PROTOCOLS: dict[str, type[asyncio.Protocol]] = {"httptools": TlsHttpToolsProtocol, "h11": TlsH11Protocol}
+    HTTP_PROTOCOLS["httptools"] = TlsHttpToolsProtocol
 
 
 def client_certificate_pem(scope: Scope) -> bytes | None:

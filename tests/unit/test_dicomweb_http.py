@@ -742,7 +742,7 @@ def big_and_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     return path, every, study
 
 
-@pytest.mark.parametrize(("parser", "loop"), [("httptools", "auto"), ("h11", "asyncio"), ("httptools", "asyncio"),
+@pytest.mark.parametrize(("parser", "loop"), [("auto", "auto"), ("h11", "asyncio"), ("httptools", "asyncio"),
                                               ("h11", "uvloop")])
 def test_each_http_parser_and_loop_sends_the_same_retrieve_bytes(
         big_and_small: tuple[Path, list[bytes], str], parser: str, loop: str) -> None:
