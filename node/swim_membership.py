@@ -51,6 +51,7 @@ from pacsnode.ring.trouble import TroubleLog
 from pacsnode.ring.swim import (
     REPLIES,
     Ack,
+    DeadBootRecord,
     Gossip,
     IndirectPing,
     JoinRefusal,
@@ -223,6 +224,7 @@ class SwimMembership:
         self.on_transitions: list[Callable[[list[Transition]], None]] = []
         self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
         self._join_refused = ""
+        self._dead_boot_logged = DeadBootRecord.NONE
         self.counters = MembershipCounters()
         self._left_by_us = False
         self._started = False
@@ -594,6 +596,13 @@ class SwimMembership:
             self._join_refused = refused
             if refused:
                 log.error("membership.join.refused node=%s reason=%s", self.self_id, refused)
+        dead_boot = self.swim.dead_boot_record
+        if dead_boot is not self._dead_boot_logged:
+            self._dead_boot_logged = dead_boot
+            if dead_boot is DeadBootRecord.UNVERIFIED:
+                log.error("membership.join.dead_boot_record outcome=%s node=%s generation=%d: a seed's record of a "
+                          "newer boot of this id did not verify (see membership.update.rejected); not joining "
+                          "above it", dead_boot.value, self.self_id, self.swim.generation)
         held_back = self.swim.removal_blocked_reasons()
         for node_id, reason in held_back.items():
             if self._held_back.get(node_id) != reason:

@@ -112,6 +112,7 @@ from pacsnode.ring.members import MemberInfo
 
 __all__ = [
     "Ack",
+    "DeadBootRecord",
     "Gossip",
     "IndirectPing",
     "JoinReply",
@@ -430,6 +431,16 @@ class JoinRefusal(StrEnum):
     PLACEMENT = "placement"  # The cluster places studies otherwise (site_replicas / N): asking again cannot help.
 
 
+class DeadBootRecord(StrEnum):
+    """What the joiner made of a record of its own id that came with a join refusal (a seed
+    holds a newer boot of this id that no process answers for: the joiner's data dir lost
+    its generation count)."""
+
+    NONE = "none"  # No such record came (yet).
+    TAKEN = "taken"  # The record verified (or no verifier): the node joins again above its generation.
+    UNVERIFIED = "unverified"  # The verifier refused it (unsigned, badly signed): ignored, joins keep failing.
+
+
 @dataclass(frozen=True, slots=True)
 class JoinReply:
     accepted: bool
@@ -673,6 +684,10 @@ class Swim:
         # which a seed refused our join (0: none): our data dir lost the generation count
         # (wiped, replaced). The node shell (node/swim_membership.py) then joins again above it.
         self.dead_boot_generation = 0
+        # What the last such record came to: TAKEN sets dead_boot_generation; UNVERIFIED
+        # (signing on, a record the verifier refused) leaves it, and the record is listed in
+        # `rejected`, so a lying seed cannot push this node to a made-up generation.
+        self.dead_boot_record = DeadBootRecord.NONE
         # Timers start at random phases so that nodes started together do not beat in step.
         self._next_probe_ms = now_ms + rng.randrange(config.probe_interval_ms)
         self._next_gossip_ms = now_ms + rng.randrange(config.gossip_interval_ms)
@@ -967,7 +982,13 @@ class Swim:
                     for update in message.members:
                         if (update.node_id == self.self_id and update.generation > self.generation
                                 and update.state not in REACHABLE):
-                            self.dead_boot_generation = max(self.dead_boot_generation, update.generation)
+                            # Checked as every peer's record is (signed by whoever set it):
+                            # acted on only when it verifies.
+                            if self._verify(update):
+                                self.dead_boot_record = DeadBootRecord.TAKEN
+                                self.dead_boot_generation = max(self.dead_boot_generation, update.generation)
+                            else:
+                                self.dead_boot_record = DeadBootRecord.UNVERIFIED
                     if message.refusal is JoinRefusal.PLACEMENT:
                         self.join_refusal = JoinRefusal.PLACEMENT
                         self._next_join_ms = None  # Asking again cannot help.

@@ -4,6 +4,7 @@ say what about a member, checked against the cluster CA; a refused record change
 from __future__ import annotations
 
 import datetime
+import logging
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +15,10 @@ from hypothesis import strategies as st
 
 from pacsnode.node import ca, peer_wire
 from pacsnode.node.member_signing import MemberSigner, MemberVerifier
+from pacsnode.node.swim_membership import SwimMembership
 from pacsnode.node.tls import TlsFiles
-from pacsnode.ring.swim import Gossip, JoinRequest, MemberUpdate, PushPullReply, State, Swim, SwimConfig
+from pacsnode.ring.swim import (DeadBootRecord, Gossip, JoinReply, JoinRequest, MemberUpdate, PushPullReply, State, Swim,
+                                SwimConfig)
 from pacsnode.sim.swim_cluster import SwimCluster, member_info
 
 CLUSTER = "signing-test"
@@ -164,3 +167,89 @@ def test_the_verifier_refuses_any_invented_proof(pki: dict[str, Path], signature
     update = replace(record(2, state, 1, reporter="node-02"), signature=signature, certificate=certificate)
     reason = verifier(pki)(update)
     assert isinstance(reason, str) and reason
+
+
+def _seed_holding_a_dead_later_boot(pki: dict[str, Path]) -> tuple[Swim, MemberUpdate]:
+    """node-00, a seed that holds node-01's generation 2 DEAD (declared by node-02)."""
+    seed = swim(pki, 0)
+    second_boot = signer(pki, "node-01").sign(
+        MemberUpdate(member_info(1, generation=2), State.ALIVE, 0, reporter_id="node-01"))
+    seed.on_message(1, "node-01", PushPullReply((second_boot,)))
+    dead = signer(pki, "node-02").sign(second_boot.restate(State.DEAD, reporter_id="node-02"))
+    seed.on_message(2, "node-02", Gossip((dead,)))
+    assert seed.record("node-01") == dead
+    return seed, dead
+
+
+def _forged_dead_boots(pki: dict[str, Path], dead: MemberUpdate) -> list[MemberUpdate]:
+    """What a lying seed could send with a refusal: node-01 at a made-up generation."""
+    far = replace(dead.info, generation=1_000_000)
+    unsigned = MemberUpdate(far, State.DEAD, 0, reporter_id="node-02")
+    tampered = replace(dead, info=far)  # node-02's genuine signature, another generation.
+    under_another_name = signer(pki, "node-00").sign(unsigned)  # Reporter node-02, signed by node-00.
+    other_ca = signer(pki, "stranger").sign(MemberUpdate(far, State.LEFT, 9, reporter_id="node-01"))
+    return [unsigned, tampered, under_another_name, other_ca]
+
+
+def test_a_dead_boot_record_that_comes_with_a_refusal_is_acted_on_only_when_it_verifies(
+        pki: dict[str, Path]) -> None:
+    """02e635c: a seed refusing a join for an older generation sends the newer boot's record,
+    and the joiner (its data dir wiped) joins again above it. With signing on, that record is
+    checked like every other peer record: a forged or unsigned one is refused (typed
+    outcome, listed in `rejected`), so a lying seed cannot push the node to a generation of
+    its choosing."""
+    seed, dead = _seed_holding_a_dead_later_boot(pki)
+
+    def wiped() -> tuple[Swim, JoinRequest]:
+        node = swim(pki, 1)  # Generation 1: the data dir lost the count.
+        (request,) = node.join(3, [seed.me.info.peer_address])
+        assert isinstance(request.message, JoinRequest)
+        return node, request.message
+
+    joiner, request = wiped()
+    (reply,) = seed.on_message(4, "node-01", request)
+    refusal = reply.message
+    assert isinstance(refusal, JoinReply) and not refusal.accepted and refusal.members == (dead,)
+    joiner.on_message(5, "node-00", refusal)
+    assert (joiner.dead_boot_record, joiner.dead_boot_generation) == (DeadBootRecord.TAKEN, 2)
+    assert not joiner.drain_rejected()
+
+    for forged in _forged_dead_boots(pki, dead):
+        joiner, _ = wiped()
+        joiner.on_message(5, "node-00", JoinReply(False, refusal.reason, (forged,)))
+        assert (joiner.dead_boot_record, joiner.dead_boot_generation) == (DeadBootRecord.UNVERIFIED, 0), forged
+        assert [(r.node_id, r.state) for r in joiner.drain_rejected()] == [("node-01", forged.state)]
+        assert joiner.generation == 1 and not joiner.joined
+
+
+def test_the_node_shell_rejoins_above_a_verified_dead_boot_and_logs_a_forged_one(
+        pki: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """The same through node/swim_membership.py, what `pacsnode start` runs: a verified record
+    makes the node join again one generation above it (persisted through next_generation);
+    a forged one changes nothing and is logged."""
+    seed, dead = _seed_holding_a_dead_later_boot(pki)
+
+    def shell() -> tuple[SwimMembership, list[int]]:
+        asked: list[int] = []
+        membership = SwimMembership(CLUSTER, member_info(1), [seed.me.info.peer_address], config=SwimConfig.local(),
+                                    rng=random.Random(1), next_generation=lambda at_least: asked.append(at_least)
+                                    or at_least, signer=signer(pki, "node-01").sign, verifier=verifier(pki))
+        membership.swim.join(0, membership.seeds)  # As start() does; nothing is sent without a carrier.
+        return membership, asked
+
+    membership, asked = shell()
+    (reply,) = seed.on_message(4, "node-01", JoinRequest(membership.swim.me))
+    assert isinstance(reply.message, JoinReply)
+    membership.receive("node-00", reply.message)
+    assert asked == [3] and membership.generation == 3 and membership.counters.rejoins == 1
+
+    for forged in _forged_dead_boots(pki, dead):
+        membership, asked = shell()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pacsnode"):
+            membership.receive("node-00", JoinReply(False, reply.message.reason, (forged,)))
+        assert asked == [] and membership.generation == 1 and membership.counters.rejoins == 0
+        assert membership.counters.updates_rejected == 1
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("membership.join.dead_boot_record outcome=unverified node=node-01 generation=1")
+                   for m in messages), messages

@@ -2,9 +2,12 @@
 transport that speaks the real protobuf messages (serialised and parsed on every call).
 
 Real time and the `local` profile (probe 0.2 s), so each test runs for a second or few:
-joining through a seed, an indirect probe saving a member whose direct link is cut (the
-held IndirectPing call), a dead member removed after the grace period, and a member the
-cluster removed while it was alive coming back as its next generation.
+joining through a seed, a dead member removed after the grace period, and a member the
+cluster removed while it was alive coming back as its next generation. The indirect probe
+saving a member whose direct link is cut (the held IndirectPing call) runs on the
+simulator's virtual-time asyncio loop (`run_cluster(..., virtual=True)`): what it checks,
+that nobody suspects that member, holds only if every 200 ms probe round gets its turn,
+which real time on a loaded machine does not give (it failed once at load 17).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pacsnode.replication.transport import PeerError
 from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.swim import State, SwimConfig
+from pacsnode.sim.loop import new_loop
 
 
 class Network:
@@ -97,15 +101,36 @@ async def serve(target: SwimMembership, method: str, request: Any) -> Any:
 CONFIG = swim_config("local", dead_grace_ms=600)
 
 
+class LoopClock:
+    """MembershipClock on the running loop's own time (virtual time on the simulator's loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def now_ms(self) -> int:
+        # Through microseconds, as VirtualEventLoop.now_ms: a timer set for at_ms / 1000 then
+        # reads at_ms, not at_ms - 1 (int() of 1.003 * 1000 is 1002), which would re-arm it forever.
+        return round(self._loop.time() * 1_000_000) // 1000
+
+    def wall_ms(self) -> int:
+        return self.now_ms()
+
+    def call_at(self, at_ms: int, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return self._loop.call_at(at_ms / 1000, callback)
+
+
 def run_cluster(n: int, scenario: Callable[[Network, list[SwimMembership]], Awaitable[None]],
-                config: SwimConfig = CONFIG) -> None:
+                config: SwimConfig = CONFIG, *, virtual: bool = False) -> None:
+    """`virtual`: on sim/loop.py's virtual-time loop (the same asyncio machinery; time moves
+    only when nothing is ready, so a busy machine cannot make a probe round run out)."""
     async def main() -> None:
         network = Network()
         members: list[SwimMembership] = []
+        clock = LoopClock(asyncio.get_running_loop()) if virtual else None
         for index in range(n):
             info = MemberInfo(node_id=f"m{index + 1}", peer_host="127.0.0.1", peer_port=7001 + index, generation=1)
             seeds = [members[0]._me.peer_address] if members else []
-            membership = SwimMembership("test", info, seeds, config=config, rng=random.Random(index))
+            membership = SwimMembership("test", info, seeds, config=config, rng=random.Random(index), clock=clock)
             network.by_address[info.peer_address] = membership
             members.append(membership)
         for membership in members:
@@ -118,12 +143,23 @@ def run_cluster(n: int, scenario: Callable[[Network, list[SwimMembership]], Awai
             for membership in members:
                 await membership.stop()
 
-    asyncio.run(main())
+    if not virtual:
+        asyncio.run(main())
+        return
+    loop = new_loop()
+    try:
+        loop.run_task(main())
+        assert not loop.errors, loop.errors
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """True once `predicate` holds, polled every 20 ms of the loop's time, for `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
         if predicate():
             return True
         await asyncio.sleep(0.02)
@@ -142,15 +178,24 @@ def test_members_join_through_a_seed_and_report_changes() -> None:
 
 
 def test_an_indirect_probe_keeps_a_member_whose_direct_link_is_cut() -> None:
+    """Virtual time: in real time a loaded machine can stall the loop for most of a 200 ms
+    probe round twice over (each stall under the round, so not taken for this node's own
+    stall), and the round ends before the relayed ack is read: m1 suspected m3 (refuted:
+    1 == 0). Reproduced in real time by putting the loop to sleep for up to 0.19 s at random
+    every 0-30 ms (1 run of 6 with a suspicion; see the commit that moved it here): the
+    host's scheduling, not the protocol. With indirect_checks=0 this test fails."""
     async def scenario(network: Network, members: list[SwimMembership]) -> None:
-        m1, _, m3 = members
+        m1, m2, m3 = members
         network.cut.add(("m1", "m3"))
         await asyncio.sleep(2.0)  # m1 probes m3 several times; every direct ping fails.
         assert m1.statistics().indirect_acks > 0, m1.statistics()
+        assert m2.statistics().relays >= m1.statistics().indirect_acks  # Through m2's held IndirectPing call.
+        assert m1.statistics().probe_failures == 0, m1.statistics()  # Every round of m1's ended in an ack.
         assert all(m.is_alive("m3") for m in members)
         assert m3.statistics().suspicions_refuted == 0  # Nobody even suspected it.
+        assert all(m.statistics().suspicions_raised == 0 for m in members)
 
-    run_cluster(3, scenario)
+    run_cluster(3, scenario, virtual=True)
 
 
 def test_a_dead_member_is_removed_after_the_grace_and_the_ring_shrinks() -> None:
