@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from pacsnode.sim.process import free_port
+
 HOST = "127.0.0.1"
 BENCH_AET = "BENCH"          # The calling AE title of every SCU in the benchmark.
 STORESCP_AET = "STORESCP"    # The C-MOVE destination (dcmtk storescp).
@@ -31,14 +33,6 @@ ORTHANC_BINARY = "/usr/sbin/Orthanc"
 # dcmtk (and so Orthanc's DICOM server, which is built on dcmtk) disables Nagle's
 # algorithm only when this environment variable is set to a non-zero number.
 DCMTK_NODELAY_ENV = {"TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def dcmtk_env(nodelay: bool) -> dict[str, str]:
@@ -233,8 +227,6 @@ def start_orthanc(parent: Path, *, destinations: Mapping[str, tuple[str, int]],
     """Orthanc with `orthanc_config`, updated with `extra_config` (e.g. plugins)."""
     work_dir = _make_work_dir(parent, "orthanc")
     dicom_port, http_port = free_port(), free_port()
-    while http_port == dicom_port:
-        http_port = free_port()
     config = orthanc_config(work_dir, dicom_port=dicom_port, http_port=http_port, destinations=destinations)
     config.update(extra_config or {})
     config_path = work_dir / "orthanc.json"
@@ -263,8 +255,6 @@ def start_pacsnode(parent: Path, *, destinations: Mapping[str, tuple[str, int]],
     data_dir = work_dir / "data"
     port = free_port()
     peer_port = free_port()
-    while peer_port == port:
-        peer_port = free_port()
     # A free peer (gRPC) port too: the default 7001 may belong to a developer's node.
     # `python -m pacsnode.cli.main start` is the same entry point as `.venv/bin/pacsnode start`;
     # the module form keeps the benchmark's node out of `pkill -f "pacsnode start"`, which a

@@ -7,20 +7,64 @@ Used by the integration tests and by the chaos runner. Every process gets free
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+_EPHEMERAL_RANGE_PATH = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_FALLBACK_EPHEMERAL_LOW = 32768
+_LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+_draw = random.Random(os.getpid() ^ time.monotonic_ns())
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE_PATH.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _FALLBACK_EPHEMERAL_LOW
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now and that this process never handed out before.
+
+    Drawn below the kernel's ephemeral range, so no outgoing connection's source port
+    (picked from that range) can take it before the server binds it; and never twice in
+    one process: binding port 0 twice in a row can return the same number, which once
+    gave one node the same DICOM and HTTP port in CI.
+    """
+    high = _ephemeral_low()
+    with _handed_out_lock:
+        if high - _LOWEST_PORT > 1000:
+            for _ in range(200):
+                port = _draw.randrange(_LOWEST_PORT, high)
+                if port not in _handed_out and _bindable(port):
+                    _handed_out.add(port)
+                    return port
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
