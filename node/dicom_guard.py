@@ -20,7 +20,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Callable, Iterator
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 
 STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
+# An association's received instances are audited per study when its connection closes;
+# one that stays open longer writes what it received at its next store after this long.
+TRANSFER_FLUSH_S = 60.0
 
 _SERVICE_OF = {
     evt.EVT_C_ECHO: "echo",
@@ -70,9 +76,28 @@ def _identifier_keys(event: Any) -> dict[str, str]:
     return keys
 
 
+class _TransferKey(NamedTuple):
+    study_instance_uid: str
+    patient_id: str
+    sop_class_uid: str
+    failure: str  # "" when stored; else the WriteStatus name.
+
+
+@dataclass
+class _Transfers:
+    """The instances one association stored, not yet written to the audit trail."""
+
+    ae_title: str
+    address: str
+    since: float
+    counts: dict[_TransferKey, int] = field(default_factory=dict)
+    closed: bool = False
+
+
 class _Request(threading.local):
     """The DICOM request running on this association thread (for the audited archive)."""
 
+    assoc: Any = None
     ae_title = ""
     address = ""
     studies: dict[str, str]  # study uid -> patient id (when the query named one)
@@ -85,6 +110,8 @@ class DicomGuard:
         self.audit = audit
         self._request = _Request()
         self.refused = 0
+        self._transfers: "weakref.WeakKeyDictionary[Any, _Transfers]" = weakref.WeakKeyDictionary()
+        self._transfers_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Any, audit: AuditLog | None) -> "DicomGuard":
@@ -123,6 +150,7 @@ class DicomGuard:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._flush_transfers),
         ]
         return wrapped
 
@@ -145,6 +173,7 @@ class DicomGuard:
 
     def _begin(self, event: Any) -> None:
         request = self._request
+        request.assoc = event.assoc
         request.ae_title, request.address = _caller(event)
         request.studies = {}
         request.instances = 0
@@ -270,17 +299,53 @@ class DicomGuard:
                           participants=[Participant("", address)], description=f"DICOM TLS handshake failed: {reason}")
 
     # ------------------------------------------------------------------ archive calls
-    def stored(self, instance: Instance, result: WriteResult) -> None:
-        request = self._request
-        outcome = SUCCESS if result.status == WriteStatus.SUCCESS else MINOR_FAILURE
+    def stored(self, assoc: Any, instance: Instance, result: WriteResult) -> None:
+        """Count a C-STORE towards its association's transfer of that study (written when
+        the connection closes, or after `TRANSFER_FLUSH_S`): one DICOM Instances Transferred
+        message per study, SOP class and outcome, as PS3.15 A.5.3.7 describes a transfer."""
         patient = instance.attributes.get("PatientID")
-        self.audit.record("instances-transferred", action="C", outcome=outcome,
-                          participants=[Participant(request.ae_title, request.address, role="Source")],
-                          subject=Subject(patient_id=str(patient) if isinstance(patient, str) else "",
-                                          study_instance_uids=[instance.study_instance_uid], instance_count=1,
-                                          sop_class_uid=instance.sop_class_uid),
-                          description=f"C-STORE {instance.sop_instance_uid}"
-                          + ("" if outcome == SUCCESS else f": {result.status}"))
+        key = _TransferKey(instance.study_instance_uid, str(patient) if isinstance(patient, str) else "",
+                           instance.sop_class_uid, "" if result.status == WriteStatus.SUCCESS else str(result.status))
+        if assoc is None:  # Not from a DICOM association's handler: nothing to gather it with.
+            self._write_transfers(_Transfers(self._request.ae_title, self._request.address, 0.0), {key: 1})
+            return
+        now = time.monotonic()
+        with self._transfers_lock:
+            transfers = self._transfers.get(assoc)
+            if transfers is None:
+                transfers = self._transfers[assoc] = _Transfers(self._request.ae_title, self._request.address, now)
+            if transfers.closed:  # Answered after its connection closed: written at once.
+                due = {key: 1}
+            else:
+                transfers.counts[key] = transfers.counts.get(key, 0) + 1
+                if now - transfers.since < TRANSFER_FLUSH_S:
+                    return
+                due, transfers.counts, transfers.since = transfers.counts, {}, now
+        self._write_transfers(transfers, due)
+
+    def association(self) -> Any:
+        """The association whose request runs on this thread (None outside a DICOM handler)."""
+        return self._request.assoc
+
+    def _flush_transfers(self, event: Any) -> None:
+        """The connection closed (released, aborted, dropped or timed out): write its transfers."""
+        with self._transfers_lock:
+            transfers = self._transfers.get(event.assoc)
+            if transfers is None:
+                ae_title, address = _caller(event)
+                self._transfers[event.assoc] = _Transfers(ae_title, address, 0.0, closed=True)
+                return
+            due, transfers.counts, transfers.closed = transfers.counts, {}, True
+        self._write_transfers(transfers, due)
+
+    def _write_transfers(self, transfers: "_Transfers", due: dict["_TransferKey", int]) -> None:
+        for key, count in due.items():
+            self.audit.record("instances-transferred", action="C",
+                              outcome=MINOR_FAILURE if key.failure else SUCCESS,
+                              participants=[Participant(transfers.ae_title, transfers.address, role="Source")],
+                              subject=Subject(patient_id=key.patient_id, study_instance_uids=[key.study_instance_uid],
+                                              instance_count=count, sop_class_uid=key.sop_class_uid),
+                              description=f"C-STORE {count} instances" + (f": {key.failure}" if key.failure else ""))
 
     def located(self, locations: list[InstanceLocation]) -> None:
         request = self._request
@@ -301,7 +366,7 @@ class AuditedArchive:
 
     def store(self, instance: Instance) -> WriteResult:
         result: WriteResult = self._archive.store(instance)
-        self._guard.stored(instance, result)
+        self._guard.stored(self._guard.association(), instance, result)
         return result
 
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
