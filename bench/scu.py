@@ -20,12 +20,16 @@ import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_role, evt
+from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -33,6 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import AddressInformation
 
 HOST = "127.0.0.1"
 BENCH_AET = "BENCH"
@@ -46,22 +51,83 @@ logging.getLogger("pynetdicom").setLevel(logging.DEBUG if os.environ.get("SCU_DE
 # `_is_paused`, but the reactor sets `_is_paused = True` just before `wait()` and may still
 # pass it once, then pop the peer's (fast) response from the DIMSE queue and drop it as
 # "Received unexpected C-STORE service message"; the SCU then sits out its DIMSE timeout.
-# It shows up with 4 SCU processes on 2 cores. The benchmark SCU puts such a response back
-# on the queue for the waiting send_*() call, and counts how often that happened.
+# It shows up with 4 SCU processes on 2 cores. The benchmark's associations (BenchAE makes
+# BenchAssociations) put such a response back on the queue for the waiting send_*() call,
+# and count how often that happened. Nothing of pynetdicom's is replaced at run time: the
+# subclasses override a private method and copy AE.associate, so they run only on the
+# pynetdicom version they were written against (TESTED_PYNETDICOM_VERSIONS, checked when an
+# AE is made; tests/unit/test_bench_scu.py).
+TESTED_PYNETDICOM_VERSIONS = frozenset({"3.0.4"})
 RECOVERED_RESPONSES = 0
-_original_serve_request = Association._serve_request
 
 
-def _serve_request_keeping_responses(self: Association, msg: Any, context_id: int) -> None:
-    global RECOVERED_RESPONSES
-    if not msg.is_valid_request and getattr(msg, "Status", None) is not None:
-        RECOVERED_RESPONSES += 1
-        self.dimse.msg_queue.put((context_id, msg))
-        return
-    _original_serve_request(self, msg, context_id)
+class UntestedPynetdicom(RuntimeError):
+    """The installed pynetdicom is not one bench/scu.py's subclasses were tested with."""
 
 
-Association._serve_request = _serve_request_keeping_responses  # type: ignore[method-assign]
+def check_pynetdicom_version(version: str | None = None) -> None:
+    installed = version or str(pynetdicom.__version__)
+    if installed not in TESTED_PYNETDICOM_VERSIONS:
+        raise UntestedPynetdicom(f"pynetdicom {installed} is installed; bench/scu.py's BenchAE and BenchAssociation "
+                                 f"were tested with {', '.join(sorted(TESTED_PYNETDICOM_VERSIONS))} only")
+
+
+class BenchAssociation(Association):
+    """pynetdicom's requestor association whose reactor hands a response it took off the
+    DIMSE queue back to the waiting send_*() call (see above) instead of dropping it."""
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        global RECOVERED_RESPONSES
+        if not msg.is_valid_request and getattr(msg, "Status", None) is not None:
+            RECOVERED_RESPONSES += 1
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        super()._serve_request(msg, context_id)
+
+
+class BenchAE(AE):
+    """pynetdicom's AE whose associations are BenchAssociations: pynetdicom 3.0.4's
+    AE.associate with the class changed (its argument type checks left out: the callers
+    are this module's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_pynetdicom_version()
+        super().__init__(*args, **kwargs)
+
+    def associate(self, addr: Any, port: int, contexts: Any = None, ae_title: str = "ANY-SCP",
+                  max_pdu: int = DEFAULT_MAX_LENGTH, ext_neg: Any = None, bind_address: Any = None,
+                  tls_args: Any = None, evt_handlers: Any = None) -> Association:
+        remote_address = AddressInformation.from_addr_port(addr, port)
+        if bind_address is None:
+            bind_address = ("::0", 0) if remote_address.address_family == socket.AF_INET6 else ("", 0)
+        local_address = AddressInformation.from_tuple(bind_address)
+        assoc = BenchAssociation(self, MODE_REQUESTOR)
+        timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
+        assoc.name = f"RequestorThread@{timestamp}"
+        assoc.set_socket(self._create_socket(assoc, local_address, tls_args))
+        assoc.acceptor.ae_title = ae_title
+        assoc.acceptor.address_info = remote_address
+        assoc.requestor.address_info = local_address
+        assoc.requestor.ae_title = self.ae_title
+        assoc.requestor.maximum_length = max_pdu
+        assoc.requestor.implementation_class_uid = self.implementation_class_uid
+        assoc.requestor.implementation_version_name = self.implementation_version_name
+        for item in ext_neg or []:
+            assoc.requestor.add_negotiation_item(item)
+        contexts = contexts or self.requested_contexts
+        self._validate_requested_contexts(contexts)
+        if not contexts:
+            raise RuntimeError("At least one requested presentation context is required before associating with a peer")
+        contexts = deepcopy(contexts)
+        for index, context in enumerate(contexts):
+            context.context_id = 2 * index + 1
+        assoc.requestor.requested_contexts = contexts
+        for handler in evt_handlers or []:
+            assoc.bind(*handler)
+        assoc.request()
+        if assoc.is_established:
+            assoc.start()
+        return assoc
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -74,7 +140,7 @@ NODELAY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _set_nodelay)]
 
 
 def _new_ae() -> AE:
-    ae = AE(ae_title=BENCH_AET)
+    ae = BenchAE(ae_title=BENCH_AET)
     ae.acse_timeout = 30
     ae.dimse_timeout = DIMSE_TIMEOUT_S
     ae.network_timeout = 60

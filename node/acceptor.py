@@ -69,15 +69,17 @@ from pynetdicom import AE, evt
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.acse import ACSE
 from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTOR
-from pynetdicom.association import Association
+from pynetdicom.association import Association, ServiceUser
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_items import PresentationContextItemRQ, UserInformationItem
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricted
+from pynetdicom.timer import Timer
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -285,11 +287,23 @@ class AcceptorDUL(DULServiceProvider):
     """The DICOM Upper Layer of one accepted association (see the module docstring)."""
 
     def __init__(self, assoc: "AcceptorAssociation") -> None:
-        super().__init__(assoc)
+        """pynetdicom 3.0.4's DULServiceProvider.__init__ with the node's queues made once
+        (calling it made three queues, each a lock and three conditions, to be replaced
+        here: part of the per-association cost of a C-ECHO round, bench/README.md)."""
+        self._assoc = assoc
+        self.socket: AssociationSocket | None = None
         self._waker: _Waker | None = None
         self.event_queue = _WakingQueue(self._wake)
         self.to_provider_queue = _ProviderQueue(self._wake, self, PROVIDER_QUEUE_PDUS_MAX)
         self.to_user_queue = _WakingQueue(assoc.wake)
+        self._recv_pdu = queue.Queue()
+        self._idle_timer = Timer(60)  # Timeouts are set after the DUL is made, as pynetdicom does.
+        self.artim_timer = Timer(30)
+        self.state_machine = StateMachine(self)
+        self._run_loop_delay = 0.001
+        threading.Thread.__init__(self, target=make_target(self.run_reactor))
+        self.daemon = False
+        self._kill_thread = False
         self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
         # Set when the state machine reaches Sta1 (idle: the association is over) and when
         # this thread ends: AcceptorAssociation.kill waits on it (see there).
@@ -992,9 +1006,43 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         for batch in pdata.encode_data_set(payload, context_id, max_pdu_length):
             dul.send_encoded(batch)
 
+    def _echo_request(self, primitive: Any) -> tuple[int, C_ECHO] | None:
+        """A P-DATA that is a whole C-ECHO-RQ (one command fragment, marked last;
+        node/pdata.py parse_echo_request), as pynetdicom would queue it, decoded with
+        struct: pynetdicom decodes the command set into a pydicom Dataset and builds the
+        primitive from its elements, about a sixth of the node's CPU per association +
+        C-ECHO + release (bench/README.md). EVT_DIMSE_RECV is not triggered for it, so this
+        is done only while nothing is bound to that event, or only the AE's
+        StoreResponseHook's `received` with its direct form `request_received`, which is
+        told instead. None: pynetdicom's way."""
+        pdvs = getattr(primitive, "presentation_data_value_list", None)
+        if not pdvs or len(pdvs) != 1:
+            return None
+        context_id, data = pdvs[0]
+        if len(data) < 2 or data[0] != 0x03:  # A command fragment, the last one.
+            return None
+        handlers = cast("list[tuple[Callable[[Any], None], Any]]", self.assoc.get_handlers(evt.EVT_DIMSE_RECV))
+        hook: StoreResponseHook | None = getattr(self.assoc.ae, "store_response_hook", None)
+        if handlers and (hook is None or hook.request_received is None
+                         or any(handler != hook.received for handler, _ in handlers)):
+            return None
+        fields = pdata.parse_echo_request(memoryview(data)[1:])
+        if fields is None:
+            return None
+        request = C_ECHO()
+        try:
+            request.MessageID = fields.message_id
+            request.AffectedSOPClassUID = fields.sop_class_uid
+        except (TypeError, ValueError):
+            return None  # pynetdicom's decoder decides what to make of it.
+        request._context_id = int(context_id)
+        if handlers and hook is not None and hook.request_received is not None:
+            hook.request_received(self.assoc, pdata.C_ECHO_RQ_FIELD, fields.message_id)
+        return int(context_id), request
+
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:
-            response = self._store_response(primitive)
+            response = self._store_response(primitive) or self._echo_request(primitive)
             if response is not None:
                 self.msg_queue.put(response)
                 return
@@ -1071,24 +1119,64 @@ class AcceptorACSE(ACSE):
 
 
 # ----------------------------------------------------------------------------- association
+# pynetdicom's default handler of every intervention event, as Association._bind_defaults
+# binds them ((handler, None) each); its standard logging handlers are left out (see
+# _unbind_standard_logging).
+_DEFAULT_HANDLERS: dict[Any, Any] = {event: (evt.get_default_handler(event), None)
+                                     for event in evt._INTERVENTION_EVENTS}
+
+
+def _default_handlers() -> dict[Any, Any]:
+    """A new association's handler table: pynetdicom's defaults, no standard logging."""
+    return dict(_DEFAULT_HANDLERS)
+
+
 class AcceptorAssociation(Association):
     """An accepted association whose reactor waits for work instead of polling."""
 
     def __init__(self, ae: Any, mode: str) -> None:
-        super().__init__(ae, mode)
-        _unbind_standard_logging(self)
+        """pynetdicom 3.0.4's Association.__init__ with the node's ACSE, DUL and DIMSE
+        made once (calling it made pynetdicom's three, to be replaced here) and the default
+        handlers from a table made once (_default_handlers): pynetdicom binds every
+        intervention event's default and its four standard logging handlers one `bind`
+        at a time, which the node then unbound (_unbind_standard_logging). Together about
+        a third of the CPU of accepting an association (bench/README.md)."""
+        self._ae = ae
+        self.mode = mode
+        self._server: Any = None
+        self.requestor = ServiceUser(self, MODE_REQUESTOR)
+        self.acceptor = ServiceUser(self, MODE_ACCEPTOR)
+        self.is_established = False
+        self.is_rejected = False
+        self.is_aborted = False
+        self.is_released = False
+        self._sent_abort = False
+        self._sent_release = False
+        self._accepted_cx = {}
+        self._rejected_cx = []
         self._work = threading.Event()
-        self.rejection: association_guard.Rejection | None = None
-        self.retrieve_refused = False  # See refuse_retrieve().
-        self.move_destination: tuple[str, str, int] | None = None  # See expect_move_destination().
         self.acse = AcceptorACSE(self)
         self.dul = AcceptorDUL(self)
         self.dimse = AcceptorDIMSE(self)
-        # The timeouts live in the DUL's timers: set them again on the new DUL.
-        self.acse_timeout = self.acse_timeout
-        self.network_timeout = self.network_timeout
+        # After the DUL is made: its timers hold two of them.
+        self.acse_timeout = ae.acse_timeout
+        self.connection_timeout = ae.connection_timeout
+        self.dimse_timeout = ae.dimse_timeout
+        self.network_timeout = ae.network_timeout
+        self.network_timeout_response = "A-ABORT"
+        self._handlers = _default_handlers()
+        self._kill = False
+        self._started_dul = False
+        self._dul_ready = threading.Event()
         self._reactor_checkpoint = _Checkpoint(self._paused_by_sender)
         self._reactor_checkpoint.set()
+        self._is_paused = False
+        self._timer_resolution = _pynetdicom_config.WINDOWS_TIMER_RESOLUTION
+        threading.Thread.__init__(self, target=make_target(self.run_reactor))
+        self.daemon = True
+        self.rejection: association_guard.Rejection | None = None
+        self.retrieve_refused = False  # See refuse_retrieve().
+        self.move_destination: tuple[str, str, int] | None = None  # See expect_move_destination().
         # See responses_held(): while set, the reactor leaves the DIMSE queue alone.
         self._responses_lock = threading.Lock()
         self._responses_held = False
@@ -1267,13 +1355,16 @@ class AcceptorRequestHandler(RequestHandler):
         # builds new result contexts (presentation.negotiate_as_acceptor).
         assoc.acceptor.supported_contexts = cast(AcceptorServer, self.server).shared_contexts
         assoc.requestor.address_info = self.remote
-        for event in self.server._handlers:
-            if event.is_intervention and self.server._handlers[event]:
-                assoc.bind(event, *self.server._handlers[event])
-            elif isinstance(event, evt.NotificationEvent):
-                for handler in self.server._handlers[event]:
-                    handler = cast(evt._HandlerBase, handler)
-                    assoc.bind(event, handler[0], handler[1])
+        # The server's handlers, as pynetdicom binds them one `bind` (and AE lock) at a
+        # time: an intervention event's replaces the default, a notification event's list
+        # is copied (the association starts with none of its own).
+        handlers = assoc._handlers
+        for event, bound in list(self.server._handlers.items()):
+            if event.is_intervention:
+                if bound:
+                    handlers[event] = bound
+            elif isinstance(event, evt.NotificationEvent) and bound:
+                handlers[event] = [(handler[0], handler[1]) for handler in cast("list[evt._HandlerBase]", bound)]
         return assoc
 
 
@@ -1307,6 +1398,15 @@ class AcceptorServer(ThreadedAssociationServer):
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))
         self.bind(evt.EVT_REQUESTED, association_guard.on_requested)
         self.bind(evt.EVT_REJECTED, association_guard.on_rejected)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """socketserver's ThreadingMixIn starts a thread per connection, whose handler
+        (AcceptorRequestHandler) only makes the association and starts the association's
+        own thread, then ends: here that is done on the server's thread, one thread start
+        and hand-over fewer per association (the association's reactor and DUL threads
+        do the rest, as before). Nothing in it waits on the peer: a TLS handshake is done
+        by get_request, on this thread already."""
+        self.process_request_thread(request, client_address)
 
     def service_actions(self) -> None:
         """socketserver's hook, called after every request and every poll of serve_forever.
@@ -1363,6 +1463,10 @@ class StoreResponseHook:
     # received plain C-STORE-RSP is decoded by AcceptorDIMSE._store_response while it is
     # the only one bound (None: only while none is).
     received: Callable[[Any], None] | None = None
+    # The direct form of `received` for a request the acceptor decodes itself (a C-ECHO-RQ,
+    # AcceptorDIMSE._echo_request): `request_received(assoc, command_field, message_id)`.
+    # None: such requests take pynetdicom's way while `received` is bound.
+    request_received: Callable[[Any, int, int], None] | None = None
 
 
 class NodeAE(AE):

@@ -149,7 +149,8 @@ def _count_dimse(front_end: WorkerFrontEnd, archive: ChannelArchive) -> None:
         server.bind(event, handler)
     ae = front_end.ae
     if isinstance(ae, acceptor.NodeAE):  # Always here: DicomFrontEnd builds a NodeAE.
-        ae.store_response_hook = acceptor.StoreResponseHook(meter.on_sent, meter.response_sent, meter.on_received)
+        ae.store_response_hook = acceptor.StoreResponseHook(meter.on_sent, meter.response_sent, meter.on_received,
+                                                            meter.request_received)
     forwarder.start()
 
 

@@ -1,11 +1,14 @@
 """HTTPS connections that tell the app who the client is: the ASGI TLS extension.
 
 uvicorn terminates TLS (its `ssl_context_factory` option takes our context) but puts
-nothing about the client's certificate in the request scope. `TlsH11Protocol` subclasses
-uvicorn's h11 protocol (pinned in pyproject.toml: uvicorn 0.30 to 0.x): once a connection
-is made it reads the peer certificate the handshake verified and hands every request on
-that connection a scope with `extensions["tls"]`, as the ASGI TLS extension spells it
-(`client_cert_chain`: PEM strings, `tls_version`). Plain-HTTP connections pass untouched.
+nothing about the client's certificate in the request scope. `TlsHttpToolsProtocol` and
+`TlsH11Protocol` subclass uvicorn's two HTTP/1.1 protocols (pinned in pyproject.toml:
+uvicorn 0.30 to 0.x): once a connection is made each reads the peer certificate the
+handshake verified and hands every request on that connection a scope with
+`extensions["tls"]`, as the ASGI TLS extension spells it (`client_cert_chain`: PEM
+strings, `tls_version`). Plain-HTTP connections pass untouched. The node serves with the
+httptools one (a C parser and a shorter path per body write than h11's pure Python) when
+httptools is installed; h11 stays selectable (HttpServer's `http_parser`).
 
 `TlsServer` subclasses uvicorn's server to accept HTTPS connections itself: uvicorn hands
 the listening socket to asyncio's `create_server`, which drops a failed TLS handshake
@@ -62,6 +65,24 @@ class TlsH11Protocol(H11Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.app = _WithTls(self.app, tls_facts(ssl_object))
+
+
+# The protocols by parser name. httptools is a dependency; a venv installed before it was
+# (pyproject.toml changed, `make install` not run yet) serves with h11 rather than failing.
+HTTP_PROTOCOLS: dict[str, type[asyncio.Protocol]] = {"h11": TlsH11Protocol}
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # Imports httptools.
+except ImportError:  # pragma: no cover - httptools not installed
+    pass
+else:
+    class TlsHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.app = _WithTls(self.app, tls_facts(ssl_object))
+
+    HTTP_PROTOCOLS["httptools"] = TlsHttpToolsProtocol
 
 
 def client_certificate_pem(scope: Scope) -> bytes | None:

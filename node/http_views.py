@@ -135,4 +135,5 @@ def bind_dimse_metrics(node: "Node", server: HttpServer) -> None:
     ae = getattr(node.front_end, "ae", None)
     if isinstance(ae, acceptor.NodeAE):
         ae.store_response_hook = acceptor.StoreResponseHook(server.metrics.on_sent, server.metrics.response_sent,
-                                                             server.metrics.on_received)
+                                                             server.metrics.on_received,
+                                                             server.metrics.request_received)

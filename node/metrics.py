@@ -159,11 +159,18 @@ class Metrics:
         command = getattr(event.message, "command_set", None)
         if command is None:
             return
-        service = _SERVICES.get(int(getattr(command, "CommandField", 0) or 0))
+        self.request_received(event.assoc, int(getattr(command, "CommandField", 0) or 0),
+                              int(getattr(command, "MessageID", 0) or 0))
+
+    def request_received(self, assoc: Any, command_field: int, message_id: int) -> None:
+        """A message was received (from on_received, or directly for the C-ECHO requests
+        the acceptor decodes itself: node/acceptor.py StoreResponseHook.request_received):
+        a request starts its count and time."""
+        service = _SERVICES.get(command_field)
         if service is None:
             return  # A response to our own sub-operation, a C-CANCEL, an N- service.
         with self._lock:
-            self._open[(id(event.assoc), int(command.MessageID))] = (service, time.monotonic())
+            self._open[(id(assoc), message_id)] = (service, time.monotonic())
             if len(self._open) > 10_000:  # Requests whose association died unanswered.
                 self._open.pop(next(iter(self._open)))
 

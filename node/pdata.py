@@ -260,6 +260,49 @@ def parse_store_response(command: bytes | memoryview) -> StoreResponse | None:
     return StoreResponse(message_id, status, uid(0x0002), uid(0x1000))
 
 
+C_ECHO_RQ_FIELD = 0x0030
+_ECHO_REQUEST_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0800))
+
+
+@dataclass(frozen=True)
+class EchoRequest:
+    """The fields of a C-ECHO-RQ command set (see parse_echo_request)."""
+
+    message_id: int
+    sop_class_uid: str
+
+
+def parse_echo_request(command: bytes | memoryview) -> EchoRequest | None:
+    """A whole command set (implicit VR little endian, group 0000) that is a C-ECHO-RQ
+    (PS3.7 9.3.5.1) with its five elements and nothing else -- group length, Affected SOP
+    Class UID, command field, Message ID, no data set -- as pynetdicom and dcmtk send it:
+    its fields. None for anything else (another command, another element, a length that
+    does not add up, the same element twice), which the caller leaves to pynetdicom."""
+    view = memoryview(command)
+    position, end = 0, len(view)
+    values: dict[int, memoryview] = {}
+    while position < end:
+        if end - position < 8:
+            return None
+        group, element, length = _COMMAND_ELEMENT.unpack_from(view, position)
+        position += 8
+        if group != 0x0000 or element not in _ECHO_REQUEST_ELEMENTS or element in values \
+                or length > end - position:
+            return None
+        values[element] = view[position:position + length]
+        position += length
+    if len(values) != len(_ECHO_REQUEST_ELEMENTS):
+        return None
+    try:
+        if _UL.unpack(values[0x0000])[0] != end - 12 or _US.unpack(values[0x0100])[0] != C_ECHO_RQ_FIELD \
+                or _US.unpack(values[0x0800])[0] != NO_DATA_SET:
+            return None
+        message_id = _US.unpack(values[0x0110])[0]
+    except struct.error:
+        return None
+    return EchoRequest(message_id, bytes(values[0x0002]).rstrip(b"\x00 ").decode("ascii", "replace"))
+
+
 def with_command(command_pdu: bytes, batches: Iterator[EncodedPData]) -> Iterator[EncodedPData]:
     """The data set's batches with the command's PDU written first, in the first batch."""
     first = next(batches, None)

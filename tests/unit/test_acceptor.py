@@ -702,3 +702,154 @@ def _end_an_association_both_ways(sleeps: list[str]) -> None:
         assert sleeps == []  # No 10 ms sleep in pynetdicom's kill, on either side.
     finally:
         server_ae.shutdown()
+
+
+def test_an_accepted_association_is_made_once_on_the_servers_thread_with_pynetdicoms_handlers() -> None:
+    """issue 10 item 1 (the raw-PDU row): pynetdicom's threaded server starts a thread per
+    connection only to make the association and start the association's own thread; its
+    Association.__init__ made pynetdicom's ACSE, DUL (three queues) and DIMSE, which the
+    node replaced, and bound every default and server handler one `bind` at a time. Here
+    the association is made on the server's thread, its providers once, its handler table
+    at once: seen through Python's profile hook (nothing of pynetdicom's is replaced).
+    The table is the one pynetdicom's way gives (standard logging left out)."""
+    from pynetdicom import evt
+    from pynetdicom._globals import MODE_ACCEPTOR
+    from pynetdicom.acse import ACSE
+    from pynetdicom.association import Association
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    watched = {DULServiceProvider.__init__.__code__: "DULServiceProvider.__init__",
+               ACSE.__init__.__code__: "ACSE.__init__",
+               DIMSEServiceProvider.__init__.__code__: "DIMSEServiceProvider.__init__",
+               Association.__init__.__code__: "Association.__init__",
+               Association.bind.__code__: "Association.bind"}
+    create_code = acceptor.AcceptorRequestHandler._create_association.__code__
+    calls: list[tuple[str, str]] = []
+
+    own_subclasses = (acceptor.AcceptorACSE, acceptor.AcceptorDIMSE)  # Whose __init__ calls the base's: ours.
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            name = watched.get(frame.f_code) or ("create" if frame.f_code is create_code else None)
+            if name is None or threading.current_thread() is threading.main_thread():
+                return
+            if not isinstance(frame.f_locals.get("self"), own_subclasses):
+                calls.append((name, threading.current_thread().name))
+
+    from pynetdicom import AE
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    threading.setprofile(watch)  # Before the server's thread starts: it is watched too.
+    try:
+        server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                       [(evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc)),
+                                        (evt.EVT_C_ECHO, lambda event: 0x0000)])
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    server.bind(evt.EVT_CONN_CLOSE, lambda event: None)
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        threading.setprofile(watch)
+        try:
+            assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+            assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+            assert len(accepted) == 1
+            accepted[0].join(5)
+        finally:
+            threading.setprofile(None)  # type: ignore[arg-type]
+        calls = list(calls)
+        assert [name for name, _ in calls if name != "create"] == []
+        creators = [thread for name, thread in calls if name == "create"]
+        assert len(creators) == 1 and creators[0].startswith("AcceptorServer@")
+
+        reference = Association(server_ae, MODE_ACCEPTOR)  # pynetdicom's way, as the handler did it.
+        acceptor._unbind_standard_logging(reference)
+        for event, bound in server._handlers.items():
+            if event.is_intervention and bound:
+                reference.bind(event, *bound)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in bound:
+                    reference.bind(event, handler[0], handler[1])
+
+        def table(owner: Any) -> dict[Any, Any]:
+            return {event: bound for event, bound in owner._handlers.items() if bound}
+
+        assert len(accepted) == 1 and table(accepted[0]) == table(reference)
+        assert accepted[0].get_handlers(evt.EVT_C_ECHO)[0] is server._handlers[evt.EVT_C_ECHO][0]
+    finally:
+        server_ae.shutdown()
+
+
+def test_echo_requests_are_decoded_here_only_while_the_hook_is_the_one_received_handler() -> None:
+    """issue 10 item 1: a plain C-ECHO-RQ is decoded with struct (node/pdata.py
+    parse_echo_request) instead of into a pydicom Dataset by pynetdicom's DIMSEMessage, and
+    EVT_DIMSE_RECV is not triggered for it: with nothing bound to that event, or only the
+    StoreResponseHook's `received`, whose direct form is told instead. A handler bound to
+    EVT_DIMSE_RECV that is not the hook's gets the request as a pynetdicom message, as
+    before. pynetdicom's decoding is watched through Python's profile hook."""
+    import sys
+
+    from pynetdicom import AE, evt
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    decode_code = DIMSEMessage.decode_msg.__code__
+    decoded: list[str] = []
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is decode_code \
+                and isinstance(frame.f_locals.get("assoc"), acceptor.AcceptorAssociation):
+            decoded.append(threading.current_thread().name)  # The server's decoding, not the client's.
+
+    echoes: list[int] = []
+    direct: list[tuple[int, int]] = []
+    hooked: list[int] = []
+    foreign: list[int] = []
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server_ae.store_response_hook = acceptor.StoreResponseHook(
+        lambda event: None, lambda assoc, message_id, status: None,
+        lambda event: hooked.append(int(event.message.command_set.MessageID)),
+        lambda assoc, command_field, message_id: direct.append((command_field, message_id)))
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_ECHO, lambda event: echoes.append(int(event.request.MessageID)) or 0)])
+
+    def echo(message_id: int) -> int:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established
+        status = int(assoc.send_c_echo(msg_id=message_id).Status)
+        assoc.release()
+        return status
+
+    try:
+        threading.setprofile(watch)
+        sys.setprofile(watch)
+        try:
+            assert echo(5) == 0x0000  # Nothing bound to EVT_DIMSE_RECV.
+            assert decoded == [] and direct == [] and hooked == []
+            hook = server_ae.store_response_hook
+            assert hook.received is not None
+            server.bind(evt.EVT_DIMSE_RECV, hook.received)
+            assert echo(6) == 0x0000  # Only the hook's handler: told directly.
+            assert decoded == [] and direct == [(0x0030, 6)] and hooked == []
+            server.bind(evt.EVT_DIMSE_RECV, lambda event: foreign.append(int(event.message.command_set.MessageID)))
+            assert echo(7) == 0x0000  # Another handler too: pynetdicom's message, to both.
+            assert len(decoded) == 1 and foreign == [7] and hooked == [7] and direct == [(0x0030, 6)]
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)  # type: ignore[arg-type]
+        assert echoes == [5, 6, 7]
+    finally:
+        server_ae.shutdown()

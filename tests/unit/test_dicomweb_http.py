@@ -713,3 +713,64 @@ def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_on
     finally:
         server.stop()
         store.close()
+
+
+@pytest.fixture(scope="module")
+def big_and_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[bytes], str]:
+    """A store holding one study: three small CT and two of 768 x 768 (1.2 MB, more than
+    a loopback socket takes in one send), blob files from 1 KiB as the node keeps them."""
+    from tests.unit.conftest import to_instance
+    small = list(iter_part10(StudySetSpec(patients=1, instances_per_series=3, rows=64, cols=64, seed=34,
+                                          modalities=("CT",))))
+    study = small[0][0]["study_uid"]
+    big = [data for _entry, data in iter_part10(StudySetSpec(patients=1, instances_per_series=2, rows=768, cols=768,
+                                                             seed=35, modalities=("CT",)))]
+    retagged = []
+    for data in big:  # The big ones into the small ones' study and series.
+        dataset = dcmread(io.BytesIO(data))
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, small[0][0]["series_uid"]
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        retagged.append(buffer.getvalue())
+    path = tmp_path_factory.mktemp("parsers") / "store"
+    store = RocksStore(path, disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    archive = Archive(store)
+    every = [data for _entry, data in small] + retagged
+    for data in every:
+        archive.store(to_instance(data))
+    store.close()
+    return path, every, study
+
+
+@pytest.mark.parametrize(("parser", "loop"), [("auto", "auto"), ("h11", "asyncio"), ("httptools", "asyncio"),
+                                              ("h11", "uvloop")])
+def test_each_http_parser_and_loop_sends_the_same_retrieve_bytes(
+        big_and_small: tuple[Path, list[bytes], str], parser: str, loop: str) -> None:
+    """The node's default (httptools on uvloop) and the others it can be asked for answer a
+    WADO-RS study retrieve with the same bytes, twice on one kept-alive connection: every
+    stored instance whole, a stated Content-Length that matches the body."""
+    path, every, study = big_and_small
+    store = RocksStore(path, disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    server = HttpServer(host="127.0.0.1", port=0, archive=_StreamingArchive(store), metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                        owns=lambda study: True, http_parser=parser, http_loop=loop)
+    server.start()
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    try:
+        with httpx.Client(timeout=60) as client:
+            replies = [client.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{study}", headers=accept)
+                       for _ in range(2)]
+    finally:
+        server.stop()
+        store.close()
+    for reply in replies:
+        assert reply.status_code == 200
+        assert int(reply.headers["content-length"]) == len(reply.content)
+        assert sorted(_parts(reply)) == sorted(every)
+
+
+def test_an_unknown_http_parser_or_loop_is_refused() -> None:
+    for options in ({"http_parser": "picohttp"}, {"http_loop": "trio"}):
+        with pytest.raises(ValueError):
+            HttpServer(host="127.0.0.1", port=0, archive=None, metrics=Metrics(lambda: {}),
+                       ready=lambda: {"ready": True}, instance_size_bytes_max=1, qido_result_max=1, **options)

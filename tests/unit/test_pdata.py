@@ -332,3 +332,43 @@ def test_echo_response_is_pynetdicoms_bytes(sop_class: str | None, message_id: i
     expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
     assert pdata.echo_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
                                    sop_class_uid=sop_class) == expected
+
+
+def _pynetdicom_echo_request_command(**fields: Any) -> bytes:
+    """The command set (after the message control header) pynetdicom encodes for a C-ECHO-RQ."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    primitive = C_ECHO()
+    for keyword, value in fields.items():
+        setattr(primitive, keyword, value)
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    (pdu,) = [P_DATA_TF(p).encode() for p in message.encode_msg(1, 0)]
+    assert pdu[pdata.HEADER_BYTES - 1] == pdata.COMMAND_FRAGMENT_LAST
+    return pdu[pdata.HEADER_BYTES:]
+
+
+@pytest.mark.parametrize("message_id", [1, 7, 65535])
+def test_echo_request_parse_reads_pynetdicoms_encoding(message_id: int) -> None:
+    command = _pynetdicom_echo_request_command(MessageID=message_id, AffectedSOPClassUID="1.2.840.10008.1.1")
+    assert pdata.parse_echo_request(command) == pdata.EchoRequest(message_id, "1.2.840.10008.1.1")
+
+
+def test_echo_request_parse_leaves_anything_else_to_pynetdicom() -> None:
+    command = _pynetdicom_echo_request_command(MessageID=3, AffectedSOPClassUID="1.2.840.10008.1.1")
+    assert pdata.parse_echo_request(command) is not None
+    for cut in (1, 7, 8, 20, len(command) - 1):
+        assert pdata.parse_echo_request(command[:cut]) is None
+    wrong_length = command[:8] + (len(command)).to_bytes(4, "little") + command[12:]
+    assert pdata.parse_echo_request(wrong_length) is None
+    # One more element (a Priority), the same element twice, a C-STORE-RSP, a C-STORE-RQ: not a plain C-ECHO-RQ.
+    extra = command + bytes.fromhex("00000007") + (2).to_bytes(4, "little") + (0).to_bytes(2, "little")
+    assert pdata.parse_echo_request(extra) is None
+    twice = command + command[12:]
+    assert pdata.parse_echo_request(twice) is None
+    response = _pynetdicom_response_command(MessageIDBeingRespondedTo=3, AffectedSOPClassUID="1.2.840.10008.1.1",
+                                            AffectedSOPInstanceUID="1.2.3", Status=0)
+    assert pdata.parse_echo_request(response) is None
+    request = pdata.store_command_pdu(1, 0, message_id=1, priority=0, sop_class_uid="1.2", sop_instance_uid="1.3")
+    assert request is not None and pdata.parse_echo_request(request[pdata.HEADER_BYTES:]) is None
