@@ -889,3 +889,17 @@ def test_retrieved_instances_and_pending_responses_are_written_by_the_associatio
         assert accepted[0].dul.encoded_sent_direct == 10
     finally:
         server_ae.shutdown()
+
+
+def test_a_stored_dataset_holds_no_elements_and_a_failed_one_is_listed_by_its_uid() -> None:
+    """issue 10 item 2: a StoredDataset (one per retrieved instance) is made without pydicom
+    elements; its two UIDs are what pynetdicom's retrieve service classes read of it, as
+    attributes (hasattr, then the value, for the Failed SOP Instance UID List)."""
+    from pacsnode.node import raw_send
+
+    stored = raw_send.StoredDataset(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4",
+                                    transfer_syntax_uid="1.2.840.10008.1.2.1", load=lambda: (b"", 0))
+    assert len(stored) == 0 and list(stored.keys()) == []
+    assert stored  # pynetdicom's retrieve loops send a yielded data set only if it is truthy.
+    assert (stored.SOPClassUID, stored.SOPInstanceUID) == ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    assert hasattr(stored, "SOPInstanceUID") and stored.stored_transfer_syntax == "1.2.840.10008.1.2.1"
