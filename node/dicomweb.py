@@ -108,6 +108,16 @@ class LocalHeaders(Protocol):
     def header(self, location: InstanceLocation) -> bytes | None: ...
 
 
+class LocalReads(Protocol):
+    """An instance this node holds as a blob file, read for WADO-RS without the archive's
+    round (node/http_views.py's StoreReads: the file mapped, not copied into memory, and
+    decompressed whole). None: not a blob file here, too big to read whole, or failing a
+    check (then the archive's read is used, as for any other instance)."""
+
+    def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+        """The Part-10 bytes and the dataset's offset in them, or None."""
+
+
 class MetadataCache:
     """Serialized /metadata of recently asked instances (instances never change: first
     writer wins), bounded in bytes."""
@@ -177,11 +187,14 @@ class DicomWeb:
     def __init__(self, archive: Any, *, instance_size_bytes_max: int, qido_result_max: int,
                  metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8,
                  audit: HttpAudit | None = None, local_headers: LocalHeaders | None = None,
-                 deletes_need_admin: bool = False, owns: Callable[[str], bool] | None = None) -> None:
+                 deletes_need_admin: bool = False, owns: Callable[[str], bool] | None = None,
+                 local_reads: LocalReads | None = None) -> None:
         """`owns(study_instance_uid)`: whether this node is one of the study's owners (its
-        reads then take its own copies: OWN_READ_GROUPS_AHEAD); None: reads may wait on peers."""
+        reads then take its own copies: OWN_READ_GROUPS_AHEAD); None: reads may wait on peers.
+        `local_reads`: those own copies read straight from the store (with `owns` only)."""
         self._archive = archive
         self._owns = owns
+        self._local_reads = local_reads if owns is not None else None
         self._local_headers = local_headers
         self._deletes_need_admin = deletes_need_admin  # A TLS cluster: DELETE takes an admin certificate.
         self._audit = audit  # QIDO, WADO and STOW requests in the audit trail (node/http_guard.py).
@@ -337,9 +350,16 @@ class DicomWeb:
                                  status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
 
-    def _open(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+    def _open(self, location: InstanceLocation, own: bool = False) -> tuple[bytes | Part10Stream, int]:
         """`read`, or an own copy kept as a blob file as a Part10Stream (node/blob_files.py)
-        when the archive offers `open_streamed`."""
+        when the archive offers `open_streamed`. With `own` (this node owns every study of
+        the retrieve) an uncorrected instance kept here as a blob file comes from
+        `local_reads`, as the archive's own-copy read would take it, with one lookup less
+        and no copy of the file into memory."""
+        if own and self._local_reads is not None and not location.correction:
+            found = self._local_reads.part10(location)
+            if found is not None:
+                return found
         open_streamed = getattr(self._archive, "open_streamed", None)
         if open_streamed is not None:
             opened: tuple[bytes | Part10Stream, int] = open_streamed(location)
@@ -354,14 +374,15 @@ class DicomWeb:
         to READ_GROUP_BYTES (at most READ_GROUP_INSTANCES), READ_GROUPS_AHEAD groups at a
         time: one hand-off between the threads and the loop per group, not per instance."""
         groups = _read_groups(sendable)
-        groups_ahead = self._groups_ahead(sendable)
+        own = self._owns_all(sendable)
+        groups_ahead = OWN_READ_GROUPS_AHEAD if own else READ_GROUPS_AHEAD
         futures: list[concurrent.futures.Future[_Group]] = []
         pending: list[_Opened] = []  # Of the group being yielded.
         index = 0
         try:
             while index < len(groups) or futures:
                 while index < len(groups) and len(futures) < groups_ahead:
-                    futures.append(self._readers.submit(self._open_group, groups[index]))
+                    futures.append(self._readers.submit(self._open_group, groups[index], own))
                     index += 1
                 read, error = await asyncio.wrap_future(futures.pop(0))
                 pending = list(read)
@@ -376,20 +397,18 @@ class DicomWeb:
                 if not future.cancel():
                     future.add_done_callback(_close_streams)
 
-    def _groups_ahead(self, sendable: list[tuple[InstanceLocation, str]]) -> int:
-        """OWN_READ_GROUPS_AHEAD when this node owns every study the retrieve reads from,
-        else READ_GROUPS_AHEAD."""
+    def _owns_all(self, sendable: list[tuple[InstanceLocation, str]]) -> bool:
+        """Whether this node owns every study the retrieve reads from: its reads are then
+        OWN_READ_GROUPS_AHEAD groups ahead (else READ_GROUPS_AHEAD), and `local_reads`'."""
         owns = self._owns
-        if owns is None or not all(owns(study) for study in {location.study_instance_uid
-                                                            for location, _syntax in sendable}):
-            return READ_GROUPS_AHEAD
-        return OWN_READ_GROUPS_AHEAD
+        return owns is not None and all(owns(study) for study in {location.study_instance_uid
+                                                                 for location, _syntax in sendable})
 
-    def _open_group(self, group: list[tuple[InstanceLocation, str]]) -> _Group:
+    def _open_group(self, group: list[tuple[InstanceLocation, str]], own: bool = False) -> _Group:
         read: list[_Opened] = []
         for location, syntax in group:
             try:
-                body, _offset = self._open(location)
+                body, _offset = self._open(location, own)
                 opened = _Opened(body)
                 if isinstance(body, Part10Stream) and syntax == location.transfer_syntax_uid:
                     try:

@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacsnode.node.audit import AuditLog
-from pacsnode.node.dicomweb import DicomWeb, LocalHeaders
+from pacsnode.node.dicomweb import DicomWeb, LocalHeaders, LocalReads
 from pacsnode.node.http_guard import HttpAccess, HttpAudit, HttpGuard
 from pacsnode.node.http_tls import HTTP_PROTOCOLS, TlsServer
 from pacsnode.node.metrics import CONTENT_TYPE, Metrics
@@ -124,7 +124,8 @@ class HttpServer:
                  instance_size_bytes_max: int, qido_result_max: int, ssl_context: ssl.SSLContext | None = None,
                  access: HttpAccess | None = None, audit: AuditLog | None = None,
                  viewer_dir: Path | None = None, local_headers: LocalHeaders | None = None,
-                 owns: Callable[[str], bool] | None = None, http_parser: str = "auto",
+                 owns: Callable[[str], bool] | None = None, local_reads: LocalReads | None = None,
+                 http_parser: str = "auto",
                  http_loop: str = "auto") -> None:
         """`http_parser` ("auto", "httptools" or "h11") and `http_loop` ("auto", "uvloop"
         or "asyncio") choose uvicorn's protocol and the HTTP thread's loop (node/http_tls.py,
@@ -148,7 +149,7 @@ class HttpServer:
         self.audit = HttpAudit(audit or AuditLog(None, "pacsnode"))
         self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
                                  qido_result_max=qido_result_max, audit=self.audit, local_headers=local_headers,
-                                 deletes_need_admin=self._access.tls, owns=owns)
+                                 deletes_need_admin=self._access.tls, owns=owns, local_reads=local_reads)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

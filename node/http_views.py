@@ -15,9 +15,11 @@ from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.dicomweb import instance_header_json
 from pacsnode.node.dicomweb_metadata import HEADER_READ_BYTES, HeaderTruncated
-from pacsnode.node.store import RocksStore
+from pacsnode.node.blob_files import BlobPointer
+from pacsnode.node.codec import decompress
+from pacsnode.node.store import WHOLE_READ_BYTES_MAX, RocksStore
 from pacsnode.replication.archive import InstanceLocation
-from pacsnode.replication.model import StoreError, StoreFull
+from pacsnode.replication.model import CorruptBlob, StoreError, StoreFull
 
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
@@ -84,9 +86,48 @@ def http_server_for(node: "Node") -> HttpServer:
         viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
         local_headers=StoreHeaders(node.store),
         owns=node.coordinator.owns,  # WADO-RS reads of own copies: fewer at once (node/dicomweb.py).
+        local_reads=StoreReads(node.store),  # WADO-RS: own blob files mapped, not read into memory.
     )
 
 
+
+
+class StoreReads:
+    """DicomWeb's LocalReads over this node's RocksStore: an instance kept as a blob file of
+    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, its zstd
+    checksum checked, its length checked against its record. The file's pages are read
+    where they lie in the page cache, not copied into a buffer first as open_part10's
+    `read_bytes` does; and the record and the blob pointer come in one call. None (the
+    archive's read then) for anything else, and for a copy that fails a check (logged)."""
+
+    def __init__(self, store: RocksStore) -> None:
+        self._store = store
+
+    def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+        found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
+        if found is None:
+            return None
+        kept, record = found
+        part10_bytes = record.size_bytes + record.dataset_offset
+        if not isinstance(kept, BlobPointer) or part10_bytes > WHOLE_READ_BYTES_MAX \
+                or kept.size_bytes > WHOLE_READ_BYTES_MAX:
+            return None
+        what = location.sop_instance_uid
+        try:
+            mapped = self._store.blob_files.map(kept, what)  # CorruptBlob when missing or of another size.
+            try:
+                part10 = decompress(mapped, what)
+            finally:
+                mapped.close()  # type: ignore[attr-defined]
+            if len(part10) != part10_bytes:
+                raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
+        except CorruptBlob as error:
+            # As the archive's own-copy read: logged, and None, so that the archive's read
+            # (another owner's copy) is tried.
+            log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
+                      location.study_instance_uid, what, error)
+            return None
+        return part10, record.dataset_offset
 
 
 class StoreHeaders:

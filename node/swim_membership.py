@@ -225,6 +225,7 @@ class SwimMembership:
         self._held_back: dict[str, str] = {}  # Dead members a removal rail keeps in the ring, and why.
         self._join_refused = ""
         self._dead_boot_logged = DeadBootRecord.NONE
+        self._newer_boot_logged = 0
         self.counters = MembershipCounters()
         self._left_by_us = False
         self._started = False
@@ -596,6 +597,14 @@ class SwimMembership:
             self._join_refused = refused
             if refused:
                 log.error("membership.join.refused node=%s reason=%s", self.self_id, refused)
+        held = self.swim.newer_boot_held
+        if held != self._newer_boot_logged:
+            self._newer_boot_logged = held
+            if held:
+                log.warning("membership.join.newer_boot_held node=%s generation=%d held_generation=%d: a seed holds a "
+                            "newer boot of this id as reachable (data dir wiped or replaced?); probes for it go "
+                            "unanswered here until the cluster holds it dead, then this node joins above it",
+                            self.self_id, self.swim.generation, held)
         dead_boot = self.swim.dead_boot_record
         if dead_boot is not self._dead_boot_logged:
             self._dead_boot_logged = dead_boot

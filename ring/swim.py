@@ -553,6 +553,7 @@ class SwimStatistics:
     removal_graces_restarted: int  # Held members given a fresh grace when their rail let go.
     operator_removals: int
     updates_rejected: int  # Records the verifier refused (unsigned, wrongly signed): ignored.
+    pings_for_a_newer_boot: int  # Pings for our id left unanswered while a newer boot of it is held (newer_boot_held).
     awareness: int  # Current local health score (0 = healthy).
     members_by_state: Mapping[str, int]
     broadcast_queue_depth: int
@@ -688,6 +689,14 @@ class Swim:
         # (signing on, a record the verifier refused) leaves it, and the record is listed in
         # `rejected`, so a lying seed cannot push this node to a made-up generation.
         self.dead_boot_record = DeadBootRecord.NONE
+        # The generation of a newer boot of this id that a seed holds reachable (alive,
+        # suspect, leaving) and refused our join for (0: none). Until we are joined we then
+        # do not ack a Ping for our id: it can only be meant for that boot, and it reached
+        # us because we hold that boot's address now (a restart that lost its generation
+        # count: a wiped data dir). Acking it would keep a dead boot alive in every view,
+        # and our join refused, for good; silent, that boot is suspected and then dead, and
+        # the next refusal carries its record (dead_boot_generation).
+        self.newer_boot_held = 0
         # Timers start at random phases so that nodes started together do not beat in step.
         self._next_probe_ms = now_ms + rng.randrange(config.probe_interval_ms)
         self._next_gossip_ms = now_ms + rng.randrange(config.gossip_interval_ms)
@@ -700,7 +709,7 @@ class Swim:
              "probe_failures", "probes_abandoned", "relays", "suspicions_raised", "suspicions_refuted",
              "suspicions_cleared", "deaths_declared", "removals", "removals_blocked", "removal_graces_restarted",
              "operator_removals",
-             "updates_rejected"), 0)
+             "updates_rejected", "pings_for_a_newer_boot"), 0)
         self._sent: dict[str, list[int]] = {}
         self._received: dict[str, list[int]] = {}
 
@@ -950,6 +959,9 @@ class Swim:
                 if message.target_id != self.self_id:
                     return []  # Not us (a reused address): stay silent, the caller sees a failure.
                 self._apply_all(now_ms, message.updates)
+                if not self._joined and self.newer_boot_held > self.generation:
+                    self._counts["pings_for_a_newer_boot"] += 1
+                    return []  # Meant for the newer boot the cluster holds (see newer_boot_held).
                 out.append(self._reply(source_id, Ack(message.sequence_number, self._piggyback(source_id))))
             case Gossip():
                 self._apply_all(now_ms, message.updates)
@@ -980,15 +992,17 @@ class Swim:
                 elif not self._joined:
                     self.join_refused_reason = message.reason
                     for update in message.members:
-                        if (update.node_id == self.self_id and update.generation > self.generation
-                                and update.state not in REACHABLE):
-                            # Checked as every peer's record is (signed by whoever set it):
-                            # acted on only when it verifies.
-                            if self._verify(update):
-                                self.dead_boot_record = DeadBootRecord.TAKEN
-                                self.dead_boot_generation = max(self.dead_boot_generation, update.generation)
-                            else:
-                                self.dead_boot_record = DeadBootRecord.UNVERIFIED
+                        if update.node_id != self.self_id or update.generation <= self.generation:
+                            continue
+                        # A newer boot of our id: checked as every peer's record is (signed by
+                        # whoever set it), acted on only when it verifies.
+                        if not self._verify(update):
+                            self.dead_boot_record = DeadBootRecord.UNVERIFIED
+                        elif update.state not in REACHABLE:
+                            self.dead_boot_record = DeadBootRecord.TAKEN
+                            self.dead_boot_generation = max(self.dead_boot_generation, update.generation)
+                        else:
+                            self.newer_boot_held = max(self.newer_boot_held, update.generation)
                     if message.refusal is JoinRefusal.PLACEMENT:
                         self.join_refusal = JoinRefusal.PLACEMENT
                         self._next_join_ms = None  # Asking again cannot help.
@@ -1317,12 +1331,12 @@ class Swim:
         elif current is not None and current.generation > member.generation:
             reason = (f"node id {member.node_id!r} is in use by generation {current.generation}, "
                       f"newer than {member.generation}")
-            if current.state not in REACHABLE:
-                # No process answers for that boot (dead, removed or left): the joiner's
-                # generation count started over (its data dir was wiped or replaced). The
-                # record goes with the refusal, so that it comes back above it.
-                return self._to(source_id or member.node_id, member.info.peer_address,
-                                JoinReply(False, reason, (current,)))
+            # The record goes with the refusal. No process answers for that boot (dead,
+            # removed or left): the joiner's generation count started over (its data dir
+            # was wiped or replaced) and it comes back above it. Reachable: the joiner stops
+            # answering probes meant for that boot (newer_boot_held) until it is dead.
+            return self._to(source_id or member.node_id, member.info.peer_address,
+                            JoinReply(False, reason, (current,)))
         elif current is not None and current.generation == member.generation and current.state in TERMINAL:
             reason = (f"node {member.node_id!r} generation {member.generation} is {current.state.value}: "
                       f"restart it with a higher generation")

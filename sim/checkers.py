@@ -173,17 +173,27 @@ def check_replicas_agree(cluster: SimCluster, workload: Workload) -> CheckResult
 
 
 def check_membership(cluster: SimCluster) -> CheckResult:
+    """One ring version; every live node joined (a seed accepted it: until then it refuses
+    writes and flags every read); every live node held alive by every other, at the
+    generation it runs (a record of an older or newer boot is not that node: a boot that
+    lost its generation count can answer probes meant for the boot the cluster holds)."""
     live = cluster.live_ids()
     versions = cluster.ring_versions()
     distinct = len(set(versions.values()))
     not_alive = 0
     for observer in live:
         swim = cluster.process(observer).swim
-        not_alive += sum(1 for other in live if swim.state_of(other) is not State.ALIVE)
-    ok = distinct <= 1 and not_alive == 0
+        for other in live:
+            record = swim.record(other)
+            if record is None or record.state is not State.ALIVE or record.generation != cluster.nodes[other].generation:
+                not_alive += 1
+    not_joined = [node_id for node_id in live if not cluster.process(node_id).membership.joined]
+    ok = distinct <= 1 and not_alive == 0 and not not_joined
     return CheckResult("membership", ok, f"{len(live)} live nodes, {distinct} ring version(s), "
-                                         f"{not_alive} (observer, live member) pairs not seen alive",
-                       (distinct - 1 if distinct > 1 else 0) + not_alive)
+                                         f"{not_alive} (observer, live member) pairs not seen alive at the member's "
+                                         f"generation, {len(not_joined)} not joined"
+                                         + (f" ({', '.join(not_joined[:3])})" if not_joined else ""),
+                       (distinct - 1 if distinct > 1 else 0) + not_alive + len(not_joined))
 
 
 async def check_deletes(cluster: SimCluster, workload: Workload, seed: int) -> CheckResult:

@@ -20,7 +20,10 @@ A node's running state is a `_Process` (one boot, one generation). Faults act on
              it refused; the store is kept (sim/store.py says what a crash loses)
     restart  a new process with the same id and generation + 1, joining through running
              nodes; the store is the one it had
-    wipe     crash, an empty store, restart (a lost disk)
+    wipe     crash, an empty store, restart (a lost disk); with `lose_generation` the
+             boot generation count is lost too (a real node keeps it in identity.json in
+             the data dir): it boots as generation 1 again and runs node/swim_membership.py's
+             rejoin above the boot the cluster still holds (dead_boot_generation)
     pause    a stall (GC, SIGSTOP, a frozen VM): nothing of the node runs, messages to it
              queue, its own calls are held; on resume it reads its queue, then its timers
     skew     a per-boot clock offset and drift (ppm) on the time the node's Swim reads.
@@ -343,7 +346,7 @@ class _Process:
         cluster.generation_ended(self)
         node.generation = max(node.generation + 1, at_least)
         self.generation = node.generation
-        cluster.lifetimes[(node.node_id, node.generation)] = [cluster.now_ms(), None]
+        cluster.begin_lifetime(node.node_id, node.generation)
         cluster._fault("rejoin", f"{node.node_id} generation={node.generation} was={was}")
         return node.generation
 
@@ -660,7 +663,7 @@ class SimNode:
     def boot(self) -> _Process:
         self.generation += 1
         self.process = _Process(self, self.generation)
-        self.cluster.lifetimes[(self.node_id, self.generation)] = [self.cluster.now_ms(), None]
+        self.cluster.begin_lifetime(self.node_id, self.generation)
         return self.process
 
     def stop(self) -> None:
@@ -696,7 +699,9 @@ class SimCluster:
         self.faults: list[tuple[int, str, str]] = []  # (at_ms, kind, detail)
         self.moves: list[Move] = []  # Every instance a repairer copied (anti-entropy, rebalance, hand-over).
         self.pull_sources: dict[tuple[str, str], str] = {}  # (receiver, SOP) -> source, fetched, not yet stored.
-        self.lifetimes: dict[tuple[str, int], list[int | None]] = {}  # (node, generation) -> [start, end]
+        # (node, generation) -> its boots' [start, end]: one, unless a wipe lost the generation
+        # count and the node booted under a generation it had had before.
+        self.lifetimes: dict[tuple[str, int], list[list[int | None]]] = {}
         self.errors: list[str] = []
         self.nodes: dict[str, SimNode] = {}
         self.site_names = site_names(sites)
@@ -779,18 +784,24 @@ class SimCluster:
             rings.add(self.process(observer).membership.ring().version)
         return len(rings) <= 1
 
+    def begin_lifetime(self, node_id: str, generation: int) -> None:
+        self.lifetimes.setdefault((node_id, generation), []).append([self.now_ms(), None])
+
     def generation_ended(self, process: _Process) -> None:
-        span = self.lifetimes.get((process.node_id, process.generation))
-        if span is not None and span[1] is None:
-            span[1] = self.now_ms()
+        spans = self.lifetimes.get((process.node_id, process.generation))
+        if spans and spans[-1][1] is None:
+            spans[-1][1] = self.now_ms()
+
+    def spans(self) -> Iterator[tuple[str, int, int | None, int | None]]:
+        """Every boot's (node, generation, start, end) (end None: still running)."""
+        for (node_id, generation), spans in self.lifetimes.items():
+            for start, end in spans:
+                yield node_id, generation, start, end
 
     def alive_at(self, node_id: str, generation: int, at_ms: int) -> bool:
-        """Whether that boot of the node was running (possibly paused) at `at_ms`."""
-        span = self.lifetimes.get((node_id, generation))
-        if span is None:
-            return False
-        start, end = span
-        return start is not None and start <= at_ms and (end is None or at_ms < end)
+        """Whether a boot of the node under that generation was running (possibly paused) at `at_ms`."""
+        return any(start is not None and start <= at_ms and (end is None or at_ms < end)
+                   for start, end in self.lifetimes.get((node_id, generation), ()))
 
     # ----------------------------------------------------------------- observation
     def on_transitions(self, process: _Process, events: list[Transition]) -> None:
@@ -838,15 +849,31 @@ class SimCluster:
         self._fault("restart", f"{node_id} generation={node.generation}")
         process.start(seeds=seeds if seeds is not None else self._seeds(exclude=node_id))
 
-    def wipe(self, node_id: str) -> None:
-        """The node's disk is lost: crash, an empty store, restart."""
+    def wipe(self, node_id: str, *, lose_generation: bool = False) -> None:
+        """The node's disk is lost: crash, an empty store, restart. `lose_generation`: the
+        data dir's identity goes with it (node/server.py load_identity then starts the
+        generation count over), so the node boots as generation 1 again, and with
+        `token_salts` it chooses its token salt again as at a first start."""
         node = self.nodes[node_id]
         if node.running:
             self.crash(node_id)
         for record in list(node.store.all_instances()):
             self.replicas.instance_removed(node_id, record.study_instance_uid, record.sop_instance_uid)
         node.store = NonDurableStore(node_id, listener=self.replicas)
-        self._fault("wipe", node_id)
+        if lose_generation:
+            self._fault("wipe", f"{node_id} generation {node.generation} lost")
+            node.generation = 0
+            if self.config.token_salts:
+                # identity.json held the salt too: a first start of the data dir chooses again,
+                # against the ring a seed reports (node/token_salt.py; its own id left out).
+                ring = [n.member_info(1).as_ring_member() for n in self.nodes.values() if not n.gone]
+                salt = choose_token_salt(self.config.cluster_id, ring, node.member_info(1).as_ring_member(),
+                                         self.config.replication_factor)
+                if salt != node.token_salt:
+                    self._fault("token-salt", f"{node_id} {node.token_salt} -> {salt}")
+                node.token_salt = salt
+        else:
+            self._fault("wipe", node_id)
         self.restart(node_id)
 
     def set_clock(self, node_id: str, *, drift_ppm: int | None = None, forward_ms: int = 0) -> None:

@@ -118,10 +118,10 @@ def detections(cluster: SimCluster, crashes: Sequence[tuple[str, int, int]], unt
     """For each (victim, generation, crashed_ms): when others suspected it and held it dead."""
     results = []
     for victim, generation, crashed_ms in crashes:
-        restarted = min((span[0] for (node, gen), span in cluster.lifetimes.items()
-                         if node == victim and gen > generation and span[0] is not None), default=None)
+        restarted = min((start for node, gen, start, _end in cluster.spans()
+                         if node == victim and gen > generation and start is not None), default=None)
         end_ms = until_ms if restarted is None else min(until_ms, restarted)
-        observers = [node_id for (node_id, gen), (start, end) in cluster.lifetimes.items()
+        observers = [node_id for node_id, gen, start, end in cluster.spans()
                      if node_id != victim and start is not None and start <= crashed_ms and (end is None or end >= end_ms)
                      and not any(v == node_id for v, _g, _c in crashes)]
         first_down: dict[str, int] = {}
@@ -193,7 +193,7 @@ class Spread:
 def spread_of(cluster: SimCluster, subject: str, generation: int, states: frozenset[str], after_ms: int,
               label: str, until_ms: int) -> Spread | None:
     """How long a change about `subject` took from the first node holding it to every live node."""
-    observers = [node_id for (node_id, gen), (start, end) in cluster.lifetimes.items()
+    observers = [node_id for node_id, gen, start, end in cluster.spans()
                  if node_id != subject and start is not None and start <= after_ms and (end is None or end >= until_ms)]
     first: dict[str, int] = {}
     for record in cluster.transitions:

@@ -22,6 +22,10 @@ did (crashed nodes for failure detection, a joiner or a lost node for data movem
     leave                 a node leaves gracefully (pacsnode leave) and exits when drained
     remove                a node dies and the operator removes it at once
     wipe                  a node's disk is lost: it restarts empty, same id, and refills
+    wipe-restarted        a node restarted once (generation 2) loses its data dir, saved
+                          generation included: it boots as generation 1, is refused
+                          while the cluster holds its later boot, joins above that boot
+                          once it is dead (the node's own rejoin), and refills
     restart-storm         a third of the nodes are kill -9'd and restarted, overlapping
     loss-10pct            10% loss on every link; one node dies, another restarts
     churn                 join and leave under continuous writes: nodes join and leave
@@ -272,6 +276,45 @@ async def wipe(ctx: ScenarioContext) -> None:
     ctx.end_fault()
 
 
+async def wipe_restarted(ctx: ScenarioContext) -> None:
+    """The chaos run that found 02e635c (`pacsnode sim chaos --seed 11`): a wipe after a
+    restart. Without the dead boot's record on the refusal the node is refused for good:
+    its ring holds only itself, and the ring check fails."""
+    cluster = ctx.cluster
+    victim = ctx.pick()
+    node = cluster.nodes[victim]
+    ctx.begin_fault()
+    ctx.crash(victim)
+    await ctx.sleep(ctx.rng.uniform(0.5, 5))
+    ctx.restart(victim)  # Generation 2, saved in its data dir.
+    await ctx.sleep(ctx.rng.uniform(10, 30))
+    ctx.lose("wipe", victim)
+    lost = node.generation
+    wiped_at = cluster.now_ms()
+    ctx.crashes.append((victim, lost, wiped_at))
+    cluster.wipe(victim, lose_generation=True)  # Boots as generation 1.
+
+    def rejoined() -> bool:
+        process = node.process
+        return process is not None and process.alive and node.generation > lost and process.membership.joined
+
+    if not await ctx.wait_for(rejoined, 120, step_s=0.2):
+        ctx.notes.append(f"{victim} did not join again above generation {lost} within 120 s "
+                         f"(generation {node.generation})")
+    else:
+        ctx.restarts.append((victim, node.generation, wiped_at))
+
+    def filled() -> bool:
+        process = node.process
+        return process is not None and process.alive and not process.repairer.pending() \
+            and process.repairer.stats.passes > 0
+
+    await ctx.sleep(5)
+    if not await ctx.wait_for(filled, 300):
+        ctx.notes.append(f"{victim} still had pending ranges after 300 s")
+    ctx.end_fault()
+
+
 async def restart_storm(ctx: ScenarioContext) -> None:
     cluster = ctx.cluster
     live = sorted(cluster.live_ids())
@@ -384,6 +427,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("leave", leave),
     Scenario("remove", remove),
     Scenario("wipe", wipe),
+    Scenario("wipe-restarted", wipe_restarted),
     Scenario("restart-storm", restart_storm),
     Scenario("loss-10pct", loss_10pct, link={"loss": 0.10}),
     Scenario("churn", churn),

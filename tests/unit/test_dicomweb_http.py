@@ -6,6 +6,7 @@ gives when it could not ask every owner.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -23,7 +24,7 @@ from pacsnode.node.blob_files import CHUNK_BYTES, Part10Stream
 from pacsnode.node.dicomweb import OWN_READ_GROUPS_AHEAD, READ_GROUP_INSTANCES
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
 from pacsnode.node.http_server import HttpServer
-from pacsnode.node.http_views import StoreHeaders
+from pacsnode.node.http_views import StoreHeaders, StoreReads
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.runtime import own_stream_reader
 from pacsnode.node.store import RocksStore
@@ -657,16 +658,21 @@ class _StreamingArchive(Archive):
     def __init__(self, store: RocksStore) -> None:
         super().__init__(store)
         self._open = own_stream_reader(store)
+        self.streamed: list[str] = []  # The SOP Instance UIDs asked of open_streamed.
 
     def open_streamed(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
+        self.streamed.append(location.sop_instance_uid)
         found = self._open(location)
         return found if found is not None else self.read(location)
 
 
+@pytest.mark.parametrize("local", [False, True])
 def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_one(
-        tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
+        tmp_path: Path, make_instance: Callable[[bytes], Any], local: bool) -> None:
     """Instances kept as blob files (one chunk each, and one of several chunks) come back
-    byte for byte; a blob file that fails its checksum ends the body before its part."""
+    byte for byte; a blob file that fails its checksum ends the body before its part.
+    With `local_reads` (the node's StoreReads) the archive is asked for none of them but
+    the corrupt one, which StoreReads hands back to the archive's read."""
     spec = StudySetSpec(patients=1, instances_per_series=3, rows=64, cols=64, seed=32, modalities=("CT",))
     study_set = list(iter_part10(spec))
     big = StudySetSpec(patients=1, instances_per_series=1, rows=768, cols=768, seed=33, modalities=("CT",))
@@ -679,7 +685,7 @@ def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_on
     archive.store(make_instance(data))
     server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
                         ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
-                        owns=lambda study: True)
+                        owns=lambda study: True, local_reads=StoreReads(store) if local else None)
     server.start()
     accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
     try:
@@ -689,6 +695,8 @@ def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_on
         assert sorted(_parts(reply)) == sorted(part10 for _entry, part10 in study_set)
         whole = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{entry['study_uid']}", headers=accept)
         assert whole.status_code == 200 and _parts(whole) == [data]
+        assert len(archive.streamed) == (0 if local else len(study_set) + 1)
+        archive.streamed.clear()
         plan = archive.locate(Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study),)))
         order = [location.sop_instance_uid for location in plan.locations]
         blobs = sorted(p for p in (tmp_path / "store" / "blobs").rglob("*.zst") if p.stat().st_size)  # Not the pool's.
@@ -710,6 +718,7 @@ def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_on
         by_uid = {e["sop_uid"]: part10 for e, part10 in study_set}
         assert by_uid[order[0]] in received
         assert by_uid[order[1]] not in received and by_uid[order[2]] not in received
+        assert archive.streamed == ([victim] if local else order[:2])
     finally:
         server.stop()
         store.close()
@@ -774,3 +783,29 @@ def test_an_unknown_http_parser_or_loop_is_refused() -> None:
         with pytest.raises(ValueError):
             HttpServer(host="127.0.0.1", port=0, archive=None, metrics=Metrics(lambda: {}),
                        ready=lambda: {"ready": True}, instance_size_bytes_max=1, qido_result_max=1, **options)
+
+
+def test_store_reads_leave_values_kept_in_rocksdb_to_the_archive(tmp_path: Path,
+                                                                  make_instance: Callable[[bytes], Any]) -> None:
+    """StoreReads takes only blob files; an instance kept as a RocksDB value, or not held
+    at all, is None (the archive's read)."""
+    entry, data = next(iter_part10(StudySetSpec(patients=1, instances_per_series=1, rows=64, cols=64, seed=36,
+                                                modalities=("CT",))))
+    for blob_file_bytes_min, expected in ((1024, (data, None)), (10_000_000, None)):
+        store = RocksStore(tmp_path / f"store-{blob_file_bytes_min}", disk_free_bytes_min=0,
+                           blob_file_bytes_min=blob_file_bytes_min)
+        try:
+            archive = Archive(store)
+            archive.store(make_instance(data))
+            location = archive.locate(Query(level="IMAGE", conditions=(
+                Condition("StudyInstanceUID", "UI", entry["study_uid"]),
+                Condition("SOPInstanceUID", "UI", entry["sop_uid"])))).locations[0]
+            found = StoreReads(store).part10(location)
+            if expected is None:
+                assert found is None
+            else:
+                assert found is not None and found[0] == data and 0 < found[1] < len(data)
+            missing = dataclasses.replace(location, sop_instance_uid=location.sop_instance_uid + ".9")
+            assert StoreReads(store).part10(missing) is None
+        finally:
+            store.close()

@@ -17,8 +17,8 @@ from pacsnode.node import ca, peer_wire
 from pacsnode.node.member_signing import MemberSigner, MemberVerifier
 from pacsnode.node.swim_membership import SwimMembership
 from pacsnode.node.tls import TlsFiles
-from pacsnode.ring.swim import (DeadBootRecord, Gossip, JoinReply, JoinRequest, MemberUpdate, PushPullReply, State, Swim,
-                                SwimConfig)
+from pacsnode.ring.swim import (Ack, DeadBootRecord, Gossip, JoinReply, JoinRequest, MemberUpdate, Ping, PushPullReply,
+                                State, Swim, SwimConfig)
 from pacsnode.sim.swim_cluster import SwimCluster, member_info
 
 CLUSTER = "signing-test"
@@ -188,7 +188,8 @@ def _forged_dead_boots(pki: dict[str, Path], dead: MemberUpdate) -> list[MemberU
     tampered = replace(dead, info=far)  # node-02's genuine signature, another generation.
     under_another_name = signer(pki, "node-00").sign(unsigned)  # Reporter node-02, signed by node-00.
     other_ca = signer(pki, "stranger").sign(MemberUpdate(far, State.LEFT, 9, reporter_id="node-01"))
-    return [unsigned, tampered, under_another_name, other_ca]
+    alive_by_another = signer(pki, "node-00").sign(MemberUpdate(far, State.ALIVE, 0, reporter_id="node-00"))
+    return [unsigned, tampered, under_another_name, other_ca, alive_by_another]
 
 
 def test_a_dead_boot_record_that_comes_with_a_refusal_is_acted_on_only_when_it_verifies(
@@ -218,6 +219,7 @@ def test_a_dead_boot_record_that_comes_with_a_refusal_is_acted_on_only_when_it_v
         joiner, _ = wiped()
         joiner.on_message(5, "node-00", JoinReply(False, refusal.reason, (forged,)))
         assert (joiner.dead_boot_record, joiner.dead_boot_generation) == (DeadBootRecord.UNVERIFIED, 0), forged
+        assert joiner.newer_boot_held == 0  # Nor does a forged live record silence it.
         assert [(r.node_id, r.state) for r in joiner.drain_rejected()] == [("node-01", forged.state)]
         assert joiner.generation == 1 and not joiner.joined
 
@@ -253,3 +255,31 @@ def test_the_node_shell_rejoins_above_a_verified_dead_boot_and_logs_a_forged_one
         messages = [r.getMessage() for r in caplog.records]
         assert any(m.startswith("membership.join.dead_boot_record outcome=unverified node=node-01 generation=1")
                    for m in messages), messages
+
+
+def test_a_refusal_for_a_live_later_boot_silences_probes_for_it_only_when_its_record_verifies(
+        pki: dict[str, Path]) -> None:
+    """d4d3ab4, signed: the seed holds node-01's generation 2 alive (the wiped node came back
+    at its address before anyone held that boot dead). The joiner leaves pings for its id
+    unanswered only on a record that verifies."""
+    seed = swim(pki, 0)
+    second_boot = signer(pki, "node-01").sign(
+        MemberUpdate(member_info(1, generation=2), State.ALIVE, 0, reporter_id="node-01"))
+    seed.on_message(1, "node-01", PushPullReply((second_boot,)))
+    joiner = swim(pki, 1)
+    (request,) = joiner.join(2, [seed.me.info.peer_address])
+    assert isinstance(request.message, JoinRequest)
+    (reply,) = seed.on_message(3, "node-01", request.message)
+    assert isinstance(reply.message, JoinReply) and reply.message.members == (second_boot,)
+    joiner.on_message(4, "node-00", reply.message)
+    assert joiner.newer_boot_held == 2 and joiner.dead_boot_generation == 0 and not joiner.drain_rejected()
+    assert joiner.on_message(5, "node-00", Ping(7, "node-01", ())) == []  # Meant for generation 2.
+    assert joiner.statistics().pings_for_a_newer_boot == 1
+
+    forged = replace(second_boot, info=replace(second_boot.info, generation=3))  # Signature no longer matches.
+    other = swim(pki, 1)
+    other.join(2, [seed.me.info.peer_address])
+    other.on_message(4, "node-00", JoinReply(False, reply.message.reason, (forged,)))
+    assert other.newer_boot_held == 0 and other.dead_boot_record is DeadBootRecord.UNVERIFIED
+    (ack,) = other.on_message(5, "node-00", Ping(7, "node-01", ()))
+    assert isinstance(ack.message, Ack)

@@ -20,6 +20,7 @@ from pacsnode.sim.workload import Workload
     ("kill-one", 6, 2),
     ("partition-halves", 6, 3),
     ("wipe", 5, 4),
+    ("wipe-restarted", 6, 13),
     ("join", 5, 5),
     ("leave", 6, 6),
     ("restart-storm", 6, 8),
