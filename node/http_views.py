@@ -94,11 +94,12 @@ def http_server_for(node: "Node") -> HttpServer:
 
 class StoreReads:
     """DicomWeb's LocalReads over this node's RocksStore: an instance kept as a blob file of
-    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, its zstd
-    checksum checked, its length checked against its record. The file's pages are read
-    where they lie in the page cache, not copied into a buffer first as open_part10's
-    `read_bytes` does; and the record and the blob pointer come in one call. None (the
-    archive's read then) for anything else, and for a copy that fails a check (logged)."""
+    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, or kept as
+    a RocksDB value decompressed, its zstd checksum checked, its length checked against its
+    record. A file's pages are read where they lie in the page cache, not copied into a
+    buffer first as open_part10's `read_bytes` does; the record and the blob (or pointer)
+    come in one call. None (the archive's read then) for a bigger blob file (streamed), an
+    instance not here, and a copy that fails a check (logged)."""
 
     def __init__(self, store: RocksStore) -> None:
         self._store = store
@@ -109,16 +110,19 @@ class StoreReads:
             return None
         kept, record = found
         part10_bytes = record.size_bytes + record.dataset_offset
-        if not isinstance(kept, BlobPointer) or part10_bytes > WHOLE_READ_BYTES_MAX \
-                or kept.size_bytes > WHOLE_READ_BYTES_MAX:
+        if isinstance(kept, BlobPointer) and (part10_bytes > WHOLE_READ_BYTES_MAX
+                                              or kept.size_bytes > WHOLE_READ_BYTES_MAX):
             return None
         what = location.sop_instance_uid
         try:
-            mapped = self._store.blob_files.map(kept, what)  # CorruptBlob when missing or of another size.
-            try:
-                part10 = decompress(mapped, what)
-            finally:
-                mapped.close()  # type: ignore[attr-defined]
+            if isinstance(kept, BlobPointer):
+                mapped = self._store.blob_files.map(kept, what)  # CorruptBlob when missing or of another size.
+                try:
+                    part10 = decompress(mapped, what)
+                finally:
+                    mapped.close()  # type: ignore[attr-defined]
+            else:  # A RocksDB value, already read: asking the archive would read it again.
+                part10 = decompress(kept, what)
             if len(part10) != part10_bytes:
                 raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
         except CorruptBlob as error:
