@@ -1168,7 +1168,7 @@ class AcceptorAssociation(Association):
         self._kill = False
         self._started_dul = False
         self._dul_ready = threading.Event()
-        self._reactor_checkpoint = _Checkpoint(self._work.set)
+        self._reactor_checkpoint = _Checkpoint(self._paused_by_sender)
         self._reactor_checkpoint.set()
         self._is_paused = False
         self._timer_resolution = _pynetdicom_config.WINDOWS_TIMER_RESOLUTION
@@ -1211,10 +1211,24 @@ class AcceptorAssociation(Association):
                 self._responses_held = False
             self._work.set()  # A request that came meanwhile is served now.
 
-    def _next_request(self) -> tuple[int | None, Any]:
-        """The reactor's look at the DIMSE queue: nothing while a sender holds responses."""
+    def _paused_by_sender(self) -> None:
+        """A thread cleared the reactor's checkpoint (pynetdicom's send_*() pause the
+        reactor so that the response they wait for stays for them). They then poll
+        `_is_paused`, which can still be True from the reactor's previous pause although
+        the checkpoint's last set() has already released it: the reactor would run on and
+        could take the response off the queue ("Received unexpected C-STORE service
+        message", then the sender's DIMSE timeout; seen in tests with pynetdicom's own
+        requestor, whose reactor has the same race). Passing the lock here waits out a
+        look at the queue already under way; later looks see the cleared checkpoint."""
         with self._responses_lock:
-            if self._responses_held:
+            pass
+        self._work.set()
+
+    def _next_request(self) -> tuple[int | None, Any]:
+        """The reactor's look at the DIMSE queue: nothing while a sender holds responses
+        or has paused the reactor (its checkpoint cleared: see _paused_by_sender)."""
+        with self._responses_lock:
+            if self._responses_held or not self._reactor_checkpoint.is_set():
                 return None, None
             return self.dimse.get_msg(block=False)
 

@@ -851,8 +851,9 @@ class SimCluster:
 
     def wipe(self, node_id: str, *, lose_generation: bool = False) -> None:
         """The node's disk is lost: crash, an empty store, restart. `lose_generation`: the
-        data dir's saved boot generation goes with it (node/server.py load_identity then
-        starts the count over), so the node boots as generation 1 again."""
+        data dir's identity goes with it (node/server.py load_identity then starts the
+        generation count over), so the node boots as generation 1 again, and with
+        `token_salts` it chooses its token salt again as at a first start."""
         node = self.nodes[node_id]
         if node.running:
             self.crash(node_id)
@@ -862,6 +863,15 @@ class SimCluster:
         if lose_generation:
             self._fault("wipe", f"{node_id} generation {node.generation} lost")
             node.generation = 0
+            if self.config.token_salts:
+                # identity.json held the salt too: a first start of the data dir chooses again,
+                # against the ring a seed reports (node/token_salt.py; its own id left out).
+                ring = [n.member_info(1).as_ring_member() for n in self.nodes.values() if not n.gone]
+                salt = choose_token_salt(self.config.cluster_id, ring, node.member_info(1).as_ring_member(),
+                                         self.config.replication_factor)
+                if salt != node.token_salt:
+                    self._fault("token-salt", f"{node_id} {node.token_salt} -> {salt}")
+                node.token_salt = salt
         else:
             self._fault("wipe", node_id)
         self.restart(node_id)

@@ -402,6 +402,42 @@ def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> N
         scp.shutdown()
 
 
+def test_a_reactor_released_by_an_earlier_set_leaves_a_paused_senders_response() -> None:
+    """pynetdicom's send_*() clear the reactor's checkpoint and poll `_is_paused`, which can
+    still be True from the reactor's previous pause while the checkpoint's last set() has
+    already released it: the reactor then ran on and took the sender's response ("Received
+    unexpected C-STORE service message", then a 60 s DIMSE timeout; 2 of 12 runs of
+    test_find_cancel_stops_the_stream at load 4.5). Its look at the queue after such a
+    release (`_next_request`, called here as that reactor would) must find nothing while
+    the checkpoint is cleared."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", free_port()), block=False)
+    requestor = acceptor.NodeAE(ae_title="NODE")
+    requestor.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    try:
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+        assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+        assoc._reactor_checkpoint.clear()  # The sender's pause.
+        assoc.dimse.msg_queue.put((1, response))
+        assert assoc._next_request() == (None, None)
+        assert assoc.dimse.get_msg(block=False) == (1, response)  # Still there for the sender.
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+    finally:
+        requestor.shutdown()
+        scp.shutdown()
+
+
 def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
     """issue 10: pynetdicom's "standard" handlers build their debug lines whatever the log
     level; the one for a received A-ASSOCIATE-RQ is quadratic in the proposed contexts with
