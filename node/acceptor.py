@@ -768,18 +768,23 @@ def _send_buffers(sock: socket.socket, buffers: tuple[bytes | memoryview, ...]) 
     if isinstance(sock, ssl.SSLSocket):
         sock.sendall(b"".join(buffers))
         return
+    sent = 0
+    if len(buffers) <= _SENDMSG_BUFFERS_MAX:
+        # Most batches go out whole in one call: byte views are made only for a rest.
+        sent = sock.sendmsg(buffers)
+        if sent == sum(buffer.nbytes if isinstance(buffer, memoryview) else len(buffer) for buffer in buffers):
+            return
     views = [memoryview(buffer).cast("B") for buffer in buffers]
     first = 0
-    while first < len(views):
+    while True:
+        while first < len(views) and sent >= len(views[first]):  # Past what went (and empty views).
+            sent -= len(views[first])
+            first += 1
+        if first >= len(views):
+            return
+        if sent:
+            views[first] = views[first][sent:]
         sent = sock.sendmsg(views[first:first + _SENDMSG_BUFFERS_MAX])
-        while sent > 0:
-            length = len(views[first])
-            if sent >= length:
-                sent -= length
-                first += 1
-            else:
-                views[first] = views[first][sent:]
-                sent = 0
 
 
 class AcceptorSocket(AssociationSocket):
