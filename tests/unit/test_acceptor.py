@@ -853,3 +853,89 @@ def test_echo_requests_are_decoded_here_only_while_the_hook_is_the_one_received_
         assert echoes == [5, 6, 7]
     finally:
         server_ae.shutdown()
+
+
+def test_retrieved_instances_and_pending_responses_are_written_by_the_associations_thread() -> None:
+    """issue 10 item 2: a C-GET's C-STORE requests of stored bytes and its Pending responses
+    are written to the socket by the association's own thread when the DUL has nothing
+    queued (AcceptorDUL.send_encoded), instead of being handed to the DUL thread (a queue
+    put, a wake-up through its pipe and a turn of its loop per message). The requestor
+    gets every instance's bytes, whole and in order, and every count."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.node import raw_send
+    from pacsnode.sim.process import free_port
+
+    prefix = b"not sent"  # What load() returns before the data set's offset (a Part-10 header).
+
+    def stored_bytes(index: int) -> tuple[str, bytes]:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.PatientID = f"P{index}"
+        ds.BitsAllocated = 8
+        ds.PixelData = bytes([index]) * (40_000 + 2 * index)  # Several PDUs for a 16 KB peer.
+        encoded = encode(ds, False, True)
+        assert encoded is not None
+        return str(ds.SOPInstanceUID), encoded
+
+    instances = [stored_bytes(index) for index in range(5)]
+
+    def on_get(event: Any) -> Any:
+        yield len(instances)
+        for uid, data in instances:
+            yield 0xFF00, raw_send.StoredDataset(sop_class_uid=CTImageStorage, sop_instance_uid=uid,
+                                                 transfer_syntax_uid=ExplicitVRLittleEndian,
+                                                 load=lambda data=data: (prefix + data, len(prefix)))
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])
+    server_ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=True, scp_role=True)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_GET, on_get), (evt.EVT_ESTABLISHED, lambda e: accepted.append(e.assoc))])
+    received: list[tuple[str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        received.append((str(event.request.AffectedSOPInstanceUID), bytes(event.request.DataSet.getvalue())))
+        return 0x0000
+
+    try:
+        client = AE(ae_title="CLIENT")
+        client.maximum_pdu_size = 16_384
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        statuses = [(int(status.Status), int(status.NumberOfCompletedSuboperations))
+                    for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+        assert statuses == [(0xFF00, 1), (0xFF00, 2), (0xFF00, 3), (0xFF00, 4), (0xFF00, 5), (0x0000, 5)]
+        assert received == instances
+        # Each instance's request (one batch) and its Pending response: 10 writes by the
+        # association's thread; the final response goes pynetdicom's way (the DUL thread).
+        assert accepted[0].dul.encoded_sent_direct == 10
+    finally:
+        server_ae.shutdown()
+
+
+def test_a_stored_dataset_holds_no_elements_and_a_failed_one_is_listed_by_its_uid() -> None:
+    """issue 10 item 2: a StoredDataset (one per retrieved instance) is made without pydicom
+    elements; its two UIDs are what pynetdicom's retrieve service classes read of it, as
+    attributes (hasattr, then the value, for the Failed SOP Instance UID List)."""
+    from pacsnode.node import raw_send
+
+    stored = raw_send.StoredDataset(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4",
+                                    transfer_syntax_uid="1.2.840.10008.1.2.1", load=lambda: (b"", 0))
+    assert len(stored) == 0 and list(stored.keys()) == []
+    assert stored  # pynetdicom's retrieve loops send a yielded data set only if it is truthy.
+    assert (stored.SOPClassUID, stored.SOPInstanceUID) == ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    assert hasattr(stored, "SOPInstanceUID") and stored.stored_transfer_syntax == "1.2.840.10008.1.2.1"
