@@ -3,10 +3,11 @@ negotiation checks and wake-ups behave as documented."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -359,14 +360,12 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
         server_ae.shutdown()
 
 
-def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
-    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
-    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
-    response stays for the sender, without pausing the reactor); released, the reactor
-    reads the queue again."""
+@contextlib.contextmanager
+def _requested_association() -> Iterator[Any]:
+    """A RequestorAssociation (NodeAE) established with a pynetdicom CT storage SCP; both
+    shut down afterwards."""
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.sop_class import CTImageStorage
 
     from pacsnode.sim.process import free_port
@@ -379,27 +378,38 @@ def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> N
     try:
         assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
         assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
-
-        def response() -> C_STORE:
-            primitive = C_STORE()
-            primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
-            return primitive
-
-        with assoc.responses_held():
-            held = response()
-            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
-            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
-            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
-            assert assoc.dimse.get_msg(block=False) == (1, held)
-        assoc.dimse.msg_queue.put((1, response()))
-        deadline = time.monotonic() + 5
-        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
+        yield assoc
         assoc.release()
     finally:
         requestor.shutdown()
         scp.shutdown()
+
+
+def _store_response() -> Any:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
+    return primitive
+
+
+def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
+    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
+    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
+    response stays for the sender, without pausing the reactor); released, the reactor
+    reads the queue again."""
+    with _requested_association() as assoc:
+        with assoc.responses_held():
+            held = _store_response()
+            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
+            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
+            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
+            assert assoc.dimse.get_msg(block=False) == (1, held)
+        assoc.dimse.msg_queue.put((1, _store_response()))
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
 
 
 def test_a_reactor_released_by_an_earlier_set_leaves_a_paused_senders_response() -> None:
@@ -410,32 +420,13 @@ def test_a_reactor_released_by_an_earlier_set_leaves_a_paused_senders_response()
     test_find_cancel_stops_the_stream at load 4.5). Its look at the queue after such a
     release (`_next_request`, called here as that reactor would) must find nothing while
     the checkpoint is cleared."""
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.sop_class import CTImageStorage
-
-    from pacsnode.sim.process import free_port
-
-    scp = AE(ae_title="SCP")
-    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    server = scp.start_server(("127.0.0.1", free_port()), block=False)
-    requestor = acceptor.NodeAE(ae_title="NODE")
-    requestor.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    try:
-        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
-        assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
-        response = C_STORE()
-        response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+    with _requested_association() as assoc:
+        response = _store_response()
         assoc._reactor_checkpoint.clear()  # The sender's pause.
         assoc.dimse.msg_queue.put((1, response))
         assert assoc._next_request() == (None, None)
         assert assoc.dimse.get_msg(block=False) == (1, response)  # Still there for the sender.
         assoc._reactor_checkpoint.set()
-        assoc.release()
-    finally:
-        requestor.shutdown()
-        scp.shutdown()
 
 
 def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
