@@ -70,6 +70,12 @@ import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.acse import ACSE
 from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association, ServiceUser
@@ -768,18 +774,23 @@ def _send_buffers(sock: socket.socket, buffers: tuple[bytes | memoryview, ...]) 
     if isinstance(sock, ssl.SSLSocket):
         sock.sendall(b"".join(buffers))
         return
+    sent = 0
+    if len(buffers) <= _SENDMSG_BUFFERS_MAX:
+        # Most batches go out whole in one call: byte views are made only for a rest.
+        sent = sock.sendmsg(buffers)
+        if sent == sum(buffer.nbytes if isinstance(buffer, memoryview) else len(buffer) for buffer in buffers):
+            return
     views = [memoryview(buffer).cast("B") for buffer in buffers]
     first = 0
-    while first < len(views):
+    while True:
+        while first < len(views) and sent >= len(views[first]):  # Past what went (and empty views).
+            sent -= len(views[first])
+            first += 1
+        if first >= len(views):
+            return
+        if sent:
+            views[first] = views[first][sent:]
         sent = sock.sendmsg(views[first:first + _SENDMSG_BUFFERS_MAX])
-        while sent > 0:
-            length = len(views[first])
-            if sent >= length:
-                sent -= length
-                first += 1
-            else:
-                views[first] = views[first][sent:]
-                sent = 0
 
 
 class AcceptorSocket(AssociationSocket):
@@ -1440,10 +1451,16 @@ def _unbind_standard_logging(owner: Any) -> None:
     A-ASSOCIATE-RQ, looking up each proposed context's role in a role table it rebuilds
     for each (quadratic: dcmtk's getscu proposes ~120 contexts with roles, and that was
     the largest single cost of accepting its association). The node logs its own
-    one-line events instead."""
-    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+    one-line events instead. Only those four are unbound: a handler of the node's own
+    given to start_server for one of these events stays (it was dropped too)."""
+    for event, standard in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                            (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                            (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                            (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
         for handler in list(owner.get_handlers(event)):
-            owner.unbind(event, handler[0] if isinstance(handler, tuple) else handler)
+            function = handler[0] if isinstance(handler, tuple) else handler
+            if function is standard:
+                owner.unbind(event, function)
 
 
 class AcceptorServer(ThreadedAssociationServer):

@@ -930,3 +930,44 @@ def test_a_stored_dataset_holds_no_elements_and_a_failed_one_is_listed_by_its_ui
     assert stored  # pynetdicom's retrieve loops send a yielded data set only if it is truthy.
     assert (stored.SOPClassUID, stored.SOPInstanceUID) == ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
     assert hasattr(stored, "SOPInstanceUID") and stored.stored_transfer_syntax == "1.2.840.10008.1.2.1"
+
+
+def test_handlers_given_to_the_server_for_the_logging_events_stay_bound() -> None:
+    """Only pynetdicom's standard logging handlers are unbound from EVT_DIMSE_RECV,
+    EVT_DIMSE_SENT, EVT_PDU_RECV and EVT_PDU_SENT: handlers of one's own given to
+    start_server for those events were dropped with them. They see the association's PDUs."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    from pynetdicom.pdu import A_ASSOCIATE_RQ, A_RELEASE_RQ
+
+    sent: list[str] = []
+    received: list[Any] = []
+
+    def on_sent(event: Any) -> None:
+        sent.append(type(event.pdu).__name__)
+
+    def on_received(event: Any) -> None:
+        received.append(event.pdu)
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_PDU_SENT, on_sent), (evt.EVT_PDU_RECV, on_received)])
+    try:
+        assert [handler[0] for handler in server.get_handlers(evt.EVT_PDU_SENT)] == [on_sent]
+        assert [handler[0] for handler in server.get_handlers(evt.EVT_PDU_RECV)] == [on_received]
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0x0000
+        assoc.release()
+        deadline = time.monotonic() + 5
+        while "A_RELEASE_RP" not in sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent[0] == "A_ASSOCIATE_AC" and sent[-1] == "A_RELEASE_RP"
+        assert isinstance(received[0], A_ASSOCIATE_RQ) and any(isinstance(pdu, A_RELEASE_RQ) for pdu in received)
+    finally:
+        server_ae.shutdown()
