@@ -6,6 +6,8 @@
 With --profile DIR, py-spy (`pip install py-spy`, a dev tool) records every node process
 during the ingest (`py-spy record --format raw --gil`: the thread holding the GIL, 100 Hz) into
 DIR/<setup>-<node>.txt, and bench/profile_summary.py prints where the samples went.
+PACSNODE_SPY_RATE=N samples N times a second instead; PACSNODE_SPY_NATIVE=1 adds C frames
+(`--native`, which stops each process while sampling): gRPC's own calls show up there.
 
 For each setup (single node; 3 nodes N=3 W=2; 3 nodes N=2 W=1): storescu ingest through
 one node (instances/s, MB/s, CPU-seconds per stored instance summed over every node
@@ -53,8 +55,10 @@ def start_profilers(nodes: list[NodeProcess], label: str, out: Path | None) -> l
     for node in nodes:
         assert node.process is not None
         target = out / f"{label.replace(' ', '_').replace('=', '')}-{node.node_id}.txt"
-        profilers.append(subprocess.Popen([spy, "record", "--pid", str(node.process.pid), "--rate", "100",
-                                           "--format", "raw", "--output", str(target), "--nonblocking", "--gil"],
+        profilers.append(subprocess.Popen([spy, "record", "--pid", str(node.process.pid),
+                                           "--rate", os.environ.get("PACSNODE_SPY_RATE", "100"),
+                                           "--format", "raw", "--output", str(target), "--gil",
+                                           *(["--native"] if os.environ.get("PACSNODE_SPY_NATIVE") else ["--nonblocking"])],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1)  # py-spy attaches.
     return profilers

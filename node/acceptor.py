@@ -37,7 +37,10 @@ What pynetdicom 3.0.4 does and what the subclasses change:
 - It sends a data set as one P-DATA primitive per fragment, each through its queue, state
   machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
   C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
-  (node/pdata.py), batches of them per `sendmsg`, written by the DUL thread in Sta6.
+  (node/pdata.py), batches of them per `sendmsg`, written in Sta6 by the sender's own
+  thread when the DUL has nothing queued (AcceptorDUL.send_encoded; under the DUL's send
+  lock, which its thread holds for each state-machine action and each write), by the DUL
+  thread otherwise. The encoded responses go the same way.
 
 These are private parts of pynetdicom (its reactor loops are copied here, changed where
 said), so the node runs only on a pynetdicom version it was tested with
@@ -67,6 +70,12 @@ import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.acse import ACSE
 from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association, ServiceUser
@@ -305,6 +314,12 @@ class AcceptorDUL(DULServiceProvider):
         self.daemon = False
         self._kill_thread = False
         self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
+        # Held by whoever writes to the socket: this thread for each state-machine action and
+        # each batch it sends, a sender's thread for a batch it writes itself (send_encoded).
+        # Whatever is queued or being sent was put there first, so "nothing queued" seen
+        # under it means a sender's batch goes out in its turn.
+        self._send_lock = threading.RLock()
+        self.encoded_sent_direct = 0  # Batches written by their sender's thread (send_encoded).
         # Set when the state machine reaches Sta1 (idle: the association is over) and when
         # this thread ends: AcceptorAssociation.kill waits on it (see there).
         self._idle = threading.Event()
@@ -357,7 +372,8 @@ class AcceptorDUL(DULServiceProvider):
                 sleep = True
                 continue
             try:
-                self.state_machine.do_action(event)
+                with self._send_lock:
+                    self.state_machine.do_action(event)
             except Exception as error:
                 self._abort_hard("dicom.dul.failed", error, fsm_event=event)
                 return
@@ -366,8 +382,42 @@ class AcceptorDUL(DULServiceProvider):
             sleep = False
 
     def send_encoded(self, batch: pdata.EncodedPData) -> None:
-        """Queue encoded P-DATA-TF PDUs behind what is queued already (waits for room)."""
+        """Send encoded P-DATA-TF PDUs behind what is queued already: written at once by the
+        calling thread when nothing is queued (_send_direct), else queued for this thread
+        (waits for room)."""
+        if threading.current_thread() is not self and self._send_direct(batch):
+            return
         self.to_provider_queue.put(batch)  # type: ignore[arg-type]  # Taken by _send_encoded only.
+
+    def _send_direct(self, batch: pdata.EncodedPData) -> bool:
+        """Write `batch` on the calling thread (the association's, or a C-MOVE's sub-operation
+        sender) when this thread is not sending or running the state machine, nothing is
+        queued and the association is established (Sta6): what _send_encoded would do, without
+        handing the batch to this thread -- a queue put, a wake-up through the pipe and a turn
+        of this loop per message, on the path between each retrieved instance's response and
+        the next instance (bench/README.md). False: nothing done, the caller queues it. Not on
+        a TLS socket (this thread may be reading from it at the same time)."""
+        wrapper = self.socket
+        sock = wrapper.socket if wrapper is not None else None
+        if sock is None or isinstance(sock, ssl.SSLSocket) or not self.is_alive():
+            return False
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.to_provider_queue.qsize() or self.state_machine.current_state != "Sta6":
+                return False
+            self.encoded_sent_direct += 1
+            try:
+                _send_buffers(sock, batch.buffers)
+            except TimeoutError:
+                log_event(logging.WARNING, "dicom.pdu.send_timeout", self.assoc, pending_bytes=batch.size,
+                          timeout_s=f"{sock.gettimeout()}")
+                self.event_queue.put("Evt17")
+            except OSError:
+                self.event_queue.put("Evt17")
+            return True
+        finally:
+            self._send_lock.release()
 
     def _send_encoded(self) -> bool:
         """Write the P-DATA-TF PDUs of an EncodedPData batch at the head of the outgoing
@@ -377,6 +427,13 @@ class AcceptorDUL(DULServiceProvider):
         event and PDU objects. In any other state the association no longer carries data
         and the batch is dropped (as the peer will never get the message whole, the
         sender's wait for a response ends with the association)."""
+        queued = self.to_provider_queue.queue
+        if not queued or not isinstance(queued[0], pdata.EncodedPData):
+            return False  # Looked at without the lock: only this thread takes items off.
+        with self._send_lock:
+            return self._send_encoded_head()
+
+    def _send_encoded_head(self) -> bool:
         try:
             head = self.to_provider_queue.queue[0]
         except IndexError:
@@ -408,6 +465,13 @@ class AcceptorDUL(DULServiceProvider):
         association): sent, EVT_FSM_TRANSITION triggered, Sta3 -> Sta6. Only in Sta3 with
         no event queued and nothing bound to EVT_PDU_SENT (not triggered here); False:
         nothing done, pynetdicom's way."""
+        queued = self.to_provider_queue.queue
+        if not queued or not isinstance(queued[0], A_ASSOCIATE):
+            return False  # Looked at without the lock: only this thread takes items off.
+        with self._send_lock:
+            return self._send_accept_head()
+
+    def _send_accept_head(self) -> bool:
         try:
             head = self.to_provider_queue.queue[0]
         except IndexError:
@@ -649,10 +713,11 @@ class AcceptorDUL(DULServiceProvider):
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = reason
-        try:
-            wrapper.socket.sendall(abort.encode())
-        except OSError:
-            pass
+        with self._send_lock:
+            try:
+                wrapper.socket.sendall(abort.encode())
+            except OSError:
+                pass
         wrapper.close()  # Puts Evt17.
 
     def _abort_hard(self, event_name: str, error: BaseException, **fields: Any) -> None:
@@ -664,10 +729,11 @@ class AcceptorDUL(DULServiceProvider):
             abort = A_ABORT_RQ()
             abort.source = 0x02
             abort.reason_diagnostic = ABORT_REASON_NOT_SPECIFIED
-            try:
-                wrapper.socket.sendall(abort.encode())
-            except OSError:
-                pass
+            with self._send_lock:
+                try:
+                    wrapper.socket.sendall(abort.encode())
+                except OSError:
+                    pass
             wrapper._shutdown_socket()
         self.assoc.is_aborted = True
         self.assoc.is_established = False
@@ -708,18 +774,23 @@ def _send_buffers(sock: socket.socket, buffers: tuple[bytes | memoryview, ...]) 
     if isinstance(sock, ssl.SSLSocket):
         sock.sendall(b"".join(buffers))
         return
+    sent = 0
+    if len(buffers) <= _SENDMSG_BUFFERS_MAX:
+        # Most batches go out whole in one call: byte views are made only for a rest.
+        sent = sock.sendmsg(buffers)
+        if sent == sum(buffer.nbytes if isinstance(buffer, memoryview) else len(buffer) for buffer in buffers):
+            return
     views = [memoryview(buffer).cast("B") for buffer in buffers]
     first = 0
-    while first < len(views):
+    while True:
+        while first < len(views) and sent >= len(views[first]):  # Past what went (and empty views).
+            sent -= len(views[first])
+            first += 1
+        if first >= len(views):
+            return
+        if sent:
+            views[first] = views[first][sent:]
         sent = sock.sendmsg(views[first:first + _SENDMSG_BUFFERS_MAX])
-        while sent > 0:
-            length = len(views[first])
-            if sent >= length:
-                sent -= length
-                first += 1
-            else:
-                views[first] = views[first][sent:]
-                sent = 0
 
 
 class AcceptorSocket(AssociationSocket):
@@ -1168,7 +1239,7 @@ class AcceptorAssociation(Association):
         self._kill = False
         self._started_dul = False
         self._dul_ready = threading.Event()
-        self._reactor_checkpoint = _Checkpoint(self._work.set)
+        self._reactor_checkpoint = _Checkpoint(self._paused_by_sender)
         self._reactor_checkpoint.set()
         self._is_paused = False
         self._timer_resolution = _pynetdicom_config.WINDOWS_TIMER_RESOLUTION
@@ -1211,10 +1282,24 @@ class AcceptorAssociation(Association):
                 self._responses_held = False
             self._work.set()  # A request that came meanwhile is served now.
 
-    def _next_request(self) -> tuple[int | None, Any]:
-        """The reactor's look at the DIMSE queue: nothing while a sender holds responses."""
+    def _paused_by_sender(self) -> None:
+        """A thread cleared the reactor's checkpoint (pynetdicom's send_*() pause the
+        reactor so that the response they wait for stays for them). They then poll
+        `_is_paused`, which can still be True from the reactor's previous pause although
+        the checkpoint's last set() has already released it: the reactor would run on and
+        could take the response off the queue ("Received unexpected C-STORE service
+        message", then the sender's DIMSE timeout; seen in tests with pynetdicom's own
+        requestor, whose reactor has the same race). Passing the lock here waits out a
+        look at the queue already under way; later looks see the cleared checkpoint."""
         with self._responses_lock:
-            if self._responses_held:
+            pass
+        self._work.set()
+
+    def _next_request(self) -> tuple[int | None, Any]:
+        """The reactor's look at the DIMSE queue: nothing while a sender holds responses
+        or has paused the reactor (its checkpoint cleared: see _paused_by_sender)."""
+        with self._responses_lock:
+            if self._responses_held or not self._reactor_checkpoint.is_set():
                 return None, None
             return self.dimse.get_msg(block=False)
 
@@ -1366,10 +1451,16 @@ def _unbind_standard_logging(owner: Any) -> None:
     A-ASSOCIATE-RQ, looking up each proposed context's role in a role table it rebuilds
     for each (quadratic: dcmtk's getscu proposes ~120 contexts with roles, and that was
     the largest single cost of accepting its association). The node logs its own
-    one-line events instead."""
-    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+    one-line events instead. Only those four are unbound: a handler of the node's own
+    given to start_server for one of these events stays (it was dropped too)."""
+    for event, standard in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                            (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                            (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                            (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
         for handler in list(owner.get_handlers(event)):
-            owner.unbind(event, handler[0] if isinstance(handler, tuple) else handler)
+            function = handler[0] if isinstance(handler, tuple) else handler
+            if function is standard:
+                owner.unbind(event, function)
 
 
 class AcceptorServer(ThreadedAssociationServer):

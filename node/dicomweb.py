@@ -109,9 +109,9 @@ class LocalHeaders(Protocol):
 
 
 class LocalReads(Protocol):
-    """An instance this node holds as a blob file, read for WADO-RS without the archive's
-    round (node/http_views.py's StoreReads: the file mapped, not copied into memory, and
-    decompressed whole). None: not a blob file here, too big to read whole, or failing a
+    """An instance this node holds, read for WADO-RS without the archive's round
+    (node/http_views.py's StoreReads: a blob file mapped, not copied into memory, and
+    decompressed whole). None: not here, a blob file too big to read whole, or failing a
     check (then the archive's read is used, as for any other instance)."""
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:

@@ -86,7 +86,7 @@ def http_server_for(node: "Node") -> HttpServer:
         viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
         local_headers=StoreHeaders(node.store),
         owns=node.coordinator.owns,  # WADO-RS reads of own copies: fewer at once (node/dicomweb.py).
-        local_reads=StoreReads(node.store),  # WADO-RS: own blob files mapped, not read into memory.
+        local_reads=StoreReads(node.store, config.blob_file_bytes_min),  # WADO-RS: own blob files mapped, not read into memory.
     )
 
 
@@ -95,30 +95,43 @@ def http_server_for(node: "Node") -> HttpServer:
 class StoreReads:
     """DicomWeb's LocalReads over this node's RocksStore: an instance kept as a blob file of
     up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, its zstd
-    checksum checked, its length checked against its record. The file's pages are read
-    where they lie in the page cache, not copied into a buffer first as open_part10's
-    `read_bytes` does; and the record and the blob pointer come in one call. None (the
-    archive's read then) for anything else, and for a copy that fails a check (logged)."""
+    checksum checked, its length checked against its record. A file's pages are read where
+    they lie in the page cache, not copied into a buffer first as open_part10's `read_bytes`
+    does; the record and the pointer come in one call. An instance of about
+    `blob_file_bytes_min` that turns out to be a RocksDB value is decompressed from the value
+    read (handing it back would read it again). None (the archive's read then) for smaller
+    instances, a bigger blob file (streamed), an instance not here, and a copy that fails a
+    check (logged)."""
 
-    def __init__(self, store: RocksStore) -> None:
+    def __init__(self, store: RocksStore, blob_file_bytes_min: int) -> None:
         self._store = store
+        # Instances this much smaller than the store's blob_file_bytes_min are RocksDB values
+        # for sure (zstd adds a few bytes at most): left to the archive, whose single-key get
+        # skips RocksDB's CRC-32C, which compressed_copy's batch get computes (in software)
+        # on a value read back from RocksDB's own blob files.
+        self._value_bytes_max = blob_file_bytes_min - 1024
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+        if 0 < location.part10_bytes < self._value_bytes_max:
+            return None
         found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
         if found is None:
             return None
         kept, record = found
         part10_bytes = record.size_bytes + record.dataset_offset
-        if not isinstance(kept, BlobPointer) or part10_bytes > WHOLE_READ_BYTES_MAX \
-                or kept.size_bytes > WHOLE_READ_BYTES_MAX:
+        if isinstance(kept, BlobPointer) and (part10_bytes > WHOLE_READ_BYTES_MAX
+                                              or kept.size_bytes > WHOLE_READ_BYTES_MAX):
             return None
         what = location.sop_instance_uid
         try:
-            mapped = self._store.blob_files.map(kept, what)  # CorruptBlob when missing or of another size.
-            try:
-                part10 = decompress(mapped, what)
-            finally:
-                mapped.close()  # type: ignore[attr-defined]
+            if isinstance(kept, BlobPointer):
+                mapped = self._store.blob_files.map(kept, what)  # CorruptBlob when missing or of another size.
+                try:
+                    part10 = decompress(mapped, what)
+                finally:
+                    mapped.close()  # type: ignore[attr-defined]
+            else:  # A RocksDB value, already read: asking the archive would read it again.
+                part10 = decompress(kept, what)
             if len(part10) != part10_bytes:
                 raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
         except CorruptBlob as error:

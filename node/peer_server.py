@@ -206,7 +206,8 @@ class DataService(pb_grpc.DataServicer):
                 raise ValueError("missing UID")
         except (ValueError, TypeError, UnicodeDecodeError) as error:
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, f"bad header: {error}")
-        stored = StoredInstance(record=record, attributes=attributes, blob=blob)
+        stored = StoredInstance(record=record, attributes=attributes, blob=blob,
+                                metadata_json=peer_wire.metadata_from_wire(header))
         crc = int(header.payload_crc32) if header.HasField("payload_crc32") else None
         self.node.coordinator.hlc.observe(record.version)  # Later versions stamped here pass it.
         try:

@@ -164,7 +164,22 @@ def store_header(stored: StoredInstance, hint_for: str, crc32: int | None = None
     )
     if crc32 is not None:
         header.payload_crc32 = crc32
+    if stored.metadata_json is not None:
+        header.metadata_json = stored.metadata_json
     return header
+
+
+def metadata_from_wire(header: pb.StoreHeader) -> bytes | None:
+    """A StoreHeader's /metadata entry when it is a JSON object; else None (the receiver
+    builds its own: a sender's broken entry never reaches a viewer)."""
+    if not header.HasField("metadata_json"):
+        return None
+    data = bytes(header.metadata_json)
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(value, dict) else None
 
 
 def store_whole(env: pb.Envelope, stored: StoredInstance, header: pb.StoreHeader) -> pb.StoreWholeRequest:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import contextlib
 import logging
 import struct
@@ -38,7 +39,7 @@ from pacsnode.replication.modify_coordinator import ModifyCoordinator, ModifyRes
 from pacsnode.replication.correction import Correction
 from pacsnode.node.correct import corrected
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, Instance, StoreError
+from pacsnode.replication.model import Attributes, Instance, InstanceRecord, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,8 +117,10 @@ class ClusterArchive:
                  own_copy: Callable[[InstanceLocation], tuple[bytes, int] | None] | None = None,
                  own_stream: Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None] | None = None,
                  own_compressed: Callable[[InstanceLocation], CompressedCopy | None] | None = None,
-                 modifies: ModifyCoordinator | None = None) -> None:
+                 modifies: ModifyCoordinator | None = None,
+                 metadata_of: Callable[[InstanceRecord, bytes], bytes | None] | None = None) -> None:
         self._loop = loop
+        self._metadata_of = metadata_of
         self._deletes = deletes
         self._modifies = modifies
         self._own_copy = own_copy
@@ -151,6 +154,9 @@ class ClusterArchive:
             # A ring of one: the only owner is this node; write from this thread and
             # skip the hand-off to the loop (same outcome, two thread switches fewer).
             return self._local_store(stored)
+        if self._metadata_of is not None and stored.blob_file is None:
+            # Built once here for every copy (peers get it in the StoreHeader), not by each owner.
+            stored = dataclasses.replace(stored, metadata_json=self._metadata_of(stored.record, stored.blob))
         try:
             return self._loop.run(self._coordinator.store(stored), self._store_timeout_s + 5)
         except TimeoutError as error:

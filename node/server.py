@@ -223,7 +223,8 @@ class Node:
                                       find_buffer_rows=config.find_buffer_rows, deletes=self.deletes,
                                       own_copy=own_copy_reader(self.store),
                                       own_stream=own_stream_reader(self.store),
-                                      own_compressed=own_compressed_reader(self.store), modifies=self.modifies)
+                                      own_compressed=own_compressed_reader(self.store), modifies=self.modifies,
+                                      metadata_of=ingest_header_json)
         self.repairer = Repairer(
             config.node_id, self.membership, self.transport, self.store,
             RepairSettings(replication_factor=config.replication, interval_ms=config.anti_entropy_interval_ms,

@@ -336,8 +336,9 @@ class RocksStore:
         if hint_for:
             return self._submit(lambda view, batch: self._build_hint(view, batch, stored, hint_for))
         # Built before the batch is queued (not in the group commit's leader, which writes for all).
-        header = self._header_of(stored.record, stored.blob) \
-            if self._header_of is not None and stored.blob_file is None else None
+        header = stored.metadata_json
+        if header is None and self._header_of is not None and stored.blob_file is None:
+            header = self._header_of(stored.record, stored.blob)
         if len(stored.blob) < self._blob_file_bytes_min and stored.blob_file is None:
             return self._submit(lambda view, batch: self._build_instance(view, batch, stored, stored.blob, header))
         return self._put_with_blob_file(stored, header)

@@ -194,16 +194,18 @@ class InstanceRecord(_message.Message):
     def __init__(self, study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., sop_class_uid: _Optional[str] = ..., transfer_syntax_uid: _Optional[str] = ..., dataset_offset: _Optional[int] = ..., content_hash: _Optional[str] = ..., total_size_bytes: _Optional[int] = ..., compressed_size_bytes: _Optional[int] = ..., version: _Optional[_Union[Version, _Mapping]] = ..., tombstone: _Optional[bool] = ...) -> None: ...
 
 class StoreHeader(_message.Message):
-    __slots__ = ("record", "index_attributes_json", "hint_for", "payload_crc32")
+    __slots__ = ("record", "index_attributes_json", "hint_for", "payload_crc32", "metadata_json")
     RECORD_FIELD_NUMBER: _ClassVar[int]
     INDEX_ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
     HINT_FOR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_CRC32_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     record: InstanceRecord
     index_attributes_json: bytes
     hint_for: str
     payload_crc32: int
-    def __init__(self, record: _Optional[_Union[InstanceRecord, _Mapping]] = ..., index_attributes_json: _Optional[bytes] = ..., hint_for: _Optional[str] = ..., payload_crc32: _Optional[int] = ...) -> None: ...
+    metadata_json: bytes
+    def __init__(self, record: _Optional[_Union[InstanceRecord, _Mapping]] = ..., index_attributes_json: _Optional[bytes] = ..., hint_for: _Optional[str] = ..., payload_crc32: _Optional[int] = ..., metadata_json: _Optional[bytes] = ...) -> None: ...
 
 class StoreWholeRequest(_message.Message):
     __slots__ = ("envelope", "header", "data")

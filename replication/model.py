@@ -240,6 +240,9 @@ class StoredInstance:
     attributes: Attributes
     blob: bytes
     blob_file: object = None  # As Instance.blob_file.
+    # Its WADO-RS /metadata entry when already built (by the node that received it first,
+    # for all its copies); None: the store builds it, or leaves it to the first request.
+    metadata_json: bytes | None = None
 
     @property
     def study_instance_uid(self) -> str:

@@ -133,8 +133,19 @@ def scu_ae(ae_title: str = "PYSCU") -> AE:
 
 def send_files(port: int, paths: list[Path], ae_title: str = "PACSNODE") -> dict[str, int]:
     """Send files with pynetdicom exactly as they are (their own transfer syntax).
-    Returns {path: status}."""
-    ae = scu_ae()
+    Returns {path: status}.
+
+    Through the node's own requestor (acceptor.NodeAE, pynetdicom's Association with its
+    reactor waiting on events): pynetdicom's plain requestor reactor can take a fast C-STORE
+    response off the queue before its sender looks ("Received unexpected C-STORE service
+    message", then a 60 s DIMSE timeout), which failed 2 of 12 runs of a 1,000-instance
+    send at load 4.5 (tests/unit/test_acceptor.py has the race)."""
+    from pacsnode.node import acceptor
+
+    ae = acceptor.NodeAE(ae_title="PYSCU")
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
     contexts: dict[tuple[str, str], None] = {}
     for path in paths:
         meta = dcmread(path, stop_before_pixels=True)

@@ -3,10 +3,11 @@ negotiation checks and wake-ups behave as documented."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -359,14 +360,12 @@ def test_pending_retrieve_responses_are_encoded_here_only_while_the_hook_is_the_
         server_ae.shutdown()
 
 
-def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
-    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
-    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
-    response stays for the sender, without pausing the reactor); released, the reactor
-    reads the queue again."""
+@contextlib.contextmanager
+def _requested_association() -> Iterator[Any]:
+    """A RequestorAssociation (NodeAE) established with a pynetdicom CT storage SCP; both
+    shut down afterwards."""
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.sop_class import CTImageStorage
 
     from pacsnode.sim.process import free_port
@@ -379,27 +378,55 @@ def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> N
     try:
         assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
         assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
-
-        def response() -> C_STORE:
-            primitive = C_STORE()
-            primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
-            return primitive
-
-        with assoc.responses_held():
-            held = response()
-            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
-            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
-            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
-            assert assoc.dimse.get_msg(block=False) == (1, held)
-        assoc.dimse.msg_queue.put((1, response()))
-        deadline = time.monotonic() + 5
-        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
+        yield assoc
         assoc.release()
     finally:
         requestor.shutdown()
         scp.shutdown()
+
+
+def _store_response() -> Any:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo, primitive.Status = 1, 0x0000
+    return primitive
+
+
+def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> None:
+    """issue 10 (C-MOVE sub-operations): while a sender on another thread holds responses,
+    the requested association's reactor takes nothing off its DIMSE queue (a C-STORE
+    response stays for the sender, without pausing the reactor); released, the reactor
+    reads the queue again."""
+    with _requested_association() as assoc:
+        with assoc.responses_held():
+            held = _store_response()
+            assoc.dimse.msg_queue.put((1, held))  # Wakes the reactor.
+            time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
+            assert assoc._reactor_checkpoint.is_set()  # Not paused: only held.
+            assert assoc.dimse.get_msg(block=False) == (1, held)
+        assoc.dimse.msg_queue.put((1, _store_response()))
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
+
+
+def test_a_reactor_released_by_an_earlier_set_leaves_a_paused_senders_response() -> None:
+    """pynetdicom's send_*() clear the reactor's checkpoint and poll `_is_paused`, which can
+    still be True from the reactor's previous pause while the checkpoint's last set() has
+    already released it: the reactor then ran on and took the sender's response ("Received
+    unexpected C-STORE service message", then a 60 s DIMSE timeout; 2 of 12 runs of
+    test_find_cancel_stops_the_stream at load 4.5). Its look at the queue after such a
+    release (`_next_request`, called here as that reactor would) must find nothing while
+    the checkpoint is cleared."""
+    with _requested_association() as assoc:
+        response = _store_response()
+        assoc._reactor_checkpoint.clear()  # The sender's pause.
+        assoc.dimse.msg_queue.put((1, response))
+        assert assoc._next_request() == (None, None)
+        assert assoc.dimse.get_msg(block=False) == (1, response)  # Still there for the sender.
+        assoc._reactor_checkpoint.set()
 
 
 def test_pynetdicoms_standard_logging_handlers_are_not_bound() -> None:
@@ -815,5 +842,132 @@ def test_echo_requests_are_decoded_here_only_while_the_hook_is_the_one_received_
             sys.setprofile(None)
             threading.setprofile(None)  # type: ignore[arg-type]
         assert echoes == [5, 6, 7]
+    finally:
+        server_ae.shutdown()
+
+
+def test_retrieved_instances_and_pending_responses_are_written_by_the_associations_thread() -> None:
+    """issue 10 item 2: a C-GET's C-STORE requests of stored bytes and its Pending responses
+    are written to the socket by the association's own thread when the DUL has nothing
+    queued (AcceptorDUL.send_encoded), instead of being handed to the DUL thread (a queue
+    put, a wake-up through its pipe and a turn of its loop per message). The requestor
+    gets every instance's bytes, whole and in order, and every count."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from pacsnode.node import raw_send
+    from pacsnode.sim.process import free_port
+
+    prefix = b"not sent"  # What load() returns before the data set's offset (a Part-10 header).
+
+    def stored_bytes(index: int) -> tuple[str, bytes]:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.PatientID = f"P{index}"
+        ds.BitsAllocated = 8
+        ds.PixelData = bytes([index]) * (40_000 + 2 * index)  # Several PDUs for a 16 KB peer.
+        encoded = encode(ds, False, True)
+        assert encoded is not None
+        return str(ds.SOPInstanceUID), encoded
+
+    instances = [stored_bytes(index) for index in range(5)]
+
+    def on_get(event: Any) -> Any:
+        yield len(instances)
+        for uid, data in instances:
+            yield 0xFF00, raw_send.StoredDataset(sop_class_uid=CTImageStorage, sop_instance_uid=uid,
+                                                 transfer_syntax_uid=ExplicitVRLittleEndian,
+                                                 load=lambda data=data: (prefix + data, len(prefix)))
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="GET")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])
+    server_ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=True, scp_role=True)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_GET, on_get), (evt.EVT_ESTABLISHED, lambda e: accepted.append(e.assoc))])
+    received: list[tuple[str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        received.append((str(event.request.AffectedSOPInstanceUID), bytes(event.request.DataSet.getvalue())))
+        return 0x0000
+
+    try:
+        client = AE(ae_title="CLIENT")
+        client.maximum_pdu_size = 16_384
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+        client.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="GET",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        statuses = [(int(status.Status), int(status.NumberOfCompletedSuboperations))
+                    for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+        assert statuses == [(0xFF00, 1), (0xFF00, 2), (0xFF00, 3), (0xFF00, 4), (0xFF00, 5), (0x0000, 5)]
+        assert received == instances
+        # Each instance's request (one batch) and its Pending response: 10 writes by the
+        # association's thread; the final response goes pynetdicom's way (the DUL thread).
+        assert accepted[0].dul.encoded_sent_direct == 10
+    finally:
+        server_ae.shutdown()
+
+
+def test_a_stored_dataset_holds_no_elements_and_a_failed_one_is_listed_by_its_uid() -> None:
+    """issue 10 item 2: a StoredDataset (one per retrieved instance) is made without pydicom
+    elements; its two UIDs are what pynetdicom's retrieve service classes read of it, as
+    attributes (hasattr, then the value, for the Failed SOP Instance UID List)."""
+    from pacsnode.node import raw_send
+
+    stored = raw_send.StoredDataset(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4",
+                                    transfer_syntax_uid="1.2.840.10008.1.2.1", load=lambda: (b"", 0))
+    assert len(stored) == 0 and list(stored.keys()) == []
+    assert stored  # pynetdicom's retrieve loops send a yielded data set only if it is truthy.
+    assert (stored.SOPClassUID, stored.SOPInstanceUID) == ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    assert hasattr(stored, "SOPInstanceUID") and stored.stored_transfer_syntax == "1.2.840.10008.1.2.1"
+
+
+def test_handlers_given_to_the_server_for_the_logging_events_stay_bound() -> None:
+    """Only pynetdicom's standard logging handlers are unbound from EVT_DIMSE_RECV,
+    EVT_DIMSE_SENT, EVT_PDU_RECV and EVT_PDU_SENT: handlers of one's own given to
+    start_server for those events were dropped with them. They see the association's PDUs."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    from pynetdicom.pdu import A_ASSOCIATE_RQ, A_RELEASE_RQ
+
+    sent: list[str] = []
+    received: list[Any] = []
+
+    def on_sent(event: Any) -> None:
+        sent.append(type(event.pdu).__name__)
+
+    def on_received(event: Any) -> None:
+        received.append(event.pdu)
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_PDU_SENT, on_sent), (evt.EVT_PDU_RECV, on_received)])
+    try:
+        assert [handler[0] for handler in server.get_handlers(evt.EVT_PDU_SENT)] == [on_sent]
+        assert [handler[0] for handler in server.get_handlers(evt.EVT_PDU_RECV)] == [on_received]
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0x0000
+        assoc.release()
+        deadline = time.monotonic() + 5
+        while "A_RELEASE_RP" not in sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent[0] == "A_ASSOCIATE_AC" and sent[-1] == "A_RELEASE_RP"
+        assert isinstance(received[0], A_ASSOCIATE_RQ) and any(isinstance(pdu, A_RELEASE_RQ) for pdu in received)
     finally:
         server_ae.shutdown()

@@ -685,7 +685,7 @@ def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_on
     archive.store(make_instance(data))
     server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
                         ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
-                        owns=lambda study: True, local_reads=StoreReads(store) if local else None)
+                        owns=lambda study: True, local_reads=StoreReads(store, 1024) if local else None)
     server.start()
     accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
     try:
@@ -785,13 +785,14 @@ def test_an_unknown_http_parser_or_loop_is_refused() -> None:
                        ready=lambda: {"ready": True}, instance_size_bytes_max=1, qido_result_max=1, **options)
 
 
-def test_store_reads_leave_values_kept_in_rocksdb_to_the_archive(tmp_path: Path,
-                                                                  make_instance: Callable[[bytes], Any]) -> None:
-    """StoreReads takes only blob files; an instance kept as a RocksDB value, or not held
-    at all, is None (the archive's read)."""
+def test_store_reads_take_blob_files_and_rocksdb_values(tmp_path: Path,
+                                                        make_instance: Callable[[bytes], Any]) -> None:
+    """StoreReads gives an instance kept as a blob file or, when it is about as big as
+    one, as a RocksDB value (read once: handing it back to the archive would read it
+    again); one not held, or clearly too small for a blob file, is None."""
     entry, data = next(iter_part10(StudySetSpec(patients=1, instances_per_series=1, rows=64, cols=64, seed=36,
                                                 modalities=("CT",))))
-    for blob_file_bytes_min, expected in ((1024, (data, None)), (10_000_000, None)):
+    for blob_file_bytes_min in (1024, 10_000_000):
         store = RocksStore(tmp_path / f"store-{blob_file_bytes_min}", disk_free_bytes_min=0,
                            blob_file_bytes_min=blob_file_bytes_min)
         try:
@@ -800,12 +801,13 @@ def test_store_reads_leave_values_kept_in_rocksdb_to_the_archive(tmp_path: Path,
             location = archive.locate(Query(level="IMAGE", conditions=(
                 Condition("StudyInstanceUID", "UI", entry["study_uid"]),
                 Condition("SOPInstanceUID", "UI", entry["sop_uid"])))).locations[0]
-            found = StoreReads(store).part10(location)
-            if expected is None:
-                assert found is None
-            else:
-                assert found is not None and found[0] == data and 0 < found[1] < len(data)
+            kept = store.compressed_copy(entry["study_uid"], entry["sop_uid"])
+            assert kept is not None and isinstance(kept[0], bytes) == (blob_file_bytes_min > len(data))
+            reads = StoreReads(store, min(blob_file_bytes_min, len(data)))  # About that size.
+            found = reads.part10(location)
+            assert found is not None and found[0] == data and 0 < found[1] < len(data)
             missing = dataclasses.replace(location, sop_instance_uid=location.sop_instance_uid + ".9")
-            assert StoreReads(store).part10(missing) is None
+            assert reads.part10(missing) is None
+            assert StoreReads(store, len(data) + 1025).part10(location) is None  # Left to the archive.
         finally:
             store.close()

@@ -83,3 +83,31 @@ def test_what_the_lean_reader_cannot_read_is_built_when_asked(tmp_path: Path,
         assert _kept(store, big_endian) == built
     finally:
         store.close()
+
+
+def test_a_copy_that_carries_its_metadata_keeps_it_without_reading_the_header(
+        tmp_path: Path, make_instance: Callable[[bytes], Instance]) -> None:
+    """A peer's copy whose StoreHeader carries the /metadata entry (built once by the node
+    that received the instance, node/runtime.py) is kept as given; the header is not read."""
+    import dataclasses
+
+    calls: list[str] = []
+
+    def counting(record: object, blob: bytes) -> bytes | None:
+        calls.append("built")
+        return ingest_header_json(record, blob)  # type: ignore[arg-type]
+
+    instance = make_instance(_part10(str(ExplicitVRLittleEndian)))
+    entry = _open(tmp_path, "entry")
+    replica = RocksStore(tmp_path / "replica", disk_free_bytes_min=0, header_of=counting)
+    try:
+        stored = to_stored(instance)
+        built = ingest_header_json(stored.record, stored.blob)
+        assert built is not None
+        replica.put_stored(dataclasses.replace(stored, metadata_json=built))
+        assert calls == [] and _kept(replica, instance) == built
+        entry.put_stored(stored)  # Without it: built by the store, the same bytes.
+        assert _kept(entry, instance) == built
+    finally:
+        entry.close()
+        replica.close()

@@ -73,12 +73,14 @@ def test_a_peer_maximum_without_room_for_data_is_refused() -> None:
         list(pdata.encode_data_set(b"x", 1, 6))
 
 
-def test_send_buffers_writes_everything_in_order_through_partial_sends() -> None:
+@pytest.mark.parametrize("sizes", [(12, 70_000, 12, 1, 12, 200_000), (12, 0, 70_000, 0, 12, 0),
+                                   (12, 300) * 600])  # Empty buffers; more than one sendmsg's 512.
+def test_send_buffers_writes_everything_in_order_through_partial_sends(sizes: tuple[int, ...]) -> None:
     """A small send buffer and a reader that drains slowly force partial sendmsg calls."""
     left, right = socket.socketpair()
     try:
         left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        buffers = tuple(os.urandom(n) for n in (12, 70_000, 12, 1, 12, 200_000))
+        buffers = tuple(os.urandom(n) for n in sizes)
         expected = b"".join(buffers)
         received = bytearray()
 
@@ -91,7 +93,11 @@ def test_send_buffers_writes_everything_in_order_through_partial_sends() -> None
 
         reader = threading.Thread(target=drain)
         reader.start()
-        _send_buffers(left, tuple(memoryview(b) for b in buffers))
+        # Views as the payload's slices, bytes as the PDU headers, one view of 2-byte items.
+        mixed = tuple(memoryview(b) if i % 3 else b for i, b in enumerate(buffers))
+        mixed = tuple(memoryview(b).cast("H") if i == 2 and len(b) % 2 == 0 and len(b) else b
+                      for i, b in enumerate(mixed))
+        _send_buffers(left, mixed)
         reader.join(timeout=10)
         assert bytes(received) == expected
     finally:

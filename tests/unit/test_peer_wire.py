@@ -114,3 +114,22 @@ def test_tombstone_requests_and_bucket_entries_round_trip() -> None:
     assert peer_wire.bucket_entry_from_wire(entry) == ("1.2", "1.2.3", version.mark())
     plain = peer_wire.bucket_entry_to_wire("1.2", "1.2.4", "ab" * 16)
     assert not plain.tombstone and peer_wire.bucket_entry_from_wire(plain) == ("1.2", "1.2.4", "ab" * 16)
+
+
+def test_a_store_header_carries_the_metadata_entry_and_a_broken_one_is_dropped() -> None:
+    from pacsnode.replication.model import InstanceRecord, StoredInstance
+
+    record = InstanceRecord(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                            content_hash="ab" * 16, size_bytes=10, dataset_offset=0, stored_at_ms=1,
+                            version_node="n1")
+    stored = StoredInstance(record=record, attributes={}, blob=b"x" * 10, metadata_json=b'{"00080018":{"vr":"UI"}}')
+    header = pb.StoreHeader.FromString(peer_wire.store_header(stored, "").SerializeToString())
+    assert peer_wire.metadata_from_wire(header) == b'{"00080018":{"vr":"UI"}}'
+    for broken in (b"[1, 2]", b"{not json", b"\xff\xfe"):
+        header.metadata_json = broken
+        assert peer_wire.metadata_from_wire(header) is None
+    header.ClearField("metadata_json")
+    assert peer_wire.metadata_from_wire(header) is None
+    assert not peer_wire.store_header(StoredInstance(record=record, attributes={}, blob=b"x"), "").HasField(
+        "metadata_json")
