@@ -226,12 +226,10 @@ class StoreResponse:
 _STORE_RESPONSE_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000))
 
 
-def parse_store_response(command: bytes | memoryview) -> StoreResponse | None:
-    """A whole command set (implicit VR little endian, group 0000) that is a C-STORE-RSP
-    with no data set and nothing but the elements `store_response_pdu` writes (Affected
-    SOP Class/Instance UID optional): its fields. None for anything else -- another
-    command, an Error Comment or Offending Element, a length that does not add up -- which
-    the caller leaves to pynetdicom's decoder."""
+def _command_elements(command: bytes | memoryview, allowed: frozenset[int]) -> dict[int, memoryview] | None:
+    """The elements of a whole command set (implicit VR little endian, group 0000) by
+    element number, when every one is in `allowed`, none repeats and the lengths add up;
+    else None."""
     view = memoryview(command)
     position, end = 0, len(view)
     values: dict[int, memoryview] = {}
@@ -240,11 +238,23 @@ def parse_store_response(command: bytes | memoryview) -> StoreResponse | None:
             return None
         group, element, length = _COMMAND_ELEMENT.unpack_from(view, position)
         position += 8
-        if group != 0x0000 or element not in _STORE_RESPONSE_ELEMENTS or element in values \
-                or length > end - position:
+        if group != 0x0000 or element not in allowed or element in values or length > end - position:
             return None
         values[element] = view[position:position + length]
         position += length
+    return values
+
+
+def parse_store_response(command: bytes | memoryview) -> StoreResponse | None:
+    """A whole command set (implicit VR little endian, group 0000) that is a C-STORE-RSP
+    with no data set and nothing but the elements `store_response_pdu` writes (Affected
+    SOP Class/Instance UID optional): its fields. None for anything else -- another
+    command, an Error Comment or Offending Element, a length that does not add up -- which
+    the caller leaves to pynetdicom's decoder."""
+    values = _command_elements(command, _STORE_RESPONSE_ELEMENTS)
+    if values is None:
+        return None
+    end = len(command)
     try:
         if _UL.unpack(values[0x0000])[0] != end - 12 or _US.unpack(values[0x0100])[0] != C_STORE_RSP_FIELD \
                 or _US.unpack(values[0x0800])[0] != NO_DATA_SET:
@@ -278,19 +288,10 @@ def parse_echo_request(command: bytes | memoryview) -> EchoRequest | None:
     Class UID, command field, Message ID, no data set -- as pynetdicom and dcmtk send it:
     its fields. None for anything else (another command, another element, a length that
     does not add up, the same element twice), which the caller leaves to pynetdicom."""
-    view = memoryview(command)
-    position, end = 0, len(view)
-    values: dict[int, memoryview] = {}
-    while position < end:
-        if end - position < 8:
-            return None
-        group, element, length = _COMMAND_ELEMENT.unpack_from(view, position)
-        position += 8
-        if group != 0x0000 or element not in _ECHO_REQUEST_ELEMENTS or element in values \
-                or length > end - position:
-            return None
-        values[element] = view[position:position + length]
-        position += length
+    values = _command_elements(command, _ECHO_REQUEST_ELEMENTS)
+    if values is None:
+        return None
+    end = len(command)
     if len(values) != len(_ECHO_REQUEST_ELEMENTS):
         return None
     try:

@@ -265,6 +265,15 @@ async def wipe(ctx: ScenarioContext) -> None:
     cluster.wipe(victim)
     ctx.restarts.append((victim, node.generation, cluster.now_ms()))
 
+    await _wait_filled(ctx, victim)
+    ctx.end_fault()
+
+
+async def _wait_filled(ctx: ScenarioContext, victim: str) -> None:
+    """After a wipe: wait until the node's repairer has made a pass and has nothing
+    pending (a note if not within 300 s)."""
+    node = ctx.cluster.nodes[victim]
+
     def filled() -> bool:
         process = node.process
         return process is not None and process.alive and not process.repairer.pending() \
@@ -273,7 +282,6 @@ async def wipe(ctx: ScenarioContext) -> None:
     await ctx.sleep(5)
     if not await ctx.wait_for(filled, 300):
         ctx.notes.append(f"{victim} still had pending ranges after 300 s")
-    ctx.end_fault()
 
 
 async def wipe_restarted(ctx: ScenarioContext) -> None:
@@ -304,14 +312,7 @@ async def wipe_restarted(ctx: ScenarioContext) -> None:
     else:
         ctx.restarts.append((victim, node.generation, wiped_at))
 
-    def filled() -> bool:
-        process = node.process
-        return process is not None and process.alive and not process.repairer.pending() \
-            and process.repairer.stats.passes > 0
-
-    await ctx.sleep(5)
-    if not await ctx.wait_for(filled, 300):
-        ctx.notes.append(f"{victim} still had pending ranges after 300 s")
+    await _wait_filled(ctx, victim)
     ctx.end_fault()
 
 
