@@ -244,7 +244,6 @@ class AuditLog:
                     return  # Closed meanwhile.
                 segment = _segment_path(self.path)
                 try:
-                    os.fsync(fd)
                     os.rename(self.path, segment)
                     try:
                         new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
