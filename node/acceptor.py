@@ -920,13 +920,20 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if payload is None:
             super().send_msg(primitive, context_id)
             return
-        # A C-STORE of stored bytes (C-GET/C-MOVE sub-operations): the command set and the
-        # data set as whole encoded PDUs (node/pdata.py), written by the DUL thread in
-        # batches. EVT_DIMSE_SENT is not triggered for this request: the node's only
-        # handler (node/metrics.py) counts responses, and building the pydicom message
-        # for it was most of the command's cost.
+        self.send_store_request(raw_send.StoreRequest(
+            int(primitive.MessageID), int(primitive.Priority), str(primitive.AffectedSOPClassUID),
+            str(primitive.AffectedSOPInstanceUID), primitive.MoveOriginatorApplicationEntityTitle,
+            primitive.MoveOriginatorMessageID), context_id, payload)
+
+    def send_store_request(self, request: raw_send.StoreRequest, context_id: int, payload: Any) -> None:
+        """A C-STORE of stored bytes (C-GET/C-MOVE sub-operations; node/raw_send.py, which
+        gives the request's fields, checked, without a pynetdicom primitive): the command
+        set and the data set as whole encoded PDUs (node/pdata.py), written in batches.
+        EVT_DIMSE_SENT is not triggered for this request: the node's only handler
+        (node/metrics.py) counts responses, and building the pydicom message for it was
+        most of the command's cost."""
         try:
-            self._send_stored(primitive, context_id, payload)
+            self._send_stored(request, context_id, payload)
         except CorruptBlob as error:
             # A blob file streamed as it is sent (node/blob_files.py) failed its checksum
             # part way: the peer must not take what was sent for the instance. Abort.
@@ -1054,21 +1061,21 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return None  # pynetdicom's decoder decides what to make of it.
         return context_id, response
 
-    def _send_stored(self, primitive: Any, context_id: int, payload: Any) -> None:
+    def _send_stored(self, request: raw_send.StoreRequest, context_id: int, payload: Any) -> None:
         max_pdu_length = self.maximum_pdu_size
         dul = cast(AcceptorDUL, self.dul)
         command_pdu = pdata.store_command_pdu(
-            context_id, max_pdu_length, message_id=int(primitive.MessageID), priority=int(primitive.Priority),
-            sop_class_uid=str(primitive.AffectedSOPClassUID), sop_instance_uid=str(primitive.AffectedSOPInstanceUID),
-            move_originator_aet=primitive.MoveOriginatorApplicationEntityTitle,
-            move_originator_message_id=primitive.MoveOriginatorMessageID)
+            context_id, max_pdu_length, message_id=request.message_id, priority=request.priority,
+            sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
+            move_originator_aet=request.move_originator_aet,
+            move_originator_message_id=request.move_originator_message_id)
         if command_pdu is not None:
             for batch in pdata.with_command(command_pdu, pdata.encode_data_set(payload, context_id, max_pdu_length)):
                 dul.send_encoded(batch)
             return
         # A peer whose maximum PDU is smaller than the command: pynetdicom cuts the command.
         message = C_STORE_RQ()
-        message.primitive_to_message(primitive)  # Sets CommandDataSetType: a data set follows.
+        message.primitive_to_message(request.primitive(payload))  # CommandDataSetType: a data set follows.
         message.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         message.data_set = None
