@@ -347,31 +347,7 @@ class Node:
         }
 
     def membership_metrics(self) -> dict[str, float]:
-        swim = self.membership.statistics()
-        counters = self.membership.counters
-        metrics: dict[str, float] = {f"pacsnode.ring.members_{state}_count": count
-                                     for state, count in swim.members_by_state.items()}
-        metrics.update({
-            "pacsnode.membership.probes_count": swim.probes_sent,
-            "pacsnode.membership.probe_failures_count": swim.probe_failures,
-            "pacsnode.membership.indirect_probes_count": swim.indirect_probes_sent,
-            "pacsnode.membership.suspicions_raised_count": swim.suspicions_raised,
-            "pacsnode.membership.suspicions_refuted_count": swim.suspicions_refuted,
-            "pacsnode.membership.deaths_declared_count": swim.deaths_declared,
-            "pacsnode.membership.removals_count": swim.removals,
-            "pacsnode.membership.removals_blocked_count": swim.removals_blocked,
-            "pacsnode.membership.removal_graces_restarted_count": swim.removal_graces_restarted,
-            "pacsnode.membership.awareness_count": swim.awareness,
-            "pacsnode.membership.broadcast_queue_depth_count": swim.broadcast_queue_depth,
-            "pacsnode.membership.sent_bytes": sum(swim.bytes_sent.values()),
-            "pacsnode.membership.sends_failed_count": counters.sends_failed,
-            "pacsnode.membership.updates_ignored_count": counters.updates_ignored,
-            "pacsnode.membership.rejoins_count": counters.rejoins,
-            # Transitions of other members (read_fault_window_ms runs from the last one).
-            "pacsnode.membership.transitions_count": self.membership.trouble.transitions,
-            "pacsnode.membership.incarnation_count": self.membership.incarnation,
-        })
-        return metrics
+        return self.membership.metrics()
 
     async def _finish_leave_when_drained(self) -> None:
         """While leaving: once every range we held is with its new owners (the drop rule
