@@ -265,6 +265,7 @@ def _exchange(assoc: Association, send: Callable[[], None], sent: Callable[[], N
         # nothing else reads the queue.
         send()
         sent()
+        flush_deferred_responses()
         return assoc.dimse.get_msg(block=True)[1]
     held = getattr(assoc, "responses_held", None)
     if held is not None:
@@ -273,6 +274,7 @@ def _exchange(assoc: Association, send: Callable[[], None], sent: Callable[[], N
         with held():
             send()
             sent()
+            flush_deferred_responses()
             return assoc.dimse.get_msg(block=True)[1]
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
     # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
@@ -290,9 +292,19 @@ def _exchange(assoc: Association, send: Callable[[], None], sent: Callable[[], N
     try:
         send()
         sent()
+        flush_deferred_responses()
         return assoc.dimse.get_msg(block=True)[1]
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def flush_deferred_responses() -> None:
+    """Send the Pending C-MOVE response that the calling thread's association holds back
+    (node/acceptor.py AcceptorDIMSE.flush_deferred), if it is one of the node's
+    associations: pynetdicom's retrieve loop runs on the C-MOVE association's own thread."""
+    flush = getattr(threading.current_thread(), "flush_deferred_responses", None)
+    if flush is not None:
+        flush()
 
 
 class SubOperationNoResponse(Exception):
