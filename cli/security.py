@@ -106,7 +106,7 @@ def audit_main(args: argparse.Namespace) -> int:
     try:
         path = audit_file(args)
         since = audit.parse_since(args.since) if args.since else None
-        messages = audit.select(audit.read(path), since=since, patient_id=args.patient, event=args.event)
+        messages = audit.select(audit.read(path, since), since=since, patient_id=args.patient, event=args.event)
     except (ConfigError, ValueError) as error:
         print(f"pacsnode audit: {error}", file=sys.stderr)
         return 2

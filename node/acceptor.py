@@ -846,7 +846,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
 
     def __init__(self, assoc: "AcceptorAssociation") -> None:
         super().__init__(assoc)
-        self.msg_queue = _WakingQueue(assoc.wake)
+        self.msg_queue = _WakingQueue(assoc.wake_for_message)
         self._spool: SpoolSettings | None = getattr(assoc.ae, "spool", None)
 
     def _new_message(self) -> DIMSEMessage:
@@ -1256,6 +1256,15 @@ class AcceptorAssociation(Association):
     def wake(self) -> None:
         self._work.set()
 
+    def wake_for_message(self) -> None:
+        """A message was put on the DIMSE queue: wake the reactor, unless a sender holds
+        responses (responses_held), when the reactor would only find that it must leave
+        the queue alone -- a C-MOVE sub-association's reactor woke, took the GIL and went
+        back to sleep once per sub-operation, on the path between the C-STORE-RSP and the
+        sender's next request. The hold's end wakes it if a message is left then."""
+        if not self._responses_held:
+            self._work.set()
+
     def scu_contexts(self) -> dict[str, list[tuple[str, int]]]:
         """The accepted contexts we may send C-STOREs in, by SOP class (node/raw_send.py
         scu_context_table), made once: they do not change after negotiation."""
@@ -1280,7 +1289,8 @@ class AcceptorAssociation(Association):
         finally:
             with self._responses_lock:
                 self._responses_held = False
-            self._work.set()  # A request that came meanwhile is served now.
+            if self.dimse.msg_queue.qsize():
+                self._work.set()  # A message that came meanwhile (not woken for) is served now.
 
     def _paused_by_sender(self) -> None:
         """A thread cleared the reactor's checkpoint (pynetdicom's send_*() pause the

@@ -8,15 +8,23 @@ A message has the four parts of the A.5 schema: EventIdentification (EventID, ac
 time, outcome, type codes), ActiveParticipant (the AE or certificate, its address, and
 this node), AuditSourceIdentification (this node) and ParticipantObjectIdentification
 (the patient, the studies, the query).
+
+The file does not grow without end: once it holds `segment_bytes` it is closed, renamed
+`audit-<UTC time>.jsonl` beside it (the time it was closed) and gzip-compressed in the
+background (`zcat`/`zgrep` read it; the JSON lines compress ~30x), and a new file is
+started. `read` goes through the closed segments, oldest first, then the open file.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import gzip
 import json
 import logging
 import os
+import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.jsonl"
+SEGMENT_BYTES = 16 * 1024 * 1024  # config.py's audit_log_segment_bytes default
+_SEGMENT_TIME = re.compile(r"-\d{8}T\d{12}Z\d*$")  # audit-20261207T040628123456Z (a serial after Z if two share a time)
 
 # EventID codes (DCM, PS3.16 CID 400) and their meaning.
 EVENTS = {
@@ -120,11 +130,13 @@ class Subject:
 
 
 class AuditLog:
-    """Appends audit messages to one file (thread-safe; one line, written, per message)."""
+    """Appends audit messages to one file (thread-safe; one line, written, per message),
+    starting a new file every `segment_bytes` (0: never) and compressing the closed one."""
 
-    def __init__(self, path: Path | None, source_id: str) -> None:
+    def __init__(self, path: Path | None, source_id: str, *, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.path = path
         self.source_id = source_id
+        self.segment_bytes = segment_bytes
         # Held only around Python bookkeeping, never across the write itself: a lock held
         # through a syscall is held until its thread gets the GIL back, and with many
         # storing threads that made every audited instance wait in line (STOW-RS ran at
@@ -132,15 +144,24 @@ class AuditLog:
         self._state = threading.Condition()
         self._fd: int | None = None
         self._writers = 0  # write_line calls between taking the descriptor and writing.
+        self._size = 0  # Bytes in the open file.
+        self._rotating = False
         self.written = 0
         self.failed = 0
+        self.segments_closed = 0
         self.forward: Callable[[str], None] | None = None  # A syslog receiver too (node/audit_syslog.py).
+        self._compressor: _SegmentCompressor | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             # O_APPEND: each message is one write() at the end of the file, whole, whatever
-            # other threads (or processes) append at the same time; unbuffered, so a line is
-            # in the file once write_line returns.
+            # other threads append at the same time; unbuffered, so a line is in the file
+            # once write_line returns.
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            self._size = os.fstat(self._fd).st_size
+            self._compressor = _SegmentCompressor()
+            # Segments closed but not compressed when the node last stopped (or died).
+            for segment in _uncompressed_segments(path):
+                self._compressor.submit(segment)
 
     @property
     def enabled(self) -> bool:
@@ -177,15 +198,19 @@ class AuditLog:
         if self.forward is not None:
             self.forward(line)
         with self._state:
+            if self._rotating:
+                self._state.wait_for(lambda: not self._rotating)
             fd = self._fd
             if fd is None:
                 return
-            self._writers += 1  # close() waits for this write before it closes fd.
+            self._writers += 1  # close() and _rotate() wait for this write before closing fd.
         failure: OSError | ValueError | None = None
+        data = b""
         try:
             data = line.encode("utf-8")
-            while data:
-                data = data[os.write(fd, data):]
+            rest = data
+            while rest:
+                rest = rest[os.write(fd, rest):]
         except (OSError, ValueError) as error:  # ValueError: a line that is not valid Unicode.
             failure = error
         finally:
@@ -193,18 +218,175 @@ class AuditLog:
                 self._writers -= 1
                 if failure is None:
                     self.written += 1
+                    self._size += len(data)
                 else:
                     self.failed += 1
+                rotate = (failure is None and self.segment_bytes > 0 and self._size >= self.segment_bytes
+                          and not self._rotating and self._fd is not None)
+                if rotate:
+                    self._rotating = True
                 self._state.notify_all()
         if failure is not None:
             log.error("audit.write_failed error=%s", failure)
+        if rotate:
+            self._rotate()
 
-    def close(self) -> None:
+    def _rotate(self) -> None:
+        """Close the full file as a segment and open a new one. Writers wait meanwhile (a
+        rename and an open: well under a millisecond), so no line goes to neither file."""
+        assert self.path is not None
+        segment: Path | None = None
+        try:
+            with self._state:
+                self._state.wait_for(lambda: self._writers == 0)
+                fd = self._fd
+                if fd is None:
+                    return  # Closed meanwhile.
+                segment = _segment_path(self.path)
+                try:
+                    os.rename(self.path, segment)
+                    try:
+                        new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                    except OSError:
+                        os.rename(segment, self.path)  # Back to the one file we can write.
+                        raise
+                except OSError as error:
+                    # Keep appending to the file we have; try again a segment's bytes later.
+                    log.error("audit.rotate_failed error=%s", error)
+                    segment = None
+                    self._size = 0
+                    return
+                self._fd, self._size = new_fd, 0
+                self.segments_closed += 1
+                os.close(fd)
+        finally:
+            with self._state:
+                self._rotating = False
+                self._state.notify_all()
+        if segment is not None and self._compressor is not None:
+            log.info("audit.segment.closed file=%s", segment.name)
+            self._compressor.submit(segment)
+
+    def close(self, compress_wait_s: float = 10.0) -> None:
         with self._state:
             fd, self._fd = self._fd, None
-            self._state.wait_for(lambda: self._writers == 0)
+            self._state.wait_for(lambda: self._writers == 0 and not self._rotating)
         if fd is not None:
             os.close(fd)
+        if self._compressor is not None:
+            # A segment left uncompressed is compressed at the next start.
+            self._compressor.close(compress_wait_s)
+
+
+def _segment_path(path: Path) -> Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    candidate = path.with_name(f"{path.stem}-{stamp}{path.suffix}")
+    serial = 0
+    while candidate.exists() or candidate.with_name(candidate.name + ".gz").exists():
+        serial += 1  # Two rotations within one microsecond (a clock step back): never overwrite.
+        candidate = path.with_name(f"{path.stem}-{stamp}{serial}{path.suffix}")
+    return candidate
+
+
+def segments(path: Path) -> list[Path]:
+    """The closed segments of the audit file at `path`, oldest first: `STEM-<time>SUFFIX`,
+    compressed (`.gz`) or not yet; a segment both compressed and not (a crash between the
+    compressed file's rename and the plain one's removal) is listed once, compressed."""
+    found: dict[str, Path] = {}
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        plain = name[:-3] if name.endswith(".gz") else name
+        if not (plain.startswith(path.stem + "-") and plain.endswith(path.suffix)):
+            continue
+        middle = plain[:len(plain) - len(path.suffix)] if path.suffix else plain
+        if not _SEGMENT_TIME.search(middle) or not middle.startswith(path.stem + "-"):
+            continue
+        if name.endswith(".gz") or plain not in found:
+            found[plain] = path.parent / name
+    return [found[key] for key in sorted(found)]
+
+
+def _uncompressed_segments(path: Path) -> list[Path]:
+    """Plain segments a crash left (compressed or not yet), after removing half-written
+    compressed files (`.gz.tmp`)."""
+    left: list[Path] = []
+    for name in sorted(os.listdir(path.parent)):
+        if not name.startswith(path.stem + "-"):
+            continue
+        if name.endswith(".gz.tmp"):
+            (path.parent / name).unlink(missing_ok=True)
+        elif name.endswith(path.suffix) and _SEGMENT_TIME.search(name[:len(name) - len(path.suffix)]):
+            left.append(path.parent / name)
+    return left
+
+
+def segment_closed_at(segment: Path) -> datetime.datetime:
+    """When a segment was closed (from its name): every message in it is older."""
+    plain = segment.name[:-3] if segment.name.endswith(".gz") else segment.name
+    stamp = plain.rpartition("-")[2][:22]  # 20261207T040628123456Z
+    return datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=datetime.timezone.utc)
+
+
+class _SegmentCompressor:
+    """One background thread that gzips closed segments: FILE -> FILE.gz.tmp (fsync) ->
+    FILE.gz (rename, directory fsync) -> FILE removed. A crash at any step leaves every
+    line readable, in the plain file or the complete .gz; the next start finishes it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, segment: Path) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-compress", daemon=True)
+                self._thread.start()
+        self._queue.put(segment)
+
+    def close(self, wait_s: float) -> None:
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(None)
+        thread.join(wait_s)
+
+    def _run(self) -> None:
+        while True:
+            segment = self._queue.get()
+            if segment is None:
+                return
+            try:
+                compress_segment(segment)
+            except OSError as error:
+                log.error("audit.compress_failed file=%s error=%s", segment.name, error)
+
+
+def compress_segment(segment: Path) -> Path:
+    """gzip one closed segment in place (see _SegmentCompressor); returns the .gz path."""
+    target = segment.with_name(segment.name + ".gz")
+    if target.exists():
+        segment.unlink(missing_ok=True)  # Compressed before a crash; only the removal was left.
+        return target
+    temp = segment.with_name(segment.name + ".gz.tmp")
+    with open(segment, "rb") as source, open(temp, "wb") as raw:
+        with gzip.GzipFile(filename=segment.name, mode="wb", fileobj=raw, compresslevel=6) as packed:
+            while chunk := source.read(1024 * 1024):
+                packed.write(chunk)
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.rename(temp, target)
+    directory = os.open(segment.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    segment.unlink()
+    return target
 
 
 # --------------------------------------------------------------------------- reading
@@ -223,8 +405,23 @@ def parse_since(text: str, now: datetime.datetime | None = None) -> datetime.dat
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
-def read(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
+def read(path: Path, since: datetime.datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Every message of the audit trail at `path`: its closed segments (`segments`), oldest
+    first, then the file itself; with `since`, segments closed before it are skipped (all
+    their messages are older). A path that is itself a segment (plain or .gz) is read alone."""
+    if path.name.endswith(".gz") or _SEGMENT_TIME.search(path.stem):
+        yield from _read_file(path)
+        return
+    for segment in segments(path):
+        if since is None or segment_closed_at(segment) >= since:
+            yield from _read_file(segment)
+    if path.exists() or not segments(path):
+        yield from _read_file(path)
+
+
+def _read_file(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for line in handle:
             line = line.strip()
             if not line:

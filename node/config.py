@@ -175,6 +175,9 @@ class NodeConfig:
     known_aes: tuple[KnownAe, ...] = setting((), "Known AEs: AET[@HOST,...][=SERVICE,...] with services echo, store, "
                                              "find, get, move and move-to:AET (repeat --known-ae).")
     audit_log: str = setting("", "Audit trail file (PS3.15 A.5 JSON lines); empty: DATA_DIR/audit.jsonl; off: none.")
+    audit_log_segment_bytes: int = setting(16 * 1024 * 1024, "The audit file is closed at this size, renamed "
+                                           "audit-<UTC time>.jsonl and gzip-compressed beside it (`pacsnode audit` "
+                                           "reads them all, zcat one); 0: one file that grows without end.")
     audit_syslog: str = setting("", "Also send the audit trail to this RFC 5424 syslog receiver over TLS (RFC 5425), "
                                     "HOST:PORT; its certificate must be of the cluster CA and name HOST. Needs tls_dir. "
                                     "Empty: off.")
@@ -248,7 +251,7 @@ class NodeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("dicom_workers", "disk_free_bytes_min", "malloc_trim_threshold_bytes", "find_result_max", "repair_bytes_per_second_max",
-                     "dead_grace_s", "read_fault_window_ms"):
+                     "dead_grace_s", "read_fault_window_ms", "audit_log_segment_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dimse_timeout_s", "acse_timeout_s", "network_timeout_s", "move_connect_timeout_s",

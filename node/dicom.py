@@ -696,16 +696,24 @@ class RetrieveReadAhead:
             self._submit(locations, index)
 
     def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
+        """Each instance as a StoredDataset. The reads of the next `window` instances are
+        started once its C-STORE request has gone out (StoredDataset.sent), so that they
+        run while the sender waits for the peer's response; an instance whose read was
+        not started by then (the one before it was never sent) is read when its turn comes."""
         for index, location in enumerate(locations):
-            for ahead in range(index, index + self._window + 1):
-                self._submit(locations, ahead)
+            self._submit(locations, index)
             future = self._futures.pop(index)
             yield raw_send.StoredDataset(
                 sop_class_uid=location.sop_class_uid,
                 sop_instance_uid=location.sop_instance_uid,
                 transfer_syntax_uid=location.transfer_syntax_uid,
                 load=lambda future=future, location=location: self._take(future, location),  # type: ignore[misc]
+                sent=lambda index=index: self._submit_ahead(locations, index),  # type: ignore[misc]
             )
+
+    def _submit_ahead(self, locations: list[InstanceLocation], index: int) -> None:
+        for ahead in range(index + 1, index + self._window + 1):
+            self._submit(locations, ahead)
 
     def _take(self, future: "concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]",
               location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:

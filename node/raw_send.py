@@ -56,6 +56,7 @@ class StoredDataset(Dataset):
         sop_instance_uid: str,
         transfer_syntax_uid: str,
         load: Callable[[], tuple["bytes | Part10Stream", int]],
+        sent: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         # Set with object.__setattr__: Dataset would treat these as DICOM elements.
@@ -63,6 +64,7 @@ class StoredDataset(Dataset):
         object.__setattr__(self, "_pacsnode_sop_instance_uid", sop_instance_uid)
         object.__setattr__(self, "_pacsnode_transfer_syntax", transfer_syntax_uid)
         object.__setattr__(self, "_pacsnode_load", load)
+        object.__setattr__(self, "_pacsnode_sent", sent)
 
     def __bool__(self) -> bool:
         """True, holding no elements: pynetdicom's retrieve loops send a yielded data set
@@ -87,6 +89,15 @@ class StoredDataset(Dataset):
         loader = object.__getattribute__(self, "_pacsnode_load")
         result: tuple[bytes | Part10Stream, int] = loader()
         return result
+
+    def sent(self) -> None:
+        """The C-STORE request has been handed to the association (written, or queued to be);
+        its response is awaited next. The read-ahead (node/dicom.py) starts the next reads
+        here: run while the sender waits for the peer, not on the way from one response to
+        the next request, where a reader thread taking the GIL delayed the sender."""
+        callback = object.__getattribute__(self, "_pacsnode_sent")
+        if callback is not None:
+            callback()
 
 
 def send_c_store_or_stored(
@@ -177,7 +188,7 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
     request.AffectedSOPClassUID = sop_class
     request.AffectedSOPInstanceUID = sop_instance
     request.DataSet = _DatasetView(payload)
-    response = _exchange(assoc, request, context_id)
+    response = _exchange(assoc, request, context_id, stored.sent)
     if response is None:
         reason = _no_response(assoc, sop_instance)
         # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
@@ -185,13 +196,15 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
     return assoc._check_received_status(response)
 
 
-def _exchange(assoc: Association, request: C_STORE, context_id: int) -> Any:
-    """Send the request and wait for its response (None if none came), keeping the
-    association's reactor from taking the response off the DIMSE queue meanwhile."""
+def _exchange(assoc: Association, request: C_STORE, context_id: int, sent: Callable[[], None]) -> Any:
+    """Send the request, call `sent`, and wait for its response (None if none came),
+    keeping the association's reactor from taking the response off the DIMSE queue
+    meanwhile."""
     if threading.current_thread() is assoc:
         # C-GET sub-operations: we run on the reactor's own thread, inside its handler;
         # nothing else reads the queue.
         assoc.dimse.send_msg(request, context_id)
+        sent()
         return assoc.dimse.get_msg(block=True)[1]
     held = getattr(assoc, "responses_held", None)
     if held is not None:
@@ -199,6 +212,7 @@ def _exchange(assoc: Association, request: C_STORE, context_id: int) -> Any:
         # queue check, no pause handshake (C-MOVE sub-operations).
         with held():
             assoc.dimse.send_msg(request, context_id)
+            sent()
             return assoc.dimse.get_msg(block=True)[1]
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
     # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
@@ -215,6 +229,7 @@ def _exchange(assoc: Association, request: C_STORE, context_id: int) -> Any:
         time.sleep(0.0001)
     try:
         assoc.dimse.send_msg(request, context_id)
+        sent()
         return assoc.dimse.get_msg(block=True)[1]
     finally:
         assoc._reactor_checkpoint.set()

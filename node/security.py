@@ -31,7 +31,8 @@ class NodeSecurity:
             raise ConfigError(f"tls_dir: {error}") from None
         if self.files is not None and not tls.key_file_private(self.files.key_path):
             raise ConfigError(f"{self.files.key_path} is readable by others: chmod 600 it")
-        self.audit = AuditLog(self.audit_path(config), config.node_id)
+        self.audit = AuditLog(self.audit_path(config), config.node_id,
+                              segment_bytes=config.audit_log_segment_bytes)
         self.syslog: AuditSyslog | None = None
         if config.audit_syslog and self.files is not None:
             host, port = parse_target(config.audit_syslog)

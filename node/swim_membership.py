@@ -291,6 +291,38 @@ class SwimMembership:
     def statistics(self) -> SwimStatistics:
         return self.swim.statistics()
 
+    def metrics(self) -> dict[str, float]:
+        """The membership figures of Node.metrics() (Admin Metrics and /metrics, renamed by
+        node/metrics.py: `pacsnode.membership.probes_count` is `pacsnode_membership_probes_total`)."""
+        swim = self.swim.statistics()
+        counters = self.counters
+        metrics: dict[str, float] = {f"pacsnode.ring.members_{state}_count": count
+                                     for state, count in swim.members_by_state.items()}
+        metrics.update({
+            "pacsnode.membership.probes_count": swim.probes_sent,
+            "pacsnode.membership.probe_failures_count": swim.probe_failures,
+            "pacsnode.membership.indirect_probes_count": swim.indirect_probes_sent,
+            "pacsnode.membership.suspicions_raised_count": swim.suspicions_raised,
+            "pacsnode.membership.suspicions_refuted_count": swim.suspicions_refuted,
+            "pacsnode.membership.deaths_declared_count": swim.deaths_declared,
+            "pacsnode.membership.removals_count": swim.removals,
+            "pacsnode.membership.removals_blocked_count": swim.removals_blocked,
+            "pacsnode.membership.removal_graces_restarted_count": swim.removal_graces_restarted,
+            # Pings for our id left unanswered because they were meant for a newer boot of it
+            # (a wiped node back before the cluster held that boot dead).
+            "pacsnode.membership.pings_for_a_newer_boot_count": swim.pings_for_a_newer_boot,
+            "pacsnode.membership.awareness_count": swim.awareness,
+            "pacsnode.membership.broadcast_queue_depth_count": swim.broadcast_queue_depth,
+            "pacsnode.membership.sent_bytes": sum(swim.bytes_sent.values()),
+            "pacsnode.membership.sends_failed_count": counters.sends_failed,
+            "pacsnode.membership.updates_ignored_count": counters.updates_ignored,
+            "pacsnode.membership.rejoins_count": counters.rejoins,
+            # Transitions of other members (read_fault_window_ms runs from the last one).
+            "pacsnode.membership.transitions_count": self.trouble.transitions,
+            "pacsnode.membership.incarnation_count": self.incarnation,
+        })
+        return metrics
+
     # ----------------------------------------------------------------- operations
     def update_self(self, **changes: Any) -> MemberInfo:
         """Change our own identity (the peer port once it is bound). Only before start()."""

@@ -575,6 +575,7 @@ class _Probe:
     indirect_sent: bool = False
     expected_nacks: int = 0
     nacks: int = 0
+    generation: int = 0  # The boot probed: a failed round accuses that boot only.
 
 
 @dataclass(slots=True)
@@ -697,6 +698,7 @@ class Swim:
         # and our join refused, for good; silent, that boot is suspected and then dead, and
         # the next refusal carries its record (dead_boot_generation).
         self.newer_boot_held = 0
+        self._newer_boot_judged: MemberUpdate | None = None  # The last such record verified.
         # Timers start at random phases so that nodes started together do not beat in step.
         self._next_probe_ms = now_ms + rng.randrange(config.probe_interval_ms)
         self._next_gossip_ms = now_ms + rng.randrange(config.gossip_interval_ms)
@@ -994,6 +996,7 @@ class Swim:
                     for update in message.members:
                         if update.node_id != self.self_id or update.generation <= self.generation:
                             continue
+                        self._newer_boot_judged = update
                         # A newer boot of our id: checked as every peer's record is (signed by
                         # whoever set it), acted on only when it verifies.
                         if not self._verify(update):
@@ -1038,8 +1041,10 @@ class Swim:
         if target is None:
             return []
         self._sequence_number += 1
+        record = self._records.get(target)
         self._probe = _Probe(target, self._sequence_number, timeout_ms=now_ms + self.config.probe_timeout_ms * scale,
-                             deadline_ms=now_ms + self.config.probe_interval_ms * scale)
+                             deadline_ms=now_ms + self.config.probe_interval_ms * scale,
+                             generation=record.generation if record is not None else 0)
         self._counts["probes_sent"] += 1
         return [self._send(target, Ping(self._sequence_number, target, self._piggyback(target)))]
 
@@ -1082,6 +1087,11 @@ class Swim:
         current = self._records.get(probe.target_id)
         if current is None or current.state not in REACHABLE:
             return []  # It died or left meanwhile: nothing learned about us or it.
+        if current.generation != probe.generation:
+            # A new boot of it joined meanwhile (a restart, or a wiped node joining above the
+            # boot it replaced, which left the pings for that boot unanswered): the round
+            # said nothing about this boot.
+            return []
         self._counts["probe_failures"] += 1
         if probe.expected_nacks > 0:
             self._adjust_awareness(probe.expected_nacks - probe.nacks)
@@ -1283,7 +1293,19 @@ class Swim:
     def _apply_about_self(self, now_ms: int, update: MemberUpdate) -> bool:
         me = self.me
         if update.generation != me.generation:
-            return False  # An older boot of ours is history; a newer one is not ours to judge.
+            # An older boot of ours is history; a newer one is not ours to judge, except that
+            # one no longer running, heard before a seed accepted us: the gossip the cluster
+            # still sends a dead member (gossip_to_dead_ms) reaches us at that boot's address
+            # (our data dir lost the generation count). We join above it at once, as from a
+            # refusal carrying its record, instead of at the next join retry.
+            if (update.generation > max(me.generation, self.dead_boot_generation) and not self._joined
+                    and self._next_join_ms is not None and update.state not in REACHABLE
+                    and update != self._newer_boot_judged):
+                self._newer_boot_judged = update  # Verified once (a join refusal's record comes here too).
+                if self._verify(update):
+                    self.dead_boot_record = DeadBootRecord.TAKEN
+                    self.dead_boot_generation = update.generation
+            return False
         if me.state in TERMINAL:
             if update.state in TERMINAL and newer(update, me) and self._verify(update):
                 self._set_record(now_ms, update)

@@ -412,6 +412,33 @@ def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> N
         assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
 
 
+def test_a_held_response_does_not_wake_the_reactor() -> None:
+    """issue 10: a response put on the DIMSE queue while a sender holds responses does not
+    wake the reactor (it woke, took the GIL and slept again once per C-MOVE sub-operation,
+    between the response and the next request); the hold's end wakes it only when a
+    message is left for it."""
+    with _requested_association() as assoc:
+        wakes: list[int] = []
+
+        class _CountingEvent(threading.Event):
+            def set(self) -> None:
+                wakes.append(1)
+                super().set()
+
+        assoc._work = _CountingEvent()
+        with assoc.responses_held():
+            assoc.dimse.msg_queue.put((1, _store_response()))
+            assert assoc.dimse.get_msg(block=False)[0] == 1  # The sender takes its response.
+        assert wakes == []
+        with assoc.responses_held():
+            assoc.dimse.msg_queue.put((1, _store_response()))  # Left when the hold ends.
+        assert wakes == [1]
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # The reactor, woken, reads it.
+
+
 def test_a_reactor_released_by_an_earlier_set_leaves_a_paused_senders_response() -> None:
     """pynetdicom's send_*() clear the reactor's checkpoint and poll `_is_paused`, which can
     still be True from the reactor's previous pause while the checkpoint's last set() has

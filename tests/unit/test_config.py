@@ -116,6 +116,7 @@ access_mode = "strict"
 loopback_trusted = false
 known_aes = ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
 audit_log = "/var/log/pacsnode-audit.jsonl"
+audit_log_segment_bytes = 1048576
 audit_syslog = "syslog.hospital.example:6514"
 http_host = "127.0.0.3"
 http_port = 8080
@@ -176,7 +177,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.http_tls_client_cert == "required"
     assert (config.access_mode, config.loopback_trusted) == ("strict", False)
     assert [str(k) for k in config.known_aes] == ["VIEWER@10.0.0.5=echo,find,move,move-to:WS2"]
-    assert config.audit_log == "/var/log/pacsnode-audit.jsonl"
+    assert config.audit_log == "/var/log/pacsnode-audit.jsonl" and config.audit_log_segment_bytes == 1_048_576
     assert config.site_replicas == (("campus-a", 1), ("campus-b", 2))
     assert str(config.replication) == "campus-a=1,campus-b=2"
     assert config.write_quorum_scope == "global" and not config.write_scope_local

@@ -111,3 +111,34 @@ def test_a_copy_that_carries_its_metadata_keeps_it_without_reading_the_header(
     finally:
         entry.close()
         replica.close()
+
+
+def _location(instance: Instance) -> InstanceLocation:
+    return InstanceLocation(study_instance_uid=instance.study_instance_uid,
+                            series_instance_uid=instance.series_instance_uid,
+                            sop_instance_uid=instance.sop_instance_uid, sop_class_uid=instance.sop_class_uid,
+                            transfer_syntax_uid=instance.transfer_syntax_uid)
+
+
+def test_the_node_keeps_metadata_at_ingest_for_big_instances_and_builds_small_ones_when_asked(
+        tmp_path: Path, make_instance: Callable[[bytes], Instance]) -> None:
+    """node/server.py's policy: a ~2.4 KB entry is kept as a CT slice is stored, but for a
+    small image (more than its own compressed copy) it waits for the first /metadata."""
+    from pacsnode.node.server import METADATA_AT_INGEST_BLOB_BYTES_MIN, metadata_at_ingest
+
+    spec = StudySetSpec(patients=1, series_per_study=1, instances_per_series=1, rows=256, cols=256,
+                        modalities=("CT",), seed=33)
+    big = make_instance(next(iter(iter_part10(spec)))[1])
+    small = make_instance(_part10(str(ExplicitVRLittleEndian)))
+    assert len(to_stored(big).blob) >= METADATA_AT_INGEST_BLOB_BYTES_MIN > len(to_stored(small).blob)
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, header_of=metadata_at_ingest)
+    try:
+        store.put_instance(big)
+        store.put_instance(small)
+        assert _kept(store, big) == _reference(store, big)
+        assert _kept(store, small) is None
+        built = StoreHeaders(store).header(_location(small))
+        assert built is not None and built == _reference(store, small)
+        assert _kept(store, small) == built  # Kept from the first request on.
+    finally:
+        store.close()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from typing import Iterator
 
 from pacsnode.node import spool
 from pacsnode.node.dicom import RetrieveReadAhead
+from pacsnode.node.raw_send import StoredDataset
 from pacsnode.replication.archive import InstanceLocation
 
 
@@ -32,19 +34,38 @@ class _Reads:
         return location.sop_instance_uid.encode().ljust(self.size, b"\x00"), 4
 
 
+def _send_all(stored: Iterator[StoredDataset]) -> list[tuple[bytes, int]]:
+    """Each instance's bytes, as a sender takes them: load, then `sent` once its request is out."""
+    loaded = []
+    for dataset in stored:
+        loaded.append(dataset.load())
+        dataset.sent()
+    return loaded  # type: ignore[return-value]
+
+
+def _wait_started(reads: _Reads, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(reads.started) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_reads_run_ahead_on_the_pool_and_bytes_pass_unchanged() -> None:
+    """The reads ahead start once an instance's request has gone out (`sent`), to run
+    while the sender waits for its response."""
     reads = _Reads()
     budget = spool.InflightBudget(10_000)
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="reader") as pool:
         ahead = RetrieveReadAhead(pool, reads, budget, window=2)
         stored = ahead.stored(_locations(5))
         first = next(stored)
-        deadline = time.monotonic() + 5
-        while len(reads.started) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert reads.started[:3] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]  # Two ahead of the first.
+        _wait_started(reads, 1)
+        time.sleep(0.05)
+        assert reads.started == ["1.2.3.0"]  # Nothing read ahead before the first is sent.
         assert first.load() == (b"1.2.3.0".ljust(100, b"\x00"), 4)
-        rest = [dataset.load() for dataset in stored]
+        first.sent()
+        _wait_started(reads, 3)
+        assert reads.started[:3] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]  # Two ahead of the first.
+        rest = _send_all(stored)
         assert [part10.rstrip(b"\x00") for part10, _ in rest] == [f"1.2.3.{i}".encode() for i in range(1, 5)]
         ahead.close()
     assert all(name.startswith("reader") for name in reads.threads)
@@ -56,7 +77,7 @@ def test_a_spent_budget_reads_again_when_the_instance_is_sent() -> None:
     budget = spool.InflightBudget(1000)  # One read-ahead result fits, not two.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         ahead = RetrieveReadAhead(pool, reads, budget, window=2)
-        loaded = [dataset.load() for dataset in ahead.stored(_locations(4))]
+        loaded = _send_all(ahead.stored(_locations(4)))
         ahead.close()
     assert [part10.rstrip(b"\x00") for part10, _ in loaded] == [f"1.2.3.{i}".encode() for i in range(4)]
     assert len(reads.started) > 4  # Some were dropped and read again.
@@ -89,7 +110,7 @@ def test_prefetch_reads_the_first_instances_before_the_first_step_and_only_once(
         while len(reads.started) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert sorted(reads.started) == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]  # Nothing iterated yet.
-        loaded = [dataset.load() for dataset in ahead.stored(locations)]
+        loaded = _send_all(ahead.stored(locations))
         ahead.close()
     assert [part10.rstrip(b"\x00") for part10, _ in loaded] == [f"1.2.3.{i}".encode() for i in range(5)]
     assert sorted(reads.started) == [f"1.2.3.{i}" for i in range(5)]  # Each read once.
