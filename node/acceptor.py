@@ -32,8 +32,10 @@ What pynetdicom 3.0.4 does and what the subclasses change:
   C-MOVE sub-association's) often took 10 ms more. Here kill waits on the DUL.
 - Its senders of a request on another thread than the reactor's (C-MOVE sub-operations)
   pause the reactor with a 0.1 ms poll; here they hold responses (responses_held), a
-  flag the reactor reads with its queue check. Pending C-GET/C-MOVE responses, like
-  C-STORE responses, are encoded here as one PDU each.
+  flag the reactor reads with its queue check (and a message put meanwhile does not
+  wake it). Pending C-GET/C-MOVE responses, like C-STORE responses, are encoded here as
+  one PDU each; a C-MOVE's after its first go out once the next sub-operation's request
+  is out (AcceptorDIMSE._send_pending_retrieve_response).
 - It sends a data set as one P-DATA primitive per fragment, each through its queue, state
   machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
   C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
