@@ -32,8 +32,10 @@ What pynetdicom 3.0.4 does and what the subclasses change:
   C-MOVE sub-association's) often took 10 ms more. Here kill waits on the DUL.
 - Its senders of a request on another thread than the reactor's (C-MOVE sub-operations)
   pause the reactor with a 0.1 ms poll; here they hold responses (responses_held), a
-  flag the reactor reads with its queue check. Pending C-GET/C-MOVE responses, like
-  C-STORE responses, are encoded here as one PDU each.
+  flag the reactor reads with its queue check (and a message put meanwhile does not
+  wake it). Pending C-GET/C-MOVE responses, like C-STORE responses, are encoded here as
+  one PDU each; a C-MOVE's after its first go out once the next sub-operation's request
+  is out (AcceptorDIMSE._send_pending_retrieve_response).
 - It sends a data set as one P-DATA primitive per fragment, each through its queue, state
   machine, PDU objects and notifications (32 rounds for a CT slice to a 16 KB peer). A
   C-STORE of stored bytes (C-GET/C-MOVE sub-operations) goes out here as encoded PDUs
@@ -848,6 +850,12 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self.msg_queue = _WakingQueue(assoc.wake_for_message)
         self._spool: SpoolSettings | None = getattr(assoc.ae, "spool", None)
+        # A Pending C-MOVE-RSP held back until the next sub-operation's request is out
+        # (see _send_pending_retrieve_response): (PDU, message id responded, status, hook).
+        self._deferred: tuple[pdata.EncodedPData, int, int, StoreResponseHook | None] | None = None
+        self._deferred_lock = threading.Lock()
+        # The C-MOVE whose first Pending response went out (that one is never held back).
+        self._move_pending_sent_for: int | None = None
 
     def _new_message(self) -> DIMSEMessage:
         message = DIMSEMessage()
@@ -878,6 +886,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             buffer.close()
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        self.flush_deferred()  # A held-back Pending response goes before anything sent after it.
         assoc = cast("AcceptorAssociation", self.assoc)
         if assoc.retrieve_refused and isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status is not None \
                 and primitive.Status not in (0xFF00, 0xFF01):
@@ -904,6 +913,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
                 primitive.NumberOfCompletedSuboperations = 0
                 # pynetdicom 3.0.4 initialises ErrorComment to None without a declared type.
                 primitive.ErrorComment = f"move destination {ae_title} did not accept an association"[:64]  # type: ignore[assignment]
+        if isinstance(primitive, C_MOVE) and primitive.Status not in _PENDING_STATUSES:
+            self._move_pending_sent_for = None  # The C-MOVE ends with this response.
         if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None \
                 and self._send_store_response(primitive, context_id):
             return
@@ -920,13 +931,20 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if payload is None:
             super().send_msg(primitive, context_id)
             return
-        # A C-STORE of stored bytes (C-GET/C-MOVE sub-operations): the command set and the
-        # data set as whole encoded PDUs (node/pdata.py), written by the DUL thread in
-        # batches. EVT_DIMSE_SENT is not triggered for this request: the node's only
-        # handler (node/metrics.py) counts responses, and building the pydicom message
-        # for it was most of the command's cost.
+        self.send_store_request(raw_send.StoreRequest(
+            int(primitive.MessageID), int(primitive.Priority), str(primitive.AffectedSOPClassUID),
+            str(primitive.AffectedSOPInstanceUID), primitive.MoveOriginatorApplicationEntityTitle,
+            primitive.MoveOriginatorMessageID), context_id, payload)
+
+    def send_store_request(self, request: raw_send.StoreRequest, context_id: int, payload: Any) -> None:
+        """A C-STORE of stored bytes (C-GET/C-MOVE sub-operations; node/raw_send.py, which
+        gives the request's fields, checked, without a pynetdicom primitive): the command
+        set and the data set as whole encoded PDUs (node/pdata.py), written in batches.
+        EVT_DIMSE_SENT is not triggered for this request: the node's only handler
+        (node/metrics.py) counts responses, and building the pydicom message for it was
+        most of the command's cost."""
         try:
-            self._send_stored(primitive, context_id, payload)
+            self._send_stored(request, context_id, payload)
         except CorruptBlob as error:
             # A blob file streamed as it is sent (node/blob_files.py) failed its checksum
             # part way: the peer must not take what was sent for the instance. Abort.
@@ -958,11 +976,23 @@ class AcceptorDIMSE(DIMSEServiceProvider):
                 or message_id is None or primitive.Identifier is not None:
             return False
         field = pdata.C_GET_RSP_FIELD if isinstance(primitive, C_GET) else pdata.C_MOVE_RSP_FIELD
+        # A C-MOVE's Pending responses after its first are held back until the next
+        # sub-operation's C-STORE request has gone out to the destination (flush_deferred,
+        # called by node/raw_send.py's sender; by any later send here; before a wait on a
+        # read, node/dicom.py): written while the destination stores the instance, not on
+        # the way from its previous response to that request (the write, and the requestor's
+        # wake-up on a 2-core machine). Only on this association's own thread (pynetdicom's
+        # retrieve loop). The first goes out at once (the requestor's time to the first).
+        defer = isinstance(primitive, C_MOVE) and threading.current_thread() is self.assoc \
+            and self._move_pending_sent_for == int(message_id)
+        if isinstance(primitive, C_MOVE):
+            self._move_pending_sent_for = int(message_id)
         return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.retrieve_response_pdu(
             context_id, self.maximum_pdu_size, command_field=field, message_id_responded=int(message_id),
             status=int(status), sop_class_uid=primitive.AffectedSOPClassUID,
             remaining=primitive.NumberOfRemainingSuboperations, completed=primitive.NumberOfCompletedSuboperations,
-            failed=primitive.NumberOfFailedSuboperations, warning=primitive.NumberOfWarningSuboperations))
+            failed=primitive.NumberOfFailedSuboperations, warning=primitive.NumberOfWarningSuboperations),
+            defer=defer)
 
     def _send_echo_response(self, primitive: C_ECHO, context_id: int) -> bool:
         """Send a plain C-ECHO-RSP as one encoded PDU: through pynetdicom's message, its
@@ -989,11 +1019,13 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()))
 
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
-                               encode: Callable[[], "bytes | pdata.EncodedPData | None"]) -> bool:
-        """Queue a response that `encode` made as one PDU, behind what is queued already.
-        EVT_DIMSE_SENT is not triggered for it, so this is done only when the one handler
-        bound to that event is the AE's StoreResponseHook, which is told directly; False
-        (nothing sent) otherwise, or when the PDU would not fit the peer's maximum."""
+                               encode: Callable[[], "bytes | pdata.EncodedPData | None"], defer: bool = False) -> bool:
+        """Queue a response that `encode` made as one PDU, behind what is queued already
+        (with `defer`: held back until flush_deferred, a response held back before it sent
+        first). EVT_DIMSE_SENT is not triggered for it, so this is done only when the one
+        handler bound to that event is the AE's StoreResponseHook, which is told directly
+        (when it goes out); False (nothing sent) otherwise, or when the PDU would not fit
+        the peer's maximum."""
         hook: StoreResponseHook | None = getattr(self.assoc.ae, "store_response_hook", None)
         handlers = cast("list[tuple[Callable[[Any], None], Any]]", self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
         if handlers and (hook is None or any(handler != hook.handler for handler, _ in handlers)):
@@ -1001,11 +1033,31 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         pdu = encode()
         if pdu is None:
             return False
-        if hook is not None and handlers:
-            hook.direct(self.assoc, message_id, status)
-        cast(AcceptorDUL, self.dul).send_encoded(pdu if isinstance(pdu, pdata.EncodedPData)
-                                                 else pdata.EncodedPData((pdu,), len(pdu), 1))
+        batch = pdu if isinstance(pdu, pdata.EncodedPData) else pdata.EncodedPData((pdu,), len(pdu), 1)
+        told = hook if hook is not None and handlers else None
+        if defer:
+            with self._deferred_lock:
+                earlier, self._deferred = self._deferred, (batch, message_id, status, told)
+            if earlier is not None:
+                self._send_encoded_now(*earlier)
+            return True
+        self._send_encoded_now(batch, message_id, status, told)
         return True
+
+    def _send_encoded_now(self, batch: pdata.EncodedPData, message_id: int, status: int,
+                          hook: StoreResponseHook | None) -> None:
+        if hook is not None:
+            hook.direct(self.assoc, message_id, status)
+        cast(AcceptorDUL, self.dul).send_encoded(batch)
+
+    def flush_deferred(self) -> None:
+        """Send the Pending response held back, if any (see _send_pending_retrieve_response)."""
+        if self._deferred is None:
+            return
+        with self._deferred_lock:
+            deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._send_encoded_now(*deferred)
 
     def _store_response(self, primitive: Any) -> tuple[int, C_STORE] | None:
         """A P-DATA that is a whole plain C-STORE-RSP (one command fragment, marked last;
@@ -1054,21 +1106,21 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return None  # pynetdicom's decoder decides what to make of it.
         return context_id, response
 
-    def _send_stored(self, primitive: Any, context_id: int, payload: Any) -> None:
+    def _send_stored(self, request: raw_send.StoreRequest, context_id: int, payload: Any) -> None:
         max_pdu_length = self.maximum_pdu_size
         dul = cast(AcceptorDUL, self.dul)
         command_pdu = pdata.store_command_pdu(
-            context_id, max_pdu_length, message_id=int(primitive.MessageID), priority=int(primitive.Priority),
-            sop_class_uid=str(primitive.AffectedSOPClassUID), sop_instance_uid=str(primitive.AffectedSOPInstanceUID),
-            move_originator_aet=primitive.MoveOriginatorApplicationEntityTitle,
-            move_originator_message_id=primitive.MoveOriginatorMessageID)
+            context_id, max_pdu_length, message_id=request.message_id, priority=request.priority,
+            sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
+            move_originator_aet=request.move_originator_aet,
+            move_originator_message_id=request.move_originator_message_id)
         if command_pdu is not None:
             for batch in pdata.with_command(command_pdu, pdata.encode_data_set(payload, context_id, max_pdu_length)):
                 dul.send_encoded(batch)
             return
         # A peer whose maximum PDU is smaller than the command: pynetdicom cuts the command.
         message = C_STORE_RQ()
-        message.primitive_to_message(primitive)  # Sets CommandDataSetType: a data set follows.
+        message.primitive_to_message(request.primitive(payload))  # CommandDataSetType: a data set follows.
         message.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         message.data_set = None
@@ -1255,6 +1307,12 @@ class AcceptorAssociation(Association):
 
     def wake(self) -> None:
         self._work.set()
+
+    def flush_deferred_responses(self) -> None:
+        """Send a Pending C-MOVE response held back on this association (AcceptorDIMSE
+        flush_deferred): node/raw_send.py calls it, on this thread, once the next
+        sub-operation's request is out; node/dicom.py before waiting on a read."""
+        cast(AcceptorDIMSE, self.dimse).flush_deferred()
 
     def wake_for_message(self) -> None:
         """A message was put on the DIMSE queue: wake the reactor, unless a sender holds
@@ -1533,6 +1591,13 @@ class RequestorAssociation(AcceptorAssociation):
     requestor polls: its DUL thread every 1 ms -- the node shortened that to 0.2 ms, ~20%
     of a core for as long as a C-MOVE waited on its destination). A StoredDataset given
     to send_c_store goes out as its stored bytes (node/raw_send.py)."""
+
+    def release(self) -> None:
+        """pynetdicom's release, after sending the Pending C-MOVE response the calling
+        thread's association holds back (the last sub-operation's: its C-MOVE releases
+        this sub-association before its final response)."""
+        raw_send.flush_deferred_responses()
+        super().release()
 
 
 @dataclass(frozen=True)

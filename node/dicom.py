@@ -718,8 +718,11 @@ class RetrieveReadAhead:
     def _take(self, future: "concurrent.futures.Future[tuple[bytes | Part10Stream, int] | None]",
               location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
         self._pending.remove(future)
+        if not future.done():
+            raw_send.flush_deferred_responses()  # A Pending C-MOVE response is not kept waiting on a read.
         result = future.result()  # Raises the read's ReadError: the sub-operation fails.
         if result is None:
+            raw_send.flush_deferred_responses()
             return self._read(location)
         self._budget.release(_held_bytes(result[0]))
         return result

@@ -19,6 +19,7 @@ sub-operation fails and the instance is listed in Failed SOP Instance UID List.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, replace
 import logging
 import socket
 import threading
@@ -98,6 +99,63 @@ class StoredDataset(Dataset):
         callback = object.__getattribute__(self, "_pacsnode_sent")
         if callback is not None:
             callback()
+
+
+_AE_TITLE_MAX = 16
+_UID_MAX = 64
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """The fields of a C-STORE-RQ for a sub-operation (PS3.7 9.3.1.1). The node's
+    associations encode its command set from these (node/acceptor.py send_store_request,
+    node/pdata.py store_command_pdu): pynetdicom's C_STORE primitive validated each UID
+    again (a regex per UID, a tenth of the sending thread's GIL time per retrieved
+    instance) for values the store gave."""
+
+    message_id: int
+    priority: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    move_originator_aet: str | None = None
+    move_originator_message_id: int | None = None
+
+    def checked(self) -> "StoreRequest":
+        """This request as pynetdicom 3.0.4's setters take it with their default
+        configuration: ValueError (the sub-operation fails, as it did in the setter) for a
+        message id out of 0-65535, a priority other than 0-2, or a UID longer than 64
+        characters (and an empty UID, which pynetdicom left out of the request); a Move Originator AE title longer than 16
+        characters, not ASCII or with a control character or backslash is left out (None),
+        as pynetdicom leaves it out."""
+        for name, number in (("MessageID", self.message_id), ("MoveOriginatorMessageID",
+                                                              self.move_originator_message_id)):
+            if number is not None and not 0 <= number <= 0xFFFF:
+                raise ValueError(f"{name} {number} is not a US value")
+        if self.priority not in (0, 1, 2):
+            raise ValueError(f"Priority {self.priority} is not 0, 1 or 2")
+        for name, uid in (("AffectedSOPClassUID", self.sop_class_uid),
+                          ("AffectedSOPInstanceUID", self.sop_instance_uid)):
+            # Empty: pynetdicom left the element out (a request no peer may accept); not
+            # ASCII: pdata's encoding raises (UnicodeEncodeError). Both fail the sub-operation.
+            if not uid or len(uid) > _UID_MAX:
+                raise ValueError(f"invalid {name} {uid!r}")
+        aet = self.move_originator_aet
+        if aet is not None and (len(aet) > _AE_TITLE_MAX or not aet.isascii() or "\\" in aet
+                                or any(ord(character) < 0x20 or ord(character) == 0x7F for character in aet)):
+            return replace(self, move_originator_aet=None)
+        return self
+
+    def primitive(self, payload: "bytes | memoryview | StreamPayload") -> C_STORE:
+        """pynetdicom's C_STORE primitive of this request (its setters validate)."""
+        request = C_STORE()
+        request.MessageID = self.message_id
+        request.Priority = self.priority
+        request.MoveOriginatorApplicationEntityTitle = self.move_originator_aet
+        request.MoveOriginatorMessageID = self.move_originator_message_id
+        request.AffectedSOPClassUID = self.sop_class_uid
+        request.AffectedSOPInstanceUID = self.sop_instance_uid
+        request.DataSet = _DatasetView(payload)
+        return request
 
 
 def send_c_store_or_stored(
@@ -180,15 +238,17 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
             part10 = part10.read_all()  # Transcoding decodes the whole instance anyway.
         payload = _transcode(part10, syntax)
     context_id = next(context_id for accepted_syntax, context_id in contexts if accepted_syntax == syntax)
-    request = C_STORE()
-    request.MessageID = msg_id
-    request.Priority = priority
-    request.MoveOriginatorApplicationEntityTitle = originator_aet
-    request.MoveOriginatorMessageID = originator_id
-    request.AffectedSOPClassUID = sop_class
-    request.AffectedSOPInstanceUID = sop_instance
-    request.DataSet = _DatasetView(payload)
-    response = _exchange(assoc, request, context_id, stored.sent)
+    request = StoreRequest(msg_id, priority, sop_class, sop_instance, originator_aet, originator_id)
+    send_store_request = getattr(assoc.dimse, "send_store_request", None)
+    if send_store_request is not None:
+        # The node's associations (node/acceptor.py): the command set is encoded from these
+        # fields, checked as pynetdicom's setters check them, without a C_STORE primitive.
+        checked = request.checked()
+        send: Callable[[], None] = lambda: send_store_request(checked, context_id, payload)  # noqa: E731
+    else:
+        primitive = request.primitive(payload)
+        send = lambda: assoc.dimse.send_msg(primitive, context_id)  # noqa: E731
+    response = _exchange(assoc, send, stored.sent)
     if response is None:
         reason = _no_response(assoc, sop_instance)
         # pynetdicom's retrieve service classes count an exception as a failed sub-operation.
@@ -196,23 +256,25 @@ def _send_loaded(assoc: Association, stored: StoredDataset, part10: "bytes | Par
     return assoc._check_received_status(response)
 
 
-def _exchange(assoc: Association, request: C_STORE, context_id: int, sent: Callable[[], None]) -> Any:
+def _exchange(assoc: Association, send: Callable[[], None], sent: Callable[[], None]) -> Any:
     """Send the request, call `sent`, and wait for its response (None if none came),
     keeping the association's reactor from taking the response off the DIMSE queue
     meanwhile."""
     if threading.current_thread() is assoc:
         # C-GET sub-operations: we run on the reactor's own thread, inside its handler;
         # nothing else reads the queue.
-        assoc.dimse.send_msg(request, context_id)
+        send()
         sent()
+        flush_deferred_responses()
         return assoc.dimse.get_msg(block=True)[1]
     held = getattr(assoc, "responses_held", None)
     if held is not None:
         # The node's associations (node/acceptor.py): a flag the reactor reads with its
         # queue check, no pause handshake (C-MOVE sub-operations).
         with held():
-            assoc.dimse.send_msg(request, context_id)
+            send()
             sent()
+            flush_deferred_responses()
             return assoc.dimse.get_msg(block=True)[1]
     # As pynetdicom's own send_c_store: pause the reactor, send, wait for the response.
     # pynetdicom 3.0.4 checks a pause flag that can be stale (the reactor sets it just
@@ -228,11 +290,21 @@ def _exchange(assoc: Association, request: C_STORE, context_id: int, sent: Calla
             raise RuntimeError("association reactor did not pause")
         time.sleep(0.0001)
     try:
-        assoc.dimse.send_msg(request, context_id)
+        send()
         sent()
+        flush_deferred_responses()
         return assoc.dimse.get_msg(block=True)[1]
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def flush_deferred_responses() -> None:
+    """Send the Pending C-MOVE response that the calling thread's association holds back
+    (node/acceptor.py AcceptorDIMSE.flush_deferred), if it is one of the node's
+    associations: pynetdicom's retrieve loop runs on the C-MOVE association's own thread."""
+    flush = getattr(threading.current_thread(), "flush_deferred_responses", None)
+    if flush is not None:
+        flush()
 
 
 class SubOperationNoResponse(Exception):

@@ -1000,3 +1000,82 @@ def test_handlers_given_to_the_server_for_the_logging_events_stay_bound() -> Non
         assert isinstance(received[0], A_ASSOCIATE_RQ) and any(isinstance(pdu, A_RELEASE_RQ) for pdu in received)
     finally:
         server_ae.shutdown()
+
+
+def test_a_moves_pending_responses_after_the_first_go_out_once_the_next_request_is_out() -> None:
+    """issue 10: a C-MOVE's Pending responses after its first are held back until the next
+    sub-operation's C-STORE request has gone out to the destination (then written while
+    the destination stores it, not between its response and the next request); the last
+    one before the sub-association's release. The requestor gets every response, counts
+    and order as before. The node's thread records, in order, each instance's load and
+    each Pending response as it goes out (the hook's direct form)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_context, evt
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+    from pacsnode.node import raw_send
+    from pacsnode.sim.process import free_port
+
+    order: list[str] = []
+    instances = []
+    for index in range(3):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = CTImageStorage, generate_uid(), f"P{index}"
+        encoded = encode(ds, False, True)
+        assert encoded is not None
+        instances.append((str(ds.SOPInstanceUID), encoded))
+
+    destination = AE(ae_title="DEST")
+    destination.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    dest_server = destination.start_server(("127.0.0.1", free_port()), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def loaded(index: int, data: bytes) -> tuple[bytes, int]:
+        order.append(f"load {index}")
+        return data, 0
+
+    def on_move(event: Any) -> Any:
+        yield "127.0.0.1", dest_server.server_address[1], {"contexts": [build_context(CTImageStorage,
+                                                                                      [ExplicitVRLittleEndian])]}
+        yield len(instances)
+        for index, (uid, data) in enumerate(instances):
+            yield 0xFF00, raw_send.StoredDataset(sop_class_uid=CTImageStorage, sop_instance_uid=uid,
+                                                 transfer_syntax_uid=ExplicitVRLittleEndian,
+                                                 load=lambda index=index, data=data: loaded(index, data))
+
+    server_ae = acceptor.NodeAE(ae_title="MOVE")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove, [ExplicitVRLittleEndian])
+    server_ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    server_ae.store_response_hook = acceptor.StoreResponseHook(
+        lambda event: None, lambda assoc, message_id, status: order.append(f"pending {status:04X}"))
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [(evt.EVT_C_MOVE, on_move)])
+    server.bind(evt.EVT_DIMSE_SENT, server_ae.store_response_hook.handler)
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelMove, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="MOVE")
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        statuses = [(int(status.Status), int(status.get("NumberOfRemainingSuboperations", -1)),
+                     int(status.NumberOfCompletedSuboperations))
+                    for status, _identifier in assoc.send_c_move(query, "DEST",
+                                                                 StudyRootQueryRetrieveInformationModelMove)]
+        assoc.release()
+        assert statuses == [(0xFF00, 2, 1), (0xFF00, 1, 2), (0xFF00, 0, 3), (0x0000, 0, 3)]
+        assert received == [uid for uid, _data in instances]
+        # The first Pending response at once; the second once instance 2's request is out;
+        # the third (after the last sub-operation) before the sub-association's release.
+        assert order == ["load 0", "pending FF00", "load 1", "load 2", "pending FF00", "pending FF00"]
+    finally:
+        server_ae.shutdown()
+        destination.shutdown()
