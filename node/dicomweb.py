@@ -395,11 +395,10 @@ class DicomWeb:
         (median of 520 pairs, 11 of 13 runs faster), the same server CPU (33.6 against 33.3
         ms per study); all on the loop: 28.0 ms of CPU but 0.95x as fast (264 pairs, 7
         runs): without a second core the retrieve waits (bench/README.md, DICOMweb).
-        Everything else (instances
-        owned elsewhere, RocksDB values, corrected or transcoded instances, big blob files)
-        is read ahead on the reader threads (`_read_ahead`), a run of such instances at a
-        time; and so is the rest of a retrieve from its first file not in the page cache (a
-        cold study is read there, its reads overlapping)."""
+        Everything else (instances owned elsewhere, RocksDB values, corrected or transcoded
+        instances, big blob files) is read ahead on the reader threads (`_read_ahead`), a
+        run of such instances at a time; and so is the rest of a retrieve from its first
+        file not in the page cache (a cold study is read there, its reads overlapping)."""
         own = self._owns_all(sendable)
         reads = self._local_reads
         if not own or reads is None:
