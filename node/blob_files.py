@@ -43,6 +43,8 @@ import zstandard
 
 from pacsnode.replication.model import CorruptBlob
 
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14 and later.
+
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
@@ -175,6 +177,7 @@ class BlobFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._directory_name = str(self.directory)  # read_into's paths without pathlib's.
         self.pool: BlobPool | None = None
 
     def start_pool(self, batch: int = POOL_BATCH) -> None:
@@ -281,6 +284,40 @@ class BlobFiles:
                 return mapped
         except FileNotFoundError:
             raise CorruptBlob(f"blob file of {what} is missing") from None
+
+    def read_into(self, pointer: BlobPointer, buffer: memoryview, what: str, *,
+                  cached_only: bool = False) -> memoryview | None:
+        """The whole blob read into `buffer` (at least `pointer.size_bytes` long, reused by
+        the caller: no new buffer, no mapping), its size checked but not its CRC-32 (for a
+        reader that decompresses it at once: zstd's frame checksum covers the content).
+        The view of `buffer` that holds it. With `cached_only`, read only from the page cache
+        (Linux's RWF_NOWAIT): None when any of it would wait for the disk. Raises
+        CorruptBlob when missing or of the wrong size."""
+        if cached_only and _RWF_NOWAIT is None:
+            return None  # No way to ask for the page cache only here (not Linux).
+        flags = (_RWF_NOWAIT or 0) if cached_only else 0
+        size = pointer.size_bytes
+        try:
+            fd = os.open(os.path.join(self._directory_name, pointer.name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CorruptBlob(f"blob file of {what} is missing") from None
+        try:
+            held = os.fstat(fd).st_size
+            if held != size or size == 0:
+                raise CorruptBlob(f"blob file of {what} holds {held} bytes, not {size}")
+            view = buffer[:size]
+            done = 0
+            while done < size:
+                try:
+                    got = os.preadv(fd, [view[done:]], done, flags)
+                except BlockingIOError:  # Only with RWF_NOWAIT: not (all) in the page cache.
+                    return None
+                if got == 0:
+                    raise CorruptBlob(f"blob file of {what} ended at {done} bytes, not {size}")
+                done += got
+            return view
+        finally:
+            os.close(fd)
 
     def stream(self, pointer: BlobPointer, part10_bytes: int, what: str) -> "Part10Stream":
         try:

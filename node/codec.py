@@ -44,7 +44,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return decompressor
 
 
-def decompress(blob: bytes, what: str = "instance") -> bytes:
+def decompress(blob: bytes | memoryview, what: str = "instance") -> bytes:
     """The Part-10 bytes of a blob; CorruptBlob when the frame or its checksum is bad."""
     try:
         return _decompressor().decompress(blob)

@@ -5,7 +5,8 @@ Starlette + uvicorn: a small, well-kept ASGI stack (Starlette's routing, streami
 responses and CORS middleware; uvicorn's HTTP/1.1 server), no framework on top. uvicorn
 runs with httptools' parser on a uvloop loop, as its own "auto" choice would when both
 are installed (both are dependencies; asyncio's loop where uvloop does not build). The HTTP
-loop only parses and writes bytes; archive calls run on Starlette's thread pool, as the
+loop parses and writes bytes (and decompresses a WADO-RS retrieve's own blob files that
+are in the page cache: node/dicomweb.py); archive calls run on Starlette's thread pool, as the
 DIMSE handlers run on pynetdicom's threads, and reach the node's loop the same way.
 """
 

@@ -4,8 +4,10 @@ few lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,8 +94,21 @@ def http_server_for(node: "Node") -> HttpServer:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class KeptFile:
+    """An instance's blob file as StoreReads.kept found it."""
+
+    location: InstanceLocation
+    pointer: BlobPointer
+    part10_bytes: int
+
+
 class StoreReads:
-    """DicomWeb's LocalReads over this node's RocksStore: an instance kept as a blob file of
+    """DicomWeb's LocalReads over this node's RocksStore. `kept` + `read_cached` (the HTTP
+    loop's reads): an instance kept as a blob file of up to WHOLE_READ_BYTES_MAX, read only
+    when all of it is in the page cache (RWF_NOWAIT) into the calling thread's buffer,
+    kept for its next read, then decompressed, its checksum and length checked. `part10`
+    (the reader threads'): an instance kept as a blob file of
     up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, its zstd
     checksum checked, its length checked against its record. A file's pages are read where
     they lie in the page cache, not copied into a buffer first as open_part10's `read_bytes`
@@ -110,6 +125,51 @@ class StoreReads:
         # skips RocksDB's CRC-32C, which compressed_copy's batch get computes (in software)
         # on a value read back from RocksDB's own blob files.
         self._value_bytes_max = blob_file_bytes_min - 1024
+        self._buffers = threading.local()
+
+    def _buffer(self, size: int) -> memoryview:
+        """This thread's read buffer, at least `size` bytes (at most WHOLE_READ_BYTES_MAX:
+        bigger blob files are streamed), kept for its next read."""
+        buffer: memoryview | None = getattr(self._buffers, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = self._buffers.buffer = memoryview(bytearray(max(size, 1024 * 1024)))
+        return buffer
+
+    def kept(self, location: InstanceLocation) -> KeptFile | None:
+        """The blob file `read_cached` reads for `location` (a lookup: on a reader thread),
+        or None: not here, a RocksDB value, or a file too big to read whole."""
+        if 0 < location.part10_bytes < self._value_bytes_max:
+            return None
+        found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
+        if found is None:
+            return None
+        pointer, record = found
+        if not isinstance(pointer, BlobPointer):
+            return None
+        part10_bytes = record.size_bytes + record.dataset_offset
+        if part10_bytes > WHOLE_READ_BYTES_MAX or pointer.size_bytes > WHOLE_READ_BYTES_MAX:
+            return None
+        return KeptFile(location, pointer, part10_bytes)
+
+    def read_cached(self, kept: KeptFile) -> bytes | None:
+        """The Part-10 bytes of a file `kept` found, read only if all of it is in the page
+        cache (no wait on the disk: the HTTP loop may call this) into this thread's buffer,
+        and decompressed, its checksum and length checked. None when it is not cached, or
+        fails a check (logged): then a reader thread reads it (the archive's way)."""
+        what = kept.location.sop_instance_uid
+        try:
+            blob = self._store.blob_files.read_into(kept.pointer, self._buffer(kept.pointer.size_bytes), what,
+                                                    cached_only=True)
+            if blob is None:
+                return None
+            part10 = decompress(blob, what)
+            if len(part10) != kept.part10_bytes:
+                raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {kept.part10_bytes}")
+        except CorruptBlob as error:
+            log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
+                      kept.location.study_instance_uid, what, error)
+            return None
+        return part10
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
         if 0 < location.part10_bytes < self._value_bytes_max:

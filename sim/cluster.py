@@ -269,7 +269,8 @@ class _Process:
         self.started_at = self.loop.time()
         self._inbox: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.tasks: dict[int, asyncio.Task[Any]] = {}  # By creation order; may hold done ones.
+        self._prune_tasks_at = 256
         self.context = contextvars.copy_context()
         self.context.run(_CURRENT.set, self)
         self._timers: list[Callable[[], None]] = []  # Timers that fired while paused.
@@ -375,9 +376,13 @@ class _Process:
         if not self.alive:
             task.cancel()  # A dead process starts nothing.
             return
-        order = hash(task)
-        self.tasks[order] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(order, None))
+        # Done tasks are dropped in batches, not by a done callback each: one callback per
+        # task was a ready-queue entry, a Handle and a lambda call for every task of a run.
+        tasks = self.tasks
+        tasks[hash(task)] = task
+        if len(tasks) >= self._prune_tasks_at:
+            self.tasks = tasks = {order: kept for order, kept in tasks.items() if not kept.done()}
+            self._prune_tasks_at = max(256, 2 * len(tasks))
 
     def spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         return self.loop.create_task(coroutine, context=self.context.copy())
@@ -432,7 +437,9 @@ class _Process:
             waiter.cancel()
         self._waiters.clear()
         for order in sorted(self.tasks):
-            self.tasks[order].cancel()
+            task = self.tasks[order]
+            if not task.done():
+                task.cancel()
 
     def pause(self, duration_s: float) -> None:
         if not self.alive:

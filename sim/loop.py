@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
 import itertools
 import logging
+from asyncio import base_events, format_helpers
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -122,6 +124,74 @@ class VirtualEventLoop(asyncio.BaseEventLoop):
         future = _SimFuture(loop=self)
         future._sim_order = next(self._order)
         return future
+
+    # ----------------------------------------------------------------- one iteration
+    def _run_once(self) -> None:
+        """BaseEventLoop._run_once (CPython 3.11) for this loop, the same steps in the same
+        order, so the same callbacks run in the same order: the cancelled-timer clean-up,
+        the clock jump `_VirtualSelector.select` makes when nothing is ready, the due timers
+        moved to the ready queue, then every callback ready at the start run once. Left out
+        is what this loop does not have: selector events, and debug mode's timing of slow
+        callbacks (`set_debug(True)` falls back to asyncio's own). Each callback runs as
+        `Handle._run` does, without its frame (a run makes millions of them)."""
+        if self._debug:
+            super()._run_once()  # type: ignore[misc]
+            return
+        scheduled = self._scheduled  # type: ignore[attr-defined]
+        sched_count = len(scheduled)
+        if (sched_count > base_events._MIN_SCHEDULED_TIMER_HANDLES  # type: ignore[attr-defined]
+                and self._timer_cancelled_count / sched_count  # type: ignore[attr-defined]
+                > base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION):  # type: ignore[attr-defined]
+            new_scheduled = []
+            for handle in scheduled:
+                if handle._cancelled:
+                    handle._scheduled = False
+                else:
+                    new_scheduled.append(handle)
+            heapq.heapify(new_scheduled)
+            self._scheduled = scheduled = new_scheduled
+            self._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                self._timer_cancelled_count -= 1
+                handle = heapq.heappop(scheduled)
+                handle._scheduled = False
+
+        ready = self._ready  # type: ignore[attr-defined]
+        if not ready and not self._stopping:  # type: ignore[attr-defined]
+            if not scheduled:
+                raise SimDeadlock(f"no ready callback and no timer at t={self._now:.6f}s")
+            when = scheduled[0]._when
+            if when - self._now > 0:  # The selector's jump (a timeout of 0 does not move time).
+                self._now = max(self._now, when)
+                self.clock_jumps += 1
+
+        end_time = self._now + self._clock_resolution  # type: ignore[attr-defined]
+        while scheduled:
+            handle = scheduled[0]
+            if handle._when >= end_time:
+                break
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+            ready.append(handle)
+
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            try:
+                handle._context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # As Handle._run reports it.
+                context = {"message": f"Exception in callback "
+                                      f"{format_helpers._format_callback_source(handle._callback, handle._args)}",
+                           "exception": exc, "handle": handle}
+                if handle._source_traceback:
+                    context["source_traceback"] = handle._source_traceback
+                self.call_exception_handler(context)
+        handle = None  # Break cycles when an exception occurred.
 
     # ----------------------------------------------------------------- BaseEventLoop hooks
     def _process_events(self, event_list: list[Any]) -> None:

@@ -131,14 +131,24 @@ class Trace:
 
     def __init__(self) -> None:
         self._hash = hashlib.blake2b(digest_size=16)
+        self._pending: list[str] = []  # Lines not hashed yet (hashed in batches: the same digest).
         self.events = 0
 
     def record(self, *fields: object) -> None:
-        self._hash.update("|".join(map(str, fields)).encode())
-        self._hash.update(b"\n")
+        pending = self._pending
+        pending.append("|".join(map(str, fields)))
         self.events += 1
+        if len(pending) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._pending.append("")  # Every line ends with a newline, as one update per line gave.
+            self._hash.update("\n".join(self._pending).encode())
+            self._pending.clear()
 
     def hexdigest(self) -> str:
+        self._flush()
         return self._hash.hexdigest()
 
 

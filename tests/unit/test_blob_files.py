@@ -10,6 +10,7 @@ the same path as a 200 MB one.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -271,3 +272,37 @@ def test_a_pointer_is_never_taken_for_a_zstd_frame() -> None:
     assert BlobPointer.decode(codec.compress(POINTER_MAGIC)) is None
     assert not codec.compress(b"x").startswith(POINTER_MAGIC)
     assert TEMP_PREFIX.startswith(".")
+
+
+def _evict(path: Path) -> None:
+    """Drop a file's clean pages from the page cache (Linux: as memory pressure would)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_read_into_fills_the_caller_s_buffer_and_with_cached_only_never_waits_on_the_disk(tmp_path: Path) -> None:
+    """read_into reads a blob whole into a reused buffer (its size checked against the
+    pointer); with `cached_only` it reads only what is in the page cache: None for a file
+    whose pages were dropped, the bytes again once they are back."""
+    files = BlobFiles(tmp_path / "blobs")
+    blob = os.urandom(300_000)
+    pointer = files.write_named(blob, "ab" * 16)
+    buffer = memoryview(bytearray(400_000))
+    assert bytes(files.read_into(pointer, buffer, "x") or b"") == blob
+    assert bytes(files.read_into(pointer, buffer, "x", cached_only=True) or b"") == blob
+    _evict(files.path(pointer))
+    assert bytes(files.read_into(pointer, buffer, "x") or b"") == blob  # Waits on the disk, reads it back in.
+    _evict(files.path(pointer))
+    if files.read_into(pointer, buffer, "x", cached_only=True) is not None:
+        pytest.skip("this file system keeps the file's pages (tmpfs?): cannot drop them")
+    assert bytes(files.read_into(pointer, buffer, "x") or b"") == blob
+    assert bytes(files.read_into(pointer, buffer, "x", cached_only=True) or b"") == blob
+    with pytest.raises(CorruptBlob):
+        files.read_into(BlobPointer(pointer.name, pointer.size_bytes + 1, pointer.crc32), buffer, "x")
+    files.remove(pointer.name)
+    with pytest.raises(CorruptBlob):
+        files.read_into(pointer, buffer, "x", cached_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -811,3 +812,93 @@ def test_store_reads_take_blob_files_and_rocksdb_values(tmp_path: Path,
             assert StoreReads(store, len(data) + 1025).part10(location) is None  # Left to the archive.
         finally:
             store.close()
+
+
+class _WhereRead(StoreReads):
+    """The node's StoreReads, noting the thread of each read and what read_cached gave."""
+
+    def __init__(self, store: RocksStore, blob_file_bytes_min: int) -> None:
+        super().__init__(store, blob_file_bytes_min)
+        self.cached: list[tuple[str, str, bool]] = []  # (SOP Instance UID, thread, read)
+        self.whole: list[tuple[str, str]] = []  # part10's (SOP Instance UID, thread)
+
+    def read_cached(self, kept: Any) -> bytes | None:
+        body = super().read_cached(kept)
+        self.cached.append((kept.location.sop_instance_uid, threading.current_thread().name, body is not None))
+        return body
+
+    def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
+        self.whole.append((location.sop_instance_uid, threading.current_thread().name))
+        return super().part10(location)
+
+
+def test_own_blob_files_in_the_page_cache_are_read_on_the_http_loop_and_the_rest_on_reader_threads(
+        tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
+    """A study this node owns, CT blob files and small instances kept as RocksDB values
+    mixed: the files are read by read_cached (the first on the HTTP loop; every other one
+    may be taken by a reader thread), the small ones on reader threads through the
+    archive; once the files' pages are dropped from the page cache, the first file is not
+    read on the loop and it and the rest go to the reader threads' reads ahead (part10).
+    Both times every instance comes back byte for byte in the plan's order."""
+    small = [data for _entry, data in iter_part10(StudySetSpec(patients=1, instances_per_series=3, rows=64, cols=64,
+                                                                seed=37, modalities=("CT",)))]
+    first = dcmread(io.BytesIO(small[0]))
+    big = []
+    for data in (d for _e, d in iter_part10(StudySetSpec(patients=1, instances_per_series=3, rows=512, cols=512,
+                                                          seed=38, modalities=("CT",)))):
+        dataset = dcmread(io.BytesIO(data))  # Into the small ones' study and series.
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        big.append(buffer.getvalue())
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=64 * 1024)
+    archive = _StreamingArchive(store)
+    for data in small + big:
+        archive.store(make_instance(data))
+    reads = _WhereRead(store, 64 * 1024)
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                        owns=lambda study: True, local_reads=reads)
+    server.start()
+    study = str(first.StudyInstanceUID)
+    plan = archive.locate(Query(level="STUDY", conditions=(Condition("StudyInstanceUID", "UI", study),)))
+    by_uid = {str(dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID): data for data in small + big}
+    in_order = [by_uid[location.sop_instance_uid] for location in plan.locations]
+    files = {uid for uid, data in by_uid.items() if data in big}
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{study}", headers=accept, timeout=60)
+        assert reply.status_code == 200 and _parts(reply) == in_order
+        assert sorted(uid for uid, _thread, _read in reads.cached) == sorted(files)
+        assert all(read for _uid, _thread, read in reads.cached)
+        first_file = next(location.sop_instance_uid for location in plan.locations
+                          if location.sop_instance_uid in files)
+        assert (first_file, "pacsnode-http", True) in reads.cached
+        assert all(thread == "pacsnode-http" or thread.startswith("pacsnode-wado")
+                   for _uid, thread, _read in reads.cached)
+        assert sorted(archive.streamed) == sorted(set(by_uid) - files)
+        assert all(thread.startswith("pacsnode-wado") for _uid, thread in reads.whole)
+
+        blobs = [p for p in (tmp_path / "store" / "blobs").rglob("*.zst") if p.stat().st_size]
+        assert len(blobs) == len(big)
+        for path in blobs:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        reads.cached.clear()
+        reads.whole.clear()
+        archive.streamed.clear()
+        reply = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{study}", headers=accept, timeout=60)
+        assert reply.status_code == 200 and _parts(reply) == in_order
+        if reads.cached and reads.cached[0][2]:
+            pytest.skip("this file system keeps the files' pages (tmpfs?): cannot drop them")
+        assert reads.cached == [(first_file, "pacsnode-http", False)]  # Then the rest on reader threads:
+        rest = [location.sop_instance_uid for location in plan.locations]
+        rest = rest[rest.index(first_file):]
+        assert [uid for uid, _thread in reads.whole] == rest
+        assert all(thread.startswith("pacsnode-wado") for _uid, thread in reads.whole)
+    finally:
+        server.stop()
+        store.close()

@@ -130,7 +130,7 @@ def test_a_crashed_node_runs_no_more_code() -> None:
         count = len(ran)
         cluster.run_for(5)
         assert count > 5 and len(ran) == count
-        assert not process.tasks
+        assert process.tasks and all(task.done() for task in process.tasks.values())  # Done ones are pruned later.
     finally:
         cluster.close()
 
@@ -151,3 +151,56 @@ def test_clock_skew_reaches_swim_and_the_cluster_copes() -> None:
         assert not [t for t in cluster.transitions if t.new == "dead"]
     finally:
         cluster.close()
+
+
+def _callback_order(debug: bool, seed: int) -> tuple[list[tuple[float, str]], list[str], int]:
+    """What a random program of tasks, timers (many cancelled, many due at the same time),
+    call_soon chains and failing callbacks does on a virtual loop, in order."""
+    import random
+
+    events: list[tuple[float, str]] = []
+    loop = new_loop()
+    loop.set_debug(debug)
+    rng = random.Random(seed)
+
+    def note(what: str) -> None:
+        events.append((loop.time(), what))
+
+    def fail(what: str) -> None:
+        note(what)
+        raise ValueError(what)
+
+    async def worker(index: int) -> None:
+        for step in range(rng.randrange(1, 6)):
+            await asyncio.sleep(rng.choice((0, 0, 0.001, 0.25, 0.5, 1.0)))  # Ties on purpose.
+            note(f"w{index}.{step}")
+            if rng.random() < 0.3:
+                loop.call_soon(note, f"w{index}.{step}.soon")
+
+    async def main() -> None:
+        handles = [loop.call_later(rng.choice((0.5, 1.0, 2.0)), note, f"t{i}") for i in range(300)]
+        for handle in handles[::3] + handles[1::3]:
+            handle.cancel()  # Two thirds cancelled: the loop compacts its timer heap.
+        loop.call_later(0.25, fail, "boom")
+        tasks = [asyncio.ensure_future(worker(i)) for i in range(40)]
+        await asyncio.wait(tasks)
+        await asyncio.sleep(3)
+
+    try:
+        loop.run_task(main())
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+    return events, [e.split(":")[0] for e in loop.errors], loop.clock_jumps
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_loop_runs_callbacks_in_asyncios_own_order(seed: int) -> None:
+    """sim/loop.py's _run_once (the simulator's hottest function) must run callbacks in the
+    order asyncio's BaseEventLoop._run_once does (debug mode uses asyncio's own): same
+    events at the same virtual times, same errors, same clock jumps."""
+    fast, reference = _callback_order(False, seed), _callback_order(True, seed)
+    assert fast[0] == reference[0]
+    assert fast[1] == reference[1] and len(fast[1]) == 1 and "fail('boom')" in fast[1][0], fast[1]
+    assert fast[2] == reference[2] > 0
+    assert len(fast[0]) > 150  # Every uncancelled timer and every worker step ran.
