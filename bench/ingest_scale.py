@@ -50,6 +50,17 @@ def disk_bytes(path: Path) -> int:
     return total
 
 
+def disk_parts(work_dir: Path) -> dict[str, int]:
+    """disk_bytes of each entry of a server's data directory (pacsnode: store/, the audit
+    trail's open file and its compressed segments, ...), the biggest first."""
+    data = work_dir / "data" if (work_dir / "data").is_dir() else work_dir
+    parts: dict[str, int] = {}
+    for entry in data.iterdir():
+        name = "audit segments" if entry.name.startswith("audit-") else entry.name
+        parts[name] = parts.get(name, 0) + (disk_bytes(entry) if entry.is_dir() else entry.lstat().st_blocks * 512)
+    return dict(sorted(parts.items(), key=lambda item: -item[1]))
+
+
 def queries(manifest: list[dict[str, Any]], count: int) -> list[tuple[str, Any]]:
     """find_queries' four kinds plus an AccessionNumber one, as pynetdicom identifiers."""
     chosen = find_queries(manifest, count, seed=11)
@@ -63,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--round", type=int, default=10_000, help="files per storescu x4 round")
     parser.add_argument("--queries", type=int, default=20, help="queries of each kind")
+    parser.add_argument("--only", default="pacsnode,orthanc",
+                        help="systems to run (pacsnode alone: its own figures, no ratios)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -75,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     temp = Path(tempfile.mkdtemp(prefix="ingest-scale-"))
     systems: dict[str, servers.Server] = {}
     try:
-        systems = {"pacsnode": servers.start_pacsnode(temp, destinations={}),
-                   "orthanc": servers.start_orthanc(temp, destinations={})}
+        only = set(args.only.split(","))
+        starters = {"pacsnode": lambda: servers.start_pacsnode(temp, destinations={}),
+                    "orthanc": lambda: servers.start_orthanc(temp, destinations={})}
+        systems = {name: start() for name, start in starters.items() if name in only}
         for start in range(0, len(manifest), args.round):
             part = manifest[start:start + args.round]
             for name, server in systems.items():
@@ -97,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "notes": row.notes}
                                     for row in workloads.find_pynetdicom(server, asked)}
         report["disk_bytes"] = {name: disk_bytes(server.work_dir) for name, server in systems.items()}
+        report["disk_parts"] = {name: disk_parts(server.work_dir) for name, server in systems.items()}
     finally:
         for server in systems.values():
             server.stop()
@@ -122,6 +138,9 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     if "pacsnode" in summary and "orthanc" in summary:
         summary["ingest_ratio"] = summary["pacsnode"]["instances_per_s"] / summary["orthanc"]["instances_per_s"]
     disk = report.get("disk_bytes", {})
+    if report.get("disk_parts"):
+        summary["disk_parts_mb"] = {name: {part: round(size / 1e6, 1) for part, size in parts.items()}
+                                    for name, parts in report["disk_parts"].items()}
     if disk.get("orthanc"):
         summary["disk_ratio"] = disk["pacsnode"] / disk["orthanc"]
     finds = report.get("find", {})
