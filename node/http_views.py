@@ -222,15 +222,20 @@ class StoreHeaders:
         if kept is not None:
             return kept
         try:
-            # The first HEADER_READ_BYTES only (decompressed that far): a header almost always
-            # ends there; else (or deflated) the whole instance, checksum-verified.
-            head = self._store.read_part10_head(study, sop, HEADER_READ_BYTES)
-            try:
-                if len(head) < HEADER_READ_BYTES:
-                    raise HeaderTruncated("a small instance is read whole, checksum-verified")
-                header = instance_header_json(head, location, whole=False)
-            except HeaderTruncated:
+            if record.dataset_offset + record.size_bytes < HEADER_READ_BYTES:
+                # A small instance is read whole, checksum-verified, and once (not its head
+                # first: most instances whose entry is built here are small, node/server.py).
                 header = instance_header_json(self._store.read_part10(study, sop), location)
+            else:
+                # The first HEADER_READ_BYTES only (decompressed that far): a header almost
+                # always ends there; else (or deflated) the whole instance, checksum-verified.
+                head = self._store.read_part10_head(study, sop, HEADER_READ_BYTES)
+                try:
+                    if len(head) < HEADER_READ_BYTES:
+                        raise HeaderTruncated("a small instance is read whole, checksum-verified")
+                    header = instance_header_json(head, location, whole=False)
+                except HeaderTruncated:
+                    header = instance_header_json(self._store.read_part10(study, sop), location)
         except (KeyError, StoreError):
             return None  # Deleted meanwhile, or corrupt here (logged): the archive reads another copy.
         again = self._store.instance_record(study, sop)
