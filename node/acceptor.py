@@ -124,6 +124,8 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_MOVE_UNABLE_TO_PERFORM = 0xA702  # Refused: out of resources, unable to perform sub-operations.
 _PENDING_STATUSES = frozenset({0xFF00, 0xFF01})  # C-GET/C-MOVE: sub-operations are continuing.
+# A C-FIND's Pending responses written together (AcceptorDIMSE._send_pending_find_response).
+FIND_ROWS_PER_WRITE = 16
 
 
 class UntestedPynetdicom(RuntimeError):
@@ -852,10 +854,13 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         self._spool: SpoolSettings | None = getattr(assoc.ae, "spool", None)
         # A Pending C-MOVE-RSP held back until the next sub-operation's request is out
         # (see _send_pending_retrieve_response): (PDU, message id responded, status, hook).
-        self._deferred: tuple[pdata.EncodedPData, int, int, StoreResponseHook | None] | None = None
+        # Pending responses held back (see _send_pending_retrieve_response and
+        # _send_pending_find_response): (PDUs, message id responded, status, hook) each.
+        self._deferred: list[tuple[pdata.EncodedPData, int, int, StoreResponseHook | None]] = []
         self._deferred_lock = threading.Lock()
-        # The C-MOVE whose first Pending response went out (that one is never held back).
+        # The C-MOVE / C-FIND whose first Pending response went out (never held back).
         self._move_pending_sent_for: int | None = None
+        self._find_pending_sent_for: int | None = None
 
     def _new_message(self) -> DIMSEMessage:
         message = DIMSEMessage()
@@ -886,7 +891,9 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             buffer.close()
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
-        self.flush_deferred()  # A held-back Pending response goes before anything sent after it.
+        pending_find = isinstance(primitive, C_FIND) and primitive.Status in _PENDING_STATUSES
+        if not pending_find:  # One is held behind those held already (_send_pending_find_response).
+            self.flush_deferred()  # Held-back Pending responses go before anything sent after them.
         assoc = cast("AcceptorAssociation", self.assoc)
         if assoc.retrieve_refused and isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status is not None \
                 and primitive.Status not in (0xFF00, 0xFF01):
@@ -915,15 +922,18 @@ class AcceptorDIMSE(DIMSEServiceProvider):
                 primitive.ErrorComment = f"move destination {ae_title} did not accept an association"[:64]  # type: ignore[assignment]
         if isinstance(primitive, C_MOVE) and primitive.Status not in _PENDING_STATUSES:
             self._move_pending_sent_for = None  # The C-MOVE ends with this response.
+        if isinstance(primitive, C_FIND) and primitive.Status not in _PENDING_STATUSES:
+            self._find_pending_sent_for = None  # The C-FIND ends with this response.
         if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None \
                 and self._send_store_response(primitive, context_id):
             return
         if isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status in _PENDING_STATUSES \
                 and self._send_pending_retrieve_response(primitive, context_id):
             return
-        if isinstance(primitive, C_FIND) and primitive.Status in _PENDING_STATUSES \
-                and self._send_pending_find_response(primitive, context_id):
-            return
+        if pending_find:
+            if self._send_pending_find_response(primitive, context_id):
+                return
+            self.flush_deferred()  # This one goes pynetdicom's way, after those held.
         if isinstance(primitive, C_ECHO) and primitive.MessageIDBeingRespondedTo is not None \
                 and self._send_echo_response(primitive, context_id):
             return
@@ -992,7 +1002,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             status=int(status), sop_class_uid=primitive.AffectedSOPClassUID,
             remaining=primitive.NumberOfRemainingSuboperations, completed=primitive.NumberOfCompletedSuboperations,
             failed=primitive.NumberOfFailedSuboperations, warning=primitive.NumberOfWarningSuboperations),
-            defer=defer)
+            defer=1 if defer else 0)
 
     def _send_echo_response(self, primitive: C_ECHO, context_id: int) -> bool:
         """Send a plain C-ECHO-RSP as one encoded PDU: through pynetdicom's message, its
@@ -1014,14 +1024,23 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if primitive.ErrorComment is not None or primitive.OffendingElement is not None or status is None \
                 or message_id is None or not isinstance(identifier, BytesIO):
             return False
+        # A C-FIND's Pending responses after its first are held back, FIND_ROWS_PER_WRITE at
+        # most, and written together in one send: when that many are held, before anything
+        # else sent here (the final response), and before the node's find waits for more
+        # rows (node/dicom.py). A ~200-row answer was ~200 writes, each a wake-up of the
+        # requestor. Only on this association's own thread (pynetdicom's find loop).
+        defer = threading.current_thread() is self.assoc and self._find_pending_sent_for == int(message_id)
+        self._find_pending_sent_for = int(message_id)
         return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.find_response_pdus(
             context_id, self.maximum_pdu_size, message_id_responded=int(message_id), status=int(status),
-            sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()))
+            sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()),
+            defer=FIND_ROWS_PER_WRITE if defer else 0)
 
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
-                               encode: Callable[[], "bytes | pdata.EncodedPData | None"], defer: bool = False) -> bool:
+                               encode: Callable[[], "bytes | pdata.EncodedPData | None"], defer: int = 0) -> bool:
         """Queue a response that `encode` made as one PDU, behind what is queued already
-        (with `defer`: held back until flush_deferred, a response held back before it sent
+        (with `defer` N > 0: held back until flush_deferred, or, with the responses held
+        before it, sent at once as the Nth held; N == 1: those held before it are sent
         first). EVT_DIMSE_SENT is not triggered for it, so this is done only when the one
         handler bound to that event is the AE's StoreResponseHook, which is told directly
         (when it goes out); False (nothing sent) otherwise, or when the PDU would not fit
@@ -1035,29 +1054,45 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return False
         batch = pdu if isinstance(pdu, pdata.EncodedPData) else pdata.EncodedPData((pdu,), len(pdu), 1)
         told = hook if hook is not None and handlers else None
-        if defer:
+        entry = (batch, message_id, status, told)
+        if defer == 1:
             with self._deferred_lock:
-                earlier, self._deferred = self._deferred, (batch, message_id, status, told)
-            if earlier is not None:
-                self._send_encoded_now(*earlier)
-            return True
-        self._send_encoded_now(batch, message_id, status, told)
+                earlier, self._deferred = self._deferred, [entry]
+            self._send_encoded_now(earlier)
+        elif defer > 1:
+            with self._deferred_lock:
+                self._deferred.append(entry)
+                full = len(self._deferred) >= defer
+            if full:
+                self.flush_deferred()
+        else:
+            with self._deferred_lock:
+                earlier, self._deferred = self._deferred, []
+            self._send_encoded_now(earlier + [entry])
         return True
 
-    def _send_encoded_now(self, batch: pdata.EncodedPData, message_id: int, status: int,
-                          hook: StoreResponseHook | None) -> None:
-        if hook is not None:
-            hook.direct(self.assoc, message_id, status)
+    def _send_encoded_now(self, entries: list[tuple[pdata.EncodedPData, int, int, StoreResponseHook | None]]) -> None:
+        """Write these responses' PDUs together (one batch, one send when the DUL is free)."""
+        if not entries:
+            return
+        for _batch, message_id, status, hook in entries:
+            if hook is not None:
+                hook.direct(self.assoc, message_id, status)
+        if len(entries) == 1:
+            batch = entries[0][0]
+        else:
+            batch = pdata.EncodedPData(tuple(buffer for entry in entries for buffer in entry[0].buffers),
+                                       sum(entry[0].size for entry in entries), sum(entry[0].pdus for entry in entries))
         cast(AcceptorDUL, self.dul).send_encoded(batch)
 
     def flush_deferred(self) -> None:
-        """Send the Pending response held back, if any (see _send_pending_retrieve_response)."""
-        if self._deferred is None:
+        """Send the Pending responses held back, if any (see _send_pending_retrieve_response
+        and _send_pending_find_response)."""
+        if not self._deferred:
             return
         with self._deferred_lock:
-            deferred, self._deferred = self._deferred, None
-        if deferred is not None:
-            self._send_encoded_now(*deferred)
+            deferred, self._deferred = self._deferred, []
+        self._send_encoded_now(deferred)
 
     def _store_response(self, primitive: Any) -> tuple[int, C_STORE] | None:
         """A P-DATA that is a whole plain C-STORE-RSP (one command fragment, marked last;

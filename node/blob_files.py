@@ -312,6 +312,13 @@ class BlobFiles:
                     got = os.preadv(fd, [view[done:]], done, flags)
                 except BlockingIOError:  # Only with RWF_NOWAIT: not (all) in the page cache.
                     return None
+                except OSError:
+                    if cached_only:
+                        # A file system that cannot read without waiting (EOPNOTSUPP), or an
+                        # I/O error: the caller's other way (a reader thread) reads it, or
+                        # reports it, as for any file.
+                        return None
+                    raise
                 if got == 0:
                     raise CorruptBlob(f"blob file of {what} ended at {done} bytes, not {size}")
                 done += got

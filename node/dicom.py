@@ -426,7 +426,16 @@ class DicomFrontEnd:
         encoding = (bool(syntax.is_implicit_VR), bool(syntax.is_little_endian))
         matches = 0
         cancelled = CancelFlag(event)
-        rows = self._archive.find(query, cancelled)
+
+        def stop_or_wait() -> bool:
+            """The archive's `is_cancelled`, which it asks before it waits for more rows
+            (node/runtime.py: before each take from its row bridge; per row elsewhere): the
+            Pending responses the association holds back go out first (node/acceptor.py
+            _send_pending_find_response)."""
+            raw_send.flush_deferred_responses()
+            return cancelled()
+
+        rows = self._archive.find(query, stop_or_wait)
         try:
             for row in rows:
                 if cancelled():

@@ -391,10 +391,11 @@ class DicomWeb:
         a reader thread when the one before it is taken: read there while the loop reads
         and sends that one if a core is free, else (the thread has not started it when the
         loop gets to it) taken back and read on the loop. 80 CT (42 MB), against all reads
-        on the threads (`_read_ahead`, as before), alternating, load 4.9-9.5: 1.09x as fast
-        (median of 520 pairs, 11 of 13 runs faster), the same server CPU (33.6 against 33.3
-        ms per study); all on the loop: 28.0 ms of CPU but 0.95x as fast (264 pairs, 7
-        runs): without a second core the retrieve waits (bench/README.md, DICOMweb).
+        on the threads (`_read_ahead`, as before), alternating, load 4.9-9.8: after ingest
+        1.09x as fast (median of 520 pairs, 11 of 13 runs faster), after a restart about
+        0.95x (150 pairs, 5 runs), the same server CPU (33.6 against 33.3 ms per study):
+        no clear change in time; all on the loop: 28.0 ms of CPU but 0.95x as fast (264
+        pairs, 7 runs): without a second core the retrieve waits (bench/README.md, DICOMweb).
         Everything else (instances owned elsewhere, RocksDB values, corrected or transcoded
         instances, big blob files) is read ahead on the reader threads (`_read_ahead`), a
         run of such instances at a time; and so is the rest of a retrieve from its first

@@ -1079,3 +1079,48 @@ def test_a_moves_pending_responses_after_the_first_go_out_once_the_next_request_
     finally:
         server_ae.shutdown()
         destination.shutdown()
+
+
+def test_a_finds_pending_responses_after_the_first_are_written_together() -> None:
+    """issue 10: a C-FIND's Pending responses after its first are held back and written
+    FIND_ROWS_PER_WRITE at a time (one send each), the rest before the final response;
+    a ~200-row answer was one write per row. The requestor gets every row, in order, and
+    the final Success."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from pacsnode.sim.process import free_port
+
+    rows = 2 * acceptor.FIND_ROWS_PER_WRITE + 8
+
+    def on_find(event: Any) -> Any:
+        for index in range(rows):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.PatientID = f"P{index:03d}"
+            yield 0xFF00, identifier
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="FIND")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind, [ExplicitVRLittleEndian])
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_FIND, on_find), (evt.EVT_ESTABLISHED, lambda e: accepted.append(e.assoc))])
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="FIND")
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = "*"
+        answers = [(int(status.Status), identifier.PatientID if identifier is not None else None)
+                   for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        assoc.release()
+        assert answers == [(0xFF00, f"P{index:03d}") for index in range(rows)] + [(0x0000, None)]
+        # The first row alone, two full groups, the last 8 before the final response (which
+        # goes pynetdicom's way): 4 writes by the association's thread, not one per row.
+        assert accepted[0].dul.encoded_sent_direct == 4
+    finally:
+        server_ae.shutdown()

@@ -306,3 +306,23 @@ def test_read_into_fills_the_caller_s_buffer_and_with_cached_only_never_waits_on
     files.remove(pointer.name)
     with pytest.raises(CorruptBlob):
         files.read_into(pointer, buffer, "x", cached_only=True)
+
+
+def test_read_into_cached_only_gives_way_where_the_file_system_cannot_read_without_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without RWF_NOWAIT reads answers EOPNOTSUPP (and a disk can answer
+    EIO): the page-cache-only read then says "not here" (None) and the caller's reader
+    thread reads the file its usual way; a plain read still raises."""
+    import errno
+
+    files = BlobFiles(tmp_path / "blobs")
+    pointer = files.write_named(os.urandom(10_000), "cd" * 16)
+    buffer = memoryview(bytearray(20_000))
+
+    def unsupported(*args: Any) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", unsupported)
+    assert files.read_into(pointer, buffer, "x", cached_only=True) is None
+    with pytest.raises(OSError):
+        files.read_into(pointer, buffer, "x")
