@@ -135,20 +135,29 @@ class Gather:
         context = self._context
         plan: dict[str, list[int]] = {}
         lost: list[int] = []
+        # next_reader's read order, by owner list: a scatter has a piece per token range and
+        # the ranges share few owner lists, and nothing it depends on (liveness, sites,
+        # slowness) changes while this runs (no await).
+        orders: dict[tuple[str, ...], list[str]] = {}
         for index in indexes:
             asked, answered, failed = self._asked[index], self._answered[index], self._failed[index]
             in_flight = len(asked - answered - failed)
             wanted = self._needed[index] - len(answered) - in_flight
             excluded = asked | self._excluded[index]
-            while wanted > 0:
-                chosen = next_reader(self._pieces[index], context.self_id, context.is_alive, context.site_of,
-                                     excluded, context.slow)
-                if chosen is None:
-                    break
-                excluded.add(chosen)
-                asked.add(chosen)
-                plan.setdefault(chosen, []).append(index)
-                wanted -= 1
+            if wanted > 0:
+                owners = self._pieces[index].owners
+                order = orders.get(owners)
+                if order is None:
+                    order = orders[owners] = read_order(owners, context.self_id, context.is_alive,
+                                                        context.site_of, context.slow)
+                while wanted > 0:
+                    chosen = next_reader(order, excluded, context.is_alive)
+                    if chosen is None:
+                        break
+                    excluded.add(chosen)
+                    asked.add(chosen)
+                    plan.setdefault(chosen, []).append(index)
+                    wanted -= 1
             if wanted > 0 and index not in self._unreachable:
                 lost.append(index)
         if lost:

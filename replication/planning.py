@@ -153,16 +153,10 @@ def narrow_to_studies(query: Query, uids: Sequence[str]) -> Query:
     return dataclasses.replace(query, conditions=conditions)
 
 
-def next_reader(
-    piece: Piece,
-    self_id: str,
-    is_alive: Callable[[str], bool],
-    site_of: Callable[[str], str] | None,
-    excluded: set[str],
-    slow: Callable[[str], bool] | None = None,
-) -> str | None:
-    """The live owner to ask for `piece` (self first, then our site), skipping `excluded`."""
-    for node_id in read_order(piece.owners, self_id, is_alive, site_of, slow):
+def next_reader(order: Sequence[str], excluded: set[str], is_alive: Callable[[str], bool]) -> str | None:
+    """The live owner to ask next for a piece whose owners' read_order is `order` (self
+    first, then our site), skipping `excluded`."""
+    for node_id in order:
         if node_id not in excluded and is_alive(node_id):
             return node_id
     return None
