@@ -4,7 +4,7 @@
 Frames are cut from the stored pixel data without decoding: uncompressed frames by
 size, encapsulated ones by their fragments (pydicom.encaps). Rendering decodes with
 pydicom's pixel handlers (numpy for native data; Pillow for JPEG baseline/extended and
-JPEG 2000, as pydicom documents), applies the modality and VOI LUTs (the stored window,
+JPEG 2000; GDCM for JPEG lossless and JPEG-LS; pydicom's own RLE; as pydicom documents), applies the modality and VOI LUTs (the stored window,
 else the frame's range), inverts MONOCHROME1, and writes JPEG or PNG with Pillow.
 """
 

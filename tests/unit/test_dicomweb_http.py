@@ -466,12 +466,13 @@ def _relabelled(part10: bytes, syntax: str) -> bytes:
 
 def test_retrieve_converts_native_and_decodes_compressed_only_when_asked(
         served: _Served, study_set: list[tuple[ManifestEntry, bytes]]) -> None:
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
     jpeg = dcmread(io.BytesIO(_jpeg_instance()))
     deflated = dcmread(io.BytesIO(_relabelled(study_set[0][1], DeflatedExplicitVRLittleEndian)))
-    jpeg_ls = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), JPEGLSLossless)))  # No handler decodes it here.
-    served.client.store_instances([jpeg, deflated, jpeg_ls])
+    # No installed handler decodes video: labelled H.264, the JPEG frame is never decoded.
+    video = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), "1.2.840.10008.1.2.4.102")))
+    served.client.store_instances([jpeg, deflated, video])
 
     def url(dataset: Dataset) -> str:
         return (f"{served.url}/dicom-web/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
@@ -504,9 +505,46 @@ def test_retrieve_converts_native_and_decodes_compressed_only_when_asked(
         return httpx.get(url(dataset), headers={"Accept": f'multipart/related; type="application/dicom"; '
                                                           f"transfer-syntax={syntax}"}).status_code
 
-    assert status(jpeg_ls, EVRLE) == 406
+    assert status(video, EVRLE) == 406
     assert status(jpeg, "1.2.840.10008.1.2.4.90") == 406
-    assert status(jpeg_ls, JPEGLSLossless) == 200
+    assert status(video, "1.2.840.10008.1.2.4.102") == 200
+
+
+@pytest.mark.parametrize("tool, syntax", [(["dcmcjpeg", "--encode-lossless-sv1"], "1.2.840.10008.1.2.4.70"),
+                                          (["dcmcjpls", "--encode-lossless"], "1.2.840.10008.1.2.4.80")])
+def test_jpeg_lossless_and_jpeg_ls_are_rendered_and_decoded_when_asked(
+        served: _Served, study_set: list[tuple[ManifestEntry, bytes]], tmp_path: Path, tool: list[str],
+        syntax: str) -> None:
+    """The lossless syntaxes modalities send most (JPEG lossless SV1, JPEG-LS), as dcmtk
+    encodes them: /rendered and /thumbnail decode them (GDCM through pydicom), and a WADO-RS
+    client that names Explicit VR Little Endian gets the original pixel values. The default
+    retrieve still sends the stored bytes, undecoded."""
+    import subprocess
+
+    from PIL import Image
+
+    _entry, data = study_set[0]
+    (tmp_path / "native.dcm").write_bytes(data)
+    subprocess.run([*tool, str(tmp_path / "native.dcm"), str(tmp_path / "coded.dcm")], check=True, timeout=60)
+    coded = dcmread(tmp_path / "coded.dcm")
+    assert coded.file_meta.TransferSyntaxUID == syntax
+    from pydicom.uid import generate_uid
+    coded.SOPInstanceUID = coded.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # Not the stored native one.
+    original = dcmread(io.BytesIO(data))
+    served.client.store_instances([coded])
+    path = (f"{served.url}/dicom-web/studies/{coded.StudyInstanceUID}/series/{coded.SeriesInstanceUID}"
+            f"/instances/{coded.SOPInstanceUID}")
+    picture = httpx.get(path + "/rendered", headers={"Accept": "image/png"})
+    assert picture.status_code == 200
+    image = Image.open(io.BytesIO(picture.content))
+    assert image.size == (original.Columns, original.Rows) and image.getextrema()[1] > image.getextrema()[0]
+    assert httpx.get(path + "/thumbnail?viewport=32,32").status_code == 200
+    decoded = served.client.retrieve_instance(coded.StudyInstanceUID, coded.SeriesInstanceUID, coded.SOPInstanceUID,
+                                              media_types=(("application/dicom", EVRLE),))
+    assert decoded.file_meta.TransferSyntaxUID == EVRLE
+    assert (decoded.pixel_array == original.pixel_array).all()  # Lossless, both ways.
+    assert served.client.retrieve_instance(coded.StudyInstanceUID, coded.SeriesInstanceUID,
+                                           coded.SOPInstanceUID).file_meta.TransferSyntaxUID == syntax
 
 
 def _viewer_server(viewer_dir: Path) -> HttpServer:
