@@ -13,6 +13,10 @@ this: raw elements are then written as they are, not decoded).
 Anything else -- a non-ASCII value (its Specific Character Set decides the bytes), a
 binary number, a sequence, a keyword pydicom does not know -- makes `ascii_response`
 return None, and the caller builds that row the general way.
+
+`ascii_identifier` goes one step further: the same identifier as little-endian bytes,
+which the node's associations send as the Pending response's data set themselves
+(node/dicom.py, node/acceptor.py send_find_row), without pydicom's writer at all.
 """
 
 from __future__ import annotations
