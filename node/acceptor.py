@@ -1036,6 +1036,21 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()),
             defer=FIND_ROWS_PER_WRITE if defer else 0)
 
+    def send_find_row(self, context_id: int, message_id: int, sop_class_uid: str, identifier: bytes) -> bool:
+        """A Pending C-FIND response (0xFF00) with its already encoded Identifier, sent by
+        the node's C-FIND handler itself (node/dicom.py) instead of yielded to pynetdicom,
+        which encoded each identifier with pydicom's writer and ran its per-row loop (with
+        the encoding ~a third of the association thread's GIL time on a ~200-row answer).
+        Held back and written together as _send_pending_find_response does. Only on this
+        association's own thread; False: nothing sent (the caller yields the row)."""
+        if threading.current_thread() is not self.assoc:
+            return False
+        defer = self._find_pending_sent_for == message_id
+        self._find_pending_sent_for = message_id
+        return self._send_encoded_response(context_id, message_id, 0xFF00, lambda: pdata.find_response_pdus(
+            context_id, self.maximum_pdu_size, message_id_responded=message_id, status=0xFF00,
+            sop_class_uid=sop_class_uid, identifier=identifier), defer=FIND_ROWS_PER_WRITE if defer else 0)
+
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
                                encode: Callable[[], "bytes | pdata.EncodedPData | None"], defer: int = 0) -> bool:
         """Queue a response that `encode` made as one PDU, behind what is queued already

@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom.dsutils import encode as encode_dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -436,10 +437,30 @@ class DicomFrontEnd:
             return cancelled()
 
         rows = self._archive.find(query, stop_or_wait)
+        # The node's associations send a Pending response with its identifier themselves
+        # (AcceptorDIMSE.send_find_row: no pydicom writer, no pynetdicom per-row loop);
+        # pynetdicom then sends only the final response. Not for a deflated or big-endian
+        # syntax, nor when the association cannot (another EVT_DIMSE_SENT handler bound):
+        # such a row is yielded to pynetdicom as before.
+        send_row = getattr(event.assoc.dimse, "send_find_row", None) \
+            if syntax.is_little_endian and not syntax.is_deflated else None
+        context_id, message_id = int(event.context.context_id), int(event.request.MessageID)
+        sop_class_uid = str(event.request.AffectedSOPClassUID)
         try:
             for row in rows:
                 if cancelled():
                     break
+                if send_row is not None:
+                    identifier = find_rows.ascii_identifier(requested, row, query.level, self._config.ae_title,
+                                                            encoding[0])
+                    if identifier is None:
+                        identifier = encode_dataset(self._response(query, requested, row), encoding[0], True, False)
+                    if identifier is not None and send_row(context_id, message_id, sop_class_uid, identifier):
+                        matches += 1
+                        if self._config.find_result_max and matches >= self._config.find_result_max:
+                            log.warning("dicom.find.capped matches=%d", matches)
+                            break
+                        continue
                 # Most rows are ASCII text: encoded once, here (node/find_rows.py).
                 response = find_rows.ascii_response(requested, row, query.level, self._config.ae_title, *encoding)
                 yield STATUS_PENDING, response if response is not None else self._response(query, requested, row)
@@ -768,7 +789,7 @@ class CancelFlag:
         self._cancelled = False
 
     def __call__(self) -> bool:
-        if not self._cancelled and (self._event.is_cancelled or not self._event.assoc.is_established):
+        if not self._cancelled and (self._event.is_cancelled or not self._event.assoc.is_established or not self._event.assoc.dul.is_alive()):
             self._cancelled = True
         return self._cancelled
 

@@ -1124,3 +1124,52 @@ def test_a_finds_pending_responses_after_the_first_are_written_together() -> Non
         assert accepted[0].dul.encoded_sent_direct == 4
     finally:
         server_ae.shutdown()
+
+
+def test_a_find_handler_sends_its_rows_itself_and_pynetdicom_only_the_final() -> None:
+    """issue 10: the node's C-FIND handler sends each Pending response with its encoded
+    identifier itself (AcceptorDIMSE.send_find_row, held back and written 16 at a time
+    like pynetdicom's), yielding nothing: pynetdicom, which encoded every identifier with
+    pydicom's writer and ran its loop per row, sends only the final response."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from pacsnode.sim.process import free_port
+
+    rows = 2 * acceptor.FIND_ROWS_PER_WRITE + 8
+    sent: list[bool] = []
+
+    def on_find(event: Any) -> Any:
+        for index in range(rows):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.PatientID = f"P{index:03d}"
+            encoded = encode(identifier, False, True)
+            sent.append(event.assoc.dimse.send_find_row(int(event.context.context_id), int(event.request.MessageID),
+                                                        str(event.request.AffectedSOPClassUID), encoded))
+        yield from ()
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="FIND")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind, [ExplicitVRLittleEndian])
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_FIND, on_find), (evt.EVT_ESTABLISHED, lambda e: accepted.append(e.assoc))])
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="FIND")
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = "*"
+        answers = [(int(status.Status), identifier.PatientID if identifier is not None else None)
+                   for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        assoc.release()
+        assert sent == [True] * rows
+        assert answers == [(0xFF00, f"P{index:03d}") for index in range(rows)] + [(0x0000, None)]
+        assert accepted[0].dul.encoded_sent_direct == 4
+    finally:
+        server_ae.shutdown()

@@ -30,7 +30,10 @@ def _general(level: str, requested: list[str], row: dict[str, Any]) -> Any:
 def _both(level: str, requested: list[str], row: dict[str, Any], implicit: bool) -> tuple[bytes, bytes]:
     fast = find_rows.ascii_response(requested, row, level, "PACSNODE", implicit, True)
     assert fast is not None
-    return encode(fast, implicit, True), encode(_general(level, requested, row), implicit, True)
+    general = encode(_general(level, requested, row), implicit, True)
+    # The identifier the node sends itself (without pydicom's writer) is the same bytes.
+    assert find_rows.ascii_identifier(requested, row, level, "PACSNODE", implicit) == general
+    return encode(fast, implicit, True), general
 
 
 @pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
@@ -54,12 +57,23 @@ def test_any_ascii_row_encodes_as_the_general_path_does(values: dict[str, Any], 
     if any(part and str(int(part)) != part if part.lstrip("-").isdigit() else part for part in parts):
         # Not an integer as pydicom writes it (it empties or rewrites it): the general way.
         assert find_rows.ascii_response(REQUESTED, values, "STUDY", "PACSNODE", implicit, True) is None
+        assert find_rows.ascii_identifier(REQUESTED, values, "STUDY", "PACSNODE", implicit) is None
         return
     fast, general = _both("STUDY", REQUESTED, values, implicit)
     assert fast == general
 
 
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_a_long_length_text_vr_encodes_as_the_general_path_does(implicit: bool) -> None:
+    """UT (and UC, UR) take a 4-byte length in explicit VR (PS3.5 7.1.2)."""
+    fast, general = _both("IMAGE", ["QueryRetrieveLevel", "TextValue", "SOPInstanceUID"],
+                          {"TextValue": "A LONG TEXT", "SOPInstanceUID": "1.2.3"}, implicit)
+    assert fast == general
+
+
 def test_rows_the_fast_path_cannot_take_go_the_general_way() -> None:
+    assert find_rows.ascii_identifier(["PatientName"], {"PatientName": "MÜLLER^HANS"}, "STUDY", "AE", True) is None
+    assert find_rows.ascii_identifier(["Rows"], {"Rows": "512"}, "IMAGE", "AE", False) is None
     assert find_rows.ascii_response(["PatientName"], {"PatientName": "MÜLLER^HANS"}, "STUDY", "AE", True, True) is None
     assert find_rows.ascii_response(["NoSuchKeyword"], {}, "STUDY", "AE", True, True) is None
     # A binary number (US) and a sequence are not text.
