@@ -917,6 +917,12 @@ class Coordinator:
             except PeerError:
                 continue
             if stored is not None:
+                # Held outside the owners: a hint, or the copy a former owner keeps until its
+                # drop rule runs. The owners that answered without it may hold a newer
+                # tombstone: hand it to them first, as read repair does; one answering
+                # DELETED means it was deleted, so it is not served.
+                if await self._deleted_at(missing, stored):
+                    raise ReadError(f"{location.sop_instance_uid} was deleted (an owner holds a newer tombstone)")
                 try:
                     return await self._run_blocking(self._decode, stored), stored.record.dataset_offset
                 except StoreError:
@@ -971,6 +977,25 @@ class Coordinator:
     def _mark_slow(self, node_id: str) -> None:
         window_s = 5 * self._settings.replica_start_timeout_ms / 1000
         self._slow_until[node_id] = asyncio.get_running_loop().time() + window_s
+
+    async def _deleted_at(self, owners: Sequence[str], stored: StoredInstance) -> bool:
+        """Store `stored` on each live owner of `owners` (as read repair does); True as soon
+        as one answers DELETED (it holds a newer tombstone). An owner that cannot be reached
+        says nothing either way."""
+        for node_id in owners:
+            if node_id != self.self_id and not self._membership.is_alive(node_id):
+                continue
+            try:
+                outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
+                                                                                 len(stored.blob)))
+            except PeerError as error:
+                log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
+                continue
+            if outcome == StoreOutcome.DELETED:
+                return True
+            if outcome == StoreOutcome.STORED:
+                self.stats.read_repairs += 1
+        return False
 
     async def _repair(self, node_id: str, stored: StoredInstance) -> None:
         try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pacsnode.replication.archive import IncompleteAnswer
+from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, ReadError
 from pacsnode.replication.coordinator import WriteQuorumMode
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus, apply_tombstones, expand_scope
 from pacsnode.replication.hlc import Version
@@ -455,5 +455,34 @@ def test_a_stand_in_s_hint_of_a_deleted_instance_is_not_served_while_its_owner_i
             assert gone.sop_instance_uid not in located, (reader, plan.shortfall)
             assert located == {kept[0].sop_instance_uid}, (reader, located)
             assert _find(cluster, reader, study.study_instance_uid) == {kept[0].sop_instance_uid}, reader
+    finally:
+        cluster.close()
+
+
+def test_a_former_owner_s_copy_of_a_deleted_instance_is_not_served_by_the_stand_in_fallback() -> None:
+    # Found by the stop-27 sweep (`python -m pacsnode.sim run --scenario join --nodes 10
+    # --sites 3 --seed 293`): node-010 joined and took over a study; node-004, its former
+    # owner and now its first stand-in, kept its copy until its drop rule ran; the instance
+    # was then deleted on the three new owners. A read found it on none of them and, as
+    # for a hint (owners down when it was stored), asked the stand-ins: node-004 answered
+    # with its former-owner copy, and the deleted instance was served.
+    cluster = SimCluster(5, seed=8, config=SimConfig(anti_entropy_interval_ms=600_000))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(8)
+        study, instances = _store_study(cluster, data, "node-000", 1)
+        cluster.run_for(2)
+        owners = _owners(cluster, study.study_instance_uid)
+        ring = cluster.process("node-000").membership.ring()
+        stand_in = ring.stand_ins(study_token(study.study_instance_uid), 3, set(owners))[0].node_id
+        assert cluster.nodes[stand_in].store.put_stored(instances[0]) == StoreOutcome.STORED  # As a former owner.
+        gone = instances[0].sop_instance_uid
+        result = _delete(cluster, owners[0], DeleteScope(study.study_instance_uid, "", gone))
+        assert result.status is DeleteStatus.DELETED and result.acked == 3
+        location = InstanceLocation(study.study_instance_uid, instances[0].record.series_instance_uid, gone,
+                                    instances[0].record.sop_class_uid, instances[0].record.transfer_syntax_uid)
+        for reader in cluster.nodes:
+            with pytest.raises(ReadError):
+                cluster.loop.run_until_complete(cluster.process(reader).coordinator.read(location))
     finally:
         cluster.close()
