@@ -384,22 +384,16 @@ class DicomWeb:
 
     async def _read_all(self, sendable: list[tuple[InstanceLocation, str]]) -> AsyncGenerator[_Opened, None]:
         """Each instance's bytes (or stream), in order. When this node owns every study of
-        the retrieve and its blob files are in the page cache, the HTTP loop reads and
-        decompresses them itself (`local_reads.read_cached`), one just before it is sent,
-        the bytes still in this core's cache when the socket copies them; only the lookups
-        are on a reader thread, LOOKUP_BATCH at a time. Every other instance is offered to
-        a reader thread when the one before it is taken: read there while the loop reads
-        and sends that one if a core is free, else (the thread has not started it when the
-        loop gets to it) taken back and read on the loop. 80 CT (42 MB), against all reads
-        on the threads (`_read_ahead`, as before), alternating, load 4.9-9.8: after ingest
-        1.09x as fast (median of 520 pairs, 11 of 13 runs faster), after a restart about
-        0.95x (150 pairs, 5 runs), the same server CPU (33.6 against 33.3 ms per study):
-        no clear change in time; all on the loop: 28.0 ms of CPU but 0.95x as fast (264
-        pairs, 7 runs): without a second core the retrieve waits (bench/README.md, DICOMweb).
-        Everything else (instances owned elsewhere, RocksDB values, corrected or transcoded
-        instances, big blob files) is read ahead on the reader threads (`_read_ahead`), a
-        run of such instances at a time; and so is the rest of a retrieve from its first
-        file not in the page cache (a cold study is read there, its reads overlapping)."""
+        the retrieve and its blob files are in the page cache, they are read and
+        decompressed on the HTTP loop itself, one at a time just before they are sent
+        (`local_reads.read_cached`; only the lookups are on a reader thread, LOOKUP_BATCH
+        at a time): the bytes are still in this core's cache when the socket copies them,
+        and no reader thread hands them over. 80 CT (42 MB): server CPU per study 35-36 ->
+        29-31 ms (bench/README.md, DICOMweb). Everything else (instances owned elsewhere,
+        RocksDB values, corrected or transcoded instances, big blob files) is read ahead
+        on the reader threads (`_read_ahead`), a run of such instances at a time; and so is
+        the rest of the retrieve from the first file not in the page cache (a cold study
+        is read there, with its reads overlapping)."""
         own = self._owns_all(sendable)
         reads = self._local_reads
         if not own or reads is None:
@@ -430,7 +424,6 @@ class DicomWeb:
             return True
 
         position = 0
-        offered: tuple[int, concurrent.futures.Future[bytes | None]] | None = None  # The next one, on a thread.
         try:
             while await looked_up(position):
                 if files[position] is None:  # A run of instances not kept as files: read ahead on threads.
@@ -441,24 +434,14 @@ class DicomWeb:
                         yield opened
                     position = end
                     continue
-                if offered is not None and offered[0] == position and not offered[1].cancel():
-                    taken = offered[1]  # A reader thread started it: its bytes.
-                    body = taken.result() if taken.done() else await asyncio.wrap_future(taken)
-                else:
-                    body = reads.read_cached(files[position])
-                offered = None
+                body = reads.read_cached(files[position])
                 if body is None:
                     break  # Not in the page cache: this and the rest read ahead on threads.
-                following = position + 1
-                if following % 2 and following < len(files) and files[following] is not None:
-                    offered = (following, self._readers.submit(reads.read_cached, files[following]))
                 position += 1
                 yield _Opened(body)
         finally:
             if looking is not None:
                 looking.cancel()
-            if offered is not None:
-                offered[1].cancel()  # Or it ends on its thread, its bytes dropped.
         if position < len(sendable):
             async for opened in self._read_ahead(sendable[position:], own):
                 yield opened
