@@ -985,27 +985,22 @@ class Coordinator:
         for node_id in owners:
             if node_id != self.self_id and not self._membership.is_alive(node_id):
                 continue
-            try:
-                outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
-                                                                                 len(stored.blob)))
-            except PeerError as error:
-                log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
-                continue
-            if outcome == StoreOutcome.DELETED:
+            if await self._repair(node_id, stored) == StoreOutcome.DELETED:
                 return True
-            if outcome == StoreOutcome.STORED:
-                self.stats.read_repairs += 1
         return False
 
-    async def _repair(self, node_id: str, stored: StoredInstance) -> None:
+    async def _repair(self, node_id: str, stored: StoredInstance) -> str | None:
+        """Read repair of one copy: the owner's outcome, None when it could not be asked."""
         try:
             outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
                                                                              len(stored.blob)))
-            if outcome == StoreOutcome.STORED:
-                self.stats.read_repairs += 1
-                log.info("replication.read_repair sop_instance_uid=%s node=%s", stored.sop_instance_uid, node_id)
         except PeerError as error:
             log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
+            return None
+        if outcome == StoreOutcome.STORED:
+            self.stats.read_repairs += 1
+            log.info("replication.read_repair sop_instance_uid=%s node=%s", stored.sop_instance_uid, node_id)
+        return outcome
 
     # ----------------------------------------------------------------- hints
     async def replay_hints(self) -> int:
