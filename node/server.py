@@ -253,6 +253,7 @@ class Node:
                            tombstone_grace_ms=config.tombstone_grace_s * 1000),
         )
         self.coordinator.pending = self.repairer.pending
+        self.deletes.former_owners = self.repairer.former_owners
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
         self.front_end = DicomFrontEnd(config, self.archive, security=self.security,

@@ -13,7 +13,11 @@ delete. A delete
 3. an owner that is down or does not answer gets its tombstones kept as hints on the
    next stand-in (as a write's copy would), replayed by `replay_tombstone_hints` when it
    answers again;
-4. answers DELETED once W owners made them durable, and never before. Tombstones kept
+4. also sends them, best effort and not counted, to the owners of the study in the ring
+   before the last change that are owners no more (`former_owners`): such a node keeps
+   its copy until its drop pass has seen every new owner hold it, and a delete in
+   between would otherwise leave the deleted bytes on its disk until then;
+5. answers DELETED once W owners made them durable, and never before. Tombstones kept
    as hints count toward W only with `strict_quorum=False` (write_quorum_mode sloppy),
    as a write's hints do: with strict writes an acknowledged delete is on W owners, so
    R owners asked by any later read include one that has the tombstone.
@@ -170,8 +174,12 @@ class DeleteCoordinator:
         self._timeout_ms = replica_timeout_ms
         self._strict = strict_quorum  # Only owners' durable tombstones count toward W.
         self._run_blocking = run_blocking
+        # The study token's owners in the ring before the last change that are not owners
+        # now (Repairer.former_owners; set by the node shell): they may still hold copies.
+        self.former_owners: Callable[[int], Sequence[str]] = lambda token: ()
         self.deletes = 0
         self.deletes_failed = 0
+        self.former_owners_reached = 0
         self.tombstone_hints_written = 0
         self.tombstone_hints_replayed = 0
 
@@ -236,9 +244,13 @@ class DeleteCoordinator:
         token = study_token(scope.study_instance_uid)
         owners = ring.preference_list(token, n)
         used: set[str] = set()
-        results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, scope, token, n, used)
-                                         for owner in owners))
+        former = [node for node in self.former_owners(token) if node not in owners]
+        results, reached = await asyncio.gather(
+            asyncio.gather(*(self._replicate(owner, owners, tombstones, scope, token, n, used) for owner in owners)),
+            self._tell_former(former, tombstones, scope))
         acked = self._counted(results)
+        if former:
+            log.info("replication.delete.former_owners asked=%d reached=%d", len(former), reached)
         log.info("replication.delete scope=%s instances=%d owners=%d acked=%d write_quorum=%d version=%s",
                  scope.level, len(tombstones), len(owners), acked, w, version.mark())
         if acked < w:
@@ -262,6 +274,25 @@ class DeleteCoordinator:
         results = await asyncio.gather(*(self._replicate(owner, owners, tombstones, None, token, n, used)
                                          for owner in owners))
         return self._counted(results) >= min(self._w, ring.effective_replicas(self._n))
+
+    async def _tell_former(self, former: Sequence[str], tombstones: Sequence[Tombstone],
+                           scope: DeleteScope) -> int:
+        """The tombstones on the former owners that answer (not counted toward W, no hints:
+        what one misses its drop pass settles, as the owners answer it DELETED); how many
+        made them durable."""
+        async def one(node_id: str) -> bool:
+            if node_id != self.self_id and not self._membership.is_alive(node_id):
+                return False
+            try:
+                await self._send(node_id, tombstones, scope, "")
+                return True
+            except PeerError as error:
+                log.info("replication.delete.former_owner_failed node=%s error=%s", node_id, error)
+                return False
+
+        reached = sum(await asyncio.gather(*(one(node_id) for node_id in former)))
+        self.former_owners_reached += reached
+        return reached
 
     def _counted(self, results: Sequence[_Copy]) -> int:
         """Copies that count toward W: owners' own, and with sloppy quorum hints too."""

@@ -370,6 +370,16 @@ class Repairer:
         return [o for o in previous.preference_list(token_range.end, old_n)
                 if o != self.self_id and self._membership.is_alive(o)]
 
+    def former_owners(self, token: int) -> list[str]:
+        """The token's owners in the ring before the last change that own it no more (they
+        keep their copies until their drop pass has seen every new owner hold them)."""
+        previous, current = self._previous_ring, self._last_ring
+        if previous is None or current is None or len(previous) <= 1:
+            return []
+        now = set(current.preference_list(token, current.effective(self._settings.replication_factor)))
+        old_n = previous.effective(self._settings.replication_factor)
+        return [o for o in previous.preference_list(token, old_n) if o not in now and o in current]
+
     def under_replicated_ranges(self) -> list[TokenRange]:
         """Owned ranges that may have fewer than N full copies: pending here, or an owner down."""
         ring = self._membership.ring()

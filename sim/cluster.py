@@ -297,6 +297,7 @@ class _Process:
                                          replica_timeout_ms=config.coordinator_settings().replica_timeout_ms,
                                          strict_quorum=config.write_mode is WriteQuorumMode.STRICT,
                                          run_blocking=self.run_blocking)
+        self.deletes.former_owners = self.repairer.former_owners
         self.coordinator.supersede = self.deletes.supersede
         # `pacsnode modify` / `merge-patient`: the node's own correction path (node/server.py).
         self.modifies = ModifyCoordinator(node.node_id, self.membership, transport, node.store,

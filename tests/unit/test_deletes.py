@@ -486,3 +486,37 @@ def test_a_former_owner_s_copy_of_a_deleted_instance_is_not_served_by_the_stand_
                 cluster.loop.run_until_complete(cluster.process(reader).coordinator.read(location))
     finally:
         cluster.close()
+
+
+def test_a_delete_reaches_a_former_owner_that_still_holds_a_copy() -> None:
+    # The rest of the join seed-293 failure: node-004, the study's owner before node-010
+    # joined, held the deleted instance's bytes until its drop pass (which waits until every
+    # new owner was seen to hold the copy; there, its next pass, a repair interval later).
+    # The delete now also sends its tombstones to the owners of the ring before the last
+    # change, best effort and not counted toward W.
+    cluster = SimCluster(5, seed=11, config=SimConfig(anti_entropy_interval_ms=600_000))
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(11)
+        studies = [_store_study(cluster, data, "node-000", 1) for _ in range(12)]
+        cluster.run_for(2)
+        before = {study.study_instance_uid: set(_owners(cluster, study.study_instance_uid)) for study, _ in studies}
+        joined = cluster.add_node().node_id
+        cluster.run_for(20)  # Joined, its ranges filled.
+        assert cluster.converged()
+        moved = [(study, instances[0], sorted(before[study.study_instance_uid] - set(_owners(cluster, study.study_instance_uid))))
+                 for study, instances in studies if joined in _owners(cluster, study.study_instance_uid)]
+        assert moved, "no study moved to the new node"
+        for study, instance, former in moved:
+            assert cluster.nodes[joined].store.read_stored(study.study_instance_uid, instance.sop_instance_uid)
+            for node_id in former:  # Its copy not dropped yet (here the drop passes ran already).
+                cluster.nodes[node_id].store.put_stored(instance)
+            result = _delete(cluster, "node-001", DeleteScope(study.study_instance_uid, "", instance.sop_instance_uid))
+            assert result.status is DeleteStatus.DELETED and result.acked == 3
+            for node_id in former:
+                store = cluster.nodes[node_id].store
+                assert store.read_stored(study.study_instance_uid, instance.sop_instance_uid) is None
+                assert store.tombstone(study.study_instance_uid, instance.sop_instance_uid) is not None
+        assert cluster.process("node-001").deletes.former_owners_reached == sum(len(f) for _s, _i, f in moved)
+    finally:
+        cluster.close()
