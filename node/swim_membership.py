@@ -38,7 +38,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from pacsnode.node import peer_wire
@@ -80,6 +80,9 @@ if TYPE_CHECKING:
     from pacsnode.node.grpc_transport import GrpcTransport
 
 log = logging.getLogger(__name__)
+
+# SwimStatistics fields that are levels, not counts (not carried across generations).
+_GAUGES = frozenset({"awareness", "broadcast_queue_depth"})
 
 PROFILES: dict[str, Callable[[], SwimConfig]] = {  # node/config.py PROFILES names them.
     "lan": SwimConfig.lan,
@@ -227,6 +230,9 @@ class SwimMembership:
         self._dead_boot_logged = DeadBootRecord.NONE
         self._newer_boot_logged = 0
         self.counters = MembershipCounters()
+        # The counts of the SWIM states this node's earlier generations ran (a rejoin starts a
+        # new one): metrics() adds them, so a Prometheus counter never goes back.
+        self._retired: dict[str, int] = {}
         self._left_by_us = False
         self._started = False
         self._stopped = False
@@ -295,25 +301,26 @@ class SwimMembership:
         """The membership figures of Node.metrics() (Admin Metrics and /metrics, renamed by
         node/metrics.py: `pacsnode.membership.probes_count` is `pacsnode_membership_probes_total`)."""
         swim = self.swim.statistics()
+        total = self._totals(swim)
         counters = self.counters
         metrics: dict[str, float] = {f"pacsnode.ring.members_{state}_count": count
                                      for state, count in swim.members_by_state.items()}
         metrics.update({
-            "pacsnode.membership.probes_count": swim.probes_sent,
-            "pacsnode.membership.probe_failures_count": swim.probe_failures,
-            "pacsnode.membership.indirect_probes_count": swim.indirect_probes_sent,
-            "pacsnode.membership.suspicions_raised_count": swim.suspicions_raised,
-            "pacsnode.membership.suspicions_refuted_count": swim.suspicions_refuted,
-            "pacsnode.membership.deaths_declared_count": swim.deaths_declared,
-            "pacsnode.membership.removals_count": swim.removals,
-            "pacsnode.membership.removals_blocked_count": swim.removals_blocked,
-            "pacsnode.membership.removal_graces_restarted_count": swim.removal_graces_restarted,
+            "pacsnode.membership.probes_count": total["probes_sent"],
+            "pacsnode.membership.probe_failures_count": total["probe_failures"],
+            "pacsnode.membership.indirect_probes_count": total["indirect_probes_sent"],
+            "pacsnode.membership.suspicions_raised_count": total["suspicions_raised"],
+            "pacsnode.membership.suspicions_refuted_count": total["suspicions_refuted"],
+            "pacsnode.membership.deaths_declared_count": total["deaths_declared"],
+            "pacsnode.membership.removals_count": total["removals"],
+            "pacsnode.membership.removals_blocked_count": total["removals_blocked"],
+            "pacsnode.membership.removal_graces_restarted_count": total["removal_graces_restarted"],
             # Pings for our id left unanswered because they were meant for a newer boot of it
             # (a wiped node back before the cluster held that boot dead).
-            "pacsnode.membership.pings_for_a_newer_boot_count": swim.pings_for_a_newer_boot,
+            "pacsnode.membership.pings_for_a_newer_boot_count": total["pings_for_a_newer_boot"],
             "pacsnode.membership.awareness_count": swim.awareness,
             "pacsnode.membership.broadcast_queue_depth_count": swim.broadcast_queue_depth,
-            "pacsnode.membership.sent_bytes": sum(swim.bytes_sent.values()),
+            "pacsnode.membership.sent_bytes": total["sent_bytes"],
             "pacsnode.membership.sends_failed_count": counters.sends_failed,
             "pacsnode.membership.updates_ignored_count": counters.updates_ignored,
             "pacsnode.membership.rejoins_count": counters.rejoins,
@@ -322,6 +329,13 @@ class SwimMembership:
             "pacsnode.membership.incarnation_count": self.incarnation,
         })
         return metrics
+
+    def _totals(self, swim: SwimStatistics) -> dict[str, int]:
+        """The counters of `swim` (the current generation's statistics) plus the retired ones."""
+        current = {f.name: getattr(swim, f.name) for f in fields(swim)
+                   if f.type in (int, "int") and f.name not in _GAUGES}
+        current["sent_bytes"] = sum(swim.bytes_sent.values())
+        return {name: value + self._retired.get(name, 0) for name, value in current.items()}
 
     # ----------------------------------------------------------------- operations
     def update_self(self, **changes: Any) -> MemberInfo:
@@ -695,6 +709,7 @@ class SwimMembership:
                         "generation count started over (data dir wiped or replaced)", self.self_id,
                         old.generation, old.dead_boot_generation)
         generation = max(self._next_generation(at_least), at_least)
+        self._retired = self._totals(old.statistics())
         self.counters.rejoins += 1
         log.warning("membership.rejoin node=%s state=%s old_generation=%d new_generation=%d", self.self_id,
                     old.self_state().value, old.generation, generation)

@@ -229,12 +229,23 @@ def test_a_member_removed_while_alive_comes_back_as_its_next_generation() -> Non
             return generations[-1]
 
         m3._next_generation = next_generation
+        await asyncio.sleep(2)  # Some probe rounds of generation 1.
+        before = m3.metrics()
+        assert before["pacsnode.membership.probes_count"] > 0 and before["pacsnode.membership.sent_bytes"] > 0
         assert m1.remove("m3", reason="test")
         assert await wait_for(lambda: generations and all(
             (r := m.swim.record("m3")) is not None and (r.state, r.generation) == (State.ALIVE, 2) for m in members),
             5.0), [m.swim.record("m3") for m in members]
         assert m3.counters.rejoins == 1 and m3.self_state() is State.ALIVE
         assert all(len(m.ring()) == 3 for m in members)
+        # The new generation's SWIM state counts from 0; /metrics carries the old counts on
+        # (a Prometheus counter must never go back).
+        after = m3.metrics()
+        assert all(after[name] >= value for name, value in before.items()
+                   if name.endswith(("_count", "_bytes")) and "members_" not in name
+                   and not name.endswith(("awareness_count", "broadcast_queue_depth_count", "incarnation_count"))), \
+            {name: (value, after[name]) for name, value in before.items() if after[name] < value}
+        assert after["pacsnode.membership.probes_count"] > before["pacsnode.membership.probes_count"]
 
     run_cluster(3, scenario, replace(CONFIG, dead_grace_ms=60_000))
 
