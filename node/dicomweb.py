@@ -709,7 +709,7 @@ class DicomWeb:
 
     # ------------------------------------------------------------------ frames, rendered, thumbnail
     async def frames(self, request: Request) -> Response:
-        """PS3.18 8.7.3.5 (instance frames): as stored when the Accept header allows it (the
+        """PS3.18 8.7.3 (instance frames): as stored when the Accept header allows it (the
         stored bytes, never decoded: the fast path); a compressed instance's frames decoded
         to native bytes when only uncompressed `application/octet-stream` is accepted
         (`_decoded_frames`); else 406."""
@@ -1117,7 +1117,7 @@ def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes
 
 
 def _frame_form(ranges: list[Any], media_type: str, stored_syntax: str) -> FrameForm | None:
-    """How /frames answers an Accept header (PS3.18 8.7.3.5 and Table 8.7.3-5: a frame as
+    """How /frames answers an Accept header (PS3.18 8.7.3 and 8.7.4: a frame as
     `application/octet-stream` is uncompressed, Explicit VR Little Endian unless it names
     another syntax). STORED when any accepted range allows the stored form: `*/*`,
     `multipart/*`, `type="*/*"`, `application/octet-stream; transfer-syntax=*`, or the
