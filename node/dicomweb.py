@@ -23,7 +23,7 @@ import logging
 import threading
 from collections import OrderedDict
 from io import BytesIO
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Iterator, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -39,6 +39,7 @@ from pacsnode.node.dicomweb_media import (
     DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
     MediaError,
+    OCTET_STREAM,
     MultipartReader,
     Part,
     accepts_json,
@@ -53,7 +54,19 @@ from pacsnode.node.dicomweb_media import (
     read_file_meta,
 )
 from pacsnode.node.dicomweb_metadata import BulkDataError, HeaderTruncated, bulk_value, header_json, with_root
-from pacsnode.node.dicomweb_render import RenderError, decodable, frame_media_type, frame_numbers, frames, render, viewport_size
+from pacsnode.node.dicomweb_render import (
+    DECODE_AS_RGB,
+    FrameDecodeError,
+    FrameForm,
+    RenderError,
+    decodable,
+    decoded_frames,
+    frame_media_type,
+    frame_numbers,
+    frames,
+    render,
+    viewport_size,
+)
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
@@ -171,12 +184,13 @@ class TranscodeError(Exception):
 def transcode(part10: bytes, syntax: str) -> bytes:
     """The instance in another transfer syntax: native pixel data (uncompressed or deflated)
     is re-encoded without decoding its values; compressed pixel data is decoded by
-    pydicom's pixel handlers (Dataset.decompress: YBR colour becomes RGB, as it documents),
-    keeping the instance's UIDs. Raises TranscodeError."""
+    pydicom's pixel handlers (Dataset.decompress with DECODE_AS_RGB, as /frames decodes a
+    frame: YBR colour becomes RGB and the header says so, as pydicom documents), keeping
+    the instance's UIDs. Raises TranscodeError."""
     try:
         dataset = dcmread(BytesIO(part10))
         if dataset.file_meta.TransferSyntaxUID.is_compressed:
-            dataset.decompress(generate_instance_uid=False)
+            dataset.decompress(as_rgb=DECODE_AS_RGB, generate_instance_uid=False)
         target = UID(syntax)
         dataset.file_meta.TransferSyntaxUID = target
         output = BytesIO()
@@ -684,6 +698,10 @@ class DicomWeb:
 
     # ------------------------------------------------------------------ frames, rendered, thumbnail
     async def frames(self, request: Request) -> Response:
+        """PS3.18 8.7.3.5 (instance frames): as stored when the Accept header allows it (the
+        stored bytes, never decoded: the fast path); a compressed instance's frames decoded
+        to native bytes when only uncompressed `application/octet-stream` is accepted
+        (`_decoded_frames`); else 406."""
         try:
             numbers = frame_numbers(request.path_params["frames"])
         except RenderError as error:
@@ -693,9 +711,17 @@ class DicomWeb:
             return self._not_found(plan)
         location = plan.locations[0]
         media_type = frame_media_type(location.transfer_syntax_uid)
-        if not _accepts_frames(parse_accept(request.headers.get("accept")), media_type, location.transfer_syntax_uid):
-            return PlainTextResponse(f"frames of this instance are available as {media_type} "
-                                     f"(transfer syntax {location.transfer_syntax_uid})", status_code=406)
+        form = _frame_form(parse_accept(request.headers.get("accept")), media_type, location.transfer_syntax_uid)
+        if form is None:
+            syntax = location.transfer_syntax_uid
+            text = f"frames of this instance are available as {media_type} (transfer syntax {syntax})"
+            if UID(syntax).is_compressed:
+                text += (', or decoded as multipart/related; type="application/octet-stream"; '
+                         f"transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}" if decodable(syntax) else
+                         "; no decoder installed here reads that syntax: they cannot be sent uncompressed")
+            return PlainTextResponse(text, status_code=406)
+        if form is FrameForm.DECODED:
+            return await self._decoded_frames(request, location, numbers)
 
         def load() -> list[bytes]:
             part10, _offset = self._archive.read(location)
@@ -717,6 +743,67 @@ class DicomWeb:
         body = b"".join(part_header(boundary, part_type, first=index == 0) + frame
                         for index, frame in enumerate(encoded)) + closing_delimiter(boundary)
         return Response(body, media_type=multipart_content_type(media_type, boundary, syntax))
+
+    async def _decoded_frames(self, request: Request, location: InstanceLocation, numbers: list[int]) -> Response:
+        """The asked frames of a compressed instance decoded (dicomweb_render.decoded_frames:
+        the layout of native Pixel Data, little endian, the stored Bits Allocated, samples
+        interleaved; YCbCr JPEG and JPEG 2000 as RGB, as a conversion of the instance says),
+        each a part of `application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`, in
+        the asked order. Decoded on worker threads, one frame at a time, the next while the
+        one before it is sent: the stored instance and two decoded frames in memory, however
+        many frames are asked (the body streams; no cap on the frame list). The first is
+        decoded before the status line: an instance no frame of which decodes is a 406; a
+        later frame that fails breaks the body off (no closing delimiter)."""
+        def start() -> tuple[Iterator[bytes], bytes]:
+            part10, _offset = self._archive.read(location)
+            decoded = decoded_frames(part10, numbers)
+            return decoded, next(decoded)
+
+        try:
+            decoded, first = await run_in_threadpool(start)
+        except RenderError as error:
+            return PlainTextResponse(str(error), status_code=404)
+        except FrameDecodeError as error:
+            log.warning("dicomweb.frames.undecodable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
+            return PlainTextResponse(f"the frames of this instance (transfer syntax {location.transfer_syntax_uid}) "
+                                     f"could not be decoded: {error}", status_code=406)
+        except ReadError as error:
+            log.error("dicomweb.frames.unreadable reason=%s", error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
+        boundary = new_boundary()
+        caller = caller_of(request) if self._audit is not None else None
+        return StreamingResponse(self._decoded_parts(location, decoded, first, boundary, caller),
+                                 media_type=multipart_content_type(OCTET_STREAM, boundary, EXPLICIT_VR_LITTLE_ENDIAN))
+
+    async def _decoded_parts(self, location: InstanceLocation, decoded: Iterator[bytes], first: bytes,
+                             boundary: str, caller: Caller | None) -> AsyncIterator[bytes]:
+        part_type = f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+        frame: bytes | None = first
+        ahead: asyncio.Future[bytes | None] | None = None
+        index = 0
+        finished = False
+        try:
+            while frame is not None:
+                # The next frame decodes on a worker thread while this one is sent (one
+                # decode at a time: the iterator is never advanced from two threads at once).
+                ahead = asyncio.ensure_future(run_in_threadpool(next, decoded, None))
+                yield part_header(boundary, part_type, first=index == 0)
+                yield frame
+                index += 1
+                frame = await ahead
+                ahead = None
+            finished = True
+        except FrameDecodeError as error:
+            log.error("dicomweb.frames.undecodable sop_instance_uid=%s sent=%d reason=%s",
+                      location.sop_instance_uid, index, error)
+            raise
+        finally:
+            if ahead is not None:  # The body stopped early: the decode finishes, unread.
+                ahead.cancel()
+            if caller is not None and self._audit is not None:
+                self._audit.retrieved(caller, [location], sent=1 if finished else 0, what="frames",
+                                      outcome=SUCCESS if finished else MAJOR_FAILURE)
+        yield closing_delimiter(boundary)
 
     async def rendered(self, request: Request) -> Response:
         return await self._render(request, default_viewport=None)
@@ -1018,25 +1105,41 @@ def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes
     return sum(len(head) for head in heads) + sum(location.part10_bytes for location, _syntax in sendable) + len(closing)
 
 
-def _accepts_frames(ranges: list[Any], media_type: str, stored_syntax: str) -> bool:
-    """Frames go out as stored: octet-stream (little endian) for native data, the codec's
-    media type for compressed data; `application/octet-stream; transfer-syntax=*` takes either."""
+def _frame_form(ranges: list[Any], media_type: str, stored_syntax: str) -> FrameForm | None:
+    """How /frames answers an Accept header (PS3.18 8.7.3.5 and Table 8.7.3-5: a frame as
+    `application/octet-stream` is uncompressed, Explicit VR Little Endian unless it names
+    another syntax). STORED when any accepted range allows the stored form: `*/*`,
+    `multipart/*`, `type="*/*"`, `application/octet-stream; transfer-syntax=*`, or the
+    form's own media type (`frame_media_type`: octet-stream for native data, with no
+    syntax, the stored one or Explicit VR Little Endian; the codec's for compressed data,
+    with no syntax or the stored one; octet-stream for a compressed syntax with no image
+    media type, such as video, only with the stored syntax named). Else DECODED when the
+    data is compressed, uncompressed octet-stream is accepted and `decodable` says a
+    pydicom handler reads it; else None (406)."""
+    compressed = UID(stored_syntax).is_compressed
+    uncompressed_accepted = False
     for entry in ranges:
         if entry.media_type in ("*/*", "multipart/*"):
-            return True
+            return FrameForm.STORED
         if entry.media_type != "multipart/related":
             continue
-        part = entry.part_type or "application/octet-stream"
+        part = entry.part_type or OCTET_STREAM
         syntax = entry.transfer_syntax
-        if part == "*/*" or (part == "application/octet-stream" and syntax == "*"):
-            return True
+        if part == "*/*" or (part == OCTET_STREAM and syntax == "*"):
+            return FrameForm.STORED
         if part == media_type:
-            allowed = {None, "*", stored_syntax}
-            if media_type == "application/octet-stream":
-                allowed.add(EXPLICIT_VR_LITTLE_ENDIAN)
+            allowed: set[str | None] = {"*", stored_syntax}
+            if not compressed:
+                allowed |= {None, EXPLICIT_VR_LITTLE_ENDIAN}
+            elif media_type != OCTET_STREAM:
+                allowed.add(None)
             if syntax in allowed:
-                return True
-    return False
+                return FrameForm.STORED
+        if compressed and part == OCTET_STREAM and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN):
+            uncompressed_accepted = True
+    if uncompressed_accepted and decodable(stored_syntax):
+        return FrameForm.DECODED
+    return None
 
 
 def _rendered_type(ranges: list[Any]) -> str | None:

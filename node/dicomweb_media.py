@@ -12,6 +12,7 @@ from typing import Callable
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+OCTET_STREAM = "application/octet-stream"
 UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"

@@ -1,8 +1,10 @@
-"""Pixel data for WADO-RS: frames as stored (/frames) and rendered images (/rendered,
-/thumbnail), from an instance's Part-10 bytes. Pure functions, no I/O.
+"""Pixel data for WADO-RS: frames as stored or decoded (/frames) and rendered images
+(/rendered, /thumbnail), from an instance's Part-10 bytes. Pure functions, no I/O.
 
-Frames are cut from the stored pixel data without decoding: uncompressed frames by
-size, encapsulated ones by their fragments (pydicom.encaps). Rendering decodes with
+Frames as stored are cut from the pixel data without decoding: uncompressed frames by
+size, encapsulated ones by their fragments (pydicom.encaps). Frames of a compressed
+instance asked uncompressed are decoded one at a time (`decoded_frames`), as the WADO-RS
+instance conversion decodes the whole instance (node/dicomweb.py `transcode`). Rendering decodes with
 pydicom's pixel handlers (numpy for native data; Pillow for JPEG baseline/extended and
 JPEG 2000; GDCM for JPEG lossless and JPEG-LS; pydicom's own RLE; as pydicom documents), applies the modality and VOI LUTs (the stored window,
 else the frame's range), inverts MONOCHROME1, and writes JPEG or PNG with Pillow.
@@ -10,14 +12,16 @@ else the frame's range), inverts MONOCHROME1, and writes JPEG or PNG with Pillow
 
 from __future__ import annotations
 
+import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import UID
 
 # Media types of the compressed syntaxes a frame can be sent in (PS3.18 Table 8.7.3-2).
@@ -47,8 +51,28 @@ def decodable(transfer_syntax_uid: str) -> bool:
         return False
 
 
+# How compressed pixel data is decoded, by the WADO-RS instance conversion (node/dicomweb.py
+# `transcode`: Dataset.decompress) and by /frames asked uncompressed (`decoded_frames`:
+# Decoder.iter_array, the same pydicom decoder and options, one frame at a time): YCbCr
+# (YBR_FULL, YBR_FULL_422 JPEG; YBR_ICT, YBR_RCT JPEG 2000) becomes RGB, as the header of a
+# converted instance then says; other photometric interpretations stay as stored.
+DECODE_AS_RGB = True
+
+
+class FrameForm(enum.Enum):
+    """How /frames sends an instance's frames (node/dicomweb.py `frame_form`)."""
+
+    STORED = "stored"    # The stored bytes: native little endian, or each frame's encoded bytes.
+    DECODED = "decoded"  # A compressed instance's frames decoded to native Explicit VR Little Endian.
+
+
 class RenderError(ValueError):
     """The instance has no pixel data, the frame does not exist, or it cannot be decoded."""
+
+
+class FrameDecodeError(Exception):
+    """A frame of a compressed instance could not be decoded (a handler that failed on this
+    data, or pixel attributes the decoded layout does not match)."""
 
 
 def frame_numbers(text: str) -> list[int]:
@@ -94,6 +118,41 @@ def frames(part10: bytes, numbers: list[int]) -> list[bytes]:
     if bits == 1:
         raise RenderError("frames of 1-bit pixel data are not supported")
     return [bytes(pixel_data[(n - 1) * size:n * size]) for n in numbers]
+
+
+def decoded_frames(part10: bytes, numbers: list[int]) -> Iterator[bytes]:
+    """The asked frames of a compressed instance, in the asked order, decoded one at a time
+    (never the whole instance) by pydicom's decoder for its syntax (`DECODE_AS_RGB`, as
+    `transcode`). Each is the frame as native Pixel Data holds it (PS3.5 8.2): little
+    endian, `BitsAllocated` bits per sample, samples interleaved (Planar Configuration 0:
+    pydicom's decoders return multi-sample frames so), in the photometric interpretation a
+    conversion to Explicit VR Little Endian writes (RGB for YCbCr JPEG and JPEG 2000).
+    Raises RenderError at once (no pixel data, a frame beyond NumberOfFrames), and
+    FrameDecodeError when a frame fails to decode (at its turn: the caller sends the ones
+    before it)."""
+    dataset = dcmread(BytesIO(part10))
+    if "PixelData" not in dataset:
+        raise RenderError("the instance has no pixel data")
+    count = _number_of_frames(dataset)
+    if max(numbers) > count:
+        raise RenderError(f"the instance has {count} frames")
+    return _decode_each(get_decoder(dataset.file_meta.TransferSyntaxUID), dataset, numbers)
+
+
+def _decode_each(decoder: Decoder, dataset: Dataset, numbers: list[int]) -> Iterator[bytes]:
+    bits = int(dataset.get("BitsAllocated", 0) or 0)
+    iterator = decoder.iter_array(dataset, indices=[n - 1 for n in numbers], as_rgb=DECODE_AS_RGB)
+    for number in numbers:
+        try:
+            array, _properties = next(iterator)
+        except Exception as error:  # pydicom and its pixel handlers raise many types
+            raise FrameDecodeError(f"frame {number} could not be decoded: {type(error).__name__}: "
+                                   f"{str(error)[:200]}") from error
+        if array.dtype.itemsize * 8 != bits:
+            raise FrameDecodeError(f"frame {number} decodes to {array.dtype.itemsize * 8}-bit samples, "
+                                   f"not the {bits} of Bits Allocated")
+        # Little endian whatever this machine's order (a no-op copy-free view on x86 and ARM).
+        yield array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",

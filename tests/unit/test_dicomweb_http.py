@@ -441,9 +441,10 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     assert reply.status_code == 200 and reply.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
     from pydicom.encaps import generate_frames
     assert _parts(reply) == list(generate_frames(stored.PixelData, number_of_frames=1))  # Encoded bytes as stored.
-    assert httpx.get(path + "/frames/1", headers={
-        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'}
-    ).status_code == 406  # Never decoded on the way out.
+    decoded = httpx.get(path + "/frames/1", headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'})
+    assert decoded.status_code == 200  # Decoded when only uncompressed frames are accepted.
+    assert _parts(decoded) == [stored.pixel_array.tobytes()]
     picture = httpx.get(path + "/rendered", headers={"Accept": "image/jpeg"})
     assert picture.status_code == 200
     assert Image.open(io.BytesIO(picture.content)).size == (64, 48)
@@ -545,6 +546,198 @@ def test_jpeg_lossless_and_jpeg_ls_are_rendered_and_decoded_when_asked(
     assert (decoded.pixel_array == original.pixel_array).all()  # Lossless, both ways.
     assert served.client.retrieve_instance(coded.StudyInstanceUID, coded.SeriesInstanceUID,
                                            coded.SOPInstanceUID).file_meta.TransferSyntaxUID == syntax
+
+
+def _multiframe(tool: list[str], tmp_path: Path) -> tuple[Dataset, Dataset]:
+    """A 3-frame 64 x 64 instance (12 bits of noise in 16: different frames), native and
+    encoded by `tool`: dcmtk's dcmcjpeg/dcmcjpls, or "gdcm" (python-gdcm, JPEG 2000 lossless)."""
+    import subprocess
+
+    from pacsnode.sim.datagen import make_large_instance
+
+    _entry, data = make_large_instance(size_bytes=3 * 64 * 64 * 2, rows=64, cols=64, seed=41)
+    native, coded = tmp_path / "native.dcm", tmp_path / "coded.dcm"
+    native.write_bytes(data)
+    if tool == ["gdcm"]:
+        import gdcm
+
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(native))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEG2000Lossless))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        writer.SetFileName(str(coded))
+        assert writer.Write()
+    else:
+        subprocess.run([*tool, str(native), str(coded)], check=True, timeout=60)
+    return dcmread(native), dcmread(coded)
+
+
+@pytest.mark.parametrize("tool, syntax", [(["dcmcjpeg", "--encode-lossless-sv1"], "1.2.840.10008.1.2.4.70"),
+                                          (["dcmcjpls", "--encode-lossless"], "1.2.840.10008.1.2.4.80"),
+                                          (["gdcm"], "1.2.840.10008.1.2.4.90")])
+def test_frames_of_a_compressed_instance_are_decoded_when_only_uncompressed_ones_are_accepted(
+        served: _Served, tmp_path: Path, tool: list[str], syntax: str) -> None:
+    """dicomweb-client asking frames as application/octet-stream (with Explicit VR Little
+    Endian named, or no syntax: PS3.18's default for octet-stream) of a JPEG lossless, a
+    JPEG-LS and a JPEG 2000 multi-frame instance gets each asked frame decoded, in the
+    asked order, equal to the original pixel values and to the frame of the instance
+    converted to Explicit VR Little Endian (the same decode). A client that accepts the
+    stored form still gets the encoded frames byte for byte."""
+    from pydicom.encaps import generate_frames
+
+    native, coded = _multiframe(tool, tmp_path)
+    assert coded.file_meta.TransferSyntaxUID == syntax and int(coded.NumberOfFrames) == 3
+    served.client.store_instances([coded])
+    uids = (coded.StudyInstanceUID, coded.SeriesInstanceUID, coded.SOPInstanceUID)
+    size = 64 * 64 * 2
+    original = [native.PixelData[index * size:(index + 1) * size] for index in range(3)]
+    assert len(set(original)) == 3
+    for media_types in ((("application/octet-stream", EVRLE),), ("application/octet-stream",)):
+        assert served.client.retrieve_instance_frames(*uids, [2, 1], media_types=media_types) == \
+            [original[1], original[0]]
+    assert served.client.retrieve_instance_frames(*uids, [3, 3], media_types=("application/octet-stream",)) == \
+        [original[2], original[2]]
+    converted = served.client.retrieve_instance(*uids, media_types=(("application/dicom", EVRLE),))
+    assert converted.PixelData == b"".join(original)
+    path = f"{served.url}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/frames/2,1"
+    reply = httpx.get(path, headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith('multipart/related; type="application/octet-stream"')
+    assert b"Content-Type: application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1\r\n" in reply.content
+    # The stored form accepted: the encoded frames as stored, undecoded, as before.
+    encoded = list(generate_frames(coded.PixelData, number_of_frames=3))
+    codec = {"1.2.840.10008.1.2.4.70": "image/jpeg", "1.2.840.10008.1.2.4.80": "image/jls"}.get(syntax, "image/jp2")
+    for accept in ('multipart/related; type="application/octet-stream"; transfer-syntax=*',
+                   f'multipart/related; type="{codec}"', "*/*",
+                   f'multipart/related; type="application/octet-stream", multipart/related; type="{codec}"'):
+        stored = httpx.get(path, headers={"Accept": accept})
+        assert stored.status_code == 200 and _parts(stored) == [encoded[1], encoded[0]], accept
+    assert served.client.retrieve_instance_frames(*uids, [1]) == [encoded[0]]  # Its default: type="*/*".
+    # Frames beyond NumberOfFrames and bad lists as before.
+    assert httpx.get(path.replace("2,1", "4"), headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'}).status_code == 404
+    assert httpx.get(path.replace("2,1", "x"), headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'}).status_code == 400
+
+
+def test_frames_of_colour_jpeg_are_decoded_to_rgb_as_the_converted_instance_says(served: _Served) -> None:
+    """A YBR_FULL_422 JPEG baseline frame asked uncompressed comes decoded to RGB, samples
+    interleaved: the pixel data and the header of the instance converted to Explicit VR
+    Little Endian say the same (one decode, pydicom's, for both)."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+
+    rgb = np.zeros((32, 48, 3), dtype=np.uint8)
+    rgb[..., 0] = np.arange(48, dtype=np.uint8) * 5
+    rgb[..., 1] = (np.arange(32, dtype=np.uint8) * 7)[:, None]
+    rgb[8:24, 16:32, 2] = 200
+    encoded = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(encoded, format="JPEG", quality=95)  # YCbCr 4:2:0 in the file.
+    dataset = Dataset()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.PatientID = "JPEGRGB"
+    dataset.Modality = "OT"
+    dataset.Rows, dataset.Columns = 32, 48
+    dataset.SamplesPerPixel = 3
+    dataset.PhotometricInterpretation = "YBR_FULL_422"
+    dataset.PlanarConfiguration = 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+    dataset.PixelData = encapsulate([encoded.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    part10 = io.BytesIO()
+    dataset.save_as(part10, enforce_file_format=True)
+    served.client.store_instances([dcmread(io.BytesIO(part10.getvalue()))])
+    uids = (dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+    [frame] = served.client.retrieve_instance_frames(*uids, [1], media_types=(("application/octet-stream", EVRLE),))
+    converted = served.client.retrieve_instance(*uids, media_types=(("application/dicom", EVRLE),))
+    assert converted.PhotometricInterpretation == "RGB" and converted.PlanarConfiguration == 0
+    assert frame == converted.PixelData and len(frame) == 32 * 48 * 3
+    decoded = np.frombuffer(frame, dtype=np.uint8).reshape(32, 48, 3)
+    assert np.abs(decoded.astype(int) - rgb.astype(int)).mean() < 8  # RGB again (lossy), not YCbCr.
+
+
+def test_frames_no_decoder_reads_are_406_and_never_sent_as_uncompressed(served: _Served) -> None:
+    """Video (a JPEG frame labelled H.264: no installed handler decodes it) and HTJ2K: a
+    client that accepts only uncompressed frames gets 406, not the encoded bytes labelled
+    application/octet-stream; naming the stored syntax still gets them as stored."""
+    from requests import HTTPError
+
+    for syntax in ("1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.201"):
+        dataset = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), syntax)))
+        served.client.store_instances([dataset])
+        uids = (dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+        for media_types in ((("application/octet-stream", EVRLE),), ("application/octet-stream",)):
+            with pytest.raises(HTTPError) as refused:
+                served.client.retrieve_instance_frames(*uids, [1], media_types=media_types)
+            assert refused.value.response.status_code == 406
+            assert "no decoder installed here reads that syntax" in refused.value.response.text
+        path = f"{served.url}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/frames/1"
+        stored_type = "application/octet-stream" if syntax.endswith(".102") else "image/jphc"
+        named = httpx.get(path, headers={"Accept": f'multipart/related; type="{stored_type}"; transfer-syntax={syntax}'})
+        assert named.status_code == 200 and _parts(named) == [_parts_of(dataset)[0]]
+
+
+def test_only_the_asked_frames_are_decoded_and_a_frame_that_fails_breaks_the_body_off(served: _Served) -> None:
+    """A 3-frame JPEG baseline instance whose third frame is not JPEG: frames 2,1 come
+    decoded (the third never touched: one frame decoded at a time, not the instance); 3
+    alone is a 406 (nothing sent yet); 1,3 sends frame 1, then breaks the body off with no
+    closing delimiter, so that the client sees a failed transfer."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    jpeg = dcmread(io.BytesIO(_jpeg_instance()))
+    pictures = []
+    for shift in (0, 64):
+        encoded = io.BytesIO()
+        Image.fromarray(np.tile((np.arange(64, dtype=np.uint8) * 2 + shift), (48, 1)), mode="L").save(
+            encoded, format="JPEG", quality=95)
+        pictures.append(encoded.getvalue())
+    jpeg.PixelData = encapsulate([*pictures, b"\xff\xd8 not a JPEG stream \xff\xd9"])
+    jpeg.NumberOfFrames = 3
+    part10 = io.BytesIO()
+    jpeg.save_as(part10, enforce_file_format=True)
+    stored = dcmread(io.BytesIO(part10.getvalue()))
+    served.client.store_instances([stored])
+    expected = [np.asarray(Image.open(io.BytesIO(picture))).tobytes() for picture in pictures]
+    uids = (stored.StudyInstanceUID, stored.SeriesInstanceUID, stored.SOPInstanceUID)
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    assert served.client.retrieve_instance_frames(*uids, [2, 1], media_types=("application/octet-stream",)) == \
+        [expected[1], expected[0]]
+    path = f"{served.url}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/frames/"
+    refused = httpx.get(path + "3", headers=accept)
+    assert refused.status_code == 406 and "could not be decoded" in refused.text
+    received = bytearray()
+    with pytest.raises(httpx.HTTPError):  # Chunked body, ended without its last chunk.
+        with httpx.stream("GET", path + "1,3", headers=accept) as cut:
+            assert cut.status_code == 200
+            for chunk in cut.iter_raw():
+                received += chunk
+    assert expected[0] in received
+    _type, boundary = multipart_boundary(cut.headers["content-type"])
+    assert f"--{boundary}--".encode() not in received
+
+
+def _parts_of(dataset: Dataset) -> list[bytes]:
+    from pydicom.encaps import generate_frames
+
+    return list(generate_frames(dataset.PixelData, number_of_frames=int(dataset.get("NumberOfFrames", 1) or 1)))
 
 
 def _viewer_server(viewer_dir: Path) -> HttpServer:
