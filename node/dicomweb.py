@@ -131,7 +131,9 @@ class LocalReads(Protocol):
     """An instance this node holds, read for WADO-RS without the archive's round
     (node/http_views.py's StoreReads: a blob file mapped, not copied into memory, and
     decompressed whole). None: not here, a blob file too big to read whole, or failing a
-    check (then the archive's read is used, as for any other instance)."""
+    check (then the archive's read is used, as for any other instance). A copy that fails
+    a check is not logged here: the archive's read of it logs it (store.blob.corrupt),
+    once, and reads another owner's copy."""
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
         """The Part-10 bytes and the dataset's offset in them, or None."""
@@ -142,8 +144,8 @@ class LocalReads(Protocol):
 
     def read_cached(self, kept: Any) -> bytes | None:
         """The Part-10 bytes of what `kept` found, checked, when all of it is in the page
-        cache; None when it is not (or fails a check, logged). Never waits on the disk and
-        costs about a memory copy of the bytes: the HTTP loop calls it."""
+        cache; None when it is not; CorruptBlob (not logged) when it fails a check. Never
+        waits on the disk and costs about a memory copy of the bytes: the HTTP loop calls it."""
 
 
 class MetadataCache:
@@ -438,6 +440,7 @@ class DicomWeb:
             return True
 
         position = 0
+        failed = ""  # The SOP Instance UID of the copy read_cached found corrupt, if any.
         try:
             while await looked_up(position):
                 if files[position] is None:  # A run of instances not kept as files: read ahead on threads.
@@ -448,7 +451,13 @@ class DicomWeb:
                         yield opened
                     position = end
                     continue
-                body = reads.read_cached(files[position])
+                try:
+                    body = reads.read_cached(files[position])
+                except CorruptBlob:
+                    # This copy failed a check: it goes to the archive's read (which logs it
+                    # once and reads another copy), not to `local_reads` again; the rest as below.
+                    failed = files[position].location.sop_instance_uid
+                    break
                 if body is None:
                     break  # Not in the page cache: this and the rest read ahead on threads.
                 position += 1
@@ -457,16 +466,18 @@ class DicomWeb:
             if looking is not None:
                 looking.cancel()
         if position < len(sendable):
-            async for opened in self._read_ahead(sendable[position:], own):
+            async for opened in self._read_ahead(sendable[position:], own, failed):
                 yield opened
 
     async def _read_ahead(self, sendable: list[tuple[InstanceLocation, str]],
-                          own: bool) -> AsyncGenerator[_Opened, None]:
+                          own: bool, failed: str = "") -> AsyncGenerator[_Opened, None]:
         """Reads ahead on the reader threads (a cluster read waits on a peer, a local one
         decompresses; a blob file is opened and its first chunk decompressed when it goes
         out as stored); the HTTP loop only awaits them. Instances are read in groups of up
         to READ_GROUP_BYTES (at most READ_GROUP_INSTANCES), READ_GROUPS_AHEAD groups at a
-        time: one hand-off between the threads and the loop per group, not per instance."""
+        time: one hand-off between the threads and the loop per group, not per instance.
+        `failed`: an instance whose own copy read_cached found corrupt, read through the
+        archive only."""
         groups = _read_groups(sendable)
         groups_ahead = OWN_READ_GROUPS_AHEAD if own else READ_GROUPS_AHEAD
         futures: list[concurrent.futures.Future[_Group]] = []
@@ -475,7 +486,7 @@ class DicomWeb:
         try:
             while index < len(groups) or futures:
                 while index < len(groups) and len(futures) < groups_ahead:
-                    futures.append(self._readers.submit(self._open_group, groups[index], own))
+                    futures.append(self._readers.submit(self._open_group, groups[index], own, failed))
                     index += 1
                 read, error = await asyncio.wrap_future(futures.pop(0))
                 pending = list(read)
@@ -497,11 +508,11 @@ class DicomWeb:
         return owns is not None and all(owns(study) for study in {location.study_instance_uid
                                                                  for location, _syntax in sendable})
 
-    def _open_group(self, group: list[tuple[InstanceLocation, str]], own: bool = False) -> _Group:
+    def _open_group(self, group: list[tuple[InstanceLocation, str]], own: bool = False, failed: str = "") -> _Group:
         read: list[_Opened] = []
         for location, syntax in group:
             try:
-                body, _offset = self._open(location, own)
+                body, _offset = self._open(location, own and location.sop_instance_uid != failed)
                 opened = _Opened(body)
                 if isinstance(body, Part10Stream) and syntax == location.transfer_syntax_uid:
                     try:

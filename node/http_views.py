@@ -5,7 +5,6 @@ few lines."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import threading
 from pathlib import Path
@@ -26,7 +25,6 @@ from pacsnode.replication.model import CorruptBlob, StoreError, StoreFull
 if TYPE_CHECKING:
     from pacsnode.node.server import Node
 
-log = logging.getLogger(__name__)
 
 
 def readiness(node: "Node") -> dict[str, Any]:
@@ -116,7 +114,9 @@ class StoreReads:
     `blob_file_bytes_min` that turns out to be a RocksDB value is decompressed from the value
     read (handing it back would read it again). None (the archive's read then) for smaller
     instances, a bigger blob file (streamed), an instance not here, and a copy that fails a
-    check (logged)."""
+    check (`read_cached`: CorruptBlob). A copy that fails a check is not logged here: the
+    archive's read that follows reads it again, logs it (store.blob.corrupt) and reads
+    another owner's copy, so that an operator sees one line per corrupt copy read."""
 
     def __init__(self, store: RocksStore, blob_file_bytes_min: int) -> None:
         self._store = store
@@ -154,21 +154,17 @@ class StoreReads:
     def read_cached(self, kept: KeptFile) -> bytes | None:
         """The Part-10 bytes of a file `kept` found, read only if all of it is in the page
         cache (no wait on the disk: the HTTP loop may call this) into this thread's buffer,
-        and decompressed, its checksum and length checked. None when it is not cached, or
-        fails a check (logged): then a reader thread reads it (the archive's way)."""
+        and decompressed, its checksum and length checked. None when it is not cached (then
+        a reader thread reads it); CorruptBlob, not logged, when it fails a check (then the
+        archive's read, which logs it)."""
         what = kept.location.sop_instance_uid
-        try:
-            blob = self._store.blob_files.read_into(kept.pointer, self._buffer(kept.pointer.size_bytes), what,
-                                                    cached_only=True)
-            if blob is None:
-                return None
-            part10 = decompress(blob, what)
-            if len(part10) != kept.part10_bytes:
-                raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {kept.part10_bytes}")
-        except CorruptBlob as error:
-            log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
-                      kept.location.study_instance_uid, what, error)
+        blob = self._store.blob_files.read_into(kept.pointer, self._buffer(kept.pointer.size_bytes), what,
+                                                cached_only=True)
+        if blob is None:
             return None
+        part10 = decompress(blob, what)
+        if len(part10) != kept.part10_bytes:
+            raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {kept.part10_bytes}")
         return part10
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
@@ -194,11 +190,8 @@ class StoreReads:
                 part10 = decompress(kept, what)
             if len(part10) != part10_bytes:
                 raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
-        except CorruptBlob as error:
-            # As the archive's own-copy read: logged, and None, so that the archive's read
-            # (another owner's copy) is tried.
-            log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
-                      location.study_instance_uid, what, error)
+        except CorruptBlob:
+            # None, so that the archive's read is tried: it logs this copy and reads another.
             return None
         return part10, record.dataset_offset
 

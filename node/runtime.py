@@ -290,6 +290,11 @@ class ClusterArchive:
             found = self._own_stream(location)
             if found is not None:
                 return found
+            # Missing here, or corrupt (the store logged it): the coordinator's read asks the
+            # owners, this one again (its check of the bytes logs nothing; a missing or
+            # resized file is logged again) and the others. `own_copy` would read this copy
+            # again and log it a second time.
+            return self._coordinated_read(location, is_cancelled)
         return self.read(location, is_cancelled)
 
     def open_compressed(self, location: InstanceLocation) -> "CompressedCopy | None":
@@ -309,6 +314,10 @@ class ClusterArchive:
             found = self._own_copy(location)
             if found is not None:
                 return found
+        return self._coordinated_read(location, is_cancelled)
+
+    def _coordinated_read(self, location: InstanceLocation,
+                          is_cancelled: Callable[[], bool] | None) -> tuple[bytes, int]:
         try:
             return self._loop.run(self._coordinator.read(location), 600, is_cancelled)
         except TimeoutError as error:

@@ -900,7 +900,7 @@ class _StreamingArchive(Archive):
 
 @pytest.mark.parametrize("local", [False, True])
 def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_one(
-        tmp_path: Path, make_instance: Callable[[bytes], Any], local: bool) -> None:
+        tmp_path: Path, make_instance: Callable[[bytes], Any], local: bool, caplog: pytest.LogCaptureFixture) -> None:
     """Instances kept as blob files (one chunk each, and one of several chunks) come back
     byte for byte; a blob file that fails its checksum ends the body before its part.
     With `local_reads` (the node's StoreReads) the archive is asked for none of them but
@@ -951,8 +951,76 @@ def test_retrieve_of_blob_files_sends_their_bytes_and_breaks_off_at_a_corrupt_on
         assert by_uid[order[0]] in received
         assert by_uid[order[1]] not in received and by_uid[order[2]] not in received
         assert archive.streamed == ([victim] if local else order[:2])
+        # Logged by the archive's reads only (its streamed read, then its whole read, which
+        # stands for the coordinator's here): StoreReads' reads add no line.
+        corrupt = [r for r in caplog.records if r.getMessage().startswith("store.blob.corrupt") and victim in r.getMessage()]
+        assert [r.name for r in corrupt] == ["pacsnode.node.store", "pacsnode.node.store"]
     finally:
         server.stop()
+        store.close()
+
+
+class _OtherOwners:
+    """The coordinator as ClusterArchive sees it for a study this node owns: plans from this
+    node's own index (the real single-node Archive over its store), and a read that stands
+    for the coordinator's read of the owners after this node's own copy failed its check
+    (it is where another owner's intact copy comes from)."""
+
+    def __init__(self, store: RocksStore, intact: dict[str, bytes]) -> None:
+        self._archive = Archive(store)
+        self.intact = intact
+        self.reads: list[str] = []
+
+    def owns(self, study_instance_uid: str) -> bool:
+        return True
+
+    async def locate(self, query: Query) -> RetrievePlan:
+        return self._archive.locate(query)
+
+    async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        from tests.unit.conftest import dataset_offset
+
+        self.reads.append(location.sop_instance_uid)
+        data = self.intact[location.sop_instance_uid]
+        return data, dataset_offset(data)[0]
+
+
+def test_a_corrupt_own_copy_is_logged_once_before_another_owners_copy_is_sent(
+        tmp_path: Path, make_instance: Callable[[bytes], Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The node's WADO-RS read chain (StoreReads on the HTTP loop or a reader thread, then
+    ClusterArchive.open_streamed: own_stream, the coordinator's read) over a blob file with
+    a flipped byte: the retrieve sends the other owner's intact copy, and the corrupt copy
+    is logged once (store.blob.corrupt), not by each read of it (it was four times)."""
+    from pacsnode.node.runtime import ClusterArchive, LoopThread, own_copy_reader
+
+    [(entry, data)] = list(iter_part10(StudySetSpec(patients=1, instances_per_series=1, rows=128, cols=128, seed=43,
+                                                    modalities=("CT",))))
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    Archive(store).store(make_instance(data))
+    found = store.compressed_copy(entry["study_uid"], entry["sop_uid"])
+    assert found is not None and not isinstance(found[0], bytes)
+    path = store.blob_files.path(found[0])
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    loop = LoopThread(name="test-corrupt-loop", io_thread_prefix="test-corrupt-io-")
+    owners = _OtherOwners(store, {entry["sop_uid"]: data})
+    archive = ClusterArchive(loop, owners, store_timeout_ms=1_000,  # type: ignore[arg-type]
+                             own_copy=own_copy_reader(store), own_stream=own_stream_reader(store))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=10_000_000, qido_result_max=4,
+                        owns=lambda study: True, local_reads=StoreReads(store, 1024))
+    server.start()
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{server.port}/dicom-web/studies/{entry['study_uid']}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert reply.status_code == 200 and _parts(reply) == [data]
+        assert owners.reads == [entry["sop_uid"]]
+        corrupt = [r for r in caplog.records if r.getMessage().startswith("store.blob.corrupt")]
+        assert len(corrupt) == 1 and entry["sop_uid"] in corrupt[0].getMessage()
+    finally:
+        server.stop()
+        loop.stop()
         store.close()
 
 

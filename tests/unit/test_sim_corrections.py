@@ -108,3 +108,58 @@ def test_a_patient_merge_an_owner_missed_is_seen_lost_then_converges_and_finds_f
         assert found_old == set()
     finally:
         cluster.close()
+
+
+def test_a_merge_from_a_patient_while_a_merge_into_it_runs_may_move_its_studies_on() -> None:
+    """Seed 949's lost corrections (pause-flap, 10 nodes): merge-patient A -> B corrected a
+    study to B, and a merge B -> C that began while A -> B was still going through A's other
+    studies found that study under B and moved it on to C; A -> B was acknowledged after
+    B -> C. The archive was right (both merges acknowledged, C on every owner), but the
+    clients took the study for B (the merge into B they knew of ended last) and the checker
+    called C on its owners lost. A merge into B still running when a merge from B ends may
+    have had its studies moved on by it: their PatientID is not known (not judged, left out
+    of the finds), as for a merge into B acknowledged while the merge from B ran."""
+    cluster = SimCluster(5, seed=8)
+    workload = Workload(cluster, 8)
+    try:
+        cluster.run_for(3)
+        entry, second_entry = "node-000", "node-001"
+        first = [workload.data.new_study("PIDFIRST") for _ in range(8)]
+        for study in first:
+            workload.studies.append(study)
+            stored = workload.data.instance(study, now_ms=cluster.now_ms())
+            assert cluster.loop.run_until_complete(workload.store(stored, entry)).ok
+        cluster.run_for(2)
+        uids = {s.study_instance_uid for s in first}
+
+        def corrected_to(patient_id: str) -> set[str]:
+            """Studies every owner of which holds PatientID `patient_id` in its correction."""
+            ring = cluster.process(entry).membership.ring()
+            held = set()
+            for uid in uids:
+                values = [cluster.nodes[o].store.correction(uid) for o in ring.owners_of_study(uid, 3)]
+                if all(c is not None and c.values().get("PatientID") == patient_id for c in values):
+                    held.add(uid)
+            return held
+
+        into = cluster.loop.create_task(workload.merge_patient("PIDFIRST", "PIDSECOND", entry))
+        while not corrected_to("PIDSECOND"):
+            cluster.run_for(0.001)
+        assert not into.done()
+        onward = cluster.loop.run_until_complete(workload.merge_patient("PIDSECOND", "PIDTHIRD", second_entry))
+        assert onward.ok, onward.status
+        assert not into.done(), "the merge into PIDSECOND ended first: not the case of seed 949"
+        merged = cluster.loop.run_until_complete(into)
+        assert merged.ok, merged.status
+        moved_on = corrected_to("PIDTHIRD")
+        assert moved_on and moved_on < uids  # The archive moved some on, not all.
+        cluster.run_for(10)
+        check = cluster.loop.run_until_complete(check_corrections(cluster, workload, 8))
+        assert check.ok, check.detail
+        assert check.counts["merges_acked"] == 2
+        assert moved_on <= workload.patient_unknown
+        find, found = cluster.loop.run_until_complete(workload.find("PIDSECOND", entry))
+        assert find.status == "success", find.status
+        assert found == uids - moved_on
+    finally:
+        cluster.close()
