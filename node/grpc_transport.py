@@ -25,7 +25,7 @@ from pacsnode.replication.correction import Correction
 from pacsnode.replication.delete_coordinator import DeleteScope
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
-from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason, cancelled_by_caller
+from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason, StoreReply, cancelled_by_caller
 from pacsnode.ring.placement import TokenRange
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class GrpcTransport:
             self._crcs.popitem(last=False)
         return crc
 
-    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply:
         """One copy on `target`: in one StoreWholeInstance message when the payload is at
         most WHOLE_INSTANCE_BYTES_MAX, else (or when `target` predates it) a StoreInstance stream."""
         address, stub = self._data(target)
@@ -195,10 +195,11 @@ class GrpcTransport:
                                                  timeout=timeout_ms / 1000)
                 self.stream_stores += 1
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
-        if reply.HasField("tombstone_version"):
-            self._observe(peer_wire.version_from_wire(reply.tombstone_version))
+        won = peer_wire.version_from_wire(reply.tombstone_version) if reply.HasField("tombstone_version") else None
+        if won is not None:
+            self._observe(won)
         if outcome is not None and reply.durable:
-            return outcome
+            return StoreReply(outcome, won)
         reason = _REFUSALS.get(reply.outcome, RefusalReason.OTHER)
         raise PeerRefused(f"{target}: {reason.value}: {reply.message[:200]}", reason)
 

@@ -55,7 +55,7 @@ from pacsnode.replication.model import (
 )
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
 from pacsnode.replication.query import aggregate_patients, wants_patient_counts, with_patient_counts
-from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, Transport
+from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, StoreReply, Transport
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import Replication, Ring, replica_total
 from pacsnode.ring.tokens import study_token
@@ -230,7 +230,7 @@ class Coordinator:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _put(self, node_id: str, stored: StoredInstance, hint_for: str, timeout_ms: int) -> str:
+    async def _put(self, node_id: str, stored: StoredInstance, hint_for: str, timeout_ms: int) -> StoreReply:
         if node_id == self.self_id:
             try:
                 outcome = str(await self._run_blocking(self._local.put_stored, stored, hint_for=hint_for))
@@ -239,7 +239,8 @@ class Coordinator:
                                                          stored.sop_instance_uid)
                     if tombstone is not None:
                         self.hlc.observe(tombstone.version)
-                return outcome
+                        return StoreReply(outcome, tombstone.version)
+                return StoreReply(outcome)
             except StoreFull as error:
                 raise PeerRefused(f"local store full: {error}", RefusalReason.FULL) from error
             except StoreError as error:
@@ -325,17 +326,36 @@ class Coordinator:
         if again is not None:
             await self._store_once(again, duplicates_count=False)
 
-    def _superseded_late(self, task: "asyncio.Task[Any]", stored: StoredInstance) -> None:
-        """A copy that answered DELETED after the write was acknowledged: the others will be
-        deleted by that tombstone, so the write is sent again with a newer version."""
+    def _superseded_late(self, task: "asyncio.Task[Any]", stored: StoredInstance, state: "_WriteState") -> None:
+        """A copy that answered DELETED after the write was quorum-acknowledged."""
         if task.cancelled() or task.exception() is not None:
             return
         result = task.result()
-        if result is not None and result[2] == StoreOutcome.DELETED:
-            self.stats.extra["writes_restamped_late"] = self.stats.extra.get("writes_restamped_late", 0) + 1
+        if result is not None and result[2] == StoreOutcome.DELETED and state.acked_at is not None:
+            newest = max(state.tombstones, default=None)
+            if self._deleted_after_ack(stored, newest, state.acked_at):
+                return
+            self._count("writes_restamped_late")
             log.warning("replication.write.superseded_late sop_instance_uid=%s: sent again with a newer version",
                         stored.sop_instance_uid)
             self._spawn(self._store_again(stored))
+
+    def _deleted_after_ack(self, stored: StoredInstance, tombstone: Version | None, acked_at: Version) -> bool:
+        """A late copy of an acknowledged write met a newer tombstone. Stamped after this node
+        acknowledged the write, it is a delete that came after the store (the client, told
+        the instance was stored, deleted it): that delete wins, and the tombstone deletes the
+        other copies. Stamped before (a delete the write overtook, e.g. a re-store after a
+        delete whose tombstone reached no owner this write counted, or a deleting node's clock
+        ahead of ours), it would delete an acknowledged write: the caller sends the write again
+        with a newer version. No version in the answer: the latter, as before this rule.
+        Between nodes the order is as good as their clocks (the hybrid clocks' physical part):
+        a delete within the clocks' skew of the acknowledgment may be taken for either."""
+        if tombstone is None or tombstone < acked_at:
+            return False
+        self._count("writes_deleted_after_ack")
+        log.info("replication.write.deleted_after_ack sop_instance_uid=%s: a late copy met a delete stamped after "
+                 "the acknowledgment; not sent again", stored.sop_instance_uid)
+        return True
 
     async def _store_once(self, stored: StoredInstance, *, duplicates_count: bool = True) -> WriteResult:
         clock = asyncio.get_running_loop().time  # Virtual time under the simulator.
@@ -386,15 +406,17 @@ class Coordinator:
                     not_counted += 1
             if superseded:
                 break
+        if len(acked) >= w and not superseded:
+            state.acked_at = self.hlc.now()  # Before any late copy's answer is looked at.
         for task in pending:  # The other copies finish in the background.
             if not superseded:
-                task.add_done_callback(functools.partial(self._superseded_late, stored=stored))
+                task.add_done_callback(functools.partial(self._superseded_late, stored=stored, state=state))
             self._spawn(task)
         if hints_kept is not None:
             kept = await hints_kept  # Durable here before Success: they survive a restart.
             if len(acked) >= w and not superseded:
                 for owner in remote:
-                    self._send_remote_soon(owner, stored, kept)
+                    self._send_remote_soon(owner, stored, kept, state.acked_at or self.hlc.now())
         latency_ms = int((clock() - started) * 1000)
         if superseded:
             return WriteResult(WriteStatus.QUORUM_FAILED, outcome=StoreOutcome.DELETED,
@@ -446,7 +468,7 @@ class Coordinator:
         # At once, so that the store's group commit syncs them with this site's copy.
         return {owner for owner in await asyncio.gather(*(keep(owner) for owner in remote)) if owner}
 
-    def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str]) -> None:
+    def _send_remote_soon(self, owner: str, stored: StoredInstance, kept: set[str], acked_at: Version) -> None:
         """Send a local-scope write's copy to `owner` (another site) now, in the background,
         and drop its hint once durable there. REMOTE_SENDS_MAX at once, the others queued
         up to REMOTE_QUEUE_BYTES_MAX; past that, or when the owner is down, the hint replay
@@ -463,31 +485,33 @@ class Coordinator:
             self._remote_slots = asyncio.Semaphore(REMOTE_SENDS_MAX)
         self._remote_sends.add(key)
         self._remote_queued_bytes += size
-        self._spawn(self._send_remote(owner, stored, key, self._remote_slots))
+        self._spawn(self._send_remote(owner, stored, key, self._remote_slots, acked_at))
 
     async def _send_remote(self, owner: str, stored: StoredInstance, key: tuple[str, str],
-                           slots: asyncio.Semaphore) -> None:
+                           slots: asyncio.Semaphore, acked_at: Version) -> None:
         try:
             async with slots:
                 if self._slow(owner):  # A send to it just failed (a cut site): leave it to the replay.
                     self._count("remote_sends_deferred")
                     return
-                await self._send_remote_now(owner, stored)
+                await self._send_remote_now(owner, stored, acked_at)
         finally:
             self._remote_sends.discard(key)
             self._remote_queued_bytes -= len(stored.blob)
 
-    async def _send_remote_now(self, owner: str, stored: StoredInstance) -> None:
+    async def _send_remote_now(self, owner: str, stored: StoredInstance, acked_at: Version) -> None:
         try:
-            outcome = await self._transport.store(
+            reply = await self._transport.store(
                 owner, stored, hint_for="",
                 timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+            outcome = reply.outcome
             if outcome in DURABLE_OUTCOMES:
                 await self._run_blocking(self._local.delete_hint, owner, stored.study_instance_uid,
                                          stored.sop_instance_uid)
                 self._remote_delivered.add((owner, stored.sop_instance_uid))
                 self._count("remote_sends")
-                if outcome == StoreOutcome.DELETED:  # A newer delete there: as _superseded_late.
+                if outcome == StoreOutcome.DELETED and \
+                        not self._deleted_after_ack(stored, reply.tombstone_version, acked_at):  # As _superseded_late.
                     self._count("writes_restamped_late")
                     log.warning("replication.write.superseded_late sop_instance_uid=%s: sent again with a newer "
                                 "version", stored.sop_instance_uid)
@@ -506,7 +530,7 @@ class Coordinator:
         silent_owner = False
         if self._membership.is_alive(owner):
             try:
-                outcome = await self._put(owner, stored, "", timeout_ms)
+                outcome = state.answered(await self._put(owner, stored, "", timeout_ms))
                 if outcome in DURABLE_OUTCOMES:
                     return owner, owner, outcome
                 state.errors.append(f"{owner}: {outcome}")
@@ -569,7 +593,7 @@ class Coordinator:
                 continue
             state.used.add(candidate)
             try:
-                outcome = await self._put(candidate, stored, "", timeout_ms)
+                outcome = state.answered(await self._put(candidate, stored, "", timeout_ms))
             except PeerError as error:
                 state.errors.append(f"{candidate} (re-planned for {refused_by}): {error}")
                 return None
@@ -624,7 +648,7 @@ class Coordinator:
     async def _hint_on(self, stand_in: str, stored: StoredInstance, owner: str, timeout_ms: int,
                        state: "_WriteState") -> tuple[str, str, str] | None:
         try:
-            outcome = await self._put(stand_in, stored, owner, timeout_ms)
+            outcome = state.answered(await self._put(stand_in, stored, owner, timeout_ms))
         except PeerRefused as error:
             state.errors.append(f"{stand_in} (hint for {owner}): {error}")
             return None
@@ -827,8 +851,8 @@ class Coordinator:
                 ok = False
                 continue
             try:
-                outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
-                                                                                len(stored.blob)))
+                outcome = (await self._put(node_id, stored, "", self._deadline_ms(
+                    self._settings.replica_timeout_ms, len(stored.blob)))).outcome
             except PeerError as error:
                 log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
                 ok = False
@@ -992,8 +1016,8 @@ class Coordinator:
     async def _repair(self, node_id: str, stored: StoredInstance) -> str | None:
         """Read repair of one copy: the owner's outcome, None when it could not be asked."""
         try:
-            outcome = await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
-                                                                             len(stored.blob)))
+            outcome = (await self._put(node_id, stored, "", self._deadline_ms(self._settings.replica_timeout_ms,
+                                                                              len(stored.blob)))).outcome
         except PeerError as error:
             log.info("replication.read_repair.failed node=%s error=%s", node_id, error)
             return None
@@ -1065,9 +1089,9 @@ class Coordinator:
                         (self.hlc.peek().ms - stored.record.version.ms) // 1000)
             return False
         try:
-            outcome = await self._transport.store(
+            outcome = (await self._transport.store(
                 owner, stored, hint_for="",
-                timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+                timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))).outcome
         except PeerRefused as error:
             n, _w = self._replicas()
             if error.reason is RefusalReason.NOT_OWNER and \
@@ -1122,9 +1146,9 @@ class Coordinator:
             if not self._membership.is_alive(owner):
                 return False
             try:
-                outcome = await self._transport.store(
+                outcome = (await self._transport.store(
                     owner, stored, hint_for="",
-                    timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))
+                    timeout_ms=self._deadline_ms(self._settings.replica_timeout_ms, len(stored.blob)))).outcome
             except PeerError as error:
                 log.info("replication.hint.retarget_failed gone=%s owner=%s error=%s", gone, owner, error)
                 return False
@@ -1172,6 +1196,14 @@ class _WriteState:
     silent_sites: set[str] = field(default_factory=set)  # A stand-in there did not answer: likely cut off.
     errors: list[str] = field(default_factory=list)
     full: bool = False
+    tombstones: list[Version] = field(default_factory=list)  # Newer tombstones copies met (DELETED answers).
+    acked_at: Version | None = None  # This node's clock when the write was acknowledged (None: it was not).
+
+    def answered(self, reply: StoreReply) -> str:
+        """Notes the tombstone a DELETED answer carries; returns the outcome."""
+        if reply.tombstone_version is not None:
+            self.tombstones.append(reply.tombstone_version)
+        return reply.outcome
 
 
 __all__ = ["Coordinator", "CoordinatorSettings", "Condition", "PeerError", "WriteQuorumMode", "WriteScope"]

@@ -30,7 +30,7 @@ from pacsnode.replication.digest import Digest, entry_hash, segment_bounds, segm
 from pacsnode.replication.hlc import Version, is_mark, wall_ms
 from pacsnode.replication.model import StoredInstance, StoreError, StoreOutcome, Tombstone
 from pacsnode.replication.planning import RangeSet
-from pacsnode.replication.transport import PeerError, cancelled_by_caller
+from pacsnode.replication.transport import PeerError, StoreReply, cancelled_by_caller
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import OwnedRange, Replication, Ring, TokenRange, replica_total
 from pacsnode.ring.tokens import TOKEN_SPACE, study_token
@@ -46,7 +46,7 @@ class RepairTransport(Protocol):
                           timeout_ms: int) -> list[Entry]: ...
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *, timeout_ms: int,
                     include_hints: bool = False) -> StoredInstance | None: ...
-    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str: ...
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply: ...
     async def tombstone(self, target: str, tombstones: Sequence[Tombstone], *, scope: Any, hint_for: str,
                         timeout_ms: int) -> int: ...
     async def correct(self, target: str, correction: Correction, *, timeout_ms: int) -> bool: ...
@@ -721,8 +721,8 @@ class Repairer:
             if stored is None:
                 continue
             try:
-                outcome = await self._transport.store(owner, stored, hint_for="",
-                                                      timeout_ms=self._settings.fetch_timeout_ms)
+                outcome = (await self._transport.store(owner, stored, hint_for="",
+                                                       timeout_ms=self._settings.fetch_timeout_ms)).outcome
             except PeerError as error:
                 log.info("repair.handover.failed owner=%s error=%s", owner, error)
                 return deleted

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
+from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
 from pacsnode.ring.placement import TokenRange
@@ -47,11 +49,21 @@ class PeerRefused(PeerError):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class StoreReply:
+    """A store's answer once durable on its target: a StoreOutcome value and, with DELETED,
+    the version of the newer tombstone that won there (StoreReply.tombstone_version on the
+    wire): a write acknowledged before that tombstone was stamped was deleted after it."""
+
+    outcome: str
+    tombstone_version: Version | None = None
+
+
 class Transport(Protocol):
     """Calls to other nodes, addressed by node id. Every call has a deadline."""
 
-    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
-        """Store on `target`; returns a StoreOutcome value once it is durable there."""
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply:
+        """Store on `target`; returns its answer once the copy (or the tombstone) is durable there."""
         ...
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, *,

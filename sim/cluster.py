@@ -59,7 +59,7 @@ from pacsnode.replication.model import CorruptBlob, StoredInstance, StoreOutcome
 from pacsnode.replication.modify_coordinator import ModifyCoordinator
 from pacsnode.replication.ownership import RingSync
 from pacsnode.replication.repair import YOUNG_MISSING_MS, Repairer, RepairSettings
-from pacsnode.replication.transport import PeerError, PeerRefused
+from pacsnode.replication.transport import PeerError, PeerRefused, StoreReply
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import Member, Replication, Ring
 from pacsnode.ring.swim import Message, MemberUpdate, State, Swim, SwimConfig, Transition, message_bytes
@@ -594,12 +594,12 @@ class _RepairTransportView:
         self._node = node
         self._transport = transport
 
-    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
-        outcome: str = await self._transport.store(target, stored, hint_for=hint_for, timeout_ms=timeout_ms)
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply:
+        reply: StoreReply = await self._transport.store(target, stored, hint_for=hint_for, timeout_ms=timeout_ms)
         cluster = self._node.cluster
-        cluster.moves.append(Move(cluster.loop.now_ms(), target, stored.sop_instance_uid, len(stored.blob), outcome,
-                                  "push", self._node.node_id))
-        return outcome
+        cluster.moves.append(Move(cluster.loop.now_ms(), target, stored.sop_instance_uid, len(stored.blob),
+                                  reply.outcome, "push", self._node.node_id))
+        return reply
 
     async def fetch(self, target: str, study_instance_uid: str, sop_instance_uid: str, **kwargs: Any
                     ) -> StoredInstance | None:

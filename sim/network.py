@@ -48,7 +48,7 @@ from pacsnode.replication.digest import Digest
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
-from pacsnode.replication.transport import PeerError
+from pacsnode.replication.transport import PeerError, StoreReply
 from pacsnode.ring.placement import TokenRange
 from pacsnode.ring.swim import Message, message_bytes
 
@@ -386,13 +386,13 @@ class NodeTransport:
         return await self._network.swim_call(self._source(), target_id, address, message, timeout_ms)
 
     # ----------------------------------------------------------------- Transport
-    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> str:
+    async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply:
         size = len(stored.blob) + 200 + 40 * len(stored.attributes)
         result: tuple[str, Version | None] = await self._call(target, "store", (stored, hint_for), size, timeout_ms)
         outcome, tombstone_version = result
         if tombstone_version is not None:  # As StoreReply.tombstone_version: the node's clock observes it.
             self.observe(tombstone_version)
-        return outcome
+        return StoreReply(outcome, tombstone_version)
 
     async def tombstone(self, target: str, tombstones: Sequence[Tombstone], *, scope: DeleteScope | None,
                         hint_for: str, timeout_ms: int) -> int:

@@ -492,8 +492,16 @@ class Workload:
         if result is not None:
             record.status = result.status.value
             record.ok = result.status is ModifyStatus.MODIFIED
-        # Studies of A acknowledged while it ran: the merge may or may not have found them.
+        # Studies of A acknowledged while it ran, or with any store of theirs sent before it
+        # ended (one still running, or one that failed but left a copy on an owner): the merge
+        # may have found such a copy and moved the study, whose instances are then acknowledged
+        # after it. The merge may or may not have moved them.
         unknown = {s for s in self.acked_by_study if self.patient_id_of(s) == from_patient_id} - set(studies)
+        unknown |= {stored.study_instance_uid for sop, windows in self._store_windows.items()
+                    if (stored := self.stored.get(sop)) is not None
+                    and stored.study_instance_uid not in studies
+                    and self.patient_id_of(stored.study_instance_uid) == from_patient_id
+                    and any(start <= record.ended_ms for start, _end in windows)}
         # So may the studies of a merge into A still running: it may have moved some under A
         # before this one's find, and this one moved them on (the clients, who learn of the
         # merge into A only when it ends, would take them for A; seed 949 of pause-flap).

@@ -125,7 +125,7 @@ def test_transport_sends_whole_and_maps_a_refusal_to_its_reason(node: NodeProces
     async def run() -> None:
         transport, channels = _transport(node.peer_address)
         try:
-            assert await transport.store("target", _stored(300), hint_for="", timeout_ms=10_000) == "stored"
+            assert (await transport.store("target", _stored(300), hint_for="", timeout_ms=10_000)).outcome == "stored"
             big = _stored(301, size=10)
             big = StoredInstance(record=big.record, attributes=big.attributes,
                                  blob=big.blob + b"\x00" * WHOLE_INSTANCE_BYTES_MAX)  # Streamed: over 4 MiB.
@@ -168,8 +168,8 @@ def test_transport_falls_back_to_the_stream_for_an_older_peer() -> None:
         transport, channels = _transport(f"127.0.0.1:{port}")
         try:
             first, second = _stored(400), _stored(401)
-            assert await transport.store("target", first, hint_for="", timeout_ms=10_000) == "stored"
-            assert await transport.store("target", second, hint_for="", timeout_ms=10_000) == "stored"
+            assert (await transport.store("target", first, hint_for="", timeout_ms=10_000)).outcome == "stored"
+            assert (await transport.store("target", second, hint_for="", timeout_ms=10_000)).outcome == "stored"
             assert old.blobs == [first.blob, second.blob]
             # The first asked for whole and fell back; the second went straight to the stream.
             assert (transport.whole_stores, transport.stream_stores) == (0, 2)
@@ -228,7 +228,7 @@ def test_a_small_copy_to_another_site_is_sent_compressed(tmp_path: Path) -> None
         try:
             for name, transport in transports.items():
                 for stored in stored_list:
-                    assert await transport.store(name, stored, hint_for="", timeout_ms=10_000) == "stored"
+                    assert (await transport.store(name, stored, hint_for="", timeout_ms=10_000)).outcome == "stored"
             assert (transports["far"].compressed_stores, transports["near"].compressed_stores) == \
                 (len(stored_list), 0)
             sent = [r.SerializeToString() for r in data.requests]

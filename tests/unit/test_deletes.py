@@ -520,3 +520,75 @@ def test_a_delete_reaches_a_former_owner_that_still_holds_a_copy() -> None:
         assert cluster.process("node-001").deletes.former_owners_reached == sum(len(f) for _s, _i, f in moved)
     finally:
         cluster.close()
+
+
+def _late_copy(cluster: SimCluster, data: DataGenerator) -> tuple[Any, str, str]:
+    """A write acknowledged by two owners while the third (paused) has not answered yet:
+    (the instance, the late owner, the entry node)."""
+    study = data.new_study()
+    stored = data.instance(study, now_ms=cluster.loop.now_ms())
+    owners = _owners(cluster, study.study_instance_uid)
+    late = next(o for o in owners if o != "node-000")
+    cluster.pause(late, 1.0)  # Less than the replica deadline (2 s): the copy is late, not a hint.
+    result = cluster.loop.run_until_complete(cluster.process("node-000").coordinator.store(stored))
+    assert result.status == "success"
+    assert cluster.nodes[late].store.read_stored(study.study_instance_uid, stored.sop_instance_uid) is None
+    return stored, late, "node-000"
+
+
+def test_a_delete_after_the_acknowledgment_is_not_undone_by_the_write_s_late_copy() -> None:
+    # Sweep seed loss-10pct 529 (and 727): a store was acknowledged by two owners; the client
+    # then deleted the instance (DELETED); the third owner got the tombstone before the
+    # write's own copy, which lost packets and was retried, and answered DELETED. The
+    # coordinator took that for a delete the write had overtaken and sent the write again
+    # with a newer version: the deleted instance came back on every owner.
+    cluster = SimCluster(4, seed=21)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(21)
+        stored, late, entry = _late_copy(cluster, data)
+        study_uid, sop_uid = stored.study_instance_uid, stored.sop_instance_uid
+        # The client deletes it through node-001: the tombstone it stamps now reaches every
+        # owner, the paused one before the write's copy does (on the sweep's lossy links, the
+        # copy's first send was lost and retried). A paused node reads what reached it in
+        # order, so here the tombstone is put in the owners' stores (DeleteCoordinator's part
+        # is not what this test is about; the other delete tests run it).
+        tombstone = Tombstone(study_uid, sop_uid, cluster.process("node-001").coordinator.hlc.now(),
+                              stored.record.series_instance_uid)
+        for owner in _owners(cluster, study_uid):
+            cluster.nodes[owner].store.put_tombstones([tombstone])
+        assert not any(sop_uid in held for held in _held(cluster, study_uid).values())
+        cluster.run_for(10)  # The late copy answered DELETED.
+        assert not any(sop_uid in held for held in _held(cluster, study_uid).values())
+        assert sop_uid not in _find(cluster, "node-003", study_uid)
+        coordinator = cluster.process(entry).coordinator
+        assert coordinator.stats.extra.get("writes_deleted_after_ack") == 1
+        assert "writes_restamped_late" not in coordinator.stats.extra
+    finally:
+        cluster.close()
+
+
+def test_a_late_copy_that_meets_a_delete_stamped_before_the_acknowledgment_sends_the_write_again() -> None:
+    # The case the late re-send is for: the third owner holds a tombstone stamped before the
+    # write was acknowledged (a delete whose tombstone reached only it, from a node whose
+    # clock was ahead of the write's version). Left alone, that tombstone would reach the
+    # other owners and delete an acknowledged write.
+    cluster = SimCluster(4, seed=22)
+    try:
+        cluster.run_for(3)
+        data = DataGenerator(22)
+        stored, late, entry = _late_copy(cluster, data)
+        study_uid, sop_uid = stored.study_instance_uid, stored.sop_instance_uid
+        version = stored.record.version
+        older = Tombstone(study_uid, sop_uid, Version(version.ms, version.logical + 1, "node-009"),
+                          stored.record.series_instance_uid)
+        cluster.nodes[late].store.put_tombstones([older])
+        cluster.run_for(10)
+        coordinator = cluster.process(entry).coordinator
+        assert coordinator.stats.extra.get("writes_restamped_late") == 1
+        assert "writes_deleted_after_ack" not in coordinator.stats.extra
+        owners = _owners(cluster, study_uid)
+        assert all(sop_uid in _held(cluster, study_uid)[o] for o in owners)
+        assert sop_uid in _find(cluster, "node-003", study_uid)
+    finally:
+        cluster.close()

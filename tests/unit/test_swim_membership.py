@@ -240,6 +240,7 @@ def test_a_member_removed_while_alive_comes_back_as_its_next_generation() -> Non
         assert all(len(m.ring()) == 3 for m in members)
         # The new generation's SWIM state counts from 0; /metrics carries the old counts on
         # (a Prometheus counter must never go back).
+        assert await wait_for(lambda: m3.swim.statistics().probes_sent > 0, 5.0)  # The new generation probed.
         after = m3.metrics()
         assert all(after[name] >= value for name, value in before.items()
                    if name.endswith(("_count", "_bytes")) and "members_" not in name
