@@ -175,5 +175,21 @@ def test_qido_and_wado_agree_with_orthanc(node_factory, tmp_path: Path) -> None:
             for root in (f"http://127.0.0.1:{node.http_port}/dicom-web", orthanc.url):
                 reply = httpx.get(root + path, headers=accept, timeout=30)
                 assert reply.status_code == 200 and multipart_parts(reply) == [stored_bytes], root
+
+        # Frames of a JPEG-LS multi-frame instance asked uncompressed: both decode the asked
+        # frames, in the asked order, to the original pixel values.
+        _entry, data = datagen.make_large_instance(size_bytes=3 * 32 * 32 * 2, rows=32, cols=32, seed=32)
+        (tmp_path / "native.dcm").write_bytes(data)
+        subprocess.run(["dcmcjpls", str(tmp_path / "native.dcm"), str(tmp_path / "jls.dcm")], check=True, timeout=60)
+        coded = dcmread(tmp_path / "jls.dcm")
+        for client in (ours, theirs):
+            client.store_instances([coded])
+        size = 32 * 32 * 2
+        original = dcmread(tmp_path / "native.dcm").PixelData
+        path = f"/studies/{coded.StudyInstanceUID}/series/{coded.SeriesInstanceUID}/instances/{coded.SOPInstanceUID}"
+        for root in (f"http://127.0.0.1:{node.http_port}/dicom-web", orthanc.url):
+            reply = httpx.get(root + path + "/frames/2,1", timeout=30, headers={
+                "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'})
+            assert reply.status_code == 200 and multipart_parts(reply) == [original[size:2 * size], original[:size]], root
     finally:
         orthanc.stop()
