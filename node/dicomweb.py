@@ -761,10 +761,11 @@ class DicomWeb:
         interleaved; YCbCr JPEG and JPEG 2000 as RGB, as a conversion of the instance says),
         each a part of `application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`, in
         the asked order. Decoded on worker threads, one frame at a time, the next while the
-        one before it is sent: the stored instance and two decoded frames in memory, however
-        many frames are asked (the body streams; no cap on the frame list). The first is
-        decoded before the status line: an instance no frame of which decodes is a 406; a
-        later frame that fails breaks the body off (no closing delimiter)."""
+        one before it is sent: the stored instance (its bytes, then pydicom's parse of them)
+        and two decoded frames in memory, however many frames are asked (the body streams;
+        no cap on the frame list). The first asked frame is decoded before the status line:
+        a 406 when it fails; a later frame that fails breaks the body off (no closing
+        delimiter)."""
         def start() -> tuple[Iterator[bytes], bytes]:
             part10, _offset = self._archive.read(location)
             decoded = decoded_frames(part10, numbers)
