@@ -58,6 +58,7 @@ from pacsnode.node.dicomweb_render import (
     DECODE_AS_RGB,
     FrameDecodeError,
     FrameForm,
+    NoSuchFrame,
     RenderError,
     decodable,
     decoded_frames,
@@ -850,8 +851,7 @@ class DicomWeb:
             image = await run_in_threadpool(load)
         except RenderError as error:
             log.warning("dicomweb.render.failed sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
-            return PlainTextResponse(str(error), status_code=404 if "frames" in str(error) or "no pixel" in str(error)
-                                     else 406)
+            return PlainTextResponse(str(error), status_code=404 if isinstance(error, NoSuchFrame) else 406)
         except ReadError as error:
             log.error("dicomweb.render.unreadable reason=%s", error)
             return PlainTextResponse("the instance could not be read; see the node log", status_code=503)

@@ -70,6 +70,11 @@ class RenderError(ValueError):
     """The instance has no pixel data, the frame does not exist, or it cannot be decoded."""
 
 
+class NoSuchFrame(RenderError):
+    """The instance has no pixel data, or not the frame asked (404, where a frame that exists
+    but cannot be decoded here is 406)."""
+
+
 class FrameDecodeError(Exception):
     """A frame of a compressed instance could not be decoded (a handler that failed on this
     data, or pixel attributes the decoded layout does not match)."""
@@ -105,10 +110,10 @@ def frames(part10: bytes, numbers: list[int]) -> list[bytes]:
     the frame's encoded bytes)."""
     dataset = dcmread(BytesIO(part10))
     if "PixelData" not in dataset:
-        raise RenderError("the instance has no pixel data")
+        raise NoSuchFrame("the instance has no pixel data")
     count = _number_of_frames(dataset)
     if max(numbers) > count:
-        raise RenderError(f"the instance has {count} frames")
+        raise NoSuchFrame(f"the instance has {count} frames")
     pixel_data = dataset.PixelData
     if UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
         encoded = list(generate_frames(pixel_data, number_of_frames=count))
@@ -132,10 +137,10 @@ def decoded_frames(part10: bytes, numbers: list[int]) -> Iterator[bytes]:
     before it)."""
     dataset = dcmread(BytesIO(part10))
     if "PixelData" not in dataset:
-        raise RenderError("the instance has no pixel data")
+        raise NoSuchFrame("the instance has no pixel data")
     count = _number_of_frames(dataset)
     if max(numbers) > count:
-        raise RenderError(f"the instance has {count} frames")
+        raise NoSuchFrame(f"the instance has {count} frames")
     return _decode_each(get_decoder(dataset.file_meta.TransferSyntaxUID), dataset, numbers)
 
 
@@ -164,10 +169,10 @@ def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
 
     dataset = dcmread(BytesIO(part10))
     if "PixelData" not in dataset:
-        raise RenderError("the instance has no pixel data")
+        raise NoSuchFrame("the instance has no pixel data")
     count = _number_of_frames(dataset)
     if not 1 <= frame <= count:
-        raise RenderError(f"the instance has {count} frames")
+        raise NoSuchFrame(f"the instance has {count} frames")
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # No handler for this syntax, or corrupt data.

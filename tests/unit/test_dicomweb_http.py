@@ -429,6 +429,8 @@ def test_frames_rendered_and_thumbnails(served: _Served, study_set: list[tuple[M
     assert study_image.status_code == 200 and max(Image.open(io.BytesIO(study_image.content)).size) <= 16
     assert httpx.get(f"{served.url}/dicom-web/studies/1.2.3.999/rendered").status_code == 404
     assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/frames/2").status_code == 404
+    assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/frames/2/rendered"
+                     ).status_code == 404  # No such frame (NoSuchFrame), where an undecodable one is 406.
     assert httpx.get(f"{base}/series/{entry['series_uid']}/instances/{entry['sop_uid']}/rendered",
                      headers={"Accept": "image/gif"}).status_code == 406
 
