@@ -632,9 +632,10 @@ class SwimMembership:
                 self.trouble.note(now)
             record = self.swim.record(event.node_id)
             level = logging.INFO if event.new_state in (State.ALIVE, State.LEAVING) else logging.WARNING
-            log.log(level, "membership.state node=%s old=%s new=%s generation=%d incarnation=%d", event.node_id,
-                    event.old_state.value if event.old_state else "none", event.new_state.value,
-                    record.generation if record else 0, record.incarnation if record else 0)
+            log.log(level, "membership.state node=%s old=%s new=%s generation=%d incarnation=%d reporter=%s",
+                    event.node_id, event.old_state.value if event.old_state else "none", event.new_state.value,
+                    record.generation if record else 0, record.incarnation if record else 0,
+                    (record.reporter_id or "-")[:64] if record else "-")
         if events:
             for observe in self.on_transitions:
                 observe(events)
