@@ -226,6 +226,15 @@ class StoreResponse:
 _STORE_RESPONSE_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000))
 
 
+def find_final_response_pdu(context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                            sop_class_uid: str | None) -> bytes | None:
+    """One P-DATA-TF PDU carrying a C-FIND's final response (PS3.7 9.1.2.1.2: no Identifier)
+    with no Error Comment or Offending Element, as pynetdicom 3.0.4 encodes it; None when it
+    does not fit one fragment."""
+    return _plain_response_pdu(context_id, max_pdu_length, C_FIND_RSP_FIELD, message_id_responded, status,
+                               sop_class_uid, None)
+
+
 def _command_elements(command: bytes | memoryview, allowed: frozenset[int]) -> dict[int, memoryview] | None:
     """The elements of a whole command set (implicit VR little endian, group 0000) by
     element number, when every one is in `allowed`, none repeats and the lengths add up;

@@ -1119,8 +1119,8 @@ def test_a_finds_pending_responses_after_the_first_are_written_together() -> Non
                    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
         assoc.release()
         assert answers == [(0xFF00, f"P{index:03d}") for index in range(rows)] + [(0x0000, None)]
-        # The first row alone, two full groups, the last 8 before the final response (which
-        # goes pynetdicom's way): 4 writes by the association's thread, not one per row.
+        # The first row alone, two full groups, the last 8 with the final response: 4 writes
+        # by the association's thread, not one per row.
         assert accepted[0].dul.encoded_sent_direct == 4
     finally:
         server_ae.shutdown()
@@ -1171,5 +1171,50 @@ def test_a_find_handler_sends_its_rows_itself_and_pynetdicom_only_the_final() ->
         assert sent == [True] * rows
         assert answers == [(0xFF00, f"P{index:03d}") for index in range(rows)] + [(0x0000, None)]
         assert accepted[0].dul.encoded_sent_direct == 4
+    finally:
+        server_ae.shutdown()
+
+
+def test_a_find_s_final_response_is_written_by_the_associations_thread() -> None:
+    """issue 10: a C-FIND's final response (no Identifier) is encoded by the node
+    (pdata.find_final_response_pdu, pynetdicom's bytes) and written by the association's own
+    thread after the Pending responses held back, instead of going through pynetdicom's
+    message, pydicom encoding and the DUL thread (about half of a one-row C-FIND's CPU). The
+    requestor gets every row and the final status, in order."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from pacsnode.sim.process import free_port
+
+    def on_find(event: Any) -> Any:
+        for index in range(3):
+            row = Dataset()
+            row.QueryRetrieveLevel = "STUDY"
+            row.PatientID = f"P{index}"
+            yield 0xFF00, row
+
+    accepted: list[Any] = []
+    server_ae = acceptor.NodeAE(ae_title="FIND")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian])
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_FIND, on_find), (evt.EVT_ESTABLISHED, lambda e: accepted.append(e.assoc))])
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ImplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="FIND")
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = ""
+        answers = [(int(status.Status), identifier.PatientID if identifier is not None else None)
+                   for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        assoc.release()
+        assert answers == [(0xFF00, "P0"), (0xFF00, "P1"), (0xFF00, "P2"), (0x0000, None)]
+        # The first Pending response at once (a command PDU and an Identifier PDU), the other
+        # two held and written with the final response (one PDU): two writes by the
+        # association's thread, 7 PDUs (6 when the final response went pynetdicom's way).
+        assert (accepted[0].dul.encoded_sent_direct, accepted[0].dul.encoded_pdus_direct) == (2, 7)
     finally:
         server_ae.shutdown()

@@ -378,3 +378,23 @@ def test_echo_request_parse_leaves_anything_else_to_pynetdicom() -> None:
     assert pdata.parse_echo_request(response) is None
     request = pdata.store_command_pdu(1, 0, message_id=1, priority=0, sop_class_uid="1.2", sop_instance_uid="1.3")
     assert request is not None and pdata.parse_echo_request(request[pdata.HEADER_BYTES:]) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(sop_class=st.none() | st.sampled_from(["1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.31"]),
+       message_id=st.integers(0, 0xFFFF), status=st.sampled_from([0x0000, 0xFE00, 0xA700, 0xC000, 0x0122]),
+       context_id=st.sampled_from([1, 3, 255]), max_pdu_length=st.sampled_from([0, 16_384]))
+def test_final_find_response_is_pynetdicoms_bytes(sop_class: str | None, message_id: int, status: int,
+                                                  context_id: int, max_pdu_length: int) -> None:
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+
+    response = C_FIND()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.Status = status
+    message = C_FIND_RSP()
+    message.primitive_to_message(response)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
+    assert pdata.find_final_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
+                                         sop_class_uid=sop_class) == expected
