@@ -1,7 +1,16 @@
 """Cluster benchmark (by hand, not CI): a 3-node cluster on loopback vs a single node, in one run.
 
     .venv/bin/python bench/cluster.py [--instances 400] [--rows 256] [--setups single,n3w2,n2w1]
-                                      [--profile DIR]
+                                      [--rounds N] [--data-dir DIR] [--trace DIR] [--profile DIR]
+
+--data-dir DIR puts every node's data directory (store, RocksDB, blob files, spool) under DIR
+instead of the run's temporary directory, e.g. `--data-dir /dev/shm` (tmpfs: fsync costs
+almost nothing there), to separate what the code allows from what one shared disk allows
+(the three nodes of this bench share one disk; a real cluster's do not).
+
+--trace DIR starts every node with PACSNODE_WRITE_TRACE (node/write_trace.py): each marks
+when one instance reaches each step of its write path, and bench/write_trace.py prints the
+p50/p90 of every segment (entry node and each owner) for each cluster setup and round.
 
 With --profile DIR, py-spy (`pip install py-spy`, a dev tool) records every node process
 during the ingest (`py-spy record --format raw --gil`: the thread holding the GIL, 100 Hz) into
@@ -37,6 +46,7 @@ from integration import clients  # noqa: E402
 from integration.clients import identifier  # noqa: E402
 from integration.test_cluster import expected_owners, local_sop_uids  # noqa: E402
 
+from pacsnode.node import write_trace  # noqa: E402
 from pacsnode.sim import datagen  # noqa: E402
 from pacsnode.sim.process import NodeProcess, wait_until  # noqa: E402
 
@@ -75,22 +85,30 @@ def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
             profiler.wait()
 
 
-def start(root: Path, names: tuple[str, ...], extra: list[str]) -> list[NodeProcess]:
+def start(root: Path, names: tuple[str, ...], extra: list[str], trace: Path | None = None) -> list[NodeProcess]:
     nodes: list[NodeProcess] = []
-    for name in names:
-        seeds = [nodes[0].peer_address] if nodes else []
-        node = NodeProcess(root / name, node_id=name, seeds=seeds,
-                           extra_args=["--profile", "local", "--log-level", "WARNING", *extra])
-        nodes.append(node.start())
+    try:
+        for name in names:
+            seeds = [nodes[0].peer_address] if nodes else []
+            node = NodeProcess(root / name, node_id=name, seeds=seeds,
+                               extra_args=["--profile", "local", "--log-level", "WARNING", *extra])
+            if trace is not None:  # node/write_trace.py: the node process reads it when it starts.
+                os.environ[write_trace.ENVIRONMENT] = str(trace / f"{root.name}-{name}")
+            nodes.append(node.start())
+    finally:
+        os.environ.pop(write_trace.ENVIRONMENT, None)
     time.sleep(3)
     return nodes
 
 
 def run_setup(label: str, names: tuple[str, ...], extra: list[str], data: Path,
-              manifest: list[datagen.ManifestEntry], work: Path, profile: Path | None = None) -> dict[str, object]:
+              manifest: list[datagen.ManifestEntry], work: Path, profile: Path | None = None,
+              trace: Path | None = None) -> dict[str, object]:
     root = work / label.replace(" ", "_").replace("=", "")
     root.mkdir(parents=True, exist_ok=True)
-    nodes = start(root, names, extra)
+    if trace is not None:
+        trace.mkdir(parents=True, exist_ok=True)
+    nodes = start(root, names, extra, trace)
     profilers: list[subprocess.Popen[bytes]] = []
     try:
         profilers = start_profilers(nodes, label, profile)
@@ -168,10 +186,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every setup this many times, in turn; the table shows medians")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy every node during ingest into DIR")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="record write-path timestamps on every node (node/write_trace.py) into DIR and print "
+                             "bench/write_trace.py's per-segment p50/p90 for each cluster setup")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="put the nodes' data directories under DIR (e.g. /dev/shm: tmpfs) instead of the "
+                             "temporary directory that holds the input set")
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"  # storescu disables Nagle, as in bench/run.py.
     chosen = [SETUPS[name] for name in args.setups.split(",")]
     work = Path(tempfile.mkdtemp(prefix="pacsnode-cluster-bench-"))
+    nodes_root = Path(tempfile.mkdtemp(prefix="pacsnode-cluster-bench-", dir=args.data_dir)) if args.data_dir else work
     try:
         per_study = 20
         spec = datagen.StudySetSpec(patients=max(1, args.instances // per_study), series_per_study=2,
@@ -181,11 +206,13 @@ def main() -> int:
         for round_ in range(args.rounds):
             for label, names, extra in chosen:
                 profile = args.profile / f"round{round_}" if args.profile else None
+                trace = args.trace / f"round{round_}" if args.trace else None
                 runs[label].append(run_setup(label, names, extra, work / "data", manifest,
-                                             work / f"round{round_}", profile))
+                                             nodes_root / f"round{round_}", profile, trace))
         rows = [medians(r) for r in runs.values()]
         base = rows[0]
-        print(f"\n{len(manifest)} instances, {args.rows}x{args.rows} 16-bit, storescu x1 through the first node; "
+        where = f"node data under {args.data_dir}" if args.data_dir else "node data on the temporary directory's disk"
+        print(f"\n{len(manifest)} instances, {args.rows}x{args.rows} 16-bit, storescu x1 through the first node; {where}; "
               f"C-FIND at the last node; 2 cores shared by clients and every node; medians of {args.rounds} "
               f"round(s); ratios against the first setup ({base['setup']})\n")
         print("| setup | inst/s | MB/s | ingest vs first | CPU-s/inst (all nodes) | CPU vs first | "
@@ -203,8 +230,16 @@ def main() -> int:
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        (out / f"cluster-{stamp}.json").write_text(json.dumps({"args": vars(args) | {"profile": str(args.profile)},
+        (out / f"cluster-{stamp}.json").write_text(json.dumps({"args": vars(args) | {"profile": str(args.profile), "data_dir": str(args.data_dir), "trace": str(args.trace)},
                                                                "medians": rows, "runs": runs}, indent=2))
+        if args.trace:
+            from write_trace import summary  # bench/write_trace.py, beside this file.
+            for round_ in range(args.rounds):
+                for label, names, _extra in chosen:
+                    files = sorted((args.trace / f"round{round_}").glob(label.replace(" ", "_").replace("=", "") + "-*"))
+                    if len(names) > 1 and files:
+                        print(f"\nWrite path, {label}, round {round_ + 1} (bench/write_trace.py):\n")
+                        print(summary(files))
         if args.profile:
             files = sorted(args.profile.glob("round*/*.txt"))
             if files:
@@ -212,6 +247,7 @@ def main() -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(nodes_root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from pynetdicom.sop_class import (
 )
 
 from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob
-from pacsnode.node import acceptor, association_guard, codec, commitment, find_rows, ingest, iocm, raw_send, spool, tls
+from pacsnode.node import acceptor, association_guard, codec, commitment, find_rows, ingest, iocm, raw_send, spool, tls, \
+    write_trace
 from pacsnode.node.config import NodeConfig
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
@@ -267,6 +268,8 @@ class DicomFrontEnd:
     def _on_store(self, event: Any) -> Dataset | int:
         self._count("c_store")
         data = event.request.DataSet
+        if write_trace.enabled():
+            write_trace.mark("rx", str(event.request.AffectedSOPInstanceUID or ""))
         try:
             if isinstance(data, spool.SpoolBuffer) and data.refusal is not None:
                 return self._refused(event, data)
@@ -391,7 +394,9 @@ class DicomFrontEnd:
                 return _status(STATUS_OUT_OF_RESOURCES, str(error))
             except Exception as error:  # An undecodable KOS: stored as any instance, not applied as a note.
                 log.warning("dicom.iocm.undecodable error=%s", type(error).__name__)
+        write_trace.mark("archive", instance.sop_instance_uid)
         result = self._archive.store(instance)
+        write_trace.mark("stored", instance.sop_instance_uid)
         if result.status == WriteStatus.SUCCESS and note is not None and self._rejections is not None:
             if not self._rejections.apply(note):
                 return _status(STATUS_STORE_FAILED, "rejection note stored, not applied to all; send again")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mappin
 
 import grpc
 
-from pacsnode.node import peer_wire
+from pacsnode.node import peer_wire, write_trace
 from pacsnode.node.codec import payload_crc32
 from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
 from pacsnode.node.tls import CHANNEL_OPTIONS
@@ -172,6 +172,7 @@ class GrpcTransport:
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply:
         """One copy on `target`: in one StoreWholeInstance message when the payload is at
         most WHOLE_INSTANCE_BYTES_MAX, else (or when `target` predates it) a StoreInstance stream."""
+        write_trace.mark("remote.call:" + target, stored.sop_instance_uid)
         address, stub = self._data(target)
         header = peer_wire.store_header(stored, hint_for, self._crc(stored.blob))
         reply: pb.StoreReply | None = None
@@ -194,6 +195,7 @@ class GrpcTransport:
                 reply = await stub.StoreInstance(peer_wire.store_chunks(self._envelope(), stored, hint_for, header),
                                                  timeout=timeout_ms / 1000)
                 self.stream_stores += 1
+        write_trace.mark("remote.done:" + target, stored.sop_instance_uid)
         outcome = peer_wire.OUTCOME_FROM_WIRE.get(reply.outcome)
         won = peer_wire.version_from_wire(reply.tombstone_version) if reply.HasField("tombstone_version") else None
         if won is not None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import grpc
 
-from pacsnode.node import peer_wire
+from pacsnode.node import peer_wire, write_trace
 from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
@@ -178,6 +178,7 @@ class DataService(pb_grpc.DataServicer):
     async def StoreWholeInstance(self, request: pb.StoreWholeRequest,
                                  context: grpc.aio.ServicerContext) -> pb.StoreReply:
         """The one-message store of an instance of at most WHOLE_INSTANCE_BYTES_MAX."""
+        write_trace.mark("peer.rx", request.header.record.sop_instance_uid)
         env = request.envelope if request.HasField("envelope") else None
         await self.server.check(env, context, "StoreWholeInstance")
         assert env is not None
@@ -215,6 +216,7 @@ class DataService(pb_grpc.DataServicer):
                                                                   sender_ring_version=int(env.ring_version), crc32=crc)
         except PeerRefused as refusal:
             return self._reply(REFUSAL_TO_WIRE[refusal.reason], str(refusal))
+        write_trace.mark("peer.stored", record.sop_instance_uid)
         reply = self._reply(peer_wire.OUTCOME_TO_WIRE[outcome], "", durable=True)
         if outcome == StoreOutcome.DELETED:
             won = await self.node.peer_handler.tombstone_version(record.study_instance_uid, record.sop_instance_uid)

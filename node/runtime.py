@@ -24,6 +24,7 @@ from pacsnode.node.blob_files import BlobPointer, Part10Stream
 from pacsnode.node.bridge import BridgeClosed, RowBridge
 from pacsnode.node.codec import ZSTD_LEVEL, to_stored
 from pacsnode.node.executor import CountedExecutor
+from pacsnode.node import write_trace
 from pacsnode.replication.archive import (
     IncompleteAnswer,
     InstanceLocation,
@@ -39,7 +40,7 @@ from pacsnode.replication.modify_coordinator import ModifyCoordinator, ModifyRes
 from pacsnode.replication.correction import Correction
 from pacsnode.node.correct import corrected
 from pacsnode.replication.matching import Query
-from pacsnode.replication.model import Attributes, Instance, InstanceRecord, StoreError
+from pacsnode.replication.model import Attributes, Instance, InstanceRecord, StoreError, StoredInstance
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,8 +158,10 @@ class ClusterArchive:
         if self._metadata_of is not None and stored.blob_file is None:
             # Built once here for every copy (peers get it in the StoreHeader), not by each owner.
             stored = dataclasses.replace(stored, metadata_json=self._metadata_of(stored.record, stored.blob))
+        write_trace.mark("hop", stored.sop_instance_uid)
         try:
-            return self._loop.run(self._coordinator.store(stored), self._store_timeout_s + 5)
+            return self._loop.run(self._traced_store(stored) if write_trace.enabled() else self._coordinator.store(stored),
+                                  self._store_timeout_s + 5)
         except TimeoutError as error:
             log.error("archive.store.timeout sop_instance_uid=%s", instance.sop_instance_uid)
             return WriteResult(WriteStatus.QUORUM_FAILED, message=str(error))
@@ -166,6 +169,12 @@ class ClusterArchive:
             # Never a false Success, and never an exception inside the DICOM handler.
             log.error("archive.store.interrupted sop_instance_uid=%s", instance.sop_instance_uid)
             return WriteResult(WriteStatus.QUORUM_FAILED, message="the write was interrupted; retry")
+
+    async def _traced_store(self, stored: StoredInstance) -> WriteResult:
+        write_trace.mark("plan", stored.sop_instance_uid)
+        result = await self._coordinator.store(stored)
+        write_trace.mark("quorum", stored.sop_instance_uid)
+        return result
 
     def delete(self, scope: DeleteScope) -> DeleteResult:
         """Delete a study, series or instance through this node (replication/delete_coordinator.py);

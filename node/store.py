@@ -74,6 +74,7 @@ from pacsnode.replication.model import (
 )
 from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
+from pacsnode.node import write_trace
 from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob, TEMP_PREFIX, stored_size
 from pacsnode.node.codec import ZSTD_LEVEL, decompress, decompress_head, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
@@ -329,6 +330,7 @@ class RocksStore:
         Raises StoreFull (nothing written) when the disk is (nearly) full, unless the same
         bytes are already stored (a retry: DUPLICATE needs no space).
         """
+        write_trace.mark("put.start", stored.sop_instance_uid)
         if not hint_for and self._holds_same(stored.study_instance_uid, stored.sop_instance_uid,
                                              stored.content_hash):
             return StoreOutcome.DUPLICATE
@@ -340,7 +342,9 @@ class RocksStore:
         if header is None and self._header_of is not None and stored.blob_file is None:
             header = self._header_of(stored.record, stored.blob)
         if len(stored.blob) < self._blob_file_bytes_min and stored.blob_file is None:
-            return self._submit(lambda view, batch: self._build_instance(view, batch, stored, stored.blob, header))
+            outcome = self._submit(lambda view, batch: self._build_instance(view, batch, stored, stored.blob, header))
+            write_trace.mark("put.end", stored.sop_instance_uid)
+            return outcome
         return self._put_with_blob_file(stored, header)
 
     def _put_with_blob_file(self, stored: StoredInstance, header: bytes | None) -> str:
@@ -359,10 +363,12 @@ class RocksStore:
                     raise
         except OSError as error:  # ENOSPC writing or syncing the file: a full disk is 0xA700.
             raise self._write_failure(error) from error
+        write_trace.mark("put.file", stored.sop_instance_uid)
         kept = False
         try:
             outcome = self._submit(lambda view, batch: self._build_instance(view, batch, stored, pointer.encode(),
                                                                             header))
+            write_trace.mark("put.end", stored.sop_instance_uid)
             kept = self._db.get(PREFIX_BLOB_FILE + pointer.name.encode()) is not None
             return outcome
         finally:

@@ -318,6 +318,9 @@ class SwimMembership:
             # Pings for our id left unanswered because they were meant for a newer boot of it
             # (a wiped node back before the cluster held that boot dead).
             "pacsnode.membership.pings_for_a_newer_boot_count": total["pings_for_a_newer_boot"],
+            # Joins this node took back: a seed with a stale view let it in while the cluster
+            # held a newer boot of its id alive (a wiped node back soon after a restart).
+            "pacsnode.membership.joins_withdrawn_count": total["joins_withdrawn"],
             "pacsnode.membership.awareness_count": swim.awareness,
             "pacsnode.membership.broadcast_queue_depth_count": swim.broadcast_queue_depth,
             "pacsnode.membership.sent_bytes": total["sent_bytes"],

@@ -560,6 +560,7 @@ class SwimStatistics:
     operator_removals: int
     updates_rejected: int  # Records the verifier refused (unsigned, wrongly signed): ignored.
     pings_for_a_newer_boot: int  # Pings for our id left unanswered while a newer boot of it is held (newer_boot_held).
+    joins_withdrawn: int  # Joins taken back or not taken: a seed let us in while another held a newer boot of our id reachable.
     awareness: int  # Current local health score (0 = healthy).
     members_by_state: Mapping[str, int]
     broadcast_queue_depth: int
@@ -717,7 +718,7 @@ class Swim:
              "probe_failures", "probes_abandoned", "relays", "suspicions_raised", "suspicions_refuted",
              "suspicions_cleared", "deaths_declared", "removals", "removals_blocked", "removal_graces_restarted",
              "operator_removals",
-             "updates_rejected", "pings_for_a_newer_boot"), 0)
+             "updates_rejected", "pings_for_a_newer_boot", "joins_withdrawn"), 0)
         self._sent: dict[str, list[int]] = {}
         self._received: dict[str, list[int]] = {}
 
@@ -993,7 +994,12 @@ class Swim:
             case JoinRequest():
                 out.append(self._on_join(now_ms, source_id, message.member))
             case JoinReply():
-                if message.accepted:
+                if message.accepted and self.newer_boot_held > self.generation:
+                    # A seed that has not heard of the newer boot of our id another seed
+                    # showed us alive (wipe-restarted seed 551): not joined; we wait until the
+                    # cluster holds that boot dead, then join above it.
+                    self._counts["joins_withdrawn"] += 1
+                elif message.accepted:
                     self._joined = True
                     self._next_join_ms = None
                     self.join_refused_reason = ""
@@ -1311,6 +1317,20 @@ class Swim:
                 if self._verify(update):
                     self.dead_boot_record = DeadBootRecord.TAKEN
                     self.dead_boot_generation = update.generation
+            elif (update.generation > me.generation and self._joined and self._seeds
+                  and update.state in REACHABLE and update != self._newer_boot_judged):
+                # A newer boot of our id held reachable, heard after a seed let us in: that seed
+                # still held our older generation (a quick restart before the wipe, not yet
+                # spread to it), the others hold the newer boot alive, and our acks kept it so
+                # (seen: wipe-restarted seed 551). Not joined after all: we stop answering
+                # probes meant for that boot and ask the seeds again; once the cluster holds
+                # it dead, we join above it (dead_boot_record), as from a refusal.
+                self._newer_boot_judged = update
+                if self._verify(update):
+                    self._joined = False
+                    self.newer_boot_held = max(self.newer_boot_held, update.generation)
+                    self._counts["joins_withdrawn"] += 1
+                    self._next_join_ms = now_ms + self.config.join_retry_interval_ms
             return False
         if me.state in TERMINAL:
             if update.state in TERMINAL and newer(update, me) and self._verify(update):

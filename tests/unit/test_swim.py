@@ -31,6 +31,7 @@ import pytest
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.swim import (
     Ack,
+    DeadBootRecord,
     Gossip,
     IndirectPing,
     JoinRefusal,
@@ -832,3 +833,50 @@ def test_gossip_reaches_98_percent_within_log2_n_plus_3_rounds_at_10_percent_los
         cluster.run_for(3_000)
     within = sum(r <= bound for r in rounds) / len(rounds)
     assert within >= 0.98, (within, sorted(rounds)[-10:])
+
+
+def test_a_join_let_in_by_a_seed_with_a_stale_view_is_withdrawn_on_hearing_a_newer_live_boot() -> None:
+    """wipe-restarted seed 551: node-01 restarted as generation 2, then its data dir was wiped
+    and it came back as generation 1 before one seed had heard of generation 2. That seed let
+    it in (it held generation 1 alive); the others held generation 2 alive, and the wiped
+    node's acks to their probes kept it so: to the end of the run the cluster held a boot
+    that no process ran. Now the join is withdrawn when a newer live boot of our id is heard:
+    probes meant for it go unanswered until the cluster holds it dead, and then the node
+    joins above it."""
+    infos = [member_info(i) for i in range(3)]
+    stale_seed = Swim(LAN, infos[0], random.Random(1), 0)  # Still holds node-01's generation 1.
+    stale_seed.on_message(0, "", PushPullReply(tuple(MemberUpdate(info, State.ALIVE) for info in infos)))
+    second_boot = MemberUpdate(member_info(1, generation=2), State.ALIVE, 0, reporter_id="node-01")
+    other_seed = Swim(LAN, infos[2], random.Random(2), 0)
+    other_seed.on_message(0, "", PushPullReply((MemberUpdate(infos[0], State.ALIVE), second_boot,
+                                                MemberUpdate(infos[2], State.ALIVE))))
+    wiped = Swim(LAN, infos[1], random.Random(3), 0)  # Generation 1 again.
+    wiped.join(1, [infos[0].peer_address, infos[2].peer_address])
+    (accepted,) = stale_seed.on_message(2, "node-01", JoinRequest(wiped.me))
+    assert isinstance(accepted.message, JoinReply) and accepted.message.accepted
+    wiped.on_message(3, "node-00", accepted.message)
+    assert wiped.joined
+    (refused,) = other_seed.on_message(4, "node-01", JoinRequest(wiped.me))
+    assert isinstance(refused.message, JoinReply) and not refused.message.accepted
+    wiped.on_message(5, "node-02", refused.message)  # Carries generation 2, alive.
+    assert not wiped.joined and wiped.newer_boot_held == 2
+    assert wiped.statistics().joins_withdrawn == 1
+    assert wiped.on_message(6, "node-02", Ping(9, "node-01")) == []  # Meant for generation 2.
+    assert any(isinstance(o.message, JoinRequest) for o in wiped.tick(6 + LAN.join_retry_interval_ms))
+    # The cluster holds generation 2 dead: the node takes it for the boot it replaced (its
+    # shell then restarts it above it, as after a refusal carrying a dead record).
+    wiped.on_message(7, "node-02", Gossip((second_boot.restate(State.DEAD, reporter_id="node-02"),)))
+    assert wiped.dead_boot_record is DeadBootRecord.TAKEN and wiped.dead_boot_generation == 2
+
+    # The seed's own order: the refusal first, then the stale seed's acceptance, which is
+    # not taken.
+    again = Swim(LAN, infos[1], random.Random(4), 0)
+    again.join(1, [infos[0].peer_address, infos[2].peer_address])
+    (refused,) = other_seed.on_message(2, "node-01", JoinRequest(again.me))
+    again.on_message(3, "node-02", refused.message)
+    assert not again.joined and again.newer_boot_held == 2
+    (accepted,) = stale_seed.on_message(4, "node-01", JoinRequest(again.me))
+    assert isinstance(accepted.message, JoinReply) and accepted.message.accepted
+    again.on_message(5, "node-00", accepted.message)
+    assert not again.joined and again.statistics().joins_withdrawn == 1
+    assert again.on_message(6, "node-02", Ping(9, "node-01")) == []
