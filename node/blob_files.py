@@ -288,8 +288,8 @@ class BlobFiles:
     def read_into(self, pointer: BlobPointer, buffer: memoryview, what: str, *,
                   cached_only: bool = False) -> memoryview | None:
         """The whole blob read into `buffer` (at least `pointer.size_bytes` long, reused by
-        the caller: no new buffer, no mapping), its size checked but not its CRC-32 (for a
-        reader that decompresses it at once: zstd's frame checksum covers the content).
+        the caller: no new buffer, no mapping), its size checked but not its CRC-32 (the
+        caller checks it: node/codec.py's decompress_crc_checked, or zstd's frame checksum).
         The view of `buffer` that holds it. With `cached_only`, read only from the page cache
         (Linux's RWF_NOWAIT): None when any of it would wait for the disk. Raises
         CorruptBlob when missing or of the wrong size."""

@@ -5,12 +5,19 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from typing import Callable
 
 import zstandard
 
 from pacsnode.replication.model import CorruptBlob, Instance, InstanceRecord, StoredInstance
 from pacsnode.replication.model import INSTANCE_KEYWORDS
 from pacsnode.replication.hlc import Version
+
+_isal_crc32: Callable[[memoryview], int] | None
+try:
+    from isal.isal_zlib import crc32 as _isal_crc32  # ISA-L's CRC-32: zlib's, with SIMD.
+except ImportError:  # A venv installed before isal was a dependency: zstd's own check, as before.
+    _isal_crc32 = None
 
 # zstd's fastest kind of level (negative: no entropy coding of literals, repeats still
 # found). Decompresses at 2.8-5.8 GB/s against 0.6-1.1 GB/s at level 1 on 16-bit images
@@ -50,6 +57,38 @@ def decompress(blob: bytes | memoryview, what: str = "instance") -> bytes:
         return _decompressor().decompress(blob)
     except zstandard.ZstdError as error:
         raise CorruptBlob(f"blob of {what} failed its checksum: {error}") from error
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Frame_Header_Descriptor (the byte after the magic) bit 2, RFC 8878 3.1.1.1.1: the frame
+# ends with a 4-byte content checksum (the low 32 bits of XXH64 of the content).
+_CHECKSUM_FLAG = 0x04
+
+
+def decompress_crc_checked(blob: memoryview, crc32: int, what: str = "instance") -> bytes:
+    """The Part-10 bytes of a blob (one zstd frame, as `compress` writes it) read into a
+    writable buffer of the caller's, checked by the CRC-32 of all its bytes that the store
+    recorded (node/blob_files.py's BlobPointer) instead of by zstd's content checksum:
+    every stored byte is still checked before any is used, for a sixth of the CPU (42 MB:
+    ISA-L's CRC-32 ~0.5 ms, zstd's XXH64 ~3.3 ms; zlib's CRC-32 would be ~8.6 ms). Then
+    the frame's checksum flag is cleared in `blob` and its 4 checksum bytes left out, so
+    that zstd does not check again bytes the CRC-32 covered. CorruptBlob when the CRC-32
+    differs or the frame is not readable. Without isal installed, zstd's checksum checks
+    the content (`decompress`), as before isal was a dependency."""
+    if _isal_crc32 is None:
+        return decompress(blob, what)
+    if _isal_crc32(blob) != crc32:
+        raise CorruptBlob(f"blob of {what} failed its CRC-32 check")
+    if len(blob) < 6 or blob[:4] != ZSTD_MAGIC:
+        raise CorruptBlob(f"blob of {what} is not a zstd frame")
+    frame = blob
+    if blob[4] & _CHECKSUM_FLAG:
+        blob[4] &= ~_CHECKSUM_FLAG & 0xFF
+        frame = blob[:-4]
+    try:
+        return _decompressor().decompress(frame)
+    except zstandard.ZstdError as error:
+        raise CorruptBlob(f"blob of {what} is not a readable zstd frame: {error}") from error
 
 
 def decompress_head(blob: bytes, size: int, what: str = "instance") -> bytes:

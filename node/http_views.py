@@ -17,7 +17,7 @@ from pacsnode.node.metrics import Metrics
 from pacsnode.node.dicomweb import instance_header_json
 from pacsnode.node.dicomweb_metadata import HEADER_READ_BYTES, HeaderTruncated
 from pacsnode.node.blob_files import BlobPointer
-from pacsnode.node.codec import decompress
+from pacsnode.node.codec import decompress, decompress_crc_checked
 from pacsnode.node.store import WHOLE_READ_BYTES_MAX, RocksStore
 from pacsnode.replication.archive import InstanceLocation
 from pacsnode.replication.model import CorruptBlob, StoreError, StoreFull
@@ -105,7 +105,9 @@ class StoreReads:
     """DicomWeb's LocalReads over this node's RocksStore. `kept` + `read_cached` (the HTTP
     loop's reads): an instance kept as a blob file of up to WHOLE_READ_BYTES_MAX, read only
     when all of it is in the page cache (RWF_NOWAIT) into the calling thread's buffer,
-    kept for its next read, then decompressed, its checksum and length checked. `part10`
+    kept for its next read, checked against the CRC-32 its pointer records (all its bytes,
+    in place of zstd's XXH64 of the content: node/codec.py's decompress_crc_checked), then
+    decompressed, its length checked. `part10`
     (the reader threads'): an instance kept as a blob file of
     up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, its zstd
     checksum checked, its length checked against its record. A file's pages are read where
@@ -154,7 +156,7 @@ class StoreReads:
     def read_cached(self, kept: KeptFile) -> bytes | None:
         """The Part-10 bytes of a file `kept` found, read only if all of it is in the page
         cache (no wait on the disk: the HTTP loop may call this) into this thread's buffer,
-        and decompressed, its checksum and length checked. None when it is not cached (then
+        checked by its pointer's CRC-32 and decompressed, its length checked. None when it is not cached (then
         a reader thread reads it); CorruptBlob, not logged, when it fails a check (then the
         archive's read, which logs it)."""
         what = kept.location.sop_instance_uid
@@ -162,7 +164,7 @@ class StoreReads:
                                                 cached_only=True)
         if blob is None:
             return None
-        part10 = decompress(blob, what)
+        part10 = decompress_crc_checked(blob, kept.pointer.crc32, what)
         if len(part10) != kept.part10_bytes:
             raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {kept.part10_bytes}")
         return part10

@@ -31,7 +31,7 @@ from pacsnode.node.runtime import own_stream_reader
 from pacsnode.node.store import RocksStore
 from pacsnode.replication.archive import Archive, IncompleteAnswer, InstanceLocation, ReadError, RetrievePlan, Shortfall
 from pacsnode.replication.matching import Condition, Query
-from pacsnode.replication.model import Attributes
+from pacsnode.replication.model import Attributes, CorruptBlob
 from pacsnode.sim.datagen import ManifestEntry, StudySetSpec, iter_part10
 
 
@@ -1113,6 +1113,59 @@ def test_store_reads_take_blob_files_and_rocksdb_values(tmp_path: Path,
             assert StoreReads(store, len(data) + 1025).part10(location) is None  # Left to the archive.
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("isal", [True, False])
+def test_read_cached_checks_every_stored_byte_by_the_pointers_crc32(
+        tmp_path: Path, make_instance: Callable[[bytes], Any], monkeypatch: pytest.MonkeyPatch, isal: bool) -> None:
+    """The HTTP loop's read of a blob file (StoreReads.read_cached) checks the file against
+    the CRC-32 its pointer records, in place of zstd's checksum, which it leaves out of
+    the decompression: a flipped bit anywhere, in the content, in the frame header's
+    checksum flag or in the checksum bytes themselves (which zstd no longer reads), is a
+    CorruptBlob before any byte is handed on; so is an intact file whose pointer records
+    another CRC-32. An intact file comes back whole, twice (its header is changed only in
+    the read buffer, never on disk). Without isal (a venv installed before it was a
+    dependency) zstd's checksum finds those in the content and the checksum bytes (not a
+    cleared checksum flag, after which zstd ignores the checksum: the content is intact)."""
+    from pacsnode.node import codec
+
+    if not isal:
+        monkeypatch.setattr(codec, "_isal_crc32", None)
+    else:
+        assert codec._isal_crc32 is not None
+    entry, data = next(iter_part10(StudySetSpec(patients=1, instances_per_series=1, rows=128, cols=128, seed=39,
+                                                modalities=("CT",))))
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    try:
+        archive = Archive(store)
+        archive.store(make_instance(data))
+        location = archive.locate(Query(level="IMAGE", conditions=(
+            Condition("StudyInstanceUID", "UI", entry["study_uid"]),
+            Condition("SOPInstanceUID", "UI", entry["sop_uid"])))).locations[0]
+        reads = StoreReads(store, 1024)
+        kept = reads.kept(location)
+        assert kept is not None
+        path = store.blob_files.path(kept.pointer)
+        stored = path.read_bytes()
+        assert stored[:4] == b"\x28\xb5\x2f\xfd" and stored[4] & 0x04  # One zstd frame, with its checksum.
+        assert reads.read_cached(kept) == data and reads.read_cached(kept) == data
+        assert path.read_bytes() == stored
+        flips = [(len(stored) // 2, 0x10), (len(stored) - 1, 0x01), (len(stored) - 4, 0x80)] + ([(4, 0x04)] if isal else [])
+        for position, bit in flips:
+            damaged = bytearray(stored)
+            damaged[position] ^= bit
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(CorruptBlob):
+                reads.read_cached(kept)
+        path.write_bytes(stored)
+        assert reads.read_cached(kept) == data
+        if not isal:
+            return  # zstd's own check does not read the pointer's CRC-32.
+        with pytest.raises(CorruptBlob):
+            reads.read_cached(dataclasses.replace(kept, pointer=dataclasses.replace(kept.pointer,
+                                                                                 crc32=kept.pointer.crc32 ^ 1)))
+    finally:
+        store.close()
 
 
 class _WhereRead(StoreReads):
