@@ -1,7 +1,12 @@
 """Cluster benchmark (by hand, not CI): a 3-node cluster on loopback vs a single node, in one run.
 
     .venv/bin/python bench/cluster.py [--instances 400] [--rows 256] [--setups single,n3w2,n2w1]
-                                      [--rounds N] [--data-dir DIR] [--trace DIR] [--profile DIR]
+                                      [--rounds N] [--data-dir DIR] [--trace DIR] [--node-config TOML]
+                                      [--profile DIR]
+
+--node-config TOML starts every node (of every setup) with `--config TOML`, e.g. a file
+holding `blob_file_bytes_min = 1048576` to keep the bench's blobs in RocksDB (one fsync per
+copy instead of two).
 
 --data-dir DIR puts every node's data directory (store, RocksDB, blob files, spool) under DIR
 instead of the run's temporary directory, e.g. `--data-dir /dev/shm` (tmpfs: fsync costs
@@ -189,12 +194,16 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, default=None,
                         help="record write-path timestamps on every node (node/write_trace.py) into DIR and print "
                              "bench/write_trace.py's per-segment p50/p90 for each cluster setup")
+    parser.add_argument("--node-config", type=Path, default=None,
+                        help="a TOML file every node starts with (--config), the same for every setup")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="put the nodes' data directories under DIR (e.g. /dev/shm: tmpfs) instead of the "
                              "temporary directory that holds the input set")
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"  # storescu disables Nagle, as in bench/run.py.
     chosen = [SETUPS[name] for name in args.setups.split(",")]
+    if args.node_config is not None:
+        chosen = [(label, names, ["--config", str(args.node_config.resolve()), *extra]) for label, names, extra in chosen]
     work = Path(tempfile.mkdtemp(prefix="pacsnode-cluster-bench-"))
     nodes_root = Path(tempfile.mkdtemp(prefix="pacsnode-cluster-bench-", dir=args.data_dir)) if args.data_dir else work
     try:
@@ -230,7 +239,7 @@ def main() -> int:
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        (out / f"cluster-{stamp}.json").write_text(json.dumps({"args": vars(args) | {"profile": str(args.profile), "data_dir": str(args.data_dir), "trace": str(args.trace)},
+        (out / f"cluster-{stamp}.json").write_text(json.dumps({"args": vars(args) | {"profile": str(args.profile), "data_dir": str(args.data_dir), "trace": str(args.trace), "node_config": str(args.node_config)},
                                                                "medians": rows, "runs": runs}, indent=2))
         if args.trace:
             from write_trace import summary  # bench/write_trace.py, beside this file.
