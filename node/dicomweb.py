@@ -130,9 +130,10 @@ class LocalHeaders(Protocol):
 
 class LocalReads(Protocol):
     """An instance this node holds, read for WADO-RS without the archive's round
-    (node/http_views.py's StoreReads: a blob file mapped, not copied into memory, and
-    decompressed whole). None: not here, a blob file too big to read whole, or failing a
-    check (then the archive's read is used, as for any other instance). A copy that fails
+    (node/http_views.py's StoreReads: a blob file read into the calling thread's reused
+    buffer, checked by its CRC-32, and decompressed whole). None: not here, a blob file too
+    big to read whole, or failing a check (then the archive's read is used, as for any
+    other instance). A copy that fails
     a check is not logged here: the archive's read of it logs it (store.blob.corrupt),
     once, and reads another owner's copy."""
 

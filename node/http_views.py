@@ -86,7 +86,7 @@ def http_server_for(node: "Node") -> HttpServer:
         viewer_dir=Path(config.viewer_dir) if config.viewer_dir else None,
         local_headers=StoreHeaders(node.store),
         owns=node.coordinator.owns,  # WADO-RS reads of own copies: fewer at once (node/dicomweb.py).
-        local_reads=StoreReads(node.store, config.blob_file_bytes_min),  # WADO-RS: own blob files mapped, not read into memory.
+        local_reads=StoreReads(node.store, config.blob_file_bytes_min),  # WADO-RS: own blob files read whole, CRC-32 checked.
     )
 
 
@@ -109,10 +109,10 @@ class StoreReads:
     in place of zstd's XXH64 of the content: node/codec.py's decompress_crc_checked), then
     decompressed, its length checked. `part10`
     (the reader threads'): an instance kept as a blob file of
-    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) mapped and decompressed whole, its zstd
-    checksum checked, its length checked against its record. A file's pages are read where
-    they lie in the page cache, not copied into a buffer first as open_part10's `read_bytes`
-    does; the record and the pointer come in one call. An instance of about
+    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) read the same way into the reader thread's
+    buffer (waiting on the disk if it must), checked by its pointer's CRC-32, decompressed
+    whole, its length checked against its record; the record and the pointer come in one
+    call. An instance of about
     `blob_file_bytes_min` that turns out to be a RocksDB value is decompressed from the value
     read (handing it back would read it again). None (the archive's read then) for smaller
     instances, a bigger blob file (streamed), an instance not here, and a copy that fails a
@@ -183,11 +183,12 @@ class StoreReads:
         what = location.sop_instance_uid
         try:
             if isinstance(kept, BlobPointer):
-                mapped = self._store.blob_files.map(kept, what)  # CorruptBlob when missing or of another size.
-                try:
-                    part10 = decompress(mapped, what)
-                finally:
-                    mapped.close()  # type: ignore[attr-defined]
+                # Into this thread's buffer (CorruptBlob when missing or of another size),
+                # checked by its pointer's CRC-32 as read_cached does.
+                blob = self._store.blob_files.read_into(kept, self._buffer(kept.size_bytes), what)
+                if blob is None:  # Only a cached_only read gives None: not asked here.
+                    return None
+                part10 = decompress_crc_checked(blob, kept.crc32, what)
             else:  # A RocksDB value, already read: asking the archive would read it again.
                 part10 = decompress(kept, what)
             if len(part10) != part10_bytes:

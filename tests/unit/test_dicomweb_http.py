@@ -1122,7 +1122,8 @@ def test_read_cached_checks_every_stored_byte_by_the_pointers_crc32(
     the CRC-32 its pointer records, in place of zstd's checksum, which it leaves out of
     the decompression: a flipped bit anywhere, in the content, in the frame header's
     checksum flag or in the checksum bytes themselves (which zstd no longer reads), is a
-    CorruptBlob before any byte is handed on; so is an intact file whose pointer records
+    CorruptBlob before any byte is handed on (and the reader threads' read, part10, gives
+    None: the archive's read then); so is an intact file whose pointer records
     another CRC-32. An intact file comes back whole, twice (its header is changed only in
     the read buffer, never on disk). Without isal (a venv installed before it was a
     dependency) zstd's checksum finds those in the content and the checksum bytes (not a
@@ -1157,8 +1158,11 @@ def test_read_cached_checks_every_stored_byte_by_the_pointers_crc32(
             path.write_bytes(bytes(damaged))
             with pytest.raises(CorruptBlob):
                 reads.read_cached(kept)
+            assert reads.part10(location) is None  # The reader threads' read: left to the archive's.
         path.write_bytes(stored)
         assert reads.read_cached(kept) == data
+        found = reads.part10(location)
+        assert found is not None and found[0] == data
         if not isal:
             return  # zstd's own check does not read the pointer's CRC-32.
         with pytest.raises(CorruptBlob):
