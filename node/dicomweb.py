@@ -39,6 +39,7 @@ from pacsnode.node.dicomweb_media import (
     DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
     MediaError,
+    MediaRange,
     OCTET_STREAM,
     MultipartReader,
     Part,
@@ -672,7 +673,13 @@ class DicomWeb:
     # ------------------------------------------------------------------ bulk data
     async def bulk(self, request: Request) -> Response:
         """A BulkDataURI of /metadata: the binary value as stored, one part of
-        application/octet-stream (compressed pixel data: its frames, as /frames sends them)."""
+        application/octet-stream. The Pixel Data (7FE00010) of a compressed instance is sent
+        as /frames sends every frame (`_bulk_form`): as stored, each frame a part in the
+        codec's media type, when the Accept header allows that form (the fast path: never
+        decoded); when it allows only uncompressed `application/octet-stream` (PS3.18
+        8.7.3.5, 8.7.4: bulk data's default, Explicit VR Little Endian), every frame decoded,
+        in order, concatenated in one part, the value native Pixel Data would hold
+        (`_decoded_frames`, streamed); else 406."""
         ranges = parse_accept(request.headers.get("accept"))
         if ranges and not any(entry.media_type in ("*/*", "multipart/*", "multipart/related", "application/*",
                                                    "application/octet-stream") for entry in ranges):
@@ -683,15 +690,22 @@ class DicomWeb:
             return self._not_found(plan)
         location = plan.locations[0]
         path = request.path_params["path"]
+        syntax = location.transfer_syntax_uid
+        # Only the instance's own Pixel Data is cut into frames; an icon's (in a sequence
+        # item) is a value like any other.
+        encapsulated = UID(syntax).is_compressed and path.strip("/").upper() == "7FE00010"
+        if encapsulated:
+            form = _bulk_form(ranges, frame_media_type(syntax), syntax)
+            if form is None:
+                return PlainTextResponse(_frames_refused("the pixel data of this instance is", syntax), status_code=406)
+            if form is FrameForm.DECODED:
+                return await self._decoded_frames(request, location, None)
 
         def load() -> tuple[str, list[bytes]]:
             part10, _offset = self._archive.read(location)
-            dataset = dcmread(BytesIO(part10))
-            element = bulk_value(dataset, path)
-            if element.tag == 0x7FE00010 and UID(location.transfer_syntax_uid).is_compressed:
-                count = max(1, int(dataset.get("NumberOfFrames", 1) or 1))
-                return frame_media_type(location.transfer_syntax_uid), frames(part10, list(range(1, count + 1)))
-            return "application/octet-stream", [bytes(element.value)]
+            if encapsulated:
+                return frame_media_type(syntax), frames(part10, None)
+            return "application/octet-stream", [bytes(bulk_value(dcmread(BytesIO(part10)), path).value)]
 
         try:
             media_type, values = await run_in_threadpool(load)
@@ -726,13 +740,7 @@ class DicomWeb:
         media_type = frame_media_type(location.transfer_syntax_uid)
         form = _frame_form(parse_accept(request.headers.get("accept")), media_type, location.transfer_syntax_uid)
         if form is None:
-            syntax = location.transfer_syntax_uid
-            text = f"frames of this instance are available as {media_type} (transfer syntax {syntax})"
-            if UID(syntax).is_compressed:
-                text += (', or decoded as multipart/related; type="application/octet-stream"; '
-                         f"transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}" if decodable(syntax) else
-                         "; no decoder installed here reads that syntax: they cannot be sent uncompressed")
-            return PlainTextResponse(text, status_code=406)
+            return PlainTextResponse(_frames_refused("frames of this instance are", location.transfer_syntax_uid), status_code=406)
         if form is FrameForm.DECODED:
             return await self._decoded_frames(request, location, numbers)
 
@@ -757,17 +765,22 @@ class DicomWeb:
                         for index, frame in enumerate(encoded)) + closing_delimiter(boundary)
         return Response(body, media_type=multipart_content_type(media_type, boundary, syntax))
 
-    async def _decoded_frames(self, request: Request, location: InstanceLocation, numbers: list[int]) -> Response:
+    async def _decoded_frames(self, request: Request, location: InstanceLocation,
+                              numbers: list[int] | None) -> Response:
         """The asked frames of a compressed instance decoded (dicomweb_render.decoded_frames:
         the layout of native Pixel Data, little endian, the stored Bits Allocated, samples
         interleaved; YCbCr JPEG and JPEG 2000 as RGB, as a conversion of the instance says),
         each a part of `application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`, in
-        the asked order. Decoded on worker threads, one frame at a time, the next while the
-        one before it is sent: the stored instance (its bytes, then pydicom's parse of them)
-        and two decoded frames in memory, however many frames are asked (the body streams;
-        no cap on the frame list). The first asked frame is decoded before the status line:
-        a 406 when it fails; a later frame that fails breaks the body off (no closing
-        delimiter)."""
+        the asked order; `numbers` None (the /bulk of Pixel Data): every frame, first to
+        last, concatenated in one part (padded to an even length, PS3.5 7.1.1: the value a
+        native Pixel Data element holds). Decoded on worker threads, one frame at a time,
+        the next while the one before it is sent: the stored instance (its bytes, then
+        pydicom's parse of them) and two decoded frames in memory, however many frames are
+        asked (the body streams; no cap on the frame list). The first frame is decoded
+        before the status line: a 406 when it fails; a later frame that fails breaks the
+        body off (no closing delimiter)."""
+        what = "frames" if numbers is not None else "bulk"
+
         def start() -> tuple[Iterator[bytes], bytes]:
             part10, _offset = self._archive.read(location)
             decoded = decoded_frames(part10, numbers)
@@ -778,44 +791,52 @@ class DicomWeb:
         except RenderError as error:
             return PlainTextResponse(str(error), status_code=404)
         except FrameDecodeError as error:
-            log.warning("dicomweb.frames.undecodable sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
-            return PlainTextResponse(f"the frames of this instance (transfer syntax {location.transfer_syntax_uid}) "
+            log.warning("dicomweb.%s.undecodable sop_instance_uid=%s reason=%s", what, location.sop_instance_uid, error)
+            return PlainTextResponse(f"the {'frames' if numbers is not None else 'pixel data'} of this instance "
+                                     f"(transfer syntax {location.transfer_syntax_uid}) "
                                      f"could not be decoded: {error}", status_code=406)
         except ReadError as error:
-            log.error("dicomweb.frames.unreadable reason=%s", error)
+            log.error("dicomweb.%s.unreadable reason=%s", what, error)
             return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
         boundary = new_boundary()
         caller = caller_of(request) if self._audit is not None else None
-        return StreamingResponse(self._decoded_parts(location, decoded, first, boundary, caller),
+        return StreamingResponse(self._decoded_parts(location, decoded, first, boundary, caller, joined=numbers is None),
                                  media_type=multipart_content_type(OCTET_STREAM, boundary, EXPLICIT_VR_LITTLE_ENDIAN))
 
     async def _decoded_parts(self, location: InstanceLocation, decoded: Iterator[bytes], first: bytes,
-                             boundary: str, caller: Caller | None) -> AsyncIterator[bytes]:
+                             boundary: str, caller: Caller | None, *, joined: bool) -> AsyncIterator[bytes]:
+        """Each decoded frame a part, or (`joined`) all of them one part."""
         part_type = f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+        what = "bulk" if joined else "frames"
         frame: bytes | None = first
         ahead: asyncio.Future[bytes | None] | None = None
         index = 0
+        length = 0
         finished = False
         try:
             while frame is not None:
                 # The next frame decodes on a worker thread while this one is sent (one
                 # decode at a time: the iterator is never advanced from two threads at once).
                 ahead = asyncio.ensure_future(run_in_threadpool(next, decoded, None))
-                yield part_header(boundary, part_type, first=index == 0)
+                if index == 0 or not joined:
+                    yield part_header(boundary, part_type, first=index == 0)
                 yield frame
                 index += 1
+                length += len(frame)
                 frame = await ahead
                 ahead = None
+            if joined and length % 2:
+                yield b"\x00"
             finished = True
         except FrameDecodeError as error:
-            log.error("dicomweb.frames.undecodable sop_instance_uid=%s sent=%d reason=%s",
-                      location.sop_instance_uid, index, error)
+            log.error("dicomweb.%s.undecodable sop_instance_uid=%s sent=%d reason=%s",
+                      what, location.sop_instance_uid, index, error)
             raise
         finally:
             if ahead is not None:  # The body stopped early: the decode finishes, unread.
                 ahead.cancel()
             if caller is not None and self._audit is not None:
-                self._audit.retrieved(caller, [location], sent=1 if finished else 0, what="frames",
+                self._audit.retrieved(caller, [location], sent=1 if finished else 0, what=what,
                                       outcome=SUCCESS if finished else MAJOR_FAILURE)
         yield closing_delimiter(boundary)
 
@@ -1153,6 +1174,25 @@ def _frame_form(ranges: list[Any], media_type: str, stored_syntax: str) -> Frame
     if uncompressed_accepted and decodable(stored_syntax):
         return FrameForm.DECODED
     return None
+
+
+def _frames_refused(subject: str, syntax: str) -> str:
+    """The text of a 406 for /frames or for the /bulk of Pixel Data."""
+    text = f"{subject} available as {frame_media_type(syntax)} (transfer syntax {syntax})"
+    if UID(syntax).is_compressed:
+        text += (', or decoded as multipart/related; type="application/octet-stream"; '
+                 f"transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}" if decodable(syntax) else
+                 "; no decoder installed here reads that syntax: they cannot be sent uncompressed")
+    return text
+
+
+def _bulk_form(ranges: list[Any], media_type: str, stored_syntax: str) -> FrameForm | None:
+    """How /bulk sends a compressed instance's Pixel Data: `_frame_form`, where a
+    single-part `application/octet-stream` or `application/*` range (which /bulk accepts)
+    counts as `multipart/related; type="application/octet-stream"` with its transfer-syntax."""
+    as_parts = [MediaRange("multipart/related", {**entry.parameters, "type": OCTET_STREAM}, entry.quality)
+                if entry.media_type in (OCTET_STREAM, "application/*") else entry for entry in ranges]
+    return _frame_form(as_parts, media_type, stored_syntax)
 
 
 def _rendered_type(ranges: list[Any]) -> str | None:

@@ -105,14 +105,16 @@ def _number_of_frames(dataset: Dataset) -> int:
         return 1
 
 
-def frames(part10: bytes, numbers: list[int]) -> list[bytes]:
+def frames(part10: bytes, numbers: list[int] | None) -> list[bytes]:
     """The asked frames' bytes as stored (uncompressed: little endian native; compressed:
-    the frame's encoded bytes)."""
+    the frame's encoded bytes); None: every frame, first to last."""
     dataset = dcmread(BytesIO(part10))
     if "PixelData" not in dataset:
         raise NoSuchFrame("the instance has no pixel data")
     count = _number_of_frames(dataset)
-    if max(numbers) > count:
+    if numbers is None:
+        numbers = list(range(1, count + 1))
+    elif max(numbers) > count:
         raise NoSuchFrame(f"the instance has {count} frames")
     pixel_data = dataset.PixelData
     if UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
@@ -125,8 +127,9 @@ def frames(part10: bytes, numbers: list[int]) -> list[bytes]:
     return [bytes(pixel_data[(n - 1) * size:n * size]) for n in numbers]
 
 
-def decoded_frames(part10: bytes, numbers: list[int]) -> Iterator[bytes]:
-    """The asked frames of a compressed instance, in the asked order, decoded one at a time
+def decoded_frames(part10: bytes, numbers: list[int] | None) -> Iterator[bytes]:
+    """The asked frames of a compressed instance (None: every frame, first to last; the
+    /bulk of its Pixel Data), in the asked order, decoded one at a time
     (never the whole instance) by pydicom's decoder for its syntax (`DECODE_AS_RGB`, as
     `transcode`). Each is the frame as native Pixel Data holds it (PS3.5 8.2): little
     endian, `BitsAllocated` bits per sample, samples interleaved (Planar Configuration 0:
@@ -139,7 +142,9 @@ def decoded_frames(part10: bytes, numbers: list[int]) -> Iterator[bytes]:
     if "PixelData" not in dataset:
         raise NoSuchFrame("the instance has no pixel data")
     count = _number_of_frames(dataset)
-    if max(numbers) > count:
+    if numbers is None:
+        numbers = list(range(1, count + 1))
+    elif max(numbers) > count:
         raise NoSuchFrame(f"the instance has {count} frames")
     return _decode_each(get_decoder(dataset.file_meta.TransferSyntaxUID), dataset, numbers)
 

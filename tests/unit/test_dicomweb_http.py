@@ -736,6 +736,84 @@ def test_only_the_asked_frames_are_decoded_and_a_frame_that_fails_breaks_the_bod
     assert f"--{boundary}--".encode() not in received
 
 
+@pytest.mark.parametrize("tool, syntax", [(["dcmcjpeg", "--encode-lossless-sv1"], "1.2.840.10008.1.2.4.70"),
+                                          (["dcmcjpls", "--encode-lossless"], "1.2.840.10008.1.2.4.80")])
+def test_bulk_pixel_data_of_a_compressed_instance_is_decoded_when_only_octet_stream_is_accepted(
+        served: _Served, tmp_path: Path, tool: list[str], syntax: str) -> None:
+    """The BulkDataURI /metadata gives for the Pixel Data of a JPEG lossless and a JPEG-LS
+    3-frame instance (dcmtk): a client accepting only application/octet-stream
+    (dicomweb-client's octet-stream, Explicit VR Little Endian named or not, a single-part
+    octet-stream) gets every frame decoded, in order, in one part, streamed: the original
+    native pixel data byte for byte. A client that accepts the stored form gets the
+    encoded frames as stored, byte for byte, as before."""
+    native, coded = _multiframe(tool, tmp_path)
+    assert coded.file_meta.TransferSyntaxUID == syntax and int(coded.NumberOfFrames) == 3
+    served.client.store_instances([coded])
+    uids = (coded.StudyInstanceUID, coded.SeriesInstanceUID, coded.SOPInstanceUID)
+    metadata = served.client.retrieve_instance_metadata(*uids)
+    uri = metadata["7FE00010"]["BulkDataURI"]
+    assert uri.endswith(f"/instances/{uids[2]}/bulk/7FE00010")
+    original = bytes(native.PixelData)
+    assert len(original) == 3 * 64 * 64 * 2
+    for media_types in (("application/octet-stream",), (("application/octet-stream", EVRLE),)):
+        assert served.client.retrieve_bulkdata(uri, media_types=media_types) == [original]
+    for accept in ('multipart/related; type="application/octet-stream"', "application/octet-stream",
+                   f"application/octet-stream; transfer-syntax={EVRLE}"):
+        reply = httpx.get(uri, headers={"Accept": accept})
+        assert reply.status_code == 200 and _parts(reply) == [original], accept
+        assert reply.headers["content-type"].startswith('multipart/related; type="application/octet-stream"')
+        assert f"Content-Type: application/octet-stream; transfer-syntax={EVRLE}\r\n".encode() in reply.content
+        assert "content-length" not in reply.headers  # Streamed, a frame at a time.
+    # The stored form accepted: the encoded frames as stored, each a part, undecoded.
+    encoded = _parts_of(coded)
+    codec = "image/jpeg" if syntax.endswith(".70") else "image/jls"
+    for accept in ("*/*", f'multipart/related; type="{codec}"',
+                   'multipart/related; type="application/octet-stream"; transfer-syntax=*',
+                   f'multipart/related; type="application/octet-stream", multipart/related; type="{codec}"'):
+        stored = httpx.get(uri, headers={"Accept": accept})
+        assert stored.status_code == 200 and _parts(stored) == encoded, accept
+        assert stored.headers["content-type"].startswith(f'multipart/related; type="{codec}"')
+    assert served.client.retrieve_bulkdata(uri) == encoded  # Its default: type="*/*".
+    assert httpx.get(uri, headers={"Accept": f"application/octet-stream; transfer-syntax={syntax}"}).status_code == 406
+
+
+def test_bulk_pixel_data_no_decoder_reads_is_406_and_an_odd_length_value_is_padded(served: _Served) -> None:
+    """The Pixel Data of an HTJ2K-labelled instance (no installed handler) asked as
+    octet-stream: 406 saying why, never the encoded bytes labelled octet-stream; one whose
+    first frame fails to decode: 406 too. An 8-bit 7 x 5 JPEG frame (35 bytes decoded)
+    comes padded to 36, as the Pixel Data of the instance converted to Explicit VR Little
+    Endian (the same decode)."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    octet = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    htj2k = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), "1.2.840.10008.1.2.4.201")))
+    broken = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), "1.2.840.10008.1.2.4.50")))
+    broken.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
+    odd = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), "1.2.840.10008.1.2.4.50")))
+    picture = io.BytesIO()
+    Image.fromarray(np.arange(35, dtype=np.uint8).reshape(5, 7) * 7, mode="L").save(picture, format="JPEG",
+                                                                                   quality=95)
+    odd.Rows, odd.Columns = 5, 7
+    odd.PixelData = encapsulate([picture.getvalue()])
+    served.client.store_instances([htj2k, broken, odd])
+
+    def bulk(dataset: Dataset) -> str:
+        return (f"{served.url}/dicom-web/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+                f"/instances/{dataset.SOPInstanceUID}/bulk/7FE00010")
+
+    refused = httpx.get(bulk(htj2k), headers=octet)
+    assert refused.status_code == 406 and "no decoder installed here reads that syntax" in refused.text
+    assert _parts(httpx.get(bulk(htj2k))) == _parts_of(htj2k)  # As stored when that is accepted.
+    failed = httpx.get(bulk(broken), headers=octet)
+    assert failed.status_code == 406 and "could not be decoded" in failed.text
+    converted = served.client.retrieve_instance(odd.StudyInstanceUID, odd.SeriesInstanceUID, odd.SOPInstanceUID,
+                                                media_types=(("application/dicom", EVRLE),))
+    [value] = _parts(httpx.get(bulk(odd), headers=octet))
+    assert len(value) == 36 and value == converted.PixelData and value[-1:] == b"\x00"
+
+
 def _parts_of(dataset: Dataset) -> list[bytes]:
     from pydicom.encaps import generate_frames
 
