@@ -46,7 +46,7 @@ import struct
 import threading
 from typing import Any, Callable, Iterator
 
-from pacsnode.node.blob_files import TEMP_PREFIX, BlobFiles, BlobPointer, Part10Stream, TempBlob
+from pacsnode.node.blob_files import TEMP_PREFIX, WHOLE_READ_BYTES_MAX, BlobFiles, BlobPointer, Part10Stream, TempBlob
 from pacsnode.node.codec import decompress
 from pacsnode.replication.model import CorruptBlob
 
@@ -265,13 +265,17 @@ class ChannelArchive:
     """The Archive calls of the DICOM front end, answered by the node over the channel.
 
     With `blob_files` (the node store's blobs directory), a blob of `blob_file_bytes_min`
-    or more is written there by this process and sent by name (the module's docstring)."""
+    or more is written there by this process and sent by name (the module's docstring).
+    An own copy kept as a blob file is read from there: one of up to `whole_read_bytes_max`
+    whole (BlobFiles.read_whole), a bigger one streamed."""
 
-    def __init__(self, path: str, blob_files: BlobFiles | None = None, blob_file_bytes_min: int = 0) -> None:
+    def __init__(self, path: str, blob_files: BlobFiles | None = None, blob_file_bytes_min: int = 0,
+                 whole_read_bytes_max: int = WHOLE_READ_BYTES_MAX) -> None:
         self._path = path
         self._local = threading.local()
         self._blob_files = blob_files
         self._blob_file_bytes_min = blob_file_bytes_min
+        self._whole_read_bytes_max = whole_read_bytes_max
         self._lock = threading.Lock()
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None  # Made at the first commit.
 
@@ -430,8 +434,9 @@ class ChannelArchive:
 
     def open_streamed(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
         """An instance to send. The node's own uncorrected copy comes as kept: a zstd blob,
-        decompressed here (the node process does not), or the name of its blob file, streamed
-        from it here as in one process. A copy that fails its check here is asked again
+        decompressed here (the node process does not), or the name of its blob file, read
+        from it here as in one process: a slice whole, checked by its CRC-32 before any byte
+        is sent, a bigger file streamed. A copy that fails its check here is asked again
         whole, through the node's read (which reads another owner's copy when it has one)."""
         kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location)})
         what = location.sop_instance_uid
@@ -442,8 +447,10 @@ class ChannelArchive:
                 if self._blob_files is None:
                     raise ChannelError("DATA_FILE needs the store's blobs directory")
                 pointer = BlobPointer(str(answer["name"]), int(answer["size_bytes"]), int(answer["crc32"]))
-                return self._blob_files.stream(pointer, int(answer["part10_bytes"]), what), \
-                    int(answer["dataset_offset"])
+                part10_bytes = int(answer["part10_bytes"])
+                if part10_bytes <= self._whole_read_bytes_max and pointer.size_bytes <= self._whole_read_bytes_max:
+                    return self._blob_files.read_whole(pointer, part10_bytes, what), int(answer["dataset_offset"])
+                return self._blob_files.stream(pointer, part10_bytes, what), int(answer["dataset_offset"])
         except CorruptBlob as error:
             log.error("channel.read.corrupt_own_copy error=%s", type(error).__name__)
             kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location), "whole": True})

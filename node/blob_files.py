@@ -41,6 +41,7 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
+from pacsnode.node.codec import decompress_crc_checked
 from pacsnode.replication.model import CorruptBlob
 
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14 and later.
@@ -171,6 +172,12 @@ class BlobPool:
         return names
 
 
+# A blob file whose Part-10 bytes are this many or fewer (a CT, MR or CR slice) is read and
+# decompressed whole by retrieval (BlobFiles.read_whole); a bigger one is streamed (bounded
+# memory: a 200 MB instance).
+WHOLE_READ_BYTES_MAX = 2 * 1024**2
+
+
 class BlobFiles:
     """The blobs directory of one store. Thread-safe (every operation is one file's)."""
 
@@ -178,6 +185,7 @@ class BlobFiles:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._directory_name = str(self.directory)  # read_into's paths without pathlib's.
+        self._read_buffers = threading.local()  # read_whole's: one buffer per thread.
         self.pool: BlobPool | None = None
 
     def start_pool(self, batch: int = POOL_BATCH) -> None:
@@ -314,6 +322,24 @@ class BlobFiles:
             return view
         finally:
             os.close(fd)
+
+    def read_whole(self, pointer: BlobPointer, part10_bytes: int, what: str) -> bytes:
+        """The Part-10 bytes of a blob file of up to WHOLE_READ_BYTES_MAX (a slice), as
+        C-GET and C-MOVE send them: the file read into this thread's reused buffer, checked
+        by the CRC-32 its pointer records in place of zstd's XXH64 of the content (every
+        stored byte, before any is used: node/codec.py's decompress_crc_checked, as WADO-RS's
+        reads of a blob file), decompressed, their length checked against `part10_bytes`.
+        CorruptBlob when the file is missing, of another size, or fails a check."""
+        buffer: memoryview | None = getattr(self._read_buffers, "buffer", None)
+        if buffer is None or len(buffer) < pointer.size_bytes:
+            buffer = self._read_buffers.buffer = memoryview(bytearray(max(pointer.size_bytes, 1024 * 1024)))
+        blob = self.read_into(pointer, buffer, what)
+        if blob is None:  # Only a cached_only read gives None: not asked here.
+            raise CorruptBlob(f"blob file of {what} was not read")
+        part10 = decompress_crc_checked(blob, pointer.crc32, what)
+        if len(part10) != part10_bytes:
+            raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
+        return part10
 
     def stream(self, pointer: BlobPointer, part10_bytes: int, what: str) -> "Part10Stream":
         try:

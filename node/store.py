@@ -76,7 +76,8 @@ from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, c
 from pacsnode.replication.hlc import is_mark
 from pacsnode.node import write_trace
 from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob, TEMP_PREFIX, stored_size
-from pacsnode.node.codec import ZSTD_LEVEL, decompress, decompress_crc_checked, decompress_head, to_stored
+from pacsnode.node.blob_files import WHOLE_READ_BYTES_MAX as WHOLE_READ_BYTES_MAX  # Re-exported: its old home.
+from pacsnode.node.codec import ZSTD_LEVEL, decompress, decompress_head, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
 from pacsnode.ring.tokens import study_token, token_bytes
 
@@ -120,11 +121,6 @@ class StoreStats:
     hints: int = 0
     hint_bytes: int = 0
     tombstones: int = 0
-
-
-# A blob file whose Part-10 bytes are this many or fewer is read and decompressed whole by
-# open_part10 (slices); a bigger one is streamed (bounded memory: a 200 MB instance).
-WHOLE_READ_BYTES_MAX = 2 * 1024**2
 
 
 def study_prefix(study_instance_uid: str) -> bytes:
@@ -221,7 +217,6 @@ class RocksStore:
         self._unsynced.sync = False
         self._blob_read_options = ReadOptions()
         self._blob_read_options.set_verify_checksums(False)  # See open_part10.
-        self._read_buffers = threading.local()  # open_part10's whole reads: one buffer per thread.
         self._commit = threading.Condition()
         self._queue: list[_Pending] = []
         self._leader_active = False
@@ -1176,28 +1171,13 @@ class RocksStore:
                 # A CT or MR slice: one read into this thread's reused buffer and one
                 # decompression with its reused decompressor, cheaper than a stream (WADO-RS
                 # 80 CT: 51 -> 44 ms of CPU), checked by the CRC-32 its pointer records (every
-                # stored byte, before any is sent) in place of zstd's XXH64 of the content,
-                # as WADO-RS's StoreReads does: a sixth of the CPU (node/codec.py).
-                blob = self.blob_files.read_into(pointer, self._read_buffer(pointer.size_bytes), sop_instance_uid)
-                if blob is None:  # Only a cached_only read gives None: not asked here.
-                    raise CorruptBlob(f"blob file of {sop_instance_uid} was not read")
-                part10 = decompress_crc_checked(blob, pointer.crc32, sop_instance_uid)
-                if len(part10) != part10_bytes:
-                    raise CorruptBlob(f"blob of {sop_instance_uid} holds {len(part10)} bytes, not {part10_bytes}")
-                return part10
+                # stored byte, before any is sent) in place of zstd's XXH64 of the content.
+                return self.blob_files.read_whole(pointer, part10_bytes, sop_instance_uid)
             return self.blob_files.stream(pointer, part10_bytes, sop_instance_uid)
         except CorruptBlob as error:
             log.error("store.blob.corrupt study_instance_uid=%s sop_instance_uid=%s error=%s",
                       study_instance_uid, sop_instance_uid, error)
             raise
-
-    def _read_buffer(self, size: int) -> memoryview:
-        """This thread's buffer for open_part10's whole reads, at least `size` bytes (at
-        most whole_read_bytes_max: bigger blob files are streamed), kept for its next read."""
-        buffer: memoryview | None = getattr(self._read_buffers, "buffer", None)
-        if buffer is None or len(buffer) < size:
-            buffer = self._read_buffers.buffer = memoryview(bytearray(max(size, 1024 * 1024)))
-        return buffer
 
     def read_part10_head(self, study_instance_uid: str, sop_instance_uid: str, size: int) -> bytes:
         """The first `size` bytes of the stored Part-10 bytes (all when fewer), decompressing

@@ -198,9 +198,13 @@ def test_reads_come_as_kept_a_file_streamed_a_blob_decompressed_by_the_worker(ch
     for instance in (big, small):
         assert worker.store(instance).status is WriteStatus.SUCCESS
     opened, offset = worker.open_streamed(_location(big))
+    assert opened == big.part10 and offset == big.dataset_offset  # A slice's file: read whole.
+    streaming = ChannelArchive(worker._path, archive.rocks.blob_files, THRESHOLD, whole_read_bytes_max=0)
+    opened, offset = streaming.open_streamed(_location(big))  # A file over whole_read_bytes_max: streamed.
     assert isinstance(opened, Part10Stream) and offset == big.dataset_offset
     with opened:
         assert opened.read_all() == big.part10
+    streaming._drop()
     opened, offset = worker.open_streamed(_location(small))
     assert opened == small.part10 and offset == small.dataset_offset
     assert worker.read(_location(big)) == (big.part10, big.dataset_offset)
@@ -217,3 +221,25 @@ def test_a_copy_that_fails_its_check_in_the_worker_is_asked_again_whole(channel,
     with pytest.raises(ReadError):
         worker.open_streamed(_location(small))
     assert archive.whole_reads == 1  # Asked again through the node's read, which found no good copy.
+
+
+def test_a_slice_s_file_is_checked_by_its_crc32_in_the_worker_before_any_byte_is_sent(channel, make_instance) -> None:
+    """A worker reads a slice's blob file whole and checks it by the CRC-32 its pointer
+    records before handing any byte on: a flipped checksum flag in the zstd frame header
+    (which zstd's own check lets through: it then ignores the checksum) is found there, and
+    the instance asked again whole through the node's read (which finds no good copy here).
+    Streamed, as before, the copy went out as good."""
+    if codec._isal_crc32 is None:
+        pytest.skip("isal is not installed in this venv (pip install -e . installs it)")
+    worker, archive = channel
+    big = _compressed(make_instance, BIG)[0]
+    assert worker.store(big).status is WriteStatus.SUCCESS
+    pointer = _pointer(archive.rocks, big)
+    assert pointer is not None
+    path = archive.rocks.blob_files.path(pointer)
+    damaged = bytearray(path.read_bytes())
+    damaged[4] ^= 0x04  # The frame header's checksum flag.
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ReadError):
+        worker.open_streamed(_location(big))
+    assert archive.whole_reads == 1
