@@ -97,7 +97,7 @@ class Kind(enum.IntEnum):
     ERROR = 27
     WELCOME = 28
     DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
-    DATA_FILE = 30  # An own copy kept as a blob file: the worker streams it from the file.
+    DATA_FILE = 30  # An own copy kept as a blob file: the worker reads it from the file (a slice whole).
     DELETED = 31  # How a DELETE ended.
     COMMITTED = 32  # A COMMIT's result: committed and failed references.
     SLOT_GRANTED = 33
