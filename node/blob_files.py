@@ -260,17 +260,6 @@ class BlobFiles:
             raise CorruptBlob(f"blob file of {what} failed its size or CRC-32 check")
         return data
 
-    def read_sized(self, pointer: BlobPointer, what: str) -> bytes:
-        """The whole blob, its size checked but not its CRC-32: for a reader that
-        decompresses it at once (zstd's frame checksum covers the content)."""
-        try:
-            data = self.path(pointer).read_bytes()
-        except FileNotFoundError:
-            raise CorruptBlob(f"blob file of {what} is missing") from None
-        if len(data) != pointer.size_bytes:
-            raise CorruptBlob(f"blob file of {what} holds {len(data)} bytes, not {pointer.size_bytes}")
-        return data
-
     def map(self, pointer: BlobPointer, what: str) -> bytes:
         """The blob as a read-only memory map (file-backed pages, not heap): for shipping
         to a peer, who checks it before acknowledging. Raises CorruptBlob when missing or

@@ -203,6 +203,36 @@ def test_a_damaged_blob_file_is_never_read_as_good(open_store: OpenStore, versio
     assert store.read_stored(instance.study_instance_uid, instance.sop_instance_uid) is None or damage == "flip"
 
 
+@pytest.mark.parametrize("position, bit", [(4, 0x04), (-1, 0x01), (-4, 0x80)],
+                         ids=["checksum-flag", "checksum-byte-last", "checksum-byte-first"])
+def test_a_whole_read_checks_every_stored_byte_by_the_pointers_crc32(open_store: OpenStore, versions: Any,
+                                                                     position: int, bit: int) -> None:
+    """open_part10's whole read of a blob file (a slice, as C-GET and C-MOVE send it)
+    checks the file by the CRC-32 its pointer records, in place of zstd's checksum, which it
+    leaves out of the decompression: a flipped checksum flag in the frame header (after
+    which zstd ignores the checksum; the content is intact, so zstd's own check lets it
+    through) and a flipped bit in the checksum bytes (which zstd no longer reads) are both
+    CorruptBlob, logged, before any byte is handed on. The intact file is read whole, twice
+    (its header is changed only in the thread's read buffer, never on disk)."""
+    if codec._isal_crc32 is None:
+        pytest.skip("isal is not installed in this venv (pip install -e . installs it)")
+    instance = versions[0][0]
+    store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=2 << 20)
+    store.put_instance(instance)
+    path = store.blob_files.directory / _pointer(store, instance).name
+    stored = path.read_bytes()
+    assert store.open_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+    assert store.open_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+    assert path.read_bytes() == stored
+    damaged = bytearray(stored)
+    damaged[position] ^= bit
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptBlob, match="CRC-32"):
+        store.open_part10(instance.study_instance_uid, instance.sop_instance_uid)
+    path.write_bytes(stored)
+    assert store.open_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+
+
 def test_stream_slices_must_come_in_order(open_store: OpenStore, versions: Any) -> None:
     instance = versions[0][0]
     store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=0)
