@@ -717,11 +717,13 @@ class DicomWeb:
         if self._audit is not None:
             self._audit.retrieved(caller_of(request), [location], sent=1, outcome=SUCCESS, what="bulk")
         boundary = new_boundary()
-        part_type = media_type if media_type == "application/octet-stream" else \
-            f"{media_type}; transfer-syntax={location.transfer_syntax_uid}"
+        # Frames as stored are labelled with the stored syntax, octet-stream ones too (video:
+        # no image media type; without it a client would take them as uncompressed).
+        part_type = f"{media_type}; transfer-syntax={syntax}" if encapsulated else media_type
         body = b"".join(part_header(boundary, part_type, first=index == 0) + value
                         for index, value in enumerate(values)) + closing_delimiter(boundary)
-        return Response(body, media_type=multipart_content_type(media_type, boundary))
+        return Response(body, media_type=multipart_content_type(media_type, boundary,
+                                                                syntax if encapsulated else None))
 
     # ------------------------------------------------------------------ frames, rendered, thumbnail
     async def frames(self, request: Request) -> Response:

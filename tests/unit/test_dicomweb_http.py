@@ -806,6 +806,15 @@ def test_bulk_pixel_data_no_decoder_reads_is_406_and_an_odd_length_value_is_padd
     refused = httpx.get(bulk(htj2k), headers=octet)
     assert refused.status_code == 406 and "no decoder installed here reads that syntax" in refused.text
     assert _parts(httpx.get(bulk(htj2k))) == _parts_of(htj2k)  # As stored when that is accepted.
+    # Video (no image media type): as stored under */*, labelled with its syntax, never as
+    # bare octet-stream (which says uncompressed); 406 to a client that accepts only that.
+    video = dcmread(io.BytesIO(_relabelled(_jpeg_instance(), "1.2.840.10008.1.2.4.102")))
+    served.client.store_instances([video])
+    stored = httpx.get(bulk(video))
+    assert stored.status_code == 200 and _parts(stored) == _parts_of(video)
+    assert stored.headers["content-type"].endswith("; transfer-syntax=1.2.840.10008.1.2.4.102")
+    assert b"Content-Type: application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.102\r\n" in stored.content
+    assert httpx.get(bulk(video), headers=octet).status_code == 406
     failed = httpx.get(bulk(broken), headers=octet)
     assert failed.status_code == 406 and "could not be decoded" in failed.text
     converted = served.client.retrieve_instance(odd.StudyInstanceUID, odd.SeriesInstanceUID, odd.SOPInstanceUID,
