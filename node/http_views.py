@@ -109,9 +109,9 @@ class StoreReads:
     in place of zstd's XXH64 of the content: node/codec.py's decompress_crc_checked), then
     decompressed, its length checked. `part10`
     (the reader threads'): an instance kept as a blob file of
-    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) read the same way into the reader thread's
-    buffer (waiting on the disk if it must), checked by its pointer's CRC-32, decompressed
-    whole, its length checked against its record; the record and the pointer come in one
+    up to WHOLE_READ_BYTES_MAX (a CT or MR slice) read as C-GET reads it (BlobFiles.read_whole:
+    into the reader thread's buffer, waiting on the disk if it must, checked by its pointer's
+    CRC-32, decompressed whole, its length checked against its record); the record and the pointer come in one
     call. An instance of about
     `blob_file_bytes_min` that turns out to be a RocksDB value is decompressed from the value
     read (handing it back would read it again). None (the archive's read then) for smaller
@@ -183,16 +183,13 @@ class StoreReads:
         what = location.sop_instance_uid
         try:
             if isinstance(kept, BlobPointer):
-                # Into this thread's buffer (CorruptBlob when missing or of another size),
-                # checked by its pointer's CRC-32 as read_cached does.
-                blob = self._store.blob_files.read_into(kept, self._buffer(kept.size_bytes), what)
-                if blob is None:  # Only a cached_only read gives None: not asked here.
-                    return None
-                part10 = decompress_crc_checked(blob, kept.crc32, what)
+                # Into this thread's buffer, checked by its pointer's CRC-32 as read_cached
+                # does (C-GET and C-MOVE read a slice's file the same way).
+                part10 = self._store.blob_files.read_whole(kept, part10_bytes, what)
             else:  # A RocksDB value, already read: asking the archive would read it again.
                 part10 = decompress(kept, what)
-            if len(part10) != part10_bytes:
-                raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
+                if len(part10) != part10_bytes:
+                    raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {part10_bytes}")
         except CorruptBlob:
             # None, so that the archive's read is tried: it logs this copy and reads another.
             return None
