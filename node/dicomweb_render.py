@@ -105,9 +105,9 @@ def _number_of_frames(dataset: Dataset) -> int:
         return 1
 
 
-def frames(part10: bytes, numbers: list[int] | None) -> list[bytes]:
-    """The asked frames' bytes as stored (uncompressed: little endian native; compressed:
-    the frame's encoded bytes); None: every frame, first to last."""
+def _frames_of(part10: bytes, numbers: list[int] | None) -> tuple[Dataset, int, list[int]]:
+    """(the instance, its NumberOfFrames, the asked frame numbers; None: every frame, first
+    to last). NoSuchFrame when it has no pixel data or not a frame asked."""
     dataset = dcmread(BytesIO(part10))
     if "PixelData" not in dataset:
         raise NoSuchFrame("the instance has no pixel data")
@@ -116,6 +116,13 @@ def frames(part10: bytes, numbers: list[int] | None) -> list[bytes]:
         numbers = list(range(1, count + 1))
     elif max(numbers) > count:
         raise NoSuchFrame(f"the instance has {count} frames")
+    return dataset, count, numbers
+
+
+def frames(part10: bytes, numbers: list[int] | None) -> list[bytes]:
+    """The asked frames' bytes as stored (uncompressed: little endian native; compressed:
+    the frame's encoded bytes); None: every frame, first to last."""
+    dataset, count, numbers = _frames_of(part10, numbers)
     pixel_data = dataset.PixelData
     if UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
         encoded = list(generate_frames(pixel_data, number_of_frames=count))
@@ -138,14 +145,7 @@ def decoded_frames(part10: bytes, numbers: list[int] | None) -> Iterator[bytes]:
     Raises RenderError at once (no pixel data, a frame beyond NumberOfFrames), and
     FrameDecodeError when a frame fails to decode (at its turn: the caller sends the ones
     before it)."""
-    dataset = dcmread(BytesIO(part10))
-    if "PixelData" not in dataset:
-        raise NoSuchFrame("the instance has no pixel data")
-    count = _number_of_frames(dataset)
-    if numbers is None:
-        numbers = list(range(1, count + 1))
-    elif max(numbers) > count:
-        raise NoSuchFrame(f"the instance has {count} frames")
+    dataset, _count, numbers = _frames_of(part10, numbers)
     return _decode_each(get_decoder(dataset.file_meta.TransferSyntaxUID), dataset, numbers)
 
 
@@ -172,12 +172,9 @@ def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
     from PIL import Image
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
-    dataset = dcmread(BytesIO(part10))
-    if "PixelData" not in dataset:
-        raise NoSuchFrame("the instance has no pixel data")
-    count = _number_of_frames(dataset)
-    if not 1 <= frame <= count:
-        raise NoSuchFrame(f"the instance has {count} frames")
+    if frame < 1:
+        raise NoSuchFrame("frame numbers start at 1")
+    dataset, count, _numbers = _frames_of(part10, [frame])
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # No handler for this syntax, or corrupt data.
