@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.utils import make_target
@@ -136,7 +136,7 @@ class WorkerFrontEnd(DicomFrontEnd):
         handlers: list[Any] = self.guard.wrap(self.handlers())
         acceptor.check_pynetdicom_version()
         address = (self._config.host, self._config.dicom_port)
-        server = self.ae.make_server(address, evt_handlers=handlers, server_class=HandoffServer)
+        server = cast(HandoffServer, self.ae.make_server(address, evt_handlers=handlers, server_class=HandoffServer))
         server.handoff = self._handoff
         server.bind(evt.EVT_CONN_CLOSE, server.connection_ended)
         threading.Thread(target=make_target(server.serve_forever), name="WorkerAcceptorServer",
@@ -253,8 +253,8 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # The DICOM connections the node hands over.
     handoff.connect(channel_path)
     send_frame(handoff, Kind.HANDOFF, {"worker": index, "pid": os.getpid()})
-    front_end = WorkerFrontEnd(config, archive, security=security, blob_files=blob_files,  # type: ignore[arg-type]
-                               handoff=handoff)
+    front_end = WorkerFrontEnd(config, archive, security=security,
+                               blob_files=blob_files, handoff=handoff)
     front_end.start()
     _count_dimse(front_end, archive)
     _share_association_slots(front_end, SlotClient(channel_path))
