@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, cast
 
-from rocksdict import Options, ReadOptions, Rdict, WriteBatch, WriteOptions
+from rocksdict import DBCompressionType, Options, ReadOptions, Rdict, WriteBatch, WriteOptions
 
 from pacsnode.replication.model import (
     INSTANCE_KEYWORDS,
@@ -171,6 +171,30 @@ def blobs_directory(store_path: Path) -> Path:
     return Path(store_path) / "blobs"
 
 
+
+# Block compression: zstd with a dictionary trained on each SST file's own data
+# (RocksDB's default is Snappy without one). The records, index keys and small blobs of
+# one study look much like those of the next (a small instance's zstd frame at level -1
+# still holds the DICOM header's literals), and a dictionary lets each 4 KiB block share
+# what it repeats of the others. 10 000 one-instance studies (bench/README.md, "Disk: zstd
+# with a trained dictionary"): 24.5 MB of SST files with Snappy, 18.7 with zstd, 14.7 with
+# the trained dictionary; a point read 5 -> ~11 us. The cost: RocksDB buffers an output
+# file's data (at most its target size, 64 MiB) to train the dictionary before writing it,
+# and trains it (ZDICT) on up to DICT_TRAIN_BYTES of samples, on its background threads.
+# Existing files keep their compression until compaction rewrites them.
+DICT_BYTES = 16 * 1024
+DICT_TRAIN_BYTES = 100 * DICT_BYTES
+_ZSTD_DEFAULT_WINDOW_BITS = -14
+_ZSTD_LEVEL = 3
+_ZSTD_DEFAULT_STRATEGY = 0
+
+
+def _compress_blocks(options: Options) -> None:
+    options.set_compression_type(DBCompressionType.zstd())
+    options.set_compression_options(_ZSTD_DEFAULT_WINDOW_BITS, _ZSTD_LEVEL, _ZSTD_DEFAULT_STRATEGY, DICT_BYTES)
+    options.set_zstd_max_train_bytes(DICT_TRAIN_BYTES)
+
+
 class RocksStore:
     """The node's durable store. Thread-safe; every write is one synced WriteBatch."""
 
@@ -207,6 +231,7 @@ class RocksStore:
         # Deleted instances' blobs are reclaimed when compaction rewrites their blob files.
         options.set_enable_blob_gc(True)
         options.set_keep_log_file_num(5)
+        _compress_blocks(options)
         self._db = Rdict(str(self._path / "rocksdb"), options)
         # A commit is written without sync, then the WAL is synced by flush_wal(True): the
         # same durability (nothing is acknowledged before the sync returns), but rocksdict's
