@@ -70,7 +70,7 @@ from pacsnode.node.dicomweb_render import (
     viewport_size,
 )
 from pacsnode.node import frame_stream
-from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed, PixelLayout
+from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed, PixelLayout, TooManyPasses
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
@@ -786,6 +786,8 @@ class DicomWeb:
             opened = await run_in_threadpool(self._open_stream, location, numbers)
         except NoFrame as error:
             return PlainTextResponse(str(error), status_code=404)
+        except TooManyPasses as error:
+            return PlainTextResponse(str(error), status_code=400)
         if opened is not None:
             blob, found, first = opened
             boundary = new_boundary()
@@ -821,7 +823,8 @@ class DicomWeb:
         the stream that read it. None: the whole read answers (an instance of up to
         STREAM_PART10_BYTES_MIN, not kept here as a file, of a corrected study, a layout not
         streamed, or a file that is missing or not zstd: the archive's read then logs it
-        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked."""
+        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked;
+        TooManyPasses (400) for a list that goes back over the file too often."""
         reads = self._local_reads
         if reads is None or self._owns is None or location.correction or \
                 0 < location.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN or \
@@ -838,7 +841,7 @@ class DicomWeb:
             return None
         try:
             frame_stream.check_numbers(found, numbers)
-        except NoFrame:
+        except (NoFrame, TooManyPasses):
             first.close()
             raise
         return blob, found, first

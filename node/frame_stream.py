@@ -15,7 +15,8 @@ where each frame lies comes from it:
   its last 10 bytes), as pydicom's generate_frames does.
 
 Frames go out in the order asked. The file is read forward only: a list that goes back
-("3,1", or "2,2") is read in runs, each a new pass over the file from its start.
+("3,1", or "2,2") is read in runs, each a new pass over the file from its start, at most
+PASSES_MAX a request (a longer list is refused: 400).
 
 Memory: the header (up to HEADER_BYTES_MAX), one decompressed chunk (CHUNK_BYTES), the
 body pieces in flight (PIECE_BYTES each) and zstd's window; never a whole frame, let alone
@@ -56,6 +57,10 @@ STREAM_PART10_BYTES_MIN = 2 * 1024**2
 HEADER_BYTES_MAX = 64 * 1024**2  # A bigger header (enhanced multi-frame): the whole read.
 _HEAD_FIRST_BYTES = 256 * 1024
 PIECE_BYTES = 256 * 1024
+# Forward passes one request may take (a frame list that goes back N - 1 times): each
+# decompresses up to its last frame and reads the rest of the file for the check, so a
+# list such as 440,439,...,1 would cost 440 reads of the file.
+PASSES_MAX = 16
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -88,6 +93,10 @@ class NotStreamed(Exception):
 
 class NoFrame(Exception):
     """The instance has no Pixel Data, or not a frame asked (before any byte is sent)."""
+
+
+class TooManyPasses(Exception):
+    """The frame list goes back over the file more than PASSES_MAX - 1 times (400)."""
 
 
 class FrameLayoutError(Exception):
@@ -369,6 +378,11 @@ def check_numbers(found: PixelLayout, numbers: list[int] | None) -> list[int]:
         raise NoFrame(f"the instance has {found.frames} frames")
     if found.value_length is not None and max(numbers, default=0) * found.frame_bytes > found.value_length:
         raise NoFrame("the pixel data is shorter than its frames")
+    passes = len(_runs(numbers))
+    if passes > PASSES_MAX:
+        raise TooManyPasses(f"the frame list goes back {passes - 1} times; this instance is read forward, at most "
+                            f"{PASSES_MAX} times a request: ask for its frames in increasing order, or in "
+                            "several requests")
     return numbers
 
 

@@ -253,6 +253,12 @@ def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
         assert client.retrieve_bulkdata(metadata["7FE00010"]["BulkDataURI"]) == whole_read_frames(coded_data, None)
         base = f"http://127.0.0.1:{server.port}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/"
         assert httpx.get(base + f"{native.SOPInstanceUID}/frames/41").status_code == 404
+        backwards = ",".join(str(n) for n in range(40, 0, -1))  # 40 passes over the file.
+        refused = httpx.get(base + f"{native.SOPInstanceUID}/frames/{backwards}")
+        assert refused.status_code == 400 and "increasing order" in refused.text
+        sixteen = ",".join(str(n) for n in range(16, 0, -1))  # PASSES_MAX passes: still answered.
+        assert _parts(httpx.get(base + f"{native.SOPInstanceUID}/frames/{sixteen}")) == \
+            whole_read_frames(native_data, list(range(16, 0, -1)))
         assert archive.reads == []  # Neither big instance was read whole.
         assert client.retrieve_instance_frames(*uids, str(small.SOPInstanceUID), [2]) == \
             whole_read_frames(small_data, [2])
