@@ -9,8 +9,8 @@ The node listens on the DICOM port itself and hands each accepted connection to 
 worker with the fewest open connections (ConnectionHandOff: the socket passed over the
 channel with SCM_RIGHTS). The kernel's SO_REUSEPORT spread, used before, picks a worker by
 a hash of the connection's addresses: four storescu senders landed 2:2 on two workers in
-only 3 runs of 8 (4:0 twice), and one worker, one GIL, then did all the work while the
-other core idled (docs/workers.md, Measurements).
+5 runs of 12 (3:1 in 4, 4:0 in 3), and then one worker, one GIL, did most or all of the
+work while the other core idled (docs/workers.md, Measurements).
 
 Security: each worker applies the access table, serves DICOM TLS on `dicom_tls_port`
 (SO_REUSEPORT: TLS connections are still spread by the kernel) and sends its DICOM audit messages over the channel, which the node
