@@ -248,6 +248,12 @@ class DataService(pb_grpc.DataServicer):
                 if cancelled_by_caller() or not reader.cancelled():
                     raise
                 # PeerServer.stop(): answer what was read, then end the stream.
+            except BaseException:
+                # A refused envelope (the status is set) or a broken stream: the requests
+                # read before it finish first, then the stream ends with that status.
+                while answering:
+                    await asyncio.gather(*answering, return_exceptions=True)
+                raise
             while answering:
                 await asyncio.gather(*answering, return_exceptions=True)
         finally:
