@@ -23,7 +23,7 @@ import logging
 import threading
 from collections import OrderedDict
 from io import BytesIO
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, Iterator, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, BinaryIO, Callable, Iterator, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -69,6 +69,8 @@ from pacsnode.node.dicomweb_render import (
     render,
     viewport_size,
 )
+from pacsnode.node import frame_stream
+from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed, PixelLayout
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
@@ -149,6 +151,15 @@ class LocalReads(Protocol):
         """The Part-10 bytes of what `kept` found, checked, when all of it is in the page
         cache; None when it is not; CorruptBlob (not logged) when it fails a check. Never
         waits on the disk and costs about a memory copy of the bytes: the HTTP loop calls it."""
+
+    def blob_file(self, location: InstanceLocation) -> Any | None:
+        """The blob file an instance is kept in here, of any size (its pointer as
+        `.pointer`, its Part-10 length as `.part10_bytes`), or None: not here, or not kept
+        as a file. A lookup: called on a reader thread."""
+
+    def open_blob(self, kept: Any) -> BinaryIO:
+        """The file `blob_file` found, open for reading (unchecked: the reader checks it);
+        CorruptBlob when it is missing."""
 
 
 class MetadataCache:
@@ -693,13 +704,35 @@ class DicomWeb:
         syntax = location.transfer_syntax_uid
         # Only the instance's own Pixel Data is cut into frames; an icon's (in a sequence
         # item) is a value like any other.
-        encapsulated = UID(syntax).is_compressed and path.strip("/").upper() == "7FE00010"
+        pixel_data = path.strip("/").upper() == "7FE00010"
+        encapsulated = UID(syntax).is_compressed and pixel_data
         if encapsulated:
             form = _bulk_form(ranges, frame_media_type(syntax), syntax)
             if form is None:
                 return PlainTextResponse(_frames_refused("the pixel data of this instance is", syntax), status_code=406)
             if form is FrameForm.DECODED:
                 return await self._decoded_frames(request, location, None)
+        if pixel_data:
+            try:
+                opened = await run_in_threadpool(self._open_stream, location)
+            except NoFrame as error:
+                return PlainTextResponse(str(error), status_code=404)
+            if opened is not None:
+                blob, found, first = opened
+                boundary = new_boundary()
+                closing = closing_delimiter(boundary)
+                if found.encapsulated:
+                    media_type = frame_media_type(syntax)
+                    part_type = f"{media_type}; transfer-syntax={syntax}"
+                    streamed = frame_stream.frame_body(
+                        blob, found, first, frame_stream.check_numbers(found, None),
+                        lambda first_part: part_header(boundary, part_type, first=first_part), closing)
+                    content_type = multipart_content_type(media_type, boundary, syntax)
+                else:
+                    streamed = frame_stream.value_body(blob, found, first,
+                                                       part_header(boundary, OCTET_STREAM, first=True), closing)
+                    content_type = multipart_content_type(OCTET_STREAM, boundary)
+                return self._streamed(request, location, streamed, content_type, "bulk")
 
         def load() -> tuple[str, list[bytes]]:
             part10, _offset = self._archive.read(location)
@@ -745,6 +778,21 @@ class DicomWeb:
             return PlainTextResponse(_frames_refused("frames of this instance are", location.transfer_syntax_uid), status_code=406)
         if form is FrameForm.DECODED:
             return await self._decoded_frames(request, location, numbers)
+        syntax = location.transfer_syntax_uid if media_type != "application/octet-stream" or \
+            UID(location.transfer_syntax_uid).is_compressed else EXPLICIT_VR_LITTLE_ENDIAN
+        part_type = f"{media_type}; transfer-syntax={syntax}"
+        try:
+            opened = await run_in_threadpool(self._open_stream, location, numbers)
+        except NoFrame as error:
+            return PlainTextResponse(str(error), status_code=404)
+        if opened is not None:
+            blob, found, first = opened
+            boundary = new_boundary()
+            streamed = frame_stream.frame_body(blob, found, first, numbers,
+                                               lambda first_part: part_header(boundary, part_type, first=first_part),
+                                               closing_delimiter(boundary))
+            return self._streamed(request, location, streamed, multipart_content_type(media_type, boundary, syntax),
+                                  "frames")
 
         def load() -> list[bytes]:
             part10, _offset = self._archive.read(location)
@@ -760,12 +808,77 @@ class DicomWeb:
         if self._audit is not None:
             self._audit.retrieved(caller_of(request), [location], sent=1, outcome=SUCCESS, what="frames")
         boundary = new_boundary()
-        syntax = location.transfer_syntax_uid if media_type != "application/octet-stream" or \
-            UID(location.transfer_syntax_uid).is_compressed else EXPLICIT_VR_LITTLE_ENDIAN
-        part_type = f"{media_type}; transfer-syntax={syntax}"
         body = b"".join(part_header(boundary, part_type, first=index == 0) + frame
                         for index, frame in enumerate(encoded)) + closing_delimiter(boundary)
         return Response(body, media_type=multipart_content_type(media_type, boundary, syntax))
+
+    def _open_stream(self, location: InstanceLocation,
+                     numbers: list[int] | None = None) -> tuple[BlobFile, PixelLayout, Any] | None:
+        """The frames of a big instance this node keeps as a blob file, to stream
+        (node/frame_stream.py: read forward from the file, frame by frame, in bounded
+        memory, every byte checked by the file's CRC-32): its layout from its header and
+        the stream that read it. None: the whole read answers (an instance of up to
+        STREAM_PART10_BYTES_MIN, not kept here as a file, of a corrected study, a layout not
+        streamed, or a file that is missing or not zstd: the archive's read then logs it
+        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked."""
+        reads = self._local_reads
+        if reads is None or self._owns is None or location.correction or \
+                0 < location.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN or \
+                not self._owns(location.study_instance_uid):
+            return None
+        kept = reads.blob_file(location)
+        if kept is None or kept.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN:
+            return None
+        blob = BlobFile(open=lambda: reads.open_blob(kept), size_bytes=kept.pointer.size_bytes,
+                        crc32=kept.pointer.crc32, part10_bytes=kept.part10_bytes, what=location.sop_instance_uid)
+        try:
+            found, first = frame_stream.layout(blob)
+        except (NotStreamed, CorruptBlob):
+            return None
+        try:
+            frame_stream.check_numbers(found, numbers)
+        except NoFrame:
+            first.close()
+            raise
+        return blob, found, first
+
+    def _streamed(self, request: Request, location: InstanceLocation, body: Iterator[bytes], content_type: str,
+                  what: str) -> Response:
+        """A streamed frame body (`_open_stream`) as the response."""
+        caller = caller_of(request) if self._audit is not None else None
+        return StreamingResponse(self._pump(location, body, caller, what), media_type=content_type)
+
+    async def _pump(self, location: InstanceLocation, body: Iterator[bytes], caller: Caller | None,
+                    what: str) -> AsyncIterator[bytes]:
+        """The pieces of a streamed frame body, each next one read on a reader thread while
+        the one before it is sent. A piece that fails its check (CorruptBlob) or a layout
+        that does not hold (FrameLayoutError) breaks the body off: no closing delimiter."""
+        ahead: concurrent.futures.Future[bytes | None] | None = None
+        finished = False
+        pieces = 0
+        try:
+            ahead = self._readers.submit(next, body, None)
+            while True:
+                piece = await asyncio.wrap_future(ahead)
+                ahead = None
+                if piece is None:
+                    break
+                ahead = self._readers.submit(next, body, None)
+                pieces += 1
+                yield piece
+            finished = True
+        except (CorruptBlob, FrameLayoutError) as error:
+            log.error("dicomweb.%s.unreadable sop_instance_uid=%s pieces_sent=%d reason=%s",
+                      what, location.sop_instance_uid, pieces, error)
+            raise
+        finally:
+            if ahead is not None:  # The body stopped early: close the stream once its read ends.
+                ahead.add_done_callback(lambda _future: _close_body(body))
+            else:
+                _close_body(body)
+            if caller is not None and self._audit is not None:
+                self._audit.retrieved(caller, [location], sent=1 if finished else 0, what=what,
+                                      outcome=SUCCESS if finished else MAJOR_FAILURE)
 
     async def _decoded_frames(self, request: Request, location: InstanceLocation,
                               numbers: list[int] | None) -> Response:
@@ -1071,6 +1184,16 @@ def _read_groups(sendable: list[tuple[InstanceLocation, str]]) -> list[list[tupl
     if group:
         groups.append(group)
     return groups
+
+
+def _close_body(body: Iterator[bytes]) -> None:
+    """Close a streamed frame body (its file), from whichever thread ends with it."""
+    close = getattr(body, "close", None)
+    if close is not None:
+        try:
+            close()
+        except ValueError:  # "generator already executing": its read is still on a thread.
+            pass
 
 
 def _next_chunk(stream: Part10Stream) -> bytes:

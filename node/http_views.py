@@ -8,7 +8,7 @@ import dataclasses
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pacsnode.node import acceptor
 from pacsnode.node.http_guard import HttpAccess
@@ -168,6 +168,27 @@ class StoreReads:
         if len(part10) != kept.part10_bytes:
             raise CorruptBlob(f"blob of {what} holds {len(part10)} bytes, not {kept.part10_bytes}")
         return part10
+
+    def blob_file(self, location: InstanceLocation) -> KeptFile | None:
+        """The blob file of an instance kept here as one, of any size (WADO-RS streams the
+        frames of a big one: node/frame_stream.py), or None: not here, or a RocksDB value."""
+        if 0 < location.part10_bytes < self._value_bytes_max:
+            return None
+        found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
+        if found is None:
+            return None
+        pointer, record = found
+        if not isinstance(pointer, BlobPointer):
+            return None
+        return KeptFile(location, pointer, record.size_bytes + record.dataset_offset)
+
+    def open_blob(self, kept: KeptFile) -> BinaryIO:
+        """The file `blob_file` found, open for reading (its bytes unchecked: the reader
+        checks them against the pointer's size and CRC-32); CorruptBlob when it is missing."""
+        try:
+            return open(self._store.blob_files.path(kept.pointer), "rb")
+        except FileNotFoundError:
+            raise CorruptBlob(f"blob file of {kept.location.sop_instance_uid} is missing") from None
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
         if 0 < location.part10_bytes < self._value_bytes_max:

@@ -1,0 +1,276 @@
+"""WADO-RS /frames and Pixel Data /bulk of a big instance streamed from its blob file
+(node/frame_stream.py): the same frames as the whole read (node/dicomweb_render.py `frames`,
+pydicom's generate_frames) for native and encapsulated layouts (Basic and Extended Offset
+Tables, one fragment a frame, several fragments a frame found by their EOI marker), in
+any order asked; every stored byte checked by the file's CRC-32 before the last piece
+goes out; and, through the node's HTTP server, no whole read of the instance."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+import pytest
+import zstandard
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.uid import generate_uid
+
+from pacsnode.node import frame_stream
+from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
+from pacsnode.node.dicomweb_render import frames as whole_read_frames
+from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed
+from pacsnode.node.http_server import HttpServer
+from pacsnode.node.http_views import StoreHeaders, StoreReads
+from pacsnode.node.metrics import Metrics
+from pacsnode.node.store import RocksStore
+from pacsnode.replication.archive import Archive, InstanceLocation
+from pacsnode.replication.model import CorruptBlob
+
+EXPLICIT = "1.2.840.10008.1.2.1"
+IMPLICIT = "1.2.840.10008.1.2"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_2000 = "1.2.840.10008.1.2.4.90"
+RLE = "1.2.840.10008.1.2.5"
+MPEG2 = "1.2.840.10008.1.2.4.100"
+
+
+def _dataset(frames: int, rows: int = 16, columns: int = 8, samples: int = 1, bits: int = 16,
+             photometric: str = "MONOCHROME2") -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "FS1"
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, samples
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PhotometricInterpretation = photometric
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.NumberOfFrames = frames
+    return ds
+
+
+def _part10(ds: Dataset, syntax: str) -> bytes:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=syntax == IMPLICIT, little_endian=True)
+    return out.getvalue()
+
+
+def _blob(data: bytes, path: Path) -> BlobFile:
+    compressed = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    path.write_bytes(compressed)
+    return BlobFile(open=lambda: open(path, "rb"), size_bytes=len(compressed), crc32=zlib.crc32(compressed),
+                    part10_bytes=len(data), what="test")
+
+
+def _streamed(blob: BlobFile, numbers: list[int] | None) -> list[bytes]:
+    """The frames frame_body sends, split at its part heads."""
+    found, first = frame_stream.layout(blob)
+    body = b"".join(frame_stream.frame_body(blob, found, first, frame_stream.check_numbers(found, numbers),
+                                            lambda first_part: b"|HEAD|", b"|END|"))
+    assert body.startswith(b"|HEAD|") and body.endswith(b"|END|")
+    return body[len(b"|HEAD|"):-len(b"|END|")].split(b"|HEAD|")
+
+
+def _fragments(count: int, size: int, rng: np.random.Generator) -> list[bytes]:
+    """Stand-ins for JPEG code streams (SOI ... EOI): never decoded here."""
+    return [b"\xff\xd8" + rng.integers(0, 255, size, dtype=np.uint8).tobytes().replace(b"\xff\xd9", b"\xff\x00")
+            + b"\xff\xd9" for _ in range(count)]
+
+
+def _split_items(frames: list[bytes]) -> bytes:
+    """Encapsulated Pixel Data, an empty Basic Offset Table, each frame two fragments (the
+    first without EOI): only the EOI marker says where a frame ends."""
+    items = b""
+    for frame in frames:
+        for fragment in (frame[:len(frame) // 2], frame[len(frame) // 2:]):
+            items += b"\xfe\xff\x00\xe0" + len(fragment).to_bytes(4, "little") + fragment
+    return b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + items + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+LISTS = [[1], [5], [2, 4], [5, 1, 3, 3], None]
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+@pytest.mark.parametrize("samples", [1, 3])
+def test_native_frames_are_the_whole_reads(tmp_path: Path, syntax: str, samples: int) -> None:
+    rng = np.random.default_rng(samples)
+    bits = 16 if samples == 1 else 8
+    ds = _dataset(5, samples=samples, bits=bits, photometric="MONOCHROME2" if samples == 1 else "RGB")
+    ds.PixelData = rng.integers(0, 255, 5 * 16 * 8 * samples * bits // 8, dtype=np.uint8).tobytes()
+    data = _part10(ds, syntax)
+    blob = _blob(data, tmp_path / "b.zst")
+    for numbers in LISTS:
+        assert _streamed(blob, numbers) == whole_read_frames(data, numbers), numbers
+
+
+@pytest.mark.parametrize("kind", ["one-a-frame", "basic-offset-table", "eoi", "extended-offset-table", "rle"])
+def test_encapsulated_frames_are_the_whole_reads(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(7)
+    coded = _fragments(5, 3000, rng)
+    ds = _dataset(5, bits=8, samples=3, photometric="YBR_FULL_422")
+    syntax = JPEG_BASELINE
+    if kind == "one-a-frame":
+        ds.PixelData = encapsulate(coded, has_bot=False)
+    elif kind == "basic-offset-table":
+        ds.PixelData = encapsulate(coded, fragments_per_frame=3, has_bot=True)
+    elif kind == "eoi":
+        ds.PixelData = _split_items(coded)
+    elif kind == "extended-offset-table":
+        ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(coded)
+    else:
+        syntax = RLE  # Fragments without EOI: one fragment a frame.
+        ds.PixelData = encapsulate([frame[2:-2] for frame in coded], has_bot=False)
+    ds["PixelData"].VR = "OB"
+    data = _part10(ds, syntax)
+    blob = _blob(data, tmp_path / "b.zst")
+    for numbers in LISTS:
+        assert _streamed(blob, numbers) == whole_read_frames(data, numbers), (kind, numbers)
+
+
+def test_what_is_not_streamed_and_frames_that_do_not_exist(tmp_path: Path) -> None:
+    ds = _dataset(3)
+    ds.PixelData = bytes(3 * 16 * 8 * 2)
+    blob = _blob(_part10(ds, EXPLICIT), tmp_path / "native.zst")
+    found, first = frame_stream.layout(blob)
+    first.close()
+    with pytest.raises(NoFrame):
+        frame_stream.check_numbers(found, [4])
+    video = _dataset(3, bits=8)
+    video.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(100)], has_bot=False)
+    with pytest.raises(NotStreamed):  # An MPEG stream is not cut into frames here.
+        frame_stream.layout(_blob(_part10(video, MPEG2), tmp_path / "video.zst"))
+    no_pixels = _dataset(1)
+    with pytest.raises(NoFrame):
+        frame_stream.layout(_blob(_part10(no_pixels, EXPLICIT), tmp_path / "none.zst"))
+
+
+def test_fewer_fragments_than_frames_breaks_the_body_off(tmp_path: Path) -> None:
+    ds = _dataset(4, bits=8)
+    ds.PixelData = encapsulate(_fragments(3, 100, np.random.default_rng(3)), has_bot=False)  # Says 4 frames.
+    ds["PixelData"].VR = "OB"
+    blob = _blob(_part10(ds, JPEG_2000), tmp_path / "short.zst")
+    found, first = frame_stream.layout(blob)
+    with pytest.raises(FrameLayoutError):
+        b"".join(frame_stream.frame_body(blob, found, first, [4], lambda first_part: b"", b"END"))
+
+
+@pytest.mark.parametrize("where", ["in-the-frame", "after-the-frame"])
+def test_a_damaged_file_raises_before_the_last_piece_goes_out(tmp_path: Path, where: str) -> None:
+    """A byte flipped in the compressed file, in the frames asked or after them (bytes the
+    decompressor never reads for frame 1): CorruptBlob, and the closing never sent."""
+    rng = np.random.default_rng(11)
+    ds = _dataset(20, rows=256, columns=256)
+    ds.PixelData = rng.integers(0, 4096, 20 * 256 * 256, dtype=np.uint16).tobytes()
+    data = _part10(ds, EXPLICIT)
+    path = tmp_path / "b.zst"
+    blob = _blob(data, path)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 40 if where == "in-the-frame" else len(damaged) - 100] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    found, first = frame_stream.layout(blob)
+    sent = []
+    with pytest.raises(CorruptBlob):
+        for piece in frame_stream.frame_body(blob, found, first, [1], lambda first_part: b"HEAD", b"END"):
+            sent.append(piece)
+    assert b"END" not in sent
+    whole = b"".join(sent)
+    assert len(whole) < len(b"HEAD") + found.frame_bytes  # The frame's last piece was held back.
+
+
+class _ReadCountingArchive(Archive):
+    """The single-node Archive, counting its whole reads."""
+
+    def __init__(self, store: RocksStore) -> None:
+        super().__init__(store)
+        self.reads: list[str] = []
+
+    def read(self, location: InstanceLocation) -> tuple[bytes, int]:
+        self.reads.append(location.sop_instance_uid)
+        return super().read(location)
+
+
+def _parts(reply: httpx.Response) -> list[bytes]:
+    _type, boundary = multipart_boundary(reply.headers["content-type"])
+    reader = MultipartReader(boundary, part_bytes_max=100_000_000)
+    parts = reader.feed(reply.content)
+    reader.close()
+    return [part.body for part in parts]
+
+
+def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
+        tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
+    """Through the node's HTTP server and StoreReads: dicomweb-client's frames and bulk data
+    of a 40-frame native instance (5 MB) and of a JPEG 2000 one are the stored frames, and the
+    archive's whole read is never asked (it is for a small instance)."""
+    rng = np.random.default_rng(21)
+    native = _dataset(40, rows=256, columns=256)
+    native.PixelData = rng.integers(0, 4096, 40 * 256 * 256, dtype=np.uint16).tobytes()
+    native_data = _part10(native, EXPLICIT)
+    coded = _dataset(30, rows=256, columns=256, bits=8)
+    coded.StudyInstanceUID, coded.SeriesInstanceUID = native.StudyInstanceUID, native.SeriesInstanceUID
+    coded.PixelData = encapsulate(_fragments(30, 100_000, rng), has_bot=True)
+    coded["PixelData"].VR = "OB"
+    coded_data = _part10(coded, JPEG_2000)
+    small = _dataset(2)
+    small.StudyInstanceUID, small.SeriesInstanceUID = native.StudyInstanceUID, native.SeriesInstanceUID
+    small.PixelData = bytes(2 * 16 * 8 * 2)
+    small_data = _part10(small, EXPLICIT)
+    assert len(native_data) > frame_stream.STREAM_PART10_BYTES_MIN and len(coded_data) > frame_stream.STREAM_PART10_BYTES_MIN
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    archive = _ReadCountingArchive(store)
+    for data in (native_data, coded_data, small_data):
+        archive.store(make_instance(data))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=100_000_000, qido_result_max=4,
+                        owns=lambda study: True, local_reads=StoreReads(store, 1024),
+                        local_headers=StoreHeaders(store))  # /metadata from the header alone, as the node's.
+    server.start()
+    try:
+        client = DICOMwebClient(f"http://127.0.0.1:{server.port}/dicom-web")
+        uids = (str(native.StudyInstanceUID), str(native.SeriesInstanceUID))
+        got = client.retrieve_instance_frames(*uids, str(native.SOPInstanceUID), [40, 1, 7])
+        assert got == whole_read_frames(native_data, [40, 1, 7])
+        metadata = client.retrieve_instance_metadata(*uids, str(native.SOPInstanceUID))
+        assert client.retrieve_bulkdata(metadata["7FE00010"]["BulkDataURI"]) == [bytes(native.PixelData)]
+        got = client.retrieve_instance_frames(*uids, str(coded.SOPInstanceUID), [3, 2],
+                                              media_types=(("image/jp2", JPEG_2000),))
+        assert got == whole_read_frames(coded_data, [3, 2])
+        metadata = client.retrieve_instance_metadata(*uids, str(coded.SOPInstanceUID))
+        assert client.retrieve_bulkdata(metadata["7FE00010"]["BulkDataURI"]) == whole_read_frames(coded_data, None)
+        base = f"http://127.0.0.1:{server.port}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/"
+        assert httpx.get(base + f"{native.SOPInstanceUID}/frames/41").status_code == 404
+        assert archive.reads == []  # Neither big instance was read whole.
+        assert client.retrieve_instance_frames(*uids, str(small.SOPInstanceUID), [2]) == \
+            whole_read_frames(small_data, [2])
+        assert archive.reads == [str(small.SOPInstanceUID)]  # A small one is.
+
+        # A damaged file: the body breaks off (no closing delimiter), the client fails.
+        found = store.compressed_copy(uids[0], str(native.SOPInstanceUID))
+        assert found is not None and not isinstance(found[0], bytes)
+        path = store.blob_files.path(found[0])
+        damaged = bytearray(path.read_bytes())
+        damaged[-50] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(httpx.HTTPError):
+            with httpx.stream("GET", base + f"{native.SOPInstanceUID}/frames/1") as cut:
+                assert cut.status_code == 200
+                for _chunk in cut.iter_raw():
+                    pass
+    finally:
+        server.stop()
+        store.close()
+    assert dcmread(io.BytesIO(native_data)).NumberOfFrames == 40
