@@ -126,8 +126,9 @@ def _peer_errors(target: str) -> Iterator[None]:
 class GrpcTransport:
     def __init__(self, channels: Channels, resolve: Callable[[str], "MemberInfo | None"],
                  envelope: Callable[[], pb.Envelope], observe: Callable[[Version], None] | None = None,
-                 *, site: str = "") -> None:
+                 *, site: str = "", store_stream: bool = True) -> None:
         self._channels = channels
+        self._store_stream = store_stream  # False: every copy a call, as before StoreStream (benches' A/B).
         self._site = site  # This node's site: copies to other sites are compressed (see above).
         # The node's hybrid clock observes versions that replies carry (a tombstone that won).
         self._observe = observe or (lambda version: None)
@@ -191,7 +192,7 @@ class GrpcTransport:
         with _peer_errors(target):
             whole = len(stored.blob) <= WHOLE_INSTANCE_BYTES_MAX
             compression = self._compression(target, len(stored.blob)) if whole else None
-            if whole and compression is None and streams.available(address):
+            if whole and compression is None and self._store_stream and streams.available(address):
                 request = pb.StoreStreamRequest(envelope=self._envelope(), header=header, data=stored.blob,
                                                 timeout_ms=timeout_ms)
                 try:

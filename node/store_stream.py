@@ -84,7 +84,10 @@ class _PeerStream:
         self._pending[request_id] = future
         try:
             async with asyncio.timeout(timeout_s):
-                await self._queue.put(request)
+                if self._queue.full():
+                    await self._put_when_room(request, future)
+                else:
+                    self._queue.put_nowait(request)
                 return await future
         except TimeoutError:
             raise PeerError(f"{self._label}: DEADLINE_EXCEEDED: no answer to the copy within "
@@ -95,6 +98,15 @@ class _PeerStream:
             del self._pending[request_id]
             if not future.done():
                 future.cancel()  # The writer skips a request whose copy gave up.
+
+    async def _put_when_room(self, request: pb.StoreStreamRequest, future: asyncio.Future[pb.StoreReply]) -> None:
+        """Queue `request` once there is room, unless its answer fails first (the stream
+        broke: then a full queue would never empty)."""
+        put = asyncio.ensure_future(self._queue.put(request))
+        try:
+            await asyncio.wait((put, future), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            put.cancel()
 
     def _error(self, error: Exception) -> Exception:
         """A fresh exception for each copy (one stream failure fails many)."""
@@ -154,6 +166,8 @@ class _PeerStream:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(self._error(error))
+        while not self._queue.empty():  # A copy waiting for a place gets one, and finds its answer failed.
+            self._queue.get_nowait()
         self._writer.cancel()
         self._call.cancel()
 
