@@ -200,8 +200,9 @@ class TranscodeError(Exception):
 def transcode(part10: bytes, syntax: str) -> bytes:
     """The instance in another transfer syntax: native pixel data (uncompressed or deflated)
     is re-encoded without decoding its values; compressed pixel data is decoded by
-    pydicom's pixel handlers (Dataset.decompress with DECODE_AS_RGB, as /frames decodes a
-    frame: YBR colour becomes RGB and the header says so, as pydicom documents), keeping
+    pydicom's pixel handlers (Dataset.decompress with DECODE_AS_RGB: YBR colour becomes
+    RGB and the converted header says so, as pydicom documents; frames decoded on their
+    own keep the stored colour space instead, dicomweb_render.decoded_frames), keeping
     the instance's UIDs. Raises TranscodeError."""
     try:
         dataset = dcmread(BytesIO(part10))
@@ -884,7 +885,8 @@ class DicomWeb:
                               numbers: list[int] | None) -> Response:
         """The asked frames of a compressed instance decoded (dicomweb_render.decoded_frames:
         the layout of native Pixel Data, little endian, the stored Bits Allocated, samples
-        interleaved; YCbCr JPEG and JPEG 2000 as RGB, as a conversion of the instance says),
+        interleaved; in the colour space /metadata gives: YBR_FULL and YBR_FULL_422 JPEG as
+        stored, YBR_ICT and YBR_RCT JPEG 2000 as RGB, which is what their decoding gives),
         each a part of `application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`, in
         the asked order; `numbers` None (the /bulk of Pixel Data): every frame, first to
         last, concatenated in one part (padded to an even length, PS3.5 7.1.1: the value a

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 from io import BytesIO
 
 from pydicom import dcmread
@@ -51,12 +52,14 @@ def decodable(transfer_syntax_uid: str) -> bool:
         return False
 
 
-# How compressed pixel data is decoded, by the WADO-RS instance conversion (node/dicomweb.py
-# `transcode`: Dataset.decompress) and by /frames asked uncompressed (`decoded_frames`:
-# Decoder.iter_array, the same pydicom decoder and options, one frame at a time): YCbCr
-# (YBR_FULL, YBR_FULL_422 JPEG; YBR_ICT, YBR_RCT JPEG 2000) becomes RGB, as the header of a
-# converted instance then says; other photometric interpretations stay as stored.
+# How the WADO-RS instance conversion (node/dicomweb.py `transcode`: Dataset.decompress)
+# decodes compressed pixel data: YCbCr (YBR_FULL, YBR_FULL_422 JPEG; YBR_ICT, YBR_RCT JPEG
+# 2000) becomes RGB, and the header of the converted instance says so. Frames and Pixel
+# Data bulk data decoded on their own (`decoded_frames`) have no header of their own: the
+# client reads them by the instance's /metadata, which describes the instance as stored,
+# so they keep its colour space (`_as_stored_colour`).
 DECODE_AS_RGB = True
+_YCBCR = frozenset({"YBR_FULL", "YBR_FULL_422"})
 
 
 class FrameForm(enum.Enum):
@@ -137,11 +140,14 @@ def frames(part10: bytes, numbers: list[int] | None) -> list[bytes]:
 def decoded_frames(part10: bytes, numbers: list[int] | None) -> Iterator[bytes]:
     """The asked frames of a compressed instance (None: every frame, first to last; the
     /bulk of its Pixel Data), in the asked order, decoded one at a time
-    (never the whole instance) by pydicom's decoder for its syntax (`DECODE_AS_RGB`, as
-    `transcode`). Each is the frame as native Pixel Data holds it (PS3.5 8.2): little
-    endian, `BitsAllocated` bits per sample, samples interleaved (Planar Configuration 0:
-    pydicom's decoders return multi-sample frames so), in the photometric interpretation a
-    conversion to Explicit VR Little Endian writes (RGB for YCbCr JPEG and JPEG 2000).
+    (never the whole instance) by pydicom's decoder for its syntax. Each is the frame as
+    native Pixel Data holds it (PS3.5 8.2): little endian, `BitsAllocated` bits per sample,
+    samples interleaved (Planar Configuration 0: pydicom's decoders return multi-sample
+    frames so), in the photometric interpretation the instance's /metadata gives
+    (`_as_stored_colour`): YBR_FULL as YBR_FULL, YBR_FULL_422 in its native layout (two Y,
+    then Cb and Cr, for each pair of pixels: PS3.3 C.7.6.3.1.2), others as decoded (RGB,
+    MONOCHROME, PALETTE COLOR as stored; YBR_ICT and YBR_RCT as RGB, the JPEG 2000 decoder
+    undoing the component transform as part of decoding, as viewers read those values).
     Raises RenderError at once (no pixel data, a frame beyond NumberOfFrames), and
     FrameDecodeError when a frame fails to decode (at its turn: the caller sends the ones
     before it)."""
@@ -151,18 +157,47 @@ def decoded_frames(part10: bytes, numbers: list[int] | None) -> Iterator[bytes]:
 
 def _decode_each(decoder: Decoder, dataset: Dataset, numbers: list[int]) -> Iterator[bytes]:
     bits = int(dataset.get("BitsAllocated", 0) or 0)
-    iterator = decoder.iter_array(dataset, indices=[n - 1 for n in numbers], as_rgb=DECODE_AS_RGB)
+    stored = str(dataset.get("PhotometricInterpretation", "")).strip()
+    if stored == "YBR_FULL_422" and int(dataset.get("Columns", 0) or 0) % 2:
+        raise FrameDecodeError("YBR_FULL_422 with an odd number of columns has no native layout")
+    # as_rgb False: YCbCr stays YCbCr where the decoder can keep it (Pillow's JPEG does).
+    iterator = decoder.iter_array(dataset, indices=[n - 1 for n in numbers], as_rgb=False)
     for number in numbers:
         try:
-            array, _properties = next(iterator)
+            array, properties = next(iterator)
         except Exception as error:  # pydicom and its pixel handlers raise many types
             raise FrameDecodeError(f"frame {number} could not be decoded: {type(error).__name__}: "
                                    f"{str(error)[:200]}") from error
         if array.dtype.itemsize * 8 != bits:
             raise FrameDecodeError(f"frame {number} decodes to {array.dtype.itemsize * 8}-bit samples, "
                                    f"not the {bits} of Bits Allocated")
+        if stored in _YCBCR:
+            array = _as_stored_colour(array, str(properties.get("photometric_interpretation", stored)), stored)
         # Little endian whatever this machine's order (a no-op copy-free view on x86 and ARM).
         yield array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _as_stored_colour(array: Any, decoded: str, stored: str) -> Any:
+    """A decoded YCbCr frame (rows, columns, 3) in the stored colour space's native layout:
+    YBR_FULL as is; YBR_FULL_422 with each pair of pixels as Y1 Y2 Cb Cr, the pair's chroma
+    the mean of the two decoded ones (a 4:2:2 or 4:2:0 JPEG decodes to full-resolution
+    chroma, interpolated). A decoder that gave RGB (`decoded`, pydicom's account of what it
+    returned) is converted back with pydicom's convert_color_space."""
+    import numpy as np
+    from pydicom.pixels import convert_color_space
+
+    if decoded == "RGB":
+        array = convert_color_space(array, "RGB", "YBR_FULL")
+    if stored != "YBR_FULL_422":
+        return array
+    rows, columns = array.shape[0], array.shape[1]
+    wide = array.astype(np.uint32)
+    out = np.empty((rows, columns // 2, 4), dtype=array.dtype)
+    out[..., 0] = array[:, 0::2, 0]
+    out[..., 1] = array[:, 1::2, 0]
+    out[..., 2] = (wide[:, 0::2, 1] + wide[:, 1::2, 1] + 1) // 2
+    out[..., 3] = (wide[:, 0::2, 2] + wide[:, 1::2, 2] + 1) // 2
+    return out
 
 
 def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
