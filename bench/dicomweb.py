@@ -346,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=50, help="queries of each kind")
     parser.add_argument("--small-instances", type=int, default=500, help="instances of the 'wado-small' study")
     parser.add_argument("--fresh-rounds", type=int, default=6, help="rounds of fresh servers for 'fresh'")
+    parser.add_argument("--pixel-fill", choices=("noise12", "phantom"), default="noise12",
+                        help="the 80 CT of 'wado', 'wado-restart', 'metadata' and 'fresh': 12 bits of noise "
+                             "(incompressible, as every run before 2026-12-07 15:40) or a CT-like phantom "
+                             "that compresses ~2x as real CT does (sim/datagen.py)")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args(argv)
@@ -368,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             report["results"]["stow"] = runs
         if only & {"wado", "wado-restart", "metadata"}:
             spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512,
-                                        cols=512, modalities=("CT",), seed=202)
-            _root, manifest = prepare_dataset("dw-wado", spec, data_dir)
+                                        cols=512, modalities=("CT",), seed=202, pixel_fill=args.pixel_fill)
+            _root, manifest = prepare_dataset(f"dw-wado{'-phantom' if args.pixel_fill == 'phantom' else ''}",
+                                              spec, data_dir)
             study, series = manifest[0]["study_uid"], manifest[0]["series_uid"]
             total = sum(entry["size"] for entry in manifest)
             systems = {"pacsnode": start_pacsnode(temp), "orthanc": start_orthanc_dicomweb(temp)}
@@ -414,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             systems = {}
         if "fresh" in only:
             spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512,
-                                        cols=512, modalities=("CT",), seed=202)
-            _root, manifest = prepare_dataset("dw-wado", spec, data_dir)
+                                        cols=512, modalities=("CT",), seed=202, pixel_fill=args.pixel_fill)
+            _root, manifest = prepare_dataset(f"dw-wado{'-phantom' if args.pixel_fill == 'phantom' else ''}",
+                                              spec, data_dir)
             report["results"]["metadata_fresh"] = fresh_rounds(temp, Path(_root) / "files", manifest,
                                                                args.fresh_rounds)
         if "qido" in only:

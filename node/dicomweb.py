@@ -63,6 +63,7 @@ from pacsnode.node.dicomweb_render import (
     RenderError,
     decodable,
     decoded_frames,
+    decoded_from_frames,
     frame_media_type,
     frame_numbers,
     frames,
@@ -70,7 +71,7 @@ from pacsnode.node.dicomweb_render import (
     viewport_size,
 )
 from pacsnode.node import frame_stream
-from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed, PixelLayout
+from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed, PixelLayout, TooManyPasses
 from pacsnode.node.dicomweb_query import QidoError, QidoRequest, parse_qido, sort_key
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS
 from pacsnode.node.http_guard import Caller, HttpAudit, caller_of
@@ -786,6 +787,8 @@ class DicomWeb:
             opened = await run_in_threadpool(self._open_stream, location, numbers)
         except NoFrame as error:
             return PlainTextResponse(str(error), status_code=404)
+        except TooManyPasses as error:
+            return PlainTextResponse(str(error), status_code=400)
         if opened is not None:
             blob, found, first = opened
             boundary = new_boundary()
@@ -821,7 +824,8 @@ class DicomWeb:
         the stream that read it. None: the whole read answers (an instance of up to
         STREAM_PART10_BYTES_MIN, not kept here as a file, of a corrected study, a layout not
         streamed, or a file that is missing or not zstd: the archive's read then logs it
-        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked."""
+        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked;
+        TooManyPasses (400) for a list that goes back over the file too often."""
         reads = self._local_reads
         if reads is None or self._owns is None or location.correction or \
                 0 < location.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN or \
@@ -838,7 +842,7 @@ class DicomWeb:
             return None
         try:
             frame_stream.check_numbers(found, numbers)
-        except NoFrame:
+        except (NoFrame, TooManyPasses):
             first.close()
             raise
         return blob, found, first
@@ -899,14 +903,27 @@ class DicomWeb:
         what = "frames" if numbers is not None else "bulk"
 
         def start() -> tuple[Iterator[bytes], bytes]:
-            part10, _offset = self._archive.read(location)
-            decoded = decoded_frames(part10, numbers)
+            opened = self._open_stream(location, numbers)
+            if opened is not None:  # A big instance kept here: its frames come from the file one at a time.
+                blob, found, stream = opened
+                asked = frame_stream.check_numbers(found, numbers)
+                decoded = decoded_from_frames(found.header, location.transfer_syntax_uid,
+                                              frame_stream.encoded_frames(blob, found, stream, asked), asked)
+            else:
+                part10, _offset = self._archive.read(location)
+                decoded = decoded_frames(part10, numbers)
             return decoded, next(decoded)
 
         try:
             decoded, first = await run_in_threadpool(start)
-        except RenderError as error:
+        except (RenderError, NoFrame) as error:
             return PlainTextResponse(str(error), status_code=404)
+        except TooManyPasses as error:
+            return PlainTextResponse(str(error), status_code=400)
+        except (CorruptBlob, FrameLayoutError) as error:
+            # The first frame's pass failed its check (a single pass: nothing sent yet).
+            log.error("dicomweb.%s.unreadable sop_instance_uid=%s reason=%s", what, location.sop_instance_uid, error)
+            return PlainTextResponse("the instance could not be read; see the node log", status_code=503)
         except FrameDecodeError as error:
             log.warning("dicomweb.%s.undecodable sop_instance_uid=%s reason=%s", what, location.sop_instance_uid, error)
             return PlainTextResponse(f"the {'frames' if numbers is not None else 'pixel data'} of this instance "
@@ -949,9 +966,15 @@ class DicomWeb:
             log.error("dicomweb.%s.undecodable sop_instance_uid=%s sent=%d reason=%s",
                       what, location.sop_instance_uid, index, error)
             raise
+        except (CorruptBlob, FrameLayoutError) as error:  # A streamed big instance's file.
+            log.error("dicomweb.%s.unreadable sop_instance_uid=%s sent=%d reason=%s",
+                      what, location.sop_instance_uid, index, error)
+            raise
         finally:
             if ahead is not None:  # The body stopped early: the decode finishes, unread.
                 ahead.cancel()
+            else:
+                _close_body(decoded)  # A streamed instance's file, now rather than when collected.
             if caller is not None and self._audit is not None:
                 self._audit.retrieved(caller, [location], sent=1 if finished else 0, what=what,
                                       outcome=SUCCESS if finished else MAJOR_FAILURE)

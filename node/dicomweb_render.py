@@ -155,13 +155,51 @@ def decoded_frames(part10: bytes, numbers: list[int] | None) -> Iterator[bytes]:
     return _decode_each(get_decoder(dataset.file_meta.TransferSyntaxUID), dataset, numbers)
 
 
-def _decode_each(decoder: Decoder, dataset: Dataset, numbers: list[int]) -> Iterator[bytes]:
+def decoded_from_frames(header: bytes, syntax: str, encoded: Iterator[bytes], numbers: list[int]) -> Iterator[bytes]:
+    """`decoded_frames` of an instance whose frames come one at a time (node/frame_stream.py
+    `encoded_frames`, in the order of `numbers`), each decoded on its own: `header` is the
+    instance's Part-10 bytes up to its Pixel Data, from which each frame gets its pixel
+    description. The same layout and colour space as `decoded_frames`."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+
+    try:
+        described = dcmread(BytesIO(header), stop_before_pixels=True)
+    except Exception as error:  # pydicom raises many types
+        raise FrameDecodeError(f"the header could not be read: {type(error).__name__}") from error
+    decoder = get_decoder(syntax)
+    try:
+        for number, frame in zip(numbers, encoded):
+            single = Dataset()
+            for keyword in _PIXEL_DESCRIPTION:
+                if keyword in described:
+                    setattr(single, keyword, described[keyword].value)
+            single.NumberOfFrames = 1
+            single.file_meta = FileMetaDataset()
+            single.file_meta.TransferSyntaxUID = UID(syntax)
+            single.PixelData = encapsulate([frame])
+            single["PixelData"].VR = "OB"
+            yield from _decode_each(decoder, single, [number], indices=[0])
+    finally:
+        close = getattr(encoded, "close", None)
+        if close is not None:
+            close()  # The file of a stream stopped early.
+
+
+# What a decoder reads of a dataset besides its pixel data (PS3.3 C.7.6.3 Image Pixel).
+_PIXEL_DESCRIPTION = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
+                      "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration")
+
+
+def _decode_each(decoder: Decoder, dataset: Dataset, numbers: list[int],
+                 indices: list[int] | None = None) -> Iterator[bytes]:
     bits = int(dataset.get("BitsAllocated", 0) or 0)
     stored = str(dataset.get("PhotometricInterpretation", "")).strip()
     if stored == "YBR_FULL_422" and int(dataset.get("Columns", 0) or 0) % 2:
         raise FrameDecodeError("YBR_FULL_422 with an odd number of columns has no native layout")
     # as_rgb False: YCbCr stays YCbCr where the decoder can keep it (Pillow's JPEG does).
-    iterator = decoder.iter_array(dataset, indices=[n - 1 for n in numbers], as_rgb=False)
+    iterator = decoder.iter_array(dataset, indices=[n - 1 for n in numbers] if indices is None else indices,
+                                  as_rgb=False)
     for number in numbers:
         try:
             array, properties = next(iterator)

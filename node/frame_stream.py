@@ -15,12 +15,14 @@ where each frame lies comes from it:
   its last 10 bytes), as pydicom's generate_frames does.
 
 Frames go out in the order asked. The file is read forward only: a list that goes back
-("3,1", or "2,2") is read in runs, each a new pass over the file from its start.
+("3,1", or "2,2") is read in runs, each a new pass over the file from its start, at most
+PASSES_MAX a request (a longer list is refused: 400).
 
 Memory: the header (up to HEADER_BYTES_MAX), one decompressed chunk (CHUNK_BYTES), the
 body pieces in flight (PIECE_BYTES each) and zstd's window; never a whole frame, let alone
 the instance. Small frames go out joined with their part headers in pieces of about
-PIECE_BYTES.
+PIECE_BYTES. Frames to decode (`encoded_frames`, for dicomweb_render.decoded_from_frames)
+come whole, two at most in memory.
 
 Checks: every stored byte is checked, as the whole read checks it (BlobFiles.read_whole
 and StoreReads: the CRC-32 the pointer records, over all the file's bytes, in place of
@@ -56,6 +58,10 @@ STREAM_PART10_BYTES_MIN = 2 * 1024**2
 HEADER_BYTES_MAX = 64 * 1024**2  # A bigger header (enhanced multi-frame): the whole read.
 _HEAD_FIRST_BYTES = 256 * 1024
 PIECE_BYTES = 256 * 1024
+# Forward passes one request may take (a frame list that goes back N - 1 times): each
+# decompresses up to its last frame and reads the rest of the file for the check, so a
+# list such as 440,439,...,1 would cost 440 reads of the file.
+PASSES_MAX = 16
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -90,6 +96,10 @@ class NoFrame(Exception):
     """The instance has no Pixel Data, or not a frame asked (before any byte is sent)."""
 
 
+class TooManyPasses(Exception):
+    """The frame list goes back over the file more than PASSES_MAX - 1 times (400)."""
+
+
 class FrameLayoutError(Exception):
     """The pixel data does not hold what its header says (found while streaming: the
     caller breaks the body off)."""
@@ -117,6 +127,7 @@ class PixelLayout:
     frame_bytes: int           # Native: one frame's bytes.
     offsets: tuple[int, ...] | None  # Encapsulated, from the Extended Offset Table: each frame's offset.
     photometric: str
+    header: bytes = b""        # The Part-10 bytes before the Pixel Data element (a decoder reads them).
 
     @property
     def encapsulated(self) -> bool:
@@ -304,7 +315,7 @@ def _layout_of(head: bytes, *, whole: bool) -> PixelLayout | None:
             frame_bytes = rows * columns * samples * bits // 8
         if frame_bytes <= 0:
             raise NotStreamed("no frame size")
-        return PixelLayout(syntax, frames, value_offset, length, frame_bytes, None, photometric)
+        return PixelLayout(syntax, frames, value_offset, length, frame_bytes, None, photometric, head[:stopped])
     if length != _UNDEFINED:
         raise NotStreamed("encapsulated pixel data of defined length")
     offsets = None
@@ -314,7 +325,7 @@ def _layout_of(head: bytes, *, whole: bool) -> PixelLayout | None:
         offsets = struct.unpack(f"<{count}Q", table[:count * 8])
         if count != frames or list(offsets) != sorted(offsets):
             raise NotStreamed("an Extended Offset Table that does not fit the frames")
-    return PixelLayout(syntax, frames, value_offset, None, 0, offsets, photometric)
+    return PixelLayout(syntax, frames, value_offset, None, 0, offsets, photometric, head[:stopped])
 
 
 def _pydicom_header(head: bytes, offset: int) -> tuple[dict[int, bytes], int, bool] | None:
@@ -369,6 +380,11 @@ def check_numbers(found: PixelLayout, numbers: list[int] | None) -> list[int]:
         raise NoFrame(f"the instance has {found.frames} frames")
     if found.value_length is not None and max(numbers, default=0) * found.frame_bytes > found.value_length:
         raise NoFrame("the pixel data is shorter than its frames")
+    passes = len(_runs(numbers))
+    if passes > PASSES_MAX:
+        raise TooManyPasses(f"the frame list goes back {passes - 1} times; this instance is read forward, at most "
+                            f"{PASSES_MAX} times a request: ask for its frames in increasing order, or in "
+                            "several requests")
     return numbers
 
 
@@ -446,6 +462,40 @@ def frame_body(blob: BlobFile, found: PixelLayout, first: _Forward | None, numbe
     yield closing
     if first is not None:
         first.close()
+
+
+def encoded_frames(blob: BlobFile, found: PixelLayout, first: _Forward | None,
+                   numbers: list[int]) -> Iterator[bytes]:
+    """Each frame asked (`check_numbers`) whole, in the asked order, for a decoder: two
+    frames in memory at most. The last frame of each pass comes only after that pass's
+    check (CorruptBlob, FrameLayoutError as `frame_body`)."""
+    for run in _runs(numbers):
+        forward = first if first is not None else _Forward(blob)
+        first = None
+        pending: bytes | None = None
+        try:
+            frames = _native_frames(forward, found, run) if not found.encapsulated else \
+                _encapsulated_frames(forward, found, run)
+            parts: list[bytes] | None = None
+            for data in frames:
+                if data is not None:
+                    assert parts is not None  # A frame's bytes follow its start.
+                    parts.append(data)
+                    continue
+                if parts is not None:
+                    if pending is not None:
+                        yield pending
+                    pending = b"".join(parts)
+                parts = []
+            if parts is not None:
+                if pending is not None:
+                    yield pending
+                pending = b"".join(parts)
+            forward.check()
+        finally:
+            forward.close()
+        if pending is not None:
+            yield pending
 
 
 def value_body(blob: BlobFile, found: PixelLayout, first: _Forward | None, head: bytes,

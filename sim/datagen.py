@@ -93,7 +93,7 @@ IMPLEMENTATION_CLASS_UID = "2.25.98213598720348156107283934702917411203"
 IMPLEMENTATION_VERSION_NAME = "PACSNODE_GEN_1"
 MANUFACTURER = "pacsnode datagen"
 
-PixelFill = Literal["noise12", "random", "zeros"]
+PixelFill = Literal["noise12", "random", "zeros", "phantom"]
 
 # Relative frequency of modalities in a study set (roughly a general hospital's mix).
 DEFAULT_MODALITY_WEIGHTS: tuple[tuple[str, float], ...] = (
@@ -179,7 +179,8 @@ class StudySetSpec:
     seed: int = 0
     latin1_fraction: float = 0.0        # Share of patients with a Latin-1 name (ISO_IR 100).
     implicit_vr: bool = False           # Implicit VR Little Endian instead of Explicit VR LE.
-    pixel_fill: PixelFill = "noise12"   # noise12: 12 stored bits of noise; random: 16; zeros.
+    pixel_fill: PixelFill = "noise12"   # noise12: 12 stored bits of noise; random: 16; zeros; phantom
+                                        # (a CT-like disc: tissue with structure and noise in air).
     modalities: tuple[str, ...] = ()    # Empty: the DEFAULT_MODALITY_WEIGHTS mix.
     first_study_date: datetime.date = datetime.date(2005, 1, 1)
     last_study_date: datetime.date = datetime.date(2024, 12, 31)
@@ -192,7 +193,7 @@ class StudySetSpec:
             raise ValueError(f"rows and cols must be >= 1, got {self.rows}x{self.cols}")
         if not 0.0 <= self.latin1_fraction <= 1.0:
             raise ValueError(f"latin1_fraction must be in [0, 1], got {self.latin1_fraction}")
-        if self.pixel_fill not in ("noise12", "random", "zeros"):
+        if self.pixel_fill not in ("noise12", "random", "zeros", "phantom"):
             raise ValueError(f"unknown pixel_fill {self.pixel_fill!r}")
         unknown = [m for m in self.modalities if m not in SOP_CLASS_BY_MODALITY]
         if unknown:
@@ -238,12 +239,15 @@ class _UidSource:
                 return uid
 
 
-def pixel_bytes(rng: random.Random, size_bytes: int, fill: PixelFill) -> bytes:
-    """`size_bytes` (even) of little-endian 16-bit samples."""
+def pixel_bytes(rng: random.Random, size_bytes: int, fill: PixelFill, rows: int = 0, cols: int = 0) -> bytes:
+    """`size_bytes` (even) of little-endian 16-bit samples; the frame's `rows` and `cols`
+    are needed by "phantom" only."""
     if size_bytes % 2:
         raise ValueError(f"16-bit pixel data needs an even length, got {size_bytes}")
     if fill == "zeros":
         return bytes(size_bytes)
+    if fill == "phantom":
+        return _phantom_bytes(rng, size_bytes // 2, rows, cols)
     if fill == "random":
         return rng.randbytes(size_bytes)
     half = size_bytes // 2
@@ -251,6 +255,26 @@ def pixel_bytes(rng: random.Random, size_bytes: int, fill: PixelFill) -> bytes:
     buffer[0::2] = rng.randbytes(half)
     buffer[1::2] = rng.randbytes(half).translate(_NIBBLE_TABLE)
     return bytes(buffer)
+
+
+def _phantom_bytes(rng: random.Random, samples: int, rows: int, cols: int) -> bytes:
+    """CT-like frames: a centred disc of "tissue" (1000 + a smooth pattern of +-150 +
+    Gaussian noise of sd 10, 12 bits) in zeros ("air", as stored values before a -1024
+    rescale). Unlike noise it compresses as real CT does (~2x at zstd level -1, where
+    noise12 stays ~1x), so that disk and retrieval figures are neither flattered nor
+    penalised by incompressible pixels (bench/README.md)."""
+    import numpy
+
+    if rows < 1 or cols < 1 or samples % (rows * cols):
+        raise ValueError(f"a phantom needs whole {rows}x{cols} frames: {samples} samples")
+    frames = samples // (rows * cols)
+    y, x = numpy.mgrid[:rows, :cols]
+    radius = 0.4 * min(rows, cols)
+    inside = (x - cols / 2) ** 2 + (y - rows / 2) ** 2 < radius ** 2
+    pattern = 1000 + 150 * numpy.sin(x / 23) * numpy.cos(y / 31)
+    generator = numpy.random.default_rng(rng.getrandbits(64))
+    tissue = pattern + generator.normal(0, 10, (frames, rows, cols))
+    return numpy.where(inside, tissue, 0).clip(0, 4095).astype("<u2").tobytes()
 
 
 def _da(day: datetime.date) -> str:
@@ -597,7 +621,7 @@ def iter_part10(spec: StudySetSpec) -> Iterator[tuple[ManifestEntry, bytes]]:
                         rows=spec.rows,
                         cols=spec.cols,
                         frames=1,
-                        pixel_data=pixel_bytes(pixel_rng, pixel_size_bytes, spec.pixel_fill),
+                        pixel_data=pixel_bytes(pixel_rng, pixel_size_bytes, spec.pixel_fill, spec.rows, spec.cols),
                     )
                     data = _instance_part10(elements, sop_class_uid=sop_class_uid, sop_uid=sop_uid,
                                             transfer_syntax_uid=transfer_syntax_uid, latin1=patient.latin1)
@@ -686,7 +710,7 @@ def make_large_instance(
         rows=rows,
         cols=cols,
         frames=frames,
-        pixel_data=pixel_bytes(pixel_rng, frame_bytes * frames, pixel_fill),
+        pixel_data=pixel_bytes(pixel_rng, frame_bytes * frames, pixel_fill, rows, cols),
     )
     data = _instance_part10(elements, sop_class_uid=MF_GRAYSCALE_WORD_SC_STORAGE, sop_uid=sop_uid,
                             transfer_syntax_uid=transfer_syntax_uid, latin1=patient.latin1)
@@ -745,7 +769,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latin1-fraction", type=float, default=0.0,
                         help="share of patients with Latin-1 names (ISO_IR 100), 0..1")
     parser.add_argument("--implicit-vr", action="store_true", help="Implicit VR Little Endian files")
-    parser.add_argument("--pixel-fill", choices=("noise12", "random", "zeros"), default="noise12")
+    parser.add_argument("--pixel-fill", choices=("noise12", "random", "zeros", "phantom"), default="noise12")
     parser.add_argument("--modalities", default="",
                         help="comma-separated subset of CT,MR,CR,US (default: weighted mix)")
     parser.add_argument("--large-instance-bytes", type=int, default=0,

@@ -138,3 +138,70 @@ def test_frames_and_bulk_of_a_230_mb_instance_stream_in_bounded_memory(node_fact
         if growth is not None:
             assert growth < PEAK_MARGIN_BYTES, (what, growth)
     assert "Traceback" not in node.log_text()
+
+
+def _write_jpeg_instance(path: Path, frames: int) -> Dataset:
+    """A multi-frame JPEG baseline instance (Pillow: YCbCr 4:2:0 frames of 512 x 512 noise at
+    quality 90, ~235 KB each), labelled YBR_FULL_422."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.4"  # Multi-frame True Color Secondary Capture.
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "BIGJPEG"
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = ROWS, COLUMNS, 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.NumberOfFrames = frames
+    rng = np.random.default_rng(1302)
+    coded = []
+    for _ in range(frames):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (ROWS, COLUMNS, 3), dtype=np.uint8), mode="RGB").save(
+            out, format="JPEG", quality=90)
+        coded.append(out.getvalue())
+    ds.PixelData = encapsulate(coded, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_decoded_frames_of_a_big_jpeg_instance_stream_in_bounded_memory(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Frames of a 113 MB 480-frame JPEG baseline instance asked uncompressed: decoded one at a time
+    from the file (node/frame_stream.py `encoded_frames`), the same bytes as a decode of the
+    whole instance, the node's peak RSS within the same margin."""
+    from pydicom import dcmread
+
+    from pacsnode.node.dicomweb_render import decoded_frames
+
+    path = tmp_path / "jpeg.dcm"
+    ds = _write_jpeg_instance(path, 480)
+    assert path.stat().st_size > 100_000_000
+    node = node_factory.start()
+    result, acked = clients.storescu(node.dicom_port, [str(path)], extra=["-xy"])  # Proposes JPEG baseline.
+    assert len(acked) == 1, result.stdout + result.stderr
+    base = (f"http://127.0.0.1:{node.http_port}/dicom-web/studies/{ds.StudyInstanceUID}"
+            f"/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    asked = [480, 1, 240]
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'
+    (status, parts), growth = _peak_growth(
+        node.process.pid, lambda: _stream_parts(f"{base}/frames/{','.join(map(str, asked))}",
+                                                tmp_path / "decoded.body", accept))
+    assert status == 200 and [len(part) for part in parts] == [ROWS * COLUMNS * 2] * 3
+    assert parts == list(decoded_frames(path.read_bytes(), asked))
+    assert dcmread(path, stop_before_pixels=True).PhotometricInterpretation == "YBR_FULL_422"
+    print(f"node peak RSS growth, decoded frames: {growth} bytes")
+    if growth is not None:
+        assert growth < PEAK_MARGIN_BYTES, growth
+    assert "Traceback" not in node.log_text()

@@ -170,3 +170,22 @@ def test_cli(tmp_path: Path) -> None:
 def test_bad_spec_is_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         datagen.StudySetSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_phantom_pixels_compress_as_ct_does_and_noise_does_not(tmp_path: Path) -> None:
+    import pydicom
+    import zstandard
+
+    ratios = {}
+    for fill in ("phantom", "noise12"):
+        spec = datagen.StudySetSpec(patients=1, instances_per_series=1, rows=128, cols=96, modalities=("CT",),
+                                    pixel_fill=fill, seed=5)
+        entry = datagen.write_study_set(spec, tmp_path / fill)[0]
+        raw = Path(entry["path"]).read_bytes()
+        ratios[fill] = len(raw) / len(zstandard.ZstdCompressor(level=-1).compress(raw))
+        if fill == "phantom":
+            pixels = pydicom.dcmread(entry["path"]).pixel_array
+            assert pixels.shape == (128, 96)
+            assert pixels[0, 0] == 0 and pixels[-1, -1] == 0  # Air outside the disc.
+            assert 800 < pixels[64, 48] < 1200 and pixels.max() < 4096  # Tissue, 12 bits.
+    assert ratios["phantom"] > 1.5 > 1.1 > ratios["noise12"], ratios

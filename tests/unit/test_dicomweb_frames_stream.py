@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from pacsnode.node import frame_stream
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
+from pacsnode.node.dicomweb_render import decoded_frames
 from pacsnode.node.dicomweb_render import frames as whole_read_frames
 from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed
 from pacsnode.node.http_server import HttpServer
@@ -89,6 +90,19 @@ def _fragments(count: int, size: int, rng: np.random.Generator) -> list[bytes]:
     """Stand-ins for JPEG code streams (SOI ... EOI): never decoded here."""
     return [b"\xff\xd8" + rng.integers(0, 255, size, dtype=np.uint8).tobytes().replace(b"\xff\xd9", b"\xff\x00")
             + b"\xff\xd9" for _ in range(count)]
+
+
+def _jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
+    """Real JPEG baseline frames (Pillow: YCbCr 4:2:0), 256 x 256, of noise (~150 KB each)."""
+    from PIL import Image
+
+    frames = []
+    for _ in range(count):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), mode="RGB").save(
+            out, format="JPEG", quality=95)
+        frames.append(out.getvalue())
+    return frames
 
 
 def _split_items(frames: list[bytes]) -> bytes:
@@ -214,7 +228,8 @@ def _parts(reply: httpx.Response) -> list[bytes]:
 def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
         tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
     """Through the node's HTTP server and StoreReads: dicomweb-client's frames and bulk data
-    of a 40-frame native instance (5 MB) and of a JPEG 2000 one are the stored frames, and the
+    of a 40-frame native instance (5 MB) and of a JPEG 2000 one are the stored frames, those
+    of a JPEG baseline one asked uncompressed are the whole read's decoded frames, and the
     archive's whole read is never asked (it is for a small instance)."""
     rng = np.random.default_rng(21)
     native = _dataset(40, rows=256, columns=256)
@@ -225,6 +240,11 @@ def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
     coded.PixelData = encapsulate(_fragments(30, 100_000, rng), has_bot=True)
     coded["PixelData"].VR = "OB"
     coded_data = _part10(coded, JPEG_2000)
+    colour = _dataset(36, rows=256, columns=256, samples=3, bits=8, photometric="YBR_FULL_422")
+    colour.StudyInstanceUID, colour.SeriesInstanceUID = native.StudyInstanceUID, native.SeriesInstanceUID
+    colour.PixelData = encapsulate(_jpegs(36, rng), has_bot=False)
+    colour["PixelData"].VR = "OB"
+    colour_data = _part10(colour, JPEG_BASELINE)
     small = _dataset(2)
     small.StudyInstanceUID, small.SeriesInstanceUID = native.StudyInstanceUID, native.SeriesInstanceUID
     small.PixelData = bytes(2 * 16 * 8 * 2)
@@ -232,7 +252,8 @@ def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
     assert len(native_data) > frame_stream.STREAM_PART10_BYTES_MIN and len(coded_data) > frame_stream.STREAM_PART10_BYTES_MIN
     store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
     archive = _ReadCountingArchive(store)
-    for data in (native_data, coded_data, small_data):
+    assert len(colour_data) > frame_stream.STREAM_PART10_BYTES_MIN
+    for data in (native_data, coded_data, colour_data, small_data):
         archive.store(make_instance(data))
     server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
                         ready=lambda: {"ready": True}, instance_size_bytes_max=100_000_000, qido_result_max=4,
@@ -253,7 +274,20 @@ def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
         assert client.retrieve_bulkdata(metadata["7FE00010"]["BulkDataURI"]) == whole_read_frames(coded_data, None)
         base = f"http://127.0.0.1:{server.port}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/"
         assert httpx.get(base + f"{native.SOPInstanceUID}/frames/41").status_code == 404
-        assert archive.reads == []  # Neither big instance was read whole.
+        backwards = ",".join(str(n) for n in range(40, 0, -1))  # 40 passes over the file.
+        refused = httpx.get(base + f"{native.SOPInstanceUID}/frames/{backwards}")
+        assert refused.status_code == 400 and "increasing order" in refused.text
+        sixteen = ",".join(str(n) for n in range(16, 0, -1))  # PASSES_MAX passes: still answered.
+        assert _parts(httpx.get(base + f"{native.SOPInstanceUID}/frames/{sixteen}")) == \
+            whole_read_frames(native_data, list(range(16, 0, -1)))
+        # Asked uncompressed: decoded a frame at a time from the stream, as the whole read decodes.
+        octet = (("application/octet-stream", EXPLICIT),)
+        got = client.retrieve_instance_frames(*uids, str(colour.SOPInstanceUID), [3, 1], media_types=octet)
+        assert got == list(decoded_frames(colour_data, [3, 1])) and len(got[0]) == 256 * 256 * 2
+        metadata = client.retrieve_instance_metadata(*uids, str(colour.SOPInstanceUID))
+        assert client.retrieve_bulkdata(metadata["7FE00010"]["BulkDataURI"], media_types=("application/octet-stream",)) \
+            == [b"".join(decoded_frames(colour_data, None))]
+        assert archive.reads == []  # No big instance was read whole.
         assert client.retrieve_instance_frames(*uids, str(small.SOPInstanceUID), [2]) == \
             whole_read_frames(small_data, [2])
         assert archive.reads == [str(small.SOPInstanceUID)]  # A small one is.
