@@ -6,6 +6,7 @@ and its worker processes, from /proc). The rows against Orthanc are bench/run.py
     .venv/bin/python bench/workers.py 0 2 0 2                     # K = 0, 2, 0, 2 in turn
     .venv/bin/python bench/workers.py 0 2 --senders 1 --count 300
     .venv/bin/python bench/workers.py 0 0/65536 0 0/65536         # K/B: blob_file_bytes_min = B too
+    .venv/bin/python bench/workers.py orthanc 2 orthanc 2 --get-repeats 0   # Orthanc's CPU too
 
 Data: the CT 512x512 set bench/run.py generates (bench/work/data/ct512-*/files; run
 `bench/run.py --tests ingest --only pacsnode` once to make it), else 400 copies of
@@ -19,6 +20,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,9 @@ from pydicom.uid import generate_uid
 from pacsnode.sim.process import NodeProcess, wait_until
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import servers  # noqa: E402
 
 
 def _children(pid: int) -> list[int]:
@@ -76,6 +81,27 @@ def _study_of(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
 
 
+def _orthanc(files: list[Path], senders: int, scratch: Path, env: dict[str, str]) -> None:
+    """The same storescu run against a fresh Orthanc (bench/servers.py), its CPU from /proc."""
+    server = servers.start_orthanc(scratch, destinations={})
+    try:
+        pid = server.process.pid
+        pids = [pid, *_children(pid)]
+        cpu0, started = _cpu_s(pids), time.monotonic()
+        shares = [files[index::senders] for index in range(senders)]
+        processes = [subprocess.Popen(["storescu", "-aec", server.aet, "127.0.0.1", str(server.port),
+                                       *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=env) for share in shares]
+        codes = [process.wait() for process in processes]
+        elapsed = time.monotonic() - started
+        print(f"orthanc storescu x{senders}: {len(files) / elapsed:.0f} inst/s, CPU per instance "
+              f"{1000 * (_cpu_s(pids) - cpu0) / len(files):.2f} ms; exit codes {sorted(set(codes))}; "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        server.stop()
+        shutil.rmtree(server.work_dir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workers", nargs="+", help="dicom_workers values, run in turn; K/B also sets "
@@ -92,6 +118,9 @@ def main() -> None:
         print(f"# {len(files)} files ({files[0].stat().st_size} bytes the first); load {os.getloadavg()[0]:.1f}",
               flush=True)
         for spec in args.workers:
+            if spec == "orthanc":
+                _orthanc(files, args.senders, scratch, env)
+                continue
             workers_text, _, blob_min = spec.partition("/")
             workers = int(workers_text)
             data_dir = scratch / f"node-w{workers}"
@@ -107,6 +136,7 @@ def main() -> None:
             pid = node.process.pid
             pids = [pid, *_children(pid)]
             node0, all0, started = _cpu_s([pid]), _cpu_s(pids), time.monotonic()
+            children0 = [_cpu_s([child]) for child in pids[1:]]
             shares = [files[index::args.senders] for index in range(args.senders)]
             senders = [subprocess.Popen(["storescu", "-aec", "PACSNODE", "127.0.0.1", str(node.dicom_port),
                                          *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -114,9 +144,11 @@ def main() -> None:
             codes = [sender.wait() for sender in senders]
             elapsed = time.monotonic() - started
             node1, all1 = _cpu_s([pid]), _cpu_s(pids)
+            each = [1000 * (_cpu_s([child]) - child0) / len(files) for child, child0 in zip(pids[1:], children0)]
             line = (f"workers={spec} storescu x{args.senders}: {len(files) / elapsed:.0f} inst/s, CPU per instance "
                     f"{1000 * (all1 - all0) / len(files):.2f} ms all processes, {1000 * (node1 - node0) / len(files):.2f} "
-                    f"ms node process; exit codes {sorted(set(codes))}")
+                    f"ms node process (children: {' '.join(f'{ms:.2f}' for ms in each if ms > 0.005) or '-'}); "
+                    f"exit codes {sorted(set(codes))}")
             if args.get_repeats:
                 out = scratch / "out"
                 node0, all0, started, got = _cpu_s([pid]), _cpu_s(pids), time.monotonic(), 0

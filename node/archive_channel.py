@@ -46,7 +46,16 @@ import struct
 import threading
 from typing import Any, Callable, Iterator
 
-from pacsnode.node.blob_files import TEMP_PREFIX, WHOLE_READ_BYTES_MAX, BlobFiles, BlobPointer, Part10Stream, TempBlob
+from pacsnode.node.blob_files import (
+    TEMP_PREFIX,
+    WHOLE_READ_BYTES_MAX,
+    WORKER_POOL_PREFIX,
+    BlobFiles,
+    BlobPointer,
+    Part10Stream,
+    TempBlob,
+    WorkerBlob,
+)
 from pacsnode.node.codec import decompress
 from pacsnode.replication.model import CorruptBlob
 
@@ -86,6 +95,10 @@ class Kind(enum.IntEnum):
     COMMIT = 9  # A Storage Commitment check: answered when every instance is decided.
     SLOT = 10  # May this worker accept one more association? (max_associations, shared)
     SLOT_FREE = 11  # An association that had a slot ended; not answered.
+    # This connection now carries the DICOM connections the node accepts for this worker
+    # (node/workers.py ConnectionHandOff): node -> worker one byte with the socket
+    # (SCM_RIGHTS), worker -> node one byte per handed connection that ended. No frames.
+    HANDOFF = 12
     # node -> worker
     STORED = 20
     ROW = 21
@@ -315,11 +328,20 @@ class ChannelArchive:
         }
         written: TempBlob | None = None  # A temp file this call wrote (and so removes).
         temp = instance.blob_file if isinstance(instance.blob_file, TempBlob) else None
+        pooled: BlobPointer | None = None
         if temp is None and self._blob_files is not None and instance.blob \
                 and len(instance.blob) >= self._blob_file_bytes_min:
-            temp = written = self._blob_files.write_temp(instance.blob)
+            # Into an empty file of this worker's pool, under its final name (the node keeps
+            # or removes it); a temp file (renamed by the node) when the pool has none ready.
+            pooled = self._blob_files.write_pooled(instance.blob)
+            if pooled is None:
+                temp = written = self._blob_files.write_temp(instance.blob)
         try:
-            if temp is not None:
+            if pooled is not None:
+                header["blob_file"] = {"name": pooled.name, "size_bytes": pooled.size_bytes, "crc32": pooled.crc32,
+                                       "pooled": True}
+                kind, answer, _ = self._call(Kind.STORE, header)
+            elif temp is not None:
                 header["blob_file"] = {"name": temp.path.name, "size_bytes": temp.size_bytes, "crc32": temp.crc32}
                 kind, answer, _ = self._call(Kind.STORE, header)
             else:
@@ -482,6 +504,8 @@ class ChannelServer:
         self.on_audit: Callable[[str], None] | None = None  # A worker's audit message line.
         self.on_metrics: Callable[[str, int, float], None] | None = None  # A worker's answered request.
         self.on_refused: Callable[[int, int], None] | None = None  # A worker's (pid) refused associations so far.
+        # A worker's HANDOFF connection: called on that connection's thread, returns when it ends.
+        self.on_handoff: Callable[[socket.socket, dict[str, Any]], None] | None = None
         # Association slots (node/workers.py AssociationSlots): taken and given back per
         # connection; a connection's slots are given back when it closes (its worker died).
         self.slots: "AssociationSlots | None" = None
@@ -543,6 +567,11 @@ class ChannelServer:
             if self.on_audit is not None:
                 self.on_audit(line)
             return
+        if kind == Kind.HANDOFF:
+            if self.on_handoff is None:
+                raise ChannelError("this node hands no connections over")
+            self.on_handoff(sock, header)
+            raise ChannelError("hand-off connection ended")  # Nothing more is read from it.
         if kind == Kind.SLOT:
             granted = self.slots.acquire(sock) if self.slots is not None else True
             send_frame(sock, Kind.SLOT_GRANTED if granted else Kind.SLOT_REFUSED, {})
@@ -569,7 +598,15 @@ class ChannelServer:
             return
         try:
             if kind == Kind.STORE:
-                result = self._archive.store(_instance(header, body, self._blob_files))
+                instance = _instance(header, body, self._blob_files)
+                try:
+                    result = self._archive.store(instance)
+                finally:
+                    # A worker's pool file the store did not record (a duplicate, a failure,
+                    # a copy kept by peers only) is of no more use.
+                    if isinstance(instance.blob_file, WorkerBlob) and not instance.blob_file.kept \
+                            and self._blob_files is not None:
+                        self._blob_files.remove(instance.blob_file.pointer.name)
                 send_frame(sock, Kind.STORED, {"status": result.status.value, "outcome": str(result.outcome),
                                                "message": result.message, "latency_ms": result.latency_ms})
             elif kind == Kind.FIND:
@@ -639,6 +676,8 @@ class ChannelServer:
 
 
 _TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[A-Za-z0-9_]+\.zst$")
+# A worker's pool file (BlobPool with WORKER_POOL_PREFIX): never a name the store makes.
+_POOLED_NAME = re.compile(r"^[0-9a-f]{2}/" + re.escape(WORKER_POOL_PREFIX) + r"[0-9]+_[0-9a-f]{24}\.zst$")
 
 
 def _instance(header: dict[str, Any], body: bytes, blob_files: BlobFiles | None) -> Instance:
@@ -646,19 +685,21 @@ def _instance(header: dict[str, Any], body: bytes, blob_files: BlobFiles | None)
     file in the store's blobs directory (mapped, never read into memory here)."""
     part10_bytes = int(header["part10_bytes"])
     blob: Any = body
-    temp: TempBlob | None = None
+    temp: TempBlob | WorkerBlob | None = None
     named = header.get("blob_file")
     if named is not None:
         if blob_files is None or body:
             raise StoreFrameError("STORE names a blob file the node cannot take")
         name, size, crc = str(named["name"]), int(named["size_bytes"]), int(named["crc32"])
-        if not _TEMP_NAME.match(name):  # Only a temp file directly in the blobs directory.
-            raise StoreFrameError("STORE names a blob file that is not a worker's temp file")
+        pooled = named.get("pooled") is True
+        # Only a temp file directly in the blobs directory, or a worker's pool file.
+        if not (_POOLED_NAME if pooled else _TEMP_NAME).match(name):
+            raise StoreFrameError("STORE names a blob file that is not a worker's temp or pool file")
         try:
             blob = blob_files.map(BlobPointer(name, size, crc), "a worker's instance")
         except CorruptBlob as error:
             raise StoreFrameError(f"STORE's blob file is unusable: {error}") from None
-        temp = TempBlob(blob_files.directory / name, size, crc)
+        temp = WorkerBlob(BlobPointer(name, size, crc)) if pooled else TempBlob(blob_files.directory / name, size, crc)
     elif not body:
         raise StoreFrameError("STORE carries no blob")
     return Instance(

@@ -49,6 +49,7 @@ _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14 and late
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
+WORKER_POOL_PREFIX = "w"  # + "<pid>_": the pool files of a DICOM worker (write_pooled).
 POOL_BATCH = 64  # Empty blob files made at a time (one directory fsync each batch).
 SUFFIX = ".zst"
 CHUNK_BYTES = 1 << 20  # Written and read this much at a time.
@@ -84,6 +85,18 @@ def stored_size(value: bytes) -> int:
     return len(value) if pointer is None else pointer.size_bytes
 
 
+@dataclass
+class WorkerBlob:
+    """A blob a DICOM worker wrote into an empty file of its own pool (`BlobFiles.write_pooled`):
+    under its final name, its directory entry durable since the pool made it, its bytes
+    fsync'ed. The node's store records it as it is (no rename, no directory fsync) and sets
+    `kept` when a batch recorded it (or another record already points at it); the channel
+    removes a file that was not kept."""
+
+    pointer: BlobPointer
+    kept: bool = False
+
+
 @dataclass(frozen=True)
 class TempBlob:
     """A blob written and fsync'ed to a temporary file, not yet named."""
@@ -98,9 +111,10 @@ class BlobPool:
     thread of its own (one directory fsync per batch) and taken one per stored blob. Files
     never taken are orphans (no `f` key) that the store removes when it next opens."""
 
-    def __init__(self, directory: Path, batch: int = POOL_BATCH) -> None:
+    def __init__(self, directory: Path, batch: int = POOL_BATCH, prefix: str = "") -> None:
         self._directory = directory
         self._batch = batch
+        self._prefix = prefix  # Of each file's name (a DICOM worker's: `w<pid>_`).
         self._ready: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -158,7 +172,7 @@ class BlobPool:
         names: list[str] = []
         try:
             for _ in range(self._batch):
-                name = f"{folder}/{secrets.token_hex(12)}{SUFFIX}"
+                name = f"{folder}/{self._prefix}{secrets.token_hex(12)}{SUFFIX}"
                 os.close(os.open(self._directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 names.append(name)
             _fsync_directory(self._directory / folder)
@@ -188,10 +202,11 @@ class BlobFiles:
         self._read_buffers = threading.local()  # read_whole's: one buffer per thread.
         self.pool: BlobPool | None = None
 
-    def start_pool(self, batch: int = POOL_BATCH) -> None:
-        """Keep empty files ready for write_named (the node's store does; workers do not)."""
+    def start_pool(self, batch: int = POOL_BATCH, prefix: str = "") -> None:
+        """Keep empty files ready for write_named (the node's store) or write_pooled (a
+        DICOM worker, whose files' names start with `prefix`, WORKER_POOL_PREFIX)."""
         if self.pool is None:
-            self.pool = BlobPool(self.directory, batch)
+            self.pool = BlobPool(self.directory, batch, prefix)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -217,10 +232,30 @@ class BlobFiles:
         when the store opens (a file without its `f` key)."""
         pooled = self.pool.take() if self.pool is not None else None
         name = pooled or _final_name(content_hash)
-        target = self.directory / name
         if pooled is None:
-            _ensure_directory(target.parent)
-        descriptor = os.open(target, os.O_WRONLY | (0 if pooled else os.O_CREAT | os.O_EXCL), 0o600)
+            _ensure_directory((self.directory / name).parent)
+        crc = self._write_file(name, blob, create=pooled is None)
+        if pooled is None:
+            try:
+                _fsync_directory((self.directory / name).parent)
+            except BaseException:
+                self.remove(name)
+                raise
+        return BlobPointer(name=name, size_bytes=len(blob), crc32=crc)
+
+    def write_pooled(self, blob: bytes) -> BlobPointer | None:
+        """A blob in memory written into an empty file of the pool and fsync'ed (one device
+        flush: the pool made the name durable); None when the pool has no file ready (the
+        caller writes a temp file instead). A DICOM worker's STORE names the file (WorkerBlob)."""
+        name = self.pool.take() if self.pool is not None else None
+        if name is None:
+            return None
+        return BlobPointer(name=name, size_bytes=len(blob), crc32=self._write_file(name, blob, create=False))
+
+    def _write_file(self, name: str, blob: bytes, *, create: bool) -> int:
+        """Write `blob` into the file `name` (a new one with `create`, else an empty one that
+        exists) and fsync it; its CRC-32. The file is removed when this fails."""
+        descriptor = os.open(self.directory / name, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         crc = 0
         try:
             try:
@@ -232,12 +267,10 @@ class BlobFiles:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
-            if pooled is None:
-                _fsync_directory(target.parent)
         except BaseException:
             self.remove(name)
             raise
-        return BlobPointer(name=name, size_bytes=len(blob), crc32=crc)
+        return crc
 
     def commit(self, temp: TempBlob, content_hash: str) -> BlobPointer:
         """Give a temp file its final name, durably (rename, then fsync the directory)."""

@@ -1,9 +1,10 @@
 """One DIMSE worker process (`dicom_workers` > 0): the DICOM front end on its own core.
 
 The worker runs the same DicomFrontEnd as the single-process node (association handling,
-PDU and header reading, bad-input answers, zstd compression), listening on the node's
-DICOM port with SO_REUSEPORT beside the other workers; the kernel spreads new
-connections over them. Each Archive call goes to the node over the local channel
+PDU and header reading, bad-input answers, zstd compression) on the connections the node
+accepts on its DICOM port and hands to it (the worker with the fewest open ones: node/
+workers.py ConnectionHandOff; the sockets come over a HANDOFF connection of the channel,
+SCM_RIGHTS). Each Archive call goes to the node over the local channel
 (node/archive_channel.py); a C-STORE is answered only when the node has answered it, so
 Success still means durable on W replicas.
 
@@ -14,7 +15,7 @@ to the node. SIGTERM stops accepting, lets open associations finish, and exits.
 Security as in the node process: the access table (the config's), the DICOM audit trail
 (each message goes to the node over the channel, which writes it to the node's audit log
 and syslog receiver), and, with `dicom_tls_port`, a DICOM TLS listener on that port with
-SO_REUSEPORT too. SIGHUP (the node forwards its own: node/workers.py) reads the tls_dir
+SO_REUSEPORT (TLS connections are spread by the kernel, not handed over). SIGHUP (the node forwards its own: node/workers.py) reads the tls_dir
 certificate again for new TLS connections.
 """
 
@@ -26,14 +27,14 @@ import os
 import signal
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.utils import make_target
 
 from pacsnode.node import acceptor, association_guard, tls
 from pacsnode.node.archive_channel import ChannelArchive, Kind, SlotClient, recv_frame, send_frame
-from pacsnode.node.blob_files import BlobFiles
+from pacsnode.node.blob_files import WORKER_POOL_PREFIX, BlobFiles
 from pacsnode.node.metrics import DimseForwarder, Metrics
 from pacsnode.node.store import blobs_directory, store_directory
 from pacsnode.node.audit import AuditLog
@@ -46,13 +47,57 @@ _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
 
 
-class ReusePortServer(acceptor.AcceptorServer):
-    """The acceptor's server bound with SO_REUSEPORT, so that K workers share one port."""
+class HandoffServer(acceptor.AcceptorServer):
+    """The acceptor's server, its connections handed over by the node instead of accepted:
+    it binds and listens on nothing (the node holds the DICOM port); socketserver's loop
+    waits on the hand-off connection (`fileno`) and `get_request` takes one socket from it.
+    Each handed connection that ends is reported back with one byte (`connection_ended`),
+    which steers the node's choice of worker."""
+
+    handoff: socket.socket  # Set by the worker before serve_forever runs.
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._ended_lock = threading.Lock()  # Association threads report their ends.
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        # socketserver's server_bind hook; pynetdicom's own sets SO_REUSEADDR and binds.
-        _reuse_port(self.socket)
-        super().server_bind()
+        pass  # No bind: the port is the node's (server_address stays as given: logs, .port).
+
+    def server_activate(self) -> None:
+        pass  # No listen.
+
+    def fileno(self) -> int:
+        return self.handoff.fileno()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        message, fds, _flags, _address = socket.recv_fds(self.handoff, 1, 1)
+        if not message:
+            log.warning("dicom.worker.node_gone pid=%d", os.getpid())
+            os._exit(0)  # The node closed the channel (as _watch_control).
+        if not fds:
+            raise OSError("a hand-off message without its socket")
+        conn = socket.socket(fileno=fds[0])
+        for extra in fds[1:]:
+            os.close(extra)
+        try:
+            return conn, conn.getpeername()
+        except OSError:
+            self.connection_ended()  # Gone already (reset while it was handed over).
+            conn.close()
+            raise
+
+    def shutdown_request(self, request: Any) -> None:
+        # socketserver calls this for a request refused or failed before its association ran
+        # (an association that ran reports its end by EVT_CONN_CLOSE instead).
+        super().shutdown_request(request)
+        self.connection_ended()
+
+    def connection_ended(self, _event: Any = None) -> None:
+        try:
+            with self._ended_lock:
+                self.handoff.send(b"D")
+        except OSError:
+            pass  # The node is gone: the worker exits (_watch_control).
 
 
 def _reuse_port(listener: socket.socket | None) -> None:
@@ -83,11 +128,17 @@ class WorkerSecurity:
 class WorkerFrontEnd(DicomFrontEnd):
     """The node's front end with listeners that share the ports."""
 
+    def __init__(self, *args: Any, handoff: socket.socket, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handoff = handoff
+
     def start(self) -> None:
         handlers: list[Any] = self.guard.wrap(self.handlers())
         acceptor.check_pynetdicom_version()
         address = (self._config.host, self._config.dicom_port)
-        server = self.ae.make_server(address, evt_handlers=handlers, server_class=ReusePortServer)
+        server = cast(HandoffServer, self.ae.make_server(address, evt_handlers=handlers, server_class=HandoffServer))
+        server.handoff = self._handoff
+        server.bind(evt.EVT_CONN_CLOSE, server.connection_ended)
         threading.Thread(target=make_target(server.serve_forever), name="WorkerAcceptorServer",
                          daemon=True).start()
         self.ae._servers.append(server)
@@ -193,9 +244,17 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     # The node store's blobs directory: big blobs are written there by this process and
     # named to the node (node/archive_channel.py), spooled instances compressed into it.
     blob_files = BlobFiles(blobs_directory(store_directory(config.data_dir)))
+    # Empty files made ahead (one directory fsync per batch): a STORE's blob goes into one
+    # under its final name, one fsync, which the node records as it is (node/blob_files.py
+    # write_pooled) instead of renaming a temp file and fsyncing its directory.
+    blob_files.start_pool(prefix=f"{WORKER_POOL_PREFIX}{os.getpid()}_")
     archive = ChannelArchive(channel_path, blob_files, config.blob_file_bytes_min)
     security = WorkerSecurity(config, archive, audited=audited)
-    front_end = WorkerFrontEnd(config, archive, security=security, blob_files=blob_files)  # type: ignore[arg-type]
+    handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # The DICOM connections the node hands over.
+    handoff.connect(channel_path)
+    send_frame(handoff, Kind.HANDOFF, {"worker": index, "pid": os.getpid()})
+    front_end = WorkerFrontEnd(config, archive, security=security,
+                               blob_files=blob_files, handoff=handoff)
     front_end.start()
     _count_dimse(front_end, archive)
     _share_association_slots(front_end, SlotClient(channel_path))

@@ -313,6 +313,55 @@ def parse_echo_request(command: bytes | memoryview) -> EchoRequest | None:
     return EchoRequest(message_id, bytes(values[0x0002]).rstrip(b"\x00 ").decode("ascii", "replace"))
 
 
+_STORE_REQUEST_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031))
+_STORE_REQUEST_REQUIRED = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000))
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """The fields of a C-STORE-RQ command set (see parse_store_request)."""
+
+    message_id: int
+    priority: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    move_originator_aet: str | None
+    move_originator_message_id: int | None
+
+
+def parse_store_request(command: bytes | memoryview) -> StoreRequest | None:
+    """A whole command set (implicit VR little endian, group 0000) that is a C-STORE-RQ
+    with a data set (PS3.7 9.3.1.1): group length, Affected SOP Class UID, command field,
+    Message ID, Priority, data set type, Affected SOP Instance UID, and the Move Originator
+    AE Title and Message ID or neither: its fields. None for anything else (another
+    command or element, a length that does not add up, an element twice, a value of more
+    than one item), which the caller leaves to pynetdicom's decoder."""
+    values = _command_elements(command, _STORE_REQUEST_ELEMENTS)
+    if values is None or not _STORE_REQUEST_REQUIRED <= values.keys() or (0x1030 in values) != (0x1031 in values):
+        return None
+    try:
+        if _UL.unpack(values[0x0000])[0] != len(command) - 12 or _US.unpack(values[0x0100])[0] != C_STORE_RQ_FIELD \
+                or _US.unpack(values[0x0800])[0] == NO_DATA_SET:
+            return None
+        message_id, priority = _US.unpack(values[0x0110])[0], _US.unpack(values[0x0700])[0]
+        originator_id = _US.unpack(values[0x1031])[0] if 0x1031 in values else None
+    except struct.error:
+        return None
+    texts: list[str | None] = []
+    for element in (0x0002, 0x1000, 0x1030):
+        raw = values.get(element)
+        if raw is None:
+            texts.append(None)
+            continue
+        value = bytes(raw)
+        if b"\\" in value or not value.isascii():
+            return None  # More than one value, or not a UID or AE title: pynetdicom's way.
+        texts.append(value.rstrip(b"\x00 ").decode("ascii") if element != 0x1030 else value.strip(b" ").decode("ascii"))
+    sop_class, sop_instance, originator = texts
+    assert sop_class is not None and sop_instance is not None
+    return StoreRequest(message_id, priority, sop_class, sop_instance, originator, originator_id)
+
+
 def with_command(command_pdu: bytes, batches: Iterator[EncodedPData]) -> Iterator[EncodedPData]:
     """The data set's batches with the command's PDU written first, in the first batch."""
     first = next(batches, None)

@@ -76,7 +76,7 @@ from pacsnode.replication.model import (
 from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
 from pacsnode.node import write_trace
-from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob, TEMP_PREFIX, stored_size
+from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob, TEMP_PREFIX, WorkerBlob, stored_size
 from pacsnode.node.blob_files import WHOLE_READ_BYTES_MAX as WHOLE_READ_BYTES_MAX  # Re-exported: its old home.
 from pacsnode.node.codec import ZSTD_LEVEL, decompress, decompress_head, to_stored
 from pacsnode.replication.digest import SEGMENT_COUNT, Digest, entry_hash, segment_bounds, segment_of
@@ -374,8 +374,14 @@ class RocksStore:
         batch that points at it; removed again when the batch did not keep it."""
         temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
             else None
+        worker = stored.blob_file if isinstance(stored.blob_file, WorkerBlob) and not stored.blob_file.kept else None
+        if worker is not None and self._db.get(PREFIX_BLOB_FILE + worker.pointer.name.encode()) is not None:
+            worker.kept = True  # Another record's file (a worker naming it twice): never removed.
+            raise StoreError("a worker's blob file is already referenced")
         try:
-            if temp is None:  # In memory (a C-STORE below the spool threshold, a peer's copy).
+            if worker is not None:  # Written and fsync'ed by a DICOM worker under its final name.
+                pointer = worker.pointer
+            elif temp is None:  # In memory (a C-STORE below the spool threshold, a peer's copy).
                 pointer = self.blob_files.write_named(stored.blob, stored.content_hash)
             else:  # The front end's spooled temp file: renamed, not copied.
                 try:
@@ -392,6 +398,8 @@ class RocksStore:
                                                                             header))
             write_trace.mark("put.end", stored.sop_instance_uid)
             kept = self._db.get(PREFIX_BLOB_FILE + pointer.name.encode()) is not None
+            if worker is not None:
+                worker.kept = kept
             return outcome
         finally:
             if not kept:

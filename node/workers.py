@@ -1,12 +1,19 @@
 """The node's pool of DIMSE worker processes (`dicom_workers` = K > 0).
 
 The node serves the archive channel (node/archive_channel.py) on a Unix socket in a
-private directory, starts K worker processes (node/dicom_worker.py) that listen on the
-DICOM port with SO_REUSEPORT, restarts a worker that dies, and stops them on shutdown:
-SIGTERM, a grace period for open associations, then SIGKILL.
+private directory, starts K worker processes (node/dicom_worker.py), restarts a worker
+that dies, and stops them on shutdown: SIGTERM, a grace period for open associations,
+then SIGKILL.
+
+The node listens on the DICOM port itself and hands each accepted connection to the
+worker with the fewest open connections (ConnectionHandOff: the socket passed over the
+channel with SCM_RIGHTS). The kernel's SO_REUSEPORT spread, used before, picks a worker by
+a hash of the connection's addresses: four storescu senders landed 2:2 on two workers in
+only 3 runs of 8 (4:0 twice), and one worker, one GIL, then did all the work while the
+other core idled (docs/workers.md, Measurements).
 
 Security: each worker applies the access table, serves DICOM TLS on `dicom_tls_port`
-(SO_REUSEPORT as well) and sends its DICOM audit messages over the channel, which the node
+(SO_REUSEPORT: TLS connections are still spread by the kernel) and sends its DICOM audit messages over the channel, which the node
 appends to its own audit trail (and syslog receiver). `reload_certificates` forwards the
 node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
 
@@ -46,6 +53,108 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.5
+HANDOFF_WAIT_S = 5.0  # A connection accepted while no worker is up (a restart) waits this long for one.
+LISTEN_BACKLOG = 128
+
+
+class ConnectionHandOff:
+    """The node's accept loop of the plain DICOM port: each connection goes to the worker
+    that has the fewest handed connections still open (ties in turn), as the socket itself
+    over that worker's HANDOFF connection (SCM_RIGHTS); the worker sends one byte back for
+    each that ended. A worker whose hand-off connection ends (it died) gets no more; a
+    connection accepted while no worker is registered waits HANDOFF_WAIT_S for one, then
+    is closed (as a refused connection, before: nothing listened while no worker ran).
+    The counts only steer the choice: max_associations is the slots' (AssociationSlots)."""
+
+    def __init__(self, listener: socket.socket, wait_s: float = HANDOFF_WAIT_S) -> None:
+        self._listener = listener
+        self._wait_s = wait_s
+        self._open: dict[socket.socket, int] = {}  # A worker's hand-off connection -> its open connections.
+        self._changed = threading.Condition()
+        self._turn = 0
+        self._closed = False
+        self.handed = 0
+        self._thread = threading.Thread(target=self._accept_forever, name="pacsnode-dicom-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def open_counts(self) -> list[int]:
+        with self._changed:
+            return list(self._open.values())
+
+    def serve_worker(self, sock: socket.socket, _header: dict[str, Any]) -> None:
+        """A worker's HANDOFF connection (the channel's thread for it): registered until it ends."""
+        with self._changed:
+            self._open[sock] = 0
+            self._changed.notify_all()
+        try:
+            while True:
+                ended = sock.recv(256)
+                if not ended:
+                    return
+                with self._changed:
+                    if sock in self._open:
+                        self._open[sock] = max(0, self._open[sock] - len(ended))
+        except OSError:
+            return
+        finally:
+            with self._changed:
+                self._open.pop(sock, None)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # Wakes accept().
+        except OSError:
+            pass
+        self._listener.close()
+
+    def _choose(self) -> socket.socket | None:
+        deadline = time.monotonic() + self._wait_s
+        with self._changed:
+            while not self._open and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
+            if self._closed:
+                return None
+            workers = list(self._open)
+            self._turn = (self._turn + 1) % len(workers)
+            workers = workers[self._turn:] + workers[:self._turn]
+            chosen = min(workers, key=self._open.__getitem__)
+            self._open[chosen] += 1
+            return chosen
+
+    def _forget(self, sock: socket.socket) -> None:
+        with self._changed:
+            self._open.pop(sock, None)
+
+    def _accept_forever(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError as error:
+                if self._closed:
+                    return
+                log.warning("dicom.accept.failed error=%s", type(error).__name__)  # EMFILE and the like.
+                time.sleep(0.1)
+                continue
+            with conn:  # The node's copy: the worker holds its own once sent.
+                while True:
+                    chosen = self._choose()
+                    if chosen is None:
+                        log.warning("dicom.accept.no_worker")
+                        break
+                    try:
+                        socket.send_fds(chosen, [b"C"], [conn.fileno()])
+                        self.handed += 1
+                        break
+                    except OSError:
+                        self._forget(chosen)  # Its worker died: the next one takes the connection.
 
 
 class WorkerPool:
@@ -57,6 +166,7 @@ class WorkerPool:
         self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive, blob_files)
         self._blob_files = blob_files
         self._channel.on_hello = self._on_hello
+        self._handoff: ConnectionHandOff | None = None
         self._refused_by_pid: dict[int, int] = {}
         self._refused_lock = threading.Lock()
         self._channel.on_refused = self._on_refused
@@ -108,12 +218,15 @@ class WorkerPool:
         return dataclasses.replace(self._config, dicom_port=self.port)
 
     def start(self) -> None:
-        # Hold the port (bound, never listening) so that port 0 resolves to one number for all workers.
-        reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind((self._config.host, self._config.dicom_port))
-        self.port = reservation.getsockname()[1]
-        self._reservation = reservation
+        # The DICOM port: bound now (port 0 resolves to its number for the workers' config),
+        # listening once every worker is up, its connections handed to them.
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self._config.host, self._config.dicom_port))
+        self.port = listener.getsockname()[1]
+        self._reservation = listener
+        self._handoff = ConnectionHandOff(listener)
+        self._channel.on_handoff = self._handoff.serve_worker
         removed = spool.clear_directory(self._spool_directory)  # Left by a crash mid-transfer.
         if removed:
             log.info("dicom.spool.cleared files=%d", removed)
@@ -125,6 +238,8 @@ class WorkerPool:
             while len(self._ready) < self._count:
                 if not self._hello.wait(max(0.0, deadline - time.monotonic())):
                     raise RuntimeError(f"{self._count - len(self._ready)} DICOM workers did not start")
+        listener.listen(LISTEN_BACKLOG)
+        self._handoff.start()
         self._supervisor.start()
         log.info("dicom.workers.started count=%d port=%d pids=%s", self._count, self.port,
                  ",".join(map(str, self.pids())))
@@ -179,6 +294,8 @@ class WorkerPool:
 
     def stop(self, grace_s: float = 10.0) -> None:
         self._stopping.set()
+        if self._handoff is not None:
+            self._handoff.close()  # No new connections; the workers finish their open ones.
         for process in self._processes.values():
             if process.is_alive():
                 process.terminate()  # SIGTERM: stop accepting, finish open associations.

@@ -398,3 +398,60 @@ def test_dicom_tls_audit_and_reload_through_workers(node_factory, tmp_path: Path
     os.kill(node.process.pid, signal.SIGHUP)
     assert wait_until(lambda: node.log_text().count("dicom.worker.tls_reloaded") >= 2, 10), node.log_text()[-2000:]
     assert all(_served_serial(tls_port, ca_file) == new for _ in range(8))  # Whichever worker answers.
+
+
+def _established_by_process(pids: list[int], port: int) -> list[int]:
+    """How many established TCP connections on local `port` each process holds (its fds
+    matched against /proc/net/tcp by socket inode)."""
+    inodes: dict[str, int] = {}
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                inodes[fields[9]] = 1
+    counts = []
+    for pid in pids:
+        held = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                held += 1
+        counts.append(held)
+    return counts
+
+
+def test_connections_are_spread_evenly_over_the_workers(node_factory) -> None:
+    # The node accepts on the DICOM port and hands each connection to the worker with the
+    # fewest open ones (node/workers.py ConnectionHandOff). With SO_REUSEPORT the kernel
+    # picked by a hash of the addresses: six associations split 3 + 3 in 20 of 64 cases,
+    # and one worker (one GIL) could get all of them.
+    node = _start(node_factory)
+    pids = _worker_pids(node)
+
+    def associate() -> object:
+        ae = scu_ae()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        return ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+
+    held = []
+    try:
+        for _ in range(6):
+            held.append(associate())
+        assert all(assoc.is_established for assoc in held)
+        assert _established_by_process(pids, node.dicom_port) == [3, 3]
+        for assoc in held[:3]:  # Three end; whichever worker served them gets the next three.
+            assoc.release()
+        held = held[3:]
+        assert wait_until(lambda: sum(_established_by_process(pids, node.dicom_port)) == 3, 10)
+        time.sleep(0.3)  # Each worker's one-byte notice of an ended connection reaches the node.
+        for _ in range(3):
+            held.append(associate())
+        assert _established_by_process(pids, node.dicom_port) == [3, 3]
+        assert all(assoc.send_c_echo().Status == 0 for assoc in held)
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()

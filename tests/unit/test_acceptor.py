@@ -1218,3 +1218,85 @@ def test_a_find_s_final_response_is_written_by_the_associations_thread() -> None
         assert (accepted[0].dul.encoded_sent_direct, accepted[0].dul.encoded_pdus_direct) == (2, 7)
     finally:
         server_ae.shutdown()
+
+
+def test_store_requests_are_made_into_primitives_here_only_while_the_hook_is_the_one_received_handler() -> None:
+    """issue 10: the C-STORE-RQ primitive is built from the command set's bytes (node/pdata.py
+    parse_store_request) instead of by pynetdicom's message_to_primitive, with the same
+    fields (a C-MOVE's originator included) and data set, and EVT_DIMSE_RECV not triggered:
+    with nothing bound to that event, or only the StoreResponseHook's `received`, whose
+    direct form is told instead. A handler bound to EVT_DIMSE_RECV that is not the hook's
+    gets pynetdicom's message and primitive, as before (watched through the profile hook)."""
+    import sys
+
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, evt
+    from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    built_code = DIMSEMessage.message_to_primitive.__code__
+    built: list[str] = []
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is built_code and isinstance(frame.f_locals.get("self"), C_STORE_RQ):
+            built.append(threading.current_thread().name)  # Only the server receives a C-STORE-RQ.
+
+    seen: list[tuple[int, str, str, int, str | None, int | None, bytes]] = []
+    direct: list[tuple[int, int]] = []
+    hooked: list[int] = []
+    foreign: list[int] = []
+
+    def on_store(event: Any) -> int:
+        request = event.request
+        data = request.DataSet
+        seen.append((int(request.MessageID), str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                     int(request.Priority), request.MoveOriginatorApplicationEntityTitle,
+                     request.MoveOriginatorMessageID, bytes(data.getvalue())))
+        return 0x0000
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(CTImageStorage)
+    server_ae.store_response_hook = acceptor.StoreResponseHook(
+        lambda event: None, lambda assoc, message_id, status: None,
+        lambda event: hooked.append(int(event.message.command_set.MessageID)),
+        lambda assoc, command_field, message_id: direct.append((command_field, message_id)))
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [(evt.EVT_C_STORE, on_store)])
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+
+    def store(message_id: int, originator: str | None) -> int:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(CTImageStorage, "1.2.840.10008.1.2")
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established
+        status = int(assoc.send_c_store(ds, msg_id=message_id, priority=2, originator_aet=originator,
+                                        originator_id=9 if originator else None).Status)
+        assoc.release()
+        return status
+
+    try:
+        threading.setprofile(watch)
+        sys.setprofile(watch)
+        try:
+            assert store(5, None) == 0x0000  # Nothing bound to EVT_DIMSE_RECV.
+            assert built == [] and direct == [] and hooked == []
+            hook = server_ae.store_response_hook
+            assert hook.received is not None
+            server.bind(evt.EVT_DIMSE_RECV, hook.received)
+            assert store(6, "MOVER") == 0x0000  # Only the hook's handler: told directly.
+            assert built == [] and direct == [(0x0001, 6)] and hooked == []
+            server.bind(evt.EVT_DIMSE_RECV, lambda event: foreign.append(int(event.message.command_set.MessageID)))
+            assert store(7, "MOVER") == 0x0000  # Another handler too: pynetdicom's message, to both.
+            assert len(built) == 1 and foreign == [7] and hooked == [7] and direct == [(0x0001, 6)]
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)  # type: ignore[arg-type]
+        sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+        assert [s[:6] for s in seen] == [(5, sop_class, sop_instance, 2, None, None),
+                                         (6, sop_class, sop_instance, 2, "MOVER", 9),
+                                         (7, sop_class, sop_instance, 2, "MOVER", 9)]
+        assert seen[0][6] == seen[1][6] == seen[2][6] and len(seen[0][6]) > len(ds.PixelData)
+    finally:
+        server_ae.shutdown()

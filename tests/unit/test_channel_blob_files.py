@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pytest
 
 from pacsnode.node import codec
 from pacsnode.node.archive_channel import ChannelArchive, ChannelServer, Kind, RemoteError, recv_frame, send_frame
-from pacsnode.node.blob_files import TEMP_PREFIX, BlobPointer
+from pacsnode.node.blob_files import TEMP_PREFIX, WORKER_POOL_PREFIX, BlobFiles, BlobPointer
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
 from pacsnode.node.blob_files import Part10Stream
 from pacsnode.node.runtime import CompressedCopy, own_compressed_reader, own_copy_reader
@@ -69,17 +70,34 @@ class StoreArchive:
         return found
 
 
-@pytest.fixture
-def channel(tmp_path: Path, make_instance: Callable[[bytes], Instance]) -> Iterator[tuple[ChannelArchive, StoreArchive]]:
+def _worker_files(store: RocksStore, pooled: bool) -> BlobFiles:
+    """The blobs directory as a worker process has it: with its own pool of empty files
+    (node/dicom_worker.py), or without (every big blob then goes through a temp file)."""
+    files = BlobFiles(store.blob_files.directory)
+    if pooled:
+        files.start_pool(batch=8, prefix=f"{WORKER_POOL_PREFIX}{os.getpid()}_")
+        assert files.pool is not None
+        pool = files.pool
+        deadline = time.monotonic() + 10
+        while pool.made == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return files
+
+
+@pytest.fixture(params=["pooled", "temp"])
+def channel(request: pytest.FixtureRequest, tmp_path: Path,
+            make_instance: Callable[[bytes], Instance]) -> Iterator[tuple[ChannelArchive, StoreArchive]]:
     store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
     archive = StoreArchive(store)
     directory = tempfile.mkdtemp(prefix="pacsnode-ch-test-")
     server = ChannelServer(os.path.join(directory, "archive.sock"), archive, store.blob_files)
     server.start()
-    worker = ChannelArchive(server.path, store.blob_files, THRESHOLD)
+    worker_files = _worker_files(store, request.param == "pooled")
+    worker = ChannelArchive(server.path, worker_files, THRESHOLD)
     try:
         yield worker, archive
     finally:
+        worker_files.close()
         server.close()
         store.close()
         os.rmdir(directory)
@@ -165,7 +183,9 @@ def test_a_frame_naming_anything_but_a_temp_file_of_the_blobs_directory_stores_n
     assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
 
 
-def test_a_store_the_node_refuses_still_removes_the_worker_s_temp_file(tmp_path: Path, make_instance) -> None:
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_store_the_node_refuses_still_removes_the_worker_s_temp_file(tmp_path: Path, make_instance,
+                                                                        pooled: bool) -> None:
     store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
     directory = tempfile.mkdtemp(prefix="pacsnode-ch-test-")
 
@@ -175,12 +195,20 @@ def test_a_store_the_node_refuses_still_removes_the_worker_s_temp_file(tmp_path:
 
     server = ChannelServer(os.path.join(directory, "archive.sock"), Failing(), store.blob_files)
     server.start()
+    worker_files = _worker_files(store, pooled)
     try:
-        worker = ChannelArchive(server.path, store.blob_files, THRESHOLD)
+        worker = ChannelArchive(server.path, worker_files, THRESHOLD)
+        def worker_pool_files() -> set[str]:
+            return {name for name in store.blob_files.files() if name.split("/")[-1].startswith(WORKER_POOL_PREFIX)}
+
+        before = worker_pool_files()
         with pytest.raises(RemoteError):
             worker.store(_compressed(make_instance, BIG)[0])
         assert list(store.blob_files.files(empty=False)) == []
+        after = worker_pool_files()  # The pool file it took is gone too.
+        assert after <= before and len(after) == len(before) - (1 if pooled else 0)
     finally:
+        worker_files.close()
         server.close()
         store.close()
         os.rmdir(directory)
@@ -243,3 +271,43 @@ def test_a_slice_s_file_is_checked_by_its_crc32_in_the_worker_before_any_byte_is
     with pytest.raises(ReadError):
         worker.open_streamed(_location(big))
     assert archive.whole_reads == 1
+
+
+def test_a_pooled_blob_is_recorded_under_the_worker_s_name_without_a_rename(tmp_path: Path, make_instance) -> None:
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
+    archive = StoreArchive(store)
+    directory = tempfile.mkdtemp(prefix="pacsnode-ch-test-")
+    server = ChannelServer(os.path.join(directory, "archive.sock"), archive, store.blob_files)
+    server.start()
+    worker_files = _worker_files(store, pooled=True)
+    try:
+        worker = ChannelArchive(server.path, worker_files, THRESHOLD)
+        first, second = _compressed(make_instance, BIG)[:2]
+        assert worker.store(first).outcome == StoreOutcome.STORED
+        pointer = _pointer(store, first)
+        assert pointer is not None
+        assert pointer.name.split("/")[1].startswith(f"{WORKER_POOL_PREFIX}{os.getpid()}_")
+        # A frame naming a file another record already points at: refused, that file untouched.
+        header = {"study": second.study_instance_uid, "series": second.series_instance_uid,
+                  "sop_instance": second.sop_instance_uid, "sop_class": second.sop_class_uid,
+                  "transfer_syntax": second.transfer_syntax_uid, "dataset_offset": second.dataset_offset,
+                  "content_hash": second.content_hash, "attributes": second.attributes,
+                  "part10_bytes": len(second.part10),
+                  "blob_file": {"name": pointer.name, "size_bytes": pointer.size_bytes, "crc32": pointer.crc32,
+                                "pooled": True}}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.path)
+        try:
+            send_frame(sock, Kind.STORE, header)
+            kind, _, _ = recv_frame(sock)
+            assert kind is Kind.ERROR
+        finally:
+            sock.close()
+        assert store.read_part10(first.study_instance_uid, first.sop_instance_uid) == first.part10
+        with pytest.raises(KeyError):
+            store.read_part10(second.study_instance_uid, second.sop_instance_uid)
+    finally:
+        worker_files.close()
+        server.close()
+        store.close()
+        os.rmdir(directory)

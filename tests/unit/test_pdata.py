@@ -398,3 +398,65 @@ def test_final_find_response_is_pynetdicoms_bytes(sop_class: str | None, message
     expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu_length))
     assert pdata.find_final_response_pdu(context_id, max_pdu_length, message_id_responded=message_id, status=status,
                                          sop_class_uid=sop_class) == expected
+
+
+def _pynetdicom_store_request_command(**fields: object) -> bytes:
+    """The command set bytes (without PDU or PDV headers) pynetdicom encodes for a C-STORE-RQ."""
+    request = C_STORE()
+    for name, value in fields.items():
+        setattr(request, name, value)
+    request.DataSet = BytesIO(b"\x00\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    primitives = list(message.encode_msg(1, 0))
+    return b"".join(p.presentation_data_value_list[0][1][1:] for p in primitives
+                    if p.presentation_data_value_list[0][1][0] & 0x01)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sop_class=_UIDS, sop_instance=_UIDS, message_id=st.integers(0, 0xFFFF), priority=st.sampled_from([0, 1, 2]),
+       originator=st.none() | _AE_TITLES, originator_id=st.integers(0, 0xFFFF))
+def test_store_request_parse_gives_what_pynetdicom_decodes(sop_class: str, sop_instance: str, message_id: int,
+                                                           priority: int, originator: str | None,
+                                                           originator_id: int) -> None:
+    fields: dict[str, object] = {"MessageID": message_id, "AffectedSOPClassUID": sop_class,
+                                 "AffectedSOPInstanceUID": sop_instance, "Priority": priority}
+    if originator is not None:
+        fields |= {"MoveOriginatorApplicationEntityTitle": originator, "MoveOriginatorMessageID": originator_id}
+    command = _pynetdicom_store_request_command(**fields)
+    message = C_STORE_RQ()
+    message.encoded_command_set = BytesIO(command)
+    from pynetdicom.dsutils import decode
+
+    message.command_set = decode(BytesIO(command), True, True)
+    message.data_set = BytesIO(b"\x00\x00")
+    decoded = message.message_to_primitive()
+    parsed = pdata.parse_store_request(command)
+    assert parsed == pdata.StoreRequest(
+        int(decoded.MessageID), int(decoded.Priority), str(decoded.AffectedSOPClassUID),
+        str(decoded.AffectedSOPInstanceUID),
+        None if decoded.MoveOriginatorApplicationEntityTitle is None else str(decoded.MoveOriginatorApplicationEntityTitle),
+        None if decoded.MoveOriginatorMessageID is None else int(decoded.MoveOriginatorMessageID))
+
+
+def test_store_request_parse_leaves_anything_else_to_pynetdicom() -> None:
+    command = _pynetdicom_store_request_command(MessageID=3, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                                                AffectedSOPInstanceUID="1.2.3.4", Priority=0)
+    assert pdata.parse_store_request(command) is not None
+    for cut in (1, 7, 8, 20, len(command) - 1):
+        assert pdata.parse_store_request(command[:cut]) is None
+    wrong_length = command[:8] + (len(command)).to_bytes(4, "little") + command[12:]
+    assert pdata.parse_store_request(wrong_length) is None
+    assert pdata.parse_store_request(command + command[12:]) is None  # Every element twice.
+    # An element a C-STORE-RQ does not have (Status), no data set, two UIDs in one value.
+    extra = command + bytes.fromhex("00000009") + (2).to_bytes(4, "little") + (0).to_bytes(2, "little")
+    assert pdata.parse_store_request(extra) is None
+    no_data = command.replace(bytes.fromhex("00000008") + (2).to_bytes(4, "little") + (0x0001).to_bytes(2, "little"),
+                              bytes.fromhex("00000008") + (2).to_bytes(4, "little") + (0x0101).to_bytes(2, "little"))
+    assert no_data != command and pdata.parse_store_request(no_data) is None
+    two = _pynetdicom_store_request_command(MessageID=3, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                                            AffectedSOPInstanceUID="1.2.3.4", Priority=0)
+    two = two.replace(b"1.2.3.4\x00", b"1.2\\3.4\x00")
+    assert pdata.parse_store_request(two) is None
+    echo = _pynetdicom_echo_request_command(MessageID=3, AffectedSOPClassUID="1.2.840.10008.1.1")
+    assert pdata.parse_store_request(echo) is None
