@@ -133,7 +133,10 @@ def run_setup(label: str, names: tuple[str, ...], extra: list[str], data: Path,
             "setup": label, "stored": len(acked), "instances_per_s": len(acked) / elapsed,
             "mb_per_s": size / elapsed / 1e6, "cpu_s_per_instance": cpu / max(1, len(acked)),
             "entry_cpu_s_per_instance": cpu_each[0] / max(1, len(acked)), "load_before": load_before, "load_after": os.getloadavg(),
+            "cpu_s_per_instance_each": [c / max(1, len(acked)) for c in cpu_each],
         }
+        if len(cpu_each) > 1:  # What one owner's copy costs it (the other nodes each store one per instance at N=3).
+            row["owner_cpu_s_per_copy"] = statistics.median(cpu_each[1:]) / max(1, len(acked))
         latencies = []
         for _ in range(50):
             t0 = time.perf_counter()
@@ -168,7 +171,8 @@ SETUPS = {
     "n3w2": ("3 nodes N=3 W=2", ("a1", "a2", "a3"), ["--replication-factor", "3", "--write-quorum", "2"]),
     "n2w1": ("3 nodes N=2 W=1", ("b1", "b2", "b3"), ["--replication-factor", "2", "--write-quorum", "1"]),
 }
-FIGURES = ("instances_per_s", "mb_per_s", "cpu_s_per_instance", "entry_cpu_s_per_instance", "find_p50_ms",
+FIGURES = ("instances_per_s", "mb_per_s", "cpu_s_per_instance", "entry_cpu_s_per_instance", "owner_cpu_s_per_copy",
+           "find_p50_ms",
            "find_p99_ms", "get_owner_mb_per_s", "get_non_owner_mb_per_s")
 
 
@@ -225,15 +229,17 @@ def main() -> int:
               f"C-FIND at the last node; 2 cores shared by clients and every node; medians of {args.rounds} "
               f"round(s); ratios against the first setup ({base['setup']})\n")
         print("| setup | inst/s | MB/s | ingest vs first | CPU-s/inst (all nodes) | CPU vs first | "
-              "entry node CPU vs first | C-FIND p50 ms | p99 ms | C-GET owner MB/s | C-GET non-owner MB/s | "
-              "load avg (1 min) before each run |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "entry node CPU vs first | other nodes' CPU ms per instance (median) | C-FIND p50 ms | p99 ms | "
+              "C-GET owner MB/s | C-GET non-owner MB/s | load avg (1 min) before each run |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:
             loads = ", ".join(f"{load[0]:.1f}" for load in row["load"])  # type: ignore[union-attr,index]
+            owner = f"{float(row['owner_cpu_s_per_copy']) * 1000:.2f}" if "owner_cpu_s_per_copy" in row else "-"  # type: ignore[arg-type]
             print(f"| {row['setup']} | {row['instances_per_s']:.1f} | {row['mb_per_s']:.1f} | "
                   f"{row['instances_per_s'] / base['instances_per_s']:.2f} | {row['cpu_s_per_instance']:.4f} | "
                   f"{row['cpu_s_per_instance'] / base['cpu_s_per_instance']:.2f} | "
                   f"{row['entry_cpu_s_per_instance'] / base['entry_cpu_s_per_instance']:.2f} | "
+                  f"{owner} | "
                   f"{row['find_p50_ms']:.1f} | {row['find_p99_ms']:.1f} | "
                   f"{row.get('get_owner_mb_per_s', 0):.1f} | {row.get('get_non_owner_mb_per_s', 0):.1f} | {loads} |")
         out = ROOT / "bench" / "results"

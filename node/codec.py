@@ -15,7 +15,7 @@ from pacsnode.replication.model import INSTANCE_KEYWORDS
 from pacsnode.replication.hlc import Version
 
 
-def _load_isal_crc32() -> Callable[[memoryview], int] | None:
+def _load_isal_crc32() -> Callable[[bytes | memoryview, int], int] | None:
     """ISA-L's CRC-32 (zlib's, with SIMD), or None in a venv installed before isal was a
     dependency: zstd's own check then, as before. Imported by name, so that the type check
     (tests/unit/test_types.py) passes with or without isal installed."""
@@ -23,11 +23,20 @@ def _load_isal_crc32() -> Callable[[memoryview], int] | None:
         module = importlib.import_module("isal.isal_zlib")
     except ImportError:
         return None
-    crc32: Callable[[memoryview], int] = module.crc32
+    crc32: Callable[[bytes | memoryview, int], int] = module.crc32
     return crc32
 
 
 _isal_crc32 = _load_isal_crc32()
+
+
+def crc32_of(data: bytes | memoryview, value: int = 0) -> int:
+    """zlib's CRC-32 of `data`, continued from `value` (a running CRC over pieces):
+    ISA-L's when isal is installed (0.5 against 8.6 ms per 42 MB, bench/README.md), else
+    zlib's. Both compute the same value."""
+    if _isal_crc32 is not None:
+        return _isal_crc32(data, value)
+    return zlib.crc32(data, value)
 
 # zstd's fastest kind of level (negative: no entropy coding of literals, repeats still
 # found). Decompresses at 2.8-5.8 GB/s against 0.6-1.1 GB/s at level 1 on 16-bit images
@@ -87,7 +96,7 @@ def decompress_crc_checked(blob: memoryview, crc32: int, what: str = "instance")
     the content (`decompress`), as before isal was a dependency."""
     if _isal_crc32 is None:
         return decompress(blob, what)
-    if _isal_crc32(blob) != crc32:
+    if _isal_crc32(blob, 0) != crc32:
         raise CorruptBlob(f"blob of {what} failed its CRC-32 check")
     if len(blob) < 6 or blob[:4] != ZSTD_MAGIC:
         raise CorruptBlob(f"blob of {what} is not a zstd frame")
@@ -118,8 +127,9 @@ def decompress_head(blob: bytes, size: int, what: str = "instance") -> bytes:
 
 
 def payload_crc32(blob: bytes) -> int:
-    """The CRC-32 a peer store carries for its compressed payload (zlib releases the GIL)."""
-    return zlib.crc32(blob)
+    """The CRC-32 a peer store carries for its compressed payload (ISA-L's and zlib's both
+    release the GIL)."""
+    return crc32_of(blob)
 
 
 def check_payload(blob: bytes, total_size_bytes: int, crc32: int | None, what: str = "instance") -> None:
@@ -135,7 +145,7 @@ def check_payload(blob: bytes, total_size_bytes: int, crc32: int | None, what: s
     if frame.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, total_size_bytes):
         raise CorruptBlob(f"blob of {what} holds {frame.content_size} bytes, not {total_size_bytes}")
     if crc32 is not None:
-        if zlib.crc32(blob) != crc32:
+        if crc32_of(blob) != crc32:
             raise CorruptBlob(f"blob of {what} failed its CRC-32")
         return
     if len(decompress(blob, what)) != total_size_bytes:

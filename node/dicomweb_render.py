@@ -147,7 +147,8 @@ def decoded_frames(part10: bytes, numbers: list[int] | None) -> Iterator[bytes]:
     (`_as_stored_colour`): YBR_FULL as YBR_FULL, YBR_FULL_422 in its native layout (two Y,
     then Cb and Cr, for each pair of pixels: PS3.3 C.7.6.3.1.2), others as decoded (RGB,
     MONOCHROME, PALETTE COLOR as stored; YBR_ICT and YBR_RCT as RGB, the JPEG 2000 decoder
-    undoing the component transform as part of decoding, as viewers read those values).
+    undoing the component transform as part of decoding, as viewers read those values:
+    cornerstone's dicom-image-loader converts an uncompressed YBR_ICT/RCT frame as RGB).
     Raises RenderError at once (no pixel data, a frame beyond NumberOfFrames), and
     FrameDecodeError when a frame fails to decode (at its turn: the caller sends the ones
     before it)."""

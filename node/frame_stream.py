@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import bisect
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -48,6 +47,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from pacsnode.node import header_reader
+from pacsnode.node.codec import crc32_of
 from pacsnode.node.blob_files import CHUNK_BYTES
 from pacsnode.node.dicomweb_media import MediaError, read_file_meta
 from pacsnode.replication.model import CorruptBlob
@@ -145,7 +145,7 @@ class _CheckedSource:
 
     def read(self, size: int = -1) -> bytes:
         data = self._file.read(size)
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32_of(data, self._crc)
         self._read += len(data)
         return data
 
@@ -156,7 +156,7 @@ class _CheckedSource:
             data = self._file.read(CHUNK_BYTES)
             if not data:
                 break
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = crc32_of(data, self._crc)
             self._read += len(data)
         if self._read != self._blob.size_bytes or self._crc != self._blob.crc32:
             raise CorruptBlob(f"blob file of {self._blob.what} failed its size or CRC-32 check")

@@ -15,6 +15,7 @@ import grpc
 from pacsnode.node import peer_wire, write_trace
 from pacsnode.node.codec import payload_crc32
 from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
+from pacsnode.node.store_stream import StoreStreams, StreamUnavailable
 from pacsnode.node.tls import CHANNEL_OPTIONS
 from pacsnode.proto import WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
@@ -57,7 +58,8 @@ RECONNECT_OPTIONS = [
 
 
 class Channels:
-    """One grpc.aio channel per peer address, reused by every call.
+    """One grpc.aio channel per peer address, reused by every call, and on each the
+    long-lived StoreStream that carries copies to that peer (node/store_stream.py).
 
     `routes` (the peer_routes setting) maps a peer's advertised address to the address
     actually dialled: a NAT or tunnel, or the chaos runner's fault proxy for this pair.
@@ -68,6 +70,7 @@ class Channels:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._routes = dict(routes or {})
         self._credentials = credentials  # Mutual TLS (node/tls.py) when the node has a tls_dir.
+        self.store_streams = StoreStreams()
 
     def dialled(self, address: str) -> str:
         return self._routes.get(address, address)
@@ -87,9 +90,11 @@ class Channels:
         the old channels finish their calls in flight within `grace_s`, then close."""
         old, self._channels = self._channels, {}
         self._credentials = credentials
+        self.store_streams.finish_all()  # Their replies come in within the grace; new copies, new streams.
         await asyncio.gather(*(channel.close(grace=grace_s) for channel in old.values()), return_exceptions=True)
 
     async def close(self) -> None:
+        await self.store_streams.close()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -121,21 +126,24 @@ def _peer_errors(target: str) -> Iterator[None]:
 class GrpcTransport:
     def __init__(self, channels: Channels, resolve: Callable[[str], "MemberInfo | None"],
                  envelope: Callable[[], pb.Envelope], observe: Callable[[Version], None] | None = None,
-                 *, site: str = "") -> None:
+                 *, site: str = "", store_stream: bool = True) -> None:
         self._channels = channels
+        self._store_stream = store_stream  # False: every copy a call, as before StoreStream (benches' A/B).
         self._site = site  # This node's site: copies to other sites are compressed (see above).
         # The node's hybrid clock observes versions that replies carry (a tombstone that won).
         self._observe = observe or (lambda version: None)
         self._resolve = resolve
         self._envelope = envelope
-        self._membership_stubs: dict[str, pb_grpc.MembershipStub] = {}
-        # One stub per peer address, reused by every call (channels are kept by Channels).
-        self._data_stubs: dict[str, pb_grpc.DataStub] = {}
-        self._repair_stubs: dict[str, pb_grpc.RepairStub] = {}
+        # One stub per peer address, reused by every call, on the address's current channel
+        # (Channels replaces them all when the certificate is reloaded).
+        self._membership_stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.MembershipStub]] = {}
+        self._data_stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.DataStub]] = {}
+        self._repair_stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.RepairStub]] = {}
         self._stream_only_until: dict[str, float] = {}  # Address -> monotonic time to ask for whole again.
         self._crcs: collections.OrderedDict[int, tuple[bytes, int]] = collections.OrderedDict()
         self.whole_stores = 0
-        self.stream_stores = 0
+        self.stream_stores = 0  # Copies sent as a StoreInstance call (chunks: over 4 MiB, or an old peer).
+        self.store_stream_copies = 0  # Copies sent on the peer's long-lived StoreStream.
         self.compressed_stores = 0  # Whole copies sent gzip-compressed (to another site).
 
     def _address(self, target: str) -> str:
@@ -146,17 +154,19 @@ class GrpcTransport:
 
     def _data(self, target: str) -> tuple[str, pb_grpc.DataStub]:
         address = self._address(target)
-        stub = self._data_stubs.get(address)
-        if stub is None:
-            stub = self._data_stubs[address] = pb_grpc.DataStub(self._channels.get(address))
-        return address, stub
+        channel = self._channels.get(address)
+        cached = self._data_stubs.get(address)
+        if cached is None or cached[0] is not channel:
+            cached = self._data_stubs[address] = (channel, pb_grpc.DataStub(channel))
+        return address, cached[1]
 
     def _repair(self, target: str) -> pb_grpc.RepairStub:
         address = self._address(target)
-        stub = self._repair_stubs.get(address)
-        if stub is None:
-            stub = self._repair_stubs[address] = pb_grpc.RepairStub(self._channels.get(address))
-        return stub
+        channel = self._channels.get(address)
+        cached = self._repair_stubs.get(address)
+        if cached is None or cached[0] is not channel:
+            cached = self._repair_stubs[address] = (channel, pb_grpc.RepairStub(channel))
+        return cached[1]
 
     def _crc(self, blob: bytes) -> int:
         """The payload's CRC-32, computed once for all the copies of one write."""
@@ -170,16 +180,28 @@ class GrpcTransport:
         return crc
 
     async def store(self, target: str, stored: StoredInstance, *, hint_for: str, timeout_ms: int) -> StoreReply:
-        """One copy on `target`: in one StoreWholeInstance message when the payload is at
-        most WHOLE_INSTANCE_BYTES_MAX, else (or when `target` predates it) a StoreInstance stream."""
+        """One copy on `target`. A payload of at most WHOLE_INSTANCE_BYTES_MAX goes as one
+        message on the peer's long-lived StoreStream (node/store_stream.py), or, to another
+        site (gzip) or a peer that predates the stream, as one StoreWholeInstance call; a
+        bigger one (or one to a peer that predates both) as a StoreInstance stream of chunks."""
         write_trace.mark("remote.call:" + target, stored.sop_instance_uid)
         address, stub = self._data(target)
         header = peer_wire.store_header(stored, hint_for, self._crc(stored.blob))
         reply: pb.StoreReply | None = None
+        streams = self._channels.store_streams
         with _peer_errors(target):
-            if len(stored.blob) <= WHOLE_INSTANCE_BYTES_MAX and \
-                    self._stream_only_until.get(address, 0.0) <= time.monotonic():
-                compression = self._compression(target, len(stored.blob))
+            whole = len(stored.blob) <= WHOLE_INSTANCE_BYTES_MAX
+            compression = self._compression(target, len(stored.blob)) if whole else None
+            if whole and compression is None and self._store_stream and streams.available(address):
+                request = pb.StoreStreamRequest(envelope=self._envelope(), header=header, data=stored.blob,
+                                                timeout_ms=timeout_ms)
+                try:
+                    reply = await streams.store(address, self._channels.get(address), target, request,
+                                                timeout_ms / 1000)
+                    self.store_stream_copies += 1
+                except StreamUnavailable:
+                    reply = None  # Not stored there: sent as a call below.
+            if reply is None and whole and self._stream_only_until.get(address, 0.0) <= time.monotonic():
                 try:
                     reply = await stub.StoreWholeInstance(peer_wire.store_whole(self._envelope(), stored, header),
                                                           timeout=timeout_ms / 1000, compression=compression)
@@ -320,8 +342,9 @@ class GrpcTransport:
 
     async def membership_call(self, address: str, method: str, request: Any, *, timeout_ms: int) -> Any:
         """One Membership RPC (Ping, IndirectPing, PushPull, Join, Leave) to the node at `address`."""
-        stub = self._membership_stubs.get(address)
-        if stub is None:
-            stub = self._membership_stubs[address] = pb_grpc.MembershipStub(self._channels.get(address))
+        channel = self._channels.get(address)
+        cached = self._membership_stubs.get(address)
+        if cached is None or cached[0] is not channel:
+            cached = self._membership_stubs[address] = (channel, pb_grpc.MembershipStub(channel))
         with _peer_errors(address):
-            return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
+            return await getattr(cached[1], method)(request, timeout=timeout_ms / 1000)

@@ -16,12 +16,13 @@ import itertools
 import json
 import logging
 import shutil
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import grpc
 
 from pacsnode.node import peer_wire, write_trace
-from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, WHOLE_INSTANCE_BYTES_MAX
+from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, STORE_STREAM_IN_FLIGHT_MAX, WHOLE_INSTANCE_BYTES_MAX
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.correction import Correction
@@ -33,7 +34,7 @@ from pacsnode.ring import swim
 from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange, replica_total
 from pacsnode.replication.model import StoredInstance, StoreOutcome
-from pacsnode.replication.transport import PeerRefused, RefusalReason
+from pacsnode.replication.transport import PeerRefused, RefusalReason, cancelled_by_caller
 from pacsnode.node.peer_handler import RangesPending
 from pacsnode.node.swim_membership import MembershipUnavailable
 
@@ -93,6 +94,9 @@ class PeerServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.refused = 0
+        # The read loops of open StoreStreams: stop() ends them, so each stream answers what
+        # it has read and ends at once instead of holding the server's grace period.
+        self.store_stream_readers: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -107,6 +111,8 @@ class PeerServer:
         return self.port
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        for reader in list(self.store_stream_readers):
+            reader.cancel()
         if self.server is not None:
             await self.server.stop(grace_s)
 
@@ -134,6 +140,10 @@ class PeerServer:
             await context.abort(problem[0], problem[1])
             return
         assert env is not None
+        self.check_ring(env)
+
+    def check_ring(self, env: pb.Envelope) -> None:
+        """The ring-version part of the envelope rule, for an envelope that passed check()."""
         if env.ring_version and env.sender_id != self.node.config.node_id:
             # Another view of the ring: exchange membership with the sender (rate-limited).
             self.node.membership.ring_mismatch(env.sender_id, int(env.ring_version))
@@ -184,15 +194,92 @@ class DataService(pb_grpc.DataServicer):
         assert env is not None
         if not request.HasField("header"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request has no header")
-        header = request.header
+        return await self._store_whole(env, request.header, request.data)
+
+    async def StoreStream(self, request_iterator: AsyncIterator[pb.StoreStreamRequest],
+                          context: grpc.aio.ServicerContext) -> None:
+        """Many stores over one stream (node/store_stream.py sends them): every request's
+        envelope is checked as a call's (a refused one ends the stream with that status);
+        up to STORE_STREAM_IN_FLIGHT_MAX are stored side by side, each answered with its id
+        as soon as it is durable or refused. Ends when the sender half-closes the stream
+        and every reply is written, or when the server stops (what was read is answered)."""
+        slots = asyncio.Semaphore(STORE_STREAM_IN_FLIGHT_MAX)
+        write_lock = asyncio.Lock()
+        answering: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.StoreStreamRequest, deadline: float) -> None:
+            reply: pb.StoreReply | None
+            try:
+                reply = await self._stream_store(request, deadline)
+            except Exception:  # Our bug: this copy fails as a call would (no promise); the stream goes on.
+                log.exception("peer.store_stream.failed sop_instance_uid=%s",
+                              request.header.record.sop_instance_uid[:64])
+                reply = None
+            finally:
+                slots.release()
+            message = pb.StoreStreamReply(request_id=request.request_id, reply=reply)
+            async with write_lock:
+                await context.write(message)
+
+        async def read() -> None:
+            checked: tuple[str, int, str] | None = None
+            async for request in request_iterator:
+                env = request.envelope if request.HasField("envelope") else None
+                sender = (env.cluster_id, env.protocol_version, env.sender_id) if env is not None else None
+                if sender is None or sender != checked:
+                    await self.server.check(env, context, "StoreStream")  # Aborts the stream if refused.
+                    checked = sender
+                else:
+                    assert env is not None
+                    self.server.check_ring(env)  # Same sender, cluster and protocol: passed above.
+                received = time.monotonic()
+                await slots.acquire()
+                task = asyncio.create_task(answer(request, received + request.timeout_ms / 1000
+                                                  if request.timeout_ms else float("inf")))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+
+        reader = asyncio.create_task(read())
+        self.server.store_stream_readers.add(reader)
+        try:
+            try:
+                await reader
+            except asyncio.CancelledError:
+                if cancelled_by_caller() or not reader.cancelled():
+                    raise
+                # PeerServer.stop(): answer what was read, then end the stream.
+            except BaseException:
+                # A refused envelope (the status is set) or a broken stream: the requests
+                # read before it finish first, then the stream ends with that status.
+                while answering:
+                    await asyncio.gather(*answering, return_exceptions=True)
+                raise
+            while answering:
+                await asyncio.gather(*answering, return_exceptions=True)
+        finally:
+            self.server.store_stream_readers.discard(reader)
+            reader.cancel()
+            for task in list(answering):
+                task.cancel()
+
+    async def _stream_store(self, request: pb.StoreStreamRequest, deadline: float) -> pb.StoreReply:
+        if not request.HasField("header"):
+            return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "request has no header")
+        write_trace.mark("peer.rx", request.header.record.sop_instance_uid)
+        if time.monotonic() > deadline:
+            return self._reply(pb.STORE_OUTCOME_ERROR, "the sender's deadline passed before the write: nothing stored")
+        return await self._store_whole(request.envelope, request.header, request.data)
+
+    async def _store_whole(self, env: pb.Envelope, header: pb.StoreHeader, data: bytes) -> pb.StoreReply:
+        """A whole payload (StoreWholeInstance, StoreStream): its sizes checked, then stored."""
         if self._over_size_limit(header):
             return self._reply(pb.STORE_OUTCOME_REFUSED_FULL, "instance is over the size limit")
-        if len(request.data) > WHOLE_INSTANCE_BYTES_MAX:
+        if len(data) > WHOLE_INSTANCE_BYTES_MAX:
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID,
                                f"a whole-instance payload is at most {WHOLE_INSTANCE_BYTES_MAX} bytes")
-        if len(request.data) != int(header.record.compressed_size_bytes):
+        if len(data) != int(header.record.compressed_size_bytes):
             return self._reply(pb.STORE_OUTCOME_REFUSED_INVALID, "payload size differs from the header's")
-        return await self._store(env, header, request.data)
+        return await self._store(env, header, data)
 
     def _over_size_limit(self, header: pb.StoreHeader) -> bool:
         return int(header.record.compressed_size_bytes) > self.node.config.instance_size_bytes_max + (1 << 20)

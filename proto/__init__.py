@@ -21,5 +21,9 @@ CHUNK_BYTES_MAX = 1 << 20
 # 8 MiB message limit (node/peer_server.py MESSAGE_BYTES_MAX).
 WHOLE_INSTANCE_BYTES_MAX = 4 << 20
 
+# The most Data.StoreStream requests a receiver stores at once on one stream; it reads no
+# more of that stream until one is answered (HTTP/2 flow control then holds the sender).
+STORE_STREAM_IN_FLIGHT_MAX = 32
+
 # Buckets per token range in RangeDigest (XOR + count each).
 DIGEST_BUCKET_COUNT = 1024

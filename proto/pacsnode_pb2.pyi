@@ -217,6 +217,30 @@ class StoreWholeRequest(_message.Message):
     data: bytes
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., header: _Optional[_Union[StoreHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class StoreStreamRequest(_message.Message):
+    __slots__ = ("envelope", "request_id", "header", "data", "timeout_ms")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: int
+    header: StoreHeader
+    data: bytes
+    timeout_ms: int
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[int] = ..., header: _Optional[_Union[StoreHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class StoreStreamReply(_message.Message):
+    __slots__ = ("envelope", "request_id", "reply")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: int
+    reply: StoreReply
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[int] = ..., reply: _Optional[_Union[StoreReply, _Mapping]] = ...) -> None: ...
+
 class StoreChunk(_message.Message):
     __slots__ = ("envelope", "header", "data", "last")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]

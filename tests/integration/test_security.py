@@ -390,6 +390,37 @@ def test_a_node_certificate_cannot_speak_as_another_node(cluster: list[NodeProce
     assert "security.peer.refused" in n1.log_text()
 
 
+def test_the_store_stream_checks_every_request_against_the_certificate(cluster: list[NodeProcess],
+                                                                       pki: dict[str, Path]) -> None:
+    """Data.StoreStream (a long-lived stream of copies) is held to the peer port's rules
+    as a call is: a node's certificate may not send as another node, in the first request or
+    in a later one, and an admin or modality certificate may not send copies at all."""
+    n1 = cluster[0]
+
+    def headless(sender: str, request_id: int) -> pb.StoreStreamRequest:  # Refused INVALID if it gets through.
+        return pb.StoreStreamRequest(envelope=envelope(sender), request_id=request_id, data=b"x")
+
+    def outcomes(tls_dir: Path | None, requests: list[pb.StoreStreamRequest]) -> tuple[dict[int, int], Any]:
+        seen: dict[int, int] = {}
+        with channel(n1.peer_address, tls_dir) as ch:
+            def run() -> None:
+                for message in pb_grpc.DataStub(ch).StoreStream(iter(requests), timeout=10):
+                    seen[message.request_id] = message.reply.outcome
+            return seen, status_code(run)
+
+    seen, code = outcomes(pki["n3"], [headless("n3", 1), headless("n3", 2)])  # As itself: served.
+    assert code is None and seen == {1: pb.STORE_OUTCOME_REFUSED_INVALID, 2: pb.STORE_OUTCOME_REFUSED_INVALID}
+    seen, code = outcomes(pki["n3"], [headless("n2", 1)])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and seen == {}
+    seen, code = outcomes(pki["n3"], [headless("n3", 1), headless("n2", 2)])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and 2 not in seen
+    for certificate in ("admin", "modality"):
+        seen, code = outcomes(pki[certificate], [headless("pacsnode-cli", 1)])
+        assert code == grpc.StatusCode.PERMISSION_DENIED and seen == {}, certificate
+    seen, code = outcomes(None, [headless("n3", 1)])  # Plain text: not even a handshake.
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
 def test_forged_left_and_removed_are_refused_and_change_nothing(cluster: list[NodeProcess],
                                                                 pki: dict[str, Path]) -> None:
     n1, n2 = cluster[0], cluster[1]

@@ -9,6 +9,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
+from pacsnode.node import codec
 from pacsnode.node.codec import IMPLEMENTATION_CLASS_UID, compress, decompress, part10_prefix
 from pacsnode.replication.model import CorruptBlob
 
@@ -45,3 +46,20 @@ def test_compress_round_trip_and_corruption_is_detected() -> None:
     with pytest.raises(CorruptBlob):
         decompress(blob[: len(blob) // 2])  # Cut short.
     assert decompress(blob) == data  # The thread's decompressor, reused after the errors.
+
+
+@pytest.mark.parametrize("with_isal", [True, False])
+def test_crc32_of_is_zlibs_crc32_in_pieces_with_or_without_isal(with_isal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+    import zlib
+
+    if not with_isal:
+        monkeypatch.setattr(codec, "_isal_crc32", None)
+    elif codec._isal_crc32 is None:
+        pytest.skip("isal is not installed in this venv")
+    data = random.Random(7).randbytes(300_001)
+    running = 0
+    for start in range(0, len(data), 65_536):
+        running = codec.crc32_of(memoryview(data)[start:start + 65_536], running)
+    assert running == codec.crc32_of(data) == zlib.crc32(data)
+    assert codec.payload_crc32(data) == zlib.crc32(data)

@@ -107,7 +107,7 @@ def test_every_request_and_reply_has_the_envelope_as_field_1(method: tuple[str, 
 def test_services_are_the_designed_ones() -> None:
     methods = {name for name, _request, _reply in _all_methods()}
     assert methods == {
-        "Data.StoreInstance", "Data.StoreWholeInstance", "Data.FetchInstance", "Data.Query", "Data.ListStudy",
+        "Data.StoreInstance", "Data.StoreWholeInstance", "Data.StoreStream", "Data.FetchInstance", "Data.Query", "Data.ListStudy",
         "Data.Tombstone", "Data.Correct",
         "Membership.Ping", "Membership.IndirectPing", "Membership.PushPull", "Membership.Join",
         "Membership.Leave",
@@ -117,6 +117,7 @@ def test_services_are_the_designed_ones() -> None:
     data = pb.DESCRIPTOR.services_by_name["Data"].methods_by_name
     assert data["StoreInstance"].client_streaming and not data["StoreInstance"].server_streaming
     assert data["FetchInstance"].server_streaming and data["Query"].server_streaming
+    assert data["StoreStream"].client_streaming and data["StoreStream"].server_streaming
 
 
 def _representative(field: FieldDescriptor, index: int) -> Any:
