@@ -17,8 +17,9 @@ Security: each worker applies the access table, serves DICOM TLS on `dicom_tls_p
 appends to its own audit trail (and syslog receiver). `reload_certificates` forwards the
 node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
 
-`max_associations` is shared: the node holds the slots (AssociationSlots), a worker takes
-one per association it accepts. The workers' DIMSE requests reach the node's /metrics
+`max_associations` is shared: the node holds the slots (AssociationSlots) and takes one
+for each connection it hands over (ConnectionHandOff); a worker takes one over the channel
+for each DICOM TLS association it accepts. The workers' DIMSE requests reach the node's /metrics
 (count_dimse), and so do the associations they refuse by the access table (`refused`).
 
 Files: a worker names its spool files and blob temp files with its PID
