@@ -15,10 +15,10 @@ Framing (every frame, both ways):
     header          UTF-8 JSON object (typed fields only, never a pickled object)
     body            raw bytes (instance bytes, blobs), may be empty
 
-One connection carries one request at a time; a worker keeps one connection per
-association thread. A C-FIND answer is a stream of ROW frames ended by FIND_END,
-INCOMPLETE or ERROR; a worker that stops reading closes the connection and the node's
-sender stops. An AUDIT frame (worker to node) carries one audit message line
+One connection carries one request at a time; a worker's threads share a few idle
+connections (each call takes one and gives it back once its answer is read). A C-FIND
+answer is a stream of ROW frames ended by FIND_END, INCOMPLETE or ERROR; a worker that
+stops reading closes the connection and the node's sender stops. An AUDIT frame (worker to node) carries one audit message line
 (node/audit.py) for the node's audit trail and gets no answer.
 
 A STORE frame carries the instance's compressed copy (its zstd blob) as its body, or,
@@ -79,6 +79,7 @@ _PREFIX = struct.Struct(">IBI")
 DIMSE_SERVICES = frozenset({"C-STORE", "C-GET", "C-FIND", "C-MOVE", "C-ECHO"})  # node/metrics.py's services.
 FRAME_BYTES_MAX = 8 * 1024**3  # Larger than any instance the front end accepts (instance_size_bytes_max).
 COMMITS_AT_ONCE = 4  # Storage Commitment checks one worker waits for at once (node/commitment.py reporters).
+IDLE_CONNECTIONS_MAX = 16  # A worker's idle channel connections kept for the next call.
 AUDIT_LINE_MAX = 64 * 1024  # One audit message (node/audit.py caps its free text at 200 characters).
 
 
@@ -97,7 +98,8 @@ class Kind(enum.IntEnum):
     SLOT_FREE = 11  # An association that had a slot ended; not answered.
     # This connection now carries the DICOM connections the node accepts for this worker
     # (node/workers.py ConnectionHandOff): node -> worker one byte with the socket
-    # (SCM_RIGHTS), worker -> node one byte per handed connection that ended. No frames.
+    # (SCM_RIGHTS: SLOT_GIVEN or NO_SLOT), worker -> node one byte per handed connection
+    # that ended (ENDED_WITH_SLOT or ENDED). No frames.
     HANDOFF = 12
     # node -> worker
     STORED = 20
@@ -115,6 +117,13 @@ class Kind(enum.IntEnum):
     COMMITTED = 32  # A COMMIT's result: committed and failed references.
     SLOT_GRANTED = 33
     SLOT_REFUSED = 34
+
+
+# The bytes of a HANDOFF connection (node/workers.py ConnectionHandOff).
+SLOT_GIVEN = b"C"  # node -> worker, with the socket: a max_associations slot is held for it.
+NO_SLOT = b"B"  # node -> worker, with the socket: none was left; the worker rejects it busy.
+ENDED_WITH_SLOT = b"D"  # worker -> node: a handed connection that held a slot ended.
+ENDED = b"E"  # worker -> node: a handed connection without a slot ended.
 
 
 class StoreFrameError(Exception):
@@ -285,35 +294,62 @@ class ChannelArchive:
     def __init__(self, path: str, blob_files: BlobFiles | None = None, blob_file_bytes_min: int = 0,
                  whole_read_bytes_max: int = WHOLE_READ_BYTES_MAX) -> None:
         self._path = path
-        self._local = threading.local()
+        # Connections not in use, shared by every thread: a call takes one (or connects) and
+        # gives it back when its answer is read. One per association thread, as before,
+        # was a connect and a thread started in the node (and ended) per association.
+        self._idle: list[socket.socket] = []
+        self._idle_lock = threading.Lock()
         self._blob_files = blob_files
         self._blob_file_bytes_min = blob_file_bytes_min
         self._whole_read_bytes_max = whole_read_bytes_max
         self._lock = threading.Lock()
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None  # Made at the first commit.
 
-    def _connection(self) -> socket.socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _take(self) -> socket.socket:
+        with self._idle_lock:
+            if self._idle:
+                return self._idle.pop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             sock.connect(self._path)
-            self._local.sock = sock
+        except OSError:
+            sock.close()
+            raise
         return sock
 
-    def _drop(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        self._local.sock = None
-        if sock is not None:
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._idle_lock:
+            if len(self._idle) < IDLE_CONNECTIONS_MAX:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        """Close the idle connections (one in use is closed by its call when it ends)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
             sock.close()
 
-    def _call(self, kind: Kind, header: dict[str, Any], *bodies: bytes) -> tuple[Kind, dict[str, Any], bytes]:
+    def _send(self, kind: Kind, header: dict[str, Any]) -> None:
+        """A frame the node does not answer (AUDIT, METRICS)."""
+        sock = self._take()
         try:
-            sock = self._connection()
+            send_frame(sock, kind, header)
+        except (OSError, ChannelError):
+            sock.close()
+            raise
+        self._give_back(sock)
+
+    def _call(self, kind: Kind, header: dict[str, Any], *bodies: bytes) -> tuple[Kind, dict[str, Any], bytes]:
+        sock = self._take()
+        try:
             send_frame(sock, kind, header, *bodies)
             answer = recv_frame(sock)
         except (OSError, ChannelError):
-            self._drop()
+            sock.close()
             raise
+        self._give_back(sock)
         if answer[0] == Kind.ERROR:
             raise RemoteError(str(answer[1].get("error", "")))
         return answer
@@ -360,8 +396,7 @@ class ChannelArchive:
                            message=str(answer.get("message", "")), latency_ms=int(answer.get("latency_ms", 0)))
 
     def find(self, query: Query, is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Attributes]:
-        sock = self._connection()
-        self._local.sock = None  # The stream owns this connection until it ends.
+        sock = self._take()  # The stream's own until it ends.
         finished = False
         try:
             send_frame(sock, Kind.FIND, {"query": query_to_json(query)})
@@ -383,8 +418,8 @@ class ChannelArchive:
                 else:
                     raise ChannelError(f"unexpected answer {kind.name} to FIND")
         finally:
-            if finished and getattr(self._local, "sock", None) is None:
-                self._local.sock = sock  # Whole answer read: reuse the connection.
+            if finished:
+                self._give_back(sock)  # Whole answer read: reuse the connection.
             else:
                 sock.close()  # Stopped early: closing tells the node to stop sending.
 
@@ -392,9 +427,8 @@ class ChannelArchive:
         """Send one audit message line to the node (node/audit.py AuditLog.forward); never raises:
         a broken channel is logged, as a failed audit write is."""
         try:
-            send_frame(self._connection(), Kind.AUDIT, {"line": line})
+            self._send(Kind.AUDIT, {"line": line})
         except (OSError, ChannelError) as error:
-            self._drop()
             log.error("audit.forward_failed error=%s", type(error).__name__)
 
     def metrics(self, observations: list[list[Any]], refused: int = 0) -> None:
@@ -402,10 +436,8 @@ class ChannelArchive:
         the node's /metrics (node/metrics.py DimseForwarder); on a broken channel they are
         dropped, and that is logged."""
         try:
-            send_frame(self._connection(), Kind.METRICS, {"observations": observations, "pid": os.getpid(),
-                                                          "refused": refused})
+            self._send(Kind.METRICS, {"observations": observations, "pid": os.getpid(), "refused": refused})
         except (OSError, ChannelError) as error:
-            self._drop()
             log.error("metrics.forward_failed error=%s", type(error).__name__)
 
     def commit(self, references: list[Reference], settings: CommitSettings) -> "concurrent.futures.Future[CommitResult]":

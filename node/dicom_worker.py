@@ -33,7 +33,16 @@ from pynetdicom import evt
 from pynetdicom.utils import make_target
 
 from pacsnode.node import acceptor, association_guard, tls
-from pacsnode.node.archive_channel import ChannelArchive, Kind, SlotClient, recv_frame, send_frame
+from pacsnode.node.archive_channel import (
+    ENDED,
+    ENDED_WITH_SLOT,
+    SLOT_GIVEN,
+    ChannelArchive,
+    Kind,
+    SlotClient,
+    recv_frame,
+    send_frame,
+)
 from pacsnode.node.blob_files import WORKER_POOL_PREFIX, BlobFiles
 from pacsnode.node.metrics import DimseForwarder, Metrics
 from pacsnode.node.store import blobs_directory, store_directory
@@ -58,6 +67,7 @@ class HandoffServer(acceptor.AcceptorServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ended_lock = threading.Lock()  # Association threads report their ends.
+        self._slot_given = False  # The last handed connection's (this server's thread only).
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -74,6 +84,9 @@ class HandoffServer(acceptor.AcceptorServer):
         if not message:
             log.warning("dicom.worker.node_gone pid=%d", os.getpid())
             os._exit(0)  # The node closed the channel (as _watch_control).
+        # Whether the node took a max_associations slot for it: read by on_open (EVT_CONN_OPEN,
+        # which socketserver's handler triggers on this thread, next) for its association.
+        self._slot_given = message == SLOT_GIVEN
         if not fds:
             raise OSError("a hand-off message without its socket")
         conn = socket.socket(fileno=fds[0])
@@ -82,20 +95,27 @@ class HandoffServer(acceptor.AcceptorServer):
         try:
             return conn, conn.getpeername()
         except OSError:
-            self.connection_ended()  # Gone already (reset while it was handed over).
+            self._report_end(self._slot_given)  # Gone already (reset while it was handed over).
             conn.close()
             raise
+
+    def on_open(self, event: Any) -> None:
+        event.assoc.handoff_slot = self._slot_given
 
     def shutdown_request(self, request: Any) -> None:
         # socketserver calls this for a request refused or failed before its association ran
         # (an association that ran reports its end by EVT_CONN_CLOSE instead).
         super().shutdown_request(request)
-        self.connection_ended()
+        self._report_end(self._slot_given)
 
-    def connection_ended(self, _event: Any = None) -> None:
+    def connection_ended(self, event: Any) -> None:
+        """EVT_CONN_CLOSE of a handed connection: its end, and its slot, back to the node."""
+        self._report_end(getattr(event.assoc, "handoff_slot", False) is True)
+
+    def _report_end(self, slot: bool) -> None:
         try:
             with self._ended_lock:
-                self.handoff.send(b"D")
+                self.handoff.send(ENDED_WITH_SLOT if slot else ENDED)
         except OSError:
             pass  # The node is gone: the worker exits (_watch_control).
 
@@ -138,6 +158,7 @@ class WorkerFrontEnd(DicomFrontEnd):
         address = (self._config.host, self._config.dicom_port)
         server = cast(HandoffServer, self.ae.make_server(address, evt_handlers=handlers, server_class=HandoffServer))
         server.handoff = self._handoff
+        server.bind(evt.EVT_CONN_OPEN, server.on_open)
         server.bind(evt.EVT_CONN_CLOSE, server.connection_ended)
         threading.Thread(target=make_target(server.serve_forever), name="WorkerAcceptorServer",
                          daemon=True).start()
@@ -164,14 +185,18 @@ class WorkerFrontEnd(DicomFrontEnd):
 
 
 def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> None:
-    """max_associations across the workers: a request this worker would accept takes one
-    of the node's slots first (rejected busy, as pynetdicom rejects at its own limit, when
-    none is left) and gives it back when its connection closes."""
+    """max_associations across the workers: a handed connection comes with one of the
+    node's slots or without (none left: rejected busy, as pynetdicom rejects at its own
+    limit), given back with its end (HandoffServer); a DICOM TLS request this worker would
+    accept takes one over the channel first and gives it back when its connection closes."""
     def take(event: Any) -> None:
         assoc = event.assoc
         if getattr(assoc, "rejection", None) is not None or not assoc.is_acceptor:
             return  # Rejected already (association_guard), or our own C-MOVE sub-association.
-        if slots.acquire():
+        handed = getattr(assoc, "handoff_slot", None)
+        if handed is True:
+            return  # The node took it when it handed the connection over.
+        if handed is None and slots.acquire():
             assoc.slot_held = True
             return
         assoc.rejection = association_guard.Rejection(association_guard.RejectReason.BUSY,
@@ -185,9 +210,10 @@ def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> No
             assoc.slot_held = False
             slots.release()
 
-    server = front_end._server
-    server.bind(evt.EVT_REQUESTED, take)
-    server.bind(evt.EVT_CONN_CLOSE, give_back)
+    front_end._server.bind(evt.EVT_REQUESTED, take)
+    if front_end._tls_server is not None:
+        front_end._tls_server.bind(evt.EVT_REQUESTED, take)
+        front_end._tls_server.bind(evt.EVT_CONN_CLOSE, give_back)
 
 
 def _count_dimse(front_end: WorkerFrontEnd, archive: ChannelArchive) -> None:

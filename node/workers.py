@@ -9,16 +9,17 @@ The node listens on the DICOM port itself and hands each accepted connection to 
 worker with the fewest open connections (ConnectionHandOff: the socket passed over the
 channel with SCM_RIGHTS). The kernel's SO_REUSEPORT spread, used before, picks a worker by
 a hash of the connection's addresses: four storescu senders landed 2:2 on two workers in
-only 3 runs of 8 (4:0 twice), and one worker, one GIL, then did all the work while the
-other core idled (docs/workers.md, Measurements).
+5 runs of 12 (3:1 in 4, 4:0 in 3), and then one worker, one GIL, did most or all of the
+work while the other core idled (docs/workers.md, Measurements).
 
 Security: each worker applies the access table, serves DICOM TLS on `dicom_tls_port`
 (SO_REUSEPORT: TLS connections are still spread by the kernel) and sends its DICOM audit messages over the channel, which the node
 appends to its own audit trail (and syslog receiver). `reload_certificates` forwards the
 node's certificate reload (SIGHUP, or its poll) to the workers as SIGHUP.
 
-`max_associations` is shared: the node holds the slots (AssociationSlots), a worker takes
-one per association it accepts. The workers' DIMSE requests reach the node's /metrics
+`max_associations` is shared: the node holds the slots (AssociationSlots) and takes one
+for each connection it hands over (ConnectionHandOff); a worker takes one over the channel
+for each DICOM TLS association it accepts. The workers' DIMSE requests reach the node's /metrics
 (count_dimse), and so do the associations they refuse by the access table (`refused`).
 
 Files: a worker names its spool files and blob temp files with its PID
@@ -44,7 +45,7 @@ from multiprocessing.connection import wait
 from typing import Any, Callable
 
 from pacsnode.node import dicom_worker, spool
-from pacsnode.node.archive_channel import AssociationSlots, ChannelServer
+from pacsnode.node.archive_channel import ENDED_WITH_SLOT, NO_SLOT, SLOT_GIVEN, AssociationSlots, ChannelServer
 from pacsnode.node.blob_files import BlobFiles
 from pacsnode.node.audit import AuditLog
 from pacsnode.node.config import NodeConfig
@@ -60,14 +61,19 @@ LISTEN_BACKLOG = 128
 class ConnectionHandOff:
     """The node's accept loop of the plain DICOM port: each connection goes to the worker
     that has the fewest handed connections still open (ties in turn), as the socket itself
-    over that worker's HANDOFF connection (SCM_RIGHTS); the worker sends one byte back for
-    each that ended. A worker whose hand-off connection ends (it died) gets no more; a
-    connection accepted while no worker is registered waits HANDOFF_WAIT_S for one, then
-    is closed (as a refused connection, before: nothing listened while no worker ran).
-    The counts only steer the choice: max_associations is the slots' (AssociationSlots)."""
+    over that worker's HANDOFF connection (SCM_RIGHTS), with one byte that says whether a
+    max_associations slot (AssociationSlots) was taken for it: the worker asks for none over
+    the channel (a round trip per association, before), and rejects the association busy
+    when none was left. The worker sends one byte back for each that ended, which gives its
+    slot back. A worker whose hand-off connection ends (it died) gets no more and its slots
+    are given back; a connection accepted while no worker is registered waits HANDOFF_WAIT_S
+    for one, then is closed (as a refused connection, before: nothing listened while no
+    worker ran)."""
 
-    def __init__(self, listener: socket.socket, wait_s: float = HANDOFF_WAIT_S) -> None:
+    def __init__(self, listener: socket.socket, slots: AssociationSlots | None = None,
+                 wait_s: float = HANDOFF_WAIT_S) -> None:
         self._listener = listener
+        self._slots = slots
         self._wait_s = wait_s
         self._open: dict[socket.socket, int] = {}  # A worker's hand-off connection -> its open connections.
         self._changed = threading.Condition()
@@ -93,6 +99,9 @@ class ConnectionHandOff:
                 ended = sock.recv(256)
                 if not ended:
                     return
+                if self._slots is not None:
+                    for _ in range(ended.count(ENDED_WITH_SLOT)):
+                        self._slots.release(sock)
                 with self._changed:
                     if sock in self._open:
                         self._open[sock] = max(0, self._open[sock] - len(ended))
@@ -101,6 +110,8 @@ class ConnectionHandOff:
         finally:
             with self._changed:
                 self._open.pop(sock, None)
+            if self._slots is not None:
+                self._slots.release_all(sock)  # Its worker died: its associations with it.
 
     def close(self) -> None:
         with self._changed:
@@ -149,12 +160,15 @@ class ConnectionHandOff:
                     if chosen is None:
                         log.warning("dicom.accept.no_worker")
                         break
+                    given = self._slots.acquire(chosen) if self._slots is not None else True
                     try:
-                        socket.send_fds(chosen, [b"C"], [conn.fileno()])
+                        socket.send_fds(chosen, [SLOT_GIVEN if given else NO_SLOT], [conn.fileno()])
                         self.handed += 1
                         break
                     except OSError:
                         self._forget(chosen)  # Its worker died: the next one takes the connection.
+                        if given and self._slots is not None:
+                            self._slots.release(chosen)
 
 
 class WorkerPool:
@@ -225,7 +239,7 @@ class WorkerPool:
         listener.bind((self._config.host, self._config.dicom_port))
         self.port = listener.getsockname()[1]
         self._reservation = listener
-        self._handoff = ConnectionHandOff(listener)
+        self._handoff = ConnectionHandOff(listener, self.slots)
         self._channel.on_handoff = self._handoff.serve_worker
         removed = spool.clear_directory(self._spool_directory)  # Left by a crash mid-transfer.
         if removed:

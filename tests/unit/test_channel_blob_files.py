@@ -232,7 +232,7 @@ def test_reads_come_as_kept_a_file_streamed_a_blob_decompressed_by_the_worker(ch
     assert isinstance(opened, Part10Stream) and offset == big.dataset_offset
     with opened:
         assert opened.read_all() == big.part10
-    streaming._drop()
+    streaming.close()
     opened, offset = worker.open_streamed(_location(small))
     assert opened == small.part10 and offset == small.dataset_offset
     assert worker.read(_location(big)) == (big.part10, big.dataset_offset)
