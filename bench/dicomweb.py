@@ -25,6 +25,10 @@ several threads, and curl needs a core too); the bench runs under `nice` like th
 - wado-restart: `wado` again after both servers were stopped and started on their data:
   pacsnode then reads the blobs from RocksDB's blob files (just after ingest they are still
   in its memtable), Orthanc its files; what a study stored earlier costs to retrieve.
+- `--zstd`: wado and wado-restart also read pacsnode with `curl --compressed` (`pacsnode_zstd`:
+  its Content-Encoding: zstd answer, each stored frame sent as stored); `bytes` is then what
+  crossed the wire, MB/s the study's decoded MB. Orthanc's answer to `Accept-Encoding: zstd`
+  is recorded (its DICOMweb plugin has no zstd).
 - wado-small: the same, for one study of `--small-instances` 64 x 64 CT instances (~9 KB
   each): what a retrieve costs per instance rather than per byte.
 - metadata: GET /studies/{uid}/series/{uid}/metadata of that study's 80-instance series:
@@ -210,22 +214,44 @@ def stow(server: Server, manifest: list[dict[str, Any]], *, batch: int = 20, thr
             "failed_batches": len(failures), "ok": not failures and held == len(studies)}
 
 
-def wado_study(server: Server, study: str, expected_bytes: int) -> dict[str, Any]:
+def wado_study(server: Server, study: str, expected_bytes: int, *, compressed: bool = False) -> dict[str, Any]:
     """curl (C) reads the body: a Python client's multipart/chunked parsing would be the bottleneck
     (httpx measured 230 MB/s where curl read 900 MB/s from the same Orthanc). `elapsed_s` is
     curl's own time from its start of the connection to the last byte (`time_total`), what
-    the ratios use; `wall_s` adds curl's process start and exit (~5 ms, the same for both)."""
+    the ratios use; `wall_s` adds curl's process start and exit (~5 ms, the same for both).
+    `compressed`: curl --compressed (Accept-Encoding: deflate, gzip, br, zstd; curl decodes
+    the body): `bytes` are then the bytes on the wire (curl's size_download), `mb_per_s` the
+    study's decoded megabytes (`expected_bytes`) per second, and `ok` needs a
+    `Content-Encoding: zstd` answer (the decoded body's equality is tests/unit/test_dicomweb_zstd.py's)."""
     cpu_before = thread_cpu_ns(server)
     started = time.perf_counter()
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}",
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "\n%{http_code} %{size_download} %{time_total}",
+                          *(["--compressed"] if compressed else []),
                           "-H", f"Accept: {ACCEPT_DICOM}", f"{root_url(server)}/studies/{study}"],
                          capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - started
     cpu = cpu_ms_between(cpu_before, thread_cpu_ns(server))
-    status_text, received_text, total_text = out.stdout.split()
+    headers, _, written = out.stdout.rpartition("\n")
+    status_text, received_text, total_text = written.split()
     status, received, elapsed = int(status_text), int(received_text), float(total_text)
-    return {"elapsed_s": elapsed, "wall_s": wall, "bytes": received, "mb_per_s": received / MB / elapsed,
-            "server_cpu_ms": cpu, "load": load_average(), "ok": status == 200 and received >= expected_bytes}
+    encoding = next((line.split(":", 1)[1].strip() for line in headers.splitlines()
+                     if line.lower().startswith("content-encoding:")), "")
+    ok = status == 200 and (encoding == "zstd" if compressed else received >= expected_bytes)
+    return {"elapsed_s": elapsed, "wall_s": wall, "bytes": received,
+            "mb_per_s": (expected_bytes if compressed else received) / MB / elapsed, "content_encoding": encoding,
+            "server_cpu_ms": cpu, "load": load_average(), "ok": ok}
+
+
+def orthanc_zstd_answer(server: Server, study: str) -> dict[str, Any]:
+    """What Orthanc's DICOMweb plugin answers to `Accept-Encoding: zstd` (it has no zstd)."""
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-D", "-", "-H", "Accept-Encoding: zstd",
+                          "-H", f"Accept: {ACCEPT_DICOM}", f"{root_url(server)}/studies/{study}"],
+                         capture_output=True, text=True, timeout=300)
+    lines = out.stdout.splitlines()
+    return {"status_line": lines[0] if lines else "",
+            "headers": {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip()
+                        for line in lines[1:] if ":" in line and line.split(":", 1)[0].lower() in
+                        ("content-encoding", "content-length", "transfer-encoding", "vary", "content-type")}}
 
 
 def series_metadata(server: Server, study: str, series: str, count: int) -> dict[str, Any]:
@@ -306,6 +332,12 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
 
 
+def with_compressed(systems: dict[str, Server], zstd: bool) -> dict[str, Server]:
+    """The systems to measure, with pacsnode once more (`pacsnode_zstd`, the same server read
+    by curl --compressed) when `zstd`."""
+    return {**systems, "pacsnode_zstd": systems["pacsnode"]} if zstd else systems
+
+
 def alternate(measure: Callable[[Server], dict[str, Any]], systems: dict[str, Server], repeats: int
               ) -> dict[str, list[dict[str, Any]]]:
     """`repeats` rounds of one measurement of each system, the order turned every round
@@ -315,8 +347,25 @@ def alternate(measure: Callable[[Server], dict[str, Any]], systems: dict[str, Se
     names = list(systems)
     for round_index in range(repeats):
         for name in (names if round_index % 2 == 0 else names[::-1]):
-            results[name].append(measure(systems[name]))
+            results[name].append(measure(systems[name]) if name != "pacsnode_zstd" else
+                                 measure(_Compressed(systems[name])))  # type: ignore[arg-type]
     return results
+
+
+class _Compressed:
+    """A server to be read by curl --compressed (`alternate` for `pacsnode_zstd`)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+
+def wado_measure(study: str, total: int) -> Callable[[Any], dict[str, Any]]:
+    """wado_study of a system `alternate` hands over (a `_Compressed` one with --compressed)."""
+    def measure(system: Any) -> dict[str, Any]:
+        if isinstance(system, _Compressed):
+            return wado_study(system.server, study, total, compressed=True)
+        return wado_study(system, study, total)
+    return measure
 
 
 def settled(systems: dict[str, Server], measure: Callable[[Server], dict[str, Any]]) -> dict[str, Any]:
@@ -350,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the 80 CT of 'wado', 'wado-restart', 'metadata' and 'fresh': 12 bits of noise "
                              "(incompressible, as every run before 2026-12-07 15:40) or a CT-like phantom "
                              "that compresses ~2x as real CT does (sim/datagen.py)")
+    parser.add_argument("--zstd", action="store_true",
+                        help="'wado' and 'wado-restart' also read pacsnode with curl --compressed (its "
+                             "Content-Encoding: zstd answer: stored frames as stored), as `pacsnode_zstd`; "
+                             "and record what Orthanc answers to Accept-Encoding: zstd")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args(argv)
@@ -386,18 +439,19 @@ def main(argv: list[str] | None = None) -> int:
                     name: series_metadata(server, study, series, len(manifest)) for name, server in systems.items()}
                 report["results"]["metadata"] = alternate(
                     lambda server: series_metadata(server, study, series, len(manifest)), systems, args.repeats)
+            measured = with_compressed(systems, args.zstd)
+            if args.zstd:
+                report["results"]["orthanc_zstd_answer"] = orthanc_zstd_answer(systems["orthanc"], study)
             if "wado" in only:
                 report["results"]["wado_settle"] = settled(systems, lambda server: wado_study(server, study, total))
-                report["results"]["wado"] = alternate(lambda server: wado_study(server, study, total), systems,
-                                                      args.repeats)
+                report["results"]["wado"] = alternate(wado_measure(study, total), measured, args.repeats)
             if "wado-restart" in only:
                 for server in systems.values():
                     restart(server)
                 # A first retrieve: the HTTP stack's and the files' first touch.
                 report["results"]["wado_restart_settle"] = settled(systems,
                                                                    lambda server: wado_study(server, study, total))
-                report["results"]["wado_restart"] = alternate(lambda server: wado_study(server, study, total),
-                                                              systems, args.repeats)
+                report["results"]["wado_restart"] = alternate(wado_measure(study, total), measured, args.repeats)
             for server in systems.values():
                 server.stop()
             systems = {}
@@ -476,6 +530,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                     for name, values in runs.items()}
             summary[f"{key}_server_cpu_ms"] = {name: spread([run["server_cpu_ms"] for run in values])
                                                for name, values in runs.items()}
+            summary[f"{key}_wire_bytes"] = {name: median_of(values, "bytes") for name, values in runs.items()}
             # Pairs are the two measurements of one round, taken one after the other.
             ratios = [o["elapsed_s"] / p["elapsed_s"] for p, o in zip(runs["pacsnode"], runs["orthanc"])]
             summary[f"{key}_ratio_of_medians"] = round(
@@ -485,6 +540,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             summary[f"{key}_load"] = [round(min(run["load"] for v in runs.values() for run in v), 1),
                                       round(max(run["load"] for v in runs.values() for run in v), 1)]
             summary[f"{key}_ok"] = all(run["ok"] for values in runs.values() for run in values)
+    if "orthanc_zstd_answer" in results:
+        summary["orthanc_zstd_answer"] = results["orthanc_zstd_answer"]
     if "metadata_first" in results:
         summary["metadata_first_ms"] = {name: round(run["elapsed_ms"], 1)
                                         for name, run in results["metadata_first"].items()}

@@ -54,6 +54,7 @@ from pacsnode.node.dicomweb_media import (
     part_header,
     read_file_meta,
 )
+from pacsnode.node.dicomweb_zstd import ZSTD, accepts_zstd, encode
 from pacsnode.node.dicomweb_metadata import BulkDataError, HeaderTruncated, bulk_value, header_json, with_root
 from pacsnode.node.dicomweb_render import (
     DECODE_AS_RGB,
@@ -161,6 +162,23 @@ class LocalReads(Protocol):
     def open_blob(self, kept: Any) -> BinaryIO:
         """The file `blob_file` found, open for reading (unchecked: the reader checks it);
         CorruptBlob when it is missing."""
+
+    def stored_frame(self, location: InstanceLocation) -> "bytes | memoryview | FrameChunks | None":
+        """The instance's zstd frame as stored, checked as its read checks it today (a blob
+        file by its pointer's CRC-32, a RocksDB value by zstd's checksum), or for a big blob
+        file the chunks of it (FrameChunks, closed by the caller); None: not here, or its
+        window is over RFC 9659's bound; CorruptBlob (not logged) when a check fails. A
+        lookup and a read: called on a reader thread."""
+
+
+class FrameChunks(Protocol):
+    """A stored frame too big to read whole, handed out a chunk at a time (blocking)."""
+
+    def next_chunk(self) -> bytes:
+        """The next chunk; b"" after the last; CorruptBlob instead of the last one when the
+        file fails its check."""
+
+    def close(self) -> None: ...
 
 
 class MetadataCache:
@@ -386,16 +404,156 @@ class DicomWeb:
         heads = [part_header(boundary, f"{DICOM}; transfer-syntax={syntax}", first=index == 0,
                              location=_instance_url(root, location))
                  for index, (location, syntax) in enumerate(sendable)]
+        audited = (caller_of(request), plan.locations, status) if self._audit is not None else None
+        # The answer depends on Accept-Encoding (zstd or not), whichever is sent.
+        headers["Vary"] = "Accept-Encoding"
+        if self._zstd_sendable(request, sendable):
+            headers["Content-Encoding"] = ZSTD  # Chunked: the frames' lengths are known only as they are read.
+            return StreamingResponse(self._zstd_parts(sendable, boundary, heads, audited), status_code=status,
+                                     headers=headers, media_type=multipart_content_type(DICOM, boundary))
         length = _body_length(sendable, heads, closing_delimiter(boundary))
         if length is not None:
             # The stored bytes go out as they are, and the index knows their length: say it
             # first, so that the server writes each part straight to the socket (a chunked
             # body costs a copy of every byte).
             headers["Content-Length"] = str(length)
-        audited = (caller_of(request), plan.locations, status) if self._audit is not None else None
         return StreamingResponse(self._parts(sendable, boundary, heads, audited, exact=length is not None),
                                  status_code=status, headers=headers,
                                  media_type=multipart_content_type(DICOM, boundary))
+
+    def _zstd_sendable(self, request: Request, sendable: list[tuple[InstanceLocation, str]]) -> bool:
+        """Whether the retrieve goes out with Content-Encoding: zstd, each stored frame as
+        stored: the client accepts zstd, this node owns every study (its copies are at hand,
+        `local_reads`), and every instance goes out as stored, uncorrected. Otherwise (a
+        corrected study, a transcode, a study read from peers) the answer is not encoded: those
+        bytes would have to be compressed here, CPU on the node for bytes on the wire, where
+        the as-stored frames cost the node less than today's answer."""
+        return (self._local_reads is not None and accepts_zstd(request.headers.get("accept-encoding"))
+                and self._owns_all(sendable)
+                and all(syntax == location.transfer_syntax_uid and not location.correction
+                        for location, syntax in sendable))
+
+    def _zstd_group(self, group: list[tuple[InstanceLocation, bytes]]) -> "_ZstdGroup":
+        """One group of an encoded retrieve (each instance with its part header), on a
+        reader thread: each part header a frame made here, each instance its stored frame
+        (`local_reads.stored_frame`), small parts joined into writes of about COALESCE_BYTES.
+        An instance whose stored frame cannot go as stored (a window over the bound, not
+        here) or fails its check (CorruptBlob: the archive's read then logs it and reads
+        another owner's copy, as today) is read as today and compressed anew at level 1."""
+        reads = self._local_reads
+        assert reads is not None  # _zstd_sendable said so.
+        pieces: list[tuple[bytes | memoryview | FrameChunks, int]] = []
+        joined: list[bytes | memoryview] = []
+        joined_bytes = 0
+        joined_parts = 0
+
+        def flush() -> None:
+            nonlocal joined, joined_bytes, joined_parts
+            if joined:
+                pieces.append((b"".join(joined), joined_parts))
+                joined, joined_bytes, joined_parts = [], 0, 0
+
+        for location, head in group:
+            try:
+                head_frame = encode(head)
+                try:
+                    stored = reads.stored_frame(location)
+                    corrupt = False
+                except CorruptBlob:
+                    stored, corrupt = None, True
+                body: bytes | memoryview | FrameChunks
+                if stored is None:
+                    opened, _offset = self._open(location, own=not corrupt)
+                    body = _EncodedStream(opened) if isinstance(opened, Part10Stream) else encode(opened)
+                else:
+                    body = stored
+                if isinstance(body, (bytes, memoryview)) and len(body) < SMALL_PART_BYTES:
+                    joined += (head_frame, body)
+                    joined_bytes += len(head_frame) + len(body)
+                    joined_parts += 1
+                    if joined_bytes >= COALESCE_BYTES:
+                        flush()
+                    continue
+                joined.append(head_frame)
+                flush()
+                pieces.append((body, 1))
+            except (ReadError, CorruptBlob) as error:
+                flush()
+                return pieces, error
+        flush()
+        return pieces, None
+
+    async def _zstd_parts(self, sendable: list[tuple[InstanceLocation, str]], boundary: str, heads: list[bytes],
+                          audited: tuple[Caller, list[InstanceLocation], int] | None = None) -> AsyncIterator[bytes]:
+        """The multipart body as a sequence of zstd frames (Content-Encoding: zstd, RFC 8878
+        section 3: decoded, the frames' contents one after another): the bytes `_parts`
+        would send, each stored instance's frame as stored (never decompressed here). Read in
+        groups on the reader threads, OWN_READ_GROUPS_AHEAD ahead; a big blob file a chunk at
+        a time, the next while the one before it is sent. A failed check breaks the body
+        off (no closing frame, no last chunk of the chunked body), as `_parts` does."""
+        groups: list[list[tuple[InstanceLocation, bytes]]] = []
+        start = 0
+        for group in _read_groups(sendable):
+            groups.append([(location, heads[start + offset]) for offset, (location, _syntax) in enumerate(group)])
+            start += len(group)
+        futures: list[concurrent.futures.Future[_ZstdGroup]] = []
+        pending: list[tuple[bytes | memoryview | FrameChunks, int]] = []
+        current: FrameChunks | None = None
+        ahead: concurrent.futures.Future[bytes] | None = None
+        writes = _Unaligned()
+        sent = 0
+        finished = False
+        index = 0
+        try:
+            while index < len(groups) or futures:
+                while index < len(groups) and len(futures) < OWN_READ_GROUPS_AHEAD:
+                    futures.append(self._readers.submit(self._zstd_group, groups[index]))
+                    index += 1
+                read, error = await asyncio.wrap_future(futures.pop(0))
+                pending = list(read)
+                while pending:
+                    piece, parts = pending.pop(0)
+                    if isinstance(piece, (bytes, memoryview)):
+                        for write in writes.put(piece):
+                            yield write  # type: ignore[misc]  # Starlette sends memoryviews as they are.
+                        sent += parts
+                        continue
+                    current = piece
+                    ahead = self._readers.submit(piece.next_chunk)
+                    chunk = await asyncio.wrap_future(ahead)
+                    while chunk:
+                        ahead = self._readers.submit(piece.next_chunk)
+                        for write in writes.put(chunk):
+                            yield write  # type: ignore[misc]
+                        chunk = await asyncio.wrap_future(ahead)
+                    ahead = None
+                    current = None
+                    piece.close()
+                    sent += parts
+                if error is not None:
+                    raise error  # After the group's instances read before it.
+            finished = True
+        except (ReadError, CorruptBlob) as error:
+            # The instances before the unreadable one go out whole (and their last byte held
+            # back); then the body is broken off: no closing frame.
+            yield writes.end(b"")
+            log.error("dicomweb.retrieve.unreadable sent=%d reason=%s encoding=zstd", sent, error)
+            raise
+        finally:
+            if current is not None:
+                _close_chunks_when_read(current, ahead)
+            for piece, _parts in pending:
+                if not isinstance(piece, (bytes, memoryview)):
+                    piece.close()
+            for future in futures:
+                if not future.cancel():
+                    future.add_done_callback(_close_zstd_group)
+            if audited is not None and not finished and self._audit is not None:
+                self._audit.retrieved(audited[0], audited[1], sent=sent, outcome=MAJOR_FAILURE, what="retrieve")
+        if audited is not None and self._audit is not None:
+            self._audit.retrieved(audited[0], audited[1], sent=sent, what="retrieve",
+                                  outcome=SUCCESS if audited[2] == 200 else MINOR_FAILURE)
+        yield writes.end(encode(closing_delimiter(boundary, empty=sent == 0)))
 
     def _open(self, location: InstanceLocation, own: bool = False) -> tuple[bytes | Part10Stream, int]:
         """`read`, or an own copy kept as a blob file as a Part10Stream (node/blob_files.py)
@@ -1279,6 +1437,77 @@ def _close_when_read(stream: Part10Stream, ahead: "concurrent.futures.Future[byt
         stream.close()
     else:
         ahead.add_done_callback(lambda _future: stream.close())
+
+
+class _Unaligned:
+    """The writes of an encoded retrieve, none of which but the last ends where a zstd
+    frame ends: the last byte of every piece is held back and goes out with the next one.
+    httpx's zstd decoder (0.29) fails with "cannot use a decompressobj multiple times" when
+    a read of the body ends exactly at a frame's end and more follows (encode/httpx
+    discussion 3538; fixed in the httpx2 fork, pydantic/httpx2 PR 946); a read ends where a
+    write ended more often than anywhere else. A read can still end at a frame end inside a
+    write bigger than a TCP segment (rare: loopback segments are 64 KB); curl, urllib3 2.x
+    and libzstd's streaming decoders carry on across frames. A small piece is kept (and joined) until
+    COALESCE_BYTES; a bigger one goes out as a small copy (what was kept and its first
+    byte) and a view of its middle, no copy."""
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+
+    def put(self, piece: bytes | memoryview) -> list[bytes | memoryview]:
+        if len(piece) < SMALL_PART_BYTES:
+            self._held += piece
+            if len(self._held) < COALESCE_BYTES:
+                return []
+            out = bytes(self._held[:-1])
+            del self._held[:-1]
+            return [out]
+        view = memoryview(piece)
+        out_head = bytes(self._held) + bytes(view[:1])
+        self._held = bytearray(view[-1:])
+        return [out_head, view[1:-1]]
+
+    def end(self, last: bytes) -> bytes:
+        """What is held, then `last` (the closing frame; b"" when the body breaks off)."""
+        out = bytes(self._held) + last
+        self._held = bytearray()
+        return out
+
+
+class _EncodedStream:
+    """A big instance read as today (a Part10Stream, decompressed a chunk at a time) sent in
+    an encoded retrieve: each chunk compressed anew as its own level-1 frame."""
+
+    def __init__(self, stream: Part10Stream) -> None:
+        self._stream = stream
+
+    def next_chunk(self) -> bytes:
+        chunk = self._stream.read_chunk(CHUNK_BYTES)
+        return encode(chunk) if chunk else b""
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+# What one group of an encoded retrieve gives: its pieces (each with the parts it ends).
+_ZstdGroup = tuple[list[tuple["bytes | memoryview | FrameChunks", int]], ReadError | CorruptBlob | None]
+
+
+def _close_zstd_group(future: "concurrent.futures.Future[_ZstdGroup]") -> None:
+    """A read-ahead group of an encoded retrieve the body never took: close its files."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    for piece, _parts in future.result()[0]:
+        if not isinstance(piece, (bytes, memoryview)):
+            piece.close()
+
+
+def _close_chunks_when_read(chunks: "FrameChunks", ahead: "concurrent.futures.Future[bytes] | None") -> None:
+    """Close a chunked frame now, or once the read in flight on a reader thread has ended."""
+    if ahead is None or ahead.done():
+        chunks.close()
+    else:
+        ahead.add_done_callback(lambda _future: chunks.close())
 
 
 def _body_length(sendable: list[tuple[InstanceLocation, str]], heads: list[bytes], closing: bytes) -> int | None:

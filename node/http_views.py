@@ -5,10 +5,13 @@ few lines."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+import zstandard
 
 from pacsnode.node import acceptor
 from pacsnode.node.http_guard import HttpAccess
@@ -16,8 +19,9 @@ from pacsnode.node.http_server import HttpServer
 from pacsnode.node.metrics import Metrics
 from pacsnode.node.dicomweb import instance_header_json
 from pacsnode.node.dicomweb_metadata import HEADER_READ_BYTES, HeaderTruncated
-from pacsnode.node.blob_files import BlobPointer
-from pacsnode.node.codec import decompress, decompress_crc_checked
+from pacsnode.node.blob_files import CHUNK_BYTES, BlobPointer
+from pacsnode.node.codec import crc32_of, decompress, decompress_crc_checked
+from pacsnode.node.dicomweb_zstd import WindowTooLarge, check_frame_header
 from pacsnode.node.store import WHOLE_READ_BYTES_MAX, RocksStore
 from pacsnode.replication.archive import InstanceLocation
 from pacsnode.replication.model import CorruptBlob, StoreError, StoreFull
@@ -190,6 +194,45 @@ class StoreReads:
         except FileNotFoundError:
             raise CorruptBlob(f"blob file of {kept.location.sop_instance_uid} is missing") from None
 
+    def stored_frame(self, location: InstanceLocation) -> bytes | memoryview | StoredFrameFile | None:
+        """The instance's stored zstd frame, to go out as it is kept (Content-Encoding: zstd),
+        after the check its read gets today, and never decompressed when it is a blob file:
+        a blob file of up to WHOLE_READ_BYTES_MAX read whole and checked by its pointer's
+        CRC-32; a bigger one as a StoredFrameFile (checked as it is read, the caller closes
+        it); a RocksDB value decompressed (its zstd checksum and its length checked, as the
+        archive's read of it checks them) and the frame sent, not what it decompressed to.
+        The frame's header must say it has its checksum and the record's length. None: not
+        here, or a frame whose window is over RFC 9659's 8 MB (its part is then read and
+        compressed anew). CorruptBlob, not logged, when a check fails (the archive's read then
+        logs it and reads another owner's copy)."""
+        found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
+        if found is None:
+            return None
+        kept, record = found
+        part10_bytes = record.size_bytes + record.dataset_offset
+        what = location.sop_instance_uid
+        if not isinstance(kept, BlobPointer):
+            if not _check_header(kept, part10_bytes, what):
+                return None
+            if len(decompress(kept, what)) != part10_bytes:
+                raise CorruptBlob(f"blob of {what} does not hold {part10_bytes} bytes")
+            return kept
+        if kept.size_bytes > WHOLE_READ_BYTES_MAX:
+            streamed = StoredFrameFile(self.open_blob(KeptFile(location, kept, part10_bytes)), kept, what)
+            try:
+                started = streamed.start(part10_bytes)
+            except BaseException:
+                streamed.close()
+                raise
+            if not started:
+                streamed.close()
+                return None
+            return streamed
+        blob = self._store.blob_files.read_into(kept, memoryview(bytearray(kept.size_bytes)), what)
+        if blob is None or crc32_of(blob) != kept.crc32:
+            raise CorruptBlob(f"blob file of {what} failed its CRC-32 check")
+        return blob if _check_header(blob, part10_bytes, what) else None
+
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
         if 0 < location.part10_bytes < self._value_bytes_max:
             return None
@@ -215,6 +258,69 @@ class StoreReads:
             # None, so that the archive's read is tried: it logs this copy and reads another.
             return None
         return part10, record.dataset_offset
+
+
+def _check_header(frame: bytes | memoryview, part10_bytes: int, what: str) -> bool:
+    """Whether a stored frame may go out as stored (False: its window is over RFC 9659's
+    bound); CorruptBlob when its header is not what the record says."""
+    try:
+        check_frame_header(frame, part10_bytes)
+    except WindowTooLarge:
+        return False
+    except (ValueError, zstandard.ZstdError) as error:
+        raise CorruptBlob(f"blob of {what} is not the frame its record says: {error}") from None
+    return True
+
+
+class StoredFrameFile:
+    """A blob file of more than WHOLE_READ_BYTES_MAX sent as stored (Content-Encoding:
+    zstd), CHUNK_BYTES at a time, every byte checked by the CRC-32 its pointer records as
+    it is read: the last chunk is handed out only after the whole file matched its size and
+    CRC-32, so that a file that fails the check breaks the body off before its end (as a
+    Part10Stream's last chunk does with zstd's checksum). Blocking reads: reader threads."""
+
+    def __init__(self, source: BinaryIO, pointer: BlobPointer, what: str) -> None:
+        self._source = source
+        self._pointer = pointer
+        self._what = what
+        self._held: bytes | None = None
+        self._crc = 0
+        self._read = 0
+
+    def start(self, part10_bytes: int) -> bool:
+        """Read the first chunk and check the frame's header: False when its window is
+        over the bound (then close it); CorruptBlob when the file or the header is wrong."""
+        held = os.fstat(self._source.fileno()).st_size
+        if held != self._pointer.size_bytes:
+            raise CorruptBlob(f"blob file of {self._what} holds {held} bytes, not {self._pointer.size_bytes}")
+        first = self._source.read(CHUNK_BYTES)
+        if not _check_header(first, part10_bytes, self._what):
+            return False
+        self._take(first)
+        self._held = first
+        return True
+
+    def _take(self, chunk: bytes) -> None:
+        self._crc = crc32_of(chunk, self._crc)
+        self._read += len(chunk)
+
+    def next_chunk(self) -> bytes:
+        """The next chunk of the stored frame; b"" after the last. CorruptBlob (not logged)
+        instead of the last one when the file fails its size or CRC-32 check."""
+        if self._held is None:
+            return b""
+        following = self._source.read(CHUNK_BYTES)
+        if following:
+            self._take(following)
+            chunk, self._held = self._held, following
+            return chunk
+        if self._read != self._pointer.size_bytes or self._crc != self._pointer.crc32:
+            raise CorruptBlob(f"blob file of {self._what} failed its size or CRC-32 check")
+        chunk, self._held = self._held, None
+        return chunk
+
+    def close(self) -> None:
+        self._source.close()
 
 
 class StoreHeaders:
