@@ -1443,8 +1443,11 @@ class _Unaligned:
     """The writes of an encoded retrieve, none of which but the last ends where a zstd
     frame ends: the last byte of every piece is held back and goes out with the next one.
     httpx's zstd decoder (0.29) fails with "cannot use a decompressobj multiple times" when
-    a read of the body ends exactly at a frame's end and more follows; a read ends where a
-    write ended more often than anywhere else. A small piece is kept (and joined) until
+    a read of the body ends exactly at a frame's end and more follows (encode/httpx
+    discussion 3538; fixed in the httpx2 fork, pydantic/httpx2 PR 946); a read ends where a
+    write ended more often than anywhere else. A read can still end at a frame end inside a
+    write bigger than a TCP segment (rare: loopback segments are 64 KB); curl, urllib3 2.x
+    and libzstd's streaming decoders carry on across frames. A small piece is kept (and joined) until
     COALESCE_BYTES; a bigger one goes out as a small copy (what was kept and its first
     byte) and a view of its middle, no copy."""
 

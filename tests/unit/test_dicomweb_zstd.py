@@ -275,3 +275,29 @@ def test_a_corrupt_blob_file_is_not_sent_and_the_body_is_cut_off(node: _Node, wh
         assert bytes(damaged[:4096]) not in raw  # Nor any of it.
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, headers={"Accept": ACCEPT, "Accept-Encoding": "zstd"})
+
+
+def test_no_write_but_the_last_ends_where_a_frame_ends() -> None:
+    """The writes of an encoded body (DicomWeb._zstd_parts through _Unaligned): their bytes
+    are the pieces' in order, and none but the last ends at a piece's end (a frame's end:
+    httpx 0.29's decoder fails when a read ends there and more follows)."""
+    from pacsnode.node.dicomweb import COALESCE_BYTES, SMALL_PART_BYTES, _Unaligned
+
+    pieces = [b"h" * 40, b"s" * 9_000, b"h" * 60, b"B" * (SMALL_PART_BYTES + 5), memoryview(b"m" * 200_000),
+              *(b"x" * 30_000 for _ in range(COALESCE_BYTES // 30_000 + 2)), b"t" * 10]
+    writes = _Unaligned()
+    out: list[bytes] = []
+    for piece in pieces:
+        out += [bytes(write) for write in writes.put(piece)]
+    out.append(writes.end(b"closing"))
+    assert b"".join(out) == b"".join(bytes(piece) for piece in pieces) + b"closing"
+    frame_ends = set()
+    position = 0
+    for piece in pieces:
+        position += len(piece)
+        frame_ends.add(position)
+    position = 0
+    for write in out[:-1]:
+        position += len(write)
+        assert position not in frame_ends
+    assert any(len(write) >= COALESCE_BYTES - 1 for write in out)  # Small pieces were joined.
