@@ -121,6 +121,17 @@ class PeerServer:
 
     async def check(self, env: pb.Envelope | None, context: grpc.aio.ServicerContext, method: str) -> None:
         """Refuse (and log) a call whose envelope is missing or from another cluster or protocol."""
+        problem = self.refusal(env, context, method)
+        if problem is not None:
+            await context.abort(problem[0], problem[1])
+            return
+        assert env is not None
+        self.check_ring(env)
+
+    def refusal(self, env: pb.Envelope | None, context: grpc.aio.ServicerContext,
+                method: str) -> tuple[grpc.StatusCode, str] | None:
+        """check()'s verdict without the abort: the status and reason a refused envelope
+        gets (counted and logged here), or None when it passes."""
         problem: tuple[grpc.StatusCode, str] | None = None
         if env is None or env.protocol_version == 0:
             problem = (grpc.StatusCode.INVALID_ARGUMENT, "request has no envelope")
@@ -137,10 +148,7 @@ class PeerServer:
             self.refused += 1
             log.warning("peer.refused method=%s sender=%s peer=%s reason=%s", method,
                         (env.sender_id[:64] if env is not None else ""), context.peer(), problem[1])
-            await context.abort(problem[0], problem[1])
-            return
-        assert env is not None
-        self.check_ring(env)
+        return problem
 
     def check_ring(self, env: pb.Envelope) -> None:
         """The ring-version part of the envelope rule, for an envelope that passed check()."""
@@ -221,13 +229,24 @@ class DataService(pb_grpc.DataServicer):
             async with write_lock:
                 await context.write(message)
 
+        refused: list[tuple[grpc.StatusCode, str]] = []
+
         async def read() -> None:
             checked: tuple[str, int, str] | None = None
             async for request in request_iterator:
                 env = request.envelope if request.HasField("envelope") else None
                 sender = (env.cluster_id, env.protocol_version, env.sender_id) if env is not None else None
                 if sender is None or sender != checked:
-                    await self.server.check(env, context, "StoreStream")  # Aborts the stream if refused.
+                    # A refused envelope stops the reading; the stream is aborted with its
+                    # status once the requests read before it are answered (an abort from
+                    # here, while their replies were still to be written, left those writes
+                    # waiting and the stream open to its deadline).
+                    problem = self.server.refusal(env, context, "StoreStream")
+                    if problem is not None:
+                        refused.append(problem)
+                        return
+                    assert env is not None
+                    self.server.check_ring(env)
                     checked = sender
                 else:
                     assert env is not None
@@ -249,13 +268,15 @@ class DataService(pb_grpc.DataServicer):
                     raise
                 # PeerServer.stop(): answer what was read, then end the stream.
             except BaseException:
-                # A refused envelope (the status is set) or a broken stream: the requests
-                # read before it finish first, then the stream ends with that status.
+                # A broken stream: the requests read before it finish first, then the
+                # stream ends with its error.
                 while answering:
                     await asyncio.gather(*answering, return_exceptions=True)
                 raise
             while answering:
                 await asyncio.gather(*answering, return_exceptions=True)
+            if refused:
+                await context.abort(*refused[0])
         finally:
             self.server.store_stream_readers.discard(reader)
             reader.cancel()
