@@ -30,6 +30,7 @@ node killed mid-transfer left), as the one-process front end does.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import logging
 import multiprocessing
@@ -123,7 +124,9 @@ class ConnectionHandOff:
             pass
         self._listener.close()
 
-    def _choose(self) -> socket.socket | None:
+    def _choose(self, passed: set[socket.socket]) -> socket.socket | None:
+        """The worker for the next connection (its count taken), not one of `passed`; None
+        when none is registered within wait_s, or every one was passed."""
         deadline = time.monotonic() + self._wait_s
         with self._changed:
             while not self._open and not self._closed:
@@ -131,18 +134,23 @@ class ConnectionHandOff:
                 if remaining <= 0:
                     return None
                 self._changed.wait(remaining)
-            if self._closed:
+            workers = [worker for worker in self._open if worker not in passed]
+            if self._closed or not workers:
                 return None
-            workers = list(self._open)
             self._turn = (self._turn + 1) % len(workers)
             workers = workers[self._turn:] + workers[:self._turn]
             chosen = min(workers, key=self._open.__getitem__)
             self._open[chosen] += 1
             return chosen
 
-    def _forget(self, sock: socket.socket) -> None:
+    def _undo(self, sock: socket.socket, given: bool, *, forget: bool) -> None:
         with self._changed:
-            self._open.pop(sock, None)
+            if forget:
+                self._open.pop(sock, None)
+            elif sock in self._open:
+                self._open[sock] = max(0, self._open[sock] - 1)
+        if given and self._slots is not None:
+            self._slots.release(sock)
 
     def _accept_forever(self) -> None:
         while True:
@@ -155,20 +163,30 @@ class ConnectionHandOff:
                 time.sleep(0.1)
                 continue
             with conn:  # The node's copy: the worker holds its own once sent.
-                while True:
-                    chosen = self._choose()
-                    if chosen is None:
-                        log.warning("dicom.accept.no_worker")
-                        break
-                    given = self._slots.acquire(chosen) if self._slots is not None else True
-                    try:
-                        socket.send_fds(chosen, [SLOT_GIVEN if given else NO_SLOT], [conn.fileno()])
-                        self.handed += 1
-                        break
-                    except OSError:
-                        self._forget(chosen)  # Its worker died: the next one takes the connection.
-                        if given and self._slots is not None:
-                            self._slots.release(chosen)
+                self._hand_over(conn)
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        passed: set[socket.socket] = set()
+        while True:
+            chosen = self._choose(passed)
+            if chosen is None:
+                log.warning("dicom.accept.no_worker passed=%d", len(passed))
+                return  # Closed: the peer sees the connection refused (reset).
+            given = self._slots.acquire(chosen) if self._slots is not None else True
+            try:
+                # Never blocks: a worker that stopped taking its connections (its queue full)
+                # is passed over for this one instead of stalling the port for all.
+                # (socket.send_fds would drop the flags: Python 3.11 does not pass them on.)
+                chosen.sendmsg([SLOT_GIVEN if given else NO_SLOT],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))],
+                               socket.MSG_DONTWAIT)
+                self.handed += 1
+                return
+            except BlockingIOError:
+                self._undo(chosen, given, forget=False)
+                passed.add(chosen)
+            except OSError:
+                self._undo(chosen, given, forget=True)  # Its worker died: the next one takes it.
 
 
 class WorkerPool:
