@@ -13,7 +13,7 @@ from pacsnode.replication.archive import Archive
 from pacsnode.sim.datagen import StudySetSpec, iter_part10
 from tests.unit.conftest import to_instance
 from pacsnode.node.memory import retain_freed_memory; print(retain_freed_memory(134217728))
-tmp = Path(tempfile.mkdtemp(dir="/tmp/zenc"))
+tmp = Path(tempfile.mkdtemp(prefix="zstd-frame-reads-"))
 store = RocksStore(tmp / "store", disk_free_bytes_min=0)
 archive = Archive(store)
 data = list(iter_part10(StudySetSpec(patients=1, instances_per_series=80, rows=512, cols=512, seed=202, modalities=("CT",), pixel_fill="phantom")))
@@ -52,3 +52,5 @@ for name, f in [("compressed_copy", cc), ("record", rec), ("read", rd), ("crc", 
     for _ in range(20): f()
     print(name, round((time.thread_time() - t) / 20 * 1000, 2), "ms per 80")
 store.close()
+import shutil
+shutil.rmtree(tmp, ignore_errors=True)
