@@ -25,7 +25,7 @@ several threads, and curl needs a core too); the bench runs under `nice` like th
 - wado-restart: `wado` again after both servers were stopped and started on their data:
   pacsnode then reads the blobs from RocksDB's blob files (just after ingest they are still
   in its memtable), Orthanc its files; what a study stored earlier costs to retrieve.
-- `--zstd`: wado and wado-restart also read pacsnode with `curl --compressed` (`pacsnode_zstd`:
+- `--zstd`: wado, wado-restart and wado-small also read pacsnode with `curl --compressed` (`pacsnode_zstd`:
   its Content-Encoding: zstd answer, each stored frame sent as stored); `bytes` is then what
   crossed the wire, MB/s the study's decoded MB. Orthanc's answer to `Accept-Encoding: zstd`
   is recorded (its DICOMweb plugin has no zstd).
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(incompressible, as every run before 2026-12-07 15:40) or a CT-like phantom "
                              "that compresses ~2x as real CT does (sim/datagen.py)")
     parser.add_argument("--zstd", action="store_true",
-                        help="'wado' and 'wado-restart' also read pacsnode with curl --compressed (its "
+                        help="'wado', 'wado-restart' and 'wado-small' also read pacsnode with curl --compressed (its "
                              "Content-Encoding: zstd answer: stored frames as stored), as `pacsnode_zstd`; "
                              "and record what Orthanc answers to Accept-Encoding: zstd")
     parser.add_argument("--work", type=Path, default=HERE / "work")
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 workloads.store_dcmtk(server, manifest, Path(_root) / "files", 2, test="dw-small-load",
                                       verify=False, log_dir=temp)
             report["results"]["wado_small_settle"] = settled(systems, lambda server: wado_study(server, study, total))
-            report["results"]["wado_small"] = alternate(lambda server: wado_study(server, study, total), systems,
+            report["results"]["wado_small"] = alternate(wado_measure(study, total), with_compressed(systems, args.zstd),
                                                         args.repeats)
             for server in systems.values():
                 server.stop()

@@ -228,10 +228,31 @@ class StoreReads:
                 streamed.close()
                 return None
             return streamed
-        blob = self._store.blob_files.read_into(kept, memoryview(bytearray(kept.size_bytes)), what)
-        if blob is None or crc32_of(blob) != kept.crc32:
+        blob = self._read_file(kept, what)
+        if crc32_of(blob) != kept.crc32:
             raise CorruptBlob(f"blob file of {what} failed its CRC-32 check")
         return blob if _check_header(blob, part10_bytes, what) else None
+
+    def _read_file(self, pointer: BlobPointer, what: str) -> bytes:
+        """A blob file's bytes, one pread into a new bytes object (not a zero-filled buffer
+        copied out: it goes out as it is, so it cannot be a reused buffer); CorruptBlob when
+        it is missing or not of the pointer's size."""
+        try:
+            fd = os.open(self._store.blob_files.path(pointer), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CorruptBlob(f"blob file of {what} is missing") from None
+        try:
+            data = os.pread(fd, pointer.size_bytes + 1, 0)  # One more: a longer file shows.
+            while len(data) < pointer.size_bytes:  # A short read (rare for a regular file).
+                more = os.pread(fd, pointer.size_bytes + 1 - len(data), len(data))
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(fd)
+        if len(data) != pointer.size_bytes:
+            raise CorruptBlob(f"blob file of {what} holds {len(data)}+ bytes, not {pointer.size_bytes}")
+        return data
 
     def part10(self, location: InstanceLocation) -> tuple[bytes, int] | None:
         if 0 < location.part10_bytes < self._value_bytes_max:
