@@ -189,12 +189,59 @@ class ConnectionHandOff:
                 self._undo(chosen, given, forget=True)  # Its worker died: the next one takes it.
 
 
+CHANNEL_DIRECTORY_PREFIX = "pacsnode-ch-"
+
+
+def remove_stale_channel_directories(parent: str | None = None) -> int:
+    """Remove the channel directories (`pacsnode-ch-<pid>-*` under the temp directory, ours)
+    of node processes that are gone: a node killed by SIGKILL cannot remove its own, and
+    each start would leave one more. A directory whose PID is alive (this node's, another
+    node's, or a reused PID) is kept; one without a PID in its name (made before names
+    carried it) too. Returns how many were removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(CHANNEL_DIRECTORY_PREFIX):
+            continue
+        pid_text = name[len(CHANNEL_DIRECTORY_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or _alive(int(pid_text)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("dicom.workers.stale_channels_removed count=%d", removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Another user's process: alive.
+    return True
+
+
 class WorkerPool:
     def __init__(self, config: NodeConfig, archive: Any, count: int, audit: AuditLog | None = None,
                  blob_files: BlobFiles | None = None) -> None:
         self._count = count
         self._audited = audit is not None and audit.enabled
-        self._directory = tempfile.mkdtemp(prefix="pacsnode-ch-")  # 0700: only this user reaches the channel.
+        remove_stale_channel_directories()
+        # 0700: only this user reaches the channel. The PID in the name lets a later start
+        # remove it if this process is killed before it can (remove_stale_channel_directories).
+        self._directory = tempfile.mkdtemp(prefix=f"{CHANNEL_DIRECTORY_PREFIX}{os.getpid()}-")
         self._channel = ChannelServer(os.path.join(self._directory, "archive.sock"), archive, blob_files)
         self._blob_files = blob_files
         self._channel.on_hello = self._on_hello
