@@ -144,18 +144,10 @@ class StoreReads:
     def kept(self, location: InstanceLocation) -> KeptFile | None:
         """The blob file `read_cached` reads for `location` (a lookup: on a reader thread),
         or None: not here, a RocksDB value, or a file too big to read whole."""
-        if 0 < location.part10_bytes < self._value_bytes_max:
+        kept = self.blob_file(location)
+        if kept is None or kept.part10_bytes > WHOLE_READ_BYTES_MAX or kept.pointer.size_bytes > WHOLE_READ_BYTES_MAX:
             return None
-        found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
-        if found is None:
-            return None
-        pointer, record = found
-        if not isinstance(pointer, BlobPointer):
-            return None
-        part10_bytes = record.size_bytes + record.dataset_offset
-        if part10_bytes > WHOLE_READ_BYTES_MAX or pointer.size_bytes > WHOLE_READ_BYTES_MAX:
-            return None
-        return KeptFile(location, pointer, part10_bytes)
+        return kept
 
     def read_cached(self, kept: KeptFile) -> bytes | None:
         """The Part-10 bytes of a file `kept` found, read only if all of it is in the page
