@@ -684,9 +684,9 @@ class RoutedGather:
             return None
         by_piece: list[list[Attributes]] = [[] for _ in self._pieces]
         for row in found:
-            index = self._by_study.get(str(row.get("StudyInstanceUID", "")))
-            if index is not None:
-                by_piece[index].append(row)
+            piece_index = self._by_study.get(str(row.get("StudyInstanceUID", "")))
+            if piece_index is not None:
+                by_piece[piece_index].append(row)
         answer: list[Attributes] = []
         for rows in by_piece:
             newest = newest_correction(rows)
