@@ -118,9 +118,11 @@ def node_pids(node: NodeProcess) -> list[int]:
     """The node's process and its children (DIMSE worker processes, dicom_workers > 0)."""
     assert node.process is not None
     pids = [node.process.pid]
-    children = Path(f"/proc/{node.process.pid}/task/{node.process.pid}/children")
-    if children.exists():
-        pids += [int(pid) for pid in children.read_text().split()]
+    for children in Path(f"/proc/{node.process.pid}/task").glob("*/children"):  # Any thread may have started one.
+        try:
+            pids += [int(pid) for pid in children.read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # That thread ended.
     return pids
 
 
