@@ -993,7 +993,8 @@ class DicomWeb:
         if kept is None or kept.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN:
             return None
         blob = BlobFile(open=lambda: reads.open_blob(kept), size_bytes=kept.pointer.size_bytes,
-                        crc32=kept.pointer.crc32, part10_bytes=kept.part10_bytes, what=location.sop_instance_uid)
+                        crc32=kept.pointer.crc32, part10_bytes=kept.part10_bytes, what=location.sop_instance_uid,
+                        crc32_marks=kept.pointer.crc32_marks)
         try:
             found, first = frame_stream.layout(blob)
         except (NotStreamed, CorruptBlob):
