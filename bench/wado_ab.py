@@ -9,7 +9,7 @@ stores the same 80 CT 512 x 512 (bench/dicomweb.py's `wado` set, 42 MB) by store
 order of the two starts chosen at random (`--pixel-fill phantom`: the CT-like phantom that
 compresses 2x, instead of 12 bits of noise). With `--restart` both are restarted on their
 data first. Then `--rounds` rounds of one curl retrieve of the study from each (the order turned
-each round), with the server's CPU around each (the sum over its threads of
+each round), with the server's CPU around each and curl's time_total (the sum over its threads of
 /proc/PID/task/TID/schedstat: bench/dicomweb.py's `thread_cpu_ns`); with `--compressed`,
 curl --compressed (Accept-Encoding: zstd among others). Prints the medians and
 the median of the per-round ratios new/base, with the load average. No Orthanc: on a shared
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit("a retrieve failed")
         cpu: dict[str, list[float]] = {name: [] for name in systems}
         encodings: dict[str, set[str]] = {name: set() for name in systems}
+        wall: dict[str, list[float]] = {name: [] for name in systems}
         loads = []
         for index in range(args.rounds):
             for name in (first if index % 2 == 0 else first[::-1]):
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"a retrieve failed: {measured}")
                 cpu[name].append(measured["server_cpu_ms"])
                 encodings[name].add(measured["content_encoding"])
+                wall[name].append(measured["elapsed_s"] * 1000)
             loads.append(dw.load_average())
         print(json.dumps({
             "started_first": first[0], "rounds": args.rounds, "restart": args.restart,
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             "content_encoding": {name: sorted(values) for name, values in encodings.items()},
             "server_cpu_ms_median": {name: round(statistics.median(values), 2) for name, values in cpu.items()},
             "cpu_new_over_base": round(statistics.median(new / base for base, new in zip(cpu["base"], cpu["new"])), 3),
+            "wall_ms_median": {name: round(statistics.median(values), 2) for name, values in wall.items()},
+            "wall_new_over_base": round(statistics.median(new / base for base, new in zip(wall["base"], wall["new"])),
+                                        3),
             "load": [round(min(loads), 1), round(max(loads), 1)]}))
     finally:
         for server in systems.values():

@@ -69,6 +69,7 @@ from pacsnode.node.dicomweb_render import (
     frame_numbers,
     frames,
     render,
+    render_frame,
     viewport_size,
 )
 from pacsnode.node import frame_stream
@@ -1196,12 +1197,26 @@ class DicomWeb:
         location = ordered[len(ordered) // 2] if "instance" not in request.path_params else ordered[0]
 
         def load() -> bytes:
+            # A big instance kept here as a blob file: read only as far as its frame
+            # (node/frame_stream.py), never whole.
+            opened = self._open_stream(location, [frame])
+            if opened is not None:
+                blob, found, first = opened
+                try:
+                    (frame_bytes,) = list(frame_stream.encoded_frames(blob, found, first, [frame]))
+                except (CorruptBlob, FrameLayoutError):
+                    pass  # The whole read below: the archive's logs a corrupt copy and reads another.
+                else:
+                    return render_frame(found.header, frame_bytes, media_type=media_type, viewport=viewport,
+                                        quality=max(1, min(quality, 100)))
             part10, _offset = self._archive.read(location)
             return render(part10, frame=frame, media_type=media_type, viewport=viewport,
                           quality=max(1, min(quality, 100)))
 
         try:
             image = await run_in_threadpool(load)
+        except NoFrame as error:
+            return PlainTextResponse(str(error), status_code=404)
         except RenderError as error:
             log.warning("dicomweb.render.failed sop_instance_uid=%s reason=%s", location.sop_instance_uid, error)
             return PlainTextResponse(str(error), status_code=404 if isinstance(error, NoSuchFrame) else 406)

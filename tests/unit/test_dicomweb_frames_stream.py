@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 from pacsnode.node import frame_stream
 from pacsnode.node.blob_files import MARK_BYTES, RunningCrc
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
-from pacsnode.node.dicomweb_render import decoded_frames
+from pacsnode.node.dicomweb_render import decoded_frames, render
 from pacsnode.node.dicomweb_render import frames as whole_read_frames
 from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed
 from pacsnode.node.http_server import HttpServer
@@ -391,3 +391,49 @@ def test_a_mark_that_does_not_match_stops_the_read_at_that_mark(tmp_path: Path) 
     with pytest.raises(CorruptBlob, match="before byte"):
         _streamed(marked, [20])
     assert read[0] <= 2 * MARK_BYTES
+
+
+def test_rendered_and_thumbnail_of_a_big_instance_read_one_frame_not_the_instance(
+        tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
+    """/rendered and /thumbnail of a big instance kept as a blob file: the frame is read
+    from the stream (as far as that frame) and rendered with the instance's header, the
+    same image as the whole read renders; the archive's whole read is never asked. A frame
+    beyond the instance: 404."""
+    rng = np.random.default_rng(31)
+    native = _dataset(40, rows=256, columns=256)
+    native.BitsStored, native.HighBit = 12, 11
+    native.RescaleSlope, native.RescaleIntercept = 1, -1024
+    native.WindowCenter, native.WindowWidth = 40, 400
+    native.PixelData = rng.integers(0, 4096, 40 * 256 * 256, dtype=np.uint16).tobytes()
+    native_data = _part10(native, EXPLICIT)
+    colour = _dataset(36, rows=256, columns=256, samples=3, bits=8, photometric="YBR_FULL_422")
+    colour.StudyInstanceUID, colour.SeriesInstanceUID = native.StudyInstanceUID, native.SeriesInstanceUID
+    colour.PixelData = encapsulate(_jpegs(36, rng), has_bot=False)
+    colour["PixelData"].VR = "OB"
+    colour_data = _part10(colour, JPEG_BASELINE)
+    assert min(len(native_data), len(colour_data)) > frame_stream.STREAM_PART10_BYTES_MIN
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    archive = _ReadCountingArchive(store)
+    for data in (native_data, colour_data):
+        archive.store(make_instance(data))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=100_000_000, qido_result_max=4,
+                        owns=lambda study: True, local_reads=StoreReads(store, 1024))
+    server.start()
+    try:
+        base = (f"http://127.0.0.1:{server.port}/dicom-web/studies/{native.StudyInstanceUID}"
+                f"/series/{native.SeriesInstanceUID}/instances/")
+        for dataset, data in ((native, native_data), (colour, colour_data)):
+            url = base + str(dataset.SOPInstanceUID)
+            png = httpx.get(url + "/frames/7/rendered", headers={"Accept": "image/png"})
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            assert png.content == render(data, frame=7, media_type="image/png")
+            jpeg = httpx.get(url + "/rendered", params={"quality": "80"})
+            assert jpeg.content == render(data, frame=1, media_type="image/jpeg", quality=80)
+            thumbnail = httpx.get(url + "/thumbnail", headers={"Accept": "image/png"})
+            assert thumbnail.content == render(data, frame=1, media_type="image/png", viewport=(128, 128))
+            assert httpx.get(url + "/frames/99/rendered").status_code == 404
+        assert archive.reads == []
+    finally:
+        server.stop()
+        store.close()
