@@ -239,8 +239,8 @@ class ClusterArchive:
         coordinator's scatter and its buffered rows go at once (node/bridge.py). An error the
         coordinator raises after its rows is raised here after them.
 
-        An exact-key query that this node's own store answers whole (a ring of one, or
-        R = 1 and this node an owner: Coordinator.find_here) is read here, on this thread,
+        An exact-key query on a ring of one, which this node's own store answers whole
+        (Coordinator.find_here), is read here, on this thread,
         without the hand-offs to the loop and its I/O threads and back (issue 10: about
         half of a one-row C-FIND's node CPU). The caller checks C-CANCEL between rows."""
         here = self._coordinator.find_here(query, self._find_buffer_rows)

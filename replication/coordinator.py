@@ -680,12 +680,13 @@ class Coordinator:
         log.info("replication.hint.kept_here sop_instance_uid=%s owner=%s", stored.sop_instance_uid, owner)
 
     # ----------------------------------------------------------------- find
-    def _read_context(self) -> ReadContext:
+    def _read_context(self, *, pending: RangeSet | None = None) -> ReadContext:
         n, _w = self._replicas()
         sloppy = self._settings.write_mode is WriteQuorumMode.SLOPPY
         return ReadContext(
             self_id=self.self_id, ring=self._membership.ring(), n=n, is_alive=self._membership.is_alive,
-            site_of=self._site_of, pending=self.pending(), local=self._local, transport=self._transport,
+            site_of=self._site_of, pending=self.pending() if pending is None else pending, local=self._local,
+            transport=self._transport,
             run_blocking=self._run_blocking, answering=self._answering,
             query_timeout_ms=self._settings.query_timeout_ms, count=self._count, slow=self._slow,
             troubled=sloppy and self._membership.troubled_within(self._settings.read_fault_window_ms),
@@ -709,10 +710,11 @@ class Coordinator:
             return
         self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
 
-    def _gather(self, query: Query, *, counted: bool = True) -> Gather | RoutedGather:
+    def _gather(self, query: Query, *, counted: bool = True,
+                context: ReadContext | None = None) -> Gather | RoutedGather:
         """The fan-out for `query`: only the owners of the studies it names, else
         scatter_read_quorum live owners per token range."""
-        context = self._read_context()
+        context = self._read_context() if context is None else context
         uids = study_keys(query)
         if uids is not None:
             if counted:
@@ -768,20 +770,24 @@ class Coordinator:
     def find_here(self, query: Query, rows_max: int) -> list[Attributes] | None:
         """find()'s whole answer read from this node's own store on the calling (blocking)
         thread, without the loop and its I/O threads, for a query an index bounds (a
-        StudyInstanceUID key or one exact value of an indexed key: query.exact_lookup),
-        when this store is all find() would ask (gather.py rows_here: a ring of one, or
-        R = 1 and this node an owner of everything it asks); at most rows_max rows.
-        None otherwise: use find(). Callable from any thread but the loop."""
+        StudyInstanceUID key or one exact value of an indexed key: query.exact_lookup) on
+        a ring of this node alone (gather.py rows_here / rows_of_one, no range planning);
+        at most rows_max rows. None otherwise: use find(). Callable from any thread but the
+        loop. Not in a cluster (not even as an owner with R = 1): which ranges this node
+        still fills is the repairer's view (`pending`), built and changed on the loop;
+        a ring of one keeps none pending (replication/repair.py _note_ring)."""
         if not exact_lookup(query) or not self.joined():
             return None
-        ring = self._membership.ring()
-        if study_keys(query) is None and list(ring.node_ids) == [self.self_id]:
-            rows = Gather.rows_of_one(self._read_context(), query, rows_max)  # No range planning.
-            routed = False
-        else:
-            gather = self._gather(query, counted=False)
+        if list(self._membership.ring().node_ids) != [self.self_id]:
+            return None
+        context = self._read_context(pending=RangeSet([]))
+        gather = None if study_keys(query) is None else self._gather(query, counted=False, context=context)
+        if isinstance(gather, RoutedGather):
             rows = gather.rows_here(rows_max)
-            routed = isinstance(gather, RoutedGather)
+            routed = True
+        else:
+            rows = Gather.rows_of_one(context, query, rows_max)  # No range planning.
+            routed = False
         if rows is None:
             return None
         self._count("reads_routed" if routed else "reads_scattered")

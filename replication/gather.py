@@ -201,32 +201,14 @@ class Gather:
         return self._ends[at % len(self._ends)][1]  # Past the last end: the range that wraps.
 
     # ----------------------------------------------------------------- answered here
-    def rows_here(self, rows_max: int) -> list[Attributes] | None:
-        """rows()'s whole answer read from this node's own store on the calling (blocking)
-        thread, when that store is all rows() would ask: every range needs one owner (R = 1,
-        or the range has one owner) and this node, an owner of each that is not still
-        filling it, is the one rows() asks (read_order puts this node first; it is never
-        `slow`). None, having asked nothing, when a peer or a hint holder would be asked,
-        when the store fails (rows() then asks it again and re-plans as it does), or when
-        the answer has more than `rows_max` rows (rows() streams it): use rows()."""
-        context = self._context
-        if not self._pieces or not context.is_alive(context.self_id):
-            return None
-        for index, piece in enumerate(self._pieces):
-            if self._needed[index] != 1 or context.self_id not in piece.owners or self._excluded_at_start(index):
-                return None
-        query = self._query
-        if self._routed:
-            query = narrow_to_studies(query, [piece.study_instance_uid for piece in self._pieces])
-        found = _read_here(context, query, [piece.token_range for piece in self._pieces], rows_max)
-        return None if found is None else _first_of_each(self._query.level, found)
-
     @staticmethod
     def rows_of_one(context: ReadContext, query: Query, rows_max: int) -> list[Attributes] | None:
-        """rows_here() of a scatter over a ring of one (this node the only owner of every
-        range), without planning the ring's ranges (~60 pieces a query) or filtering the
-        rows by them: the ranges cover every token. None while this node still fills a
-        range, when the store fails or past `rows_max` rows."""
+        """rows()'s whole answer for a scatter over a ring of one (this node the only owner
+        of every range), read from this node's store on the calling (blocking) thread,
+        without planning the ring's ranges (~60 pieces a query) or filtering the rows by
+        them: the ranges cover every token. None (use rows()) while `context` has a range
+        pending, when the store fails (rows() asks it again and re-plans as it does), or
+        past `rows_max` rows (rows() streams them)."""
         if context.pending or not context.is_alive(context.self_id):
             return None
         if list(context.ring.node_ids) != [context.self_id]:
