@@ -6,12 +6,12 @@ Two single nodes on 127.0.0.1, one run by `--base-python` (a venv of the tree to
 against) and one by `--new-python` (default: this tree's venv); each stores the same
 440-frame 512 x 512 16-bit native instance (230 MB; tests/integration/
 test_dicomweb_big_frames.py's) by storescu. Then `--rounds` rounds, the order of the two
-turned each round, of: /frames/1, /frames/440, /frames/1,220,440 and /bulk/7FE00010
-(streamed to /dev/null by httpx), with per request the server's CPU (the sum over its
-threads of /proc/PID/task/TID/schedstat: bench/dicomweb.py's `thread_cpu_ns`), the wall
-time, and the growth of its peak RSS (VmHWM after clear_refs 5, against VmRSS before).
-Prints the medians per tree and request, the median of per-round CPU ratios new/base, and
-the load average. A shared machine: read CPU, not wall time.
+turned each round, of: /frames/1, /frames/440, /frames/1,220,440, /bulk/7FE00010
+(streamed to /dev/null by httpx), /frames/1/rendered (PNG) and /thumbnail (JPEG), with
+per request the server's CPU (the sum over its threads of /proc/PID/task/TID/schedstat:
+bench/dicomweb.py's `thread_cpu_ns`), the wall time, and the growth of its peak RSS
+(VmHWM after clear_refs 5, against VmRSS before). Prints the medians per tree and
+request, the median of per-round CPU ratios new/base, and the load average. A shared machine: read CPU, not wall time.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ REQUESTS = {
     "frames/440": ("/frames/440", None),
     "frames/1,220,440": ("/frames/1,220,440", None),
     "bulk": ("/bulk/7FE00010", "application/octet-stream"),
+    "frames/1/rendered": ("/frames/1/rendered", "image/png"),
+    "thumbnail": ("/thumbnail", "image/jpeg"),
 }
 
 

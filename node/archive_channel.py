@@ -55,6 +55,8 @@ from pacsnode.node.blob_files import (
     Part10Stream,
     TempBlob,
     WorkerBlob,
+    decode_marks,
+    encode_marks,
 )
 from pacsnode.node.codec import decompress
 from pacsnode.replication.model import CorruptBlob
@@ -375,10 +377,11 @@ class ChannelArchive:
         try:
             if pooled is not None:
                 header["blob_file"] = {"name": pooled.name, "size_bytes": pooled.size_bytes, "crc32": pooled.crc32,
-                                       "pooled": True}
+                                       "pooled": True, **_marks_field(pooled.crc32_marks)}
                 kind, answer, _ = self._call(Kind.STORE, header)
             elif temp is not None:
-                header["blob_file"] = {"name": temp.path.name, "size_bytes": temp.size_bytes, "crc32": temp.crc32}
+                header["blob_file"] = {"name": temp.path.name, "size_bytes": temp.size_bytes, "crc32": temp.crc32,
+                                       **_marks_field(temp.crc32_marks)}
                 kind, answer, _ = self._call(Kind.STORE, header)
             else:
                 if not instance.blob:
@@ -712,6 +715,20 @@ _TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[A-Za-z0-9_]+\.zst$")
 _POOLED_NAME = re.compile(r"^[0-9a-f]{2}/" + re.escape(WORKER_POOL_PREFIX) + r"[0-9]+_[0-9a-f]{24}\.zst$")
 
 
+def _marks_field(marks: tuple[int, ...] | None) -> dict[str, str]:
+    return {} if marks is None else {"marks": encode_marks(marks)}
+
+
+def _marks_of(named: dict[str, Any]) -> tuple[int, ...] | None:
+    text = named.get("marks")
+    if text is None:
+        return None
+    try:
+        return decode_marks(str(text))
+    except ValueError:  # binascii.Error is one.
+        raise StoreFrameError("STORE's blob file marks are not base64 CRC-32 values") from None
+
+
 def _instance(header: dict[str, Any], body: bytes, blob_files: BlobFiles | None) -> Instance:
     """The Instance a STORE frame carries: its blob in the body, or a worker's temp blob
     file in the store's blobs directory (mapped, never read into memory here)."""
@@ -731,7 +748,9 @@ def _instance(header: dict[str, Any], body: bytes, blob_files: BlobFiles | None)
             blob = blob_files.map(BlobPointer(name, size, crc), "a worker's instance")
         except CorruptBlob as error:
             raise StoreFrameError(f"STORE's blob file is unusable: {error}") from None
-        temp = WorkerBlob(BlobPointer(name, size, crc)) if pooled else TempBlob(blob_files.directory / name, size, crc)
+        marks = _marks_of(named)  # The CRC-32 marks for the pointer (node/blob_files.py), when sent.
+        temp = WorkerBlob(BlobPointer(name, size, crc, marks)) if pooled \
+            else TempBlob(blob_files.directory / name, size, crc, marks)
     elif not body:
         raise StoreFrameError("STORE carries no blob")
     return Instance(

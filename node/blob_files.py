@@ -9,7 +9,7 @@ the directory fsync'ed. A blob in memory goes into an empty file taken from the 
 batch), then the file is fsync'ed: one device flush per instance instead of two (the
 directory's fsync flushes the device even when nothing is left to commit); with the pool
 empty, it is written straight under a new name and both are fsync'ed. The batch puts, in
-the blob's place, a small pointer (`BlobPointer`: the file's name, size and CRC-32) and a
+the blob's place, a small pointer (`BlobPointer`: the file's name, size, CRC-32 and CRC-32 marks) and a
 `f <file name>` key saying the file is referenced. So after a crash:
 
 - a record always has its file (the file was durable before the batch was written);
@@ -19,12 +19,16 @@ the blob's place, a small pointer (`BlobPointer`: the file's name, size and CRC-
 
 Reading: `read` gives the whole blob, CRC-checked (peers, conflicts); `Part10Stream` gives
 the Part-10 bytes in order, decompressed a chunk at a time, so retrieval sends a 200 MB
-instance without holding it (zstd's frame checksum is verified when the stream reaches
-its end; a mismatch raises CorruptBlob before the last fragment goes out).
+instance without holding it. A stream's compressed bytes are checked as they are read
+(`CheckedReader`): at every CRC-32 mark the pointer records (`crc32_marks`, each
+MARK_BYTES), and the whole file's CRC-32 and size before the last fragment goes out (a
+mismatch raises CorruptBlob); zstd's own checksum is left out. A pointer written before
+the marks has none: the whole-file check alone, at the end.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
@@ -34,14 +38,13 @@ import secrets
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, cast
 
 import zstandard
 
-from pacsnode.node.codec import decompress_crc_checked
+from pacsnode.node.codec import ZSTD_CHECKSUM_FLAG, ZSTD_MAGIC, crc32_of, decompress_crc_checked
 from pacsnode.replication.model import CorruptBlob
 
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14 and later.
@@ -53,6 +56,10 @@ WORKER_POOL_PREFIX = "w"  # + "<pid>_": the pool files of a DICOM worker (write_
 POOL_BATCH = 64  # Empty blob files made at a time (one directory fsync each batch).
 SUFFIX = ".zst"
 CHUNK_BYTES = 1 << 20  # Written and read this much at a time.
+# A blob file's pointer records the running CRC-32 of its bytes at every multiple of this
+# many bytes (`BlobPointer.crc32_marks`): a read from the start that stops early (a frame
+# of a big instance) checks what it read up to the next mark, not the whole file.
+MARK_BYTES = CHUNK_BYTES
 # A RocksDB blob value that starts with this is a pointer, not a zstd frame (a zstd frame
 # starts with the magic 28 B5 2F FD).
 POINTER_MAGIC = b"\x00pacsnode-blob-file\x00"
@@ -65,10 +72,16 @@ class BlobPointer:
     name: str       # Relative to the blobs directory: "<aa>/<content hash>-<unique>.zst".
     size_bytes: int  # Compressed bytes in the file.
     crc32: int      # Of the file's bytes.
+    # The running CRC-32 of the file's bytes at MARK_BYTES, 2 x MARK_BYTES, ... (each offset
+    # below size_bytes; the CRC-32 at the end is `crc32`). None in pointers written before
+    # the marks were (a read then checks the whole file).
+    crc32_marks: tuple[int, ...] | None = None
 
     def encode(self) -> bytes:
-        return POINTER_MAGIC + json.dumps({"name": self.name, "size_bytes": self.size_bytes,
-                                           "crc32": self.crc32}, separators=(",", ":")).encode()
+        fields: dict[str, object] = {"name": self.name, "size_bytes": self.size_bytes, "crc32": self.crc32}
+        if self.crc32_marks is not None:
+            fields["marks"] = encode_marks(self.crc32_marks)
+        return POINTER_MAGIC + json.dumps(fields, separators=(",", ":")).encode()
 
     @staticmethod
     def decode(value: bytes) -> "BlobPointer | None":
@@ -76,7 +89,52 @@ class BlobPointer:
         if not value.startswith(POINTER_MAGIC):
             return None
         fields = json.loads(bytes(value[len(POINTER_MAGIC):]))
-        return BlobPointer(name=str(fields["name"]), size_bytes=int(fields["size_bytes"]), crc32=int(fields["crc32"]))
+        marks = fields.get("marks")
+        return BlobPointer(name=str(fields["name"]), size_bytes=int(fields["size_bytes"]), crc32=int(fields["crc32"]),
+                           crc32_marks=None if marks is None else decode_marks(str(marks)))
+
+
+def encode_marks(marks: tuple[int, ...]) -> str:
+    """CRC-32 marks as text (base64 of little-endian 32-bit values): 1.4 KB for 1 GB."""
+    return base64.b64encode(b"".join(mark.to_bytes(4, "little") for mark in marks)).decode("ascii")
+
+
+def decode_marks(text: str) -> tuple[int, ...]:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) % 4:
+        raise ValueError("CRC-32 marks of a length that is not a multiple of 4")
+    return tuple(int.from_bytes(raw[start:start + 4], "little") for start in range(0, len(raw), 4))
+
+
+def marks_fit(marks: tuple[int, ...] | None, size_bytes: int) -> bool:
+    """Whether `marks` has one CRC-32 per MARK_BYTES boundary below `size_bytes`."""
+    return marks is None or len(marks) == max(0, (size_bytes - 1) // MARK_BYTES)
+
+
+class RunningCrc:
+    """The CRC-32 of bytes written in order (codec.crc32_of), and its value at every
+    MARK_BYTES boundary: what a BlobPointer records."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.size = 0
+        self._marks: list[int] = []
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            # A mark at a boundary only once bytes follow it: the CRC-32 at the end of the
+            # file is the pointer's crc32, not a mark.
+            if self.size and self.size % MARK_BYTES == 0 and len(self._marks) < self.size // MARK_BYTES:
+                self._marks.append(self.value)
+            piece = view[:MARK_BYTES - self.size % MARK_BYTES]
+            self.value = crc32_of(piece, self.value)
+            self.size += len(piece)
+            view = view[len(piece):]
+
+    @property
+    def marks(self) -> tuple[int, ...]:
+        return tuple(self._marks)
 
 
 def stored_size(value: bytes) -> int:
@@ -104,6 +162,7 @@ class TempBlob:
     path: Path
     size_bytes: int
     crc32: int
+    crc32_marks: tuple[int, ...] | None = None  # As BlobPointer's (None: not known, e.g. a worker's older header).
 
 
 class BlobPool:
@@ -241,7 +300,7 @@ class BlobFiles:
             except BaseException:
                 self.remove(name)
                 raise
-        return BlobPointer(name=name, size_bytes=len(blob), crc32=crc)
+        return BlobPointer(name=name, size_bytes=len(blob), crc32=crc.value, crc32_marks=crc.marks)
 
     def write_pooled(self, blob: bytes) -> BlobPointer | None:
         """A blob in memory written into an empty file of the pool and fsync'ed (one device
@@ -250,20 +309,21 @@ class BlobFiles:
         name = self.pool.take() if self.pool is not None else None
         if name is None:
             return None
-        return BlobPointer(name=name, size_bytes=len(blob), crc32=self._write_file(name, blob, create=False))
+        crc = self._write_file(name, blob, create=False)
+        return BlobPointer(name=name, size_bytes=len(blob), crc32=crc.value, crc32_marks=crc.marks)
 
-    def _write_file(self, name: str, blob: bytes, *, create: bool) -> int:
+    def _write_file(self, name: str, blob: bytes, *, create: bool) -> RunningCrc:
         """Write `blob` into the file `name` (a new one with `create`, else an empty one that
-        exists) and fsync it; its CRC-32. The file is removed when this fails."""
+        exists) and fsync it; its CRC-32 and marks. The file is removed when this fails."""
         descriptor = os.open(self.directory / name, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        crc = 0
+        crc = RunningCrc()
         try:
             try:
                 view = memoryview(blob)
                 for start in range(0, len(view), CHUNK_BYTES):
                     piece = view[start:start + CHUNK_BYTES]
                     _write_all(descriptor, piece)
-                    crc = zlib.crc32(piece, crc)
+                    crc.update(piece)
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
@@ -279,7 +339,8 @@ class BlobFiles:
         _ensure_directory(target.parent)
         os.rename(temp.path, target)
         _fsync_directory(target.parent)
-        return BlobPointer(name=name, size_bytes=temp.size_bytes, crc32=temp.crc32)
+        marks = temp.crc32_marks if marks_fit(temp.crc32_marks, temp.size_bytes) else None
+        return BlobPointer(name=name, size_bytes=temp.size_bytes, crc32=temp.crc32, crc32_marks=marks)
 
     def remove(self, name: str) -> None:
         try:
@@ -297,7 +358,7 @@ class BlobFiles:
             data = self.path(pointer).read_bytes()
         except FileNotFoundError:
             raise CorruptBlob(f"blob file of {what} is missing") from None
-        if len(data) != pointer.size_bytes or zlib.crc32(data) != pointer.crc32:
+        if len(data) != pointer.size_bytes or crc32_of(data) != pointer.crc32:
             raise CorruptBlob(f"blob file of {what} failed its size or CRC-32 check")
         return data
 
@@ -379,7 +440,7 @@ class BlobFiles:
             source = open(self.path(pointer), "rb")
         except FileNotFoundError:
             raise CorruptBlob(f"blob file of {what} is missing") from None
-        return Part10Stream(source, part10_bytes, what)
+        return Part10Stream(source, part10_bytes, what, pointer)
 
     def head(self, pointer: BlobPointer, size: int, what: str) -> bytes:
         """The first `size` Part-10 bytes (not checksum-verified: the checksum covers all)."""
@@ -416,21 +477,19 @@ class TempWriter:
         descriptor, name = _mkstemp(directory)
         self.path = Path(name)
         self._file: BinaryIO = open(descriptor, "wb", buffering=CHUNK_BYTES)
-        self._size = 0
-        self._crc = 0
+        self._crc = RunningCrc()
         self._finished = False
 
     def write(self, data: bytes | memoryview) -> None:
         self._file.write(data)
-        self._size += len(data)
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc.update(data)
 
     def finish(self) -> TempBlob:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         self._finished = True
-        return TempBlob(self.path, self._size, self._crc)
+        return TempBlob(self.path, self._crc.size, self._crc.value, self._crc.marks)
 
     def __enter__(self) -> "TempWriter":
         return self
@@ -444,16 +503,117 @@ class TempWriter:
                 pass
 
 
+class CheckedReader:
+    """A blob file read forward from its start (a decompressor's source: its `read` alone),
+    every byte read checked against its pointer: at each CRC-32 mark as the reads pass it
+    (`BlobPointer.crc32_marks`), and the whole file's CRC-32 and size when they reach its
+    end. `finish` reads on to the next mark (or, for a pointer without marks, to the end):
+    then every byte read so far has been checked. CorruptBlob on a mismatch.
+
+    With `hide_checksum` the decompressor sees the zstd frame without its content checksum
+    (the header's flag cleared, its last 4 bytes withheld but still read into the CRC-32),
+    so that zstd does not hash again the bytes the CRC-32 checks (codec.decompress_crc_checked
+    does the same for a whole read)."""
+
+    def __init__(self, source: BinaryIO, size_bytes: int, crc32: int, marks: tuple[int, ...] | None, what: str,
+                 *, hide_checksum: bool = False) -> None:
+        self._source = source
+        self._size = size_bytes
+        self._crc32 = crc32
+        self._marks = marks if marks_fit(marks, size_bytes) else None
+        self._what = what
+        self._crc = 0
+        self.position = 0  # Bytes read from the file.
+        self.checked = 0    # Bytes read and checked (at a mark, or the whole file).
+        held = os.fstat(source.fileno()).st_size
+        if held != size_bytes:
+            raise CorruptBlob(f"blob file of {what} holds {held} bytes, not {size_bytes}")
+        # Only a zstd frame that has its checksum (as every stored one): anything else is
+        # handed out as it is, for the decompressor to refuse.
+        head = os.pread(source.fileno(), 5, 0) if hide_checksum else b""
+        self._hide = len(head) == 5 and head[:4] == ZSTD_MAGIC and bool(head[4] & ZSTD_CHECKSUM_FLAG) \
+            and size_bytes >= 9
+
+    def _take(self, data: bytes) -> None:
+        view = memoryview(data)
+        marks = self._marks
+        while view:
+            room = len(view)
+            mark = self.position // MARK_BYTES  # marks[mark] is the CRC-32 at (mark + 1) x MARK_BYTES.
+            if marks is not None and mark < len(marks):
+                room = min(room, (mark + 1) * MARK_BYTES - self.position)
+            self._crc = crc32_of(view[:room], self._crc)
+            self.position += room
+            view = view[room:]
+            if marks is not None and mark < len(marks) and self.position == (mark + 1) * MARK_BYTES:
+                if self._crc != marks[mark]:
+                    raise CorruptBlob(f"blob file of {self._what} failed its CRC-32 check before byte "
+                                      f"{self.position}")
+                self.checked = self.position
+        if self.position >= self._size:
+            if self.position != self._size or self._crc != self._crc32:
+                raise CorruptBlob(f"blob file of {self._what} failed its size or CRC-32 check")
+            self.checked = self.position
+
+    def read(self, size: int = -1) -> bytes:
+        limit = self._size - self.position
+        if self._hide and limit >= 4:
+            limit -= 4  # The checksum: read below, never handed out.
+        if size < 0 or size > limit:
+            size = limit
+        data = self._source.read(size) if size > 0 else b""
+        if size > 0 and len(data) < size:
+            self._take(data)
+            raise CorruptBlob(f"blob file of {self._what} ended at {self.position} bytes, not {self._size}")
+        start = self.position
+        self._take(data)
+        if self._hide and self.position == self._size - 4 and size > 0:
+            tail = self._source.read(4)
+            if len(tail) != 4:
+                raise CorruptBlob(f"blob file of {self._what} ended at {self.position + len(tail)} bytes")
+            self._take(tail)
+        if self._hide and start <= 4 < start + len(data):
+            edited = bytearray(data)
+            edited[4 - start] &= ~ZSTD_CHECKSUM_FLAG & 0xFF
+            data = bytes(edited)
+        return data
+
+    def finish(self) -> None:
+        """Read on to the next mark (the end without marks), so that every byte read so far
+        is checked; CorruptBlob when a check fails."""
+        while self.checked < self.position:
+            if self._marks is not None and self.position // MARK_BYTES < len(self._marks):
+                step = (self.position // MARK_BYTES + 1) * MARK_BYTES - self.position
+            else:
+                step = min(CHUNK_BYTES, self._size - self.position)
+            data = self._source.read(step)
+            if len(data) < step:
+                raise CorruptBlob(f"blob file of {self._what} ended at {self.position + len(data)} bytes, "
+                                  f"not {self._size}")
+            self._take(data)
+
+    def close(self) -> None:
+        self._source.close()
+
+
 class Part10Stream:
     """The Part-10 bytes of a blob file, decompressed in order as they are asked for.
 
     `payload(offset)` is the data set (from `offset` on) as node/pdata.py's Payload: its
-    length, and slices asked for in order; each slice is decompressed when asked. The
-    frame's checksum is checked when the last slice is read (CorruptBlob)."""
+    length, and slices asked for in order; each slice is decompressed when asked. With the
+    file's pointer (`BlobFiles.stream`) the compressed bytes are checked as they are read
+    (CheckedReader: at each CRC-32 mark, and the whole file's CRC-32 before the last slice
+    is handed out), zstd's content checksum not computed; without it, zstd's checksum is
+    checked when the last slice is read. CorruptBlob on a mismatch."""
 
-    def __init__(self, source: BinaryIO, part10_bytes: int, what: str) -> None:
+    def __init__(self, source: BinaryIO, part10_bytes: int, what: str, pointer: BlobPointer | None = None) -> None:
         self._source = source
-        self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK_BYTES)
+        checked: BinaryIO = source
+        if pointer is not None:
+            # Read through its read() alone (zstandard's documented duck typing).
+            checked = cast(BinaryIO, CheckedReader(source, pointer.size_bytes, pointer.crc32, pointer.crc32_marks,
+                                                   what, hide_checksum=True))
+        self._reader = zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK_BYTES)
         self._size = part10_bytes
         self._what = what
         self._position = 0
@@ -472,7 +632,7 @@ class Part10Stream:
                 parts.append(chunk)
                 remaining -= len(chunk)
             self._position += count
-            if self._position == self._size and self._reader.read(1):  # Also checks the checksum.
+            if self._position == self._size and self._reader.read(1):  # Reads to the end: the last check.
                 raise CorruptBlob(f"blob of {self._what} holds more than {self._size} bytes")
         except zstandard.ZstdError as error:
             raise CorruptBlob(f"blob of {self._what} failed its checksum: {error}") from error

@@ -81,7 +81,7 @@ def decompress(blob: bytes | memoryview, what: str = "instance") -> bytes:
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # Frame_Header_Descriptor (the byte after the magic) bit 2, RFC 8878 3.1.1.1.1: the frame
 # ends with a 4-byte content checksum (the low 32 bits of XXH64 of the content).
-_CHECKSUM_FLAG = 0x04
+ZSTD_CHECKSUM_FLAG = 0x04
 
 
 def decompress_crc_checked(blob: memoryview, crc32: int, what: str = "instance") -> bytes:
@@ -101,8 +101,8 @@ def decompress_crc_checked(blob: memoryview, crc32: int, what: str = "instance")
     if len(blob) < 6 or blob[:4] != ZSTD_MAGIC:
         raise CorruptBlob(f"blob of {what} is not a zstd frame")
     frame = blob
-    if blob[4] & _CHECKSUM_FLAG:
-        blob[4] &= ~_CHECKSUM_FLAG & 0xFF
+    if blob[4] & ZSTD_CHECKSUM_FLAG:
+        blob[4] &= ~ZSTD_CHECKSUM_FLAG & 0xFF
         frame = blob[:-4]
     try:
         return _decompressor().decompress(frame)

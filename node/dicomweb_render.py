@@ -242,13 +242,41 @@ def _as_stored_colour(array: Any, decoded: str, stored: str) -> Any:
 def render(part10: bytes, *, frame: int = 1, media_type: str = "image/jpeg",
            viewport: tuple[int, int] | None = None, quality: int = 90) -> bytes:
     """One frame as a JPEG or PNG (8-bit), fitted into `viewport` (width, height) if given."""
+    if frame < 1:
+        raise NoSuchFrame("frame numbers start at 1")
+    dataset, count, _numbers = _frames_of(part10, [frame])
+    return _render(dataset, count, frame, media_type, viewport, quality)
+
+
+def render_frame(header: bytes, frame_bytes: bytes, *, media_type: str = "image/jpeg",
+                 viewport: tuple[int, int] | None = None, quality: int = 90) -> bytes:
+    """`render` of one frame that comes alone (node/frame_stream.py `encoded_frames`: a big
+    instance is read only as far as that frame, never whole): `header` is the instance's
+    Part-10 bytes up to its Pixel Data (its file meta, LUTs and windows), `frame_bytes` the
+    frame as stored (native, or one encoded frame). The same image as `render` of the
+    whole instance at that frame."""
+    from pydicom.encaps import encapsulate
+
+    try:
+        dataset = dcmread(BytesIO(header), stop_before_pixels=True)
+    except Exception as error:  # pydicom raises many types
+        raise RenderError(f"the header could not be read: {type(error).__name__}") from None
+    dataset.NumberOfFrames = 1
+    if UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
+        dataset.PixelData = encapsulate([frame_bytes])
+        dataset["PixelData"].VR = "OB"
+    else:
+        dataset.PixelData = frame_bytes
+        dataset["PixelData"].VR = "OW" if int(dataset.get("BitsAllocated", 8) or 8) > 8 else "OB"
+    return _render(dataset, 1, 1, media_type, viewport, quality)
+
+
+def _render(dataset: Dataset, count: int, frame: int, media_type: str, viewport: tuple[int, int] | None,
+            quality: int) -> bytes:
     import numpy as np
     from PIL import Image
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
-    if frame < 1:
-        raise NoSuchFrame("frame numbers start at 1")
-    dataset, count, _numbers = _frames_of(part10, [frame])
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # No handler for this syntax, or corrupt data.

@@ -186,6 +186,15 @@ class StoreReads:
         except FileNotFoundError:
             raise CorruptBlob(f"blob file of {kept.location.sop_instance_uid} is missing") from None
 
+    def stored_bytes(self, location: InstanceLocation) -> int | None:
+        """The stored frame's bytes: a blob file's size from its pointer, else the value's
+        length (DicomWeb._zstd_saves); None when the instance is not here."""
+        found = self._store.compressed_copy(location.study_instance_uid, location.sop_instance_uid)
+        if found is None:
+            return None
+        kept, _record = found
+        return kept.size_bytes if isinstance(kept, BlobPointer) else len(kept)
+
     def stored_frame(self, location: InstanceLocation) -> bytes | memoryview | StoredFrameFile | None:
         """The instance's stored zstd frame, to go out as it is kept (Content-Encoding: zstd),
         after the check its read gets today, and never decompressed when it is a blob file:

@@ -33,7 +33,7 @@ SIZE_MAX = 2_000_000  # The node's instance_size_bytes_max in these tests.
 
 
 def _stored(index: int, size: int = 200_000) -> StoredInstance:
-    part10 = bytes(random.Random(index).getrandbits(4) for _ in range(size))
+    part10 = bytes(b & 0x0F for b in random.Random(index).randbytes(size))  # Half compressible.
     record = InstanceRecord(study_instance_uid=STUDY, series_instance_uid=STUDY + ".1",
                             sop_instance_uid=f"{STUDY}.1.{index}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                             transfer_syntax_uid="1.2.840.10008.1.2.1", content_hash=f"{index:032x}",

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from pacsnode.node import codec
-from pacsnode.node.blob_files import POINTER_MAGIC, TEMP_PREFIX, BlobFiles, BlobPointer
+from pacsnode.node.blob_files import MARK_BYTES, POINTER_MAGIC, TEMP_PREFIX, BlobFiles, BlobPointer
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
 from pacsnode.replication.model import CorruptBlob, Instance, StoreOutcome
 from pacsnode.sim.datagen import StudySetSpec, iter_part10
@@ -356,3 +356,74 @@ def test_read_into_cached_only_gives_way_where_the_file_system_cannot_read_witho
     assert files.read_into(pointer, buffer, "x", cached_only=True) is None
     with pytest.raises(OSError):
         files.read_into(pointer, buffer, "x")
+
+
+@pytest.mark.parametrize("position, bit", [(4, 0x04), (-1, 0x01), (-4, 0x80)],
+                         ids=["checksum-flag", "checksum-byte-last", "checksum-byte-first"])
+def test_a_streamed_read_checks_every_stored_byte_by_the_pointers_crc32(open_store: OpenStore, versions: Any,
+                                                                        position: int, bit: int) -> None:
+    """open_part10's streamed read (a C-GET of more than 2 MiB) checks the file by the CRC-32
+    its pointer records, as the whole read does, in place of zstd's checksum: a flipped
+    checksum flag (zstd then ignores the checksum, the content being intact) is CorruptBlob
+    too. The file on disk is never changed by a read."""
+    instance = versions[0][0]
+    store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=0)
+    store.put_instance(instance)
+    path = store.blob_files.directory / _pointer(store, instance).name
+    stored = path.read_bytes()
+    assert _streamed(store, instance) == instance.dataset_bytes
+    assert path.read_bytes() == stored
+    damaged = bytearray(stored)
+    damaged[position] ^= bit
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptBlob, match="CRC-32"):
+        _streamed(store, instance)
+    path.write_bytes(stored)
+    assert _streamed(store, instance) == instance.dataset_bytes
+
+
+def test_a_pointer_records_crc32_marks_that_a_streamed_read_checks_as_it_goes(
+        open_store: OpenStore, make_instance: Callable[[bytes], Instance], tmp_path: Path) -> None:
+    """Every way a blob file is written (in memory, a temp file written in odd pieces)
+    records the running CRC-32 at each MARK_BYTES of the file; the pointer keeps them
+    through RocksDB, and an older pointer without them still decodes (None: the whole
+    file is checked). A byte flipped in the second MiB stops a streamed read at the
+    second mark, with the frame's end (and zstd's checksum) not yet read."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+    import io
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "M1"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 1024, 1024, 1, 32
+    ds.PixelData = np.random.default_rng(1).integers(0, 2**32 - 1, 1024 * 1024, dtype=np.uint32).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    instance = make_instance(out.getvalue())
+    store = open_store(blob_file_bytes_min=1, whole_read_bytes_max=0)
+    store.put_instance(instance)
+    pointer = _pointer(store, instance)
+    stored = (store.blob_files.directory / pointer.name).read_bytes()
+    expected = tuple(zlib.crc32(stored[:end]) for end in range(MARK_BYTES, len(stored), MARK_BYTES))
+    assert len(expected) == 4 and pointer.crc32_marks == expected
+    with BlobFiles(tmp_path / "other").temp_writer() as writer:
+        for start in range(0, len(stored), 300_007):
+            writer.write(stored[start:start + 300_007])
+        temp = writer.finish()
+    assert temp.crc32_marks == expected and temp.crc32 == pointer.crc32
+    older = BlobPointer(pointer.name, pointer.size_bytes, pointer.crc32)
+    assert BlobPointer.decode(older.encode()) == older and BlobPointer.decode(pointer.encode()) == pointer
+
+    damaged = bytearray(stored)
+    damaged[MARK_BYTES + 1000] ^= 0x01
+    (store.blob_files.directory / pointer.name).write_bytes(bytes(damaged))
+    opened = store.open_part10(instance.study_instance_uid, instance.sop_instance_uid)
+    assert not isinstance(opened, bytes)
+    with opened:
+        assert opened.read_chunk(MARK_BYTES // 2) == instance.part10[:MARK_BYTES // 2]
+        with pytest.raises(CorruptBlob, match="before byte 2097152"):
+            opened.read_chunk(MARK_BYTES)

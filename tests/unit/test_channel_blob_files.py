@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 
 from pacsnode.node import codec
 from pacsnode.node.archive_channel import ChannelArchive, ChannelServer, Kind, RemoteError, recv_frame, send_frame
-from pacsnode.node.blob_files import TEMP_PREFIX, WORKER_POOL_PREFIX, BlobFiles, BlobPointer
+from pacsnode.node.blob_files import MARK_BYTES, TEMP_PREFIX, WORKER_POOL_PREFIX, BlobFiles, BlobPointer
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
 from pacsnode.node.blob_files import Part10Stream
 from pacsnode.node.runtime import CompressedCopy, own_compressed_reader, own_copy_reader
@@ -118,6 +119,12 @@ def _pointer(store: RocksStore, instance: Instance) -> BlobPointer | None:
     return BlobPointer.decode(value)
 
 
+def _marks_of_file(store: RocksStore, pointer: BlobPointer) -> tuple[int, ...]:
+    """The CRC-32 marks of a blob file (node/blob_files.py MARK_BYTES), from its bytes."""
+    data = store.blob_files.path(pointer).read_bytes()
+    return tuple(zlib.crc32(data[:end]) for end in range(MARK_BYTES, len(data), MARK_BYTES))
+
+
 def _temp_files(store: RocksStore) -> list[str]:
     return [name for name in store.blob_files.files() if name.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
 
@@ -133,6 +140,7 @@ def test_big_blobs_arrive_as_files_small_ones_in_the_frame(channel, make_instanc
     for instance in big:
         pointer = _pointer(store, instance)
         assert pointer is not None and pointer.size_bytes == len(instance.blob)
+        assert pointer.crc32_marks == _marks_of_file(store, pointer)  # Carried from the worker.
         assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
     for instance in small:
         assert _pointer(store, instance) is None
@@ -287,6 +295,7 @@ def test_a_pooled_blob_is_recorded_under_the_worker_s_name_without_a_rename(tmp_
         pointer = _pointer(store, first)
         assert pointer is not None
         assert pointer.name.split("/")[1].startswith(f"{WORKER_POOL_PREFIX}{os.getpid()}_")
+        assert pointer.crc32_marks == _marks_of_file(store, pointer)  # Carried from the worker.
         # A frame naming a file another record already points at: refused, that file untouched.
         header = {"study": second.study_instance_uid, "series": second.series_instance_uid,
                   "sop_instance": second.sop_instance_uid, "sop_class": second.sop_class_uid,

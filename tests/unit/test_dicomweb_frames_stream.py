@@ -23,8 +23,9 @@ from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.uid import generate_uid
 
 from pacsnode.node import frame_stream
+from pacsnode.node.blob_files import MARK_BYTES, RunningCrc
 from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
-from pacsnode.node.dicomweb_render import decoded_frames
+from pacsnode.node.dicomweb_render import decoded_frames, render
 from pacsnode.node.dicomweb_render import frames as whole_read_frames
 from pacsnode.node.frame_stream import BlobFile, FrameLayoutError, NoFrame, NotStreamed
 from pacsnode.node.http_server import HttpServer
@@ -292,15 +293,19 @@ def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
             whole_read_frames(small_data, [2])
         assert archive.reads == [str(small.SOPInstanceUID)]  # A small one is.
 
-        # A damaged file: the body breaks off (no closing delimiter), the client fails.
+        # A file damaged near its end: frame 1 is read and checked up to the CRC-32 mark
+        # after it, never reaching the damage, and answered whole; frame 40's body, which
+        # reads the damaged bytes, breaks off (no closing delimiter), the client fails.
         found = store.compressed_copy(uids[0], str(native.SOPInstanceUID))
         assert found is not None and not isinstance(found[0], bytes)
+        assert found[0].crc32_marks is not None and len(found[0].crc32_marks) >= 3
         path = store.blob_files.path(found[0])
         damaged = bytearray(path.read_bytes())
         damaged[-50] ^= 0x01
         path.write_bytes(bytes(damaged))
+        assert _parts(httpx.get(base + f"{native.SOPInstanceUID}/frames/1")) == whole_read_frames(native_data, [1])
         with pytest.raises(httpx.HTTPError):
-            with httpx.stream("GET", base + f"{native.SOPInstanceUID}/frames/1") as cut:
+            with httpx.stream("GET", base + f"{native.SOPInstanceUID}/frames/40") as cut:
                 assert cut.status_code == 200
                 for _chunk in cut.iter_raw():
                     pass
@@ -308,3 +313,127 @@ def test_a_big_instance_is_streamed_by_the_node_without_a_whole_read(
         server.stop()
         store.close()
     assert dcmread(io.BytesIO(native_data)).NumberOfFrames == 40
+
+
+class _CountingFile(io.FileIO):
+    """A file that counts the bytes read from it (into `read_bytes`, a one-item list)."""
+
+    def __init__(self, path: Path, counter: list[int]) -> None:
+        super().__init__(path, "r")
+        self._counter = counter
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self._counter[0] += len(data or b"")
+        return data or b""
+
+
+def _marked_blob(data: bytes, path: Path, counter: list[int], *, marks: bool) -> BlobFile:
+    """The blob as the store now records it (the CRC-32 marks in its pointer), or as a
+    pointer written before the marks (`marks=False`)."""
+    compressed = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    path.write_bytes(compressed)
+    crc = RunningCrc()
+    crc.update(compressed)
+    return BlobFile(open=lambda: _CountingFile(path, counter), size_bytes=len(compressed), crc32=crc.value,
+                    part10_bytes=len(data), what="test", crc32_marks=crc.marks if marks else None)
+
+
+def test_a_frame_is_checked_up_to_the_next_mark_not_to_the_end_of_the_file(tmp_path: Path) -> None:
+    """A pointer with CRC-32 marks: frame 1 of a 40-frame noise instance (5 MB, ~5 MB
+    compressed) reads the file up to the mark after the bytes it decompressed (2 MiB at
+    most), not all of it; a pointer without them (an older record) reads it all. Both send
+    the whole read's frame. A byte flipped after that mark is not read for frame 1 (the
+    frame goes out whole), and is found by a read of the last frame (CorruptBlob, the
+    closing never sent)."""
+    rng = np.random.default_rng(5)
+    ds = _dataset(40, rows=256, columns=256)
+    ds.PixelData = rng.integers(0, 65535, 40 * 256 * 256, dtype=np.uint16).tobytes()
+    data = _part10(ds, EXPLICIT)
+    read: list[int] = [0]
+    marked = _marked_blob(data, tmp_path / "m.zst", read, marks=True)
+    assert marked.crc32_marks is not None and len(marked.crc32_marks) == (marked.size_bytes - 1) // MARK_BYTES >= 4
+    assert _streamed(marked, [1]) == whole_read_frames(data, [1])
+    assert 0 < read[0] <= 2 * MARK_BYTES
+    read[0] = 0
+    old = _marked_blob(data, tmp_path / "o.zst", read, marks=False)
+    assert _streamed(old, [1]) == whole_read_frames(data, [1])
+    assert read[0] == old.size_bytes
+    assert _streamed(marked, [2, 40]) == whole_read_frames(data, [2, 40])  # To the end: the whole CRC-32.
+
+    damaged = bytearray((tmp_path / "m.zst").read_bytes())
+    damaged[len(damaged) - 100] ^= 0x01
+    (tmp_path / "m.zst").write_bytes(bytes(damaged))
+    assert _streamed(marked, [1]) == whole_read_frames(data, [1])
+    found, first = frame_stream.layout(marked)
+    sent = []
+    with pytest.raises(CorruptBlob):
+        for piece in frame_stream.frame_body(marked, found, first, [40], lambda first_part: b"HEAD", b"END"):
+            sent.append(piece)
+    assert b"END" not in sent and len(b"".join(sent)) < len(b"HEAD") + found.frame_bytes
+
+
+def test_a_mark_that_does_not_match_stops_the_read_at_that_mark(tmp_path: Path) -> None:
+    """A byte flipped in the second MiB: reading frame 1 (in the first) passes; frame 20's
+    read stops with CorruptBlob at the second mark, before the frame's bytes after it are
+    decompressed, even though zstd's content checksum (at the end) was never reached."""
+    rng = np.random.default_rng(6)
+    ds = _dataset(40, rows=256, columns=256)
+    ds.PixelData = rng.integers(0, 65535, 40 * 256 * 256, dtype=np.uint16).tobytes()
+    data = _part10(ds, EXPLICIT)
+    read: list[int] = [0]
+    marked = _marked_blob(data, tmp_path / "m.zst", read, marks=True)
+    damaged = bytearray((tmp_path / "m.zst").read_bytes())
+    damaged[MARK_BYTES + MARK_BYTES // 2] ^= 0x01
+    (tmp_path / "m.zst").write_bytes(bytes(damaged))
+    assert _streamed(marked, [1]) == whole_read_frames(data, [1])
+    read[0] = 0
+    with pytest.raises(CorruptBlob, match="before byte"):
+        _streamed(marked, [20])
+    assert read[0] <= 2 * MARK_BYTES
+
+
+def test_rendered_and_thumbnail_of_a_big_instance_read_one_frame_not_the_instance(
+        tmp_path: Path, make_instance: Callable[[bytes], Any]) -> None:
+    """/rendered and /thumbnail of a big instance kept as a blob file: the frame is read
+    from the stream (as far as that frame) and rendered with the instance's header, the
+    same image as the whole read renders; the archive's whole read is never asked. A frame
+    beyond the instance: 404."""
+    rng = np.random.default_rng(31)
+    native = _dataset(40, rows=256, columns=256)
+    native.BitsStored, native.HighBit = 12, 11
+    native.RescaleSlope, native.RescaleIntercept = 1, -1024
+    native.WindowCenter, native.WindowWidth = 40, 400
+    native.PixelData = rng.integers(0, 4096, 40 * 256 * 256, dtype=np.uint16).tobytes()
+    native_data = _part10(native, EXPLICIT)
+    colour = _dataset(36, rows=256, columns=256, samples=3, bits=8, photometric="YBR_FULL_422")
+    colour.StudyInstanceUID, colour.SeriesInstanceUID = native.StudyInstanceUID, native.SeriesInstanceUID
+    colour.PixelData = encapsulate(_jpegs(36, rng), has_bot=False)
+    colour["PixelData"].VR = "OB"
+    colour_data = _part10(colour, JPEG_BASELINE)
+    assert min(len(native_data), len(colour_data)) > frame_stream.STREAM_PART10_BYTES_MIN
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1024)
+    archive = _ReadCountingArchive(store)
+    for data in (native_data, colour_data):
+        archive.store(make_instance(data))
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(),
+                        ready=lambda: {"ready": True}, instance_size_bytes_max=100_000_000, qido_result_max=4,
+                        owns=lambda study: True, local_reads=StoreReads(store, 1024))
+    server.start()
+    try:
+        base = (f"http://127.0.0.1:{server.port}/dicom-web/studies/{native.StudyInstanceUID}"
+                f"/series/{native.SeriesInstanceUID}/instances/")
+        for dataset, data in ((native, native_data), (colour, colour_data)):
+            url = base + str(dataset.SOPInstanceUID)
+            png = httpx.get(url + "/frames/7/rendered", headers={"Accept": "image/png"})
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            assert png.content == render(data, frame=7, media_type="image/png")
+            jpeg = httpx.get(url + "/rendered", params={"quality": "80"})
+            assert jpeg.content == render(data, frame=1, media_type="image/jpeg", quality=80)
+            thumbnail = httpx.get(url + "/thumbnail", headers={"Accept": "image/png"})
+            assert thumbnail.content == render(data, frame=1, media_type="image/png", viewport=(128, 128))
+            assert httpx.get(url + "/frames/99/rendered").status_code == 404
+        assert archive.reads == []
+    finally:
+        server.stop()
+        store.close()

@@ -301,3 +301,41 @@ def test_no_write_but_the_last_ends_where_a_frame_ends() -> None:
         position += len(write)
         assert position not in frame_ends
     assert any(len(write) >= COALESCE_BYTES - 1 for write in out)  # Small pieces were joined.
+
+
+def test_a_study_whose_frames_did_not_compress_goes_out_plain(tmp_path: Path,
+                                                              make_instance: Callable[[bytes], Any]) -> None:
+    """Noise CT is kept as raw zstd blocks (nothing saved): asked with Accept-Encoding:
+    zstd, the study goes out as the plain answer (no Content-Encoding, its length stated),
+    the stored frames not sent as stored; the phantom study beside it still goes encoded."""
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=BLOB_FILE_BYTES_MIN)
+    archive = Archive(store)
+    studies: dict[str, list[bytes]] = {}
+    for seed, fill in ((81, "noise12"), (82, "phantom")):
+        spec = StudySetSpec(patients=1, instances_per_series=3, rows=256, cols=256, seed=seed, modalities=("CT",),
+                            pixel_fill=fill)
+        for _entry, data in iter_part10(spec):
+            instance = make_instance(data)
+            archive.store(instance)
+            studies.setdefault(fill, []).append(data)
+    noise_study = dcmread(io.BytesIO(studies["noise12"][0]), stop_before_pixels=True).StudyInstanceUID
+    phantom_study = dcmread(io.BytesIO(studies["phantom"][0]), stop_before_pixels=True).StudyInstanceUID
+    frame, is_file = _stored_frame(store, noise_study, studies["noise12"][0])
+    assert is_file and len(frame) > 0.99 * len(studies["noise12"][0])  # Raw blocks.
+    server = HttpServer(host="127.0.0.1", port=0, archive=archive, metrics=Metrics(), ready=lambda: {"ready": True},
+                        instance_size_bytes_max=100_000_000, qido_result_max=10, owns=lambda study: True,
+                        local_reads=StoreReads(store, BLOB_FILE_BYTES_MIN))
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/dicom-web/studies/"
+        reply = httpx.get(url + noise_study, headers={"Accept": ACCEPT, "Accept-Encoding": "zstd"})
+        assert reply.status_code == 200 and "content-encoding" not in reply.headers
+        assert reply.headers["content-length"] == str(len(reply.content))
+        assert "accept-encoding" in reply.headers["vary"].lower()
+        assert sorted(_parts(reply.headers["content-type"], reply.content)) == sorted(studies["noise12"])
+        reply = httpx.get(url + phantom_study, headers={"Accept": ACCEPT, "Accept-Encoding": "zstd"})
+        assert reply.headers["content-encoding"] == "zstd"
+        assert sorted(_parts(reply.headers["content-type"], reply.content)) == sorted(studies["phantom"])
+    finally:
+        server.stop()
+        store.close()
