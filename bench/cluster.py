@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cluster.py [--instances 400] [--rows 256] [--setups single,n3w2,n2w1]
                                       [--rounds N] [--data-dir DIR] [--trace DIR] [--node-config TOML]
-                                      [--profile DIR]
+                                      [--profile DIR] [--senders K] [--dicom-workers K]
 
 --node-config TOML starts every node (of every setup) with `--config TOML`, e.g. a file
 holding `blob_file_bytes_min = 1048576` to keep the bench's blobs in RocksDB (one fsync per
@@ -23,6 +23,11 @@ DIR/<setup>-<node>.txt, and bench/profile_summary.py prints where the samples we
 PACSNODE_SPY_RATE=N samples N times a second instead; PACSNODE_SPY_NATIVE=1 adds C frames
 (`--native`, which stops each process while sampling): gRPC's own calls show up there.
 
+--senders K sends the set with K storescu processes at once (the files dealt out in turn), all
+through the first node; --dicom-workers K starts the first node of every setup (the single
+node, and each cluster's entry node) with `--dicom-workers K` (node/dicom_worker.py: the
+DICOM front end in K worker processes), the other nodes as they are.
+
 For each setup (single node; 3 nodes N=3 W=2; 3 nodes N=2 W=1): storescu ingest through
 one node (instances/s, MB/s, CPU-seconds per stored instance summed over every node
 process), C-FIND STUDY latency p50/p99 over one pynetdicom association at every setup,
@@ -33,6 +38,7 @@ Prints a markdown table with ratios against the single node.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -90,13 +96,15 @@ def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
             profiler.wait()
 
 
-def start(root: Path, names: tuple[str, ...], extra: list[str], trace: Path | None = None) -> list[NodeProcess]:
+def start(root: Path, names: tuple[str, ...], extra: list[str], trace: Path | None = None,
+          entry_extra: list[str] | None = None) -> list[NodeProcess]:
     nodes: list[NodeProcess] = []
     try:
         for name in names:
             seeds = [nodes[0].peer_address] if nodes else []
+            own = (entry_extra or []) if not nodes else []
             node = NodeProcess(root / name, node_id=name, seeds=seeds,
-                               extra_args=["--profile", "local", "--log-level", "WARNING", *extra])
+                               extra_args=["--profile", "local", "--log-level", "WARNING", *extra, *own])
             if trace is not None:  # node/write_trace.py: the node process reads it when it starts.
                 os.environ[write_trace.ENVIRONMENT] = str(trace / f"{root.name}-{name}")
             nodes.append(node.start())
@@ -106,25 +114,59 @@ def start(root: Path, names: tuple[str, ...], extra: list[str], trace: Path | No
     return nodes
 
 
+def node_pids(node: NodeProcess) -> list[int]:
+    """The node's process and its children (DIMSE worker processes, dicom_workers > 0)."""
+    assert node.process is not None
+    pids = [node.process.pid]
+    for children in Path(f"/proc/{node.process.pid}/task").glob("*/children"):  # Any thread may have started one.
+        try:
+            pids += [int(pid) for pid in children.read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # That thread ended.
+    return pids
+
+
+def node_cpu(node: NodeProcess) -> float:
+    total = 0.0
+    for pid in node_pids(node):
+        try:
+            total += cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # A worker that ended: its CPU is gone with it (counted while it ran, if at all).
+    return total
+
+
+def send(port: int, data: Path, senders: int) -> list[str]:
+    """storescu x `senders` through `port`, the files dealt out in turn; the files acknowledged."""
+    if senders <= 1:
+        _result, acked = clients.storescu(port, [data], extra=["+sd", "+r"])
+        return acked
+    files = sorted(str(path) for path in data.rglob("*.dcm"))
+    shares = [files[i::senders] for i in range(senders)]
+    with concurrent.futures.ThreadPoolExecutor(senders) as pool:
+        answers = list(pool.map(lambda share: clients.storescu(port, share)[1], shares))
+    return [name for acked in answers for name in acked]
+
+
 def run_setup(label: str, names: tuple[str, ...], extra: list[str], data: Path,
               manifest: list[datagen.ManifestEntry], work: Path, profile: Path | None = None,
-              trace: Path | None = None) -> dict[str, object]:
+              trace: Path | None = None, senders: int = 1, entry_extra: list[str] | None = None) -> dict[str, object]:
     root = work / label.replace(" ", "_").replace("=", "")
     root.mkdir(parents=True, exist_ok=True)
     if trace is not None:
         trace.mkdir(parents=True, exist_ok=True)
-    nodes = start(root, names, extra, trace)
+    nodes = start(root, names, extra, trace, entry_extra)
     profilers: list[subprocess.Popen[bytes]] = []
     try:
         profilers = start_profilers(nodes, label, profile)
         load_before = os.getloadavg()
-        cpu_before = [cpu_seconds(n.process.pid) for n in nodes if n.process]
+        cpu_before = [node_cpu(n) for n in nodes]
         started = time.monotonic()
-        result, acked = clients.storescu(nodes[0].dicom_port, [data], extra=["+sd", "+r"])
+        acked = send(nodes[0].dicom_port, data, senders)
         elapsed = time.monotonic() - started
         # Let background copies (N > W) land before counting CPU.
         time.sleep(2)
-        cpu_each = [cpu_seconds(n.process.pid) - before for n, before in zip(nodes, cpu_before) if n.process]
+        cpu_each = [node_cpu(n) - before for n, before in zip(nodes, cpu_before)]
         cpu = sum(cpu_each)
         stop_profilers(profilers)
         profilers = []
@@ -203,7 +245,11 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="put the nodes' data directories under DIR (e.g. /dev/shm: tmpfs) instead of the "
                              "temporary directory that holds the input set")
+    parser.add_argument("--senders", type=int, default=1, help="storescu processes at once through the first node")
+    parser.add_argument("--dicom-workers", type=int, default=0,
+                        help="start the first node of every setup with --dicom-workers K")
     args = parser.parse_args()
+    entry_extra = ["--dicom-workers", str(args.dicom_workers)] if args.dicom_workers else []
     os.environ["TCP_NODELAY"] = "1"  # storescu disables Nagle, as in bench/run.py.
     chosen = [SETUPS[name] for name in args.setups.split(",")]
     if args.node_config is not None:
@@ -221,11 +267,13 @@ def main() -> int:
                 profile = args.profile / f"round{round_}" if args.profile else None
                 trace = args.trace / f"round{round_}" if args.trace else None
                 runs[label].append(run_setup(label, names, extra, work / "data", manifest,
-                                             nodes_root / f"round{round_}", profile, trace))
+                                             nodes_root / f"round{round_}", profile, trace, args.senders,
+                                             entry_extra))
         rows = [medians(r) for r in runs.values()]
         base = rows[0]
         where = f"node data under {args.data_dir}" if args.data_dir else "node data on the temporary directory's disk"
-        print(f"\n{len(manifest)} instances, {args.rows}x{args.rows} 16-bit, storescu x1 through the first node; {where}; "
+        print(f"\n{len(manifest)} instances, {args.rows}x{args.rows} 16-bit, storescu x{args.senders} through the first node"
+              f"{f' (dicom_workers {args.dicom_workers})' if args.dicom_workers else ''}; {where}; "
               f"C-FIND at the last node; 2 cores shared by clients and every node; medians of {args.rounds} "
               f"round(s); ratios against the first setup ({base['setup']})\n")
         print("| setup | inst/s | MB/s | ingest vs first | CPU-s/inst (all nodes) | CPU vs first | "

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from pacsnode.node.config import ConfigError, Destination, NodeConfig, load_toml
 
@@ -257,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if node.exit_error:
             print(f"pacsnode: stopped: {node.exit_error}", file=sys.stderr)
-            return 1
-        return 0
+            _leave_now(1)
+        _leave_now(0)
     if args.command == "sim":
         from pacsnode.sim import cli as sim_cli
 
@@ -274,6 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return security.main(args)
     parser.print_help()
     return 2
+
+
+def _leave_now(code: int) -> NoReturn:
+    """End the process of a node that has stopped, without the interpreter's teardown.
+
+    By now the node has closed its store (RocksDB flushed and closed), its audit trail and
+    its servers, and joined or stopped every thread and worker process it started; what is
+    left is the teardown of the modules and C extensions it loaded (gRPC's core, RocksDB,
+    numpy, pydicom): measured, a node left 1.0-1.25 s after SIGTERM, 0.45-0.65 s of it after
+    `node.stopped`; now 0.6. A restart, and a test suite that starts and stops a few hundred
+    nodes, paid it each time. Log handlers are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

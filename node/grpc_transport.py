@@ -193,7 +193,8 @@ class GrpcTransport:
             whole = len(stored.blob) <= WHOLE_INSTANCE_BYTES_MAX
             compression = self._compression(target, len(stored.blob)) if whole else None
             if whole and compression is None and self._store_stream and streams.available(address):
-                request = pb.StoreStreamRequest(envelope=self._envelope(), header=header, data=stored.blob,
+                request = pb.StoreStreamRequest(envelope=self._envelope(), header=header,
+                                                data=peer_wire.payload_bytes(stored.blob),
                                                 timeout_ms=timeout_ms)
                 try:
                     reply = await streams.store(address, self._channels.get(address), target, request,

@@ -182,9 +182,16 @@ def metadata_from_wire(header: pb.StoreHeader) -> bytes | None:
     return data if isinstance(value, dict) else None
 
 
+def payload_bytes(blob: Any) -> bytes:
+    """The payload as `bytes`, which a protobuf bytes field takes: a blob a DIMSE worker
+    wrote arrives as a read-only memory map of its file (node/archive_channel.py), which
+    protobuf refuses (TypeError), so it is copied out once per message here."""
+    return blob if isinstance(blob, bytes) else bytes(blob)
+
+
 def store_whole(env: pb.Envelope, stored: StoredInstance, header: pb.StoreHeader) -> pb.StoreWholeRequest:
     """The StoreWholeInstance request: envelope, header and the whole payload in one message."""
-    return pb.StoreWholeRequest(envelope=env, header=header, data=stored.blob)
+    return pb.StoreWholeRequest(envelope=env, header=header, data=payload_bytes(stored.blob))
 
 
 def store_chunks(env: pb.Envelope, stored: StoredInstance, hint_for: str,

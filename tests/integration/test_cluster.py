@@ -38,11 +38,14 @@ FAST = [
 NAMES = ("n1", "n2", "n3", "n4")
 
 
-def start_cluster(root: Path, names: tuple[str, ...], extra: list[str] | None = None) -> list[NodeProcess]:
+def start_cluster(root: Path, names: tuple[str, ...], extra: list[str] | None = None, *,
+                  entry_extra: list[str] | None = None) -> list[NodeProcess]:
+    """`entry_extra`: more arguments for the first node only."""
     nodes: list[NodeProcess] = []
     for name in names:
         seeds = [nodes[0].peer_address] if nodes else []
-        node = NodeProcess(root / name, node_id=name, seeds=seeds, extra_args=FAST + (extra or []))
+        own = (entry_extra or []) if not nodes else []
+        node = NodeProcess(root / name, node_id=name, seeds=seeds, extra_args=FAST + (extra or []) + own)
         nodes.append(node.start())
     addresses = [n.peer_address for n in nodes]
     assert wait_until(lambda: all(_member_count(a) == len(names) for a in addresses), 30), "membership did not converge"
