@@ -40,13 +40,14 @@ _CANONICAL_IS = re.compile(r"^(0|-?[1-9][0-9]{0,8})$")
 
 
 @lru_cache(maxsize=4096)
-def _text_tag(keyword: str) -> tuple[BaseTag, str] | None:
-    """(tag, VR) of a keyword whose VR is text; None for any other keyword."""
+def _text_tag(keyword: str) -> tuple[int, str] | None:
+    """(tag, VR) of a keyword whose VR is text; None for any other keyword. The tag is a
+    plain int: a row's tags are sorted in C, not by BaseTag.__lt__ in Python."""
     tag = tag_for_keyword(keyword)
     if tag is None:
         return None
     vr = dictionary_VR(tag)
-    return (BaseTag(tag), vr) if vr in TEXT_VRS else None
+    return (int(tag), vr) if vr in TEXT_VRS else None
 
 
 def _encoded(value: Any, vr: str) -> bytes | None:
@@ -70,10 +71,10 @@ def _encoded(value: Any, vr: str) -> bytes | None:
 
 
 def _ascii_elements(requested: Iterable[str], row: dict[str, Any], level: str,
-                    ae_title: str) -> dict[BaseTag, tuple[str, bytes]] | None:
+                    ae_title: str) -> dict[int, tuple[str, bytes]] | None:
     """{tag: (VR, encoded value)} of the identifier for `row` (see ascii_response); None
     when a keyword is not text or a value not ASCII text."""
-    elements: dict[BaseTag, tuple[str, bytes]] = {}
+    elements: dict[int, tuple[str, bytes]] = {}
     for keyword in requested:
         if keyword == "SpecificCharacterSet":
             continue
@@ -112,7 +113,7 @@ def ascii_response(requested: Iterable[str], row: dict[str, Any], level: str, ae
     response = Dataset()
     for tag in sorted(elements):
         vr, data = elements[tag]
-        response[tag] = RawDataElement(tag, vr, len(data), data, 0, implicit_vr, little_endian)
+        response[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(data), data, 0, implicit_vr, little_endian)
     response.set_original_encoding(implicit_vr, little_endian, default_encoding)
     return response
 

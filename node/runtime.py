@@ -237,7 +237,16 @@ class ClusterArchive:
         """The coordinator's rows, on this (association) thread. Bounded by find_buffer_rows;
         when this generator is closed (C-CANCEL, abort, a result cap) the producer, the
         coordinator's scatter and its buffered rows go at once (node/bridge.py). An error the
-        coordinator raises after its rows is raised here after them."""
+        coordinator raises after its rows is raised here after them.
+
+        An exact-key query that this node's own store answers whole (a ring of one, or
+        R = 1 and this node an owner: Coordinator.find_here) is read here, on this thread,
+        without the hand-offs to the loop and its I/O threads and back (issue 10: about
+        half of a one-row C-FIND's node CPU). The caller checks C-CANCEL between rows."""
+        here = self._coordinator.find_here(query, self._find_buffer_rows)
+        if here is not None:
+            yield from here
+            return
         bridge: RowBridge[Attributes] = RowBridge(self._loop.loop, self._find_buffer_rows)
 
         async def produce() -> None:

@@ -54,7 +54,7 @@ from pacsnode.replication.model import (
     with_version,
 )
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
-from pacsnode.replication.query import aggregate_patients, wants_patient_counts, with_patient_counts
+from pacsnode.replication.query import aggregate_patients, exact_lookup, wants_patient_counts, with_patient_counts
 from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, StoreReply, Transport
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import Replication, Ring, replica_total
@@ -709,17 +709,19 @@ class Coordinator:
             return
         self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
 
-    def _gather(self, query: Query) -> Gather | RoutedGather:
+    def _gather(self, query: Query, *, counted: bool = True) -> Gather | RoutedGather:
         """The fan-out for `query`: only the owners of the studies it names, else
         scatter_read_quorum live owners per token range."""
         context = self._read_context()
         uids = study_keys(query)
         if uids is not None:
-            self.stats.extra["reads_routed"] = self.stats.extra.get("reads_routed", 0) + 1
+            if counted:
+                self.stats.extra["reads_routed"] = self.stats.extra.get("reads_routed", 0) + 1
             return RoutedGather(context, query, study_pieces(context.ring, context.n, uids),
                                 read_quorum=self._settings.read_quorum, reconcile=self.reconcile_study,
                                 repair_correction=self.repair_correction)
-        self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
+        if counted:
+            self.stats.extra["reads_scattered"] = self.stats.extra.get("reads_scattered", 0) + 1
         return Gather(context, query, range_pieces(context.ring, context.n), routed=False,
                       read_quorum=self._settings.scatter_read_quorum, reconcile=self.reconcile_study,
                       repair_correction=self.repair_correction)
@@ -762,6 +764,33 @@ class Coordinator:
             return
         async for row in self._gather(query).rows():
             yield row
+
+    def find_here(self, query: Query, rows_max: int) -> list[Attributes] | None:
+        """find()'s whole answer read from this node's own store on the calling (blocking)
+        thread, without the loop and its I/O threads, for a query an index bounds (a
+        StudyInstanceUID key or one exact value of an indexed key: query.exact_lookup),
+        when this store is all find() would ask (gather.py rows_here: a ring of one, or
+        R = 1 and this node an owner of everything it asks); at most rows_max rows.
+        None otherwise: use find(). Callable from any thread but the loop."""
+        if not exact_lookup(query) or not self.joined():
+            return None
+        ring = self._membership.ring()
+        if study_keys(query) is None and list(ring.node_ids) == [self.self_id]:
+            rows = Gather.rows_of_one(self._read_context(), query, rows_max)  # No range planning.
+            routed = False
+        else:
+            gather = self._gather(query, counted=False)
+            rows = gather.rows_here(rows_max)
+            routed = isinstance(gather, RoutedGather)
+        if rows is None:
+            return None
+        self._count("reads_routed" if routed else "reads_scattered")
+        self.stats.extra["reads_here"] = self.stats.extra.get("reads_here", 0) + 1
+        if query.level == "PATIENT":
+            return list(aggregate_patients(rows))
+        if wants_patient_counts(query):
+            return list(with_patient_counts(rows))
+        return rows
 
     def repair_correction(self, correction: Correction, nodes: Sequence[str]) -> None:
         """Read repair for corrections: send `correction` (the newest a read saw for its

@@ -200,6 +200,40 @@ class Gather:
         at = bisect.bisect_left(self._ends, (token, -1))
         return self._ends[at % len(self._ends)][1]  # Past the last end: the range that wraps.
 
+    # ----------------------------------------------------------------- answered here
+    def rows_here(self, rows_max: int) -> list[Attributes] | None:
+        """rows()'s whole answer read from this node's own store on the calling (blocking)
+        thread, when that store is all rows() would ask: every range needs one owner (R = 1,
+        or the range has one owner) and this node, an owner of each that is not still
+        filling it, is the one rows() asks (read_order puts this node first; it is never
+        `slow`). None, having asked nothing, when a peer or a hint holder would be asked,
+        when the store fails (rows() then asks it again and re-plans as it does), or when
+        the answer has more than `rows_max` rows (rows() streams it): use rows()."""
+        context = self._context
+        if not self._pieces or not context.is_alive(context.self_id):
+            return None
+        for index, piece in enumerate(self._pieces):
+            if self._needed[index] != 1 or context.self_id not in piece.owners or self._excluded_at_start(index):
+                return None
+        query = self._query
+        if self._routed:
+            query = narrow_to_studies(query, [piece.study_instance_uid for piece in self._pieces])
+        found = _read_here(context, query, [piece.token_range for piece in self._pieces], rows_max)
+        return None if found is None else _first_of_each(self._query.level, found)
+
+    @staticmethod
+    def rows_of_one(context: ReadContext, query: Query, rows_max: int) -> list[Attributes] | None:
+        """rows_here() of a scatter over a ring of one (this node the only owner of every
+        range), without planning the ring's ranges (~60 pieces a query) or filtering the
+        rows by them: the ranges cover every token. None while this node still fills a
+        range, when the store fails or past `rows_max` rows."""
+        if context.pending or not context.is_alive(context.self_id):
+            return None
+        if list(context.ring.node_ids) != [context.self_id]:
+            raise ValueError("rows_of_one needs a ring of this node alone")
+        found = _read_here(context, query, None, rows_max)
+        return None if found is None else _first_of_each(query.level, found)
+
     # ----------------------------------------------------------------- the answer
     async def rows(self) -> AsyncIterator[Attributes]:
         level = "STUDY" if self._query.level == "PATIENT" else self._query.level
@@ -539,18 +573,10 @@ class RoutedGather:
         holders: dict[str, list[int]] = {}
         for index, piece in enumerate(self._pieces):
             state = self._states[index]
-            unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
-            local = self._local_owners(piece)
-            if local and not unavailable & set(local):
-                # Local reads: this site's owners answer; a write acknowledged here has its
-                # W copies (or hints) among them and their stand-ins in this site. Owners
-                # elsewhere being down or cut off changes nothing here.
-                unavailable = set()
-            if not context.sloppy_writes:
-                if len(state.answered) >= state.needed and not (local and unavailable):
-                    continue  # R owners hold every acknowledged instance: nothing to add.
-            elif not unavailable and not context.troubled:
+            asked = self._hint_stand_ins_for(index, len(state.answered))
+            if asked is None:
                 continue
+            unavailable, local = asked
             candidates = {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n, unavailable)}
             candidates |= {s.node_id for s in context.ring.stand_ins(piece.token_range.end, context.n,
                                                                     set(local or piece.owners))}
@@ -563,6 +589,25 @@ class RoutedGather:
                 holders.setdefault(context.self_id, []).append(index)
         for node_id, pieces in holders.items():
             self._launch(node_id, sorted(set(pieces)), hints=True)
+
+    def _hint_stand_ins_for(self, index: int, answered: int) -> tuple[set[str], list[str]] | None:
+        """Whether piece `index`, with `answered` owners answered, asks the stand-ins for
+        hints (_launch_hint_holders): (the owners whose stand-ins it asks besides its own
+        owners', this site's owners when reads are local), or None when it asks none."""
+        context, piece, state = self._context, self._pieces[index], self._states[index]
+        unavailable = {o for o in piece.owners if o in state.failed or not context.is_alive(o)}
+        local = self._local_owners(piece)
+        if local and not unavailable & set(local):
+            # Local reads: this site's owners answer; a write acknowledged here has its
+            # W copies (or hints) among them and their stand-ins in this site. Owners
+            # elsewhere being down or cut off changes nothing here.
+            unavailable = set()
+        if not context.sloppy_writes:
+            if answered >= state.needed and not (local and unavailable):
+                return None  # R owners hold every acknowledged instance: nothing to add.
+        elif not unavailable and not context.troubled:
+            return None
+        return unavailable, local
 
     def _launch(self, node_id: str, pieces: list[int], *, hints: bool) -> None:
         key = next(self._serial)
@@ -610,6 +655,47 @@ class RoutedGather:
                 state.failed.add(call.node_id)
                 state.rows.pop(slot, None)
             self._launch_owners(call.pieces)
+
+    # ----------------------------------------------------------------- answered here
+    def rows_here(self, rows_max: int) -> list[Attributes] | None:
+        """rows()'s whole answer read from this node's own store on the calling (blocking)
+        thread, when that store is all rows() would ask: each study needs one owner (R = 1,
+        or one owner), this node owns it and is not still filling its range (so rows() asks
+        it first: read_order puts this node first; it is never `slow`), and with that one
+        answer no stand-in would be asked for hints (_hint_stand_ins_for). One answer
+        cannot disagree with itself: no reconcile, no read repair; the study's newest
+        correction is merged over its rows and the corrected conditions matched, as
+        rows() does. None, having asked nothing, otherwise, when the store fails (rows()
+        asks it again and re-plans), or past `rows_max` rows: use rows()."""
+        context = self._context
+        if not self._pieces or not context.is_alive(context.self_id):
+            return None
+        pending = context.pending
+        for index, piece in enumerate(self._pieces):
+            if self._states[index].needed != 1 or context.self_id not in piece.owners:
+                return None
+            if pending and piece.token_range.end in pending:
+                return None
+            if self._hint_stand_ins_for(index, 1) is not None:
+                return None
+        query = narrow_to_studies(self._query, [piece.study_instance_uid for piece in self._pieces])
+        found = _read_here(context, query, [piece.token_range for piece in self._pieces], rows_max)
+        if found is None:
+            return None
+        by_piece: list[list[Attributes]] = [[] for _ in self._pieces]
+        for row in found:
+            piece_index = self._by_study.get(str(row.get("StudyInstanceUID", "")))
+            if piece_index is not None:
+                by_piece[piece_index].append(row)
+        answer: list[Attributes] = []
+        for rows in by_piece:
+            newest = newest_correction(rows)
+            if newest is not None:
+                rows = [with_correction(row, newest) for row in rows]
+            for row in self._keyed(rows).values():
+                if row.get(COUNT_ONLY) == "1" or match_all(self._corrected_conditions, row):
+                    answer.append(row)
+        return answer
 
     # ----------------------------------------------------------------- the answer
     async def rows(self) -> AsyncIterator[Attributes]:
@@ -769,6 +855,32 @@ class RoutedGather:
                 return None
             rows.extend(batch or [])
         return rows
+
+
+def _first_of_each(level: str, rows: list[Attributes]) -> list[Attributes]:
+    """A scatter's rows, each identity once (Gather.rows with R = 1)."""
+    level = "STUDY" if level == "PATIENT" else level
+    seen: set[tuple[str, ...]] = set()
+    answer: list[Attributes] = []
+    for row in rows:
+        identity = _identity(level, row)
+        if identity not in seen:
+            seen.add(identity)
+            answer.append(row)
+    return answer
+
+
+def _read_here(context: ReadContext, query: Query, ranges: list[TokenRange] | None,
+               rows_max: int) -> list[Attributes] | None:
+    """This node's rows for `query` in `ranges` (None: all), read on the calling thread: at most
+    `rows_max` (None past that), None when the store fails (logged; the caller's rows()
+    then asks it again, as pump_rows would, and re-plans on its error)."""
+    try:
+        found = list(itertools.islice(context.local.query_rows(query, ranges), rows_max + 1))
+    except Exception as error:  # An operating error of the store: rows() handles it as ever.
+        log.warning("replication.find.here_failed error=%s", type(error).__name__)
+        return None
+    return found if len(found) <= rows_max else None
 
 
 async def pump_rows(context: ReadContext, queue: "asyncio.Queue[tuple[int, list[Attributes] | None, str | None]]",

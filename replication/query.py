@@ -255,47 +255,57 @@ class LocalQuery:
                 yield found
 
     def _indexed_candidates(self) -> list[str] | None:
-        # Only keys that rows() matches at this level may narrow the candidates: a
-        # study key in a PATIENT-level query is ignored there, so it must be here too.
-        depth = LEVELS.index(self._query.level)
-        conditions = {
-            c.keyword: c
-            for c in self._query.conditions
-            if LEVELS.index(level_of(c.keyword) or "IMAGE") <= depth
-        }
-        uid_condition = conditions.get("StudyInstanceUID")
-        if uid_condition is not None:
-            return list(dict.fromkeys(v.strip() for v in uid_condition.value.split("\\") if v.strip()))
-        for keyword in _INDEX_PRIORITY:
-            condition = conditions.get(keyword)
-            if condition is None:
-                continue
-            found = self._lookup(condition)
-            if found is not None:
-                return list(dict.fromkeys(found))
-        return None
-
-    def _lookup(self, condition: Condition) -> list[str] | None:
-        kind = condition.kind
+        chosen = candidate_lookup(self._query)
+        if chosen is None:
+            return None
+        how, condition = chosen
+        if how == "uids":
+            return list(dict.fromkeys(v.strip() for v in condition.value.split("\\") if v.strip()))
         keyword = condition.keyword
-        if "\\" in condition.value and kind != "range":
-            return None  # Value lists: match by scan (rare for these keys).
-        if kind == "single":
+        if how == "single":
             value = condition.value.strip()
             if condition.vr == "DA":
                 value = value.replace(".", "")
-            return list(self._reader.studies_by_index(keyword, value, value))
-        if kind == "wildcard":
-            literal = _literal_prefix(condition.value)
-            if not literal:
-                return None
-            return list(self._reader.studies_by_index(keyword, literal, None))
-        if kind == "range" and condition.vr == "DA":
-            low, _, high = condition.value.partition("-")
-            low = low.strip().replace(".", "") or "0"
-            high = high.strip().replace(".", "") or "99999999"
-            return list(self._reader.studies_by_index(keyword, low, high))
-        return None
+            return list(dict.fromkeys(self._reader.studies_by_index(keyword, value, value)))
+        if how == "wildcard":
+            return list(dict.fromkeys(self._reader.studies_by_index(keyword, _literal_prefix(condition.value), None)))
+        low, _, high = condition.value.partition("-")  # "range": a DA range.
+        low = low.strip().replace(".", "") or "0"
+        high = high.strip().replace(".", "") or "99999999"
+        return list(dict.fromkeys(self._reader.studies_by_index(keyword, low, high)))
+
+
+def candidate_lookup(query: Query) -> tuple[str, Condition] | None:
+    """How LocalQuery picks the studies that may match `query`: ("uids", the
+    StudyInstanceUID condition: those studies), (the condition's kind: "single",
+    "wildcard" or "range", the condition) for the index lookup of the first key of
+    _INDEX_PRIORITY it can look up, or None: a scan of every study."""
+    # Only keys that rows() matches at this level may narrow the candidates: a
+    # study key in a PATIENT-level query is ignored there, so it must be here too.
+    depth = LEVELS.index(query.level)
+    conditions = {c.keyword: c for c in query.conditions if LEVELS.index(level_of(c.keyword) or "IMAGE") <= depth}
+    uid_condition = conditions.get("StudyInstanceUID")
+    if uid_condition is not None:
+        return "uids", uid_condition
+    for keyword in _INDEX_PRIORITY:
+        condition = conditions.get(keyword)
+        if condition is None:
+            continue
+        kind = condition.kind
+        if "\\" in condition.value and kind != "range":
+            continue  # Value lists: match by scan (rare for these keys).
+        if kind == "single" or (kind == "range" and condition.vr == "DA") or \
+                (kind == "wildcard" and _literal_prefix(condition.value)):
+            return kind, condition
+    return None
+
+
+def exact_lookup(query: Query) -> bool:
+    """True when the studies `query` may match are those its StudyInstanceUID key names
+    or those one exact value of an indexed key selects (PatientID, AccessionNumber, ...):
+    its cost is bounded by its matches, not by the size of the archive."""
+    chosen = candidate_lookup(query)
+    return chosen is not None and chosen[0] in ("uids", "single")
 
 
 # Keys the front end fills itself; never looked up in a header.

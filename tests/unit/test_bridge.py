@@ -46,6 +46,9 @@ class FakeCoordinator:
         self.closed = threading.Event()
         self.running = 0
 
+    def find_here(self, query: Query, rows_max: int) -> list[dict[str, Any]] | None:
+        return None  # Not answered from the store on the caller's thread: find() on the loop.
+
     async def find(self, query: Query) -> AsyncIterator[dict[str, Any]]:
         self.running += 1
         try:
@@ -203,6 +206,26 @@ def test_a_slow_consumer_holds_at_most_the_bound(loop_thread: LoopThread) -> Non
     assert taken == 1_000
     rows.close()
     assert coordinator.closed.wait(2)
+
+
+class AnsweredHere(FakeCoordinator):
+    """find_here answers (a ring of one, an exact key): find() must not run."""
+
+    def __init__(self) -> None:
+        super().__init__(rows=0, error=AssertionError("find() ran on the loop"))
+        self.asked: list[tuple[Query, int]] = []
+
+    def find_here(self, query: Query, rows_max: int) -> list[dict[str, Any]] | None:
+        self.asked.append((query, rows_max))
+        return [{"SOPInstanceUID": "1.2.1"}, {"SOPInstanceUID": "1.2.2"}]
+
+
+def test_find_answered_here_takes_no_trip_through_the_loop(loop_thread: LoopThread) -> None:
+    coordinator = AnsweredHere()
+    rows = list(archive(loop_thread, coordinator, buffer_rows=77).find(QUERY))
+    assert rows == [{"SOPInstanceUID": "1.2.1"}, {"SOPInstanceUID": "1.2.2"}]
+    assert coordinator.asked == [(QUERY, 77)]  # At most the bridge's bound, else the loop streams it.
+    assert coordinator.running == 0 and not coordinator.closed.is_set()  # find() never started.
 
 
 # --------------------------------------------------------------------------- LoopThread.run

@@ -79,3 +79,29 @@ def test_rows_the_fast_path_cannot_take_go_the_general_way() -> None:
     # A binary number (US) and a sequence are not text.
     assert find_rows.ascii_response(["Rows"], {"Rows": "512"}, "IMAGE", "AE", True, True) is None
     assert find_rows.ascii_response(["ReferencedStudySequence"], {}, "STUDY", "AE", True, True) is None
+
+
+def test_find_request_gives_the_identifiers_keywords_as_pydicom_names_them() -> None:
+    """find_request's one pass: the Query query_from_identifier builds, and the response's
+    keys as `element.keyword` names them (private, unknown and repeater tags: none)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from pacsnode.node.dicom import find_request, query_from_identifier
+
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.SpecificCharacterSet = "ISO_IR 100"
+    identifier.PatientName = "Dö*"
+    identifier.PatientID = ""
+    identifier.StudyDate = "20200101-20201231"
+    identifier.ModalitiesInStudy = ["CT", "MR"]
+    identifier.ReferencedStudySequence = Sequence([])
+    identifier.add_new(0x60000010, "US", None)  # OverlayRows: a repeater tag.
+    identifier.add_new(0x00091010, "LO", "private")  # A private element.
+    identifier.add_new(0x00111000, "LO", "unknown")  # Not in the dictionary.
+    query, requested = find_request(identifier, "STUDY")
+    assert query == query_from_identifier(identifier, "STUDY")
+    assert requested == [element.keyword for element in identifier if element.keyword]
+    assert requested == ["SpecificCharacterSet", "StudyDate", "QueryRetrieveLevel", "ModalitiesInStudy",
+                         "ReferencedStudySequence", "PatientName", "PatientID"]
