@@ -7,6 +7,12 @@ and its worker processes, from /proc). The rows against Orthanc are bench/run.py
     .venv/bin/python bench/workers.py 0 2 --senders 1 --count 300
     .venv/bin/python bench/workers.py 0 0/65536 0 0/65536         # K/B: blob_file_bytes_min = B too
     .venv/bin/python bench/workers.py orthanc 2 orthanc 2 --get-repeats 0   # Orthanc's CPU too
+    .venv/bin/python bench/workers.py 0 2 0 2 --startup 5        # what a worker costs a node's start
+
+`--startup N`: no ingest; N starts of a node with each K: the time from the process start
+to the first answered association + C-ECHO on its DICOM port (a raw-PDU round, as
+bench/assoc_turnaround.py), the memory of the node and its workers (PSS and RSS from
+/proc, summed), and the time of a clean stop (SIGTERM to exit).
 
 Data: the CT 512x512 set bench/run.py generates (bench/work/data/ct512-*/files; run
 `bench/run.py --tests ingest --only pacsnode` once to make it), else 400 copies of
@@ -102,6 +108,61 @@ def _orthanc(files: list[Path], senders: int, scratch: Path, env: dict[str, str]
         shutil.rmtree(server.work_dir, ignore_errors=True)
 
 
+def _memory_kb(pids: list[int]) -> tuple[int, int]:
+    """(PSS, RSS) summed over `pids`, kB."""
+    pss = rss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+        except OSError:
+            continue
+    return pss, rss
+
+
+def startup(specs: list[str], repeats: int, scratch: Path) -> None:
+    """For each K in turn, `repeats` starts: seconds to the first answered raw-PDU echo
+    round, PSS/RSS of the node and its workers once up, seconds to stop."""
+    import scu  # noqa: PLC0415  (bench/scu.py: pydicom, pynetdicom)
+
+    for spec in specs:
+        workers = int(spec)
+        ready_s, stop_s, memory = [], [], []
+        for attempt in range(repeats):
+            data_dir = scratch / f"start-w{workers}-{attempt}"
+            node = NodeProcess(data_dir, node_id="bench-s", extra_args=["--dicom-workers", str(workers)])
+            pdus: list[bytes] | None = None
+            started = time.monotonic()
+            node.start(timeout_s=120)
+            assert node.process is not None
+            while time.monotonic() - started < 120:
+                try:
+                    if pdus is None:
+                        pdus = scu.echo_pdus("PACSNODE", node.dicom_port)
+                    if scu.raw_echo(node.dicom_port, pdus):
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            ready_s.append(time.monotonic() - started)
+            time.sleep(1.0)  # Settled: imports done, first-connection costs paid.
+            pid = node.process.pid
+            memory.append(_memory_kb([pid, *_children(pid)]))
+            stopping = time.monotonic()
+            code = node.stop()
+            stop_s.append(time.monotonic() - stopping)
+            if code != 0:
+                print(f"workers={workers}: exit code {code}", flush=True)
+            shutil.rmtree(data_dir, ignore_errors=True)
+        print(f"workers={workers} x{repeats}: ready {' '.join(f'{value:.2f}' for value in ready_s)} s; "
+              f"PSS {' '.join(f'{pss / 1024:.0f}' for pss, _ in memory)} MB; "
+              f"RSS {' '.join(f'{rss / 1024:.0f}' for _, rss in memory)} MB; "
+              f"stop {' '.join(f'{value:.2f}' for value in stop_s)} s; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workers", nargs="+", help="dicom_workers values, run in turn; K/B also sets "
@@ -109,10 +170,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000, help="instances stored per run")
     parser.add_argument("--senders", type=int, default=4, help="storescu processes (one association each)")
     parser.add_argument("--get-repeats", type=int, default=5)
+    parser.add_argument("--startup", type=int, default=0, help="only time N starts and stops for each K (no ingest)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="pacsnode-bench-workers-"))
     env = {**os.environ, "TCP_NODELAY": "1"}
     try:
+        if args.startup:
+            startup(args.workers, args.startup, scratch)
+            return
         files = _files(args.count, scratch)
         study = _study_of(files[0])
         print(f"# {len(files)} files ({files[0].stat().st_size} bytes the first); load {os.getloadavg()[0]:.1f}",

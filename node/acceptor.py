@@ -85,10 +85,10 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RP
 from pynetdicom.pdu_items import PresentationContextItemRQ, UserInformationItem
 from pynetdicom.fsm import StateMachine
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricted
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -181,7 +181,25 @@ class _Waker:
             os.close(self._write_fd)
 
 
-class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+class _LightQueue(queue.Queue):  # type: ignore[type-arg]
+    """queue.Queue with one Condition instead of three (not_empty, not_full and
+    all_tasks_done are the same object): each threading.Condition costs a few
+    microseconds to make, and an association made five queues (bench/README.md,
+    "Association turn-around"). Correct because on every queue of the acceptor only
+    one side ever waits: on the unbounded ones only getters (a put never blocks), on
+    the bounded _ProviderQueue only putters (its one getter, the DUL thread, never
+    blocks); a notify meant for the other side can only wake a waiter that finds its
+    condition still false and waits again. join()/task_done() are not used."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self.maxsize = maxsize
+        self._init(maxsize)
+        self.mutex = threading.Lock()
+        self.not_empty = self.not_full = self.all_tasks_done = threading.Condition(self.mutex)
+        self.unfinished_tasks = 0
+
+
+class _WakingQueue(_LightQueue):
     """A queue that calls `wake` after every put."""
 
     def __init__(self, wake: Callable[[], None]) -> None:
@@ -309,7 +327,7 @@ class AcceptorDUL(DULServiceProvider):
         self.event_queue = _WakingQueue(self._wake)
         self.to_provider_queue = _ProviderQueue(self._wake, self, PROVIDER_QUEUE_PDUS_MAX)
         self.to_user_queue = _WakingQueue(assoc.wake)
-        self._recv_pdu = queue.Queue()
+        self._recv_pdu = _LightQueue()
         self._idle_timer = Timer(60)  # Timeouts are set after the DUL is made, as pynetdicom does.
         self.artim_timer = Timer(30)
         self.state_machine = StateMachine(self)
@@ -318,6 +336,10 @@ class AcceptorDUL(DULServiceProvider):
         self.daemon = False
         self._kill_thread = False
         self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
+        self.direct_actions = 0  # A-ASSOCIATE-ACs and A-RELEASE-RPs sent by the association's thread (_act_direct).
+        # Set: this thread, started, waits on it before its loop while the association's
+        # thread reads the A-ASSOCIATE-RQ and answers it (AcceptorAssociation.run_reactor).
+        self.gate: threading.Event | None = None
         # Held by whoever writes to the socket: this thread for each state-machine action and
         # each batch it sends, a sender's thread for a batch it writes itself (send_encoded).
         # Whatever is queued or being sent was put there first, so "nothing queued" seen
@@ -336,8 +358,12 @@ class AcceptorDUL(DULServiceProvider):
 
     # -------------------------------------------------------------- the reactor loop
     def run_reactor(self) -> None:
-        self._waker = _Waker()
+        if self._waker is None:  # (Made before the thread started when it has a gate.)
+            self._waker = _Waker()
         try:
+            gate = self.gate
+            if gate is not None:
+                gate.wait()  # See AcceptorAssociation.run_reactor.
             self._run_reactor_loop()
         finally:
             waker, self._waker = self._waker, None
@@ -424,6 +450,87 @@ class AcceptorDUL(DULServiceProvider):
             return True
         finally:
             self._send_lock.release()
+
+    def send_pdu(self, primitive: Any) -> None:
+        """pynetdicom's send_pdu (queue the primitive for this thread), except for an
+        A-ASSOCIATE accept in Sta3 and an A-RELEASE response in Sta8, which the calling
+        thread (the association's) sends itself when this thread is not sending or
+        running the state machine and nothing is queued (_act_direct). Queued, the
+        A-ASSOCIATE-AC and the A-RELEASE-RP each waited for a wake-up through the pipe
+        and a turn of this loop, and for the GIL while the association thread ran the
+        EVT_ACCEPTED/EVT_ESTABLISHED (log line, audit record) or EVT_RELEASED handlers
+        that come after the send: two thread hand-overs of the three a raw association
+        + C-ECHO + release had (bench/README.md, "Association turn-around")."""
+        assoc = cast("AcceptorAssociation", self.assoc)
+        if threading.current_thread() is not self and self._act_direct(primitive):
+            assoc.start_dul(wait=False)  # After an A-ASSOCIATE-AC read and sent on the association's thread.
+            return
+        assoc.start_dul(wait=True)  # This thread takes it off the queue.
+        super().send_pdu(primitive)
+
+    def receive_request_here(self) -> Any:
+        """On the association's thread, while this DUL thread waits on its gate: AE-5 for the
+        connection (Sta1 -> Sta2), then read the first PDU (_read_pdu_data, its deadline
+        and checks) and, when it is an A-ASSOCIATE-RQ, AE-6 (-> Sta3): the A-ASSOCIATE
+        indication primitive, returned. What pynetdicom's DUL thread does before handing
+        the request over (the hand-over cost a wake-up and a thread switch, and starting
+        this thread first one more). None, with whatever the read left queued for this
+        thread (a close, an abort, a timeout, another PDU), when it is anything else."""
+        gate = self.gate
+        if gate is None or gate.is_set() or self.state_machine.current_state != "Sta1" \
+                or list(self.event_queue.queue) != ["Evt5"]:
+            return None
+        with self._send_lock:
+            self.state_machine.do_action(self.event_queue.get(False))
+        self._read_pdu_data()
+        if self.state_machine.current_state != "Sta2" or list(self.event_queue.queue) != ["Evt6"]:
+            return None
+        with self._send_lock:
+            self.state_machine.do_action(self.event_queue.get(False))
+        self._idle_timer.restart()  # As _is_transport_event's caller does for a received PDU.
+        return super().receive_pdu(wait=False)
+
+    def _act_direct(self, primitive: Any) -> bool:
+        """AE-7 (accept, Sta3 + Evt7 -> Sta6) or AR-4 (release response, Sta8 + Evt14 ->
+        Sta13) done on the calling thread, under the send lock; False: nothing done.
+        As _send_direct, not on a TLS socket (this thread may be reading from it)."""
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result == 0x00:
+            state, event, action, next_state = "Sta3", "Evt7", "AE-7", "Sta6"
+        elif isinstance(primitive, A_RELEASE) and primitive.result is not None:
+            state, event, action, next_state = "Sta8", "Evt14", "AR-4", "Sta13"
+        else:
+            return False
+        wrapper = self.socket
+        sock = wrapper.socket if wrapper is not None else None
+        if sock is None or isinstance(sock, ssl.SSLSocket) or not self.is_alive():
+            return False
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.state_machine.current_state != state or self.to_provider_queue.qsize() \
+                    or self.event_queue.qsize():
+                return False
+            evt.trigger(self.assoc, evt.EVT_ACSE_SENT, {"primitive": primitive})
+            encoded = None
+            if action == "AE-7" and not self.assoc.get_handlers(evt.EVT_PDU_SENT):
+                memo: request_memo.RequestItemMemo | None = getattr(self.assoc.ae, "request_memo", None)
+                encoded = memo.accept_pdu(primitive) if memo is not None else None
+            if encoded is not None:
+                cast(AssociationSocket, wrapper).send(encoded)  # Evt17 on failure, as pynetdicom's _send.
+            elif action == "AE-7":
+                self._send(A_ASSOCIATE_AC(primitive))
+            else:
+                self._send(A_RELEASE_RP(primitive))
+                self.artim_timer.start()
+            evt.trigger(self.assoc, evt.EVT_FSM_TRANSITION, {"action": action, "current_state": state,
+                                                              "fsm_event": event, "next_state": next_state})
+            self.state_machine.transition(next_state)
+            self.direct_actions += 1
+        finally:
+            self._send_lock.release()
+        if next_state == "Sta13":
+            self._wake()  # This thread closes the connection in Sta13 (pynetdicom's _is_transport_event).
+        return True
 
     def _send_encoded(self) -> bool:
         """Write the P-DATA-TF PDUs of an EncodedPData batch at the head of the outgoing
@@ -531,7 +638,13 @@ class AcceptorDUL(DULServiceProvider):
 
     def kill_dul(self) -> None:
         self._kill_thread = True
+        self.open_gate()
         self._wake()
+
+    def open_gate(self) -> None:
+        gate = self.gate
+        if gate is not None:
+            gate.set()
 
     def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
         """As pynetdicom's, but a blocking wait ends as soon as this DUL has stopped
@@ -860,7 +973,11 @@ class AcceptorDIMSE(DIMSEServiceProvider):
     arrives) instead of pynetdicom's BytesIO."""
 
     def __init__(self, assoc: "AcceptorAssociation") -> None:
-        super().__init__(assoc)
+        """pynetdicom 3.0.4's DIMSEServiceProvider.__init__ with the node's queue made
+        once (calling it made a queue.Queue to be replaced here)."""
+        self._assoc = assoc
+        self.cancel_req = {}
+        self.message = None
         self.msg_queue = _WakingQueue(assoc.wake_for_message)
         self._spool: SpoolSettings | None = getattr(assoc.ae, "spool", None)
         # A Pending C-MOVE-RSP held back until the next sub-operation's request is out
@@ -1534,6 +1651,52 @@ class AcceptorAssociation(Association):
     def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         """C-GET sub-operations: a StoredDataset goes out as its stored bytes (node/raw_send.py)."""
         return raw_send.send_c_store_or_stored(self, super().send_c_store, dataset, *args, **kwargs)
+
+    def start_dul(self, *, wait: bool) -> None:
+        """Let the DUL thread run (open its gate, see run_reactor), on this association's
+        own thread; elsewhere, or once done, nothing. `wait`: until it runs its loop, as
+        pynetdicom waits for a DUL it starts; not after the A-ASSOCIATE-AC went out
+        directly, when it would put a thread switch before the handlers of EVT_ACCEPTED
+        and EVT_ESTABLISHED, which the peer's first request waits for)."""
+        dul = cast(AcceptorDUL, self.dul)
+        gate = dul.gate
+        if gate is not None and not gate.is_set() and threading.current_thread() is self:
+            gate.set()
+        if wait and threading.current_thread() is self:
+            self._dul_ready.wait()
+
+    def run_reactor(self) -> None:
+        """pynetdicom 3.0.4's Association.run_reactor for an acceptor, with the
+        A-ASSOCIATE-RQ read and the A-ASSOCIATE-AC sent by this thread
+        (AcceptorDUL.receive_request_here, AcceptorDUL.send_pdu) and the DUL thread started
+        when the first PDU goes out (start_dul: after the A-ASSOCIATE-AC, before the
+        EVT_ACCEPTED and EVT_ESTABLISHED handlers), instead of starting the DUL thread,
+        waiting until it runs, and waiting again for it to hand the request over: the
+        accept path crossed threads three times. pynetdicom's way for a requestor, or when
+        the first PDU is not a plain A-ASSOCIATE-RQ."""
+        dul = cast(AcceptorDUL, self.dul)
+        if not self.is_acceptor or self._started_dul:
+            super().run_reactor()
+            return
+        dul.gate = threading.Event()
+        dul._waker = _Waker()  # Before any work can be queued for it: no wake-up lost.
+        dul.start()  # Waits on its gate, off the path of the answer.
+        self._started_dul = True
+        primitive = dul.receive_request_here()
+        if primitive is None:
+            self.start_dul(wait=True)
+            super().run_reactor()
+            return
+        self.requestor.primitive = cast(A_ASSOCIATE, primitive)
+        evt.trigger(self, evt.EVT_REQUESTED, {})
+        if not self.is_aborted and not self.is_rejected:
+            self.acse.negotiate_association()
+        self.start_dul(wait=False)  # If nothing was sent (an EVT_REQUESTED handler's doing), the DUL thread ends it.
+        if self.is_established:
+            self._run_reactor()  # (pynetdicom's set_timer_resolution around it is for Windows only.)
+        sock = cast(AssociationSocket, dul.socket)
+        if self._server and sock.socket:
+            self._server.shutdown_request(sock.socket)
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's Association._run_reactor, waiting on an Event instead of

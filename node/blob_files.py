@@ -610,9 +610,13 @@ class Part10Stream:
         self._source = source
         checked: BinaryIO = source
         if pointer is not None:
-            # Read through its read() alone (zstandard's documented duck typing).
-            checked = cast(BinaryIO, CheckedReader(source, pointer.size_bytes, pointer.crc32, pointer.crc32_marks,
-                                                   what, hide_checksum=True))
+            try:
+                # Read through its read() alone (zstandard's documented duck typing).
+                checked = cast(BinaryIO, CheckedReader(source, pointer.size_bytes, pointer.crc32,
+                                                       pointer.crc32_marks, what, hide_checksum=True))
+            except BaseException:  # A file of another size (CorruptBlob): not left open.
+                source.close()
+                raise
         self._reader = zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK_BYTES)
         self._size = part10_bytes
         self._what = what

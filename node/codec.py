@@ -112,9 +112,10 @@ def decompress_crc_checked(blob: memoryview, crc32: int, what: str = "instance")
 
 def decompress_head(blob: bytes, size: int, what: str = "instance") -> bytes:
     """The first `size` bytes a blob decompresses to (all of them when fewer), decompressing
-    only as far as that: not checked against the frame's checksum, which covers the whole."""
+    only as far as that: not checked against the frame's checksum, which covers the whole.
+    `blob` stays open (a memory map of a blob file included: closefd=False)."""
     try:
-        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+        with zstandard.ZstdDecompressor().stream_reader(blob, closefd=False) as reader:
             head = bytearray()
             while len(head) < size:
                 chunk = reader.read(size - len(head))

@@ -95,7 +95,7 @@ class NodeConfig:
     require_called_ae_title: bool = setting(False, "Reject associations not addressed to ae_title.")
     max_pdu_bytes: int = setting(262_144, "Largest PDU we accept; bigger PDUs mean fewer syscalls.")
     max_associations: int = setting(32, "Concurrent DICOM associations; more are rejected (busy).")
-    dicom_workers: int = setting(0, "DIMSE worker processes; the node accepts on the DICOM port and hands each connection to the worker with the fewest open ones; 0 = the front end runs in the node process. With K > 0 the workers share max_associations (a slot from the node per association); each serves DICOM TLS too and sends its DICOM audit messages to the node's audit trail.")
+    dicom_workers: int = setting(0, "DIMSE worker processes; the node accepts on the DICOM port and hands each connection to the worker with the fewest open ones; 0 = the front end runs in the node process. With K > 0 the workers share max_associations (a slot from the node per association); each serves DICOM TLS too and sends its DICOM audit messages to the node's audit trail. 0 by default: two workers cost ~170 MB more memory and a slower start (each a Python process of its own), and about 1 ms more CPU per stored instance; they pay off only for several senders at once on a machine with idle cores (docs/workers.md).")
     dimse_timeout_s: float = setting(60.0, "Wait for a DIMSE message before aborting.")
     acse_timeout_s: float = setting(30.0, "Wait for association negotiation messages.")
     network_timeout_s: float = setting(60.0, "Idle association before it is closed.")

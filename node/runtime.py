@@ -155,8 +155,9 @@ class ClusterArchive:
             # A ring of one: the only owner is this node; write from this thread and
             # skip the hand-off to the loop (same outcome, two thread switches fewer).
             return self._local_store(stored)
-        if self._metadata_of is not None and stored.blob_file is None:
-            # Built once here for every copy (peers get it in the StoreHeader), not by each owner.
+        if self._metadata_of is not None:
+            # Built once here for every copy (peers get it in the StoreHeader), not by each owner;
+            # also from a DIMSE worker's blob file (mapped): every owner would build it otherwise.
             stored = dataclasses.replace(stored, metadata_json=self._metadata_of(stored.record, stored.blob))
         write_trace.mark("hop", stored.sop_instance_uid)
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pacsnode.node.store import RocksStore
 from pacsnode.sim import datagen
 from pacsnode.sim.process import NodeProcess, wait_until
 
@@ -45,3 +46,18 @@ def test_stores_through_dicom_workers_reach_every_owner_as_sent(tmp_path: Path) 
     finally:
         for node in nodes:
             node.stop()
+    # The WADO-RS /metadata entry was built by the entry node from the worker's file and kept
+    # by every node (the owners got it with the copy instead of each building its own).
+    headers: dict[str, set[bytes]] = {}
+    for name in NAMES:
+        store = RocksStore(tmp_path / name / "store", disk_free_bytes_min=0)
+        try:
+            for entry in manifest:
+                records = {r.sop_instance_uid: r for r in store.instances(entry["study_uid"])}
+                header = store.instance_header(entry["study_uid"], entry["sop_uid"],
+                                               records[entry["sop_uid"]].content_hash)
+                assert header is not None, f"{name} holds no /metadata entry for an instance"
+                headers.setdefault(entry["sop_uid"], set()).add(header)
+        finally:
+            store.close()
+    assert all(len(kept) == 1 for kept in headers.values())

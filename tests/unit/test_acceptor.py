@@ -1300,3 +1300,76 @@ def test_store_requests_are_made_into_primitives_here_only_while_the_hook_is_the
         assert seen[0][6] == seen[1][6] == seen[2][6] and len(seen[0][6]) > len(ds.PixelData)
     finally:
         server_ae.shutdown()
+
+
+def test_the_request_is_read_and_the_accept_and_release_answers_sent_by_the_associations_thread() -> None:
+    """issue 10 (the raw-PDU echo row): pynetdicom's acceptor started the DUL thread, waited
+    until it ran, let it read the A-ASSOCIATE-RQ and hand it over, then queued the
+    A-ASSOCIATE-AC back to it; the A-RELEASE-RP took the same way back. Here the
+    association's thread reads the request (the DUL thread waits on its gate meanwhile)
+    and writes both answers itself, before the handlers of EVT_ACCEPTED and EVT_RELEASED
+    run: those see the answer already sent (Sta6, and Sta13 or Sta1 once the peer
+    closed), which the queued way could not promise."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from pacsnode.sim.process import free_port
+
+    readers: list[str] = []
+    read_code = acceptor.AcceptorDUL._read_pdu_data.__code__
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is read_code:
+            readers.append(threading.current_thread().name)
+
+    seen: dict[str, str] = {}
+    accepted: list[Any] = []
+
+    def on_accepted(event: Any) -> None:
+        seen["accepted"] = event.assoc.dul.state_machine.current_state
+        accepted.append(event.assoc)
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(Verification)
+    threading.setprofile(watch)
+    try:
+        server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [
+            (evt.EVT_ACCEPTED, on_accepted),
+            (evt.EVT_RELEASED, lambda event: seen.setdefault("released", event.assoc.dul.state_machine.current_state)),
+            (evt.EVT_C_ECHO, lambda event: 0x0000)])
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert assoc.is_released and len(accepted) == 1
+        accepted[0].join(5)
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+        server_ae.shutdown()
+    assert seen["accepted"] == "Sta6" and seen["released"] in {"Sta13", "Sta1"}
+    assert accepted[0].dul.direct_actions == 2
+    assert not accepted[0].is_alive() and not accepted[0].dul.is_alive()
+    assert readers and readers[0] == accepted[0].name  # The request: on the association's thread.
+
+
+def test_acceptor_queues_make_one_condition_and_still_wake_a_waiting_getter() -> None:
+    """A queue.Queue makes three Conditions; the acceptor's queues (five per association)
+    one each, shared by getters and putters (only one side ever waits on each)."""
+    queue_ = acceptor._LightQueue()
+    assert queue_.not_empty is queue_.not_full is queue_.all_tasks_done
+    got: list[int] = []
+    getter = threading.Thread(target=lambda: got.append(queue_.get(timeout=5)))
+    getter.start()
+    time.sleep(0.05)
+    queue_.put(7)
+    getter.join(5)
+    assert got == [7]
+    bounded = acceptor._LightQueue(maxsize=1)
+    bounded.put(1)
+    putter = threading.Thread(target=lambda: bounded.put(2, timeout=5))
+    putter.start()
+    time.sleep(0.05)
+    assert bounded.get(False) == 1
+    putter.join(5)
+    assert bounded.get(False) == 2

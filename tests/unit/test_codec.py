@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -63,3 +64,21 @@ def test_crc32_of_is_zlibs_crc32_in_pieces_with_or_without_isal(with_isal: bool,
         running = codec.crc32_of(memoryview(data)[start:start + 65_536], running)
     assert running == codec.crc32_of(data) == zlib.crc32(data)
     assert codec.payload_crc32(data) == zlib.crc32(data)
+
+
+def test_decompress_head_leaves_a_mapped_blob_open(tmp_path: Path) -> None:
+    """A DIMSE worker's blob reaches the node as a memory map of its file; reading its head
+    (the /metadata entry) must not close it before the copies are sent from it."""
+    import mmap
+
+    part10 = bytes(range(256)) * 1024
+    path = tmp_path / "blob.zst"
+    path.write_bytes(compress(part10))
+    with open(path, "rb") as source:
+        mapped = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        assert codec.decompress_head(mapped, 1000) == part10[:1000]  # type: ignore[arg-type]
+        assert not mapped.closed
+        assert decompress(mapped[:]) == part10
+    finally:
+        mapped.close()
