@@ -22,6 +22,7 @@ certificate again for new TLS connections.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -160,7 +161,9 @@ class WorkerFrontEnd(DicomFrontEnd):
         server.handoff = self._handoff
         server.bind(evt.EVT_CONN_OPEN, server.on_open)
         server.bind(evt.EVT_CONN_CLOSE, server.connection_ended)
-        threading.Thread(target=make_target(server.serve_forever), name="WorkerAcceptorServer",
+        threading.Thread(target=make_target(functools.partial(server.serve_forever,
+                                                              poll_interval=acceptor.ACCEPT_POLL_S)),
+                         name="WorkerAcceptorServer",
                          daemon=True).start()
         self.ae._servers.append(server)
         self._server = server

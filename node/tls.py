@@ -15,6 +15,7 @@ that an admin certificate (the CLI) calls only what an operator may.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import grpc
 from cryptography import x509
-from pacsnode.node.acceptor import AcceptorServer
+from pacsnode.node.acceptor import ACCEPT_POLL_S, AcceptorServer
 
 from pacsnode.node import ca
 from pacsnode.node.ca import PEER_TLS_NAME, CertIdentity
@@ -361,7 +362,8 @@ def start_dicom_tls_server(ae: Any, address: tuple[str, int], context: ssl.SSLCo
     """Start a DICOM TLS listener on `ae` (pynetdicom's make_server with our server class)."""
     server = ae.make_server(address, ssl_context=context, evt_handlers=handlers, server_class=server_class)
     server.on_refused = on_refused
-    thread = threading.Thread(target=server.serve_forever, name="pacsnode-dicom-tls", daemon=True)
+    thread = threading.Thread(target=functools.partial(server.serve_forever, poll_interval=ACCEPT_POLL_S),
+                              name="pacsnode-dicom-tls", daemon=True)
     thread.start()
     ae._servers.append(server)  # So that ae.shutdown() and our stop() see it, as start_server does.
     return server
