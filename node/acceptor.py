@@ -421,6 +421,16 @@ class AcceptorDUL(DULServiceProvider):
             return
         self.to_provider_queue.put(batch)  # type: ignore[arg-type]  # Taken by _send_encoded only.
 
+    def _plain_socket(self) -> socket.socket | None:
+        """The association's socket when it is plain TCP and this DUL thread runs: what a
+        direct write from another thread needs (a TLS socket may be read by this thread at
+        the same time)."""
+        wrapper = self.socket
+        sock = wrapper.socket if wrapper is not None else None
+        if sock is None or isinstance(sock, ssl.SSLSocket) or not self.is_alive():
+            return None
+        return sock
+
     def _send_direct(self, batch: pdata.EncodedPData) -> bool:
         """Write `batch` on the calling thread (the association's, or a C-MOVE's sub-operation
         sender) when this thread is not sending or running the state machine, nothing is
@@ -429,11 +439,8 @@ class AcceptorDUL(DULServiceProvider):
         of this loop per message, on the path between each retrieved instance's response and
         the next instance (bench/README.md). False: nothing done, the caller queues it. Not on
         a TLS socket (this thread may be reading from it at the same time)."""
-        wrapper = self.socket
-        sock = wrapper.socket if wrapper is not None else None
-        if sock is None or isinstance(sock, ssl.SSLSocket) or not self.is_alive():
-            return False
-        if not self._send_lock.acquire(blocking=False):
+        sock = self._plain_socket()
+        if sock is None or not self._send_lock.acquire(blocking=False):
             return False
         try:
             if self.to_provider_queue.qsize() or self.state_machine.current_state != "Sta6":
@@ -501,11 +508,8 @@ class AcceptorDUL(DULServiceProvider):
             state, event, action, next_state = "Sta8", "Evt14", "AR-4", "Sta13"
         else:
             return False
-        wrapper = self.socket
-        sock = wrapper.socket if wrapper is not None else None
-        if sock is None or isinstance(sock, ssl.SSLSocket) or not self.is_alive():
-            return False
-        if not self._send_lock.acquire(blocking=False):
+        sock = self._plain_socket()
+        if sock is None or not self._send_lock.acquire(blocking=False):
             return False
         try:
             if self.state_machine.current_state != state or self.to_provider_queue.qsize() \
@@ -517,7 +521,7 @@ class AcceptorDUL(DULServiceProvider):
                 memo: request_memo.RequestItemMemo | None = getattr(self.assoc.ae, "request_memo", None)
                 encoded = memo.accept_pdu(primitive) if memo is not None else None
             if encoded is not None:
-                cast(AssociationSocket, wrapper).send(encoded)  # Evt17 on failure, as pynetdicom's _send.
+                cast(AssociationSocket, self.socket).send(encoded)  # Evt17 on failure, as pynetdicom's _send.
             elif action == "AE-7":
                 self._send(A_ASSOCIATE_AC(primitive))
             else:
