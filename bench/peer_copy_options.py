@@ -23,10 +23,14 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_copy_rpc import _same, round_trips  # noqa: E402  # The same serializer and timing loop.
 
 LIMITS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 CONFIGS: dict[str, list[tuple[str, int]]] = {
@@ -38,10 +42,6 @@ CONFIGS: dict[str, list[tuple[str, int]]] = {
     "window": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)],
 }
 REPLY = b"ok" * 10
-
-
-def _same(value: bytes) -> bytes:
-    return value
 
 
 async def _serve(name: str, ports: Any) -> None:
@@ -63,11 +63,6 @@ def _server_main(name: str, ports: Any) -> None:
     asyncio.run(_serve(name, ports))
 
 
-def _cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _client(name: str, port: int, server_pid: int, messages: int, payload: bytes) -> None:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=LIMITS + CONFIGS[name])
     call = channel.stream_stream("/bench.Copy/Stream", request_serializer=_same, response_deserializer=_same)()
@@ -76,18 +71,7 @@ async def _client(name: str, port: int, server_pid: int, messages: int, payload:
         await call.write(payload)
         await call.read()
 
-    for _ in range(50):  # Warm up.
-        await one()
-    client_before, server_before = time.process_time(), _cpu_s(server_pid)
-    latencies = []
-    for _ in range(messages):
-        started = time.perf_counter()
-        await one()
-        latencies.append(time.perf_counter() - started)
-    latencies.sort()
-    print(f"| {name} | {(time.process_time() - client_before) * 1000 / messages:.3f} | "
-          f"{(_cpu_s(server_pid) - server_before) * 1000 / messages:.3f} | {latencies[messages // 2] * 1000:.3f} | "
-          f"{os.getloadavg()[0]:.1f} |", flush=True)
+    print(f"| {name} | {await round_trips(one, server_pid, messages)}", flush=True)
     await call.done_writing()
     await channel.close()
 

@@ -30,7 +30,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import grpc
 
@@ -104,6 +104,24 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def round_trips(one: Callable[[], Awaitable[None]], server_pid: int, messages: int) -> str:
+    """`one` 50 times to warm up, then `messages` times measured: the table cells "client CPU ms
+    | server CPU ms | p50 ms | load |" per message (CPU from /proc; bench/peer_copy_options.py
+    uses it too)."""
+    for _ in range(50):
+        await one()
+    client_before, server_before = time.process_time(), _cpu_s(server_pid)
+    latencies = []
+    for _ in range(messages):
+        started = time.perf_counter()
+        await one()
+        latencies.append(time.perf_counter() - started)
+    client_ms = (time.process_time() - client_before) * 1000 / messages
+    server_ms = (_cpu_s(server_pid) - server_before) * 1000 / messages
+    latencies.sort()
+    return f"{client_ms:.3f} | {server_ms:.3f} | {latencies[messages // 2] * 1000:.3f} | {os.getloadavg()[0]:.1f} |"
+
+
 async def _client(port: int, server_pid: int, mode: str, messages: int, payload: bytes,
                   tls_dir: str | None) -> None:
     files = _files(tls_dir, "client")
@@ -134,19 +152,7 @@ async def _client(port: int, server_pid: int, mode: str, messages: int, payload:
             else:
                 await call.write(payload)
                 await call.read()
-    for _ in range(50):  # Warm up.
-        await one()
-    client_before, server_before = time.process_time(), _cpu_s(server_pid)
-    latencies = []
-    for _ in range(messages):
-        started = time.perf_counter()
-        await one()
-        latencies.append(time.perf_counter() - started)
-    client_ms = (time.process_time() - client_before) * 1000 / messages
-    server_ms = (_cpu_s(server_pid) - server_before) * 1000 / messages
-    latencies.sort()
-    print(f"| {mode}{' (TLS)' if files else ''} | {client_ms:.3f} | {server_ms:.3f} | "
-          f"{latencies[messages // 2] * 1000:.3f} | {os.getloadavg()[0]:.1f} |", flush=True)
+    print(f"| {mode}{' (TLS)' if files else ''} | {await round_trips(one, server_pid, messages)}", flush=True)
     for thing in closing:
         if isinstance(thing, asyncio.StreamWriter):
             thing.close()
