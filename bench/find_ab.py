@@ -1,13 +1,15 @@
 """Two builds' C-FIND cost side by side, on copies of one kept store. By hand, not CI:
 
     .venv/bin/python bench/find_ab.py --store DIR --tree A=/path/to/old --tree B=. \
-        [--studies 20000] [--queries 200] [--rounds 5] [--kinds study-uid,accession,patient-id]
+        [--studies 20000] [--queries 200] [--rounds 5] [--kinds study-uid,accession,patient-id] \
+        [--client pynetdicom|raw]
 
 DIR is a kept store that bench/find_cpu.py --store DIR made (DIR/data, --studies of the same
 set). Each tree gets its own copy of it (DIR-<name>, made once) and a node of its own
 (`<tree>/.venv/bin/python -m pacsnode.cli.main start`), both running for the whole run; then
 for each round and kind the trees are queried in turn (--queries STUDY-level C-FINDs over one
-pynetdicom association each), so both see the same machine load (the machine is shared).
+pynetdicom association each; with --client raw over bench/find_raw.py's blocking socket,
+which waits only for the node), so both see the same machine load (the machine is shared).
 Prints, per tree and kind, the median over rounds of the node process's CPU per query
 (user + system from /proc) and the p50/p99 latency over every query. Nothing is written to
 bench/results/.
@@ -27,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import find_raw  # noqa: E402
 import scu  # noqa: E402
 import servers  # noqa: E402
 from find_cpu import process_cpu_s  # noqa: E402
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--kinds", default="study-uid,accession,patient-id")
+    parser.add_argument("--client", choices=("pynetdicom", "raw"), default="pynetdicom",
+                        help="the SCU: bench/scu.py's (pynetdicom) or bench/find_raw.py's (a blocking socket)")
     args = parser.parse_args(argv)
     spec = datagen.StudySetSpec(patients=max(1, args.studies // 4), studies_per_patient=4, rows=16, cols=16,
                                 latin1_fraction=0.1, seed=203)
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copytree(args.store / "data", copy / "data")
             nodes[name] = start(Path(path).resolve(), copy)
         rng = random.Random(5)
+        find_latency = scu.find_latency if args.client == "pynetdicom" else find_raw.find_latency
         kinds = args.kinds.split(",")
         cpu: dict[tuple[str, str], list[float]] = {}
         latency: dict[tuple[str, str], list[float]] = {}
@@ -89,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
                     order.reverse()
                 for name, server in order:
                     before = process_cpu_s(server.process.pid)
-                    result = scu.find_latency(server.aet, server.port, queries)[kind]
+                    result = find_latency(server.aet, server.port, queries)[kind]
                     cpu.setdefault((name, kind), []).append(
                         (process_cpu_s(server.process.pid) - before) * 1000 / len(queries))
                     latency.setdefault((name, kind), []).extend(result.latencies_ms)
                     if result.failures:
                         print(f"{name} {kind}: {result.failures} failed {result.statuses}", flush=True)
                 loads.append(os.getloadavg()[0])
-        print(f"load {min(loads):.1f}-{max(loads):.1f}")
+        print(f"client {args.client}, load {min(loads):.1f}-{max(loads):.1f}")
         for kind in kinds:
             for name in nodes:
                 lat = sorted(latency[(name, kind)])

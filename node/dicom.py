@@ -451,13 +451,15 @@ class DicomFrontEnd:
             if syntax.is_little_endian and not syntax.is_deflated else None
         context_id, message_id = int(event.context.context_id), int(event.request.MessageID)
         sop_class_uid = str(event.request.AffectedSOPClassUID)
+        # What every row's identifier shares, worked out once for the C-FIND (find_rows.py).
+        identifiers = find_rows.AsciiIdentifiers(requested, query.level, self._config.ae_title, encoding[0]) \
+            if send_row is not None else None
         try:
             for row in rows:
                 if cancelled():
                     break
-                if send_row is not None:
-                    identifier = find_rows.ascii_identifier(requested, row, query.level, self._config.ae_title,
-                                                            encoding[0])
+                if send_row is not None and identifiers is not None:
+                    identifier = identifiers.encode(row)
                     if identifier is None:
                         identifier = encode_dataset(self._response(query, requested, row), encoding[0], True, False)
                     if identifier is not None and send_row(context_id, message_id, sop_class_uid, identifier):

@@ -121,9 +121,10 @@ def ascii_response(requested: Iterable[str], row: dict[str, Any], level: str, ae
 # Explicit VR little endian: these text VRs have a 4-byte length after two reserved bytes
 # (PS3.5 7.1.2); the others a 2-byte length.
 _LONG_LENGTH_VRS = frozenset({"UC", "UR", "UT"})
-_IMPLICIT = struct.Struct("<HHL")
-_EXPLICIT_SHORT = struct.Struct("<HH2sH")
-_EXPLICIT_LONG = struct.Struct("<HH2s2xL")
+_TAG = struct.Struct("<HH")
+_TAG_VR = struct.Struct("<HH2s")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<L")
 
 
 def ascii_identifier(requested: Iterable[str], row: dict[str, Any], level: str, ae_title: str,
@@ -132,21 +133,73 @@ def ascii_identifier(requested: Iterable[str], row: dict[str, Any], level: str, 
     Dataset (tests/unit/test_find_rows.py compares them): the node sends it as the Pending
     C-FIND response's data set itself (node/dicom.py), without pydicom's write_dataset
     per row (~a fifth of a node's GIL time on a ~200-row answer). None when
-    `ascii_response` would be None, or when a value is too long for its length field."""
-    elements = _ascii_elements(requested, row, level, ae_title)
-    if elements is None:
-        return None
-    parts: list[bytes] = []
-    for tag in sorted(elements):
-        vr, data = elements[tag]
-        group, element = tag >> 16, tag & 0xFFFF
-        if implicit_vr:
-            parts.append(_IMPLICIT.pack(group, element, len(data)))
-        elif vr in _LONG_LENGTH_VRS:
-            parts.append(_EXPLICIT_LONG.pack(group, element, vr.encode("ascii"), len(data)))
-        elif len(data) > 0xFFFF:
+    `ascii_response` would be None, or when a value is too long for its length field.
+    One row's worth of AsciiIdentifiers (which a C-FIND makes once for all its rows)."""
+    return AsciiIdentifiers(requested, level, ae_title, implicit_vr).encode(row)
+
+
+class AsciiIdentifiers:
+    """`ascii_identifier` for every row of one C-FIND: what does not depend on the row (the
+    requested keywords' tags and VRs in tag order, each element's header before its
+    length, the values this node supplies: QueryRetrieveLevel, RetrieveAETitle,
+    InstanceAvailability) is worked out once here, not per row; `encode(row)` then only
+    encodes the row's own values."""
+
+    def __init__(self, requested: Iterable[str], level: str, ae_title: str, implicit_vr: bool) -> None:
+        # Per tag in order: (pre-encoded element, or None) and (keyword, VR, header) for a row value.
+        self._usable = True
+        self._elements: list[tuple[bytes | None, str, str, bytes]] = []
+        self._implicit_vr = implicit_vr
+        keywords: dict[int, tuple[str, str]] = {}
+        for keyword in requested:
+            if keyword == "SpecificCharacterSet":
+                continue
+            spec = _text_tag(keyword)
+            if spec is None:
+                self._usable = False  # A keyword that is not text: every row goes the general way.
+                return
+            keywords[spec[0]] = (keyword, spec[1])
+        level_tag, level_vr = _text_tag("QueryRetrieveLevel")  # type: ignore[misc]  # Always text (CS).
+        keywords[level_tag] = ("QueryRetrieveLevel", level_vr)
+        supplied = {"QueryRetrieveLevel": level, "RetrieveAETitle": ae_title, "InstanceAvailability": "ONLINE"}
+        for tag in sorted(keywords):
+            keyword, vr = keywords[tag]
+            group, element = tag >> 16, tag & 0xFFFF
+            if implicit_vr:
+                header = _TAG.pack(group, element)
+            else:
+                header = _TAG_VR.pack(group, element, vr.encode("ascii"))
+            if keyword in supplied:
+                data = _encoded(supplied[keyword], vr)
+                encoded = None if data is None else self._element(header, vr, data)
+                if encoded is None:
+                    self._usable = False
+                    return
+                self._elements.append((encoded, keyword, vr, header))
+            else:
+                self._elements.append((None, keyword, vr, header))
+
+    def _element(self, header: bytes, vr: str, data: bytes) -> bytes | None:
+        if self._implicit_vr:
+            return header + _UL.pack(len(data)) + data
+        if vr in _LONG_LENGTH_VRS:
+            return header + b"\x00\x00" + _UL.pack(len(data)) + data
+        if len(data) > 0xFFFF:
             return None
-        else:
-            parts.append(_EXPLICIT_SHORT.pack(group, element, vr.encode("ascii"), len(data)))
-        parts.append(data)
-    return b"".join(parts)
+        return header + _US.pack(len(data)) + data
+
+    def encode(self, row: dict[str, Any]) -> bytes | None:
+        """The identifier for `row` (as ascii_identifier), or None: build it the general way."""
+        if not self._usable:
+            return None
+        parts: list[bytes] = []
+        for encoded, keyword, vr, header in self._elements:
+            if encoded is None:
+                data = _encoded(row.get(keyword), vr)
+                if data is None:
+                    return None
+                encoded = self._element(header, vr, data)
+                if encoded is None:
+                    return None
+            parts.append(encoded)
+        return b"".join(parts)
