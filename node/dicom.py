@@ -41,7 +41,9 @@ from pynetdicom.sop_class import (
 from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob
 from pacsnode.node import acceptor, association_guard, codec, commitment, find_rows, ingest, iocm, raw_send, spool, tls, \
     write_trace
+from pacsnode.node import identifier as request_identifier
 from pacsnode.node.config import NodeConfig
+from pacsnode.node import dicom_guard
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import (
@@ -418,8 +420,10 @@ class DicomFrontEnd:
         self._count("c_find")
         model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
         try:
-            identifier = event.identifier
-            query, requested = find_request(identifier, model)
+            # Read from its bytes once (node/identifier.py; the guard read it so already), or
+            # pydicom's Dataset when that cannot be done for certain.
+            fast = request_identifier.of_request(event)
+            query, requested = find_request(fast if fast is not None else event.identifier, model)
         except QueryError as error:
             log.warning("dicom.find.rejected reason=%s", error)
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
@@ -464,6 +468,7 @@ class DicomFrontEnd:
                         identifier = encode_dataset(self._response(query, requested, row), encoding[0], True, False)
                     if identifier is not None and send_row(context_id, message_id, sop_class_uid, identifier):
                         matches += 1
+                        dicom_guard.count_sent_row(event)  # The audit trail counts it (it is not yielded).
                         if self._config.find_result_max and matches >= self._config.find_result_max:
                             log.warning("dicom.find.capped matches=%d", matches)
                             break
@@ -831,7 +836,7 @@ def _keyword(tag: int) -> str:
     return dictionary_keyword(tag) if dictionary_has_tag(tag) else ""
 
 
-def find_request(identifier: Dataset, model: str) -> tuple[Query, list[str]]:
+def find_request(identifier: "Dataset | request_identifier.Identifier", model: str) -> tuple[Query, list[str]]:
     """query_from_identifier's Query, and the keywords of the identifier's elements in
     order (QueryRetrieveLevel and SpecificCharacterSet included: the keys a C-FIND
     response carries), from one pass over the identifier (each pass sorts its tags and
