@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import subprocess
 import struct
 import sys
 import time
@@ -201,3 +202,43 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def findscu_latency(aec: str, port: int, queries: Sequence[tuple[str, Dataset]],
+                    workdir: Path) -> dict[str, scu.FindResult]:
+    """dcmtk's findscu as the client: every query of a kind as a query file, all sent over
+    one association by one findscu run. findscu reports no per-query time, so each kind's
+    FindResult holds one latency: the run's wall time less a one-query run's (association
+    set-up, process start), over the other queries: a mean, not a p50."""
+    from pydicom.dataset import FileMetaDataset
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    by_kind: dict[str, list[Path]] = {}
+    for number, (kind, query) in enumerate(queries):
+        query = query.copy()
+        query.file_meta = FileMetaDataset()
+        query.file_meta.MediaStorageSOPClassUID = STUDY_ROOT_FIND
+        query.file_meta.MediaStorageSOPInstanceUID = f"2.25.{number + 1}"
+        query.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        path = workdir / f"query-{number:05d}.dcm"
+        query.save_as(path, enforce_file_format=True)
+        by_kind.setdefault(kind, []).append(path)
+    results: dict[str, scu.FindResult] = {}
+    for kind, paths in by_kind.items():
+        result = results.setdefault(kind, scu.FindResult())
+
+        def run(files: list[Path]) -> float:
+            command = ["findscu", "-S", "-aet", scu.BENCH_AET, "-aec", aec, scu.HOST, str(port), *map(str, files)]
+            started = time.perf_counter()
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            elapsed_s = time.perf_counter() - started
+            if done.returncode != 0:
+                result.failures += 1
+            return elapsed_s
+
+        one = min(run(paths[:1]) for _ in range(3))
+        whole = run(paths)
+        if len(paths) > 1:
+            result.latencies_ms.append(max(0.0, whole - one) * 1000 / (len(paths) - 1))
+        result.statuses["findscu"] = len(paths)
+    return results

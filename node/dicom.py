@@ -456,7 +456,7 @@ class DicomFrontEnd:
         context_id, message_id = int(event.context.context_id), int(event.request.MessageID)
         sop_class_uid = str(event.request.AffectedSOPClassUID)
         # What every row's identifier shares, worked out once for the C-FIND (find_rows.py).
-        identifiers = find_rows.AsciiIdentifiers(requested, query.level, self._config.ae_title, encoding[0]) \
+        identifiers = find_rows.ascii_identifiers(tuple(requested), query.level, self._config.ae_title, encoding[0]) \
             if send_row is not None else None
         try:
             for row in rows:

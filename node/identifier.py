@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator, cast
 
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword, dictionary_VR
 from pydicom.tag import BaseTag
 from pydicom.values import convert_value
@@ -114,6 +114,9 @@ def read(data: bytes, implicit_vr: bool) -> Identifier | None:
         keyword, vr = known
         if (explicit is not None and explicit != vr.encode("ascii")) or (length and vr not in _TEXT_VRS):
             return None
+        if not length:  # A return key: what convert_value gives for an empty value.
+            elements.append(IdentifierElement(tag, keyword, vr, empty_value_for_VR(vr)))
+            continue
         value_bytes = data[offset:offset + length]
         offset += length
         raw = RawDataElement(BaseTag(tag), vr, length, value_bytes, 0, implicit_vr, True)
