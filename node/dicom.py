@@ -20,7 +20,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
-from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -522,7 +521,7 @@ class DicomFrontEnd:
                 non_ascii = True
         response.QueryRetrieveLevel = query.level
         if non_ascii:
-            response.SpecificCharacterSet = _response_charset(row)
+            response.SpecificCharacterSet = find_rows.response_charset(row)
         return response
 
     # ----------------------------------------------------------------- C-GET / C-MOVE
@@ -905,23 +904,6 @@ def _is_ascii(value: Any) -> bool:
     if isinstance(value, list):
         return all(_is_ascii(v) for v in value)
     return str(value).isascii()
-
-
-def _response_charset(row: Attributes) -> str:
-    """The stored Specific Character Set if it can carry every value, else UTF-8."""
-    stored = row.get("SpecificCharacterSet")
-    candidate = stored if isinstance(stored, str) else ("\\".join(stored) if isinstance(stored, list) else "")
-    if candidate:
-        encodings = convert_encodings(candidate.split("\\"))
-        try:
-            for value in row.values():
-                for item in value if isinstance(value, list) else [value]:
-                    if not str(item).isascii():
-                        encode_string(str(item), encodings)
-            return candidate
-        except (UnicodeError, LookupError, ValueError):
-            pass
-    return "ISO_IR 192"
 
 
 def is_known_level(keyword: str) -> bool:
