@@ -1048,12 +1048,20 @@ class DicomWeb:
         (node/frame_stream.py: read forward from the file, frame by frame, in bounded
         memory, every byte checked by the file's CRC-32): its layout from its header and
         the stream that read it. None: the whole read answers (an instance of up to
-        STREAM_PART10_BYTES_MIN, not kept here as a file, of a corrected study, a layout not
-        streamed, or a file that is missing or not zstd: the archive's read then logs it
-        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked;
-        TooManyPasses (400) for a list that goes back over the file too often."""
+        STREAM_PART10_BYTES_MIN, not kept here as a file, a layout not streamed, or a file
+        that is missing or not zstd: the archive's read then logs it and reads another
+        copy). NoFrame (404) when it has no pixel data or not a frame asked; TooManyPasses
+        (400) for a list that goes back over the file too often.
+
+        A corrected study's instance is streamed from its file as received: a correction
+        changes only attributes of groups 0008-0020 (replication/correction.py CORRECTABLE),
+        and node/correct.py copies every byte after the last of them unchanged, so the
+        pixel data and the attributes that lay it out (group 0028, the transfer syntax) are
+        those of the corrected instance; the frames (and the rendered frame) are the same
+        bytes the whole read of the corrected instance gives. A deflated instance, which
+        the correction rewrites whole, is not streamed (frame_stream: NotStreamed)."""
         reads = self._local_reads
-        if reads is None or self._owns is None or location.correction or \
+        if reads is None or self._owns is None or \
                 0 < location.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN or \
                 not self._owns(location.study_instance_uid):
             return None
