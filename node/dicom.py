@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword, dictionary_VR, tag_for_keyword
@@ -553,18 +553,6 @@ class DicomFrontEnd:
             load=lambda: self._read(location),
         )
 
-    def _read_ahead(self, locations: list[InstanceLocation]) -> Generator[raw_send.StoredDataset, None, None]:
-        """The instances of a C-GET/C-MOVE, each read (and decompressed) on the reader pool
-        up to RETRIEVE_READ_AHEAD instances before pynetdicom sends it: the next ones are
-        read while the current one goes out, never on the association's thread. What is
-        read ahead is reserved in the in-flight budget; when it is spent, the instance is
-        dropped and read again when its turn comes."""
-        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
-        try:
-            yield from read_ahead.stored(locations)
-        finally:
-            read_ahead.close()
-
     def _on_get(self, event: Any) -> Iterator[Any]:
         self._count("c_get")
         try:
@@ -590,20 +578,27 @@ class DicomFrontEnd:
             yield _status(STATUS_GET_INTERNAL_ERROR, "internal error; see the node log"), None
             return
         locations = plan.locations
-        log.info("dicom.get.start level=%s instances=%d unreachable=%d", query.level, len(locations),
-                 plan.unreachable)
-        yield len(locations) + plan.unreachable
-        cancelled = CancelFlag(event)
-        stored = self._read_ahead(locations)
+        # The instances are read (and decompressed) on the reader pool up to
+        # RETRIEVE_READ_AHEAD ahead of the one pynetdicom sends, never on this thread; what
+        # is read ahead is reserved in the in-flight budget (RetrieveReadAhead). The first
+        # one's read starts now, while pynetdicom takes the count and makes the first
+        # sub-operation, not when that sub-operation asks for it (issue 10: the time to
+        # the first instance).
+        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
+        read_ahead.prefetch(locations, 1)
         try:
-            for dataset in stored:
+            log.info("dicom.get.start level=%s instances=%d unreachable=%d", query.level, len(locations),
+                     plan.unreachable)
+            yield len(locations) + plan.unreachable
+            cancelled = CancelFlag(event)
+            for dataset in read_ahead.stored(locations):
                 if cancelled():
                     log.info("dicom.retrieve.cancelled instances=%d", len(locations))
                     yield STATUS_CANCEL, None
                     return
                 yield STATUS_PENDING, dataset
         finally:
-            stored.close()  # Cancels what is still queued on the reader pool.
+            read_ahead.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -726,10 +721,13 @@ class RetrieveReadAhead:
             self._futures[index] = future
             self._pending.append(future)
 
-    def prefetch(self, locations: list[InstanceLocation]) -> None:
-        """Start reading the first instances now (C-MOVE: while the sub-association to
-        the destination is being set up), as `stored(locations)` would on its first step."""
-        for index in range(self._window + 1):
+    def prefetch(self, locations: list[InstanceLocation], count: int | None = None) -> None:
+        """Start reading the first `count` instances now (default: the first and the
+        window after it, as `stored(locations)` would by the first one's `sent`). C-MOVE:
+        while the sub-association to the destination is being set up; C-GET: the first
+        one, while pynetdicom makes its first sub-operation (the others' reads wait for
+        its request to be out, so as not to take the GIL from its send)."""
+        for index in range(self._window + 1 if count is None else count):
             self._submit(locations, index)
 
     def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
