@@ -991,9 +991,10 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         # _send_pending_find_response): (PDUs, message id responded, status, hook) each.
         self._deferred: list[tuple[pdata.EncodedPData, int, int, StoreResponseHook | None]] = []
         self._deferred_lock = threading.Lock()
-        # The C-MOVE / C-FIND whose first Pending response went out (never held back).
+        # The C-MOVE whose first Pending response went out (never held back).
         self._move_pending_sent_for: int | None = None
-        self._find_pending_sent_for: int | None = None
+        # The C-FIND whose Pending responses send_find_row encodes, and their encoder.
+        self._find_responses: tuple[tuple[int, int, str, int], pdata.FindResponses] | None = None
 
     def _new_message(self) -> DIMSEMessage:
         message = DIMSEMessage()
@@ -1060,7 +1061,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if isinstance(primitive, C_MOVE) and primitive.Status not in _PENDING_STATUSES:
             self._move_pending_sent_for = None  # The C-MOVE ends with this response.
         if isinstance(primitive, C_FIND) and primitive.Status not in _PENDING_STATUSES:
-            self._find_pending_sent_for = None  # The C-FIND ends with this response.
+            self._find_responses = None  # The C-FIND ends with this response.
         if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None \
                 and self._send_store_response(primitive, context_id):
             return
@@ -1179,13 +1180,15 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if primitive.ErrorComment is not None or primitive.OffendingElement is not None or status is None \
                 or message_id is None or not isinstance(identifier, BytesIO):
             return False
-        # A C-FIND's Pending responses after its first are held back, FIND_ROWS_PER_WRITE at
-        # most, and written together in one send: when that many are held, before anything
-        # else sent here (the final response), and before the node's find waits for more
-        # rows (node/dicom.py). A ~200-row answer was ~200 writes, each a wake-up of the
-        # requestor. Only on this association's own thread (pynetdicom's find loop).
-        defer = threading.current_thread() is self.assoc and self._find_pending_sent_for == int(message_id)
-        self._find_pending_sent_for = int(message_id)
+        # A C-FIND's Pending responses are held back, FIND_ROWS_PER_WRITE at most, and
+        # written together in one send: when that many are held, before anything else sent
+        # here (with the final response), and before the node's find waits for more rows
+        # (node/dicom.py stop_or_wait). A ~200-row answer was ~200 writes, each a wake-up of
+        # the requestor; an answer of a few rows in hand (an exact key on a single node)
+        # is one write with its final response (the first row is held too: alone, it cost
+        # a pynetdicom requestor one more read, after up to 1 ms of its DUL thread's
+        # sleep). Only on this association's own thread (pynetdicom's find loop).
+        defer = threading.current_thread() is self.assoc
         return self._send_encoded_response(context_id, int(message_id), int(status), lambda: pdata.find_response_pdus(
             context_id, self.maximum_pdu_size, message_id_responded=int(message_id), status=int(status),
             sop_class_uid=primitive.AffectedSOPClassUID, identifier=identifier.getvalue()),
@@ -1196,15 +1199,20 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         the node's C-FIND handler itself (node/dicom.py) instead of yielded to pynetdicom,
         which encoded each identifier with pydicom's writer and ran its per-row loop (with
         the encoding ~a third of the association thread's GIL time on a ~200-row answer).
-        Held back and written together as _send_pending_find_response does. Only on this
-        association's own thread; False: nothing sent (the caller yields the row)."""
+        The command set, the same for every row of the C-FIND, is encoded once
+        (pdata.FindResponses). Held back and written together as
+        _send_pending_find_response does. Only on this association's own thread; False:
+        nothing sent (the caller yields the row)."""
         if threading.current_thread() is not self.assoc:
             return False
-        defer = self._find_pending_sent_for == message_id
-        self._find_pending_sent_for = message_id
-        return self._send_encoded_response(context_id, message_id, 0xFF00, lambda: pdata.find_response_pdus(
-            context_id, self.maximum_pdu_size, message_id_responded=message_id, status=0xFF00,
-            sop_class_uid=sop_class_uid, identifier=identifier), defer=FIND_ROWS_PER_WRITE if defer else 0)
+        key = (context_id, message_id, sop_class_uid, self.maximum_pdu_size)
+        if self._find_responses is None or self._find_responses[0] != key:
+            self._find_responses = (key, pdata.FindResponses(
+                context_id, self.maximum_pdu_size, message_id_responded=message_id, status=0xFF00,
+                sop_class_uid=sop_class_uid))
+        responses = self._find_responses[1]
+        return self._send_encoded_response(context_id, message_id, 0xFF00, lambda: responses.encode(identifier),
+                                           defer=FIND_ROWS_PER_WRITE)
 
     def _send_encoded_response(self, context_id: int, message_id: int, status: int,
                                encode: Callable[[], "bytes | pdata.EncodedPData | None"], defer: int = 0) -> bool:

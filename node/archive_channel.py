@@ -114,7 +114,7 @@ class Kind(enum.IntEnum):
     ERROR = 27
     WELCOME = 28
     DATA_ZSTD = 29  # An own copy's zstd blob: the worker decompresses (and checks) it.
-    DATA_FILE = 30  # An own copy kept as a blob file: the worker reads it from the file (a slice whole).
+    DATA_FILE = 30  # An own copy kept as a blob file (name, size, CRC-32 and marks): the worker reads it (a slice whole).
     DELETED = 31  # How a DELETE ended.
     COMMITTED = 32  # A COMMIT's result: committed and failed references.
     SLOT_GRANTED = 33
@@ -491,9 +491,10 @@ class ChannelArchive:
 
     def open_streamed(self, location: InstanceLocation) -> tuple[bytes | Part10Stream, int]:
         """An instance to send. The node's own uncorrected copy comes as kept: a zstd blob,
-        decompressed here (the node process does not), or the name of its blob file, read
-        from it here as in one process: a slice whole, checked by its CRC-32 before any byte
-        is sent, a bigger file streamed. A copy that fails its check here is asked again
+        decompressed here (the node process does not), or the name of its blob file (with
+        its pointer's CRC-32 marks), read from it here as in one process: a slice whole,
+        checked by its CRC-32 before any byte is sent, a bigger file streamed and checked
+        at each 1 MiB mark as the reads pass it (node/blob_files.py CheckedReader). A copy that fails its check here is asked again
         whole, through the node's read (which reads another owner's copy when it has one)."""
         kind, answer, body = self._call(Kind.READ, {"location": location_to_json(location)})
         what = location.sop_instance_uid
@@ -503,7 +504,8 @@ class ChannelArchive:
             if kind == Kind.DATA_FILE:
                 if self._blob_files is None:
                     raise ChannelError("DATA_FILE needs the store's blobs directory")
-                pointer = BlobPointer(str(answer["name"]), int(answer["size_bytes"]), int(answer["crc32"]))
+                pointer = BlobPointer(str(answer["name"]), int(answer["size_bytes"]), int(answer["crc32"]),
+                                      _marks_of(answer, ChannelError))
                 part10_bytes = int(answer["part10_bytes"])
                 if part10_bytes <= self._whole_read_bytes_max and pointer.size_bytes <= self._whole_read_bytes_max:
                     return self._blob_files.read_whole(pointer, part10_bytes, what), int(answer["dataset_offset"])
@@ -673,8 +675,10 @@ class ChannelServer:
                 if copy is not None:
                     offsets = {"dataset_offset": copy.dataset_offset, "part10_bytes": copy.part10_bytes}
                     if isinstance(copy.kept, BlobPointer):
+                        # With its CRC-32 marks: a worker's streamed read checks mark by mark.
                         send_frame(sock, Kind.DATA_FILE, {**offsets, "name": copy.kept.name,
-                                                          "size_bytes": copy.kept.size_bytes, "crc32": copy.kept.crc32})
+                                                          "size_bytes": copy.kept.size_bytes, "crc32": copy.kept.crc32,
+                                                          **_marks_field(copy.kept.crc32_marks)})
                     else:
                         send_frame(sock, Kind.DATA_ZSTD, offsets, copy.kept)
                     return
@@ -719,14 +723,16 @@ def _marks_field(marks: tuple[int, ...] | None) -> dict[str, str]:
     return {} if marks is None else {"marks": encode_marks(marks)}
 
 
-def _marks_of(named: dict[str, Any]) -> tuple[int, ...] | None:
+def _marks_of(named: dict[str, Any], error: type[Exception] = StoreFrameError) -> tuple[int, ...] | None:
+    """The CRC-32 marks a frame names (STORE's blob file, READ's DATA_FILE answer); None
+    when it names none; `error` when they are not base64 CRC-32 values."""
     text = named.get("marks")
     if text is None:
         return None
     try:
         return decode_marks(str(text))
     except ValueError:  # binascii.Error is one.
-        raise StoreFrameError("STORE's blob file marks are not base64 CRC-32 values") from None
+        raise error("the blob file's marks are not base64 CRC-32 values") from None
 
 
 def _instance(header: dict[str, Any], body: bytes, blob_files: BlobFiles | None) -> Instance:

@@ -18,9 +18,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
-from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -41,7 +40,9 @@ from pynetdicom.sop_class import (
 from pacsnode.node.blob_files import BlobFiles, BlobPointer, Part10Stream, TempBlob
 from pacsnode.node import acceptor, association_guard, codec, commitment, find_rows, ingest, iocm, raw_send, spool, tls, \
     write_trace
+from pacsnode.node import identifier as request_identifier
 from pacsnode.node.config import NodeConfig
+from pacsnode.node import dicom_guard
 from pacsnode.node.dicom_guard import DicomGuard
 from pacsnode.node.ingest import InvalidInstance, decode_sequence, instance_from_part10
 from pacsnode.replication.archive import (
@@ -418,8 +419,10 @@ class DicomFrontEnd:
         self._count("c_find")
         model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
         try:
-            identifier = event.identifier
-            query, requested = find_request(identifier, model)
+            # Read from its bytes once (node/identifier.py; the guard read it so already), or
+            # pydicom's Dataset when that cannot be done for certain.
+            fast = request_identifier.of_request(event)
+            query, requested = find_request(fast if fast is not None else event.identifier, model)
         except QueryError as error:
             log.warning("dicom.find.rejected reason=%s", error)
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(error)), None
@@ -451,17 +454,20 @@ class DicomFrontEnd:
             if syntax.is_little_endian and not syntax.is_deflated else None
         context_id, message_id = int(event.context.context_id), int(event.request.MessageID)
         sop_class_uid = str(event.request.AffectedSOPClassUID)
+        # What every row's identifier shares, worked out once for the C-FIND (find_rows.py).
+        identifiers = find_rows.ascii_identifiers(tuple(requested), query.level, self._config.ae_title, encoding[0]) \
+            if send_row is not None else None
         try:
             for row in rows:
                 if cancelled():
                     break
-                if send_row is not None:
-                    identifier = find_rows.ascii_identifier(requested, row, query.level, self._config.ae_title,
-                                                            encoding[0])
+                if send_row is not None and identifiers is not None:
+                    identifier = identifiers.encode(row)
                     if identifier is None:
                         identifier = encode_dataset(self._response(query, requested, row), encoding[0], True, False)
                     if identifier is not None and send_row(context_id, message_id, sop_class_uid, identifier):
                         matches += 1
+                        dicom_guard.count_sent_row(event)  # The audit trail counts it (it is not yielded).
                         if self._config.find_result_max and matches >= self._config.find_result_max:
                             log.warning("dicom.find.capped matches=%d", matches)
                             break
@@ -515,7 +521,7 @@ class DicomFrontEnd:
                 non_ascii = True
         response.QueryRetrieveLevel = query.level
         if non_ascii:
-            response.SpecificCharacterSet = _response_charset(row)
+            response.SpecificCharacterSet = find_rows.response_charset(row)
         return response
 
     # ----------------------------------------------------------------- C-GET / C-MOVE
@@ -553,18 +559,6 @@ class DicomFrontEnd:
             load=lambda: self._read(location),
         )
 
-    def _read_ahead(self, locations: list[InstanceLocation]) -> Generator[raw_send.StoredDataset, None, None]:
-        """The instances of a C-GET/C-MOVE, each read (and decompressed) on the reader pool
-        up to RETRIEVE_READ_AHEAD instances before pynetdicom sends it: the next ones are
-        read while the current one goes out, never on the association's thread. What is
-        read ahead is reserved in the in-flight budget; when it is spent, the instance is
-        dropped and read again when its turn comes."""
-        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
-        try:
-            yield from read_ahead.stored(locations)
-        finally:
-            read_ahead.close()
-
     def _on_get(self, event: Any) -> Iterator[Any]:
         self._count("c_get")
         try:
@@ -590,20 +584,27 @@ class DicomFrontEnd:
             yield _status(STATUS_GET_INTERNAL_ERROR, "internal error; see the node log"), None
             return
         locations = plan.locations
-        log.info("dicom.get.start level=%s instances=%d unreachable=%d", query.level, len(locations),
-                 plan.unreachable)
-        yield len(locations) + plan.unreachable
-        cancelled = CancelFlag(event)
-        stored = self._read_ahead(locations)
+        # The instances are read (and decompressed) on the reader pool up to
+        # RETRIEVE_READ_AHEAD ahead of the one pynetdicom sends, never on this thread; what
+        # is read ahead is reserved in the in-flight budget (RetrieveReadAhead). The first
+        # one's read starts now, while pynetdicom takes the count and makes the first
+        # sub-operation, not when that sub-operation asks for it (issue 10: the time to
+        # the first instance).
+        read_ahead = RetrieveReadAhead(self._reader, self._read, self.spool.budget)
+        read_ahead.prefetch(locations, 1)
         try:
-            for dataset in stored:
+            log.info("dicom.get.start level=%s instances=%d unreachable=%d", query.level, len(locations),
+                     plan.unreachable)
+            yield len(locations) + plan.unreachable
+            cancelled = CancelFlag(event)
+            for dataset in read_ahead.stored(locations):
                 if cancelled():
                     log.info("dicom.retrieve.cancelled instances=%d", len(locations))
                     yield STATUS_CANCEL, None
                     return
                 yield STATUS_PENDING, dataset
         finally:
-            stored.close()  # Cancels what is still queued on the reader pool.
+            read_ahead.close()  # Cancels what is still queued on the reader pool.
         if plan.unreachable:
             yield self._incomplete_retrieve(plan), None
 
@@ -726,10 +727,13 @@ class RetrieveReadAhead:
             self._futures[index] = future
             self._pending.append(future)
 
-    def prefetch(self, locations: list[InstanceLocation]) -> None:
-        """Start reading the first instances now (C-MOVE: while the sub-association to
-        the destination is being set up), as `stored(locations)` would on its first step."""
-        for index in range(self._window + 1):
+    def prefetch(self, locations: list[InstanceLocation], count: int | None = None) -> None:
+        """Start reading the first `count` instances now (default: the first and the
+        window after it, as `stored(locations)` would by the first one's `sent`). C-MOVE:
+        while the sub-association to the destination is being set up; C-GET: the first
+        one, while pynetdicom makes its first sub-operation (the others' reads wait for
+        its request to be out, so as not to take the GIL from its send)."""
+        for index in range(self._window + 1 if count is None else count):
             self._submit(locations, index)
 
     def stored(self, locations: list[InstanceLocation]) -> Iterator[raw_send.StoredDataset]:
@@ -829,7 +833,7 @@ def _keyword(tag: int) -> str:
     return dictionary_keyword(tag) if dictionary_has_tag(tag) else ""
 
 
-def find_request(identifier: Dataset, model: str) -> tuple[Query, list[str]]:
+def find_request(identifier: "Dataset | request_identifier.Identifier", model: str) -> tuple[Query, list[str]]:
     """query_from_identifier's Query, and the keywords of the identifier's elements in
     order (QueryRetrieveLevel and SpecificCharacterSet included: the keys a C-FIND
     response carries), from one pass over the identifier (each pass sorts its tags and
@@ -900,23 +904,6 @@ def _is_ascii(value: Any) -> bool:
     if isinstance(value, list):
         return all(_is_ascii(v) for v in value)
     return str(value).isascii()
-
-
-def _response_charset(row: Attributes) -> str:
-    """The stored Specific Character Set if it can carry every value, else UTF-8."""
-    stored = row.get("SpecificCharacterSet")
-    candidate = stored if isinstance(stored, str) else ("\\".join(stored) if isinstance(stored, list) else "")
-    if candidate:
-        encodings = convert_encodings(candidate.split("\\"))
-        try:
-            for value in row.values():
-                for item in value if isinstance(value, list) else [value]:
-                    if not str(item).isascii():
-                        encode_string(str(item), encodings)
-            return candidate
-        except (UnicodeError, LookupError, ValueError):
-            pass
-    return "ISO_IR 192"
 
 
 def is_known_level(keyword: str) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from pacsnode.node import identifier as request_identifier
 from pacsnode.node.access import AccessPolicy, KnownAe
 from pacsnode.node.audit import MAJOR_FAILURE, MINOR_FAILURE, SUCCESS, AuditLog, Participant, Subject
 from pacsnode.replication.archive import InstanceLocation, RetrievePlan, WriteResult, WriteStatus
@@ -68,12 +69,25 @@ def _identifier_keys(event: Any) -> dict[str, str]:
     """The non-empty keys of a query or retrieve identifier (for the audit trail only)."""
     keys: dict[str, str] = {}
     try:
-        for element in event.identifier:
+        # Read from its bytes when that can be done for certain (node/identifier.py: no
+        # pydicom Dataset; the C-FIND handler reuses it), else pydicom's Dataset.
+        fast = request_identifier.of_request(event)
+        for element in (fast if fast is not None else event.identifier):
             if element.keyword and element.VR != "SQ" and element.value not in (None, "", b""):
                 keys[element.keyword] = str(element.value)[:256]
     except Exception:  # An undecodable identifier: the handler answers it; audit what we have.
         pass
     return keys
+
+
+_ROWS_SENT = "_pacsnode_find_rows_sent"
+
+
+def count_sent_row(event: Any) -> None:
+    """A C-FIND handler sent a Pending response itself (node/dicom.py through the
+    association's send_find_row) instead of yielding it: the audit trail's match count
+    (`guarded`, which counts the yielded ones) includes it."""
+    setattr(event, _ROWS_SENT, getattr(event, _ROWS_SENT, 0) + 1)
 
 
 class _TransferKey(NamedTuple):
@@ -230,7 +244,7 @@ class DicomGuard:
                                   subject=Subject(patient_id=keys.get("PatientID", ""),
                                                   study_instance_uids=_uids(keys.get("StudyInstanceUID", "")),
                                                   query=keys, sop_class_uid=str(event.request.AffectedSOPClassUID)),
-                                  description=f"{matches} matches")
+                                  description=f"{matches + getattr(event, _ROWS_SENT, 0)} matches")
 
         return guarded
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import concurrent.futures
+import enum
 import json
 import logging
 import threading
@@ -35,6 +36,7 @@ from starlette.routing import Route
 from pacsnode.node.blob_files import CHUNK_BYTES, Part10Stream
 from pacsnode.node.dicomweb_json import row_to_json
 from pacsnode.node.dicomweb_media import (
+    BodyCutShort,
     DICOM,
     DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -42,6 +44,7 @@ from pacsnode.node.dicomweb_media import (
     MediaRange,
     OCTET_STREAM,
     MultipartReader,
+    OversizedPart,
     Part,
     accepts_json,
     choose_syntax,
@@ -255,6 +258,38 @@ _DELETE_HTTP_STATUS = {
     DeleteStatus.QUORUM_FAILED: 503,
     DeleteStatus.NOT_JOINED: 503,
 }
+
+
+class StowOutcome(enum.Enum):
+    """How a STOW-RS request ended, as docs/conformance-statement.md 9.4 lists them."""
+    STORED = "every part stored"
+    SOME_STORED = "some parts stored; others refused, or the body malformed after them"
+    NONE_STORED = "no part stored, none over the size limit, the body well formed"
+    TOO_LARGE = "no part stored, a part over the size limit"
+    MALFORMED = "no part stored, none over the size limit, the body malformed"
+    EMPTY = "a well-formed body with no parts"
+
+
+STOW_HTTP_STATUS = {
+    StowOutcome.STORED: 200,
+    StowOutcome.SOME_STORED: 202,
+    StowOutcome.NONE_STORED: 409,
+    StowOutcome.TOO_LARGE: 413,
+    StowOutcome.MALFORMED: 400,
+    StowOutcome.EMPTY: 400,
+}
+
+
+def stow_outcome(*, stored: int, failed: int, oversized: int, malformed: bool) -> StowOutcome:
+    """The outcome of a STOW-RS request from how many parts were stored and refused (of
+    these, how many for their size) and whether the body was malformed."""
+    if stored:
+        return StowOutcome.SOME_STORED if failed or malformed else StowOutcome.STORED
+    if oversized:
+        return StowOutcome.TOO_LARGE
+    if malformed:
+        return StowOutcome.MALFORMED
+    return StowOutcome.NONE_STORED if failed else StowOutcome.EMPTY
 
 
 class DicomWeb:
@@ -1013,12 +1048,20 @@ class DicomWeb:
         (node/frame_stream.py: read forward from the file, frame by frame, in bounded
         memory, every byte checked by the file's CRC-32): its layout from its header and
         the stream that read it. None: the whole read answers (an instance of up to
-        STREAM_PART10_BYTES_MIN, not kept here as a file, of a corrected study, a layout not
-        streamed, or a file that is missing or not zstd: the archive's read then logs it
-        and reads another copy). NoFrame (404) when it has no pixel data or not a frame asked;
-        TooManyPasses (400) for a list that goes back over the file too often."""
+        STREAM_PART10_BYTES_MIN, not kept here as a file, a layout not streamed, or a file
+        that is missing or not zstd: the archive's read then logs it and reads another
+        copy). NoFrame (404) when it has no pixel data or not a frame asked; TooManyPasses
+        (400) for a list that goes back over the file too often.
+
+        A corrected study's instance is streamed from its file as received: a correction
+        changes only attributes of groups 0008-0020 (replication/correction.py CORRECTABLE),
+        and node/correct.py copies every byte after the last of them unchanged, so the
+        pixel data and the attributes that lay it out (group 0028, the transfer syntax) are
+        those of the corrected instance; the frames (and the rendered frame) are the same
+        bytes the whole read of the corrected instance gives. A deflated instance, which
+        the correction rewrites whole, is not streamed (frame_stream: NotStreamed)."""
         reads = self._local_reads
-        if reads is None or self._owns is None or location.correction or \
+        if reads is None or self._owns is None or \
                 0 < location.part10_bytes <= frame_stream.STREAM_PART10_BYTES_MIN or \
                 not self._owns(location.study_instance_uid):
             return None
@@ -1277,6 +1320,9 @@ class DicomWeb:
         try:
             async for chunk in request.stream():
                 for part in reader.feed(chunk):
+                    if isinstance(part, OversizedPart):  # Its bytes are gone: listed as refused.
+                        tasks.append(self._refuse_oversized(part))
+                        continue
                     running = [task for task in tasks if not task.done()]
                     if len(running) >= STOW_PARTS_IN_FLIGHT:
                         await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -1284,6 +1330,8 @@ class DicomWeb:
             reader.close()
         except MediaError as error:
             malformed = str(error)
+            if isinstance(error, BodyCutShort) and error.oversized is not None:
+                tasks.append(self._refuse_oversized(error.oversized))
         finally:
             # Every part handed to the store finishes (a write cannot be called back), even
             # when the client went away mid-body.
@@ -1315,21 +1363,48 @@ class DicomWeb:
                 "00081155": {"vr": "UI", **({"Value": [r["sop_instance"]]} if r["sop_instance"] else {})},
                 "00081197": {"vr": "US", "Value": [r["status"]]},
             } for r in failed]}
+        oversized = [r for r in failed if r.get("oversized")]
+        ending = stow_outcome(stored=len(stored), failed=len(failed), oversized=len(oversized),
+                              malformed=bool(malformed))
         headers: dict[str, str] = {}
         if malformed:
             headers["Warning"] = warning_header(f"malformed body: {malformed}")
             log.warning("dicomweb.store.malformed stored=%d reason=%s", len(stored), malformed)
-            status = 202 if stored else 400
-        elif not results:
+        elif ending == StowOutcome.EMPTY:
             return PlainTextResponse("the body holds no instances", status_code=400)
-        else:
-            status = 200 if not failed else (202 if stored else 409)
         if failed:
             reasons = sorted({r["reason"] for r in failed})
             headers["Warning"] = ", ".join(filter(None, [headers.get("Warning", ""),
                                                          *(warning_header(reason) for reason in reasons[:5])]))
-        log.info("dicomweb.store.done stored=%d failed=%d", len(stored), len(failed))
-        return JSONResponse(body, status_code=status, headers=headers, media_type=DICOM_JSON)
+        log.info("dicomweb.store.done stored=%d failed=%d oversized=%d", len(stored), len(failed), len(oversized))
+        if ending == StowOutcome.TOO_LARGE:
+            largest = max(r["size_bytes"] for r in oversized)
+            others = len(failed) - len(oversized)
+            text = (f"nothing was stored: {len(oversized)} part(s) over the size limit of "
+                    f"{self._instance_size_bytes_max} bytes (instance_size_bytes_max; the largest "
+                    f"{largest} bytes)" + (f", {others} part(s) refused for other reasons (Warning)" if others else "")
+                    + (f"; the body was malformed: {malformed}" if malformed else "") + "\n")
+            return PlainTextResponse(text, status_code=STOW_HTTP_STATUS[ending], headers=headers)
+        return JSONResponse(body, status_code=STOW_HTTP_STATUS[ending], headers=headers, media_type=DICOM_JSON)
+
+    def _refuse_oversized(self, part: OversizedPart) -> asyncio.Future[dict[str, Any]]:
+        """The failed-part entry (a done future, in the order of the others) of a part over
+        instance_size_bytes_max, named by the file meta group at its start when that can be
+        read (its bytes were not kept)."""
+        result: dict[str, Any] = {"status": STATUS_OUT_OF_RESOURCES, "reason": "instance is over the size limit",
+                                  "sop_class": "", "sop_instance": "", "study": "", "series": "",
+                                  "oversized": True, "size_bytes": part.size_bytes}
+        try:
+            meta = read_file_meta(part.head)
+        except MediaError:
+            pass  # Not a Part-10 start (or a meta group longer than the head): listed without UIDs.
+        else:
+            result.update(sop_class=meta.media_storage_sop_class_uid, sop_instance=meta.media_storage_sop_instance_uid)
+        log.warning("dicomweb.store.too_large size_bytes=%d limit_bytes=%d sop_instance_uid=%s",
+                    part.size_bytes, self._instance_size_bytes_max, result["sop_instance"])
+        refused: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        refused.set_result(result)
+        return refused
 
     def _store_part(self, part: Part, study: str | None, caller: Caller | None = None) -> dict[str, Any]:
         """One STOW-RS part through the same validation and W-durable write as a C-STORE."""
@@ -1350,8 +1425,6 @@ class DicomWeb:
         except MediaError as error:
             return fail(STATUS_CANNOT_UNDERSTAND, str(error))
         result.update(sop_class=meta.media_storage_sop_class_uid, sop_instance=meta.media_storage_sop_instance_uid)
-        if len(part.body) > self._instance_size_bytes_max:
-            return fail(STATUS_OUT_OF_RESOURCES, "instance is over the size limit")
         try:
             instance = instance_from_part10(
                 part.body, meta.dataset_offset, meta.transfer_syntax_uid,

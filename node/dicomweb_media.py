@@ -172,10 +172,32 @@ class Part:
         return self.headers.get("content-type", "")
 
 
+class BodyCutShort(MediaError):
+    """The body ended before its closing delimiter; `oversized` is the part it ended in
+    when that part was already over the size limit (its bytes read so far)."""
+
+    def __init__(self, message: str, oversized: "OversizedPart | None") -> None:
+        super().__init__(message)
+        self.oversized = oversized
+
+
+REFUSED_HEAD_BYTES = 65_536  # What an oversized part keeps of its start: the file meta group names it.
+
+
+@dataclass
+class OversizedPart:
+    """A part over `part_bytes_max`: its bytes were read and dropped as they came (the
+    body goes on streaming, and the parts after it are read), only its start is kept."""
+    headers: dict[str, str]  # Names lower case.
+    head: bytes  # The first REFUSED_HEAD_BYTES (at most) of its body.
+    size_bytes: int  # Its whole body's length.
+
+
 class MultipartReader:
     """Reads a multipart body fed in chunks of any size; `feed` returns the parts it
-    completed. Only the part being read is held in memory (and at most `part_bytes_max`
-    of it: a larger part raises MediaError)."""
+    completed. Only the part being read is held in memory, and at most `part_bytes_max`
+    of it: a larger part is read on to its end without keeping its bytes, and comes out
+    as an OversizedPart."""
 
     def __init__(self, boundary: str, *, part_bytes_max: int) -> None:
         self._delimiter = b"\r\n--" + boundary.encode("latin-1")
@@ -184,23 +206,28 @@ class MultipartReader:
         self._scan_from = 0
         self._headers: dict[str, str] = {}
         self._part_bytes_max = part_bytes_max
+        self._refused_head = b""  # In state "skip": the oversized part's start,
+        self._refused_bytes = 0  # and how many of its bytes were dropped.
 
     @property
     def done(self) -> bool:
         return self._state == "done"
 
-    def feed(self, chunk: bytes) -> list[Part]:
+    def feed(self, chunk: bytes) -> list[Part | OversizedPart]:
         if self._state == "done":
             return []  # The epilogue after the closing delimiter is ignored.
         self._buffer += chunk
-        parts: list[Part] = []
+        parts: list[Part | OversizedPart] = []
         while True:
-            if self._state in ("preamble", "body"):
+            if self._state in ("preamble", "body", "skip"):
                 index = self._buffer.find(self._delimiter, self._scan_from)
                 if index < 0:
                     self._scan_from = max(0, len(self._buffer) - len(self._delimiter) + 1)
                     if self._state == "body" and len(self._buffer) > self._part_bytes_max + len(self._delimiter):
-                        raise MediaError(f"a part is larger than {self._part_bytes_max} bytes")
+                        self._state = "skip"
+                        self._refused_head = bytes(self._buffer[:REFUSED_HEAD_BYTES])
+                    if self._state == "skip":
+                        self._drop_scanned()
                     return parts
                 after = index + len(self._delimiter)
                 if len(self._buffer) < after + 2:
@@ -210,9 +237,13 @@ class MultipartReader:
                 if follower != b"--" and follower != b"\r\n" and follower[:1] not in (b" ", b"\t"):
                     self._scan_from = index + 1  # The boundary text inside a body, not a delimiter.
                     continue
-                if self._state == "body":
+                if self._state == "body" and index <= self._part_bytes_max:
                     parts.append(Part(self._headers, bytes(self._buffer[:index])))
-                    self._headers = {}
+                elif self._state in ("body", "skip"):
+                    head = self._refused_head if self._state == "skip" else bytes(self._buffer[:REFUSED_HEAD_BYTES])
+                    parts.append(OversizedPart(self._headers, head, self._refused_bytes + index))
+                    self._refused_head, self._refused_bytes = b"", 0
+                self._headers = {}
                 if self._buffer[after:after + 2] == b"--":
                     self._state = "done"
                     self._buffer.clear()
@@ -238,9 +269,23 @@ class MultipartReader:
                 continue
             return parts
 
+    def _drop_scanned(self) -> None:
+        """State "skip": drop what was searched, keeping the bytes a delimiter may start in."""
+        keep = len(self._delimiter) + 1
+        if len(self._buffer) > keep:
+            dropped = len(self._buffer) - keep
+            del self._buffer[:dropped]
+            self._refused_bytes += dropped
+            self._scan_from = 0
+
     def close(self) -> None:
+        """BodyCutShort unless the closing delimiter was read."""
+        if self._state == "skip":
+            raise BodyCutShort("the multipart body ended before its closing delimiter, inside a part over the "
+                               "size limit", OversizedPart(self._headers, self._refused_head,
+                                                           self._refused_bytes + len(self._buffer)))
         if self._state != "done":
-            raise MediaError("the multipart body ended before its closing delimiter")
+            raise BodyCutShort("the multipart body ended before its closing delimiter", None)
 
 
 # ------------------------------------------------------------------ Part-10 meta

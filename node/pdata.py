@@ -200,17 +200,40 @@ def find_response_pdus(context_id: int, max_pdu_length: int, *, message_id_respo
     encodes it: the command set (no Error Comment or Offending Element; an unset UID left
     out) in one PDU, then the encoded Identifier's data-set PDUs. None when the command
     does not fit one fragment of the peer's maximum PDU length."""
-    command_pdu = _command_pdu(context_id, max_pdu_length, _response_elements(
-        C_FIND_RSP_FIELD, message_id_responded, status, sop_class_uid, DATA_SET_PRESENT))
-    if command_pdu is None:
-        return None
-    buffers: list[bytes | memoryview] = [command_pdu]
-    size, pdus = len(command_pdu), 1
-    for batch in encode_data_set(identifier, context_id, max_pdu_length, batch_bytes=1 << 62):
-        buffers.extend(batch.buffers)
-        size += batch.size
-        pdus += batch.pdus
-    return EncodedPData(tuple(buffers), size, pdus)
+    return FindResponses(context_id, max_pdu_length, message_id_responded=message_id_responded, status=status,
+                         sop_class_uid=sop_class_uid).encode(identifier)
+
+
+class FindResponses:
+    """find_response_pdus for every Pending response of one C-FIND: their command sets are
+    the same bytes (message id, status, SOP class), so it is encoded once, and a row's
+    Identifier that fits one fragment (any row of a usual query) is one PDU header
+    before it."""
+
+    def __init__(self, context_id: int, max_pdu_length: int, *, message_id_responded: int, status: int,
+                 sop_class_uid: str | None) -> None:
+        self._context_id = context_id
+        self._max_pdu_length = max_pdu_length
+        self._fragment_bytes = fragment_bytes(max_pdu_length)
+        self._command_pdu = _command_pdu(context_id, max_pdu_length, _response_elements(
+            C_FIND_RSP_FIELD, message_id_responded, status, sop_class_uid, DATA_SET_PRESENT))
+
+    def encode(self, identifier: bytes) -> EncodedPData | None:
+        """The response with this encoded Identifier; None when the command does not fit
+        one fragment of the peer's maximum PDU length."""
+        command_pdu = self._command_pdu
+        if command_pdu is None:
+            return None
+        if 0 < len(identifier) <= self._fragment_bytes:
+            header = pdu_header(self._context_id, DATA_FRAGMENT_LAST, len(identifier))
+            return EncodedPData((command_pdu, header, identifier), len(command_pdu) + HEADER_BYTES + len(identifier), 2)
+        buffers: list[bytes | memoryview] = [command_pdu]
+        size, pdus = len(command_pdu), 1
+        for batch in encode_data_set(identifier, self._context_id, self._max_pdu_length, batch_bytes=1 << 62):
+            buffers.extend(batch.buffers)
+            size += batch.size
+            pdus += batch.pdus
+        return EncodedPData(tuple(buffers), size, pdus)
 
 
 @dataclass(frozen=True)

@@ -911,12 +911,7 @@ class Coordinator:
     # ----------------------------------------------------------------- retrieve
     async def locate(self, query: Query) -> RetrievePlan:
         """The instances a C-GET/C-MOVE identifier selects, and what could not be asked."""
-        image_query = Query(
-            level="IMAGE",
-            model=query.model,
-            conditions=tuple(c for c in query.conditions if c.keyword in _RETRIEVE_KEYS),
-            return_keys=(),
-        )
+        image_query = _image_query(query)
         not_joined = self._not_joined(image_query)
         if not_joined is not None:
             return RetrievePlan([], not_joined)
@@ -928,6 +923,16 @@ class Coordinator:
         except IncompleteAnswer as error:
             shortfall = error.shortfall
         return RetrievePlan(locations, shortfall)
+
+    def locate_here(self, query: Query, instances_max: int) -> RetrievePlan | None:
+        """locate()'s whole plan read from this node's own store on the calling (blocking)
+        thread when find_here answers its IMAGE query (an exact key on a ring of this node
+        alone: nothing else would be asked, so nothing can be unreachable); None otherwise,
+        or past `instances_max` instances: use locate(). Callable from any thread but the loop."""
+        rows = self.find_here(_image_query(query), instances_max)
+        if rows is None:
+            return None
+        return RetrievePlan([_location(row) for row in rows], Shortfall())
 
     def owns(self, study_instance_uid: str) -> bool:
         """Whether this node is one of the study's owners (reads the ring only: callable
@@ -1197,6 +1202,16 @@ def _take(iterator: Any, count: int) -> Any:
         if index >= count:
             return
         yield item
+
+
+def _image_query(query: Query) -> Query:
+    """The IMAGE-level query of a C-GET/C-MOVE identifier: its unique keys only."""
+    return Query(
+        level="IMAGE",
+        model=query.model,
+        conditions=tuple(c for c in query.conditions if c.keyword in _RETRIEVE_KEYS),
+        return_keys=(),
+    )
 
 
 def _location(row: Attributes) -> InstanceLocation:

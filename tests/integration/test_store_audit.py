@@ -127,3 +127,38 @@ def test_a_dropped_connection_is_audited(node: NodeProcess, root: Path) -> None:
     sockets[0].shutdown(socket.SHUT_RDWR)  # No A-RELEASE, no A-ABORT: the TCP connection just ends.
     assert wait_until(lambda: _one_per_study(node, "AUDDROP", studies), 15), _store_transfers(node, "AUDDROP")
     assoc.abort()
+
+
+def _queries(node: NodeProcess, calling: str) -> list[dict[str, Any]]:
+    path = node.data_dir / "audit.jsonl"
+    if not path.exists():
+        return []
+    messages = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [m for m in messages if m["EventIdentification"]["EventID"]["originalText"] == "Query"
+            and any(p.get("UserID") == calling for p in m["ActiveParticipant"])]
+
+
+def test_a_c_find_is_audited_with_its_match_count(node: NodeProcess, root: Path) -> None:
+    """The node's C-FIND handler sends its rows itself (not yielded to pynetdicom): the
+    audit trail's query message still counts them (it said "0 matches" for every query)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    studies = _studies(root, "queried", seed=73)
+    paths = [p for group in studies.values() for p in group]
+    assoc = _associate(node.dicom_port, "AUDFINDS", paths)
+    _send(assoc, paths)
+    assoc.release()
+    ae = clients.scu_ae("AUDFIND")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="PACSNODE")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = dcmread(paths[0], stop_before_pixels=True).PatientID
+    query.StudyInstanceUID = ""
+    statuses = [int(status.Status) for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+    assoc.release()
+    assert statuses == [0xFF00, 0xFF00, 0x0000]
+    assert wait_until(lambda: len(_queries(node, "AUDFIND")) == 1, 10), _queries(node, "AUDFIND")
+    assert _queries(node, "AUDFIND")[0]["EventIdentification"]["EventOutcomeDescription"] == "2 matches"

@@ -1081,9 +1081,9 @@ def test_a_moves_pending_responses_after_the_first_go_out_once_the_next_request_
         destination.shutdown()
 
 
-def test_a_finds_pending_responses_after_the_first_are_written_together() -> None:
-    """issue 10: a C-FIND's Pending responses after its first are held back and written
-    FIND_ROWS_PER_WRITE at a time (one send each), the rest before the final response;
+def test_a_finds_pending_responses_are_written_together() -> None:
+    """issue 10: a C-FIND's Pending responses (its first too) are held back and written
+    FIND_ROWS_PER_WRITE at a time (one send each), the rest with the final response;
     a ~200-row answer was one write per row. The requestor gets every row, in order, and
     the final Success."""
     from pydicom.dataset import Dataset
@@ -1119,9 +1119,9 @@ def test_a_finds_pending_responses_after_the_first_are_written_together() -> Non
                    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
         assoc.release()
         assert answers == [(0xFF00, f"P{index:03d}") for index in range(rows)] + [(0x0000, None)]
-        # The first row alone, two full groups, the last 8 with the final response: 4 writes
-        # by the association's thread, not one per row.
-        assert accepted[0].dul.encoded_sent_direct == 4
+        # Two full groups, the last 8 with the final response: 3 writes by the association's
+        # thread, not one per row (4 when the first row went out alone).
+        assert accepted[0].dul.encoded_sent_direct == 3
     finally:
         server_ae.shutdown()
 
@@ -1170,7 +1170,61 @@ def test_a_find_handler_sends_its_rows_itself_and_pynetdicom_only_the_final() ->
         assoc.release()
         assert sent == [True] * rows
         assert answers == [(0xFF00, f"P{index:03d}") for index in range(rows)] + [(0x0000, None)]
-        assert accepted[0].dul.encoded_sent_direct == 4
+        assert accepted[0].dul.encoded_sent_direct == 3
+    finally:
+        server_ae.shutdown()
+
+
+def test_a_find_s_held_rows_go_out_before_the_handler_waits_for_more() -> None:
+    """issue 10: every Pending response is held back now, the first too; a handler that is
+    about to wait for more rows (node/dicom.py stop_or_wait, before the archive's wait)
+    flushes what is held (raw_send.flush_deferred_responses), so the requestor has the
+    rows so far while the node waits: here the handler waits until the requestor has
+    seen its first row."""
+    import threading
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from pacsnode.node import raw_send
+    from pacsnode.sim.process import free_port
+
+    first_seen = threading.Event()
+    waited: list[bool] = []
+
+    def on_find(event: Any) -> Any:
+        for index in range(2):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.PatientID = f"P{index}"
+            event.assoc.dimse.send_find_row(int(event.context.context_id), int(event.request.MessageID),
+                                            str(event.request.AffectedSOPClassUID), encode(identifier, False, True))
+            if index == 0:
+                raw_send.flush_deferred_responses()
+                waited.append(first_seen.wait(10))
+        yield from ()
+
+    server_ae = acceptor.NodeAE(ae_title="FIND")
+    server_ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind, [ExplicitVRLittleEndian])
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [(evt.EVT_C_FIND, on_find)])
+    try:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="FIND")
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = "*"
+        answers = []
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            answers.append((int(status.Status), identifier.PatientID if identifier is not None else None))
+            first_seen.set()
+        assoc.release()
+        assert waited == [True]
+        assert answers == [(0xFF00, "P0"), (0xFF00, "P1"), (0x0000, None)]
     finally:
         server_ae.shutdown()
 
@@ -1212,10 +1266,11 @@ def test_a_find_s_final_response_is_written_by_the_associations_thread() -> None
                    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
         assoc.release()
         assert answers == [(0xFF00, "P0"), (0xFF00, "P1"), (0xFF00, "P2"), (0x0000, None)]
-        # The first Pending response at once (a command PDU and an Identifier PDU), the other
-        # two held and written with the final response (one PDU): two writes by the
-        # association's thread, 7 PDUs (6 when the final response went pynetdicom's way).
-        assert (accepted[0].dul.encoded_sent_direct, accepted[0].dul.encoded_pdus_direct) == (2, 7)
+        # The three Pending responses (a command PDU and an Identifier PDU each) held and
+        # written with the final response (one PDU): one write by the association's thread,
+        # 7 PDUs (two writes when the first row went out alone; 6 PDUs when the final
+        # response went pynetdicom's way).
+        assert (accepted[0].dul.encoded_sent_direct, accepted[0].dul.encoded_pdus_direct) == (1, 7)
     finally:
         server_ae.shutdown()
 

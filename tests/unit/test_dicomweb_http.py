@@ -1138,6 +1138,9 @@ class _OtherOwners:
     async def locate(self, query: Query) -> RetrievePlan:
         return self._archive.locate(query)
 
+    def locate_here(self, query: Query, instances_max: int) -> RetrievePlan | None:
+        return None  # Plans come from locate(), on the loop.
+
     async def read(self, location: InstanceLocation) -> tuple[bytes, int]:
         from tests.unit.conftest import dataset_offset
 

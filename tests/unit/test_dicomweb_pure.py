@@ -14,6 +14,7 @@ from pacsnode.node.dicomweb_json import attribute, dataset_to_json, number, pers
 from pacsnode.node.dicomweb_media import (
     MediaError,
     MultipartReader,
+    OversizedPart,
     choose_syntax,
     closing_delimiter,
     dicom_syntaxes,
@@ -193,14 +194,16 @@ def test_multipart_reader_in_any_chunk_size(chunk: int) -> None:
     assert all(p.content_type == "application/dicom" for p in got)
 
 
-def test_multipart_reader_refuses_truncated_and_oversized_bodies() -> None:
+def test_multipart_reader_refuses_truncated_bodies_and_reads_past_oversized_parts() -> None:
     body = _multipart([b"x" * 100], "b")
     reader = MultipartReader("b", part_bytes_max=1000)
     reader.feed(body[:-10])
     with pytest.raises(MediaError):
         reader.close()
-    with pytest.raises(MediaError):
-        MultipartReader("b", part_bytes_max=10).feed(body[:-10])
+    small = MultipartReader("b", part_bytes_max=10)
+    [oversized] = small.feed(body)  # Read on to its end, its bytes not kept (tests/unit/test_dicomweb_stow_limit.py).
+    assert isinstance(oversized, OversizedPart) and oversized.size_bytes == 100
+    small.close()
     assert multipart_boundary('multipart/related; type="application/dicom"; boundary="a b"') == ("application/dicom",
                                                                                                  "a b")
     with pytest.raises(MediaError):
