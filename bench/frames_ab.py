@@ -12,6 +12,10 @@ per request the server's CPU (the sum over its threads of /proc/PID/task/TID/sch
 bench/dicomweb.py's `thread_cpu_ns`), the wall time, and the growth of its peak RSS
 (VmHWM after clear_refs 5, against VmRSS before). Prints the medians per tree and
 request, the median of per-round CPU ratios new/base, and the load average. A shared machine: read CPU, not wall time.
+
+With `--correct`, the study is corrected on each node after the store (`pacsnode modify
+--set PatientName=... --set StudyID=...`, applied on read: node/correct.py), so that the
+requests are those of a corrected study's instance.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,12 +86,23 @@ def measure(server: servers.Server, url: str, accept: str | None) -> dict[str, f
             "peak_growth_mb": (_status_kib(pid, "VmHWM") - rss_kib) / 1024, "bytes": received}
 
 
+def correct(python: str, server: servers.Server, study_uid: str) -> None:
+    """`pacsnode modify` of the study through the node's peer port (its own tree's CLI)."""
+    peer_port = server.command[server.command.index("--peer-port") + 1]
+    done = subprocess.run([python, "-m", "pacsnode.cli.main", "modify", "--node", f"{server.host}:{peer_port}",
+                           "--study", study_uid, "--set", "PatientName=Corrected^Name", "--set", "StudyID=CORR1"],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise SystemExit(done.stdout + done.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-python", required=True)
     parser.add_argument("--new-python", default=str(HERE.parent / ".venv" / "bin" / "python"))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--work", type=Path, default=HERE / "work")
+    parser.add_argument("--correct", action="store_true", help="correct the study on each node after the store")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix="frames-ab-", dir=args.work))
@@ -102,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             result, acked = clients.storescu(systems[name].port, [str(path)])
             if len(acked) != 1:
                 raise SystemExit(result.stdout + result.stderr)
+            if args.correct:
+                correct(pythons[name], systems[name], str(dataset.StudyInstanceUID))
         dw.wait_idle(list(systems.values()), timeout_s=60)
         base_path = (f"/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
                      f"/instances/{dataset.SOPInstanceUID}")
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     url = dw.root_url(systems[name]) + base_path + suffix
                     results[name][request].append(measure(systems[name], url, accept))
             loads.append(dw.load_average())
-        summary: dict[str, object] = {"started_first": first[0], "rounds": args.rounds,
+        summary: dict[str, object] = {"started_first": first[0], "rounds": args.rounds, "corrected": args.correct,
                                       "load": [round(min(loads), 1), round(max(loads), 1)]}
         for request in REQUESTS:
             summary[request] = {

@@ -68,7 +68,13 @@ class HandoffServer(acceptor.AcceptorServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ended_lock = threading.Lock()  # Association threads report their ends.
-        self._slot_given = False  # The last handed connection's (this server's thread only).
+        # Each handed connection not yet reported ended -> whether it came with a slot. Its
+        # end is reported once: pynetdicom can end one twice over, by EVT_CONN_CLOSE and
+        # again by shutdown_request (a connection closed before its A-ASSOCIATE-RQ: AA-5's
+        # event, then the reactor's shutdown of the socket AA-5 left set), and each extra
+        # ENDED_WITH_SLOT gave back a slot another association of this worker held
+        # (max_associations let one more in: tests/unit/test_handoff_server.py).
+        self._handed: dict[socket.socket, bool] = {}
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -85,37 +91,50 @@ class HandoffServer(acceptor.AcceptorServer):
         if not message:
             log.warning("dicom.worker.node_gone pid=%d", os.getpid())
             os._exit(0)  # The node closed the channel (as _watch_control).
-        # Whether the node took a max_associations slot for it: read by on_open (EVT_CONN_OPEN,
-        # which socketserver's handler triggers on this thread, next) for its association.
-        self._slot_given = message == SLOT_GIVEN
         if not fds:
             raise OSError("a hand-off message without its socket")
         conn = socket.socket(fileno=fds[0])
         for extra in fds[1:]:
             os.close(extra)
+        with self._ended_lock:
+            # Whether the node took a max_associations slot for it: read by on_open
+            # (EVT_CONN_OPEN, which socketserver's handler triggers on this thread, next).
+            self._handed[conn] = message == SLOT_GIVEN
         try:
             return conn, conn.getpeername()
         except OSError:
-            self._report_end(self._slot_given)  # Gone already (reset while it was handed over).
+            self._report_end(conn)  # Gone already (reset while it was handed over).
             conn.close()
             raise
 
     def on_open(self, event: Any) -> None:
-        event.assoc.handoff_slot = self._slot_given
+        request = event.assoc.dul.socket.socket
+        with self._ended_lock:
+            event.assoc.handoff_slot = self._handed.get(request, False)
+        event.assoc.handoff_request = request
 
     def shutdown_request(self, request: Any) -> None:
-        # socketserver calls this for a request refused or failed before its association ran
-        # (an association that ran reports its end by EVT_CONN_CLOSE instead).
+        # socketserver calls this for a request refused or failed before its association
+        # ran; pynetdicom's reactor for one that ended with its socket still open.
         super().shutdown_request(request)
-        self._report_end(self._slot_given)
+        self._report_end(request)
 
     def connection_ended(self, event: Any) -> None:
         """EVT_CONN_CLOSE of a handed connection: its end, and its slot, back to the node."""
-        self._report_end(getattr(event.assoc, "handoff_slot", False) is True)
+        self._report_end(getattr(event.assoc, "handoff_request", None))
 
-    def _report_end(self, slot: bool) -> None:
+    def handed_open(self) -> int:
+        """How many handed connections have not been reported ended."""
+        with self._ended_lock:
+            return len(self._handed)
+
+    def _report_end(self, request: Any) -> None:
+        """One byte back to the node for a handed connection's end, the first time only."""
         try:
             with self._ended_lock:
+                slot = self._handed.pop(request, None)
+                if slot is None:
+                    return  # Reported already (or not one of ours).
                 self.handoff.send(ENDED_WITH_SLOT if slot else ENDED)
         except OSError:
             pass  # The node is gone: the worker exits (_watch_control).

@@ -51,6 +51,14 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_VIEWER_DIR = Path(__file__).resolve().parent / "ohif"  # Laid out by `make viewer` (not in git).
 # Headers a browser client may read (CORS): DICOMweb's warnings, multipart types, paging.
 EXPOSED_HEADERS = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
+# Methods a page of another origin may use (CORS preflight): what viewers need (QIDO, WADO,
+# STOW). DELETE is routed (a study, series or instance: DicomWeb.delete) and left out on
+# purpose: with `Access-Control-Allow-Origin: *`, any web page a user opens could list the
+# studies (GET) and delete them on a node that trusts its loopback callers
+# (`loopback_trusted`) or, without TLS, anyone. Deletes are for non-browser clients (curl,
+# scripts, `pacsnode` tools), which CORS does not restrict, and same-origin pages.
+CORS_METHODS = ("GET", "POST", "OPTIONS")
+NOT_CROSS_ORIGIN_METHODS = frozenset({"DELETE"})  # Routed, refused to other origins' preflights.
 
 _ID_AFTER = re.compile(r"/(studies|series|instances|frames|bulkdata)/[^/]+")
 
@@ -171,7 +179,7 @@ class HttpServer:
             routes.append(Mount("/ui", app=StaticFiles(directory=WEB_DIR, html=True), name="ui"))
         middleware = [
             Middleware(_Timing, metrics=self._metrics),
-            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
+            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=list(CORS_METHODS),
                        allow_headers=["*"], expose_headers=EXPOSED_HEADERS, max_age=600),
             Middleware(HttpGuard, access=self._access, audit=self.audit),  # Refusals are counted and CORS-readable.
         ]

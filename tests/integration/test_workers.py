@@ -20,6 +20,7 @@ import time
 import urllib.request
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -321,16 +322,26 @@ def test_max_associations_shared_between_workers(node_factory, tmp_path: Path) -
     # it in whenever the first three were split 2 + 1), and a slot given back is taken again.
     node = _start(node_factory, ["--max-associations", "3"])
 
-    def associate() -> object:
+    def associate() -> Any:
         ae = scu_ae()
         ae.add_requested_context("1.2.840.10008.1.1")
         return ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
 
-    held = []
+    held: list[Any] = []
+
+    def three_held() -> bool:
+        # The harness's port probes (NodeProcess.start) are handed to the workers too, each
+        # with a slot given back when the worker has seen it close: at load that can come
+        # after the first associations, which are then refused busy. Until all three are in.
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        held.clear()
+        held.extend(associate() for _ in range(3))
+        return all(assoc.is_established for assoc in held)
+
     try:
-        for _ in range(3):
-            held.append(associate())
-        assert all(assoc.is_established for assoc in held)
+        assert wait_until(three_held, 10, 0.2)
         extra = associate()
         assert extra.is_rejected
         assert "dicom.association.rejected" in node.log_text() and "reason=busy" in node.log_text()
@@ -431,7 +442,7 @@ def test_connections_are_spread_evenly_over_the_workers(node_factory) -> None:
     node = _start(node_factory)
     pids = _worker_pids(node)
 
-    def associate() -> object:
+    def associate() -> Any:
         ae = scu_ae()
         ae.add_requested_context("1.2.840.10008.1.1")
         return ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")

@@ -19,11 +19,12 @@ import pytest
 from pacsnode.node import codec
 from pacsnode.node.archive_channel import ChannelArchive, ChannelServer
 from pacsnode.node.blob_files import CHUNK_BYTES, MARK_BYTES, BlobFiles, BlobPointer, Part10Stream
-from pacsnode.node.runtime import CompressedCopy, own_compressed_reader
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
-from pacsnode.replication.archive import InstanceLocation, WriteResult, WriteStatus
+from pacsnode.replication.archive import WriteStatus
 from pacsnode.replication.model import CorruptBlob, Instance
 from pacsnode.sim.datagen import StudySetSpec, iter_part10
+
+from .test_channel_blob_files import StoreArchive, _location
 
 # 16-bit noise does not compress: the blob file is ~8.4 MB, its zstd blocks kept raw (a
 # changed byte inside one is not seen by zstd's block decoding).
@@ -31,26 +32,12 @@ NOISE = StudySetSpec(patients=1, series_per_study=1, instances_per_series=1, row
                      pixel_fill="random")
 
 
-class _StoreArchive:
-    """The node's side, for one node alone: STORE into the real store, READ of an own copy."""
-
-    def __init__(self, rocks: RocksStore) -> None:
-        self.rocks = rocks
-        self._compressed = own_compressed_reader(rocks)
-
-    def store(self, instance: Instance) -> WriteResult:
-        return WriteResult(WriteStatus.SUCCESS, outcome=self.rocks.put_stored(codec.to_stored(instance)))
-
-    def open_compressed(self, location: InstanceLocation) -> CompressedCopy | None:
-        return self._compressed(location)
-
-
 @pytest.fixture
 def stored(tmp_path: Path, make_instance: Callable[[bytes], Instance]
            ) -> Iterator[tuple[ChannelArchive, RocksStore, Instance, BlobPointer]]:
     store = RocksStore(tmp_path / "store", disk_free_bytes_min=0)
     directory = tempfile.mkdtemp(prefix="pacsnode-ch-test-")
-    server = ChannelServer(os.path.join(directory, "archive.sock"), _StoreArchive(store), store.blob_files)
+    server = ChannelServer(os.path.join(directory, "archive.sock"), StoreArchive(store), store.blob_files)
     server.start()
     # whole_read_bytes_max=0: every blob file is streamed, as one over 2 MiB is.
     worker_files = BlobFiles(store.blob_files.directory)  # As a worker process has them.
@@ -71,11 +58,6 @@ def stored(tmp_path: Path, make_instance: Callable[[bytes], Instance]
         server.close()
         store.close()
         os.rmdir(directory)
-
-
-def _location(instance: Instance) -> InstanceLocation:
-    return InstanceLocation(instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid,
-                            instance.sop_class_uid, instance.transfer_syntax_uid)
 
 
 def _handed_out_before_the_error(worker: ChannelArchive, instance: Instance) -> int:

@@ -20,13 +20,12 @@ import httpx
 import numpy as np
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from pacsnode.node import frame_stream
 from pacsnode.node.correct import corrected
-from pacsnode.node.dicomweb_media import MultipartReader, multipart_boundary
 from pacsnode.node.dicomweb_render import frames as whole_read_frames
 from pacsnode.node.dicomweb_render import render
 from pacsnode.node.http_server import HttpServer
@@ -37,6 +36,8 @@ from pacsnode.replication.archive import Archive, InstanceLocation, RetrievePlan
 from pacsnode.replication.correction import Correction
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Query
+
+from .test_dicomweb_frames_stream import _part10, _parts
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 JPEG_2000 = "1.2.840.10008.1.2.4.90"
@@ -81,25 +82,6 @@ def _dataset(frames: int, study: str, series: str, *, bits: int) -> Dataset:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.NumberOfFrames = frames
     return ds
-
-
-def _part10(ds: Dataset, syntax: str) -> bytes:
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
-def _parts(reply: httpx.Response) -> list[bytes]:
-    assert reply.status_code == 200, reply.text
-    _type, boundary = multipart_boundary(reply.headers["content-type"])
-    reader = MultipartReader(boundary, part_bytes_max=100_000_000)
-    parts = reader.feed(reply.content)
-    reader.close()
-    return [part.body for part in parts]  # type: ignore[union-attr]
 
 
 def test_frames_of_a_corrected_study_are_read_from_the_file_and_equal_the_corrected_whole_read(
