@@ -86,26 +86,12 @@ class RawFindClient:
     def __init__(self, aec: str, port: int, host: str = scu.HOST, aet: str = scu.BENCH_AET) -> None:
         self._socket = socket.create_connection((host, port), timeout=60)
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buffer = bytearray()
+        self._reader = scu.PduReader(self._socket)
         self._socket.sendall(associate_rq(aet, aec))
-        pdu_type, body = self._read_pdu()
+        pdu_type, body = self._reader.pdu()
         if pdu_type != 0x02:
             raise ConnectionError(f"association not accepted (PDU type {pdu_type:#04x})")
         self._message_id = 0
-
-    def _read_exactly(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            chunk = self._socket.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("the node closed the connection")
-            self._buffer += chunk
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def _read_pdu(self) -> tuple[int, bytes]:
-        pdu_type, _reserved, length = struct.unpack(">BBI", self._read_exactly(6))
-        return pdu_type, self._read_exactly(length)
 
     def find(self, identifier: bytes | Dataset) -> tuple[int, int]:
         """(final status, Pending responses) of one C-FIND."""
@@ -118,7 +104,7 @@ class RawFindClient:
         pending = 0
         command = bytearray()
         while True:
-            pdu_type, body = self._read_pdu()
+            pdu_type, body = self._reader.pdu()
             if pdu_type != 0x04:
                 raise ConnectionError(f"unexpected PDU type {pdu_type:#04x}")
             offset = 0
@@ -142,7 +128,7 @@ class RawFindClient:
     def release(self) -> None:
         try:
             self._socket.sendall(struct.pack(">BBI", 0x05, 0, 4) + bytes(4))
-            self._read_pdu()
+            self._reader.pdu()
         finally:
             self._socket.close()
 

@@ -113,30 +113,6 @@ def captured_pdus(server: servers.Server, study_uid: str, sop_classes: list[str]
     return [sent[0], *request[:2]]
 
 
-class PduReader:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def _fill(self, count: int) -> None:
-        while len(self._buffer) < count:
-            chunk = self._sock.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            self._buffer += chunk
-
-    def first_byte(self) -> None:
-        self._fill(1)
-
-    def pdu(self) -> tuple[int, bytes]:
-        self._fill(6)
-        length = int.from_bytes(self._buffer[2:6], "big")
-        self._fill(6 + length)
-        pdu_type, body = self._buffer[0], bytes(self._buffer[6:6 + length])
-        del self._buffer[:6 + length]
-        return pdu_type, body
-
-
 def pdvs(body: bytes) -> list[tuple[int, int, bytes]]:
     """(context id, message control header, fragment) of each PDV of a P-DATA-TF body."""
     items, offset = [], 0
@@ -175,7 +151,7 @@ def retrieve_round(port: int, pdus: list[bytes], *, get: bool, times: dict[str, 
     counted = 0
     with socket.create_connection((servers.HOST, port), timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = PduReader(sock)
+        reader = scu.PduReader(sock)
         mark = clock()
         times["connect"].append(mark - started)
         sock.sendall(pdus[0])

@@ -520,3 +520,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class PduReader:
+    """Whole PDUs read off a plain socket (the raw-socket clients of bench/find_raw.py and
+    bench/first_instance.py)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def _fill(self, count: int) -> None:
+        while len(self._buffer) < count:
+            chunk = self._sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self._buffer += chunk
+
+    def first_byte(self) -> None:
+        self._fill(1)
+
+    def pdu(self) -> tuple[int, bytes]:
+        self._fill(6)
+        length = int.from_bytes(self._buffer[2:6], "big")
+        self._fill(6 + length)
+        pdu_type, body = self._buffer[0], bytes(self._buffer[6:6 + length])
+        del self._buffer[:6 + length]
+        return pdu_type, body
