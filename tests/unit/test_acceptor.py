@@ -1502,3 +1502,55 @@ def test_a_store_requests_command_set_is_read_here_and_a_spooled_data_set_gets_i
         assert stored[0][3] == stored[1][3] and len(stored[0][3]) > len(ds.PixelData)
     finally:
         server_ae.shutdown()
+
+
+def test_pdata_pdus_go_to_dimse_directly_only_while_nothing_watches_pdus() -> None:
+    """issue 10 (stop 33): a C-STORE's P-DATA-TF PDUs (command, and a data set cut into many
+    PDUs by a small maximum PDU length) go from the DUL to DIMSE as P-DATA primitives
+    directly (AcceptorDUL._deliver_pdata: no PDU objects, event queue or state machine), and
+    the handler gets the same request and data set as pynetdicom's way, which every PDU
+    takes while a handler is bound to EVT_PDU_RECV (the handler sees them)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    accepted: list[Any] = []
+    seen_pdus: list[str] = []
+    stored: list[tuple[int, str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        request = event.request
+        stored.append((int(request.MessageID), str(request.AffectedSOPInstanceUID), bytes(request.DataSet.getvalue())))
+        return 0x0000
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(CTImageStorage)
+    server_ae.maximum_pdu_size = 4096  # CT_small's data set: ten PDUs.
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_STORE, on_store),
+                                    (evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+
+    def store(message_id: int) -> int:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(CTImageStorage, "1.2.840.10008.1.2")
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds, msg_id=message_id + index).Status) for index in range(2)]
+        assoc.release()
+        return max(statuses)
+
+    try:
+        assert store(1) == 0x0000
+        pdus = 2 * (1 + -(-len(stored[0][2]) // (4096 - 6)))  # Per C-STORE: the command, the data set's PDUs.
+        assert accepted[0].dul.pdata_direct == pdus
+        server.bind(evt.EVT_PDU_RECV, lambda event: seen_pdus.append(type(event.pdu).__name__))
+        assert store(3) == 0x0000
+        assert accepted[1].dul.pdata_direct == 0 and seen_pdus.count("P_DATA_TF") == pdus
+        assert [entry[:2] for entry in stored] == [(index, str(ds.SOPInstanceUID)) for index in (1, 2, 3, 4)]
+        assert len({entry[2] for entry in stored}) == 1 and len(stored[0][2]) > len(ds.PixelData)
+    finally:
+        server_ae.shutdown()
