@@ -6,8 +6,8 @@ instance (from /proc) and the rate, storescu x4 into one process (the default co
 
 Each `--python` is a tree's venv Python (its node runs `python -m pacsnode.cli.main start`
 from that tree). Both nodes are up at once; each round sends --files files (16x16 CT,
-one-instance studies: bench/ingest_scale.py's set of 20 000, distinct files every round and
-every node) by --procs storescu processes to each node in turn, so that both see the same
+one-instance studies: bench/ingest_scale.py's set of 20 000; or with --set ct512 bench/run.py's
+2 000 CT 512x512 slices; distinct files every round and every node) by --procs storescu processes to each node in turn, so that both see the same
 machine load. Per round and node it prints inst/s, the node process's CPU (utime + stime of
 /proc/PID/stat, children not counted: dicom_workers 0) per instance, and the load average.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import servers  # noqa: E402
 import workloads  # noqa: E402
-from run import prepare_dataset  # noqa: E402
+from run import FULL, dataset_specs, prepare_dataset  # noqa: E402
 
 from pacsnode.sim import datagen  # noqa: E402
 from pacsnode.sim.process import free_port  # noqa: E402
@@ -65,13 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=2000, help="files per round and node")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--set", choices=("qido20000", "ct512"), default="qido20000",
+                        help="one-instance 16x16 studies (bench/ingest_scale.py's), or bench/run.py's CT 512x512 set")
     parser.add_argument("--node-arg", action="append", default=[], help="extra argument of `pacsnode start`")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    spec = datagen.StudySetSpec(patients=20_000 // 4, studies_per_patient=4, rows=16, cols=16,
-                                latin1_fraction=0.1, seed=203)
-    root, manifest = prepare_dataset("dw-qido20000", spec, HERE / "work" / "data")
+    if args.set == "ct512":  # bench/run.py's CT set at its full scale: 2 000 CT 512x512 slices, 20 studies.
+        root, manifest = prepare_dataset("ct512", dataset_specs(FULL)["ct512"], HERE / "work" / "data")
+    else:
+        spec = datagen.StudySetSpec(patients=20_000 // 4, studies_per_patient=4, rows=16, cols=16,
+                                    latin1_fraction=0.1, seed=203)
+        root, manifest = prepare_dataset("dw-qido20000", spec, HERE / "work" / "data")
     needed = args.files * args.rounds * len(args.python)
     if needed > len(manifest):
         raise SystemExit(f"{needed} files needed, the set has {len(manifest)}")

@@ -1520,6 +1520,22 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             hook.request_received(self.assoc, pdata.C_STORE_RQ_FIELD, fields.message_id)
         return request
 
+    def _continue_store_request(self, primitive: Any) -> bool:
+        """Data-set fragments, none the last, of a C-STORE-RQ that _start_store_request
+        started: written to its data set (a spool.SpoolBuffer) as decode_msg writes them,
+        without its loop and without copying each fragment once more (a 512x512 CT slice
+        comes in ~32 such PDUs from a 16 KB peer). False: nothing done, decode_msg's way."""
+        started = self._store_command
+        if started is None or started[0] is not self.message:
+            return False
+        pdvs = getattr(primitive, "presentation_data_value_list", None)
+        if not pdvs or any(len(data) < 1 or data[0] & 0x03 for _context_id, data in pdvs):
+            return False
+        data_set = started[0].data_set
+        for _context_id, data in pdvs:
+            data_set.write(memoryview(data)[1:])
+        return True
+
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:
             response = self._store_response(primitive) or self._echo_request(primitive)
@@ -1538,7 +1554,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         try:
             if isinstance(self.message, C_STORE_RQ) and _ends_data_set(primitive):
                 self._complete_store_request(primitive)
-            else:
+            elif not self._continue_store_request(primitive):
                 super().receive_primitive(primitive)
         except Exception as error:
             self.message = None

@@ -1509,7 +1509,9 @@ def test_pdata_pdus_go_to_dimse_directly_only_while_nothing_watches_pdus() -> No
     PDUs by a small maximum PDU length) go from the DUL to DIMSE as P-DATA primitives
     directly (AcceptorDUL._deliver_pdata: no PDU objects, event queue or state machine), and
     the handler gets the same request and data set as pynetdicom's way, which every PDU
-    takes while a handler is bound to EVT_PDU_RECV (the handler sees them)."""
+    takes while a handler is bound to EVT_PDU_RECV (the handler sees them); the fragments
+    written to the data set directly (_continue_store_request) are the ones pynetdicom's
+    decode_msg writes once something watches EVT_DIMSE_RECV."""
     from pydicom import dcmread
     from pydicom.data import get_testdata_file
     from pynetdicom import AE, evt
@@ -1550,7 +1552,11 @@ def test_pdata_pdus_go_to_dimse_directly_only_while_nothing_watches_pdus() -> No
         server.bind(evt.EVT_PDU_RECV, lambda event: seen_pdus.append(type(event.pdu).__name__))
         assert store(3) == 0x0000
         assert accepted[1].dul.pdata_direct == 0 and seen_pdus.count("P_DATA_TF") == pdus
-        assert [entry[:2] for entry in stored] == [(index, str(ds.SOPInstanceUID)) for index in (1, 2, 3, 4)]
+        # And with a handler on EVT_DIMSE_RECV, pynetdicom's decode_msg receives every fragment
+        # (AcceptorDIMSE._start_store_request and _continue_store_request stand aside).
+        server.bind(evt.EVT_DIMSE_RECV, lambda event: None)
+        assert store(5) == 0x0000
+        assert [entry[:2] for entry in stored] == [(index, str(ds.SOPInstanceUID)) for index in range(1, 7)]
         assert len({entry[2] for entry in stored}) == 1 and len(stored[0][2]) > len(ds.PixelData)
     finally:
         server_ae.shutdown()
