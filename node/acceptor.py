@@ -1532,6 +1532,8 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         if not pdvs or any(len(data) < 1 or data[0] & 0x03 for _context_id, data in pdvs):
             return False
         data_set = started[0].data_set
+        if data_set is None:
+            return False
         for _context_id, data in pdvs:
             data_set.write(memoryview(data)[1:])
         return True
