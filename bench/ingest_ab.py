@@ -1,5 +1,6 @@
 """C-STORE ingest of one-instance studies into two pacsnode trees, in turn: the node's CPU per
-instance (from /proc) and the rate, storescu x4 into one process (the default configuration).
+instance (from /proc) and the rate, storescu x4 into one process (the default configuration;
+--client pynetdicom: bench/scu.py's pynetdicom senders instead).
 
     .venv/bin/python bench/ingest_ab.py --python /work/old/.venv/bin/python \\
         --python .venv/bin/python [--files 2000] [--rounds 4] [--procs 4]
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--set", choices=("qido20000", "ct512"), default="qido20000",
                         help="one-instance 16x16 studies (bench/ingest_scale.py's), or bench/run.py's CT 512x512 set")
+    parser.add_argument("--client", choices=("storescu", "pynetdicom"), default="storescu",
+                        help="dcmtk's storescu processes, or bench/scu.py store processes (pynetdicom)")
     parser.add_argument("--node-arg", action="append", default=[], help="extra argument of `pacsnode start`")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -96,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 part = manifest[position:position + args.files]
                 position += args.files
                 before = cpu_s(node.process.pid)
-                row = workloads.store_dcmtk(node, part, root / "files", args.procs, test="ab", verify=False,
-                                            log_dir=temp)
+                if args.client == "pynetdicom":
+                    row = workloads.store_pynetdicom(node, part, args.procs, test="ab", verify=False, log_dir=temp)
+                else:
+                    row = workloads.store_dcmtk(node, part, root / "files", args.procs, test="ab", verify=False,
+                                                log_dir=temp)
                 used = cpu_s(node.process.pid) - before
                 if not row.ok:
                     raise RuntimeError(f"{node.name}: {row.notes}")
