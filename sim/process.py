@@ -42,19 +42,39 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _share(low: int, high: int) -> tuple[int, int]:
+    """This process's slice of [low, high) when it is one of pytest-xdist's workers.
+
+    `make test` runs the suite in two worker processes (pytest-xdist); each hands out
+    ports only from its own slice, so a port one worker drew and has not yet bound
+    (a node still starting) is never drawn by the other.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        index = int(worker.removeprefix("gw"))
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    except ValueError:
+        return low, high
+    if not 0 <= index < count or count < 2:
+        return low, high
+    size = (high - low) // count
+    return low + index * size, low + (index + 1) * size
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now and that this process never handed out before.
 
     Drawn below the kernel's ephemeral range, so no outgoing connection's source port
     (picked from that range) can take it before the server binds it; and never twice in
     one process: binding port 0 twice in a row can return the same number, which once
-    gave one node the same DICOM and HTTP port in CI.
+    gave one node the same DICOM and HTTP port in CI. Under pytest-xdist, from this
+    worker's own slice of that range (`_share`).
     """
-    high = _ephemeral_low()
+    low, high = _share(_LOWEST_PORT, _ephemeral_low())
     with _handed_out_lock:
-        if high - _LOWEST_PORT > 1000:
+        if high - low > 1000:
             for _ in range(200):
-                port = _draw.randrange(_LOWEST_PORT, high)
+                port = _draw.randrange(low, high)
                 if port not in _handed_out and _bindable(port):
                     _handed_out.add(port)
                     return port
