@@ -1833,6 +1833,29 @@ def expect_move_destination(assoc: Any, ae_title: str, address: str, instances: 
 
 
 # ----------------------------------------------------------------------------- server
+class PeerAddress(AddressInformation):
+    """pynetdicom's AddressInformation for an address the kernel gave (a connection's peer
+    address from accept: numeric already): taken as inet_ntop writes it, which is what
+    getaddrinfo gives back for a numeric address, without the getaddrinfo call (two per
+    association with the listening address, each a GIL release on the way to the
+    A-ASSOCIATE-AC; ~35 us of CPU each here). Anything not a plain numeric IPv4/IPv6
+    address (a name, a scoped IPv6 address) is resolved by pynetdicom's setter."""
+
+    @property
+    def address(self) -> str:
+        return self._addr
+
+    @address.setter
+    def address(self, value: str) -> None:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self._addr = socket.inet_ntop(family, socket.inet_pton(family, value))
+                return
+            except (OSError, ValueError, TypeError):
+                continue
+        AddressInformation.address.__set__(self, value)  # type: ignore[attr-defined]
+
+
 class AcceptorRequestHandler(RequestHandler):
     """Creates an AcceptorAssociation for each connection (pynetdicom 3.0.4's
     RequestHandler._create_association with the class changed, and the server's one
@@ -1847,12 +1870,12 @@ class AcceptorRequestHandler(RequestHandler):
         assoc.set_socket(sock)
         # (Maximum length and implementation UID and version: set by AcceptorAssociation.)
         assoc.acceptor.ae_title = self.server.ae_title
-        assoc.acceptor.address_info = self.local
+        assoc.acceptor.address_info = copy(cast(AcceptorServer, self.server).local_info)
         # One table for every association (pynetdicom deep-copies ~130 contexts of ~40
         # transfer syntaxes per association, ~40 ms here): negotiation only reads it and
         # builds new result contexts (presentation.negotiate_as_acceptor).
         assoc.acceptor.supported_contexts = cast(AcceptorServer, self.server).shared_contexts
-        assoc.requestor.address_info = self.remote
+        assoc.requestor.address_info = PeerAddress.from_tuple(self.client_address)
         # The server's handlers, as pynetdicom binds them one `bind` (and AE lock) at a
         # time: an intervention event's replaces the default, a notification event's list
         # is copied (the association starts with none of its own).
@@ -1901,6 +1924,9 @@ class AcceptorServer(ThreadedAssociationServer):
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))
         self.bind(evt.EVT_REQUESTED, association_guard.on_requested)
+        # The listening address as RequestHandler.local gives it, resolved once: each
+        # association gets a copy (AcceptorRequestHandler._create_association).
+        self.local_info = AddressInformation.from_tuple(self.server_address)
         self.bind(evt.EVT_REJECTED, association_guard.on_rejected)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -1997,6 +2023,7 @@ class NodeAE(AE):
         # User Information items by (maximum length, with the version name): NodeServiceUser.
         self._user_info_items: dict[tuple[int, str, str | None], list[Any]] = {}
         self._user_info_lock = threading.Lock()
+        self._bind_addresses: dict[tuple[Any, ...], AddressInformation] = {}  # See _bind_address.
 
     def user_info_items(self, maximum_length: int, version_name: bool) -> list[Any]:
         """The User Information items pynetdicom's ServiceUser holds after its __init__ and
@@ -2028,10 +2055,10 @@ class NodeAE(AE):
         tls_args: Any = None,
         evt_handlers: Any = None,
     ) -> Association:
-        remote_address = AddressInformation.from_addr_port(addr, port)
+        remote_address = PeerAddress.from_addr_port(addr, port)  # A numeric address without getaddrinfo.
         if bind_address is None:
             bind_address = ("::0", 0) if remote_address.address_family == socket.AF_INET6 else ("", 0)
-        local_address = AddressInformation.from_tuple(bind_address)
+        local_address = self._bind_address(tuple(bind_address))
 
         assoc = RequestorAssociation(self, MODE_REQUESTOR)
         # Our side: maximum length, implementation UID and version, as pynetdicom sets them.
@@ -2059,6 +2086,15 @@ class NodeAE(AE):
         if assoc.is_established:
             assoc.start()
         return assoc
+
+    def _bind_address(self, bind_address: tuple[Any, ...]) -> AddressInformation:
+        """AddressInformation.from_tuple(bind_address), resolved once per value (the
+        default ("", 0) is a getaddrinfo call for "any address"): a copy each time."""
+        found = self._bind_addresses.get(bind_address)
+        if found is None:
+            found = self._bind_addresses[bind_address] = AddressInformation.from_tuple(
+                cast("tuple[str, int]", bind_address))
+        return copy(found)
 
     def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> AssociationSocket:
         sock = RequestorSocket(assoc, address=address)

@@ -66,3 +66,22 @@ def test_a_requested_association_states_our_settings() -> None:
     assoc = acceptor.RequestorAssociation(ae, MODE_REQUESTOR)
     user = acceptor._service_user(assoc, MODE_REQUESTOR, 16_384, version_name=True)
     assert _items(user) == _items(_reference(assoc, MODE_REQUESTOR, 16_384, ae.implementation_version_name))
+
+
+def test_a_peer_address_reads_as_pynetdicoms_resolution_gives_it() -> None:
+    """PeerAddress (accepted connections' peers, C-MOVE destinations) takes a numeric address
+    as inet_ntop writes it, which is what getaddrinfo gives back; names and scoped IPv6
+    addresses are still resolved by pynetdicom's setter."""
+    from pynetdicom.transport import AddressInformation
+
+    for address in ("127.0.0.1", "10.0.0.255", "::1", "::ffff:127.0.0.1", "fe80::1", "2001:db8:0:0::1", "localhost"):
+        ours, theirs = acceptor.PeerAddress.from_tuple((address, 104)), AddressInformation.from_tuple((address, 104))
+        assert (ours.address, ours.port, ours.is_ipv4, ours.as_tuple) == \
+            (theirs.address, theirs.port, theirs.is_ipv4, theirs.as_tuple), address
+    assert acceptor.PeerAddress.from_addr_port("127.0.0.1", 11112).as_tuple == ("127.0.0.1", 11112)
+
+
+def test_requested_associations_bind_a_copy_of_the_resolved_any_address() -> None:
+    ae = acceptor.NodeAE(ae_title="PACSNODE")
+    first, second = ae._bind_address(("", 0)), ae._bind_address(("", 0))
+    assert first is not second and first.as_tuple == second.as_tuple == ("0.0.0.0", 0)
