@@ -186,9 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def findscu_latency(aec: str, port: int, queries: Sequence[tuple[str, Dataset]],
                     workdir: Path) -> dict[str, scu.FindResult]:
@@ -228,3 +225,7 @@ def findscu_latency(aec: str, port: int, queries: Sequence[tuple[str, Dataset]],
             result.latencies_ms.append(max(0.0, whole - one) * 1000 / (len(paths) - 1))
         result.statuses["findscu"] = len(paths)
     return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

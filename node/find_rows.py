@@ -107,49 +107,18 @@ def _padded(data: bytes, vr: str) -> bytes:
     return data
 
 
-def _ascii_elements(requested: Iterable[str], row: dict[str, Any], level: str,
-                    ae_title: str) -> dict[int, tuple[str, bytes]] | None:
-    """{tag: (VR, encoded value)} of the identifier for `row` (see ascii_response); None
-    when a keyword is not text or a value not ASCII text."""
-    elements: dict[int, tuple[str, bytes]] = {}
-    for keyword in requested:
-        if keyword == "SpecificCharacterSet":
-            continue
-        spec = _text_tag(keyword)
-        if spec is None:
-            return None
-        tag, vr = spec
-        if keyword == "QueryRetrieveLevel":
-            value: Any = level
-        elif keyword == "RetrieveAETitle":
-            value = ae_title
-        elif keyword == "InstanceAvailability":
-            value = "ONLINE"
-        else:
-            value = row.get(keyword)
-        data = _encoded(value, vr)
-        if data is None:
-            return None
-        elements[tag] = (vr, data)
-    tag, vr = _text_tag("QueryRetrieveLevel")  # type: ignore[misc]  # Always text (CS).
-    data = _encoded(level, vr)
-    if data is None:
-        return None
-    elements[tag] = (vr, data)
-    return elements
-
-
 def ascii_response(requested: Iterable[str], row: dict[str, Any], level: str, ae_title: str,
                    implicit_vr: bool, little_endian: bool) -> Dataset | None:
     """The identifier for `row` with the `requested` keywords (as DicomFrontEnd builds it:
     QueryRetrieveLevel set, SpecificCharacterSet left out, RetrieveAETitle this node's,
-    InstanceAvailability ONLINE, anything unknown empty), or None (see the module)."""
-    elements = _ascii_elements(requested, row, level, ae_title)
-    if elements is None:
+    InstanceAvailability ONLINE, anything unknown empty), or None (see the module). For
+    the associations that cannot take `AsciiIdentifiers`' bytes (big endian, deflated):
+    the same element table and values, as raw elements pydicom writes unchanged."""
+    values = ascii_identifiers(tuple(requested), level, ae_title, implicit_vr).ascii_values(row)
+    if values is None:
         return None
     response = Dataset()
-    for tag in sorted(elements):
-        vr, data = elements[tag]
+    for tag, vr, data in values:
         response[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(data), data, 0, implicit_vr, little_endian)
     response.set_original_encoding(implicit_vr, little_endian, default_encoding)
     return response
@@ -191,9 +160,10 @@ class AsciiIdentifiers:
     encodes the row's own values."""
 
     def __init__(self, requested: Iterable[str], level: str, ae_title: str, implicit_vr: bool) -> None:
-        # Per tag in order: (pre-encoded element, or None) and (keyword, VR, header) for a row value.
+        # Per tag in order: (pre-encoded element, or None for a row value), keyword, VR,
+        # element header, tag, and a supplied value's encoded data (else None).
         self._usable = True
-        self._elements: list[tuple[bytes | None, str, str, bytes]] = []
+        self._elements: list[tuple[bytes | None, str, str, bytes, int, bytes | None]] = []
         self._implicit_vr = implicit_vr
         # (0008,0005) Specific Character Set (CS), before every other element (_charset_first).
         self._charset_header = _TAG.pack(0x0008, 0x0005) if implicit_vr else _TAG_VR.pack(0x0008, 0x0005, b"CS")
@@ -223,9 +193,9 @@ class AsciiIdentifiers:
                 if encoded is None:
                     self._usable = False
                     return
-                self._elements.append((encoded, keyword, vr, header))
+                self._elements.append((encoded, keyword, vr, header, tag, data))
             else:
-                self._elements.append((None, keyword, vr, header))
+                self._elements.append((None, keyword, vr, header, tag, None))
 
     def _element(self, header: bytes, vr: str, data: bytes) -> bytes | None:
         if self._implicit_vr:
@@ -261,9 +231,22 @@ class AsciiIdentifiers:
         """ascii_identifier's identifier for `row`: None when a value is not ASCII text."""
         return self._encode(row, None) if self._usable else None
 
+    def ascii_values(self, row: dict[str, Any]) -> list[tuple[int, str, bytes]] | None:
+        """(tag, VR, encoded value) of each element of `row`'s identifier in tag order (what
+        `encode_ascii` writes, without the headers); None when it would be None."""
+        if not self._usable:
+            return None
+        values: list[tuple[int, str, bytes]] = []
+        for _encoded_element, keyword, vr, _header, tag, supplied in self._elements:
+            data = supplied if supplied is not None else _encoded(row.get(keyword), vr)
+            if data is None:
+                return None
+            values.append((tag, vr, data))
+        return values
+
     def _encode(self, row: dict[str, Any], codec: str | None) -> bytes | None:
         parts: list[bytes] = []
-        for encoded, keyword, vr, header in self._elements:
+        for encoded, keyword, vr, header, _tag, _supplied in self._elements:
             if encoded is None:
                 data = _encoded(row.get(keyword), vr, codec)
                 if data is None:

@@ -46,6 +46,16 @@ def test_a_study_row_encodes_as_the_general_path_does(implicit: bool) -> None:
     assert fast == general
 
 
+def test_a_big_endian_row_encodes_as_the_general_path_does() -> None:
+    """Explicit VR big endian (an association that cannot take the little-endian bytes):
+    ascii_response's raw elements are written as the general path writes the row."""
+    row = {"PatientName": "DOE^JOHN", "PatientID": "12345", "StudyInstanceUID": "1.2.3.4",
+           "ModalitiesInStudy": ["CT", "MR"], "NumberOfStudyRelatedInstances": "12"}
+    fast = find_rows.ascii_response(REQUESTED, row, "STUDY", "PACSNODE", False, False)
+    assert fast is not None
+    assert encode(fast, False, False) == encode(_general("STUDY", REQUESTED, row), False, False)
+
+
 @settings(max_examples=300, deadline=None)
 @given(values=st.dictionaries(st.sampled_from(REQUESTED[2:15]),
                               st.one_of(st.none(), st.just(""), st.text(alphabet="ABC^ 0123456789.-", max_size=9),
