@@ -85,12 +85,13 @@ from pynetdicom._globals import DEFAULT_MAX_LENGTH, MODE_ACCEPTOR, MODE_REQUESTO
 from pynetdicom.association import Association, ServiceUser
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dsutils import decode
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RP
 from pynetdicom.pdu_items import PresentationContextItemRQ, UserInformationItem
 from pynetdicom.fsm import StateMachine
-from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE, P_DATA
 from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricted
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -122,6 +123,7 @@ IDLE_WAKE_S = 0.5
 # Longest wait of AcceptorAssociation.kill between looks at the DUL (it is woken at Sta1).
 _KILL_WAIT_S = 0.01
 _PDU_TYPES = frozenset(range(0x01, 0x08))
+_PDV_LENGTH = struct.Struct(">L")
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 STATUS_MOVE_UNABLE_TO_PERFORM = 0xA702  # Refused: out of resources, unable to perform sub-operations.
@@ -338,6 +340,7 @@ class AcceptorDUL(DULServiceProvider):
         self.daemon = False
         self._kill_thread = False
         self.store_responses_direct = 0  # C-STORE-RSPs delivered by _deliver_store_response.
+        self.pdata_direct = 0  # Other P-DATA-TF PDUs delivered by _deliver_pdata.
         self.direct_actions = 0  # A-ASSOCIATE-ACs and A-RELEASE-RPs sent by the association's thread (_act_direct).
         # Set: this thread, started, waits on it before its loop while the association's
         # thread reads the A-ASSOCIATE-RQ and answers it (AcceptorAssociation.run_reactor).
@@ -713,7 +716,7 @@ class AcceptorDUL(DULServiceProvider):
         if received < length:
             self.event_queue.put("Evt17")
             return
-        if pdu_type == 0x04 and self._deliver_store_response(data):
+        if pdu_type == 0x04 and (self._deliver_store_response(data) or self._deliver_pdata(data)):
             return
         try:
             pdu, event = self._decode_pdu(data)
@@ -751,6 +754,41 @@ class AcceptorDUL(DULServiceProvider):
         if not dimse.deliver_store_response(data[10], memoryview(data)[11:]):
             return False
         self.store_responses_direct += 1
+        return True
+
+    def _deliver_pdata(self, data: bytearray) -> bool:
+        """A P-DATA-TF PDU in Sta6 goes to DIMSE at once, as a P-DATA primitive with its PDV
+        items: what pynetdicom's DT-2 does for it (DIMSE's receive_primitive on this thread,
+        staying in Sta6), without the PDU and item objects, the event and PDU queues (two
+        notifications each way) and the state machine's dispatch -- per PDU, two for each
+        small C-STORE (command, data set): ~3% of a node's GIL time on ingest
+        (bench/README.md, "stop 33, helper P"). Only with nothing queued ahead of it (order
+        is kept) and nothing bound to EVT_DATA_RECV, EVT_PDU_RECV or EVT_FSM_TRANSITION (not
+        triggered for it). False, nothing done: the PDU takes pynetdicom's way (which also
+        decides what to make of items whose lengths do not add up)."""
+        if self.state_machine.current_state != "Sta6" or self.event_queue.qsize() or self._recv_pdu.qsize():
+            return False
+        assoc = self.assoc
+        if assoc.get_handlers(evt.EVT_DATA_RECV) or assoc.get_handlers(evt.EVT_PDU_RECV) \
+                or assoc.get_handlers(evt.EVT_FSM_TRANSITION):
+            return False
+        view = memoryview(data)
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = []  # Filled as P_DATA_TF.to_primitive fills it.
+        items = primitive.presentation_data_value_list
+        position, end = 6, len(data)
+        while position < end:
+            if end - position < 6:
+                return False
+            item_length = _PDV_LENGTH.unpack_from(data, position)[0]
+            if item_length < 2 or position + 4 + item_length > end:
+                return False  # Not a context id and a control header at least, or past the PDU.
+            items.append((data[position + 4], bytes(view[position + 5:position + 4 + item_length])))
+            position += 4 + item_length
+        if not items:
+            return False
+        assoc.dimse.receive_primitive(primitive)
+        self.pdata_direct += 1
         return True
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
@@ -996,6 +1034,9 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         self._move_pending_sent_for: int | None = None
         # The C-FIND whose Pending responses send_find_row encodes, and their encoder.
         self._find_responses: tuple[tuple[int, int, str, int], pdata.FindResponses] | None = None
+        # The C-STORE-RQ message being received whose command set _start_store_request read
+        # (not decoded into message.command_set), and its fields.
+        self._store_command: tuple[DIMSEMessage, pdata.StoreRequest] | None = None
 
     def _new_message(self) -> DIMSEMessage:
         message = DIMSEMessage()
@@ -1014,9 +1055,15 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         context = self.assoc._accepted_cx.get(message.context_id)
         if context is None:
             return None
-        command = message.command_set
-        return codec.part10_prefix(str(command.AffectedSOPClassUID or ""), str(command.AffectedSOPInstanceUID or ""),
-                                   str(context.transfer_syntax[0]), self.assoc.requestor.ae_title)
+        started = self._store_command
+        if started is not None and started[0] is message:
+            sop_class_uid, sop_instance_uid = started[1].sop_class_uid, started[1].sop_instance_uid
+        else:
+            command = message.command_set
+            sop_class_uid = str(command.AffectedSOPClassUID or "")
+            sop_instance_uid = str(command.AffectedSOPInstanceUID or "")
+        return codec.part10_prefix(sop_class_uid, sop_instance_uid, str(context.transfer_syntax[0]),
+                                   self.assoc.requestor.ae_title)
 
     def discard_partial(self) -> None:
         """The association ended in the middle of a message: drop its spooled bytes now."""
@@ -1390,7 +1437,10 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return  # Not the end after all (pynetdicom decides by the same control byte).
         context_id = cast(int, message.context_id)
         request: Any = self._store_request(message)
+        started, self._store_command = self._store_command, None
         if request is None:
+            if started is not None and started[0] is message:  # Read by _start_store_request: decode it now.
+                message.command_set = decode(message.encoded_command_set, True, True)
             evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
             try:
                 request = message.message_to_primitive()
@@ -1405,13 +1455,51 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         message._data_set_path = None
         self.message = None
 
-    def _store_request(self, message: C_STORE_RQ) -> C_STORE | None:
+    def _request_hook_only(self) -> bool:
+        """Nothing is bound to EVT_DIMSE_RECV but the AE's StoreResponseHook's `received`
+        with its direct form `request_received` (told instead of the event)."""
         handlers = cast("list[tuple[Callable[[Any], None], Any]]", self.assoc.get_handlers(evt.EVT_DIMSE_RECV))
+        if not handlers:
+            return True
         hook: StoreResponseHook | None = getattr(self.assoc.ae, "store_response_hook", None)
-        if handlers and (hook is None or hook.request_received is None
-                         or any(handler != hook.received for handler, _ in handlers)):
+        return hook is not None and hook.request_received is not None \
+            and all(handler == hook.received for handler, _ in handlers)
+
+    def _start_store_request(self, primitive: Any) -> bool:
+        """A P-DATA that is a whole C-STORE-RQ command set (one command fragment, marked last;
+        node/pdata.py parse_store_request): the message started as pynetdicom's decode_msg
+        starts it (C_STORE_RQ, its context, the encoded command set kept), without decoding
+        the command set into a pydicom Dataset to read its Command Field and Data Set Type
+        (~5% of a node's GIL time per one-instance study, bench/README.md "stop 33, helper
+        P"); the request primitive is made from the fields read here (_store_request).
+        Only when _store_request would make it so (_request_hook_only) and pynetdicom does
+        not write data sets to its own files. False: nothing done, pynetdicom's way."""
+        pdvs = getattr(primitive, "presentation_data_value_list", None)
+        if not pdvs or len(pdvs) != 1 or _pynetdicom_config.STORE_RECV_CHUNKED_DATASET:
+            return False
+        context_id, data = pdvs[0]
+        if len(data) < 2 or data[0] != 0x03 or not self._request_hook_only():
+            return False
+        fields = pdata.parse_store_request(memoryview(data)[1:])
+        if fields is None:
+            return False
+        message = self._new_message()
+        message.__class__ = C_STORE_RQ  # As decode_msg does once it knows the command.
+        message.context_id = int(context_id)
+        message.encoded_command_set.write(data[1:])
+        self._store_command = (message, fields)
+        self.message = message
+        return True
+
+    def _store_request(self, message: C_STORE_RQ) -> C_STORE | None:
+        if not self._request_hook_only():
             return None
-        fields = pdata.parse_store_request(message.encoded_command_set.getvalue())
+        hook: StoreResponseHook | None = getattr(self.assoc.ae, "store_response_hook", None)
+        started = self._store_command
+        if started is not None and started[0] is message:
+            fields: pdata.StoreRequest | None = started[1]
+        else:
+            fields = pdata.parse_store_request(message.encoded_command_set.getvalue())
         if fields is None:
             return None
         request = C_STORE()
@@ -1429,9 +1517,27 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         request._context_id = message.context_id
         request._dataset_path = message._data_set_path
         request._dataset_file = message._data_set_file
-        if handlers and hook is not None and hook.request_received is not None:
+        if hook is not None and hook.request_received is not None and self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
             hook.request_received(self.assoc, pdata.C_STORE_RQ_FIELD, fields.message_id)
         return request
+
+    def _continue_store_request(self, primitive: Any) -> bool:
+        """Data-set fragments, none the last, of a C-STORE-RQ that _start_store_request
+        started: written to its data set (a spool.SpoolBuffer) as decode_msg writes them,
+        without its loop and without copying each fragment once more (a 512x512 CT slice
+        comes in ~32 such PDUs from a 16 KB peer). False: nothing done, decode_msg's way."""
+        started = self._store_command
+        if started is None or started[0] is not self.message:
+            return False
+        pdvs = getattr(primitive, "presentation_data_value_list", None)
+        if not pdvs or any(len(data) < 1 or data[0] & 0x03 for _context_id, data in pdvs):
+            return False
+        data_set = started[0].data_set
+        if data_set is None:
+            return False
+        for _context_id, data in pdvs:
+            data_set.write(memoryview(data)[1:])
+        return True
 
     def receive_primitive(self, primitive: Any) -> None:
         if self.message is None:
@@ -1439,11 +1545,19 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             if response is not None:
                 self.msg_queue.put(response)
                 return
+            try:
+                if self._start_store_request(primitive):
+                    return
+            except Exception as error:
+                self.message = None
+                cast(AcceptorDUL, self.dul).abort_peer("dicom.dimse.undecodable", ABORT_REASON_NOT_SPECIFIED,
+                                                       error=type(error).__name__)
+                return
             self.message = self._new_message()
         try:
             if isinstance(self.message, C_STORE_RQ) and _ends_data_set(primitive):
                 self._complete_store_request(primitive)
-            else:
+            elif not self._continue_store_request(primitive):
                 super().receive_primitive(primitive)
         except Exception as error:
             self.message = None

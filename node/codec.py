@@ -52,12 +52,20 @@ ZSTD_LEVEL_MIN = -(1 << 17)
 ZSTD_LEVEL_MAX = zstandard.MAX_COMPRESSION_LEVEL
 
 
-def compress(part10: bytes, level: int = ZSTD_LEVEL) -> bytes:
-    """zstd frame with its content checksum (zstandard releases the GIL while it works)."""
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(part10)
-
-
 _THREAD = threading.local()
+
+
+def compress(part10: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """zstd frame with its content checksum (zstandard releases the GIL while it works),
+    by this thread's compressor for the level: making one cost three times compressing a
+    one-instance study's 1.7 KB (18 against 6 us); each `compress` call is a frame of its own."""
+    compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_THREAD, "compressors", None)
+    if compressors is None:
+        compressors = _THREAD.compressors = {}
+    compressor = compressors.get(level)
+    if compressor is None:
+        compressor = compressors[level] = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    return compressor.compress(part10)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:

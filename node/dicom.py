@@ -75,6 +75,10 @@ STATUS_SUBOPERATIONS_WARNING = 0xB000  # C-GET/C-MOVE: sub-operations complete, 
 # The front end's two thread pools (compression of received instances; read-ahead of
 # C-GET/C-MOVE sub-operations): threads are made on demand up to these and then kept idle.
 COMPRESS_POOL_THREADS = 4
+# A C-STORE data set below this is compressed on the association's thread, after its
+# header read (~6 us for a 1.7 KB one-instance study), not handed to the pool (~40 us of
+# CPU: the submit, the future, a pool thread's wake-up): bench/README.md, "stop 33, helper P".
+COMPRESS_INLINE_BYTES_MAX = 64 * 1024
 READ_POOL_THREADS = 4
 STATUS_FIND_INCOMPLETE = 0xC001  # Project sub-code: part of the archive could not be asked.
 # An internal error (a bug, an unexpected failure) is answered with the code pynetdicom
@@ -364,8 +368,12 @@ class DicomFrontEnd:
         part10 = codec.part10_prefix(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
                                      transfer_syntax, event.assoc.requestor.ae_title) + dataset_bytes
         # Compress on another thread while this one reads the header (zstandard and
-        # hashlib release the GIL): the two costs overlap instead of adding up.
-        compressed = self._compressor.submit(codec.compress, part10, self._config.zstd_level)
+        # hashlib release the GIL): the two costs overlap instead of adding up. A small
+        # instance is compressed here: the hand-over cost more than the overlap saves.
+        compressed: concurrent.futures.Future[bytes] | None = None
+        blob = b""
+        if len(part10) >= COMPRESS_INLINE_BYTES_MAX:
+            compressed = self._compressor.submit(codec.compress, part10, self._config.zstd_level)
         try:
             instance = instance_from_part10(
                 part10,
@@ -373,9 +381,11 @@ class DicomFrontEnd:
                 transfer_syntax,
                 affected_sop_class_uid=str(request.AffectedSOPClassUID or "") or None,
                 affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or "") or None,
+                compress_level=None if compressed is not None else self._config.zstd_level,
             )
         except InvalidInstance as error:
-            compressed.cancel()
+            if compressed is not None:
+                compressed.cancel()
             log.warning(
                 "dicom.store.rejected reason=%s status=0x%04X calling_ae_title=%s",
                 error.reason,
@@ -383,7 +393,8 @@ class DicomFrontEnd:
                 event.assoc.requestor.ae_title,
             )
             return _status(error.status, error.reason)
-        instance = dataclasses.replace(instance, blob=compressed.result())
+        if compressed is not None:
+            instance = dataclasses.replace(instance, blob=compressed.result())
         return self._archive_store(instance)
 
     def _archive_store(self, instance: Instance) -> Dataset | int:

@@ -305,9 +305,18 @@ def index_attributes(data: Any, offset: int, transfer_syntax_uid: str,
     values; empty ones left out), exactly as node/ingest.py's pydicom read gives them:
     each value as pydicom's str() of it. Reads up to the last tag asked for.
     Raises Unsupported or Truncated."""
+    return index_attributes_walked(data, offset, transfer_syntax_uid, tags)[0]
+
+
+def index_attributes_walked(data: Any, offset: int, transfer_syntax_uid: str,
+                            tags: frozenset[int]) -> tuple[dict[str, str | list[str]], int]:
+    """index_attributes, and where its walk stopped: the top-level elements from `offset`
+    to there are whole (every header and value inside the bytes, every sequence and item
+    closed), so a check of the whole dataset's structure (node/ingest.py check_complete)
+    goes on from there. Raises Unsupported or Truncated."""
     if len(data) < 132 or data[128:132] != b"DICM" or offset < 132:
         raise Unsupported("not a Part-10 file")  # pydicom decides what such bytes are.
-    elements, _position, _pixels = walk(data, offset, transfer_syntax_uid, stop_after=max(tags))
+    elements, position, _pixels = walk(data, offset, transfer_syntax_uid, stop_after=max(tags))
     if not elements:
         raise Unsupported("no elements")
     codec = text_codec(data, elements)
@@ -333,7 +342,7 @@ def index_attributes(data: Any, offset: int, transfer_syntax_uid: str,
             attributes[keyword] = texts
         elif texts and texts[0] != "":
             attributes[keyword] = texts[0]
-    return attributes
+    return attributes, position
 
 
 def _number_texts(vr: str, raw: bytes) -> list[str]:

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from pacsnode.node import header_reader
+from pacsnode.node import codec, header_reader
 from pacsnode.replication.model import ALL_INDEXED_KEYWORDS, Attributes, Instance, content_hash
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -168,15 +168,19 @@ def top_level_elements(data: bytes, position: int, *, little_endian: bool, impli
         yield start, tag, vr, position
 
 
-def check_complete(part10: bytes, dataset_offset: int, transfer_syntax_uid: str) -> None:
-    """Raise InvalidInstance(0xC000) when the dataset is truncated or its structure is broken."""
+def check_complete(part10: bytes, dataset_offset: int, transfer_syntax_uid: str, *, start: int | None = None) -> None:
+    """Raise InvalidInstance(0xC000) when the dataset is truncated or its structure is broken.
+    `start`: the top-level elements from the offset to there are known to be whole (the
+    header read walked them, node/header_reader.py index_attributes_walked); only the rest
+    is walked."""
     if transfer_syntax_uid == _DEFLATED_LITTLE_ENDIAN:
         return  # Compressed as a whole; the header read inflates (and checks) it.
     if not 0 <= dataset_offset <= len(part10):
         raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, "dataset offset outside the received bytes")
     walker = _DatasetWalker(part10, little_endian=transfer_syntax_uid != _EXPLICIT_BIG_ENDIAN)
     try:
-        walker.elements(dataset_offset, implicit_vr=transfer_syntax_uid == _IMPLICIT_LITTLE_ENDIAN, in_item=False)
+        walker.elements(dataset_offset if start is None else start,
+                        implicit_vr=transfer_syntax_uid == _IMPLICIT_LITTLE_ENDIAN, in_item=False)
     except (ValueError, struct.error, RecursionError) as error:
         raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, f"truncated or malformed dataset: {error}") from None
 
@@ -238,15 +242,6 @@ def read_file_attributes(path: Any) -> tuple[Dataset, Attributes]:
     return dataset, attributes
 
 
-def _lean_index_attributes(part10: Any, dataset_offset: int, transfer_syntax_uid: str) -> Attributes | None:
-    """The index attributes by node/header_reader.py (the same as pydicom's read, several
-    times faster); None when that reader leaves the header to pydicom."""
-    try:
-        return header_reader.index_attributes(part10, dataset_offset, transfer_syntax_uid, _INDEX_TAG_SET)
-    except (header_reader.Unsupported, header_reader.Truncated):
-        return None
-
-
 def instance_from_spooled(
     part10: Any,
     path: Any,
@@ -262,12 +257,28 @@ def instance_from_spooled(
     `part10` is a read-only mmap of the file (its structure is walked header by header,
     the values are never touched), `content_hash_value` and `blob` were computed from the
     file in chunks. Raises InvalidInstance."""
-    check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
-    attributes = _lean_index_attributes(part10, dataset_offset, transfer_syntax_uid)
+    attributes = _walked_index_attributes(part10, dataset_offset, transfer_syntax_uid)
     if attributes is None:
         _dataset, attributes = read_file_attributes(path)
     return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, content_hash_value, blob,
                      affected_sop_class_uid, affected_sop_instance_uid)
+
+
+def _walked_index_attributes(part10: Any, dataset_offset: int, transfer_syntax_uid: str) -> Attributes | None:
+    """check_complete and the index attributes by node/header_reader.py in one walk of the
+    header: the structure check goes on from where the header read stopped (pixel data,
+    or the last index tag), instead of walking the same elements again (with the read,
+    a fifth of a node's GIL time per one-instance study: bench/README.md, "stop 33, helper
+    P"). None when the header reader leaves the header to pydicom (the whole dataset
+    then checked from its start). Raises InvalidInstance."""
+    try:
+        attributes, walked_to = header_reader.index_attributes_walked(part10, dataset_offset, transfer_syntax_uid,
+                                                                       _INDEX_TAG_SET)
+    except (header_reader.Unsupported, header_reader.Truncated):
+        check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
+        return None
+    check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "), start=walked_to)
+    return attributes
 
 
 def instance_from_part10(
@@ -277,13 +288,16 @@ def instance_from_part10(
     *,
     affected_sop_class_uid: str | None = None,
     affected_sop_instance_uid: str | None = None,
+    compress_level: int | None = None,
 ) -> Instance:
-    """Validate and describe one received instance. Raises InvalidInstance."""
-    check_complete(part10, dataset_offset, transfer_syntax_uid.strip("\x00 "))
-    attributes = _lean_index_attributes(part10, dataset_offset, transfer_syntax_uid)
+    """Validate and describe one received instance. Raises InvalidInstance. With
+    `compress_level`, its blob is compressed here (node/codec.py), once it is valid;
+    without, the Instance's blob is empty."""
+    attributes = _walked_index_attributes(part10, dataset_offset, transfer_syntax_uid)
     if attributes is None:
         _dataset, attributes = read_attributes(part10)
-    return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, None, b"",
+    blob = b"" if compress_level is None else codec.compress(part10, compress_level)
+    return _instance(part10, dataset_offset, transfer_syntax_uid, attributes, None, blob,
                      affected_sop_class_uid, affected_sop_instance_uid)
 
 

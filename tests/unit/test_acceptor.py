@@ -8,6 +8,7 @@ import importlib.metadata
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1428,3 +1429,134 @@ def test_acceptor_queues_make_one_condition_and_still_wake_a_waiting_getter() ->
     assert bounded.get(False) == 1
     putter.join(5)
     assert bounded.get(False) == 2
+
+
+def test_a_store_requests_command_set_is_read_here_and_a_spooled_data_set_gets_its_uids(tmp_path: Path) -> None:
+    """issue 10 (stop 33): a C-STORE-RQ's command set is read from its bytes when it arrives
+    (AcceptorDIMSE._start_store_request), not decoded into a pydicom Dataset by pynetdicom's
+    decode_msg, while nothing but the hook watches EVT_DIMSE_RECV; a data set spooled to a
+    file meanwhile still starts with the File Meta of the request's SOP Class and Instance
+    (its prefix is made from the fields read here). With another EVT_DIMSE_RECV handler the
+    command set is decoded as before (its handler reads message.command_set)."""
+    import sys
+
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, evt
+    from pynetdicom import dsutils
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.node import spool
+    from pacsnode.sim.process import free_port
+
+    decode_code = dsutils.decode.__code__
+    decoded: list[str] = []
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is decode_code \
+                and isinstance(threading.current_thread(), (acceptor.AcceptorDUL, acceptor.AcceptorAssociation)):
+            decoded.append(threading.current_thread().name)  # The server's threads only.
+
+    stored: list[tuple[str, str, bool, bytes]] = []
+    foreign: list[int] = []
+
+    def on_store(event: Any) -> int:
+        data = event.request.DataSet
+        path = data.finish()
+        meta = dcmread(path).file_meta
+        stored.append((str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), data.spooled,
+                       data.getvalue()))
+        data.close()
+        return 0x0000
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(CTImageStorage)
+    server_ae.spool = acceptor.SpoolSettings(threshold_bytes=1024, size_max_bytes=1 << 24,
+                                             budget=spool.InflightBudget(1 << 24), directory=tmp_path / "spool")
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()), [(evt.EVT_C_STORE, on_store)])
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+
+    def store() -> int:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(CTImageStorage, "1.2.840.10008.1.2")
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established
+        status = int(assoc.send_c_store(ds).Status)
+        assoc.release()
+        return status
+
+    try:
+        threading.setprofile(watch)
+        sys.setprofile(watch)
+        try:
+            assert store() == 0x0000
+            assert decoded == []
+            server.bind(evt.EVT_DIMSE_RECV, lambda event: foreign.append(int(event.message.command_set.MessageID)))
+            assert store() == 0x0000
+            assert len(decoded) >= 1 and foreign == [1]
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)  # type: ignore[arg-type]
+        expected = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), True)
+        assert [entry[:3] for entry in stored] == [expected, expected]
+        assert stored[0][3] == stored[1][3] and len(stored[0][3]) > len(ds.PixelData)
+    finally:
+        server_ae.shutdown()
+
+
+def test_pdata_pdus_go_to_dimse_directly_only_while_nothing_watches_pdus() -> None:
+    """issue 10 (stop 33): a C-STORE's P-DATA-TF PDUs (command, and a data set cut into many
+    PDUs by a small maximum PDU length) go from the DUL to DIMSE as P-DATA primitives
+    directly (AcceptorDUL._deliver_pdata: no PDU objects, event queue or state machine), and
+    the handler gets the same request and data set as pynetdicom's way, which every PDU
+    takes while a handler is bound to EVT_PDU_RECV (the handler sees them); the fragments
+    written to the data set directly (_continue_store_request) are the ones pynetdicom's
+    decode_msg writes once something watches EVT_DIMSE_RECV."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.process import free_port
+
+    accepted: list[Any] = []
+    seen_pdus: list[str] = []
+    stored: list[tuple[int, str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        request = event.request
+        stored.append((int(request.MessageID), str(request.AffectedSOPInstanceUID), bytes(request.DataSet.getvalue())))
+        return 0x0000
+
+    server_ae = acceptor.NodeAE(ae_title="SERVER")
+    server_ae.add_supported_context(CTImageStorage)
+    server_ae.maximum_pdu_size = 4096  # CT_small's data set: ten PDUs.
+    server = acceptor.start_server(server_ae, ("127.0.0.1", free_port()),
+                                   [(evt.EVT_C_STORE, on_store),
+                                    (evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc))])
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+
+    def store(message_id: int) -> int:
+        client = AE(ae_title="CLIENT")
+        client.add_requested_context(CTImageStorage, "1.2.840.10008.1.2")
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SERVER")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds, msg_id=message_id + index).Status) for index in range(2)]
+        assoc.release()
+        return max(statuses)
+
+    try:
+        assert store(1) == 0x0000
+        pdus = 2 * (1 + -(-len(stored[0][2]) // (4096 - 6)))  # Per C-STORE: the command, the data set's PDUs.
+        assert accepted[0].dul.pdata_direct == pdus
+        server.bind(evt.EVT_PDU_RECV, lambda event: seen_pdus.append(type(event.pdu).__name__))
+        assert store(3) == 0x0000
+        assert accepted[1].dul.pdata_direct == 0 and seen_pdus.count("P_DATA_TF") == pdus
+        # And with a handler on EVT_DIMSE_RECV, pynetdicom's decode_msg receives every fragment
+        # (AcceptorDIMSE._start_store_request and _continue_store_request stand aside).
+        server.bind(evt.EVT_DIMSE_RECV, lambda event: None)
+        assert store(5) == 0x0000
+        assert [entry[:2] for entry in stored] == [(index, str(ds.SOPInstanceUID)) for index in range(1, 7)]
+        assert len({entry[2] for entry in stored}) == 1 and len(stored[0][2]) > len(ds.PixelData)
+    finally:
+        server_ae.shutdown()

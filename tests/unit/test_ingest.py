@@ -310,3 +310,49 @@ def test_private_un_sequence_of_undefined_length_is_accepted() -> None:
     instance = _ingest(with_private)
     assert instance.attributes["PatientName"]  # type: ignore[attr-defined]
     assert _status(lambda: _ingest(with_private[: at + len(private) - 8] + part10[at:])) == STATUS_CANNOT_UNDERSTAND
+
+
+# -- one walk: the structure check goes on from where the header read stopped -----------------
+
+
+def _full_check_then_read(part10: bytes, offset: int, transfer_syntax_uid: str) -> object:
+    """What instance_from_part10 did before the two walks were one: check_complete over the
+    whole dataset first, then the header read."""
+    from pacsnode.node import ingest
+
+    ingest.check_complete(part10, offset, transfer_syntax_uid)
+    try:
+        attributes = ingest.header_reader.index_attributes(part10, offset, transfer_syntax_uid, ingest._INDEX_TAG_SET)
+    except (ingest.header_reader.Unsupported, ingest.header_reader.Truncated):
+        _dataset, attributes = ingest.read_attributes(part10)
+    return ingest._instance(part10, offset, transfer_syntax_uid, attributes, None, b"", None, None)
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        instance = call()
+    except InvalidInstance as error:
+        return error.status
+    return (instance.sop_instance_uid, sorted(instance.attributes.items()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("spec", [PLAIN, IMPLICIT], ids=["explicit", "implicit"])
+def test_one_walk_answers_as_the_full_check_for_every_cut_and_corruption(spec: StudySetSpec) -> None:
+    """Cut at every byte and with random bytes overwritten, in the header the reader walks
+    and after it: the same outcome (the instance, or the same status) as the full check
+    followed by the header read."""
+    part10 = _edit(_one(spec), _with_undefined_length_sequence)
+    offset, transfer_syntax_uid = _offset(part10)
+    variants = [part10[:cut] for cut in range(offset, len(part10))]
+    rng = random.Random(7)
+    for _ in range(400):
+        corrupt = bytearray(part10)
+        for _flip in range(rng.randint(1, 3)):
+            corrupt[rng.randrange(offset, len(part10))] = rng.randrange(256)
+        variants.append(bytes(corrupt))
+    rejected = 0
+    for variant in variants:
+        expected = _outcome(lambda: _full_check_then_read(variant, offset, transfer_syntax_uid))
+        assert _outcome(lambda: instance_from_part10(variant, offset, transfer_syntax_uid)) == expected
+        rejected += expected == STATUS_CANNOT_UNDERSTAND
+    assert rejected > len(part10) - offset - 10  # Nearly every cut is refused, so both walks were tried.

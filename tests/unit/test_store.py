@@ -437,3 +437,28 @@ def test_blocks_are_compressed_by_zstd_with_a_trained_dictionary(tmp_path: Path)
     compression_opts = dict(item.split("=", 1) for item in settings["compression_opts"].strip("{};").split(";"))
     assert int(compression_opts["max_dict_bytes"]) == DICT_BYTES > 0
     assert int(compression_opts["zstd_max_train_bytes"]) == DICT_TRAIN_BYTES > 0
+
+
+def test_records_are_written_as_the_json_module_wrote_them() -> None:
+    """_dump (orjson) gives the bytes json.dumps(separators=(",", ":"), ensure_ascii=False)
+    gave for every record kind, with non-ASCII text, lists and empty values."""
+    import dataclasses
+    import json
+
+    from pacsnode.node.store import _dump
+    from pacsnode.replication.model import InstanceRecord, SeriesRecord, StudyRecord
+
+    attributes: dict[str, Any] = {"PatientName": "Müller^Jürgen=山田^太郎", "ModalitiesInStudy": ["CT", "MR"],
+                                  "StudyDescription": "", "Quote": 'a "b" \\ c\n\t\x01'}
+    records: list[Any] = [
+        InstanceRecord(study_instance_uid="1.2", series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                       content_hash="ab" * 16, size_bytes=2**40, dataset_offset=332, stored_at_ms=1_765_000_000_000,
+                       attributes=attributes, version_logical=3, version_node="node-ä"),
+        SeriesRecord(study_instance_uid="1.2", series_instance_uid="1.2.3", attributes=attributes,
+                     first_sop_instance_uid="1.2.3.4"),
+        StudyRecord(study_instance_uid="1.2", attributes=attributes, first_sop_instance_uid="1.2.3.4"),
+    ]
+    for record in records:
+        fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
+        assert _dump(record) == json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
