@@ -135,7 +135,7 @@ class HttpServer:
                  viewer_dir: Path | None = None, local_headers: LocalHeaders | None = None,
                  owns: Callable[[str], bool] | None = None, local_reads: LocalReads | None = None,
                  http_parser: str = "auto",
-                 http_loop: str = "auto") -> None:
+                 http_loop: str = "auto", stow_bytes_max: int = 2 * 1024**3, stow_wait_s: float = 30.0) -> None:
         """`http_parser` ("auto", "httptools" or "h11") and `http_loop` ("auto", "uvloop"
         or "asyncio") choose uvicorn's protocol and the HTTP thread's loop (node/http_tls.py,
         `http_loop_factory`); "auto" is httptools on uvloop, the fastest measured, each
@@ -158,7 +158,8 @@ class HttpServer:
         self.audit = HttpAudit(audit or AuditLog(None, "pacsnode"))
         self.dicomweb = DicomWeb(archive, instance_size_bytes_max=instance_size_bytes_max,
                                  qido_result_max=qido_result_max, audit=self.audit, local_headers=local_headers,
-                                 deletes_need_admin=self._access.tls, owns=owns, local_reads=local_reads)
+                                 deletes_need_admin=self._access.tls, owns=owns, local_reads=local_reads,
+                                 stow_bytes_max=stow_bytes_max, stow_wait_s=stow_wait_s)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
