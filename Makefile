@@ -36,8 +36,12 @@ dcmtk:
 start: install
 	$(BIN)/pacsnode start $(ARGS)
 
+# Two pytest-xdist workers: the integration tests one after another in one of them (they
+# start node processes and wait on real time), the unit and property tests in the other
+# (tests/conftest.py). PYTEST_WORKERS=0 runs everything in one process, as before.
+PYTEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

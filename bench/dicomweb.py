@@ -93,6 +93,28 @@ def start_pacsnode(parent: Path) -> Server:
     return server
 
 
+def wado_set(data_dir: Path, pixel_fill: str) -> tuple[Path, list[dict[str, Any]]]:
+    """The `wado` set: 80 CT 512 x 512 of one series (42 MB), 12 bits of noise or the
+    phantom that compresses (`pixel_fill`), generated once under `data_dir`."""
+    spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512, cols=512,
+                                modalities=("CT",), seed=202, pixel_fill=pixel_fill)
+    return prepare_dataset(f"dw-wado{'-phantom' if pixel_fill == 'phantom' else ''}", spec, data_dir)
+
+
+def ready_for_wado(systems: list[Server], study: str, total: int, *, restart_first: bool = False) -> None:
+    """After the `wado` set was stored: restart every server on its data when asked, wait
+    until all are idle, then 3 untimed retrieves of the study from each (the HTTP stack's
+    and the files' first touch); SystemExit when one fails."""
+    if restart_first:
+        for server in systems:
+            restart(server)
+    wait_idle(systems, timeout_s=30)
+    for server in systems:
+        for _ in range(3):
+            if not wado_study(server, study, total)["ok"]:
+                raise SystemExit("a retrieve failed")
+
+
 def restart(server: Server) -> None:
     """Stop a server and start it again on the same data, ports and command."""
     servers._signal_group(server.process, signal.SIGTERM)
@@ -428,10 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                         runs[name].append(stow(server, manifest))
             report["results"]["stow"] = runs
         if only & {"wado", "wado-restart", "metadata"}:
-            spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512,
-                                        cols=512, modalities=("CT",), seed=202, pixel_fill=args.pixel_fill)
-            _root, manifest = prepare_dataset(f"dw-wado{'-phantom' if args.pixel_fill == 'phantom' else ''}",
-                                              spec, data_dir)
+            _root, manifest = wado_set(data_dir, args.pixel_fill)
             study, series = manifest[0]["study_uid"], manifest[0]["series_uid"]
             total = sum(entry["size"] for entry in manifest)
             systems = {"pacsnode": start_pacsnode(temp), "orthanc": start_orthanc_dicomweb(temp)}
@@ -476,10 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             systems = {}
         if "fresh" in only:
-            spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512,
-                                        cols=512, modalities=("CT",), seed=202, pixel_fill=args.pixel_fill)
-            _root, manifest = prepare_dataset(f"dw-wado{'-phantom' if args.pixel_fill == 'phantom' else ''}",
-                                              spec, data_dir)
+            _root, manifest = wado_set(data_dir, args.pixel_fill)
             report["results"]["metadata_fresh"] = fresh_rounds(temp, Path(_root) / "files", manifest,
                                                                args.fresh_rounds)
         if "qido" in only:

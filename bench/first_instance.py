@@ -19,6 +19,12 @@ Stages (client-side perf_counter, p50 over the rounds):
   first      connect start -> C-GET's first instance complete / C-MOVE's first Pending
   all        connect start -> final response (every C-STORE-RQ of a C-GET answered at once)
 and the server's CPU (/proc, user + system, children included) per C-GET and per C-MOVE.
+
+`--abort-after-first`: each association is aborted (A-ABORT) once the first instance is
+complete (C-GET) or the first Pending response came (C-MOVE), so that the CPU column and a
+profiler attached to the node (`py-spy record --gil --threads -p PID`) see the path to the
+first instance (accept, request, locate, first read and send) and the abort, not the other
+79 sub-operations; `all` is then not measured.
 """
 
 from __future__ import annotations
@@ -142,10 +148,15 @@ def _pdus(message: Any, context_id: int) -> Any:
         yield pdu
 
 
-def retrieve_round(port: int, pdus: list[bytes], *, get: bool, times: dict[str, list[float]]) -> int:
+A_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+def retrieve_round(port: int, pdus: list[bytes], *, get: bool, times: dict[str, list[float]],
+                   abort_after_first: bool = False) -> int:
     """One association: the request, every answer read (C-STOREs answered), released.
     Returns the C-STORE-RQs received (C-GET) or the final response's completed
-    sub-operations (C-MOVE)."""
+    sub-operations (C-MOVE); with `abort_after_first`, -1 once the first instance is in
+    (the association aborted)."""
     clock = time.perf_counter
     started = clock()
     counted = 0
@@ -184,6 +195,9 @@ def retrieve_round(port: int, pdus: list[bytes], *, get: bool, times: dict[str, 
                         if not get and not first_done:
                             first_done = True
                             times["first"].append(clock() - started)
+                            if abort_after_first:
+                                sock.sendall(A_ABORT)
+                                return -1
                     else:
                         times["all"].append(clock() - started)
                         if not get:
@@ -197,6 +211,9 @@ def retrieve_round(port: int, pdus: list[bytes], *, get: bool, times: dict[str, 
                         now = clock()
                         times["instance"].append(now - answer_start)
                         times["first"].append(now - started)
+                        if abort_after_first:
+                            sock.sendall(A_ABORT)
+                            return -1
                     sock.sendall(store_response(*pending_store))
 
 
@@ -206,6 +223,8 @@ def main() -> int:
     parser.add_argument("--pacsnode", action="append", default=[], help="Python of a tree's venv (repeatable)")
     parser.add_argument("--no-orthanc", action="store_true")
     parser.add_argument("--only", choices=("get", "move"), default=None)
+    parser.add_argument("--abort-after-first", action="store_true",
+                        help="abort each association at its first instance (CPU and profile of that path)")
     args = parser.parse_args()
     pythons = args.pacsnode or [str(BENCH_DIR.parent / ".venv" / "bin" / "python")]
     work = BENCH_DIR / "work"
@@ -234,6 +253,8 @@ def main() -> int:
             pdus[(name, "get")] = captured_pdus(server, study_uid, sop_classes, None)
             pdus[(name, "move")] = captured_pdus(server, study_uid, sop_classes, servers.STORESCP_AET)
         names = list(started)
+        print("rounds start; server PIDs: " + ", ".join(f"{name}={server.process.pid}" for name, server in started.items()),
+              flush=True)
         for round_index in range(args.rounds):
             loads.append(os.getloadavg()[0])
             shift = round_index % len(names)
@@ -242,9 +263,12 @@ def main() -> int:
                 for kind in kinds:
                     stages = times.setdefault((name, kind), {stage: [] for stage in GET_STAGES})
                     before = process_cpu_s(server.process.pid)
-                    count = retrieve_round(server.port, pdus[(name, kind)], get=kind == "get", times=stages)
+                    count = retrieve_round(server.port, pdus[(name, kind)], get=kind == "get", times=stages,
+                                           abort_after_first=args.abort_after_first)
+                    if args.abort_after_first:
+                        time.sleep(0.05)  # The server's teardown of the aborted association, in its CPU.
                     cpu[(name, kind)] = cpu.get((name, kind), 0.0) + process_cpu_s(server.process.pid) - before
-                    if count != expected:
+                    if count != (-1 if args.abort_after_first else expected):
                         raise SystemExit(f"{name}: C-{kind.upper()} gave {count} of {expected} instances")
     finally:
         for server in started.values():
@@ -260,7 +284,7 @@ def main() -> int:
         print("|---" * (len(stages) + 2) + "|")
         for name in names:
             values = times[(name, kind)]
-            cells = [f"{statistics.median(values[stage]) * 1000:.2f}" for stage in stages]
+            cells = [f"{statistics.median(values[stage]) * 1000:.2f}" if values[stage] else "-" for stage in stages]
             print(f"| {name} | " + " | ".join(cells) + f" | {cpu[(name, kind)] / args.rounds * 1000:.1f} |")
     return 0
 

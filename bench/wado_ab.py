@@ -33,19 +33,12 @@ sys.path.insert(0, str(HERE))
 
 import dicomweb as dw  # noqa: E402
 import servers  # noqa: E402
+import wado_variants  # noqa: E402
 import workloads  # noqa: E402
-from run import prepare_dataset  # noqa: E402
-
-from pacsnode.sim import datagen  # noqa: E402
 
 
 def start(python: str, temp: Path) -> servers.Server:
-    original = servers.pacsnode_command
-    servers.pacsnode_command = lambda: [python, "-m", "pacsnode.cli.main"]
-    try:
-        return dw.start_pacsnode(temp)
-    finally:
-        servers.pacsnode_command = original
+    return wado_variants.start(python, {}, temp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix="wado-ab-", dir=args.work))
-    spec = datagen.StudySetSpec(patients=1, series_per_study=1, instances_per_series=80, rows=512, cols=512,
-                                modalities=("CT",), seed=202, pixel_fill=args.pixel_fill)
-    root, manifest = prepare_dataset(f"dw-wado{'-phantom' if args.pixel_fill == 'phantom' else ''}", spec,
-                                     args.work / "data")
+    root, manifest = dw.wado_set(args.work / "data", args.pixel_fill)
     study = manifest[0]["study_uid"]
     total = sum(entry["size"] for entry in manifest)
     pythons = {"base": args.base_python, "new": args.new_python}
@@ -74,14 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             systems[name] = start(pythons[name], temp)
             workloads.store_dcmtk(systems[name], manifest, Path(root) / "files", 2, test="wado-ab", verify=False,
                                   log_dir=temp)
-        if args.restart:
-            for server in systems.values():
-                dw.restart(server)
-        dw.wait_idle(list(systems.values()), timeout_s=30)
-        for server in systems.values():  # The HTTP stack's and the files' first touch.
-            for _ in range(3):
-                if not dw.wado_study(server, study, total)["ok"]:
-                    raise SystemExit("a retrieve failed")
+        dw.ready_for_wado(list(systems.values()), study, total, restart_first=args.restart)
         cpu: dict[str, list[float]] = {name: [] for name in systems}
         encodings: dict[str, set[str]] = {name: set() for name in systems}
         wall: dict[str, list[float]] = {name: [] for name in systems}

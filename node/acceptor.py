@@ -62,11 +62,12 @@ import struct
 import functools
 import threading
 import time
-from copy import deepcopy
+from copy import copy, deepcopy
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, cast
 
 import pynetdicom
@@ -1640,6 +1641,45 @@ def _default_handlers() -> dict[Any, Any]:
     return dict(_DEFAULT_HANDLERS)
 
 
+class NodeServiceUser(ServiceUser):
+    """pynetdicom 3.0.4's ServiceUser whose User Information items (Maximum Length,
+    Implementation Class UID, Implementation Version Name) are copies of ones its AE made
+    and validated once for those values (`NodeAE.user_info_items`), instead of made and
+    validated (a regular expression per UID, one per AE title) for every association: the
+    two ServiceUsers and the acceptor's three settings were ~45% of making an
+    AcceptorAssociation (137 us in a loop; bench/README.md "stop 33, helper N"). Left as
+    ServiceUser.__init__ leaves it otherwise; every later setting takes pynetdicom's
+    validated setters as before."""
+
+    def __init__(self, assoc: Association, mode: str, items: list[Any]) -> None:
+        self.assoc = assoc
+        self._mode = mode
+        self._ae_title = ""
+        self.primitive = None
+        self.address_info = None
+        self._contexts = []
+        self._user_info = [copy(item) for item in items]
+        self._ext_neg = {}
+        self.reset_negotiation_items()
+        self._common_ext = {}
+
+
+def _service_user(assoc: Association, mode: str, maximum_length: int = DEFAULT_MAX_LENGTH,
+                  version_name: bool = False) -> ServiceUser:
+    """A ServiceUser as pynetdicom makes it, with `maximum_length` (and, with
+    `version_name`, the AE's Implementation Version Name) set: a NodeServiceUser when the
+    AE keeps the items (a NodeAE), else pynetdicom's own, set through its setters."""
+    ae = assoc.ae
+    items = getattr(ae, "user_info_items", None)
+    if items is not None:
+        return NodeServiceUser(assoc, mode, items(maximum_length, version_name))
+    user = ServiceUser(assoc, mode)
+    user.maximum_length = maximum_length
+    if version_name:
+        user.implementation_version_name = ae.implementation_version_name
+    return user
+
+
 class AcceptorAssociation(Association):
     """An accepted association whose reactor waits for work instead of polling."""
 
@@ -1653,8 +1693,11 @@ class AcceptorAssociation(Association):
         self._ae = ae
         self.mode = mode
         self._server: Any = None
-        self.requestor = ServiceUser(self, MODE_REQUESTOR)
-        self.acceptor = ServiceUser(self, MODE_ACCEPTOR)
+        self.requestor = _service_user(self, MODE_REQUESTOR)
+        # Our side, when we accept: the AE's maximum PDU length and implementation
+        # version, as pynetdicom's RequestHandler sets them after making the association.
+        self.acceptor = _service_user(self, MODE_ACCEPTOR, ae.maximum_pdu_size, version_name=True) \
+            if mode == MODE_ACCEPTOR else _service_user(self, MODE_ACCEPTOR)
         self.is_established = False
         self.is_rejected = False
         self.is_aborted = False
@@ -1904,6 +1947,29 @@ def expect_move_destination(assoc: Any, ae_title: str, address: str, instances: 
 
 
 # ----------------------------------------------------------------------------- server
+class PeerAddress(AddressInformation):
+    """pynetdicom's AddressInformation for an address the kernel gave (a connection's peer
+    address from accept: numeric already): taken as inet_ntop writes it, which is what
+    getaddrinfo gives back for a numeric address, without the getaddrinfo call (two per
+    association with the listening address, each a GIL release on the way to the
+    A-ASSOCIATE-AC; ~35 us of CPU each here). Anything not a plain numeric IPv4/IPv6
+    address (a name, a scoped IPv6 address) is resolved by pynetdicom's setter."""
+
+    @property
+    def address(self) -> str:
+        return self._addr
+
+    @address.setter
+    def address(self, value: str) -> None:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self._addr = socket.inet_ntop(family, socket.inet_pton(family, value))
+                return
+            except (OSError, ValueError, TypeError):
+                continue
+        AddressInformation.address.__set__(self, value)  # type: ignore[attr-defined]
+
+
 class AcceptorRequestHandler(RequestHandler):
     """Creates an AcceptorAssociation for each connection (pynetdicom 3.0.4's
     RequestHandler._create_association with the class changed, and the server's one
@@ -1916,16 +1982,14 @@ class AcceptorRequestHandler(RequestHandler):
         assoc.name = f"AcceptorThread@{timestamp}"
         sock = AcceptorSocket(assoc, client_socket=self.request)
         assoc.set_socket(sock)
-        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        # (Maximum length and implementation UID and version: set by AcceptorAssociation.)
         assoc.acceptor.ae_title = self.server.ae_title
-        assoc.acceptor.address_info = self.local
-        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
-        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.address_info = copy(cast(AcceptorServer, self.server).local_info)
         # One table for every association (pynetdicom deep-copies ~130 contexts of ~40
         # transfer syntaxes per association, ~40 ms here): negotiation only reads it and
         # builds new result contexts (presentation.negotiate_as_acceptor).
         assoc.acceptor.supported_contexts = cast(AcceptorServer, self.server).shared_contexts
-        assoc.requestor.address_info = self.remote
+        assoc.requestor.address_info = PeerAddress.from_tuple(self.client_address)
         # The server's handlers, as pynetdicom binds them one `bind` (and AE lock) at a
         # time: an intervention event's replaces the default, a notification event's list
         # is copied (the association starts with none of its own).
@@ -1974,6 +2038,9 @@ class AcceptorServer(ThreadedAssociationServer):
         # table that open associations negotiate against; never changed afterwards.
         self.shared_contexts: list[Any] = deepcopy(list(self.contexts))
         self.bind(evt.EVT_REQUESTED, association_guard.on_requested)
+        # The listening address as RequestHandler.local gives it, resolved once: each
+        # association gets a copy (AcceptorRequestHandler._create_association).
+        self.local_info = AddressInformation.from_tuple(self.server_address)
         self.bind(evt.EVT_REJECTED, association_guard.on_rejected)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -2067,6 +2134,28 @@ class NodeAE(AE):
         self.store_response_hook: StoreResponseHook | None = None  # See AcceptorDIMSE._send_store_response.
         # Decoded A-ASSOCIATE-RQ items by their bytes, for every association this AE accepts.
         self.request_memo = request_memo.RequestItemMemo()
+        # User Information items by (maximum length, with the version name): NodeServiceUser.
+        self._user_info_items: dict[tuple[int, str, str | None], list[Any]] = {}
+        self._user_info_lock = threading.Lock()
+        self._bind_addresses: dict[tuple[Any, ...], AddressInformation] = {}  # See _bind_address.
+
+    def user_info_items(self, maximum_length: int, version_name: bool) -> list[Any]:
+        """The User Information items pynetdicom's ServiceUser holds after its __init__ and
+        the settings of `maximum_length` (and the implementation version name), made by
+        pynetdicom's validated setters once per value; callers copy them (NodeServiceUser)."""
+        version = self.implementation_version_name if version_name else None
+        key = (maximum_length, str(self.implementation_class_uid), version)
+        items = self._user_info_items.get(key)
+        if items is None:
+            # ServiceUser.__init__ reads only its association's AE (its implementation UID).
+            user = ServiceUser(cast(Association, SimpleNamespace(ae=self)), MODE_ACCEPTOR)
+            user.maximum_length = maximum_length
+            if version_name:
+                user.implementation_version_name = self.implementation_version_name
+            items = list(user._user_info)
+            with self._user_info_lock:
+                self._user_info_items[key] = items
+        return items
 
     def associate(
         self,
@@ -2080,12 +2169,14 @@ class NodeAE(AE):
         tls_args: Any = None,
         evt_handlers: Any = None,
     ) -> Association:
-        remote_address = AddressInformation.from_addr_port(addr, port)
+        remote_address = PeerAddress.from_addr_port(addr, port)  # A numeric address without getaddrinfo.
         if bind_address is None:
             bind_address = ("::0", 0) if remote_address.address_family == socket.AF_INET6 else ("", 0)
-        local_address = AddressInformation.from_tuple(bind_address)
+        local_address = self._bind_address(tuple(bind_address))
 
         assoc = RequestorAssociation(self, MODE_REQUESTOR)
+        # Our side: maximum length, implementation UID and version, as pynetdicom sets them.
+        assoc.requestor = _service_user(assoc, MODE_REQUESTOR, max_pdu, version_name=True)
         timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
         assoc.name = f"RequestorThread@{timestamp}"
         assoc.set_socket(self._create_socket(assoc, local_address, tls_args))
@@ -2093,9 +2184,6 @@ class NodeAE(AE):
         assoc.acceptor.address_info = remote_address
         assoc.requestor.address_info = local_address
         assoc.requestor.ae_title = self.ae_title
-        assoc.requestor.maximum_length = max_pdu
-        assoc.requestor.implementation_class_uid = self.implementation_class_uid
-        assoc.requestor.implementation_version_name = self.implementation_version_name
         for item in ext_neg or []:
             assoc.requestor.add_negotiation_item(item)
         contexts = contexts or self.requested_contexts
@@ -2112,6 +2200,15 @@ class NodeAE(AE):
         if assoc.is_established:
             assoc.start()
         return assoc
+
+    def _bind_address(self, bind_address: tuple[Any, ...]) -> AddressInformation:
+        """AddressInformation.from_tuple(bind_address), resolved once per value (the
+        default ("", 0) is a getaddrinfo call for "any address"): a copy each time."""
+        found = self._bind_addresses.get(bind_address)
+        if found is None:
+            found = self._bind_addresses[bind_address] = AddressInformation.from_tuple(
+                cast("tuple[str, int]", bind_address))
+        return copy(found)
 
     def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> AssociationSocket:
         sock = RequestorSocket(assoc, address=address)

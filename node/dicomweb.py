@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import concurrent.futures
 import enum
+import functools
 import json
 import logging
 import threading
@@ -58,6 +59,8 @@ from pacsnode.node.dicomweb_media import (
     read_file_meta,
 )
 from pacsnode.node.dicomweb_zstd import ZSTD, accepts_zstd, encode
+from pacsnode.node.dicomweb_stow_budget import (FEED_BYTES_MAX, BudgetWaitTimeout, StowBudget, StowBudgetStats,
+                                                StowHold)
 from pacsnode.node.dicomweb_metadata import BulkDataError, HeaderTruncated, bulk_value, header_json, with_root
 from pacsnode.node.dicomweb_render import (
     DECODE_AS_RGB,
@@ -96,6 +99,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
 STOW_PARTS_IN_FLIGHT = 8  # Parts of one STOW-RS request stored at once (their bytes are in memory).
+STOW_RETRY_AFTER_S = 5  # Retry-After of a 503 when the node's STOW-RS memory stayed full.
 # WADO-RS reads: instances per hand-off from the reader threads to the HTTP loop, and how
 # many such groups are read ahead (up to READ_GROUPS_AHEAD x READ_GROUP_BYTES in memory,
 # plus one instance over the mark per group). A group is read in order on one thread:
@@ -268,6 +272,7 @@ class StowOutcome(enum.Enum):
     TOO_LARGE = "no part stored, a part over the size limit"
     MALFORMED = "no part stored, none over the size limit, the body malformed"
     EMPTY = "a well-formed body with no parts"
+    BUSY = "no part stored, the rest of the body not read: the node's STOW-RS memory stayed full"
 
 
 STOW_HTTP_STATUS = {
@@ -277,14 +282,18 @@ STOW_HTTP_STATUS = {
     StowOutcome.TOO_LARGE: 413,
     StowOutcome.MALFORMED: 400,
     StowOutcome.EMPTY: 400,
+    StowOutcome.BUSY: 503,
 }
 
 
-def stow_outcome(*, stored: int, failed: int, oversized: int, malformed: bool) -> StowOutcome:
+def stow_outcome(*, stored: int, failed: int, oversized: int, malformed: bool, busy: bool = False) -> StowOutcome:
     """The outcome of a STOW-RS request from how many parts were stored and refused (of
-    these, how many for their size) and whether the body was malformed."""
+    these, how many for their size), whether the body was malformed, and whether the rest
+    of it was left unread because the node's STOW-RS memory budget stayed full (`busy`)."""
     if stored:
-        return StowOutcome.SOME_STORED if failed or malformed else StowOutcome.STORED
+        return StowOutcome.SOME_STORED if failed or malformed or busy else StowOutcome.STORED
+    if busy:
+        return StowOutcome.BUSY
     if oversized:
         return StowOutcome.TOO_LARGE
     if malformed:
@@ -299,10 +308,13 @@ class DicomWeb:
                  metadata_cache_bytes: int = 64 * 1024**2, read_parallelism: int = 8,
                  audit: HttpAudit | None = None, local_headers: LocalHeaders | None = None,
                  deletes_need_admin: bool = False, owns: Callable[[str], bool] | None = None,
-                 local_reads: LocalReads | None = None) -> None:
+                 local_reads: LocalReads | None = None, stow_bytes_max: int = 2 * 1024**3,
+                 stow_wait_s: float = 30.0) -> None:
         """`owns(study_instance_uid)`: whether this node is one of the study's owners (its
         reads then take its own copies: OWN_READ_GROUPS_AHEAD); None: reads may wait on peers.
-        `local_reads`: those own copies read straight from the store (with `owns` only)."""
+        `local_reads`: those own copies read straight from the store (with `owns` only).
+        `stow_bytes_max`: the STOW-RS bytes all requests hold in memory together (a request
+        waits for its share at most `stow_wait_s`): node/dicomweb_stow_budget.py."""
         self._archive = archive
         self._owns = owns
         self._local_reads = local_reads if owns is not None else None
@@ -310,6 +322,7 @@ class DicomWeb:
         self._deletes_need_admin = deletes_need_admin  # A TLS cluster: DELETE takes an admin certificate.
         self._audit = audit  # QIDO, WADO and STOW requests in the audit trail (node/http_guard.py).
         self._instance_size_bytes_max = instance_size_bytes_max
+        self._stow_budget = StowBudget(stow_bytes_max, instance_size_bytes_max, wait_s=stow_wait_s)
         self._qido_result_max = qido_result_max
         self._metadata = MetadataCache(metadata_cache_bytes)
         self._readers = concurrent.futures.ThreadPoolExecutor(max_workers=read_parallelism,
@@ -317,6 +330,10 @@ class DicomWeb:
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
+
+    def stow_statistics(self) -> StowBudgetStats:
+        """The STOW-RS memory budget's figures (/metrics: node/http_server.py StowCollector)."""
+        return self._stow_budget.statistics()
 
     def routes(self) -> list[Route]:
         def qido(resource: str) -> Callable[[Request], Any]:
@@ -1311,28 +1328,52 @@ class DicomWeb:
             return PlainTextResponse('only multipart/related; type="application/dicom" is accepted', status_code=415)
         study = request.path_params.get("study")
         caller = caller_of(request)
-        reader = MultipartReader(boundary, part_bytes_max=self._instance_size_bytes_max)
+        reader = MultipartReader(boundary, part_bytes_max=self._stow_budget.part_bytes_max)
+        # Every byte the reader holds and every part until its write ends is taken from the
+        # node's STOW budget first (stow_bytes_max, node/dicomweb_stow_budget.py): a request
+        # that cannot take more waits and reads no more of its body.
+        hold = self._stow_budget.request()
         # Up to STOW_PARTS_IN_FLIGHT parts are validated and stored at once while the body
         # still streams in: the store's group commit then syncs them in one write instead of
         # one fsync per instance, in turn. The answer lists them in the body's order.
         tasks: list[asyncio.Future[dict[str, Any]]] = []
+        unhanded: list[Part] = []  # Parts the reader gave whose store has not begun.
         malformed = ""
+        busy: BudgetWaitTimeout | None = None
         try:
             async for chunk in request.stream():
-                for part in reader.feed(chunk):
-                    if isinstance(part, OversizedPart):  # Its bytes are gone: listed as refused.
-                        tasks.append(self._refuse_oversized(part))
-                        continue
-                    running = [task for task in tasks if not task.done()]
-                    if len(running) >= STOW_PARTS_IN_FLIGHT:
-                        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    tasks.append(asyncio.ensure_future(run_in_threadpool(self._store_part, part, study, caller)))
+                for start in range(0, len(chunk), FEED_BYTES_MAX):
+                    piece = chunk[start:start + FEED_BYTES_MAX]
+                    await hold.take(len(piece))
+                    given = reader.feed(piece)
+                    unhanded = [part for part in given if isinstance(part, Part)]
+                    hold.settle(reader.buffered_bytes, [len(part.body) for part in unhanded])
+                    for part in given:
+                        if isinstance(part, OversizedPart):  # Its bytes are gone: listed as refused.
+                            tasks.append(self._refuse_oversized(part))
+                            continue
+                        running = [task for task in tasks if not task.done()]
+                        if len(running) >= STOW_PARTS_IN_FLIGHT:
+                            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                        task = asyncio.ensure_future(run_in_threadpool(self._store_part, part, study, caller))
+                        unhanded.remove(part)
+                        task.add_done_callback(functools.partial(_part_stored, hold, len(part.body)))
+                        tasks.append(task)
             reader.close()
         except MediaError as error:
             malformed = str(error)
             if isinstance(error, BodyCutShort) and error.oversized is not None:
                 tasks.append(self._refuse_oversized(error.oversized))
+        except BudgetWaitTimeout as error:
+            busy = error
+            stats = self._stow_budget.statistics()
+            log.warning("dicomweb.store.budget_timeout waited_s=%.1f wanted_bytes=%d used_bytes=%d limit_bytes=%d "
+                        "receiving_requests=%d", error.waited_s, error.wanted_bytes, stats.used_bytes,
+                        stats.limit_bytes, stats.receiving_requests)
         finally:
+            hold.end_receiving()
+            for part in unhanded:  # The request stopped before their store began.
+                hold.stored(len(part.body))
             # Every part handed to the store finishes (a write cannot be called back), even
             # when the client went away mid-body.
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -1365,8 +1406,17 @@ class DicomWeb:
             } for r in failed]}
         oversized = [r for r in failed if r.get("oversized")]
         ending = stow_outcome(stored=len(stored), failed=len(failed), oversized=len(oversized),
-                              malformed=bool(malformed))
+                              malformed=bool(malformed), busy=busy is not None)
         headers: dict[str, str] = {}
+        if busy is not None:
+            text = (f"the rest of the body was not read: the node's STOW-RS memory (stow_bytes_max, "
+                    f"{self._stow_budget.limit_bytes} bytes) stayed full for {busy.waited_s:.0f} s")
+            if ending == StowOutcome.BUSY:
+                log.info("dicomweb.store.done stored=0 failed=%d busy=1", len(failed))
+                return PlainTextResponse(f"nothing was stored: {text}; try again later\n", status_code=503,
+                                         headers={"Retry-After": str(STOW_RETRY_AFTER_S),
+                                                  "Warning": warning_header(text)})
+            headers["Warning"] = warning_header(text)
         if malformed:
             headers["Warning"] = warning_header(f"malformed body: {malformed}")
             log.warning("dicomweb.store.malformed stored=%d reason=%s", len(stored), malformed)
@@ -1381,15 +1431,21 @@ class DicomWeb:
             largest = max(r["size_bytes"] for r in oversized)
             others = len(failed) - len(oversized)
             text = (f"nothing was stored: {len(oversized)} part(s) over the size limit of "
-                    f"{self._instance_size_bytes_max} bytes (instance_size_bytes_max; the largest "
+                    f"{self._stow_budget.part_bytes_max} bytes ({self._limit_name()}; the largest "
                     f"{largest} bytes)" + (f", {others} part(s) refused for other reasons (Warning)" if others else "")
                     + (f"; the body was malformed: {malformed}" if malformed else "") + "\n")
             return PlainTextResponse(text, status_code=STOW_HTTP_STATUS[ending], headers=headers)
         return JSONResponse(body, status_code=STOW_HTTP_STATUS[ending], headers=headers, media_type=DICOM_JSON)
 
+    def _limit_name(self) -> str:
+        """Which setting makes the STOW-RS part limit (docs/conformance-statement.md 9.4)."""
+        if self._stow_budget.part_bytes_max < self._instance_size_bytes_max:
+            return "half of stow_bytes_max less 1 MiB, below instance_size_bytes_max"
+        return "instance_size_bytes_max"
+
     def _refuse_oversized(self, part: OversizedPart) -> asyncio.Future[dict[str, Any]]:
         """The failed-part entry (a done future, in the order of the others) of a part over
-        instance_size_bytes_max, named by the file meta group at its start when that can be
+        the STOW-RS part limit (instance_size_bytes_max, or less: StowBudget.part_bytes_max), named by the file meta group at its start when that can be
         read (its bytes were not kept)."""
         result: dict[str, Any] = {"status": STATUS_OUT_OF_RESOURCES, "reason": "instance is over the size limit",
                                   "sop_class": "", "sop_instance": "", "study": "", "series": "",
@@ -1401,7 +1457,7 @@ class DicomWeb:
         else:
             result.update(sop_class=meta.media_storage_sop_class_uid, sop_instance=meta.media_storage_sop_instance_uid)
         log.warning("dicomweb.store.too_large size_bytes=%d limit_bytes=%d sop_instance_uid=%s",
-                    part.size_bytes, self._instance_size_bytes_max, result["sop_instance"])
+                    part.size_bytes, self._stow_budget.part_bytes_max, result["sop_instance"])
         refused: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         refused.set_result(result)
         return refused
@@ -1451,6 +1507,11 @@ class DicomWeb:
         if written.status == WriteStatus.OUT_OF_RESOURCES:
             return fail(STATUS_OUT_OF_RESOURCES, written.message or "out of resources")
         return fail(STATUS_STORE_FAILED, written.message or "store failed")
+
+
+def _part_stored(hold: StowHold, size: int, _task: "asyncio.Future[dict[str, Any]]") -> None:
+    """A STOW-RS part's write ended (whatever its outcome): its bytes leave the budget."""
+    hold.stored(size)
 
 
 def instance_header_json(part10: bytes, location: InstanceLocation, *, whole: bool = True) -> bytes:

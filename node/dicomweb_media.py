@@ -213,6 +213,12 @@ class MultipartReader:
     def done(self) -> bool:
         return self._state == "done"
 
+    @property
+    def buffered_bytes(self) -> int:
+        """The body's bytes this reader holds now (of the part being read, or what a
+        delimiter may start in; a part over the limit: its first bytes only)."""
+        return len(self._buffer) + len(self._refused_head)
+
     def feed(self, chunk: bytes) -> list[Part | OversizedPart]:
         if self._state == "done":
             return []  # The epilogue after the closing delimiter is ignored.
@@ -228,6 +234,10 @@ class MultipartReader:
                         self._refused_head = bytes(self._buffer[:REFUSED_HEAD_BYTES])
                     if self._state == "skip":
                         self._drop_scanned()
+                    elif self._state == "preamble" and len(self._buffer) > len(self._delimiter) + 1:
+                        # A preamble is ignored (RFC 2046 5.1.1): not kept, however long.
+                        del self._buffer[:len(self._buffer) - len(self._delimiter) - 1]
+                        self._scan_from = 0
                     return parts
                 after = index + len(self._delimiter)
                 if len(self._buffer) < after + 2:

@@ -83,6 +83,8 @@ def http_server_for(node: "Node") -> HttpServer:
         ready=lambda: readiness(node),
         cluster=lambda: cluster_view(node),
         instance_size_bytes_max=config.instance_size_bytes_max,
+        stow_bytes_max=config.stow_bytes_max,  # STOW-RS bytes held by all requests (node/dicomweb_stow_budget.py),
+        stow_wait_s=config.store_timeout_ms / 1000,  # and how long one waits for its share.
         qido_result_max=config.qido_result_max,
         ssl_context=security.http_context(),
         access=HttpAccess(tls=security.peer_tls, mode=config.access_mode, loopback_trusted=config.loopback_trusted),

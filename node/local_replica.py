@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 from pacsnode.node.codec import decompress
 from pacsnode.node.ingest import header_attributes
 from pacsnode.node.store import PREFIX_HINT, RocksStore, _hint_key, _split_hint
+from pacsnode.replication.archive import InstanceLocation
 from pacsnode.replication.correction import Correction
 from pacsnode.replication.digest import Digest
 from pacsnode.replication.hint_index import HintIndex
@@ -100,6 +101,9 @@ class StoreReplica:
 
     def all_instances(self) -> Iterator[InstanceRecord]:
         return self.store.all_instances()
+
+    def study_locations(self, study_instance_uid: str, instances_max: int) -> list[InstanceLocation] | None:
+        return self.store.study_locations(study_instance_uid, instances_max)
 
     def put_tombstones(self, tombstones: Sequence[Tombstone], *, hint_for: str = "") -> int:
         return self.store.put_tombstones(tombstones, hint_for=hint_for)

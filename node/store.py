@@ -73,6 +73,7 @@ from pacsnode.replication.model import (
     StudyRecord,
     Tombstone,
 )
+from pacsnode.replication.archive import InstanceLocation
 from pacsnode.replication.correction import CORRECTION_SOP, Correction, apply, correction_of_entry, is_correction_entry
 from pacsnode.replication.hlc import is_mark
 from pacsnode.node import write_trace
@@ -1340,6 +1341,29 @@ class RocksStore:
     def instances(self, study_instance_uid: str) -> Iterator[InstanceRecord]:
         for _key, value in self._scan(PREFIX_META + study_prefix(study_instance_uid) + SEP):
             yield InstanceRecord(**orjson.loads(value))
+
+    def study_locations(self, study_instance_uid: str, instances_max: int) -> list[InstanceLocation] | None:
+        """Each instance of the study held here as a C-GET/C-MOVE sends it (series, SOP class
+        and instance UIDs, stored transfer syntax, Part-10 length, the study's correction),
+        read from the index records without building a query row per instance
+        (Coordinator.locate_here; the C-FIND path, LocalQuery, builds and matches one).
+        None when the study is not held here or has more than `instances_max` instances."""
+        prefix = study_prefix(study_instance_uid)
+        raw_study = self._db.get(PREFIX_STUDY + prefix)
+        if raw_study is None:
+            return None
+        correction = str(orjson.loads(raw_study).get("correction", "") or "")
+        locations: list[InstanceLocation] = []
+        for _key, value in self._scan(PREFIX_META + prefix + SEP):
+            if len(locations) >= instances_max:
+                return None
+            record = orjson.loads(value)
+            locations.append(InstanceLocation(
+                study_instance_uid, record["series_instance_uid"], record["sop_instance_uid"],
+                record["sop_class_uid"], record["transfer_syntax_uid"],
+                # A corrected study's headers are rewritten on the way out: the length is not known first.
+                0 if correction else record["size_bytes"] + record["dataset_offset"], correction))
+        return locations
 
     def all_instances(self) -> Iterator[InstanceRecord]:
         for _key, value in self._scan(PREFIX_META):

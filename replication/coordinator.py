@@ -28,7 +28,8 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar, \
+    runtime_checkable
 
 from pacsnode.replication.archive import (
     IncompleteAnswer,
@@ -165,6 +166,8 @@ class Coordinator:
         self._membership = membership
         self._transport = transport
         self._local = local
+        # The node's store lists a study as a retrieve sends it (locate_here); the simulator's does not.
+        self._locator = local if isinstance(local, StudyLocator) else None
         self._settings = settings
         self._decode = decode
         self._run_blocking = run_blocking
@@ -929,10 +932,52 @@ class Coordinator:
         thread when find_here answers its IMAGE query (an exact key on a ring of this node
         alone: nothing else would be asked, so nothing can be unreachable); None otherwise,
         or past `instances_max` instances: use locate(). Callable from any thread but the loop."""
-        rows = self.find_here(_image_query(query), instances_max)
+        image_query = _image_query(query)
+        whole = self._study_here(image_query, instances_max)
+        if whole is not None:
+            return whole
+        rows = self.find_here(image_query, instances_max)
         if rows is None:
             return None
         return RetrievePlan([_location(row) for row in rows], Shortfall())
+
+    def _study_here(self, image_query: Query, instances_max: int) -> RetrievePlan | None:
+        """locate_here's plan for an identifier that names one study (and at most series or
+        SOP instance UIDs in it), under find_here's conditions (joined, a ring of this node
+        alone, alive), listed by the store as a retrieve sends it (node/store.py
+        study_locations) instead of one query row per instance built, matched and turned
+        into a location: 1.4-1.8 ms for 80 instances (bench/README.md, stop 32 helper I).
+        None otherwise (find_here's way, which also answers a study not held here)."""
+        if self._locator is None:
+            return None
+        study_uid = ""
+        wanted: dict[str, set[str]] = {}
+        for condition in image_query.conditions:
+            if condition.keyword == "StudyInstanceUID" and not study_uid and "\\" not in condition.value:
+                study_uid = condition.value.strip()
+            elif condition.keyword in ("SeriesInstanceUID", "SOPInstanceUID") and condition.keyword not in wanted:
+                wanted[condition.keyword] = {value.strip() for value in condition.value.split("\\")}
+            else:  # PatientID (matched against the study's patient), a second key, a UID list of studies.
+                return None
+        if not study_uid or not self.joined() or not self._membership.is_alive(self.self_id):
+            return None
+        if list(self._membership.ring().node_ids) != [self.self_id]:
+            return None
+        try:
+            locations = self._locator.study_locations(study_uid, instances_max)
+        except Exception as error:  # An operating error of the store (or a UID it cannot key): find_here's way.
+            log.warning("replication.locate.here_failed error=%s", type(error).__name__)
+            return None
+        if locations is None:
+            return None
+        series, sops = wanted.get("SeriesInstanceUID"), wanted.get("SOPInstanceUID")
+        if series is not None or sops is not None:
+            locations = [location for location in locations
+                         if (series is None or location.series_instance_uid in series)
+                         and (sops is None or location.sop_instance_uid in sops)]
+        self._count("reads_routed")
+        self.stats.extra["reads_here"] = self.stats.extra.get("reads_here", 0) + 1
+        return RetrievePlan(locations, Shortfall())
 
     def owns(self, study_instance_uid: str) -> bool:
         """Whether this node is one of the study's owners (reads the ring only: callable
@@ -1233,6 +1278,14 @@ def _int(value: object) -> int:
         return max(0, int(str(value)))
     except ValueError:
         return 0
+
+
+@runtime_checkable
+class StudyLocator(Protocol):
+    """A local store that lists one study's instances as a retrieve sends them (None: not
+    held here, or more than `instances_max`): node/store.py study_locations."""
+
+    def study_locations(self, study_instance_uid: str, instances_max: int) -> list[InstanceLocation] | None: ...
 
 
 _RETRIEVE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})

@@ -42,19 +42,39 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _share(low: int, high: int) -> tuple[int, int]:
+    """This process's slice of [low, high) when it is one of pytest-xdist's workers.
+
+    `make test` runs the suite in two worker processes (pytest-xdist); each hands out
+    ports only from its own slice, so a port one worker drew and has not yet bound
+    (a node still starting) is never drawn by the other.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        index = int(worker.removeprefix("gw"))
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    except ValueError:
+        return low, high
+    if not 0 <= index < count or count < 2:
+        return low, high
+    size = (high - low) // count
+    return low + index * size, low + (index + 1) * size
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now and that this process never handed out before.
 
     Drawn below the kernel's ephemeral range, so no outgoing connection's source port
     (picked from that range) can take it before the server binds it; and never twice in
     one process: binding port 0 twice in a row can return the same number, which once
-    gave one node the same DICOM and HTTP port in CI.
+    gave one node the same DICOM and HTTP port in CI. Under pytest-xdist, from this
+    worker's own slice of that range (`_share`).
     """
-    high = _ephemeral_low()
+    low, high = _share(_LOWEST_PORT, _ephemeral_low())
     with _handed_out_lock:
-        if high - _LOWEST_PORT > 1000:
+        if high - low > 1000:
             for _ in range(200):
-                port = _draw.randrange(_LOWEST_PORT, high)
+                port = _draw.randrange(low, high)
                 if port not in _handed_out and _bindable(port):
                     _handed_out.add(port)
                     return port
@@ -140,9 +160,18 @@ class NodeProcess:
         return f"127.0.0.1:{self.peer_port}"
 
     def start(self, *, timeout_s: float = 30.0) -> "NodeProcess":
+        return self.launch().wait_ready(timeout_s=timeout_s)
+
+    def launch(self) -> "NodeProcess":
+        """Start the process and return at once; `wait_ready` waits for its ports."""
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        return self
+
+    def wait_ready(self, *, timeout_s: float = 30.0) -> "NodeProcess":
+        """Wait until the DICOM and peer ports accept connections; kill -9 and raise if the
+        process exits first or `timeout_s` passes."""
         if not wait_until(lambda: (port_open(self.dicom_port) and port_open(self.peer_port)) or not self.alive,
                           timeout_s):
             self.kill()
@@ -192,3 +221,25 @@ class NodeProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+def start_all(nodes: Sequence[NodeProcess], *, timeout_s: float = 30.0) -> list[NodeProcess]:
+    """Launch every node at once, then wait until each is ready: on 2 cores a node's start
+    (mostly importing its modules) overlaps the others'. A joiner up before its seed asks
+    the seed again after the profile's join_retry_interval_ms (local: 1 s). If one does not
+    come up, every node of `nodes` is killed and the error raised.
+
+    Only for nodes given a --token-salt (or restarted: the salt is in their data dir): at a
+    first start with the default (-1) a node chooses its salt against the ring its seeds
+    report then, so nodes started together choose otherwise than one after another
+    (test_sites.py checks the choices of nodes started in turn)."""
+    try:
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready(timeout_s=timeout_s)
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return list(nodes)

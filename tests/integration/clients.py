@@ -131,6 +131,19 @@ def scu_ae(ae_title: str = "PYSCU") -> AE:
     return ae
 
 
+def requestor_ae(ae_title: str = "PYSCU") -> AE:
+    """An SCU AE whose associations use the node's own requestor (acceptor.NodeAE): for
+    C-STOREs, which with pynetdicom's plain requestor can wait out a 60 s DIMSE timeout
+    (send_files says why)."""
+    from pacsnode.node import acceptor
+
+    ae = acceptor.NodeAE(ae_title=ae_title)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    return ae
+
+
 def send_files(port: int, paths: list[Path], ae_title: str = "PACSNODE") -> dict[str, int]:
     """Send files with pynetdicom exactly as they are (their own transfer syntax).
     Returns {path: status}.
@@ -140,12 +153,7 @@ def send_files(port: int, paths: list[Path], ae_title: str = "PACSNODE") -> dict
     response off the queue before its sender looks ("Received unexpected C-STORE service
     message", then a 60 s DIMSE timeout), which failed 2 of 12 runs of a 1,000-instance
     send at load 4.5 (tests/unit/test_acceptor.py has the race)."""
-    from pacsnode.node import acceptor
-
-    ae = acceptor.NodeAE(ae_title="PYSCU")
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
-    ae.network_timeout = 60
+    ae = requestor_ae()
     contexts: dict[tuple[str, str], None] = {}
     for path in paths:
         meta = dcmread(path, stop_before_pixels=True)

@@ -43,7 +43,7 @@ from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.ring.placement import Member, Ring
 from pacsnode.sim import datagen
 from pacsnode.sim.chaos_clients import dataset_bytes
-from pacsnode.sim.process import NodeProcess, wait_until
+from pacsnode.sim.process import NodeProcess, start_all, wait_until
 
 from . import clients
 from .clients import identifier
@@ -120,7 +120,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
         for name in NAMES:
             extra = ARGS + (["--find-result-max", str(FIND_RESULT_MAX_B)] if name == "b" else [])
             seeds = [nodes[0].peer_address] if nodes else []
-            nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds, extra_args=extra).start())
+            nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds, extra_args=extra))
+        start_all(nodes)
 
         def settled() -> bool:
             try:

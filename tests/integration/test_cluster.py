@@ -22,7 +22,7 @@ from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.ring.placement import Member, Ring
 from pacsnode.sim import datagen
-from pacsnode.sim.process import NodeProcess, wait_until
+from pacsnode.sim.process import NodeProcess, start_all, wait_until
 
 from . import clients
 from .clients import file_dataset_bytes, identifier
@@ -40,13 +40,14 @@ NAMES = ("n1", "n2", "n3", "n4")
 
 def start_cluster(root: Path, names: tuple[str, ...], extra: list[str] | None = None, *,
                   entry_extra: list[str] | None = None) -> list[NodeProcess]:
-    """`entry_extra`: more arguments for the first node only."""
+    """`entry_extra`: more arguments for the first node only. The nodes start at once
+    (sim/process.py start_all: their token salt is fixed by FAST), each joining through the first."""
     nodes: list[NodeProcess] = []
     for name in names:
         seeds = [nodes[0].peer_address] if nodes else []
         own = (entry_extra or []) if not nodes else []
-        node = NodeProcess(root / name, node_id=name, seeds=seeds, extra_args=FAST + (extra or []) + own)
-        nodes.append(node.start())
+        nodes.append(NodeProcess(root / name, node_id=name, seeds=seeds, extra_args=FAST + (extra or []) + own))
+    start_all(nodes)
     addresses = [n.peer_address for n in nodes]
     assert wait_until(lambda: all(_member_count(a) == len(names) for a in addresses), 30), "membership did not converge"
     return nodes

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacsnode.cli.status import collect, metrics
 from pacsnode.sim import datagen
-from pacsnode.sim.process import wait_until
+from pacsnode.sim.process import start_all, wait_until
 
 from . import clients
 from .clients import identifier
@@ -152,8 +152,7 @@ def test_unreachable_owners_are_reported_never_success(tmp_path: Path) -> None:
         taken = Path(later[one_down][0]["path"])
         assert clients.send_files(entry.dicom_port, [refused]) == {str(refused): 0xA701}
         assert clients.send_files(entry.dicom_port, [taken]) == {str(taken): 0}
-        for name in doomed:
-            by_name[name].start()
+        start_all([by_name[name] for name in sorted(doomed)])
         assert wait_until(lambda: all(_members_alive(node.peer_address) == len(FIVE) for node in nodes), 60), \
             "the killed owners did not come back"
         # Through the owner that was down when it was stored (it asks itself first): complete.

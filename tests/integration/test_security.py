@@ -603,7 +603,9 @@ def test_the_readme_tls_cluster_runs_as_written(tmp_path: Path) -> None:
                 log.close()
                 continue
             if line.startswith("pacsnode status"):
-                assert wait_until(lambda: shell(line).stdout.count(" alive ") == 3, 60), shell(line)
+                # Each try is a `pacsnode status` process (~0.5 s of CPU): not back to back while
+                # the three nodes are still starting on the same cores.
+                assert wait_until(lambda: shell(line).stdout.count(" alive ") == 3, 60, interval_s=0.5), shell(line)
                 assert "UNPROTECTED" not in shell(line).stdout
                 continue
             result = shell(line)

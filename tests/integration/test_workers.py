@@ -172,7 +172,10 @@ def test_kill_worker_mid_store_loses_nothing_acknowledged(node_factory) -> None:
 
     def sender() -> None:
         while not stop.is_set():
-            ae = scu_ae()
+            # The node's requestor: pynetdicom's plain one can miss a fast C-STORE response and
+            # wait out its 60 s DIMSE timeout (clients.send_files): a likely cause of this test's
+            # 62 s in one CI run (the thread then joined 60 s after stop); 13-17 s otherwise.
+            ae = clients.requestor_ae()
             ae.add_requested_context(_ct(study).SOPClassUID, ["1.2.840.10008.1.2.1"])
             assoc = ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
             if not assoc.is_established:

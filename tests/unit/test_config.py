@@ -76,6 +76,7 @@ instance_size_bytes_max = 1_000_000
 dataset_spool_threshold_bytes = 65536
 blob_file_bytes_min = 131072
 inflight_instance_bytes_max = 5_000_000
+stow_bytes_max = 8_388_608
 malloc_trim_threshold_bytes = 0
 zstd_level = 3
 disk_free_bytes_min = 0
@@ -150,7 +151,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.store_stall_ms == 4000 and config.health_probe_interval_ms == 300
     assert config.instance_size_bytes_max == 1_000_000 and config.disk_free_bytes_min == 0
     assert config.dataset_spool_threshold_bytes == 65536 and config.inflight_instance_bytes_max == 5_000_000
-    assert config.blob_file_bytes_min == 131072
+    assert config.blob_file_bytes_min == 131072 and config.stow_bytes_max == 8_388_608
     assert config.malloc_trim_threshold_bytes == 0
     assert config.zstd_level == 3
     assert config.store_timeout_ms == 1000 and config.duplicate_policy == "first-wins"
@@ -264,6 +265,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
         ({"inflight_instance_bytes_max": 0}, "inflight_instance_bytes_max must be >= 1"),
+        ({"stow_bytes_max": 4 * 1024**2 - 1}, "stow_bytes_max must be >= 4 MiB"),
         ({"blob_file_bytes_min": 0}, "blob_file_bytes_min must be >= 1"),
         ({"zstd_level": 23}, "zstd_level must be -131072 to 22, got 23"),
         ({"zstd_level": -131073}, "zstd_level must be -131072 to 22, got -131073"),
@@ -385,7 +387,8 @@ def test_every_start_option_sets_its_field() -> None:
     special = {"node_id": "n9", "ae_title": "AE9", "host": "127.0.0.2", "log_level": "ERROR",
                "duplicate_policy": "first-wins", "replication_factor": "5", "write_quorum": "4", "write_quorum_scope": "local", "write_quorum_mode": "sloppy",
                "profile": "wan", "access_mode": "default", "dicom_tls_client_cert": "none",
-               "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514", "zstd_level": "19"}
+               "http_tls_client_cert": "none", "audit_syslog": "127.0.0.9:6514", "zstd_level": "19",
+               "stow_bytes_max": "8388608"}
     values = {}
     for _flag, name, _text in START_OPTIONS:
         type_name = str(fields[name].type)

@@ -37,3 +37,17 @@ def test_a_port_in_use_is_never_handed_out() -> None:
     finally:
         for _, sock in holders:
             sock.close()
+
+
+def test_each_xdist_worker_draws_from_its_own_slice(monkeypatch) -> None:
+    # `make test` runs two pytest-xdist workers: a port drawn by one (its node not yet
+    # listening) must never be drawn by the other.
+    low, high = process._LOWEST_PORT, process._ephemeral_low()
+    middle = low + (high - low) // 2
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    first = {process.free_port() for _ in range(100)}
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    second = {process.free_port() for _ in range(100)}
+    assert all(low <= port < middle for port in first), sorted(first)[-3:]
+    assert all(middle <= port < high for port in second), sorted(second)[:3]

@@ -126,3 +126,28 @@ def test_closing_after_prefetch_without_a_step_gives_the_budget_back() -> None:
         ahead.prefetch(_locations(5))
         ahead.close()
     assert budget.used_bytes == 0
+
+
+def test_first_sent_is_called_once_when_the_first_request_is_out_or_at_close() -> None:
+    """The retrieve's start line (node/dicom.py) is written while the first instance's
+    response is awaited, not on the way to it; once only, and at close when no request
+    went out at all (every read failed, or nothing to send)."""
+    reads = _Reads()
+    calls: list[int] = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ahead = RetrieveReadAhead(pool, reads, spool.InflightBudget(10_000), window=2,
+                                  first_sent=lambda: calls.append(len(reads.started)))
+        stored = ahead.stored(_locations(3))
+        first = next(stored)
+        first.load()
+        assert calls == []  # Not before the first request is out.
+        first.sent()
+        assert len(calls) == 1
+        _send_all(stored)
+        ahead.close()
+        assert len(calls) == 1
+        unsent = RetrieveReadAhead(pool, reads, spool.InflightBudget(10_000), first_sent=lambda: calls.append(-1))
+        next(unsent.stored(_locations(2)))
+        unsent.close()
+        unsent.close()
+    assert calls[1:] == [-1]
