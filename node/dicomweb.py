@@ -59,7 +59,8 @@ from pacsnode.node.dicomweb_media import (
     read_file_meta,
 )
 from pacsnode.node.dicomweb_zstd import ZSTD, accepts_zstd, encode
-from pacsnode.node.dicomweb_stow_budget import FEED_BYTES_MAX, BudgetWaitTimeout, StowBudget, StowHold
+from pacsnode.node.dicomweb_stow_budget import (FEED_BYTES_MAX, BudgetWaitTimeout, StowBudget, StowBudgetStats,
+                                                StowHold)
 from pacsnode.node.dicomweb_metadata import BulkDataError, HeaderTruncated, bulk_value, header_json, with_root
 from pacsnode.node.dicomweb_render import (
     DECODE_AS_RGB,
@@ -329,6 +330,10 @@ class DicomWeb:
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
+
+    def stow_statistics(self) -> StowBudgetStats:
+        """The STOW-RS memory budget's figures (/metrics: node/http_server.py StowCollector)."""
+        return self._stow_budget.statistics()
 
     def routes(self) -> list[Route]:
         def qido(resource: str) -> Callable[[Request], Any]:

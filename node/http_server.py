@@ -20,9 +20,10 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import uvicorn
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -38,6 +39,7 @@ from pacsnode.node.dicomweb import DicomWeb, LocalHeaders, LocalReads
 from pacsnode.node.http_guard import HttpAccess, HttpAudit, HttpGuard
 from pacsnode.node.http_tls import HTTP_PROTOCOLS, TlsServer
 from pacsnode.node.metrics import CONTENT_TYPE, Metrics
+from pacsnode.node.dicomweb_stow_budget import StowBudgetStats
 
 uvloop_new_event_loop: Callable[[], asyncio.AbstractEventLoop] | None
 try:  # A dependency where it builds (pyproject.toml: not on Windows); asyncio's own loop without it.
@@ -123,6 +125,26 @@ async def warm_up() -> None:
     await run_in_threadpool(lambda: None)
 
 
+class StowCollector:
+    """/metrics figures of the STOW-RS memory budget (stow_bytes_max), read at scrape time."""
+
+    def __init__(self, statistics: Callable[[], StowBudgetStats]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._statistics()
+        yield GaugeMetricFamily("pacsnode_stow_held_bytes", "STOW-RS request bytes held in memory now (parts "
+                                "arriving and parts being stored), of stow_bytes_max.", value=stats.used_bytes)
+        yield GaugeMetricFamily("pacsnode_stow_limit_bytes", "stow_bytes_max.", value=stats.limit_bytes)
+        yield GaugeMetricFamily("pacsnode_stow_waiting_requests", "STOW-RS requests waiting for memory now "
+                                "(reading no more of their bodies).", value=stats.waiting_requests)
+        yield CounterMetricFamily("pacsnode_stow_budget_waits", "Times a STOW-RS request had to wait for memory.",
+                                  value=stats.waits)
+        yield CounterMetricFamily("pacsnode_stow_budget_timeouts", "STOW-RS requests that waited longer than "
+                                  "store_timeout_ms for memory (answered 503, or 202 with what they stored).",
+                                  value=stats.timeouts)
+
+
 class HttpServer:
     """uvicorn serving the node's Starlette app on `http_host:http_port`: HTTPS with
     `ssl_context` (node/tls.py), every request decided by `access` (node/http_guard.py),
@@ -160,6 +182,7 @@ class HttpServer:
                                  qido_result_max=qido_result_max, audit=self.audit, local_headers=local_headers,
                                  deletes_need_admin=self._access.tls, owns=owns, local_reads=local_reads,
                                  stow_bytes_max=stow_bytes_max, stow_wait_s=stow_wait_s)
+        metrics.registry.register(StowCollector(self.dicomweb.stow_statistics))
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

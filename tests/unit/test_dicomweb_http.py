@@ -1003,7 +1003,7 @@ class _CountingArchive(Archive):
             self._running += 1
             self.most = max(self.most, self._running)
         try:
-            time.sleep(0.003)
+            time.sleep(0.01)  # Long beside the loop's work of handing out groups, even at load.
             return super().read(location)
         finally:
             with self._lock:

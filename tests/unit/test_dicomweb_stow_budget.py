@@ -262,6 +262,14 @@ def test_a_request_that_waits_too_long_is_503_and_one_that_stored_some_is_202(
     assert served.budget().used_bytes == 0  # type: ignore[attr-defined]
     lines = [record.getMessage() for record in caplog.records if "budget_timeout" in record.getMessage()]
     assert lines and all("wanted_bytes=" in line for line in lines)
+    # What /metrics says of it: both requests timed out, nothing is held now.
+    scraped = httpx.get(served.url.removesuffix("/dicom-web") + "/metrics").text
+    figures = dict(line.rsplit(" ", 1) for line in scraped.splitlines() if line.startswith("pacsnode_stow_"))
+    assert float(figures["pacsnode_stow_budget_timeouts_total"]) == 2.0
+    assert float(figures["pacsnode_stow_budget_waits_total"]) >= 2.0
+    assert float(figures["pacsnode_stow_held_bytes"]) == 0.0
+    assert float(figures["pacsnode_stow_limit_bytes"]) == BUDGET_BYTES
+    assert float(figures["pacsnode_stow_waiting_requests"]) == 0.0
 
 
 def test_a_long_preamble_is_not_kept() -> None:
