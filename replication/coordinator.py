@@ -930,7 +930,8 @@ class Coordinator:
     def locate_here(self, query: Query, instances_max: int) -> RetrievePlan | None:
         """locate()'s whole plan read from this node's own store on the calling (blocking)
         thread when find_here answers its IMAGE query (an exact key on a ring of this node
-        alone: nothing else would be asked, so nothing can be unreachable); None otherwise,
+        alone: nothing else would be asked, so nothing can be unreachable); an identifier
+        that names one study is listed by the store itself (_study_here). None otherwise,
         or past `instances_max` instances: use locate(). Callable from any thread but the loop."""
         image_query = _image_query(query)
         whole = self._study_here(image_query, instances_max)
