@@ -17,13 +17,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
+# Integration test files whose tests start one node (or none) at a time: their own work
+# unit under pytest-xdist, which runs beside the cluster tests' (see below).
+SINGLE_NODE_FILES = frozenset(f"tests/integration/{name}.py" for name in (
+    "test_single_node", "test_quick_start", "test_large_instance", "test_qr_semantics", "test_dicomweb_big_frames",
+    "test_protocol_hardening", "test_durability", "test_http_security", "test_iocm", "test_store_audit",
+    "test_orthanc_diff", "test_browser", "test_move_idle", "test_workers",
+))
+
+
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent when it is not installed.
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). Every integration
-    test goes to one of them, one after another in file order as without xdist: they start
-    node processes and wait on real time, and running two at once would make each the other's
-    load. The unit and property tests (in-process, mostly CPU) run in the other worker,
-    one test at a time from the queue, and fill in on both once the integration tests end.
+    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). The integration
+    tests form two work units, each run by one worker in file order: the cluster tests
+    (several node processes, membership timings) one after another as without xdist, and
+    the single-node files (SINGLE_NODE_FILES) one after another beside them; so at most one
+    cluster test and one single-node test run at once, never two clusters. The unit and
+    property tests (in-process, mostly CPU) are taken one at a time by whichever worker is
+    free. Measured (bench/README.md, 2026-12-08): the cluster tests are most of the time.
 
     pytest-xdist's own loadgroup (xdist_group marks) renames node ids, which pytest 9.2 no
     longer lets it do, so the grouping is made here, through xdist's scheduler hook."""
@@ -31,11 +42,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class IntegrationInOneWorker(LoadScopeScheduling):  # type: ignore[misc]
+    class IntegrationGroups(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return "tests/integration" if nodeid.startswith("tests/integration/") else nodeid
+            if not nodeid.startswith("tests/integration/"):
+                return nodeid
+            path = nodeid.split("::", 1)[0]
+            return "tests/integration (single node)" if path in SINGLE_NODE_FILES else "tests/integration (clusters)"
 
-    return IntegrationInOneWorker(config, log)
+    return IntegrationGroups(config, log)
 
 
 @pytest.fixture
