@@ -26,6 +26,22 @@ SINGLE_NODE_FILES = frozenset(f"tests/integration/{name}.py" for name in (
 ))
 
 
+# pytest-xdist versions whose LoadScopeScheduling._split_scope (the method its own
+# LoadGroupScheduling overrides to group tests; an underscore name, not a documented
+# hook) IntegrationGroups below was tested with. pyproject.toml pins it; on another
+# version `make test` stops at once (tests/unit/test_xdist_groups.py checks both).
+TESTED_XDIST_VERSIONS = frozenset({"3.8.0"})
+
+
+def integration_scope(nodeid: str) -> str:
+    """The work unit of a test under `make test`'s two workers: one for the cluster
+    tests, one for the single-node files (SINGLE_NODE_FILES), each test of the rest its own."""
+    if not nodeid.startswith("tests/integration/"):
+        return nodeid
+    path = nodeid.split("::", 1)[0]
+    return "tests/integration (single node)" if path in SINGLE_NODE_FILES else "tests/integration (clusters)"
+
+
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent when it is not installed.
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). The integration
@@ -37,17 +53,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     free. Measured (bench/README.md, 2026-12-08): the cluster tests are most of the time.
 
     pytest-xdist's own loadgroup (xdist_group marks) renames node ids, which pytest 9.2 no
-    longer lets it do, so the grouping is made here, through xdist's scheduler hook."""
+    longer lets it do, so the grouping is made here, through xdist's scheduler hook and a
+    subclass of its LoadScopeScheduling (tested versions only: TESTED_XDIST_VERSIONS)."""
     if config.getoption("dist") != "loadgroup":
         return None
+    import xdist
     from xdist.scheduler import LoadScopeScheduling
+
+    if xdist.__version__ not in TESTED_XDIST_VERSIONS:
+        raise pytest.UsageError(f"pytest-xdist {xdist.__version__} is untested with tests/conftest.py's "
+                                f"IntegrationGroups (tested: {', '.join(sorted(TESTED_XDIST_VERSIONS))})")
 
     class IntegrationGroups(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            if not nodeid.startswith("tests/integration/"):
-                return nodeid
-            path = nodeid.split("::", 1)[0]
-            return "tests/integration (single node)" if path in SINGLE_NODE_FILES else "tests/integration (clusters)"
+            return integration_scope(nodeid)
 
     return IntegrationGroups(config, log)
 
