@@ -415,6 +415,25 @@ def test_a_sender_holding_responses_keeps_the_reactor_off_the_dimse_queue() -> N
         assert assoc.dimse.msg_queue.empty()  # The reactor reads its queue again.
 
 
+def test_the_reactor_leaves_the_end_of_association_mark_for_a_sender() -> None:
+    """A connection that ends puts pynetdicom's (None, None) mark on the DIMSE queue to wake
+    a thread waiting for a response. The reactor, not paused yet by a sender on its way to
+    wait (past its is_established check), must leave it: taken by the reactor, that
+    sender's get_msg waited out the whole DIMSE timeout (60 s in
+    test_kill_worker_mid_store_loses_nothing_acknowledged, about 1 run in 6 under load)."""
+    with _requested_association() as assoc:
+        assoc.dimse.msg_queue.put((None, None))  # Wakes the reactor.
+        time.sleep(0.3)  # Time for the reactor to have taken it, had it looked.
+        assert assoc._reactor_checkpoint.is_set()  # Not paused, not held: it looked.
+        assert list(assoc.dimse.msg_queue.queue) == [(None, None)]  # Still there for the sender.
+        assoc.dimse.get_msg(block=False)  # The sender takes it.
+        assoc.dimse.msg_queue.put((1, _store_response()))
+        deadline = time.monotonic() + 5
+        while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.dimse.msg_queue.empty()  # Anything else it reads as before.
+
+
 def test_a_held_response_does_not_wake_the_reactor() -> None:
     """issue 10: a response put on the DIMSE queue while a sender holds responses does not
     wake the reactor (it woke, took the GIL and slept again once per C-MOVE sub-operation,
