@@ -779,9 +779,7 @@ class Coordinator:
         loop. Not in a cluster (not even as an owner with R = 1): which ranges this node
         still fills is the repairer's view (`pending`), built and changed on the loop;
         a ring of one keeps none pending (replication/repair.py _note_ring)."""
-        if not exact_lookup(query) or not self.joined():
-            return None
-        if list(self._membership.ring().node_ids) != [self.self_id]:
+        if not exact_lookup(query) or not self._alone_here():
             return None
         context = self._read_context(pending=RangeSet([]))
         gather = None if study_keys(query) is None else self._gather(query, counted=False, context=context)
@@ -793,8 +791,7 @@ class Coordinator:
             routed = False
         if rows is None:
             return None
-        self._count("reads_routed" if routed else "reads_scattered")
-        self.stats.extra["reads_here"] = self.stats.extra.get("reads_here", 0) + 1
+        self._count_read_here("reads_routed" if routed else "reads_scattered")
         if query.level == "PATIENT":
             return list(aggregate_patients(rows))
         if wants_patient_counts(query):
@@ -960,9 +957,7 @@ class Coordinator:
                 wanted[condition.keyword] = {value.strip() for value in condition.value.split("\\")}
             else:  # PatientID (matched against the study's patient), a second key, a UID list of studies.
                 return None
-        if not study_uid or not self.joined() or not self._membership.is_alive(self.self_id):
-            return None
-        if list(self._membership.ring().node_ids) != [self.self_id]:
+        if not study_uid or not self._alone_here() or not self._membership.is_alive(self.self_id):
             return None
         try:
             locations = self._locator.study_locations(study_uid, instances_max)
@@ -976,9 +971,18 @@ class Coordinator:
             locations = [location for location in locations
                          if (series is None or location.series_instance_uid in series)
                          and (sops is None or location.sop_instance_uid in sops)]
-        self._count("reads_routed")
-        self.stats.extra["reads_here"] = self.stats.extra.get("reads_here", 0) + 1
+        self._count_read_here("reads_routed")
         return RetrievePlan(locations, Shortfall())
+
+    def _alone_here(self) -> bool:
+        """Joined, on a ring of this node alone: what find_here and _study_here need to
+        answer from the own store on the calling thread (nothing else would be asked)."""
+        return self.joined() and list(self._membership.ring().node_ids) == [self.self_id]
+
+    def _count_read_here(self, kind: str) -> None:
+        """A read answered on the calling thread from the own store (find_here, _study_here)."""
+        self._count(kind)
+        self.stats.extra["reads_here"] = self.stats.extra.get("reads_here", 0) + 1
 
     def owns(self, study_instance_uid: str) -> bool:
         """Whether this node is one of the study's owners (reads the ring only: callable
