@@ -18,6 +18,11 @@ What pynetdicom 3.0.4 does and what the subclasses change:
 - An exception while decoding a DIMSE message or running the state machine kills the DUL
   thread with a traceback and leaves the peer without an A-ABORT. Here it is one line and
   an A-ABORT.
+- A thread waiting for a response (pynetdicom's send_*(), the node's C-GET/C-MOVE
+  sub-operations) is woken on an association that ends only by the one (None, None) mark
+  AA-2/3/4 put on the DIMSE queue: a second wait (a sender that took the mark and sent
+  again before the reactor had seen the abort) lasted the whole DIMSE timeout. Here the
+  DUL's end closes the DIMSE queue (_MessageQueue): no wait outlives the connection.
 - Requests that association_guard.check_request refuses are rejected before negotiation;
   the request primitive that check builds is the one negotiation uses (_AssociateRQ:
   pynetdicom would build it again), and pynetdicom's standard logging handlers, which
@@ -215,6 +220,49 @@ class _WakingQueue(_LightQueue):
         self._wake()
 
 
+class _MessageQueue(_WakingQueue):
+    """The DIMSE message queue (received requests and responses), which its association's
+    DUL closes when its thread ends (AcceptorDUL.run_reactor): from then on a get that
+    finds it empty returns at once instead of waiting. pynetdicom's only wake-up for a
+    thread waiting for a response on an association that ends is the one (None, None) mark
+    AA-2/3/4 put, and one mark wakes one wait: a sender that took it, then sent again
+    before the reactor had seen the abort (still established, past its check), waited the
+    whole DIMSE timeout on a queue that no thread would put on again
+    (test_kill_worker_mid_store_loses_nothing_acknowledged: 60 s instead of ~15 s, 1 run in
+    6-7 under load; tests/unit/test_acceptor.py drives the race). Closed is a state, not
+    an item: every later wait sees it. Items put before the close are still taken first."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__(wake)
+        self.closed = False
+
+    def close(self) -> None:
+        """No more messages will come: wake every waiting getter, and let none wait again."""
+        with self.mutex:
+            self.closed = True
+            self.not_empty.notify_all()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """queue.Queue.get, raising queue.Empty at once when empty and closed."""
+        if not block:
+            return super().get(False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.not_empty:
+            while not self._qsize():
+                if self.closed:
+                    raise queue.Empty
+                if deadline is None:
+                    self.not_empty.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise queue.Empty
+                self.not_empty.wait(remaining)
+            item = self._get()
+            self.not_full.notify()
+            return item
+
+
 class _ProviderQueue(_WakingQueue):
     """The DUL's outgoing queue, bounded: a DIMSE message is cut into PDUs as the DUL
     sends them, instead of all at once (a 200 MB instance was held a second time as PDUs
@@ -371,6 +419,10 @@ class AcceptorDUL(DULServiceProvider):
                 gate.wait()  # See AcceptorAssociation.run_reactor.
             self._run_reactor_loop()
         finally:
+            # No message comes after this: a thread waiting for a response (or about to)
+            # gets none at once (_MessageQueue), whatever took AA-2/3/4's mark, or if the
+            # thread ended without them (_abort_hard, kill_dul).
+            cast(AcceptorDIMSE, self.assoc.dimse).msg_queue.close()
             waker, self._waker = self._waker, None
             waker.close()
             self._idle.set()
@@ -1022,7 +1074,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
         self._assoc = assoc
         self.cancel_req = {}
         self.message = None
-        self.msg_queue = _WakingQueue(assoc.wake_for_message)
+        self.msg_queue: _MessageQueue = _MessageQueue(assoc.wake_for_message)  # Closed by the DUL's end.
         self._spool: SpoolSettings | None = getattr(assoc.ae, "spool", None)
         # A Pending C-MOVE-RSP held back until the next sub-operation's request is out
         # (see _send_pending_retrieve_response): (PDU, message id responded, status, hook).

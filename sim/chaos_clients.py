@@ -1,5 +1,13 @@
 """DICOM clients for the chaos runner: pynetdicom as SCU and dcmtk's storescu.
 
+The pynetdicom store client requests its associations through the node's own requestor
+(node/acceptor.py NodeAE, pynetdicom's Association subclassed), as the tests' clients do
+(tests/integration/clients.py requestor_ae): pynetdicom 3.0.4's plain requestor can start
+waiting for a C-STORE response on an association whose connection is already gone (its
+reactor takes the one end-of-association mark, or an earlier wait took it) and then waits
+out its whole DIMSE timeout, 45 s here, whenever a node is killed in the middle of a
+store. dcmtk's storescu stays the client written by no one here.
+
 Unlike a test helper, nothing here raises on a refused association or a timeout: every
 call returns what happened, because under chaos a failed operation is a result to
 record, not an error. Nothing here talks to anything but 127.0.0.1.
@@ -23,6 +31,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
+
+from pacsnode.node.acceptor import NodeAE
 
 HOST = "127.0.0.1"
 
@@ -68,8 +78,9 @@ def _nodelay(event: Any) -> None:
         pass
 
 
-def _ae() -> AE:
-    ae = AE(ae_title="CHAOSSCU")
+def _ae(*, node_requestor: bool = False) -> AE:
+    """pynetdicom's AE, or with `node_requestor` the node's own (NodeAE: see the module)."""
+    ae = NodeAE(ae_title="CHAOSSCU") if node_requestor else AE(ae_title="CHAOSSCU")
     ae.acse_timeout = ACSE_TIMEOUT_S
     ae.dimse_timeout = DIMSE_TIMEOUT_S
     ae.network_timeout = NETWORK_TIMEOUT_S
@@ -99,9 +110,11 @@ class StoreOutcome:
 
 
 def store_files(port: int, files: list[tuple[str, str, str]], ae_title: str = "PACSNODE") -> StoreOutcome:
-    """C-STORE each (path, SOP class UID, transfer syntax UID) on one association."""
+    """C-STORE each (path, SOP class UID, transfer syntax UID) on one association, until one
+    gets no response (a DIMSE timeout, an abort or the connection gone: pynetdicom's
+    empty status; the association is over then, the rest stay None)."""
     outcome = StoreOutcome(statuses={path: None for path, _, _ in files})
-    ae = _ae()
+    ae = _ae(node_requestor=True)
     for sop_class, syntax in dict.fromkeys((c, s) for _, c, s in files):
         ae.add_requested_context(sop_class, [syntax])
     assoc, outcome.error = _associate(ae, port, ae_title)
@@ -113,7 +126,10 @@ def store_files(port: int, files: list[tuple[str, str, str]], ae_title: str = "P
                 outcome.error = "association ended"
                 break
             status = assoc.send_c_store(path)
-            outcome.statuses[path] = int(status.Status) if "Status" in status else None
+            if "Status" not in status:
+                outcome.error = "no response"
+                break
+            outcome.statuses[path] = int(status.Status)
     except Exception as error:
         outcome.error = f"send: {error!r}"
     finally:

@@ -434,6 +434,66 @@ def test_the_reactor_leaves_the_end_of_association_mark_for_a_sender() -> None:
         assert assoc.dimse.msg_queue.empty()  # Anything else it reads as before.
 
 
+def test_a_sender_past_its_check_does_not_wait_on_an_association_whose_connection_is_gone() -> None:
+    """The race behind test_kill_worker_mid_store_loses_nothing_acknowledged's 60 s (1 run
+    in 6-7 under load), driven in order: a sender (pynetdicom's send_c_store) has paused
+    the reactor and waits; the peer's connection drops (its process killed); the DUL puts
+    the end-of-association mark (AA-4) and ends; the sender takes the mark and releases
+    the reactor, and before the reactor has seen the abort (is_established still True) the
+    next send_c_store is past its is_established check. Its wait must end at once (no
+    response: an empty status), not after the DIMSE timeout (60 s) on a queue that no
+    thread will ever put on again."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsnode.sim.faultproxy import FaultProxy
+    from pacsnode.sim.process import free_port, wait_until
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", free_port()), block=False)
+    requestor = acceptor.NodeAE(ae_title="NODE")
+    requestor.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    requestor.dimse_timeout = 60
+    dataset = Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, generate_uid()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        with FaultProxy() as proxy:
+            port = proxy.add_link("scp", "127.0.0.1", server.server_address[1])
+            assoc = requestor.associate("127.0.0.1", port, ae_title="SCP")
+            assert isinstance(assoc, acceptor.RequestorAssociation) and assoc.is_established
+            # The first sender pauses the reactor as pynetdicom's send_c_store does.
+            assoc._is_paused = False
+            assoc._reactor_checkpoint.clear()
+            assert wait_until(lambda: assoc._is_paused, 10)
+            proxy.reset("scp")  # The peer's connection drops.
+            assoc.dul.join(10)
+            assert not assoc.dul.is_alive()  # AA-4 ran: the DUL put its mark and ended.
+            assert assoc.dimse.get_msg(block=True) == (None, None)  # The first sender's wait ends on the mark.
+            # It would release the reactor now; the next sender pauses it again before it ran
+            # (the checkpoint stays cleared here: the reactor stays where it was).
+            assert assoc.is_established  # The abort is not seen yet: this sender passes its check.
+            statuses: list[Any] = []
+            sender = threading.Thread(target=lambda: statuses.append(assoc.send_c_store(dataset)), daemon=True)
+            sender.start()
+            sender.join(10)
+            waiting = sender.is_alive()
+            if waiting:
+                assoc.dimse.msg_queue.put((None, None))  # Let it go (it would have waited 60 s).
+                sender.join(10)
+            assert not waiting, "send_c_store waited for a response on an association whose connection was gone"
+            assert len(statuses) == 1 and "Status" not in statuses[0]  # No response.
+            assert wait_until(lambda: not assoc.is_alive(), 10)  # The released reactor ended it.
+            assert not assoc.is_established
+    finally:
+        requestor.shutdown()
+        scp.shutdown()
+
+
 def test_a_held_response_does_not_wake_the_reactor() -> None:
     """issue 10: a response put on the DIMSE queue while a sender holds responses does not
     wake the reactor (it woke, took the GIL and slept again once per C-MOVE sub-operation,
