@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from pacsnode.node import frame_stream
 from pacsnode.node.blob_files import CHUNK_BYTES, BlobPointer
+from pacsnode.node.codec import decompress
 from pacsnode.node.dicomweb_render import RenderError, frames
 from pacsnode.node.frame_stream import BlobFile, NoFrame, NotStreamed, TooManyPasses
 from pacsnode.replication.model import CorruptBlob, StoreError
@@ -73,15 +74,13 @@ def open_frames(store: Any, study_instance_uid: str, sop_instance_uid: str, numb
             part10 = store.read_part10(study_instance_uid, sop_instance_uid)  # Checked; a corrupt copy is logged.
         except KeyError:
             return FramesAnswer(FramesOutcome.NOT_HELD, "instance not held here")
-        except StoreError:
+        except (CorruptBlob, StoreError):
             return FramesAnswer(FramesOutcome.UNREADABLE, "this copy failed its check")
         return _cut(part10, numbers, record.transfer_syntax_uid, record.content_hash)
     if include_hints:
         for owner in store.hint_owners():
             stored = store.read_hint(owner, study_instance_uid, sop_instance_uid)
             if stored is not None:
-                from pacsnode.node.codec import decompress
-
                 try:
                     part10 = decompress(stored.blob, sop_instance_uid)
                 except CorruptBlob:

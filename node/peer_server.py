@@ -400,8 +400,13 @@ class DataService(pb_grpc.DataServicer):
         # silent one up after replica_start_timeout_ms), however long the read takes.
         yield pb.FramesChunk(envelope=self.server.envelope())
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(None, lambda: open_frames(self.node.store, study, sop, numbers,
-                                                                      include_hints=request.include_hints))
+        opening = loop.run_in_executor(None, lambda: open_frames(self.node.store, study, sop, numbers,
+                                                                 include_hints=request.include_hints))
+        try:
+            answer = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # The caller went while the copy was opened: close it once open.
+            opening.add_done_callback(_close_answer)
+            raise
         self.server.frames_answers += 1
         pending: asyncio.Future[list[pb.FramesChunk]] | None = None
         try:
@@ -517,6 +522,11 @@ _FRAMES_OUTCOME_TO_WIRE = {
     FramesOutcome.LIST_REFUSED: pb.FRAMES_OUTCOME_LIST_REFUSED,
     FramesOutcome.UNREADABLE: pb.FRAMES_OUTCOME_UNREADABLE,
 }
+def _close_answer(done: "asyncio.Future[FramesAnswer]") -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result().close()
+
+
 # Frame bytes one thread hop of a FetchFrames reads and cuts into messages.
 FRAMES_BATCH_BYTES = 2 * CHUNK_BYTES_MAX
 

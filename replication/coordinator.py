@@ -58,6 +58,7 @@ from pacsnode.replication.planning import RangeSet, range_pieces, read_order, st
 from pacsnode.replication.query import aggregate_patients, exact_lookup, wants_patient_counts, with_patient_counts
 from pacsnode.replication.transport import (
     FrameTransport,
+    FramesNotHeld,
     FramesUnavailable,
     FramesUnsupported,
     LocalReplica,
@@ -1099,7 +1100,7 @@ class Coordinator:
                 reasons.append(str(error))
                 await _close_stream(streams)
                 continue
-            except PeerError as error:  # FramesNotHeld too.
+            except (FramesNotHeld, PeerError) as error:
                 reasons.append(str(error))
                 await _close_stream(streams)
                 continue

@@ -49,12 +49,14 @@ class PeerRefused(PeerError):
         self.reason = reason
 
 
-class FramesUnsupported(PeerError):
-    """The peer predates Data.FetchFrames (it answered UNIMPLEMENTED): read the instance whole."""
+class FramesUnsupported(Exception):
+    """The peer predates Data.FetchFrames (it answered UNIMPLEMENTED): read the instance
+    whole. Not a PeerError: the peer answered, and is not to be taken for a slow one."""
 
 
-class FramesNotHeld(PeerError):
-    """The peer does not hold the instance (or its copy failed a check before any frame)."""
+class FramesNotHeld(Exception):
+    """The peer does not hold the instance (or its copy failed a check before any frame):
+    ask another replica. Not a PeerError, as FetchInstance's NOT_FOUND is none."""
 
 
 class FrameNotFound(Exception):
