@@ -285,3 +285,63 @@ def test_the_next_owner_answers_when_the_first_is_gone(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop(timeout_s=15)
+
+
+def test_a_client_that_goes_away_stops_the_peer_call(pair: list[NodeProcess], tmp_path: Path) -> None:
+    """Every frame of an 80 MiB instance asked through the entry node, the client gone after
+    the first MiB: the owner stops sending (the entry node pulls a piece only as the body
+    is sent, and closing the body cancels the FetchFrames call), and both nodes answer on."""
+    entry, owner = pair
+    frames, rows = 40, 1024
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID = _study_owned_by(("f1", "f2"), "f2")
+    ds.PatientID, ds.Modality = "PEERFRAMES", "OT"
+    ds.Rows = ds.Columns = rows
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.random.default_rng(3403).integers(0, 4096, frames * rows * rows, dtype=np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(tmp_path / "big.dcm", enforce_file_format=True)
+    total = len(ds.PixelData)
+    del ds.PixelData
+    result, acked = clients.storescu(entry.dicom_port, [str(tmp_path / "big.dcm")])
+    assert len(acked) == 1, result.stdout + result.stderr
+    url = (f"http://127.0.0.1:{entry.http_port}/dicom-web/studies/{ds.StudyInstanceUID}"
+           f"/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/"
+           + ",".join(str(n) for n in range(1, frames + 1)))
+    before = _metrics(owner)["pacsnode.peer.frames_sent_bytes"]
+    with httpx.stream("GET", url, timeout=60) as reply:
+        assert reply.status_code == 200
+        received = 0
+        for chunk in reply.iter_raw():
+            received += len(chunk)
+            if received >= 1 << 20:
+                break
+    sent: list[float] = []
+
+    def settled() -> bool:
+        sent.append(_metrics(owner)["pacsnode.peer.frames_sent_bytes"] - before)
+        return len(sent) >= 3 and sent[-1] == sent[-3]
+
+    assert wait_until(settled, 20, interval_s=0.3)
+    assert sent[-1] < total / 2, (sent[-1], total)  # 5 MiB of 80 when written.
+
+    def blob_files_open() -> list[str]:  # The owner's call ended: its blob file is closed.
+        assert owner.process is not None
+        links = []
+        for fd in Path(f"/proc/{owner.process.pid}/fd").iterdir():
+            try:
+                links.append(os.readlink(fd))
+            except OSError:
+                continue
+        return [link for link in links if link.startswith(str(owner.data_dir)) and link.endswith(".zst")]
+
+    assert wait_until(lambda: not blob_files_open(), 10), blob_files_open()
+    status, parts, text = _frames(entry, ds, "1")  # The nodes answer on.
+    assert status == 200 and len(parts) == 1 and len(parts[0]) == rows * rows * 2, text
