@@ -89,6 +89,7 @@ from pacsnode.replication.archive import IncompleteAnswer, InstanceLocation, Rea
 from pacsnode.replication.delete_coordinator import DeleteScope, DeleteStatus
 from pacsnode.replication.matching import Condition, Query
 from pacsnode.replication.model import Attributes, CorruptBlob
+from pacsnode.replication.transport import FrameListRefused, FrameNotFound, PeerError
 
 log = logging.getLogger(__name__)
 
@@ -1040,6 +1041,23 @@ class DicomWeb:
                                                closing_delimiter(boundary))
             return self._streamed(request, location, streamed, multipart_content_type(media_type, boundary, syntax),
                                   "frames")
+        open_frames = getattr(self._archive, "open_frames", None)
+        if open_frames is not None:
+            # A study this node does not own: the frames from an owner (Data.FetchFrames), not
+            # the whole instance; None when no owner answers so (then the whole read below).
+            try:
+                remote = await run_in_threadpool(open_frames, location, numbers)
+            except FrameNotFound as error:
+                return PlainTextResponse(str(error), status_code=404)
+            except FrameListRefused as error:
+                return PlainTextResponse(str(error), status_code=400)
+            if remote is not None:
+                boundary = new_boundary()
+                streamed = _remote_frame_body(remote,
+                                              lambda first_part: part_header(boundary, part_type, first=first_part),
+                                              closing_delimiter(boundary))
+                return self._streamed(request, location, streamed,
+                                      multipart_content_type(media_type, boundary, syntax), "frames")
 
         def load() -> list[bytes]:
             part10, _offset = self._archive.read(location)
@@ -1124,7 +1142,7 @@ class DicomWeb:
                 pieces += 1
                 yield piece
             finished = True
-        except (CorruptBlob, FrameLayoutError) as error:
+        except (CorruptBlob, FrameLayoutError, PeerError) as error:
             log.error("dicomweb.%s.unreadable sop_instance_uid=%s pieces_sent=%d reason=%s",
                       what, location.sop_instance_uid, pieces, error)
             raise
@@ -1549,6 +1567,27 @@ def _read_groups(sendable: list[tuple[InstanceLocation, str]]) -> list[list[tupl
     if group:
         groups.append(group)
     return groups
+
+
+def _remote_frame_body(frames: Iterator[int | bytes], part_head: Callable[[bool], bytes],
+                       closing: bytes) -> Iterator[bytes]:
+    """The multipart body of frames read from an owner (ClusterArchive.open_frames): a part
+    header at each frame's start, its bytes as they come, and `closing` only once the
+    owner's answer ended complete and checked (node/grpc_transport.py fetch_frames); a
+    broken answer (PeerError) breaks the body off. Closing it cancels the peer call."""
+    try:
+        first = True
+        for piece in frames:
+            if isinstance(piece, int):
+                yield part_head(first)
+                first = False
+            else:
+                yield piece
+        yield closing
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
 
 
 def _close_body(body: Iterator[bytes]) -> None:

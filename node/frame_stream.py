@@ -445,6 +445,38 @@ def frame_body(blob: BlobFile, found: PixelLayout, first: _Forward | None, numbe
         first.close()
 
 
+def frame_events(blob: BlobFile, found: PixelLayout, first: _Forward | None,
+                 numbers: list[int]) -> Iterator[int | bytes]:
+    """The frames asked (`check_numbers`) for the peer protocol's FetchFrames
+    (node/peer_frames.py): each frame's number as it starts, then its bytes as stored in
+    chunks of at most CHUNK_BYTES; the last chunk of each pass only after that pass's check
+    (CorruptBlob, FrameLayoutError as `frame_body`). One chunk in memory, never a frame."""
+    for run in _runs(numbers):
+        forward = first if first is not None else _Forward(blob)
+        first = None
+        held: bytes | None = None
+        index = 0
+        try:
+            frames = _native_frames(forward, found, run) if not found.encapsulated else \
+                _encapsulated_frames(forward, found, run)
+            for data in frames:
+                if held is not None:
+                    yield held
+                    held = None
+                if data is None:
+                    yield run[index]
+                    index += 1
+                else:
+                    held = data
+            forward.check()
+        finally:
+            forward.close()
+        if held is not None:
+            yield held
+    if first is not None:
+        first.close()
+
+
 def encoded_frames(blob: BlobFile, found: PixelLayout, first: _Forward | None,
                    numbers: list[int]) -> Iterator[bytes]:
     """Each frame asked (`check_numbers`) whole, in the asked order, for a decoder: two

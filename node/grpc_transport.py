@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mappin
 import grpc
 
 from pacsnode.node import peer_wire, write_trace
-from pacsnode.node.codec import payload_crc32
+from pacsnode.node.codec import crc32_of, payload_crc32
 from pacsnode.node.peer_server import GRPC_OPTIONS, describe_rpc_error
 from pacsnode.node.store_stream import StoreStreams, StreamUnavailable
 from pacsnode.node.tls import CHANNEL_OPTIONS
@@ -26,7 +26,17 @@ from pacsnode.replication.correction import Correction
 from pacsnode.replication.delete_coordinator import DeleteScope
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.model import Attributes, StoredInstance, Tombstone
-from pacsnode.replication.transport import PeerError, PeerRefused, RefusalReason, StoreReply, cancelled_by_caller
+from pacsnode.replication.transport import (
+    FrameListRefused,
+    FramesNotHeld,
+    FramesUnsupported,
+    FrameNotFound,
+    PeerError,
+    PeerRefused,
+    RefusalReason,
+    StoreReply,
+    cancelled_by_caller,
+)
 from pacsnode.ring.placement import TokenRange
 
 if TYPE_CHECKING:
@@ -37,6 +47,9 @@ log = logging.getLogger(__name__)
 # A peer that answered StoreWholeInstance with UNIMPLEMENTED (a node from before it) is
 # sent streams; it is asked again after this long (it may have been upgraded).
 WHOLE_RECHECK_S = 300.0
+# A peer that answered FetchFrames with UNIMPLEMENTED (a node from before it) is read
+# with FetchInstance; it is asked again after this long (it may have been upgraded).
+FRAMES_RECHECK_S = 300.0
 # Payload CRCs remembered (by blob identity): a write's copies to every peer share one.
 CRC_MEMO_ENTRIES = 16
 # A whole-instance copy to a node in another site is sent gzip-compressed (gRPC message
@@ -145,6 +158,9 @@ class GrpcTransport:
         self.stream_stores = 0  # Copies sent as a StoreInstance call (chunks: over 4 MiB, or an old peer).
         self.store_stream_copies = 0  # Copies sent on the peer's long-lived StoreStream.
         self.compressed_stores = 0  # Whole copies sent gzip-compressed (to another site).
+        self._frames_unsupported_until: dict[str, float] = {}  # Address -> monotonic time to ask again.
+        self.frames_calls = 0  # FetchFrames calls made.
+        self.frames_received_bytes = 0  # Frame bytes they brought.
 
     def _address(self, target: str) -> str:
         member = self._resolve(target)
@@ -272,6 +288,93 @@ class GrpcTransport:
             raise PeerError(f"{target}: fetch of {sop_instance_uid} returned {len(blob)} of "
                             f"{record.compressed_size_bytes} bytes")
         return StoredInstance(record=peer_wire.record_from_wire(record, attributes), attributes=attributes, blob=blob)
+
+    async def fetch_frames(self, target: str, study_instance_uid: str, sop_instance_uid: str,
+                           numbers: Sequence[int], *, timeout_ms: int,
+                           started: Callable[[], None] | None = None) -> AsyncIterator[int | bytes]:
+        """replication.transport.FrameTransport over Data.FetchFrames. Every frame is checked
+        against what the peer announced for it (its number, its size and CRC-32, the count
+        and the end of the answer); a mismatch is PeerError before the frame's last bytes
+        are handed on, so a lying or broken answer is never a complete one."""
+        address, stub = self._data(target)
+        if self._frames_unsupported_until.get(address, 0.0) > time.monotonic():
+            raise FramesUnsupported(f"{target}: predates FetchFrames")
+        asked = list(numbers)
+        request = pb.FetchFramesRequest(envelope=self._envelope(), study_instance_uid=study_instance_uid,
+                                        sop_instance_uid=sop_instance_uid, frame_numbers=asked)
+        self.frames_calls += 1
+        call = stub.FetchFrames(request, timeout=timeout_ms / 1000)
+        try:
+            with _peer_errors(target):
+                try:
+                    messages = call.__aiter__()
+                    await messages.__anext__()  # The envelope, sent at once.
+                    if started is not None:
+                        started()
+                    head = await messages.__anext__()
+                except StopAsyncIteration:
+                    raise PeerError(f"{target}: FetchFrames answer without an outcome") from None
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        self._frames_unsupported_until[address] = time.monotonic() + FRAMES_RECHECK_S
+                        log.info("peer.frames.unimplemented target=%s: reading whole instances from it", target)
+                        raise FramesUnsupported(f"{target}: predates FetchFrames") from None
+                    raise
+                if head.outcome == pb.FRAMES_OUTCOME_NO_FRAME:
+                    raise FrameNotFound(head.message[:200] or "no such frame")
+                if head.outcome == pb.FRAMES_OUTCOME_LIST_REFUSED:
+                    raise FrameListRefused(head.message[:200] or "frame list refused")
+                if head.outcome in (pb.FRAMES_OUTCOME_NOT_HELD, pb.FRAMES_OUTCOME_UNREADABLE):
+                    raise FramesNotHeld(f"{target}: {head.message[:200]}")
+                if head.outcome != pb.FRAMES_OUTCOME_SENDING:
+                    raise PeerError(f"{target}: FetchFrames outcome {head.outcome}")
+                index = 0  # Frames begun.
+                open_frame = False
+                size = crc = 0
+                complete = False
+                # A frame's last bytes are handed on only once the next message checks out
+                # (or this one ends the answer): an answer that goes on wrongly or stops
+                # after it never hands on every byte of every frame.
+                held: bytes | None = None
+                async for message in messages:
+                    number = int(message.frame_number)
+                    if number:
+                        if open_frame or index >= len(asked) or number != asked[index]:
+                            raise PeerError(f"{target}: frame {number} sent where "
+                                            f"{asked[index] if index < len(asked) and not open_frame else 'none'} "
+                                            "was due")
+                        index += 1
+                        open_frame, size, crc = True, 0, 0
+                    data = message.data
+                    if data and not open_frame:
+                        raise PeerError(f"{target}: frame bytes outside a frame")
+                    size += len(data)
+                    crc = crc32_of(data, crc)
+                    if message.frame_end:
+                        if not open_frame or size != message.frame_size_bytes or crc != message.frame_crc32:
+                            raise PeerError(f"{target}: frame {asked[index - 1] if index else 0}: {size} bytes "
+                                            f"received, {message.frame_size_bytes} announced (or its CRC-32 differs)")
+                        open_frame = False
+                    if message.last and (open_frame or index != len(asked)):
+                        raise PeerError(f"{target}: FetchFrames ended after {index} of {len(asked)} frames")
+                    if held is not None:
+                        yield held
+                        held = None
+                    if number:
+                        yield number
+                    if data:
+                        self.frames_received_bytes += len(data)
+                        if message.frame_end and not message.last:
+                            held = bytes(data)
+                        else:
+                            yield bytes(data)
+                    if message.last:
+                        complete = True
+                        break
+                if not complete:
+                    raise PeerError(f"{target}: FetchFrames ended early ({index} of {len(asked)} frames begun)")
+        finally:
+            call.cancel()
 
     async def query(self, target: str, query: Query, ranges: Sequence[TokenRange] | None, *,
                     timeout_ms: int, started: Callable[[], None] | None = None,

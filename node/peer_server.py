@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import grpc
 
 from pacsnode.node import peer_wire, write_trace
-from pacsnode.proto import CHUNK_BYTES_MAX, PROTOCOL_VERSION, STORE_STREAM_IN_FLIGHT_MAX, WHOLE_INSTANCE_BYTES_MAX
+from pacsnode.proto import (
+    CHUNK_BYTES_MAX,
+    FRAMES_ASKED_MAX,
+    PROTOCOL_VERSION,
+    STORE_STREAM_IN_FLIGHT_MAX,
+    WHOLE_INSTANCE_BYTES_MAX,
+)
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.replication.correction import Correction
@@ -35,6 +41,8 @@ from pacsnode.ring.members import MemberInfo
 from pacsnode.ring.placement import TokenRange, replica_total
 from pacsnode.replication.model import StoredInstance, StoreOutcome
 from pacsnode.replication.transport import PeerRefused, RefusalReason, cancelled_by_caller
+from pacsnode.node.codec import crc32_of
+from pacsnode.node.peer_frames import FramesAnswer, FramesOutcome, open_frames
 from pacsnode.node.peer_handler import RangesPending
 from pacsnode.node.swim_membership import MembershipUnavailable
 
@@ -94,6 +102,11 @@ class PeerServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.refused = 0
+        # Payload bytes sent to peers by FetchInstance (whole instances) and by FetchFrames
+        # (frames only): /metrics pacsnode_peer_fetch_sent_bytes, pacsnode_peer_frames_sent_bytes.
+        self.fetch_sent_bytes = 0
+        self.frames_sent_bytes = 0
+        self.frames_answers = 0
         # The read loops of open StoreStreams: stop() ends them, so each stream answers what
         # it has read and ends at once instead of holding the server's grace period.
         self.store_stream_readers: set[asyncio.Task[None]] = set()
@@ -363,10 +376,67 @@ class DataService(pb_grpc.DataServicer):
                 chunk.record.CopyFrom(peer_wire.record_to_wire(stored.record, len(blob)))
                 chunk.index_attributes_json = peer_wire.attributes_json(stored.attributes)
                 first = False
+            self.server.fetch_sent_bytes += len(data)
             yield chunk
             offset += len(data)
             if chunk.last:
                 return
+
+    async def FetchFrames(self, request: pb.FetchFramesRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.FramesChunk]:
+        """Some frames of an instance held here (node/peer_frames.py), each message read
+        and cut on a thread; a copy that fails a check after frames went out ends the
+        stream with DATA_LOSS (no `last`: the caller never takes it for a complete answer)."""
+        await self.server.check(request.envelope if request.HasField("envelope") else None, context, "FetchFrames")
+        numbers = [int(number) for number in request.frame_numbers]
+        study, sop = request.study_instance_uid, request.sop_instance_uid
+        if not study or len(study) > 64 or not sop or len(sop) > 64 or not numbers or \
+                len(numbers) > FRAMES_ASKED_MAX or min(numbers) < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"FetchFrames needs a study and SOP Instance UID and 1 to {FRAMES_ASKED_MAX} "
+                                "frame numbers of at least 1")
+            return
+        # The envelope at once: the caller knows this replica is answering (and gives a
+        # silent one up after replica_start_timeout_ms), however long the read takes.
+        yield pb.FramesChunk(envelope=self.server.envelope())
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(None, lambda: open_frames(self.node.store, study, sop, numbers,
+                                                                 include_hints=request.include_hints))
+        try:
+            answer = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # The caller went while the copy was opened: close it once open.
+            opening.add_done_callback(_close_answer)
+            raise
+        self.server.frames_answers += 1
+        pending: asyncio.Future[list[pb.FramesChunk]] | None = None
+        try:
+            yield pb.FramesChunk(outcome=_FRAMES_OUTCOME_TO_WIRE[answer.outcome], message=answer.message[:200],
+                                 transfer_syntax_uid=answer.transfer_syntax_uid, content_hash=answer.content_hash)
+            if answer.outcome is not FramesOutcome.SENDING:
+                return
+            messages = FrameMessages(answer)
+            while True:
+                pending = loop.run_in_executor(None, messages.batch)
+                try:
+                    batch = await pending
+                except Exception as error:  # CorruptBlob, FrameLayoutError: the copy broke mid-stream.
+                    pending = None
+                    log.error("peer.frames.unreadable sop_instance_uid=%s sent_bytes=%d error=%s", sop,
+                              messages.sent_bytes, type(error).__name__)
+                    await context.abort(grpc.StatusCode.DATA_LOSS, "this copy failed a check while its frames "
+                                                                   "were read; ask another replica")
+                    return
+                pending = None
+                if not batch:
+                    return
+                for message in batch:
+                    self.server.frames_sent_bytes += len(message.data)
+                    yield message
+        finally:
+            if pending is not None and not pending.done():  # Cancelled while a batch was read: close after it.
+                pending.add_done_callback(lambda _future: answer.close())
+            else:
+                answer.close()
 
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QueryRow]:
         await self.server.check(request.envelope if request.HasField("envelope") else None, context, "Query")
@@ -443,6 +513,77 @@ class DataService(pb_grpc.DataServicer):
         for record in records:
             reply.records.append(peer_wire.record_to_wire(record, 0))
         return reply
+
+
+_FRAMES_OUTCOME_TO_WIRE = {
+    FramesOutcome.SENDING: pb.FRAMES_OUTCOME_SENDING,
+    FramesOutcome.NOT_HELD: pb.FRAMES_OUTCOME_NOT_HELD,
+    FramesOutcome.NO_FRAME: pb.FRAMES_OUTCOME_NO_FRAME,
+    FramesOutcome.LIST_REFUSED: pb.FRAMES_OUTCOME_LIST_REFUSED,
+    FramesOutcome.UNREADABLE: pb.FRAMES_OUTCOME_UNREADABLE,
+}
+def _close_answer(done: "asyncio.Future[FramesAnswer]") -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result().close()
+
+
+# Frame bytes one thread hop of a FetchFrames reads and cuts into messages.
+FRAMES_BATCH_BYTES = 2 * CHUNK_BYTES_MAX
+
+
+class FrameMessages:
+    """A FetchFrames answer's frames as FramesChunk messages (each at most CHUNK_BYTES_MAX
+    of data; a frame's first message names it, its last carries its size and CRC-32; the
+    stream's last message has `last`). Blocking: `batch` reads the answer's events."""
+
+    def __init__(self, answer: FramesAnswer) -> None:
+        self._events = answer.events
+        self._number = 0  # The frame being sent (0: none yet).
+        self._starts = False  # The next message is the current frame's first.
+        self._size = 0
+        self._crc = 0
+        self._parts: list[bytes] = []
+        self._parts_bytes = 0
+        self._done = False
+        self.sent_bytes = 0
+
+    def _message(self, *, frame_end: bool) -> pb.FramesChunk:
+        message = pb.FramesChunk(data=b"".join(self._parts))
+        self._parts, self._parts_bytes = [], 0
+        if self._starts:
+            message.frame_number = self._number
+            self._starts = False
+        if frame_end:
+            message.frame_end = True
+            message.frame_size_bytes = self._size
+            message.frame_crc32 = self._crc
+        self.sent_bytes += len(message.data)
+        return message
+
+    def batch(self, bytes_max: int = FRAMES_BATCH_BYTES) -> list[pb.FramesChunk]:
+        """The next messages (about `bytes_max` of data); [] after the last."""
+        out: list[pb.FramesChunk] = []
+        read = 0
+        while read < bytes_max and not self._done:
+            event = next(self._events, None)
+            if event is None:
+                self._done = True
+                last = self._message(frame_end=True) if self._number else pb.FramesChunk()
+                last.last = True
+                out.append(last)
+            elif isinstance(event, int):
+                if self._number:
+                    out.append(self._message(frame_end=True))
+                self._number, self._starts, self._size, self._crc = event, True, 0, 0
+            else:
+                if self._parts_bytes + len(event) > CHUNK_BYTES_MAX:
+                    out.append(self._message(frame_end=False))
+                self._size += len(event)
+                self._crc = crc32_of(event, self._crc)
+                self._parts.append(event)
+                self._parts_bytes += len(event)
+                read += len(event)
+        return out
 
 
 class RepairService(pb_grpc.RepairServicer):

@@ -41,6 +41,8 @@ from pacsnode.replication.correction import Correction
 from pacsnode.node.correct import corrected
 from pacsnode.replication.matching import Query
 from pacsnode.replication.model import Attributes, Instance, InstanceRecord, StoreError, StoredInstance
+from pacsnode.replication.transport import FramesUnavailable
+from pacsnode.proto import FRAMES_ASKED_MAX
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -325,6 +327,27 @@ class ClusterArchive:
             return self._coordinated_read(location, is_cancelled)
         return self.read(location, is_cancelled)
 
+    def open_frames(self, location: InstanceLocation, numbers: list[int]) -> "RemoteFrames | None":
+        """WADO-RS /frames of an instance of a study this node does not own, from an owner
+        that cuts them from its copy (Coordinator.read_frames, Data.FetchFrames): only the
+        frames' bytes cross between nodes. None: this node owns the study (its own copy is
+        read), the list is over FRAMES_ASKED_MAX, or no owner answered FetchFrames (an older
+        node, a copy missing or unreadable): the caller reads the instance whole (`read`).
+        FrameNotFound (404) and FrameListRefused (400) are an owner's final answer. Blocking:
+        call it on a reader thread; the first frame has begun when it returns."""
+        if self._coordinator.owns(location.study_instance_uid) or len(numbers) > FRAMES_ASKED_MAX:
+            return None
+        frames = RemoteFrames(self._loop, self._coordinator.read_frames(location, numbers))
+        try:
+            frames.start()
+        except FramesUnavailable:
+            frames.close()
+            return None
+        except BaseException:
+            frames.close()
+            raise
+        return frames
+
     def open_compressed(self, location: InstanceLocation) -> "CompressedCopy | None":
         """This node's own copy of an uncorrected instance as kept (zstd blob or blob file),
         for a DICOM worker that decompresses it itself (node/archive_channel.py); None when
@@ -350,6 +373,66 @@ class ClusterArchive:
             return self._loop.run(self._coordinator.read(location), 600, is_cancelled)
         except TimeoutError as error:
             raise ReadError(str(error)) from None
+
+
+class RemoteFrames:
+    """Coordinator.read_frames (an async iterator on the node's loop) as a blocking
+    iterator for the HTTP front end's reader threads: each piece (a frame's number as it
+    starts, then its bytes) one step on the loop. `close` cancels the peer call."""
+
+    STEP_TIMEOUT_S = 600.0  # Each step is also bounded by the peer call's own deadline.
+
+    def __init__(self, loop: LoopThread, stream: Any) -> None:
+        self._loop = loop
+        self._stream = stream
+        self._first: int | bytes | None = None
+        self._done = False
+
+    async def _step(self) -> int | bytes | None:
+        try:
+            piece: int | bytes = await self._stream.__anext__()
+        except StopAsyncIteration:
+            return None
+        return piece
+
+    def start(self) -> None:
+        """Wait for the first piece (before the status line goes out)."""
+        self._first = self._next()
+
+    def _next(self) -> int | bytes | None:
+        if self._done:
+            return None
+        try:
+            piece = self._loop.run(self._step(), self.STEP_TIMEOUT_S)
+        except BaseException:
+            self._done = True
+            raise
+        if piece is None:
+            self._done = True
+        return piece
+
+    def __iter__(self) -> "RemoteFrames":
+        return self
+
+    def __next__(self) -> int | bytes:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        piece = self._next()
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    async def _close(self) -> None:
+        await self._stream.aclose()
+
+    def close(self) -> None:
+        self._done = True
+        try:
+            self._loop.run(self._close(), 30)
+        except Exception as error:  # The call is cancelled either way; nothing is sent after this.
+            log.info("archive.frames.close_failed error=%s", type(error).__name__)
 
 
 def own_stream_reader(store: Any) -> Callable[[InstanceLocation], tuple[bytes | Part10Stream, int] | None]:

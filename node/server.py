@@ -319,6 +319,11 @@ class Node:
             "pacsnode.repair.pending_ranges_count": repair.pending_ranges,
             "pacsnode.repair.last_pass_ms": repair.last_pass_ms,
             "pacsnode.peer.refused_count": self.peer_server.refused,
+            # Payload bytes this node sent to peers: whole instances (FetchInstance) and frames
+            # (FetchFrames, WADO-RS /frames asked through another node).
+            "pacsnode.peer.fetch_sent_bytes": self.peer_server.fetch_sent_bytes,
+            "pacsnode.peer.frames_sent_bytes": self.peer_server.frames_sent_bytes,
+            "pacsnode.peer.frames_answers_count": self.peer_server.frames_answers,
             "pacsnode.io.threads_count": io.threads,
             "pacsnode.io.running_count": io.running,
             "pacsnode.io.queued_count": io.queued,

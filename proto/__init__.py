@@ -25,5 +25,9 @@ WHOLE_INSTANCE_BYTES_MAX = 4 << 20
 # more of that stream until one is answered (HTTP/2 flow control then holds the sender).
 STORE_STREAM_IN_FLIGHT_MAX = 32
 
+# The most frame numbers one Data.FetchFrames request may ask for; a longer WADO-RS frame
+# list is read through FetchInstance.
+FRAMES_ASKED_MAX = 4096
+
 # Buckets per token range in RangeDigest (XOR + count each).
 DIGEST_BUCKET_COUNT = 1024

@@ -20,6 +20,15 @@ class StoreOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORE_OUTCOME_DELETED: _ClassVar[StoreOutcome]
     STORE_OUTCOME_REFUSED_NOT_OWNER: _ClassVar[StoreOutcome]
 
+class FramesOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FRAMES_OUTCOME_UNSPECIFIED: _ClassVar[FramesOutcome]
+    FRAMES_OUTCOME_SENDING: _ClassVar[FramesOutcome]
+    FRAMES_OUTCOME_NOT_HELD: _ClassVar[FramesOutcome]
+    FRAMES_OUTCOME_NO_FRAME: _ClassVar[FramesOutcome]
+    FRAMES_OUTCOME_LIST_REFUSED: _ClassVar[FramesOutcome]
+    FRAMES_OUTCOME_UNREADABLE: _ClassVar[FramesOutcome]
+
 class TombstoneOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TOMBSTONE_OUTCOME_UNSPECIFIED: _ClassVar[TombstoneOutcome]
@@ -79,6 +88,12 @@ STORE_OUTCOME_REFUSED_INVALID: StoreOutcome
 STORE_OUTCOME_ERROR: StoreOutcome
 STORE_OUTCOME_DELETED: StoreOutcome
 STORE_OUTCOME_REFUSED_NOT_OWNER: StoreOutcome
+FRAMES_OUTCOME_UNSPECIFIED: FramesOutcome
+FRAMES_OUTCOME_SENDING: FramesOutcome
+FRAMES_OUTCOME_NOT_HELD: FramesOutcome
+FRAMES_OUTCOME_NO_FRAME: FramesOutcome
+FRAMES_OUTCOME_LIST_REFUSED: FramesOutcome
+FRAMES_OUTCOME_UNREADABLE: FramesOutcome
 TOMBSTONE_OUTCOME_UNSPECIFIED: TombstoneOutcome
 TOMBSTONE_OUTCOME_APPLIED: TombstoneOutcome
 TOMBSTONE_OUTCOME_DUPLICATE: TombstoneOutcome
@@ -300,6 +315,46 @@ class FetchChunk(_message.Message):
     last: bool
     index_attributes_json: bytes
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., record: _Optional[_Union[InstanceRecord, _Mapping]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ..., index_attributes_json: _Optional[bytes] = ...) -> None: ...
+
+class FetchFramesRequest(_message.Message):
+    __slots__ = ("envelope", "study_instance_uid", "sop_instance_uid", "frame_numbers", "include_hints")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HINTS_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    study_instance_uid: str
+    sop_instance_uid: str
+    frame_numbers: _containers.RepeatedScalarFieldContainer[int]
+    include_hints: bool
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., study_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., frame_numbers: _Optional[_Iterable[int]] = ..., include_hints: _Optional[bool] = ...) -> None: ...
+
+class FramesChunk(_message.Message):
+    __slots__ = ("envelope", "outcome", "message", "transfer_syntax_uid", "content_hash", "frame_number", "data", "frame_end", "frame_size_bytes", "frame_crc32", "last")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SYNTAX_UID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    FRAME_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FRAME_END_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_CRC32_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    outcome: FramesOutcome
+    message: str
+    transfer_syntax_uid: str
+    content_hash: str
+    frame_number: int
+    data: bytes
+    frame_end: bool
+    frame_size_bytes: int
+    frame_crc32: int
+    last: bool
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., outcome: _Optional[_Union[FramesOutcome, str]] = ..., message: _Optional[str] = ..., transfer_syntax_uid: _Optional[str] = ..., content_hash: _Optional[str] = ..., frame_number: _Optional[int] = ..., data: _Optional[bytes] = ..., frame_end: _Optional[bool] = ..., frame_size_bytes: _Optional[int] = ..., frame_crc32: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("envelope", "query_json", "token_ranges", "include_hints")

@@ -58,6 +58,11 @@ class DataStub:
                 request_serializer=pacsnode__pb2.FetchRequest.SerializeToString,
                 response_deserializer=pacsnode__pb2.FetchChunk.FromString,
                 _registered_method=True)
+        self.FetchFrames = channel.unary_stream(
+                '/pacsnode.v1.Data/FetchFrames',
+                request_serializer=pacsnode__pb2.FetchFramesRequest.SerializeToString,
+                response_deserializer=pacsnode__pb2.FramesChunk.FromString,
+                _registered_method=True)
         self.Query = channel.unary_stream(
                 '/pacsnode.v1.Data/Query',
                 request_serializer=pacsnode__pb2.QueryRequest.SerializeToString,
@@ -129,6 +134,18 @@ class DataServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchFrames(self, request, context):
+        """Stream some frames of one stored instance (WADO-RS /frames asked of a node that does
+        not hold it), cut by the receiver from its copy: only the asked frames' bytes travel,
+        not the instance. The first message carries the envelope, sent at once; the second
+        the outcome (FramesOutcome) and, when the frames follow, the instance's transfer
+        syntax; then the frames in the asked order (FramesChunk). A node that predates it
+        answers UNIMPLEMENTED, and the caller then uses FetchInstance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Query(self, request, context):
         """Match a C-FIND query against the receiver's index, streaming one row per match.
         The caller cancels the gRPC call to stop it (C-CANCEL); the server then stops.
@@ -182,6 +199,11 @@ def add_DataServicer_to_server(servicer, server):
                     servicer.FetchInstance,
                     request_deserializer=pacsnode__pb2.FetchRequest.FromString,
                     response_serializer=pacsnode__pb2.FetchChunk.SerializeToString,
+            ),
+            'FetchFrames': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchFrames,
+                    request_deserializer=pacsnode__pb2.FetchFramesRequest.FromString,
+                    response_serializer=pacsnode__pb2.FramesChunk.SerializeToString,
             ),
             'Query': grpc.unary_stream_rpc_method_handler(
                     servicer.Query,
@@ -315,6 +337,33 @@ class Data:
             '/pacsnode.v1.Data/FetchInstance',
             pacsnode__pb2.FetchRequest.SerializeToString,
             pacsnode__pb2.FetchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchFrames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pacsnode.v1.Data/FetchFrames',
+            pacsnode__pb2.FetchFramesRequest.SerializeToString,
+            pacsnode__pb2.FramesChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,7 +56,18 @@ from pacsnode.replication.model import (
 )
 from pacsnode.replication.planning import RangeSet, range_pieces, read_order, study_keys, study_pieces, study_range
 from pacsnode.replication.query import aggregate_patients, exact_lookup, wants_patient_counts, with_patient_counts
-from pacsnode.replication.transport import LocalReplica, PeerError, PeerRefused, RefusalReason, StoreReply, Transport
+from pacsnode.replication.transport import (
+    FrameTransport,
+    FramesNotHeld,
+    FramesUnavailable,
+    FramesUnsupported,
+    LocalReplica,
+    PeerError,
+    PeerRefused,
+    RefusalReason,
+    StoreReply,
+    Transport,
+)
 from pacsnode.ring.members import MembershipView
 from pacsnode.ring.placement import Replication, Ring, replica_total
 from pacsnode.ring.tokens import study_token
@@ -1044,6 +1055,69 @@ class Coordinator:
         raise ReadError(f"no replica could return {location.sop_instance_uid}: "
                         + ("; ".join(errors) or f"not found on {','.join(order)}"))
 
+    async def read_frames(self, location: InstanceLocation, numbers: Sequence[int]) -> AsyncIterator[int | bytes]:
+        """Some frames of an instance this node does not hold, from the nearest owner that
+        answers Data.FetchFrames (FrameTransport), in the order `read` asks them: only the
+        frames' bytes travel. Each frame's number as it starts, then its bytes as stored.
+
+        Owners are asked one at a time, each with a deadline, and the next is asked when one
+        is down, silent (replica_start_timeout_ms), predates FetchFrames, does not hold it or
+        breaks off before its first frame; an owner that holds it and has no such frame
+        (FrameNotFound) or refuses the list (FrameListRefused) gives the final answer.
+        FramesUnavailable when no owner could answer so (the caller then reads the
+        instance whole with `read`, which also asks stand-ins and repairs); PeerError when
+        an answer breaks after frames were handed on (the caller breaks its answer off).
+        Closing the iterator cancels the call in flight."""
+        transport = self._transport
+        if not isinstance(transport, FrameTransport):
+            raise FramesUnavailable("this node's transport has no FetchFrames")
+        n, _w = self._replicas()
+        owners = self._membership.ring().owners_of_study(location.study_instance_uid, n)
+        order = [node_id for node_id in read_order(owners, self.self_id, self._membership.is_alive, self._site_of,
+                                                   self._slow) if node_id != self.self_id]
+        size_guess = location.part10_bytes or 64 * 1024 * 1024
+        timeout_ms = self._deadline_ms(self._settings.fetch_timeout_ms, size_guess)
+        reasons: list[str] = []
+        for node_id in order:
+            if not self._membership.is_alive(node_id):
+                reasons.append(f"{node_id}: down")
+                continue
+            streams: list[AsyncIterator[int | bytes]] = []
+
+            async def first_piece(started: Callable[[], None], node_id: str = node_id) -> int | bytes:
+                stream = transport.fetch_frames(node_id, location.study_instance_uid, location.sop_instance_uid,
+                                                numbers, timeout_ms=timeout_ms, started=started)
+                streams.append(stream)
+                try:
+                    return await stream.__anext__()
+                except StopAsyncIteration:
+                    raise PeerError(f"{node_id}: a frames answer without frames") from None
+
+            try:
+                first = await self._answering(node_id, first_piece)
+            except FramesUnsupported as error:
+                self._count("frames_unsupported")
+                reasons.append(str(error))
+                await _close_stream(streams)
+                continue
+            except (FramesNotHeld, PeerError) as error:
+                reasons.append(str(error))
+                await _close_stream(streams)
+                continue
+            except BaseException:
+                await _close_stream(streams)
+                raise
+            self._count("frames_reads")
+            try:
+                yield first
+                async for piece in streams[0]:
+                    yield piece
+            finally:
+                await _close_stream(streams)
+            return
+        self._count("frames_unavailable")
+        raise FramesUnavailable("; ".join(reasons) or "no owner to ask")
+
     async def _fetch(self, node_id: str, location: InstanceLocation, *,
                      include_hints: bool = False) -> StoredInstance | None:
         if node_id == self.self_id:
@@ -1245,6 +1319,19 @@ class Coordinator:
             if outcome not in DURABLE_OUTCOMES:
                 return False
         return True
+
+
+async def _close_stream(streams: Sequence[AsyncIterator[int | bytes]]) -> None:
+    """Close a frames answer's stream (its call is cancelled). One still running in a task
+    `_answering` cancelled ends (and cancels its call) as that cancellation reaches it."""
+    for stream in streams:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is None:
+            continue
+        try:
+            await aclose()
+        except RuntimeError:  # "already running": the cancelled task closes it.
+            pass
 
 
 def _take(iterator: Any, count: int) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
+from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 from pacsnode.replication.hlc import Version
 from pacsnode.replication.matching import Query
@@ -49,6 +49,29 @@ class PeerRefused(PeerError):
         self.reason = reason
 
 
+class FramesUnsupported(Exception):
+    """The peer predates Data.FetchFrames (it answered UNIMPLEMENTED): read the instance
+    whole. Not a PeerError: the peer answered, and is not to be taken for a slow one."""
+
+
+class FramesNotHeld(Exception):
+    """The peer does not hold the instance (or its copy failed a check before any frame):
+    ask another replica. Not a PeerError, as FetchInstance's NOT_FOUND is none."""
+
+
+class FrameNotFound(Exception):
+    """A replica that holds the instance says it has no pixel data or not a frame asked:
+    the final answer (WADO-RS 404), not a reason to ask another replica."""
+
+
+class FramesUnavailable(Exception):
+    """No owner could answer a frames read with FetchFrames: read the instance whole."""
+
+
+class FrameListRefused(Exception):
+    """A replica refuses the frame list: it goes back over the instance too often (400)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoreReply:
     """A store's answer once durable on its target: a StoreOutcome value and, with DELETED,
@@ -79,6 +102,21 @@ class Transport(Protocol):
         """Matching rows from `target`'s replica, restricted to `ranges` (None: all);
         with `include_hints`, also from the hints `target` holds in those ranges.
         `started` is called as soon as `target` is known to be answering."""
+        ...
+
+
+@runtime_checkable
+class FrameTransport(Protocol):
+    """A Transport that can also ask a peer for some frames of an instance (Data.FetchFrames)."""
+
+    def fetch_frames(self, target: str, study_instance_uid: str, sop_instance_uid: str, numbers: Sequence[int],
+                     *, timeout_ms: int, started: Callable[[], None] | None = None) -> AsyncIterator[int | bytes]:
+        """The frames `numbers` of the instance as `target` holds it: each frame's number as
+        it starts, then its bytes as stored, in the order asked; the last bytes of each
+        frame only once its size and CRC-32 match what `target` announced. Raises, before
+        the first frame, FramesUnsupported, FramesNotHeld, FrameNotFound or FrameListRefused;
+        PeerError at any point when the call or the answer breaks (a broken answer is never
+        a complete one). `started` as in `fetch`."""
         ...
 
 

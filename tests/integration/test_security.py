@@ -390,6 +390,28 @@ def test_a_node_certificate_cannot_speak_as_another_node(cluster: list[NodeProce
     assert "security.peer.refused" in n1.log_text()
 
 
+def test_fetch_frames_is_served_to_a_node_as_itself_only(cluster: list[NodeProcess], pki: dict[str, Path],
+                                                          stored: list[datagen.ManifestEntry]) -> None:
+    """Data.FetchFrames on the mutual-TLS peer port: as the other data RPCs, a node's
+    certificate speaking as itself is answered; as another node, or an admin's or a
+    modality's certificate, PERMISSION_DENIED (the frames of a study are a node's business)."""
+    n1 = cluster[0]
+    entry = stored[0]
+
+    def ask(certificate: str, sender: str) -> list[pb.FramesChunk]:
+        request = pb.FetchFramesRequest(envelope=envelope(sender), study_instance_uid=entry["study_uid"],
+                                        sop_instance_uid=entry["sop_uid"], frame_numbers=[1])
+        with channel(n1.peer_address, pki[certificate]) as ch:
+            return list(pb_grpc.DataStub(ch).FetchFrames(request, timeout=10))
+
+    answer = ask("n3", "n3")
+    assert answer[1].outcome == pb.FRAMES_OUTCOME_SENDING and answer[-1].last
+    assert sum(len(message.data) for message in answer) == 16 * 16 * 2  # One 16 x 16 frame of 16 bits.
+    for certificate, sender in (("n3", "n2"), ("admin", "pacsnode-cli"), ("modality", "CT1")):
+        assert status_code(lambda: ask(certificate, sender)) == grpc.StatusCode.PERMISSION_DENIED, certificate
+    assert status_code(lambda: ask("other-ca-n1", "n1")) is not None  # Another CA: no TLS handshake.
+
+
 def test_the_store_stream_checks_every_request_against_the_certificate(cluster: list[NodeProcess],
                                                                        pki: dict[str, Path]) -> None:
     """Data.StoreStream (a long-lived stream of copies) is held to the peer port's rules

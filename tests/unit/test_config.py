@@ -29,7 +29,7 @@ def test_defaults() -> None:
     assert config.instance_size_bytes_max == 4 * 1024**3
     assert config.dataset_spool_threshold_bytes == 8 * 1024**2 and config.inflight_instance_bytes_max == 1024**3
     assert config.blob_file_bytes_min == 64 * 1024
-    assert config.zstd_level == -1
+    assert config.zstd_level == -3
     assert config.disk_free_bytes_min == 256 * 1024**2
     assert config.find_result_max == 0
     assert config.duplicate_policy == "first-wins"

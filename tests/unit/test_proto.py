@@ -107,7 +107,8 @@ def test_every_request_and_reply_has_the_envelope_as_field_1(method: tuple[str, 
 def test_services_are_the_designed_ones() -> None:
     methods = {name for name, _request, _reply in _all_methods()}
     assert methods == {
-        "Data.StoreInstance", "Data.StoreWholeInstance", "Data.StoreStream", "Data.FetchInstance", "Data.Query", "Data.ListStudy",
+        "Data.StoreInstance", "Data.StoreWholeInstance", "Data.StoreStream", "Data.FetchInstance", "Data.FetchFrames",
+        "Data.Query", "Data.ListStudy",
         "Data.Tombstone", "Data.Correct",
         "Membership.Ping", "Membership.IndirectPing", "Membership.PushPull", "Membership.Join",
         "Membership.Leave",
