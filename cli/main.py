@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from pacsnode.node.config import ConfigError, Destination, NodeConfig, load_toml
+from pacsnode.node import write_trace
 
 DEFAULTS = NodeConfig(node_id="node-1")
 
@@ -287,6 +288,7 @@ def _leave_now(code: int) -> NoReturn:
     numpy, pydicom): measured, a node left 1.0-1.25 s after SIGTERM, 0.45-0.65 s of it after
     `node.stopped`; now 0.6. A restart, and a test suite that starts and stops a few hundred
     nodes, paid it each time. Log handlers are flushed first."""
+    write_trace.flush()  # PACSNODE_WRITE_TRACE's marks, when on (they wait for atexit otherwise).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

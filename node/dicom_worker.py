@@ -22,6 +22,7 @@ certificate again for new TLS connections.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -33,7 +34,7 @@ from typing import Any, cast
 from pynetdicom import evt
 from pynetdicom.utils import make_target
 
-from pacsnode.node import acceptor, association_guard, tls
+from pacsnode.node import acceptor, association_guard, tls, write_trace
 from pacsnode.node.archive_channel import (
     ENDED,
     ENDED_WITH_SLOT,
@@ -65,6 +66,9 @@ class HandoffServer(acceptor.AcceptorServer):
     which steers the node's choice of worker."""
 
     handoff: socket.socket  # Set by the worker before serve_forever runs.
+    # A worker exits when the node closes its hand-off connection (the node is gone); the
+    # node process's own front end (a socket pair, node/workers.py) never does.
+    exit_when_closed = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ended_lock = threading.Lock()  # Association threads report their ends.
@@ -89,6 +93,8 @@ class HandoffServer(acceptor.AcceptorServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         message, fds, _flags, _address = socket.recv_fds(self.handoff, 1, 1)
         if not message:
+            if not self.exit_when_closed:
+                raise OSError("the hand-off pair is closed")
             log.warning("dicom.worker.node_gone pid=%d", os.getpid())
             os._exit(0)  # The node closed the channel (as _watch_control).
         if not fds:
@@ -166,18 +172,34 @@ class WorkerSecurity:
 
 
 class WorkerFrontEnd(DicomFrontEnd):
-    """The node's front end with listeners that share the ports."""
+    """The node's front end with listeners that share the ports: in a worker, and, with
+    `in_worker=False`, the node process's own front end beside its workers
+    (dicom_local_associations > 0: `serve_handed`), which serves no DICOM TLS (the
+    workers do) and lives as long as the node."""
 
-    def __init__(self, *args: Any, handoff: socket.socket, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handoff: socket.socket | None = None, in_worker: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._handoff = handoff
+        self._in_worker = in_worker
+
+    def serve_handed(self, handoff: socket.socket, port: int) -> None:
+        """The node process: serve the connections the node's accept loop hands over to it
+        on `handoff` (its end of a socket pair), on the DICOM port `port` (the workers')."""
+        self._handoff = handoff
+        self._config = dataclasses.replace(self._config, dicom_port=port)
+        self.start()
+        _share_association_slots(self, None)
 
     def start(self) -> None:
+        if self._handoff is None:
+            raise RuntimeError("a handed front end starts with its hand-off connection")
         handlers: list[Any] = self.guard.wrap(self.handlers())
         acceptor.check_pynetdicom_version()
         address = (self._config.host, self._config.dicom_port)
         server = cast(HandoffServer, self.ae.make_server(address, evt_handlers=handlers, server_class=HandoffServer))
         server.handoff = self._handoff
+        server.exit_when_closed = self._in_worker
         server.bind(evt.EVT_CONN_OPEN, server.on_open)
         server.bind(evt.EVT_CONN_CLOSE, server.connection_ended)
         threading.Thread(target=make_target(functools.partial(server.serve_forever,
@@ -187,7 +209,7 @@ class WorkerFrontEnd(DicomFrontEnd):
         self.ae._servers.append(server)
         self._server = server
         files = self._security.files if self._security is not None else None
-        if self._config.dicom_tls_port and files is not None:
+        if self._in_worker and self._config.dicom_tls_port and files is not None:
             self._tls_server = tls.start_dicom_tls_server(
                 self.ae, (self._config.host, self._config.dicom_tls_port),
                 tls.dicom_server_context(files, self._config.dicom_tls_client_cert), handlers,
@@ -206,11 +228,12 @@ class WorkerFrontEnd(DicomFrontEnd):
         log.info("dicom.worker.tls_reloaded pid=%d", os.getpid())
 
 
-def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> None:
+def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient | None) -> None:
     """max_associations across the workers: a handed connection comes with one of the
     node's slots or without (none left: rejected busy, as pynetdicom rejects at its own
     limit), given back with its end (HandoffServer); a DICOM TLS request this worker would
-    accept takes one over the channel first and gives it back when its connection closes."""
+    accept takes one over the channel first and gives it back when its connection closes.
+    The node process's own front end (`slots` None) serves handed connections only."""
     def take(event: Any) -> None:
         assoc = event.assoc
         if getattr(assoc, "rejection", None) is not None or not assoc.is_acceptor:
@@ -218,7 +241,7 @@ def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> No
         handed = getattr(assoc, "handoff_slot", None)
         if handed is True:
             return  # The node took it when it handed the connection over.
-        if handed is None and slots.acquire():
+        if handed is None and slots is not None and slots.acquire():
             assoc.slot_held = True
             return
         assoc.rejection = association_guard.Rejection(association_guard.RejectReason.BUSY,
@@ -228,7 +251,7 @@ def _share_association_slots(front_end: WorkerFrontEnd, slots: SlotClient) -> No
 
     def give_back(event: Any) -> None:
         assoc = event.assoc
-        if getattr(assoc, "slot_held", False):
+        if getattr(assoc, "slot_held", False) and slots is not None:
             assoc.slot_held = False
             slots.release()
 
@@ -317,4 +340,5 @@ def main(config: NodeConfig, channel_path: str, index: int, parent_pid: int, aud
     log.info("dicom.worker.stopping worker=%d pid=%d", index, os.getpid())
     front_end.stop(grace_s=STOP_GRACE_S)
     log.info("dicom.worker.stopped worker=%d pid=%d", index, os.getpid())
+    write_trace.flush()  # PACSNODE_WRITE_TRACE's marks (os._exit runs no atexit).
     os._exit(0)

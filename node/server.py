@@ -22,6 +22,7 @@ from pacsnode.node import peer_wire, protocol_log
 from pacsnode.node.config import ConfigError, NodeConfig
 from pacsnode.node.memory import retain_freed_memory
 from pacsnode.node.dicom import DicomFrontEnd
+from pacsnode.node.dicom_worker import WorkerFrontEnd
 from pacsnode.node.workers import WorkerPool
 from pacsnode.node.grpc_transport import Channels, GrpcTransport
 from pacsnode.node.health import LocalHealth, WatchedReplica, WriteWatch
@@ -256,8 +257,14 @@ class Node:
         self.deletes.former_owners = self.repairer.former_owners
         self.membership.on_change.append(lambda: self.loop.loop.call_soon_threadsafe(self.repairer.ring_changed))
         self.membership.on_change.append(self._save_known_peers)
-        self.front_end = DicomFrontEnd(config, self.archive, security=self.security,
-                                       blob_files=self.store.blob_files)
+        if config.dicom_workers and config.dicom_local_associations:
+            # Beside its workers, the node serves a few connections itself (node/workers.py
+            # ConnectionHandOff.serve_local): handed over a socket pair, not accepted.
+            self.front_end: DicomFrontEnd = WorkerFrontEnd(config, self.archive, security=self.security,
+                                                           blob_files=self.store.blob_files, in_worker=False)
+        else:
+            self.front_end = DicomFrontEnd(config, self.archive, security=self.security,
+                                           blob_files=self.store.blob_files)
         self.peer_handler = PeerHandler(config.node_id, self.replica, self.membership, self.repairer,
                                         replication_factor=config.replication,
                                         run_blocking=asyncio.to_thread)
@@ -502,6 +509,9 @@ class Node:
             self.workers = WorkerPool(self.config, self.archive, self.config.dicom_workers, self.security.audit,
                                       blob_files=self.store.blob_files)
             self.workers.start()
+            local = self.workers.local_handoff
+            if local is not None and isinstance(self.front_end, WorkerFrontEnd):
+                self.front_end.serve_handed(local, self.workers.port)
         else:
             self.front_end.start()
         self.security.started(self.config.dicom_tls_port if self.workers is not None else self.front_end.tls_port)
@@ -533,8 +543,16 @@ class Node:
         log.info("node.stopping node_id=%s", self.config.node_id)
         self.http.stop()
         if self.workers is not None:
+            # The node's own front end (dicom_local_associations) lets its open associations
+            # finish while the workers let theirs: one grace period, not two in turn.
+            local = threading.Thread(target=self.front_end.stop, kwargs={"grace_s": 10.0},
+                                     name="pacsnode-dicom-local-stop")
+            local.start()
             self.workers.stop(grace_s=10.0)
-        self.front_end.stop(grace_s=10.0)
+            local.join()
+            self.workers.close_local()  # After the front end's accept loop ended.
+        else:
+            self.front_end.stop(grace_s=10.0)
         try:
             self.loop.run(self._stop_async(), 15)
         except Exception as error:  # Shut down the rest regardless.

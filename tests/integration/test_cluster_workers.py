@@ -33,7 +33,7 @@ def test_stores_through_dicom_workers_reach_every_owner_as_sent(tmp_path: Path) 
     try:
         # The entry node w1 with one DIMSE worker; blobs of 16 KiB or more are files the worker writes.
         nodes = start_cluster(tmp_path, NAMES, ["--blob-file-bytes-min", "16384"],
-                              entry_extra=["--dicom-workers", "1"])
+                              entry_extra=["--dicom-workers", "1", "--dicom-local-associations", "0"])
         result, acked = clients.storescu(nodes[0].dicom_port, [tmp_path / "studies"], extra=["+sd", "+r"])
         assert len(acked) == len(manifest), result.stdout[-2000:] + result.stderr[-2000:]
         assert wait_until(lambda: sum(local_counts(nodes).values()) == 3 * len(manifest), 30), local_counts(nodes)

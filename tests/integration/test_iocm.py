@@ -42,7 +42,7 @@ def test_a_rejection_note_deletes_what_it_references(node_factory, tmp_path: Pat
                                                      workers: int) -> None:
     # Through DICOM workers the note is read by the worker and its deletes go to the node
     # over the worker channel (node/archive_channel.py DELETE).
-    node = node_factory.start("iocm-1", extra_args=["--dicom-workers", str(workers)])
+    node = node_factory.start("iocm-1", extra_args=["--dicom-workers", str(workers), "--dicom-local-associations", "0"])
     spec = datagen.StudySetSpec(patients=1, studies_per_patient=1, series_per_study=1, instances_per_series=3,
                                 rows=16, cols=16, seed=61)
     manifest = datagen.write_study_set(spec, tmp_path / "study")

@@ -233,7 +233,7 @@ def test_committed_through_dicom_workers(node_factory, modality: Modality, root:
     # A worker takes the N-ACTION, the node checks the copies (ChannelArchive.commit over
     # the worker channel), the worker sends the N-EVENT-REPORT on the same association.
     node = node_factory.start("commit-workers", extra_args=[
-        "--dicom-workers", "2", "--storage-commitment-timeout-s", str(TIMEOUT_S),
+        "--dicom-workers", "2", "--dicom-local-associations", "0", "--storage-commitment-timeout-s", str(TIMEOUT_S),
         "--destination", f"{MODALITY}=127.0.0.1:{modality.port}"])
     assert wait_until(lambda: node.log_text().count("dicom.worker.started") >= 2, 30)
     manifest = _study_set(root, "workers", seed=57)

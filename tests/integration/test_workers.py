@@ -1,4 +1,5 @@
-"""`--dicom-workers 2`: the DICOM front end in two worker processes sharing the port.
+"""`--dicom-workers 2`: the DICOM front end in two worker processes sharing the port
+(and, by default, the node process serving one connection itself: the last tests).
 
 Store, find and get go through the workers and the archive channel to the node; a kill -9
 of the workers during a store loses nothing that was acknowledged, and the node restarts
@@ -37,7 +38,9 @@ from pacsnode.sim.process import NodeProcess, free_port, port_open, wait_until
 from . import clients
 from .clients import HOST, identifier, scu_ae
 
-WORKERS = ["--dicom-workers", "2"]
+# Every connection to a worker (dicom_local_associations 0): these tests are about the
+# workers' path. The node serving one itself (the default) is tested below.
+WORKERS = ["--dicom-workers", "2", "--dicom-local-associations", "0"]
 
 
 def _worker_pids(node: NodeProcess) -> list[int]:
@@ -248,7 +251,8 @@ def test_a_dead_worker_s_spool_and_temp_files_are_removed(node_factory, tmp_path
     or blob temp file it left (known by its PID) before it starts the replacement, and
     leaves alone a temp file of another live process."""
     entry = datagen.write_large_instance(tmp_path / "big", size_bytes=24_000_000, seed=1201)
-    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dataset-spool-threshold-bytes",
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dicom-local-associations", "0",
+                                                    "--dataset-spool-threshold-bytes",
                                                     str(1 << 20)])
     assert wait_until(lambda: len(_worker_pids(node)) >= 1, 30), node.log_text()[-3000:]
     worker = _worker_pids(node)[0]
@@ -281,7 +285,8 @@ def test_a_dead_worker_s_spool_and_temp_files_are_removed(node_factory, tmp_path
 
 def test_a_node_killed_mid_spool_clears_the_spool_when_its_workers_start(node_factory, tmp_path: Path) -> None:
     entry = datagen.write_large_instance(tmp_path / "big", size_bytes=24_000_000, seed=1202)
-    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dataset-spool-threshold-bytes",
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "1", "--dicom-local-associations", "0",
+                                                    "--dataset-spool-threshold-bytes",
                                                     str(1 << 20)])
     assert wait_until(lambda: len(_worker_pids(node)) >= 1, 30), node.log_text()[-3000:]
     storescu = subprocess.Popen(["storescu", "-aec", "PACSNODE", HOST, str(node.dicom_port), str(entry["path"])],
@@ -470,3 +475,65 @@ def test_connections_are_spread_evenly_over_the_workers(node_factory) -> None:
         for assoc in held:
             if assoc.is_established:
                 assoc.release()
+
+
+def test_the_node_serves_one_connection_itself_and_hands_further_ones_to_workers(node_factory) -> None:
+    # dicom_local_associations 1 (the default): the node process serves a connection while
+    # it serves none (one sender at the one-process cost), the workers get the others; a
+    # C-STORE through either is stored; max_associations counts the node's one too.
+    node = node_factory.start("node-1", extra_args=["--dicom-workers", "2", "--max-associations", "4"])
+    assert wait_until(lambda: len(_worker_pids(node)) >= 2, 30), node.log_text()[-3000:]
+    assert node.process is not None
+    pids = [node.process.pid, *_worker_pids(node)]
+    study = generate_uid()
+    ct = _ct(study)
+
+    def associate() -> Any:
+        ae = scu_ae()
+        ae.add_requested_context(ct.SOPClassUID, [ct.file_meta.TransferSyntaxUID])
+        return ae.associate(HOST, node.dicom_port, ae_title="PACSNODE")
+
+    def settled(expected: list[int]) -> bool:
+        return _established_by_process(pids, node.dicom_port) == expected
+
+    held: list[Any] = []
+    stored: list[str] = []
+
+    def store(assoc: Any) -> None:
+        ds = _ct(study)
+        assert assoc.send_c_store(ds).Status == 0x0000
+        stored.append(str(ds.SOPInstanceUID))
+
+    try:
+        # The harness's port probes went to the node too: wait until it has seen them end.
+        assert wait_until(lambda: settled([0, 0, 0]), 10)
+        time.sleep(1.0)
+        held.append(associate())
+        assert held[0].is_established
+        assert settled([1, 0, 0])  # The node itself.
+        store(held[0])
+        held.extend(associate() for _ in range(3))
+        assert all(assoc.is_established for assoc in held)
+        assert sorted(_established_by_process(pids, node.dicom_port)[1:]) == [1, 2]  # The workers.
+        assert _established_by_process(pids, node.dicom_port)[0] == 1
+        for assoc in held[1:]:
+            store(assoc)
+        extra = associate()  # A fifth: max_associations 4 holds for the node's and the workers' together.
+        assert extra.is_rejected
+        held.pop(0).release()  # The node's own ends: it takes the next one again.
+        assert wait_until(lambda: _established_by_process(pids, node.dicom_port)[0] == 0, 10)
+        time.sleep(1.0)  # The pair's one-byte notice reaches the accept loop.
+        held.append(associate())
+        assert held[-1].is_established
+        assert _established_by_process(pids, node.dicom_port)[0] == 1
+        store(held[-1])
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+    matches, status = clients.find(node.dicom_port, identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID=""))
+    assert status == 0x0000
+    assert sorted(str(m.SOPInstanceUID) for m in matches) == sorted(stored)
+    assert node.stop() == 0  # SIGTERM: a clean stop (the port's closed connections may sit in TIME_WAIT).
+    assert not port_open(node.dicom_port)
+    assert "Traceback" not in node.log_text()

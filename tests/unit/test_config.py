@@ -64,6 +64,7 @@ require_called_ae_title = true
 max_pdu_bytes = 0
 max_associations = 8
 dicom_workers = 2
+dicom_local_associations = 2
 dimse_timeout_s = 5                # an integer for a float field
 acse_timeout_s = 2.5
 network_timeout_s = 30.0
@@ -143,6 +144,7 @@ def test_toml_with_every_kind_of_field_and_a_destination_list(tmp_path: Path) ->
     assert config.dicom_port == 4242
     assert config.require_called_ae_title is True
     assert config.max_pdu_bytes == 0 and config.max_associations == 8 and config.dicom_workers == 2
+    assert config.dicom_local_associations == 2
     assert config.dimse_timeout_s == 5.0 and isinstance(config.dimse_timeout_s, float)
     assert config.acse_timeout_s == 2.5 and config.network_timeout_s == 30.0 and config.move_connect_timeout_s == 3.0
     assert config.move_store_attempt_max == 5 and config.find_result_max == 500
@@ -261,6 +263,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
         ({"max_pdu_bytes": 100}, "max_pdu_bytes must be 0 (unlimited) or >= 4096"),
         ({"max_associations": 0}, "max_associations must be >= 1"),
         ({"dicom_workers": -1}, "dicom_workers must be >= 0"),
+        ({"dicom_local_associations": -1}, "dicom_local_associations must be >= 0"),
         ({"move_store_attempt_max": 0}, "move_store_attempt_max must be >= 1"),
         ({"store_timeout_ms": 0}, "store_timeout_ms must be >= 1"),
         ({"instance_size_bytes_max": 0}, "instance_size_bytes_max must be >= 1"),
