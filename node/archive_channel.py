@@ -639,9 +639,11 @@ class ChannelServer:
                 try:
                     result = self._archive.store(instance)
                 finally:
-                    # A worker's pool file the store did not record (a duplicate, a failure,
-                    # a copy kept by peers only) is of no more use.
-                    if isinstance(instance.blob_file, WorkerBlob) and not instance.blob_file.kept \
+                    # A worker's pool file no store write claimed (a duplicate, a failure, a
+                    # copy kept by peers only, or the own copy's write still queued: it then
+                    # writes a file of its own) is of no more use; a claimed one is its
+                    # write's to keep or remove (WorkerBlob).
+                    if isinstance(instance.blob_file, WorkerBlob) and instance.blob_file.give_up() \
                             and self._blob_files is not None:
                         self._blob_files.remove(instance.blob_file.pointer.name)
                 send_frame(sock, Kind.STORED, {"status": result.status.value, "outcome": str(result.outcome),

@@ -38,7 +38,7 @@ import secrets
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, cast
 
@@ -148,11 +148,42 @@ class WorkerBlob:
     """A blob a DICOM worker wrote into an empty file of its own pool (`BlobFiles.write_pooled`):
     under its final name, its directory entry durable since the pool made it, its bytes
     fsync'ed. The node's store records it as it is (no rename, no directory fsync) and sets
-    `kept` when a batch recorded it (or another record already points at it); the channel
-    removes a file that was not kept."""
+    `kept` when a batch recorded it (or another record already points at it).
+
+    Who may remove the file is decided once, under a lock: the first store write that
+    `claim`s it owns it (RocksStore._put_with_blob_file removes it when its batch did not
+    keep it); the node's channel, once the write it was sent for has been answered, `give_up`s
+    it and removes it only if no write claimed it (a duplicate, a failure, a copy kept by
+    peers only). A write that comes after that (the node's own copy still queued when W other
+    owners had answered: the cluster's write goes on in the background) finds the claim
+    refused and writes a file of its own from the mapped bytes, which outlive the unlink.
+    Before this, the channel removed the file whenever `kept` was not yet set, and such a
+    late write then recorded a pointer to a file already gone: an acknowledged instance whose
+    copy on the entry node could not be read (test_cluster_workers, 1 run in 10-20 under load)."""
 
     pointer: BlobPointer
     kept: bool = False
+    _claimed: bool = field(default=False, repr=False, compare=False)
+    _given_up: bool = field(default=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def claim(self) -> bool:
+        """For a store write: True once (the file is this write's to record or remove);
+        False after another claim or after the channel gave the file up."""
+        with self._lock:
+            if self._claimed or self._given_up:
+                return False
+            self._claimed = True
+            return True
+
+    def give_up(self) -> bool:
+        """For the channel, after the answer: True when no write claimed the file (the caller
+        removes it; no write may claim it after this); False when one did (it decides)."""
+        with self._lock:
+            if self._claimed:
+                return False
+            self._given_up = True
+            return True
 
 
 @dataclass(frozen=True)

@@ -412,7 +412,9 @@ class RocksStore:
         batch that points at it; removed again when the batch did not keep it."""
         temp = stored.blob_file if isinstance(stored.blob_file, TempBlob) and stored.blob_file.path.exists() \
             else None
-        worker = stored.blob_file if isinstance(stored.blob_file, WorkerBlob) and not stored.blob_file.kept else None
+        # A worker's pool file is recorded as it is by the one write that claims it; any other
+        # (the channel gave it up, or an earlier write claimed it) writes its own file below.
+        worker = stored.blob_file if isinstance(stored.blob_file, WorkerBlob) and stored.blob_file.claim() else None
         if worker is not None and self._db.get(PREFIX_BLOB_FILE + worker.pointer.name.encode()) is not None:
             worker.kept = True  # Another record's file (a worker naming it twice): never removed.
             raise StoreError("a worker's blob file is already referenced")

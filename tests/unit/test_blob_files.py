@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from pacsnode.node import codec
-from pacsnode.node.blob_files import MARK_BYTES, POINTER_MAGIC, TEMP_PREFIX, BlobFiles, BlobPointer
+from pacsnode.node.blob_files import MARK_BYTES, POINTER_MAGIC, TEMP_PREFIX, BlobFiles, BlobPointer, WorkerBlob
 from pacsnode.node.store import PREFIX_BLOB, SEP, RocksStore, study_prefix
 from pacsnode.replication.model import CorruptBlob, Instance, StoreOutcome
 from pacsnode.sim.datagen import StudySetSpec, iter_part10
@@ -141,6 +141,62 @@ def test_a_spooled_temp_file_is_renamed_not_copied(open_store: OpenStore, versio
     assert store.put_stored(stored) == StoreOutcome.STORED
     assert not temp.path.exists()
     assert _files(store) == [_pointer(store, instance).name]
+    assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+
+
+def _worker_copy(store: RocksStore, instance: Instance) -> tuple[Any, WorkerBlob]:
+    """What the node's channel makes of a DICOM worker's STORE (node/archive_channel.py
+    _instance): the blob written into a pool file (BlobFiles.write_pooled), mapped, and the
+    WorkerBlob naming it; with the StoredInstance that carries both."""
+    pool = store.blob_files.pool
+    assert pool is not None and wait_until(lambda: pool.made >= 1, 10)
+    pointer = store.blob_files.write_pooled(codec.compress(instance.part10))
+    assert pointer is not None
+    worker = WorkerBlob(pointer)
+    stored = codec.to_stored(instance, now_ms=1)
+    mapped = store.blob_files.map(pointer, "test")
+    return type(stored)(record=stored.record, attributes=stored.attributes, blob=mapped, blob_file=worker), worker
+
+
+def test_a_worker_s_pool_file_is_recorded_as_it_is(open_store: OpenStore, versions: Any) -> None:
+    instance = versions[0][0]
+    store = open_store()
+    stored, worker = _worker_copy(store, instance)
+    assert store.put_stored(stored) == StoreOutcome.STORED
+    assert worker.kept and _pointer(store, instance).name == worker.pointer.name  # Not copied.
+    assert not worker.give_up()  # The channel leaves a claimed file to its write.
+    assert (store.blob_files.directory / worker.pointer.name).exists()
+    assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+
+
+def test_a_worker_s_file_given_up_before_the_write_claimed_it_is_not_recorded(
+        open_store: OpenStore, versions: Any) -> None:
+    """In a cluster the entry node's own copy can still be queued when W other owners have
+    answered: the channel then gave the worker's file up and removed it. The late write must
+    not record a pointer to the removed file (before: it did, and the copy was unreadable:
+    'blob file ... is missing'); it writes a file of its own from the mapped bytes."""
+    instance = versions[0][0]
+    store = open_store()
+    stored, worker = _worker_copy(store, instance)
+    assert worker.give_up()  # No write claimed it: the channel removes it, as archive_channel does.
+    store.blob_files.remove(worker.pointer.name)
+    assert store.put_stored(stored) == StoreOutcome.STORED
+    assert _pointer(store, instance).name != worker.pointer.name
+    assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
+    found = store.read_stored(instance.study_instance_uid, instance.sop_instance_uid)
+    assert found is not None and bytes(found.blob) == codec.compress(instance.part10)
+
+
+def test_a_worker_s_file_is_claimed_by_one_write_only(open_store: OpenStore, versions: Any) -> None:
+    """A second write of the same StoredInstance (the coordinator sends a write again after a
+    DELETED answer) after the first did not keep the file (and removed it) writes its own."""
+    instance = versions[0][0]
+    store = open_store()
+    stored, worker = _worker_copy(store, instance)
+    assert worker.claim()  # A first write took it ...
+    store.blob_files.remove(worker.pointer.name)  # ... and, not kept, removed it.
+    assert store.put_stored(stored) == StoreOutcome.STORED
+    assert _pointer(store, instance).name != worker.pointer.name
     assert store.read_part10(instance.study_instance_uid, instance.sop_instance_uid) == instance.part10
 
 
