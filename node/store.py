@@ -457,8 +457,8 @@ class RocksStore:
 
     # Group commit: callers queue a build step; one of them (the leader) builds every
     # queued step into one WriteBatch, in order, over a view that sees the earlier steps'
-    # writes, and writes it with one sync. rocksdict holds the GIL while RocksDB syncs, so
-    # without this, parallel associations would each wait for their own fsync in turn.
+    # writes, and writes it with one sync (flush_wal, GIL released: see __init__), so
+    # parallel associations share one fsync instead of each waiting for its own in turn.
     def _submit(self, build: Callable[["_View", WriteBatch], str]) -> str:
         pending = _Pending(build)
         with self._commit:
