@@ -307,6 +307,7 @@ class Node:
             "pacsnode.store.received_bytes": store.bytes_received,
             "pacsnode.store.stored_bytes": store.bytes_stored,
             "pacsnode.store.conflicts_count": store.conflicts,
+            "pacsnode.store.missing_blob_files_count": self.store.missing_blob_files,
             "pacsnode.store.group_commits_count": commits,
             "pacsnode.store.commits_batched_count": batched,
             "pacsnode.hints.queue_depth_count": store.hints,

@@ -110,6 +110,7 @@ def test_dicomweb_across_a_cluster(tmp_path: Path) -> None:
         writes = next(line for line in text.splitlines() if line.startswith("pacsnode_store_write_duration_seconds_count"))
         assert float(writes.split()[-1]) > 0  # Every local copy written (primary, replica or hint) is timed.
         assert 'pacsnode_ring_members{state="alive"} 3.0' in text
+        assert "pacsnode_store_missing_blob_files 0.0" in text  # Records whose blob file is gone (none here).
         cluster = httpx.get(_url(nodes[1]) + "/api/cluster").json()
         assert sorted(n["node_id"] for n in cluster["nodes"]) == list(NAMES)
 

@@ -348,6 +348,30 @@ def test_what_a_crash_leaves_is_cleaned_at_open_and_records_keep_their_files(tmp
         for record in reopened.all_instances():
             pointer = _pointer(reopened, next(i for i in instances if i.sop_instance_uid == record.sop_instance_uid))
             assert (reopened.blob_files.directory / pointer.name).exists()
+        assert reopened.missing_blob_files == 0
+    finally:
+        reopened.close()
+
+
+def test_records_whose_blob_file_is_gone_are_counted_and_reported_at_open(
+        tmp_path: Path, versions: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A record pointing at a file that is gone (a store written before 3453a8f by an entry
+    node with DICOM workers in a cluster, or a lost file) is reported when the store opens."""
+    instances = versions[0]
+    store = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1)
+    for instance in instances[:3]:
+        assert store.put_instance(instance, now_ms=1) == StoreOutcome.STORED
+    lost = _pointer(store, instances[1]).name
+    store.close()
+    (tmp_path / "store" / "blobs" / lost).unlink()
+    with caplog.at_level("ERROR", logger="pacsnode.node.store"):
+        reopened = RocksStore(tmp_path / "store", disk_free_bytes_min=0, blob_file_bytes_min=1)
+    try:
+        assert reopened.missing_blob_files == 1
+        lines = [r.getMessage() for r in caplog.records if "store.blob_files.missing" in r.getMessage()]
+        assert len(lines) == 1 and "files=1" in lines[0]
+        assert instances[1].sop_instance_uid not in lines[0] and instances[1].study_instance_uid not in lines[0]
+        assert reopened.read_part10(instances[0].study_instance_uid, instances[0].sop_instance_uid) == instances[0].part10
     finally:
         reopened.close()
 
