@@ -34,14 +34,14 @@ from pathlib import Path
 
 import grpc
 import httpx
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from pacsnode.proto import PROTOCOL_VERSION  # noqa: E402
+from pacsnode.sim import datagen  # noqa: E402
 from pacsnode.proto import pacsnode_pb2 as pb  # noqa: E402
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc  # noqa: E402
 from pacsnode.ring.placement import Member, Ring  # noqa: E402
@@ -56,27 +56,8 @@ REPO = HERE.parent
 
 
 def write_instance(path: Path, study: str, frames: int, rows: int) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "BENCHPEER"
-    ds.Modality = "OT"
-    ds.Rows = ds.Columns = rows
-    ds.SamplesPerPixel = 1
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = frames
-    rng = np.random.default_rng(3402)
-    ramp = (np.arange(rows * rows, dtype=np.uint32) % 4096).astype(np.uint16)
-    ds.PixelData = b"".join(((ramp + rng.integers(0, 64, rows * rows, dtype=np.uint16) + index) % 4096)
-                            .astype(np.uint16).tobytes() for index in range(frames))
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
+    ds = datagen.write_ramp_multiframe(path, study_uid=study, frames=frames, rows=rows, cols=rows, seed=3402,
+                                       patient_id="BENCHPEER")
     del ds.PixelData
     return ds
 

@@ -50,6 +50,7 @@ from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    generate_uid,
 )
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "random_uid",
     "read_manifest",
     "write_large_instance",
+    "write_ramp_multiframe",
     "write_manifest",
     "write_study_set",
 ]
@@ -736,6 +738,37 @@ def write_large_instance(
     path.write_bytes(data)
     entry["path"] = str(path)
     return entry
+
+
+def write_ramp_multiframe(path: str | os.PathLike[str], *, study_uid: str, frames: int, rows: int, cols: int,
+                          seed: int, patient_id: str) -> Dataset:
+    """A `frames`-frame 16-bit Multi-frame Grayscale Word Secondary Capture instance of study
+    `study_uid` in Explicit VR Little Endian, written to `path` as a Part-10 file and returned
+    (with its Pixel Data): every frame a ramp plus numpy noise from `seed` plus its index, so
+    each frame differs and compresses little (WADO-RS /frames tests and bench/frames_peer.py)."""
+    import numpy as np
+
+    ds = Dataset()
+    ds.SOPClassUID = MF_GRAYSCALE_WORD_SC_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = patient_id
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    rng = np.random.default_rng(seed)
+    ramp = (np.arange(rows * cols, dtype=np.uint32) % 4096).astype(np.uint16)
+    ds.PixelData = b"".join(((ramp + rng.integers(0, 64, rows * cols, dtype=np.uint16) + index) % 4096)
+                            .astype(np.uint16).tobytes() for index in range(frames))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return ds
 
 
 def write_manifest(manifest: Sequence[ManifestEntry], path: str | os.PathLike[str]) -> None:

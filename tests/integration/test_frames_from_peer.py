@@ -26,6 +26,7 @@ from pacsnode.proto import PROTOCOL_VERSION
 from pacsnode.proto import pacsnode_pb2 as pb
 from pacsnode.proto import pacsnode_pb2_grpc as pb_grpc
 from pacsnode.ring.placement import Member, Ring
+from pacsnode.sim import datagen
 from pacsnode.sim.process import NodeProcess, start_all, wait_until
 
 from . import clients
@@ -42,27 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _write_instance(path: Path, study_uid: str, frames: int = FRAMES) -> Dataset:
     """A `frames`-frame 512 x 512 16-bit instance of study `study_uid` (noise over a ramp)."""
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture.
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "PEERFRAMES"
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = ROWS, COLUMNS, 1
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = frames
-    rng = np.random.default_rng(3401)
-    ramp = (np.arange(ROWS * COLUMNS, dtype=np.uint32) % 4096).astype(np.uint16)
-    ds.PixelData = b"".join(((ramp + rng.integers(0, 64, ROWS * COLUMNS, dtype=np.uint16) + index) % 4096)
-                            .astype(np.uint16).tobytes() for index in range(frames))
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-    return ds
+    return datagen.write_ramp_multiframe(path, study_uid=study_uid, frames=frames, rows=ROWS, cols=COLUMNS,
+                                         seed=3401, patient_id="PEERFRAMES")
 
 
 def _study_owned_by(names: tuple[str, ...], owner: str) -> str:
